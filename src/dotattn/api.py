@@ -1,0 +1,215 @@
+"""The public calls: ``attention()`` and ``attention_backward()``.
+
+Thin by design (as flash-attention's interface module): document, route tensors of other
+libraries to their front end, normalize through :mod:`dotattn.semantics`, let the registry
+pick a backend, and shape the results back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import registry, semantics
+from .errors import AttentionValueError
+from .frameworks import common_framework, frontend
+from .semantics import DEFAULT_MAX_WEIGHTS_BYTES, AttentionCall
+
+_OPTION_NAMES = (
+    "mask",
+    "bias",
+    "causal",
+    "window",
+    "scale",
+    "softcap",
+    "alibi_slopes",
+    "q_lengths",
+    "kv_lengths",
+    "segment_ids",
+    "dropout_p",
+    "seed",
+    "layout",
+)
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Any = None,
+    q_lengths: Any = None,
+    kv_lengths: Any = None,
+    segment_ids: Any = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    layout: str = "bhld",
+    implementation: str | None = None,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+    **extras: Any,
+):
+    """Exact scaled dot-product attention ``softmax(scale · q·kᵀ + …) · v``.
+
+    Arrays of NumPy, PyTorch, JAX or TensorFlow in; the same library out.
+
+    Shapes (``layout="bhld"``; ``"blhd"`` swaps the L and H axes of q, k, v and the output)::
+
+        q    (..., Hq, Lq, D)        k  (..., Hkv, Lk, D)        v  (..., Hkv, Lk, Dv)
+        out  (..., Hq, Lq, Dv)       lse (..., Hq, Lq)           weights (..., Hq, Lq, Lk)
+
+    2-D ``(L, D)`` inputs are one head without batch; 3-D ``(H, L, D)`` have no batch.
+    ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head ``h`` reads K/V head
+    ``h // (Hq // Hkv)``, without copying K/V).
+
+    Args:
+        mask: bool, broadcastable to ``(..., Hq, Lq, Lk)``; True = attend.
+        bias: float, broadcastable to ``(..., Hq, Lq, Lk)``; added to the scores.
+        causal: False, True (= ``"bottom_right"``), ``"bottom_right"`` or ``"top_left"``.
+        window: ``(left, right)``: query at position p sees keys in ``[p − left, p + right]``;
+            None on a side = unbounded.
+        scale: score scale, default ``1/√D``; ``0.0`` is legal.
+        softcap: ``s = softcap · tanh(s / softcap)``; None = off.
+        alibi_slopes: ``(Hq,)`` or ``(..., Hq)``; ``s −= slope · |pos_q − pos_k|``.
+        q_lengths, kv_lengths: int ``(...)`` real lengths; padding needs no mask.
+        segment_ids: int ``(..., L)`` or a pair ``(q_ids (..., Lq), kv_ids (..., Lk))``.
+        dropout_p, seed: dropout on the probabilities; the same seed gives the same mask
+            on every backend.  Without a seed a fresh one is drawn.
+        return_lse: also return the natural-log LSE, float32 (float64 for float64 inputs).
+        return_weights: also return the pre-dropout probabilities (materialized; refused
+            past ``max_weights_bytes``).
+        implementation: None = the best able backend; or a name from ``dotattn.info()``.
+
+    Returns:
+        ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.
+
+    Rows with no visible key give 0 and ``lse = −inf`` (never NaN).  The full contract is in
+    ``docs/semantics.md``.
+    """
+    options = dict(
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        q_lengths=q_lengths,
+        kv_lengths=kv_lengths,
+        segment_ids=segment_ids,
+        dropout_p=dropout_p,
+        seed=seed,
+        layout=layout,
+    )
+    fw = common_framework(q=q, k=k, v=v, mask=mask, bias=bias)
+    if fw != "numpy":
+        return frontend(fw).attention(
+            q,
+            k,
+            v,
+            return_lse=return_lse,
+            return_weights=return_weights,
+            implementation=implementation,
+            max_weights_bytes=max_weights_bytes,
+            **options,
+            **extras,
+        )
+    call = semantics.normalize(q, k, v, extras=extras, **options)
+    out, lse, weights = run_forward(
+        call,
+        implementation=implementation,
+        return_weights=return_weights,
+        max_weights_bytes=max_weights_bytes,
+    )
+    results = [semantics.finalize_output(call, out)]
+    if return_lse:
+        results.append(semantics.finalize_lse(call, lse))
+    if return_weights:
+        results.append(semantics.finalize_pairwise(call, weights))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def run_forward(
+    call: AttentionCall,
+    *,
+    implementation: str | None = None,
+    return_weights: bool = False,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+):
+    """Canonical forward for front ends: ``(out, lse, weights | None)`` in canonical shapes."""
+    if return_weights:
+        semantics.check_weights_size(call, max_weights_bytes)
+    backend = registry.select(call, implementation)
+    out, lse = backend.forward(call)
+    weights = backend.weights(call, lse) if return_weights else None
+    return out, lse, weights
+
+
+def run_backward(
+    call: AttentionCall,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    *,
+    implementation: str | None = None,
+    want_dbias: bool = False,
+):
+    """Canonical backward for front ends: ``(dq, dk, dv, dbias | None)`` in canonical shapes.
+
+    ``dbias`` comes back with the full ``(B, Hq, Lq, Lk)`` shape; reduce it with
+    :func:`dotattn.semantics.reduce_bias_grad`.
+    """
+    backend = registry.select(call, implementation, need_backward=True)
+    return backend.backward(call, out, lse, dout, want_dbias)
+
+
+def attention_backward(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    dout: Any,
+    *,
+    implementation: str | None = None,
+    return_dbias: bool = False,
+    **options: Any,
+):
+    """Gradients of ``attention()`` from its saved output and LSE: ``(dq, dk, dv)``.
+
+    Computed blockwise (FlashAttention-2): scores are recomputed from ``lse``, no
+    ``Lq × Lk`` matrix is kept.  ``options`` are the forward's keyword arguments (mask, causal,
+    …, ``seed`` is required when ``dropout_p > 0``).  ``out``/``dout`` are shaped like the
+    output, ``lse`` like the returned LSE.  With ``return_dbias=True`` (and a ``bias``) the
+    gradient of the bias, reduced to the bias's own shape, comes fourth.
+
+    NumPy arrays only: PyTorch users get gradients through autograd instead.
+    """
+    unknown = set(options) - set(_OPTION_NAMES)
+    call = semantics.normalize(
+        q, k, v, for_backward=True, extras={n: options.pop(n) for n in unknown}, **options
+    )
+    if return_dbias and call.bias is None:
+        raise AttentionValueError("return_dbias=True needs a bias= argument to differentiate")
+    out_c = semantics.canonical_like(call, "out", out, call.Dv)
+    dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
+    lse_c = semantics.canonical_lse(call, lse)
+    dq, dk, dv, dbias = run_backward(
+        call, out_c, lse_c, dout_c, implementation=implementation, want_dbias=return_dbias
+    )
+    grads = (
+        semantics.finalize_grad(call, dq, "q"),
+        semantics.finalize_grad(call, dk, "k"),
+        semantics.finalize_grad(call, dv, "v"),
+    )
+    if return_dbias:
+        return grads + (semantics.reduce_bias_grad(call, dbias).astype(call.bias.dtype, copy=False),)
+    return grads

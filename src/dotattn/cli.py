@@ -1,0 +1,37 @@
+"""The ``dotattn`` command: ``bench | demo | viz | info``.
+
+Each subcommand lives in its own module and is imported only when run, so ``dotattn info``
+starts fast and never imports a framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand → (module, help); each module has ``add_arguments(parser)`` and ``run(args) -> int``
+SUBCOMMANDS = {
+    "info": ("dotattn.cli_info", "list backends and whether they can run here"),
+    "bench": ("dotattn.bench", "benchmark dotattn against the peers in one process"),
+    "demo": ("dotattn.demo", "the main job: a pretrained Transformer on dotattn, and the seeds' experiments"),
+    "viz": ("dotattn.viz", "plot the attention maps of a sentence"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dotattn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module_name)
+        # Only the chosen subcommand's module is imported to add its arguments.
+        chosen = argv if argv is not None else sys.argv[1:]
+        if chosen[:1] == [name]:
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

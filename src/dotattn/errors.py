@@ -1,0 +1,19 @@
+"""The library's exceptions: one base, subclassing the built-in type a caller would expect."""
+
+from __future__ import annotations
+
+
+class DotAttnError(Exception):
+    """Base class of every error dotattn raises on purpose."""
+
+
+class AttentionTypeError(DotAttnError, TypeError):
+    """An argument has the wrong type or dtype."""
+
+
+class AttentionValueError(DotAttnError, ValueError):
+    """An argument has the right type but a wrong shape or value."""
+
+
+class UnsupportedCallError(DotAttnError, ValueError):
+    """No backend (or not the forced one) can take this call; the message lists why."""

@@ -1,0 +1,1 @@
+"""Compute backends. Each consumes a normalized :class:`dotattn.semantics.AttentionCall`."""

@@ -1,0 +1,161 @@
+"""The float64 reference: materializes the scores, written to be read.
+
+This is the oracle every other backend is tested against.  It follows the score order of
+``docs/semantics.md`` literally, one (sequence, head) at a time, with a stable softmax
+(subtract the row max) so logits of ±1e4 stay finite.  Memory is O(Lq·Lk) per head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..semantics import AttentionCall
+from .dropout import keep_block
+
+NAME = "reference"
+
+
+def _head_inputs(call: AttentionCall, b: int, h: int):
+    """Float64 q/k/v of one head with rows past the real lengths zeroed.
+
+    Padding may hold anything (tests fill it with NaN); zeroing it keeps ``0 · NaN`` out of
+    the products, which is what "padding never leaks" means.
+    """
+    hk = h // call.group
+    q = call.q[b, h].astype(np.float64)
+    k = call.k[b, hk].astype(np.float64)
+    v = call.v[b, hk].astype(np.float64)
+    q[call.q_len(b):] = 0.0
+    k[call.kv_len(b):] = 0.0
+    v[call.kv_len(b):] = 0.0
+    return q, k, v
+
+
+def _scores(call: AttentionCall, b: int, h: int, q: np.ndarray, k: np.ndarray):
+    """Masked scores (−inf where invisible) and tanh(s/c) for the softcap's derivative."""
+    rows, cols = np.arange(call.Lq), np.arange(call.Lk)
+    s = call.scale * (q @ k.T)  # (Lq, Lk)
+    tanh = None
+    if call.softcap is not None:
+        tanh = np.tanh(s / call.softcap)
+        s = call.softcap * tanh
+    if call.bias is not None:
+        s = s + call.bias[b, h].astype(np.float64)
+    if call.alibi_slopes is not None:
+        pos_q = rows[:, None] + call.q_offset(b)
+        s = s - float(call.alibi_slopes[b, h]) * np.abs(pos_q - cols[None, :])
+    visible = call.visible(b, h, rows, cols)
+    s = np.where(visible, s, -np.inf)
+    return s, visible, tanh
+
+
+def _softmax(s: np.ndarray):
+    """Row softmax and log-sum-exp; rows with no visible key give p = 0 and lse = −inf."""
+    m = s.max(axis=-1, initial=-np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m_safe[:, None])
+    total = e.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total[:, None] > 0, e / total[:, None], 0.0)
+        lse = np.where(total > 0, m_safe + np.log(total), -np.inf)
+    return p, lse
+
+
+def _dropout_scale(call: AttentionCall, b: int, h: int) -> np.ndarray | None:
+    """keep/(1−p) for this head, or None without dropout."""
+    if call.dropout_p == 0.0:
+        return None
+    keep = keep_block(call.seed, call.dropout_p, b, h, np.arange(call.Lq), np.arange(call.Lk), call.Hq, call.Lq, call.Lk)
+    return keep / (1.0 - call.dropout_p)
+
+
+def probabilities(call: AttentionCall) -> np.ndarray:
+    """Softmax weights (B, Hq, Lq, Lk), float64, before dropout."""
+    p_all = np.zeros((call.B, call.Hq, call.Lq, call.Lk))
+    for b in range(call.B):
+        for h in range(call.Hq):
+            q, k, _ = _head_inputs(call, b, h)
+            p_all[b, h], _ = _softmax(_scores(call, b, h, q, k)[0])
+    return p_all
+
+
+def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
+    """(out (B, Hq, Lq, Dv), lse (B, Hq, Lq)), both float64."""
+    out = np.zeros((call.B, call.Hq, call.Lq, call.Dv))
+    lse = np.full((call.B, call.Hq, call.Lq), -np.inf)
+    for b in range(call.B):
+        for h in range(call.Hq):
+            q, k, v = _head_inputs(call, b, h)
+            s, _, _ = _scores(call, b, h, q, k)
+            p, lse[b, h] = _softmax(s)
+            drop = _dropout_scale(call, b, h)
+            if drop is not None:
+                p = p * drop
+            out[b, h] = p @ v
+    return out, lse
+
+
+def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.ndarray, want_dbias: bool = False):
+    """Gradients (dq, dk, dv, dbias|None) by the dense formulas (float64).
+
+    ``dS = P ∘ (dP − rowsum(dO ∘ O))``; the softcap multiplies by ``1 − tanh²``.
+    ``lse`` is unused: the reference recomputes P on its own, so it checks the tiled
+    backends' use of the LSE rather than sharing it.
+    """
+    del lse
+    dq = np.zeros((call.B, call.Hq, call.Lq, call.D))
+    dk = np.zeros((call.B, call.Hkv, call.Lk, call.D))
+    dv = np.zeros((call.B, call.Hkv, call.Lk, call.Dv))
+    dbias = np.zeros((call.B, call.Hq, call.Lq, call.Lk)) if want_dbias else None
+    for b in range(call.B):
+        n_q = call.q_len(b)
+        for h in range(call.Hq):
+            hk = h // call.group
+            q, k, v = _head_inputs(call, b, h)
+            do = np.asarray(dout[b, h], dtype=np.float64).copy()
+            o = np.asarray(out[b, h], dtype=np.float64).copy()
+            do[n_q:] = 0.0
+            o[n_q:] = 0.0
+            s, _, tanh = _scores(call, b, h, q, k)
+            p, _ = _softmax(s)
+            drop = _dropout_scale(call, b, h)
+            p_dropped = p if drop is None else p * drop
+            dv[b, hk] += p_dropped.T @ do
+            dp = do @ v.T
+            if drop is not None:
+                dp = dp * drop
+            delta = (do * o).sum(axis=-1)  # D_i = rowsum(dO ∘ O)
+            ds = p * (dp - delta[:, None])
+            if dbias is not None:
+                dbias[b, h] = ds
+            if tanh is not None:
+                ds = ds * (1.0 - tanh**2)
+            dq[b, h] = call.scale * (ds @ k)
+            dk[b, hk] += call.scale * (ds.T @ q)
+    return dq, dk, dv, dbias
+
+
+class ReferenceBackend:
+    """Float64, materialized, supports everything; the slowest and the most obviously right."""
+
+    name = NAME
+    description = "float64 materialized scores — the test oracle (O(Lq·Lk) memory)"
+
+    def available(self) -> tuple[bool, str]:
+        return True, "always available"
+
+    def unsupported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = []
+        if call.extras:
+            reasons.append(f"does not take {', '.join(sorted(call.extras))}")
+        return reasons
+
+    def forward(self, call: AttentionCall):
+        return forward(call)
+
+    def backward(self, call, out, lse, dout, want_dbias=False):
+        return backward(call, out, lse, dout, want_dbias)
+
+    def weights(self, call: AttentionCall, lse: np.ndarray) -> np.ndarray:
+        del lse
+        return probabilities(call)

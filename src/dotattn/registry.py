@@ -1,0 +1,106 @@
+"""Backend registry: each backend declares what it supports; dispatch takes the first able one.
+
+Backends are named by module path and built on first use, so ``import dotattn`` imports no
+JIT compiler and no framework.  A backend object provides::
+
+    name, description
+    available() -> (bool, reason)               # can it run on this machine at all?
+    unsupported_reasons(call) -> list[str]      # why it cannot take this call ([] = it can)
+    forward(call) -> (out (B,Hq,Lq,Dv), lse (B,Hq,Lq))
+    backward(call, out, lse, dout, want_dbias) -> (dq, dk, dv, dbias | None)
+    weights(call, lse) -> (B, Hq, Lq, Lk)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import AttentionValueError, UnsupportedCallError
+from .semantics import AttentionCall
+
+# Priority order: dispatch tries them top to bottom.
+_SPECS: dict[str, tuple[str, str]] = {
+    "cpu": ("dotattn.kernels.cpu", "CpuBackend"),
+    "numpy": ("dotattn.kernels.numpy_tiled", "NumpyTiledBackend"),
+    "reference": ("dotattn.kernels.reference", "ReferenceBackend"),
+}
+_INSTANCES: dict[str, Any] = {}
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def names() -> list[str]:
+    """Registered backend names, in dispatch priority order."""
+    return list(_SPECS)
+
+
+def _load(name: str):
+    """The backend object, or None with the reason recorded when its module cannot load."""
+    if name in _INSTANCES:
+        return _INSTANCES[name]
+    if name in _UNAVAILABLE:
+        return None
+    module_name, cls_name = _SPECS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # a missing optional dependency or a backend not built yet
+        _UNAVAILABLE[name] = f"cannot import {module_name}: {exc}"
+        return None
+    backend = getattr(module, cls_name)()
+    ok, reason = backend.available()
+    if not ok:
+        _UNAVAILABLE[name] = reason
+        return None
+    _INSTANCES[name] = backend
+    return backend
+
+
+def get(name: str):
+    """The named backend; raises when the name is unknown or the backend cannot run here."""
+    if name not in _SPECS:
+        raise AttentionValueError(
+            f"implementation must be None or one of {names()}, got {name!r}"
+        )
+    backend = _load(name)
+    if backend is None:
+        raise UnsupportedCallError(f"backend {name!r} is not available here: {_UNAVAILABLE[name]}")
+    return backend
+
+
+def select(call: AttentionCall, implementation: str | None = None, *, need_backward: bool = False):
+    """The backend that runs ``call``: the forced one, or the first able one in priority order."""
+    if implementation is not None and not isinstance(implementation, str):
+        raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
+    candidates = [implementation] if implementation is not None else names()
+    if implementation is not None and implementation not in _SPECS:
+        get(implementation)  # raises the unknown-name error
+    all_reasons: dict[str, list[str]] = {}
+    for name in candidates:
+        backend = _load(name)
+        if backend is None:
+            all_reasons[name] = [_UNAVAILABLE[name]]
+            continue
+        reasons = list(backend.unsupported_reasons(call))
+        if need_backward and not hasattr(backend, "backward"):
+            reasons.append("has no backward pass")
+        if not reasons:
+            return backend
+        all_reasons[name] = reasons
+    lines = "\n".join(f"  - {n}: {'; '.join(r)}" for n, r in all_reasons.items())
+    what = f"implementation={implementation!r} cannot" if implementation else "no backend can"
+    raise UnsupportedCallError(f"{what} take this call:\n{lines}")
+
+
+def info() -> list[dict[str, Any]]:
+    """One row per backend: name, available, status (reason or description)."""
+    rows = []
+    for name in names():
+        backend = _load(name)
+        rows.append(
+            {
+                "name": name,
+                "available": backend is not None,
+                "status": backend.description if backend is not None else _UNAVAILABLE[name],
+            }
+        )
+    return rows

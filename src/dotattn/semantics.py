@@ -1,0 +1,616 @@
+"""What an ``attention()`` call means — decided here once, for every backend.
+
+``normalize()`` validates every argument up front and turns the call into one
+:class:`AttentionCall`: NumPy arrays in the canonical ``(B, H, L, D)`` layout plus
+plain-Python options.  Backends only consume an ``AttentionCall``; they never
+re-interpret masks, alignments or defaults.  ``finalize()`` turns a backend's
+canonical results back into what the caller asked for.
+
+Shape legend (used in every docstring and comment of the package)::
+
+    B   batch (all leading dims flattened)     Hq / Hkv  query / key-value heads
+    Lq  query length                           Lk        key length
+    D   query/key head dim                     Dv        value head dim
+
+Score order (see docs/semantics.md)::
+
+    s = scale · q·kᵀ → softcap → + bias − ALiBi → masks → softmax → dropout → · v
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import AttentionTypeError, AttentionValueError
+
+try:  # ml_dtypes is a core dependency; the guard only keeps the error readable.
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is declared in pyproject
+    BFLOAT16 = None
+
+FLOAT_DTYPES = tuple(
+    d for d in (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)) if d is not None
+)
+CAUSAL_KINDS = ("bottom_right", "top_left")
+LAYOUTS = ("bhld", "blhd")
+DEFAULT_MAX_WEIGHTS_BYTES = 1 << 30  # 1 GiB of float32 weights unless the caller raises it
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """One normalized attention call: what every backend consumes.
+
+    Arrays are NumPy, canonical layout, leading batch dims flattened to ``B``:
+    ``q (B, Hq, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``.  They may be
+    non-contiguous views of the caller's data (``layout="blhd"`` gives transposed
+    views); backends copy what they need.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    batch_shape: tuple[int, ...]  # the caller's leading dims; () for 2-D and 3-D inputs
+    input_ndim: int  # 2, 3 or ≥ 4
+    layout: str
+    scale: float
+    softcap: float | None
+    bias: np.ndarray | None  # (B, Hq, Lq, Lk), possibly a zero-stride broadcast view
+    bias_shape: tuple[int, ...] | None  # the caller's bias shape, for reducing its gradient
+    alibi_slopes: np.ndarray | None  # (B, Hq) in the compute dtype
+    mask: np.ndarray | None  # bool (B, Hq, Lq, Lk), True = attend, possibly a broadcast view
+    causal: str | None  # None, "bottom_right" or "top_left"
+    window: tuple[int | None, int | None] | None
+    q_lengths: np.ndarray | None  # int64 (B,)
+    kv_lengths: np.ndarray | None  # int64 (B,)
+    q_segment_ids: np.ndarray | None  # int64 (B, Lq)
+    kv_segment_ids: np.ndarray | None  # int64 (B, Lk)
+    dropout_p: float
+    seed: int | None
+    dtype: np.dtype  # the inputs' dtype, also the output's
+    extras: dict[str, Any] = field(default_factory=dict)  # backend-specific options (score_mod, …)
+
+    # ---- sizes -----------------------------------------------------------------
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Hkv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head: query head ``h`` reads K/V head ``h // group``."""
+        return self.Hq // self.Hkv
+
+    @property
+    def Lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def Lk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Dv(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+
+    # ---- positions -------------------------------------------------------------
+    def q_len(self, b: int) -> int:
+        """Real query length of sequence ``b`` (rows past it are padding)."""
+        return self.Lq if self.q_lengths is None else int(self.q_lengths[b])
+
+    def kv_len(self, b: int) -> int:
+        """Real key length of sequence ``b`` (keys past it are invisible)."""
+        return self.Lk if self.kv_lengths is None else int(self.kv_lengths[b])
+
+    def q_offset(self, b: int) -> int:
+        """Position of query row 0 on the key axis (bottom-right alignment).
+
+        Query ``i`` sits at position ``i + q_offset(b)``; ALiBi, windows and bottom-right
+        causal all measure distances from there.  Top-left causal uses offset 0.
+        """
+        return self.kv_len(b) - self.q_len(b)
+
+    @property
+    def has_structure_mask(self) -> bool:
+        """True when some rule other than lengths hides keys (used to pick fast paths)."""
+        return (
+            self.mask is not None
+            or self.causal is not None
+            or self.window is not None
+            or self.q_segment_ids is not None
+        )
+
+    def visible(self, b: int, h: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Boolean visibility of keys ``cols`` for queries ``rows`` of sequence ``b``, head ``h``.
+
+        ``rows``/``cols`` are 1-D int arrays of absolute indices; the result is
+        ``(len(rows), len(cols))``.  This is the single definition of visibility; the
+        reference uses it whole and tiled backends use it on blocks.
+        """
+        r = rows[:, None]
+        c = cols[None, :]
+        vis = (r < self.q_len(b)) & (c < self.kv_len(b))
+        pos_q = r + self.q_offset(b)
+        if self.causal == "bottom_right":
+            vis = vis & (c <= pos_q)
+        elif self.causal == "top_left":
+            vis = vis & (c <= r)
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                vis = vis & (c >= pos_q - left)
+            if right is not None:
+                vis = vis & (c <= pos_q + right)
+        if self.q_segment_ids is not None:
+            vis = vis & (self.q_segment_ids[b, rows][:, None] == self.kv_segment_ids[b, cols][None, :])
+        if self.mask is not None:
+            vis = vis & self.mask[b, h][np.ix_(rows, cols)]
+        return vis
+
+
+# =================================================================================
+# validation helpers: one small function per concern, messages that name names
+# =================================================================================
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _require_array(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (list, tuple)) or np.isscalar(x):
+        raise AttentionTypeError(
+            f"{name} must be an array (numpy.ndarray or a tensor of a supported framework), "
+            f"got {type(x).__name__}; wrap it with numpy.asarray() first"
+        )
+    raise AttentionTypeError(f"{name} must be an array, got {type(x).__module__}.{type(x).__name__}")
+
+
+def _check_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.dtype:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise AttentionTypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionTypeError(
+            f"q, k and v must share one dtype, got q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype}; "
+            "cast them to one dtype first"
+        )
+    if not (q.ndim == k.ndim == v.ndim):
+        raise AttentionValueError(
+            f"q, k and v must have the same number of dims, got q{_shape_str(q.shape)}, "
+            f"k{_shape_str(k.shape)}, v{_shape_str(v.shape)}"
+        )
+    if q.ndim < 2:
+        raise AttentionValueError(
+            f"q, k and v need at least 2 dims (L, D), got q with {q.ndim} dim(s) {_shape_str(q.shape)}"
+        )
+    return q.dtype
+
+
+def _to_canonical(x: np.ndarray, layout: str) -> np.ndarray:
+    """(..., H, L, D) or (..., L, H, D) → (B, H, L, D) view (2-D/3-D get unit dims)."""
+    if x.ndim == 2:
+        return x[None, None]
+    if layout == "blhd":
+        x = np.swapaxes(x, -3, -2)
+    if x.ndim == 3:
+        return x[None]
+    return x.reshape((-1,) + x.shape[-3:]) if x.ndim > 4 else x
+
+
+def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: str) -> None:
+    """Leading dims equal, head counts compatible, D and Lk agree; layout-aware names."""
+    if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:
+        raise AttentionValueError(
+            f"q, k and v must have equal leading (batch) dims — dotattn does not broadcast them — got "
+            f"q{_shape_str(q.shape)}, k{_shape_str(k.shape)}, v{_shape_str(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise AttentionValueError(
+            f"q and k must have the same head dim D (last axis), got q D={q.shape[-1]} and k D={k.shape[-1]}"
+        )
+    if q.shape[-1] < 1:
+        raise AttentionValueError(f"the head dim D must be ≥ 1, got q{_shape_str(q.shape)}")
+    l_axis = -2
+    h_axis = -3 if layout == "bhld" else -2
+    if layout == "blhd":
+        l_axis = -3
+    if q.ndim == 2:
+        h_axis = None
+        l_axis = -2
+    if k.shape[l_axis] != v.shape[l_axis]:
+        raise AttentionValueError(
+            f"k and v must have the same length Lk, got k{_shape_str(k.shape)} and v{_shape_str(v.shape)} "
+            f"(layout={layout!r})"
+        )
+    if h_axis is not None and q.ndim >= 3:
+        hq, hk, hv = q.shape[h_axis], k.shape[h_axis], v.shape[h_axis]
+        if hk != hv:
+            raise AttentionValueError(
+                f"k and v must have the same number of heads, got k with {hk} and v with {hv} "
+                f"(layout={layout!r})"
+            )
+        if hk == 0 or hq % hk != 0:
+            raise AttentionValueError(
+                f"k has {hk} heads, but q's {hq} heads are not a multiple of it "
+                f"(grouped-query attention needs Hq % Hkv == 0; layout={layout!r})"
+            )
+
+
+def _check_scale(scale: Any, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise AttentionTypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise AttentionValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_softcap(softcap: Any) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise AttentionTypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if softcap == 0.0:
+        raise AttentionValueError(
+            "softcap must be > 0 or None; got 0.0 — FlashAttention uses softcap=0.0 for 'off', "
+            "dotattn uses softcap=None"
+        )
+    if not (softcap > 0 and math.isfinite(softcap)):
+        raise AttentionValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+    return softcap
+
+
+def _check_causal(causal: Any) -> str | None:
+    if causal is False or causal is None:
+        return None
+    if causal is True:
+        return "bottom_right"
+    if isinstance(causal, str) and causal in CAUSAL_KINDS:
+        return causal
+    raise AttentionValueError(
+        f"causal must be False, True, 'bottom_right' or 'top_left', got {causal!r}"
+    )
+
+
+def _check_window(window: Any) -> tuple[int | None, int | None] | None:
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise AttentionValueError(f"window must be a pair (left, right) or None, got {window!r}")
+    sides = []
+    for side_name, side in zip(("left", "right"), window):
+        if side is None:
+            sides.append(None)
+            continue
+        if isinstance(side, bool) or not isinstance(side, numbers.Integral):
+            raise AttentionTypeError(f"window {side_name} side must be an int ≥ 0 or None, got {side!r}")
+        if side < 0:
+            hint = " — FlashAttention uses -1 for 'unbounded', dotattn uses None" if side == -1 else ""
+            raise AttentionValueError(f"window {side_name} side must be ≥ 0 or None, got {side}{hint}")
+        sides.append(int(side))
+    if sides == [None, None]:
+        return None
+    return (sides[0], sides[1])
+
+
+def _check_dropout(dropout_p: Any, seed: Any) -> tuple[float, int | None]:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise AttentionTypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        raise AttentionValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise AttentionTypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not (0 <= int(seed) < 2**63):
+            raise AttentionValueError(f"seed must be in [0, 2**63), got {seed}")
+        seed = int(seed)
+    return dropout_p, seed
+
+
+def _batch_index_array(name: str, x: Any, batch_shape: tuple[int, ...], B: int) -> np.ndarray:
+    """An int array of shape ``batch_shape`` (or a scalar) → int64 ``(B,)``."""
+    arr = np.asarray(x)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.ndim == 0:
+        return np.full(B, int(arr), dtype=np.int64)
+    if arr.shape != batch_shape:
+        want = _shape_str(batch_shape) if batch_shape else "() (a scalar, since the inputs have no batch dims)"
+        raise AttentionValueError(f"{name} must have shape {want}, got {_shape_str(arr.shape)}")
+    return arr.reshape(B).astype(np.int64)
+
+
+def _check_lengths(name: str, x: Any, L: int, batch_shape, B) -> np.ndarray | None:
+    if x is None:
+        return None
+    lengths = _batch_index_array(name, x, batch_shape, B)
+    bad = (lengths < 0) | (lengths > L)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise AttentionValueError(f"{name} must lie in [0, {L}], got {name}[{i}] = {int(lengths[i])}")
+    return lengths
+
+
+def _check_segment_ids(segment_ids: Any, batch_shape, B: int, Lq: int, Lk: int):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise AttentionValueError(
+                f"segment_ids must be one array (self-attention) or a pair (q_ids, kv_ids), "
+                f"got a sequence of {len(segment_ids)}"
+            )
+        pairs = (("segment_ids[0] (query ids)", segment_ids[0], Lq), ("segment_ids[1] (key ids)", segment_ids[1], Lk))
+    else:
+        if Lq != Lk:
+            raise AttentionValueError(
+                f"a single segment_ids array needs Lq == Lk, got Lq={Lq}, Lk={Lk}; "
+                "pass a pair (q_ids, kv_ids) for cross-attention"
+            )
+        pairs = (("segment_ids", segment_ids, Lq),)
+    out = []
+    for name, ids, L in pairs:
+        arr = np.asarray(ids)
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        want = batch_shape + (L,)
+        if arr.shape != want:
+            raise AttentionValueError(f"{name} must have shape {_shape_str(want)}, got {_shape_str(arr.shape)}")
+        out.append(np.ascontiguousarray(arr.reshape(B, L), dtype=np.int64))
+    if len(out) == 1:
+        return out[0], out[0]
+    return out[0], out[1]
+
+
+def _broadcast_pairwise(
+    name: str, x: Any, batch_shape: tuple[int, ...], Hq: int, Lq: int, Lk: int, B: int, kind: str
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """mask/bias broadcastable to (..., Hq, Lq, Lk) → a (B, Hq, Lq, Lk) view."""
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if kind == "mask":
+        if arr.dtype != bool:
+            raise AttentionTypeError(
+                f"mask must be a bool array (True = attend), got dtype {arr.dtype}; "
+                "pass an additive float mask as bias= instead"
+            )
+    else:
+        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != BFLOAT16:
+            raise AttentionTypeError(f"bias must be a floating array, got dtype {arr.dtype}")
+    full = batch_shape + (Hq, Lq, Lk)
+    ok = arr.ndim <= len(full) and all(a in (1, f) for a, f in zip(arr.shape[::-1], full[::-1]))
+    if not ok:
+        raise AttentionValueError(
+            f"{name} of shape {_shape_str(arr.shape)} does not broadcast to (..., Hq, Lq, Lk) = "
+            f"{_shape_str(full)}"
+        )
+    view = np.broadcast_to(arr, full).reshape((B, Hq, Lq, Lk))
+    return view, arr.shape
+
+
+def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtype) -> np.ndarray | None:
+    if alibi_slopes is None:
+        return None
+    arr = np.asarray(alibi_slopes)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == bool:
+        raise AttentionTypeError(f"alibi_slopes must be a float array, got dtype {arr.dtype}")
+    if arr.shape == (Hq,):
+        arr = np.broadcast_to(arr, (B, Hq))
+    elif arr.shape == batch_shape + (Hq,) and batch_shape:
+        arr = arr.reshape(B, Hq)
+    else:
+        want = "(Hq,)" + (f" or (..., Hq) = {_shape_str(batch_shape + (Hq,))}" if batch_shape else "")
+        raise AttentionValueError(f"alibi_slopes must have shape {want} with Hq={Hq}, got {_shape_str(arr.shape)}")
+    out = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(out).all():
+        raise AttentionValueError("alibi_slopes must be finite")
+    return out
+
+
+def check_layout(layout: Any) -> str:
+    if layout not in LAYOUTS:
+        raise AttentionValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
+    return layout
+
+
+# =================================================================================
+# the entry points
+# =================================================================================
+
+
+def normalize(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: Any = False,
+    window: Any = None,
+    scale: Any = None,
+    softcap: Any = None,
+    alibi_slopes: Any = None,
+    q_lengths: Any = None,
+    kv_lengths: Any = None,
+    segment_ids: Any = None,
+    dropout_p: Any = 0.0,
+    seed: Any = None,
+    layout: Any = "bhld",
+    extras: dict[str, Any] | None = None,
+    for_backward: bool = False,
+) -> AttentionCall:
+    """Validate every argument and return the one :class:`AttentionCall` backends consume.
+
+    With dropout and no ``seed``, a fresh seed is drawn from the OS entropy pool (as torch
+    draws from its global generator); ``for_backward=True`` refuses that, since a backward
+    pass must re-draw the forward's mask.
+    """
+    q = _require_array("q", q)
+    k = _require_array("k", k)
+    v = _require_array("v", v)
+    layout = check_layout(layout)
+    dtype = _check_qkv(q, k, v)
+    _check_shapes(q, k, v, layout)
+    batch_shape = tuple(q.shape[:-3]) if q.ndim >= 4 else ()
+    qc, kc, vc = (_to_canonical(x, layout) for x in (q, k, v))
+    B, Hq, Lq, D = qc.shape
+    Lk = kc.shape[2]
+    compute = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+    scale_f = _check_scale(scale, D)
+    softcap_f = _check_softcap(softcap)
+    causal_s = _check_causal(causal)
+    window_t = _check_window(window)
+    dropout_f, seed_i = _check_dropout(dropout_p, seed)
+    if dropout_f > 0.0 and seed_i is None:
+        if for_backward:
+            raise AttentionValueError(
+                "seed must be given for a backward pass with dropout_p > 0 — pass the seed the forward used"
+            )
+        seed_i = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    q_len = _check_lengths("q_lengths", q_lengths, Lq, batch_shape, B)
+    kv_len = _check_lengths("kv_lengths", kv_lengths, Lk, batch_shape, B)
+    q_seg, kv_seg = _check_segment_ids(segment_ids, batch_shape, B, Lq, Lk)
+    mask_v = bias_v = bias_shape = None
+    if mask is not None:
+        mask_v, _ = _broadcast_pairwise("mask", mask, batch_shape, Hq, Lq, Lk, B, "mask")
+    if bias is not None:
+        bias_v, bias_shape = _broadcast_pairwise("bias", bias, batch_shape, Hq, Lq, Lk, B, "bias")
+    slopes = _check_alibi(alibi_slopes, batch_shape, B, Hq, compute)
+
+    return AttentionCall(
+        q=qc,
+        k=kc,
+        v=vc,
+        batch_shape=batch_shape,
+        input_ndim=q.ndim,
+        layout=layout,
+        scale=scale_f,
+        softcap=softcap_f,
+        bias=bias_v,
+        bias_shape=bias_shape,
+        alibi_slopes=slopes,
+        mask=mask_v,
+        causal=causal_s,
+        window=window_t,
+        q_lengths=q_len,
+        kv_lengths=kv_len,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+        dropout_p=dropout_f,
+        seed=seed_i,
+        dtype=dtype,
+        extras=dict(extras or {}),
+    )
+
+
+def _from_canonical(call: AttentionCall, x: np.ndarray, *, pairwise: bool = False) -> np.ndarray:
+    """(B, Hq, Lq, X) → the caller's shape. ``pairwise`` arrays (lse, weights) ignore ``layout``."""
+    if call.input_ndim == 2:
+        return x[0, 0]
+    if call.input_ndim == 3:
+        x = x[0]
+    else:
+        x = x.reshape(call.batch_shape + x.shape[1:])
+    if call.layout == "blhd" and not pairwise:
+        x = np.swapaxes(x, -3, -2)
+    return x
+
+
+def finalize_output(call: AttentionCall, out: np.ndarray) -> np.ndarray:
+    """Canonical (B, Hq, Lq, Dv) output → caller's layout and dtype (contiguous)."""
+    return np.ascontiguousarray(_from_canonical(call, out).astype(call.dtype, copy=False))
+
+
+def finalize_lse(call: AttentionCall, lse: np.ndarray) -> np.ndarray:
+    """Canonical (B, Hq, Lq) LSE → ``(..., Hq, Lq)`` float32 (float64 for float64 inputs)."""
+    return _from_canonical(call, lse[..., None], pairwise=True)[..., 0].astype(call.compute_dtype, copy=False)
+
+
+def finalize_pairwise(call: AttentionCall, x: np.ndarray) -> np.ndarray:
+    """Canonical (B, Hq, Lq, Lk) → ``(..., Hq, Lq, Lk)``, whatever the layout."""
+    return _from_canonical(call, x, pairwise=True)
+
+
+def finalize_grad(call: AttentionCall, g: np.ndarray, like: str) -> np.ndarray:
+    """Canonical gradient of q/k/v → the caller's shape and dtype."""
+    del like  # q, k and v share the same canonical→caller mapping
+    return np.ascontiguousarray(_from_canonical(call, g).astype(call.dtype, copy=False))
+
+
+def reduce_bias_grad(call: AttentionCall, dbias_full: np.ndarray) -> np.ndarray:
+    """(B, Hq, Lq, Lk) gradient of the broadcast bias → the caller's bias shape (summing broadcast dims)."""
+    assert call.bias_shape is not None
+    full = call.batch_shape + dbias_full.shape[1:]
+    g = dbias_full.reshape(full)
+    target = call.bias_shape
+    lead = g.ndim - len(target)
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, (t, s) in enumerate(zip(target, g.shape)) if t == 1 and s != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(target)
+
+
+def check_weights_size(call: AttentionCall, max_weights_bytes: int) -> None:
+    """``return_weights`` materializes (…, Hq, Lq, Lk); refuse past the caller's limit."""
+    nbytes = call.B * call.Hq * call.Lq * call.Lk * call.compute_dtype.itemsize
+    if nbytes > max_weights_bytes:
+        raise AttentionValueError(
+            f"return_weights=True would materialize {nbytes / 2**20:.1f} MiB of weights "
+            f"(B={call.B}, Hq={call.Hq}, Lq={call.Lq}, Lk={call.Lk}), over max_weights_bytes="
+            f"{max_weights_bytes}; raise max_weights_bytes, or use dotattn.attention_map() for pooled maps"
+        )
+
+
+def canonical_like(call: AttentionCall, name: str, x: Any, last_dim: int) -> np.ndarray:
+    """A caller-layout array shaped like the output (``out``/``dout``) → canonical (B, Hq, Lq, X)."""
+    x = _require_array(name, x)
+    want = _from_canonical(call, np.empty((call.B, call.Hq, call.Lq, last_dim), dtype=np.int8)).shape
+    if x.shape != want:
+        raise AttentionValueError(f"{name} must have shape {_shape_str(want)}, got {_shape_str(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise AttentionTypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    return _to_canonical(x, call.layout) if call.input_ndim != 2 else x[None, None]
+
+
+def canonical_lse(call: AttentionCall, lse: Any) -> np.ndarray:
+    """Caller-shaped LSE ``(..., Hq, Lq)`` → canonical (B, Hq, Lq)."""
+    lse = _require_array("lse", lse)
+    want = finalize_lse(call, np.empty((call.B, call.Hq, call.Lq), dtype=call.compute_dtype)).shape
+    if lse.shape != want:
+        raise AttentionValueError(f"lse must have shape {_shape_str(want)}, got {_shape_str(lse.shape)}")
+    if not np.issubdtype(lse.dtype, np.floating):
+        raise AttentionTypeError(f"lse must have a floating dtype, got {lse.dtype}")
+    return lse.reshape(call.B, call.Hq, call.Lq)

@@ -149,7 +149,10 @@ def run_forward(
         semantics.check_weights_size(call, max_weights_bytes)
     backend = registry.select(call, implementation)
     out, lse = backend.forward(call)
-    weights = backend.weights(call, lse) if return_weights else None
+    weights = None
+    if return_weights:
+        # Weights come back in the accumulation dtype (as the LSE) whichever backend made them.
+        weights = backend.weights(call, lse).astype(call.compute_dtype, copy=False)
     return out, lse, weights
 
 

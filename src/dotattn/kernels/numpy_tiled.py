@@ -209,9 +209,12 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         # update running max; rows that have seen no visible key yet keep m = −inf
         m_new = np.maximum(m, s.max(axis=1))
         m_safe = np.where(m_new == -np.inf, dt.type(0), m_new)
-        p = np.exp(s - m_safe[:, None])
+        p = s  # in place: the block's buffer becomes exp(s − m), saving an allocation per block
+        np.subtract(s, m_safe[:, None], out=p)
+        np.exp(p, out=p)
         alpha = np.exp(m - m_safe)  # rescale factor of the old sums (0 when m was −inf)
-        l = l * alpha + p.sum(axis=1)
+        l *= alpha
+        l += p.sum(axis=1)
         if call.dropout_p > 0.0:
             p *= prep.dropout_scale(b, h, i0, i1, j0, j1)  # the sum above stays pre-dropout
         acc *= alpha[:, None]
@@ -235,6 +238,8 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
         for h in range(call.Hq)
         for i0 in range(0, call.q_len(b), BLOCK_Q)
     ]
+    # Longest first (e.g. the last query blocks under causal) so the pool ends evenly loaded.
+    tasks.sort(key=lambda t: -np.subtract(*prep.query_bounds(t[0], t[2], t[3])[::-1]))
     work = call.B * call.Hq * call.Lq * call.Lk * (call.D + call.Dv)
     run = _run_parallel if work >= PARALLEL_MIN_WORK else _run_serial
     run(tasks, lambda t: _forward_block_row(prep, out, lse, *t))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._version import __version__
 from .api import attention, attention_backward
 from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
+from .maps import attention_map
 from .nn import MultiHeadAttention
 
 
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "attention",
     "attention_backward",
+    "attention_map",
     "info",
     "MultiHeadAttention",
     "DotAttnError",

@@ -221,7 +221,8 @@ def _to_canonical(x: np.ndarray, layout: str) -> np.ndarray:
         x = np.swapaxes(x, -3, -2)
     if x.ndim == 3:
         return x[None]
-    return x.reshape((-1,) + x.shape[-3:]) if x.ndim > 4 else x
+    # An explicit B, not -1: NumPy cannot infer -1 when another dim is 0.
+    return x.reshape((math.prod(x.shape[:-3]),) + x.shape[-3:]) if x.ndim > 4 else x
 
 
 def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: str) -> None:

@@ -54,6 +54,12 @@ def common_framework(**arrays: Any) -> str:
 
 def frontend(name: str):
     """The front-end module for a framework (imported lazily)."""
+    if name == "torch":
+        # An import statement, not importlib: torch.compile(fullgraph=True) can trace the
+        # former but refuses to trace importlib.import_module.
+        from . import torch as torch_frontend
+
+        return torch_frontend
     import importlib
 
     return importlib.import_module(_FRONTENDS[name])

@@ -1,0 +1,677 @@
+"""Numba kernels of the ``cpu`` backend: fused tiled attention, forward and backward.
+
+FlashAttention-2 (Dao 2023) on a CPU: the online softmax of Milakov & Gimelshein (2018) over
+key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each block:
+
+1. ``S = Q_blk · K_blkᵀ`` with ``np.dot`` (BLAS sgemm on contiguous blocks, 1 BLAS thread:
+   our own threads run one block each);
+2. the score chain of ``docs/semantics.md`` (scale, softcap, bias, ALiBi, ``score_mod``)
+   and the masks (lengths, causal, window, segments, dense mask, ``mask_mod``), skipped
+   where the block is fully visible; invisible blocks are never visited;
+3. the softmax in base 2 (``log2(e)`` folded into the scale) with :func:`_exp2_block`, a
+   polynomial ``2^f`` plus an integer exponent add — two loops LLVM vectorizes;
+4. ``acc += P · V_blk`` with ``np.dot``.
+
+This file is also a *template*: ``cpu._kernels_for(score_mod, mask_mod)`` executes its source
+again in a fresh namespace where ``score_mod_fn``/``mask_mod_fn`` are the user's compiled
+functions and ``_JIT_CACHE`` is False (a user function cannot be cached across processes).
+The default instance below uses no-op mods and is cached on disk (``cache=True``).
+
+Conventions: ``T`` is the compute dtype (float32, or float64 for float64 inputs).  Packed
+inputs are ``kp (B, Hkv, nkb, BK, D)`` / ``vp (B, Hkv, nkb, BK, Dv)`` with zeros past each
+sequence's real length.  ``causal``: 0 none, 1 bottom-right, 2 top-left.  Window sides < 0
+mean unbounded.  Dense mask/bias come flattened with element strides ``(sb, sh, si, sj)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .dropout import splitmix64 as _splitmix64_py
+
+_JIT_CACHE = globals().get("_JIT_CACHE", True)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _no_score_mod(score, b, h, q_idx, kv_idx):
+    return score
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _no_mask_mod(b, h, q_idx, kv_idx):
+    return True
+
+
+score_mod_fn = globals().get("score_mod_fn", _no_score_mod)
+mask_mod_fn = globals().get("mask_mod_fn", _no_mask_mod)
+HAS_SCORE_MOD = globals().get("HAS_SCORE_MOD", False)
+HAS_MASK_MOD = globals().get("HAS_MASK_MOD", False)
+
+LOG2E = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453  # ln(2)
+SKIP, PARTIAL, FULL = 0, 1, 2  # block classes
+
+_splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
+
+
+# =================================================================================
+# exp2 on a block: polynomial on the fraction, exponent added as an integer
+# =================================================================================
+
+
+def _exp2_block(x, n):
+    """``x[i] = 2**x[i]`` in place for x ≤ 0 (−inf → 0; below 2**−126 flushes to 0).
+
+    float32: ``x = n + f`` with ``n = round(x)``, ``f ∈ [−½, ½]``; ``2**f`` by a degree-6
+    Taylor polynomial of ``e**(f·ln2)`` (relative error ≤ 1.3e-7), then ``n`` is added to the
+    exponent bits through an int32 view in a second loop.  Both loops are branch-free so LLVM
+    vectorizes them (AVX-512: 16 lanes); ``n`` is an int32 scratch of ``x``'s size.
+    float64 uses ``math.exp2`` per element (accuracy over speed).  Compiled per dtype by the
+    overload below.
+    """
+    raise NotImplementedError("compiled only")
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_block_f32(x, n):
+    for i in range(x.size):
+        xc = max(x[i], np.float32(-127.0))
+        r = np.floor(xc + np.float32(0.5))
+        f = xc - r
+        p = np.float32(1.5403530393381606e-4)
+        p = p * f + np.float32(1.3333558146428443e-3)
+        p = p * f + np.float32(9.618129107628477e-3)
+        p = p * f + np.float32(5.550410866482158e-2)
+        p = p * f + np.float32(0.2402265069591007)
+        p = p * f + np.float32(0.6931471805599453)
+        p = p * f + np.float32(1.0)
+        x[i] = p
+        n[i] = np.int32(r)
+    bits = x.view(np.int32)
+    for i in range(x.size):
+        e = n[i]
+        bits[i] = np.int32(bits[i] + (e << 23)) if e > -127 else np.int32(0)
+
+
+@njit(cache=_JIT_CACHE)
+def _exp2_block_f64(x, n):
+    for i in range(x.size):
+        x[i] = math.exp2(x[i])
+
+
+@overload(_exp2_block, jit_options={"cache": _JIT_CACHE})
+def _exp2_block_overload(x, n):
+    if x.dtype == types.float64:
+        return lambda x, n: _exp2_block_f64(x, n)
+    return lambda x, n: _exp2_block_f32(x, n)
+
+
+# =================================================================================
+# visibility: block classes and per-element masks
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE)
+def _block_class(
+    b, h, i0, nrows, j0, ncols, q_lens, kv_lens, causal, left, right,
+    q_seg, kv_seg, has_seg,
+):
+    """SKIP, PARTIAL or FULL (as far as lengths, causal, window and segments tell) for rows ``[i0, i0+nrows)`` × keys ``[j0, j0+ncols)``.
+
+    ``ncols`` counts the real keys of the block (the packed block may be padded to BK);
+    a FULL block needs every packed column to be a visible key.
+    """
+    qlen = q_lens[b]
+    kvlen = kv_lens[b]
+    nr = min(nrows, qlen - i0)
+    nc = min(ncols, kvlen - j0)
+    if nr <= 0 or nc <= 0:
+        return SKIP
+    full = nc == ncols
+    off = kvlen - qlen
+    plo = i0 + off
+    phi = i0 + nr - 1 + off
+    jlast = j0 + nc - 1
+    if causal == 1:
+        if j0 > phi:
+            return SKIP
+        if jlast > plo:
+            full = False
+    elif causal == 2:
+        if j0 > i0 + nr - 1:
+            return SKIP
+        if jlast > i0:
+            full = False
+    if left >= 0:
+        if jlast < plo - left:
+            return SKIP
+        if j0 < phi - left:
+            full = False
+    if right >= 0:
+        if j0 > phi + right:
+            return SKIP
+        if jlast > plo + right:
+            full = False
+    if has_seg:
+        qmin = q_seg[b, i0]
+        qmax = qmin
+        for r in range(i0, i0 + nr):
+            s = q_seg[b, r]
+            qmin = min(qmin, s)
+            qmax = max(qmax, s)
+        kmin = kv_seg[b, j0]
+        kmax = kmin
+        for c in range(j0, j0 + nc):
+            s = kv_seg[b, c]
+            kmin = min(kmin, s)
+            kmax = max(kmax, s)
+        if qmax < kmin or kmax < qmin:
+            return SKIP
+        if not (qmin == qmax and kmin == kmax and qmin == kmin):
+            full = False
+    return FULL if full else PARTIAL
+
+
+@njit(cache=_JIT_CACHE)
+def _block_class_bm(
+    b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
+    q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+):
+    """The class of block ``(qb, kb)`` of the ``BQ × BK`` tiling, every mask included.
+
+    The dense mask and ``mask_mod`` make a block PARTIAL unless the user's block mask
+    (``bm (Bm, Hm, nqb, nkb)``, derived from that ``mask_mod``) says it is FULL or SKIP.
+    The last key block is never FULL when it is shorter than BK (its padding is masked).
+    """
+    i0 = qb * BQ
+    j0 = kb * BK
+    nrows = min(BQ, Lq - i0)
+    ncols = min(BK, Lk - j0)
+    cls = _block_class(
+        b, h, i0, nrows, j0, ncols, q_lens, kv_lens, causal, left, right, q_seg, kv_seg, has_seg,
+    )
+    if cls == SKIP:
+        return SKIP
+    if ncols < BK or has_dense_mask:
+        cls = PARTIAL
+    if bm_on:
+        user = bm[b % bm.shape[0], h % bm.shape[1], qb, kb]
+        if user == SKIP:
+            return SKIP
+        if user == PARTIAL:
+            cls = PARTIAL
+    elif HAS_MASK_MOD:
+        cls = PARTIAL
+    return cls
+
+
+@njit(cache=_JIT_CACHE)
+def _mask_block(
+    S, b, h, i0, nrows, j0, q_lens, kv_lens, causal, left, right,
+    q_seg, kv_seg, has_seg, mask, mstr, has_dense_mask, use_mask_mod,
+):
+    """Set ``S[r, c] = −inf`` where query ``i0+r`` does not see key ``j0+c`` (valid rows only)."""
+    qlen = q_lens[b]
+    kvlen = kv_lens[b]
+    off = kvlen - qlen
+    BK = S.shape[1]
+    nr = min(nrows, qlen - i0)
+    ninf = -np.inf
+    for r in range(nr):
+        i = i0 + r
+        p = i + off
+        hi = min(kvlen, j0 + BK) - 1  # last visible key by lengths/causal/right window
+        if causal == 1:
+            hi = min(hi, p)
+        elif causal == 2:
+            hi = min(hi, i)
+        if right >= 0:
+            hi = min(hi, p + right)
+        lo = j0
+        if left >= 0:
+            lo = max(lo, p - left)
+        for c in range(BK):
+            j = j0 + c
+            if j < lo or j > hi:
+                S[r, c] = ninf
+        if has_seg or has_dense_mask or use_mask_mod:
+            for c in range(max(lo - j0, 0), min(hi - j0 + 1, BK)):
+                j = j0 + c
+                vis = True
+                if has_seg:
+                    vis = q_seg[b, i] == kv_seg[b, j]
+                if has_dense_mask and vis:
+                    vis = mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]] != 0
+                if HAS_MASK_MOD and use_mask_mod and vis:
+                    vis = mask_mod_fn(b, h, i, j)
+                if not vis:
+                    S[r, c] = ninf
+
+
+@njit(cache=_JIT_CACHE)
+def _transform_block(
+    S, G, GM, want_grad, b, h, i0, nrows, j0, ncols, q_lens, kv_lens, scale, softcap,
+    bias, bstr, has_bias, slopes, has_alibi,
+):
+    """Raw dot products → scores in base 2: ``log2(e) · score_mod(softcap(scale·s) + bias − ALiBi)``.
+
+    With ``want_grad`` the backward's chain-rule factors come out too: ``G[r, c]`` =
+    softcap's ``1 − tanh²`` and ``GM[r, c]`` = score_mod's derivative (a central difference
+    in float64, since a user function has no symbolic derivative).
+    """
+    qlen = q_lens[b]
+    kvlen = kv_lens[b]
+    off = kvlen - qlen
+    BQ, BK = S.shape
+    slope = slopes[b, h] if has_alibi else 0.0
+    for r in range(BQ):
+        i = i0 + r
+        for c in range(BK):
+            j = j0 + c
+            s = S[r, c] * scale
+            if softcap > 0.0:
+                t = math.tanh(s / softcap)
+                s = softcap * t
+                if want_grad:
+                    G[r, c] = 1.0 - t * t
+            if has_bias and r < nrows and c < ncols:
+                s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
+            if has_alibi:
+                s -= slope * abs(i + off - j)
+            if HAS_SCORE_MOD:
+                if want_grad:
+                    s64 = np.float64(s)
+                    eps = 1e-4 * max(1.0, abs(s64))
+                    up = np.float64(score_mod_fn(s64 + eps, b, h, i, j))
+                    dn = np.float64(score_mod_fn(s64 - eps, b, h, i, j))
+                    GM[r, c] = (up - dn) / (2.0 * eps)
+                s = score_mod_fn(s, b, h, i, j)
+            S[r, c] = s * LOG2E
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _dropout_keep(key, p, b, h, i, j, Hq, Lq, Lk):
+    """Exactly :func:`dotattn.kernels.dropout.keep_block` for one element."""
+    counter = ((np.uint64(b) * np.uint64(Hq) + np.uint64(h)) * np.uint64(Lq) + np.uint64(i)) * np.uint64(Lk) + np.uint64(j)
+    z = _splitmix64(counter ^ key)
+    u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    return u >= p
+
+
+@njit(cache=_JIT_CACHE)
+def _apply_dropout(P, key, p, b, h, i0, nrows, j0, Hq, Lq, Lk):
+    """``P ∘ keep / (1 − p)`` in place, for the real rows of the block."""
+    inv = 1.0 / (1.0 - p)
+    for r in range(nrows):
+        for c in range(P.shape[1]):
+            if _dropout_keep(key, p, b, h, i0 + r, j0 + c, Hq, Lq, Lk):
+                P[r, c] *= inv
+            else:
+                P[r, c] = 0.0
+
+
+# =================================================================================
+# small row loops, written so LLVM vectorizes them
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nnan", "reassoc", "nsz", "contract"}, inline="always")
+def _row_max(row):
+    mx = row[0]
+    for c in range(1, row.size):
+        mx = max(mx, row[c])
+    return mx
+
+
+@njit(cache=_JIT_CACHE, fastmath={"reassoc", "nsz", "contract"}, inline="always")
+def _row_sum(row):
+    tot = row[0] * 0
+    for c in range(row.size):
+        tot += row[c]
+    return tot
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"}, inline="always")
+def _scale_shift(row, mul, sub):
+    """``row = row·mul − sub`` (−inf stays −inf: ``mul > 0`` and ``sub`` finite or +inf)."""
+    for c in range(row.size):
+        row[c] = row[c] * mul - sub
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"}, inline="always")
+def _add_into(dst, src):
+    for i in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[i, j] += src[i, j]
+
+
+# =================================================================================
+# forward
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def forward(
+    q, kp, vp, out, lse, BQ, Lk, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias,
+    slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg,
+    has_seg, dropout_p, dropout_key, bm, bm_on, nchunks,
+):
+    """``out (B, Hq, Lq, Dv)`` and natural-log ``lse (B, Hq, Lq)`` of every query block.
+
+    Tasks ``(b, h, query block)`` are dealt round-robin to ``nchunks`` chunks, one per thread,
+    so causal work is balanced and each output row is written by exactly one task.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = kp.shape[1]
+    nkb, BK = kp.shape[2], kp.shape[3]
+    Dv = vp.shape[4]
+    group = Hq // Hkv
+    nqb = (Lq + BQ - 1) // BQ
+    ntasks = B * Hq * nqb
+    # simple: no per-element score chain; scale·log2(e) is folded into the exponent's multiply
+    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
+    consts = np.empty(3, dtype=q.dtype)  # compute-dtype scalars, so hot loops stay in that dtype
+    consts[0] = scale * LOG2E if simple else 1.0
+    consts[1] = 0.0
+    consts[2] = -np.inf
+    c2, zero, ninf = consts[0], consts[1], consts[2]
+    for chunk in prange(nchunks):
+        Qs = np.zeros((BQ, D), dtype=q.dtype)
+        S = np.empty((BQ, BK), dtype=q.dtype)
+        N = np.empty(BQ * BK, dtype=np.int32)
+        PV = np.empty((BQ, Dv), dtype=q.dtype)
+        acc = np.empty((BQ, Dv), dtype=q.dtype)
+        m = np.empty(BQ, dtype=q.dtype)
+        l = np.empty(BQ, dtype=q.dtype)
+        G = np.empty((1, 1), dtype=q.dtype)
+        for t in range(chunk, ntasks, nchunks):
+            b = t // (Hq * nqb)
+            h = (t // nqb) % Hq
+            qb = t % nqb
+            hk = h // group
+            i0 = qb * BQ
+            nrows = min(BQ, Lq - i0)
+            nr = min(nrows, q_lens[b] - i0)
+            if nr <= 0:
+                out[b, h, i0:i0 + nrows] = 0.0
+                lse[b, h, i0:i0 + nrows] = -np.inf
+                continue
+            Qs[:] = 0.0
+            Qs[:nr] = q[b, h, i0:i0 + nr]
+            m[:] = ninf
+            l[:] = zero
+            acc[:] = zero
+            for kb in range(nkb):
+                j0 = kb * BK
+                ncols = min(BK, Lk - j0)
+                cls = _block_class_bm(
+                    b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
+                    q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                )
+                if cls == SKIP:
+                    continue
+                # scores of the block
+                np.dot(Qs, kp[b, hk, kb].T, out=S)
+                if not simple:
+                    _transform_block(
+                        S, G, G, False, b, h, i0, nrows, j0, ncols, q_lens, kv_lens, scale,
+                        softcap, bias, bstr, has_bias, slopes, has_alibi,
+                    )
+                if cls == PARTIAL:
+                    _mask_block(
+                        S, b, h, i0, nrows, j0, q_lens, kv_lens, causal, left, right,
+                        q_seg, kv_seg, has_seg, mask, mstr, has_dense_mask, True,
+                    )
+                # update the running max, rescale acc and l, shift the scores
+                for r in range(nr):
+                    m_new = max(m[r], _row_max(S[r]) * c2)
+                    m_use = m_new if m_new > ninf else zero
+                    alpha = math.exp2(m[r] - m_use) if m[r] > ninf else zero
+                    m[r] = m_new
+                    l[r] *= alpha
+                    for d in range(Dv):
+                        acc[r, d] *= alpha
+                    _scale_shift(S[r], c2, m_use)
+                for r in range(nr, BQ):
+                    S[r, :] = ninf
+                # P = 2^S; running sum (pre-dropout); acc += P·V
+                _exp2_block(S.reshape(BQ * BK), N)
+                for r in range(nr):
+                    l[r] += _row_sum(S[r])
+                if dropout_p > 0.0:
+                    _apply_dropout(S, dropout_key, dropout_p, b, h, i0, nr, j0, Hq, Lq, Lk)
+                np.dot(S, vp[b, hk, kb], out=PV)
+                _add_into(acc, PV)
+            # normalize; rows without a visible key give 0 and lse = −inf
+            for r in range(nrows):
+                if r < nr and l[r] > zero:
+                    inv = 1.0 / l[r]
+                    for d in range(Dv):
+                        out[b, h, i0 + r, d] = acc[r, d] * inv
+                    lse[b, h, i0 + r] = (m[r] + math.log2(l[r])) * LN2
+                else:
+                    out[b, h, i0 + r, :] = 0.0
+                    lse[b, h, i0 + r] = -np.inf
+
+
+# =================================================================================
+# backward
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE)
+def _probabilities_block(
+    S, N, Qs, Kb, lse2, c2, G, GM, need_g, cls, simple, b, h, i0, nrows, j0, ncols, q_lens,
+    kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr,
+    has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg,
+):
+    """``S = P = 2^(score₂ − lse₂)`` of one block, recomputed from the forward's LSE."""
+    np.dot(Qs, Kb.T, out=S)
+    if not simple:
+        _transform_block(
+            S, G, GM, need_g, b, h, i0, nrows, j0, ncols, q_lens, kv_lens, scale, softcap,
+            bias, bstr, has_bias, slopes, has_alibi,
+        )
+    if cls == PARTIAL:
+        _mask_block(
+            S, b, h, i0, nrows, j0, q_lens, kv_lens, causal, left, right, q_seg, kv_seg,
+            has_seg, mask, mstr, has_dense_mask, True,
+        )
+    for r in range(S.shape[0]):
+        _scale_shift(S[r], c2, lse2[r])
+    _exp2_block(S.reshape(S.size), N)
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def backward(
+    q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, BQ, Lk, q_lens,
+    kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr,
+    has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, dropout_p, dropout_key,
+    bm, bm_on, nchunks,
+):
+    """FlashAttention-2 backward: tasks ``(b, kv head, key block)`` own their dK/dV block.
+
+    For each query head of the group and each visible query block, scores are recomputed
+    and ``P = 2^(S₂ − lse₂)``; then ``dV += P̃ᵀ·dO`` (P̃ = P after dropout), ``dP = dO·Vᵀ``
+    (times the same dropout mask), ``dS = P∘(dP − Δ)``, ``dK += dSᵀ·Q``, ``dQ += dS·K``.
+    dQ rows are shared between key blocks, so each chunk (one per thread, tasks dealt
+    round-robin) adds into its own ``dq_parts[chunk]``; the caller sums the parts in a fixed
+    order, which keeps results bitwise repeatable.  dK is scaled by ``scale`` at the end.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = kp.shape[1]
+    nkb, BK = kp.shape[2], kp.shape[3]
+    Dv = vp.shape[4]
+    group = Hq // Hkv
+    nqb = (Lq + BQ - 1) // BQ
+    ntasks = B * Hkv * nkb
+    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
+    need_g = softcap > 0.0 or HAS_SCORE_MOD
+    consts = np.empty(2, dtype=q.dtype)
+    consts[0] = scale * LOG2E if simple else 1.0
+    consts[1] = 1.0 / (1.0 - dropout_p)
+    c2, inv_keep = consts[0], consts[1]
+    for chunk in prange(nchunks):
+        Qs = np.zeros((BQ, D), dtype=q.dtype)
+        dOs = np.zeros((BQ, Dv), dtype=q.dtype)
+        S = np.empty((BQ, BK), dtype=q.dtype)
+        dP = np.empty((BQ, BK), dtype=q.dtype)
+        Pd = np.empty((BQ, BK), dtype=q.dtype)
+        G = np.empty((BQ, BK), dtype=q.dtype)
+        GM = np.empty((BQ, BK), dtype=q.dtype)
+        dls = np.empty(BQ, dtype=q.dtype)
+        N = np.empty(BQ * BK, dtype=np.int32)
+        dQt = np.empty((BQ, D), dtype=q.dtype)
+        dKt = np.empty((BK, D), dtype=q.dtype)
+        dVt = np.empty((BK, Dv), dtype=q.dtype)
+        dK = np.empty((BK, D), dtype=q.dtype)
+        dV = np.empty((BK, Dv), dtype=q.dtype)
+        lse2 = np.empty(BQ, dtype=q.dtype)
+        for t in range(chunk, ntasks, nchunks):
+            b = t // (Hkv * nkb)
+            hk = (t // nkb) % Hkv
+            kb = t % nkb
+            j0 = kb * BK
+            ncols = min(BK, Lk - j0)
+            dK[:] = 0.0
+            dV[:] = 0.0
+            Kb = kp[b, hk, kb]
+            Vb = vp[b, hk, kb]
+            for g in range(group):
+                h = hk * group + g
+                for qb in range(nqb):
+                    cls = _block_class_bm(
+                        b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
+                        q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                    )
+                    if cls == SKIP:
+                        continue
+                    i0 = qb * BQ
+                    nrows = min(BQ, Lq - i0)
+                    nr = min(nrows, q_lens[b] - i0)
+                    Qs[:] = 0.0
+                    Qs[:nr] = q[b, h, i0:i0 + nr]
+                    dOs[:] = 0.0
+                    dOs[:nr] = dout[b, h, i0:i0 + nr]
+                    for r in range(BQ):
+                        lv = lse[b, h, i0 + r] if r < nr else -np.inf
+                        # rows without a visible key (lse = −inf) get P = 2^(S − ∞) = 0
+                        lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
+                    _probabilities_block(
+                        S, N, Qs, Kb, lse2, c2, G, GM, need_g, cls, simple, b, h, i0, nrows, j0,
+                        ncols, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
+                        has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg,
+                        kv_seg, has_seg,
+                    )
+                    np.dot(dOs, Vb.T, out=dP)
+                    if dropout_p > 0.0:
+                        for r in range(BQ):
+                            for c in range(BK):
+                                if r < nr and _dropout_keep(dropout_key, dropout_p, b, h, i0 + r, j0 + c, Hq, Lq, Lk):
+                                    Pd[r, c] = S[r, c] * inv_keep
+                                    dP[r, c] *= inv_keep
+                                else:
+                                    Pd[r, c] = 0.0
+                                    dP[r, c] = 0.0
+                        np.dot(Pd.T, dOs, out=dVt)
+                    else:
+                        np.dot(S.T, dOs, out=dVt)
+                    _add_into(dV, dVt)
+                    # dS = P ∘ (dP − Δ), in place of P; then the chain rule through
+                    # score_mod (the bias's gradient stops here) and softcap
+                    for r in range(BQ):
+                        dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
+                    for r in range(BQ):
+                        for c in range(BK):
+                            S[r, c] = S[r, c] * (dP[r, c] - dls[r])
+                    if HAS_SCORE_MOD:
+                        for r in range(BQ):
+                            for c in range(BK):
+                                S[r, c] *= GM[r, c]
+                    if want_dbias:
+                        for r in range(nr):
+                            for c in range(ncols):
+                                dbias[b, h, i0 + r, j0 + c] = S[r, c]
+                    if softcap > 0.0:
+                        for r in range(BQ):
+                            for c in range(BK):
+                                S[r, c] *= G[r, c]
+                    np.dot(S.T, Qs, out=dKt)
+                    _add_into(dK, dKt)
+                    np.dot(S, Kb, out=dQt)
+                    for r in range(nr):
+                        for d in range(D):
+                            dq_parts[chunk, b, h, i0 + r, d] += dQt[r, d]
+            for c in range(BK):
+                for d in range(D):
+                    dkp[b, hk, kb, c, d] = dK[c, d] * scale
+                for d in range(Dv):
+                    dvp[b, hk, kb, c, d] = dV[c, d]
+
+
+# =================================================================================
+# weights (materialized on request)
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def weights(
+    q, kp, lse, P_out, BQ, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
+    has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg,
+    bm, bm_on, nchunks,
+):
+    """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` from the forward's LSE (zeros elsewhere)."""
+    B, Hq, Lq, D = q.shape
+    Hkv = kp.shape[1]
+    nkb, BK = kp.shape[2], kp.shape[3]
+    Lk = P_out.shape[3]
+    group = Hq // Hkv
+    nqb = (Lq + BQ - 1) // BQ
+    ntasks = B * Hq * nqb
+    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
+    consts = np.empty(1, dtype=q.dtype)
+    consts[0] = scale * LOG2E if simple else 1.0
+    c2 = consts[0]
+    for chunk in prange(nchunks):
+        Qs = np.zeros((BQ, D), dtype=q.dtype)
+        S = np.empty((BQ, BK), dtype=q.dtype)
+        N = np.empty(BQ * BK, dtype=np.int32)
+        G = np.empty((1, 1), dtype=q.dtype)
+        lse2 = np.empty(BQ, dtype=q.dtype)
+        for t in range(chunk, ntasks, nchunks):
+            b = t // (Hq * nqb)
+            h = (t // nqb) % Hq
+            qb = t % nqb
+            hk = h // group
+            i0 = qb * BQ
+            nrows = min(BQ, Lq - i0)
+            nr = min(nrows, q_lens[b] - i0)
+            if nr <= 0:
+                continue
+            Qs[:] = 0.0
+            Qs[:nr] = q[b, h, i0:i0 + nr]
+            for r in range(BQ):
+                lv = lse[b, h, i0 + r] if r < nr else -np.inf
+                lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
+            for kb in range(nkb):
+                j0 = kb * BK
+                ncols = min(BK, Lk - j0)
+                cls = _block_class_bm(
+                    b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
+                    q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                )
+                if cls == SKIP:
+                    continue
+                _probabilities_block(
+                    S, N, Qs, kp[b, hk, kb], lse2, c2, G, G, False, cls, simple, b, h, i0, nrows,
+                    j0, ncols, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
+                    has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg,
+                    has_seg,
+                )
+                for r in range(nr):
+                    for c in range(ncols):
+                        P_out[b, h, i0 + r, j0 + c] = S[r, c]

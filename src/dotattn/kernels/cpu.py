@@ -1,0 +1,322 @@
+"""The ``cpu`` backend: fused tiled attention compiled by Numba (forward, backward, weights).
+
+This module prepares an :class:`~dotattn.semantics.AttentionCall` for the kernels of
+:mod:`dotattn.kernels._cpu_kernels` (compute-dtype contiguous q, K/V packed into key blocks,
+options as flat arrays of one type each so a single compiled specialization serves every
+call) and runs them with BLAS limited to one thread: the kernels' own threads each run
+their blocks' GEMMs.  Every option of ``docs/semantics.md`` is computed in-kernel;
+``score_mod``/``mask_mod``/``block_mask`` (``call.extras``) are compiled into a private copy
+of the kernels (see :func:`kernels_for`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
+from ..errors import AttentionTypeError, AttentionValueError
+from ..semantics import AttentionCall
+from .dropout import seed_key
+
+NAME = "cpu"
+EXTRAS = ("score_mod", "mask_mod", "block_mask")
+
+_KERNEL_MODULE = "dotattn.kernels._cpu_kernels"
+_user_kernels: dict[tuple[Any, Any], types.ModuleType] = {}
+_user_lock = threading.Lock()
+_blas_controller = None
+
+
+def default_kernels() -> types.ModuleType:
+    """The disk-cached kernels without user functions."""
+    from . import _cpu_kernels
+
+    return _cpu_kernels
+
+
+def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
+    """Kernels with the user's ``score_mod``/``mask_mod`` compiled in (one copy per pair, per process).
+
+    The kernel module's source is executed again in a fresh namespace whose globals
+    ``score_mod_fn``/``mask_mod_fn`` are the user's compiled functions: Numba inlines them
+    into the hot loops, and dead-code elimination removes them when absent.  Such copies are
+    not cached on disk (``_JIT_CACHE = False``): a user function has no stable identity
+    across processes, so the first call in a process compiles (a few seconds).
+    """
+    if score_mod is None and mask_mod is None:
+        return default_kernels()
+    key = (score_mod, mask_mod)
+    with _user_lock:
+        module = _user_kernels.get(key)
+        if module is not None:
+            return module
+        spec = importlib.util.find_spec(_KERNEL_MODULE)
+        name = f"{_KERNEL_MODULE}_user{len(_user_kernels)}"
+        module = types.ModuleType(name)
+        module.__dict__.update(
+            __file__=spec.origin,
+            __package__="dotattn.kernels",
+            _JIT_CACHE=False,
+            HAS_SCORE_MOD=score_mod is not None,
+            HAS_MASK_MOD=mask_mod is not None,
+        )
+        if score_mod is not None:
+            module.score_mod_fn = compile_mod(score_mod, "score_mod")
+        if mask_mod is not None:
+            module.mask_mod_fn = compile_mod(mask_mod, "mask_mod")
+        sys.modules[name] = module  # Numba resolves a function's globals through its module
+        with open(spec.origin, encoding="utf-8") as f:
+            exec(compile(f.read(), spec.origin, "exec"), module.__dict__)
+        _user_kernels[key] = module
+        return module
+
+
+def _blas_one_thread():
+    """A context manager limiting BLAS (not OpenMP: torch's threads stay untouched) to 1 thread."""
+    global _blas_controller
+    from threadpoolctl import ThreadpoolController
+
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+# =================================================================================
+# preparing a call
+# =================================================================================
+
+
+def _flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A (B, Hq, Lq, Lk) (broadcast) view → its compact data flattened + element strides.
+
+    Broadcast axes keep stride 0, so a ``(Lq, Lk)`` bias shared by all heads is read, never
+    copied ``B·Hq`` times.
+    """
+    if x is None:
+        return np.zeros(1, dtype=dtype), np.zeros(4, dtype=np.int64)
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)
+    compact = np.array(x[index], dtype=dtype, order="C", copy=True)
+    strides = np.array(
+        [0 if x.strides[a] == 0 else compact.strides[a] // compact.itemsize for a in range(4)], dtype=np.int64
+    )
+    return compact.reshape(-1), strides
+
+
+def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
+    """(B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each real length.
+
+    A view when the input already is contiguous in ``dtype`` with ``Lk`` a multiple of BK and
+    no padding to clear; otherwise one copy (padding may hold NaN and must read as zeros).
+    """
+    B, H, L, X = x.shape
+    nkb = -(-L // BK)
+    if (
+        L % BK == 0
+        and x.dtype == dtype
+        and x.flags.c_contiguous
+        and x.flags.writeable
+        and (kv_lengths is None or bool(np.all(kv_lengths == L)))
+    ):
+        return x.reshape(B, H, nkb, BK, X)
+    packed = np.zeros((B, H, nkb * BK, X), dtype=dtype)
+    if kv_lengths is None:
+        packed[:, :, :L] = x
+    else:
+        for b in range(B):
+            n = int(kv_lengths[b])
+            packed[b, :, :n] = x[b, :, :n]
+    return packed.reshape(B, H, nkb, BK, X)
+
+
+def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
+    """C-contiguous, writeable, in ``dtype`` (one compiled specialization for every input)."""
+    if x.dtype == dtype and x.flags.c_contiguous and x.flags.writeable:
+        return x
+    return np.array(x, dtype=dtype, order="C", copy=True)
+
+
+@dataclass
+class Prepared:
+    """What the kernels take, in their argument order (see ``_cpu_kernels.forward``)."""
+
+    kernels: types.ModuleType
+    T: np.dtype
+    q: np.ndarray
+    kp: np.ndarray
+    vp: np.ndarray
+    BQ: int
+    Lk: int
+    options: tuple  # q_lens … has_seg, shared by all kernels
+    dropout: tuple  # (dropout_p, key)
+    block: tuple  # (bm, bm_on)
+
+
+def user_mods(call: AttentionCall):
+    """``(score_mod, mask_mod, block_mask)`` of ``call.extras``, validated."""
+    score_mod = call.extras.get("score_mod")
+    mask_mod = call.extras.get("mask_mod")
+    bm = call.extras.get("block_mask")
+    if score_mod is not None and not callable(score_mod):
+        raise AttentionTypeError(f"score_mod must be a function (score, b, h, q_idx, kv_idx) -> score, got {score_mod!r}")
+    if mask_mod is not None and not callable(mask_mod):
+        raise AttentionTypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}")
+    if bm is not None:
+        if not isinstance(bm, BlockMask):
+            raise AttentionTypeError(
+                f"block_mask must come from dotattn.block_mask(mask_mod, ...), got {type(bm).__name__}"
+            )
+        if mask_mod is None:
+            mask_mod = bm.mask_mod
+        elif mask_mod is not bm.mask_mod:
+            raise AttentionValueError(
+                "block_mask was built from another mask_mod than the one passed; pass the same function "
+                "(or only block_mask=, which carries its mask_mod)"
+            )
+        bm.check_call(call.B, call.Hq, call.Lq, call.Lk)
+    return score_mod, mask_mod, bm
+
+
+def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> Prepared:
+    """Everything the kernels need for ``call``, without any ``Lq × Lk`` array."""
+    score_mod, mask_mod, bm = user_mods(call)
+    T = call.compute_dtype
+    BQ, BK = bm.block_size if bm is not None else (block_size or DEFAULT_BLOCK_SIZE)
+    B, Hq = call.B, call.Hq
+    q = _contiguous(call.q, T)
+    kp = _pack_kv(call.k, call.kv_lengths, BK, T)
+    vp = _pack_kv(call.v, call.kv_lengths, BK, T)
+    q_lens = np.full(B, call.Lq, dtype=np.int64) if call.q_lengths is None else np.array(call.q_lengths, dtype=np.int64)
+    kv_lens = np.full(B, call.Lk, dtype=np.int64) if call.kv_lengths is None else np.array(call.kv_lengths, dtype=np.int64)
+    bias, bstr = _flat_pairwise(call.bias, T)
+    mask, mstr = _flat_pairwise(call.mask, np.uint8)
+    slopes = np.zeros((1, 1), dtype=T) if call.alibi_slopes is None else np.array(call.alibi_slopes, dtype=T, order="C")
+    causal = {None: 0, "bottom_right": 1, "top_left": 2}[call.causal]
+    left, right = call.window if call.window is not None else (None, None)
+    left = -1 if left is None else int(left)
+    right = -1 if right is None else int(right)
+    if call.q_segment_ids is None:
+        q_seg = kv_seg = np.zeros((1, 1), dtype=np.int64)
+    else:
+        q_seg = np.array(call.q_segment_ids, dtype=np.int64, order="C")
+        kv_seg = np.array(call.kv_segment_ids, dtype=np.int64, order="C")
+    options = (
+        q_lens, kv_lens, float(call.scale), float(call.softcap or 0.0), bias, bstr, call.bias is not None,
+        slopes, call.alibi_slopes is not None, mask, mstr, call.mask is not None, causal, left, right,
+        q_seg, kv_seg, call.q_segment_ids is not None,
+    )
+    key = seed_key(call.seed) if call.dropout_p > 0.0 else np.uint64(0)
+    bm_arr = np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes)
+    return Prepared(
+        kernels=kernels_for(score_mod, mask_mod),
+        T=T,
+        q=q,
+        kp=kp,
+        vp=vp,
+        BQ=int(BQ),
+        Lk=call.Lk,
+        options=options,
+        dropout=(float(call.dropout_p), np.uint64(key)),
+        block=(bm_arr, bm is not None),
+    )
+
+
+# =================================================================================
+# the passes
+# =================================================================================
+
+
+def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype."""
+    p = prepare(call, block_size)
+    out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
+    lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
+    q_lens, kv_lens, *rest = p.options
+    with _blas_one_thread():
+        p.kernels.forward(
+            p.q, p.kp, p.vp, out, lse, p.BQ, p.Lk, q_lens, kv_lens, *rest, *p.dropout, *p.block, _num_threads()
+        )
+    return out, lse
+
+
+def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None):
+    """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style."""
+    p = prepare(call, block_size)
+    T = p.T
+    B, Hq, Lq, D = call.q.shape
+    Hkv, Dv = call.Hkv, call.Dv
+    dout_c = _contiguous(np.asarray(dout), T)
+    out_c = np.asarray(out, dtype=T)
+    lse_c = _contiguous(np.asarray(lse), T)
+    delta = np.einsum("bhld,bhld->bhl", dout_c, out_c).astype(T, copy=False)  # D_i = rowsum(dO ∘ O)
+    delta = _contiguous(delta, T)
+    nchunks = _num_threads()
+    dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
+    dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
+    dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
+    dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
+    with _blas_one_thread():
+        p.kernels.backward(
+            p.q, p.kp, p.vp, dout_c, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.BQ, p.Lk,
+            *p.options, *p.dropout, *p.block, nchunks,
+        )
+    dq = dq_parts[0]
+    for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
+        dq += part
+    dq *= T.type(call.scale)
+    nkbBK = p.kp.shape[2] * p.kp.shape[3]
+    dk = dkp.reshape(B, Hkv, nkbBK, D)[:, :, : call.Lk]
+    dv = dvp.reshape(B, Hkv, nkbBK, Dv)[:, :, : call.Lk]
+    return dq, dk, dv, (dbias if want_dbias else None)
+
+
+def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray:
+    """Pre-dropout probabilities ``(B, Hq, Lq, Lk)`` from the forward's LSE."""
+    p = prepare(call, block_size)
+    P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
+    lse_c = _contiguous(np.asarray(lse), p.T)
+    with _blas_one_thread():
+        p.kernels.weights(p.q, p.kp, lse_c, P, p.BQ, *p.options, *p.block, _num_threads())
+    return P
+
+
+class CpuBackend:
+    """Fused Numba kernels: every option in-kernel, block skipping, user score/mask functions."""
+
+    name = NAME
+    description = "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity)"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import numba  # noqa: F401
+            import threadpoolctl  # noqa: F401
+        except ImportError as exc:
+            return False, f"needs numba and threadpoolctl: {exc}"
+        return True, self.description
+
+    def unsupported_reasons(self, call: AttentionCall) -> list[str]:
+        unknown = sorted(set(call.extras) - set(EXTRAS))
+        if unknown:
+            return [f"does not take {', '.join(unknown)} (it takes {', '.join(EXTRAS)})"]
+        return []
+
+    def forward(self, call: AttentionCall):
+        return forward(call)
+
+    def backward(self, call, out, lse, dout, want_dbias=False):
+        return backward(call, out, lse, dout, want_dbias)
+
+    def weights(self, call: AttentionCall, lse: np.ndarray) -> np.ndarray:
+        return weights(call, lse)

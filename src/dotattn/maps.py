@@ -113,25 +113,34 @@ def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int
     # Whole pooling cells per score block, so a block reshapes straight into cells.
     cells_q, cells_k = max(1, TARGET_BLOCK_Q // bq), max(1, TARGET_BLOCK_K // bk)
     step_q, step_k = cells_q * bq, cells_k * bk
-    for b in range(call.B):
-        n_q, n_k = call.q_len(b), call.kv_len(b)
-        for h in range(call.Hq):
-            # −inf LSE (no visible key) must give p = 0, not exp(−inf + inf) = NaN.
-            lse_bh = np.where(np.isfinite(lse[b, h]), lse[b, h], np.inf).astype(dt, copy=False)
-            for i0 in range(0, n_q, step_q):
-                i1 = min(i0 + step_q, n_q)
-                for j0 in range(0, n_k, step_k):
-                    j1 = min(j0 + step_k, n_k)
-                    s = numpy_tiled.block_scores(prep, b, h, i0, i1, j0, j1)
-                    if not np.isfinite(s).any():
-                        continue
-                    p = np.exp(s - lse_bh[i0:i1, None])
-                    # pad to whole cells with zeros, then sum each (bq × bk) cell
-                    rows, cols = -(-(i1 - i0) // bq), -(-(j1 - j0) // bk)
-                    if p.shape != (rows * bq, cols * bk):
-                        p = np.pad(p, ((0, rows * bq - p.shape[0]), (0, cols * bk - p.shape[1])))
-                    cell = p.reshape(rows, bq, cols, bk).sum(axis=(1, 3), dtype=np.float64)
-                    sums[b, h, i0 // bq : i0 // bq + rows, j0 // bk : j0 // bk + cols] += cell
+    # −inf LSE (no visible key) must give p = 0, not exp(−inf + inf) = NaN.
+    lse_safe = np.where(np.isfinite(lse), lse, np.inf).astype(dt, copy=False)
+
+    def pool_rows(task) -> None:
+        """Sum the cells of query rows [i0, i1) of (b, h); tasks write disjoint rows of ``sums``."""
+        b, h, i0, i1 = task
+        for j0 in range(0, call.kv_len(b), step_k):
+            j1 = min(j0 + step_k, call.kv_len(b))
+            s = numpy_tiled.block_scores(prep, b, h, i0, i1, j0, j1)
+            if not np.isfinite(s).any():
+                continue
+            p = np.exp(s - lse_safe[b, h, i0:i1, None])
+            # pad to whole cells with zeros, then sum each (bq × bk) cell
+            rows, cols = -(-(i1 - i0) // bq), -(-(j1 - j0) // bk)
+            if p.shape != (rows * bq, cols * bk):
+                p = np.pad(p, ((0, rows * bq - p.shape[0]), (0, cols * bk - p.shape[1])))
+            cell = p.reshape(rows, bq, cols, bk).sum(axis=(1, 3), dtype=np.float64)
+            sums[b, h, i0 // bq : i0 // bq + rows, j0 // bk : j0 // bk + cols] += cell
+
+    tasks = [
+        (b, h, i0, min(i0 + step_q, call.q_len(b)))
+        for b in range(call.B)
+        for h in range(call.Hq)
+        for i0 in range(0, call.q_len(b), step_q)
+    ]
+    # The tiled backend's pool: one thread per core with BLAS held to one thread, which is
+    # what small block GEMMs need (two BLAS threads on a 256×512 block cost more than they give).
+    numpy_tiled._run_parallel(tasks, pool_rows)
     # Each cell's element count within (Lq, Lk) — padding positions count as p = 0.
     row_counts = np.minimum(bq, call.Lq - np.arange(n_rows) * bq)
     col_counts = np.minimum(bk, call.Lk - np.arange(n_cols) * bk)

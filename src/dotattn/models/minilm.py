@@ -119,6 +119,10 @@ class MiniLM:
         # tokenizer.json ships padding/truncation to 128; the encoder's own limit is max_seq_length.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
+        from threadpoolctl import ThreadpoolController
+
+        # Scanning the loaded libraries is slow: once per model.
+        self._threads = ThreadpoolController()
 
     # ---- tokenization --------------------------------------------------------------
     def tokenize(self, sentences: Sequence[str]) -> Batch:
@@ -141,6 +145,12 @@ class MiniLM:
         """Token states ``(B, L, E)`` of the last layer; with ``return_weights`` also a list of
         each layer's attention probabilities ``(B, H, L, L)`` (rows/columns past a sentence's
         length are 0)."""
+        # A sentence batch's GEMMs are small ((B·L) × 384 × 1536): a second BLAS thread gains
+        # little, and on a busy machine its spin-waiting made encoding 30× slower (measured).
+        with self._threads.limit(limits=1, user_api="blas"):
+            return self._forward(batch, return_weights)
+
+    def _forward(self, batch: Batch, return_weights: bool):
         B, L = batch.ids.shape
         H, E = self.n_heads, self.hidden
         Dh = E // H

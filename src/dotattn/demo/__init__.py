@@ -1,0 +1,45 @@
+"""``dotattn demo [search|translate|scaling|memory]`` — dotattn doing real work, with pictures.
+
+* ``search`` (the default, what ``make demo`` runs): all-MiniLM-L6-v2 on dotattn encodes a
+  small corpus and answers semantic-search queries; writes ``attention.png`` (every layer ×
+  head of one sentence) and ``attention_map_16k.png`` (block-averaged maps of a
+  16,384-token sequence from :func:`dotattn.attention_map`).
+* ``translate``: an encoder–decoder Transformer learns spelled-out dates → ISO dates;
+  writes ``cross_attention.png``.
+* ``scaling``: why scores are divided by √d_k (seed 003); writes ``scaling.png``.
+* ``memory``: naive O(N²) attention vs dotattn, peak memory and time (seed 002); writes
+  ``memory.png``.
+
+Pictures go to ``--out`` (default ``demo-out/``).  ``--quick`` runs small settings (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# demo name → (module, one-line description)
+DEMOS = {
+    "search": ("dotattn.demo.search", "semantic search with all-MiniLM-L6-v2 on dotattn + attention pictures"),
+    "translate": ("dotattn.demo.translate", "train a small encoder–decoder on spelled-out dates"),
+    "scaling": ("dotattn.demo.scaling", "what the 1/√d_k factor does to scores, softmax and gradients"),
+    "memory": ("dotattn.demo.memory", "peak memory and time: naive O(N²) attention vs dotattn"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "which",
+        nargs="?",
+        default="search",
+        choices=list(DEMOS),
+        help="; ".join(f"{name}: {desc}" for name, (_, desc) in DEMOS.items()) + " (default: search)",
+    )
+    parser.add_argument("--out", default="demo-out", help="folder for the pictures (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small settings: seconds instead of minutes")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, _ = DEMOS[args.which]
+    return int(importlib.import_module(module_name).run(args) or 0)

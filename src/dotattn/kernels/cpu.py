@@ -81,9 +81,13 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
 def _blas_one_thread():
     """A context manager limiting BLAS (not OpenMP: torch's threads stay untouched) to 1 thread."""
     global _blas_controller
-    from threadpoolctl import ThreadpoolController
-
     if _blas_controller is None:
+        # Numba's np.dot calls the BLAS of SciPy's cython_blas: load it before the controller
+        # takes its inventory of loaded libraries, or that BLAS keeps all its threads (and
+        # spawning them per small block GEMM costs 100×).
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
         _blas_controller = ThreadpoolController()
     return _blas_controller.limit(limits=1, user_api="blas")
 

@@ -363,10 +363,22 @@ def _check_lengths(name: str, x: Any, L: int, batch_shape, B) -> np.ndarray | No
     return lengths
 
 
+def _is_one_id_array(ids: list | tuple, shape: tuple[int, ...]) -> bool:
+    """True when a nested list is one ``(..., L)`` array of ids rather than a pair.
+
+    A pair stacks to ``(2, ..., L)`` (or is ragged), never to ``(..., L)``, so the shape
+    decides; without it, ``[[0, 0, 1], [0, 1, 1]]`` for a batch of 2 would read as a pair.
+    """
+    try:
+        return np.shape(ids) == shape
+    except ValueError:  # ragged: q_ids and kv_ids of different lengths
+        return False
+
+
 def _check_segment_ids(segment_ids: Any, batch_shape, B: int, Lq: int, Lk: int):
     if segment_ids is None:
         return None, None
-    if isinstance(segment_ids, (tuple, list)):
+    if isinstance(segment_ids, (tuple, list)) and not _is_one_id_array(segment_ids, batch_shape + (Lq,)):
         if len(segment_ids) != 2:
             raise AttentionValueError(
                 f"segment_ids must be one array (self-attention) or a pair (q_ids, kv_ids), "

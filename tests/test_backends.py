@@ -542,3 +542,60 @@ def test_backward_matches_finite_differences(backend, name):
     wrt = [q, k, v] + ([opts["bias"]] if with_bias else [])
     for label, x, g in zip(("dq", "dk", "dv", "dbias"), wrt, grads):
         np.testing.assert_allclose(g, _numeric_grad(loss, x), rtol=1e-6, atol=1e-8, err_msg=f"{backend} {name} {label}")
+
+
+# =================================================================================
+# memory layouts and option forms
+# =================================================================================
+
+
+def _strided_views(q, k, v):
+    """The same values behind negative strides, Fortran order and a sliced parent."""
+    pad = np.full(q.shape[:-1] + (q.shape[-1] * 2,), np.nan, q.dtype)
+    pad[..., ::2] = q
+    return pad[..., ::2], np.asfortranarray(k), np.ascontiguousarray(v[..., ::-1])[..., ::-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    q, k, v = H.random_qkv(19, batch=(2,), Hq=4, Hkv=2, Lq=37, Lk=45, D=12, Dv=7, dtype=np.float32)
+    sq, sk, sv = _strided_views(q, k, v)
+    assert not (sq.flags.c_contiguous or sk.flags.c_contiguous or sv.flags.c_contiguous)
+    opts = dict(causal=True, bias=np.random.default_rng(0).standard_normal((1, 45)).astype(np.float32))
+    check_forward(backend, sq, sk, sv, opts)
+    out, lse = dotattn.attention(sq, sk, sv, return_lse=True, implementation=backend, **opts)
+    dout = np.asfortranarray(np.ones_like(out))
+    got = dotattn.attention_backward(sq, sk, sv, out, lse, dout, implementation=backend, **opts)
+    want = dotattn.attention_backward(q, k, v, out, lse, np.ones_like(out), implementation=backend, **opts)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=H.dtype_name)
+def test_decode_one_query_long_cache(backend, dtype):
+    kv_len = np.array([1025, 700, 1])
+    q, k, v = H.random_qkv(20, batch=(3,), Hq=8, Hkv=1, Lq=1, Lk=1025, D=64, dtype=dtype, kv_lengths=kv_len)
+    check_forward(backend, q, k, v, dict(kv_lengths=kv_len, causal=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_head_dims(backend):
+    q, k, v = H.random_qkv(21, batch=(1,), Hq=2, Lq=33, Lk=65, D=257, Dv=1, dtype=np.float32)
+    check_forward(backend, q, k, v, {"window": (10, 10)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_option_forms_lists_scalars_and_int_dtypes(backend):
+    q, k, v = H.random_qkv(22, batch=(2,), Hq=3, Lq=6, Lk=6, D=4, dtype=np.float64)
+    as_lists = dotattn.attention(
+        q, k, v, mask=[[True] * 6] * 6, alibi_slopes=[1, 2, 3], q_lengths=[6, 3], kv_lengths=np.array([2, 6], np.uint8),
+        segment_ids=[[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 2, 2]], implementation=backend,
+    )
+    as_arrays = dotattn.attention(
+        q, k, v, mask=np.ones((6, 6), bool), alibi_slopes=np.array([1.0, 2.0, 3.0]), q_lengths=np.array([6, 3]),
+        kv_lengths=np.array([2, 6]), segment_ids=np.array([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 2, 2]]), implementation=backend,
+    )
+    H.assert_bitwise_equal(as_lists, as_arrays)
+    scalar = dotattn.attention(q, k, v, kv_lengths=4, implementation=backend)
+    H.assert_bitwise_equal(scalar, dotattn.attention(q, k, v, kv_lengths=np.array([4, 4]), implementation=backend))

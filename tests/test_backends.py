@@ -183,21 +183,21 @@ def check_backward(backend, q, k, v, opts):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=60)
+@settings(max_examples=150)
 @given(case=cases())
 def test_forward_matches_reference(backend, case):
     check_forward(backend, *case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40)
+@settings(max_examples=100)
 @given(case=cases(max_len=16, max_dim=8))
 def test_backward_matches_reference(backend, case):
     check_backward(backend, *case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=25)
+@settings(max_examples=50)
 @given(case=cases(max_len=16))
 def test_weights_match_reference(backend, case):
     q, k, v, opts = case

@@ -325,7 +325,7 @@ def _as_tensor(name: str, x: Any) -> Optional[Tensor]:
     if x is None or isinstance(x, Tensor):
         return x
     try:
-        return torch.as_tensor(np.asarray(x))
+        return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise AttentionTypeError(f"{name} must be a tensor or an array, got {type(x).__name__}: {exc}") from exc
 

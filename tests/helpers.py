@@ -3,6 +3,7 @@
 The public surface is small on purpose (other test modules import it):
 
 * ``DTYPES``, ``dtype_name(dt)``, ``case_id(...)`` — dtypes under test and readable ids.
+* ``backends_under_test()`` — available backends, narrowed by ``DOTATTN_TEST_BACKENDS=cpu,numpy``.
 * ``random_qkv(...)``, ``random_lengths(...)``, ``random_mask(...)`` — inputs, NaN past lengths.
 * ``reference(...)``, ``reference_weights(...)``, ``reference_grads(...)`` — the float64
   oracle, shaped like the caller's arrays but never rounded to the input dtype.
@@ -16,6 +17,8 @@ Options (``mask``, ``causal``, ``dropout_p``, …) are those of :func:`dotattn.a
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -56,6 +59,23 @@ def case_id(*parts, **sizes) -> str:
         words.append(dtype_name(p) if isinstance(p, (np.dtype, type)) else str(p))
     words += [f"{k}{v}" for k, v in sizes.items()]
     return "-".join(words)
+
+
+def backends_under_test() -> list[str]:
+    """Available backend names in dispatch order; ``DOTATTN_TEST_BACKENDS`` (comma-separated)
+    narrows them, e.g. to iterate on one kernel.  Naming an unavailable backend is an error,
+    so a typo cannot silently test nothing."""
+    import dotattn
+
+    available = [row["name"] for row in dotattn.info() if row["available"]]
+    wanted = os.environ.get("DOTATTN_TEST_BACKENDS", "").strip()
+    if not wanted:
+        return available
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise RuntimeError(f"DOTATTN_TEST_BACKENDS names {missing}, but the available backends are {available}")
+    return [n for n in available if n in names]
 
 
 # =================================================================================

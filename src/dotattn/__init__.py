@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .api import attention, attention_backward
+from .blockmask import BlockMask, block_mask
 from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
 from .maps import attention_map
 from .nn import MultiHeadAttention
@@ -25,6 +26,8 @@ __all__ = [
     "__version__",
     "attention",
     "attention_backward",
+    "block_mask",
+    "BlockMask",
     "attention_map",
     "info",
     "MultiHeadAttention",

@@ -28,10 +28,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from .dropout import splitmix64 as _splitmix64_py
+from ._cpu_primitives import (
+    LN2,
+    LOG2E,
+    PARTIAL,
+    SKIP,
+    _add_into,
+    _block_class,
+    _col_max,
+    _col_sum_into,
+    _dropout_block,
+    _exp2_block,
+    _matmul,
+    _scale_shift,
+)
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
 
@@ -51,64 +63,6 @@ mask_mod_fn = globals().get("mask_mod_fn", _no_mask_mod)
 HAS_SCORE_MOD = globals().get("HAS_SCORE_MOD", False)
 HAS_MASK_MOD = globals().get("HAS_MASK_MOD", False)
 
-LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
-SKIP, PARTIAL, FULL = 0, 1, 2  # block classes
-
-_splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
-
-
-# =================================================================================
-# exp2 on a block: polynomial on the fraction, exponent added as an integer
-# =================================================================================
-
-
-def _exp2_block(x, n):
-    """``x[i] = 2**x[i]`` in place for x ≤ 0 (−inf → 0; below 2**−126 flushes to 0).
-
-    float32: ``x = n + f`` with ``n = round(x)``, ``f ∈ [−½, ½]``; ``2**f`` by a degree-6
-    Taylor polynomial of ``e**(f·ln2)`` (relative error ≤ 1.3e-7), then ``n`` is added to the
-    exponent bits through an int32 view in a second loop.  Both loops are branch-free so LLVM
-    vectorizes them (AVX-512: 16 lanes); ``n`` is an int32 scratch of ``x``'s size.
-    float64 uses ``math.exp2`` per element (accuracy over speed).  Compiled per dtype by the
-    overload below.
-    """
-    raise NotImplementedError("compiled only")
-
-
-@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
-def _exp2_block_f32(x, n):
-    for i in range(x.size):
-        xc = max(x[i], np.float32(-127.0))
-        r = np.floor(xc + np.float32(0.5))
-        f = xc - r
-        p = np.float32(1.5403530393381606e-4)
-        p = p * f + np.float32(1.3333558146428443e-3)
-        p = p * f + np.float32(9.618129107628477e-3)
-        p = p * f + np.float32(5.550410866482158e-2)
-        p = p * f + np.float32(0.2402265069591007)
-        p = p * f + np.float32(0.6931471805599453)
-        p = p * f + np.float32(1.0)
-        x[i] = p
-        n[i] = np.int32(r)
-    bits = x.view(np.int32)
-    for i in range(x.size):
-        e = n[i]
-        bits[i] = np.int32(bits[i] + (e << 23)) if e > -127 else np.int32(0)
-
-
-@njit(cache=_JIT_CACHE)
-def _exp2_block_f64(x, n):
-    for i in range(x.size):
-        x[i] = math.exp2(x[i])
-
-
-@overload(_exp2_block, jit_options={"cache": _JIT_CACHE})
-def _exp2_block_overload(x, n):
-    if x.dtype == types.float64:
-        return lambda x, n: _exp2_block_f64(x, n)
-    return lambda x, n: _exp2_block_f32(x, n)
-
 
 # =================================================================================
 # visibility: block classes and per-element masks
@@ -116,70 +70,26 @@ def _exp2_block_overload(x, n):
 
 
 @njit(cache=_JIT_CACHE)
-def _block_class(
-    b, h, i0, nrows, j0, ncols, q_lens, kv_lens, causal, left, right,
-    q_seg, kv_seg, has_seg,
-):
-    """SKIP, PARTIAL or FULL (as far as lengths, causal, window and segments tell) for rows ``[i0, i0+nrows)`` × keys ``[j0, j0+ncols)``.
-
-    ``ncols`` counts the real keys of the block (the packed block may be padded to BK);
-    a FULL block needs every packed column to be a visible key.
-    """
-    qlen = q_lens[b]
-    kvlen = kv_lens[b]
-    nr = min(nrows, qlen - i0)
-    nc = min(ncols, kvlen - j0)
-    if nr <= 0 or nc <= 0:
-        return SKIP
-    full = nc == ncols
-    off = kvlen - qlen
-    plo = i0 + off
-    phi = i0 + nr - 1 + off
-    jlast = j0 + nc - 1
-    if causal == 1:
-        if j0 > phi:
-            return SKIP
-        if jlast > plo:
-            full = False
-    elif causal == 2:
-        if j0 > i0 + nr - 1:
-            return SKIP
-        if jlast > i0:
-            full = False
-    if left >= 0:
-        if jlast < plo - left:
-            return SKIP
-        if j0 < phi - left:
-            full = False
-    if right >= 0:
-        if j0 > phi + right:
-            return SKIP
-        if jlast > plo + right:
-            full = False
-    if has_seg:
-        qmin = q_seg[b, i0]
-        qmax = qmin
-        for r in range(i0, i0 + nr):
-            s = q_seg[b, r]
-            qmin = min(qmin, s)
-            qmax = max(qmax, s)
-        kmin = kv_seg[b, j0]
-        kmax = kmin
-        for c in range(j0, j0 + nc):
-            s = kv_seg[b, c]
-            kmin = min(kmin, s)
-            kmax = max(kmax, s)
-        if qmax < kmin or kmax < qmin:
-            return SKIP
-        if not (qmin == qmax and kmin == kmax and qmin == kmin):
-            full = False
-    return FULL if full else PARTIAL
-
-
-@njit(cache=_JIT_CACHE)
 def _block_class_bm(
-    b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
-    q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+    b,
+    h,
+    qb,
+    kb,
+    BQ,
+    BK,
+    Lq,
+    Lk,
+    q_lens,
+    kv_lens,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    has_dense_mask,
+    bm,
+    bm_on,
 ):
     """The class of block ``(qb, kb)`` of the ``BQ × BK`` tiling, every mask included.
 
@@ -192,7 +102,20 @@ def _block_class_bm(
     nrows = min(BQ, Lq - i0)
     ncols = min(BK, Lk - j0)
     cls = _block_class(
-        b, h, i0, nrows, j0, ncols, q_lens, kv_lens, causal, left, right, q_seg, kv_seg, has_seg,
+        b,
+        h,
+        i0,
+        nrows,
+        j0,
+        ncols,
+        q_lens,
+        kv_lens,
+        causal,
+        left,
+        right,
+        q_seg,
+        kv_seg,
+        has_seg,
     )
     if cls == SKIP:
         return SKIP
@@ -211,8 +134,25 @@ def _block_class_bm(
 
 @njit(cache=_JIT_CACHE)
 def _mask_block(
-    ST, lo, hi, b, h, i0, nrows, j0, q_lens, kv_lens, causal, left, right,
-    q_seg, kv_seg, has_seg, mask, mstr, has_dense_mask,
+    ST,
+    lo,
+    hi,
+    b,
+    h,
+    i0,
+    nrows,
+    j0,
+    q_lens,
+    kv_lens,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    mask,
+    mstr,
+    has_dense_mask,
 ):
     """Set ``ST[c, r] = −inf`` where query ``i0+r`` does not see key ``j0+c`` (valid rows only).
 
@@ -265,8 +205,25 @@ def _mask_block(
 
 @njit(cache=_JIT_CACHE)
 def _transform_block(
-    ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, q_lens, kv_lens, scale, softcap,
-    bias, bstr, has_bias, slopes, has_alibi,
+    ST,
+    G,
+    GM,
+    want_grad,
+    b,
+    h,
+    i0,
+    nrows,
+    j0,
+    ncols,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
 ):
     """Raw dot products → scores in base 2: ``log2(e) · score_mod(softcap(scale·s) + bias − ALiBi)``.
 
@@ -304,90 +261,88 @@ def _transform_block(
             ST[c, r] = s * LOG2E
 
 
-@njit(cache=_JIT_CACHE, inline="always")
-def _dropout_keep(key, p, b, h, i, j, Hq, Lq, Lk):
-    """Exactly :func:`dotattn.kernels.dropout.keep_block` for one element."""
-    counter = ((np.uint64(b) * np.uint64(Hq) + np.uint64(h)) * np.uint64(Lq) + np.uint64(i)) * np.uint64(Lk) + np.uint64(j)
-    z = _splitmix64(counter ^ key)
-    u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-    return u >= p
-
-
-# =================================================================================
-# column loops over a transposed block ST (BK × BQ): row-wise reductions of S become
-# element-wise operations between rows of ST, which LLVM vectorizes (a horizontal max
-# does not vectorize in Numba's LLVM: 0.9 ns/element against 0.05)
-# =================================================================================
-
-
-@njit(cache=_JIT_CACHE, fastmath={"nnan", "nsz", "contract"})
-def _col_max(ST, out):
-    """``out[r] = max_c ST[c, r]``."""
-    BK, BQ = ST.shape
-    for r in range(BQ):
-        out[r] = ST[0, r]
-    for c in range(1, BK):
-        for r in range(BQ):
-            v = ST[c, r]
-            out[r] = v if v > out[r] else out[r]
-
-
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
-def _col_sum_into(ST, out):
-    """``out[r] += Σ_c ST[c, r]``."""
-    BK, BQ = ST.shape
-    for c in range(BK):
-        for r in range(BQ):
-            out[r] += ST[c, r]
-
-
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
-def _scale_shift(ST, mul, sub):
-    """``ST[c, r] = ST[c, r]·mul − sub[r]`` (−inf stays −inf: ``mul > 0``, ``sub`` finite or +inf)."""
-    BK, BQ = ST.shape
-    for c in range(BK):
-        for r in range(BQ):
-            ST[c, r] = ST[c, r] * mul - sub[r]
-
-
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
-def _add_into(dst, src):
-    for i in range(dst.shape[0]):
-        for j in range(dst.shape[1]):
-            dst[i, j] += src[i, j]
-
-
-@njit(cache=_JIT_CACHE)
-def _dropout_block(ST, PdT, dPT, key, p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk):
-    """Apply the dropout mask: ``PdT = ST∘keep/(1−p)`` (or in place when PdT is ST) and the same on ``dPT``."""
-    BK, BQ = ST.shape
-    for c in range(BK):
-        for r in range(BQ):
-            if r < nr and _dropout_keep(key, p, b, h, i0 + r, j0 + c, Hq, Lq, Lk):
-                PdT[c, r] = ST[c, r] * inv_keep
-                dPT[c, r] *= inv_keep
-            else:
-                PdT[c, r] = 0.0
-                dPT[c, r] = 0.0
-
-
 @njit(cache=_JIT_CACHE)
 def _scores_block(
-    ST, Qs, Kb, lo, hi, G, GM, want_grad, cls, simple, b, h, i0, nrows, j0, ncols, q_lens,
-    kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr,
-    has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg,
+    ST,
+    Qs,
+    Kb,
+    lo,
+    hi,
+    G,
+    GM,
+    want_grad,
+    cls,
+    simple,
+    b,
+    h,
+    i0,
+    nrows,
+    j0,
+    ncols,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
 ):
     """``ST = (K_blk · Q_blkᵀ)``, through the score chain (unless ``simple``) and the masks (PARTIAL blocks)."""
-    np.dot(Kb, Qs.T, out=ST)
+    _matmul(Kb, Qs.T, ST)
     if not simple:
         _transform_block(
-            ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, q_lens, kv_lens, scale, softcap,
-            bias, bstr, has_bias, slopes, has_alibi,
+            ST,
+            G,
+            GM,
+            want_grad,
+            b,
+            h,
+            i0,
+            nrows,
+            j0,
+            ncols,
+            q_lens,
+            kv_lens,
+            scale,
+            softcap,
+            bias,
+            bstr,
+            has_bias,
+            slopes,
+            has_alibi,
         )
     if cls == PARTIAL:
         _mask_block(
-            ST, lo, hi, b, h, i0, nrows, j0, q_lens, kv_lens, causal, left, right, q_seg,
-            kv_seg, has_seg, mask, mstr, has_dense_mask,
+            ST,
+            lo,
+            hi,
+            b,
+            h,
+            i0,
+            nrows,
+            j0,
+            q_lens,
+            kv_lens,
+            causal,
+            left,
+            right,
+            q_seg,
+            kv_seg,
+            has_seg,
+            mask,
+            mstr,
+            has_dense_mask,
         )
 
 
@@ -398,9 +353,36 @@ def _scores_block(
 
 @njit(cache=_JIT_CACHE, parallel=True)
 def forward(
-    q, kp, vp, out, lse, BQ, Lk, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias,
-    slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg,
-    has_seg, dropout_p, dropout_key, bm, bm_on, nchunks,
+    q,
+    kp,
+    vp,
+    out,
+    lse,
+    BQ,
+    Lk,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    dropout_p,
+    dropout_key,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """``out (B, Hq, Lq, Dv)`` and natural-log ``lse (B, Hq, Lq)`` of every query block.
 
@@ -408,15 +390,74 @@ def forward(
     so causal work is balanced and each output row is written by exactly one task.
     """
     for chunk in prange(nchunks):
-        _forward_chunk(chunk, q, kp, vp, out, lse, BQ, Lk, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, dropout_p, dropout_key, bm, bm_on, nchunks)
+        _forward_chunk(
+            chunk,
+            q,
+            kp,
+            vp,
+            out,
+            lse,
+            BQ,
+            Lk,
+            q_lens,
+            kv_lens,
+            scale,
+            softcap,
+            bias,
+            bstr,
+            has_bias,
+            slopes,
+            has_alibi,
+            mask,
+            mstr,
+            has_dense_mask,
+            causal,
+            left,
+            right,
+            q_seg,
+            kv_seg,
+            has_seg,
+            dropout_p,
+            dropout_key,
+            bm,
+            bm_on,
+            nchunks,
+        )
 
 
 @njit(cache=_JIT_CACHE)
 def _forward_chunk(
     chunk,
-    q, kp, vp, out, lse, BQ, Lk, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias,
-    slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg,
-    has_seg, dropout_p, dropout_key, bm, bm_on, nchunks,
+    q,
+    kp,
+    vp,
+    out,
+    lse,
+    BQ,
+    Lk,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    dropout_p,
+    dropout_key,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """One thread's share of :func:`forward`: tasks ``chunk, chunk + nchunks, …``."""
     B, Hq, Lq, D = q.shape
@@ -443,7 +484,7 @@ def _forward_chunk(
     m = np.empty(BQ, dtype=q.dtype)
     m_use = np.empty(BQ, dtype=q.dtype)
     bmax = np.empty(BQ, dtype=q.dtype)
-    l = np.empty(BQ, dtype=q.dtype)
+    row_sum = np.empty(BQ, dtype=q.dtype)
     lo = np.empty(BQ, dtype=np.int64)
     hi = np.empty(BQ, dtype=np.int64)
     for t in range(chunk, ntasks, nchunks):
@@ -455,30 +496,77 @@ def _forward_chunk(
         nrows = min(BQ, Lq - i0)
         nr = min(nrows, q_lens[b] - i0)
         if nr <= 0:
-            out[b, h, i0:i0 + nrows] = 0.0
-            lse[b, h, i0:i0 + nrows] = -np.inf
+            out[b, h, i0 : i0 + nrows] = 0.0
+            lse[b, h, i0 : i0 + nrows] = -np.inf
             continue
         Qs[:] = 0.0
-        Qs[:nr] = q[b, h, i0:i0 + nr]
+        Qs[:nr] = q[b, h, i0 : i0 + nr]
         m[:] = -np.inf
-        l[:] = zero
+        row_sum[:] = zero
         acc[:] = zero
         for kb in range(nkb):
             j0 = kb * BK
             ncols = min(BK, Lk - j0)
             cls = _block_class_bm(
-                b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
-                q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                b,
+                h,
+                qb,
+                kb,
+                BQ,
+                BK,
+                Lq,
+                Lk,
+                q_lens,
+                kv_lens,
+                causal,
+                left,
+                right,
+                q_seg,
+                kv_seg,
+                has_seg,
+                has_dense_mask,
+                bm,
+                bm_on,
             )
             if cls == SKIP:
                 continue
             _scores_block(
-                ST, Qs, kp[b, hk, kb], lo, hi, dummy, dummy, False, cls, simple, b, h, i0,
-                nrows, j0, ncols, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias,
-                slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg,
-                kv_seg, has_seg,
+                ST,
+                Qs,
+                kp[b, hk, kb],
+                lo,
+                hi,
+                dummy,
+                dummy,
+                False,
+                cls,
+                simple,
+                b,
+                h,
+                i0,
+                nrows,
+                j0,
+                ncols,
+                q_lens,
+                kv_lens,
+                scale,
+                softcap,
+                bias,
+                bstr,
+                has_bias,
+                slopes,
+                has_alibi,
+                mask,
+                mstr,
+                has_dense_mask,
+                causal,
+                left,
+                right,
+                q_seg,
+                kv_seg,
+                has_seg,
             )
-            # update the running max; rescale acc and l by 2^(m_old − m_new)
+            # update the running max; rescale acc and row_sum by 2^(m_old − m_new)
             _col_max(ST, bmax)
             for r in range(BQ):
                 m_new = max(m[r], bmax[r] * c2)
@@ -486,24 +574,26 @@ def _forward_chunk(
                 alpha = math.exp2(m[r] - mu) if m[r] > -np.inf else zero
                 m[r] = m_new
                 m_use[r] = mu
-                l[r] *= alpha
+                row_sum[r] *= alpha
                 for d in range(Dv):
                     acc[r, d] *= alpha
             # P = 2^(S·c − m); running sum (pre-dropout); acc += P·V
             _scale_shift(ST, c2, m_use)
             _exp2_block(ST.reshape(BQ * BK), N)
-            _col_sum_into(ST, l)
+            _col_sum_into(ST, row_sum)
             if dropout_p > 0.0:
-                _dropout_block(ST, ST, dummy_drop, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk)
+                _dropout_block(
+                    ST, ST, dummy_drop, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk
+                )
             np.dot(ST.T, vp[b, hk, kb], out=PV)
             _add_into(acc, PV)
         # normalize; rows without a visible key give 0 and lse = −inf
         for r in range(nrows):
-            if r < nr and l[r] > zero:
-                inv = 1.0 / l[r]
+            if r < nr and row_sum[r] > zero:
+                inv = 1.0 / row_sum[r]
                 for d in range(Dv):
                     out[b, h, i0 + r, d] = acc[r, d] * inv
-                lse[b, h, i0 + r] = (m[r] + math.log2(l[r])) * LN2
+                lse[b, h, i0 + r] = (m[r] + math.log2(row_sum[r])) * LN2
             else:
                 out[b, h, i0 + r, :] = 0.0
                 lse[b, h, i0 + r] = -np.inf
@@ -516,10 +606,42 @@ def _forward_chunk(
 
 @njit(cache=_JIT_CACHE, parallel=True)
 def backward(
-    q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, BQ, Lk, q_lens,
-    kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr,
-    has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, dropout_p, dropout_key,
-    bm, bm_on, nchunks,
+    q,
+    kp,
+    vp,
+    dout,
+    lse,
+    delta,
+    dq_parts,
+    dkp,
+    dvp,
+    dbias,
+    want_dbias,
+    BQ,
+    Lk,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    dropout_p,
+    dropout_key,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """FlashAttention-2 backward: tasks ``(b, kv head, key block)`` own their dK/dV block.
 
@@ -532,16 +654,86 @@ def backward(
     ``scale`` here, dQ by the caller.
     """
     for chunk in prange(nchunks):
-        _backward_chunk(chunk, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, BQ, Lk, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, dropout_p, dropout_key, bm, bm_on, nchunks)
+        _backward_chunk(
+            chunk,
+            q,
+            kp,
+            vp,
+            dout,
+            lse,
+            delta,
+            dq_parts,
+            dkp,
+            dvp,
+            dbias,
+            want_dbias,
+            BQ,
+            Lk,
+            q_lens,
+            kv_lens,
+            scale,
+            softcap,
+            bias,
+            bstr,
+            has_bias,
+            slopes,
+            has_alibi,
+            mask,
+            mstr,
+            has_dense_mask,
+            causal,
+            left,
+            right,
+            q_seg,
+            kv_seg,
+            has_seg,
+            dropout_p,
+            dropout_key,
+            bm,
+            bm_on,
+            nchunks,
+        )
 
 
 @njit(cache=_JIT_CACHE)
 def _backward_chunk(
     chunk,
-    q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, BQ, Lk, q_lens,
-    kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr,
-    has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, dropout_p, dropout_key,
-    bm, bm_on, nchunks,
+    q,
+    kp,
+    vp,
+    dout,
+    lse,
+    delta,
+    dq_parts,
+    dkp,
+    dvp,
+    dbias,
+    want_dbias,
+    BQ,
+    Lk,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    dropout_p,
+    dropout_key,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """One thread's share of :func:`backward`: tasks ``chunk, chunk + nchunks, …``."""
     B, Hq, Lq, D = q.shape
@@ -588,8 +780,25 @@ def _backward_chunk(
             h = hk * group + g
             for qb in range(nqb):
                 cls = _block_class_bm(
-                    b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
-                    q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                    b,
+                    h,
+                    qb,
+                    kb,
+                    BQ,
+                    BK,
+                    Lq,
+                    Lk,
+                    q_lens,
+                    kv_lens,
+                    causal,
+                    left,
+                    right,
+                    q_seg,
+                    kv_seg,
+                    has_seg,
+                    has_dense_mask,
+                    bm,
+                    bm_on,
                 )
                 if cls == SKIP:
                     continue
@@ -597,9 +806,9 @@ def _backward_chunk(
                 nrows = min(BQ, Lq - i0)
                 nr = min(nrows, q_lens[b] - i0)
                 Qs[:] = 0.0
-                Qs[:nr] = q[b, h, i0:i0 + nr]
+                Qs[:nr] = q[b, h, i0 : i0 + nr]
                 dOs[:] = 0.0
-                dOs[:nr] = dout[b, h, i0:i0 + nr]
+                dOs[:nr] = dout[b, h, i0 : i0 + nr]
                 for r in range(BQ):
                     lv = lse[b, h, i0 + r] if r < nr else -np.inf
                     # rows without a visible key (lse = −inf) get P = 2^(S − ∞) = 0
@@ -607,20 +816,52 @@ def _backward_chunk(
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 # recompute P from the LSE
                 _scores_block(
-                    ST, Qs, Kb, lo, hi, G, GM, need_g, cls, simple, b, h, i0, nrows, j0,
-                    ncols, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
-                    has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg,
-                    kv_seg, has_seg,
+                    ST,
+                    Qs,
+                    Kb,
+                    lo,
+                    hi,
+                    G,
+                    GM,
+                    need_g,
+                    cls,
+                    simple,
+                    b,
+                    h,
+                    i0,
+                    nrows,
+                    j0,
+                    ncols,
+                    q_lens,
+                    kv_lens,
+                    scale,
+                    softcap,
+                    bias,
+                    bstr,
+                    has_bias,
+                    slopes,
+                    has_alibi,
+                    mask,
+                    mstr,
+                    has_dense_mask,
+                    causal,
+                    left,
+                    right,
+                    q_seg,
+                    kv_seg,
+                    has_seg,
                 )
                 _scale_shift(ST, c2, lse2)
                 _exp2_block(ST.reshape(BQ * BK), N)
                 # dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                np.dot(Vb, dOs.T, out=dPT)
+                _matmul(Vb, dOs.T, dPT)
                 if dropout_p > 0.0:
-                    _dropout_block(ST, PdT, dPT, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk)
-                    np.dot(PdT, dOs, out=dVt)
+                    _dropout_block(
+                        ST, PdT, dPT, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk
+                    )
+                    _matmul(PdT, dOs, dVt)
                 else:
-                    np.dot(ST, dOs, out=dVt)
+                    _matmul(ST, dOs, dVt)
                 _add_into(dV, dVt)
                 # dS = P ∘ (dP − Δ), in place of P; then the chain rule through
                 # score_mod (the bias's gradient stops here) and softcap
@@ -639,9 +880,9 @@ def _backward_chunk(
                     for c in range(BK):
                         for r in range(BQ):
                             ST[c, r] *= G[c, r]
-                np.dot(ST, Qs, out=dKt)
+                _matmul(ST, Qs, dKt)
                 _add_into(dK, dKt)
-                np.dot(ST.T, Kb, out=dQt)
+                _matmul(ST.T, Kb, dQt)
                 for r in range(nr):
                     for d in range(D):
                         dq_parts[chunk, b, h, i0 + r, d] += dQt[r, d]
@@ -659,21 +900,95 @@ def _backward_chunk(
 
 @njit(cache=_JIT_CACHE, parallel=True)
 def weights(
-    q, kp, lse, P_out, BQ, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
-    has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg,
-    bm, bm_on, nchunks,
+    q,
+    kp,
+    lse,
+    P_out,
+    BQ,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` from the forward's LSE (zeros elsewhere)."""
     for chunk in prange(nchunks):
-        _weights_chunk(chunk, q, kp, lse, P_out, BQ, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg, bm, bm_on, nchunks)
+        _weights_chunk(
+            chunk,
+            q,
+            kp,
+            lse,
+            P_out,
+            BQ,
+            q_lens,
+            kv_lens,
+            scale,
+            softcap,
+            bias,
+            bstr,
+            has_bias,
+            slopes,
+            has_alibi,
+            mask,
+            mstr,
+            has_dense_mask,
+            causal,
+            left,
+            right,
+            q_seg,
+            kv_seg,
+            has_seg,
+            bm,
+            bm_on,
+            nchunks,
+        )
 
 
 @njit(cache=_JIT_CACHE)
 def _weights_chunk(
     chunk,
-    q, kp, lse, P_out, BQ, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias, slopes,
-    has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg, kv_seg, has_seg,
-    bm, bm_on, nchunks,
+    q,
+    kp,
+    lse,
+    P_out,
+    BQ,
+    q_lens,
+    kv_lens,
+    scale,
+    softcap,
+    bias,
+    bstr,
+    has_bias,
+    slopes,
+    has_alibi,
+    mask,
+    mstr,
+    has_dense_mask,
+    causal,
+    left,
+    right,
+    q_seg,
+    kv_seg,
+    has_seg,
+    bm,
+    bm_on,
+    nchunks,
 ):
     """One thread's share of :func:`weights`: tasks ``chunk, chunk + nchunks, …``."""
     B, Hq, Lq, D = q.shape
@@ -705,7 +1020,7 @@ def _weights_chunk(
         if nr <= 0:
             continue
         Qs[:] = 0.0
-        Qs[:nr] = q[b, h, i0:i0 + nr]
+        Qs[:nr] = q[b, h, i0 : i0 + nr]
         for r in range(BQ):
             lv = lse[b, h, i0 + r] if r < nr else -np.inf
             lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
@@ -713,16 +1028,63 @@ def _weights_chunk(
             j0 = kb * BK
             ncols = min(BK, Lk - j0)
             cls = _block_class_bm(
-                b, h, qb, kb, BQ, BK, Lq, Lk, q_lens, kv_lens, causal, left, right,
-                q_seg, kv_seg, has_seg, has_dense_mask, bm, bm_on,
+                b,
+                h,
+                qb,
+                kb,
+                BQ,
+                BK,
+                Lq,
+                Lk,
+                q_lens,
+                kv_lens,
+                causal,
+                left,
+                right,
+                q_seg,
+                kv_seg,
+                has_seg,
+                has_dense_mask,
+                bm,
+                bm_on,
             )
             if cls == SKIP:
                 continue
             _scores_block(
-                ST, Qs, kp[b, hk, kb], lo, hi, dummy, dummy, False, cls, simple, b, h, i0,
-                nrows, j0, ncols, q_lens, kv_lens, scale, softcap, bias, bstr, has_bias,
-                slopes, has_alibi, mask, mstr, has_dense_mask, causal, left, right, q_seg,
-                kv_seg, has_seg,
+                ST,
+                Qs,
+                kp[b, hk, kb],
+                lo,
+                hi,
+                dummy,
+                dummy,
+                False,
+                cls,
+                simple,
+                b,
+                h,
+                i0,
+                nrows,
+                j0,
+                ncols,
+                q_lens,
+                kv_lens,
+                scale,
+                softcap,
+                bias,
+                bstr,
+                has_bias,
+                slopes,
+                has_alibi,
+                mask,
+                mstr,
+                has_dense_mask,
+                causal,
+                left,
+                right,
+                q_seg,
+                kv_seg,
+                has_seg,
             )
             _scale_shift(ST, c2, lse2)
             _exp2_block(ST.reshape(BQ * BK), N)

@@ -174,9 +174,13 @@ def user_mods(call: AttentionCall):
     mask_mod = call.extras.get("mask_mod")
     bm = call.extras.get("block_mask")
     if score_mod is not None and not callable(score_mod):
-        raise AttentionTypeError(f"score_mod must be a function (score, b, h, q_idx, kv_idx) -> score, got {score_mod!r}")
+        raise AttentionTypeError(
+            f"score_mod must be a function (score, b, h, q_idx, kv_idx) -> score, got {score_mod!r}"
+        )
     if mask_mod is not None and not callable(mask_mod):
-        raise AttentionTypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}")
+        raise AttentionTypeError(
+            f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}"
+        )
     if bm is not None:
         if not isinstance(bm, BlockMask):
             raise AttentionTypeError(
@@ -198,15 +202,27 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
     score_mod, mask_mod, bm = user_mods(call)
     T = call.compute_dtype
     BQ, BK = bm.block_size if bm is not None else (block_size or DEFAULT_BLOCK_SIZE)
-    B, Hq = call.B, call.Hq
+    B = call.B
     q = _contiguous(call.q, T)
     kp = _pack_kv(call.k, call.kv_lengths, BK, T)
     vp = _pack_kv(call.v, call.kv_lengths, BK, T)
-    q_lens = np.full(B, call.Lq, dtype=np.int64) if call.q_lengths is None else np.array(call.q_lengths, dtype=np.int64)
-    kv_lens = np.full(B, call.Lk, dtype=np.int64) if call.kv_lengths is None else np.array(call.kv_lengths, dtype=np.int64)
+    q_lens = (
+        np.full(B, call.Lq, dtype=np.int64)
+        if call.q_lengths is None
+        else np.array(call.q_lengths, dtype=np.int64)
+    )
+    kv_lens = (
+        np.full(B, call.Lk, dtype=np.int64)
+        if call.kv_lengths is None
+        else np.array(call.kv_lengths, dtype=np.int64)
+    )
     bias, bstr = _flat_pairwise(call.bias, T)
     mask, mstr = _flat_pairwise(call.mask, np.uint8)
-    slopes = np.zeros((1, 1), dtype=T) if call.alibi_slopes is None else np.array(call.alibi_slopes, dtype=T, order="C")
+    slopes = (
+        np.zeros((1, 1), dtype=T)
+        if call.alibi_slopes is None
+        else np.array(call.alibi_slopes, dtype=T, order="C")
+    )
     causal = {None: 0, "bottom_right": 1, "top_left": 2}[call.causal]
     left, right = call.window if call.window is not None else (None, None)
     left = -1 if left is None else int(left)
@@ -217,9 +233,24 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         q_seg = np.array(call.q_segment_ids, dtype=np.int64, order="C")
         kv_seg = np.array(call.kv_segment_ids, dtype=np.int64, order="C")
     options = (
-        q_lens, kv_lens, float(call.scale), float(call.softcap or 0.0), bias, bstr, call.bias is not None,
-        slopes, call.alibi_slopes is not None, mask, mstr, call.mask is not None, causal, left, right,
-        q_seg, kv_seg, call.q_segment_ids is not None,
+        q_lens,
+        kv_lens,
+        float(call.scale),
+        float(call.softcap or 0.0),
+        bias,
+        bstr,
+        call.bias is not None,
+        slopes,
+        call.alibi_slopes is not None,
+        mask,
+        mstr,
+        call.mask is not None,
+        causal,
+        left,
+        right,
+        q_seg,
+        kv_seg,
+        call.q_segment_ids is not None,
     )
     key = seed_key(call.seed) if call.dropout_p > 0.0 else np.uint64(0)
     bm_arr = np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes)
@@ -250,7 +281,19 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
     q_lens, kv_lens, *rest = p.options
     with _blas_one_thread():
         p.kernels.forward(
-            p.q, p.kp, p.vp, out, lse, p.BQ, p.Lk, q_lens, kv_lens, *rest, *p.dropout, *p.block, _num_threads()
+            p.q,
+            p.kp,
+            p.vp,
+            out,
+            lse,
+            p.BQ,
+            p.Lk,
+            q_lens,
+            kv_lens,
+            *rest,
+            *p.dropout,
+            *p.block,
+            _num_threads(),
         )
     return out, lse
 
@@ -273,8 +316,23 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _blas_one_thread():
         p.kernels.backward(
-            p.q, p.kp, p.vp, dout_c, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.BQ, p.Lk,
-            *p.options, *p.dropout, *p.block, nchunks,
+            p.q,
+            p.kp,
+            p.vp,
+            dout_c,
+            lse_c,
+            delta,
+            dq_parts,
+            dkp,
+            dvp,
+            dbias,
+            bool(want_dbias),
+            p.BQ,
+            p.Lk,
+            *p.options,
+            *p.dropout,
+            *p.block,
+            nchunks,
         )
     dq = dq_parts[0]
     for part in dq_parts[1:]:  # a fixed order: bitwise repeatable

@@ -227,8 +227,10 @@ def test_decoder_layer_matches_torch(norm_first):
     close(g1, g0, "dmemory")
 
 
+@pytest.mark.slow
 def test_tiny_encoder_decoder_learns_to_copy():
-    """The layers train: a 1+1-layer encoder–decoder learns to copy a short sequence."""
+    """The layers train: a 1+1-layer encoder–decoder learns to copy a short sequence
+    (60 optimizer steps of many tiny attention calls: slow while small calls cost ~10 ms)."""
     torch.manual_seed(8)
     vocab, d = 8, 16
     emb = nn.Embedding(vocab, d)

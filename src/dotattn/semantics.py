@@ -292,6 +292,8 @@ def _check_softcap(softcap: Any) -> float | None:
 
 
 def _check_causal(causal: Any) -> str | None:
+    if isinstance(causal, np.bool_):  # a flag read from a NumPy array or config
+        causal = bool(causal)
     if causal is False or causal is None:
         return None
     if causal is True:
@@ -598,6 +600,10 @@ def reduce_bias_grad(call: AttentionCall, dbias_full: np.ndarray) -> np.ndarray:
 
 def check_weights_size(call: AttentionCall, max_weights_bytes: int) -> None:
     """``return_weights`` materializes (…, Hq, Lq, Lk); refuse past the caller's limit."""
+    if isinstance(max_weights_bytes, bool) or not isinstance(max_weights_bytes, numbers.Integral):
+        raise AttentionTypeError(
+            f"max_weights_bytes must be an int (bytes), got {type(max_weights_bytes).__name__}"
+        )
     nbytes = call.B * call.Hq * call.Lq * call.Lk * call.compute_dtype.itemsize
     if nbytes > max_weights_bytes:
         raise AttentionValueError(

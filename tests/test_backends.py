@@ -360,6 +360,25 @@ def test_fully_masked_rows_give_zero(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_masks_like_a_mask(backend):
+    # Additive -inf masks (torch float masks) must not turn the online softmax's max into -inf − -inf = NaN.
+    q, k, v = H.random_qkv(23, batch=(1,), Hq=2, Lq=600, Lk=600, D=8, dtype=np.float32)
+    visible = np.ones((600, 600), dtype=bool)
+    visible[5] = False
+    visible[7, :300] = False
+    visible[9, 100:] = False
+    bias = np.where(visible, 0.0, -np.inf).astype(np.float32)
+    out, lse = dotattn.attention(q, k, v, bias=bias, return_lse=True, implementation=backend)
+    out_m, lse_m = dotattn.attention(q, k, v, mask=visible, return_lse=True, implementation=backend)
+    np.testing.assert_allclose(out, out_m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_m))
+    assert (out[0, :, 5] == 0).all()
+    grads = dotattn.attention_backward(q, k, v, out, lse, np.ones_like(out), bias=bias, return_dbias=True, implementation=backend)
+    for g in grads:
+        assert not np.isnan(g).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_key_sequence(backend):
     q = np.ones((2, 3, 4), dtype=np.float32)
     k = np.ones((2, 0, 4), dtype=np.float32)

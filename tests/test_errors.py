@@ -99,7 +99,15 @@ CASES = [
     ("implementation-type", with_qkv(implementation=3), AttentionValueError, ["implementation must be None or a backend name", "3"]),
     ("weights-limit", with_qkv(return_weights=True, max_weights_bytes=100), AttentionValueError,
      ["return_weights=True would materialize", "max_weights_bytes=100", "raise max_weights_bytes"]),
+    ("weights-limit-type", with_qkv(return_weights=True, max_weights_bytes=None), AttentionTypeError,
+     ["max_weights_bytes must be an int", "NoneType"]),
 ]
+
+
+def test_numpy_bool_causal_is_a_flag():
+    np.testing.assert_array_equal(
+        dotattn.attention(Q, K, V, causal=np.bool_(True)), dotattn.attention(Q, K, V, causal=True)
+    )
 
 
 @pytest.mark.parametrize("thunk,exc_type,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -110,7 +110,9 @@ def _normalize(q, k, v, arrays: dict, sc: _Scalars, extras: dict, for_backward: 
 
 
 def _tensor(x: np.ndarray) -> Tensor:
-    return from_numpy(np.ascontiguousarray(x))
+    """A backend result as a tensor owning (sharing) its memory; read-only views are copied."""
+    x = np.ascontiguousarray(x)
+    return from_numpy(x if x.flags.writeable else x.copy())
 
 
 def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras):

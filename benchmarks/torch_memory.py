@@ -106,7 +106,9 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    parser.add_argument("--naive-max", type=int, default=8192, help="largest L for the naive row (it needs ~3·L² floats)")
+    parser.add_argument(
+        "--naive-max", type=int, default=8192, help="largest L for the naive row (it needs ~3·L² floats)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--child", nargs=4, metavar=("IMPL", "L", "H", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -28,22 +28,22 @@ def close(a, b, name, tol=1e-12):
     assert err <= tol * scale, f"{name}: max abs difference {err:.3g} > {tol * scale:.3g}"
 
 
-def torch_param_grads(m: nn.MultiheadAttention):
-    """(dWq, dWk, dWv, dbq, dbk, dbv, dWo, dbo) of an nn.MultiheadAttention, unpacked."""
+def torch_param_grads(m: nn.MultiheadAttention) -> dict:
+    """Parameter gradients of an nn.MultiheadAttention, unpacked and named as ours are."""
     if m._qkv_same_embed_dim:
         w = m.in_proj_weight.grad.chunk(3)
     else:
         w = (m.q_proj_weight.grad, m.k_proj_weight.grad, m.v_proj_weight.grad)
-    b = m.in_proj_bias.grad.chunk(3) if m.in_proj_bias is not None else ()
-    out = tuple(w) + tuple(b) + (m.out_proj.weight.grad,)
-    return out + ((m.out_proj.bias.grad,) if m.out_proj.bias is not None else ())
+    grads = {"q_proj.weight": w[0], "k_proj.weight": w[1], "v_proj.weight": w[2]}
+    grads["out_proj.weight"] = m.out_proj.weight.grad
+    if m.in_proj_bias is not None:
+        b = m.in_proj_bias.grad.chunk(3)
+        grads |= {"q_proj.bias": b[0], "k_proj.bias": b[1], "v_proj.bias": b[2], "out_proj.bias": m.out_proj.bias.grad}
+    return grads
 
 
-def our_param_grads(m: MultiHeadAttention):
-    projs = (m.q_proj, m.k_proj, m.v_proj)
-    b = tuple(p.bias.grad for p in projs) if m.q_proj.bias is not None else ()
-    out = tuple(p.weight.grad for p in projs) + b + (m.out_proj.weight.grad,)
-    return out + ((m.out_proj.bias.grad,) if m.out_proj.bias is not None else ())
+def our_param_grads(m: MultiHeadAttention) -> dict:
+    return {name: p.grad for name, p in m.named_parameters()}
 
 
 MHA_CASES = {
@@ -114,13 +114,14 @@ def test_from_torch_matches_nn_multihead_attention(case_id):
     inputs = [x for x in (query, key, value) if x is not None]
     g0 = torch.autograd.grad(y0, inputs, dy, retain_graph=True)
     g1 = torch.autograd.grad(y1, inputs, dy, retain_graph=True)
-    for name, a, b in zip(("dquery", "dkey", "dvalue"), g1, g0):
+    for name, a, b in zip(("dquery", "dkey", "dvalue")[: len(inputs)], g1, g0, strict=True):
         close(a, b, name)
     y0.backward(dy)
     y1.backward(dy)
-    names = ("dWq", "dWk", "dWv", "dbq", "dbk", "dbv", "dWo", "dbo")
-    for name, a, b in zip(names, our_param_grads(ours), torch_param_grads(theirs)):
-        close(a, b, name)
+    ours_g, theirs_g = our_param_grads(ours), torch_param_grads(theirs)
+    assert ours_g.keys() == theirs_g.keys()
+    for name, g in ours_g.items():
+        close(g, theirs_g[name], f"d {name}")
 
 
 def test_to_torch_round_trip_and_unbatched_inputs():
@@ -134,7 +135,7 @@ def test_to_torch_round_trip_and_unbatched_inputs():
     close(y1, y0, "out")
     close(w1, w0, "weights")
     back = MultiHeadAttention.from_torch(theirs)
-    for (n0, p0), (n1, p1) in zip(ours.named_parameters(), back.named_parameters()):
+    for (n0, p0), (n1, p1) in zip(ours.named_parameters(), back.named_parameters(), strict=True):
         assert n0 == n1 and torch.equal(p0, p1), n0
 
 

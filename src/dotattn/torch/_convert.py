@@ -46,7 +46,8 @@ def check_device(name: str, t: torch.Tensor) -> None:
         raise NotImplementedError(
             f"dotattn.attention: {name} is on device {str(t.device)!r}, but dotattn's PyTorch front end "
             "runs on CPU tensors only — GPU kernels are a separate issue that has not landed yet. "
-            "Move the tensors to the CPU with .cpu(), or use torch.nn.functional.scaled_dot_product_attention on the GPU."
+            "Move the tensors to the CPU with .cpu(), or use "
+            "torch.nn.functional.scaled_dot_product_attention on the GPU."
         )
 
 

@@ -199,7 +199,10 @@ def _attention_fwd(
     return_weights: bool,
     max_weights_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    arrays = dict(zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed)))
+    arrays = dict(
+        zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed),
+            strict=True)
+    )
     sc = _Scalars(causal, window_left, window_right, scale, softcap, dropout_p, layout, implementation)
     return _forward_body(q, k, v, arrays, sc, return_weights, max_weights_bytes, {})
 
@@ -253,7 +256,10 @@ def _attention_bwd(
     implementation: Optional[str],
     want_dbias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    arrays = dict(zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed)))
+    arrays = dict(
+        zip(_ARRAY_OPTIONS, (mask, bias, alibi_slopes, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids, seed),
+            strict=True)
+    )
     sc = _Scalars(causal, window_left, window_right, scale, softcap, dropout_p, layout, implementation)
     return _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc, want_dbias, {})
 
@@ -347,7 +353,8 @@ def _check_qkv_tensors(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise AttentionTypeError(
-                f"{name} must be a torch.Tensor in dotattn.torch.attention, got {type(x).__module__}.{type(x).__name__}; "
+                f"{name} must be a torch.Tensor in dotattn.torch.attention, "
+                f"got {type(x).__module__}.{type(x).__name__}; "
                 "dotattn.attention takes NumPy arrays"
             )
         check_device(name, x)
@@ -436,7 +443,9 @@ def attention(
             check_device(name, t)
 
     if extras:
-        arrays = dict(zip(_ARRAY_OPTIONS, (mask_t, None, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t)))
+        arrays = dict(
+            zip(_ARRAY_OPTIONS, (mask_t, None, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t), strict=True)
+        )
         sc = _Scalars(causal_s, *window_t, scale_f, softcap_f, dropout_f, layout, implementation)
         out, lse, weights = _AttentionWithExtras.apply(
             q, k, v, bias_t, arrays, sc, return_weights, max_weights_bytes, extras

@@ -150,7 +150,7 @@ class MultiHeadAttention(nn.Module):
             weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
         biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
         with torch.no_grad():
-            for proj, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
+            for proj, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases, strict=True):
                 proj.weight.copy_(w)
                 if b is not None:
                     proj.bias.copy_(b)
@@ -185,7 +185,8 @@ class MultiHeadAttention(nn.Module):
             if module._qkv_same_embed_dim:
                 module.in_proj_weight.copy_(torch.cat(weights))
             else:
-                for dst, w in zip((module.q_proj_weight, module.k_proj_weight, module.v_proj_weight), weights):
+                separate = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+                for dst, w in zip(separate, weights, strict=True):
                     dst.copy_(w)
             if has_bias:
                 module.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
@@ -297,7 +298,9 @@ class MultiHeadAttention(nn.Module):
                     f"nn.MultiheadAttention's key_padding_mask), got {getattr(key_mask, 'dtype', type(key_mask))}"
                 )
             if tuple(key_mask.shape) != (B, Lk):
-                raise AttentionValueError(f"key_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_mask.shape)}")
+                raise AttentionValueError(
+                    f"key_mask must have shape (B, Lk) = ({B}, {Lk}), got {tuple(key_mask.shape)}"
+                )
             mask = key_mask[:, None, None, :]  # (B, 1, 1, Lk)
         if attn_mask is not None:
             if not isinstance(attn_mask, Tensor):

@@ -202,6 +202,14 @@ def attention_backward(
     )
     if return_dbias and call.bias is None:
         raise AttentionValueError("return_dbias=True needs a bias= argument to differentiate")
+    return backward_in_caller_layout(call, out, lse, dout, implementation=implementation, return_dbias=return_dbias)
+
+
+def backward_in_caller_layout(
+    call: AttentionCall, out: Any, lse: Any, dout: Any, *, implementation: str | None = None, return_dbias: bool = False
+):
+    """``(dq, dk, dv[, dbias])`` shaped as the caller's q, k, v (and bias) from caller-shaped
+    ``out``, ``lse``, ``dout`` — the backward every non-autograd front end needs."""
     out_c = semantics.canonical_like(call, "out", out, call.Dv)
     dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
     lse_c = semantics.canonical_lse(call, lse)

@@ -65,11 +65,9 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
 
     def host_backward(qn, kn, vn, out, lse, dout):
         c = host_call(qn, kn, vn)
-        out_c = semantics.canonical_like(c, "out", np.asarray(out), c.Dv)
-        dout_c = semantics.canonical_like(c, "dout", np.asarray(dout), c.Dv)
-        lse_c = semantics.canonical_lse(c, np.asarray(lse))
-        dq, dk, dv, _ = api.run_backward(c, out_c, lse_c, dout_c, implementation=implementation)
-        return tuple(semantics.finalize_grad(c, g, n) for g, n in ((dq, "q"), (dk, "k"), (dv, "v")))
+        return api.backward_in_caller_layout(
+            c, np.asarray(out), np.asarray(lse), np.asarray(dout), implementation=implementation
+        )
 
     def forward_callback(q_, k_, v_):
         return jax.pure_callback(host_forward, (out_struct, lse_struct), q_, k_, v_)

@@ -57,11 +57,7 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
         return semantics.finalize_output(c, out), semantics.finalize_lse(c, lse)
 
     def host_backward(qn, kn, vn, out, lse, dout):
-        c = host_call(qn, kn, vn)
-        out_c = semantics.canonical_like(c, "out", out, c.Dv)
-        dout_c = semantics.canonical_like(c, "dout", dout, c.Dv)
-        dq, dk, dv, _ = api.run_backward(c, out_c, semantics.canonical_lse(c, lse), dout_c, implementation=implementation)
-        return tuple(semantics.finalize_grad(c, g, n) for g, n in ((dq, "q"), (dk, "k"), (dv, "v")))
+        return api.backward_in_caller_layout(host_call(qn, kn, vn), out, lse, dout, implementation=implementation)
 
     out_shape = semantics.finalize_output(call, np.zeros((call.B, call.Hq, call.Lq, call.Dv), call.compute_dtype)).shape
     lse_shape = semantics.finalize_lse(call, np.zeros((call.B, call.Hq, call.Lq), call.compute_dtype)).shape

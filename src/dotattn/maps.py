@@ -79,7 +79,8 @@ def attention_map(
             f"attention_map takes NumPy arrays, got {bad} of type {type(obj).__module__}.{type(obj).__name__}; "
             "convert it with .numpy() / numpy.asarray() first"
         )
-    # The forward needs a v; one zero column costs a GEMV per block and gives the LSE we want.
+    # The forward needs a v: one zero column (Dv = 1) costs a GEMV per block and gives the LSE
+    # we want.  A zero-width v is legal too, but an edge case a backend may not plan for.
     v_shape = k.shape[:-1] + (1,)
     v = np.zeros(v_shape, dtype=k.dtype)
     call = semantics.normalize(
@@ -119,7 +120,9 @@ def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int
     def pool_rows(task) -> None:
         """Sum the cells of query rows [i0, i1) of (b, h); tasks write disjoint rows of ``sums``."""
         b, h, i0, i1 = task
-        for j0 in range(0, call.kv_len(b), step_k):
+        # Only the key range causal/window/lengths leave visible, widened to whole cells.
+        lo, hi = prep.query_bounds(b, i0, i1)
+        for j0 in range(max(0, lo) // step_k * step_k, hi, step_k):
             j1 = min(j0 + step_k, call.kv_len(b))
             s = numpy_tiled.block_scores(prep, b, h, i0, i1, j0, j1)
             if not np.isfinite(s).any():

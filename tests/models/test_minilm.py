@@ -52,7 +52,7 @@ def test_embeddings_match_sentence_transformers(model, reference):
     assert np.abs(ours - ref).max() <= TOLERANCE, _report(ours, ref)
 
 
-@pytest.mark.parametrize("implementation", ["numpy", "reference"])
+@pytest.mark.parametrize("implementation", ["cpu", "numpy", "reference"])
 def test_embeddings_match_on_each_numpy_backend(model, reference, implementation):
     sentences, ref, _ = reference
     forced = MiniLM(model.folder, implementation=implementation)

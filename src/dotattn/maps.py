@@ -105,7 +105,8 @@ def attention_map(
 
 def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int, bk: int) -> np.ndarray:
     """Canonical ``(B, Hq, ceil(Lq/bq), ceil(Lk/bk))`` block means of ``exp(s − lse)``."""
-    from .kernels import numpy_tiled  # backends load on first use, not with `import dotattn`
+    # backends load on first use, not with `import dotattn`
+    from .kernels import numpy_tiled
 
     dt = call.compute_dtype
     n_rows, n_cols = -(-call.Lq // bq), -(-call.Lk // bk)

@@ -47,7 +47,8 @@ def test_unscaled_softmax_saturates_and_its_gradient_vanishes(scaling_result):
     big = scaling.D_KS[-1]
     assert res[True][big]["entropy"] > res[False][big]["entropy"] + 2.0
     assert res[True][big]["entropy"] > 0.8 * np.log(n)
-    assert res[False][big]["max_prob"] > 0.8 > 0.2 > res[True][big]["max_prob"]
+    assert res[False][big]["max_prob"] > 0.8
+    assert res[True][big]["max_prob"] < 0.2
     unscaled_entropy = [res[False][d]["entropy"] for d in scaling.D_KS]
     assert unscaled_entropy == sorted(unscaled_entropy, reverse=True)
     assert res[False][big]["grad_median"] < res[False][scaling.D_KS[0]]["grad_median"] / 20
@@ -83,7 +84,7 @@ def memory_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory")
     proc = subprocess.run(
         [sys.executable, "-m", "dotattn.cli", "demo", "memory", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     figures = json.loads((out / "memory.json").read_text())

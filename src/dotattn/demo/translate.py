@@ -5,9 +5,10 @@ Source: a date spelled out in English, in one of three word orders —
 november, 2026" — target: its ISO form "2026-11-24".  The pairs are generated on the fly;
 a random tenth of all calendar dates is held out and used only for the test.
 
-The model is built from ``dotattn.torch`` layers (encoder self-attention with
-``kv_lengths`` for padding, decoder causal self-attention, cross-attention) and trained with
-teacher forcing; the test decodes greedily and counts exact matches.  The cross-attention
+The model is built from ``dotattn.torch`` layers (encoder self-attention, decoder causal
+self-attention, cross-attention); the sentences of a batch are packed into one sequence and
+kept apart by block-diagonal masks.  It is trained with teacher forcing; the test decodes
+greedily and counts exact matches.  The cross-attention
 of the last decoder layer, drawn in ``cross_attention.png``, shows which source words each
 output character reads: the year digits, the month name, the day words.
 """
@@ -19,10 +20,14 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._ui import console, out_dir, progress
+
+if TYPE_CHECKING:  # torch is imported only when the demo runs
+    import torch
 
 MONTHS = [calendar.month_name[m].lower() for m in range(1, 13)]
 _UNITS = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth"]
@@ -106,12 +111,12 @@ class Packed:
     """A batch packed into one sequence per side (batch axis 1): ids, positions within each
     sentence, and sentence ids that keep sentences apart in every attention."""
 
-    ids: "torch.Tensor"  # (1, N)
-    pos: "torch.Tensor"  # (1, N)
-    seg: "torch.Tensor"  # (N,)
+    ids: torch.Tensor  # (1, N)
+    pos: torch.Tensor  # (1, N)
+    seg: torch.Tensor  # (N,)
 
     @staticmethod
-    def of(rows: list[list[int]]) -> "Packed":
+    def of(rows: list[list[int]]) -> Packed:
         import torch
 
         ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)[None]
@@ -136,7 +141,6 @@ def target_ids(dates) -> np.ndarray:
 
 def build_model(d_model: int = 64, heads: int = 4, layers: int = 1, ff: int = 128):
     """The encoder–decoder; see the module docstring."""
-    import torch
     from torch import nn
 
     from ..torch import TransformerDecoderLayer, TransformerEncoderLayer

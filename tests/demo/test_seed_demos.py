@@ -108,7 +108,8 @@ def test_naive_memory_grows_quadratically_dotattn_stays_small(memory_result):
     fig = memory_result["figures"]
     # the N × N float32 matrices are really there: at least two of them at once
     assert _peak(fig, "naive", 1024) >= 2 * 1024 * 1024 * 4
-    assert _peak(fig, "naive", 1024) > 3 * _peak(fig, "naive", 512)
+    # and grow as N²: from 512 to 1024 by at least two matrices' growth (fixed overheads cancel)
+    assert _peak(fig, "naive", 1024) - _peak(fig, "naive", 512) >= 2 * (1024**2 - 512**2) * 4
     # dotattn at 2048 holds far less than one 2048² matrix
     assert _peak(fig, "dotattn", 2048) < 2048 * 2048 * 4 / 4
 

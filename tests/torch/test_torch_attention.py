@@ -322,6 +322,22 @@ def test_weights_over_the_size_limit_are_refused():
     q, k, v = tensors(*random_qkv(0, Lq=8, Lk=8))
     with pytest.raises(AttentionValueError, match="max_weights_bytes"):
         dotattn.attention(q, k, v, return_weights=True, max_weights_bytes=100)
+    with pytest.raises(AttentionTypeError, match="max_weights_bytes must be an int"):
+        dotattn.attention(q, k, v, return_weights=True, max_weights_bytes=None)
+
+
+def test_segment_ids_as_nested_lists_read_as_numpy_does():
+    """[[...], [...]] for a batch of 2 is one (B, L) array, not a (q_ids, kv_ids) pair."""
+    q_np, k_np, v_np = random_qkv(1, batch=(2,), Lq=3, Lk=3, dtype=np.float64)
+    q, k, v = tensors(q_np, k_np, v_np, requires_grad=False)
+    ids = [[0, 0, 1], [0, 1, 1]]
+    out = dotattn.attention(q, k, v, segment_ids=ids)
+    assert_close_to_reference(numpy_of(out), reference(q_np, k_np, v_np, segment_ids=np.array(ids))[0],
+                              name="out", dtype=np.float64)
+    pair = (torch.tensor([[0, 0, 1], [0, 1, 1]]), torch.tensor([[0, 1, 1], [1, 1, 0]]))
+    out = dotattn.attention(q, k, v, segment_ids=pair)
+    ref = reference(q_np, k_np, v_np, segment_ids=tuple(t.numpy() for t in pair))[0]
+    assert_close_to_reference(numpy_of(out), ref, name="out (pair)", dtype=np.float64)
 
 
 def test_grad_through_lse_only():

@@ -28,6 +28,7 @@ infers each operator's schema from the annotations, which must be real types.
 """
 
 import dataclasses
+import numbers
 from typing import Any, Optional
 
 import numpy as np
@@ -338,10 +339,21 @@ def _as_tensor(name: str, x: Any) -> Optional[Tensor]:
         raise AttentionTypeError(f"{name} must be a tensor or an array, got {type(x).__name__}: {exc}") from exc
 
 
-def _split_segment_ids(segment_ids: Any):
+def _split_segment_ids(segment_ids: Any, q: Tensor, layout: str):
+    """One ids array → (ids, None); a pair (q_ids, kv_ids) → both, as tensors.
+
+    A nested Python list shaped ``(..., Lq)`` is one array, as the semantics module reads it
+    (a pair stacks to ``(2, ..., L)`` or is ragged).
+    """
     if segment_ids is None:
         return None, None
     if isinstance(segment_ids, (tuple, list)):
+        lse_shape = _lse_shape(q, layout)  # (..., Hq, Lq), or (Lq,) for 2-D inputs
+        one_array_shape = lse_shape[:-2] + lse_shape[-1:]
+        if not any(isinstance(x, Tensor) for x in segment_ids) and semantics._is_one_id_array(
+            segment_ids, tuple(one_array_shape)
+        ):
+            return _as_tensor("segment_ids", segment_ids), None
         if len(segment_ids) != 2:
             # Let the semantics module word the error, as it does for NumPy callers.
             semantics.normalize(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), segment_ids=segment_ids)
@@ -419,6 +431,12 @@ def attention(
     dropout_f, seed_i = semantics._check_dropout(dropout_p, seed)
     if implementation is not None and not isinstance(implementation, str):
         raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
+    if isinstance(max_weights_bytes, bool) or not isinstance(max_weights_bytes, numbers.Integral):
+        if return_weights:  # the semantics module's rule and words (it checks only when weights are asked for)
+            raise AttentionTypeError(
+                f"max_weights_bytes must be an int (bytes), got {type(max_weights_bytes).__name__}"
+            )
+        max_weights_bytes = DEFAULT_MAX_WEIGHTS_BYTES
 
     mask_t = _as_tensor("mask", mask)
     bias_t = _as_tensor("bias", bias)
@@ -430,7 +448,7 @@ def attention(
         )
     q_len_t = _as_tensor("q_lengths", q_lengths)
     kv_len_t = _as_tensor("kv_lengths", kv_lengths)
-    q_seg_t, kv_seg_t = _split_segment_ids(segment_ids)
+    q_seg_t, kv_seg_t = _split_segment_ids(segment_ids, q, layout)
     seed_t = None
     if dropout_f > 0.0:
         if seed_i is None:

@@ -251,7 +251,9 @@ def _torch_sdpa(case: Case, x: dict):
 
 
 def _torch_flex(case: Case, x: dict):
-    torch, (q, k, v), dout = _torch_inputs(case, x, case.mode == "fwdbwd")
+    if case.mode == "fwdbwd":
+        raise Unavailable("FlexAttention has no backward on CPU")
+    torch, (q, k, v), dout = _torch_inputs(case, x, False)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:
@@ -283,12 +285,7 @@ def _torch_flex(case: Case, x: dict):
         with torch.no_grad():
             return compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
-    def fwdbwd():
-        for t in (q, k, v):
-            t.grad = None
-        compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa).backward(dout)
-
-    return fwd if case.mode == "fwd" else fwdbwd
+    return fwd
 
 
 def _jax(case: Case, x: dict):

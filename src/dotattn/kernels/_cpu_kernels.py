@@ -8,7 +8,7 @@ key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each bloc
 2. the score chain of ``docs/semantics.md`` (scale, softcap, bias, ALiBi, ``score_mod``)
    and the masks (lengths, causal, window, segments, dense mask, ``mask_mod``), skipped
    where the block is fully visible; invisible blocks are never visited;
-3. the softmax in base 2 (``log2(e)`` folded into the scale) with :func:`_exp2_block`, a
+3. the softmax in base 2 (``log2(e)`` folded into the scale) with :func:`_exp2_shifted`, a
    polynomial ``2^f`` plus an integer exponent add — two loops LLVM vectorizes;
 4. ``acc += P · V_blk`` with ``np.dot``.
 
@@ -39,10 +39,11 @@ from ._cpu_primitives import (
     _block_class,
     _col_max,
     _col_sum_into,
+    _ds_block,
     _dropout_block,
-    _exp2_block,
+    _exp2_shifted,
     _matmul,
-    _scale_shift,
+    _mul_into,
 )
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
@@ -185,8 +186,9 @@ def _mask_block(
         lo[r] = bottom - j0
         hi[r] = top - j0
     for c in range(BK):
+        row = ST[c]  # a row view keeps this select a vectorized 1-D loop
         for r in range(BQ):
-            ST[c, r] = ST[c, r] if lo[r] <= c and c <= hi[r] else -np.inf
+            row[r] = row[r] if lo[r] <= c and c <= hi[r] else -np.inf
     if has_seg or has_dense_mask or HAS_MASK_MOD:
         for r in range(nr):
             i = i0 + r
@@ -478,7 +480,7 @@ def _forward_chunk(
     ST = np.empty((BK, BQ), dtype=q.dtype)
     dummy = np.empty((1, 1), dtype=q.dtype)
     dummy_drop = np.empty((BK, BQ), dtype=q.dtype)  # _dropout_block's dP (unused here)
-    N = np.empty(BQ * BK, dtype=np.int32)
+    N = np.empty((BK, BQ), dtype=np.int32)
     PV = np.empty((BQ, Dv), dtype=q.dtype)
     acc = np.empty((BQ, Dv), dtype=q.dtype)
     m = np.empty(BQ, dtype=q.dtype)
@@ -575,11 +577,11 @@ def _forward_chunk(
                 m[r] = m_new
                 m_use[r] = mu
                 row_sum[r] *= alpha
+                acc_row = acc[r]  # row views keep the short inner loops vectorized
                 for d in range(Dv):
-                    acc[r, d] *= alpha
+                    acc_row[d] *= alpha
             # P = 2^(S·c − m); running sum (pre-dropout); acc += P·V
-            _scale_shift(ST, c2, m_use)
-            _exp2_block(ST.reshape(BQ * BK), N)
+            _exp2_shifted(ST, N, c2, m_use)
             _col_sum_into(ST, row_sum)
             if dropout_p > 0.0:
                 _dropout_block(
@@ -756,7 +758,7 @@ def _backward_chunk(
     PdT = np.empty((BK, BQ), dtype=q.dtype)
     G = np.empty((BK, BQ), dtype=q.dtype)
     GM = np.empty((BK, BQ), dtype=q.dtype)
-    N = np.empty(BQ * BK, dtype=np.int32)
+    N = np.empty((BK, BQ), dtype=np.int32)
     dQt = np.empty((BQ, D), dtype=q.dtype)
     dKt = np.empty((BK, D), dtype=q.dtype)
     dVt = np.empty((BK, Dv), dtype=q.dtype)
@@ -851,8 +853,7 @@ def _backward_chunk(
                     kv_seg,
                     has_seg,
                 )
-                _scale_shift(ST, c2, lse2)
-                _exp2_block(ST.reshape(BQ * BK), N)
+                _exp2_shifted(ST, N, c2, lse2)
                 # dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _matmul(Vb, dOs.T, dPT)
                 if dropout_p > 0.0:
@@ -865,27 +866,19 @@ def _backward_chunk(
                 _add_into(dV, dVt)
                 # dS = P ∘ (dP − Δ), in place of P; then the chain rule through
                 # score_mod (the bias's gradient stops here) and softcap
-                for c in range(BK):
-                    for r in range(BQ):
-                        ST[c, r] = ST[c, r] * (dPT[c, r] - dls[r])
+                _ds_block(ST, dPT, dls)
                 if HAS_SCORE_MOD:
-                    for c in range(BK):
-                        for r in range(BQ):
-                            ST[c, r] *= GM[c, r]
+                    _mul_into(ST, GM)
                 if want_dbias:
                     for r in range(nr):
                         for c in range(ncols):
                             dbias[b, h, i0 + r, j0 + c] = ST[c, r]
                 if softcap > 0.0:
-                    for c in range(BK):
-                        for r in range(BQ):
-                            ST[c, r] *= G[c, r]
+                    _mul_into(ST, G)
                 _matmul(ST, Qs, dKt)
                 _add_into(dK, dKt)
                 _matmul(ST.T, Kb, dQt)
-                for r in range(nr):
-                    for d in range(D):
-                        dq_parts[chunk, b, h, i0 + r, d] += dQt[r, d]
+                _add_into(dq_parts[chunk, b, h, i0 : i0 + nr], dQt[:nr])
         for c in range(BK):
             for d in range(D):
                 dkp[b, hk, kb, c, d] = dK[c, d] * scale
@@ -1004,7 +997,7 @@ def _weights_chunk(
     c2 = consts[0]
     Qs = np.zeros((BQ, D), dtype=q.dtype)
     ST = np.empty((BK, BQ), dtype=q.dtype)
-    N = np.empty(BQ * BK, dtype=np.int32)
+    N = np.empty((BK, BQ), dtype=np.int32)
     dummy = np.empty((1, 1), dtype=q.dtype)
     lse2 = np.empty(BQ, dtype=q.dtype)
     lo = np.empty(BQ, dtype=np.int64)
@@ -1086,8 +1079,7 @@ def _weights_chunk(
                 kv_seg,
                 has_seg,
             )
-            _scale_shift(ST, c2, lse2)
-            _exp2_block(ST.reshape(BQ * BK), N)
+            _exp2_shifted(ST, N, c2, lse2)
             for c in range(ncols):
                 for r in range(nr):
                     P_out[b, h, i0 + r, j0 + c] = ST[c, r]

@@ -2,17 +2,27 @@
 
 Profiles (``HYPOTHESIS_PROFILE=…``): ``default`` keeps the suite fast; ``thorough`` runs more
 examples (use it with ``-m slow`` for the exhaustive sweep).
+
+``helpers`` is registered as a module rather than by putting ``tests/`` on ``sys.path``: a
+test folder named after a library (``tests/torch``) on the path would import as an empty
+namespace package wherever the real library is missing.  For the same reason pytest runs
+with ``--import-mode=importlib`` (pyproject.toml), which leaves ``sys.path`` alone.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "helpers" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("helpers", Path(__file__).resolve().parent / "helpers.py")
+    _helpers = importlib.util.module_from_spec(_spec)
+    sys.modules["helpers"] = _helpers
+    _spec.loader.exec_module(_helpers)
 
 settings.register_profile(
     "default",

@@ -1,7 +1,6 @@
-"""Test-suite set-up: ``import helpers`` from any test directory, and hypothesis profiles.
-
-Profiles (``HYPOTHESIS_PROFILE=…``): ``default`` keeps the suite fast; ``thorough`` runs more
-examples (use it with ``-m slow`` for the exhaustive sweep).
+"""Test-suite set-up: ``import helpers`` from any test directory, hypothesis settings, and
+``@pytest.mark.slow`` tests left out unless ``-m`` asks (``pytest -m slow`` runs the
+exhaustive sweeps).
 
 ``helpers`` is registered as a module rather than by putting ``tests/`` on ``sys.path``: a
 test folder named after a library (``tests/torch``) on the path would import as an empty
@@ -12,7 +11,6 @@ with ``--import-mode=importlib`` (pyproject.toml), which leaves ``sys.path`` alo
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -25,17 +23,12 @@ if "helpers" not in sys.modules:
     _spec.loader.exec_module(_helpers)
 
 settings.register_profile(
-    "default",
+    "dotattn",
     deadline=None,  # the first call of a backend may JIT-compile; speed is not what these tests measure
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-settings.register_profile(
-    "thorough",
-    parent=settings.get_profile("default"),
-    max_examples=500,
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+settings.load_profile("dotattn")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,7 @@ is asserted instead of the comparison.
 
 from __future__ import annotations
 
+import helpers as H
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,8 +21,6 @@ import dotattn
 from dotattn import registry
 from dotattn.errors import UnsupportedCallError
 from dotattn.kernels.dropout import keep_block
-
-import helpers as H
 
 BACKENDS = H.backends_under_test()
 FLOAT_DTYPES = H.DTYPES
@@ -502,7 +501,7 @@ def test_dropout_seed_and_weights(backend):
     q, k, v = H.random_qkv(17, batch=(1,), Hq=2, Lq=30, Lk=30, D=4, dtype=np.float64)
     out_a, w_a = dotattn.attention(q, k, v, dropout_p=0.5, seed=1, return_weights=True, implementation=backend)
     out_b = dotattn.attention(q, k, v, dropout_p=0.5, seed=2, implementation=backend)
-    out_0, w_0 = dotattn.attention(q, k, v, return_weights=True, implementation=backend)
+    _, w_0 = dotattn.attention(q, k, v, return_weights=True, implementation=backend)
     assert not np.allclose(out_a, out_b)  # a different seed, a different mask
     np.testing.assert_allclose(w_a, w_0, rtol=1e-13)  # returned weights are pre-dropout
     unseeded = [dotattn.attention(q, k, v, dropout_p=0.5, implementation=backend) for _ in range(2)]

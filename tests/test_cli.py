@@ -35,7 +35,7 @@ def test_info_entry_point_runs_without_frameworks():
         "import sys; from dotattn.cli import main; rc = main(['info', '--json']); "
         "print([m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules], file=sys.stderr); sys.exit(rc)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["backends"][0]["name"] == registry.names()[0]
     assert done.stderr.strip().splitlines()[-1] == "[]"

@@ -6,14 +6,18 @@ backward's own arguments).  Messages must name the argument, the expectation and
 
 from __future__ import annotations
 
+import helpers as H
 import numpy as np
 import pytest
 
 import dotattn
 from dotattn import registry
-from dotattn.errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
-
-import helpers as H
+from dotattn.errors import (
+    AttentionTypeError,
+    AttentionValueError,
+    DotAttnError,
+    UnsupportedCallError,
+)
 
 
 def qkv(B=2, Hq=4, Hkv=2, Lq=5, Lk=6, D=8, Dv=8, dtype=np.float32):

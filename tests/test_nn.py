@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import helpers as H
 import numpy as np
 import pytest
 
 from dotattn import MultiHeadAttention
 from dotattn.errors import AttentionTypeError, AttentionValueError
-
-import helpers as H
 
 
 def mha_by_hand(p, query, key, value, Hq, Hkv, Dh, *, causal=False, kv_len=None, q_len=None):

@@ -40,6 +40,6 @@ def test_import_loads_no_backend_and_no_jit():
         "import json, sys, dotattn; "
         "print(json.dumps(sorted(m for m in sys.modules if m == 'numba' or m.startswith('dotattn.kernels.'))))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []

@@ -19,8 +19,9 @@ import numpy as np
 
 from .errors import AttentionTypeError, AttentionValueError
 
-# The cpu backend's tiles: query rows × key columns per block (see docs/performance.md).
-DEFAULT_BLOCK_SIZE = (128, 256)
+# The cpu backend's forward tiles: query rows × key columns per block (docs/performance.md);
+# a block mask built with them serves the backward too.
+DEFAULT_BLOCK_SIZE = (256, 256)
 
 SKIP, PARTIAL, FULL = 0, 1, 2
 

@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
+
+# The backward does five GEMMs per block to the forward's two: wider key blocks amortize its
+# per-block work better (measured in docs/performance.md).  A block mask's tiles override both.
+DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import AttentionCall
 from .dropout import seed_key
@@ -300,7 +304,7 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
 
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style."""
-    p = prepare(call, block_size)
+    p = prepare(call, block_size or DEFAULT_BACKWARD_BLOCK_SIZE)
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv

@@ -144,13 +144,15 @@ def test_forced_backend_that_cannot_take_the_call_lists_its_reasons():
     assert "reference: does not take score_mod" in message
 
 
-def test_no_backend_can_take_the_call_lists_every_backend():
+def test_no_backend_can_take_the_call_lists_every_backend(monkeypatch):
+    # Without the cpu backend, nobody compiles a user score_mod: every backend says why.
+    monkeypatch.delitem(registry._SPECS, "cpu")
     with pytest.raises(UnsupportedCallError) as info:
-        dotattn.attention(Q, K, V, not_an_option=1)
+        dotattn.attention(Q, K, V, score_mod=lambda score, b, h, q_idx, kv_idx: score)
     message = str(info.value)
     assert "no backend can take this call" in message
     for name in registry.names():
-        assert f"  - {name}: " in message, message
+        assert f"  - {name}: " in message and "score_mod" in message, message
 
 
 def test_unavailable_backend_is_named(monkeypatch):
@@ -214,3 +216,11 @@ def test_backward_saved_tensors(which, bad, exc_type, fragment):
     with pytest.raises(exc_type) as info:
         dotattn.attention_backward(Q, K, V, saved["out"], saved["lse"], saved["dout"])
     assert fragment in str(info.value)
+
+
+def test_misspelled_keyword_is_a_type_error_with_a_suggestion():
+    q = np.zeros((3, 4), np.float32)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'casual'; did you mean 'causal'\?"):
+        dotattn.attention(q, q, q, casual=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zzz'$"):
+        dotattn.attention(q, q, q, zzz=1)

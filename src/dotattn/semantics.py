@@ -452,6 +452,23 @@ def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtyp
     return out
 
 
+# Options that only some backends implement (user functions compiled into the ``cpu``
+# kernels); they travel in ``AttentionCall.extras`` and backends refuse what they lack.
+BACKEND_OPTIONS = ("score_mod", "mask_mod", "block_mask")
+
+
+def _check_extras(extras: dict[str, Any] | None) -> None:
+    """A keyword that is neither an option nor a backend option is a typo: say so, as Python would."""
+    import difflib
+
+    for name in extras or {}:
+        if name not in BACKEND_OPTIONS:
+            known = list(BACKEND_OPTIONS) + [n for n in normalize.__kwdefaults__ if n not in ("extras", "for_backward")]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttentionTypeError(f"attention() got an unexpected keyword argument {name!r}{hint}")
+
+
 def check_layout(layout: Any) -> str:
     if layout not in LAYOUTS:
         raise AttentionValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -490,6 +507,7 @@ def normalize(
     draws from its global generator); ``for_backward=True`` refuses that, since a backward
     pass must re-draw the forward's mask.
     """
+    _check_extras(extras)
     q = _require_array("q", q)
     k = _require_array("k", k)
     v = _require_array("v", v)

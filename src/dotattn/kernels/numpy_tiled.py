@@ -352,6 +352,11 @@ def weights(call: AttentionCall, lse: np.ndarray) -> np.ndarray:
                     if st != SKIP:
                         s, _ = prep.scores(b, h, i0, i1, j0, j1, st)
                         w[b, h, i0:i1, j0:j1] = np.exp(s - lse_bh[i0:i1, None])
+    # The float32 LSE carries a relative rounding of ~|lse|·6e-8 into every exp(s − lse); the
+    # weights are materialized anyway, so renormalizing each row removes it (rows with no
+    # visible key stay 0).
+    total = w.sum(axis=-1, keepdims=True)
+    np.divide(w, total, out=w, where=total > 0)
     return w
 
 

@@ -9,6 +9,8 @@ exact dropout mask, bitwise repeatability and block skipping ≡ dense masking.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 import dotattn
 from dotattn import registry, semantics
-from dotattn.errors import AttentionTypeError, AttentionValueError, UnsupportedCallError
+from dotattn.errors import AttentionTypeError, AttentionValueError
 from dotattn.kernels import cpu, reference
 from dotattn.kernels.dropout import keep_block
 
@@ -322,9 +324,14 @@ def test_block_mask_errors():
 
 
 def test_unknown_extras_are_declined_with_a_reason():
+    """semantics refuses typos; should an unknown backend option reach the backend, it says why."""
     q, k, v = _canonical_inputs(0, 1, 1, 1, 4, 4, 4, 4, np.float32)
-    with pytest.raises(UnsupportedCallError, match="cpu: does not take frobnicate"):
+    with pytest.raises(AttentionTypeError, match="unexpected keyword argument 'frobnicate'"):
         dotattn.attention(q, k, v, frobnicate=1, implementation="cpu")
+    call = dataclasses.replace(semantics.normalize(q, k, v), extras={"frobnicate": 1})
+    assert cpu.CpuBackend().unsupported_reasons(call) == [
+        "does not take frobnicate (it takes score_mod, mask_mod, block_mask)"
+    ]
 
 
 # =================================================================================

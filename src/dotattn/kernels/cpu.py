@@ -11,6 +11,7 @@ of the kernels (see :func:`kernels_for`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import threading
@@ -21,19 +22,18 @@ from typing import Any
 import numpy as np
 
 from ..blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
-
-# The backward does five GEMMs per block to the forward's two: wider key blocks amortize its
-# per-block work better (measured in docs/performance.md).  A block mask's tiles override both.
-DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
-# Windows and packed documents: narrower tiles waste less work on the band's ragged edges
-# (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128).
-SPARSE_BLOCK_SIZE = (64, 128)
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import AttentionCall
 from .dropout import seed_key
 
 NAME = "cpu"
 EXTRAS = ("score_mod", "mask_mod", "block_mask")
+# The backward does five GEMMs per block to the forward's two: wider key blocks amortize its
+# per-block work better (measured in docs/performance.md).  A block mask's tiles override both.
+DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
+# Windows and packed documents: narrower tiles waste less work on the band's ragged edges
+# (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128).
+SPARSE_BLOCK_SIZE = (64, 128)
 
 _KERNEL_MODULE = "dotattn.kernels._cpu_kernels"
 _user_kernels: dict[tuple[Any, Any], types.ModuleType] = {}
@@ -83,6 +83,18 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
             exec(compile(f.read(), spec.origin, "exec"), module.__dict__)
         _user_kernels[key] = module
         return module
+
+
+# Numba's OpenMP/workqueue threading layers do not take parallel launches from two Python
+# threads at once (a JAX callback thread and the main thread, say): kernels run one at a time.
+_launch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _kernel_launch():
+    """One kernel launch at a time, with BLAS limited to 1 thread (our threads run the tiles)."""
+    with _launch_lock, _blas_one_thread():
+        yield
 
 
 def _blas_one_thread():
@@ -293,7 +305,7 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
     q_lens, kv_lens, *rest = p.options
-    with _blas_one_thread():
+    with _kernel_launch():
         p.kernels.forward(
             p.q,
             p.kp,
@@ -329,7 +341,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
     dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
-    with _blas_one_thread():
+    with _kernel_launch():
         p.kernels.backward(
             p.q,
             p.kp,
@@ -364,7 +376,7 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     p = prepare(call, block_size)
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
-    with _blas_one_thread():
+    with _kernel_launch():
         p.kernels.weights(p.q, p.kp, lse_c, P, p.BQ, *p.options, *p.block, _num_threads())
     return P
 

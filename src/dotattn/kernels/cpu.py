@@ -390,9 +390,10 @@ class CpuBackend:
     def available(self) -> tuple[bool, str]:
         try:
             import numba  # noqa: F401
+            import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls this BLAS)
             import threadpoolctl  # noqa: F401
         except ImportError as exc:
-            return False, f"needs numba and threadpoolctl: {exc}"
+            return False, f"needs numba, scipy and threadpoolctl: {exc}"
         return True, self.description
 
     def unsupported_reasons(self, call: AttentionCall) -> list[str]:

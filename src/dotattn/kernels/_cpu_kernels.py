@@ -3,7 +3,7 @@
 FlashAttention-2 (Dao 2023) on a CPU: the online softmax of Milakov & Gimelshein (2018) over
 key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each block:
 
-1. ``S = Q_blk · K_blkᵀ`` with ``np.dot`` (BLAS sgemm on contiguous blocks, 1 BLAS thread:
+1. ``Sᵀ = K_blk · Q_blkᵀ`` with ``np.dot`` (BLAS sgemm on contiguous blocks, 1 BLAS thread:
    our own threads run one block each);
 2. the score chain of ``docs/semantics.md`` (scale, softcap, bias, ALiBi, ``score_mod``)
    and the masks (lengths, causal, window, segments, dense mask, ``mask_mod``), skipped
@@ -12,7 +12,7 @@ key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each bloc
    polynomial ``2^f`` plus an integer exponent add — two loops LLVM vectorizes;
 4. ``acc += P · V_blk`` with ``np.dot``.
 
-This file is also a *template*: ``cpu._kernels_for(score_mod, mask_mod)`` executes its source
+This file is also a *template*: ``cpu.kernels_for(score_mod, mask_mod)`` executes its source
 again in a fresh namespace where ``score_mod_fn``/``mask_mod_fn`` are the user's compiled
 functions and ``_JIT_CACHE`` is False (a user function cannot be cached across processes).
 The default instance below uses no-op mods and is cached on disk (``cache=True``).

@@ -353,7 +353,7 @@ def _scores_block(
 # =================================================================================
 
 
-@njit(cache=_JIT_CACHE, parallel=True)
+@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
 def forward(
     q,
     kp,
@@ -606,7 +606,7 @@ def _forward_chunk(
 # =================================================================================
 
 
-@njit(cache=_JIT_CACHE, parallel=True)
+@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
 def backward(
     q,
     kp,
@@ -891,7 +891,7 @@ def _backward_chunk(
 # =================================================================================
 
 
-@njit(cache=_JIT_CACHE, parallel=True)
+@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
 def weights(
     q,
     kp,

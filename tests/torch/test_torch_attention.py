@@ -531,6 +531,8 @@ def test_bad_options_raise_the_semantics_errors(kwargs, exc, match):
 
 def test_bad_inputs_raise_clear_errors():
     q, k, v = _qkv()
+    with pytest.raises(AttentionTypeError, match="unexpected keyword argument 'casual'; did you mean 'causal'"):
+        dotattn.attention(q, k, v, casual=True)
     with pytest.raises(AttentionTypeError, match="share one dtype"):
         dotattn.attention(q, k.double(), v)
     with pytest.raises(AttentionTypeError, match="floating dtype"):
@@ -581,17 +583,22 @@ def test_backend_extras_reach_the_backend_through_the_eager_path(monkeypatch):
 
     received = []
 
-    class TaggedReference(ReferenceBackend):
+    def allow_all(b, h, q_idx, kv_idx):
+        return True
+
+    class RecordingReference(ReferenceBackend):
+        """The reference, told to accept (and ignore) a mask_mod that hides nothing."""
+
         def unsupported_reasons(self, call):
             received.append(dict(call.extras))
-            return [] if set(call.extras) <= {"tag"} else ["unknown extras"]
+            return []
 
-    monkeypatch.setitem(registry._INSTANCES, "reference", TaggedReference())
+    monkeypatch.setitem(registry._INSTANCES, "reference", RecordingReference())
     q_np, k_np, v_np = random_qkv(12, Lq=6, Lk=6, dtype=np.float64)
     q, k, v = tensors(q_np, k_np, v_np)
-    out = dotattn.attention(q, k, v, causal=True, implementation="reference", tag=object)
+    out = dotattn.attention(q, k, v, causal=True, implementation="reference", mask_mod=allow_all)
     out.sum().backward()
-    assert received == [{"tag": object}, {"tag": object}]
+    assert received == [{"mask_mod": allow_all}, {"mask_mod": allow_all}]
     ref_out, _ = reference(q_np, k_np, v_np, causal=True)
     assert_close_to_reference(numpy_of(out), ref_out, name="out", dtype=np.float64)
     dout = np.ones(out.shape)

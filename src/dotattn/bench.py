@@ -356,6 +356,9 @@ DEFAULT_PEERS = (
 # =================================================================================
 
 
+PAUSE_S = 0.3  # between peers
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -428,6 +431,9 @@ def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
         case.name, peer, case.structure, case.mode, case.B, case.Hq, case.kv_heads, case.Lq, case.Lk, case.D
     )
     row.flop = case.flops()
+    # BLAS and OpenMP worker threads spin for a while after a peer's last call; let them park
+    # so they do not steal the cores from the next peer's measurement.
+    time.sleep(PAUSE_S)
     try:
         run = PEERS[peer](case, inputs)
         with _PeakRss() as mem:

@@ -29,6 +29,9 @@ SHAPES = {
 }
 
 
+PAUSE_S = 0.3
+
+
 def flops(B, H, L, D, causal) -> float:
     forward = 4.0 * B * H * L * L * D
     return 3.5 * forward / (2 if causal else 1)
@@ -63,6 +66,9 @@ def time_peer(peer: str, shape: tuple, repeats: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         step()
+    # BLAS/OpenMP/Numba worker threads spin for a while after the previous peer's last call;
+    # let them park so they do not steal the cores from this measurement (as dotattn bench does).
+    time.sleep(PAUSE_S)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -264,7 +264,7 @@ def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: str) -> N
             )
 
 
-def _check_scale(scale: Any, D: int) -> float:
+def check_scale(scale: Any, D: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -275,7 +275,7 @@ def _check_scale(scale: Any, D: int) -> float:
     return scale
 
 
-def _check_softcap(softcap: Any) -> float | None:
+def check_softcap(softcap: Any) -> float | None:
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
@@ -291,7 +291,7 @@ def _check_softcap(softcap: Any) -> float | None:
     return softcap
 
 
-def _check_causal(causal: Any) -> str | None:
+def check_causal(causal: Any) -> str | None:
     if isinstance(causal, np.bool_):  # a flag read from a NumPy array or config
         causal = bool(causal)
     if causal is False or causal is None:
@@ -305,7 +305,7 @@ def _check_causal(causal: Any) -> str | None:
     )
 
 
-def _check_window(window: Any) -> tuple[int | None, int | None] | None:
+def check_window(window: Any) -> tuple[int | None, int | None] | None:
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -326,7 +326,7 @@ def _check_window(window: Any) -> tuple[int | None, int | None] | None:
     return (sides[0], sides[1])
 
 
-def _check_dropout(dropout_p: Any, seed: Any) -> tuple[float, int | None]:
+def check_dropout(dropout_p: Any, seed: Any) -> tuple[float, int | None]:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise AttentionTypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
@@ -365,7 +365,7 @@ def _check_lengths(name: str, x: Any, L: int, batch_shape, B) -> np.ndarray | No
     return lengths
 
 
-def _is_one_id_array(ids: list | tuple, shape: tuple[int, ...]) -> bool:
+def is_one_id_array(ids: list | tuple, shape: tuple[int, ...]) -> bool:
     """True when a nested list is one ``(..., L)`` array of ids rather than a pair.
 
     A pair stacks to ``(2, ..., L)`` (or is ragged), never to ``(..., L)``, so the shape
@@ -380,7 +380,7 @@ def _is_one_id_array(ids: list | tuple, shape: tuple[int, ...]) -> bool:
 def _check_segment_ids(segment_ids: Any, batch_shape, B: int, Lq: int, Lk: int):
     if segment_ids is None:
         return None, None
-    if isinstance(segment_ids, (tuple, list)) and not _is_one_id_array(segment_ids, batch_shape + (Lq,)):
+    if isinstance(segment_ids, (tuple, list)) and not is_one_id_array(segment_ids, batch_shape + (Lq,)):
         if len(segment_ids) != 2:
             raise AttentionValueError(
                 f"segment_ids must be one array (self-attention) or a pair (q_ids, kv_ids), "
@@ -520,11 +520,11 @@ def normalize(
     Lk = kc.shape[2]
     compute = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
-    scale_f = _check_scale(scale, D)
-    softcap_f = _check_softcap(softcap)
-    causal_s = _check_causal(causal)
-    window_t = _check_window(window)
-    dropout_f, seed_i = _check_dropout(dropout_p, seed)
+    scale_f = check_scale(scale, D)
+    softcap_f = check_softcap(softcap)
+    causal_s = check_causal(causal)
+    window_t = check_window(window)
+    dropout_f, seed_i = check_dropout(dropout_p, seed)
     if dropout_f > 0.0 and seed_i is None:
         if for_backward:
             raise AttentionValueError(
@@ -616,12 +616,18 @@ def reduce_bias_grad(call: AttentionCall, dbias_full: np.ndarray) -> np.ndarray:
     return g.reshape(target)
 
 
-def check_weights_size(call: AttentionCall, max_weights_bytes: int) -> None:
-    """``return_weights`` materializes (…, Hq, Lq, Lk); refuse past the caller's limit."""
+def check_max_weights_bytes(max_weights_bytes: Any) -> int:
+    """The weights size limit must be an int number of bytes."""
     if isinstance(max_weights_bytes, bool) or not isinstance(max_weights_bytes, numbers.Integral):
         raise AttentionTypeError(
             f"max_weights_bytes must be an int (bytes), got {type(max_weights_bytes).__name__}"
         )
+    return int(max_weights_bytes)
+
+
+def check_weights_size(call: AttentionCall, max_weights_bytes: int) -> None:
+    """``return_weights`` materializes (…, Hq, Lq, Lk); refuse past the caller's limit."""
+    check_max_weights_bytes(max_weights_bytes)
     nbytes = call.B * call.Hq * call.Lq * call.Lk * call.compute_dtype.itemsize
     if nbytes > max_weights_bytes:
         raise AttentionValueError(

@@ -28,7 +28,6 @@ infers each operator's schema from the annotations, which must be real types.
 """
 
 import dataclasses
-import numbers
 from typing import Any, Optional
 
 import numpy as np
@@ -350,7 +349,7 @@ def _split_segment_ids(segment_ids: Any, q: Tensor, layout: str):
     if isinstance(segment_ids, (tuple, list)):
         lse_shape = _lse_shape(q, layout)  # (..., Hq, Lq), or (Lq,) for 2-D inputs
         one_array_shape = lse_shape[:-2] + lse_shape[-1:]
-        if not any(isinstance(x, Tensor) for x in segment_ids) and semantics._is_one_id_array(
+        if not any(isinstance(x, Tensor) for x in segment_ids) and semantics.is_one_id_array(
             segment_ids, tuple(one_array_shape)
         ):
             return _as_tensor("segment_ids", segment_ids), None
@@ -424,19 +423,17 @@ def attention(
     _check_qkv_tensors(q, k, v)
     # Scalar options: the semantics module's own checks (plain Python, so compile can trace them).
     layout = semantics.check_layout(layout)
-    causal_s = semantics._check_causal(causal)
-    window_t = semantics._check_window(window) or (None, None)
-    scale_f = semantics._check_scale(scale, q.shape[-1]) if scale is not None else None
-    softcap_f = semantics._check_softcap(softcap)
-    dropout_f, seed_i = semantics._check_dropout(dropout_p, seed)
+    causal_s = semantics.check_causal(causal)
+    window_t = semantics.check_window(window) or (None, None)
+    scale_f = semantics.check_scale(scale, q.shape[-1]) if scale is not None else None
+    softcap_f = semantics.check_softcap(softcap)
+    dropout_f, seed_i = semantics.check_dropout(dropout_p, seed)
     if implementation is not None and not isinstance(implementation, str):
         raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
-    if isinstance(max_weights_bytes, bool) or not isinstance(max_weights_bytes, numbers.Integral):
-        if return_weights:  # the semantics module's rule and words (it checks only when weights are asked for)
-            raise AttentionTypeError(
-                f"max_weights_bytes must be an int (bytes), got {type(max_weights_bytes).__name__}"
-            )
-        max_weights_bytes = DEFAULT_MAX_WEIGHTS_BYTES
+    # Checked only when weights are asked for, as the NumPy path does.
+    max_weights_bytes = (
+        semantics.check_max_weights_bytes(max_weights_bytes) if return_weights else DEFAULT_MAX_WEIGHTS_BYTES
+    )
 
     mask_t = _as_tensor("mask", mask)
     bias_t = _as_tensor("bias", bias)

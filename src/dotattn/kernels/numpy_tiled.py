@@ -3,7 +3,7 @@
 The FlashAttention algorithm (Dao et al. 2022; FlashAttention-2, Dao 2023), built on the
 online softmax of Milakov & Gimelshein (2018): queries are processed in blocks of
 ``BLOCK_Q`` rows; for each, key blocks of ``BLOCK_K`` columns stream past while a running
-row max ``m``, row sum ``l`` and output accumulator ``acc`` are rescaled, so no ``Lq × Lk``
+row max ``m``, row sum ``row_sum`` and output accumulator ``acc`` are rescaled, so no ``Lq × Lk``
 matrix ever exists.  Extra memory is O(Lq·D + BLOCK_Q·BLOCK_K) per worker.
 
 Blocks that causal/window/length/segment rules make invisible are never computed; blocks
@@ -198,7 +198,7 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
     lo, hi = prep.query_bounds(b, i0, i1)
     n = i1 - i0
     m = np.full(n, -np.inf, dtype=dt)  # running row max
-    l = np.zeros(n, dtype=dt)  # running row sum of exp(s − m)
+    row_sum = np.zeros(n, dtype=dt)  # running row sum of exp(s − m)
     acc = np.zeros((n, call.Dv), dtype=dt)  # running Σ exp(s − m) · v
     for j0 in range(lo, hi, BLOCK_K):
         j1 = min(j0 + BLOCK_K, hi)
@@ -213,17 +213,17 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         np.subtract(s, m_safe[:, None], out=p)
         np.exp(p, out=p)
         alpha = np.exp(m - m_safe)  # rescale factor of the old sums (0 when m was −inf)
-        l *= alpha
-        l += p.sum(axis=1)
+        row_sum *= alpha
+        row_sum += p.sum(axis=1)
         if call.dropout_p > 0.0:
             p *= prep.dropout_scale(b, h, i0, i1, j0, j1)  # the sum above stays pre-dropout
         acc *= alpha[:, None]
         acc += p @ v[j0:j1]
         m = m_new
-    seen = l > 0
+    seen = row_sum > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        out[b, h, i0:i1] = np.where(seen[:, None], acc / l[:, None], dt.type(0))
-        lse[b, h, i0:i1] = np.where(seen, m + np.log(l), -np.inf)
+        out[b, h, i0:i1] = np.where(seen[:, None], acc / row_sum[:, None], dt.type(0))
+        lse[b, h, i0:i1] = np.where(seen, m + np.log(row_sum), -np.inf)
 
 
 def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:

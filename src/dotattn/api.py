@@ -87,6 +87,11 @@ def attention(
         return_weights: also return the pre-dropout probabilities (materialized; refused
             past ``max_weights_bytes``).
         implementation: None = the best able backend; or a name from ``dotattn.info()``.
+        **extras: backend-specific options, e.g. the ``cpu`` backend's ``score_mod(score, b,
+            h, q_idx, kv_idx)``, ``mask_mod(b, h, q_idx, kv_idx)`` and ``block_mask``.  A
+            module-level ``def`` using only ``math``/NumPy and int/float constants is compiled
+            once and cached on disk (``$DOTATTN_CACHE_DIR``, default ``~/.cache/dotattn``);
+            lambdas, closures and captured arrays compile once per process (``docs/performance.md``).
 
     Returns:
         ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.

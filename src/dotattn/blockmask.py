@@ -102,7 +102,10 @@ def block_mask(
     Args:
         mask_mod: a plain Python function of four ints returning True where the query sees
             the key (it is compiled with Numba; use ``math``/NumPy scalars and arrays it
-            closes over, as FlexAttention's mask_mods use captured tensors).
+            closes over, as FlexAttention's mask_mods use captured tensors).  The
+            attention kernels built for a module-level ``def`` that uses only
+            ``math``/NumPy and int/float constants are cached on disk across processes; a
+            closure or captured array recompiles them in every process.
         B, H: batch size and query heads the mask depends on; None = the same for all.
         Lq, Lk: query and key lengths of the calls it will serve.
         block_size: ``(BQ, BK)`` tile; the kernel tiles with it when this mask is passed.

@@ -12,9 +12,10 @@ key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each bloc
    polynomial ``2^f`` plus an integer exponent add — two loops LLVM vectorizes;
 4. ``acc += P · V_blk`` with ``np.dot``.
 
-This file is also a *template*: ``cpu.kernels_for(score_mod, mask_mod)`` executes its source
-again in a fresh namespace where ``score_mod_fn``/``mask_mod_fn`` are the user's compiled
-functions and ``_JIT_CACHE`` is False (a user function cannot be cached across processes).
+This file is also a *template*: ``cpu.kernels_for(score_mod, mask_mod)`` runs its source
+again in a namespace where ``score_mod_fn``/``mask_mod_fn`` are the user's compiled
+functions — a generated file behind their source, cached on disk like this one, for
+self-contained functions; an in-memory namespace with ``_JIT_CACHE`` False for closures.
 The default instance below uses no-op mods and is cached on disk (``cache=True``).
 
 Conventions: ``T`` is the compute dtype (float32, or float64 for float64 inputs).  Packed

@@ -11,12 +11,20 @@ of the kernels (see :func:`kernels_for`).
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import hashlib
 import importlib.util
+import inspect
+import math
+import os
 import sys
+import tempfile
+import textwrap
 import threading
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,11 +59,15 @@ def default_kernels() -> types.ModuleType:
 def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
     """Kernels with the user's ``score_mod``/``mask_mod`` compiled in (one copy per pair, per process).
 
-    The kernel module's source is executed again in a fresh namespace whose globals
+    The kernel module's source runs again in a namespace whose globals
     ``score_mod_fn``/``mask_mod_fn`` are the user's compiled functions: Numba inlines them
-    into the hot loops, and dead-code elimination removes them when absent.  Such copies are
-    not cached on disk (``_JIT_CACHE = False``): a user function has no stable identity
-    across processes, so the first call in a process compiles (a few seconds).
+    into the hot loops, and dead-code elimination removes them when absent.
+
+    When every user function is self-contained (see :func:`_portable_source`), that copy is
+    a real file in :func:`user_kernel_dir`, named by a hash of its whole text and Numba's
+    version, and compiled with ``cache=True``: the next process with the same functions
+    loads the machine code from disk instead of compiling (≈ 30 s here).  Other functions
+    (closures, captured arrays, other globals) get an in-memory copy compiled once per process.
     """
     if score_mod is None and mask_mod is None:
         return default_kernels()
@@ -64,25 +76,190 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
         module = _user_kernels.get(key)
         if module is not None:
             return module
-        spec = importlib.util.find_spec(_KERNEL_MODULE)
-        name = f"{_KERNEL_MODULE}_user{len(_user_kernels)}"
-        module = types.ModuleType(name)
-        module.__dict__.update(
-            __file__=spec.origin,
-            __package__="dotattn.kernels",
-            _JIT_CACHE=False,
-            HAS_SCORE_MOD=score_mod is not None,
-            HAS_MASK_MOD=mask_mod is not None,
-        )
-        if score_mod is not None:
-            module.score_mod_fn = compile_mod(score_mod, "score_mod")
-        if mask_mod is not None:
-            module.mask_mod_fn = compile_mod(mask_mod, "mask_mod")
-        sys.modules[name] = module  # Numba resolves a function's globals through its module
-        with open(spec.origin, encoding="utf-8") as f:
-            exec(compile(f.read(), spec.origin, "exec"), module.__dict__)
+        module = _cached_user_kernels(score_mod, mask_mod)
+        if module is None:
+            module = _in_memory_user_kernels(score_mod, mask_mod)
         _user_kernels[key] = module
         return module
+
+
+def _in_memory_user_kernels(score_mod, mask_mod) -> types.ModuleType:
+    spec = importlib.util.find_spec(_KERNEL_MODULE)
+    name = f"{_KERNEL_MODULE}_user{len(_user_kernels)}"
+    module = types.ModuleType(name)
+    module.__dict__.update(
+        __file__=spec.origin,
+        __package__="dotattn.kernels",
+        _JIT_CACHE=False,
+        HAS_SCORE_MOD=score_mod is not None,
+        HAS_MASK_MOD=mask_mod is not None,
+    )
+    if score_mod is not None:
+        module.score_mod_fn = compile_mod(score_mod, "score_mod")
+    if mask_mod is not None:
+        module.mask_mod_fn = compile_mod(mask_mod, "mask_mod")
+    sys.modules[name] = module  # Numba resolves a function's globals through its module
+    with open(spec.origin, encoding="utf-8") as f:
+        exec(compile(f.read(), spec.origin, "exec"), module.__dict__)
+    return module
+
+
+def user_kernel_dir() -> Path:
+    """Where kernel copies for self-contained user functions live (and Numba caches them).
+
+    ``$DOTATTN_CACHE_DIR/user_kernels`` if set, else ``$XDG_CACHE_HOME/dotattn/user_kernels``,
+    else ``~/.cache/dotattn/user_kernels``.
+    """
+    root = os.environ.get("DOTATTN_CACHE_DIR")
+    if root:
+        return Path(root) / "user_kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "dotattn" / "user_kernels"
+
+
+_FUTURE_LINE = "from __future__ import annotations\n"
+# A fixed modification time for every generated file: Numba's cache index records the source
+# file's (mtime, size), so two processes writing the same text must leave the same stamp.
+_GENERATED_MTIME = 1_000_000_000
+
+
+def _cached_user_kernels(score_mod, mask_mod) -> types.ModuleType | None:
+    """The disk-cacheable kernel copy for these functions, or None when one is not portable."""
+    from . import _cpu_kernels
+
+    kernel_globals = vars(_cpu_kernels)
+    parts = []
+    for fn, role in ((score_mod, "score_mod"), (mask_mod, "mask_mod")):
+        if fn is None:
+            continue
+        compile_mod(fn, role)  # the same type check (and error) as the in-memory path
+        portable = _portable_source(fn, f"_dotattn_user_{role}", kernel_globals)
+        if portable is None:
+            return None
+        parts.append((role, portable))
+    spec = importlib.util.find_spec(_KERNEL_MODULE)
+    with open(spec.origin, encoding="utf-8") as f:
+        kernel_source = f.read()
+    if kernel_source.count(_FUTURE_LINE) != 1:
+        return None
+    import numba
+
+    lines = [
+        _FUTURE_LINE.rstrip(),
+        f'"""Generated by dotattn.kernels.cpu.kernels_for from {_KERNEL_MODULE}; do not edit."""',
+        "from numba import njit as _user_njit",
+    ]
+    for role, (header, source, fn_name) in parts:
+        lines += header + [source]
+        flag = "HAS_SCORE_MOD" if role == "score_mod" else "HAS_MASK_MOD"
+        lines += [f"{role}_fn = _user_njit(cache=True)({fn_name})", f"{flag} = True"]
+    lines += ["_JIT_CACHE = True", "", kernel_source.replace(_FUTURE_LINE, "", 1)]
+    text = "\n".join(lines)
+    # The kernels import cached primitives whose changes Numba's cache of this file would not
+    # notice: their sources (and Numba's version) go into the name, so a change makes a new file.
+    digest = hashlib.sha256(text.encode())
+    for dep in ("_cpu_primitives", "dropout"):
+        dep_spec = importlib.util.find_spec(f"dotattn.kernels.{dep}")
+        with open(dep_spec.origin, "rb") as f:
+            digest.update(f.read())
+    digest.update(numba.__version__.encode())
+    stem = f"_cpu_user_{digest.hexdigest()[:24]}"
+    directory = user_kernel_dir()
+    path = directory / f"{stem}.py"
+    try:
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a shared cache's other users
+                os.utime(tmp, (_GENERATED_MTIME, _GENERATED_MTIME))
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    except OSError:
+        return None  # an unwritable cache directory costs a compile per process, not an error
+    # A name inside the package: the kernel source's relative imports resolve against it.
+    name = f"dotattn.kernels.{stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(file_spec)
+        sys.modules[name] = module  # Numba resolves a function's globals through its module
+        try:
+            file_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
+
+
+def _portable_source(fn, new_name: str, kernel_globals: dict) -> tuple[list[str], str, str] | None:
+    """``(header lines, function source, name)`` that recreate ``fn`` in a generated file, or None.
+
+    Portable means: a plain ``def`` (or an ``@njit`` one) whose source is available and
+    compiles to the same bytecode, without closure variables or default arguments, whose
+    globals are only builtins, the ``math``/``numpy`` modules, and int/float/bool constants
+    (written into the file, so the file's hash covers their values).
+    """
+    options = {k: v for k, v in getattr(fn, "targetoptions", {}).items() if v is not None}
+    if options not in ({}, {"nopython": True}):
+        return None  # an @njit(fastmath=..., ...) function: its options are not carried over
+    py_func = getattr(fn, "py_func", fn)
+    if not isinstance(py_func, types.FunctionType):
+        return None
+    code = py_func.__code__
+    if code.co_freevars or py_func.__closure__ or py_func.__defaults__ or py_func.__kwdefaults__:
+        return None
+    if py_func.__name__ == "<lambda>":
+        return None
+    try:
+        source = textwrap.dedent(inspect.getsource(py_func))
+        tree = ast.parse(source)
+        closure = inspect.getclosurevars(py_func)
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return None
+    node = tree.body[0]
+    if node.name != py_func.__name__ or closure.nonlocals:
+        return None
+    node.name = new_name
+    node.decorator_list = []
+    node.returns = None
+    for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+        arg.annotation = None
+    for arg in (node.args.vararg, node.args.kwarg):
+        if arg is not None:
+            arg.annotation = None
+    fn_source = ast.unparse(tree)
+    namespace: dict[str, Any] = {}
+    header = []
+    for gname, value in sorted(closure.globals.items()):
+        if value is math or value is np:
+            header.append(f"import {value.__name__} as {gname}" if gname != value.__name__ else f"import {gname}")
+        elif type(value) in (int, bool):
+            header.append(f"{gname} = {value!r}")
+        elif type(value) is float:
+            header.append(f"{gname} = float({repr(value)!r})")
+        else:
+            return None
+        # The kernel source comes after the user's globals: a name it binds too would change
+        # under the user's function (Numba reads globals when it compiles).
+        if gname in kernel_globals and kernel_globals[gname] is not value:
+            return None
+        if gname == new_name:
+            return None
+    # Guard against a source file edited since the function was defined.
+    exec(compile("\n".join(header + [fn_source]), "<dotattn-check>", "exec"), namespace)
+    rebuilt = namespace[new_name].__code__
+    if (rebuilt.co_code, rebuilt.co_consts, rebuilt.co_names) != (code.co_code, code.co_consts, code.co_names):
+        return None
+    return header, fn_source, new_name
 
 
 # Numba's OpenMP/workqueue threading layers do not take parallel launches from two Python

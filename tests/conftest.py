@@ -17,6 +17,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
+# Kernels the cpu backend generates for user score_mod/mask_mod functions go to a cache folder
+# inside the checkout (git-ignored), not the user's ~/.cache, and survive between runs.
+os.environ.setdefault("DOTATTN_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".dotattn-test-cache"))
+
 if "helpers" not in sys.modules:
     _spec = importlib.util.spec_from_file_location("helpers", Path(__file__).resolve().parent / "helpers.py")
     _helpers = importlib.util.module_from_spec(_spec)

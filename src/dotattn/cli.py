@@ -20,7 +20,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dotattn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)

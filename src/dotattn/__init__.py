@@ -12,6 +12,7 @@ from .api import attention, attention_backward
 from .blockmask import BlockMask, block_mask
 from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
 from .maps import attention_map
+from .merge import merge_attention_states
 from .nn import MultiHeadAttention
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "block_mask",
     "BlockMask",
     "attention_map",
+    "merge_attention_states",
     "info",
     "MultiHeadAttention",
     "DotAttnError",

@@ -1,0 +1,166 @@
+"""Merging partial attention results over disjoint key sets, exactly.
+
+Attention over keys ``K = K₁ ∪ K₂ ∪ …`` (disjoint) can be computed part by part: each part
+gives its own output ``oᵢ`` (softmax-weighted over its keys only) and log-sum-exp ``lseᵢ``.
+The whole is::
+
+    lse = log Σᵢ exp(lseᵢ)            o = Σᵢ exp(lseᵢ − lse) · oᵢ
+
+Split-KV decoding, cascade (shared-prefix) attention and ring attention are all this one step;
+it is written once, here.  The step is done with a running maximum so no ``exp`` overflows,
+in float32 (float64 for float64 inputs) whatever the parts' dtype — ring-flash-attention
+users report error that grows with the number of steps when partial outputs are rounded to
+bfloat16 between merges.
+
+A part whose ``lse`` is −inf saw no key and contributes nothing, whatever its output holds
+(even NaN); when every part is empty the result is 0 with ``lse = −inf``, the same as a row
+with no visible key anywhere in dotattn.  A NaN LSE, or a NaN in a part that has keys, makes
+the row NaN (IEEE arithmetic, as the rest of dotattn).
+
+Works on NumPy arrays and PyTorch tensors (differentiable through autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import AttentionTypeError, AttentionValueError
+from .frameworks import framework_of
+from .semantics import FLOAT_DTYPES, check_layout
+
+__all__ = ["merge_attention_states"]
+
+
+def merge_attention_states(outs: Sequence[Any], lses: Sequence[Any], *, layout: str = "bhld"):
+    """Combine partial attention results over disjoint key sets: ``(out, lse)``.
+
+    Shapes (``layout="bhld"``; ``"blhd"`` swaps the L and H axes of each output)::
+
+        outs[i]  (..., Hq, Lq, Dv)       lses[i]  (..., Hq, Lq)       (natural-log LSE)
+        out      (..., Hq, Lq, Dv)       lse      (..., Hq, Lq)
+
+    ``lse`` is always ``(..., Hq, Lq)`` whatever ``layout`` says, as everywhere in dotattn.
+
+    Returns ``out`` in the parts' dtype and ``lse`` in the accumulation dtype (float32, or
+    float64 when a part is float64).  Pass float32 parts to keep the merged output unrounded
+    for further merges.  NumPy in, NumPy out; torch in, torch out.
+    """
+    layout = check_layout(layout)
+    outs, lses = _check_parts(outs, lses, layout)
+    if framework_of(outs[0]) == "torch":
+        return _merge_torch(outs, lses, layout)
+    return _merge_numpy(outs, lses, layout)
+
+
+# =================================================================================
+# validation
+# =================================================================================
+
+
+def _check_parts(outs: Any, lses: Any, layout: str) -> tuple[list, list]:
+    for name, seq in (("outs", outs), ("lses", lses)):
+        if not isinstance(seq, (list, tuple)):
+            raise AttentionTypeError(f"{name} must be a list or tuple of arrays, got {type(seq).__name__}")
+    if len(outs) == 0:
+        raise AttentionValueError("outs must hold at least one partial output, got an empty sequence")
+    if len(outs) != len(lses):
+        raise AttentionValueError(f"outs and lses must have one entry per part, got {len(outs)} outs and {len(lses)} lses")
+    fws = {framework_of(x) for x in list(outs) + list(lses)}
+    if None in fws or not fws <= {"numpy", "torch"}:
+        bad = next(
+            (f"{n}[{i}] is {type(x).__name__}" for n, seq in (("outs", outs), ("lses", lses)) for i, x in enumerate(seq)
+             if framework_of(x) not in ("numpy", "torch")),
+            "",
+        )
+        raise AttentionTypeError(f"outs and lses must be NumPy arrays or torch tensors, got {bad}")
+    if len(fws) > 1:
+        raise AttentionTypeError("outs and lses must all come from one library (NumPy or torch), got a mix")
+
+    out_shape = tuple(outs[0].shape)
+    if len(out_shape) < 3:
+        raise AttentionValueError(f"outs[0] must have at least 3 dims (..., Hq, Lq, Dv), got shape {out_shape}")
+    for i, (o, s) in enumerate(zip(outs, lses)):
+        for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", s)):
+            if _dtype_of(x) not in FLOAT_DTYPES:
+                raise AttentionTypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if tuple(o.shape) != out_shape:
+            raise AttentionValueError(f"outs[{i}] has shape {tuple(o.shape)}, but outs[0] has shape {out_shape}")
+        want = _lse_shape(out_shape, layout)
+        if tuple(s.shape) != want:
+            raise AttentionValueError(
+                f"lses[{i}] must have shape {want} (the outputs' (..., Hq, Lq)), got {tuple(s.shape)}"
+            )
+    return list(outs), list(lses)
+
+
+def _lse_shape(out_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    if layout == "bhld":
+        return out_shape[:-1]
+    *lead, L, H, _ = out_shape
+    return (*lead, H, L)
+
+
+def _dtype_of(x: Any) -> np.dtype | None:
+    if isinstance(x, np.ndarray):
+        return x.dtype
+    import torch
+
+    names = {torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+    if x.dtype == torch.bfloat16:
+        return FLOAT_DTYPES[1]
+    return np.dtype(names[x.dtype]) if x.dtype in names else None
+
+
+# =================================================================================
+# the merge, once per library
+# =================================================================================
+
+
+def _merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
+    acc = np.float64 if any(x.dtype == np.float64 for x in outs + lses) else np.float32
+    lse = np.stack([s.astype(acc, copy=False) for s in lses])  # (P, ..., Hq, Lq)
+    with np.errstate(invalid="ignore"):
+        m = lse.max(axis=0)
+    m_safe = np.where(np.isneginf(m), 0.0, m).astype(acc)  # all-empty rows: avoid −inf − −inf
+    w = np.exp(lse - m_safe)  # 0 for empty parts
+    total = w.sum(axis=0)
+    with np.errstate(divide="ignore"):
+        merged_lse = (m_safe + np.log(total)).astype(acc)  # log 0 = −inf for all-empty rows
+    scale = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    if np.isnan(total).any():  # a NaN LSE poisons its row (np.divide's where= skipped it)
+        scale = np.where(np.isnan(total), np.nan, scale)
+    out = np.zeros(outs[0].shape, dtype=acc)
+    for part, wi in zip(outs, scale):
+        wi = _as_out_axes(wi, layout)
+        out += np.where(wi != 0, wi * part.astype(acc, copy=False), 0.0)
+    return out.astype(outs[0].dtype, copy=False), merged_lse
+
+
+def _merge_torch(outs: list, lses: list, layout: str):
+    import torch
+
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in outs + lses) else torch.float32
+    lse = torch.stack([s.to(acc) for s in lses])
+    m = lse.max(dim=0).values
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m_safe)
+    total = w.sum(dim=0)
+    merged_lse = m_safe + torch.log(total)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    scale = torch.where(total > 0, w / safe_total, torch.zeros_like(w))
+    scale = torch.where(torch.isnan(total), torch.full_like(scale, float("nan")), scale)
+    out = torch.zeros(outs[0].shape, dtype=acc, device=outs[0].device)
+    for part, wi in zip(outs, scale):
+        wi = _as_out_axes(wi, layout)
+        out = out + torch.where(wi != 0, wi * part.to(acc), torch.zeros((), dtype=acc, device=part.device))
+    return out.to(outs[0].dtype), merged_lse
+
+
+def _as_out_axes(w: Any, layout: str):
+    """A part's weights ``(..., Hq, Lq)`` shaped to broadcast over its output."""
+    if layout == "blhd":
+        w = w.swapaxes(-1, -2) if isinstance(w, np.ndarray) else w.transpose(-1, -2)
+    return w[..., None]

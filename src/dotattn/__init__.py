@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._version import __version__
 from .api import attention, attention_backward
 from .blockmask import BlockMask, block_mask
+from .decoding import KVCache, attention_with_kvcache
 from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
 from .maps import attention_map
 from .merge import merge_attention_states
@@ -27,6 +28,8 @@ __all__ = [
     "__version__",
     "attention",
     "attention_backward",
+    "attention_with_kvcache",
+    "KVCache",
     "block_mask",
     "BlockMask",
     "attention_map",

@@ -657,3 +657,21 @@ def canonical_lse(call: AttentionCall, lse: Any) -> np.ndarray:
     if not np.issubdtype(lse.dtype, np.floating):
         raise AttentionTypeError(f"lse must have a floating dtype, got {lse.dtype}")
     return lse.reshape(call.B, call.Hq, call.Lq)
+
+
+# =================================================================================
+# public checks shared with other entry points (KV-cache decoding)
+# =================================================================================
+
+
+def check_batch_ints(name: str, x: Any, B: int) -> np.ndarray:
+    """Per-sequence integers: an int array ``(B,)`` or an int scalar → int64 ``(B,)``.
+
+    Bool and float arrays are refused (a length of 3.0 is a bug upstream, not a length).
+    """
+    return _batch_index_array(name, x, (B,), B)
+
+
+def check_alibi_slopes(alibi_slopes: Any, B: int, Hq: int, dtype: np.dtype) -> np.ndarray | None:
+    """``alibi_slopes`` of shape ``(Hq,)`` or ``(B, Hq)`` → finite ``(B, Hq)`` in ``dtype`` (or None)."""
+    return _check_alibi(alibi_slopes, (B,), B, Hq, dtype)

@@ -1,0 +1,143 @@
+"""Split-KV decoding in NumPy — the readable twin of :mod:`dotattn.kernels.cpu_decode`.
+
+Flash decoding (Dao, Haziza, Massa & Sizov, 2023): with few query rows there is too little
+work per (sequence, head) to keep the cores busy, so each sequence's keys are split into
+chunks of :data:`dotattn.decoding.SPLIT_SIZE` positions; each chunk gives a partial output
+and its log-sum-exp, and the parts are merged exactly by
+:func:`dotattn.merge_attention_states`.  Chunk boundaries are fixed positions
+(``[c·S, (c+1)·S)``), so a sequence is computed the same way in any batch and any cache.
+
+GQA: the query heads of one K/V head are folded into the rows, ``(Hkv, G·Lq, D)``, so each
+K/V row is read once for all of them.  Only positions below ``cache_lengths[b] + Lnew`` are
+read — unused slots and pages may hold anything.
+
+``reference=True`` instead gathers each sequence's visible keys and runs the float64
+reference backend of ``attention()`` on them with ``kv_lengths``: the test oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..decoding import SPLIT_SIZE, DecodeCall, query_positions, rotated_q, write_new
+from ..merge import merge_attention_states
+
+
+def gather(call: DecodeCall, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values of positions ``[0, n)`` of sequence ``b``: ``(Hkv, n, D)``, ``(Hkv, n, Dv)``."""
+    idx = np.arange(n)
+    pages = call.block_table[b, idx // call.page_size]
+    slots = idx % call.page_size
+    # advanced indices around a slice: (n, Hkv, X)
+    return call.k_pages[pages, :, slots].swapaxes(0, 1), call.v_pages[pages, :, slots].swapaxes(0, 1)
+
+
+def _key_range(call: DecodeCall, n: int, pos: np.ndarray) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that some query row (positions ``pos``) of the sequence can see."""
+    lo, hi = 0, n
+    if pos.size == 0:
+        return 0, 0
+    if call.causal:
+        hi = min(hi, int(pos.max()) + 1)
+    if call.window is not None:
+        left, right = call.window
+        if left is not None:
+            lo = max(lo, int(pos.min()) - left)
+        if right is not None:
+            hi = min(hi, int(pos.max()) + right + 1)
+    return lo, hi
+
+
+def _chunk(call: DecodeCall, qg, b, row_pos, heads, j0, j1):
+    """Partial ``(out (Hkv, R, Dv), lse (Hkv, R))`` of keys ``[j0, j1)`` for the folded rows."""
+    dt = call.compute_dtype
+    idx = np.arange(j0, j1)
+    pages = call.block_table[b, idx // call.page_size]
+    slots = idx % call.page_size
+    k = call.k_pages[pages, :, slots].astype(dt).transpose(1, 2, 0)  # (Hkv, D, n)
+    v = call.v_pages[pages, :, slots].astype(dt).swapaxes(0, 1)  # (Hkv, n, Dv)
+    s = qg @ k  # (Hkv, R, n), q pre-scaled
+    if call.softcap is not None:
+        s = call.softcap * np.tanh(s / call.softcap)
+    dist = row_pos[:, None] - idx[None, :]  # (R, n): query position − key position
+    if call.alibi_slopes is not None:
+        s -= call.alibi_slopes[b][heads][..., None] * np.abs(dist).astype(dt)
+    visible = np.ones(dist.shape, dtype=bool)
+    if call.causal:
+        visible &= dist >= 0
+    if call.window is not None:
+        left, right = call.window
+        if left is not None:
+            visible &= dist <= left
+        if right is not None:
+            visible &= dist >= -right
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=-1)
+    m_safe = np.where(np.isneginf(m), 0, m).astype(dt)
+    p = np.exp(s - m_safe[..., None])
+    total = p.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(total[..., None] > 0, (p @ v) / total[..., None], 0).astype(dt)
+        lse = np.where(total > 0, m_safe + np.log(total), -np.inf).astype(dt)
+    return out, lse
+
+
+def _split_kv(call: DecodeCall, q: np.ndarray):
+    dt = call.compute_dtype
+    B, Hq, Lq, Dv, Hkv, G = call.B, call.Hq, call.Lq, call.Dv, call.Hkv, call.group
+    out = np.zeros((B, Hq, Lq, Dv), dtype=dt)
+    lse = np.full((B, Hq, Lq), -np.inf, dtype=dt)
+    q = q * dt.type(call.scale)
+    positions = query_positions(call)
+    heads = np.arange(Hq).reshape(Hkv, G, 1).repeat(Lq, axis=2).reshape(Hkv, G * Lq)  # query head of each folded row
+    for b in range(B):
+        n = int(call.kv_lengths[b])
+        row_pos = np.tile(positions[b], G)  # (R,), row r = g·Lq + i
+        lo, hi = _key_range(call, n, positions[b])
+        if lo >= hi:
+            continue
+        qg = q[b].reshape(Hkv, G * Lq, call.D)
+        outs, lses = [], []
+        for c in range(lo // SPLIT_SIZE, (hi - 1) // SPLIT_SIZE + 1):
+            o, s = _chunk(call, qg, b, row_pos, heads, max(c * SPLIT_SIZE, lo), min((c + 1) * SPLIT_SIZE, hi))
+            outs.append(o)
+            lses.append(s)
+        o, s = merge_attention_states(outs, lses)  # (Hkv, R, Dv), (Hkv, R)
+        out[b] = o.reshape(Hq, Lq, Dv)
+        lse[b] = s.reshape(Hq, Lq)
+    return out, lse
+
+
+def _reference(call: DecodeCall, q: np.ndarray):
+    """Gather the visible keys and run ``attention()``'s float64 reference with ``kv_lengths``."""
+    from .. import semantics
+    from . import reference
+
+    n = call.kv_lengths
+    Lk = int(n.max(initial=0))
+    k = np.zeros((call.B, call.Hkv, Lk, call.D))
+    v = np.zeros((call.B, call.Hkv, Lk, call.Dv))
+    for b in range(call.B):
+        k[b, :, : n[b]], v[b, :, : n[b]] = gather(call, b, int(n[b]))
+    ref = semantics.normalize(
+        q.astype(np.float64),
+        k,
+        v,
+        kv_lengths=n,
+        causal=call.causal,
+        window=call.window,
+        scale=call.scale,
+        softcap=call.softcap,
+        alibi_slopes=call.alibi_slopes,
+    )
+    out, lse = reference.forward(ref)
+    return out, lse
+
+
+def decode(call: DecodeCall, reference: bool = False):
+    """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype (float64 for ``reference``)."""
+    write_new(call)
+    q = rotated_q(call)
+    if reference:
+        return _reference(call, q)
+    return _split_kv(call, q)

@@ -1,0 +1,171 @@
+"""attention_with_kvcache against the float64 reference: random lengths, permuted pages,
+NaN in every unused slot, Lnew ∈ {1, 2, 7}, GQA, windows, softcap, ALiBi, rotary, every cache
+dtype, both layouts, both kernels; the cache contents after the append; bitwise invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import decode_cases as C
+import helpers as H
+import dotattn
+from dotattn import decoding
+
+BACKENDS = C.decode_backends()
+
+# (id, make_case kwargs, call options); each runs on every backend
+CASES = [
+    ("f32-contig-L1", dict(), {}),
+    ("f32-paged-ps1-L1", dict(page_size=1), {}),
+    ("f32-paged-ps7-L2-gqa", dict(page_size=7, Hq=6, Hkv=2, Lq=2, Lnew=2), {}),
+    ("f32-paged-ps16-L7-blhd", dict(page_size=16, Lq=7, Lnew=7, layout="blhd"), {}),
+    ("f64-contig-L7-window", dict(dtype=np.float64, Lq=7, Lnew=7), dict(window=(40, None))),
+    ("f64-paged-ps5-softcap-alibi", dict(dtype=np.float64, page_size=5), dict(softcap=3.0, alibi_slopes="per-head")),
+    ("f16-contig-L1-mqa", dict(dtype=np.float16, Hq=4, Hkv=1), {}),
+    ("f16-paged-ps3-L2-q32", dict(dtype=np.float16, q_dtype=np.float32, page_size=3, Lq=2, Lnew=2), {}),
+    ("bf16-contig-L1-q32-blhd", dict(dtype=H.DTYPES[1], q_dtype=np.float32, layout="blhd"), {}),
+    ("bf16-paged-ps9-L7-window", dict(dtype=H.DTYPES[1], page_size=9, Lq=7, Lnew=7), dict(window=(30, 2))),
+    ("f32-noncausal-Lq3-nonew", dict(Lq=3, Lnew=None), dict(causal=False)),
+    ("f32-paged-ps4-rotary-dv", dict(page_size=4, Dv=12, Lq=2, Lnew=2), dict(rotary=True)),
+    ("bf16-contig-rotary-q32", dict(dtype=H.DTYPES[1], q_dtype=np.float32), dict(rotary=True, softcap=2.0)),
+    ("f32-long-multi-split", dict(max_len=900, B=2, page_size=32), dict(alibi_slopes="batch")),
+    ("f32-empty-sequences", dict(lengths=[0, 0, 5], Lnew=None, Lq=1), {}),
+]
+
+
+def _options(case: C.Case, options: dict, rng) -> tuple[dict, dict]:
+    """Call options and the matching reference options (rotary tables, ALiBi arrays)."""
+    call, ref = dict(options), dict(options)
+    Hq = C.canonical(case.q, case.layout).shape[1]
+    if options.get("alibi_slopes") == "per-head":
+        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.01, 0.3, Hq)
+    elif options.get("alibi_slopes") == "batch":
+        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.001, 0.05, (len(case.cache_lengths), Hq))
+    if options.get("rotary"):
+        D = C.canonical(case.q, case.layout).shape[3]
+        cos, sin = C.rope_tables(2048, D // 2 - 1)  # a rotary dim smaller than D
+        call["rotary"] = (cos.astype(np.float32), sin.astype(np.float32))
+        ref["rotary"] = (cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64))
+    return call, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,shape,options", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(backend, name, shape, options):
+    seed = sum(map(ord, name))
+    case = C.make_case(seed, **shape)
+    call_opts, ref_opts = _options(case, options, np.random.default_rng(seed))
+    out64, lse64, naive = C.expected(case, **ref_opts)
+    out, lse = dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, return_lse=True,
+        implementation=backend, **case.kwargs(**call_opts),
+    )
+    assert out.dtype == case.q.dtype and lse.dtype == (np.float64 if case.q.dtype == np.float64 else np.float32)
+    out_c = C.canonical(out, case.layout)
+    H.assert_close_to_reference(out_c, out64, naive, name=f"{name} out", dtype=case.k_cache.dtype)
+    finite = np.isfinite(lse64)
+    assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
+    scale = 1e-3 if case.k_cache.dtype.itemsize == 2 else 1e-5
+    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=scale, atol=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("page_size", [None, 1, 6])
+def test_cache_holds_the_new_tokens_and_nothing_else_changes(backend, layout, page_size):
+    case = C.make_case(11, page_size=page_size, Lq=3, Lnew=3, layout=layout, dtype=np.float16, q_dtype=np.float32)
+    before_k, before_v = case.k_cache.copy(), case.v_cache.copy()
+    dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, implementation=backend, **case.kwargs()
+    )
+    ks, vs = C.logical_after(case)
+    for b, n in enumerate(case.cache_lengths + 3):
+        k, v = C.read_cache(case, b, n)
+        np.testing.assert_array_equal(k, ks[b])
+        np.testing.assert_array_equal(v, vs[b])
+    # every slot outside the new tokens is bitwise unchanged (NaN included)
+    kc = C.canonical(case.k_cache, layout)
+    new_slots = np.zeros(kc.shape[:3], dtype=bool)
+    ps = kc.shape[2]
+    for b, n in enumerate(case.cache_lengths):
+        for j in range(n, n + 3):
+            page = b if case.block_table is None else case.block_table[b, j // ps]
+            new_slots[page, :, j % ps if case.block_table is not None else j] = True
+    untouched = ~new_slots
+    after = C.canonical(case.k_cache, layout)[untouched]
+    assert after.tobytes() == C.canonical(before_k, layout)[untouched].tobytes()
+    assert C.canonical(case.v_cache, layout)[untouched].tobytes() == C.canonical(before_v, layout)[untouched].tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_keys_are_stored_rotated(backend):
+    case = C.make_case(5, page_size=4, Lq=2, Lnew=2)
+    cos, sin = C.rope_tables(1024, 8)
+    dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, rotary=(cos, sin), implementation=backend,
+        **case.kwargs(),
+    )
+    ks, _ = C.logical_after(case, rotary=(cos, sin))
+    for b, n in enumerate(case.cache_lengths + 2):
+        k, _ = C.read_cache(case, b, n)
+        np.testing.assert_allclose(k, ks[b], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype):
+    """The same sequence gives the same bits alone, in a batch, in a bigger cache, in pages."""
+    rng = np.random.default_rng(3)
+    n, D, Hkv, Hq = 2 * decoding.SPLIT_SIZE + 77, 32, 2, 6
+    k_seq = rng.standard_normal((Hkv, n + 1, D)).astype(dtype)
+    v_seq = rng.standard_normal((Hkv, n + 1, D)).astype(dtype)
+    q = rng.standard_normal((1, Hq, 1, D)).astype(dtype)
+
+    def run(B, slot, capacity, page_size):
+        others = rng.integers(0, capacity, size=B)  # the other sequences: any length that fits
+        others[slot] = n
+        qs = rng.standard_normal((B, Hq, 1, D)).astype(dtype)
+        qs[slot] = q[0]
+        kn = rng.standard_normal((B, Hkv, 1, D)).astype(dtype)
+        vn = rng.standard_normal((B, Hkv, 1, D)).astype(dtype)
+        kn[slot], vn[slot] = k_seq[:, n:], v_seq[:, n:]
+        if page_size is None:
+            kc = rng.standard_normal((B, Hkv, capacity, D)).astype(dtype)
+            vc = rng.standard_normal((B, Hkv, capacity, D)).astype(dtype)
+            kc[slot, :, :n], vc[slot, :, :n] = k_seq[:, :n], v_seq[:, :n]
+            table = None
+        else:
+            max_pages = -(-capacity // page_size)
+            table = rng.permutation(B * max_pages).reshape(B, max_pages)
+            kc = rng.standard_normal((B * max_pages, Hkv, page_size, D)).astype(dtype)
+            vc = rng.standard_normal((B * max_pages, Hkv, page_size, D)).astype(dtype)
+            for j in range(n):
+                kc[table[slot, j // page_size], :, j % page_size] = k_seq[:, j]
+                vc[table[slot, j // page_size], :, j % page_size] = v_seq[:, j]
+        out, lse = dotattn.attention_with_kvcache(
+            qs, kc, vc, kn, vn, cache_lengths=others, block_table=table, return_lse=True, implementation=backend
+        )
+        return out[slot], lse[slot]
+
+    alone = run(1, 0, n + 1, None)
+    for B, slot, capacity, page_size in [(4, 2, 3 * decoding.SPLIT_SIZE + 5, None), (3, 1, 1000, 16), (5, 4, n + 9, 1), (2, 0, 2048, 100)]:
+        got = run(B, slot, capacity, page_size)
+        H.assert_bitwise_equal(got[0], alone[0], name=f"out B={B} capacity={capacity} page_size={page_size}")
+        H.assert_bitwise_equal(got[1], alone[1], name=f"lse B={B} capacity={capacity} page_size={page_size}")
+
+
+def test_backends_agree_on_an_empty_and_a_zero_length_call():
+    for backend in BACKENDS + ["reference"]:
+        case = C.make_case(2, lengths=[0, 0], B=2, Lnew=None)
+        out, lse = dotattn.attention_with_kvcache(
+            case.q, case.k_cache, case.v_cache, return_lse=True, implementation=backend, **case.kwargs()
+        )
+        assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_default_implementation_runs():
+    case = C.make_case(4)
+    out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())
+    out64, _, naive = C.expected(case)
+    H.assert_close_to_reference(out, out64, naive)

@@ -1,0 +1,113 @@
+"""Every refused decode call: a clear error naming the argument, and the cache left unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import decode_cases as C
+import dotattn
+from dotattn import AttentionTypeError, AttentionValueError
+
+
+def _paged():
+    return C.make_case(1, B=2, lengths=[5, 9], page_size=4, capacity=12)
+
+
+def _contig():
+    return C.make_case(1, B=2, lengths=[5, 9], capacity=12)
+
+
+def _with(case, **changes):
+    args = dict(q=case.q, k_cache=case.k_cache, v_cache=case.v_cache, k_new=case.k_new, v_new=case.v_new)
+    kwargs = case.kwargs()
+    for name, value in changes.items():
+        (args if name in args else kwargs)[name] = value
+    return args, kwargs
+
+
+def _table(case, fix):
+    t = case.block_table.copy()
+    fix(t)
+    return t
+
+
+# (id, case maker, changes as a function of the case, error type, words the message must hold)
+BAD = [
+    ("q-not-4d", _contig, lambda c: dict(q=c.q[0]), AttentionValueError, ["q", "4-D"]),
+    ("q-list", _contig, lambda c: dict(q=c.q.tolist()), AttentionTypeError, ["q"]),
+    ("int-cache", _contig, lambda c: dict(k_cache=np.zeros(c.k_cache.shape, np.int32)), AttentionTypeError, ["k_cache", "dtype"]),
+    ("cache-dtypes-differ", _contig, lambda c: dict(v_cache=c.v_cache.astype(np.float64)), AttentionTypeError, ["v_cache"]),
+    ("q-f64-cache-f32", _contig, lambda c: dict(q=c.q.astype(np.float64)), AttentionTypeError, ["q", "float32"]),
+    ("cache-batch", _contig, lambda c: dict(k_cache=c.k_cache[:1], v_cache=c.v_cache[:1]), AttentionValueError, ["k_cache", "B=2"]),
+    ("cache-head-dim", _contig, lambda c: dict(k_cache=c.k_cache[..., :-1], v_cache=c.v_cache[..., :-1]), AttentionValueError, ["k_cache", "D="]),
+    ("kv-cache-shapes", _contig, lambda c: dict(v_cache=c.v_cache[:, :, :-1]), AttentionValueError, ["k_cache", "v_cache"]),
+    ("gqa-heads", _contig, lambda c: dict(q=c.q[:, :3]), AttentionValueError, ["heads", "multiple"]),
+    ("k-new-without-v", _contig, lambda c: dict(v_new=None), AttentionValueError, ["k_new", "v_new"]),
+    ("v-new-without-k", _contig, lambda c: dict(k_new=None), AttentionValueError, ["v_new", "k_new"]),
+    ("k-new-shape", _contig, lambda c: dict(k_new=c.k_new[:, :1]), AttentionValueError, ["k_new", "Hkv=2"]),
+    ("new-lengths-differ", _contig, lambda c: dict(k_new=np.concatenate([c.k_new, c.k_new], 2)), AttentionValueError, ["k_new", "v_new"]),
+    ("k-new-dtype", _contig, lambda c: dict(k_new=c.k_new.astype(np.float16)), AttentionTypeError, ["k_new", "dtype"]),
+    ("lengths-beyond-capacity", _contig, lambda c: dict(cache_lengths=[5, 12]), AttentionValueError, ["sequence 1", "capacity"]),
+    ("lengths-beyond-pages", _paged, lambda c: dict(cache_lengths=[5, 12]), AttentionValueError, ["sequence 1", "pages"]),
+    ("negative-length", _contig, lambda c: dict(cache_lengths=[-1, 3]), AttentionValueError, ["cache_lengths[0]", "≥ 0"]),
+    ("float-lengths", _contig, lambda c: dict(cache_lengths=np.array([5.0, 9.0])), AttentionTypeError, ["cache_lengths", "integers"]),
+    ("bool-lengths", _contig, lambda c: dict(cache_lengths=np.array([True, False])), AttentionTypeError, ["cache_lengths", "integers"]),
+    ("lengths-shape", _contig, lambda c: dict(cache_lengths=[5, 9, 1]), AttentionValueError, ["cache_lengths", "shape"]),
+    ("no-lengths", _contig, lambda c: dict(cache_lengths=None), AttentionValueError, ["cache_lengths"]),
+    ("page-outside-pool", _paged, lambda c: dict(block_table=_table(c, lambda t: t.__setitem__((1, 0), 10**6))), AttentionValueError, ["block_table[1, 0]", "pool"]),
+    ("page-negative", _paged, lambda c: dict(block_table=_table(c, lambda t: t.__setitem__((0, 1), -1))), AttentionValueError, ["block_table[0, 1]", "pool"]),
+    ("page-repeated", _paged, lambda c: dict(block_table=_table(c, lambda t: t.__setitem__((1, 2), t[0, 0]))), AttentionValueError, ["block_table", "repeats page"]),
+    ("table-float", _paged, lambda c: dict(block_table=c.block_table.astype(np.float32)), AttentionTypeError, ["block_table", "integers"]),
+    ("table-shape", _paged, lambda c: dict(block_table=c.block_table[:1]), AttentionValueError, ["block_table", "(B, max_pages)"]),
+    ("window-minus-one", _contig, lambda c: dict(window=(-1, 0)), AttentionValueError, ["window", "None"]),
+    ("softcap-zero", _contig, lambda c: dict(softcap=0.0), AttentionValueError, ["softcap", "None"]),
+    ("scale-nan", _contig, lambda c: dict(scale=float("nan")), AttentionValueError, ["scale"]),
+    ("top-left", _contig, lambda c: dict(causal="top_left"), AttentionValueError, ["causal"]),
+    ("alibi-shape", _contig, lambda c: dict(alibi_slopes=np.ones(3)), AttentionValueError, ["alibi_slopes"]),
+    ("layout", _contig, lambda c: dict(layout="bshd"), AttentionValueError, ["layout"]),
+    ("rotary-not-pair", _contig, lambda c: dict(rotary=np.ones((4, 4))), AttentionValueError, ["rotary"]),
+    ("rotary-too-wide", _contig, lambda c: dict(rotary=C.rope_tables(64, 9)), AttentionValueError, ["rotary", "rotary_dim"]),
+    ("rotary-too-short", _contig, lambda c: dict(rotary=C.rope_tables(8, 4)), AttentionValueError, ["rotary", "position"]),
+    ("implementation", _contig, lambda c: dict(implementation="cuda"), AttentionValueError, ["implementation", "numpy"]),
+    ("return-lse", _contig, lambda c: dict(return_lse="yes"), AttentionTypeError, ["return_lse"]),
+]
+
+
+@pytest.mark.parametrize("name,make,change,error,words", BAD, ids=[b[0] for b in BAD])
+def test_refused_and_cache_unchanged(name, make, change, error, words):
+    case = make()
+    args, kwargs = _with(case, **change(case))
+    before = (case.k_cache.tobytes(), case.v_cache.tobytes())
+    with pytest.raises(error) as info:
+        dotattn.attention_with_kvcache(**args, **kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    assert (case.k_cache.tobytes(), case.v_cache.tobytes()) == before, "a refused call wrote into the cache"
+
+
+def test_read_only_cache_is_refused_before_writing():
+    case = _contig()
+    case.k_cache.flags.writeable = False
+    with pytest.raises(AttentionValueError, match="k_cache is read-only"):
+        dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())
+
+
+def test_mixed_libraries_are_refused():
+    torch = pytest.importorskip("torch")
+    case = _contig()
+    with pytest.raises(AttentionTypeError, match="one library"):
+        dotattn.attention_with_kvcache(
+            torch.from_numpy(case.q), case.k_cache, case.v_cache, **case.kwargs()
+        )
+
+
+def test_unused_table_entries_are_not_checked():
+    """Entries past the pages in use may hold anything (−1, garbage): they are never read."""
+    case = _paged()
+    table = case.block_table.copy()
+    table[:, 3:] = 10**6
+    out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new,
+                                         cache_lengths=case.cache_lengths, block_table=table)
+    assert np.isfinite(out).all()

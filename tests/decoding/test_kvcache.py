@@ -1,0 +1,147 @@
+"""KVCache: buffers, lengths it advances itself, pages from a free list, reset, both libraries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import decode_cases as C
+import helpers as H
+import dotattn
+from dotattn import AttentionValueError, KVCache
+
+BACKENDS = C.decode_backends()
+
+
+def _reference_step(ks, vs, q, **options):
+    """Float64 reference of one step from the logical sequences ``ks[b] (Hkv, n, D)``."""
+    n = np.array([k.shape[1] for k in ks])
+    B, Hkv, D = len(ks), ks[0].shape[0], ks[0].shape[2]
+    K = np.zeros((B, Hkv, n.max(), D))
+    V = np.zeros((B, Hkv, n.max(), D))
+    for b in range(B):
+        K[b, :, : n[b]], V[b, :, : n[b]] = ks[b], vs[b]
+    return H.reference(q.astype(np.float64), K, V, kv_lengths=n, causal=True, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [None, 5])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_prefill_then_decode_over_layers(backend, page_size, layout):
+    """Padded prompts appended per layer, then decode steps: every layer matches the reference."""
+    rng = np.random.default_rng(0)
+    B, Hq, Hkv, D, L, layers = 3, 6, 2, 8, 9, 2
+    prompt = np.array([9, 4, 0])
+    cache = KVCache(B, Hkv, D, 40, num_layers=layers, page_size=page_size, layout=layout, fill=np.nan)
+    seqs = [[[np.zeros((Hkv, 0, D))] * 2 for _ in range(B)] for _ in range(layers)]  # [layer][b] = [k, v]
+
+    def to_layout(x):
+        return x if layout == "bhld" else np.ascontiguousarray(x.swapaxes(1, 2))
+
+    for layer in range(layers):
+        k = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+        v = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+        cache.append(to_layout(k), to_layout(v), layer=layer, lengths=prompt)
+        for b in range(B):
+            seqs[layer][b] = [k[b, :, : prompt[b]], v[b, :, : prompt[b]]]
+        expect = prompt if layer == layers - 1 else np.zeros(B)
+        np.testing.assert_array_equal(cache.lengths, expect)
+    for step in range(3):
+        for layer in range(layers):
+            q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32)
+            kn = rng.standard_normal((B, Hkv, 1, D)).astype(np.float32)
+            vn = rng.standard_normal((B, Hkv, 1, D)).astype(np.float32)
+            out, lse = cache.attend(to_layout(q), to_layout(kn), to_layout(vn), layer=layer, return_lse=True,
+                                    implementation=backend)
+            for b in range(B):
+                seqs[layer][b][0] = np.concatenate([seqs[layer][b][0], kn[b]], axis=1)
+                seqs[layer][b][1] = np.concatenate([seqs[layer][b][1], vn[b]], axis=1)
+            ref_out, ref_lse = _reference_step([s[0] for s in seqs[layer]], [s[1] for s in seqs[layer]], q)
+            out_c = out if layout == "bhld" else out.swapaxes(1, 2)
+            np.testing.assert_allclose(out_c, ref_out, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cache.lengths, prompt + step + 1)
+
+
+def test_pages_come_from_the_free_list_and_go_back():
+    cache = KVCache(2, 1, 4, 10, page_size=3, num_pages=5)
+    assert cache.free_pages == 5 and (cache.block_table == -1).all()
+    kv = np.ones((2, 1, 4, 4), np.float32)
+    cache.append(kv, kv, lengths=[4, 1])  # 2 pages + 1 page
+    assert cache.free_pages == 2
+    table = cache.block_table
+    assert sorted(int(p) for p in table[table >= 0]) == [0, 1, 2]
+    with pytest.raises(AttentionValueError, match="out of pages"):
+        kv6 = np.ones((2, 1, 6, 4), np.float32)
+        cache.append(kv6, kv6)  # lengths 10 and 7 need 4 more pages; 2 are free
+    assert cache.free_pages == 2 and (cache.block_table == table).all(), "a refused append took pages"
+    np.testing.assert_array_equal(cache.lengths, [4, 1])
+    cache.reset(0)
+    assert cache.free_pages == 4 and (cache.block_table[0] == -1).all()
+    np.testing.assert_array_equal(cache.lengths, [0, 1])
+    cache.reset()
+    assert cache.free_pages == 5 and (cache.lengths == 0).all()
+
+
+def test_capacity_is_enforced_without_writing():
+    cache = KVCache(1, 1, 4, 6, fill=np.nan)
+    kv = np.ones((1, 1, 4, 4), np.float32)
+    cache.append(kv, kv)
+    before = cache.k.tobytes()
+    with pytest.raises(AttentionValueError, match="sequence 0 does not fit"):
+        cache.append(kv, kv)
+    assert cache.k.tobytes() == before and cache.lengths[0] == 4
+
+
+def test_refused_attend_changes_nothing():
+    cache = KVCache(2, 2, 8, 20, page_size=4, fill=np.nan)
+    kv = np.ones((2, 2, 3, 8), np.float32)
+    cache.append(kv, kv)
+    state = (cache.k.tobytes(), cache.block_table, cache.free_pages, cache.lengths)
+    q = np.ones((2, 3, 1, 8), np.float32)  # 3 query heads over 2 K/V heads: refused
+    with pytest.raises(AttentionValueError, match="multiple"):
+        cache.attend(q, kv[:, :, :2], kv[:, :, :2])
+    assert cache.k.tobytes() == state[0] and (cache.block_table == state[1]).all()
+    assert cache.free_pages == state[2] and (cache.lengths == state[3]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(capacity=2.5), "capacity"),
+        (dict(dtype="int32"), "dtype"),
+        (dict(page_size=0), "page_size"),
+        (dict(num_pages=3), "num_pages needs page_size"),
+        (dict(library="jax"), "library"),
+        (dict(layout="bshd"), "layout"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    args = dict(batch_size=1, num_kv_heads=1, head_dim=4, capacity=8) | kwargs
+    with pytest.raises((AttentionValueError, TypeError), match=match):
+        KVCache(**args)
+
+
+def test_bad_layer_and_sequence_index():
+    cache = KVCache(1, 1, 4, 8, num_layers=2)
+    with pytest.raises(AttentionValueError, match="layer"):
+        cache.layer(2)
+    with pytest.raises(AttentionValueError, match="sequence index"):
+        cache.reset(1)
+    with pytest.raises(AttentionValueError, match="lengths"):
+        cache.append(np.ones((1, 1, 2, 4), np.float32), np.ones((1, 1, 2, 4), np.float32), lengths=[3])
+
+
+def test_torch_buffers_bfloat16():
+    torch = pytest.importorskip("torch")
+    cache = KVCache(2, 1, 8, 16, dtype=torch.bfloat16, library="torch", page_size=4)
+    assert isinstance(cache.k, torch.Tensor) and cache.k.dtype == torch.bfloat16
+    k = torch.randn(2, 1, 3, 8)
+    cache.append(k, k)
+    q = torch.randn(2, 2, 1, 8)
+    with torch.no_grad():
+        out = cache.attend(q, k[:, :, :1], k[:, :, :1])
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2, 2, 1, 8)
+    page = int(cache.block_table[0, 0])
+    torch.testing.assert_close(cache.k[0, page, :, :3], k[0, :, :3].bfloat16(), rtol=0, atol=0)

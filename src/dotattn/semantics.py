@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,29 @@ FLOAT_DTYPES = tuple(
 CAUSAL_KINDS = ("bottom_right", "top_left")
 LAYOUTS = ("bhld", "blhd")
 DEFAULT_MAX_WEIGHTS_BYTES = 1 << 30  # 1 GiB of float32 weights unless the caller raises it
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """INTERNAL (not public API): this call is one block of a larger attention problem.
+
+    Ring and Ulysses attention (:mod:`dotattn.distributed`) compute a full problem of
+    ``Hq`` query heads, ``Lq`` queries and ``Lk`` keys block by block; a block holds query
+    rows ``[q_start, q_start + block Lq)``, keys ``[k_start, k_start + block Lk)`` and query
+    heads ``[h_start, h_start + block Hq)`` of it.  Every position rule then measures in the
+    full problem (bottom-right causal, windows and ALiBi use the full ``Lk − Lq``; top-left
+    causal compares absolute indices) and the dropout counter uses the full problem's sizes
+    and absolute indices, so a block's result is exactly the matching slice of the full
+    call (merged over key blocks with :func:`dotattn.merge_attention_states`).
+    A block call has no ``q_lengths``/``kv_lengths`` (the full problem has none).
+    """
+
+    q_start: int
+    k_start: int
+    Lq: int  # the full problem's query length
+    Lk: int  # the full problem's key length
+    h_start: int = 0
+    Hq: int | None = None  # the full problem's query heads; None = the block's own
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +98,7 @@ class AttentionCall:
     seed: int | None
     dtype: np.dtype  # the inputs' dtype, also the output's
     extras: dict[str, Any] = field(default_factory=dict)  # backend-specific options (score_mod, …)
+    block: BlockGeometry | None = None  # INTERNAL: one block of a larger problem (see BlockGeometry)
 
     # ---- sizes -----------------------------------------------------------------
     @property
@@ -130,7 +154,38 @@ class AttentionCall:
         Query ``i`` sits at position ``i + q_offset(b)``; ALiBi, windows and bottom-right
         causal all measure distances from there.  Top-left causal uses offset 0.
         """
-        return self.kv_len(b) - self.q_len(b)
+        return self.kv_len(b) - self.q_len(b) + self.position_shift
+
+    @property
+    def position_shift(self) -> int:
+        """Extra bottom-right offset of a block call (0 for a whole problem).
+
+        A block's query ``i`` sits at full-problem position ``i + q_start + (Lk − Lq)`` of
+        the full sizes, i.e. at local key index ``i + q_start − k_start + Lk − Lq``.
+        """
+        g = self.block
+        if g is None:
+            return 0
+        return (g.q_start - g.k_start + g.Lk - g.Lq) - (self.Lk - self.Lq)
+
+    @property
+    def top_left_offset(self) -> int:
+        """Top-left causal lets query ``i`` see local keys ``j ≤ i + top_left_offset``."""
+        g = self.block
+        return 0 if g is None else g.q_start - g.k_start
+
+    @property
+    def dropout_geometry(self) -> tuple[int, int, int, int, int, int]:
+        """``(h0, row0, col0, Hq, Lq, Lk)`` of the dropout counter.
+
+        Element ``(b, h, i, j)`` of this call draws counter
+        ``((b·Hq + h0 + h)·Lq + row0 + i)·Lk + col0 + j`` — the full problem's sizes and
+        absolute indices for a block call, so its mask is the full call's, bit for bit.
+        """
+        g = self.block
+        if g is None:
+            return 0, 0, 0, self.Hq, self.Lq, self.Lk
+        return g.h_start, g.q_start, g.k_start, (g.Hq or self.Hq), g.Lq, g.Lk
 
     @property
     def has_structure_mask(self) -> bool:
@@ -156,7 +211,7 @@ class AttentionCall:
         if self.causal == "bottom_right":
             vis = vis & (c <= pos_q)
         elif self.causal == "top_left":
-            vis = vis & (c <= r)
+            vis = vis & (c <= r + self.top_left_offset)
         if self.window is not None:
             left, right = self.window
             if left is not None:
@@ -168,6 +223,31 @@ class AttentionCall:
         if self.mask is not None:
             vis = vis & self.mask[b, h][np.ix_(rows, cols)]
         return vis
+
+
+def block_call(call: AttentionCall, block: BlockGeometry, **changes: Any) -> AttentionCall:
+    """INTERNAL: a copy of ``call`` computing one block of a larger problem.
+
+    ``changes`` replaces fields (``q``, ``k``, ``v`` of the block in canonical layout, its
+    ``q_segment_ids``/``kv_segment_ids`` and ``alibi_slopes`` slices, ``causal``/``window``
+    when the caller knows the block needs none).  Block calls carry no lengths, mask or bias
+    (the distributed entry points take none), and the block must lie inside the full problem.
+    """
+    new = replace(call, block=block, **changes)
+    if new.q_lengths is not None or new.kv_lengths is not None or new.mask is not None or new.bias is not None:
+        raise AttentionValueError("a block call takes no q_lengths, kv_lengths, mask or bias")
+    inside = (
+        0 <= block.q_start and block.q_start + new.Lq <= block.Lq
+        and 0 <= block.k_start and block.k_start + new.Lk <= block.Lk
+        and 0 <= block.h_start and block.h_start + new.Hq <= (block.Hq or new.Hq)
+    )
+    if not inside:
+        raise AttentionValueError(
+            f"block rows [{block.q_start}, {block.q_start + new.Lq}), keys [{block.k_start}, "
+            f"{block.k_start + new.Lk}), heads [{block.h_start}, {block.h_start + new.Hq}) do not lie inside "
+            f"the full problem (Hq={block.Hq or new.Hq}, Lq={block.Lq}, Lk={block.Lk})"
+        )
+    return new
 
 
 # =================================================================================

@@ -22,6 +22,11 @@ Conventions: ``T`` is the compute dtype (float32, or float64 for float64 inputs)
 inputs are ``kp (B, Hkv, nkb, BK, D)`` / ``vp (B, Hkv, nkb, BK, Dv)`` with zeros past each
 sequence's real length.  ``causal``: 0 none, 1 bottom-right, 2 top-left.  Window sides < 0
 mean unbounded.  Dense mask/bias come flattened with element strides ``(sb, sh, si, sj)``.
+``geom`` (int64, 8) places the call inside a larger problem (``semantics.BlockGeometry``):
+``[position shift, top-left offset, h0, row0, col0, Hq, Lq, Lk]`` — bottom-right/window/ALiBi
+offsets add ``geom[0]``, top-left causal is ``j ≤ i + geom[1]``, dropout draws the counter of
+head ``h + h0``, row ``i + row0``, key ``j + col0`` of a ``Hq × Lq × Lk`` problem.  A whole
+call passes ``[0, 0, 0, 0, 0, Hq, Lq, Lk]``.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def _block_class_bm(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     has_dense_mask,
     bm,
     bm_on,
@@ -118,6 +124,7 @@ def _block_class_bm(
         q_seg,
         kv_seg,
         has_seg,
+        geom,
     )
     if cls == SKIP:
         return SKIP
@@ -152,6 +159,7 @@ def _mask_block(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     mask,
     mstr,
     has_dense_mask,
@@ -164,7 +172,7 @@ def _mask_block(
     """
     qlen = q_lens[b]
     kvlen = kv_lens[b]
-    off = kvlen - qlen
+    off = kvlen - qlen + geom[0]  # geom[0]: a block's position shift (BlockGeometry)
     BK, BQ = ST.shape
     nr = min(nrows, qlen - i0)
     for r in range(BQ):
@@ -178,7 +186,7 @@ def _mask_block(
         if causal == 1:
             top = min(top, p)
         elif causal == 2:
-            top = min(top, i)
+            top = min(top, i + geom[1])
         if right >= 0:
             top = min(top, p + right)
         bottom = j0
@@ -227,6 +235,7 @@ def _transform_block(
     has_bias,
     slopes,
     has_alibi,
+    geom,
 ):
     """Raw dot products → scores in base 2: ``log2(e) · score_mod(softcap(scale·s) + bias − ALiBi)``.
 
@@ -236,7 +245,7 @@ def _transform_block(
     """
     qlen = q_lens[b]
     kvlen = kv_lens[b]
-    off = kvlen - qlen
+    off = kvlen - qlen + geom[0]  # geom[0]: a block's position shift (BlockGeometry)
     BK, BQ = ST.shape
     slope = slopes[b, h] if has_alibi else 0.0
     for c in range(BK):
@@ -300,6 +309,7 @@ def _scores_block(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
 ):
     """``ST = (K_blk · Q_blkᵀ)``, through the score chain (unless ``simple``) and the masks (PARTIAL blocks)."""
     _matmul(Kb, Qs.T, ST)
@@ -324,6 +334,7 @@ def _scores_block(
             has_bias,
             slopes,
             has_alibi,
+            geom,
         )
     if cls == PARTIAL:
         _mask_block(
@@ -343,6 +354,7 @@ def _scores_block(
             q_seg,
             kv_seg,
             has_seg,
+            geom,
             mask,
             mstr,
             has_dense_mask,
@@ -381,6 +393,7 @@ def forward(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     dropout_p,
     dropout_key,
     bm,
@@ -420,6 +433,7 @@ def forward(
             q_seg,
             kv_seg,
             has_seg,
+            geom,
             dropout_p,
             dropout_key,
             bm,
@@ -456,6 +470,7 @@ def _forward_chunk(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     dropout_p,
     dropout_key,
     bm,
@@ -527,6 +542,7 @@ def _forward_chunk(
                 q_seg,
                 kv_seg,
                 has_seg,
+                geom,
                 has_dense_mask,
                 bm,
                 bm_on,
@@ -568,6 +584,7 @@ def _forward_chunk(
                 q_seg,
                 kv_seg,
                 has_seg,
+                geom,
             )
             # update the running max; rescale acc and row_sum by 2^(m_old − m_new)
             _col_max(ST, bmax)
@@ -586,7 +603,7 @@ def _forward_chunk(
             _col_sum_into(ST, row_sum)
             if dropout_p > 0.0:
                 _dropout_block(
-                    ST, ST, dummy_drop, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk
+                    ST, ST, dummy_drop, dropout_key, dropout_p, inv_keep, b, h + geom[2], i0 + geom[3], nr, j0 + geom[4], geom[5], geom[6], geom[7]
                 )
             np.dot(ST.T, vp[b, hk, kb], out=PV)
             _add_into(acc, PV)
@@ -640,6 +657,7 @@ def backward(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     dropout_p,
     dropout_key,
     bm,
@@ -690,6 +708,7 @@ def backward(
             q_seg,
             kv_seg,
             has_seg,
+            geom,
             dropout_p,
             dropout_key,
             bm,
@@ -732,6 +751,7 @@ def _backward_chunk(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     dropout_p,
     dropout_key,
     bm,
@@ -799,6 +819,7 @@ def _backward_chunk(
                     q_seg,
                     kv_seg,
                     has_seg,
+                    geom,
                     has_dense_mask,
                     bm,
                     bm_on,
@@ -853,13 +874,14 @@ def _backward_chunk(
                     q_seg,
                     kv_seg,
                     has_seg,
+                    geom,
                 )
                 _exp2_shifted(ST, N, c2, lse2)
                 # dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _matmul(Vb, dOs.T, dPT)
                 if dropout_p > 0.0:
                     _dropout_block(
-                        ST, PdT, dPT, dropout_key, dropout_p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk
+                        ST, PdT, dPT, dropout_key, dropout_p, inv_keep, b, h + geom[2], i0 + geom[3], nr, j0 + geom[4], geom[5], geom[6], geom[7]
                     )
                     _matmul(PdT, dOs, dVt)
                 else:
@@ -917,6 +939,7 @@ def weights(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     bm,
     bm_on,
     nchunks,
@@ -948,6 +971,7 @@ def weights(
             q_seg,
             kv_seg,
             has_seg,
+            geom,
             bm,
             bm_on,
             nchunks,
@@ -980,6 +1004,7 @@ def _weights_chunk(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
     bm,
     bm_on,
     nchunks,
@@ -1038,6 +1063,7 @@ def _weights_chunk(
                 q_seg,
                 kv_seg,
                 has_seg,
+                geom,
                 has_dense_mask,
                 bm,
                 bm_on,
@@ -1079,6 +1105,7 @@ def _weights_chunk(
                 q_seg,
                 kv_seg,
                 has_seg,
+                geom,
             )
             _exp2_shifted(ST, N, c2, lse2)
             for c in range(ncols):

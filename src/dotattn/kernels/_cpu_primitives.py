@@ -116,6 +116,7 @@ def _block_class(
     q_seg,
     kv_seg,
     has_seg,
+    geom,
 ):
     """SKIP, PARTIAL or FULL (as far as lengths, causal, window and segments tell) for rows ``[i0, i0+nrows)`` × keys ``[j0, j0+ncols)``.
 
@@ -129,7 +130,7 @@ def _block_class(
     if nr <= 0 or nc <= 0:
         return SKIP
     full = nc == ncols
-    off = kvlen - qlen
+    off = kvlen - qlen + geom[0]  # a block's position shift (see _cpu_kernels' geom)
     plo = i0 + off
     phi = i0 + nr - 1 + off
     jlast = j0 + nc - 1
@@ -139,9 +140,9 @@ def _block_class(
         if jlast > plo:
             full = False
     elif causal == 2:
-        if j0 > i0 + nr - 1:
+        if j0 > i0 + nr - 1 + geom[1]:
             return SKIP
-        if jlast > i0:
+        if jlast > i0 + geom[1]:
             full = False
     if left >= 0:
         if jlast < plo - left:

@@ -359,7 +359,7 @@ class Prepared:
     vp: np.ndarray
     BQ: int
     Lk: int
-    options: tuple  # q_lens … has_seg, shared by all kernels
+    options: tuple  # q_lens … has_seg, geom, shared by all kernels
     dropout: tuple  # (dropout_p, key)
     block: tuple  # (bm, bm_on)
 
@@ -391,6 +391,12 @@ def user_mods(call: AttentionCall):
             )
         bm.check_call(call.B, call.Hq, call.Lq, call.Lk)
     return score_mod, mask_mod, bm
+
+
+def _geometry(call: AttentionCall) -> np.ndarray:
+    """The kernels' ``geom`` vector: where this call sits in a larger problem (internal)."""
+    h0, row0, col0, Hq, Lq, Lk = call.dropout_geometry
+    return np.array([call.position_shift, call.top_left_offset, h0, row0, col0, Hq, Lq, Lk], dtype=np.int64)
 
 
 def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> Prepared:
@@ -454,6 +460,7 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         q_seg,
         kv_seg,
         call.q_segment_ids is not None,
+        _geometry(call),
     )
     key = seed_key(call.seed) if call.dropout_p > 0.0 else np.uint64(0)
     bm_arr = np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes)

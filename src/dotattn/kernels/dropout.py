@@ -37,3 +37,10 @@ def keep_block(seed: int, p: float, b: int, h: int, rows: np.ndarray, cols: np.n
     counter = (base + rows.astype(np.uint64)[:, None]) * np.uint64(Lk) + cols.astype(np.uint64)[None, :]
     u = (splitmix64(counter ^ key) >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 2**-53
     return u >= p
+
+
+def keep_block_of(call, b: int, h: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """:func:`keep_block` for rows/cols/head ``h`` of an ``AttentionCall``, honouring its
+    internal block geometry (a block of a larger problem draws the full problem's counters)."""
+    h0, row0, col0, Hq, Lq, Lk = call.dropout_geometry
+    return keep_block(call.seed, call.dropout_p, b, h + h0, rows + row0, cols + col0, Hq, Lq, Lk)

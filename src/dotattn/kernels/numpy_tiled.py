@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..semantics import AttentionCall
-from .dropout import keep_block
+from .dropout import keep_block_of
 
 NAME = "numpy"
 BLOCK_Q = 256
@@ -85,7 +85,7 @@ class Prepared:
         if call.causal == "bottom_right":
             hi = min(hi, i1 - 1 + off + 1)
         elif call.causal == "top_left":
-            hi = min(hi, i1)
+            hi = min(hi, i1 + call.top_left_offset)
         if call.window is not None:
             left, right = call.window
             if left is not None:
@@ -102,7 +102,7 @@ class Prepared:
         if call.causal == "bottom_right":
             lo = max(lo, j0 - off)
         elif call.causal == "top_left":
-            lo = max(lo, j0)
+            lo = max(lo, j0 - call.top_left_offset)
         if call.window is not None:
             left, right = call.window
             if left is not None:
@@ -117,7 +117,7 @@ class Prepared:
         full = True
         off = call.q_offset(b)
         if call.causal is not None:
-            o = off if call.causal == "bottom_right" else 0
+            o = off if call.causal == "bottom_right" else call.top_left_offset
             if j0 > i1 - 1 + o:
                 return SKIP
             full &= j1 - 1 <= i0 + o
@@ -164,7 +164,7 @@ class Prepared:
 
     def dropout_scale(self, b: int, h: int, i0: int, i1: int, j0: int, j1: int):
         call = self.call
-        keep = keep_block(call.seed, call.dropout_p, b, h, np.arange(i0, i1), np.arange(j0, j1), call.Hq, call.Lq, call.Lk)
+        keep = keep_block_of(call, b, h, np.arange(i0, i1), np.arange(j0, j1))
         return keep.astype(call.compute_dtype) * call.compute_dtype.type(1.0 / (1.0 - call.dropout_p))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..semantics import AttentionCall
-from .dropout import keep_block
+from .dropout import keep_block_of
 
 NAME = "reference"
 
@@ -65,7 +65,7 @@ def _dropout_scale(call: AttentionCall, b: int, h: int) -> np.ndarray | None:
     """keep/(1−p) for this head, or None without dropout."""
     if call.dropout_p == 0.0:
         return None
-    keep = keep_block(call.seed, call.dropout_p, b, h, np.arange(call.Lq), np.arange(call.Lk), call.Hq, call.Lq, call.Lk)
+    keep = keep_block_of(call, b, h, np.arange(call.Lq), np.arange(call.Lk))
     return keep / (1.0 - call.dropout_p)
 
 
@@ -99,10 +99,11 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
     """Gradients (dq, dk, dv, dbias|None) by the dense formulas (float64).
 
     ``dS = P ∘ (dP − rowsum(dO ∘ O))``; the softcap multiplies by ``1 − tanh²``.
-    ``lse`` is unused: the reference recomputes P on its own, so it checks the tiled
-    backends' use of the LSE rather than sharing it.
+    ``lse`` is unused for a whole call: the reference recomputes P on its own, so it checks
+    the tiled backends' use of the LSE rather than sharing it.  A block call (internal
+    ``call.block``) is normalized by the full problem's softmax, which only the saved ``lse``
+    carries: there ``P = exp(S − lse)``.
     """
-    del lse
     dq = np.zeros((call.B, call.Hq, call.Lq, call.D))
     dk = np.zeros((call.B, call.Hkv, call.Lk, call.D))
     dv = np.zeros((call.B, call.Hkv, call.Lk, call.Dv))
@@ -117,7 +118,13 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
             do[n_q:] = 0.0
             o[n_q:] = 0.0
             s, _, tanh = _scores(call, b, h, q, k)
-            p, _ = _softmax(s)
+            if call.block is None:
+                p, _ = _softmax(s)
+            else:
+                row_lse = np.asarray(lse[b, h], dtype=np.float64)
+                row_lse = np.where(np.isneginf(row_lse), np.inf, row_lse)  # rows that see nothing: P = 0
+                p = np.exp(s - row_lse[:, None])
+                p[n_q:] = 0.0
             drop = _dropout_scale(call, b, h)
             p_dropped = p if drop is None else p * drop
             dv[b, hk] += p_dropped.T @ do

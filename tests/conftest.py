@@ -37,7 +37,16 @@ settings.load_profile("dotattn")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Leave ``@pytest.mark.slow`` tests out unless a ``-m`` expression asks for markers."""
+    """Leave ``@pytest.mark.slow`` tests out unless a ``-m`` expression asks for markers, and
+    ``@pytest.mark.gpu`` tests out where no CUDA device exists (deselected, not skipped: a
+    machine without a GPU is a platform limit, not a broken install)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch  # only when GPU tests were collected; they import it themselves anyway
+
+        if not torch.cuda.is_available():
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
     if config.getoption("markexpr"):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]

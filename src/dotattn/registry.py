@@ -9,6 +9,16 @@ JIT compiler and no framework.  A backend object provides::
     forward(call) -> (out (B,Hq,Lq,Dv), lse (B,Hq,Lq))
     backward(call, out, lse, dout, want_dbias) -> (dq, dk, dv, dbias | None)
     weights(call, lse) -> (B, Hq, Lq, Lk)
+
+Tensor backends (``triton``) consume the caller's torch tensors instead of the call's NumPy
+arrays (the call still comes from ``semantics.normalize``, which decided every option)::
+
+    device_reasons(device, forced) -> list[str]  # why tensors on this device cannot run
+    forward_tensors / backward_tensors / weights_tensors   (kernels/triton_backend.py)
+
+``select(..., device=)`` says where the inputs live: ``None`` for NumPy arrays, else the
+torch device type.  NumPy backends take NumPy arrays and CPU tensors (as NumPy views); tensor
+backends are not even imported for NumPy calls.
 """
 
 from __future__ import annotations
@@ -21,10 +31,14 @@ from .semantics import AttentionCall
 
 # Priority order: dispatch tries them top to bottom.
 _SPECS: dict[str, tuple[str, str]] = {
+    "triton": ("dotattn.kernels.triton_backend", "TritonBackend"),
     "cpu": ("dotattn.kernels.cpu", "CpuBackend"),
     "numpy": ("dotattn.kernels.numpy_tiled", "NumpyTiledBackend"),
     "reference": ("dotattn.kernels.reference", "ReferenceBackend"),
 }
+# Backends that consume torch tensors; their availability depends on the environment
+# (a CUDA device, TRITON_INTERPRET), so it is asked again rather than cached.
+TENSOR_BACKENDS = frozenset({"triton"})
 _INSTANCES: dict[str, Any] = {}
 _UNAVAILABLE: dict[str, str] = {}
 
@@ -38,7 +52,7 @@ def _load(name: str):
     """The backend object, or None with the reason recorded when its module cannot load."""
     if name in _INSTANCES:
         return _INSTANCES[name]
-    if name in _UNAVAILABLE:
+    if name in _UNAVAILABLE and name not in TENSOR_BACKENDS:
         return None
     module_name, cls_name = _SPECS[name]
     try:
@@ -51,8 +65,22 @@ def _load(name: str):
     if not ok:
         _UNAVAILABLE[name] = reason
         return None
-    _INSTANCES[name] = backend
+    if name not in TENSOR_BACKENDS:
+        _INSTANCES[name] = backend
     return backend
+
+
+def _device_reasons(name: str, device: str | None, forced: bool) -> list[str] | None:
+    """Reasons that need no backend import: array kind and device.  None = ask the backend."""
+    if name in TENSOR_BACKENDS:
+        if device is None:
+            return ["runs on torch tensors (dotattn.torch.attention), not NumPy arrays"]
+        if device == "cpu" and not forced:
+            return ["CPU tensors go to the CPU backends unless implementation='triton' is asked for"]
+        return None
+    if device not in (None, "cpu"):
+        return [f"runs on CPU arrays; the tensors are on {device!r} (move them with .cpu())"]
+    return []
 
 
 def get(name: str):
@@ -67,8 +95,13 @@ def get(name: str):
     return backend
 
 
-def select(call: AttentionCall, implementation: str | None = None, *, need_backward: bool = False):
-    """The backend that runs ``call``: the forced one, or the first able one in priority order."""
+def select(
+    call: AttentionCall, implementation: str | None = None, *, need_backward: bool = False, device: str | None = None
+):
+    """The backend that runs ``call``: the forced one, or the first able one in priority order.
+
+    ``device``: None for NumPy arrays, else the torch device type of the tensors.
+    """
     if implementation is not None and not isinstance(implementation, str):
         raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
     candidates = [implementation] if implementation is not None else names()
@@ -76,12 +109,17 @@ def select(call: AttentionCall, implementation: str | None = None, *, need_backw
         get(implementation)  # raises the unknown-name error
     all_reasons: dict[str, list[str]] = {}
     for name in candidates:
+        early = _device_reasons(name, device, implementation is not None)
+        if early:
+            all_reasons[name] = early
+            continue
         backend = _load(name)
         if backend is None:
             all_reasons[name] = [_UNAVAILABLE[name]]
             continue
-        reasons = list(backend.unsupported_reasons(call))
-        if need_backward and not hasattr(backend, "backward"):
+        reasons = [] if early is not None else list(backend.device_reasons(device, implementation is not None))
+        reasons += list(backend.unsupported_reasons(call))
+        if need_backward and not hasattr(backend, "backward_tensors" if name in TENSOR_BACKENDS else "backward"):
             reasons.append("has no backward pass")
         if not reasons:
             return backend

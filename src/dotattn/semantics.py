@@ -305,6 +305,15 @@ def _to_canonical(x: np.ndarray, layout: str) -> np.ndarray:
     return x.reshape((math.prod(x.shape[:-3]),) + x.shape[-3:]) if x.ndim > 4 else x
 
 
+def to_canonical(x, layout: str):
+    """The caller's q/k/v/out-shaped array → its canonical ``(B, H, L, D)`` view.
+
+    Uses only ``swapaxes``/``reshape``/indexing, so it serves tensor backends too (a torch
+    tensor gives a torch view).
+    """
+    return _to_canonical(x, layout)
+
+
 def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: str) -> None:
     """Leading dims equal, head counts compatible, D and Lk agree; layout-aware names."""
     if q.shape[:-3] != k.shape[:-3] or q.shape[:-3] != v.shape[:-3]:
@@ -658,6 +667,11 @@ def _from_canonical(call: AttentionCall, x: np.ndarray, *, pairwise: bool = Fals
     if call.layout == "blhd" and not pairwise:
         x = np.swapaxes(x, -3, -2)
     return x
+
+
+def from_canonical(call: AttentionCall, x, *, pairwise: bool = False):
+    """Canonical ``(B, Hq, Lq, X)`` → the caller's shape (a view; NumPy arrays or torch tensors)."""
+    return _from_canonical(call, x, pairwise=pairwise)
 
 
 def finalize_output(call: AttentionCall, out: np.ndarray) -> np.ndarray:

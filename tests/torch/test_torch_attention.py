@@ -29,7 +29,7 @@ from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 import dotattn  # noqa: E402
 import dotattn.torch  # noqa: E402
-from dotattn.errors import AttentionTypeError, AttentionValueError  # noqa: E402
+from dotattn.errors import AttentionTypeError, AttentionValueError, UnsupportedCallError  # noqa: E402
 from dotattn.semantics import BFLOAT16  # noqa: E402
 from helpers import (  # noqa: E402
     assert_close_to_reference,
@@ -547,12 +547,21 @@ def test_bad_inputs_raise_clear_errors():
         dotattn.attention(q, k.numpy(), v)
 
 
-def test_non_cpu_devices_raise_not_implemented():
+def test_devices_other_than_cpu_and_cuda_raise_not_implemented():
     from dotattn.torch._convert import check_device
 
-    fake_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(NotImplementedError, match="GPU kernels are a separate issue"):
-        check_device("q", fake_cuda)
+    fake_mps = types.SimpleNamespace(device=torch.device("mps", 0))
+    with pytest.raises(NotImplementedError, match=r"q is on device 'mps:0'.*CPU and CUDA.*\.cpu\(\)"):
+        check_device("q", fake_mps)
+    check_device("q", types.SimpleNamespace(device=torch.device("cuda", 0)))  # CUDA goes to the triton backend
+
+
+def test_cuda_tensors_without_a_device_name_every_backends_reason(monkeypatch):
+    """CUDA tensors are routed to the tensor backends; where none can run, each says why."""
+    from dotattn.kernels import triton_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_backend, "_cuda_present", lambda: False)  # as on a machine without a GPU
 
     class CudaLooking(torch.Tensor):
         @property
@@ -560,8 +569,11 @@ def test_non_cpu_devices_raise_not_implemented():
             return torch.device("cuda", 0)
 
     q = torch.randn(1, 2, 3, 4).as_subclass(CudaLooking)
-    with pytest.raises(NotImplementedError, match=r"q is on device 'cuda:0'.*\.cpu\(\)"):
+    with pytest.raises(UnsupportedCallError) as err:
         dotattn.attention(q, q, q)
+    msg = str(err.value)
+    assert "triton: no CUDA device" in msg or "triton: triton not installed" in msg, msg
+    assert "cpu: runs on CPU arrays; the tensors are on 'cuda'" in msg, msg
 
 
 def test_numpy_option_arrays_are_accepted():

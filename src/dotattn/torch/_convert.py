@@ -31,8 +31,9 @@ _NUMPY_NATIVE = frozenset(
 
 _COMPUTE_DTYPE = {torch.float64: torch.float64}  # everything else accumulates in float32
 
-# Device types whose tensors run here.  "meta" never reaches a kernel: it only asks for shapes.
-_HOST_DEVICES = ("cpu", "meta")
+# Device types whose tensors run here.  "meta" never reaches a kernel: it only asks for shapes;
+# "cuda" tensors go to the triton backend (kernels/triton_backend.py).
+_DEVICES = ("cpu", "meta", "cuda")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,14 +42,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
-    """CPU only for now: any other device gets a NotImplementedError that says what to do."""
-    if t.device.type not in _HOST_DEVICES:
+    """CPU and CUDA tensors run; any other device gets a NotImplementedError that says what to do."""
+    if t.device.type not in _DEVICES:
         raise NotImplementedError(
             f"dotattn.attention: {name} is on device {str(t.device)!r}, but dotattn's PyTorch front end "
-            "runs on CPU tensors only — GPU kernels are a separate issue that has not landed yet. "
-            "Move the tensors to the CPU with .cpu(), or use "
-            "torch.nn.functional.scaled_dot_product_attention on the GPU."
+            "runs on CPU and CUDA tensors only. Move the tensors with .cpu() (or .cuda()), or use "
+            "torch.nn.functional.scaled_dot_product_attention on that device."
         )
+
+
+def numpy_dtype(name: str, dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype a tensor of ``dtype`` is viewed as (bfloat16 → ``ml_dtypes.bfloat16``)."""
+    if dtype == torch.bfloat16:
+        return BFLOAT16
+    if dtype not in _NUMPY_NATIVE:
+        raise AttentionTypeError(
+            f"{name} has dtype {dtype}, which dotattn does not take; "
+            "q, k, v, bias need float16, bfloat16, float32 or float64, mask bool, lengths and segment ids integers"
+        )
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def standin(name: str, t: torch.Tensor) -> np.ndarray:
+    """A NumPy array with ``t``'s shape and dtype and no data (every stride 0, one element).
+
+    For tensors NumPy cannot view (CUDA): :func:`dotattn.semantics.normalize` checks shapes and
+    dtypes on it, and reshapes/broadcasts of it stay views, so nothing of size is allocated.
+    """
+    base = np.zeros(1, dtype=numpy_dtype(name, t.dtype))
+    return np.lib.stride_tricks.as_strided(base, shape=tuple(t.shape), strides=(0,) * t.dim(), writeable=False)
 
 
 def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
@@ -58,11 +80,7 @@ def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
         t = t.resolve_neg().resolve_conj()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BFLOAT16)
-    if t.dtype not in _NUMPY_NATIVE:
-        raise AttentionTypeError(
-            f"{name} has dtype {t.dtype}, which dotattn does not take; "
-            "q, k, v, bias need float16, bfloat16, float32 or float64, mask bool, lengths and segment ids integers"
-        )
+    numpy_dtype(name, t.dtype)  # raises for dtypes NumPy cannot view
     return t.numpy()
 
 

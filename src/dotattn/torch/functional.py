@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import api, semantics
+from .. import api, registry, semantics
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
-from ._convert import check_device, compute_dtype, from_numpy, to_numpy
+from ._convert import check_device, compute_dtype, from_numpy, standin, to_numpy
 
 # The operators' tensor inputs after q, k, v, in schema order (also the order saved for backward).
 _ARRAY_OPTIONS = (
@@ -82,19 +82,44 @@ def _optional_numpy(name: str, t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else to_numpy(name, t)
 
 
+# Options whose data a kernel reads in place (the others are small index arrays and scalars).
+_LARGE_OPTIONS = ("mask", "bias")
+
+
+def _on_tensor_backend(q: Tensor, sc: "_Scalars") -> bool:
+    """True when the call runs on a tensor backend: tensors off the CPU, or one asked for by name."""
+    return q.device.type != "cpu" or sc.implementation in registry.TENSOR_BACKENDS
+
+
 def _normalize(q, k, v, arrays: dict, sc: _Scalars, extras: dict, for_backward: bool) -> semantics.AttentionCall:
-    """Tensor arguments → the one validated :class:`~dotattn.semantics.AttentionCall`."""
+    """Tensor arguments → the one validated :class:`~dotattn.semantics.AttentionCall`.
+
+    CPU tensors become NumPy views.  Tensors NumPy cannot view (CUDA) become zero-stride
+    stand-ins with their shape and dtype (:func:`~dotattn.torch._convert.standin`): the call
+    then carries every decision but no data, and a tensor backend reads the tensors
+    themselves.  Small index arrays (lengths, segment ids, slopes, seed) are copied to the
+    host, where their values are checked.
+    """
     for name, t in (("q", q), ("k", k), ("v", v), *arrays.items()):
         if t is not None:
             check_device(name, t)
-    np_arrays = {name: _optional_numpy(name, t) for name, t in arrays.items()}
+    host = q.device.type == "cpu"
+
+    def view(name, t):
+        if t is None:
+            return None
+        if name in ("q", "k", "v") + _LARGE_OPTIONS and not host:
+            return standin(name, t)
+        return to_numpy(name, t.cpu() if t.device.type != "cpu" else t)
+
+    np_arrays = {name: view(name, t) for name, t in arrays.items()}
     q_ids, kv_ids = np_arrays.pop("q_segment_ids"), np_arrays.pop("kv_segment_ids")
     segment_ids = q_ids if kv_ids is None else (q_ids, kv_ids)
     seed = np_arrays.pop("seed")
     return semantics.normalize(
-        to_numpy("q", q),
-        to_numpy("k", k),
-        to_numpy("v", v),
+        view("q", q),
+        view("k", k),
+        view("v", v),
         causal=sc.causal or False,
         window=sc.window,
         scale=sc.scale,
@@ -115,8 +140,27 @@ def _tensor(x: np.ndarray) -> Tensor:
     return from_numpy(x if x.flags.writeable else x.copy())
 
 
+def _forward_tensors(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras):
+    """The forward on a tensor backend (triton): the same call, the tensors read in place."""
+    call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
+    if return_weights:
+        semantics.check_weights_size(call, max_weights_bytes)
+    backend = registry.select(call, sc.implementation, device=q.device.type)
+    mask, bias = arrays["mask"], arrays["bias"]
+    out, lse_c = backend.forward_tensors(call, q, k, v, mask, bias)
+    lse = semantics.from_canonical(call, lse_c[..., None], pairwise=True)[..., 0].contiguous()
+    if return_weights:
+        w = semantics.from_canonical(call, backend.weights_tensors(call, q, k, mask, bias, lse_c), pairwise=True)
+        w = w.contiguous().to(compute_dtype(q.dtype))
+    else:
+        w = torch.empty((0,), dtype=compute_dtype(q.dtype), device=q.device)
+    return out, lse, w
+
+
 def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras):
     """(out, lse, weights) as tensors; ``weights`` is an empty tensor unless asked for."""
+    if _on_tensor_backend(q, sc):
+        return _forward_tensors(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
     out, lse, weights = api.run_forward(
         call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
@@ -147,8 +191,28 @@ def _fold_lse_grad(call, out_c, dout_c, dlse_c):
     return dataclasses.replace(call, v=v_aug), out_aug, dout_aug
 
 
+def _backward_tensors(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbias, extras):
+    """The backward on a tensor backend; shapes of out/dout/lse are checked on stand-ins."""
+    call = _normalize(q, k, v, arrays, sc, extras, for_backward=True)
+    semantics.canonical_like(call, "out", standin("out", out), call.Dv)
+    semantics.canonical_like(call, "dout", standin("dout", dout), call.Dv)
+    semantics.canonical_lse(call, standin("lse", lse))
+    if dlse is not None:
+        semantics.canonical_lse(call, standin("dlse", dlse))
+    backend = registry.select(call, sc.implementation, need_backward=True, device=q.device.type)
+    bias = arrays["bias"]
+    dq, dk, dv, dbias = backend.backward_tensors(call, q, k, v, out, lse, dout, dlse, arrays["mask"], bias, want_dbias)
+    if want_dbias:
+        dbias = semantics.reduce_bias_grad(call, dbias).to(bias.dtype).contiguous()
+    else:
+        dbias = torch.empty((0,), dtype=q.dtype, device=q.device)
+    return dq, dk, dv, dbias
+
+
 def _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbias, extras):
     """(dq, dk, dv, dbias) as tensors; ``dbias`` is empty unless ``want_dbias``."""
+    if _on_tensor_backend(q, sc):
+        return _backward_tensors(dout, dlse, q, k, v, out, lse, arrays, sc, want_dbias, extras)
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=True)
     Dv = call.Dv
     out_c = semantics.canonical_like(call, "out", to_numpy("out", out), Dv)
@@ -369,6 +433,17 @@ def _check_qkv_tensors(q, k, v) -> None:
                 "dotattn.attention takes NumPy arrays"
             )
         check_device(name, x)
+    _check_same_device(q, k=k, v=v)
+
+
+def _check_same_device(q: Tensor, **tensors) -> None:
+    """k, v, mask and bias are read where q is: one device for all of them."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device and "meta" not in (t.device.type, q.device.type):
+            raise AttentionValueError(
+                f"{name} is on device {str(t.device)!r} but q is on {str(q.device)!r}; "
+                f"put q, k, v, mask and bias on one device (e.g. {name}.to(q.device))"
+            )
 
 
 def attention(
@@ -395,7 +470,7 @@ def attention(
     max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
     **extras: Any,
 ):
-    """Exact scaled dot-product attention on CPU tensors, differentiable by autograd.
+    """Exact scaled dot-product attention on CPU and CUDA tensors, differentiable by autograd.
 
     The same call and semantics as :func:`dotattn.attention` (``docs/semantics.md``); this is
     where :func:`dotattn.attention` sends torch tensors.  Shapes (``layout="bhld"``)::
@@ -414,7 +489,10 @@ def attention(
       mask goes in ``bias``.
     * with ``dropout_p > 0`` and no ``seed``, the seed is drawn from torch's default
       generator (so ``torch.manual_seed`` makes runs repeatable) and reused by the backward.
-    * CUDA tensors raise ``NotImplementedError``: GPU kernels are a separate issue.
+    * CUDA tensors run on the ``triton`` backend (fused Triton kernels, forward and
+      backward); ``q, k, v, mask, bias`` must share one device.  With ``TRITON_INTERPRET=1``,
+      ``implementation="triton"`` runs the same kernels on CPU tensors through Triton's
+      interpreter (slow; for tests and machines without a GPU).
     * ``torch.compile(fullgraph=True)`` traces through it (a custom operator); backend
       ``**extras`` (such as a ``score_mod`` callable) run eagerly only.
 
@@ -456,6 +534,7 @@ def attention(
                     ("kv_lengths", kv_len_t), ("segment_ids", q_seg_t), ("segment_ids", kv_seg_t)):
         if t is not None:
             check_device(name, t)
+    _check_same_device(q, mask=mask_t, bias=bias_t)
 
     if extras:
         arrays = dict(

@@ -1,0 +1,463 @@
+"""Fused attention kernels in Triton (FlashAttention-2 structure), every option in-kernel.
+
+Imported only by :mod:`dotattn.kernels.triton_backend` when a call needs them: importing
+this module imports ``triton``, and ``@triton.jit`` decides *at import* whether the kernels
+are compiled for the GPU or run by Triton's interpreter (``TRITON_INTERPRET=1``, NumPy on
+CPU tensors, one program at a time) — :data:`INTERPRETED` records which.
+
+Canonical shapes (``docs/semantics.md``)::
+
+    q (B, Hq, Lq, D)   k (B, Hkv, Lk, D)   v (B, Hkv, Lk, Dv)   out (B, Hq, Lq, Dv)
+    lse (B, Hq, Lq) float32                 mask/bias (B, Hq, Lq, Lk), any strides (0 = broadcast)
+
+Kernels:
+
+* :func:`attn_fwd` — grid ``(cdiv(Lq, BLOCK_M), B·Hq)``: one query block of one head streams
+  the key blocks its rules leave visible (online softmax, running max/sum in float32) and
+  writes ``out`` and the natural-log ``lse``.
+* :func:`attn_bwd_delta` — ``Δ_i = rowsum(dO ∘ O) − dlse_i`` (the LSE's own gradient folds
+  in here).
+* :func:`attn_bwd_dkdv` — grid ``(cdiv(Lk, BLOCK_N), B·Hkv)``: one key block of one K/V head
+  walks every query head of its GQA group and the query blocks that can see it, accumulating
+  ``dK``, ``dV`` (and writing ``dS`` as the bias gradient when asked) — no atomics, no
+  repeated K/V.
+* :func:`attn_bwd_dq` — grid ``(cdiv(Lq, BLOCK_M), B·Hq)``: ``dQ`` of one query block from
+  the key blocks it sees, again without atomics, so the backward is deterministic.
+* :func:`attn_weights` — the pre-dropout probabilities, materialized (``return_weights``).
+
+Visibility is the one of ``AttentionCall.visible`` (causal bottom-right/top-left, window,
+lengths, segment ids, bool mask), evaluated per tile from indices; padding past the lengths
+is never loaded (masked loads), so NaN there cannot leak.  Dropout uses the counter-based
+SplitMix64 hash of :mod:`dotattn.kernels.dropout` in uint64 arithmetic, bit for bit: the same
+seed keeps the same elements on GPU and CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+INTERPRETED = bool(knobs.runtime.interpret)
+
+# Helpers called from inside the kernels.  Compiled, they are @triton.jit functions (inlined).
+# Under the interpreter every call of a jit function re-patches triton.language (~1 ms, a third
+# of the interpreter's time on test shapes); a running kernel has already patched it, so
+# there the helpers are called as the plain Python functions they are.
+_helper = (lambda fn: fn) if INTERPRETED else triton.jit
+
+# SplitMix64 constants (kernels/dropout.py); Triton types literals ≥ 2**63 as uint64.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+@_helper
+def _tanh(x):
+    """float32 tanh (Triton has none that also runs in the interpreter).
+
+    Cephes ``tanhf``: an odd polynomial below |x| = 0.625 (no cancellation near 0, where
+    ``1 − 2/(e^{2x}+1)`` would lose digits), the exponential form above.
+    """
+    ax = tl.abs(x)
+    z = x * x
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+            - 3.33332819422e-1) * z * x + x
+    big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.625, poly, big)
+
+
+@_helper
+def _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk):
+    """Dropout keep decision of the block: SplitMix64(counter ^ key) >> 11 ≥ ceil(p·2⁵³).
+
+    ``u = (z >> 11)·2⁻⁵³ ≥ p`` is exactly ``z >> 11 ≥ ceil(p·2⁵³)`` (both sides are integers
+    scaled by a power of two), so the comparison needs no float64.
+    """
+    base = (b.to(tl.uint64) * Hq.to(tl.uint64) + h.to(tl.uint64)) * Lq.to(tl.uint64)
+    counter = (base + rows.to(tl.uint64))[:, None] * Lk.to(tl.uint64) + cols.to(tl.uint64)[None, :]
+    z = (counter ^ key) + _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    z = z ^ (z >> 31)
+    return (z >> 11) >= threshold
+
+
+@_helper
+def _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+             MASK, smb, smh, smm, smn, QSEG, KVSEG,
+             CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Boolean (BLOCK_M, BLOCK_N) visibility: the rules of ``AttentionCall.visible``."""
+    r = rows[:, None]
+    c = cols[None, :]
+    vis = (r < q_len) & (c < kv_len)
+    pos_q = r + off  # bottom-right position of the query on the key axis
+    if CAUSAL == 1:
+        vis = vis & (c <= pos_q)
+    if CAUSAL == 2:
+        vis = vis & (c <= r)
+    if HAS_WL:
+        vis = vis & (c >= pos_q - win_left)
+    if HAS_WR:
+        vis = vis & (c <= pos_q + win_right)
+    if HAS_SEG:
+        qs = tl.load(QSEG + b.to(tl.int64) * Lq + rows, mask=rows < Lq, other=-1)
+        ks = tl.load(KVSEG + b.to(tl.int64) * Lk + cols, mask=cols < Lk, other=-2)
+        vis = vis & (qs[:, None] == ks[None, :])
+    if HAS_MASK:
+        m_ptrs = MASK + b.to(tl.int64) * smb + h.to(tl.int64) * smh + r.to(tl.int64) * smm + c.to(tl.int64) * smn
+        m = tl.load(m_ptrs, mask=(r < Lq) & (c < Lk), other=0)
+        vis = vis & (m != 0)
+    return vis
+
+
+@_helper
+def _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn, SLOPES, Hq,
+            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """float32 scores of a tile before masking, in the semantics' order, and tanh(s/c) for the softcap."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    th = s  # unused without a softcap
+    if HAS_SOFTCAP:
+        th = _tanh(s / softcap)
+        s = softcap * th
+    if HAS_BIAS:
+        r = rows[:, None]
+        c = cols[None, :]
+        b_ptrs = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + r.to(tl.int64) * sbm + c.to(tl.int64) * sbn
+        s += tl.load(b_ptrs, mask=(r < Lq) & (c < Lk), other=0.0).to(tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * Hq + h).to(tl.float32)
+        dist = tl.abs((rows[:, None] + off) - cols[None, :]).to(tl.float32)
+        s -= slope * dist
+    return s, th
+
+
+@_helper
+def _key_range(row0, row1, q_len, kv_len, off, win_left, win_right,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Key blocks [lo, hi) that rows [row0, row1) can see (row1 ≤ q_len); empty for padded blocks."""
+    lo = row0 * 0
+    hi = kv_len + row0 * 0
+    if CAUSAL == 1:
+        hi = tl.minimum(hi, row1 + off)
+    if CAUSAL == 2:
+        hi = tl.minimum(hi, row1)
+    if HAS_WL:
+        lo = tl.maximum(lo, row0 + off - win_left)
+    if HAS_WR:
+        hi = tl.minimum(hi, row1 + off + win_right)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.where(row0 < q_len, hi, lo)
+    return lo, hi
+
+
+@_helper
+def _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    q_len = Lq + b * 0
+    kv_len = Lk + b * 0
+    if HAS_QLEN:
+        q_len = tl.load(QLEN + b).to(tl.int32)
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b).to(tl.int32)
+    return q_len, kv_len
+
+
+@triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
+def attn_fwd(
+    Q, K, V, O, LSE, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+    Hq, group, Lq, Lk, D, Dv, scale, softcap, win_left, win_right, seed_key, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_QLEN: tl.constexpr,
+    HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // group
+    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    off = kv_len - q_len
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=(rows[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
+    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    row0 = pid_m * BLOCK_M
+    row1 = tl.minimum(row0 + BLOCK_M, q_len)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+                       MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
+        # Block skipping: tiles no rule lets through (other documents, all-False mask) cost no dot.
+        if tl.max(vis.to(tl.int32)) > 0:
+            kv_ok = cols[:, None] < kv_len
+            k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                        mask=kv_ok & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
+                        mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
+            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                            SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no visible key keep m = −inf; 0 stands in so exp() gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the sum stays pre-dropout
+            if DROPOUT:
+                keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < Dv))
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
+
+
+@triton.jit(do_not_specialize=['Hq', 'Lq', 'Dv'])
+def attn_bwd_delta(
+    O, DO, DLSE, DELTA, QLEN, sob, soh, som, sod, sdb, sdh, sdm, sdd,
+    Hq, Lq, Dv,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Δ_i = rowsum(dO ∘ O) − dlse_i, 0 on padded rows (their O/dO are never read)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    q_len, _ = _lengths(b, QLEN, QLEN, Lq, Lq, HAS_QLEN, False)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < q_len) & (offs_dv[None, :] < Dv)
+    r64 = rows[:, None].to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + r64 * som + offs_dv[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64 * sdm + offs_dv[None, :] * sdd, mask=ok,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # ∂lse_i/∂s_ij = p_ij: an upstream dlse turns dS = P∘(dP − Δ) into P∘(dP − (Δ − dlse)).
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * Lq + rows, mask=rows < q_len, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
+
+
+@triton.jit(do_not_specialize=['Hq', 'Hkv', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
+def attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+    Hq, Hkv, group, Lq, Lk, D, Dv, scale, softcap, win_left, win_right, seed_key, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_QLEN: tl.constexpr,
+    HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WANT_DBIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    off = kv_len - q_len
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kv_ok = cols[:, None] < kv_len
+    c64 = cols[:, None].to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + c64 * skn + offs_d[None, :] * skd,
+                mask=kv_ok & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + c64 * svn + offs_dv[None, :] * svd,
+                mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
+    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
+    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query rows [lo, hi) that can see any key of this block (the mirror of _key_range).
+    col0 = pid_n * BLOCK_N
+    col1 = tl.minimum(col0 + BLOCK_N, kv_len)
+    lo = col0 * 0
+    hi = q_len + col0 * 0
+    if CAUSAL == 1:
+        lo = tl.maximum(lo, col0 - off)
+    if CAUSAL == 2:
+        lo = tl.maximum(lo, col0)
+    if HAS_WL:
+        hi = tl.minimum(hi, col1 + win_left - off)
+    if HAS_WR:
+        lo = tl.maximum(lo, col0 - off - win_right)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.where(col0 < kv_len, hi, lo)
+
+    for g in range(0, group):  # the query heads of this K/V head's group: summed here, never repeated
+        h = hk * group + g
+        bh = (b * Hq + h).to(tl.int64)
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+                           MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
+            if tl.max(vis.to(tl.int32)) > 0:
+                r64 = rows[:, None].to(tl.int64)
+                q_ok = rows[:, None] < q_len
+                q = tl.load(q_base + r64 * sqm + offs_d[None, :] * sqd, mask=q_ok & (offs_d[None, :] < D), other=0.0)
+                do = tl.load(do_base + r64 * sdm + offs_dv[None, :] * sdd, mask=q_ok & (offs_dv[None, :] < Dv),
+                             other=0.0)
+                lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: p = 0
+                delta = tl.load(DELTA + bh * Lq + rows, mask=rows < q_len, other=0.0)
+                s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                                SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
+                s = tl.where(vis, s, float("-inf"))
+                p = tl.exp(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                if DROPOUT:
+                    keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                    pd = tl.where(keep, p * drop_scale, 0.0)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                else:
+                    pd = p
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision="ieee")
+                ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
+                if WANT_DBIAS:
+                    # Each (head, row, key) belongs to exactly one program: plain stores, no race.
+                    db_ptrs = DBIAS + (bh * Lq + r64) * Lk + cols[None, :]
+                    tl.store(db_ptrs, ds, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+                if HAS_SOFTCAP:
+                    ds = ds * (1.0 - th * th)  # d(c·tanh(x/c))/dx
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    dk = dk * scale
+    out_ok = cols[:, None] < Lk
+    tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + c64 * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=out_ok & (offs_d[None, :] < D))
+    tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + c64 * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=out_ok & (offs_dv[None, :] < Dv))
+
+
+@triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
+def attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sdqb, sdqh, sdqm, sdqd,
+    smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+    Hq, group, Lq, Lk, D, Dv, scale, softcap, win_left, win_right, seed_key, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_QLEN: tl.constexpr,
+    HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // group
+    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    off = kv_len - q_len
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    r64 = rows[:, None].to(tl.int64)
+    q_ok = rows[:, None] < q_len
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64 * sqm + offs_d[None, :] * sqd,
+                mask=q_ok & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64 * sdm + offs_dv[None, :] * sdd,
+                 mask=q_ok & (offs_dv[None, :] < Dv), other=0.0)
+    bh = pid_bh.to(tl.int64)
+    lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + bh * Lq + rows, mask=rows < q_len, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
+    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row0 = pid_m * BLOCK_M
+    row1 = tl.minimum(row0 + BLOCK_M, q_len)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+                       MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
+        if tl.max(vis.to(tl.int32)) > 0:
+            kv_ok = cols[:, None] < kv_len
+            c64 = cols[:, None].to(tl.int64)
+            k = tl.load(k_base + c64 * skn + offs_d[None, :] * skd, mask=kv_ok & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + c64 * svn + offs_dv[None, :] * svd, mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
+            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                            SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
+            s = tl.where(vis, s, float("-inf"))
+            p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            if DROPOUT:
+                keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - th * th)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    dq = dq * scale
+    tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + r64 * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
+
+
+@triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'win_left', 'win_right'])
+def attn_weights(
+    Q, K, LSE, W, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
+    Hq, group, Lq, Lk, D, scale, softcap, win_left, win_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_QLEN: tl.constexpr,
+    HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Pre-dropout probabilities exp(s − lse) into a zeroed (B, Hq, Lq, Lk) float32 W."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // group
+    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    off = kv_len - q_len
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    r64 = rows[:, None].to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64 * sqm + offs_d[None, :] * sqd,
+                mask=(rows[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+    bh = pid_bh.to(tl.int64)
+    lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    row0 = pid_m * BLOCK_M
+    row1 = tl.minimum(row0 + BLOCK_M, q_len)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+                       MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
+        if tl.max(vis.to(tl.int32)) > 0:
+            c64 = cols[:, None].to(tl.int64)
+            k = tl.load(k_base + c64 * skn + offs_d[None, :] * skd,
+                        mask=(cols[:, None] < kv_len) & (offs_d[None, :] < D), other=0.0)
+            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                            SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
+            s = tl.where(vis, s, float("-inf"))
+            p = tl.exp(s - lse[:, None])
+            tl.store(W + (bh * Lq + r64) * Lk + cols[None, :], p, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))

@@ -1,0 +1,113 @@
+"""The ``triton`` backend on a real GPU: bfloat16 (the interpreter's bf16 ``tl.dot`` is wrong),
+realistic sizes, default dispatch of CUDA tensors, torch SDPA agreement, Inductor.
+
+Every test is ``@pytest.mark.gpu``: ``tests/conftest.py`` deselects them where
+``torch.cuda.is_available()`` is False, so CPU machines neither run nor skip them.
+"""
+
+from __future__ import annotations
+
+import helpers as H
+import numpy as np
+import pytest
+import torch
+
+import dotattn
+import dotattn.torch as dtorch
+
+pytestmark = pytest.mark.gpu
+
+BF16 = H.BFLOAT16
+
+
+def _cuda(x, requires_grad=False):
+    x = np.ascontiguousarray(x)
+    t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if x.dtype == BF16 else torch.from_numpy(x)
+    t = t.cuda()
+    return t.requires_grad_() if requires_grad else t
+
+
+def _host(t):
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16)
+    return t.numpy()
+
+
+def check(q, k, v, opts):
+    tq, tk, tv = (_cuda(x, True) for x in (q, k, v))
+    topts = dict(opts)
+    for name in ("mask", "bias"):
+        if name in opts:
+            topts[name] = _cuda(opts[name], requires_grad=name == "bias")
+    out, lse = dtorch.attention(tq, tk, tv, return_lse=True, **topts)  # default dispatch: triton on CUDA
+    ref_out, ref_lse = H.reference(q, k, v, **opts)
+    H.assert_close_to_reference(_host(out), ref_out, H.naive(q, k, v, **opts)[0], name="out")
+    H.assert_close_to_reference(_host(lse), ref_lse, None, name="lse", dtype=np.float32, floor=1e-3)
+    dout = np.random.default_rng(1).standard_normal(out.shape).astype(q.dtype)
+    (out.float() * _cuda(dout).float()).sum().backward()
+    ref = H.reference_grads(q, k, v, dout, **opts)
+    nai = H.naive_grads(q, k, v, dout, **opts)
+    got = [tq.grad, tk.grad, tv.grad] + ([topts["bias"].grad] if "bias" in opts else [])
+    magnitude = max(float(np.abs(x.astype(np.float64)).max()) for x in (q, k, v, dout)) ** 2
+    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), got, ref, nai):
+        H.assert_close_to_reference(_host(g), r, n, name=name, factor=3.0, dtype=q.dtype, magnitude=magnitude)
+
+
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_against_the_reference(D, causal):
+    q, k, v = H.random_qkv(0, batch=(2,), Hq=4, Hkv=2, Lq=300, Lk=333, D=D, dtype=BF16)
+    check(q, k, v, {"causal": causal})
+
+
+def test_bfloat16_every_option():
+    B, Hq, Lq, Lk = 2, 4, 200, 257
+    rng = np.random.default_rng(3)
+    q_len, kv_len = np.array([200, 150]), np.array([257, 99])
+    q, k, v = H.random_qkv(3, batch=(B,), Hq=Hq, Hkv=1, Lq=Lq, Lk=Lk, D=64, dtype=BF16, q_lengths=q_len,
+                           kv_lengths=kv_len)
+    opts = {
+        "q_lengths": q_len, "kv_lengths": kv_len, "window": (64, 8), "softcap": 20.0,
+        "alibi_slopes": rng.uniform(0, 0.1, (Hq,)), "mask": H.random_mask(4, (Lq, Lk), 0.9),
+        "bias": rng.standard_normal((Hq, 1, Lk)).astype(np.float32), "dropout_p": 0.1, "seed": 99,
+    }
+    check(q, k, v, opts)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_long_sequence_float16_float32(dtype):
+    q, k, v = H.random_qkv(5, batch=(1,), Hq=2, Lq=1024, Lk=1024, D=128, dtype=dtype)
+    check(q, k, v, {"causal": True})
+
+
+def test_matches_torch_sdpa_flash():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ours = dotattn.attention(q, k, v, causal=True)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert (ours.double() - ref).abs().max() <= 2 * (theirs.double() - ref).abs().max() + 8e-3
+
+
+def test_inductor_compiles_around_the_custom_op():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return (dtorch.attention(q * 2, k, v, causal=True) ** 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
+def test_info_says_cuda():
+    row = dotattn.info()[0]
+    assert row["name"] == "triton" and row["available"] and "CUDA" in row["status"]

@@ -120,6 +120,10 @@ class _Launch:
         self.q_seg = small(call.q_segment_ids, torch.int64)
         self.kv_seg = small(call.kv_segment_ids, torch.int64)
         self.slopes = small(call.alibi_slopes, torch.float32)
+        # Block geometry (a block of a larger problem; zeros/own sizes otherwise): see _geometry.
+        self.geom = torch.tensor(
+            [call.position_shift, call.top_left_offset, *call.dropout_geometry], dtype=torch.int64
+        ).to(self.device)
         left, right = call.window if call.window is not None else (None, None)
         self.block_d = max(16, _next_pow2(call.D))
         self.block_dv = max(16, _next_pow2(call.Dv))
@@ -186,7 +190,7 @@ def forward(call: AttentionCall, q, k, v, mask, bias):
     cfg = L.config("fwd")
     grid = (triton_cdiv(call.Lq, cfg["BLOCK_M"]), call.B * call.Hq)
     L.kern.attn_fwd[grid](
-        L.q, L.k, L.v, out, lse, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg,
+        L.q, L.k, L.v, out, lse, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg, L.geom,
         *L.q.stride(), *L.k.stride(), *L.v.stride(), *out.stride(), *L.option_args(),
         call.Hq, call.group, call.Lq, call.Lk, call.D, call.Dv, L.scalars["scale"], L.scalars["softcap"],
         L.scalars["win_left"], L.scalars["win_right"], L.seed_key, L.threshold, L.drop_scale,
@@ -230,12 +234,12 @@ def backward(call: AttentionCall, q, k, v, out, lse, dout, dlse, mask, bias, wan
     consts = dict(BLOCK_D=L.block_d, BLOCK_DV=L.block_dv, DROPOUT=call.dropout_p > 0.0, **L.flags, **cfg)
     L.kern.attn_bwd_dkdv[(triton_cdiv(call.Lk, cfg["BLOCK_N"]), call.B * call.Hkv)](
         L.q, L.k, L.v, dout_c, lse_c, delta, dk, dv, dbias if dbias is not None else delta,
-        L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg,
+        L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg, L.geom,
         *L.q.stride(), *L.k.stride(), *L.v.stride(), *dout_c.stride(), *dk.stride(), *dv.stride(),
         *L.option_args(), call.Hq, call.Hkv, call.group, *common, WANT_DBIAS=want_dbias, **consts,
     )
     L.kern.attn_bwd_dq[(triton_cdiv(call.Lq, bm), call.B * call.Hq)](
-        L.q, L.k, L.v, dout_c, lse_c, delta, dq, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg,
+        L.q, L.k, L.v, dout_c, lse_c, delta, dq, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg, L.geom,
         *L.q.stride(), *L.k.stride(), *L.v.stride(), *dout_c.stride(), *dq.stride(),
         *L.option_args(), call.Hq, call.group, *common, **consts,
     )
@@ -253,7 +257,7 @@ def weights(call: AttentionCall, q, k, mask, bias, lse):
     cfg = L.config("fwd")
     flags = dict(L.flags)
     L.kern.attn_weights[(triton_cdiv(call.Lq, cfg["BLOCK_M"]), call.B * call.Hq)](
-        L.q, L.k, lse.contiguous(), w, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg,
+        L.q, L.k, lse.contiguous(), w, L.mask, L.bias, L.slopes, L.q_len, L.kv_len, L.q_seg, L.kv_seg, L.geom,
         *L.q.stride(), *L.k.stride(), *L.option_args(),
         call.Hq, call.group, call.Lq, call.Lk, call.D, L.scalars["scale"], L.scalars["softcap"],
         L.scalars["win_left"], L.scalars["win_right"],

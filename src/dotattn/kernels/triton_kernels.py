@@ -85,7 +85,7 @@ def _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk):
 
 
 @_helper
-def _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+def _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
              MASK, smb, smh, smm, smn, QSEG, KVSEG,
              CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
              HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr):
@@ -97,7 +97,7 @@ def _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
     if CAUSAL == 1:
         vis = vis & (c <= pos_q)
     if CAUSAL == 2:
-        vis = vis & (c <= r)
+        vis = vis & (c <= r + tl_off)
     if HAS_WL:
         vis = vis & (c >= pos_q - win_left)
     if HAS_WR:
@@ -135,7 +135,7 @@ def _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh,
 
 
 @_helper
-def _key_range(row0, row1, q_len, kv_len, off, win_left, win_right,
+def _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
     """Key blocks [lo, hi) that rows [row0, row1) can see (row1 ≤ q_len); empty for padded blocks."""
     lo = row0 * 0
@@ -143,7 +143,7 @@ def _key_range(row0, row1, q_len, kv_len, off, win_left, win_right,
     if CAUSAL == 1:
         hi = tl.minimum(hi, row1 + off)
     if CAUSAL == 2:
-        hi = tl.minimum(hi, row1)
+        hi = tl.minimum(hi, row1 + tl_off)
     if HAS_WL:
         lo = tl.maximum(lo, row0 + off - win_left)
     if HAS_WR:
@@ -151,6 +151,17 @@ def _key_range(row0, row1, q_len, kv_len, off, win_left, win_right,
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.where(row0 < q_len, hi, lo)
     return lo, hi
+
+
+@_helper
+def _geometry(GEOM):
+    """A block of a larger problem (``semantics.BlockGeometry``, used by ring attention):
+    ``GEOM`` = int64 [position shift, top-left offset, dropout h0, row0, col0, Hq, Lq, Lk]
+    (zeros and the call's own sizes for a whole problem)."""
+    shift = tl.load(GEOM + 0).to(tl.int32)
+    tl_off = tl.load(GEOM + 1).to(tl.int32)
+    return shift, tl_off, tl.load(GEOM + 2), tl.load(GEOM + 3), tl.load(GEOM + 4), tl.load(GEOM + 5), \
+        tl.load(GEOM + 6), tl.load(GEOM + 7)
 
 
 @_helper
@@ -166,7 +177,7 @@ def _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.const
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
 def attn_fwd(
-    Q, K, V, O, LSE, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    Q, K, V, O, LSE, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG, GEOM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, sbb, sbh, sbm, sbn,
     Hq, group, Lq, Lk, D, Dv, scale, softcap, win_left, win_right, seed_key, drop_threshold, drop_scale,
@@ -181,7 +192,8 @@ def attn_fwd(
     h = pid_bh % Hq
     hk = h // group
     q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    off = kv_len - q_len
+    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
+    off = kv_len - q_len + shift
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -197,10 +209,10 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row0 = pid_m * BLOCK_M
     row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         # Block skipping: tiles no rule lets through (other documents, all-False mask) cost no dot.
         if tl.max(vis.to(tl.int32)) > 0:
@@ -219,7 +231,7 @@ def attn_fwd(
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)  # the sum stays pre-dropout
             if DROPOUT:
-                keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                 p = tl.where(keep, p * drop_scale, 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
@@ -260,7 +272,7 @@ def attn_bwd_delta(
 
 @triton.jit(do_not_specialize=['Hq', 'Hkv', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DBIAS, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG, GEOM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -275,7 +287,8 @@ def attn_bwd_dkdv(
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
     q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    off = kv_len - q_len
+    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
+    off = kv_len - q_len + shift
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -298,7 +311,7 @@ def attn_bwd_dkdv(
     if CAUSAL == 1:
         lo = tl.maximum(lo, col0 - off)
     if CAUSAL == 2:
-        lo = tl.maximum(lo, col0)
+        lo = tl.maximum(lo, col0 - tl_off)
     if HAS_WL:
         hi = tl.minimum(hi, col1 + win_left - off)
     if HAS_WR:
@@ -313,7 +326,7 @@ def attn_bwd_dkdv(
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+            vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                            MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
             if tl.max(vis.to(tl.int32)) > 0:
                 r64 = rows[:, None].to(tl.int64)
@@ -330,7 +343,7 @@ def attn_bwd_dkdv(
                 p = tl.exp(s - lse[:, None])
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                 if DROPOUT:
-                    keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                    keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                     pd = tl.where(keep, p * drop_scale, 0.0)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 else:
@@ -354,7 +367,7 @@ def attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG, GEOM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sdqb, sdqh, sdqm, sdqd,
     smb, smh, smm, smn, sbb, sbh, sbm, sbn,
@@ -370,7 +383,8 @@ def attn_bwd_dq(
     h = pid_bh % Hq
     hk = h // group
     q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    off = kv_len - q_len
+    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
+    off = kv_len - q_len + shift
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -391,10 +405,10 @@ def attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row0 = pid_m * BLOCK_M
     row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         if tl.max(vis.to(tl.int32)) > 0:
             kv_ok = cols[:, None] < kv_len
@@ -407,7 +421,7 @@ def attn_bwd_dq(
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if DROPOUT:
-                keep = _keep(key, threshold, b, h, rows, cols, Hq, Lq, Lk)
+                keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
@@ -420,7 +434,7 @@ def attn_bwd_dq(
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'win_left', 'win_right'])
 def attn_weights(
-    Q, K, LSE, W, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG,
+    Q, K, LSE, W, MASK, BIAS, SLOPES, QLEN, KVLEN, QSEG, KVSEG, GEOM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn, sbb, sbh, sbm, sbn,
     Hq, group, Lq, Lk, D, scale, softcap, win_left, win_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -435,7 +449,8 @@ def attn_weights(
     h = pid_bh % Hq
     hk = h // group
     q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    off = kv_len - q_len
+    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
+    off = kv_len - q_len + shift
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     r64 = rows[:, None].to(tl.int64)
@@ -447,10 +462,10 @@ def attn_weights(
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     row0 = pid_m * BLOCK_M
     row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(rows, cols, b, h, q_len, kv_len, off, Lq, Lk, win_left, win_right,
+        vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         if tl.max(vis.to(tl.int32)) > 0:
             c64 = cols[:, None].to(tl.int64)

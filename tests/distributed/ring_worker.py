@@ -1,0 +1,168 @@
+"""One rank of the distributed tests: joins a gloo group, then runs the cases the test sends.
+
+Started by ``tests/distributed/conftest.py`` as ``python ring_worker.py RANK WORLD STORE_FILE
+ADDRESS`` (a plain script: the test folder is no package, so ``multiprocessing`` spawn could
+not import a target from it).  Cases arrive over a ``multiprocessing.connection`` to the
+test process and results go back the same way; the worker exits when the connection closes,
+so a failing test never leaves a rank behind.
+
+Each case builds the full inputs from a seed (the same on every rank), takes this rank's
+shard, runs ring or Ulysses attention forward and backward, and returns its shards of the
+output, LSE and gradients; the test compares them, unsharded, with one single-process call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Client
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import dotattn.distributed as dd
+
+
+def make_inputs(seed, B, Hq, Hkv, L, D, Dv, dtype):
+    """Full q, k, v, dout (bhld), float64 NumPy → the case's dtype; the test process uses it too."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, L, D))
+    k = rng.standard_normal((B, Hkv, L, D))
+    v = rng.standard_normal((B, Hkv, L, Dv))
+    dout = rng.standard_normal((B, Hq, L, Dv))
+    return [x.astype(dtype) for x in (q, k, v, dout)]
+
+
+def _counting():
+    """Wrap dist.isend/irecv: the ring's messages, as (kind, elements, dtype, tag)."""
+    log = []
+    real_send, real_recv = dist.isend, dist.irecv
+
+    def isend(tensor, *args, **kwargs):
+        log.append(("send", tensor.numel(), str(tensor.dtype), kwargs.get("tag", 0)))
+        return real_send(tensor, *args, **kwargs)
+
+    def irecv(tensor, *args, **kwargs):
+        log.append(("recv", tensor.numel(), str(tensor.dtype), kwargs.get("tag", 0)))
+        return real_recv(tensor, *args, **kwargs)
+
+    dist.isend, dist.irecv = isend, irecv
+    return log, (real_send, real_recv)
+
+
+def case_run(rank, world, *, fn="ring", data_seed=0, B=1, Hq=4, Hkv=2, L=24, D=8, Dv=8, dtype="float64",
+             sharding="zigzag", layout="bhld", segments=False, count=False, group_timeout=None, expect_error=False,
+             **options):
+    if expect_error:
+        try:
+            case_run(rank, world, fn=fn, data_seed=data_seed, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, dtype=dtype,
+                     sharding=sharding, layout=layout, segments=segments, **options)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return dict(type=type(exc).__name__, message=str(exc))
+        return dict(type=None)
+    dtype = np.dtype(dtype)
+    q, k, v, dout = make_inputs(data_seed, B, Hq, Hkv, L, D, Dv, dtype)
+    if segments:
+        options["segment_ids"] = dd.shard(np.sort(np.random.default_rng(data_seed + 1).integers(0, 3, (B, L))), rank,
+                                          world, sharding, dim=-1)
+    if options.get("alibi_slopes") is not None:
+        options["alibi_slopes"] = np.asarray(options["alibi_slopes"])
+    dim = -2 if layout == "bhld" else -3
+    if layout == "blhd":
+        q, k, v, dout = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (q, k, v, dout))
+    shards = [torch.from_numpy(np.ascontiguousarray(dd.shard(x, rank, world, sharding, dim=dim))) for x in (q, k, v)]
+    for t in shards:
+        t.requires_grad_(True)
+    group = None
+    if group_timeout is not None:
+        group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+    call = dd.ring_attention if fn == "ring" else dd.ulysses_attention
+    log = None
+    if count:
+        log, real = _counting()
+    try:
+        out, lse = call(*shards, group=group, sharding=sharding, layout=layout, return_lse=True, **options)
+        n_fwd = len(log) if log is not None else 0
+        out.backward(torch.from_numpy(np.ascontiguousarray(dd.shard(dout, rank, world, sharding, dim=dim))))
+    finally:
+        if log is not None:
+            dist.isend, dist.irecv = real
+    result = dict(out=out.detach().numpy(), lse=lse.numpy(), dq=shards[0].grad.numpy(),
+                  dk=shards[1].grad.numpy(), dv=shards[2].grad.numpy())
+    if log is not None:
+        result["messages"] = dict(forward=log[:n_fwd], backward=log[n_fwd:])
+    return result
+
+
+def case_bad_input(rank, world, *, bad_rank=1, kind="shape", group_timeout=20):
+    """Rank ``bad_rank`` passes k with the wrong head dim (``kind="shape"``) or another
+    ``causal`` than the others (``"options"``); every rank reports what it raised."""
+    group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    k = torch.randn(1, 2, 8, 5 if rank == bad_rank and kind == "shape" else 4, dtype=torch.float64)
+    causal = rank == bad_rank and kind == "options"
+    try:
+        dd.ring_attention(q, k, q.clone(), group=group, causal=causal, implementation="numpy")
+    except Exception as exc:  # noqa: BLE001 - the test inspects the type and message
+        return dict(type=type(exc).__name__, message=str(exc), distributed=isinstance(exc, dd.DistributedAttentionError))
+    return dict(type=None)
+
+
+def case_missing_rank(rank, world, *, absent_rank=1, group_timeout=3, stage="join"):
+    """``absent_rank`` never joins (stage "join") or dies inside the ring (stage "ring"): the
+    others must raise within the group's timeout instead of hanging."""
+    import time
+
+    group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    if rank == absent_rank and stage == "join":
+        return dict(type="absent")
+    real = dd._pack_kv
+    if rank == absent_rank:  # dies after agreeing to the call, before sending its K/V
+        def broken(*a, **kw):
+            raise RuntimeError("simulated failure inside the ring")
+
+        dd._pack_kv = broken
+    start = time.monotonic()
+    try:
+        dd.ring_attention(q, q.clone(), q.clone(), group=group, implementation="numpy")
+    except Exception as exc:  # noqa: BLE001
+        return dict(type=type(exc).__name__, message=str(exc), seconds=time.monotonic() - start,
+                    distributed=isinstance(exc, dd.DistributedAttentionError))
+    finally:
+        dd._pack_kv = real
+    return dict(type=None, seconds=time.monotonic() - start)
+
+
+CASES = {"run": case_run, "bad_input": case_bad_input, "missing_rank": case_missing_rank}
+
+
+def main():
+    rank, world, store_file, host, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+    conn = Client((host, port), authkey=os.environ["DOTATTN_TEST_AUTHKEY"].encode())
+    try:
+        store = dist.FileStore(store_file, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        conn.send(("ready", rank))
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                break
+            if msg is None:
+                break
+            name, kwargs = msg
+            try:
+                conn.send(("ok", CASES[name](rank, world, **kwargs)))
+            except Exception as exc:  # noqa: BLE001 - sent to the test, which fails with it
+                conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+        os._exit(0)  # no process-group teardown: a rank stuck in a timed-out group must not hang here
+
+
+if __name__ == "__main__":
+    main()

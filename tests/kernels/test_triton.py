@@ -428,3 +428,17 @@ def test_blocks_merged_equal_the_full_call(opts):
     nai_out, nai_lse = H.naive(q, k, v, **opts)
     H.assert_close_to_reference(got_out, ref_out, nai_out, name="blocks out")
     H.assert_close_to_reference(got_lse, ref_lse, nai_lse, name="blocks lse")
+
+
+def test_numpy_view_entry_points_refuse_cuda_tensors_clearly():
+    """attention() takes CUDA tensors now; entry points that compute on NumPy views say they do not."""
+    from dotattn.torch._convert import to_numpy
+
+    class CudaLooking(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    t = torch.zeros(2, 3).as_subclass(CudaLooking)
+    with pytest.raises(NotImplementedError, match=r"k_cache is on device 'cuda:0'.*CPU tensors only.*\.cpu\(\)"):
+        to_numpy("k_cache", t)

@@ -476,3 +476,91 @@ def attn_weights(
             s = tl.where(vis, s, float("-inf"))
             p = tl.exp(s - lse[:, None])
             tl.store(W + (bh * Lq + r64) * Lk + cols[None, :], p, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+
+
+@triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Lq", "D", "Dv", "page_size", "split", "win_left", "win_right"])
+def decode_split(
+    Q, K, V, TABLE, KVLEN, SLOPES, OUT, LSE,
+    sqb, sqh, sqm, sqd, skp, skh, sks, skd, svp, svh, svs, svd, stb, stp,
+    sob, soh, som, soc, sod, slb, slh, slm, slc,
+    Hq, Hkv, G, Lq, D, Dv, page_size, split, scale, softcap, win_left, win_right,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Split-KV decoding ("flash decoding"), grid ``(n_chunks, B·Hkv)``: the ``G·Lq`` query rows
+    of one K/V head (GQA folded into rows, so each cached key is read once for the group)
+    against keys ``[c·split, (c+1)·split)`` of one sequence, read through its page table.
+
+    Writes the chunk's partial output ``OUT[b, h, i, c]`` and LSE ``LSE[b, h, i, c]`` (float32;
+    −inf for a chunk with no visible key), merged afterwards over chunks.  Query ``i`` sits at
+    position ``kv_len − Lq + i`` (bottom-right); only keys below ``kv_len`` are read.
+    """
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // Hkv
+    hk = pid % Hkv
+    n = tl.load(KVLEN + b).to(tl.int32)
+    r = tl.arange(0, BLOCK_R)
+    g = r // Lq
+    i = r % Lq
+    row_ok = r < G * Lq
+    h = hk * G + g
+    pos = n - Lq + i
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + i[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    slope = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * Hq + h, mask=row_ok, other=0.0).to(tl.float32)
+    lo = c * split
+    hi = tl.minimum(lo + split, n)
+    if CAUSAL:
+        hi = tl.minimum(hi, n)  # the last query sits at n − 1
+    if HAS_WL:
+        lo = tl.maximum(lo, n - Lq - win_left)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    k_base = K + hk.to(tl.int64) * skh
+    v_base = V + hk.to(tl.int64) * svh
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        page = tl.load(TABLE + b.to(tl.int64) * stb + (cols // page_size).to(tl.int64) * stp, mask=col_ok, other=0)
+        slot = (cols % page_size).to(tl.int64)
+        k = tl.load(k_base + page[:, None].to(tl.int64) * skp + slot[:, None] * sks + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + page[:, None].to(tl.int64) * svp + slot[:, None] * svs + offs_dv[None, :] * svd,
+                    mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        dist = pos[:, None] - cols[None, :]  # query position − key position
+        if HAS_ALIBI:
+            s -= slope[:, None] * tl.abs(dist).to(tl.float32)
+        vis = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (dist >= 0)
+        if HAS_WL:
+            vis = vis & (dist <= win_left)
+        if HAS_WR:
+            vis = vis & (dist >= -win_right)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
+    o_ptrs = (OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + i[:, None].to(tl.int64) * som
+              + c.to(tl.int64) * soc + offs_dv[None, :] * sod)
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
+    l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm + c.to(tl.int64) * slc
+    tl.store(l_ptrs, lse, mask=row_ok)

@@ -75,6 +75,12 @@ def standin(name: str, t: torch.Tensor) -> np.ndarray:
 
 def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (a copy only for lazy negation/conjugation bits)."""
+    if t.device.type not in ("cpu", "meta"):
+        # Entry points that compute on NumPy views (decoding, merges) cannot read device memory.
+        raise NotImplementedError(
+            f"dotattn: {name} is on device {str(t.device)!r}, but this entry point runs on CPU tensors only "
+            "(dotattn.attention runs CUDA tensors on the triton backend); move the tensors with .cpu()"
+        )
     t = t.detach()
     if t.is_neg() or t.is_conj():
         t = t.resolve_neg().resolve_conj()

@@ -490,7 +490,7 @@ def _check_library(arrays: dict[str, Any]) -> str:
         fw = framework_of(x)
         if fw not in ("numpy", "torch"):
             what = fw or f"{type(x).__module__}.{type(x).__name__}"
-            raise AttentionTypeError(f"{name} must be a NumPy array or a torch CPU tensor, got {what}")
+            raise AttentionTypeError(f"{name} must be a NumPy array or a torch tensor, got {what}")
         kinds[name] = fw
     if len(set(kinds.values())) > 1:
         desc = ", ".join(f"{n} is {f}" for n, f in kinds.items())
@@ -580,7 +580,9 @@ def attention_with_kvcache(
         return_lse: also return the natural-log LSE ``(B, Hq, Lq)`` (float32; float64 for a
             float64 call).
         implementation: None (``cpu`` when Numba is installed, else ``numpy``), ``"cpu"``,
-            ``"numpy"`` or ``"reference"``.
+            ``"numpy"`` or ``"reference"``.  CUDA tensors run on the Triton split-KV kernel
+            (``kernels/triton_decode.py``); ``"triton"`` runs it on CPU tensors under
+            ``TRITON_INTERPRET=1``.
 
     Caches may be float64, float32, float16 or bfloat16; q has the cache's dtype or is float32
     with a 16-bit cache; the output has q's dtype.  NumPy arrays or torch CPU tensors (written
@@ -595,6 +597,18 @@ def attention_with_kvcache(
     fw = "numpy" if plain and (k_new is None or type(k_new) is np.ndarray) else _check_library(arrays)
     if fw == "torch":
         _check_no_grad(arrays)
+        if q.device.type != "cpu" or implementation == "triton":
+            # CUDA tensors (or CPU ones under Triton's interpreter): the triton split-KV kernel,
+            # validated by normalize() on stand-ins, appended in place on the device.
+            from .kernels.triton_decode import attention_with_kvcache_tensors
+
+            if not isinstance(return_lse, (bool, np.bool_)):
+                raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+            return attention_with_kvcache_tensors(
+                q, k_cache, v_cache, k_new, v_new, cache_lengths=cache_lengths, block_table=block_table,
+                causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                rotary=rotary, return_lse=bool(return_lse), layout=layout,
+            )
         q, k_cache, v_cache, k_new, v_new = (_as_numpy(n, x) for n, x in arrays.items())
         cache_lengths = _as_numpy("cache_lengths", cache_lengths)
         block_table = _as_numpy("block_table", block_table)

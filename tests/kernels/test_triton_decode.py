@@ -85,3 +85,78 @@ def test_split_kv_kernel_matches_reference(name, shape, options):
             got_k, got_v = C.read_cache(case, b, k.shape[1])
             np.testing.assert_array_equal(got_k, k)
             np.testing.assert_array_equal(got_v, v)
+
+
+def _tensor(x):
+    if x is None:
+        return None
+    x = np.ascontiguousarray(x)
+    t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if x.dtype == H.DTYPES[1] else torch.from_numpy(x)
+    return t.to("cuda") if CUDA else t
+
+
+def _numpy(t):
+    t = t.cpu()
+    return t.view(torch.int16).numpy().view(H.DTYPES[1]) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+@pytest.mark.parametrize("name,shape,options", CASES, ids=[c[0] for c in CASES])
+def test_attention_with_kvcache_on_tensors(name, shape, options):
+    """The tensor path (CUDA's, here on CPU tensors with implementation='triton'): validation by
+    decoding.normalize on stand-ins, the append with torch indexing into the caller's cache."""
+    import dotattn
+
+    seed = sum(map(ord, name)) + 1
+    case = C.make_case(seed, **shape)
+    rng = np.random.default_rng(seed)
+    call_opts, ref_opts = dict(options), dict(options)
+    Hq = C.canonical(case.q, case.layout).shape[1]
+    if options.get("alibi_slopes"):
+        call_opts["alibi_slopes"] = ref_opts["alibi_slopes"] = rng.uniform(0.01, 0.3, Hq)
+    if options.get("rotary"):
+        D = C.canonical(case.q, case.layout).shape[3]
+        cos, sin = C.rope_tables(1024, D // 2 - 1)
+        call_opts["rotary"] = (_tensor(cos.astype(np.float32)), _tensor(sin.astype(np.float32)))
+        ref_opts["rotary"] = tuple(x.astype(np.float32).astype(np.float64) for x in (cos, sin))
+    out64, lse64, naive = C.expected(case, **ref_opts)
+    kc, vc = _tensor(case.k_cache), _tensor(case.v_cache)
+    out, lse = dotattn.attention_with_kvcache(
+        _tensor(case.q), kc, vc, _tensor(case.k_new), _tensor(case.v_new), return_lse=True,
+        implementation=None if CUDA else "triton", **case.kwargs(**call_opts),
+    )
+    assert out.dtype == _tensor(case.q).dtype and out.shape == case.q.shape[:-1] + case.v_cache.shape[-1:]
+    H.assert_close_to_reference(C.canonical(_numpy(out), case.layout), out64, naive, name=f"{name} out",
+                                dtype=case.k_cache.dtype)
+    finite = np.isfinite(lse64)
+    lse = lse.cpu().numpy()
+    assert (np.isneginf(lse) == ~finite).all()
+    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=1e-5, atol=1e-5)
+    case.k_cache, case.v_cache = _numpy(kc), _numpy(vc)  # the tensors the call wrote into
+    if ref_opts.get("rotary") is None:
+        ks, vs = C.logical_after(case)
+        for b, (k, v) in enumerate(zip(ks, vs)):
+            got_k, got_v = C.read_cache(case, b, k.shape[1])
+            np.testing.assert_array_equal(got_k, k)
+            np.testing.assert_array_equal(got_v, v)
+
+
+def test_torch_rope_is_decodings_apply_rotary():
+    from dotattn.kernels.triton_decode import _rope
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+    pos = rng.integers(0, 50, (2, 4))
+    cos, sin = (t.astype(np.float32) for t in C.rope_tables(50, 4))
+    want = decoding.apply_rotary(x, pos, cos, sin)
+    got = _rope(torch.from_numpy(x), torch.from_numpy(pos), torch.from_numpy(cos), torch.from_numpy(sin))
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_tensor_path_refuses_float64_caches_and_mixed_devices():
+    import dotattn
+    from dotattn.errors import AttentionValueError
+
+    case = C.make_case(3, B=1, dtype=np.float64, max_len=10)
+    with pytest.raises(AttentionValueError, match="float64 caches run on the CPU decode kernels"):
+        dotattn.attention_with_kvcache(*(_tensor(x) for x in (case.q, case.k_cache, case.v_cache)),
+                                       implementation="triton", **case.kwargs())

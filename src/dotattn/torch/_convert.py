@@ -63,14 +63,16 @@ def numpy_dtype(name: str, dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-def standin(name: str, t: torch.Tensor) -> np.ndarray:
+def standin(name: str, t: torch.Tensor, writeable: bool = False) -> np.ndarray:
     """A NumPy array with ``t``'s shape and dtype and no data (every stride 0, one element).
 
     For tensors NumPy cannot view (CUDA): :func:`dotattn.semantics.normalize` checks shapes and
     dtypes on it, and reshapes/broadcasts of it stay views, so nothing of size is allocated.
+    ``writeable=True`` only satisfies checks on outputs that will be written — through the
+    tensor, never through the stand-in.
     """
     base = np.zeros(1, dtype=numpy_dtype(name, t.dtype))
-    return np.lib.stride_tricks.as_strided(base, shape=tuple(t.shape), strides=(0,) * t.dim(), writeable=False)
+    return np.lib.stride_tricks.as_strided(base, shape=tuple(t.shape), strides=(0,) * t.dim(), writeable=writeable)
 
 
 def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:

@@ -1,22 +1,34 @@
-"""JAX front end: ``jax.Array`` in, ``jax.Array`` out, differentiable, usable under ``jax.jit``.
+"""JAX front end: ``jax.Array`` in, ``jax.Array`` out, differentiable, under ``jit``/``vmap``.
 
-The kernels run on the host through ``jax.pure_callback``; gradients come from dotattn's
-blockwise backward through ``jax.custom_vjp`` (the saved LSE, never the ``Lq × Lk``
-matrix).  Array options (mask, bias, lengths, segment ids, ALiBi slopes) must be concrete:
-under ``jit``, close over them as NumPy arrays rather than passing traced values.  The LSE
-output is not differentiable (as in FlashAttention); the weights are returned under
-``stop_gradient``.
+Two paths, one meaning (``docs/frameworks.md`` has the measurements behind the rule):
+
+- **native** (``implementation="jax"``, :mod:`dotattn.kernels.jax_native`): blockwise online
+  softmax in ``jax.lax`` with a ``custom_vjp`` backward.  Every array option may be traced
+  (masks, bias, lengths, segment ids and ALiBi slopes computed inside ``jit``); ``vmap``
+  batches it and it runs on the arrays' device.  Used whenever anything is traced (``jit``,
+  ``grad``, ``vmap``, ``checkpoint``) or an array is on an accelerator.
+- **host callback** (``jax.pure_callback`` into the ``cpu``/``numpy`` kernels): concrete
+  arrays on the CPU — there the Numba kernels are faster than XLA's loops — or when another
+  backend is named.  Array options must then be concrete.
+
+The LSE output is not differentiable (as in FlashAttention); the weights are returned under
+``stop_gradient``.  Argument checks are those of :mod:`dotattn.semantics`, run on
+zero-stride stand-ins with the arrays' shapes and dtypes, so a traced option gets the same
+shape/dtype errors as a NumPy one; options that decide the program (causal, window, scale,
+softcap, dropout_p, seed, layout) must be Python values.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import api, semantics
-from .errors import AttentionTypeError
+from .errors import AttentionTypeError, AttentionValueError
 
 _ARRAY_OPTIONS = ("mask", "bias", "alibi_slopes", "q_lengths", "kv_lengths", "segment_ids")
 
@@ -27,8 +39,8 @@ def _concrete(name: str, x: Any) -> Any:
         return x
     if isinstance(x, jax.core.Tracer):
         raise AttentionTypeError(
-            f"{name} is a traced JAX value; dotattn needs array options concretely — under jax.jit, "
-            "close over them as NumPy arrays (or mark them static) instead of passing them as arguments"
+            f"{name} is a traced JAX value; implementation={_NAMED[0]!r} runs on the host and needs array "
+            "options concretely — use implementation='jax' (or None), which takes traced options"
         )
     if isinstance(x, (tuple, list)):
         return type(x)(_concrete(name, e) for e in x)
@@ -40,8 +52,8 @@ def _spec(x) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=np.dtype(x.dtype)), x.shape)
 
 
-def attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
-    """``dotattn.attention`` for JAX arrays (see its docstring for the arguments)."""
+def _callback_attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
+    """The host-callback path: the CPU kernels through ``jax.pure_callback``."""
     options = {name: _concrete(name, value) for name, value in options.items()}
     extras = {n: options.pop(n) for n in list(options) if n not in api._OPTION_NAMES}
     # Validate now, on stand-ins, so bad input fails at the call and not inside a callback.
@@ -102,6 +114,172 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
         w = jax.pure_callback(host_weights, jax.ShapeDtypeStruct(w_shape, call.compute_dtype), q, k, v)
         results.append(jax.lax.stop_gradient(w))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+_NAMED = [None]  # the named host backend, for the error above
+_STATIC_OPTIONS = ("causal", "window", "scale", "softcap", "dropout_p", "seed", "layout")
+_STATIC_KIND = {
+    "causal": "bool or str",
+    "window": "pair of ints/None",
+    "scale": "float",
+    "softcap": "float",
+    "dropout_p": "float",
+    "seed": "int",
+    "layout": "str",
+}
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _static(name: str, value: Any) -> Any:
+    """A static option as a Python value; a traced one is refused, naming the argument."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if any(_is_traced(x) for x in items):
+        raise AttentionTypeError(
+            f"{name} is a traced JAX value, but dotattn compiles it into the kernel: it must be a "
+            f"static Python {_STATIC_KIND[name]}; under jax.jit pass it with static_argnums/static_argnames "
+            "or close over a Python value"
+        )
+    if isinstance(value, jax.Array) and value.ndim == 0:  # a concrete scalar array: its Python value
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(x.item() if isinstance(x, jax.Array) and x.ndim == 0 else x for x in value)
+    return value
+
+
+def _stand_in(name: str, x: Any) -> Any:
+    """What semantics.normalize checks for an array option: the value if it is cheap and
+    concrete (lengths and slopes get range checks), otherwise a stand-in of its shape/dtype."""
+    if x is None:
+        return None
+    if isinstance(x, (tuple, list)) and name == "segment_ids":
+        if all(isinstance(e, (jax.Array, np.ndarray)) for e in x):
+            return type(x)(_stand_in(name, e) for e in x)
+        return x
+    if isinstance(x, jax.Array):
+        if not _is_traced(x) and name in ("q_lengths", "kv_lengths", "alibi_slopes"):
+            return np.asarray(x)
+        return semantics.stand_in(x.shape, x.dtype)
+    return x
+
+
+def _on_accelerator(x: Any) -> bool:
+    if not isinstance(x, jax.Array) or _is_traced(x):
+        return False
+    return any(d.platform != "cpu" for d in x.devices())
+
+
+def _wants_native(implementation, arrays) -> bool:
+    """The dispatch rule (measured: docs/frameworks.md)."""
+    if implementation == "jax":
+        return True
+    if implementation is not None:
+        return False
+    flat = []
+    for x in arrays:
+        flat.extend(x if isinstance(x, (tuple, list)) else (x,))
+    return any(_is_traced(x) or _on_accelerator(x) for x in flat)
+
+
+def attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
+    """``dotattn.attention`` for JAX arrays (see its docstring for the arguments)."""
+    if implementation is not None and not isinstance(implementation, str):
+        raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
+    array_opts = [options.get(n) for n in _ARRAY_OPTIONS]
+    if not _wants_native(implementation, [q, k, v] + array_opts):
+        _NAMED[0] = implementation
+        return _callback_attention(
+            q, k, v, return_lse=return_lse, return_weights=return_weights, implementation=implementation,
+            max_weights_bytes=max_weights_bytes, **options,
+        )
+    return _native_attention(q, k, v, return_lse=return_lse, return_weights=return_weights,
+                             max_weights_bytes=max_weights_bytes, **options)
+
+
+def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes, **options):
+    from .kernels import jax_native
+
+    for name in _STATIC_OPTIONS:
+        if name in options:
+            options[name] = _static(name, options[name])
+    extras = {n: options.pop(n) for n in list(options) if n not in api._OPTION_NAMES}
+    checked = {n: (_stand_in(n, x) if n in _ARRAY_OPTIONS else x) for n, x in options.items()}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, jax.Array):
+            raise AttentionTypeError(f"{name} must be a jax.Array like q, got {type(x).__name__}")
+    call = semantics.normalize(*(semantics.stand_in(x.shape, x.dtype) for x in (q, k, v)), extras=extras, **checked)
+    if call.extras:
+        raise AttentionValueError(
+            f"implementation='jax' does not take {', '.join(sorted(call.extras))} (the host 'cpu' backend does: "
+            "pass implementation='cpu' with concrete arrays)"
+        )
+    if call.dtype == np.float64 and not jax.config.jax_enable_x64:  # pragma: no cover - JAX cannot make one
+        raise AttentionTypeError("float64 inputs need jax_enable_x64")
+    if return_weights:
+        semantics.check_weights_size(
+            call, semantics.DEFAULT_MAX_WEIGHTS_BYTES if max_weights_bytes is None else max_weights_bytes
+        )
+    B, Hq, Lq, Lk = call.B, call.Hq, call.Lq, call.Lk
+    qc, kc, vc = (semantics._to_canonical(x, call.layout) for x in (q, k, v))
+    lead = call.batch_shape
+
+    def lengths(x, L):
+        if x is None:
+            return None
+        x = jnp.asarray(x)
+        x = jnp.broadcast_to(x, (B,)) if x.ndim == 0 else x.reshape(B)
+        # Traced lengths cannot be range-checked up front; clipping keeps them in [0, L].
+        return jnp.clip(x.astype(jnp.int32), 0, L)
+
+    seg = options.get("segment_ids")
+    q_seg = kv_seg = None
+    if seg is not None:
+        if call.q_segment_ids is not call.kv_segment_ids:  # a pair (q_ids, kv_ids)
+            q_seg, kv_seg = (jnp.asarray(x).reshape(B, L).astype(jnp.int32) for x, L in zip(seg, (Lq, Lk)))
+        else:
+            q_seg = kv_seg = jnp.asarray(seg).reshape(B, Lq).astype(jnp.int32)
+    slopes = options.get("alibi_slopes")
+    if slopes is not None:
+        slopes = jnp.asarray(slopes)
+        slopes = slopes.reshape(1, Hq) if slopes.ndim == 1 else slopes.reshape(B, Hq)
+        slopes = slopes.astype(call.compute_dtype)
+    key = jnp.asarray(jax_native.seed_key_pair(call.seed)) if call.dropout_p > 0.0 else None
+    cfg = jax_native.config(call.scale, call.softcap, call.causal, call.window, call.dropout_p)
+    args = (
+        qc, kc, vc,
+        _compact_pairwise(options.get("bias"), lead, B, Hq, Lq, Lk),
+        _compact_pairwise(options.get("mask"), lead, B, Hq, Lq, Lk),
+        lengths(options.get("q_lengths"), Lq), lengths(options.get("kv_lengths"), Lk),
+        q_seg, kv_seg, slopes, key,
+    )
+    out, lse = jax_native.attention(cfg, *args)
+    results = [semantics._from_canonical(call, out)]
+    if return_lse:
+        results.append(jax.lax.stop_gradient(semantics._from_canonical(call, lse[..., None], pairwise=True)[..., 0]))
+    if return_weights:
+        w = jax_native.weights(cfg, *args)
+        results.append(jax.lax.stop_gradient(semantics._from_canonical(call, w, pairwise=True)))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _compact_pairwise(x, lead: tuple[int, ...], B: int, Hq: int, Lq: int, Lk: int):
+    """A mask/bias broadcastable to ``lead + (Hq, Lq, Lk)`` (checked by semantics) → 4-D
+    ``(B|1, Hq|1, Lq|1, Lk|1)`` without materializing the broadcast dims."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    full_ndim = len(lead) + 3
+    x = x.reshape((1,) * (full_ndim - x.ndim) + x.shape)
+    batch = x.shape[: len(lead)]
+    if all(d == 1 for d in batch):
+        b = 1
+    else:
+        if batch != lead:  # partly broadcast batch dims: expand those only
+            x = jnp.broadcast_to(x, lead + x.shape[len(lead):])
+        b = B
+    return x.reshape((b,) + x.shape[len(lead):])
 
 
 __all__ = ["attention"]

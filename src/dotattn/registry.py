@@ -35,6 +35,8 @@ _SPECS: dict[str, tuple[str, str]] = {
     "cpu": ("dotattn.kernels.cpu", "CpuBackend"),
     "numpy": ("dotattn.kernels.numpy_tiled", "NumpyTiledBackend"),
     "reference": ("dotattn.kernels.reference", "ReferenceBackend"),
+    # Last: NumPy calls reach it only by name (JAX arrays go through dotattn.jax instead).
+    "jax": ("dotattn.kernels.jax_backend", "JaxBackend"),
 }
 # Backends that consume torch tensors; their availability depends on the environment
 # (a CUDA device, TRITON_INTERPRET), so it is asked again rather than cached.

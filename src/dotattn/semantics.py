@@ -206,20 +206,15 @@ class AttentionCall:
         """
         r = rows[:, None]
         c = cols[None, :]
-        vis = (r < self.q_len(b)) & (c < self.kv_len(b))
-        pos_q = r + self.q_offset(b)
-        if self.causal == "bottom_right":
-            vis = vis & (c <= pos_q)
-        elif self.causal == "top_left":
-            vis = vis & (c <= r + self.top_left_offset)
-        if self.window is not None:
-            left, right = self.window
-            if left is not None:
-                vis = vis & (c >= pos_q - left)
-            if right is not None:
-                vis = vis & (c <= pos_q + right)
+        q_seg = kv_seg = None
         if self.q_segment_ids is not None:
-            vis = vis & (self.q_segment_ids[b, rows][:, None] == self.kv_segment_ids[b, cols][None, :])
+            q_seg = self.q_segment_ids[b, rows][:, None]
+            kv_seg = self.kv_segment_ids[b, cols][None, :]
+        vis = visibility(
+            r, c, causal=self.causal, window=self.window, q_offset=self.q_offset(b),
+            q_len=self.q_len(b), kv_len=self.kv_len(b), q_seg=q_seg, kv_seg=kv_seg,
+            top_left_offset=self.top_left_offset,
+        )
         if self.mask is not None:
             vis = vis & self.mask[b, h][np.ix_(rows, cols)]
         return vis
@@ -250,6 +245,44 @@ def block_call(call: AttentionCall, block: BlockGeometry, **changes: Any) -> Att
     return new
 
 
+def visibility(
+    rows, cols, *, causal, window, q_offset, q_len=None, kv_len=None, q_seg=None, kv_seg=None, top_left_offset=0
+):
+    """The visibility rules other than ``mask``, on any array library with NumPy operators.
+
+    ``rows``/``cols`` are absolute query/key indices broadcast against each other (and
+    against ``q_len``, ``kv_len``, ``q_offset``, ``q_seg``, ``kv_seg``, which may be Python
+    ints or arrays of NumPy or JAX).  Query ``i`` sits at position ``i + q_offset`` on the
+    key axis (bottom-right alignment; ``q_offset = kv_len − q_len``); top-left causal lets
+    query ``i`` see keys ``j ≤ i + top_left_offset`` (non-zero only for internal block calls).  Returns the boolean
+    visibility, or ``None`` when no rule applies (everything visible).  This is the single
+    definition of the rules: :meth:`AttentionCall.visible` and the JAX kernel both use it.
+    """
+    vis = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if q_len is not None:
+        vis = both(vis, rows < q_len)
+    if kv_len is not None:
+        vis = both(vis, cols < kv_len)
+    pos_q = rows + q_offset
+    if causal == "bottom_right":
+        vis = both(vis, cols <= pos_q)
+    elif causal == "top_left":
+        vis = both(vis, cols <= rows + top_left_offset)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            vis = both(vis, cols >= pos_q - left)
+        if right is not None:
+            vis = both(vis, cols <= pos_q + right)
+    if q_seg is not None:
+        vis = both(vis, q_seg == kv_seg)
+    return vis
+
+
 # =================================================================================
 # validation helpers: one small function per concern, messages that name names
 # =================================================================================
@@ -257,6 +290,16 @@ def block_call(call: AttentionCall, block: BlockGeometry, **changes: Any) -> Att
 
 def _shape_str(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def stand_in(shape: tuple[int, ...], dtype: Any, fill: Any = 0) -> np.ndarray:
+    """A zero-stride NumPy array of ``shape`` and ``dtype``: validates a traced or device array.
+
+    Front ends whose values are not available yet (JAX tracers, symbolic TensorFlow tensors)
+    pass these to :func:`normalize`, so shape, dtype and option checks are the same
+    functions for them as for NumPy; only value checks (lengths in range) see ``fill``.
+    """
+    return np.broadcast_to(np.full((), fill, dtype=np.dtype(dtype)), tuple(shape))
 
 
 def _require_array(name: str, x: Any) -> np.ndarray:
@@ -298,7 +341,7 @@ def _to_canonical(x: np.ndarray, layout: str) -> np.ndarray:
     if x.ndim == 2:
         return x[None, None]
     if layout == "blhd":
-        x = np.swapaxes(x, -3, -2)
+        x = x.swapaxes(-3, -2)  # a method: NumPy, JAX and torch arrays all have it
     if x.ndim == 3:
         return x[None]
     # An explicit B, not -1: NumPy cannot infer -1 when another dim is 0.
@@ -665,7 +708,7 @@ def _from_canonical(call: AttentionCall, x: np.ndarray, *, pairwise: bool = Fals
     else:
         x = x.reshape(call.batch_shape + x.shape[1:])
     if call.layout == "blhd" and not pairwise:
-        x = np.swapaxes(x, -3, -2)
+        x = x.swapaxes(-3, -2)  # a method: NumPy, JAX and torch arrays all have it
     return x
 
 

@@ -1,0 +1,546 @@
+"""Blockwise online-softmax attention written in ``jax.lax`` — the native JAX backend.
+
+The FlashAttention algorithm (as :mod:`dotattn.kernels.numpy_tiled`, whose structure it
+follows) expressed for XLA, so it runs under ``jit``, ``grad``, ``vmap`` and
+``jax.checkpoint`` on whatever device the arrays live on, with every array option traced:
+
+- forward: ``lax.map`` over query blocks; for each, a ``lax.fori_loop`` over the key blocks
+  that can be visible (causal/window bounds skip the rest) keeps a running row max ``m``, row
+  sum ``row_sum`` and accumulator ``acc`` in float32 (float64 for float64 inputs); the
+  natural-log LSE is saved;
+- backward (``jax.custom_vjp``, FlashAttention-2): ``lax.scan`` over key blocks, an inner
+  loop over query blocks recomputes ``P = exp(S − lse)`` and accumulates dK, dV per key
+  block and dQ in place — neither pass ever holds an ``Lq × Lk`` matrix.
+
+All blocks of a step cover every sequence and head at once (batched ``dot_general``), and
+grouped-query heads are a ``(Hkv, G)`` split of the query heads, so K/V are never repeated.
+Lengths that are not a multiple of the block size use a last block shifted back to fit
+(``dynamic_slice`` semantics); the rows/keys it shares with the previous block are hidden
+from it.  Visibility comes from :func:`dotattn.semantics.visibility`, the rule every
+backend shares; dropout uses the counter-based SplitMix64 hash of
+:mod:`dotattn.kernels.dropout`, reproduced with pairs of uint32 (so it also works with
+``jax_enable_x64`` off): the same seed gives the NumPy backends' mask bit for bit.
+
+Canonical arguments (what :func:`attention` takes)::
+
+    q (B, Hq, Lq, D)   k (B, Hkv, Lk, D)   v (B, Hkv, Lk, Dv)
+    bias, mask         4-D, each dim 1 or full: (B|1, Hq|1, Lq|1, Lk|1)
+    q_len, kv_len      int (B,)           q_seg (B, Lq), kv_seg (B, Lk)
+    slopes             (B|1, Hq)          seed_key  uint32 (2,) = (hi, lo) of splitmix64(seed)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ..semantics import visibility
+from .dropout import seed_key
+
+NAME = "jax"
+# Block sizes: a (B·Hq, 256, 512) float32 score block stays in the L2 caches for B·Hq ≤ 8;
+# larger blocks cost XLA more passes over memory than they save in loop steps (benchmarks/jax_native.py).
+BLOCK_Q = 256
+BLOCK_K = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    """The static part of a call: everything that changes the compiled program."""
+
+    scale: float
+    softcap: float | None
+    causal: str | None
+    window: tuple[int | None, int | None] | None
+    dropout_p: float
+    block_q: int
+    block_k: int
+
+
+def config(scale, softcap, causal, window, dropout_p) -> Config:
+    """A :class:`Config` with the module's current block sizes (tests shrink them)."""
+    return Config(scale, softcap, causal, window, dropout_p, BLOCK_Q, BLOCK_K)
+
+
+# =================================================================================
+# 64-bit SplitMix64 on pairs of uint32 (hi, lo)
+# =================================================================================
+
+_U32 = jnp.uint32
+
+
+def _const64(x: int):
+    return (_U32((x >> 32) & 0xFFFFFFFF), _U32(x & 0xFFFFFFFF))
+
+
+def _mul32(a, b):
+    """Full 64-bit product of uint32 arrays, as (hi, lo)."""
+    a0, a1 = a & 0xFFFF, a >> 16
+    b0, b1 = b & 0xFFFF, b >> 16
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p00 >> 16) + (p01 & 0xFFFF) + (p10 & 0xFFFF)
+    lo = (mid << 16) | (p00 & 0xFFFF)
+    hi = p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+    return hi, lo
+
+
+def _mul64(a, b):
+    """Low 64 bits of a · b."""
+    hi, lo = _mul32(a[1], b[1])
+    return hi + a[1] * b[0] + a[0] * b[1], lo
+
+
+def _add64(a, b):
+    lo = a[1] + b[1]
+    return a[0] + b[0] + (lo < a[1]).astype(_U32), lo
+
+
+def _xor64(a, b):
+    return a[0] ^ b[0], a[1] ^ b[1]
+
+
+def _shr64(a, n: int):
+    return a[0] >> n, (a[1] >> n) | (a[0] << (32 - n))
+
+
+_GOLDEN = _const64(0x9E3779B97F4A7C15)
+_MIX1 = _const64(0xBF58476D1CE4E5B9)
+_MIX2 = _const64(0x94D049BB133111EB)
+
+
+def _splitmix64(x):
+    z = _add64(x, _GOLDEN)
+    z = _mul64(_xor64(z, _shr64(z, 30)), _MIX1)
+    z = _mul64(_xor64(z, _shr64(z, 27)), _MIX2)
+    return _xor64(z, _shr64(z, 31))
+
+
+def seed_key_pair(seed: int) -> np.ndarray:
+    """``splitmix64(seed)`` as uint32 ``[hi, lo]`` — a traced input, so a new seed never recompiles."""
+    key = int(seed_key(seed))
+    return np.array([key >> 32, key & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def _keep(key, p: float, b, h, rows, cols, Hq: int, Lq: int, Lk: int):
+    """Keep mask of :func:`dotattn.kernels.dropout.keep_block`, broadcast over b, h, rows, cols.
+
+    Kept when ``u = (z >> 11) · 2⁻⁵³ ≥ p``, i.e. when ``z ≥ ceil(p · 2⁵³) · 2¹¹`` — an exact
+    integer comparison (``p · 2⁵³`` is exact in float64), so no float64 is needed.
+    """
+    zero = _U32(0)
+    bh = (b * Hq + h).astype(_U32)
+    row = _add64(_mul64((zero, bh), _const64(Lq)), (zero, rows.astype(_U32)))
+    counter = _add64(_mul64(row, _const64(Lk)), (zero, cols.astype(_U32)))
+    z = _splitmix64(_xor64(counter, (key[0], key[1])))
+    threshold = math.ceil(p * 2.0**53) << 11
+    t_hi, t_lo = _const64(threshold)
+    return (z[0] > t_hi) | ((z[0] == t_hi) & (z[1] >= t_lo))
+
+
+# =================================================================================
+# blocks
+# =================================================================================
+
+
+def _block_size(L: int, target: int) -> int:
+    """``L`` when it fits one block; else a multiple of 8 near ``target`` dividing ``L`` if any."""
+    if L <= target:
+        return max(L, 1)
+    for size in range(target, target // 2 - 1, -8):
+        if L % size == 0:
+            return size
+    return target
+
+
+def _start(index, size: int, L: int):
+    """Where block ``index`` starts: ``index · size``, the last block shifted back to fit."""
+    return jnp.minimum(index * size, L - size)
+
+
+def _assemble(blocks, size: int, L: int, axis: int):
+    """Stacked blocks ``(n, …, size, …)`` → ``(…, L, …)``: the last, shifted block keeps only its tail."""
+    n = blocks.shape[0]
+    parts = jnp.moveaxis(blocks, 0, axis)  # (..., n, size, ...)
+    shape = parts.shape[:axis] + (n * size,) + parts.shape[axis + 2 :]
+    flat = parts.reshape(shape)
+    if n * size == L:
+        return flat
+    tail = (L - (n - 1) * size)  # rows of the last block that are new
+    head = lax.slice_in_dim(flat, 0, (n - 1) * size, axis=axis)
+    last = lax.slice_in_dim(flat, n * size - tail, n * size, axis=axis)
+    return jnp.concatenate([head, last], axis=axis)
+
+
+class _Problem:
+    """Static sizes and the per-block pieces shared by forward and backward (traced arrays inside)."""
+
+    def __init__(self, cfg: Config, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key):
+        self.cfg = cfg
+        self.B, self.Hq, self.Lq, self.D = q.shape
+        self.Hkv, self.Lk, self.Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.G = self.Hq // self.Hkv
+        self.ct = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+        self.bq = _block_size(self.Lq, cfg.block_q)
+        self.bk = _block_size(self.Lk, cfg.block_k)
+        self.nq = -(-self.Lq // self.bq)
+        self.nk = -(-self.Lk // self.bk)
+        self.bias, self.mask, self.slopes, self.key = bias, mask, slopes, key
+        self.q_len, self.kv_len, self.q_seg, self.kv_seg = q_len, kv_len, q_seg, kv_seg
+        ct = self.ct
+        # Rows past the real lengths are zeroed once: padding may hold NaN, and 0 · NaN in a
+        # block product would leak it into visible rows.
+        q = q.astype(ct)
+        k = k.astype(ct)
+        v = v.astype(ct)
+        if q_len is not None:
+            q = jnp.where(jnp.arange(self.Lq)[:, None] < q_len[:, None, None, None], q, 0)
+        if kv_len is not None:
+            keep = jnp.arange(self.Lk)[:, None] < kv_len[:, None, None, None]
+            k = jnp.where(keep, k, 0)
+            v = jnp.where(keep, v, 0)
+        self.q = q.reshape(self.B, self.Hkv, self.G, self.Lq, self.D)  # unscaled (dK needs it)
+        self.k, self.v = k, v
+
+    # ---- which blocks can hold a visible key -----------------------------------
+    def q_offset(self):
+        """Position of query row 0 on the key axis, (B,1,1,1,1) or a Python int."""
+        if self.q_len is None and self.kv_len is None:
+            return self.Lk - self.Lq
+        kv = self.kv_len if self.kv_len is not None else jnp.full((self.B,), self.Lk, jnp.int32)
+        ql = self.q_len if self.q_len is not None else jnp.full((self.B,), self.Lq, jnp.int32)
+        return (kv - ql).astype(jnp.int32).reshape(self.B, 1, 1, 1, 1)
+
+    def _offset_range(self):
+        off = self.q_offset()
+        if isinstance(off, int):
+            return off, off
+        return jnp.min(off), jnp.max(off)
+
+    def key_block_range(self, r0, r1):
+        """Key blocks [lo, hi) that rows [r0, r1) can see (causal/window/length bounds)."""
+        cfg = self.cfg
+        lo, hi = 0, self.Lk
+        if self.kv_len is not None:
+            hi = jnp.max(self.kv_len).astype(jnp.int32)
+        off_lo, off_hi = self._offset_range()
+        if cfg.causal == "bottom_right":
+            hi = jnp.minimum(hi, r1 + off_hi)
+        elif cfg.causal == "top_left":
+            hi = jnp.minimum(hi, r1)
+        if cfg.window is not None:
+            left, right = cfg.window
+            if left is not None:
+                lo = jnp.maximum(lo, r0 + off_lo - left)
+            if right is not None:
+                hi = jnp.minimum(hi, r1 + off_hi + right)
+        lo = jnp.clip(lo, 0, self.Lk) // self.bk
+        hi = jnp.maximum(-(-jnp.clip(hi, 0, self.Lk) // self.bk), lo)
+        return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+
+    def query_block_range(self, c0, c1):
+        """Query blocks [lo, hi) that can see any key of [c0, c1)."""
+        cfg = self.cfg
+        lo, hi = 0, self.Lq
+        if self.q_len is not None:
+            hi = jnp.max(self.q_len).astype(jnp.int32)
+        off_lo, off_hi = self._offset_range()
+        if cfg.causal == "bottom_right":
+            lo = jnp.maximum(lo, c0 - off_hi)
+        elif cfg.causal == "top_left":
+            lo = jnp.maximum(lo, c0)
+        if cfg.window is not None:
+            left, right = cfg.window
+            if left is not None:
+                hi = jnp.minimum(hi, c1 + left - off_lo)
+            if right is not None:
+                lo = jnp.maximum(lo, c0 - off_hi - right)
+        lo = jnp.clip(lo, 0, self.Lq) // self.bq
+        hi = jnp.maximum(-(-jnp.clip(hi, 0, self.Lq) // self.bq), lo)
+        return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+
+    # ---- one block ---------------------------------------------------------------
+    def _pairwise_block(self, x, r, c):
+        """A 4-D (B|1, Hq|1, Lq|1, Lk|1) array's block → (B|1, Hkv|1, G|1, bq|1, bk|1)."""
+        if x.shape[2] != 1:
+            x = lax.dynamic_slice_in_dim(x, r, self.bq, axis=2)
+        if x.shape[3] != 1:
+            x = lax.dynamic_slice_in_dim(x, c, self.bk, axis=3)
+        if x.shape[1] == 1:
+            return x[:, :, None]
+        return x.reshape(x.shape[0], self.Hkv, self.G, x.shape[2], x.shape[3])
+
+    def rows_cols(self, r, c):
+        rows = (r + jnp.arange(self.bq, dtype=jnp.int32)).reshape(1, 1, 1, self.bq, 1)
+        cols = (c + jnp.arange(self.bk, dtype=jnp.int32)).reshape(1, 1, 1, 1, self.bk)
+        return rows, cols
+
+    def scores(self, qb, kb, r, c, i0, j0):
+        """Scores of rows [r, r+bq) × keys [c, c+bk): −inf where invisible; tanh(s/c) if softcapped.
+
+        ``i0``/``j0`` are the blocks' nominal starts: rows/keys before them belong to the
+        previous (unshifted) block and are hidden here.  Returns (s, visible | None, tanh).
+        """
+        cfg, ct = self.cfg, self.ct
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=ct)
+        s = s * jnp.asarray(cfg.scale, ct)
+        tanh = None
+        if cfg.softcap is not None:
+            tanh = jnp.tanh(s / jnp.asarray(cfg.softcap, ct))
+            s = jnp.asarray(cfg.softcap, ct) * tanh
+        if self.bias is not None:
+            s = s + self._pairwise_block(self.bias, r, c).astype(ct)
+        rows, cols = self.rows_cols(r, c)
+        if self.slopes is not None:
+            slope = self.slopes.astype(ct).reshape(self.slopes.shape[0], self.Hkv, self.G, 1, 1)
+            s = s - slope * jnp.abs(rows + self.q_offset() - cols).astype(ct)
+        vis = self.visible(rows, cols, r, c, i0, j0)
+        if vis is not None:
+            s = jnp.where(vis, s, -jnp.inf)
+        return s, vis, tanh
+
+    def visible(self, rows, cols, r, c, i0, j0):
+        q_seg = kv_seg = None
+        if self.q_seg is not None:
+            q_seg = lax.dynamic_slice_in_dim(self.q_seg, r, self.bq, axis=1).reshape(self.B, 1, 1, self.bq, 1)
+            kv_seg = lax.dynamic_slice_in_dim(self.kv_seg, c, self.bk, axis=1).reshape(self.B, 1, 1, 1, self.bk)
+        bshape = (self.B, 1, 1, 1, 1)
+        vis = visibility(
+            rows,
+            cols,
+            causal=self.cfg.causal,
+            window=self.cfg.window,
+            q_offset=self.q_offset(),
+            q_len=None if self.q_len is None else self.q_len.reshape(bshape),
+            kv_len=None if self.kv_len is None else self.kv_len.reshape(bshape),
+            q_seg=q_seg,
+            kv_seg=kv_seg,
+        )
+        extra = []
+        if self.mask is not None:
+            extra.append(self._pairwise_block(self.mask, r, c))
+        if i0 is not None and self.Lq % self.bq:
+            extra.append(rows >= i0)
+        if self.Lk % self.bk:
+            extra.append(cols >= j0)
+        for e in extra:
+            vis = e if vis is None else vis & e
+        return vis
+
+    def dropout_scale(self, rows, cols):
+        """keep / (1 − p) for the block (B, Hkv, G, bq, bk), or None without dropout."""
+        p = self.cfg.dropout_p
+        if p == 0.0:
+            return None
+        b = jnp.arange(self.B, dtype=jnp.int32).reshape(self.B, 1, 1, 1, 1)
+        h = jnp.arange(self.Hq, dtype=jnp.int32).reshape(1, self.Hkv, self.G, 1, 1)
+        keep = _keep(self.key, p, b, h, rows, cols, self.Hq, self.Lq, self.Lk)
+        return keep.astype(self.ct) * jnp.asarray(1.0 / (1.0 - p), self.ct)
+
+
+# =================================================================================
+# forward and backward
+# =================================================================================
+
+
+def _forward(cfg: Config, *args):
+    """(out (B, Hq, Lq, Dv), lse (B, Hq, Lq)) in the compute dtype."""
+    pb = _Problem(cfg, *args)
+    B, Hkv, G, ct = pb.B, pb.Hkv, pb.G, pb.ct
+    if pb.Lq == 0 or pb.Lk == 0:
+        return (jnp.zeros((B, pb.Hq, pb.Lq, pb.Dv), ct), jnp.full((B, pb.Hq, pb.Lq), -jnp.inf, ct))
+
+    def query_block(iq):
+        i0 = iq * pb.bq
+        r = _start(iq, pb.bq, pb.Lq)
+        qb = lax.dynamic_slice_in_dim(pb.q, r, pb.bq, axis=3)
+        lo, hi = pb.key_block_range(r, r + pb.bq)
+
+        def step(jb, carry):
+            m, row_sum, acc = carry
+            j0 = jb * pb.bk
+            c = _start(jb, pb.bk, pb.Lk)
+            kb = lax.dynamic_slice_in_dim(pb.k, c, pb.bk, axis=2)
+            vb = lax.dynamic_slice_in_dim(pb.v, c, pb.bk, axis=2)
+            s, _, _ = pb.scores(qb, kb, r, c, None, j0)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            # rows that have seen no visible key yet keep m = −inf; 0 keeps exp() finite
+            m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros((), ct), m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            row_sum = row_sum * alpha + p.sum(axis=-1)
+            rows, cols = pb.rows_cols(r, c)
+            keep = pb.dropout_scale(rows, cols)
+            if keep is not None:
+                p = p * keep  # the row sum above stays pre-dropout
+            acc = acc * alpha[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p, vb, preferred_element_type=ct)
+            return m_new, row_sum, acc
+
+        init = (
+            jnp.full((B, Hkv, G, pb.bq), -jnp.inf, ct),
+            jnp.zeros((B, Hkv, G, pb.bq), ct),
+            jnp.zeros((B, Hkv, G, pb.bq, pb.Dv), ct),
+        )
+        m, row_sum, acc = lax.fori_loop(lo, hi, step, init)
+        seen = row_sum > 0
+        safe = jnp.where(seen, row_sum, 1)
+        out = jnp.where(seen[..., None], acc / safe[..., None], 0)
+        lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+        return out, lse
+
+    outs, lses = lax.map(query_block, jnp.arange(pb.nq, dtype=jnp.int32))
+    out = _assemble(outs, pb.bq, pb.Lq, axis=3).reshape(B, pb.Hq, pb.Lq, pb.Dv)
+    lse = _assemble(lses, pb.bq, pb.Lq, axis=3).reshape(B, pb.Hq, pb.Lq)
+    return out, lse
+
+
+def _backward(cfg: Config, args, out, lse, dout):
+    """Cotangents of (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key)."""
+    q_in, k_in, v_in, bias_in, mask, q_len, kv_len, q_seg, kv_seg, slopes_in, key = args
+    pb = _Problem(cfg, *args)
+    B, Hkv, G, ct = pb.B, pb.Hkv, pb.G, pb.ct
+    shape5 = (B, Hkv, G, pb.Lq)
+    dout = dout.astype(ct).reshape(shape5 + (pb.Dv,))
+    out = out.astype(ct).reshape(shape5 + (pb.Dv,))
+    if q_len is not None:  # padded rows: out is 0 there, dout may hold anything
+        dout = jnp.where(jnp.arange(pb.Lq)[:, None] < q_len.reshape(B, 1, 1, 1, 1), dout, 0)
+    delta = jnp.sum(dout * out, axis=-1)  # D_i = rowsum(dO ∘ O)
+    lse = lse.astype(ct).reshape(shape5)
+    # −inf LSE (rows that see nothing) would make exp(s − lse) = exp(−inf + inf) = NaN: +inf gives 0.
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    scale = jnp.asarray(cfg.scale, ct)
+
+    dq = jnp.zeros(shape5 + (pb.D,), ct)
+    dbias = None if bias_in is None else jnp.zeros(bias_in.shape, ct)
+    dslopes = None if slopes_in is None else jnp.zeros(slopes_in.shape, ct)
+    if pb.Lq == 0 or pb.Lk == 0:
+        dk = jnp.zeros((B, Hkv, pb.Lk, pb.D), ct)
+        dv = jnp.zeros((B, Hkv, pb.Lk, pb.Dv), ct)
+    else:
+
+        def key_block(carry, jb):
+            dq, dbias, dslopes = carry
+            j0 = jb * pb.bk
+            c = _start(jb, pb.bk, pb.Lk)
+            kb = lax.dynamic_slice_in_dim(pb.k, c, pb.bk, axis=2)
+            vb = lax.dynamic_slice_in_dim(pb.v, c, pb.bk, axis=2)
+            lo, hi = pb.query_block_range(c, c + pb.bk)
+
+            def step(ib, inner):
+                dk_acc, dv_acc, dq, dbias, dslopes = inner
+                i0 = ib * pb.bq
+                r = _start(ib, pb.bq, pb.Lq)
+                qb = lax.dynamic_slice_in_dim(pb.q, r, pb.bq, axis=3)
+                dob = lax.dynamic_slice_in_dim(dout, r, pb.bq, axis=3)
+                s, vis, tanh = pb.scores(qb, kb, r, c, i0, j0)
+                p = jnp.exp(s - lax.dynamic_slice_in_dim(lse, r, pb.bq, axis=3)[..., None])
+                dp = jnp.einsum("bhgqd,bhkd->bhgqk", dob, vb, preferred_element_type=ct)
+                rows, cols = pb.rows_cols(r, c)
+                keep = pb.dropout_scale(rows, cols)
+                pd = p
+                if keep is not None:
+                    pd = p * keep
+                    dp = dp * keep
+                dv_acc = dv_acc + jnp.einsum("bhgqk,bhgqd->bhkd", pd, dob, preferred_element_type=ct)
+                ds = p * (dp - lax.dynamic_slice_in_dim(delta, r, pb.bq, axis=3)[..., None])  # dS = P ∘ (dP − D_i)
+                if vis is not None:
+                    ds = jnp.where(vis, ds, 0)
+                if dbias is not None:
+                    dbias = _add_pairwise(pb, dbias, ds, r, c, i0, j0)
+                if dslopes is not None:
+                    dist = jnp.abs(rows + pb.q_offset() - cols).astype(ct)
+                    g = -(ds * dist).sum(axis=(3, 4)).reshape(B, pb.Hq)
+                    dslopes = dslopes + (g.sum(axis=0, keepdims=True) if dslopes.shape[0] == 1 else g)
+                if tanh is not None:
+                    ds = ds * (1 - tanh * tanh)  # d(c·tanh(x/c))/dx
+                ds = ds * scale
+                dq_rows = lax.dynamic_slice_in_dim(dq, r, pb.bq, axis=3)
+                dq_rows = dq_rows + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kb, preferred_element_type=ct)
+                dq = lax.dynamic_update_slice_in_dim(dq, dq_rows, r, axis=3)
+                dk_acc = dk_acc + jnp.einsum("bhgqk,bhgqd->bhkd", ds, qb, preferred_element_type=ct)
+                return dk_acc, dv_acc, dq, dbias, dslopes
+
+            init = (jnp.zeros((B, Hkv, pb.bk, pb.D), ct), jnp.zeros((B, Hkv, pb.bk, pb.Dv), ct), dq, dbias, dslopes)
+            dk_b, dv_b, dq, dbias, dslopes = lax.fori_loop(lo, hi, step, init)
+            return (dq, dbias, dslopes), (dk_b, dv_b)
+
+        (dq, dbias, dslopes), (dks, dvs) = lax.scan(key_block, (dq, dbias, dslopes), jnp.arange(pb.nk, dtype=jnp.int32))
+        dk = _assemble(dks, pb.bk, pb.Lk, axis=2)
+        dv = _assemble(dvs, pb.bk, pb.Lk, axis=2)
+    dq = dq.reshape(B, pb.Hq, pb.Lq, pb.D).astype(q_in.dtype)
+    grads = [dq, dk.astype(k_in.dtype), dv.astype(v_in.dtype)]
+    grads.append(None if bias_in is None else dbias.astype(bias_in.dtype))
+    grads += [None] * 5  # mask, lengths and segment ids are not differentiable
+    grads.append(None if slopes_in is None else dslopes.astype(slopes_in.dtype))
+    grads.append(None)  # the dropout key
+    return tuple(grads)
+
+
+def _add_pairwise(pb: _Problem, acc, ds, r, c, i0, j0):
+    """Add a block's dS (B, Hkv, G, bq, bk) into a (B|1, Hq|1, Lq|1, Lk|1) gradient, summing broadcast dims."""
+    Bb, Hb, Lqb, Lkb = acc.shape
+    g = ds
+    if Bb == 1:
+        g = g.sum(axis=0, keepdims=True)
+    g = g.reshape(g.shape[0], pb.Hq, pb.bq, pb.bk)
+    if Hb == 1:
+        g = g.sum(axis=1, keepdims=True)
+    if Lqb == 1:
+        g = g.sum(axis=2, keepdims=True)
+    if Lkb == 1:
+        g = g.sum(axis=3, keepdims=True)
+    # The shifted last block shares rows/keys with the previous one; its ds is 0 there.
+    i32 = jnp.int32
+    at = (i32(0), i32(0), jnp.asarray(r if Lqb != 1 else 0, i32), jnp.asarray(c if Lkb != 1 else 0, i32))
+    cur = lax.dynamic_slice(acc, at, g.shape)
+    return lax.dynamic_update_slice(acc, cur + g, at)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_fn(cfg: Config):
+    """The differentiable canonical attention for one static configuration (jitted)."""
+
+    @jax.custom_vjp
+    def fused(*args):
+        return _forward(cfg, *args)
+
+    def fwd(*args):
+        out, lse = _forward(cfg, *args)
+        return (out, lse), (args, out, lse)
+
+    def bwd(res, cotangents):
+        args, out, lse = res
+        dout, _ = cotangents  # the LSE carries no gradient (documented, as FlashAttention)
+        return _backward(cfg, args, out, lse, dout)
+
+    fused.defvjp(fwd, bwd)
+    return jax.jit(fused)
+
+
+def attention(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=None, q_seg=None, kv_seg=None,
+              slopes=None, key=None):
+    """Canonical native attention: ``(out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) compute dtype)``."""
+    if cfg.dropout_p > 0.0 and key is None:
+        raise ValueError("dropout needs the seed's key (seed_key_pair)")
+    out, lse = _attention_fn(cfg)(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key)
+    return out.astype(q.dtype), lse
+
+
+def weights(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=None, q_seg=None, kv_seg=None,
+            slopes=None, key=None, lse=None):
+    """Pre-dropout probabilities (B, Hq, Lq, Lk) in the compute dtype — materialized on request."""
+    full = Config(cfg.scale, cfg.softcap, cfg.causal, cfg.window, 0.0, max(q.shape[2], 1), max(k.shape[2], 1))
+    pb = _Problem(full, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key)
+    if pb.Lq == 0 or pb.Lk == 0:
+        return jnp.zeros((pb.B, pb.Hq, pb.Lq, pb.Lk), pb.ct)
+    s, _, _ = pb.scores(pb.q, pb.k, 0, 0, None, 0)
+    m = s.max(axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(m == -jnp.inf, 0, m))
+    total = e.sum(axis=-1, keepdims=True)
+    w = jnp.where(total > 0, e / jnp.where(total > 0, total, 1), 0)
+    return w.reshape(pb.B, pb.Hq, pb.Lq, pb.Lk)

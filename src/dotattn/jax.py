@@ -222,7 +222,7 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
             call, semantics.DEFAULT_MAX_WEIGHTS_BYTES if max_weights_bytes is None else max_weights_bytes
         )
     B, Hq, Lq, Lk = call.B, call.Hq, call.Lq, call.Lk
-    qc, kc, vc = (semantics._to_canonical(x, call.layout) for x in (q, k, v))
+    qc, kc, vc = (semantics.to_canonical(x, call.layout) for x in (q, k, v))
     lead = call.batch_shape
 
     def lengths(x, L):
@@ -255,12 +255,12 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
         q_seg, kv_seg, slopes, key,
     )
     out, lse = jax_native.attention(cfg, *args)
-    results = [semantics._from_canonical(call, out)]
+    results = [semantics.from_canonical(call, out)]
     if return_lse:
-        results.append(jax.lax.stop_gradient(semantics._from_canonical(call, lse[..., None], pairwise=True)[..., 0]))
+        results.append(jax.lax.stop_gradient(semantics.from_canonical(call, lse[..., None], pairwise=True)[..., 0]))
     if return_weights:
         w = jax_native.weights(cfg, *args)
-        results.append(jax.lax.stop_gradient(semantics._from_canonical(call, w, pairwise=True)))
+        results.append(jax.lax.stop_gradient(semantics.from_canonical(call, w, pairwise=True)))
     return results[0] if len(results) == 1 else tuple(results)
 
 

@@ -1,8 +1,9 @@
 """The public calls: ``attention()`` and ``attention_backward()``.
 
 Thin by design (as flash-attention's interface module): document, route tensors of other
-libraries to their front end, normalize through :mod:`dotattn.semantics`, let the registry
-pick a backend, and shape the results back.
+libraries to their front end, normalize through :mod:`dotattn.semantics`, and run the call
+through :mod:`dotattn.dispatch` (the registry's backend), which the front ends use too —
+they import that module, never this one, so no import circle runs through the front ends.
 """
 
 from __future__ import annotations
@@ -11,26 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from . import registry, semantics
+from . import semantics
+from .dispatch import OPTION_NAMES, backward_in_caller_layout, run_backward, run_forward
 from .errors import AttentionValueError
 from .frameworks import common_framework, frontend
-from .semantics import DEFAULT_MAX_WEIGHTS_BYTES, AttentionCall
+from .semantics import DEFAULT_MAX_WEIGHTS_BYTES
 
-_OPTION_NAMES = (
-    "mask",
-    "bias",
-    "causal",
-    "window",
-    "scale",
-    "softcap",
-    "alibi_slopes",
-    "q_lengths",
-    "kv_lengths",
-    "segment_ids",
-    "dropout_p",
-    "seed",
-    "layout",
-)
+__all__ = ["attention", "attention_backward", "backward_in_caller_layout", "run_backward", "run_forward"]
+_OPTION_NAMES = OPTION_NAMES  # the name front ends used before dispatch.py
+
 
 
 def attention(
@@ -142,43 +132,6 @@ def attention(
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def run_forward(
-    call: AttentionCall,
-    *,
-    implementation: str | None = None,
-    return_weights: bool = False,
-    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
-):
-    """Canonical forward for front ends: ``(out, lse, weights | None)`` in canonical shapes."""
-    if return_weights:
-        semantics.check_weights_size(call, max_weights_bytes)
-    backend = registry.select(call, implementation)
-    out, lse = backend.forward(call)
-    weights = None
-    if return_weights:
-        # Weights come back in the accumulation dtype (as the LSE) whichever backend made them.
-        weights = backend.weights(call, lse).astype(call.compute_dtype, copy=False)
-    return out, lse, weights
-
-
-def run_backward(
-    call: AttentionCall,
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    *,
-    implementation: str | None = None,
-    want_dbias: bool = False,
-):
-    """Canonical backward for front ends: ``(dq, dk, dv, dbias | None)`` in canonical shapes.
-
-    ``dbias`` comes back with the full ``(B, Hq, Lq, Lk)`` shape; reduce it with
-    :func:`dotattn.semantics.reduce_bias_grad`.
-    """
-    backend = registry.select(call, implementation, need_backward=True)
-    return backend.backward(call, out, lse, dout, want_dbias)
-
-
 def attention_backward(
     q: Any,
     k: Any,
@@ -201,31 +154,10 @@ def attention_backward(
 
     NumPy arrays only: PyTorch users get gradients through autograd instead.
     """
-    unknown = set(options) - set(_OPTION_NAMES)
+    unknown = set(options) - set(OPTION_NAMES)
     call = semantics.normalize(
         q, k, v, for_backward=True, extras={n: options.pop(n) for n in unknown}, **options
     )
     if return_dbias and call.bias is None:
         raise AttentionValueError("return_dbias=True needs a bias= argument to differentiate")
     return backward_in_caller_layout(call, out, lse, dout, implementation=implementation, return_dbias=return_dbias)
-
-
-def backward_in_caller_layout(
-    call: AttentionCall, out: Any, lse: Any, dout: Any, *, implementation: str | None = None, return_dbias: bool = False
-):
-    """``(dq, dk, dv[, dbias])`` shaped as the caller's q, k, v (and bias) from caller-shaped
-    ``out``, ``lse``, ``dout`` — the backward every non-autograd front end needs."""
-    out_c = semantics.canonical_like(call, "out", out, call.Dv)
-    dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
-    lse_c = semantics.canonical_lse(call, lse)
-    dq, dk, dv, dbias = run_backward(
-        call, out_c, lse_c, dout_c, implementation=implementation, want_dbias=return_dbias
-    )
-    grads = (
-        semantics.finalize_grad(call, dq, "q"),
-        semantics.finalize_grad(call, dk, "k"),
-        semantics.finalize_grad(call, dv, "v"),
-    )
-    if return_dbias:
-        return grads + (semantics.reduce_bias_grad(call, dbias).astype(call.bias.dtype, copy=False),)
-    return grads

@@ -12,60 +12,14 @@ Importing this module imports no JIT compiler: Numba loads inside :func:`block_m
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import AttentionTypeError, AttentionValueError
+from .kernels._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, classify, compile_mod
 
-# The cpu backend's forward tiles: query rows × key columns per block (docs/performance.md);
-# a block mask built with them serves the backward too.
-DEFAULT_BLOCK_SIZE = (256, 256)
-
-SKIP, PARTIAL, FULL = 0, 1, 2
-
-
-@dataclass(frozen=True, eq=False)
-class BlockMask:
-    """Per-tile classes of one ``mask_mod``: ``classes (Bm, Hm, nqb, nkb)`` int8.
-
-    ``Bm``/``Hm`` are 1 when the mask was built with ``B=None``/``H=None`` (the same for
-    every sequence/head).  Values: 0 = every element hidden, 1 = mixed, 2 = every element
-    visible.
-    """
-
-    mask_mod: Callable[..., bool]
-    classes: np.ndarray
-    block_size: tuple[int, int]
-    Lq: int
-    Lk: int
-
-    @property
-    def sparsity(self) -> float:
-        """Share of tiles the kernel skips."""
-        return float(np.mean(self.classes == SKIP)) if self.classes.size else 0.0
-
-    def __repr__(self) -> str:
-        Bm, Hm, nqb, nkb = self.classes.shape
-        return (
-            f"BlockMask(Lq={self.Lq}, Lk={self.Lk}, block_size={self.block_size}, B={Bm}, H={Hm}, "
-            f"tiles={nqb}×{nkb}, skipped={self.sparsity:.1%}, full={float(np.mean(self.classes == FULL)):.1%})"
-        )
-
-    def check_call(self, B: int, Hq: int, Lq: int, Lk: int) -> None:
-        """Raise when this mask was built for other sizes than the call's."""
-        Bm, Hm = self.classes.shape[:2]
-        if (self.Lq, self.Lk) != (Lq, Lk):
-            raise AttentionValueError(
-                f"block_mask was built for Lq={self.Lq}, Lk={self.Lk}, but the call has Lq={Lq}, Lk={Lk}; "
-                "build it with dotattn.block_mask(mask_mod, Lq=..., Lk=...) for these lengths"
-            )
-        if Bm not in (1, B) or Hm not in (1, Hq):
-            raise AttentionValueError(
-                f"block_mask was built for B={Bm}, H={Hm}, but the call has B={B}, Hq={Hq}; "
-                "use B=None / H=None for a mask shared by every sequence / head"
-            )
+__all__ = ["DEFAULT_BLOCK_SIZE", "BlockMask", "block_mask", "compile_mod"]
 
 
 def _check_size(name: str, x: Any, *, allow_none: bool, minimum: int) -> int | None:
@@ -76,16 +30,6 @@ def _check_size(name: str, x: Any, *, allow_none: bool, minimum: int) -> int | N
     if x < minimum:
         raise AttentionValueError(f"{name} must be ≥ {minimum}, got {x}")
     return int(x)
-
-
-def compile_mod(fn: Callable, name: str):
-    """A Numba-compiled version of a user's ``score_mod``/``mask_mod`` (already compiled ones pass through)."""
-    if not callable(fn):
-        raise AttentionTypeError(f"{name} must be a function, got {type(fn).__name__}")
-    from numba.core.registry import CPUDispatcher
-    from numba import njit
-
-    return fn if isinstance(fn, CPUDispatcher) else njit(fn)
 
 
 def block_mask(
@@ -122,8 +66,6 @@ def block_mask(
     BQ = _check_size("block_size[0]", block_size[0], allow_none=False, minimum=1)
     BK = _check_size("block_size[1]", block_size[1], allow_none=False, minimum=1)
     fn = compile_mod(mask_mod, "mask_mod")
-    from .kernels._cpu_blockmask import classify
-
     Bm = 1 if Bn is None else Bn
     Hm = 1 if Hn is None else Hn
     nqb = -(-Lq // BQ)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, semantics
+from . import dispatch, semantics
 from .errors import AttentionTypeError, AttentionValueError
 
 _ARRAY_OPTIONS = ("mask", "bias", "alibi_slopes", "q_lengths", "kv_lengths", "segment_ids")
@@ -55,7 +55,7 @@ def _spec(x) -> np.ndarray:
 def _callback_attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
     """The host-callback path: the CPU kernels through ``jax.pure_callback``."""
     options = {name: _concrete(name, value) for name, value in options.items()}
-    extras = {n: options.pop(n) for n in list(options) if n not in api._OPTION_NAMES}
+    extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     # Validate now, on stand-ins, so bad input fails at the call and not inside a callback.
     call = semantics.normalize(_spec(q), _spec(k), _spec(v), extras=extras, **options)
     if return_weights:
@@ -72,12 +72,12 @@ def _callback_attention(q, k, v, *, return_lse=False, return_weights=False, impl
 
     def host_forward(qn, kn, vn):
         c = host_call(qn, kn, vn)
-        out, lse, _ = api.run_forward(c, implementation=implementation)
+        out, lse, _ = dispatch.run_forward(c, implementation=implementation)
         return semantics.finalize_output(c, out), semantics.finalize_lse(c, lse)
 
     def host_backward(qn, kn, vn, out, lse, dout):
         c = host_call(qn, kn, vn)
-        return api.backward_in_caller_layout(
+        return dispatch.backward_in_caller_layout(
             c, np.asarray(out), np.asarray(lse), np.asarray(dout), implementation=implementation
         )
 
@@ -108,7 +108,7 @@ def _callback_attention(q, k, v, *, return_lse=False, return_weights=False, impl
 
         def host_weights(qn, kn, vn):
             c = host_call(qn, kn, vn)
-            _, _, w = api.run_forward(c, implementation=implementation, return_weights=True, max_weights_bytes=1 << 62)
+            _, _, w = dispatch.run_forward(c, implementation=implementation, return_weights=True, max_weights_bytes=1 << 62)
             return np.asarray(semantics.finalize_pairwise(c, w), dtype=c.compute_dtype)
 
         w = jax.pure_callback(host_weights, jax.ShapeDtypeStruct(w_shape, call.compute_dtype), q, k, v)
@@ -204,7 +204,7 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
     for name in _STATIC_OPTIONS:
         if name in options:
             options[name] = _static(name, options[name])
-    extras = {n: options.pop(n) for n in list(options) if n not in api._OPTION_NAMES}
+    extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     checked = {n: (_stand_in(n, x) if n in _ARRAY_OPTIONS else x) for n, x in options.items()}
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, jax.Array):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import semantics
-from .api import run_forward
+from .dispatch import run_forward
 from .errors import AttentionTypeError, AttentionValueError
 
 # Score blocks are about this many rows × columns (rounded to whole pooling cells): big
@@ -142,9 +142,10 @@ def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int
         for h in range(call.Hq)
         for i0 in range(0, call.q_len(b), step_q)
     ]
-    # The tiled backend's pool: one thread per core with BLAS held to one thread, which is
-    # what small block GEMMs need (two BLAS threads on a 256×512 block cost more than they give).
-    numpy_tiled._run_parallel(tasks, pool_rows)
+    # The tiled backend's pool (its public run_parallel): one thread per core with BLAS held to
+    # one thread, which is what small block GEMMs need (two BLAS threads on a 256×512 block
+    # cost more than they give).
+    numpy_tiled.run_parallel(tasks, pool_rows)
     # Each cell's element count within (Lq, Lk) — padding positions count as p = 0.
     row_counts = np.minimum(bq, call.Lq - np.arange(n_rows) * bq)
     col_counts = np.minimum(bk, call.Lk - np.arange(n_cols) * bk)

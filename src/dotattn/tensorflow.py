@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from . import api, semantics
+from . import dispatch, semantics
 from .errors import AttentionTypeError
 
 _ARRAY_OPTIONS = ("mask", "bias", "alibi_slopes", "q_lengths", "kv_lengths", "segment_ids")
@@ -41,7 +41,7 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
     if any(dim is None for x in (q, k, v) for dim in x.shape):
         raise AttentionTypeError("q, k and v need fully known static shapes for dotattn's TensorFlow front end")
     options = {name: _concrete(name, value) for name, value in options.items()}
-    extras = {n: options.pop(n) for n in list(options) if n not in api._OPTION_NAMES}
+    extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     call = semantics.normalize(_spec(q), _spec(k), _spec(v), extras=extras, **options)
     if return_weights:
         semantics.check_weights_size(call, max_weights_bytes or semantics.DEFAULT_MAX_WEIGHTS_BYTES)
@@ -53,11 +53,11 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
 
     def host_forward(qn, kn, vn):
         c = host_call(qn, kn, vn)
-        out, lse, _ = api.run_forward(c, implementation=implementation)
+        out, lse, _ = dispatch.run_forward(c, implementation=implementation)
         return semantics.finalize_output(c, out), semantics.finalize_lse(c, lse)
 
     def host_backward(qn, kn, vn, out, lse, dout):
-        return api.backward_in_caller_layout(host_call(qn, kn, vn), out, lse, dout, implementation=implementation)
+        return dispatch.backward_in_caller_layout(host_call(qn, kn, vn), out, lse, dout, implementation=implementation)
 
     out_shape = semantics.finalize_output(call, np.zeros((call.B, call.Hq, call.Lq, call.Dv), call.compute_dtype)).shape
     lse_shape = semantics.finalize_lse(call, np.zeros((call.B, call.Hq, call.Lq), call.compute_dtype)).shape
@@ -83,7 +83,7 @@ def attention(q, k, v, *, return_lse=False, return_weights=False, implementation
 
         def host_weights(qn, kn, vn):
             c = host_call(qn, kn, vn)
-            _, _, w = api.run_forward(c, implementation=implementation, return_weights=True, max_weights_bytes=1 << 62)
+            _, _, w = dispatch.run_forward(c, implementation=implementation, return_weights=True, max_weights_bytes=1 << 62)
             return np.asarray(semantics.finalize_pairwise(c, w), dtype=c.compute_dtype)
 
         w = tf.numpy_function(host_weights, [q, k, v], compute_tf, stateful=False)

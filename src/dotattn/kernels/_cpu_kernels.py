@@ -1,32 +1,28 @@
-"""Numba kernels of the ``cpu`` backend: fused tiled attention, forward and backward.
+"""Numba kernels of the ``cpu`` backend: fused tiled attention, forward, backward and weights.
 
-FlashAttention-2 (Dao 2023) on a CPU: the online softmax of Milakov & Gimelshein (2018) over
-key blocks, scores never leave a ``BQ × BK`` block that lives in L2.  Each block:
+FlashAttention-2 (Dao 2023, arXiv:2307.08691) on a CPU, after FlashAttention (Dao et al.
+2022) and the online softmax of Milakov & Gimelshein (2018): scores never leave a
+``BQ × BK`` tile that lives in L2.  Per tile:
 
-1. ``Sᵀ = K_blk · Q_blkᵀ`` with ``np.dot`` (BLAS sgemm on contiguous blocks, 1 BLAS thread:
-   our own threads run one block each);
+1. ``Sᵀ = K_blk · Q_blkᵀ`` by BLAS (1 BLAS thread: our own threads run one tile each);
 2. the score chain of ``docs/semantics.md`` (scale, softcap, bias, ALiBi, ``score_mod``)
    and the masks (lengths, causal, window, segments, dense mask, ``mask_mod``), skipped
-   where the block is fully visible; invisible blocks are never visited;
-3. the softmax in base 2 (``log2(e)`` folded into the scale) with :func:`_exp2_shifted`, a
-   polynomial ``2^f`` plus an integer exponent add — two loops LLVM vectorizes;
-4. ``acc += P · V_blk`` with ``np.dot``.
+   where the tile is fully visible; invisible tiles are never visited;
+3. the softmax in base 2 (``log2(e)`` folded into the scale) by :func:`_exp2_shifted`;
+4. ``acc += P · V_blk`` by BLAS.
+
+Score tiles are transposed (``ST (BK, BQ)``): per-row reductions become vectorized
+element-wise operations between rows of ``ST``.  ``T`` is the compute dtype (float32, or
+float64 for float64 inputs).  Packed inputs are ``kp (B, Hkv, nkb, BK, D)`` /
+``vp (B, Hkv, nkb, BK, Dv)``, zero past each sequence's real length; every other option
+arrives in one :class:`~dotattn.kernels._cpu_options.Options` ``o`` — including where the
+call sits in a larger problem (``semantics.BlockGeometry``: a position shift for
+bottom-right/window/ALiBi, a top-left causal offset, the full problem's dropout counters).
 
 This file is also a *template*: ``cpu.kernels_for(score_mod, mask_mod)`` runs its source
 again in a namespace where ``score_mod_fn``/``mask_mod_fn`` are the user's compiled
-functions — a generated file behind their source, cached on disk like this one, for
-self-contained functions; an in-memory namespace with ``_JIT_CACHE`` False for closures.
-The default instance below uses no-op mods and is cached on disk (``cache=True``).
-
-Conventions: ``T`` is the compute dtype (float32, or float64 for float64 inputs).  Packed
-inputs are ``kp (B, Hkv, nkb, BK, D)`` / ``vp (B, Hkv, nkb, BK, Dv)`` with zeros past each
-sequence's real length.  ``causal``: 0 none, 1 bottom-right, 2 top-left.  Window sides < 0
-mean unbounded.  Dense mask/bias come flattened with element strides ``(sb, sh, si, sj)``.
-``geom`` (int64, 8) places the call inside a larger problem (``semantics.BlockGeometry``):
-``[position shift, top-left offset, h0, row0, col0, Hq, Lq, Lk]`` — bottom-right/window/ALiBi
-offsets add ``geom[0]``, top-left causal is ``j ≤ i + geom[1]``, dropout draws the counter of
-head ``h + h0``, row ``i + row0``, key ``j + col0`` of a ``Hq × Lq × Lk`` problem.  A whole
-call passes ``[0, 0, 0, 0, 0, Hq, Lq, Lk]``.
+functions (a generated, disk-cached file for self-contained functions; an in-memory
+namespace with ``_JIT_CACHE`` False otherwise).  The default instance uses no-op mods.
 """
 
 from __future__ import annotations
@@ -72,66 +68,75 @@ HAS_MASK_MOD = globals().get("HAS_MASK_MOD", False)
 
 
 # =================================================================================
-# visibility: block classes and per-element masks
+# tiles: geometry, loading, per-call constants
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _rows(b, qb, o):
+    """``(i0, nrows, nr)``: first row of query tile ``qb``, its rows within Lq, and within q_lens[b]."""
+    i0 = qb * o.BQ
+    nrows = min(o.BQ, o.Lq - i0)
+    return i0, nrows, min(nrows, o.q_lens[b] - i0)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _load_rows(dst, src, b, h, i0, nr):
+    """``dst[:nr] = src[b, h, i0:i0+nr]``, zeros below (padding rows must not carry NaN)."""
+    dst[:] = 0.0
+    dst[:nr] = src[b, h, i0 : i0 + nr]
+
+
+@njit(cache=_JIT_CACHE)
+def _simple(o):
+    """No per-element score chain: ``scale·log2(e)`` then rides in the exponent's multiply."""
+    return o.softcap <= 0.0 and not o.has_bias and not o.has_alibi and not HAS_SCORE_MOD and o.scale > 0.0
+
+
+@njit(cache=_JIT_CACHE)
+def _constants(o, like):
+    """``(c2, inv_keep)`` in ``like``'s dtype, so the hot loops never widen to float64.
+
+    ``c2`` multiplies raw scores inside the exponent (``scale·log2(e)`` when the score chain
+    is off, else 1: the chain already applied both); ``inv_keep = 1/(1 − dropout_p)``.
+    """
+    c = np.empty(2, dtype=like.dtype)
+    c[0] = o.scale * LOG2E if _simple(o) else 1.0
+    c[1] = 1.0 / (1.0 - o.dropout_p)
+    return c[0], c[1]
+
+
+@njit(cache=_JIT_CACHE)
+def _lse_rows(lse2, lse, b, h, i0, nr):
+    """The saved natural-log LSE of rows ``i0…`` in base 2; rows without a visible key
+    (lse = −inf) and padding rows get +inf, so that ``P = 2^(S − ∞) = 0`` there."""
+    for r in range(lse2.shape[0]):
+        lv = lse[b, h, i0 + r] if r < nr else -np.inf
+        lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
+
+
+# =================================================================================
+# visibility: tile classes and per-element masks
 # =================================================================================
 
 
 @njit(cache=_JIT_CACHE)
-def _block_class_bm(
-    b,
-    h,
-    qb,
-    kb,
-    BQ,
-    BK,
-    Lq,
-    Lk,
-    q_lens,
-    kv_lens,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    has_dense_mask,
-    bm,
-    bm_on,
-):
-    """The class of block ``(qb, kb)`` of the ``BQ × BK`` tiling, every mask included.
+def _tile_class(b, h, qb, kb, BK, o):
+    """SKIP, PARTIAL or FULL for tile ``(qb, kb)``, every mask included.
 
-    The dense mask and ``mask_mod`` make a block PARTIAL unless the user's block mask
-    (``bm (Bm, Hm, nqb, nkb)``, derived from that ``mask_mod``) says it is FULL or SKIP.
-    The last key block is never FULL when it is shorter than BK (its padding is masked).
+    The dense mask and ``mask_mod`` make a tile PARTIAL unless the user's block mask says
+    FULL or SKIP.  A last key tile shorter than BK is never FULL (its padding is masked).
     """
-    i0 = qb * BQ
+    i0, nrows, _ = _rows(b, qb, o)
     j0 = kb * BK
-    nrows = min(BQ, Lq - i0)
-    ncols = min(BK, Lk - j0)
-    cls = _block_class(
-        b,
-        h,
-        i0,
-        nrows,
-        j0,
-        ncols,
-        q_lens,
-        kv_lens,
-        causal,
-        left,
-        right,
-        q_seg,
-        kv_seg,
-        has_seg,
-        geom,
-    )
+    ncols = min(BK, o.Lk - j0)
+    cls = _block_class(b, i0, nrows, j0, ncols, o)
     if cls == SKIP:
         return SKIP
-    if ncols < BK or has_dense_mask:
+    if ncols < BK or o.has_dense_mask:
         cls = PARTIAL
-    if bm_on:
-        user = bm[b % bm.shape[0], h % bm.shape[1], qb, kb]
+    if o.bm_on:
+        user = o.bm[b % o.bm.shape[0], h % o.bm.shape[1], qb, kb]
         if user == SKIP:
             return SKIP
         if user == PARTIAL:
@@ -142,37 +147,16 @@ def _block_class_bm(
 
 
 @njit(cache=_JIT_CACHE)
-def _mask_block(
-    ST,
-    lo,
-    hi,
-    b,
-    h,
-    i0,
-    nrows,
-    j0,
-    q_lens,
-    kv_lens,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    mask,
-    mstr,
-    has_dense_mask,
-):
-    """Set ``ST[c, r] = −inf`` where query ``i0+r`` does not see key ``j0+c`` (valid rows only).
+def _mask_tile(ST, lo, hi, b, h, i0, nrows, j0, o):
+    """``ST[c, r] = −inf`` where query ``i0+r`` does not see key ``j0+c``.
 
     Lengths, causal and window give each row an interval ``[lo, hi]`` of keys, applied by a
     branch-free (vectorized) select; segments, the dense mask and ``mask_mod`` go element
-    by element inside that interval.  ``lo``/``hi`` are int64 scratch of BQ.
+    by element inside it.  ``lo``/``hi`` are int64 scratch of BQ.
     """
-    qlen = q_lens[b]
-    kvlen = kv_lens[b]
-    off = kvlen - qlen + geom[0]  # geom[0]: a block's position shift (BlockGeometry)
+    qlen = o.q_lens[b]
+    kvlen = o.kv_lens[b]
+    off = kvlen - qlen + o.shift
     BK, BQ = ST.shape
     nr = min(nrows, qlen - i0)
     for r in range(BQ):
@@ -183,31 +167,30 @@ def _mask_block(
         i = i0 + r
         p = i + off
         top = min(kvlen, j0 + BK) - 1  # last visible key by lengths, causal, right window
-        if causal == 1:
+        if o.causal == 1:
             top = min(top, p)
-        elif causal == 2:
-            top = min(top, i + geom[1])
-        if right >= 0:
-            top = min(top, p + right)
-        bottom = j0
-        if left >= 0:
-            bottom = max(bottom, p - left)
+        elif o.causal == 2:
+            top = min(top, i + o.top_left_offset)
+        if o.right >= 0:
+            top = min(top, p + o.right)
+        bottom = j0 if o.left < 0 else max(j0, p - o.left)
         lo[r] = bottom - j0
         hi[r] = top - j0
     for c in range(BK):
         row = ST[c]  # a row view keeps this select a vectorized 1-D loop
         for r in range(BQ):
             row[r] = row[r] if lo[r] <= c and c <= hi[r] else -np.inf
-    if has_seg or has_dense_mask or HAS_MASK_MOD:
+    if o.has_seg or o.has_dense_mask or HAS_MASK_MOD:
+        m, ms = o.mask, o.mstr
         for r in range(nr):
             i = i0 + r
             for c in range(max(lo[r], 0), min(hi[r] + 1, BK)):
                 j = j0 + c
                 vis = True
-                if has_seg:
-                    vis = q_seg[b, i] == kv_seg[b, j]
-                if has_dense_mask and vis:
-                    vis = mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]] != 0
+                if o.has_seg:
+                    vis = o.q_seg[b, i] == o.kv_seg[b, j]
+                if o.has_dense_mask and vis:
+                    vis = m[b * ms[0] + h * ms[1] + i * ms[2] + j * ms[3]] != 0
                 if HAS_MASK_MOD and vis:
                     vis = mask_mod_fn(b, h, i, j)
                 if not vis:
@@ -215,52 +198,30 @@ def _mask_block(
 
 
 @njit(cache=_JIT_CACHE)
-def _transform_block(
-    ST,
-    G,
-    GM,
-    want_grad,
-    b,
-    h,
-    i0,
-    nrows,
-    j0,
-    ncols,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    geom,
-):
-    """Raw dot products → scores in base 2: ``log2(e) · score_mod(softcap(scale·s) + bias − ALiBi)``.
+def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
+    """Raw dot products → base-2 scores ``log2(e) · score_mod(softcap(scale·s) + bias − ALiBi)``.
 
-    With ``want_grad`` the backward's chain-rule factors come out too: ``G[c, r]`` =
-    softcap's ``1 − tanh²`` and ``GM[c, r]`` = score_mod's derivative (a central difference
-    in float64, since a user function has no symbolic derivative).
+    With ``want_grad`` the backward's chain-rule factors come out too: ``G`` = softcap's
+    ``1 − tanh²`` and ``GM`` = score_mod's derivative (a float64 central difference: a user
+    function has no symbolic derivative).
     """
-    qlen = q_lens[b]
-    kvlen = kv_lens[b]
-    off = kvlen - qlen + geom[0]  # geom[0]: a block's position shift (BlockGeometry)
+    off = o.kv_lens[b] - o.q_lens[b] + o.shift
     BK, BQ = ST.shape
-    slope = slopes[b, h] if has_alibi else 0.0
+    slope = o.slopes[b, h] if o.has_alibi else 0.0
+    bias, bs = o.bias, o.bstr
     for c in range(BK):
         j = j0 + c
         for r in range(BQ):
             i = i0 + r
-            s = ST[c, r] * scale
-            if softcap > 0.0:
-                t = math.tanh(s / softcap)
-                s = softcap * t
+            s = ST[c, r] * o.scale
+            if o.softcap > 0.0:
+                t = math.tanh(s / o.softcap)
+                s = o.softcap * t
                 if want_grad:
                     G[c, r] = 1.0 - t * t
-            if has_bias and r < nrows and c < ncols:
-                s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
-            if has_alibi:
+            if o.has_bias and r < nrows and c < ncols:
+                s += bias[b * bs[0] + h * bs[1] + i * bs[2] + j * bs[3]]
+            if o.has_alibi:
                 s -= slope * abs(i + off - j)
             if HAS_SCORE_MOD:
                 if want_grad:
@@ -274,91 +235,58 @@ def _transform_block(
 
 
 @njit(cache=_JIT_CACHE)
-def _scores_block(
-    ST,
-    Qs,
-    Kb,
-    lo,
-    hi,
-    G,
-    GM,
-    want_grad,
-    cls,
-    simple,
-    b,
-    h,
-    i0,
-    nrows,
-    j0,
-    ncols,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-):
-    """``ST = (K_blk · Q_blkᵀ)``, through the score chain (unless ``simple``) and the masks (PARTIAL blocks)."""
+def _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad):
+    """``ST = K_blk · Q_blkᵀ``, through the score chain (unless simple) and the masks (PARTIAL tiles)."""
+    i0, nrows, _ = _rows(b, qb, o)
+    BK = ST.shape[0]
+    j0 = kb * BK
     _matmul(Kb, Qs.T, ST)
-    if not simple:
-        _transform_block(
-            ST,
-            G,
-            GM,
-            want_grad,
-            b,
-            h,
-            i0,
-            nrows,
-            j0,
-            ncols,
-            q_lens,
-            kv_lens,
-            scale,
-            softcap,
-            bias,
-            bstr,
-            has_bias,
-            slopes,
-            has_alibi,
-            geom,
-        )
+    if not _simple(o):
+        _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
-        _mask_block(
-            ST,
-            lo,
-            hi,
-            b,
-            h,
-            i0,
-            nrows,
-            j0,
-            q_lens,
-            kv_lens,
-            causal,
-            left,
-            right,
-            q_seg,
-            kv_seg,
-            has_seg,
-            geom,
-            mask,
-            mstr,
-            has_dense_mask,
-        )
+        _mask_tile(ST, lo, hi, b, h, i0, nrows, j0, o)
+
+
+# =================================================================================
+# the online softmax
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE)
+def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
+    """``ST ← P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``."""
+    # update the running max (rows that have seen no key keep −inf and a 0 shift)
+    zero = m.dtype.type(0.0)  # a compute-dtype 0: a float64 one would widen the loops below
+    _col_max(ST, bmax)
+    for r in range(m.shape[0]):
+        m_new = max(m[r], bmax[r] * c2)
+        mu = m_new if m_new > -np.inf else zero
+        alpha = math.exp2(m[r] - mu) if m[r] > -np.inf else zero
+        m[r] = m_new
+        m_use[r] = mu
+        # rescale the running sum and accumulator to the new max
+        row_sum[r] *= alpha
+        acc_row = acc[r]  # row views keep the short inner loops vectorized
+        for d in range(acc_row.shape[0]):
+            acc_row[d] *= alpha
+    # exponentiate against the new max; sum before dropout
+    _exp2_shifted(ST, N, c2, m_use)
+    _col_sum_into(ST, row_sum)
+
+
+@njit(cache=_JIT_CACHE)
+def _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr):
+    """``out = acc / row_sum`` and natural-log ``lse = (m + log2 row_sum)·ln 2``; rows
+    without a visible key (or past q_lens) give 0 and lse = −inf."""
+    for r in range(nrows):
+        if r < nr and row_sum[r] > 0.0:
+            inv = 1.0 / row_sum[r]
+            for d in range(out.shape[3]):
+                out[b, h, i0 + r, d] = acc[r, d] * inv
+            lse[b, h, i0 + r] = (m[r] + math.log2(row_sum[r])) * LN2
+        else:
+            out[b, h, i0 + r, :] = 0.0
+            lse[b, h, i0 + r] = -np.inf
 
 
 # =================================================================================
@@ -367,256 +295,61 @@ def _scores_block(
 
 
 @njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def forward(
-    q,
-    kp,
-    vp,
-    out,
-    lse,
-    BQ,
-    Lk,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    dropout_p,
-    dropout_key,
-    bm,
-    bm_on,
-    nchunks,
-):
-    """``out (B, Hq, Lq, Dv)`` and natural-log ``lse (B, Hq, Lq)`` of every query block.
+def forward(q, kp, vp, out, lse, o, nchunks):
+    """``out (B, Hq, Lq, Dv)`` and natural-log ``lse (B, Hq, Lq)``.
 
-    Tasks ``(b, h, query block)`` are dealt round-robin to ``nchunks`` chunks, one per thread,
-    so causal work is balanced and each output row is written by exactly one task.
+    Tasks ``(b, h, query tile)`` are dealt round-robin to ``nchunks`` chunks, one per thread,
+    so causal work balances and each output row is written by exactly one task.
     """
     for chunk in prange(nchunks):
-        _forward_chunk(
-            chunk,
-            q,
-            kp,
-            vp,
-            out,
-            lse,
-            BQ,
-            Lk,
-            q_lens,
-            kv_lens,
-            scale,
-            softcap,
-            bias,
-            bstr,
-            has_bias,
-            slopes,
-            has_alibi,
-            mask,
-            mstr,
-            has_dense_mask,
-            causal,
-            left,
-            right,
-            q_seg,
-            kv_seg,
-            has_seg,
-            geom,
-            dropout_p,
-            dropout_key,
-            bm,
-            bm_on,
-            nchunks,
-        )
+        _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _forward_chunk(
-    chunk,
-    q,
-    kp,
-    vp,
-    out,
-    lse,
-    BQ,
-    Lk,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    dropout_p,
-    dropout_key,
-    bm,
-    bm_on,
-    nchunks,
-):
-    """One thread's share of :func:`forward`: tasks ``chunk, chunk + nchunks, …``."""
+def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
     B, Hq, Lq, D = q.shape
-    Hkv = kp.shape[1]
-    nkb, BK = kp.shape[2], kp.shape[3]
-    Dv = vp.shape[4]
-    group = Hq // Hkv
+    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    Dv, BQ, T = vp.shape[4], o.BQ, out.dtype
     nqb = (Lq + BQ - 1) // BQ
-    ntasks = B * Hq * nqb
-    # simple: no per-element score chain; scale·log2(e) is folded into the exponent's multiply
-    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
-    consts = np.empty(3, dtype=q.dtype)  # compute-dtype scalars, so hot loops stay in that dtype
-    consts[0] = scale * LOG2E if simple else 1.0
-    consts[1] = 0.0
-    consts[2] = 1.0 / (1.0 - dropout_p)
-    c2, zero, inv_keep = consts[0], consts[1], consts[2]
-    Qs = np.zeros((BQ, D), dtype=q.dtype)
-    ST = np.empty((BK, BQ), dtype=q.dtype)
-    dummy = np.empty((1, 1), dtype=q.dtype)
-    dummy_drop = np.empty((BK, BQ), dtype=q.dtype)  # _dropout_block's dP (unused here)
-    N = np.empty((BK, BQ), dtype=np.int32)
-    PV = np.empty((BQ, Dv), dtype=q.dtype)
-    acc = np.empty((BQ, Dv), dtype=q.dtype)
-    m = np.empty(BQ, dtype=q.dtype)
-    m_use = np.empty(BQ, dtype=q.dtype)
-    bmax = np.empty(BQ, dtype=q.dtype)
-    row_sum = np.empty(BQ, dtype=q.dtype)
-    lo = np.empty(BQ, dtype=np.int64)
-    hi = np.empty(BQ, dtype=np.int64)
-    for t in range(chunk, ntasks, nchunks):
-        b = t // (Hq * nqb)
-        h = (t // nqb) % Hq
-        qb = t % nqb
-        hk = h // group
-        i0 = qb * BQ
-        nrows = min(BQ, Lq - i0)
-        nr = min(nrows, q_lens[b] - i0)
+    c2, inv_keep = _constants(o, out)
+    Qs = np.zeros((BQ, D), dtype=T)
+    ST = np.empty((BK, BQ), dtype=T)
+    N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
+    unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
+    PV = np.empty((BQ, Dv), dtype=T)
+    acc = np.empty((BQ, Dv), dtype=T)
+    m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
+    bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
+    lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    for t in range(chunk, B * Hq * nqb, nchunks):
+        b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
+        hk = h // (Hq // Hkv)
+        i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:
             out[b, h, i0 : i0 + nrows] = 0.0
             lse[b, h, i0 : i0 + nrows] = -np.inf
             continue
-        Qs[:] = 0.0
-        Qs[:nr] = q[b, h, i0 : i0 + nr]
+        # -- load the query tile; running max −inf, running sum and accumulator 0
+        _load_rows(Qs, q, b, h, i0, nr)
         m[:] = -np.inf
-        row_sum[:] = zero
-        acc[:] = zero
+        row_sum[:] = 0.0
+        acc[:] = 0.0
         for kb in range(nkb):
-            j0 = kb * BK
-            ncols = min(BK, Lk - j0)
-            cls = _block_class_bm(
-                b,
-                h,
-                qb,
-                kb,
-                BQ,
-                BK,
-                Lq,
-                Lk,
-                q_lens,
-                kv_lens,
-                causal,
-                left,
-                right,
-                q_seg,
-                kv_seg,
-                has_seg,
-                geom,
-                has_dense_mask,
-                bm,
-                bm_on,
-            )
+            cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores_block(
-                ST,
-                Qs,
-                kp[b, hk, kb],
-                lo,
-                hi,
-                dummy,
-                dummy,
-                False,
-                cls,
-                simple,
-                b,
-                h,
-                i0,
-                nrows,
-                j0,
-                ncols,
-                q_lens,
-                kv_lens,
-                scale,
-                softcap,
-                bias,
-                bstr,
-                has_bias,
-                slopes,
-                has_alibi,
-                mask,
-                mstr,
-                has_dense_mask,
-                causal,
-                left,
-                right,
-                q_seg,
-                kv_seg,
-                has_seg,
-                geom,
-            )
-            # update the running max; rescale acc and row_sum by 2^(m_old − m_new)
-            _col_max(ST, bmax)
-            for r in range(BQ):
-                m_new = max(m[r], bmax[r] * c2)
-                mu = m_new if m_new > -np.inf else zero
-                alpha = math.exp2(m[r] - mu) if m[r] > -np.inf else zero
-                m[r] = m_new
-                m_use[r] = mu
-                row_sum[r] *= alpha
-                acc_row = acc[r]  # row views keep the short inner loops vectorized
-                for d in range(Dv):
-                    acc_row[d] *= alpha
-            # P = 2^(S·c − m); running sum (pre-dropout); acc += P·V
-            _exp2_shifted(ST, N, c2, m_use)
-            _col_sum_into(ST, row_sum)
-            if dropout_p > 0.0:
-                _dropout_block(
-                    ST, ST, dummy_drop, dropout_key, dropout_p, inv_keep, b, h + geom[2], i0 + geom[3], nr, j0 + geom[4], geom[5], geom[6], geom[7]
-                )
-            np.dot(ST.T, vp[b, hk, kb], out=PV)
+            # -- scores of the tile, masked
+            _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
+            # -- P = 2^(S − m), online: rescale acc and row_sum to the new max
+            _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc)
+            # -- dropout (after the sum: the normalizer is the pre-dropout one)
+            if o.dropout_p > 0.0:
+                _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
+            # -- acc += P · V
+            _matmul(ST.T, vp[b, hk, kb], PV)
             _add_into(acc, PV)
-        # normalize; rows without a visible key give 0 and lse = −inf
-        for r in range(nrows):
-            if r < nr and row_sum[r] > zero:
-                inv = 1.0 / row_sum[r]
-                for d in range(Dv):
-                    out[b, h, i0 + r, d] = acc[r, d] * inv
-                lse[b, h, i0 + r] = (m[r] + math.log2(row_sum[r])) * LN2
-            else:
-                out[b, h, i0 + r, :] = 0.0
-                lse[b, h, i0 + r] = -np.inf
+        # -- normalize
+        _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr)
 
 
 # =================================================================================
@@ -625,288 +358,86 @@ def _forward_chunk(
 
 
 @njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def backward(
-    q,
-    kp,
-    vp,
-    dout,
-    lse,
-    delta,
-    dq_parts,
-    dkp,
-    dvp,
-    dbias,
-    want_dbias,
-    BQ,
-    Lk,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    dropout_p,
-    dropout_key,
-    bm,
-    bm_on,
-    nchunks,
-):
-    """FlashAttention-2 backward: tasks ``(b, kv head, key block)`` own their dK/dV block.
+def backward(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o, nchunks):
+    """FlashAttention-2 backward: tasks ``(b, kv head, key tile)`` own their dK/dV tile.
 
-    For each query head of the group and each visible query block, scores are recomputed
+    For each query head of the group and each visible query tile, scores are recomputed
     and ``P = 2^(S₂ − lse₂)``; then ``dV += P̃ᵀ·dO`` (P̃ = P after dropout), ``dP = dO·Vᵀ``
-    (times the same dropout mask), ``dS = P∘(dP − Δ)``, ``dK += dSᵀ·Q``, ``dQ += dS·K``
-    (all on transposed blocks).  dQ rows are shared between key blocks, so each chunk (one
-    per thread, tasks dealt round-robin) adds into its own ``dq_parts[chunk]``; the caller
-    sums the parts in a fixed order, which keeps results bitwise repeatable.  dK is scaled by
-    ``scale`` here, dQ by the caller.
+    (times the same dropout mask), ``dS = P∘(dP − Δ)``, ``dK += dSᵀ·Q``, ``dQ += dS·K``.
+    dQ rows are shared between key tiles, so each chunk (one per thread) adds into its own
+    ``dq_parts[chunk]``; the caller sums the parts in a fixed order (bitwise repeatable).
+    dK is scaled by ``scale`` here, dQ by the caller.
     """
     for chunk in prange(nchunks):
-        _backward_chunk(
-            chunk,
-            q,
-            kp,
-            vp,
-            dout,
-            lse,
-            delta,
-            dq_parts,
-            dkp,
-            dvp,
-            dbias,
-            want_dbias,
-            BQ,
-            Lk,
-            q_lens,
-            kv_lens,
-            scale,
-            softcap,
-            bias,
-            bstr,
-            has_bias,
-            slopes,
-            has_alibi,
-            mask,
-            mstr,
-            has_dense_mask,
-            causal,
-            left,
-            right,
-            q_seg,
-            kv_seg,
-            has_seg,
-            geom,
-            dropout_p,
-            dropout_key,
-            bm,
-            bm_on,
-            nchunks,
-        )
+        _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _backward_chunk(
-    chunk,
-    q,
-    kp,
-    vp,
-    dout,
-    lse,
-    delta,
-    dq_parts,
-    dkp,
-    dvp,
-    dbias,
-    want_dbias,
-    BQ,
-    Lk,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    dropout_p,
-    dropout_key,
-    bm,
-    bm_on,
-    nchunks,
-):
-    """One thread's share of :func:`backward`: tasks ``chunk, chunk + nchunks, …``."""
+def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o):
     B, Hq, Lq, D = q.shape
-    Hkv = kp.shape[1]
-    nkb, BK = kp.shape[2], kp.shape[3]
-    Dv = vp.shape[4]
-    group = Hq // Hkv
+    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    Dv, BQ, T = vp.shape[4], o.BQ, dkp.dtype
     nqb = (Lq + BQ - 1) // BQ
-    ntasks = B * Hkv * nkb
-    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
-    need_g = softcap > 0.0 or HAS_SCORE_MOD
-    consts = np.empty(2, dtype=q.dtype)
-    consts[0] = scale * LOG2E if simple else 1.0
-    consts[1] = 1.0 / (1.0 - dropout_p)
-    c2, inv_keep = consts[0], consts[1]
-    Qs = np.zeros((BQ, D), dtype=q.dtype)
-    dOs = np.zeros((BQ, Dv), dtype=q.dtype)
-    ST = np.empty((BK, BQ), dtype=q.dtype)
-    dPT = np.empty((BK, BQ), dtype=q.dtype)
-    PdT = np.empty((BK, BQ), dtype=q.dtype)
-    G = np.empty((BK, BQ), dtype=q.dtype)
-    GM = np.empty((BK, BQ), dtype=q.dtype)
+    group = Hq // Hkv
+    need_g = o.softcap > 0.0 or HAS_SCORE_MOD
+    c2, inv_keep = _constants(o, dkp)
+    Qs = np.zeros((BQ, D), dtype=T)
+    dOs = np.zeros((BQ, Dv), dtype=T)
+    ST, dPT, PdT = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)
+    G, GM = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)  # chain-rule factors
     N = np.empty((BK, BQ), dtype=np.int32)
-    dQt = np.empty((BQ, D), dtype=q.dtype)
-    dKt = np.empty((BK, D), dtype=q.dtype)
-    dVt = np.empty((BK, Dv), dtype=q.dtype)
-    dK = np.empty((BK, D), dtype=q.dtype)
-    dV = np.empty((BK, Dv), dtype=q.dtype)
-    lse2 = np.empty(BQ, dtype=q.dtype)
-    dls = np.empty(BQ, dtype=q.dtype)
-    lo = np.empty(BQ, dtype=np.int64)
-    hi = np.empty(BQ, dtype=np.int64)
-    for t in range(chunk, ntasks, nchunks):
-        b = t // (Hkv * nkb)
-        hk = (t // nkb) % Hkv
-        kb = t % nkb
+    dQt = np.empty((BQ, D), dtype=T)
+    dKt, dK = np.empty((BK, D), dtype=T), np.empty((BK, D), dtype=T)
+    dVt, dV = np.empty((BK, Dv), dtype=T), np.empty((BK, Dv), dtype=T)
+    lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
+    lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    for t in range(chunk, B * Hkv * nkb, nchunks):
+        b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
         j0 = kb * BK
-        ncols = min(BK, Lk - j0)
+        ncols = min(BK, o.Lk - j0)
+        Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
         dK[:] = 0.0
         dV[:] = 0.0
-        Kb = kp[b, hk, kb]
-        Vb = vp[b, hk, kb]
-        for g in range(group):
-            h = hk * group + g
+        for h in range(hk * group, (hk + 1) * group):
             for qb in range(nqb):
-                cls = _block_class_bm(
-                    b,
-                    h,
-                    qb,
-                    kb,
-                    BQ,
-                    BK,
-                    Lq,
-                    Lk,
-                    q_lens,
-                    kv_lens,
-                    causal,
-                    left,
-                    right,
-                    q_seg,
-                    kv_seg,
-                    has_seg,
-                    geom,
-                    has_dense_mask,
-                    bm,
-                    bm_on,
-                )
+                cls = _tile_class(b, h, qb, kb, BK, o)
                 if cls == SKIP:
                     continue
-                i0 = qb * BQ
-                nrows = min(BQ, Lq - i0)
-                nr = min(nrows, q_lens[b] - i0)
-                Qs[:] = 0.0
-                Qs[:nr] = q[b, h, i0 : i0 + nr]
-                dOs[:] = 0.0
-                dOs[:nr] = dout[b, h, i0 : i0 + nr]
+                # -- load Q, dO, the LSE (base 2) and Δ = rowsum(dO ∘ O) of the query tile
+                i0, nrows, nr = _rows(b, qb, o)
+                _load_rows(Qs, q, b, h, i0, nr)
+                _load_rows(dOs, dout, b, h, i0, nr)
+                _lse_rows(lse2, lse, b, h, i0, nr)
                 for r in range(BQ):
-                    lv = lse[b, h, i0 + r] if r < nr else -np.inf
-                    # rows without a visible key (lse = −inf) get P = 2^(S − ∞) = 0
-                    lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
-                # recompute P from the LSE
-                _scores_block(
-                    ST,
-                    Qs,
-                    Kb,
-                    lo,
-                    hi,
-                    G,
-                    GM,
-                    need_g,
-                    cls,
-                    simple,
-                    b,
-                    h,
-                    i0,
-                    nrows,
-                    j0,
-                    ncols,
-                    q_lens,
-                    kv_lens,
-                    scale,
-                    softcap,
-                    bias,
-                    bstr,
-                    has_bias,
-                    slopes,
-                    has_alibi,
-                    mask,
-                    mstr,
-                    has_dense_mask,
-                    causal,
-                    left,
-                    right,
-                    q_seg,
-                    kv_seg,
-                    has_seg,
-                    geom,
-                )
+                # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM)
+                _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g)
                 _exp2_shifted(ST, N, c2, lse2)
-                # dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
+                # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _matmul(Vb, dOs.T, dPT)
-                if dropout_p > 0.0:
-                    _dropout_block(
-                        ST, PdT, dPT, dropout_key, dropout_p, inv_keep, b, h + geom[2], i0 + geom[3], nr, j0 + geom[4], geom[5], geom[6], geom[7]
-                    )
+                if o.dropout_p > 0.0:
+                    _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
                     _matmul(PdT, dOs, dVt)
                 else:
                     _matmul(ST, dOs, dVt)
                 _add_into(dV, dVt)
-                # dS = P ∘ (dP − Δ), in place of P; then the chain rule through
-                # score_mod (the bias's gradient stops here) and softcap
+                # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
+                #    bias's gradient stops here) and softcap
                 _ds_block(ST, dPT, dls)
                 if HAS_SCORE_MOD:
                     _mul_into(ST, GM)
                 if want_dbias:
-                    for r in range(nr):
-                        for c in range(ncols):
-                            dbias[b, h, i0 + r, j0 + c] = ST[c, r]
-                if softcap > 0.0:
+                    dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
+                if o.softcap > 0.0:
                     _mul_into(ST, G)
+                # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
                 _matmul(ST, Qs, dKt)
                 _add_into(dK, dKt)
                 _matmul(ST.T, Kb, dQt)
                 _add_into(dq_parts[chunk, b, h, i0 : i0 + nr], dQt[:nr])
-        for c in range(BK):
-            for d in range(D):
-                dkp[b, hk, kb, c, d] = dK[c, d] * scale
-            for d in range(Dv):
-                dvp[b, hk, kb, c, d] = dV[c, d]
+        # -- write the tile's dK (times scale) and dV
+        dkp[b, hk, kb] = dK * o.scale
+        dvp[b, hk, kb] = dV
 
 
 # =================================================================================
@@ -915,199 +446,41 @@ def _backward_chunk(
 
 
 @njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def weights(
-    q,
-    kp,
-    lse,
-    P_out,
-    BQ,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    bm,
-    bm_on,
-    nchunks,
-):
+def weights(q, kp, lse, P_out, o, nchunks):
     """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` from the forward's LSE (zeros elsewhere)."""
     for chunk in prange(nchunks):
-        _weights_chunk(
-            chunk,
-            q,
-            kp,
-            lse,
-            P_out,
-            BQ,
-            q_lens,
-            kv_lens,
-            scale,
-            softcap,
-            bias,
-            bstr,
-            has_bias,
-            slopes,
-            has_alibi,
-            mask,
-            mstr,
-            has_dense_mask,
-            causal,
-            left,
-            right,
-            q_seg,
-            kv_seg,
-            has_seg,
-            geom,
-            bm,
-            bm_on,
-            nchunks,
-        )
+        _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _weights_chunk(
-    chunk,
-    q,
-    kp,
-    lse,
-    P_out,
-    BQ,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-    bm,
-    bm_on,
-    nchunks,
-):
-    """One thread's share of :func:`weights`: tasks ``chunk, chunk + nchunks, …``."""
+def _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o):
     B, Hq, Lq, D = q.shape
-    Hkv = kp.shape[1]
-    nkb, BK = kp.shape[2], kp.shape[3]
-    Lk = P_out.shape[3]
-    group = Hq // Hkv
+    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    BQ, T = o.BQ, P_out.dtype
     nqb = (Lq + BQ - 1) // BQ
-    ntasks = B * Hq * nqb
-    simple = softcap <= 0.0 and not has_bias and not has_alibi and not HAS_SCORE_MOD and scale > 0.0
-    consts = np.empty(1, dtype=q.dtype)
-    consts[0] = scale * LOG2E if simple else 1.0
-    c2 = consts[0]
-    Qs = np.zeros((BQ, D), dtype=q.dtype)
-    ST = np.empty((BK, BQ), dtype=q.dtype)
+    c2, _ = _constants(o, P_out)
+    Qs = np.zeros((BQ, D), dtype=T)
+    ST = np.empty((BK, BQ), dtype=T)
     N = np.empty((BK, BQ), dtype=np.int32)
-    dummy = np.empty((1, 1), dtype=q.dtype)
-    lse2 = np.empty(BQ, dtype=q.dtype)
-    lo = np.empty(BQ, dtype=np.int64)
-    hi = np.empty(BQ, dtype=np.int64)
-    for t in range(chunk, ntasks, nchunks):
-        b = t // (Hq * nqb)
-        h = (t // nqb) % Hq
-        qb = t % nqb
-        hk = h // group
-        i0 = qb * BQ
-        nrows = min(BQ, Lq - i0)
-        nr = min(nrows, q_lens[b] - i0)
+    unused = np.empty((1, 1), dtype=T)
+    lse2 = np.empty(BQ, dtype=T)
+    lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    for t in range(chunk, B * Hq * nqb, nchunks):
+        b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
+        hk = h // (Hq // Hkv)
+        i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:
             continue
-        Qs[:] = 0.0
-        Qs[:nr] = q[b, h, i0 : i0 + nr]
-        for r in range(BQ):
-            lv = lse[b, h, i0 + r] if r < nr else -np.inf
-            lse2[r] = lv * LOG2E if lv > -np.inf else np.inf
+        # -- load the query tile and its LSE (base 2)
+        _load_rows(Qs, q, b, h, i0, nr)
+        _lse_rows(lse2, lse, b, h, i0, nr)
         for kb in range(nkb):
-            j0 = kb * BK
-            ncols = min(BK, Lk - j0)
-            cls = _block_class_bm(
-                b,
-                h,
-                qb,
-                kb,
-                BQ,
-                BK,
-                Lq,
-                Lk,
-                q_lens,
-                kv_lens,
-                causal,
-                left,
-                right,
-                q_seg,
-                kv_seg,
-                has_seg,
-                geom,
-                has_dense_mask,
-                bm,
-                bm_on,
-            )
+            cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores_block(
-                ST,
-                Qs,
-                kp[b, hk, kb],
-                lo,
-                hi,
-                dummy,
-                dummy,
-                False,
-                cls,
-                simple,
-                b,
-                h,
-                i0,
-                nrows,
-                j0,
-                ncols,
-                q_lens,
-                kv_lens,
-                scale,
-                softcap,
-                bias,
-                bstr,
-                has_bias,
-                slopes,
-                has_alibi,
-                mask,
-                mstr,
-                has_dense_mask,
-                causal,
-                left,
-                right,
-                q_seg,
-                kv_seg,
-                has_seg,
-                geom,
-            )
+            # -- P = 2^(S − lse), written out
+            _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
             _exp2_shifted(ST, N, c2, lse2)
-            for c in range(ncols):
-                for r in range(nr):
-                    P_out[b, h, i0 + r, j0 + c] = ST[c, r]
+            j0 = kb * BK
+            ncols = min(BK, o.Lk - j0)
+            P_out[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T

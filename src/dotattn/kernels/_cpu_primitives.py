@@ -13,12 +13,15 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from ._cpu_cache import install_locator
+from ._cpu_options import FULL, PARTIAL, SKIP
 from .dropout import splitmix64 as _splitmix64_py
+
+install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
 _JIT_CACHE = True
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
-SKIP, PARTIAL, FULL = 0, 1, 2  # block classes
 
 _splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
 
@@ -101,28 +104,13 @@ def _exp2_shifted_overload(ST, N, mul, sub):
 
 
 @njit(cache=_JIT_CACHE)
-def _block_class(
-    b,
-    h,
-    i0,
-    nrows,
-    j0,
-    ncols,
-    q_lens,
-    kv_lens,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    geom,
-):
+def _block_class(b, i0, nrows, j0, ncols, o):
     """SKIP, PARTIAL or FULL (as far as lengths, causal, window and segments tell) for rows ``[i0, i0+nrows)`` × keys ``[j0, j0+ncols)``.
 
     ``ncols`` counts the real keys of the block (the packed block may be padded to BK);
     a FULL block needs every packed column to be a visible key.
     """
+    q_lens, kv_lens, causal, left, right = o.q_lens, o.kv_lens, o.causal, o.left, o.right
     qlen = q_lens[b]
     kvlen = kv_lens[b]
     nr = min(nrows, qlen - i0)
@@ -130,7 +118,7 @@ def _block_class(
     if nr <= 0 or nc <= 0:
         return SKIP
     full = nc == ncols
-    off = kvlen - qlen + geom[0]  # a block's position shift (see _cpu_kernels' geom)
+    off = kvlen - qlen + o.shift
     plo = i0 + off
     phi = i0 + nr - 1 + off
     jlast = j0 + nc - 1
@@ -140,9 +128,9 @@ def _block_class(
         if jlast > plo:
             full = False
     elif causal == 2:
-        if j0 > i0 + nr - 1 + geom[1]:
+        if j0 > i0 + nr - 1 + o.top_left_offset:
             return SKIP
-        if jlast > i0 + geom[1]:
+        if jlast > i0 + o.top_left_offset:
             full = False
     if left >= 0:
         if jlast < plo - left:
@@ -154,7 +142,8 @@ def _block_class(
             return SKIP
         if jlast > plo + right:
             full = False
-    if has_seg:
+    if o.has_seg:
+        q_seg, kv_seg = o.q_seg, o.kv_seg
         qmin = q_seg[b, i0]
         qmax = qmin
         for r in range(i0, i0 + nr):
@@ -249,12 +238,18 @@ def _add_into(dst, src):
 
 
 @njit(cache=_JIT_CACHE)
-def _dropout_block(ST, PdT, dPT, key, p, inv_keep, b, h, i0, nr, j0, Hq, Lq, Lk):
-    """Apply the dropout mask: ``PdT = ST∘keep/(1−p)`` (or in place when PdT is ST) and the same on ``dPT``."""
+def _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o):
+    """Apply the dropout mask: ``PdT = ST∘keep/(1−p)`` (or in place when PdT is ST) and the same on ``dPT``.
+
+    The counters are those of head ``h + h0``, row ``i + row0``, key ``j + col0`` of the full
+    ``Hq × Lq × Lk`` problem (``o.dropout_geom``), so a block of a larger call draws its part.
+    """
+    h0, row0, col0, Hq, Lq, Lk = o.dropout_geom
+    key, p = o.dropout_key, o.dropout_p
     BK, BQ = ST.shape
     for c in range(BK):
         for r in range(BQ):
-            if r < nr and _dropout_keep(key, p, b, h, i0 + r, j0 + c, Hq, Lq, Lk):
+            if r < nr and _dropout_keep(key, p, b, h + h0, i0 + row0 + r, j0 + col0 + c, Hq, Lq, Lk):
                 PdT[c, r] = ST[c, r] * inv_keep
                 dPT[c, r] *= inv_keep
             else:

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import AttentionCall
+from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
+from ._cpu_options import Options
 from .dropout import seed_key
 
 NAME = "cpu"
@@ -159,7 +160,7 @@ def _cached_user_kernels(score_mod, mask_mod) -> types.ModuleType | None:
     # The kernels import cached primitives whose changes Numba's cache of this file would not
     # notice: their sources (and Numba's version) go into the name, so a change makes a new file.
     digest = hashlib.sha256(text.encode())
-    for dep in ("_cpu_primitives", "dropout"):
+    for dep in ("_cpu_primitives", "_cpu_options", "dropout"):
         dep_spec = importlib.util.find_spec(f"dotattn.kernels.{dep}")
         with open(dep_spec.origin, "rb") as f:
             digest.update(f.read())
@@ -350,18 +351,14 @@ def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
 
 @dataclass
 class Prepared:
-    """What the kernels take, in their argument order (see ``_cpu_kernels.forward``)."""
+    """What the kernels take: the kernel module, compute dtype, q, packed K/V and the options."""
 
     kernels: types.ModuleType
     T: np.dtype
     q: np.ndarray
     kp: np.ndarray
     vp: np.ndarray
-    BQ: int
-    Lk: int
-    options: tuple  # q_lens … has_seg, geom, shared by all kernels
-    dropout: tuple  # (dropout_p, key)
-    block: tuple  # (bm, bm_on)
+    options: Options
 
 
 def user_mods(call: AttentionCall):
@@ -391,12 +388,6 @@ def user_mods(call: AttentionCall):
             )
         bm.check_call(call.B, call.Hq, call.Lq, call.Lk)
     return score_mod, mask_mod, bm
-
-
-def _geometry(call: AttentionCall) -> np.ndarray:
-    """The kernels' ``geom`` vector: where this call sits in a larger problem (internal)."""
-    h0, row0, col0, Hq, Lq, Lk = call.dropout_geometry
-    return np.array([call.position_shift, call.top_left_offset, h0, row0, col0, Hq, Lq, Lk], dtype=np.int64)
 
 
 def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> Prepared:
@@ -441,41 +432,38 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
     else:
         q_seg = np.array(call.q_segment_ids, dtype=np.int64, order="C")
         kv_seg = np.array(call.kv_segment_ids, dtype=np.int64, order="C")
-    options = (
-        q_lens,
-        kv_lens,
-        float(call.scale),
-        float(call.softcap or 0.0),
-        bias,
-        bstr,
-        call.bias is not None,
-        slopes,
-        call.alibi_slopes is not None,
-        mask,
-        mstr,
-        call.mask is not None,
-        causal,
-        left,
-        right,
-        q_seg,
-        kv_seg,
-        call.q_segment_ids is not None,
-        _geometry(call),
-    )
     key = seed_key(call.seed) if call.dropout_p > 0.0 else np.uint64(0)
-    bm_arr = np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes)
-    return Prepared(
-        kernels=kernels_for(score_mod, mask_mod),
-        T=T,
-        q=q,
-        kp=kp,
-        vp=vp,
+    options = Options(
         BQ=int(BQ),
+        Lq=call.Lq,
         Lk=call.Lk,
-        options=options,
-        dropout=(float(call.dropout_p), np.uint64(key)),
-        block=(bm_arr, bm is not None),
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+        scale=float(call.scale),
+        softcap=float(call.softcap or 0.0),
+        bias=bias,
+        bstr=bstr,
+        has_bias=call.bias is not None,
+        slopes=slopes,
+        has_alibi=call.alibi_slopes is not None,
+        mask=mask,
+        mstr=mstr,
+        has_dense_mask=call.mask is not None,
+        causal=causal,
+        left=left,
+        right=right,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        has_seg=call.q_segment_ids is not None,
+        shift=int(call.position_shift),
+        top_left_offset=int(call.top_left_offset),
+        dropout_p=float(call.dropout_p),
+        dropout_key=np.uint64(key),
+        dropout_geom=np.array(call.dropout_geometry, dtype=np.int64),
+        bm=np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes),
+        bm_on=bm is not None,
     )
+    return Prepared(kernels=kernels_for(score_mod, mask_mod), T=T, q=q, kp=kp, vp=vp, options=options)
 
 
 # =================================================================================
@@ -488,23 +476,8 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
     p = prepare(call, block_size)
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
-    q_lens, kv_lens, *rest = p.options
     with _kernel_launch():
-        p.kernels.forward(
-            p.q,
-            p.kp,
-            p.vp,
-            out,
-            lse,
-            p.BQ,
-            p.Lk,
-            q_lens,
-            kv_lens,
-            *rest,
-            *p.dropout,
-            *p.block,
-            _num_threads(),
-        )
+        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
     return out, lse
 
 
@@ -527,23 +500,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _kernel_launch():
         p.kernels.backward(
-            p.q,
-            p.kp,
-            p.vp,
-            dout_c,
-            lse_c,
-            delta,
-            dq_parts,
-            dkp,
-            dvp,
-            dbias,
-            bool(want_dbias),
-            p.BQ,
-            p.Lk,
-            *p.options,
-            *p.dropout,
-            *p.block,
-            nchunks,
+            p.q, p.kp, p.vp, dout_c, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options, nchunks
         )
     dq = dq_parts[0]
     for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
@@ -561,7 +518,7 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
     with _kernel_launch():
-        p.kernels.weights(p.q, p.kp, lse_c, P, p.BQ, *p.options, *p.block, _num_threads())
+        p.kernels.weights(p.q, p.kp, lse_c, P, p.options, _num_threads())
     return P
 
 

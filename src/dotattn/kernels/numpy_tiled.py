@@ -46,7 +46,7 @@ def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _run_parallel(tasks, fn) -> None:
+def run_parallel(tasks, fn) -> None:
     """Run ``fn(task)`` for every task on the pool, BLAS limited to one thread meanwhile."""
     global _pool, _blas_controller
     if len(tasks) <= 1 or _workers() == 1:
@@ -241,7 +241,7 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
     # Longest first (e.g. the last query blocks under causal) so the pool ends evenly loaded.
     tasks.sort(key=lambda t: -np.subtract(*prep.query_bounds(t[0], t[2], t[3])[::-1]))
     work = call.B * call.Hq * call.Lq * call.Lk * (call.D + call.Dv)
-    run = _run_parallel if work >= PARALLEL_MIN_WORK else _run_serial
+    run = run_parallel if work >= PARALLEL_MIN_WORK else _run_serial
     run(tasks, lambda t: _forward_block_row(prep, out, lse, *t))
     return out, lse
 
@@ -324,7 +324,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
     dbias = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if want_dbias else None
     grads = (dq_part, dk_full, dv_full, dbias)
     work = call.B * call.Hq * call.Lq * call.Lk * (call.D + call.Dv)
-    run = _run_parallel if work >= PARALLEL_MIN_WORK // 2 else _run_serial
+    run = run_parallel if work >= PARALLEL_MIN_WORK // 2 else _run_serial
     run(tasks, lambda t: _backward_key_chunk(prep, grads, dout, lse, delta, t))
     dq = dq_part[0]
     for extra in dq_part[1:]:

@@ -9,7 +9,7 @@ Layers (as flash-attention's interface module):
   operators with fake (shape-only) implementations, so ``torch.compile(fullgraph=True)``
   traces through them without graph breaks.  Their bodies view the tensors as NumPy arrays,
   run :func:`dotattn.semantics.normalize` (which validates everything) and the registry's
-  backend through :func:`dotattn.api.run_forward` / :func:`dotattn.api.run_backward`.
+  backend through :func:`dotattn.dispatch.run_forward` / :func:`dotattn.dispatch.run_backward`.
 * ``register_autograd`` wires them into a ``torch.autograd.Function`` (torch generates it
   for the operator): the forward saves q, k, v, the output and the LSE; the backward
   recomputes blockwise from the LSE — never an ``Lq × Lk`` matrix (unless the caller's bias
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import api, registry, semantics
+from .. import dispatch, registry, semantics
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
 from ._convert import check_device, compute_dtype, from_numpy, standin, to_numpy
@@ -162,7 +162,7 @@ def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_byt
     if _on_tensor_backend(q, sc):
         return _forward_tensors(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
-    out, lse, weights = api.run_forward(
+    out, lse, weights = dispatch.run_forward(
         call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
     )
     out_t = _tensor(semantics.finalize_output(call, out))
@@ -221,7 +221,7 @@ def _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbi
     if dlse is not None:
         dlse_c = semantics.canonical_lse(call, to_numpy("dlse", dlse))
         call, out_c, dout_c = _fold_lse_grad(call, out_c, dout_c, dlse_c)
-    dq, dk, dv, dbias = api.run_backward(
+    dq, dk, dv, dbias = dispatch.run_backward(
         call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias
     )
     dv = dv[..., :Dv]

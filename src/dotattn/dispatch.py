@@ -1,0 +1,90 @@
+"""Running a normalized call on the registry's backend: the path every front end shares.
+
+:func:`dotattn.attention` routes tensors of other libraries to their front end
+(``dotattn.torch``, ``dotattn.jax``, ``dotattn.tensorflow``); those come back here, not to
+:mod:`dotattn.api`, so the front ends sit below the API and no import circle runs through them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import registry, semantics
+from .semantics import DEFAULT_MAX_WEIGHTS_BYTES, AttentionCall
+
+# The keyword options of attention() that are not backend extras.
+OPTION_NAMES = (
+    "mask",
+    "bias",
+    "causal",
+    "window",
+    "scale",
+    "softcap",
+    "alibi_slopes",
+    "q_lengths",
+    "kv_lengths",
+    "segment_ids",
+    "dropout_p",
+    "seed",
+    "layout",
+)
+
+
+def run_forward(
+    call: AttentionCall,
+    *,
+    implementation: str | None = None,
+    return_weights: bool = False,
+    max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+):
+    """Canonical forward for front ends: ``(out, lse, weights | None)`` in canonical shapes."""
+    if return_weights:
+        semantics.check_weights_size(call, max_weights_bytes)
+    backend = registry.select(call, implementation)
+    out, lse = backend.forward(call)
+    weights = None
+    if return_weights:
+        # Weights come back in the accumulation dtype (as the LSE) whichever backend made them.
+        weights = backend.weights(call, lse).astype(call.compute_dtype, copy=False)
+    return out, lse, weights
+
+
+def run_backward(
+    call: AttentionCall,
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    *,
+    implementation: str | None = None,
+    want_dbias: bool = False,
+):
+    """Canonical backward for front ends: ``(dq, dk, dv, dbias | None)`` in canonical shapes.
+
+    ``dbias`` comes back with the full ``(B, Hq, Lq, Lk)`` shape; reduce it with
+    :func:`dotattn.semantics.reduce_bias_grad`.
+    """
+    backend = registry.select(call, implementation, need_backward=True)
+    return backend.backward(call, out, lse, dout, want_dbias)
+
+
+def backward_in_caller_layout(
+    call: AttentionCall, out: Any, lse: Any, dout: Any, *, implementation: str | None = None, return_dbias: bool = False
+):
+    """``(dq, dk, dv[, dbias])`` shaped as the caller's q, k, v (and bias) from caller-shaped
+    ``out``, ``lse``, ``dout`` — the backward every non-autograd front end needs."""
+    out_c = semantics.canonical_like(call, "out", out, call.Dv)
+    dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
+    lse_c = semantics.canonical_lse(call, lse)
+    dq, dk, dv, dbias = run_backward(
+        call, out_c, lse_c, dout_c, implementation=implementation, want_dbias=return_dbias
+    )
+    grads = (
+        semantics.finalize_grad(call, dq, "q"),
+        semantics.finalize_grad(call, dk, "k"),
+        semantics.finalize_grad(call, dv, "v"),
+    )
+    if return_dbias:
+        return grads + (semantics.reduce_bias_grad(call, dbias).astype(call.bias.dtype, copy=False),)
+    return grads

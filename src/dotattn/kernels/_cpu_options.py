@@ -1,0 +1,51 @@
+"""The per-call options of the ``cpu`` kernels, as one structure (no Numba import here).
+
+Defined outside the kernel template (``_cpu_kernels.py``) so that the kernel copies made for
+user functions share the type, and outside ``_cpu_primitives.py`` so that preparing a call
+imports no JIT compiler.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+SKIP, PARTIAL, FULL = 0, 1, 2  # tile classes: never read / masked per element / fully visible
+
+
+class Options(NamedTuple):
+    """Everything of one call the kernels read besides q/K/V and the outputs (one value each).
+
+    Built once by ``cpu.prepare``; Numba sees a named tuple of one type for every call of a
+    dtype, so every call reuses one compiled specialization.
+    """
+
+    BQ: int  # query rows per tile (the key tile BK is the packed K/V's block)
+    Lq: int
+    Lk: int
+    q_lens: np.ndarray  # (B,) int64 real lengths
+    kv_lens: np.ndarray
+    scale: float
+    softcap: float  # 0 = off
+    bias: np.ndarray  # compact data, flattened; element strides in bstr
+    bstr: np.ndarray
+    has_bias: bool
+    slopes: np.ndarray  # (B or 1, Hq) ALiBi
+    has_alibi: bool
+    mask: np.ndarray  # uint8, compact data, flattened; element strides in mstr
+    mstr: np.ndarray
+    has_dense_mask: bool
+    causal: int  # 0 none, 1 bottom-right, 2 top-left
+    left: int  # window sides, < 0 = unbounded
+    right: int
+    q_seg: np.ndarray  # (B, Lq) int64 segment ids
+    kv_seg: np.ndarray
+    has_seg: bool
+    shift: int  # a block's position shift (semantics.BlockGeometry): added to bottom-right/window/ALiBi offsets
+    top_left_offset: int  # top-left causal: query i sees keys j ≤ i + top_left_offset
+    dropout_p: float
+    dropout_key: np.uint64
+    dropout_geom: np.ndarray  # int64 (h0, row0, col0, Hq, Lq, Lk): the full problem's dropout counters
+    bm: np.ndarray  # (Bm, Hm, nqb, nkb) int8 classes of the user's block mask
+    bm_on: bool

@@ -45,7 +45,8 @@ class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLo
 
 def install_locator() -> None:
     """Put :class:`KernelCacheLocator` first; call before the kernel modules define their functions."""
-    classes = caching._CacheImpl._locator_classes
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in Numba 0.60
+    classes = impl._locator_classes
     if not any(c.__name__ == KernelCacheLocator.__name__ for c in classes):
         classes.insert(0, KernelCacheLocator)
 

@@ -196,6 +196,8 @@ def _naive_numpy(case: Case, x: dict):
     """The seeds' style: materialize the (B, Hq, Lq, Lk) scores, softmax, multiply."""
     if case.mode != "fwd":
         raise Unavailable("forward only")
+    if x["dtype"] != "float32":
+        raise Unavailable("float32 only")
     if case.kv_heads != case.Hq:
         raise Unavailable("no GQA")
     nbytes = case.B * case.Hq * case.Lq * case.Lk * 4 * 3
@@ -224,8 +226,10 @@ def _import_torch():
 
 def _torch_inputs(case: Case, x: dict, requires_grad: bool):
     torch = _import_torch()
-    ts = [torch.from_numpy(x[n]).requires_grad_(requires_grad) for n in ("q", "k", "v")]
-    return torch, ts, torch.from_numpy(x["dout"])
+    dtype = getattr(torch, x["dtype"])
+    # from the float32 copies: torch.from_numpy does not take ml_dtypes' bfloat16
+    ts = [torch.from_numpy(x[f"{n}32"]).to(dtype).requires_grad_(requires_grad) for n in ("q", "k", "v")]
+    return torch, ts, torch.from_numpy(x["dout32"]).to(dtype)
 
 
 def _torch_sdpa(case: Case, x: dict):
@@ -411,18 +415,27 @@ class Row:
     peak_mib: float | None = None
 
 
-def _inputs(case: Case, seed: int = 0) -> dict:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _inputs(case: Case, seed: int = 0, dtype: str = "float32") -> dict:
+    """q, k, v, dout in ``dtype`` (NumPy; bfloat16 from ml_dtypes), their float32 originals as
+    ``q32``…, and the dtype's name."""
+    import ml_dtypes  # a core dependency: NumPy's bfloat16
+
     rng = np.random.default_rng(seed)
-
-    def make(*shape):
-        return rng.standard_normal(shape, dtype=np.float32)
-
-    return dict(
-        q=make(case.B, case.Hq, case.Lq, case.D),
-        k=make(case.B, case.kv_heads, case.Lk, case.D),
-        v=make(case.B, case.kv_heads, case.Lk, case.D),
-        dout=make(case.B, case.Hq, case.Lq, case.D),
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    shapes = dict(
+        q=(case.B, case.Hq, case.Lq, case.D),
+        k=(case.B, case.kv_heads, case.Lk, case.D),
+        v=(case.B, case.kv_heads, case.Lk, case.D),
+        dout=(case.B, case.Hq, case.Lq, case.D),
     )
+    x: dict[str, Any] = {"dtype": dtype}
+    for name, shape in shapes.items():
+        x[f"{name}32"] = rng.standard_normal(shape, dtype=np.float32)
+        x[name] = x[f"{name}32"].astype(np_dtype)
+    return x
 
 
 def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
@@ -460,10 +473,12 @@ def _fill_ratios(rows: list[Row]) -> None:
             r.ratio_vs_sdpa = sdpa[r.case] / r.ms
 
 
-def run_benchmark(cases: list[Case], peers: list[str], repeats: int, progress=None) -> list[Row]:
+def run_benchmark(
+    cases: list[Case], peers: list[str], repeats: int, progress=None, dtype: str = "float32"
+) -> list[Row]:
     rows = []
     for case in cases:
-        inputs = _inputs(case)
+        inputs = _inputs(case, dtype=dtype)
         for peer in peers:
             if progress is not None:
                 progress(case, peer)
@@ -481,12 +496,12 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
-def print_table(rows: list[Row], console=None) -> None:
+def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 140)
-    table = Table(title="dotattn bench (float32, median; × sdpa = torch SDPA time / peer time)")
+    table = Table(title=f"dotattn bench ({dtype}, median; × sdpa = torch SDPA time / peer time)")
     for col, justify in (
         ("case", "left"),
         ("peer", "left"),
@@ -561,6 +576,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed calls per peer after the warm-up (default 5)"
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="input dtype of every peer (default float32)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--plot", metavar="PNG", help="also save GFLOP/s vs sequence length to this PNG")
 
@@ -576,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cases = SHAPE_SETS[args.shapes]()
     if args.json:
-        rows = run_benchmark(cases, peers, args.repeats)
+        rows = run_benchmark(cases, peers, args.repeats, dtype=args.dtype)
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
         from rich.progress import Progress
@@ -587,8 +605,8 @@ def run(args: argparse.Namespace) -> int:
             def step(case, peer):
                 bar.update(task, advance=1, description=f"{case.name} · {peer}")
 
-            rows = run_benchmark(cases, peers, args.repeats, progress=step)
-        print_table(rows)
+            rows = run_benchmark(cases, peers, args.repeats, progress=step, dtype=args.dtype)
+        print_table(rows, dtype=args.dtype)
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -566,7 +566,10 @@ def plot(rows: list[Row], path: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shapes", default="issue", choices=sorted(SHAPE_SETS), help="named shape set (default: issue)"
+        "--shapes",
+        default="issue",
+        choices=sorted([*SHAPE_SETS, "decode"]),
+        help="named shape set (default: issue); 'decode' benchmarks KV-cache decoding (dotattn.bench_decode)",
     )
     parser.add_argument(
         "--peers",
@@ -584,6 +587,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.shapes == "decode":  # its own cases, peers and figures (GB/s of K/V read)
+        from . import bench_decode
+
+        args.peers_given = args.peers != ",".join(DEFAULT_PEERS)
+        return bench_decode.run(args)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:

@@ -51,6 +51,7 @@ __all__ = ["attention_with_kvcache", "KVCache", "SPLIT_SIZE", "DecodeCall"]
 SPLIT_SIZE = 256
 
 _IMPLEMENTATIONS = {
+    "cpu": "dotattn.kernels.cpu_decode",
     "numpy": "dotattn.kernels.numpy_decode",
     "reference": "dotattn.kernels.numpy_decode",
 }

@@ -169,3 +169,48 @@ def test_default_implementation_runs():
     out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())
     out64, _, naive = C.expected(case)
     H.assert_close_to_reference(out, out64, naive)
+
+
+def test_cpu_result_does_not_depend_on_the_thread_count():
+    """Small calls run on one Numba thread, large ones on all: the same bits either way."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels import cpu_decode
+
+    case = C.make_case(8, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Lq=2, Lnew=2, Hq=6, Hkv=3)
+    results = []
+    for min_bytes in (0, 1 << 62):
+        kc, vc = case.k_cache.copy(), case.v_cache.copy()
+        old = cpu_decode.PARALLEL_MIN_BYTES
+        cpu_decode.PARALLEL_MIN_BYTES = min_bytes
+        try:
+            results.append(dotattn.attention_with_kvcache(
+                case.q, kc, vc, case.k_new, case.v_new, return_lse=True, implementation="cpu", **case.kwargs()
+            ))
+        finally:
+            cpu_decode.PARALLEL_MIN_BYTES = old
+    H.assert_bitwise_equal(results[0][0], results[1][0], name="out")
+    H.assert_bitwise_equal(results[0][1], results[1][1], name="lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_reaches_only_the_rows_that_see_it(backend):
+    """A NaN key/value poisons the rows that see it (IEEE), no other row; unused slots are NaN too."""
+    case = C.make_case(9, B=1, lengths=[40], Lq=3, Lnew=None, Hq=2, Hkv=1, capacity=64)
+    # key 38 is seen by query rows 1 and 2 (positions 38, 39) under causal; not by row 0 (37)
+    case.k_cache[0, 0, 38, 0] = np.nan
+    case.v_cache[0, 0, 38, 1] = np.nan
+    out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, implementation=backend, **case.kwargs())
+    assert np.isfinite(out[0, :, 0]).all()
+    assert np.isnan(out[0, :, 1:]).any(axis=-1).all()
+    # a window that hides key 38 from every row keeps all rows finite
+    out = dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, implementation=backend, **case.kwargs(window=(None, None), causal=True)
+    )
+    assert np.isnan(out[0, :, 1:]).any()
+    case.k_cache[0, 0, 38] = case.v_cache[0, 0, 38] = 0
+    case.k_cache[0, 0, 10, 0] = case.v_cache[0, 0, 10, 0] = np.nan
+    out = dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, implementation=backend, **case.kwargs(window=(20, None))
+    )
+    assert np.isfinite(out).all(), "a key outside every row's window leaked NaN"

@@ -76,9 +76,14 @@ def _chunk(call: DecodeCall, qg, b, row_pos, heads, j0, j1):
     m_safe = np.where(np.isneginf(m), 0, m).astype(dt)
     p = np.exp(s - m_safe[..., None])
     total = p.sum(axis=-1)
+    if np.isfinite(v).all():
+        pv = p @ v
+    else:  # keys a row cannot see must not reach it, not even as 0·NaN
+        pv = np.where(p[..., None] != 0, p[..., None] * v[:, None], 0).sum(axis=-2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(total[..., None] > 0, (p @ v) / total[..., None], 0).astype(dt)
-        lse = np.where(total > 0, m_safe + np.log(total), -np.inf).astype(dt)
+        # total == 0: no visible key (0, −inf); a NaN total (NaN score) stays NaN
+        out = np.where(total[..., None] == 0, 0, pv / total[..., None]).astype(dt)
+        lse = np.where(total == 0, -np.inf, m_safe + np.log(total)).astype(dt)
     return out, lse
 
 

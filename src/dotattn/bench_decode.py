@@ -1,0 +1,228 @@
+"""``dotattn bench --shapes decode``: KV-cache decoding against the machine's read bandwidth.
+
+One query token per sequence attends to a cache of ``context`` tokens (GQA: Hq = 32 query
+heads over Hkv = 8 K/V heads, D = 128), for B ∈ {1, 8}, contexts 4k and 32k and float32,
+float16 and bfloat16 caches.  A decode step is memory-bound: the figure of merit is the K/V
+bytes actually read per second, ``2 · B · Hkv · context · D · itemsize / time``, and its
+share of the machine's read bandwidth measured in the same run (a NumPy sum over a 512 MiB
+buffer, far larger than the CPU caches; the median of runs before and after the cases).
+
+Peers, each on the same cache in the same process:
+
+* ``dotattn``        — :func:`dotattn.attention_with_kvcache` on a contiguous cache;
+* ``dotattn-paged``  — the same on a paged cache (pages of 256 tokens, shuffled);
+* ``torch-sdpa``     — ``torch.nn.functional.scaled_dot_product_attention`` in its fastest
+  decode form: the query-head group folded into query rows, ``q.view(B, Hkv, Hq/Hkv, D)``,
+  same dtype as the cache (``enable_gqa=True`` is 3–4× slower here);
+* ``dotattn-numpy``  — the NumPy split-KV implementation (not run unless asked).
+
+The table shows medians of ``--repeats`` timed calls after a warm-up; ``× sdpa`` is torch's
+median time over ours.  The machine's load (``/proc/loadavg``) is printed before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+PEERS = ("dotattn", "dotattn-paged", "torch-sdpa", "dotattn-numpy")
+DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
+DTYPES = ("float32", "float16", "bfloat16")
+HQ, HKV, D = 32, 8, 128
+PAGE = 256
+BANDWIDTH_BYTES = 512 << 20
+
+
+@dataclass
+class Row:
+    case: str
+    peer: str
+    B: int
+    context: int
+    dtype: str
+    status: str = "ok"
+    reason: str = ""
+    ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    gbps: float | None = None
+    share_of_bandwidth: float | None = None
+    ratio_vs_sdpa: float | None = None
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES) -> list[float]:
+    """GB/s of ``numpy.sum`` over a buffer far larger than the CPU caches (one value per run)."""
+    buf = np.ones(nbytes // 4, dtype=np.float32)
+    buf.sum()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        out.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return out
+
+
+def _np_dtype(name: str):
+    from .semantics import BFLOAT16
+
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
+    """A zero-argument callable running one decode step, or raise RuntimeError with the reason."""
+    import dotattn
+
+    lengths = np.full(B, context, dtype=np.int64)
+    if peer in ("dotattn", "dotattn-numpy"):
+        impl = "cpu" if peer == "dotattn" else "numpy"
+        return lambda: dotattn.attention_with_kvcache(q, kc, vc, cache_lengths=lengths, implementation=impl)
+    if peer == "dotattn-paged":
+        rng = np.random.default_rng(1)
+        per_seq = -(-context // PAGE)
+        table = rng.permutation(B * per_seq).reshape(B, per_seq)
+        pages_k = np.empty((B * per_seq, HKV, PAGE, D), dtype=kc.dtype)
+        pages_v = np.empty_like(pages_k)
+        for b in range(B):
+            for i in range(per_seq):
+                n = min(PAGE, context - i * PAGE)  # the last page may be partly used
+                pages_k[table[b, i], :, :n] = kc[b, :, i * PAGE : i * PAGE + n]
+                pages_v[table[b, i], :, :n] = vc[b, :, i * PAGE : i * PAGE + n]
+        return lambda: dotattn.attention_with_kvcache(
+            q, pages_k, pages_v, cache_lengths=lengths, block_table=table, implementation="cpu"
+        )
+    if peer == "torch-sdpa":
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError as exc:
+            raise RuntimeError(f"torch not importable: {exc}") from None
+        from .torch._convert import from_numpy
+
+        tq, tk, tv = (from_numpy(np.ascontiguousarray(x)) for x in (q, kc, vc))
+        tq = tq.view(B, HKV, HQ // HKV, D)  # the query-head group folded into query rows
+
+        def run():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(tq, tk, tv)
+
+        return run
+    raise RuntimeError(f"unknown peer {peer!r}")
+
+
+def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int) -> Row:
+    size = f"{context // 1024}k" if context % 1024 == 0 else str(context)
+    row = Row(f"B{B}-ctx{size}-{dtype}", peer, B, context, dtype)
+    time.sleep(0.3)  # let the previous peer's worker threads park
+    try:
+        run = _make_peer(peer, B, context, dtype, *inputs)
+        run()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            row.times_ms.append((time.perf_counter() - t0) * 1e3)
+    except RuntimeError as exc:
+        row.status, row.reason = "n/a", str(exc)
+        return row
+    row.ms = statistics.median(row.times_ms)
+    kv_bytes = 2 * B * HKV * context * D * _np_dtype(dtype).itemsize
+    row.gbps = kv_bytes / (row.ms * 1e-3) / 1e9
+    return row
+
+
+def run_benchmark(
+    peers, repeats: int, batches=(1, 8), contexts=(4096, 32768), dtypes=DTYPES, progress=None,
+    bandwidth_bytes: int = BANDWIDTH_BYTES,
+):
+    """``(rows, info)``: one row per (case, peer); info holds bandwidth runs and the load."""
+    info = {"load_before": load_average(), "bandwidth_gbps_runs": read_bandwidth(nbytes=bandwidth_bytes)}
+    rows = []
+    for B in batches:
+        for context in contexts:
+            for dtype in dtypes:
+                rng = np.random.default_rng(0)
+                dt = _np_dtype(dtype)
+                kc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
+                vc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
+                q = rng.standard_normal((B, HQ, 1, D), dtype=np.float32).astype(dt)
+                for peer in peers:
+                    if progress is not None:
+                        progress(B, context, dtype, peer)
+                    rows.append(measure(peer, B, context, dtype, (q, kc, vc), repeats))
+                del kc, vc
+    info["bandwidth_gbps_runs"] += read_bandwidth(nbytes=bandwidth_bytes)
+    info["load_after"] = load_average()
+    bandwidth = statistics.median(info["bandwidth_gbps_runs"])
+    info["bandwidth_gbps"] = bandwidth
+    sdpa = {r.case: r.ms for r in rows if r.peer == "torch-sdpa" and r.ms}
+    for r in rows:
+        if r.gbps is not None:
+            r.share_of_bandwidth = r.gbps / bandwidth
+        if r.ms and r.case in sdpa:
+            r.ratio_vs_sdpa = sdpa[r.case] / r.ms
+    return rows, info
+
+
+def print_table(rows, info) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    bw = info["bandwidth_gbps"]
+    table = Table(
+        title=(
+            f"decode: 1 query × B, Hq {HQ}, Hkv {HKV}, D {D} — median ms; GB/s of K/V read; "
+            f"share of the NumPy read bandwidth {bw:.1f} GB/s; × sdpa = torch time / ours"
+        )
+    )
+    for col in ("case", "peer", "ms", "GB/s", "share", "× sdpa", "note"):
+        table.add_column(col, justify="left" if col in ("case", "peer", "note") else "right", no_wrap=col != "note")
+    last = None
+    for r in rows:
+        if last is not None and r.case != last:
+            table.add_section()
+        last = r.case
+        if r.status != "ok":
+            table.add_row(r.case, r.peer, "n/a", "", "", "", r.reason)
+            continue
+        table.add_row(
+            r.case, r.peer, f"{r.ms:.2f}", f"{r.gbps:.1f}", f"{r.share_of_bandwidth:.0%}",
+            "" if r.ratio_vs_sdpa is None else f"{r.ratio_vs_sdpa:.2f}", "",
+        )
+    console.print(table)
+    runs = ", ".join(f"{x:.1f}" for x in info["bandwidth_gbps_runs"])
+    console.print(f"read bandwidth runs (GB/s): {runs}; load before {info['load_before']}, after {info['load_after']}")
+
+
+def run(args) -> int:
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers_given else list(DEFAULT_PEERS)
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        print(f"unknown decode peer(s) {unknown}; known: {list(PEERS)}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows, info = run_benchmark(peers, args.repeats)
+        print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=1))
+        return 0
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=2 * 2 * len(DTYPES) * len(peers))
+
+        def step(B, context, dtype, peer):
+            bar.update(task, advance=1, description=f"B{B} ctx{context} {dtype} · {peer}")
+
+        rows, info = run_benchmark(peers, args.repeats, progress=step)
+    print_table(rows, info)
+    return 0

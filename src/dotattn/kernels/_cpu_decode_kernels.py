@@ -1,0 +1,428 @@
+"""Numba kernels of split-KV decoding ("flash decoding") for the ``cpu`` backend.
+
+Flash decoding (Dao, Haziza, Massa & Sizov, 2023) on top of the online softmax (Milakov &
+Gimelshein, 2018): each sequence's visible keys are cut into chunks of ``SPLIT`` positions,
+``[c·SPLIT, (c+1)·SPLIT)``; one work item = (sequence, K/V head, chunk) computes the chunk's
+partial output and LSE for every query row of that K/V head (the GQA group folded into the
+rows, so each K/V row is read once); items run on all cores; then the parts of each
+(sequence, K/V head) are merged in chunk order with the math of
+:func:`dotattn.merge_attention_states` (``src/dotattn/merge.py``), inlined here.  Nothing in
+an item depends on the batch, the capacity or the page layout, hence bitwise invariance.
+
+The cache is read in place through a flat 1-D view plus element strides (page, head, slot),
+16-bit caches as ``uint16`` converted to float32 row by row in L1 (bfloat16: a shift;
+float16: exponent rebias by a multiply, branch-free so LLVM vectorizes it).  Only positions
+below each sequence's length are read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+import os as _os
+_JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
+LOG2E = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453  # ln(2)
+KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+_TWO_POW_112 = 5.192296858534828e33  # 2**(127 − 15): float16 exponent bias → float32's
+
+
+# =================================================================================
+# exp of a score row: vectorizable polynomial in float32, libm in float64
+# =================================================================================
+
+
+def _exp_row(s, ibuf, n, m):
+    """``s[:n] = exp(s[:n] − m)`` in place (``m`` finite, arguments ≤ 0); returns the sum."""
+    raise NotImplementedError("compiled only")
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp_row_f32(s, ibuf, n, m):
+    # 2**x with x = (s − m)·log2(e) = k + f, f ∈ [−½, ½]: a degree-6 polynomial for 2**f, then
+    # k added to the exponent bits in an integer-only loop over an int32 view (both loops
+    # branch-free, so both vectorize).  Relative error ≤ 2.2e-7; −inf and x < −126 give 0.
+    ml = np.float32(m * LOG2E)
+    for t in range(n):
+        xc = max(s[t] * np.float32(LOG2E) - ml, np.float32(-127.0))
+        k = np.floor(xc + np.float32(0.5))
+        f = xc - k
+        p = np.float32(1.5403530393381606e-4)
+        p = p * f + np.float32(1.3333558146428443e-3)
+        p = p * f + np.float32(9.618129107628477e-3)
+        p = p * f + np.float32(5.550410866482158e-2)
+        p = p * f + np.float32(0.2402265069591007)
+        p = p * f + np.float32(0.6931471805599453)
+        p = p * f + np.float32(1.0)
+        s[t] = p
+        ibuf[t] = np.int32(k)
+    bits = s.view(np.int32)
+    for t in range(n):
+        e = ibuf[t]
+        bits[t] = np.int32(bits[t] + (e << 23)) if e > -127 else np.int32(0)
+    total = np.float32(0.0)
+    for t in range(n):
+        total += s[t]
+    return total
+
+
+@njit(cache=_JIT_CACHE)
+def _exp_row_f64(s, ibuf, n, m):
+    total = 0.0
+    for t in range(n):
+        e = math.exp(s[t] - m)
+        s[t] = e
+        total += e
+    return total
+
+
+@overload(_exp_row, jit_options={"cache": _JIT_CACHE})
+def _exp_row_overload(s, ibuf, n, m):
+    if s.dtype == types.float64:
+        return lambda s, ibuf, n, m: _exp_row_f64(s, ibuf, n, m)
+    return lambda s, ibuf, n, m: _exp_row_f32(s, ibuf, n, m)
+
+
+# =================================================================================
+# one work item: (sequence b, K/V head hk, keys [j0, j1)) for the R = G·Lq folded rows
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nnan", "ninf", "nsz", "reassoc"})
+def _row_max_fast(s, i0, i1):
+    m = s[i0]
+    for i in range(i0 + 1, i1):
+        m = s[i] if s[i] > m else m
+    return m
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "reassoc"})
+def _row_max(s, i0, i1):
+    """``(max s[i0:i1], poisoned)``: the max in a vectorized loop (which may assume finite
+    values), then a check sum that is NaN exactly when some score is NaN or ±inf."""
+    check = s[i0] * 0.0
+    for i in range(i0, i1):
+        check += s[i] * 0.0
+    return _row_max_fast(s, i0, i1), check != check
+
+
+# Helpers are inlined by hand below: a call per (row, key) with array views costs more than
+# the 64-element dot product it wraps (reference counting of the views).
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+def _chunk(
+    qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out,
+):
+    """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``.
+
+    ``o_out (R, Dv)`` gets the chunk's normalized output, ``lse_out (R,)`` its LSE
+    (−inf and 0 for a row that sees no key of the chunk).  Query row ``r`` is head
+    ``hk·G + r // Lq``, position ``pos0 + r % Lq``.  Scratch is 1-D and indexed by hand,
+    and helpers are written inline: LLVM vectorizes these loops, and a call per key with
+    array views costs more than the dot products.
+    """
+    T = qf.dtype
+    zero = T.type(0)
+    n = j1 - j0
+    s = np.empty(R * n, dtype=T)  # scores then probabilities, row r at [r·n, (r+1)·n)
+    row = np.empty(max(D, Dv), dtype=T)  # one cache row, converted
+    bits = row.view(np.uint32)  # 16-bit caches only (their rows are float32)
+    ibuf = np.empty(n, dtype=np.int32)
+    pg0 = j0 // ps
+    for side in range(2):
+        # side 0: scores from K; side 1: output from V (needs the probabilities in between)
+        if side == 1:
+            m_row = np.empty(R, dtype=T)
+            l_row = np.empty(R, dtype=T)
+            for r in range(R):
+                pos = pos0 + r % Lq
+                # keys of this chunk the row sees: t ∈ [tlo, thi) (the rules of
+                # semantics.AttentionCall.visible, solved for t)
+                tlo, thi = 0, n
+                if causal:
+                    thi = min(thi, pos - j0 + 1)
+                if left >= 0:
+                    tlo = max(tlo, pos - left - j0)
+                if right >= 0:
+                    thi = min(thi, pos + right - j0 + 1)
+                tlo = min(max(tlo, 0), n)
+                thi = min(max(thi, tlo), n)
+                r0 = r * n
+                if softcap > 0.0:
+                    for t in range(r0 + tlo, r0 + thi):
+                        s[t] = softcap * math.tanh(s[t] / softcap)
+                if has_alibi:
+                    slope = slopes[b, hk * G + r // Lq]
+                    for t in range(tlo, thi):
+                        s[r0 + t] -= slope * abs(pos - j0 - t)
+                for t in range(r0, r0 + tlo):
+                    s[t] = -np.inf
+                for t in range(r0 + thi, r0 + n):
+                    s[t] = -np.inf
+                if thi == tlo:
+                    m_row[r] = -np.inf
+                    l_row[r] = 0.0
+                    continue
+                m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
+                m_row[r] = m
+                l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
+                if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
+                    l_row[r] = np.nan
+            o = np.zeros(R * Dv, dtype=T)
+        flat = kflat if side == 0 else vflat
+        st = kst if side == 0 else vst
+        width = D if side == 0 else Dv
+        # (page, slot) advance by one per key: no integer division in the loop
+        pg, slot = pg0, j0 - pg0 * ps
+        for t in range(n):
+            base = table[b, pg] * st[0] + hk * st[1] + slot * st[2]
+            slot += 1
+            if slot == ps:
+                slot = 0
+                pg += 1
+            # ---- load one row, converted to the compute dtype ----
+            # Unsigned offsets: Numba adds no negative-index wraparound to them, so LLVM sees
+            # contiguous loads (signed ones compiled to gathers here, 4× slower).
+            u = np.uint64(base)
+            if kind == KIND_FLOAT:
+                for d in range(width):
+                    row[d] = flat[u + np.uint64(d)]
+            elif kind == KIND_BF16:
+                for d in range(width):  # bfloat16 is the top half of a float32
+                    bits[d] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
+            else:
+                # float16 in three branch-free loops of one width each (all vectorize): the
+                # sign-less bits moved to float32 position, ×2**112 rebiases the exponent
+                # (exact for normal and subnormal halves), then the sign and, for inf/NaN,
+                # an all-ones exponent.
+                for d in range(width):
+                    bits[d] = (np.uint32(flat[u + np.uint64(d)]) & np.uint32(0x7FFF)) << np.uint32(13)
+                for d in range(width):
+                    row[d] *= np.float32(_TWO_POW_112)
+                for d in range(width):
+                    h = np.uint32(flat[u + np.uint64(d)])
+                    inf_nan = np.uint32(0x7F800000) if (h & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
+                    bits[d] |= ((h & np.uint32(0x8000)) << np.uint32(16)) | inf_nan
+            if side == 0:
+                # ---- scores of this key for every folded row, four rows per pass over the
+                # row (it is loaded once for four FMAs) ----
+                r = 0
+                while r + 4 <= R:
+                    q0, q1, q2, q3 = np.uint64(r * D), np.uint64((r + 1) * D), np.uint64((r + 2) * D), np.uint64((r + 3) * D)
+                    a0 = zero
+                    a1 = zero
+                    a2 = zero
+                    a3 = zero
+                    for d in range(D):
+                        ud = np.uint64(d)
+                        x = row[d]
+                        a0 += qf[q0 + ud] * x
+                        a1 += qf[q1 + ud] * x
+                        a2 += qf[q2 + ud] * x
+                        a3 += qf[q3 + ud] * x
+                    s[r * n + t] = a0
+                    s[(r + 1) * n + t] = a1
+                    s[(r + 2) * n + t] = a2
+                    s[(r + 3) * n + t] = a3
+                    r += 4
+                while r < R:
+                    acc = zero
+                    q0 = np.uint64(r * D)
+                    for d in range(D):
+                        acc += qf[q0 + np.uint64(d)] * row[d]
+                    s[r * n + t] = acc
+                    r += 1
+            else:
+                # ---- accumulate p · v, four rows per pass ----
+                r = 0
+                while r + 4 <= R:
+                    p0, p1, p2, p3 = s[r * n + t], s[(r + 1) * n + t], s[(r + 2) * n + t], s[(r + 3) * n + t]
+                    if p0 != 0.0 or p1 != 0.0 or p2 != 0.0 or p3 != 0.0:
+                        # invisible keys (p = 0) add nothing, not even 0·NaN
+                        o0, o1, o2, o3 = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
+                        if p0 != 0.0 and p1 != 0.0 and p2 != 0.0 and p3 != 0.0:
+                            for d in range(Dv):
+                                ud = np.uint64(d)
+                                x = row[d]
+                                o[o0 + ud] += p0 * x
+                                o[o1 + ud] += p1 * x
+                                o[o2 + ud] += p2 * x
+                                o[o3 + ud] += p3 * x
+                        else:
+                            for rr in range(r, r + 4):
+                                p = s[rr * n + t]
+                                if p != 0.0:
+                                    oo = np.uint64(rr * Dv)
+                                    for d in range(Dv):
+                                        o[oo + np.uint64(d)] += p * row[d]
+                    r += 4
+                while r < R:
+                    p = s[r * n + t]
+                    if p != 0.0:
+                        o0 = np.uint64(r * Dv)
+                        for d in range(Dv):
+                            o[o0 + np.uint64(d)] += p * row[d]
+                    r += 1
+    for r in range(R):
+        l = l_row[r]
+        if l > 0.0 or l != l:  # a NaN sum (poisoned row) stays NaN, as in IEEE arithmetic
+            inv = 1.0 / l
+            for d in range(Dv):
+                o_out[r, d] = o[r * Dv + d] * inv
+            lse_out[r] = m_row[r] + math.log(l)
+        else:
+            for d in range(Dv):
+                o_out[r, d] = 0.0
+            lse_out[r] = -np.inf
+
+
+@njit(cache=_JIT_CACHE)
+def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
+    """Merge parts ``first … first+count−1`` (chunk order) of one (sequence, K/V head).
+
+    The math of :func:`dotattn.merge_attention_states`: ``lse = M + log Σ exp(lseᵢ − M)``,
+    ``o = Σ exp(lseᵢ − lse)·oᵢ``; a part with ``lse = −inf`` contributes nothing; no part
+    with keys → 0 and −inf.
+    """
+    R, Dv = out_rows.shape
+    for r in range(R):
+        M = -np.inf
+        poisoned = False
+        for c in range(count):
+            x = part_lse[first + c, r]
+            poisoned |= x != x
+            M = x if x > M else M
+        if poisoned:  # a NaN part makes the row NaN (as merge_attention_states does)
+            for d in range(Dv):
+                out_rows[r, d] = np.nan
+            lse_rows[r] = np.nan
+            continue
+        if M == -np.inf:
+            for d in range(Dv):
+                out_rows[r, d] = 0.0
+            lse_rows[r] = -np.inf
+            continue
+        total = 0.0
+        for c in range(count):
+            total += math.exp(part_lse[first + c, r] - M)
+        lse = M + math.log(total)
+        for d in range(Dv):
+            out_rows[r, d] = 0.0
+        for c in range(count):
+            x = part_lse[first + c, r]
+            if x == -np.inf:
+                continue
+            w = math.exp(x - lse)
+            for d in range(Dv):
+                out_rows[r, d] += w * part_o[first + c, r, d]
+        lse_rows[r] = lse
+
+
+# =================================================================================
+# the entry point
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE)
+def _plan(kvlen, Lq, Hkv, split, causal, left, right):
+    """Per sequence: first chunk, chunk count, first work item; and the item total."""
+    B = kvlen.shape[0]
+    c0 = np.zeros(B, dtype=np.int64)
+    nch = np.zeros(B, dtype=np.int64)
+    start = np.zeros(B + 1, dtype=np.int64)
+    for b in range(B):
+        n = kvlen[b]
+        lo = 0
+        hi = n
+        if right >= 0:
+            hi = min(hi, n - 1 + right + 1)
+        if left >= 0:
+            lo = max(lo, n - Lq - left)
+        if lo < hi and Lq > 0:
+            c0[b] = lo // split
+            nch[b] = (hi - 1) // split - c0[b] + 1
+        start[b + 1] = start[b] + nch[b] * Hkv
+    return c0, nch, start
+
+
+@njit(cache=_JIT_CACHE)
+def _item(
+    it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv,
+):
+    B, Hq, Lq, D = q.shape
+    G = Hq // Hkv
+    R = G * Lq
+    Dv = part_o.shape[2]
+    # the sequence of item ``it``: binary search in ``start``
+    lo_b, hi_b = 0, B
+    while hi_b - lo_b > 1:
+        mid = (lo_b + hi_b) // 2
+        if start[mid] <= it:
+            lo_b = mid
+        else:
+            hi_b = mid
+    b = lo_b
+    rem = it - start[b]
+    hk = rem // nch[b]
+    c = c0[b] + rem % nch[b]
+    n = kvlen[b]
+    pos0 = n - Lq
+    j_lo = 0 if left < 0 else max(0, pos0 - left)
+    j_hi = n if right < 0 else min(n, n - 1 + right + 1)
+    j0 = max(c * split, j_lo)
+    j1 = min((c + 1) * split, j_hi)
+    qf = np.empty(R * D, dtype=q.dtype)
+    for r in range(R):
+        for d in range(D):
+            qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
+    _chunk(
+        qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
+        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R],
+    )
+
+
+@njit(cache=_JIT_CACHE)
+def _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse):
+    """Merge the parts of pair = b·Hkv + hk into ``out``/``lse`` rows of its query heads."""
+    B, Hq, Lq, Dv = out.shape
+    G = Hq // Hkv
+    R = G * Lq
+    b = pair // Hkv
+    hk = pair - b * Hkv
+    first = start[b] + hk * nch[b]
+    rows_o = np.empty((R, Dv), dtype=out.dtype)
+    rows_l = np.empty(R, dtype=lse.dtype)
+    _merge(part_o, part_lse, first, nch[b], rows_o, rows_l)
+    for r in range(R):
+        h = hk * G + r // Lq
+        i = r % Lq
+        for d in range(Dv):
+            out[b, h, i, d] = rows_o[r, d]
+        lse[b, h, i] = rows_l[r]
+
+
+@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
+def decode_parallel(
+    q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    slopes, has_alibi, part_o, part_lse, out, lse,
+):
+    """Split-KV decode on Numba's threads: items in parallel, then merges in parallel.
+
+    Small calls run it with one thread (``numba.set_num_threads(1)`` in the caller): the
+    same compiled code, so the thread count never changes a bit of the result.
+    """
+    Hkv = kst[3]
+    c0, nch, start = _plan(kvlen, q.shape[2], Hkv, split, causal, left, right)
+    total = start[kvlen.shape[0]]
+    for it in prange(total):
+        _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv)
+    for pair in prange(kvlen.shape[0] * Hkv):
+        _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse)

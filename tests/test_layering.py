@@ -20,6 +20,7 @@ KERNEL_MAY_IMPORT = {"dotattn.semantics", "dotattn.errors", "dotattn._version"}
 # circle check too (decoding.py → triton_decode → decoding.py is a circle through lazy imports).
 KNOWN_EXCEPTIONS = {
     "dotattn.kernels.numpy_decode": {"dotattn.decoding", "dotattn.merge"},
+    "dotattn.kernels.cpu_decode": {"dotattn.decoding"},
     "dotattn.kernels.triton_decode": {"dotattn.decoding", "dotattn.merge", "dotattn.torch._convert"},
 }
 

@@ -1,4 +1,4 @@
-"""The ``dotattn`` command: ``bench | demo | viz | info``.
+"""The ``dotattn`` command: ``bench | demo | viz | info | generate | chat``.
 
 Each subcommand lives in its own module and is imported only when run, so ``dotattn info``
 starts fast and never imports a framework.
@@ -16,12 +16,14 @@ SUBCOMMANDS = {
     "bench": ("dotattn.bench", "benchmark dotattn against the peers in one process"),
     "demo": ("dotattn.demo", "the main job: a pretrained Transformer on dotattn, and the seeds' experiments"),
     "viz": ("dotattn.viz", "plot the attention maps of a sentence"),
+    "generate": ("dotattn.cli_generate", "answer one prompt with SmolLM2-135M-Instruct on dotattn (streamed)"),
+    "chat": ("dotattn.cli_chat", "chat with SmolLM2-135M-Instruct on dotattn (/reset, Ctrl-D to leave)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info"
+        prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info | generate | chat"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

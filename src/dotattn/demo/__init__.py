@@ -9,6 +9,8 @@
 * ``scaling``: why scores are divided by √d_k (seed 003); writes ``scaling.png``.
 * ``memory``: naive O(N²) attention vs dotattn, peak memory and time (seed 002); writes
   ``memory.png``.
+* ``generate``: SmolLM2-135M-Instruct (a Llama chat model) answers one question on dotattn
+  and prints its prefill and decode tokens/s; ``search`` ends with it too.
 
 Pictures go to ``--out`` (default ``demo-out/``).  ``--quick`` runs small settings (tests).
 """
@@ -24,6 +26,7 @@ DEMOS = {
     "translate": ("dotattn.demo.translate", "train a small encoder–decoder on spelled-out dates"),
     "scaling": ("dotattn.demo.scaling", "what the 1/√d_k factor does to scores, softmax and gradients"),
     "memory": ("dotattn.demo.memory", "peak memory and time: naive O(N²) attention vs dotattn"),
+    "generate": ("dotattn.demo.generate", "SmolLM2-135M-Instruct answers a question on dotattn, with tokens/s"),
 }
 
 

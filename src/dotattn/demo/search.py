@@ -159,4 +159,7 @@ def run(args) -> int:
         f"every attention call went through dotattn.attention (kv_lengths for padding)."
     )
     console.print(f"wrote {r['attention_png']} and {r['map_png']}")
-    return 0
+    # The main job's second half: a chat model generating on dotattn (prefill + KV-cache decode).
+    from .generate import run as run_generate
+
+    return run_generate(args)

@@ -1,0 +1,158 @@
+"""Generation speed: SmolLM2-135M-Instruct on dotattn vs transformers on the same GGUF weights.
+
+For a 512-token and a 4,096-token prompt, then 128 new tokens (greedy, end-of-turn ignored so
+that every run makes exactly 128), it reports prefill tokens/s (prompt tokens / time to the
+first new token) and decode tokens/s (127 / time from the first to the last new token), the
+median of ``--repeats`` runs, for dotattn (:class:`dotattn.models.SmolLM`) and, where
+installed, transformers' ``generate`` on the same GGUF file dequantized to float32, in the same
+process (``n/a`` otherwise).  The machine's load (``uptime``) is printed before and after::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/generate.py [--lengths 512 4096] [--repeats 3]
+
+transformers and accelerate are peers for this script only: dotattn never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+TEXT = (
+    "Attention lets every token of a sequence look at every other token. A decoder generates one "
+    "token at a time: it keeps the keys and values of the tokens it has seen in a cache, so that each "
+    "new token costs one pass over the weights and one read of the cache. "
+)
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "uptime: n/a"
+
+
+def prompt_ids(model, n: int) -> list[int]:
+    """Exactly ``n`` token ids of English text (the paragraph repeated)."""
+    ids = model.encode(TEXT)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def bench_dotattn(model, ids: list[int], new: int, repeats: int) -> dict:
+    prefill, decode = [], []
+    for _ in range(repeats):
+        out = model.generate_ids(ids, max_new_tokens=new, stop_at_eos=False)
+        assert len(out) == new
+        prefill.append(model.last_stats.prefill_tokens_per_s)
+        decode.append(model.last_stats.decode_tokens_per_s)
+    return {"prefill": prefill, "decode": decode}
+
+
+def load_transformers(path):
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        return None, f"n/a ({exc.name} not installed)"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # e.g. accelerate missing, an old transformers without GGUF support
+        return None, f"n/a ({type(exc).__name__}: {str(exc)[:120]})"
+    model.eval()
+    return model, f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def bench_transformers(model, ids: list[int], new: int, repeats: int) -> dict:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """Timestamps each put(): the prompt first, then every new token."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    prefill, decode = [], []
+    input_ids = torch.tensor([ids])
+    for _ in range(repeats):
+        clock = Clock()
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == len(ids) + new
+        first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt is put before any work
+        prefill.append(len(ids) / (first - start))
+        decode.append((new - 1) / (last - first))
+    return {"prefill": prefill, "decode": decode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    from dotattn.models import SmolLM
+
+    print("load before:", uptime(), flush=True)
+    model = SmolLM()
+    peer, peer_info = (None, "n/a (--no-peer)") if args.no_peer else load_transformers(model.path)
+    print(f"dotattn SmolLM: float32 NumPy projections; peer: {peer_info}", flush=True)
+    results = {"load_before": uptime(), "peer": peer_info, "rows": []}
+    header = f"{'prompt':>7} {'new':>4} | {'dotattn prefill':>16} {'peer prefill':>13} {'ratio':>6} | {'dotattn decode':>15} {'peer decode':>12} {'ratio':>6}"
+    print(header)
+    for n in args.lengths:
+        ids = prompt_ids(model, n)
+        # One short warm-up each (first calls compile / allocate), not timed.
+        model.generate_ids(ids[:64], max_new_tokens=4, stop_at_eos=False)
+        ours = bench_dotattn(model, ids, args.new, args.repeats)
+        row = {"prompt": n, "new": args.new, "dotattn": ours}
+        if peer is not None:
+            bench_transformers(peer, ids[:64], 4, 1)
+            row["transformers"] = bench_transformers(peer, ids, args.new, args.repeats)
+        med = {side: {k: statistics.median(v) for k, v in row[side].items()} for side in ("dotattn", "transformers") if side in row}
+        row["median"] = med
+        o, p = med["dotattn"], med.get("transformers")
+        fmt = lambda x: f"{x:.1f}" if x is not None else "n/a"  # noqa: E731
+        pp, pd = (p["prefill"], p["decode"]) if p else (None, None)
+        rp = o["prefill"] / pp if pp else None
+        rd = o["decode"] / pd if pd else None
+        print(
+            f"{n:>7} {args.new:>4} | {fmt(o['prefill']):>16} {fmt(pp):>13} {fmt(rp) + 'x' if rp else 'n/a':>6} | "
+            f"{fmt(o['decode']):>15} {fmt(pd):>12} {fmt(rd) + 'x' if rd else 'n/a':>6}",
+            flush=True,
+        )
+        results["rows"].append(row)
+    results["load_after"] = uptime()
+    print("tokens/s, medians of", args.repeats, "runs; load after:", results["load_after"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``dotattn chat`` — talk to SmolLM2-135M-Instruct on dotattn in the terminal.
+
+Each reply streams as it is generated.  The whole conversation is the prompt of the next
+reply (formatted by the model's chat template).  ``/reset`` starts a new conversation;
+Ctrl-D (end of input) or ``/quit`` leaves; Ctrl-C stops a reply early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_generate import add_sampling_arguments, load_model, stats_line
+
+HELP = "type a message; /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(parser, max_new_tokens=256)
+    parser.add_argument("--system", default=None, help="a system message (default: the chat template's own)")
+    parser.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import DotAttnError
+
+    model = load_model(args.model)
+    if model is None:
+        return 1
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(f"SmolLM on dotattn — {HELP}", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:  # Ctrl-D
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            messages = list(start)
+            print("(conversation reset)", flush=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.generate(
+                messages,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                stream=True,
+            ):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            pass
+        except DotAttnError as exc:  # e.g. the conversation outgrew the context
+            messages.pop()
+            print(f"\ndotattn chat: {exc} (try /reset)", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if args.stats:
+            print(stats_line(model.last_stats), file=sys.stderr, flush=True)

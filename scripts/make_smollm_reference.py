@@ -9,8 +9,8 @@ transformers; the tests only read the file this writes)::
     HF_HUB_OFFLINE=1 /work/main/.venv/bin/python scripts/make_smollm_reference.py
 
 For each prompt (a chat formatted by transformers' own chat template, or raw text) the file
-holds the prompt's token ids, ``N_GREEDY`` greedy tokens (argmax of a full forward pass per
-step, ignoring end-of-turn so that there are always ``N_GREEDY``), and the reference logits
+holds the prompt's token ids, ``N_GREEDY`` greedy tokens (argmax at each step, on
+transformers' KV cache, ignoring end-of-turn so that there are always ``N_GREEDY``), and the reference logits
 over prompt + greedy tokens, kept small: at every position the values of a fixed slice of the
 vocabulary (``COLUMNS``) and the top ``TOP_K`` token ids with their values.  No pickle: all
 arrays are numeric or unicode, ragged ones concatenated with offsets.
@@ -53,6 +53,7 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     model.eval()
+    print("loaded", flush=True)
     vocab = model.config.vocab_size
     # The same columns at every position: the special tokens, then a spread over the vocabulary.
     columns = np.unique(np.concatenate([np.arange(17), np.random.default_rng(0).choice(vocab, N_COLUMNS - 17, replace=False)]))
@@ -74,9 +75,11 @@ def main() -> None:
     with torch.no_grad():
         for ids in prompts:
             seq = list(ids)
+            # Greedy with transformers' own KV cache (a full pass per token would be 40× the work).
+            step = model(torch.tensor([seq]), use_cache=True)
             for _ in range(N_GREEDY):
-                logits = model(torch.tensor([seq])).logits[0, -1]
-                seq.append(int(torch.argmax(logits)))
+                seq.append(int(torch.argmax(step.logits[0, -1])))
+                step = model(torch.tensor([[seq[-1]]]), past_key_values=step.past_key_values, use_cache=True)
             logits = model(torch.tensor([seq])).logits[0].numpy().astype(np.float32)  # (L, V)
             greedy.append(seq[len(ids) :])
             all_ids.extend(seq)
@@ -85,7 +88,7 @@ def main() -> None:
             order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_K]
             top_ids.append(order)
             top_vals.append(np.take_along_axis(logits, order, axis=1))
-            print(f"{len(ids)} prompt tokens; greedy: {tokenizer.decode(seq[len(ids):])!r}")
+            print(f"{len(ids)} prompt tokens; greedy: {tokenizer.decode(seq[len(ids):])!r}", flush=True)
 
     out = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm_reference.npz"
     np.savez_compressed(

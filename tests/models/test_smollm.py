@@ -271,7 +271,7 @@ def test_chat_cli_reads_stdin_resets_and_leaves_at_eof(model, monkeypatch, capsy
     assert cli.main(["chat", "--max-new-tokens", "12", "--stats"]) == 0  # EOF after "Hi" = Ctrl-D
     out = capsys.readouterr()
     assert "Paris" in out.out and "(conversation reset)" in out.out
-    assert out.err.count("tok/s") == 3
+    assert out.err.count("new tokens at") == 3  # --stats after each of the three replies
     # The second turn carries the first exchange; after /reset the conversation starts over.
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"] and "Paris" in seen[1][1]["content"]
     assert seen[2] == [{"role": "user", "content": "Hi"}]

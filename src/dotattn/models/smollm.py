@@ -7,8 +7,8 @@ byte-level BPE tokenizer is rebuilt from the file's vocabulary and merges with
 ``tokenizers``, and chats are formatted with the Jinja chat template stored in the file.
 
 Every attention is dotattn: the prompt goes through one :func:`dotattn.attention` call per
-layer (``causal=True``), then each new token through the KV-cache decode path (see
-:class:`_Caches`, the one place that owns the caches).  Projections are NumPy matrix
+layer (``causal=True``), then each new token through :func:`dotattn.attention_with_kvcache`
+on a paged :class:`dotattn.KVCache` (:class:`_Caches`, the one place that owns the cache).  Projections are NumPy matrix
 products in float32 (measured against torch here: no faster for these shapes, and NumPy keeps
 ``import dotattn.models`` free of frameworks; see docs/models.md).
 
@@ -175,51 +175,48 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
 
 
-# ---- the KV caches: the one place that knows how decode attention is done -----------------
-class _Caches:
-    """Per-layer K/V of a batch of sequences, and decode attention on them.
+# ---- the KV cache: the one place that knows how decode attention is done ------------------
+PAGE_SIZE = 64  # tokens per page of the paged cache
 
-    Contiguous ``(B, Hkv, capacity, D)`` float32 buffers per layer; ``lengths[b]`` tokens of
-    sequence ``b`` are valid.  Prefill writes a right-padded batch; each decode step attends
-    one new query per sequence to its cache plus the new key, then :meth:`advance` moves the
-    lengths on after the last layer.
+
+class _Caches:
+    """The K/V of a batch of sequences for every layer, and decode attention on them.
+
+    A paged :class:`dotattn.KVCache` shared by all layers (``layout="blhd"``, as the model's
+    projections come out): prefill stores each sequence's real tokens only, each decode step
+    calls :meth:`attend` once per layer in order, which appends the new key/value in place
+    and runs :func:`dotattn.attention_with_kvcache`; the cache advances its lengths after
+    the last layer.
     """
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int):
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
-        self.lengths = np.zeros(batch, np.int64)
-        self.capacity = capacity
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, implementation=None):
+        from ..decoding import KVCache
+
+        self.cache = KVCache(
+            batch_size=batch,
+            num_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            capacity=capacity,
+            num_layers=n_layers,
+            page_size=PAGE_SIZE,
+            layout="blhd",
+        )
+        # The decode kernels take "cpu"/"numpy"/"reference"; other prompt-pass backends
+        # (e.g. "triton") leave the choice to the decode path.
+        self.implementation = implementation if implementation in ("cpu", "numpy", "reference") else None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.cache.lengths
 
     def write_prefill(self, layer: int, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> None:
         """Store ``k, v (B, L, Hkv, D)`` (right-padded; sequence b has ``lengths[b]`` real tokens)."""
-        L = k.shape[1]
-        self.k[layer][:, :, :L] = k.transpose(0, 2, 1, 3)
-        self.v[layer][:, :, :L] = v.transpose(0, 2, 1, 3)
+        self.cache.append(k, v, layer=layer, lengths=lengths)
 
-    def set_lengths(self, lengths: np.ndarray) -> None:
-        self.lengths = np.asarray(lengths, np.int64).copy()
-
-    def attend(self, layer: int, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, implementation) -> np.ndarray:
+    def attend(self, layer: int, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray) -> np.ndarray:
         """One new token per sequence: ``q (B, 1, Hq, D)``, ``k_new/v_new (B, 1, Hkv, D)`` →
-        ``(B, 1, Hq, D)``; the new key/value is written at position ``lengths[b]``."""
-        rows = np.arange(q.shape[0])
-        self.k[layer][rows, :, self.lengths] = k_new[:, 0]
-        self.v[layer][rows, :, self.lengths] = v_new[:, 0]
-        visible = self.lengths + 1
-        T = int(visible.max())
-        out = attention(
-            q.transpose(0, 2, 1, 3),
-            self.k[layer][:, :, :T],
-            self.v[layer][:, :, :T],
-            kv_lengths=visible,
-            implementation=implementation,
-        )
-        return out.transpose(0, 2, 1, 3)
-
-    def advance(self) -> None:
-        self.lengths += 1
+        ``(B, 1, Hq, D)``; the new key/value is stored at position ``lengths[b]``."""
+        return self.cache.attend(q, k_new, v_new, layer=layer, implementation=self.implementation)
 
 
 class SmolLM:
@@ -482,11 +479,7 @@ class SmolLM:
         x = self.w["embed"][tokens][:, None]  # (B, 1, E)
         positions = caches.lengths[:, None]  # each sequence's next absolute position
 
-        def attend(i, q, k, v):
-            return caches.attend(i, q, k, v, self.implementation)
-
-        h = self._layers(x, positions, attend)
-        caches.advance()
+        h = self._layers(x, positions, caches.attend)
         return h[:, 0]
 
     def _head(self, h: np.ndarray) -> np.ndarray:
@@ -618,9 +611,8 @@ class SmolLM:
         eos = np.array(sorted(self.eos_ids), np.int64)
         start = time.perf_counter()
         with self._threads.limit(limits=1, user_api="blas"):
-            caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim)
+            caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
             h = self._prefill(ids, lengths, caches)
-            caches.set_lengths(lengths)
             h_last = h[np.arange(B), lengths - 1]  # (B, E)
         for step in range(max_new_tokens):
             with self._threads.limit(limits=1, user_api="blas"):

@@ -317,6 +317,7 @@ def _ring_forward(plan: _Plan, torch_dtype):
     B, Hq, n, Dv = base.B, base.Hq, base.Lq, base.Dv
     acc_out = np.zeros((B, Hq, n, Dv), dtype=base.compute_dtype)
     acc_lse = np.full((B, Hq, n), -np.inf, dtype=base.compute_dtype)
+    seen = set()  # query chunks with a part already: the first part is copied, not merged
     cur = _pack_kv(base, torch_dtype)
     for t in range(plan.P):
         src = (plan.rank - t) % plan.P
@@ -328,9 +329,11 @@ def _ring_forward(plan: _Plan, torch_dtype):
         for qs, ks, geom, changes in plan.blocks(src):
             call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k[:, :, ks], v=v[:, :, ks], **changes)
             o, s, _ = api.run_forward(call, implementation=plan.implementation)
-            merged_o, merged_s = merge_attention_states([acc_out[:, :, qs], o.astype(base.compute_dtype, copy=False)],
-                                                        [acc_lse[:, :, qs], s.astype(base.compute_dtype, copy=False)])
-            acc_out[:, :, qs], acc_lse[:, :, qs] = merged_o, merged_s
+            o, s = o.astype(base.compute_dtype, copy=False), s.astype(base.compute_dtype, copy=False)
+            if qs.start in seen:
+                o, s = merge_attention_states([acc_out[:, :, qs], o], [acc_lse[:, :, qs], s])
+            seen.add(qs.start)
+            acc_out[:, :, qs], acc_lse[:, :, qs] = o, s
         if works:
             _wait(works, f"ring_attention forward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
             cur = nxt
@@ -374,7 +377,11 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
         if in_works:
             _wait(in_works, f"ring_attention backward: dK/dV from rank {plan.global_ranks[plan.prev]} (step {t})")
             dkv += dkv_in
-        pending_sends += _start(plan, [(dkv, plan.next, _TAG_DKV)], [])
+            del dkv_in
+        # the previous step's accumulator left a whole compute ago: wait for it (no stall) so
+        # at most one dK/dV buffer is in flight and memory stays at a few shards, not P
+        _wait(pending_sends, "ring_attention backward: dK/dV send")
+        pending_sends = _start(plan, [(dkv, plan.next, _TAG_DKV)], [])
         if kv_works:
             _wait(kv_works, f"ring_attention backward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
             cur = nxt

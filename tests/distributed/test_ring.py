@@ -35,6 +35,7 @@ CASES = {
     "dense": dict(),
     "causal-zigzag": dict(causal=True),
     "causal-contiguous": dict(causal=True, sharding="contiguous"),
+    "causal-top-left": dict(causal="top_left"),
     "window": dict(window=(5, 2)),
     "window-causal-contiguous": dict(window=(7, None), causal=True, sharding="contiguous"),
     "gqa-causal": dict(Hq=4, Hkv=1, causal=True),
@@ -129,18 +130,20 @@ def _check_backend(pool, implementation):
 
 
 def check_float32(pool):
-    """float32: within the 2× naive-error rule of tests/helpers.py."""
-    case = dict(dtype="float32", L=40, causal=True, dropout_p=0.1, seed=8, alibi_slopes=SLOPES)
-    (q, k, v, dout), options = _single_process(case)
-    ours = _unshard(pool.run("run", implementation="numpy", **case), case)
-    ref_out, ref_lse = H.reference(q, k, v, **options)
-    naive_out, naive_lse = H.naive(q, k, v, **options)
-    H.assert_close_to_reference(ours["out"], ref_out, naive_out, name="out")
-    H.assert_close_to_reference(ours["lse"], ref_lse, naive_lse.astype(np.float32), name="lse", dtype=np.float32)
-    ref_g = H.reference_grads(q, k, v, dout, **options)
-    naive_g = H.naive_grads(q, k, v, dout, **options)
-    for name, r, n in zip(("dq", "dk", "dv"), ref_g, naive_g):
-        H.assert_close_to_reference(ours[name], r, n, name=name, magnitude=float(np.abs(dout).max()))
+    """float32 (and float16: K/V travel in float16, dK/dV in float32): within the 2× naive-error
+    rule of tests/helpers.py."""
+    for dtype in ("float32", "float16"):
+        case = dict(dtype=dtype, L=40, causal=True, dropout_p=0.1, seed=8, alibi_slopes=SLOPES)
+        (q, k, v, dout), options = _single_process(case)
+        ours = _unshard(pool.run("run", implementation="numpy", **case), case)
+        ref_out, ref_lse = H.reference(q, k, v, **options)
+        naive_out, naive_lse = H.naive(q, k, v, **options)
+        H.assert_close_to_reference(ours["out"], ref_out, naive_out, name=f"{dtype} out")
+        H.assert_close_to_reference(ours["lse"], ref_lse, naive_lse, name=f"{dtype} lse", dtype=np.dtype(dtype))
+        ref_g = H.reference_grads(q, k, v, dout, **options)
+        naive_g = H.naive_grads(q, k, v, dout, **options)
+        for name, r, n in zip(("dq", "dk", "dv"), ref_g, naive_g):
+            H.assert_close_to_reference(ours[name], r, n, name=f"{dtype} {name}", magnitude=float(np.abs(dout).max()))
 
 
 def check_messages(pool):

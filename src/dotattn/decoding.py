@@ -441,9 +441,11 @@ def write_new(call: DecodeCall, counts: np.ndarray | None = None) -> None:
     if call.rotary is not None:
         k_new = apply_rotary(k_new.astype(call.compute_dtype), pos, *call.rotary)
     ps = call.page_size
-    pages = np.take_along_axis(call.block_table, pos // ps, axis=1) if counts is None else None
     if counts is None:
-        slots = pos % ps
+        if call.paged:
+            pages, slots = call.block_table[np.arange(call.B)[:, None], pos // ps], pos % ps
+        else:  # one page per sequence: no division
+            pages, slots = np.arange(call.B)[:, None], pos
         # advanced indices around a slice: the result's axes are (B, Lnew, Hkv, D)
         call.k_pages[pages, :, slots] = k_new.swapaxes(1, 2)
         call.v_pages[pages, :, slots] = v_new.swapaxes(1, 2)

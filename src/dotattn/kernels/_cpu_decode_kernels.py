@@ -11,7 +11,7 @@ an item depends on the batch, the capacity or the page layout, hence bitwise inv
 
 The cache is read in place through a flat 1-D view plus element strides (page, head, slot),
 16-bit caches as ``uint16`` converted to float32 row by row in L1 (bfloat16: a shift;
-float16: exponent rebias by a multiply, branch-free so LLVM vectorizes it).  Only positions
+float16: an LLVM fpext that vectorizes to vcvtph2ps).  Only positions
 below each sequence's length are read.
 """
 
@@ -20,15 +20,53 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 import os as _os
 _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
-_TWO_POW_112 = 5.192296858534828e33  # 2**(127 − 15): float16 exponent bias → float32's
+
+
+# =================================================================================
+# float16 → float32
+# =================================================================================
+
+
+@intrinsic
+def _half_to_float(typingctx, x):
+    """The float32 value of float16 bits ``x`` (uint16): one ``fpext half → float``.
+
+    Numba has no float16 on CPU; LLVM has, and vectorizes the conversion (F16C /
+    AVX-512: 8–16 values per instruction, exact, inf/NaN/subnormals included).  Other
+    argument types are plain casts (the kernel's branches for float caches compile them but
+    never run them).
+    """
+    sig = types.float32(x)
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        if signature.args[0] == types.uint16:
+            return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+        return context.cast(builder, value, signature.args[0], types.float32)
+
+    return sig, codegen
+
+
+def _source(flat, row):
+    """Where a key/value row is read from: the cache itself (float caches) or ``row``
+    (16-bit caches, converted there); chosen by the cache's dtype when compiling."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_source, jit_options={"cache": _JIT_CACHE})
+def _source_overload(flat, row):
+    if flat.dtype == types.uint16:
+        return lambda flat, row: row
+    return lambda flat, row: flat
 
 
 # =================================================================================
@@ -190,25 +228,19 @@ def _chunk(
             # Unsigned offsets: Numba adds no negative-index wraparound to them, so LLVM sees
             # contiguous loads (signed ones compiled to gathers here, 4× slower).
             u = np.uint64(base)
+            # float caches are read in place (src = flat at offset u); 16-bit rows are
+            # converted into ``row`` (src = row at offset 0)
+            src = _source(flat, row)
+            off = u if kind == KIND_FLOAT else np.uint64(0)
             if kind == KIND_FLOAT:
-                for d in range(width):
-                    row[d] = flat[u + np.uint64(d)]
+                pass
             elif kind == KIND_BF16:
                 for d in range(width):  # bfloat16 is the top half of a float32
                     bits[d] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
             else:
-                # float16 in three branch-free loops of one width each (all vectorize): the
-                # sign-less bits moved to float32 position, ×2**112 rebiases the exponent
-                # (exact for normal and subnormal halves), then the sign and, for inf/NaN,
-                # an all-ones exponent.
+                # float16: an fpext of half to float that LLVM vectorizes (vcvtph2ps)
                 for d in range(width):
-                    bits[d] = (np.uint32(flat[u + np.uint64(d)]) & np.uint32(0x7FFF)) << np.uint32(13)
-                for d in range(width):
-                    row[d] *= np.float32(_TWO_POW_112)
-                for d in range(width):
-                    h = np.uint32(flat[u + np.uint64(d)])
-                    inf_nan = np.uint32(0x7F800000) if (h & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
-                    bits[d] |= ((h & np.uint32(0x8000)) << np.uint32(16)) | inf_nan
+                    row[d] = _half_to_float(flat[u + np.uint64(d)])
             if side == 0:
                 # ---- scores of this key for every folded row, four rows per pass over the
                 # row (it is loaded once for four FMAs) ----
@@ -221,7 +253,7 @@ def _chunk(
                     a3 = zero
                     for d in range(D):
                         ud = np.uint64(d)
-                        x = row[d]
+                        x = src[off + ud]
                         a0 += qf[q0 + ud] * x
                         a1 += qf[q1 + ud] * x
                         a2 += qf[q2 + ud] * x
@@ -235,7 +267,7 @@ def _chunk(
                     acc = zero
                     q0 = np.uint64(r * D)
                     for d in range(D):
-                        acc += qf[q0 + np.uint64(d)] * row[d]
+                        acc += qf[q0 + np.uint64(d)] * src[off + np.uint64(d)]
                     s[r * n + t] = acc
                     r += 1
             else:
@@ -249,7 +281,7 @@ def _chunk(
                         if p0 != 0.0 and p1 != 0.0 and p2 != 0.0 and p3 != 0.0:
                             for d in range(Dv):
                                 ud = np.uint64(d)
-                                x = row[d]
+                                x = src[off + ud]
                                 o[o0 + ud] += p0 * x
                                 o[o1 + ud] += p1 * x
                                 o[o2 + ud] += p2 * x
@@ -260,14 +292,14 @@ def _chunk(
                                 if p != 0.0:
                                     oo = np.uint64(rr * Dv)
                                     for d in range(Dv):
-                                        o[oo + np.uint64(d)] += p * row[d]
+                                        o[oo + np.uint64(d)] += p * src[off + np.uint64(d)]
                     r += 4
                 while r < R:
                     p = s[r * n + t]
                     if p != 0.0:
                         o0 = np.uint64(r * Dv)
                         for d in range(Dv):
-                            o[o0 + np.uint64(d)] += p * row[d]
+                            o[o0 + np.uint64(d)] += p * src[off + np.uint64(d)]
                     r += 1
     for r in range(R):
         l = l_row[r]

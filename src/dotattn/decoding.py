@@ -744,6 +744,9 @@ class KVCache:
             lead = (self.num_layers, self.num_pages, H, p) if layout == "bhld" else (self.num_layers, self.num_pages, p, H)
         self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
         self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
+        # NumPy views of the buffers' memory (the buffers themselves for NumPy), made once:
+        # converting the buffers on every call would cost more than a small decode step.
+        self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
         self._lengths = np.zeros(B, dtype=np.int64)
         if self.page_size is not None:
             self._table = np.full((B, self.max_pages), -1, dtype=np.int64)
@@ -850,7 +853,7 @@ class KVCache:
         (rotate them first if the model uses RoPE).
         """
         layer = self._layer_index(layer)
-        k_buf, v_buf = self.layer(layer)
+        k_buf, v_buf = self._k_np[layer], self._v_np[layer]
         k_np, v_np = _as_numpy("k_new", k_new), _as_numpy("v_new", v_new)
         k_np = _float_array("k_new", k_np)
         l_ax = 2 if self.layout == "bhld" else 1
@@ -901,7 +904,19 @@ class KVCache:
         lengths and its pages supplied by this object.
         """
         layer = self._layer_index(layer)
-        k_buf, v_buf = self.layer(layer)
+        k_buf, v_buf = self._k_np[layer], self._v_np[layer]
+        fw = framework_of(q)
+        if fw != self.library:
+            raise AttentionTypeError(
+                f"q is a {fw or type(q).__name__} array, but this KVCache holds {self.library} buffers "
+                f"(library={self.library!r})"
+            )
+        if fw == "torch":  # the buffers' NumPy views are kept: convert only the new arrays
+            arrays = dict(q=q, k_new=k_new, v_new=v_new)
+            _check_library(arrays)
+            _check_no_grad(arrays)
+            q, k_new, v_new = (_as_numpy(n, x) for n, x in arrays.items())
+            alibi_slopes = _as_numpy("alibi_slopes", alibi_slopes)
         Lnew = 0
         if k_new is not None:
             shape = tuple(k_new.shape)
@@ -917,4 +932,8 @@ class KVCache:
         )
         self._commit(table)
         self._advance(layer, np.full(self.batch_size, Lnew, dtype=np.int64))
+        if fw == "torch":
+            from .torch._convert import from_numpy
+
+            return tuple(from_numpy(x) for x in result) if return_lse else from_numpy(result)
         return result

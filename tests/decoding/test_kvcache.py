@@ -145,3 +145,16 @@ def test_torch_buffers_bfloat16():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (2, 2, 1, 8)
     page = int(cache.block_table[0, 0])
     torch.testing.assert_close(cache.k[0, page, :, :3], k[0, :, :3].bfloat16(), rtol=0, atol=0)
+
+
+def test_queries_must_match_the_buffers_library():
+    cache = KVCache(1, 1, 4, 8)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="numpy buffers"):
+        cache.attend(torch.ones(1, 1, 1, 4))
+    tcache = KVCache(1, 1, 4, 8, library="torch")
+    with pytest.raises(TypeError, match="torch buffers"):
+        tcache.attend(np.ones((1, 1, 1, 4), np.float32))
+    out, lse = tcache.attend(torch.ones(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), return_lse=True)
+    assert isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
+    assert tcache.k[0, 0, 0, 0, 0].item() == 1.0  # the append reached the torch buffer

@@ -442,3 +442,31 @@ def test_numpy_view_entry_points_refuse_cuda_tensors_clearly():
     t = torch.zeros(2, 3).as_subclass(CudaLooking)
     with pytest.raises(NotImplementedError, match=r"k_cache is on device 'cuda:0'.*CPU tensors only.*\.cpu\(\)"):
         to_numpy("k_cache", t)
+
+
+def test_non_finite_inputs_follow_the_policy():
+    """docs/semantics.md 'Non-finite inputs': NaN reaches only the rows that read it; a −inf bias
+    entry hides its key as a mask does; NaN in positions a row cannot see leaks nowhere."""
+    q, k, v = qkv(24, F32, Hq=2, Lq=20, Lk=20, D=16)
+    q[0, 1, 5, 3] = np.nan  # one query row
+    bias = np.zeros((20, 20), np.float32)
+    bias[:, 7] = -np.inf  # key 7 hidden from every row
+    bias[2, :] = -np.inf  # row 2 sees nothing
+    k[0, 0, 19] = np.nan  # the last key: causal rows before it never see it
+    out, lse = dtorch.attention(_t(q), _t(k), _t(v), bias=_t(bias), causal=True, return_lse=True,
+                                implementation="triton")
+    out, lse = out.numpy(), lse.numpy()
+    assert np.isnan(out[0, 1, 5]).all() and np.isnan(lse[0, 1, 5])
+    assert np.isnan(out[0, 0, 19]).all()  # row 19 of head 0 reads the NaN key
+    clean = np.ones((2, 20), bool)
+    clean[1, 5] = clean[0, 19] = False
+    assert np.isfinite(out[0][clean]).all()
+    assert (out[0, :, 2] == 0).all() and np.isneginf(lse[0, :, 2]).all()
+    q2, k2 = q.copy(), k.copy()
+    q2[0, 1, 5, 3] = 0.0
+    k2[0, 0, 19] = 0.0
+    mask = np.ones((20, 20), bool)
+    mask[:, 7] = False
+    mask[2, :] = False
+    ref, _ = H.reference(q2, k2, v, mask=mask, causal=True)
+    np.testing.assert_allclose(out[0][clean], ref[0][clean], atol=1e-5)

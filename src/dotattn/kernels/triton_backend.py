@@ -69,20 +69,24 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch_config(kind: str, block_d: int, itemsize: int, interpreted: bool) -> dict:
-    """Tile sizes and warps.  The interpreter gets INTERPRETER_BLOCK-sized tiles.  The GPU choices follow
-    the Triton tutorial's ranges and are not tuned here: no GPU was available to measure."""
+    """Tile sizes and warps.  The interpreter gets INTERPRETER_BLOCK-sized tiles.  The GPU
+    choices follow the Triton tutorial's ranges and are not tuned here (no GPU was available
+    to measure them); float32 gets small tiles, since its IEEE dots run on CUDA cores and big
+    tiles only add registers and compile time (a 64×64×128 float32 backward tile takes minutes
+    to compile)."""
     if interpreted:
         return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, num_warps=1, num_stages=1)
-    wide = block_d * itemsize  # bytes of one row of a tile
+    if itemsize >= 4:
+        return dict(BLOCK_M=64 if kind == "fwd" else 32, BLOCK_N=32, num_warps=4, num_stages=1)
     if kind == "fwd":
-        if wide <= 128:
+        if block_d <= 64:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-        if wide <= 256:
+        if block_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-    if wide <= 128:
+    if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if wide <= 256:
+    if block_d <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 

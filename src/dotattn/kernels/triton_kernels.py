@@ -47,9 +47,10 @@ INTERPRETED = bool(knobs.runtime.interpret)
 _helper = (lambda fn: fn) if INTERPRETED else triton.jit
 
 # SplitMix64 constants (kernels/dropout.py); Triton types literals ≥ 2**63 as uint64.
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
+# (Globals a compiled kernel reads must be constexpr.)
+_GOLDEN = tl.constexpr(0x9E3779B97F4A7C15)
+_MIX1 = tl.constexpr(0xBF58476D1CE4E5B9)
+_MIX2 = tl.constexpr(0x94D049BB133111EB)
 
 
 @_helper
@@ -235,7 +236,9 @@ def attn_fwd(
                 p = tl.where(keep, p * drop_scale, 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
-    seen = l_i > 0.0
+    # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
+    # the test is l ≠ 0, not l > 0.
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
@@ -555,7 +558,9 @@ def decode_split(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         m_i = m_new
-    seen = l_i > 0.0
+    # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
+    # the test is l ≠ 0, not l > 0.
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))

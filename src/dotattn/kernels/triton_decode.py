@@ -77,8 +77,6 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
 
 def decode(call, reference: bool = False):
     """The :mod:`dotattn.decoding` kernel protocol: append, then ``(out, lse)`` float32 NumPy."""
-    import torch
-
     from ..decoding import SPLIT_SIZE, rotated_q, write_new
     from ..torch._convert import from_numpy
 
@@ -89,18 +87,22 @@ def decode(call, reference: bool = False):
     write_new(call)
     q = rotated_q(call)
 
+    # Compiled kernels read GPU memory: there the host arrays are copied over (this entry is
+    # for CPU callers and tests; CUDA users go through attention_with_kvcache_tensors).
+    dev = "cpu" if _kernels().INTERPRETED else "cuda"
+
     def tensor(x):
-        return from_numpy(x) if x.flags.writeable else from_numpy(x.copy())
+        return (from_numpy(x) if x.flags.writeable else from_numpy(x.copy())).to(dev)
 
     kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
     out, lse = decode_tensors(
         tensor(np.ascontiguousarray(q)), tensor(call.k_pages), tensor(call.v_pages),
-        torch.from_numpy(np.ascontiguousarray(call.block_table, dtype=np.int64)), torch.from_numpy(kv_len),
+        tensor(np.ascontiguousarray(call.block_table, dtype=np.int64)), tensor(kv_len),
         max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window, scale=call.scale,
         softcap=call.softcap, split=SPLIT_SIZE,
-        alibi_slopes=None if call.alibi_slopes is None else torch.from_numpy(np.ascontiguousarray(call.alibi_slopes)),
+        alibi_slopes=None if call.alibi_slopes is None else tensor(np.ascontiguousarray(call.alibi_slopes)),
     )
-    return out.numpy(), lse.numpy()
+    return out.cpu().numpy(), lse.cpu().numpy()
 
 
 # =================================================================================

@@ -78,10 +78,6 @@ class _Scalars:
         return (self.window_left, self.window_right)
 
 
-def _optional_numpy(name: str, t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else to_numpy(name, t)
-
-
 # Options whose data a kernel reads in place (the others are small index arrays and scalars).
 _LARGE_OPTIONS = ("mask", "bias")
 

@@ -21,6 +21,13 @@ from hypothesis import HealthCheck, settings
 # inside the checkout (git-ignored), not the user's ~/.cache, and survive between runs.
 os.environ.setdefault("DOTATTN_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".dotattn-test-cache"))
 
+# Without a GPU the triton backend's tests run its kernels through Triton's interpreter, which
+# must be chosen before triton is first imported (torch._dynamo imports it, so any earlier
+# torch.compile test would otherwise fix the compiled mode for the whole worker).  It only
+# changes how triton runs; nothing else in the suite uses triton on a CPU-only machine.
+if not os.path.isdir("/proc/driver/nvidia/gpus") or not os.listdir("/proc/driver/nvidia/gpus"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 if "helpers" not in sys.modules:
     _spec = importlib.util.spec_from_file_location("helpers", Path(__file__).resolve().parent / "helpers.py")
     _helpers = importlib.util.module_from_spec(_spec)

@@ -72,8 +72,11 @@ def backends_under_test() -> list[str]:
     narrows them, e.g. to iterate on one kernel.  Naming an unavailable backend is an error,
     so a typo cannot silently test nothing."""
     import dotattn
+    from dotattn import registry
 
-    available = [row["name"] for row in dotattn.info() if row["available"]]
+    # Tensor backends (triton) take torch tensors, not the NumPy arrays these tests pass;
+    # they have their own tests (tests/kernels/test_triton*.py).
+    available = [row["name"] for row in dotattn.info() if row["available"] and row["name"] not in registry.TENSOR_BACKENDS]
     wanted = os.environ.get("DOTATTN_TEST_BACKENDS", "").strip()
     if not wanted:
         return [n for n in available if n not in OPT_IN_BACKENDS]

@@ -470,3 +470,29 @@ def test_non_finite_inputs_follow_the_policy():
     mask[2, :] = False
     ref, _ = H.reference(q2, k2, v, mask=mask, causal=True)
     np.testing.assert_allclose(out[0][clean], ref[0][clean], atol=1e-5)
+
+
+def test_interpreter_switched_on_too_late_is_refused_with_the_reason():
+    """TRITON_INTERPRET must be set before triton is imported (torch.compile imports it);
+    set later, the call is refused with that reason instead of failing inside Triton."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch, triton\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import dotattn.torch as dt\n"
+        "from dotattn.errors import UnsupportedCallError\n"
+        "t = torch.ones(1, 4, 16)\n"
+        "try:\n"
+        "    dt.attention(t, t, t, implementation='triton')\n"
+        "except UnsupportedCallError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if not CUDA:
+        assert "TRITON_INTERPRET=1 was set after triton was imported" in done.stdout, done.stdout

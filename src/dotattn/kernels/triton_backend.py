@@ -312,6 +312,11 @@ class TritonBackend:
         if device == "cpu":
             if not interpreted:
                 return ["CPU tensors run only through Triton's interpreter: set TRITON_INTERPRET=1 before the first call"]
+            std = sys.modules.get("triton.language.standard")
+            if mod is None and std is not None and type(std.zeros).__name__ != "InterpretedFunction":
+                # Triton's own library was built in compiled mode: the interpreter would fail inside.
+                return ["TRITON_INTERPRET=1 was set after triton was imported (torch.compile imports it): "
+                        "set it before importing torch or triton"]
             if not forced:
                 return ["CPU tensors go to the CPU backends unless implementation='triton' is asked for"]
             return []

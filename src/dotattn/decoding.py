@@ -30,6 +30,7 @@ of the contiguous cache, and the page-size and head axes of a paged cache)::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import numbers
 from dataclasses import dataclass

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 import os as _os
@@ -357,7 +357,7 @@ def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
 
 
 # =================================================================================
-# the entry point
+# the entry points: plan, items (on any threads), merges
 # =================================================================================
 
 
@@ -440,21 +440,28 @@ def _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse):
         lse[b, h, i] = rows_l[r]
 
 
-@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def decode_parallel(
-    q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, part_o, part_lse, out, lse,
-):
-    """Split-KV decode on Numba's threads: items in parallel, then merges in parallel.
+@njit(cache=_JIT_CACHE, nogil=True)
+def plan(kvlen, Lq, Hkv, split, left, right):
+    """``(c0, nch, start)``: per sequence its first chunk, chunk count and first work item;
+    ``start[B]`` is the number of items."""
+    return _plan(kvlen, Lq, Hkv, split, False, left, right)
 
-    Small calls run it with one thread (``numba.set_num_threads(1)`` in the caller): the
-    same compiled code, so the thread count never changes a bit of the result.
-    """
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def run_items(
+    it0, it1, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    slopes, has_alibi, c0, nch, start, part_o, part_lse,
+):
+    """Work items ``[it0, it1)``, each writing its own part: callers may run disjoint ranges
+    on several threads (the GIL is released) and get the same bits as one thread."""
     Hkv = kst[3]
-    c0, nch, start = _plan(kvlen, q.shape[2], Hkv, split, causal, left, right)
-    total = start[kvlen.shape[0]]
-    for it in prange(total):
+    for it in range(it0, it1):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
               slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv)
-    for pair in prange(kvlen.shape[0] * Hkv):
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def run_merges(Hkv, nch, start, part_o, part_lse, out, lse):
+    """Merge every (sequence, K/V head)'s parts in chunk order into ``out``/``lse``."""
+    for pair in range(out.shape[0] * Hkv):
         _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse)

@@ -4,17 +4,20 @@ Numba kernels of :mod:`dotattn.kernels._cpu_decode_kernels` and runs them.
 Per-call work in Python is kept small (a decode step of a 30-layer model is 30 calls): the
 cache is passed as a flat view of the caller's memory plus element strides, 16-bit caches as
 ``uint16``; partial results go to a per-thread scratch buffer that only grows, so a steady
-decode loop allocates nothing large.  Calls reading little K/V run on one Numba thread: a
-parallel launch costs more than it saves there (and, on a loaded machine, a sibling thread
-that is not scheduled stalls the whole call).  The thread count never changes a bit of the
-result: every work item and merge is the same code in a fixed order (tested).
+decode loop allocates nothing large.  The Numba kernels are serial and release the GIL;
+calls reading more than :data:`PARALLEL_MIN_BYTES` of K/V split their work items over a
+pool of Python threads, one per core (a Numba ``prange`` launch cost ~100 µs per call here
+even with one thread, and its OpenMP barrier stalled whole calls on a loaded machine).  The
+thread count never changes a bit of the result: every work item and merge is the same code,
+each item writes its own part, and parts are merged in a fixed order (tested).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
 from ..decoding import SPLIT_SIZE, DecodeCall, rotated_q, write_new
@@ -26,6 +29,8 @@ from . import _cpu_decode_kernels as K
 PARALLEL_MIN_BYTES = 4 << 20
 
 _local = threading.local()
+_executor: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 _F16 = np.dtype(np.float16)
 
 
@@ -88,20 +93,35 @@ def decode(call: DecodeCall, reference: bool = False):
     lse = np.empty((B, Hq, Lq), dtype=T)
     left, right = call.window if call.window is not None else (None, None)
     slopes = call.alibi_slopes if call.alibi_slopes is not None else np.zeros((1, 1), dtype=T)
-    args = (
+    left = -1 if left is None else left
+    right = -1 if right is None else right
+    c0, nch, start = K.plan(kvlen, Lq, call.Hkv, SPLIT_SIZE, left, right)
+    total = int(start[-1])
+    common = (
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-        call.causal, -1 if left is None else left, -1 if right is None else right,
-        0.0 if call.softcap is None else call.softcap, slopes, call.alibi_slopes is not None,
-        part_o, part_lse, out, lse,
+        call.causal, left, right, 0.0 if call.softcap is None else call.softcap, slopes,
+        call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
     )
     nbytes = int(kvlen.sum()) * call.Hkv * (call.D + Dv) * call.k_cache.itemsize
-    if nbytes >= PARALLEL_MIN_BYTES:
-        K.decode_parallel(*args)
-        return out, lse
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        K.decode_parallel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    workers = _workers()
+    if nbytes < PARALLEL_MIN_BYTES or workers == 1 or total < 2:
+        K.run_items(0, total, *common)
+    else:
+        # contiguous item ranges, one per core (items are of nearly equal size)
+        bounds = [total * w // workers for w in range(workers + 1)]
+        list(_pool().map(lambda w: K.run_items(bounds[w], bounds[w + 1], *common), range(workers)))
+    K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
+
+
+def _workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        with _pool_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="dotattn-decode")
+    return _executor

@@ -19,6 +19,7 @@ Options (``mask``, ``causal``, ``dropout_p``, …) are those of :func:`dotattn.a
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 
@@ -390,3 +391,100 @@ def assert_bitwise_equal(a, b, name: str = "output") -> None:
         diff = a.astype(np.float64) != b.astype(np.float64)
         idx = tuple(int(i) for i in np.argwhere(diff)[0]) if diff.any() else "?"
         raise AssertionError(f"{name}: repeated calls differ ({int(diff.sum())} elements, first at {idx})")
+
+
+# =================================================================================
+# non-finite inputs (docs/semantics.md, "Non-finite inputs"): one rule for every backend
+# =================================================================================
+
+NONFINITE_VALUES = (np.nan, np.inf, -np.inf)
+# The ways a row can be kept from seeing a key; each case hides the bad value from some rows.
+HIDING_RULES = ("causal", "mask", "window", "segment", "bias_neginf", "kv_lengths")
+NONFINITE_TARGETS = ("q", "k", "v", "bias", "alibi_slopes")
+_BAD_KEY = {"kv_lengths": 4}  # the key that holds the bad value (3 unless the rule needs another)
+
+
+def nonfinite_case(target: str, value: float, rule: str, dtype=np.float32):
+    """``(q, k, v, options)`` with one NaN/±inf ``value`` in ``target`` that ``rule`` hides from some rows.
+
+    Sizes: batch 2, Hq 2 reading one K/V head, Lq 5, Lk 6, D 4, Dv 3.  The bad value sits in
+    key 3 (key 4 for ``kv_lengths``, which makes it padding in sequence 0 only) for ``k``/``v``,
+    in query rows 0 and 3 for ``q`` (row 0 sees no key under ``mask``), at (row 1, key 3) and
+    (row 3, key 3) for ``bias`` and in head 1's slope for ``alibi_slopes``.
+    """
+    rng = np.random.default_rng(zlib.crc32(f"{target}-{rule}".encode()))  # the same data for every value
+    B, Hq, Hkv, Lq, Lk, D, Dv = 2, 2, 1, 5, 6, 4, 3
+    q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, Lk, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, Lk, Dv)).astype(dtype)
+    opts: dict = {}
+    j = _BAD_KEY.get(rule, 3)
+    if rule == "causal":
+        opts["causal"] = "bottom_right"  # row i sees keys ≤ i + 1
+    elif rule == "mask":
+        mask = rng.random((B, Hq, Lq, Lk)) < 0.8
+        mask[:, :, 0] = False  # a row with no visible key
+        mask[:, :, 1, j] = False
+        mask[:, :, 3, j] = True
+        opts["mask"] = mask
+    elif rule == "window":
+        opts["window"] = (1, 0)  # row i (position i + 1) sees keys i and i + 1
+    elif rule == "segment":
+        opts["segment_ids"] = (np.array([[0, 0, 1, 1, 1]] * B), np.array([[0, 0, 0, 1, 1, 1]] * B))
+    elif rule == "kv_lengths":
+        opts["kv_lengths"] = np.array([4, 6])
+    if rule == "bias_neginf" or target == "bias":
+        bias = rng.standard_normal((B, Hq, Lq, Lk)).astype(np.float32)
+        if rule == "bias_neginf":
+            bias[:, :, :2, j] = -np.inf
+        opts["bias"] = bias
+    if target == "alibi_slopes" or rng.random() < 0.3:
+        opts["alibi_slopes"] = rng.uniform(0.1, 0.5, Hq)
+    bad = np.array(value, dtype=dtype)
+    if target == "q":
+        q[:, :, [0, 3], 1] = bad
+    elif target == "k":
+        k[:, :, j, 1] = bad
+    elif target == "v":
+        v[:, :, j, 1] = bad
+    elif target == "bias":
+        opts["bias"][:, :, [1, 3], j] = value
+    elif target == "alibi_slopes":
+        opts["alibi_slopes"][1] = value
+    return q, k, v, opts
+
+
+def nonfinite_cases():
+    """``(target, value, rule)`` triples of :func:`nonfinite_case` (a −inf bias cannot also hold the bad bias)."""
+    return [
+        (t, val, r)
+        for t in NONFINITE_TARGETS
+        for val in NONFINITE_VALUES
+        for r in HIDING_RULES
+        if not (t == "bias" and r == "bias_neginf")
+    ]
+
+
+def assert_nonfinite_match(ours, ref64, naive=None, *, name: str, dtype=np.float32, factor: float = 2.0, magnitude=1.0):
+    """NaN, +inf and −inf exactly where the float64 reference has them; the finite rest within
+    the tolerance rule (``naive`` values that leaked where the reference is finite are ignored)."""
+    ours64 = np.asarray(ours).astype(np.float64)
+    ref = np.asarray(ref64, dtype=np.float64)
+    assert ours64.shape == ref.shape, f"{name}: shape {ours64.shape}, reference has {ref.shape}"
+    for kind, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        differ = test(ours64) != test(ref)
+        if differ.any():
+            idx = tuple(int(i) for i in np.argwhere(differ)[0])
+            raise AssertionError(
+                f"{name}: {int(differ.sum())} elements differ in being {kind}; first at {idx}: "
+                f"ours {ours64[idx]!r}, reference {ref[idx]!r}"
+            )
+    finite = np.isfinite(ref)
+    nv = None
+    if naive is not None:
+        nv = np.asarray(naive).astype(np.float64)
+        nv = np.where(finite & np.isfinite(nv), nv, np.where(finite, ref, 0.0))
+    assert_close_to_reference(
+        np.where(finite, ours64, 0.0), np.where(finite, ref, 0.0), nv, name=name, dtype=dtype,
+        factor=factor, magnitude=magnitude,
+    )

@@ -578,10 +578,9 @@ def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtyp
     else:
         want = "(Hq,)" + (f" or (..., Hq) = {_shape_str(batch_shape + (Hq,))}" if batch_shape else "")
         raise AttentionValueError(f"alibi_slopes must have shape {want} with Hq={Hq}, got {_shape_str(arr.shape)}")
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(out).all():
-        raise AttentionValueError("alibi_slopes must be finite")
-    return out
+    # NaN/±inf slopes are not refused: like any value that takes part in a row's scores they
+    # follow IEEE arithmetic (docs/semantics.md, non-finite inputs).
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 # Options that only some backends implement (user functions compiled into the ``cpu``
@@ -810,5 +809,5 @@ def check_batch_ints(name: str, x: Any, B: int) -> np.ndarray:
 
 
 def check_alibi_slopes(alibi_slopes: Any, B: int, Hq: int, dtype: np.dtype) -> np.ndarray | None:
-    """``alibi_slopes`` of shape ``(Hq,)`` or ``(B, Hq)`` → finite ``(B, Hq)`` in ``dtype`` (or None)."""
+    """``alibi_slopes`` of shape ``(Hq,)`` or ``(B, Hq)`` → ``(B, Hq)`` in ``dtype`` (or None); NaN/±inf follow IEEE."""
     return _check_alibi(alibi_slopes, (B,), B, Hq, dtype)

@@ -213,6 +213,7 @@ def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
         j = j0 + c
         for r in range(BQ):
             i = i0 + r
+            hidden = False  # a −inf bias entry hides its key as a mask does, whatever the score
             s = ST[c, r] * o.scale
             if o.softcap > 0.0:
                 t = math.tanh(s / o.softcap)
@@ -220,9 +221,16 @@ def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
                 if want_grad:
                     G[c, r] = 1.0 - t * t
             if o.has_bias and r < nrows and c < ncols:
-                s += bias[b * bs[0] + h * bs[1] + i * bs[2] + j * bs[3]]
+                bv = bias[b * bs[0] + h * bs[1] + i * bs[2] + j * bs[3]]
+                hidden = bv == -np.inf
+                s += bv
             if o.has_alibi:
                 s -= slope * abs(i + off - j)
+            if hidden:
+                if want_grad and HAS_SCORE_MOD:
+                    GM[c, r] = 0.0
+                ST[c, r] = -np.inf
+                continue
             if HAS_SCORE_MOD:
                 if want_grad:
                     s64 = np.float64(s)
@@ -257,9 +265,12 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
     """``ST ← P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``."""
     # update the running max (rows that have seen no key keep −inf and a 0 shift)
     zero = m.dtype.type(0.0)  # a compute-dtype 0: a float64 one would widen the loops below
-    _col_max(ST, bmax)
+    nan = m.dtype.type(np.nan)
+    _col_max(ST, bmax)  # NaN for a column holding NaN
     for r in range(m.shape[0]):
-        m_new = max(m[r], bmax[r] * c2)
+        tile_max = bmax[r] * c2
+        # a NaN or +inf score makes exp(s − max) NaN (IEEE): the row stays NaN (_write_rows)
+        m_new = nan if (m[r] != m[r] or not tile_max < np.inf) else max(m[r], tile_max)
         mu = m_new if m_new > -np.inf else zero
         alpha = math.exp2(m[r] - mu) if m[r] > -np.inf else zero
         m[r] = m_new
@@ -277,9 +288,13 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
 @njit(cache=_JIT_CACHE)
 def _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr):
     """``out = acc / row_sum`` and natural-log ``lse = (m + log2 row_sum)·ln 2``; rows
-    without a visible key (or past q_lens) give 0 and lse = −inf."""
+    without a visible key (or past q_lens) give 0 and lse = −inf, rows whose max is NaN
+    (a NaN or +inf score) NaN."""
     for r in range(nrows):
-        if r < nr and row_sum[r] > 0.0:
+        if r < nr and m[r] != m[r]:
+            out[b, h, i0 + r, :] = np.nan
+            lse[b, h, i0 + r] = np.nan
+        elif r < nr and row_sum[r] > 0.0:
             inv = 1.0 / row_sum[r]
             for d in range(out.shape[3]):
                 out[b, h, i0 + r, d] = acc[r, d] * inv

@@ -186,16 +186,20 @@ def _dropout_keep(key, p, b, h, i, j, Hq, Lq, Lk):
 # =================================================================================
 
 
-@njit(cache=_JIT_CACHE, fastmath={"nnan", "nsz", "contract"})
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
 def _col_max(ST, out):
-    """``out[r] = max_c ST[c, r]``."""
+    """``out[r] = max_c ST[c, r]``, NaN when a column holds NaN.
+
+    No "nnan" fast-math here: a NaN score (a NaN in q, a visible key or bias entry) must
+    reach the caller, which turns its row into NaN (docs/semantics.md, non-finite inputs).
+    """
     BK, BQ = ST.shape
     out[:] = ST[0]
     for c in range(1, BK):
         row = ST[c]
         for r in range(BQ):
             v = row[r]
-            out[r] = v if v > out[r] else out[r]
+            out[r] = v if (v > out[r] or v != v) else out[r]
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})

@@ -467,6 +467,55 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
 
 
 # =================================================================================
+# non-finite inputs (docs/semantics.md): the kernels' matrix products would multiply a
+# hidden key's weight 0 by its NaN value (0·NaN = NaN) and their exp2 maps NaN to 0, so
+# calls whose values are not all finite run on the NumPy backend, which follows the policy
+# pair by pair (calls with user score_mod/mask_mod, which NumPy cannot run, stay here);
+# NaN/+inf scores from finite inputs (overflow) are caught in the forward kernel
+# =================================================================================
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN/±inf in ``x``: one vectorized sum (NaN and inf propagate), exact check if it overflows."""
+    if x.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(x)):
+            return True
+    return bool(np.isfinite(x).all())
+
+
+def _real_rows_finite(x: np.ndarray, call: AttentionCall) -> bool:
+    """``x (B, Hq, Lq, X)`` finite in the rows inside ``q_lengths`` (padding may hold anything)."""
+    if call.q_lengths is None:
+        return _all_finite(x)
+    return all(_all_finite(x[b, :, : call.q_len(b)]) for b in range(call.B))
+
+
+def _lse_ok(lse: np.ndarray, call: AttentionCall) -> bool:
+    """Finite or −inf (a row that saw no key) in the real rows: what the kernels take."""
+    lse = np.asarray(lse)
+    parts = [lse] if call.q_lengths is None else [lse[b, :, : call.q_len(b)] for b in range(call.B)]
+    return all(_all_finite(x) or bool(np.all(np.isfinite(x) | (x == -np.inf))) for x in parts)
+
+
+def _inputs_finite(call: AttentionCall, p: "Prepared") -> bool:
+    """q (real rows), packed k/v, bias (−inf is a mask) and ALiBi slopes all finite."""
+    if not (_real_rows_finite(p.q, call) and _all_finite(p.kp) and _all_finite(p.vp)):
+        return False
+    bias = p.options.bias
+    if call.bias is not None and not _all_finite(np.where(bias == -np.inf, 0, bias)):
+        return False
+    return call.alibi_slopes is None or _all_finite(call.alibi_slopes)
+
+
+def _numpy_backend():
+    from . import numpy_tiled
+
+    return numpy_tiled
+
+
+# =================================================================================
 # the passes
 # =================================================================================
 
@@ -474,6 +523,8 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
 def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype."""
     p = prepare(call, block_size)
+    if not call.extras and not _all_finite(p.vp):
+        return _numpy_backend().forward(call)
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
     with _kernel_launch():
@@ -485,6 +536,13 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style."""
     sparse = call.window is not None or call.q_segment_ids is not None
     p = prepare(call, block_size or (None if sparse else DEFAULT_BACKWARD_BLOCK_SIZE))
+    if not call.extras and not (
+        _inputs_finite(call, p)
+        and _real_rows_finite(np.asarray(dout), call)
+        and _real_rows_finite(np.asarray(out), call)
+        and _lse_ok(lse, call)
+    ):
+        return _numpy_backend().backward(call, out, lse, dout, want_dbias)
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv
@@ -514,6 +572,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
 
 def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray:
     """Pre-dropout probabilities ``(B, Hq, Lq, Lk)`` from the forward's LSE."""
+    if not call.extras and not _lse_ok(lse, call):
+        return _numpy_backend().weights(call, lse)
     p = prepare(call, block_size)
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)

@@ -65,6 +65,56 @@ def run_parallel(tasks, fn) -> None:
             future.result()  # re-raises a worker's exception here
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN/±inf in ``x``: one vectorized sum (NaN and inf propagate), exact check if it overflows."""
+    if x.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(x)):
+            return True
+    return bool(np.isfinite(x).all())
+
+
+def _real_part(x: np.ndarray, call: AttentionCall, lengths):
+    """The parts of ``x (B, H, L, X)`` inside the lengths (padding may hold anything)."""
+    if lengths is None:
+        return [x]
+    return [x[b, :, : int(lengths[b])] for b in range(call.B)]
+
+
+def live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray, b_finite: bool) -> np.ndarray:
+    """``a @ b`` summing only the pairs ``live`` marks: a hidden pair's coefficient 0 never meets
+    a NaN/±inf of ``b`` (IEEE's 0·NaN = NaN would leak it, docs/semantics.md).
+
+    ``a`` must be 0 where ``live`` is False.  With a finite ``b`` this is one BLAS product;
+    otherwise the finite part goes through BLAS and the non-finite entries of ``b`` are added
+    as IEEE would over the live pairs: NaN if a live pair meets NaN (or 0·inf, or both
+    infinities), else ±inf with the sign of ``a``'s coefficient.
+    """
+    if b_finite:
+        return a @ b
+    fin = np.isfinite(b)
+    if fin.all():
+        return a @ b
+    out = a @ np.where(fin, b, 0)
+    dt = out.dtype
+    live_f = live.astype(dt)
+    pos, neg, zero = (live & (a > 0)).astype(dt), (live & (a < 0)).astype(dt), (live & (a == 0)).astype(dt)
+    b_nan, b_pinf, b_ninf = np.isnan(b).astype(dt), (b == np.inf).astype(dt), (b == -np.inf).astype(dt)
+    nan = (live_f @ b_nan > 0) | (zero @ (b_pinf + b_ninf) > 0)
+    up = pos @ b_pinf + neg @ b_ninf > 0
+    down = pos @ b_ninf + neg @ b_pinf > 0
+    with np.errstate(invalid="ignore"):
+        out = out + np.where(up, dt.type(np.inf), dt.type(0)) - np.where(down, dt.type(np.inf), dt.type(0))
+    out[nan] = np.nan
+    return out
+
+
+def _compact(x: np.ndarray) -> np.ndarray:
+    """A broadcast view's own data (zero-stride axes read once)."""
+    return x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)]
+
+
 class Prepared:
     """Per-call data shared by the blocks: contiguous compute-dtype inputs, pre-scaled q."""
 
@@ -76,6 +126,12 @@ class Prepared:
         self.k = np.ascontiguousarray(call.k, dtype=dt)
         self.v = np.ascontiguousarray(call.v, dtype=dt)
         self.q_raw = None  # unscaled q, only the backward needs it (dK = dSᵀ Q · scale)
+        # Non-finite inputs (docs/semantics.md) take the pair-by-pair products of live_matmul;
+        # finite ones (the usual case) plain BLAS.  Padding is never read, so it is not checked.
+        self.v_finite = all(all_finite(x) for x in _real_part(self.v, call, call.kv_lengths))
+        self.k_finite = all(all_finite(x) for x in _real_part(self.k, call, call.kv_lengths))
+        # A −inf bias entry hides its key as a mask does, even where the score is NaN or +inf.
+        self.bias_hides = call.bias is not None and bool(np.isneginf(_compact(call.bias)).any())
 
     def query_bounds(self, b: int, i0: int, i1: int) -> tuple[int, int]:
         """Key range [lo, hi) that can be visible to query rows [i0, i1) of sequence ``b``."""
@@ -158,6 +214,8 @@ class Prepared:
         if call.alibi_slopes is not None:
             pos_q = np.arange(i0, i1) + call.q_offset(b)
             s -= call.alibi_slopes[b, h] * np.abs(pos_q[:, None] - np.arange(j0, j1)[None, :])
+        if self.bias_hides:
+            s[call.bias[b, h, i0:i1, j0:j1] == -np.inf] = -np.inf
         if status == PARTIAL:
             s[~call.visible(b, h, np.arange(i0, i1), np.arange(j0, j1))] = -np.inf
         return s, tanh
@@ -206,7 +264,8 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         if st == SKIP:
             continue
         s, _ = prep.scores(b, h, i0, i1, j0, j1, st)
-        # update running max; rows that have seen no visible key yet keep m = −inf
+        live = None if prep.v_finite else s != -np.inf  # pairs that take part (non-finite v only)
+        # update running max (NaN propagates); rows that have seen no visible key yet keep m = −inf
         m_new = np.maximum(m, s.max(axis=1))
         m_safe = np.where(m_new == -np.inf, dt.type(0), m_new)
         p = s  # in place: the block's buffer becomes exp(s − m), saving an allocation per block
@@ -218,9 +277,10 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         if call.dropout_p > 0.0:
             p *= prep.dropout_scale(b, h, i0, i1, j0, j1)  # the sum above stays pre-dropout
         acc *= alpha[:, None]
-        acc += p @ v[j0:j1]
+        acc += live_matmul(p, live, v[j0:j1], prep.v_finite)
         m = m_new
-    seen = row_sum > 0
+    # rows that saw a key; a NaN max (NaN or +inf score) gives NaN through row_sum (IEEE)
+    seen = m != -np.inf
     with np.errstate(divide="ignore", invalid="ignore"):
         out[b, h, i0:i1] = np.where(seen[:, None], acc / row_sum[:, None], dt.type(0))
         lse[b, h, i0:i1] = np.where(seen, m + np.log(row_sum), -np.inf)
@@ -261,8 +321,11 @@ def _backward_key_chunk(prep, grads, dout, lse, delta, task) -> None:
     q_raw = prep.q_raw[b, h]
     do = dout[b, h]
     # −inf LSE (fully masked rows) would make exp(s − lse) = exp(−inf + inf) = NaN: +inf gives 0.
-    lse_bh = np.where(np.isfinite(lse[b, h]), lse[b, h], np.inf)
+    # A NaN LSE stays NaN: that row's weights are NaN at the keys it sees (IEEE).
+    lse_bh = np.where(lse[b, h] == -np.inf, np.inf, lse[b, h])
     scale = call.compute_dtype.type(call.scale)
+    # With any non-finite value about, hidden pairs are zeroed explicitly (0·NaN would leak).
+    exact = not prep.all_finite
     for j0 in range(c0, c1, BLOCK_K):
         j1 = min(j0 + BLOCK_K, c1)
         dk_acc = np.zeros((j1 - j0, call.D), dtype=call.compute_dtype)
@@ -275,20 +338,27 @@ def _backward_key_chunk(prep, grads, dout, lse, delta, task) -> None:
                 continue
             s, tanh = prep.scores(b, h, i0, i1, j0, j1, st)
             p = np.exp(s - lse_bh[i0:i1, None])
+            live = s != -np.inf if exact else None
+            if exact:
+                p[~live] = 0
             dp = do[i0:i1] @ v[j0:j1].T
+            p_kept = p
             if call.dropout_p > 0.0:
                 keep_scale = prep.dropout_scale(b, h, i0, i1, j0, j1)
-                dv_acc += (p * keep_scale).T @ do[i0:i1]
+                p_kept = p * keep_scale
                 dp *= keep_scale
-            else:
-                dv_acc += p.T @ do[i0:i1]
+            dv_acc += live_matmul(p_kept.T, None if live is None else live.T, do[i0:i1], prep.dout_finite)
             ds = p * (dp - delta[b, h, i0:i1, None])  # dS = P ∘ (dP − D_i)
+            if exact:
+                ds[~live] = 0
             if dbias is not None:
                 dbias[b, h, i0:i1, j0:j1] = ds
             if tanh is not None:
                 ds *= 1 - tanh * tanh  # d(c·tanh(x/c))/dx
-            dq_part[part][b, h, i0:i1] += (ds @ k[j0:j1]) * scale
-            dk_acc += (ds.T @ q_raw[i0:i1]) * scale
+                if exact:
+                    ds[~live] = 0
+            dq_part[part][b, h, i0:i1] += live_matmul(ds, live, k[j0:j1], prep.k_finite) * scale
+            dk_acc += live_matmul(ds.T, None if live is None else live.T, q_raw[i0:i1], prep.q_finite) * scale
         dk_full[b, h, j0:j1] = dk_acc
         dv_full[b, h, j0:j1] = dv_acc
 
@@ -305,6 +375,17 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
     for b in range(call.B):
         n_q = call.q_len(b)
         delta[b, :, :n_q] = np.einsum("hld,hld->hl", dout[b, :, :n_q], out[b, :, :n_q])
+    prep.q_finite = all(all_finite(x) for x in _real_part(prep.q_raw, call, call.q_lengths))
+    prep.dout_finite = all(all_finite(x) for x in _real_part(dout, call, call.q_lengths))
+    lse_real = _real_part(np.asarray(lse)[..., None], call, call.q_lengths)
+    prep.all_finite = (
+        prep.q_finite
+        and prep.k_finite
+        and prep.v_finite
+        and prep.dout_finite
+        and all_finite(delta)
+        and all(bool(np.all(np.isfinite(x) | (x == -np.inf))) for x in lse_real)
+    )  # (a NaN bias entry or ALiBi slope a row sees has made its LSE NaN)
     # Split each head's keys into chunks so that even B·Hq = 1 keeps every core busy;
     # each chunk writes its own partial dQ, summed at the end (no locks, deterministic).
     n_key_blocks = max(1, -(-call.Lk // BLOCK_K))
@@ -342,7 +423,7 @@ def weights(call: AttentionCall, lse: np.ndarray) -> np.ndarray:
     for b in range(call.B):
         n_q = call.q_len(b)
         for h in range(call.Hq):
-            lse_bh = np.where(np.isfinite(lse[b, h]), lse[b, h], np.inf)
+            lse_bh = np.where(lse[b, h] == -np.inf, np.inf, lse[b, h])  # NaN stays NaN
             for i0 in range(0, n_q, BLOCK_Q):
                 i1 = min(i0 + BLOCK_Q, n_q)
                 lo, hi = prep.query_bounds(b, i0, i1)
@@ -351,7 +432,8 @@ def weights(call: AttentionCall, lse: np.ndarray) -> np.ndarray:
                     st = prep.status(b, h, i0, i1, j0, j1)
                     if st != SKIP:
                         s, _ = prep.scores(b, h, i0, i1, j0, j1, st)
-                        w[b, h, i0:i1, j0:j1] = np.exp(s - lse_bh[i0:i1, None])
+                        # hidden keys get weight 0 also in a NaN row (exp(−inf − NaN) is NaN)
+                        w[b, h, i0:i1, j0:j1] = np.where(s == -np.inf, 0, np.exp(s - lse_bh[i0:i1, None]))
     # The float32 LSE carries a relative rounding of ~|lse|·6e-8 into every exp(s − lse); the
     # weights are materialized anyway, so renormalizing each row removes it (rows with no
     # visible key stay 0).

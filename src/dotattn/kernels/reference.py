@@ -32,7 +32,11 @@ def _head_inputs(call: AttentionCall, b: int, h: int):
 
 
 def _scores(call: AttentionCall, b: int, h: int, q: np.ndarray, k: np.ndarray):
-    """Masked scores (−inf where invisible) and tanh(s/c) for the softcap's derivative."""
+    """Masked scores (−inf where invisible) and tanh(s/c) for the softcap's derivative.
+
+    Visible scores follow IEEE arithmetic (NaN and ±inf included); a −inf bias entry hides
+    its key exactly as the masks do, even where the score is NaN or +inf.
+    """
     rows, cols = np.arange(call.Lq), np.arange(call.Lk)
     s = call.scale * (q @ k.T)  # (Lq, Lk)
     tanh = None
@@ -45,20 +49,42 @@ def _scores(call: AttentionCall, b: int, h: int, q: np.ndarray, k: np.ndarray):
         pos_q = rows[:, None] + call.q_offset(b)
         s = s - float(call.alibi_slopes[b, h]) * np.abs(pos_q - cols[None, :])
     visible = call.visible(b, h, rows, cols)
+    if call.bias is not None:
+        visible = visible & (call.bias[b, h] != -np.inf)
     s = np.where(visible, s, -np.inf)
     return s, visible, tanh
 
 
 def _softmax(s: np.ndarray):
-    """Row softmax and log-sum-exp; rows with no visible key give p = 0 and lse = −inf."""
-    m = s.max(axis=-1, initial=-np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m_safe[:, None])
-    total = e.sum(axis=-1)
+    """Row softmax and log-sum-exp over the keys with a score above −inf.
+
+    Rows with no such key give p = 0 and lse = −inf.  Otherwise IEEE arithmetic: a NaN or
+    +inf score makes ``exp(s − max)`` NaN, so that row's p and lse are NaN (hidden keys keep
+    p = 0).
+    """
+    live = s != -np.inf
+    m = s.max(axis=-1, initial=-np.inf)  # NaN if a score is NaN
+    seen = m != -np.inf
+    m_safe = np.where(seen, m, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(live, np.exp(s - m_safe[:, None]), 0.0)
+        total = e.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(total[:, None] > 0, e / total[:, None], 0.0)
-        lse = np.where(total > 0, m_safe + np.log(total), -np.inf)
+        p = np.where(seen[:, None] & live, e / total[:, None], 0.0)
+        lse = np.where(seen, m_safe + np.log(total), -np.inf)
     return p, lse
+
+
+def _live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``Σ_j a[i, j] · b[j, :]`` over the pairs ``live`` marks only — literally, so a hidden
+    pair's 0 never meets a NaN/±inf of ``b`` (one BLAS product when ``b`` is finite)."""
+    if np.isfinite(b).all():
+        return a @ b
+    out = np.empty((a.shape[0], b.shape[1]))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for d in range(b.shape[1]):
+            out[:, d] = np.where(live, a * b[None, :, d], 0.0).sum(axis=1)
+    return out
 
 
 def _dropout_scale(call: AttentionCall, b: int, h: int) -> np.ndarray | None:
@@ -91,18 +117,19 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
             drop = _dropout_scale(call, b, h)
             if drop is not None:
                 p = p * drop
-            out[b, h] = p @ v
+            out[b, h] = _live_matmul(p, s != -np.inf, v)
     return out, lse
 
 
 def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.ndarray, want_dbias: bool = False):
     """Gradients (dq, dk, dv, dbias|None) by the dense formulas (float64).
 
-    ``dS = P ∘ (dP − rowsum(dO ∘ O))``; the softcap multiplies by ``1 − tanh²``.
-    ``lse`` is unused for a whole call: the reference recomputes P on its own, so it checks
-    the tiled backends' use of the LSE rather than sharing it.  A block call (internal
-    ``call.block``) is normalized by the full problem's softmax, which only the saved ``lse``
-    carries: there ``P = exp(S − lse)``.
+    ``dS = P ∘ (dP − rowsum(dO ∘ O))``; the softcap multiplies by ``1 − tanh²``.  Every
+    product runs over the pairs that take part only (hidden pairs contribute nothing, even
+    where q, k, v or dO hold NaN).  ``lse`` is unused for a whole call: the reference
+    recomputes P on its own, so it checks the tiled backends' use of the LSE rather than
+    sharing it.  A block call (internal ``call.block``) is normalized by the full problem's
+    softmax, which only the saved ``lse`` carries: there ``P = exp(S − lse)``.
     """
     dq = np.zeros((call.B, call.Hq, call.Lq, call.D))
     dk = np.zeros((call.B, call.Hkv, call.Lk, call.D))
@@ -118,27 +145,30 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
             do[n_q:] = 0.0
             o[n_q:] = 0.0
             s, _, tanh = _scores(call, b, h, q, k)
+            live = s != -np.inf
             if call.block is None:
                 p, _ = _softmax(s)
             else:
                 row_lse = np.asarray(lse[b, h], dtype=np.float64)
                 row_lse = np.where(np.isneginf(row_lse), np.inf, row_lse)  # rows that see nothing: P = 0
-                p = np.exp(s - row_lse[:, None])
+                with np.errstate(invalid="ignore"):
+                    p = np.where(live, np.exp(s - row_lse[:, None]), 0.0)  # a NaN lse stays in its row
                 p[n_q:] = 0.0
             drop = _dropout_scale(call, b, h)
             p_dropped = p if drop is None else p * drop
-            dv[b, hk] += p_dropped.T @ do
+            dv[b, hk] += _live_matmul(p_dropped.T, live.T, do)
             dp = do @ v.T
             if drop is not None:
                 dp = dp * drop
             delta = (do * o).sum(axis=-1)  # D_i = rowsum(dO ∘ O)
-            ds = p * (dp - delta[:, None])
-            if dbias is not None:
-                dbias[b, h] = ds
-            if tanh is not None:
-                ds = ds * (1.0 - tanh**2)
-            dq[b, h] = call.scale * (ds @ k)
-            dk[b, hk] += call.scale * (ds.T @ q)
+            with np.errstate(invalid="ignore"):
+                ds = np.where(live, p * (dp - delta[:, None]), 0.0)
+                if dbias is not None:
+                    dbias[b, h] = ds
+                if tanh is not None:
+                    ds = np.where(live, ds * (1.0 - tanh**2), 0.0)
+            dq[b, h] = call.scale * _live_matmul(ds, live, k)
+            dk[b, hk] += call.scale * _live_matmul(ds.T, live.T, q)
     return dq, dk, dv, dbias
 
 

@@ -1,0 +1,94 @@
+"""NaN and ±inf inputs: one answer on every backend (docs/semantics.md, "Non-finite inputs").
+
+A NaN/±inf that takes part in a row's computation follows IEEE arithmetic; positions a row
+cannot see never leak into it; rows with no visible key stay 0 with LSE −inf.  Every backend
+is compared with the float64 reference (NaN, +inf and −inf in the same places, the finite rest
+within the tolerance rule), and the reference itself with an oracle built from visibility
+alone: a NaN reaches exactly the rows that see it.
+"""
+
+from __future__ import annotations
+
+import helpers as H
+import numpy as np
+import pytest
+
+import dotattn
+
+BACKENDS = H.backends_under_test()
+CASES = H.nonfinite_cases()
+
+
+def _ids(case):
+    target, value, rule = case
+    return f"{target}-{value}-{rule}"
+
+
+# =================================================================================
+# the reference against visibility alone (NaN values)
+# =================================================================================
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if np.isnan(c[1])], ids=_ids)
+def test_reference_nan_reaches_exactly_the_rows_that_see_it(case):
+    target, value, rule = case
+    q, k, v, opts = H.nonfinite_case(*case)
+    out, lse = H.reference(q, k, v, **opts)
+    clean = H.nonfinite_case(target, 0.0, rule)
+    clean_out, clean_lse = H.reference(*clean[:3], **clean[3])
+    sees = H.reference_weights(*clean[:3], **clean[3]) > 0  # (B, Hq, Lq, Lk): row i sees key j
+    j = H._BAD_KEY.get(rule, 3)
+    if target in ("k", "v"):
+        rows = sees[..., j]
+    elif target == "q":
+        rows = np.zeros(sees.shape[:3], bool)
+        rows[:, :, [0, 3]] = sees[:, :, [0, 3]].any(-1)
+    elif target == "bias":
+        rows = np.zeros(sees.shape[:3], bool)
+        rows[:, :, [1, 3]] = sees[:, :, [1, 3], j]
+    else:  # alibi_slopes of head 1
+        rows = np.zeros(sees.shape[:3], bool)
+        rows[:, 1] = sees[:, 1].any(-1)
+    assert rows.any() and not rows.all(), "the case must hide the value from some rows and show it to others"
+    nan_cols = np.zeros(out.shape, bool)
+    if target == "v":  # only the bad feature's column; the softmax itself is untouched
+        nan_cols[..., 1] = rows
+        np.testing.assert_array_equal(lse, clean_lse)
+    else:
+        nan_cols[:] = rows[..., None]
+        np.testing.assert_array_equal(np.isnan(lse), rows)
+    np.testing.assert_array_equal(np.isnan(out), nan_cols)
+    # Everything else is what it is without the value: hidden positions leak nowhere.
+    np.testing.assert_allclose(out[~nan_cols], clean_out[~nan_cols], rtol=1e-12, atol=0)
+
+
+# =================================================================================
+# every backend against the reference
+# =================================================================================
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_weights_follow_the_policy(backend, case):
+    q, k, v, opts = H.nonfinite_case(*case)
+    with np.errstate(all="ignore"):
+        out, lse, w = dotattn.attention(q, k, v, return_lse=True, return_weights=True, implementation=backend, **opts)
+        ref_out, ref_lse = H.reference(q, k, v, **opts)
+        ref_w = H.reference_weights(q, k, v, **opts)
+        naive_out, naive_lse = H.naive(q, k, v, **opts)
+    H.assert_nonfinite_match(out, ref_out, naive_out, name=f"{backend} out")
+    H.assert_nonfinite_match(lse, ref_lse, naive_lse, name=f"{backend} lse")
+    H.assert_nonfinite_match(w, ref_w, name=f"{backend} weights")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] != -np.inf or c[0] in ("v", "bias")], ids=_ids)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_follows_the_policy(backend, case):
+    q, k, v, opts = H.nonfinite_case(*case)
+    with np.errstate(all="ignore"):
+        out, lse = dotattn.attention(q, k, v, return_lse=True, implementation=backend, **opts)
+        dout = np.random.default_rng(5).standard_normal(out.shape).astype(q.dtype)
+        grads = dotattn.attention_backward(q, k, v, out, lse, dout, implementation=backend, **opts)
+        ref = H.reference_grads(q, k, v, dout, **opts)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)

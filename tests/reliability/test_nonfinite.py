@@ -92,3 +92,30 @@ def test_backward_follows_the_policy(backend, case):
         ref = H.reference_grads(q, k, v, dout, **opts)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
         H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)
+
+
+@pytest.mark.parametrize("value", H.NONFINITE_VALUES, ids=str)
+@pytest.mark.parametrize("what", ["lse", "dout"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_with_nonfinite_lse_or_dout(backend, what, value):
+    """Row 3 of (sequence 0, head 0) gets the bad lse/dout; under bottom-right causal it sees keys 0-4."""
+    q, k, v, opts = H.nonfinite_case("q", 0.0, "causal")  # all finite
+    out, lse = dotattn.attention(q, k, v, return_lse=True, implementation=backend, **opts)
+    dout = np.random.default_rng(3).standard_normal(out.shape).astype(q.dtype)
+    silent = dout.copy()
+    silent[0, 0, 3] = 0  # row 3 contributing nothing
+    expected = [g.copy() for g in H.reference_grads(q, k, v, silent, **opts)]
+    if what == "dout":
+        dout[0, 0, 3, 1] = value
+        expected = H.reference_grads(q, k, v, dout, **opts)
+    else:
+        lse = lse.copy()
+        lse[0, 0, 3] = value
+        if np.isnan(value):  # P of row 3 is NaN at the keys it sees: dq of the row, dk/dv of those keys
+            expected[0][0, 0, 3] = np.nan
+            expected[1][0, 0, :5] = np.nan
+            expected[2][0, 0, :5] = np.nan
+    with np.errstate(all="ignore"):
+        grads = dotattn.attention_backward(q, k, v, out, lse, dout, implementation=backend, **opts)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, expected):
+        H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)

@@ -79,7 +79,8 @@ def _live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``Σ_j a[i, j] · b[j, :]`` over the pairs ``live`` marks only — literally, so a hidden
     pair's 0 never meets a NaN/±inf of ``b`` (one BLAS product when ``b`` is finite)."""
     if np.isfinite(b).all():
-        return a @ b
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf in ``a`` are meant to propagate
+            return a @ b
     out = np.empty((a.shape[0], b.shape[1]))
     with np.errstate(invalid="ignore", over="ignore"):
         for d in range(b.shape[1]):
@@ -126,9 +127,9 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
 
     ``dS = P ∘ (dP − rowsum(dO ∘ O))``; the softcap multiplies by ``1 − tanh²``.  Every
     product runs over the pairs that take part only (hidden pairs contribute nothing, even
-    where q, k, v or dO hold NaN).  ``lse`` is unused for a whole call: the reference
-    recomputes P on its own, so it checks the tiled backends' use of the LSE rather than
-    sharing it.  A block call (internal ``call.block``) is normalized by the full problem's
+    where q, k, v or dO hold NaN).  For a whole call the reference recomputes P on its own,
+    so it checks the tiled backends' use of the LSE rather than sharing it; only a non-finite
+    ``lse`` entry is taken from the caller (NaN: the row's P is NaN; ±inf: the row adds nothing).  A block call (internal ``call.block``) is normalized by the full problem's
     softmax, which only the saved ``lse`` carries: there ``P = exp(S − lse)``.
     """
     dq = np.zeros((call.B, call.Hq, call.Lq, call.D))
@@ -148,6 +149,11 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
             live = s != -np.inf
             if call.block is None:
                 p, _ = _softmax(s)
+                # The saved LSE only decides non-finite rows: NaN makes the row's P NaN where it
+                # sees keys; ±inf (−inf: the row saw nothing) makes it contribute nothing.
+                given = np.asarray(lse[b, h], dtype=np.float64)
+                p = np.where(np.isinf(given)[:, None], 0.0, p)
+                p = np.where(np.isnan(given)[:, None] & live, np.nan, p)
             else:
                 row_lse = np.asarray(lse[b, h], dtype=np.float64)
                 row_lse = np.where(np.isneginf(row_lse), np.inf, row_lse)  # rows that see nothing: P = 0

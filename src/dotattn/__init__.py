@@ -11,7 +11,7 @@ from ._version import __version__
 from .api import attention, attention_backward
 from .blockmask import BlockMask, block_mask
 from .decoding import KVCache, attention_with_kvcache
-from .errors import AttentionTypeError, AttentionValueError, DotAttnError, UnsupportedCallError
+from .errors import AttentionTypeError, AttentionValueError, DotAttnError, ImportOrderError, UnsupportedCallError
 from .maps import attention_map
 from .merge import merge_attention_states
 from .nn import MultiHeadAttention
@@ -40,4 +40,5 @@ __all__ = [
     "AttentionTypeError",
     "AttentionValueError",
     "UnsupportedCallError",
+    "ImportOrderError",
 ]

@@ -17,3 +17,7 @@ class AttentionValueError(DotAttnError, ValueError):
 
 class UnsupportedCallError(DotAttnError, ValueError):
     """No backend (or not the forced one) can take this call; the message lists why."""
+
+
+class ImportOrderError(DotAttnError, RuntimeError):
+    """Two libraries already loaded would abort the process if the call went ahead; the message says the fix."""

@@ -89,6 +89,8 @@ def attention(
     Rows with no visible key give 0 and ``lse = −inf`` (never NaN).  The full contract is in
     ``docs/semantics.md``.
     """
+    return_lse = semantics.check_flag("return_lse", return_lse)
+    return_weights = semantics.check_flag("return_weights", return_weights)
     options = dict(
         mask=mask,
         bias=bias,
@@ -154,6 +156,7 @@ def attention_backward(
 
     NumPy arrays only: PyTorch users get gradients through autograd instead.
     """
+    return_dbias = semantics.check_flag("return_dbias", return_dbias)
     unknown = set(options) - set(OPTION_NAMES)
     call = semantics.normalize(
         q, k, v, for_backward=True, extras={n: options.pop(n) for n in unknown}, **options

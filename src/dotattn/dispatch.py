@@ -43,6 +43,12 @@ def run_forward(
     if return_weights:
         semantics.check_weights_size(call, max_weights_bytes)
     backend = registry.select(call, implementation)
+    if call.B * call.Hq * call.Lq == 0:  # no query row: empty results, whatever the backend
+        dt = call.compute_dtype
+        out = np.zeros((call.B, call.Hq, call.Lq, call.Dv), dtype=dt)
+        lse = np.zeros((call.B, call.Hq, call.Lq), dtype=dt)
+        weights = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if return_weights else None
+        return out, lse, weights
     out, lse = backend.forward(call)
     weights = None
     if return_weights:
@@ -66,6 +72,14 @@ def run_backward(
     :func:`dotattn.semantics.reduce_bias_grad`.
     """
     backend = registry.select(call, implementation, need_backward=True)
+    if call.B * call.Hq * call.Lq == 0:  # no query row: nothing flows back to k or v
+        dt = call.compute_dtype
+        return (
+            np.zeros(call.q.shape, dtype=dt),
+            np.zeros(call.k.shape, dtype=dt),
+            np.zeros(call.v.shape, dtype=dt),
+            np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if want_dbias else None,
+        )
     return backend.backward(call, out, lse, dout, want_dbias)
 
 

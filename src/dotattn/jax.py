@@ -52,14 +52,17 @@ def _spec(x) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=np.dtype(x.dtype)), x.shape)
 
 
-def _callback_attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
+def _callback_attention(
+    q, k, v, *, return_lse=False, return_weights=False, implementation=None,
+    max_weights_bytes=semantics.DEFAULT_MAX_WEIGHTS_BYTES, **options,
+):
     """The host-callback path: the CPU kernels through ``jax.pure_callback``."""
     options = {name: _concrete(name, value) for name, value in options.items()}
     extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     # Validate now, on stand-ins, so bad input fails at the call and not inside a callback.
     call = semantics.normalize(_spec(q), _spec(k), _spec(v), extras=extras, **options)
     if return_weights:
-        semantics.check_weights_size(call, max_weights_bytes or semantics.DEFAULT_MAX_WEIGHTS_BYTES)
+        semantics.check_weights_size(call, max_weights_bytes)
     options["seed"] = call.seed  # a drawn dropout seed must be the same in forward and backward
 
     def host_call(qn, kn, vn):
@@ -183,8 +186,20 @@ def _wants_native(implementation, arrays) -> bool:
     return any(_is_traced(x) or _on_accelerator(x) for x in flat)
 
 
-def attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    return_lse=False,
+    return_weights=False,
+    implementation=None,
+    max_weights_bytes=semantics.DEFAULT_MAX_WEIGHTS_BYTES,
+    **options,
+):
     """``dotattn.attention`` for JAX arrays (see its docstring for the arguments)."""
+    return_lse = semantics.check_flag("return_lse", return_lse)
+    return_weights = semantics.check_flag("return_weights", return_weights)
     if implementation is not None and not isinstance(implementation, str):
         raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
     array_opts = [options.get(n) for n in _ARRAY_OPTIONS]

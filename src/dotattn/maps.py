@@ -54,6 +54,7 @@ def attention_map(
     segment_ids: Any = None,
     layout: str = "bhld",
     implementation: str | None = None,
+    max_weights_bytes: int = semantics.DEFAULT_MAX_WEIGHTS_BYTES,
 ) -> np.ndarray:
     """Attention probabilities averaged over ``bq × bk`` blocks, without the ``Lq × Lk`` matrix.
 
@@ -70,6 +71,8 @@ def attention_map(
     The options mean what they mean for :func:`dotattn.attention` (dropout excepted: maps are
     of the pre-dropout probabilities).  NumPy arrays; the result is float32 (float64 for
     float64 inputs).  Memory: the map plus one block of scores; time: about two forwards.
+    A map that would need more than ``max_weights_bytes`` (1 GiB by default; the pooled sums
+    are float64) is refused before anything is allocated — raise the limit or the pooling.
     """
     bq, bk = _check_pool(pool)
     if not isinstance(q, np.ndarray) or not isinstance(k, np.ndarray):
@@ -99,6 +102,15 @@ def attention_map(
         segment_ids=segment_ids,
         layout=layout,
     )
+    limit = semantics.check_max_weights_bytes(max_weights_bytes)
+    n_rows, n_cols = -(-call.Lq // bq), -(-call.Lk // bk)
+    nbytes = call.B * call.Hq * n_rows * n_cols * 8
+    if nbytes > limit:
+        raise AttentionValueError(
+            f"attention_map would materialize {nbytes / 2**20:.1f} MiB (B={call.B}, Hq={call.Hq}, "
+            f"{n_rows}×{n_cols} cells of pool={bq, bk}), over max_weights_bytes={limit}; "
+            "raise max_weights_bytes or pool over larger blocks"
+        )
     _, lse, _ = run_forward(call, implementation=implementation)
     return semantics.finalize_pairwise(call, pooled_probabilities(call, lse, bq, bk))
 
@@ -115,8 +127,9 @@ def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int
     # Whole pooling cells per score block, so a block reshapes straight into cells.
     cells_q, cells_k = max(1, TARGET_BLOCK_Q // bq), max(1, TARGET_BLOCK_K // bk)
     step_q, step_k = cells_q * bq, cells_k * bk
-    # −inf LSE (no visible key) must give p = 0, not exp(−inf + inf) = NaN.
-    lse_safe = np.where(np.isfinite(lse), lse, np.inf).astype(dt, copy=False)
+    # −inf LSE (no visible key) must give p = 0, not exp(−inf + inf) = NaN; a NaN LSE (a row
+    # that saw a NaN) stays NaN at the keys the row sees (docs/semantics.md).
+    lse_safe = np.where(lse == -np.inf, np.inf, lse).astype(dt, copy=False)
 
     def pool_rows(task) -> None:
         """Sum the cells of query rows [i0, i1) of (b, h); tasks write disjoint rows of ``sums``."""
@@ -126,9 +139,10 @@ def pooled_probabilities(call: semantics.AttentionCall, lse: np.ndarray, bq: int
         for j0 in range(max(0, lo) // step_k * step_k, hi, step_k):
             j1 = min(j0 + step_k, call.kv_len(b))
             s = numpy_tiled.block_scores(prep, b, h, i0, i1, j0, j1)
-            if not np.isfinite(s).any():
+            hidden = s == -np.inf
+            if hidden.all():
                 continue
-            p = np.exp(s - lse_safe[b, h, i0:i1, None])
+            p = np.where(hidden, 0, np.exp(s - lse_safe[b, h, i0:i1, None]))
             # pad to whole cells with zeros, then sum each (bq × bk) cell
             rows, cols = -(-(i1 - i0) // bq), -(-(j1 - j0) // bk)
             if p.shape != (rows * bq, cols * bk):

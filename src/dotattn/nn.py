@@ -22,7 +22,7 @@ import numpy as np
 
 from .api import attention
 from .errors import AttentionTypeError, AttentionValueError
-from .semantics import FLOAT_DTYPES
+from .semantics import FLOAT_DTYPES, check_flag, check_seed
 
 __all__ = ["MultiHeadAttention"]
 
@@ -68,6 +68,8 @@ class MultiHeadAttention:
     ) -> None:
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             _check_positive_int(name, value)
+        seed = check_seed(seed)
+        bias = check_flag("bias", bias)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
@@ -168,6 +170,11 @@ class MultiHeadAttention:
         if key.shape[:-1] != value.shape[:-1]:
             raise AttentionValueError(
                 f"key and value must have the same leading dims (..., Lk), got key{key.shape} and value{value.shape}"
+            )
+        if query.shape[:-2] != key.shape[:-2]:
+            raise AttentionValueError(
+                f"query and key must have the same batch dims (everything before (L, features)), got "
+                f"query{query.shape} and key{key.shape}"
             )
         q = self._project(query, "q", self.num_heads)  # (..., Lq, Hq, Dh)
         k = self._project(key, "k", self.num_kv_heads)  # (..., Lk, Hkv, Dh)

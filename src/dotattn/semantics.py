@@ -115,8 +115,8 @@ class AttentionCall:
 
     @property
     def group(self) -> int:
-        """Query heads per K/V head: query head ``h`` reads K/V head ``h // group``."""
-        return self.Hq // self.Hkv
+        """Query heads per K/V head: query head ``h`` reads K/V head ``h // group`` (1 with no heads)."""
+        return self.Hq // self.Hkv if self.Hkv else 1
 
     @property
     def Lq(self) -> int:
@@ -389,11 +389,19 @@ def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, layout: str) -> N
                 f"k and v must have the same number of heads, got k with {hk} and v with {hv} "
                 f"(layout={layout!r})"
             )
-        if hk == 0 or hq % hk != 0:
+        if (hk == 0 and hq != 0) or (hk != 0 and hq % hk != 0):
             raise AttentionValueError(
                 f"k has {hk} heads, but q's {hq} heads are not a multiple of it "
                 f"(grouped-query attention needs Hq % Hkv == 0; layout={layout!r})"
             )
+
+
+def _as_float(name: str, x: numbers.Real) -> float:
+    """``float(x)``; an int too large for a float is a ValueError naming ``name``, not a bare OverflowError."""
+    try:
+        return float(x)
+    except OverflowError:
+        raise AttentionValueError(f"{name} must be a finite number, got an int of {int(x).bit_length()} bits") from None
 
 
 def check_scale(scale: Any, D: int) -> float:
@@ -401,7 +409,7 @@ def check_scale(scale: Any, D: int) -> float:
         return 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise AttentionTypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = _as_float("scale", scale)
     if not math.isfinite(scale):
         raise AttentionValueError(f"scale must be finite, got {scale}")
     return scale
@@ -412,7 +420,7 @@ def check_softcap(softcap: Any) -> float | None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise AttentionTypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
+    softcap = _as_float("softcap", softcap)
     if softcap == 0.0:
         raise AttentionValueError(
             "softcap must be > 0 or None; got 0.0 — FlashAttention uses softcap=0.0 for 'off', "
@@ -458,26 +466,68 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
     return (sides[0], sides[1])
 
 
+def clamp_window(window: tuple[int | None, int | None] | None, Lq: int, Lk: int):
+    """A side that reaches past every key is unbounded (None): ``(0, 2**63 − 1)`` means ``(0, None)``.
+
+    Query positions and keys lie within ``Lq + Lk`` of each other (bottom-right alignment,
+    lengths included), so a larger side hides nothing; keeping it would overflow int64
+    position arithmetic in the kernels.
+    """
+    if window is None:
+        return None
+    sides = tuple(None if side is None or side >= Lq + Lk else side for side in window)
+    return None if sides == (None, None) else sides
+
+
 def check_dropout(dropout_p: Any, seed: Any) -> tuple[float, int | None]:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise AttentionTypeError(f"dropout_p must be a number in [0, 1), got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
+    dropout_p = _as_float("dropout_p", dropout_p)
     if not (0.0 <= dropout_p < 1.0):
         raise AttentionValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise AttentionTypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not (0 <= int(seed) < 2**63):
-            raise AttentionValueError(f"seed must be in [0, 2**63), got {seed}")
-        seed = int(seed)
-    return dropout_p, seed
+    return dropout_p, (None if seed is None else check_seed(seed))
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A random seed: an int in ``[0, 2**63)`` (dropout masks and layer initializations alike)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise AttentionTypeError(f"{name} must be an int or None, got {type(seed).__name__}")
+    if not (0 <= int(seed) < 2**63):
+        raise AttentionValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _int_array(name: str, x: Any) -> np.ndarray:
+    """An integer array (Python ints beyond int64 and unsigned values included), refusing bool/float.
+
+    Values outside int64 are refused with their real value, never wrapped by a cast.
+    """
+    arr = np.asarray(x)
+    if not isinstance(x, np.ndarray) and arr.dtype.kind == "f":
+        # NumPy reads a list holding an int past int64 as float64 (or object): keep exact ints.
+        exact = np.asarray(x, dtype=object)
+        if exact.size and all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in exact.flat):
+            arr = exact
+    if arr.dtype == object and arr.size and all(
+        isinstance(e, numbers.Integral) and not isinstance(e, (bool, np.bool_)) for e in arr.flat
+    ):
+        big = [int(e) for e in arr.flat if not -_INT64_MAX - 1 <= int(e) <= _INT64_MAX]
+        if big:
+            raise AttentionValueError(f"{name} must fit in int64, got {big[0]}")
+        arr = arr.astype(np.int64)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > _INT64_MAX:
+        raise AttentionValueError(f"{name} must fit in int64, got {int(arr.max())}")
+    return arr
 
 
 def _batch_index_array(name: str, x: Any, batch_shape: tuple[int, ...], B: int) -> np.ndarray:
     """An int array of shape ``batch_shape`` (or a scalar) → int64 ``(B,)``."""
-    arr = np.asarray(x)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    arr = _int_array(name, x)
     if arr.ndim == 0:
         return np.full(B, int(arr), dtype=np.int64)
     if arr.shape != batch_shape:
@@ -489,12 +539,14 @@ def _batch_index_array(name: str, x: Any, batch_shape: tuple[int, ...], B: int) 
 def _check_lengths(name: str, x: Any, L: int, batch_shape, B) -> np.ndarray | None:
     if x is None:
         return None
-    lengths = _batch_index_array(name, x, batch_shape, B)
-    bad = (lengths < 0) | (lengths > L)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise AttentionValueError(f"{name} must lie in [0, {L}], got {name}[{i}] = {int(lengths[i])}")
-    return lengths
+    # Range first, in the caller's own dtype and values (a cast could wrap 2**64 − 1 to −1).
+    arr = _int_array(name, x)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > L):
+        flat = arr.reshape(-1)
+        i = int(np.argmax((flat < 0) | (flat > L)))
+        where = f"{name}[{i}]" if arr.ndim else name
+        raise AttentionValueError(f"{name} must lie in [0, {L}], got {where} = {int(flat[i])}")
+    return _batch_index_array(name, arr, batch_shape, B)
 
 
 def is_one_id_array(ids: list | tuple, shape: tuple[int, ...]) -> bool:
@@ -528,9 +580,7 @@ def _check_segment_ids(segment_ids: Any, batch_shape, B: int, Lq: int, Lk: int):
         pairs = (("segment_ids", segment_ids, Lq),)
     out = []
     for name, ids, L in pairs:
-        arr = np.asarray(ids)
-        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-            raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        arr = _int_array(name, ids)
         want = batch_shape + (L,)
         if arr.shape != want:
             raise AttentionValueError(f"{name} must have shape {_shape_str(want)}, got {_shape_str(arr.shape)}")
@@ -654,7 +704,7 @@ def normalize(
     scale_f = check_scale(scale, D)
     softcap_f = check_softcap(softcap)
     causal_s = check_causal(causal)
-    window_t = check_window(window)
+    window_t = clamp_window(check_window(window), Lq, Lk)
     dropout_f, seed_i = check_dropout(dropout_p, seed)
     if dropout_f > 0.0 and seed_i is None:
         if for_backward:
@@ -753,17 +803,26 @@ def reduce_bias_grad(call: AttentionCall, dbias_full: np.ndarray) -> np.ndarray:
 
 
 def check_max_weights_bytes(max_weights_bytes: Any) -> int:
-    """The weights size limit must be an int number of bytes."""
+    """The weights size limit: an int number of bytes ≥ 0 (values past int64 mean "no limit")."""
     if isinstance(max_weights_bytes, bool) or not isinstance(max_weights_bytes, numbers.Integral):
         raise AttentionTypeError(
             f"max_weights_bytes must be an int (bytes), got {type(max_weights_bytes).__name__}"
         )
-    return int(max_weights_bytes)
+    if max_weights_bytes < 0:
+        raise AttentionValueError(f"max_weights_bytes must be ≥ 0, got {int(max_weights_bytes)}")
+    return min(int(max_weights_bytes), _INT64_MAX)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no option must be a bool: ``return_lse="no"`` or ``0.0`` is refused, not read as truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise AttentionTypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def check_weights_size(call: AttentionCall, max_weights_bytes: int) -> None:
     """``return_weights`` materializes (…, Hq, Lq, Lk); refuse past the caller's limit."""
-    check_max_weights_bytes(max_weights_bytes)
+    max_weights_bytes = check_max_weights_bytes(max_weights_bytes)
     nbytes = call.B * call.Hq * call.Lq * call.Lk * call.compute_dtype.itemsize
     if nbytes > max_weights_bytes:
         raise AttentionValueError(

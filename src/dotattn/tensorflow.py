@@ -36,15 +36,27 @@ def _spec(x) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=x.dtype.as_numpy_dtype), tuple(x.shape))
 
 
-def attention(q, k, v, *, return_lse=False, return_weights=False, implementation=None, max_weights_bytes=None, **options):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    return_lse=False,
+    return_weights=False,
+    implementation=None,
+    max_weights_bytes=semantics.DEFAULT_MAX_WEIGHTS_BYTES,
+    **options,
+):
     """``dotattn.attention`` for TensorFlow tensors (see its docstring for the arguments)."""
+    return_lse = semantics.check_flag("return_lse", return_lse)
+    return_weights = semantics.check_flag("return_weights", return_weights)
     if any(dim is None for x in (q, k, v) for dim in x.shape):
         raise AttentionTypeError("q, k and v need fully known static shapes for dotattn's TensorFlow front end")
     options = {name: _concrete(name, value) for name, value in options.items()}
     extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     call = semantics.normalize(_spec(q), _spec(k), _spec(v), extras=extras, **options)
     if return_weights:
-        semantics.check_weights_size(call, max_weights_bytes or semantics.DEFAULT_MAX_WEIGHTS_BYTES)
+        semantics.check_weights_size(call, max_weights_bytes)
     options["seed"] = call.seed  # the forward and the backward must draw one dropout mask
     compute_tf = tf.as_dtype(call.compute_dtype)
 

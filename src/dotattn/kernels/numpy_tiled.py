@@ -389,7 +389,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
     # Split each head's keys into chunks so that even B·Hq = 1 keeps every core busy;
     # each chunk writes its own partial dQ, summed at the end (no locks, deterministic).
     n_key_blocks = max(1, -(-call.Lk // BLOCK_K))
-    n_chunks = min(n_key_blocks, max(1, -(-2 * _workers() // (call.B * call.Hq))))
+    n_chunks = min(n_key_blocks, max(1, -(-2 * _workers() // max(1, call.B * call.Hq))))
     chunk_blocks = -(-n_key_blocks // n_chunks)
     tasks = []
     for b in range(call.B):

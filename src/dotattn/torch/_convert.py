@@ -75,8 +75,17 @@ def standin(name: str, t: torch.Tensor, writeable: bool = False) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(base, shape=tuple(t.shape), strides=(0,) * t.dim(), writeable=writeable)
 
 
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """Sparse (and other non-strided) tensors get an error naming the argument, not torch's own."""
+    if t.layout != torch.strided:
+        raise AttentionTypeError(
+            f"{name} is a {t.layout} tensor; dotattn takes dense tensors — pass {name}.to_dense()"
+        )
+
+
 def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (a copy only for lazy negation/conjugation bits)."""
+    check_dense(name, t)
     if t.device.type not in ("cpu", "meta"):
         # Entry points that compute on NumPy views (decoding, merges) cannot read device memory.
         raise NotImplementedError(

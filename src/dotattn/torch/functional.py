@@ -36,8 +36,9 @@ from torch import Tensor
 
 from .. import dispatch, registry, semantics
 from ..errors import AttentionTypeError, AttentionValueError
+from ..frameworks import check_torch_llvm_order
 from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
-from ._convert import check_device, compute_dtype, from_numpy, standin, to_numpy
+from ._convert import check_dense, check_device, compute_dtype, from_numpy, standin, to_numpy
 
 # The operators' tensor inputs after q, k, v, in schema order (also the order saved for backward).
 _ARRAY_OPTIONS = (
@@ -429,6 +430,7 @@ def _check_qkv_tensors(q, k, v) -> None:
                 "dotattn.attention takes NumPy arrays"
             )
         check_device(name, x)
+        check_dense(name, x)
     _check_same_device(q, k=k, v=v)
 
 
@@ -495,6 +497,10 @@ def attention(
     Returns ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.
     """
     _check_qkv_tensors(q, k, v)
+    return_lse = semantics.check_flag("return_lse", return_lse)
+    return_weights = semantics.check_flag("return_weights", return_weights)
+    if not torch.compiler.is_compiling():  # compiled code has loaded Triton already
+        check_torch_llvm_order()
     # Scalar options: the semantics module's own checks (plain Python, so compile can trace them).
     layout = semantics.check_layout(layout)
     causal_s = semantics.check_causal(causal)
@@ -530,6 +536,7 @@ def attention(
                     ("kv_lengths", kv_len_t), ("segment_ids", q_seg_t), ("segment_ids", kv_seg_t)):
         if t is not None:
             check_device(name, t)
+            check_dense(name, t)
     _check_same_device(q, mask=mask_t, bias=bias_t)
 
     if extras:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AttentionTypeError, AttentionValueError
+from ..semantics import check_flag
 from .functional import attention
 
 
@@ -240,6 +241,9 @@ class MultiHeadAttention(nn.Module):
         if value is None:
             value = key
         self_attention = key is query
+        need_weights = check_flag("need_weights", need_weights)
+        average_attn_weights = check_flag("average_attn_weights", average_attn_weights)
+        given = {"query": tuple(query.shape), "key": tuple(key.shape), "value": tuple(value.shape)}
         unbatched = query.dim() == 2
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise AttentionValueError(
@@ -254,6 +258,16 @@ class MultiHeadAttention(nn.Module):
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, Lq, Lk = query.shape[0], query.shape[1], key.shape[1]
+        for name, x in (("key", key), ("value", value)):
+            if x.shape[0] != B:
+                raise AttentionValueError(
+                    f"query and {name} must have the same batch size, got query{given['query']} and "
+                    f"{name}{given[name]} (batch_first={self.batch_first})"
+                )
+        if value.shape[1] != Lk:
+            raise AttentionValueError(
+                f"key and value must have the same length Lk, got key{given['key']} and value{given['value']}"
+            )
 
         # (B, L, E) → (B, L, heads, hd): the "blhd" layout, so no transposes are copied.
         q = self.q_proj(query).unflatten(-1, (self.num_heads, self.head_dim))

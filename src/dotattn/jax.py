@@ -269,12 +269,17 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
         lengths(options.get("q_lengths"), Lq), lengths(options.get("kv_lengths"), Lk),
         q_seg, kv_seg, slopes, key,
     )
-    out, lse = jax_native.attention(cfg, *args)
+    empty = B * Hq * Lq == 0  # no query row: empty results, nothing to run (docs/semantics.md)
+    if empty:
+        out = jnp.zeros((B, Hq, Lq, call.Dv), q.dtype)
+        lse = jnp.zeros((B, Hq, Lq), call.compute_dtype)
+    else:
+        out, lse = jax_native.attention(cfg, *args)
     results = [semantics.from_canonical(call, out)]
     if return_lse:
         results.append(jax.lax.stop_gradient(semantics.from_canonical(call, lse[..., None], pairwise=True)[..., 0]))
     if return_weights:
-        w = jax_native.weights(cfg, *args)
+        w = jnp.zeros((B, Hq, Lq, Lk), call.compute_dtype) if empty else jax_native.weights(cfg, *args)
         results.append(jax.lax.stop_gradient(semantics.from_canonical(call, w, pairwise=True)))
     return results[0] if len(results) == 1 else tuple(results)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AttentionTypeError, ImportOrderError
+from .errors import AttentionTypeError
 
 SUPPORTED = ("numpy", "torch", "jax", "tensorflow")
 _FRONTENDS = {"torch": "dotattn.torch", "jax": "dotattn.jax", "tensorflow": "dotattn.tensorflow"}
@@ -66,34 +66,3 @@ def frontend(name: str):
 
     return importlib.import_module(_FRONTENDS[name])
 
-
-_LLVM_ORDER_CHECKED = False
-
-
-def check_torch_llvm_order() -> None:
-    """Refuse, with the fix, a PyTorch operator call that would abort the whole process.
-
-    A ``torch.library`` custom operator (dotattn's torch ops) imports ``torch._dynamo`` on its
-    first call, which imports Triton.  Triton and TensorFlow each bundle LLVM and register the
-    same LLVM command-line options, so loading Triton after TensorFlow kills the process with
-    "LLVM ERROR: inconsistency in registered CommandLine options" (an upstream conflict:
-    ``import tensorflow, torch._dynamo`` reproduces it without dotattn).  Loaded the other way
-    round they coexist.  Passes once for good: after the first call Triton is loaded.
-    """
-    global _LLVM_ORDER_CHECKED
-    if _LLVM_ORDER_CHECKED:
-        return
-    import importlib.util
-
-    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
-        _LLVM_ORDER_CHECKED = True  # nothing left to conflict
-        return
-    if "tensorflow" in sys.modules:
-        raise ImportOrderError(
-            "TensorFlow is loaded, and this PyTorch call would now load Triton (through "
-            "torch._dynamo, which PyTorch's custom operators import on first use); Triton and "
-            "TensorFlow bundle conflicting LLVM copies and loading Triton second aborts the process "
-            "(LLVM ERROR: inconsistency in registered CommandLine options — an upstream conflict). "
-            "Import PyTorch's compiler stack before TensorFlow: put `import torch, torch._dynamo` "
-            "(or any dotattn.torch call) before `import tensorflow` in your program."
-        )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 # Triton (loaded by torch._dynamo) must come before TensorFlow in a process that has both: the
-# other order aborts it (upstream LLVM conflict; see dotattn.frameworks.check_torch_llvm_order).
+# other order aborts it (upstream LLVM conflict; see dotattn.torch._convert.check_torch_llvm_order).
 try:
     import torch._dynamo  # noqa: F401
 except ImportError:  # torch is optional here

@@ -16,7 +16,6 @@ import types
 
 import pytest
 
-from dotattn import frameworks
 from dotattn.errors import ImportOrderError
 
 REFUSED = """
@@ -68,18 +67,21 @@ def test_the_advised_import_order_works():
 
 def test_guard_decision(monkeypatch):
     """Refuses only while TensorFlow is loaded, Triton is installed and not loaded yet."""
-    monkeypatch.setattr(frameworks, "_LLVM_ORDER_CHECKED", False)
+    pytest.importorskip("torch")
+    from dotattn.torch import _convert as guard
+
+    monkeypatch.setattr(guard, "_LLVM_ORDER_CHECKED", False)
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find_spec(name, *a))
-    frameworks.check_torch_llvm_order()  # no TensorFlow: fine (and checked again next time)
-    assert frameworks._LLVM_ORDER_CHECKED is False
+    guard.check_torch_llvm_order()  # no TensorFlow: fine (and checked again next time)
+    assert guard._LLVM_ORDER_CHECKED is False
     monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
     with pytest.raises(ImportOrderError, match="import torch, torch._dynamo"):
-        frameworks.check_torch_llvm_order()
+        guard.check_torch_llvm_order()
     monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
-    frameworks.check_torch_llvm_order()  # Triton first: nothing can conflict any more
-    assert frameworks._LLVM_ORDER_CHECKED is True
+    guard.check_torch_llvm_order()  # Triton first: nothing can conflict any more
+    assert guard._LLVM_ORDER_CHECKED is True

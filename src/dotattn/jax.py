@@ -202,7 +202,10 @@ def attention(
     return_weights = semantics.check_flag("return_weights", return_weights)
     if implementation is not None and not isinstance(implementation, str):
         raise AttentionValueError(f"implementation must be None or a backend name, got {implementation!r}")
-    array_opts = [options.get(n) for n in _ARRAY_OPTIONS]
+    for name in _STATIC_OPTIONS:
+        if name in options and not (name == "seed" and _is_traced(options[name])):
+            options[name] = _static(name, options[name])
+    array_opts = [options.get(n) for n in _ARRAY_OPTIONS + ("seed",)]
     if not _wants_native(implementation, [q, k, v] + array_opts):
         _NAMED[0] = implementation
         return _callback_attention(
@@ -216,9 +219,13 @@ def attention(
 def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes, **options):
     from .kernels import jax_native
 
-    for name in _STATIC_OPTIONS:
-        if name in options:
-            options[name] = _static(name, options[name])
+    traced_seed = options.get("seed") if _is_traced(options.get("seed")) else None
+    if traced_seed is not None:
+        # A seed drawn inside jit (e.g. Keras' seed generator): a fresh mask per step without
+        # recompiling.  Its key is hashed in the graph; values in [0, 2**31) match NumPy's masks.
+        if traced_seed.ndim != 0 or not jnp.issubdtype(traced_seed.dtype, jnp.integer):
+            raise AttentionTypeError(f"seed must be an int or an integer scalar array, got {traced_seed.dtype}{traced_seed.shape}")
+        options["seed"] = 0  # checked as an int; the traced value is used below
     extras = {n: options.pop(n) for n in list(options) if n not in dispatch.OPTION_NAMES}
     checked = {n: (_stand_in(n, x) if n in _ARRAY_OPTIONS else x) for n, x in options.items()}
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -260,7 +267,9 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
         slopes = jnp.asarray(slopes)
         slopes = slopes.reshape(1, Hq) if slopes.ndim == 1 else slopes.reshape(B, Hq)
         slopes = slopes.astype(call.compute_dtype)
-    key = jnp.asarray(jax_native.seed_key_pair(call.seed)) if call.dropout_p > 0.0 else None
+    key = None
+    if call.dropout_p > 0.0:
+        key = jax_native.traced_seed_key(traced_seed) if traced_seed is not None else jnp.asarray(jax_native.seed_key_pair(call.seed))
     cfg = jax_native.config(call.scale, call.softcap, call.causal, call.window, call.dropout_p)
     args = (
         qc, kc, vc,

@@ -174,6 +174,17 @@ def test_dropout_mask_is_numpys_for_the_same_seed(x64):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
 
 
+def test_a_seed_traced_inside_jit_draws_numpys_mask_without_recompiling():
+    q, k, v = helpers.random_qkv(15, Hq=2, Lq=LQ, Lk=LK)
+    f = jax.jit(lambda q, k, v, seed: dotattn.attention(q, k, v, dropout_p=0.5, seed=seed))
+    for seed in (7, 2**31 - 1):
+        want = dotattn.attention(q, k, v, implementation="numpy", dropout_p=0.5, seed=seed)
+        np.testing.assert_allclose(np.asarray(f(J(q), J(k), J(v), jnp.int32(seed))), want, atol=2e-6, rtol=1e-5)
+    assert f._cache_size() == 1
+    with pytest.raises(TypeError, match="seed must be an int or an integer scalar array"):
+        f(J(q), J(k), J(v), jnp.float32(1.0))
+
+
 def test_rows_that_see_nothing_give_zero_lse_minus_inf_and_zero_gradients():
     q, k, v = (J(x) for x in helpers.random_qkv(11, Hq=2, Lq=LQ, Lk=LK))
     mask = jnp.ones((LQ, LK), bool).at[3].set(False)
@@ -213,7 +224,7 @@ def test_dispatch_concrete_cpu_uses_the_host_kernels_traced_uses_native(monkeypa
 
 def test_errors_name_the_argument():
     q = J(helpers.random_qkv(14, Hq=2, Lq=9)[0])
-    for name, value in (("scale", 0.5), ("softcap", 2.0), ("dropout_p", 0.1), ("seed", 3)):
+    for name, value in (("scale", 0.5), ("softcap", 2.0), ("dropout_p", 0.1)):
         with pytest.raises(TypeError, match=f"{name} is a traced JAX value.*static Python"):
             jax.jit(lambda q, x, name=name: dotattn.attention(q, q, q, **{name: x}))(q, value)
     with pytest.raises(TypeError, match="window is a traced JAX value"):

@@ -71,3 +71,23 @@ def test_tf_bad_input_fails_at_the_call():
     q, k, v = (tf.constant(x) for x in _inputs())
     with pytest.raises(ValueError, match="window"):
         dotattn.attention(q, k, v, window=(-1, 0))
+
+
+def test_tf_function_takes_symbolic_masks_lengths_and_seed_with_unknown_batch():
+    q, k, v = _inputs()
+    lengths = np.array([11, 4])
+    spec = [tf.TensorSpec((None, 4, 9, 8), tf.float32), tf.TensorSpec((None, 2, 11, 8), tf.float32),
+            tf.TensorSpec((None, 2, 11, 8), tf.float32), tf.TensorSpec((None,), tf.int64), tf.TensorSpec((), tf.int32)]
+
+    @tf.function(input_signature=spec)
+    def f(q, k, v, lengths, seed):
+        mask = tf.range(11)[None, :] % 3 != 1  # symbolic, computed in the graph
+        return dotattn.attention(q, k, v, mask=mask, kv_lengths=lengths, causal=True, dropout_p=0.25, seed=seed)
+
+    got = f(tf.constant(q), tf.constant(k), tf.constant(v), tf.constant(lengths), tf.constant(7))
+    mask = np.arange(11)[None, :] % 3 != 1
+    want = dotattn.attention(q, k, v, mask=mask, kv_lengths=lengths, causal=True, dropout_p=0.25, seed=7)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    # values of symbolic options are checked on the host: the error comes back through the callback
+    with pytest.raises((ValueError, tf.errors.OpError), match=r"kv_lengths must lie in \[0, 11\]"):
+        f(tf.constant(q), tf.constant(k), tf.constant(v), tf.constant(np.array([12, 1])), tf.constant(7))

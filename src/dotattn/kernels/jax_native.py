@@ -76,7 +76,9 @@ _U32 = jnp.uint32
 
 
 def _const64(x: int):
-    return (_U32((x >> 32) & 0xFFFFFFFF), _U32(x & 0xFFFFFFFF))
+    # NumPy scalars, not jnp: a jnp value made while a trace is active (this module may be
+    # imported inside someone's jit) would be a tracer, and leak as a module constant.
+    return (np.uint32((x >> 32) & 0xFFFFFFFF), np.uint32(x & 0xFFFFFFFF))
 
 
 def _mul32(a, b):
@@ -127,13 +129,19 @@ def seed_key_pair(seed: int) -> np.ndarray:
     return np.array([key >> 32, key & 0xFFFFFFFF], dtype=np.uint32)
 
 
+def traced_seed_key(seed):
+    """``splitmix64(seed)`` of a traced integer seed, computed in the graph (``seed mod 2**32``)."""
+    hi, lo = _splitmix64((jnp.zeros((), _U32), seed.astype(_U32)))
+    return jnp.stack([hi, lo])
+
+
 def _keep(key, p: float, b, h, rows, cols, Hq: int, Lq: int, Lk: int):
     """Keep mask of :func:`dotattn.kernels.dropout.keep_block`, broadcast over b, h, rows, cols.
 
     Kept when ``u = (z >> 11) · 2⁻⁵³ ≥ p``, i.e. when ``z ≥ ceil(p · 2⁵³) · 2¹¹`` — an exact
     integer comparison (``p · 2⁵³`` is exact in float64), so no float64 is needed.
     """
-    zero = _U32(0)
+    zero = np.uint32(0)
     bh = (b * Hq + h).astype(_U32)
     row = _add64(_mul64((zero, bh), _const64(Lq)), (zero, rows.astype(_U32)))
     counter = _add64(_mul64(row, _const64(Lk)), (zero, cols.astype(_U32)))

@@ -167,13 +167,15 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
             mask = ops.cast(attention_mask, "bool")
             options["mask"] = ops.expand_dims(mask, axis=-3)  # (B, T, S) → (B, 1, T, S): every head
         if self._alibi_slopes is not None:
-            options["alibi_slopes"] = ops.convert_to_tensor(np.asarray(self._alibi_slopes), dtype=query.dtype)
+            options["alibi_slopes"] = ops.convert_to_tensor(np.asarray(self._alibi_slopes), dtype=self.compute_dtype)
         if training and self._dropout > 0.0:
             options["dropout_p"] = float(self._dropout)
             # A seed drawn in the graph from Keras' own dropout seed generator, so every
             # training step (also under jit / tf.function) gets a fresh mask.
-            options["seed"] = keras.random.randint((), 0, 2**31 - 1, dtype="int32",
-                                                   seed=self._dropout_layer.seed_generator)
+            seed = keras.random.randint((), 0, 2**31 - 1, dtype="int32", seed=self._dropout_layer.seed_generator)
+            if keras.config.backend() == "torch":  # eager: dotattn.torch takes a Python int
+                seed = int(ops.convert_to_numpy(seed))
+            options["seed"] = seed
         if return_attention_scores:
             out, scores = attention(query, key, value, return_weights=True, **options)
             return out, ops.cast(scores, query.dtype)

@@ -98,7 +98,10 @@ if docs and keras.config.backend() == "tensorflow":  # docs/keras.md's blocks, i
         for number, block in enumerate(blocks, 1):
             exec(compile(block, f"<docs/keras.md python block {number}>", "exec"), namespace)
     res["docs"] = printed.getvalue()
-print("RESULT" + json.dumps(res))
+print("RESULT" + json.dumps(res), flush=True)
+# A TensorFlow-backend run of this script hung in interpreter teardown after printing its
+# results (cause not found yet); the results are out, so leave without the teardown.
+os._exit(0)
 """
 
 

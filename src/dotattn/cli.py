@@ -1,4 +1,4 @@
-"""The ``dotattn`` command: ``bench | demo | viz | info | generate | chat``.
+"""The ``dotattn`` command: ``bench | demo | viz | info | generate | chat | precompile``.
 
 Each subcommand lives in its own module and is imported only when run, so ``dotattn info``
 starts fast and never imports a framework.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "viz": ("dotattn.viz", "plot the attention maps of a sentence"),
     "generate": ("dotattn.cli_generate", "answer one prompt with SmolLM2-135M-Instruct on dotattn (streamed)"),
     "chat": ("dotattn.cli_chat", "chat with SmolLM2-135M-Instruct on dotattn (/reset, Ctrl-D to leave)"),
+    "precompile": ("dotattn.cli_precompile", "compile the cpu kernels once (make install runs it)"),
 }
 
 

@@ -75,15 +75,29 @@ def test_portable_source_writes_constants_and_module_imports():
     assert _portable(jitted) == ([], "def _renamed(b, h, q_idx, kv_idx):\n    return q_idx >= kv_idx", "_renamed")
 
 
-def test_portable_source_refuses_what_a_file_cannot_recreate():
+def test_portable_source_takes_lambdas_and_closures_over_constants():
     width = 3
-    assert _portable(lambda b, h, i, j: i >= j) is None
-    assert _portable(lambda b, h, i, j: abs(i - j) <= width) is None
+    scale = 0.5
+    assert _portable(lambda b, h, i, j: i >= j) == ([], "_renamed = lambda b, h, i, j: i >= j", "_renamed")
+    assert _portable(lambda b, h, i, j: abs(i - j) <= width) == (
+        ["width = 3"],
+        "_renamed = lambda b, h, i, j: abs(i - j) <= width",
+        "_renamed",
+    )
+    first, second = lambda b, h, i, j: i > j, lambda b, h, i, j: i < j  # two on one line
+    assert _portable(second)[1] == "_renamed = lambda b, h, i, j: i < j"
 
-    def closure(b, h, q_idx, kv_idx):
-        return abs(q_idx - kv_idx) <= width
+    def closure(score, b, h, q_idx, kv_idx):
+        return score * scale - abs(q_idx - kv_idx) * WIDTH
 
-    assert _portable(closure) is None
+    header, source, _ = _portable(closure)
+    assert header == ["WIDTH = 5", "scale = float('0.5')"]
+    assert source.startswith("def _renamed(score, b, h, q_idx, kv_idx):")
+
+
+def test_portable_source_refuses_what_a_file_cannot_recreate():
+    captured = np.arange(3)
+    assert _portable(lambda b, h, i, j: i > captured[0]) is None
     assert _portable(uses_array) is None
     assert _portable(with_default) is None
     assert _portable(clashes_with_kernel_global) is None
@@ -123,9 +137,9 @@ def test_same_text_gives_one_file_with_a_fixed_stamp(monkeypatch, tmp_path):
     assert cpu._cached_user_kernels(distance_penalty, near).__file__ != path
 
 
-def test_closure_mod_runs_in_memory():
-    width = 5
-    mask_mod = lambda b, h, i, j: abs(i - j) <= width
+def test_mod_capturing_an_array_runs_in_memory():
+    width = np.array([5])
+    mask_mod = lambda b, h, i, j: abs(i - j) <= width[0]
     module = cpu.kernels_for(None, mask_mod)
     assert module._JIT_CACHE is False and module.__file__ == _cpu_kernels.__file__
     rng = np.random.default_rng(1)
@@ -136,14 +150,16 @@ def test_closure_mod_runs_in_memory():
     np.testing.assert_allclose(out, expected.astype(np.float32), rtol=1e-5, atol=1e-5)
 
 
+# A closure over a constant, as a lambda: its generated file binds ``shift`` as a constant.
 USER_MODULE = """
 import math
 
-SHIFT = 0.25
+
+def make_tilt(shift):
+    return lambda score, b, h, q_idx, kv_idx: score + shift * math.cos(q_idx - kv_idx)
 
 
-def tilt(score, b, h, q_idx, kv_idx):
-    return score + SHIFT * math.cos(q_idx - kv_idx)
+tilt = make_tilt(0.25)
 """
 
 CHILD = """

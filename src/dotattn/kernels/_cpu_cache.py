@@ -18,7 +18,8 @@ from pathlib import Path
 
 from numba.core import caching
 
-PRECOMPILED_DIR = Path(__file__).resolve().with_name("_precompiled")
+# DOTATTN_PRECOMPILED_DIR moves it (benchmarks/cpu_first_call.py times a compile from scratch so).
+PRECOMPILED_DIR = Path(os.environ.get("DOTATTN_PRECOMPILED_DIR") or Path(__file__).resolve().with_name("_precompiled"))
 # The files whose functions are cached there (generated kernel copies for user functions live
 # in dotattn's user cache, see cpu.user_kernel_dir).
 KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py")
@@ -37,7 +38,7 @@ class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLo
     @classmethod
     def from_function(cls, py_func, py_file):
         path = Path(py_file).resolve()
-        if path.parent != PRECOMPILED_DIR.parent or path.name not in KERNEL_FILES:
+        if path.parent != Path(__file__).resolve().parent or path.name not in KERNEL_FILES:
             return None
         # None (the next locator) when the directory cannot be created or written
         return super().from_function(py_func, str(path))
@@ -55,4 +56,4 @@ def uses_precompiled(dispatcher) -> bool:
     """Whether ``dispatcher`` (a cached kernel) reads and writes :data:`PRECOMPILED_DIR`."""
     cache = getattr(dispatcher, "_cache", None)
     locator = getattr(getattr(cache, "_impl", None), "locator", None)
-    return locator is not None and os.path.samefile(locator.get_cache_path(), PRECOMPILED_DIR)
+    return locator is not None and Path(locator.get_cache_path()).resolve() == PRECOMPILED_DIR.resolve()

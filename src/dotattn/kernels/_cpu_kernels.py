@@ -38,13 +38,17 @@ from ._cpu_primitives import (
     PARTIAL,
     SKIP,
     _add_into,
+    _as_operand,
     _block_class,
     _col_max,
     _col_sum_into,
     _ds_block,
     _dropout_block,
     _exp2_shifted,
+    _gemm_threads_begin,
+    _gemm_threads_end,
     _matmul,
+    _matmul_add,
     _mul_into,
 )
 
@@ -83,7 +87,7 @@ def _rows(b, qb, o):
 @njit(cache=_JIT_CACHE, inline="always")
 def _load_rows(dst, src, b, h, i0, nr):
     """``dst[:nr] = src[b, h, i0:i0+nr]``, zeros below (padding rows must not carry NaN)."""
-    dst[:] = 0.0
+    dst[:] = 0
     dst[:nr] = src[b, h, i0 : i0 + nr]
 
 
@@ -327,8 +331,9 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
     Dv, BQ, T = vp.shape[4], o.BQ, out.dtype
     nqb = (Lq + BQ - 1) // BQ
     c2, inv_keep = _constants(o, out)
-    Qs = np.zeros((BQ, D), dtype=T)
+    Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
     ST = np.empty((BK, BQ), dtype=T)
+    Pb = np.empty((BK, BQ), dtype=q.dtype)  # P rounded to bf16 for P·V (bf16 path only)
     N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
     unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
     PV = np.empty((BQ, Dv), dtype=T)
@@ -336,6 +341,7 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    threads = _gemm_threads_begin(q)
     for t in range(chunk, B * Hq * nqb, nchunks):
         b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
         hk = h // (Hq // Hkv)
@@ -361,10 +367,10 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
             # -- acc += P · V
-            _matmul(ST.T, vp[b, hk, kb], PV)
-            _add_into(acc, PV)
+            _matmul_add(_as_operand(ST, Pb).T, vp[b, hk, kb], acc, PV)
         # -- normalize
         _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr)
+    _gemm_threads_end(q, threads)
 
 
 # =================================================================================
@@ -396,8 +402,9 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     group = Hq // Hkv
     need_g = o.softcap > 0.0 or HAS_SCORE_MOD
     c2, inv_keep = _constants(o, dkp)
-    Qs = np.zeros((BQ, D), dtype=T)
-    dOs = np.zeros((BQ, Dv), dtype=T)
+    Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
+    dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
+    Pb = np.empty((BK, BQ), dtype=q.dtype)  # P̃ and dS rounded to bf16 (bf16 path only)
     ST, dPT, PdT = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)
     G, GM = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)  # chain-rule factors
     N = np.empty((BK, BQ), dtype=np.int32)
@@ -406,6 +413,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     dVt, dV = np.empty((BK, Dv), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    threads = _gemm_threads_begin(q)
     for t in range(chunk, B * Hkv * nkb, nchunks):
         b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
         j0 = kb * BK
@@ -430,12 +438,11 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 _exp2_shifted(ST, N, c2, lse2)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _matmul(Vb, dOs.T, dPT)
+                P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
-                    _matmul(PdT, dOs, dVt)
-                else:
-                    _matmul(ST, dOs, dVt)
-                _add_into(dV, dVt)
+                    P = PdT
+                _matmul_add(_as_operand(P, Pb), dOs, dV, dVt)
                 # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                 #    bias's gradient stops here) and softcap
                 _ds_block(ST, dPT, dls)
@@ -446,13 +453,14 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 if o.softcap > 0.0:
                     _mul_into(ST, G)
                 # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
-                _matmul(ST, Qs, dKt)
-                _add_into(dK, dKt)
-                _matmul(ST.T, Kb, dQt)
+                dS = _as_operand(ST, Pb)
+                _matmul_add(dS, Qs, dK, dKt)
+                _matmul(dS.T, Kb, dQt)
                 _add_into(dq_parts[chunk, b, h, i0 : i0 + nr], dQt[:nr])
         # -- write the tile's dK (times scale) and dV
         dkp[b, hk, kb] = dK * o.scale
         dvp[b, hk, kb] = dV
+    _gemm_threads_end(q, threads)
 
 
 # =================================================================================
@@ -474,12 +482,13 @@ def _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o):
     BQ, T = o.BQ, P_out.dtype
     nqb = (Lq + BQ - 1) // BQ
     c2, _ = _constants(o, P_out)
-    Qs = np.zeros((BQ, D), dtype=T)
+    Qs = np.zeros((BQ, D), dtype=q.dtype)
     ST = np.empty((BK, BQ), dtype=T)
     N = np.empty((BK, BQ), dtype=np.int32)
     unused = np.empty((1, 1), dtype=T)
     lse2 = np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    threads = _gemm_threads_begin(q)
     for t in range(chunk, B * Hq * nqb, nchunks):
         b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
         hk = h // (Hq // Hkv)
@@ -499,3 +508,4 @@ def _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o):
             j0 = kb * BK
             ncols = min(BK, o.Lk - j0)
             P_out[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
+    _gemm_threads_end(q, threads)

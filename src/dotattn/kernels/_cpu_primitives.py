@@ -14,6 +14,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from ._cpu_cache import install_locator
+from ._cpu_isa import GEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
 from .dropout import splitmix64 as _splitmix64_py
 
@@ -26,14 +27,133 @@ LN2 = 0.6931471805599453  # ln(2)
 _splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
 
 
+# =================================================================================
+# GEMMs on tiles: float32/float64 by BLAS sgemm/dgemm (NumPy's dot); bfloat16 (as uint16 bits)
+# by MKL's bfloat16 GEMM with float32 accumulation (see _cpu_isa)
+# =================================================================================
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
+_i32, _i64, _f32 = types.int32, types.int64, types.float32
+# c = alpha·op(a)·op(b) + beta·c; pointers as int64 (x86-64 passes both in the same registers)
+_mkl_gemm_bf16 = types.ExternalFunction(
+    GEMM_SYMBOL, types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f32, _i64, _i32, _i64, _i32, _f32, _i64, _i32)
+)
+_mkl_threads_local = types.ExternalFunction(THREADS_SYMBOL, _i32(_i32))
+
+
 @njit(cache=_JIT_CACHE)
-def _matmul(a, b, out):
+def _np_matmul(a, b, out):
     """``out = a · b`` by BLAS gemm (``a``/``b`` C- or F-ordered views of contiguous blocks).
 
     A function of its own, compiled and cached here once per layout pair, so the kernels
     (and their copies for user functions) link it instead of compiling NumPy's dot again.
     """
     np.dot(a, b, out=out)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _blas_layout(x):
+    """``(NO_TRANS or TRANS, leading dimension)`` of a 2-D view whose rows or columns are contiguous."""
+    rows, cols = x.shape
+    s0, s1 = x.strides[0] // x.itemsize, x.strides[1] // x.itemsize
+    if s1 == 1 and (rows == 1 or s0 >= cols):
+        return NO_TRANS, max(s0, cols, 1)
+    return TRANS, max(s1, rows, 1)
+
+
+@njit(cache=_JIT_CACHE)
+def _gemm_bf16(a, b, c, beta):
+    """``c = a · b + beta·c``: ``a``, ``b`` bfloat16 bits (uint16 views), ``c`` float32 with contiguous rows."""
+    ta, lda = _blas_layout(a)
+    tb, ldb = _blas_layout(b)
+    M, K = a.shape
+    N = b.shape[1]
+    ldc = max(c.strides[0] // 4, N, 1)
+    one = np.float32(1.0)
+    _mkl_gemm_bf16(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, np.float32(beta), c.ctypes.data, ldc)
+
+
+def _matmul(a, b, out):
+    """``out = a · b`` on tiles (float32/float64 operands, or bfloat16 bits with a float32 ``out``)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_matmul, jit_options={"cache": _JIT_CACHE})
+def _matmul_overload(a, b, out):
+    if a.dtype == types.uint16:
+        return lambda a, b, out: _gemm_bf16(a, b, out, 0.0)
+    return lambda a, b, out: _np_matmul(a, b, out)
+
+
+def _matmul_add(a, b, c, scratch):
+    """``c += a · b``; ``scratch`` (shaped like ``c``) holds the product where BLAS cannot accumulate."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_matmul_add, jit_options={"cache": _JIT_CACHE})
+def _matmul_add_overload(a, b, c, scratch):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, scratch: _gemm_bf16(a, b, c, 1.0)
+
+    def impl(a, b, c, scratch):
+        _np_matmul(a, b, scratch)
+        _add_into(c, scratch)
+
+    return impl
+
+
+def _as_operand(x, buf):
+    """``x`` as a GEMM operand of ``buf``'s dtype: ``x`` itself, or ``x`` rounded to bfloat16 into ``buf``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_as_operand, jit_options={"cache": _JIT_CACHE})
+def _as_operand_overload(x, buf):
+    if buf.dtype == x.dtype:
+        return lambda x, buf: x
+
+    def impl(x, buf):
+        _round_to_bf16(x, buf)
+        return buf
+
+    return impl
+
+
+@njit(cache=_JIT_CACHE)
+def _round_to_bf16(x, out):
+    """``out`` = float32 ``x`` rounded to the nearest bfloat16 (ties to even), as uint16 bits."""
+    bits = x.reshape(x.size).view(np.uint32)
+    flat = out.reshape(out.size)
+    for i in range(bits.size):
+        u = bits[i]
+        flat[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _gemm_threads_begin(like):
+    """Pin MKL to the calling thread (our threads run the tiles); returns what to restore."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_gemm_threads_begin, jit_options={"cache": _JIT_CACHE})
+def _gemm_threads_begin_overload(like):
+    if like.dtype == types.uint16:
+        return lambda like: _mkl_threads_local(1)
+    return lambda like: 0
+
+
+def _gemm_threads_end(like, previous):
+    raise NotImplementedError("compiled only")
+
+
+@overload(_gemm_threads_end, jit_options={"cache": _JIT_CACHE})
+def _gemm_threads_end_overload(like, previous):
+    if like.dtype == types.uint16:
+
+        def impl(like, previous):
+            _mkl_threads_local(previous)
+
+        return impl
+    return lambda like, previous: None
 
 
 # =================================================================================

@@ -1,0 +1,146 @@
+"""Where the cpu forward's time goes: each step of one tile, timed alone, times the tile count.
+
+One thread, one ``BQ × BK`` tile (default 256 × 256, D = 64), each step of the kernel's
+inner loop compiled as its own loop of ``--repeats`` runs: the two GEMMs, the running max
+and rescale, the exponent, the row sum, and for bfloat16 the rounding of P.  Multiplied by
+the tiles of the dense H8 L4096 forward (8 · 16 · 16 = 2,048) and divided by the thread
+count (2 here) this predicts the kernel's time; the difference to the measured forward
+(also printed) is what the steps alone do not show (packing, thread imbalance, the task loop).
+
+    .venv/bin/python benchmarks/cpu_profile.py [--dtype float32|bfloat16] [--D 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from numba import njit
+
+from dotattn.kernels import _cpu_primitives as P
+from dotattn.kernels import cpu
+
+
+def _steps():
+    @njit
+    def qk(Kb, Qs, ST, n):
+        threads = P._gemm_threads_begin(Kb)  # MKL on the calling thread only, as in the kernels
+        for _ in range(n):
+            P._matmul(Kb, Qs.T, ST)
+        P._gemm_threads_end(Kb, threads)
+
+    @njit
+    def max_rescale(ST, m, bmax, row_sum, acc, c2, n):
+        for _ in range(n):
+            P._col_max(ST, bmax)
+            for r in range(m.shape[0]):
+                m_new = max(m[r], bmax[r] * c2)
+                alpha = np.float32(1.0)
+                m[r] = m_new
+                row_sum[r] *= alpha
+                acc_row = acc[r]
+                for d in range(acc_row.shape[0]):
+                    acc_row[d] *= alpha
+
+    @njit
+    def exp(ST, S0, N, c2, m, n):
+        for _ in range(n):
+            ST[:] = S0
+            P._exp2_shifted(ST, N, c2, m)
+
+    @njit
+    def copy_only(ST, S0, n):
+        for _ in range(n):
+            ST[:] = S0
+
+    @njit
+    def rowsum(ST, row_sum, n):
+        for _ in range(n):
+            P._col_sum_into(ST, row_sum)
+
+    @njit
+    def round_p(ST, Pb, n):
+        for _ in range(n):
+            P._as_operand(ST, Pb)
+
+    @njit
+    def pv(Pm, Vb, acc, PV, n):
+        threads = P._gemm_threads_begin(Vb)
+        for _ in range(n):
+            P._matmul_add(Pm.T, Vb, acc, PV)
+        P._gemm_threads_end(Vb, threads)
+
+    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--D", type=int, default=64)
+    parser.add_argument("--BQ", type=int, default=256)
+    parser.add_argument("--BK", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    BQ, BK, D, n = args.BQ, args.BK, args.D, args.repeats
+    bf16 = args.dtype == "bfloat16"
+    if bf16 and not cpu.bf16_path()[0]:
+        raise SystemExit(f"no bfloat16 path here: {cpu.bf16_path()[1]}")
+    rng = np.random.default_rng(0)
+    S = np.uint16 if bf16 else np.float32
+
+    def operand(*shape):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        return (x.view(np.uint32) >> 16).astype(np.uint16) if bf16 else x
+
+    Qs, Kb, Vb = operand(BQ, D), operand(BK, D), operand(BK, D)
+    ST = np.empty((BK, BQ), np.float32)
+    S0 = rng.standard_normal((BK, BQ), dtype=np.float32) - 4
+    N = np.empty((BK, BQ), np.int32)
+    Pb = np.empty((BK, BQ), S)
+    m = np.zeros(BQ, np.float32)
+    bmax = np.empty(BQ, np.float32)
+    row_sum = np.ones(BQ, np.float32)
+    acc = np.zeros((BQ, D), np.float32)
+    PV = np.empty((BQ, D), np.float32)
+    c2 = np.float32(0.18)
+    qk, max_rescale, exp, copy_only, rowsum, round_p, pv = _steps()
+    Pm = Pb if bf16 else ST
+    steps = {
+        "S = K·Qᵀ (GEMM)": lambda k: qk(Kb, Qs, ST, k),
+        "running max + rescale": lambda k: max_rescale(S0, m, bmax, row_sum, acc, c2, k),
+        "exp2 (poly + exponent add)": lambda k: (exp(ST, S0, N, c2, m, k), copy_only(ST, S0, k)),
+        "row sum": lambda k: rowsum(S0, row_sum, k),
+        "P → bfloat16": lambda k: round_p(S0, Pb, k),
+        "acc += P·V (GEMM)": lambda k: pv(Pm, Vb, acc, PV, k),
+    }
+    if not bf16:
+        del steps["P → bfloat16"]
+    with cpu._blas_one_thread():
+        results = {}
+        for name, fn in steps.items():
+            fn(1)  # compile
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                out = fn(n)
+                times.append(time.perf_counter() - t0)
+            per = statistics.median(times) / n
+            if name.startswith("exp2"):  # subtract the copy of S0 into ST the loop needs
+                t0 = time.perf_counter()
+                copy_only(ST, S0, n)
+                per -= (time.perf_counter() - t0) / n
+            results[name] = per
+    tiles = 8 * (4096 // BQ) * (4096 // BK)
+    total = sum(results.values())
+    print(f"one {BQ}×{BK} tile, D={D}, {args.dtype}, 1 thread (median of 5 × {n}):")
+    for name, per in results.items():
+        print(f"  {name:<28} {per * 1e6:8.1f} µs  {per / total:6.1%}")
+    flop = 4 * BQ * BK * D
+    print(f"  {'sum':<28} {total * 1e6:8.1f} µs  → {flop / total / 1e9:.1f} GFLOP/s per thread")
+    print(f"dense H8 L4096 forward: {tiles} tiles → {tiles * total / 2 * 1e3:.0f} ms predicted on 2 threads")
+
+
+if __name__ == "__main__":
+    main()

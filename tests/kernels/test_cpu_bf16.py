@@ -1,0 +1,95 @@
+"""The cpu backend's bfloat16 path: bfloat16 GEMMs (P rounded to bfloat16), float32 softmax.
+
+Against the float64 reference with the 2× naive rule (the naive baseline computes in
+bfloat16, P included); odd head dims and lengths that are no multiple of the tile; and the
+float32 fallback forced by ``DOTATTN_CPU_BF16=off`` agrees with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dotattn
+from dotattn import semantics
+from dotattn.kernels import _cpu_isa, cpu
+from dotattn.semantics import BFLOAT16
+
+import helpers as H
+
+HAS_BF16_ISA = cpu.bf16_path()[0]
+
+
+def _inputs(seed, Hq, Hkv, Lq, Lk, D):
+    return H.random_qkv(seed, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=D, dtype=BFLOAT16)
+
+
+def _check(q, k, v, tiles, **options):
+    call = semantics.normalize(q, k, v, **options)
+    dout = np.random.default_rng(3).standard_normal(q.shape[:-1] + (v.shape[-1],)).astype(BFLOAT16)
+    out, lse = cpu.forward(call, block_size=tiles)
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout, block_size=tiles)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(out.astype(BFLOAT16), ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=BFLOAT16)
+    ref_grads = H.reference_grads(q, k, v, dout, **options)
+    naive_grads = H.naive_grads(q, k, v, dout, **options)
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive_grads):
+        H.assert_close_to_reference(g.astype(BFLOAT16), r, n, name=name, factor=3.0, magnitude=4.0)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Lq, Lk, D, tiles, options",
+    [
+        (2, 2, 37, 45, 59, (8, 16), {}),  # odd head dim, lengths no multiple of the tiles
+        (4, 2, 50, 50, 64, (16, 16), {"causal": True}),  # GQA, causal
+        (2, 1, 33, 70, 24, (8, 32), {"window": (5, 9), "softcap": 20.0}),
+        (2, 2, 40, 40, 16, (8, 8), {"dropout_p": 0.2, "seed": 5, "kv_lengths": np.array([31])}),
+    ],
+    ids=["odd-D59", "gqa-causal", "window-softcap", "dropout-kvlen"],
+)
+def test_bf16_matches_the_reference(Hq, Hkv, Lq, Lk, D, tiles, options):
+    q, k, v = _inputs(11, Hq, Hkv, Lq, Lk, D)
+    if "dropout_p" in options:  # the reference helpers take no dropout: compare with the fallback
+        call = semantics.normalize(q, k, v, **options)
+        out, _ = cpu.forward(call, block_size=tiles)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(_cpu_isa.ENV_VAR, "off")
+            out32, _ = cpu.forward(semantics.normalize(q, k, v, **options), block_size=tiles)
+        np.testing.assert_allclose(out, out32, atol=0.06)
+        return
+    _check(q, k, v, tiles, **options)
+
+
+def test_the_bf16_path_runs_where_the_cpu_has_it():
+    on, what = cpu.bf16_path()
+    q, k, v = _inputs(1, 2, 2, 16, 16, 8)
+    storage = cpu.storage_dtype(semantics.normalize(q, k, v))
+    assert storage == (BFLOAT16 if on else np.dtype(np.float32)), what
+    status = next(r["status"] for r in dotattn.info() if r["name"] == "cpu")
+    assert "bfloat16: " in status
+    assert ("MKL" in status) == on
+
+
+def test_forced_fallback_uses_float32_and_agrees(monkeypatch):
+    q, k, v = _inputs(2, 2, 2, 70, 70, 32)
+    fast = dotattn.attention(q, k, v, causal=True, implementation="cpu")
+    monkeypatch.setenv(_cpu_isa.ENV_VAR, "off")
+    call = semantics.normalize(q, k, v, causal=True)
+    assert cpu.storage_dtype(call) == np.dtype(np.float32)
+    assert cpu.bf16_path() == (False, f"float32 fallback forced by {_cpu_isa.ENV_VAR}=off")
+    slow = dotattn.attention(q, k, v, causal=True, implementation="cpu")
+    ref, _ = H.reference(q, k, v, causal=True)
+    naive, _ = H.naive(q, k, v, causal=True)
+    for out in (fast, slow):
+        H.assert_close_to_reference(out, ref, naive, name="out")
+    assert fast.dtype == slow.dtype == BFLOAT16
+
+
+def test_bf16_is_bitwise_repeatable():
+    q, k, v = _inputs(4, 2, 2, 64, 64, 32)
+    a = dotattn.attention(q, k, v, implementation="cpu")
+    b = dotattn.attention(q, k, v, implementation="cpu")
+    assert np.array_equal(a.view(np.uint16), b.view(np.uint16))

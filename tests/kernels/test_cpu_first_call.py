@@ -101,3 +101,13 @@ def test_a_slow_load_or_a_long_call_says_nothing(monkeypatch, capsys):
         fake.forward.overloads["sig"] = object()  # loaded; the call itself is long
         time.sleep(0.3)
     assert capsys.readouterr().err == ""
+
+
+def test_precompile_command(capsys):
+    from dotattn import cli
+
+    assert cli.main(["precompile", "--dtypes", "float8"]) == 2
+    assert "unknown ['float8']" in capsys.readouterr().err
+    assert cli.main(["precompile", "--dtypes", "float32"]) == 0  # loads what the test above made
+    out = capsys.readouterr().out
+    assert str(_cpu_cache.PRECOMPILED_DIR) in out and "forward float32" in out and "done in" in out

@@ -62,6 +62,15 @@ def test_tiny_json_rows(capsys):
     assert naive_bwd and all(r["status"] == "n/a" and r["reason"] == "forward only" for r in naive_bwd)
 
 
+def test_tiny_set_holds_the_small_call_shapes():
+    """`dotattn bench --shapes tiny`: issue 8's shapes, each with torch SDPA in the same run."""
+    shapes = {(c.B, c.Hq, c.kv_heads, c.Lq, c.Lk, c.D, c.structure, c.mode) for c in bench.SHAPE_SETS["tiny"]()}
+    assert (64, 4, 4, 11, 11, 16, "causal", "fwd") in shapes
+    assert (1, 9, 3, 1, 128, 64, "dense", "fwd") in shapes
+    assert (1, 12, 12, 128, 128, 64, "dense", "fwd") in shapes
+    assert "torch-sdpa" in bench.DEFAULT_PEERS
+
+
 def test_ratio_is_sdpa_time_over_peer_time():
     rows = [
         bench.Row("c", "torch-sdpa", "dense", "fwd", 1, 1, 1, 4, 4, 4, ms=10.0),

@@ -16,7 +16,7 @@ from . import semantics
 from .dispatch import OPTION_NAMES, backward_in_caller_layout, run_backward, run_forward
 from .errors import AttentionValueError
 from .frameworks import common_framework, frontend
-from .semantics import DEFAULT_MAX_WEIGHTS_BYTES
+from .semantics import DEFAULT_MAX_WEIGHTS_BYTES, AttentionCall
 
 __all__ = ["attention", "attention_backward", "backward_in_caller_layout", "run_backward", "run_forward"]
 _OPTION_NAMES = OPTION_NAMES  # the name front ends used before dispatch.py
@@ -91,6 +91,34 @@ def attention(
     """
     return_lse = semantics.check_flag("return_lse", return_lse)
     return_weights = semantics.check_flag("return_weights", return_weights)
+    if (
+        type(q) is np.ndarray
+        and type(k) is np.ndarray
+        and type(v) is np.ndarray
+        and (mask is None or type(mask) is np.ndarray)
+        and (bias is None or type(bias) is np.ndarray)
+    ):
+        # NumPy in (the common case): skip the framework detection and the options dict.
+        call = semantics.normalize(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            causal=causal,
+            window=window,
+            scale=scale,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            segment_ids=segment_ids,
+            dropout_p=dropout_p,
+            seed=seed,
+            layout=layout,
+            extras=extras,
+        )
+        return _forward_results(call, implementation, return_lse, return_weights, max_weights_bytes)
     options = dict(
         mask=mask,
         bias=bias,
@@ -120,18 +148,26 @@ def attention(
             **extras,
         )
     call = semantics.normalize(q, k, v, extras=extras, **options)
+    return _forward_results(call, implementation, return_lse, return_weights, max_weights_bytes)
+
+
+def _forward_results(call: AttentionCall, implementation, return_lse, return_weights, max_weights_bytes):
+    """Run the forward of a normalized NumPy call; results in the caller's layout."""
     out, lse, weights = run_forward(
         call,
         implementation=implementation,
         return_weights=return_weights,
         max_weights_bytes=max_weights_bytes,
     )
-    results = [semantics.finalize_output(call, out)]
+    out = semantics.finalize_output(call, out)
+    if not (return_lse or return_weights):
+        return out
+    results = [out]
     if return_lse:
         results.append(semantics.finalize_lse(call, lse))
     if return_weights:
         results.append(semantics.finalize_pairwise(call, weights))
-    return results[0] if len(results) == 1 else tuple(results)
+    return tuple(results)
 
 
 def attention_backward(

@@ -131,10 +131,13 @@ SHAPE_SETS: dict[str, Callable[[], list[Case]]] = {
         Case("causal-h8-n4096-d64-fwdbwd", 1, 8, 4096, 4096, 64, "causal", mode="fwdbwd"),
     ],
     "gqa": lambda: [Case("dense-h32kv8-n2048-d128", 1, 32, 2048, 2048, 128, Hkv=8)],
+    # Real models' small calls (issue 8): a MiniLM-like causal batch, a SmolLM2 decode step
+    # (GQA 9/3, one query row), one BERT-base-sized head set; the same batch forward+backward.
     "tiny": lambda: [
-        Case("dense-h2-n128-d16", 1, 2, 128, 128, 16),
-        Case("causal-h2-n128-d16-fwdbwd", 1, 2, 128, 128, 16, "causal", mode="fwdbwd"),
-        Case("window8-h2-n128-d16", 1, 2, 128, 128, 16, "window8"),
+        Case("causal-b64-h4-n11-d16", 64, 4, 11, 11, 16, "causal"),
+        Case("decode-h9kv3-q1-k128-d64", 1, 9, 1, 128, 64, Hkv=3),
+        Case("dense-h12-n128-d64", 1, 12, 128, 128, 64),
+        Case("causal-b64-h4-n11-d16-fwdbwd", 64, 4, 11, 11, 16, "causal", mode="fwdbwd"),
     ],
 }
 
@@ -524,7 +527,7 @@ def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
         table.add_row(
             r.case,
             r.peer,
-            _fmt(r.ms, ".1f"),
+            _fmt(r.ms, ".3f" if r.ms is not None and r.ms < 10 else ".1f"),  # tiny calls take µs
             _fmt(r.gflops, ".1f"),
             _fmt(r.ratio_vs_sdpa, ".2f"),
             _fmt(r.first_s, ".2f"),

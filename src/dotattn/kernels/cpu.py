@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from .._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
+from . import cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ._cpu_options import Options
 from .dropout import seed_key
@@ -49,7 +51,6 @@ _KERNEL_MODULE = "dotattn.kernels._cpu_kernels"
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.py")
 _user_kernels: dict[tuple[Any, Any], types.ModuleType] = {}
 _user_lock = threading.Lock()
-_blas_controller = None
 
 
 def default_kernels() -> types.ModuleType:
@@ -362,7 +363,7 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype):
         timer = threading.Thread(target=watch, daemon=True)
         timer.start()
     try:
-        with _launch_lock, _blas_one_thread():
+        with _launch_lock, ONE_BLAS_THREAD:
             yield
     finally:
         if timer is not None:
@@ -376,20 +377,6 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype):
 def _cache_misses(dispatcher) -> int:
     stats = getattr(dispatcher, "stats", None)
     return sum(stats.cache_misses.values()) if stats is not None else 0
-
-
-def _blas_one_thread():
-    """A context manager limiting BLAS (not OpenMP: torch's threads stay untouched) to 1 thread."""
-    global _blas_controller
-    if _blas_controller is None:
-        # Numba's np.dot calls the BLAS of SciPy's cython_blas: load it before the controller
-        # takes its inventory of loaded libraries, or that BLAS keeps all its threads (and
-        # spawning them per small block GEMM costs 100×).
-        import scipy.linalg.cython_blas  # noqa: F401
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _num_threads() -> int:
@@ -513,6 +500,24 @@ def user_mods(call: AttentionCall):
     return score_mod, mask_mod, bm
 
 
+# Tile sides are rounded up to this many rows/keys: the score tile's inner loops run over the
+# BQ query rows, and 16 float32 lanes fill one AVX-512 register.
+TILE_QUANTUM = 16
+
+
+def fit_block(BQ: int, BK: int, Lq: int, Lk: int) -> tuple[int, int]:
+    """A tile no larger than the problem (rounded up to :data:`TILE_QUANTUM`).
+
+    A 256 × 256 tile for an 11-token sentence computed 540× the scores it needed (and packed
+    K/V into 256-key blocks): short sequences get tiles of their own size instead.
+    """
+
+    def fit(block: int, L: int) -> int:
+        return max(1, min(int(block), -(-max(L, 1) // TILE_QUANTUM) * TILE_QUANTUM))
+
+    return fit(BQ, Lq), fit(BK, Lk)
+
+
 def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> Prepared:
     """Everything the kernels need for ``call``, without any ``Lq × Lk`` array."""
     score_mod, mask_mod, bm = user_mods(call)
@@ -525,6 +530,8 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         BQ, BK = SPARSE_BLOCK_SIZE
     else:
         BQ, BK = DEFAULT_BLOCK_SIZE
+    if bm is None:
+        BQ, BK = fit_block(BQ, BK, call.Lq, call.Lk)
     B = call.B
     S = storage_dtype(call)
     q = as_kernel_operand(_contiguous(call.q, S))
@@ -716,6 +723,7 @@ class CpuBackend:
     """Fused Numba kernels: every option in-kernel, block skipping, user score/mask functions."""
 
     name = NAME
+
     @property
     def description(self) -> str:
         from ._cpu_isa import bf16_gemm
@@ -723,7 +731,8 @@ class CpuBackend:
         on, what = bf16_gemm(load=False)
         return (
             "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity); "
-            f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}"
+            f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}; "
+            + cpu_small.RULE
         )
 
     def available(self) -> tuple[bool, str]:
@@ -742,6 +751,12 @@ class CpuBackend:
         return []
 
     def forward(self, call: AttentionCall):
+        # The size rule (shown by `dotattn info`): small calls take the one-block kernel.
+        # Non-finite inputs and overflowing scores follow the NaN policy in the general path.
+        if not cpu_small.unsupported_reasons(call) and cpu_small.inputs_finite(call):
+            out, lse = cpu_small.forward(call)
+            if cpu_small.lse_ok(lse):
+                return out, lse
         return forward(call)
 
     def backward(self, call, out, lse, dout, want_dbias=False):

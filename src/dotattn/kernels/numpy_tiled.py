@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .._blas import ONE_BLAS_THREAD
 from ..semantics import AttentionCall
 from .dropout import keep_block_of
 
@@ -39,7 +40,6 @@ SKIP, FULL, PARTIAL = 0, 1, 2
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-_blas_controller = None
 
 
 def _workers() -> int:
@@ -48,7 +48,7 @@ def _workers() -> int:
 
 def run_parallel(tasks, fn) -> None:
     """Run ``fn(task)`` for every task on the pool, BLAS limited to one thread meanwhile."""
-    global _pool, _blas_controller
+    global _pool
     if len(tasks) <= 1 or _workers() == 1:
         for t in tasks:
             fn(t)
@@ -56,11 +56,9 @@ def run_parallel(tasks, fn) -> None:
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="dotattn")
-        if _blas_controller is None:
-            from threadpoolctl import ThreadpoolController
-
-            _blas_controller = ThreadpoolController()  # scanning loaded libraries is slow: once
-    with _blas_controller.limit(limits=1, user_api="blas"):
+    # The process-wide counted limit (dotattn._blas): shared with the cpu backend, so calls of
+    # both from several threads never leave the user's BLAS on one thread.
+    with ONE_BLAS_THREAD:
         for future in [_pool.submit(fn, t) for t in tasks]:
             future.result()  # re-raises a worker's exception here
 

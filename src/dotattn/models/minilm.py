@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 in NumPy, every attention a call to :func:`dotattn.attention`.
+"""all-MiniLM-L6-v2 in NumPy or torch, every attention a call to :func:`dotattn.attention`.
 
 The model is BERT (Devlin et al. 2019) with 6 layers, hidden size 384, 12 heads of dim 32,
 followed by sentence-transformers' mean pooling over real tokens and L2 normalization.  The
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._blas import ONE_BLAS_THREAD
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
 
@@ -89,9 +90,23 @@ class MiniLM:
         path: folder with ``config.json``, ``model.safetensors``, ``tokenizer.json`` (and
             optionally ``sentence_bert_config.json``); default: the installed package's.
         implementation: dotattn backend to force (None = the best able one).
+        compute: where the projections, GELU and layer norms run: ``"torch"`` (torch CPU
+            tensors and torch's own threads), ``"numpy"`` (NumPy + BLAS on one thread), or
+            None = torch where it is installed.  torch is faster here: NumPy's GELU is a
+            dozen passes over the activations (torch: one), and its GEMMs run on one BLAS
+            thread (``docs/performance.md``).  Every attention is ``dotattn.attention`` either way.
     """
 
-    def __init__(self, path: str | Path | None = None, *, implementation: str | None = None):
+    def __init__(
+        self, path: str | Path | None = None, *, implementation: str | None = None, compute: str | None = None
+    ):
+        if compute is None:
+            import importlib.util
+
+            compute = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
+        if compute not in ("torch", "numpy"):
+            raise AttentionValueError(f"compute must be None, 'torch' or 'numpy', got {compute!r}")
+        self.compute = compute
         folder = default_model_dir() if path is None else Path(path)
         missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
         if missing:
@@ -119,10 +134,12 @@ class MiniLM:
         # tokenizer.json ships padding/truncation to 128; the encoder's own limit is max_seq_length.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
-        from threadpoolctl import ThreadpoolController
+        self._tw = None
+        if compute == "torch":
+            import torch
 
-        # Scanning the loaded libraries is slow: once per model.
-        self._threads = ThreadpoolController()
+            # The same weights as torch tensors (views of the NumPy arrays: no copy).
+            self._tw = {name: torch.from_numpy(w) for name, w in self.w.items()}
 
     # ---- tokenization --------------------------------------------------------------
     def tokenize(self, sentences: Sequence[str]) -> Batch:
@@ -145,10 +162,72 @@ class MiniLM:
         """Token states ``(B, L, E)`` of the last layer; with ``return_weights`` also a list of
         each layer's attention probabilities ``(B, H, L, L)`` (rows/columns past a sentence's
         length are 0)."""
+        if self.compute == "torch":
+            import torch
+
+            with torch.no_grad():
+                x, weights = self._forward_torch(batch, return_weights)
+            x = x.numpy()
+            weights = [w.numpy() for w in weights]
+            return (x, weights) if return_weights else x
         # A sentence batch's GEMMs are small ((B·L) × 384 × 1536): a second BLAS thread gains
         # little, and on a busy machine its spin-waiting made encoding 30× slower (measured).
-        with self._threads.limit(limits=1, user_api="blas"):
+        # The process-wide counted limit (dotattn._blas), so encoders in several threads restore
+        # the user's BLAS threads when the last one finishes.
+        with ONE_BLAS_THREAD:
             return self._forward(batch, return_weights)
+
+    def _forward_torch(self, batch: Batch, return_weights: bool):
+        """:meth:`_forward` on torch tensors: the same layers, attention still dotattn's."""
+        import torch
+        import torch.nn.functional as F
+
+        B, L = batch.ids.shape
+        H, E = self.n_heads, self.hidden
+        Dh = E // H
+        w = self._tw
+
+        def linear(x, name):
+            return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+        def norm(x, name):
+            return F.layer_norm(x, (E,), w[name + ".weight"], w[name + ".bias"], self.eps)
+
+        ids = torch.from_numpy(batch.ids)
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][:L][None]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
+        x = norm(x, "embeddings.LayerNorm")  # (B, L, E)
+        lengths = torch.from_numpy(batch.lengths)
+        all_weights = []
+        for i in range(self.n_layers):
+            p = f"encoder.layer.{i}."
+            # (B, L, E) → (B, L, H, Dh): layout "blhd" reads the heads without a transpose.
+            q = linear(x, p + "attention.self.query").view(B, L, H, Dh)
+            k = linear(x, p + "attention.self.key").view(B, L, H, Dh)
+            v = linear(x, p + "attention.self.value").view(B, L, H, Dh)
+            result = attention(
+                q,
+                k,
+                v,
+                layout="blhd",
+                q_lengths=lengths,
+                kv_lengths=lengths,
+                return_weights=return_weights,
+                implementation=self.implementation,
+            )
+            if return_weights:
+                ctx, weights = result
+                all_weights.append(weights)
+            else:
+                ctx = result
+            ctx = ctx.reshape(B, L, E)
+            x = norm(linear(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+            ff = F.gelu(linear(x, p + "intermediate.dense"))  # exact erf form, as BERT's "gelu"
+            x = norm(linear(ff, p + "output.dense") + x, p + "output.LayerNorm")
+        return x, all_weights
 
     def _forward(self, batch: Batch, return_weights: bool):
         B, L = batch.ids.shape

@@ -17,6 +17,11 @@ Layers (as flash-attention's interface module):
 * :class:`_AttentionWithExtras` — the same two bodies in a hand-written
   ``torch.autograd.Function`` for backend-specific ``**extras`` (e.g. a ``score_mod``
   callable), which no operator schema can carry; that path runs eagerly only.
+* Plain eager CPU calls (no ``torch.compile``, functorch transform, dispatch or function
+  mode: :func:`_plain_eager`) skip the operator, whose dispatch and generated autograd cost
+  tens of µs a call: with grad they take :class:`_AttentionWithExtras`, without it the
+  forward body directly.  Everything else (compile, ``opcheck``, meta tensors, CUDA) goes
+  through the operators.
 
 Shapes (``layout="bhld"``; ``"blhd"`` swaps the L and H axes of q, k, v and out)::
 
@@ -153,8 +158,9 @@ def _forward_tensors(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_
     return out, lse, w
 
 
-def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras):
-    """(out, lse, weights) as tensors; ``weights`` is an empty tensor unless asked for."""
+def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras, want_lse=True):
+    """(out, lse, weights) as tensors; ``weights`` is an empty tensor unless asked for (and
+    ``lse`` None when ``want_lse`` is False: a no-grad call that does not return it)."""
     if _on_tensor_backend(q, sc):
         return _forward_tensors(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
@@ -162,11 +168,11 @@ def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_byt
         call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
     )
     out_t = _tensor(semantics.finalize_output(call, out))
-    lse_t = _tensor(semantics.finalize_lse(call, lse))
+    lse_t = _tensor(semantics.finalize_lse(call, lse)) if want_lse else None
     if return_weights:
         w_t = _tensor(semantics.finalize_pairwise(call, weights))
     else:
-        w_t = torch.empty((0,), dtype=compute_dtype(q.dtype))
+        w_t = torch.empty((0,), dtype=compute_dtype(q.dtype)) if want_lse else None
     return out_t, lse_t, w_t
 
 
@@ -420,6 +426,21 @@ def _split_segment_ids(segment_ids: Any, q: Tensor, layout: str):
     return _as_tensor("segment_ids", segment_ids), None
 
 
+def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True for plain CPU tensors outside ``torch.compile``, functorch transforms and dispatch
+    or function modes: calls that can bypass the operator (which those need to see)."""
+    return (
+        type(q) is Tensor
+        and type(k) is Tensor
+        and type(v) is Tensor
+        and q.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._len_torch_function_stack() == 0
+    )
+
+
 def _check_qkv_tensors(q, k, v) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
@@ -538,14 +559,26 @@ def attention(
             check_dense(name, t)
     _check_same_device(q, mask=mask_t, bias=bias_t)
 
-    if extras:
+    eager = _plain_eager(q, k, v)
+    if extras or eager:
+        # Eager CPU calls skip the operator: its dispatch and generated autograd cost ≈ 40–90 µs
+        # a call (a decode step's whole budget); the hand-written Function runs the same bodies.
         arrays = dict(
             zip(_ARRAY_OPTIONS, (mask_t, None, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t), strict=True)
         )
         sc = _Scalars(causal_s, *window_t, scale_f, softcap_f, dropout_f, layout, implementation)
-        out, lse, weights = _AttentionWithExtras.apply(
-            q, k, v, bias_t, arrays, sc, return_weights, max_weights_bytes, extras
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or (bias_t is not None and bias_t.requires_grad)
         )
+        if needs_grad or not eager:
+            out, lse, weights = _AttentionWithExtras.apply(
+                q, k, v, bias_t, arrays, sc, return_weights, max_weights_bytes, extras
+            )
+        else:
+            out, lse, weights = _forward_body(
+                q, k, v, dict(arrays, bias=bias_t), sc, return_weights, max_weights_bytes, extras,
+                want_lse=bool(return_lse),
+            )
     else:
         out, lse, weights = torch.ops.dotattn.attention_fwd(
             q, k, v, mask_t, bias_t, slopes_t, q_len_t, kv_len_t, q_seg_t, kv_seg_t, seed_t,

@@ -1,0 +1,219 @@
+"""The ``cpu`` backend's small-call path: the size rule and the call into ``_cpu_small_kernels``.
+
+:class:`~dotattn.kernels.cpu.CpuBackend` sends a forward here when :func:`unsupported_reasons`
+is empty — when one work item's whole score block, ``R × Lk`` with ``R = (Hq / Hkv) · Lq``
+rows, holds at most :data:`MAX_SCORES` elements (256 KiB of float32: it stays in L2) and no
+backend function (``score_mod``, ``mask_mod``, ``block_mask``) is given.  Every other option
+is computed here, with the same semantics and the same dropout bits as the general kernels;
+the tests check both paths against the float64 reference on both sides of the rule.
+
+Below :data:`PARALLEL_MIN_WORK` multiply-adds the kernel runs in the caller's thread: a
+thread hand-off costs ≈ 10–50 µs, more than such a call computes.  Above it, chunks of items
+go to pool threads and the caller (``_launch.run_chunks``), never to a Numba ``prange`` team,
+whose launch waits for every thread of the team (40 ms at load 15 for a 1 ms call).  BLAS is
+held to one thread only when a GEMM is big enough for OpenBLAS to thread it (M·N·K > 64³).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._blas import ONE_BLAS_THREAD
+from ..semantics import AttentionCall
+from ._launch import num_threads, run_chunks
+from .dropout import seed_key
+
+# One item's score block (R × Lk elements) must fit this: 64 Ki elements = 256 KiB float32.
+MAX_SCORES = 1 << 16
+# Fewer multiply-adds than this run in the caller's thread.
+PARALLEL_MIN_WORK = 1 << 21
+# OpenBLAS runs a GEMM of M·N·K ≤ 64³ on the calling thread whatever its thread count
+# (interface/gemm.c: SMP_THRESHOLD_MIN · GEMM_MULTITHREAD_THRESHOLD), so our threads need no
+# BLAS limit below that.
+_BLAS_SINGLE_THREAD_MNK = 64**3
+
+RULE = (
+    f"small calls — (Hq/Hkv)·Lq·Lk ≤ {MAX_SCORES:,}, no score_mod/mask_mod/block_mask — run a "
+    "one-block kernel per (sequence, K/V head), in the caller's thread below "
+    f"{PARALLEL_MIN_WORK:,} multiply-adds"
+)
+
+_dummies: dict[np.dtype, tuple] = {}
+_full_lengths: dict[tuple[int, int], np.ndarray] = {}
+_NO_KEY = np.uint64(0)
+
+
+def unsupported_reasons(call: AttentionCall) -> list[str]:
+    """Why the small-call kernel cannot take ``call`` (empty: it can)."""
+    reasons = []
+    if call.extras:
+        reasons.append(f"{', '.join(sorted(call.extras))} run in the general kernels")
+    if call.block is not None:
+        reasons.append("block calls of a larger problem (ring attention) run in the general kernels")
+    rows = call.group * call.Lq
+    if rows * call.Lk > MAX_SCORES:
+        reasons.append(f"score block (Hq/Hkv)·Lq·Lk = {rows}·{call.Lk} > {MAX_SCORES}")
+    return reasons
+
+
+def _lengths(given: np.ndarray | None, B: int, L: int) -> np.ndarray:
+    if given is not None:
+        return np.ascontiguousarray(given, dtype=np.int64)
+    full = _full_lengths.get((B, L))
+    if full is None:
+        if len(_full_lengths) > 256:
+            _full_lengths.clear()
+        full = _full_lengths[(B, L)] = np.full(B, L, dtype=np.int64)
+    return full
+
+
+def _placeholders(T: np.dtype) -> tuple:
+    """Arrays of the right types for options a call does not use (made once per dtype)."""
+    d = _dummies.get(T)
+    if d is None:
+        d = _dummies[T] = (
+            np.zeros(1, dtype=T),  # bias
+            np.zeros(4, dtype=np.int64),  # strides
+            np.zeros((1, 1), dtype=T),  # slopes
+            np.zeros(1, dtype=np.uint8),  # mask
+            np.zeros((1, 1), dtype=np.int64),  # segment ids
+        )
+    return d
+
+
+_CAUSAL_CODE = {None: 0, "bottom_right": 1, "top_left": 2}
+_kernels = None
+
+
+def _kernel_module():
+    """The compiled kernels, imported on first use (``import dotattn`` compiles nothing)."""
+    global _kernels
+    if _kernels is None:
+        from . import _cpu_small_kernels
+
+        _kernels = _cpu_small_kernels
+    return _kernels
+
+
+def _contiguous(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if x.dtype == dtype and x.flags.c_contiguous and x.flags.writeable:
+        return x
+    return np.array(x, dtype=dtype, order="C", copy=True)
+
+
+def _pairwise(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    from .cpu import _flat_pairwise  # the general kernels' compact form of a broadcast mask/bias
+
+    return _flat_pairwise(x, dtype)
+
+
+def _finite(x: np.ndarray) -> bool:
+    """No NaN/±inf in ``x``: one vectorized sum first (NaN and inf propagate)."""
+    if x.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(x)):
+            return True
+    return bool(np.isfinite(x).all())
+
+
+def inputs_finite(call: AttentionCall) -> bool:
+    """q (real rows), k and v (real keys), bias (−inf is a mask) and slopes all finite.
+
+    The NaN/Inf policy (``docs/semantics.md``: a NaN or +inf score makes its row NaN) is the
+    general kernels' job; calls with non-finite inputs go there.  The whole arrays are
+    summed first, so padding is only looked at when something is not finite.
+    """
+    q, k, v = call.q, call.k, call.v
+    if not (_finite(q) and _finite(k) and _finite(v)):
+        for b in range(call.B):
+            nq, nk = call.q_len(b), call.kv_len(b)
+            if not (_finite(q[b, :, :nq]) and _finite(k[b, :, :nk]) and _finite(v[b, :, :nk])):
+                return False
+    if call.bias is not None and not _finite(np.where(call.bias == -np.inf, 0, call.bias)):
+        return False
+    return call.alibi_slopes is None or _finite(call.alibi_slopes)
+
+
+def forward(call: AttentionCall, *, threads: int | None = None):
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
+
+    ``threads``: None = Numba's thread count; 1 forces the caller's thread (tests use both).
+    """
+    kernels = _kernels or _kernel_module()
+    T = call.compute_dtype
+    q, k, v = call.q, call.k, call.v
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    Dv = v.shape[3]
+    group = Hq // Hkv
+    R = group * Lq
+    # (B, Hq, Lq, D) → (B, Hkv, R, D): a group's query heads are consecutive rows (a view)
+    q = _contiguous(q, T).reshape(B, Hkv, R, D)
+    k = _contiguous(k, T)
+    v = _contiguous(v, T)
+    out = np.empty((B, Hkv, R, Dv), dtype=T)
+    lse = np.empty((B, Hkv, R), dtype=T)
+    bias, strides, slopes, mask, q_seg = _placeholders(T)
+    bstr = mstr = strides
+    kv_seg = q_seg
+    if call.bias is not None:
+        bias, bstr = _pairwise(call.bias, T)
+    if call.mask is not None:
+        mask, mstr = _pairwise(call.mask, np.uint8)
+    if call.alibi_slopes is not None:
+        slopes = np.ascontiguousarray(call.alibi_slopes, dtype=T)
+    if call.q_segment_ids is not None:
+        q_seg = np.ascontiguousarray(call.q_segment_ids, dtype=np.int64)
+        kv_seg = np.ascontiguousarray(call.kv_segment_ids, dtype=np.int64)
+    left = right = -1
+    if call.window is not None:
+        left = -1 if call.window[0] is None else int(call.window[0])
+        right = -1 if call.window[1] is None else int(call.window[1])
+    dropout_p = float(call.dropout_p)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        group,
+        Lq,
+        _lengths(call.q_lengths, B, Lq),
+        _lengths(call.kv_lengths, B, Lk),
+        float(call.scale),
+        0.0 if call.softcap is None else float(call.softcap),
+        bias,
+        bstr,
+        call.bias is not None,
+        slopes,
+        call.alibi_slopes is not None,
+        mask,
+        mstr,
+        call.mask is not None,
+        _CAUSAL_CODE[call.causal],
+        left,
+        right,
+        q_seg,
+        kv_seg,
+        call.q_segment_ids is not None,
+        dropout_p,
+        np.uint64(seed_key(call.seed)) if dropout_p > 0.0 else _NO_KEY,
+    )
+    items = B * Hkv
+    nchunks = 1
+    if threads != 1 and items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK:
+        nchunks = min(num_threads() if threads is None else threads, items)
+    # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on a
+    # loaded machine waiting for descheduled BLAS threads cost 40× — measured).
+    if Lk * R * max(D, Dv) > _BLAS_SINGLE_THREAD_MNK:
+        with ONE_BLAS_THREAD:
+            run_chunks(kernels.forward_chunk, args, nchunks)
+    else:
+        run_chunks(kernels.forward_chunk, args, nchunks)
+    return out.reshape(B, Hq, Lq, Dv), lse.reshape(B, Hq, Lq)
+
+
+def lse_ok(lse: np.ndarray) -> bool:
+    """Every LSE finite or −inf: no score overflowed to ±inf (the general kernels' policy case)."""
+    return _finite(lse) or bool(np.all(np.isfinite(lse) | (lse == -np.inf)))

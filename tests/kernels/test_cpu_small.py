@@ -1,0 +1,160 @@
+"""The ``cpu`` backend's small-call path (``kernels/cpu_small.py``) and its size rule.
+
+The rule sends a forward to the one-block kernel when ``(Hq/Hkv)·Lq·Lk ≤ MAX_SCORES`` and no
+backend function is given; everything else runs the general tiled kernels.  Here: every
+option on the small path against the float64 reference, shapes on both sides of the rule
+(through ``dotattn.attention``, so the rule itself picks), the serial and the parallel
+drivers, and the two paths against each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dotattn
+from dotattn import semantics
+from dotattn.kernels import cpu, cpu_small
+
+import helpers as H
+
+
+def _check(q, k, v, threads=None, **options):
+    """Small path (forced through ``threads``) and ``attention(implementation="cpu")`` vs the reference."""
+    call = semantics.normalize(q, k, v, **options)
+    assert not cpu_small.unsupported_reasons(call)
+    out, lse = cpu_small.forward(call, threads=threads)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(semantics.finalize_output(call, out), ref_out, naive_out, name="out")
+    H.assert_close_to_reference(semantics.finalize_lse(call, lse), ref_lse, naive_lse, name="lse", dtype=q.dtype)
+    return call, out, lse
+
+
+@st.composite
+def small_cases(draw):
+    B = draw(st.integers(0, 3))
+    Hkv = draw(st.integers(1, 3))
+    Hq = Hkv * draw(st.sampled_from([1, 3]))
+    Lq = draw(st.sampled_from([1, 2, draw(st.integers(1, 40))]))
+    Lk = draw(st.sampled_from([Lq, 0, 1, draw(st.integers(1, 70))]))
+    D = draw(st.sampled_from([1, 16, 59, 64]))
+    Dv = draw(st.sampled_from([D, 3]))
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16, H.BFLOAT16]))
+    layout = draw(st.sampled_from(["bhld", "blhd"]))
+    options = {"layout": layout}
+    if draw(st.booleans()):
+        options["causal"] = draw(st.sampled_from([True, "top_left"]))
+    if draw(st.booleans()):
+        options["window"] = (draw(st.sampled_from([None, 0, 3])), draw(st.sampled_from([None, 0, 4])))
+    if draw(st.booleans()):
+        options["softcap"] = draw(st.sampled_from([0.5, 5.0]))
+    if draw(st.booleans()):
+        options["alibi_slopes"] = np.linspace(0.05, 0.5, Hq)
+    lengths = draw(st.booleans()) and B > 0
+    q_len = kv_len = None
+    if lengths:
+        q_len = H.random_lengths(draw(st.integers(0, 99)), (B,), Lq)
+        kv_len = H.random_lengths(draw(st.integers(0, 99)), (B,), Lk)
+        options["q_lengths"], options["kv_lengths"] = q_len, kv_len
+    if draw(st.booleans()) and Lq == Lk:
+        rng = np.random.default_rng(draw(st.integers(0, 99)))
+        options["segment_ids"] = np.sort(rng.integers(0, 3, size=(B, Lq)), axis=1)
+    if draw(st.booleans()):
+        options["dropout_p"] = 0.3
+        options["seed"] = draw(st.integers(0, 2**40))
+    if draw(st.booleans()):
+        options["bias"] = np.random.default_rng(1).standard_normal((Hq, Lq, Lk)).astype(dtype)
+    if draw(st.booleans()):
+        options["mask"] = H.random_mask(draw(st.integers(0, 99)), (Lq, Lk))
+    if draw(st.booleans()):
+        options["scale"] = draw(st.sampled_from([0.0, -0.3, 1.7]))
+    q, k, v = H.random_qkv(
+        draw(st.integers(0, 2**16)),
+        batch=(B,),
+        Hq=Hq,
+        Hkv=Hkv,
+        Lq=Lq,
+        Lk=Lk,
+        D=D,
+        Dv=Dv,
+        dtype=dtype,
+        layout=layout,
+        q_lengths=q_len,
+        kv_lengths=kv_len,
+    )
+    return q, k, v, draw(st.sampled_from([1, 2])), options
+
+
+@settings(max_examples=30)
+@given(small_cases())
+def test_every_option_matches_reference(case):
+    q, k, v, threads, options = case
+    _check(q, k, v, threads=threads, **options)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["serial", "parallel"])
+def test_issue_shapes_match_reference(threads):
+    """The issue's shapes: a MiniLM-like causal batch and a GQA decode step (NaN past lengths)."""
+    q, k, v = H.random_qkv(0, batch=(64,), Hq=4, Lq=11, D=16)
+    _check(q, k, v, threads=threads, causal=True)
+    kv_len = np.array([128, 77])
+    q, k, v = H.random_qkv(1, batch=(2,), Hq=9, Hkv=3, Lq=1, Lk=128, D=64, kv_lengths=kv_len)
+    _check(q, k, v, threads=threads, kv_lengths=kv_len)
+
+
+@pytest.mark.parametrize(
+    "Lq, Lk, group, small",
+    [(256, 256, 1, True), (256, 257, 1, False), (1, 65536 // 4, 4, True), (2, 65536 // 4, 4, False)],
+    ids=["at-limit", "past-limit", "decode-at-limit", "decode-past-limit"],
+)
+def test_rule_boundary_both_sides_match_reference(Lq, Lk, group, small):
+    """``attention(implementation="cpu")`` on each side of ``MAX_SCORES``: the rule picks, both are right."""
+    q, k, v = H.random_qkv(2, batch=(1,), Hq=group, Hkv=1, Lq=Lq, Lk=Lk, D=8)
+    options = dict(causal=True, kv_lengths=np.array([Lk - 3]))
+    call = semantics.normalize(q, k, v, **options)
+    assert (not cpu_small.unsupported_reasons(call)) is small
+    out, lse = dotattn.attention(q, k, v, return_lse=True, implementation="cpu", **options)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=q.dtype)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True), dict(window=(4, 0), q_lengths=np.array([19, 6]), kv_lengths=np.array([23, 11])),
+     dict(dropout_p=0.25, seed=3, alibi_slopes=np.linspace(0.1, 0.6, 6))],
+    ids=["causal", "window-lengths", "dropout-alibi"],
+)
+def test_small_and_general_paths_agree(options):
+    """The same call on both paths: equal to the documented tolerance (the reference rule)."""
+    q, k, v = H.random_qkv(
+        4, batch=(2,), Hq=6, Hkv=2, Lq=19, Lk=23, D=32,
+        q_lengths=options.get("q_lengths"), kv_lengths=options.get("kv_lengths"),
+    )
+    call = semantics.normalize(q, k, v, **options)
+    small_out, small_lse = cpu_small.forward(call)
+    general_out, general_lse = cpu.forward(call)
+    naive_out, _ = H.naive(q, k, v, **options)
+    ref_out, _ = H.reference(q, k, v, **options)
+    # each within the rule of the reference, hence within twice the rule of each other
+    H.assert_close_to_reference(semantics.finalize_output(call, small_out), ref_out, naive_out, name="small")
+    H.assert_close_to_reference(semantics.finalize_output(call, general_out), ref_out, naive_out, name="general")
+    tol = 4 * float(np.abs(naive_out - ref_out).max()) + 2e-6
+    assert float(np.abs(small_out - general_out).max()) <= tol
+    np.testing.assert_array_equal(np.isinf(small_lse), np.isinf(general_lse))
+
+
+def test_backend_functions_go_to_the_general_kernels():
+    q, k, v = H.random_qkv(5, batch=(1,), Hq=2, Lq=4, D=8)
+    call = semantics.normalize(q, k, v, extras={"score_mod": lambda s, b, h, i, j: s})
+    assert cpu_small.unsupported_reasons(call) == ["score_mod run in the general kernels"]
+
+
+def test_info_shows_the_size_rule():
+    row = next(r for r in dotattn.info() if r["name"] == "cpu")
+    assert cpu_small.RULE in row["status"]
+    assert f"{cpu_small.MAX_SCORES:,}" in cpu_small.RULE

@@ -124,3 +124,22 @@ def test_erf_matches_math_erf():
     want = np.array([math.erf(float(t)) for t in x])
     # A&S 7.1.26's own bound (1.5e-7) plus float32 rounding of the polynomial.
     assert np.abs(_erf(x) - want).max() < 5e-7
+
+
+@pytest.mark.parametrize("compute", ["torch", "numpy"])
+def test_both_compute_paths_match_sentence_transformers(model, reference, compute):
+    """Projections in torch (the default where installed) or NumPy: the same embeddings."""
+    if compute == "torch":
+        pytest.importorskip("torch")
+    sentences, ref, _ = reference
+    other = MiniLM(model.folder, compute=compute)
+    assert other.compute == compute
+    ours = other.encode(sentences[:5], batch_size=2)
+    assert np.abs(ours - ref[:5]).max() <= TOLERANCE, _report(ours, ref[:5])
+    states, weights = other.forward(other.tokenize(sentences[:2]), return_weights=True)
+    assert isinstance(states, np.ndarray) and all(isinstance(w, np.ndarray) for w in weights)
+
+
+def test_bad_compute_is_refused():
+    with pytest.raises(ValueError, match="compute must be None, 'torch' or 'numpy', got 'jax'"):
+        MiniLM(_model_dir(), compute="jax")

@@ -169,7 +169,10 @@ def _item(
                     row[c] = 0.0
     _matmul(S, v[b, hk, :nk], PV)
     for r in range(R):
-        if row_sum[r] > 0.0:
+        if m[r] == np.inf:  # a score overflowed to +inf: NaN marks the row for the general path
+            out[b, hk, r] = np.nan
+            lse[b, hk, r] = np.nan
+        elif row_sum[r] > 0.0:
             inv = 1.0 / row_sum[r]
             orow = out[b, hk, r]
             prow = PV[r]

@@ -7,7 +7,6 @@ been scheduled and finished.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 
@@ -58,25 +57,3 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
             fn(*args, chunk, nchunks)
         else:
             future.result()  # re-raises a worker's exception here
-
-
-# Below this many multiply-adds a general (``prange``) kernel runs on one thread: a team
-# launch waits for every thread to be scheduled (idle ≈ 10–50 µs, loaded: milliseconds).
-SERIAL_MAX_WORK = 1 << 21
-
-
-@contextlib.contextmanager
-def team_for(work: int):
-    """Numba's thread count for a ``prange`` kernel doing ``work`` multiply-adds: 1 below
-    :data:`SERIAL_MAX_WORK` (set for this thread only while the kernel runs), else all."""
-    n = num_threads()
-    if work >= SERIAL_MAX_WORK or n == 1:
-        yield n
-        return
-    import numba
-
-    numba.set_num_threads(1)  # thread-local in Numba: other threads keep their count
-    try:
-        yield 1
-    finally:
-        numba.set_num_threads(n)

@@ -1,6 +1,6 @@
 """The user's BLAS thread count survives any mix of dotattn calls, concurrent ones included.
 
-Kernel launches hold BLAS to one thread (``dotattn._blas``).  Each backend used to hold it
+Kernel launches hold BLAS to one thread (``dotattn.kernels._blas``).  Each backend used to hold it
 with a ``threadpoolctl`` limit of its own, and two overlapping calls from two threads
 restored each other's "1": BLAS stayed on one thread for the rest of the process (issue 14).
 """
@@ -15,7 +15,7 @@ import pytest
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 import dotattn  # noqa: E402
-from dotattn import _blas  # noqa: E402
+from dotattn.kernels import _blas  # noqa: E402
 
 
 def _blas_threads() -> list[int]:

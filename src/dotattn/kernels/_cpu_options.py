@@ -49,3 +49,19 @@ class Options(NamedTuple):
     dropout_geom: np.ndarray  # int64 (h0, row0, col0, Hq, Lq, Lk): the full problem's dropout counters
     bm: np.ndarray  # (Bm, Hm, nqb, nkb) int8 classes of the user's block mask
     bm_on: bool
+
+
+def flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A (B, Hq, Lq, Lk) (broadcast) view → its compact data flattened + element strides.
+
+    Broadcast axes keep stride 0, so a ``(Lq, Lk)`` bias shared by all heads is read, never
+    copied ``B·Hq`` times.
+    """
+    if x is None:
+        return np.zeros(1, dtype=dtype), np.zeros(4, dtype=np.int64)
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)
+    compact = np.array(x[index], dtype=dtype, order="C", copy=True)
+    strides = np.array(
+        [0 if x.strides[a] == 0 else compact.strides[a] // compact.itemsize for a in range(4)], dtype=np.int64
+    )
+    return compact.reshape(-1), strides

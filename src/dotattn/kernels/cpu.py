@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from .._blas import ONE_BLAS_THREAD
+from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
 from . import cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
-from ._cpu_options import Options
+from ._cpu_options import Options, flat_pairwise
 from .dropout import seed_key
 
 NAME = "cpu"
@@ -390,22 +390,6 @@ def _num_threads() -> int:
 # =================================================================================
 
 
-def _flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A (B, Hq, Lq, Lk) (broadcast) view → its compact data flattened + element strides.
-
-    Broadcast axes keep stride 0, so a ``(Lq, Lk)`` bias shared by all heads is read, never
-    copied ``B·Hq`` times.
-    """
-    if x is None:
-        return np.zeros(1, dtype=dtype), np.zeros(4, dtype=np.int64)
-    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)
-    compact = np.array(x[index], dtype=dtype, order="C", copy=True)
-    strides = np.array(
-        [0 if x.strides[a] == 0 else compact.strides[a] // compact.itemsize for a in range(4)], dtype=np.int64
-    )
-    return compact.reshape(-1), strides
-
-
 def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
     """(B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each real length.
 
@@ -547,8 +531,8 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         if call.kv_lengths is None
         else np.array(call.kv_lengths, dtype=np.int64)
     )
-    bias, bstr = _flat_pairwise(call.bias, T)
-    mask, mstr = _flat_pairwise(call.mask, np.uint8)
+    bias, bstr = flat_pairwise(call.bias, T)
+    mask, mstr = flat_pairwise(call.mask, np.uint8)
     slopes = (
         np.zeros((1, 1), dtype=T)
         if call.alibi_slopes is None

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._blas import ONE_BLAS_THREAD
+from ._blas import ONE_BLAS_THREAD
+from ._cpu_options import flat_pairwise
 from ..semantics import AttentionCall
 from ._launch import num_threads, run_chunks
 from .dropout import seed_key
@@ -102,9 +103,7 @@ def _contiguous(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _pairwise(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    from .cpu import _flat_pairwise  # the general kernels' compact form of a broadcast mask/bias
-
-    return _flat_pairwise(x, dtype)
+    return flat_pairwise(x, dtype)  # the general kernels' compact form of a broadcast mask/bias
 
 
 def _finite(x: np.ndarray) -> bool:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .._blas import ONE_BLAS_THREAD
+from ._blas import ONE_BLAS_THREAD
 from ..semantics import AttentionCall
 from .dropout import keep_block_of
 
@@ -56,7 +56,7 @@ def run_parallel(tasks, fn) -> None:
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="dotattn")
-    # The process-wide counted limit (dotattn._blas): shared with the cpu backend, so calls of
+    # The process-wide counted limit (dotattn.kernels._blas): shared with the cpu backend, so calls of
     # both from several threads never leave the user's BLAS on one thread.
     with ONE_BLAS_THREAD:
         for future in [_pool.submit(fn, t) for t in tasks]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._blas import ONE_BLAS_THREAD
+from ..kernels._blas import ONE_BLAS_THREAD
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
 
@@ -172,7 +172,7 @@ class MiniLM:
             return (x, weights) if return_weights else x
         # A sentence batch's GEMMs are small ((B·L) × 384 × 1536): a second BLAS thread gains
         # little, and on a busy machine its spin-waiting made encoding 30× slower (measured).
-        # The process-wide counted limit (dotattn._blas), so encoders in several threads restore
+        # The process-wide counted limit (dotattn.kernels._blas), so encoders in several threads restore
         # the user's BLAS threads when the last one finishes.
         with ONE_BLAS_THREAD:
             return self._forward(batch, return_weights)

@@ -88,6 +88,23 @@ def backends_under_test() -> list[str]:
     return [n for n in available if n in names]
 
 
+def import_tensorflow():
+    """``tensorflow``, loaded after Triton (through ``torch._dynamo``) where torch is installed.
+
+    The other order aborts a process that later uses torch's compiled paths (an upstream LLVM
+    conflict; dotattn refuses such torch calls, tests/reliability/test_import_order.py), so a
+    test process that mixes front ends must load TensorFlow this way.  Skips where TensorFlow
+    is absent (``make test`` installs it, and DOTATTN_NO_SKIPS turns a skip into a failure).
+    """
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch._dynamo  # noqa: F401  (loads Triton before TensorFlow)
+    return pytest.importorskip("tensorflow")
+
+
 # =================================================================================
 # inputs
 # =================================================================================

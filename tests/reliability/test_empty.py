@@ -53,27 +53,59 @@ def test_empty_forward_weights_backward(backend, name):
         assert not g.any()  # no query row, or no key: nothing flows back
 
 
-def test_empty_through_the_torch_front_end():
+def _torch_forward_backward(q, k, v):
     torch = pytest.importorskip("torch")
-    for name in SHAPES:
-        q, k, v = (torch.from_numpy(x).requires_grad_() for x in _inputs(name))
-        out, lse = dotattn.attention(q, k, v, return_lse=True, causal=True)
-        assert tuple(out.shape) == tuple(q.shape[:-1]) + (3,), name
-        assert tuple(lse.shape) == tuple(q.shape[:-1])
-        out.sum().backward()
-        for x in (q, k, v):
-            assert x.grad.shape == x.shape and not x.grad.any(), name
+    q, k, v = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    out, lse, w = dotattn.attention(q, k, v, return_lse=True, return_weights=True, causal=True)
+    out.sum().backward()
+    return [x.detach().numpy() for x in (out, lse, w, q.grad, k.grad, v.grad)]
 
 
-def test_empty_through_the_jax_front_end():
+def _jax_forward_backward(q, k, v, implementation=None):
     jax = pytest.importorskip("jax")
-    for name in ("B0", "H0", "Lq0"):
-        q, k, v = (jax.numpy.asarray(x) for x in _inputs(name))
-        out = dotattn.attention(q, k, v)
-        assert out.shape == q.shape[:-1] + (3,), name
-        grads = jax.grad(lambda a, b, c: dotattn.attention(a, b, c).sum(), argnums=(0, 1, 2))(q, k, v)
-        for g, x in zip(grads, (q, k, v)):
-            assert g.shape == x.shape and not np.asarray(g).any(), name
+    q, k, v = (jax.numpy.asarray(x) for x in (q, k, v))
+    out, lse, w = dotattn.attention(q, k, v, return_lse=True, return_weights=True, causal=True, implementation=implementation)
+    grads = jax.grad(lambda a, b, c: dotattn.attention(a, b, c, causal=True, implementation=implementation).sum(), argnums=(0, 1, 2))(q, k, v)
+    return [np.asarray(x) for x in (out, lse, w, *grads)]
+
+
+def _tensorflow_forward_backward(q, k, v, graph=False):
+    tf = H.import_tensorflow()
+
+    def run(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out, lse, w = dotattn.attention(q, k, v, return_lse=True, return_weights=True, causal=True)
+            loss = tf.reduce_sum(out)
+        return (out, lse, w, *tape.gradient(loss, [q, k, v]))
+
+    if graph:  # the batch dims unknown while tracing, as in a Keras model
+        spec = [tf.TensorSpec((None,) * (x.ndim - 3) + x.shape[-3:], tf.float32) for x in (q, k, v)]
+        run = tf.function(run, input_signature=spec)
+    return [x.numpy() for x in run(*(tf.constant(x) for x in (q, k, v)))]
+
+
+FRONT_ENDS = {
+    "torch": _torch_forward_backward,
+    "jax": _jax_forward_backward,
+    "jax-native": lambda q, k, v: _jax_forward_backward(q, k, v, implementation="jax"),
+    "tensorflow": _tensorflow_forward_backward,
+    "tf.function": lambda q, k, v: _tensorflow_forward_backward(q, k, v, graph=True),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_empty_through_the_front_ends(front_end, name):
+    """Forward (out, lse, weights) and backward through each framework's autodiff."""
+    q, k, v = _inputs(name)
+    out, lse, w, dq, dk, dv = FRONT_ENDS[front_end](q, k, v)
+    assert out.shape == q.shape[:-1] + (3,) and out.dtype == q.dtype
+    assert lse.shape == q.shape[:-1] and w.shape == q.shape[:-1] + (k.shape[-2],)
+    assert not out.any() and np.all(np.isneginf(lse)) and not w.any()
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert not g.any()  # no query row, or no key: nothing flows back
 
 
 def test_empty_layer():

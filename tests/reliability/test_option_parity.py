@@ -1,6 +1,5 @@
 """One rule for options in every front end: the same bad option gets the same kind of error,
-naming the user's argument, from NumPy, PyTorch and JAX (TensorFlow shares the code path of
-JAX; tests/frontends/test_tensorflow.py runs it) and from the layers."""
+naming the user's argument, from NumPy, PyTorch, JAX and TensorFlow and from the layers."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 import dotattn
 from dotattn.errors import AttentionTypeError, AttentionValueError, DotAttnError
 
-FRONT_ENDS = ["numpy", "torch", "jax"]
+FRONT_ENDS = ["numpy", "torch", "jax", "tensorflow"]
 
 
 def _convert(front_end, *arrays):
@@ -21,6 +20,9 @@ def _convert(front_end, *arrays):
     if front_end == "jax":
         jnp = pytest.importorskip("jax.numpy")
         return [jnp.asarray(a) for a in arrays]
+    if front_end == "tensorflow":
+        tf = H.import_tensorflow()
+        return [tf.constant(a) for a in arrays]
     return list(arrays)
 
 
@@ -33,6 +35,9 @@ BAD_OPTIONS = [
     (dict(return_weights=True, max_weights_bytes=1.5), AttentionTypeError, "max_weights_bytes must be an int"),
     (dict(window=(10**30, -1)), AttentionValueError, "window right side must be ≥ 0 or None, got -1"),
     (dict(dropout_p=0.1, seed=-1), AttentionValueError, "seed must be in"),
+    (dict(dropout_p=0.1, seed="abc"), AttentionTypeError, "seed must be an int"),
+    (dict(dropout_p=0.1, seed=1.5), AttentionTypeError, "seed must be an int"),
+    (dict(dropout_p=0.1, seed=2**63), AttentionValueError, "seed must be in"),
     (dict(scale=10**400), AttentionValueError, "scale must be a finite number"),
 ]
 
@@ -50,6 +55,16 @@ def test_weights_limit_is_the_same_everywhere(front_end):
     q, k, v = _convert(front_end, *H.random_qkv(0))
     _, w = dotattn.attention(q, k, v, return_weights=True, max_weights_bytes=2 * 2 * 5 * 5 * 4)
     assert tuple(w.shape) == (2, 2, 5, 5)
+
+
+def test_tensorflow_seed_tensor_is_named():
+    """A seed given as a TF tensor (how tf.function passes one) is checked as a Python one."""
+    tf = H.import_tensorflow()
+    q, k, v = _convert("tensorflow", *H.random_qkv(0))
+    with pytest.raises(AttentionValueError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        dotattn.attention(q, k, v, dropout_p=0.1, seed=tf.constant(-1))
+    with pytest.raises(AttentionTypeError, match="seed must be an int or an integer scalar tensor, got float32"):
+        dotattn.attention(q, k, v, dropout_p=0.1, seed=tf.constant(1.5))
 
 
 @pytest.mark.parametrize("seed", [-1, "abc", 1.5, True, 2**63])

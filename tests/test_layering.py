@@ -12,17 +12,8 @@ from pathlib import Path
 import dotattn
 
 ROOT = Path(dotattn.__file__).parent
-# What kernels may import from the package: the call's definition and the error types.
-KERNEL_MAY_IMPORT = {"dotattn.semantics", "dotattn.errors", "dotattn._version"}
-# Known exceptions (landed with the decode kernels), each to move below its users: the decode
-# kernels read decoding.py's DecodeCall and helpers, merge with dotattn.merge, and the triton
-# one checks devices with the torch front end's helpers.  Their edges are left out of the
-# circle check too (decoding.py → triton_decode → decoding.py is a circle through lazy imports).
-KNOWN_EXCEPTIONS = {
-    "dotattn.kernels.numpy_decode": {"dotattn.decoding", "dotattn.merge"},
-    "dotattn.kernels.cpu_decode": {"dotattn.decoding"},
-    "dotattn.kernels.triton_decode": {"dotattn.decoding", "dotattn.merge", "dotattn.torch._convert"},
-}
+# What kernels may import from the package: the calls' definitions and the error types.
+KERNEL_MAY_IMPORT = {"dotattn.semantics", "dotattn.decode_semantics", "dotattn.errors", "dotattn._version"}
 
 
 def _module_name(path: Path) -> str:
@@ -51,14 +42,11 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return {m for m in found if m in modules}
 
 
-def _graph(known: bool = True) -> dict[str, set[str]]:
-    """Module → the dotattn modules it imports (without the known exceptions' edges unless ``known``)."""
+def _graph() -> dict[str, set[str]]:
+    """Module → the dotattn modules it imports."""
     paths = sorted(ROOT.rglob("*.py"))
     modules = {_module_name(p) for p in paths}
-    graph = {_module_name(p): _imports(p, modules) for p in paths}
-    if not known:
-        graph = {m: deps - KNOWN_EXCEPTIONS.get(m, set()) for m, deps in graph.items()}
-    return graph
+    return {_module_name(p): _imports(p, modules) for p in paths}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -87,7 +75,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_circle():
-    graph = _graph(known=False)
+    graph = _graph()
     assert _cycle(graph) is None, " → ".join(_cycle(graph))
 
 
@@ -99,8 +87,7 @@ def test_kernels_import_no_public_module():
     graph = _graph()
     for module, deps in graph.items():
         if module.startswith("dotattn.kernels."):
-            allowed = KERNEL_MAY_IMPORT | KNOWN_EXCEPTIONS.get(module, set())
-            public = {d for d in deps if not d.startswith("dotattn.kernels") and d not in allowed}
+            public = {d for d in deps if not d.startswith("dotattn.kernels") and d not in KERNEL_MAY_IMPORT}
             assert not public, f"{module} imports {sorted(public)}"
 
 

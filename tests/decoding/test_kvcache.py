@@ -158,3 +158,75 @@ def test_queries_must_match_the_buffers_library():
     out, lse = tcache.attend(torch.ones(1, 2, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), return_lse=True)
     assert isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
     assert tcache.k[0, 0, 0, 0, 0].item() == 1.0  # the append reached the torch buffer
+
+
+def test_torch_buffers_live_on_the_given_device():
+    """Buffers are allocated on ``device`` (here "meta": no GPU needed to see where they go), and
+    appends into device buffers take the tensor path (stand-ins for validation, torch indexing)."""
+    torch = pytest.importorskip("torch")
+    for device in ("meta", torch.device("meta")):
+        cache = KVCache(2, 2, 8, 16, dtype=torch.bfloat16, library="torch", device=device, page_size=4, num_layers=2)
+        assert cache.k.device.type == cache.v.device.type == "meta" and cache.device == torch.device("meta")
+        assert cache.k.dtype == torch.bfloat16 and cache.k.shape == (2, 8, 2, 4, 8)
+    k = torch.empty(2, 2, 5, 8, device="meta")
+    for layer in range(2):
+        cache.append(k, k, layer=layer, lengths=[5, 3])
+    assert (cache.lengths == [5, 3]).all() and cache.free_pages == 8 - 3
+    assert cache.k.device.type == "meta"
+    with pytest.raises(AttentionValueError, match="out of pages|does not fit"):  # checks still run
+        cache.append(torch.empty(2, 2, 12, 8, device="meta"), torch.empty(2, 2, 12, 8, device="meta"))
+    with pytest.raises(TypeError, match="k_new must be a torch tensor on the cache's device 'meta'"):
+        cache.append(torch.ones(2, 2, 1, 8), torch.ones(2, 2, 1, 8))
+    assert (cache.lengths == [5, 3]).all()
+    assert KVCache(1, 1, 4, 8, library="torch").k.device.type == "cpu"  # the default stays the CPU
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(device="cuda:0"), "needs library='torch'"),
+        (dict(library="torch", device="nonsense"), "device must name a torch device"),
+        (dict(library="torch", device="mps"), "CPU or CUDA device"),
+        (dict(library="torch", device=3), "device must be a str or a torch.device"),
+    ],
+)
+def test_bad_device(kwargs, match):
+    pytest.importorskip("torch")
+    with pytest.raises((AttentionValueError, TypeError), match=match):
+        KVCache(1, 1, 4, 8, **kwargs)
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("counts", [None, [2, 0, 3]])
+def test_device_append_writes_what_the_numpy_append_writes(page_size, rotary, counts):
+    """kernels.triton_decode.write_new_tensors (device caches' append, run here on CPU tensors)
+    stores the same bits in the same slots as decode_semantics.write_new."""
+    torch = pytest.importorskip("torch")
+    from dotattn import decode_semantics
+    from dotattn.kernels.triton_decode import write_new_tensors
+
+    rng = np.random.default_rng(7)
+    B, Hkv, D, Lnew, cap = 3, 2, 8, 3, 12
+    cache_lengths = np.array([4, 0, 7])
+    if page_size is None:
+        k_cache = np.full((B, Hkv, cap, D), np.nan, np.float16)
+        table = None
+    else:
+        k_cache = np.full((14, Hkv, page_size, D), np.nan, np.float16)  # 2 pages never used
+        table = rng.permutation(14)[: B * 4].reshape(B, 4)
+    v_cache = k_cache.copy()
+    k_new = rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32)
+    v_new = rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32)
+    tables = tuple(t.astype(np.float32) for t in C.rope_tables(32, D // 2)) if rotary else None
+    kc_t, vc_t = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())
+    call = decode_semantics.normalize(
+        np.empty((B, Hkv, 0, D), np.float32), k_cache, v_cache, k_new, v_new, cache_lengths=cache_lengths,
+        block_table=table, causal=True, window=None, scale=None, softcap=None, alibi_slopes=None, rotary=tables,
+        layout="bhld", new_counts=None if counts is None else np.array(counts),
+    )
+    stored = None if counts is None else np.array(counts)
+    decode_semantics.write_new(call, stored)
+    write_new_tensors(call, kc_t, vc_t, torch.from_numpy(k_new), torch.from_numpy(v_new), stored)
+    np.testing.assert_array_equal(kc_t.numpy(), k_cache)  # NaN where nothing was written, on both sides
+    np.testing.assert_array_equal(vc_t.numpy(), v_cache)

@@ -140,15 +140,14 @@ def test_attention_with_kvcache_on_tensors(name, shape, options):
             np.testing.assert_array_equal(got_v, v)
 
 
-def test_torch_rope_is_decodings_apply_rotary():
-    from dotattn.kernels.triton_decode import _rope
-
+def test_apply_rotary_on_tensors_is_the_numpy_one():
+    """The device path rotates torch tensors with decode_semantics.apply_rotary itself."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
     pos = rng.integers(0, 50, (2, 4))
     cos, sin = (t.astype(np.float32) for t in C.rope_tables(50, 4))
     want = decoding.apply_rotary(x, pos, cos, sin)
-    got = _rope(torch.from_numpy(x), torch.from_numpy(pos), torch.from_numpy(cos), torch.from_numpy(sin))
+    got = decoding.apply_rotary(torch.from_numpy(x), torch.from_numpy(pos), torch.from_numpy(cos), torch.from_numpy(sin))
     np.testing.assert_array_equal(got.numpy(), want)
 
 

@@ -1,4 +1,4 @@
-"""The ``cpu`` decode kernel: prepares a :class:`~dotattn.decoding.DecodeCall` for the split-KV
+"""The ``cpu`` decode kernel: prepares a :class:`~dotattn.decode_semantics.DecodeCall` for the split-KV
 Numba kernels of :mod:`dotattn.kernels._cpu_decode_kernels` and runs them.
 
 Per-call work in Python is kept small (a decode step of a 30-layer model is 30 calls): the
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..decoding import SPLIT_SIZE, DecodeCall, rotated_q, write_new
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
 

@@ -2,9 +2,9 @@
 
 Flash decoding (Dao, Haziza, Massa & Sizov, 2023): with few query rows there is too little
 work per (sequence, head) to keep the cores busy, so each sequence's keys are split into
-chunks of :data:`dotattn.decoding.SPLIT_SIZE` positions; each chunk gives a partial output
+chunks of :data:`dotattn.decode_semantics.SPLIT_SIZE` positions; each chunk gives a partial output
 and its log-sum-exp, and the parts are merged exactly by
-:func:`dotattn.merge_attention_states`.  Chunk boundaries are fixed positions
+:func:`dotattn.merge_attention_states`'s merge (``kernels/_merge.py``).  Chunk boundaries are fixed positions
 (``[c·S, (c+1)·S)``), so a sequence is computed the same way in any batch and any cache.
 
 GQA: the query heads of one K/V head are folded into the rows, ``(Hkv, G·Lq, D)``, so each
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decoding import SPLIT_SIZE, DecodeCall, query_positions, rotated_q, write_new
-from ..merge import merge_attention_states
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, query_positions, rotated_q, write_new
+from ._merge import merge_numpy
 
 
 def gather(call: DecodeCall, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +107,7 @@ def _split_kv(call: DecodeCall, q: np.ndarray):
             o, s = _chunk(call, qg, b, row_pos, heads, max(c * SPLIT_SIZE, lo), min((c + 1) * SPLIT_SIZE, hi))
             outs.append(o)
             lses.append(s)
-        o, s = merge_attention_states(outs, lses)  # (Hkv, R, Dv), (Hkv, R)
+        o, s = merge_numpy(outs, lses, "bhld")  # (Hkv, R, Dv), (Hkv, R)
         out[b] = o.reshape(Hq, Lq, Dv)
         lse[b] = s.reshape(Hq, Lq)
     return out, lse

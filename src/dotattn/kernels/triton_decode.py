@@ -1,24 +1,27 @@
 """Split-KV decoding in Triton ("flash decoding") for ``attention_with_kvcache``.
 
 The kernel (:func:`dotattn.kernels.triton_kernels.decode_split`) gives each (chunk of
-:data:`dotattn.decoding.SPLIT_SIZE` key positions, sequence, K/V head) one program: the
+:data:`dotattn.decode_semantics.SPLIT_SIZE` key positions, sequence, K/V head) one program: the
 ``G·Lq`` query rows of the head's GQA group are folded into the rows of one tile, keys are
 read through the page table (a contiguous cache is one page per sequence), and the chunk's
-partial output and LSE are merged over chunks by :func:`dotattn.merge_attention_states`.
+partial output and LSE are merged over chunks by the merge of
+:func:`dotattn.merge_attention_states` (``kernels/_merge.py``).
 Chunk boundaries are the fixed positions ``[c·S, (c+1)·S)`` of the NumPy/Numba decode
 kernels, so a sequence is computed the same way in any batch.  Math in float32 (IEEE dots):
 decoding reads the cache once and is memory-bound.
 
-Two entry points:
+Entry points (each takes a call already validated by
+:func:`dotattn.decode_semantics.normalize`; device checks and conversions of the caller's
+tensors are :mod:`dotattn.decoding`'s):
 
 * :func:`decode_tensors` — torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``): the
   kernel itself, for a caller that has validated and appended already.
 * :func:`attention_with_kvcache_tensors` — what :func:`dotattn.attention_with_kvcache` runs
   for CUDA tensors (and CPU tensors with ``implementation="triton"`` under the interpreter):
-  :func:`dotattn.decoding.normalize` validates on stand-ins, the append is written in place
-  with torch indexing, then :func:`decode_tensors`.
+  the append written in place with torch indexing (:func:`write_new_tensors`, which
+  :class:`dotattn.KVCache` also uses for device buffers), then :func:`decode_tensors`.
 * :func:`decode` — the decode-kernel protocol of :mod:`dotattn.decoding` (a
-  :class:`~dotattn.decoding.DecodeCall` of NumPy views of CPU memory, so it needs the
+  :class:`~dotattn.decode_semantics.DecodeCall` of NumPy views of CPU memory, so it needs the
   interpreter): append, rotate q, run :func:`decode_tensors` on tensors sharing that memory.
 """
 
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, write_new
+from ..semantics import BFLOAT16
+from ._merge import merge_torch
 from .triton_backend import _kernels, _next_pow2, triton_cdiv
 
-__all__ = ["decode_tensors", "attention_with_kvcache_tensors", "decode"]
+__all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensors", "decode"]
 
 
 def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
@@ -41,8 +47,6 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     ``alibi_slopes`` float32 ``(B, Hq)`` or None.
     """
     import torch
-
-    from ..merge import merge_attention_states
 
     kern = _kernels()
     B, Hq, Lq, D = q.shape
@@ -70,15 +74,12 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     )
     if n_chunks == 1:
         return part_out[..., 0, :], part_lse[..., 0]
-    return merge_attention_states(
-        [part_out[..., c, :] for c in range(n_chunks)], [part_lse[..., c] for c in range(n_chunks)]
-    )
+    return merge_torch([part_out[..., c, :] for c in range(n_chunks)], [part_lse[..., c] for c in range(n_chunks)], "bhld")
 
 
 def decode(call, reference: bool = False):
     """The :mod:`dotattn.decoding` kernel protocol: append, then ``(out, lse)`` float32 NumPy."""
-    from ..decoding import SPLIT_SIZE, rotated_q, write_new
-    from ..torch._convert import from_numpy
+    import torch
 
     if reference:
         raise ValueError("the triton decode kernel has no reference mode; use implementation='reference'")
@@ -92,7 +93,10 @@ def decode(call, reference: bool = False):
     dev = "cpu" if _kernels().INTERPRETED else "cuda"
 
     def tensor(x):
-        return (from_numpy(x) if x.flags.writeable else from_numpy(x.copy())).to(dev)
+        x = x if x.flags.writeable else x.copy()
+        if x.dtype == BFLOAT16:  # torch.from_numpy knows no ml_dtypes bfloat16: same bits through int16
+            return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(dev)
+        return torch.from_numpy(x).to(dev)
 
     kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
     out, lse = decode_tensors(
@@ -106,104 +110,67 @@ def decode(call, reference: bool = False):
 
 
 # =================================================================================
-# attention_with_kvcache on torch tensors (CUDA, or CPU with implementation="triton")
+# a validated call on torch tensors (CUDA, or CPU with implementation="triton")
 # =================================================================================
 
 
-def _host(name: str, x):
-    """Small arguments (lengths, page table, slopes, rotary tables) as host NumPy arrays."""
-    import torch
+def write_new_tensors(call: DecodeCall, k_pages, v_pages, k_new, v_new, counts: np.ndarray | None = None) -> None:
+    """:func:`dotattn.decode_semantics.write_new` into torch tensors on any device.
 
-    from ..torch._convert import to_numpy
-
-    if isinstance(x, torch.Tensor):
-        return to_numpy(name, x.detach().cpu())
-    return x
-
-
-def _rope(x, positions, cos, sin):
-    """RoPE "rotate half" on torch tensors: :func:`dotattn.decoding.apply_rotary`'s definition
-    (``x (B, H, L, D)`` float32, ``positions (B, L)``, ``cos``/``sin`` ``(P, R)``)."""
-    R = cos.shape[1]
-    c = cos[positions][:, None]  # (B, 1, L, R)
-    s = sin[positions][:, None]
-    out = x.clone()
-    x1, x2 = x[..., :R], x[..., R : 2 * R]
-    out[..., :R] = x1 * c - x2 * s
-    out[..., R : 2 * R] = x2 * c + x1 * s
-    return out
-
-
-def attention_with_kvcache_tensors(q, k_cache, v_cache, k_new, v_new, *, cache_lengths, block_table, causal, window,
-                                   scale, softcap, alibi_slopes, rotary, return_lse, layout):
-    """:func:`dotattn.decoding.attention_with_kvcache` for torch tensors on this kernel.
-
-    Validation is :func:`dotattn.decoding.normalize` itself, run on zero-stride stand-ins of
-    the large tensors (shape and dtype only) and host copies of the small ones; then the
-    append (rotated keys) is written into the caller's cache in place with torch indexing, and
-    the split-KV kernel reads the cache where it lives.
+    ``call`` was validated on stand-ins of these tensors (canonical ``bhld`` views: pages
+    ``(P, Hkv, page_size, D)``, new ``(B, Hkv, Lnew, D)``); ``counts`` (B,) stores only the
+    first ``counts[b]`` new tokens of sequence b.  Indices are built on the host and moved to
+    the caches' device; keys are rotated (float32) first when ``call.rotary`` is set.
     """
     import torch
 
-    from .. import decoding
-    from ..errors import AttentionValueError
-    from ..torch._convert import check_device, standin
+    if k_new is None or call.Lnew == 0:
+        return
+    dev = k_pages.device
+    stored = np.full(call.B, call.Lnew) if counts is None else counts
+    b, j = np.nonzero(np.arange(call.Lnew)[None, :] < stored[:, None])  # (sequence, new token) pairs to store
+    pos = call.cache_lengths[b] + j
+    pages = torch.as_tensor(call.block_table[b, pos // call.page_size], device=dev)
+    slots = torch.as_tensor(pos % call.page_size, device=dev)
+    bt, jt = torch.as_tensor(b, device=dev), torch.as_tensor(j, device=dev)
+    k_store = k_new
+    if call.rotary is not None:
+        every = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew)
+        cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
+        k_store = apply_rotary(k_new.to(torch.float32), torch.as_tensor(every, device=dev), cos, sin)
+    with torch.no_grad():
+        # advanced indices around a slice: both sides index as (pairs, Hkv, D)
+        k_pages[pages, :, slots] = k_store[bt, :, jt].to(k_pages.dtype)
+        v_pages[pages, :, slots] = v_new[bt, :, jt].to(v_pages.dtype)
 
-    big = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
-    for name, t in big.items():
-        if t is not None:
-            check_device(name, t)
-            if t.device != q.device:
-                raise AttentionValueError(
-                    f"{name} is on device {str(t.device)!r} but q is on {str(q.device)!r}; "
-                    "q, the caches and the new keys/values must share one device"
-                )
 
-    def stand(name, t):
-        if t is None:
-            return None
-        # normalize() refuses read-only caches when it must write into them; the stand-in
-        # is never written (the append below writes the tensors).
-        return standin(name, t, writeable=name in ("k_cache", "v_cache"))
+def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new, v_new, *, return_lse: bool):
+    """:func:`dotattn.attention_with_kvcache` for torch tensors on this kernel.
 
-    if rotary is not None and isinstance(rotary, (tuple, list)):
-        rotary = tuple(_host(f"rotary[{i}]", x) for i, x in enumerate(rotary))
-    call = decoding.normalize(
-        *(stand(n, t) for n, t in big.items()), cache_lengths=_host("cache_lengths", cache_lengths),
-        block_table=_host("block_table", block_table), causal=causal, window=window, scale=scale, softcap=softcap,
-        alibi_slopes=_host("alibi_slopes", alibi_slopes), rotary=rotary, layout=layout,
-    )
-    if call.cache_dtype == np.float64:
-        raise AttentionValueError(
-            "float64 caches run on the CPU decode kernels only (the triton decode kernel computes in float32)"
-        )
+    ``call`` is :func:`dotattn.decode_semantics.normalize` run by :mod:`dotattn.decoding` on
+    stand-ins of these tensors (shapes and dtypes only) and host copies of the small
+    arguments; the append (rotated keys) is written into the caller's cache in place with
+    torch indexing, and the split-KV kernel reads the cache where it lives.
+    """
+    import torch
+
+    layout = call.layout
     dev = q.device
 
     def canon(t):
         return t if t is None or layout == "bhld" else t.transpose(1, 2)
 
     qc, kp, vp, kn, vn = (canon(t) for t in (q, k_cache, v_cache, k_new, v_new))
-    if call.Lnew:
-        pos = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew) positions of the new tokens
-        pages = torch.as_tensor(np.take_along_axis(call.block_table, pos // call.page_size, axis=1), device=dev)
-        slots = torch.as_tensor(pos % call.page_size, device=dev)
-        k_store = kn
-        if call.rotary is not None:
-            cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
-            k_store = _rope(kn.to(torch.float32), torch.as_tensor(pos, device=dev), cos, sin)
-        with torch.no_grad():
-            # advanced indices around a slice: the indexed shape is (B, Lnew, Hkv, D), as in decoding.write_new
-            kp[pages, :, slots] = k_store.transpose(1, 2).to(kp.dtype)
-            vp[pages, :, slots] = vn.transpose(1, 2).to(vp.dtype)
+    write_new_tensors(call, kp, vp, kn, vn)
     q32 = qc.to(torch.float32)
     if call.rotary is not None:
         cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
-        q32 = _rope(q32, torch.as_tensor(decoding.query_positions(call), device=dev), cos, sin)
+        q32 = apply_rotary(q32, torch.as_tensor(query_positions(call), device=dev), cos, sin)
     kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
     out, lse = decode_tensors(
         q32, kp, vp, torch.as_tensor(call.block_table, device=dev), torch.as_tensor(kv_len, device=dev),
         max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window, scale=call.scale,
-        softcap=call.softcap, split=decoding.SPLIT_SIZE,
+        softcap=call.softcap, split=SPLIT_SIZE,
         alibi_slopes=None if call.alibi_slopes is None else torch.as_tensor(call.alibi_slopes, device=dev),
     )
     out = out.to(q.dtype)

@@ -1,0 +1,451 @@
+"""The semantics of a decode call: :class:`DecodeCall`, its validation and the in-place append.
+
+What :func:`dotattn.attention_with_kvcache` means, below both its users: the public module
+(:mod:`dotattn.decoding`, which picks a kernel and converts torch tensors) and the decode
+kernels (``kernels/*_decode.py``), which read a :class:`DecodeCall` and never import a public
+module.  Like :mod:`dotattn.semantics` for ``attention()``, this module decides; kernels
+compute.
+
+Semantics are those of ``attention()`` (``docs/semantics.md``) with
+``kv_lengths = cache_lengths + Lnew``: query row ``i`` of sequence ``b`` sits at position
+``cache_lengths[b] + Lnew − Lq + i`` (bottom-right alignment), which is where ALiBi, windows,
+causal and rotary measure from.  Keys are split into chunks of :data:`SPLIT_SIZE` positions
+counted from position 0, whatever the batch, the capacity or the pages, so a sequence's
+output is bitwise the same in any batch (``docs/decoding.md``).
+
+Arrays here are NumPy (torch CPU tensors arrive as views of their memory; device tensors as
+stand-ins, see :func:`dotattn.torch._convert.standin`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import semantics
+from .errors import AttentionTypeError, AttentionValueError
+from .semantics import BFLOAT16, FLOAT_DTYPES
+
+__all__ = ["SPLIT_SIZE", "DecodeCall", "normalize", "query_positions", "apply_rotary", "write_new", "rotated_q",
+           "float_array", "SIXTEEN_BIT"]
+
+# Keys per split-KV chunk, counted from position 0 of each sequence.  A constant — never
+# derived from the capacity, the batch or the core count — so the chunk boundaries, and with
+# them every rounding, depend only on the sequence itself (flash-attention sizes its splits
+# from the capacity, and its outputs change with it: flash-attention issues 1417, 1570).
+SPLIT_SIZE = 256
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+# 16-bit cache dtypes (a float32 q may read them)
+SIXTEEN_BIT = (np.dtype(np.float16), BFLOAT16)
+
+
+# =================================================================================
+# the normalized call
+# =================================================================================
+
+
+@dataclass(eq=False)
+class DecodeCall:
+    """One validated decode call, in canonical (``bhld``) NumPy views of the caller's memory.
+
+    A contiguous cache is described as a paged one with one page per sequence
+    (``page_size = capacity``, ``block_table[b] = [b]``), so kernels see a single form.
+    """
+
+    q: np.ndarray  # (B, Hq, Lq, D), q's dtype (a view)
+    k_pages: np.ndarray  # (num_pages, Hkv, page_size, D), the cache's memory (a view)
+    v_pages: np.ndarray  # (num_pages, Hkv, page_size, Dv)
+    block_table: np.ndarray  # int64 (B, max_pages)
+    cache_lengths: np.ndarray  # int64 (B,), before this call's append
+    k_new: np.ndarray | None  # (B, Hkv, Lnew, D) view, or None
+    v_new: np.ndarray | None
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    scale: float
+    softcap: float | None
+    alibi_slopes: np.ndarray | None  # (B, Hq) in the compute dtype
+    rotary: tuple[np.ndarray, np.ndarray] | None  # (cos, sin) (P, R/2) in the compute dtype
+    dtype: np.dtype  # q's dtype = the output's
+    cache_dtype: np.dtype
+    layout: str
+    paged: bool
+    k_cache: np.ndarray  # the caller's cache arrays as given (layout order), for fast paths
+    v_cache: np.ndarray
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Hkv(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def Dv(self) -> int:
+        return self.v_pages.shape[3]
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def Lnew(self) -> int:
+        return 0 if self.k_new is None else self.k_new.shape[2]
+
+    @property
+    def kv_lengths(self) -> np.ndarray:
+        """Visible keys per sequence after the append: ``cache_lengths + Lnew``."""
+        return self.cache_lengths + self.Lnew
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return _F64 if self.dtype == _F64 else _F32
+
+
+# =================================================================================
+# validation: one small function per concern, messages that name the argument
+# =================================================================================
+
+
+def _shape(x) -> str:
+    return "(" + ", ".join(str(s) for s in x) + ")"
+
+
+def float_array(name: str, x: Any) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise AttentionTypeError(
+            f"{name} must be a NumPy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise AttentionTypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    return x
+
+
+def _check_dtypes(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+    if k_cache.dtype != v_cache.dtype:
+        raise AttentionTypeError(
+            f"k_cache and v_cache must share one dtype, got k_cache.dtype={k_cache.dtype}, v_cache.dtype={v_cache.dtype}"
+        )
+    if q.dtype != k_cache.dtype and not (q.dtype == _F32 and k_cache.dtype in SIXTEEN_BIT):
+        raise AttentionTypeError(
+            f"q must have the cache's dtype ({k_cache.dtype}) or float32 with a float16/bfloat16 cache, "
+            f"got q.dtype={q.dtype}"
+        )
+
+
+def _check_geometry(q, k_cache, v_cache, block_table, layout: str):
+    """Shapes of q and the caches; returns ``(B, Hq, Lq, D, Hkv, Dv, block_table int64 | None)``."""
+    if q.ndim != 4:
+        want = "(B, Hq, Lq, D)" if layout == "bhld" else "(B, Lq, Hq, D)"
+        raise AttentionValueError(f"q must be 4-D {want} (layout={layout!r}), got shape {_shape(q.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.ndim != 4:
+            if block_table is None:
+                want = "(B, Hkv, capacity, D)" if layout == "bhld" else "(B, capacity, Hkv, D)"
+            else:
+                want = "(num_pages, Hkv, page_size, D)" if layout == "bhld" else "(num_pages, page_size, Hkv, D)"
+            raise AttentionValueError(f"{name} must be 4-D {want} (layout={layout!r}), got shape {_shape(x.shape)}")
+    h_ax, l_ax = (1, 2) if layout == "bhld" else (2, 1)
+    B, Hq, Lq, D = q.shape[0], q.shape[h_ax], q.shape[l_ax], q.shape[3]
+    Hkv = k_cache.shape[h_ax]
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise AttentionValueError(
+            f"k_cache and v_cache must agree on every axis but the last, got k_cache{_shape(k_cache.shape)} "
+            f"and v_cache{_shape(v_cache.shape)}"
+        )
+    if k_cache.shape[3] != D:
+        raise AttentionValueError(
+            f"k_cache must have q's head dim D={D} (last axis), got k_cache{_shape(k_cache.shape)}"
+        )
+    if D < 1 or v_cache.shape[3] < 1:
+        raise AttentionValueError(f"head dims must be ≥ 1, got q{_shape(q.shape)} and v_cache{_shape(v_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise AttentionValueError(
+            f"k_cache has {Hkv} heads, but q's {Hq} heads are not a multiple of it "
+            f"(grouped-query attention needs Hq % Hkv == 0; layout={layout!r})"
+        )
+    table = None
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise AttentionValueError(
+                f"k_cache must have q's batch size B={B} on axis 0 (or pass block_table= for a paged cache), "
+                f"got k_cache{_shape(k_cache.shape)}"
+            )
+    else:
+        table = np.asarray(block_table)
+        if table.dtype == bool or not np.issubdtype(table.dtype, np.integer):
+            raise AttentionTypeError(f"block_table must hold integers (page indices), got dtype {table.dtype}")
+        if table.ndim != 2 or table.shape[0] != B:
+            raise AttentionValueError(
+                f"block_table must have shape (B, max_pages) = ({B}, max_pages), got {_shape(table.shape)}"
+            )
+        if k_cache.shape[l_ax] < 1:
+            raise AttentionValueError(f"page_size must be ≥ 1, got k_cache{_shape(k_cache.shape)}")
+        table = table.astype(np.int64, copy=False)
+    return B, Hq, Lq, D, Hkv, v_cache.shape[3], table
+
+
+def _check_new(name: str, x: Any, want: tuple[int, ...], layout: str, cache_dtype, q_dtype) -> np.ndarray:
+    x = float_array(name, x)
+    if x.dtype != cache_dtype and x.dtype != q_dtype:
+        raise AttentionTypeError(f"{name} must have the cache's dtype {cache_dtype} (or q's {q_dtype}), got {x.dtype}")
+    if x.ndim != 4 or x.shape[0] != want[0] or x.shape[3] != want[3] or (
+        (x.shape[1], x.shape[2]) != ((want[1], x.shape[2]) if layout == "bhld" else (x.shape[1], want[1]))
+    ):
+        legend = "(B, Hkv, Lnew, " if layout == "bhld" else "(B, Lnew, Hkv, "
+        legend += "D)" if name == "k_new" else "Dv)"
+        expect = f"B={want[0]}, Hkv={want[1]}, {'D' if name == 'k_new' else 'Dv'}={want[3]}"
+        raise AttentionValueError(f"{name} must have shape {legend} with {expect}, got {_shape(x.shape)}")
+    return x
+
+
+def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> np.ndarray:
+    if cache_lengths is None:
+        raise AttentionValueError("cache_lengths is required: the tokens already in the cache, one int per sequence")
+    lengths = semantics.check_batch_ints("cache_lengths", cache_lengths, B)
+    neg = lengths < 0
+    if neg.any():
+        b = int(np.argmax(neg))
+        raise AttentionValueError(f"cache_lengths must be ≥ 0, got cache_lengths[{b}] = {int(lengths[b])}")
+    over = lengths + Lnew > room
+    if over.any():
+        b = int(np.argmax(over))
+        where = "the pages block_table gives it (max_pages · page_size)" if paged else "the cache capacity"
+        added = int(Lnew if np.ndim(Lnew) == 0 else Lnew[b])
+        raise AttentionValueError(
+            f"sequence {b} does not fit: cache_lengths[{b}] = {int(lengths[b])} plus {added} new token(s) "
+            f"exceeds {where} = {room}"
+        )
+    return lengths
+
+
+def _check_pages(table: np.ndarray, kv_lengths: np.ndarray, page_size: int, num_pages: int) -> None:
+    """Pages a sequence uses must exist and belong to it alone (unused entries are ignored)."""
+    used = -(-kv_lengths // page_size)  # pages in use per sequence
+    in_use = np.arange(table.shape[1])[None, :] < used[:, None]
+    pages = table[in_use]
+    bad = (table < 0) | (table >= num_pages)
+    bad &= in_use
+    if bad.any():
+        b, i = (int(x) for x in np.argwhere(bad)[0])
+        raise AttentionValueError(
+            f"block_table[{b}, {i}] = {int(table[b, i])} is outside the page pool [0, {num_pages}) "
+            f"(sequence {b} uses its first {int(used[b])} page(s))"
+        )
+    if pages.size > 1:
+        uniq, counts = np.unique(pages, return_counts=True)
+        if (counts > 1).any():
+            page = int(uniq[np.argmax(counts > 1)])
+            where = [f"[{int(b)}, {int(i)}]" for b, i in np.argwhere((table == page) & in_use)]
+            raise AttentionValueError(
+                f"block_table repeats page {page} at {', '.join(where)}: each page in use must belong to "
+                "one sequence position only"
+            )
+
+
+def _check_rotary(rotary: Any, D: int, dtype: np.dtype, lengths: np.ndarray, Lnew: int, Lq: int):
+    if rotary is None:
+        return None
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+        raise AttentionValueError(f"rotary must be a pair (cos, sin) of (positions, rotary_dim/2) arrays, got {type(rotary).__name__}")
+    # torch tables arrive as NumPy views (dotattn.decoding converts them before this call)
+    cos, sin = (np.asarray(x) for x in rotary)
+    for name, x in (("rotary cos", cos), ("rotary sin", sin)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise AttentionTypeError(f"{name} must be a float array, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] < 1 or 2 * x.shape[1] > D:
+            raise AttentionValueError(
+                f"{name} must have shape (positions, rotary_dim/2) with 1 ≤ rotary_dim/2 ≤ D/2 = {D // 2}, "
+                f"got {_shape(x.shape)}"
+            )
+    if cos.shape != sin.shape:
+        raise AttentionValueError(f"rotary cos and sin must have one shape, got {_shape(cos.shape)} and {_shape(sin.shape)}")
+    if lengths.size:
+        first_q = lengths + Lnew - Lq
+        last = int((lengths + Lnew).max()) - 1
+        if (first_q < 0).any():
+            b = int(np.argmax(first_q < 0))
+            raise AttentionValueError(
+                f"rotary: query row 0 of sequence {b} would sit at position {int(first_q[b])} < 0 "
+                f"(cache_lengths[{b}] + Lnew = {int(lengths[b]) + Lnew} < Lq = {Lq})"
+            )
+        if last >= cos.shape[0]:
+            raise AttentionValueError(
+                f"rotary tables cover positions [0, {cos.shape[0]}), but this call reaches position {last}"
+            )
+    return np.ascontiguousarray(cos, dtype=dtype), np.ascontiguousarray(sin, dtype=dtype)
+
+
+def _check_causal(causal: Any) -> bool:
+    kind = semantics.check_causal(causal)
+    if kind == "top_left":
+        raise AttentionValueError(
+            "causal='top_left' has no meaning against a KV cache (queries are the newest tokens); "
+            "pass causal=True (bottom-right) or False"
+        )
+    return kind is not None
+
+
+def normalize(
+    q, k_cache, v_cache, k_new, v_new, *, cache_lengths, block_table, causal, window, scale, softcap,
+    alibi_slopes, rotary, layout, new_counts: np.ndarray | None = None,
+) -> DecodeCall:
+    """Validate every argument of a decode call (nothing is written) → :class:`DecodeCall`.
+
+    ``new_counts`` (B,) (:meth:`KVCache.append` of padded prompts): sequence b stores only its
+    first ``new_counts[b]`` new tokens, so only those need room and pages.
+    """
+    layout = semantics.check_layout(layout)
+    q = float_array("q", q)
+    k_cache = float_array("k_cache", k_cache)
+    v_cache = float_array("v_cache", v_cache)
+    _check_dtypes(q, k_cache, v_cache)
+    B, Hq, Lq, D, Hkv, Dv, table = _check_geometry(q, k_cache, v_cache, block_table, layout)
+    if (k_new is None) != (v_new is None):
+        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
+        raise AttentionValueError(f"{given} was given without {missing}: pass both new keys and new values, or neither")
+    if k_new is not None:
+        k_new = _check_new("k_new", k_new, (B, Hkv, 0, D), layout, k_cache.dtype, q.dtype)
+        v_new = _check_new("v_new", v_new, (B, Hkv, 0, Dv), layout, k_cache.dtype, q.dtype)
+        l_ax = 2 if layout == "bhld" else 1
+        if k_new.shape[l_ax] != v_new.shape[l_ax]:
+            raise AttentionValueError(
+                f"k_new and v_new must hold the same number of new tokens, got k_new{_shape(k_new.shape)} "
+                f"and v_new{_shape(v_new.shape)}"
+            )
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if not x.flags.writeable:
+                raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
+    # canonical (bhld) views: nothing is copied
+    if layout == "blhd":
+        q = q.swapaxes(1, 2)
+        kp, vp = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)
+        if k_new is not None:
+            k_new, v_new = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)
+    else:
+        kp, vp = k_cache, v_cache
+    Lnew = 0 if k_new is None else k_new.shape[2]
+    paged = table is not None
+    if paged:
+        room = table.shape[1] * kp.shape[2]
+    else:
+        room = kp.shape[2]
+        table = np.arange(B, dtype=np.int64)[:, None]
+    added = Lnew if new_counts is None else new_counts
+    lengths = _check_lengths(cache_lengths, B, added, room, paged)
+    if paged:
+        _check_pages(table, lengths + added, kp.shape[2], kp.shape[0])
+    compute = _F64 if q.dtype == _F64 else _F32
+    return DecodeCall(
+        q=q,
+        k_pages=kp,
+        v_pages=vp,
+        block_table=table,
+        cache_lengths=lengths,
+        k_new=k_new,
+        v_new=v_new,
+        causal=_check_causal(causal),
+        window=semantics.check_window(window),
+        scale=semantics.check_scale(scale, D),
+        softcap=semantics.check_softcap(softcap),
+        alibi_slopes=semantics.check_alibi_slopes(alibi_slopes, B, Hq, compute),
+        rotary=_check_rotary(rotary, D, compute, lengths, Lnew, Lq),
+        dtype=q.dtype,
+        cache_dtype=k_cache.dtype,
+        layout=layout,
+        paged=paged,
+        k_cache=k_cache,
+        v_cache=v_cache,
+    )
+
+
+# =================================================================================
+# positions, rotary and the in-place append
+# =================================================================================
+
+
+def query_positions(call: DecodeCall) -> np.ndarray:
+    """int64 (B, Lq): position of each query row on its sequence's key axis (bottom-right)."""
+    return (call.kv_lengths - call.Lq)[:, None] + np.arange(call.Lq)[None, :]
+
+
+def apply_rotary(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE in the non-interleaved ("rotate half") form on the first ``2·R`` dims of ``x``.
+
+    ``x (B, H, L, D)`` in the compute dtype, ``positions (B, L)``, ``cos``/``sin`` ``(P, R)``:
+    ``x[:R], x[R:2R] ← x[:R]·cos − x[R:2R]·sin, x[R:2R]·cos + x[:R]·sin`` at each row's
+    position — the convention of GPT-NeoX, Llama in ``transformers`` and FlashAttention's
+    default (``rotary_interleaved=False``).  Returns a new array.  The same code serves torch
+    tensors (all four on one device): the device decode path rotates with it too.
+    """
+    R = cos.shape[1]
+    c = cos[positions][:, None]  # (B, 1, L, R)
+    s = sin[positions][:, None]
+    out = np.array(x, copy=True) if isinstance(x, np.ndarray) else x.clone()
+    x1, x2 = x[..., :R], x[..., R : 2 * R]
+    out[..., :R] = x1 * c - x2 * s
+    out[..., R : 2 * R] = x2 * c + x1 * s
+    return out
+
+
+def write_new(call: DecodeCall, counts: np.ndarray | None = None) -> None:
+    """Write ``k_new``/``v_new`` at ``[cache_lengths[b], cache_lengths[b] + Lnew)`` in place.
+
+    ``counts`` (B,) writes only the first ``counts[b]`` new tokens of sequence b (padded
+    prompts appended by :class:`KVCache`).  Keys are rotated first when ``call.rotary`` is set.
+    """
+    if call.k_new is None or call.Lnew == 0:
+        return
+    k_new, v_new = call.k_new, call.v_new
+    pos = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew)
+    if call.rotary is not None:
+        k_new = apply_rotary(k_new.astype(call.compute_dtype), pos, *call.rotary)
+    ps = call.page_size
+    if counts is None:
+        if call.paged:
+            pages, slots = call.block_table[np.arange(call.B)[:, None], pos // ps], pos % ps
+        else:  # one page per sequence: no division
+            pages, slots = np.arange(call.B)[:, None], pos
+        # advanced indices around a slice: the result's axes are (B, Lnew, Hkv, D)
+        call.k_pages[pages, :, slots] = k_new.swapaxes(1, 2)
+        call.v_pages[pages, :, slots] = v_new.swapaxes(1, 2)
+        return
+    for b in range(call.B):
+        n = int(counts[b])
+        if n == 0:
+            continue
+        p = pos[b, :n]
+        pg = call.block_table[b, p // ps]
+        call.k_pages[pg, :, p % ps] = k_new[b, :, :n].swapaxes(0, 1)
+        call.v_pages[pg, :, p % ps] = v_new[b, :, :n].swapaxes(0, 1)
+
+
+def rotated_q(call: DecodeCall) -> np.ndarray:
+    """q in the compute dtype, rotated at its positions when ``call.rotary`` is set."""
+    q = call.q.astype(call.compute_dtype, copy=False)
+    if call.rotary is None:
+        return q
+    return apply_rotary(q, query_positions(call), *call.rotary)
+

@@ -1,0 +1,69 @@
+"""The exact merge of partial attention results, below its users.
+
+:func:`dotattn.merge_attention_states` (public: validates, then calls these) and the split-KV
+decode kernels (which merge their own, well-formed parts) share this one step; see
+:mod:`dotattn.merge` for the definition, the −inf and NaN rules and why accumulation is
+float32/float64.  ``outs[i] (..., Hq, Lq, Dv)`` (``"blhd"``: ``(..., Lq, Hq, Dv)``),
+``lses[i] (..., Hq, Lq)``; NumPy arrays in :func:`merge_numpy`, torch tensors in
+:func:`merge_torch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["merge_numpy", "merge_torch"]
+
+
+# =================================================================================
+# the merge, once per library
+# =================================================================================
+
+
+def merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
+    acc = np.float64 if any(x.dtype == np.float64 for x in outs + lses) else np.float32
+    lse = np.stack([s.astype(acc, copy=False) for s in lses])  # (P, ..., Hq, Lq)
+    with np.errstate(invalid="ignore"):
+        m = lse.max(axis=0)
+    m_safe = np.where(np.isneginf(m), 0.0, m).astype(acc)  # all-empty rows: avoid −inf − −inf
+    w = np.exp(lse - m_safe)  # 0 for empty parts
+    total = w.sum(axis=0)
+    with np.errstate(divide="ignore"):
+        merged_lse = (m_safe + np.log(total)).astype(acc)  # log 0 = −inf for all-empty rows
+    scale = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    if np.isnan(total).any():  # a NaN LSE poisons its row (np.divide's where= skipped it)
+        scale = np.where(np.isnan(total), np.nan, scale)
+    out = np.zeros(outs[0].shape, dtype=acc)
+    for part, wi in zip(outs, scale):
+        wi = _as_out_axes(wi, layout)
+        out += np.where(wi != 0, wi * part.astype(acc, copy=False), 0.0)
+    return out.astype(outs[0].dtype, copy=False), merged_lse
+
+
+def merge_torch(outs: list, lses: list, layout: str):
+    import torch
+
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in outs + lses) else torch.float32
+    lse = torch.stack([s.to(acc) for s in lses])
+    m = lse.max(dim=0).values
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m_safe)
+    total = w.sum(dim=0)
+    merged_lse = m_safe + torch.log(total)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    scale = torch.where(total > 0, w / safe_total, torch.zeros_like(w))
+    scale = torch.where(torch.isnan(total), torch.full_like(scale, float("nan")), scale)
+    out = torch.zeros(outs[0].shape, dtype=acc, device=outs[0].device)
+    for part, wi in zip(outs, scale):
+        wi = _as_out_axes(wi, layout)
+        out = out + torch.where(wi != 0, wi * part.to(acc), torch.zeros((), dtype=acc, device=part.device))
+    return out.to(outs[0].dtype), merged_lse
+
+
+def _as_out_axes(w: Any, layout: str):
+    """A part's weights ``(..., Hq, Lq)`` shaped to broadcast over its output."""
+    if layout == "blhd":
+        w = w.swapaxes(-1, -2) if isinstance(w, np.ndarray) else w.transpose(-1, -2)
+    return w[..., None]

@@ -250,18 +250,24 @@ def _native_attention(q, k, v, *, return_lse, return_weights, max_weights_bytes,
     def lengths(x, L):
         if x is None:
             return None
-        x = jnp.asarray(x)
-        x = jnp.broadcast_to(x, (B,)) if x.ndim == 0 else x.reshape(B)
+        if isinstance(x, np.ndarray) or not isinstance(x, jax.Array):
+            x = np.asarray(x)  # concrete and range-checked: no JAX cast may truncate it first
+            x = np.clip(x, 0, L).astype(np.int32)
+        x = jnp.broadcast_to(x, (B,)) if x.ndim == 0 else jnp.asarray(x).reshape(B)
         # Traced lengths cannot be range-checked up front; clipping keeps them in [0, L].
-        return jnp.clip(x.astype(jnp.int32), 0, L)
+        return jax_native.clip_lengths(x, L)
 
     seg = options.get("segment_ids")
     q_seg = kv_seg = None
     if seg is not None:
-        if call.q_segment_ids is not call.kv_segment_ids:  # a pair (q_ids, kv_ids)
-            q_seg, kv_seg = (jnp.asarray(x).reshape(B, L).astype(jnp.int32) for x, L in zip(seg, (Lq, Lk)))
+        pair = call.q_segment_ids is not call.kv_segment_ids  # a pair (q_ids, kv_ids)
+        ids = tuple(seg) if pair else (seg, seg)
+        if not any(isinstance(x, jax.Array) for x in ids):  # NumPy ids: their values, on the host
+            q_seg, kv_seg = jax_native.host_segment_ids(call.q_segment_ids, call.kv_segment_ids)
+            q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
         else:
-            q_seg = kv_seg = jnp.asarray(seg).reshape(B, Lq).astype(jnp.int32)
+            q_seg, kv_seg = jax_native.traced_segment_ids(*ids)
+            q_seg, kv_seg = q_seg.reshape(B, Lq), kv_seg.reshape(B, Lk)
     slopes = options.get("alibi_slopes")
     if slopes is not None:
         slopes = jnp.asarray(slopes)

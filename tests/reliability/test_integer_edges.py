@@ -89,3 +89,60 @@ def test_max_weights_bytes_edges():
         dotattn.attention(q, k, v, return_weights=True, max_weights_bytes=0)
     _, w = dotattn.attention(q, k, v, return_weights=True, max_weights_bytes=10**30)  # past int64: no limit
     assert w.shape == (2, 2, 5, 5)
+
+
+# =================================================================================
+# native JAX (implementation="jax"): ids and lengths keep their values in the kernel
+# =================================================================================
+
+# Ids 0 and 2**32 (and 5 and 2**32 + 5) are different segments; an int32 cast would merge them.
+_WIDE_Q_IDS = np.array([[0, 0, 2**32, 2**32, 5], [2**33, 7, 7, 2**32 + 5, 5]], dtype=np.int64)
+_WIDE_KV_IDS = np.array([[0, 2**32, 2**32, 0, 5, 2**32 + 5], [7, 5, 2**33, 2**32 + 5, 7, 5]], dtype=np.int64)
+
+
+def _check_wide_ids(out, q, k, v):
+    ids = (_WIDE_Q_IDS, _WIDE_KV_IDS)
+    ref, _ = H.reference(q, k, v, segment_ids=ids)
+    H.assert_close_to_reference(np.asarray(out), ref, H.naive(q, k, v, segment_ids=ids)[0], name="jax wide ids")
+
+
+def test_native_jax_segment_ids_past_int32_are_not_wrapped():
+    """NumPy ids through the jax backend and the JAX front end, with and without jax_enable_x64
+    (int64 in the kernel, or dense ranks of the values)."""
+    jax = pytest.importorskip("jax")
+    q, k, v = H.random_qkv(3, batch=(2,), Lq=5, Lk=6)
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            _check_wide_ids(dotattn.attention(q, k, v, segment_ids=(_WIDE_Q_IDS, _WIDE_KV_IDS), implementation="jax"), q, k, v)
+            jq, jk, jv = (jax.numpy.asarray(x) for x in (q, k, v))
+            _check_wide_ids(dotattn.attention(jq, jk, jv, segment_ids=(_WIDE_Q_IDS, _WIDE_KV_IDS), implementation="jax"), q, k, v)
+
+
+def test_native_jax_traced_int64_ids_and_lengths_keep_their_width():
+    """Under jit with jax_enable_x64, int64 ids past int32 compare as int64, and an int64 length
+    past int32 clamps to L (a cast first made 2**32 + 3 into 3)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    q, k, v = H.random_qkv(3, batch=(2,), Lq=5, Lk=6)
+    with jax.enable_x64(True):
+        f = jax.jit(lambda q, k, v, a, b: dotattn.attention(q, k, v, segment_ids=(a, b), implementation="jax"))
+        _check_wide_ids(f(*(jnp.asarray(x) for x in (q, k, v, _WIDE_Q_IDS, _WIDE_KV_IDS))), q, k, v)
+        g = jax.jit(lambda q, k, v, n: dotattn.attention(q, k, v, kv_lengths=n, implementation="jax"))
+        out = g(*(jnp.asarray(x) for x in (q, k, v)), jnp.asarray([2**32 + 3, 4], jnp.int64))
+        kv_len = np.array([6, 4])  # the clamped meaning of a traced length past Lk
+        ref, _ = H.reference(q, k, v, kv_lengths=kv_len)
+        H.assert_close_to_reference(np.asarray(out), ref, H.naive(q, k, v, kv_lengths=kv_len)[0])
+
+
+def test_native_jax_ids_that_cannot_be_compared_exactly_are_refused():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    q, k, v = (jnp.asarray(x) for x in H.random_qkv(3, batch=(2,), Lq=5, Lk=6))
+    with jax.enable_x64(False):
+        # uint32 beside int32: one of them would wrap in the other's type
+        ids_q, ids_k = jnp.zeros((2, 5), jnp.uint32), jnp.zeros((2, 6), jnp.int32)
+        with pytest.raises(AttentionTypeError, match=r"segment_ids\[0\] \(query ids\) has dtype uint32"):
+            dotattn.attention(q, k, v, segment_ids=(ids_q, ids_k), implementation="jax")
+        # NumPy ids past int32 beside traced JAX ids: JAX itself would truncate them
+        with pytest.raises(AttentionValueError, match=r"segment_ids\[1\] \(key ids\) holds values outside int32"):
+            jax.jit(lambda a: dotattn.attention(q, k, v, segment_ids=(a, _WIDE_KV_IDS), implementation="jax"))(ids_k[:, :5])

@@ -36,8 +36,12 @@ def _args(call: AttentionCall, full_bias: bool = False):
     def j(x):
         return None if x is None else jnp.asarray(x)
 
-    def j32(x):
+    def lengths(x):  # checked to lie in [0, L] by the semantics: int32 holds them
         return None if x is None else jnp.asarray(x.astype(np.int32))
+
+    q_seg = kv_seg = None
+    if call.q_segment_ids is not None:
+        q_seg, kv_seg = (jnp.asarray(x) for x in jax_native.host_segment_ids(call.q_segment_ids, call.kv_segment_ids))
 
     key = jnp.asarray(jax_native.seed_key_pair(call.seed)) if call.dropout_p > 0.0 else None
     cfg = jax_native.config(call.scale, call.softcap, call.causal, call.window, call.dropout_p)
@@ -47,10 +51,10 @@ def _args(call: AttentionCall, full_bias: bool = False):
         j(np.ascontiguousarray(call.v)),
         j(np.ascontiguousarray(call.bias) if full_bias and call.bias is not None else compact(call.bias)),
         j(compact(call.mask)),
-        j32(call.q_lengths),
-        j32(call.kv_lengths),
-        j32(call.q_segment_ids),
-        j32(call.kv_segment_ids),
+        lengths(call.q_lengths),
+        lengths(call.kv_lengths),
+        q_seg,
+        kv_seg,
         j(compact(call.alibi_slopes)),
         key,
     )

@@ -152,6 +152,81 @@ def _keep(key, p: float, b, h, rows, cols, Hq: int, Lq: int, Lk: int):
 
 
 # =================================================================================
+# integer options: lengths and segment ids are never wrapped (docs/semantics.md)
+# =================================================================================
+
+
+def clip_lengths(x, L: int):
+    """Lengths as int32 in ``[0, L]``, clipped in their own integer type first.
+
+    Casting first would wrap (a traced int64 ``2**32 + 3`` became 3); clipped, every value
+    fits int32 (``L`` does: it is an array axis).  Concrete lengths were range-checked by
+    the semantics already; traced ones cannot be, and clipping is their documented meaning.
+    """
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        return jnp.minimum(x, np.array(L, x.dtype)).astype(jnp.int32)
+    return jnp.clip(x, np.array(0, x.dtype), np.array(min(L, np.iinfo(x.dtype).max), x.dtype)).astype(jnp.int32)
+
+
+def host_segment_ids(q_ids: np.ndarray, kv_ids: np.ndarray):
+    """Concrete segment ids (NumPy ints) → equal-dtype ids the kernel compares, values intact.
+
+    int32 when they fit (the cheap case); int64 when JAX has 64-bit ints (``jax_enable_x64``);
+    otherwise their dense ranks (``np.unique`` over both arrays): only equality matters to a
+    segment, and ranks keep it exactly where a cast to int32 would merge ids that differ by
+    a multiple of 2**32.
+    """
+    lo = min(int(q_ids.min(initial=0)), int(kv_ids.min(initial=0)))
+    hi = max(int(q_ids.max(initial=0)), int(kv_ids.max(initial=0)))
+    i32 = np.iinfo(np.int32)
+    if i32.min <= lo and hi <= i32.max:
+        return q_ids.astype(np.int32), kv_ids.astype(np.int32)
+    if jax.config.jax_enable_x64:
+        return q_ids.astype(np.int64), kv_ids.astype(np.int64)
+    _, ranks = np.unique(np.concatenate([q_ids.ravel(), kv_ids.ravel()]), return_inverse=True)
+    ranks = ranks.astype(np.int32)
+    return ranks[: q_ids.size].reshape(q_ids.shape), ranks[q_ids.size :].reshape(kv_ids.shape)
+
+
+def traced_segment_ids(q_ids, kv_ids):
+    """JAX segment ids (possibly traced) → one dtype for both, without wrapping.
+
+    Equal dtypes are compared as they are.  Otherwise both go to JAX's widest int (int64
+    with ``jax_enable_x64``, else int32) when their dtypes fit it exactly; a pair that does
+    not (uint64 with int64 ids, or uint32 with int32 ids without x64) is refused rather than
+    compared after a wrap.
+    """
+    from ..errors import AttentionTypeError, AttentionValueError
+
+    wide = jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+    names = ("segment_ids[0] (query ids)", "segment_ids[1] (key ids)")
+    pair = []
+    for name, ids in zip(names, (q_ids, kv_ids)):
+        if not isinstance(ids, jax.Array):  # NumPy ids beside JAX ones: JAX would truncate them silently
+            ids = np.asarray(ids)
+            info = np.iinfo(wide)
+            if ids.size and (int(ids.min()) < info.min or int(ids.max()) > info.max):
+                raise AttentionValueError(
+                    f"{name} holds values outside {wide} ({int(ids.min())}..{int(ids.max())}), which "
+                    f"implementation='jax' would wrap; enable jax_enable_x64 or renumber the segments"
+                )
+            ids = ids.astype(wide)
+        pair.append(jnp.asarray(ids))
+    q_ids, kv_ids = pair
+    if q_ids.dtype == kv_ids.dtype:
+        return q_ids, kv_ids
+    for name, ids in zip(names, (q_ids, kv_ids)):
+        if not jnp.can_cast(ids.dtype, wide, casting="safe"):
+            raise AttentionTypeError(
+                f"{name} has dtype {ids.dtype} and the other ids {(kv_ids if ids is q_ids else q_ids).dtype}: "
+                f"implementation='jax' compares them as {wide}, which cannot hold every {ids.dtype} value; "
+                f"pass both id arrays with one dtype (or ids that fit {wide})"
+            )
+    return q_ids.astype(wide), kv_ids.astype(wide)
+
+
+# =================================================================================
 # blocks
 # =================================================================================
 

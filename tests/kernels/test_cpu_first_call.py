@@ -3,13 +3,13 @@
 ``dotattn precompile`` (run by ``make install``) puts the default kernels' machine code in
 the package (``kernels/_precompiled``); a process whose ``NUMBA_CACHE_DIR`` and
 ``DOTATTN_CACHE_DIR`` are empty must load them from there — no compile — and give the same
-bits as this process.  The time it takes is the benchmark's business
+bits as this process: general kernels (plain, causal, windowed forward and backward), the
+small-call kernel and the split-KV decode kernels.  The time it takes is the benchmark's business
 (``benchmarks/cpu_first_call.py``), not this test's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,55 +17,83 @@ import sys
 
 import numpy as np
 
-import dotattn
 from dotattn.kernels import _cpu_cache, cpu
 
 # Lq·Lk above the small-call rule (65,536), so the general kernels — the precompiled ones — run.
 CALLS = {"plain": {}, "causal": {"causal": True}, "window": {"window": (8, 8)}}
+# Then a small call (48·48 scores: the small-call kernel) and a decode step per cache dtype
+# (the split-KV kernels); `dotattn precompile` covers both.
+DECODE_DTYPES = ("float32", "bfloat16", "float16")
 
-CHILD = """
-import hashlib, json
+RUN = """
+import hashlib
 import numpy as np
 import dotattn
-from dotattn.kernels import _cpu_cache, _cpu_kernels
+from dotattn.semantics import BFLOAT16
 
-q = np.random.default_rng(0).standard_normal((1, 2, 300, 16), dtype=np.float32)
-digests = {}
-for name, options in CALLS.items():
-    out, lse = dotattn.attention(q, q, q, implementation="cpu", return_lse=True, **options)
-    grads = dotattn.attention_backward(q, q, q, out, lse, out, implementation="cpu", **options)
-    digests[name] = hashlib.sha256(b"".join(a.tobytes() for a in (out, lse) + grads)).hexdigest()
-stats = {k: (sum(getattr(_cpu_kernels, k).stats.cache_hits.values()),
-             sum(getattr(_cpu_kernels, k).stats.cache_misses.values())) for k in ("forward", "backward")}
+
+def digest(*arrays):
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+
+
+def run(calls, decode_dtypes):
+    q = np.random.default_rng(0).standard_normal((1, 2, 300, 16), dtype=np.float32)
+    digests = {}
+    for name, options in calls.items():
+        out, lse = dotattn.attention(q, q, q, implementation="cpu", return_lse=True, **options)
+        grads = dotattn.attention_backward(q, q, q, out, lse, out, implementation="cpu", **options)
+        digests[name] = digest(out, lse, *grads)
+    small = q[:, :, :48]
+    digests["small"] = digest(*dotattn.attention(small, small, small, implementation="cpu", return_lse=True))
+    rng = np.random.default_rng(1)
+    for name in decode_dtypes:
+        dtype = BFLOAT16 if name == "bfloat16" else np.dtype(name)
+        k_cache, v_cache = (rng.standard_normal((2, 2, 64, 16)).astype(dtype) for _ in range(2))
+        k_new, v_new = (rng.standard_normal((2, 2, 1, 16)).astype(dtype) for _ in range(2))
+        q1 = rng.standard_normal((2, 6, 1, 16)).astype(np.float32)
+        out, lse = dotattn.attention_with_kvcache(q1, k_cache, v_cache, k_new, v_new, cache_lengths=[40, 7],
+                                                  return_lse=True, implementation="cpu")
+        digests[f"decode {name}"] = digest(out, lse, k_cache, v_cache)
+    return digests
+"""
+
+CHILD = """
+import json
+from dotattn.kernels import _cpu_cache, _cpu_decode_kernels, _cpu_kernels, _cpu_small_kernels
+
+digests = run(CALLS, DECODE_DTYPES)
+dispatchers = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
+               "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
+               "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges}
+stats = {k: (sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values())) for k, d in dispatchers.items()}
 print(json.dumps({"digests": digests, "stats": stats,
-                  "precompiled": _cpu_cache.uses_precompiled(_cpu_kernels.forward)}))
+                  "precompiled": {k: _cpu_cache.uses_precompiled(d) for k, d in dispatchers.items()}}))
 """
 
 
 def _digests() -> dict[str, str]:
-    q = np.random.default_rng(0).standard_normal((1, 2, 300, 16), dtype=np.float32)
-    digests = {}
-    for name, options in CALLS.items():
-        out, lse = dotattn.attention(q, q, q, implementation="cpu", return_lse=True, **options)
-        grads = dotattn.attention_backward(q, q, q, out, lse, out, implementation="cpu", **options)
-        digests[name] = hashlib.sha256(b"".join(a.tobytes() for a in (out, lse) + grads)).hexdigest()
-    return digests
+    namespace: dict = {}
+    exec(RUN, namespace)
+    return namespace["run"](CALLS, DECODE_DTYPES)
 
 
 def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path):
-    cpu.precompile(("float32",))  # what `make install` did (a load when it already has)
+    cpu.precompile(("float32", "bfloat16"))  # what `make install` did (a load when it already has)
     ours = _digests()
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), DOTATTN_CACHE_DIR=str(tmp_path / "dotattn"))
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    done = subprocess.run(
-        [sys.executable, "-c", f"CALLS = {CALLS!r}\n" + CHILD], env=env, capture_output=True, text=True, timeout=600
-    )
+    source = f"CALLS = {CALLS!r}\nDECODE_DTYPES = {DECODE_DTYPES!r}\n" + RUN + CHILD
+    done = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     child = json.loads(done.stdout.strip().splitlines()[-1])
-    assert child["precompiled"], "the kernels' cache is not the package's precompiled directory"
+    not_there = [k for k, used in child["precompiled"].items() if not used]
+    assert not not_there, f"not cached in the package's precompiled directory: {not_there}"
     for kernel, (hits, misses) in child["stats"].items():
-        assert (hits, misses) == (1, 0), f"{kernel}: {hits} cache hits, {misses} misses (a miss compiles)"
+        # one specialization per kernel, but the decode kernels have two here (float32 and 16-bit caches)
+        assert hits >= 1 and misses == 0, f"{kernel}: {hits} cache hits, {misses} misses (a miss compiles)"
+    assert child["stats"]["decode items"][0] == 2
     assert child["digests"] == ours  # the same bits as a process that compiled or loaded them earlier
+    assert set(ours) == set(CALLS) | {"small"} | {f"decode {d}" for d in DECODE_DTYPES}
     assert "compiling" not in done.stderr
 
 

@@ -2,9 +2,9 @@
 
 Numba compiles the kernels in ≈ 35 s (forward + backward); from its disk cache they load in
 ≈ 0.4 s.  Numba's default cache follows ``NUMBA_CACHE_DIR`` (or the user's cache), which a
-fresh environment has empty.  The kernels of ``_cpu_kernels.py`` / ``_cpu_primitives.py``
-are therefore cached in the package's own ``kernels/_precompiled/`` directory, whatever
-``NUMBA_CACHE_DIR`` says: ``dotattn precompile`` (run by ``make install``) fills it, and
+fresh environment has empty.  The kernels of :data:`KERNEL_FILES` (general, small-call and
+decode) are therefore cached in the package's own ``kernels/_precompiled/`` directory,
+whatever ``NUMBA_CACHE_DIR`` says: ``dotattn precompile`` (run by ``make install``) fills it, and
 every later process — fresh caches or not — loads from it.  Numba keys each entry by the
 source file's content hash, the signature and the CPU, so an edited kernel or another CPU
 compiles again (and adds its entry) instead of loading stale code.  A read-only package
@@ -20,9 +20,10 @@ from numba.core import caching
 
 # DOTATTN_PRECOMPILED_DIR moves it (benchmarks/cpu_first_call.py times a compile from scratch so).
 PRECOMPILED_DIR = Path(os.environ.get("DOTATTN_PRECOMPILED_DIR") or Path(__file__).resolve().with_name("_precompiled"))
-# The files whose functions are cached there (generated kernel copies for user functions live
-# in dotattn's user cache, see cpu.user_kernel_dir).
-KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py")
+# The files whose functions are cached there — the general, small-call and decode kernels —
+# (generated kernel copies for user functions live in dotattn's user cache, see
+# cpu.user_kernel_dir).
+KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py", "_cpu_decode_kernels.py")
 
 
 class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):

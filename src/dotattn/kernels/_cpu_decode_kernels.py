@@ -24,6 +24,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from ._cpu_cache import install_locator
+
+install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
+
 import os as _os
 _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)

@@ -761,8 +761,11 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     """Compile (or load) the default kernels for ``dtypes`` into the package's kernel cache.
 
     One specialization per dtype serves every call (plain, causal, windows, masks, …: the
-    options travel as values), so a forward, a backward and a weights call per dtype cover
-    them.  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
+    options travel as values), so per dtype a forward, a backward and a weights call of the
+    general kernels, a forward of the small-call kernel (``cpu_small``: the first call of most
+    programs is small) and a decode step (``cpu_decode``) cover them.  Decode rows are per
+    cache dtype: ``bfloat16`` also runs a float16 cache (both are read as 16-bit words: one
+    machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
     """
@@ -770,20 +773,40 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
 
     rows = []
     rng = np.random.default_rng(0)
+
+    def timed(what, run):
+        if progress is not None:
+            progress(what)
+        started = time.perf_counter()
+        run()
+        rows.append((what, time.perf_counter() - started))
+
     for name in dtypes:
         dtype = BFLOAT16 if name == "bfloat16" else np.dtype(name)
         q = rng.standard_normal((1, 2, 40, 8), dtype=np.float32).astype(dtype)
         call = semantics.normalize(q, q, q, causal=True)
-        for kernel in ("forward", "backward", "weights"):
-            what = f"{kernel} {name}"
-            if progress is not None:
-                progress(what)
-            started = time.perf_counter()
-            if kernel == "forward":
-                out, lse = forward(call)
-            elif kernel == "backward":
-                backward(call, out, lse, out)
-            else:
-                weights(call, lse)
-            rows.append((what, time.perf_counter() - started))
+        results = {}
+        timed(f"forward {name}", lambda: results.update(zip(("out", "lse"), forward(call))))
+        timed(f"backward {name}", lambda: backward(call, results["out"], results["lse"], results["out"]))
+        timed(f"weights {name}", lambda: weights(call, results["lse"]))
+        timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
+        for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
+            timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
     return rows
+
+
+def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
+    """One small decode step on a ``cache_dtype`` cache (q float32, or float64 for float64)."""
+    from ..decode_semantics import normalize
+    from . import cpu_decode
+
+    dtype = BFLOAT16 if cache_dtype == "bfloat16" else np.dtype(cache_dtype)
+    q_dtype = np.float64 if dtype == np.float64 else np.float32
+    q = rng.standard_normal((1, 2, 1, 8)).astype(q_dtype)
+    cache = rng.standard_normal((1, 1, 40, 8)).astype(dtype)
+    new = rng.standard_normal((1, 1, 1, 8)).astype(dtype)
+    call = normalize(
+        q, cache, cache.copy(), new, new, cache_lengths=np.array([20]), block_table=None, causal=True,
+        window=None, scale=None, softcap=None, alibi_slopes=None, rotary=None, layout="bhld",
+    )
+    cpu_decode.decode(call)

@@ -76,7 +76,7 @@ def test_ratio_is_sdpa_time_over_peer_time():
         bench.Row("c", "torch-sdpa", "dense", "fwd", 1, 1, 1, 4, 4, 4, ms=10.0),
         bench.Row("c", "dotattn-cpu", "dense", "fwd", 1, 1, 1, 4, 4, 4, ms=5.0),
     ]
-    bench._fill_ratios(rows)
+    bench.fill_ratios(rows)
     assert rows[1].ratio_vs_sdpa == pytest.approx(2.0) and rows[0].ratio_vs_sdpa == pytest.approx(1.0)
 
 
@@ -128,3 +128,12 @@ def test_registered_peer_runs():
         assert row.status == "ok" and row.ms is not None
     finally:
         del bench.PEERS["const"]
+
+
+def test_time_calls_warms_up_then_times_each_repeat():
+    """bench_common.time_calls (both `dotattn bench` tables): one untimed-in-the-list warm-up."""
+    from dotattn.bench_common import time_calls
+
+    calls = []
+    first_s, times_ms = time_calls(lambda: calls.append(1), 3)
+    assert len(calls) == 4 and len(times_ms) == 3 and first_s >= 0 and all(t >= 0 for t in times_ms)

@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .bench_common import PAUSE_S, fill_ratios, progress_steps, time_calls
+
 
 # =================================================================================
 # cases
@@ -363,9 +365,6 @@ DEFAULT_PEERS = (
 # =================================================================================
 
 
-PAUSE_S = 0.3  # between peers
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -447,19 +446,11 @@ def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
         case.name, peer, case.structure, case.mode, case.B, case.Hq, case.kv_heads, case.Lq, case.Lk, case.D
     )
     row.flop = case.flops()
-    # BLAS and OpenMP worker threads spin for a while after a peer's last call; let them park
-    # so they do not steal the cores from the next peer's measurement.
-    time.sleep(PAUSE_S)
+    time.sleep(PAUSE_S)  # the previous peer's worker threads park
     try:
         run = PEERS[peer](case, inputs)
         with _PeakRss() as mem:
-            t0 = time.perf_counter()
-            run()
-            row.first_s = time.perf_counter() - t0
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run()
-                row.times_ms.append((time.perf_counter() - t0) * 1e3)
+            row.first_s, row.times_ms = time_calls(run, repeats)
     except Unavailable as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
@@ -467,13 +458,6 @@ def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
     row.gflops = row.flop / (row.ms * 1e-3) / 1e9
     row.peak_mib = mem.extra_mib
     return row
-
-
-def _fill_ratios(rows: list[Row]) -> None:
-    sdpa = {r.case: r.ms for r in rows if r.peer == "torch-sdpa" and r.ms}
-    for r in rows:
-        if r.ms and r.case in sdpa:
-            r.ratio_vs_sdpa = sdpa[r.case] / r.ms
 
 
 def run_benchmark(
@@ -486,7 +470,7 @@ def run_benchmark(
             if progress is not None:
                 progress(case, peer)
             rows.append(measure(case, peer, inputs, repeats))
-    _fill_ratios(rows)
+    fill_ratios(rows)
     return rows
 
 
@@ -608,14 +592,7 @@ def run(args: argparse.Namespace) -> int:
         rows = run_benchmark(cases, peers, args.repeats, dtype=args.dtype)
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("benchmarking", total=len(cases) * len(peers))
-
-            def step(case, peer):
-                bar.update(task, advance=1, description=f"{case.name} · {peer}")
-
+        with progress_steps(len(cases) * len(peers), lambda case, peer: f"{case.name} · {peer}") as step:
             rows = run_benchmark(cases, peers, args.repeats, progress=step, dtype=args.dtype)
         print_table(rows, dtype=args.dtype)
     if args.plot:

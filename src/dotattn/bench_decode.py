@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .bench_common import PAUSE_S, fill_ratios, progress_steps, time_calls
+
 PEERS = ("dotattn", "dotattn-paged", "torch-sdpa", "dotattn-numpy")
 DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -124,14 +126,10 @@ def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
 def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int) -> Row:
     size = f"{context // 1024}k" if context % 1024 == 0 else str(context)
     row = Row(f"B{B}-ctx{size}-{dtype}", peer, B, context, dtype)
-    time.sleep(0.3)  # let the previous peer's worker threads park
+    time.sleep(PAUSE_S)  # the previous peer's worker threads park
     try:
         run = _make_peer(peer, B, context, dtype, *inputs)
-        run()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            row.times_ms.append((time.perf_counter() - t0) * 1e3)
+        _, row.times_ms = time_calls(run, repeats)
     except RuntimeError as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
@@ -165,12 +163,10 @@ def run_benchmark(
     info["load_after"] = load_average()
     bandwidth = statistics.median(info["bandwidth_gbps_runs"])
     info["bandwidth_gbps"] = bandwidth
-    sdpa = {r.case: r.ms for r in rows if r.peer == "torch-sdpa" and r.ms}
     for r in rows:
         if r.gbps is not None:
             r.share_of_bandwidth = r.gbps / bandwidth
-        if r.ms and r.case in sdpa:
-            r.ratio_vs_sdpa = sdpa[r.case] / r.ms
+    fill_ratios(rows)
     return rows, info
 
 
@@ -215,14 +211,10 @@ def run(args) -> int:
         rows, info = run_benchmark(peers, args.repeats)
         print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=1))
         return 0
-    from rich.progress import Progress
+    def describe(B, context, dtype, peer):
+        return f"B{B} ctx{context} {dtype} · {peer}"
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=2 * 2 * len(DTYPES) * len(peers))
-
-        def step(B, context, dtype, peer):
-            bar.update(task, advance=1, description=f"B{B} ctx{context} {dtype} · {peer}")
-
+    with progress_steps(2 * 2 * len(DTYPES) * len(peers), describe) as step:
         rows, info = run_benchmark(peers, args.repeats, progress=step)
     print_table(rows, info)
     return 0

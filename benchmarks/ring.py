@@ -16,6 +16,11 @@ Reported (medians over ``--repeats`` rounds, after one warm-up round):
   the transfer overlapped with compute);
 * peak memory each pass needed above what the process held before it (``VmHWM − RSS``, the
   peak counter reset through ``/proc/self/clear_refs``), per rank vs the single process.
+  The workers run with glibc's mmap threshold fixed at 256 KiB (``MALLOC_MMAP_THRESHOLD_``):
+  every buffer past it is its own mapping, returned to the OS when freed, so RSS is what is
+  alive.  With glibc's default (a threshold that grows to the largest freed buffer, up to
+  32 MiB) a freed 16 MiB shard stays in the heap, the next round reuses it without raising
+  RSS, and the ranks' figures were meaningless (32 / 6 MiB for a forward that holds 120).
 
     .venv/bin/python benchmarks/ring.py                      # L=16384, H=8, 3 rounds
     .venv/bin/python benchmarks/ring.py --L 4096 --repeats 2 --json
@@ -173,7 +178,8 @@ def _bandwidth(mib: int, rank: int) -> float:
 
 def _spawn(role, rank, world, store, address, authkey_hex, args):
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DOTATTN_BENCH_AUTHKEY=authkey_hex)
+               OPENBLAS_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DOTATTN_BENCH_AUTHKEY=authkey_hex,
+               MALLOC_MMAP_THRESHOLD_=str(256 * 1024))  # see the module docstring: peaks that mean something
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", role, str(rank), str(world), store,
            address[0], str(address[1]), "--L", str(args.L), "--H", str(args.H), "--D", str(args.D),
            "--bandwidth-mib", str(args.bandwidth_mib)]

@@ -224,11 +224,17 @@ class _Plan:
             off += b - a
         return out
 
+    def k_slice(self, src: int, kc: int) -> slice:
+        """Rank ``src``'s chunk ``kc`` in its shard's local positions."""
+        c0, c1, lc = self.local_ranges(src)[kc]
+        return slice(lc, lc + c1 - c0)
+
     def blocks(self, src: int):
-        """Calls for this rank's queries × rank ``src``'s keys: ``(q local slice, k local slice, changes)``."""
+        """Calls for this rank's queries × rank ``src``'s keys: ``(q local slice, k chunk index,
+        geometry, changes)``."""
         base = self.base
         for a0, a1, la in self.local_ranges(self.rank):
-            for c0, c1, lc in self.local_ranges(src):
+            for kc, (c0, c1, lc) in enumerate(self.local_ranges(src)):
                 planned = _plan_block((a0, a1), (c0, c1), base.causal, base.window)
                 if planned is None:
                     continue
@@ -238,7 +244,7 @@ class _Plan:
                 if base.q_segment_ids is not None:
                     changes["q_segment_ids"] = base.q_segment_ids[:, la : la + a1 - a0]
                     changes["kv_segment_ids"] = self.kv_segment_ids[:, c0:c1]
-                yield slice(la, la + a1 - a0), slice(lc, lc + c1 - c0), geom, changes
+                yield slice(la, la + a1 - a0), kc, geom, changes
 
 
 # =================================================================================
@@ -293,55 +299,174 @@ def _torch(x: np.ndarray):
     return from_numpy(x if x.flags.writeable else x.copy())
 
 
-def _pack_kv(base, torch_dtype):
-    """This rank's K and V as one flat message tensor (input dtype)."""
-    import torch
-
-    k = _torch(np.ascontiguousarray(base.k)).reshape(-1)
-    v = _torch(np.ascontiguousarray(base.v)).reshape(-1)
-    return torch.cat([k, v]).to(torch_dtype)
-
-
 def _unpack(buf_np: np.ndarray, B, H, n, D, Dv):
+    """A dK/dV accumulator → ``(dk, dv)`` views, ``(B, H, n, D)`` and ``(B, H, n, Dv)`` (the
+    gradients' own layout: the one that comes home is returned as it is)."""
     nk = B * H * n * D
     return buf_np[:nk].reshape(B, H, n, D), buf_np[nk : nk + B * H * n * Dv].reshape(B, H, n, Dv)
 
 
-def _ring_forward(plan: _Plan, torch_dtype):
-    """``(out, lse)`` of this rank's queries, canonical, accumulation dtype (never rounded)."""
-    import torch
+def _np_dtype(torch_dtype) -> np.dtype:
+    from .torch._convert import numpy_dtype
 
+    return numpy_dtype("ring buffer", torch_dtype)
+
+
+def _kv_elements(plan: _Plan, s: int) -> int:
+    """Elements of rank ``s``'s K/V message (and of its dK/dV accumulator): ``B·Hkv·n_s·(D+Dv)``."""
+    base = plan.base
+    return base.B * base.Hkv * plan.lengths[s] * (base.D + base.Dv)
+
+
+class _Buffers:
+    """Two message buffers of the largest shard's size, allocated once per pass and used in
+    turn: one is computed on (and forwarded) while the next message arrives in the other.
+
+    A step's message is the first ``E`` elements of its buffer (shards may differ in length).
+    NumPy allocates them (so ``tracemalloc`` sees them: tests/distributed checks the bound);
+    the torch tensors that gloo reads and writes share their memory.
+    """
+
+    def __init__(self, elements: int, torch_dtype):
+        self.elements = elements
+        self.dtype = _np_dtype(torch_dtype)
+        self.bufs: list = [None, None]
+
+    def get(self, i: int, n: int):
+        """``(tensor, array)`` views of the first ``n`` elements of buffer ``i``."""
+        if self.bufs[i] is None:
+            self.bufs[i] = np.empty(self.elements, dtype=self.dtype)
+        view = self.bufs[i][:n]
+        return _torch(view), view
+
+    def drop(self, i: int) -> None:
+        """Buffer ``i`` holds nothing needed any more: free it now, not at the pass's end."""
+        self.bufs[i] = None
+
+
+def _kv_chunks(plan: _Plan, flat: np.ndarray, src: int):
+    """Rank ``src``'s K/V message → ``[(k chunk, v chunk)]``, one pair per chunk of ``src``.
+
+    The message is chunk-major — ``k`` of every chunk, then ``v`` of every chunk, each
+    ``(B, Hkv, chunk, D)`` contiguous — so every block call gets contiguous K/V views and the
+    kernels take them as they are (a slice of a ``(B, H, n, D)`` shard along ``n`` is strided,
+    and the kernels would copy it for every block).
+    """
+    base = plan.base
+    B, H, D, Dv = base.B, base.Hkv, base.D, base.Dv
+    sizes = [b - a for a, b in plan.bounds[src]]
+    ks, vs, off = [], [], 0
+    for m in sizes:
+        ks.append(flat[off : off + B * H * m * D].reshape(B, H, m, D))
+        off += B * H * m * D
+    for m in sizes:
+        vs.append(flat[off : off + B * H * m * Dv].reshape(B, H, m, Dv))
+        off += B * H * m * Dv
+    return list(zip(ks, vs))
+
+
+def _own_chunks(plan: _Plan):
+    """This rank's K/V chunks as views of its own inputs (no message: a one-rank ring)."""
+    base = plan.base
+    return [(base.k[:, :, la : la + b - a], base.v[:, :, la : la + b - a]) for a, b, la in plan.local_ranges(plan.rank)]
+
+
+def _pack_kv(plan: _Plan, flat: np.ndarray) -> None:
+    """This rank's K and V into its message buffer ``flat``, chunk-major (see :func:`_kv_chunks`)."""
+    for (k, v), (kc, vc) in zip(_own_chunks(plan), _kv_chunks(plan, flat, plan.rank)):
+        kc[...] = k
+        vc[...] = v
+
+
+# A merge of partial outputs runs on tiles of about this many bytes of output: its temporaries
+# (the weighted parts, the stacked LSEs) are a tile each, not a query chunk.
+_MERGE_TILE_BYTES = 1 << 20
+
+
+def _merge_into(acc_o: np.ndarray, acc_s: np.ndarray, o: np.ndarray, s: np.ndarray) -> None:
+    """``acc ← merge_attention_states([acc, part])`` in place, tile by tile.
+
+    The merge is row-wise and elementwise, so tiles give the whole call's numbers bit for bit;
+    only the temporaries shrink (a whole-chunk merge held three more chunk-sized arrays).
+    """
+    B, H, m, Dv = acc_o.shape
+    row_bytes = max(1, Dv * acc_o.itemsize)
+    if m * row_bytes >= _MERGE_TILE_BYTES:
+        heads, rows = 1, max(1, _MERGE_TILE_BYTES // row_bytes)
+    else:
+        heads, rows = max(1, _MERGE_TILE_BYTES // max(1, m * row_bytes)), max(m, 1)
+    for b in range(B):
+        for h0 in range(0, H, heads):
+            hs = slice(h0, h0 + heads)
+            for r0 in range(0, m, rows):
+                rs = slice(r0, r0 + rows)
+                mo, ms = merge_attention_states([acc_o[b, hs, rs][None], o[b, hs, rs][None]],
+                                                [acc_s[b, hs, rs][None], s[b, hs, rs][None]])
+                acc_o[b, hs, rs] = mo[0]
+                acc_s[b, hs, rs] = ms[0]
+
+
+def _owned(g: np.ndarray, dtype) -> np.ndarray:
+    """A block gradient we may add into in place (backends return fresh arrays; copy otherwise)."""
+    g = g.astype(dtype, copy=False)
+    return g if g.flags.writeable else g.copy()
+
+
+def _ring_forward(plan: _Plan, torch_dtype):
+    """``(out, lse)`` of this rank's queries, canonical, accumulation dtype (never rounded).
+
+    Memory (``docs/distributed.md``): the output and LSE accumulators, the two K/V message
+    buffers, and one block call's temporaries — nothing per step.
+    """
     from . import api
 
     base = plan.base
     B, Hq, n, Dv = base.B, base.Hq, base.Lq, base.Dv
-    acc_out = np.zeros((B, Hq, n, Dv), dtype=base.compute_dtype)
-    acc_lse = np.full((B, Hq, n), -np.inf, dtype=base.compute_dtype)
+    ct = base.compute_dtype
+    acc_out = np.zeros((B, Hq, n, Dv), dtype=ct)
+    acc_lse = np.full((B, Hq, n), -np.inf, dtype=ct)
     seen = set()  # query chunks with a part already: the first part is copied, not merged
-    cur = _pack_kv(base, torch_dtype)
-    for t in range(plan.P):
-        src = (plan.rank - t) % plan.P
+    P = plan.P
+    bufs = _Buffers(max(_kv_elements(plan, s) for s in range(P)), torch_dtype)
+    cur = cur_np = None
+    if P > 1:
+        cur, cur_np = bufs.get(0, _kv_elements(plan, plan.rank))
+        _pack_kv(plan, cur_np)
+    for t in range(P):
+        src = (plan.rank - t) % P
         works = []
-        if t < plan.P - 1:  # the next shard travels while this one is computed
-            nxt = torch.empty(base.B * base.Hkv * plan.lengths[(src - 1) % plan.P] * (base.D + Dv), dtype=torch_dtype)
+        if t < P - 1:  # the next shard travels while this one is computed
+            nxt, nxt_np = bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P))
             works = _start(plan, [(cur, plan.next, _TAG_KV)], [(nxt, plan.prev, _TAG_KV)])
-        k, v = _unpack(_numpy(cur), B, base.Hkv, plan.lengths[src], base.D, Dv)
-        for qs, ks, geom, changes in plan.blocks(src):
-            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k[:, :, ks], v=v[:, :, ks], **changes)
+        chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
+        for qs, kc, geom, changes in plan.blocks(src):
+            k, v = chunks[kc]
+            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k, v=v, **changes)
             o, s, _ = api.run_forward(call, implementation=plan.implementation)
-            o, s = o.astype(base.compute_dtype, copy=False), s.astype(base.compute_dtype, copy=False)
+            o, s = o.astype(ct, copy=False), s.astype(ct, copy=False)
             if qs.start in seen:
-                o, s = merge_attention_states([acc_out[:, :, qs], o], [acc_lse[:, :, qs], s])
-            seen.add(qs.start)
-            acc_out[:, :, qs], acc_lse[:, :, qs] = o, s
+                _merge_into(acc_out[:, :, qs], acc_lse[:, :, qs], o, s)
+            else:
+                seen.add(qs.start)
+                acc_out[:, :, qs], acc_lse[:, :, qs] = o, s
+            del o, s, call
+        del chunks
         if works:
             _wait(works, f"ring_attention forward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
-            cur = nxt
+            cur, cur_np = nxt, nxt_np
+            if t == P - 2:  # the last step only computes: the buffer just sent is done with
+                bufs.drop(t % 2)
     return acc_out, acc_lse
 
 
 def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
-    """``(dq, dk, dv)`` canonical, accumulation dtype."""
+    """``(dq, dk, dv)`` canonical, accumulation dtype.
+
+    Memory: dq, two K/V message buffers, two dK/dV accumulators (the one in flight to the
+    next rank and the one arriving from the previous), this step's block gradients of the
+    shard in hand, and one block call's temporaries.  dk/dv come back as views of this
+    rank's own accumulator once it is home (no copy).
+    """
     import torch
 
     from . import api
@@ -350,48 +475,80 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
     B, Hkv, D, Dv = base.B, base.Hkv, base.D, base.Dv
     ct = base.compute_dtype
     torch_ct = torch.float64 if ct == np.float64 else torch.float32
+    P = plan.P
+    most = max(_kv_elements(plan, s) for s in range(P))
+    kv_bufs, dkv_bufs = _Buffers(most, torch_dtype), _Buffers(most, torch_ct)
     dq = np.zeros((B, base.Hq, base.Lq, D), dtype=ct)
-    cur = _pack_kv(base, torch_dtype)
-    pending_sends = []
-    for t in range(plan.P):
-        src = (plan.rank - t) % plan.P
+    cur = cur_np = None
+    if P > 1:
+        cur, cur_np = kv_bufs.get(0, _kv_elements(plan, plan.rank))
+        _pack_kv(plan, cur_np)
+    sending = []  # the dK/dV accumulator sent after the previous step
+    for t in range(P):
+        src = (plan.rank - t) % P
         n_src = plan.lengths[src]
-        kv_works, in_works = [], []
-        if t < plan.P - 1:
-            nxt = torch.empty(B * Hkv * plan.lengths[(src - 1) % plan.P] * (D + Dv), dtype=torch_dtype)
+        kv_works = []
+        if t < P - 1:
+            nxt, nxt_np = kv_bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P))
             kv_works = _start(plan, [(cur, plan.next, _TAG_KV)], [(nxt, plan.prev, _TAG_KV)])
+        # Accumulator t % 2 left at step t − 2 and that send was waited for at step t − 1: free.
+        acc, acc_np = dkv_bufs.get(t % 2, _kv_elements(plan, src))
+        in_works = []
         if t > 0:  # what the previous holders of this shard accumulated: needed only after our compute
-            dkv_in = torch.empty(B * Hkv * n_src * (D + Dv), dtype=torch_ct)
-            in_works = _start(plan, [], [(dkv_in, plan.prev, _TAG_DKV)])
-        k, v = _unpack(_numpy(cur), B, Hkv, n_src, D, Dv)
-        dkv = torch.zeros(B * Hkv * n_src * (D + Dv), dtype=torch_ct)
-        dk, dv = _unpack(_numpy(dkv), B, Hkv, n_src, D, Dv)
-        for qs, ks, geom, changes in plan.blocks(src):
-            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k[:, :, ks], v=v[:, :, ks], **changes)
+            in_works = _start(plan, [], [(acc, plan.prev, _TAG_DKV)])
+        else:
+            acc_np[...] = 0
+        dk, dv = _unpack(acc_np, B, Hkv, n_src, D, Dv)
+        chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
+        local: dict = {}  # k chunk → this step's (dk, dv) for it, summed over blocks, while the accumulator travels
+        for qs, kc, geom, changes in plan.blocks(src):
+            k, v = chunks[kc]
+            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k, v=v, **changes)
             gq, gk, gv, _ = api.run_backward(
                 call, out_c[:, :, qs], lse_c[:, :, qs], dout_c[:, :, qs], implementation=plan.implementation
             )
             dq[:, :, qs] += gq
-            dk[:, :, ks] += gk
-            dv[:, :, ks] += gv
+            del gq, call
+            ks = plan.k_slice(src, kc)
+            if t == 0:  # our own shard: nothing arrives, the accumulator starts here
+                dk[:, :, ks] += gk
+                dv[:, :, ks] += gv
+            elif kc in local:
+                local[kc][0] += gk
+                local[kc][1] += gv
+            else:
+                local[kc] = [_owned(gk, ct), _owned(gv, ct)]
+            del gk, gv
+        del chunks
         if in_works:
             _wait(in_works, f"ring_attention backward: dK/dV from rank {plan.global_ranks[plan.prev]} (step {t})")
-            dkv += dkv_in
-            del dkv_in
+            for kc, (gk, gv) in local.items():
+                ks = plan.k_slice(src, kc)
+                dk[:, :, ks] += gk
+                dv[:, :, ks] += gv
+        del local, dk, dv
         # the previous step's accumulator left a whole compute ago: wait for it (no stall) so
-        # at most one dK/dV buffer is in flight and memory stays at a few shards, not P
-        _wait(pending_sends, "ring_attention backward: dK/dV send")
-        pending_sends = _start(plan, [(dkv, plan.next, _TAG_DKV)], [])
+        # at most one dK/dV buffer is in flight
+        _wait(sending, "ring_attention backward: dK/dV send")
+        sending = _start(plan, [(acc, plan.next, _TAG_DKV)], [])
+        del acc, acc_np
         if kv_works:
             _wait(kv_works, f"ring_attention backward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
-            cur = nxt
-    # our own shard's accumulator comes home from the previous rank after its last step
-    mine = torch.empty(B * Hkv * plan.lengths[plan.rank] * (D + Dv), dtype=torch_ct)
+            cur, cur_np = nxt, nxt_np
+            if t == P - 2:
+                kv_bufs.drop(t % 2)
+    del cur, cur_np
+    kv_bufs.drop(0)
+    kv_bufs.drop(1)
+    # our own shard's accumulator comes home from the previous rank after its last step, into
+    # the accumulator that left at step P − 2 (its send was waited for at step P − 1)
+    mine, mine_np = dkv_bufs.get(P % 2, _kv_elements(plan, plan.rank))
     _wait(_start(plan, [], [(mine, plan.prev, _TAG_DKV)]), f"ring_attention backward: final dK/dV from rank "
           f"{plan.global_ranks[plan.prev]}")
-    _wait(pending_sends, "ring_attention backward: dK/dV sends")
-    dk, dv = _unpack(_numpy(mine), B, Hkv, plan.lengths[plan.rank], D, Dv)
-    return dq, dk.copy(), dv.copy()
+    _wait(sending, "ring_attention backward: dK/dV sends")
+    dkv_bufs.drop((P + 1) % 2)
+    dk, dv = _unpack(mine_np, B, Hkv, plan.lengths[plan.rank], D, Dv)
+    return dq, dk, dv
 
 
 # =================================================================================

@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 from dotattn import semantics
 from dotattn.kernels import _cpu_primitives as P
 from dotattn.kernels import cpu
+from dotattn.kernels._cpu_primitives import exp2_fraction
 
 BK, BQ, D = 256, 128, 64
 
@@ -61,15 +62,7 @@ def _exp2_indexed_2d(ST, N, mul, sub):
         for r in range(BQ):
             xc = max(ST[c, r] * mul - sub[r], np.float32(-127.0))
             n = np.floor(xc + np.float32(0.5))
-            f = xc - n
-            p = np.float32(1.5403530393381606e-4)
-            p = p * f + np.float32(1.3333558146428443e-3)
-            p = p * f + np.float32(9.618129107628477e-3)
-            p = p * f + np.float32(5.550410866482158e-2)
-            p = p * f + np.float32(0.2402265069591007)
-            p = p * f + np.float32(0.6931471805599453)
-            p = p * f + np.float32(1.0)
-            ST[c, r] = p
+            ST[c, r] = exp2_fraction(xc - n)
             N[c, r] = np.int32(n)
     bits = ST.reshape(ST.size).view(np.int32)
     nflat = N.reshape(N.size)

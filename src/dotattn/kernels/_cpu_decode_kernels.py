@@ -25,6 +25,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
+from ._cpu_primitives import exp2_fraction
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -85,22 +86,15 @@ def _exp_row(s, ibuf, n, m):
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
 def _exp_row_f32(s, ibuf, n, m):
-    # 2**x with x = (s − m)·log2(e) = k + f, f ∈ [−½, ½]: a degree-6 polynomial for 2**f, then
-    # k added to the exponent bits in an integer-only loop over an int32 view (both loops
-    # branch-free, so both vectorize).  Relative error ≤ 2.2e-7; −inf and x < −126 give 0.
+    # 2**x with x = (s − m)·log2(e) = k + f, f ∈ [−½, ½]: the general kernels' polynomial for
+    # 2**f (_cpu_primitives.exp2_fraction, inlined), then k added to the exponent bits in an
+    # integer-only loop over an int32 view (both loops branch-free, so both vectorize).
+    # Relative error ≤ 2.2e-7; −inf and x < −126 give 0.
     ml = np.float32(m * LOG2E)
     for t in range(n):
         xc = max(s[t] * np.float32(LOG2E) - ml, np.float32(-127.0))
         k = np.floor(xc + np.float32(0.5))
-        f = xc - k
-        p = np.float32(1.5403530393381606e-4)
-        p = p * f + np.float32(1.3333558146428443e-3)
-        p = p * f + np.float32(9.618129107628477e-3)
-        p = p * f + np.float32(5.550410866482158e-2)
-        p = p * f + np.float32(0.2402265069591007)
-        p = p * f + np.float32(0.6931471805599453)
-        p = p * f + np.float32(1.0)
-        s[t] = p
+        s[t] = exp2_fraction(xc - k)
         ibuf[t] = np.int32(k)
     bits = s.view(np.int32)
     for t in range(n):

@@ -161,6 +161,21 @@ def _gemm_threads_end_overload(like, previous):
 # =================================================================================
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def exp2_fraction(f):
+    """``2**f`` for float32 ``f ∈ [−½, ½]``: the degree-6 Taylor polynomial of ``e**(f·ln2)``
+    (relative error ≤ 2.2e-7 measured), in Horner form.  Inlined into the callers' loops (the
+    block exp below and the decode kernels' row exp), which add the integer part of the
+    exponent to the result's exponent bits themselves."""
+    p = np.float32(1.5403530393381606e-4)
+    p = p * f + np.float32(1.3333558146428443e-3)
+    p = p * f + np.float32(9.618129107628477e-3)
+    p = p * f + np.float32(5.550410866482158e-2)
+    p = p * f + np.float32(0.2402265069591007)
+    p = p * f + np.float32(0.6931471805599453)
+    return p * f + np.float32(1.0)
+
+
 def _exp2_shifted(ST, N, mul, sub):
     """``ST[c, r] = 2**(ST[c, r]·mul − sub[r])`` in place, for exponents ≤ 0.
 
@@ -186,15 +201,7 @@ def _exp2_shifted_f32(ST, N, mul, sub):
         for r in range(BQ):
             xc = max(row[r] * mul - sub[r], np.float32(-127.0))
             n = np.floor(xc + np.float32(0.5))
-            f = xc - n
-            p = np.float32(1.5403530393381606e-4)
-            p = p * f + np.float32(1.3333558146428443e-3)
-            p = p * f + np.float32(9.618129107628477e-3)
-            p = p * f + np.float32(5.550410866482158e-2)
-            p = p * f + np.float32(0.2402265069591007)
-            p = p * f + np.float32(0.6931471805599453)
-            p = p * f + np.float32(1.0)
-            row[r] = p
+            row[r] = exp2_fraction(xc - n)
             nrow[r] = np.int32(n)
     bits = ST.reshape(ST.size).view(np.int32)
     nflat = N.reshape(N.size)

@@ -23,7 +23,7 @@ import zlib
 
 import numpy as np
 
-from dotattn import semantics
+from dotattn import registry, semantics
 from dotattn.kernels import reference as reference_backend
 from dotattn.kernels.dropout import keep_block
 from dotattn.semantics import BFLOAT16
@@ -103,6 +103,30 @@ def import_tensorflow():
     if importlib.util.find_spec("torch") is not None:
         import torch._dynamo  # noqa: F401  (loads Triton before TensorFlow)
     return pytest.importorskip("tensorflow")
+
+
+TENSOR_BACKENDS = tuple(sorted(registry.TENSOR_BACKENDS))  # take torch tensors, not NumPy arrays
+
+
+def policy_backends() -> list[str]:
+    """The backends the shared policy sweeps (NaN/Inf, docs/semantics.md) must hold on: every
+    host backend of :func:`backends_under_test`, the opt-in ``jax`` and the tensor backend
+    ``triton`` — on CPU tensors through Triton's interpreter where there is no GPU
+    (tests/conftest.py sets ``TRITON_INTERPRET=1``).  ``DOTATTN_TEST_BACKENDS`` narrows them."""
+    import importlib.util
+
+    import dotattn
+
+    wanted = {n.strip() for n in os.environ.get("DOTATTN_TEST_BACKENDS", "").split(",") if n.strip()}
+    host = [row["name"] for row in dotattn.info() if row["available"] and row["name"] not in TENSOR_BACKENDS]
+    names = [n for n in host if not wanted or n in wanted]
+    if not wanted or "triton" in wanted:
+        if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None:
+            names.append("triton")
+    unknown = wanted - set(names)
+    if unknown:
+        raise RuntimeError(f"DOTATTN_TEST_BACKENDS names {sorted(unknown)}, but the policy backends here are {names}")
+    return names
 
 
 # =================================================================================

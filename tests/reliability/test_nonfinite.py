@@ -5,6 +5,12 @@ cannot see never leak into it; rows with no visible key stay 0 with LSE −inf. 
 is compared with the float64 reference (NaN, +inf and −inf in the same places, the finite rest
 within the tolerance rule), and the reference itself with an oracle built from visibility
 alone: a NaN reaches exactly the rows that see it.
+
+The sweep runs on every backend, the opt-in and tensor ones included: ``jax`` (native JAX on
+NumPy calls, with blocks shrunk so that a 6-key row spans several blocks and a shifted last
+block) and ``triton`` (torch tensors; Triton's interpreter on CPU tensors where there is no
+GPU).  The interpreter is slow, so triton's backward runs a representative subset here (two
+hiding rules, every target and value) and the whole sweep under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -15,8 +21,73 @@ import pytest
 
 import dotattn
 
-BACKENDS = H.backends_under_test()
+BACKENDS = H.policy_backends()
 CASES = H.nonfinite_cases()
+# triton's backward in the default run: one rule that hides keys by position and one by mask
+TRITON_BACKWARD_RULES = ("causal", "bias_neginf")
+
+
+@pytest.fixture(autouse=True)
+def small_jax_blocks(monkeypatch):
+    """Several query and key blocks (and shifted last blocks) even on these 5×6 problems."""
+    from dotattn.kernels import jax_native
+
+    monkeypatch.setattr(jax_native, "BLOCK_Q", 4)
+    monkeypatch.setattr(jax_native, "BLOCK_K", 4)
+
+
+def _torch_opts(opts):
+    import torch
+
+    def t(x):
+        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+    return {n: (tuple(t(e) for e in x) if isinstance(x, tuple) else t(x)) for n, x in opts.items()}
+
+
+def _forward(backend, q, k, v, opts):
+    """(out, lse, weights) as NumPy arrays; triton takes torch tensors."""
+    if backend not in H.TENSOR_BACKENDS:
+        return dotattn.attention(q, k, v, return_lse=True, return_weights=True, implementation=backend, **opts)
+    import torch
+
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    res = dotattn.attention(tq, tk, tv, return_lse=True, return_weights=True, implementation=backend, **_torch_opts(opts))
+    return [x.numpy() for x in res]
+
+
+def _backward(backend, q, k, v, out, lse, dout, opts):
+    """(dq, dk, dv) from a given out/lse/dout; triton's through the torch operator's backward body."""
+    if backend not in H.TENSOR_BACKENDS:
+        return dotattn.attention_backward(q, k, v, out, lse, dout, implementation=backend, **opts)[:3]
+    import torch
+
+    from dotattn import semantics
+    from dotattn.torch import functional as F
+
+    t = _torch_opts(dict(opts, q=q, k=k, v=v, out=out, lse=lse, dout=dout))
+    q_seg, kv_seg = F._split_segment_ids(t.get("segment_ids"), t["q"], "bhld")
+    arrays = dict(mask=t.get("mask"), bias=t.get("bias"), alibi_slopes=t.get("alibi_slopes"),
+                  q_lengths=t.get("q_lengths"), kv_lengths=t.get("kv_lengths"), q_segment_ids=q_seg,
+                  kv_segment_ids=kv_seg, seed=None)
+    assert tuple(arrays) == F._ARRAY_OPTIONS
+    window = semantics.check_window(opts.get("window")) or (None, None)
+    sc = F._Scalars(semantics.check_causal(opts.get("causal", False)), *window, None, None, 0.0, "bhld", backend)
+    with torch.no_grad():
+        grads = F._backward_body(t["dout"], None, t["q"], t["k"], t["v"], t["out"], t["lse"], arrays, sc, False, {})
+    return [g.numpy() for g in grads[:3]]
+
+
+def _backward_params():
+    """(backend, case) pairs of the backward sweep: triton's subset unless ``-m slow``."""
+    params = []
+    for backend in BACKENDS:
+        for case in CASES:
+            if case[1] == -np.inf and case[0] not in ("v", "bias"):
+                continue  # a −inf q/k/slope gives −inf/NaN scores: the forward sweep covers them
+            marks = [pytest.mark.slow] if backend == "triton" and case[2] not in TRITON_BACKWARD_RULES else []
+            params.append(pytest.param(backend, case, marks=marks, id=f"{backend}-{_ids(case)}"))
+    return params
 
 
 def _ids(case):
@@ -72,7 +143,7 @@ def test_reference_nan_reaches_exactly_the_rows_that_see_it(case):
 def test_forward_and_weights_follow_the_policy(backend, case):
     q, k, v, opts = H.nonfinite_case(*case)
     with np.errstate(all="ignore"):
-        out, lse, w = dotattn.attention(q, k, v, return_lse=True, return_weights=True, implementation=backend, **opts)
+        out, lse, w = _forward(backend, q, k, v, opts)
         ref_out, ref_lse = H.reference(q, k, v, **opts)
         ref_w = H.reference_weights(q, k, v, **opts)
         naive_out, naive_lse = H.naive(q, k, v, **opts)
@@ -81,14 +152,13 @@ def test_forward_and_weights_follow_the_policy(backend, case):
     H.assert_nonfinite_match(w, ref_w, name=f"{backend} weights")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] != -np.inf or c[0] in ("v", "bias")], ids=_ids)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,case", _backward_params())
 def test_backward_follows_the_policy(backend, case):
     q, k, v, opts = H.nonfinite_case(*case)
     with np.errstate(all="ignore"):
-        out, lse = dotattn.attention(q, k, v, return_lse=True, implementation=backend, **opts)
+        out, lse, _ = _forward(backend, q, k, v, opts)
         dout = np.random.default_rng(5).standard_normal(out.shape).astype(q.dtype)
-        grads = dotattn.attention_backward(q, k, v, out, lse, dout, implementation=backend, **opts)
+        grads = _backward(backend, q, k, v, out, lse, dout, opts)
         ref = H.reference_grads(q, k, v, dout, **opts)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
         H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)
@@ -100,7 +170,7 @@ def test_backward_follows_the_policy(backend, case):
 def test_backward_with_nonfinite_lse_or_dout(backend, what, value):
     """Row 3 of (sequence 0, head 0) gets the bad lse/dout; under bottom-right causal it sees keys 0-4."""
     q, k, v, opts = H.nonfinite_case("q", 0.0, "causal")  # all finite
-    out, lse = dotattn.attention(q, k, v, return_lse=True, implementation=backend, **opts)
+    out, lse, _ = _forward(backend, q, k, v, opts)
     dout = np.random.default_rng(3).standard_normal(out.shape).astype(q.dtype)
     silent = dout.copy()
     silent[0, 0, 3] = 0  # row 3 contributing nothing
@@ -116,6 +186,6 @@ def test_backward_with_nonfinite_lse_or_dout(backend, what, value):
             expected[1][0, 0, :5] = np.nan
             expected[2][0, 0, :5] = np.nan
     with np.errstate(all="ignore"):
-        grads = dotattn.attention_backward(q, k, v, out, lse, dout, implementation=backend, **opts)
+        grads = _backward(backend, q, k, v, out, lse, dout, opts)
     for name, g, r in zip(("dq", "dk", "dv"), grads, expected):
         H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)

@@ -260,6 +260,42 @@ def _assemble(blocks, size: int, L: int, axis: int):
     return jnp.concatenate([head, last], axis=axis)
 
 
+def _live_einsum(spec: str, a, live, b, positive=None):
+    """``einsum(spec, a, b)`` over the pairs ``live`` marks only (docs/semantics.md, NaN policy).
+
+    ``a`` is 0 off ``live``; a NaN/±inf of ``b`` must not meet those zeros (0·NaN would leak a
+    hidden value).  A finite ``b`` block (the usual case, decided per block with ``lax.cond``)
+    is one product; otherwise the finite part is one product and the non-finite entries are
+    added as IEEE would over the live pairs: NaN where a live pair meets NaN (or 0·inf, or
+    both infinities), else ±inf with the sign of the coefficient.  ``positive`` marks the
+    pairs whose exact coefficient is > 0 (weights of visible, kept keys): there an underflowed
+    0 still gives ±inf.  (As :func:`dotattn.kernels.numpy_tiled.live_matmul`.)
+    """
+    ct = a.dtype
+    finite = jnp.isfinite(b)
+
+    def plain(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=ct)
+
+    def exact(a, b):
+        out = plain(a, jnp.where(finite, b, 0))
+        if positive is None:
+            pos, neg, zero = live & (a > 0), live & (a < 0), live & (a == 0)
+        else:
+            pos, neg, zero = live & positive, None, live & ~positive
+        f = lambda m, x: plain(m.astype(ct), x.astype(ct)) > 0  # noqa: E731
+        nan_b, pinf, ninf = jnp.isnan(b), b == jnp.inf, b == -jnp.inf
+        nan = f(live, nan_b) | f(zero, pinf | ninf)
+        up, down = f(pos, pinf), f(pos, ninf)
+        if neg is not None:
+            up, down = up | f(neg, ninf), down | f(neg, pinf)
+        out = jnp.where(up, jnp.inf, out)
+        out = jnp.where(down, -jnp.inf, out)
+        return jnp.where(nan | (up & down), jnp.nan, out)
+
+    return lax.cond(jnp.all(finite), plain, exact, a, b)
+
+
 class _Problem:
     """Static sizes and the per-block pieces shared by forward and backward (traced arrays inside)."""
 
@@ -376,8 +412,11 @@ class _Problem:
         if cfg.softcap is not None:
             tanh = jnp.tanh(s / jnp.asarray(cfg.softcap, ct))
             s = jnp.asarray(cfg.softcap, ct) * tanh
+        bias_hides = None
         if self.bias is not None:
-            s = s + self._pairwise_block(self.bias, r, c).astype(ct)
+            bias = self._pairwise_block(self.bias, r, c).astype(ct)
+            s = s + bias
+            bias_hides = bias == -jnp.inf  # hides its key as a mask does, even if the score is NaN/+inf
         rows, cols = self.rows_cols(r, c)
         if self.slopes is not None:
             slope = self.slopes.astype(ct).reshape(self.slopes.shape[0], self.Hkv, self.G, 1, 1)
@@ -385,6 +424,8 @@ class _Problem:
         vis = self.visible(rows, cols, r, c, i0, j0)
         if vis is not None:
             s = jnp.where(vis, s, -jnp.inf)
+        if bias_hides is not None:
+            s = jnp.where(bias_hides, -jnp.inf, s)
         return s, vis, tanh
 
     def visible(self, rows, cols, r, c, i0, j0):
@@ -451,7 +492,8 @@ def _forward(cfg: Config, *args):
             kb = lax.dynamic_slice_in_dim(pb.k, c, pb.bk, axis=2)
             vb = lax.dynamic_slice_in_dim(pb.v, c, pb.bk, axis=2)
             s, _, _ = pb.scores(qb, kb, r, c, None, j0)
-            m_new = jnp.maximum(m, s.max(axis=-1))
+            live = s != -jnp.inf  # the pairs that take part (NaN scores included)
+            m_new = jnp.maximum(m, s.max(axis=-1))  # NaN propagates: a NaN score makes a NaN row
             # rows that have seen no visible key yet keep m = −inf; 0 keeps exp() finite
             m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros((), ct), m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -459,9 +501,13 @@ def _forward(cfg: Config, *args):
             row_sum = row_sum * alpha + p.sum(axis=-1)
             rows, cols = pb.rows_cols(r, c)
             keep = pb.dropout_scale(rows, cols)
+            positive = live
             if keep is not None:
                 p = p * keep  # the row sum above stays pre-dropout
-            acc = acc * alpha[..., None] + jnp.einsum("bhgqk,bhkd->bhgqd", p, vb, preferred_element_type=ct)
+                positive = live & (keep > 0)
+            # ±inf already summed (an infinite value) stays ±inf when alpha underflows to 0
+            acc = jnp.where(jnp.isinf(acc), acc, acc * alpha[..., None])
+            acc = acc + _live_einsum("bhgqk,bhkd->bhgqd", p, live, vb, positive)
             return m_new, row_sum, acc
 
         init = (
@@ -470,7 +516,9 @@ def _forward(cfg: Config, *args):
             jnp.zeros((B, Hkv, G, pb.bq, pb.Dv), ct),
         )
         m, row_sum, acc = lax.fori_loop(lo, hi, step, init)
-        seen = row_sum > 0
+        # Rows that saw a key; a NaN max (a NaN or +inf score) reaches out and lse through
+        # row_sum as IEEE says (a row_sum > 0 test would have read a NaN row as empty).
+        seen = m != -jnp.inf
         safe = jnp.where(seen, row_sum, 1)
         out = jnp.where(seen[..., None], acc / safe[..., None], 0)
         lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
@@ -495,7 +543,8 @@ def _backward(cfg: Config, args, out, lse, dout):
     delta = jnp.sum(dout * out, axis=-1)  # D_i = rowsum(dO ∘ O)
     lse = lse.astype(ct).reshape(shape5)
     # −inf LSE (rows that see nothing) would make exp(s − lse) = exp(−inf + inf) = NaN: +inf gives 0.
-    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    # A NaN LSE stays NaN: that row's P is NaN at the keys it sees (docs/semantics.md).
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     scale = jnp.asarray(cfg.scale, ct)
 
     dq = jnp.zeros(shape5 + (pb.D,), ct)
@@ -520,19 +569,20 @@ def _backward(cfg: Config, args, out, lse, dout):
                 r = _start(ib, pb.bq, pb.Lq)
                 qb = lax.dynamic_slice_in_dim(pb.q, r, pb.bq, axis=3)
                 dob = lax.dynamic_slice_in_dim(dout, r, pb.bq, axis=3)
-                s, vis, tanh = pb.scores(qb, kb, r, c, i0, j0)
-                p = jnp.exp(s - lax.dynamic_slice_in_dim(lse, r, pb.bq, axis=3)[..., None])
+                s, _, tanh = pb.scores(qb, kb, r, c, i0, j0)
+                live = s != -jnp.inf  # pairs that take part; hidden ones never read a value
+                p = jnp.where(live, jnp.exp(s - lax.dynamic_slice_in_dim(lse, r, pb.bq, axis=3)[..., None]), 0)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", dob, vb, preferred_element_type=ct)
                 rows, cols = pb.rows_cols(r, c)
                 keep = pb.dropout_scale(rows, cols)
-                pd = p
+                pd, positive = p, live
                 if keep is not None:
                     pd = p * keep
                     dp = dp * keep
-                dv_acc = dv_acc + jnp.einsum("bhgqk,bhgqd->bhkd", pd, dob, preferred_element_type=ct)
+                    positive = live & (keep > 0)
+                dv_acc = dv_acc + _live_einsum("bhgqk,bhgqd->bhkd", pd, live, dob, positive)
                 ds = p * (dp - lax.dynamic_slice_in_dim(delta, r, pb.bq, axis=3)[..., None])  # dS = P ∘ (dP − D_i)
-                if vis is not None:
-                    ds = jnp.where(vis, ds, 0)
+                ds = jnp.where(live, ds, 0)
                 if dbias is not None:
                     dbias = _add_pairwise(pb, dbias, ds, r, c, i0, j0)
                 if dslopes is not None:
@@ -540,12 +590,12 @@ def _backward(cfg: Config, args, out, lse, dout):
                     g = -(ds * dist).sum(axis=(3, 4)).reshape(B, pb.Hq)
                     dslopes = dslopes + (g.sum(axis=0, keepdims=True) if dslopes.shape[0] == 1 else g)
                 if tanh is not None:
-                    ds = ds * (1 - tanh * tanh)  # d(c·tanh(x/c))/dx
+                    ds = jnp.where(live, ds * (1 - tanh * tanh), 0)  # d(c·tanh(x/c))/dx
                 ds = ds * scale
                 dq_rows = lax.dynamic_slice_in_dim(dq, r, pb.bq, axis=3)
-                dq_rows = dq_rows + jnp.einsum("bhgqk,bhkd->bhgqd", ds, kb, preferred_element_type=ct)
+                dq_rows = dq_rows + _live_einsum("bhgqk,bhkd->bhgqd", ds, live, kb)
                 dq = lax.dynamic_update_slice_in_dim(dq, dq_rows, r, axis=3)
-                dk_acc = dk_acc + jnp.einsum("bhgqk,bhgqd->bhkd", ds, qb, preferred_element_type=ct)
+                dk_acc = dk_acc + _live_einsum("bhgqk,bhgqd->bhkd", ds, live, qb)
                 return dk_acc, dv_acc, dq, dbias, dslopes
 
             init = (jnp.zeros((B, Hkv, pb.bk, pb.D), ct), jnp.zeros((B, Hkv, pb.bk, pb.Dv), ct), dq, dbias, dslopes)
@@ -622,8 +672,11 @@ def weights(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=None,
     if pb.Lq == 0 or pb.Lk == 0:
         return jnp.zeros((pb.B, pb.Hq, pb.Lq, pb.Lk), pb.ct)
     s, _, _ = pb.scores(pb.q, pb.k, 0, 0, None, 0)
-    m = s.max(axis=-1, keepdims=True)
-    e = jnp.exp(s - jnp.where(m == -jnp.inf, 0, m))
+    live = s != -jnp.inf
+    m = s.max(axis=-1, keepdims=True)  # NaN for a NaN row
+    seen = m != -jnp.inf
+    e = jnp.where(live, jnp.exp(s - jnp.where(seen, m, 0)), 0)
     total = e.sum(axis=-1, keepdims=True)
-    w = jnp.where(total > 0, e / jnp.where(total > 0, total, 1), 0)
+    # NaN at the keys a NaN row sees, 0 at the keys it cannot see; rows that see nothing are 0
+    w = jnp.where(live & seen, e / jnp.where(seen, total, 1), 0)
     return w.reshape(pb.B, pb.Hq, pb.Lq, pb.Lk)

@@ -80,14 +80,16 @@ def _real_part(x: np.ndarray, call: AttentionCall, lengths):
     return [x[b, :, : int(lengths[b])] for b in range(call.B)]
 
 
-def live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray, b_finite: bool) -> np.ndarray:
+def live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray, b_finite: bool, positive=None) -> np.ndarray:
     """``a @ b`` summing only the pairs ``live`` marks: a hidden pair's coefficient 0 never meets
     a NaN/±inf of ``b`` (IEEE's 0·NaN = NaN would leak it, docs/semantics.md).
 
     ``a`` must be 0 where ``live`` is False.  With a finite ``b`` this is one BLAS product;
     otherwise the finite part goes through BLAS and the non-finite entries of ``b`` are added
     as IEEE would over the live pairs: NaN if a live pair meets NaN (or 0·inf, or both
-    infinities), else ±inf with the sign of ``a``'s coefficient.
+    infinities), else ±inf with the sign of ``a``'s coefficient.  ``positive`` marks the pairs
+    whose exact coefficient is > 0 (softmax weights of visible, kept keys): a 0 there is an
+    underflow, and ±inf times it stays ±inf — rounding does not turn the answer into NaN.
     """
     if b_finite:
         return a @ b
@@ -97,7 +99,10 @@ def live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray, b_finite: bool) 
     out = a @ np.where(fin, b, 0)
     dt = out.dtype
     live_f = live.astype(dt)
-    pos, neg, zero = (live & (a > 0)).astype(dt), (live & (a < 0)).astype(dt), (live & (a == 0)).astype(dt)
+    if positive is None:
+        pos, neg, zero = (live & (a > 0)).astype(dt), (live & (a < 0)).astype(dt), (live & (a == 0)).astype(dt)
+    else:  # probabilities: never negative; a 0 is exact only off ``positive`` (a dropped key)
+        pos, neg, zero = (live & positive).astype(dt), np.zeros_like(out, shape=a.shape), (live & ~positive).astype(dt)
     b_nan, b_pinf, b_ninf = np.isnan(b).astype(dt), (b == np.inf).astype(dt), (b == -np.inf).astype(dt)
     nan = (live_f @ b_nan > 0) | (zero @ (b_pinf + b_ninf) > 0)
     up = pos @ b_pinf + neg @ b_ninf > 0
@@ -272,10 +277,16 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         alpha = np.exp(m - m_safe)  # rescale factor of the old sums (0 when m was −inf)
         row_sum *= alpha
         row_sum += p.sum(axis=1)
+        positive = live
         if call.dropout_p > 0.0:
-            p *= prep.dropout_scale(b, h, i0, i1, j0, j1)  # the sum above stays pre-dropout
-        acc *= alpha[:, None]
-        acc += live_matmul(p, live, v[j0:j1], prep.v_finite)
+            keep = prep.dropout_scale(b, h, i0, i1, j0, j1)
+            p *= keep  # the sum above stays pre-dropout
+            positive = None if live is None else live & (keep > 0)
+        if prep.v_finite:
+            acc *= alpha[:, None]
+        else:  # ±inf already summed stays ±inf when alpha underflows to 0 (inf·0 would be NaN)
+            acc[:] = np.where(np.isinf(acc), acc, acc * alpha[:, None])
+        acc += live_matmul(p, live, v[j0:j1], prep.v_finite, positive)
         m = m_new
     # rows that saw a key; a NaN max (NaN or +inf score) gives NaN through row_sum (IEEE)
     seen = m != -np.inf
@@ -341,11 +352,16 @@ def _backward_key_chunk(prep, grads, dout, lse, delta, task) -> None:
                 p[~live] = 0
             dp = do[i0:i1] @ v[j0:j1].T
             p_kept = p
+            positive = live
             if call.dropout_p > 0.0:
                 keep_scale = prep.dropout_scale(b, h, i0, i1, j0, j1)
                 p_kept = p * keep_scale
                 dp *= keep_scale
-            dv_acc += live_matmul(p_kept.T, None if live is None else live.T, do[i0:i1], prep.dout_finite)
+                positive = None if live is None else live & (keep_scale > 0)
+            dv_acc += live_matmul(
+                p_kept.T, None if live is None else live.T, do[i0:i1], prep.dout_finite,
+                None if positive is None else positive.T,
+            )
             ds = p * (dp - delta[b, h, i0:i1, None])  # dS = P ∘ (dP − D_i)
             if exact:
                 ds[~live] = 0

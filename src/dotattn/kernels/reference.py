@@ -75,16 +75,23 @@ def _softmax(s: np.ndarray):
     return p, lse
 
 
-def _live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _live_matmul(a: np.ndarray, live: np.ndarray, b: np.ndarray, positive=None) -> np.ndarray:
     """``Σ_j a[i, j] · b[j, :]`` over the pairs ``live`` marks only — literally, so a hidden
-    pair's 0 never meets a NaN/±inf of ``b`` (one BLAS product when ``b`` is finite)."""
+    pair's 0 never meets a NaN/±inf of ``b`` (one BLAS product when ``b`` is finite).
+
+    ``positive`` marks pairs whose exact coefficient is > 0 (the softmax weight of a visible,
+    kept key): where it has underflowed to 0, a ±inf of ``b`` still gives ±inf, not 0·inf.
+    """
     if np.isfinite(b).all():
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf in ``a`` are meant to propagate
             return a @ b
+    signed = a if positive is None else np.where(positive & (a == 0), np.nextafter(0.0, 1.0), a)
     out = np.empty((a.shape[0], b.shape[1]))
     with np.errstate(invalid="ignore", over="ignore"):
         for d in range(b.shape[1]):
-            out[:, d] = np.where(live, a * b[None, :, d], 0.0).sum(axis=1)
+            col = b[None, :, d]
+            # finite entries keep their exact (possibly 0) product; ±inf meets the coefficient's sign
+            out[:, d] = np.where(live, np.where(np.isfinite(col), a * col, signed * col), 0.0).sum(axis=1)
     return out
 
 
@@ -116,9 +123,10 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
             s, _, _ = _scores(call, b, h, q, k)
             p, lse[b, h] = _softmax(s)
             drop = _dropout_scale(call, b, h)
+            live = s != -np.inf
             if drop is not None:
                 p = p * drop
-            out[b, h] = _live_matmul(p, s != -np.inf, v)
+            out[b, h] = _live_matmul(p, live, v, live if drop is None else live & (drop > 0))
     return out, lse
 
 
@@ -162,7 +170,8 @@ def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.nda
                 p[n_q:] = 0.0
             drop = _dropout_scale(call, b, h)
             p_dropped = p if drop is None else p * drop
-            dv[b, hk] += _live_matmul(p_dropped.T, live.T, do)
+            kept = live if drop is None else live & (drop > 0)
+            dv[b, hk] += _live_matmul(p_dropped.T, live.T, do, kept.T)
             dp = do @ v.T
             if drop is not None:
                 dp = dp * drop

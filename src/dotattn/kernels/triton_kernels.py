@@ -127,12 +127,55 @@ def _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh,
         r = rows[:, None]
         c = cols[None, :]
         b_ptrs = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh + r.to(tl.int64) * sbm + c.to(tl.int64) * sbn
-        s += tl.load(b_ptrs, mask=(r < Lq) & (c < Lk), other=0.0).to(tl.float32)
+        bias = tl.load(b_ptrs, mask=(r < Lq) & (c < Lk), other=0.0).to(tl.float32)
+        s += bias
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * Hq + h).to(tl.float32)
         dist = tl.abs((rows[:, None] + off) - cols[None, :]).to(tl.float32)
         s -= slope * dist
+    if HAS_BIAS:
+        # A −inf bias entry hides its key as a mask does, even where the score is NaN or +inf.
+        s = tl.where(bias == float("-inf"), float("-inf"), s)
     return s, th
+
+
+@_helper
+def _live_dot(a, live, pos, b, SIGNED: tl.constexpr):
+    """``tl.dot(a, b)`` over the pairs ``live`` marks only (docs/semantics.md, NaN policy).
+
+    ``a`` (M, K) float32 is 0 off ``live``; a NaN/±inf of ``b`` (K, N) must not meet those
+    zeros (0·NaN would leak a hidden value).  A finite ``b`` tile (the usual case, one check
+    per tile) is one dot; otherwise the finite part is one dot and the non-finite entries are
+    added as IEEE would over the live pairs: NaN where a live pair meets NaN (or 0·inf, or
+    both infinities), else ±inf with the coefficient's sign.  ``SIGNED``: the sign is ``a``'s
+    own (dS); else ``a`` is a probability, positive exactly where ``pos`` says (visible, kept):
+    an underflowed 0 there still gives ±inf (as numpy_tiled.live_matmul).
+    """
+    finite = (b == b) & (tl.abs(b.to(tl.float32)) != float("inf"))
+    if tl.max((finite == 0).to(tl.int32)) > 0:
+        out = tl.dot(a.to(b.dtype), tl.where(finite, b, 0.0).to(b.dtype), input_precision="ieee")
+        live_f = live.to(tl.float32)
+        nan_b = (b != b).to(tl.float32)
+        pinf = (b.to(tl.float32) == float("inf")).to(tl.float32)
+        ninf = (b.to(tl.float32) == float("-inf")).to(tl.float32)
+        if SIGNED:
+            pos_f = (live & (a > 0)).to(tl.float32)
+            neg_f = (live & (a < 0)).to(tl.float32)
+            zero_f = (live & (a == 0)).to(tl.float32)
+        else:
+            pos_f = (live & pos).to(tl.float32)
+            neg_f = live_f * 0.0
+            zero_f = (live & (pos == 0)).to(tl.float32)
+        nan = (tl.dot(live_f, nan_b, input_precision="ieee") > 0) | (
+            tl.dot(zero_f, pinf + ninf, input_precision="ieee") > 0)
+        up = (tl.dot(pos_f, pinf, input_precision="ieee") + tl.dot(neg_f, ninf, input_precision="ieee")) > 0
+        down = (tl.dot(pos_f, ninf, input_precision="ieee") + tl.dot(neg_f, pinf, input_precision="ieee")) > 0
+        out = tl.where(up, float("inf"), out)
+        out = tl.where(down, float("-inf"), out)
+        out = tl.where(nan | (up & down), float("nan"), out)
+    else:
+        out = tl.dot(a.to(b.dtype), b, input_precision="ieee")
+    return out
 
 
 @_helper
@@ -225,16 +268,21 @@ def attn_fwd(
             s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
             s = tl.where(vis, s, float("-inf"))
+            live = s != float("-inf")  # the pairs that take part (NaN scores included)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows that have seen no visible key keep m = −inf; 0 stands in so exp() gives 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)  # the sum stays pre-dropout
+            pos = live
             if DROPOUT:
                 keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                 p = tl.where(keep, p * drop_scale, 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                pos = live & keep
+            # ±inf already summed (an infinite value) stays ±inf when alpha underflows to 0
+            acc = tl.where(tl.abs(acc) == float("inf"), acc, acc * alpha[:, None])
+            acc = acc + _live_dot(p, live, pos, v, False)
             m_i = m_new
     # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
     # the test is l ≠ 0, not l > 0.
@@ -343,23 +391,26 @@ def attn_bwd_dkdv(
                 s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                                 SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
                 s = tl.where(vis, s, float("-inf"))
-                p = tl.exp(s - lse[:, None])
+                live = s != float("-inf")  # pairs that take part; hidden ones never read a value
+                p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)  # a NaN lse stays in the keys it sees
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                 if DROPOUT:
                     keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                     pd = tl.where(keep, p * drop_scale, 0.0)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
+                    pos = live & keep
                 else:
                     pd = p
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision="ieee")
-                ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
+                    pos = live
+                dv += _live_dot(tl.trans(pd), tl.trans(live), tl.trans(pos), do, False)
+                ds = tl.where(live, p * (dp - delta[:, None]), 0.0)  # dS = P ∘ (dP − Δ)
                 if WANT_DBIAS:
                     # Each (head, row, key) belongs to exactly one program: plain stores, no race.
                     db_ptrs = DBIAS + (bh * Lq + r64) * Lk + cols[None, :]
                     tl.store(db_ptrs, ds, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
                 if HAS_SOFTCAP:
-                    ds = ds * (1.0 - th * th)  # d(c·tanh(x/c))/dx
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                    ds = tl.where(live, ds * (1.0 - th * th), 0.0)  # d(c·tanh(x/c))/dx
+                dk += _live_dot(tl.trans(ds), tl.trans(live), tl.trans(live), q, True)
     dk = dk * scale
     out_ok = cols[:, None] < Lk
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + c64 * sdkn + offs_d[None, :] * sdkd,
@@ -421,15 +472,16 @@ def attn_bwd_dq(
             s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
             s = tl.where(vis, s, float("-inf"))
-            p = tl.exp(s - lse[:, None])
+            live = s != float("-inf")
+            p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if DROPOUT:
                 keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
+            ds = tl.where(live, p * (dp - delta[:, None]), 0.0)
             if HAS_SOFTCAP:
-                ds = ds * (1.0 - th * th)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+                ds = tl.where(live, ds * (1.0 - th * th), 0.0)
+            dq += _live_dot(ds, live, live, k, True)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + r64 * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
@@ -477,7 +529,8 @@ def attn_weights(
             s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
             s = tl.where(vis, s, float("-inf"))
-            p = tl.exp(s - lse[:, None])
+            # hidden keys get weight 0 also in a NaN row (exp(−inf − NaN) is NaN)
+            p = tl.where(s != float("-inf"), tl.exp(s - lse[:, None]), 0.0)
             tl.store(W + (bh * Lq + r64) * Lk + cols[None, :], p, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
 
 

@@ -36,11 +36,18 @@ def small_jax_blocks(monkeypatch):
     monkeypatch.setattr(jax_native, "BLOCK_K", 4)
 
 
+def _device():
+    """CUDA where there is one (the compiled kernels), else CPU tensors for Triton's interpreter."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _torch_opts(opts):
     import torch
 
     def t(x):
-        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        return torch.from_numpy(np.ascontiguousarray(x)).to(_device()) if isinstance(x, np.ndarray) else x
 
     return {n: (tuple(t(e) for e in x) if isinstance(x, tuple) else t(x)) for n, x in opts.items()}
 
@@ -49,11 +56,10 @@ def _forward(backend, q, k, v, opts):
     """(out, lse, weights) as NumPy arrays; triton takes torch tensors."""
     if backend not in H.TENSOR_BACKENDS:
         return dotattn.attention(q, k, v, return_lse=True, return_weights=True, implementation=backend, **opts)
-    import torch
-
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-    res = dotattn.attention(tq, tk, tv, return_lse=True, return_weights=True, implementation=backend, **_torch_opts(opts))
-    return [x.numpy() for x in res]
+    t = _torch_opts(dict(opts, q=q, k=k, v=v))
+    res = dotattn.attention(t.pop("q"), t.pop("k"), t.pop("v"), return_lse=True, return_weights=True,
+                            implementation=backend, **t)
+    return [x.cpu().numpy() for x in res]
 
 
 def _backward(backend, q, k, v, out, lse, dout, opts):
@@ -75,7 +81,7 @@ def _backward(backend, q, k, v, out, lse, dout, opts):
     sc = F._Scalars(semantics.check_causal(opts.get("causal", False)), *window, None, None, 0.0, "bhld", backend)
     with torch.no_grad():
         grads = F._backward_body(t["dout"], None, t["q"], t["k"], t["v"], t["out"], t["lse"], arrays, sc, False, {})
-    return [g.numpy() for g in grads[:3]]
+    return [g.cpu().numpy() for g in grads[:3]]
 
 
 def _backward_params():
@@ -189,3 +195,72 @@ def test_backward_with_nonfinite_lse_or_dout(backend, what, value):
         grads = _backward(backend, q, k, v, out, lse, dout, opts)
     for name, g, r in zip(("dq", "dk", "dv"), grads, expected):
         H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)
+
+
+# =================================================================================
+# a visible ±inf value whose weight underflows to 0
+# =================================================================================
+
+
+def _underflow_case():
+    """Key 0 holds v = (+inf, −inf, +inf); key 3 holds −inf in feature 2.  Row 0 sees key 0
+    with weight exp(−200) (0 in float32), row 1 sees it first as its block's largest weight and
+    then a key 200 higher (the running rescale underflows: inf · 0), row 2 hides it (−inf bias),
+    row 3 sees it with an ordinary weight."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, 1, 4, 4)).astype(np.float32) * 0.1
+    k = rng.standard_normal((1, 1, 10, 4)).astype(np.float32) * 0.1
+    v = rng.standard_normal((1, 1, 10, 3)).astype(np.float32)
+    v[0, 0, 0] = (np.inf, -np.inf, np.inf)
+    v[0, 0, 3, 2] = -np.inf
+    bias = np.zeros((1, 1, 4, 10), np.float32)
+    bias[0, 0, 0, 0] = -200.0
+    bias[0, 0, 1, 9] = 200.0
+    bias[0, 0, 2, 0] = -np.inf
+    return q, k, v, dict(bias=bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_visible_infinite_value_with_underflowed_weight(backend):
+    """A visible key's weight is positive, however it rounds: ±inf in its value gives ±inf
+    (NaN only where +inf and −inf meet), forward and in dV (docs/semantics.md)."""
+    q, k, v, opts = _underflow_case()
+    with np.errstate(all="ignore"):
+        out, lse, w = _forward(backend, q, k, v, opts)
+        ref_out, ref_lse = H.reference(q, k, v, **opts)
+    H.assert_nonfinite_match(out, ref_out, name=f"{backend} out")
+    H.assert_nonfinite_match(lse, ref_lse, name=f"{backend} lse")
+    assert np.all(np.isfinite(lse))
+    rows = out[0, 0]
+    # rows 0, 1, 3 see key 0: +inf, −inf, and NaN where key 3's −inf meets key 0's +inf
+    for i in (0, 1, 3):
+        assert rows[i, 0] == np.inf and rows[i, 1] == -np.inf and np.isnan(rows[i, 2]), (i, rows[i])
+    assert np.isfinite(rows[2, :2]).all() and rows[2, 2] == -np.inf  # key 0 hidden, key 3 seen
+    # backward: +inf in dout of row 0 reaches dV of key 0 through its underflowed weight
+    dout = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
+    dout[0, 0, 0, 0] = np.inf
+    v_fin = np.where(np.isfinite(v), v, 0).astype(np.float32)  # the value's own infinities aside
+    with np.errstate(all="ignore"):
+        out_f, lse_f, _ = _forward(backend, q, k, v_fin, opts)
+        dq, dk, dv = _backward(backend, q, k, v_fin, out_f, lse_f, dout, opts)
+        ref = H.reference_grads(q, k, v_fin, dout, **opts)
+    assert dv[0, 0, 0, 0] == np.inf, dv[0, 0, 0]
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
+        H.assert_nonfinite_match(g, r, name=f"{backend} {name}", factor=3.0, magnitude=10.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_value_of_a_dropped_key_gives_nan(backend):
+    """Dropout's 0 is exact, not a rounding: 0 · ±inf is NaN in the rows that drop the key,
+    ±inf in those that keep it — the same rows on every backend (one dropout mask)."""
+    rng = np.random.default_rng(12)
+    q, k = (rng.standard_normal((1, 1, L, 4)).astype(np.float32) for L in (16, 6))
+    v = rng.standard_normal((1, 1, 6, 2)).astype(np.float32)
+    v[0, 0, 2, 0] = np.inf
+    opts = dict(dropout_p=0.5, seed=3)
+    with np.errstate(all="ignore"):
+        out, _, _ = _forward(backend, q, k, v, opts)
+        ref_out, _ = H.reference(q, k, v, **opts)
+    H.assert_nonfinite_match(out, ref_out, name=f"{backend} out")
+    col = out[0, 0, :, 0]
+    assert np.isnan(col).any() and (col == np.inf).any(), col

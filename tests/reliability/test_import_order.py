@@ -71,6 +71,7 @@ def test_guard_decision(monkeypatch):
     from dotattn.torch import _convert as guard
 
     monkeypatch.setattr(guard, "_LLVM_ORDER_CHECKED", False)
+    monkeypatch.setattr(guard, "_TRITON_INSTALLED", None)  # looked up again, through the patch below
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
     import importlib.util

@@ -15,7 +15,9 @@ softmax is exact in one pass — no running max, no rescaling:
    vectorized select, segment ids and a dense mask element by element;
 3. ``P = 2^(Sᵀ·c − m)`` with the shared vectorized exp, the row sums (before dropout), the
    dropout mask of :mod:`dotattn.kernels.dropout` (same bits as every backend);
-4. ``out = Pᵀ·V / row sum`` with one BLAS GEMM, ``lse = (m + log2(row sum)) · ln 2``.
+4. ``out = Pᵀ·V / row sum`` with one BLAS GEMM, ``lse = (m + log2(row sum)) · ln 2``;
+   a NaN/+inf row maximum or a non-finite output element is reported in ``status`` (the NaN
+   policy's case, which the caller reruns on the general kernels).
 
 Items are dealt round-robin to ``nchunks`` chunks; :func:`forward_chunk` runs one chunk and
 releases the GIL, so ``_launch.run_chunks`` runs chunks in Python threads, the caller taking
@@ -37,167 +39,20 @@ from numba import njit
 from ._cpu_primitives import LN2, LOG2E, _dropout_keep, _exp2_shifted, _matmul
 
 
-@njit(cache=True)
-def _item(
-    b,
-    hk,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    group,
-    Lq,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    dropout_p,
-    dropout_key,
-    ST,
-    N,
-    zeros,
-    PV,
-    lo,
-    hi,
-    m,
-    row_sum,
-):
-    """Every row of item ``(b, hk)``: ``out[b, hk] (R, Dv)`` and ``lse[b, hk] (R,)``."""
-    R = q.shape[2]
-    Hq = q.shape[1] * group
-    Lk = k.shape[2]
-    Dv = v.shape[3]
-    qlen = q_lens[b]
-    kvlen = kv_lens[b]
-    off = kvlen - qlen  # query i sits at key position i + off (bottom-right)
-    # the keys each row can see by lengths, causal and window: [lo, hi]
-    nk = 0
-    for r in range(R):
-        i = r % Lq
-        if i >= qlen:
-            lo[r] = 1
-            hi[r] = 0
-            continue
-        p = i + off
-        top = kvlen - 1
-        if causal == 1:
-            top = min(top, p)
-        elif causal == 2:
-            top = min(top, i)
-        if right >= 0:
-            top = min(top, p + right)
-        bottom = 0
-        if left >= 0:
-            bottom = max(bottom, p - left)
-        lo[r] = bottom
-        hi[r] = top
-        nk = max(nk, top + 1)
-    if nk <= 0:
-        out[b, hk] = 0.0
-        lse[b, hk] = -np.inf
-        return
-    # Only keys [0, nk) are read: padding past kv_lengths (even NaN) never enters a GEMM.
-    # Scores row-major, S (R, nk): a row's softmax runs over contiguous keys.
-    S = ST[: R * nk].reshape(R, nk)
-    _matmul(q[b, hk], k[b, hk, :nk].T, S)
-    simple = softcap <= 0.0 and not has_bias and not has_alibi and scale > 0.0
-    if not simple:
-        for r in range(R):
-            h = hk * group + r // Lq
-            i = r % Lq
-            row = S[r]
-            slope = slopes[b, h] if has_alibi else 0.0
-            for c in range(nk):
-                s = row[c] * scale
-                if softcap > 0.0:
-                    s = softcap * math.tanh(s / softcap)
-                if has_bias and i < qlen:
-                    s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + c * bstr[3]]
-                if has_alibi:
-                    s -= slope * abs(i + off - c)
-                row[c] = s * LOG2E
-    # masks: keys outside the row's interval, then segments and the dense mask inside it
-    for r in range(R):
-        row = S[r]
-        for c in range(min(lo[r], nk)):
-            row[c] = -np.inf
-        for c in range(max(hi[r] + 1, 0), nk):
-            row[c] = -np.inf
-    if has_seg or has_dense_mask:
-        for r in range(R):
-            h = hk * group + r // Lq
-            i = r % Lq
-            row = S[r]
-            for c in range(max(lo[r], 0), hi[r] + 1):
-                vis = True
-                if has_seg:
-                    vis = q_seg[b, i] == kv_seg[b, c]
-                if vis and has_dense_mask:
-                    vis = mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + c * mstr[3]] != 0
-                if not vis:
-                    row[c] = -np.inf
-    # softmax in base 2: P = 2^(S·c2 − m), m the row max in the same units
-    c2 = scale * LOG2E if simple else 1.0
-    _rows_max_shift(S, m, c2)
-    _exp2_shifted(S, N[: R * nk].reshape(R, nk), 1.0, zeros[:nk])
-    _rows_sum(S, row_sum)  # before dropout: the normalizer is the full softmax's
-    if dropout_p > 0.0:
-        inv_keep = 1.0 / (1.0 - dropout_p)
-        for r in range(R):
-            h = hk * group + r // Lq
-            i = r % Lq
-            row = S[r]
-            for c in range(nk):
-                if _dropout_keep(dropout_key, dropout_p, b, h, i, c, Hq, Lq, Lk):
-                    row[c] *= inv_keep
-                else:
-                    row[c] = 0.0
-    _matmul(S, v[b, hk, :nk], PV)
-    for r in range(R):
-        if m[r] == np.inf:  # a score overflowed to +inf: NaN marks the row for the general path
-            out[b, hk, r] = np.nan
-            lse[b, hk, r] = np.nan
-        elif row_sum[r] > 0.0:
-            inv = 1.0 / row_sum[r]
-            orow = out[b, hk, r]
-            prow = PV[r]
-            for d in range(Dv):
-                orow[d] = prow[d] * inv
-            lse[b, hk, r] = (m[r] + math.log2(row_sum[r])) * LN2
-        else:
-            out[b, hk, r] = 0.0
-            lse[b, hk, r] = -np.inf
-
-
 # No "contract": an FMA would compute x·c2 − round(x·c2) for the max element, its rounding
 # error, which for logits of 1e12 is ~1e4 — 2^(±1e4) instead of 2^0.
 @njit(cache=True, fastmath={"nsz"})
-def _rows_max_shift(S, m, c2):
-    """``m[r] = c2 · max_c S[r, c]`` (0 for a row of −inf) and ``S[r] = S[r]·c2 − m[r]``."""
-    R, nk = S.shape
+def _rows_max_shift(F, R, nk, m, c2):
+    """``m[r] = c2 · max_c S[r, c]`` (0 for a row of −inf) and ``S[r] = S[r]·c2 − m[r]``
+    for ``S`` the ``(R, nk)`` block stored row-major in ``F``."""
     m[0] = c2
     c2t = m[0]  # c2 in the compute dtype, so the shift loop stays in it
     for r in range(R):
-        row = S[r]
-        mx = row[0]
+        base = r * nk
+        mx = F[base]
         nan = 0
         for c in range(nk):
-            x = row[c]
+            x = F[base + c]
             mx = x if x > mx else mx
             nan += x != x
         if nan or mx != mx:
@@ -205,103 +60,18 @@ def _rows_max_shift(S, m, c2):
         m[r] = mx * c2t if mx > -np.inf else 0.0
         mr = m[r]
         for c in range(nk):
-            row[c] = row[c] * c2t - mr
+            F[base + c] = F[base + c] * c2t - mr
 
 
 @njit(cache=True, fastmath={"nsz", "contract", "reassoc"})
-def _rows_sum(S, row_sum):
-    R, nk = S.shape
+def _rows_sum(F, R, nk, row_sum):
     for r in range(R):
-        row = S[r]
-        acc = row[0] - row[0]  # a zero of the compute dtype (row[0] is a finite probability)
+        base = r * nk
+        acc = F[base] - F[base]  # a zero of the compute dtype (a finite probability)
         for c in range(nk):
-            acc += row[c]
+            acc += F[base + c]
         row_sum[r] = acc
 
-
-@njit(cache=True)
-def _chunk(
-    chunk,
-    nchunks,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    group,
-    Lq,
-    q_lens,
-    kv_lens,
-    scale,
-    softcap,
-    bias,
-    bstr,
-    has_bias,
-    slopes,
-    has_alibi,
-    mask,
-    mstr,
-    has_dense_mask,
-    causal,
-    left,
-    right,
-    q_seg,
-    kv_seg,
-    has_seg,
-    dropout_p,
-    dropout_key,
-):
-    """Items ``chunk, chunk + nchunks, …`` with one set of scratch buffers."""
-    B, Hkv, R, D = q.shape
-    Lk = k.shape[2]
-    ST = np.empty(Lk * R, dtype=q.dtype)
-    N = np.empty(Lk * R, dtype=np.int32)
-    zeros = np.zeros(Lk, dtype=q.dtype)
-    PV = np.empty((R, v.shape[3]), dtype=q.dtype)
-    lo = np.empty(R, dtype=np.int64)
-    hi = np.empty(R, dtype=np.int64)
-    m = np.empty(R, dtype=q.dtype)
-    row_sum = np.empty(R, dtype=q.dtype)
-    for t in range(chunk, B * Hkv, nchunks):
-        _item(
-            t // Hkv,
-            t % Hkv,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            group,
-            Lq,
-            q_lens,
-            kv_lens,
-            scale,
-            softcap,
-            bias,
-            bstr,
-            has_bias,
-            slopes,
-            has_alibi,
-            mask,
-            mstr,
-            has_dense_mask,
-            causal,
-            left,
-            right,
-            q_seg,
-            kv_seg,
-            has_seg,
-            dropout_p,
-            dropout_key,
-            ST,
-            N,
-            zeros,
-            PV,
-            lo,
-            hi,
-            m,
-            row_sum,
-        )
 
 
 @njit(cache=True, nogil=True)
@@ -333,39 +103,147 @@ def forward_chunk(
     has_seg,
     dropout_p,
     dropout_key,
+    status,
     chunk,
     nchunks,
 ):
-    """Items ``chunk, chunk + nchunks, …`` (all of them with ``(0, 1)``); releases the GIL, so
-    chunks run side by side in Python threads (``_launch.run_chunks``)."""
-    _chunk(
-        chunk,
-        nchunks,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        group,
-        Lq,
-        q_lens,
-        kv_lens,
-        scale,
-        softcap,
-        bias,
-        bstr,
-        has_bias,
-        slopes,
-        has_alibi,
-        mask,
-        mstr,
-        has_dense_mask,
-        causal,
-        left,
-        right,
-        q_seg,
-        kv_seg,
-        has_seg,
-        dropout_p,
-        dropout_key,
-    )
+    """Items ``t = chunk, chunk + nchunks, …`` (all of them with ``(0, 1)``): for each,
+    every row of ``(b, hk) = divmod(t, Hkv)``, ``out[b, hk] (R, Dv)`` and ``lse[b, hk] (R,)``.
+    ``status[chunk]`` becomes 1 (and the chunk stops) where an item meets a non-finite score
+    or output: the NaN policy's case, which the caller reruns on the general kernels.
+
+    One function, the item inlined in the loop: a call per item passing its ~40 arrays cost
+    Numba an atomic reference-count increment and decrement per array (perf: 40 % of an
+    11 × 11 block's time).  Releases the GIL, so chunks run side by side in Python threads
+    (``_launch.run_chunks``).
+    """
+    B, Hkv, R, D = q.shape
+    Hq = Hkv * group
+    Lk = k.shape[2]
+    Dv = v.shape[3]
+    # scratch, once per chunk
+    ST = np.empty(Lk * R, dtype=q.dtype)
+    N = np.empty(Lk * R, dtype=np.int32)
+    zeros = np.zeros(Lk * R, dtype=q.dtype)
+    PV = np.empty((R, Dv), dtype=q.dtype)
+    lo = np.empty(R, dtype=np.int64)
+    hi = np.empty(R, dtype=np.int64)
+    m = np.empty(R, dtype=q.dtype)
+    row_sum = np.empty(R, dtype=q.dtype)
+    for t in range(chunk, B * Hkv, nchunks):
+        b = t // Hkv
+        hk = t % Hkv
+        qlen = q_lens[b]
+        kvlen = kv_lens[b]
+        off = kvlen - qlen  # query i sits at key position i + off (bottom-right)
+        # the keys each row can see by lengths, causal and window: [lo, hi]
+        nk = 0
+        for r in range(R):
+            i = r % Lq
+            if i >= qlen:
+                lo[r] = 1
+                hi[r] = 0
+                continue
+            p = i + off
+            top = kvlen - 1
+            if causal == 1:
+                top = min(top, p)
+            elif causal == 2:
+                top = min(top, i)
+            if right >= 0:
+                top = min(top, p + right)
+            bottom = 0
+            if left >= 0:
+                bottom = max(bottom, p - left)
+            lo[r] = bottom
+            hi[r] = top
+            nk = max(nk, top + 1)
+        if nk <= 0:
+            out[b, hk] = 0.0
+            lse[b, hk] = -np.inf
+            continue
+        # Only keys [0, nk) are read: padding past kv_lengths (even NaN) never enters a GEMM.
+        # Scores row-major, S (R, nk): a row's softmax runs over contiguous keys.  The loops
+        # index the flat F (S's memory) instead of taking row views: every view of an array
+        # costs Numba an atomic reference-count increment and decrement, which on an 11 × 11
+        # block took 40 % of the item's time (measured with perf).
+        n = R * nk
+        F = ST[:n]
+        S = F.reshape(R, nk)
+        _matmul(q[b, hk], k[b, hk, :nk].T, S)
+        simple = softcap <= 0.0 and not has_bias and not has_alibi and scale > 0.0
+        if not simple:
+            for r in range(R):
+                h = hk * group + r // Lq
+                i = r % Lq
+                base = r * nk
+                slope = slopes[b, h] if has_alibi else 0.0
+                for c in range(nk):
+                    s = F[base + c] * scale
+                    if softcap > 0.0:
+                        s = softcap * math.tanh(s / softcap)
+                    if has_bias and i < qlen:
+                        s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + c * bstr[3]]
+                    if has_alibi:
+                        s -= slope * abs(i + off - c)
+                    F[base + c] = s * LOG2E
+        # masks: keys outside the row's interval, then segments and the dense mask inside it
+        for r in range(R):
+            base = r * nk
+            for c in range(min(lo[r], nk)):
+                F[base + c] = -np.inf
+            for c in range(max(hi[r] + 1, 0), nk):
+                F[base + c] = -np.inf
+        if has_seg or has_dense_mask:
+            for r in range(R):
+                h = hk * group + r // Lq
+                i = r % Lq
+                base = r * nk
+                for c in range(max(lo[r], 0), hi[r] + 1):
+                    vis = True
+                    if has_seg:
+                        vis = q_seg[b, i] == kv_seg[b, c]
+                    if vis and has_dense_mask:
+                        vis = mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + c * mstr[3]] != 0
+                    if not vis:
+                        F[base + c] = -np.inf
+        # softmax in base 2: P = 2^(S·c2 − m), m the row max in the same units; the exp runs
+        # over the whole block as one row (its per-column shift is 0: the rows are shifted here)
+        c2 = scale * LOG2E if simple else 1.0
+        _rows_max_shift(F, R, nk, m, c2)
+        _exp2_shifted(F.reshape(1, n), N[:n].reshape(1, n), 1.0, zeros[:n])
+        _rows_sum(F, R, nk, row_sum)  # before dropout: the normalizer is the full softmax's
+        if dropout_p > 0.0:
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            for r in range(R):
+                h = hk * group + r // Lq
+                i = r % Lq
+                base = r * nk
+                for c in range(nk):
+                    if _dropout_keep(dropout_key, dropout_p, b, h, i, c, Hq, Lq, Lk):
+                        F[base + c] *= inv_keep
+                    else:
+                        F[base + c] = 0.0
+        _matmul(S, v[b, hk, :nk], PV)
+        # A NaN/+inf score, or a non-finite output (a NaN or ±inf value, seen or hidden behind a
+        # zero weight), is the NaN policy's case: the item reports it and the call reruns on the
+        # general path, which follows the policy pair by pair.  Finite inputs never take it.
+        bad = 0.0
+        for r in range(R):
+            if m[r] == np.inf:
+                status[chunk] = 1
+                return
+            elif row_sum[r] > 0.0:
+                inv = 1.0 / row_sum[r]
+                for d in range(Dv):
+                    o = PV[r, d] * inv
+                    out[b, hk, r, d] = o
+                    bad += o - o  # 0 for a finite o, NaN otherwise
+                lse[b, hk, r] = (m[r] + math.log2(row_sum[r])) * LN2
+            else:
+                for d in range(Dv):
+                    out[b, hk, r, d] = 0.0
+                lse[b, hk, r] = -np.inf
+        if bad != 0.0:
+            status[chunk] = 1
+            return

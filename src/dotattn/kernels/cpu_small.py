@@ -27,7 +27,7 @@ from .dropout import seed_key
 # One item's score block (R × Lk elements) must fit this: 64 Ki elements = 256 KiB float32.
 MAX_SCORES = 1 << 16
 # Fewer multiply-adds than this run in the caller's thread.
-PARALLEL_MIN_WORK = 1 << 21
+PARALLEL_MIN_WORK = 1 << 18
 # OpenBLAS runs a GEMM of M·N·K ≤ 64³ on the calling thread whatever its thread count
 # (interface/gemm.c: SMP_THRESHOLD_MIN · GEMM_MULTITHREAD_THRESHOLD), so our threads need no
 # BLAS limit below that.
@@ -106,36 +106,12 @@ def _pairwise(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
     return flat_pairwise(x, dtype)  # the general kernels' compact form of a broadcast mask/bias
 
 
-def _finite(x: np.ndarray) -> bool:
-    """No NaN/±inf in ``x``: one vectorized sum first (NaN and inf propagate)."""
-    if x.size == 0:
-        return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.sum(x)):
-            return True
-    return bool(np.isfinite(x).all())
-
-
-def inputs_finite(call: AttentionCall) -> bool:
-    """q (real rows), k and v (real keys), bias (−inf is a mask) and slopes all finite.
-
-    The NaN/Inf policy (``docs/semantics.md``: a NaN or +inf score makes its row NaN) is the
-    general kernels' job; calls with non-finite inputs go there.  The whole arrays are
-    summed first, so padding is only looked at when something is not finite.
-    """
-    q, k, v = call.q, call.k, call.v
-    if not (_finite(q) and _finite(k) and _finite(v)):
-        for b in range(call.B):
-            nq, nk = call.q_len(b), call.kv_len(b)
-            if not (_finite(q[b, :, :nq]) and _finite(k[b, :, :nk]) and _finite(v[b, :, :nk])):
-                return False
-    if call.bias is not None and not _finite(np.where(call.bias == -np.inf, 0, call.bias)):
-        return False
-    return call.alibi_slopes is None or _finite(call.alibi_slopes)
-
-
 def forward(call: AttentionCall, *, threads: int | None = None):
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype, or None for a call that
+    meets a non-finite score or output: the NaN policy (``docs/semantics.md``) is the general
+    kernels' job, so such calls rerun there.  The kernel notices them itself (a NaN/+inf row
+    maximum, a non-finite output element), which costs nothing where every value is finite —
+    unlike scanning q, k and v before the call.
 
     ``threads``: None = Numba's thread count; 1 forces the caller's thread (tests use both).
     """
@@ -203,6 +179,8 @@ def forward(call: AttentionCall, *, threads: int | None = None):
     nchunks = 1
     if threads != 1 and items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK:
         nchunks = min(num_threads() if threads is None else threads, items)
+    status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
+    args += (status,)
     # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on a
     # loaded machine waiting for descheduled BLAS threads cost 40× — measured).
     if Lk * R * max(D, Dv) > _BLAS_SINGLE_THREAD_MNK:
@@ -210,9 +188,6 @@ def forward(call: AttentionCall, *, threads: int | None = None):
             run_chunks(kernels.forward_chunk, args, nchunks)
     else:
         run_chunks(kernels.forward_chunk, args, nchunks)
+    if status.any():
+        return None
     return out.reshape(B, Hq, Lq, Dv), lse.reshape(B, Hq, Lq)
-
-
-def lse_ok(lse: np.ndarray) -> bool:
-    """Every LSE finite or −inf: no score overflowed to ±inf (the general kernels' policy case)."""
-    return _finite(lse) or bool(np.all(np.isfinite(lse) | (lse == -np.inf)))

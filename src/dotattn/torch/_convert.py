@@ -112,6 +112,7 @@ def from_numpy(x: np.ndarray) -> torch.Tensor:
 
 
 _LLVM_ORDER_CHECKED = False
+_TRITON_INSTALLED: bool | None = None
 
 
 def check_torch_llvm_order() -> None:
@@ -124,12 +125,16 @@ def check_torch_llvm_order() -> None:
     ``import tensorflow, torch._dynamo`` reproduces it without dotattn).  Loaded the other way
     round they coexist.  Passes once for good: after the first call Triton is loaded.
     """
-    global _LLVM_ORDER_CHECKED
+    global _LLVM_ORDER_CHECKED, _TRITON_INSTALLED
     if _LLVM_ORDER_CHECKED:
         return
-    import importlib.util
+    if _TRITON_INSTALLED is None:
+        # Looked up once: find_spec walks sys.path (≈ 140 µs), and calls that never reach a
+        # custom operator (the eager CPU path) never load Triton, so this runs on every call.
+        import importlib.util
 
-    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    if "triton" in sys.modules or not _TRITON_INSTALLED:
         _LLVM_ORDER_CHECKED = True  # nothing left to conflict
         return
     if "tensorflow" in sys.modules:

@@ -158,3 +158,69 @@ def test_info_shows_the_size_rule():
     row = next(r for r in dotattn.info() if r["name"] == "cpu")
     assert cpu_small.RULE in row["status"]
     assert f"{cpu_small.MAX_SCORES:,}" in cpu_small.RULE
+
+
+def test_strided_inputs_reuse_scratch_safely():
+    """Strided ("blhd") q/k/v are copied into per-thread scratch that the next call reuses:
+    earlier results stay intact, and threads running at once never share a buffer."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    cases = [rng.standard_normal((2, 9, 3, 16)).astype(np.float32) for _ in range(6)]
+    expected = [H.reference(x, x * 0.5, x * 0.25, layout="blhd")[0] for x in cases]
+    naive = [H.naive(x, x * 0.5, x * 0.25, layout="blhd")[0] for x in cases]
+    first = dotattn.attention(cases[0], cases[0] * 0.5, cases[0] * 0.25, layout="blhd", implementation="cpu")
+    kept = first.copy()
+    dotattn.attention(cases[1], cases[1] * 0.5, cases[1] * 0.25, layout="blhd", implementation="cpu")
+    np.testing.assert_array_equal(first, kept)  # the scratch is internal: outputs never alias it
+
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(i):
+        x = cases[i]
+        results[i] = [
+            dotattn.attention(x, x * 0.5, x * 0.25, layout="blhd", implementation="cpu") for _ in range(30)
+        ]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, outs in results.items():
+        for out in outs:
+            H.assert_close_to_reference(out, expected[i], naive[i], name=f"thread {i}")
+    assert len(results) == len(cases)
+
+
+@pytest.mark.parametrize(
+    "where, small_path",
+    [("none", True), ("q", False), ("k", False), ("v_visible", False), ("v_hidden", False), ("v_padding", True)],
+)
+def test_nonfinite_values_leave_the_small_path(where, small_path):
+    """The kernel reports a NaN score or a non-finite output itself (no pre-scan of q, k, v);
+    such calls rerun on the general path, which follows the NaN policy.  Padding past the
+    lengths is never read, so NaN there keeps the small path."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    if where == "q":
+        q[0, 1, 2, 3] = np.nan
+    elif where == "k":
+        k[0, 0, 1, 0] = np.nan
+    elif where == "v_visible":
+        v[0, 0, 0, 5] = np.inf
+    elif where == "v_hidden":
+        v[0, 1, 5, 2] = np.nan  # only the last row sees key 5; the others multiply it by p = 0 (no leak)
+    elif where == "v_padding":
+        v[0, :, 5] = np.nan
+    options = dict(causal=True, kv_lengths=np.array([5]) if where == "v_padding" else None)
+    call = semantics.normalize(q, k, v, **options)
+    results = cpu_small.forward(call)
+    assert (results is not None) is small_path
+    out = dotattn.attention(q, k, v, implementation="cpu", **options)
+    expected = dotattn.attention(q, k, v, implementation="numpy", **options)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=2e-5, atol=2e-6)

@@ -412,6 +412,40 @@ def _owned(g: np.ndarray, dtype) -> np.ndarray:
     return g if g.flags.writeable else g.copy()
 
 
+# One block call covers at most about this many bytes of query rows (whole K/V heads at a
+# time): the kernels copy their operands and allocate their results per call, so a block's
+# temporaries stay a few MiB instead of several query chunks of every head (1 MiB: a head
+# of 4096 rows × 64 in float32 per call, ≈ 0.1 s of kernel time on one core).
+_BLOCK_CALL_BYTES = 1 << 20
+
+
+def _head_groups(base, rows: int):
+    """``(query heads, K/V heads)`` slices of one block's calls: whole K/V heads with their
+    query heads (GQA groups stay together), as many per call as fit :data:`_BLOCK_CALL_BYTES`."""
+    g = base.group
+    per_kv_head = base.B * g * rows * max(base.D, base.Dv) * base.compute_dtype.itemsize
+    n = max(1, _BLOCK_CALL_BYTES // max(1, per_kv_head))
+    for j0 in range(0, base.Hkv, n):
+        j1 = min(base.Hkv, j0 + n)
+        yield slice(j0 * g, j1 * g), slice(j0, j1)
+
+
+def _block_calls(plan: _Plan, src: int, chunks):
+    """This rank's queries × rank ``src``'s keys as kernel calls: ``(q slice, k chunk, query
+    heads, K/V heads, call)``.  A head group is a block of the full problem (``h_start``): its
+    dropout counters and ALiBi slopes are those of its heads, so the numbers are the same."""
+    base = plan.base
+    for qs, kc, geom, changes in plan.blocks(src):
+        k, v = chunks[kc]
+        for hs, hks in _head_groups(base, qs.stop - qs.start):
+            ch = dict(changes)
+            if base.alibi_slopes is not None:
+                ch["alibi_slopes"] = base.alibi_slopes[:, hs]
+            g = dataclasses.replace(geom, h_start=hs.start, Hq=base.Hq)
+            call = semantics.block_call(base, g, q=base.q[:, hs, qs], k=k[:, hks], v=v[:, hks], **ch)
+            yield qs, kc, hs, hks, call
+
+
 def _ring_forward(plan: _Plan, torch_dtype):
     """``(out, lse)`` of this rank's queries, canonical, accumulation dtype (never rounded).
 
@@ -439,16 +473,14 @@ def _ring_forward(plan: _Plan, torch_dtype):
             nxt, nxt_np = bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P))
             works = _start(plan, [(cur, plan.next, _TAG_KV)], [(nxt, plan.prev, _TAG_KV)])
         chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
-        for qs, kc, geom, changes in plan.blocks(src):
-            k, v = chunks[kc]
-            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k, v=v, **changes)
+        for qs, kc, hs, _, call in _block_calls(plan, src, chunks):
             o, s, _ = api.run_forward(call, implementation=plan.implementation)
             o, s = o.astype(ct, copy=False), s.astype(ct, copy=False)
-            if qs.start in seen:
-                _merge_into(acc_out[:, :, qs], acc_lse[:, :, qs], o, s)
+            if (qs.start, hs.start) in seen:
+                _merge_into(acc_out[:, hs, qs], acc_lse[:, hs, qs], o, s)
             else:
-                seen.add(qs.start)
-                acc_out[:, :, qs], acc_lse[:, :, qs] = o, s
+                seen.add((qs.start, hs.start))
+                acc_out[:, hs, qs], acc_lse[:, hs, qs] = o, s
             del o, s, call
         del chunks
         if works:
@@ -494,39 +526,55 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
         # Accumulator t % 2 left at step t − 2 and that send was waited for at step t − 1: free.
         acc, acc_np = dkv_bufs.get(t % 2, _kv_elements(plan, src))
         in_works = []
-        if t > 0:  # what the previous holders of this shard accumulated: needed only after our compute
+        if t > 0:  # what the previous holders of this shard accumulated: needed from half the step on
             in_works = _start(plan, [], [(acc, plan.prev, _TAG_DKV)])
         else:
             acc_np[...] = 0
         dk, dv = _unpack(acc_np, B, Hkv, n_src, D, Dv)
         chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
-        local: dict = {}  # k chunk → this step's (dk, dv) for it, summed over blocks, while the accumulator travels
-        for qs, kc, geom, changes in plan.blocks(src):
-            k, v = chunks[kc]
-            call = semantics.block_call(base, geom, q=base.q[:, :, qs], k=k, v=v, **changes)
+        calls = list(_block_calls(plan, src, chunks))
+        # (k chunk, K/V heads) → calls left this step that add to it.  A part's sum over the
+        # step's blocks is added to the arriving accumulator only once complete (the same
+        # additions in the same order as one step-wide buffer, so the same bits); parts
+        # complete before the arrival are held.  The arrival is awaited after half the step's
+        # calls: it had half a step of compute to travel, and parts completing later (a
+        # zigzag step's second K chunk) go straight in instead of being held too.
+        left: dict = {}
+        for _, kc, _, hks, _ in calls:
+            left[kc, hks.start] = left.get((kc, hks.start), 0) + 1
+        held: dict = {}  # (k chunk, K/V heads) → [k slice, K/V heads, dk part, dv part]
+        arrived = t == 0  # step 0: our own shard, the accumulator starts here (zeroed)
+        for i, (qs, kc, hs, hks, call) in enumerate(calls):
+            calls[i] = None  # the call's views go with it
             gq, gk, gv, _ = api.run_backward(
-                call, out_c[:, :, qs], lse_c[:, :, qs], dout_c[:, :, qs], implementation=plan.implementation
+                call, out_c[:, hs, qs], lse_c[:, hs, qs], dout_c[:, hs, qs], implementation=plan.implementation
             )
-            dq[:, :, qs] += gq
+            dq[:, hs, qs] += gq
             del gq, call
-            ks = plan.k_slice(src, kc)
-            if t == 0:  # our own shard: nothing arrives, the accumulator starts here
-                dk[:, :, ks] += gk
-                dv[:, :, ks] += gv
-            elif kc in local:
-                local[kc][0] += gk
-                local[kc][1] += gv
+            key = (kc, hks.start)
+            left[key] -= 1
+            if t == 0:
+                dk[:, hks, plan.k_slice(src, kc)] += gk
+                dv[:, hks, plan.k_slice(src, kc)] += gv
+            elif key in held:
+                held[key][2] += gk
+                held[key][3] += gv
             else:
-                local[kc] = [_owned(gk, ct), _owned(gv, ct)]
+                held[key] = [plan.k_slice(src, kc), hks, _owned(gk, ct), _owned(gv, ct)]
             del gk, gv
-        del chunks
-        if in_works:
+            if not arrived and 2 * (i + 1) >= len(calls):
+                _wait(in_works, f"ring_attention backward: dK/dV from rank {plan.global_ranks[plan.prev]} (step {t})")
+                arrived = True
+            if arrived:
+                for done in [k for k in held if left[k] == 0]:
+                    ks, hk, gk, gv = held.pop(done)
+                    dk[:, hk, ks] += gk
+                    dv[:, hk, ks] += gv
+                    del gk, gv
+        if not arrived:  # a step without calls
             _wait(in_works, f"ring_attention backward: dK/dV from rank {plan.global_ranks[plan.prev]} (step {t})")
-            for kc, (gk, gv) in local.items():
-                ks = plan.k_slice(src, kc)
-                dk[:, :, ks] += gk
-                dv[:, :, ks] += gv
-        del local, dk, dv
+        del chunks, calls, held
+        del dk, dv
         # the previous step's accumulator left a whole compute ago: wait for it (no stall) so
         # at most one dK/dV buffer is in flight
         _wait(sending, "ring_attention backward: dK/dV send")

@@ -137,7 +137,64 @@ def case_missing_rank(rank, world, *, absent_rank=1, group_timeout=3, stage="joi
     return dict(type=None, seconds=time.monotonic() - start)
 
 
-CASES = {"run": case_run, "bad_input": case_bad_input, "missing_rank": case_missing_rank}
+def case_memory(rank, world, *, n=1024, Hq=4, Hkv=2, D=32, Dv=32, implementation="numpy"):
+    """Bytes the ring allocates on this rank (``tracemalloc``: the ring's message buffers and
+    the kernels' arrays are NumPy allocations), forward and backward, for shards of ``n``
+    positions; plus the largest peak of any one kernel call, measured the same way.  The test
+    compares them with the docs' accounting, whatever the number of ranks (steps)."""
+    import tracemalloc
+
+    from dotattn import api
+
+    L = n * world
+    q, k, v, dout = make_inputs(7, 1, Hq, Hkv, L, D, Dv, np.float32)
+    q, k, v, dout = (torch.from_numpy(np.ascontiguousarray(dd.shard(x, rank, world))) for x in (q, k, v, dout))
+
+    def once():
+        ts = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out = dd.ring_attention(*ts, causal=True, implementation=implementation)
+        return ts, out
+
+    ts, out = once()  # first calls (caches, imports) outside the measurement
+    out.backward(dout)
+    del ts, out
+    state = dict(outer=0, calls={"forward": 0, "backward": 0})
+
+    def measured(fn, kind):
+        def wrapper(*a, **kw):
+            cur, peak = tracemalloc.get_traced_memory()
+            state["outer"] = max(state["outer"], peak)
+            tracemalloc.reset_peak()
+            try:
+                return fn(*a, **kw)
+            finally:
+                _, peak = tracemalloc.get_traced_memory()
+                state["calls"][kind] = max(state["calls"][kind], peak - cur)
+                state["outer"] = max(state["outer"], peak)
+                tracemalloc.reset_peak()
+        return wrapper
+
+    real = api.run_forward, api.run_backward
+    api.run_forward, api.run_backward = measured(real[0], "forward"), measured(real[1], "backward")
+    ts = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = dd.ring_attention(*ts, causal=True, implementation=implementation)
+        fwd = max(state["outer"], tracemalloc.get_traced_memory()[1]) - base
+        tracemalloc.reset_peak()
+        state["outer"] = 0
+        before_bwd = tracemalloc.get_traced_memory()[0]
+        out.backward(dout)
+        bwd = max(state["outer"], tracemalloc.get_traced_memory()[1]) - before_bwd
+    finally:
+        tracemalloc.stop()
+        api.run_forward, api.run_backward = real
+    return dict(forward=fwd, backward=bwd, call_forward=state["calls"]["forward"],
+                call_backward=state["calls"]["backward"], n=q.shape[-2])
+
+
+CASES = {"run": case_run, "bad_input": case_bad_input, "missing_rank": case_missing_rank, "memory": case_memory}
 
 
 def main():

@@ -167,6 +167,30 @@ def check_messages(pool):
         assert len(fwd) == 2 * (world - 1) and len(bwd) == 2 * (world - 1) + 2 * world
 
 
+def check_memory(pool):
+    """Per-rank memory of a forward and a backward (bytes allocated, counted by ``tracemalloc``
+    on every rank: deterministic, not timed) within the accounting of docs/distributed.md —
+    output/dq, two K/V and two dK/dV message buffers, dK/dV parts held for half a step, one
+    kernel call's own peak, merge tiles — the same bound for every number of ranks, i.e. no
+    buffer per step.  And at least the message buffers: the count sees them."""
+    world = pool.world
+    B, Hq, Hkv, D, Dv, n = 1, 4, 2, 32, 32, 1024
+    results = pool.run("memory", n=n, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv)
+    f4 = 4  # float32 inputs, float32 accumulation
+    chunk = -(-n // 2)  # zigzag: two chunks per shard
+    out = B * Hq * n * Dv * f4
+    kv_message = B * Hkv * n * (D + Dv) * f4
+    held = B * Hkv * chunk * (D + Dv) * f4  # dK/dV parts of one K chunk
+    merge = 3 * min(dd._MERGE_TILE_BYTES, B * Hq * chunk * Dv * f4)
+    slack = 64 * 1024  # Python objects of the call (plans, views, works)
+    for rank, r in enumerate(results):
+        assert r["n"] == n
+        fwd_bound = out + B * Hq * n * f4 + 2 * kv_message + max(r["call_forward"], merge) + slack
+        bwd_bound = out + 2 * kv_message + 2 * kv_message + held + r["call_backward"] + slack  # dq + K/V + dK/dV
+        assert out + 2 * kv_message <= r["forward"] <= fwd_bound, (world, rank, r, fwd_bound)
+        assert out + 2 * kv_message <= r["backward"] <= bwd_bound, (world, rank, r, bwd_bound)
+
+
 def check_bad_input(pool):
     """Bad input on rank 1: it raises its own error, every other rank one that quotes it."""
     res = pool.run("bad_input", bad_rank=1, kind="shape")
@@ -210,10 +234,10 @@ def check_ulysses_head_rule(pool):
 # One test per world size runs its checks on one group: the group's start-up (P processes
 # importing torch) is paid once per world size, and each check still reports on its own.
 CHECKS = {
-    2: [check_float64_cases, check_every_backend, check_float32, check_disagreement, check_ulysses_head_rule,
-        check_missing_rank],  # last: it leaves a timed-out subgroup behind
-    3: [check_float64_cases, check_float32, check_messages, check_bad_input],
-    4: [check_float64_cases, check_messages],
+    2: [check_float64_cases, check_every_backend, check_float32, check_memory, check_disagreement,
+        check_ulysses_head_rule, check_missing_rank],  # last: it leaves a timed-out subgroup behind
+    3: [check_float64_cases, check_float32, check_messages, check_memory, check_bad_input],
+    4: [check_float64_cases, check_messages, check_memory],
 }
 
 

@@ -9,10 +9,12 @@ rows, so each K/V row is read once); items run on all cores; then the parts of e
 :func:`dotattn.merge_attention_states` (``src/dotattn/merge.py``), inlined here.  Nothing in
 an item depends on the batch, the capacity or the page layout, hence bitwise invariance.
 
-The cache is read in place through a flat 1-D view plus element strides (page, head, slot),
-16-bit caches as ``uint16`` converted to float32 row by row in L1 (bfloat16: a shift;
-float16: an LLVM fpext that vectorizes to vcvtph2ps).  Only positions
-below each sequence's length are read.
+The cache is read in place through a flat 1-D view plus element strides (page, head, slot):
+a chunk's keys (then values) are gathered into one contiguous block of the compute dtype,
+16-bit caches converted on the way (bfloat16: a shift; float16: an LLVM fpext that vectorizes
+to vcvtph2ps), and multiplied by BLAS — a GEMM streams the block at memory speed, where the
+earlier key-by-key dot products spent 85–100 ns per key.  Only positions below each
+sequence's length are read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
-from ._cpu_primitives import exp2_fraction
+from ._cpu_primitives import _np_matmul, exp2_fraction
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -59,19 +61,6 @@ def _half_to_float(typingctx, x):
         return context.cast(builder, value, signature.args[0], types.float32)
 
     return sig, codegen
-
-
-def _source(flat, row):
-    """Where a key/value row is read from: the cache itself (float caches) or ``row``
-    (16-bit caches, converted there); chosen by the cache's dtype when compiling."""
-    raise NotImplementedError("compiled only")
-
-
-@overload(_source, jit_options={"cache": _JIT_CACHE})
-def _source_overload(flat, row):
-    if flat.dtype == types.uint16:
-        return lambda flat, row: row
-    return lambda flat, row: flat
 
 
 # =================================================================================
@@ -146,159 +135,185 @@ def _row_max(s, i0, i1):
     return _row_max_fast(s, i0, i1), check != check
 
 
-# Helpers are inlined by hand below: a call per (row, key) with array views costs more than
-# the 64-element dot product it wraps (reference counting of the views).
+@njit(cache=_JIT_CACHE, fastmath={"nsz"})
+def _gather_rows(flat, st, table, ps, kind, b, hk, j0, n, width, dst):
+    """``dst[t·width : (t+1)·width]`` = the cache row of key ``j0 + t`` (sequence ``b``, K/V head
+    ``hk``), converted to ``dst``'s dtype, for ``t < n``: the chunk as one contiguous block.
+
+    The cache is read in place through ``flat`` and element strides ``st`` (page, head, slot);
+    (page, slot) advance by one per key (no integer division in the loop).  Unsigned offsets:
+    Numba adds no negative-index wraparound to them, so LLVM sees contiguous loads (signed
+    ones compiled to gathers, 4× slower).
+    """
+    bits = dst.view(np.uint32)  # 16-bit caches only (their blocks are float32)
+    pg = j0 // ps
+    slot = j0 - pg * ps
+    for t in range(n):
+        u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
+        o = np.uint64(t * width)
+        slot += 1
+        if slot == ps:
+            slot = 0
+            pg += 1
+        if kind == KIND_FLOAT:
+            for d in range(width):
+                dst[o + np.uint64(d)] = flat[u + np.uint64(d)]
+        elif kind == KIND_BF16:
+            for d in range(width):  # bfloat16 is the top half of a float32
+                bits[o + np.uint64(d)] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
+        else:
+            for d in range(width):  # float16: an fpext that LLVM vectorizes (vcvtph2ps)
+                dst[o + np.uint64(d)] = _half_to_float(flat[u + np.uint64(d)])
+
+
+def _gemm_in_place(a, flat, base, n, width, out, transpose):
+    """``out = a · blockᵀ`` (``transpose``) or ``a · block`` with ``block`` the ``(n, width)``
+    rows of a float cache at ``flat[base:]``, read in place (16-bit caches never come here)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_gemm_in_place, jit_options={"cache": _JIT_CACHE})
+def _gemm_in_place_overload(a, flat, base, n, width, out, transpose):
+    if flat.dtype == types.uint16:
+
+        def unreachable(a, flat, base, n, width, out, transpose):
+            pass  # 16-bit blocks are converted (gathered) first
+
+        return unreachable
+
+    def impl(a, flat, base, n, width, out, transpose):
+        block = flat[base : base + n * width].reshape(n, width)
+        if transpose:
+            _np_matmul(a, block.T, out)
+        else:
+            _np_matmul(a, block, out)
+
+    return impl
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _rows_in_place(kind, st, ps, width, j0, n):
+    """True where keys ``[j0, j0 + n)`` are ``n`` consecutive rows of one page of a float cache
+    (the contiguous layouts): BLAS then reads them where they are, with no gather."""
+    return kind == KIND_FLOAT and st[2] == width and j0 // ps == (j0 + n - 1) // ps
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _row_offset(st, table, ps, b, hk, j):
+    pg = j // ps
+    return table[b, pg] * st[0] + hk * st[1] + (j - pg * ps) * st[2]
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "reassoc"})
+def _all_finite(x, count):
+    """No NaN or ±inf in ``x[:count]`` (``x·0`` is 0 exactly for finite ``x``)."""
+    check = x[0] * 0.0
+    for i in range(count):
+        check += x[i] * 0.0
+    return check == 0.0
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+def _pv_skipping_zeros(p, R, n, vc, Dv, o):
+    """``o (R·Dv) += P · V`` key by key, skipping ``p = 0`` exactly: a chunk whose values are not
+    all finite must not let a hidden value in (``0 · NaN``) — the NaN policy."""
+    for t in range(n):
+        v0 = np.uint64(t * Dv)
+        for r in range(R):
+            pr = p[r * n + t]
+            if pr != 0.0:
+                o0 = np.uint64(r * Dv)
+                for d in range(Dv):
+                    o[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc,
 ):
     """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``.
 
     ``o_out (R, Dv)`` gets the chunk's normalized output, ``lse_out (R,)`` its LSE
     (−inf and 0 for a row that sees no key of the chunk).  Query row ``r`` is head
-    ``hk·G + r // Lq``, position ``pos0 + r % Lq``.  Scratch is 1-D and indexed by hand,
-    and helpers are written inline: LLVM vectorizes these loops, and a call per key with
-    array views costs more than the dot products.
+    ``hk·G + r // Lq``, position ``pos0 + r % Lq``.  ``kc``/``vc`` are scratch for the chunk's
+    keys and values (``SPLIT · D`` and ``SPLIT · Dv`` elements of the compute dtype).
+
+    1. gather the chunk's keys into ``kc`` (converted), ``S = Q · Kcᵀ`` by one BLAS GEMM;
+    2. per row: score chain, masks, max, ``P = exp(S − m)``, row sum (1-D loops, vectorized);
+    3. gather the values into ``vc``, ``O = P · Vc`` by one BLAS GEMM — or key by key, skipping
+       ``p = 0``, where a value is not finite (so a hidden NaN never enters a row);
+    4. normalize: ``o = O / l``, ``lse = m + log l``.
+    The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
+    the capacity or the page layout: the bits are the same wherever the sequence sits.
     """
     T = qf.dtype
-    zero = T.type(0)
     n = j1 - j0
-    s = np.empty(R * n, dtype=T)  # scores then probabilities, row r at [r·n, (r+1)·n)
-    row = np.empty(max(D, Dv), dtype=T)  # one cache row, converted
-    bits = row.view(np.uint32)  # 16-bit caches only (their rows are float32)
-    ibuf = np.empty(n, dtype=np.int32)
-    pg0 = j0 // ps
-    for side in range(2):
-        # side 0: scores from K; side 1: output from V (needs the probabilities in between)
-        if side == 1:
-            m_row = np.empty(R, dtype=T)
-            l_row = np.empty(R, dtype=T)
-            for r in range(R):
-                pos = pos0 + r % Lq
-                # keys of this chunk the row sees: t ∈ [tlo, thi) (the rules of
-                # semantics.AttentionCall.visible, solved for t)
-                tlo, thi = 0, n
-                if causal:
-                    thi = min(thi, pos - j0 + 1)
-                if left >= 0:
-                    tlo = max(tlo, pos - left - j0)
-                if right >= 0:
-                    thi = min(thi, pos + right - j0 + 1)
-                tlo = min(max(tlo, 0), n)
-                thi = min(max(thi, tlo), n)
-                r0 = r * n
-                if softcap > 0.0:
-                    for t in range(r0 + tlo, r0 + thi):
-                        s[t] = softcap * math.tanh(s[t] / softcap)
-                if has_alibi:
-                    slope = slopes[b, hk * G + r // Lq]
-                    for t in range(tlo, thi):
-                        s[r0 + t] -= slope * abs(pos - j0 - t)
-                for t in range(r0, r0 + tlo):
-                    s[t] = -np.inf
-                for t in range(r0 + thi, r0 + n):
-                    s[t] = -np.inf
-                if thi == tlo:
-                    m_row[r] = -np.inf
-                    l_row[r] = 0.0
-                    continue
-                m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
-                m_row[r] = m
-                l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
-                if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
-                    l_row[r] = np.nan
-            o = np.zeros(R * Dv, dtype=T)
-        flat = kflat if side == 0 else vflat
-        st = kst if side == 0 else vst
-        width = D if side == 0 else Dv
-        # (page, slot) advance by one per key: no integer division in the loop
-        pg, slot = pg0, j0 - pg0 * ps
-        for t in range(n):
-            base = table[b, pg] * st[0] + hk * st[1] + slot * st[2]
-            slot += 1
-            if slot == ps:
-                slot = 0
-                pg += 1
-            # ---- load one row, converted to the compute dtype ----
-            # Unsigned offsets: Numba adds no negative-index wraparound to them, so LLVM sees
-            # contiguous loads (signed ones compiled to gathers here, 4× slower).
-            u = np.uint64(base)
-            # float caches are read in place (src = flat at offset u); 16-bit rows are
-            # converted into ``row`` (src = row at offset 0)
-            src = _source(flat, row)
-            off = u if kind == KIND_FLOAT else np.uint64(0)
-            if kind == KIND_FLOAT:
-                pass
-            elif kind == KIND_BF16:
-                for d in range(width):  # bfloat16 is the top half of a float32
-                    bits[d] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
+    s = np.empty(R * max(n, 1), dtype=T)  # scores then probabilities, row r at [r·n, (r+1)·n)
+    ibuf = np.empty(max(n, 1), dtype=np.int32)
+    m_row = np.empty(R, dtype=T)
+    l_row = np.empty(R, dtype=T)
+    o = np.zeros(R * Dv, dtype=T)
+    if n > 0:
+        # ---- 1. scores ----
+        if _rows_in_place(kind, kst, ps, D, j0, n):
+            _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
+        else:
+            _gather_rows(kflat, kst, table, ps, kind, b, hk, j0, n, D, kc)
+            _np_matmul(qf.reshape(R, D), kc[: n * D].reshape(n, D).T, s.reshape(R, n))
+    # ---- 2. masks and softmax, row by row ----
+    for r in range(R):
+        pos = pos0 + r % Lq
+        # keys of this chunk the row sees: t ∈ [tlo, thi) (the rules of
+        # semantics.AttentionCall.visible, solved for t)
+        tlo, thi = 0, n
+        if causal:
+            thi = min(thi, pos - j0 + 1)
+        if left >= 0:
+            tlo = max(tlo, pos - left - j0)
+        if right >= 0:
+            thi = min(thi, pos + right - j0 + 1)
+        tlo = min(max(tlo, 0), n)
+        thi = min(max(thi, tlo), n)
+        r0 = r * n
+        if softcap > 0.0:
+            for t in range(r0 + tlo, r0 + thi):
+                s[t] = softcap * math.tanh(s[t] / softcap)
+        if has_alibi:
+            slope = slopes[b, hk * G + r // Lq]
+            for t in range(tlo, thi):
+                s[r0 + t] -= slope * abs(pos - j0 - t)
+        for t in range(r0, r0 + tlo):
+            s[t] = -np.inf
+        for t in range(r0 + thi, r0 + n):
+            s[t] = -np.inf
+        if thi == tlo:
+            m_row[r] = -np.inf
+            l_row[r] = 0.0
+            for t in range(r0, r0 + n):
+                s[t] = 0.0
+            continue
+        m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
+        m_row[r] = m
+        l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
+        if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
+            l_row[r] = np.nan
+    # ---- 3. P · V ----
+    if n > 0:
+        if _rows_in_place(kind, vst, ps, Dv, j0, n):
+            v0 = _row_offset(vst, table, ps, b, hk, j0)
+            if _all_finite(vflat[v0 : v0 + n * Dv], n * Dv):
+                _gemm_in_place(s.reshape(R, n), vflat, v0, n, Dv, o.reshape(R, Dv), False)
             else:
-                # float16: an fpext of half to float that LLVM vectorizes (vcvtph2ps)
-                for d in range(width):
-                    row[d] = _half_to_float(flat[u + np.uint64(d)])
-            if side == 0:
-                # ---- scores of this key for every folded row, four rows per pass over the
-                # row (it is loaded once for four FMAs) ----
-                r = 0
-                while r + 4 <= R:
-                    q0, q1, q2, q3 = np.uint64(r * D), np.uint64((r + 1) * D), np.uint64((r + 2) * D), np.uint64((r + 3) * D)
-                    a0 = zero
-                    a1 = zero
-                    a2 = zero
-                    a3 = zero
-                    for d in range(D):
-                        ud = np.uint64(d)
-                        x = src[off + ud]
-                        a0 += qf[q0 + ud] * x
-                        a1 += qf[q1 + ud] * x
-                        a2 += qf[q2 + ud] * x
-                        a3 += qf[q3 + ud] * x
-                    s[r * n + t] = a0
-                    s[(r + 1) * n + t] = a1
-                    s[(r + 2) * n + t] = a2
-                    s[(r + 3) * n + t] = a3
-                    r += 4
-                while r < R:
-                    acc = zero
-                    q0 = np.uint64(r * D)
-                    for d in range(D):
-                        acc += qf[q0 + np.uint64(d)] * src[off + np.uint64(d)]
-                    s[r * n + t] = acc
-                    r += 1
+                _gather_rows(vflat, vst, table, ps, kind, b, hk, j0, n, Dv, vc)
+                _pv_skipping_zeros(s, R, n, vc, Dv, o)
+        else:
+            _gather_rows(vflat, vst, table, ps, kind, b, hk, j0, n, Dv, vc)
+            if _all_finite(vc, n * Dv):
+                _np_matmul(s.reshape(R, n), vc[: n * Dv].reshape(n, Dv), o.reshape(R, Dv))
             else:
-                # ---- accumulate p · v, four rows per pass ----
-                r = 0
-                while r + 4 <= R:
-                    p0, p1, p2, p3 = s[r * n + t], s[(r + 1) * n + t], s[(r + 2) * n + t], s[(r + 3) * n + t]
-                    if p0 != 0.0 or p1 != 0.0 or p2 != 0.0 or p3 != 0.0:
-                        # invisible keys (p = 0) add nothing, not even 0·NaN
-                        o0, o1, o2, o3 = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
-                        if p0 != 0.0 and p1 != 0.0 and p2 != 0.0 and p3 != 0.0:
-                            for d in range(Dv):
-                                ud = np.uint64(d)
-                                x = src[off + ud]
-                                o[o0 + ud] += p0 * x
-                                o[o1 + ud] += p1 * x
-                                o[o2 + ud] += p2 * x
-                                o[o3 + ud] += p3 * x
-                        else:
-                            for rr in range(r, r + 4):
-                                p = s[rr * n + t]
-                                if p != 0.0:
-                                    oo = np.uint64(rr * Dv)
-                                    for d in range(Dv):
-                                        o[oo + np.uint64(d)] += p * src[off + np.uint64(d)]
-                    r += 4
-                while r < R:
-                    p = s[r * n + t]
-                    if p != 0.0:
-                        o0 = np.uint64(r * Dv)
-                        for d in range(Dv):
-                            o[o0 + np.uint64(d)] += p * src[off + np.uint64(d)]
-                    r += 1
+                _pv_skipping_zeros(s, R, n, vc, Dv, o)
+    # ---- 4. normalize ----
     for r in range(R):
         l = l_row[r]
         if l > 0.0 or l != l:  # a NaN sum (poisoned row) stays NaN, as in IEEE arithmetic
@@ -384,7 +399,7 @@ def _plan(kvlen, Lq, Hkv, split, causal, left, right):
 @njit(cache=_JIT_CACHE)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv,
+    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc,
 ):
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
@@ -414,7 +429,7 @@ def _item(
             qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R],
+        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc,
     )
 
 
@@ -453,9 +468,12 @@ def run_items(
     """Work items ``[it0, it1)``, each writing its own part: callers may run disjoint ranges
     on several threads (the GIL is released) and get the same bits as one thread."""
     Hkv = kst[3]
+    # the chunk's keys and values, gathered and converted: one block per thread, reused
+    kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
+    vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
     for it in range(it0, it1):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv)
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

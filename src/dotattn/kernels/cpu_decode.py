@@ -14,6 +14,7 @@ each item writes its own part, and parts are merged in a fixed order (tested).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import numpy as np
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
+from ._blas import ONE_BLAS_THREAD
 
 # Below this many bytes of K/V to read, one thread (≈ 200 µs at 20 GB/s) beats a parallel
 # launch; SmolLM2 at a 512-token context reads 0.8 MB per layer, at 4k 6.4 MB.
@@ -104,12 +106,16 @@ def decode(call: DecodeCall, reference: bool = False):
     )
     nbytes = int(kvlen.sum()) * call.Hkv * (call.D + Dv) * call.k_cache.itemsize
     workers = _workers()
-    if nbytes < PARALLEL_MIN_BYTES or workers == 1 or total < 2:
-        K.run_items(0, total, *common)
-    else:
-        # contiguous item ranges, one per core (items are of nearly equal size)
-        bounds = [total * w // workers for w in range(workers + 1)]
-        list(_pool().map(lambda w: K.run_items(bounds[w], bounds[w + 1], *common), range(workers)))
+    # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
+    # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
+    blas_limit = ONE_BLAS_THREAD if R * SPLIT_SIZE * max(call.D, Dv) > 64**3 else contextlib.nullcontext()
+    with blas_limit:
+        if nbytes < PARALLEL_MIN_BYTES or workers == 1 or total < 2:
+            K.run_items(0, total, *common)
+        else:
+            # contiguous item ranges, one per core (items are of nearly equal size)
+            bounds = [total * w // workers for w in range(workers + 1)]
+            list(_pool().map(lambda w: K.run_items(bounds[w], bounds[w + 1], *common), range(workers)))
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
 

@@ -9,8 +9,9 @@ alone: a NaN reaches exactly the rows that see it.
 The sweep runs on every backend, the opt-in and tensor ones included: ``jax`` (native JAX on
 NumPy calls, with blocks shrunk so that a 6-key row spans several blocks and a shifted last
 block) and ``triton`` (torch tensors; Triton's interpreter on CPU tensors where there is no
-GPU).  The interpreter is slow, so triton's backward runs a representative subset here (two
-hiding rules, every target and value) and the whole sweep under ``-m slow``.
+GPU).  Both are slow to start a new configuration (XLA compiles each one; the interpreter runs
+Python per tile operation), so their backward runs a representative subset here (two hiding
+rules, every target and value) and the whole sweep under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import dotattn
 
 BACKENDS = H.policy_backends()
 CASES = H.nonfinite_cases()
-# triton's backward in the default run: one rule that hides keys by position and one by mask
-TRITON_BACKWARD_RULES = ("causal", "bias_neginf")
+# jax's and triton's backward in the default run: one rule that hides keys by position and one
+# by a −inf bias (the other rules reach the same kernel code through the same visibility tile)
+SUBSET_BACKENDS = ("jax", "triton")
+SUBSET_BACKWARD_RULES = ("causal", "bias_neginf")
 
 
 @pytest.fixture(autouse=True)
@@ -85,13 +88,14 @@ def _backward(backend, q, k, v, out, lse, dout, opts):
 
 
 def _backward_params():
-    """(backend, case) pairs of the backward sweep: triton's subset unless ``-m slow``."""
+    """(backend, case) pairs of the backward sweep: jax's and triton's subset unless ``-m slow``."""
     params = []
     for backend in BACKENDS:
         for case in CASES:
             if case[1] == -np.inf and case[0] not in ("v", "bias"):
                 continue  # a −inf q/k/slope gives −inf/NaN scores: the forward sweep covers them
-            marks = [pytest.mark.slow] if backend == "triton" and case[2] not in TRITON_BACKWARD_RULES else []
+            slow = backend in SUBSET_BACKENDS and case[2] not in SUBSET_BACKWARD_RULES
+            marks = [pytest.mark.slow] if slow else []
             params.append(pytest.param(backend, case, marks=marks, id=f"{backend}-{_ids(case)}"))
     return params
 

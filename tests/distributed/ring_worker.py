@@ -78,7 +78,7 @@ def case_run(rank, world, *, fn="ring", data_seed=0, B=1, Hq=4, Hkv=2, L=24, D=8
         t.requires_grad_(True)
     group = None
     if group_timeout is not None:
-        group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+        group = _timed_group(world, group_timeout)
     call = dd.ring_attention if fn == "ring" else dd.ulysses_attention
     log = None
     if count:
@@ -97,10 +97,23 @@ def case_run(rank, world, *, fn="ring", data_seed=0, B=1, Hq=4, Hkv=2, L=24, D=8
     return result
 
 
+def _timed_group(world, seconds):
+    """A group whose short timeout is the fault under test, created by ranks that start together.
+
+    The ranks first meet on the default group (generous timeout): a case reaches each rank
+    at a different moment — on a loaded machine (load average 20 seen here) a rank can lag its
+    peers by seconds — and the subgroup's connection setup and the call's agreement are
+    bounded by the short timeout too, so without the meeting a late rank made the others
+    time out before the fault was reached (the test then saw a timeout instead of the
+    error it checks)."""
+    dist.barrier()
+    return dist.new_group(list(range(world)), timeout=timedelta(seconds=seconds))
+
+
 def case_bad_input(rank, world, *, bad_rank=1, kind="shape", group_timeout=20):
     """Rank ``bad_rank`` passes k with the wrong head dim (``kind="shape"``) or another
     ``causal`` than the others (``"options"``); every rank reports what it raised."""
-    group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+    group = _timed_group(world, group_timeout)
     q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
     k = torch.randn(1, 2, 8, 5 if rank == bad_rank and kind == "shape" else 4, dtype=torch.float64)
     causal = rank == bad_rank and kind == "options"
@@ -111,12 +124,15 @@ def case_bad_input(rank, world, *, bad_rank=1, kind="shape", group_timeout=20):
     return dict(type=None)
 
 
-def case_missing_rank(rank, world, *, absent_rank=1, group_timeout=3, stage="join"):
+def case_missing_rank(rank, world, *, absent_rank=1, group_timeout=3, stage="join", late_rank=None, late_s=0.0):
     """``absent_rank`` never joins (stage "join") or dies inside the ring (stage "ring"): the
-    others must raise within the group's timeout instead of hanging."""
+    others must raise within the group's timeout instead of hanging.  ``late_rank`` gets the
+    case ``late_s`` seconds after the others (as under heavy load)."""
     import time
 
-    group = dist.new_group(list(range(world)), timeout=timedelta(seconds=group_timeout))
+    if rank == late_rank:
+        time.sleep(late_s)
+    group = _timed_group(world, group_timeout)
     q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
     if rank == absent_rank and stage == "join":
         return dict(type="absent")
@@ -202,7 +218,10 @@ def main():
     conn = Client((host, port), authkey=os.environ["DOTATTN_TEST_AUTHKEY"].encode())
     try:
         store = dist.FileStore(store_file, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        # The default group bounds every wait of the cases that pass no group_timeout: as long as
+        # the test's own CASE_TIMEOUT (a hang still fails there), not less — under heavy load a
+        # rank's start-up or first call of a backend can lag its peer's by more than a minute.
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=300))
         conn.send(("ready", rank))
         while True:
             try:

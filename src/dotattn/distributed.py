@@ -19,8 +19,9 @@ the full sequence, through the semantics module's internal ``BlockGeometry``).
   sizes differ by at most one.
 
 Messages per rank and call (P ranks, shard of ``n_s`` positions on rank s; K/V shard
-``B·Hkv·n_s·(D+Dv)`` elements): forward ``P−1`` sends of K/V (input dtype); backward ``P−1``
-sends of K/V plus ``P`` sends of dK/dV (accumulation dtype) — see ``docs/distributed.md``.
+``B·Hkv·n_s·(D+Dv)`` elements): forward ``P−1`` K/V hops of two messages each, K then V
+(input dtype); backward the same plus ``P`` sends of dK/dV (accumulation dtype) — see
+``docs/distributed.md``.
 Each call also makes one ``all_gather_object`` of a small description of every rank's
 arguments (shapes, options, segment ids), so a rank with bad input makes every rank raise
 a clear error instead of leaving the others waiting.
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 SHARDINGS = ("zigzag", "contiguous")
-_TAG_KV, _TAG_DKV = 0, 1
+_TAG_K, _TAG_DKV, _TAG_V = 0, 1, 2
 
 
 class DistributedAttentionError(DotAttnError, RuntimeError):
@@ -154,13 +155,15 @@ def ring_message_sizes(lengths, B: int, Hkv: int, D: int, Dv: int, rank: int) ->
     """Elements of each point-to-point message ``rank`` sends in one ring call (the docs' formula).
 
     ``lengths[s]`` is rank s's shard length.  At step ``t`` a rank forwards the K/V shard
-    that started at rank ``(rank − t) mod P``: ``B·Hkv·n·(D+Dv)`` elements.  Forward: steps
-    0…P−2.  Backward: the same K/V sends, plus a dK/dV accumulator (same element count, in
-    the accumulation dtype) after every step 0…P−1.
+    that started at rank ``(rank − t) mod P`` as two messages: K, ``B·Hkv·n·D`` elements
+    (tag 0), then V, ``B·Hkv·n·Dv`` (tag 2), in the input dtype.  Forward: steps 0…P−2.
+    Backward: the same K/V sends, plus a dK/dV accumulator (``B·Hkv·n·(D+Dv)`` elements, in
+    the accumulation dtype, tag 1) after every step 0…P−1.
     """
     P = len(lengths)
-    kv = [B * Hkv * int(lengths[(rank - t) % P]) * (D + Dv) for t in range(P)]
-    return {"forward": kv[: P - 1], "backward_kv": kv[: P - 1], "backward_dkv": kv}
+    n = [int(lengths[(rank - t) % P]) for t in range(P)]
+    kv = [x for t in range(P - 1) for x in (B * Hkv * n[t] * D, B * Hkv * n[t] * Dv)]
+    return {"forward": kv, "backward_kv": list(kv), "backward_dkv": [B * Hkv * m * (D + Dv) for m in n]}
 
 
 # =================================================================================
@@ -319,8 +322,8 @@ def _kv_elements(plan: _Plan, s: int) -> int:
 
 
 class _Buffers:
-    """Two message buffers of the largest shard's size, allocated once per pass and used in
-    turn: one is computed on (and forwarded) while the next message arrives in the other.
+    """Two message buffers of the largest shard's size, allocated when first needed and used
+    in turn: one is computed on (and forwarded) while the next message arrives in the other.
 
     A step's message is the first ``E`` elements of its buffer (shards may differ in length).
     NumPy allocates them (so ``tracemalloc`` sees them: tests/distributed checks the bound);
@@ -332,50 +335,44 @@ class _Buffers:
         self.dtype = _np_dtype(torch_dtype)
         self.bufs: list = [None, None]
 
-    def get(self, i: int, n: int):
-        """``(tensor, array)`` views of the first ``n`` elements of buffer ``i``."""
+    def get(self, i: int, n: int) -> np.ndarray:
+        """The first ``n`` elements of buffer ``i``."""
         if self.bufs[i] is None:
             self.bufs[i] = np.empty(self.elements, dtype=self.dtype)
-        view = self.bufs[i][:n]
-        return _torch(view), view
+        return self.bufs[i][:n]
 
     def drop(self, i: int) -> None:
         """Buffer ``i`` holds nothing needed any more: free it now, not at the pass's end."""
         self.bufs[i] = None
 
 
-def _kv_chunks(plan: _Plan, flat: np.ndarray, src: int):
-    """Rank ``src``'s K/V message → ``[(k chunk, v chunk)]``, one pair per chunk of ``src``.
-
-    The message is chunk-major — ``k`` of every chunk, then ``v`` of every chunk, each
-    ``(B, Hkv, chunk, D)`` contiguous — so every block call gets contiguous K/V views and the
-    kernels take them as they are (a slice of a ``(B, H, n, D)`` shard along ``n`` is strided,
-    and the kernels would copy it for every block).
-    """
+def _kv_views(plan: _Plan, flat: np.ndarray, s: int):
+    """Rank ``s``'s K/V in a message buffer: ``(k, v)`` views, ``(B, Hkv, n_s, D)`` and ``(…, Dv)``."""
     base = plan.base
-    B, H, D, Dv = base.B, base.Hkv, base.D, base.Dv
-    sizes = [b - a for a, b in plan.bounds[src]]
-    ks, vs, off = [], [], 0
-    for m in sizes:
-        ks.append(flat[off : off + B * H * m * D].reshape(B, H, m, D))
-        off += B * H * m * D
-    for m in sizes:
-        vs.append(flat[off : off + B * H * m * Dv].reshape(B, H, m, Dv))
-        off += B * H * m * Dv
-    return list(zip(ks, vs))
+    return _unpack(flat, base.B, base.Hkv, plan.lengths[s], base.D, base.Dv)
 
 
-def _own_chunks(plan: _Plan):
-    """This rank's K/V chunks as views of its own inputs (no message: a one-rank ring)."""
+def _kv_messages(k: np.ndarray, v: np.ndarray, peer: int):
+    """The K/V hop: two messages, K then V (each its own contiguous array: a rank's own K and
+    V go out of the caller's memory, with no packing copy)."""
+    return [(_torch(k), peer, _TAG_K), (_torch(v), peer, _TAG_V)]
+
+
+def _chunks(plan: _Plan, k: np.ndarray, v: np.ndarray, src: int):
+    """Rank ``src``'s K/V → ``[(k chunk, v chunk)]`` views, one pair per chunk of ``src``."""
+    return [(k[:, :, la : la + b - a], v[:, :, la : la + b - a]) for a, b, la in plan.local_ranges(src)]
+
+
+def _pack_kv(plan: _Plan, bufs: _Buffers):
+    """This rank's K and V as its first messages: the caller's memory when it is contiguous
+    (``"bhld"`` shards), else a copy into message buffer 0 (``"blhd"`` gives strided views)."""
     base = plan.base
-    return [(base.k[:, :, la : la + b - a], base.v[:, :, la : la + b - a]) for a, b, la in plan.local_ranges(plan.rank)]
-
-
-def _pack_kv(plan: _Plan, flat: np.ndarray) -> None:
-    """This rank's K and V into its message buffer ``flat``, chunk-major (see :func:`_kv_chunks`)."""
-    for (k, v), (kc, vc) in zip(_own_chunks(plan), _kv_chunks(plan, flat, plan.rank)):
-        kc[...] = k
-        vc[...] = v
+    if all(x.flags.c_contiguous and x.flags.writeable for x in (base.k, base.v)):
+        return base.k, base.v
+    k, v = _kv_views(plan, bufs.get(0, _kv_elements(plan, plan.rank)), plan.rank)
+    k[...] = base.k
+    v[...] = base.v
+    return k, v
 
 
 # A merge of partial outputs runs on tiles of about this many bytes of output: its temporaries
@@ -462,17 +459,14 @@ def _ring_forward(plan: _Plan, torch_dtype):
     seen = set()  # query chunks with a part already: the first part is copied, not merged
     P = plan.P
     bufs = _Buffers(max(_kv_elements(plan, s) for s in range(P)), torch_dtype)
-    cur = cur_np = None
-    if P > 1:
-        cur, cur_np = bufs.get(0, _kv_elements(plan, plan.rank))
-        _pack_kv(plan, cur_np)
+    k, v = _pack_kv(plan, bufs) if P > 1 else (base.k, base.v)
     for t in range(P):
         src = (plan.rank - t) % P
         works = []
         if t < P - 1:  # the next shard travels while this one is computed
-            nxt, nxt_np = bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P))
-            works = _start(plan, [(cur, plan.next, _TAG_KV)], [(nxt, plan.prev, _TAG_KV)])
-        chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
+            k_next, v_next = _kv_views(plan, bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P)), (src - 1) % P)
+            works = _start(plan, _kv_messages(k, v, plan.next), _kv_messages(k_next, v_next, plan.prev))
+        chunks = _chunks(plan, k, v, src)
         for qs, kc, hs, _, call in _block_calls(plan, src, chunks):
             o, s, _ = api.run_forward(call, implementation=plan.implementation)
             o, s = o.astype(ct, copy=False), s.astype(ct, copy=False)
@@ -485,9 +479,10 @@ def _ring_forward(plan: _Plan, torch_dtype):
         del chunks
         if works:
             _wait(works, f"ring_attention forward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
-            cur, cur_np = nxt, nxt_np
+            k, v = k_next, v_next
             if t == P - 2:  # the last step only computes: the buffer just sent is done with
                 bufs.drop(t % 2)
+        del works
     return acc_out, acc_lse
 
 
@@ -511,27 +506,25 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
     most = max(_kv_elements(plan, s) for s in range(P))
     kv_bufs, dkv_bufs = _Buffers(most, torch_dtype), _Buffers(most, torch_ct)
     dq = np.zeros((B, base.Hq, base.Lq, D), dtype=ct)
-    cur = cur_np = None
-    if P > 1:
-        cur, cur_np = kv_bufs.get(0, _kv_elements(plan, plan.rank))
-        _pack_kv(plan, cur_np)
+    k, v = _pack_kv(plan, kv_bufs) if P > 1 else (base.k, base.v)
     sending = []  # the dK/dV accumulator sent after the previous step
     for t in range(P):
         src = (plan.rank - t) % P
         n_src = plan.lengths[src]
         kv_works = []
         if t < P - 1:
-            nxt, nxt_np = kv_bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P))
-            kv_works = _start(plan, [(cur, plan.next, _TAG_KV)], [(nxt, plan.prev, _TAG_KV)])
+            k_next, v_next = _kv_views(plan, kv_bufs.get((t + 1) % 2, _kv_elements(plan, (src - 1) % P)), (src - 1) % P)
+            kv_works = _start(plan, _kv_messages(k, v, plan.next), _kv_messages(k_next, v_next, plan.prev))
         # Accumulator t % 2 left at step t − 2 and that send was waited for at step t − 1: free.
-        acc, acc_np = dkv_bufs.get(t % 2, _kv_elements(plan, src))
+        acc_np = dkv_bufs.get(t % 2, _kv_elements(plan, src))
+        acc = _torch(acc_np)
         in_works = []
         if t > 0:  # what the previous holders of this shard accumulated: needed from half the step on
             in_works = _start(plan, [], [(acc, plan.prev, _TAG_DKV)])
         else:
             acc_np[...] = 0
         dk, dv = _unpack(acc_np, B, Hkv, n_src, D, Dv)
-        chunks = _kv_chunks(plan, cur_np, src) if P > 1 else _own_chunks(plan)
+        chunks = _chunks(plan, k, v, src)
         calls = list(_block_calls(plan, src, chunks))
         # (k chunk, K/V heads) → calls left this step that add to it.  A part's sum over the
         # step's blocks is added to the arriving accumulator only once complete (the same
@@ -582,16 +575,17 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
         del acc, acc_np
         if kv_works:
             _wait(kv_works, f"ring_attention backward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
-            cur, cur_np = nxt, nxt_np
+            k, v = k_next, v_next
             if t == P - 2:
                 kv_bufs.drop(t % 2)
-    del cur, cur_np
+        del kv_works
+    del k, v
     kv_bufs.drop(0)
     kv_bufs.drop(1)
     # our own shard's accumulator comes home from the previous rank after its last step, into
     # the accumulator that left at step P − 2 (its send was waited for at step P − 1)
-    mine, mine_np = dkv_bufs.get(P % 2, _kv_elements(plan, plan.rank))
-    _wait(_start(plan, [], [(mine, plan.prev, _TAG_DKV)]), f"ring_attention backward: final dK/dV from rank "
+    mine_np = dkv_bufs.get(P % 2, _kv_elements(plan, plan.rank))
+    _wait(_start(plan, [], [(_torch(mine_np), plan.prev, _TAG_DKV)]), f"ring_attention backward: final dK/dV from rank "
           f"{plan.global_ranks[plan.prev]}")
     _wait(sending, "ring_attention backward: dK/dV sends")
     dkv_bufs.drop((P + 1) % 2)

@@ -156,21 +156,27 @@ def check_messages(pool):
     for rank, res in enumerate(results):
         want = dd.ring_message_sizes(lengths, B, Hkv, D, Dv, rank)
         fwd, bwd = res["messages"]["forward"], res["messages"]["backward"]
-        recv_sizes = [B * Hkv * lengths[(rank - t - 1) % world] * (D + Dv) for t in range(world)]
-        assert [m for m in fwd if m[0] == "send"] == [("send", n, "torch.float32", 0) for n in want["forward"]]
-        assert [m for m in fwd if m[0] == "recv"] == [("recv", n, "torch.float32", 0) for n in recv_sizes[: world - 1]]
-        assert [m for m in bwd if m[0] == "send" and m[3] == 0] == [("send", n, "torch.float32", 0) for n in want["backward_kv"]]
+        kv_tags = [0, 2] * (world - 1)  # K then V at every hop
+        kv_sends = [("send", n, "torch.float32", tag) for n, tag in zip(want["forward"], kv_tags)]
+        # K/V received at step t: the shard of rank (rank − t − 1) mod P, K then V
+        kv_recvs = [("recv", B * Hkv * lengths[(rank - t - 1) % world] * d, "torch.float32", tag)
+                    for t in range(world - 1) for d, tag in ((D, 0), (Dv, 2))]
+        assert [m for m in fwd if m[0] == "send"] == kv_sends
+        assert [m for m in fwd if m[0] == "recv"] == kv_recvs
+        assert want["backward_kv"] == want["forward"]
+        assert [m for m in bwd if m[0] == "send" and m[3] != 1] == kv_sends
+        assert [m for m in bwd if m[0] == "recv" and m[3] != 1] == kv_recvs
         assert [m for m in bwd if m[0] == "send" and m[3] == 1] == [("send", n, "torch.float32", 1) for n in want["backward_dkv"]]
         # dK/dV received: the shard held at steps 1…P−1, then this rank's own coming home
         dkv_in = [B * Hkv * lengths[(rank - t) % world] * (D + Dv) for t in range(1, world + 1)]
         assert [m for m in bwd if m[0] == "recv" and m[3] == 1] == [("recv", n, "torch.float32", 1) for n in dkv_in]
-        assert len(fwd) == 2 * (world - 1) and len(bwd) == 2 * (world - 1) + 2 * world
+        assert len(fwd) == 4 * (world - 1) and len(bwd) == 4 * (world - 1) + 2 * world
 
 
 def check_memory(pool):
     """Per-rank memory of a forward and a backward (bytes allocated, counted by ``tracemalloc``
     on every rank: deterministic, not timed) within the accounting of docs/distributed.md —
-    output/dq, two K/V and two dK/dV message buffers, dK/dV parts held for half a step, one
+    output/dq, two K/V (one at P = 2) and two dK/dV message buffers, dK/dV parts held for half a step, one
     kernel call's own peak, merge tiles — the same bound for every number of ranks, i.e. no
     buffer per step.  And at least the message buffers: the count sees them."""
     world = pool.world
@@ -183,11 +189,12 @@ def check_memory(pool):
     held = B * Hkv * chunk * (D + Dv) * f4  # dK/dV parts of one K chunk
     merge = 3 * min(dd._MERGE_TILE_BYTES, B * Hq * chunk * Dv * f4)
     slack = 64 * 1024  # Python objects of the call (plans, views, works)
+    kv_buffers = min(2, world - 1)  # a rank's own K/V goes out of its own memory: P = 2 needs one
     for rank, r in enumerate(results):
         assert r["n"] == n
-        fwd_bound = out + B * Hq * n * f4 + 2 * kv_message + max(r["call_forward"], merge) + slack
-        bwd_bound = out + 2 * kv_message + 2 * kv_message + held + r["call_backward"] + slack  # dq + K/V + dK/dV
-        assert out + 2 * kv_message <= r["forward"] <= fwd_bound, (world, rank, r, fwd_bound)
+        fwd_bound = out + B * Hq * n * f4 + kv_buffers * kv_message + max(r["call_forward"], merge) + slack
+        bwd_bound = out + kv_buffers * kv_message + 2 * kv_message + held + r["call_backward"] + slack  # dq, K/V, dK/dV
+        assert out + kv_buffers * kv_message <= r["forward"] <= fwd_bound, (world, rank, r, fwd_bound)
         assert out + 2 * kv_message <= r["backward"] <= bwd_bound, (world, rank, r, bwd_bound)
 
 

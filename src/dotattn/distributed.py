@@ -158,12 +158,13 @@ def ring_message_sizes(lengths, B: int, Hkv: int, D: int, Dv: int, rank: int) ->
     that started at rank ``(rank − t) mod P`` as two messages: K, ``B·Hkv·n·D`` elements
     (tag 0), then V, ``B·Hkv·n·Dv`` (tag 2), in the input dtype.  Forward: steps 0…P−2.
     Backward: the same K/V sends, plus a dK/dV accumulator (``B·Hkv·n·(D+Dv)`` elements, in
-    the accumulation dtype, tag 1) after every step 0…P−1.
+    the accumulation dtype, tag 1) after every step 0…P−1.  One rank sends nothing.
     """
     P = len(lengths)
     n = [int(lengths[(rank - t) % P]) for t in range(P)]
     kv = [x for t in range(P - 1) for x in (B * Hkv * n[t] * D, B * Hkv * n[t] * Dv)]
-    return {"forward": kv, "backward_kv": list(kv), "backward_dkv": [B * Hkv * m * (D + Dv) for m in n]}
+    dkv = [B * Hkv * m * (D + Dv) for m in n] if P > 1 else []  # one rank: nothing travels
+    return {"forward": kv, "backward_kv": list(kv), "backward_dkv": dkv}
 
 
 # =================================================================================
@@ -568,10 +569,11 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
             _wait(in_works, f"ring_attention backward: dK/dV from rank {plan.global_ranks[plan.prev]} (step {t})")
         del chunks, calls, held
         del dk, dv
-        # the previous step's accumulator left a whole compute ago: wait for it (no stall) so
-        # at most one dK/dV buffer is in flight
-        _wait(sending, "ring_attention backward: dK/dV send")
-        sending = _start(plan, [(acc, plan.next, _TAG_DKV)], [])
+        if P > 1:
+            # the previous step's accumulator left a whole compute ago: wait for it (no stall)
+            # so at most one dK/dV buffer is in flight
+            _wait(sending, "ring_attention backward: dK/dV send")
+            sending = _start(plan, [(acc, plan.next, _TAG_DKV)], [])
         del acc, acc_np
         if kv_works:
             _wait(kv_works, f"ring_attention backward: K/V from rank {plan.global_ranks[plan.prev]} (step {t + 1})")
@@ -582,13 +584,16 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
     del k, v
     kv_bufs.drop(0)
     kv_bufs.drop(1)
-    # our own shard's accumulator comes home from the previous rank after its last step, into
-    # the accumulator that left at step P − 2 (its send was waited for at step P − 1)
-    mine_np = dkv_bufs.get(P % 2, _kv_elements(plan, plan.rank))
-    _wait(_start(plan, [], [(_torch(mine_np), plan.prev, _TAG_DKV)]), f"ring_attention backward: final dK/dV from rank "
-          f"{plan.global_ranks[plan.prev]}")
-    _wait(sending, "ring_attention backward: dK/dV sends")
-    dkv_bufs.drop((P + 1) % 2)
+    if P == 1:  # a one-rank ring: the accumulator never left (gloo has no messages to oneself)
+        mine_np = dkv_bufs.get(0, _kv_elements(plan, plan.rank))
+    else:
+        # our own shard's accumulator comes home from the previous rank after its last step,
+        # into the accumulator that left at step P − 2 (its send was waited for at step P − 1)
+        mine_np = dkv_bufs.get(P % 2, _kv_elements(plan, plan.rank))
+        _wait(_start(plan, [], [(_torch(mine_np), plan.prev, _TAG_DKV)]),
+              f"ring_attention backward: final dK/dV from rank {plan.global_ranks[plan.prev]}")
+        _wait(sending, "ring_attention backward: dK/dV sends")
+        dkv_bufs.drop((P + 1) % 2)
     dk, dv = _unpack(mine_np, B, Hkv, plan.lengths[plan.rank], D, Dv)
     return dq, dk, dv
 

@@ -244,6 +244,7 @@ def check_ulysses_head_rule(pool):
 # One test per world size runs its checks on one group: the group's start-up (P processes
 # importing torch) is paid once per world size, and each check still reports on its own.
 CHECKS = {
+    1: [check_float64_cases],  # a one-rank group: no messages at all (gloo cannot send to itself)
     2: [check_float64_cases, check_every_backend, check_float32, check_memory, check_disagreement,
         check_ulysses_head_rule, check_missing_rank],  # last: it leaves a timed-out subgroup behind
     3: [check_float64_cases, check_float32, check_messages, check_memory, check_bad_input],

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -140,3 +141,23 @@ def test_precompile_command(capsys):
     assert cli.main(["precompile", "--dtypes", "float32"]) == 0  # loads what the test above made
     out = capsys.readouterr().out
     assert str(_cpu_cache.PRECOMPILED_DIR) in out and "forward float32" in out and "done in" in out
+
+
+def test_cache_entries_are_keyed_by_every_kernel_source(tmp_path):
+    """The kernels inline helpers from other files (``_cpu_primitives.py``): an edit to any of
+    them must change the key of every cached kernel, or processes load stale machine code."""
+    import shutil
+
+    here = Path(_cpu_cache.__file__).resolve().parent
+    for name in _cpu_cache.SOURCE_FILES:
+        shutil.copy(here / name, tmp_path / name)
+    before = _cpu_cache.sources_stamp(tmp_path)
+    assert _cpu_cache.sources_stamp(tmp_path) == before  # stable
+    helper = tmp_path / "_cpu_primitives.py"
+    helper.write_text(helper.read_text() + "\n# an edit to a shared helper\n")
+    assert _cpu_cache.sources_stamp(tmp_path) != before
+    # and the locator of a kernel file answers with that joint stamp
+    from dotattn.kernels import _cpu_kernels
+
+    locator = _cpu_cache.KernelCacheLocator(_cpu_kernels.forward.py_func, str(here / "_cpu_kernels.py"))
+    assert locator.get_source_stamp() == _cpu_cache.sources_stamp()

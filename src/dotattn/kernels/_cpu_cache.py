@@ -5,14 +5,17 @@ Numba compiles the kernels in ≈ 35 s (forward + backward); from its disk cache
 fresh environment has empty.  The kernels of :data:`KERNEL_FILES` (general, small-call and
 decode) are therefore cached in the package's own ``kernels/_precompiled/`` directory,
 whatever ``NUMBA_CACHE_DIR`` says: ``dotattn precompile`` (run by ``make install``) fills it, and
-every later process — fresh caches or not — loads from it.  Numba keys each entry by the
-source file's content hash, the signature and the CPU, so an edited kernel or another CPU
+every later process — fresh caches or not — loads from it.  Each entry is keyed by the
+content hash of all the kernels' source files (:data:`SOURCE_FILES`: they inline each
+other's helpers), the signature and the CPU, so an edited kernel or helper, or another CPU,
 compiles again (and adds its entry) instead of loading stale code.  A read-only package
 directory falls back to Numba's usual locations.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -26,8 +29,40 @@ PRECOMPILED_DIR = Path(os.environ.get("DOTATTN_PRECOMPILED_DIR") or Path(__file_
 KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py", "_cpu_decode_kernels.py")
 
 
+# What the compiled kernels are made of: the kernel files, and the modules whose jitted helpers
+# and constants they inline (the dropout hash, the option codes, the bfloat16 GEMM symbols).
+SOURCE_FILES = KERNEL_FILES + ("_cpu_options.py", "_cpu_isa.py", "dropout.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_hash(stamps: tuple) -> bytes:
+    digest = hashlib.sha256()
+    for path, _mtime, _size in stamps:
+        digest.update(Path(path).read_bytes())
+    return digest.digest()
+
+
+def sources_stamp(directory: Path | None = None) -> bytes:
+    """One hash of every file in :data:`SOURCE_FILES` (re-read when one changes on disk)."""
+    here = Path(directory) if directory is not None else Path(__file__).resolve().parent
+    stamps = []
+    for name in SOURCE_FILES:
+        st = os.stat(here / name)
+        stamps.append((str(here / name), st.st_mtime, st.st_size))
+    return _sources_hash(tuple(stamps))
+
+
 class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
-    """A Numba cache locator for the kernel files above: ``kernels/_precompiled/``."""
+    """A Numba cache locator for the kernel files above: ``kernels/_precompiled/``.
+
+    Numba keys an entry by its own source file's hash; these kernels inline helpers from
+    ``_cpu_primitives.py`` and others, so an edit there left every caller's cached machine
+    code stale (a fix to the shared exp did not reach the kernels).  Entries here are keyed
+    by all of :data:`SOURCE_FILES` instead.
+    """
+
+    def get_source_stamp(self):
+        return sources_stamp()
 
     def __init__(self, py_func, py_file):
         self._py_file = py_file

@@ -79,9 +79,12 @@ def _exp_row_f32(s, ibuf, n, m):
     # 2**f (_cpu_primitives.exp2_fraction, inlined), then k added to the exponent bits in an
     # integer-only loop over an int32 view (both loops branch-free, so both vectorize).
     # Relative error ≤ 2.2e-7; −inf and x < −126 give 0.
-    ml = np.float32(m * LOG2E)
+    # (s − m)·log2(e), subtracted first: exactly 0 at the maximum whatever its size (the
+    # fused s·log2(e) − m·log2(e) carried the product's rounding error, ulp(m)/2 — for
+    # scores ≈ 1e20 an exponent of ±1e13, which zeroed the row).
+    mf = np.float32(m)
     for t in range(n):
-        xc = max(s[t] * np.float32(LOG2E) - ml, np.float32(-127.0))
+        xc = max((s[t] - mf) * np.float32(LOG2E), np.float32(-127.0))
         k = np.floor(xc + np.float32(0.5))
         s[t] = exp2_fraction(xc - k)
         ibuf[t] = np.int32(k)

@@ -1,11 +1,12 @@
-"""Ring and Ulysses attention on 2, 3 and 4 gloo ranks equal one single-process call.
+"""Ring and Ulysses attention on 1, 2, 3 and 4 gloo ranks equal one single-process call.
 
 Every case runs forward and backward on all ranks of a group (``conftest.RankPool``, one per
 world size, reused), and the unsharded output, LSE and gradients of q, k, v are compared with
 :func:`dotattn.attention` on the full sequence in this process: float64 to ≤ 1e-10 (the
 dropout mask included — any differing bit would be an O(1) error), float32 by the 2×
 naive-error rule.  Then the messages each rank sends (counted by wrapping ``isend``/``irecv``)
-against the formula of ``docs/distributed.md``, and the faults: bad input on one rank, ranks
+against the formula of ``docs/distributed.md``, the bytes each rank allocates (``tracemalloc``)
+against its memory accounting, and the faults: bad input on one rank, ranks
 that disagree, a rank that never joins and one that dies inside the ring — every rank must
 raise a clear error within the group's timeout.
 """

@@ -304,8 +304,9 @@ def _torch(x: np.ndarray):
 
 
 def _unpack(buf_np: np.ndarray, B, H, n, D, Dv):
-    """A dK/dV accumulator → ``(dk, dv)`` views, ``(B, H, n, D)`` and ``(B, H, n, Dv)`` (the
-    gradients' own layout: the one that comes home is returned as it is)."""
+    """A K/V message buffer or a dK/dV accumulator → ``(k, v)`` / ``(dk, dv)`` views,
+    ``(B, H, n, D)`` and ``(B, H, n, Dv)`` (the shards' own layout: the accumulator that
+    comes home is returned as the gradients as it is)."""
     nk = B * H * n * D
     return buf_np[:nk].reshape(B, H, n, D), buf_np[nk : nk + B * H * n * Dv].reshape(B, H, n, Dv)
 
@@ -447,8 +448,8 @@ def _block_calls(plan: _Plan, src: int, chunks):
 def _ring_forward(plan: _Plan, torch_dtype):
     """``(out, lse)`` of this rank's queries, canonical, accumulation dtype (never rounded).
 
-    Memory (``docs/distributed.md``): the output and LSE accumulators, the two K/V message
-    buffers, and one block call's temporaries — nothing per step.
+    Memory (``docs/distributed.md``): the output and LSE accumulators, the K/V message
+    buffers (two; one at P = 2), and one block call's temporaries — nothing per step.
     """
     from . import api
 
@@ -457,7 +458,7 @@ def _ring_forward(plan: _Plan, torch_dtype):
     ct = base.compute_dtype
     acc_out = np.zeros((B, Hq, n, Dv), dtype=ct)
     acc_lse = np.full((B, Hq, n), -np.inf, dtype=ct)
-    seen = set()  # query chunks with a part already: the first part is copied, not merged
+    seen = set()  # (query chunk, heads) with a part already: the first part is copied, not merged
     P = plan.P
     bufs = _Buffers(max(_kv_elements(plan, s) for s in range(P)), torch_dtype)
     k, v = _pack_kv(plan, bufs) if P > 1 else (base.k, base.v)
@@ -490,9 +491,9 @@ def _ring_forward(plan: _Plan, torch_dtype):
 def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
     """``(dq, dk, dv)`` canonical, accumulation dtype.
 
-    Memory: dq, two K/V message buffers, two dK/dV accumulators (the one in flight to the
-    next rank and the one arriving from the previous), this step's block gradients of the
-    shard in hand, and one block call's temporaries.  dk/dv come back as views of this
+    Memory: dq, the K/V message buffers (two; one at P = 2), two dK/dV accumulators (the one
+    in flight to the next rank and the one arriving from the previous), the parts of this
+    step's dK/dV finished before the arriving one is awaited, and one block call's temporaries.  dk/dv come back as views of this
     rank's own accumulator once it is home (no copy).
     """
     import torch

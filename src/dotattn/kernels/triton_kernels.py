@@ -146,30 +146,42 @@ def _live_dot(a, live, pos, b, SIGNED: tl.constexpr):
     ``a`` (M, K) float32 is 0 off ``live``; a NaN/±inf of ``b`` (K, N) must not meet those
     zeros (0·NaN would leak a hidden value).  A finite ``b`` tile (the usual case, one check
     per tile) is one dot; otherwise the finite part is one dot and the non-finite entries are
-    added as IEEE would over the live pairs: NaN where a live pair meets NaN (or 0·inf, or
-    both infinities), else ±inf with the coefficient's sign.  ``SIGNED``: the sign is ``a``'s
-    own (dS); else ``a`` is a probability, positive exactly where ``pos`` says (visible, kept):
-    an underflowed 0 there still gives ±inf (as numpy_tiled.live_matmul).
+    added as IEEE would over the live pairs: NaN where a live pair meets NaN (or a zero
+    coefficient meets ±inf, or both infinities meet), else ±inf with the coefficient's sign.
+    ``SIGNED``: the sign is ``a``'s own (dS); else ``a`` is a probability, positive exactly
+    where ``pos`` says (visible, kept): an underflowed 0 there still gives ±inf (as
+    numpy_tiled.live_matmul).
+
+    The pair counts come from float16 dots of small integer codes (exact: counts ≤ K ≤ 255,
+    sums < 2**24 in the float32 accumulator), packed so that two dots (three for dS) do the
+    work — each extra dot costs the kernel shared memory, which sm_80 has little of.
     """
-    finite = (b == b) & (tl.abs(b.to(tl.float32)) != float("inf"))
+    bf = b.to(tl.float32)
+    finite = (bf - bf) == 0.0  # NaN for NaN and ±inf
     if tl.max((finite == 0).to(tl.int32)) > 0:
         out = tl.dot(a.to(b.dtype), tl.where(finite, b, 0.0).to(b.dtype), input_precision="ieee")
-        live_f = live.to(tl.float32)
-        nan_b = (b != b).to(tl.float32)
-        pinf = (b.to(tl.float32) == float("inf")).to(tl.float32)
-        ninf = (b.to(tl.float32) == float("-inf")).to(tl.float32)
+        is_nan = bf != bf
+        is_inf = (bf == float("inf")) | (bf == float("-inf"))
+        sign_code = tl.where(bf == float("inf"), 1.0, tl.where(bf == float("-inf"), 256.0, 0.0)).to(tl.float16)
         if SIGNED:
-            pos_f = (live & (a > 0)).to(tl.float32)
-            neg_f = (live & (a < 0)).to(tl.float32)
-            zero_f = (live & (a == 0)).to(tl.float32)
+            pos_m = live & (a > 0)
+            zero_m = live & (a == 0)
         else:
-            pos_f = (live & pos).to(tl.float32)
-            neg_f = live_f * 0.0
-            zero_f = (live & (pos == 0)).to(tl.float32)
-        nan = (tl.dot(live_f, nan_b, input_precision="ieee") > 0) | (
-            tl.dot(zero_f, pinf + ninf, input_precision="ieee") > 0)
-        up = (tl.dot(pos_f, pinf, input_precision="ieee") + tl.dot(neg_f, ninf, input_precision="ieee")) > 0
-        down = (tl.dot(pos_f, ninf, input_precision="ieee") + tl.dot(neg_f, pinf, input_precision="ieee")) > 0
+            pos_m = live & pos
+            zero_m = live & (pos == 0)
+        # Σ (live + 256·zero)·(nan + 256·inf) = n(live, NaN) + 256·(…) + 65536·n(zero, ±inf)
+        left = tl.where(zero_m, 257.0, tl.where(live, 1.0, 0.0)).to(tl.float16)
+        right = tl.where(is_nan, 1.0, tl.where(is_inf, 256.0, 0.0)).to(tl.float16)
+        codes = tl.dot(left, right, input_precision="ieee").to(tl.int32)
+        nan = ((codes & 255) > 0) | ((codes >> 16) > 0)
+        # Σ pos·(+inf + 256·−inf) = n(pos, +inf) + 256·n(pos, −inf)
+        signs = tl.dot(pos_m.to(tl.float16), sign_code, input_precision="ieee").to(tl.int32)
+        up = (signs & 255) > 0
+        down = (signs >> 8) > 0
+        if SIGNED:
+            neg = tl.dot((live & (a < 0)).to(tl.float16), sign_code, input_precision="ieee").to(tl.int32)
+            up = up | ((neg >> 8) > 0)  # −coefficient · −inf
+            down = down | ((neg & 255) > 0)
         out = tl.where(up, float("inf"), out)
         out = tl.where(down, float("-inf"), out)
         out = tl.where(nan | (up & down), float("nan"), out)

@@ -16,13 +16,18 @@ Reported (medians over ``--repeats`` rounds, after one warm-up round):
   the transfer overlapped with compute);
 * peak memory each pass needed above what the process held before it (``VmHWM − RSS``, the
   peak counter reset through ``/proc/self/clear_refs``), per rank vs the single process.
-  The workers run with glibc's mmap threshold fixed at 256 KiB (``MALLOC_MMAP_THRESHOLD_``):
-  every buffer past it is its own mapping, returned to the OS when freed, so RSS is what is
-  alive.  With glibc's default (a threshold that grows to the largest freed buffer, up to
-  32 MiB) a freed 16 MiB shard stays in the heap, the next round reuses it without raising
-  RSS, and the ranks' figures were meaningless (32 / 6 MiB for a forward that holds 120).
+  With ``--memory`` the workers run with glibc's mmap threshold fixed at 256 KiB
+  (``MALLOC_MMAP_THRESHOLD_``): every buffer past it is its own mapping, returned to the OS
+  when freed, so RSS is what is alive.  With glibc's default (a threshold that grows to the
+  largest freed buffer, up to 32 MiB) a freed 16 MiB shard stays in the heap, the next round
+  reuses it without raising RSS, and the ranks' figures are meaningless (32 / 6 MiB for a
+  forward that holds 120).  The fixed threshold costs a page fault per page of every fresh
+  large allocation, which slows both sides and the ring more (idle, 30 Nov: speedup 1.57× /
+  1.65× with it, 1.75× / 1.77× without): take times from a run without ``--memory``,
+  peaks from a run with it.
 
-    .venv/bin/python benchmarks/ring.py                      # L=16384, H=8, 3 rounds
+    .venv/bin/python benchmarks/ring.py                      # L=16384, H=8, 3 rounds: times
+    .venv/bin/python benchmarks/ring.py --memory --repeats 1 # the same: real per-rank peaks
     .venv/bin/python benchmarks/ring.py --L 4096 --repeats 2 --json
     .venv/bin/python benchmarks/ring.py --repeats 0                 # only the loopback bandwidth
 
@@ -178,8 +183,11 @@ def _bandwidth(mib: int, rank: int) -> float:
 
 def _spawn(role, rank, world, store, address, authkey_hex, args):
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DOTATTN_BENCH_AUTHKEY=authkey_hex,
-               MALLOC_MMAP_THRESHOLD_=str(256 * 1024))  # see the module docstring: peaks that mean something
+               OPENBLAS_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DOTATTN_BENCH_AUTHKEY=authkey_hex)
+    if args.memory:
+        # see the module docstring: peaks that mean something, at the price of a page fault
+        # per fresh large allocation (which slows both sides, the ring more: not for timing)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(256 * 1024)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", role, str(rank), str(world), store,
            address[0], str(address[1]), "--L", str(args.L), "--H", str(args.H), "--D", str(args.D),
            "--bandwidth-mib", str(args.bandwidth_mib)]
@@ -270,6 +278,9 @@ def main(argv=None) -> None:
     parser.add_argument("--implementation", default=None, help="local backend (default: dotattn's choice)")
     parser.add_argument("--bandwidth-mib", type=int, default=64, help="message size of the loopback bandwidth check")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="fix glibc's mmap threshold in the workers so that peak memory is real "
+                             "(slows large allocations: read the times of such a run with care)")
     parser.add_argument("--worker", nargs=6, metavar=("ROLE", "RANK", "WORLD", "STORE", "HOST", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

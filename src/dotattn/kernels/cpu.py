@@ -37,6 +37,7 @@ from . import cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ._cpu_options import Options, flat_pairwise
 from .dropout import seed_key
+from .numpy_tiled import all_finite as _all_finite  # one finiteness check for both backends
 
 NAME = "cpu"
 EXTRAS = ("score_mod", "mask_mod", "block_mask")
@@ -588,16 +589,6 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
 # pair by pair (calls with user score_mod/mask_mod, which NumPy cannot run, stay here);
 # NaN/+inf scores from finite inputs (overflow) are caught in the forward kernel
 # =================================================================================
-
-
-def _all_finite(x: np.ndarray) -> bool:
-    """No NaN/±inf in ``x``: one vectorized sum (NaN and inf propagate), exact check if it overflows."""
-    if x.size == 0:
-        return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.sum(x)):
-            return True
-    return bool(np.isfinite(x).all())
 
 
 def _real_rows_finite(x: np.ndarray, call: AttentionCall) -> bool:

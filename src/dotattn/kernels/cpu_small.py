@@ -128,10 +128,6 @@ def _contiguous(x: np.ndarray, dtype: np.dtype, slot: int) -> np.ndarray:
     return dst
 
 
-def _pairwise(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    return flat_pairwise(x, dtype)  # the general kernels' compact form of a broadcast mask/bias
-
-
 def forward(call: AttentionCall, *, threads: int | None = None):
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype, or None for a call that
     meets a non-finite score or output: the NaN policy (``docs/semantics.md``) is the general
@@ -159,9 +155,9 @@ def forward(call: AttentionCall, *, threads: int | None = None):
     bstr = mstr = strides
     kv_seg = q_seg
     if call.bias is not None:
-        bias, bstr = _pairwise(call.bias, T)
+        bias, bstr = flat_pairwise(call.bias, T)  # the general kernels' compact broadcast form
     if call.mask is not None:
-        mask, mstr = _pairwise(call.mask, np.uint8)
+        mask, mstr = flat_pairwise(call.mask, np.uint8)
     if call.alibi_slopes is not None:
         slopes = np.ascontiguousarray(call.alibi_slopes, dtype=T)
     if call.q_segment_ids is not None:

@@ -230,3 +230,30 @@ def test_device_append_writes_what_the_numpy_append_writes(page_size, rotary, co
     write_new_tensors(call, kc_t, vc_t, torch.from_numpy(k_new), torch.from_numpy(v_new), stored)
     np.testing.assert_array_equal(kc_t.numpy(), k_cache)  # NaN where nothing was written, on both sides
     np.testing.assert_array_equal(vc_t.numpy(), v_cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_cuda_cache_decodes_what_the_numpy_cache_decodes(page_size):
+    """A KVCache on the GPU (appends by write_new_tensors, attends through the triton decode
+    kernel) gives the NumPy cache's answer on the same prompts and steps."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    B, Hq, Hkv, D, L = 2, 6, 2, 16, 7
+    prompt = np.array([7, 3])
+    host = KVCache(B, Hkv, D, 32, page_size=page_size)
+    dev = KVCache(B, Hkv, D, 32, page_size=page_size, library="torch", device="cuda")
+    assert dev.k.device.type == "cuda"
+    k = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+    host.append(k, v, lengths=prompt)
+    dev.append(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda(), lengths=prompt)
+    for _ in range(3):
+        q, kn, vn = (rng.standard_normal((B, h, 1, D)).astype(np.float32) for h in (Hq, Hkv, Hkv))
+        out_h, lse_h = host.attend(q, kn, vn, return_lse=True)
+        with torch.no_grad():
+            out_d, lse_d = dev.attend(*(torch.from_numpy(x).cuda() for x in (q, kn, vn)), return_lse=True)
+        assert out_d.device.type == "cuda"
+        np.testing.assert_allclose(out_d.cpu().numpy(), out_h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse_d.cpu().numpy(), lse_h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(dev.lengths, host.lengths)

@@ -111,3 +111,37 @@ def test_inductor_compiles_around_the_custom_op():
 def test_info_says_cuda():
     row = dotattn.info()[0]
     assert row["name"] == "triton" and row["available"] and "CUDA" in row["status"]
+
+
+@pytest.mark.parametrize("huge", [1e12, 1e20])
+def test_huge_finite_logits_forward_and_backward(huge):
+    """A row whose largest score is ≈ 1e20 is an ordinary softmax on the GPU too.
+
+    The CPU kernels once lost such rows (0, LSE −inf) because ``s·c − m`` was fused into one
+    multiply-add that kept the rounding ``m`` lost; on a GPU the compiler fuses multiply-adds
+    by default, which Triton's interpreter (one rounding per operation) cannot show.
+    """
+    q = torch.ones(1, 1, 2, 4, device="cuda", requires_grad=True)
+    k = torch.ones(1, 1, 5, 4, device="cuda")
+    k[0, 0, 2] = huge  # key 2 scores D·huge·scale, far above the others
+    k.requires_grad_()
+    v = torch.arange(20.0, device="cuda").reshape(1, 1, 5, 4).requires_grad_()
+    out, lse = dtorch.attention(q, k, v, return_lse=True, implementation="triton")
+    torch.testing.assert_close(out[0, 0], v[0, 0, 2].expand(2, 4), rtol=0, atol=0)
+    torch.testing.assert_close(lse[0, 0], torch.full((2,), 2.0 * huge, device="cuda"), rtol=1e-6, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(v.grad[0, 0, 2], torch.full((4,), 2.0, device="cuda"), rtol=0, atol=0)
+    assert float(v.grad[0, 0, [0, 1, 3, 4]].abs().max()) == 0.0
+    assert bool(torch.isfinite(q.grad).all()) and bool(torch.isfinite(k.grad).all())
+
+
+def test_huge_finite_logits_decode():
+    k_cache = torch.ones(1, 1, 8, 4, device="cuda")
+    v_cache = torch.arange(32.0, device="cuda").reshape(1, 1, 8, 4)
+    k_cache[0, 0, 3] = 1e20
+    q = torch.ones(1, 2, 1, 4, device="cuda")
+    out, lse = dotattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_lengths=torch.tensor([6], device="cuda"), return_lse=True
+    )
+    torch.testing.assert_close(out[0, :, 0], v_cache[0, 0, 3].expand(2, 4), rtol=0, atol=0)
+    torch.testing.assert_close(lse[0, :, 0], torch.full((2,), 2e20, device="cuda"), rtol=1e-6, atol=0)

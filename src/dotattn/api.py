@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import semantics
-from .dispatch import OPTION_NAMES, backward_in_caller_layout, run_backward, run_forward
+from .dispatch import OPTION_NAMES, backward_in_caller_layout, find_plan, plan_forward, run_backward, run_forward
 from .errors import AttentionValueError
 from .frameworks import common_framework, frontend
 from .semantics import DEFAULT_MAX_WEIGHTS_BYTES, AttentionCall
@@ -99,6 +99,28 @@ def attention(
         and (bias is None or type(bias) is np.ndarray)
     ):
         # NumPy in (the common case): skip the framework detection and the options dict.
+        key = None
+        if (
+            mask is None
+            and bias is None
+            and alibi_slopes is None
+            and segment_ids is None
+            and seed is None
+            and not extras
+            and not return_weights
+        ):
+            # A call of a kind seen before reuses its plan: normalize()'s decisions, the backend
+            # and its set-up.  Only the lengths' values are checked again (semantics.rebind).
+            key = semantics.plan_key(
+                q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                layout=layout, has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
+                implementation=implementation,
+            )
+            if key is not None:
+                plan = find_plan(key)
+                if plan is not None:
+                    call = semantics.rebind(plan.template, q, k, v, q_lengths, kv_lengths)
+                    return _planned_results(call, plan.run(call), return_lse)
         call = semantics.normalize(
             q,
             k,
@@ -118,6 +140,10 @@ def attention(
             layout=layout,
             extras=extras,
         )
+        if key is not None and call.dropout_p == 0.0:
+            plan = plan_forward(key, call, implementation)
+            if plan is not None:
+                return _planned_results(call, plan.run(call), return_lse)
         return _forward_results(call, implementation, return_lse, return_weights, max_weights_bytes)
     options = dict(
         mask=mask,
@@ -149,6 +175,12 @@ def attention(
         )
     call = semantics.normalize(q, k, v, extras=extras, **options)
     return _forward_results(call, implementation, return_lse, return_weights, max_weights_bytes)
+
+
+def _planned_results(call: AttentionCall, results, return_lse):
+    """A planned forward's ``(out, lse)`` in the caller's layout (no weights: plans have none)."""
+    out = semantics.finalize_output(call, results[0])
+    return (out, semantics.finalize_lse(call, results[1])) if return_lse else out
 
 
 def _forward_results(call: AttentionCall, implementation, return_lse, return_weights, max_weights_bytes):

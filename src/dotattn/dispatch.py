@@ -57,6 +57,52 @@ def run_forward(
     return out, lse, weights
 
 
+class ForwardPlan:
+    """What repeated forwards of one kind reuse (:func:`plan_forward`): the normalized call
+    without its arrays (``semantics.call_template``) and the chosen backend's runner — the
+    dispatch decision, and whatever set-up the backend's ``forward_plan`` did once."""
+
+    __slots__ = ("template", "run")
+
+    def __init__(self, template, run):
+        self.template = template
+        self.run = run
+
+
+# Plans by ``semantics.plan_key``; cleared whole when full (a program makes few kinds of call).
+_PLANS: dict[tuple, ForwardPlan] = {}
+_MAX_PLANS = 256
+
+
+def find_plan(key: tuple) -> ForwardPlan | None:
+    """The plan made for calls of this ``semantics.plan_key``, if any."""
+    return _PLANS.get(key)
+
+
+def plan_forward(key: tuple, call: AttentionCall, implementation: str | None) -> ForwardPlan | None:
+    """A plan for calls of ``key``'s kind, made from ``call`` (``normalize()``'s result for one
+    of them) and kept; None for calls that get none (no query row: ``run_forward``'s case).
+
+    The backend is selected here as :func:`run_forward` selects it; a refused call raises
+    before anything is kept.  ``run(call)`` is the backend's ``forward`` or what its
+    ``forward_plan(call)`` returns.
+    """
+    if call.B * call.Hq * call.Lq == 0:
+        return None
+    backend = registry.select(call, implementation)
+    make = getattr(backend, "forward_plan", None)
+    plan = ForwardPlan(semantics.call_template(call), backend.forward if make is None else make(call))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every plan (tests that swap backends in the registry call this)."""
+    _PLANS.clear()
+
+
 def run_backward(
     call: AttentionCall,
     out: np.ndarray,

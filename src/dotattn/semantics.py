@@ -779,6 +779,117 @@ def normalize(
     )
 
 
+# =================================================================================
+# repeated calls: what normalize() decided once, reused for the next call of that kind
+# =================================================================================
+
+# Option values a plan key may hold: immutable, and (with their type in the key) equal only
+# when normalize() treats them alike.  Anything else (NumPy scalars, lists, arrays) is not
+# keyed, and the call takes normalize() every time.
+_KEYABLE = frozenset({type(None), bool, int, str})
+
+
+def _option_key(x: Any):
+    """A hashable stand-in for an option value, or ``_NOT_KEYABLE``.
+
+    The type is part of it: ``True == 1 == 1.0`` in Python, but ``causal=1`` is refused where
+    ``causal=True`` is not.  A float keys on its exact bits (``-0.0 != 0.0`` here; NaN equals
+    itself, and is refused by normalize() before any plan is made).
+    """
+    t = type(x)
+    if t in _KEYABLE:
+        return (t, x)
+    if t is float:
+        return (t, x.hex())
+    if t is tuple:
+        parts = tuple(_option_key(e) for e in x)
+        return _NOT_KEYABLE if _NOT_KEYABLE in parts else (t, parts)
+    return _NOT_KEYABLE
+
+
+_NOT_KEYABLE = object()
+
+
+def plan_key(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: Any,
+    window: Any,
+    scale: Any,
+    softcap: Any,
+    dropout_p: Any,
+    layout: Any,
+    has_q_lengths: bool,
+    has_kv_lengths: bool,
+    implementation: Any,
+) -> tuple | None:
+    """What :func:`normalize` decides from everything but array VALUES, as a dict key — or None.
+
+    For a call with no mask, bias, ALiBi slopes, segment ids, seed or backend extras (the
+    caller checks that), ``normalize(q, k, v, **options)`` depends on the shapes and dtypes of
+    q, k, v (strides never change a decision: backends read views of any layout), on the
+    option values keyed here, and on the VALUES of ``q_lengths``/``kv_lengths`` only through
+    the checks :func:`rebind` repeats.  Two calls with one key thus normalize to the same call
+    but for those arrays, which :func:`rebind` puts in.  ``implementation`` is keyed for the
+    dispatch decision a plan holds (``dotattn.dispatch``).
+    """
+    key = (
+        q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+        _option_key(causal), _option_key(window), _option_key(scale), _option_key(softcap),
+        _option_key(dropout_p), _option_key(layout), _option_key(implementation),
+        has_q_lengths, has_kv_lengths,
+    )
+    return None if _NOT_KEYABLE in key[6:13] else key
+
+
+# The fields rebind() sets per call; the template keeps none of the caller's arrays.
+_PER_CALL_FIELDS = ("q", "k", "v", "q_lengths", "kv_lengths")
+
+
+def call_template(call: AttentionCall) -> tuple[dict[str, Any], bool, bool]:
+    """``call``'s fields without its arrays: what :func:`rebind` completes for the next call.
+
+    Only for calls that :func:`plan_key` keys (no mask, bias, slopes, segment ids, extras or
+    dropout): every other field is then a plain, immutable value.
+    """
+    if (
+        call.mask is not None or call.bias is not None or call.alibi_slopes is not None
+        or call.q_segment_ids is not None or call.extras or call.dropout_p != 0.0 or call.block is not None
+    ):
+        raise ValueError("call_template: the call has array options or dropout (no plan for it)")
+    fields = dict(call.__dict__)
+    for name in _PER_CALL_FIELDS:
+        fields[name] = None
+    return fields, call.q_lengths is not None, call.kv_lengths is not None
+
+
+def rebind(template: tuple[dict[str, Any], bool, bool], q: np.ndarray, k: np.ndarray, v: np.ndarray,
+           q_lengths: Any, kv_lengths: Any) -> AttentionCall:
+    """The :class:`AttentionCall` that ``normalize()`` would return for this call.
+
+    ``q``, ``k``, ``v`` must be NumPy arrays whose :func:`plan_key` (with these options) is the
+    template's: their shapes and dtypes were validated when the template was made.  The
+    lengths' values are checked here with normalize()'s own check, every call — a refused
+    call raises the same error and changes nothing.
+    """
+    fields, has_q_lengths, has_kv_lengths = template
+    layout = fields["layout"]
+    call = object.__new__(AttentionCall)
+    new = call.__dict__
+    new.update(fields)
+    qc = new["q"] = _to_canonical(q, layout)
+    kc = new["k"] = _to_canonical(k, layout)
+    new["v"] = _to_canonical(v, layout)
+    new["extras"] = {}  # normalize() gives each call its own dict
+    if has_q_lengths:
+        new["q_lengths"] = _check_lengths("q_lengths", q_lengths, qc.shape[2], fields["batch_shape"], qc.shape[0])
+    if has_kv_lengths:
+        new["kv_lengths"] = _check_lengths("kv_lengths", kv_lengths, kc.shape[2], fields["batch_shape"], qc.shape[0])
+    return call
+
+
 def _from_canonical(call: AttentionCall, x: np.ndarray, *, pairwise: bool = False) -> np.ndarray:
     """(B, Hq, Lq, X) → the caller's shape. ``pairwise`` arrays (lse, weights) ignore ``layout``."""
     if call.input_ndim == 2:

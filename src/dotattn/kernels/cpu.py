@@ -734,6 +734,19 @@ class CpuBackend:
                 return results
         return forward(call)
 
+    def forward_plan(self, call: AttentionCall):
+        """``forward`` for repeated calls of ``call``'s kind (``dotattn.dispatch`` keeps it):
+        the size rule decided once, and the small-call kernel's set-up made once."""
+        if cpu_small.unsupported_reasons(call):
+            return forward
+        small = cpu_small.SmallForward(call)
+
+        def run(call: AttentionCall):
+            results = small(call)
+            return forward(call) if results is None else results
+
+        return run
+
     def backward(self, call, out, lse, dout, want_dbias=False):
         return backward(call, out, lse, dout, want_dbias)
 

@@ -137,79 +137,111 @@ def forward(call: AttentionCall, *, threads: int | None = None):
 
     ``threads``: None = Numba's thread count; 1 forces the caller's thread (tests use both).
     """
-    kernels = _kernels or _kernel_module()
-    T = call.compute_dtype
-    q, k, v = call.q, call.k, call.v
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    Dv = v.shape[3]
-    group = Hq // Hkv
-    R = group * Lq
-    # (B, Hq, Lq, D) → (B, Hkv, R, D): a group's query heads are consecutive rows (a view)
-    q = _contiguous(q, T, 0).reshape(B, Hkv, R, D)
-    k = _contiguous(k, T, 1)
-    v = _contiguous(v, T, 2)
-    out = np.empty((B, Hkv, R, Dv), dtype=T)
-    lse = np.empty((B, Hkv, R), dtype=T)
-    bias, strides, slopes, mask, q_seg = _placeholders(T)
-    bstr = mstr = strides
-    kv_seg = q_seg
-    if call.bias is not None:
-        bias, bstr = flat_pairwise(call.bias, T)  # the general kernels' compact broadcast form
-    if call.mask is not None:
-        mask, mstr = flat_pairwise(call.mask, np.uint8)
-    if call.alibi_slopes is not None:
-        slopes = np.ascontiguousarray(call.alibi_slopes, dtype=T)
-    if call.q_segment_ids is not None:
-        q_seg = np.ascontiguousarray(call.q_segment_ids, dtype=np.int64)
-        kv_seg = np.ascontiguousarray(call.kv_segment_ids, dtype=np.int64)
-    left = right = -1
-    if call.window is not None:
-        left = -1 if call.window[0] is None else int(call.window[0])
-        right = -1 if call.window[1] is None else int(call.window[1])
-    dropout_p = float(call.dropout_p)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        group,
-        Lq,
-        _lengths(call.q_lengths, B, Lq),
-        _lengths(call.kv_lengths, B, Lk),
-        float(call.scale),
-        0.0 if call.softcap is None else float(call.softcap),
-        bias,
-        bstr,
-        call.bias is not None,
-        slopes,
-        call.alibi_slopes is not None,
-        mask,
-        mstr,
-        call.mask is not None,
-        _CAUSAL_CODE[call.causal],
-        left,
-        right,
-        q_seg,
-        kv_seg,
-        call.q_segment_ids is not None,
-        dropout_p,
-        np.uint64(seed_key(call.seed)) if dropout_p > 0.0 else _NO_KEY,
-    )
-    items = B * Hkv
-    nchunks = 1
-    if threads != 1 and items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK:
-        nchunks = min(num_threads() if threads is None else threads, items)
-    status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
-    args += (status,)
-    # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on a
-    # loaded machine waiting for descheduled BLAS threads cost 40× — measured).
-    if Lk * R * max(D, Dv) > _BLAS_SINGLE_THREAD_MNK:
-        with ONE_BLAS_THREAD:
+    return SmallForward(call)(call, threads=threads)
+
+
+class SmallForward:
+    """The kernel's set-up for one kind of call, made once and reused by every call of that kind.
+
+    What depends only on shapes, dtype and option values — the row folding, result shapes,
+    placeholder arrays, the scalar arguments, whether to split the work and to limit BLAS —
+    is worked out here; a call then does only what depends on its arrays.  A repeated
+    ``attention()`` call reuses one through its plan (``dotattn.dispatch``), so a decode step
+    pays for this set-up once.  Calls with array options (bias, mask, ALiBi, segment ids) or
+    dropout get those arguments made per call from the call itself.
+    """
+
+    __slots__ = ("T", "q_rows", "out_shape", "lse_shape", "out_final", "lse_final", "B", "Lq", "Lk", "group",
+                 "items", "parallel", "blas_limit", "options")
+
+    def __init__(self, call: AttentionCall):
+        T = self.T = call.compute_dtype
+        B, Hq, Lq, D = call.q.shape
+        Hkv, Lk = call.k.shape[1], call.k.shape[2]
+        Dv = call.v.shape[3]
+        group = self.group = Hq // Hkv
+        R = group * Lq
+        self.B, self.Lq, self.Lk = B, Lq, Lk
+        # (B, Hq, Lq, D) → (B, Hkv, R, D): a group's query heads are consecutive rows (a view)
+        self.q_rows = (B, Hkv, R, D)
+        self.out_shape, self.lse_shape = (B, Hkv, R, Dv), (B, Hkv, R)
+        self.out_final, self.lse_final = (B, Hq, Lq, Dv), (B, Hq, Lq)
+        self.items = B * Hkv
+        self.parallel = self.items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK
+        # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on
+        # a loaded machine waiting for descheduled BLAS threads cost 40× — measured).
+        self.blas_limit = Lk * R * max(D, Dv) > _BLAS_SINGLE_THREAD_MNK
+        array_options = (
+            call.bias is not None or call.mask is not None or call.alibi_slopes is not None
+            or call.q_segment_ids is not None or call.dropout_p > 0.0
+        )
+        self.options = None if array_options else self._options(call)
+
+    def _options(self, call: AttentionCall) -> tuple:
+        """The kernel's arguments from ``scale`` to ``dropout_key``, in its order."""
+        T = self.T
+        bias, strides, slopes, mask, q_seg = _placeholders(T)
+        bstr = mstr = strides
+        kv_seg = q_seg
+        if call.bias is not None:
+            bias, bstr = flat_pairwise(call.bias, T)  # the general kernels' compact broadcast form
+        if call.mask is not None:
+            mask, mstr = flat_pairwise(call.mask, np.uint8)
+        if call.alibi_slopes is not None:
+            slopes = np.ascontiguousarray(call.alibi_slopes, dtype=T)
+        if call.q_segment_ids is not None:
+            q_seg = np.ascontiguousarray(call.q_segment_ids, dtype=np.int64)
+            kv_seg = np.ascontiguousarray(call.kv_segment_ids, dtype=np.int64)
+        left = right = -1
+        if call.window is not None:
+            left = -1 if call.window[0] is None else int(call.window[0])
+            right = -1 if call.window[1] is None else int(call.window[1])
+        dropout_p = float(call.dropout_p)
+        return (
+            float(call.scale),
+            0.0 if call.softcap is None else float(call.softcap),
+            bias,
+            bstr,
+            call.bias is not None,
+            slopes,
+            call.alibi_slopes is not None,
+            mask,
+            mstr,
+            call.mask is not None,
+            _CAUSAL_CODE[call.causal],
+            left,
+            right,
+            q_seg,
+            kv_seg,
+            call.q_segment_ids is not None,
+            dropout_p,
+            np.uint64(seed_key(call.seed)) if dropout_p > 0.0 else _NO_KEY,
+        )
+
+    def __call__(self, call: AttentionCall, threads: int | None = None):
+        """:func:`forward` of ``call``, a call of the kind this set-up was made for."""
+        kernels = _kernels or _kernel_module()
+        T = self.T
+        q = _contiguous(call.q, T, 0).reshape(self.q_rows)
+        k = _contiguous(call.k, T, 1)
+        v = _contiguous(call.v, T, 2)
+        out = np.empty(self.out_shape, dtype=T)
+        lse = np.empty(self.lse_shape, dtype=T)
+        nchunks = 1
+        if self.parallel and threads != 1:
+            nchunks = min(num_threads() if threads is None else threads, self.items)
+        status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
+        args = (
+            (q, k, v, out, lse, self.group, self.Lq,
+             _lengths(call.q_lengths, self.B, self.Lq), _lengths(call.kv_lengths, self.B, self.Lk))
+            + (self.options or self._options(call))
+            + (status,)
+        )
+        if self.blas_limit:
+            with ONE_BLAS_THREAD:
+                run_chunks(kernels.forward_chunk, args, nchunks)
+        else:
             run_chunks(kernels.forward_chunk, args, nchunks)
-    else:
-        run_chunks(kernels.forward_chunk, args, nchunks)
-    if status.any():
-        return None
-    return out.reshape(B, Hq, Lq, Dv), lse.reshape(B, Hq, Lq)
+        if status[0] if nchunks == 1 else status.any():
+            return None
+        return out.reshape(self.out_final), lse.reshape(self.lse_final)

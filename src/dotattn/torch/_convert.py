@@ -101,7 +101,8 @@ def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
             f"dotattn: {name} is on device {str(t.device)!r}, but this entry point runs on CPU tensors only "
             "(dotattn.attention runs CUDA tensors on the triton backend); move the tensors with .cpu()"
         )
-    t = t.detach()
+    if t.requires_grad:  # detach() makes a new tensor object (≈ 1 µs): only where numpy() needs it
+        t = t.detach()
     if t.is_neg() or t.is_conj():
         t = t.resolve_neg().resolve_conj()
     if t.dtype == torch.bfloat16:

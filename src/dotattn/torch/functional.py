@@ -158,15 +158,27 @@ def _forward_tensors(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_
     return out, lse, w
 
 
-def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras, want_lse=True):
+def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_bytes, extras, want_lse=True,
+                  plan_key=None):
     """(out, lse, weights) as tensors; ``weights`` is an empty tensor unless asked for (and
-    ``lse`` None when ``want_lse`` is False: a no-grad call that does not return it)."""
+    ``lse`` None when ``want_lse`` is False: a no-grad call that does not return it).
+
+    ``plan_key`` (:func:`_plan_key`): keep a plan for the next call of this kind
+    (``dispatch.plan_forward``), which :func:`_planned_forward` then runs.
+    """
     if _on_tensor_backend(q, sc):
         return _forward_tensors(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=False)
-    out, lse, weights = dispatch.run_forward(
-        call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
-    )
+    plan = None
+    if plan_key is not None and call.dropout_p == 0.0 and not return_weights:
+        plan = dispatch.plan_forward(plan_key, call, sc.implementation)
+    if plan is not None:
+        out, lse = plan.run(call)
+        weights = None
+    else:
+        out, lse, weights = dispatch.run_forward(
+            call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes
+        )
     out_t = _tensor(semantics.finalize_output(call, out))
     lse_t = _tensor(semantics.finalize_lse(call, lse)) if want_lse else None
     if return_weights:
@@ -464,6 +476,46 @@ def _check_same_device(q: Tensor, **tensors) -> None:
             )
 
 
+def _plan_key(q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_lengths, causal, window, scale, softcap, dropout_p,
+              layout, implementation):
+    """A plan key (``semantics.plan_key``'s, for tensors) for a plain eager no-grad CPU call
+    without array options, or None.  Besides what ``normalize()`` decides from, it holds what
+    this front end checks of the tensors themselves (device, layout): a call that passed those
+    checks once passes them again.  Lengths must be CPU tensors (other array-likes take the
+    unplanned path, whose conversion words their errors)."""
+    for t in (q_lengths, kv_lengths):
+        if t is not None and (type(t) is not Tensor or t.device.type != "cpu" or t.layout != torch.strided):
+            return None
+    if not _plain_eager(q, k, v) or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        return None
+    key = semantics.plan_key(
+        q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, dropout_p=dropout_p, layout=layout,
+        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None, implementation=implementation,
+    )
+    if key is None:
+        return None
+    return ("torch", k.device.type, v.device.type, q.layout, k.layout, v.layout) + key
+
+
+def _planned_forward(plan, q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_lengths, return_lse: bool):
+    """A call of a planned kind: NumPy views, the lengths checked (``semantics.rebind``), the
+    plan's backend run, tensors out — what the unplanned no-grad path returns."""
+    if q_lengths is not None:
+        q_lengths = to_numpy("q_lengths", q_lengths)
+    if kv_lengths is not None:
+        kv_lengths = to_numpy("kv_lengths", kv_lengths)
+    call = semantics.rebind(
+        plan.template, to_numpy("q", q), to_numpy("k", k), to_numpy("v", v), q_lengths, kv_lengths
+    )
+    out, lse = plan.run(call)
+    out_t = _tensor(semantics.finalize_output(call, out))
+    if return_lse:
+        return out_t, _tensor(semantics.finalize_lse(call, lse))
+    return out_t
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -516,6 +568,32 @@ def attention(
 
     Returns ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.
     """
+    plan_key = None
+    if (
+        type(q) is Tensor
+        and type(k) is Tensor
+        and type(v) is Tensor
+        and mask is None
+        and bias is None
+        and alibi_slopes is None
+        and segment_ids is None
+        and seed is None
+        and not extras
+        and return_weights is False
+        and q.device.type == "cpu"
+    ):
+        # A kind of call seen before runs its plan (dispatch.plan_forward): the checks below
+        # and normalize() passed for it, and only the lengths' values are checked again.
+        plan_key = _plan_key(
+            q, k, v, q_lengths, kv_lengths, causal, window, scale, softcap, dropout_p, layout, implementation
+        )
+        if plan_key is not None:
+            plan = dispatch.find_plan(plan_key)
+            if plan is not None:
+                check_torch_llvm_order()
+                return _planned_forward(
+                    plan, q, k, v, q_lengths, kv_lengths, semantics.check_flag("return_lse", return_lse)
+                )
     _check_qkv_tensors(q, k, v)
     return_lse = semantics.check_flag("return_lse", return_lse)
     return_weights = semantics.check_flag("return_weights", return_weights)
@@ -577,7 +655,7 @@ def attention(
         else:
             out, lse, weights = _forward_body(
                 q, k, v, dict(arrays, bias=bias_t), sc, return_weights, max_weights_bytes, extras,
-                want_lse=bool(return_lse),
+                want_lse=bool(return_lse), plan_key=plan_key,
             )
     else:
         out, lse, weights = torch.ops.dotattn.attention_fwd(

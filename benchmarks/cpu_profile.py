@@ -21,6 +21,7 @@ from numba import njit
 
 from dotattn.kernels import _cpu_primitives as P
 from dotattn.kernels import cpu
+from dotattn.kernels._blas import ONE_BLAS_THREAD
 
 
 def _steps():
@@ -28,7 +29,7 @@ def _steps():
     def qk(Kb, Qs, ST, n):
         threads = P._gemm_threads_begin(Kb)  # MKL on the calling thread only, as in the kernels
         for _ in range(n):
-            P._matmul(Kb, Qs.T, ST)
+            P._gemm(Kb, Qs.T, ST, 0.0)
         P._gemm_threads_end(Kb, threads)
 
     @njit
@@ -66,10 +67,10 @@ def _steps():
             P._as_operand(ST, Pb)
 
     @njit
-    def pv(Pm, Vb, acc, PV, n):
+    def pv(Pm, Vb, acc, n):
         threads = P._gemm_threads_begin(Vb)
         for _ in range(n):
-            P._matmul_add(Pm.T, Vb, acc, PV)
+            P._gemm(Pm.T, Vb, acc, 1.0)
         P._gemm_threads_end(Vb, threads)
 
     return qk, max_rescale, exp, copy_only, rowsum, round_p, pv
@@ -85,6 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     BQ, BK, D, n = args.BQ, args.BK, args.D, args.repeats
     bf16 = args.dtype == "bfloat16"
+    print("float32 tiles:", cpu.f32_gemm_path()[1])  # binds the sgemm the steps call
     if bf16 and not cpu.bf16_path()[0]:
         raise SystemExit(f"no bfloat16 path here: {cpu.bf16_path()[1]}")
     rng = np.random.default_rng(0)
@@ -103,7 +105,6 @@ def main() -> None:
     bmax = np.empty(BQ, np.float32)
     row_sum = np.ones(BQ, np.float32)
     acc = np.zeros((BQ, D), np.float32)
-    PV = np.empty((BQ, D), np.float32)
     c2 = np.float32(0.18)
     qk, max_rescale, exp, copy_only, rowsum, round_p, pv = _steps()
     Pm = Pb if bf16 else ST
@@ -113,11 +114,11 @@ def main() -> None:
         "exp2 (poly + exponent add)": lambda k: (exp(ST, S0, N, c2, m, k), copy_only(ST, S0, k)),
         "row sum": lambda k: rowsum(S0, row_sum, k),
         "P → bfloat16": lambda k: round_p(S0, Pb, k),
-        "acc += P·V (GEMM)": lambda k: pv(Pm, Vb, acc, PV, k),
+        "acc += P·V (GEMM)": lambda k: pv(Pm, Vb, acc, k),
     }
     if not bf16:
         del steps["P → bfloat16"]
-    with cpu._blas_one_thread():
+    with ONE_BLAS_THREAD:
         results = {}
         for name, fn in steps.items():
             fn(1)  # compile

@@ -1,18 +1,27 @@
-"""bfloat16 matrix products at the CPU's speed: which instructions this CPU has, and who runs them.
+"""Who multiplies the ``cpu`` kernels' tiles: Intel MKL (from PyTorch's library) or OpenBLAS.
 
-The ``cpu`` kernels' bfloat16 path multiplies bfloat16 tiles with float32 accumulation
-(``vdpbf16ps`` of ``avx512_bf16``, or the AMX tile unit where the CPU has ``amx-bf16``)
-through Intel MKL's ``cblas_gemm_bf16bf16f32``.  MKL comes with PyTorch: torch's
-``libtorch_cpu.so`` links it statically and exports that function, so nothing is downloaded
-and nothing extra is installed — the library is opened by path (``torch`` is not imported)
-and its functions are handed to Numba's linker under names of our own.
+**float32.**  The tile GEMMs call a Fortran ``sgemm`` bound to :data:`SGEMM_SYMBOL`: MKL's
+``sgemm_`` where PyTorch's ``libtorch_cpu.so`` is installed (it links MKL statically and
+exports it), else SciPy's OpenBLAS ``sgemm`` (the BLAS Numba's ``np.dot`` calls).  Single
+thread, on the kernels' tile shapes, MKL ran 1.1–1.6× OpenBLAS here (``docs/performance.md``),
+and both accumulate in place (``beta = 1``).  ``DOTATTN_CPU_F32_GEMM=openblas`` forces
+OpenBLAS.  The binding is made once per process, before the first float32 kernel loads:
+the compiled kernels name the symbol, the linker resolves it — the same machine code
+(and disk cache entry) serves both.
 
-The bfloat16 path runs when all of these hold; otherwise bfloat16 inputs take the float32
-path (converted once, as before).  :func:`bf16_gemm` says which, and why:
+**bfloat16.**  bfloat16 tiles are multiplied with float32 accumulation (``vdpbf16ps`` of
+``avx512_bf16``, or the AMX tile unit where the CPU has ``amx-bf16``) through MKL's
+``cblas_gemm_bf16bf16f32``.  That path runs when all of these hold; otherwise bfloat16
+inputs take the float32 path (converted once).  :func:`bf16_gemm` says which, and why:
 
 * the CPU reports ``avx512bf16`` or ``amx-bf16`` (LLVM's view of CPUID);
 * ``libtorch_cpu.so`` is found next to an installed ``torch`` and exports the function;
 * ``DOTATTN_CPU_BF16`` is not ``off`` (set it to force the float32 fallback).
+
+Nothing is downloaded or installed beyond torch: the library is opened by path (``torch``
+is not imported) and its functions are handed to Numba's linker under names of our own.
+MKL runs on the calling thread inside the kernels (``MKL_Set_Num_Threads_Local(1)`` bound
+to :data:`THREADS_SYMBOL`; a no-op where MKL is absent): the kernels run their own threads.
 """
 
 from __future__ import annotations
@@ -24,13 +33,19 @@ import threading
 from pathlib import Path
 
 ENV_VAR = "DOTATTN_CPU_BF16"
-# Names under which the kernels link MKL's functions (llvmlite's add_symbol).
+F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
+# Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"
+SGEMM_SYMBOL = "dotattn_sgemm"
 THREADS_SYMBOL = "dotattn_mkl_set_num_threads_local"
 
+_OFF = ("off", "0", "false", "no", "fallback", "openblas")
+
 _lock = threading.Lock()
-_state: tuple[bool, str] | None = None
-_library = None  # keeps the CDLL (and its symbols) alive
+_state: tuple[bool, str] | None = None  # bfloat16
+_f32_state: tuple[bool, str] | None = None  # float32, fixed once bound
+_mkl: tuple[object, str] | None = None  # (the CDLL or None, what / why not)
+_no_threads = None  # keeps the no-op thread setter alive where MKL is absent
 
 
 def _cpu_features() -> set[str]:
@@ -47,6 +62,85 @@ def _torch_library() -> Path | None:
     return path if path.exists() else None
 
 
+def _open_mkl() -> tuple[object, str]:
+    """``(library, its file name)`` with MKL's thread setter bound, or ``(None, why not)``.
+
+    Opens torch's library once per process (≈ 0.3–0.5 s); where it is absent, the thread
+    setter is bound to a no-op so that kernels naming it still link.  Call under ``_lock``.
+    """
+    global _mkl, _no_threads
+    if _mkl is not None:
+        return _mkl
+    import llvmlite.binding as ll
+
+    path = _torch_library()
+    lib, why = None, "needs PyTorch's libtorch_cpu.so (its MKL); torch is not installed"
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+            threads = ctypes.cast(lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
+        except (OSError, AttributeError) as exc:
+            lib, why = None, f"{path.name} has no MKL ({exc})"
+        else:
+            ll.add_symbol(THREADS_SYMBOL, threads)
+            why = f"torch's {path.name}"
+    if lib is None:
+        from numba import cfunc, types
+
+        @cfunc(types.int32(types.int32))
+        def no_threads(n):  # MKL absent: nothing to pin
+            return 1
+
+        _no_threads = no_threads
+        ll.add_symbol(THREADS_SYMBOL, no_threads.address)
+    _mkl = (lib, why)
+    return _mkl
+
+
+def _scipy_sgemm() -> int:
+    from numba.core.extending import get_cython_function_address
+
+    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+
+
+def f32_gemm(load: bool = True) -> tuple[bool, str]:
+    """``(True, what runs)`` when float32 tiles go to MKL's ``sgemm``, else ``(False, what runs and why)``.
+
+    With ``load`` the first answer binds :data:`SGEMM_SYMBOL` for the rest of the process
+    (the float32 kernels need it before they load); :data:`F32_ENV_VAR` is read then.
+    ``load=False`` answers from the environment and the library's presence (``dotattn info``).
+    """
+    global _f32_state
+    forced = os.environ.get(F32_ENV_VAR, "").strip().lower() in _OFF
+    with _lock:
+        if _f32_state is not None:
+            return _f32_state
+        if not load:
+            path = _torch_library()
+            if forced:
+                return False, f"OpenBLAS sgemm (SciPy's), forced by {F32_ENV_VAR}={os.environ[F32_ENV_VAR]}"
+            if path is None:
+                return False, "OpenBLAS sgemm (SciPy's): MKL needs PyTorch's libtorch_cpu.so; torch is not installed"
+            return True, f"MKL sgemm (from torch's {path.name})"
+        import llvmlite.binding as ll
+
+        lib, why = _open_mkl()
+        address = None
+        if lib is not None and not forced:
+            try:
+                address = ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+            except AttributeError as exc:
+                why = f"{why} has no sgemm_ ({exc})"
+        if address is not None:
+            _f32_state = (True, f"MKL sgemm (from {why})")
+        else:
+            address = _scipy_sgemm()
+            reason = f"forced by {F32_ENV_VAR}={os.environ[F32_ENV_VAR]}" if forced else f"MKL {why}"
+            _f32_state = (False, f"OpenBLAS sgemm (SciPy's), {reason}")
+        ll.add_symbol(SGEMM_SYMBOL, address)
+        return _f32_state
+
+
 def bf16_gemm(load: bool = True) -> tuple[bool, str]:
     """``(True, what runs)`` when bfloat16 tiles go to the bfloat16 instructions, else ``(False, why not)``.
 
@@ -55,9 +149,9 @@ def bf16_gemm(load: bool = True) -> tuple[bool, str]:
     that before they load.  ``load=False`` answers from the CPU flags and the library's
     presence only (``dotattn info``).
     """
-    global _state, _library
+    global _state
     forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if forced in ("off", "0", "false", "no", "fallback"):
+    if forced in _OFF:
         return False, f"float32 fallback forced by {ENV_VAR}={os.environ[ENV_VAR]}"
     with _lock:
         if _state is not None:
@@ -72,17 +166,16 @@ def bf16_gemm(load: bool = True) -> tuple[bool, str]:
         elif not load:
             return True, f"MKL cblas_gemm_bf16bf16f32 on {' + '.join(isa)} (from torch's {path.name})"
         else:
+            lib, why = _open_mkl()
             try:
-                lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+                if lib is None:
+                    raise AttributeError(why)
                 gemm = ctypes.cast(lib.cblas_gemm_bf16bf16f32, ctypes.c_void_p).value
-                threads = ctypes.cast(lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value
-            except (OSError, AttributeError) as exc:
+            except AttributeError as exc:
                 _state = (False, f"float32 fallback: {path.name} has no MKL bfloat16 GEMM ({exc})")
             else:
                 import llvmlite.binding as ll
 
                 ll.add_symbol(GEMM_SYMBOL, gemm)
-                ll.add_symbol(THREADS_SYMBOL, threads)
-                _library = lib
                 _state = (True, f"MKL cblas_gemm_bf16bf16f32 on {' + '.join(isa)} (from torch's {path.name})")
         return _state

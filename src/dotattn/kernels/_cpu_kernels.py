@@ -9,7 +9,7 @@ FlashAttention-2 (Dao 2023, arXiv:2307.08691) on a CPU, after FlashAttention (Da
    and the masks (lengths, causal, window, segments, dense mask, ``mask_mod``), skipped
    where the tile is fully visible; invisible tiles are never visited;
 3. the softmax in base 2 (``log2(e)`` folded into the scale) by :func:`_exp2_shifted`;
-4. ``acc += P · V_blk`` by BLAS.
+4. ``acc += P · V_blk`` by BLAS, accumulating in place.
 
 Score tiles are transposed (``ST (BK, BQ)``): per-row reductions become vectorized
 element-wise operations between rows of ``ST``.  ``T`` is the compute dtype (float32, or
@@ -37,7 +37,6 @@ from ._cpu_primitives import (
     LOG2E,
     PARTIAL,
     SKIP,
-    _add_into,
     _as_operand,
     _block_class,
     _col_max,
@@ -45,10 +44,9 @@ from ._cpu_primitives import (
     _ds_block,
     _dropout_block,
     _exp2_shifted,
+    _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
-    _matmul,
-    _matmul_add,
     _mul_into,
 )
 
@@ -252,7 +250,7 @@ def _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad):
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
     j0 = kb * BK
-    _matmul(Kb, Qs.T, ST)
+    _gemm(Kb, Qs.T, ST, 0.0)
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
@@ -336,7 +334,6 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
     Pb = np.empty((BK, BQ), dtype=q.dtype)  # P rounded to bf16 for P·V (bf16 path only)
     N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
     unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
-    PV = np.empty((BQ, Dv), dtype=T)
     acc = np.empty((BQ, Dv), dtype=T)
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
@@ -367,7 +364,7 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
             # -- acc += P · V
-            _matmul_add(_as_operand(ST, Pb).T, vp[b, hk, kb], acc, PV)
+            _gemm(_as_operand(ST, Pb).T, vp[b, hk, kb], acc, 1.0)
         # -- normalize
         _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr)
     _gemm_threads_end(q, threads)
@@ -408,9 +405,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     ST, dPT, PdT = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)
     G, GM = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)  # chain-rule factors
     N = np.empty((BK, BQ), dtype=np.int32)
-    dQt = np.empty((BQ, D), dtype=T)
-    dKt, dK = np.empty((BK, D), dtype=T), np.empty((BK, D), dtype=T)
-    dVt, dV = np.empty((BK, Dv), dtype=T), np.empty((BK, Dv), dtype=T)
+    dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     threads = _gemm_threads_begin(q)
@@ -437,12 +432,12 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g)
                 _exp2_shifted(ST, N, c2, lse2)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                _matmul(Vb, dOs.T, dPT)
+                _gemm(Vb, dOs.T, dPT, 0.0)
                 P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
                     P = PdT
-                _matmul_add(_as_operand(P, Pb), dOs, dV, dVt)
+                _gemm(_as_operand(P, Pb), dOs, dV, 1.0)
                 # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                 #    bias's gradient stops here) and softcap
                 _ds_block(ST, dPT, dls)
@@ -454,9 +449,8 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     _mul_into(ST, G)
                 # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
                 dS = _as_operand(ST, Pb)
-                _matmul_add(dS, Qs, dK, dKt)
-                _matmul(dS.T, Kb, dQt)
-                _add_into(dq_parts[chunk, b, h, i0 : i0 + nr], dQt[:nr])
+                _gemm(dS, Qs, dK, 1.0)
+                _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
         # -- write the tile's dK (times scale) and dV
         dkp[b, hk, kb] = dK * o.scale
         dvp[b, hk, kb] = dV

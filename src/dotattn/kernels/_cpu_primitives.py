@@ -14,7 +14,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from ._cpu_cache import install_locator
-from ._cpu_isa import GEMM_SYMBOL, THREADS_SYMBOL
+from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
 from .dropout import splitmix64 as _splitmix64_py
 
@@ -28,8 +28,9 @@ _splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
 
 
 # =================================================================================
-# GEMMs on tiles: float32/float64 by BLAS sgemm/dgemm (NumPy's dot); bfloat16 (as uint16 bits)
-# by MKL's bfloat16 GEMM with float32 accumulation (see _cpu_isa)
+# GEMMs on tiles: float32 by the Fortran sgemm bound to SGEMM_SYMBOL (MKL's, or SciPy's
+# OpenBLAS: see _cpu_isa), float64 by NumPy's dot (dgemm); bfloat16 (as uint16 bits) by
+# MKL's bfloat16 GEMM with float32 accumulation
 # =================================================================================
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
@@ -39,6 +40,9 @@ _mkl_gemm_bf16 = types.ExternalFunction(
     GEMM_SYMBOL, types.void(_i32, _i32, _i32, _i32, _i32, _i32, _f32, _i64, _i32, _i64, _i32, _f32, _i64, _i32)
 )
 _mkl_threads_local = types.ExternalFunction(THREADS_SYMBOL, _i32(_i32))
+# Fortran sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): every argument
+# by address (MKL's sgemm_ and OpenBLAS's ignore the hidden string lengths)
+_sgemm = types.ExternalFunction(SGEMM_SYMBOL, types.void(*([_i64] * 13)))
 
 
 @njit(cache=_JIT_CACHE)
@@ -73,6 +77,59 @@ def _gemm_bf16(a, b, c, beta):
     _mkl_gemm_bf16(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, np.float32(beta), c.ctypes.data, ldc)
 
 
+@njit(cache=_JIT_CACHE)
+def _gemm_f32(a, b, c, beta):
+    """``c = a · b + beta·c`` (float32; ``c`` with contiguous rows) by the bound Fortran sgemm.
+
+    Column-major BLAS computes ``cᵀ = bᵀ · aᵀ``: a row-major operand, read as it lies, is its
+    own transpose in column-major, so ``b`` goes first and a C-ordered operand is ``'N'``.
+    """
+    ta, lda = _blas_layout(a)
+    tb, ldb = _blas_layout(b)
+    M, K = a.shape
+    N = b.shape[1]
+    # the integer and character arguments (by address): 'N' or 'T' as the low byte of an int32
+    args = np.empty(8, dtype=np.int32)
+    args[0] = 78 if tb == NO_TRANS else 84
+    args[1] = 78 if ta == NO_TRANS else 84
+    args[2], args[3], args[4] = N, M, K
+    args[5], args[6], args[7] = ldb, lda, max(c.strides[0] // 4, N, 1)
+    scalars = np.empty(2, dtype=np.float32)
+    scalars[0], scalars[1] = 1.0, beta
+    p, s = args.ctypes.data, scalars.ctypes.data
+    _sgemm(p, p + 4, p + 8, p + 12, p + 16, s, b.ctypes.data, p + 20, a.ctypes.data, p + 24, s + 4, c.ctypes.data, p + 28)
+    return args[0] + scalars[0]  # read after the call: the scratch must outlive it
+
+
+def _gemm(a, b, c, beta):
+    """``c = a · b + beta·c`` on tiles of the general kernels (``beta`` 0 or 1).
+
+    float32 by the bound sgemm and bfloat16 bits (float32 ``c``) by MKL, both accumulating in
+    place; float64 by NumPy's dot.
+    """
+    raise NotImplementedError("compiled only")
+
+
+@overload(_gemm, jit_options={"cache": _JIT_CACHE})
+def _gemm_overload(a, b, c, beta):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, beta: _gemm_bf16(a, b, c, beta)
+    if a.dtype == types.float32:
+
+        def impl_f32(a, b, c, beta):
+            _gemm_f32(a, b, c, beta)
+
+        return impl_f32
+
+    def impl(a, b, c, beta):  # (NumPy's dot takes contiguous operands only)
+        if beta == 0.0:
+            _np_matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
+        else:
+            _add_into(c, np.dot(np.ascontiguousarray(a), np.ascontiguousarray(b)))
+
+    return impl
+
+
 def _matmul(a, b, out):
     """``out = a · b`` on tiles (float32/float64 operands, or bfloat16 bits with a float32 ``out``)."""
     raise NotImplementedError("compiled only")
@@ -83,23 +140,6 @@ def _matmul_overload(a, b, out):
     if a.dtype == types.uint16:
         return lambda a, b, out: _gemm_bf16(a, b, out, 0.0)
     return lambda a, b, out: _np_matmul(a, b, out)
-
-
-def _matmul_add(a, b, c, scratch):
-    """``c += a · b``; ``scratch`` (shaped like ``c``) holds the product where BLAS cannot accumulate."""
-    raise NotImplementedError("compiled only")
-
-
-@overload(_matmul_add, jit_options={"cache": _JIT_CACHE})
-def _matmul_add_overload(a, b, c, scratch):
-    if a.dtype == types.uint16:
-        return lambda a, b, c, scratch: _gemm_bf16(a, b, c, 1.0)
-
-    def impl(a, b, c, scratch):
-        _np_matmul(a, b, scratch)
-        _add_into(c, scratch)
-
-    return impl
 
 
 def _as_operand(x, buf):
@@ -136,7 +176,7 @@ def _gemm_threads_begin(like):
 
 @overload(_gemm_threads_begin, jit_options={"cache": _JIT_CACHE})
 def _gemm_threads_begin_overload(like):
-    if like.dtype == types.uint16:
+    if like.dtype == types.uint16 or like.dtype == types.float32:
         return lambda like: _mkl_threads_local(1)
     return lambda like: 0
 
@@ -147,7 +187,7 @@ def _gemm_threads_end(like, previous):
 
 @overload(_gemm_threads_end, jit_options={"cache": _JIT_CACHE})
 def _gemm_threads_end_overload(like, previous):
-    if like.dtype == types.uint16:
+    if like.dtype == types.uint16 or like.dtype == types.float32:
 
         def impl(like, previous):
             _mkl_threads_local(previous)

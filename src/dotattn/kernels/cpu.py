@@ -169,7 +169,7 @@ def _cached_user_kernels(score_mod, mask_mod) -> types.ModuleType | None:
     # The kernels import cached primitives whose changes Numba's cache of this file would not
     # notice: their sources (and Numba's version) go into the name, so a change makes a new file.
     digest = hashlib.sha256(text.encode())
-    for dep in ("_cpu_primitives", "_cpu_options", "dropout"):
+    for dep in ("_cpu_primitives", "_cpu_options", "_cpu_isa", "dropout"):
         dep_spec = importlib.util.find_spec(f"dotattn.kernels.{dep}")
         with open(dep_spec.origin, "rb") as f:
             digest.update(f.read())
@@ -430,6 +430,24 @@ def as_kernel_operand(x: np.ndarray) -> np.ndarray:
     return x.view(np.uint16) if x.dtype == BFLOAT16 else x
 
 
+def f32_gemm_path() -> tuple[bool, str]:
+    """``(True, what runs)`` when float32 tiles go to MKL's sgemm, else ``(False, what runs and why)``."""
+    from ._cpu_isa import f32_gemm
+
+    return f32_gemm()
+
+
+def _bind_f32_gemm() -> None:
+    """Bind the float32 kernels' sgemm (MKL or OpenBLAS) once, before they first load."""
+    global _f32_bound
+    if not _f32_bound:
+        f32_gemm_path()
+        _f32_bound = True
+
+
+_f32_bound = False
+
+
 def bf16_path() -> tuple[bool, str]:
     """``(True, what runs)`` when bfloat16 calls use the CPU's bfloat16 instructions, else ``(False, why not)``."""
     from ._cpu_isa import bf16_gemm
@@ -519,6 +537,8 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         BQ, BK = fit_block(BQ, BK, call.Lq, call.Lk)
     B = call.B
     S = storage_dtype(call)
+    if S == np.float32:
+        _bind_f32_gemm()
     q = as_kernel_operand(_contiguous(call.q, S))
     kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
     vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S))
@@ -701,11 +721,12 @@ class CpuBackend:
 
     @property
     def description(self) -> str:
-        from ._cpu_isa import bf16_gemm
+        from ._cpu_isa import bf16_gemm, f32_gemm
 
         on, what = bf16_gemm(load=False)
         return (
             "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity); "
+            f"float32 tiles: {f32_gemm(load=False)[1]}; "
             f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}; "
             + cpu_small.RULE
         )

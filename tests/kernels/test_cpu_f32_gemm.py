@@ -147,3 +147,35 @@ def test_float32_is_bitwise_repeatable():
     a = dotattn.attention(q, k, v, causal=True, implementation="cpu")
     b = dotattn.attention(q, k, v.copy(), causal=True, implementation="cpu")
     assert np.array_equal(a, b)
+
+
+NO_TORCH_CHILD = """
+import json, sys
+import numpy as np
+from dotattn.kernels import _cpu_isa
+_cpu_isa._torch_library = lambda: None  # as where torch is not installed
+from dotattn import semantics
+from dotattn.kernels import cpu
+data = np.load(sys.argv[1])
+call = semantics.normalize(data["q"], data["k"], data["v"], causal=True)
+out, lse = cpu.forward(call, block_size=(16, 32))
+np.save(sys.argv[2], out)
+print(json.dumps(cpu.f32_gemm_path()))
+"""
+
+
+def test_without_torch_openblas_runs_and_the_thread_pin_is_a_no_op(tmp_path):
+    q, k, v = H.random_qkv(6, batch=(1,), Hq=2, Hkv=1, Lq=45, Lk=61, D=24, Dv=24, dtype=np.float32)
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop(_cpu_isa.F32_ENV_VAR, None)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CHILD, str(tmp_path / "in.npz"), str(tmp_path / "out.npy")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    on, what = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not on and "torch is not installed" in what
+    ref, _ = H.reference(q, k, v, causal=True)
+    naive, _ = H.naive(q, k, v, causal=True)
+    H.assert_close_to_reference(np.load(tmp_path / "out.npy"), ref, naive, name="out")

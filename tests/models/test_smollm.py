@@ -80,6 +80,20 @@ def test_logits_match_transformers(model, reference):
         np.testing.assert_array_equal(ours.argmax(axis=1)[clear], reference["top_ids"][rows][clear, 0])
 
 
+def test_numpy_compute_path_matches_transformers(model, reference):
+    # The projections on NumPy's BLAS instead of torch's: same logits bound, same greedy tokens.
+    other = SmolLM(model.path, compute="numpy")
+    assert other.compute == "numpy" and model.compute == "torch"
+    seq = reference["sequences"][1]
+    rows = slice(len(reference["sequences"][0]), len(reference["sequences"][0]) + len(seq))
+    got = other.logits(seq)[:, reference["columns"]]
+    assert np.abs(got - reference["column_logits"][rows]).max() <= TOLERANCE, _report(got, reference["column_logits"][rows], "numpy compute")
+    greedy = other.generate_ids(reference["prompts"][1], max_new_tokens=8, stop_at_eos=False)
+    assert greedy == reference["greedy"][1, :8].tolist()
+    with pytest.raises(AttentionValueError, match="compute must be None, 'torch' or 'numpy', got 'jax'"):
+        SmolLM(model.path, compute="jax")
+
+
 def test_greedy_tokens_match_transformers_in_a_batch(batched_greedy, reference):
     assert len({len(p) for p in reference["prompts"]}) == len(reference["prompts"]), "prompts of different lengths"
     for i, tokens in enumerate(batched_greedy):

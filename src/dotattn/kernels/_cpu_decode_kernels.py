@@ -9,12 +9,14 @@ rows, so each K/V row is read once); items run on all cores; then the parts of e
 :func:`dotattn.merge_attention_states` (``src/dotattn/merge.py``), inlined here.  Nothing in
 an item depends on the batch, the capacity or the page layout, hence bitwise invariance.
 
-The cache is read in place through a flat 1-D view plus element strides (page, head, slot):
-a chunk's keys (then values) are gathered into one contiguous block of the compute dtype,
-16-bit caches converted on the way (bfloat16: a shift; float16: an LLVM fpext that vectorizes
-to vcvtph2ps), and multiplied by BLAS — a GEMM streams the block at memory speed, where the
-earlier key-by-key dot products spent 85–100 ns per key.  Only positions below each
-sequence's length are read.
+The cache is read in place through a flat 1-D view plus element strides (page, head, slot).
+Float caches go to BLAS: a chunk of consecutive rows in place, other chunks gathered into
+one contiguous block first — a GEMM streams the block at memory speed, where the earlier
+key-by-key dot products spent 85–100 ns per key.  16-bit caches are read key row by key row,
+each row converted into an L1 buffer (bfloat16: a shift; float16: an LLVM fpext that
+vectorizes to vcvtph2ps) and used there for all the group's query rows: converting a whole
+chunk into a float32 block for BLAS moved every byte three more times and read 16-bit caches
+no faster than float32 ones.  Only positions below each sequence's length are read.
 """
 
 from __future__ import annotations
@@ -139,16 +141,16 @@ def _row_max(s, i0, i1):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz"})
-def _gather_rows(flat, st, table, ps, kind, b, hk, j0, n, width, dst):
-    """``dst[t·width : (t+1)·width]`` = the cache row of key ``j0 + t`` (sequence ``b``, K/V head
-    ``hk``), converted to ``dst``'s dtype, for ``t < n``: the chunk as one contiguous block.
+def _gather_rows(flat, st, table, ps, b, hk, j0, n, width, dst):
+    """``dst[t·width : (t+1)·width]`` = the float cache row of key ``j0 + t`` (sequence ``b``,
+    K/V head ``hk``) for ``t < n``: a chunk that is not consecutive rows (small pages) as one
+    contiguous block for BLAS.
 
     The cache is read in place through ``flat`` and element strides ``st`` (page, head, slot);
     (page, slot) advance by one per key (no integer division in the loop).  Unsigned offsets:
     Numba adds no negative-index wraparound to them, so LLVM sees contiguous loads (signed
     ones compiled to gathers, 4× slower).
     """
-    bits = dst.view(np.uint32)  # 16-bit caches only (their blocks are float32)
     pg = j0 // ps
     slot = j0 - pg * ps
     for t in range(n):
@@ -158,15 +160,104 @@ def _gather_rows(flat, st, table, ps, kind, b, hk, j0, n, width, dst):
         if slot == ps:
             slot = 0
             pg += 1
-        if kind == KIND_FLOAT:
-            for d in range(width):
-                dst[o + np.uint64(d)] = flat[u + np.uint64(d)]
-        elif kind == KIND_BF16:
-            for d in range(width):  # bfloat16 is the top half of a float32
-                bits[o + np.uint64(d)] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
-        else:
-            for d in range(width):  # float16: an fpext that LLVM vectorizes (vcvtph2ps)
-                dst[o + np.uint64(d)] = _half_to_float(flat[u + np.uint64(d)])
+        for d in range(width):
+            dst[o + np.uint64(d)] = flat[u + np.uint64(d)]
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _convert_row(flat, u, kind, width, dst, bits, at):
+    """``dst[at : at + width]`` = the 16-bit cache row at ``flat[u:]`` as float32 (``u``
+    unsigned); ``bits`` is ``dst`` viewed as uint32, made once by the caller (a view or slice
+    per row costs two atomic reference-count updates, more than converting the row)."""
+    a = np.uint64(at)
+    if kind == KIND_BF16:
+        for d in range(width):  # bfloat16 is the top half of a float32
+            bits[a + np.uint64(d)] = np.uint32(flat[u + np.uint64(d)]) << np.uint32(16)
+    else:
+        for d in range(width):  # float16: an fpext that LLVM vectorizes (vcvtph2ps)
+            dst[a + np.uint64(d)] = _half_to_float(flat[u + np.uint64(d)])
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, s, row):
+    """``s[r·n + t] = qf[r] · key(j0 + t)`` for a 16-bit cache, key by key.
+
+    Each key row is converted once into ``row`` (L1) and dotted with the R query rows there:
+    streaming the cache while computing keeps the loop at memory speed.  Gathering the chunk
+    into a float32 block first and handing it to BLAS (the float caches' route) moved every
+    byte three more times (convert, pack, multiply) and ran 16-bit caches no faster than
+    float32 ones.
+    """
+    bits = row.view(np.uint32)
+    pg = j0 // ps
+    slot = j0 - pg * ps
+    for t in range(n):
+        _convert_row(flat, np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2]), kind, D, row, bits, 0)
+        slot += 1
+        if slot == ps:
+            slot = 0
+            pg += 1
+        r = 0
+        while r + 4 <= R:  # four rows per pass: four vector accumulators, one read of the row
+            q0, q1, q2, q3 = np.uint64(r * D), np.uint64((r + 1) * D), np.uint64((r + 2) * D), np.uint64((r + 3) * D)
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for d in range(D):
+                x = row[d]
+                a0 += qf[q0 + np.uint64(d)] * x
+                a1 += qf[q1 + np.uint64(d)] * x
+                a2 += qf[q2 + np.uint64(d)] * x
+                a3 += qf[q3 + np.uint64(d)] * x
+            s[r * n + t] = a0
+            s[(r + 1) * n + t] = a1
+            s[(r + 2) * n + t] = a2
+            s[(r + 3) * n + t] = a3
+            r += 4
+        while r < R:
+            q0 = np.uint64(r * D)
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += qf[q0 + np.uint64(d)] * row[d]
+            s[r * n + t] = acc
+            r += 1
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, Dv, o, rows):
+    """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
+    ``rows``, 4 at a time) and never multiplying a value by ``p = 0``: a hidden NaN or ±inf
+    value must not enter (the NaN policy).
+
+    Four keys whose weights are all non-zero update an output row in one pass (one load and
+    store of ``o`` per four multiply-adds); a group with a zero weight goes key by key,
+    skipping the zeros.
+    """
+    bits = rows.view(np.uint32)
+    pg = j0 // ps
+    slot = j0 - pg * ps
+    t = 0
+    while t < n:
+        g = min(4, n - t)  # keys t … t+g−1, converted into rows[i·Dv : (i+1)·Dv]
+        for i in range(g):
+            _convert_row(flat, np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2]), kind, Dv,
+                         rows, bits, i * Dv)
+            slot += 1
+            if slot == ps:
+                slot = 0
+                pg += 1
+        for r in range(R):
+            o0 = np.uint64(r * Dv)
+            pr = r * n + t
+            if g == 4 and p[pr] != 0.0 and p[pr + 1] != 0.0 and p[pr + 2] != 0.0 and p[pr + 3] != 0.0:
+                p0, p1, p2, p3 = p[pr], p[pr + 1], p[pr + 2], p[pr + 3]
+                for d in range(Dv):
+                    o[o0 + np.uint64(d)] += (p0 * rows[d] + p1 * rows[Dv + d]) + (p2 * rows[2 * Dv + d] + p3 * rows[3 * Dv + d])
+            else:
+                for i in range(g):
+                    pi = p[pr + i]
+                    if pi != 0.0:
+                        for d in range(Dv):
+                            o[o0 + np.uint64(d)] += pi * rows[i * Dv + d]
+        t += g
 
 
 def _gemm_in_place(a, flat, base, n, width, out, transpose):
@@ -242,10 +333,12 @@ def _chunk(
     ``hk·G + r // Lq``, position ``pos0 + r % Lq``.  ``kc``/``vc`` are scratch for the chunk's
     keys and values (``SPLIT · D`` and ``SPLIT · Dv`` elements of the compute dtype).
 
-    1. gather the chunk's keys into ``kc`` (converted), ``S = Q · Kcᵀ`` by one BLAS GEMM;
+    1. ``S = Q · Kᵀ``: float caches by one BLAS GEMM (on the rows in place, or gathered into
+       ``kc``); 16-bit caches key row by key row, each converted once into ``kc``;
     2. per row: score chain, masks, max, ``P = exp(S − m)``, row sum (1-D loops, vectorized);
-    3. gather the values into ``vc``, ``O = P · Vc`` by one BLAS GEMM — or key by key, skipping
-       ``p = 0``, where a value is not finite (so a hidden NaN never enters a row);
+    3. ``O = P · V``: float caches by one BLAS GEMM — or key by key, skipping ``p = 0``, where
+       a value is not finite (so a hidden NaN never enters a row); 16-bit caches value row by
+       value row, converted into ``vc``, always skipping ``p = 0``;
     4. normalize: ``o = O / l``, ``lse = m + log l``.
     The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
     the capacity or the page layout: the bits are the same wherever the sequence sits.
@@ -259,10 +352,12 @@ def _chunk(
     o = np.zeros(R * Dv, dtype=T)
     if n > 0:
         # ---- 1. scores ----
-        if _rows_in_place(kind, kst, ps, D, j0, n):
+        if kind != KIND_FLOAT:
+            _scores_16bit(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, s, kc)
+        elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
-            _gather_rows(kflat, kst, table, ps, kind, b, hk, j0, n, D, kc)
+            _gather_rows(kflat, kst, table, ps, b, hk, j0, n, D, kc)
             _np_matmul(qf.reshape(R, D), kc[: n * D].reshape(n, D).T, s.reshape(R, n))
     # ---- 2. masks and softmax, row by row ----
     for r in range(R):
@@ -303,15 +398,17 @@ def _chunk(
             l_row[r] = np.nan
     # ---- 3. P · V ----
     if n > 0:
-        if _rows_in_place(kind, vst, ps, Dv, j0, n):
+        if kind != KIND_FLOAT:
+            _pv_16bit(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, Dv, o, vc)
+        elif _rows_in_place(kind, vst, ps, Dv, j0, n):
             v0 = _row_offset(vst, table, ps, b, hk, j0)
             if _all_finite(vflat[v0 : v0 + n * Dv], n * Dv):
                 _gemm_in_place(s.reshape(R, n), vflat, v0, n, Dv, o.reshape(R, Dv), False)
             else:
-                _gather_rows(vflat, vst, table, ps, kind, b, hk, j0, n, Dv, vc)
+                _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
                 _pv_skipping_zeros(s, R, n, vc, Dv, o)
         else:
-            _gather_rows(vflat, vst, table, ps, kind, b, hk, j0, n, Dv, vc)
+            _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
             if _all_finite(vc, n * Dv):
                 _np_matmul(s.reshape(R, n), vc[: n * Dv].reshape(n, Dv), o.reshape(R, Dv))
             else:

@@ -150,7 +150,11 @@ class MiniLM:
     # ---- tokenization --------------------------------------------------------------
     def tokenize(self, sentences: Sequence[str]) -> Batch:
         """Word pieces with [CLS]/[SEP], truncated to ``max_seq_length``, right-padded with 0."""
-        encodings = self.tokenizer.encode_batch(list(sentences))
+        return self._batch(self.tokenizer.encode_batch(list(sentences)))
+
+    @staticmethod
+    def _batch(encodings) -> Batch:
+        """A :class:`Batch` of the tokenizer's encodings."""
         lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
         ids = np.zeros((len(encodings), int(lengths.max(initial=0))), dtype=np.int64)
         for row, e in enumerate(encodings):
@@ -171,7 +175,9 @@ class MiniLM:
         if self.compute == "torch":
             import torch
 
-            with torch.no_grad():
+            # inference_mode, as no_grad but without autograd's view and version tracking on
+            # each of the ~100 torch operations of a batch
+            with torch.inference_mode():
                 x, weights = self._forward_torch(batch, return_weights)
             x = x.numpy()
             weights = [w.numpy() for w in weights]
@@ -291,11 +297,13 @@ class MiniLM:
         out = np.zeros((len(sentences), self.hidden), dtype=np.float32)
         if not sentences:
             return out
-        n_tokens = [len(e.ids) for e in self.tokenizer.encode_batch(sentences)]
-        order = np.argsort(n_tokens, kind="stable")
+        # One tokenization for both the length sort and the batches (each sentence is encoded
+        # on its own, so a batch's encodings are the same whichever sentences it holds).
+        encodings = self.tokenizer.encode_batch(sentences)
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = self.tokenize([sentences[r] for r in rows])
+            batch = self._batch([encodings[r] for r in rows])
             states = self.forward(batch)  # (B, L, E)
             real = (np.arange(batch.ids.shape[1])[None, :] < batch.lengths[:, None]).astype(np.float32)
             # sentence-transformers' mean pooling: sum of real tokens / max(count, 1e-9)

@@ -8,6 +8,7 @@ they import that module, never this one, so no import circle runs through the fr
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -145,6 +146,38 @@ def attention(
             if plan is not None:
                 return _planned_results(call, plan.run(call), return_lse)
         return _forward_results(call, implementation, return_lse, return_weights, max_weights_bytes)
+    torch = sys.modules.get("torch")
+    if (
+        torch is not None
+        and type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and mask is None
+        and bias is None
+    ):
+        # Plain tensors and no other array to check for a mix of libraries: straight to the
+        # torch front end, without the framework detection and the options dict.
+        return frontend("torch").attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            window=window,
+            scale=scale,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            q_lengths=q_lengths,
+            kv_lengths=kv_lengths,
+            segment_ids=segment_ids,
+            dropout_p=dropout_p,
+            seed=seed,
+            return_lse=return_lse,
+            return_weights=return_weights,
+            layout=layout,
+            implementation=implementation,
+            max_weights_bytes=max_weights_bytes,
+            **extras,
+        )
     options = dict(
         mask=mask,
         bias=bias,

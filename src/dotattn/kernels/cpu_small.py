@@ -92,6 +92,9 @@ def _kernel_module():
     """The compiled kernels, imported on first use (``import dotattn`` compiles nothing)."""
     global _kernels
     if _kernels is None:
+        from ._cpu_isa import f32_gemm
+
+        f32_gemm()  # binds the sgemm (and MKL thread pin) the kernels link, before they load
         from . import _cpu_small_kernels
 
         _kernels = _cpu_small_kernels

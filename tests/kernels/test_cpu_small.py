@@ -224,3 +224,30 @@ def test_nonfinite_values_leave_the_small_path(where, small_path):
     np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
     finite = np.isfinite(expected)
     np.testing.assert_allclose(out[finite], expected[finite], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        (dict(batch=(3,), Hq=4, Hkv=2, Lq=11, Lk=11, D=16), dict(causal=True)),
+        (dict(batch=(2,), Hq=2, Lq=5, Lk=9, D=8, Dv=3), dict(window=(2, 1), softcap=2.0, dropout_p=0.3, seed=5)),
+        (dict(batch=(2,), Hq=3, Lq=6, Lk=6, D=8), dict(bias=np.linspace(-1, 1, 36).reshape(6, 6), q_lengths=np.array([6, 3]),
+                                                       kv_lengths=np.array([4, 6]))),
+    ],
+)
+def test_small_backward_runs_serially_with_the_parallel_bytes(monkeypatch, shape, options):
+    """Below ``cpu.SERIAL_BACKWARD_MAX_WORK`` the backward calls the kernel's one chunk on the
+    caller's thread; the gradients are the parallel kernel's, bit for bit, and the reference's."""
+    q, k, v = H.random_qkv(11, **shape, q_lengths=options.get("q_lengths"), kv_lengths=options.get("kv_lengths"))
+    out, lse = dotattn.attention(q, k, v, return_lse=True, implementation="cpu", **options)
+    dout = np.random.default_rng(1).standard_normal(out.shape).astype(out.dtype)
+    grads = {}
+    for name, limit in (("serial", 1 << 40), ("parallel", 0)):
+        monkeypatch.setattr(cpu, "SERIAL_BACKWARD_MAX_WORK", limit)
+        grads[name] = dotattn.attention_backward(q, k, v, out, lse, dout, implementation="cpu", **options)
+    for a, b in zip(grads["serial"], grads["parallel"], strict=True):
+        H.assert_bitwise_equal(a, b, name="gradient")
+    ref = H.reference_grads(q, k, v, dout, **options)
+    naive = H.naive_grads(q, k, v, dout, **options)
+    for got, want, rough, name in zip(grads["serial"], ref, naive, ("dq", "dk", "dv")):
+        H.assert_close_to_reference(got, want, rough, name=name)

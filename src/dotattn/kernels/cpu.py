@@ -663,6 +663,10 @@ def _run_forward(call: AttentionCall, p: Prepared):
     return out, lse
 
 
+# Backward passes of fewer multiply-adds (B·Hq·Lq·Lk·(D + Dv), forward-sized) run serially.
+SERIAL_BACKWARD_MAX_WORK = 1 << 20
+
+
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style."""
     sparse = call.window is not None or call.q_segment_ids is not None
@@ -683,15 +687,22 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     lse_c = _contiguous(np.asarray(lse), T)
     delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c).astype(T, copy=False)  # D_i = rowsum(dO ∘ O)
     delta = _contiguous(delta, T)
-    nchunks = _num_threads()
+    # Small backward passes run on the caller's thread, without the kernel's prange team:
+    # waking the team costs more than such a pass computes, and on a busy machine its launch
+    # waits for every descheduled thread (the small forward path's reason, kernels/cpu_small.py).
+    serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
+    nchunks = 1 if serial else _num_threads()
     dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
     dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
     dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _kernel_launch(p.kernels, "backward", call.dtype):
-        p.kernels.backward(
-            p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options, nchunks
-        )
+        kernel = p.kernels._backward_chunk if serial else p.kernels.backward
+        args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
+        if serial:
+            kernel(0, 1, *args)  # the one chunk of the parallel kernel, called directly
+        else:
+            kernel(*args, nchunks)
     dq = dq_parts[0]
     for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
         dq += part

@@ -11,7 +11,11 @@ process (medians), on the calling thread only (OpenBLAS limited to one thread, M
 * ``openblas``: SciPy's OpenBLAS ``sgemm`` with ``beta = 1`` (accumulates in place);
 * ``mkl``: MKL's ``sgemm_`` with ``beta = 1``.
 
-    .venv/bin/python benchmarks/cpu_gemm_tiles.py [--rounds 7] [--repeats 200]
+With ``--bf16`` it times the bfloat16 tile products instead: MKL's ``cblas_gemm_bf16bf16f32``
+as the kernels call it against ``torch.matmul`` on bfloat16 tensors (one torch thread), the
+same shapes — whether MKL reaches the AMX/``avx512_bf16`` rate torch's own GEMM does.
+
+    .venv/bin/python benchmarks/cpu_gemm_tiles.py [--rounds 7] [--repeats 200] [--bf16]
 """
 
 from __future__ import annotations
@@ -72,11 +76,62 @@ def _numpy_loop(a, b, c, scratch, accumulate, n):
             P._np_matmul(a, b, c)
 
 
+@njit
+def _bf16_loop(a, b, c, beta, n):
+    threads = P._gemm_threads_begin(a)
+    for _ in range(n):
+        P._gemm_bf16(a, b, c, beta)
+    P._gemm_threads_end(a, threads)
+
+
+def bf16_main(args) -> None:
+    import torch
+
+    ok, what = _cpu_isa.bf16_gemm()
+    if not ok:
+        raise SystemExit(what)
+    torch.set_num_threads(1)
+    print(f"bfloat16 tiles: {what}; torch {torch.__version__}, 1 thread")
+    rng = np.random.default_rng(0)
+
+    def bf(*shape):  # bfloat16 bits of normal samples, as uint16
+        return (rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    shapes = [  # (name, M, N, K): the forward's and backward's products
+        ("fwd D64 S=K·Qᵀ", 256, 256, 64), ("fwd D64 acc+=Pᵀ·V", 256, 64, 256),
+        ("fwd D128 S=K·Qᵀ", 256, 256, 128), ("fwd D128 acc+=Pᵀ·V", 256, 128, 256),
+        ("bwd dPᵀ=V·dOᵀ", 512, 256, 64), ("bwd dV+=P·dO", 512, 64, 256), ("bwd dQ+=dSᵀ·K", 256, 64, 512),
+        ("square 2048", 2048, 2048, 2048),
+    ]
+    for name, M, N, K in shapes:
+        a, b = bf(M, K), bf(K, N)
+        c = np.zeros((M, N), np.float32)
+        ta = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        tb = torch.from_numpy(b.view(np.int16)).view(torch.bfloat16)
+        n = max(3, args.repeats * (256 * 256 * 64) // (M * N * K))
+        times = {"mkl": [], "torch": []}
+        for rnd in range(args.rounds + 1):
+            t0 = time.perf_counter()
+            _bf16_loop(a, b, c, 1.0, n)
+            t1 = time.perf_counter()
+            for _ in range(n):
+                torch.matmul(ta, tb)
+            t2 = time.perf_counter()
+            if rnd:
+                times["mkl"].append((t1 - t0) / n)
+                times["torch"].append((t2 - t1) / n)
+        gf = {r: 2 * M * N * K / statistics.median(t) / 1e9 for r, t in times.items()}
+        print(f"{name:<22} {M}×{N}×{K}  GFLOP/s: mkl {gf['mkl']:7.1f}  torch.matmul {gf['torch']:7.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 tiles: MKL against torch.matmul")
     args = parser.parse_args()
+    if args.bf16:
+        return bf16_main(args)
     _cpu_isa.f32_gemm()  # binds the thread setter (MKL's) for the loops below
     lib, why = _cpu_isa._mkl
     if lib is None:

@@ -48,6 +48,8 @@ from ._cpu_primitives import (
     _gemm_threads_begin,
     _gemm_threads_end,
     _mul_into,
+    _snake_chunk,
+    _take_task,
 )
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
@@ -315,15 +317,17 @@ def _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr):
 def forward(q, kp, vp, out, lse, o, nchunks):
     """``out (B, Hq, Lq, Dv)`` and natural-log ``lse (B, Hq, Lq)``.
 
-    Tasks ``(b, h, query tile)`` are dealt round-robin to ``nchunks`` chunks, one per thread,
-    so causal work balances and each output row is written by exactly one task.
+    ``nchunks`` threads take tasks ``(b, h, query tile)`` from one queue as they finish, the
+    last query tiles first (under a causal mask they see the most keys); each output row is
+    written by exactly one task, whichever thread runs it.
     """
+    queue = np.zeros(1, dtype=np.int64)
     for chunk in prange(nchunks):
-        _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o)
+        _forward_chunk(queue, q, kp, vp, out, lse, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
+def _forward_chunk(queue, q, kp, vp, out, lse, o):
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, out.dtype
@@ -339,8 +343,11 @@ def _forward_chunk(chunk, nchunks, q, kp, vp, out, lse, o):
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     threads = _gemm_threads_begin(q)
-    for t in range(chunk, B * Hq * nqb, nchunks):
-        b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
+    while True:
+        t = _take_task(queue)
+        if t >= B * Hq * nqb:
+            break
+        b, h, qb = (t % (B * Hq)) // Hq, t % Hq, nqb - 1 - t // (B * Hq)
         hk = h // (Hq // Hkv)
         i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:
@@ -383,7 +390,9 @@ def backward(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias,
     and ``P = 2^(S₂ − lse₂)``; then ``dV += P̃ᵀ·dO`` (P̃ = P after dropout), ``dP = dO·Vᵀ``
     (times the same dropout mask), ``dS = P∘(dP − Δ)``, ``dK += dSᵀ·Q``, ``dQ += dS·K``.
     dQ rows are shared between key tiles, so each chunk (one per thread) adds into its own
-    ``dq_parts[chunk]``; the caller sums the parts in a fixed order (bitwise repeatable).
+    ``dq_parts[chunk]``; the caller sums the parts in a fixed order.  Tasks are therefore
+    dealt to chunks by a fixed rule (back and forth: :func:`_snake_chunk`), not taken from a
+    queue as in the forward, so that every run sums the same parts (bitwise repeatable).
     dK is scaled by ``scale`` here, dQ by the caller.
     """
     for chunk in prange(nchunks):
@@ -409,7 +418,9 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     threads = _gemm_threads_begin(q)
-    for t in range(chunk, B * Hkv * nkb, nchunks):
+    for t in range(B * Hkv * nkb):
+        if _snake_chunk(t, nchunks) != chunk:
+            continue
         b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
         j0 = kb * BK
         ncols = min(BK, o.Lk - j0)
@@ -465,12 +476,13 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
 @njit(cache=_JIT_CACHE, parallel=True, nogil=True)
 def weights(q, kp, lse, P_out, o, nchunks):
     """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` from the forward's LSE (zeros elsewhere)."""
+    queue = np.zeros(1, dtype=np.int64)  # tasks taken as threads finish, as in the forward
     for chunk in prange(nchunks):
-        _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o)
+        _weights_chunk(queue, q, kp, lse, P_out, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o):
+def _weights_chunk(queue, q, kp, lse, P_out, o):
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     BQ, T = o.BQ, P_out.dtype
@@ -483,8 +495,11 @@ def _weights_chunk(chunk, nchunks, q, kp, lse, P_out, o):
     lse2 = np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     threads = _gemm_threads_begin(q)
-    for t in range(chunk, B * Hq * nqb, nchunks):
-        b, h, qb = t // (Hq * nqb), (t // nqb) % Hq, t % nqb
+    while True:
+        t = _take_task(queue)
+        if t >= B * Hq * nqb:
+            break
+        b, h, qb = (t % (B * Hq)) // Hq, t % Hq, nqb - 1 - t // (B * Hq)
         hk = h // (Hq // Hkv)
         i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
@@ -194,6 +195,44 @@ def _gemm_threads_end_overload(like, previous):
 
         return impl
     return lambda like, previous: None
+
+
+# =================================================================================
+# task scheduling between the kernels' threads
+# =================================================================================
+
+
+@intrinsic
+def _take_task(typingctx, counter):
+    """The next task index: ``counter[0]`` before an atomic increment (a shared work queue).
+
+    Threads that take tasks as they finish keep busy when a tile class costs more than
+    another (causal) or when the OS runs one thread less than the other (a loaded machine):
+    a fixed deal waits for its slowest chunk.
+    """
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [context.get_constant(types.intp, 0)])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _snake_chunk(t, nchunks):
+    """The chunk of task ``t`` when tasks are dealt back and forth (0, 1, …, n−1, n−1, …, 0, …).
+
+    A fixed deal, so per-chunk partial sums (the backward's dQ) come out the same every run;
+    back and forth so that tasks whose cost falls steadily with ``t`` (causal key tiles)
+    spread evenly: round-robin gave one of two threads 40 tiles of work to the other's 32.
+    """
+    lap, pos = t // nchunks, t % nchunks
+    return pos if lap % 2 == 0 else nchunks - 1 - pos
 
 
 # =================================================================================

@@ -96,19 +96,6 @@ def _reader_class(gguf):
 
 
 # ---- the Llama building blocks (float32, as transformers computes them) --------------------
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x²) + eps) · weight, over the last axis."""
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(var + np.float32(eps))) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    # x·sigmoid(x) written as x / (1 + e^−x): e^−x overflows to inf for x < −88, giving the
-    # correct limit 0 (with a harmless overflow warning silenced here).
-    with np.errstate(over="ignore"):
-        return x / (np.float32(1.0) + np.exp(-x))
-
-
 def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin ``(*positions.shape, dim)`` float32 for rotate-half RoPE at absolute positions.
 
@@ -119,13 +106,6 @@ def rope_tables(positions: np.ndarray, dim: int, base: float) -> tuple[np.ndarra
     angles = positions.astype(np.float64)[..., None] * inv_freq
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate-half RoPE of ``x (..., L, H, D)`` with tables ``(..., L, D)`` (broadcast over heads)."""
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -261,23 +241,23 @@ class _MatMul:
         return out
 
 
-class _DecodeWorkspace:
-    """The float32 buffers of one decode step for a batch of ``B`` sequences, reused by every
-    step (a step allocates nothing of the model's size; only the attention outputs are new)."""
+class _Workspace:
+    """The float32 buffers of the transformer blocks for ``B`` sequences of ``L`` tokens, reused
+    by every layer (and, for decoding, by every step): a pass allocates nothing of the
+    activations' size but the attention outputs, so no fresh pages fault in layer after layer."""
 
-    def __init__(self, cfg: Config, B: int, mm: _MatMul):
+    def __init__(self, cfg: Config, B: int, L: int, mm: _MatMul):
         Hq, Hkv, D, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.ffn
-        self.B = B
-        self.x = np.empty((B, E), np.float32)  # the residual stream
-        self.h = mm.keep(np.empty((B, E), np.float32))  # normalized x
-        self.var = np.empty((B, 1), np.float32)
-        self.qkv = mm.keep(np.empty((B, (Hq + 2 * Hkv) * D), np.float32))
-        self.qk = np.empty((B, Hq + Hkv, D), np.float32)  # q and k after RoPE
-        self.half = np.empty((B, Hq + Hkv, D // 2), np.float32)
-        self.proj = mm.keep(np.empty((B, E), np.float32))
-        self.gate_up = mm.keep(np.empty((B, 2 * F), np.float32))
-        self.act = mm.keep(np.empty((B, F), np.float32))
-        self.logits = mm.keep(np.empty((B, cfg.vocab_size), np.float32))
+        self.shape = (B, L)
+        self.h = mm.keep(np.empty((B, L, E), np.float32))  # normalized x
+        self.var = np.empty((B, L, 1), np.float32)
+        self.qkv = mm.keep(np.empty((B, L, (Hq + 2 * Hkv) * D), np.float32))
+        self.qk = np.empty((B, L, Hq + Hkv, D), np.float32)  # q and k after RoPE
+        self.half = np.empty((B, L, Hq + Hkv, D // 2), np.float32)
+        self.proj = mm.keep(np.empty((B, L, E), np.float32))
+        self.gate_up = mm.keep(np.empty((B, L, 2 * F), np.float32))
+        self.act = mm.keep(np.empty((B, L, F), np.float32))
+        self.logits = mm.keep(np.empty((B, cfg.vocab_size), np.float32)) if L == 1 else None
 
 
 class SmolLM:
@@ -332,7 +312,7 @@ class SmolLM:
         self._mm = _MatMul(compute)
         for w in [self.w["head"], *(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down"))]:
             self._mm.keep(w, transposed=True)
-        self._workspace: _DecodeWorkspace | None = None
+        self._workspace: _Workspace | None = None  # the decode steps' buffers
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
 
     # ---- reading the file --------------------------------------------------------------
@@ -386,7 +366,10 @@ class SmolLM:
                 raise AttentionValueError(f"GGUF file {str(file)!r} lacks the tensor {name!r}")
             t = tensors[name]
             # dequantize gives the row-major (out, in) matrix of GGUF's (in, out) shape.
-            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            # float32 tensors come back as read-only views of the file's map; torch views
+            # (compute="torch") need writable memory (nothing writes to it).
+            return w if w.flags.writeable else w.copy()
 
         embed = load("token_embd.weight")
         # SmolLM2 ties the output projection to the embedding: no output.weight in the file.
@@ -510,27 +493,63 @@ class SmolLM:
         cos, sin = self._rope
         return cos[positions], sin[positions]
 
-    def _layers(self, x: np.ndarray, positions: np.ndarray, attend) -> np.ndarray:
-        """The prompt pass: all transformer blocks on ``x (B, L, E)``; ``attend(layer, q, k, v)``
-        does attention on ``(B, L, H, D)`` arrays (RoPE applied) and returns ``(B, L, Hq, D)``."""
+    def _layers(self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace) -> np.ndarray:
+        """All transformer blocks on ``x (B, L, E)`` (updated in place: the residual stream);
+        returns the final norm's output ``(B, L, E)`` (in ``ws.h``).
+
+        ``attend(layer, q, k, v)`` does attention on ``(B, L, H, D)`` arrays (RoPE applied) and
+        returns ``(B, L, Hq·D)``.  Each operation writes into ``ws``'s buffers (``out=``), the
+        projections too, so no operation makes a fresh array.  The math, float32 as in
+        transformers: RMSNorm ``x / sqrt(mean(x²) + eps) · w``; rotate-half RoPE;
+        SwiGLU ``silu(gate) · up`` with ``silu(g) = g / (1 + e^−g)`` (e^−g overflows to inf
+        for g < −88, giving the correct limit 0).
+        """
         cfg = self.config
         mm = self._mm
         B, L, _ = x.shape
-        Hq, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
+        half, nq, nk = D // 2, Hq * D, Hkv * D
+        h, var, eps = ws.h, ws.var, np.float32(cfg.eps)
+
+        def norm(weight):  # h = x / sqrt(mean(x²) + eps) · weight
+            np.multiply(x, x, out=h)
+            np.mean(h, axis=-1, keepdims=True, out=var)
+            np.add(var, eps, out=var)
+            np.sqrt(var, out=var)
+            np.divide(x, var, out=h)
+            np.multiply(h, weight, out=h)
+
         cos, sin = self._rope_tables(positions)  # (B or 1, L, D)
-        nq, nk = Hq * D, Hkv * D
-        for i, w in enumerate(self.w["layers"]):
-            h = rms_norm(x, w["attn_norm"], cfg.eps)
-            qkv = mm(h, w["qkv"])
-            q = apply_rope(qkv[..., :nq].reshape(B, L, Hq, D), cos, sin)
-            k = apply_rope(qkv[..., nq : nq + nk].reshape(B, L, Hkv, D), cos, sin)
-            v = qkv[..., nq + nk :].reshape(B, L, Hkv, D)
-            ctx = attend(i, q, k, v)
-            x = x + mm(ctx.reshape(B, L, nq), w["o"])
-            h = rms_norm(x, w["ffn_norm"], cfg.eps)
-            gate_up = mm(h, w["gate_up"])
-            x = x + mm(silu(gate_up[..., : cfg.ffn]) * gate_up[..., cfg.ffn :], w["down"])
-        return rms_norm(x, self.w["norm"], cfg.eps)
+        cos, sin = cos[..., None, :half], sin[..., None, :half]  # the tables' two halves are equal
+        qk_in = ws.qkv[..., : nq + nk].reshape(B, L, Hq + Hkv, D)
+        x1, x2 = qk_in[..., :half], qk_in[..., half:]
+        o1, o2, tmp = ws.qk[..., :half], ws.qk[..., half:], ws.half
+        q, k = ws.qk[:, :, :Hq], ws.qk[:, :, Hq:]
+        v = ws.qkv[..., nq + nk :].reshape(B, L, Hkv, D)
+        gate, up, act = ws.gate_up[..., :F], ws.gate_up[..., F:], ws.act
+        with np.errstate(over="ignore"):  # exp(−x) → inf for x < −88: silu's correct limit 0
+            for i, w in enumerate(self.w["layers"]):
+                norm(w["attn_norm"])
+                mm(h, w["qkv"], ws.qkv)
+                # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
+                np.multiply(x1, cos, out=o1)
+                np.multiply(x2, sin, out=tmp)
+                np.subtract(o1, tmp, out=o1)
+                np.multiply(x2, cos, out=o2)
+                np.multiply(x1, sin, out=tmp)
+                np.add(o2, tmp, out=o2)
+                ctx = attend(i, q, k, v)
+                x += mm(ctx, w["o"], ws.proj)
+                norm(w["ffn_norm"])
+                mm(h, w["gate_up"], ws.gate_up)
+                np.negative(gate, out=act)  # silu(gate) · up = gate / (1 + e^−gate) · up
+                np.exp(act, out=act)
+                np.add(act, np.float32(1.0), out=act)
+                np.divide(gate, act, out=act)
+                np.multiply(act, up, out=act)
+                x += mm(act, w["down"], ws.proj)
+        norm(self.w["norm"])
+        return h
 
     def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:
         """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``.
@@ -544,7 +563,7 @@ class SmolLM:
         def attend(i, q, k, v):
             if caches is not None:
                 caches.write_prefill(i, k, v, lengths)
-            return attention(
+            out = attention(
                 q,
                 k,
                 v,
@@ -554,68 +573,25 @@ class SmolLM:
                 kv_lengths=lengths if padded else None,
                 implementation=self.implementation,
             )
+            return out.reshape(B, L, -1)
 
         x = self.w["embed"][ids]
-        return self._layers(x, np.arange(L)[None], attend)
+        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm))
 
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
-        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``.
-
-        The same arithmetic as :meth:`_layers` (same operations in the same order, so the
-        same float32 results), on one row per sequence in preallocated buffers: a step is
-        ≈ 25 small NumPy operations per layer writing into ``out=`` arrays, the four
-        projections of each layer straight into their outputs, and the attention call.
-        """
-        cfg = self.config
-        mm = self._mm
+        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``, in
+        buffers kept from step to step."""
         B = len(tokens)
         ws = self._workspace
-        if ws is None or ws.B != B:
-            ws = self._workspace = _DecodeWorkspace(cfg, B, mm)
-        Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
-        half, nq, nk = D // 2, Hq * D, Hkv * D
-        x, h, var, eps = ws.x, ws.h, ws.var, np.float32(cfg.eps)
+        if ws is None or ws.shape != (B, 1):
+            ws = self._workspace = _Workspace(self.config, B, 1, self._mm)
 
-        def norm(weight):  # h = x / sqrt(mean(x²) + eps) · weight, as rms_norm()
-            np.multiply(x, x, out=h)
-            np.mean(h, axis=-1, keepdims=True, out=var)
-            np.add(var, eps, out=var)
-            np.sqrt(var, out=var)
-            np.divide(x, var, out=h)
-            np.multiply(h, weight, out=h)
+        def attend(i, q, k, v):  # (B, 1, H, D) → the cache's "bhld" (B, H, 1, D): views
+            return caches.attend(i, q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)).reshape(B, 1, -1)
 
-        np.take(self.w["embed"], tokens, axis=0, out=x)
-        cos, sin = self._rope_tables(caches.lengths)  # each sequence's next absolute position
-        cos, sin = cos[:, None, :half], sin[:, None, :half]  # the two halves of the tables are equal
-        qk_in = ws.qkv[:, : nq + nk].reshape(B, Hq + Hkv, D)
-        x1, x2 = qk_in[..., :half], qk_in[..., half:]
-        o1, o2, tmp = ws.qk[..., :half], ws.qk[..., half:], ws.half
-        q, k = ws.qk[:, :Hq, None, :], ws.qk[:, Hq:, None, :]  # (B, H, 1, D) views
-        v = ws.qkv[:, nq + nk :].reshape(B, Hkv, 1, D)
-        gate, up, act = ws.gate_up[:, :F], ws.gate_up[:, F:], ws.act
-        with np.errstate(over="ignore"):  # exp(−x) → inf for x < −88: silu's correct limit 0
-            for i, w in enumerate(self.w["layers"]):
-                norm(w["attn_norm"])
-                mm(h, w["qkv"], ws.qkv)
-                # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
-                np.multiply(x1, cos, out=o1)
-                np.multiply(x2, sin, out=tmp)
-                np.subtract(o1, tmp, out=o1)
-                np.multiply(x2, cos, out=o2)
-                np.multiply(x1, sin, out=tmp)
-                np.add(o2, tmp, out=o2)
-                ctx = caches.attend(i, q, k, v)  # (B, Hq, 1, D)
-                x += mm(ctx.reshape(B, nq), w["o"], ws.proj)
-                norm(w["ffn_norm"])
-                mm(h, w["gate_up"], ws.gate_up)
-                np.negative(gate, out=act)  # silu(gate) · up = gate / (1 + e^−gate) · up
-                np.exp(act, out=act)
-                np.add(act, np.float32(1.0), out=act)
-                np.divide(gate, act, out=act)
-                np.multiply(act, up, out=act)
-                x += mm(act, w["down"], ws.proj)
-        norm(self.w["norm"])
-        return h
+        x = self.w["embed"][tokens][:, None]  # (B, 1, E)
+        positions = caches.lengths[:, None]  # each sequence's next absolute position
+        return self._layers(x, positions, attend, ws)[:, 0]
 
     def _head(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self._mm(h, self.w["head"], out)

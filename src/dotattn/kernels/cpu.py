@@ -663,8 +663,12 @@ def _run_forward(call: AttentionCall, p: Prepared):
     return out, lse
 
 
-# Backward passes of fewer multiply-adds (B·Hq·Lq·Lk·(D + Dv), forward-sized) run serially.
-SERIAL_BACKWARD_MAX_WORK = 1 << 20
+# Backward passes of fewer multiply-adds (B·Hq·Lq·Lk·(D + Dv), forward-sized) run serially:
+# the small forward path's limit (cpu_small.PARALLEL_MIN_WORK).  Above it the team pays on a
+# quiet machine: B64 H4 L11 D16 causal (≈ 10⁶) took 1.09 ms with it and 1.48 ms serially,
+# interleaved at load 1.3 — but 10.1 against 1.75 ms at load 4, where the team's launch
+# waits for descheduled threads.
+SERIAL_BACKWARD_MAX_WORK = 1 << 18
 
 
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None):

@@ -121,18 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     print("load before:", uptime(), flush=True)
     model = SmolLM()
     peer, peer_info = (None, "n/a (--no-peer)") if args.no_peer else load_transformers(model.path)
-    print(f"dotattn SmolLM: float32 NumPy projections; peer: {peer_info}", flush=True)
+    print(f"dotattn SmolLM: float32 projections on {model.compute} (compute=); peer: {peer_info}", flush=True)
     results = {"load_before": uptime(), "peer": peer_info, "rows": []}
     header = f"{'prompt':>7} {'new':>4} | {'dotattn prefill':>16} {'peer prefill':>13} {'ratio':>6} | {'dotattn decode':>15} {'peer decode':>12} {'ratio':>6}"
     print(header)
     for n in args.lengths:
         ids = prompt_ids(model, n)
-        # One short warm-up each (first calls compile / allocate), not timed.
-        model.generate_ids(ids[:64], max_new_tokens=4, stop_at_eos=False)
+        # One warm-up each at the full prompt length (first calls compile / load the kernels
+        # that length needs — a 64-token prompt takes another attention path), not timed.
+        model.generate_ids(ids, max_new_tokens=4, stop_at_eos=False)
         ours = bench_dotattn(model, ids, args.new, args.repeats)
         row = {"prompt": n, "new": args.new, "dotattn": ours}
         if peer is not None:
-            bench_transformers(peer, ids[:64], 4, 1)
+            bench_transformers(peer, ids, 4, 1)
             row["transformers"] = bench_transformers(peer, ids, args.new, args.repeats)
         med = {side: {k: statistics.median(v) for k, v in row[side].items()} for side in ("dotattn", "transformers") if side in row}
         row["median"] = med

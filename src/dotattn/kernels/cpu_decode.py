@@ -5,8 +5,8 @@ Per-call work in Python is kept small (a decode step of a 30-layer model is 30 c
 cache is passed as a flat view of the caller's memory plus element strides, 16-bit caches as
 ``uint16``; partial results go to a per-thread scratch buffer that only grows, so a steady
 decode loop allocates nothing large.  The Numba kernels are serial and release the GIL;
-calls reading more than :data:`PARALLEL_MIN_BYTES` of K/V split their work items over a
-pool of Python threads, one per core (a Numba ``prange`` launch cost ~100 µs per call here
+calls reading more than :data:`PARALLEL_MIN_BYTES` of K/V split their work items between the
+calling thread and a pool of Python threads, one per other core (a Numba ``prange`` launch cost ~100 µs per call here
 even with one thread, and its OpenMP barrier stalled whole calls on a loaded machine).  The
 thread count never changes a bit of the result: every work item and merge is the same code,
 each item writes its own part, and parts are merged in a fixed order (tested).
@@ -113,9 +113,21 @@ def decode(call: DecodeCall, reference: bool = False):
         if nbytes < PARALLEL_MIN_BYTES or workers == 1 or total < 2:
             K.run_items(0, total, *common)
         else:
-            # contiguous item ranges, one per core (items are of nearly equal size)
-            bounds = [total * w // workers for w in range(workers + 1)]
-            list(_pool().map(lambda w: K.run_items(bounds[w], bounds[w + 1], *common), range(workers)))
+            # Contiguous item ranges, two per core (items are of nearly equal size): the pool
+            # threads take ranges 1…, the caller range 0 and then, from the last one back,
+            # every range no pool thread has started.  On an idle machine the ranges run side
+            # by side; on a loaded one a pool thread the scheduler has not woken costs the call
+            # nothing (the caller does its work).  Each item writes its own part: same bits.
+            pieces = 2 * workers
+            bounds = [total * w // pieces for w in range(pieces + 1)]
+            futures = [_pool().submit(K.run_items, bounds[w], bounds[w + 1], *common) for w in range(1, pieces)]
+            K.run_items(bounds[0], bounds[1], *common)
+            for w in range(pieces - 1, 0, -1):
+                if futures[w - 1].cancel():
+                    K.run_items(bounds[w], bounds[w + 1], *common)
+            for future in futures:
+                if not future.cancelled():
+                    future.result()  # re-raises a worker's exception here
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
 
@@ -129,5 +141,6 @@ def _pool() -> ThreadPoolExecutor:
     if _executor is None:
         with _pool_lock:
             if _executor is None:
-                _executor = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="dotattn-decode")
+                # the caller is one of the cores' workers
+                _executor = ThreadPoolExecutor(max_workers=max(1, _workers() - 1), thread_name_prefix="dotattn-decode")
     return _executor

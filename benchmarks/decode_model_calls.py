@@ -1,0 +1,73 @@
+"""A model's decode-step attention calls at SmolLM2-135M's shape, layer after layer.
+
+One ``KVCache(num_layers=30)`` holding ``--context`` tokens per layer (B 1, Hkv 3, D 64), then
+steps of 30 ``KVCache.attend`` calls (Hq 9, one new token each), as SmolLM's decode step makes
+them — so the layers' caches do not all sit in the CPU's caches, unlike one call repeated.
+Prints the median wall time per call over ``--repeats`` blocks of ``--steps`` steps, the
+process CPU time per call, and the K/V read rate::
+
+    PYTHONPATH=src python benchmarks/decode_model_calls.py [--context 512] [--page-size 256]
+        [--layout bhld] [--serial]
+
+``--page-size 0`` uses a contiguous cache; ``--serial`` keeps every call on the calling thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--page-size", type=int, default=256)
+    parser.add_argument("--layout", choices=("bhld", "blhd"), default="bhld")
+    parser.add_argument("--serial", action="store_true")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    from dotattn.decoding import KVCache
+    from dotattn.kernels import cpu_decode
+
+    if args.serial:
+        cpu_decode.PARALLEL_MIN_BYTES = 1 << 62
+    n, B, Hkv, Hq, D, layers = args.context, 1, 3, 9, 64, 30
+    rng = np.random.default_rng(0)
+    cache = KVCache(batch_size=B, num_kv_heads=Hkv, head_dim=D, capacity=n + args.steps * (args.repeats + 1) + 1,
+                    num_layers=layers, page_size=args.page_size or None, layout=args.layout)
+    shape = (B, Hkv, n, D) if args.layout == "bhld" else (B, n, Hkv, D)
+    for layer in range(layers):
+        cache.append(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32), layer=layer)
+    one = (lambda h: (B, h, 1, D)) if args.layout == "bhld" else (lambda h: (B, 1, h, D))
+    q, k, v = (rng.standard_normal(one(h), dtype=np.float32) for h in (Hq, Hkv, Hkv))
+
+    def steps(count):
+        for _ in range(count):
+            for layer in range(layers):
+                cache.attend(q, k, v, layer=layer)
+
+    steps(1)
+    wall, cpu = [], []
+    calls = args.steps * layers
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        steps(args.steps)
+        wall.append((time.perf_counter() - t0) / calls)
+        cpu.append((time.process_time() - c0) / calls)
+    per_call = statistics.median(wall)
+    kv_bytes = n * Hkv * 2 * D * 4
+    print(f"load: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"context {n}, {'contiguous' if not args.page_size else f'{args.page_size}-token pages'}, {args.layout}"
+          f"{', serial' if args.serial else ''}: {per_call * 1e6:.0f} µs per call (blocks {min(wall) * 1e6:.0f}–"
+          f"{max(wall) * 1e6:.0f}), process CPU {statistics.median(cpu) * 1e6:.0f} µs, K/V read {kv_bytes / per_call / 1e9:.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

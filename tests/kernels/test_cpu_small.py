@@ -251,3 +251,17 @@ def test_small_backward_runs_serially_with_the_parallel_bytes(monkeypatch, shape
     naive = H.naive_grads(q, k, v, dout, **options)
     for got, want, rough, name in zip(grads["serial"], ref, naive, ("dq", "dk", "dv")):
         H.assert_close_to_reference(got, want, rough, name=name)
+
+
+def test_items_from_the_shared_queue_give_the_serial_bytes():
+    """Chunks take items from one queue, so which thread computes an item varies from call to
+    call; each item is computed alike, so the results are the serial ones, bit for bit."""
+    q, k, v = H.random_qkv(3, batch=(64,), Hq=4, Hkv=2, Lq=11, D=16)
+    call = semantics.normalize(q, k, v, causal=True)
+    assert cpu_small.SmallForward(call).parallel
+    serial = cpu_small.forward(call, threads=1)
+    for threads in (2, 3, 7):
+        for _ in range(3):
+            got = cpu_small.forward(call, threads=threads)
+            for a, b in zip(got, serial, strict=True):
+                H.assert_bitwise_equal(a, b)

@@ -41,6 +41,7 @@ from ._cpu_primitives import (
     LN2,
     LOG2E,
     _dropout_keep,
+    _take_task,
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
@@ -199,13 +200,20 @@ def forward_chunk(
     dropout_p,
     dropout_key,
     status,
+    queue,
     chunk,
     nchunks,
 ):
-    """Items ``t = chunk, chunk + nchunks, …`` (all of them with ``(0, 1)``): for each,
-    every row of ``(b, hk) = divmod(t, Hkv)``, ``out[b, hk] (R, Dv)`` and ``lse[b, hk] (R,)``.
-    ``status[chunk]`` becomes 1 (and the chunk stops) where an item meets a non-finite score
-    or output: the NaN policy's case, which the caller reruns on the general kernels.
+    """Items taken one at a time from the shared ``queue`` (``int64[1]``, 0 at the start),
+    until none is left: for each ``t``, every row of ``(b, hk) = divmod(t, Hkv)``,
+    ``out[b, hk] (R, Dv)`` and ``lse[b, hk] (R,)``.  ``status[chunk]`` becomes 1 (and the
+    chunk stops) where an item meets a non-finite score or output: the NaN policy's case,
+    which the caller reruns on the general kernels.
+
+    A shared queue, not a fixed deal of items to chunks: a chunk whose thread the OS starts
+    late just takes fewer items, where a fixed deal left the caller waiting for that
+    thread's whole share (on a loaded machine two threads took longer than one).  Each item
+    is computed the same way whichever chunk takes it: results are bitwise the same.
 
     One function, the item inlined in the loop: a call per item passing its ~40 arrays cost
     Numba an atomic reference-count increment and decrement per array (perf: 40 % of an
@@ -226,7 +234,11 @@ def forward_chunk(
     row_sum = np.empty(R, dtype=q.dtype)
     lanes = np.empty(_LANES, dtype=q.dtype)
     threads = _gemm_threads_begin(q)  # MKL's GEMMs on this thread only (our chunks are the threads)
-    for t in range(chunk, B * Hkv, nchunks):
+    items = B * Hkv
+    while True:
+        t = _take_task(queue)
+        if t >= items:
+            break
         b = t // Hkv
         hk = t % Hkv
         qlen = q_lens[b]

@@ -238,7 +238,7 @@ class SmallForward:
             (q, k, v, out, lse, self.group, self.Lq,
              _lengths(call.q_lengths, self.B, self.Lq), _lengths(call.kv_lengths, self.B, self.Lk))
             + (self.options or self._options(call))
-            + (status,)
+            + (status, np.zeros(1, dtype=np.int64))  # the items' shared queue (its next index)
         )
         if self.blas_limit:
             with ONE_BLAS_THREAD:

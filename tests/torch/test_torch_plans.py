@@ -137,3 +137,21 @@ def test_changed_dtype_or_option_gets_its_own_plan():
     H.assert_bitwise_equal(a.numpy(), _unplanned(q, k, v, causal="top_left")[0])
     H.assert_bitwise_equal(b.numpy(), _unplanned(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))[0])
     assert len(dispatch._PLANS) == 3
+
+
+def test_planned_views_of_lazy_negations_and_grad_tensors():
+    """A planned call reads a tensor that requires grad (under no_grad) and a lazily negated
+    view (``torch._neg_view``) as the unplanned path does."""
+    q, k, v = H.random_qkv(6, batch=(1,), Hq=2, Lq=4, D=8)
+    tq, tk, tv = _t(q), _t(k), _t(v)
+    with torch.no_grad():
+        dotattn.attention(tq, tk, tv)
+        dotattn.attention(tq, tk, tv)  # planned from here on
+        neg = torch._neg_view(tk)
+        assert neg.is_neg()
+        got = dotattn.attention(tq, neg, tv)
+        grad_q = tq.clone().requires_grad_(True)
+        got_grad = dotattn.attention(grad_q, tk, tv)
+    H.assert_bitwise_equal(got.numpy(), _unplanned(q, -k, v)[0])
+    H.assert_bitwise_equal(got_grad.numpy(), _unplanned(q, k, v)[0])
+    assert not got_grad.requires_grad

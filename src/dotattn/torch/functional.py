@@ -499,6 +499,14 @@ def _plan_key(q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_lengths, causal, wi
     return ("torch", k.device.type, v.device.type, q.layout, k.layout, v.layout) + key
 
 
+def _planned_view(t: Tensor) -> np.ndarray:
+    """:func:`to_numpy` for q, k, v of a planned call, whose key holds their device and layout
+    (CPU, strided) and dtype: only what can change between calls of one kind is looked at."""
+    if t.requires_grad or t.is_neg() or t.dtype == torch.bfloat16:
+        return to_numpy("q, k or v", t)
+    return t.numpy()
+
+
 def _planned_forward(plan, q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_lengths, return_lse: bool):
     """A call of a planned kind: NumPy views, the lengths checked (``semantics.rebind``), the
     plan's backend run, tensors out — what the unplanned no-grad path returns."""
@@ -506,9 +514,7 @@ def _planned_forward(plan, q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_length
         q_lengths = to_numpy("q_lengths", q_lengths)
     if kv_lengths is not None:
         kv_lengths = to_numpy("kv_lengths", kv_lengths)
-    call = semantics.rebind(
-        plan.template, to_numpy("q", q), to_numpy("k", k), to_numpy("v", v), q_lengths, kv_lengths
-    )
+    call = semantics.rebind(plan.template, _planned_view(q), _planned_view(k), _planned_view(v), q_lengths, kv_lengths)
     out, lse = plan.run(call)
     out_t = _tensor(semantics.finalize_output(call, out))
     if return_lse:

@@ -506,50 +506,81 @@ class SmolLM:
         """
         cfg = self.config
         mm = self._mm
-        B, L, _ = x.shape
+        B, L, E = x.shape
+        N = B * L  # token rows: the elementwise phases below work on any range of them
         Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
         half, nq, nk = D // 2, Hq * D, Hkv * D
-        h, var, eps = ws.h, ws.var, np.float32(cfg.eps)
-
-        def norm(weight):  # h = x / sqrt(mean(x²) + eps) · weight
-            np.multiply(x, x, out=h)
-            np.mean(h, axis=-1, keepdims=True, out=var)
-            np.add(var, eps, out=var)
-            np.sqrt(var, out=var)
-            np.divide(x, var, out=h)
-            np.multiply(h, weight, out=h)
-
-        cos, sin = self._rope_tables(positions)  # (B or 1, L, D)
-        cos, sin = cos[..., None, :half], sin[..., None, :half]  # the tables' two halves are equal
-        qk_in = ws.qkv[..., : nq + nk].reshape(B, L, Hq + Hkv, D)
-        x1, x2 = qk_in[..., :half], qk_in[..., half:]
-        o1, o2, tmp = ws.qk[..., :half], ws.qk[..., half:], ws.half
+        eps = np.float32(cfg.eps)
+        xr, h, var, proj = x.reshape(N, E), ws.h.reshape(N, E), ws.var.reshape(N, 1), ws.proj.reshape(N, E)
+        cos, sin = self._rope_tables(positions)  # (B or 1, L, D); the tables' two halves are equal
+        cos, sin = (np.ascontiguousarray(np.broadcast_to(t[..., :half], (B, L, half))).reshape(N, 1, half) for t in (cos, sin))
+        qk_in = ws.qkv.reshape(N, -1)[:, : nq + nk].reshape(N, Hq + Hkv, D)
+        qk, tmp = ws.qk.reshape(N, Hq + Hkv, D), ws.half.reshape(N, Hq + Hkv, half)
+        gate_up, act = ws.gate_up.reshape(N, 2 * F), ws.act.reshape(N, F)
         q, k = ws.qk[:, :, :Hq], ws.qk[:, :, Hq:]
         v = ws.qkv[..., nq + nk :].reshape(B, L, Hkv, D)
-        gate, up, act = ws.gate_up[..., :F], ws.gate_up[..., F:], ws.act
-        with np.errstate(over="ignore"):  # exp(−x) → inf for x < −88: silu's correct limit 0
-            for i, w in enumerate(self.w["layers"]):
-                norm(w["attn_norm"])
-                mm(h, w["qkv"], ws.qkv)
-                # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
-                np.multiply(x1, cos, out=o1)
-                np.multiply(x2, sin, out=tmp)
-                np.subtract(o1, tmp, out=o1)
-                np.multiply(x2, cos, out=o2)
-                np.multiply(x1, sin, out=tmp)
-                np.add(o2, tmp, out=o2)
-                ctx = attend(i, q, k, v)
-                x += mm(ctx, w["o"], ws.proj)
-                norm(w["ffn_norm"])
-                mm(h, w["gate_up"], ws.gate_up)
-                np.negative(gate, out=act)  # silu(gate) · up = gate / (1 + e^−gate) · up
-                np.exp(act, out=act)
-                np.add(act, np.float32(1.0), out=act)
-                np.divide(gate, act, out=act)
-                np.multiply(act, up, out=act)
-                x += mm(act, w["down"], ws.proj)
-        norm(self.w["norm"])
-        return h
+
+        def add_norm(weight, add, chunk, chunks):  # x += proj (add); h = x / sqrt(mean(x²) + eps) · weight
+            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
+            x_, h_, v_ = xr[r], h[r], var[r]
+            if add:
+                np.add(x_, proj[r], out=x_)
+            np.multiply(x_, x_, out=h_)
+            np.mean(h_, axis=-1, keepdims=True, out=v_)
+            np.add(v_, eps, out=v_)
+            np.sqrt(v_, out=v_)
+            np.divide(x_, v_, out=h_)
+            np.multiply(h_, weight, out=h_)
+
+        def rope(chunk, chunks):  # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
+            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
+            x1, x2, c, s_, t = qk_in[r, :, :half], qk_in[r, :, half:], cos[r], sin[r], tmp[r]
+            o1, o2 = qk[r, :, :half], qk[r, :, half:]
+            np.multiply(x1, c, out=o1)
+            np.multiply(x2, s_, out=t)
+            np.subtract(o1, t, out=o1)
+            np.multiply(x2, c, out=o2)
+            np.multiply(x1, s_, out=t)
+            np.add(o2, t, out=o2)
+
+        def swiglu(chunk, chunks):  # silu(gate) · up = gate / (1 + e^−gate) · up
+            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
+            g, u, a = gate_up[r, :F], gate_up[r, F:], act[r]
+            with np.errstate(over="ignore"):  # e^−g → inf for g < −88: silu's correct limit 0
+                np.negative(g, out=a)
+                np.exp(a, out=a)
+            np.add(a, np.float32(1.0), out=a)
+            np.divide(g, a, out=a)
+            np.multiply(a, u, out=a)
+
+        # Prompt passes run each phase in row chunks on the caller and a pool thread (NumPy
+        # releases the GIL inside each operation; the caller takes every chunk the pool has
+        # not started, so a busy machine costs nothing); a decode step's few rows stay here.
+        chunks = min(4, N // 64)
+        if chunks >= 2:
+            from ..kernels._launch import run_chunks
+
+            def phase(fn, *args):
+                run_chunks(fn, args, chunks)
+        else:
+
+            def phase(fn, *args):
+                fn(*args, 0, 1)
+
+        add = False  # the first layer's input has no pending residual
+        for i, w in enumerate(self.w["layers"]):
+            phase(add_norm, w["attn_norm"], add)
+            mm(ws.h, w["qkv"], ws.qkv)
+            phase(rope)
+            ctx = attend(i, q, k, v)
+            mm(ctx, w["o"], ws.proj)
+            phase(add_norm, w["ffn_norm"], True)
+            mm(ws.h, w["gate_up"], ws.gate_up)
+            phase(swiglu)
+            mm(ws.act, w["down"], ws.proj)
+            add = True
+        phase(add_norm, self.w["norm"], True)
+        return ws.h
 
     def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:
         """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``.

@@ -98,6 +98,33 @@ def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path)
     assert "compiling" not in done.stderr
 
 
+PRECOMPILE_ONLY = """
+import json
+from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_small_kernels, cpu
+
+cpu.precompile(("float32", "bfloat16"))
+entries = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
+           "backward, one chunk": _cpu_kernels._backward_chunk, "weights": _cpu_kernels.weights,
+           "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
+           "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges}
+print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))
+"""
+
+
+def test_precompile_alone_reaches_every_kernel_entry():
+    """`dotattn precompile` must load or compile every entry point a call can launch — in a
+    fresh process, where nothing else has run (the test above cannot tell: its own in-process
+    calls fill the cache before the child looks).  A small backward pass launches the
+    backward's one chunk directly and a larger one the prange kernel; both must be there."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", PRECOMPILE_ONLY], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    missing = [k for k, n in loaded.items() if n == 0]
+    assert not missing, f"dotattn precompile never launched: {missing}"
+
+
 def test_a_first_launch_that_compiles_says_so(monkeypatch, capsys):
     """A kernel without machine code past the notice delay prints a line, then one when ready."""
     import time

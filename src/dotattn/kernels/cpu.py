@@ -671,8 +671,12 @@ def _run_forward(call: AttentionCall, p: Prepared):
 SERIAL_BACKWARD_MAX_WORK = 1 << 18
 
 
-def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None):
-    """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style."""
+def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):
+    """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
+
+    ``serial``: run the one chunk on this thread (True) or the prange kernel (False); None
+    decides by size (:data:`SERIAL_BACKWARD_MAX_WORK`).  :func:`precompile` forces each.
+    """
     sparse = call.window is not None or call.q_segment_ids is not None
     p = prepare(call, block_size or (None if sparse else DEFAULT_BACKWARD_BLOCK_SIZE))
     if not call.extras and not (
@@ -694,7 +698,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch
     # waits for every descheduled thread (the small forward path's reason, kernels/cpu_small.py).
-    serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
+    if serial is None:
+        serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
     nchunks = 1 if serial else _num_threads()
     dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
     dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
@@ -803,9 +808,10 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     One specialization per dtype serves every call (plain, causal, windows, masks, …: the
     options travel as values), so per dtype a forward, a backward and a weights call of the
     general kernels, a forward of the small-call kernel (``cpu_small``: the first call of most
-    programs is small) and a decode step (``cpu_decode``) cover them.  Decode rows are per
-    cache dtype: ``bfloat16`` also runs a float16 cache (both are read as 16-bit words: one
-    machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
+    programs is small) and a decode step (``cpu_decode``) cover them.  The backward runs twice:
+    as the prange kernel and as its one chunk called directly (what small backward passes
+    run).  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
+    read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
     """
@@ -827,7 +833,9 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         call = semantics.normalize(q, q, q, causal=True)
         results = {}
         timed(f"forward {name}", lambda: results.update(zip(("out", "lse"), forward(call))))
-        timed(f"backward {name}", lambda: backward(call, results["out"], results["lse"], results["out"]))
+        for serial in (True, False):  # small passes run the chunk on the caller's thread, others the team
+            timed(f"backward {name}{' (one thread)' if serial else ''}",
+                  lambda: backward(call, results["out"], results["lse"], results["out"], serial=serial))
         timed(f"weights {name}", lambda: weights(call, results["lse"]))
         timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):

@@ -38,6 +38,8 @@ _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+# 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
+PREFETCH_ROWS = 16
 
 
 # =================================================================================
@@ -61,6 +63,26 @@ def _half_to_float(typingctx, x):
         if signature.args[0] == types.uint16:
             return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
         return context.cast(builder, value, signature.args[0], types.float32)
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Ask the CPU to start loading ``arr[index]``'s cache line (``llvm.prefetch``: a hint
+    that never faults, so an index past the end is harmless)."""
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        ary_t = signature.args[0]
+        ary = context.make_array(ary_t)(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(ir.IntType(32), 0),
+                          ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -192,7 +214,11 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, s, row):
     pg = j0 // ps
     slot = j0 - pg * ps
     for t in range(n):
-        _convert_row(flat, np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2]), kind, D, row, bits, 0)
+        u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
+        if slot + PREFETCH_ROWS < ps:  # the row PREFETCH_ROWS keys ahead, where it is on this page
+            for line in range(0, D, 32):  # 32 16-bit words per 64-byte line
+                _prefetch(flat, u + np.uint64(PREFETCH_ROWS * st[2] + line))
+        _convert_row(flat, u, kind, D, row, bits, 0)
         slot += 1
         if slot == ps:
             slot = 0
@@ -238,8 +264,11 @@ def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, Dv, o, rows):
     while t < n:
         g = min(4, n - t)  # keys t … t+g−1, converted into rows[i·Dv : (i+1)·Dv]
         for i in range(g):
-            _convert_row(flat, np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2]), kind, Dv,
-                         rows, bits, i * Dv)
+            u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
+            if slot + PREFETCH_ROWS < ps:
+                for line in range(0, Dv, 32):
+                    _prefetch(flat, u + np.uint64(PREFETCH_ROWS * st[2] + line))
+            _convert_row(flat, u, kind, Dv, rows, bits, i * Dv)
             slot += 1
             if slot == ps:
                 slot = 0

@@ -87,6 +87,14 @@ def _prefetch(typingctx, arr, index):
     return sig, codegen
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _prefetch_row(flat, st, table, b, hk, pg, slot, width):
+    """Start loading the 16-bit cache row at (page ``pg``, ``slot``) of K/V head ``hk``."""
+    u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
+    for line in range(0, width, 32):  # 32 16-bit words per 64-byte line
+        _prefetch(flat, u + np.uint64(line))
+
+
 # =================================================================================
 # exp of a score row: vectorizable polynomial in float32, libm in float64
 # =================================================================================
@@ -201,7 +209,7 @@ def _convert_row(flat, u, kind, width, dst, bits, at):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, s, row):
+def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row):
     """``s[r·n + t] = qf[r] · key(j0 + t)`` for a 16-bit cache, key by key.
 
     Each key row is converted once into ``row`` (L1) and dotted with the R query rows there:
@@ -213,11 +221,20 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, s, row):
     bits = row.view(np.uint32)
     pg = j0 // ps
     slot = j0 - pg * ps
+    # the row PREFETCH_ROWS keys ahead is asked for while this one is used, across chunk and
+    # page ends, as long as it is a key of the sequence (below j_stop: its page is mapped)
+    ahead = j0 + PREFETCH_ROWS
+    apg = ahead // ps
+    aslot = ahead - apg * ps
     for t in range(n):
+        if ahead < j_stop:
+            _prefetch_row(flat, st, table, b, hk, apg, aslot, D)
+        ahead += 1
+        aslot += 1
+        if aslot == ps:
+            aslot = 0
+            apg += 1
         u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-        if slot + PREFETCH_ROWS < ps:  # the row PREFETCH_ROWS keys ahead, where it is on this page
-            for line in range(0, D, 32):  # 32 16-bit words per 64-byte line
-                _prefetch(flat, u + np.uint64(PREFETCH_ROWS * st[2] + line))
         _convert_row(flat, u, kind, D, row, bits, 0)
         slot += 1
         if slot == ps:
@@ -248,7 +265,7 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, s, row):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, Dv, o, rows):
+def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows):
     """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
     ``rows``, 4 at a time) and never multiplying a value by ``p = 0``: a hidden NaN or ±inf
     value must not enter (the NaN policy).
@@ -260,14 +277,21 @@ def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, Dv, o, rows):
     bits = rows.view(np.uint32)
     pg = j0 // ps
     slot = j0 - pg * ps
+    ahead = j0 + PREFETCH_ROWS  # as in _scores_16bit
+    apg = ahead // ps
+    aslot = ahead - apg * ps
     t = 0
     while t < n:
         g = min(4, n - t)  # keys t … t+g−1, converted into rows[i·Dv : (i+1)·Dv]
         for i in range(g):
+            if ahead < j_stop:
+                _prefetch_row(flat, st, table, b, hk, apg, aslot, Dv)
+            ahead += 1
+            aslot += 1
+            if aslot == ps:
+                aslot = 0
+                apg += 1
             u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-            if slot + PREFETCH_ROWS < ps:
-                for line in range(0, Dv, 32):
-                    _prefetch(flat, u + np.uint64(PREFETCH_ROWS * st[2] + line))
             _convert_row(flat, u, kind, Dv, rows, bits, i * Dv)
             slot += 1
             if slot == ps:
@@ -382,7 +406,7 @@ def _chunk(
     if n > 0:
         # ---- 1. scores ----
         if kind != KIND_FLOAT:
-            _scores_16bit(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, s, kc)
+            _scores_16bit(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
@@ -428,7 +452,7 @@ def _chunk(
     # ---- 3. P · V ----
     if n > 0:
         if kind != KIND_FLOAT:
-            _pv_16bit(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, Dv, o, vc)
+            _pv_16bit(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
         elif _rows_in_place(kind, vst, ps, Dv, j0, n):
             v0 = _row_offset(vst, table, ps, b, hk, j0)
             if _all_finite(vflat[v0 : v0 + n * Dv], n * Dv):

@@ -277,7 +277,9 @@ def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows
     bits = rows.view(np.uint32)
     pg = j0 // ps
     slot = j0 - pg * ps
-    ahead = j0 + PREFETCH_ROWS  # as in _scores_16bit
+    # the prefetch cursor of _scores_16bit, written out again on purpose: as one inlined helper
+    # returning (ahead, page, slot), both loops ran 1.8× slower (B1 32k bfloat16, measured)
+    ahead = j0 + PREFETCH_ROWS
     apg = ahead // ps
     aslot = ahead - apg * ps
     t = 0

@@ -40,10 +40,10 @@ from ._cpu_primitives import (
     _as_operand,
     _block_class,
     _col_max,
-    _col_sum_into,
     _ds_block,
     _dropout_block,
     _exp2_shifted,
+    _exp2_shifted_sum,
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
@@ -284,9 +284,8 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
         acc_row = acc[r]  # row views keep the short inner loops vectorized
         for d in range(acc_row.shape[0]):
             acc_row[d] *= alpha
-    # exponentiate against the new max; sum before dropout
-    _exp2_shifted(ST, N, c2, m_use)
-    _col_sum_into(ST, row_sum)
+    # exponentiate against the new max and sum (one pass); the sum is before dropout
+    _exp2_shifted_sum(ST, N, c2, m_use, row_sum)
 
 
 @njit(cache=_JIT_CACHE)

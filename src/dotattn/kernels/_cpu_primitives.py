@@ -18,6 +18,7 @@ from numba.extending import intrinsic, overload
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
+from ._cpu_simd import LANES, exp2_tile16
 from .dropout import splitmix64 as _splitmix64_py
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
@@ -318,15 +319,42 @@ def _exp2_core_f32(ST, N, mul, sub):
     # exponent add is a bit cast inside the same loop (_times_pow2): one pass over the tile
     # instead of a second integer loop through the int32 scratch ``N`` (now unused), 0.55
     # against 0.61 ns/element with the tile copy the benchmark needs, same bits.
+    # Whole 16-column strips go to the 16-lane loop of _cpu_simd (LLVM vectorizes this one
+    # 8 lanes wide only), same operations, same bits; this loop takes the rest.
     BK, BQ = ST.shape
+    r0 = 0
+    if ST.strides[1] == 4:
+        r0 = (BQ // LANES) * LANES
+        exp2_tile16(ST, mul, sub, sub, BQ // LANES, False)
     for c in range(BK):
         row = ST[c]
-        for r in range(BQ):
-            xc = max(row[r] * mul - sub[r], np.float32(-127.0))
-            n = np.floor(xc + np.float32(0.5))
-            e = np.int32(n)
-            p = exp2_fraction(xc - n)
-            row[r] = _times_pow2(p, e) if e > -127 else np.float32(0.0)
+        for r in range(r0, BQ):
+            row[r] = _exp2_one(row[r], mul, sub[r])
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"}, inline="always")
+def _exp2_one(s, mul, sub):
+    xc = max(s * mul - sub, np.float32(-127.0))
+    n = np.floor(xc + np.float32(0.5))
+    e = np.int32(n)
+    p = exp2_fraction(xc - n)
+    return _times_pow2(p, e) if e > -127 else np.float32(0.0)
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_sum_core_f32(ST, mul, sub, row_sum):
+    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass (same order, same bits)."""
+    BK, BQ = ST.shape
+    r0 = 0
+    if ST.strides[1] == 4:
+        r0 = (BQ // LANES) * LANES
+        exp2_tile16(ST, mul, sub, row_sum, BQ // LANES, True)
+    for c in range(BK):
+        row = ST[c]
+        for r in range(r0, BQ):
+            p = _exp2_one(row[r], mul, sub[r])
+            row[r] = p
+            row_sum[r] += p
 
 
 @njit(cache=_JIT_CACHE)
@@ -342,6 +370,36 @@ def _exp2_shifted_overload(ST, N, mul, sub):
     if ST.dtype == types.float64:
         return lambda ST, N, mul, sub: _exp2_shifted_f64(ST, N, mul, sub)
     return lambda ST, N, mul, sub: _exp2_shifted_f32(ST, N, mul, sub)
+
+
+def _exp2_shifted_sum(ST, N, mul, sub, row_sum):
+    """:func:`_exp2_shifted`, then ``row_sum[r] += Σ_c ST[c, r]``: one pass over the tile for float32."""
+    raise NotImplementedError("compiled only")
+
+
+@njit(cache=_JIT_CACHE)
+def _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum):
+    BK, BQ = ST.shape
+    huge = False
+    for r in range(BQ):
+        huge |= not abs(sub[r]) < np.float32(1048576.0)
+    if huge:  # the rare pre-rounded pass of _exp2_shifted_f32, then the plain sum
+        _exp2_shifted_f32(ST, N, mul, sub)
+        _col_sum_into(ST, row_sum)
+    else:
+        _exp2_sum_core_f32(ST, mul, sub, row_sum)
+
+
+@overload(_exp2_shifted_sum, jit_options={"cache": _JIT_CACHE})
+def _exp2_shifted_sum_overload(ST, N, mul, sub, row_sum):
+    if ST.dtype == types.float32:
+        return lambda ST, N, mul, sub, row_sum: _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum)
+
+    def impl(ST, N, mul, sub, row_sum):
+        _exp2_shifted_f64(ST, N, mul, sub)
+        _col_sum_into(ST, row_sum)
+
+    return impl
 
 
 # =================================================================================

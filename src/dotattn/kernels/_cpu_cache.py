@@ -30,8 +30,9 @@ KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py"
 
 
 # What the compiled kernels are made of: the kernel files, and the modules whose jitted helpers
-# and constants they inline (the dropout hash, the option codes, the bfloat16 GEMM symbols).
-SOURCE_FILES = KERNEL_FILES + ("_cpu_options.py", "_cpu_isa.py", "dropout.py")
+# and constants they inline (the dropout hash, the option codes, the bfloat16 GEMM symbols,
+# the 16-lane loops written as LLVM IR).
+SOURCE_FILES = KERNEL_FILES + ("_cpu_options.py", "_cpu_isa.py", "_cpu_simd.py", "dropout.py")
 
 
 @functools.lru_cache(maxsize=None)

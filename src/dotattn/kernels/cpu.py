@@ -169,7 +169,7 @@ def _cached_user_kernels(score_mod, mask_mod) -> types.ModuleType | None:
     # The kernels import cached primitives whose changes Numba's cache of this file would not
     # notice: their sources (and Numba's version) go into the name, so a change makes a new file.
     digest = hashlib.sha256(text.encode())
-    for dep in ("_cpu_primitives", "_cpu_options", "_cpu_isa", "dropout"):
+    for dep in ("_cpu_primitives", "_cpu_options", "_cpu_isa", "_cpu_simd", "dropout"):
         dep_spec = importlib.util.find_spec(f"dotattn.kernels.{dep}")
         with open(dep_spec.origin, "rb") as f:
             digest.update(f.read())

@@ -100,13 +100,15 @@ def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path)
 
 PRECOMPILE_ONLY = """
 import json
-from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_small_kernels, cpu
+from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels, cpu
 
 cpu.precompile(("float32", "bfloat16"))
 entries = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
            "backward, one chunk": _cpu_kernels._backward_chunk, "weights": _cpu_kernels.weights,
            "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
-           "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges}
+           "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
+           "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
+           "model SwiGLU": _cpu_model_ops.swiglu}
 print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))
 """
 

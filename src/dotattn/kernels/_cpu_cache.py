@@ -23,10 +23,13 @@ from numba.core import caching
 
 # DOTATTN_PRECOMPILED_DIR moves it (benchmarks/cpu_first_call.py times a compile from scratch so).
 PRECOMPILED_DIR = Path(os.environ.get("DOTATTN_PRECOMPILED_DIR") or Path(__file__).resolve().with_name("_precompiled"))
-# The files whose functions are cached there — the general, small-call and decode kernels —
+# The files whose functions are cached there — the general, small-call and decode kernels and
+# the models' element-wise steps —
 # (generated kernel copies for user functions live in dotattn's user cache, see
 # cpu.user_kernel_dir).
-KERNEL_FILES = ("_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py", "_cpu_decode_kernels.py")
+KERNEL_FILES = (
+    "_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py", "_cpu_decode_kernels.py", "_cpu_model_ops.py",
+)
 
 
 # What the compiled kernels are made of: the kernel files, and the modules whose jitted helpers

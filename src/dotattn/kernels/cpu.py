@@ -810,7 +810,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     general kernels, a forward of the small-call kernel (``cpu_small``: the first call of most
     programs is small) and a decode step (``cpu_decode``) cover them.  The backward runs twice:
     as the prange kernel and as its one chunk called directly (what small backward passes
-    run).  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
+    run).  The float32 row also compiles the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
     read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
@@ -840,7 +840,20 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
+        if name == "float32":
+            timed("model steps (RMSNorm, RoPE, SwiGLU)", _model_steps)
     return rows
+
+
+def _model_steps() -> None:
+    """The ``dotattn.models`` element-wise kernels once each, on a few float32 rows."""
+    from . import _cpu_model_ops as ops
+
+    x = np.ones((2, 8), np.float32)
+    ops.add_rms_norm(x, x.copy(), False, np.ones(8, np.float32), np.float32(1e-5), np.empty_like(x), 0, 1)
+    table = np.ones((4, 8), np.float32)
+    ops.rope(np.ones((2, 24), np.float32), np.arange(2, dtype=np.int64), table, table, np.empty((2, 2, 8), np.float32), 0, 1)
+    ops.swiglu(np.ones((2, 16), np.float32), np.empty((2, 8), np.float32), 0, 1)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

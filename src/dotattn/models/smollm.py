@@ -250,10 +250,8 @@ class _Workspace:
         Hq, Hkv, D, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.ffn
         self.shape = (B, L)
         self.h = mm.keep(np.empty((B, L, E), np.float32))  # normalized x
-        self.var = np.empty((B, L, 1), np.float32)
         self.qkv = mm.keep(np.empty((B, L, (Hq + 2 * Hkv) * D), np.float32))
         self.qk = np.empty((B, L, Hq + Hkv, D), np.float32)  # q and k after RoPE
-        self.half = np.empty((B, L, Hq + Hkv, D // 2), np.float32)
         self.proj = mm.keep(np.empty((B, L, E), np.float32))
         self.gate_up = mm.keep(np.empty((B, L, 2 * F), np.float32))
         self.act = mm.keep(np.empty((B, L, F), np.float32))
@@ -484,14 +482,13 @@ class SmolLM:
         return self.encode(self.apply_chat_template(prompt))
 
     # ---- the network ---------------------------------------------------------------------
-    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin ``(*positions.shape, D)`` looked up in tables made once for the whole
-        context (the same float64-then-rounded values :func:`rope_tables` gives)."""
+    def _rope_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin ``(context_length, D)`` for every position, made once (the
+        float64-then-rounded values of :func:`rope_tables`)."""
         if self._rope is None:
             cfg = self.config
             self._rope = rope_tables(np.arange(cfg.context_length), cfg.head_dim, cfg.rope_base)
-        cos, sin = self._rope
-        return cos[positions], sin[positions]
+        return self._rope
 
     def _layers(self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace) -> np.ndarray:
         """All transformer blocks on ``x (B, L, E)`` (updated in place: the residual stream);
@@ -501,61 +498,31 @@ class SmolLM:
         returns ``(B, L, Hq·D)``.  Each operation writes into ``ws``'s buffers (``out=``), the
         projections too, so no operation makes a fresh array.  The math, float32 as in
         transformers: RMSNorm ``x / sqrt(mean(x²) + eps) · w``; rotate-half RoPE;
-        SwiGLU ``silu(gate) · up`` with ``silu(g) = g / (1 + e^−g)`` (e^−g overflows to inf
-        for g < −88, giving the correct limit 0).
+        SwiGLU ``silu(gate) · up`` (kernels/_cpu_model_ops.py).
         """
+        from ..kernels import _cpu_model_ops as ops
+
         cfg = self.config
         mm = self._mm
         B, L, E = x.shape
         N = B * L  # token rows: the elementwise phases below work on any range of them
         Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
-        half, nq, nk = D // 2, Hq * D, Hkv * D
+        nq, nk = Hq * D, Hkv * D
         eps = np.float32(cfg.eps)
-        xr, h, var, proj = x.reshape(N, E), ws.h.reshape(N, E), ws.var.reshape(N, 1), ws.proj.reshape(N, E)
-        cos, sin = self._rope_tables(positions)  # (B or 1, L, D); the tables' two halves are equal
-        cos, sin = (np.ascontiguousarray(np.broadcast_to(t[..., :half], (B, L, half))).reshape(N, 1, half) for t in (cos, sin))
-        qk_in = ws.qkv.reshape(N, -1)[:, : nq + nk].reshape(N, Hq + Hkv, D)
-        qk, tmp = ws.qk.reshape(N, Hq + Hkv, D), ws.half.reshape(N, Hq + Hkv, half)
+        xr, h, proj = x.reshape(N, E), ws.h.reshape(N, E), ws.proj.reshape(N, E)
+        cos, sin = self._rope_table()  # (context, D)
+        pos = np.empty(N, np.int64)  # each row's position (a writable array: one kernel signature)
+        pos.reshape(B, L)[...] = positions
+        qkv = ws.qkv.reshape(N, -1)
+        qk = ws.qk.reshape(N, Hq + Hkv, D)
         gate_up, act = ws.gate_up.reshape(N, 2 * F), ws.act.reshape(N, F)
         q, k = ws.qk[:, :, :Hq], ws.qk[:, :, Hq:]
         v = ws.qkv[..., nq + nk :].reshape(B, L, Hkv, D)
 
-        def add_norm(weight, add, chunk, chunks):  # x += proj (add); h = x / sqrt(mean(x²) + eps) · weight
-            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
-            x_, h_, v_ = xr[r], h[r], var[r]
-            if add:
-                np.add(x_, proj[r], out=x_)
-            np.multiply(x_, x_, out=h_)
-            np.mean(h_, axis=-1, keepdims=True, out=v_)
-            np.add(v_, eps, out=v_)
-            np.sqrt(v_, out=v_)
-            np.divide(x_, v_, out=h_)
-            np.multiply(h_, weight, out=h_)
-
-        def rope(chunk, chunks):  # rotate-half RoPE of q and k together: [x1·cos − x2·sin, x2·cos + x1·sin]
-            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
-            x1, x2, c, s_, t = qk_in[r, :, :half], qk_in[r, :, half:], cos[r], sin[r], tmp[r]
-            o1, o2 = qk[r, :, :half], qk[r, :, half:]
-            np.multiply(x1, c, out=o1)
-            np.multiply(x2, s_, out=t)
-            np.subtract(o1, t, out=o1)
-            np.multiply(x2, c, out=o2)
-            np.multiply(x1, s_, out=t)
-            np.add(o2, t, out=o2)
-
-        def swiglu(chunk, chunks):  # silu(gate) · up = gate / (1 + e^−gate) · up
-            r = slice(N * chunk // chunks, N * (chunk + 1) // chunks)
-            g, u, a = gate_up[r, :F], gate_up[r, F:], act[r]
-            with np.errstate(over="ignore"):  # e^−g → inf for g < −88: silu's correct limit 0
-                np.negative(g, out=a)
-                np.exp(a, out=a)
-            np.add(a, np.float32(1.0), out=a)
-            np.divide(g, a, out=a)
-            np.multiply(a, u, out=a)
-
-        # Prompt passes run each phase in row chunks on the caller and a pool thread (NumPy
-        # releases the GIL inside each operation; the caller takes every chunk the pool has
-        # not started, so a busy machine costs nothing); a decode step's few rows stay here.
+        # One fused pass per element-wise step (kernels/_cpu_model_ops.py).  Prompt passes run
+        # each step in row chunks on the caller and a pool thread (the kernels release the GIL;
+        # the caller takes every chunk the pool has not started, so a busy machine costs
+        # nothing); a decode step's few rows stay on the caller.
         chunks = min(4, N // 64)
         if chunks >= 2:
             from ..kernels._launch import run_chunks
@@ -569,17 +536,17 @@ class SmolLM:
 
         add = False  # the first layer's input has no pending residual
         for i, w in enumerate(self.w["layers"]):
-            phase(add_norm, w["attn_norm"], add)
+            phase(ops.add_rms_norm, xr, proj, add, w["attn_norm"], eps, h)
             mm(ws.h, w["qkv"], ws.qkv)
-            phase(rope)
+            phase(ops.rope, qkv, pos, cos, sin, qk)
             ctx = attend(i, q, k, v)
             mm(ctx, w["o"], ws.proj)
-            phase(add_norm, w["ffn_norm"], True)
+            phase(ops.add_rms_norm, xr, proj, True, w["ffn_norm"], eps, h)
             mm(ws.h, w["gate_up"], ws.gate_up)
-            phase(swiglu)
+            phase(ops.swiglu, gate_up, act)
             mm(ws.act, w["down"], ws.proj)
             add = True
-        phase(add_norm, self.w["norm"], True)
+        phase(ops.add_rms_norm, xr, proj, True, self.w["norm"], eps, h)
         return ws.h
 
     def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""The fused element-wise kernels of ``dotattn.models`` (kernels/_cpu_model_ops.py) against
+float64 NumPy formulas, chunked runs against one-chunk runs, and SiLU at extreme gates."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dotattn.kernels import _cpu_model_ops as ops
+
+# float32 kernels against float64 math: a few float32 roundings per element
+REL = 2e-6
+
+
+def _rms_norm64(x, weight, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+def _rope64(qkv, positions, cos, sin, H, D):
+    half = D // 2
+    heads = qkv[:, : H * D].reshape(len(qkv), H, D).astype(np.float64)
+    c, s = cos[positions][:, None, :half].astype(np.float64), sin[positions][:, None, :half].astype(np.float64)
+    x1, x2 = heads[..., :half], heads[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _swiglu64(gate_up):
+    F = gate_up.shape[1] // 2
+    g, u = gate_up[:, :F].astype(np.float64), gate_up[:, F:].astype(np.float64)
+    with np.errstate(over="ignore"):
+        return g / (1.0 + np.exp(-g)) * u
+
+
+def _assert_rel(got, want):
+    scale = np.abs(want).max(initial=0.0) or 1.0
+    err = np.abs(got.astype(np.float64) - want).max(initial=0.0) / scale
+    assert err <= REL, f"relative error {err:.2e} > {REL:.0e}"
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), e=st.integers(1, 100), add=st.booleans(), chunks=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_add_rms_norm(n, e, add, chunks, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, e), dtype=np.float32) * 3
+    proj = rng.standard_normal((n, e), dtype=np.float32)
+    weight = rng.standard_normal(e, dtype=np.float32)
+    eps = np.float32(1e-5)
+    want_x = x.astype(np.float64) + (proj if add else 0.0)
+    want_h = _rms_norm64(want_x.astype(np.float32), weight, eps)
+    x1, h1 = x.copy(), np.empty_like(x)
+    for c in range(chunks):
+        ops.add_rms_norm(x1, proj, add, weight, eps, h1, c, chunks)
+    np.testing.assert_array_equal(x1, (x + proj) if add else x)  # the residual add is one float32 add
+    _assert_rel(h1, want_h)
+    x2, h2 = x.copy(), np.empty_like(x)
+    ops.add_rms_norm(x2, proj, add, weight, eps, h2, 0, 1)
+    np.testing.assert_array_equal(h1, h2)  # rows are independent: chunking never changes a bit
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), heads=st.integers(1, 6), half=st.integers(1, 40), extra=st.integers(0, 3),
+       chunks=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_rope(n, heads, half, extra, chunks, seed):
+    rng = np.random.default_rng(seed)
+    D = 2 * half
+    qkv = rng.standard_normal((n, (heads + extra) * D), dtype=np.float32)  # extra heads are not rotated
+    ctx = n + 10
+    angles = np.arange(ctx)[:, None] * (1.0 / 1e4 ** (np.arange(half) / half))
+    angles = np.concatenate([angles, angles], axis=-1)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    positions = rng.integers(0, ctx, n).astype(np.int64)
+    out = np.empty((n, heads, D), np.float32)
+    for c in range(chunks):
+        ops.rope(qkv, positions, cos, sin, out, c, chunks)
+    _assert_rel(out, _rope64(qkv, positions, cos, sin, heads, D))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), f=st.integers(1, 100), chunks=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_swiglu(n, f, chunks, seed):
+    rng = np.random.default_rng(seed)
+    gate_up = rng.standard_normal((n, 2 * f), dtype=np.float32) * 6
+    act = np.empty((n, f), np.float32)
+    for c in range(chunks):
+        ops.swiglu(gate_up, act, c, chunks)
+    _assert_rel(act, _swiglu64(gate_up))
+
+
+def test_swiglu_at_extreme_gates():
+    """SiLU's limits: 0 for very negative gates (no overflow, no NaN), g for very positive ones;
+    ±0, subnormal and huge gates are exact or within float32 rounding.  ``e**x`` below 2**−126
+    (x < −87.3) flushes to 0, as the attention kernels' exp does: an absolute error < 1e-35."""
+    gates = np.array([-1e30, -1e4, -200.0, -88.0, -87.0, -20.0, -1.0, -0.0, 0.0, 1e-40, 1e-3, 1.0, 20.0, 100.0, 1e4, 1e30],
+                     np.float32)
+    gate_up = np.concatenate([gates, np.full_like(gates, 2.0)])[None]
+    act = np.empty((1, len(gates)), np.float32)
+    ops.swiglu(gate_up, act, 0, 1)
+    assert np.isfinite(act).all()
+    want = _swiglu64(gate_up)[0]
+    np.testing.assert_allclose(act[0], want, rtol=REL, atol=1e-35)
+    assert act[0, 0] == 0.0 and act[0, -1] == np.float32(2e30)

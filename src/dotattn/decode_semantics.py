@@ -438,11 +438,26 @@ def write_new(call: DecodeCall, counts: np.ndarray | None = None) -> None:
             call.k_pages[page, :, slot] = k_new[b, :, 0]
             call.v_pages[page, :, slot] = v_new[b, :, 0]
         return
+    n_new = np.full(call.B, call.Lnew, dtype=np.int64) if counts is None else counts
+    # Runs of consecutive slots within one page, per sequence: one slice assignment each
+    # (a 4,096-token prompt into 256-token pages is 16 runs), where advanced indexing built
+    # and scattered one index pair per token (≈ 3 ms per SmolLM layer at 4,096 tokens).  A
+    # call with many short runs (tiny pages) keeps advanced indexing.
+    first = call.cache_lengths
+    runs = int(((first % ps + n_new + ps - 1) // ps).sum()) if call.paged else call.B
+    if runs <= 4 * call.B + 64:
+        for b, (start, n) in enumerate(zip(first.tolist(), n_new.tolist())):
+            t = 0
+            while t < n:
+                i, slot = divmod(start + t, ps)
+                run = min(ps - slot, n - t)
+                page = int(call.block_table[b, i])  # contiguous: page b
+                call.k_pages[page, :, slot : slot + run] = k_new[b, :, t : t + run]
+                call.v_pages[page, :, slot : slot + run] = v_new[b, :, t : t + run]
+                t += run
+        return
     if counts is None:
-        if call.paged:
-            pages, slots = call.block_table[np.arange(call.B)[:, None], pos // ps], pos % ps
-        else:  # one page per sequence: no division
-            pages, slots = np.arange(call.B)[:, None], pos
+        pages, slots = call.block_table[np.arange(call.B)[:, None], pos // ps], pos % ps
         # advanced indices around a slice: the result's axes are (B, Lnew, Hkv, D)
         call.k_pages[pages, :, slots] = k_new.swapaxes(1, 2)
         call.v_pages[pages, :, slots] = v_new.swapaxes(1, 2)

@@ -257,3 +257,43 @@ def test_cuda_cache_decodes_what_the_numpy_cache_decodes(page_size):
         np.testing.assert_allclose(out_d.cpu().numpy(), out_h, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(lse_d.cpu().numpy(), lse_h, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(dev.lengths, host.lengths)
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 3, 64, 256])
+@pytest.mark.parametrize("counts", [None, [150, 0, 97]])
+def test_append_writes_every_token_to_its_slot_and_nothing_else(page_size, counts):
+    """decode_semantics.write_new by page runs (slices: contiguous caches, large pages) and by
+    advanced indexing (many short runs: tiny pages) stores token t of sequence b at
+    ``cache_lengths[b] + t`` through the block table, casting to the cache dtype, and leaves
+    every other slot untouched (NaN)."""
+    from dotattn import decode_semantics
+
+    rng = np.random.default_rng(11)
+    B, Hkv, D, Lnew, cap = 3, 2, 8, 150, 420
+    cache_lengths = np.array([5, 0, 263])
+    if page_size is None:
+        k_cache = np.full((B, Hkv, cap, D), np.nan, np.float16)
+        table = None
+    else:
+        per_seq = -(-cap // page_size)
+        k_cache = np.full((B * per_seq + 2, Hkv, page_size, D), np.nan, np.float16)  # 2 pages never used
+        table = rng.permutation(B * per_seq + 2)[: B * per_seq].reshape(B, per_seq)
+    v_cache = k_cache.copy()
+    k_new = rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32)
+    v_new = rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32)
+    stored = np.full(B, Lnew) if counts is None else np.array(counts)
+    call = decode_semantics.normalize(
+        np.empty((B, Hkv, 0, D), np.float32), k_cache, v_cache, k_new, v_new, cache_lengths=cache_lengths,
+        block_table=table, causal=True, window=None, scale=None, softcap=None, alibi_slopes=None, rotary=None,
+        layout="bhld", new_counts=None if counts is None else stored,
+    )
+    decode_semantics.write_new(call, None if counts is None else stored)
+    want_k, want_v = np.full_like(k_cache, np.nan), np.full_like(v_cache, np.nan)
+    for b in range(B):
+        for t in range(int(stored[b])):
+            pos = int(cache_lengths[b]) + t
+            page, slot = (b, pos) if page_size is None else (table[b, pos // page_size], pos % page_size)
+            want_k[page, :, slot] = k_new[b, :, t]
+            want_v[page, :, slot] = v_new[b, :, t]
+    np.testing.assert_array_equal(k_cache, want_k)
+    np.testing.assert_array_equal(v_cache, want_v)

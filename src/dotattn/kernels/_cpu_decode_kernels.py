@@ -37,9 +37,16 @@ import os as _os
 _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
-KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+# how a cache is read: float rows by a BLAS GEMM per chunk, 16-bit rows converted one by one,
+# float rows one by one in place (the driver picks KIND_FLOAT_ROWS for R ≤ ROWS_MAX_R)
+KIND_FLOAT, KIND_BF16, KIND_F16, KIND_FLOAT_ROWS = 0, 1, 2, 3
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
+# float caches: calls with at most this many folded query rows (R = G·Lq: decode steps, short
+# speculative/chunked steps) read the rows one by one like 16-bit caches (the driver passes
+# KIND_FLOAT_ROWS); more rows go to BLAS (a GEMM per chunk, compute-bound there).  R is the
+# call's, so a sequence's bits still do not depend on the batch, the capacity or the layout.
+ROWS_MAX_R = 32
 
 
 # =================================================================================
@@ -89,9 +96,9 @@ def _prefetch(typingctx, arr, index):
 
 @njit(cache=_JIT_CACHE, inline="always")
 def _prefetch_row(flat, st, table, b, hk, pg, slot, width):
-    """Start loading the 16-bit cache row at (page ``pg``, ``slot``) of K/V head ``hk``."""
+    """Start loading the cache row at (page ``pg``, ``slot``) of K/V head ``hk``."""
     u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-    for line in range(0, width, 32):  # 32 16-bit words per 64-byte line
+    for line in range(0, width, 64 // flat.itemsize):  # one hint per 64-byte line
         _prefetch(flat, u + np.uint64(line))
 
 
@@ -208,17 +215,66 @@ def _convert_row(flat, u, kind, width, dst, bits, at):
             dst[a + np.uint64(d)] = _half_to_float(flat[u + np.uint64(d)])
 
 
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row):
-    """``s[r·n + t] = qf[r] · key(j0 + t)`` for a 16-bit cache, key by key.
+def _zero(x):
+    """A zero of ``x``'s dtype (``x[0] * 0`` would be float64: Numba promotes with the int)."""
+    raise NotImplementedError("compiled only")
 
-    Each key row is converted once into ``row`` (L1) and dotted with the R query rows there:
-    streaming the cache while computing keeps the loop at memory speed.  Gathering the chunk
-    into a float32 block first and handing it to BLAS (the float caches' route) moved every
-    byte three more times (convert, pack, multiply) and ran 16-bit caches no faster than
-    float32 ones.
+
+@overload(_zero, inline="always", jit_options={"cache": _JIT_CACHE})
+def _zero_overload(x):
+    if x.dtype == types.float32:
+        return lambda x: np.float32(0.0)
+    return lambda x: np.float64(0.0)
+
+
+def _rows_array(flat, buf):
+    """Where the row loops read cache rows: a float cache in place, 16-bit rows converted
+    into ``buf``.  Chosen once per loop — an array returned per key cost two atomic
+    reference-count updates per key (6 % of a 16-bit item, perf)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_rows_array, inline="always", jit_options={"cache": _JIT_CACHE})
+def _rows_array_overload(flat, buf):
+    if flat.dtype == types.uint16:
+        return lambda flat, buf: buf
+    return lambda flat, buf: flat
+
+
+def _row_at(flat, u, kind, width, buf, bits, at):
+    """The offset in ``_rows_array(flat, buf)`` of the cache row at ``flat[u:]``: ``u`` for a
+    float cache; ``at`` for a 16-bit one, after converting the row into ``buf[at:at+width]``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_row_at, inline="always", jit_options={"cache": _JIT_CACHE})
+def _row_at_overload(flat, u, kind, width, buf, bits, at):
+    if flat.dtype == types.uint16:
+
+        def converted(flat, u, kind, width, buf, bits, at):
+            _convert_row(flat, u, kind, width, buf, bits, at)
+            return np.uint64(at)
+
+        return converted
+    return lambda flat, u, kind, width, buf, bits, at: u
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row, smax, schk):
+    """``s[r·n + t] = qf[r] · key(j0 + t)``, key row by key row (small ``R``); also each row's
+    maximum ``smax[r]`` and ``schk[r] = Σ s·0`` (NaN exactly when a score is NaN or ±inf;
+    not ``s − s``, which LLVM's reassociation cancels to 0),
+    which spare the softmax a pass over an unmasked row (a scalar max reduction LLVM does not
+    vectorize: 9 % of a 16-bit item, perf).
+
+    A float cache's row is dotted where it lies; a 16-bit row is converted once into ``row``
+    (L1) first.  Either way the row is used there for all R query rows while the cache
+    streams: gathering the chunk for BLAS moved every 16-bit byte three more times, and
+    OpenBLAS's skinny GEMM on float rows read 7 GB/s per core where this loop reads ≈ 11
+    (with the prefetch below; 9 without).
     """
     bits = row.view(np.uint32)
+    x = _rows_array(flat, row)
     pg = j0 // ps
     slot = j0 - pg * ps
     # the row PREFETCH_ROWS keys ahead is asked for while this one is used, across chunk and
@@ -226,6 +282,10 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, 
     ahead = j0 + PREFETCH_ROWS
     apg = ahead // ps
     aslot = ahead - apg * ps
+    zero = _zero(qf)
+    for r in range(R):
+        smax[r] = -np.inf
+        schk[r] = zero
     for t in range(n):
         if ahead < j_stop:
             _prefetch_row(flat, st, table, b, hk, apg, aslot, D)
@@ -235,7 +295,7 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, 
             aslot = 0
             apg += 1
         u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-        _convert_row(flat, u, kind, D, row, bits, 0)
+        xo = _row_at(flat, u, kind, D, row, bits, 0)
         slot += 1
         if slot == ps:
             slot = 0
@@ -243,48 +303,62 @@ def _scores_16bit(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, 
         r = 0
         while r + 4 <= R:  # four rows per pass: four vector accumulators, one read of the row
             q0, q1, q2, q3 = np.uint64(r * D), np.uint64((r + 1) * D), np.uint64((r + 2) * D), np.uint64((r + 3) * D)
-            a0 = a1 = a2 = a3 = np.float32(0.0)
+            a0 = a1 = a2 = a3 = _zero(qf)
             for d in range(D):
-                x = row[d]
-                a0 += qf[q0 + np.uint64(d)] * x
-                a1 += qf[q1 + np.uint64(d)] * x
-                a2 += qf[q2 + np.uint64(d)] * x
-                a3 += qf[q3 + np.uint64(d)] * x
+                xd = x[xo + np.uint64(d)]
+                a0 += qf[q0 + np.uint64(d)] * xd
+                a1 += qf[q1 + np.uint64(d)] * xd
+                a2 += qf[q2 + np.uint64(d)] * xd
+                a3 += qf[q3 + np.uint64(d)] * xd
             s[r * n + t] = a0
             s[(r + 1) * n + t] = a1
             s[(r + 2) * n + t] = a2
             s[(r + 3) * n + t] = a3
+            smax[r] = a0 if a0 > smax[r] else smax[r]
+            smax[r + 1] = a1 if a1 > smax[r + 1] else smax[r + 1]
+            smax[r + 2] = a2 if a2 > smax[r + 2] else smax[r + 2]
+            smax[r + 3] = a3 if a3 > smax[r + 3] else smax[r + 3]
+            schk[r] += a0 * zero
+            schk[r + 1] += a1 * zero
+            schk[r + 2] += a2 * zero
+            schk[r + 3] += a3 * zero
             r += 4
         while r < R:
             q0 = np.uint64(r * D)
-            acc = np.float32(0.0)
+            acc = _zero(qf)
             for d in range(D):
-                acc += qf[q0 + np.uint64(d)] * row[d]
+                acc += qf[q0 + np.uint64(d)] * x[xo + np.uint64(d)]
             s[r * n + t] = acc
+            smax[r] = acc if acc > smax[r] else smax[r]
+            schk[r] += acc * zero
             r += 1
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows):
-    """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
-    ``rows``, 4 at a time) and never multiplying a value by ``p = 0``: a hidden NaN or ±inf
-    value must not enter (the NaN policy).
+def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows):
+    """``o (R·Dv) += P · V`` reading the values row by row (float rows in place, 16-bit rows
+    converted into ``rows``), four keys per pass, never multiplying a value by ``p = 0``: a
+    hidden NaN or ±inf value must not enter (the NaN policy) — which also spares float
+    caches the finiteness scan BLAS needed.
 
-    Four keys whose weights are all non-zero update an output row in one pass (one load and
-    store of ``o`` per four multiply-adds); a group with a zero weight goes key by key,
-    skipping the zeros.
+    Four rows × four keys whose sixteen weights are all non-zero go in one pass over ``d``
+    (each value element loaded once for the four rows, each output element loaded and stored
+    once per four keys: 1.4× faster than a pass per row, L2-resident); otherwise row by row,
+    four keys per pass, and key by key where a weight is zero.
     """
     bits = rows.view(np.uint32)
+    x = _rows_array(flat, rows)
     pg = j0 // ps
     slot = j0 - pg * ps
-    # the prefetch cursor of _scores_16bit, written out again on purpose: as one inlined helper
+    # the prefetch cursor of _scores_rows, written out again on purpose: as one inlined helper
     # returning (ahead, page, slot), both loops ran 1.8× slower (B1 32k bfloat16, measured)
     ahead = j0 + PREFETCH_ROWS
     apg = ahead // ps
     aslot = ahead - apg * ps
     t = 0
+    u0 = u1 = u2 = u3 = np.uint64(0)
     while t < n:
-        g = min(4, n - t)  # keys t … t+g−1, converted into rows[i·Dv : (i+1)·Dv]
+        g = min(4, n - t)  # keys t … t+g−1
         for i in range(g):
             if ahead < j_stop:
                 _prefetch_row(flat, st, table, b, hk, apg, aslot, Dv)
@@ -294,24 +368,57 @@ def _pv_16bit(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows
                 aslot = 0
                 apg += 1
             u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-            _convert_row(flat, u, kind, Dv, rows, bits, i * Dv)
+            ui = _row_at(flat, u, kind, Dv, rows, bits, i * Dv)
+            if i == 0:
+                u0 = ui
+            elif i == 1:
+                u1 = ui
+            elif i == 2:
+                u2 = ui
+            else:
+                u3 = ui
             slot += 1
             if slot == ps:
                 slot = 0
                 pg += 1
-        for r in range(R):
+        r = 0
+        if g == 4:
+            while r + 4 <= R:
+                pa, pb, pc, pd = r * n + t, (r + 1) * n + t, (r + 2) * n + t, (r + 3) * n + t
+                if not (p[pa] != 0.0 and p[pa + 1] != 0.0 and p[pa + 2] != 0.0 and p[pa + 3] != 0.0
+                        and p[pb] != 0.0 and p[pb + 1] != 0.0 and p[pb + 2] != 0.0 and p[pb + 3] != 0.0
+                        and p[pc] != 0.0 and p[pc + 1] != 0.0 and p[pc + 2] != 0.0 and p[pc + 3] != 0.0
+                        and p[pd] != 0.0 and p[pd + 1] != 0.0 and p[pd + 2] != 0.0 and p[pd + 3] != 0.0):
+                    break
+                a0, a1, a2, a3 = p[pa], p[pa + 1], p[pa + 2], p[pa + 3]
+                b0, b1, b2, b3 = p[pb], p[pb + 1], p[pb + 2], p[pb + 3]
+                c0, c1, c2, c3 = p[pc], p[pc + 1], p[pc + 2], p[pc + 3]
+                d0, d1, d2, d3 = p[pd], p[pd + 1], p[pd + 2], p[pd + 3]
+                oa, ob, oc, od = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
+                for d in range(Dv):
+                    e = np.uint64(d)
+                    y0, y1, y2, y3 = x[u0 + e], x[u1 + e], x[u2 + e], x[u3 + e]
+                    o[oa + e] += (a0 * y0 + a1 * y1) + (a2 * y2 + a3 * y3)
+                    o[ob + e] += (b0 * y0 + b1 * y1) + (b2 * y2 + b3 * y3)
+                    o[oc + e] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3)
+                    o[od + e] += (d0 * y0 + d1 * y1) + (d2 * y2 + d3 * y3)
+                r += 4
+        while r < R:
             o0 = np.uint64(r * Dv)
             pr = r * n + t
             if g == 4 and p[pr] != 0.0 and p[pr + 1] != 0.0 and p[pr + 2] != 0.0 and p[pr + 3] != 0.0:
                 p0, p1, p2, p3 = p[pr], p[pr + 1], p[pr + 2], p[pr + 3]
                 for d in range(Dv):
-                    o[o0 + np.uint64(d)] += (p0 * rows[d] + p1 * rows[Dv + d]) + (p2 * rows[2 * Dv + d] + p3 * rows[3 * Dv + d])
+                    e = np.uint64(d)
+                    o[o0 + e] += (p0 * x[u0 + e] + p1 * x[u1 + e]) + (p2 * x[u2 + e] + p3 * x[u3 + e])
             else:
                 for i in range(g):
                     pi = p[pr + i]
                     if pi != 0.0:
+                        ui = u0 if i == 0 else (u1 if i == 1 else (u2 if i == 2 else u3))
                         for d in range(Dv):
-                            o[o0 + np.uint64(d)] += pi * rows[i * Dv + d]
+                            o[o0 + np.uint64(d)] += pi * x[ui + np.uint64(d)]
+            r += 1
         t += g
 
 
@@ -404,11 +511,15 @@ def _chunk(
     ibuf = np.empty(max(n, 1), dtype=np.int32)
     m_row = np.empty(R, dtype=T)
     l_row = np.empty(R, dtype=T)
+    smax = np.empty(R, dtype=T)  # the row loops' maxima and check sums (see _scores_rows)
+    schk = np.empty(R, dtype=T)
+    fused_max = False
     o = np.zeros(R * Dv, dtype=T)
     if n > 0:
         # ---- 1. scores ----
         if kind != KIND_FLOAT:
-            _scores_16bit(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
+            _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc, smax, schk)
+            fused_max = softcap <= 0.0 and not has_alibi
         elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
@@ -446,7 +557,10 @@ def _chunk(
             for t in range(r0, r0 + n):
                 s[t] = 0.0
             continue
-        m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
+        if fused_max and tlo == 0 and thi == n:  # the whole row is seen: its max is known
+            m, poisoned = smax[r], schk[r] != schk[r]
+        else:
+            m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
         m_row[r] = m
         l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
         if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
@@ -454,7 +568,7 @@ def _chunk(
     # ---- 3. P · V ----
     if n > 0:
         if kind != KIND_FLOAT:
-            _pv_16bit(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
+            _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
         elif _rows_in_place(kind, vst, ps, Dv, j0, n):
             v0 = _row_offset(vst, table, ps, b, hk, j0)
             if _all_finite(vflat[v0 : v0 + n * Dv], n * Dv):

@@ -2,7 +2,9 @@
 
 One thread, one ``BQ × BK`` tile (default 256 × 256, D = 64), each step of the kernel's
 inner loop compiled as its own loop of ``--repeats`` runs: the two GEMMs, the running max
-and rescale, the exponent, the row sum, and for bfloat16 the rounding of P.  Multiplied by
+and rescale, the exponent, the row sum; for bfloat16 the tile max and the one pass that
+exponentiates, sums and rounds P into the GEMM operand (the separate passes it replaced are
+printed in parentheses, outside the sum).  Multiplied by
 the tiles of the dense H8 L4096 forward (8 · 16 · 16 = 2,048) and divided by the thread
 count (2 here) this predicts the kernel's time; the difference to the measured forward
 (also printed) is what the steps alone do not show (packing, thread imbalance, the task loop).
@@ -67,13 +69,23 @@ def _steps():
             P._as_operand(ST, Pb)
 
     @njit
+    def max_bf16(ST, bmax, Pb, n):  # the bfloat16 path's tile max (512-bit vectors)
+        for _ in range(n):
+            P._tile_max(ST, bmax, Pb)
+
+    @njit
+    def fused_bf16(ST, Pb, c2, m, row_sum, n):  # exp2 + row sum + rounding into the operand, one pass
+        for _ in range(n):
+            P._exp2_sum_bf16(ST, Pb, c2, m, row_sum)
+
+    @njit
     def pv(Pm, Vb, acc, n):
         threads = P._gemm_threads_begin(Vb)
         for _ in range(n):
             P._gemm(Pm.T, Vb, acc, 1.0)
         P._gemm_threads_end(Vb, threads)
 
-    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv
+    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16
 
 
 def main() -> None:
@@ -106,7 +118,7 @@ def main() -> None:
     row_sum = np.ones(BQ, np.float32)
     acc = np.zeros((BQ, D), np.float32)
     c2 = np.float32(0.18)
-    qk, max_rescale, exp, copy_only, rowsum, round_p, pv = _steps()
+    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16 = _steps()
     Pm = Pb if bf16 else ST
     steps = {
         "S = K·Qᵀ (GEMM)": lambda k: qk(Kb, Qs, ST, k),
@@ -118,6 +130,16 @@ def main() -> None:
     }
     if not bf16:
         del steps["P → bfloat16"]
+    else:  # what the bfloat16 forward runs (the separate passes above: its fallback, with dropout)
+        steps = {
+            "S = K·Qᵀ (GEMM)": steps["S = K·Qᵀ (GEMM)"],
+            "tile max (512-bit)": lambda k: max_bf16(S0, bmax, Pb, k),
+            "exp2+sum+round, one pass": lambda k: fused_bf16(S0, Pb, c2, m, row_sum, k),
+            "acc += P·V (GEMM)": steps["acc += P·V (GEMM)"],
+            "(separate: exp2)": steps["exp2 (poly + exponent add)"],
+            "(separate: row sum)": steps["row sum"],
+            "(separate: P → bfloat16)": steps["P → bfloat16"],
+        }
     with ONE_BLAS_THREAD:
         results = {}
         for name, fn in steps.items():
@@ -128,16 +150,16 @@ def main() -> None:
                 out = fn(n)
                 times.append(time.perf_counter() - t0)
             per = statistics.median(times) / n
-            if name.startswith("exp2"):  # subtract the copy of S0 into ST the loop needs
+            if "exp2 (" in name:  # subtract the copy of S0 into ST the loop needs
                 t0 = time.perf_counter()
                 copy_only(ST, S0, n)
                 per -= (time.perf_counter() - t0) / n
             results[name] = per
     tiles = 8 * (4096 // BQ) * (4096 // BK)
-    total = sum(results.values())
+    total = sum(v for k, v in results.items() if not k.startswith("("))
     print(f"one {BQ}×{BK} tile, D={D}, {args.dtype}, 1 thread (median of 5 × {n}):")
     for name, per in results.items():
-        print(f"  {name:<28} {per * 1e6:8.1f} µs  {per / total:6.1%}")
+        print(f"  {name:<30} {per * 1e6:8.1f} µs  {per / total:6.1%}")
     flop = 4 * BQ * BK * D
     print(f"  {'sum':<28} {total * 1e6:8.1f} µs  → {flop / total / 1e9:.1f} GFLOP/s per thread")
     print(f"dense H8 L4096 forward: {tiles} tiles → {tiles * total / 2 * 1e3:.0f} ms predicted on 2 threads")

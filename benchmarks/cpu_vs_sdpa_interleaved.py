@@ -3,7 +3,9 @@
 Background load moves every figure on a shared machine; calls interleaved round by round
 (dotattn, SDPA, dotattn, SDPA, …) see the same load, so their ratio survives it better than
 two separate loops.  Run it once per code version (``PYTHONPATH=<tree>/src``) and alternate the
-versions to compare them.
+versions to compare them.  The bracket adds each peer's CPU time (all its threads): a thread
+the OS deschedules stops counting, so on a loaded machine that ratio moves less than the
+wall-clock one (spinning idle threads count, though).
 
     .venv/bin/python benchmarks/cpu_vs_sdpa_interleaved.py [--rounds 5] [--cases dense64,dense128,causal,fwdbwd]
 """
@@ -57,15 +59,20 @@ def main() -> None:
             F.scaled_dot_product_attention(qq, kk, vv, is_causal=c["causal"]).backward(dout)
 
         times = {"dotattn": [], "sdpa": []}
+        cpu = {"dotattn": [], "sdpa": []}
         for rnd in range(args.rounds + 1):
             for peer, fn in (("dotattn", ours), ("sdpa", sdpa)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 if rnd:  # round 0 warms up (loads the kernels)
                     times[peer].append(time.perf_counter() - t0)
+                    cpu[peer].append(time.process_time() - c0)
                 time.sleep(0.2)  # let the other peer's spinning threads park
         med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
-        print(f"{name:<14} dotattn {med['dotattn']:8.1f} ms  sdpa {med['sdpa']:8.1f} ms  × sdpa {med['sdpa'] / med['dotattn']:.2f}", flush=True)
+        cmed = {p: statistics.median(t) * 1e3 for p, t in cpu.items()}
+        print(f"{name:<14} dotattn {med['dotattn']:8.1f} ms  sdpa {med['sdpa']:8.1f} ms  × sdpa {med['sdpa'] / med['dotattn']:.2f}"
+              f"   [CPU time, all threads: dotattn {cmed['dotattn']:8.1f} ms  sdpa {cmed['sdpa']:8.1f} ms  "
+              f"× sdpa {cmed['sdpa'] / cmed['dotattn']:.2f}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,17 +39,20 @@ from ._cpu_primitives import (
     SKIP,
     _as_operand,
     _block_class,
-    _col_max,
     _ds_block,
+    _ds_operand,
     _dropout_block,
+    _exp2_operand,
     _exp2_shifted,
     _exp2_shifted_sum,
+    _exp2_sum_operand,
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
     _mul_into,
     _snake_chunk,
     _take_task,
+    _tile_max,
 )
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
@@ -265,12 +268,16 @@ def _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad):
 
 
 @njit(cache=_JIT_CACHE)
-def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
-    """``ST ← P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``."""
+def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse):
+    """``P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``.
+
+    Returns True when P went straight into the bfloat16 operand ``Pb`` (``fuse``: no
+    dropout to apply first), False when ``ST`` holds P in the compute dtype.
+    """
     # update the running max (rows that have seen no key keep −inf and a 0 shift)
     zero = m.dtype.type(0.0)  # a compute-dtype 0: a float64 one would widen the loops below
     nan = m.dtype.type(np.nan)
-    _col_max(ST, bmax)  # NaN for a column holding NaN
+    _tile_max(ST, bmax, Pb)  # NaN for a column holding NaN
     for r in range(m.shape[0]):
         tile_max = bmax[r] * c2
         # a NaN or +inf score makes exp(s − max) NaN (IEEE): the row stays NaN (_write_rows)
@@ -284,8 +291,12 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc):
         acc_row = acc[r]  # row views keep the short inner loops vectorized
         for d in range(acc_row.shape[0]):
             acc_row[d] *= alpha
-    # exponentiate against the new max and sum (one pass); the sum is before dropout
+    # exponentiate against the new max and sum (one pass); the sum is before dropout.
+    # bfloat16 without dropout: that pass also rounds P into the GEMM operand ``Pb``
+    if _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse):
+        return True
     _exp2_shifted_sum(ST, N, c2, m_use, row_sum)
+    return False
 
 
 @njit(cache=_JIT_CACHE)
@@ -365,12 +376,12 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             # -- scores of the tile, masked
             _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
             # -- P = 2^(S − m), online: rescale acc and row_sum to the new max
-            _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc)
+            in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
             # -- acc += P · V
-            _gemm(_as_operand(ST, Pb).T, vp[b, hk, kb], acc, 1.0)
+            _gemm((Pb if in_pb else _as_operand(ST, Pb)).T, vp[b, hk, kb], acc, 1.0)
         # -- normalize
         _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr)
     _gemm_threads_end(q, threads)
@@ -406,6 +417,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     nqb = (Lq + BQ - 1) // BQ
     group = Hq // Hkv
     need_g = o.softcap > 0.0 or HAS_SCORE_MOD
+    fuse = o.dropout_p == 0.0 and not need_g and not want_dbias  # P̃ and dS straight to bf16 operands
     c2, inv_keep = _constants(o, dkp)
     Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
     dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
@@ -438,27 +450,31 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 _lse_rows(lse2, lse, b, h, i0, nr)
                 for r in range(BQ):
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
-                # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM)
+                # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
+                #    without dropout or chain rule: straight into the operand Pb, rounded
                 _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g)
-                _exp2_shifted(ST, N, c2, lse2)
+                in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _gemm(Vb, dOs.T, dPT, 0.0)
                 P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
                     P = PdT
-                _gemm(_as_operand(P, Pb), dOs, dV, 1.0)
+                _gemm(Pb if in_pb else _as_operand(P, Pb), dOs, dV, 1.0)
                 # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                 #    bias's gradient stops here) and softcap
-                _ds_block(ST, dPT, dls)
-                if HAS_SCORE_MOD:
-                    _mul_into(ST, GM)
-                if want_dbias:
-                    dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
-                if o.softcap > 0.0:
-                    _mul_into(ST, G)
+                if in_pb:
+                    _ds_operand(Pb, dPT, dls)  # rounded in place, from P̃
+                else:
+                    _ds_block(ST, dPT, dls)
+                    if HAS_SCORE_MOD:
+                        _mul_into(ST, GM)
+                    if want_dbias:
+                        dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
+                    if o.softcap > 0.0:
+                        _mul_into(ST, G)
                 # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
-                dS = _as_operand(ST, Pb)
+                dS = Pb if in_pb else _as_operand(ST, Pb)
                 _gemm(dS, Qs, dK, 1.0)
                 _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
         # -- write the tile's dK (times scale) and dV

@@ -403,6 +403,226 @@ def _exp2_shifted_sum_overload(ST, N, mul, sub, row_sum):
 
 
 # =================================================================================
+# bfloat16 path: the softmax steps fused into one pass that writes P (or dS) as the
+# bfloat16 GEMM operand.  A tile of the bfloat16 forward spent 51 µs in four passes over
+# its float32 scores (max 4.6, exp 35.7, row sum 4.7, rounding 5.7) against 39 µs in the
+# two AMX GEMMs (benchmarks/cpu_profile.py, 256 × 256, D 64): see docs/performance.md.
+# =================================================================================
+
+
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers.
+
+    LLVM tunes this CPU (as every AVX-512 Intel core since Skylake-SP) for 256-bit vectors
+    ("prefer-vector-width" 256), so Numba's loops run on ymm registers although zmm ones are
+    there.  This function attribute, set on the function being compiled (it emits no
+    code), lifts that for one function: the block exp ran 17.0 → 13.1 µs a 256 × 256 tile,
+    same bits.  Used on the bfloat16 path's passes only.
+    """
+
+    def codegen(context, builder, signature, args):
+        attrs = builder.function.attributes
+        # llvmlite's attribute set only knows keyword attributes; LLVM reads string ones too
+        set.add(attrs, '"prefer-vector-width"="512"')
+        set.add(attrs, '"min-legal-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` type (llvmlite names ``half``, ``float`` and ``double`` only)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+@intrinsic
+def _to_bf16(typingctx, x):
+    """float32 → bfloat16 bits (uint16), round to nearest even: ``fptrunc float to bfloat``,
+    one ``vcvtneps2bf16`` per 16 lanes where the CPU has avx512_bf16."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], _BFloat()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
+def _from_bf16(typingctx, bits):
+    """bfloat16 bits (uint16) → the float32 of the same value (exact)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _exp2_bf16_grade(x):
+    """``2**x`` for float32 ``x ≤ 0`` (0 below 2**−127), relative error ≤ 2.7e-6: far below
+    bfloat16's 2**−9 rounding of P, and one multiply-add shorter than :func:`exp2_fraction`.
+
+    ``x = n + f``, ``n = round(x)``, ``2**f`` by a degree-4 polynomial fitted to the
+    relative error on ``[−½, ½]``, ``n`` added to the exponent bits.
+    """
+    xc = max(x, np.float32(-127.0))
+    n = np.floor(xc + np.float32(0.5))
+    e = np.int32(n)
+    f = xc - n
+    p = np.float32(0.009560510516166687)
+    p = p * f + np.float32(0.05591703951358795)
+    p = p * f + np.float32(0.24024981260299683)
+    p = p * f + np.float32(0.6931219696998596)
+    p = p * f + np.float32(0.9999991655349731)
+    return _times_pow2(p, e) if e > -127 else np.float32(0.0)
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_sum_bf16(ST, Pb, mul, sub, row_sum):
+    """``Pb[c, r] = bf16(2**(ST[c, r]·mul − sub[r]))`` and ``row_sum[r] += Σ_c Pb[c, r]``, one pass.
+
+    The row sum adds the *rounded* P, the weights the P·V product multiplies: the output is
+    then an exact convex combination of those weights (``Σ P̃·v / Σ P̃``).  ``ST`` is only read.
+    """
+    _wide_vectors()
+    BK, BQ = ST.shape
+    for c in range(BK):
+        row = ST[c]
+        prow = Pb[c]
+        for r in range(BQ):
+            bits = _to_bf16(_exp2_bf16_grade(row[r] * mul - sub[r]))
+            row_sum[r] += _from_bf16(bits)
+            prow[r] = bits
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_bf16(ST, Pb, mul, sub):
+    """``Pb[c, r] = bf16(2**(ST[c, r]·mul − sub[r]))``, one pass (the backward's P̃; ``ST`` only read)."""
+    _wide_vectors()
+    BK, BQ = ST.shape
+    for c in range(BK):
+        row = ST[c]
+        prow = Pb[c]
+        for r in range(BQ):
+            prow[r] = _to_bf16(_exp2_bf16_grade(row[r] * mul - sub[r]))
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _ds_bf16(Pb, dPT, delta):
+    """``Pb ← bf16(P̃ ∘ (dPT − delta))`` in place: dS from the rounded P̃ that dV used, rounded.
+
+    P̃ instead of the float32 P costs at most one more bfloat16 rounding of each dS element
+    (the naive baseline rounds both P and dP − Δ), and spares the float32 P's store and reload.
+    """
+    _wide_vectors()
+    for c in range(Pb.shape[0]):
+        prow = Pb[c]
+        drow = dPT[c]
+        for r in range(Pb.shape[1]):
+            prow[r] = _to_bf16(_from_bf16(prow[r]) * (drow[r] - delta[r]))
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
+def _col_max_bf16(ST, out):
+    """:func:`_col_max` on 512-bit vectors (the same bits: a max is exact)."""
+    _wide_vectors()
+    _col_max_body(ST, out)
+
+
+def _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse):
+    """The forward's ``P = 2^(S·c2 − m_use)`` and ``row_sum += Σ P`` straight into the bfloat16
+    operand ``Pb`` (``fuse``: no dropout to apply first; shifts in range): True when done,
+    False (nothing done) for every other case, which :func:`_exp2_shifted_sum` then takes."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_exp2_sum_operand, jit_options={"cache": _JIT_CACHE})
+def _exp2_sum_operand_overload(ST, c2, m_use, row_sum, Pb, fuse):
+    if Pb.dtype == types.uint16:
+
+        def impl_bf16(ST, c2, m_use, row_sum, Pb, fuse):
+            if fuse and _shift_ok(m_use):
+                _exp2_sum_bf16(ST, Pb, c2, m_use, row_sum)
+                return True
+            return False
+
+        return impl_bf16
+    return lambda ST, c2, m_use, row_sum, Pb, fuse: False
+
+
+def _exp2_operand(ST, N, c2, lse2, Pb, fuse):
+    """The backward's ``P = 2^(S·c2 − lse2)``: True when it went straight into the bfloat16
+    operand ``Pb`` (``fuse``, and shifts in range), False when ``ST`` holds it in the compute dtype."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_exp2_operand, jit_options={"cache": _JIT_CACHE})
+def _exp2_operand_overload(ST, N, c2, lse2, Pb, fuse):
+    if Pb.dtype == types.uint16:
+
+        def impl_bf16(ST, N, c2, lse2, Pb, fuse):
+            if fuse and _shift_ok(lse2):
+                _exp2_bf16(ST, Pb, c2, lse2)
+                return True
+            _exp2_shifted(ST, N, c2, lse2)
+            return False
+
+        return impl_bf16
+
+    def impl(ST, N, c2, lse2, Pb, fuse):
+        _exp2_shifted(ST, N, c2, lse2)
+        return False
+
+    return impl
+
+
+def _ds_operand(Pb, dPT, delta):
+    """``Pb ← dS`` rounded, from the P̃ in ``Pb`` (bfloat16 operands; no other dtype reaches it)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_ds_operand, jit_options={"cache": _JIT_CACHE})
+def _ds_operand_overload(Pb, dPT, delta):
+    if Pb.dtype == types.uint16:
+        return lambda Pb, dPT, delta: _ds_bf16(Pb, dPT, delta)
+    return lambda Pb, dPT, delta: None
+
+
+def _tile_max(ST, out, Pb):
+    """``out[r] = max_c ST[c, r]`` (:func:`_col_max`; 512-bit vectors on the bfloat16 path)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_tile_max, jit_options={"cache": _JIT_CACHE})
+def _tile_max_overload(ST, out, Pb):
+    if Pb.dtype == types.uint16:
+        return lambda ST, out, Pb: _col_max_bf16(ST, out)
+    return lambda ST, out, Pb: _col_max(ST, out)
+
+
+@njit(cache=_JIT_CACHE)
+def _shift_ok(sub):
+    """No finite shift of 2**20 or more: those rows take the exact two-step path of
+    :func:`_exp2_shifted_f32`.  (+inf, the backward's rows without a key, gives 0 either way.)"""
+    ok = True
+    for r in range(sub.shape[0]):
+        ok &= abs(sub[r]) < np.float32(1048576.0) or sub[r] == np.inf
+    return ok
+
+
+# =================================================================================
 # block classes by the structural masks
 # =================================================================================
 
@@ -497,6 +717,11 @@ def _col_max(ST, out):
     No "nnan" fast-math here: a NaN score (a NaN in q, a visible key or bias entry) must
     reach the caller, which turns its row into NaN (docs/semantics.md, non-finite inputs).
     """
+    _col_max_body(ST, out)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _col_max_body(ST, out):
     BK, BQ = ST.shape
     out[:] = ST[0]
     for c in range(1, BK):

@@ -100,6 +100,56 @@ def test_greedy_tokens_match_transformers_in_a_batch(batched_greedy, reference):
         assert tokens == reference["greedy"][i, :N_GREEDY].tolist(), f"prompt {i}"
 
 
+def test_decode_steps_on_one_mkl_thread_give_the_reference_tokens(model, reference, monkeypatch):
+    """Steps whose matrix products run on the calling thread alone (what a loaded machine gets)
+    decode the reference's greedy tokens, and MKL's thread-local count is restored after."""
+    from dotattn.kernels._cpu_isa import mkl_threads_here
+
+    modes = []
+
+    def one_thread(self):
+        modes.append(False)
+        return False
+
+    monkeypatch.setattr(smollm_module._StepThreads, "choose", one_thread)
+    before = mkl_threads_here(0)  # 0: the process-wide count (no local setting)
+    tokens = model.generate_ids(reference["prompts"][0], max_new_tokens=N_GREEDY, stop_at_eos=False)
+    assert mkl_threads_here(0 if before is None else before) in (None, 0)  # nothing left set
+    assert tokens == reference["greedy"][0, :N_GREEDY].tolist()
+    assert modes == [False] * (N_GREEDY - 1)  # every decode step (the first token comes from the prompt pass)
+
+
+def _modes(times_many, times_one, steps):
+    """The modes _StepThreads picks over ``steps`` steps with step times given per mode and step."""
+    threads, modes = smollm_module._StepThreads(), []
+    for step in range(steps):
+        many = threads.choose()
+        modes.append(many)
+        threads.record(many, times_many(step) if many else times_one(step))
+    return modes
+
+
+def test_step_threads_keep_torch_threads_on_an_idle_machine():
+    modes = _modes(lambda s: 0.030, lambda s: 0.050, 200)
+    tried = [s for s, many in enumerate(modes) if not many]
+    assert tried == [2, 35, 164]  # one try of one thread, then gaps ×4 up to 128
+
+
+def test_step_threads_leave_torch_threads_when_load_comes_and_return_when_it_goes():
+    # loaded from the start: one thread wins at the first try and stays
+    modes = _modes(lambda s: 0.6, lambda s: 0.1, 60)
+    assert modes[:2] == [True, True] and modes[2] is False
+    assert sum(modes[3:]) == 2  # two retries of torch's threads (steps 11 and 44), both slower
+    # load arrives at step 20: the collapsed step is noticed at once, one thread from step 21
+    modes = _modes(lambda s: 0.03 if s < 20 else 0.6, lambda s: 0.05 if s < 20 else 0.1, 40)
+    assert modes[20] is True and modes[21] is False and not any(modes[21:30])
+    # load goes at step 30 while one thread runs: the next retry of torch's threads switches back
+    modes = _modes(lambda s: 0.6 if s < 30 else 0.03, lambda s: 0.1 if s < 30 else 0.05, 80)
+    back = next(s for s in range(30, 80) if modes[s])
+    after = modes[back:]
+    assert all(after[:8]) and not any(a is False and b is False for a, b in zip(after, after[1:]))  # lone tries only
+
+
 def test_batched_generation_equals_one_by_one(model, reference, batched_greedy):
     # The shortest and the longest prompt alone: same tokens as inside the batch.
     lengths = reference["prompt_lengths"]

@@ -46,6 +46,7 @@ _state: tuple[bool, str] | None = None  # bfloat16
 _f32_state: tuple[bool, str] | None = None  # float32, fixed once bound
 _mkl: tuple[object, str] | None = None  # (the CDLL or None, what / why not)
 _no_threads = None  # keeps the no-op thread setter alive where MKL is absent
+_threads_setter = None  # MKL_Set_Num_Threads_Local through ctypes (mkl_threads_here)
 
 
 def _cpu_features() -> set[str]:
@@ -95,6 +96,24 @@ def _open_mkl() -> tuple[object, str]:
         ll.add_symbol(THREADS_SYMBOL, no_threads.address)
     _mkl = (lib, why)
     return _mkl
+
+
+def mkl_threads_here(n: int) -> int | None:
+    """Set MKL's thread count for the calling thread only (``MKL_Set_Num_Threads_Local``; 0
+    = back to the global setting); returns the previous local value, or None where MKL is
+    absent.  torch's matrix products honor it (measured: ``torch.mm`` then runs on the
+    calling thread alone), so a caller can take them off torch's OpenMP team for a while
+    without touching any process-wide setting."""
+    global _threads_setter
+    if _threads_setter is None:
+        with _lock:
+            lib, _why = _open_mkl()
+        if lib is None:
+            return None
+        setter = lib.MKL_Set_Num_Threads_Local
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        _threads_setter = setter
+    return int(_threads_setter(int(n)))
 
 
 def _scipy_sgemm() -> int:

@@ -20,6 +20,8 @@ vocabulary (49,152).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -200,6 +202,20 @@ class _Caches:
 
 
 # ---- where the projections run ----------------------------------------------------------
+@contextlib.contextmanager
+def _one_mkl_thread():
+    """MKL (torch's matrix products) on the calling thread alone inside the block; the
+    thread's previous local setting is restored after it (a no-op without MKL)."""
+    from ..kernels._cpu_isa import mkl_threads_here
+
+    previous = mkl_threads_here(1)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mkl_threads_here(previous)
+
+
 class _MatMul:
     """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
 
@@ -239,6 +255,54 @@ class _MatMul:
         wt = kept[1] if kept is not None and kept[0] is w else self._torch.from_numpy(w).t()
         self._torch.mm(self._view(x2), wt, out=self._view(out2))
         return out
+
+
+class _StepThreads:
+    """Whether a decode step's matrix products run on torch's threads or on the caller alone.
+
+    torch splits each matrix–vector product between its OpenMP threads and waits for all of
+    them at a barrier.  When another program keeps a core busy, every product waits for a
+    time slice of the descheduled thread: decoding fell from 9 to 0.6 tok/s at load 4 with
+    two threads, where one thread kept 9 (docs/models.md).  On an idle machine two threads
+    read the weights ≈ 1.6× faster.  So steps time themselves and the faster mode runs:
+    the other one is tried at step :data:`FIRST_TRY`, then after gaps growing ×4 from
+    :data:`GAP` up to :data:`MAX_GAP` steps while it stays slower, and at once when the
+    running mode's step takes :data:`COLLAPSE`× its best time.  "One thread" is MKL's
+    thread-local count (:func:`dotattn.kernels._cpu_isa.mkl_threads_here`), set for the step
+    and restored after it: no process-wide setting changes.
+    """
+
+    FIRST_TRY, GAP, MAX_GAP, COLLAPSE = 2, 8, 128, 3.0
+
+    def __init__(self):
+        self.many = True  # the mode that runs: torch's threads (True) or one (False)
+        self.best = {True: math.inf, False: math.inf}  # fastest step seen per mode
+        self.last = {True: math.inf, False: math.inf}  # latest step per mode
+        self.gap = self.GAP
+        self.next_try = self.FIRST_TRY  # step index at which the other mode runs once
+        self.step = 0
+
+    def choose(self) -> bool:
+        """The mode of the next step (True: torch's threads)."""
+        return (not self.many) if self.step == self.next_try else self.many
+
+    def record(self, many: bool, seconds: float) -> None:
+        """Time of the step just run in mode ``many``; picks the mode of the steps after it."""
+        tried = self.step == self.next_try
+        self.step += 1
+        collapsed = seconds > self.COLLAPSE * self.best[many]
+        self.best[many] = min(self.best[many], seconds)
+        self.last[many] = seconds
+        if tried:
+            if seconds < self.last[self.many]:  # the other mode is faster now: switch
+                self.many = many
+                self.gap = self.GAP
+            else:
+                self.gap = min(4 * self.gap, self.MAX_GAP)
+            self.next_try = self.step + self.gap
+        elif collapsed:  # the running mode slowed down sharply (load came): try the other now
+            self.gap = self.GAP
+            self.next_try = self.step
 
 
 class _Workspace:
@@ -576,9 +640,10 @@ class SmolLM:
         x = self.w["embed"][ids]
         return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm))
 
-    def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
-        """One new token per sequence ``tokens (B,)`` → final hidden states ``(B, E)``, in
-        buffers kept from step to step."""
+    def _decode_step(self, tokens: np.ndarray, caches: _Caches, threads: _StepThreads) -> np.ndarray:
+        """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in
+        buffers kept from step to step; the matrix products on torch's threads or on this
+        one, as ``threads`` chooses (and learns from this step's time)."""
         B = len(tokens)
         ws = self._workspace
         if ws is None or ws.shape != (B, 1):
@@ -587,9 +652,14 @@ class SmolLM:
         def attend(i, q, k, v):  # (B, 1, H, D) → the cache's "bhld" (B, H, 1, D): views
             return caches.attend(i, q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)).reshape(B, 1, -1)
 
-        x = self.w["embed"][tokens][:, None]  # (B, 1, E)
-        positions = caches.lengths[:, None]  # each sequence's next absolute position
-        return self._layers(x, positions, attend, ws)[:, 0]
+        many = threads.choose()
+        started = time.perf_counter()
+        with contextlib.nullcontext() if many else _one_mkl_thread():
+            x = self.w["embed"][tokens][:, None]  # (B, 1, E)
+            positions = caches.lengths[:, None]  # each sequence's next absolute position
+            logits = self._head(self._layers(x, positions, attend, ws)[:, 0], ws.logits)
+        threads.record(many, time.perf_counter() - started)
+        return logits
 
     def _head(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self._mm(h, self.w["head"], out)
@@ -720,10 +790,9 @@ class SmolLM:
         start = time.perf_counter()
         caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
         h = self._prefill(ids, lengths, caches)
-        h_last = h[np.arange(B), lengths - 1]  # (B, E): the output projection for the last tokens only
+        logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
+        threads = _StepThreads()
         for step in range(max_new_tokens):
-            # (B, V); decode steps write it into their workspace
-            logits = self._head(h_last, None if step == 0 else self._workspace.logits)
             tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
             elapsed = time.perf_counter() - start
             if step == 0:
@@ -737,7 +806,7 @@ class SmolLM:
             if step == max_new_tokens - 1 or not running.any():
                 return
             start = time.perf_counter()
-            h_last = self._decode_step(tokens, caches)
+            logits = self._decode_step(tokens, caches, threads)  # (B, V) in the workspace
 
     # ---- argument checks ------------------------------------------------------------------
     def _check_ids(self, ids, name: str) -> list[int]:

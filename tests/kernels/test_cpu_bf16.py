@@ -47,8 +47,10 @@ def _check(q, k, v, tiles, **options):
         (4, 2, 50, 50, 64, (16, 16), {"causal": True}),  # GQA, causal
         (2, 1, 33, 70, 24, (8, 32), {"window": (5, 9), "softcap": 20.0}),
         (2, 2, 40, 40, 16, (8, 8), {"dropout_p": 0.2, "seed": 5, "kv_lengths": np.array([31])}),
+        # the default tiles (256 × 256 both ways on this path), several per row, the last ones partial
+        (2, 1, 700, 600, 64, None, {"causal": True}),
     ],
-    ids=["odd-D59", "gqa-causal", "window-softcap", "dropout-kvlen"],
+    ids=["odd-D59", "gqa-causal", "window-softcap", "dropout-kvlen", "default-tiles"],
 )
 def test_bf16_matches_the_reference(Hq, Hkv, Lq, Lk, D, tiles, options):
     q, k, v = _inputs(11, Hq, Hkv, Lq, Lk, D)

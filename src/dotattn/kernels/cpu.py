@@ -44,6 +44,10 @@ EXTRAS = ("score_mod", "mask_mod", "block_mask")
 # The backward does five GEMMs per block to the forward's two: wider key blocks amortize its
 # per-block work better (measured in docs/performance.md).  A block mask's tiles override both.
 DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
+# On the bfloat16 instructions (AMX) the GEMMs cost less and 256-key blocks stay in L2 better:
+# dense H8 L4096 D64 backward, thread time, one process (load 3.5–4): 256×256 290–307 ms,
+# 128×512 286–305, 256×512 350–375, 512×512 390 (docs/performance.md).
+BF16_BACKWARD_BLOCK_SIZE = (256, 256)
 # Windows and packed documents: narrower tiles waste less work on the band's ragged edges
 # (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128).
 SPARSE_BLOCK_SIZE = (64, 128)
@@ -678,7 +682,9 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     decides by size (:data:`SERIAL_BACKWARD_MAX_WORK`).  :func:`precompile` forces each.
     """
     sparse = call.window is not None or call.q_segment_ids is not None
-    p = prepare(call, block_size or (None if sparse else DEFAULT_BACKWARD_BLOCK_SIZE))
+    if block_size is None and not sparse:
+        block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
+    p = prepare(call, block_size)
     if not call.extras and not (
         _inputs_finite(call, p)
         and _real_rows_finite(np.asarray(dout), call)

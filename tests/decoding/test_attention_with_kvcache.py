@@ -31,10 +31,9 @@ CASES = [
     ("bf16-contig-rotary-q32", dict(dtype=H.DTYPES[1], q_dtype=np.float32), dict(rotary=True, softcap=2.0)),
     ("f32-long-multi-split", dict(max_len=900, B=2, page_size=32), dict(alibi_slopes="batch")),
     ("f32-empty-sequences", dict(lengths=[0, 0, 5], Lnew=None, Lq=1), {}),
-    # R = G·Lq = 40 folded rows: more than cpu_decode's ROWS_MAX_R, so float caches take the
-    # BLAS route (a GEMM per chunk) instead of the row loops
-    ("f32-contig-R40-gemm", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, max_len=700), {}),
-    ("f32-paged-ps16-R40-gemm-window", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, page_size=16), dict(window=(50, None))),
+    # R = G·Lq = 40 folded query rows per K/V head (a chunked-prefill shape)
+    ("f32-contig-R40", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, max_len=700), {}),
+    ("f32-paged-ps16-R40-window", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, page_size=16), dict(window=(50, None))),
 ]
 
 
@@ -120,25 +119,6 @@ def test_rotary_keys_are_stored_rotated(backend):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype):
     """The same sequence gives the same bits alone, in a batch, in a bigger cache, in pages."""
-    _check_bitwise_invariance(backend, dtype)
-
-
-def _float_gemm_route(monkeypatch):
-    """Send the cpu kernel's float caches through the BLAS route (a GEMM per chunk), which
-    calls with more than ROWS_MAX_R folded query rows take, at the small test shapes."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the cpu decode kernel is not under test")
-    from dotattn.kernels import _cpu_decode_kernels as K
-
-    monkeypatch.setattr(K, "ROWS_MAX_R", 0)
-
-
-def test_cpu_float_gemm_route_is_bitwise_invariant(monkeypatch):
-    _float_gemm_route(monkeypatch)
-    _check_bitwise_invariance("cpu", np.float32)
-
-
-def _check_bitwise_invariance(backend, dtype):
     rng = np.random.default_rng(3)
     n, D, Hkv, Hq = 2 * decoding.SPLIT_SIZE + 77, 32, 2, 6
     k_seq = rng.standard_normal((Hkv, n + 1, D)).astype(dtype)
@@ -220,15 +200,6 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_reaches_only_the_rows_that_see_it(backend, dtype):
     """A NaN key/value poisons the rows that see it (IEEE), no other row; unused slots are NaN too."""
-    _check_nan_policy(backend, dtype)
-
-
-def test_cpu_float_gemm_route_keeps_the_nan_policy(monkeypatch):
-    _float_gemm_route(monkeypatch)
-    _check_nan_policy("cpu", np.float32)
-
-
-def _check_nan_policy(backend, dtype):
     case = C.make_case(9, B=1, lengths=[40], Lq=3, Lnew=None, Hq=2, Hkv=1, capacity=64, dtype=dtype,
                        q_dtype=np.float32)
     # key 38 is seen by query rows 1 and 2 (positions 38, 39) under causal; not by row 0 (37)

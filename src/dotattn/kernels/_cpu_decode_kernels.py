@@ -37,16 +37,9 @@ import os as _os
 _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
-# how a cache is read: float rows by a BLAS GEMM per chunk, 16-bit rows converted one by one,
-# float rows one by one in place (the driver picks KIND_FLOAT_ROWS for R ≤ ROWS_MAX_R)
-KIND_FLOAT, KIND_BF16, KIND_F16, KIND_FLOAT_ROWS = 0, 1, 2, 3
+KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
-# float caches: calls with at most this many folded query rows (R = G·Lq: decode steps, short
-# speculative/chunked steps) read the rows one by one like 16-bit caches (the driver passes
-# KIND_FLOAT_ROWS); more rows go to BLAS (a GEMM per chunk, compute-bound there).  R is the
-# call's, so a sequence's bits still do not depend on the batch, the capacity or the layout.
-ROWS_MAX_R = 32
 
 
 # =================================================================================
@@ -161,19 +154,40 @@ def _exp_row_overload(s, ibuf, n, m):
 
 @njit(cache=_JIT_CACHE, fastmath={"nnan", "ninf", "nsz", "reassoc"})
 def _row_max_fast(s, i0, i1):
-    m = s[i0]
-    for i in range(i0 + 1, i1):
-        m = s[i] if s[i] > m else m
-    return m
+    # eight independent compare chains: LLVM does not vectorize a max reduction, and one
+    # chain waits a compare's latency per element (9 % of a 16-bit item, perf)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = s[i0]
+    i = i0
+    while i + 8 <= i1:
+        m0 = s[i] if s[i] > m0 else m0
+        m1 = s[i + 1] if s[i + 1] > m1 else m1
+        m2 = s[i + 2] if s[i + 2] > m2 else m2
+        m3 = s[i + 3] if s[i + 3] > m3 else m3
+        m4 = s[i + 4] if s[i + 4] > m4 else m4
+        m5 = s[i + 5] if s[i + 5] > m5 else m5
+        m6 = s[i + 6] if s[i + 6] > m6 else m6
+        m7 = s[i + 7] if s[i + 7] > m7 else m7
+        i += 8
+    while i < i1:
+        m0 = s[i] if s[i] > m0 else m0
+        i += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "reassoc"})
 def _row_max(s, i0, i1):
-    """``(max s[i0:i1], poisoned)``: the max in a vectorized loop (which may assume finite
-    values), then a check sum that is NaN exactly when some score is NaN or ±inf."""
-    check = s[i0] * 0.0
+    """``(max s[i0:i1], poisoned)``: the max (a loop that may assume finite values), then a
+    vectorized check sum that is NaN exactly when some score is NaN or ±inf."""
+    zero = _zero(s)  # in the row's dtype: a float64 0.0 made the float32 loop convert
+    check = zero
     for i in range(i0, i1):
-        check += s[i] * 0.0
+        check += s[i] * zero
     return _row_max_fast(s, i0, i1), check != check
 
 
@@ -260,18 +274,15 @@ def _row_at_overload(flat, u, kind, width, buf, bits, at):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row, smax, schk):
-    """``s[r·n + t] = qf[r] · key(j0 + t)``, key row by key row (small ``R``); also each row's
-    maximum ``smax[r]`` and ``schk[r] = Σ s·0`` (NaN exactly when a score is NaN or ±inf;
-    not ``s − s``, which LLVM's reassociation cancels to 0),
-    which spare the softmax a pass over an unmasked row (a scalar max reduction LLVM does not
-    vectorize: 9 % of a 16-bit item, perf).
+def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row):
+    """``s[r·n + t] = qf[r] · key(j0 + t)`` for a 16-bit cache, key row by key row.
 
-    A float cache's row is dotted where it lies; a 16-bit row is converted once into ``row``
-    (L1) first.  Either way the row is used there for all R query rows while the cache
-    streams: gathering the chunk for BLAS moved every 16-bit byte three more times, and
-    OpenBLAS's skinny GEMM on float rows read 7 GB/s per core where this loop reads ≈ 11
-    (with the prefetch below; 9 without).
+    Each key row is converted once into ``row`` (L1) and dotted with the R query rows there
+    while the cache streams: gathering the chunk into a float32 block for BLAS moved every
+    byte three more times and read 16-bit caches no faster than float32 ones.  (Written for
+    float caches too — ``_row_at`` reads their rows in place — but those go to BLAS: per core,
+    streaming a 32k cache, both routes read ≈ 8 GB/s, and on cache-resident data the GEMM
+    costs 28–41 ns per key where this loop costs 55–65, measured.)
     """
     bits = row.view(np.uint32)
     x = _rows_array(flat, row)
@@ -282,10 +293,6 @@ def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, r
     ahead = j0 + PREFETCH_ROWS
     apg = ahead // ps
     aslot = ahead - apg * ps
-    zero = _zero(qf)
-    for r in range(R):
-        smax[r] = -np.inf
-        schk[r] = zero
     for t in range(n):
         if ahead < j_stop:
             _prefetch_row(flat, st, table, b, hk, apg, aslot, D)
@@ -314,14 +321,6 @@ def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, r
             s[(r + 1) * n + t] = a1
             s[(r + 2) * n + t] = a2
             s[(r + 3) * n + t] = a3
-            smax[r] = a0 if a0 > smax[r] else smax[r]
-            smax[r + 1] = a1 if a1 > smax[r + 1] else smax[r + 1]
-            smax[r + 2] = a2 if a2 > smax[r + 2] else smax[r + 2]
-            smax[r + 3] = a3 if a3 > smax[r + 3] else smax[r + 3]
-            schk[r] += a0 * zero
-            schk[r + 1] += a1 * zero
-            schk[r + 2] += a2 * zero
-            schk[r + 3] += a3 * zero
             r += 4
         while r < R:
             q0 = np.uint64(r * D)
@@ -329,17 +328,14 @@ def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, r
             for d in range(D):
                 acc += qf[q0 + np.uint64(d)] * x[xo + np.uint64(d)]
             s[r * n + t] = acc
-            smax[r] = acc if acc > smax[r] else smax[r]
-            schk[r] += acc * zero
             r += 1
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows):
-    """``o (R·Dv) += P · V`` reading the values row by row (float rows in place, 16-bit rows
-    converted into ``rows``), four keys per pass, never multiplying a value by ``p = 0``: a
-    hidden NaN or ±inf value must not enter (the NaN policy) — which also spares float
-    caches the finiteness scan BLAS needed.
+    """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
+    ``rows``), four keys per pass, never multiplying a value by ``p = 0``: a hidden NaN or
+    ±inf value must not enter (the NaN policy).
 
     Four rows × four keys whose sixteen weights are all non-zero go in one pass over ``d``
     (each value element loaded once for the four rows, each output element loaded and stored
@@ -498,9 +494,10 @@ def _chunk(
     1. ``S = Q · Kᵀ``: float caches by one BLAS GEMM (on the rows in place, or gathered into
        ``kc``); 16-bit caches key row by key row, each converted once into ``kc``;
     2. per row: score chain, masks, max, ``P = exp(S − m)``, row sum (1-D loops, vectorized);
-    3. ``O = P · V``: float caches by one BLAS GEMM — or key by key, skipping ``p = 0``, where
-       a value is not finite (so a hidden NaN never enters a row); 16-bit caches value row by
-       value row, converted into ``vc``, always skipping ``p = 0``;
+    3. ``O = P · V``: float caches by one BLAS GEMM, redone key by key skipping ``p = 0``
+       where an output is not finite (a NaN or ±inf value got in, maybe through ``0·NaN``:
+       a hidden NaN must never enter a row); 16-bit caches value row by value row, converted
+       into ``vc``, always skipping ``p = 0``;
     4. normalize: ``o = O / l``, ``lse = m + log l``.
     The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
     the capacity or the page layout: the bits are the same wherever the sequence sits.
@@ -511,15 +508,11 @@ def _chunk(
     ibuf = np.empty(max(n, 1), dtype=np.int32)
     m_row = np.empty(R, dtype=T)
     l_row = np.empty(R, dtype=T)
-    smax = np.empty(R, dtype=T)  # the row loops' maxima and check sums (see _scores_rows)
-    schk = np.empty(R, dtype=T)
-    fused_max = False
     o = np.zeros(R * Dv, dtype=T)
     if n > 0:
         # ---- 1. scores ----
         if kind != KIND_FLOAT:
-            _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc, smax, schk)
-            fused_max = softcap <= 0.0 and not has_alibi
+            _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
@@ -557,10 +550,7 @@ def _chunk(
             for t in range(r0, r0 + n):
                 s[t] = 0.0
             continue
-        if fused_max and tlo == 0 and thi == n:  # the whole row is seen: its max is known
-            m, poisoned = smax[r], schk[r] != schk[r]
-        else:
-            m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
+        m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
         m_row[r] = m
         l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
         if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
@@ -569,18 +559,18 @@ def _chunk(
     if n > 0:
         if kind != KIND_FLOAT:
             _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
-        elif _rows_in_place(kind, vst, ps, Dv, j0, n):
-            v0 = _row_offset(vst, table, ps, b, hk, j0)
-            if _all_finite(vflat[v0 : v0 + n * Dv], n * Dv):
-                _gemm_in_place(s.reshape(R, n), vflat, v0, n, Dv, o.reshape(R, Dv), False)
+        else:
+            # one GEMM, then a check of its R·Dv outputs: where a value is NaN or ±inf, some
+            # output is too (0·NaN, p·inf), and the chunk is redone key by key skipping p = 0.
+            # (Scanning the n·Dv values first read them twice: a third of a float32 item.)
+            if _rows_in_place(kind, vst, ps, Dv, j0, n):
+                _gemm_in_place(s.reshape(R, n), vflat, _row_offset(vst, table, ps, b, hk, j0), n, Dv, o.reshape(R, Dv), False)
             else:
                 _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
-                _pv_skipping_zeros(s, R, n, vc, Dv, o)
-        else:
-            _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
-            if _all_finite(vc, n * Dv):
                 _np_matmul(s.reshape(R, n), vc[: n * Dv].reshape(n, Dv), o.reshape(R, Dv))
-            else:
+            if not _all_finite(o, R * Dv):
+                o[:] = 0.0
+                _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
                 _pv_skipping_zeros(s, R, n, vc, Dv, o)
     # ---- 4. normalize ----
     for r in range(R):

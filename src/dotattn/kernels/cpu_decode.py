@@ -88,8 +88,6 @@ def decode(call: DecodeCall, reference: bool = False):
     kvlen = call.kv_lengths
     B, Hq, Lq, Dv = call.B, call.Hq, call.Lq, call.Dv
     R = call.group * Lq
-    if kind == K.KIND_FLOAT and R <= K.ROWS_MAX_R:
-        kind = K.KIND_FLOAT_ROWS  # few query rows: stream the rows, no GEMM (see the kernels)
     max_n = int(kvlen.max(initial=0))
     n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
     part_o, part_lse = _scratch(n_items, R, Dv, T)

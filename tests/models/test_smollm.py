@@ -100,9 +100,12 @@ def test_greedy_tokens_match_transformers_in_a_batch(batched_greedy, reference):
         assert tokens == reference["greedy"][i, :N_GREEDY].tolist(), f"prompt {i}"
 
 
-def test_decode_steps_on_one_mkl_thread_give_the_reference_tokens(model, reference, monkeypatch):
-    """Steps whose matrix products run on the calling thread alone (what a loaded machine gets)
-    decode the reference's greedy tokens, and MKL's thread-local count is restored after."""
+def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_settings(model, reference, monkeypatch):
+    """Prompt-pass layers and decode steps run on the calling thread alone (what a loaded
+    machine gets: MKL's and Numba's thread-local counts at 1) decode the reference's greedy
+    tokens, and both counts are back to what they were afterwards."""
+    import numba
+
     from dotattn.kernels._cpu_isa import mkl_threads_here
 
     modes = []
@@ -113,10 +116,13 @@ def test_decode_steps_on_one_mkl_thread_give_the_reference_tokens(model, referen
 
     monkeypatch.setattr(smollm_module._StepThreads, "choose", one_thread)
     before = mkl_threads_here(0)  # 0: the process-wide count (no local setting)
+    threads = numba.get_num_threads()
     tokens = model.generate_ids(reference["prompts"][0], max_new_tokens=N_GREEDY, stop_at_eos=False)
-    assert mkl_threads_here(0 if before is None else before) in (None, 0)  # nothing left set
+    assert mkl_threads_here(0 if before is None else before) in (None, 0)  # no local MKL count left set
+    assert numba.get_num_threads() == threads
     assert tokens == reference["greedy"][0, :N_GREEDY].tolist()
-    assert modes == [False] * (N_GREEDY - 1)  # every decode step (the first token comes from the prompt pass)
+    # every prompt-pass layer, then every decode step (the first token comes from the prompt pass)
+    assert modes == [False] * (model.config.n_layers + N_GREEDY - 1)
 
 
 def _modes(times_many, times_one, steps):

@@ -203,17 +203,22 @@ class _Caches:
 
 # ---- where the projections run ----------------------------------------------------------
 @contextlib.contextmanager
-def _one_mkl_thread():
-    """MKL (torch's matrix products) on the calling thread alone inside the block; the
-    thread's previous local setting is restored after it (a no-op without MKL)."""
+def _one_thread():
+    """Matrix products (MKL's thread-local count: torch's products honor it) and Numba's
+    parallel kernels (its thread-local count) on the calling thread alone inside the block;
+    both previous settings of this thread are restored after it."""
+    import numba
+
     from ..kernels._cpu_isa import mkl_threads_here
 
-    previous = mkl_threads_here(1)
+    previous_mkl, previous_numba = mkl_threads_here(1), numba.get_num_threads()
+    numba.set_num_threads(1)
     try:
         yield
     finally:
-        if previous is not None:
-            mkl_threads_here(previous)
+        numba.set_num_threads(previous_numba)
+        if previous_mkl is not None:
+            mkl_threads_here(previous_mkl)
 
 
 class _MatMul:
@@ -258,40 +263,41 @@ class _MatMul:
 
 
 class _StepThreads:
-    """Whether a decode step's matrix products run on torch's threads or on the caller alone.
+    """Whether a unit of work (a decode step, a prompt-pass layer) runs its matrix products and
+    attention on all cores or on the calling thread alone.
 
-    torch splits each matrix–vector product between its OpenMP threads and waits for all of
-    them at a barrier.  When another program keeps a core busy, every product waits for a
-    time slice of the descheduled thread: decoding fell from 9 to 0.6 tok/s at load 4 with
-    two threads, where one thread kept 9 (docs/models.md).  On an idle machine two threads
-    read the weights ≈ 1.6× faster.  So steps time themselves and the faster mode runs:
-    the other one is tried at step :data:`FIRST_TRY`, then after gaps growing ×4 from
-    :data:`GAP` up to :data:`MAX_GAP` steps while it stays slower, and at once when the
-    running mode's step takes :data:`COLLAPSE`× its best time.  "One thread" is MKL's
-    thread-local count (:func:`dotattn.kernels._cpu_isa.mkl_threads_here`), set for the step
-    and restored after it: no process-wide setting changes.
+    torch splits each matrix product between its OpenMP threads and waits for all of them at
+    a barrier (Numba's parallel attention kernels too).  When another program keeps a core
+    busy, every product waits for a time slice of the descheduled thread: decoding fell from
+    9 to 0.6 tok/s at load 4 with two threads, where one thread kept 9 (docs/models.md).  On
+    an idle machine two threads read the weights ≈ 1.6× faster.  So units time themselves
+    and the faster mode runs: the other one is tried at unit :data:`FIRST_TRY`, then after
+    gaps growing ×4 from :data:`GAP` up to :data:`MAX_GAP` units while it stays slower, and
+    at once when a unit of the running mode takes :data:`COLLAPSE`× the one before it (load
+    arrived).  The model keeps one per kind of unit, so the first try happens once per model.
+    "One thread" is set for the unit and restored after it (:func:`_one_thread`): no
+    process-wide setting changes.
     """
 
     FIRST_TRY, GAP, MAX_GAP, COLLAPSE = 2, 8, 128, 3.0
 
     def __init__(self):
-        self.many = True  # the mode that runs: torch's threads (True) or one (False)
-        self.best = {True: math.inf, False: math.inf}  # fastest step seen per mode
-        self.last = {True: math.inf, False: math.inf}  # latest step per mode
+        self.many = True  # the mode that runs: all cores (True) or the calling thread (False)
+        self.last = {True: math.inf, False: math.inf}  # latest unit time per mode
         self.gap = self.GAP
-        self.next_try = self.FIRST_TRY  # step index at which the other mode runs once
+        self.next_try = self.FIRST_TRY  # unit index at which the other mode runs once
         self.step = 0
 
     def choose(self) -> bool:
-        """The mode of the next step (True: torch's threads)."""
+        """The mode of the next unit (True: all cores)."""
         return (not self.many) if self.step == self.next_try else self.many
 
     def record(self, many: bool, seconds: float) -> None:
-        """Time of the step just run in mode ``many``; picks the mode of the steps after it."""
+        """Time of the unit just run in mode ``many`` (per token where units differ in size);
+        picks the mode of the units after it."""
         tried = self.step == self.next_try
         self.step += 1
-        collapsed = seconds > self.COLLAPSE * self.best[many]
-        self.best[many] = min(self.best[many], seconds)
+        collapsed = seconds > self.COLLAPSE * self.last[many]
         self.last[many] = seconds
         if tried:
             if seconds < self.last[self.many]:  # the other mode is faster now: switch
@@ -300,7 +306,7 @@ class _StepThreads:
             else:
                 self.gap = min(4 * self.gap, self.MAX_GAP)
             self.next_try = self.step + self.gap
-        elif collapsed:  # the running mode slowed down sharply (load came): try the other now
+        elif collapsed:  # the running mode slowed down sharply: try the other at once
             self.gap = self.GAP
             self.next_try = self.step
 
@@ -376,6 +382,8 @@ class SmolLM:
             self._mm.keep(w, transposed=True)
         self._workspace: _Workspace | None = None  # the decode steps' buffers
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
+        self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
+        self._layer_threads = _StepThreads()  # prompt-pass layers, timed per token
 
     # ---- reading the file --------------------------------------------------------------
     @staticmethod
@@ -554,9 +562,10 @@ class SmolLM:
             self._rope = rope_tables(np.arange(cfg.context_length), cfg.head_dim, cfg.rope_base)
         return self._rope
 
-    def _layers(self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace) -> np.ndarray:
+    def _layers(self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace, threads: _StepThreads | None = None) -> np.ndarray:
         """All transformer blocks on ``x (B, L, E)`` (updated in place: the residual stream);
-        returns the final norm's output ``(B, L, E)`` (in ``ws.h``).
+        returns the final norm's output ``(B, L, E)`` (in ``ws.h``).  With ``threads``, each
+        layer runs on all cores or on this thread as it chooses, and is timed for it.
 
         ``attend(layer, q, k, v)`` does attention on ``(B, L, H, D)`` arrays (RoPE applied) and
         returns ``(B, L, Hq·D)``.  Each operation writes into ``ws``'s buffers (``out=``), the
@@ -600,15 +609,20 @@ class SmolLM:
 
         add = False  # the first layer's input has no pending residual
         for i, w in enumerate(self.w["layers"]):
-            phase(ops.add_rms_norm, xr, proj, add, w["attn_norm"], eps, h)
-            mm(ws.h, w["qkv"], ws.qkv)
-            phase(ops.rope, qkv, pos, cos, sin, qk)
-            ctx = attend(i, q, k, v)
-            mm(ctx, w["o"], ws.proj)
-            phase(ops.add_rms_norm, xr, proj, True, w["ffn_norm"], eps, h)
-            mm(ws.h, w["gate_up"], ws.gate_up)
-            phase(ops.swiglu, gate_up, act)
-            mm(ws.act, w["down"], ws.proj)
+            many = True if threads is None else threads.choose()
+            started = time.perf_counter()
+            with contextlib.nullcontext() if many else _one_thread():
+                phase(ops.add_rms_norm, xr, proj, add, w["attn_norm"], eps, h)
+                mm(ws.h, w["qkv"], ws.qkv)
+                phase(ops.rope, qkv, pos, cos, sin, qk)
+                ctx = attend(i, q, k, v)
+                mm(ctx, w["o"], ws.proj)
+                phase(ops.add_rms_norm, xr, proj, True, w["ffn_norm"], eps, h)
+                mm(ws.h, w["gate_up"], ws.gate_up)
+                phase(ops.swiglu, gate_up, act)
+                mm(ws.act, w["down"], ws.proj)
+            if threads is not None:  # per token: prompt passes differ in length
+                threads.record(many, (time.perf_counter() - started) / N)
             add = True
         phase(ops.add_rms_norm, xr, proj, True, self.w["norm"], eps, h)
         return ws.h
@@ -638,12 +652,13 @@ class SmolLM:
             return out.reshape(B, L, -1)
 
         x = self.w["embed"][ids]
-        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm))
+        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm), self._layer_threads)
 
-    def _decode_step(self, tokens: np.ndarray, caches: _Caches, threads: _StepThreads) -> np.ndarray:
+    def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in
-        buffers kept from step to step; the matrix products on torch's threads or on this
-        one, as ``threads`` chooses (and learns from this step's time)."""
+        buffers kept from step to step; on all cores or on this thread, as the model's
+        :class:`_StepThreads` for decode steps chooses (and learns from this step's time)."""
+        threads = self._step_threads
         B = len(tokens)
         ws = self._workspace
         if ws is None or ws.shape != (B, 1):
@@ -654,7 +669,7 @@ class SmolLM:
 
         many = threads.choose()
         started = time.perf_counter()
-        with contextlib.nullcontext() if many else _one_mkl_thread():
+        with contextlib.nullcontext() if many else _one_thread():
             x = self.w["embed"][tokens][:, None]  # (B, 1, E)
             positions = caches.lengths[:, None]  # each sequence's next absolute position
             logits = self._head(self._layers(x, positions, attend, ws)[:, 0], ws.logits)
@@ -791,7 +806,6 @@ class SmolLM:
         caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
         h = self._prefill(ids, lengths, caches)
         logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
-        threads = _StepThreads()
         for step in range(max_new_tokens):
             tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
             elapsed = time.perf_counter() - start
@@ -806,7 +820,7 @@ class SmolLM:
             if step == max_new_tokens - 1 or not running.any():
                 return
             start = time.perf_counter()
-            logits = self._decode_step(tokens, caches, threads)  # (B, V) in the workspace
+            logits = self._decode_step(tokens, caches)  # (B, V) in the workspace
 
     # ---- argument checks ------------------------------------------------------------------
     def _check_ids(self, ids, name: str) -> list[int]:

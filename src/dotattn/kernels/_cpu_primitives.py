@@ -627,7 +627,7 @@ def _shift_ok(sub):
 # =================================================================================
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, _nrt=False)  # no reference counting: see _cpu_kernels._tile_class
 def _block_class(b, i0, nrows, j0, ncols, o):
     """SKIP, PARTIAL or FULL (as far as lengths, causal, window and segments tell) for rows ``[i0, i0+nrows)`` × keys ``[j0, j0+ncols)``.
 

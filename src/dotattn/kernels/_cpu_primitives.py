@@ -44,8 +44,8 @@ _mkl_gemm_bf16 = types.ExternalFunction(
 )
 _mkl_threads_local = types.ExternalFunction(THREADS_SYMBOL, _i32(_i32))
 # Fortran sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): every argument
-# by address (MKL's sgemm_ and OpenBLAS's ignore the hidden string lengths)
-_sgemm = types.ExternalFunction(SGEMM_SYMBOL, types.void(*([_i64] * 13)))
+# by address (MKL's sgemm_ and OpenBLAS's ignore the hidden string lengths); called by
+# _sgemm_by_address below
 
 
 @njit(cache=_JIT_CACHE)
@@ -80,6 +80,34 @@ def _gemm_bf16(a, b, c, beta):
     _mkl_gemm_bf16(ROW_MAJOR, ta, tb, M, N, K, one, a.ctypes.data, lda, b.ctypes.data, ldb, np.float32(beta), c.ctypes.data, ldc)
 
 
+@intrinsic
+def _sgemm_by_address(typingctx, transb, transa, n, m, k, ldb, lda, ldc, beta, b_ptr, a_ptr, c_ptr):
+    """The bound Fortran ``sgemm`` with ``alpha = 1``, its scalar arguments in stack slots.
+
+    Fortran takes every argument by address; scratch arrays for them (``np.empty`` twice
+    per GEMM) cost two allocations per tile product, and each allocation updates the
+    runtime's process-wide atomic counters — a cache line both kernel threads write.
+    """
+    sig = types.void(*([types.int32] * 8), types.float32, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        slots = []
+        for value in args[:9]:
+            slot = cgutils.alloca_once(builder, value.type)
+            builder.store(value, slot)
+            slots.append(builder.ptrtoint(slot, i64))
+        one = cgutils.alloca_once(builder, ir.FloatType())
+        builder.store(ir.Constant(ir.FloatType(), 1.0), one)
+        tb, ta, n_, m_, k_, ldb_, lda_, ldc_, beta_ = slots
+        fnty = ir.FunctionType(ir.VoidType(), [i64] * 13)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, SGEMM_SYMBOL)
+        builder.call(fn, [tb, ta, n_, m_, k_, builder.ptrtoint(one, i64), args[9], ldb_, args[10], lda_, beta_, args[11], ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=_JIT_CACHE)
 def _gemm_f32(a, b, c, beta):
     """``c = a · b + beta·c`` (float32; ``c`` with contiguous rows) by the bound Fortran sgemm.
@@ -91,17 +119,14 @@ def _gemm_f32(a, b, c, beta):
     tb, ldb = _blas_layout(b)
     M, K = a.shape
     N = b.shape[1]
-    # the integer and character arguments (by address): 'N' or 'T' as the low byte of an int32
-    args = np.empty(8, dtype=np.int32)
-    args[0] = 78 if tb == NO_TRANS else 84
-    args[1] = 78 if ta == NO_TRANS else 84
-    args[2], args[3], args[4] = N, M, K
-    args[5], args[6], args[7] = ldb, lda, max(c.strides[0] // 4, N, 1)
-    scalars = np.empty(2, dtype=np.float32)
-    scalars[0], scalars[1] = 1.0, beta
-    p, s = args.ctypes.data, scalars.ctypes.data
-    _sgemm(p, p + 4, p + 8, p + 12, p + 16, s, b.ctypes.data, p + 20, a.ctypes.data, p + 24, s + 4, c.ctypes.data, p + 28)
-    return args[0] + scalars[0]  # read after the call: the scratch must outlive it
+    # 'N' or 'T' as the low byte of an int32
+    _sgemm_by_address(
+        np.int32(78 if tb == NO_TRANS else 84),
+        np.int32(78 if ta == NO_TRANS else 84),
+        np.int32(N), np.int32(M), np.int32(K),
+        np.int32(ldb), np.int32(lda), np.int32(max(c.strides[0] // 4, N, 1)),
+        np.float32(beta), b.ctypes.data, a.ctypes.data, c.ctypes.data,
+    )
 
 
 def _gemm(a, b, c, beta):

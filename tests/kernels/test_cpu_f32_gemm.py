@@ -70,10 +70,23 @@ CASES = [
     ((4, 2, 50, 70, 64), (16, 16), {"causal": True}),  # GQA, causal
     ((2, 1, 33, 70, 24), (8, 32), {"window": (5, 9), "softcap": 20.0}),
     ((2, 2, 300, 300, 33), None, {"kv_lengths": np.array([211])}),  # the default tiles
+    # the dense forward's 256×512 tiles: a partial last key tile, padding past kv_lengths
+    ((2, 1, 530, 1100, 64), None, {"kv_lengths": np.array([1037])}),
 ]
 
 
-@pytest.mark.parametrize("shape, tiles, options", CASES, ids=["odd-D59", "gqa-causal", "window-softcap", "default-tiles"])
+def test_dense_float32_forwards_take_the_deeper_key_tiles():
+    q, k, v = H.random_qkv(1, batch=(1,), Hq=2, Hkv=1, Lq=530, Lk=1100, D=64, Dv=64, dtype=np.float32)
+    assert cpu._dense_f32(semantics.normalize(q, k, v, kv_lengths=np.array([1037])))
+    segments = (np.zeros((1, 530), np.int64), np.zeros((1, 1100), np.int64))
+    for options in ({"causal": True}, {"window": (8, 8)}, {"segment_ids": segments}):
+        assert not cpu._dense_f32(semantics.normalize(q, k, v, **options)), options
+    assert not cpu._dense_f32(semantics.normalize(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)))
+
+
+@pytest.mark.parametrize(
+    "shape, tiles, options", CASES, ids=["odd-D59", "gqa-causal", "window-softcap", "default-tiles", "dense-deep-tiles"]
+)
 def test_float32_through_the_bound_sgemm_matches_the_reference(shape, tiles, options):
     Hq, Hkv, Lq, Lk, D = shape
     q, k, v = H.random_qkv(7, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=D, dtype=np.float32)

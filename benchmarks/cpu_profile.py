@@ -3,7 +3,8 @@
 One thread, one ``BQ × BK`` tile (default 256 × 256, D = 64), each step of the kernel's
 inner loop compiled as its own loop of ``--repeats`` runs: the two GEMMs, the running max
 and rescale, the exponent, the row sum; for bfloat16 the tile max and the one pass that
-exponentiates, sums and rounds P into the GEMM operand (the separate passes it replaced are
+exponentiates, sums and rounds P into the GEMM operand (the passes it replaced — the
+running max on 256-bit vectors, the float32 path's exp2 + row sum, the rounding of P — are
 printed in parentheses, outside the sum).  Multiplied by
 the tiles of the dense H8 L4096 forward (8 · 16 · 16 = 2,048) and divided by the thread
 count (2 here) this predicts the kernel's time; the difference to the measured forward
@@ -69,6 +70,12 @@ def _steps():
             P._as_operand(ST, Pb)
 
     @njit
+    def exp_sum(ST, S0, N, c2, m, row_sum, n):  # the float32 path's exp2 + row sum, one pass
+        for _ in range(n):
+            ST[:] = S0
+            P._exp2_shifted_sum(ST, N, c2, m, row_sum)
+
+    @njit
     def max_bf16(ST, bmax, Pb, n):  # the bfloat16 path's tile max (512-bit vectors)
         for _ in range(n):
             P._tile_max(ST, bmax, Pb)
@@ -85,7 +92,7 @@ def _steps():
             P._gemm(Pm.T, Vb, acc, 1.0)
         P._gemm_threads_end(Vb, threads)
 
-    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16
+    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum
 
 
 def main() -> None:
@@ -118,7 +125,7 @@ def main() -> None:
     row_sum = np.ones(BQ, np.float32)
     acc = np.zeros((BQ, D), np.float32)
     c2 = np.float32(0.18)
-    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16 = _steps()
+    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum = _steps()
     Pm = Pb if bf16 else ST
     steps = {
         "S = K·Qᵀ (GEMM)": lambda k: qk(Kb, Qs, ST, k),
@@ -136,9 +143,9 @@ def main() -> None:
             "tile max (512-bit)": lambda k: max_bf16(S0, bmax, Pb, k),
             "exp2+sum+round, one pass": lambda k: fused_bf16(S0, Pb, c2, m, row_sum, k),
             "acc += P·V (GEMM)": steps["acc += P·V (GEMM)"],
-            "(separate: exp2)": steps["exp2 (poly + exponent add)"],
-            "(separate: row sum)": steps["row sum"],
-            "(separate: P → bfloat16)": steps["P → bfloat16"],
+            "(before: running max + rescale)": steps["running max + rescale"],
+            "(before: exp2 (+ row sum))": lambda k: (exp_sum(ST, S0, N, c2, m, row_sum, k), copy_only(ST, S0, k)),
+            "(before: P → bfloat16)": steps["P → bfloat16"],
         }
     with ONE_BLAS_THREAD:
         results = {}
@@ -150,7 +157,7 @@ def main() -> None:
                 out = fn(n)
                 times.append(time.perf_counter() - t0)
             per = statistics.median(times) / n
-            if "exp2 (" in name:  # subtract the copy of S0 into ST the loop needs
+            if name.startswith(("exp2 (", "(before: exp2")):  # subtract the copy of S0 into ST the loop needs
                 t0 = time.perf_counter()
                 copy_only(ST, S0, n)
                 per -= (time.perf_counter() - t0) / n
@@ -159,7 +166,7 @@ def main() -> None:
     total = sum(v for k, v in results.items() if not k.startswith("("))
     print(f"one {BQ}×{BK} tile, D={D}, {args.dtype}, 1 thread (median of 5 × {n}):")
     for name, per in results.items():
-        print(f"  {name:<30} {per * 1e6:8.1f} µs  {per / total:6.1%}")
+        print(f"  {name:<34} {per * 1e6:8.1f} µs  {per / total:6.1%}")
     flop = 4 * BQ * BK * D
     print(f"  {'sum':<28} {total * 1e6:8.1f} µs  → {flop / total / 1e9:.1f} GFLOP/s per thread")
     print(f"dense H8 L4096 forward: {tiles} tiles → {tiles * total / 2 * 1e3:.0f} ms predicted on 2 threads")

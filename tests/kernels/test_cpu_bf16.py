@@ -95,3 +95,20 @@ def test_bf16_is_bitwise_repeatable():
     a = dotattn.attention(q, k, v, implementation="cpu")
     b = dotattn.attention(q, k, v, implementation="cpu")
     assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+@pytest.mark.parametrize("L", [40, 700], ids=["small-call kernel", "general kernel"])
+def test_bf16_nan_in_a_hidden_keys_value_stays_hidden(L):
+    """A NaN value of a key that a causal row never sees leaves that row finite (docs/semantics.md),
+    as in float32: the bfloat16 operands (uint16 bits) used to pass the finiteness check."""
+    q, k, v = _inputs(5, 2, 2, L, L, 32)
+    j = L - 10
+    v[0, 1, j] = np.nan
+    out = dotattn.attention(q, k, v, causal=True, implementation="cpu").astype(np.float32)
+    assert np.isfinite(out[0, :, :j]).all() and np.isfinite(out[0, 0]).all()
+    assert np.isnan(out[0, 1, j:]).all()
+    clean = v.copy()
+    clean[0, 1, j] = 0  # rows before j never see key j: their answer is that of any finite value there
+    ref, _ = H.reference(q, k, clean, causal=True)
+    naive, _ = H.naive(q, k, clean, causal=True)
+    H.assert_close_to_reference(out[0, :, :j].astype(BFLOAT16), ref[0, :, :j], naive[0, :, :j], name="out")

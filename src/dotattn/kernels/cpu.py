@@ -37,7 +37,7 @@ from . import cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ._cpu_options import Options, flat_pairwise
 from .dropout import seed_key
-from .numpy_tiled import all_finite as _all_finite  # one finiteness check for both backends
+from .numpy_tiled import all_finite as _numpy_all_finite  # one finiteness check for both backends
 
 NAME = "cpu"
 EXTRAS = ("score_mod", "mask_mod", "block_mask")
@@ -619,6 +619,18 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
 # pair by pair (calls with user score_mod/mask_mod, which NumPy cannot run, stay here);
 # NaN/+inf scores from finite inputs (overflow) are caught in the forward kernel
 # =================================================================================
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """No NaN/±inf in ``x``.  bfloat16 arrays, and the kernels' uint16 views of their bits
+    (:func:`as_kernel_operand`; no other uint16 array comes here), are checked on their
+    exponent bits: NumPy sums uint16 as integers (always "finite": a NaN in a hidden key's
+    value then reached the bfloat16 kernels, whose 0·NaN leaked it into rows that never
+    see that key), and the bits take one pass instead of a slow bfloat16 sum."""
+    if x.dtype == np.uint16 or x.dtype == BFLOAT16:
+        bits = x.view(np.uint16)
+        return bits.size == 0 or int(np.max(bits & np.uint16(0x7FFF))) < 0x7F80
+    return _numpy_all_finite(x)
 
 
 def _real_rows_finite(x: np.ndarray, call: AttentionCall) -> bool:

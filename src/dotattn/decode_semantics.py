@@ -29,7 +29,7 @@ from .errors import AttentionTypeError, AttentionValueError
 from .semantics import BFLOAT16, FLOAT_DTYPES
 
 __all__ = ["SPLIT_SIZE", "DecodeCall", "normalize", "query_positions", "apply_rotary", "write_new", "rotated_q",
-           "float_array", "SIXTEEN_BIT"]
+           "float_array", "SIXTEEN_BIT", "call_key", "clear_kinds"]
 
 # Keys per split-KV chunk, counted from position 0 of each sequence.  A constant — never
 # derived from the capacity, the batch or the core count — so the chunk boundaries, and with
@@ -39,6 +39,7 @@ SPLIT_SIZE = 256
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
 # 16-bit cache dtypes (a float32 q may read them)
 SIXTEEN_BIT = (np.dtype(np.float16), BFLOAT16)
 
@@ -222,6 +223,19 @@ def _check_new(name: str, x: Any, want: tuple[int, ...], layout: str, cache_dtyp
 
 
 def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> np.ndarray:
+    if (
+        type(cache_lengths) is np.ndarray and cache_lengths.dtype == _I64 and cache_lengths.shape == (B,)
+        and type(Lnew) is int and B
+    ):
+        # The common valid call (int64 lengths, one new count) settles with two Python ints; a
+        # refused one goes on below, where the message is made.
+        if B <= 16:
+            vals = cache_lengths.tolist()
+            lo, hi = min(vals), max(vals)
+        else:
+            lo, hi = int(cache_lengths.min()), int(cache_lengths.max())
+        if lo >= 0 and hi + Lnew <= room:
+            return cache_lengths
     if cache_lengths is None:
         raise AttentionValueError("cache_lengths is required: the tokens already in the cache, one int per sequence")
     lengths = semantics.check_batch_ints("cache_lengths", cache_lengths, B)
@@ -243,6 +257,15 @@ def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> 
 
 def _check_pages(table: np.ndarray, kv_lengths: np.ndarray, page_size: int, num_pages: int) -> None:
     """Pages a sequence uses must exist and belong to it alone (unused entries are ignored)."""
+    if table.shape[0] <= 16:
+        # A small batch (a decode step checks its table once per layer): Python ints settle
+        # the common valid table; a bad one is reported by the masks below.
+        pages: list[int] = []
+        for b, n in enumerate(kv_lengths.tolist()):
+            if n > 0:
+                pages += table[b, : -(-n // page_size)].tolist()
+        if not pages or (min(pages) >= 0 and max(pages) < num_pages and len(set(pages)) == len(pages)):
+            return
     used = -(-kv_lengths // page_size)  # pages in use per sequence
     in_use = np.arange(table.shape[1])[None, :] < used[:, None]
     pages = table[in_use]
@@ -315,15 +338,40 @@ def _check_causal(causal: Any) -> bool:
     return kind is not None
 
 
+def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not x.flags.writeable:
+            raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
+
+
 def normalize(
     q, k_cache, v_cache, k_new, v_new, *, cache_lengths, block_table, causal, window, scale, softcap,
-    alibi_slopes, rotary, layout, new_counts: np.ndarray | None = None,
+    alibi_slopes, rotary, layout, new_counts: np.ndarray | None = None, trusted: bool = False,
 ) -> DecodeCall:
     """Validate every argument of a decode call (nothing is written) → :class:`DecodeCall`.
 
     ``new_counts`` (B,) (:meth:`KVCache.append` of padded prompts): sequence b stores only its
     first ``new_counts[b]`` new tokens, so only those need room and pages.
+
+    ``trusted=True`` is the path of an owner that keeps ``cache_lengths`` and ``block_table``
+    valid itself (:class:`dotattn.KVCache`: int64 lengths it advances, room it checks before
+    the call, pages from its own free list): their values are not checked again on a call of a
+    kind seen before.  Everything the caller supplies — q, k_new, v_new, the caches' shapes,
+    dtypes and writeability, every option, ALiBi slopes and rotary tables — is checked as ever.
+
+    Repeated calls: what the checks decide from shapes, dtypes and option values alone is kept
+    per :func:`call_key` (as :func:`dotattn.semantics.plan_key` does for ``attention()``); a
+    call of a kind seen before checks only what depends on values (writeability, lengths,
+    pages, slopes, rotary tables), with the same functions and messages.
     """
+    key = None
+    if new_counts is None:
+        key = call_key(q, k_cache, v_cache, k_new, v_new, block_table, causal, window, scale, softcap, layout)
+        if key is not None:
+            kind = _KINDS.get(key)
+            if kind is not None:
+                return _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, block_table, alibi_slopes,
+                             rotary, None, trusted)
     layout = semantics.check_layout(layout)
     q = float_array("q", q)
     k_cache = float_array("k_cache", k_cache)
@@ -333,6 +381,7 @@ def normalize(
     if (k_new is None) != (v_new is None):
         given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
         raise AttentionValueError(f"{given} was given without {missing}: pass both new keys and new values, or neither")
+    Lnew = 0
     if k_new is not None:
         k_new = _check_new("k_new", k_new, (B, Hkv, 0, D), layout, k_cache.dtype, q.dtype)
         v_new = _check_new("v_new", v_new, (B, Hkv, 0, Dv), layout, k_cache.dtype, q.dtype)
@@ -342,50 +391,128 @@ def normalize(
                 f"k_new and v_new must hold the same number of new tokens, got k_new{_shape(k_new.shape)} "
                 f"and v_new{_shape(v_new.shape)}"
             )
-        for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if not x.flags.writeable:
-                raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
+        Lnew = k_new.shape[l_ax]
+    paged = table is not None
+    # the caches' token axis: capacity, or page_size for a paged cache
+    slots = k_cache.shape[2 if layout == "bhld" else 1]
+    kind = _Kind(
+        B=B, Hq=Hq, Lq=Lq, D=D, Lnew=Lnew, paged=paged, layout=layout,
+        room=table.shape[1] * slots if paged else slots,
+        table=None if paged else np.arange(B, dtype=np.int64)[:, None],
+        compute=_F64 if q.dtype == _F64 else _F32,
+        fields=dict(dtype=q.dtype, cache_dtype=k_cache.dtype, layout=layout, paged=paged),
+    )
+    call = _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
+                 False, options=(causal, window, scale, softcap))
+    if key is not None:
+        # checked once for this kind: the options' decisions join the fields every call copies
+        for name in ("causal", "window", "scale", "softcap"):
+            kind.fields[name] = getattr(call, name)
+        if len(_KINDS) >= _MAX_KINDS:
+            _KINDS.clear()
+        _KINDS[key] = kind
+    return call
+
+
+class _Kind:
+    """What :func:`normalize` decided for calls of one :func:`call_key`: sizes, and the fields of
+    :class:`DecodeCall` that hold no array of the caller's."""
+
+    __slots__ = ("B", "Hq", "Lq", "D", "Lnew", "paged", "layout", "room", "table", "compute", "fields")
+
+    def __init__(self, **kw):
+        for name, value in kw.items():
+            setattr(self, name, value)
+
+
+# Kinds by call_key(); cleared whole when full (a program makes few kinds of decode call).
+_KINDS: dict[tuple, _Kind] = {}
+_MAX_KINDS = 256
+
+
+def clear_kinds() -> None:
+    """Forget every kept kind (tests comparing the first call of a kind with a later one)."""
+    _KINDS.clear()
+
+
+def call_key(q, k_cache, v_cache, k_new, v_new, block_table, causal, window, scale, softcap, layout) -> tuple | None:
+    """What :func:`normalize` decides from everything but array VALUES, as a dict key — or None.
+
+    For NumPy arrays (exactly ``np.ndarray``: a subclass or a torch tensor takes the full path),
+    the shape checks depend on the shapes and dtypes of q, the caches, k_new, v_new and the
+    block table, and on the option values keyed as :func:`dotattn.semantics.plan_key` keys them
+    (type and value; a float by its bits).  Strides decide nothing here (writeability is
+    checked every call).  ALiBi slopes and rotary tables are checked every call.
+    """
+    nd = np.ndarray
+    if type(q) is not nd or type(k_cache) is not nd or type(v_cache) is not nd:
+        return None
+    if k_new is None and v_new is None:
+        new = None
+    elif type(k_new) is nd and type(v_new) is nd:
+        new = (k_new.shape, k_new.dtype, v_new.shape, v_new.dtype)
+    else:
+        return None
+    if block_table is None:
+        table = None
+    elif type(block_table) is nd:
+        table = (block_table.shape, block_table.dtype)
+    else:
+        return None
+    opt = semantics._option_key
+    key = (
+        q.shape, q.dtype, k_cache.shape, k_cache.dtype, v_cache.shape, v_cache.dtype, new, table,
+        opt(causal), opt(window), opt(scale), opt(softcap), opt(layout),
+    )
+    return None if semantics._NOT_KEYABLE in key[8:] else key
+
+
+def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
+          trusted: bool, options=None) -> DecodeCall:
+    """The value checks of a call whose shapes, dtypes (and, without ``options``, option values)
+    ``kind`` has settled → its :class:`DecodeCall`.  ``options`` (causal, window, scale,
+    softcap): the first call of a kind checks them here, in normalize()'s order."""
+    if k_new is not None:
+        _check_writeable(k_cache, v_cache)
     # canonical (bhld) views: nothing is copied
-    if layout == "blhd":
-        q = q.swapaxes(1, 2)
+    if kind.layout == "blhd":
+        qc = q.swapaxes(1, 2)
         kp, vp = k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2)
         if k_new is not None:
             k_new, v_new = k_new.swapaxes(1, 2), v_new.swapaxes(1, 2)
     else:
-        kp, vp = k_cache, v_cache
-    Lnew = 0 if k_new is None else k_new.shape[2]
-    paged = table is not None
-    if paged:
-        room = table.shape[1] * kp.shape[2]
-    else:
-        room = kp.shape[2]
-        table = np.arange(B, dtype=np.int64)[:, None]
+        qc, kp, vp = q, k_cache, v_cache
+    B, Lnew = kind.B, kind.Lnew
     added = Lnew if new_counts is None else new_counts
-    lengths = _check_lengths(cache_lengths, B, added, room, paged)
-    if paged:
-        _check_pages(table, lengths + added, kp.shape[2], kp.shape[0])
-    compute = _F64 if q.dtype == _F64 else _F32
-    return DecodeCall(
-        q=q,
-        k_pages=kp,
-        v_pages=vp,
-        block_table=table,
-        cache_lengths=lengths,
-        k_new=k_new,
-        v_new=v_new,
-        causal=_check_causal(causal),
-        window=semantics.check_window(window),
-        scale=semantics.check_scale(scale, D),
-        softcap=semantics.check_softcap(softcap),
-        alibi_slopes=semantics.check_alibi_slopes(alibi_slopes, B, Hq, compute),
-        rotary=_check_rotary(rotary, D, compute, lengths, Lnew, Lq),
-        dtype=q.dtype,
-        cache_dtype=k_cache.dtype,
-        layout=layout,
-        paged=paged,
-        k_cache=k_cache,
-        v_cache=v_cache,
+    if kind.paged:
+        table = table.astype(np.int64, copy=False)
+    else:
+        table = kind.table
+    if trusted:
+        lengths = cache_lengths
+    else:
+        lengths = _check_lengths(cache_lengths, B, added, kind.room, kind.paged)
+        if kind.paged:
+            _check_pages(table, lengths + added, kp.shape[2], kp.shape[0])
+    call = object.__new__(DecodeCall)
+    fields = call.__dict__
+    fields.update(kind.fields)
+    if options is not None:
+        causal, window, scale, softcap = options
+        fields["causal"] = _check_causal(causal)
+        fields["window"] = semantics.check_window(window)
+        fields["scale"] = semantics.check_scale(scale, kind.D)
+        fields["softcap"] = semantics.check_softcap(softcap)
+    compute = kind.compute
+    fields["alibi_slopes"] = (
+        None if alibi_slopes is None else semantics.check_alibi_slopes(alibi_slopes, B, kind.Hq, compute)
     )
+    fields["rotary"] = None if rotary is None else _check_rotary(rotary, kind.D, compute, lengths, Lnew, kind.Lq)
+    fields.update(
+        q=qc, k_pages=kp, v_pages=vp, block_table=table, cache_lengths=lengths, k_new=k_new, v_new=v_new,
+        k_cache=k_cache, v_cache=v_cache,
+    )
+    return call
 
 
 # =================================================================================

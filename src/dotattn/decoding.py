@@ -235,6 +235,19 @@ def attention_with_kvcache(
     :data:`SPLIT_SIZE` positions, so each sequence's output is bitwise independent of the
     rest of the batch, the capacity and the page layout.
     """
+    return _attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_lengths=cache_lengths, block_table=block_table, causal=causal,
+        window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary,
+        return_lse=return_lse, layout=layout, implementation=implementation, trusted=False,
+    )
+
+
+def _attention_with_kvcache(
+    q, k_cache, v_cache, k_new, v_new, *, cache_lengths, block_table, causal, window, scale, softcap, alibi_slopes,
+    rotary, return_lse, layout, implementation, trusted: bool,
+):
+    """:func:`attention_with_kvcache`; ``trusted=True`` is :meth:`KVCache.attend`'s path, whose
+    lengths and block table the cache keeps valid itself (``decode_semantics.normalize``)."""
     arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     # The common NumPy call skips the library scan (a decode step is many small calls).
     plain = type(q) is np.ndarray and type(k_cache) is np.ndarray and type(v_cache) is np.ndarray
@@ -269,7 +282,7 @@ def attention_with_kvcache(
     call = normalize(
         q, k_cache, v_cache, k_new, v_new, cache_lengths=cache_lengths, block_table=block_table,
         causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-        rotary=rotary, layout=layout,
+        rotary=rotary, layout=layout, trusted=trusted,
     )
     out, lse = kernel.decode(call, reference=name == "reference")
     out = out.astype(call.dtype, copy=False)
@@ -439,6 +452,8 @@ class KVCache:
         if self._host:
             self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
         self._lengths = np.zeros(B, dtype=np.int64)
+        # _headroom()'s answer until the lengths or the pages change (None: to be worked out)
+        self._room: int | None = None
         if self.page_size is not None:
             self._table = np.full((B, self.max_pages), -1, dtype=np.int64)
             self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out page 0 first
@@ -480,6 +495,8 @@ class KVCache:
         return self.k[self._layer_index(layer)], self.v[self._layer_index(layer)]
 
     def _layer_index(self, layer: Any) -> int:
+        if type(layer) is int and 0 <= layer < self.num_layers:
+            return layer
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < self.num_layers:
             raise AttentionValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         return int(layer)
@@ -487,6 +504,7 @@ class KVCache:
     def reset(self, b: int | None = None) -> None:
         """Empty sequence ``b`` (every sequence when None); its pages go back to the free list."""
         seqs = range(self.batch_size) if b is None else [self._seq_index(b)]
+        self._room = None
         for s in seqs:
             self._lengths[s] = 0
             if self.page_size is not None:
@@ -530,6 +548,22 @@ class KVCache:
         taken = int((table >= 0).sum() - (self._table >= 0).sum())
         del self._free[len(self._free) - taken :]
         self._table = table
+        self._room = None
+
+    def _headroom(self) -> int:
+        """New tokens every sequence can take without passing the capacity or needing a page
+        it does not hold yet (then a call needs neither :meth:`_room_check` nor :meth:`_plan`).
+
+        Worked out once per change of the lengths or the pages: a decode step of an L-layer
+        model asks L times and changes the lengths once.
+        """
+        room = self._room
+        if room is None:
+            free = self.capacity - self._lengths
+            if self.page_size is not None:
+                free = np.minimum(free, (self._table >= 0).sum(axis=1) * self.page_size - self._lengths)
+            room = self._room = int(free.min())
+        return room
 
     def _room_check(self, new_lengths: np.ndarray) -> None:
         over = new_lengths > self.capacity
@@ -540,9 +574,10 @@ class KVCache:
                 f"capacity={self.capacity}"
             )
 
-    def _advance(self, layer: int, added: np.ndarray) -> None:
+    def _advance(self, layer: int, added: np.ndarray | int) -> None:
         if layer == self.num_layers - 1:
             self._lengths += added
+            self._room = None
 
     # ---- writing and attending ----------------------------------------------------
     def append(self, k_new: Any, v_new: Any, *, layer: int = 0, lengths: Any = None) -> None:
@@ -619,7 +654,7 @@ class KVCache:
         lengths and its pages supplied by this object.
         """
         layer = self._layer_index(layer)
-        fw = framework_of(q)
+        fw = "numpy" if type(q) is np.ndarray else framework_of(q)
         if fw != self.library:
             raise AttentionTypeError(
                 f"q is a {fw or type(q).__name__} array, but this KVCache holds {self.library} buffers "
@@ -638,16 +673,23 @@ class KVCache:
             shape = tuple(k_new.shape)
             if len(shape) == 4:
                 Lnew = shape[2] if self.layout == "bhld" else shape[1]
-        new_lengths = self._lengths + Lnew
-        self._room_check(new_lengths)
-        table = self._plan(new_lengths)
-        result = attention_with_kvcache(
+        if Lnew <= self._headroom():  # the common step: room and pages held already
+            table = None if self.page_size is None else self._table
+        else:
+            new_lengths = self._lengths + Lnew
+            self._room_check(new_lengths)
+            table = self._plan(new_lengths)
+        # The lengths and the table are this object's, kept valid by it (the room was checked
+        # just above, pages come from its free list): normalize() takes them as they are and
+        # checks everything the caller gave (q, k_new, v_new, options) as attention_with_kvcache does.
+        result = _attention_with_kvcache(
             q, k_buf, v_buf, k_new, v_new, cache_lengths=self._lengths, block_table=table,
             causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
             rotary=rotary, return_lse=return_lse, layout=self.layout, implementation=implementation,
+            trusted=True,
         )
         self._commit(table)
-        self._advance(layer, np.full(self.batch_size, Lnew, dtype=np.int64))
+        self._advance(layer, Lnew)
         if fw == "torch" and self._host:
             from .torch._convert import from_numpy
 

@@ -7,7 +7,7 @@ import pytest
 
 import decode_cases as C
 import dotattn
-from dotattn import AttentionTypeError, AttentionValueError
+from dotattn import AttentionTypeError, AttentionValueError, decode_semantics
 
 
 def _paged():
@@ -87,10 +87,37 @@ def test_refused_and_cache_unchanged(name, make, change, error, words):
     assert (case.k_cache.tobytes(), case.v_cache.tobytes()) == before, "a refused call wrote into the cache"
 
 
+@pytest.mark.parametrize("name,make,change,error,words", BAD, ids=[b[0] for b in BAD])
+def test_refused_alike_when_a_call_of_its_kind_was_seen(name, make, change, error, words):
+    """normalize() keeps what it decided from shapes, dtypes and options (decode_semantics.call_key):
+    a bad call after a good call of its kind is refused with the message a first call gets,
+    and writes nothing."""
+    case = make()
+    args, kwargs = _with(case, **change(case))
+    decode_semantics.clear_kinds()
+    with pytest.raises(error) as first:
+        dotattn.attention_with_kvcache(**args, **kwargs)
+    # a valid call of the case's kind (copies of the caches: same shapes and dtypes)
+    dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                   **case.kwargs())
+    before = (case.k_cache.tobytes(), case.v_cache.tobytes())
+    with pytest.raises(error) as again:
+        dotattn.attention_with_kvcache(**args, **kwargs)
+    assert str(again.value) == str(first.value)
+    assert (case.k_cache.tobytes(), case.v_cache.tobytes()) == before, "a refused call wrote into the cache"
+
+
 def test_read_only_cache_is_refused_before_writing():
     case = _contig()
     case.k_cache.flags.writeable = False
     with pytest.raises(AttentionValueError, match="k_cache is read-only"):
+        dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())
+    # also when a writeable cache of its kind was seen (writeability is checked every call)
+    dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                   **case.kwargs())
+    case.v_cache.flags.writeable = False
+    case.k_cache.flags.writeable = True
+    with pytest.raises(AttentionValueError, match="v_cache is read-only"):
         dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())
 
 

@@ -55,6 +55,17 @@ def run(calls, decode_dtypes):
         out, lse = dotattn.attention_with_kvcache(q1, k_cache, v_cache, k_new, v_new, cache_lengths=[40, 7],
                                                   return_lse=True, implementation="cpu")
         digests[f"decode {name}"] = digest(out, lse, k_cache, v_cache)
+        # the same call through the kernel's parallel entries (plan, items, merges), which
+        # calls reading more K/V take; a small call runs the one-entry serial kernel
+        from dotattn.kernels import cpu_decode
+
+        old, cpu_decode.PARALLEL_MIN_BYTES = cpu_decode.PARALLEL_MIN_BYTES, 0
+        try:
+            out, lse = dotattn.attention_with_kvcache(q1, k_cache, v_cache, cache_lengths=[41, 8],
+                                                      return_lse=True, implementation="cpu")
+        finally:
+            cpu_decode.PARALLEL_MIN_BYTES = old
+        digests[f"decode {name} (parallel entries)"] = digest(out, lse)
     return digests
 """
 
@@ -65,7 +76,8 @@ from dotattn.kernels import _cpu_cache, _cpu_decode_kernels, _cpu_kernels, _cpu_
 digests = run(CALLS, DECODE_DTYPES)
 dispatchers = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
                "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
-               "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges}
+               "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
+               "decode serial": _cpu_decode_kernels.run_serial}
 stats = {k: (sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values())) for k, d in dispatchers.items()}
 print(json.dumps({"digests": digests, "stats": stats,
                   "precompiled": {k: _cpu_cache.uses_precompiled(d) for k, d in dispatchers.items()}}))
@@ -93,8 +105,9 @@ def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path)
         # one specialization per kernel, but the decode kernels have two here (float32 and 16-bit caches)
         assert hits >= 1 and misses == 0, f"{kernel}: {hits} cache hits, {misses} misses (a miss compiles)"
     assert child["stats"]["decode items"][0] == 2
+    assert child["stats"]["decode serial"][0] == 2
     assert child["digests"] == ours  # the same bits as a process that compiled or loaded them earlier
-    assert set(ours) == set(CALLS) | {"small"} | {f"decode {d}" for d in DECODE_DTYPES}
+    assert set(ours) == set(CALLS) | {"small"} | {f"decode {d}{p}" for d in DECODE_DTYPES for p in ("", " (parallel entries)")}
     assert "compiling" not in done.stderr
 
 
@@ -107,6 +120,7 @@ entries = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
            "backward, one chunk": _cpu_kernels._backward_chunk, "weights": _cpu_kernels.weights,
            "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
            "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
+           "decode serial": _cpu_decode_kernels.run_serial,
            "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
            "model SwiGLU": _cpu_model_ops.swiglu}
 print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))

@@ -740,3 +740,30 @@ def run_merges(Hkv, nch, start, part_o, part_lse, out, lse):
     """Merge every (sequence, K/V head)'s parts in chunk order into ``out``/``lse``."""
     for pair in range(out.shape[0] * Hkv):
         _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def run_serial(
+    q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap, slopes, has_alibi, Dv,
+):
+    """:func:`plan`, :func:`run_items` over every item and :func:`run_merges` in one call on
+    this thread (a small call: one entry from Python instead of three, its parts allocated
+    here) → ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))``.  The same item and merge code as the
+    three entries, in the same order: the same bits."""
+    B, Hq, Lq, D = q.shape
+    Hkv = kst[3]
+    R = (Hq // Hkv) * Lq
+    c0, nch, start = _plan(kvlen, Lq, Hkv, split, False, left, right)
+    total = start[B]
+    part_o = np.empty((total, R, Dv), dtype=q.dtype)
+    part_lse = np.empty((total, R), dtype=q.dtype)
+    kc = np.empty(split * D, dtype=q.dtype)
+    vc = np.empty(split * Dv, dtype=q.dtype)
+    for it in range(total):
+        _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc)
+    out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
+    lse = np.empty((B, Hq, Lq), dtype=q.dtype)
+    for pair in range(B * Hkv):
+        _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse)
+    return out, lse

@@ -896,7 +896,8 @@ def _model_steps() -> None:
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
-    """One small decode step on a ``cache_dtype`` cache (q float32, or float64 for float64)."""
+    """A small decode step on a ``cache_dtype`` cache (q float32, or float64 for float64), through
+    both of the kernel's paths."""
     from ..decode_semantics import normalize
     from . import cpu_decode
 
@@ -909,4 +910,6 @@ def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
         q, cache, cache.copy(), new, new, cache_lengths=np.array([20]), block_table=None, causal=True,
         window=None, scale=None, softcap=None, alibi_slopes=None, rotary=None, layout="bhld",
     )
-    cpu_decode.decode(call)
+    cpu_decode.decode(call)  # a small call: the one-entry serial kernel
+    # a larger one: plan, items (here on this thread or the pool) and merges
+    cpu_decode.decode(call, parallel_min_bytes=0)

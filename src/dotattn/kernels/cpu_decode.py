@@ -51,6 +51,11 @@ def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarr
     return o[:need_o].reshape(n_items, R, Dv), l[:need_l].reshape(n_items, R)
 
 
+# Element strides (page, head, slot, Hkv) by (byte strides, Hkv, itemsize): the same few for
+# every call of a model (its layers' caches are alike); cleared whole when full.
+_STRIDES: dict[tuple, np.ndarray] = {}
+
+
 def _flat(cache: np.ndarray, pages: np.ndarray):
     """``(flat 1-D view, element strides (page, head, slot, Hkv), kind)`` of a C-contiguous cache."""
     if cache.dtype == BFLOAT16:
@@ -60,8 +65,17 @@ def _flat(cache: np.ndarray, pages: np.ndarray):
     else:
         flat, kind = cache.reshape(-1), K.KIND_FLOAT
     item = cache.itemsize
-    st = pages.strides
-    return flat, np.array([st[0] // item, st[1] // item, st[2] // item, pages.shape[1]], dtype=np.int64), kind
+    key = (pages.strides, pages.shape[1], item)
+    st = _STRIDES.get(key)
+    if st is None:
+        b = pages.strides
+        st = np.array([b[0] // item, b[1] // item, b[2] // item, pages.shape[1]], dtype=np.int64)
+        # shared by calls and never written (left writeable: Numba types a read-only array
+        # apart, which would compile every kernel twice)
+        if len(_STRIDES) >= 64:
+            _STRIDES.clear()
+        _STRIDES[key] = st
+    return flat, st, kind
 
 
 def unsupported_reason(call: DecodeCall) -> str | None:
@@ -71,9 +85,15 @@ def unsupported_reason(call: DecodeCall) -> str | None:
     return None
 
 
-def decode(call: DecodeCall, reference: bool = False):
-    """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype."""
+def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int | None = None):
+    """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
+
+    ``parallel_min_bytes`` (default :data:`PARALLEL_MIN_BYTES`): calls reading fewer bytes of
+    K/V run whole on this thread (``precompile`` passes 0 to reach the parallel entries too).
+    """
     del reference
+    if parallel_min_bytes is None:
+        parallel_min_bytes = PARALLEL_MIN_BYTES
     reason = unsupported_reason(call)
     if reason is not None:
         from . import numpy_decode
@@ -86,31 +106,41 @@ def decode(call: DecodeCall, reference: bool = False):
     kflat, kst, kind = _flat(call.k_cache, call.k_pages)
     vflat, vst, _ = _flat(call.v_cache, call.v_pages)
     kvlen = call.kv_lengths
-    B, Hq, Lq, Dv = call.B, call.Hq, call.Lq, call.Dv
-    R = call.group * Lq
+    D, Dv = call.D, call.Dv
+    R = call.group * call.Lq
+    left, right = call.window if call.window is not None else (None, None)
+    left = -1 if left is None else left
+    right = -1 if right is None else right
+    slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
+    softcap = 0.0 if call.softcap is None else call.softcap
+    nbytes = int(kvlen.sum()) * call.Hkv * (D + Dv) * call.k_cache.itemsize
+    # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
+    # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
+    big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3
+    if nbytes < parallel_min_bytes:
+        # A small call (a model's decode step): plan, items and merges in one Numba entry,
+        # parts allocated there — the per-call Python here is most of such a call's cost.
+        with ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext():
+            return K.run_serial(
+                q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
+                call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv,
+            )
+    B, Hq, Lq = call.B, call.Hq, call.Lq
     max_n = int(kvlen.max(initial=0))
     n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
     part_o, part_lse = _scratch(n_items, R, Dv, T)
     out = np.empty((B, Hq, Lq, Dv), dtype=T)
     lse = np.empty((B, Hq, Lq), dtype=T)
-    left, right = call.window if call.window is not None else (None, None)
-    slopes = call.alibi_slopes if call.alibi_slopes is not None else np.zeros((1, 1), dtype=T)
-    left = -1 if left is None else left
-    right = -1 if right is None else right
     c0, nch, start = K.plan(kvlen, Lq, call.Hkv, SPLIT_SIZE, left, right)
     total = int(start[-1])
     common = (
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-        call.causal, left, right, 0.0 if call.softcap is None else call.softcap, slopes,
-        call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
+        call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
     )
-    nbytes = int(kvlen.sum()) * call.Hkv * (call.D + Dv) * call.k_cache.itemsize
     workers = _workers()
-    # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
-    # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
-    blas_limit = ONE_BLAS_THREAD if R * SPLIT_SIZE * max(call.D, Dv) > 64**3 else contextlib.nullcontext()
+    blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
-        if nbytes < PARALLEL_MIN_BYTES or workers == 1 or total < 2:
+        if workers == 1 or total < 2:
             K.run_items(0, total, *common)
         else:
             # Contiguous item ranges, two per core (items are of nearly equal size): the pool
@@ -130,6 +160,17 @@ def decode(call: DecodeCall, reference: bool = False):
                     future.result()  # re-raises a worker's exception here
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
+
+
+_NO_SLOPES: dict[np.dtype, np.ndarray] = {}
+
+
+def _no_slopes(T: np.dtype) -> np.ndarray:
+    """The kernels' stand-in slopes of a call without ALiBi (never read; shared, never written)."""
+    x = _NO_SLOPES.get(T)
+    if x is None:
+        x = _NO_SLOPES[T] = np.zeros((1, 1), dtype=T)
+    return x
 
 
 def _workers() -> int:

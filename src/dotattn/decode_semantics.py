@@ -550,21 +550,26 @@ def write_new(call: DecodeCall, counts: np.ndarray | None = None) -> None:
     ``counts`` (B,) writes only the first ``counts[b]`` new tokens of sequence b (padded
     prompts appended by :class:`KVCache`).  Keys are rotated first when ``call.rotary`` is set.
     """
-    if call.k_new is None or call.Lnew == 0:
-        return
     k_new, v_new = call.k_new, call.v_new
-    pos = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew)
+    if k_new is None or k_new.shape[2] == 0:
+        return
+    Lnew = k_new.shape[2]
+    pos = None
     if call.rotary is not None:
+        pos = call.cache_lengths[:, None] + np.arange(Lnew)[None, :]  # (B, Lnew)
         k_new = apply_rotary(k_new.astype(call.compute_dtype), pos, *call.rotary)
     ps = call.page_size
-    if counts is None and call.Lnew == 1 and call.B <= 8:
+    table, kp, vp = call.block_table, call.k_pages, call.v_pages
+    if counts is None and Lnew == 1 and table.shape[0] <= 8:
         # one new token per sequence of a small batch (a decode step): plain indexing is a
         # few µs, where building index arrays for advanced indexing cost ≈ 15
         for b, n in enumerate(call.cache_lengths.tolist()):
-            page, slot = int(call.block_table[b, n // ps]), n % ps  # contiguous: page b, slot n
-            call.k_pages[page, :, slot] = k_new[b, :, 0]
-            call.v_pages[page, :, slot] = v_new[b, :, 0]
+            page, slot = table.item(b, n // ps), n % ps  # contiguous: page b, slot n
+            kp[page, :, slot] = k_new[b, :, 0]
+            vp[page, :, slot] = v_new[b, :, 0]
         return
+    if pos is None:
+        pos = call.cache_lengths[:, None] + np.arange(Lnew)[None, :]
     n_new = np.full(call.B, call.Lnew, dtype=np.int64) if counts is None else counts
     # Runs of consecutive slots within one page, per sequence: one slice assignment each
     # (a 4,096-token prompt into 256-token pages is 16 runs), where advanced indexing built

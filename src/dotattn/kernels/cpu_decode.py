@@ -120,11 +120,12 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     if nbytes < parallel_min_bytes:
         # A small call (a model's decode step): plan, items and merges in one Numba entry,
         # parts allocated there — the per-call Python here is most of such a call's cost.
-        with ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext():
-            return K.run_serial(
-                q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-                call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv,
-            )
+        args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
+                call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv)
+        if big_gemm:
+            with ONE_BLAS_THREAD:
+                return K.run_serial(*args)
+        return K.run_serial(*args)
     B, Hq, Lq = call.B, call.Hq, call.Lq
     max_n = int(kvlen.max(initial=0))
     n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))

@@ -113,7 +113,9 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     right = -1 if right is None else right
     slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
     softcap = 0.0 if call.softcap is None else call.softcap
-    nbytes = int(kvlen.sum()) * call.Hkv * (D + Dv) * call.k_cache.itemsize
+    # Python's sum of a small batch's lengths: a NumPy reduction costs ≈ 1 µs even on one element
+    keys = sum(kvlen.tolist()) if kvlen.shape[0] <= 64 else int(kvlen.sum())
+    nbytes = keys * call.Hkv * (D + Dv) * call.k_cache.itemsize
     # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
     # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
     big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3

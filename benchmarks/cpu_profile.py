@@ -5,7 +5,9 @@ inner loop compiled as its own loop of ``--repeats`` runs: the two GEMMs, the ru
 and rescale, the exponent, the row sum; for bfloat16 the tile max and the one pass that
 exponentiates, sums and rounds P into the GEMM operand (the passes it replaced — the
 running max on 256-bit vectors, the float32 path's exp2 + row sum, the rounding of P — are
-printed in parentheses, outside the sum).  Multiplied by
+printed in parentheses, outside the sum); for float32, in parentheses, the one pass of the
+lazy step (exp2 + row sum + tile max), which replaces max, exp2 and sum after a row's first
+tile, and the exp2 + row sum pass of the exact step.  Multiplied by
 the tiles of the dense H8 L4096 forward (8 · 16 · 16 = 2,048) and divided by the thread
 count (2 here) this predicts the kernel's time; the difference to the measured forward
 (also printed) is what the steps alone do not show (packing, thread imbalance, the task loop).
@@ -76,6 +78,12 @@ def _steps():
             P._exp2_shifted_sum(ST, N, c2, m, row_sum)
 
     @njit
+    def exp_sum_max(ST, S0, c2, m, tsum, bmax, n):  # the float32 forward's lazy step: exp2 + sum + tile max
+        for _ in range(n):
+            ST[:] = S0
+            P._exp2_sum_max_f32(ST, c2, m, tsum, bmax)
+
+    @njit
     def max_bf16(ST, bmax, Pb, n):  # the bfloat16 path's tile max (512-bit vectors)
         for _ in range(n):
             P._tile_max(ST, bmax, Pb)
@@ -92,7 +100,7 @@ def _steps():
             P._gemm(Pm.T, Vb, acc, 1.0)
         P._gemm_threads_end(Vb, threads)
 
-    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum
+    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max
 
 
 def main() -> None:
@@ -125,7 +133,8 @@ def main() -> None:
     row_sum = np.ones(BQ, np.float32)
     acc = np.zeros((BQ, D), np.float32)
     c2 = np.float32(0.18)
-    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum = _steps()
+    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max = _steps()
+    tsum = np.empty(BQ, np.float32)
     Pm = Pb if bf16 else ST
     steps = {
         "S = K·Qᵀ (GEMM)": lambda k: qk(Kb, Qs, ST, k),
@@ -137,6 +146,12 @@ def main() -> None:
     }
     if not bf16:
         del steps["P → bfloat16"]
+        # the forward's lazy step (after a row's first tile): replaces the max, exp2 and sum above
+        steps["(lazy: exp2+sum+max, one pass)"] = lambda k: (
+            exp_sum_max(ST, S0, c2, m, tsum, bmax, k),
+            copy_only(ST, S0, k),
+        )
+        steps["(exp2+sum, one pass)"] = lambda k: (exp_sum(ST, S0, N, c2, m, row_sum, k), copy_only(ST, S0, k))
     else:  # what the bfloat16 forward runs (the separate passes above: its fallback, with dropout)
         steps = {
             "S = K·Qᵀ (GEMM)": steps["S = K·Qᵀ (GEMM)"],
@@ -157,7 +172,7 @@ def main() -> None:
                 out = fn(n)
                 times.append(time.perf_counter() - t0)
             per = statistics.median(times) / n
-            if name.startswith(("exp2 (", "(before: exp2")):  # subtract the copy of S0 into ST the loop needs
+            if name.startswith(("exp2 (", "(before: exp2", "(lazy", "(exp2")):  # subtract the copy of S0 into ST the loop needs
                 t0 = time.perf_counter()
                 copy_only(ST, S0, n)
                 per -= (time.perf_counter() - t0) / n

@@ -49,6 +49,8 @@ from ._cpu_primitives import (
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
+    _lazy_ok,
+    _lazy_softmax,
     _mul_into,
     _snake_chunk,
     _take_task,
@@ -357,6 +359,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     acc = np.empty((BQ, Dv), dtype=T)
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
+    tsum = np.empty(BQ, dtype=T)  # the tile's row sums (lazy step)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     threads = _gemm_threads_begin(q)
     while True:
@@ -381,8 +384,15 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
                 continue
             # -- scores of the tile, masked
             _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
-            # -- P = 2^(S − m), online: rescale acc and row_sum to the new max
-            in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0)
+            # -- P = 2^(S − m): against the running shift in one pass when the tile's max
+            #    stays within 2^LAZY_LOG2 of it (float32), else online: rescale acc and
+            #    row_sum to the new max (the scores recomputed if the lazy pass spoiled them)
+            lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
+            in_pb = False
+            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum)):
+                if lazy:
+                    _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
+                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)

@@ -18,7 +18,7 @@ from numba.extending import intrinsic, overload
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
-from ._cpu_simd import LANES, exp2_tile16
+from ._cpu_simd import LANES, exp2_max_tile16, exp2_tile16
 from .dropout import splitmix64 as _splitmix64_py
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
@@ -380,6 +380,86 @@ def _exp2_sum_core_f32(ST, mul, sub, row_sum):
             p = _exp2_one(row[r], mul, sub[r])
             row[r] = p
             row_sum[r] += p
+
+
+# Lazy rescaling (the forward, float32, no dropout).  The running shift ``m`` need not be
+# the running maximum: ``row_sum = Σ 2^(s·c2 − m)`` and ``acc = Σ 2^(s·c2 − m)·v`` hold for
+# any ``m``, and only overflow asks for ``m`` near the maximum.  So a tile is exponentiated
+# against the shift it finds, its column maximum taken in the same pass, and the shift kept
+# when that maximum exceeds it by at most LAZY_LOG2 (P ≤ 2^LAZY_LOG2: no overflow, no
+# precision lost, floats being relative): one pass over the tile instead of two.  A row
+# whose maximum grew more (or holds NaN/+inf) sends the tile back to the exact two-pass
+# step (FlashAttention-4 rescales only past a threshold in the same way).
+LAZY_LOG2 = 8.0
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max):
+    """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` and ``tile_max[r] = max_c S`` (NaN sticky) in one pass."""
+    BK, BQ = ST.shape
+    tile_sum[:] = 0.0
+    tile_max[:] = -np.inf
+    r0 = 0
+    if ST.strides[1] == 4:
+        r0 = (BQ // LANES) * LANES
+        exp2_max_tile16(ST, mul, sub, tile_sum, tile_max, BQ // LANES)
+    for c in range(BK):
+        row = ST[c]
+        for r in range(r0, BQ):
+            s = row[r]
+            tile_max[r] = s if (s > tile_max[r] or s != s) else tile_max[r]
+            p = _exp2_one(s, mul, sub[r])
+            row[r] = p
+            tile_sum[r] += p
+
+
+def _lazy_ok(m, Pb, enabled):
+    """Whether the forward may try :func:`_lazy_softmax` on the next tile: float32 (``Pb``
+    the float32 operand, not bfloat16 bits), ``enabled`` (no dropout), and every running
+    shift finite and in the fast exponent's range (rows that have seen no key yet, or hold
+    NaN, take the exact step)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_lazy_ok, jit_options={"cache": _JIT_CACHE})
+def _lazy_ok_overload(m, Pb, enabled):
+    if m.dtype != types.float32 or Pb.dtype != types.float32:
+        return lambda m, Pb, enabled: False
+
+    def impl(m, Pb, enabled):
+        ok = enabled
+        for r in range(m.shape[0]):
+            ok &= abs(m[r]) < np.float32(1048576.0)
+        return ok
+
+    return impl
+
+
+def _lazy_softmax(ST, c2, m, tile_max, tile_sum, row_sum):
+    """The forward's one-pass softmax step against the running shift ``m`` (see LAZY_LOG2;
+    only after :func:`_lazy_ok`): True when done (``ST`` holds P, ``row_sum`` updated, ``m``
+    and the accumulator unchanged), False when the tile needs the exact step — ``ST`` was
+    overwritten then and must be recomputed; nothing else changed."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_lazy_softmax, jit_options={"cache": _JIT_CACHE})
+def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum):
+    if ST.dtype != types.float32:  # never called: _lazy_ok is False
+        return lambda ST, c2, m, tile_max, tile_sum, row_sum: False
+
+    def impl(ST, c2, m, tile_max, tile_sum, row_sum):
+        _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max)
+        ok = True
+        for r in range(m.shape[0]):
+            ok &= tile_max[r] * c2 <= m[r] + np.float32(LAZY_LOG2)  # False for NaN and +inf
+        if not ok:
+            return False
+        for r in range(m.shape[0]):
+            row_sum[r] += tile_sum[r]
+        return True
+
+    return impl
 
 
 @njit(cache=_JIT_CACHE)

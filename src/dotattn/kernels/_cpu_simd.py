@@ -133,3 +133,43 @@ def exp2_tile16(typingctx, ST, mul, sub, row_sum, nvec, add_sum):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def exp2_max_tile16(typingctx, ST, mul, sub, tile_sum, tile_max, nvec):
+    """:func:`exp2_tile16` with the sum, and ``tile_max[r] = max(tile_max[r], max_c ST[c, r])``
+    of the scores read (before they are overwritten) in the same pass: the forward's lazy
+    rescaling (:func:`._cpu_primitives._exp2_sum_max`) exponentiates against the running
+    shift and checks the tile's maximum afterwards, so the separate max pass over the tile
+    goes.  NaN is sticky in ``tile_max`` (as :func:`._cpu_primitives._col_max`): a NaN score
+    must reach the caller.
+    """
+    if not _is_f32_tile(ST):
+        return None
+    sig = types.void(ST, mul, sub, tile_sum, tile_max, nvec)
+
+    def codegen(context, builder, signature, args):
+        data, rows, row_stride = _tile_args(context, builder, signature, args)
+        mul_v = _splat(builder, context.cast(builder, args[1], signature.args[1], types.float32))
+        sub_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        sum_data = context.make_array(signature.args[3])(context, builder, args[3]).data
+        max_data = context.make_array(signature.args[4])(context, builder, args[4]).data
+        nvec_i = context.cast(builder, args[5], signature.args[5], types.intp)
+        with cgutils.for_range(builder, rows) as outer:
+            row_off = builder.mul(outer.index, row_stride)
+            with cgutils.for_range(builder, nvec_i) as inner:
+                col_bytes = builder.mul(inner.index, ir.Constant(inner.index.type, LANES * 4))
+                ptr = _vector_ptr(builder, data, builder.add(row_off, col_bytes))
+                sub_v = _load(builder, _vector_ptr(builder, sub_data, col_bytes))
+                s = _load(builder, ptr)
+                max_ptr = _vector_ptr(builder, max_data, col_bytes)
+                old = _load(builder, max_ptr)
+                take = builder.or_(builder.fcmp_ordered(">", s, old), builder.fcmp_unordered("uno", s, s))
+                _store(builder, builder.select(take, s, old), max_ptr)
+                p = _exp2_vector(builder, s, mul_v, sub_v)
+                _store(builder, p, ptr)
+                sum_ptr = _vector_ptr(builder, sum_data, col_bytes)
+                _store(builder, builder.fadd(_load(builder, sum_ptr), p), sum_ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen

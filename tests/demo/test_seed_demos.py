@@ -110,8 +110,11 @@ def test_naive_memory_grows_quadratically_dotattn_stays_small(memory_result):
     assert _peak(fig, "naive", 1024) >= 2 * 1024 * 1024 * 4
     # and grow as N²: from 512 to 1024 by at least two matrices' growth (fixed overheads cancel)
     assert _peak(fig, "naive", 1024) - _peak(fig, "naive", 512) >= 2 * (1024**2 - 512**2) * 4
-    # dotattn at 2048 holds far less than one 2048² matrix
-    assert _peak(fig, "dotattn", 2048) < 2048 * 2048 * 4 / 4
+    # dotattn at 2048 holds far less than one 2048² matrix (the naive version holds three).  Its
+    # peak is a fixed ≈ 2–4 MB of per-thread tiles plus O(N) arrays: 2.9 MB with 256×256 forward
+    # tiles, 5.0 MB with the 256×512 ones of dense float32 calls (+2.1 MB at every N from 2048
+    # to 16384, measured) — so the bound is half a matrix, 8.4 MB
+    assert _peak(fig, "dotattn", 2048) < 2048 * 2048 * 4 / 2
 
 
 def test_measure_counts_a_known_allocation():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 import dotattn
 from dotattn.kernels import _cpu_primitives as P
@@ -85,3 +86,37 @@ def test_a_nonfinite_score_in_a_later_tile_reaches_the_row(value):
         ref_out, _ = H.reference(q[:, :1], k[:, :1], v[:, :1], causal=causal)
         nai_out, _ = H.naive(q[:, :1], k[:, :1], v[:, :1], causal=causal)
         H.assert_close_to_reference(ours[:, :1], ref_out, nai_out, name="finite head")
+
+
+@njit
+def _lazy_pass(ST, c2, m, tile_sum, tile_max):
+    P._exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max)
+
+
+@njit
+def _exact_pass(ST, c2, m, row_sum):
+    P._exp2_sum_core_f32(ST, c2, m, row_sum)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 7, 512])
+def test_the_one_pass_matches_the_exact_steps_exp_and_sum(rows):
+    """The lazy pass (rows visited in pairs, 16-lane strips, a plain loop for the last
+    columns) gives the exact step's P and row sums bit for bit, and the column maximum with
+    NaN sticky and −inf ignored."""
+    rng = np.random.default_rng(rows)
+    width = 256 + 5
+    S0 = (30 * rng.standard_normal((rows, width))).astype(np.float32)
+    S0[0, 0] = -np.inf
+    S0[-1, 3] = np.nan
+    m = np.full(width, 3.0, np.float32)
+    c2 = np.float32(0.18)
+    ST, tile_sum, tile_max = S0.copy(), np.empty(width, np.float32), np.empty(width, np.float32)
+    _lazy_pass(ST, c2, m, tile_sum, tile_max)
+    ST2, row_sum = S0.copy(), np.zeros(width, np.float32)
+    _exact_pass(ST2, c2, m, row_sum)
+    H.assert_bitwise_equal(ST, ST2, "P")
+    H.assert_bitwise_equal(tile_sum, row_sum, "row sums")
+    assert np.isnan(tile_max[3])
+    expected = S0.max(axis=0)
+    keep = np.arange(width) != 3
+    H.assert_bitwise_equal(tile_max[keep], expected[keep], "column max")

@@ -271,10 +271,12 @@ class _StepThreads:
     busy, every product waits for a time slice of the descheduled thread: decoding fell from
     9 to 0.6 tok/s at load 4 with two threads, where one thread kept 9 (docs/models.md).  On
     an idle machine two threads read the weights ≈ 1.6× faster.  So units time themselves
-    and the faster mode runs: the other one is tried at unit :data:`FIRST_TRY`, then after
-    gaps growing ×4 from :data:`GAP` up to :data:`MAX_GAP` units while it stays slower, and
-    at once when a unit of the running mode takes :data:`COLLAPSE`× the one before it (load
-    arrived).  The model keeps one per kind of unit, so the first try happens once per model.
+    and the faster mode runs.  The calling thread alone is tried at unit :data:`FIRST_TRY`
+    and again only when a unit on all cores takes :data:`COLLAPSE`× the one before it (load
+    arrived): an idle machine pays for one slower unit.  While on one thread, all cores are
+    tried after gaps growing ×4 from :data:`GAP` up to :data:`MAX_GAP` units (has the load
+    gone?).  The model keeps one chooser for decode steps and one per prompt length class
+    (units of one class are comparable), so the first try happens once per model and class.
     "One thread" is set for the unit and restored after it (:func:`_one_thread`): no
     process-wide setting changes.
     """
@@ -305,7 +307,8 @@ class _StepThreads:
                 self.gap = self.GAP
             else:
                 self.gap = min(4 * self.gap, self.MAX_GAP)
-            self.next_try = self.step + self.gap
+            # on all cores, one thread is tried again only after a collapse (below)
+            self.next_try = self.step + self.gap if not self.many else -1
         elif collapsed:  # the running mode slowed down sharply: try the other at once
             self.gap = self.GAP
             self.next_try = self.step
@@ -383,7 +386,7 @@ class SmolLM:
         self._workspace: _Workspace | None = None  # the decode steps' buffers
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
         self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
-        self._layer_threads = _StepThreads()  # prompt-pass layers, timed per token
+        self._layer_threads: dict[int, _StepThreads] = {}  # prompt-pass layers, per token, by length class
 
     # ---- reading the file --------------------------------------------------------------
     @staticmethod
@@ -652,7 +655,10 @@ class SmolLM:
             return out.reshape(B, L, -1)
 
         x = self.w["embed"][ids]
-        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm), self._layer_threads)
+        # a chooser per length class (B·L tokens rounded down to a power of two): per-token
+        # layer times of a 30-token and a 4,096-token pass are not comparable
+        threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
+        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm), threads)
 
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in

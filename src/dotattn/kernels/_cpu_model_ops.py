@@ -8,8 +8,8 @@ works on rows ``[N·chunk/chunks, N·(chunk+1)/chunks)``, releasing the GIL, so
 :func:`dotattn.kernels._launch.run_chunks` runs the chunks of one step side by side.
 
 The arithmetic is float32 throughout, as in ``transformers``: sums of squares accumulate in
-float32 (vector lanes), the divisions stay divisions, and SiLU's exponential is the kernels'
-float32 ``2**x`` polynomial (relative error ≤ 2.2e-7).
+float32 (vector lanes), the divisions stay divisions, and SiLU's exponential is the attention
+kernels' float32 ``2**x`` (``_cpu_primitives._exp2_one``: relative error ≤ 2.2e-7, 0 below 2**−126).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 from ._cpu_cache import install_locator
-from ._cpu_primitives import LOG2E, _times_pow2, exp2_fraction
+from ._cpu_primitives import LOG2E, _exp2_one
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -76,17 +76,6 @@ def rope(qkv, positions, cos, sin, out, chunk, chunks):
                 dst[half + j] = x2 * c[j] + x1 * s[j]
 
 
-@njit(cache=_JIT_CACHE, inline="always", fastmath={"contract", "afn", "nsz"})
-def _exp_nonpositive(x):
-    """``e**x`` for float32 ``x ≤ 0`` (−inf and ``x < −87.3`` give 0): ``2**(x·log2 e)`` with
-    the integer part added to the exponent bits, branch-free (it vectorizes)."""
-    xc = max(x * np.float32(LOG2E), np.float32(-127.0))
-    n = np.floor(xc + np.float32(0.5))
-    e = np.int32(n)
-    p = exp2_fraction(xc - n)
-    return _times_pow2(p, e) if e > -127 else np.float32(0.0)
-
-
 @njit(cache=_JIT_CACHE, nogil=True, fastmath=_FAST, error_model="numpy")
 def swiglu(gate_up, act, chunk, chunks):
     """Rows of ``gate_up (N, 2F)`` = ``[gate | up]``: ``act (N, F) = silu(gate) · up``.
@@ -97,11 +86,11 @@ def swiglu(gate_up, act, chunk, chunks):
     """
     N, F = act.shape
     r0, r1 = _rows(N, chunk, chunks)
-    one = np.float32(1.0)
+    one, log2e, zero = np.float32(1.0), np.float32(LOG2E), np.float32(0.0)
     for i in range(r0, r1):
         gu, a = gate_up[i], act[i]
         for j in range(F):
             g = gu[j]
-            e = _exp_nonpositive(-abs(g))
+            e = _exp2_one(-abs(g), log2e, zero)  # e**−|g| = 2**(−|g|·log2 e): the kernels' exp
             num = one if g >= 0 else e
             a[j] = g * (num / (one + e)) * gu[F + j]

@@ -112,3 +112,67 @@ def test_bf16_nan_in_a_hidden_keys_value_stays_hidden(L):
     ref, _ = H.reference(q, k, clean, causal=True)
     naive, _ = H.naive(q, k, clean, causal=True)
     H.assert_close_to_reference(out[0, :, :j].astype(BFLOAT16), ref[0, :, :j], naive[0, :, :j], name="out")
+
+
+# --- the forward's tile products on AMX (kernels/_cpu_amx.py) -------------------------------
+
+HAS_AMX = cpu.amx_path()[0]
+
+
+def _check_forward(q, k, v, tiles, **options):
+    call = semantics.normalize(q, k, v, **options)
+    out, lse = cpu.forward(call, block_size=tiles)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(out.astype(BFLOAT16), ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=BFLOAT16)
+    return out
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Lq, Lk, D, Dv, tiles, options",
+    [
+        # D 64 (Q kept in tile registers), GQA, causal, lengths no multiple of the tiles
+        (4, 2, 100, 130, 64, 64, (32, 64), {"causal": True}),
+        (2, 2, 96, 64, 128, 128, (64, 32), {}),  # D 128: the 2 × 2 blocking, several key steps
+        (1, 1, 70, 90, 32, 64, (32, 32), {"kv_lengths": np.array([77])}),  # D ≠ Dv, padded keys
+        (2, 1, 64, 200, 64, 32, (32, 96), {"window": (40, 10), "softcap": 15.0}),
+    ],
+    ids=["d64-gqa-causal", "d128", "d32-dv64-kvlen", "window-softcap"],
+)
+def test_amx_tile_products_match_the_reference(Hq, Hkv, Lq, Lk, D, Dv, tiles, options):
+    q, k, v = H.random_qkv(21, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=BFLOAT16)
+    call = semantics.normalize(q, k, v, **options)
+    assert cpu.prepare(call, tiles, forward=True).options.amx == HAS_AMX  # sizes in whole 32-steps
+    _check_forward(q, k, v, tiles, **options)
+
+
+def test_amx_needs_whole_32_steps():
+    q, k, v = _inputs(3, 2, 2, 64, 64, 48)  # D 48: no whole number of 32-wide steps
+    assert not cpu.prepare(semantics.normalize(q, k, v), (32, 32), forward=True).options.amx
+    q, k, v = _inputs(3, 2, 2, 64, 64, 64)
+    assert not cpu.prepare(semantics.normalize(q, k, v), (16, 32), forward=True).options.amx
+    assert not cpu.prepare(semantics.normalize(q, k, v), (32, 32)).options.amx  # the backward's
+
+
+def test_amx_forced_off_takes_mkl_and_agrees(monkeypatch):
+    q, k, v = _inputs(6, 4, 2, 96, 160, 64)
+    tiles, options = (32, 64), {"causal": True}
+    amx = _check_forward(q, k, v, tiles, **options)
+    monkeypatch.setenv(_cpu_isa.AMX_ENV_VAR, "off")
+    assert cpu.amx_path() == (False, f"MKL's bfloat16 GEMM, AMX tiles forced off by {_cpu_isa.AMX_ENV_VAR}=off")
+    assert not cpu.prepare(semantics.normalize(q, k, v, **options), tiles, forward=True).options.amx
+    mkl = _check_forward(q, k, v, tiles, **options)
+    np.testing.assert_allclose(amx, mkl, rtol=0, atol=2e-2)  # the same bf16 P; sums in another order
+
+
+def test_amx_dropout_rounds_p_in_key_pairs():
+    """With dropout P is rounded after the mask (not in the fused pass): the key-pair rounding."""
+    q, k, v = _inputs(7, 2, 2, 64, 96, 64)
+    options = {"dropout_p": 0.3, "seed": 2}
+    out, _ = cpu.forward(semantics.normalize(q, k, v, **options), block_size=(32, 32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_cpu_isa.AMX_ENV_VAR, "off")
+        mkl, _ = cpu.forward(semantics.normalize(q, k, v, **options), block_size=(32, 32))
+    np.testing.assert_allclose(out, mkl, rtol=0, atol=2e-2)
+    assert np.abs(out).max() > 0.1

@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 
 ENV_VAR = "DOTATTN_CPU_BF16"
+AMX_ENV_VAR = "DOTATTN_CPU_AMX"
 F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
 # Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"
@@ -47,6 +48,7 @@ _f32_state: tuple[bool, str] | None = None  # float32, fixed once bound
 _mkl: tuple[object, str] | None = None  # (the CDLL or None, what / why not)
 _no_threads = None  # keeps the no-op thread setter alive where MKL is absent
 _threads_setter = None  # MKL_Set_Num_Threads_Local through ctypes (mkl_threads_here)
+_amx_permission: tuple[bool, str] | None = None
 
 
 def _cpu_features() -> set[str]:
@@ -198,3 +200,46 @@ def bf16_gemm(load: bool = True) -> tuple[bool, str]:
                 ll.add_symbol(GEMM_SYMBOL, gemm)
                 _state = (True, f"MKL cblas_gemm_bf16bf16f32 on {' + '.join(isa)} (from torch's {path.name})")
         return _state
+
+
+def _request_amx_state() -> tuple[bool, str]:
+    """Ask Linux for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``),
+    once per process; without it the first tile instruction kills the process (SIGILL)."""
+    global _amx_permission
+    if _amx_permission is None:
+        import platform
+
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+            _amx_permission = (False, "AMX tiles need Linux on x86-64")
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)
+            SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+            if libc.syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0:
+                _amx_permission = (True, "")
+            else:
+                _amx_permission = (False, f"Linux refused the AMX tile state (errno {ctypes.get_errno()})")
+    return _amx_permission
+
+
+def amx_tiles(load: bool = True) -> tuple[bool, str]:
+    """``(True, what runs)`` when the bfloat16 forward multiplies its tiles on AMX itself
+    (:mod:`._cpu_amx`), else ``(False, why not)``: MKL's bfloat16 GEMM then does.
+
+    Needs the bfloat16 path (:func:`bf16_gemm`), a CPU with ``amx-tile`` and ``amx-bf16``, the
+    OS's permission (asked here, once, with ``load``) and ``DOTATTN_CPU_AMX`` not ``off``
+    (read on every call: tests force the MKL route with it).
+    """
+    forced = os.environ.get(AMX_ENV_VAR, "").strip().lower()
+    if forced in _OFF:
+        return False, f"MKL's bfloat16 GEMM, AMX tiles forced off by {AMX_ENV_VAR}={os.environ[AMX_ENV_VAR]}"
+    on, why = bf16_gemm(load=load)
+    if not on:
+        return False, why
+    if not {"amx-tile", "amx-bf16"} <= _cpu_features():
+        return False, "MKL's bfloat16 GEMM: this CPU has no AMX tiles"
+    if load:
+        with _lock:
+            ok, why = _request_amx_state()
+        if not ok:
+            return False, f"MKL's bfloat16 GEMM: {why}"
+    return True, "AMX tile products of our own (Q·Kᵀ, P·V), MKL's bfloat16 GEMM for the backward"

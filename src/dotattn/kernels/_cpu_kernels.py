@@ -32,11 +32,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._cpu_amx import tile_config
 from ._cpu_primitives import (
     LN2,
     LOG2E,
     PARTIAL,
     SKIP,
+    _aligned_empty,
     _as_operand,
     _block_class,
     _ds_block,
@@ -52,6 +54,12 @@ from ._cpu_primitives import (
     _lazy_ok,
     _lazy_softmax,
     _mul_into,
+    _new_acc,
+    _pack_q,
+    _pv,
+    _pv_operand,
+    _qk,
+    _rescale_rows,
     _snake_chunk,
     _take_task,
     _tile_max,
@@ -258,12 +266,16 @@ def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
 
 
 @njit(cache=_JIT_CACHE)
-def _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad):
-    """``ST = K_blk · Q_blkᵀ``, through the score chain (unless simple) and the masks (PARTIAL tiles)."""
+def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg):
+    """``ST = K_blk · Q_blkᵀ``, through the score chain (unless simple) and the masks (PARTIAL tiles).
+
+    On AMX (``o.amx``, the forward only) from the packed query tile ``Qv``; elsewhere ``Qv``
+    is an empty placeholder.
+    """
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
     j0 = kb * BK
-    _gemm(Kb, Qs.T, ST, 0.0)
+    _qk(Kb, Qs, Qv, ST, o.amx, cfg)
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
@@ -276,7 +288,7 @@ def _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad):
 
 
 @njit(cache=_JIT_CACHE)
-def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse):
+def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx):
     """``P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``.
 
     Returns True when P went straight into the bfloat16 operand ``Pb`` (``fuse``: no
@@ -294,14 +306,13 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse):
         alpha = math.exp2(m[r] - mu) if m[r] > -np.inf else zero
         m[r] = m_new
         m_use[r] = mu
-        # rescale the running sum and accumulator to the new max
+        # rescale the running sum (and below the accumulator) to the new max
         row_sum[r] *= alpha
-        acc_row = acc[r]  # row views keep the short inner loops vectorized
-        for d in range(acc_row.shape[0]):
-            acc_row[d] *= alpha
+        bmax[r] = alpha  # the tile max is spent: bmax holds the rescale factors now
+    _rescale_rows(acc, bmax)
     # exponentiate against the new max and sum (one pass); the sum is before dropout.
     # bfloat16 without dropout: that pass also rounds P into the GEMM operand ``Pb``
-    if _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse):
+    if _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse, amx):
         return True
     _exp2_shifted_sum(ST, N, c2, m_use, row_sum)
     return False
@@ -351,12 +362,16 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     Dv, BQ, T = vp.shape[4], o.BQ, out.dtype
     nqb = (Lq + BQ - 1) // BQ
     c2, inv_keep = _constants(o, out)
-    Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
-    ST = np.empty((BK, BQ), dtype=T)
-    Pb = np.empty((BK, BQ), dtype=q.dtype)  # P rounded to bf16 for P·V (bf16 path only)
+    # GEMM operands in the storage dtype (bf16 bits or T), 64-byte aligned (_aligned_empty)
+    Qs = _aligned_empty(BQ, D, q)
+    Qs[:] = 0
+    Qv = _aligned_empty(D // 2 if o.amx else 0, BQ, np.empty(0, dtype=np.uint32))  # Qs packed for AMX
+    cfg = tile_config()
+    ST = _aligned_empty(BK, BQ, out)
+    Pb = _aligned_empty(BK, BQ, q)  # P rounded to bf16 for P·V (bf16 path only; key pairs on AMX)
     N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
     unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
-    acc = np.empty((BQ, Dv), dtype=T)
+    acc = _new_acc(BQ, Dv, out, q)  # bf16: transposed in memory (accᵀ += Vᵀ·P)
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
     tsum = np.empty(BQ, dtype=T)  # the tile's row sums (lazy step)
@@ -375,6 +390,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             continue
         # -- load the query tile; running max −inf, running sum and accumulator 0
         _load_rows(Qs, q, b, h, i0, nr)
+        _pack_q(Qs, Qv, o.amx)
         m[:] = -np.inf
         row_sum[:] = 0.0
         acc[:] = 0.0
@@ -383,7 +399,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             if cls == SKIP:
                 continue
             # -- scores of the tile, masked
-            _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
+            _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
             # -- P = 2^(S − m): against the running shift in one pass when the tile's max
             #    stays within 2^LAZY_LOG2 of it (float32), else online: rescale acc and
             #    row_sum to the new max (the scores recomputed if the lazy pass spoiled them)
@@ -391,13 +407,13 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             in_pb = False
             if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum)):
                 if lazy:
-                    _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
-                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0)
+                    _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
             # -- acc += P · V
-            _gemm((Pb if in_pb else _as_operand(ST, Pb)).T, vp[b, hk, kb], acc, 1.0)
+            _pv(Pb if in_pb else _pv_operand(ST, Pb, o.amx), vp[b, hk, kb], acc, o.amx, cfg)
         # -- normalize
         _write_rows(out, lse, acc, m, row_sum, b, h, i0, nrows, nr)
     _gemm_threads_end(q, threads)
@@ -444,6 +460,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
     threads = _gemm_threads_begin(q)
     for t in range(B * Hkv * nkb):
         if _snake_chunk(t, nchunks) != chunk:
@@ -468,7 +485,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
                 #    without dropout or chain rule: straight into the operand Pb, rounded
-                _scores(ST, Qs, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g)
+                _scores(ST, Qs, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
                 in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _gemm(Vb, dOs.T, dPT, 0.0)
@@ -525,6 +542,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
     unused = np.empty((1, 1), dtype=T)
     lse2 = np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -543,7 +561,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             if cls == SKIP:
                 continue
             # -- P = 2^(S − lse), written out
-            _scores(ST, Qs, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False)
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
             _exp2_shifted(ST, N, c2, lse2)
             j0 = kb * BK
             ncols = min(BK, o.Lk - j0)

@@ -49,6 +49,7 @@ class Options(NamedTuple):
     dropout_geom: np.ndarray  # int64 (h0, row0, col0, Hq, Lq, Lk): the full problem's dropout counters
     bm: np.ndarray  # (Bm, Hm, nqb, nkb) int8 classes of the user's block mask
     bm_on: bool
+    amx: bool = False  # bfloat16 forward: tile products on AMX (_cpu_amx), P in key pairs, accᵀ
 
 
 def flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:

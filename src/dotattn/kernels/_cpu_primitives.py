@@ -15,6 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import _cpu_amx
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
@@ -674,25 +675,199 @@ def _col_max_bf16(ST, out):
     _col_max_body(ST, out)
 
 
-def _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse):
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_sum_bf16_pairs(ST, Pb, mul, sub, row_sum):
+    """:func:`_exp2_sum_bf16` writing P in key pairs for the AMX product (``_cpu_amx.values``):
+    as uint32, ``Pb[c//2, r] = bf16(P[c, r]) | bf16(P[c+1, r]) << 16`` — two score rows a
+    step, widened and or-ed, no shuffle.  BK even."""
+    _wide_vectors()
+    BK, BQ = ST.shape
+    P32 = Pb.reshape(BK * BQ).view(np.uint32)
+    for c in range(0, BK, 2):
+        row0 = ST[c]
+        row1 = ST[c + 1]
+        prow = P32[(c // 2) * BQ : (c // 2 + 1) * BQ]
+        for r in range(BQ):
+            p0 = _exp2_bf16_grade(row0[r] * mul - sub[r])
+            p1 = _exp2_bf16_grade(row1[r] * mul - sub[r])
+            row_sum[r] += p0 + p1
+            prow[r] = np.uint32(_to_bf16(p0)) | (np.uint32(_to_bf16(p1)) << np.uint32(16))
+
+
+@njit(cache=_JIT_CACHE)
+def _round_to_bf16_pairs(ST, Pb):
+    """float32 ``ST`` rounded to bfloat16 into ``Pb`` in key pairs (see :func:`_exp2_sum_bf16_pairs`)."""
+    _wide_vectors()
+    BK, BQ = ST.shape
+    P32 = Pb.reshape(BK * BQ).view(np.uint32)
+    for c in range(0, BK, 2):
+        row0 = ST[c]
+        row1 = ST[c + 1]
+        prow = P32[(c // 2) * BQ : (c // 2 + 1) * BQ]
+        for r in range(BQ):
+            prow[r] = np.uint32(_to_bf16(row0[r])) | (np.uint32(_to_bf16(row1[r])) << np.uint32(16))
+
+
+# =================================================================================
+# the bfloat16 forward's tile products on AMX (_cpu_amx): which route, operand layouts
+# =================================================================================
+
+
+@njit(cache=_JIT_CACHE)
+def _aligned_empty(rows, cols, like):
+    """An uninitialized C-ordered ``(rows, cols)`` array of ``like``'s dtype at a 64-byte
+    boundary: a tile row (64 bytes) split over two cache lines ran the AMX score product
+    1.7× slower, and MKL's times moved by as much with the buffers' alignment."""
+    n = rows * cols
+    buf = np.empty(n + 64, dtype=like.dtype)
+    skip = (-buf.ctypes.data) % 64 // buf.itemsize
+    return buf[skip : skip + n].reshape((rows, cols))
+
+
+def _new_acc(BQ, Dv, T, like):
+    """The forward's accumulator, ``(BQ, Dv)`` in ``T``'s dtype; for bfloat16 operands
+    (``like`` uint16) kept transposed in memory (an F-ordered view of ``(Dv, BQ)``): the
+    products compute ``accᵀ += Vᵀ·P``, whose B operand (P) the softmax writes as it lies."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_new_acc, jit_options={"cache": _JIT_CACHE})
+def _new_acc_overload(BQ, Dv, T, like):
+    if like.dtype == types.uint16:
+        return lambda BQ, Dv, T, like: _aligned_empty(Dv, BQ, T).T
+    return lambda BQ, Dv, T, like: np.empty((BQ, Dv), dtype=T.dtype)
+
+
+def _rescale_rows(acc, alpha):
+    """``acc[r, :] *= alpha[r]``, vectorized along the accumulator's contiguous axis."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_rescale_rows, jit_options={"cache": _JIT_CACHE})
+def _rescale_rows_overload(acc, alpha):
+    if acc.layout == "F":
+
+        def impl_t(acc, alpha):
+            accT = acc.T
+            for d in range(accT.shape[0]):
+                row = accT[d]
+                for r in range(row.shape[0]):
+                    row[r] *= alpha[r]
+
+        return impl_t
+
+    def impl(acc, alpha):
+        for r in range(acc.shape[0]):
+            acc_row = acc[r]  # row views keep the short inner loops vectorized
+            a = alpha[r]
+            for d in range(acc_row.shape[0]):
+                acc_row[d] *= a
+
+    return impl
+
+
+def _pack_q(Qs, Qv, amx):
+    """The query tile as the AMX score product's B operand (``_cpu_amx.pack_q``), when ``amx``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_pack_q, jit_options={"cache": _JIT_CACHE})
+def _pack_q_overload(Qs, Qv, amx):
+    if Qs.dtype == types.uint16:
+
+        def impl(Qs, Qv, amx):
+            if amx:
+                _cpu_amx.pack_q(Qs, Qv)
+
+        return impl
+    return lambda Qs, Qv, amx: None
+
+
+def _qk(Kb, Qs, Qv, ST, amx, cfg):
+    """``ST = Kb · Qsᵀ``: on AMX from the packed ``Qv`` (``amx``), else by :func:`_gemm`."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_qk, jit_options={"cache": _JIT_CACHE})
+def _qk_overload(Kb, Qs, Qv, ST, amx, cfg):
+    if Kb.dtype == types.uint16:
+
+        def impl(Kb, Qs, Qv, ST, amx, cfg):
+            if amx:
+                BK, D = Kb.shape
+                _cpu_amx.scores(Kb.ctypes.data, Kb.strides[0], BK, D, Qv.ctypes.data, ST.shape[1], ST.ctypes.data, ST.strides[0], cfg)
+            else:
+                _gemm(Kb, Qs.T, ST, 0.0)
+
+        return impl
+    return lambda Kb, Qs, Qv, ST, amx, cfg: _gemm(Kb, Qs.T, ST, 0.0)
+
+
+def _pv(P, Vb, acc, amx, cfg):
+    """``acc += P · Vb`` with ``P`` given transposed, ``(BK, BQ)`` — for bfloat16 operands in
+    key pairs (``amx``: ``_cpu_amx.values``) or plain (MKL, ``accᵀ += Vᵀ·Pᵀ``)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_pv, jit_options={"cache": _JIT_CACHE})
+def _pv_overload(P, Vb, acc, amx, cfg):
+    if P.dtype == types.uint16:
+
+        def impl(P, Vb, acc, amx, cfg):
+            accT = acc.T
+            VT = Vb.T
+            if amx:
+                _cpu_amx.values(VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, P.shape[1], accT.ctypes.data, accT.strides[0], cfg)
+            else:
+                _gemm(VT, P, accT, 1.0)
+
+        return impl
+    return lambda P, Vb, acc, amx, cfg: _gemm(P.T, Vb, acc, 1.0)
+
+
+def _pv_operand(ST, Pb, amx):
+    """P (float32 in ``ST``) as :func:`_pv`'s operand: ``ST`` itself, or rounded to bfloat16 into ``Pb`` (in key pairs with ``amx``)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_pv_operand, jit_options={"cache": _JIT_CACHE})
+def _pv_operand_overload(ST, Pb, amx):
+    if Pb.dtype == types.uint16:
+
+        def impl(ST, Pb, amx):
+            if amx:
+                _round_to_bf16_pairs(ST, Pb)
+            else:
+                _round_to_bf16(ST, Pb)
+            return Pb
+
+        return impl
+    return lambda ST, Pb, amx: _as_operand(ST, Pb)
+
+
+def _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse, amx):
     """The forward's ``P = 2^(S·c2 − m_use)`` and ``row_sum += Σ P`` straight into the bfloat16
-    operand ``Pb`` (``fuse``: no dropout to apply first; shifts in range): True when done,
+    operand ``Pb`` (``fuse``: no dropout to apply first; shifts in range; in key pairs with
+    ``amx``): True when done,
     False (nothing done) for every other case, which :func:`_exp2_shifted_sum` then takes."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_exp2_sum_operand, jit_options={"cache": _JIT_CACHE})
-def _exp2_sum_operand_overload(ST, c2, m_use, row_sum, Pb, fuse):
+def _exp2_sum_operand_overload(ST, c2, m_use, row_sum, Pb, fuse, amx):
     if Pb.dtype == types.uint16:
 
-        def impl_bf16(ST, c2, m_use, row_sum, Pb, fuse):
+        def impl_bf16(ST, c2, m_use, row_sum, Pb, fuse, amx):
             if fuse and _shift_ok(m_use):
-                _exp2_sum_bf16(ST, Pb, c2, m_use, row_sum)
+                if amx:
+                    _exp2_sum_bf16_pairs(ST, Pb, c2, m_use, row_sum)
+                else:
+                    _exp2_sum_bf16(ST, Pb, c2, m_use, row_sum)
                 return True
             return False
 
         return impl_bf16
-    return lambda ST, c2, m_use, row_sum, Pb, fuse: False
+    return lambda ST, c2, m_use, row_sum, Pb, fuse, amx: False
 
 
 def _exp2_operand(ST, N, c2, lse2, Pb, fuse):

@@ -401,23 +401,38 @@ def _num_threads() -> int:
 # =================================================================================
 
 
-def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
+def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False) -> np.ndarray:
     """(B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each real length.
 
     A view when the input already is contiguous in ``dtype`` with ``Lk`` a multiple of BK and
     no padding to clear; otherwise one copy (padding may hold NaN and must read as zeros).
+    bfloat16 blocks start at 64-byte boundaries (the AMX tile loads: ``_cpu_amx``), copied
+    there if need be.  ``transposed``: each block lies transposed in memory, ``(X, BK)``
+    (returned as the transposed view, still indexed ``(…, BK, X)``): the bfloat16 forward's Vᵀ.
     """
     B, H, L, X = x.shape
     nkb = -(-L // BK)
+    aligned = dtype != BFLOAT16 or x.ctypes.data % 64 == 0
+    if transposed:
+        packed = _zeros_aligned((B, H, nkb, X, BK), dtype)
+        for b in range(B):
+            n = L if kv_lengths is None else int(kv_lengths[b])
+            full, rest = divmod(n, BK)
+            if full:
+                packed[b, :, :full] = x[b, :, : full * BK].reshape(H, full, BK, X).swapaxes(2, 3)
+            if rest:
+                packed[b, :, full, :, :rest] = x[b, :, full * BK : n].swapaxes(1, 2)
+        return packed.swapaxes(3, 4)
     if (
-        L % BK == 0
+        aligned
+        and L % BK == 0
         and x.dtype == dtype
         and x.flags.c_contiguous
         and x.flags.writeable
         and (kv_lengths is None or bool(np.all(kv_lengths == L)))
     ):
         return x.reshape(B, H, nkb, BK, X)
-    packed = np.zeros((B, H, nkb * BK, X), dtype=dtype)
+    packed = _zeros_aligned((B, H, nkb * BK, X), dtype)
     if kv_lengths is None:
         packed[:, :, :L] = x
     else:
@@ -425,6 +440,27 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
             n = int(kv_lengths[b])
             packed[b, :, :n] = x[b, :, :n]
     return packed.reshape(B, H, nkb, BK, X)
+
+
+def _zeros_aligned(shape, dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` starting at a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.zeros(n * dtype.itemsize + 64, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def amx_path() -> tuple[bool, str]:
+    """``(True, what runs)`` when the bfloat16 forward multiplies its tiles on AMX (``_cpu_amx``), else ``(False, why not)``."""
+    from ._cpu_isa import amx_tiles
+
+    return amx_tiles()
+
+
+# The AMX tile products take whole 32-wide steps (rows, keys, head dims); other shapes
+# take MKL's bfloat16 GEMM.
+AMX_QUANTUM = 32
 
 
 def storage_dtype(call: AttentionCall) -> np.dtype:
@@ -531,8 +567,13 @@ def fit_block(BQ: int, BK: int, Lq: int, Lk: int) -> tuple[int, int]:
     return fit(BQ, Lq), fit(BK, Lk)
 
 
-def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> Prepared:
-    """Everything the kernels need for ``call``, without any ``Lq × Lk`` array."""
+def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None, forward: bool = False) -> Prepared:
+    """Everything the kernels need for ``call``, without any ``Lq × Lk`` array.
+
+    ``forward``: for the forward kernel — bfloat16 operands then get V transposed (``accᵀ +=
+    Vᵀ·P``) and, where :func:`amx_path` allows and the sizes are whole AMX steps, the AMX
+    tile products (``Options.amx``).
+    """
     score_mod, mask_mod, bm = user_mods(call)
     T = call.compute_dtype
     if bm is not None:
@@ -551,7 +592,13 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         _bind_f32_gemm()
     q = as_kernel_operand(_contiguous(call.q, S))
     kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
-    vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S))
+    v_transposed = forward and S == BFLOAT16
+    vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S, transposed=v_transposed))
+    amx = (
+        v_transposed
+        and all(n % AMX_QUANTUM == 0 for n in (BQ, BK, call.D, call.Dv))
+        and amx_path()[0]
+    )
     q_lens = (
         np.full(B, call.Lq, dtype=np.int64)
         if call.q_lengths is None
@@ -608,6 +655,7 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None) -> P
         dropout_geom=np.array(call.dropout_geometry, dtype=np.int64),
         bm=np.zeros((1, 1, 1, 1), dtype=np.int8) if bm is None else np.ascontiguousarray(bm.classes),
         bm_on=bm is not None,
+        amx=bool(amx),
     )
     return Prepared(kernels=kernels_for(score_mod, mask_mod), T=T, q=q, kp=kp, vp=vp, options=options)
 
@@ -672,7 +720,7 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype."""
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
-    p = prepare(call, block_size)
+    p = prepare(call, block_size, forward=True)
     if not call.extras and not _all_finite(p.vp):
         return _numpy_backend().forward(call)
     return _run_forward(call, p)
@@ -780,13 +828,15 @@ class CpuBackend:
 
     @property
     def description(self) -> str:
-        from ._cpu_isa import bf16_gemm, f32_gemm
+        from ._cpu_isa import amx_tiles, bf16_gemm, f32_gemm
 
         on, what = bf16_gemm(load=False)
+        amx_on, amx_what = amx_tiles(load=False)
         return (
             "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity); "
             f"float32 tiles: {f32_gemm(load=False)[1]}; "
-            f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}; "
+            f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}"
+            f"{'; bfloat16 forward: ' + amx_what if on else ''}; "
             + cpu_small.RULE
         )
 

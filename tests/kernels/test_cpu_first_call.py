@@ -116,7 +116,8 @@ import json
 from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels, cpu
 
 cpu.precompile(("float32", "bfloat16"))
-entries = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
+entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forward_grouped,
+           "backward": _cpu_kernels.backward,
            "backward, one chunk": _cpu_kernels._backward_chunk, "weights": _cpu_kernels.weights,
            "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
            "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,

@@ -58,6 +58,10 @@ SPARSE_BLOCK_SIZE = (64, 128)
 # diagonal tiles mask twice the keys), so they keep the default (value dims ≤ 64 only).
 DENSE_F32_FORWARD_BLOCK_SIZE = (256, 512)
 
+# float32 GQA causal forwards (the grouped kernel; per-head tiles, G·BQ rows per GEMM):
+# SmolLM's prompt pass (Hq 9, Hkv 3, L 512, D 64) — see docs/performance.md.
+GROUPED_CAUSAL_F32_BLOCK_SIZE = (128, 128)
+
 _KERNEL_MODULE = "dotattn.kernels._cpu_kernels"
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.py")
 _user_kernels: dict[tuple[Any, Any], types.ModuleType] = {}
@@ -716,14 +720,45 @@ def _numpy_backend():
 # =================================================================================
 
 
-def forward(call: AttentionCall, block_size: tuple[int, int] | None = None):
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype."""
+def forward(call: AttentionCall, block_size: tuple[int, int] | None = None, grouped: bool | None = None):
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
+
+    ``grouped``: run the GQA kernel that stacks a group's query heads (True; only where
+    :func:`_grouped_f32` allows it) or the per-head one (False); None decides by that rule.
+    ``block_size`` is per head either way.
+    """
+    if grouped is None:
+        grouped = _grouped_f32(call)
+    elif grouped and not _grouped_f32(call):
+        raise ValueError("grouped=True needs a call that _grouped_f32 accepts")
+    if block_size is None and grouped:
+        block_size = GROUPED_CAUSAL_F32_BLOCK_SIZE
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
     p = prepare(call, block_size, forward=True)
     if not call.extras and not _all_finite(p.vp):
         return _numpy_backend().forward(call)
-    return _run_forward(call, p)
+    return _run_forward(call, p, grouped)
+
+
+def _grouped_f32(call: AttentionCall) -> bool:
+    """A float32 GQA/MQA causal call whose scores need no chain and whose masks are intervals
+    per query row: :func:`_cpu_kernels.forward_grouped` takes it (its docstring says why)."""
+    return (
+        call.group > 1
+        and call.causal is not None
+        and call.window is None
+        and call.q_segment_ids is None
+        and call.mask is None
+        and call.bias is None
+        and call.alibi_slopes is None
+        and call.softcap is None
+        and call.scale > 0.0
+        and call.dropout_p == 0.0
+        and not call.extras
+        and call.block is None
+        and storage_dtype(call) == np.float32
+    )
 
 
 def _dense_f32(call: AttentionCall) -> bool:
@@ -739,12 +774,13 @@ def _dense_f32(call: AttentionCall) -> bool:
     )
 
 
-def _run_forward(call: AttentionCall, p: Prepared):
+def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False):
     """The forward kernel itself, whatever the inputs hold (tests check which tiles it reads)."""
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
-    with _kernel_launch(p.kernels, "forward", call.dtype):
-        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+    kernel = "forward_grouped" if grouped else "forward"
+    with _kernel_launch(p.kernels, kernel, call.dtype):
+        getattr(p.kernels, kernel)(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
     return out, lse
 
 
@@ -899,7 +935,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     general kernels, a forward of the small-call kernel (``cpu_small``: the first call of most
     programs is small) and a decode step (``cpu_decode``) cover them.  The backward runs twice:
     as the prange kernel and as its one chunk called directly (what small backward passes
-    run).  The float32 row also compiles the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
+    run).  The float32 row also compiles the grouped GQA forward and the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
     read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
@@ -927,6 +963,9 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
                   lambda: backward(call, results["out"], results["lse"], results["out"], serial=serial))
         timed(f"weights {name}", lambda: weights(call, results["lse"]))
         timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
+        if name == "float32":  # GQA causal: the grouped forward (float32 storage only)
+            gqa = semantics.normalize(q, q[:, :1], q[:, :1], causal=True)
+            timed("grouped forward float32", lambda: forward(gqa, grouped=True))
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":

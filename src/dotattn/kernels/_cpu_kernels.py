@@ -459,10 +459,11 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
     R = G * BQ  # rows of a task: query head h0 + g holds rows g·BQ … (g+1)·BQ − 1
     nqb = (Lq + BQ - 1) // BQ
     c2, _ = _constants(o, out)
-    Qs = np.zeros((R, D), dtype=q.dtype)
-    ST = np.empty((BK, R), dtype=T)
+    Qs = _aligned_empty(R, D, q)  # 64-byte aligned, as the per-head forward's
+    Qs[:] = 0
+    ST = _aligned_empty(BK, R, out)
     N = np.empty((BK, R), dtype=np.int32)
-    acc = np.empty((R, Dv), dtype=T)
+    acc = _aligned_empty(R, Dv, out)
     m, m_use = np.empty(R, dtype=T), np.empty(R, dtype=T)
     bmax, row_sum, tsum = np.empty(R, dtype=T), np.empty(R, dtype=T), np.empty(R, dtype=T)
     lo, hi = np.empty(R, dtype=np.int64), np.empty(R, dtype=np.int64)
@@ -501,7 +502,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
                     _gemm(Kb, Qs.T, ST, 0.0)
                     if cls == PARTIAL:
                         _select_intervals(ST, lo, hi)
-                _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False)
+                _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False, False)
             _gemm(ST.T, vp[b, hk, kb], acc, 1.0)
         for g in range(G):
             rows = slice(g * BQ, (g + 1) * BQ)

@@ -34,6 +34,12 @@ CASES = [
     # R = G·Lq = 40 folded query rows per K/V head (a chunked-prefill shape)
     ("f32-contig-R40", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, max_len=700), {}),
     ("f32-paged-ps16-R40-window", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, page_size=16), dict(window=(50, None))),
+    # head dims of several 16-lane pieces (the cpu kernel's vector loops): SmolLM2's shape on
+    # 256-token pages; D 128 with Dv 80 (five pieces: a group of four and one) and R = 5 rows
+    ("f32-paged-ps256-smollm", dict(B=2, Hq=9, Hkv=3, D=64, page_size=256, max_len=700), {}),
+    ("bf16-contig-d128-dv80-r5", dict(dtype=H.DTYPES[1], q_dtype=np.float32, Hq=5, Hkv=1, D=128, Dv=80, max_len=600), {}),
+    ("f16-paged-ps64-d48-L2-window", dict(dtype=np.float16, Hq=6, Hkv=2, D=48, Lq=2, Lnew=2, page_size=64, max_len=600),
+     dict(window=(100, None), softcap=5.0)),
 ]
 
 

@@ -10,13 +10,14 @@ rows, so each K/V row is read once); items run on all cores; then the parts of e
 an item depends on the batch, the capacity or the page layout, hence bitwise invariance.
 
 The cache is read in place through a flat 1-D view plus element strides (page, head, slot).
-Float caches go to BLAS: a chunk of consecutive rows in place, other chunks gathered into
-one contiguous block first — a GEMM streams the block at memory speed, where the earlier
-key-by-key dot products spent 85–100 ns per key.  16-bit caches are read key row by key row,
-each row converted into an L1 buffer (bfloat16: a shift; float16: an LLVM fpext that
-vectorizes to vcvtph2ps) and used there for all the group's query rows: converting a whole
-chunk into a float32 block for BLAS moved every byte three more times and read 16-bit caches
-no faster than float32 ones.  Only positions below each sequence's length are read.
+float32 calls whose head dims are whole 16-lane pieces (SmolLM2's 64, the common 128) run the
+chunk as 16-lane loops written in LLVM IR (section below): S = Q·Kᵀ 16 keys at a time,
+P·V with register accumulators, 16-bit rows widened in registers, rows found through the
+chunk's row offsets (any layout, same bits) and asked for ahead of use.  Otherwise float
+caches go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
+contiguous block first) — also for float32 calls with more than SIMD_MAX_ROWS_FLOAT folded
+rows, where a register-blocked GEMM wins — and 16-bit caches are read key row by key row,
+each row converted into an L1 buffer.  Only positions below each sequence's length are read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
@@ -40,6 +42,9 @@ LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
+# the 16-lane scores loop asks for the key rows PREFETCH_K_AHEAD blocks of 16 ahead (llvm.prefetch
+# locality: 3 = L1, 2 = L2, 0 = not at all) and for the block's value rows (into L2)
+PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 
 
 # =================================================================================
@@ -87,12 +92,303 @@ def _prefetch(typingctx, arr, index):
     return sig, codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, counter, value):
+    """``counter[0] += value`` atomically; returns the value before (``atomicrmw add``)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter, value)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        v = context.cast(builder, args[1], signature.args[1], types.int64)
+        return builder.atomic_rmw("add", ary.data, v, "monotonic")
+
+    return sig, codegen
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def _prefetch_row(flat, st, table, b, hk, pg, slot, width):
     """Start loading the cache row at (page ``pg``, ``slot``) of K/V head ``hk``."""
     u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
     for line in range(0, width, 64 // flat.itemsize):  # one hint per 64-byte line
         _prefetch(flat, u + np.uint64(line))
+
+
+# =================================================================================
+# 16-lane loops written as LLVM IR: scores and P·V of a chunk read through row offsets
+# =================================================================================
+#
+# A decode chunk is small work on a stream of rows: R (the folded GQA group, 3 for SmolLM2,
+# 4 for the issue's shape) query rows against ≤ SPLIT key rows.  BLAS's small-matrix GEMM
+# spent ≈ 34 ns per (key, head) at SmolLM's shape on data already in L2 — as long as reading
+# the rows from DRAM — and the row-by-row Numba loops of 16-bit caches were compute-bound
+# (59–69 ns per key).  Numba's LLVM vectorizes plain loops with 8 lanes only (_cpu_simd.py),
+# so these two loops are written with <16 x float> vectors:
+#
+# * scores, 16 keys at a time: per query row, one vector accumulator per key (Σ over D in
+#   16-lane pieces, FMAs in order), then the 16 accumulators are summed across lanes in one
+#   transposing tree (15 adds, 30 two-source shuffles), giving the 16 keys' scores as one
+#   vector; 16-bit rows are widened in registers (float16: fpext; bfloat16: a shift);
+# * P·V, four query rows × four 16-lane pieces of the output at a time, accumulators in
+#   registers, every key's weight broadcast (p = 0 included: the caller checks the output
+#   and redoes a chunk whose output is not finite key by key, skipping p = 0 — the NaN
+#   policy of the BLAS route).
+#
+# Rows are found through a per-chunk array of element offsets (one per key, computed from the
+# page table), so every layout — contiguous, paged, "blhd" — runs the same arithmetic on the
+# same values: the same bits wherever the sequence sits.
+
+_LANES = 16
+_IRF = ir.FloatType()
+_IRI16 = ir.IntType(16)
+_IRI32 = ir.IntType(32)
+_IRI64 = ir.IntType(64)
+_V16F = ir.VectorType(_IRF, _LANES)
+_V16H = ir.VectorType(ir.HalfType(), _LANES)
+_V16I16 = ir.VectorType(_IRI16, _LANES)
+_V16I32 = ir.VectorType(_IRI32, _LANES)
+
+
+def _ir_i64(context, builder, value, typ):
+    return context.cast(builder, value, typ, types.int64)
+
+
+def _ir_vec_load(builder, data, index, variant):
+    """The 16 elements at ``data[index:]`` as <16 x float> (``variant``: "f32", "bf16", "f16")."""
+    if variant == "f32":
+        ptr = builder.bitcast(builder.gep(data, [index]), _V16F.as_pointer())
+        return builder.load(ptr, align=4)
+    ptr = builder.bitcast(builder.gep(data, [index]), _V16I16.as_pointer())
+    raw = builder.load(ptr, align=2)
+    if variant == "f16":
+        return builder.fpext(builder.bitcast(raw, _V16H), _V16F)
+    wide = builder.shl(builder.zext(raw, _V16I32), ir.Constant(_V16I32, [16] * _LANES))
+    return builder.bitcast(wide, _V16F)
+
+
+def _ir_fma(builder):
+    return builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F] * 3))
+
+
+def _ir_splat(builder, value):
+    undef = ir.Constant(_V16F, ir.Undefined)
+    first = builder.insert_element(undef, value, ir.Constant(_IRI32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(_V16I32, [0] * _LANES))
+
+
+def _ir_lane_sums(builder, vecs):
+    """``[Σ lanes of vecs[k] for k < 16]`` as one vector (lane k ← vecs[k]): a transposing tree —
+    each level adds the two halves of every lane group of a pair of vectors, halving the groups."""
+    labels = [[k] * _LANES for k in range(len(vecs))]
+    vecs = list(vecs)
+    g = _LANES
+    while g > 1:
+        half = g // 2
+        first = [gi * g + j for gi in range(_LANES // g) for j in range(half)]
+        second = [gi * g + half + j for gi in range(_LANES // g) for j in range(half)]
+        nv, nl = [], []
+        for i in range(0, len(vecs), 2):
+            a, b = vecs[i], vecs[i + 1]
+            xi = first + [_LANES + j for j in first]
+            yi = second + [_LANES + j for j in second]
+            x = builder.shuffle_vector(a, b, ir.Constant(_V16I32, xi))
+            y = builder.shuffle_vector(a, b, ir.Constant(_V16I32, yi))
+            nv.append(builder.fadd(x, y))
+            la, lb = labels[i], labels[i + 1]
+            nl.append([la[j] for j in first] + [lb[j] for j in first])
+        vecs, labels = nv, nl
+        g = half
+    (last,), (lab,) = vecs, labels
+    order = [lab.index(k) for k in range(_LANES)]
+    return builder.shuffle_vector(last, ir.Constant(_V16F, ir.Undefined), ir.Constant(_V16I32, order))
+
+
+def _ir_variants(context, builder, flat_type, kind, emit):
+    """Run ``emit(variant)`` for the cache's element type: float32, or (a runtime branch on the
+    kind) bfloat16 / float16 bits."""
+    if flat_type.dtype == types.float32:
+        emit("f32")
+        return
+    is_f16 = builder.icmp_signed("==", kind, ir.Constant(_IRI64, KIND_F16))
+    with builder.if_else(is_f16) as (then, otherwise):
+        with then:
+            emit("f16")
+        with otherwise:
+            emit("bf16")
+
+
+def _simd_types_ok(q, flat, offs, out):
+    return (
+        isinstance(q, types.Array) and q.dtype == types.float32 and q.ndim == 1
+        and isinstance(flat, types.Array) and flat.ndim == 1 and flat.dtype in (types.float32, types.uint16)
+        and isinstance(offs, types.Array) and offs.dtype == types.int64
+        and isinstance(out, types.Array) and out.dtype == types.float32
+    )
+
+
+def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
+    """Ask for the cache lines of the rows at ``data[base:base + width]`` (``llvm.prefetch``: a
+    hint that never faults)."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+        ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
+    per_line = ir.Constant(_IRI64, 64 // itemsize)
+    lines = builder.sdiv(builder.add(width, ir.Constant(_IRI64, 64 // itemsize - 1)), per_line)
+    with cgutils.for_range(builder, lines) as line:
+        step = builder.mul(line.index, per_line)
+        for base in bases:
+            ptr = builder.bitcast(builder.gep(data, [builder.add(base, step)]), i8p)
+            builder.call(fn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
+
+
+@intrinsic
+def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf):
+    """``s[r·ns + t] = q[r·D : (r+1)·D] · row(offs[t])`` for ``r < R``, ``t < ceil16(n)`` (keys
+    past ``n`` repeat key ``n − 1``: ``ns`` ≥ ceil16(n) pads each score row), ``D % 16 == 0``.
+
+    While a block of 16 keys is used, the next block's key rows are asked for (into L1) and
+    the block's value rows (``vflat`` at ``voffs``, ``Dv`` wide, into L2) for the P·V pass
+    that follows: a chunk read from DRAM then streams with the compute instead of after it.
+    16-bit rows are widened once per block into ``buf`` (float32, ≥ 16·D, L1) and the R
+    query rows read them there, rather than widening each row once per query row.
+    """
+    if not _simd_types_ok(q, flat, offs, s) or vflat != flat or voffs != offs or buf != q:
+        return None
+    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        qd = context.make_array(at[0])(context, builder, args[0]).data
+        fd = context.make_array(at[3])(context, builder, args[3]).data
+        od = context.make_array(at[5])(context, builder, args[5]).data
+        sd = context.make_array(at[7])(context, builder, args[7]).data
+        vfd = context.make_array(at[9])(context, builder, args[9]).data
+        vod = context.make_array(at[10])(context, builder, args[10]).data
+        bufd = context.make_array(at[12])(context, builder, args[12]).data
+        itemsize = 4 if at[3].dtype == types.float32 else 2
+        R_, D_, kind_, n_, ns_, Dv_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11))
+        c16 = ir.Constant(_IRI64, _LANES)
+        nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
+        nvec = builder.sdiv(D_, c16)
+        last = builder.sub(n_, ir.Constant(_IRI64, 1))
+        fma = _ir_fma(builder)
+        accs = [cgutils.alloca_once(builder, _V16F) for _ in range(_LANES)]
+        zero = ir.Constant(_V16F, [0.0] * _LANES)
+
+        def emit(variant):
+            with cgutils.for_range(builder, nblk) as blk:
+                t0 = builder.mul(blk.index, c16)
+                bases, ahead, vbases = [], [], []
+                for k in range(_LANES):
+                    t = builder.add(t0, ir.Constant(_IRI64, k))
+                    t = builder.select(builder.icmp_signed("<", t, n_), t, last)
+                    bases.append(builder.load(builder.gep(od, [t])))
+                    vbases.append(builder.load(builder.gep(vod, [t])))
+                    t = builder.add(t0, ir.Constant(_IRI64, _LANES * PREFETCH_K_AHEAD + k))
+                    t = builder.select(builder.icmp_signed("<", t, n_), t, last)
+                    ahead.append(builder.load(builder.gep(od, [t])))
+                if PREFETCH_K_LOCALITY:
+                    _ir_prefetch_rows(builder, fd, ahead, D_, itemsize, PREFETCH_K_LOCALITY)
+                if PREFETCH_V:
+                    _ir_prefetch_rows(builder, vfd, vbases, Dv_, itemsize, 2)
+                rows_data, rows_at = fd, bases
+                if variant != "f32":  # widen the block's 16 rows once into buf
+                    rows_data = bufd
+                    rows_at = [builder.mul(ir.Constant(_IRI64, k), D_) for k in range(_LANES)]
+                    with cgutils.for_range(builder, nvec) as piece:
+                        d0 = builder.mul(piece.index, c16)
+                        for k in range(_LANES):
+                            wide = _ir_vec_load(builder, fd, builder.add(bases[k], d0), variant)
+                            dst = builder.gep(bufd, [builder.add(rows_at[k], d0)])
+                            builder.store(wide, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                with cgutils.for_range(builder, R_) as row:
+                    for a in accs:
+                        builder.store(zero, a)
+                    qrow = builder.mul(row.index, D_)
+                    with cgutils.for_range(builder, nvec) as piece:
+                        d0 = builder.mul(piece.index, c16)
+                        qv = _ir_vec_load(builder, qd, builder.add(qrow, d0), "f32")
+                        for k in range(_LANES):
+                            kv = _ir_vec_load(builder, rows_data, builder.add(rows_at[k], d0), "f32")
+                            builder.store(builder.call(fma, [qv, kv, builder.load(accs[k])]), accs[k])
+                    total = _ir_lane_sums(builder, [builder.load(a) for a in accs])
+                    dst = builder.add(builder.mul(row.index, ns_), t0)
+                    builder.store(total, builder.bitcast(builder.gep(sd, [dst]), _V16F.as_pointer()), align=4)
+
+        _ir_variants(context, builder, at[3], kind_, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o):
+    """``o[r·Dv + d] = Σ_{t<n} p[r·ns + t] · row(offs[t])[d]`` for ``r < R``, ``Dv % 16 == 0``
+    (``o`` overwritten; every weight used, p = 0 included)."""
+    if not _simd_types_ok(p, flat, offs, o):
+        return None
+    sig = types.void(p, ns, R, n, flat, kind, offs, Dv, o)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        pd = context.make_array(at[0])(context, builder, args[0]).data
+        fd = context.make_array(at[4])(context, builder, args[4]).data
+        od = context.make_array(at[6])(context, builder, args[6]).data
+        outd = context.make_array(at[8])(context, builder, args[8]).data
+        ns_, R_, n_, kind_, Dv_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 3, 5, 7))
+        c16 = ir.Constant(_IRI64, _LANES)
+        c4 = ir.Constant(_IRI64, 4)
+        nvec = builder.sdiv(Dv_, c16)
+        fma = _ir_fma(builder)
+        accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(4)]
+        zero = ir.Constant(_V16F, [0.0] * _LANES)
+
+        def emit_pass(variant, r0, v0, rows, nv):
+            for i in range(rows):
+                for j in range(nv):
+                    builder.store(zero, accs[i][j])
+            prow = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_) for i in range(rows)]
+            with cgutils.for_range(builder, n_) as key:
+                base = builder.add(builder.load(builder.gep(od, [key.index])), builder.mul(v0, c16))
+                vals = [_ir_vec_load(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
+                for i in range(rows):
+                    w = _ir_splat(builder, builder.load(builder.gep(pd, [builder.add(prow[i], key.index)])))
+                    for j in range(nv):
+                        builder.store(builder.call(fma, [w, vals[j], builder.load(accs[i][j])]), accs[i][j])
+            for i in range(rows):
+                orow = builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), Dv_)
+                for j in range(nv):
+                    dst = builder.add(orow, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16))
+                    builder.store(builder.load(accs[i][j]), builder.bitcast(builder.gep(outd, [dst]), _V16F.as_pointer()), align=4)
+
+        def emit(variant):
+            nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
+            nvg = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4)
+            with cgutils.for_range(builder, nrg) as rg:
+                r0 = builder.mul(rg.index, c4)
+                rows = builder.sub(R_, r0)
+                rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
+                with cgutils.for_range(builder, nvg) as vg:
+                    v0 = builder.mul(vg.index, c4)
+                    nv = builder.sub(nvec, v0)
+                    nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
+                    code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
+                    after = builder.append_basic_block("pv_after")
+                    switch = builder.switch(code, after)
+                    for rows_c in range(1, 5):
+                        for nv_c in range(1, 5):
+                            block = builder.append_basic_block(f"pv_{rows_c}_{nv_c}")
+                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block)
+                            builder.position_at_end(block)
+                            emit_pass(variant, r0, v0, rows_c, nv_c)
+                            builder.branch(after)
+                    builder.position_at_end(after)
+
+        _ir_variants(context, builder, at[4], kind_, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # =================================================================================
@@ -479,10 +775,82 @@ def _pv_skipping_zeros(p, R, n, vc, Dv, o):
                     o[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
 
 
+# float caches take the 16-lane loops up to this many folded query rows (a chunked prefill's
+# R = G·Lq can be large: there BLAS's register-blocked GEMM reads each key row once for all)
+SIMD_MAX_ROWS_FLOAT = 16
+
+
+def _simd_dtype(q):
+    """True where the compute dtype is float32 (the 16-lane loops); float64 calls use BLAS."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_simd_dtype, inline="always", jit_options={"cache": _JIT_CACHE})
+def _simd_dtype_overload(q):
+    if q.dtype == types.float32:
+        return lambda q: True
+    return lambda q: False
+
+
+def _scores_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf):
+    """:func:`_scores16` for a float32 call; never reached (nothing) for float64."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_scores_simd, jit_options={"cache": _JIT_CACHE})
+def _scores_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf):
+    if q.dtype == types.float32:
+        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf: _scores16(
+            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf)
+    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, buf: None
+
+
+def _pv_simd(p, ns, R, n, flat, kind, offs, Dv, o):
+    """:func:`_pv16` for a float32 call; never reached (nothing) for float64."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_pv_simd, jit_options={"cache": _JIT_CACHE})
+def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o):
+    if p.dtype == types.float32:
+        return lambda p, ns, R, n, flat, kind, offs, Dv, o: _pv16(p, ns, R, n, flat, kind, offs, Dv, o)
+    return lambda p, ns, R, n, flat, kind, offs, Dv, o: None
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
+    """``offs[t]`` = the element offset of key ``j0 + t``'s row (sequence ``b``, K/V head ``hk``)."""
+    pg = j0 // ps
+    slot = j0 - pg * ps
+    for t in range(n):
+        offs[t] = table[b, pg] * st[0] + hk * st[1] + slot * st[2]
+        slot += 1
+        if slot == ps:
+            slot = 0
+            pg += 1
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
+def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
+    """``o (R·Dv) += P · V`` key by key through the row offsets, skipping ``p = 0`` exactly (the
+    NaN policy's redo of a chunk whose output is not finite); 16-bit rows converted into ``row``."""
+    bits = row.view(np.uint32)
+    x = _rows_array(flat, row)
+    for t in range(n):
+        xo = _row_at(flat, np.uint64(offs[t]), kind, Dv, row, bits, 0)
+        for r in range(R):
+            pr = p[r * ns + t]
+            if pr != 0.0:
+                o0 = np.uint64(r * Dv)
+                for d in range(Dv):
+                    o[o0 + np.uint64(d)] += pr * x[xo + np.uint64(d)]
+
+
+
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs,
 ):
     """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``.
 
@@ -504,14 +872,24 @@ def _chunk(
     """
     T = qf.dtype
     n = j1 - j0
-    s = np.empty(R * max(n, 1), dtype=T)  # scores then probabilities, row r at [r·n, (r+1)·n)
+    # the 16-lane loops (float32 compute, whole 16-lane pieces of D and Dv); else BLAS for float
+    # caches and the row-by-row loops for 16-bit ones
+    simd = _simd_dtype(qf) and D % 16 == 0 and Dv % 16 == 0 and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
+    ns = (n + 15) // 16 * 16 if simd else n  # score row stride (the 16-lane loop writes whole vectors)
+    s = np.empty(R * max(ns, 1), dtype=T)  # scores then probabilities, row r at [r·ns, r·ns + n)
     ibuf = np.empty(max(n, 1), dtype=np.int32)
     m_row = np.empty(R, dtype=T)
     l_row = np.empty(R, dtype=T)
     o = np.zeros(R * Dv, dtype=T)
+    koffs = offs[: max(n, 1)]
+    voffs = offs[offs.shape[0] // 2 : offs.shape[0] // 2 + max(n, 1)]
     if n > 0:
         # ---- 1. scores ----
-        if kind != KIND_FLOAT:
+        if simd:
+            _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
+            _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
+            _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, kc)
+        elif kind != KIND_FLOAT:
             _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
@@ -532,7 +910,7 @@ def _chunk(
             thi = min(thi, pos + right - j0 + 1)
         tlo = min(max(tlo, 0), n)
         thi = min(max(thi, tlo), n)
-        r0 = r * n
+        r0 = r * ns
         if softcap > 0.0:
             for t in range(r0 + tlo, r0 + thi):
                 s[t] = softcap * math.tanh(s[t] / softcap)
@@ -557,7 +935,12 @@ def _chunk(
             l_row[r] = np.nan
     # ---- 3. P · V ----
     if n > 0:
-        if kind != KIND_FLOAT:
+        if simd:
+            _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o)
+            if not _all_finite(o, R * Dv):  # a hidden NaN or ±inf value got in: redo skipping p = 0
+                o[:] = 0.0
+                _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc)
+        elif kind != KIND_FLOAT:
             _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
         else:
             # one GEMM, then a check of its R·Dv outputs: where a value is NaN or ±inf, some
@@ -655,15 +1038,9 @@ def _plan(kvlen, Lq, Hkv, split, causal, left, right):
     return c0, nch, start
 
 
-@njit(cache=_JIT_CACHE)
-def _item(
-    it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc,
-):
-    B, Hq, Lq, D = q.shape
-    G = Hq // Hkv
-    R = G * Lq
-    Dv = part_o.shape[2]
+@njit(cache=_JIT_CACHE, inline="always")
+def _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start):
+    """``(b, hk, j0, j1, pos0)`` of work item ``it``: its sequence, K/V head and keys."""
     # the sequence of item ``it``: binary search in ``start``
     lo_b, hi_b = 0, B
     while hi_b - lo_b > 1:
@@ -682,13 +1059,49 @@ def _item(
     j_hi = n if right < 0 else min(n, n - 1 + right + 1)
     j0 = max(c * split, j_lo)
     j1 = min((c + 1) * split, j_hi)
+    return b, hk, j0, j1, pos0
+
+
+# rows of the next work item's keys asked for while an item runs (its first blocks: the
+# loops' own prefetch takes over from there)
+PREFETCH_NEXT_ROWS = 32
+
+
+@njit(cache=_JIT_CACHE)
+def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start):
+    """Ask for the first key rows of work item ``it`` (a hint: an item that another thread
+    takes costs a few wasted lines)."""
+    B, Hq, Lq, D = q.shape
+    b, hk, j0, j1, pos0 = _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start)
+    pg = j0 // ps
+    slot = j0 - pg * ps
+    for t in range(min(j1 - j0, PREFETCH_NEXT_ROWS)):
+        _prefetch_row(kflat, kst, table, b, hk, pg, slot, D)
+        slot += 1
+        if slot == ps:
+            slot = 0
+            pg += 1
+
+
+@njit(cache=_JIT_CACHE)
+def _item(
+    it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs,
+):
+    B, Hq, Lq, D = q.shape
+    G = Hq // Hkv
+    R = G * Lq
+    Dv = part_o.shape[2]
+    b, hk, j0, j1, pos0 = _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start)
+    if it + 1 < start[B]:
+        _prefetch_item(it + 1, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
     qf = np.empty(R * D, dtype=q.dtype)
     for r in range(R):
         for d in range(D):
             qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc,
+        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs,
     )
 
 
@@ -721,18 +1134,25 @@ def plan(kvlen, Lq, Hkv, split, left, right):
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_items(
-    it0, it1, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    counter, total, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
     slopes, has_alibi, c0, nch, start, part_o, part_lse,
 ):
-    """Work items ``[it0, it1)``, each writing its own part: callers may run disjoint ranges
-    on several threads (the GIL is released) and get the same bits as one thread."""
+    """Work items taken one at a time from the shared ``counter`` (an atomic add) until
+    ``total``: threads calling this together split the items by how fast each one runs — a
+    thread that starts late or shares its core does fewer.  Each item writes its own part:
+    the same bits whichever thread ran it.  Returns the number of items this call ran."""
     Hkv = kst[3]
-    # the chunk's keys and values, gathered and converted: one block per thread, reused
     kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
-    for it in range(it0, it1):
+    offs = np.empty(2 * split, dtype=np.int64)
+    done = 0
+    while True:
+        it = _fetch_add(counter, 1)
+        if it >= total:
+            return done
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc)
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs)
+        done += 1
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -746,7 +1166,7 @@ def run_merges(Hkv, nch, start, part_o, part_lse, out, lse):
 def run_serial(
     q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap, slopes, has_alibi, Dv,
 ):
-    """:func:`plan`, :func:`run_items` over every item and :func:`run_merges` in one call on
+    """:func:`plan`, every work item (as :func:`run_items`) and :func:`run_merges` in one call on
     this thread (a small call: one entry from Python instead of three, its parts allocated
     here) → ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))``.  The same item and merge code as the
     three entries, in the same order: the same bits."""
@@ -759,9 +1179,10 @@ def run_serial(
     part_lse = np.empty((total, R), dtype=q.dtype)
     kc = np.empty(split * D, dtype=q.dtype)
     vc = np.empty(split * Dv, dtype=q.dtype)
+    offs = np.empty(2 * split, dtype=np.int64)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc)
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs)
     out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
     lse = np.empty((B, Hq, Lq), dtype=q.dtype)
     for pair in range(B * Hkv):

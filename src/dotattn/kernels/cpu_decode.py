@@ -143,23 +143,21 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     workers = _workers()
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
+        counter = np.zeros(1, dtype=np.int64)  # the next work item (the kernel's atomic add)
         if workers == 1 or total < 2:
-            K.run_items(0, total, *common)
+            K.run_items(counter, total, *common)
         else:
-            # Contiguous item ranges, two per core (items are of nearly equal size): the pool
-            # threads take ranges 1…, the caller range 0 and then, from the last one back,
-            # every range no pool thread has started.  On an idle machine the ranges run side
-            # by side; on a loaded one a pool thread the scheduler has not woken costs the call
-            # nothing (the caller does its work).  Each item writes its own part: same bits.
-            pieces = 2 * workers
-            bounds = [total * w // pieces for w in range(pieces + 1)]
-            futures = [_pool().submit(K.run_items, bounds[w], bounds[w + 1], *common) for w in range(1, pieces)]
-            K.run_items(bounds[0], bounds[1], *common)
-            for w in range(pieces - 1, 0, -1):
-                if futures[w - 1].cancel():
-                    K.run_items(bounds[w], bounds[w + 1], *common)
+            # Items one at a time from a shared counter (an atomic add in the kernel), on the
+            # caller and one pool thread per other core: a pool thread the scheduler wakes late,
+            # or that shares its core with another program's spinning thread (torch's OpenMP
+            # workers spin after each product of a model's step), takes fewer items instead of
+            # holding the call up by a fixed range — the caller waits for at most the item it
+            # is running.  A pool task not started when the caller runs out is cancelled.
+            # Each item writes its own part: the same bits whichever thread ran it.
+            futures = [_pool().submit(K.run_items, counter, total, *common) for _ in range(workers - 1)]
+            K.run_items(counter, total, *common)
             for future in futures:
-                if not future.cancelled():
+                if not future.cancel():
                     future.result()  # re-raises a worker's exception here
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse

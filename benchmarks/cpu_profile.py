@@ -24,6 +24,7 @@ import time
 import numpy as np
 from numba import njit
 
+from dotattn.kernels import _cpu_amx
 from dotattn.kernels import _cpu_primitives as P
 from dotattn.kernels import cpu
 from dotattn.kernels._blas import ONE_BLAS_THREAD
@@ -100,7 +101,31 @@ def _steps():
             P._gemm(Pm.T, Vb, acc, 1.0)
         P._gemm_threads_end(Vb, threads)
 
-    return qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max
+    @njit
+    def fused_pairs(ST, Pb, c2, m, row_sum, n):  # the same pass writing P in key pairs (the AMX operand)
+        for _ in range(n):
+            P._exp2_sum_bf16_pairs(ST, Pb, c2, m, row_sum)
+
+    @njit
+    def qk_amx(Kb, Qs, Qv, ST, n):  # the Q tile packed once (as the kernel does per query tile)
+        cfg = _cpu_amx.tile_config()
+        _cpu_amx.pack_q(Qs, Qv)
+        for _ in range(n):
+            P._qk(Kb, Qs, Qv, ST, True, cfg)
+
+    @njit
+    def pv_amx(Pb, Vb, acc, n):  # Vb: a transposed-in-memory view, acc: an F-ordered view (accᵀ)
+        cfg = _cpu_amx.tile_config()
+        for _ in range(n):
+            P._pv(Pb, Vb, acc, True, cfg)
+
+    @njit
+    def lazy_pairs(ST, Pb, c2, m, tsum, bmax, n):  # the lazy step: exp2 + sum + tile max + rounding, one pass
+        for _ in range(n):
+            P._exp2_sum_max_bf16(ST, Pb, c2, m, tsum, bmax, True)
+
+    return (lazy_pairs, qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max,
+            fused_pairs, qk_amx, pv_amx)
 
 
 def main() -> None:
@@ -130,11 +155,12 @@ def main() -> None:
     Pb = np.empty((BK, BQ), S)
     m = np.zeros(BQ, np.float32)
     bmax = np.empty(BQ, np.float32)
+    tsum = np.empty(BQ, np.float32)
     row_sum = np.ones(BQ, np.float32)
     acc = np.zeros((BQ, D), np.float32)
     c2 = np.float32(0.18)
-    qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max = _steps()
-    tsum = np.empty(BQ, np.float32)
+    (lazy_pairs, qk, max_rescale, exp, copy_only, rowsum, round_p, pv, max_bf16, fused_bf16, exp_sum, exp_sum_max,
+     fused_pairs, qk_amx, pv_amx) = _steps()
     Pm = Pb if bf16 else ST
     steps = {
         "S = K·Qᵀ (GEMM)": lambda k: qk(Kb, Qs, ST, k),
@@ -152,6 +178,22 @@ def main() -> None:
             copy_only(ST, S0, k),
         )
         steps["(exp2+sum, one pass)"] = lambda k: (exp_sum(ST, S0, N, c2, m, row_sum, k), copy_only(ST, S0, k))
+    elif cpu.amx_path()[0]:  # what the bfloat16 forward runs on AMX (MKL's route in parentheses)
+        al = lambda r, c, dt: P._aligned_empty(r, c, np.empty(0, dt))  # noqa: E731 (64-byte aligned, as the kernel's)
+        Qa, Ka, STa, Pa = al(BQ, D, np.uint16), al(BK, D, np.uint16), al(BK, BQ, np.float32), al(BK, BQ, np.uint16)
+        Qa[:], Ka[:] = Qs, Kb
+        Qv, VT, accT = al(D // 2, BQ, np.uint32), al(D, BK, np.uint16), al(D, BQ, np.float32)
+        VT[:], accT[:] = Vb.T, 0
+        steps = {
+            "S = K·Qᵀ (AMX, ours)": lambda k: qk_amx(Ka, Qa, Qv, STa, k),
+            "tile max (512-bit)": lambda k: max_bf16(S0, bmax, Pb, k),
+            "exp2+sum+round into key pairs": lambda k: fused_pairs(S0, Pa, c2, m, row_sum, k),
+            "acc += P·V (AMX, ours)": lambda k: pv_amx(Pa, VT.T, accT.T, k),
+            "(the lazy step instead: max too, one pass)": lambda k: lazy_pairs(S0, Pa, c2, m, tsum, bmax, k),
+            "(MKL: S = K·Qᵀ)": steps["S = K·Qᵀ (GEMM)"],
+            "(MKL: exp2+sum+round, plain)": lambda k: fused_bf16(S0, Pb, c2, m, row_sum, k),
+            "(MKL: acc += P·V)": steps["acc += P·V (GEMM)"],
+        }
     else:  # what the bfloat16 forward runs (the separate passes above: its fallback, with dropout)
         steps = {
             "S = K·Qᵀ (GEMM)": steps["S = K·Qᵀ (GEMM)"],

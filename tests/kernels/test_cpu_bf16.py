@@ -176,3 +176,42 @@ def test_amx_dropout_rounds_p_in_key_pairs():
         mkl, _ = cpu.forward(semantics.normalize(q, k, v, **options), block_size=(32, 32))
     np.testing.assert_allclose(out, mkl, rtol=0, atol=2e-2)
     assert np.abs(out).max() > 0.1
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+@pytest.mark.parametrize("excess", [0.5, 7.5, 8.5, 300.0])
+def test_bf16_lazy_step_when_the_max_grows_in_a_later_tile(excess, causal):
+    """The bfloat16 forward's lazy step (exp, sum, tile max and rounding in one pass against
+    the running shift; LAZY_LOG2 = 8): keys from 600 on score ``excess`` (base 2) more than
+    the first tile's — kept below the threshold, the exact step above it, P past float32 at 300."""
+    from dotattn.kernels._cpu_primitives import LAZY_LOG2
+
+    assert LAZY_LOG2 == 8.0
+    rng = np.random.default_rng(1)
+    L = 1536  # six key tiles of 256
+    s = rng.uniform(0.0, 1.0, L)
+    s[600:] += excess * np.log(2.0)
+    q = np.zeros((1, 2, L, 64), dtype=np.float32)
+    q[..., 0] = 1.0
+    k = np.zeros((1, 2, L, 64), dtype=np.float32)
+    k[..., 0] = s
+    k[..., 1:] = 0.01 * rng.standard_normal((1, 2, L, 63))
+    v = rng.standard_normal((1, 2, L, 64))
+    q, k, v = (x.astype(BFLOAT16) for x in (q, k, v))
+    out, lse = dotattn.attention(q, k, v, scale=1.0, causal=causal, return_lse=True, implementation="cpu")
+    ref_out, ref_lse = H.reference(q, k, v, scale=1.0, causal=causal)
+    nai_out, nai_lse = H.naive(q, k, v, scale=1.0, causal=causal)
+    H.assert_close_to_reference(out, ref_out, nai_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, nai_lse, name="lse", dtype=BFLOAT16, magnitude=float(np.abs(ref_lse).max()))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_bf16_nonfinite_score_in_a_later_tile_reaches_the_row(value):
+    """A NaN/+inf score first met in a later key tile (the lazy pass's tile max) makes its rows NaN, as NumPy's backend."""
+    q, k, v = _inputs(3, 2, 2, 1536, 1536, 64)
+    k[0, 1, 1300, 0] = value
+    q[0, 1, :, 0] = np.abs(q[0, 1, :, 0].astype(np.float32)) + 0.1
+    ours = dotattn.attention(q, k, v, implementation="cpu").astype(np.float32)
+    theirs = dotattn.attention(q, k, v, implementation="numpy").astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+    assert np.isnan(ours[0, 1]).all() and np.isfinite(ours[0, 0]).all()

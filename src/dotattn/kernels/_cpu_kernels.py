@@ -53,6 +53,7 @@ from ._cpu_primitives import (
     _gemm_threads_end,
     _lazy_ok,
     _lazy_softmax,
+    _lazy_spoils_scores,
     _mul_into,
     _new_acc,
     _pack_q,
@@ -417,12 +418,15 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             # -- scores of the tile, masked
             _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
             # -- P = 2^(S − m): against the running shift in one pass when the tile's max
-            #    stays within 2^LAZY_LOG2 of it (float32), else online: rescale acc and
-            #    row_sum to the new max (the scores recomputed if the lazy pass spoiled them)
+            #    stays within 2^LAZY_LOG2 of it (float32 compute; bfloat16 P straight into
+            #    the operand), else online: rescale acc and row_sum to the new max (the
+            #    scores recomputed if the lazy pass spoiled them: float32 only)
             lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
             in_pb = False
-            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum)):
-                if lazy:
+            if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx):
+                in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
+            else:
+                if lazy and _lazy_spoils_scores(Pb):
                     _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
                 in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)

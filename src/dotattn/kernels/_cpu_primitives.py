@@ -415,8 +415,8 @@ def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max):
 
 
 def _lazy_ok(m, Pb, enabled):
-    """Whether the forward may try :func:`_lazy_softmax` on the next tile: float32 (``Pb``
-    the float32 operand, not bfloat16 bits), ``enabled`` (no dropout), and every running
+    """Whether the forward may try :func:`_lazy_softmax` on the next tile: float32 compute
+    (``Pb`` the float32 operand or bfloat16 bits), ``enabled`` (no dropout), and every running
     shift finite and in the fast exponent's range (rows that have seen no key yet, or hold
     NaN, take the exact step)."""
     raise NotImplementedError("compiled only")
@@ -424,7 +424,7 @@ def _lazy_ok(m, Pb, enabled):
 
 @overload(_lazy_ok, jit_options={"cache": _JIT_CACHE})
 def _lazy_ok_overload(m, Pb, enabled):
-    if m.dtype != types.float32 or Pb.dtype != types.float32:
+    if m.dtype != types.float32 or Pb.dtype not in (types.float32, types.uint16):
         return lambda m, Pb, enabled: False
 
     def impl(m, Pb, enabled):
@@ -436,21 +436,33 @@ def _lazy_ok_overload(m, Pb, enabled):
     return impl
 
 
-def _lazy_softmax(ST, c2, m, tile_max, tile_sum, row_sum):
+def _lazy_softmax(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
     """The forward's one-pass softmax step against the running shift ``m`` (see LAZY_LOG2;
-    only after :func:`_lazy_ok`): True when done (``ST`` holds P, ``row_sum`` updated, ``m``
-    and the accumulator unchanged), False when the tile needs the exact step — ``ST`` was
-    overwritten then and must be recomputed; nothing else changed."""
+    only after :func:`_lazy_ok`): True when done (P in ``ST`` — float32 — or rounded into the
+    bfloat16 operand ``Pb``, in key pairs with ``pairs``; ``row_sum`` updated, ``m`` and the
+    accumulator unchanged), False when the tile needs the exact step — float32 overwrote
+    ``ST`` then, which must be recomputed (:func:`_lazy_spoils_scores`); nothing else changed."""
     raise NotImplementedError("compiled only")
 
 
-@overload(_lazy_softmax, jit_options={"cache": _JIT_CACHE})
-def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum):
-    if ST.dtype != types.float32:  # never called: _lazy_ok is False
-        return lambda ST, c2, m, tile_max, tile_sum, row_sum: False
+def _lazy_spoils_scores(Pb):
+    """Whether a failed :func:`_lazy_softmax` left ``ST`` overwritten (float32; the bfloat16 pass only reads it)."""
+    raise NotImplementedError("compiled only")
 
-    def impl(ST, c2, m, tile_max, tile_sum, row_sum):
-        _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max)
+
+@overload(_lazy_spoils_scores, jit_options={"cache": _JIT_CACHE})
+def _lazy_spoils_scores_overload(Pb):
+    spoils = Pb.dtype != types.uint16
+    return lambda Pb: spoils
+
+
+@overload(_lazy_softmax, jit_options={"cache": _JIT_CACHE})
+def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
+    if ST.dtype != types.float32:  # never called: _lazy_ok is False
+        return lambda ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs: False
+
+    def impl(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
+        _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs)
         ok = True
         for r in range(m.shape[0]):
             ok &= tile_max[r] * c2 <= m[r] + np.float32(LAZY_LOG2)  # False for NaN and +inf
@@ -461,6 +473,17 @@ def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum):
         return True
 
     return impl
+
+
+def _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs):
+    raise NotImplementedError("compiled only")
+
+
+@overload(_lazy_pass, jit_options={"cache": _JIT_CACHE})
+def _lazy_pass_overload(ST, c2, m, tile_max, tile_sum, Pb, pairs):
+    if Pb.dtype == types.uint16:
+        return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs: _exp2_sum_max_bf16(ST, Pb, c2, m, tile_sum, tile_max, pairs)
+    return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs: _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max)
 
 
 @njit(cache=_JIT_CACHE)
@@ -692,6 +715,45 @@ def _exp2_sum_bf16_pairs(ST, Pb, mul, sub, row_sum):
             p1 = _exp2_bf16_grade(row1[r] * mul - sub[r])
             row_sum[r] += p0 + p1
             prow[r] = np.uint32(_to_bf16(p0)) | (np.uint32(_to_bf16(p1)) << np.uint32(16))
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
+    """The bfloat16 forward's lazy step (see LAZY_LOG2): ``Pb = bf16(2**(ST·mul − sub))`` (in
+    key pairs with ``pairs``, as :func:`_exp2_sum_bf16_pairs`), ``tile_sum[r] = Σ_c P`` and
+    ``tile_max[r] = max_c ST`` (NaN sticky) in one pass — the tile max's own pass (5 µs of a
+    256 × 256 tile) folded into the exponent's.  ``ST`` is only read."""
+    _wide_vectors()
+    BK, BQ = ST.shape
+    tile_sum[:] = 0.0
+    tile_max[:] = -np.inf
+    if pairs:
+        P32 = Pb.reshape(BK * BQ).view(np.uint32)
+        for c in range(0, BK, 2):
+            row0 = ST[c]
+            row1 = ST[c + 1]
+            prow = P32[(c // 2) * BQ : (c // 2 + 1) * BQ]
+            for r in range(BQ):
+                s0 = row0[r]
+                s1 = row1[r]
+                t = tile_max[r]
+                t = s0 if (s0 > t or s0 != s0) else t
+                tile_max[r] = s1 if (s1 > t or s1 != s1) else t
+                p0 = _exp2_bf16_grade(s0 * mul - sub[r])
+                p1 = _exp2_bf16_grade(s1 * mul - sub[r])
+                tile_sum[r] += p0 + p1
+                prow[r] = np.uint32(_to_bf16(p0)) | (np.uint32(_to_bf16(p1)) << np.uint32(16))
+    else:
+        for c in range(BK):
+            row = ST[c]
+            prow = Pb[c]
+            for r in range(BQ):
+                s0 = row[r]
+                t = tile_max[r]
+                tile_max[r] = s0 if (s0 > t or s0 != s0) else t
+                p = _exp2_bf16_grade(s0 * mul - sub[r])
+                tile_sum[r] += p
+                prow[r] = _to_bf16(p)
 
 
 @njit(cache=_JIT_CACHE)

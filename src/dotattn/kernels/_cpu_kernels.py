@@ -501,7 +501,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
                 _select_intervals(ST, lo, hi)
             # the forward's softmax step: lazy against the running shift, else online
             lazy = _lazy_ok(m, ST, True)
-            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum)):
+            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, ST, False)):
                 if lazy:  # the lazy pass spoiled the scores: recompute them
                     _gemm(Kb, Qs.T, ST, 0.0)
                     if cls == PARTIAL:

@@ -32,6 +32,7 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_primitives import _np_matmul, exp2_fraction
+from ._cpu_simd import _exp2_vector
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -250,8 +251,8 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
     While a block of 16 keys is used, the next block's key rows are asked for (into L1) and
     the block's value rows (``vflat`` at ``voffs``, ``Dv`` wide, into L2) for the P·V pass
     that follows: a chunk read from DRAM then streams with the compute instead of after it.
-    16-bit rows are widened once per block into ``buf`` (float32, ≥ 16·D, L1) and the R
-    query rows read them there, rather than widening each row once per query row.
+    The block's rows are copied (16-bit rows widened) once into ``buf`` (float32, ≥ 16·D,
+    L1), piece-major, and the R query rows read them there.
     """
     if not _simd_types_ok(q, flat, offs, s) or vflat != flat or voffs != offs or buf != q:
         return None
@@ -292,16 +293,16 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
                     _ir_prefetch_rows(builder, fd, ahead, D_, itemsize, PREFETCH_K_LOCALITY)
                 if PREFETCH_V:
                     _ir_prefetch_rows(builder, vfd, vbases, Dv_, itemsize, 2)
-                rows_data, rows_at = fd, bases
-                if variant != "f32":  # widen the block's 16 rows once into buf
-                    rows_data = bufd
-                    rows_at = [builder.mul(ir.Constant(_IRI64, k), D_) for k in range(_LANES)]
-                    with cgutils.for_range(builder, nvec) as piece:
-                        d0 = builder.mul(piece.index, c16)
-                        for k in range(_LANES):
-                            wide = _ir_vec_load(builder, fd, builder.add(bases[k], d0), variant)
-                            dst = builder.gep(bufd, [builder.add(rows_at[k], d0)])
-                            builder.store(wide, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                # the block's 16 rows (widened) into buf, piece-major: piece p of key k at
+                # buf[(16·p + k)·16] — the loops below then address all 16 keys from one
+                # pointer with constant offsets (16 row pointers spilled general registers)
+                with cgutils.for_range(builder, nvec) as piece:
+                    d0 = builder.mul(piece.index, c16)
+                    at_piece = builder.mul(piece.index, ir.Constant(_IRI64, _LANES * _LANES))
+                    for k in range(_LANES):
+                        wide = _ir_vec_load(builder, fd, builder.add(bases[k], d0), variant)
+                        dst = builder.gep(bufd, [builder.add(at_piece, ir.Constant(_IRI64, _LANES * k))])
+                        builder.store(wide, builder.bitcast(dst, _V16F.as_pointer()), align=4)
                 with cgutils.for_range(builder, R_) as row:
                     for a in accs:
                         builder.store(zero, a)
@@ -309,8 +310,9 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
                     with cgutils.for_range(builder, nvec) as piece:
                         d0 = builder.mul(piece.index, c16)
                         qv = _ir_vec_load(builder, qd, builder.add(qrow, d0), "f32")
+                        at_piece = builder.mul(piece.index, ir.Constant(_IRI64, _LANES * _LANES))
                         for k in range(_LANES):
-                            kv = _ir_vec_load(builder, rows_data, builder.add(rows_at[k], d0), "f32")
+                            kv = _ir_vec_load(builder, bufd, builder.add(at_piece, ir.Constant(_IRI64, _LANES * k)), "f32")
                             builder.store(builder.call(fma, [qv, kv, builder.load(accs[k])]), accs[k])
                     total = _ir_lane_sums(builder, [builder.load(a) for a in accs])
                     dst = builder.add(builder.mul(row.index, ns_), t0)
@@ -780,6 +782,56 @@ def _pv_skipping_zeros(p, R, n, vc, Dv, o):
 SIMD_MAX_ROWS_FLOAT = 16
 
 
+@intrinsic
+def _exp_sum16(typingctx, s, i0, count, m):
+    """``s[i0 : i0 + count] = exp(s − m)`` in place, 16 lanes at a time (``count % 16 == 0``,
+    ``m`` finite, arguments ≤ 0, −inf → 0); returns the sum (16 lane sums in order, then the
+    lanes in order).  ``(s − m)·log2(e)`` is subtracted first, then 2**x as
+    :func:`_exp_row_f32` (the same polynomial, clamp and exponent rule)."""
+    if not (isinstance(s, types.Array) and s.dtype == types.float32):
+        return None
+    sig = types.float32(s, i0, count, m)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        sd = context.make_array(at[0])(context, builder, args[0]).data
+        i0_, count_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2))
+        m_ = context.cast(builder, args[3], at[3], types.float32)
+        m_v = _ir_splat(builder, m_)
+        log2e = ir.Constant(_V16F, [float(np.float32(LOG2E))] * _LANES)
+        one = ir.Constant(_V16F, [1.0] * _LANES)
+        zero = ir.Constant(_V16F, [0.0] * _LANES)
+        total = cgutils.alloca_once(builder, _V16F)
+        builder.store(zero, total)
+        nvec = builder.sdiv(count_, ir.Constant(_IRI64, _LANES))
+        with cgutils.for_range(builder, nvec) as piece:
+            at_ = builder.add(i0_, builder.mul(piece.index, ir.Constant(_IRI64, _LANES)))
+            ptr = builder.bitcast(builder.gep(sd, [at_]), _V16F.as_pointer())
+            x = builder.fmul(builder.fsub(builder.load(ptr, align=4), m_v), log2e)
+            p = _exp2_vector(builder, x, one, zero)
+            builder.store(p, ptr, align=4)
+            builder.store(builder.fadd(builder.load(total), p), total)
+        vec = builder.load(total)
+        acc = builder.extract_element(vec, ir.Constant(_IRI32, 0))
+        for lane in range(1, _LANES):
+            acc = builder.fadd(acc, builder.extract_element(vec, ir.Constant(_IRI32, lane)))
+        return acc
+
+    return sig, codegen
+
+
+def _exp_sum_simd(s, i0, count, m):
+    """:func:`_exp_sum16` for a float32 row; never reached for float64."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_exp_sum_simd, jit_options={"cache": _JIT_CACHE})
+def _exp_sum_simd_overload(s, i0, count, m):
+    if s.dtype == types.float32:
+        return lambda s, i0, count, m: _exp_sum16(s, i0, count, m)
+    return lambda s, i0, count, m: 0.0
+
+
 def _simd_dtype(q):
     """True where the compute dtype is float32 (the 16-lane loops); float64 calls use BLAS."""
     raise NotImplementedError("compiled only")
@@ -822,12 +874,16 @@ def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
     """``offs[t]`` = the element offset of key ``j0 + t``'s row (sequence ``b``, K/V head ``hk``)."""
     pg = j0 // ps
     slot = j0 - pg * ps
-    for t in range(n):
-        offs[t] = table[b, pg] * st[0] + hk * st[1] + slot * st[2]
-        slot += 1
-        if slot == ps:
-            slot = 0
-            pg += 1
+    t = 0
+    while t < n:  # page by page: the rows of one page are evenly spaced (a loop that vectorizes)
+        run = min(n - t, ps - slot)
+        base = table[b, pg] * st[0] + hk * st[1] + slot * st[2]
+        step = st[2]
+        for i in range(run):
+            offs[t + i] = base + i * step
+        t += run
+        pg += 1
+        slot = 0
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
@@ -920,17 +976,20 @@ def _chunk(
                 s[r0 + t] -= slope * abs(pos - j0 - t)
         for t in range(r0, r0 + tlo):
             s[t] = -np.inf
-        for t in range(r0 + thi, r0 + n):
+        for t in range(r0 + thi, r0 + ns):  # with the 16-lane loops, the row's padding too
             s[t] = -np.inf
         if thi == tlo:
             m_row[r] = -np.inf
             l_row[r] = 0.0
-            for t in range(r0, r0 + n):
+            for t in range(r0, r0 + ns):
                 s[t] = 0.0
             continue
         m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
         m_row[r] = m
-        l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
+        if simd:
+            l_row[r] = _exp_sum_simd(s, r0, ns, m)
+        else:
+            l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
         if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
             l_row[r] = np.nan
     # ---- 3. P · V ----

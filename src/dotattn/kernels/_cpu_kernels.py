@@ -439,8 +439,8 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     _gemm_threads_end(q, threads)
 
 
-@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def forward_grouped(q, kp, vp, out, lse, o, nchunks):
+@njit(cache=_JIT_CACHE, nogil=True)
+def forward_grouped(queue, q, kp, vp, out, lse, o, chunk, nchunks):
     """:func:`forward` for GQA/MQA calls whose masks are intervals per query row (lengths,
     causal, window) and whose scores need no chain (no softcap, bias, ALiBi, ``score_mod``,
     dropout): a task ``(b, K/V head, query tile)`` stacks that tile's rows of all ``G = Hq /
@@ -448,10 +448,15 @@ def forward_grouped(q, kp, vp, out, lse, o, nchunks):
     the group, in GEMMs ``G``× taller (MKL runs a 384-row tile at ≈ 1.25× the rate of a
     128-row one), and the tile's mask is the same for every head.  ``cpu.forward`` sends
     only such calls here (:func:`dotattn.kernels.cpu._grouped_f32`).
+
+    One worker's part: the caller runs it on Python threads (``_launch.run_chunks``; ``chunk``
+    and ``nchunks`` are that interface's and unused), each taking tasks from the shared
+    ``queue`` until none is left — no Numba ``prange`` team, whose threads spin after a launch
+    on the cores the model's next matrix product needs, and whose launch waits for every
+    thread of the team on a busy machine (the caller here takes every task a descheduled
+    worker has not).
     """
-    queue = np.zeros(1, dtype=np.int64)
-    for chunk in prange(nchunks):
-        _forward_grouped_chunk(queue, q, kp, vp, out, lse, o)
+    _forward_grouped_chunk(queue, q, kp, vp, out, lse, o)
 
 
 @njit(cache=_JIT_CACHE)

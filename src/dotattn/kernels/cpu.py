@@ -778,9 +778,15 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False):
     """The forward kernel itself, whatever the inputs hold (tests check which tiles it reads)."""
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
-    kernel = "forward_grouped" if grouped else "forward"
-    with _kernel_launch(p.kernels, kernel, call.dtype):
-        getattr(p.kernels, kernel)(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+    if grouped:
+        from ._launch import run_chunks
+
+        queue = np.zeros(1, dtype=np.int64)  # the tasks' shared counter
+        with _kernel_launch(p.kernels, "forward_grouped", call.dtype):
+            run_chunks(p.kernels.forward_grouped, (queue, p.q, p.kp, p.vp, out, lse, p.options), _num_threads())
+        return out, lse
+    with _kernel_launch(p.kernels, "forward", call.dtype):
+        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
     return out, lse
 
 

@@ -41,6 +41,7 @@ _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+ROLE_SHARED, ROLE_FRONT, ROLE_BACK = 0, 1, 2  # which item a run_items ticket means
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
 # the 16-lane scores loop asks for the key rows PREFETCH_K_AHEAD blocks of 16 ahead (llvm.prefetch
@@ -1145,15 +1146,17 @@ def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, 
 @njit(cache=_JIT_CACHE)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs,
+    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt,
 ):
+    """Work item ``it``; the first key rows of item ``nxt`` (this thread's likely next item,
+    −1 for none) are asked for meanwhile."""
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
     R = G * Lq
     Dv = part_o.shape[2]
     b, hk, j0, j1, pos0 = _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start)
-    if it + 1 < start[B]:
-        _prefetch_item(it + 1, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
+    if 0 <= nxt < start[B]:
+        _prefetch_item(nxt, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
     qf = np.empty(R * D, dtype=q.dtype)
     for r in range(R):
         for d in range(D):
@@ -1193,24 +1196,34 @@ def plan(kvlen, Lq, Hkv, split, left, right):
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_items(
-    counter, total, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
+    counter, total, role, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
     slopes, has_alibi, c0, nch, start, part_o, part_lse,
 ):
-    """Work items taken one at a time from the shared ``counter`` (an atomic add) until
-    ``total``: threads calling this together split the items by how fast each one runs — a
-    thread that starts late or shares its core does fewer.  Each item writes its own part:
-    the same bits whichever thread ran it.  Returns the number of items this call ran."""
+    """Work items, one per ticket taken from the shared ``counter`` (an atomic add) until
+    ``total`` tickets are out: threads calling this together split the items by how fast each
+    one runs — a thread that starts late or shares its core does fewer.  ``role`` says which
+    item a ticket means: ``ROLE_FRONT`` this thread's next item from the first one up,
+    ``ROLE_BACK`` from the last one down (two threads then each read one run of consecutive
+    items — whole stretches of a contiguous cache in address order — and meet where their
+    tickets run out), ``ROLE_SHARED`` the ticket's number (any number of threads).  Each item
+    writes its own part: the same bits whichever thread ran it.  Returns the items run."""
     Hkv = kst[3]
     kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
     offs = np.empty(2 * split, dtype=np.int64)
     done = 0
     while True:
-        it = _fetch_add(counter, 1)
-        if it >= total:
+        ticket = _fetch_add(counter, 1)
+        if ticket >= total:
             return done
+        if role == ROLE_FRONT:
+            it, nxt = done, done + 1
+        elif role == ROLE_BACK:
+            it, nxt = total - 1 - done, total - 2 - done
+        else:
+            it, nxt = ticket, -1
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs)
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt)
         done += 1
 
 
@@ -1241,7 +1254,7 @@ def run_serial(
     offs = np.empty(2 * split, dtype=np.int64)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs)
+              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)
     out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
     lse = np.empty((B, Hq, Lq), dtype=q.dtype)
     for pair in range(B * Hkv):

@@ -143,19 +143,25 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     workers = _workers()
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
-        counter = np.zeros(1, dtype=np.int64)  # the next work item (the kernel's atomic add)
+        counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
         if workers == 1 or total < 2:
-            K.run_items(counter, total, *common)
+            K.run_items(counter, total, K.ROLE_FRONT, *common)
         else:
-            # Items one at a time from a shared counter (an atomic add in the kernel), on the
-            # caller and one pool thread per other core: a pool thread the scheduler wakes late,
-            # or that shares its core with another program's spinning thread (torch's OpenMP
-            # workers spin after each product of a model's step), takes fewer items instead of
-            # holding the call up by a fixed range — the caller waits for at most the item it
-            # is running.  A pool task not started when the caller runs out is cancelled.
-            # Each item writes its own part: the same bits whichever thread ran it.
-            futures = [_pool().submit(K.run_items, counter, total, *common) for _ in range(workers - 1)]
-            K.run_items(counter, total, *common)
+            # Items by tickets from a shared counter, on the caller and one pool thread per
+            # other core: a pool thread the scheduler wakes late, or that shares its core with
+            # another program's spinning thread (the OpenMP workers of torch or of Numba's
+            # parallel kernels spin after each of a model's products), takes fewer items
+            # instead of holding the call up by a fixed range — the caller waits for at most
+            # the item it runs.  With two threads the caller takes items from the first up
+            # and the pool thread from the last down, so each thread's items are neighbours
+            # (long stretches of a contiguous cache; alternating items cut every thread's
+            # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task not started when the tickets
+            # run out is cancelled.  Each item writes its own part: the same bits whichever
+            # thread ran it.
+            pair = workers == 2
+            futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
+                       for _ in range(workers - 1)]
+            K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
             for future in futures:
                 if not future.cancel():
                     future.result()  # re-raises a worker's exception here

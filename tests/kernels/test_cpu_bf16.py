@@ -137,8 +137,10 @@ def _check_forward(q, k, v, tiles, **options):
         (2, 2, 96, 64, 128, 128, (64, 32), {}),  # D 128: the 2 × 2 blocking, several key steps
         (1, 1, 70, 90, 32, 64, (32, 32), {"kv_lengths": np.array([77])}),  # D ≠ Dv, padded keys
         (2, 1, 64, 200, 64, 32, (32, 96), {"window": (40, 10), "softcap": 15.0}),
+        # padding query rows (zeros out of the transposed accumulator)
+        (2, 2, 96, 96, 64, 64, (32, 32), {"q_lengths": np.array([50]), "causal": True}),
     ],
-    ids=["d64-gqa-causal", "d128", "d32-dv64-kvlen", "window-softcap"],
+    ids=["d64-gqa-causal", "d128", "d32-dv64-kvlen", "window-softcap", "qlen-causal"],
 )
 def test_amx_tile_products_match_the_reference(Hq, Hkv, Lq, Lk, D, Dv, tiles, options):
     q, k, v = H.random_qkv(21, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=BFLOAT16)

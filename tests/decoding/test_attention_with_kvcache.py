@@ -202,6 +202,35 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     H.assert_bitwise_equal(results[0][1], results[1][1], name="lse")
 
 
+def test_cpu_large_call_stays_on_the_calling_thread_when_numba_threads_are_one(monkeypatch):
+    """A caller's one-thread block (numba.set_num_threads(1), as SmolLM's busy-machine mode)
+    keeps a call that would use the pool on the calling thread; the bits are those of the pool."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    import numba
+
+    from dotattn.kernels import cpu_decode
+
+    case = C.make_case(8, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    pooled = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                            return_lse=True, implementation="cpu", **case.kwargs())
+
+    def no_pool():
+        raise AssertionError("the pool was used under numba.set_num_threads(1)")
+
+    monkeypatch.setattr(cpu_decode, "_pool", no_pool)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        alone = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                               return_lse=True, implementation="cpu", **case.kwargs())
+    finally:
+        numba.set_num_threads(previous)
+    H.assert_bitwise_equal(alone[0], pooled[0], name="out")
+    H.assert_bitwise_equal(alone[1], pooled[1], name="lse")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, C.BFLOAT16], ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_reaches_only_the_rows_that_see_it(backend, dtype):

@@ -7,7 +7,9 @@ cache is passed as a flat view of the caller's memory plus element strides, 16-b
 decode loop allocates nothing large.  The Numba kernels are serial and release the GIL;
 calls reading more than :data:`PARALLEL_MIN_BYTES` of K/V split their work items between the
 calling thread and a pool of Python threads, one per other core (a Numba ``prange`` launch cost ~100 µs per call here
-even with one thread, and its OpenMP barrier stalled whole calls on a loaded machine).  The
+even with one thread, and its OpenMP barrier stalled whole calls on a loaded machine), taking
+items from a shared counter; Numba's thread count (``numba.set_num_threads``, thread-local)
+caps the threads used, so a caller's one-thread block keeps the call on its thread.  The
 thread count never changes a bit of the result: every work item and merge is the same code,
 each item writes its own part, and parts are merged in a fixed order (tested).
 """
@@ -19,6 +21,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
@@ -140,7 +143,9 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
         call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
     )
-    workers = _workers()
+    # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
+    # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
+    workers = min(_workers(), numba.get_num_threads())
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
         counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)

@@ -121,3 +121,37 @@ def test_nonfinite_scores_stay_in_their_rows(target, value):
         np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
         finite = np.isfinite(theirs)
         np.testing.assert_allclose(ours[finite], theirs[finite], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("L, lengths", [(64, None), (50, None), (64, [64, 40])])
+def test_strided_views_are_read_in_place_and_written_in_the_callers_layout(L, lengths):
+    """SmolLM's case: q, k, v are head slices of one (B, L, heads, D) projection buffer,
+    layout "blhd".  Read in place (no copy when the tiles need no padding), the output comes
+    back C-contiguous in that layout, and agrees with the reference and the per-head kernel;
+    so does a K/V whose rows run backwards (not read in place)."""
+    import dotattn
+
+    B, Hq, Hkv, D = 2, 6, 2, 16
+    buf = np.random.default_rng(4).standard_normal((B, L, Hq + 2 * Hkv, D)).astype(np.float32)
+    q, k, v = buf[:, :, :Hq], buf[:, :, Hq : Hq + Hkv], buf[:, :, Hq + Hkv :]
+    opts = {"causal": True, "layout": "blhd"}
+    if lengths is not None:
+        opts["q_lengths"] = opts["kv_lengths"] = np.array(lengths)
+    call = semantics.normalize(q, k, v, **opts)
+    p = cpu.prepare(call, (16, 16), forward=True, grouped=True)
+    assert p.q is call.q
+    assert np.shares_memory(p.kp, buf) == (L % 16 == 0 and lengths is None)  # a view of the buffer, or a copy
+    out = dotattn.attention(q, k, v, implementation="cpu", **opts)
+    assert out.flags.c_contiguous and out.shape == (B, L, Hq, D)
+    ref_out, _ = H.reference(q, k, v, **opts)
+    naive_out, _ = H.naive(q, k, v, **opts)
+    real = np.ones((B, L), bool) if lengths is None else np.arange(L)[None] < np.array(lengths)[:, None]
+    H.assert_close_to_reference(np.where(real[..., None, None], out, 0), np.where(real[..., None, None], ref_out, 0),
+                                np.where(real[..., None, None], naive_out, 0), name="out")
+    per_head, _ = cpu.forward(call, grouped=False)
+    np.testing.assert_allclose(out, per_head.swapaxes(1, 2), rtol=0, atol=2e-6)
+    backwards = semantics.normalize(q, k[:, ::-1], v[:, ::-1], **opts)
+    assert cpu._grouped_f32(backwards)
+    got, _ = cpu.forward(backwards)
+    want, _ = cpu.forward(backwards, grouped=False)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)

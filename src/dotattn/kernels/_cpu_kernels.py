@@ -502,7 +502,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def forward_grouped(queue, q, kp, vp, out, lse, o, chunk, nchunks):
+def forward_grouped(queue, q2, kp2, vp2, out2, lse, o, chunk, nchunks):
     """:func:`forward` for GQA/MQA calls whose masks are intervals per query row (lengths,
     causal, window) and whose scores need no chain (no softcap, bias, ALiBi, ``score_mod``,
     dropout): a task ``(b, K/V head, query tile)`` stacks that tile's rows of all ``G = Hq /
@@ -517,8 +517,13 @@ def forward_grouped(queue, q, kp, vp, out, lse, o, chunk, nchunks):
     on the cores the model's next matrix product needs, and whose launch waits for every
     thread of the team on a busy machine (the caller here takes every task a descheduled
     worker has not).
+
+    ``q2``, ``kp2``, ``vp2``, ``out2``: the arrays behind a stride-0 axis of length 2
+    (``cpu._any_layout``; read at ``[0]``), typed layout "A" whatever their strides: one
+    compiled specialization reads the caller's strided views in place and writes the output
+    in the caller's layout.
     """
-    _forward_grouped_chunk(queue, q, kp, vp, out, lse, o)
+    _forward_grouped_chunk(queue, q2[0], kp2[0], vp2[0], out2[0], lse, o)
 
 
 @njit(cache=_JIT_CACHE)

@@ -569,12 +569,15 @@ def fit_block(BQ: int, BK: int, Lq: int, Lk: int) -> tuple[int, int]:
     return fit(BQ, Lq), fit(BK, Lk)
 
 
-def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None, forward: bool = False) -> Prepared:
+def prepare(
+    call: AttentionCall, block_size: tuple[int, int] | None = None, forward: bool = False, grouped: bool = False
+) -> Prepared:
     """Everything the kernels need for ``call``, without any ``Lq × Lk`` array.
 
     ``forward``: for the forward kernel — bfloat16 operands then get V transposed (``accᵀ +=
     Vᵀ·P``) and, where :func:`amx_path` allows and the sizes are whole AMX steps, the AMX
-    tile products (``Options.amx``).
+    tile products (``Options.amx``).  ``grouped``: for the grouped forward, which reads q and
+    the K/V tiles in place where it can (any strides; :func:`_kv_tiles`).
     """
     score_mod, mask_mod, bm = user_mods(call)
     T = call.compute_dtype
@@ -592,10 +595,16 @@ def prepare(call: AttentionCall, block_size: tuple[int, int] | None = None, forw
     S = storage_dtype(call)
     if S == np.float32:
         _bind_f32_gemm()
-    q = as_kernel_operand(_contiguous(call.q, S))
-    kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
+    if grouped:  # float32 only (_grouped_f32): copies only for another dtype or read-only memory
+        in_place = call.q.dtype == S and call.q.strides[3] == call.q.itemsize and call.q.flags.writeable
+        q = call.q if in_place else _contiguous(call.q, S)
+        kp, vp = _kv_tiles(call.k, call.kv_lengths, BK, S), _kv_tiles(call.v, call.kv_lengths, BK, S)
+    else:
+        q = as_kernel_operand(_contiguous(call.q, S))
+        kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
     v_transposed = forward and S == BFLOAT16
-    vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S, transposed=v_transposed))
+    if not grouped:
+        vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S, transposed=v_transposed))
     amx = (
         v_transposed
         and all(n % AMX_QUANTUM == 0 for n in (BQ, BK, call.D, call.Dv))
@@ -733,10 +742,36 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None, grou
         block_size = GROUPED_CAUSAL_F32_BLOCK_SIZE
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
-    p = prepare(call, block_size, forward=True)
+    p = prepare(call, block_size, forward=True, grouped=grouped)
     if not call.extras and not _all_finite(p.vp):
         return _numpy_backend().forward(call)
     return _run_forward(call, p, grouped)
+
+
+def _any_layout(x: np.ndarray) -> np.ndarray:
+    """``x`` behind a leading axis of length 2 and stride 0 (the kernel reads ``[0]``): a
+    view Numba types as layout "A" whatever ``x``'s strides, so the grouped forward has one
+    compiled specialization for the caller's strided views (SmolLM's q, k, v are slices of
+    its projection buffers, read in place) and for packed copies alike."""
+    return np.lib.stride_tricks.as_strided(x, (2,) + x.shape, (0,) + x.strides)
+
+
+def _kv_tiles(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
+    """(B, Hkv, Lk, X) as key tiles (B, Hkv, nkb, BK, X): a strided view of ``x`` when no
+    tile needs padding (``Lk`` a multiple of BK, no ``kv_lengths`` below it) and its rows are
+    contiguous in ``dtype``; else :func:`_pack_kv`'s zero-padded copy."""
+    B, H, L, X = x.shape
+    if (
+        L % BK == 0
+        and x.dtype == dtype
+        and x.strides[3] == x.itemsize
+        and x.strides[2] >= X * x.itemsize  # rows in order, apart: the tile GEMMs' leading dimension
+        and x.flags.writeable
+        and (kv_lengths is None or bool(np.all(kv_lengths == L)))
+    ):
+        sB, sH, sL, sX = x.strides
+        return np.lib.stride_tricks.as_strided(x, (B, H, L // BK, BK, X), (sB, sH, BK * sL, sL, sX))
+    return _pack_kv(x, kv_lengths, BK, dtype)
 
 
 def _grouped_f32(call: AttentionCall) -> bool:
@@ -755,6 +790,8 @@ def _grouped_f32(call: AttentionCall) -> bool:
         and call.dropout_p == 0.0
         and not call.extras
         and call.block is None
+        and call.Lq > 0
+        and call.Lk > 0
         and storage_dtype(call) == np.float32
     )
 
@@ -779,9 +816,12 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False):
     if grouped:
         from ._launch import run_chunks
 
+        if call.layout == "blhd":  # written where the caller's layout wants it: finalize copies nothing
+            out = np.empty((call.B, call.Lq, call.Hq, call.Dv), dtype=p.T).swapaxes(1, 2)
         queue = np.zeros(1, dtype=np.int64)  # the tasks' shared counter
+        args = (queue, _any_layout(p.q), _any_layout(p.kp), _any_layout(p.vp), _any_layout(out), lse, p.options)
         with _kernel_launch(p.kernels, "forward_grouped", call.dtype):
-            run_chunks(p.kernels.forward_grouped, (queue, p.q, p.kp, p.vp, out, lse, p.options), _num_threads())
+            run_chunks(p.kernels.forward_grouped, args, _num_threads())
         return out, lse
     with _kernel_launch(p.kernels, "forward", call.dtype):
         p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())

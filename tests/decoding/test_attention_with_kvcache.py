@@ -187,6 +187,7 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
     from dotattn.kernels import cpu_decode
 
     case = C.make_case(8, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Lq=2, Lnew=2, Hq=6, Hkv=3)
+    cpu_decode._CHOICES.clear()  # a fresh size class: its first large call runs on the pool
     results = []
     for min_bytes in (0, 1 << 62):
         kc, vc = case.k_cache.copy(), case.v_cache.copy()
@@ -213,6 +214,7 @@ def test_cpu_large_call_stays_on_the_calling_thread_when_numba_threads_are_one(m
 
     case = C.make_case(8, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})  # a fresh size class: the first call on the pool
     pooled = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
                                             return_lse=True, implementation="cpu", **case.kwargs())
 
@@ -229,6 +231,25 @@ def test_cpu_large_call_stays_on_the_calling_thread_when_numba_threads_are_one(m
         numba.set_num_threads(previous)
     H.assert_bitwise_equal(alone[0], pooled[0], name="out")
     H.assert_bitwise_equal(alone[1], pooled[1], name="lse")
+
+
+def test_cpu_parallel_choice_runs_the_faster_mode_and_retries_the_other():
+    """Large calls run on the pool or alone by their measured times (same bits either way)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice = ParallelChoice()
+    assert choice.choose() is True  # first: the pool
+    choice.record(True, 2e-9)
+    assert choice.choose() is False  # then alone once
+    choice.record(False, 1e-9)
+    modes = [choice.choose() for _ in range(3 * ParallelChoice.RETRY)]
+    assert modes.count(True) == 3, "alone is faster: the pool only on the retries"
+    assert all(m is False for i, m in enumerate(modes) if (i + 3) % ParallelChoice.RETRY)
+    for _ in range(20):  # the load went away: the pool's retries now measure faster
+        choice.record(True, 0.2e-9)
+    assert choice.choose() is True
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, C.BFLOAT16], ids=["float32", "float16", "bfloat16"])

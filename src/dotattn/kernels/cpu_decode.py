@@ -9,7 +9,9 @@ calls reading more than :data:`PARALLEL_MIN_BYTES` of K/V split their work items
 calling thread and a pool of Python threads, one per other core (a Numba ``prange`` launch cost ~100 µs per call here
 even with one thread, and its OpenMP barrier stalled whole calls on a loaded machine), taking
 items from a shared counter; Numba's thread count (``numba.set_num_threads``, thread-local)
-caps the threads used, so a caller's one-thread block keeps the call on its thread.  The
+caps the threads used, so a caller's one-thread block keeps the call on its thread, and a
+:class:`ParallelChoice` per call size runs such calls alone when that has been faster (a busy
+machine).  The
 thread count never changes a bit of the result: every work item and merge is the same code,
 each item writes its own part, and parts are merged in a fixed order (tested).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -149,8 +152,16 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
         counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
-        if workers == 1 or total < 2:
+        choice = None
+        if workers > 1 and total >= 2:
+            choice = _CHOICES.get((nbytes.bit_length(), workers))
+            if choice is None:
+                choice = _CHOICES[(nbytes.bit_length(), workers)] = ParallelChoice()
+        if choice is None or not choice.choose():
+            started = time.perf_counter()
             K.run_items(counter, total, K.ROLE_FRONT, *common)
+            if choice is not None:
+                choice.record(False, (time.perf_counter() - started) / nbytes)
         else:
             # Items by tickets from a shared counter, on the caller and one pool thread per
             # other core: a pool thread the scheduler wakes late, or that shares its core with
@@ -160,9 +171,10 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             # the item it runs.  With two threads the caller takes items from the first up
             # and the pool thread from the last down, so each thread's items are neighbours
             # (long stretches of a contiguous cache; alternating items cut every thread's
-            # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task not started when the tickets
-            # run out is cancelled.  Each item writes its own part: the same bits whichever
-            # thread ran it.
+            # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task
+            # not started when the tickets run out is cancelled.  Each item writes its own
+            # part: the same bits whichever thread ran it.
+            started = time.perf_counter()
             pair = workers == 2
             futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
                        for _ in range(workers - 1)]
@@ -170,9 +182,53 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             for future in futures:
                 if not future.cancel():
                     future.result()  # re-raises a worker's exception here
+            choice.record(True, (time.perf_counter() - started) / nbytes)
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
 
+
+class ParallelChoice:
+    """Whether calls of one size class run on the pool or on the calling thread alone, chosen by
+    their times.
+
+    The pool wins on an idle machine (two cores read about twice what one does), but when the
+    other cores are busy — other programs, or a model's OpenMP workers spinning after its
+    products — the pool thread shares a core, and the calls ran slower on the pool than alone
+    (at load 3, SmolLM-sized 4k calls from DRAM: 1,868 µs per call on the pool against 1,240
+    alone).  Both modes give the same bits, so the faster one runs: the first call of a class
+    on the pool, the second alone, then the one with the lower running mean time per K/V byte,
+    and the other once every :data:`RETRY` calls (has the load changed?).  Races between
+    threads calling at once only blur the means.
+    """
+
+    RETRY = 32
+    WEIGHT = 0.3  # of a new time in the running mean
+
+    __slots__ = ("mean", "calls")
+
+    def __init__(self) -> None:
+        self.mean: list[float | None] = [None, None]  # seconds per K/V byte: [alone, pool]
+        self.calls = 0
+
+    def choose(self) -> bool:
+        """True: run this call on the pool."""
+        self.calls += 1
+        alone, pool = self.mean
+        if pool is None:
+            return True
+        if alone is None:
+            return False
+        best = pool <= alone
+        return (not best) if self.calls % self.RETRY == 0 else best
+
+    def record(self, pool: bool, per_byte: float) -> None:
+        i = int(pool)
+        old = self.mean[i]
+        self.mean[i] = per_byte if old is None else old + self.WEIGHT * (per_byte - old)
+
+
+# one choice per (size class: K/V bytes' bit length, thread count); a model's calls share a few
+_CHOICES: dict[tuple[int, int], ParallelChoice] = {}
 
 _NO_SLOPES: dict[np.dtype, np.ndarray] = {}
 

@@ -195,36 +195,44 @@ class ParallelChoice:
     other cores are busy — other programs, or a model's OpenMP workers spinning after its
     products — the pool thread shares a core, and the calls ran slower on the pool than alone
     (at load 3, SmolLM-sized 4k calls from DRAM: 1,868 µs per call on the pool against 1,240
-    alone).  Both modes give the same bits, so the faster one runs: the first call of a class
-    on the pool, the second alone, then the one with the lower running mean time per K/V byte,
-    and the other once every :data:`RETRY` calls (has the load changed?).  Races between
-    threads calling at once only blur the means.
+    alone).  Both modes give the same bits, so the faster one runs: the class's first call on
+    the pool, not timed (it may compile the kernel or start the pool), the second on the pool,
+    the third alone, then the mode with the lower median of its last :data:`KEEP` times per
+    K/V byte, and the other once every :data:`RETRY` calls (has the load changed?).  Races
+    between threads calling at once only blur the times.
     """
 
     RETRY = 32
-    WEIGHT = 0.3  # of a new time in the running mean
+    KEEP = 3
 
-    __slots__ = ("mean", "calls")
+    __slots__ = ("times", "calls")
 
     def __init__(self) -> None:
-        self.mean: list[float | None] = [None, None]  # seconds per K/V byte: [alone, pool]
+        self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
         self.calls = 0
 
     def choose(self) -> bool:
         """True: run this call on the pool."""
         self.calls += 1
-        alone, pool = self.mean
-        if pool is None:
+        alone, pool = self.times
+        if not pool:
             return True
-        if alone is None:
+        if not alone:
             return False
-        best = pool <= alone
+        best = _median(pool) <= _median(alone)
         return (not best) if self.calls % self.RETRY == 0 else best
 
     def record(self, pool: bool, per_byte: float) -> None:
-        i = int(pool)
-        old = self.mean[i]
-        self.mean[i] = per_byte if old is None else old + self.WEIGHT * (per_byte - old)
+        if self.calls <= 1:
+            return  # the class's first call: warm-up
+        kept = self.times[int(pool)]
+        kept.append(per_byte)
+        if len(kept) > self.KEEP:
+            del kept[0]
+
+
+def _median(x: list[float]) -> float:
+    return sorted(x)[len(x) // 2]
 
 
 # one choice per (size class: K/V bytes' bit length, thread count); a model's calls share a few

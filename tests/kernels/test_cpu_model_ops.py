@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from dotattn.kernels import _cpu_model_ops as ops
 
+from helpers import assert_close_to_reference
+
 # float32 kernels against float64 math: a few float32 roundings per element
 REL = 2e-6
 
@@ -101,3 +103,61 @@ def test_swiglu_at_extreme_gates():
     want = _swiglu64(gate_up)[0]
     np.testing.assert_allclose(act[0], want, rtol=REL, atol=1e-35)
     assert act[0, 0] == 0.0 and act[0, -1] == np.float32(2e30)
+
+
+# ---- the decode step's matrix–vector products ---------------------------------------------
+def _gemv_all(x, w, chunks):
+    """``gemv_rows`` over ``chunks`` row ranges (as the parallel kernel splits them) and the
+    parallel kernel itself; both must give the same bits."""
+    O = w.shape[0]
+    by_ranges = np.full((x.shape[0], O), np.nan, np.float32)
+    bounds = np.linspace(0, O, chunks + 1).astype(int)
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        ops.gemv_rows(x, w, by_ranges, r0, r1)
+    out = np.full_like(by_ranges, np.nan)
+    ops.gemv(x, w, out, chunks)
+    np.testing.assert_array_equal(out, by_ranges)  # rows are independent: chunking never changes a bit
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 8), o=st.integers(1, 70), i=st.integers(1, 100), chunks=st.integers(1, 5),
+       magnitude=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_gemv_against_a_float64_product(b, o, i, chunks, magnitude, seed):
+    """Any sizes (rows not a multiple of the 4-row block, ``in`` not a multiple of the vector
+    width), 1–8 token rows, any chunking: within twice NumPy's float32 product's error."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((b, i)) * magnitude).astype(np.float32)
+    w = rng.standard_normal((o, i), dtype=np.float32)
+    got = _gemv_all(x, w, chunks)
+    assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name="gemv")
+
+
+def test_gemv_at_model_sizes():
+    """SmolLM's matrices (576 and 1536 inputs) and a vocabulary-sized odd row count."""
+    rng = np.random.default_rng(1)
+    for b, o, i in ((1, 960, 576), (3, 577, 1536), (8, 4099, 576)):
+        x = rng.standard_normal((b, i), dtype=np.float32)
+        w = rng.standard_normal((o, i), dtype=np.float32)
+        got = _gemv_all(x, w, 2)
+        assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv {b}×{o}×{i}")
+
+
+def test_gemv_propagates_nan_and_inf_like_a_product():
+    """NaN in a weight row makes that output NaN for every token row; ±inf in ``x`` gives ±inf
+    where the other terms are finite and NaN where inf meets a zero weight or an opposite inf."""
+    rng = np.random.default_rng(2)
+    b, o, i = 3, 37, 41
+    x = rng.standard_normal((b, i), dtype=np.float32)
+    w = rng.standard_normal((o, i), dtype=np.float32)
+    w[5, 7] = np.nan
+    x[1, 3] = np.inf  # row 1: ±inf by the sign of w[:, 3]
+    w[9, 3] = 0.0  # … and inf·0 = NaN at output 9
+    x[2, 0], x[2, 1] = np.inf, -np.inf  # row 2: inf − inf = NaN where w[:, 0] and w[:, 1] share a sign
+    got = _gemv_all(x, w, 3)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    assert np.isfinite(got[np.isfinite(want)]).all()

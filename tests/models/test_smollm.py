@@ -115,12 +115,33 @@ def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_sett
         return False
 
     monkeypatch.setattr(smollm_module._StepThreads, "choose", one_thread)
+    from dotattn.kernels import _cpu_model_ops as ops
+
+    # the decode steps' matrix–vector products stay on this thread (the output projection of
+    # the prompt's last token runs after the prompt pass, outside the chosen modes)
+    parallel_gemvs, in_step = [], [False]
+    serial_gemv, decode_step = ops.gemv_rows, smollm_module.SmolLM._decode_step
+
+    def gemv(x, w, out, chunks):
+        parallel_gemvs.append(in_step[0])
+        serial_gemv(x, w, out, 0, w.shape[0])
+
+    def step(self, *args):
+        in_step[0] = True
+        try:
+            return decode_step(self, *args)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(ops, "gemv", gemv)
+    monkeypatch.setattr(smollm_module.SmolLM, "_decode_step", step)
     before = mkl_threads_here(0)  # 0: the process-wide count (no local setting)
     threads = numba.get_num_threads()
     tokens = model.generate_ids(reference["prompts"][0], max_new_tokens=N_GREEDY, stop_at_eos=False)
     assert mkl_threads_here(0 if before is None else before) in (None, 0)  # no local MKL count left set
     assert numba.get_num_threads() == threads
     assert tokens == reference["greedy"][0, :N_GREEDY].tolist()
+    assert not any(parallel_gemvs)
     # every prompt-pass layer, then every decode step (the first token comes from the prompt pass)
     assert modes == [False] * (model.config.n_layers + N_GREEDY - 1)
 

@@ -1,4 +1,5 @@
-"""Fused element-wise steps of a Llama block on float32 token rows (``dotattn.models``).
+"""Fused element-wise steps of a Llama block on float32 token rows (``dotattn.models``), and
+the matrix–vector products of its decode steps (:func:`gemv`, at the end).
 
 RMSNorm with its residual add, rotate-half RoPE and SwiGLU, each one pass over its rows.
 Written as NumPy operations they were 5–7 passes each over arrays of the prompt's size
@@ -14,6 +15,7 @@ kernels' float32 ``2**x`` (``_cpu_primitives._exp2_one``: relative error ≤ 2.2
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -94,3 +96,72 @@ def swiglu(gate_up, act, chunk, chunks):
             e = _exp2_one(-abs(g), log2e, zero)  # e**−|g| = 2**(−|g|·log2 e): the kernels' exp
             num = one if g >= 0 else e
             a[j] = g * (num / (one + e)) * gu[F + j]
+
+
+# ---- matrix–vector products of a decode step ------------------------------------------------
+# A decode step multiplies a few token rows by every weight matrix once: ≈ 2 FLOPs per 4-byte
+# weight read, so its time is the time to stream the weights from memory.  MKL's GEMM with
+# one row (torch.mm) streamed them at ≈ 11–18 GB/s on both cores here; these loops read them
+# in order, four weight rows at a time (each x element loaded once per four FMAs), with the
+# row range split into one chunk per thread.
+GEMV_ROW_BLOCK = 4
+
+
+@njit(cache=_JIT_CACHE, nogil=True, fastmath=_FAST, error_model="numpy")
+def gemv_rows(x, w, out, r0, r1):
+    """``out[b, o] = Σ_i x[b, i] · w[o, i]`` for output rows ``o ∈ [r0, r1)``: ``x (B, I)``,
+    ``w (O, I)`` row-major (a linear layer's ``(out, in)`` weight), ``out (B, O)``.
+
+    Float32 sums over ``i`` in vector lanes (reassociated, as any BLAS does); NaN and inf
+    propagate as in a product (no ``nnan``/``ninf`` flags).
+    """
+    B, I = x.shape
+    o = r0
+    while o + GEMV_ROW_BLOCK <= r1:
+        w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+        for b in range(B):
+            xb = x[b]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for i in range(I):
+                xi = xb[i]
+                a0 += w0[i] * xi
+                a1 += w1[i] * xi
+                a2 += w2[i] * xi
+                a3 += w3[i] * xi
+            ob = out[b]
+            ob[o] = a0
+            ob[o + 1] = a1
+            ob[o + 2] = a2
+            ob[o + 3] = a3
+        o += GEMV_ROW_BLOCK
+    while o < r1:  # the last rows of an O that is not a multiple of the block
+        wo = w[o]
+        for b in range(B):
+            xb = x[b]
+            acc = np.float32(0.0)
+            for i in range(I):
+                acc += wo[i] * xb[i]
+            out[b, o] = acc
+        o += 1
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _block_rows(n, chunk, chunks):
+    """Rows ``[r0, r1)`` of chunk ``chunk``: boundaries on multiples of the row block."""
+    blocks = (n + GEMV_ROW_BLOCK - 1) // GEMV_ROW_BLOCK
+    return min(n, blocks * chunk // chunks * GEMV_ROW_BLOCK), min(n, blocks * (chunk + 1) // chunks * GEMV_ROW_BLOCK)
+
+
+@njit(cache=_JIT_CACHE, parallel=True, fastmath=_FAST, error_model="numpy")
+def gemv(x, w, out, chunks):
+    """:func:`gemv_rows` over all of ``w``'s rows in ``chunks`` chunks, one per thread of
+    Numba's team (the caller passes ``numba.get_num_threads()``: read inside the kernel it
+    would keep Numba from caching the machine code).  With one thread, call
+    :func:`gemv_rows` directly: no parallel launch."""
+    O = w.shape[0]
+    for c in numba.prange(chunks):
+        r0, r1 = _block_rows(O, c, chunks)
+        gemv_rows(x, w, out, r0, r1)

@@ -1013,12 +1013,13 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":
-            timed("model steps (RMSNorm, RoPE, SwiGLU)", _model_steps)
+            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV)", _model_steps)
     return rows
 
 
 def _model_steps() -> None:
-    """The ``dotattn.models`` element-wise kernels once each, on a few float32 rows."""
+    """The ``dotattn.models`` kernels once each, on a few float32 rows: the element-wise
+    steps and the decode steps' matrix–vector product (its parallel and one-thread entries)."""
     from . import _cpu_model_ops as ops
 
     x = np.ones((2, 8), np.float32)
@@ -1026,6 +1027,9 @@ def _model_steps() -> None:
     table = np.ones((4, 8), np.float32)
     ops.rope(np.ones((2, 24), np.float32), np.arange(2, dtype=np.int64), table, table, np.empty((2, 2, 8), np.float32), 0, 1)
     ops.swiglu(np.ones((2, 16), np.float32), np.empty((2, 8), np.float32), 0, 1)
+    w, y = np.ones((6, 8), np.float32), np.empty((2, 6), np.float32)
+    ops.gemv(x, w, y, 2)
+    ops.gemv_rows(x, w, y, 0, 6)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

@@ -10,7 +10,8 @@ Every attention is dotattn: the prompt goes through one :func:`dotattn.attention
 layer (``causal=True``), then each new token through :func:`dotattn.attention_with_kvcache`
 on a paged :class:`dotattn.KVCache` (:class:`_Caches`, the one place that owns the cache).  The
 projections are float32 matrix products on torch's GEMM where torch is installed (MKL on both
-cores; ``compute="numpy"``: NumPy's BLAS), the rest NumPy; ``import dotattn.models`` stays free
+cores; ``compute="numpy"``: NumPy's BLAS), those of a few token rows (decode steps) dotattn's
+matrix–vector kernel (:class:`_MatMul`), the rest NumPy; ``import dotattn.models`` stays free
 of frameworks (torch is imported when a model is made).  See docs/models.md.
 
 Shape legend: ``B`` sequences in a batch, ``L`` tokens, ``E`` hidden size (576), ``Hq``/``Hkv``
@@ -224,11 +225,19 @@ def _one_thread():
 class _MatMul:
     """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
 
-    ``compute="torch"``: ``torch.mm`` on zero-copy views of the NumPy arrays (MKL, on torch's
-    own threads: both cores); ``"numpy"``: NumPy's BLAS.  Arrays that live as long as the
-    model (weights, the decode buffers) get their torch view once (:meth:`keep`); others are
-    wrapped per call (``torch.from_numpy``, ≈ 1 µs).
+    Up to :data:`GEMV_MAX_ROWS` token rows (decode steps, tiny prompts): dotattn's
+    matrix–vector kernel (``kernels/_cpu_model_ops.gemv``), which streams the weights on
+    Numba's threads, or on the calling thread alone where Numba's thread count is 1
+    (:func:`_one_thread`).  Those products only read the weights once, so their time is the
+    memory's: MKL's one-row GEMM read them at ≈ 11 GB/s per decode step where the kernel
+    reads ≈ 20 (docs/models.md).  More rows: ``compute="torch"``: ``torch.mm`` on zero-copy
+    views of the NumPy arrays (MKL, on torch's own threads: both cores); ``"numpy"``:
+    NumPy's BLAS.  Arrays that live as long as the model (weights, the decode buffers) get
+    their torch view once (:meth:`keep`); others are wrapped per call (``torch.from_numpy``,
+    ≈ 1 µs).
     """
+
+    GEMV_MAX_ROWS = 8  # measured faster than torch.mm at 1, 4 and 8 rows (docs/models.md)
 
     def __init__(self, compute: str):
         self._torch = None
@@ -250,6 +259,9 @@ class _MatMul:
         return kept[1] if kept is not None and kept[0] is a else self._torch.from_numpy(a)
 
     def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= self.GEMV_MAX_ROWS:
+            return self._gemv(x, w, out)
         if self._torch is None:
             return np.matmul(x, w.T, out=out)
         if out is None:
@@ -259,6 +271,26 @@ class _MatMul:
         kept = self._views.get(id(w))
         wt = kept[1] if kept is not None and kept[0] is w else self._torch.from_numpy(w).t()
         self._torch.mm(self._view(x2), wt, out=self._view(out2))
+        return out
+
+    @staticmethod
+    def _gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        import numba
+
+        from ..kernels import _cpu_model_ops as ops
+
+        if out is None:
+            out = np.empty(x.shape[:-1] + (w.shape[0],), dtype=np.float32)
+        # C-contiguous 2-D operands: one kernel signature (reshape of a contiguous array is a
+        # view, so `out` is written in place)
+        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        out2 = out.reshape(-1, w.shape[0])
+        assert out2.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x2.dtype == out2.dtype == np.float32
+        threads = numba.get_num_threads()
+        if threads > 1:
+            ops.gemv(x2, w, out2, threads)
+        else:  # one-thread mode (or a one-core machine): no parallel launch
+            ops.gemv_rows(x2, w, out2, 0, w.shape[0])
         return out
 
 
@@ -447,6 +479,34 @@ class SmolLM:
         embed = load("token_embd.weight")
         # SmolLM2 ties the output projection to the embedding: no output.weight in the file.
         head = load("output.weight") if "output.weight" in tensors else embed
+        expect = {
+            "qkv": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.hidden),
+            "o": (cfg.hidden, cfg.n_heads * cfg.head_dim),
+            "gate_up": (2 * cfg.ffn, cfg.hidden),
+            "down": (cfg.hidden, cfg.ffn),
+        }
+        # All layers' matrices in one buffer, in the order a step reads them: a decode step
+        # streams the buffer front to back, and one allocation this large gets NumPy's
+        # transparent-huge-page advice (≥ 4 MiB), so reading it misses the TLB 512× less
+        # often — the matrix–vector products of a step read 13 GB/s on one core from it,
+        # 8–9 GB/s from separate 4 KiB-paged arrays (docs/models.md).
+        arena = np.empty(cfg.n_layers * sum(o * i for o, i in expect.values()), np.float32)
+        offset = 0
+
+        def place(key: str, parts: list[np.ndarray]) -> np.ndarray:
+            nonlocal offset
+            rows = sum(p.shape[0] for p in parts)
+            if rows != expect[key][0] or any(p.shape[1:] != expect[key][1:] for p in parts):
+                got = (rows, *parts[0].shape[1:])
+                raise AttentionValueError(
+                    f"GGUF file {str(file)!r}: layer {i} {key} has shape {got}, the metadata implies {expect[key]}"
+                )
+            size = expect[key][0] * expect[key][1]
+            view = arena[offset : offset + size].reshape(expect[key])
+            offset += size
+            np.concatenate(parts, out=view)
+            return view
+
         layers = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
@@ -458,24 +518,13 @@ class SmolLM:
             layers.append(
                 {
                     "attn_norm": load(p + "attn_norm.weight"),
-                    "qkv": np.concatenate([q, k, load(p + "attn_v.weight")]),  # ((Hq + 2Hkv)·D, E)
-                    "o": load(p + "attn_output.weight"),  # (E, Hq·D)
+                    "qkv": place("qkv", [q, k, load(p + "attn_v.weight")]),  # ((Hq + 2Hkv)·D, E)
+                    "o": place("o", [load(p + "attn_output.weight")]),  # (E, Hq·D)
                     "ffn_norm": load(p + "ffn_norm.weight"),
-                    "gate_up": np.concatenate([load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")]),  # (2F, E)
-                    "down": load(p + "ffn_down.weight"),  # (E, F)
+                    "gate_up": place("gate_up", [load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")]),  # (2F, E)
+                    "down": place("down", [load(p + "ffn_down.weight")]),  # (E, F)
                 }
             )
-        expect = {
-            "qkv": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.hidden),
-            "o": (cfg.hidden, cfg.n_heads * cfg.head_dim),
-            "gate_up": (2 * cfg.ffn, cfg.hidden),
-            "down": (cfg.hidden, cfg.ffn),
-        }
-        for key, shape in expect.items():
-            if layers[0][key].shape != shape:
-                raise AttentionValueError(
-                    f"GGUF file {str(file)!r}: layer 0 {key} has shape {layers[0][key].shape}, the metadata implies {shape}"
-                )
         if embed.shape != (cfg.vocab_size, cfg.hidden) or head.shape != embed.shape:
             raise AttentionValueError(
                 f"GGUF file {str(file)!r}: token_embd/output have shapes {embed.shape}/{head.shape}, "

@@ -146,9 +146,18 @@ def pack_q(Qs, Qv):
     BQ, D = Qs.shape
     Q32 = Qs.reshape(BQ * D).view(np.uint32)
     half = D // 2
-    for n in range(BQ):
+    if half <= 32:  # query by query: 2.8 µs a 256-row tile at D 64 (16 queries at a time: 6.0)
+        for n in range(BQ):
+            for k in range(half):
+                Qv[k, n] = Q32[n * half + k]
+        return
+    # 16 queries at a time: query by query, the 1 KiB-strided writes to D/2 rows aliased in L1
+    # at D 128 (54 µs a 256-row tile against 32, same process)
+    for n0 in range(0, BQ, 16):
         for k in range(half):
-            Qv[k, n] = Q32[n * half + k]
+            qrow = Qv[k]
+            for n in range(n0, min(n0 + 16, BQ)):
+                qrow[n] = Q32[n * half + k]
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -243,23 +243,3 @@ def values(v_addr, v_ld, Dv, BK, p_addr, BQ, c_addr, c_ld, cfg):
             _store3(c + 16 * c_ld + 64, c_ld)
     _tile_release()
 
-
-@njit(cache=_JIT_CACHE, parallel=True, nogil=True)
-def pack_transposed(x, lens, out):
-    """``out (B, H, nkb, X, BK)``: the ``BK``-row blocks of ``x (B, H, L, X)`` transposed, zero
-    past ``lens[b]`` — the bfloat16 forward's Vᵀ, once per call, on the kernels' threads
-    (NumPy's strided copy took 1.2–1.8 ms for H8 L4096 D64 against 0.7 for a plain copy)."""
-    B, H, L, X = x.shape
-    nkb, BK = out.shape[2], out.shape[4]
-    for t in prange(B * H * nkb):
-        b = t // (H * nkb)
-        h = (t // nkb) % H
-        kb = t % nkb
-        j0 = kb * BK
-        n = max(0, min(BK, lens[b] - j0))
-        blk = out[b, h, kb]
-        for c0 in range(0, BK, 16):  # 16 keys × X values: rows of x read once, 16-wide runs written
-            for d in range(X):
-                row = blk[d]
-                for j in range(c0, min(c0 + 16, BK)):
-                    row[j] = x[b, h, j0 + j, d] if j < n else 0

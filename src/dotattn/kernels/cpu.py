@@ -418,12 +418,16 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
     nkb = -(-L // BK)
     aligned = dtype != BFLOAT16 or x.ctypes.data % 64 == 0
     if transposed:
-        from ._cpu_amx import pack_transposed
-
-        packed = _zeros_aligned((B, H, nkb, X, BK), dtype, zero=False)  # every element written below
-        lens = np.full(B, L, dtype=np.int64) if kv_lengths is None else np.minimum(np.asarray(kv_lengths, dtype=np.int64), L)
-        src = np.ascontiguousarray(x, dtype=dtype)
-        pack_transposed(as_kernel_operand(src), lens, as_kernel_operand(packed))
+        # NumPy's strided copy: 1.16 ms for H8 L4096 D64 against 1.9 for a serial Numba loop
+        # and 5.5 for a parallel one (its thread team's start, machine at load 2.3)
+        packed = _zeros_aligned((B, H, nkb, X, BK), dtype)
+        for b in range(B):
+            n = L if kv_lengths is None else min(int(kv_lengths[b]), L)
+            full, rest = divmod(n, BK)
+            if full:
+                packed[b, :, :full] = x[b, :, : full * BK].reshape(H, full, BK, X).swapaxes(2, 3)
+            if rest:
+                packed[b, :, full, :, :rest] = x[b, :, full * BK : n].swapaxes(1, 2)
         return packed.swapaxes(3, 4)
     if (
         aligned
@@ -444,11 +448,11 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
     return packed.reshape(B, H, nkb, BK, X)
 
 
-def _zeros_aligned(shape, dtype, zero: bool = True) -> np.ndarray:
-    """``np.zeros(shape, dtype)`` (``np.empty`` without ``zero``) starting at a 64-byte boundary."""
+def _zeros_aligned(shape, dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` starting at a 64-byte boundary."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape))
-    raw = (np.zeros if zero else np.empty)(n * dtype.itemsize + 64, dtype=np.uint8)
+    raw = np.zeros(n * dtype.itemsize + 64, dtype=np.uint8)
     skip = -raw.ctypes.data % 64
     return raw[skip : skip + n * dtype.itemsize].view(dtype).reshape(shape)
 

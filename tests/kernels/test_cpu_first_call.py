@@ -123,7 +123,7 @@ entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forw
            "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
            "decode serial": _cpu_decode_kernels.run_serial,
            "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
-           "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv_items,
+           "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv,
            "model GEMV, one thread": _cpu_model_ops.gemv_rows}
 print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))
 """

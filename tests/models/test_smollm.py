@@ -120,11 +120,11 @@ def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_sett
     # the decode steps' matrix–vector products stay on this thread (the output projection of
     # the prompt's last token runs after the prompt pass, outside the chosen modes)
     parallel_gemvs, in_step = [], [False]
-    items, decode_step = ops.gemv_items, smollm_module.SmolLM._decode_step
+    serial_gemv, decode_step = ops.gemv_rows, smollm_module.SmolLM._decode_step
 
-    def gemv(*args):
+    def gemv(x, w, out, chunks):
         parallel_gemvs.append(in_step[0])
-        items(*args)
+        serial_gemv(x, w, out, 0, w.shape[0])
 
     def step(self, *args):
         in_step[0] = True
@@ -133,7 +133,7 @@ def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_sett
         finally:
             in_step[0] = False
 
-    monkeypatch.setattr(ops, "gemv_items", gemv)
+    monkeypatch.setattr(ops, "gemv", gemv)
     monkeypatch.setattr(smollm_module.SmolLM, "_decode_step", step)
     before = mkl_threads_here(0)  # 0: the process-wide count (no local setting)
     threads = numba.get_num_threads()

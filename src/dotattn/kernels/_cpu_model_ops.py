@@ -1,5 +1,5 @@
 """Fused element-wise steps of a Llama block on float32 token rows (``dotattn.models``), and
-the matrix–vector products of its decode steps (:func:`gemv_items`, at the end).
+the matrix–vector products of its decode steps (:func:`gemv`, at the end).
 
 RMSNorm with its residual add, rotate-half RoPE and SwiGLU, each one pass over its rows.
 Written as NumPy operations they were 5–7 passes each over arrays of the prompt's size
@@ -15,11 +15,12 @@ kernels' float32 ``2**x`` (``_cpu_primitives._exp2_one``: relative error ≤ 2.2
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit
 
 from ._cpu_cache import install_locator
-from ._cpu_primitives import LOG2E, _exp2_one, _take_task
+from ._cpu_primitives import LOG2E, _exp2_one
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -101,11 +102,13 @@ def swiglu(gate_up, act, chunk, chunks):
 # A decode step multiplies a few token rows by every weight matrix once: ≈ 2 FLOPs per 4-byte
 # weight read, so its time is the time to stream the weights from memory.  MKL's GEMM with
 # one row (torch.mm) streamed them at ≈ 11–18 GB/s on both cores here; these loops read them
-# in order, four weight rows at a time (each x element loaded once per four FMAs), in blocks of
-# rows that the caller and pool threads take from a shared counter (:func:`gemv_items`).  Not a
-# Numba prange team: with one other program busy on the two cores, a team's launch waits for a
-# time slice of its descheduled thread, and 120 products per step took 0.76 s against 34 ms on
-# one thread (load 1.7); threads taking blocks as they come lose nothing that way.
+# in order, four weight rows at a time (each x element loaded once per four FMAs), with the
+# row range split into one chunk per thread of a Numba prange team.  A team, not Python pool
+# threads taking row blocks from a shared counter (the attention kernels' way): a product
+# here lasts 0.1–0.3 ms, and a pool thread woken per product started too late to help — in
+# the model at 512 tokens (load 1.2–1.5) the pool version decoded at 20.8 tok/s, the team
+# at 30.5, torch.mm at 23.7.  The team's known cost, a launch that waits for a descheduled
+# thread on a busy machine, is what smollm._StepThreads' one-thread mode is for.
 GEMV_ROW_BLOCK = 4
 
 
@@ -150,17 +153,20 @@ def gemv_rows(x, w, out, r0, r1):
         o += 1
 
 
-@njit(cache=_JIT_CACHE, nogil=True, fastmath=_FAST, error_model="numpy")
-def gemv_items(counter, x, w, out, item_rows):
-    """:func:`gemv_rows` on blocks of ``item_rows`` output rows taken one at a time from the
-    shared ``counter`` (an atomic add), until none is left: the caller and pool threads run it
-    side by side, and a thread the OS runs late takes fewer blocks instead of holding up a
-    fixed share.  Every row is the same arithmetic whichever thread computes it."""
+@njit(cache=_JIT_CACHE, inline="always")
+def _block_rows(n, chunk, chunks):
+    """Rows ``[r0, r1)`` of chunk ``chunk``: boundaries on multiples of the row block."""
+    blocks = (n + GEMV_ROW_BLOCK - 1) // GEMV_ROW_BLOCK
+    return min(n, blocks * chunk // chunks * GEMV_ROW_BLOCK), min(n, blocks * (chunk + 1) // chunks * GEMV_ROW_BLOCK)
+
+
+@njit(cache=_JIT_CACHE, parallel=True, fastmath=_FAST, error_model="numpy")
+def gemv(x, w, out, chunks):
+    """:func:`gemv_rows` over all of ``w``'s rows in ``chunks`` chunks, one per thread of
+    Numba's team (the caller passes ``numba.get_num_threads()``: read inside the kernel it
+    would keep Numba from caching the machine code).  With one thread, call
+    :func:`gemv_rows` directly: no parallel launch."""
     O = w.shape[0]
-    items = (O + item_rows - 1) // item_rows
-    while True:
-        t = _take_task(counter)
-        if t >= items:
-            return
-        r0 = t * item_rows
-        gemv_rows(x, w, out, r0, min(O, r0 + item_rows))
+    for c in numba.prange(chunks):
+        r0, r1 = _block_rows(O, c, chunks)
+        gemv_rows(x, w, out, r0, r1)

@@ -25,21 +25,16 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
-def num_cores() -> int:
-    """The cores this process may run on."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _executor():
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
+                import os
                 from concurrent.futures import ThreadPoolExecutor
 
-                _pool = ThreadPoolExecutor(max_workers=max(1, num_cores() - 1), thread_name_prefix="dotattn-small")
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                _pool = ThreadPoolExecutor(max_workers=max(1, cores - 1), thread_name_prefix="dotattn-small")
     return _pool
 
 

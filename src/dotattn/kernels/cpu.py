@@ -1023,7 +1023,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
 
 def _model_steps() -> None:
     """The ``dotattn.models`` kernels once each, on a few float32 rows: the element-wise
-    steps and the decode steps' matrix–vector product (its shared-counter and one-thread entries)."""
+    steps and the decode steps' matrix–vector product (its parallel and one-thread entries)."""
     from . import _cpu_model_ops as ops
 
     x = np.ones((2, 8), np.float32)
@@ -1032,7 +1032,7 @@ def _model_steps() -> None:
     ops.rope(np.ones((2, 24), np.float32), np.arange(2, dtype=np.int64), table, table, np.empty((2, 2, 8), np.float32), 0, 1)
     ops.swiglu(np.ones((2, 16), np.float32), np.empty((2, 8), np.float32), 0, 1)
     w, y = np.ones((6, 8), np.float32), np.empty((2, 6), np.float32)
-    ops.gemv_items(np.zeros(1, np.int64), x, w, y, 4)
+    ops.gemv(x, w, y, 2)
     ops.gemv_rows(x, w, y, 0, 6)
 
 

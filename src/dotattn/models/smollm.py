@@ -226,9 +226,9 @@ class _MatMul:
     """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
 
     Up to :data:`GEMV_MAX_ROWS` token rows (decode steps, tiny prompts): dotattn's
-    matrix–vector kernel (``kernels/_cpu_model_ops.gemv_items``), which streams the weights
-    on this thread and a pool thread per other core, or on the calling thread alone where
-    Numba's thread count is 1 (:func:`_one_thread`).  Those products only read the weights once, so their time is the
+    matrix–vector kernel (``kernels/_cpu_model_ops.gemv``), which streams the weights on
+    Numba's threads, or on the calling thread alone where Numba's thread count is 1
+    (:func:`_one_thread`).  Those products only read the weights once, so their time is the
     memory's: MKL's one-row GEMM read them at ≈ 11 GB/s per decode step where the kernel
     reads ≈ 20 (docs/models.md).  More rows: ``compute="torch"``: ``torch.mm`` on zero-copy
     views of the NumPy arrays (MKL, on torch's own threads: both cores); ``"numpy"``:
@@ -238,7 +238,6 @@ class _MatMul:
     """
 
     GEMV_MAX_ROWS = 8  # measured faster than torch.mm at 1, 4 and 8 rows (docs/models.md)
-    GEMV_ITEM_ROWS = 64  # rows per block taken by a thread (a multiple of the kernel's 4-row block)
 
     def __init__(self, compute: str):
         self._torch = None
@@ -279,7 +278,6 @@ class _MatMul:
         import numba
 
         from ..kernels import _cpu_model_ops as ops
-        from ..kernels import _launch
 
         if out is None:
             out = np.empty(x.shape[:-1] + (w.shape[0],), dtype=np.float32)
@@ -288,20 +286,11 @@ class _MatMul:
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         out2 = out.reshape(-1, w.shape[0])
         assert out2.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x2.dtype == out2.dtype == np.float32
-        threads = min(numba.get_num_threads(), _launch.num_cores())
-        if threads == 1:  # one-thread mode (or a one-core machine): no pool
+        threads = numba.get_num_threads()
+        if threads > 1:
+            ops.gemv(x2, w, out2, threads)
+        else:  # one-thread mode (or a one-core machine): no parallel launch
             ops.gemv_rows(x2, w, out2, 0, w.shape[0])
-            return out
-        # blocks of rows from a shared counter, on this thread and the pool's (a pool thread
-        # the OS has not woken yet takes fewer blocks; one not started at the end is cancelled)
-        counter = np.zeros(1, np.int64)
-        pool = _launch._executor()
-        args = (counter, x2, w, out2, _MatMul.GEMV_ITEM_ROWS)
-        futures = [pool.submit(ops.gemv_items, *args) for _ in range(threads - 1)]
-        ops.gemv_items(*args)
-        for future in futures:
-            if not future.cancel():
-                future.result()  # re-raises a worker's exception here
         return out
 
 

@@ -146,6 +146,37 @@ def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_sett
     assert modes == [False] * (model.config.n_layers + N_GREEDY - 1)
 
 
+def test_prompt_pass_projections_in_row_halves_match_and_restore_the_thread_settings(model):
+    """The prompt pass's products split by rows between the caller and the pool thread
+    (each on one MKL thread) give the plain product's values; few rows or one thread take
+    the plain product; no thread-local MKL count is left set on the caller."""
+    import numba
+
+    from dotattn.kernels._cpu_isa import mkl_threads_here
+
+    rng = np.random.default_rng(0)
+    w = model.w["layers"][0]["gate_up"]
+    halves = smollm_module._RowHalves(model._mm)
+    before = mkl_threads_here(0)
+    for rows in (300, 64):
+        x = rng.standard_normal((1, rows, w.shape[1])).astype(np.float32)
+        ours, plain = np.empty((1, rows, w.shape[0]), np.float32), np.empty((1, rows, w.shape[0]), np.float32)
+        halves(x, w, ours)
+        model._mm(x, w, plain)
+        np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        x = rng.standard_normal((1, 300, w.shape[1])).astype(np.float32)
+        out = np.empty((1, 300, w.shape[0]), np.float32)
+        halves(x, w, out)
+        np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    finally:
+        numba.set_num_threads(threads)
+    assert mkl_threads_here(0 if before is None else before) in (None, 0)  # no local MKL count left set
+
+
 def _modes(times_many, times_one, steps):
     """The modes _StepThreads picks over ``steps`` steps with step times given per mode and step."""
     threads, modes = smollm_module._StepThreads(), []

@@ -294,6 +294,47 @@ class _MatMul:
         return out
 
 
+class _RowHalves:
+    """The prompt pass's projections: ``x @ w.T`` split by rows between the caller and the
+    ``_launch`` pool thread (the threads the pass's attention and element-wise steps run on),
+    each product on its thread's own MKL thread (MKL's thread-local count; restored after).
+
+    On torch's OpenMP team, the team's worker spins for a while after every product — on the
+    core that the attention call and the element-wise steps after it want for their pool
+    thread.  Split here, no OpenMP team runs in the prompt pass: nothing spins, and on a busy
+    machine the caller takes the half a descheduled pool thread has not started.  Fewer than
+    :data:`MIN_ROWS` rows, one thread (:func:`_one_thread`) or ``compute="numpy"``: the
+    plain :class:`_MatMul`.
+    """
+
+    MIN_ROWS = 128
+
+    def __init__(self, mm: _MatMul):
+        self.mm = mm
+
+    def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+        from ..kernels._launch import num_threads, run_chunks
+
+        x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        n = num_threads()
+        if self.mm._torch is None or n < 2 or x2.shape[0] < self.MIN_ROWS:
+            return self.mm(x, w, out)
+        run_chunks(self._rows, (x2, w, out2), n)
+        return out
+
+    def _rows(self, x2, w, out2, chunk, nchunks):
+        from ..kernels._cpu_isa import mkl_threads_here
+
+        rows = x2.shape[0]
+        a, b = rows * chunk // nchunks, rows * (chunk + 1) // nchunks
+        previous = mkl_threads_here(1)
+        try:
+            self.mm(x2[a:b], w, out2[a:b])
+        finally:
+            if previous is not None:
+                mkl_threads_here(previous)
+
+
 class _StepThreads:
     """Whether a unit of work (a decode step, a prompt-pass layer) runs its matrix products and
     attention on all cores or on the calling thread alone.
@@ -614,10 +655,13 @@ class SmolLM:
             self._rope = rope_tables(np.arange(cfg.context_length), cfg.head_dim, cfg.rope_base)
         return self._rope
 
-    def _layers(self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace, threads: _StepThreads | None = None) -> np.ndarray:
+    def _layers(
+        self, x: np.ndarray, positions: np.ndarray, attend, ws: _Workspace, threads: _StepThreads | None = None, mm=None
+    ) -> np.ndarray:
         """All transformer blocks on ``x (B, L, E)`` (updated in place: the residual stream);
         returns the final norm's output ``(B, L, E)`` (in ``ws.h``).  With ``threads``, each
-        layer runs on all cores or on this thread as it chooses, and is timed for it.
+        layer runs on all cores or on this thread as it chooses, and is timed for it.  ``mm``:
+        the projections' product (default the model's :class:`_MatMul`).
 
         ``attend(layer, q, k, v)`` does attention on ``(B, L, H, D)`` arrays (RoPE applied) and
         returns ``(B, L, Hq·D)``.  Each operation writes into ``ws``'s buffers (``out=``), the
@@ -628,7 +672,7 @@ class SmolLM:
         from ..kernels import _cpu_model_ops as ops
 
         cfg = self.config
-        mm = self._mm
+        mm = self._mm if mm is None else mm
         B, L, E = x.shape
         N = B * L  # token rows: the elementwise phases below work on any range of them
         Hq, Hkv, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn
@@ -707,7 +751,8 @@ class SmolLM:
         # a chooser per length class (B·L tokens rounded down to a power of two): per-token
         # layer times of a 30-token and a 4,096-token pass are not comparable
         threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
-        return self._layers(x, np.arange(L)[None], attend, _Workspace(self.config, B, L, self._mm), threads)
+        ws = _Workspace(self.config, B, L, self._mm)
+        return self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
 
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in

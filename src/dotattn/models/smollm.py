@@ -240,6 +240,12 @@ class _MatMul:
     GEMV_MAX_ROWS = 8  # measured faster than torch.mm at 1, 4 and 8 rows (docs/models.md)
 
     def __init__(self, compute: str):
+        import numba
+
+        from ..kernels import _cpu_model_ops
+
+        # looked up once: a decode step makes 121 products, each a few µs of Python
+        self._ops, self._threads = _cpu_model_ops, numba.get_num_threads
         self._torch = None
         self._views: dict[int, tuple[np.ndarray, Any]] = {}
         if compute == "torch":
@@ -273,12 +279,8 @@ class _MatMul:
         self._torch.mm(self._view(x2), wt, out=self._view(out2))
         return out
 
-    @staticmethod
-    def _gemv(x: np.ndarray, w: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        import numba
-
-        from ..kernels import _cpu_model_ops as ops
-
+    def _gemv(self, x: np.ndarray, w: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        ops = self._ops
         if out is None:
             out = np.empty(x.shape[:-1] + (w.shape[0],), dtype=np.float32)
         # C-contiguous 2-D operands: one kernel signature (reshape of a contiguous array is a
@@ -286,7 +288,7 @@ class _MatMul:
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         out2 = out.reshape(-1, w.shape[0])
         assert out2.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x2.dtype == out2.dtype == np.float32
-        threads = numba.get_num_threads()
+        threads = self._threads()
         if threads > 1:
             ops.gemv(x2, w, out2, threads)
         else:  # one-thread mode (or a one-core machine): no parallel launch

@@ -125,18 +125,33 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
     # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
     big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3
+    args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
+            call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv)
     if nbytes < parallel_min_bytes:
         # A small call (a model's decode step): plan, items and merges in one Numba entry,
         # parts allocated there — the per-call Python here is most of such a call's cost.
-        args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-                call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv)
-        if big_gemm:
-            with ONE_BLAS_THREAD:
-                return K.run_serial(*args)
-        return K.run_serial(*args)
+        return _serial(args, big_gemm)
     B, Hq, Lq = call.B, call.Hq, call.Lq
     max_n = int(kvlen.max(initial=0))
     n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
+    # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
+    # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
+    workers = min(_workers(), numba.get_num_threads())
+    choice = None
+    if workers > 1 and n_items >= 2:
+        choice = _CHOICES.get((nbytes.bit_length(), workers))
+        if choice is None:
+            choice = _CHOICES[(nbytes.bit_length(), workers)] = ParallelChoice()
+    pool = choice is not None and choice.choose()
+    if not pool and n_items >= 2:
+        # on this thread alone: the one-entry kernel, the same bits (through the three entries
+        # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
+        # one: their arguments are passed three times, and the Python between them)
+        started = time.perf_counter()
+        result = _serial(args, big_gemm)
+        if choice is not None:
+            choice.record(False, (time.perf_counter() - started) / nbytes)
+        return result
     part_o, part_lse = _scratch(n_items, R, Dv, T)
     out = np.empty((B, Hq, Lq, Dv), dtype=T)
     lse = np.empty((B, Hq, Lq), dtype=T)
@@ -146,22 +161,12 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
         call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
     )
-    # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
-    # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
-    workers = min(_workers(), numba.get_num_threads())
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
         counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
-        choice = None
-        if workers > 1 and total >= 2:
-            choice = _CHOICES.get((nbytes.bit_length(), workers))
-            if choice is None:
-                choice = _CHOICES[(nbytes.bit_length(), workers)] = ParallelChoice()
-        if choice is None or not choice.choose():
-            started = time.perf_counter()
+        if not pool:
+            # one item (``precompile`` reaches the parallel entries this way): this thread
             K.run_items(counter, total, K.ROLE_FRONT, *common)
-            if choice is not None:
-                choice.record(False, (time.perf_counter() - started) / nbytes)
         else:
             # Items by tickets from a shared counter, on the caller and one pool thread per
             # other core: a pool thread the scheduler wakes late, or that shares its core with
@@ -187,6 +192,14 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     return out, lse
 
 
+def _serial(args, big_gemm: bool):
+    """:func:`~._cpu_decode_kernels.run_serial` (BLAS on this thread for big GEMMs)."""
+    if big_gemm:
+        with ONE_BLAS_THREAD:
+            return K.run_serial(*args)
+    return K.run_serial(*args)
+
+
 class ParallelChoice:
     """Whether calls of one size class run on the pool or on the calling thread alone, chosen by
     their times.
@@ -198,12 +211,15 @@ class ParallelChoice:
     alone).  Both modes give the same bits, so the faster one runs: the class's first call on
     the pool, not timed (it may compile the kernel or start the pool), the second on the pool,
     the third alone, then the mode with the lower median of its last :data:`KEEP` times per
-    K/V byte, and the other once every :data:`RETRY` calls (has the load changed?).  Races
-    between threads calling at once only blur the times.
+    K/V byte — the pool only when it is faster by :data:`POOL_MARGIN` (on an idle machine it
+    is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other once
+    every :data:`RETRY` calls (has the load changed?).  Races between threads calling at once
+    only blur the times.
     """
 
     RETRY = 32
     KEEP = 3
+    POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
 
     __slots__ = ("times", "calls")
 
@@ -219,7 +235,7 @@ class ParallelChoice:
             return True
         if not alone:
             return False
-        best = _median(pool) <= _median(alone)
+        best = _median(pool) < self.POOL_MARGIN * _median(alone)
         return (not best) if self.calls % self.RETRY == 0 else best
 
     def record(self, pool: bool, per_byte: float) -> None:

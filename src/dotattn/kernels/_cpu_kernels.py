@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.extending import overload
 
 from ._cpu_amx import tile_config
@@ -416,6 +416,25 @@ def _zero_overload(acc):
     return impl
 
 
+def _forward_task(t, B, Hq, nqb, q):
+    """``(b, h, qb)`` of forward task ``t``: the last query tiles first (under a causal mask
+    they see the most keys), heads fastest — for bfloat16 operands (AMX) head by head
+    instead, so that consecutive tasks reuse one head's K/V from L2."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_forward_task, jit_options={"cache": _JIT_CACHE})
+def _forward_task_overload(t, B, Hq, nqb, q):
+    if q.dtype == types.uint16:
+
+        def by_head(t, B, Hq, nqb, q):
+            bh = t // nqb
+            return bh // Hq, bh % Hq, nqb - 1 - t % nqb
+
+        return by_head
+    return lambda t, B, Hq, nqb, q: ((t % (B * Hq)) // Hq, t % Hq, nqb - 1 - t // (B * Hq))
+
+
 # =================================================================================
 # forward
 # =================================================================================
@@ -460,7 +479,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
         t = _take_task(queue)
         if t >= B * Hq * nqb:
             break
-        b, h, qb = (t % (B * Hq)) // Hq, t % Hq, nqb - 1 - t // (B * Hq)
+        b, h, qb = _forward_task(t, B, Hq, nqb, q)
         hk = h // (Hq // Hkv)
         i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:

@@ -177,6 +177,23 @@ def test_prompt_pass_projections_in_row_halves_match_and_restore_the_thread_sett
     assert mkl_threads_here(0 if before is None else before) in (None, 0)  # no local MKL count left set
 
 
+def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, reference):
+    """A generation takes the previous one's cache, emptied, when the batch size matches and
+    it has room (a longer one first, then a shorter one), else a new one; the reused cache's
+    old keys never reach the new sequence."""
+    prompts = sorted(reference["prompts"], key=len)
+    long_i = [len(p) for p in reference["prompts"]].index(len(prompts[-1]))
+    short_i = [len(p) for p in reference["prompts"]].index(len(prompts[0]))
+    assert model.generate_ids(reference["prompts"][long_i], max_new_tokens=8, stop_at_eos=False) == \
+        reference["greedy"][long_i, :8].tolist()
+    kept = model._kv
+    tokens = model.generate_ids(reference["prompts"][short_i], max_new_tokens=N_GREEDY, stop_at_eos=False)
+    assert model._kv is kept
+    assert tokens == reference["greedy"][short_i, :N_GREEDY].tolist()
+    model.generate_ids([reference["prompts"][short_i]] * 2, max_new_tokens=2, stop_at_eos=False)
+    assert model._kv is not kept and model._kv.cache.batch_size == 2
+
+
 def _modes(times_many, times_one, steps):
     """The modes _StepThreads picks over ``steps`` steps with step times given per mode and step."""
     threads, modes = smollm_module._StepThreads(), []

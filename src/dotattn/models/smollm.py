@@ -459,6 +459,7 @@ class SmolLM:
         for w in [self.w["head"], *(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down"))]:
             self._mm.keep(w, transposed=True)
         self._workspace: _Workspace | None = None  # the decode steps' buffers
+        self._kv: _Caches | None = None  # the last generation's K/V cache, reused (_caches_for)
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
         self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
         self._layer_threads: dict[int, _StepThreads] = {}  # prompt-pass layers, per token, by length class
@@ -905,7 +906,7 @@ class SmolLM:
         running = np.ones(B, bool)
         eos = np.array(sorted(self.eos_ids), np.int64)
         start = time.perf_counter()
-        caches = _Caches(cfg.n_layers, B, cfg.n_kv_heads, L + max_new_tokens, cfg.head_dim, self.implementation)
+        caches = self._caches_for(B, L + max_new_tokens)
         h = self._prefill(ids, lengths, caches)
         logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
         for step in range(max_new_tokens):
@@ -923,6 +924,21 @@ class SmolLM:
                 return
             start = time.perf_counter()
             logits = self._decode_step(tokens, caches)  # (B, V) in the workspace
+
+    def _caches_for(self, B: int, capacity: int) -> _Caches:
+        """A generation's K/V cache: the previous generation's, emptied, when it has this batch
+        size and room enough, else a new one kept for the next.  A new cache fills its buffers
+        (NaN): ≈ 35 MB for a 512-token prompt and 128 new tokens, ≈ 13 ms of the prompt pass's
+        time.  The decode kernels read no slot past a sequence's length, so a reused cache's
+        old keys are never seen (tests/decoding fill unused slots with NaN to check that)."""
+        kv = self._kv
+        if kv is None or kv.cache.batch_size != B or kv.cache.capacity < capacity:
+            kv = self._kv = None  # the old buffers go before the new ones are made
+            kv = self._kv = _Caches(self.config.n_layers, B, self.config.n_kv_heads, capacity, self.config.head_dim,
+                                    self.implementation)
+        else:
+            kv.cache.reset()
+        return kv
 
     # ---- argument checks ------------------------------------------------------------------
     def _check_ids(self, ids, name: str) -> list[int]:

@@ -194,6 +194,25 @@ def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, ref
     assert model._kv is not kept and model._kv.cache.batch_size == 2
 
 
+def test_two_streams_read_in_turns_keep_their_own_caches(model):
+    """A generation's cache is its own while it runs: a second ``stream=True`` generation
+    started before the first has ended must not take (and empty) the first one's cache."""
+    prompts = ["What is the capital of France?", "Name three colours."]
+    alone = [model.generate(p, max_new_tokens=12) for p in prompts]
+    streams = [model.generate(p, max_new_tokens=12, stream=True) for p in prompts]
+    pieces = [[], []]
+    live = [True, True]
+    while any(live):
+        for i, stream in enumerate(streams):
+            if live[i]:
+                try:
+                    pieces[i].append(next(stream))
+                except StopIteration:
+                    live[i] = False
+    assert ["".join(p) for p in pieces] == alone
+    assert model._kv is not None  # the last one to end is kept for the next generation
+
+
 def _modes(times_many, times_one, steps):
     """The modes _StepThreads picks over ``steps`` steps with step times given per mode and step."""
     threads, modes = smollm_module._StepThreads(), []

@@ -907,35 +907,42 @@ class SmolLM:
         eos = np.array(sorted(self.eos_ids), np.int64)
         start = time.perf_counter()
         caches = self._caches_for(B, L + max_new_tokens)
-        h = self._prefill(ids, lengths, caches)
-        logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
-        for step in range(max_new_tokens):
-            tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
-            elapsed = time.perf_counter() - start
-            if step == 0:
-                stats.prefill_seconds = elapsed
-            else:
-                stats.decode_seconds += elapsed
-            stats.new_tokens += 1
-            yield [(b, int(tokens[b])) for b in np.flatnonzero(running)]
-            if stop_at_eos:
-                running &= ~np.isin(tokens, eos)
-            if step == max_new_tokens - 1 or not running.any():
-                return
-            start = time.perf_counter()
-            logits = self._decode_step(tokens, caches)  # (B, V) in the workspace
+        try:
+            h = self._prefill(ids, lengths, caches)
+            logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
+            for step in range(max_new_tokens):
+                tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
+                elapsed = time.perf_counter() - start
+                if step == 0:
+                    stats.prefill_seconds = elapsed
+                else:
+                    stats.decode_seconds += elapsed
+                stats.new_tokens += 1
+                yield [(b, int(tokens[b])) for b in np.flatnonzero(running)]
+                if stop_at_eos:
+                    running &= ~np.isin(tokens, eos)
+                if step == max_new_tokens - 1 or not running.any():
+                    return
+                start = time.perf_counter()
+                logits = self._decode_step(tokens, caches)  # (B, V) in the workspace
+        finally:
+            self._kv = caches  # kept for the next generation (see _caches_for)
 
     def _caches_for(self, B: int, capacity: int) -> _Caches:
         """A generation's K/V cache: the previous generation's, emptied, when it has this batch
         size and room enough, else a new one kept for the next.  A new cache fills its buffers
         (NaN): ≈ 35 MB for a 512-token prompt and 128 new tokens, ≈ 13 ms of the prompt pass's
         time.  The decode kernels read no slot past a sequence's length, so a reused cache's
-        old keys are never seen (tests/decoding fill unused slots with NaN to check that)."""
-        kv = self._kv
+        old keys are never seen (tests/decoding fill unused slots with NaN to check that).
+
+        The cache is the generation's alone while it runs: it leaves ``self._kv`` here and
+        comes back when the generation ends (:meth:`_run_generation`), so a second generation
+        started meanwhile (two ``stream=True`` iterators read in turns) makes its own instead
+        of emptying the first one's."""
+        kv, self._kv = self._kv, None  # (an unsuitable old cache's buffers go before new ones are made)
         if kv is None or kv.cache.batch_size != B or kv.cache.capacity < capacity:
-            kv = self._kv = None  # the old buffers go before the new ones are made
-            kv = self._kv = _Caches(self.config.n_layers, B, self.config.n_kv_heads, capacity, self.config.head_dim,
-                                    self.implementation)
+            kv = None
+            kv = _Caches(self.config.n_layers, B, self.config.n_kv_heads, capacity, self.config.head_dim, self.implementation)
         else:
             kv.cache.reset()
         return kv

@@ -4,6 +4,7 @@ dtype, both layouts, both kernels; the cache contents after the append; bitwise 
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -231,6 +232,42 @@ def test_cpu_large_call_stays_on_the_calling_thread_when_numba_threads_are_one(m
         numba.set_num_threads(previous)
     H.assert_bitwise_equal(alone[0], pooled[0], name="out")
     H.assert_bitwise_equal(alone[1], pooled[1], name="lse")
+
+
+def test_cpu_items_on_numba_team_give_the_bits_of_the_pool(monkeypatch):
+    """on_numba_team(): a parallel call's items run on Numba's team, not the pool (SmolLM's
+    decode steps), with the same bits; the setting is restored after the block."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels import _cpu_decode_kernels as K
+    from dotattn.kernels import cpu_decode
+
+    case = C.make_case(9, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Lq=2, Lnew=2, Hq=6, Hkv=3)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})  # fresh size classes: their first calls in parallel
+    pooled = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                            return_lse=True, implementation="cpu", **case.kwargs())
+    team_calls = []
+    team_kernel = K.run_items_team
+
+    def counted(*args):
+        team_calls.append(args[2])
+        return team_kernel(*args)
+
+    def no_pool():
+        raise AssertionError("the pool was used inside on_numba_team()")
+
+    monkeypatch.setattr(K, "run_items_team", counted)
+    monkeypatch.setattr(cpu_decode, "_pool", no_pool)
+    with cpu_decode.on_numba_team():
+        on_team = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
+                                                 case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
+    assert team_calls == ([min(cpu_decode._workers(), numba.get_num_threads())] if cpu_decode._workers() > 1 else [])
+    assert not getattr(cpu_decode._local, "team", False)
+    H.assert_bitwise_equal(on_team[0], pooled[0], name="out")
+    H.assert_bitwise_equal(on_team[1], pooled[1], name="lse")
+    out64, _, naive = C.expected(case)
+    H.assert_close_to_reference(on_team[0], out64, naive)
 
 
 def test_cpu_parallel_choice_runs_the_faster_mode_and_retries_the_other():

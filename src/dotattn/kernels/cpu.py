@@ -1039,6 +1039,7 @@ def _model_steps() -> None:
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
     """A small decode step on a ``cache_dtype`` cache (q float32, or float64 for float64), through
     both of the kernel's paths."""
+    from ..decode_semantics import SPLIT_SIZE as SPLIT
     from ..decode_semantics import normalize
     from . import cpu_decode
 
@@ -1054,3 +1055,12 @@ def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
     cpu_decode.decode(call)  # a small call: the one-entry serial kernel
     # a larger one: plan, items (here on this thread or the pool) and merges
     cpu_decode.decode(call, parallel_min_bytes=0)
+    # parallel items on Numba's team (SmolLM's decode steps): a call of several items, whose
+    # size class's first call runs in parallel
+    long_cache = rng.standard_normal((1, 1, 2 * SPLIT + 40, 8)).astype(dtype)
+    long_call = normalize(
+        q, long_cache, long_cache.copy(), new, new, cache_lengths=np.array([2 * SPLIT + 20]), block_table=None,
+        causal=True, window=None, scale=None, softcap=None, alibi_slopes=None, rotary=None, layout="bhld",
+    )
+    with cpu_decode.on_numba_team():
+        cpu_decode.decode(long_call, parallel_min_bytes=0)

@@ -137,11 +137,13 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
     # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
     workers = min(_workers(), numba.get_num_threads())
+    team = getattr(_local, "team", False)  # parallel items on Numba's team (on_numba_team)
     choice = None
     if workers > 1 and n_items >= 2:
-        choice = _CHOICES.get((nbytes.bit_length(), workers))
+        key = (nbytes.bit_length(), workers, team)
+        choice = _CHOICES.get(key)
         if choice is None:
-            choice = _CHOICES[(nbytes.bit_length(), workers)] = ParallelChoice()
+            choice = _CHOICES[key] = ParallelChoice()
     pool = choice is not None and choice.choose()
     if not pool and n_items >= 2:
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
@@ -180,16 +182,33 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             # not started when the tickets run out is cancelled.  Each item writes its own
             # part: the same bits whichever thread ran it.
             started = time.perf_counter()
-            pair = workers == 2
-            futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
-                       for _ in range(workers - 1)]
-            K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
-            for future in futures:
-                if not future.cancel():
-                    future.result()  # re-raises a worker's exception here
+            if team:
+                K.run_items_team(counter, total, workers, common)
+            else:
+                pair = workers == 2
+                futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
+                           for _ in range(workers - 1)]
+                K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
+                for future in futures:
+                    if not future.cancel():
+                        future.result()  # re-raises a worker's exception here
             choice.record(True, (time.perf_counter() - started) / nbytes)
     K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
+
+
+@contextlib.contextmanager
+def on_numba_team():
+    """Within this block, this thread's parallel decode calls run their items on Numba's thread
+    team (:func:`~._cpu_decode_kernels.run_items_team`) instead of the pool — for a caller
+    whose surrounding work runs on that team (SmolLM's decode step); the pool-or-alone choice
+    is kept apart for such calls.  Same bits either way.  Restores the previous setting."""
+    previous = getattr(_local, "team", False)
+    _local.team = True
+    try:
+        yield
+    finally:
+        _local.team = previous
 
 
 def _serial(args, big_gemm: bool):

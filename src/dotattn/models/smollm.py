@@ -761,6 +761,8 @@ class SmolLM:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in
         buffers kept from step to step; on all cores or on this thread, as the model's
         :class:`_StepThreads` for decode steps chooses (and learns from this step's time)."""
+        from ..kernels.cpu_decode import on_numba_team
+
         threads = self._step_threads
         B = len(tokens)
         ws = self._workspace
@@ -772,7 +774,9 @@ class SmolLM:
 
         many = threads.choose()
         started = time.perf_counter()
-        with contextlib.nullcontext() if many else _one_thread():
+        # on all cores, the products run on Numba's team (_MatMul's GEMV), and so do the
+        # attention calls' parallel items: a pool thread would share a core with a spinning worker
+        with on_numba_team() if many else _one_thread():
             x = self.w["embed"][tokens][:, None]  # (B, 1, E)
             positions = caches.lengths[:, None]  # each sequence's next absolute position
             logits = self._head(self._layers(x, positions, attend, ws)[:, 0], ws.logits)

@@ -217,3 +217,63 @@ def test_bf16_nonfinite_score_in_a_later_tile_reaches_the_row(value):
     theirs = dotattn.attention(q, k, v, implementation="numpy").astype(np.float32)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
     assert np.isnan(ours[0, 1]).all() and np.isfinite(ours[0, 0]).all()
+
+
+def _bf16_bits_to_f64(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("want_max", [True, False], ids=["lazy-step", "online-step"])
+def test_amx_softmax_pass_against_float64(want_max):
+    """``_cpu_amx.exp2_pairs`` (512-bit vectors written out): each P within bfloat16's rounding
+    (2**−8 relative, plus the polynomial's 7.5e-5) of the float64 ``2**(s·mul − sub)``, in key
+    pairs; 0 at and below 2**−125 and for −inf scores; the sum of the unrounded P added to
+    ``sum`` within float32 error; the column max; NaN scores make P, the sum and the max NaN."""
+    from dotattn.kernels import _cpu_amx
+    from dotattn.kernels._cpu_primitives import _aligned_empty
+
+    if not HAS_AMX:  # the pass's instructions (avx512_bf16) may be missing: no forward takes it here
+        q, k, v = _inputs(3, 2, 2, 64, 64, 64)
+        assert not cpu.prepare(semantics.normalize(q, k, v), (32, 32), forward=True).options.amx
+        return
+    rng = np.random.default_rng(8)
+    BK, BQ = 96, 64
+    S = _aligned_empty(BK, BQ, np.empty(0, np.float32))
+    S[:] = rng.standard_normal((BK, BQ), dtype=np.float32) * 4
+    S[3, 5] = -np.inf  # a masked score
+    S[10:, 60:] = -np.inf  # a masked block
+    S[7, 33] = np.nan  # a NaN score: column 33 NaN
+    mul = np.float32(0.7)
+    sub = (np.nanmax(S, axis=0) * mul).astype(np.float32)
+    sub[20] += 200.0  # 2**(x) with x down to ≈ −215: the flush to 0 below 2**−125
+    sub[21] = np.float32(np.nanmax(S[:, 21]) * mul) - 6.0  # scores above the shift (lazy step: P ≤ 2**8)
+    Pb = _aligned_empty(BK // 2, BQ, np.empty(0, np.uint32))
+    row_sum = np.full(BQ, 1.5, np.float32)  # added to
+    tile_max = np.zeros(BQ, np.float32)
+    for j in range(0, BQ, 32):
+        _cpu_amx.exp2_pairs(
+            S.ctypes.data + 4 * j, S.strides[0], BK, Pb.ctypes.data + 4 * j, Pb.strides[0], mul,
+            sub.ctypes.data + 4 * j, row_sum.ctypes.data + 4 * j, tile_max.ctypes.data + 4 * j if want_max else 0,
+        )
+    P = np.empty((BK, BQ))
+    P[0::2], P[1::2] = _bf16_bits_to_f64(Pb & 0xFFFF), _bf16_bits_to_f64(Pb >> 16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = S.astype(np.float64) * np.float64(mul) - sub.astype(np.float64)
+        exact = np.exp2(x)
+    exact[x <= -125] = 0.0
+    nan_col = np.zeros(BQ, bool)
+    nan_col[33] = True
+    ok = ~nan_col[None, :] & np.ones((BK, 1), bool)
+    assert np.isnan(P[7, 33]) and np.isnan(row_sum[33])
+    assert np.all(np.isfinite(P[ok]))
+    assert np.all((P[ok] == 0) == (exact[ok] == 0))
+    assert (exact[:, 20] == 0).sum() > 10 and (P[:, 21] > 1).any()
+    nz = ok & (exact > 0)
+    assert np.max(np.abs(P[nz] - exact[nz]) / exact[nz]) <= 2.0**-8 + 1e-4
+    fine = ~nan_col
+    expect_sum = 1.5 + exact.sum(axis=0)
+    assert np.max(np.abs(row_sum[fine] - expect_sum[fine]) / expect_sum[fine]) < 2e-4
+    if want_max:
+        assert np.array_equal(tile_max[fine], np.max(S[:, fine], axis=0)) and np.isnan(tile_max[33])
+    else:
+        assert np.all(tile_max == 0)  # not written

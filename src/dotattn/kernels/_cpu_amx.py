@@ -40,10 +40,9 @@ _i8, _i64 = ir.IntType(8), ir.IntType(64)
 _ptr = _i8.as_pointer()
 
 
-def _amx_function(context, builder):
+def _amx_function(context, builder, extra="+amx-tile,+amx-bf16"):
     """Give the function being compiled the AMX target features (on top of the host's)."""
     features = getattr(context.codegen(), "_tm_features", "") or ""
-    extra = "+amx-tile,+amx-bf16"
     set.add(builder.function.attributes, f'"target-features"="{features},{extra}"' if features else f'"target-features"="{extra}"')
 
 
@@ -243,3 +242,135 @@ def values(v_addr, v_ld, Dv, BK, p_addr, BQ, c_addr, c_ld, cfg):
             _store3(c + 16 * c_ld + 64, c_ld)
     _tile_release()
 
+
+
+# =================================================================================
+# the softmax pass into the AMX B operand, written as 512-bit vectors
+# =================================================================================
+#
+# Numba's autovectorized form of this pass (``_cpu_primitives._exp2_sum_max_bf16``) ran ≈ 18
+# vector µops per 16 scores on the two 512-bit ports: a NaN-sticky max (two compares, a mask
+# or, a masked move), a clamp, ``roundeven`` and a subtraction for the fraction, an int
+# round trip for ``vscalefps``, a select, and two ``vcvtneps2bf16`` plus a widen, shift and
+# or per key pair.  Written here: a plain ``vmaxps`` (a NaN score is found through the sum,
+# below), ``vreduceps`` for the fraction ``x − ⌊x⌋`` (one µop), ``vscalefps`` scaling by
+# ``2^⌊x⌋`` from the float ``x`` itself under a zeroing mask (no clamp, no int round trip, no
+# select), and one ``vcvtne2ps2bf16`` + ``vpermw`` per two key rows: ≈ 10.5 µops.
+
+_VF = ir.VectorType(ir.FloatType(), 16)
+_I16, _I32 = ir.IntType(16), ir.IntType(32)
+_LANES = 16
+# 2**f on [0, 1), degree 3, minimax in the relative error: 7.5e-5 (float32 Horner), far below
+# bfloat16's 2**−9 rounding of P (the naive baseline rounds P too).
+_EXP2_01 = (0.07802452892065048, 0.22606714069843292, 0.6958335638046265, 0.9999251961708069)
+_EXP2_FLOOR = -125.0  # 2**x for x ≤ this is 0 (as the float32 path, which flushes below 2**−126)
+_AVX512 = "+avx512f,+avx512bw,+avx512dq,+avx512vl,+avx512bf16"
+
+
+def _vconst(value):
+    return ir.Constant(_VF, [float(np.float32(value))] * _LANES)
+
+
+def _vfn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _vptr(builder, addr, ty=_VF):
+    return builder.inttoptr(addr, ty.as_pointer())
+
+
+def _exp2_vec(builder, x):
+    """``2**x`` per lane: 0 where ``x ≤ −125``, NaN where ``x`` is NaN (so that a NaN score
+    reaches the row sum), relative error ≤ 7.5e-5 elsewhere.
+
+    ``vreduceps`` (round down, no fraction bits kept) gives ``f = x − ⌊x⌋`` exactly; the
+    polynomial ``2**f``; ``vscalefps`` multiplies by ``2**⌊x⌋`` taking ``x`` as a float, under
+    a zeroing mask (``x > −125`` or unordered): masked lanes produce no underflow, whose
+    microcode assist ran a causal tile's masked half 12× slower (docs/performance.md).
+    """
+    zero = ir.Constant(_VF, [0.0] * _LANES)
+    every = ir.Constant(_I16, -1)
+    reduce = _vfn(builder, "llvm.x86.avx512.mask.reduce.ps.512", _VF, [_VF, _I32, _VF, _I16, _I32])
+    scalef = _vfn(builder, "llvm.x86.avx512.mask.scalef.ps.512", _VF, [_VF, _VF, _VF, _I16, _I32])
+    fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
+    # imm 9: keep 0 fraction bits, round down (bits 1:0 = 01, bit 2 = 0), no precision exception
+    f = builder.call(reduce, [x, ir.Constant(_I32, 9), zero, every, ir.Constant(_I32, 4)])
+    p = _vconst(_EXP2_01[0])
+    for c in _EXP2_01[1:]:
+        p = builder.call(fma, [p, f, _vconst(c)])
+    keep = builder.bitcast(builder.fcmp_unordered(">", x, _vconst(_EXP2_FLOOR)), _I16)
+    return builder.call(scalef, [p, x, zero, keep, ir.Constant(_I32, 4)])
+
+
+@intrinsic
+def _exp2_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
+    """The pass over one 32-query column block; see :func:`exp2_pairs`."""
+    i64 = types.int64
+    sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        from ._cpu_primitives import _BFloat  # (that module imports this one)
+
+        s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr = args
+        _amx_function(context, builder, _AVX512)
+        vbf = ir.VectorType(_BFloat(), 32)
+        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
+        fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
+        undef = ir.Constant(_VF, ir.Undefined)
+        mul_v = builder.shuffle_vector(
+            builder.insert_element(undef, mul, ir.Constant(_I32, 0)), undef, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES)
+        )
+        # words (p0[0], p1[0], p0[1], p1[1], …): the key pair of query r as one uint32
+        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
+        vmax, vsum, neg_sub = [], [], []
+        for g in range(2):
+            off = ir.Constant(ir.IntType(64), 64 * g)
+            neg_sub.append(builder.fneg(builder.load(_vptr(builder, builder.add(sub_addr, off)), align=4)))
+            m = cgutils.alloca_once(builder, _VF)
+            builder.store(_vconst(-np.inf), m)
+            s = cgutils.alloca_once(builder, _VF)
+            builder.store(builder.load(_vptr(builder, builder.add(sum_addr, off)), align=4), s)
+            vmax.append(m)
+            vsum.append(s)
+        with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
+            c = loop.index
+            row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
+            row1 = builder.add(row0, s_ld)
+            prow = builder.add(p_addr, builder.mul(c, p_ld))
+            for g in range(2):
+                off = ir.Constant(ir.IntType(64), 64 * g)
+                s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
+                s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+                t = builder.load(vmax[g])
+                t = builder.select(builder.fcmp_ordered(">", s0, t), s0, t)  # one vmaxps each
+                t = builder.select(builder.fcmp_ordered(">", s1, t), s1, t)
+                builder.store(t, vmax[g])
+                p0 = _exp2_vec(builder, builder.call(fma, [s0, mul_v, neg_sub[g]]))
+                p1 = _exp2_vec(builder, builder.call(fma, [s1, mul_v, neg_sub[g]]))
+                builder.store(builder.fadd(builder.load(vsum[g]), builder.fadd(p0, p1)), vsum[g])
+                both = builder.bitcast(builder.call(cvt, [p1, p0]), ir.VectorType(_I16, 32))  # low half p0
+                pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
+                builder.store(builder.bitcast(pairs, ir.VectorType(_I32, _LANES)), _vptr(builder, builder.add(prow, off), ir.VectorType(_I32, _LANES)), align=4)
+        nan = _vconst(np.nan)
+        for g in range(2):
+            off = ir.Constant(ir.IntType(64), 64 * g)
+            total = builder.load(vsum[g])
+            builder.store(total, _vptr(builder, builder.add(sum_addr, off)), align=4)
+            with builder.if_then(builder.icmp_signed("!=", max_addr, ir.Constant(ir.IntType(64), 0))):
+                # NaN where the sum is: a NaN score (plain vmaxps passes over it) or +inf
+                t = builder.select(builder.fcmp_unordered("uno", total, total), nan, builder.load(vmax[g]))
+                builder.store(t, _vptr(builder, builder.add(max_addr, off)), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def exp2_pairs(s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
+    """For one block of 32 queries (columns) of a transposed float32 score tile ``Sᵀ (rows,
+    32)`` at ``s_addr`` (rows ``s_ld`` bytes apart): ``P = 2**(S·mul − sub)`` rounded to
+    bfloat16 and written in key pairs at ``p_addr`` (``(rows/2, 32)`` uint32, rows ``p_ld``
+    bytes apart: the B operand of :func:`values`), ``sum[r] += Σ_c P`` (P before rounding) and,
+    unless ``max_addr`` is 0, ``max[r] = max_c S`` — NaN where a score is NaN or the sum is
+    not finite.  ``sub``, ``sum``, ``max``: 32 float32 each; ``rows`` even."""
+    _exp2_pairs_block(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)

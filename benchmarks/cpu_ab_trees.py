@@ -1,0 +1,122 @@
+"""Two source trees of dotattn (old, new) timed in turn: call by call, round by round.
+
+A change to the compiled kernels cannot be A/B-timed inside one process (one package, one
+set of kernels), and two separate runs on a shared machine see different loads.  This starts
+one worker process per tree (``PYTHONPATH=<tree>``, warmed up: compiles and caches done),
+then asks them in turn — old, new, old, new, … — for one call each, so both see the same
+load; it prints each tree's median and the new/old time ratio per case.  Optionally torch
+SDPA in a third worker (``--sdpa``) for the × SDPA ratio.
+
+    .venv/bin/python benchmarks/cpu_ab_trees.py --old /tmp/old/src --new src \\
+        --cases dense64,dense128,causal --dtype bfloat16 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {
+    "dense64": dict(H=8, L=4096, D=64, causal=False),
+    "dense128": dict(H=4, L=4096, D=128, causal=False),
+    "causal": dict(H=8, L=4096, D=64, causal=True),
+}
+
+WORKER = r"""
+import json, sys, time
+import numpy as np
+kind, dtype = sys.argv[1], sys.argv[2]
+cases = json.loads(sys.argv[3])
+rng = np.random.default_rng(0)
+calls = {}
+if kind == "sdpa":
+    import torch, torch.nn.functional as F
+    torch.set_num_threads(2)
+    for name, c in cases.items():
+        q, k, v = (torch.randn(1, c["H"], c["L"], c["D"]).to(getattr(torch, dtype)) for _ in range(3))
+        def run(q=q, k=k, v=v, c=c):
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=c["causal"])
+        calls[name] = run
+else:
+    import dotattn
+    from dotattn.semantics import BFLOAT16
+    dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
+    for name, c in cases.items():
+        q, k, v = (rng.standard_normal((1, c["H"], c["L"], c["D"]), dtype=np.float32).astype(dt) for _ in range(3))
+        def run(q=q, k=k, v=v, c=c):
+            dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
+        calls[name] = run
+for run in calls.values():
+    run(); run()
+print("ready", flush=True)
+for line in sys.stdin:
+    name = line.strip()
+    t0, c0 = time.perf_counter(), time.process_time()
+    calls[name]()
+    print(json.dumps([time.perf_counter() - t0, time.process_time() - c0]), flush=True)
+"""
+
+
+def _worker(kind: str, tree: str | None, dtype: str, cases: dict) -> subprocess.Popen:
+    env = dict(os.environ)
+    if tree:
+        env["PYTHONPATH"] = os.path.abspath(tree)
+    p = subprocess.Popen(
+        [sys.executable, "-c", WORKER, kind, dtype, json.dumps(cases)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    assert p.stdout.readline().strip() == "ready", f"worker {kind} {tree} failed"
+    return p
+
+
+def _ask(p: subprocess.Popen, name: str) -> tuple[float, float]:
+    p.stdin.write(name + "\n")
+    p.stdin.flush()
+    return tuple(json.loads(p.stdout.readline()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--old", required=True)
+    parser.add_argument("--new", required=True)
+    parser.add_argument("--cases", default="dense64,dense128,causal")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sdpa", action="store_true")
+    args = parser.parse_args()
+    cases = {n: CASES[n] for n in args.cases.split(",")}
+    workers = {"old": _worker("dotattn", args.old, args.dtype, cases), "new": _worker("dotattn", args.new, args.dtype, cases)}
+    if args.sdpa:
+        workers["sdpa"] = _worker("sdpa", None, args.dtype, cases)
+    print(f"load {os.getloadavg()[0]:.2f}")
+    for name in cases:
+        times = {w: [] for w in workers}
+        cpu = {w: [] for w in workers}
+        for r in range(args.rounds):
+            order = list(workers) if r % 2 == 0 else list(reversed(list(workers)))
+            for w in order:
+                wall, ct = _ask(workers[w], name)
+                times[w].append(wall)
+                cpu[w].append(ct)
+                time.sleep(0.05)
+        med = {w: statistics.median(t) * 1e3 for w, t in times.items()}
+        mcpu = {w: statistics.median(t) * 1e3 for w, t in cpu.items()}
+        line = f"{name}: " + ", ".join(f"{w} {med[w]:.1f} ms (cpu {mcpu[w]:.0f})" for w in workers)
+        line += f"; new/old {med['new'] / med['old']:.3f}"
+        if "sdpa" in workers:
+            line += f"; × sdpa old {med['sdpa'] / med['old']:.2f}, new {med['sdpa'] / med['new']:.2f}"
+        print(line, flush=True)
+    print(f"load {os.getloadavg()[0]:.2f}")
+    for p in workers.values():
+        p.stdin.close()
+        p.wait()
+
+
+if __name__ == "__main__":
+    main()

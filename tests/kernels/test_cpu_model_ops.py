@@ -161,3 +161,112 @@ def test_gemv_propagates_nan_and_inf_like_a_product():
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
     assert np.isfinite(got[np.isfinite(want)]).all()
+
+
+# ---- the same products on block-coded weights (models/_block_weights.py) -----------------
+def _q4_1_like(rng, o, i):
+    """float32 weights made as gguf dequantizes Q4_1: ``float32(d·q) + m``, ``d, m`` float16, ``q`` 0…15."""
+    d = rng.uniform(1e-4, 0.05, (o, i // 32)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.3, 0.1, (o, i // 32)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (o, i // 32, 32)).astype(np.float32)
+    q[:, :, 0], q[:, :, 1] = 0, 15  # the quantizer's extremes: the block's min has code 0, its max 15
+    rng.permuted(q, axis=2, out=q)
+    return ((d[:, :, None] * q) + m[:, :, None]).reshape(o, i)
+
+
+def _q8_0_like(rng, o, i):
+    """float32 weights made as gguf dequantizes Q8_0: ``q·d``, ``d`` float16, ``q`` −127…127."""
+    d = rng.uniform(1e-5, 0.01, (o, i // 32)).astype(np.float16).astype(np.float32)
+    q = rng.integers(-127, 128, (o, i // 32, 32)).astype(np.float32)
+    q[:, :, 0] = rng.choice([-127, 127], (o, i // 32))  # the block's largest magnitude has code ±127
+    return (q * d[:, :, None]).reshape(o, i)
+
+
+def _gemv_blocks_all(x, blocks, chunks):
+    """``gemv_blocks_rows`` over ``chunks`` row ranges and the parallel kernel: the same bits."""
+    O, I = blocks.shape
+    sums = np.empty((x.shape[0], I // ops.BLOCK), np.float32)
+    ops.block_sums(x, sums)
+    has_offset = blocks.offset is not None
+    offset = blocks.offset if has_offset else blocks.scale
+    by_ranges = np.full((x.shape[0], O), np.nan, np.float32)
+    bounds = np.linspace(0, O, chunks + 1).astype(int)
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        ops.gemv_blocks_rows(x, sums, blocks.codes, blocks.scale, offset, has_offset, by_ranges, r0, r1)
+    out = np.full_like(by_ranges, np.nan)
+    ops.gemv_blocks(x, sums, blocks.codes, blocks.scale, offset, has_offset, out, chunks)
+    np.testing.assert_array_equal(out, by_ranges)
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(form=st.sampled_from(["q4_1", "q8_0"]), b=st.integers(1, 8), o=st.integers(1, 40), blocks=st.integers(1, 6),
+       chunks=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_block_codes_rebuild_every_weight_and_their_product_is_the_weights_product(form, b, o, blocks, chunks, seed):
+    """Q4_1- and Q8_0-made float32 matrices are found exactly (every value rebuilt bit for bit
+    by gguf's formula), and the product on the codes is within twice NumPy's float32 product's
+    error of the float64 product by the float32 weights; chunking never changes a bit."""
+    from dotattn.models._block_weights import exact_blocks
+
+    rng = np.random.default_rng(seed)
+    i = 32 * blocks
+    w = (_q4_1_like if form == "q4_1" else _q8_0_like)(rng, o, i)
+    found = exact_blocks(w)
+    assert found is not None
+    assert (found.offset is None) == (form == "q8_0")  # the symmetric form needs no offsets
+    np.testing.assert_array_equal(found.to_float32(), w)
+    x = rng.standard_normal((b, i), dtype=np.float32)
+    got = _gemv_blocks_all(x, found, chunks)
+    assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv_blocks {form}")
+
+
+def test_block_codes_at_model_sizes_and_in_one_buffer():
+    """SmolLM-shaped matrices of both forms encoded together (one buffer each for codes, scales,
+    offsets, in the given order), products within the rule; a matrix that is no block form
+    (plain random float32), one with NaN and one of 40 columns stay None and take no room."""
+    from dotattn.models._block_weights import encode_matrices
+
+    rng = np.random.default_rng(3)
+    mats = [_q4_1_like(rng, 960, 576), rng.standard_normal((8, 64), dtype=np.float32), _q4_1_like(rng, 577, 1536),
+            _q4_1_like(rng, 4, 64), np.ones((3, 40), np.float32), _q8_0_like(rng, 4099, 576)]
+    mats[3][1, 5] = np.nan
+    found = encode_matrices(mats)
+    assert [f is None for f in found] == [False, True, False, True, True, False]
+    assert np.shares_memory(found[0].codes, found[2].codes) is False
+    assert found[2].codes.base is found[0].codes.base is found[5].codes.base  # one buffer, in order
+    for w, f in zip(mats, found):
+        if f is None:
+            continue
+        np.testing.assert_array_equal(f.to_float32(), w)
+        x = rng.standard_normal((3, w.shape[1]), dtype=np.float32)
+        got = _gemv_blocks_all(x, f, 2)
+        assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv_blocks {w.shape}")
+
+
+def test_block_codes_refuse_values_no_scale_rebuilds():
+    """One value off by an ulp in one block (a Q4_1 matrix otherwise): no exact form, None."""
+    from dotattn.models._block_weights import exact_blocks
+
+    rng = np.random.default_rng(4)
+    w = _q4_1_like(rng, 6, 96)
+    assert exact_blocks(w) is not None
+    w[4, 70] = np.nextafter(w[4, 70], np.float32(np.inf))
+    assert exact_blocks(w) is None
+    assert exact_blocks(w[:, :48]) is None  # 48 columns: not whole blocks
+    assert exact_blocks(w.astype(np.float64)) is None
+
+
+def test_gemv_blocks_propagates_nan_and_inf_of_x():
+    """±inf in ``x`` gives ±inf or NaN as the float32 product by the same weights does."""
+    from dotattn.models._block_weights import exact_blocks
+
+    rng = np.random.default_rng(5)
+    w = _q8_0_like(rng, 9, 64)
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    x[0, 3] = np.inf
+    x[1, 0], x[1, 40] = np.nan, 1.0
+    got = _gemv_blocks_all(x, exact_blocks(w), 2)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])

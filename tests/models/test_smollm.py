@@ -94,6 +94,52 @@ def test_numpy_compute_path_matches_transformers(model, reference):
         SmolLM(model.path, compute="jax")
 
 
+def _decode_logits(model, seq, n):
+    """Logits of decode steps fed ``seq[n:]`` one token at a time after a prompt pass over
+    ``seq[:n]`` (teacher forcing): row ``t`` is position ``n + t``'s, as ``logits(seq)`` gives."""
+    caches = model._caches_for(1, len(seq) + 1)
+    try:
+        model._prefill(np.array([seq[:n]], np.int64), np.array([n]), caches)
+        return np.stack([model._decode_step(np.array([tok], np.int64), caches)[0].copy() for tok in seq[n:]])
+    finally:
+        model._kv = caches
+
+
+def test_decode_steps_match_transformers_on_block_coded_and_float32_weights(model, reference):
+    """Every layer matrix and the head decode from their exact block codes (the GGUF's Q4_1 and
+    Q8_0 values, 1.25 bytes each), and the decode steps' logits stay within the tolerance of
+    transformers' at every position — as they do with the float32 matrices (same weights)."""
+    kept = model._mm._blocks
+    assert model.decode_weights == "blocks"
+    assert len(kept) == 4 * model.config.n_layers + 1  # every matrix found exact
+    head = kept[id(model.w["head"])][1]
+    assert head.offset is None and head.codes.dtype == np.int8  # Q8_0: symmetric codes
+    assert kept[id(model.w["layers"][0]["down"])][1].offset is not None  # Q4_1: codes above an offset
+    i = 1
+    seq = reference["sequences"][i]
+    n = len(reference["prompts"][i])
+    rows = slice(sum(len(s) for s in reference["sequences"][:i]) + n, sum(len(s) for s in reference["sequences"][: i + 1]))
+    want = reference["column_logits"][rows]
+    by_blocks = _decode_logits(model, seq, n)[:, reference["columns"]]
+    assert np.abs(by_blocks - want).max() <= TOLERANCE, _report(by_blocks, want, "decode steps, block codes")
+    model._mm._blocks = {}
+    try:
+        by_float32 = _decode_logits(model, seq, n)[:, reference["columns"]]
+    finally:
+        model._mm._blocks = kept
+    assert np.abs(by_float32 - want).max() <= TOLERANCE, _report(by_float32, want, "decode steps, float32")
+    assert np.abs(by_blocks - by_float32).max() <= TOLERANCE
+
+
+def test_decode_weights_float32_and_a_bad_choice(model, reference):
+    other = SmolLM(model.path, decode_weights="float32")
+    assert other.decode_weights == "float32" and not other._mm._blocks
+    assert other.generate_ids(reference["prompts"][0], max_new_tokens=8, stop_at_eos=False) == \
+        reference["greedy"][0, :8].tolist()
+    with pytest.raises(AttentionValueError, match="decode_weights must be 'blocks' or 'float32', got 'int4'"):
+        SmolLM(model.path, decode_weights="int4")
+
+
 def test_greedy_tokens_match_transformers_in_a_batch(batched_greedy, reference):
     assert len({len(p) for p in reference["prompts"]}) == len(reference["prompts"]), "prompts of different lengths"
     for i, tokens in enumerate(batched_greedy):

@@ -1017,7 +1017,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":
-            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV)", _model_steps)
+            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV, block GEMV)", _model_steps)
     return rows
 
 
@@ -1034,6 +1034,14 @@ def _model_steps() -> None:
     w, y = np.ones((6, 8), np.float32), np.empty((2, 6), np.float32)
     ops.gemv(x, w, y, 2)
     ops.gemv_rows(x, w, y, 0, 6)
+    # the same on block-coded weights (models/_block_weights.py): finding the codes, the products
+    xb, wb = np.ones((2, ops.BLOCK), np.float32), np.ones((6, ops.BLOCK), np.float32)
+    codes, scale, offset = np.empty((6, ops.BLOCK), np.int8), np.empty((6, 1), np.float32), np.empty((6, 1), np.float32)
+    ops.block_codes(wb, 15, False, codes, scale, offset)
+    sums = np.empty((2, 1), np.float32)
+    ops.block_sums(xb, sums)
+    ops.gemv_blocks(xb, sums, codes, scale, offset, True, y, 2)
+    ops.gemv_blocks_rows(xb, sums, codes, scale, offset, True, y, 0, 6)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

@@ -248,6 +248,8 @@ class _MatMul:
         self._ops, self._threads = _cpu_model_ops, numba.get_num_threads
         self._torch = None
         self._views: dict[int, tuple[np.ndarray, Any]] = {}
+        # weights whose decode-step products read their exact block codes (keep_blocks)
+        self._blocks: dict[int, tuple[np.ndarray, Any]] = {}
         if compute == "torch":
             import torch
 
@@ -259,6 +261,11 @@ class _MatMul:
             t = self._torch.from_numpy(a)
             self._views[id(a)] = (a, t.t() if transposed else t)
         return a
+
+    def keep_blocks(self, w: np.ndarray, blocks) -> None:
+        """Products of up to :data:`GEMV_MAX_ROWS` rows by ``w`` read ``blocks``
+        (:class:`~._block_weights.BlockWeights`: the same values, 1.25 bytes each) instead."""
+        self._blocks[id(w)] = (w, blocks)
 
     def _view(self, a: np.ndarray):
         kept = self._views.get(id(a))
@@ -289,7 +296,19 @@ class _MatMul:
         out2 = out.reshape(-1, w.shape[0])
         assert out2.flags.c_contiguous and w.flags.c_contiguous and w.dtype == x2.dtype == out2.dtype == np.float32
         threads = self._threads()
-        if threads > 1:
+        kept = self._blocks.get(id(w))
+        if kept is not None and kept[0] is w:
+            b = kept[1]
+            has_offset = b.offset is not None
+            sums = np.empty((x2.shape[0], x2.shape[1] // ops.BLOCK), np.float32)
+            if has_offset:
+                ops.block_sums(x2, sums)
+            offset = b.offset if has_offset else b.scale  # not read without offsets: one signature
+            if threads > 1:
+                ops.gemv_blocks(x2, sums, b.codes, b.scale, offset, has_offset, out2, threads)
+            else:
+                ops.gemv_blocks_rows(x2, sums, b.codes, b.scale, offset, has_offset, out2, 0, w.shape[0])
+        elif threads > 1:
             ops.gemv(x2, w, out2, threads)
         else:  # one-thread mode (or a one-core machine): no parallel launch
             ops.gemv_rows(x2, w, out2, 0, w.shape[0])
@@ -421,9 +440,24 @@ class SmolLM:
             torch where it is installed.  torch is faster here: its GEMMs on both cores, where
             OpenBLAS's second thread stalled the prompt pass (docs/models.md).  Attention is
             dotattn's either way; the results agree to float32 rounding.
+        decode_weights: what the decode steps' matrix–vector products read. ``"blocks"``
+            (default): each matrix whose float32 values are exactly ``scale·code + offset``
+            per block of 32 (the GGUF's Q4_1/Q8_0 weights, as gguf dequantizes them; checked
+            bit for bit, ``_block_weights.py``) is read as its int8 codes and float32 scales —
+            the same weights in 1.25 bytes instead of 4, so a step streams 165 MB instead of
+            538.  ``"float32"``: the float32 matrices (the prompt pass always uses those).
     """
 
-    def __init__(self, path: str | Path | None = None, *, implementation: str | None = None, compute: str | None = None):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        implementation: str | None = None,
+        compute: str | None = None,
+        decode_weights: str = "blocks",
+    ):
+        if decode_weights not in ("blocks", "float32"):
+            raise AttentionValueError(f"decode_weights must be 'blocks' or 'float32', got {decode_weights!r}")
         if compute is None:
             import importlib.util
 
@@ -456,8 +490,17 @@ class SmolLM:
         self._template = None
         self.last_stats = GenerationStats()
         self._mm = _MatMul(compute)
-        for w in [self.w["head"], *(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down"))]:
+        matrices = [*(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down")), self.w["head"]]
+        for w in matrices:
             self._mm.keep(w, transposed=True)
+        self.decode_weights = decode_weights
+        if decode_weights == "blocks":
+            from ._block_weights import encode_matrices
+
+            # in a decode step's read order; a matrix no block form rebuilds exactly stays float32
+            for w, blocks in zip(matrices, encode_matrices(matrices)):
+                if blocks is not None:
+                    self._mm.keep_blocks(w, blocks)
         self._workspace: _Workspace | None = None  # the decode steps' buffers
         self._kv: _Caches | None = None  # the last generation's K/V cache, reused (_caches_for)
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use

@@ -35,3 +35,20 @@ def test_an_exception_in_a_chunk_reaches_the_caller():
     for nchunks in (2, 4):
         with pytest.raises(ValueError, match=f"chunk {nchunks - 1}"):
             run_chunks(fn, (), nchunks)
+
+
+def test_the_caller_takes_unstarted_chunks_before_waiting_for_a_started_one():
+    """With the pool's worker busy in chunk 1 until the last chunk has run, the caller must
+    run the later chunks itself instead of waiting for chunk 1 first (on a machine with
+    more cores, other workers may take them: the event is set either way)."""
+    done = threading.Event()
+    waited = []
+
+    def fn(chunk, n):
+        if chunk == 1:
+            waited.append(done.wait(timeout=5.0))
+        elif chunk == n - 1:
+            done.set()
+
+    run_chunks(fn, (), 4)
+    assert waited == [True]

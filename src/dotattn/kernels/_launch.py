@@ -52,8 +52,14 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
     pool = _executor()
     futures = [pool.submit(fn, *args, chunk, nchunks) for chunk in range(1, nchunks)]
     fn(*args, 0, nchunks)
-    for chunk, future in zip(range(1, nchunks), futures):
+    # The pool starts chunks from the first: the caller takes the unstarted ones from the last,
+    # and waits for a started one only when none is left (waiting in order, it sat idle on a
+    # worker's chunk while later ones waited in the queue: a busy machine's usual case).
+    started = []
+    for chunk, future in reversed(list(zip(range(1, nchunks), futures))):
         if future.cancel():
             fn(*args, chunk, nchunks)
         else:
-            future.result()  # re-raises a worker's exception here
+            started.append(future)
+    for future in reversed(started):
+        future.result()  # re-raises a worker's exception here

@@ -240,6 +240,22 @@ def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, ref
     assert model._kv is not kept and model._kv.cache.batch_size == 2
 
 
+def test_a_short_generation_leaves_room_for_a_longer_one(model, reference):
+    """A new cache's room is rounded up to whole pages (it holds whole pages anyway), so a
+    generation of a few tokens (a warm-up) leaves a cache that one of more tokens after the
+    same prompt reuses; the tokens are still the reference's."""
+    from dotattn.decoding import SPLIT_SIZE
+
+    prompt = reference["prompts"][0]
+    model._kv = None
+    model.generate_ids(prompt, max_new_tokens=1, stop_at_eos=False)
+    kept = model._kv
+    assert kept.cache.capacity % SPLIT_SIZE == 0 and kept.cache.capacity >= len(prompt) + 1
+    assert model.generate_ids(prompt, max_new_tokens=N_GREEDY, stop_at_eos=False) == reference["greedy"][0, :N_GREEDY].tolist()
+    assert model._kv is kept
+    model._kv = None
+
+
 def test_two_streams_read_in_turns_keep_their_own_caches(model):
     """A generation's cache is its own while it runs: a second ``stream=True`` generation
     started before the first has ended must not take (and empty) the first one's cache."""

@@ -989,6 +989,14 @@ class SmolLM:
         kv, self._kv = self._kv, None  # (an unsuitable old cache's buffers go before new ones are made)
         if kv is None or kv.cache.batch_size != B or kv.cache.capacity < capacity:
             kv = None
+            # Room rounded up to whole pages (at most the model's context; the pages are
+            # allocated whole anyway): a generation of a few tokens after a prompt (a warm-up,
+            # a short answer) leaves a cache the next one with more new tokens can reuse — the
+            # first timed 512-token run of benchmarks/generate.py made a new one after its
+            # 4-token warm-up's.
+            from ..decoding import SPLIT_SIZE as page  # _Caches' page size
+
+            capacity = max(capacity, min(-(-capacity // page) * page, self.config.context_length))
             kv = _Caches(self.config.n_layers, B, self.config.n_kv_heads, capacity, self.config.head_dim, self.implementation)
         else:
             kv.cache.reset()

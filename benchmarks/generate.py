@@ -5,7 +5,10 @@ that every run makes exactly 128), it reports prefill tokens/s (prompt tokens / 
 first new token) and decode tokens/s (127 / time from the first to the last new token), the
 median of ``--repeats`` runs, for dotattn (:class:`dotattn.models.SmolLM`) and, where
 installed, transformers' ``generate`` on the same GGUF file dequantized to float32, in the same
-process (``n/a`` otherwise).  The machine's load (``uptime``) is printed before and after::
+process (``n/a`` otherwise), one run of each in turns.  The machine's load (``uptime``) is
+printed before and after, and with each run the cores other programs kept busy during its
+prompt pass (``/proc/stat`` less this process's CPU time: on a shared machine a pass's speed
+follows it)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/generate.py [--lengths 512 4096] [--repeats 3]
 
@@ -37,6 +40,28 @@ def uptime() -> str:
         return "uptime: n/a"
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, of this process) so far: over an interval, the
+    first's increase less the second's is what other programs took from the cores meanwhile
+    (``/proc/stat``; NaN where it cannot be read)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), own.ru_utime + own.ru_stime
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others(start: tuple[float, float], end: tuple[float, float]) -> float:
+    """Cores other programs kept busy, on average, between two :func:`cpu_seconds` readings."""
+    seconds = end[1] - start[1]
+    return max(0.0, (end[0] - start[0]) - seconds)
+
+
 def prompt_ids(model, n: int) -> list[int]:
     """Exactly ``n`` token ids of English text (the paragraph repeated)."""
     ids = model.encode(TEXT)
@@ -44,14 +69,24 @@ def prompt_ids(model, n: int) -> list[int]:
 
 
 def bench_dotattn(model, ids: list[int], new: int, repeats: int) -> dict:
-    prefill, decode = [], []
+    prefill, decode, busy = [], [], []
     for _ in range(repeats):
-        out = model.generate_ids(ids, max_new_tokens=new, stop_at_eos=False)
+        # generate_ids' own step iterator: the first step comes right after the prompt pass,
+        # which is where the other programs' share of the cores is read
+        start = cpu_seconds()
+        t0 = time.perf_counter()
+        steps = model._generate_steps([ids], new, 0.0, 1.0, None, False)
+        out = []
+        for step in steps:
+            if not out:
+                first = cpu_seconds()
+                busy.append(others(start, first) / (time.perf_counter() - t0))
+            out.append(step[0][1])
         assert len(out) == new
         prefill.append(model.last_stats.prefill_tokens_per_s)
         decode.append(model.last_stats.decode_tokens_per_s)
-        print(f"  dotattn {len(ids)}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.2f} tok/s", flush=True)
-    return {"prefill": prefill, "decode": decode}
+        print(f"  dotattn {len(ids)}: prefill {prefill[-1]:.1f} tok/s (others' cores {busy[-1]:.2f}), decode {decode[-1]:.2f} tok/s", flush=True)
+    return {"prefill": prefill, "decode": decode, "others_prefill": busy}
 
 
 def load_transformers(path):
@@ -68,27 +103,32 @@ def load_transformers(path):
     return model, f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def bench_transformers(model, ids: list[int], new: int, repeats: int) -> dict:
+def bench_transformers(model, ids: list[int], new: int, repeats: int, quiet: bool = False) -> dict:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
-        """Timestamps each put(): the prompt first, then every new token."""
+        """Timestamps each put(): the prompt first, then every new token (and the CPU
+        readings at the first new token)."""
 
         def __init__(self):
             self.times = []
+            self.cpu = None
 
         def put(self, value):
             self.times.append(time.perf_counter())
+            if len(self.times) == 2:
+                self.cpu = cpu_seconds()
 
         def end(self):
             pass
 
-    prefill, decode = [], []
+    prefill, decode, busy = [], [], []
     input_ids = torch.tensor([ids])
     for _ in range(repeats):
         clock = Clock()
         with torch.no_grad():
+            cpu = cpu_seconds()
             start = time.perf_counter()
             out = model.generate(
                 input_ids,
@@ -103,8 +143,10 @@ def bench_transformers(model, ids: list[int], new: int, repeats: int) -> dict:
         first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt is put before any work
         prefill.append(len(ids) / (first - start))
         decode.append((new - 1) / (last - first))
-        print(f"  transformers {len(ids)}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.2f} tok/s", flush=True)
-    return {"prefill": prefill, "decode": decode}
+        busy.append(others(cpu, clock.cpu) / (first - start))
+        if not quiet:
+            print(f"  transformers {len(ids)}: prefill {prefill[-1]:.1f} tok/s (others' cores {busy[-1]:.2f}), decode {decode[-1]:.2f} tok/s", flush=True)
+    return {"prefill": prefill, "decode": decode, "others_prefill": busy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +172,29 @@ def main(argv: list[str] | None = None) -> int:
         # One warm-up each at the full prompt length (first calls compile / load the kernels
         # that length needs — a 64-token prompt takes another attention path), not timed.
         model.generate_ids(ids, max_new_tokens=4, stop_at_eos=False)
-        ours = bench_dotattn(model, ids, args.new, args.repeats)
-        row = {"prompt": n, "new": args.new, "dotattn": ours}
         if peer is not None:
             bench_transformers(peer, ids, 4, 1)
-            row["transformers"] = bench_transformers(peer, ids, args.new, args.repeats)
+        # Then the two sides in turns (which goes first alternates), one run at a time: on a
+        # shared machine both see the same stretch of load, where all of one side's runs
+        # followed by all of the other's compared two different stretches.  A side taking over
+        # from the other first runs its warm-up again, untimed: the first pass after the
+        # other model's ran 15–25 % slower (each model's 0.5 GB of weights leave the other's
+        # out of the caches), and that would fall on whichever side the order favours less.
+        row = {"prompt": n, "new": args.new, "dotattn": {}}
+        sides = [("dotattn", lambda: bench_dotattn(model, ids, args.new, 1),
+                  lambda: model.generate_ids(ids, max_new_tokens=4, stop_at_eos=False))]
+        if peer is not None:
+            row["transformers"] = {}
+            sides.append(("transformers", lambda: bench_transformers(peer, ids, args.new, 1),
+                          lambda: bench_transformers(peer, ids, 4, 1, quiet=True)))
+        last = "transformers" if peer is not None else "dotattn"  # the side whose warm-up ran last
+        for r in range(args.repeats):
+            for side, run, warm_up in sides if r % 2 == 0 else sides[::-1]:
+                if side != last:
+                    warm_up()
+                last = side
+                for key, values in run().items():
+                    row[side].setdefault(key, []).extend(values)
         med = {side: {k: statistics.median(v) for k, v in row[side].items()} for side in ("dotattn", "transformers") if side in row}
         row["median"] = med
         o, p = med["dotattn"], med.get("transformers")

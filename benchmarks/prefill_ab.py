@@ -1,0 +1,94 @@
+"""A/B of SmolLM2's prompt pass: the working tree's code against a git revision's, alternating
+in one process (a shared machine's load then weighs on both alike).
+
+The old side is ``src/dotattn/models/smollm.py`` and ``kernels/_launch.py``'s ``run_chunks``
+as they are at ``--old`` (loaded from git under other module names; the rest of dotattn is the
+working tree's), the new side the working tree's.  Each round runs one prompt pass (a
+generation of one token after a ``--length``-token prompt) per side, in alternating order;
+printed: time to the first token per pass, the medians, their ratio, and the cores other
+programs kept busy during each pass (``/proc/stat`` less this process)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/prefill_ab.py --old main --length 512 --rounds 10
+
+Run under ``flock /tmp/bench.lock`` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_old(rev: str, path: str, name: str):
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    package = name.rpartition(".")[0]
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = package
+    module.__file__ = f"{rev}:{path}"
+    sys.modules[name] = module
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", default="main", help="git revision of the old side")
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generate import cpu_seconds
+
+    import dotattn.models.smollm as new_sm
+    from dotattn.kernels import _launch
+
+    old_sm = load_old(args.old, "src/dotattn/models/smollm.py", "dotattn.models._ab_old_smollm")
+    old_launch = load_old(args.old, "src/dotattn/kernels/_launch.py", "dotattn.kernels._ab_old_launch")
+    new_run_chunks = _launch.run_chunks
+    old_run_chunks = old_launch.run_chunks
+    old_launch._executor = _launch._executor  # one pool for both sides
+
+    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    sides = {"old": (old_sm.SmolLM(), old_run_chunks), "new": (new_sm.SmolLM(), new_run_chunks)}
+    ids = np.random.default_rng(0).integers(100, 40000, args.length).tolist()
+    times = {k: [] for k in sides}
+    others = {k: [] for k in sides}
+    for r in range(-1, args.rounds):  # round -1: warm-up, untimed
+        order = ("old", "new") if r % 2 == 0 else ("new", "old")
+        for side in order:
+            model, run_chunks = sides[side]
+            _launch.run_chunks = run_chunks
+            try:
+                busy0, own0 = cpu_seconds()
+                model.generate_ids(ids, max_new_tokens=1, stop_at_eos=False)
+                busy1, own1 = cpu_seconds()
+            finally:
+                _launch.run_chunks = new_run_chunks
+            if r >= 0:
+                t = model.last_stats.prefill_seconds
+                times[side].append(t)
+                others[side].append(max(0.0, (busy1 - busy0) - (own1 - own0)) / t)
+        if r >= 0:
+            print(f"round {r}: old {times['old'][-1] * 1e3:.1f} ms (others {others['old'][-1]:.2f}), "
+                  f"new {times['new'][-1] * 1e3:.1f} ms (others {others['new'][-1]:.2f})", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.length} tokens, medians of {args.rounds}: old {med['old'] * 1e3:.1f} ms ({args.length / med['old']:.1f} tok/s), "
+          f"new {med['new'] * 1e3:.1f} ms ({args.length / med['new']:.1f} tok/s): new/old speed {med['old'] / med['new']:.3f}x; "
+          f"others' cores (median) old {statistics.median(others['old']):.2f}, new {statistics.median(others['new']):.2f}")
+    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

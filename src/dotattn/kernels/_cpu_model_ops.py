@@ -183,7 +183,7 @@ def gemv(x, w, out, chunks):
 # ``Σ_b (scale_b · Σ_j code_j·x_j + offset_b · Σ_j x_j)`` — the same weights, the sum's
 # rounding in another order (as between any two BLAS).
 BLOCK = 32
-PREFETCH_AHEAD = 8192  # bytes of codes ahead of the current ones that the block loop asks for
+PREFETCH_AHEAD = 2048  # bytes of codes ahead of the current ones that the block loop asks for
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -291,7 +291,11 @@ def gemv_blocks_rows(x, xsums, codes, scale, offset, has_offset, out, r0, r1):
                 for b in range(nb):
                     s0, s1, s2, s3 = scale[o, b], scale[o + 1, b], scale[o + 2, b], scale[o + 3, b]
                     j0 = b * BLOCK
-                    _prefetch(c3, j0 + PREFETCH_AHEAD)  # rows are consecutive: ahead of the last one
+                    # the four rows are consecutive in memory and advance 4·BLOCK bytes a block:
+                    # ask for the two lines that far ahead of the row block's start
+                    ahead = GEMV_ROW_BLOCK * j0 + PREFETCH_AHEAD
+                    _prefetch(c0, ahead)
+                    _prefetch(c0, ahead + 64)
                     for j in range(BLOCK):
                         xi = xr[j0 + j]
                         l0[j] += s0 * np.float32(c0[j0 + j]) * xi

@@ -64,9 +64,9 @@ def cases(draw):
         options["q_lengths"] = H.random_lengths(draw(st.integers(0, 99)), (B,), Lq)
         options["kv_lengths"] = H.random_lengths(draw(st.integers(0, 99)), (B,), Lk)
     if draw(st.booleans()):
-        # (scale 2.5 is left out: with D 33 its scores reach ≈ 40, where the float32 forward —
-        # per-head kernel too — missed the 2× naive rule by 1.5×, e.g. causal L 11, tiles 4 × 8)
-        options["scale"] = draw(st.sampled_from([0.3, 1.7]))
+        # (scale 2.5: scores reach ≈ 40 at D 33, where the score products' rounding decides the
+        # error — tests/kernels/test_cpu_f32_accuracy.py)
+        options["scale"] = draw(st.sampled_from([0.3, 1.7, 2.5]))
     tiles = draw(st.sampled_from([(4, 8), (8, 4), (3, 5), (16, 16), None]))
     return dict(seed=draw(st.integers(0, 2**16)), B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
                 tiles=tiles, options=options)

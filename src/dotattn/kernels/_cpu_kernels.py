@@ -44,6 +44,7 @@ from ._cpu_primitives import (
     _block_class,
     _ds_block,
     _ds_operand,
+    _dots,
     _dropout_block,
     _exp2_operand,
     _exp2_shifted,
@@ -62,6 +63,7 @@ from ._cpu_primitives import (
     _pv_operand,
     _qk,
     _rescale_rows,
+    _short_rows,
     _snake_chunk,
     _take_task,
     _tile_max,
@@ -293,7 +295,7 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg)
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
     j0 = kb * BK
-    _qk(Kb, Qs, Qv, ST, o.amx, cfg)
+    _qk(Kb, Qs, Qv, ST, o.amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
@@ -554,6 +556,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
     R = G * BQ  # rows of a task: query head h0 + g holds rows g·BQ … (g+1)·BQ − 1
     nqb = (Lq + BQ - 1) // BQ
     c2, _ = _constants(o, out)
+    wide = _short_rows(o.Lq, o.Lk)  # short problems: float64 score products (_dots)
     Qs = _aligned_empty(R, D, q)  # 64-byte aligned, as the per-head forward's
     Qs[:] = 0
     ST = _aligned_empty(BK, R, out)
@@ -586,7 +589,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
             if cls == SKIP:
                 continue
             Kb = kp[b, hk, kb]
-            _gemm(Kb, Qs.T, ST, 0.0)
+            _dots(Kb, Qs, ST, wide)
             if cls == PARTIAL:
                 _row_intervals(lo, hi, b, i0, nr, kb * BK, BK, BQ, o)
                 _select_intervals(ST, lo, hi)
@@ -594,7 +597,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
             lazy = _lazy_ok(m, ST, True)
             if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, ST, False)):
                 if lazy:  # the lazy pass spoiled the scores: recompute them
-                    _gemm(Kb, Qs.T, ST, 0.0)
+                    _dots(Kb, Qs, ST, wide)
                     if cls == PARTIAL:
                         _select_intervals(ST, lo, hi)
                 _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False, False)
@@ -637,6 +640,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     need_g = o.softcap > 0.0 or HAS_SCORE_MOD
     fuse = o.dropout_p == 0.0 and not need_g and not want_dbias  # P̃ and dS straight to bf16 operands
     c2, inv_keep = _constants(o, dkp)
+    wide = _short_rows(o.Lq, o.Lk)  # (see _dots)
     Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
     dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
     Pb = np.empty((BK, BQ), dtype=q.dtype)  # P̃ and dS rounded to bf16 (bf16 path only)
@@ -674,7 +678,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 _scores(ST, Qs, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
                 in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                _gemm(Vb, dOs.T, dPT, 0.0)
+                _dots(Vb, dOs, dPT, wide)  # (summed as the scores: see _dots)
                 P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)

@@ -19,7 +19,7 @@ from . import _cpu_amx
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
-from ._cpu_simd import LANES, exp2_max_tile16, exp2_tile16
+from ._cpu_simd import LANES, dot_tile_f64, exp2_max_tile16, exp2_tile16
 from .dropout import splitmix64 as _splitmix64_py
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
@@ -834,16 +834,56 @@ def _pack_q_overload(Qs, Qv, amx):
     return lambda Qs, Qv, amx: None
 
 
-def _qk(Kb, Qs, Qv, ST, amx, cfg):
-    """``ST = Kb · Qsᵀ``: on AMX from the packed ``Qv`` (``amx``), else by :func:`_gemm`."""
+# Score products of short problems accumulated in float64 (``_cpu_simd.dot_tile_f64``), not by
+# the float32 GEMM.  A GEMM sums each score's D products in one chain; NumPy's BLAS — the
+# tolerance rule's naive baseline — sums short products (M·N ≲ 1,150 scores, or one query
+# row) in 16 lanes, with ≈ 2.2× less rounding error at D 64 (2.6× at D 128).  At a large
+# ``scale`` that score error is the output's largest, and on short rows a few rows decide the
+# maximum: causal L 11 D 64 at scale 3 missed the 2×-naive rule by 3.0×, L 24 D 128 by 3.7×
+# (docs/performance.md, "float32 accuracy at a large scale").  Even a 16-lane float32 sum
+# (NumPy's own error, different bits) missed it by chance (1.9×); float64 sums do not.  Up to
+# this many scores per head (or one query row) they run: ≈ 2.5× the GEMM's time on such
+# tiles, within the run-to-run noise of calls up to L 32 (ours 2048 ≥ NumPy's ≈ 1,150 for
+# margin); longer rows sum in one chain on both sides.
+F64_DOT_MAX_SCORES = 2048
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _short_rows(Lq, Lk):
+    """Whether a float32 call of ``Lq × Lk`` scores per head takes the float64 score products."""
+    return Lq * Lk <= F64_DOT_MAX_SCORES or Lq == 1
+
+
+def _dots(A, B, C, wide):
+    """``C = A · Bᵀ`` (``A (M, D)``, ``B (N, D)``): float32 with ``wide`` by :func:`dot_tile_f64`
+    (sums in float64; its operands' rows contiguous), else by :func:`_gemm`."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_dots, jit_options={"cache": _JIT_CACHE})
+def _dots_overload(A, B, C, wide):
+    if A.dtype == types.float32 and B.dtype == types.float32 and C.dtype == types.float32:
+
+        def impl_f32(A, B, C, wide):
+            if wide and A.strides[1] == 4 and B.strides[1] == 4 and C.strides[1] == 4:
+                dot_tile_f64(A, B, C)
+            else:
+                _gemm(A, B.T, C, 0.0)
+
+        return impl_f32
+    return lambda A, B, C, wide: _gemm(A, B.T, C, 0.0)
+
+
+def _qk(Kb, Qs, Qv, ST, amx, cfg, wide):
+    """``ST = Kb · Qsᵀ``: on AMX from the packed ``Qv`` (``amx``), else by :func:`_dots`."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_qk, jit_options={"cache": _JIT_CACHE})
-def _qk_overload(Kb, Qs, Qv, ST, amx, cfg):
+def _qk_overload(Kb, Qs, Qv, ST, amx, cfg, wide):
     if Kb.dtype == types.uint16:
 
-        def impl(Kb, Qs, Qv, ST, amx, cfg):
+        def impl(Kb, Qs, Qv, ST, amx, cfg, wide):
             if amx:
                 BK, D = Kb.shape
                 _cpu_amx.scores(Kb.ctypes.data, Kb.strides[0], BK, D, Qv.ctypes.data, ST.shape[1], ST.ctypes.data, ST.strides[0], cfg)
@@ -851,7 +891,7 @@ def _qk_overload(Kb, Qs, Qv, ST, amx, cfg):
                 _gemm(Kb, Qs.T, ST, 0.0)
 
         return impl
-    return lambda Kb, Qs, Qv, ST, amx, cfg: _gemm(Kb, Qs.T, ST, 0.0)
+    return lambda Kb, Qs, Qv, ST, amx, cfg, wide: _dots(Kb, Qs, ST, wide)
 
 
 def _pv(P, Vb, acc, amx, cfg):

@@ -43,7 +43,7 @@ _EXP2_COEFFS = (
 def _splat(builder, value, vty=_VF):
     undef = ir.Constant(vty, ir.Undefined)
     first = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, undef, ir.Constant(_VI, [0] * LANES))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
 
 
 def _fconst(value):
@@ -187,6 +187,173 @@ def exp2_max_tile16(typingctx, ST, mul, sub, tile_sum, tile_max, nvec):
         done = builder.mul(groups, group)
         with cgutils.for_range(builder, builder.sub(rows, done)) as rest:
             rows_at(builder.add(done, rest.index), 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a·b + c`` rounded once (``llvm.fma``; one instruction where the CPU has FMA), for
+    float32 or float64 scalars of one type; LLVM vectorizes loops of it."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.args[0])
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty] * 3))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+# =================================================================================
+# short dot products, accumulated in float64: C = A · Bᵀ
+# =================================================================================
+
+DOT_ROWS = 4  # micro-tile: 4 rows of A × 4 rows of B, 16 accumulators of 8 doubles (16 of 32 zmm)
+_DLANES = 8
+_D = ir.DoubleType()
+_VD = ir.VectorType(_D, _DLANES)
+_VF8 = ir.VectorType(_F, _DLANES)
+_VI8 = ir.VectorType(_I32, _DLANES)
+_VB8 = ir.VectorType(ir.IntType(1), _DLANES)
+
+
+def _reduce_lanes(builder, vectors, lanes):
+    """``len(vectors)`` vectors of ``lanes`` partial sums → vectors whose lanes hold the sums of
+    ``vectors[0]``, ``vectors[1]``, … in order (``lanes`` per vector).
+
+    A tree: two vectors whose lanes hold groups of ``w`` partial sums become one whose groups
+    have ``w/2`` lanes — each group's two halves, shuffled side by side, added.  The order of
+    the additions is fixed (the same bits on every call)."""
+    lane_ty = ir.VectorType(_I32, lanes)
+    level = [(v, [k]) for k, v in enumerate(vectors)]  # (vector, the sums its groups hold)
+    width = lanes
+    while width > 1:
+        half = width // 2
+        nxt = []
+        for (x, ix), (y, iy) in zip(level[0::2], level[1::2]):
+            lo, hi = [], []
+            for base, groups in ((0, len(ix)), (lanes, len(iy))):
+                for g in range(groups):
+                    first = base + g * width
+                    lo += list(range(first, first + half))
+                    hi += list(range(first + half, first + width))
+            lo_v = builder.shuffle_vector(x, y, ir.Constant(lane_ty, lo))
+            hi_v = builder.shuffle_vector(x, y, ir.Constant(lane_ty, hi))
+            nxt.append((builder.fadd(lo_v, hi_v), ix + iy))
+        level = nxt
+        width = half
+    order = [k for _, ks in level for k in ks]
+    assert order == list(range(len(vectors)))
+    return [v for v, _ in level]
+
+
+def _is_f32_matrix(x):
+    return isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float32
+
+
+@intrinsic
+def dot_tile_f64(typingctx, A, B, C):
+    """``C[i, j] = Σ_d A[i, d]·B[j, d]`` (``C = A·Bᵀ``) accumulated in float64, rounded once to
+    float32: the score products of short problems (``_cpu_primitives._short_rows``).
+
+    Why: a float32 GEMM's rounding error in a score grows with ``D`` (MKL's ``sgemm`` sums
+    the products in one chain: 2.2× the error of NumPy's 16-lane sum at D 64, 2.6× at D 128),
+    and at a large ``scale`` that error is the output's largest; on short rows a few rows
+    decide the maximum error, and even an error distributed as NumPy's own broke the 2×-naive
+    rule by chance (1.9× at causal L 24 D 128, scale 2.5).  Here every product is exact in
+    float64 and the sum's error is far below the final rounding (docs/performance.md).
+
+    ``A (M, D)``, ``B (N, D)``, ``C (M, N)``: float32 with contiguous rows (any row stride);
+    columns from a multiple of 8 on are read by masked loads (zeros past ``D``).  Rows come
+    4 × 4 at a time (rows past ``M``/``N`` are read again as the last row and not stored);
+    within a score, lane ``l`` sums the products ``d ≡ l (mod 8)`` in order, then a fixed
+    tree adds the lanes.
+    """
+    if not (_is_f32_matrix(A) and _is_f32_matrix(B) and _is_f32_matrix(C)):
+        return None
+    sig = types.void(A, B, C)
+
+    def codegen(context, builder, signature, args):
+        a_arr, b_arr, c_arr = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args))
+        M = builder.extract_value(a_arr.shape, 0)
+        D = builder.extract_value(a_arr.shape, 1)
+        N = builder.extract_value(b_arr.shape, 0)
+        sa = builder.extract_value(a_arr.strides, 0)
+        sb = builder.extract_value(b_arr.strides, 0)
+        sc = builder.extract_value(c_arr.strides, 0)
+        intp = M.type
+        zero_i, one_i = ir.Constant(intp, 0), ir.Constant(intp, 1)
+        chunk = ir.Constant(intp, _DLANES)
+        rows = ir.Constant(intp, DOT_ROWS)
+        nfull = builder.sdiv(D, chunk)  # whole 8-column chunks
+        tail = builder.sub(D, builder.mul(nfull, chunk))
+        tail_v = _splat(builder, builder.trunc(tail, _I32), _VI8)
+        tail_mask = builder.icmp_signed("<", ir.Constant(_VI8, list(range(_DLANES))), tail_v)
+        masked_load = builder.module.declare_intrinsic(
+            "llvm.masked.load.v8f32.p0v8f32", fnty=ir.FunctionType(_VF8, [_VF8.as_pointer(), _I32, _VB8, _VF8])
+        )
+        fma = builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(_VD, [_VD] * 3))
+        zero_f = ir.Constant(_VF8, [0.0] * _DLANES)
+        zero_d = ir.Constant(_VD, [0.0] * _DLANES)
+        accs = [cgutils.alloca_once(builder, _VD) for _ in range(DOT_ROWS * DOT_ROWS)]
+        i8p = ir.IntType(8).as_pointer()
+
+        def ptr_at(data, byte_offset, ty):
+            return builder.bitcast(builder.gep(builder.bitcast(data, i8p), [byte_offset]), ty.as_pointer())
+
+        def row_offsets(first, count, n_rows, stride):
+            last = builder.sub(n_rows, one_i)
+            offs = []
+            for k in range(count):
+                row = builder.add(first, ir.Constant(intp, k))
+                row = builder.select(builder.icmp_signed("<", row, n_rows), row, last)
+                offs.append(builder.mul(row, stride))
+            return offs
+
+        def step(a_offs, b_offs, col_bytes, load):
+            def widen(data, off):
+                return builder.fpext(load(ptr_at(data, builder.add(off, col_bytes), _VF8)), _VD)
+
+            a_v = [widen(a_arr.data, o) for o in a_offs]
+            b_v = [widen(b_arr.data, o) for o in b_offs]
+            for i in range(DOT_ROWS):
+                for j in range(DOT_ROWS):
+                    slot = accs[i * DOT_ROWS + j]
+                    builder.store(builder.call(fma, [a_v[i], b_v[j], builder.load(slot)]), slot)
+
+        m_blocks = builder.sdiv(builder.add(M, ir.Constant(intp, DOT_ROWS - 1)), rows)
+        n_blocks = builder.sdiv(builder.add(N, ir.Constant(intp, DOT_ROWS - 1)), rows)
+        with cgutils.for_range(builder, m_blocks) as ib:
+            i0 = builder.mul(ib.index, rows)
+            a_offs = row_offsets(i0, DOT_ROWS, M, sa)
+            with cgutils.for_range(builder, n_blocks) as jb:
+                j0 = builder.mul(jb.index, rows)
+                b_offs = row_offsets(j0, DOT_ROWS, N, sb)
+                for slot in accs:
+                    builder.store(zero_d, slot)
+                with cgutils.for_range(builder, nfull) as kc:
+                    col_bytes = builder.mul(kc.index, ir.Constant(intp, _DLANES * 4))
+                    step(a_offs, b_offs, col_bytes, lambda p: builder.load(p, align=4))
+                with builder.if_then(builder.icmp_signed(">", tail, zero_i)):
+                    col_bytes = builder.mul(nfull, ir.Constant(intp, _DLANES * 4))
+                    step(a_offs, b_offs, col_bytes,
+                         lambda p: builder.call(masked_load, [p, ir.Constant(_I32, 4), tail_mask, zero_f]))
+                sums = _reduce_lanes(builder, [builder.load(slot) for slot in accs], _DLANES)
+                for half, vec in enumerate(sums):  # vector ``half`` holds scores 8·half … 8·half + 7
+                    rounded = builder.fptrunc(vec, _VF8)
+                    for lane in range(_DLANES):
+                        k = half * _DLANES + lane
+                        i, j = divmod(k, DOT_ROWS)
+                        row = builder.add(i0, ir.Constant(intp, i))
+                        col = builder.add(j0, ir.Constant(intp, j))
+                        inside = builder.and_(builder.icmp_signed("<", row, M), builder.icmp_signed("<", col, N))
+                        with builder.if_then(inside, likely=True):
+                            off = builder.add(builder.mul(row, sc), builder.mul(col, ir.Constant(intp, 4)))
+                            builder.store(builder.extract_element(rounded, ir.Constant(_I32, lane)), ptr_at(c_arr.data, off, _F))
         return context.get_dummy_value()
 
     return sig, codegen

@@ -46,8 +46,10 @@ from ._cpu_primitives import (
     _gemm_threads_begin,
     _gemm_threads_end,
     _matmul,
+    _short_rows,
     exp2_fraction,
 )
+from ._cpu_simd import dot_tile_f64, fma
 
 
 # GEMMs of at least this many multiply-adds go to the bound sgemm (MKL's where torch is
@@ -76,14 +78,42 @@ def _item_gemm_overload(a, b, out):
     return lambda a, b, out: _matmul(a, b, out)
 
 
+def _item_scores(qi, ki, S, short):
+    """``S = qi · kiᵀ`` for an item: float32 ``short`` problems (``_cpu_primitives._short_rows``)
+    by float64 sums (``_cpu_simd.dot_tile_f64``: a GEMM's one chain of float32 sums missed the
+    2×-naive rule at a large scale), the rest by :func:`_item_gemm`."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_item_scores, jit_options={"cache": True})
+def _item_scores_overload(qi, ki, S, short):
+    if qi.dtype == types.float32:
+
+        def impl_f32(qi, ki, S, short):
+            if short and qi.strides[1] == 4 and ki.strides[1] == 4 and S.strides[1] == 4:
+                dot_tile_f64(qi, ki, S)
+            else:
+                _item_gemm(qi, ki.T, S)
+
+        return impl_f32
+    return lambda qi, ki, S, short: _item_gemm(qi, ki.T, S)
+
+
 # Lanes of the row maximum: 16 independent running maxima (one AVX-512 register of float32)
 # that LLVM vectorizes, where one running maximum is a chain of dependent selects (≈ 1 ns per
 # score: 14 µs of a 128 × 128 block, measured).
 _LANES = 16
 
 
-# No "contract": an FMA would compute x·c2 − round(x·c2) for the max element, its rounding
-# error, which for logits of 1e12 is ~1e4 — 2^(±1e4) instead of 2^0.
+# The shift ``S·c2 − m`` by one FMA (the product exact, one rounding), except for rows whose
+# shift is huge: there an FMA computes x·c2 − round(x·c2) for the max element, its rounding
+# error, which for logits of 1e12 is ~1e4 — 2^(±1e4) instead of 2^0 — so the product is
+# rounded first, as ``m`` was (the general kernels' rule: _cpu_primitives._exp2_shifted_f32).
+# Rounded first everywhere, the product's error (|S·c2|·2⁻²⁴ absolute, a relative error of P)
+# came on top of the scores' own at large ``scale``.
+_HUGE_SHIFT = 1048576.0
+
+
 @njit(cache=True, fastmath={"nsz"})
 def _rows_max_shift(F, R, nk, m, c2, lanes):
     """``m[r] = c2 · max_c S[r, c]`` (0 for a row of −inf) and ``S[r] = S[r]·c2 − m[r]``
@@ -115,8 +145,12 @@ def _rows_max_shift(F, R, nk, m, c2, lanes):
             mx = np.inf  # a NaN score: marked like +inf, for the general path's NaN policy
         m[r] = mx * c2t if mx > -np.inf else 0.0
         mr = m[r]
-        for c in range(nk):
-            F[base + c] = F[base + c] * c2t - mr
+        if abs(mr) < _HUGE_SHIFT:
+            for c in range(nk):
+                F[base + c] = fma(F[base + c], c2t, -mr)
+        else:
+            for c in range(nk):
+                F[base + c] = F[base + c] * c2t - mr
 
 
 def _exp2_flat(F, N):
@@ -233,6 +267,7 @@ def forward_chunk(
     m = np.empty(R, dtype=q.dtype)
     row_sum = np.empty(R, dtype=q.dtype)
     lanes = np.empty(_LANES, dtype=q.dtype)
+    short = _short_rows(Lq, Lk)  # score products summed in float64 (_item_scores)
     threads = _gemm_threads_begin(q)  # MKL's GEMMs on this thread only (our chunks are the threads)
     items = B * Hkv
     while True:
@@ -278,7 +313,7 @@ def forward_chunk(
         n = R * nk
         F = ST[:n]
         S = F.reshape(R, nk)
-        _item_gemm(q[b, hk], k[b, hk, :nk].T, S)
+        _item_scores(q[b, hk], k[b, hk, :nk], S, short)
         simple = softcap <= 0.0 and not has_bias and not has_alibi and scale > 0.0
         if not simple:
             for r in range(R):

@@ -1037,7 +1037,7 @@ def _model_steps() -> None:
     # the same on block-coded weights (models/_block_weights.py): finding the codes, the products
     xb, wb = np.ones((2, ops.BLOCK), np.float32), np.ones((6, ops.BLOCK), np.float32)
     codes, scale, offset = np.empty((6, ops.BLOCK), np.int8), np.empty((6, 1), np.float32), np.empty((6, 1), np.float32)
-    ops.block_codes(wb, 15, False, codes, scale, offset)
+    ops.block_codes(wb, 15, False, codes, scale, offset, np.zeros(1, np.int64), 0, 1)
     sums = np.empty((2, 1), np.float32)
     ops.block_sums(xb, sums)
     ops.gemv_blocks(xb, sums, codes, scale, offset, True, y, 2)

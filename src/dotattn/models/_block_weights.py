@@ -71,6 +71,10 @@ def encode_matrices(matrices: list[np.ndarray]) -> list[BlockWeights | None]:
     advice, and a step streams each buffer front to back (read from separate 4 KiB-paged
     arrays, the product ran at 1.8 G weights/s on one core against 4.2 from one buffer)."""
     from ..kernels._cpu_model_ops import block_codes
+    from ..kernels._launch import num_threads, run_chunks
+
+    chunks = num_threads()  # the rows split between the caller and the pool's threads
+    failed = np.zeros(chunks, np.int64)
 
     fits = [m.dtype == np.float32 and m.ndim == 2 and m.shape[1] % BLOCK == 0 and m.size > 0 for m in matrices]
     n_codes = sum(m.size for m, ok in zip(matrices, fits) if ok)
@@ -90,7 +94,8 @@ def encode_matrices(matrices: list[np.ndarray]) -> list[BlockWeights | None]:
         offset = offset_buf[at // BLOCK : (at + m.size) // BLOCK].reshape(O, I // BLOCK)
         w = np.ascontiguousarray(m)
         for levels, symmetric in _FORMS:
-            if block_codes(w, levels, symmetric, codes, scale, offset):
+            run_chunks(block_codes, (w, levels, symmetric, codes, scale, offset, failed), chunks)
+            if not failed[:chunks].any():
                 result.append(BlockWeights(codes, scale, None if symmetric else offset))
                 at += m.size
                 break

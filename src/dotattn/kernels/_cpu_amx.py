@@ -41,9 +41,17 @@ _ptr = _i8.as_pointer()
 
 
 def _amx_function(context, builder, extra="+amx-tile,+amx-bf16"):
-    """Give the function being compiled the AMX target features (on top of the host's)."""
-    features = getattr(context.codegen(), "_tm_features", "") or ""
-    set.add(builder.function.attributes, f'"target-features"="{features},{extra}"' if features else f'"target-features"="{extra}"')
+    """Give the function being compiled the AMX target features (on top of the host's), or
+    ``extra`` ones: merged into one attribute when a function uses several kinds."""
+    attrs = builder.function.attributes
+    key = '"target-features"="'
+    have = [a for a in attrs if isinstance(a, str) and a.startswith(key)]
+    features = have[0][len(key) : -1] if have else (getattr(context.codegen(), "_tm_features", "") or "")
+    for a in have:
+        set.discard(attrs, a)
+    parts = [f for f in features.split(",") if f]
+    parts += [f for f in extra.split(",") if f not in parts]
+    set.add(attrs, key + ",".join(parts) + '"')
 
 
 def _call(builder, name, argtypes, args):
@@ -159,57 +167,84 @@ def pack_q(Qs, Qv):
                 qrow[n] = Q32[n * half + k]
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _depth_2x2(a_addr, a_ld, b_addr, b_ld, depth):
+    """C tiles 0–3 += two 16-row A blocks (rows ``a_ld`` bytes apart, from ``a_addr``) times
+    two 16-column B blocks (pair rows ``b_ld`` apart, from ``b_addr``), ``depth`` deep in
+    32-steps: the inner loop of both products.  Inlined (tile registers do not survive a call)."""
+    for kk in range(0, depth, 32):
+        _load4(a_addr + kk * 2, a_ld)
+        _load5(a_addr + 16 * a_ld + kk * 2, a_ld)
+        _load6(b_addr + (kk // 2) * b_ld, b_ld)
+        _load7(b_addr + (kk // 2) * b_ld + 64, b_ld)
+        _dot046()
+        _dot147()
+        _dot256()
+        _dot357()
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _store_2x2(c, c_ld):
+    _store0(c, c_ld)
+    _store1(c + 64, c_ld)
+    _store2(c + 16 * c_ld, c_ld)
+    _store3(c + 16 * c_ld + 64, c_ld)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _scores_block(k_addr, k_ld, BK, D, q_addr, q_ld, j, s_addr, s_ld):
+    """``Sᵀ[:, j:j+32]`` (BK keys × 32 queries) at ``s_addr`` (rows ``s_ld`` bytes apart; the
+    block's first column there).  At D = 64 the four B tiles of the block stay loaded while
+    all key rows pass (half the tile loads of the 2 × 2 scheme): 9.4–10.6 µs a 256 × 256 tile
+    against 14–15 µs 2 × 2 and 16–26 µs for MKL (same process, load 1–1.5)."""
+    if D == 64:
+        _load4(q_addr + j * 4, q_ld)
+        _load5(q_addr + 16 * q_ld + j * 4, q_ld)
+        _load6(q_addr + (j + 16) * 4, q_ld)
+        _load7(q_addr + 16 * q_ld + (j + 16) * 4, q_ld)
+        for i in range(0, BK, 16):
+            _zero0()
+            _zero1()
+            _load2(k_addr + i * k_ld, k_ld)
+            _load3(k_addr + i * k_ld + 64, k_ld)
+            _dot024()
+            _dot036()
+            _dot125()
+            _dot137()
+            _store0(s_addr + i * s_ld, s_ld)
+            _store1(s_addr + i * s_ld + 64, s_ld)
+    else:
+        for i in range(0, BK, 32):
+            _zero0()
+            _zero1()
+            _zero2()
+            _zero3()
+            _depth_2x2(k_addr + i * k_ld, k_ld, q_addr + j * 4, q_ld, D)
+            _store_2x2(s_addr + i * s_ld, s_ld)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _values_block(v_addr, v_ld, Dv, BK, p_addr, p_ld, c_addr, c_ld):
+    """``accᵀ[:, block] += Vᵀ · P[:, block]`` for one 32-query block: P pairs at ``p_addr``,
+    accᵀ's block at ``c_addr``."""
+    for i in range(0, Dv, 32):
+        c = c_addr + i * c_ld
+        _load0(c, c_ld)
+        _load1(c + 64, c_ld)
+        _load2(c + 16 * c_ld, c_ld)
+        _load3(c + 16 * c_ld + 64, c_ld)
+        _depth_2x2(v_addr + i * v_ld, v_ld, p_addr, p_ld, BK)
+        _store_2x2(c, c_ld)
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
 def scores(k_addr, k_ld, BK, D, q_addr, BQ, s_addr, s_ld, cfg):
     """``Sᵀ (BK, BQ) = K · Qᵀ`` in float32: K rows at ``k_addr`` (``k_ld`` bytes apart), Q as
     :func:`pack_q` made it (``(D/2, BQ)`` uint32, rows ``4·BQ`` bytes), Sᵀ rows ``s_ld`` bytes
-    apart.  BK, BQ and D multiples of 32.
-
-    At D = 64 the four B tiles of a 32-query column block stay loaded while all key rows
-    pass (half the tile loads of the 2 × 2 scheme): 9.4–10.6 µs a 256 × 256 tile against
-    14–15 µs 2 × 2 and 16–26 µs for MKL (same process, load 1–1.5).
-    """
+    apart.  BK, BQ and D multiples of 32."""
     _tile_config(cfg.ctypes.data)
-    q_ld = BQ * 4
-    if D == 64:
-        for j in range(0, BQ, 32):
-            _load4(q_addr + j * 4, q_ld)
-            _load5(q_addr + 16 * q_ld + j * 4, q_ld)
-            _load6(q_addr + (j + 16) * 4, q_ld)
-            _load7(q_addr + 16 * q_ld + (j + 16) * 4, q_ld)
-            for i in range(0, BK, 16):
-                _zero0()
-                _zero1()
-                _load2(k_addr + i * k_ld, k_ld)
-                _load3(k_addr + i * k_ld + 64, k_ld)
-                _dot024()
-                _dot036()
-                _dot125()
-                _dot137()
-                c = s_addr + i * s_ld + j * 4
-                _store0(c, s_ld)
-                _store1(c + 64, s_ld)
-    else:
-        for i in range(0, BK, 32):
-            for j in range(0, BQ, 32):
-                _zero0()
-                _zero1()
-                _zero2()
-                _zero3()
-                for kk in range(0, D, 32):
-                    _load4(k_addr + i * k_ld + kk * 2, k_ld)
-                    _load5(k_addr + (i + 16) * k_ld + kk * 2, k_ld)
-                    _load6(q_addr + (kk // 2) * q_ld + j * 4, q_ld)
-                    _load7(q_addr + (kk // 2) * q_ld + (j + 16) * 4, q_ld)
-                    _dot046()
-                    _dot147()
-                    _dot256()
-                    _dot357()
-                c = s_addr + i * s_ld + j * 4
-                _store0(c, s_ld)
-                _store1(c + 64, s_ld)
-                _store2(c + 16 * s_ld, s_ld)
-                _store3(c + 16 * s_ld + 64, s_ld)
+    for j in range(0, BQ, 32):
+        _scores_block(k_addr, k_ld, BK, D, q_addr, BQ * 4, j, s_addr + j * 4, s_ld)
     _tile_release()
 
 
@@ -219,29 +254,9 @@ def values(v_addr, v_ld, Dv, BK, p_addr, BQ, c_addr, c_ld, cfg):
     keys each), P in key pairs (``(BK/2, BQ)`` uint32, rows ``4·BQ`` bytes), accᵀ rows ``c_ld``
     bytes apart.  Dv, BK and BQ multiples of 32."""
     _tile_config(cfg.ctypes.data)
-    p_ld = BQ * 4
-    for i in range(0, Dv, 32):
-        for j in range(0, BQ, 32):
-            c = c_addr + i * c_ld + j * 4
-            _load0(c, c_ld)
-            _load1(c + 64, c_ld)
-            _load2(c + 16 * c_ld, c_ld)
-            _load3(c + 16 * c_ld + 64, c_ld)
-            for kk in range(0, BK, 32):
-                _load4(v_addr + i * v_ld + kk * 2, v_ld)
-                _load5(v_addr + (i + 16) * v_ld + kk * 2, v_ld)
-                _load6(p_addr + (kk // 2) * p_ld + j * 4, p_ld)
-                _load7(p_addr + (kk // 2) * p_ld + (j + 16) * 4, p_ld)
-                _dot046()
-                _dot147()
-                _dot256()
-                _dot357()
-            _store0(c, c_ld)
-            _store1(c + 64, c_ld)
-            _store2(c + 16 * c_ld, c_ld)
-            _store3(c + 16 * c_ld + 64, c_ld)
+    for j in range(0, BQ, 32):
+        _values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, BQ * 4, c_addr + j * 4, c_ld)
     _tile_release()
-
 
 
 # =================================================================================
@@ -302,67 +317,77 @@ def _exp2_vec(builder, x):
     return builder.call(scalef, [p, x, zero, keep, ir.Constant(_I32, 4)])
 
 
-@intrinsic
-def _exp2_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
-    """The pass over one 32-query column block; see :func:`exp2_pairs`."""
-    i64 = types.int64
-    sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64)
+def _pairs_pass(with_max):
+    """The pass over one 32-query column block as an intrinsic; see :func:`exp2_pairs`.
+    ``with_max``: the column max too (one ``vmaxps`` per 16 scores, ≈ 10 % of the pass)."""
 
-    def codegen(context, builder, signature, args):
-        from ._cpu_primitives import _BFloat  # (that module imports this one)
+    @intrinsic
+    def block(typingctx, s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
+        i64 = types.int64
+        sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64)
 
-        s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr = args
-        _amx_function(context, builder, _AVX512)
-        vbf = ir.VectorType(_BFloat(), 32)
-        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
-        fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
-        undef = ir.Constant(_VF, ir.Undefined)
-        mul_v = builder.shuffle_vector(
-            builder.insert_element(undef, mul, ir.Constant(_I32, 0)), undef, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES)
-        )
-        # words (p0[0], p1[0], p0[1], p1[1], …): the key pair of query r as one uint32
-        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
-        vmax, vsum, neg_sub = [], [], []
-        for g in range(2):
-            off = ir.Constant(ir.IntType(64), 64 * g)
-            neg_sub.append(builder.fneg(builder.load(_vptr(builder, builder.add(sub_addr, off)), align=4)))
-            m = cgutils.alloca_once(builder, _VF)
-            builder.store(_vconst(-np.inf), m)
-            s = cgutils.alloca_once(builder, _VF)
-            builder.store(builder.load(_vptr(builder, builder.add(sum_addr, off)), align=4), s)
-            vmax.append(m)
-            vsum.append(s)
-        with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
-            c = loop.index
-            row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
-            row1 = builder.add(row0, s_ld)
-            prow = builder.add(p_addr, builder.mul(c, p_ld))
+        def codegen(context, builder, signature, args):
+            from ._cpu_primitives import _BFloat  # (that module imports this one)
+
+            s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr = args
+            _amx_function(context, builder, _AVX512)
+            i64t = ir.IntType(64)
+            vbf = ir.VectorType(_BFloat(), 32)
+            cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
+            fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
+            undef = ir.Constant(_VF, ir.Undefined)
+            first = builder.insert_element(undef, mul, ir.Constant(_I32, 0))
+            mul_v = builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES))
+            # words (p0[0], p1[0], p0[1], p1[1], …): the key pair of query r as one uint32
+            interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
+            vmax, vsum, neg_sub = [], [], []
+            for g in range(2):  # the block's two 16-query halves
+                off = ir.Constant(i64t, 64 * g)
+                neg_sub.append(builder.fneg(builder.load(_vptr(builder, builder.add(sub_addr, off)), align=4)))
+                m = cgutils.alloca_once(builder, _VF)
+                builder.store(_vconst(-np.inf), m)
+                t = cgutils.alloca_once(builder, _VF)
+                builder.store(builder.load(_vptr(builder, builder.add(sum_addr, off)), align=4), t)
+                vmax.append(m)
+                vsum.append(t)
+            with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
+                c = loop.index
+                row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
+                row1 = builder.add(row0, s_ld)
+                prow = builder.add(p_addr, builder.mul(c, p_ld))
+                for g in range(2):
+                    off = ir.Constant(i64t, 64 * g)
+                    s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
+                    s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+                    if with_max:
+                        t = builder.load(vmax[g])
+                        t = builder.select(builder.fcmp_ordered(">", s0, t), s0, t)  # one vmaxps each
+                        t = builder.select(builder.fcmp_ordered(">", s1, t), s1, t)
+                        builder.store(t, vmax[g])
+                    p0 = _exp2_vec(builder, builder.call(fma, [s0, mul_v, neg_sub[g]]))
+                    p1 = _exp2_vec(builder, builder.call(fma, [s1, mul_v, neg_sub[g]]))
+                    builder.store(builder.fadd(builder.load(vsum[g]), builder.fadd(p0, p1)), vsum[g])
+                    both = builder.bitcast(builder.call(cvt, [p1, p0]), ir.VectorType(_I16, 32))  # low half p0
+                    pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
+                    vi32 = ir.VectorType(_I32, _LANES)
+                    builder.store(builder.bitcast(pairs, vi32), _vptr(builder, builder.add(prow, off), vi32), align=4)
+            nan = _vconst(np.nan)
             for g in range(2):
-                off = ir.Constant(ir.IntType(64), 64 * g)
-                s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
-                s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
-                t = builder.load(vmax[g])
-                t = builder.select(builder.fcmp_ordered(">", s0, t), s0, t)  # one vmaxps each
-                t = builder.select(builder.fcmp_ordered(">", s1, t), s1, t)
-                builder.store(t, vmax[g])
-                p0 = _exp2_vec(builder, builder.call(fma, [s0, mul_v, neg_sub[g]]))
-                p1 = _exp2_vec(builder, builder.call(fma, [s1, mul_v, neg_sub[g]]))
-                builder.store(builder.fadd(builder.load(vsum[g]), builder.fadd(p0, p1)), vsum[g])
-                both = builder.bitcast(builder.call(cvt, [p1, p0]), ir.VectorType(_I16, 32))  # low half p0
-                pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
-                builder.store(builder.bitcast(pairs, ir.VectorType(_I32, _LANES)), _vptr(builder, builder.add(prow, off), ir.VectorType(_I32, _LANES)), align=4)
-        nan = _vconst(np.nan)
-        for g in range(2):
-            off = ir.Constant(ir.IntType(64), 64 * g)
-            total = builder.load(vsum[g])
-            builder.store(total, _vptr(builder, builder.add(sum_addr, off)), align=4)
-            with builder.if_then(builder.icmp_signed("!=", max_addr, ir.Constant(ir.IntType(64), 0))):
-                # NaN where the sum is: a NaN score (plain vmaxps passes over it) or +inf
-                t = builder.select(builder.fcmp_unordered("uno", total, total), nan, builder.load(vmax[g]))
-                builder.store(t, _vptr(builder, builder.add(max_addr, off)), align=4)
-        return context.get_dummy_value()
+                off = ir.Constant(i64t, 64 * g)
+                total = builder.load(vsum[g])
+                builder.store(total, _vptr(builder, builder.add(sum_addr, off)), align=4)
+                if with_max:
+                    # NaN where the sum is: a NaN score (plain vmaxps passes over it) or +inf
+                    t = builder.select(builder.fcmp_unordered("uno", total, total), nan, builder.load(vmax[g]))
+                    builder.store(t, _vptr(builder, builder.add(max_addr, off)), align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return block
+
+
+_exp2_pairs_max, _exp2_pairs_sum = _pairs_pass(True), _pairs_pass(False)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -373,4 +398,8 @@ def exp2_pairs(s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_ad
     bytes apart: the B operand of :func:`values`), ``sum[r] += Σ_c P`` (P before rounding) and,
     unless ``max_addr`` is 0, ``max[r] = max_c S`` — NaN where a score is NaN or the sum is
     not finite.  ``sub``, ``sum``, ``max``: 32 float32 each; ``rows`` even."""
-    _exp2_pairs_block(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)
+    if max_addr != 0:
+        _exp2_pairs_max(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)
+    else:
+        _exp2_pairs_sum(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)
+

@@ -392,6 +392,10 @@ def _exp2_sum_core_f32(ST, mul, sub, row_sum):
 # whose maximum grew more (or holds NaN/+inf) sends the tile back to the exact two-pass
 # step (FlashAttention-4 rescales only past a threshold in the same way).
 LAZY_LOG2 = 8.0
+# The bfloat16 forward on AMX checks the tile's row sums instead (its pass then needs no max,
+# one vector operation of ≈ 10 a score): every P ≤ Σ P ≤ LAZY_SUM, so P ≤ 2^16 — still far
+# from float32's overflow (row_sum ≤ Lk · 2^16) — and a NaN/+inf score makes the sum NaN/+inf.
+LAZY_SUM = 65536.0
 
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
@@ -464,8 +468,12 @@ def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
     def impl(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
         _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs)
         ok = True
-        for r in range(m.shape[0]):
-            ok &= tile_max[r] * c2 <= m[r] + np.float32(LAZY_LOG2)  # False for NaN and +inf
+        if pairs:  # the AMX pass takes no max (LAZY_SUM)
+            for r in range(m.shape[0]):
+                ok &= tile_sum[r] <= np.float32(LAZY_SUM)  # False for NaN and +inf
+        else:
+            for r in range(m.shape[0]):
+                ok &= tile_max[r] * c2 <= m[r] + np.float32(LAZY_LOG2)  # False for NaN and +inf
         if not ok:
             return False
         for r in range(m.shape[0]):
@@ -725,13 +733,14 @@ def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
     """The bfloat16 forward's lazy step (see LAZY_LOG2): ``Pb = bf16(2**(ST·mul − sub))`` (in
     key pairs with ``pairs``, as :func:`_exp2_sum_bf16_pairs`), ``tile_sum[r] = Σ_c P`` and
     ``tile_max[r] = max_c ST`` (NaN sticky) in one pass — the tile max's own pass (5 µs of a
-    256 × 256 tile) folded into the exponent's.  ``ST`` is only read."""
+    256 × 256 tile) folded into the exponent's.  With ``pairs`` no max (``tile_max`` −inf:
+    the caller checks the sums, LAZY_SUM).  ``ST`` is only read."""
     _wide_vectors()
     BK, BQ = ST.shape
     tile_sum[:] = 0.0
     tile_max[:] = -np.inf
-    if pairs:  # 512-bit vectors written out: 16.2 → 7.5–9.8 µs a 256 × 256 tile (docs/performance.md)
-        _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, True)
+    if pairs:  # 512-bit vectors written out, no max (LAZY_SUM): docs/performance.md
+        _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, False)
     else:
         for c in range(BK):
             row = ST[c]

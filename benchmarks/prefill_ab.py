@@ -8,7 +8,10 @@ generation of one token after a ``--length``-token prompt) per side, in alternat
 printed: time to the first token per pass, the medians, their ratio, and the cores other
 programs kept busy during each pass (``/proc/stat`` less this process)::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/prefill_ab.py --old main --length 512 --rounds 10
+    PYTHONPATH=src .venv/bin/python benchmarks/prefill_ab.py --old main --length 512 --rounds 10 [--burn]
+
+``--burn`` runs each round twice, first with a busy loop in another process (load arriving),
+then without (load gone), and reports the two conditions apart.
 
 Run under ``flock /tmp/bench.lock`` on a shared machine.
 """
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--old", default="main", help="git revision of the old side")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--burn", action="store_true",
+                        help="each round twice: first with a busy loop (another process) on a core, then without")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,30 +67,41 @@ def main(argv=None) -> int:
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     sides = {"old": (old_sm.SmolLM(), old_run_chunks), "new": (new_sm.SmolLM(), new_run_chunks)}
     ids = np.random.default_rng(0).integers(100, 40000, args.length).tolist()
-    times = {k: [] for k in sides}
-    others = {k: [] for k in sides}
+    conditions = ("burn", "quiet") if args.burn else ("",)
+    times = {(k, c): [] for k in sides for c in conditions}
+    others = {(k, c): [] for k in sides for c in conditions}
     for r in range(-1, args.rounds):  # round -1: warm-up, untimed
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        for side in order:
-            model, run_chunks = sides[side]
-            _launch.run_chunks = run_chunks
+        for cond in conditions:
+            # the busy loop: another program holding a core while both sides run, then gone
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if cond == "burn" else None
             try:
-                busy0, own0 = cpu_seconds()
-                model.generate_ids(ids, max_new_tokens=1, stop_at_eos=False)
-                busy1, own1 = cpu_seconds()
+                for side in order:
+                    model, run_chunks = sides[side]
+                    _launch.run_chunks = run_chunks
+                    try:
+                        busy0, own0 = cpu_seconds()
+                        model.generate_ids(ids, max_new_tokens=1, stop_at_eos=False)
+                        busy1, own1 = cpu_seconds()
+                    finally:
+                        _launch.run_chunks = new_run_chunks
+                    if r >= 0:
+                        t = model.last_stats.prefill_seconds
+                        times[side, cond].append(t)
+                        others[side, cond].append(max(0.0, (busy1 - busy0) - (own1 - own0)) / t)
             finally:
-                _launch.run_chunks = new_run_chunks
+                if burner is not None:
+                    burner.kill()
+                    burner.wait()
             if r >= 0:
-                t = model.last_stats.prefill_seconds
-                times[side].append(t)
-                others[side].append(max(0.0, (busy1 - busy0) - (own1 - own0)) / t)
-        if r >= 0:
-            print(f"round {r}: old {times['old'][-1] * 1e3:.1f} ms (others {others['old'][-1]:.2f}), "
-                  f"new {times['new'][-1] * 1e3:.1f} ms (others {others['new'][-1]:.2f})", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.length} tokens, medians of {args.rounds}: old {med['old'] * 1e3:.1f} ms ({args.length / med['old']:.1f} tok/s), "
-          f"new {med['new'] * 1e3:.1f} ms ({args.length / med['new']:.1f} tok/s): new/old speed {med['old'] / med['new']:.3f}x; "
-          f"others' cores (median) old {statistics.median(others['old']):.2f}, new {statistics.median(others['new']):.2f}")
+                print(f"round {r} {cond}: old {times['old', cond][-1] * 1e3:.1f} ms (others {others['old', cond][-1]:.2f}), "
+                      f"new {times['new', cond][-1] * 1e3:.1f} ms (others {others['new', cond][-1]:.2f})", flush=True)
+    for cond in conditions:
+        med = {k: statistics.median(times[k, cond]) for k in sides}
+        print(f"{args.length} tokens{' ' + cond if cond else ''}, medians of {args.rounds}: old {med['old'] * 1e3:.1f} ms "
+              f"({args.length / med['old']:.1f} tok/s), new {med['new'] * 1e3:.1f} ms ({args.length / med['new']:.1f} tok/s): "
+              f"new/old speed {med['old'] / med['new']:.3f}x; others' cores (median) old "
+              f"{statistics.median(others['old', cond]):.2f}, new {statistics.median(others['new', cond]):.2f}")
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     return 0
 

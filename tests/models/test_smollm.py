@@ -285,6 +285,25 @@ def _modes(times_many, times_one, steps):
     return modes
 
 
+def test_long_prompt_passes_run_on_all_cores_without_a_chooser(model, monkeypatch):
+    """Prompt passes of at least _RowHalves.MIN_ROWS token rows (every step on the caller and
+    a pool thread) never ask a chooser for the one-thread mode; shorter ones (products on
+    torch's OpenMP team) ask once per layer."""
+    asked = []
+
+    def choose(self):
+        asked.append(self)
+        return True
+
+    monkeypatch.setattr(smollm_module._StepThreads, "choose", choose)
+    rows = smollm_module._RowHalves.MIN_ROWS
+    ids = np.random.default_rng(0).integers(100, 40000, rows).tolist()
+    model.logits(ids)
+    assert asked == []
+    model.logits(ids[: rows - 1])
+    assert len(asked) == model.config.n_layers
+
+
 def test_step_threads_keep_torch_threads_on_an_idle_machine():
     modes = _modes(lambda s: 0.030, lambda s: 0.050, 200)
     tried = [s for s, many in enumerate(modes) if not many]

@@ -357,8 +357,8 @@ class _RowHalves:
 
 
 class _StepThreads:
-    """Whether a unit of work (a decode step, a prompt-pass layer) runs its matrix products and
-    attention on all cores or on the calling thread alone.
+    """Whether a unit of work (a decode step, a layer of a short prompt pass) runs its matrix
+    products and attention on all cores or on the calling thread alone.
 
     torch splits each matrix product between its OpenMP threads and waits for all of them at
     a barrier (Numba's parallel attention kernels too).  When another program keeps a core
@@ -369,8 +369,9 @@ class _StepThreads:
     and again only when a unit on all cores takes :data:`COLLAPSE`× the one before it (load
     arrived): an idle machine pays for one slower unit.  While on one thread, all cores are
     tried after gaps growing ×4 from :data:`GAP` up to :data:`MAX_GAP` units (has the load
-    gone?).  The model keeps one chooser for decode steps and one per prompt length class
-    (units of one class are comparable), so the first try happens once per model and class.
+    gone?).  The model keeps one chooser for decode steps and one per short prompt length
+    class (units of one class are comparable), so the first try happens once per model and
+    class; longer prompt passes need none (:meth:`SmolLM._prefill`).
     "One thread" is set for the unit and restored after it (:func:`_one_thread`): no
     process-wide setting changes.
     """
@@ -505,7 +506,7 @@ class SmolLM:
         self._kv: _Caches | None = None  # the last generation's K/V cache, reused (_caches_for)
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
         self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
-        self._layer_threads: dict[int, _StepThreads] = {}  # prompt-pass layers, per token, by length class
+        self._layer_threads: dict[int, _StepThreads] = {}  # short prompt passes' layers, per token, by length class
 
     # ---- reading the file --------------------------------------------------------------
     @staticmethod
@@ -794,9 +795,18 @@ class SmolLM:
             return out.reshape(B, L, -1)
 
         x = self.w["embed"][ids]
-        # a chooser per length class (B·L tokens rounded down to a power of two): per-token
-        # layer times of a 30-token and a 4,096-token pass are not comparable
-        threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
+        # Passes of at least _RowHalves.MIN_ROWS token rows run on all cores, no chooser: every
+        # step of theirs (products, attention, element-wise) runs on the caller and one pool
+        # thread, the caller taking what the pool has not started, so a busy core slows them
+        # but never stalls them at a barrier.  There the one-thread mode gained nothing under
+        # load (512 tokens, A/B with a busy loop beside: 1996 ms with the chooser, 1952
+        # without), and after load had gone it kept quiet passes on one thread for its gap
+        # (856 against 611 ms; docs/models.md).  Shorter passes multiply on torch's OpenMP
+        # team: a chooser per length class (B·L tokens rounded down to a power of two;
+        # per-token layer times of a 30-token and a 100-token pass are not comparable).
+        threads = None
+        if B * L < _RowHalves.MIN_ROWS:
+            threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
         ws = _Workspace(self.config, B, L, self._mm)
         return self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
 

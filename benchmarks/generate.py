@@ -156,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--decode-weights", choices=["blocks", "float32"], default="blocks",
+                        help="what dotattn's decode steps read (SmolLM(decode_weights=...)): the weights' exact "
+                             "block codes (default) or the float32 matrices")
     args = parser.parse_args(argv)
 
     from dotattn.models import SmolLM
 
     print("load before:", uptime(), flush=True)
-    model = SmolLM()
+    model = SmolLM(decode_weights=args.decode_weights)
     peer, peer_info = (None, "n/a (--no-peer)") if args.no_peer else load_transformers(model.path)
-    print(f"dotattn SmolLM: float32 projections on {model.compute} (compute=); peer: {peer_info}", flush=True)
+    print(f"dotattn SmolLM: prompt-pass projections float32 on {model.compute} (compute=), decode steps on "
+          f"{'exact block codes of the weights' if model.decode_weights == 'blocks' else 'float32 weights'} "
+          f"(decode_weights={model.decode_weights!r}); peer: {peer_info}", flush=True)
     results = {"load_before": uptime(), "peer": peer_info, "rows": []}
     header = f"{'prompt':>7} {'new':>4} | {'dotattn prefill':>16} {'peer prefill':>13} {'ratio':>6} | {'dotattn decode':>15} {'peer decode':>12} {'ratio':>6}"
     print(header)

@@ -40,6 +40,19 @@ _i8, _i64 = ir.IntType(8), ir.IntType(64)
 _ptr = _i8.as_pointer()
 
 
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` type (llvmlite names ``half``, ``float`` and ``double`` only)."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
 def _amx_function(context, builder, extra="+amx-tile,+amx-bf16"):
     """Give the function being compiled the AMX target features (on top of the host's), or
     ``extra`` ones: merged into one attribute when a function uses several kinds."""
@@ -327,8 +340,6 @@ def _pairs_pass(with_max):
         sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64)
 
         def codegen(context, builder, signature, args):
-            from ._cpu_primitives import _BFloat  # (that module imports this one)
-
             s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr = args
             _amx_function(context, builder, _AVX512)
             i64t = ir.IntType(64)

@@ -16,6 +16,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _cpu_amx
+from ._cpu_amx import _BFloat
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
@@ -566,19 +567,6 @@ def _wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
-
-
-class _BFloat(ir.types._BaseFloatType):
-    """LLVM's ``bfloat`` type (llvmlite names ``half``, ``float`` and ``double`` only)."""
-
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self):
-        return "bfloat"
-
-
-_BFloat._create_instance()
 
 
 @intrinsic

@@ -223,6 +223,7 @@ def _forward_results(call: AttentionCall, implementation, return_lse, return_wei
         implementation=implementation,
         return_weights=return_weights,
         max_weights_bytes=max_weights_bytes,
+        final=True,
     )
     out = semantics.finalize_output(call, out)
     if not (return_lse or return_weights):

@@ -38,8 +38,15 @@ def run_forward(
     implementation: str | None = None,
     return_weights: bool = False,
     max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
+    final: bool = False,
 ):
-    """Canonical forward for front ends: ``(out, lse, weights | None)`` in canonical shapes."""
+    """Canonical forward for front ends: ``(out, lse, weights | None)`` in canonical shapes.
+
+    ``final``: ``out`` goes to the caller as it is (no merge of partial results follows): a
+    backend with ``forward_final`` may then return it in the call's dtype already (the cpu
+    backend writes bfloat16 rows in its kernel instead of a float32 array cast afterwards).
+    Merges of partial outputs (ring, Ulysses) leave it False and get the compute dtype.
+    """
     if return_weights:
         semantics.check_weights_size(call, max_weights_bytes)
     backend = registry.select(call, implementation)
@@ -49,7 +56,8 @@ def run_forward(
         lse = np.zeros((call.B, call.Hq, call.Lq), dtype=dt)
         weights = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if return_weights else None
         return out, lse, weights
-    out, lse = backend.forward(call)
+    run = getattr(backend, "forward_final", None) if final else None
+    out, lse = (run or backend.forward)(call)
     weights = None
     if return_weights:
         # Weights come back in the accumulation dtype (as the LSE) whichever backend made them.

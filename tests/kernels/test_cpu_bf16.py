@@ -277,3 +277,37 @@ def test_amx_softmax_pass_against_float64(want_max):
         assert np.array_equal(tile_max[fine], np.max(S[:, fine], axis=0)) and np.isnan(tile_max[33])
     else:
         assert np.all(tile_max == 0)  # not written
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Lq, Lk, D, tiles, options",
+    [
+        (4, 2, 300, 290, 64, None, {"causal": True}),  # GQA, causal, lengths no multiple of the tile
+        (2, 2, 70, 90, 59, (32, 32), {}),  # odd head dim (MKL's products)
+        (2, 1, 96, 96, 128, (32, 64), {"q_lengths": np.array([50]), "kv_lengths": np.array([80])}),
+    ],
+    ids=["gqa-causal", "odd-D59", "d128-lengths"],
+)
+def test_bf16_output_written_by_the_kernel(Hq, Hkv, Lq, Lk, D, tiles, options):
+    """``forward(final=True)`` (what ``dotattn.attention`` runs) rounds the output rows to
+    bfloat16 in the kernel: the same bits as the float32 output cast afterwards, within the
+    2× naive rule of the float64 reference, NaN rows NaN (a NaN query)."""
+    q, k, v = _inputs(12, Hq, Hkv, Lq, Lk, D)
+    q[0, 1, 30, 3] = np.nan  # (row 30 is real and sees keys in every case)
+    call = semantics.normalize(q, k, v, **options)
+    out32, lse32 = cpu.forward(call, block_size=tiles)
+    out16, lse16 = cpu.forward(semantics.normalize(q, k, v, **options), block_size=tiles, final=True)
+    assert out16.dtype == (BFLOAT16 if HAS_BF16_ISA else np.float32)
+    cast = out32.astype(BFLOAT16)
+    assert np.array_equal(np.isnan(out16.astype(np.float32)), np.isnan(cast.astype(np.float32)))
+    assert np.isnan(out16[0, 1, 30].astype(np.float32)).all()
+    finite = ~np.isnan(cast.astype(np.float32))
+    assert np.array_equal(out16.astype(BFLOAT16).view(np.uint16)[finite], cast.view(np.uint16)[finite])
+    assert np.array_equal(lse16, lse32, equal_nan=True)
+    api = dotattn.attention(q, k, v, implementation="cpu", **options)  # default tiles (or the small-call kernel)
+    assert api.dtype == BFLOAT16 and np.isnan(api[0, 1, 30].astype(np.float32)).all()
+    q[0, 1, 30, 3] = 0
+    ref, _ = H.reference(q, k, v, **options)
+    naive, _ = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(out16[:, :1], ref[:, :1], naive[:, :1], name="out")
+    H.assert_close_to_reference(api[:, :1], ref[:, :1], naive[:, :1], name="out (dotattn.attention)")

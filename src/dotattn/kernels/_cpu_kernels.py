@@ -67,6 +67,7 @@ from ._cpu_primitives import (
     _snake_chunk,
     _take_task,
     _tile_max,
+    _to_bf16,
 )
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
@@ -379,7 +380,20 @@ def _write_rows_t(out, lse, accT, m, row_sum, scale, b, h, i0, nrows, nr):
             arow = accT[d]
             for r in range(r0, r1):
                 # NaN/0 rows: NaN·acc = NaN; 0·acc would keep a NaN or inf of acc, so select
-                out[b, h, i0 + r, d] = arow[r] * scale[r] if scale[r] != 0.0 else 0.0
+                out[b, h, i0 + r, d] = _out_value(arow[r] * scale[r] if scale[r] != 0.0 else np.float32(0.0), out)
+
+
+def _out_value(x, out):
+    """``x`` as ``out`` stores it: rounded to bfloat16 bits (``_to_bf16``, to nearest even) when
+    ``out`` holds them (uint16), else as it is."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_out_value, jit_options={"cache": _JIT_CACHE}, inline="always")
+def _out_value_overload(x, out):
+    if out.dtype == types.uint16:
+        return lambda x, out: _to_bf16(np.float32(x))
+    return lambda x, out: x
 
 
 def _store_rows(out, lse, acc, m, row_sum, scale, b, h, i0, nrows, nr):
@@ -459,19 +473,21 @@ def forward(q, kp, vp, out, lse, o, nchunks):
 def _forward_chunk(queue, q, kp, vp, out, lse, o):
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
-    Dv, BQ, T = vp.shape[4], o.BQ, out.dtype
+    # T, the compute dtype, is lse's: ``out`` may hold bfloat16 bits (uint16: the caller's
+    # final output, rounded as the rows are written)
+    Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
     nqb = (Lq + BQ - 1) // BQ
-    c2, inv_keep = _constants(o, out)
+    c2, inv_keep = _constants(o, lse)
     # GEMM operands in the storage dtype (bf16 bits or T), 64-byte aligned (_aligned_empty)
     Qs = _aligned_empty(BQ, D, q)
     Qs[:] = 0
     Qv = _aligned_empty(D // 2 if o.amx else 0, BQ, np.empty(0, dtype=np.uint32))  # Qs packed for AMX
     cfg = tile_config()
-    ST = _aligned_empty(BK, BQ, out)
+    ST = _aligned_empty(BK, BQ, lse)
     Pb = _aligned_empty(BK, BQ, q)  # P rounded to bf16 for P·V (bf16 path only; key pairs on AMX)
     N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
     unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
-    acc = _new_acc(BQ, Dv, out, q)  # bf16: transposed in memory (accᵀ += Vᵀ·P)
+    acc = _new_acc(BQ, Dv, lse, q)  # bf16: transposed in memory (accᵀ += Vᵀ·P)
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # running max; the shift applied
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
     tsum = np.empty(BQ, dtype=T)  # the tile's row sums (lazy step)

@@ -731,12 +731,17 @@ def _numpy_backend():
 # =================================================================================
 
 
-def forward(call: AttentionCall, block_size: tuple[int, int] | None = None, grouped: bool | None = None):
+def forward(
+    call: AttentionCall, block_size: tuple[int, int] | None = None, grouped: bool | None = None, final: bool = False
+):
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
 
     ``grouped``: run the GQA kernel that stacks a group's query heads (True; only where
     :func:`_grouped_f32` allows it) or the per-head one (False); None decides by that rule.
-    ``block_size`` is per head either way.
+    ``block_size`` is per head either way.  ``final``: ``out`` in bfloat16 for calls on the
+    bfloat16 path (the kernel rounds its rows as it writes them: the cast of a float32 output
+    afterwards took 1.2–1.4 ms idle, 4–8 ms loaded, for H8 L4096 D64); for callers that keep
+    no float32 part (``dispatch.run_forward``'s ``final``), as the merges of partials do.
     """
     if grouped is None:
         grouped = _grouped_f32(call)
@@ -749,7 +754,7 @@ def forward(call: AttentionCall, block_size: tuple[int, int] | None = None, grou
     p = prepare(call, block_size, forward=True, grouped=grouped)
     if not call.extras and not _all_finite(p.vp):
         return _numpy_backend().forward(call)
-    return _run_forward(call, p, grouped)
+    return _run_forward(call, p, grouped, final)
 
 
 def _any_layout(x: np.ndarray) -> np.ndarray:
@@ -813,8 +818,15 @@ def _dense_f32(call: AttentionCall) -> bool:
     )
 
 
-def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False):
-    """The forward kernel itself, whatever the inputs hold (tests check which tiles it reads)."""
+def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final: bool = False):
+    """The forward kernel itself, whatever the inputs hold (tests check which tiles it reads).
+    ``final`` and bfloat16 operands: ``out`` comes back in bfloat16 (see :func:`forward`)."""
+    if final and not grouped and p.q.dtype == np.uint16:  # bf16 bits: the kernel rounds the rows it writes
+        out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=np.uint16)
+        lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
+        with _kernel_launch(p.kernels, "forward", call.dtype):
+            p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+        return out.view(BFLOAT16), lse
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
     if grouped:
@@ -948,6 +960,15 @@ class CpuBackend:
                 return results
         return forward(call)
 
+    def forward_final(self, call: AttentionCall):
+        """:meth:`forward` for an output that goes to the caller as it is (``dispatch.run_forward``'s
+        ``final``): bfloat16 calls get their output as bfloat16, written by the kernel."""
+        if not cpu_small.unsupported_reasons(call):
+            results = cpu_small.forward(call)
+            if results is not None:
+                return results
+        return forward(call, final=True)
+
     def forward_plan(self, call: AttentionCall):
         """``forward`` for repeated calls of ``call``'s kind (``dotattn.dispatch`` keeps it):
         the size rule decided once, and the small-call kernel's set-up made once."""
@@ -1006,6 +1027,8 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         call = semantics.normalize(q, q, q, causal=True)
         results = {}
         timed(f"forward {name}", lambda: results.update(zip(("out", "lse"), forward(call))))
+        if name == "bfloat16":  # the output rounded by the kernel (dotattn.attention's route)
+            timed("forward bfloat16 (bfloat16 output)", lambda: forward(call, final=True))
         for serial in (True, False):  # small passes run the chunk on the caller's thread, others the team
             timed(f"backward {name}{' (one thread)' if serial else ''}",
                   lambda: backward(call, results["out"], results["lse"], results["out"], serial=serial))

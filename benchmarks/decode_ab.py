@@ -1,0 +1,86 @@
+"""Alternating A/B of decode kernel versions in one process (docs/decoding.md, issue 9 §2).
+
+Each FILE is a copy of ``src/dotattn/kernels/_cpu_decode_kernels.py`` (an old commit's, a
+variant's; ``new`` = the one imported with dotattn); they are imported side by side and
+``attention_with_kvcache(implementation="cpu")`` runs the bench's inputs (one query, Hq 32,
+Hkv 8, D 128, ``bench_decode``'s peers) with each in turn, call by call, so background load
+hits all of them alike.  ``pool`` forces the parallel items on, ``alone`` the calling thread.
+Prints the median time of REPEATS calls per version, the K/V GB/s, the load and the NumPy
+one-thread read before and after.  On a shared machine run it under ``flock /tmp/bench.lock``:
+
+    git show main:src/dotattn/kernels/_cpu_decode_kernels.py > /tmp/old.py
+    PYTHONPATH=src python benchmarks/decode_ab.py 1 32768 float16 15 pool /tmp/old.py new [--paged]
+
+(A file copy's Numba cache goes to a ``__pycache__`` beside it, keyed by its module name, the
+file's stem: give different versions different names.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from dotattn import bench_decode as bd
+from dotattn.kernels import cpu_decode
+
+
+def _load():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if len(args) < 6:
+        print(__doc__)
+        raise SystemExit(2)
+    B, ctx, dt, reps, mode = int(args[0]), int(args[1]), args[2], int(args[3]), args[4]
+    mods = {}
+    for f in args[5:]:
+        if f == "new":
+            mods[f] = cpu_decode.K
+            continue
+        stem = f.split("/")[-1][:-3]
+        spec = importlib.util.spec_from_file_location("dotattn.kernels._dk_" + stem, f)
+        m = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = m
+        spec.loader.exec_module(m)
+        mods[stem] = m
+    choose = mode == "pool"
+    cpu_decode.ParallelChoice.choose = lambda self: choose
+    rng = np.random.default_rng(0)
+    d = bd._np_dtype(dt)
+    kc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
+    vc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
+    q = rng.standard_normal((B, bd.HQ, 1, bd.D), dtype=np.float32).astype(d)
+    paged = "--paged" in sys.argv
+    run = bd._make_peer("dotattn-paged" if paged else "dotattn", B, ctx, dt, q, kc, vc)
+    first = {}
+    for n, m in mods.items():  # compile, warm up, and check the versions agree bit for bit
+        cpu_decode.K = m
+        first[n] = np.asarray(run(), dtype=np.float32)
+        run()
+    names = list(mods)
+    same = all(np.array_equal(first[names[0]], first[n]) for n in names[1:])
+    print("load", _load(), "read", [round(x, 1) for x in bd.read_bandwidth(3)], "same bits:", same, flush=True)
+    times = {n: [] for n in mods}
+    for _ in range(reps):
+        for n, m in mods.items():
+            cpu_decode.K = m
+            t0 = time.perf_counter()
+            run()
+            times[n].append(time.perf_counter() - t0)
+    nb = kc.nbytes + vc.nbytes
+    cells = "  ".join(
+        f"{n} {statistics.median(t) * 1e3:.2f} ms ({nb / statistics.median(t) / 1e9:.1f} GB/s)" for n, t in times.items()
+    )
+    print(f"B{B} {ctx} {dt}{' paged' if paged else ''} {mode}: {cells}", "load", _load(),
+          "read", [round(x, 1) for x in bd.read_bandwidth(3)], flush=True)
+
+
+if __name__ == "__main__":
+    main()

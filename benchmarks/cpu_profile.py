@@ -111,7 +111,7 @@ def _steps():
         cfg = _cpu_amx.tile_config()
         _cpu_amx.pack_q(Qs, Qv)
         for _ in range(n):
-            P._qk(Kb, Qs, Qv, ST, True, cfg)
+            P._qk(Kb, Qs, Qv, ST, True, cfg, False)
 
     @njit
     def pv_amx(Pb, Vb, acc, n):  # Vb: a transposed-in-memory view, acc: an F-ordered view (accᵀ)
@@ -189,7 +189,7 @@ def main() -> None:
             "tile max (512-bit)": lambda k: max_bf16(S0, bmax, Pb, k),
             "exp2+sum+round into key pairs": lambda k: fused_pairs(S0, Pa, c2, m, row_sum, k),
             "acc += P·V (AMX, ours)": lambda k: pv_amx(Pa, VT.T, accT.T, k),
-            "(the lazy step instead: max too, one pass)": lambda k: lazy_pairs(S0, Pa, c2, m, tsum, bmax, k),
+            "(the lazy step instead: row sums checked)": lambda k: lazy_pairs(S0, Pa, c2, m, tsum, bmax, k),
             "(MKL: S = K·Qᵀ)": steps["S = K·Qᵀ (GEMM)"],
             "(MKL: exp2+sum+round, plain)": lambda k: fused_bf16(S0, Pb, c2, m, row_sum, k),
             "(MKL: acc += P·V)": steps["acc += P·V (GEMM)"],

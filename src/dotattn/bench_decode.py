@@ -144,6 +144,14 @@ def run_benchmark(
     bandwidth_bytes: int = BANDWIDTH_BYTES,
 ):
     """``(rows, info)``: one row per (case, peer); info holds bandwidth runs and the load."""
+    if "torch-sdpa" in peers:
+        # torch imported before dotattn's first call, as in a user's process: imported after it,
+        # torch's float16 SDPA ran 10–20× slower (B1 32k: 250–500 against 24 ms, 30 Nov 2026,
+        # load 2.3) — probably two OpenMP runtimes, Numba's loaded first and torch's own
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass  # the torch-sdpa rows say n/a
     info = {"load_before": load_average(), "bandwidth_gbps_runs": read_bandwidth(nbytes=bandwidth_bytes)}
     rows = []
     for B in batches:

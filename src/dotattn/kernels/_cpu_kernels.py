@@ -129,6 +129,19 @@ def _constants(o, like):
 
 
 @njit(cache=_JIT_CACHE, _nrt=False)
+def _plan_next_tiles(plan, kp, vp, b, hk, kb):
+    """The prefetch plan of key tile ``kb``'s lazy pass (``_cpu_simd.exp2_max_tile16``): value
+    tile ``kb`` (``P·V`` reads it next) and key tile ``kb + 1`` (none after the last), each
+    one contiguous block of the packed ``kp``/``vp``."""
+    plan[0] = vp.ctypes.data + b * vp.strides[0] + hk * vp.strides[1] + kb * vp.strides[2]
+    plan[1] = vp.shape[3] * vp.strides[3]
+    plan[3] = 0
+    if kb + 1 < kp.shape[2]:
+        plan[2] = kp.ctypes.data + b * kp.strides[0] + hk * kp.strides[1] + (kb + 1) * kp.strides[2]
+        plan[3] = kp.shape[3] * kp.strides[3]
+
+
+@njit(cache=_JIT_CACHE, _nrt=False)
 def _lse_rows(lse2, lse, b, h, i0, nr):
     """The saved natural-log LSE of rows ``i0…`` in base 2; rows without a visible key
     (lse = −inf) and padding rows get +inf, so that ``P = 2^(S − ∞) = 0`` there."""
@@ -492,6 +505,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)  # the tile's max; running sum
     tsum = np.empty(BQ, dtype=T)  # the tile's row sums (lazy step)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    plan = np.zeros(4, dtype=np.int64)  # what the lazy pass prefetches (_plan_next_tiles)
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -522,7 +536,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             #    scores recomputed if the lazy pass spoiled them: float32 only)
             lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
             in_pb = False
-            if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx):
+            if lazy:
+                _plan_next_tiles(plan, kp, vp, b, hk, kb)
+            if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan):
                 in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
             else:
                 if lazy and _lazy_spoils_scores(Pb):
@@ -581,6 +597,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
     m, m_use = np.empty(R, dtype=T), np.empty(R, dtype=T)
     bmax, row_sum, tsum = np.empty(R, dtype=T), np.empty(R, dtype=T), np.empty(R, dtype=T)
     lo, hi = np.empty(R, dtype=np.int64), np.empty(R, dtype=np.int64)
+    no_plan = np.zeros(4, dtype=np.int64)  # (tiles read in place may be strided: no prefetch)
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -611,7 +628,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
                 _select_intervals(ST, lo, hi)
             # the forward's softmax step: lazy against the running shift, else online
             lazy = _lazy_ok(m, ST, True)
-            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, ST, False)):
+            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, ST, False, no_plan)):
                 if lazy:  # the lazy pass spoiled the scores: recompute them
                     _dots(Kb, Qs, ST, wide)
                     if cls == PARTIAL:

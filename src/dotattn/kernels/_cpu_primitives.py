@@ -399,16 +399,20 @@ LAZY_LOG2 = 8.0
 LAZY_SUM = 65536.0
 
 
+_NO_PREFETCH = np.zeros(4, dtype=np.int64)
+
+
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
-def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max):
-    """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` and ``tile_max[r] = max_c S`` (NaN sticky) in one pass."""
+def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max, plan=_NO_PREFETCH):
+    """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` and ``tile_max[r] = max_c S``
+    (NaN sticky) in one pass; the byte ranges of ``plan`` prefetched meanwhile (``exp2_max_tile16``)."""
     BK, BQ = ST.shape
     tile_sum[:] = 0.0
     tile_max[:] = -np.inf
     r0 = 0
     if ST.strides[1] == 4:
         r0 = (BQ // LANES) * LANES
-        exp2_max_tile16(ST, mul, sub, tile_sum, tile_max, BQ // LANES)
+        exp2_max_tile16(ST, mul, sub, tile_sum, tile_max, BQ // LANES, plan)
     for c in range(BK):
         row = ST[c]
         for r in range(r0, BQ):
@@ -441,7 +445,7 @@ def _lazy_ok_overload(m, Pb, enabled):
     return impl
 
 
-def _lazy_softmax(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
+def _lazy_softmax(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs, plan):
     """The forward's one-pass softmax step against the running shift ``m`` (see LAZY_LOG2;
     only after :func:`_lazy_ok`): True when done (P in ``ST`` — float32 — or rounded into the
     bfloat16 operand ``Pb``, in key pairs with ``pairs``; ``row_sum`` updated, ``m`` and the
@@ -462,12 +466,12 @@ def _lazy_spoils_scores_overload(Pb):
 
 
 @overload(_lazy_softmax, jit_options={"cache": _JIT_CACHE})
-def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
+def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs, plan):
     if ST.dtype != types.float32:  # never called: _lazy_ok is False
-        return lambda ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs: False
+        return lambda ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs, plan: False
 
-    def impl(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
-        _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs)
+    def impl(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs, plan):
+        _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs, plan)
         ok = True
         if pairs:  # the AMX pass takes no max (LAZY_SUM)
             for r in range(m.shape[0]):
@@ -484,15 +488,15 @@ def _lazy_softmax_overload(ST, c2, m, tile_max, tile_sum, row_sum, Pb, pairs):
     return impl
 
 
-def _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs):
+def _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs, plan):
     raise NotImplementedError("compiled only")
 
 
 @overload(_lazy_pass, jit_options={"cache": _JIT_CACHE})
-def _lazy_pass_overload(ST, c2, m, tile_max, tile_sum, Pb, pairs):
-    if Pb.dtype == types.uint16:
-        return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs: _exp2_sum_max_bf16(ST, Pb, c2, m, tile_sum, tile_max, pairs)
-    return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs: _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max)
+def _lazy_pass_overload(ST, c2, m, tile_max, tile_sum, Pb, pairs, plan):
+    if Pb.dtype == types.uint16:  # (no prefetch plan: the bfloat16 tiles come from AMX's loops)
+        return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs, plan: _exp2_sum_max_bf16(ST, Pb, c2, m, tile_sum, tile_max, pairs)
+    return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs, plan: _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max, plan)
 
 
 @njit(cache=_JIT_CACHE)

@@ -76,7 +76,7 @@ def _steps():
     def exp_sum(ST, S0, N, c2, m, row_sum, n):  # the float32 path's exp2 + row sum, one pass
         for _ in range(n):
             ST[:] = S0
-            P._exp2_shifted_sum(ST, N, c2, m, row_sum)
+            P._exp2_shifted_sum(ST, N, c2, m, row_sum, P._NO_PREFETCH)
 
     @njit
     def exp_sum_max(ST, S0, c2, m, tsum, bmax, n):  # the float32 forward's lazy step: exp2 + sum + tile max

@@ -130,7 +130,7 @@ def _constants(o, like):
 
 @njit(cache=_JIT_CACHE, _nrt=False)
 def _plan_next_tiles(plan, kp, vp, b, hk, kb):
-    """The prefetch plan of key tile ``kb``'s lazy pass (``_cpu_simd.exp2_max_tile16``): value
+    """The prefetch plan of key tile ``kb``'s exp pass (``_cpu_simd.exp2_max_tile16``): value
     tile ``kb`` (``P·V`` reads it next) and key tile ``kb + 1`` (none after the last), each
     one contiguous block of the packed ``kp``/``vp``."""
     plan[0] = vp.ctypes.data + b * vp.strides[0] + hk * vp.strides[1] + kb * vp.strides[2]
@@ -322,11 +322,12 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg)
 
 
 @njit(cache=_JIT_CACHE)
-def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx):
+def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx, plan):
     """``P = 2^(S·c2 − m_new)``; ``row_sum``/``acc`` rescaled by ``2^(m_old − m_new)``, then ``row_sum += Σ P``.
 
     Returns True when P went straight into the bfloat16 operand ``Pb`` (``fuse``: no
-    dropout to apply first), False when ``ST`` holds P in the compute dtype.
+    dropout to apply first), False when ``ST`` holds P in the compute dtype.  The float32
+    exp pass prefetches ``plan``'s memory (:func:`_plan_next_tiles`).
     """
     # update the running max (rows that have seen no key keep −inf and a 0 shift)
     zero = m.dtype.type(0.0)  # a compute-dtype 0: a float64 one would widen the loops below
@@ -348,7 +349,7 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx):
     # bfloat16 without dropout: that pass also rounds P into the GEMM operand ``Pb``
     if _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse, amx):
         return True
-    _exp2_shifted_sum(ST, N, c2, m_use, row_sum)
+    _exp2_shifted_sum(ST, N, c2, m_use, row_sum, plan)
     return False
 
 
@@ -536,14 +537,13 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             #    scores recomputed if the lazy pass spoiled them: float32 only)
             lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
             in_pb = False
-            if lazy:
-                _plan_next_tiles(plan, kp, vp, b, hk, kb)
+            _plan_next_tiles(plan, kp, vp, b, hk, kb)
             if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan):
                 in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
             else:
                 if lazy and _lazy_spoils_scores(Pb):
                     _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
-                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx)
+                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx, plan)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
@@ -633,7 +633,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
                     _dots(Kb, Qs, ST, wide)
                     if cls == PARTIAL:
                         _select_intervals(ST, lo, hi)
-                _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False, False)
+                _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False, False, no_plan)
             _gemm(ST.T, vp[b, hk, kb], acc, 1.0)
         for g in range(G):
             rows = slice(g * BQ, (g + 1) * BQ)

@@ -269,6 +269,10 @@ def _snake_chunk(t, nchunks):
 # =================================================================================
 
 
+# A prefetch plan with nothing in it (the exp passes' ``plan``: _cpu_simd.exp2_max_tile16).
+_NO_PREFETCH = np.zeros(4, dtype=np.int64)
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def exp2_fraction(f):
     """``2**f`` for float32 ``f ∈ [−½, ½]``: the degree-6 Taylor polynomial of ``e**(f·ln2)``
@@ -352,7 +356,7 @@ def _exp2_core_f32(ST, N, mul, sub):
     r0 = 0
     if ST.strides[1] == 4:
         r0 = (BQ // LANES) * LANES
-        exp2_tile16(ST, mul, sub, sub, BQ // LANES, False)
+        exp2_tile16(ST, mul, sub, sub, BQ // LANES, False, _NO_PREFETCH)
     for c in range(BK):
         row = ST[c]
         for r in range(r0, BQ):
@@ -369,13 +373,14 @@ def _exp2_one(s, mul, sub):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
-def _exp2_sum_core_f32(ST, mul, sub, row_sum):
-    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass (same order, same bits)."""
+def _exp2_sum_core_f32(ST, mul, sub, row_sum, plan=_NO_PREFETCH):
+    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass (same order, same
+    bits), ``plan``'s memory prefetched meanwhile."""
     BK, BQ = ST.shape
     r0 = 0
     if ST.strides[1] == 4:
         r0 = (BQ // LANES) * LANES
-        exp2_tile16(ST, mul, sub, row_sum, BQ // LANES, True)
+        exp2_tile16(ST, mul, sub, row_sum, BQ // LANES, True, plan)
     for c in range(BK):
         row = ST[c]
         for r in range(r0, BQ):
@@ -397,9 +402,6 @@ LAZY_LOG2 = 8.0
 # one vector operation of ≈ 10 a score): every P ≤ Σ P ≤ LAZY_SUM, so P ≤ 2^16 — still far
 # from float32's overflow (row_sum ≤ Lk · 2^16) — and a NaN/+inf score makes the sum NaN/+inf.
 LAZY_SUM = 65536.0
-
-
-_NO_PREFETCH = np.zeros(4, dtype=np.int64)
 
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
@@ -514,13 +516,14 @@ def _exp2_shifted_overload(ST, N, mul, sub):
     return lambda ST, N, mul, sub: _exp2_shifted_f32(ST, N, mul, sub)
 
 
-def _exp2_shifted_sum(ST, N, mul, sub, row_sum):
-    """:func:`_exp2_shifted`, then ``row_sum[r] += Σ_c ST[c, r]``: one pass over the tile for float32."""
+def _exp2_shifted_sum(ST, N, mul, sub, row_sum, plan):
+    """:func:`_exp2_shifted`, then ``row_sum[r] += Σ_c ST[c, r]``: one pass over the tile for
+    float32, which prefetches ``plan``'s memory meanwhile (``_cpu_simd.exp2_max_tile16``)."""
     raise NotImplementedError("compiled only")
 
 
 @njit(cache=_JIT_CACHE)
-def _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum):
+def _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum, plan):
     BK, BQ = ST.shape
     huge = False
     for r in range(BQ):
@@ -529,15 +532,15 @@ def _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum):
         _exp2_shifted_f32(ST, N, mul, sub)
         _col_sum_into(ST, row_sum)
     else:
-        _exp2_sum_core_f32(ST, mul, sub, row_sum)
+        _exp2_sum_core_f32(ST, mul, sub, row_sum, plan)
 
 
 @overload(_exp2_shifted_sum, jit_options={"cache": _JIT_CACHE})
-def _exp2_shifted_sum_overload(ST, N, mul, sub, row_sum):
+def _exp2_shifted_sum_overload(ST, N, mul, sub, row_sum, plan):
     if ST.dtype == types.float32:
-        return lambda ST, N, mul, sub, row_sum: _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum)
+        return lambda ST, N, mul, sub, row_sum, plan: _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum, plan)
 
-    def impl(ST, N, mul, sub, row_sum):
+    def impl(ST, N, mul, sub, row_sum, plan):
         _exp2_shifted_f64(ST, N, mul, sub)
         _col_sum_into(ST, row_sum)
 

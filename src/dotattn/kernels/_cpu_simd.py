@@ -100,44 +100,6 @@ def _is_f32_tile(ST):
     return isinstance(ST, types.Array) and ST.ndim == 2 and ST.dtype == types.float32
 
 
-@intrinsic
-def exp2_tile16(typingctx, ST, mul, sub, row_sum, nvec, add_sum):
-    """``ST[c, r] = 2**(ST[c, r]·mul − sub[r])`` for ``r < nvec·16``; with ``add_sum`` (a
-    compile-time bool literal) also ``row_sum[r] += Σ_c ST[c, r]`` in the same pass.
-
-    Row by row, as the plain loops: the tile streams from L2 in address order (a column
-    strip at a time, 1 KiB apart, ran no faster); ``sub`` and ``row_sum`` stay in L1.
-    """
-    if not _is_f32_tile(ST) or not isinstance(add_sum, types.BooleanLiteral):
-        return None
-    sig = types.void(ST, mul, sub, row_sum, nvec, add_sum)
-    with_sum = add_sum.literal_value
-
-    def codegen(context, builder, signature, args):
-        data, rows, row_stride = _tile_args(context, builder, signature, args)
-        mul_v = _splat(builder, context.cast(builder, args[1], signature.args[1], types.float32))
-        sub_data = context.make_array(signature.args[2])(context, builder, args[2]).data
-        sum_data = context.make_array(signature.args[3])(context, builder, args[3]).data
-        nvec_i = context.cast(builder, args[4], signature.args[4], types.intp)
-        with cgutils.for_range(builder, rows) as outer:
-            row_off = builder.mul(outer.index, row_stride)
-            with cgutils.for_range(builder, nvec_i) as inner:
-                col_bytes = builder.mul(inner.index, ir.Constant(inner.index.type, LANES * 4))
-                ptr = _vector_ptr(builder, data, builder.add(row_off, col_bytes))
-                sub_v = _load(builder, _vector_ptr(builder, sub_data, col_bytes))
-                p = _exp2_vector(builder, _load(builder, ptr), mul_v, sub_v)
-                _store(builder, p, ptr)
-                if with_sum:
-                    sum_ptr = _vector_ptr(builder, sum_data, col_bytes)
-                    _store(builder, builder.fadd(_load(builder, sum_ptr), p), sum_ptr)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-ROWS_PER_VISIT = 2  # tile rows per visit of the column vectors in exp2_max_tile16 (4 ran no faster)
-
-
 LINE = 64  # bytes of a cache line
 
 
@@ -163,6 +125,59 @@ def _prefetch_lines(builder, plan, first, count):
                                   builder.add(b, builder.mul(builder.sub(k, la), line)))
             ptr = builder.inttoptr(addr, ir.IntType(8).as_pointer())
             builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+
+
+def _lines_per_visit(builder, plan, visits):
+    """The plan's cache lines (both ranges) spread evenly over ``visits`` visits, rounded up."""
+    i64 = ir.IntType(64)
+    total = ir.Constant(i64, 0)
+    for k in (1, 3):
+        n = builder.load(builder.gep(plan, [ir.Constant(i64, k)]))
+        total = builder.add(total, builder.sdiv(builder.add(n, ir.Constant(i64, LINE - 1)), ir.Constant(i64, LINE)))
+    visits = builder.select(builder.icmp_signed(">", visits, ir.Constant(i64, 0)), visits, ir.Constant(i64, 1))
+    return builder.sdiv(builder.add(total, builder.sub(visits, ir.Constant(i64, 1))), visits)
+
+
+@intrinsic
+def exp2_tile16(typingctx, ST, mul, sub, row_sum, nvec, add_sum, plan):
+    """``ST[c, r] = 2**(ST[c, r]·mul − sub[r])`` for ``r < nvec·16``; with ``add_sum`` (a
+    compile-time bool literal) also ``row_sum[r] += Σ_c ST[c, r]`` in the same pass; the
+    byte ranges of ``plan`` prefetched meanwhile (as in :func:`exp2_max_tile16`).
+
+    Row by row, as the plain loops: the tile streams from L2 in address order (a column
+    strip at a time, 1 KiB apart, ran no faster); ``sub`` and ``row_sum`` stay in L1.
+    """
+    if not _is_f32_tile(ST) or not isinstance(add_sum, types.BooleanLiteral):
+        return None
+    sig = types.void(ST, mul, sub, row_sum, nvec, add_sum, plan)
+    with_sum = add_sum.literal_value
+
+    def codegen(context, builder, signature, args):
+        data, rows, row_stride = _tile_args(context, builder, signature, args)
+        mul_v = _splat(builder, context.cast(builder, args[1], signature.args[1], types.float32))
+        sub_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        sum_data = context.make_array(signature.args[3])(context, builder, args[3]).data
+        nvec_i = context.cast(builder, args[4], signature.args[4], types.intp)
+        plan_data = context.make_array(signature.args[6])(context, builder, args[6]).data
+        per_row = _lines_per_visit(builder, plan_data, rows)
+        with cgutils.for_range(builder, rows) as outer:
+            _prefetch_lines(builder, plan_data, builder.mul(outer.index, per_row), per_row)
+            row_off = builder.mul(outer.index, row_stride)
+            with cgutils.for_range(builder, nvec_i) as inner:
+                col_bytes = builder.mul(inner.index, ir.Constant(inner.index.type, LANES * 4))
+                ptr = _vector_ptr(builder, data, builder.add(row_off, col_bytes))
+                sub_v = _load(builder, _vector_ptr(builder, sub_data, col_bytes))
+                p = _exp2_vector(builder, _load(builder, ptr), mul_v, sub_v)
+                _store(builder, p, ptr)
+                if with_sum:
+                    sum_ptr = _vector_ptr(builder, sum_data, col_bytes)
+                    _store(builder, builder.fadd(_load(builder, sum_ptr), p), sum_ptr)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+ROWS_PER_VISIT = 2  # tile rows per visit of the column vectors in exp2_max_tile16 (4 ran no faster)
 
 
 @intrinsic
@@ -215,15 +230,8 @@ def exp2_max_tile16(typingctx, ST, mul, sub, tile_sum, tile_max, nvec, plan):
 
         group = ir.Constant(rows.type, ROWS_PER_VISIT)
         groups = builder.sdiv(rows, group)
-        # the prefetch plan's lines, spread evenly over the visits
         plan = context.make_array(signature.args[6])(context, builder, args[6]).data
-        i64 = ir.IntType(64)
-        total = ir.Constant(i64, 0)
-        for k in (1, 3):
-            n = builder.load(builder.gep(plan, [ir.Constant(i64, k)]))
-            total = builder.add(total, builder.sdiv(builder.add(n, ir.Constant(i64, LINE - 1)), ir.Constant(i64, LINE)))
-        visits = builder.select(builder.icmp_signed(">", groups, ir.Constant(i64, 0)), groups, ir.Constant(i64, 1))
-        per_visit = builder.sdiv(builder.add(total, builder.sub(visits, ir.Constant(i64, 1))), visits)
+        per_visit = _lines_per_visit(builder, plan, groups)
         with cgutils.for_range(builder, groups) as outer:
             _prefetch_lines(builder, plan, builder.mul(outer.index, per_visit), per_visit)
             rows_at(builder.mul(outer.index, group), ROWS_PER_VISIT)

@@ -25,6 +25,7 @@ CASES = {
     "dense64": dict(H=8, L=4096, D=64, causal=False),
     "dense128": dict(H=4, L=4096, D=128, causal=False),
     "causal": dict(H=8, L=4096, D=64, causal=True),
+    "fwdbwd": dict(H=8, L=4096, D=64, causal=False, backward=True),  # forward + backward (torch tensors)
 }
 
 WORKER = r"""
@@ -38,8 +39,12 @@ if kind == "sdpa":
     import torch, torch.nn.functional as F
     torch.set_num_threads(2)
     for name, c in cases.items():
-        q, k, v = (torch.randn(1, c["H"], c["L"], c["D"]).to(getattr(torch, dtype)) for _ in range(3))
-        def run(q=q, k=k, v=v, c=c):
+        q, k, v, do = (torch.randn(1, c["H"], c["L"], c["D"]).to(getattr(torch, dtype)) for _ in range(4))
+        def run(q=q, k=k, v=v, do=do, c=c):
+            if c.get("backward"):
+                qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+                F.scaled_dot_product_attention(qq, kk, vv, is_causal=c["causal"]).backward(do)
+                return
             with torch.no_grad():
                 F.scaled_dot_product_attention(q, k, v, is_causal=c["causal"])
         calls[name] = run
@@ -48,8 +53,13 @@ else:
     from dotattn.semantics import BFLOAT16
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, c in cases.items():
-        q, k, v = (rng.standard_normal((1, c["H"], c["L"], c["D"]), dtype=np.float32).astype(dt) for _ in range(3))
-        def run(q=q, k=k, v=v, c=c):
+        q, k, v, do = (rng.standard_normal((1, c["H"], c["L"], c["D"]), dtype=np.float32).astype(dt) for _ in range(4))
+        def run(q=q, k=k, v=v, do=do, c=c):
+            if c.get("backward"):  # through the torch front end, as the SDPA peer
+                import torch, dotattn.torch as dtorch
+                qq, kk, vv = (torch.from_numpy(np.asarray(x, dtype=np.float32)).requires_grad_() for x in (q, k, v))
+                dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(torch.from_numpy(np.asarray(do, dtype=np.float32)))
+                return
             dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
         calls[name] = run
 for run in calls.values():

@@ -971,14 +971,15 @@ class CpuBackend:
 
     def forward_plan(self, call: AttentionCall):
         """``forward`` for repeated calls of ``call``'s kind (``dotattn.dispatch`` keeps it):
-        the size rule decided once, and the small-call kernel's set-up made once."""
+        the size rule decided once, and the small-call kernel's set-up made once.  Plans serve
+        ``dotattn.attention``'s callers only (no merge follows): :meth:`forward_final`'s output."""
         if cpu_small.unsupported_reasons(call):
-            return forward
+            return self.forward_final
         small = cpu_small.SmallForward(call)
 
         def run(call: AttentionCall):
             results = small(call)
-            return forward(call) if results is None else results
+            return forward(call, final=True) if results is None else results
 
         return run
 

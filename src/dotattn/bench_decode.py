@@ -147,7 +147,8 @@ def run_benchmark(
     if "torch-sdpa" in peers:
         # torch imported before dotattn's first call, as in a user's process: imported after it,
         # torch's float16 SDPA ran 10–20× slower (B1 32k: 250–500 against 24 ms, 30 Nov 2026,
-        # load 2.3) — probably two OpenMP runtimes, Numba's loaded first and torch's own
+        # load 2.3): it then binds to the system libgomp that Numba's OpenMP layer loaded, not its
+        # own (benchmarks/decode_torch_order.py)
         try:
             import torch  # noqa: F401
         except ImportError:

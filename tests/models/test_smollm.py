@@ -223,6 +223,30 @@ def test_prompt_pass_projections_in_row_halves_match_and_restore_the_thread_sett
     assert mkl_threads_here(0 if before is None else before) in (None, 0)  # no local MKL count left set
 
 
+def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model, monkeypatch):
+    """Halves of the weight's rows (MKL's sgemm into the output's strided columns) give the
+    bits of token-row halves (torch.mm), for contiguous and row-strided operands; an operand
+    whose rows are not contiguous takes the row halves."""
+    rng = np.random.default_rng(2)
+    w = model.w["layers"][0]["qkv"]
+    halves = smollm_module._RowHalves(model._mm)
+    wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
+    for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
+        outs = []
+        for columns in (True, False):
+            monkeypatch.setattr(smollm_module._RowHalves, "COLUMNS", columns)
+            out = np.full((1, 300, w.shape[0]), np.nan, np.float32)
+            halves(x, w, out)
+            outs.append(out)
+        np.testing.assert_array_equal(outs[0], outs[1])
+        np.testing.assert_allclose(outs[0][0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    monkeypatch.setattr(smollm_module._RowHalves, "COLUMNS", True)
+    x = wide[..., ::2]  # elements not contiguous within a row: the row halves
+    out = np.empty((1, 300, w.shape[0]), np.float32)
+    halves(x, w, out)
+    np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
 def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, reference):
     """A generation takes the previous one's cache, emptied, when the batch size matches and
     it has room (a longer one first, then a shorter one), else a new one; the reused cache's

@@ -316,19 +316,26 @@ class _MatMul:
 
 
 class _RowHalves:
-    """The prompt pass's projections: ``x @ w.T`` split by rows between the caller and the
-    ``_launch`` pool thread (the threads the pass's attention and element-wise steps run on),
-    each product on its thread's own MKL thread (MKL's thread-local count; restored after).
+    """The prompt pass's projections: ``x @ w.T`` split between the caller and the ``_launch``
+    pool thread (the threads the pass's attention and element-wise steps run on), each
+    product on its thread's own MKL thread (MKL's thread-local count; restored after).
 
     On torch's OpenMP team, the team's worker spins for a while after every product — on the
     core that the attention call and the element-wise steps after it want for their pool
     thread.  Split here, no OpenMP team runs in the prompt pass: nothing spins, and on a busy
-    machine the caller takes the half a descheduled pool thread has not started.  Fewer than
+    machine the caller takes the half a descheduled pool thread has not started.  The halves
+    are the weight's rows (the output's columns: :data:`COLUMNS`, MKL's ``sgemm_`` writing
+    into the output's strided columns, :func:`_mkl_sgemm`) where MKL is found, else the
+    token rows (``torch.mm``): a GEMM copies ("packs") its whole weight operand first, so
+    with token-row halves both threads packed all of ``w`` — with column halves each packs
+    its half (the same bits; 512 tokens, one model alternating, 23:13: quiet passes 473–494
+    against 485–488 ms, with one other core busy 821–934 against 903–935).  Fewer than
     :data:`MIN_ROWS` rows, one thread (:func:`_one_thread`) or ``compute="numpy"``: the
     plain :class:`_MatMul`.
     """
 
     MIN_ROWS = 128
+    COLUMNS = True  # halves of the weight's rows (MKL sgemm_) where possible, else of the token rows
 
     def __init__(self, mm: _MatMul):
         self.mm = mm
@@ -340,7 +347,11 @@ class _RowHalves:
         n = num_threads()
         if self.mm._torch is None or n < 2 or x2.shape[0] < self.MIN_ROWS:
             return self.mm(x, w, out)
-        run_chunks(self._rows, (x2, w, out2), n)
+        sgemm = _mkl_sgemm() if self.COLUMNS else None
+        if sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
+            run_chunks(self._columns, (sgemm, x2, w, out2), n)
+        else:
+            run_chunks(self._rows, (x2, w, out2), n)
         return out
 
     def _rows(self, x2, w, out2, chunk, nchunks):
@@ -354,6 +365,52 @@ class _RowHalves:
         finally:
             if previous is not None:
                 mkl_threads_here(previous)
+
+    def _columns(self, sgemm, x2, w, out2, chunk, nchunks):
+        from ..kernels._cpu_isa import mkl_threads_here
+
+        cols = w.shape[0]
+        a, b = cols * chunk // nchunks, cols * (chunk + 1) // nchunks
+        previous = mkl_threads_here(1)
+        try:
+            sgemm(x2, w[a:b], out2[:, a:b])
+        finally:
+            if previous is not None:
+                mkl_threads_here(previous)
+
+
+_SGEMM = None
+
+
+def _mkl_sgemm():
+    """``f(x, w, out)``: ``out = x @ w.T`` by MKL's Fortran ``sgemm_`` (torch's library) on
+    row-strided float32 views, or None where MKL is absent."""
+    global _SGEMM
+    if _SGEMM is None:
+        import ctypes
+
+        from ..kernels import _cpu_isa
+
+        with _cpu_isa._lock:
+            lib, _why = _cpu_isa._open_mkl()
+        if lib is None:
+            _SGEMM = False
+            return None
+        fn = lib.sgemm_
+        fn.restype = None
+        c_int, c_float, ref = ctypes.c_int, ctypes.c_float, ctypes.byref
+        one, zero, trans, plain = c_float(1.0), c_float(0.0), ctypes.c_char_p(b"T"), ctypes.c_char_p(b"N")
+
+        def sgemm(x, w, out):
+            # row-major out (m × n) = x (m × k) · wᵀ is column-major outᵀ (n × m) = w (k × n)ᵀ · xᵀ
+            m, k = x.shape
+            n = w.shape[0]
+            fn(trans, plain, ref(c_int(n)), ref(c_int(m)), ref(c_int(k)), ref(one), ctypes.c_void_p(w.ctypes.data),
+               ref(c_int(w.strides[0] // 4)), ctypes.c_void_p(x.ctypes.data), ref(c_int(x.strides[0] // 4)), ref(zero),
+               ctypes.c_void_p(out.ctypes.data), ref(c_int(out.strides[0] // 4)))
+
+        _SGEMM = sgemm
+    return _SGEMM or None
 
 
 class _StepThreads:

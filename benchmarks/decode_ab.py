@@ -12,7 +12,8 @@ one-thread read before and after.  On a shared machine run it under ``flock /tmp
     PYTHONPATH=src python benchmarks/decode_ab.py 1 32768 float16 15 pool /tmp/old.py new [--paged]
 
 (A file copy's Numba cache goes to a ``__pycache__`` beside it, keyed by its module name, the
-file's stem: give different versions different names.)
+file's stem: give different versions different names.)  ``--shape=HQ,HKV,D`` changes the heads
+and head dim (SmolLM2-135M: ``--shape=9,3,64``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
         sys.modules[spec.name] = m
         spec.loader.exec_module(m)
         mods[stem] = m
+    for a in sys.argv:
+        if a.startswith("--shape="):
+            bd.HQ, bd.HKV, bd.D = (int(x) for x in a.split("=", 1)[1].split(","))
     choose = mode == "pool"
     cpu_decode.ParallelChoice.choose = lambda self: choose
     rng = np.random.default_rng(0)

@@ -47,6 +47,18 @@ PREFETCH_ROWS = 16
 # the 16-lane scores loop asks for the key rows PREFETCH_K_AHEAD blocks of 16 ahead (llvm.prefetch
 # locality: 3 = L1, 2 = L2, 0 = not at all) and for the block's value rows (into L2)
 PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
+# the P·V loop asks for the key rows of the thread's next work item (into L2), spread over its
+# passes: the scores pass streams this chunk's keys and values from memory, and the softmax and
+# P·V computed from L1/L2 with memory idle — now the next chunk's keys arrive meanwhile, and the
+# next scores pass streams only values.  Alternating A/B (benchmarks/decode_ab.py, B1 32k, load
+# 1.2–1.4): pool float16 8.63 → 7.94 ms, bfloat16 8.36 → 7.92, float32 13.21 → 12.58; one thread
+# −9 % (16-bit), −4 % (float32); B8 32k float16 paged 77.6 → 71.5 ms.  (Asked for during the
+# scores pass instead, where memory is already busy: slower.)  Only for sequences with at least
+# PREFETCH_NEXT_MIN_BYTES of K/V: on smaller ones, cache-resident when called again and again,
+# the requests cost more than they bring (SmolLM2's shape at 4k, 6 MB, L3-resident, one thread:
+# 0.46 → 0.49 ms).
+PREFETCH_NEXT_K = True
+PREFETCH_NEXT_MIN_BYTES = 64 << 20
 
 
 # =================================================================================
@@ -353,12 +365,14 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
 
 
 @intrinsic
-def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o):
+def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     """``o[r·Dv + d] = Σ_{t<n} p[r·ns + t] · row(offs[t])[d]`` for ``r < R``, ``Dv % 16 == 0``
-    (``o`` overwritten; every weight used, p = 0 included)."""
-    if not _simd_types_ok(p, flat, offs, o):
+    (``o`` overwritten; every weight used, p = 0 included).  Meanwhile the key rows ``kflat`` at
+    ``pk[:npf]`` (``D`` wide: the next item's) are asked for into L2: pass ``j`` of the ``np``
+    passes (row groups × output pieces) asks for rows ``t ≡ j (mod np)``, ``t < min(n, npf)``."""
+    if not _simd_types_ok(p, flat, offs, o) or kflat != flat or pk != offs:
         return None
-    sig = types.void(p, ns, R, n, flat, kind, offs, Dv, o)
+    sig = types.void(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D)
 
     def codegen(context, builder, signature, args):
         at = signature.args
@@ -366,7 +380,10 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o):
         fd = context.make_array(at[4])(context, builder, args[4]).data
         od = context.make_array(at[6])(context, builder, args[6]).data
         outd = context.make_array(at[8])(context, builder, args[8]).data
-        ns_, R_, n_, kind_, Dv_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 3, 5, 7))
+        kfd = context.make_array(at[9])(context, builder, args[9]).data
+        pkd = context.make_array(at[10])(context, builder, args[10]).data
+        ns_, R_, n_, kind_, Dv_, npf_, D_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 3, 5, 7, 11, 12))
+        itemsize = 4 if at[4].dtype == types.float32 else 2
         c16 = ir.Constant(_IRI64, _LANES)
         c4 = ir.Constant(_IRI64, 4)
         nvec = builder.sdiv(Dv_, c16)
@@ -379,7 +396,16 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o):
                 for j in range(nv):
                     builder.store(zero, accs[i][j])
             prow = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_) for i in range(rows)]
+            # this pass's share of the next item's key rows: t ≡ its index (mod the pass count)
+            c4_ = ir.Constant(_IRI64, 4)
+            nvg_ = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4_)
+            npass = builder.mul(builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4_), nvg_)
+            jpass = builder.add(builder.mul(builder.sdiv(r0, c4_), nvg_), builder.sdiv(v0, c4_))
             with cgutils.for_range(builder, n_) as key:
+                if PREFETCH_NEXT_K:
+                    mine = builder.icmp_signed("==", builder.srem(key.index, npass), jpass)
+                    with builder.if_then(builder.and_(mine, builder.icmp_signed("<", key.index, npf_))):
+                        _ir_prefetch_rows(builder, kfd, [builder.load(builder.gep(pkd, [key.index]))], D_, itemsize, 2)
                 base = builder.add(builder.load(builder.gep(od, [key.index])), builder.mul(v0, c16))
                 vals = [_ir_vec_load(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
                 for i in range(rows):
@@ -885,16 +911,24 @@ def _scores_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv)
     return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv: None
 
 
-def _pv_simd(p, ns, R, n, flat, kind, offs, Dv, o):
+def _pv_simd(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     """:func:`_pv16` for a float32 call; never reached (nothing) for float64."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_pv_simd, jit_options={"cache": _JIT_CACHE})
-def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o):
+def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     if p.dtype == types.float32:
-        return lambda p, ns, R, n, flat, kind, offs, Dv, o: _pv16(p, ns, R, n, flat, kind, offs, Dv, o)
-    return lambda p, ns, R, n, flat, kind, offs, Dv, o: None
+        return lambda p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D: _pv16(
+            p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D)
+    return lambda p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D: None
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _uses_simd(q, D, Dv, kind, R):
+    """Whether a chunk runs the 16-lane loops (float32 compute, whole 16-lane pieces of D and
+    Dv); else BLAS for float caches and the row-by-row loops for 16-bit ones."""
+    return _simd_dtype(q) and D % 16 == 0 and Dv % 16 == 0 and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -934,7 +968,7 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf,
 ):
     """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``.
 
@@ -958,15 +992,17 @@ def _chunk(
     n = j1 - j0
     # the 16-lane loops (float32 compute, whole 16-lane pieces of D and Dv); else BLAS for float
     # caches and the row-by-row loops for 16-bit ones
-    simd = _simd_dtype(qf) and D % 16 == 0 and Dv % 16 == 0 and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
+    simd = _uses_simd(qf, D, Dv, kind, R)
     ns = (n + 15) // 16 * 16 if simd else n  # score row stride (the 16-lane loop writes whole vectors)
     s = np.empty(R * max(ns, 1), dtype=T)  # scores then probabilities, row r at [r·ns, r·ns + n)
     ibuf = np.empty(max(n, 1), dtype=np.int32)
     m_row = np.empty(R, dtype=T)
     l_row = np.empty(R, dtype=T)
     o = np.zeros(R * Dv, dtype=T)
+    sp = offs.shape[0] // 3  # offs: this chunk's key rows, its value rows, the next item's key rows
     koffs = offs[: max(n, 1)]
-    voffs = offs[offs.shape[0] // 2 : offs.shape[0] // 2 + max(n, 1)]
+    voffs = offs[sp : sp + max(n, 1)]
+    pk = offs[2 * sp : 2 * sp + max(npf, 1)]
     if n > 0:
         # ---- 1. scores ----
         if simd:
@@ -1023,7 +1059,7 @@ def _chunk(
     # ---- 3. P · V ----
     if n > 0:
         if simd:
-            _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o)
+            _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, kflat, pk, npf, D)
             if not _all_finite(o, R * Dv):  # a hidden NaN or ±inf value got in: redo skipping p = 0
                 o[:] = 0.0
                 _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc)
@@ -1175,22 +1211,31 @@ def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
     slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt,
 ):
-    """Work item ``it``; the first key rows of item ``nxt`` (this thread's likely next item,
-    −1 for none) are asked for meanwhile."""
+    """Work item ``it``; the key rows of item ``nxt`` (this thread's likely next item, −1 for
+    none) are asked for meanwhile: by the 16-lane P·V loop all of them (their offsets in
+    ``offs[2·split:]``), otherwise the first ones now."""
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
     R = G * Lq
     Dv = part_o.shape[2]
     b, hk, j0, j1, pos0 = _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start)
+    npf = 0
     if 0 <= nxt < start[B]:
-        _prefetch_item(nxt, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
+        if PREFETCH_NEXT_K and _uses_simd(q, D, Dv, kind, R) and (
+            kvlen[b] * Hkv * (D + Dv) * kflat.itemsize >= PREFETCH_NEXT_MIN_BYTES
+        ):
+            b2, hk2, j0b, j1b, _ = _item_keys(nxt, B, Lq, kvlen, split, left, right, c0, nch, start)
+            npf = max(j1b - j0b, 0)
+            _fill_offsets(kst, table, ps, b2, hk2, j0b, npf, offs[2 * split :])
+        else:
+            _prefetch_item(nxt, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
     qf = np.empty(R * D, dtype=q.dtype)
     for r in range(R):
         for d in range(D):
             qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs,
+        causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs, npf,
     )
 
 
@@ -1237,7 +1282,7 @@ def run_items(
     Hkv = kst[3]
     kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
-    offs = np.empty(2 * split, dtype=np.int64)
+    offs = np.empty(3 * split, dtype=np.int64)
     done = 0
     while True:
         ticket = _fetch_add(counter, 1)
@@ -1292,7 +1337,7 @@ def run_serial(
     part_lse = np.empty((total, R), dtype=q.dtype)
     kc = np.empty(split * D, dtype=q.dtype)
     vc = np.empty(split * Dv, dtype=q.dtype)
-    offs = np.empty(2 * split, dtype=np.int64)
+    offs = np.empty(3 * split, dtype=np.int64)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
               slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)

@@ -746,10 +746,59 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
 
 @njit(cache=_JIT_CACHE, parallel=True, nogil=True)
 def weights(q, kp, lse, P_out, o, nchunks):
-    """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` from the forward's LSE (zeros elsewhere)."""
+    """Pre-dropout probabilities ``P_out (B, Hq, Lq, Lk)`` (zeros elsewhere).
+
+    Each row's shift ``m`` and sum ``l`` are recomputed in a first pass over its key tiles
+    (the forward's online softmax, without the accumulator), then ``P = 2^((S·c2 − m) − log2
+    l)``.  From the forward's float32 LSE, ``P = 2^(S·c2 − lse·log2 e)`` carried the LSE's
+    absolute rounding — up to ulp(40)/2 ≈ 1.9·10⁻⁶ for an LSE of 40 — as a relative error of
+    every P in the row, where the naive softmax's is a few ulps: 2.5× the 2×-naive rule's
+    limit at scale 1, L 11 (docs/performance.md).  The LSE still marks the rows without a
+    visible key (−inf) or with NaN: those give 0, as before.
+    """
     queue = np.zeros(1, dtype=np.int64)  # tasks taken as threads finish, as in the forward
     for chunk in prange(nchunks):
         _weights_chunk(queue, q, kp, lse, P_out, o)
+
+
+@njit(cache=_JIT_CACHE)
+def _shift_rows(ST, c2, m):
+    """``ST[c, r] = ST[c, r]·c2 − m[r]`` (−inf stays −inf), before the exp subtracts ``log2
+    l``: both small, so the difference loses nothing.  By one FMA, unless a row's shift is
+    huge (|m| ≥ 2²⁰): then the product is rounded first, as ``m`` was, so that the maximum's
+    exponent is exactly 0 (the rule of ``_cpu_primitives._exp2_shifted_f32``)."""
+    huge = False
+    for r in range(m.shape[0]):
+        huge |= not abs(m[r]) < 1048576.0
+    if huge:
+        _mul_rows(ST, c2)
+        _sub_rows(ST, m)
+    else:
+        _fma_rows(ST, c2, m)
+
+
+@njit(cache=_JIT_CACHE, fastmath={"contract", "nsz"})
+def _fma_rows(ST, c2, m):
+    for c in range(ST.shape[0]):
+        row = ST[c]
+        for r in range(ST.shape[1]):
+            row[r] = row[r] * c2 - m[r]
+
+
+@njit(cache=_JIT_CACHE)
+def _mul_rows(ST, c2):
+    for c in range(ST.shape[0]):
+        row = ST[c]
+        for r in range(ST.shape[1]):
+            row[r] = row[r] * c2  # stored: rounded
+
+
+@njit(cache=_JIT_CACHE)
+def _sub_rows(ST, m):
+    for c in range(ST.shape[0]):
+        row = ST[c]
+        for r in range(ST.shape[1]):
+            row[r] = row[r] - m[r]
 
 
 @njit(cache=_JIT_CACHE)
@@ -759,11 +808,16 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
     BQ, T = o.BQ, P_out.dtype
     nqb = (Lq + BQ - 1) // BQ
     c2, _ = _constants(o, P_out)
+    one = c2 * np.float32(0.0) + np.float32(1.0)  # 1 in the compute dtype (a Python 1.0 would widen float32)
     Qs = np.zeros((BQ, D), dtype=q.dtype)
     ST = np.empty((BK, BQ), dtype=T)
     N = np.empty((BK, BQ), dtype=np.int32)
     unused = np.empty((1, 1), dtype=T)
+    no_acc = np.zeros((BQ, 0), dtype=T)  # (the statistics pass has no accumulator)
+    no_plan = np.zeros(4, dtype=np.int64)
     lse2 = np.empty(BQ, dtype=T)
+    m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
+    bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
     threads = _gemm_threads_begin(q)
@@ -776,16 +830,28 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
         i0, nrows, nr = _rows(b, qb, o)
         if nr <= 0:
             continue
-        # -- load the query tile and its LSE (base 2)
+        # -- load the query tile; the LSE (base 2) marks the rows that give 0 (+inf)
         _load_rows(Qs, q, b, h, i0, nr)
         _lse_rows(lse2, lse, b, h, i0, nr)
+        # -- first pass: each row's shift m and sum l (the forward's online softmax)
+        m[:] = -np.inf
+        row_sum[:] = 0.0
         for kb in range(nkb):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            # -- P = 2^(S − lse), written out
             _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
-            _exp2_shifted(ST, N, c2, lse2)
+            _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, no_acc, ST, False, False, no_plan)
+        for r in range(BQ):
+            lse2[r] = math.log2(row_sum[r]) if (lse2[r] < np.inf and row_sum[r] > 0.0) else np.inf
+        # -- second pass: P = 2^((S·c2 − m) − log2 l), written out
+        for kb in range(nkb):
+            cls = _tile_class(b, h, qb, kb, BK, o)
+            if cls == SKIP:
+                continue
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+            _shift_rows(ST, c2, m_use)
+            _exp2_shifted(ST, N, one, lse2)
             j0 = kb * BK
             ncols = min(BK, o.Lk - j0)
             P_out[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T

@@ -677,6 +677,15 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
     dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
     Pb = np.empty((BK, BQ), dtype=q.dtype)  # P̃ and dS rounded to bf16 (bf16 path only)
+    # Short problems whose keys fit one tile (float operands): P from the tile's own softmax
+    # (_softmax_rows), not from the float32 LSE, whose absolute rounding became P's relative
+    # error (dV 1.6× the 3×-naive limit at L 11 D 128, scale 1; docs/performance.md)
+    # (a block call of a larger problem sees part of each row's keys: its P needs the LSE)
+    whole_rows = o.dropout_geom[2] == 0 and o.dropout_geom[5] == o.Lk
+    exact_rows = _short_rows(o.Lq, o.Lk) and nkb == 1 and whole_rows and not _bf16_operand(Pb)
+    one = c2 * np.float32(0.0) + np.float32(1.0)
+    bmax, m_use, row_sum, zeros = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T), np.empty(BQ, dtype=T), np.zeros(BQ, dtype=T)
+    no_plan = np.zeros(4, dtype=np.int64)
     ST, dPT, PdT = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)
     G, GM = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)  # chain-rule factors
     N = np.empty((BK, BQ), dtype=np.int32)
@@ -709,7 +718,11 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
                 #    without dropout or chain rule: straight into the operand Pb, rounded
                 _scores(ST, Qs, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
-                in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
+                if exact_rows:
+                    _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
+                    in_pb = False
+                else:
+                    in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                 _dots(Vb, dOs, dPT, wide)  # (summed as the scores: see _dots)
                 P = ST
@@ -799,6 +812,44 @@ def _sub_rows(ST, m):
         row = ST[c]
         for r in range(ST.shape[1]):
             row[r] = row[r] - m[r]
+
+
+def _bf16_operand(Pb):
+    """Whether ``Pb`` holds bfloat16 bits (the bfloat16 kernels' GEMM operands)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_bf16_operand, jit_options={"cache": _JIT_CACHE})
+def _bf16_operand_overload(Pb):
+    bf16 = Pb.dtype == types.uint16
+    return lambda Pb: bf16
+
+
+@njit(cache=_JIT_CACHE)
+def _softmax_rows(ST, N, c2, lse2, m, m_use, row_sum, zeros, one, plan):
+    """``P = 2^(S·c2 − m) / l`` from the scores of a tile that holds every key of its rows:
+    ``m`` the row's scaled maximum, ``l`` its sum — the naive softmax's precision, where the
+    forward's float32 LSE carries its absolute rounding into every P.  Rows the LSE marks
+    with +inf (no visible key, past ``q_lens``) give 0, as :func:`_exp2_operand` does."""
+    _tile_max(ST, m, ST)
+    zero = m.dtype.type(0.0)
+    for r in range(m.shape[0]):
+        mx = m[r] * c2
+        m_use[r] = mx if mx > -np.inf else zero
+        row_sum[r] = 0.0
+    _shift_rows(ST, c2, m_use)
+    _exp2_shifted_sum(ST, N, one, zeros, row_sum, plan)
+    for r in range(m.shape[0]):
+        m[r] = one / row_sum[r] if (lse2[r] < np.inf and row_sum[r] > 0.0) else zero
+    _scale_columns(ST, m)
+
+
+@njit(cache=_JIT_CACHE)
+def _scale_columns(ST, f):
+    for c in range(ST.shape[0]):
+        row = ST[c]
+        for r in range(ST.shape[1]):
+            row[r] = row[r] * f[r]
 
 
 @njit(cache=_JIT_CACHE)

@@ -876,7 +876,12 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
     out_c = np.asarray(out, dtype=T)
     lse_c = _contiguous(np.asarray(lse), T)
-    delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c).astype(T, copy=False)  # D_i = rowsum(dO ∘ O)
+    # D_i = rowsum(dO ∘ O); for short problems summed in float64, as their scores (_short_rows):
+    # a float32 sum over D 128 was the largest error left in dQ/dK at a large scale
+    from ._cpu_primitives import F64_DOT_MAX_SCORES  # (loaded with the kernels anyway)
+
+    wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
+    delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T).astype(T, copy=False)
     delta = _contiguous(delta, T)
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch

@@ -34,14 +34,11 @@ def _load():
         return f.read().split()[0]
 
 
-def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if len(args) < 6:
-        print(__doc__)
-        raise SystemExit(2)
-    B, ctx, dt, reps, mode = int(args[0]), int(args[1]), args[2], int(args[3]), args[4]
+def kernel_versions(files: list[str]) -> dict:
+    """``{name: module}``: each FILE (a copy of ``_cpu_decode_kernels.py``) imported as its own
+    module beside dotattn's kernels (its stem names it); ``new`` = the kernels dotattn imported."""
     mods = {}
-    for f in args[5:]:
+    for f in files:
         if f == "new":
             mods[f] = cpu_decode.K
             continue
@@ -51,6 +48,16 @@ def main() -> None:
         sys.modules[spec.name] = m
         spec.loader.exec_module(m)
         mods[stem] = m
+    return mods
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if len(args) < 6:
+        print(__doc__)
+        raise SystemExit(2)
+    B, ctx, dt, reps, mode = int(args[0]), int(args[1]), args[2], int(args[3]), args[4]
+    mods = kernel_versions(args[5:])
     for a in sys.argv:
         if a.startswith("--shape="):
             bd.HQ, bd.HKV, bd.D = (int(x) for x in a.split("=", 1)[1].split(","))

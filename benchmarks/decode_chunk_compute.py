@@ -13,12 +13,13 @@ split size.  Run under ``flock /tmp/bench.lock`` on a shared machine:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 
 import numpy as np
+
+from decode_ab import kernel_versions
 
 from dotattn.kernels import cpu_decode
 from dotattn.semantics import BFLOAT16
@@ -32,17 +33,7 @@ def main() -> None:
         raise SystemExit(2)
     ctx, dtypes, rounds = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
     splits = [int(x) for x in os.environ.get("SPLITS", "256").split(",")]
-    mods = {}
-    for f in sys.argv[4:]:
-        if f == "new":
-            mods[f] = cpu_decode.K
-            continue
-        stem = f.split("/")[-1][:-3]
-        spec = importlib.util.spec_from_file_location("dotattn.kernels._dk_" + stem, f)
-        m = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = m
-        spec.loader.exec_module(m)
-        mods[stem] = m
+    mods = kernel_versions(sys.argv[4:])  # decode_ab.py's loader (this script's folder is on sys.path)
     versions = {f"{n}@{sp}": (m, sp) for n, m in mods.items() for sp in splits}
     for dt in dtypes:
         d = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)

@@ -311,3 +311,20 @@ def test_bf16_output_written_by_the_kernel(Hq, Hkv, Lq, Lk, D, tiles, options):
     naive, _ = H.naive(q, k, v, **options)
     H.assert_close_to_reference(out16[:, :1], ref[:, :1], naive[:, :1], name="out")
     H.assert_close_to_reference(api[:, :1], ref[:, :1], naive[:, :1], name="out (dotattn.attention)")
+
+
+@pytest.mark.parametrize("D, BK, L", [(64, 256, 512), (96, 32, 96), (2, 2, 6)], ids=["d64", "d96-partial-block", "tiny"])
+def test_v_packed_transposed_from_whole_tiles(D, BK, L):
+    """``_pack_kv(transposed=True)`` for whole key tiles (``_cpu_amx.pack_vt``, key pairs as
+    uint32 words) gives NumPy's transposed copy bit for bit; kv_lengths below L keep the copy
+    that zeroes the padding."""
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((2, 3, L, D), dtype=np.float32).astype(BFLOAT16)
+    v[1, 2, 3, 1] = np.nan  # bits move as they are
+    packed = cpu._pack_kv(v, None, BK, BFLOAT16, transposed=True)
+    expect = v.reshape(2, 3, L // BK, BK, D)
+    assert packed.shape == expect.shape and packed.strides[3] == 2  # the transposed view
+    assert np.array_equal(packed.view(np.uint16), expect.view(np.uint16))
+    short = cpu._pack_kv(v, np.array([L - 1, L]), BK, BFLOAT16, transposed=True)
+    assert np.all(short[0].reshape(3, L, D)[:, L - 1].view(np.uint16) == 0)
+    assert np.array_equal(short[1].view(np.uint16), expect[1].view(np.uint16))

@@ -148,7 +148,8 @@ def run_benchmark(
         # torch imported before dotattn's first call, as in a user's process: imported after it,
         # torch's float16 SDPA ran 10–20× slower (B1 32k: 250–500 against 24 ms, 30 Nov 2026,
         # load 2.3): it then binds to the system libgomp that Numba's OpenMP layer loaded, not its
-        # own (benchmarks/decode_torch_order.py)
+        # own (benchmarks/decode_torch_order.py); kernels/__init__.py now loads torch's runtime
+        # first in every process, and this import keeps the peer's state out of the question
         try:
             import torch  # noqa: F401
         except ImportError:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels._cpu_model_ops import BLOCK  # values per block: GGUF's Q4_0/Q4_1/Q8_0 block length
+from ..kernels._cpu_model_ops import BLOCK, block_codes  # BLOCK: GGUF's Q4_0/Q4_1/Q8_0 block length
 
 # the block forms tried, as (levels, symmetric): Q8_0's signed codes ±127 with no offset,
 # then Q4_1's codes 0…15 above the block's minimum
@@ -43,10 +43,6 @@ class BlockWeights:
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + (0 if self.offset is None else self.offset.nbytes)
 
     def to_float32(self) -> np.ndarray:
         """The float32 matrix, rebuilt as gguf's dequantization computes it."""
@@ -70,7 +66,6 @@ def encode_matrices(matrices: list[np.ndarray]) -> list[BlockWeights | None]:
     them, as for the float32 weights: one allocation this large gets NumPy's huge-page
     advice, and a step streams each buffer front to back (read from separate 4 KiB-paged
     arrays, the product ran at 1.8 G weights/s on one core against 4.2 from one buffer)."""
-    from ..kernels._cpu_model_ops import block_codes
     from ..kernels._launch import num_threads, run_chunks
 
     chunks = num_threads()  # the rows split between the caller and the pool's threads

@@ -17,7 +17,17 @@ def test_rows_and_ratios():
     assert all(r.status == "ok" and r.gbps > 0 for r in rows), rows
     assert rows[2].ratio_vs_sdpa == 1.0
     assert info["bandwidth_gbps"] > 0 and info["load_before"] and info["load_after"]
+    assert info["all_cores_gbps"] > 0 and info["cores"] >= 1
+    # the bound is torch's time over the time to read the bytes at the all-core read
+    sdpa = rows[2]
+    assert sdpa.sdpa_bound == pytest.approx(sdpa.ms * 1e-3 * info["all_cores_gbps"] * 1e9 / sdpa.kv_bytes)
+    assert rows[0].sdpa_bound is None and rows[0].share_of_all_cores == pytest.approx(rows[0].gbps / info["all_cores_gbps"])
     assert rows[0].case == "B1-ctx300-float16"
+
+
+def test_read_bandwidth_in_threads():
+    runs = bench_decode.read_bandwidth(repeats=2, nbytes=8 << 20, threads=2)
+    assert len(runs) == 2 and all(x > 0 for x in runs)
 
 
 def test_unknown_peer_is_refused(capsys):

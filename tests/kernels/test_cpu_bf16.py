@@ -285,8 +285,10 @@ def test_amx_softmax_pass_against_float64(want_max):
         (4, 2, 300, 290, 64, None, {"causal": True}),  # GQA, causal, lengths no multiple of the tile
         (2, 2, 70, 90, 59, (32, 32), {}),  # odd head dim (MKL's products)
         (2, 1, 96, 96, 128, (32, 64), {"q_lengths": np.array([50]), "kv_lengths": np.array([80])}),
+        # D 96: six 16-dim blocks of the vector strips; 77 rows: whole strips and a 13-row tail
+        (2, 1, 77, 64, 96, (64, 32), {}),
     ],
-    ids=["gqa-causal", "odd-D59", "d128-lengths"],
+    ids=["gqa-causal", "odd-D59", "d128-lengths", "d96-tail-strip"],
 )
 def test_bf16_output_written_by_the_kernel(Hq, Hkv, Lq, Lk, D, tiles, options):
     """``forward(final=True)`` (what ``dotattn.attention`` runs) rounds the output rows to
@@ -311,6 +313,42 @@ def test_bf16_output_written_by_the_kernel(Hq, Hkv, Lq, Lk, D, tiles, options):
     naive, _ = H.naive(q, k, v, **options)
     H.assert_close_to_reference(out16[:, :1], ref[:, :1], naive[:, :1], name="out")
     H.assert_close_to_reference(api[:, :1], ref[:, :1], naive[:, :1], name="out (dotattn.attention)")
+
+
+def test_output_rows_from_the_transposed_accumulator():
+    """``_cpu_amx.rows_bf16`` (the vector transpose of 16 output rows): ``out[r, d] =
+    bf16(accᵀ[d, r] · scale[r])`` rounded to nearest even — the same bits as NumPy's product
+    cast by ml_dtypes — 0 for a row whose scale is 0 even where accᵀ holds inf/NaN, NaN for
+    a NaN scale; the output's row stride apart from its width, nothing written outside."""
+    from dotattn.kernels import _cpu_amx
+    from dotattn.kernels._cpu_primitives import _aligned_empty
+
+    if not HAS_AMX:  # (avx512_bf16 may be missing): no forward takes the strips there
+        q, k, v = _inputs(3, 1, 1, 32, 32, 32)
+        assert not cpu.prepare(semantics.normalize(q, k, v), (32, 32), forward=True).options.amx
+        return
+    rng = np.random.default_rng(9)
+    Dv, BQ = 48, 64
+    accT = _aligned_empty(Dv, BQ, np.empty(0, np.float32))
+    accT[:] = rng.standard_normal((Dv, BQ), dtype=np.float32) * 100
+    accT[5, 16 + 3] = np.inf  # row 3 of the strip: scale 0
+    accT[7, 16 + 4] = np.nan
+    accT[:, 16 + 9] = np.float32(1.0) + np.float32(2.0**-8)  # a tie: rounds to even (1.0)
+    scale = rng.random(BQ, dtype=np.float32) + 0.5
+    scale[16 + 3] = scale[16 + 4] = 0.0
+    scale[16 + 6] = np.nan
+    scale[16 + 9] = 1.0
+    out = np.full((20, Dv + 8), 0xABCD, dtype=np.uint16)  # rows 2 … 17 written, 8 columns spare
+    _cpu_amx.rows_bf16(accT.ctypes.data + 16 * 4, accT.strides[0], scale.ctypes.data + 16 * 4,
+                       out.ctypes.data + 2 * out.strides[0], out.strides[0], Dv)
+    rows = slice(16, 32)
+    with np.errstate(invalid="ignore"):  # inf · 0 in the row the select zeroes
+        expect = np.where(scale[rows, None] != 0, accT[:, rows].T * scale[rows, None], np.float32(0.0))
+    assert np.array_equal(out[2:18, :Dv], expect.astype(BFLOAT16).view(np.uint16))
+    assert np.all(out[2 + 3, :Dv] == 0) and np.all(out[2 + 4, :Dv] == 0)
+    assert np.isnan(out[2 + 6, :Dv].view(BFLOAT16).astype(np.float32)).all()
+    assert np.all(out[2 + 9, :Dv] == 0x3F80)  # 1 + 2**-8 → 1.0 (even)
+    assert np.all(out[:2] == 0xABCD) and np.all(out[18:] == 0xABCD) and np.all(out[:, Dv:] == 0xABCD)
 
 
 @pytest.mark.parametrize("D, BK, L", [(64, 256, 512), (96, 32, 96), (2, 2, 6)], ids=["d64", "d96-partial-block", "tiny"])

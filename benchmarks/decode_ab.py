@@ -5,7 +5,9 @@ variant's; ``new`` = the one imported with dotattn); they are imported side by s
 ``attention_with_kvcache(implementation="cpu")`` runs the bench's inputs (one query, Hq 32,
 Hkv 8, D 128, ``bench_decode``'s peers) with each in turn, call by call, so background load
 hits all of them alike.  ``pool`` forces the parallel items on, ``alone`` the calling thread.
-Prints the median time of REPEATS calls per version, the K/V GB/s, the load and the NumPy
+Prints the median time of REPEATS calls per version, the K/V GB/s, the median CPU time of the
+process per call (both threads; a thread off its core is not counted — on a busy machine the
+steadier figure), the load and the NumPy
 one-thread read before and after.  On a shared machine run it under ``flock /tmp/bench.lock``:
 
     git show main:src/dotattn/kernels/_cpu_decode_kernels.py > /tmp/old.py
@@ -79,15 +81,19 @@ def main() -> None:
     same = all(np.array_equal(first[names[0]], first[n]) for n in names[1:])
     print("load", _load(), "read", [round(x, 1) for x in bd.read_bandwidth(3)], "same bits:", same, flush=True)
     times = {n: [] for n in mods}
+    cpu = {n: [] for n in mods}  # CPU seconds of the process (both threads): time off the core not counted
     for _ in range(reps):
         for n, m in mods.items():
             cpu_decode.K = m
+            c0 = time.process_time()
             t0 = time.perf_counter()
             run()
             times[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
     nb = kc.nbytes + vc.nbytes
     cells = "  ".join(
-        f"{n} {statistics.median(t) * 1e3:.2f} ms ({nb / statistics.median(t) / 1e9:.1f} GB/s)" for n, t in times.items()
+        f"{n} {statistics.median(t) * 1e3:.2f} ms ({nb / statistics.median(t) / 1e9:.1f} GB/s, cpu {statistics.median(cpu[n]) * 1e3:.1f})"
+        for n, t in times.items()
     )
     print(f"B{B} {ctx} {dt}{' paged' if paged else ''} {mode}: {cells}", "load", _load(),
           "read", [round(x, 1) for x in bd.read_bandwidth(3)], flush=True)

@@ -59,6 +59,14 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # 0.46 → 0.49 ms).
 PREFETCH_NEXT_K = True
 PREFETCH_NEXT_MIN_BYTES = 64 << 20
+# NEXT_SCHEME (with PREFETCH_NEXT_K): the whole next item is asked for, its key rows by the
+# scores pass (in place of this block's values) and its value rows by the P·V passes (in place
+# of its keys), so an item computes from L2 while memory fetches the next one.  A software
+# request holds one of the core's L1 fill buffers until its line arrives, so a core streams at
+# most ≈ 16 lines per DRAM latency (≈ 10.5–10.8 GB/s measured here, one thread, every dtype):
+# both passes are bound by that, and the scores pass's requests go one line per row and 16-lane
+# piece beside its FMAs, not in a burst per block (a burst: slower, below).
+NEXT_SCHEME = True
 
 
 # =================================================================================
@@ -267,8 +275,12 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs):
+def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize):
+    """The scores of one block of 16 keys; ``pf = (array, 16 row offsets, width)``: rows asked
+    for (into L2) meanwhile, line ``j`` of each key group's rows beside piece ``j``'s FMAs."""
     c16 = ir.Constant(_IRI64, _LANES)
+    i8p = ir.IntType(8).as_pointer()
+    pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
     zero = ir.Constant(_V16F, [0.0] * _LANES)
     c4 = ir.Constant(_IRI64, 4)
     nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
@@ -290,6 +302,13 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                     builder.store(zero, a)
                 with cgutils.for_range(builder, nvec) as piece:
                     d0 = builder.mul(piece.index, c16)
+                    if pf is not None:
+                        parr, prow, pwidth = pf
+                        loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
+                        with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
+                            for k in range(kg):
+                                ptr = builder.bitcast(builder.gep(parr, [builder.add(prow[g * kg + k], loff)]), i8p)
+                                builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, 2), ir.Constant(_IRI32, 1)])
                     qvs = [_ir_vec_load(builder, qd, builder.add(qrow, d0), "f32") for qrow in qrows]
                     for k in range(kg):
                         kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
@@ -309,7 +328,7 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
 
 
 @intrinsic
-def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
+def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
     """``s[r·ns + t] = q[r·D : (r+1)·D] · row(offs[t])`` for ``r < R``, ``t < ceil16(n)`` (keys
     past ``n`` repeat key ``n − 1``: ``ns`` ≥ ceil16(n) pads each score row), ``D % 16 == 0``.
 
@@ -318,10 +337,14 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
     that follows: a chunk read from DRAM then streams with the compute instead of after it.
     The block's scores are computed in register blocks of rows × keys
     (:func:`_ir_scores_blocked`), the key rows read in place.
+
+    With ``npf`` > 0 (NEXT_SCHEME) the block asks instead for the next item's key rows at
+    ``pk[t0 : t0 + 16]`` (clamped to ``npf``; ``D`` wide, into L2), a line per row beside each
+    16-lane piece's FMAs: this item's values were asked for by the previous one.
     """
-    if not _simd_types_ok(q, flat, offs, s) or vflat != flat or voffs != offs:
+    if not _simd_types_ok(q, flat, offs, s) or vflat != flat or voffs != offs or pk != offs:
         return None
-    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv)
+    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf)
 
     def codegen(context, builder, signature, args):
         at = signature.args
@@ -331,8 +354,9 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
         sd = context.make_array(at[7])(context, builder, args[7]).data
         vfd = context.make_array(at[9])(context, builder, args[9]).data
         vod = context.make_array(at[10])(context, builder, args[10]).data
+        pkd = context.make_array(at[12])(context, builder, args[12]).data
         itemsize = 4 if at[3].dtype == types.float32 else 2
-        R_, D_, kind_, n_, ns_, Dv_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11))
+        R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 13))
         c16 = ir.Constant(_IRI64, _LANES)
         nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
         nvec = builder.sdiv(D_, c16)
@@ -354,9 +378,18 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
                     ahead.append(builder.load(builder.gep(od, [t])))
                 if PREFETCH_K_LOCALITY:
                     _ir_prefetch_rows(builder, fd, ahead, D_, itemsize, PREFETCH_K_LOCALITY)
-                if PREFETCH_V:
-                    _ir_prefetch_rows(builder, vfd, vbases, Dv_, itemsize, 2)
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs)
+                # the next item's key rows of this block's 16 positions (clamped), or where none
+                # are asked for (npf = 0: small sequences, the last item) this block's value rows
+                has = builder.icmp_signed(">", npf_, ir.Constant(_IRI64, 0))
+                nlast = builder.sub(npf_, ir.Constant(_IRI64, 1))
+                rows_pf = []
+                for k in range(_LANES):
+                    t = builder.add(t0, ir.Constant(_IRI64, k))
+                    t = builder.select(builder.icmp_signed("<", t, npf_), t, nlast)
+                    t = builder.select(has, t, ir.Constant(_IRI64, 0))
+                    rows_pf.append(builder.select(has, builder.load(builder.gep(pkd, [t])), vbases[k]))
+                pf = (builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_)) if PREFETCH_V else None
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize)
 
         _ir_variants(context, builder, at[3], kind_, emit)
         return context.get_dummy_value()
@@ -898,17 +931,17 @@ def _simd_dtype_overload(q):
     return lambda q: False
 
 
-def _scores_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
+def _scores_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
     """:func:`_scores16` for a float32 call; never reached (nothing) for float64."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_scores_simd, jit_options={"cache": _JIT_CACHE})
-def _scores_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv):
+def _scores_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
     if q.dtype == types.float32:
-        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv: _scores16(
-            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv)
-    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv: None
+        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf: _scores16(
+            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf)
+    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf: None
 
 
 def _pv_simd(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
@@ -999,16 +1032,17 @@ def _chunk(
     m_row = np.empty(R, dtype=T)
     l_row = np.empty(R, dtype=T)
     o = np.zeros(R * Dv, dtype=T)
-    sp = offs.shape[0] // 3  # offs: this chunk's key rows, its value rows, the next item's key rows
+    sp = offs.shape[0] // 4  # offs: this chunk's key rows, its value rows, the next item's key and value rows
     koffs = offs[: max(n, 1)]
     voffs = offs[sp : sp + max(n, 1)]
     pk = offs[2 * sp : 2 * sp + max(npf, 1)]
+    pv = offs[3 * sp : 3 * sp + max(npf, 1)]
     if n > 0:
         # ---- 1. scores ----
         if simd:
             _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
             _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
-            _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv)
+            _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
         elif kind != KIND_FLOAT:
             _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
@@ -1059,7 +1093,10 @@ def _chunk(
     # ---- 3. P · V ----
     if n > 0:
         if simd:
-            _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, kflat, pk, npf, D)
+            if NEXT_SCHEME:  # the next item's value rows (its keys: the scores pass)
+                _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, vflat, pv, npf, Dv)
+            else:
+                _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, kflat, pk, npf, D)
             if not _all_finite(o, R * Dv):  # a hidden NaN or ±inf value got in: redo skipping p = 0
                 o[:] = 0.0
                 _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc)
@@ -1227,6 +1264,8 @@ def _item(
             b2, hk2, j0b, j1b, _ = _item_keys(nxt, B, Lq, kvlen, split, left, right, c0, nch, start)
             npf = max(j1b - j0b, 0)
             _fill_offsets(kst, table, ps, b2, hk2, j0b, npf, offs[2 * split :])
+            if NEXT_SCHEME:
+                _fill_offsets(vst, table, ps, b2, hk2, j0b, npf, offs[3 * split :])
         else:
             _prefetch_item(nxt, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
     qf = np.empty(R * D, dtype=q.dtype)
@@ -1282,7 +1321,7 @@ def run_items(
     Hkv = kst[3]
     kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
-    offs = np.empty(3 * split, dtype=np.int64)
+    offs = np.empty(4 * split, dtype=np.int64)
     done = 0
     while True:
         ticket = _fetch_add(counter, 1)
@@ -1337,7 +1376,7 @@ def run_serial(
     part_lse = np.empty((total, R), dtype=q.dtype)
     kc = np.empty(split * D, dtype=q.dtype)
     vc = np.empty(split * Dv, dtype=q.dtype)
-    offs = np.empty(3 * split, dtype=np.int64)
+    offs = np.empty(4 * split, dtype=np.int64)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
               slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)

@@ -739,26 +739,30 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     continue
                 # -- load Q, dO, the LSE (base 2) and Δ = rowsum(dO ∘ O) of the query tile
                 i0, nrows, nr = _rows(b, qb, o)
-                _load_rows(Qs, q, b, h, i0, nr)
-                _load_rows(dOs, dout, b, h, i0, nr)
+                if nr == BQ:  # whole tiles: the products read q and dO where they lie
+                    Qt, dOt = q[b, h, i0 : i0 + BQ], dout[b, h, i0 : i0 + BQ]
+                else:  # the last tile: zero rows below (padding must not carry NaN)
+                    _load_rows(Qs, q, b, h, i0, nr)
+                    _load_rows(dOs, dout, b, h, i0, nr)
+                    Qt, dOt = Qs[:, :], dOs[:, :]
                 _lse_rows(lse2, lse, b, h, i0, nr)
                 for r in range(BQ):
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
                 #    without dropout or chain rule: straight into the operand Pb, rounded
-                _scores(ST, Qs, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
+                _scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
                 if exact_rows:
                     _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
                     in_pb = False
                 else:
                     in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                _dots(Vb, dOs, dPT, wide)  # (summed as the scores: see _dots)
+                _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
                 P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
                     P = PdT
-                _gemm(Pb if in_pb else _as_operand(P, Pb), dOs, dV, 1.0)
+                _gemm(Pb if in_pb else _as_operand(P, Pb), dOt, dV, 1.0)
                 # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                 #    bias's gradient stops here) and softcap
                 if in_pb:
@@ -773,7 +777,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                         _mul_into(ST, G)
                 # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
                 dS = Pb if in_pb else _as_operand(ST, Pb)
-                _gemm(dS, Qs, dK, 1.0)
+                _gemm(dS, Qt, dK, 1.0)
                 _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
         # -- write the tile's dK (times scale) and dV
         dkp[b, hk, kb] = dK * o.scale

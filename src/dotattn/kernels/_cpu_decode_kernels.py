@@ -47,25 +47,21 @@ PREFETCH_ROWS = 16
 # the 16-lane scores loop asks for the key rows PREFETCH_K_AHEAD blocks of 16 ahead (llvm.prefetch
 # locality: 3 = L1, 2 = L2, 0 = not at all) and for the block's value rows (into L2)
 PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
-# the P·V loop asks for the key rows of the thread's next work item (into L2), spread over its
-# passes: the scores pass streams this chunk's keys and values from memory, and the softmax and
-# P·V computed from L1/L2 with memory idle — now the next chunk's keys arrive meanwhile, and the
-# next scores pass streams only values.  Alternating A/B (benchmarks/decode_ab.py, B1 32k, load
-# 1.2–1.4): pool float16 8.63 → 7.94 ms, bfloat16 8.36 → 7.92, float32 13.21 → 12.58; one thread
-# −9 % (16-bit), −4 % (float32); B8 32k float16 paged 77.6 → 71.5 ms.  (Asked for during the
-# scores pass instead, where memory is already busy: slower.)  Only for sequences with at least
-# PREFETCH_NEXT_MIN_BYTES of K/V: on smaller ones, cache-resident when called again and again,
-# the requests cost more than they bring (SmolLM2's shape at 4k, 6 MB, L3-resident, one thread:
-# 0.46 → 0.49 ms).
-PREFETCH_NEXT_K = True
-PREFETCH_NEXT_MIN_BYTES = 64 << 20
-# NEXT_SCHEME (with PREFETCH_NEXT_K): the whole next item is asked for, its key rows by the
-# scores pass (in place of this block's values) and its value rows by the P·V passes (in place
-# of its keys), so an item computes from L2 while memory fetches the next one.  A software
-# request holds one of the core's L1 fill buffers until its line arrives, so a core streams at
-# most ≈ 16 lines per DRAM latency (≈ 10.5–10.8 GB/s measured here, one thread, every dtype):
-# both passes are bound by that, and the scores pass's requests go one line per row and 16-lane
-# piece beside its FMAs, not in a burst per block (a burst: slower, below).
+# PREFETCH_NEXT_K: the thread's next work item is asked for (into L2) while an item runs — only
+# for sequences with at least PREFETCH_NEXT_MIN_BYTES of K/V: on smaller ones, cache-resident when
+# called again and again, the requests cost more than they bring (SmolLM2's shape at 4k, 6 MB,
+# L3-resident, one thread: 0.46 → 0.49 ms).  First (commit 4a6faa0) its key rows, spread over the
+# P·V passes, while the scores pass streamed this item's values: B1 32k pool float16 8.63 → 7.94
+# ms, bfloat16 8.36 → 7.92, float32 13.21 → 12.58 (decode_ab.py, load 1.2–1.4).
+# NEXT_SCHEME: the *whole* next item — its key rows by the scores pass (in place of this block's
+# values), its value rows by the P·V passes (in place of its keys) — so an item computes from L2
+# while memory fetches the next one.  A software request holds one of the core's ≈ 16 L1 fill
+# buffers until its line arrives, so a core streams at most ≈ 16 lines per memory latency
+# (10.4–11.1 GB/s measured at B1 32k, one thread, every dtype; 8.6–9.2 from DRAM at B8 32k): both
+# passes are bound by that, and the scores pass's requests go one line per row beside each 16-lane
+# piece's FMAs (a burst per block: slower).  decode_ab.py one thread, load 1.3 (00:42, 1 Dec):
+# B1 32k float16 13.88 → 12.94 ms, bfloat16 13.01 → 12.04; float32 the same; B8 32k float16
+# 122.3 → 116.2 (docs/decoding.md, "The next work item asked for whole").
 NEXT_SCHEME = True
 
 

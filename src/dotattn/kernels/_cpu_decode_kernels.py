@@ -62,6 +62,8 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # piece's FMAs (a burst per block: slower).  decode_ab.py one thread, load 1.3 (00:42, 1 Dec):
 # B1 32k float16 13.88 → 12.94 ms, bfloat16 13.01 → 12.04; float32 the same; B8 32k float16
 # 122.3 → 116.2 (docs/decoding.md, "The next work item asked for whole").
+PREFETCH_NEXT_K = True
+PREFETCH_NEXT_MIN_BYTES = 64 << 20
 NEXT_SCHEME = True
 
 

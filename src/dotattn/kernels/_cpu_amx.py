@@ -281,25 +281,37 @@ def _values_block(v_addr, v_ld, Dv, BK, p_addr, p_ld, c_addr, c_ld):
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def scores(k_addr, k_ld, BK, D, q_addr, BQ, s_addr, s_ld, cfg):
+def scores(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, cfg):
     """``Sᵀ (BK, BQ) = K · Qᵀ`` in float32: K rows at ``k_addr`` (``k_ld`` bytes apart), Q as
-    :func:`pack_q` made it (``(D/2, BQ)`` uint32, rows ``4·BQ`` bytes), Sᵀ rows ``s_ld`` bytes
-    apart.  BK, BQ and D multiples of 32."""
+    :func:`pack_q` made it (``(D/2, BQ)`` uint32, rows ``q_ld`` bytes apart), Sᵀ rows ``s_ld``
+    bytes apart.  BK, BQ and D multiples of 32.  (The kernels' row strides are a cache line
+    more than the rows' 4·BQ bytes: :data:`ROW_PAD`.)"""
     _tile_config(cfg.ctypes.data)
     for j in range(0, BQ, 32):
-        _scores_block(k_addr, k_ld, BK, D, q_addr, BQ * 4, j, s_addr + j * 4, s_ld)
+        _scores_block(k_addr, k_ld, BK, D, q_addr, q_ld, j, s_addr + j * 4, s_ld)
     _tile_release()
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def values(v_addr, v_ld, Dv, BK, p_addr, BQ, c_addr, c_ld, cfg):
+def values(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg):
     """``accᵀ (Dv, BQ) += Vᵀ · P`` in float32: Vᵀ rows at ``v_addr`` (``v_ld`` bytes apart, BK
-    keys each), P in key pairs (``(BK/2, BQ)`` uint32, rows ``4·BQ`` bytes), accᵀ rows ``c_ld``
-    bytes apart.  Dv, BK and BQ multiples of 32."""
+    keys each), P in key pairs (``(BK/2, BQ)`` uint32, rows ``p_ld`` bytes apart), accᵀ rows
+    ``c_ld`` bytes apart.  Dv, BK and BQ multiples of 32."""
     _tile_config(cfg.ctypes.data)
     for j in range(0, BQ, 32):
-        _values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, BQ * 4, c_addr + j * 4, c_ld)
+        _values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, p_ld, c_addr + j * 4, c_ld)
     _tile_release()
+
+
+# The row stride of the forward's tile buffers on this path (Qᵀ's pairs, Sᵀ, P's key pairs,
+# accᵀ) is their 4·BQ bytes plus this (``_cpu_primitives._tile_buffer``).  At BQ 256 the rows
+# lay 1 KiB apart: the 16 rows of a tile load or store (and the softmax pass's row pairs) fell
+# into 4 of L1's 64 sets, so a 32-query block's Qᵀ pairs (128 lines) could not stay in L1
+# while the key rows passed, and P's pairs, accᵀ and Sᵀ likewise.  A cache line more spreads
+# them over 16 sets: the three steps in the kernel's order, one thread, H4 L4096 D128 36.4 →
+# 32.1 ms (D 64: 45.1 → 41.8; 00:40, load 1.3–1.8).  Per buffer alone: P's pairs 1.8 ms, Qᵀ
+# 1.1, accᵀ 0.5–0.9, Sᵀ 0.4.
+ROW_PAD = 64
 
 
 # =================================================================================
@@ -429,6 +441,46 @@ def _pairs_pass(with_max):
 
 
 _exp2_pairs_max, _exp2_pairs_sum = _pairs_pass(True), _pairs_pass(False)
+
+
+@intrinsic
+def _round_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld):
+    """:func:`round_pairs` for one 32-query column block."""
+    i64 = types.int64
+    sig = types.void(i64, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        s_addr, s_ld, rows, p_addr, p_ld = args
+        _amx_function(context, builder, _AVX512)
+        i64t = ir.IntType(64)
+        vbf = ir.VectorType(_BFloat(), 32)
+        vi32 = ir.VectorType(_I32, _LANES)
+        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
+        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
+        with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
+            c = loop.index
+            row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
+            row1 = builder.add(row0, s_ld)
+            prow = builder.add(p_addr, builder.mul(c, p_ld))
+            for g in range(2):
+                off = ir.Constant(i64t, 64 * g)
+                s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
+                s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+                both = builder.bitcast(builder.call(cvt, [s1, s0]), ir.VectorType(_I16, 32))
+                pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
+                builder.store(builder.bitcast(pairs, vi32), _vptr(builder, builder.add(prow, off), vi32), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def round_pairs(s_addr, s_ld, rows, p_addr, p_ld):
+    """float32 ``P`` (``(rows, 32)`` at ``s_addr``, rows ``s_ld`` bytes apart: one 32-query
+    column block of a transposed tile) rounded to bfloat16 (to nearest even) in key pairs at
+    ``p_addr`` (``(rows/2, 32)`` uint32, rows ``p_ld`` bytes apart): the B operand of
+    :func:`values` where P was computed in float32 first (dropout).  ``rows`` even."""
+    _round_pairs_block(s_addr, s_ld, rows, p_addr, p_ld)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

@@ -63,11 +63,14 @@ from ._cpu_primitives import (
     _pv_operand,
     _qk,
     _rescale_rows,
+    _row,
     _short_rows,
     _snake_chunk,
     _take_task,
+    _tile_buffer,
     _tile_max,
     _to_bf16,
+    _transposed_acc,
 )
 
 _JIT_CACHE = globals().get("_JIT_CACHE", True)
@@ -220,7 +223,7 @@ def _select_intervals(ST, lo, hi):
     """``ST[c, r] = −inf`` outside ``lo[r] ≤ c ≤ hi[r]`` (a branch-free, vectorized select)."""
     BK, R = ST.shape
     for c in range(BK):
-        row = ST[c]  # a row view keeps this select a vectorized 1-D loop
+        row = _row(ST, c)  # a C-ordered row view keeps this select a vectorized 1-D loop
         for r in range(R):
             row[r] = row[r] if lo[r] <= c and c <= hi[r] else -np.inf
 
@@ -395,7 +398,7 @@ def _write_rows_t(out, lse, accT, m, row_sum, scale, b, h, i0, nrows, nr, vec):
         if vec and r1 - r0 == 16 and _strip_bf16(out, accT, scale, b, h, i0 + r0, r0):
             continue
         for d in range(Dv):
-            arow = accT[d]
+            arow = _row(accT, d)
             for r in range(r0, r1):
                 # NaN/0 rows: NaN·acc = NaN; 0·acc would keep a NaN or inf of acc, so select
                 out[b, h, i0 + r, d] = _out_value(arow[r] * scale[r] if scale[r] != 0.0 else np.float32(0.0), out)
@@ -446,7 +449,7 @@ def _store_rows(out, lse, acc, m, row_sum, scale, b, h, i0, nrows, nr, vec):
 
 @overload(_store_rows, jit_options={"cache": _JIT_CACHE})
 def _store_rows_overload(out, lse, acc, m, row_sum, scale, b, h, i0, nrows, nr, vec):
-    if acc.layout == "F":
+    if _transposed_acc(acc):
         return lambda out, lse, acc, m, row_sum, scale, b, h, i0, nrows, nr, vec: _write_rows_t(
             out, lse, acc.T, m, row_sum, scale, b, h, i0, nrows, nr, vec
         )
@@ -462,7 +465,7 @@ def _zero(acc):
 
 @overload(_zero, jit_options={"cache": _JIT_CACHE})
 def _zero_overload(acc):
-    if acc.layout == "F":
+    if _transposed_acc(acc):
 
         def impl_t(acc):
             acc.T[:] = 0.0
@@ -521,13 +524,14 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
     nqb = (Lq + BQ - 1) // BQ
     c2, inv_keep = _constants(o, lse)
-    # GEMM operands in the storage dtype (bf16 bits or T), 64-byte aligned (_aligned_empty)
+    # GEMM operands in the storage dtype (bf16 bits or T), 64-byte aligned (_aligned_empty);
+    # for bfloat16 the tile buffers' rows padded by a cache line (_tile_buffer: _cpu_amx.ROW_PAD)
     Qs = _aligned_empty(BQ, D, q)
     Qs[:] = 0
-    Qv = _aligned_empty(D // 2 if o.amx else 0, BQ, np.empty(0, dtype=np.uint32))  # Qs packed for AMX
+    Qv = _tile_buffer(D // 2 if o.amx else 0, BQ, np.empty(0, dtype=np.uint32), q)  # Qs packed for AMX
     cfg = tile_config()
-    ST = _aligned_empty(BK, BQ, lse)
-    Pb = _aligned_empty(BK, BQ, q)  # P rounded to bf16 for P·V (bf16 path only; key pairs on AMX)
+    ST = _tile_buffer(BK, BQ, lse, q)
+    Pb = _tile_buffer(BK, BQ, q, q)  # P rounded to bf16 for P·V (bf16 path only; key pairs on AMX)
     N = np.empty((BK, BQ), dtype=np.int32)  # _exp2_shifted's exponent scratch
     unused = np.empty((BK, BQ), dtype=T)  # (dP and the chain-rule factors: backward only)
     acc = _new_acc(BQ, Dv, lse, q)  # bf16: transposed in memory (accᵀ += Vᵀ·P)

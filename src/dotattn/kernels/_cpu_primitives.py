@@ -13,7 +13,9 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
 from . import _cpu_amx
 from ._cpu_amx import _BFloat
@@ -661,8 +663,8 @@ def _exp2_sum_bf16(ST, Pb, mul, sub, row_sum):
     _wide_vectors()
     BK, BQ = ST.shape
     for c in range(BK):
-        row = ST[c]
-        prow = Pb[c]
+        row = _row(ST, c)
+        prow = _row(Pb, c)
         for r in range(BQ):
             p = _exp2_bf16_grade(row[r] * mul - sub[r])
             row_sum[r] += p
@@ -698,9 +700,15 @@ def _ds_bf16(Pb, dPT, delta):
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
 def _col_max_bf16(ST, out):
-    """:func:`_col_max` on 512-bit vectors (the same bits: a max is exact)."""
+    """:func:`_col_max` on 512-bit vectors (the same bits: a max is exact), rows by :func:`_row`."""
     _wide_vectors()
-    _col_max_body(ST, out)
+    BK, BQ = ST.shape
+    out[:] = _row(ST, 0)
+    for c in range(1, BK):
+        row = _row(ST, c)
+        for r in range(BQ):
+            v = row[r]
+            out[r] = v if (v > out[r] or v != v) else out[r]
 
 
 @njit(cache=_JIT_CACHE)
@@ -738,8 +746,8 @@ def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
         _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, False)
     else:
         for c in range(BK):
-            row = ST[c]
-            prow = Pb[c]
+            row = _row(ST, c)
+            prow = _row(Pb, c)
             for r in range(BQ):
                 s0 = row[r]
                 t = tile_max[r]
@@ -751,16 +759,22 @@ def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
 
 @njit(cache=_JIT_CACHE)
 def _round_to_bf16_pairs(ST, Pb):
-    """float32 ``ST`` rounded to bfloat16 into ``Pb`` in key pairs (see :func:`_exp2_sum_bf16_pairs`)."""
-    _wide_vectors()
+    """float32 ``ST`` rounded to bfloat16 into ``Pb`` in key pairs (see :func:`_exp2_sum_bf16_pairs`;
+    pair row ``i`` at ``2·i`` of ``Pb``'s rows, whatever their padding), by ``_cpu_amx.round_pairs``."""
     BK, BQ = ST.shape
-    P32 = Pb.reshape(BK * BQ).view(np.uint32)
-    for c in range(0, BK, 2):
-        row0 = ST[c]
-        row1 = ST[c + 1]
-        prow = P32[(c // 2) * BQ : (c // 2 + 1) * BQ]
-        for r in range(BQ):
-            prow[r] = np.uint32(_to_bf16(row0[r])) | (np.uint32(_to_bf16(row1[r])) << np.uint32(16))
+    for j in range(0, BQ, 32):
+        _cpu_amx.round_pairs(ST.ctypes.data + 4 * j, ST.strides[0], BK, Pb.ctypes.data + 4 * j, 2 * Pb.strides[0])
+
+
+@njit(cache=_JIT_CACHE)
+def _round_to_bf16_rows(x, out):
+    """:func:`_round_to_bf16` for 2-D tiles with padded rows (the bfloat16 forward's, :func:`_tile_buffer`)."""
+    for c in range(x.shape[0]):
+        bits = _row(x, c).view(np.uint32)
+        row = _row(out, c)
+        for i in range(bits.size):
+            u = bits[i]
+            row[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 # =================================================================================
@@ -779,18 +793,79 @@ def _aligned_empty(rows, cols, like):
     return buf[skip : skip + n].reshape((rows, cols))
 
 
+@intrinsic
+def _row(typingctx, arr, c):
+    """Row ``c`` of a 2-D tile buffer as a C-contiguous 1-D view (sharing its memory).
+
+    For the bfloat16 forward's padded buffers (:func:`_padded_empty`, Numba layout "A"): a
+    plain ``ST[c]`` is typed "A" too, and LLVM then kept the row loops on it scalar (the
+    first tile's max and rescale ran 3× slower).  Only for arrays whose rows are contiguous
+    (every tile buffer here); a C-ordered array gives the same view as ``arr[c]``.
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(c, types.Integer)):
+        return None
+    row_type = types.Array(arr.dtype, 1, "C")
+    sig = row_type(arr, c)
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(signature.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        byte_offset = builder.mul(index, builder.extract_value(src.strides, 0))
+        data = builder.bitcast(
+            builder.gep(builder.bitcast(src.data, ir.IntType(8).as_pointer()), [byte_offset]), src.data.type
+        )
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(context.get_data_type(arr.dtype)))
+        view = context.make_array(row_type)(context, builder)
+        populate_array(
+            view, data=data, shape=cgutils.pack_array(builder, [builder.extract_value(src.shape, 1)]),
+            strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize, meminfo=src.meminfo, parent=src.parent,
+        )
+        return impl_ret_borrowed(context, builder, row_type, view._getvalue())
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE)
+def _padded_empty(rows, cols, like):
+    """:func:`_aligned_empty` with each row a cache line longer than ``cols`` elements (a
+    strided view, Numba layout "A"): see ``_cpu_amx.ROW_PAD``."""
+    pad = _cpu_amx.ROW_PAD // like.itemsize
+    return _aligned_empty(rows, cols + pad, like)[:, :cols]
+
+
+def _tile_buffer(rows, cols, like, q):
+    """A forward tile buffer ``(rows, cols)`` of ``like``'s dtype at a 64-byte boundary: with
+    rows padded by a cache line for bfloat16 operands (``q`` uint16: :func:`_padded_empty`,
+    whose row strides the AMX steps take as they are), contiguous otherwise."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_tile_buffer, jit_options={"cache": _JIT_CACHE})
+def _tile_buffer_overload(rows, cols, like, q):
+    if q.dtype == types.uint16:
+        return lambda rows, cols, like, q: _padded_empty(rows, cols, like)
+    return lambda rows, cols, like, q: _aligned_empty(rows, cols, like)
+
+
 def _new_acc(BQ, Dv, T, like):
     """The forward's accumulator, ``(BQ, Dv)`` in ``T``'s dtype; for bfloat16 operands
-    (``like`` uint16) kept transposed in memory (an F-ordered view of ``(Dv, BQ)``): the
-    products compute ``accᵀ += Vᵀ·P``, whose B operand (P) the softmax writes as it lies."""
+    (``like`` uint16) kept transposed in memory (a transposed view of a padded ``(Dv, BQ)``,
+    :func:`_padded_empty`; Numba layout "A", not "C": :func:`_transposed_acc`): the products
+    compute ``accᵀ += Vᵀ·P``, whose B operand (P) the softmax writes as it lies."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_new_acc, jit_options={"cache": _JIT_CACHE})
 def _new_acc_overload(BQ, Dv, T, like):
     if like.dtype == types.uint16:
-        return lambda BQ, Dv, T, like: _aligned_empty(Dv, BQ, T).T
+        return lambda BQ, Dv, T, like: _padded_empty(Dv, BQ, T).T
     return lambda BQ, Dv, T, like: np.empty((BQ, Dv), dtype=T.dtype)
+
+
+def _transposed_acc(acc):
+    """Whether the forward's accumulator type ``acc`` is :func:`_new_acc`'s transposed one
+    (any layout but C: F, or A when its rows are padded).  For overloads (a Numba type)."""
+    return acc.layout != "C"
 
 
 def _rescale_rows(acc, alpha):
@@ -800,12 +875,12 @@ def _rescale_rows(acc, alpha):
 
 @overload(_rescale_rows, jit_options={"cache": _JIT_CACHE})
 def _rescale_rows_overload(acc, alpha):
-    if acc.layout == "F":
+    if _transposed_acc(acc):
 
         def impl_t(acc, alpha):
             accT = acc.T
             for d in range(accT.shape[0]):
-                row = accT[d]
+                row = _row(accT, d)
                 for r in range(row.shape[0]):
                     row[r] *= alpha[r]
 
@@ -890,7 +965,9 @@ def _qk_overload(Kb, Qs, Qv, ST, amx, cfg, wide):
         def impl(Kb, Qs, Qv, ST, amx, cfg, wide):
             if amx:
                 BK, D = Kb.shape
-                _cpu_amx.scores(Kb.ctypes.data, Kb.strides[0], BK, D, Qv.ctypes.data, ST.shape[1], ST.ctypes.data, ST.strides[0], cfg)
+                _cpu_amx.scores(
+                    Kb.ctypes.data, Kb.strides[0], BK, D, Qv.ctypes.data, Qv.strides[0], ST.shape[1], ST.ctypes.data, ST.strides[0], cfg
+                )
             else:
                 _gemm(Kb, Qs.T, ST, 0.0)
 
@@ -912,7 +989,10 @@ def _pv_overload(P, Vb, acc, amx, cfg):
             accT = acc.T
             VT = Vb.T
             if amx:
-                _cpu_amx.values(VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, P.shape[1], accT.ctypes.data, accT.strides[0], cfg)
+                _cpu_amx.values(  # P's pair rows: two of its uint16 rows apart
+                    VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
+                    accT.ctypes.data, accT.strides[0], cfg,
+                )
             else:
                 _gemm(VT, P, accT, 1.0)
 
@@ -933,7 +1013,7 @@ def _pv_operand_overload(ST, Pb, amx):
             if amx:
                 _round_to_bf16_pairs(ST, Pb)
             else:
-                _round_to_bf16(ST, Pb)
+                _round_to_bf16_rows(ST, Pb)
             return Pb
 
         return impl

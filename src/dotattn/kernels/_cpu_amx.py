@@ -32,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cpu_cache import install_locator
+from ._cpu_simd import _prefetch_lines
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -377,14 +378,19 @@ def _pairs_pass(with_max):
     ``with_max``: the column max too (one ``vmaxps`` per 16 scores, ≈ 10 % of the pass)."""
 
     @intrinsic
-    def block(typingctx, s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
+    def block(typingctx, s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr, plan_addr, pf_first, pf_count):
         i64 = types.int64
-        sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64)
+        sig = types.void(i64, i64, i64, i64, i64, types.float32, i64, i64, i64, i64, i64, i64)
 
         def codegen(context, builder, signature, args):
-            s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr = args
+            s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr, plan_addr, pf_first, pf_count = args
             _amx_function(context, builder, _AVX512)
             i64t = ir.IntType(64)
+            plan = builder.inttoptr(plan_addr, i64t.as_pointer())
+            iters = builder.sdiv(rows, ir.Constant(rows.type, 2))
+            # the plan's lines [first, first + count) spread over the row pairs, rounded up
+            safe = builder.select(builder.icmp_signed(">", iters, ir.Constant(i64t, 0)), iters, ir.Constant(i64t, 1))
+            per_iter = builder.sdiv(builder.add(pf_count, builder.sub(safe, ir.Constant(i64t, 1))), safe)
             vbf = ir.VectorType(_BFloat(), 32)
             cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
             fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
@@ -403,8 +409,9 @@ def _pairs_pass(with_max):
                 builder.store(builder.load(_vptr(builder, builder.add(sum_addr, off)), align=4), t)
                 vmax.append(m)
                 vsum.append(t)
-            with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
+            with cgutils.for_range(builder, iters) as loop:
                 c = loop.index
+                _prefetch_lines(builder, plan, builder.add(pf_first, builder.mul(c, per_iter)), per_iter)
                 row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
                 row1 = builder.add(row0, s_ld)
                 prow = builder.add(p_addr, builder.mul(c, p_ld))
@@ -483,18 +490,29 @@ def round_pairs(s_addr, s_ld, rows, p_addr, p_ld):
     _round_pairs_block(s_addr, s_ld, rows, p_addr, p_ld)
 
 
+# A prefetch plan with nothing in it (``exp2_pairs``' default)
+_NO_PLAN = np.zeros(4, dtype=np.int64)
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
-def exp2_pairs(s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr):
+def exp2_pairs(s_addr, s_ld, rows, p_addr, p_ld, mul, sub_addr, sum_addr, max_addr, plan_addr=0, first=0, count=0):
     """For one block of 32 queries (columns) of a transposed float32 score tile ``Sᵀ (rows,
     32)`` at ``s_addr`` (rows ``s_ld`` bytes apart): ``P = 2**(S·mul − sub)`` rounded to
     bfloat16 and written in key pairs at ``p_addr`` (``(rows/2, 32)`` uint32, rows ``p_ld``
     bytes apart: the B operand of :func:`values`), ``sum[r] += Σ_c P`` (P before rounding) and,
     unless ``max_addr`` is 0, ``max[r] = max_c S`` — NaN where a score is NaN or the sum is
-    not finite.  ``sub``, ``sum``, ``max``: 32 float32 each; ``rows`` even."""
+    not finite.  ``sub``, ``sum``, ``max``: 32 float32 each; ``rows`` even.
+
+    Meanwhile lines ``first … first + count − 1`` of the prefetch plan at ``plan_addr`` (an
+    ``int64[4]``: address and byte length of two ranges, as ``_cpu_simd``'s float32 passes
+    take) are asked into L2 (``prefetcht1``), a few per row pair: the kernel's next K/V tiles."""
+    if plan_addr == 0:
+        plan_addr = _NO_PLAN.ctypes.data
+        count = 0
     if max_addr != 0:
-        _exp2_pairs_max(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)
+        _exp2_pairs_max(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr, plan_addr, first, count)
     else:
-        _exp2_pairs_sum(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr)
+        _exp2_pairs_sum(s_addr, s_ld, rows, p_addr, p_ld, np.float32(mul), sub_addr, sum_addr, max_addr, plan_addr, first, count)
 
 
 

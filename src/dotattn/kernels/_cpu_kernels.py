@@ -133,15 +133,37 @@ def _constants(o, like):
 
 @njit(cache=_JIT_CACHE, _nrt=False)
 def _plan_next_tiles(plan, kp, vp, b, hk, kb):
-    """The prefetch plan of key tile ``kb``'s exp pass (``_cpu_simd.exp2_max_tile16``): value
-    tile ``kb`` (``P·V`` reads it next) and key tile ``kb + 1`` (none after the last), each
-    one contiguous block of the packed ``kp``/``vp``."""
+    """The prefetch plan of key tile ``kb``'s exp pass (``_cpu_simd.exp2_max_tile16``,
+    ``_cpu_amx.exp2_pairs``): value tile ``kb`` (``P·V`` reads it next) and key tile ``kb + 1``
+    (none after the last), each one contiguous block of the packed ``kp``/``vp`` — its
+    ``strides[2]`` bytes (for bfloat16 ``vp`` is a transposed view: ``shape[3]·strides[3]``
+    would be one row of Vᵀ)."""
     plan[0] = vp.ctypes.data + b * vp.strides[0] + hk * vp.strides[1] + kb * vp.strides[2]
-    plan[1] = vp.shape[3] * vp.strides[3]
+    plan[1] = vp.strides[2]
     plan[3] = 0
     if kb + 1 < kp.shape[2]:
         plan[2] = kp.ctypes.data + b * kp.strides[0] + hk * kp.strides[1] + (kb + 1) * kp.strides[2]
-        plan[3] = kp.shape[3] * kp.strides[3]
+        plan[3] = kp.strides[2]
+
+
+# bfloat16 (AMX) forward: the exp pass prefetches the next K/V tiles only where one head's K
+# and V pass this many bytes — at H4 L4096 D128 (2 MiB; with the tile buffers more than a
+# core's 2 MiB L2) one thread's kernel ran 35.5–36.6 → 33.5–34.2 ms; at D 64 (1 MiB, which
+# stays in L2) the prefetches only cost (43.5–43.9 → 45.5 ms; 00:52, load 2.2–2.9).
+BF16_PREFETCH_MIN_KV_BYTES = 3 << 19
+
+
+def _prefetch_kv(kp, vp):
+    """Whether the forward's exp pass prefetches K/V tiles (``_plan_next_tiles``): always for
+    float32; for bfloat16 operands where a head's K and V take ``BF16_PREFETCH_MIN_KV_BYTES``."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_prefetch_kv, jit_options={"cache": _JIT_CACHE})
+def _prefetch_kv_overload(kp, vp):
+    if kp.dtype == types.uint16:
+        return lambda kp, vp: kp.strides[1] + vp.strides[1] >= BF16_PREFETCH_MIN_KV_BYTES
+    return lambda kp, vp: True
 
 
 @njit(cache=_JIT_CACHE, _nrt=False)
@@ -540,6 +562,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     tsum = np.empty(BQ, dtype=T)  # the tile's row sums (lazy step)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     plan = np.zeros(4, dtype=np.int64)  # what the lazy pass prefetches (_plan_next_tiles)
+    prefetch = _prefetch_kv(kp, vp)
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -570,7 +593,8 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             #    scores recomputed if the lazy pass spoiled them: float32 only)
             lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
             in_pb = False
-            _plan_next_tiles(plan, kp, vp, b, hk, kb)
+            if prefetch:
+                _plan_next_tiles(plan, kp, vp, b, hk, kb)
             if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan):
                 in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
             else:

@@ -498,8 +498,10 @@ def _lazy_pass(ST, c2, m, tile_max, tile_sum, Pb, pairs, plan):
 
 @overload(_lazy_pass, jit_options={"cache": _JIT_CACHE})
 def _lazy_pass_overload(ST, c2, m, tile_max, tile_sum, Pb, pairs, plan):
-    if Pb.dtype == types.uint16:  # (no prefetch plan: the bfloat16 tiles come from AMX's loops)
-        return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs, plan: _exp2_sum_max_bf16(ST, Pb, c2, m, tile_sum, tile_max, pairs)
+    if Pb.dtype == types.uint16:  # (the plan on AMX only: the pass in key pairs)
+        return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs, plan: _exp2_sum_max_bf16(
+            ST, Pb, c2, m, tile_sum, tile_max, pairs, plan
+        )
     return lambda ST, c2, m, tile_max, tile_sum, Pb, pairs, plan: _exp2_sum_max_f32(ST, c2, m, tile_sum, tile_max, plan)
 
 
@@ -717,22 +719,27 @@ def _exp2_sum_bf16_pairs(ST, Pb, mul, sub, row_sum):
     as uint32, ``Pb[c//2, r] = bf16(P[c, r]) | bf16(P[c+1, r]) << 16``, by
     ``_cpu_amx.exp2_pairs`` (512-bit vectors written out; a NaN score gives a NaN sum).
     BK even, BQ a multiple of 32 (the AMX path's tiles)."""
-    _exp2_pairs_tile(ST, Pb, mul, sub, row_sum, row_sum, False)
+    _exp2_pairs_tile(ST, Pb, mul, sub, row_sum, row_sum, False, _NO_PREFETCH)
 
 
 @njit(cache=_JIT_CACHE, inline="always")
-def _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, want_max):
-    """``_cpu_amx.exp2_pairs`` over the tile's 32-query column blocks."""
+def _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, want_max, plan):
+    """``_cpu_amx.exp2_pairs`` over the tile's 32-query column blocks; ``plan``'s lines (the
+    next K/V tiles: ``_cpu_kernels._plan_next_tiles``) prefetched into L2, a share per block."""
     BK, BQ = ST.shape
+    lines = (plan[1] + 63) // 64 + (plan[3] + 63) // 64
+    blocks = BQ // 32
+    share = (lines + blocks - 1) // blocks if blocks > 0 else 0
     for j in range(0, BQ, 32):
         _cpu_amx.exp2_pairs(
             ST.ctypes.data + 4 * j, ST.strides[0], BK, Pb.ctypes.data + 4 * j, 2 * Pb.strides[0], mul,
             sub.ctypes.data + 4 * j, tile_sum.ctypes.data + 4 * j, tile_max.ctypes.data + 4 * j if want_max else 0,
+            plan.ctypes.data, (j // 32) * share, share,
         )
 
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
-def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
+def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs, plan=_NO_PREFETCH):
     """The bfloat16 forward's lazy step (see LAZY_LOG2): ``Pb = bf16(2**(ST·mul − sub))`` (in
     key pairs with ``pairs``, as :func:`_exp2_sum_bf16_pairs`), ``tile_sum[r] = Σ_c P`` and
     ``tile_max[r] = max_c ST`` (NaN sticky) in one pass — the tile max's own pass (5 µs of a
@@ -742,8 +749,8 @@ def _exp2_sum_max_bf16(ST, Pb, mul, sub, tile_sum, tile_max, pairs):
     BK, BQ = ST.shape
     tile_sum[:] = 0.0
     tile_max[:] = -np.inf
-    if pairs:  # 512-bit vectors written out, no max (LAZY_SUM): docs/performance.md
-        _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, False)
+    if pairs:  # 512-bit vectors written out, no max (LAZY_SUM), plan prefetched: docs/performance.md
+        _exp2_pairs_tile(ST, Pb, mul, sub, tile_sum, tile_max, False, plan)
     else:
         for c in range(BK):
             row = _row(ST, c)

@@ -13,12 +13,18 @@ programs kept busy during each pass (``/proc/stat`` less this process)::
 ``--burn`` runs each round twice, first with a busy loop in another process (load arriving),
 then without (load gone), and reports the two conditions apart.
 
+``--old-set MODULE.NAME=VALUE`` (repeatable) sets a module attribute while the old side runs
+(restored after each of its passes): an A/B of a constant outside the two files above, e.g.
+``--old HEAD --old-set dotattn.kernels.cpu.GROUPED_CAUSAL_F32_SMALL_MAX_KEYS=0``.
+
 Run under ``flock /tmp/bench.lock`` on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import importlib.util
 import statistics
 import subprocess
@@ -50,7 +56,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--burn", action="store_true",
                         help="each round twice: first with a busy loop (another process) on a core, then without")
+    parser.add_argument("--old-set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="a module attribute the old side runs with (a Python literal)")
     args = parser.parse_args(argv)
+    overrides = []
+    for item in args.old_set:
+        target, _, value = item.partition("=")
+        module_name, _, attr = target.rpartition(".")
+        overrides.append((importlib.import_module(module_name), attr, ast.literal_eval(value)))
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from generate import cpu_seconds
@@ -79,12 +92,17 @@ def main(argv=None) -> int:
                 for side in order:
                     model, run_chunks = sides[side]
                     _launch.run_chunks = run_chunks
+                    kept = [(m, a, getattr(m, a)) for m, a, _ in overrides] if side == "old" else []
+                    for m, a, value in overrides if side == "old" else ():
+                        setattr(m, a, value)
                     try:
                         busy0, own0 = cpu_seconds()
                         model.generate_ids(ids, max_new_tokens=1, stop_at_eos=False)
                         busy1, own1 = cpu_seconds()
                     finally:
                         _launch.run_chunks = new_run_chunks
+                        for m, a, value in kept:
+                            setattr(m, a, value)
                     if r >= 0:
                         t = model.last_stats.prefill_seconds
                         times[side, cond].append(t)

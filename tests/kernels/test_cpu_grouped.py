@@ -93,9 +93,10 @@ def test_grouped_forward_matches_the_reference_and_the_per_head_kernel(case):
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(per_head_lse))
 
 
-def test_smollm_prompt_shape_with_the_default_tiles():
+@pytest.mark.parametrize("L", [300, 1100])  # 64 × 64 tiles up to 1,024 keys, 128 × 128 beyond
+def test_smollm_prompt_shape_with_the_default_tiles(L):
     """SmolLM's prompt pass (Hq 9, Hkv 3, D 64, causal) at a length no multiple of the tiles."""
-    q, k, v = H.random_qkv(5, batch=(1,), Hq=9, Hkv=3, Lq=300, Lk=300, D=64, dtype=np.float32, layout="blhd")
+    q, k, v = H.random_qkv(5, batch=(1,), Hq=9, Hkv=3, Lq=L, Lk=L, D=64, dtype=np.float32, layout="blhd")
     call = semantics.normalize(q, k, v, causal=True, layout="blhd")
     assert cpu._grouped_f32(call)
     out, lse = cpu.forward(call)

@@ -61,6 +61,13 @@ DENSE_F32_FORWARD_BLOCK_SIZE = (256, 512)
 # float32 GQA causal forwards (the grouped kernel; per-head tiles, G·BQ rows per GEMM):
 # SmolLM's prompt pass (Hq 9, Hkv 3, L 512, D 64) — see docs/performance.md.
 GROUPED_CAUSAL_F32_BLOCK_SIZE = (128, 128)
+# ... and up to this many keys, 64 × 64 tiles: under a causal mask a diagonal 128 × 128 tile
+# computes twice the scores its rows may see, a quarter of all the scores at L 512 (a ninth
+# with 64 × 64 tiles), and the 192-row GEMMs lose less than that.  SmolLM's shape, one thread,
+# alternating in one process (01:00, load 1.6–2.3; docs/models.md, 1 Dec): L 256 1.27 → 1.12 ms,
+# L 512 3.59 → 3.37, L 1024 11.35 → 11.22; L 2048 41.9 → 42.4 and L 4096 163 → 167 keep 128.
+GROUPED_CAUSAL_F32_SMALL_BLOCK_SIZE = (64, 64)
+GROUPED_CAUSAL_F32_SMALL_MAX_KEYS = 1024
 
 _KERNEL_MODULE = "dotattn.kernels._cpu_kernels"
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_kernels.py")
@@ -761,7 +768,8 @@ def forward(
     elif grouped and not _grouped_f32(call):
         raise ValueError("grouped=True needs a call that _grouped_f32 accepts")
     if block_size is None and grouped:
-        block_size = GROUPED_CAUSAL_F32_BLOCK_SIZE
+        small = call.Lk <= GROUPED_CAUSAL_F32_SMALL_MAX_KEYS
+        block_size = GROUPED_CAUSAL_F32_SMALL_BLOCK_SIZE if small else GROUPED_CAUSAL_F32_BLOCK_SIZE
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
     p = prepare(call, block_size, forward=True, grouped=grouped)

@@ -366,3 +366,32 @@ def test_v_packed_transposed_from_whole_tiles(D, BK, L):
     short = cpu._pack_kv(v, np.array([L - 1, L]), BK, BFLOAT16, transposed=True)
     assert np.all(short[0].reshape(3, L, D)[:, L - 1].view(np.uint16) == 0)
     assert np.array_equal(short[1].view(np.uint16), expect[1].view(np.uint16))
+
+
+@pytest.mark.parametrize(
+    "bits, finite",
+    [(None, True), (0x7F80, False), (0xFF80, False), (0x7FC1, False), (0xFFFF, False), (0x7F7F, True), (0xFF7F, True),
+     (0x0001, True), (0x8000, True)],
+    ids=["all-finite", "inf", "-inf", "nan", "nan-ffff", "max", "-max", "subnormal", "-0"],
+)
+def test_v_packing_checks_finiteness(bits, finite):
+    """``pack_vt`` (whole key tiles) says whether V is finite from the bits it moves — NaN and
+    ±inf in either half of a uint32 word, at any key and dim — and the forward uses that
+    instead of a pass of its own; the copy for padded tiles checks nothing (None)."""
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((1, 2, 64, 32), dtype=np.float32).astype(BFLOAT16)
+    for key, dim in ((0, 0), (17, 5), (63, 31), (40, 30)):  # both halves of a word, odd/even keys
+        w = v.copy()
+        if bits is not None:
+            w.view(np.uint16)[0, 1, key, dim] = bits
+        packed, ok = cpu._pack_kv_checked(w, None, 32, BFLOAT16, transposed=True)
+        assert ok is finite
+        assert np.array_equal(packed.view(np.uint16), w.reshape(1, 2, 2, 32, 32).view(np.uint16))
+        assert ok == cpu._all_finite(w)
+    assert cpu._pack_kv_checked(v, np.array([50]), 32, BFLOAT16, transposed=True)[1] is None
+    if bits is not None and not finite:  # a non-finite value reaches the NumPy backend's policy
+        w = v.copy()
+        w.view(np.uint16)[0, 1, 63, 31] = bits
+        q, k, _ = _inputs(6, 2, 2, 64, 64, 32)
+        out, _ = cpu.forward(semantics.normalize(q, k, w, causal=True))
+        assert np.isfinite(out[0, 1, :63].astype(np.float32)).all()  # rows that never see key 63

@@ -413,7 +413,14 @@ def _num_threads() -> int:
 
 
 def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False) -> np.ndarray:
-    """(B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each real length.
+    """:func:`_pack_kv_checked`'s packed blocks."""
+    return _pack_kv_checked(x, kv_lengths, BK, dtype, transposed)[0]
+
+
+def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False):
+    """``(packed, finite)``: (B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each
+    real length; ``finite`` whether ``x`` holds no NaN/±inf where the packing checked it on
+    the way (bfloat16 Vᵀ from whole tiles, :func:`_cpu_amx.pack_vt`), else None (not checked).
 
     A view when the input already is contiguous in ``dtype`` with ``Lk`` a multiple of BK and
     no padding to clear; otherwise one copy (padding may hold NaN and must read as zeros).
@@ -425,7 +432,6 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
     nkb = -(-L // BK)
     aligned = dtype != BFLOAT16 or x.ctypes.data % 64 == 0
     if transposed:
-        packed = _zeros_aligned((B, H, nkb, X, BK), dtype)
         if (
             dtype == BFLOAT16
             and x.dtype == BFLOAT16
@@ -434,11 +440,14 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
             and BK % 2 == 0
             and X % 2 == 0
             and (kv_lengths is None or bool(np.all(kv_lengths == L)))
-        ):  # whole tiles: key pairs as uint32 words (_cpu_amx.pack_vt: 2.2 → 1.0 ms at D 128)
+        ):  # whole tiles: key pairs as uint32 words (_cpu_amx.pack_vt: 2.2 → 1.0 ms at D 128);
+            # every element written, so no zeros first
             from ._cpu_amx import pack_vt
 
-            pack_vt(x.view(np.uint16).view(np.uint32), packed.view(np.uint16).view(np.uint32))
-            return packed.swapaxes(3, 4)
+            packed = _empty_aligned((B, H, nkb, X, BK), dtype)
+            finite = pack_vt(x.view(np.uint16).view(np.uint32), packed.view(np.uint16).view(np.uint32))
+            return packed.swapaxes(3, 4), bool(finite)
+        packed = _zeros_aligned((B, H, nkb, X, BK), dtype)
         # NumPy's strided copy: 1.16 ms for H8 L4096 D64 against 1.9 for a serial Numba loop
         # and 5.5 for a parallel one (its thread team's start, machine at load 2.3)
         for b in range(B):
@@ -448,7 +457,7 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
                 packed[b, :, :full] = x[b, :, : full * BK].reshape(H, full, BK, X).swapaxes(2, 3)
             if rest:
                 packed[b, :, full, :, :rest] = x[b, :, full * BK : n].swapaxes(1, 2)
-        return packed.swapaxes(3, 4)
+        return packed.swapaxes(3, 4), None
     if (
         aligned
         and L % BK == 0
@@ -457,7 +466,7 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
         and x.flags.writeable
         and (kv_lengths is None or bool(np.all(kv_lengths == L)))
     ):
-        return x.reshape(B, H, nkb, BK, X)
+        return x.reshape(B, H, nkb, BK, X), None
     packed = _zeros_aligned((B, H, nkb * BK, X), dtype)
     if kv_lengths is None:
         packed[:, :, :L] = x
@@ -465,7 +474,16 @@ def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False
         for b in range(B):
             n = int(kv_lengths[b])
             packed[b, :, :n] = x[b, :, :n]
-    return packed.reshape(B, H, nkb, BK, X)
+    return packed.reshape(B, H, nkb, BK, X), None
+
+
+def _empty_aligned(shape, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting at a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def _zeros_aligned(shape, dtype) -> np.ndarray:
@@ -544,6 +562,7 @@ class Prepared:
     kp: np.ndarray
     vp: np.ndarray
     options: Options
+    v_finite: bool | None = None  # V checked for NaN/±inf while packed (None: not checked)
 
 
 def user_mods(call: AttentionCall):
@@ -627,8 +646,10 @@ def prepare(
         q = as_kernel_operand(_contiguous(call.q, S))
         kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
     v_transposed = forward and S == BFLOAT16
+    v_finite = None
     if not grouped:
-        vp = as_kernel_operand(_pack_kv(call.v, call.kv_lengths, BK, S, transposed=v_transposed))
+        vp, v_finite = _pack_kv_checked(call.v, call.kv_lengths, BK, S, transposed=v_transposed)
+        vp = as_kernel_operand(vp)
     amx = (
         v_transposed
         and all(n % AMX_QUANTUM == 0 for n in (BQ, BK, call.D, call.Dv))
@@ -692,7 +713,7 @@ def prepare(
         bm_on=bm is not None,
         amx=bool(amx),
     )
-    return Prepared(kernels=kernels_for(score_mod, mask_mod), T=T, q=q, kp=kp, vp=vp, options=options)
+    return Prepared(kernels=kernels_for(score_mod, mask_mod), T=T, q=q, kp=kp, vp=vp, options=options, v_finite=v_finite)
 
 
 # =================================================================================
@@ -773,7 +794,7 @@ def forward(
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
     p = prepare(call, block_size, forward=True, grouped=grouped)
-    if not call.extras and not _all_finite(p.vp):
+    if not call.extras and not (_all_finite(p.vp) if p.v_finite is None else p.v_finite):
         return _numpy_backend().forward(call)
     return _run_forward(call, p, grouped, final)
 

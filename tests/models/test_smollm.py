@@ -264,6 +264,29 @@ def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, ref
     assert model._kv is not kept and model._kv.cache.batch_size == 2
 
 
+def test_prompt_passes_reuse_their_buffers_and_hold_no_new_arrays(model, reference):
+    """A prompt pass takes the previous pass's buffers when they have room (a longer prompt
+    first, then a shorter one; a batch of more rows makes new ones), registers none of them
+    with the products' view table (each pass once added five arrays there for good), and the
+    tokens and logits are still the reference's."""
+    prompts = sorted(reference["prompts"], key=len)
+    long_i = [len(p) for p in reference["prompts"]].index(len(prompts[-1]))
+    short_i = [len(p) for p in reference["prompts"]].index(len(prompts[0]))
+    model._prefill_storage = None  # (earlier tests' batches left larger buffers)
+    model.generate_ids(reference["prompts"][long_i], max_new_tokens=2, stop_at_eos=False)
+    kept, views = model._prefill_storage, len(model._mm._views)
+    assert kept["rows"] == len(reference["prompts"][long_i])
+    tokens = model.generate_ids(reference["prompts"][short_i], max_new_tokens=N_GREEDY, stop_at_eos=False)
+    assert tokens == reference["greedy"][short_i, :N_GREEDY].tolist()
+    assert model._prefill_storage is kept and len(model._mm._views) == views
+    seq = reference["sequences"][short_i]
+    # the same buffers again (short passes may choose another thread mode: float32 rounding apart)
+    np.testing.assert_allclose(model.logits(seq), model.logits(seq), rtol=1e-5, atol=1e-4)
+    model.generate_ids([reference["prompts"][long_i]] * 2, max_new_tokens=1, stop_at_eos=False)
+    assert model._prefill_storage is not kept and model._prefill_storage["rows"] == 2 * kept["rows"]
+    assert len(model._mm._views) == views
+
+
 def test_a_short_generation_leaves_room_for_a_longer_one(model, reference):
     """A new cache's room is rounded up to whole pages (it holds whole pages anyway), so a
     generation of a few tokens (a warm-up) leaves a cache that one of more tokens after the

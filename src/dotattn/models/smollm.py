@@ -262,6 +262,12 @@ class _MatMul:
             self._views[id(a)] = (a, t.t() if transposed else t)
         return a
 
+    def forget(self, a: np.ndarray) -> None:
+        """Drop :meth:`keep`'s view of ``a`` (which it held, and with it ``a``)."""
+        kept = self._views.get(id(a))
+        if kept is not None and kept[0] is a:
+            del self._views[id(a)]
+
     def keep_blocks(self, w: np.ndarray, blocks) -> None:
         """Products of up to :data:`GEMV_MAX_ROWS` rows by ``w`` read ``blocks``
         (:class:`~._block_weights.BlockWeights`: the same values, 1.25 bytes each) instead."""
@@ -469,18 +475,51 @@ class _StepThreads:
 class _Workspace:
     """The float32 buffers of the transformer blocks for ``B`` sequences of ``L`` tokens, reused
     by every layer (and, for decoding, by every step): a pass allocates nothing of the
-    activations' size but the attention outputs, so no fresh pages fault in layer after layer."""
+    activations' size but the attention outputs, so no fresh pages fault in layer after layer.
 
-    def __init__(self, cfg: Config, B: int, L: int, mm: _MatMul):
+    ``keep``: register each buffer's torch view with ``mm`` (:meth:`_MatMul.keep`; decode
+    steps, whose products are a few µs each); :meth:`release` forgets them.  Prompt passes
+    keep none (their products go through ``_RowHalves``; a view made per call is ≈ 1 µs):
+    every pass registered five fresh arrays, which ``mm`` then held for the model's life —
+    13.5 MB more memory per 512-token generation (30 Nov).  ``storage``: an earlier
+    workspace's :attr:`storage`, reused when it has room for ``B·L`` rows (its pages are
+    mapped already: a fresh 512-token workspace faulted in ≈ 2,000 pages, 25–35 ms of system
+    time per pass; docs/models.md, 1 Dec).
+    """
+
+    def __init__(self, cfg: Config, B: int, L: int, mm: _MatMul, keep: bool = True, storage: dict | None = None):
         Hq, Hkv, D, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.ffn
         self.shape = (B, L)
-        self.h = mm.keep(np.empty((B, L, E), np.float32))  # normalized x
-        self.qkv = mm.keep(np.empty((B, L, (Hq + 2 * Hkv) * D), np.float32))
-        self.qk = np.empty((B, L, Hq + Hkv, D), np.float32)  # q and k after RoPE
-        self.proj = mm.keep(np.empty((B, L, E), np.float32))
-        self.gate_up = mm.keep(np.empty((B, L, 2 * F), np.float32))
-        self.act = mm.keep(np.empty((B, L, F), np.float32))
-        self.logits = mm.keep(np.empty((B, cfg.vocab_size), np.float32)) if L == 1 else None
+        N = B * L
+        widths = dict(h=E, qkv=(Hq + 2 * Hkv) * D, qk=(Hq + Hkv) * D, proj=E, gate_up=2 * F, act=F)
+        if storage is None or storage["rows"] < N:
+            storage = {"rows": N, **{name: np.empty(N * width, np.float32) for name, width in widths.items()}}
+        self.storage = storage
+        self._kept: list[np.ndarray] = []
+
+        def part(name: str, shape: tuple, register: bool = True) -> np.ndarray:
+            a = storage[name][: N * widths[name]].reshape(shape)
+            if keep and register:
+                self._kept.append(mm.keep(a))
+            return a
+
+        self.h = part("h", (B, L, E))  # normalized x
+        self.qkv = part("qkv", (B, L, widths["qkv"]))
+        self.qk = part("qk", (B, L, Hq + Hkv, D), register=False)  # q and k after RoPE
+        self.proj = part("proj", (B, L, E))
+        self.gate_up = part("gate_up", (B, L, 2 * F))
+        self.act = part("act", (B, L, F))
+        self.logits = None
+        if L == 1:
+            self.logits = np.empty((B, cfg.vocab_size), np.float32)
+            if keep:
+                self._kept.append(mm.keep(self.logits))
+
+    def release(self, mm: _MatMul) -> None:
+        """Forget the torch views registered with ``mm`` (the arrays may then be freed)."""
+        for a in self._kept:
+            mm.forget(a)
+        self._kept = []
 
 
 class SmolLM:
@@ -560,6 +599,7 @@ class SmolLM:
                 if blocks is not None:
                     self._mm.keep_blocks(w, blocks)
         self._workspace: _Workspace | None = None  # the decode steps' buffers
+        self._prefill_storage: dict | None = None  # the last prompt pass's buffers, reused (_prefill)
         self._kv: _Caches | None = None  # the last generation's K/V cache, reused (_caches_for)
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
         self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
@@ -827,11 +867,16 @@ class SmolLM:
         phase(ops.add_rms_norm, xr, proj, True, self.w["norm"], eps, h)
         return ws.h
 
-    def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None) -> np.ndarray:
-        """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``.
+    def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None, head=None) -> np.ndarray:
+        """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``,
+        or ``head(hidden states)`` with ``head``.
 
         One :func:`dotattn.attention` call per layer (causal, per-sequence lengths); with
-        ``caches``, each layer's keys/values are stored for decoding.
+        ``caches``, each layer's keys/values are stored for decoding.  The pass's buffers are
+        the previous pass's where they have room (:class:`_Workspace`), taken from the model
+        while it runs and given back after ``head`` (so a pass on another thread meanwhile
+        makes its own): without ``head`` the returned states live in those buffers until the
+        next pass.
         """
         B, L = ids.shape
         padded = bool((lengths != L).any())
@@ -864,8 +909,13 @@ class SmolLM:
         threads = None
         if B * L < _RowHalves.MIN_ROWS:
             threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
-        ws = _Workspace(self.config, B, L, self._mm)
-        return self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
+        storage, self._prefill_storage = self._prefill_storage, None
+        ws = _Workspace(self.config, B, L, self._mm, keep=False, storage=storage)
+        try:
+            h = self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
+            return h if head is None else head(h)
+        finally:
+            self._prefill_storage = ws.storage
 
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in
@@ -877,6 +927,8 @@ class SmolLM:
         B = len(tokens)
         ws = self._workspace
         if ws is None or ws.shape != (B, 1):
+            if ws is not None:
+                ws.release(self._mm)
             ws = self._workspace = _Workspace(self.config, B, 1, self._mm)
 
         def attend(i, q, k, v):  # (B, 1, H, D) → the cache's "bhld" (B, H, 1, D): views
@@ -902,8 +954,7 @@ class SmolLM:
         if not ids:
             raise AttentionValueError("ids must hold at least one token id, got an empty sequence")
         arr = np.asarray(ids, np.int64)[None]
-        h = self._prefill(arr, np.array([len(ids)]), None)[0]
-        return self._head(h)
+        return self._prefill(arr, np.array([len(ids)]), None, head=lambda h: self._head(h[0]))
 
     # ---- generation ----------------------------------------------------------------------
     def generate_ids(
@@ -1022,8 +1073,8 @@ class SmolLM:
         start = time.perf_counter()
         caches = self._caches_for(B, L + max_new_tokens)
         try:
-            h = self._prefill(ids, lengths, caches)
-            logits = self._head(h[np.arange(B), lengths - 1])  # (B, V): the last tokens only
+            # (B, V): the last tokens only
+            logits = self._prefill(ids, lengths, caches, head=lambda h: self._head(h[np.arange(B), lengths - 1]))
             for step in range(max_new_tokens):
                 tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
                 elapsed = time.perf_counter() - start

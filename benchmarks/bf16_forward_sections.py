@@ -71,8 +71,7 @@ def _chunk(q, kp, vp, out, lse, o, T_):  # _cpu_kernels._forward_chunk, one thre
         hk = h // (Hq // Hkv)
         i0, nrows, nr = K._rows(b, qb, o)
         c0 = _cycles()
-        K._load_rows(Qs, q, b, h, i0, nr)
-        K._pack_q(Qs, Qv, o.amx)
+        K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
         m[:] = -np.inf
         row_sum[:] = 0.0
         K._zero(acc)

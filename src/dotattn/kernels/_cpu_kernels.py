@@ -56,9 +56,9 @@ from ._cpu_primitives import (
     _lazy_ok,
     _lazy_softmax,
     _lazy_spoils_scores,
+    _load_q,
     _mul_into,
     _new_acc,
-    _pack_q,
     _pv,
     _pv_operand,
     _qk,
@@ -575,9 +575,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             out[b, h, i0 : i0 + nrows] = 0.0
             lse[b, h, i0 : i0 + nrows] = -np.inf
             continue
-        # -- load the query tile; running max −inf, running sum and accumulator 0
-        _load_rows(Qs, q, b, h, i0, nr)
-        _pack_q(Qs, Qv, o.amx)
+        # -- load the query tile (on AMX packed straight into Qv); running max −inf, running
+        #    sum and accumulator 0
+        _load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
         m[:] = -np.inf
         row_sum[:] = 0.0
         _zero(acc)

@@ -903,6 +903,33 @@ def _rescale_rows_overload(acc, alpha):
     return impl
 
 
+def _load_q(Qs, Qv, q, b, h, i0, nr, amx):
+    """The forward's query tile: packed straight from ``q`` into the AMX operand ``Qv`` when
+    ``amx`` (``_cpu_amx.pack_q_rows``; ``Qs`` unused there), else loaded into ``Qs`` (rows past
+    ``nr`` zero) and, for bfloat16, packed from it (:func:`_pack_q`)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_load_q, jit_options={"cache": _JIT_CACHE})
+def _load_q_overload(Qs, Qv, q, b, h, i0, nr, amx):
+    if q.dtype == types.uint16:
+
+        def impl(Qs, Qv, q, b, h, i0, nr, amx):
+            if amx:
+                _cpu_amx.pack_q_rows(q.view(np.uint32), b, h, i0, nr, Qv)
+            else:
+                Qs[:] = 0
+                Qs[:nr] = q[b, h, i0 : i0 + nr]
+
+        return impl
+
+    def impl_other(Qs, Qv, q, b, h, i0, nr, amx):
+        Qs[:] = 0
+        Qs[:nr] = q[b, h, i0 : i0 + nr]
+
+    return impl_other
+
+
 def _pack_q(Qs, Qv, amx):
     """The query tile as the AMX score product's B operand (``_cpu_amx.pack_q``), when ``amx``."""
     raise NotImplementedError("compiled only")

@@ -191,14 +191,26 @@ def _as_operand_overload(x, buf):
     return impl
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _bf16_bits(u):
+    """The bfloat16 nearest to the float32 with bits ``u`` (ties to even), as uint16 bits.
+
+    A NaN stays a NaN, quiet, with its sign: rounding its bits would carry a payload held
+    only in the low half into the exponent (0x7F800001 → +inf) or wrap past the top
+    (0x7FFFFFFF → −0.0, 0xFFFFFFFF → +0.0).  (ml_dtypes and the AMX conversion do the same.)
+    """
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x0040))
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
 @njit(cache=_JIT_CACHE)
 def _round_to_bf16(x, out):
     """``out`` = float32 ``x`` rounded to the nearest bfloat16 (ties to even), as uint16 bits."""
     bits = x.reshape(x.size).view(np.uint32)
     flat = out.reshape(out.size)
     for i in range(bits.size):
-        u = bits[i]
-        flat[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        flat[i] = _bf16_bits(bits[i])
 
 
 def _gemm_threads_begin(like):
@@ -780,8 +792,7 @@ def _round_to_bf16_rows(x, out):
         bits = _row(x, c).view(np.uint32)
         row = _row(out, c)
         for i in range(bits.size):
-            u = bits[i]
-            row[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            row[i] = _bf16_bits(bits[i])
 
 
 # =================================================================================

@@ -375,6 +375,22 @@ def _vptr(builder, addr, ty=_VF):
     return builder.inttoptr(addr, ty.as_pointer())
 
 
+# words (lo[0], hi[0], lo[1], hi[1], …) of the 32 bfloat16 halves of vcvtne2ps2bf16(hi, lo)
+_PAIR_WORDS = [i // 2 + (i % 2) * 16 for i in range(32)]
+
+
+def _bf16_pairs(builder, lo, hi):
+    """Two float32 vectors rounded to bfloat16 (``vcvtne2ps2bf16``, ties to even) and paired
+    lane by lane: lane ``i`` of the ``<16 x i32>`` result holds ``lo[i]`` in its low half and
+    ``hi[i]`` in its high half — one key pair (or dim pair) as one uint32 word, AMX's layout."""
+    vbf = ir.VectorType(_BFloat(), 32)
+    cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
+    both = builder.bitcast(builder.call(cvt, [hi, lo]), ir.VectorType(_I16, 32))  # low half: lo
+    words = ir.Constant(ir.VectorType(_I32, 32), _PAIR_WORDS)
+    pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), words)
+    return builder.bitcast(pairs, ir.VectorType(_I32, _LANES))
+
+
 def _exp2_vec(builder, x):
     """``2**x`` per lane: 0 where ``x ≤ −125``, NaN where ``x`` is NaN (so that a NaN score
     reaches the row sum), relative error ≤ 7.5e-5 elsewhere.
@@ -444,14 +460,10 @@ def _pairs_pass(with_max):
             safe = builder.select(builder.icmp_signed(">", iters, ir.Constant(i64t, 0)), iters, ir.Constant(i64t, 1))
             per_iter = builder.sdiv(builder.add(pf_count, builder.sub(safe, ir.Constant(i64t, 1))), safe)
             plan = _plan_ranges(builder, plan_addr)
-            vbf = ir.VectorType(_BFloat(), 32)
-            cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
             fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_VF, [_VF] * 3))
             undef = ir.Constant(_VF, ir.Undefined)
             first = builder.insert_element(undef, mul, ir.Constant(_I32, 0))
             mul_v = builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, _LANES), [0] * _LANES))
-            # words (p0[0], p1[0], p0[1], p1[1], …): the key pair of query r as one uint32
-            interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
             vmax, vsum, neg_sub = [], [], []
             for g in range(2):  # the block's two 16-query halves
                 off = ir.Constant(i64t, 64 * g)
@@ -480,10 +492,9 @@ def _pairs_pass(with_max):
                     p0 = _exp2_vec(builder, builder.call(fma, [s0, mul_v, neg_sub[g]]))
                     p1 = _exp2_vec(builder, builder.call(fma, [s1, mul_v, neg_sub[g]]))
                     builder.store(builder.fadd(builder.load(vsum[g]), builder.fadd(p0, p1)), vsum[g])
-                    both = builder.bitcast(builder.call(cvt, [p1, p0]), ir.VectorType(_I16, 32))  # low half p0
-                    pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
-                    vi32 = ir.VectorType(_I32, _LANES)
-                    builder.store(builder.bitcast(pairs, vi32), _vptr(builder, builder.add(prow, off), vi32), align=4)
+                    # the key pair of query r as one uint32 word
+                    pairs = _bf16_pairs(builder, p0, p1)
+                    builder.store(pairs, _vptr(builder, builder.add(prow, off), pairs.type), align=4)
             nan = _vconst(np.nan)
             for g in range(2):
                 off = ir.Constant(i64t, 64 * g)
@@ -513,10 +524,6 @@ def _round_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld):
         s_addr, s_ld, rows, p_addr, p_ld = args
         _amx_function(context, builder, _AVX512)
         i64t = ir.IntType(64)
-        vbf = ir.VectorType(_BFloat(), 32)
-        vi32 = ir.VectorType(_I32, _LANES)
-        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
-        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
         with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
             c = loop.index
             row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
@@ -526,9 +533,8 @@ def _round_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld):
                 off = ir.Constant(i64t, 64 * g)
                 s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
                 s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
-                both = builder.bitcast(builder.call(cvt, [s1, s0]), ir.VectorType(_I16, 32))
-                pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
-                builder.store(builder.bitcast(pairs, vi32), _vptr(builder, builder.add(prow, off), vi32), align=4)
+                pairs = _bf16_pairs(builder, s0, s1)
+                builder.store(pairs, _vptr(builder, builder.add(prow, off), pairs.type), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -595,15 +601,11 @@ def _rows_strip16(typingctx, acc_addr, acc_ld, scale_addr, out_addr, out_ld, dv)
         acc_addr, acc_ld, scale_addr, out_addr, out_ld, dv = args
         _amx_function(context, builder, _AVX512)
         i64t = ir.IntType(64)
-        vi32 = ir.VectorType(_I32, _LANES)
-        vbf = ir.VectorType(_BFloat(), 32)
-        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
         zero = ir.Constant(_VF, [0.0] * _LANES)
         scale = builder.load(_vptr(builder, scale_addr), align=4)
         # a row whose scale is 0 (no visible key, padding) writes 0 even where accᵀ holds
         # inf/NaN; NaN rows (scale NaN) write NaN — as the element-wise form
         keep = builder.fcmp_unordered("!=", scale, zero)
-        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
         with cgutils.for_range(builder, builder.sdiv(dv, ir.Constant(dv.type, 16))) as loop:
             d0 = builder.mul(loop.index, ir.Constant(i64t, 16))
             words = []
@@ -613,9 +615,7 @@ def _rows_strip16(typingctx, acc_addr, acc_ld, scale_addr, out_addr, out_ld, dv)
                     row = builder.add(acc_addr, builder.mul(builder.add(d0, ir.Constant(i64t, 2 * k + e)), acc_ld))
                     a = builder.load(_vptr(builder, row), align=4)
                     vals.append(builder.select(keep, builder.fmul(a, scale), zero))
-                both = builder.bitcast(builder.call(cvt, [vals[1], vals[0]]), ir.VectorType(_I16, 32))
-                pairs = builder.shuffle_vector(both, ir.Constant(ir.VectorType(_I16, 32), ir.Undefined), interleave)
-                words.append(builder.bitcast(pairs, vi32))
+                words.append(_bf16_pairs(builder, vals[0], vals[1]))
             # words[k][r]: row r, pair k.  Round 1: rows 8h…8h+7 of pairs 2j, 2j+1
             x = [[_shuffle(builder, words[2 * j], words[2 * j + 1], [v for r in range(8 * h, 8 * h + 8) for v in (r, 16 + r)])
                   for h in range(2)] for j in range(4)]

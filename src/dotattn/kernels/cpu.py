@@ -477,22 +477,18 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
     return packed.reshape(B, H, nkb, BK, X), None
 
 
-def _empty_aligned(shape, dtype) -> np.ndarray:
-    """``np.empty(shape, dtype)`` starting at a 64-byte boundary."""
+def _empty_aligned(shape, dtype, allocate=np.empty) -> np.ndarray:
+    """``allocate(shape, dtype)`` (``np.empty`` or ``np.zeros``) starting at a 64-byte boundary."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape))
-    raw = np.empty(n * dtype.itemsize + 64, dtype=np.uint8)
+    raw = allocate(n * dtype.itemsize + 64, dtype=np.uint8)
     skip = -raw.ctypes.data % 64
     return raw[skip : skip + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
 def _zeros_aligned(shape, dtype) -> np.ndarray:
     """``np.zeros(shape, dtype)`` starting at a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    raw = np.zeros(n * dtype.itemsize + 64, dtype=np.uint8)
-    skip = -raw.ctypes.data % 64
-    return raw[skip : skip + n * dtype.itemsize].view(dtype).reshape(shape)
+    return _empty_aligned(shape, dtype, np.zeros)
 
 
 def amx_path() -> tuple[bool, str]:

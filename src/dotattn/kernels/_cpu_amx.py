@@ -379,6 +379,21 @@ def _vptr(builder, addr, ty=_VF):
 _PAIR_WORDS = [i // 2 + (i % 2) * 16 for i in range(32)]
 
 
+def _row_pair_halves(builder, c, s_addr, s_ld, p_addr, p_ld):
+    """The row pair ``c`` of a 32-query column block of Sᵀ (rows ``2c`` and ``2c + 1``, ``s_ld``
+    bytes apart) and its row of key pairs in P (``p_ld`` bytes apart): per 16-query half
+    ``g`` yields ``(g, s0, s1, dst)`` — the two rows' float32 vectors and where the half's
+    uint32 pair words go."""
+    row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
+    row1 = builder.add(row0, s_ld)
+    prow = builder.add(p_addr, builder.mul(c, p_ld))
+    for g in range(2):
+        off = ir.Constant(ir.IntType(64), 64 * g)
+        s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
+        s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+        yield g, s0, s1, builder.add(prow, off)
+
+
 def _bf16_pairs(builder, lo, hi):
     """Two float32 vectors rounded to bfloat16 (``vcvtne2ps2bf16``, ties to even) and paired
     lane by lane: lane ``i`` of the ``<16 x i32>`` result holds ``lo[i]`` in its low half and
@@ -477,13 +492,7 @@ def _pairs_pass(with_max):
             with cgutils.for_range(builder, iters) as loop:
                 c = loop.index
                 _prefetch_plan_lines(builder, plan, builder.add(pf_first, builder.mul(c, per_iter)), per_iter)
-                row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
-                row1 = builder.add(row0, s_ld)
-                prow = builder.add(p_addr, builder.mul(c, p_ld))
-                for g in range(2):
-                    off = ir.Constant(i64t, 64 * g)
-                    s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
-                    s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+                for g, s0, s1, dst in _row_pair_halves(builder, c, s_addr, s_ld, p_addr, p_ld):
                     if with_max:
                         t = builder.load(vmax[g])
                         t = builder.select(builder.fcmp_ordered(">", s0, t), s0, t)  # one vmaxps each
@@ -494,7 +503,7 @@ def _pairs_pass(with_max):
                     builder.store(builder.fadd(builder.load(vsum[g]), builder.fadd(p0, p1)), vsum[g])
                     # the key pair of query r as one uint32 word
                     pairs = _bf16_pairs(builder, p0, p1)
-                    builder.store(pairs, _vptr(builder, builder.add(prow, off), pairs.type), align=4)
+                    builder.store(pairs, _vptr(builder, dst, pairs.type), align=4)
             nan = _vconst(np.nan)
             for g in range(2):
                 off = ir.Constant(i64t, 64 * g)
@@ -523,18 +532,10 @@ def _round_pairs_block(typingctx, s_addr, s_ld, rows, p_addr, p_ld):
     def codegen(context, builder, signature, args):
         s_addr, s_ld, rows, p_addr, p_ld = args
         _amx_function(context, builder, _AVX512)
-        i64t = ir.IntType(64)
         with cgutils.for_range(builder, builder.sdiv(rows, ir.Constant(rows.type, 2))) as loop:
-            c = loop.index
-            row0 = builder.add(s_addr, builder.mul(builder.mul(c, ir.Constant(c.type, 2)), s_ld))
-            row1 = builder.add(row0, s_ld)
-            prow = builder.add(p_addr, builder.mul(c, p_ld))
-            for g in range(2):
-                off = ir.Constant(i64t, 64 * g)
-                s0 = builder.load(_vptr(builder, builder.add(row0, off)), align=4)
-                s1 = builder.load(_vptr(builder, builder.add(row1, off)), align=4)
+            for _g, s0, s1, dst in _row_pair_halves(builder, loop.index, s_addr, s_ld, p_addr, p_ld):
                 pairs = _bf16_pairs(builder, s0, s1)
-                builder.store(pairs, _vptr(builder, builder.add(prow, off), pairs.type), align=4)
+                builder.store(pairs, _vptr(builder, dst, pairs.type), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -343,6 +343,29 @@ def _aligned(shape, dtype, pad_last=0, pad_rows=0):
     return cpu._zeros_aligned(shape, dtype)
 
 
+@intrinsic
+def _prefetch(typingctx, addr):
+    """``prefetcht0`` of the line at ``addr``."""
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
+@njit(nogil=True, inline="always")
+def _prefetch_block(base, ps, ld, nrows, nbytes):
+    """The lines of ``nrows`` rows (``ld`` apart) of ``nbytes`` each, in the three pieces."""
+    for p in range(3):
+        for r in range(nrows):
+            row = base + p * ps + r * ld
+            for off in range(0, nbytes, 64):
+                _prefetch(row + off)
+
+
 @njit(nogil=True, inline="always")
 def _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, k0, kc):
     _zero0()
@@ -380,7 +403,7 @@ def _add_block(c, s, i, j):
 
 
 @njit(nogil=True)
-def product(a, b, c, s, M, N, K, KC, i_outer, accumulate, cfg, panel=1):
+def product(a, b, c, s, M, N, K, KC, i_outer, accumulate, cfg, panel=1, prefetch=False):
     """``c[:M, :N] (=|+=) A·B``: ``a (3, ≥M, ≥K)`` uint16 pieces in rows, ``b (3, ≥K/2, ≥N)``
     uint32 key pairs, ``c`` float32; ``s`` a (2, 32, 32) float32 scratch (aligned).  Depth in
     chunks of ``KC``; ``i_outer``: A's 32-row block stays (L1) while B's blocks stream, else
@@ -413,6 +436,24 @@ def product(a, b, c, s, M, N, K, KC, i_outer, accumulate, cfg, panel=1):
                 pw = min(pw, nI - p0)
                 r = t - p0 * nJ
                 i, j = 32 * (p0 + r % pw), 32 * (r // pw)
+            if prefetch and t + 1 < nI * nJ:  # the next block's streamed operand into L1
+                t1 = t + 1
+                if i_outer:
+                    pw1 = min(panel, nJ)
+                    q0 = t1 // (nI * pw1) * pw1
+                    pw1 = min(pw1, nJ - q0)
+                    r1 = t1 - q0 * nI
+                    i1, j1 = 32 * (r1 // pw1), 32 * (q0 + r1 % pw1)
+                else:
+                    pw1 = min(panel, nI)
+                    q0 = t1 // (nJ * pw1) * pw1
+                    pw1 = min(pw1, nI - q0)
+                    r1 = t1 - q0 * nJ
+                    i1, j1 = 32 * (q0 + r1 % pw1), 32 * (r1 // pw1)
+                if j1 != j:
+                    _prefetch_block(b0 + (k0 // 2) * b_ld + 4 * j1, b_ps, b_ld, kc // 2, 128)
+                if i1 != i:
+                    _prefetch_block(a0 + i1 * a_ld + 2 * k0, a_ps, a_ld, 32, 2 * kc)
             _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, k0, kc)
             if direct:
                 _store_2x2(c0 + i * c_ld + 4 * j, c_ld)
@@ -620,6 +661,21 @@ def _peak(cfg, buf, n, loads):
     _tile_release()
 
 
+@njit(nogil=True)
+def _peak_pieces(cfg, a, a_ps, a_ld, b, b_ps, b_ld, K, n):
+    """(``--peak``) a 32 × 32 block's six sub-products over depth ``K``, ``n`` times, operands
+    hot in L1 and changing from step to step as in a product (no zeroing, no store)."""
+    _tile_config(cfg.ctypes.data)
+    _zero0()
+    _zero1()
+    _zero2()
+    _zero3()
+    for _ in range(n):
+        for s in range(6):
+            _depth_2x2(a + _SEG_A[s] * a_ps, a_ld, b + _SEG_B[s] * b_ps, b_ld, K)
+    _tile_release()
+
+
 def _tile_reference(Kb, Vb, Qs, dOs, c2, lse2, delta, dtype):
     """The tile's dK, dV, dQ (unscaled, as the routes) computed by NumPy in ``dtype``."""
     K, V, Q, dO = (x.astype(dtype) for x in (Kb, Vb, Qs, dOs))
@@ -752,6 +808,18 @@ def main() -> None:
                 t = _median(lambda k: _peak(cfg, buf, 1000 * k, loads), rounds, n) / 4000 * 1e3
                 print(f"  tdpbf16ps alone, operands {'reloaded from L1' if loads else 'resident'}: {t:.2f} ns each "
                       f"(a 256 × 512 × 64 product's 6 × 1,024 of them: {6144 * t / 1e3:.1f} µs)")
+            # the same with changing operands: bfloat16 pieces of N(0, 1) (a block's 32 rows of
+            # A and 32 columns of B, depth 64: 24 KiB, hot in L1), and zeros
+            A = cpu._zeros_aligned((3, 33, 64), np.uint16)
+            Bp = cpu._zeros_aligned((3, 33, 32), np.uint32)
+            for label in ("zeros", "pieces of N(0, 1) data"):
+                if label != "zeros":
+                    A[:] = (rng.standard_normal(A.shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+                    Bp.view(np.uint16)[:] = (rng.standard_normal(Bp.view(np.uint16).shape).astype(np.float32)
+                                              .view(np.uint32) >> 16).astype(np.uint16)
+                t = _median(lambda k: _peak_pieces(cfg, A.ctypes.data, A.strides[0], 128, Bp.ctypes.data, Bp.strides[0],
+                                                   128, 64, 1000 * k), rounds, n) / 48000 * 1e3
+                print(f"  a block's six sub-products, hot in L1, operands {label}: {t:.2f} ns a tdpbf16ps")
         if args.parts:
             parts = {
                 "Sᵀ product (amx)": lambda k: [product(K_p, qT_p, ST, s, BK, BQ, D, KC, True, False, cfg) for _ in range(k)],

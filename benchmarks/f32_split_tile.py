@@ -540,6 +540,24 @@ def _exp_fused_n(ST, S0, c2, lse2, p_rows, n):
 
 
 @njit(nogil=True)
+def forward_tile(split, Kb, Vb, Qs, K_p, qT_p, ST, N, c2, m2, row_sum, plan, acc, s, cfg, n):
+    """(``--forward``) the float32 forward's tile in outline: ``Sᵀ = K·Qᵀ`` (MKL, or the
+    split product), the exp pass with its row sums against a fixed shift, ``acc += Pᵀ·V``
+    (MKL).  Only the score product differs between the routes."""
+    BK, BQ = ST.shape
+    D = Kb.shape[1]
+    threads = P._gemm_threads_begin(Kb)
+    for _ in range(n):
+        if split:
+            product(K_p, qT_p, ST, s, BK, BQ, D, 4096, True, False, cfg)
+        else:
+            P._dots(Kb, Qs, ST, False)
+        P._exp2_shifted_sum(ST, N, c2, m2, row_sum, plan)
+        P._gemm(ST.T, Vb, acc, 1.0)
+    P._gemm_threads_end(Kb, threads)
+
+
+@njit(nogil=True)
 def tile_mkl(Kb, Vb, Qs, dOs, ST, dPT, N, c2, lse2, delta, dK, dV, dq, n):
     threads = P._gemm_threads_begin(Kb)
     for _ in range(n):
@@ -709,6 +727,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--parts", action="store_true", help="also time each AMX step alone")
     ap.add_argument("--no-fused", action="store_true", help="split finished rows from L1 instead of in the passes' registers")
+    ap.add_argument("--forward", action="store_true", help="also the forward's tile with its score product split")
     ap.add_argument("--peak", action="store_true", help="also time tdpbf16ps alone (the unit's rate)")
     args = ap.parse_args()
     BQ, BK, D, KC = args.bq, args.bk, args.D, args.kc
@@ -802,6 +821,20 @@ def main() -> None:
               f"+ per-call operand splits amortized {amort:.1f} µs a tile (query tile {q_ops:.1f}, key tile {k_ops:.1f})")
         ratio = med["mkl"] / (med["amx"] + amort)
         print(f"  MKL / split-AMX (with the amortized splits): {ratio:.2f}×   rounds mkl {[round(x) for x in times['mkl']]} amx {[round(x) for x in times['amx']]}")
+        if args.forward:
+            row_sum = np.zeros(BQ, np.float32)
+            acc = np.zeros((BQ, D), np.float32)
+            plan = np.zeros(4, np.int64)
+            ftimes = {False: [], True: []}
+            for split in (False, True):
+                forward_tile(split, Kb, Vb, Qs, K_p, qT_p, ST, N, c2, lse2, row_sum, plan, acc, s, cfg, 1)
+            for _ in range(rounds):
+                for split in (False, True):
+                    t0 = time.perf_counter()
+                    forward_tile(split, Kb, Vb, Qs, K_p, qT_p, ST, N, c2, lse2, row_sum, plan, acc, s, cfg, n)
+                    ftimes[split].append((time.perf_counter() - t0) / n * 1e6)
+            fm, fs = statistics.median(ftimes[False]), statistics.median(ftimes[True])
+            print(f"  forward tile (Sᵀ, exp with sums, Pᵀ·V): MKL scores {fm:.1f} µs, split scores {fs:.1f} µs: {fm / fs:.2f}×")
         if args.peak:
             buf = cpu._zeros_aligned((1024,), np.float32)
             for loads in (False, True):

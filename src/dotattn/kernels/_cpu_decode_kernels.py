@@ -23,6 +23,7 @@ each row converted into an L1 buffer.  Only positions below each sequence's leng
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -41,6 +42,7 @@ _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 ROLE_SHARED, ROLE_FRONT, ROLE_BACK = 0, 1, 2  # which item a run_items ticket means
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
@@ -123,6 +125,68 @@ def _fetch_add(typingctx, counter, value):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         v = context.cast(builder, args[1], signature.args[1], types.int64)
         return builder.atomic_rmw("add", ary.data, v, "monotonic")
+
+    return sig, codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, flags, index):
+    """``flags[index]`` read atomically (acquire): a spin loop's load that LLVM may not hoist, and
+    after which the writes the other thread made before its release store are visible."""
+    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+        return None
+    sig = types.int64(flags, index)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.int64)
+        return builder.load_atomic(builder.gep(ary.data, [i]), "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_release(typingctx, flags, index, value):
+    """``flags[index] = value`` atomically (release): the thread's earlier writes (its parts)
+    are visible to a thread that reads the value with :func:`_load_acquire`."""
+    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+        return None
+    sig = types.void(flags, index, value)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.int64)
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.store_atomic(v, builder.gep(ary.data, [i]), "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _cycles(typingctx):
+    """The CPU's time-stamp counter (``llvm.readcyclecounter``: ``rdtsc`` on x86), for spin
+    limits; :func:`dotattn.kernels.cpu_decode` measures its rate once."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """A spin loop's breather (``pause`` on x86): it spares the memory pipeline and the other
+    hyperthread; elsewhere nothing."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(fn, [])
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -1360,6 +1424,60 @@ def run_items_team(counter, total, workers, common):
     for i in prange(workers):
         role = ROLE_SHARED if workers != 2 else (ROLE_FRONT if i == 0 else ROLE_BACK)
         run_items(counter, total, role, *common)
+
+
+# A call on the spinning partner threads (``cpu_decode._Partners``) signals through one int64
+# array: the call's number at [0] (GO, set by the caller's kernel as it starts), partner i's
+# DONE at [FLAG_STRIDE·(i + 1)] — each on its own cache line, so the spinning reads of one do
+# not steal the line another writes.
+FLAG_STRIDE = 8
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def tsc():
+    """The time-stamp counter (for ``cpu_decode`` to measure its rate once)."""
+    return _cycles()
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def partner_wait(flags, seen, max_cycles):
+    """A partner thread between calls: spin until ``flags[0]`` (the latest call's number)
+    differs from ``seen`` or ``max_cycles`` of the time-stamp counter pass; returns
+    ``flags[0]`` (``seen`` when it timed out)."""
+    t0 = _cycles()
+    while True:
+        g = _load_acquire(flags, 0)
+        if g != seen or _cycles() - t0 > max_cycles:
+            return g
+        _spin_pause()
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def run_items_caller(flags, gen, partners, max_cycles, counter, total, role, common):
+    """The caller's side of a call on the spinning partners: publish the call's number ``gen``
+    (the partners, spinning in :func:`partner_wait`, start at once: no thread wake-up, and
+    the GIL is free from here on), run items as :func:`run_items` (``common``: its arguments
+    after ``role``), then spin until every partner has stored ``gen`` in its DONE slot — its
+    parts written — or ``max_cycles`` pass.  Returns True when all are done (else the caller
+    waits for them in Python: a partner parked or off its core)."""
+    _store_release(flags, 0, gen)
+    run_items(counter, total, role, *common)
+    t0 = _cycles()
+    for i in range(partners):
+        while _load_acquire(flags, FLAG_STRIDE * (i + 1)) != gen:
+            if _cycles() - t0 > max_cycles:
+                return False
+            _spin_pause()
+    return True
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def run_items_partner(flags, slot, gen, counter, total, role, common):
+    """A partner's side: items as :func:`run_items`, then ``gen`` stored (release) in its DONE
+    slot ``flags[slot]``, after its parts.  Returns the items run."""
+    done = run_items(counter, total, role, *common)
+    _store_release(flags, slot, gen)
+    return done
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

@@ -145,6 +145,8 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         if choice is None:
             choice = _CHOICES[key] = ParallelChoice()
     pool = choice is not None and choice.choose()
+    if pool and not team and USE_PARTNERS:
+        _wake_partners(workers - 1)  # a parked partner wakes while the Python below runs
     if not pool and n_items >= 2:
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
@@ -184,6 +186,8 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             started = time.perf_counter()
             if team:
                 K.run_items_team(counter, total, workers, common)
+            elif _on_partners(workers - 1, counter, total, common):
+                pass
             else:
                 pair = workers == 2
                 futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
@@ -286,6 +290,135 @@ def _no_slopes(T: np.dtype) -> np.ndarray:
 
 def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# Partners: one thread per other core that, after a call, spins PARTNER_SPIN_S for the next one
+# before it parks (as OpenMP's workers do: KMP_BLOCKTIME, GOMP_SPINCOUNT), and a caller that
+# spins CALLER_SPIN_S for their last items before it waits in Python.  On this VM a thread
+# woken through a futex (a ThreadPoolExecutor task; the caller's future.result()) started
+# ≈ 85–90 µs late, twice a call: at B1 4k, ≈ 0.9 ms calls, that was a fifth of the call.
+PARTNER_SPIN_S = 300e-6
+CALLER_SPIN_S = 2e-3
+USE_PARTNERS = True  # False: the executor (the A/B's old mode)
+
+
+class _Partners:
+    """Spinning partner threads for the parallel items (:func:`_on_partners`).
+
+    A call: the caller takes :attr:`lock` (a concurrent call takes the executor instead), sets
+    :attr:`job`, and its kernel (``run_items_caller``) publishes the call's number in
+    ``flags[0]``; each partner, spinning in ``partner_wait`` since its last call, sees it,
+    takes the GIL (free: the caller is in its ``nogil`` kernel) to read the job, runs items in
+    ``run_items_partner`` and stores the number in its DONE slot, which the caller's kernel
+    spins on.  A partner that saw no call for PARTNER_SPIN_S parks on its semaphore; a caller
+    about to post wakes it (:meth:`wake`), and wakes it again and waits on its event if its
+    own spin runs out (a partner that parked just before the call was posted, or one off its
+    core on a busy machine)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pid = os.getpid()
+        self.flags = np.zeros(K.FLAG_STRIDE * (n + 1), dtype=np.int64)
+        self.lock = threading.Lock()
+        self.gen = 0
+        self.job: tuple | None = None
+        self.errors: list[BaseException | None] = [None] * n
+        self.parked = [False] * n
+        self.sems = [threading.Semaphore(0) for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+        rate = _tsc_rate()
+        self.partner_spin = int(PARTNER_SPIN_S * rate)
+        self.caller_spin = int(CALLER_SPIN_S * rate)
+        for i in range(n):
+            threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"dotattn-decode-partner-{i}").start()
+
+    def wake(self) -> None:
+        for i in range(self.n):
+            if self.parked[i]:
+                self.parked[i] = False
+                self.sems[i].release()
+
+    def _loop(self, i: int) -> None:
+        seen = 0
+        slot = K.FLAG_STRIDE * (i + 1)
+        while True:
+            g = K.partner_wait(self.flags, seen, self.partner_spin)
+            if g == seen:
+                self.parked[i] = True
+                if self.flags[0] == seen:  # no call posted since the spin ended
+                    self.sems[i].acquire()
+                self.parked[i] = False
+                continue
+            seen = g
+            counter, total, role, common = self.job
+            try:
+                K.run_items_partner(self.flags, slot, g, counter, total, role, common)
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                self.errors[i] = exc
+                self.flags[slot] = g
+            self.done[i].set()
+
+
+_partners: _Partners | None = None
+
+
+def _get_partners(n: int) -> _Partners | None:
+    global _partners
+    p = _partners
+    if p is None or p.n != n or p.pid != os.getpid():  # (threads do not survive a fork)
+        with _pool_lock:
+            p = _partners
+            if p is None or p.n != n or p.pid != os.getpid():
+                p = _partners = _Partners(n) if n >= 1 else None
+    return p
+
+
+def _wake_partners(n: int) -> None:
+    p = _get_partners(n)
+    if p is not None:
+        p.wake()
+
+
+def _on_partners(n: int, counter, total: int, common: tuple) -> bool:
+    """Run the items on the calling thread and the ``n`` partners; False (nothing run) when
+    another call holds them."""
+    if not USE_PARTNERS:
+        return False
+    p = _get_partners(n)
+    if p is None or not p.lock.acquire(blocking=False):
+        return False
+    try:
+        pair = n == 1
+        p.gen += 1
+        gen = p.gen
+        p.job = (counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, common)
+        if not K.run_items_caller(p.flags, gen, n, p.caller_spin, counter, total,
+                                  K.ROLE_FRONT if pair else K.ROLE_SHARED, common):
+            p.wake()  # a partner that parked as the call was posted
+            for i, e in enumerate(p.done):
+                # the DONE slot decides (an event may still be set from an earlier call):
+                # cleared, then the slot checked, then a wait that the partner's set() ends
+                while True:
+                    e.clear()
+                    if p.flags[K.FLAG_STRIDE * (i + 1)] == gen:
+                        break
+                    e.wait(0.01)
+        errors = [e for e in p.errors if e is not None]
+        p.errors = [None] * n
+        p.job = None
+        if errors:
+            raise errors[0]
+        return True
+    finally:
+        p.lock.release()
+
+
+def _tsc_rate() -> float:
+    """Time-stamp counter ticks per second (measured over 5 ms, once per process)."""
+    c0, t0 = K.tsc(), time.perf_counter()
+    time.sleep(0.005)
+    c1, t1 = K.tsc(), time.perf_counter()
+    return max((c1 - c0) / (t1 - t0), 1e6)
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -1,0 +1,139 @@
+"""The cpu decode kernel's spinning partner threads (``cpu_decode._Partners``): a parallel call's
+items on the caller and the partners give the bits of the executor and of one thread, whatever
+path the hand-over takes (partner spinning, parked, the caller's spin running out, a second
+caller at once, a partner's error)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import decode_cases as C
+import helpers as H
+import dotattn
+from dotattn import decoding
+
+BACKENDS = C.decode_backends()
+pytestmark = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu decode kernel is not under test")
+
+
+@pytest.fixture
+def parallel(monkeypatch):
+    """Every call of the cpu kernel in parallel (no size floor, the pool always chosen), on a
+    fresh set of partners made with the settings the test gives; yields ``cpu_decode``."""
+    from dotattn.kernels import cpu_decode
+
+    if cpu_decode._workers() < 2:
+        pytest.skip("one core: no partner threads")
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: True)
+    monkeypatch.setattr(cpu_decode, "_partners", None)
+    yield cpu_decode
+
+
+def _case(seed, dtype=np.float32, page_size=8):
+    # unused slots and pages hold NaN (make_case); several chunks per sequence: many items
+    return C.make_case(seed, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=page_size, Lq=1, Lnew=1,
+                       Hq=8, Hkv=2, D=64, dtype=dtype)
+
+
+def _run(case, **kw):
+    return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                          return_lse=True, implementation="cpu", **case.kwargs(**kw))
+
+
+def _modes(cpu_decode, case, monkeypatch):
+    """(partners, executor, one thread) results of the same call."""
+    on_partners = _run(case)
+    assert cpu_decode._partners is not None and cpu_decode._partners.gen >= 1, "the partners did not run it"
+    monkeypatch.setattr(cpu_decode, "USE_PARTNERS", False)
+    executor = _run(case)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 1 << 62)
+    alone = _run(case)
+    return on_partners, executor, alone
+
+
+@pytest.mark.parametrize("dtype", [np.float32, C.BFLOAT16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("page_size", [None, 8], ids=["contiguous", "paged8"])
+def test_partners_give_the_bits_of_the_executor_and_of_one_thread(parallel, monkeypatch, dtype, page_size):
+    case = _case(21, dtype, page_size)
+    on_partners, executor, alone = _modes(parallel, case, monkeypatch)
+    for other, name in ((executor, "executor"), (alone, "one thread")):
+        H.assert_bitwise_equal(on_partners[0], other[0], name=f"out vs {name}")
+        H.assert_bitwise_equal(on_partners[1], other[1], name=f"lse vs {name}")
+    out64, _, naive = C.expected(case)
+    H.assert_close_to_reference(on_partners[0], out64, naive)
+
+
+def test_parked_partners_and_a_caller_whose_spin_runs_out(parallel, monkeypatch):
+    """Partners that park at once (no spin) and a caller that waits in Python at once: every
+    call still gets every item (the calls' bits equal one thread's), call after call."""
+    monkeypatch.setattr(parallel, "PARTNER_SPIN_S", 0.0)
+    monkeypatch.setattr(parallel, "CALLER_SPIN_S", 0.0)
+    case = _case(22)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1 << 62)
+    alone = _run(case)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    for i in range(6):
+        got = _run(case)
+        H.assert_bitwise_equal(got[0], alone[0], name=f"out, call {i}")
+        H.assert_bitwise_equal(got[1], alone[1], name=f"lse, call {i}")
+        if i % 2:
+            time.sleep(0.002)  # the partners park between calls
+    assert parallel._partners.gen == 6
+
+
+def test_two_callers_at_once_share_the_partners_or_take_the_executor(parallel):
+    """Threads calling at once: one holds the partners, the others run on the executor; every
+    result has the bits of the same call made alone."""
+    cases = [_case(30 + i) for i in range(3)]
+    expected = [_run(c) for c in cases]
+    results: dict[int, list] = {i: [] for i in range(3)}
+    errors = []
+
+    def caller(i):
+        try:
+            for _ in range(8):
+                results[i].append(_run(cases[i]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for i in range(3):
+        assert len(results[i]) == 8
+        for got in results[i]:
+            H.assert_bitwise_equal(got[0], expected[i][0], name=f"out of caller {i}")
+            H.assert_bitwise_equal(got[1], expected[i][1], name=f"lse of caller {i}")
+
+
+def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(parallel, monkeypatch):
+    case = _case(40)
+    good = _run(case)
+    K = parallel.K
+
+    class Failing:
+        """The kernel module with a partner entry that raises."""
+
+        def __getattr__(self, name):
+            return getattr(K, name)
+
+        @staticmethod
+        def run_items_partner(*args):
+            raise RuntimeError("partner failed")
+
+    monkeypatch.setattr(parallel, "K", Failing())
+    monkeypatch.setattr(parallel._partners, "caller_spin", 0)
+    with pytest.raises(RuntimeError, match="partner failed"):
+        _run(case)
+    monkeypatch.setattr(parallel, "K", K)
+    again = _run(case)
+    H.assert_bitwise_equal(again[0], good[0], name="out after the error")
+    H.assert_bitwise_equal(again[1], good[1], name="lse after the error")

@@ -137,3 +137,22 @@ def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(parallel, mo
     again = _run(case)
     H.assert_bitwise_equal(again[0], good[0], name="out after the error")
     H.assert_bitwise_equal(again[1], good[1], name="lse after the error")
+
+
+@pytest.mark.parametrize("page_size", [None, 8], ids=["contiguous", "paged8"])
+def test_sequences_without_keys_are_merged_too(parallel, monkeypatch, page_size):
+    """The items' threads merge each (sequence, K/V head) as its last item ends; the thread with
+    ticket 0 writes those with no item at all (empty sequences): out 0, lse −inf, in every mode."""
+    case = C.make_case(50, B=4, lengths=[0, 2 * decoding.SPLIT_SIZE + 7, 0, 5], max_len=3 * decoding.SPLIT_SIZE,
+                       page_size=page_size, Lnew=None, Hq=8, Hkv=2, D=64)
+    results = _modes(parallel, case, monkeypatch)
+    for got in results:
+        assert (got[0][[0, 2]] == 0).all() and np.isneginf(got[1][[0, 2]]).all()
+        H.assert_bitwise_equal(got[0], results[2][0], name="out")
+        H.assert_bitwise_equal(got[1], results[2][1], name="lse")
+    out64, _, naive = C.expected(case)
+    H.assert_close_to_reference(results[0][0], out64, naive)
+    # every sequence empty: no item, no ticket below the total — the ticket-0 thread still writes them
+    empty = C.make_case(51, B=2, lengths=[0, 0], max_len=64, page_size=page_size, Lnew=None, Hq=8, Hkv=2, D=64)
+    out, lse = _run(empty)
+    assert (out == 0).all() and np.isneginf(lse).all()

@@ -76,7 +76,7 @@ from dotattn.kernels import _cpu_cache, _cpu_decode_kernels, _cpu_kernels, _cpu_
 digests = run(CALLS, DECODE_DTYPES)
 dispatchers = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backward,
                "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
-               "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
+               "decode items": _cpu_decode_kernels.run_items,
                "decode serial": _cpu_decode_kernels.run_serial}
 if _cpu_decode_kernels.run_items_caller.signatures:
     # more than one core: the parallel entries' items ran on the caller and the spinning
@@ -128,7 +128,7 @@ entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forw
            "backward": _cpu_kernels.backward,
            "backward, one chunk": _cpu_kernels._backward_chunk, "weights": _cpu_kernels.weights,
            "small forward": _cpu_small_kernels.forward_chunk, "decode plan": _cpu_decode_kernels.plan,
-           "decode items": _cpu_decode_kernels.run_items, "decode merges": _cpu_decode_kernels.run_merges,
+           "decode items": _cpu_decode_kernels.run_items,
            "decode serial": _cpu_decode_kernels.run_serial,
            "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
            "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv,

@@ -164,6 +164,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     common = (
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
         call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
+        out, lse, np.zeros(B * call.Hkv, dtype=np.int64),  # merged by the items' threads as pairs finish
     )
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
     with blas_limit:
@@ -197,7 +198,6 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
                     if not future.cancel():
                         future.result()  # re-raises a worker's exception here
             choice.record(True, (time.perf_counter() - started) / nbytes)
-    K.run_merges(call.Hkv, nch, start, part_o, part_lse, out, lse)
     return out, lse
 
 

@@ -148,6 +148,23 @@ def _fetch_add_acq_rel(typingctx, counter, index, value):
 
 
 @intrinsic
+def _cas(typingctx, flags, index, expected, value):
+    """``flags[index] = value`` if it holds ``expected``, atomically (acquire-release); True when
+    it did (``cmpxchg``)."""
+    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+        return None
+    sig = types.boolean(flags, index, expected, value)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i, e, v = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 2, 3))
+        pair = builder.cmpxchg(builder.gep(ary.data, [i]), e, v, "acq_rel", "acquire")
+        return builder.extract_value(pair, 1)
+
+    return sig, codegen
+
+
+@intrinsic
 def _load_acquire(typingctx, flags, index):
     """``flags[index]`` read atomically (acquire): a spin loop's load that LLVM may not hoist, and
     after which the writes the other thread made before its release store are visible."""
@@ -1468,10 +1485,17 @@ def run_items_team(counter, total, workers, common):
 
 
 # A call on the spinning partner threads (``cpu_decode._Partners``) signals through one int64
-# array: the call's number at [0] (GO, set by the caller's kernel as it starts), partner i's
-# DONE at [FLAG_STRIDE·(i + 1)] — each on its own cache line, so the spinning reads of one do
-# not steal the line another writes.
-FLAG_STRIDE = 8
+# array: the call's number g at [POSTED] (stored by the caller in Python, under the GIL, before
+# it looks for parked partners to wake: a partner deciding to park under the GIL sees one or
+# the other) and at [ENTERED] (stored by the caller's kernel as it starts: the GIL is free from
+# then on, so a partner that takes it to read the call does not sleep on it); partner i's
+# slots, on their own cache line at FLAG_STRIDE·(i + 1): CLAIM (2g when the partner took call
+# g, 2g + 1 when the caller, its items done, found it had not and cancelled its part: a
+# compare-and-swap decides between the two) and DONE (g once the partner's parts are written).
+# A partner that wakes late (a parked thread on this VM woke 0.1 to several ms after its
+# futex) is thus never waited for: the caller has run every item itself.
+POSTED, ENTERED = 0, 1
+FLAG_STRIDE, CLAIM, DONE = 8, 0, 1
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -1480,32 +1504,54 @@ def tsc():
     return _cycles()
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _settle(flags, slot, gen, value):
+    """CLAIM slot ``slot``: set it to ``value`` (2·gen or 2·gen + 1) unless call ``gen`` is settled
+    already; returns the slot's value for call ``gen`` afterwards."""
+    while True:
+        v = _load_acquire(flags, slot)
+        if v >= 2 * gen:
+            return v
+        if _cas(flags, slot, v, value):
+            return value
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
-def partner_wait(flags, seen, max_cycles):
-    """A partner thread between calls: spin until ``flags[0]`` (the latest call's number)
-    differs from ``seen`` or ``max_cycles`` of the time-stamp counter pass; returns
-    ``flags[0]`` (``seen`` when it timed out)."""
+def partner_wait(flags, i, seen, max_cycles):
+    """Partner ``i`` between calls: spin until a call after ``seen`` has ENTERED, then claim it;
+    returns its number g when claimed, −g when its caller had cancelled this partner's part
+    (the partner waits for the next one), ``seen`` when ``max_cycles`` of the time-stamp counter
+    passed with no call."""
     t0 = _cycles()
     while True:
-        g = _load_acquire(flags, 0)
-        if g != seen or _cycles() - t0 > max_cycles:
-            return g
+        g = _load_acquire(flags, ENTERED)
+        if g != seen:
+            if _settle(flags, FLAG_STRIDE * (i + 1) + CLAIM, g, 2 * g) == 2 * g:
+                return g
+            return -g
+        if _cycles() - t0 > max_cycles:
+            return seen
         _spin_pause()
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_items_caller(flags, gen, partners, max_cycles, counter, total, role, common):
-    """The caller's side of a call on the spinning partners: publish the call's number ``gen``
-    (the partners, spinning in :func:`partner_wait`, start at once: no thread wake-up, and
-    the GIL is free from here on), run items as :func:`run_items` (``common``: its arguments
-    after ``role``), then spin until every partner has stored ``gen`` in its DONE slot — its
-    parts written — or ``max_cycles`` pass.  Returns True when all are done (else the caller
-    waits for them in Python: a partner parked or off its core)."""
-    _store_release(flags, 0, gen)
+    """The caller's side of a call on the spinning partners: store the call's number ``gen`` at
+    ``flags[ENTERED]`` (the partners, spinning in :func:`partner_wait`, start at once: no
+    thread wake-up, and the GIL is free from here on), run items as :func:`run_items`
+    (``common``: its arguments after ``role``), then for each partner: cancel its part if it
+    has not claimed the call (it may be waking still: the items are all done), else spin
+    until its DONE slot holds ``gen`` — its parts written — or ``max_cycles`` pass.  Returns
+    True when no partner is left running (else the caller waits in Python: a partner off its
+    core)."""
+    _store_release(flags, ENTERED, gen)
     run_items(counter, total, role, *common)
     t0 = _cycles()
     for i in range(partners):
-        while _load_acquire(flags, FLAG_STRIDE * (i + 1)) != gen:
+        base = FLAG_STRIDE * (i + 1)
+        if _settle(flags, base + CLAIM, gen, 2 * gen + 1) == 2 * gen + 1:
+            continue  # cancelled: it never started
+        while _load_acquire(flags, base + DONE) != gen:
             if _cycles() - t0 > max_cycles:
                 return False
             _spin_pause()
@@ -1513,11 +1559,11 @@ def run_items_caller(flags, gen, partners, max_cycles, counter, total, role, com
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def run_items_partner(flags, slot, gen, counter, total, role, common):
-    """A partner's side: items as :func:`run_items`, then ``gen`` stored (release) in its DONE
-    slot ``flags[slot]``, after its parts.  Returns the items run."""
+def run_items_partner(flags, i, gen, counter, total, role, common):
+    """Partner ``i``'s side of call ``gen`` (claimed): items as :func:`run_items`, then ``gen``
+    stored (release) in its DONE slot, after its parts.  Returns the items run."""
     done = run_items(counter, total, role, *common)
-    _store_release(flags, slot, gen)
+    _store_release(flags, FLAG_STRIDE * (i + 1) + DONE, gen)
     return done
 
 

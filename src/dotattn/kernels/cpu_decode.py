@@ -120,7 +120,11 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
     softcap = 0.0 if call.softcap is None else call.softcap
     # Python's sum of a small batch's lengths: a NumPy reduction costs ≈ 1 µs even on one element
-    keys = sum(kvlen.tolist()) if kvlen.shape[0] <= 64 else int(kvlen.sum())
+    if kvlen.shape[0] <= 64:
+        lengths = kvlen.tolist()
+        keys, max_n = sum(lengths), max(lengths, default=0)
+    else:
+        keys, max_n = int(kvlen.sum()), int(kvlen.max(initial=0))
     nbytes = keys * call.Hkv * (D + Dv) * call.k_cache.itemsize
     # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
     # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
@@ -132,7 +136,6 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         # parts allocated there — the per-call Python here is most of such a call's cost.
         return _serial(args, big_gemm)
     B, Hq, Lq = call.B, call.Hq, call.Lq
-    max_n = int(kvlen.max(initial=0))
     n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
     # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
     # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
@@ -288,8 +291,15 @@ def _no_slopes(T: np.dtype) -> np.ndarray:
     return x
 
 
+_WORKERS: list[int] = []
+
+
 def _workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    """The cores this process may run on (read once: a call's Python runs cold, after the items
+    have streamed the caches, and every step of it counts)."""
+    if not _WORKERS:
+        _WORKERS.append(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+    return _WORKERS[0]
 
 
 # Partners: one thread per other core that, after a call, spins PARTNER_SPIN_S for the next one
@@ -298,7 +308,7 @@ def _workers() -> int:
 # woken through a futex (a ThreadPoolExecutor task; the caller's future.result()) started
 # ≈ 85–90 µs late, twice a call: at B1 4k, ≈ 0.9 ms calls, that was a fifth of the call.
 PARTNER_SPIN_S = 300e-6
-CALLER_SPIN_S = 2e-3
+CALLER_SPIN_S = 0.5e-3
 USE_PARTNERS = True  # False: the executor (the A/B's old mode)
 
 
@@ -306,14 +316,19 @@ class _Partners:
     """Spinning partner threads for the parallel items (:func:`_on_partners`).
 
     A call: the caller takes :attr:`lock` (a concurrent call takes the executor instead), sets
-    :attr:`job`, and its kernel (``run_items_caller``) publishes the call's number in
-    ``flags[0]``; each partner, spinning in ``partner_wait`` since its last call, sees it,
-    takes the GIL (free: the caller is in its ``nogil`` kernel) to read the job, runs items in
-    ``run_items_partner`` and stores the number in its DONE slot, which the caller's kernel
-    spins on.  A partner that saw no call for PARTNER_SPIN_S parks on its semaphore; a caller
-    about to post wakes it (:meth:`wake`), and wakes it again and waits on its event if its
-    own spin runs out (a partner that parked just before the call was posted, or one off its
-    core on a busy machine)."""
+    :attr:`job`, stores the call's number at ``flags[POSTED]`` and wakes parked partners (in
+    Python, under the GIL), then its kernel (``run_items_caller``) stores it at
+    ``flags[ENTERED]``; each partner, spinning in ``partner_wait`` since its last call, sees
+    that and claims the call (a compare-and-swap), takes the GIL (free: the caller is in its
+    ``nogil`` kernel) to read the job, runs items in ``run_items_partner`` and stores the
+    number in its DONE slot; the caller, its items done, cancels the part of a partner that
+    has not claimed the call (it runs no item then) and spins on the DONE slots of those that
+    did.  A partner that saw no call for PARTNER_SPIN_S parks on its semaphore — unless, under
+    the GIL, it finds a call posted: so a caller either sees it parked and wakes it, or it sees
+    the call.  A caller whose spin runs out (a partner off its core on a busy machine) waits on
+    the partner's event.  (Without the cancel, a partner that woke late — a parked thread here
+    woke 0.1 to several ms after its futex when the machine had idled — held up the call, and
+    the next one found it parked again: 2–7 ms calls in the bench's runs after its pauses.)"""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -340,22 +355,24 @@ class _Partners:
 
     def _loop(self, i: int) -> None:
         seen = 0
-        slot = K.FLAG_STRIDE * (i + 1)
         while True:
-            g = K.partner_wait(self.flags, seen, self.partner_spin)
-            if g == seen:
+            g = K.partner_wait(self.flags, i, seen, self.partner_spin)
+            if g == seen:  # no call for PARTNER_SPIN_S: park, unless one was posted meanwhile
                 self.parked[i] = True
-                if self.flags[0] == seen:  # no call posted since the spin ended
+                if self.flags[K.POSTED] == seen:  # (under the GIL, as the caller's post and wake)
                     self.sems[i].acquire()
                 self.parked[i] = False
+                continue
+            if g < 0:  # that call's caller ran this partner's part itself
+                seen = -g
                 continue
             seen = g
             counter, total, role, common = self.job
             try:
-                K.run_items_partner(self.flags, slot, g, counter, total, role, common)
+                K.run_items_partner(self.flags, i, g, counter, total, role, common)
             except BaseException as exc:  # handed to the caller, which re-raises it
                 self.errors[i] = exc
-                self.flags[slot] = g
+                self.flags[K.FLAG_STRIDE * (i + 1) + K.DONE] = g
             self.done[i].set()
 
 
@@ -392,15 +409,19 @@ def _on_partners(n: int, counter, total: int, common: tuple) -> bool:
         p.gen += 1
         gen = p.gen
         p.job = (counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, common)
+        # posted, then parked partners woken, both under the GIL: a partner that parks after
+        # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
+        p.flags[K.POSTED] = gen
+        p.wake()
         if not K.run_items_caller(p.flags, gen, n, p.caller_spin, counter, total,
                                   K.ROLE_FRONT if pair else K.ROLE_SHARED, common):
-            p.wake()  # a partner that parked as the call was posted
             for i, e in enumerate(p.done):
                 # the DONE slot decides (an event may still be set from an earlier call):
                 # cleared, then the slot checked, then a wait that the partner's set() ends
                 while True:
                     e.clear()
-                    if p.flags[K.FLAG_STRIDE * (i + 1)] == gen:
+                    base = K.FLAG_STRIDE * (i + 1)
+                    if p.flags[base + K.DONE] == gen or p.flags[base + K.CLAIM] == 2 * gen + 1:  # done, or cancelled
                         break
                     e.wait(0.01)
         errors = [e for e in p.errors if e is not None]

@@ -129,6 +129,16 @@ def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(parallel, mo
         def run_items_partner(*args):
             raise RuntimeError("partner failed")
 
+        @staticmethod
+        def run_items_caller(flags, gen, *args):
+            # the call entered, then the caller waits (GIL released) until the partner has
+            # claimed it: else the caller may finish first and cancel the partner's part
+            flags[K.ENTERED] = gen
+            deadline = time.monotonic() + 10
+            while flags[K.FLAG_STRIDE + K.CLAIM] != 2 * gen and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            return K.run_items_caller(flags, gen, *args)
+
     monkeypatch.setattr(parallel, "K", Failing())
     monkeypatch.setattr(parallel._partners, "caller_spin", 0)
     with pytest.raises(RuntimeError, match="partner failed"):
@@ -156,3 +166,33 @@ def test_sequences_without_keys_are_merged_too(parallel, monkeypatch, page_size)
     empty = C.make_case(51, B=2, lengths=[0, 0], max_len=64, page_size=page_size, Lnew=None, Hq=8, Hkv=2, D=64)
     out, lse = _run(empty)
     assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_a_partner_that_never_wakes_is_not_waited_for(parallel, monkeypatch):
+    """A partner that has not claimed a call when the caller's items are done (asleep: here it
+    is never woken) gets its part cancelled: the caller ran every item, the bits are one
+    thread's, and the call does not wait for it; woken again, it takes part in the next calls."""
+    monkeypatch.setattr(parallel, "PARTNER_SPIN_S", 0.0)
+    case = _case(60)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1 << 62)
+    alone = _run(case)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    _run(case)  # makes the partners; they park at once after it
+    p = parallel._partners
+    deadline = time.monotonic() + 10
+    while not all(p.parked) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert all(p.parked)
+    monkeypatch.setattr(parallel._Partners, "wake", lambda self: None)
+    for i in range(3):
+        got = _run(case)
+        H.assert_bitwise_equal(got[0], alone[0], name=f"out, call {i}")
+        H.assert_bitwise_equal(got[1], alone[1], name=f"lse, call {i}")
+        base = parallel.K.FLAG_STRIDE
+        assert p.flags[base + parallel.K.CLAIM] == 2 * p.gen + 1, "the sleeping partner's part was not cancelled"
+    monkeypatch.undo()
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel.ParallelChoice, "choose", lambda self: True)
+    for _ in range(3):
+        got = _run(case)
+        H.assert_bitwise_equal(got[0], alone[0], name="out after waking")

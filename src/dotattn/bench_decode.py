@@ -23,8 +23,12 @@ Peers, each on the same cache in the same process:
   same dtype as the cache (``enable_gqa=True`` is 3–4× slower here);
 * ``dotattn-numpy``  — the NumPy split-KV implementation (not run unless asked).
 
-The table shows medians of ``--repeats`` timed calls after a warm-up; ``× sdpa`` is torch's
-median time over ours.  The machine's load (``/proc/loadavg``) is printed before and after.
+The table shows medians of ``--repeats`` timed calls after a warm-up — calls, back to back,
+for at least :data:`WARMUP_S` per peer and case; ``× sdpa`` is torch's median time over ours.
+(After the pause between peers the first two-thread calls of either library are slow — a
+core that idled wakes; torch's first SDPA calls took 2–10× their time — and dotattn's pool-or-
+alone choice, timed on a few such calls, ran the next 64–96 on one thread: one warm-up call
+left the B1 4k rows timing that, 1.2 against 0.76 ms, 1 Dec 2026.)  The machine's load (``/proc/loadavg``) is printed before and after.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 HQ, HKV, D = 32, 8, 128
 PAGE = 256
 BANDWIDTH_BYTES = 512 << 20
+WARMUP_S = 0.25  # each peer's calls, back to back, before its timed ones (at least 3)
 
 
 @dataclass
@@ -163,12 +168,24 @@ def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
     raise RuntimeError(f"unknown peer {peer!r}")
 
 
-def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int) -> Row:
+def warm_up(run, seconds: float, min_calls: int = 3) -> int:
+    """Call ``run`` back to back for ``seconds`` (and at least ``min_calls`` times); returns the
+    number of calls."""
+    end = time.perf_counter() + seconds
+    calls = 0
+    while calls < min_calls or time.perf_counter() < end:
+        run()
+        calls += 1
+    return calls
+
+
+def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S) -> Row:
     size = f"{context // 1024}k" if context % 1024 == 0 else str(context)
     row = Row(f"B{B}-ctx{size}-{dtype}", peer, B, context, dtype)
     time.sleep(PAUSE_S)  # the previous peer's worker threads park
     try:
         run = _make_peer(peer, B, context, dtype, *inputs)
+        warm_up(run, warmup_s)
         _, row.times_ms = time_calls(run, repeats)
     except RuntimeError as exc:
         row.status, row.reason = "n/a", str(exc)
@@ -181,7 +198,7 @@ def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int) -
 
 def run_benchmark(
     peers, repeats: int, batches=(1, 8), contexts=(4096, 32768), dtypes=DTYPES, progress=None,
-    bandwidth_bytes: int = BANDWIDTH_BYTES,
+    bandwidth_bytes: int = BANDWIDTH_BYTES, warmup_s: float = WARMUP_S,
 ):
     """``(rows, info)``: one row per (case, peer); info holds bandwidth runs and the load."""
     if "torch-sdpa" in peers:
@@ -213,7 +230,7 @@ def run_benchmark(
                 for peer in peers:
                     if progress is not None:
                         progress(B, context, dtype, peer)
-                    rows.append(measure(peer, B, context, dtype, (q, kc, vc), repeats))
+                    rows.append(measure(peer, B, context, dtype, (q, kc, vc), repeats, warmup_s))
                 del kc, vc
     info["bandwidth_gbps_runs"] += read_bandwidth(nbytes=bandwidth_bytes)
     info["all_cores_gbps_runs"] += read_bandwidth(nbytes=bandwidth_bytes, threads=n_cores)

@@ -11,7 +11,7 @@ def test_rows_and_ratios():
     pytest.importorskip("torch")
     rows, info = bench_decode.run_benchmark(
         ["dotattn", "dotattn-paged", "torch-sdpa"], 1, batches=(1,), contexts=(300,), dtypes=("float16",),
-        bandwidth_bytes=8 << 20,
+        bandwidth_bytes=8 << 20, warmup_s=0.0,
     )
     assert [r.peer for r in rows] == ["dotattn", "dotattn-paged", "torch-sdpa"]
     assert all(r.status == "ok" and r.gbps > 0 for r in rows), rows
@@ -36,3 +36,14 @@ def test_unknown_peer_is_refused(capsys):
     args = argparse.Namespace(peers="dotattn,nope", peers_given=True, repeats=1, json=True)
     assert bench_decode.run(args) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_each_peer_is_warmed_up_for_a_time_before_its_timed_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    monkeypatch.setattr(bench_decode, "_make_peer", lambda *a: lambda: calls.append(1))
+    row = bench_decode.measure("dotattn", 1, 300, "float32", (None, None, None), 4, warmup_s=0.05)
+    assert row.status == "ok" and len(row.times_ms) == 4
+    assert len(calls) >= 3 + 1 + 4  # warm-up calls (0.05 s, at least 3), time_calls' own, the timed ones
+    calls.clear()
+    assert bench_decode.warm_up(lambda: calls.append(1), 0.0) == 3 == len(calls)

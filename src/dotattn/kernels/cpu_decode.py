@@ -241,21 +241,32 @@ class ParallelChoice:
     is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other once
     every :data:`RETRY` calls (has the load changed?).  Races between threads calling at once
     only blur the times.
+
+    A call that comes more than :data:`IDLE_S` after the class's previous one is not timed
+    either: after a pause the first pool calls are slow (the pool thread and the idle core
+    wake — torch's first SDPA calls after the bench's 0.3 s pauses took 2–10× their time too),
+    and three such times made the class run alone for the next 64–96 calls, until its retries
+    had brought three good pool times back: the bench's B1 4k rows timed the calling thread
+    alone (1.2 ms against 0.76 on both cores, float16, 1 Dec).
     """
 
     RETRY = 32
     KEEP = 3
     POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
+    IDLE_S = 0.02
 
-    __slots__ = ("times", "calls")
+    __slots__ = ("times", "calls", "last", "idle")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
         self.calls = 0
+        self.last = 0.0  # when the class's previous call ended (perf_counter)
+        self.idle = False  # this call came after a pause
 
     def choose(self) -> bool:
         """True: run this call on the pool."""
         self.calls += 1
+        self.idle = time.perf_counter() - self.last > self.IDLE_S
         alone, pool = self.times
         if not pool:
             return True
@@ -265,8 +276,9 @@ class ParallelChoice:
         return (not best) if self.calls % self.RETRY == 0 else best
 
     def record(self, pool: bool, per_byte: float) -> None:
-        if self.calls <= 1:
-            return  # the class's first call: warm-up
+        self.last = time.perf_counter()
+        if self.calls <= 1 or self.idle:
+            return  # the class's first call, or the first after a pause: a warm-up
         kept = self.times[int(pool)]
         kept.append(per_byte)
         if len(kept) > self.KEEP:

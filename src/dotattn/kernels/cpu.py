@@ -1142,5 +1142,6 @@ def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
     with cpu_decode.on_numba_team():
         cpu_decode.decode(long_call, parallel_min_bytes=0)
     # and on the calling thread with the spinning partner threads (a size class's first call
-    # runs in parallel; one core: alone)
+    # runs in parallel; one core: alone), and the partners' own entries
     cpu_decode.decode(long_call, parallel_min_bytes=0)
+    cpu_decode.precompile_partners()

@@ -446,6 +446,17 @@ def _on_partners(n: int, counter, total: int, common: tuple) -> bool:
         p.lock.release()
 
 
+def precompile_partners() -> None:
+    """Load or compile the partner threads' entries (``dotattn precompile``): their wait, and
+    their items for every signature the caller's entry has — a partner runs items only when it
+    claims a call before the caller has run them all, so a small call may never reach it."""
+    from numba import types
+
+    K.partner_wait(np.zeros(K.FLAG_STRIDE * 2, dtype=np.int64), 0, 0, 0)  # no call: returns at once
+    for sig in K.run_items_caller.signatures:
+        K.run_items_partner.compile((sig[0], types.int64, types.int64) + tuple(sig[4:]))
+
+
 def _tsc_rate() -> float:
     """Time-stamp counter ticks per second (measured over 5 ms, once per process)."""
     c0, t0 = K.tsc(), time.perf_counter()

@@ -105,20 +105,9 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         from . import numpy_decode
 
         return numpy_decode.decode(call)
-    write_new(call)
-    T = call.compute_dtype
-    q = rotated_q(call)
-    q = np.multiply(q, T.type(call.scale), dtype=T)  # a fresh C-contiguous array
-    kflat, kst, kind = _flat(call.k_cache, call.k_pages)
-    vflat, vst, _ = _flat(call.v_cache, call.v_pages)
     kvlen = call.kv_lengths
     D, Dv = call.D, call.Dv
     R = call.group * call.Lq
-    left, right = call.window if call.window is not None else (None, None)
-    left = -1 if left is None else left
-    right = -1 if right is None else right
-    slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
-    softcap = 0.0 if call.softcap is None else call.softcap
     # Python's sum of a small batch's lengths: a NumPy reduction costs ≈ 1 µs even on one element
     if kvlen.shape[0] <= 64:
         lengths = kvlen.tolist()
@@ -126,30 +115,44 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     else:
         keys, max_n = int(kvlen.sum()), int(kvlen.max(initial=0))
     nbytes = keys * call.Hkv * (D + Dv) * call.k_cache.itemsize
+    small = nbytes < parallel_min_bytes
+    B, Hq, Lq = call.B, call.Hq, call.Lq
+    n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
+    choice = None
+    pool = team = False
+    if not small:
+        # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
+        # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
+        workers = min(_workers(), numba.get_num_threads())
+        team = getattr(_local, "team", False)  # parallel items on Numba's team (on_numba_team)
+        if workers > 1 and n_items >= 2:
+            key = (nbytes.bit_length(), workers, team)
+            choice = _CHOICES.get(key)
+            if choice is None:
+                choice = _CHOICES[key] = ParallelChoice()
+        pool = choice is not None and choice.choose()
+        if pool and not team and USE_PARTNERS:
+            _wake_partners(workers - 1)  # decided first: a parked partner wakes while the Python below runs
+    write_new(call)
+    T = call.compute_dtype
+    q = rotated_q(call)
+    q = np.multiply(q, T.type(call.scale), dtype=T)  # a fresh C-contiguous array
+    kflat, kst, kind = _flat(call.k_cache, call.k_pages)
+    vflat, vst, _ = _flat(call.v_cache, call.v_pages)
+    left, right = call.window if call.window is not None else (None, None)
+    left = -1 if left is None else left
+    right = -1 if right is None else right
+    slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
+    softcap = 0.0 if call.softcap is None else call.softcap
     # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
     # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
     big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3
     args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
             call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv)
-    if nbytes < parallel_min_bytes:
+    if small:
         # A small call (a model's decode step): plan, items and merges in one Numba entry,
         # parts allocated there — the per-call Python here is most of such a call's cost.
         return _serial(args, big_gemm)
-    B, Hq, Lq = call.B, call.Hq, call.Lq
-    n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
-    # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
-    # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
-    workers = min(_workers(), numba.get_num_threads())
-    team = getattr(_local, "team", False)  # parallel items on Numba's team (on_numba_team)
-    choice = None
-    if workers > 1 and n_items >= 2:
-        key = (nbytes.bit_length(), workers, team)
-        choice = _CHOICES.get(key)
-        if choice is None:
-            choice = _CHOICES[key] = ParallelChoice()
-    pool = choice is not None and choice.choose()
-    if pool and not team and USE_PARTNERS:
-        _wake_partners(workers - 1)  # a parked partner wakes while the Python below runs
     if not pool and n_items >= 2:
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
@@ -321,6 +324,7 @@ def _workers() -> int:
 # ≈ 85–90 µs late, twice a call: at B1 4k, ≈ 0.9 ms calls, that was a fifth of the call.
 PARTNER_SPIN_S = 300e-6
 CALLER_SPIN_S = 0.5e-3
+WAKE_SPIN_S = 1e-3  # a partner woken by a caller spins this long for its call (a few µs, normally)
 USE_PARTNERS = True  # False: the executor (the A/B's old mode)
 
 
@@ -355,6 +359,7 @@ class _Partners:
         self.done = [threading.Event() for _ in range(n)]
         rate = _tsc_rate()
         self.partner_spin = int(PARTNER_SPIN_S * rate)
+        self.wake_spin = int(WAKE_SPIN_S * rate)
         self.caller_spin = int(CALLER_SPIN_S * rate)
         for i in range(n):
             threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"dotattn-decode-partner-{i}").start()
@@ -367,14 +372,17 @@ class _Partners:
 
     def _loop(self, i: int) -> None:
         seen = 0
+        spin = self.partner_spin
         while True:
-            g = K.partner_wait(self.flags, i, seen, self.partner_spin)
-            if g == seen:  # no call for PARTNER_SPIN_S: park, unless one was posted meanwhile
+            g = K.partner_wait(self.flags, i, seen, spin)
+            if g == seen:  # no call for a while: park, unless one was posted meanwhile
                 self.parked[i] = True
                 if self.flags[K.POSTED] == seen:  # (under the GIL, as the caller's post and wake)
                     self.sems[i].acquire()
                 self.parked[i] = False
+                spin = self.wake_spin  # woken by a caller (or a call posted): it comes soon
                 continue
+            spin = self.partner_spin
             if g < 0:  # that call's caller ran this partner's part itself
                 seen = -g
                 continue

@@ -36,6 +36,9 @@ from pathlib import Path
 ENV_VAR = "DOTATTN_CPU_BF16"
 AMX_ENV_VAR = "DOTATTN_CPU_AMX"
 F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
+# float32 tile products on AMX as split bfloat16 products (_cpu_amx_f32, cpu.f32_split_route):
+# "amx" (default where AMX runs) or "mkl" (MKL's float32 sgemm tiles); read on every call
+F32_PRODUCTS_ENV_VAR = "DOTATTN_F32_PRODUCTS"
 # Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"
 SGEMM_SYMBOL = "dotattn_sgemm"
@@ -246,3 +249,22 @@ def amx_tiles(load: bool = True) -> tuple[bool, str]:
         if not ok:
             return False, f"MKL's bfloat16 GEMM: {why}"
     return True, "AMX tile products of our own (Q·Kᵀ, P·V), MKL's bfloat16 GEMM for the backward"
+
+
+def f32_amx_products(load: bool = True) -> tuple[bool, str]:
+    """``(True, what runs)`` when float32 calls may multiply their score products (and the
+    backward's ``dPᵀ``) on AMX as split bfloat16 products (:mod:`._cpu_amx_f32`), else ``(False,
+    why not)``: MKL's float32 ``sgemm`` tiles then do.  Needs AMX (:func:`amx_tiles`) and
+    ``avx512bf16`` (the splits' conversions), and ``DOTATTN_F32_PRODUCTS`` not ``mkl``."""
+    forced = os.environ.get(F32_PRODUCTS_ENV_VAR, "").strip().lower()
+    if forced in _OFF + ("mkl", "sgemm"):
+        return False, f"float32 sgemm tiles, AMX forced off by {F32_PRODUCTS_ENV_VAR}={os.environ[F32_PRODUCTS_ENV_VAR]}"
+    on, why = amx_tiles(load=load)
+    if not on:
+        return False, f"float32 sgemm tiles ({why})"
+    if "avx512bf16" not in _cpu_features():
+        return False, "float32 sgemm tiles (this CPU has no avx512bf16)"
+    return True, (
+        "AMX for the score products and the backward's dP (each float32 product six bfloat16 products "
+        "of split operands, bf16x6) on simple calls, operands in range"
+    )

@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from . import _cpu_amx_f32
 from ._cpu_amx import rows_bf16, tile_config
 from ._cpu_primitives import (
     LN2,
@@ -334,11 +335,33 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg)
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
     j0 = kb * BK
-    _qk(Kb, Qs, Qv, ST, o.amx, cfg, _short_rows(o.Lq, o.Lk))
+    if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, i0, cfg)):
+        _qk(Kb, Qs, Qv, ST, o.amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
         _mask_tile(ST, lo, hi, b, h, i0, nrows, j0, o)
+
+
+def _split_product(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+    """``C = A·Bᵀ`` for key tile ``kb`` and the query tile at row ``i0`` of head ``h`` on AMX as
+    split bfloat16 products (``_cpu_amx_f32.product``: ``Sᵀ = K·Qᵀ`` from ``o.kpc``/``o.qpc``,
+    ``dPᵀ = V·dOᵀ`` from ``o.vpc``/``o.dopc``); True when done.  float32 tiles only (the other
+    dtypes' kernels compile a no-op returning False)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_split_product, jit_options={"cache": _JIT_CACHE})
+def _split_product_overload(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+    if C.dtype != types.float32:
+        return lambda a_pieces, b_pieces, C, b, h, kb, i0, cfg: False
+
+    def impl(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+        hk = h // (b_pieces.shape[1] // a_pieces.shape[1])
+        _cpu_amx_f32.product(a_pieces[b, hk, kb], b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
+        return True
+
+    return impl
 
 
 # =================================================================================
@@ -785,7 +808,8 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 else:
                     in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                 # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
+                if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
+                    _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
                 P = ST
                 if o.dropout_p > 0.0:
                     _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)

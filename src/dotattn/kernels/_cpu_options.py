@@ -13,6 +13,11 @@ import numpy as np
 
 SKIP, PARTIAL, FULL = 0, 1, 2  # tile classes: never read / masked per element / fully visible
 
+# Placeholders for the split-AMX float32 operands (Options.kpc …) when the route is off: one
+# array type for every call, so every call reuses one compiled specialization.
+NO_ROWS = np.zeros((1, 1, 1, 3, 1, 1), dtype=np.uint16)
+NO_PAIRS = np.zeros((1, 1, 3, 1, 1), dtype=np.uint32)
+
 
 class Options(NamedTuple):
     """Everything of one call the kernels read besides q/K/V and the outputs (one value each).
@@ -50,6 +55,17 @@ class Options(NamedTuple):
     bm: np.ndarray  # (Bm, Hm, nqb, nkb) int8 classes of the user's block mask
     bm_on: bool
     amx: bool = False  # bfloat16 forward: tile products on AMX (_cpu_amx), P in key pairs, accᵀ
+    # float32 on AMX as split bfloat16 products (_cpu_amx_f32; cpu.f32_split_route): the score
+    # product Sᵀ = K·Qᵀ (forward and backward alike: the backward's P = 2^(S − lse) needs the
+    # forward's scores bit for bit) from K's pieces per key tile (kpc (B, Hkv, nkb, 3, ≥BK, Dp)
+    # uint16) and Qᵀ's per head (qpc (B, Hq, 3, Dp/2, ≥Lq) uint32); the backward's dPᵀ = V·dOᵀ
+    # likewise from vpc and dopc
+    split_s: bool = False
+    split_dp: bool = False
+    kpc: np.ndarray = NO_ROWS
+    qpc: np.ndarray = NO_PAIRS
+    vpc: np.ndarray = NO_ROWS
+    dopc: np.ndarray = NO_PAIRS
 
 
 def flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:

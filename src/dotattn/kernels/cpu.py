@@ -609,7 +609,11 @@ def fit_block(BQ: int, BK: int, Lq: int, Lk: int) -> tuple[int, int]:
 
 
 def prepare(
-    call: AttentionCall, block_size: tuple[int, int] | None = None, forward: bool = False, grouped: bool = False
+    call: AttentionCall,
+    block_size: tuple[int, int] | None = None,
+    forward: bool = False,
+    grouped: bool = False,
+    split: bool = False,
 ) -> Prepared:
     """Everything the kernels need for ``call``, without any ``Lq × Lk`` array.
 
@@ -630,6 +634,8 @@ def prepare(
         BQ, BK = DEFAULT_BLOCK_SIZE
     if bm is None:
         BQ, BK = fit_block(BQ, BK, call.Lq, call.Lk)
+    if split:  # the split-AMX products take whole 32-steps (f32_split_route)
+        BQ, BK = -(-BQ // AMX_QUANTUM) * AMX_QUANTUM, -(-BK // AMX_QUANTUM) * AMX_QUANTUM
     B = call.B
     S = storage_dtype(call)
     if S == np.float32:
@@ -789,10 +795,105 @@ def forward(
         block_size = GROUPED_CAUSAL_F32_SMALL_BLOCK_SIZE if small else GROUPED_CAUSAL_F32_BLOCK_SIZE
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
-    p = prepare(call, block_size, forward=True, grouped=grouped)
+    split = not grouped and f32_split_route(call)
+    p = prepare(call, block_size, forward=True, grouped=grouped, split=split)
     if not call.extras and not (_all_finite(p.vp) if p.v_finite is None else p.v_finite):
         return _numpy_backend().forward(call)
+    if split:
+        p = _with_split_operands(p, call)
     return _run_forward(call, p, grouped, final)
+
+
+# =================================================================================
+# float32 on AMX as split bfloat16 products (_cpu_amx_f32; docs/performance.md, "float32 on
+# AMX as split bfloat16 products")
+# =================================================================================
+
+
+def f32_products_path() -> tuple[bool, str]:
+    """``(True, what runs)`` when float32 calls may take the split-AMX products, else ``(False,
+    why not)``; ``DOTATTN_F32_PRODUCTS=mkl`` forces MKL's float32 tiles."""
+    from ._cpu_isa import f32_amx_products
+
+    return f32_amx_products()
+
+
+def f32_split_route(call: AttentionCall) -> bool:
+    """Whether ``call``'s score product (forward and backward) may take the split-AMX route,
+    from the call alone (the operands' range is checked with their data:
+    :func:`_with_split_operands`).  The simple calls: float32, dense or causal or a window,
+    key/query lengths, no score chain (softcap, bias, ALiBi, score_mod), no dense mask,
+    segments, user functions, dropout or block calls; not the small-call kernel's calls nor
+    the short problems' float64 score sums, nor the grouped GQA causal forward — every one of
+    those computes its forward scores another way, and the backward must compute them as the
+    forward did (its ``P = 2^(S − lse)`` cancels the forward's rounding only then).  Forward
+    and backward decide by this same rule on the same inputs."""
+    return (
+        storage_dtype(call) == np.float32
+        and call.compute_dtype == np.float32
+        and not call.extras
+        and call.block is None
+        and call.bias is None
+        and call.alibi_slopes is None
+        and call.softcap is None
+        and call.scale > 0.0
+        and call.dropout_p == 0.0
+        and call.mask is None
+        and call.q_segment_ids is None
+        and call.Lq > 1
+        and call.Lk > 0
+        and call.group * call.Lq * call.Lk > cpu_small.MAX_SCORES
+        and not _grouped_f32(call)
+        and f32_products_path()[0]
+    )
+
+
+def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
+    """Whether ``rows (B, H, L, X)`` (its rows within ``lens``: padding may hold anything) and
+    the packed ``tiles (B, H, nkb, BK, X)`` (zero past the real keys) lie in the split route's range."""
+    from ._cpu_amx_f32 import largest, ok_range
+
+    B, H, nkb, BK, X = tiles.shape
+    full = np.full(B, nkb * BK, dtype=np.int64)
+    return ok_range(float(largest(rows, lens))) and ok_range(float(largest(tiles.reshape(B, H, nkb * BK, X), full)))
+
+
+def _row_pieces(x: np.ndarray) -> np.ndarray:
+    """Per key tile, the pieces of packed ``x (B, H, nkb, BK, X)`` as A operands (rows a
+    cache line apart between pieces: whole powers of two apart they share L1 sets)."""
+    from ._cpu_amx_f32 import padded, split_tiles
+
+    B, H, nkb, BK, X = x.shape
+    out = _empty_aligned((B, H, nkb, 3, BK + 1, padded(X)), np.uint16)
+    split_tiles(x, out)
+    return out
+
+
+def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
+    """Per head, the pieces of ``x (B, H, L, X)`` in depth pairs as B operands, columns padded
+    to whole query tiles (and a cache line, so that rows are no power of two apart)."""
+    from ._cpu_amx_f32 import padded, split_columns
+
+    B, H, L, X = x.shape
+    Lp = -(-L // BQ) * BQ
+    out = _empty_aligned((B, H, 3, padded(X) // 2, Lp + 16), np.uint32)
+    split_columns(x, lens, out)
+    return out
+
+
+def _with_split_operands(p: Prepared, call: AttentionCall, dout: np.ndarray | None = None) -> Prepared:
+    """``p`` with the split-AMX operands of its score product (q and K in range: the forward and
+    the backward check the same arrays, so they agree) and, given the backward's ``dout``, of
+    ``dPᵀ = V·dOᵀ`` (V and dO in range).  Operands out of range keep MKL's tiles."""
+    o = p.options
+    changes: dict[str, Any] = {}
+    if _in_range(p.q, o.q_lens, p.kp):
+        changes.update(split_s=True, kpc=_row_pieces(p.kp), qpc=_column_pieces(p.q, o.q_lens, o.BQ))
+    if dout is not None and _in_range(dout, o.q_lens, p.vp):
+        changes.update(split_dp=True, vpc=_row_pieces(p.vp), dopc=_column_pieces(dout, o.q_lens, o.BQ))
+    if not changes:
+        return p
+    return Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(**changes), p.v_finite)
 
 
 def _any_layout(x: np.ndarray) -> np.ndarray:
@@ -899,7 +1000,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     sparse = call.window is not None or call.q_segment_ids is not None
     if block_size is None and not sparse:
         block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
-    p = prepare(call, block_size)
+    split = f32_split_route(call)
+    p = prepare(call, block_size, split=split)
     if not call.extras and not (
         _inputs_finite(call, p)
         and _real_rows_finite(np.asarray(dout), call)
@@ -931,6 +1033,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
     dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
+    if split:
+        p = _with_split_operands(p, call, dout_k)
     with _kernel_launch(p.kernels, "backward", call.dtype):
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward
         args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
@@ -967,13 +1071,14 @@ class CpuBackend:
 
     @property
     def description(self) -> str:
-        from ._cpu_isa import amx_tiles, bf16_gemm, f32_gemm
+        from ._cpu_isa import amx_tiles, bf16_gemm, f32_amx_products, f32_gemm
 
         on, what = bf16_gemm(load=False)
         amx_on, amx_what = amx_tiles(load=False)
         return (
             "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity); "
             f"float32 tiles: {f32_gemm(load=False)[1]}; "
+            f"float32 score products: {f32_amx_products(load=False)[1]}; "
             f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}"
             f"{'; bfloat16 forward: ' + amx_what if on else ''}; "
             + cpu_small.RULE
@@ -1083,6 +1188,10 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         if name == "float32":  # GQA causal: the grouped forward (float32 storage only)
             gqa = semantics.normalize(q, q[:, :1], q[:, :1], causal=True)
             timed("grouped forward float32", lambda: forward(gqa, grouped=True))
+        if name == "float32" and f32_products_path()[0]:  # the split-AMX route's operand passes
+            big = rng.standard_normal((1, 1, 260, 32), dtype=np.float32)  # over the small-call rule
+            split_call = semantics.normalize(big, big, big)
+            timed("float32 split-AMX operands", lambda: _with_split_operands(prepare(split_call, split=True), split_call, big))
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":

@@ -1,0 +1,271 @@
+"""float32 tile products on Intel AMX as sums of bfloat16 products ("bf16x6"), for the
+float32 kernels' score product ``Sᵀ = K·Qᵀ`` (forward and backward) and ``dPᵀ = V·dOᵀ``.
+
+AMX multiplies bfloat16 only, but a float32 ``x`` is exactly the sum of three bfloat16
+pieces: ``hi = bf16(x)``, ``mid = bf16(x − hi)``, ``lo = bf16(x − hi − mid)`` (8 + 8 + 8
+significand bits cover float32's 24; each subtraction is exact).  A float32 product ``a·b``
+is then ``Σ a_i·b_j`` over the nine piece pairs; the three smallest (``mid·lo``, ``lo·mid``,
+``lo·lo``, ≤ 2⁻²⁵ of ``|a·b|``) are dropped, so six bfloat16 products — each exact in
+float32 — make one float32 product (cuBLAS's float32 emulation on recent GPUs).
+
+**Order matters.**  ``tdpbf16ps`` rounds into its float32 accumulator at every step.  Each
+32 × 32 output block therefore starts at 0, takes the small cross terms first (``lo·hi``,
+``hi·lo``, ``mid·mid``, then ``hi·mid``, ``mid·hi``) and the ``hi·hi`` terms last (``_SEG_A``,
+``_SEG_B``).  An output element's value depends only on its row of A, its column of B and
+the depth — not on the tile shape or where the element sits in it — so the forward and the
+backward may tile differently and still compute the *same* scores bit for bit, which the
+backward needs: it rebuilds ``P = 2^(S − lse)`` from the forward's LSE, and the rounding of
+S cancels there only when both passes computed S the same way (docs/performance.md, "float32
+on AMX as split bfloat16 products": dQ 1.81× naive at scale 2.5 when they differed).
+
+The unit flushes denormal inputs and outputs: operands whose largest magnitude lies outside
+[``SPLIT_MIN``, ``SPLIT_MAX``] take MKL's float32 tiles instead (:func:`ok_range`, decided per
+call by ``cpu.f32_split_route``).
+
+Layouts are those of :mod:`._cpu_amx`: A in rows of ``K`` bfloat16 (``(3, M, Kp)`` uint16,
+one piece after the other), B in depth pairs (``(3, Kp/2, N)`` uint32: row ``k/2`` holds per
+column the pair ``(b[k], b[k+1])``).  Depths, rows and columns are padded with zeros to
+multiples of 32.  The splits and the product are those of ``benchmarks/f32_split_tile.py``,
+where they were measured (same file history).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ._cpu_amx import (
+    _AVX512,
+    _BFloat,
+    _amx_function,
+    _depth_2x2,
+    _store_2x2,
+    _tile_config,
+    _tile_release,
+    _zero0,
+    _zero1,
+    _zero2,
+    _zero3,
+)
+from ._cpu_cache import install_locator
+from ._cpu_primitives import _from_bf16, _to_bf16
+
+install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
+
+_JIT_CACHE = True
+
+# The range of an operand's largest magnitude for which the split route runs (else MKL's
+# float32 tiles): at most 2⁴⁰, so that no piece, product or sum of products nears float32's
+# overflow (bf16(x) rounds to inf above ≈ 3.39e38); at least 2⁻⁴⁰, so that the products of two
+# operands' large elements (≥ 2⁻⁸⁰) and their lo pieces' products (≥ 2⁻¹¹⁴) stay far above the
+# tile unit's flush of results below 2⁻¹²⁶.  All-zero operands are fine (every piece is 0).
+SPLIT_MAX = 2.0**40
+SPLIT_MIN = 2.0**-40
+
+# Depths, rows and columns of the pieces: whole AMX steps.
+QUANTUM = 32
+
+
+def ok_range(largest: float) -> bool:
+    """Whether an operand whose largest magnitude is ``largest`` may take the split products
+    (NaN and ±inf may not: MKL's tiles then follow the NaN policy as before)."""
+    return largest == 0.0 or SPLIT_MIN <= largest <= SPLIT_MAX
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to :data:`QUANTUM`."""
+    return -(-n // QUANTUM) * QUANTUM
+
+
+# (A piece, B piece) of each bfloat16 product, smallest first: 0 = hi, 1 = mid, 2 = lo
+_SEG_A = (2, 0, 1, 0, 1, 0)
+_SEG_B = (0, 2, 1, 1, 0, 0)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _pieces(x):
+    """``x`` → bfloat16 bits of ``hi, mid, lo`` (uint16 each, as uint32)."""
+    h = _to_bf16(x)
+    r = x - _from_bf16(h)
+    m = _to_bf16(r)
+    lo = _to_bf16(r - _from_bf16(m))
+    return np.uint32(h), np.uint32(m), np.uint32(lo)
+
+
+_VF = ir.VectorType(ir.FloatType(), 16)
+_V32I16 = ir.VectorType(ir.IntType(16), 32)
+_V32I32 = ir.VectorType(ir.IntType(32), 32)
+_V32F = ir.VectorType(ir.FloatType(), 32)
+_I32 = ir.IntType(32)
+
+
+def _pieces_vec(builder, x0, x1):
+    """Two 16-lane float32 vectors → their hi, mid, lo pieces as 32 bfloat16 (x0's first):
+    ``vcvtne2ps2bf16`` rounds to nearest even (and flushes denormals, as the tile unit would),
+    the widened piece is subtracted exactly.  Bit for bit :func:`_pieces` for normal inputs."""
+    cvt = builder.module.declare_intrinsic(
+        "llvm.x86.avx512bf16.cvtne2ps2bf16.512", fnty=ir.FunctionType(ir.VectorType(_BFloat(), 32), [_VF, _VF])
+    )
+    lo_half = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
+    hi_half = ir.Constant(ir.VectorType(_I32, 16), list(range(16, 32)))
+    sixteen = ir.Constant(_V32I32, [16] * 32)
+    out = []
+    for piece in range(3):
+        bits = builder.bitcast(builder.call(cvt, [x1, x0]), _V32I16)
+        out.append(bits)
+        if piece < 2:
+            wide = builder.bitcast(builder.shl(builder.zext(bits, _V32I32), sixteen), _V32F)
+            x0 = builder.fsub(x0, builder.shuffle_vector(wide, wide, lo_half))
+            x1 = builder.fsub(x1, builder.shuffle_vector(wide, wide, hi_half))
+    return out
+
+
+def _vload(builder, addr):
+    return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
+
+
+@intrinsic
+def _split32(typingctx, src, dst, ps):
+    """32 float32 at ``src`` → their three pieces, 32 bfloat16 each at ``dst``, ``dst + ps``,
+    ``dst + 2·ps`` (bytes)."""
+
+    def codegen(context, builder, signature, args):
+        src, dst, ps = args
+        _amx_function(context, builder, _AVX512)
+        x0 = _vload(builder, src)
+        x1 = _vload(builder, builder.add(src, ir.Constant(src.type, 64)))
+        for p, bits in enumerate(_pieces_vec(builder, x0, x1)):
+            addr = builder.add(dst, builder.mul(ps, ir.Constant(ps.type, p)))
+            builder.store(bits, builder.inttoptr(addr, _V32I16.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def split_rows(x, out, M, K):
+    """A operand: ``out (3, ≥Mp, Kp)`` uint16 ← pieces of ``x[:M, :K]`` float32 (rows
+    contiguous), zero elsewhere up to ``Mp = out.shape[1]`` rows and ``Kp`` columns."""
+    Mp, Kp = out.shape[1], out.shape[2]
+    K32 = K - K % 32
+    ps = out.strides[0]
+    for m in range(Mp):
+        if m < M:
+            src, dst = x[m].ctypes.data, out[0, m].ctypes.data
+            for k in range(0, K32, 32):
+                _split32(src + 4 * k, dst + 2 * k, ps)
+            for k in range(K32, K):
+                h, md, lo = _pieces(x[m, k])
+                out[0, m, k] = np.uint16(h)
+                out[1, m, k] = np.uint16(md)
+                out[2, m, k] = np.uint16(lo)
+            for k in range(K, Kp):
+                out[0, m, k] = 0
+                out[1, m, k] = 0
+                out[2, m, k] = 0
+        else:
+            for k in range(Kp):
+                out[0, m, k] = 0
+                out[1, m, k] = 0
+                out[2, m, k] = 0
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def transpose_pairs(rows, out, N):
+    """``out (3, Kp/2, ≥N)`` uint32 ← ``rows (3, ≥N, Kp)`` uint16 read as pairs (the pieces of
+    :func:`split_rows` of ``x (N, K)``): the B operand for ``C = A·xᵀ``.  16 columns at a time
+    (column-by-column writes to rows a power of two apart alias in L1)."""
+    K2 = rows.shape[2] // 2
+    for p in range(3):
+        r32 = rows[p].view(np.uint32)
+        o = out[p]
+        for n0 in range(0, N, 16):
+            for k in range(K2):
+                orow = o[k]
+                for n in range(n0, min(n0 + 16, N)):
+                    orow[n] = r32[n, k]
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def split_tiles(kp, out):
+    """Per key tile, the A operand of ``Sᵀ = K·Qᵀ`` (or ``dPᵀ = V·dOᵀ``): ``out (B, H, nkb, 3,
+    ≥BK, Dp)`` uint16 ← pieces of ``kp (B, H, nkb, BK, D)`` (zero-padded past the real keys
+    already, so the pieces are too)."""
+    B, H, nkb, BK, D = kp.shape
+    for t in prange(B * H * nkb):
+        b, h, kb = t // (H * nkb), (t // nkb) % H, t % nkb
+        split_rows(kp[b, h, kb], out[b, h, kb], BK, D)
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def split_columns(q, lens, out):
+    """The B operand of ``Sᵀ = K·Qᵀ`` (or ``dPᵀ = V·dOᵀ``) for every query row of a head:
+    ``out (B, H, 3, Dp/2, ≥Lqp)`` uint32 ← pieces of ``q (B, H, Lq, D)`` in depth pairs, rows at
+    or past ``lens[b]`` zero (padding rows may hold anything, NaN included), columns past Lq
+    zero.  A query tile is ``out[b, h, :, :, i0:i0+BQ]``."""
+    B, H, Lq, D = q.shape
+    Dp, N = out.shape[3] * 2, out.shape[4]
+    for t in prange(B * H):
+        b, h = t // H, t % H
+        rows = np.empty((3, N, Dp), dtype=np.uint16)
+        split_rows(q[b, h], rows, min(Lq, lens[b]), D)
+        transpose_pairs(rows, out[b, h], N)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth):
+    """The 32 × 32 block at ``(i, j)``: six sub-products from 0, smallest first."""
+    _zero0()
+    _zero1()
+    _zero2()
+    _zero3()
+    for s in range(6):
+        _depth_2x2(a0 + _SEG_A[s] * a_ps + i * a_ld, a_ld, b0 + _SEG_B[s] * b_ps + 4 * j, b_ld, depth)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def product(a, b, c, cfg):
+    """``c[:M, :N] = A·B`` in float32 (``M``, ``N`` = ``c``'s shape, multiples of 32): ``a (3,
+    ≥M, Kp)`` uint16 pieces in rows, ``b (3, Kp/2, ≥N)`` uint32 pieces in depth pairs.  A's
+    32-row block stays (L1) while B's blocks stream."""
+    M, N = c.shape
+    depth = a.shape[2]
+    a_ps, a_ld = a.strides[0], a.strides[1]
+    b_ps, b_ld = b.strides[0], b.strides[1]
+    c_ld = c.strides[0]
+    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    _tile_config(cfg.ctypes.data)
+    for i in range(0, M, 32):
+        for j in range(0, N, 32):
+            _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
+            _store_2x2(c0 + i * c_ld + 4 * j, c_ld)
+    _tile_release()
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def largest(x, lens):
+    """``max |x[b, h, :lens[b]]|`` of ``x (B, H, L, X)`` float32 (rows contiguous), NaN when those
+    rows hold a NaN: the range check of :func:`ok_range`, in one parallel pass (NumPy's ``abs``
+    + ``max`` took a temporary and two passes; rows past the lengths may hold anything)."""
+    B, H, L, X = x.shape
+    top = np.zeros(B * H, dtype=np.float32)
+    for t in prange(B * H):
+        b, h = t // H, t % H
+        m = np.float32(0.0)
+        poison = np.float32(0.0)  # v·0 is NaN for a NaN or ±inf v
+        for r in range(min(L, lens[b])):
+            row = x[b, h, r]
+            for i in range(X):
+                v = abs(row[i])
+                m = max(m, v)
+                poison += v * np.float32(0.0)
+        top[t] = m + poison
+    out = np.float32(0.0)
+    for t in range(B * H):
+        v = top[t]
+        if v != v:
+            return np.float32(np.nan)
+        out = max(out, v)
+    return out

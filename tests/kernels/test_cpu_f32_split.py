@@ -1,0 +1,236 @@
+"""float32 on AMX as split bfloat16 products (``kernels/_cpu_amx_f32.py``; issue 13 §2).
+
+The float32 score product ``Sᵀ = K·Qᵀ`` — in the forward and, the same way, in the backward,
+which rebuilds ``P = 2^(S − lse)`` from the forward's LSE — and the backward's ``dPᵀ = V·dOᵀ``
+run on AMX as six bfloat16 products of split operands where ``cpu.f32_split_route`` allows
+(AMX, a simple call, operands in range), else on MKL's float32 tiles.  Both routes are held
+to the 2×-naive rule against the float64 reference here, forced by ``DOTATTN_F32_PRODUCTS``.
+On a CPU without AMX the route is off and every case checks that (and MKL's results) instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dotattn
+from dotattn import semantics
+from dotattn.kernels import _cpu_isa, cpu
+
+import helpers as H
+
+AMX = cpu.f32_products_path()[0]
+ROUTES = ("amx", "mkl")
+# The gradients' factor of the rule: 2× naive on the split route; MKL's tiles keep the factor
+# of tests/kernels/test_cpu.py (3×: its dQ reached 3.1× naive at D 80, L 238, scale 0.36)
+GRAD_FACTOR = {True: 2.0, False: 3.0}
+
+
+@pytest.fixture
+def route(request, monkeypatch):
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, request.param)
+    return request.param
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Records the options of every call that went through ``_with_split_operands``."""
+    seen = []
+    real = cpu._with_split_operands
+
+    def spy(p, call, dout=None):
+        out = real(p, call, dout)
+        seen.append((dout is not None, out.options.split_s, out.options.split_dp))
+        return out
+
+    monkeypatch.setattr(cpu, "_with_split_operands", spy)
+    return seen
+
+
+def _check(seed, route, taken, *, Lq, Lk, D, Hq=2, Hkv=None, scale=None, causal=False, window=None,
+           q_lengths=None, kv_lengths=None, magnitude=1.0, expect=True):
+    q, k, v = H.random_qkv(seed, batch=(2,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=np.float32,
+                           q_lengths=q_lengths, kv_lengths=kv_lengths, magnitude=magnitude)
+    opts = {"causal": causal, "window": window, "q_lengths": q_lengths, "kv_lengths": kv_lengths}
+    if scale is not None:
+        opts["scale"] = scale
+    call = semantics.normalize(q, k, v, **opts)
+    split = route == "amx" and AMX and expect
+    assert cpu.f32_split_route(call) == (route == "amx" and AMX)
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
+    if q_lengths is not None:  # padding rows of dout may hold anything
+        for b, n in enumerate(q_lengths):
+            dout[b, :, n:] = np.nan
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
+    # forward, then backward (its dPᵀ), each took the route (or not) as expected
+    assert [s for _, s, _ in taken] == ([split, split] if route == "amx" and AMX else [])
+    if taken:
+        assert taken[1][2] == split
+    ref_out, ref_lse = H.reference(q, k, v, **opts)
+    naive_out, naive_lse = H.naive(q, k, v, **opts)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
+    ref_grads = H.reference_grads(q, k, v, dout, **opts)
+    naive_grads = H.naive_grads(q, k, v, dout, **opts)
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, naive_grads):
+        H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[split], magnitude=4.0 * magnitude**2)
+
+
+CASES = {
+    "dense": dict(Lq=300, Lk=333, D=64),
+    "odd-D": dict(Lq=257, Lk=290, D=59),
+    "D33-gqa": dict(Lq=200, Lk=350, D=33, Hq=4, Hkv=2),
+    "D128-scale2.5": dict(Lq=600, Lk=700, D=128, scale=2.5),
+    "causal-scale2.5": dict(Lq=257, Lk=700, D=59, causal=True, scale=2.5),
+    "window": dict(Lq=400, Lk=400, D=64, window=(100, 20)),
+    "lengths": dict(Lq=300, Lk=520, D=48, q_lengths=[300, 123], kv_lengths=[37, 520]),
+    "causal-top-left": dict(Lq=330, Lk=300, D=64, causal="top_left", kv_lengths=[300, 90]),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_forward_backward_against_reference(route, taken, case):
+    _check(3, route, taken, **CASES[case])
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+def test_fully_masked_rows(route, taken):
+    # kv_lengths 0 for one sequence (every row of it sees no key) and bottom-right causal with
+    # more queries than keys (the first rows see none): zeros and lse −inf, zero gradients
+    q, k, v = H.random_qkv(5, batch=(2,), Hq=2, Lq=300, Lk=260, D=64, kv_lengths=[0, 260])
+    call = semantics.normalize(q, k, v, causal=True, kv_lengths=[0, 260])
+    out, lse = cpu.forward(call)
+    dout = np.ones_like(out)
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
+    assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
+    assert np.all(out[1, :, :40] == 0) and np.all(lse[1, :, :40] == -np.inf)
+    assert np.all(dq[0] == 0) and np.all(dq[1, :, :40] == 0) and np.all(dk[0] == 0) and np.all(dv[0] == 0)
+    ref_out, ref_lse = H.reference(q, k, v, causal=True, kv_lengths=[0, 260])
+    naive_out, _ = H.naive(q, k, v, causal=True, kv_lengths=[0, 260])
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    assert [s for _, s, _ in taken] == ([True, True] if route == "amx" and AMX else [])
+
+
+@pytest.mark.parametrize("route", ["amx"], indirect=True)
+@pytest.mark.parametrize("magnitude", [2.0**-45, 2.0**42], ids=["tiny", "huge"])
+def test_operands_out_of_range_take_mkl(route, taken, magnitude):
+    # largest magnitudes outside [2⁻⁴⁰, 2⁴⁰]: the tile unit would flush the tiny ones' pieces
+    # (and huge ones near overflow); both passes then take MKL's tiles and stay correct
+    scale = 1.0 / (magnitude * magnitude)  # keeps the scores of order one
+    _check(7, route, taken, Lq=300, Lk=300, D=64, magnitude=magnitude, scale=scale, expect=False)
+
+
+def test_range_rule():
+    from dotattn.kernels._cpu_amx_f32 import SPLIT_MAX, SPLIT_MIN, largest, ok_range
+
+    assert ok_range(0.0) and ok_range(1.0) and ok_range(SPLIT_MIN) and ok_range(SPLIT_MAX)
+    assert not ok_range(SPLIT_MIN / 2) and not ok_range(SPLIT_MAX * 2)
+    assert not ok_range(float("nan")) and not ok_range(float("inf"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 77)).astype(np.float32)
+    full, short = np.array([5, 5]), np.array([5, 2])
+    assert largest(x, full) == np.abs(x).max()
+    x[1, 2, 3, 4] = -50.0
+    assert largest(x, full) == 50.0 and largest(x, short) == np.abs(x[:, :, :2]).max() < 50.0
+    x[1, 1, 4, 76] = np.nan
+    assert np.isnan(largest(x, full)) and not np.isnan(largest(x, short))
+    x[1, 1, 4, 76] = -np.inf
+    assert not ok_range(float(largest(x, full)))  # ±inf reads as NaN: out of range either way
+
+
+def test_route_rule():
+    q, k, v = H.random_qkv(1, batch=(1,), Hq=2, Lq=300, Lk=300, D=64)
+    base = semantics.normalize(q, k, v)
+    assert cpu.f32_split_route(base) == AMX
+    others = {
+        "softcap": dict(softcap=20.0),
+        "bias": dict(bias=np.zeros((300, 300), np.float32)),
+        "dropout": dict(dropout_p=0.1, seed=1),
+        "mask": dict(mask=np.ones((300, 300), bool)),
+        "segments": dict(segment_ids=np.zeros((1, 300), np.int64)),
+    }
+    for name, opts in others.items():
+        assert not cpu.f32_split_route(semantics.normalize(q, k, v, **opts)), name
+    small = H.random_qkv(1, batch=(1,), Hq=1, Lq=40, Lk=40, D=64)  # the small-call kernel's
+    assert not cpu.f32_split_route(semantics.normalize(*small))
+    assert not cpu.f32_split_route(semantics.normalize(*(x.astype(np.float64) for x in (q, k, v))))
+    # float16 inputs compute in float32 (converted first): the route applies to them alike
+    assert cpu.f32_split_route(semantics.normalize(*(x.astype(np.float16) for x in (q, k, v)))) == AMX
+    # GQA causal: the grouped forward computes its scores another way
+    g = H.random_qkv(1, batch=(1,), Hq=4, Hkv=2, Lq=300, Lk=300, D=64)
+    assert not cpu.f32_split_route(semantics.normalize(*g, causal=True))
+
+
+def test_switch_and_info(monkeypatch):
+    q, k, v = H.random_qkv(1, batch=(1,), Hq=2, Lq=300, Lk=300, D=64)
+    call = semantics.normalize(q, k, v)
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "mkl")
+    assert not cpu.f32_split_route(call)
+    on, what = cpu.f32_products_path()
+    assert not on and "DOTATTN_F32_PRODUCTS=mkl" in what
+    assert "float32 score products: float32 sgemm tiles" in cpu.CpuBackend().description
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx")
+    assert cpu.f32_split_route(call) == AMX
+    assert ("bf16x6" in cpu.CpuBackend().description) == AMX
+    row = [r for r in dotattn.info() if r["name"] == "cpu"][0]
+    assert "float32 score products" in str(row)
+
+
+def test_split_product_against_float64_and_tile_independent():
+    """The product alone: closer to float64 than a float32 GEMM's rounding allows, and bitwise
+    the same whatever tile the output element sits in (the forward and backward tile differently)."""
+    if not AMX:
+        assert not cpu.f32_products_path()[0]
+        return
+    from dotattn.kernels import _cpu_amx_f32 as F
+    from dotattn.kernels._cpu_amx import tile_config
+
+    rng = np.random.default_rng(2)
+    M, N, D = 96, 128, 59
+    a = rng.standard_normal((M, D)).astype(np.float32)
+    b = rng.standard_normal((N, D)).astype(np.float32)
+    ap = np.zeros((3, M, 64), np.uint16)
+    F.split_rows(a, ap, M, D)
+    bp = np.zeros((1, 1, 3, 32, N), np.uint32)
+    F.split_columns(b[None, None], np.array([N]), bp)
+    c = np.empty((M, N), np.float32)
+    cfg = tile_config()
+    F.product(ap, bp[0, 0], c, cfg)
+    exact = a.astype(np.float64) @ b.T.astype(np.float64)
+    naive = a @ b.T
+    assert np.abs(c - exact).max() <= np.abs(naive - exact).max()
+    part = np.empty((32, 64), np.float32)
+    F.product(ap[:, 32:64], bp[0, 0][:, :, 64:128], part, cfg)
+    H.assert_bitwise_equal(part, c[32:64, 64:128], "a sub-tile")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    Lq=st.integers(170, 400),  # Lq·Lk above the small-call kernel's 65,536 scores: the tiled kernels
+    Lk=st.integers(390, 700),
+    D=st.sampled_from([8, 31, 64, 80]),
+    causal=st.booleans(),
+    scale=st.floats(0.05, 2.5),
+)
+def test_shapes(seed, Lq, Lk, D, causal, scale):
+    q, k, v = H.random_qkv(seed, batch=(1,), Hq=2, Lq=Lq, Lk=Lk, D=D)
+    opts = {"causal": causal, "scale": scale}
+    call = semantics.normalize(q, k, v, **opts)
+    split = AMX and Lq * Lk > 65536
+    assert cpu.f32_split_route(call) == split
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32)
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
+    ref_out, ref_lse = H.reference(q, k, v, **opts)
+    naive_out, naive_lse = H.naive(q, k, v, **opts)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), H.reference_grads(q, k, v, dout, **opts),
+                             H.naive_grads(q, k, v, dout, **opts)):
+        # the suite's factor (tests/kernels/test_cpu.py): at D 8–16 both routes' dQ exceed 2×
+        # naive's tiny error (seed 0, Lq 170, Lk 391, D 8: split 4.6×, MKL 5.6× before the floor)
+        H.assert_close_to_reference(g, r, n, name=name, factor=3.0, magnitude=4.0)

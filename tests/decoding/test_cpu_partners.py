@@ -196,3 +196,28 @@ def test_a_partner_that_never_wakes_is_not_waited_for(parallel, monkeypatch):
     for _ in range(3):
         got = _run(case)
         H.assert_bitwise_equal(got[0], alone[0], name="out after waking")
+
+
+def test_the_choice_does_not_time_a_modes_first_call_nor_a_call_after_a_pause(monkeypatch):
+    """ParallelChoice keeps no time of each mode's first call in a class (it may load a kernel)
+    nor of a call that came more than IDLE_S after the previous one (a core and a thread wake)."""
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice = ParallelChoice()
+    assert choice.choose() is True
+    choice.record(True, 5.0)  # the pool's first: not kept
+    assert choice.choose() is True
+    choice.record(True, 2e-9)
+    assert choice.choose() is False
+    choice.record(False, 5.0)  # alone's first: not kept
+    assert choice.times == ([], [2e-9])
+    assert choice.choose() is False
+    choice.record(False, 1e-9)
+    assert choice.times == ([1e-9], [2e-9])
+    choice.last -= 10 * ParallelChoice.IDLE_S  # a pause since the last call
+    mode = choice.choose()
+    choice.record(mode, 7.0)
+    assert choice.times == ([1e-9], [2e-9]), "a call after a pause was timed"
+    mode = choice.choose()
+    choice.record(mode, 3e-9)
+    assert choice.times[int(mode)][-1] == 3e-9

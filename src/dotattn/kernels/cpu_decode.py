@@ -245,8 +245,10 @@ class ParallelChoice:
     every :data:`RETRY` calls (has the load changed?).  Races between threads calling at once
     only blur the times.
 
-    A call that comes more than :data:`IDLE_S` after the class's previous one is not timed
-    either: after a pause the first pool calls are slow (the pool thread and the idle core
+    The first call of each mode is not timed (the first alone call of a class loaded the
+    one-entry kernel: 25–42 ms, which kept a busy machine's calls on the slower pool for the
+    next 32), nor is a call that comes more than :data:`IDLE_S` after the class's previous one:
+    after a pause the first pool calls are slow (the pool thread and the idle core
     wake — torch's first SDPA calls after the bench's 0.3 s pauses took 2–10× their time too),
     and three such times made the class run alone for the next 64–96 calls, until its retries
     had brought three good pool times back: the bench's B1 4k rows timed the calling thread
@@ -258,11 +260,12 @@ class ParallelChoice:
     POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
     IDLE_S = 0.02
 
-    __slots__ = ("times", "calls", "last", "idle")
+    __slots__ = ("times", "calls", "last", "idle", "ran")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
         self.calls = 0
+        self.ran = [False, False]  # each mode's first call is not timed (it may load its kernel)
         self.last = 0.0  # when the class's previous call ended (perf_counter)
         self.idle = False  # this call came after a pause
 
@@ -280,8 +283,9 @@ class ParallelChoice:
 
     def record(self, pool: bool, per_byte: float) -> None:
         self.last = time.perf_counter()
-        if self.calls <= 1 or self.idle:
-            return  # the class's first call, or the first after a pause: a warm-up
+        first, self.ran[int(pool)] = not self.ran[int(pool)], True
+        if first or self.idle:
+            return  # a mode's first call in the class, or the first after a pause: a warm-up
         kept = self.times[int(pool)]
         kept.append(per_byte)
         if len(kept) > self.KEEP:

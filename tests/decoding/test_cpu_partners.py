@@ -24,10 +24,16 @@ pytestmark = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu decode ke
 def parallel(monkeypatch):
     """Every call of the cpu kernel in parallel (no size floor, the pool always chosen), on a
     fresh set of partners made with the settings the test gives; yields ``cpu_decode``."""
+    import types
+
+    import numba
+
     from dotattn.kernels import cpu_decode
 
-    if cpu_decode._workers() < 2:
-        pytest.skip("one core: no partner threads")
+    if cpu_decode._workers() < 2 or numba.get_num_threads() < 2:
+        # one core: the calls would stay on their thread; two threads on it are tested all the same
+        monkeypatch.setattr(cpu_decode, "_WORKERS", [2])
+        monkeypatch.setattr(cpu_decode, "numba", types.SimpleNamespace(get_num_threads=lambda: 2))
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: True)
     monkeypatch.setattr(cpu_decode, "_partners", None)

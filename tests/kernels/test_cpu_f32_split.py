@@ -22,7 +22,7 @@ from dotattn.kernels import _cpu_isa, cpu
 import helpers as H
 
 AMX = cpu.f32_products_path()[0]
-ROUTES = ("amx", "mkl")
+ROUTES = ("amx", "amx5", "mkl")  # scores + dPᵀ; all five backward products; MKL's tiles
 # The gradients' factor of the rule: 2× naive on the split route; MKL's tiles keep the factor
 # of tests/kernels/test_cpu.py (3×: its dQ reached 3.1× naive at D 80, L 238, scale 0.36)
 GRAD_FACTOR = {True: 2.0, False: 3.0}
@@ -42,7 +42,7 @@ def taken(monkeypatch):
 
     def spy(p, call, dout=None):
         out = real(p, call, dout)
-        seen.append((dout is not None, out.options.split_s, out.options.split_dp))
+        seen.append((dout is not None, out.options.split_s, out.options.split_dp, out.options.split_all))
         return out
 
     monkeypatch.setattr(cpu, "_with_split_operands", spy)
@@ -57,8 +57,9 @@ def _check(seed, route, taken, *, Lq, Lk, D, Hq=2, Hkv=None, scale=None, causal=
     if scale is not None:
         opts["scale"] = scale
     call = semantics.normalize(q, k, v, **opts)
-    split = route == "amx" and AMX and expect
-    assert cpu.f32_split_route(call) == (route == "amx" and AMX)
+    on = route != "mkl" and AMX
+    split = on and expect
+    assert cpu.f32_split_route(call) == on
     out, lse = cpu.forward(call)
     dout = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
     if q_lengths is not None:  # padding rows of dout may hold anything
@@ -66,9 +67,11 @@ def _check(seed, route, taken, *, Lq, Lk, D, Hq=2, Hkv=None, scale=None, causal=
             dout[b, :, n:] = np.nan
     dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
     # forward, then backward (its dPᵀ), each took the route (or not) as expected
-    assert [s for _, s, _ in taken] == ([split, split] if route == "amx" and AMX else [])
+    assert [s for _, s, _, _ in taken] == ([split, split] if on else [])
     if taken:
         assert taken[1][2] == split
+        # all five products: asked for, head dims in whole 32-steps (dQ then accumulates transposed)
+        assert taken[1][3] == (split and route == "amx5" and D % 32 == 0)
     ref_out, ref_lse = H.reference(q, k, v, **opts)
     naive_out, naive_lse = H.naive(q, k, v, **opts)
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
@@ -112,10 +115,11 @@ def test_fully_masked_rows(route, taken):
     ref_out, ref_lse = H.reference(q, k, v, causal=True, kv_lengths=[0, 260])
     naive_out, _ = H.naive(q, k, v, causal=True, kv_lengths=[0, 260])
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
-    assert [s for _, s, _ in taken] == ([True, True] if route == "amx" and AMX else [])
+    assert [s for _, s, _, _ in taken] == ([True, True] if route != "mkl" and AMX else [])
+    assert [a for _, _, _, a in taken] == ([False, route == "amx5"] if route != "mkl" and AMX else [])
 
 
-@pytest.mark.parametrize("route", ["amx"], indirect=True)
+@pytest.mark.parametrize("route", ["amx", "amx5"], indirect=True)
 @pytest.mark.parametrize("magnitude", [2.0**-45, 2.0**42], ids=["tiny", "huge"])
 def test_operands_out_of_range_take_mkl(route, taken, magnitude):
     # largest magnitudes outside [2⁻⁴⁰, 2⁴⁰]: the tile unit would flush the tiny ones' pieces
@@ -138,7 +142,10 @@ def test_range_rule():
     x[1, 1, 4, 76] = np.nan
     assert np.isnan(largest(x, full)) and not np.isnan(largest(x, short))
     x[1, 1, 4, 76] = -np.inf
-    assert not ok_range(float(largest(x, full)))  # ±inf reads as NaN: out of range either way
+    assert np.isnan(largest(x, full))  # ±inf reads as NaN: out of range either way
+    x[1, 1, 4, 76] = 0.0
+    x[0, 0, 0, 0] = -2.0**41
+    assert largest(x, full) == 2.0**41 and not ok_range(largest(x, full))
 
 
 def test_route_rule():
@@ -175,6 +182,10 @@ def test_switch_and_info(monkeypatch):
     monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx")
     assert cpu.f32_split_route(call) == AMX
     assert ("bf16x6" in cpu.CpuBackend().description) == AMX
+    assert not _cpu_isa.f32_all_products()
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx5")
+    assert cpu.f32_split_route(call) == AMX and _cpu_isa.f32_all_products()
+    assert ("all five backward products" in cpu.CpuBackend().description) == AMX
     row = [r for r in dotattn.info() if r["name"] == "cpu"][0]
     assert "float32 score products" in str(row)
 
@@ -215,22 +226,30 @@ def test_split_product_against_float64_and_tile_independent():
     D=st.sampled_from([8, 31, 64, 80]),
     causal=st.booleans(),
     scale=st.floats(0.05, 2.5),
+    route=st.sampled_from(["amx", "amx5"]),
 )
-def test_shapes(seed, Lq, Lk, D, causal, scale):
+def test_shapes(seed, Lq, Lk, D, causal, scale, route):
+    """Any shape: the forward by the 2×-naive rule; the gradients no further from float64 than
+    MKL's tiles (≤ 1.25× their error + the rule's floor).  (The float32 backward misses the rule
+    on both routes alike at some shapes — seed 0, Lq 170, Lk 486, D 64, scale 0.5: dK 6.8× naive
+    split, 6.6× MKL; D 8, Lk 681, scale 2: dQ 6.5× both — from P = 2^(S − lse), not the products.)"""
     q, k, v = H.random_qkv(seed, batch=(1,), Hq=2, Lq=Lq, Lk=Lk, D=D)
     opts = {"causal": causal, "scale": scale}
     call = semantics.normalize(q, k, v, **opts)
-    split = AMX and Lq * Lk > 65536
-    assert cpu.f32_split_route(call) == split
-    out, lse = cpu.forward(call)
-    dout = np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32)
-    dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
+    dout = np.random.default_rng(seed).standard_normal((1, 2, Lq, D)).astype(np.float32)
     ref_out, ref_lse = H.reference(q, k, v, **opts)
     naive_out, naive_lse = H.naive(q, k, v, **opts)
-    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
-    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
-    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), H.reference_grads(q, k, v, dout, **opts),
-                             H.naive_grads(q, k, v, dout, **opts)):
-        # the suite's factor (tests/kernels/test_cpu.py): at D 8–16 both routes' dQ exceed 2×
-        # naive's tiny error (seed 0, Lq 170, Lk 391, D 8: split 4.6×, MKL 5.6× before the floor)
-        H.assert_close_to_reference(g, r, n, name=name, factor=3.0, magnitude=4.0)
+    ref_grads = H.reference_grads(q, k, v, dout, **opts)
+    errors = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for r in (route, "mkl"):
+            mp.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, r)
+            assert cpu.f32_split_route(call) == (AMX and r != "mkl")
+            out, lse = cpu.forward(call)
+            H.assert_close_to_reference(out, ref_out, naive_out, name=f"{r} out")
+            H.assert_close_to_reference(lse, ref_lse, naive_lse, name=f"{r} lse")
+            grads = cpu.backward(call, out, lse, dout)[:3]
+            errors[r] = [float(np.abs(g.astype(np.float64) - x).max()) for g, x in zip(grads, ref_grads)]
+    for name, ours, mkl, x in zip(("dq", "dk", "dv"), errors[route], errors["mkl"], ref_grads):
+        floor = H.FLOORS[np.dtype(np.float32)] * max(1.0, float(np.abs(x).max()), 4.0)
+        assert ours <= 1.25 * mkl + floor, f"{name}: split {ours:.3g}, MKL {mkl:.3g}"

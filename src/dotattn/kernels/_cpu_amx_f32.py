@@ -244,28 +244,196 @@ def product(a, b, c, cfg):
     _tile_release()
 
 
-@njit(cache=_JIT_CACHE, parallel=True)
-def largest(x, lens):
-    """``max |x[b, h, :lens[b]]|`` of ``x (B, H, L, X)`` float32 (rows contiguous), NaN when those
-    rows hold a NaN: the range check of :func:`ok_range`, in one parallel pass (NumPy's ``abs``
-    + ``max`` took a temporary and two passes; rows past the lengths may hold anything)."""
+def largest(x: np.ndarray, lens: np.ndarray) -> float:
+    """``max |x[b, h, :lens[b]]|`` of float32 ``x (B, H, L, X)``, NaN when those rows hold a NaN
+    or ±inf: the range check of :func:`ok_range` (rows past the lengths may hold anything).
+    NumPy's ``max`` and ``min`` (0.9 ms for H8 L4096 D64; Numba loops, a float one with NaN
+    checks and an integer one on the bits, stayed scalar: 4–13 ms)."""
     B, H, L, X = x.shape
-    top = np.zeros(B * H, dtype=np.float32)
+    parts = [x] if bool(np.all(lens >= L)) else [x[b, :, : min(L, int(n))] for b, n in enumerate(lens)]
+    top = 0.0
+    for part in parts:
+        if part.size == 0:
+            continue
+        hi, lo = float(part.max()), float(part.min())
+        if not (np.isfinite(hi) and np.isfinite(lo)):
+            return float("nan")
+        top = max(top, hi, -lo)
+    return top
+
+
+# ---------------------------------------------------------------------------------
+# The backward's other three products on the split (dV += Pᵀ·dO, dK += dSᵀ·Q, dQᵀ += Kᵀ·dSᵀ):
+# P's and dS's pieces written by the exp and dS passes, the per-call operands (Q and dO in
+# pairs of query rows, Kᵀ's rows per key tile) split once per call
+# (benchmarks/f32_split_tile.py: 1.24–1.34× MKL's backward tile at 128 × 256 with all five)
+# ---------------------------------------------------------------------------------
+
+
+@intrinsic
+def _split_pair16(typingctx, src0, src1, dst, ps):
+    """16 float32 at ``src0`` (depth k) and 16 at ``src1`` (depth k + 1) → per column the
+    uint32 pair ``(piece(x0), piece(x1))``, 16 pairs for each piece at ``dst + p·ps``."""
+
+    def codegen(context, builder, signature, args):
+        src0, src1, dst, ps = args
+        _amx_function(context, builder, _AVX512)
+        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
+        for p, bits in enumerate(_pieces_vec(builder, _vload(builder, src0), _vload(builder, src1))):
+            pairs = builder.shuffle_vector(bits, bits, interleave)
+            addr = builder.add(dst, builder.mul(ps, ir.Constant(ps.type, p)))
+            builder.store(pairs, builder.inttoptr(addr, _V32I16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def split_pairs(x, out, K, N):
+    """B operand with the depth along ``x``'s rows: ``out (3, ≥K/2, Np)`` uint32 ← pieces of
+    ``x[:K, :N]`` (rows contiguous) in pairs of consecutive rows, zero elsewhere (up to
+    ``out.shape[1]`` pair rows and ``Np`` columns)."""
+    K2, Np = out.shape[1], out.shape[2]
+    N16 = N - N % 16
+    ps = out.strides[0]
+    sh = np.uint32(16)
+    for k2 in range(K2):
+        k = 2 * k2
+        n0 = 0
+        if k + 1 < K:
+            src0, src1, dst = x[k].ctypes.data, x[k + 1].ctypes.data, out[0, k2].ctypes.data
+            for n in range(0, N16, 16):
+                _split_pair16(src0 + 4 * n, src1 + 4 * n, dst + 4 * n, ps)
+            n0 = N16
+        for n in range(n0, Np):
+            if n < N and k < K:
+                h0, m0, l0 = _pieces(x[k, n])
+                if k + 1 < K:
+                    h1, m1, l1 = _pieces(x[k + 1, n])
+                else:
+                    h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
+                out[0, k2, n] = h0 | (h1 << sh)
+                out[1, k2, n] = m0 | (m1 << sh)
+                out[2, k2, n] = l0 | (l1 << sh)
+            else:
+                out[0, k2, n] = 0
+                out[1, k2, n] = 0
+                out[2, k2, n] = 0
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def split_row_pairs(q, lens, out):
+    """The B operand of ``dK += dSᵀ·Q`` (or ``dV += Pᵀ·dO``) for every query row of a head:
+    ``out (B, H, 3, ≥Lq/2, Dp)`` uint32 ← pieces of ``q (B, H, Lq, D)`` in pairs of query rows,
+    rows at or past ``lens[b]`` zero.  A query tile is ``out[b, h, :, i0/2:(i0+BQ)/2]``."""
+    B, H, Lq, D = q.shape
     for t in prange(B * H):
         b, h = t // H, t % H
-        m = np.float32(0.0)
-        poison = np.float32(0.0)  # v·0 is NaN for a NaN or ±inf v
-        for r in range(min(L, lens[b])):
-            row = x[b, h, r]
-            for i in range(X):
-                v = abs(row[i])
-                m = max(m, v)
-                poison += v * np.float32(0.0)
-        top[t] = m + poison
-    out = np.float32(0.0)
-    for t in range(B * H):
-        v = top[t]
-        if v != v:
-            return np.float32(np.nan)
-        out = max(out, v)
-    return out
+        split_pairs(q[b, h], out[b, h], min(Lq, lens[b]), D)
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def split_tiles_t(kp, out):
+    """Per key tile, the A operand of ``dQᵀ += Kᵀ·dSᵀ``: ``out (B, H, nkb, 3, ≥Dp, BK)`` uint16 ←
+    pieces of each tile of ``kp (B, H, nkb, BK, D)`` transposed."""
+    B, H, nkb, BK, D = kp.shape
+    for t in prange(B * H * nkb):
+        b, h, kb = t // (H * nkb), (t // nkb) % H, t % nkb
+        kt = np.ascontiguousarray(kp[b, h, kb].T)
+        split_rows(kt, out[b, h, kb], D, BK)
+
+
+@intrinsic
+def _vadd32(typingctx, c, s):
+    """``c[0:32] += s[0:32]`` (float32) as two AVX-512 adds: Numba's loop stayed scalar (the
+    arrays might alias), ≈ 0.6 µs a 32 × 32 block."""
+
+    def codegen(context, builder, signature, args):
+        c, s = args
+        _amx_function(context, builder, _AVX512)
+        for off in (0, 64):
+            o = ir.Constant(c.type, off)
+            cp = builder.inttoptr(builder.add(c, o), _VF.as_pointer())
+            sp = builder.inttoptr(builder.add(s, o), _VF.as_pointer())
+            builder.store(builder.fadd(builder.load(cp, align=4), builder.load(sp, align=4)), cp, align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_block(c0, c_ld, s0, i, j):
+    for r in range(32):
+        _vadd32(c0 + (i + r) * c_ld + 4 * j, s0 + r * 128)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def product_add(a, b, c, s, cfg):
+    """``c[:M, :N] += A·B`` (operands as :func:`product`; ``s`` a 64-byte aligned scratch of
+    2 × 32 × 32 float32): each block's six sub-products from 0 into a tile, stored to the
+    scratch and added into ``c`` **one block later** with AVX-512 adds (reading a tile store
+    back at once stalled, ≈ 370 ns a block).  ``i_outer``: A's 32-row block stays while B's
+    stream when ``c`` is taller than wide, else B's column block stays."""
+    M, N = c.shape
+    depth = a.shape[2]
+    a_ps, a_ld = a.strides[0], a.strides[1]
+    b_ps, b_ld = b.strides[0], b.strides[1]
+    c_ld = c.strides[0]
+    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    s_base = s.ctypes.data
+    _tile_config(cfg.ctypes.data)
+    pend = 0
+    pi, pj = -1, -1
+    nI, nJ = M // 32, N // 32
+    i_outer = M <= N
+    for t in range(nI * nJ):
+        if i_outer:
+            i, j = 32 * (t // nJ), 32 * (t % nJ)
+        else:
+            i, j = 32 * (t % nI), 32 * (t // nI)
+        _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
+        if pi >= 0:
+            _add_block(c0, c_ld, s_base + pend * 4096, pi, pj)
+        pend ^= 1
+        _store_2x2(s_base + pend * 4096, 128)
+        pi, pj = i, j
+    if pi >= 0:
+        _add_block(c0, c_ld, s_base + pend * 4096, pi, pj)
+    _tile_release()
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def split_block_rows(ST, rows_out, r0, r1):
+    """Rows ``r0 … r1−1`` of ``ST (BK, BQ)`` (BQ a multiple of 32) → their pieces in
+    ``rows_out (3, ≥BK, BQ)`` (an A operand with depth BQ), while they are in L1."""
+    BQ = ST.shape[1]
+    ps = rows_out.strides[0]
+    for c in range(r0, r1):
+        src, dst = ST[c].ctypes.data, rows_out[0, c].ctypes.data
+        for k in range(0, BQ, 32):
+            _split32(src + 4 * k, dst + 2 * k, ps)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def split_block_pairs(ST, pairs_out, r0, r1):
+    """Rows ``r0 … r1−1`` (``r0`` even) of ``ST (BK, BQ)`` → their pieces in pairs of rows in
+    ``pairs_out (3, ≥BK/2, BQ)`` (a B operand with depth BK)."""
+    BQ = ST.shape[1]
+    ps = pairs_out.strides[0]
+    for c in range(r0, r1, 2):
+        s0, s1, dst = ST[c].ctypes.data, ST[c + 1].ctypes.data, pairs_out[0, c // 2].ctypes.data
+        for k in range(0, BQ, 16):
+            _split_pair16(s0 + 4 * k, s1 + 4 * k, dst + 4 * k, ps)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def pieces_buffer(rows, cols, like):
+    """A ``(3, rows, cols)`` pieces buffer of ``like``'s dtype (uint16 rows or uint32 pairs) at a
+    64-byte boundary, each piece a row and each row a cache line longer than needed (a strided
+    view): rows or pieces a power of two apart share L1 sets."""
+    pad = 64 // like.itemsize
+    R, C = rows + 1, cols + pad
+    n = 3 * R * C
+    buf = np.zeros(n + pad, dtype=like.dtype)
+    skip = (-buf.ctypes.data) % 64 // buf.itemsize
+    return buf[skip : skip + n].reshape((3, R, C))[:, :rows, :cols]

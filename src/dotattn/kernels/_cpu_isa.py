@@ -37,8 +37,12 @@ ENV_VAR = "DOTATTN_CPU_BF16"
 AMX_ENV_VAR = "DOTATTN_CPU_AMX"
 F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
 # float32 tile products on AMX as split bfloat16 products (_cpu_amx_f32, cpu.f32_split_route):
-# "amx" (default where AMX runs) or "mkl" (MKL's float32 sgemm tiles); read on every call
+# "amx" (the score products and the backward's dP; default where AMX runs), "amx5" (also the
+# backward's other three products) or "mkl" (MKL's float32 sgemm tiles); read on every call
 F32_PRODUCTS_ENV_VAR = "DOTATTN_F32_PRODUCTS"
+# Whether "amx" without a value means all five backward products ("amx5"): not yet — in the
+# whole kernel at two threads they measured slower than MKL's tiles (docs/performance.md)
+F32_ALL_PRODUCTS_DEFAULT = False
 # Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"
 SGEMM_SYMBOL = "dotattn_sgemm"
@@ -264,7 +268,20 @@ def f32_amx_products(load: bool = True) -> tuple[bool, str]:
         return False, f"float32 sgemm tiles ({why})"
     if "avx512bf16" not in _cpu_features():
         return False, "float32 sgemm tiles (this CPU has no avx512bf16)"
+    which = "the score products and all five backward products" if f32_all_products() else "the score products and the backward's dP"
     return True, (
-        "AMX for the score products and the backward's dP (each float32 product six bfloat16 products "
-        "of split operands, bf16x6) on simple calls, operands in range"
+        f"AMX for {which} (each float32 product six bfloat16 products of split operands, bf16x6) "
+        "on simple calls, operands in range"
     )
+
+
+def f32_all_products() -> bool:
+    """Whether the float32 backward on the split route takes all five products on AMX
+    (``DOTATTN_F32_PRODUCTS=amx5``; default :data:`F32_ALL_PRODUCTS_DEFAULT`), not only ``Sᵀ``
+    and ``dPᵀ``: P's and dS's pieces from the exp and dS passes, dQ accumulated transposed."""
+    forced = os.environ.get(F32_PRODUCTS_ENV_VAR, "").strip().lower()
+    if forced in ("amx5", "all"):
+        return True
+    if forced == "amx":
+        return False
+    return F32_ALL_PRODUCTS_DEFAULT

@@ -773,6 +773,15 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
+    # split-AMX route with all five products (o.split_all): P's, then dS's, pieces in rows (the
+    # A operands of dV and dK) and dS's in pairs of keys (dQᵀ's B); a scratch for the adds
+    sa = o.split_all
+    pc_rows, pc_cols = (BK, BQ) if sa else (0, 32)
+    pc = _cpu_amx_f32.pieces_buffer(pc_rows, pc_cols, np.empty(0, dtype=np.uint16))
+    d_pairs = _cpu_amx_f32.pieces_buffer(pc_rows // 2, pc_cols, np.empty(0, dtype=np.uint32))
+    scratch = _aligned_empty(64, 32, dkp)  # two 32 × 32 blocks
+    if o.split_s:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
+        ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
     threads = _gemm_threads_begin(q)
     for t in range(B * Hkv * nkb):
         if _snake_chunk(t, nchunks) != chunk:
@@ -802,6 +811,10 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
                 #    without dropout or chain rule: straight into the operand Pb, rounded
                 _scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
+                if sa:
+                    _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
+                                dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
+                    continue
                 if exact_rows:
                     _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
                     in_pb = False
@@ -835,6 +848,39 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
         dkp[b, hk, kb] = dK * o.scale
         dvp[b, hk, kb] = dV
     _gemm_threads_end(q, threads)
+
+
+def _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
+    """The rest of a backward tile on the split-AMX route with all five products (``o.split_all``;
+    Sᵀ is in ``ST`` already): the exp pass writes P's pieces in rows 8 rows at a time (while in
+    L1), ``dPᵀ = V·dOᵀ``, ``dV += Pᵀ·dO``, the dS pass writes dS's pieces in rows and in pairs
+    of keys, ``dK += dSᵀ·Q``, ``dQᵀ += Kᵀ·dSᵀ`` into the transposed ``dqT (Dp, BQ)``.  float32
+    only (the other dtypes' kernels compile a no-op; the route never reaches them)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_split_tile, jit_options={"cache": _JIT_CACHE})
+def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
+    if ST.dtype != types.float32:
+        return lambda ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg: None
+
+    def impl(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
+        BK, BQ = ST.shape
+        F = _cpu_amx_f32
+        for c0 in range(0, BK, 8):
+            _exp2_shifted(ST[c0 : c0 + 8], N[c0 : c0 + 8], c2, lse2)
+            F.split_block_rows(ST, pc, c0, c0 + 8)
+        _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)
+        q2 = i0 // 2
+        F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
+        for c0 in range(0, BK, 8):
+            _ds_block(ST[c0 : c0 + 8], dPT[c0 : c0 + 8], dls)
+            F.split_block_rows(ST, pc, c0, c0 + 8)
+            F.split_block_pairs(ST, d_pairs, c0, c0 + 8)
+        F.product_add(pc, o.qrp[b, h, :, q2 : q2 + BQ // 2], dK, scratch, cfg)
+        F.product_add(o.ktp[b, hk, kb], d_pairs, dqT, scratch, cfg)
+
+    return impl
 
 
 # =================================================================================

@@ -17,6 +17,7 @@ SKIP, PARTIAL, FULL = 0, 1, 2  # tile classes: never read / masked per element /
 # array type for every call, so every call reuses one compiled specialization.
 NO_ROWS = np.zeros((1, 1, 1, 3, 1, 1), dtype=np.uint16)
 NO_PAIRS = np.zeros((1, 1, 3, 1, 1), dtype=np.uint32)
+NO_ROWS_STRIDED = np.zeros((1, 1, 1, 3, 1, 2), dtype=np.uint16)[..., :1]  # (Numba layout "A", as ktp)
 
 
 class Options(NamedTuple):
@@ -66,6 +67,14 @@ class Options(NamedTuple):
     qpc: np.ndarray = NO_PAIRS
     vpc: np.ndarray = NO_ROWS
     dopc: np.ndarray = NO_PAIRS
+    # ... and the backward's other three products (dV += Pᵀ·dO, dK += dSᵀ·Q, dQᵀ += Kᵀ·dSᵀ): P's
+    # and dS's pieces from the exp and dS passes, Q's and dO's in pairs of query rows per head
+    # (qrp, dorp (B, Hq, 3, ≥Lq/2, Dp) uint32), Kᵀ's rows per key tile (ktp (B, Hkv, nkb, 3,
+    # ≥Dp, BK) uint16, rows padded: a strided view); dQ then accumulates transposed
+    split_all: bool = False
+    qrp: np.ndarray = NO_PAIRS
+    dorp: np.ndarray = NO_PAIRS
+    ktp: np.ndarray = NO_ROWS_STRIDED
 
 
 def flat_pairwise(x: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:

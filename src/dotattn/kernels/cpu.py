@@ -57,6 +57,13 @@ SPARSE_BLOCK_SIZE = (64, 128)
 # 156.7 → 152.5, 183.5 → 177.3 ms; D128 and causal no faster (causal 86.0 → 90.0: its
 # diagonal tiles mask twice the keys), so they keep the default (value dims ≤ 64 only).
 DENSE_F32_FORWARD_BLOCK_SIZE = (256, 512)
+# The float32 backward on the split-AMX route (f32_split_route): with all five products at
+# 256 × 512 the tile's pieces (6 bytes an element) pass the 2 MiB L2, at 128 × 256 the split
+# tile measured 1.24–1.34× MKL's (benchmarks/f32_split_tile.py).  Whole backward, dense H8
+# L4096 D64, two threads, routes alternated in one process (03:23–03:25, load 0.9–1.5), ms:
+# MKL 256×512 306.8 / 296.6 / 303.9; Sᵀ, dPᵀ split at 256×512 277.9 / 297.8 / 315.0, at
+# 128×256 271.8 / 282.8 / 299.4; all five at 128×256 269.8 / 278.4 / 302.2.
+F32_SPLIT_BACKWARD_BLOCK_SIZE = (128, 256)
 
 # float32 GQA causal forwards (the grouped kernel; per-head tiles, G·BQ rows per GEMM):
 # SmolLM's prompt pass (Hq 9, Hkv 3, L 512, D 64) — see docs/performance.md.
@@ -855,7 +862,7 @@ def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
 
     B, H, nkb, BK, X = tiles.shape
     full = np.full(B, nkb * BK, dtype=np.int64)
-    return ok_range(float(largest(rows, lens))) and ok_range(float(largest(tiles.reshape(B, H, nkb * BK, X), full)))
+    return ok_range(largest(rows, lens)) and ok_range(largest(tiles.reshape(B, H, nkb * BK, X), full))
 
 
 def _row_pieces(x: np.ndarray) -> np.ndarray:
@@ -881,16 +888,51 @@ def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
     return out
 
 
+def _split_all_shapes(call: AttentionCall) -> bool:
+    """Whether the backward takes all five products on the split route: asked for
+    (``_cpu_isa.f32_all_products``) and head dims in whole 32-steps (dK, dV and dQᵀ accumulate
+    in 32 × 32 blocks)."""
+    from ._cpu_isa import f32_all_products
+
+    return call.D % AMX_QUANTUM == 0 and call.Dv % AMX_QUANTUM == 0 and f32_all_products()
+
+
+def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
+    """Per head, the pieces of ``x (B, H, L, X)`` in pairs of rows (the B operands of ``dK +=
+    dSᵀ·Q`` and ``dV += Pᵀ·dO``), rows padded to whole query tiles."""
+    from ._cpu_amx_f32 import padded, split_row_pairs
+
+    B, H, L, X = x.shape
+    out = _empty_aligned((B, H, 3, -(-L // BQ) * BQ // 2 + 1, padded(X)), np.uint32)
+    split_row_pairs(x, lens, out)
+    return out
+
+
+def _transposed_row_pieces(x: np.ndarray) -> np.ndarray:
+    """Per key tile, the pieces of each packed tile of ``x (B, H, nkb, BK, X)`` transposed, as
+    A operands (``dQᵀ += Kᵀ·dSᵀ``); rows a cache line longer than BK (a strided view)."""
+    from ._cpu_amx_f32 import padded, split_tiles_t
+
+    B, H, nkb, BK, X = x.shape
+    out = _empty_aligned((B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
+    split_tiles_t(x, out)
+    return out
+
+
 def _with_split_operands(p: Prepared, call: AttentionCall, dout: np.ndarray | None = None) -> Prepared:
     """``p`` with the split-AMX operands of its score product (q and K in range: the forward and
     the backward check the same arrays, so they agree) and, given the backward's ``dout``, of
-    ``dPᵀ = V·dOᵀ`` (V and dO in range).  Operands out of range keep MKL's tiles."""
+    ``dPᵀ = V·dOᵀ`` (V and dO in range) and — head dims in whole 32-steps — of the other three
+    products (``split_all``).  Operands out of range keep MKL's tiles."""
     o = p.options
     changes: dict[str, Any] = {}
     if _in_range(p.q, o.q_lens, p.kp):
         changes.update(split_s=True, kpc=_row_pieces(p.kp), qpc=_column_pieces(p.q, o.q_lens, o.BQ))
     if dout is not None and _in_range(dout, o.q_lens, p.vp):
         changes.update(split_dp=True, vpc=_row_pieces(p.vp), dopc=_column_pieces(dout, o.q_lens, o.BQ))
+        if changes.get("split_s") and _split_all_shapes(call):
+            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ),
+                           dorp=_pair_pieces(dout, o.q_lens, o.BQ), ktp=_transposed_row_pieces(p.kp))
     if not changes:
         return p
     return Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(**changes), p.v_finite)
@@ -1001,6 +1043,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     if block_size is None and not sparse:
         block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
     split = f32_split_route(call)
+    if split and not sparse and block_size is None:
+        block_size = F32_SPLIT_BACKWARD_BLOCK_SIZE
     p = prepare(call, block_size, split=split)
     if not call.extras and not (
         _inputs_finite(call, p)
@@ -1029,12 +1073,16 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     if serial is None:
         serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
     nchunks = 1 if serial else _num_threads()
-    dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
+    if split:
+        p = _with_split_operands(p, call, dout_k)
+    if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
+        nq = -(-Lq // p.options.BQ) * p.options.BQ
+        dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
+    else:
+        dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
     dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
     dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
-    if split:
-        p = _with_split_operands(p, call, dout_k)
     with _kernel_launch(p.kernels, "backward", call.dtype):
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward
         args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
@@ -1045,6 +1093,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dq = dq_parts[0]
     for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
         dq += part
+    if p.options.split_all:
+        dq = np.ascontiguousarray(dq[:, :, :D, :Lq].transpose(0, 1, 3, 2))
     dq *= T.type(call.scale)
     nkbBK = p.kp.shape[2] * p.kp.shape[3]
     dk = dkp.reshape(B, Hkv, nkbBK, D)[:, :, : call.Lk]

@@ -148,10 +148,18 @@ def test_range_rule():
     assert largest(x, full) == 2.0**41 and not ok_range(largest(x, full))
 
 
-def test_route_rule():
+def test_route_rule(monkeypatch):
+    monkeypatch.delenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, raising=False)
     q, k, v = H.random_qkv(1, batch=(1,), Hq=2, Lq=300, Lk=300, D=64)
     base = semantics.normalize(q, k, v)
     assert cpu.f32_split_route(base) == AMX
+    assert cpu.f32_split_route(semantics.normalize(q, k, v, kv_lengths=[200])) == AMX
+    # causal and windowed calls: by default not (the per-call splits cost more than they
+    # gain), asked for by name they do
+    masked = [semantics.normalize(q, k, v, causal=True), semantics.normalize(q, k, v, window=(50, 0))]
+    assert not any(cpu.f32_split_route(c) for c in masked)
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx")
+    assert all(cpu.f32_split_route(c) == AMX for c in masked)
     others = {
         "softcap": dict(softcap=20.0),
         "bias": dict(bias=np.zeros((300, 300), np.float32)),

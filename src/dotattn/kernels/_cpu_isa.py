@@ -285,3 +285,11 @@ def f32_all_products() -> bool:
     if forced == "amx":
         return False
     return F32_ALL_PRODUCTS_DEFAULT
+
+
+def f32_products_forced() -> bool:
+    """Whether ``DOTATTN_F32_PRODUCTS`` asks for the split route by name (``amx``/``amx5``): then
+    every simple call takes it, causal and windowed ones too; unset, only dense calls do
+    (``cpu.f32_split_route``: the per-call operand splits, ≈ 6 ms a forward at H8 L4096 D64,
+    are not repaid by calls that compute half their tiles or fewer)."""
+    return os.environ.get(F32_PRODUCTS_ENV_VAR, "").strip().lower() in ("amx", "amx5", "all")

@@ -834,9 +834,15 @@ def f32_split_route(call: AttentionCall) -> bool:
     the short problems' float64 score sums, nor the grouped GQA causal forward — every one of
     those computes its forward scores another way, and the backward must compute them as the
     forward did (its ``P = 2^(S − lse)`` cancels the forward's rounding only then).  Forward
-    and backward decide by this same rule on the same inputs."""
+    and backward decide by this same rule on the same inputs.  By default only dense calls
+    (no causal mask or window): the per-call operand splits (≈ 6 ms a forward at H8 L4096
+    D64) cost more than causal or windowed calls gain (causal forward 67.2 → 72.2 ms, load
+    2); ``DOTATTN_F32_PRODUCTS=amx`` takes those too."""
+    from ._cpu_isa import f32_products_forced
+
     return (
-        storage_dtype(call) == np.float32
+        ((call.causal is None and call.window is None) or f32_products_forced())
+        and storage_dtype(call) == np.float32
         and call.compute_dtype == np.float32
         and not call.extras
         and call.block is None

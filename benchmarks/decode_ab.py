@@ -14,7 +14,12 @@ one-thread read before and after.  On a shared machine run it under ``flock /tmp
     PYTHONPATH=src python benchmarks/decode_ab.py 1 32768 float16 15 pool /tmp/old.py new [--paged]
 
 (A file copy's Numba cache goes to a ``__pycache__`` beside it, keyed by its module name, the
-file's stem: give different versions different names.)  ``--shape=HQ,HKV,D`` changes the heads
+file's stem: give different versions different names.  A copy must take the entries' arguments of
+the ``cpu_decode`` imported: copies before the ``qscale`` argument (Dec 2026) do not.)
+``new:widen`` is the imported kernels with the bfloat16 ``vdpbf16ps`` scores off
+(``cpu_decode.BF16_DOT = False``: k widened to float32 and FMAs, as before), e.g.
+
+    PYTHONPATH=src python benchmarks/decode_ab.py 1 4096 bfloat16 41 alone new:widen new  ``--shape=HQ,HKV,D`` changes the heads
 and head dim (SmolLM2-135M: ``--shape=9,3,64``).
 """
 
@@ -41,7 +46,7 @@ def kernel_versions(files: list[str]) -> dict:
     module beside dotattn's kernels (its stem names it); ``new`` = the kernels dotattn imported."""
     mods = {}
     for f in files:
-        if f == "new":
+        if f in ("new", "new:widen"):
             mods[f] = cpu_decode.K
             continue
         stem = f.split("/")[-1][:-3]
@@ -60,6 +65,8 @@ def main() -> None:
         raise SystemExit(2)
     B, ctx, dt, reps, mode = int(args[0]), int(args[1]), args[2], int(args[3]), args[4]
     mods = kernel_versions(args[5:])
+    dot = cpu_decode.BF16_DOT  # per version: the vdpbf16ps scores where the process has them
+    dots = {n: dot and n == "new" for n in mods}
     for a in sys.argv:
         if a.startswith("--shape="):
             bd.HQ, bd.HKV, bd.D = (int(x) for x in a.split("=", 1)[1].split(","))
@@ -74,7 +81,7 @@ def main() -> None:
     run = bd._make_peer("dotattn-paged" if paged else "dotattn", B, ctx, dt, q, kc, vc)
     first = {}
     for n, m in mods.items():  # compile, warm up, and check the versions agree bit for bit
-        cpu_decode.K = m
+        cpu_decode.K, cpu_decode.BF16_DOT = m, dots[n]
         first[n] = np.asarray(run(), dtype=np.float32)
         run()
     names = list(mods)
@@ -84,7 +91,7 @@ def main() -> None:
     cpu = {n: [] for n in mods}  # CPU seconds of the process (both threads): time off the core not counted
     for _ in range(reps):
         for n, m in mods.items():
-            cpu_decode.K = m
+            cpu_decode.K, cpu_decode.BF16_DOT = m, dots[n]
             c0 = time.process_time()
             t0 = time.perf_counter()
             run()

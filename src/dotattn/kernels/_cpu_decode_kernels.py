@@ -42,6 +42,10 @@ _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
+# a bfloat16 cache read with a bfloat16 q (cpu_decode.bf16_dot): the kernels' entries take q
+# unscaled (its values exact bfloat16) and the scale apart; the scores of the 16-lane loop are
+# ``scale · (q·k)`` by ``vdpbf16ps`` (_scores_dot16).  Items turn it back into KIND_BF16.
+KIND_BF16_DOT = 3
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 ROLE_SHARED, ROLE_FRONT, ROLE_BACK = 0, 1, 2  # which item a run_items ticket means
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
@@ -287,6 +291,29 @@ def _ir_vec_load(builder, data, index, variant):
     return builder.bitcast(wide, _V16F)
 
 
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no such type; only its name is needed here)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+
+_V32BF = ir.VectorType(_BFloat(), 2 * _LANES)
+
+
+def _ir_pairs_load(builder, data, index):
+    """The 32 bfloat16 values at ``data[index:]`` (uint16 bits) as ``<32 x bfloat>``."""
+    ptr = builder.bitcast(builder.gep(data, [index]), _V32BF.as_pointer())
+    return builder.load(ptr, align=2)
+
+
+def _ir_dpbf16(builder):
+    """``vdpbf16ps``: ``acc[i] + a[2i+1]·b[2i+1] + a[2i]·b[2i]`` in float32 (the products of two
+    bfloat16 values are exact in float32; inputs and results below 2^-126 count as 0)."""
+    return builder.module.declare_intrinsic(
+        "llvm.x86.avx512bf16.dpbf16ps.512", fnty=ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]))
+
+
 def _ir_fma(builder):
     return builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F] * 3))
 
@@ -372,13 +399,17 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize):
+def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None):
     """The scores of one block of 16 keys; ``pf``: a list of ``(array, 16 row offsets, width,
     locality)``, rows asked for meanwhile, line ``j`` of each key group's rows beside piece ``j``'s
     FMAs (in a burst per block before: B8 4k one thread, alternating, load 2.3–2.9: float16
     15.13 → 13.81 ms with the next item's rows interleaved first and then the next key block's
-    too, bfloat16 14.62 → 14.02, float32 25.41 → 24.51; B1 32k within 1 %)."""
-    c16 = ir.Constant(_IRI64, _LANES)
+    too, bfloat16 14.62 → 14.02, float32 25.41 → 24.51; B1 32k within 1 %).
+
+    ``variant == "dot"``: ``qd`` holds q's bfloat16 bits (uint16), a piece is 32 elements
+    (``nvec = D / 32``), ``fma`` is ``vdpbf16ps`` (:func:`_ir_dpbf16`), and the block's scores
+    are multiplied by the vector ``scale``."""
+    c16 = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
     zero = ir.Constant(_V16F, [0.0] * _LANES)
@@ -408,14 +439,24 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                             for k in range(kg):
                                 ptr = builder.bitcast(builder.gep(parr, [builder.add(prow[g * kg + k], loff)]), i8p)
                                 builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
-                    qvs = [_ir_vec_load(builder, qd, builder.add(qrow, d0), "f32") for qrow in qrows]
-                    for k in range(kg):
-                        kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
-                        for i in range(rows_c):
-                            a = accs[i * kg + k]
-                            builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
+                    if variant == "dot":  # 32 bfloat16 pairs of q and k per instruction
+                        qvs = [_ir_pairs_load(builder, qd, builder.add(qrow, d0)) for qrow in qrows]
+                        for k in range(kg):
+                            kv = _ir_pairs_load(builder, fd, builder.add(bases[g * kg + k], d0))
+                            for i in range(rows_c):
+                                a = accs[i * kg + k]
+                                builder.store(builder.call(fma, [builder.load(a), qvs[i], kv]), a)
+                    else:
+                        qvs = [_ir_vec_load(builder, qd, builder.add(qrow, d0), "f32") for qrow in qrows]
+                        for k in range(kg):
+                            kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
+                            for i in range(rows_c):
+                                a = accs[i * kg + k]
+                                builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
                 vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                 total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key t0 + g·kg + k
+                if scale is not None:
+                    total = builder.fmul(total, scale)
                 vty = ir.VectorType(_IRF, kg)
                 for i in range(rows_c):
                     part = total if kg == _LANES else builder.shuffle_vector(
@@ -443,7 +484,31 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
     """
     if not _simd_types_ok(q, flat, offs, s) or vflat != flat or voffs != offs or pk != offs:
         return None
-    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf)
+    return types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf), _scores_codegen(False)
+
+
+@intrinsic
+def _scores_dot16(typingctx, qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
+    """:func:`_scores16` of a bfloat16 cache ``flat`` and a bfloat16 q (``qp``: its bits, uint16,
+    unscaled): ``s[r·ns + t] = qscale · (q_r · row(offs[t]))``, ``D % 32 == 0``, each dot product
+    by ``vdpbf16ps`` — 32 bfloat16 pairs of q and k per instruction into float32 accumulators
+    (exact products; no widening of k), where :func:`_scores16` widened k to float32 and ran two
+    FMAs with the pre-scaled float32 q.  The same prefetches, register blocks and lane-sum tree;
+    the blocked layout and the fixed order keep a key's score the same bits wherever it sits."""
+    if not (
+        isinstance(qp, types.Array) and qp.dtype == types.uint16 and qp.ndim == 1
+        and isinstance(flat, types.Array) and flat.ndim == 1 and flat.dtype == types.uint16
+        and isinstance(offs, types.Array) and offs.dtype == types.int64
+        and isinstance(s, types.Array) and s.dtype == types.float32
+        and vflat == flat and voffs == offs and pk == offs
+    ):
+        return None
+    return types.void(qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf), _scores_codegen(True)
+
+
+def _scores_codegen(dot):
+    """The code of :func:`_scores16` (``dot`` False: arg 4 the kind) or :func:`_scores_dot16`
+    (``dot`` True: arg 4 the scale)."""
 
     def codegen(context, builder, signature, args):
         at = signature.args
@@ -455,12 +520,15 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
         vod = context.make_array(at[10])(context, builder, args[10]).data
         pkd = context.make_array(at[12])(context, builder, args[12]).data
         itemsize = 4 if at[3].dtype == types.float32 else 2
-        R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 13))
+        R_, D_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 6, 8, 11, 13))
         c16 = ir.Constant(_IRI64, _LANES)
         nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
-        nvec = builder.sdiv(D_, c16)
+        nvec = builder.sdiv(D_, ir.Constant(_IRI64, 2 * _LANES if dot else _LANES))
         last = builder.sub(n_, ir.Constant(_IRI64, 1))
-        fma = _ir_fma(builder)
+        fma = _ir_dpbf16(builder) if dot else _ir_fma(builder)
+        scale = None
+        if dot:
+            scale = _ir_splat(builder, context.cast(builder, args[4], at[4], types.float32))
         accs = [cgutils.alloca_once(builder, _V16F) for _ in range(_LANES)]
 
         def emit(variant):
@@ -490,12 +558,15 @@ def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, 
                     pf.append((builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_), 2))
                 if PREFETCH_K_LOCALITY:
                     pf.append((fd, ahead, D_, PREFETCH_K_LOCALITY))
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize)
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale)
 
-        _ir_variants(context, builder, at[3], kind_, emit)
+        if dot:
+            emit("dot")
+        else:
+            _ir_variants(context, builder, at[3], _ir_i64(context, builder, args[4], at[4]), emit)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
 @intrinsic
@@ -1045,6 +1116,20 @@ def _scores_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv,
     return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf: None
 
 
+def _scores_dot(qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
+    """:func:`_scores_dot16` for a bfloat16 cache (uint16 bits) and float32 scores; never
+    reached (nothing) for the others."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_scores_dot, jit_options={"cache": _JIT_CACHE})
+def _scores_dot_overload(qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
+    if flat.dtype == types.uint16 and s.dtype == types.float32:
+        return lambda qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf: _scores_dot16(
+            qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf)
+    return lambda qp, R, D, flat, qscale, offs, n, s, ns, vflat, voffs, Dv, pk, npf: None
+
+
 def _pv_simd(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     """:func:`_pv16` for a float32 call; never reached (nothing) for float64."""
     raise NotImplementedError("compiled only")
@@ -1102,9 +1187,11 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale,
 ):
-    """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``.
+    """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``;
+    where ``qp`` is not empty, the scores are ``qscale · (q·k)`` of its bfloat16 bits by
+    :func:`_scores_dot16` (``qf``: the same q unscaled; a bfloat16 cache, ``D % 32 == 0``).
 
     ``o_out (R, Dv)`` gets the chunk's normalized output, ``lse_out (R,)`` its LSE
     (−inf and 0 for a row that sees no key of the chunk).  Query row ``r`` is head
@@ -1143,7 +1230,10 @@ def _chunk(
         if simd:
             _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
             _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
-            _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
+            if qp.shape[0] > 0:
+                _scores_dot(qp, R, D, kflat, qscale, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
+            else:
+                _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
         elif kind != KIND_FLOAT:
             _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
@@ -1355,11 +1445,14 @@ def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, 
 @njit(cache=_JIT_CACHE)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt,
+    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt,
 ):
     """Work item ``it``; the key rows of item ``nxt`` (this thread's likely next item, −1 for
     none) are asked for meanwhile: by the 16-lane P·V loop all of them (their offsets in
-    ``offs[2·split:]``), otherwise the first ones now."""
+    ``offs[2·split:]``), otherwise the first ones now.  ``kind == KIND_BF16_DOT``: ``q`` is
+    unscaled (exact bfloat16 values) and ``qscale`` the scale; the item packs its rows' bits
+    for :func:`_scores_dot16` (else ``q`` is pre-scaled and ``qscale`` unused)."""
+    dot = kind == KIND_BF16_DOT
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
     R = G * Lq
@@ -1381,9 +1474,22 @@ def _item(
     for r in range(R):
         for d in range(D):
             qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
+    if dot:
+        kind = KIND_BF16
+        if not (D % 32 == 0 and Dv % 16 == 0 and qf.itemsize == 4):  # (cpu_decode checks this)
+            dot = False
+            sc = np.float32(qscale)
+            for i in range(R * D):
+                qf[i] *= sc  # the pre-scaled q of the other paths (np.multiply's float32 product)
+    qp = np.empty(R * D if dot else 0, dtype=np.uint16)
+    if dot:  # bfloat16 values in float32: the top half of the bits is the value
+        bits = qf.view(np.uint32)
+        for i in range(R * D):
+            qp[i] = np.uint16(bits[i] >> np.uint32(16))
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
         causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs, npf,
+        qp, qscale,
     )
 
 
@@ -1417,7 +1523,7 @@ def plan(kvlen, Lq, Hkv, split, left, right):
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_items(
     counter, total, role, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    slopes, has_alibi, c0, nch, start, part_o, part_lse, out, lse, pairs_done,
+    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, out, lse, pairs_done,
 ):
     """Work items, one per ticket taken from the shared ``counter`` (an atomic add) until
     ``total`` tickets are out: threads calling this together split the items by how fast each
@@ -1455,7 +1561,7 @@ def run_items(
         else:
             it, nxt = ticket, -1
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt)
         done += 1
         # this item's pair: its sequence by binary search in ``start``, then its K/V head
         lo_b, hi_b = 0, B
@@ -1569,7 +1675,7 @@ def run_items_partner(flags, i, gen, counter, total, role, common):
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_serial(
-    q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap, slopes, has_alibi, Dv,
+    q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap, qscale, slopes, has_alibi, Dv,
 ):
     """:func:`plan`, every work item and every merge (as :func:`run_items`) in one call on
     this thread (a small call: one entry from Python instead of two, its parts allocated
@@ -1587,7 +1693,7 @@ def run_serial(
     offs = np.empty(4 * split, dtype=np.int64)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)
     out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
     lse = np.empty((B, Hq, Lq), dtype=q.dtype)
     for pair in range(B * Hkv):

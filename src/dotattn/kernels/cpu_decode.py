@@ -42,6 +42,38 @@ _pool_lock = threading.Lock()
 _F16 = np.dtype(np.float16)
 
 
+def _bf16_dot_available() -> bool:
+    """Whether bfloat16 decode scores may run on ``vdpbf16ps`` (:data:`BF16_DOT`)."""
+    from . import _cpu_isa
+
+    if os.environ.get(_cpu_isa.ENV_VAR, "").strip().lower() in _cpu_isa._OFF:
+        return False
+    return K._X86 and "avx512bf16" in _cpu_isa._cpu_features()
+
+
+# A bfloat16 q on a bfloat16 cache, one query row per K/V head (R = group · Lq = 1: no GQA
+# folding, one new token): the scores q·k by ``vdpbf16ps`` (32 bfloat16 pairs per instruction,
+# exact products, float32 accumulators; K._scores_dot16) instead of widening k to float32 for
+# FMAs with the pre-scaled float32 q — where the CPU has avx512_bf16, D % 32 == 0, Dv % 16 == 0
+# and q is not rotated (a rotated q is not bfloat16).  Only R = 1: here (Sapphire Rapids-class
+# VM) one vdpbf16ps occupies both FMA ports for 2 cycles (4 FMAs' time for 32 products, the FMAs
+# 64), so it wins only where k's widening (2 operations per 16 elements, shared by the R rows)
+# is a large part of the work: R = 1 3–10 % faster, R = 4 (the bench's GQA shape) 1–7 % slower
+# (docs/decoding.md, "bfloat16 scores on vdpbf16ps").  Decided once per process
+# (``DOTATTN_CPU_BF16=off`` forces the widening path, like the bfloat16 GEMMs' fallback); tests
+# set it to compare both.
+BF16_DOT = _bf16_dot_available()
+BF16_DOT_MAX_ROWS = 1
+
+
+def _dot_scores(call: DecodeCall, kind: int, R: int, T) -> bool:
+    """Whether this call's bfloat16 scores run on ``vdpbf16ps`` (:data:`BF16_DOT`)."""
+    return (
+        R <= BF16_DOT_MAX_ROWS and BF16_DOT and kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
+        and call.rotary is None and T == np.float32 and call.D % 32 == 0 and call.Dv % 16 == 0
+    )
+
+
 def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Views ``(n_items, R, Dv)`` and ``(n_items, R)`` of this thread's grow-only buffers."""
     key = np.dtype(dtype).char
@@ -136,8 +168,14 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     write_new(call)
     T = call.compute_dtype
     q = rotated_q(call)
-    q = np.multiply(q, T.type(call.scale), dtype=T)  # a fresh C-contiguous array
     kflat, kst, kind = _flat(call.k_cache, call.k_pages)
+    qscale = 1.0
+    if _dot_scores(call, kind, R, T):
+        # q unscaled (its bfloat16 values), the scale applied to the scores (K._scores_dot16)
+        kind, qscale = K.KIND_BF16_DOT, float(call.scale)
+        q = np.ascontiguousarray(q, dtype=T)
+    else:
+        q = np.multiply(q, T.type(call.scale), dtype=T)  # a fresh C-contiguous array
     vflat, vst, _ = _flat(call.v_cache, call.v_pages)
     left, right = call.window if call.window is not None else (None, None)
     left = -1 if left is None else left
@@ -148,7 +186,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
     big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3
     args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-            call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, Dv)
+            call.causal, left, right, softcap, qscale, slopes, call.alibi_slopes is not None, Dv)
     if small:
         # A small call (a model's decode step): plan, items and merges in one Numba entry,
         # parts allocated there — the per-call Python here is most of such a call's cost.
@@ -169,7 +207,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     total = int(start[-1])
     common = (
         q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-        call.causal, left, right, softcap, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
+        call.causal, left, right, softcap, qscale, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
         out, lse, np.zeros(B * call.Hkv, dtype=np.int64),  # merged by the items' threads as pairs finish
     )
     blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()

@@ -14,8 +14,8 @@ one-thread read before and after.  On a shared machine run it under ``flock /tmp
     PYTHONPATH=src python benchmarks/decode_ab.py 1 32768 float16 15 pool /tmp/old.py new [--paged]
 
 (A file copy's Numba cache goes to a ``__pycache__`` beside it, keyed by its module name, the
-file's stem: give different versions different names.  A copy must take the entries' arguments of
-the ``cpu_decode`` imported: copies before the ``qscale`` argument (Dec 2026) do not.)
+file's stem: give different versions different names.  A copy from before the entries' ``qscale``
+argument (1 Dec 2026) is called through :class:`_NoScaleArg`, which drops it.)
 ``new:widen`` is the imported kernels with the bfloat16 ``vdpbf16ps`` scores off
 (``cpu_decode.BF16_DOT = False``: k widened to float32 and FMAs, as before), e.g.
 
@@ -41,6 +41,37 @@ def _load():
         return f.read().split()[0]
 
 
+class _NoScaleArg:
+    """A kernels module from before the entries took ``qscale`` (after ``softcap``; the
+    ``cpu_decode`` imported passes it, 1.0 for a pre-scaled q): its entries called without it
+    (a Python wrapper: ≈ 1 µs a call more for the old version), everything else forwarded."""
+
+    def __init__(self, module):
+        self._m = module
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    @staticmethod
+    def _drop(common):
+        return tuple(common[:14]) + tuple(common[15:])
+
+    def run_serial(self, *args):
+        return self._m.run_serial(*self._drop(args))
+
+    def run_items(self, counter, total, role, *common):
+        return self._m.run_items(counter, total, role, *self._drop(common))
+
+    def run_items_team(self, counter, total, workers, common):
+        return self._m.run_items_team(counter, total, workers, self._drop(common))
+
+    def run_items_caller(self, flags, gen, partners, max_cycles, counter, total, role, common):
+        return self._m.run_items_caller(flags, gen, partners, max_cycles, counter, total, role, self._drop(common))
+
+    def run_items_partner(self, flags, i, gen, counter, total, role, common):
+        return self._m.run_items_partner(flags, i, gen, counter, total, role, self._drop(common))
+
+
 def kernel_versions(files: list[str]) -> dict:
     """``{name: module}``: each FILE (a copy of ``_cpu_decode_kernels.py``) imported as its own
     module beside dotattn's kernels (its stem names it); ``new`` = the kernels dotattn imported."""
@@ -54,7 +85,7 @@ def kernel_versions(files: list[str]) -> dict:
         m = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = m
         spec.loader.exec_module(m)
-        mods[stem] = m
+        mods[stem] = m if "qscale" in m.run_serial.py_func.__code__.co_varnames else _NoScaleArg(m)
     return mods
 
 

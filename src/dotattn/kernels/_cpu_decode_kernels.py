@@ -1187,10 +1187,10 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale, dot,
 ):
     """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``;
-    where ``qp`` is not empty, the scores are ``qscale · (q·k)`` of its bfloat16 bits by
+    with ``dot``, the scores are ``qscale · (q·k)`` of q's bfloat16 bits ``qp[:R·D]`` by
     :func:`_scores_dot16` (``qf``: the same q unscaled; a bfloat16 cache, ``D % 32 == 0``).
 
     ``o_out (R, Dv)`` gets the chunk's normalized output, ``lse_out (R,)`` its LSE
@@ -1230,7 +1230,7 @@ def _chunk(
         if simd:
             _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
             _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
-            if qp.shape[0] > 0:
+            if dot:
                 _scores_dot(qp, R, D, kflat, qscale, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
             else:
                 _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
@@ -1445,13 +1445,14 @@ def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, 
 @njit(cache=_JIT_CACHE)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt,
+    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt,
 ):
     """Work item ``it``; the key rows of item ``nxt`` (this thread's likely next item, −1 for
     none) are asked for meanwhile: by the 16-lane P·V loop all of them (their offsets in
     ``offs[2·split:]``), otherwise the first ones now.  ``kind == KIND_BF16_DOT``: ``q`` is
     unscaled (exact bfloat16 values) and ``qscale`` the scale; the item packs its rows' bits
-    for :func:`_scores_dot16` (else ``q`` is pre-scaled and ``qscale`` unused)."""
+    into ``qp`` (:func:`_q_bits_scratch`) for :func:`_scores_dot16` (else ``q`` is pre-scaled
+    and ``qscale`` unused)."""
     dot = kind == KIND_BF16_DOT
     B, Hq, Lq, D = q.shape
     G = Hq // Hkv
@@ -1481,7 +1482,6 @@ def _item(
             sc = np.float32(qscale)
             for i in range(R * D):
                 qf[i] *= sc  # the pre-scaled q of the other paths (np.multiply's float32 product)
-    qp = np.empty(R * D if dot else 0, dtype=np.uint16)
     if dot:  # bfloat16 values in float32: the top half of the bits is the value
         bits = qf.view(np.uint32)
         for i in range(R * D):
@@ -1489,8 +1489,16 @@ def _item(
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
         causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs, npf,
-        qp, qscale,
+        qp, qscale, dot,
     )
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _q_bits_scratch(q, kst, kind):
+    """A thread's buffer for an item's q rows as bfloat16 bits (``R·D``; empty unless ``kind ==
+    KIND_BF16_DOT``), allocated once per entry, not per item."""
+    B, Hq, Lq, D = q.shape
+    return np.empty((Hq // kst[3]) * Lq * D if kind == KIND_BF16_DOT else 0, dtype=np.uint16)
 
 
 @njit(cache=_JIT_CACHE)
@@ -1545,6 +1553,7 @@ def run_items(
     kc = np.empty(split * q.shape[3], dtype=part_o.dtype)
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
+    qp = _q_bits_scratch(q, kst, kind)
     done = 0
     while True:
         ticket = _fetch_add(counter, 1)
@@ -1561,7 +1570,7 @@ def run_items(
         else:
             it, nxt = ticket, -1
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, nxt)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt)
         done += 1
         # this item's pair: its sequence by binary search in ``start``, then its K/V head
         lo_b, hi_b = 0, B
@@ -1691,9 +1700,10 @@ def run_serial(
     kc = np.empty(split * D, dtype=q.dtype)
     vc = np.empty(split * Dv, dtype=q.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
+    qp = _q_bits_scratch(q, kst, kind)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, it + 1)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, it + 1)
     out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
     lse = np.empty((B, Hq, Lq), dtype=q.dtype)
     for pair in range(B * Hkv):

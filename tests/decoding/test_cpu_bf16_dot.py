@@ -196,3 +196,19 @@ def test_nan_in_a_visible_key_poisons_only_its_row(dot):
     out, lse = _run(case)
     assert np.isnan(out[0, 1].astype(np.float32)).all() and np.isnan(lse[0, 1]).all()
     assert np.isfinite(out[0, 0].astype(np.float32)).all() and np.isfinite(out[1].astype(np.float32)).all()
+
+
+def test_huge_logits_put_all_weight_on_the_huge_score(dot):
+    """Scores ≈ 1e20 (the scale applied after the sum): an ordinary softmax, as on the widening
+    path (tests/reliability/test_huge_logits.py)."""
+    dot(True)
+    B, heads, D, cap = 1, 2, 32, 40
+    k_cache = np.ones((B, heads, cap, D), np.float32).astype(BFLOAT16)
+    v_cache = np.arange(heads * cap * D, dtype=np.float32).reshape(B, heads, cap, D).astype(BFLOAT16)
+    k_cache[0, :, 21] = 1e20
+    q = np.ones((B, heads, 1, D), np.float32).astype(BFLOAT16)
+    out, lse = dotattn.attention_with_kvcache(q, k_cache, v_cache, cache_lengths=np.array([33]), return_lse=True,
+                                              implementation="cpu")
+    H.assert_bitwise_equal(out[0, :, 0], v_cache[0, :, 21], name="out")
+    big = float(k_cache[0, 0, 21, 0].astype(np.float32))  # the key's value as stored
+    np.testing.assert_allclose(lse[0, :, 0], np.float32(D * big / np.sqrt(D)), rtol=1e-6)

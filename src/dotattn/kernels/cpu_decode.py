@@ -58,7 +58,7 @@ def _bf16_dot_available() -> bool:
 # and q is not rotated (a rotated q is not bfloat16).  Only R = 1: here (Sapphire Rapids-class
 # VM) one vdpbf16ps occupies both FMA ports for 2 cycles (4 FMAs' time for 32 products, the FMAs
 # 64), so it wins only where k's widening (2 operations per 16 elements, shared by the R rows)
-# is a large part of the work: R = 1 3–10 % faster, R = 4 (the bench's GQA shape) 1–7 % slower
+# is a large part of the work: R = 1 3–5 % faster, R = 4 (the bench's GQA shape) up to 7 % slower
 # (docs/decoding.md, "bfloat16 scores on vdpbf16ps").  Decided once per process
 # (``DOTATTN_CPU_BF16=off`` forces the widening path, like the bfloat16 GEMMs' fallback); tests
 # set it to compare both.

@@ -214,7 +214,7 @@ def test_split_product_against_float64_and_tile_independent():
     ap = np.zeros((3, M, 64), np.uint16)
     F.split_rows(a, ap, M, D)
     bp = np.zeros((1, 1, 3, 32, N), np.uint32)
-    F.split_columns(b[None, None], np.array([N]), bp)
+    F.split_columns(b[None, None], np.array([N]), bp, 2)
     c = np.empty((M, N), np.float32)
     cfg = tile_config()
     F.product(ap, bp[0, 0], c, cfg)

@@ -890,7 +890,7 @@ def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
     B, H, L, X = x.shape
     Lp = -(-L // BQ) * BQ
     out = _empty_aligned((B, H, 3, padded(X) // 2, Lp + 16), np.uint32)
-    split_columns(x, lens, out)
+    split_columns(x, lens, out, _num_threads())
     return out
 
 

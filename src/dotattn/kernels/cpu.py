@@ -871,25 +871,52 @@ def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
     return ok_range(largest(rows, lens)) and ok_range(largest(tiles.reshape(B, H, nkb * BK, X), full))
 
 
-def _row_pieces(x: np.ndarray) -> np.ndarray:
+_split_buffers = threading.local()
+# Pieces arrays larger than this are allocated per call, never kept (see _pieces_buffer).
+SPLIT_BUFFER_KEEP_BYTES = 256 << 20
+
+
+def _pieces_buffer(role: str, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized 64-byte aligned array for one kind of split operand (``role``), reused
+    by the next call of this thread that needs the same shape: fresh memory paid its page
+    faults on every call (≈ 1 ms per 12 MiB of pieces, up to 3× that when the kernel
+    compacts for huge pages).  One array per role and thread (the last shape), at most
+    :data:`SPLIT_BUFFER_KEEP_BYTES` each; a call's roles are distinct and calls on one thread
+    never overlap, so no two users share one."""
+    dtype = np.dtype(dtype)
+    cache = getattr(_split_buffers, "arrays", None)
+    if cache is None:
+        cache = _split_buffers.arrays = {}
+    old = cache.get(role)
+    if old is not None and old.shape == shape and old.dtype == dtype:
+        return old
+    out = _empty_aligned(shape, dtype)
+    if out.nbytes <= SPLIT_BUFFER_KEEP_BYTES:
+        cache[role] = out
+    else:
+        cache.pop(role, None)
+    return out
+
+
+def _row_pieces(x: np.ndarray, role: str) -> np.ndarray:
     """Per key tile, the pieces of packed ``x (B, H, nkb, BK, X)`` as A operands (rows a
     cache line apart between pieces: whole powers of two apart they share L1 sets)."""
     from ._cpu_amx_f32 import padded, split_tiles
 
     B, H, nkb, BK, X = x.shape
-    out = _empty_aligned((B, H, nkb, 3, BK + 1, padded(X)), np.uint16)
+    out = _pieces_buffer(role, (B, H, nkb, 3, BK + 1, padded(X)), np.uint16)
     split_tiles(x, out)
     return out
 
 
-def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
+def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str) -> np.ndarray:
     """Per head, the pieces of ``x (B, H, L, X)`` in depth pairs as B operands, columns padded
     to whole query tiles (and a cache line, so that rows are no power of two apart)."""
     from ._cpu_amx_f32 import padded, split_columns
 
     B, H, L, X = x.shape
     Lp = -(-L // BQ) * BQ
-    out = _empty_aligned((B, H, 3, padded(X) // 2, Lp + 16), np.uint32)
+    out = _pieces_buffer(role, (B, H, 3, padded(X) // 2, Lp + 16), np.uint32)
     split_columns(x, lens, out, _num_threads())
     return out
 
@@ -903,13 +930,13 @@ def _split_all_shapes(call: AttentionCall) -> bool:
     return call.D % AMX_QUANTUM == 0 and call.Dv % AMX_QUANTUM == 0 and f32_all_products()
 
 
-def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int) -> np.ndarray:
+def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str) -> np.ndarray:
     """Per head, the pieces of ``x (B, H, L, X)`` in pairs of rows (the B operands of ``dK +=
     dSᵀ·Q`` and ``dV += Pᵀ·dO``), rows padded to whole query tiles."""
     from ._cpu_amx_f32 import padded, split_row_pairs
 
     B, H, L, X = x.shape
-    out = _empty_aligned((B, H, 3, -(-L // BQ) * BQ // 2 + 1, padded(X)), np.uint32)
+    out = _pieces_buffer(role, (B, H, 3, -(-L // BQ) * BQ // 2 + 1, padded(X)), np.uint32)
     split_row_pairs(x, lens, out)
     return out
 
@@ -920,7 +947,7 @@ def _transposed_row_pieces(x: np.ndarray) -> np.ndarray:
     from ._cpu_amx_f32 import padded, split_tiles_t
 
     B, H, nkb, BK, X = x.shape
-    out = _empty_aligned((B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
+    out = _pieces_buffer("ktp", (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
     split_tiles_t(x, out)
     return out
 
@@ -932,13 +959,15 @@ def _with_split_operands(p: Prepared, call: AttentionCall, dout: np.ndarray | No
     products (``split_all``).  Operands out of range keep MKL's tiles."""
     o = p.options
     changes: dict[str, Any] = {}
+    side = "forward " if dout is None else "backward "  # (the passes' tiles differ: own buffers)
     if _in_range(p.q, o.q_lens, p.kp):
-        changes.update(split_s=True, kpc=_row_pieces(p.kp), qpc=_column_pieces(p.q, o.q_lens, o.BQ))
+        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc"),
+                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc"))
     if dout is not None and _in_range(dout, o.q_lens, p.vp):
-        changes.update(split_dp=True, vpc=_row_pieces(p.vp), dopc=_column_pieces(dout, o.q_lens, o.BQ))
+        changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc"), dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))
         if changes.get("split_s") and _split_all_shapes(call):
-            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ),
-                           dorp=_pair_pieces(dout, o.q_lens, o.BQ), ktp=_transposed_row_pieces(p.kp))
+            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp"),
+                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp"), ktp=_transposed_row_pieces(p.kp))
     if not changes:
         return p
     return Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(**changes), p.v_finite)

@@ -47,6 +47,8 @@ from dotattn.kernels import _cpu_primitives as P
 from dotattn.kernels import cpu
 from dotattn.kernels._blas import ONE_BLAS_THREAD
 from dotattn.kernels._cpu_primitives import _from_bf16, _to_bf16
+# the split helpers the kernel uses (kernels/_cpu_amx_f32.py), not copies of them
+from dotattn.kernels._cpu_amx_f32 import _pieces, _pieces_vec, _split32, _split_pair16, _vload  # noqa: F401
 from dotattn.kernels._cpu_amx import (
     _AVX512,
     _dot046,
@@ -78,82 +80,11 @@ from dotattn.kernels._cpu_amx import (
 _SEG_A = (2, 0, 1, 0, 1, 0)
 _SEG_B = (0, 2, 1, 1, 0, 0)
 
-@njit(inline="always")
-def _pieces(x):
-    """``x`` → bfloat16 bits of ``hi, mid, lo`` (uint16 each, as uint32)."""
-    h = _to_bf16(x)
-    r = x - _from_bf16(h)
-    m = _to_bf16(r)
-    lo = _to_bf16(r - _from_bf16(m))
-    return np.uint32(h), np.uint32(m), np.uint32(lo)
-
-
 _VF = ir.VectorType(ir.FloatType(), 16)
 _V32I16 = ir.VectorType(ir.IntType(16), 32)
 _V32I32 = ir.VectorType(ir.IntType(32), 32)
 _V32F = ir.VectorType(ir.FloatType(), 32)
 _I32 = ir.IntType(32)
-
-
-def _pieces_vec(builder, x0, x1):
-    """Two 16-lane float32 vectors → their hi, mid, lo pieces as 32 bfloat16 (x0's first):
-    ``vcvtne2ps2bf16`` rounds to nearest even (and flushes denormals, as the tile unit would),
-    the widened piece is subtracted exactly."""
-    cvt = builder.module.declare_intrinsic(
-        "llvm.x86.avx512bf16.cvtne2ps2bf16.512", fnty=ir.FunctionType(ir.VectorType(_BFloat(), 32), [_VF, _VF])
-    )
-    lo_half = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
-    hi_half = ir.Constant(ir.VectorType(_I32, 16), list(range(16, 32)))
-    sixteen = ir.Constant(_V32I32, [16] * 32)
-    out = []
-    for piece in range(3):
-        bits = builder.bitcast(builder.call(cvt, [x1, x0]), _V32I16)
-        out.append(bits)
-        if piece < 2:
-            wide = builder.bitcast(builder.shl(builder.zext(bits, _V32I32), sixteen), _V32F)
-            x0 = builder.fsub(x0, builder.shuffle_vector(wide, wide, lo_half))
-            x1 = builder.fsub(x1, builder.shuffle_vector(wide, wide, hi_half))
-    return out
-
-
-def _vload(builder, addr):
-    return builder.load(builder.inttoptr(addr, _VF.as_pointer()), align=4)
-
-
-@intrinsic
-def _split32(typingctx, src, dst, ps):
-    """32 float32 at ``src`` → their three pieces, 32 bfloat16 each at ``dst``, ``dst + ps``,
-    ``dst + 2·ps`` (bytes)."""
-
-    def codegen(context, builder, signature, args):
-        src, dst, ps = args
-        _amx_function(context, builder, _AVX512)
-        x0 = _vload(builder, src)
-        x1 = _vload(builder, builder.add(src, ir.Constant(src.type, 64)))
-        for p, bits in enumerate(_pieces_vec(builder, x0, x1)):
-            addr = builder.add(dst, builder.mul(ps, ir.Constant(ps.type, p)))
-            builder.store(bits, builder.inttoptr(addr, _V32I16.as_pointer()), align=2)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64), codegen
-
-
-@intrinsic
-def _split_pair16(typingctx, src0, src1, dst, ps):
-    """16 float32 at ``src0`` (depth k) and 16 at ``src1`` (depth k + 1) → per column the
-    uint32 pair ``(piece(x0), piece(x1))``, 16 pairs for each piece at ``dst + p·ps``."""
-
-    def codegen(context, builder, signature, args):
-        src0, src1, dst, ps = args
-        _amx_function(context, builder, _AVX512)
-        interleave = ir.Constant(ir.VectorType(_I32, 32), [i // 2 + (i % 2) * 16 for i in range(32)])
-        for p, bits in enumerate(_pieces_vec(builder, _vload(builder, src0), _vload(builder, src1))):
-            pairs = builder.shuffle_vector(bits, bits, interleave)
-            addr = builder.add(dst, builder.mul(ps, ir.Constant(ps.type, p)))
-            builder.store(pairs, builder.inttoptr(addr, _V32I16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @njit(nogil=True)

@@ -261,3 +261,31 @@ def test_shapes(seed, Lq, Lk, D, causal, scale, route):
     for name, ours, mkl, x in zip(("dq", "dk", "dv"), errors[route], errors["mkl"], ref_grads):
         floor = H.FLOORS[np.dtype(np.float32)] * max(1.0, float(np.abs(x).max()), 4.0)
         assert ours <= 1.25 * mkl + floor, f"{name}: split {ours:.3g}, MKL {mkl:.3g}"
+
+
+def test_pieces_buffers_kept_within_the_thread_budget(monkeypatch):
+    """Pieces arrays are reused by the next call of the same shape, and what one thread keeps
+    between calls stays within SPLIT_BUFFERS_KEPT_BYTES whatever the calls' sizes."""
+    import threading
+
+    monkeypatch.setattr(cpu, "SPLIT_BUFFERS_KEPT_BYTES", 1 << 20)
+    kept = {}
+
+    def run():
+        first = cpu._pieces_buffer("a", (256, 1024), np.uint16)  # 512 KiB: kept
+        kept["reused"] = cpu._pieces_buffer("a", (256, 1024), np.uint16) is first
+        cpu._pieces_buffer("b", (256, 768), np.uint16)  # 384 KiB: 896 KiB in all, kept
+        big = cpu._pieces_buffer("c", (1024, 1024), np.uint16)  # 2 MiB: over the budget
+        kept["big reused"] = cpu._pieces_buffer("c", (1024, 1024), np.uint16) is big
+        cpu._pieces_buffer("a", (512, 1024), np.uint16)  # a new shape replaces role a's array
+        arrays = cpu._split_buffers.arrays
+        kept["roles"] = sorted(arrays)
+        kept["bytes"] = sum(a.nbytes for a in arrays.values())
+        kept["aligned"] = all(a.ctypes.data % 64 == 0 for a in arrays.values())
+
+    t = threading.Thread(target=run)  # a fresh thread: its own buffers, gone with it
+    t.start()
+    t.join()
+    assert kept["reused"] and not kept["big reused"] and kept["aligned"]
+    assert kept["roles"] == ["b"]  # role a's 1 MiB array would pass the budget beside b's
+    assert kept["bytes"] <= 1 << 20

@@ -872,29 +872,31 @@ def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
 
 
 _split_buffers = threading.local()
-# Pieces arrays larger than this are allocated per call, never kept (see _pieces_buffer).
-SPLIT_BUFFER_KEEP_BYTES = 256 << 20
+# What one thread may keep of pieces arrays between calls, all roles together: the arrays of
+# H8 L4096 D64 take ≈ 25 MiB for a forward and 50 MiB for a backward; beyond this budget a
+# call's arrays are allocated per call and freed with it, so a process that once ran a long
+# sequence does not hold its pieces (up to ≈ 200 MiB a role at L16k D128) for good.
+SPLIT_BUFFERS_KEPT_BYTES = 128 << 20
 
 
 def _pieces_buffer(role: str, shape: tuple, dtype) -> np.ndarray:
     """An uninitialized 64-byte aligned array for one kind of split operand (``role``), reused
     by the next call of this thread that needs the same shape: fresh memory paid its page
     faults on every call (≈ 1 ms per 12 MiB of pieces, up to 3× that when the kernel
-    compacts for huge pages).  One array per role and thread (the last shape), at most
-    :data:`SPLIT_BUFFER_KEEP_BYTES` each; a call's roles are distinct and calls on one thread
-    never overlap, so no two users share one."""
+    compacts for huge pages).  One array per role and thread (the last shape), kept while the
+    thread's kept arrays stay within :data:`SPLIT_BUFFERS_KEPT_BYTES`; a call's roles are
+    distinct and calls on one thread never overlap, so no two users share one."""
     dtype = np.dtype(dtype)
     cache = getattr(_split_buffers, "arrays", None)
     if cache is None:
         cache = _split_buffers.arrays = {}
-    old = cache.get(role)
+    old = cache.pop(role, None)
     if old is not None and old.shape == shape and old.dtype == dtype:
+        cache[role] = old
         return old
     out = _empty_aligned(shape, dtype)
-    if out.nbytes <= SPLIT_BUFFER_KEEP_BYTES:
+    if out.nbytes + sum(a.nbytes for a in cache.values()) <= SPLIT_BUFFERS_KEPT_BYTES:
         cache[role] = out
-    else:
-        cache.pop(role, None)
     return out
 
 

@@ -48,7 +48,9 @@ from dotattn.kernels import cpu
 from dotattn.kernels._blas import ONE_BLAS_THREAD
 from dotattn.kernels._cpu_primitives import _from_bf16, _to_bf16
 # the split helpers the kernel uses (kernels/_cpu_amx_f32.py), not copies of them
-from dotattn.kernels._cpu_amx_f32 import _pieces, _pieces_vec, _split32, _split_pair16, _vload  # noqa: F401
+from dotattn.kernels._cpu_amx_f32 import (  # noqa: F401
+    _pieces, _pieces_vec, _split32, _split_pair16, _vload, split_pairs, split_rows, transpose_pairs,
+)
 from dotattn.kernels._cpu_amx import (
     _AVX512,
     _dot046,
@@ -85,83 +87,6 @@ _V32I16 = ir.VectorType(ir.IntType(16), 32)
 _V32I32 = ir.VectorType(ir.IntType(32), 32)
 _V32F = ir.VectorType(ir.FloatType(), 32)
 _I32 = ir.IntType(32)
-
-
-@njit(nogil=True)
-def split_rows(x, out, M, K):
-    """A operand: ``out (3, Mp, Kp)`` uint16 ← pieces of ``x (M, K)`` float32 (rows contiguous,
-    any row stride), zero elsewhere (``Mp ≥ M``, ``Kp ≥ K`` multiples of 32)."""
-    Mp, Kp = out.shape[1], out.shape[2]
-    K32 = K - K % 32
-    ps = out.strides[0]
-    for m in range(Mp):
-        if m < M:
-            src, dst = x[m].ctypes.data, out[0, m].ctypes.data
-            for k in range(0, K32, 32):
-                _split32(src + 4 * k, dst + 2 * k, ps)
-            for k in range(K32, K):
-                h, md, lo = _pieces(x[m, k])
-                out[0, m, k] = np.uint16(h)
-                out[1, m, k] = np.uint16(md)
-                out[2, m, k] = np.uint16(lo)
-            for k in range(K, Kp):
-                out[0, m, k] = 0
-                out[1, m, k] = 0
-                out[2, m, k] = 0
-        else:
-            for k in range(Kp):
-                out[0, m, k] = 0
-                out[1, m, k] = 0
-                out[2, m, k] = 0
-
-
-@njit(nogil=True)
-def split_pairs(x, out, K, N):
-    """B operand with the depth along ``x``'s rows: ``out (3, Kp/2, Np)`` uint32 ← pieces of
-    ``x (K, N)`` (rows contiguous), pairs of consecutive rows, zero elsewhere."""
-    K2, Np = out.shape[1], out.shape[2]
-    N16 = N - N % 16 if K % 2 == 0 else 0
-    ps = out.strides[0]
-    sh = np.uint32(16)
-    for k2 in range(K2):
-        k = 2 * k2
-        if k + 1 < K:
-            src0, src1, dst = x[k].ctypes.data, x[k + 1].ctypes.data, out[0, k2].ctypes.data
-            for n in range(0, N16, 16):
-                _split_pair16(src0 + 4 * n, src1 + 4 * n, dst + 4 * n, ps)
-        else:
-            N16 = 0
-        for n in range(N16, Np):
-            if n < N and k < K:
-                h0, m0, l0 = _pieces(x[k, n])
-                if k + 1 < K:
-                    h1, m1, l1 = _pieces(x[k + 1, n])
-                else:
-                    h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
-                out[0, k2, n] = h0 | (h1 << sh)
-                out[1, k2, n] = m0 | (m1 << sh)
-                out[2, k2, n] = l0 | (l1 << sh)
-            else:
-                out[0, k2, n] = 0
-                out[1, k2, n] = 0
-                out[2, k2, n] = 0
-
-
-@njit(nogil=True)
-def transpose_pairs(rows, out, N):
-    """``out (3, Kp/2, Np)`` uint32 ← ``rows (3, Np, Kp)`` uint16 read as pairs (the pieces of
-    :func:`split_rows` of ``x (N, K)``): the B operand for ``C = A·xᵀ``.  16 columns at a time
-    (column-by-column writes to rows ``4·Np`` bytes apart alias in L1)."""
-    P3, Np, Kp = rows.shape
-    K2 = Kp // 2
-    for p in range(3):
-        r32 = rows[p].reshape(Np * Kp).view(np.uint32)
-        o = out[p]
-        for n0 in range(0, Np, 16):
-            for k in range(K2):
-                orow = o[k]
-                for n in range(n0, min(n0 + 16, Np)):
-                    orow[n] = r32[n * K2 + k]
 
 
 _I16x16 = ir.VectorType(ir.IntType(16), 16)

@@ -153,6 +153,29 @@ def test_odd_sizes_gqa_causal_padding(tiles):
     _check_against_reference(q, k, v, tiles, causal=True, q_lengths=q_len, kv_lengths=kv_len)
 
 
+@pytest.mark.parametrize("top", [0, 1024, 2048])  # the row's largest weight first in its tile: the online step, then lazy ones
+def test_float32_row_sum_of_many_small_weights(top):
+    """A row whose one large weight (≈ 1) sits before thousands of small ones (≈ 5e-8, under
+    half an ulp of 1): the exp passes sum in blocks of keys, not one by one into a sum already
+    ≈ 1, where each small P rounds away — as the naive softmax's pairwise sum does not.  One
+    by one, every output of such a row came out 3× the naive error (CI, 1 Dec: Lq 196, Lk 567,
+    D 31); here the old sum lost up to 255 · 5e-8 of the row's weight."""
+    rng = np.random.default_rng(top)
+    Lq, Lk, D = 32, 4096, 4
+    q = np.zeros((1, 1, Lq, D), np.float32)
+    q[..., 0] = 1.0
+    k = rng.standard_normal((1, 1, Lk, D)).astype(np.float32)
+    k[..., 0] = rng.uniform(-0.5, 0.5, Lk).astype(np.float32)
+    k[0, 0, top, 0] = 17.0
+    v = rng.standard_normal((1, 1, Lk, D)).astype(np.float32) + 3.0
+    call = semantics.normalize(q, k, v, scale=1.0)
+    out, lse = cpu.forward(call)
+    ref_out, ref_lse = H.reference(q, k, v, scale=1.0)
+    naive_out, naive_lse = H.naive(q, k, v, scale=1.0)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
+
+
 def test_fully_masked_rows_give_zero_and_minus_inf():
     q, k, v = _canonical_inputs(0, 1, 2, 2, 9, 9, 4, 4, np.float32)
     mask = np.ones((9, 9), dtype=bool)

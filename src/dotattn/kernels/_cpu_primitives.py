@@ -34,6 +34,14 @@ LN2 = 0.6931471805599453  # ln(2)
 _splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
 
 
+@njit(cache=_JIT_CACHE, _nrt=False, inline="always")
+def _lse_natural(m, row_sum):
+    """``(m + log2 row_sum)·ln 2`` in float64, rounded once when stored: in float32 the sum
+    alone rounds at ulp(m)/2 (≈ 1e-6 for the base-2 max ≈ 25 of logits ≈ 17), an error every
+    P the backward rebuilds from the LSE carries."""
+    return (np.float64(m) + math.log2(np.float64(row_sum))) * LN2
+
+
 # =================================================================================
 # GEMMs on tiles: float32 by the Fortran sgemm bound to SGEMM_SYMBOL (MKL's, or SciPy's
 # OpenBLAS: see _cpu_isa), float64 by NumPy's dot (dgemm); bfloat16 (as uint16 bits) by
@@ -386,21 +394,48 @@ def _exp2_one(s, mul, sub):
     return _times_pow2(p, e) if e > -127 else np.float32(0.0)
 
 
+# The exp passes sum a tile's P over blocks of SUM_KEYS keys apart, then add each block's sum
+# to the row's: added one by one into a sum that already holds the row's largest P (≈ 1),
+# each small P rounds at ulp(1)/2 and 567 keys of P ≈ 1e-3 in one tile left the sum 3.7e-6
+# low — every output of the row 3× the naive softmax's error (Lq 196, Lk 567, D 31, the
+# maximum at key 18; CI, 1 Dec).  In blocks the same row's sum is 1.4e-7 off.
+SUM_KEYS = 32
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _plan_share(plan, share, i, n):
+    """Block ``i`` of ``n`` of ``plan``'s two byte ranges (whole cache lines), so that the
+    blocks of one exp pass prefetch the plan once between them, spread as before."""
+    for j in (0, 2):
+        lines = (plan[j + 1] + 63) // 64
+        first, last = lines * i // n, lines * (i + 1) // n
+        share[j] = plan[j] + first * 64
+        share[j + 1] = (last - first) * 64
+
+
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
 def _exp2_sum_core_f32(ST, mul, sub, row_sum, plan=_NO_PREFETCH):
-    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass (same order, same
-    bits), ``plan``'s memory prefetched meanwhile."""
+    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass, summed in blocks of
+    SUM_KEYS keys, ``plan``'s memory prefetched meanwhile."""
     BK, BQ = ST.shape
-    r0 = 0
-    if ST.strides[1] == 4:
-        r0 = (BQ // LANES) * LANES
-        exp2_tile16(ST, mul, sub, row_sum, BQ // LANES, True, plan)
-    for c in range(BK):
-        row = ST[c]
-        for r in range(r0, BQ):
-            p = _exp2_one(row[r], mul, sub[r])
-            row[r] = p
-            row_sum[r] += p
+    r0 = (BQ // LANES) * LANES if ST.strides[1] == 4 else 0
+    part = np.empty(BQ, dtype=np.float32)
+    share = np.empty(4, dtype=np.int64)
+    nb = (BK + SUM_KEYS - 1) // SUM_KEYS
+    for i in range(nb):
+        c0, c1 = i * SUM_KEYS, min(BK, (i + 1) * SUM_KEYS)
+        part[:] = 0.0
+        if r0 > 0:
+            _plan_share(plan, share, i, nb)
+            exp2_tile16(ST[c0:c1], mul, sub, part, BQ // LANES, True, share)
+        for c in range(c0, c1):
+            row = ST[c]
+            for r in range(r0, BQ):
+                p = _exp2_one(row[r], mul, sub[r])
+                row[r] = p
+                part[r] += p
+        for r in range(BQ):
+            row_sum[r] += part[r]
 
 
 # Lazy rescaling (the forward, float32, no dropout).  The running shift ``m`` need not be
@@ -420,23 +455,32 @@ LAZY_SUM = 65536.0
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
 def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max, plan=_NO_PREFETCH):
-    """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` and ``tile_max[r] = max_c S``
-    (NaN sticky) in one pass; the byte ranges of ``plan`` prefetched meanwhile (``exp2_max_tile16``)."""
+    """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` (in blocks of SUM_KEYS keys) and
+    ``tile_max[r] = max_c S`` (NaN sticky) in one pass; the byte ranges of ``plan`` prefetched
+    meanwhile (``exp2_max_tile16``)."""
     BK, BQ = ST.shape
     tile_sum[:] = 0.0
     tile_max[:] = -np.inf
-    r0 = 0
-    if ST.strides[1] == 4:
-        r0 = (BQ // LANES) * LANES
-        exp2_max_tile16(ST, mul, sub, tile_sum, tile_max, BQ // LANES, plan)
-    for c in range(BK):
-        row = ST[c]
-        for r in range(r0, BQ):
-            s = row[r]
-            tile_max[r] = s if (s > tile_max[r] or s != s) else tile_max[r]
-            p = _exp2_one(s, mul, sub[r])
-            row[r] = p
-            tile_sum[r] += p
+    r0 = (BQ // LANES) * LANES if ST.strides[1] == 4 else 0
+    part = np.empty(BQ, dtype=np.float32)
+    share = np.empty(4, dtype=np.int64)
+    nb = (BK + SUM_KEYS - 1) // SUM_KEYS
+    for i in range(nb):
+        c0, c1 = i * SUM_KEYS, min(BK, (i + 1) * SUM_KEYS)
+        part[:] = 0.0
+        if r0 > 0:
+            _plan_share(plan, share, i, nb)
+            exp2_max_tile16(ST[c0:c1], mul, sub, part, tile_max, BQ // LANES, share)
+        for c in range(c0, c1):
+            row = ST[c]
+            for r in range(r0, BQ):
+                s = row[r]
+                tile_max[r] = s if (s > tile_max[r] or s != s) else tile_max[r]
+                p = _exp2_one(s, mul, sub[r])
+                row[r] = p
+                part[r] += p
+        for r in range(BQ):
+            tile_sum[r] += part[r]
 
 
 def _lazy_ok(m, Pb, enabled):

@@ -38,13 +38,13 @@ from numba import njit, types
 from numba.extending import overload
 
 from ._cpu_primitives import (
-    LN2,
     LOG2E,
     _dropout_keep,
     _take_task,
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
+    _lse_natural,
     _matmul,
     _short_rows,
     exp2_fraction,
@@ -384,7 +384,7 @@ def forward_chunk(
                     # o − o is 0 for a finite o, NaN otherwise; counted in an int, which LLVM
                     # vectorizes (a float sum of them is a chain of dependent adds)
                     bad += (o - o) != 0.0
-                lse[b, hk, r] = (m[r] + math.log2(row_sum[r])) * LN2
+                lse[b, hk, r] = _lse_natural(m[r], row_sum[r])
             else:
                 for d in range(Dv):
                     out[b, hk, r, d] = 0.0

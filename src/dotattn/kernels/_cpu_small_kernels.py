@@ -39,6 +39,7 @@ from numba.extending import overload
 
 from ._cpu_primitives import (
     LOG2E,
+    SUM_KEYS,
     _dropout_keep,
     _take_task,
     _gemm,
@@ -195,11 +196,15 @@ def _exp2_flat_overload(F, N):
 
 @njit(cache=True, fastmath={"nsz", "contract", "reassoc"})
 def _rows_sum(F, R, nk, row_sum):
+    """Each row's sum, in blocks of SUM_KEYS keys (as the tiled kernels' exp passes)."""
     for r in range(R):
         base = r * nk
         acc = F[base] - F[base]  # a zero of the compute dtype (a finite probability)
-        for c in range(nk):
-            acc += F[base + c]
+        for c0 in range(0, nk, SUM_KEYS):
+            part = acc - acc
+            for c in range(c0, min(nk, c0 + SUM_KEYS)):
+                part += F[base + c]
+            acc += part
         row_sum[r] = acc
 
 

@@ -1070,6 +1070,19 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final:
 SERIAL_BACKWARD_MAX_WORK = 1 << 18
 
 
+def lse_rounding_fix(lse: np.ndarray) -> np.ndarray:
+    """``2^(lse₂ − lse·log₂ e)`` per row (float64), ``lse₂`` that product rounded to float32 as
+    the backward kernel's ``_lse_rows`` rounds it: the factor by which the rounding scales every
+    P the float32 backward rebuilds in the row (up to 6.6e-7 at logits ≈ 17; with a row's sum
+    rounded the same way, dV reached 2.4× the naive error at Lq 300, Lk 681, D 8, scale 2).
+    1 for rows without a finite LSE."""
+    from ._cpu_primitives import LOG2E  # (loaded with the kernels anyway)
+
+    x = np.asarray(lse, dtype=np.float64) * LOG2E
+    finite = np.isfinite(x)
+    return np.where(finite, np.exp2(np.where(finite, x.astype(np.float32).astype(np.float64) - x, 0.0)), 1.0)
+
+
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
 
@@ -1102,8 +1115,14 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     from ._cpu_primitives import F64_DOT_MAX_SCORES  # (loaded with the kernels anyway)
 
     wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
-    delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T).astype(T, copy=False)
-    delta = _contiguous(delta, T)
+    delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
+    if dout_k.dtype == np.float32:
+        # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
+        # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
+        fix = lse_rounding_fix(lse_c)
+        dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
+        delta = delta * fix
+    delta = _contiguous(delta.astype(T, copy=False), T)
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch
     # waits for every descheduled thread (the small forward path's reason, kernels/cpu_small.py).

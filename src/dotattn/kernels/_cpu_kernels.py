@@ -36,6 +36,7 @@ from numba.extending import overload
 from . import _cpu_amx_f32
 from ._cpu_amx import rows_bf16, tile_config
 from ._cpu_primitives import (
+    HUGE_SHIFT,
     LOG2E,
     PARTIAL,
     SKIP,
@@ -177,12 +178,12 @@ def _lse_rows(lse2, unfix, lse, b, h, i0, nr):
     logits ≈ 17), which ``cpu.backward`` puts right by scaling the row's dO and Δ instead
     (:func:`dotattn.kernels.cpu.lse_rounding_fix`); a tile whose P does not come from the
     LSE (:func:`_softmax_rows`) takes ``unfix`` back (:func:`_undo_dout_fix`).  1 where
-    there is nothing to undo."""
+    there is nothing to undo (no finite LSE, or past HUGE_SHIFT)."""
     for r in range(lse2.shape[0]):
         lv = lse[b, h, i0 + r] if r < nr else -np.inf
         x = np.float64(lv) * LOG2E
         lse2[r] = x if lv > -np.inf else np.inf
-        unfix[r] = math.exp2(x - np.float64(lse2[r])) if abs(x) < np.inf else 1.0
+        unfix[r] = math.exp2(x - np.float64(lse2[r])) if abs(lse2[r]) < HUGE_SHIFT else 1.0
 
 
 def _undo_dout_fix(ST, unfix, dout):
@@ -945,7 +946,7 @@ def _shift_rows(ST, c2, m):
     exponent is exactly 0 (the rule of ``_cpu_primitives._exp2_shifted_f32``)."""
     huge = False
     for r in range(m.shape[0]):
-        huge |= not abs(m[r]) < 1048576.0
+        huge |= not abs(m[r]) < HUGE_SHIFT
     if huge:
         _mul_rows(ST, c2)
         _sub_rows(ST, m)

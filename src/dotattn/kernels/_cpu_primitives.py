@@ -30,6 +30,9 @@ install_locator()  # before any @njit(cache=True) below: the kernels cache besid
 _JIT_CACHE = True
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
+# Base-2 shifts from this size on (scores of a million and more) take the exp passes' pre-rounded
+# form (_exp2_shifted_f32), and the backward leaves their LSE's rounding alone (cpu.lse_rounding_fix)
+HUGE_SHIFT = 1048576.0
 
 _splitmix64 = njit(cache=_JIT_CACHE, inline="always")(_splitmix64_py)
 
@@ -339,7 +342,7 @@ def _exp2_shifted_f32(ST, N, mul, sub):
     BK, BQ = ST.shape
     huge = False
     for r in range(BQ):
-        huge |= not abs(sub[r]) < np.float32(1048576.0)
+        huge |= not abs(sub[r]) < np.float32(HUGE_SHIFT)
     if huge:
         for c in range(BK):
             row = ST[c]
@@ -499,7 +502,7 @@ def _lazy_ok_overload(m, Pb, enabled):
     def impl(m, Pb, enabled):
         ok = enabled
         for r in range(m.shape[0]):
-            ok &= abs(m[r]) < np.float32(1048576.0)
+            ok &= abs(m[r]) < np.float32(HUGE_SHIFT)
         return ok
 
     return impl
@@ -587,7 +590,7 @@ def _exp2_shifted_sum_f32(ST, N, mul, sub, row_sum, plan):
     BK, BQ = ST.shape
     huge = False
     for r in range(BQ):
-        huge |= not abs(sub[r]) < np.float32(1048576.0)
+        huge |= not abs(sub[r]) < np.float32(HUGE_SHIFT)
     if huge:  # the rare pre-rounded pass of _exp2_shifted_f32, then the plain sum
         _exp2_shifted_f32(ST, N, mul, sub)
         _col_sum_into(ST, row_sum)
@@ -1190,7 +1193,7 @@ def _shift_ok(sub):
     :func:`_exp2_shifted_f32`.  (+inf, the backward's rows without a key, gives 0 either way.)"""
     ok = True
     for r in range(sub.shape[0]):
-        ok &= abs(sub[r]) < np.float32(1048576.0) or sub[r] == np.inf
+        ok &= abs(sub[r]) < np.float32(HUGE_SHIFT) or sub[r] == np.inf
     return ok
 
 

@@ -38,6 +38,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from ._cpu_primitives import (
+    HUGE_SHIFT,
     LOG2E,
     SUM_KEYS,
     _dropout_keep,
@@ -109,10 +110,9 @@ _LANES = 16
 # The shift ``S·c2 − m`` by one FMA (the product exact, one rounding), except for rows whose
 # shift is huge: there an FMA computes x·c2 − round(x·c2) for the max element, its rounding
 # error, which for logits of 1e12 is ~1e4 — 2^(±1e4) instead of 2^0 — so the product is
-# rounded first, as ``m`` was (the general kernels' rule: _cpu_primitives._exp2_shifted_f32).
+# rounded first, as ``m`` was (the general kernels' rule past HUGE_SHIFT: _cpu_primitives._exp2_shifted_f32).
 # Rounded first everywhere, the product's error (|S·c2|·2⁻²⁴ absolute, a relative error of P)
 # came on top of the scores' own at large ``scale``.
-_HUGE_SHIFT = 1048576.0
 
 
 @njit(cache=True, fastmath={"nsz"})
@@ -146,7 +146,7 @@ def _rows_max_shift(F, R, nk, m, c2, lanes):
             mx = np.inf  # a NaN score: marked like +inf, for the general path's NaN policy
         m[r] = mx * c2t if mx > -np.inf else 0.0
         mr = m[r]
-        if abs(mr) < _HUGE_SHIFT:
+        if abs(mr) < HUGE_SHIFT:
             for c in range(nk):
                 F[base + c] = fma(F[base + c], c2t, -mr)
         else:

@@ -1075,12 +1075,14 @@ def lse_rounding_fix(lse: np.ndarray) -> np.ndarray:
     the backward kernel's ``_lse_rows`` rounds it: the factor by which the rounding scales every
     P the float32 backward rebuilds in the row (up to 6.6e-7 at logits ≈ 17; with a row's sum
     rounded the same way, dV reached 2.4× the naive error at Lq 300, Lk 681, D 8, scale 2).
-    1 for rows without a finite LSE."""
-    from ._cpu_primitives import LOG2E  # (loaded with the kernels anyway)
+    1 for rows without a finite LSE or past HUGE_SHIFT."""
+    from ._cpu_primitives import HUGE_SHIFT, LOG2E  # (loaded with the kernels anyway)
 
     x = np.asarray(lse, dtype=np.float64) * LOG2E
-    finite = np.isfinite(x)
-    return np.where(finite, np.exp2(np.where(finite, x.astype(np.float32).astype(np.float64) - x, 0.0)), 1.0)
+    rounded = x.astype(np.float32).astype(np.float64)
+    # (rows past 2^20 in base 2 take the kernel's pre-rounded exp pass: _exp2_shifted_f32)
+    fixable = np.abs(rounded) < HUGE_SHIFT
+    return np.where(fixable, np.exp2(np.where(fixable, rounded - x, 0.0)), 1.0)
 
 
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):

@@ -226,6 +226,41 @@ def test_split_product_against_float64_and_tile_independent():
     H.assert_bitwise_equal(part, c[32:64, 64:128], "a sub-tile")
 
 
+@pytest.mark.parametrize(
+    "B, H, Lq, D, BQ, lens",
+    [(1, 2, 300, 64, 128, None), (2, 3, 257, 59, 128, [200, 257]), (1, 1, 1024, 128, 128, None),
+     (1, 2, 33, 8, 32, None), (2, 1, 700, 33, 128, [5, 690]), (1, 1, 17, 96, 32, [16])],
+)
+def test_split_columns_bitwise_the_row_split_transposed(B, H, Lq, D, BQ, lens):
+    """The Qᵀ split (16-row × 32-depth blocks split and transposed in registers, the rest element
+    by element) writes exactly what the row split followed by the pair transpose writes:
+    padding rows (NaN here) and columns zero, depths not in whole 32-steps, rows not in whole
+    16-blocks, tails past a length."""
+    if not AMX:
+        assert not cpu.f32_products_path()[0]
+        return
+    from dotattn.kernels import _cpu_amx_f32 as F
+
+    rng = np.random.default_rng(Lq + D)
+    q = rng.standard_normal((B, H, Lq, D)).astype(np.float32) * np.float32(3)
+    q[..., ::7] *= np.float32(1e-5)  # the mid and lo pieces of small values too
+    lens = np.array(lens or [Lq] * B, dtype=np.int64)
+    for b in range(B):
+        q[b, :, lens[b] :] = np.nan
+    Lp = -(-Lq // BQ) * BQ
+    shape = (B, H, 3, F.padded(D) // 2, Lp + 16)
+    got = cpu._empty_aligned(shape, np.uint32)
+    got[...] = 7  # every element must be written
+    F.split_columns(q, lens, got, 2)
+    want = np.full(shape, 9, dtype=np.uint32)
+    for b in range(B):
+        for h in range(H):
+            rows = np.zeros((3, Lp + 16, F.padded(D)), np.uint16)
+            F.split_rows(q[b, h], rows, min(Lq, int(lens[b])), D)
+            F.transpose_pairs(rows, want[b, h], Lp + 16)
+    np.testing.assert_array_equal(got, want)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**16),

@@ -40,8 +40,8 @@ def taken(monkeypatch):
     seen = []
     real = cpu._with_split_operands
 
-    def spy(p, call, dout=None):
-        out = real(p, call, dout)
+    def spy(p, call, dout=None, tops=None):
+        out = real(p, call, dout, tops)
         seen.append((dout is not None, out.options.split_s, out.options.split_dp, out.options.split_all))
         return out
 
@@ -126,6 +126,37 @@ def test_operands_out_of_range_take_mkl(route, taken, magnitude):
     # (and huge ones near overflow); both passes then take MKL's tiles and stay correct
     scale = 1.0 / (magnitude * magnitude)  # keeps the scores of order one
     _check(7, route, taken, Lq=300, Lk=300, D=64, magnitude=magnitude, scale=scale, expect=False)
+
+
+@pytest.mark.parametrize("route", ["amx", "mkl"], indirect=True)
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v", "dout", "q-padding"])
+def test_backward_nonfinite_operands_follow_the_policy(route, taken, where, value):
+    """On the split route the backward checks q, K, V and dO once, for the NaN policy and the
+    range alike (cpu._backward_largest): a NaN or ±inf in a real row sends the call to the
+    NumPy backend, as MKL's route does; in a padding row of q it is ignored (the route taken)."""
+    from dotattn.kernels import numpy_tiled
+
+    q_lengths = [300, 250] if where == "q-padding" else None
+    q, k, v = H.random_qkv(9, batch=(2,), Hq=2, Lq=300, Lk=333, D=64, q_lengths=q_lengths)
+    call = semantics.normalize(q, k, v, q_lengths=q_lengths)
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(4).standard_normal(out.shape).astype(np.float32)
+    target = {"q": q, "k": k, "v": v, "dout": dout, "q-padding": q}[where]
+    target[1, 1, 270 if where == "q-padding" else 7, 3] = value
+    call = semantics.normalize(q, k, v, q_lengths=q_lengths)
+    with np.errstate(all="ignore"):
+        got = cpu.backward(call, out, lse, dout)[:3]
+        want = numpy_tiled.backward(call, out, lse, dout, False)[:3]
+    on = route != "mkl" and AMX
+    if where == "q-padding":
+        assert [s for _, s, _, _ in taken] == ([True, True] if on else [])
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert np.all(np.isfinite(g[0])) and np.all(np.isfinite(g[1, :, :250])), name
+        return
+    assert len(taken) == (1 if on else 0)  # the forward only: the backward left for NumPy
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        np.testing.assert_array_equal(g, w, err_msg=name)
 
 
 def test_range_rule():

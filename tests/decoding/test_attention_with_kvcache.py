@@ -330,14 +330,17 @@ def test_nan_reaches_only_the_rows_that_see_it(backend, dtype):
     assert np.isfinite(out[0, :, 1:]).all(), "a value weighed 0 leaked NaN into a row that does not see it"
 
 
-@pytest.mark.parametrize("B, L, sink", [(1, 4096, 0), (1, 4096, 300), (2, 32768, 5000)])
-def test_float32_attention_sink_among_many_tiny_weights(B, L, sink):
+@pytest.mark.parametrize(
+    "B, L, sink, D",
+    [(1, 4096, 0, 16), (1, 4096, 300, 16), (2, 32768, 5000, 16), (1, 4096, 0, 32)],
+)
+def test_float32_attention_sink_among_many_tiny_weights(B, L, sink, D):
     """One key with weight ≈ 1 (an attention sink) among thousands of weights ≈ 5e-8, under
     half an ulp of it: the kernel's lane sums and P·V accumulators add in blocks
     (SUM_VECTORS, PV_SUM_KEYS), not key by key into a sum that already holds the sink — which
     lost every small term and came out 3.6× the naive error at 4k (1 Dec)."""
     rng = np.random.default_rng(L + sink)
-    Hkv, G, D = 2, 4, 16
+    Hkv, G = 2, 4
     k = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
     k[..., 0] = rng.uniform(-0.5, 0.5, (B, Hkv, L)).astype(np.float32)
     k[:, :, sink, 0] = 17.0

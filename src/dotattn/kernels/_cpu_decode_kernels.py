@@ -703,8 +703,11 @@ def _exp_row_f32(s, ibuf, n, m):
         e = ibuf[t]
         bits[t] = np.int32(bits[t] + (e << 23)) if e > -127 else np.int32(0)
     total = np.float32(0.0)
-    for t in range(n):
-        total += s[t]
+    for t0 in range(0, n, PV_SUM_KEYS):  # in blocks, as the 16-lane path (see PV_SUM_KEYS)
+        part = np.float32(0.0)
+        for t in range(t0, min(n, t0 + PV_SUM_KEYS)):
+            part += s[t]
+        total += part
     return total
 
 

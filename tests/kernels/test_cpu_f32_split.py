@@ -159,6 +159,28 @@ def test_backward_nonfinite_operands_follow_the_policy(route, taken, where, valu
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
+@pytest.mark.parametrize("route", ["amx", "amx5"], indirect=True)
+@pytest.mark.parametrize("case", ["lengths", "D33-gqa", "causal-scale2.5"], ids=str)
+def test_pieces_split_in_the_tasks_bitwise_as_per_call(route, monkeypatch, case):
+    """The forward's Qᵀ pieces split by each query tile's task and the backward's K and V pieces
+    by each key tile's task (Options.split_in_task) give bit for bit the outputs of the passes
+    per call (cpu.SPLIT_IN_TASK off): padding rows and keys, odd D, GQA, a causal mask."""
+    c = dict(CASES[case])
+    scale = c.pop("scale", None)
+    opts = {k: c.pop(k) for k in ("causal", "q_lengths", "kv_lengths") if k in c}
+    q, k, v = H.random_qkv(11, batch=(2,), dtype=np.float32, q_lengths=opts.get("q_lengths"),
+                           kv_lengths=opts.get("kv_lengths"), **c)
+    call = semantics.normalize(q, k, v, scale=scale, **opts)
+    dout = np.random.default_rng(12).standard_normal((2, q.shape[1], q.shape[2], v.shape[3])).astype(np.float32)
+    results = []
+    for in_task in (False, True):
+        monkeypatch.setattr(cpu, "SPLIT_IN_TASK", in_task)
+        out, lse = cpu.forward(call)
+        results.append((out, lse) + cpu.backward(call, out, lse, dout)[:3])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        H.assert_bitwise_equal(b, a, name)
+
+
 def test_range_rule():
     from dotattn.kernels._cpu_amx_f32 import SPLIT_MAX, SPLIT_MIN, largest, ok_range
 

@@ -245,51 +245,56 @@ def _split_cols16(typingctx, src, src_ld, dst, dst_ld, ps):
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
+def split_columns_head(x, M, o, n_lo, n_hi):
+    """Columns ``n_lo … n_hi − 1`` (``n_lo`` a multiple of 16) of one head's B operand: ``o (3,
+    Dp/2, ≥n_hi)`` uint32 ← pieces of ``x (Lq, D)``'s rows in depth pairs, rows at or past ``M``
+    zero.  Blocks of 16 rows × 32 depths are split and transposed in registers
+    (:func:`_split_cols16`); the rest (rows past the last whole 16 of the real ones, depths past
+    the last whole 32) element by element."""
+    D = x.shape[1]
+    K2 = o.shape[1]
+    D32 = D - D % 32
+    sh = np.uint32(16)
+    n16 = max(n_lo, min(n_hi, M - M % 16))  # rows [n_lo, n16) in whole 16-row blocks
+    if D32 > 0 and n16 > n_lo:
+        ps, ld = o.strides[0], o.strides[1]
+        for n0 in range(n_lo, n16, 16):
+            for k0 in range(0, D32, 32):
+                _split_cols16(x[n0].ctypes.data + 4 * k0, x.strides[0], o[0, k0 // 2].ctypes.data + 4 * n0, ld, ps)
+    for k2 in range(K2):
+        k = 2 * k2
+        n_from = n16 if k < D32 else n_lo
+        for n in range(n_from, n_hi):
+            if n < M and k < D:
+                h0, m0, l0 = _pieces(x[n, k])
+                if k + 1 < D:
+                    h1, m1, l1 = _pieces(x[n, k + 1])
+                else:
+                    h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
+                o[0, k2, n] = h0 | (h1 << sh)
+                o[1, k2, n] = m0 | (m1 << sh)
+                o[2, k2, n] = l0 | (l1 << sh)
+            else:
+                o[0, k2, n] = 0
+                o[1, k2, n] = 0
+                o[2, k2, n] = 0
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
 def split_columns(q, lens, out, threads):
     """The B operand of ``Sᵀ = K·Qᵀ`` (or ``dPᵀ = V·dOᵀ``) for every query row of a head:
     ``out (B, H, 3, Dp/2, ≥Lqp)`` uint32 ← pieces of ``q (B, H, Lq, D)`` in depth pairs, rows at
     or past ``lens[b]`` zero (padding rows may hold anything, NaN included), columns past Lq
-    zero.  A query tile is ``out[b, h, :, :, i0:i0+BQ]``.  Blocks of 16 rows × 32 depths are
-    split and transposed in registers (:func:`_split_cols16`); the rest (rows past the last
-    whole 16 of the real ones, depths past the last whole 32) element by element.  Bit for bit
-    :func:`split_rows` + :func:`transpose_pairs` (with ``out`` 64-byte aligned, as
+    zero.  A query tile is ``out[b, h, :, :, i0:i0+BQ]``.  Per head :func:`split_columns_head`:
+    bit for bit :func:`split_rows` + :func:`transpose_pairs` (with ``out`` 64-byte aligned, as
     ``cpu._pieces_buffer``'s, each block's stores are whole cache lines).  On the calling
     thread: ≈ 1 ms for H8 L4096 D64 (the 12 MiB of pieces written once), where the parallel
     row scratch + scalar transpose took 5–18 ms at load 4.6 — a parallel launch on a busy
     machine waits for descheduled threads.  (``threads``: unused, kept for callers.)"""
     B, H, Lq, D = q.shape
-    K2, N = out.shape[3], out.shape[4]
-    D32 = D - D % 32
-    sh = np.uint32(16)
-    n_lo = 0
     for t in range(B * H):
         b, h = t // H, t % H
-        x, o = q[b, h], out[b, h]
-        M = min(Lq, lens[b])
-        n_hi = N
-        n16 = M - M % 16  # rows [0, n16) in whole 16-row blocks
-        if D32 > 0 and n16 > n_lo:
-            ps, ld = o.strides[0], o.strides[1]
-            for n0 in range(n_lo, n16, 16):
-                for k0 in range(0, D32, 32):
-                    _split_cols16(x[n0].ctypes.data + 4 * k0, x.strides[0], o[0, k0 // 2].ctypes.data + 4 * n0, ld, ps)
-        for k2 in range(K2):
-            k = 2 * k2
-            n_from = n16 if k < D32 else n_lo
-            for n in range(n_from, n_hi):
-                if n < M and k < D:
-                    h0, m0, l0 = _pieces(x[n, k])
-                    if k + 1 < D:
-                        h1, m1, l1 = _pieces(x[n, k + 1])
-                    else:
-                        h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
-                    o[0, k2, n] = h0 | (h1 << sh)
-                    o[1, k2, n] = m0 | (m1 << sh)
-                    o[2, k2, n] = l0 | (l1 << sh)
-                else:
-                    o[0, k2, n] = 0
-                    o[1, k2, n] = 0
-                    o[2, k2, n] = 0
+        split_columns_head(q[b, h], min(Lq, lens[b]), out[b, h], 0, out.shape[4])
 
 
 @njit(cache=_JIT_CACHE, inline="always")

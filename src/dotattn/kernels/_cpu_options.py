@@ -67,6 +67,10 @@ class Options(NamedTuple):
     qpc: np.ndarray = NO_PAIRS
     vpc: np.ndarray = NO_ROWS
     dopc: np.ndarray = NO_PAIRS
+    # the pieces a task alone reads written by that task (on the kernel's threads, hot for its
+    # products), not by a pass per call: the forward's Qᵀ pieces of its query tile (qpc), the
+    # backward's K and V pieces of its key tile (kpc, vpc)
+    split_in_task: bool = False
     # ... and the backward's other three products (dV += Pᵀ·dO, dK += dSᵀ·Q, dQᵀ += Kᵀ·dSᵀ): P's
     # and dS's pieces from the exp and dS passes, Q's and dO's in pairs of query rows per head
     # (qrp, dorp (B, Hq, 3, ≥Lq/2, Dp) uint32), Kᵀ's rows per key tile (ktp (B, Hkv, nkb, 3,

@@ -889,6 +889,10 @@ def _backward_largest(p: Prepared, dout: np.ndarray) -> dict[str, float]:
             "dout": largest(dout, o.q_lens)}
 
 
+# The pieces a kernel task alone reads written by that task (Options.split_in_task); False: by
+# passes per call before the kernel (the A/B switch of benchmarks and tests)
+SPLIT_IN_TASK = True
+
 _split_buffers = threading.local()
 # What one thread may keep of pieces arrays between calls, all roles together: the arrays of
 # H8 L4096 D64 take ≈ 25 MiB for a forward and 50 MiB for a backward; beyond this budget a
@@ -918,26 +922,32 @@ def _pieces_buffer(role: str, shape: tuple, dtype) -> np.ndarray:
     return out
 
 
-def _row_pieces(x: np.ndarray, role: str) -> np.ndarray:
+def _row_pieces(x: np.ndarray, role: str, split: bool = True) -> np.ndarray:
     """Per key tile, the pieces of packed ``x (B, H, nkb, BK, X)`` as A operands (rows a
-    cache line apart between pieces: whole powers of two apart they share L1 sets)."""
+    cache line apart between pieces: whole powers of two apart they share L1 sets).
+    ``split=False``: the buffer only, for the backward kernel's tasks to fill
+    (``Options.split_in_task``)."""
     from ._cpu_amx_f32 import padded, split_tiles
 
     B, H, nkb, BK, X = x.shape
     out = _pieces_buffer(role, (B, H, nkb, 3, BK + 1, padded(X)), np.uint16)
-    split_tiles(x, out)
+    if split:
+        split_tiles(x, out)
     return out
 
 
-def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str) -> np.ndarray:
+def _column_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: bool = True) -> np.ndarray:
     """Per head, the pieces of ``x (B, H, L, X)`` in depth pairs as B operands, columns padded
-    to whole query tiles (and a cache line, so that rows are no power of two apart)."""
+    to whole query tiles (and a cache line, so that rows are no power of two apart).
+    ``split=False``: the buffer only, for the forward kernel's tasks to fill
+    (``Options.split_in_task``)."""
     from ._cpu_amx_f32 import padded, split_columns
 
     B, H, L, X = x.shape
     Lp = -(-L // BQ) * BQ
     out = _pieces_buffer(role, (B, H, 3, padded(X) // 2, Lp + 16), np.uint32)
-    split_columns(x, lens, out, _num_threads())
+    if split:
+        split_columns(x, lens, out, _num_threads())
     return out
 
 
@@ -986,17 +996,26 @@ def _with_split_operands(
     o = p.options
     changes: dict[str, Any] = {}
     side = "forward " if dout is None else "backward "  # (the passes' tiles differ: own buffers)
+    # the pieces a kernel task alone reads are split by that task (Options.split_in_task): the
+    # forward's Qᵀ per query tile, the backward's K and V per key tile (per call, on one
+    # thread, Qᵀ's took 3.0–3.2 ms and K's or V's 1.8 ms each at H8 L4096 D64)
+    in_task = SPLIT_IN_TASK
     if ok_range(tops["q"]) and ok_range(tops["k"]) if tops is not None else _in_range(p.q, o.q_lens, p.kp):
-        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc"),
-                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc"))
+        forward_in_task = in_task and dout is None
+        backward_in_task = in_task and dout is not None
+        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task),
+                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", not forward_in_task))
     dp_ok = dout is not None and (
         ok_range(tops["dout"]) and ok_range(tops["v"]) if tops is not None else _in_range(dout, o.q_lens, p.vp)
     )
     if dp_ok:
-        changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc"), dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))
+        changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task),
+                       dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))
         if changes.get("split_s") and _split_all_shapes(call):
             changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp"),
                            dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp"), ktp=_transposed_row_pieces(p.kp))
+    if in_task and changes:
+        changes.update(split_in_task=True)
     if not changes:
         return p
     return Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(**changes), p.v_finite)

@@ -193,9 +193,9 @@ def test_one_thread_mode_gives_the_reference_tokens_and_restores_the_thread_sett
 
 
 def test_prompt_pass_projections_in_row_halves_match_and_restore_the_thread_settings(model):
-    """The prompt pass's products split by rows between the caller and the pool thread
-    (each on one MKL thread) give the plain product's values; few rows or one thread take
-    the plain product; no thread-local MKL count is left set on the caller."""
+    """The prompt pass's products split between the caller and the pool thread (each on one
+    MKL thread) give the plain product's values, long passes and short ones; a long pass on
+    one thread takes the plain product; no thread-local MKL count is left set on the caller."""
     import numba
 
     from dotattn.kernels._cpu_isa import mkl_threads_here
@@ -245,6 +245,24 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
     out = np.empty((1, 300, w.shape[0]), np.float32)
     halves(x, w, out)
     np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+def test_short_prompt_passes_give_the_same_logits_bits_in_both_thread_modes(model, monkeypatch):
+    """A prompt pass of fewer than _RowHalves.MIN_ROWS tokens gives the same logits bits
+    whether its chooser runs every layer on all cores or on the calling thread alone, and
+    twice in a row when the mode changes between calls: the products are the same fixed
+    chunks in both modes.  (torch.mm on two threads split the depth of 9–15-row products and
+    of the 1536-deep down projection's from 57 rows: 100 tokens gave logits 5e-5 apart.)"""
+    rng = np.random.default_rng(3)
+    for length in (5, 12, 30, 100, smollm_module._RowHalves.MIN_ROWS - 1):
+        ids = rng.integers(100, 40000, length).tolist()
+        outs = []
+        for many in (True, False, True):
+            monkeypatch.setattr(smollm_module._StepThreads, "choose", lambda self, many=many: many)
+            outs.append(model.logits(ids).copy())
+        assert np.isfinite(outs[0]).all() and outs[0].shape == (length, model.config.vocab_size)
+        for other in outs[1:]:
+            np.testing.assert_array_equal(outs[0], other, err_msg=f"{length} tokens")
 
 
 def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, reference):
@@ -334,8 +352,8 @@ def _modes(times_many, times_one, steps):
 
 def test_long_prompt_passes_run_on_all_cores_without_a_chooser(model, monkeypatch):
     """Prompt passes of at least _RowHalves.MIN_ROWS token rows (every step on the caller and
-    a pool thread) never ask a chooser for the one-thread mode; shorter ones (products on
-    torch's OpenMP team) ask once per layer."""
+    a pool thread) never ask a chooser for the one-thread mode; shorter ones ask once per
+    layer."""
     asked = []
 
     def choose(self):

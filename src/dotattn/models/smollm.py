@@ -335,9 +335,15 @@ class _RowHalves:
     token rows (``torch.mm``): a GEMM copies ("packs") its whole weight operand first, so
     with token-row halves both threads packed all of ``w`` — with column halves each packs
     its half (the same bits; 512 tokens, one model alternating, 23:13: quiet passes 473–494
-    against 485–488 ms, with one other core busy 821–934 against 903–935).  Fewer than
-    :data:`MIN_ROWS` rows, one thread (:func:`_one_thread`) or ``compute="numpy"``: the
-    plain :class:`_MatMul`.
+    against 485–488 ms, with one other core busy 821–934 against 903–935).  A pass of at
+    least :data:`MIN_ROWS` rows on one thread, up to ``_MatMul.GEMV_MAX_ROWS`` rows or
+    ``compute="numpy"``: the plain :class:`_MatMul`.
+
+    Shorter passes (their layers on all cores or on the caller alone, as their chooser picks:
+    :class:`_StepThreads`) split every product into one chunk per core (:func:`_cores`) in
+    both modes — on the pool, or on the caller chunk after chunk — so the mode never changes
+    the bits (torch.mm on two threads split the depth of some of these products and rounded
+    differently from one thread: docs/models.md).
     """
 
     MIN_ROWS = 128
@@ -350,14 +356,31 @@ class _RowHalves:
         from ..kernels._launch import num_threads, run_chunks
 
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        n = num_threads()
-        if self.mm._torch is None or n < 2 or x2.shape[0] < self.MIN_ROWS:
+        rows = x2.shape[0]
+        if self.mm._torch is None or rows <= self.mm.GEMV_MAX_ROWS:
+            # NumPy's BLAS (its thread count is not the modes'), or the matrix–vector kernel
+            # (each output element summed by one thread, in the same order on any count)
             return self.mm(x, w, out)
+        long = rows >= self.MIN_ROWS
+        if long and num_threads() < 2:
+            return self.mm(x, w, out)
+        # Short passes: the same chunks in both of the chooser's modes (all cores: the pool;
+        # one thread: the caller, chunk after chunk), each a one-thread GEMM of the same shape
+        # at the same addresses — the same bits whichever mode runs.  torch.mm's own split
+        # depends on its thread count: on two threads MKL splits the depth of 9–15-row
+        # products and of the down projection's from 57 rows (x (L × 1536) · W (576 × 1536)ᵀ),
+        # which rounds differently from one thread (docs/models.md).
+        nchunks = _cores() if not long else num_threads()
         sgemm = _mkl_sgemm() if self.COLUMNS else None
         if sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
-            run_chunks(self._columns, (sgemm, x2, w, out2), n)
+            fn, args = self._columns, (sgemm, x2, w, out2)
         else:
-            run_chunks(self._rows, (x2, w, out2), n)
+            fn, args = self._rows, (x2, w, out2)
+        if long or num_threads() >= 2:
+            run_chunks(fn, args, nchunks)
+        else:  # the one-thread mode (_one_thread): the chunks in turn on the caller
+            for chunk in range(nchunks):
+                fn(*args, chunk, nchunks)
         return out
 
     def _rows(self, x2, w, out2, chunk, nchunks):
@@ -383,6 +406,14 @@ class _RowHalves:
         finally:
             if previous is not None:
                 mkl_threads_here(previous)
+
+
+def _cores() -> int:
+    """The cores this process may run on: the short prompt passes' product chunks (one per
+    thread of the all-cores mode; a fixed number, whichever mode runs)."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 _SGEMM = None
@@ -903,9 +934,10 @@ class SmolLM:
         # but never stalls them at a barrier.  There the one-thread mode gained nothing under
         # load (512 tokens, A/B with a busy loop beside: 1996 ms with the chooser, 1952
         # without), and after load had gone it kept quiet passes on one thread for its gap
-        # (856 against 611 ms; docs/models.md).  Shorter passes multiply on torch's OpenMP
-        # team: a chooser per length class (B·L tokens rounded down to a power of two;
-        # per-token layer times of a 30-token and a 100-token pass are not comparable).
+        # (856 against 611 ms; docs/models.md).  Shorter passes (products in fixed chunks on
+        # the pool, or on the caller alone: _RowHalves) have a chooser per length class (B·L
+        # tokens rounded down to a power of two; per-token layer times of a 30-token and a
+        # 100-token pass are not comparable).
         threads = None
         if B * L < _RowHalves.MIN_ROWS:
             threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())

@@ -76,6 +76,10 @@ class DecodeCall:
     paged: bool
     k_cache: np.ndarray  # the caller's cache arrays as given (layout order), for fast paths
     v_cache: np.ndarray
+    # the _Kind the call was bound from (shapes, dtypes, options): a backend keeps what it derives
+    # from those alone in ``kind.derived`` (cpu_decode: one dict lookup per call instead of
+    # re-deriving sizes, dtypes and flags)
+    kind: Any = None
 
     @property
     def B(self) -> int:
@@ -418,9 +422,10 @@ class _Kind:
     """What :func:`normalize` decided for calls of one :func:`call_key`: sizes, and the fields of
     :class:`DecodeCall` that hold no array of the caller's."""
 
-    __slots__ = ("B", "Hq", "Lq", "D", "Lnew", "paged", "layout", "room", "table", "compute", "fields")
+    __slots__ = ("B", "Hq", "Lq", "D", "Lnew", "paged", "layout", "room", "table", "compute", "fields", "derived")
 
     def __init__(self, **kw):
+        self.derived: dict = {}  # a backend's values derived from the kind alone (DecodeCall.kind)
         for name, value in kw.items():
             setattr(self, name, value)
 
@@ -510,7 +515,7 @@ def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, 
     fields["rotary"] = None if rotary is None else _check_rotary(rotary, kind.D, compute, lengths, Lnew, kind.Lq)
     fields.update(
         q=qc, k_pages=kp, v_pages=vp, block_table=table, cache_lengths=lengths, k_new=k_new, v_new=v_new,
-        k_cache=k_cache, v_cache=v_cache,
+        k_cache=k_cache, v_cache=v_cache, kind=kind,
     )
     return call
 

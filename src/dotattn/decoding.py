@@ -248,10 +248,13 @@ def _attention_with_kvcache(
 ):
     """:func:`attention_with_kvcache`; ``trusted=True`` is :meth:`KVCache.attend`'s path, whose
     lengths and block table the cache keeps valid itself (``decode_semantics.normalize``)."""
-    arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     # The common NumPy call skips the library scan (a decode step is many small calls).
-    plain = type(q) is np.ndarray and type(k_cache) is np.ndarray and type(v_cache) is np.ndarray
-    fw = "numpy" if plain and (k_new is None or type(k_new) is np.ndarray) else _check_library(arrays)
+    nd = np.ndarray
+    plain = type(q) is nd and type(k_cache) is nd and type(v_cache) is nd and (k_new is None or type(k_new) is nd)
+    fw = "numpy"
+    if not plain:
+        arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+        fw = _check_library(arrays)
     if fw == "torch":
         _check_no_grad(arrays)
         if q.device.type != "cpu" or implementation == "triton":

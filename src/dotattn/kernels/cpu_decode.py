@@ -66,12 +66,9 @@ BF16_DOT = _bf16_dot_available()
 BF16_DOT_MAX_ROWS = 1
 
 
-def _dot_scores(call: DecodeCall, kind: int, R: int, T) -> bool:
-    """Whether this call's bfloat16 scores run on ``vdpbf16ps`` (:data:`BF16_DOT`)."""
-    return (
-        R <= BF16_DOT_MAX_ROWS and BF16_DOT and kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
-        and call.rotary is None and T == np.float32 and call.D % 32 == 0 and call.Dv % 16 == 0
-    )
+def _cache_kind(dtype: np.dtype) -> int:
+    """The kernels' K.KIND_* of a cache dtype (16-bit caches are read as uint16)."""
+    return K.KIND_BF16 if dtype == BFLOAT16 else K.KIND_F16 if dtype == _F16 else K.KIND_FLOAT
 
 
 def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -94,14 +91,12 @@ def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarr
 _STRIDES: dict[tuple, np.ndarray] = {}
 
 
-def _flat(cache: np.ndarray, pages: np.ndarray):
-    """``(flat 1-D view, element strides (page, head, slot, Hkv), kind)`` of a C-contiguous cache."""
-    if cache.dtype == BFLOAT16:
-        flat, kind = cache.reshape(-1).view(np.uint16), K.KIND_BF16
-    elif cache.dtype == _F16:
-        flat, kind = cache.reshape(-1).view(np.uint16), K.KIND_F16
-    else:
-        flat, kind = cache.reshape(-1), K.KIND_FLOAT
+def _flat(cache: np.ndarray, pages: np.ndarray, kind: int | None = None):
+    """``(flat 1-D view, element strides (page, head, slot, Hkv), kind)`` of a C-contiguous cache;
+    ``kind`` (K.KIND_*: float, bfloat16, float16) when the caller knows it (_Derived.kind)."""
+    if kind is None:
+        kind = _cache_kind(cache.dtype)
+    flat = cache.reshape(-1) if kind == K.KIND_FLOAT else cache.reshape(-1).view(np.uint16)
     item = cache.itemsize
     key = (pages.strides, pages.shape[1], item)
     st = _STRIDES.get(key)
@@ -123,6 +118,50 @@ def unsupported_reason(call: DecodeCall) -> str | None:
     return None
 
 
+class _Derived:
+    """What :func:`decode` derives from a call's kind alone (shapes, dtypes, options): kept in
+    ``call.kind.derived`` so a repeated call reads it back with one lookup — the call's Python
+    runs cold (the items have just streamed the caches), where each attribute, property and
+    dtype step cost a few µs at B1 4k (docs/decoding.md, "The decode call's fixed costs")."""
+
+    __slots__ = ("B", "Hq", "Lq", "Hkv", "D", "Dv", "R", "Lnew", "T", "kind", "per_key", "items_per_chunk",
+                 "left", "right", "softcap", "scale", "big_gemm", "dot_static")
+
+    def __init__(self, call: DecodeCall) -> None:
+        self.B, self.Hq, self.Lq, self.D = call.q.shape
+        self.Hkv, self.Dv, self.Lnew = call.Hkv, call.Dv, call.Lnew
+        self.R = call.group * call.Lq
+        self.T = T = call.compute_dtype
+        self.kind = _cache_kind(call.cache_dtype)
+        self.per_key = self.Hkv * (self.D + self.Dv) * call.k_cache.itemsize  # K/V bytes per key
+        self.items_per_chunk = self.B * self.Hkv
+        left, right = call.window if call.window is not None else (None, None)
+        self.left = -1 if left is None else left
+        self.right = -1 if right is None else right
+        self.softcap = 0.0 if call.softcap is None else call.softcap
+        self.scale = T.type(call.scale)
+        # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
+        # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
+        self.big_gemm = self.R * SPLIT_SIZE * max(self.D, self.Dv) > 64**3
+        # the conditions of the vdpbf16ps scores (BF16_DOT) that the kind settles; BF16_DOT, its
+        # row limit and the rotary table are read per call (tests switch the first, any call may
+        # bring the last)
+        self.dot_static = (
+            self.kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
+            and T == np.float32 and self.D % 32 == 0 and self.Dv % 16 == 0
+        )
+
+
+def _derived(call: DecodeCall) -> _Derived:
+    kind = call.kind
+    if kind is None:
+        return _Derived(call)
+    d = kind.derived.get("cpu")
+    if d is None:
+        d = kind.derived["cpu"] = _Derived(call)
+    return d
+
+
 def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int | None = None):
     """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
 
@@ -132,24 +171,23 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     del reference
     if parallel_min_bytes is None:
         parallel_min_bytes = PARALLEL_MIN_BYTES
-    reason = unsupported_reason(call)
-    if reason is not None:
+    kc, vc = call.k_cache, call.v_cache
+    if not (kc.flags.c_contiguous and vc.flags.c_contiguous):  # unsupported_reason()
         from . import numpy_decode
 
         return numpy_decode.decode(call)
-    kvlen = call.kv_lengths
-    D, Dv = call.D, call.Dv
-    R = call.group * call.Lq
+    d = _derived(call)
+    lengths = call.cache_lengths
+    kvlen = lengths + d.Lnew  # a fresh C-contiguous int64 array (the kernels' one type)
     # Python's sum of a small batch's lengths: a NumPy reduction costs ≈ 1 µs even on one element
     if kvlen.shape[0] <= 64:
         lengths = kvlen.tolist()
         keys, max_n = sum(lengths), max(lengths, default=0)
     else:
         keys, max_n = int(kvlen.sum()), int(kvlen.max(initial=0))
-    nbytes = keys * call.Hkv * (D + Dv) * call.k_cache.itemsize
+    nbytes = keys * d.per_key
     small = nbytes < parallel_min_bytes
-    B, Hq, Lq = call.B, call.Hq, call.Lq
-    n_items = B * call.Hkv * (-(-max_n // SPLIT_SIZE))
+    n_items = d.items_per_chunk * (-(-max_n // SPLIT_SIZE))
     choice = None
     pool = team = False
     if not small:
@@ -165,84 +203,87 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         pool = choice is not None and choice.choose()
         if pool and not team and USE_PARTNERS:
             _wake_partners(workers - 1)  # decided first: a parked partner wakes while the Python below runs
-    write_new(call)
-    T = call.compute_dtype
-    q = rotated_q(call)
-    kflat, kst, kind = _flat(call.k_cache, call.k_pages)
+    if call.k_new is not None:
+        write_new(call)
+    T = d.T
+    kflat, kst, kind = _flat(kc, call.k_pages, d.kind)
     qscale = 1.0
-    if _dot_scores(call, kind, R, T):
+    if d.dot_static and BF16_DOT and d.R <= BF16_DOT_MAX_ROWS and call.rotary is None:
         # q unscaled (its bfloat16 values), the scale applied to the scores (K._scores_dot16)
         kind, qscale = K.KIND_BF16_DOT, float(call.scale)
-        q = np.ascontiguousarray(q, dtype=T)
+        q = np.ascontiguousarray(call.q, dtype=T)
     else:
-        q = np.multiply(q, T.type(call.scale), dtype=T)  # a fresh C-contiguous array
-    vflat, vst, _ = _flat(call.v_cache, call.v_pages)
-    left, right = call.window if call.window is not None else (None, None)
-    left = -1 if left is None else left
-    right = -1 if right is None else right
-    slopes = call.alibi_slopes if call.alibi_slopes is not None else _no_slopes(T)
-    softcap = 0.0 if call.softcap is None else call.softcap
-    # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
-    # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
-    big_gemm = R * SPLIT_SIZE * max(D, Dv) > 64**3
-    args = (q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-            call.causal, left, right, softcap, qscale, slopes, call.alibi_slopes is not None, Dv)
-    if small:
-        # A small call (a model's decode step): plan, items and merges in one Numba entry,
-        # parts allocated there — the per-call Python here is most of such a call's cost.
-        return _serial(args, big_gemm)
-    if not pool and n_items >= 2:
+        q = call.q if call.rotary is None else rotated_q(call)
+        q = np.multiply(q, d.scale, dtype=T)  # a fresh C-contiguous array in the compute dtype
+    vflat, vst, _ = _flat(vc, call.v_pages, d.kind)
+    alibi = call.alibi_slopes
+    slopes = alibi if alibi is not None else _no_slopes(T)
+    left, right, Dv = d.left, d.right, d.Dv
+    table, ps = call.block_table, call.page_size
+    if small or (not pool and n_items >= 2):
+        args = (q, kflat, kst, vflat, vst, table, ps, kind, kvlen, SPLIT_SIZE,
+                call.causal, left, right, d.softcap, qscale, slopes, alibi is not None, Dv)
+        if small:
+            # A small call (a model's decode step): plan, items and merges in one Numba entry,
+            # parts allocated there — the per-call Python here is most of such a call's cost.
+            return _serial(args, d.big_gemm)
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
         # one: their arguments are passed three times, and the Python between them)
         started = time.perf_counter()
-        result = _serial(args, big_gemm)
+        result = _serial(args, d.big_gemm)
         if choice is not None:
             choice.record(False, (time.perf_counter() - started) / nbytes)
         return result
-    part_o, part_lse = _scratch(n_items, R, Dv, T)
-    out = np.empty((B, Hq, Lq, Dv), dtype=T)
-    lse = np.empty((B, Hq, Lq), dtype=T)
-    c0, nch, start = K.plan(kvlen, Lq, call.Hkv, SPLIT_SIZE, left, right)
+    B, Hkv = d.B, d.Hkv
+    part_o, part_lse = _scratch(n_items, d.R, Dv, T)
+    out = np.empty((B, d.Hq, d.Lq, Dv), dtype=T)
+    lse = np.empty((B, d.Hq, d.Lq), dtype=T)
+    c0, nch, start = K.plan(kvlen, d.Lq, Hkv, SPLIT_SIZE, left, right)
     total = int(start[-1])
     common = (
-        q, kflat, kst, vflat, vst, call.block_table, call.page_size, kind, kvlen, SPLIT_SIZE,
-        call.causal, left, right, softcap, qscale, slopes, call.alibi_slopes is not None, c0, nch, start, part_o, part_lse,
-        out, lse, np.zeros(B * call.Hkv, dtype=np.int64),  # merged by the items' threads as pairs finish
+        q, kflat, kst, vflat, vst, table, ps, kind, kvlen, SPLIT_SIZE,
+        call.causal, left, right, d.softcap, qscale, slopes, alibi is not None, c0, nch, start, part_o, part_lse,
+        out, lse, np.zeros(B * Hkv, dtype=np.int64),  # merged by the items' threads as pairs finish
     )
-    blas_limit = ONE_BLAS_THREAD if big_gemm else contextlib.nullcontext()
-    with blas_limit:
-        counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
-        if not pool:
-            # one item (``precompile`` reaches the parallel entries this way): this thread
-            K.run_items(counter, total, K.ROLE_FRONT, *common)
-        else:
-            # Items by tickets from a shared counter, on the caller and one pool thread per
-            # other core: a pool thread the scheduler wakes late, or that shares its core with
-            # another program's spinning thread (the OpenMP workers of torch or of Numba's
-            # parallel kernels spin after each of a model's products), takes fewer items
-            # instead of holding the call up by a fixed range — the caller waits for at most
-            # the item it runs.  With two threads the caller takes items from the first up
-            # and the pool thread from the last down, so each thread's items are neighbours
-            # (long stretches of a contiguous cache; alternating items cut every thread's
-            # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task
-            # not started when the tickets run out is cancelled.  Each item writes its own
-            # part: the same bits whichever thread ran it.
-            started = time.perf_counter()
-            if team:
-                K.run_items_team(counter, total, workers, common)
-            elif _on_partners(workers - 1, counter, total, common):
-                pass
-            else:
-                pair = workers == 2
-                futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
-                           for _ in range(workers - 1)]
-                K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
-                for future in futures:
-                    if not future.cancel():
-                        future.result()  # re-raises a worker's exception here
-            choice.record(True, (time.perf_counter() - started) / nbytes)
+    if d.big_gemm:
+        with ONE_BLAS_THREAD:
+            _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
+    else:
+        _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
     return out, lse
+
+
+def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total: int, common: tuple) -> None:
+    """The items of :func:`decode`'s parallel entries (and merges, as pairs finish)."""
+    counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
+    if not pool:
+        # one item (``precompile`` reaches the parallel entries this way): this thread
+        K.run_items(counter, total, K.ROLE_FRONT, *common)
+        return
+    # Items by tickets from a shared counter, on the caller and one pool thread per
+    # other core: a pool thread the scheduler wakes late, or that shares its core with
+    # another program's spinning thread (the OpenMP workers of torch or of Numba's
+    # parallel kernels spin after each of a model's products), takes fewer items
+    # instead of holding the call up by a fixed range — the caller waits for at most
+    # the item it runs.  With two threads the caller takes items from the first up
+    # and the pool thread from the last down, so each thread's items are neighbours
+    # (long stretches of a contiguous cache; alternating items cut every thread's
+    # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task
+    # not started when the tickets run out is cancelled.  Each item writes its own
+    # part: the same bits whichever thread ran it.
+    started = time.perf_counter()
+    if team:
+        K.run_items_team(counter, total, workers, common)
+    elif not _on_partners(workers - 1, counter, total, common):
+        pair = workers == 2
+        futures = [_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common)
+                   for _ in range(workers - 1)]
+        K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
+        for future in futures:
+            if not future.cancel():
+                future.result()  # re-raises a worker's exception here
+    choice.record(True, (time.perf_counter() - started) / nbytes)
 
 
 @contextlib.contextmanager
@@ -396,6 +437,7 @@ class _Partners:
         self.gen = 0
         self.job: tuple | None = None
         self.errors: list[BaseException | None] = [None] * n
+        self.failed = False  # some partner stored an exception in errors (read by the caller)
         self.parked = [False] * n
         self.sems = [threading.Semaphore(0) for _ in range(n)]
         self.done = [threading.Event() for _ in range(n)]
@@ -434,6 +476,7 @@ class _Partners:
                 K.run_items_partner(self.flags, i, g, counter, total, role, common)
             except BaseException as exc:  # handed to the caller, which re-raises it
                 self.errors[i] = exc
+                self.failed = True
                 self.flags[K.FLAG_STRIDE * (i + 1) + K.DONE] = g
             self.done[i].set()
 
@@ -486,10 +529,11 @@ def _on_partners(n: int, counter, total: int, common: tuple) -> bool:
                     if p.flags[base + K.DONE] == gen or p.flags[base + K.CLAIM] == 2 * gen + 1:  # done, or cancelled
                         break
                     e.wait(0.01)
-        errors = [e for e in p.errors if e is not None]
-        p.errors = [None] * n
         p.job = None
-        if errors:
+        if p.failed:
+            p.failed = False
+            errors = [e for e in p.errors if e is not None]
+            p.errors = [None] * n
             raise errors[0]
         return True
     finally:

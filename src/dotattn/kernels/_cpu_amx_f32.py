@@ -188,14 +188,16 @@ def transpose_pairs(rows, out, N):
                     orow[n] = r32[n, k]
 
 
-@njit(cache=_JIT_CACHE, nogil=True)
+@njit(cache=_JIT_CACHE, parallel=True)
 def split_tiles(kp, out):
     """Per key tile, the A operand of ``Sᵀ = K·Qᵀ`` (or ``dPᵀ = V·dOᵀ``): ``out (B, H, nkb, 3,
     ≥BK, Dp)`` uint16 ← pieces of ``kp (B, H, nkb, BK, D)`` (zero-padded past the real keys
-    already, so the pieces are too).  On the calling thread: H8 L4096 D64 in 0.71–0.79 ms,
-    against 1.37–5.0 ms as a prange loop at load 4.6 (its launch waits for descheduled threads)."""
+    already, so the pieces are too).  A prange loop: alone it took 1.37–5.0 ms against 0.71–0.79
+    on the calling thread at load 4.6, but the whole dense forward (which splits K per call) ran
+    faster with it — H8 L4096 D64 / H4 D128, alternated in one process: 0.918 / 0.937 at load
+    1.25, 0.998 / 0.958 at load 2.1–2.5 (1 Dec, 05:59–06:01)."""
     B, H, nkb, BK, D = kp.shape
-    for t in range(B * H * nkb):
+    for t in prange(B * H * nkb):
         b, h, kb = t // (H * nkb), (t // nkb) % H, t % nkb
         split_rows(kp[b, h, kb], out[b, h, kb], BK, D)
 

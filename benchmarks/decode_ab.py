@@ -130,7 +130,7 @@ def main() -> None:
             cpu[n].append(time.process_time() - c0)
     nb = kc.nbytes + vc.nbytes
     cells = "  ".join(
-        f"{n} {statistics.median(t) * 1e3:.2f} ms ({nb / statistics.median(t) / 1e9:.1f} GB/s, cpu {statistics.median(cpu[n]) * 1e3:.1f})"
+        f"{n} {statistics.median(t) * 1e3:.3f} ms ({nb / statistics.median(t) / 1e9:.1f} GB/s, cpu {statistics.median(cpu[n]) * 1e3:.1f})"
         for n, t in times.items()
     )
     print(f"B{B} {ctx} {dt}{' paged' if paged else ''} {mode}: {cells}", "load", _load(),

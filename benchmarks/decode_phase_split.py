@@ -80,6 +80,8 @@ def items(reps, qs, qp):
     o_out = np.empty((R, D), np.float32)
     lse = np.empty(R, np.float32)
     slopes = np.zeros((1, 1), np.float32)
+    work = np.empty(K._work_size(R, D, D, SPLIT), np.float32)  # the entries' per-thread scratch
+    ibuf = np.empty(SPLIT, np.int32)
     for _ in range(reps):
         for hk in range(HKV):
             qf = qs[hk * R * D:(hk + 1) * R * D].copy()
@@ -87,7 +89,7 @@ def items(reps, qs, qp):
             for c in range(L // SPLIT):
                 K._chunk(qf, R, 0, hk, c * SPLIT, (c + 1) * SPLIT, kflat, st, vflat, st, table, L, KIND, D, D,
                          R, 1, L - 1, False, -1, -1, 0.0, slopes, False, o_out, lse, kcs, vcs, offs, 0,
-                         qph, np.float32(1.0), False)
+                         qph, np.float32(1.0), False, work, ibuf)
     return o_out
 
 

@@ -1225,7 +1225,7 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
-    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale, dot,
+    causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale, dot, work, ibuf,
 ):
     """Partial attention of the R folded rows ``qf (R·D,)`` (pre-scaled) over keys ``[j0, j1)``;
     with ``dot``, the scores are ``qscale · (q·k)`` of q's bfloat16 bits ``qp[:R·D]`` by
@@ -1234,7 +1234,10 @@ def _chunk(
     ``o_out (R, Dv)`` gets the chunk's normalized output, ``lse_out (R,)`` its LSE
     (−inf and 0 for a row that sees no key of the chunk).  Query row ``r`` is head
     ``hk·G + r // Lq``, position ``pos0 + r % Lq``.  ``kc``/``vc`` are scratch for the chunk's
-    keys and values (``SPLIT · D`` and ``SPLIT · Dv`` elements of the compute dtype).
+    keys and values (``SPLIT · D`` and ``SPLIT · Dv`` elements of the compute dtype); ``work``
+    (:func:`_work_size` elements of it) and ``ibuf`` (``SPLIT`` int32) for the scores, row
+    maxima and sums and the unnormalized output — a thread's, allocated once per kernel entry
+    (five allocations per item before: ≈ 1 µs of an item's bookkeeping at B1 4k).
 
     1. ``S = Q · Kᵀ``: float caches by one BLAS GEMM (on the rows in place, or gathered into
        ``kc``); 16-bit caches key row by key row, each converted once into ``kc``;
@@ -1253,11 +1256,14 @@ def _chunk(
     # caches and the row-by-row loops for 16-bit ones
     simd = _uses_simd(qf, D, Dv, kind, R)
     ns = (n + 15) // 16 * 16 if simd else n  # score row stride (the 16-lane loop writes whole vectors)
-    s = np.empty(R * max(ns, 1), dtype=T)  # scores then probabilities, row r at [r·ns, r·ns + n)
-    ibuf = np.empty(max(n, 1), dtype=np.int32)
-    m_row = np.empty(R, dtype=T)
-    l_row = np.empty(R, dtype=T)
-    o = np.zeros(R * Dv, dtype=T)
+    # scores then probabilities, row r at [r·ns, r·ns + n); then the rows' maxima and sums, and O
+    s_size = R * ((max(ns, 1) + 15) // 16 * 16)
+    rows = (R + 15) // 16 * 16
+    s = work[: R * max(ns, 1)]  # exactly R·ns: the BLAS paths view it as (R, n)
+    m_row = work[s_size : s_size + R]
+    l_row = work[s_size + rows : s_size + rows + R]
+    o = work[s_size + 2 * rows : s_size + 2 * rows + R * Dv]
+    o[:] = 0.0
     sp = offs.shape[0] // 4  # offs: this chunk's key rows, its value rows, the next item's key and value rows
     koffs = offs[: max(n, 1)]
     voffs = offs[sp : sp + max(n, 1)]
@@ -1483,7 +1489,7 @@ def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, 
 @njit(cache=_JIT_CACHE)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt,
+    qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt, work, ibuf,
 ):
     """Work item ``it``; the key rows of item ``nxt`` (this thread's likely next item, −1 for
     none) are asked for meanwhile: by the 16-lane P·V loop all of them (their offsets in
@@ -1509,7 +1515,8 @@ def _item(
                 _fill_offsets(vst, table, ps, b2, hk2, j0b, npf, offs[3 * split :])
         else:
             _prefetch_item(nxt, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start)
-    qf = np.empty(R * D, dtype=q.dtype)
+    qsize = (R * D + 15) // 16 * 16
+    qf = work[: R * D]  # this item's q rows (the thread's scratch; _chunk's part follows)
     for r in range(R):
         for d in range(D):
             qf[r * D + d] = q[b, hk * G + r // Lq, r % Lq, d]
@@ -1527,8 +1534,16 @@ def _item(
     _chunk(
         qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
         causal, left, right, softcap, slopes, has_alibi, part_o[it, :R], part_lse[it, :R], kc, vc, offs, npf,
-        qp, qscale, dot,
+        qp, qscale, dot, work[qsize:], ibuf,
     )
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _work_size(R, D, Dv, split):
+    """Elements of an item's float scratch (``_item``'s ``work``): its q rows, then _chunk's
+    scores (``R`` rows of ``split`` rounded up to 16), row maxima, row sums and ``O``, each part
+    starting at a multiple of 16 elements."""
+    return (R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16) + R * Dv
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -1592,6 +1607,8 @@ def run_items(
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
     qp = _q_bits_scratch(q, kst, kind)
+    work = np.empty(_work_size((q.shape[1] // Hkv) * q.shape[2], q.shape[3], part_o.shape[2], split), dtype=part_o.dtype)
+    ibuf = np.empty(max(split, 1), dtype=np.int32)
     done = 0
     while True:
         ticket = _fetch_add(counter, 1)
@@ -1608,7 +1625,7 @@ def run_items(
         else:
             it, nxt = ticket, -1
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt, work, ibuf)
         done += 1
         # this item's pair: its sequence by binary search in ``start``, then its K/V head
         lo_b, hi_b = 0, B
@@ -1739,9 +1756,11 @@ def run_serial(
     vc = np.empty(split * Dv, dtype=q.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
     qp = _q_bits_scratch(q, kst, kind)
+    work = np.empty(_work_size(R, D, Dv, split), dtype=q.dtype)
+    ibuf = np.empty(max(split, 1), dtype=np.int32)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
-              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, it + 1)
+              qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, it + 1, work, ibuf)
     out = np.empty((B, Hq, Lq, Dv), dtype=q.dtype)
     lse = np.empty((B, Hq, Lq), dtype=q.dtype)
     for pair in range(B * Hkv):

@@ -172,3 +172,31 @@ def test_call_key_tells_kinds_apart():
     for other in (dict(scale=np.float32(0.5)), dict(window=[2, 0]), dict(block_table=case.block_table.tolist()),
                   dict(k_new=None)):
         assert key(**other) is None
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_lengths_in_any_form_give_the_same_bits_and_stay_unchanged(monkeypatch, parallel):
+    """cpu_decode hands the caller's own int64 lengths to the kernels when it can (C-contiguous,
+    aligned, writeable, nothing appended) and a fresh array otherwise: a strided view, a
+    read-only array, a list and an int32 array give the same bits, and none of them is written."""
+    from dotattn.kernels import cpu_decode
+
+    if parallel:  # the parallel entries (plan, items, merges) instead of the one-entry kernel
+        monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, D, cap = 3, 4, 2, 16, 600
+    q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32)
+    kc = rng.standard_normal((B, Hkv, cap, D)).astype(np.float32)
+    vc = rng.standard_normal((B, Hkv, cap, D)).astype(np.float32)
+    base = np.array([517, 3, 290], dtype=np.int64)
+    strided = np.repeat(base, 2)[::2]
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    forms = [base.copy(), strided, read_only, base.tolist(), base.astype(np.int32)]
+    outs = []
+    for lengths in forms:
+        before = np.array(lengths, copy=True)
+        outs.append(dotattn.attention_with_kvcache(q, kc, vc, cache_lengths=lengths, implementation="cpu"))
+        np.testing.assert_array_equal(np.asarray(lengths), before)
+    for i, out in enumerate(outs[1:], 1):
+        H.assert_bitwise_equal(out, outs[0], name=f"out with lengths form {i}")

@@ -133,6 +133,10 @@ entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forw
            "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
            "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv,
            "model GEMV, one thread": _cpu_model_ops.gemv_rows}
+from dotattn.kernels._cpu_isa import f32_gemm
+if f32_gemm()[0]:  # the short prompt passes' column-chunk GEMM (MKL's sgemm only)
+    entries.update({"model column GEMM": _cpu_model_ops.gemm_columns,
+                    "model column GEMM, one thread": _cpu_model_ops.gemm_columns_rows})
 from dotattn.kernels import cpu_decode
 if cpu_decode._workers() > 1:  # parallel decode items on the caller and the spinning partner threads
     entries.update({"decode items, caller": _cpu_decode_kernels.run_items_caller,

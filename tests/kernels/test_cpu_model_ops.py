@@ -4,6 +4,7 @@ float64 NumPy formulas, chunked runs against one-chunk runs, and SiLU at extreme
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,6 +142,29 @@ def test_gemv_at_model_sizes():
         w = rng.standard_normal((o, i), dtype=np.float32)
         got = _gemv_all(x, w, 2)
         assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv {b}×{o}×{i}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(r=st.integers(1, 130), o=st.integers(1, 300), i=st.integers(1, 200), chunks=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_gemm_columns_on_the_team_and_in_turn_give_the_same_bits(r, o, i, chunks, seed):
+    """A short prompt pass's products (``gemm_columns``: column chunks, each MKL's sgemm on one
+    thread) give the same bits on Numba's team and chunk after chunk on the caller (the two
+    modes of SmolLM's chooser), within twice NumPy's float32 product's error, and leave no
+    thread-local MKL count set on the caller."""
+    from dotattn.kernels._cpu_isa import f32_gemm, mkl_threads_here
+
+    if not f32_gemm()[0]:
+        pytest.skip("the column GEMM runs where the kernels' sgemm is MKL's (torch installed)")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((r, i), dtype=np.float32)
+    w = rng.standard_normal((o, i), dtype=np.float32)
+    team, in_turn = np.full((r, o), np.nan, np.float32), np.full((r, o), np.nan, np.float32)
+    ops.gemm_columns(x, w, team, chunks)
+    ops.gemm_columns_rows(x, w, in_turn, 0, chunks, chunks)
+    np.testing.assert_array_equal(team, in_turn)
+    assert_close_to_reference(team, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name="gemm_columns")
+    assert mkl_threads_here(0) == 0  # (0: no local count was set)
 
 
 def test_gemv_propagates_nan_and_inf_like_a_product():

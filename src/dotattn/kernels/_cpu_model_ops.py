@@ -23,7 +23,7 @@ from numba import njit
 
 from ._cpu_cache import install_locator
 from ._cpu_decode_kernels import _prefetch
-from ._cpu_primitives import LOG2E, _exp2_one
+from ._cpu_primitives import LOG2E, _exp2_one, _gemm_f32, _mkl_threads_local
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -173,6 +173,38 @@ def gemv(x, w, out, chunks):
     for c in numba.prange(chunks):
         r0, r1 = _block_rows(O, c, chunks)
         gemv_rows(x, w, out, r0, r1)
+
+
+# ---- a short prompt pass's products: fixed column chunks, each one sgemm on one thread -----
+# SmolLM's prompt passes of 9–127 token rows run on all cores or on the caller alone, as a
+# chooser picks; MKL on two threads splits the depth of some of these products and rounds
+# differently from one thread.  Here the chunks are the same in both modes — each an sgemm of
+# the same shape at the same addresses, MKL pinned to its thread — on Numba's team (whose
+# workers spin between products, as torch's OpenMP ones do: a pool thread woken per product
+# started ≈ 0.1 ms late) or in turn on the caller.  Needs the bound sgemm to be MKL's
+# (_cpu_isa.f32_gemm()).
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def gemm_columns_rows(x, w, out, c0, c1, chunks):
+    """``out[:, cols] = x · w[cols]ᵀ`` for the column chunks ``c ∈ [c0, c1)`` of ``chunks``
+    (chunk ``c``: ``w``'s rows ``[O·c // chunks, O·(c + 1) // chunks)``), each one sgemm on
+    this thread: ``x (R, I)`` and ``out (R, O)`` with contiguous rows, ``w (O, I)`` row-major."""
+    O = w.shape[0]
+    previous = _mkl_threads_local(1)
+    for c in range(c0, c1):
+        a, b = O * c // chunks, O * (c + 1) // chunks
+        if b > a:
+            _gemm_f32(x, w[a:b].T, out[:, a:b], 0.0)
+    _mkl_threads_local(previous)
+
+
+@njit(cache=_JIT_CACHE, parallel=True)
+def gemm_columns(x, w, out, chunks):
+    """:func:`gemm_columns_rows` over all ``chunks`` on Numba's team (one chunk per iteration:
+    the bits do not depend on which thread runs a chunk)."""
+    for c in numba.prange(chunks):
+        gemm_columns_rows(x, w, out, c, c + 1, chunks)
 
 
 # ---- the same products on block-coded weights ------------------------------------------------

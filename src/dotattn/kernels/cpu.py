@@ -1354,13 +1354,14 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":
-            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV, block GEMV)", _model_steps)
+            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV, block GEMV, column GEMM)", _model_steps)
     return rows
 
 
 def _model_steps() -> None:
     """The ``dotattn.models`` kernels once each, on a few float32 rows: the element-wise
-    steps and the decode steps' matrix–vector product (its parallel and one-thread entries)."""
+    steps, the decode steps' matrix–vector product and the short prompt passes' column-chunk
+    GEMM (their parallel and one-thread entries)."""
     from . import _cpu_model_ops as ops
 
     x = np.ones((2, 8), np.float32)
@@ -1379,6 +1380,9 @@ def _model_steps() -> None:
     ops.block_sums(xb, sums)
     ops.gemv_blocks(xb, sums, codes, scale, offset, True, y, 2)
     ops.gemv_blocks_rows(xb, sums, codes, scale, offset, True, y, 0, 6)
+    if f32_gemm_path()[0]:  # a short prompt pass's column-chunk products (MKL's sgemm only: smollm._mkl_team)
+        ops.gemm_columns(x, w, y, 2)
+        ops.gemm_columns_rows(x, w, y, 0, 2, 2)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

@@ -340,14 +340,18 @@ class _RowHalves:
     ``compute="numpy"``: the plain :class:`_MatMul`.
 
     Shorter passes (their layers on all cores or on the caller alone, as their chooser picks:
-    :class:`_StepThreads`) split every product into one chunk per core (:func:`_cores`) in
-    both modes — on the pool, or on the caller chunk after chunk — so the mode never changes
-    the bits (torch.mm on two threads split the depth of some of these products and rounded
-    differently from one thread: docs/models.md).
+    :class:`_StepThreads`) split every product into one column chunk per core
+    (:func:`_cores`) in both modes, each MKL's sgemm on one thread — on Numba's team
+    (``_cpu_model_ops.gemm_columns``: its workers spin between products, as torch's OpenMP
+    ones do; a pool thread woken per product started ≈ 0.1 ms late) or chunk after chunk on
+    the caller — so the mode never changes the bits (torch.mm on two threads split the depth
+    of some of these products and rounded differently from one thread: docs/models.md).
+    Without MKL's sgemm bound (:func:`_mkl_team`), the same chunks on the pool.
     """
 
     MIN_ROWS = 128
     COLUMNS = True  # halves of the weight's rows (MKL sgemm_) where possible, else of the token rows
+    TEAM = True  # short passes' chunks on Numba's team (_cpu_model_ops.gemm_columns) where MKL is bound
 
     def __init__(self, mm: _MatMul):
         self.mm = mm
@@ -371,6 +375,13 @@ class _RowHalves:
         # products and of the down projection's from 57 rows (x (L × 1536) · W (576 × 1536)ᵀ),
         # which rounds differently from one thread (docs/models.md).
         nchunks = _cores() if not long else num_threads()
+        if not long and self.TEAM and _mkl_team():
+            ops = self.mm._ops
+            if num_threads() >= 2:
+                ops.gemm_columns(x2, w, out2, nchunks)
+            else:  # the one-thread mode: no parallel launch
+                ops.gemm_columns_rows(x2, w, out2, 0, nchunks, nchunks)
+            return out
         sgemm = _mkl_sgemm() if self.COLUMNS else None
         if sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
             fn, args = self._columns, (sgemm, x2, w, out2)
@@ -414,6 +425,13 @@ def _cores() -> int:
     import os
 
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _mkl_team() -> bool:
+    """Whether the kernels' bound sgemm is MKL's (``_cpu_isa.f32_gemm``: bound once per process)."""
+    from ..kernels._cpu_isa import f32_gemm
+
+    return f32_gemm()[0]
 
 
 _SGEMM = None

@@ -26,6 +26,8 @@ CASES = {
     "dense128": dict(H=4, L=4096, D=128, causal=False),
     "causal": dict(H=8, L=4096, D=64, causal=True),
     "fwdbwd": dict(H=8, L=4096, D=64, causal=False, backward=True),  # forward + backward (torch tensors)
+    "fwdbwd128": dict(H=4, L=4096, D=128, causal=False, backward=True),  # issue 13's other two
+    "fwdbwd-causal": dict(H=8, L=4096, D=64, causal=True, backward=True),  # fwd+bwd shapes
 }
 
 WORKER = r"""

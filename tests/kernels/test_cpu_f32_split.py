@@ -207,12 +207,13 @@ def test_route_rule(monkeypatch):
     base = semantics.normalize(q, k, v)
     assert cpu.f32_split_route(base) == AMX
     assert cpu.f32_split_route(semantics.normalize(q, k, v, kv_lengths=[200])) == AMX
-    # causal and windowed calls: by default not (the per-call splits cost more than they
-    # gain), asked for by name they do
-    masked = [semantics.normalize(q, k, v, causal=True), semantics.normalize(q, k, v, window=(50, 0))]
-    assert not any(cpu.f32_split_route(c) for c in masked)
+    # causal calls by default too; windowed calls not by default, asked for by name they do
+    assert cpu.f32_split_route(semantics.normalize(q, k, v, causal=True)) == AMX
+    assert cpu.f32_split_route(semantics.normalize(q, k, v, causal="top_left")) == AMX
+    windowed = semantics.normalize(q, k, v, window=(50, 0))
+    assert not cpu.f32_split_route(windowed)
     monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx")
-    assert all(cpu.f32_split_route(c) == AMX for c in masked)
+    assert cpu.f32_split_route(windowed) == AMX
     others = {
         "softcap": dict(softcap=20.0),
         "bias": dict(bias=np.zeros((300, 300), np.float32)),

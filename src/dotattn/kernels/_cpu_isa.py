@@ -289,7 +289,7 @@ def f32_all_products() -> bool:
 
 def f32_products_forced() -> bool:
     """Whether ``DOTATTN_F32_PRODUCTS`` asks for the split route by name (``amx``/``amx5``): then
-    every simple call takes it, causal and windowed ones too; unset, only dense calls do
-    (``cpu.f32_split_route``: the per-call operand splits, ≈ 6 ms a forward at H8 L4096 D64,
-    are not repaid by calls that compute half their tiles or fewer)."""
+    every simple call takes it, windowed ones too; unset, dense and causal calls do
+    (``cpu.f32_split_route``: windowed calls compute few of their tiles; not measured on the
+    route)."""
     return os.environ.get(F32_PRODUCTS_ENV_VAR, "").strip().lower() in ("amx", "amx5", "all")

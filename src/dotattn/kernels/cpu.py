@@ -834,14 +834,18 @@ def f32_split_route(call: AttentionCall) -> bool:
     the short problems' float64 score sums, nor the grouped GQA causal forward — every one of
     those computes its forward scores another way, and the backward must compute them as the
     forward did (its ``P = 2^(S − lse)`` cancels the forward's rounding only then).  Forward
-    and backward decide by this same rule on the same inputs.  By default only dense calls
-    (no causal mask or window): the per-call operand splits (≈ 6 ms a forward at H8 L4096
-    D64) cost more than causal or windowed calls gain (causal forward 67.2 → 72.2 ms, load
-    2); ``DOTATTN_F32_PRODUCTS=amx`` takes those too."""
+    and backward decide by this same rule on the same inputs.  By default dense and causal
+    calls, not windowed ones: with the splits in the kernels' tasks (Options.split_in_task) the
+    causal call gained — H8 L4096 D64 alternated in one process, medians of 11 (1 Dec 06:07,
+    load 2.9–3.3): forward 81.1 → 67.8 ms and 145.7 → 148.2 (a run while another process held a core), backward
+    198.5 → 185.5 and 361.5 → 330.8, fwd+bwd 0.889 and 0.970 — where the per-call splits had
+    cost it more than it gained before (causal forward 67.2 → 72.2 ms, load 2); windows
+    (compared with FlexAttention, far ahead) not measured.  ``DOTATTN_F32_PRODUCTS=amx`` takes
+    windowed calls too."""
     from ._cpu_isa import f32_products_forced
 
     return (
-        ((call.causal is None and call.window is None) or f32_products_forced())
+        (call.window is None or f32_products_forced())
         and storage_dtype(call) == np.float32
         and call.compute_dtype == np.float32
         and not call.extras

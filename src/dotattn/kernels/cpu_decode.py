@@ -126,7 +126,7 @@ class _Derived:
     dtype step cost a few µs at B1 4k (docs/decoding.md, "The decode call's fixed costs")."""
 
     __slots__ = ("B", "Hq", "Lq", "Hkv", "D", "Dv", "R", "Lnew", "T", "kind", "per_key", "items_per_chunk",
-                 "left", "right", "softcap", "scale", "big_gemm", "dot_static")
+                 "left", "right", "softcap", "scale", "big_gemm", "dot_static", "strides")
 
     def __init__(self, call: DecodeCall) -> None:
         self.B, self.Hq, self.Lq, self.D = call.q.shape
@@ -147,6 +147,9 @@ class _Derived:
         # the conditions of the vdpbf16ps scores (BF16_DOT) that the kind settles; BF16_DOT, its
         # row limit and the rotary table are read per call (tests switch the first, any call may
         # bring the last)
+        # the caches' element strides (page, head, slot, Hkv), set by the kind's first call: for
+        # C-contiguous caches (decode checks every call) they follow from the shapes alone
+        self.strides: tuple[np.ndarray, np.ndarray] | None = None
         self.dot_static = (
             self.kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
             and T == np.float32 and self.D % 32 == 0 and self.Dv % 16 == 0
@@ -157,9 +160,9 @@ def _derived(call: DecodeCall) -> _Derived:
     kind = call.kind
     if kind is None:
         return _Derived(call)
-    d = kind.derived.get("cpu")
+    d = kind.derived.get(_Derived)  # keyed by the class: a second copy of this module keeps its own
     if d is None:
-        d = kind.derived["cpu"] = _Derived(call)
+        d = kind.derived[_Derived] = _Derived(call)
     return d
 
 
@@ -210,7 +213,14 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     if call.k_new is not None:
         write_new(call)
     T = d.T
-    kflat, kst, kind = _flat(kc, call.k_pages, d.kind)
+    kind = d.kind
+    if d.strides is None:
+        d.strides = (_flat(kc, call.k_pages, kind)[1], _flat(vc, call.v_pages, kind)[1])
+    kst, vst = d.strides
+    if kind == K.KIND_FLOAT:  # the caches as flat views (_flat), 16-bit ones as uint16
+        kflat, vflat = kc.reshape(-1), vc.reshape(-1)
+    else:
+        kflat, vflat = kc.reshape(-1).view(np.uint16), vc.reshape(-1).view(np.uint16)
     qscale = 1.0
     if d.dot_static and BF16_DOT and d.R <= BF16_DOT_MAX_ROWS and call.rotary is None:
         # q unscaled (its bfloat16 values), the scale applied to the scores (K._scores_dot16)
@@ -219,7 +229,6 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     else:
         q = call.q if call.rotary is None else rotated_q(call)
         q = np.multiply(q, d.scale, dtype=T)  # a fresh C-contiguous array in the compute dtype
-    vflat, vst, _ = _flat(vc, call.v_pages, d.kind)
     alibi = call.alibi_slopes
     slopes = alibi if alibi is not None else _no_slopes(T)
     left, right, Dv = d.left, d.right, d.Dv

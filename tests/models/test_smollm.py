@@ -265,6 +265,25 @@ def test_short_prompt_passes_give_the_same_logits_bits_in_both_thread_modes(mode
             np.testing.assert_array_equal(outs[0], other, err_msg=f"{length} tokens")
 
 
+def test_batched_decode_steps_give_the_same_logits_bits_in_both_thread_modes(model, monkeypatch):
+    """A decode step of more than _MatMul.GEMV_MAX_ROWS sequences (token rows for GEMMs) gives
+    the same logits bits on all cores and on the calling thread alone (torch.mm's two threads
+    split the depth of 9–15-row products: a 12-sequence step's logits were 2.9e-5 apart)."""
+    for B in (4, 12, 60):
+        ids = np.random.default_rng(B).integers(100, 40000, (B, 20))
+        outs = []
+        for many in (True, False):
+            monkeypatch.setattr(smollm_module._StepThreads, "choose", lambda self, many=many: many)
+            caches = model._caches_for(B, 24)
+            try:
+                model._prefill(ids, np.full(B, 20), caches, head=lambda h: None)
+                outs.append(model._decode_step(np.full(B, 1234), caches).copy())
+            finally:
+                model._kv = caches
+        assert np.isfinite(outs[0]).all() and outs[0].shape == (B, model.config.vocab_size)
+        np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{B} sequences")
+
+
 def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, reference):
     """A generation takes the previous one's cache, emptied, when the batch size matches and
     it has room (a longer one first, then a shorter one), else a new one; the reused cache's

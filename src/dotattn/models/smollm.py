@@ -365,19 +365,17 @@ class _RowHalves:
             # NumPy's BLAS (its thread count is not the modes'), or the matrix–vector kernel
             # (each output element summed by one thread, in the same order on any count)
             return self.mm(x, w, out)
-        long = rows >= self.MIN_ROWS
-        if long and num_threads() < 2:
-            return self.mm(x, w, out)
-        # Short passes: the same chunks in both of the chooser's modes (all cores: the pool;
-        # one thread: the caller, chunk after chunk), each a one-thread GEMM of the same shape
-        # at the same addresses — the same bits whichever mode runs.  torch.mm's own split
-        # depends on its thread count: on two threads MKL splits the depth of 9–15-row
-        # products and of the down projection's from 57 rows (x (L × 1536) · W (576 × 1536)ᵀ),
-        # which rounds differently from one thread (docs/models.md).
-        nchunks = _cores() if not long else num_threads()
-        if not long and self.TEAM and _mkl_team():
+        # The same chunks in both of the choosers' modes (all cores: Numba's team for fewer
+        # than MIN_ROWS rows, else the pool; one thread: the caller, chunk after chunk), each a
+        # one-thread GEMM of the same shape at the same addresses — the same bits whichever
+        # mode runs.  torch.mm's own split depends on its thread count: on two threads MKL
+        # splits the depth of 9–15-row products and of the down projection's from 57 rows
+        # (x (L × 1536) · W (576 × 1536)ᵀ), which rounds differently from one thread
+        # (docs/models.md).
+        nchunks, parallel = _cores(), num_threads() >= 2
+        if rows < self.MIN_ROWS and self.TEAM and x2.strides[1] == 4 and out2.strides[1] == 4 and _mkl_team():
             ops = self.mm._ops
-            if num_threads() >= 2:
+            if parallel:
                 ops.gemm_columns(x2, w, out2, nchunks)
             else:  # the one-thread mode: no parallel launch
                 ops.gemm_columns_rows(x2, w, out2, 0, nchunks, nchunks)
@@ -387,7 +385,7 @@ class _RowHalves:
             fn, args = self._columns, (sgemm, x2, w, out2)
         else:
             fn, args = self._rows, (x2, w, out2)
-        if long or num_threads() >= 2:
+        if parallel:
             run_chunks(fn, args, nchunks)
         else:  # the one-thread mode (_one_thread): the chunks in turn on the caller
             for chunk in range(nchunks):
@@ -636,6 +634,7 @@ class SmolLM:
         self._template = None
         self.last_stats = GenerationStats()
         self._mm = _MatMul(compute)
+        self._halves = _RowHalves(self._mm)  # the decode steps' products (_decode_step)
         matrices = [*(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down")), self.w["head"]]
         for w in matrices:
             self._mm.keep(w, transposed=True)
@@ -991,12 +990,16 @@ class SmolLM:
         with on_numba_team() if many else _one_thread():
             x = self.w["embed"][tokens][:, None]  # (B, 1, E)
             positions = caches.lengths[:, None]  # each sequence's next absolute position
-            logits = self._head(self._layers(x, positions, attend, ws)[:, 0], ws.logits)
+            # batches of more than GEMV_MAX_ROWS sequences: _RowHalves' fixed chunks, the same
+            # bits in both modes (torch.mm's were not: a 12-sequence step's logits 2.9e-5
+            # apart); fewer: _MatMul's matrix–vector kernel directly (no Python in between)
+            mm = self._halves if B > _MatMul.GEMV_MAX_ROWS else self._mm
+            logits = self._head(self._layers(x, positions, attend, ws, mm=mm)[:, 0], ws.logits, mm)
         threads.record(many, time.perf_counter() - started)
         return logits
 
-    def _head(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return self._mm(h, self.w["head"], out)
+    def _head(self, h: np.ndarray, out: np.ndarray | None = None, mm=None) -> np.ndarray:
+        return (self._mm if mm is None else mm)(h, self.w["head"], out)
 
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Next-token logits ``(L, vocab)`` float32 at every position of ``ids`` (one prefill pass)."""

@@ -181,6 +181,31 @@ def test_pieces_split_in_the_tasks_bitwise_as_per_call(route, monkeypatch, case)
         H.assert_bitwise_equal(b, a, name)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_takes_the_split_routes_tiles(monkeypatch, causal):
+    """The backward on the split route runs at F32_SPLIT_BACKWARD_BLOCK_SIZE (until 1 Dec the
+    float32 default was set first and the route's tiles were never used); MKL's at the default."""
+    monkeypatch.delenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, raising=False)
+    seen = []
+    real = cpu.prepare
+
+    def spy(call, block_size=None, *args, **kwargs):
+        seen.append(block_size)
+        return real(call, block_size, *args, **kwargs)
+
+    monkeypatch.setattr(cpu, "prepare", spy)
+    q, k, v = H.random_qkv(1, batch=(1,), Hq=2, Lq=300, Lk=300, D=64)
+    call = semantics.normalize(q, k, v, causal=causal)
+    out, lse = cpu.forward(call)
+    seen.clear()
+    cpu.backward(call, out, lse, np.ones_like(out))
+    assert seen == [cpu.F32_SPLIT_BACKWARD_BLOCK_SIZE if AMX else cpu.DEFAULT_BACKWARD_BLOCK_SIZE]
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "mkl")
+    seen.clear()
+    cpu.backward(call, out, lse, np.ones_like(out))
+    assert seen == [cpu.DEFAULT_BACKWARD_BLOCK_SIZE]
+
+
 def test_range_rule():
     from dotattn.kernels._cpu_amx_f32 import SPLIT_MAX, SPLIT_MIN, largest, ok_range
 

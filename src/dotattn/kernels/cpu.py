@@ -63,6 +63,10 @@ DENSE_F32_FORWARD_BLOCK_SIZE = (256, 512)
 # L4096 D64, two threads, routes alternated in one process (03:23–03:25, load 0.9–1.5), ms:
 # MKL 256×512 306.8 / 296.6 / 303.9; Sᵀ, dPᵀ split at 256×512 277.9 / 297.8 / 315.0, at
 # 128×256 271.8 / 282.8 / 299.4; all five at 128×256 269.8 / 278.4 / 302.2.
+# Taken since 1 Dec 06:25 (the backward had set 256 × 512 before reading it): backward alone,
+# 256×512 → 128×256 alternated in one process, medians of 9 (06:22–06:24, load 2.4–2.8): dense
+# H8 D64 271.4 → 257.1 ms, causal H8 D64 303.8 → 284.2, H4 D128 258.5 → 275.0 and 467.9 → 469.4
+# (CPU 497 → 477, 467 → 472): level at D128.
 F32_SPLIT_BACKWARD_BLOCK_SIZE = (128, 256)
 
 # float32 GQA causal forwards (the grouped kernel; per-head tiles, G·BQ rows per GEMM):
@@ -1142,11 +1146,13 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     decides by size (:data:`SERIAL_BACKWARD_MAX_WORK`).  :func:`precompile` forces each.
     """
     sparse = call.window is not None or call.q_segment_ids is not None
-    if block_size is None and not sparse:
-        block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
     split = f32_split_route(call)
-    if split and not sparse and block_size is None:
-        block_size = F32_SPLIT_BACKWARD_BLOCK_SIZE
+    if block_size is None and not sparse:
+        # (the split route's tiles were dead code until 1 Dec 06:25: the default was set first)
+        if split:
+            block_size = F32_SPLIT_BACKWARD_BLOCK_SIZE
+        else:
+            block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
     p = prepare(call, block_size, split=split)
     # the split route (no bias or ALiBi there) checks q, K, V and dO once for both rules
     tops = _backward_largest(p, np.asarray(dout)) if split else None

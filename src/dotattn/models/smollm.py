@@ -335,9 +335,10 @@ class _RowHalves:
     token rows (``torch.mm``): a GEMM copies ("packs") its whole weight operand first, so
     with token-row halves both threads packed all of ``w`` — with column halves each packs
     its half (the same bits; 512 tokens, one model alternating, 23:13: quiet passes 473–494
-    against 485–488 ms, with one other core busy 821–934 against 903–935).  A pass of at
-    least :data:`MIN_ROWS` rows on one thread, up to ``_MatMul.GEMV_MAX_ROWS`` rows or
-    ``compute="numpy"``: the plain :class:`_MatMul`.
+    against 485–488 ms, with one other core busy 821–934 against 903–935).  Up to
+    ``_MatMul.GEMV_MAX_ROWS`` rows or ``compute="numpy"``: the plain :class:`_MatMul`; on
+    one thread (:func:`_one_thread`, or Numba's count at 1): the same chunks in turn on the
+    caller.
 
     Shorter passes (their layers on all cores or on the caller alone, as their chooser picks:
     :class:`_StepThreads`) split every product into one column chunk per core
@@ -952,7 +953,7 @@ class SmolLM:
         # load (512 tokens, A/B with a busy loop beside: 1996 ms with the chooser, 1952
         # without), and after load had gone it kept quiet passes on one thread for its gap
         # (856 against 611 ms; docs/models.md).  Shorter passes (products in fixed chunks on
-        # the pool, or on the caller alone: _RowHalves) have a chooser per length class (B·L
+        # Numba's team, or on the caller alone: _RowHalves) have a chooser per length class (B·L
         # tokens rounded down to a power of two; per-token layer times of a 30-token and a
         # 100-token pass are not comparable).
         threads = None

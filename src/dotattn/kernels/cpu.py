@@ -1008,14 +1008,17 @@ def _with_split_operands(
     # forward's Qᵀ per query tile, the backward's K and V per key tile (per call, on one
     # thread, Qᵀ's took 3.0–3.2 ms and K's or V's 1.8 ms each at H8 L4096 D64)
     in_task = SPLIT_IN_TASK
-    if ok_range(tops["q"]) and ok_range(tops["k"]) if tops is not None else _in_range(p.q, o.q_lens, p.kp):
+    if tops is not None:
+        s_ok = ok_range(tops["q"]) and ok_range(tops["k"])
+        dp_ok = ok_range(tops["dout"]) and ok_range(tops["v"])
+    else:
+        s_ok = _in_range(p.q, o.q_lens, p.kp)
+        dp_ok = dout is not None and _in_range(dout, o.q_lens, p.vp)
+    if s_ok:
         forward_in_task = in_task and dout is None
         backward_in_task = in_task and dout is not None
         changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task),
                        qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", not forward_in_task))
-    dp_ok = dout is not None and (
-        ok_range(tops["dout"]) and ok_range(tops["v"]) if tops is not None else _in_range(dout, o.q_lens, p.vp)
-    )
     if dp_ok:
         changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task),
                        dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))

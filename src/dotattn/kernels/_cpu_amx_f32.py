@@ -94,6 +94,18 @@ def _pieces(x):
     return np.uint32(h), np.uint32(m), np.uint32(lo)
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _store_pair(out, k2, n, a, b):
+    """``out[:, k2, n]`` ← the pieces of ``a`` (low halves) and ``b`` (high halves): one depth
+    pair of a B operand (zeros, whose pieces are zeros, where there is no element)."""
+    h0, m0, l0 = _pieces(a)
+    h1, m1, l1 = _pieces(b)
+    sh = np.uint32(16)
+    out[0, k2, n] = h0 | (h1 << sh)
+    out[1, k2, n] = m0 | (m1 << sh)
+    out[2, k2, n] = l0 | (l1 << sh)
+
+
 _VF = ir.VectorType(ir.FloatType(), 16)
 _V32I16 = ir.VectorType(ir.IntType(16), 32)
 _V32I32 = ir.VectorType(ir.IntType(32), 32)
@@ -256,7 +268,7 @@ def split_columns_head(x, M, o, n_lo, n_hi):
     D = x.shape[1]
     K2 = o.shape[1]
     D32 = D - D % 32
-    sh = np.uint32(16)
+    zero = np.float32(0.0)
     n16 = max(n_lo, min(n_hi, M - M % 16))  # rows [n_lo, n16) in whole 16-row blocks
     if D32 > 0 and n16 > n_lo:
         ps, ld = o.strides[0], o.strides[1]
@@ -267,19 +279,8 @@ def split_columns_head(x, M, o, n_lo, n_hi):
         k = 2 * k2
         n_from = n16 if k < D32 else n_lo
         for n in range(n_from, n_hi):
-            if n < M and k < D:
-                h0, m0, l0 = _pieces(x[n, k])
-                if k + 1 < D:
-                    h1, m1, l1 = _pieces(x[n, k + 1])
-                else:
-                    h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
-                o[0, k2, n] = h0 | (h1 << sh)
-                o[1, k2, n] = m0 | (m1 << sh)
-                o[2, k2, n] = l0 | (l1 << sh)
-            else:
-                o[0, k2, n] = 0
-                o[1, k2, n] = 0
-                o[2, k2, n] = 0
+            real = n < M
+            _store_pair(o, k2, n, x[n, k] if real and k < D else zero, x[n, k + 1] if real and k + 1 < D else zero)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -381,7 +382,7 @@ def split_pairs(x, out, K, N):
     K2, Np = out.shape[1], out.shape[2]
     N16 = N - N % 16
     ps = out.strides[0]
-    sh = np.uint32(16)
+    zero = np.float32(0.0)
     for k2 in range(K2):
         k = 2 * k2
         n0 = 0
@@ -391,19 +392,8 @@ def split_pairs(x, out, K, N):
                 _split_pair16(src0 + 4 * n, src1 + 4 * n, dst + 4 * n, ps)
             n0 = N16
         for n in range(n0, Np):
-            if n < N and k < K:
-                h0, m0, l0 = _pieces(x[k, n])
-                if k + 1 < K:
-                    h1, m1, l1 = _pieces(x[k + 1, n])
-                else:
-                    h1, m1, l1 = np.uint32(0), np.uint32(0), np.uint32(0)
-                out[0, k2, n] = h0 | (h1 << sh)
-                out[1, k2, n] = m0 | (m1 << sh)
-                out[2, k2, n] = l0 | (l1 << sh)
-            else:
-                out[0, k2, n] = 0
-                out[1, k2, n] = 0
-                out[2, k2, n] = 0
+            real = n < N
+            _store_pair(out, k2, n, x[k, n] if real and k < K else zero, x[k + 1, n] if real and k + 1 < K else zero)
 
 
 @njit(cache=_JIT_CACHE, parallel=True)

@@ -417,9 +417,11 @@ def _plan_share(plan, share, i, n):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
-def _exp2_sum_core_f32(ST, mul, sub, row_sum, plan=_NO_PREFETCH):
-    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass, summed in blocks of
-    SUM_KEYS keys, ``plan``'s memory prefetched meanwhile."""
+def _exp2_sum_blocks_f32(ST, mul, sub, sums, tile_max, with_max, plan):
+    """``ST = 2^(ST·mul − sub)`` and ``sums[r] += Σ_c P`` in blocks of SUM_KEYS keys (each
+    block summed from 0, then added), with ``with_max`` also ``tile_max[r] = max(tile_max[r],
+    max_c S)`` of the scores read (NaN sticky); ``plan``'s memory prefetched meanwhile, spread
+    over the blocks.  Whole 16-column strips go to the 16-lane loops of ``_cpu_simd``."""
     BK, BQ = ST.shape
     r0 = (BQ // LANES) * LANES if ST.strides[1] == 4 else 0
     part = np.empty(BQ, dtype=np.float32)
@@ -430,15 +432,27 @@ def _exp2_sum_core_f32(ST, mul, sub, row_sum, plan=_NO_PREFETCH):
         part[:] = 0.0
         if r0 > 0:
             _plan_share(plan, share, i, nb)
-            exp2_tile16(ST[c0:c1], mul, sub, part, BQ // LANES, True, share)
+            if with_max:
+                exp2_max_tile16(ST[c0:c1], mul, sub, part, tile_max, BQ // LANES, share)
+            else:
+                exp2_tile16(ST[c0:c1], mul, sub, part, BQ // LANES, True, share)
         for c in range(c0, c1):
             row = ST[c]
             for r in range(r0, BQ):
-                p = _exp2_one(row[r], mul, sub[r])
+                s = row[r]
+                if with_max:
+                    tile_max[r] = s if (s > tile_max[r] or s != s) else tile_max[r]
+                p = _exp2_one(s, mul, sub[r])
                 row[r] = p
                 part[r] += p
         for r in range(BQ):
-            row_sum[r] += part[r]
+            sums[r] += part[r]
+
+
+@njit(cache=_JIT_CACHE)
+def _exp2_sum_core_f32(ST, mul, sub, row_sum, plan=_NO_PREFETCH):
+    """``_exp2_core_f32`` and ``row_sum[r] += Σ_c ST[c, r]`` in one pass (:func:`_exp2_sum_blocks_f32`)."""
+    _exp2_sum_blocks_f32(ST, mul, sub, row_sum, row_sum, False, plan)  # (no max: row_sum stands in, unread)
 
 
 # Lazy rescaling (the forward, float32, no dropout).  The running shift ``m`` need not be
@@ -456,34 +470,14 @@ LAZY_LOG2 = 8.0
 LAZY_SUM = 65536.0
 
 
-@njit(cache=_JIT_CACHE, fastmath={"contract", "afn", "nsz"})
+@njit(cache=_JIT_CACHE)
 def _exp2_sum_max_f32(ST, mul, sub, tile_sum, tile_max, plan=_NO_PREFETCH):
     """``ST = 2^(ST·mul − sub)`` with ``tile_sum[r] = Σ_c P`` (in blocks of SUM_KEYS keys) and
     ``tile_max[r] = max_c S`` (NaN sticky) in one pass; the byte ranges of ``plan`` prefetched
     meanwhile (``exp2_max_tile16``)."""
-    BK, BQ = ST.shape
     tile_sum[:] = 0.0
     tile_max[:] = -np.inf
-    r0 = (BQ // LANES) * LANES if ST.strides[1] == 4 else 0
-    part = np.empty(BQ, dtype=np.float32)
-    share = np.empty(4, dtype=np.int64)
-    nb = (BK + SUM_KEYS - 1) // SUM_KEYS
-    for i in range(nb):
-        c0, c1 = i * SUM_KEYS, min(BK, (i + 1) * SUM_KEYS)
-        part[:] = 0.0
-        if r0 > 0:
-            _plan_share(plan, share, i, nb)
-            exp2_max_tile16(ST[c0:c1], mul, sub, part, tile_max, BQ // LANES, share)
-        for c in range(c0, c1):
-            row = ST[c]
-            for r in range(r0, BQ):
-                s = row[r]
-                tile_max[r] = s if (s > tile_max[r] or s != s) else tile_max[r]
-                p = _exp2_one(s, mul, sub[r])
-                row[r] = p
-                part[r] += p
-        for r in range(BQ):
-            tile_sum[r] += part[r]
+    _exp2_sum_blocks_f32(ST, mul, sub, tile_sum, tile_max, True, plan)
 
 
 def _lazy_ok(m, Pb, enabled):

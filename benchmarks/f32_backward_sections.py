@@ -1,0 +1,274 @@
+"""Where the float32 backward's time goes *inside the kernel* on the split-AMX route: cycles
+per section of each tile, on one thread and on two.
+
+``cpu_profile_backward.py`` and ``f32_split_tile.py`` time a tile's steps alone with their
+operands hot; in the kernel each task (a key tile) streams every query tile's Q, dO and their
+pieces from L3, and two threads share the L3 and the memory bus.  This runs a copy of
+``_cpu_kernels._backward_chunk``'s loop for the split route (float32, no dropout, no score
+chain; ``Sᵀ``/``dPᵀ`` split and dV, dK, dQ on MKL, or all five split (``--modes all5``) as
+``_cpu_kernels._split_tile``) on ``--threads`` chunks of a prange, with a cycle counter
+(``llvm.readcyclecounter``) around each section, checks that dK and dV have the kernel's bits,
+and prints per section ns a tile (per thread: each thread's own tiles) and GFLOP/s for the
+products.  The copy calls the kernel's own helpers: keep its loop in step with
+``_backward_chunk`` when that changes.
+
+    flock /tmp/bench.lock env PYTHONPATH=src .venv/bin/python benchmarks/f32_backward_sections.py d64 [--threads 1,2] [--modes mkl3,all5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from dotattn import semantics
+from dotattn.kernels import _cpu_amx_f32 as F
+from dotattn.kernels import _cpu_kernels as K
+from dotattn.kernels import cpu
+
+CASES = {"d64": (8, 64, None), "d128": (4, 128, None), "causal": (8, 64, "bottom_right")}
+SECTIONS = ("task: split K, V tiles; zero dK, dV", "tile class, Q/dO rows, lse, Δ", "Sᵀ = K·Qᵀ (split)",
+            "exp pass P (+ P's pieces)", "dPᵀ = V·dOᵀ (split)", "dV += Pᵀ·dO", "dS pass (+ dS's pieces)",
+            "dK += dSᵀ·Q", "dQ += dS·K", "task: write dK, dV")
+PRODUCTS = (2, 4, 5, 7, 8)
+NS = 12  # sections + tile count + spare
+
+
+@intrinsic
+def _cycles(typingctx):
+    def codegen(context, builder, sig, args):
+        fn = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@njit(cache=True)
+def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T_):
+    B, Hq, Lq, D = q.shape
+    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    Dv, BQ, T = vp.shape[4], o.BQ, dkp.dtype
+    nqb = (Lq + BQ - 1) // BQ
+    group = Hq // Hkv
+    c2, inv_keep = K._constants(o, dkp)
+    wide = K._short_rows(o.Lq, o.Lk)
+    Qs = np.zeros((BQ, D), dtype=q.dtype)
+    dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
+    Pb = np.empty((BK, BQ), dtype=q.dtype)
+    N = np.empty((BK, BQ), dtype=np.int32)
+    dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
+    lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
+    lse2_unfix = np.empty(BQ, dtype=T)
+    lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
+    unused = np.empty((BK, BQ), dtype=T)
+    no_qv, cfg = np.empty((0, 0), dtype=np.uint32), K.tile_config()
+    sa = o.split_all
+    pc_rows, pc_cols = (BK, BQ) if sa else (0, 32)
+    pc = F.pieces_buffer(pc_rows, pc_cols, np.empty(0, dtype=np.uint16))
+    d_pairs = F.pieces_buffer(pc_rows // 2, pc_cols, np.empty(0, dtype=np.uint32))
+    scratch = K._aligned_empty(64, 32, dkp)
+    ST, dPT = K._aligned_empty(BK, BQ, dkp), K._aligned_empty(BK, BQ, dkp)
+    threads = K._gemm_threads_begin(q)
+    Tc = T_[chunk]
+    for t in range(B * Hkv * nkb):
+        if K._snake_chunk(t, nchunks) != chunk:
+            continue
+        c0 = _cycles()
+        b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
+        Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
+        if o.split_in_task:
+            K._split_key_tile(Kb, Vb, b, hk, kb, o)
+        dK[:] = 0.0
+        dV[:] = 0.0
+        Tc[0] += _cycles() - c0
+        for h in range(hk * group, (hk + 1) * group):
+            for qb in range(nqb):
+                c0 = _cycles()
+                cls = K._tile_class(b, h, qb, kb, BK, o)
+                if cls == K.SKIP:
+                    continue
+                i0, nrows, nr = K._rows(b, qb, o)
+                if nr == BQ:
+                    Qt, dOt = q[b, h, i0 : i0 + BQ], dout[b, h, i0 : i0 + BQ]
+                else:
+                    K._load_rows(Qs, q, b, h, i0, nr)
+                    K._load_rows(dOs, dout, b, h, i0, nr)
+                    Qt, dOt = Qs[:, :], dOs[:, :]
+                K._lse_rows(lse2, lse2_unfix, lse, b, h, i0, nr)
+                for r in range(BQ):
+                    dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
+                c1 = _cycles()
+                Tc[1] += c1 - c0
+                K._scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+                c2_ = _cycles()
+                Tc[2] += c2_ - c1
+                Tc[10] += 1
+                if sa:
+                    for r0 in range(0, BK, 8):
+                        K._exp2_shifted(ST[r0 : r0 + 8], N[r0 : r0 + 8], c2, lse2)
+                        F.split_block_rows(ST, pc, r0, r0 + 8)
+                    c3 = _cycles()
+                    Tc[3] += c3 - c2_
+                    K._split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)
+                    c4 = _cycles()
+                    Tc[4] += c4 - c3
+                    q2 = i0 // 2
+                    F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
+                    c5 = _cycles()
+                    Tc[5] += c5 - c4
+                    for r0 in range(0, BK, 8):
+                        K._ds_block(ST[r0 : r0 + 8], dPT[r0 : r0 + 8], dls)
+                        F.split_block_rows(ST, pc, r0, r0 + 8)
+                        F.split_block_pairs(ST, d_pairs, r0, r0 + 8)
+                    c6 = _cycles()
+                    Tc[6] += c6 - c5
+                    F.product_add(pc, o.qrp[b, h, :, q2 : q2 + BQ // 2], dK, scratch, cfg)
+                    c7 = _cycles()
+                    Tc[7] += c7 - c6
+                    F.product_add(o.ktp[b, hk, kb], d_pairs, dq_parts[chunk, b, h, :, i0 : i0 + BQ], scratch, cfg)
+                    Tc[8] += _cycles() - c7
+                    continue
+                in_pb = K._exp2_operand(ST, N, c2, lse2, Pb, True)
+                c3 = _cycles()
+                Tc[3] += c3 - c2_
+                if not (o.split_dp and K._split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
+                    K._dots(Vb, dOt, dPT, wide)
+                c4 = _cycles()
+                Tc[4] += c4 - c3
+                K._gemm(K._as_operand(ST, Pb), dOt, dV, 1.0)
+                c5 = _cycles()
+                Tc[5] += c5 - c4
+                K._ds_block(ST, dPT, dls)
+                c6 = _cycles()
+                Tc[6] += c6 - c5
+                dS = K._as_operand(ST, Pb)
+                K._gemm(dS, Qt, dK, 1.0)
+                c7 = _cycles()
+                Tc[7] += c7 - c6
+                K._gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
+                Tc[8] += _cycles() - c7
+        c0 = _cycles()
+        dkp[b, hk, kb] = dK * o.scale
+        dvp[b, hk, kb] = dV
+        Tc[9] += _cycles() - c0
+    K._gemm_threads_end(q, threads)
+
+
+@njit(parallel=True, cache=True)
+def _kernel(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T_, nchunks):
+    for chunk in prange(nchunks):
+        _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T_)
+
+
+def _prepared(call, out, lse, dout):
+    """``cpu.backward``'s set-up for the split route (the arrays its kernel takes)."""
+    p = cpu.prepare(call, cpu.F32_SPLIT_BACKWARD_BLOCK_SIZE, split=True)
+    tops = cpu._backward_largest(p, dout)
+    lse_c = np.ascontiguousarray(lse, dtype=np.float32)
+    delta = np.einsum("bhld,bhld->bhl", dout, out, dtype=np.float32)
+    fix = cpu.lse_rounding_fix(lse_c)
+    dout_k = np.multiply(dout, fix.astype(np.float32)[..., None])
+    delta = np.ascontiguousarray((delta * fix).astype(np.float32))
+    p = cpu._with_split_operands(p, call, dout_k, tops)
+    return p, dout_k, lse_c, delta
+
+
+def _config(call, out, lse, do, all5, nch):
+    os.environ["DOTATTN_F32_PRODUCTS"] = "amx5" if all5 else "amx"
+    p, dout_k, lse_c, delta = _prepared(call, out, lse, do)
+    o = p.options
+    assert o.split_s and o.split_dp and o.split_all == all5, "not the split route here"
+    B, Hq, Lq, D = call.q.shape
+
+    def fresh():
+        if o.split_all:
+            nq = -(-Lq // o.BQ) * o.BQ
+            dq_parts = np.zeros((nch, B, Hq, o.qrp.shape[4], nq + 16), dtype=np.float32)
+        else:
+            dq_parts = np.zeros((nch, B, Hq, Lq, D), dtype=np.float32)
+        return dq_parts, np.zeros(p.kp.shape[:4] + (D,), np.float32), np.zeros(p.vp.shape[:4] + (call.Dv,), np.float32)
+
+    return p, (p.q, p.kp, p.vp, dout_k, lse_c, delta), fresh
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(CASES), nargs="?", default="d64")
+    parser.add_argument("--threads", default="1,2", help="thread counts (chunks), comma-separated")
+    parser.add_argument("--modes", default="mkl3,all5", help="mkl3: Sᵀ, dPᵀ split, dV, dK, dQ on MKL; all5: all five split")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    H, D, causal = CASES[args.case]
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal((1, H, 4096, D), dtype=np.float32) for _ in range(4))
+    call = semantics.normalize(q, k, v, causal=causal)
+    out, lse = cpu.forward(call)[:2]
+    os.environ["DOTATTN_F32_PRODUCTS"] = "amx"
+    _, dk_ref, dv_ref, _ = cpu.backward(call, out, lse, do)
+    from dotattn.kernels._blas import ONE_BLAS_THREAD
+
+    configs = {}
+    for mode in args.modes.split(","):
+        for nch in (int(n) for n in args.threads.split(",")):
+            p, args_, fresh = _config(call, out, lse, do, mode == "all5", nch)
+            T_ = np.zeros((nch, NS), np.int64)
+            dq_parts, dkp, dvp = fresh()
+            with ONE_BLAS_THREAD:
+                _kernel(*args_, dq_parts, dkp, dvp, p.options, T_, nch)  # compile, warm
+            if mode == "mkl3":  # (all five round dK, dV differently)
+                nkbBK = dkp.shape[2] * dkp.shape[3]
+                assert np.array_equal(dkp.reshape(1, H, nkbBK, D)[:, :, :4096], dk_ref), "dK differs from the kernel's: update the loop"
+                assert np.array_equal(dvp.reshape(1, H, nkbBK, D)[:, :, :4096], dv_ref), "dV differs from the kernel's"
+            T_[:] = 0
+            configs[(mode, nch)] = (p, args_, fresh, T_, [])
+    load0 = os.getloadavg()[0]
+    with ONE_BLAS_THREAD:
+        for _ in range(args.rounds):
+            for (mode, nch), (p, args_, fresh, T_, walls) in configs.items():
+                dq_parts, dkp, dvp = fresh()
+                t0 = time.perf_counter()
+                _kernel(*args_, dq_parts, dkp, dvp, p.options, T_, nch)
+                walls.append(time.perf_counter() - t0)
+    load1 = os.getloadavg()[0]
+    c0, t0 = _cycles_now(), time.perf_counter()
+    time.sleep(0.2)
+    hz = (_cycles_now() - c0) / (time.perf_counter() - t0)
+    print(f"{args.case} (H{H} L4096 D{D}{' causal' if causal else ''}), configs alternated, {args.rounds} rounds, "
+          f"load {load0:.2f} → {load1:.2f}, counter {hz / 1e9:.2f} GHz")
+    for (mode, nch), (p, args_, fresh, T_, walls) in configs.items():
+        o = p.options
+        wall = statistics.median(walls)
+        print(f"\n{mode}, BQ {o.BQ} × BK {p.kp.shape[3]}, {nch} thread(s): kernel median {wall * 1e3:.1f} ms "
+              f"(min {min(walls) * 1e3:.1f})")
+        flop = 2.0 * o.BQ * p.kp.shape[3] * D
+        for c in range(nch):
+            tiles = T_[c, 10] / args.rounds
+            tot = T_[c, :10].sum() / args.rounds / hz
+            print(f"  thread {c}: {tiles:.0f} tiles, {tot * 1e3:.1f} ms in sections")
+        tiles = T_[:, 10].sum()
+        allc = T_[:, :10].sum()
+        print(f"  {'section':<40} {'ns/tile':>9} {'share':>6} {'GFLOP/s':>8}")
+        for s, name in enumerate(SECTIONS):
+            ns = T_[:, s].sum() / tiles / hz * 1e9
+            gf = f"{flop / ns:8.1f}" if s in PRODUCTS else ""
+            print(f"  {name:<40} {ns:9.0f} {T_[:, s].sum() / allc:6.1%} {gf}")
+        print(f"  {'tile, all sections':<40} {allc / tiles / hz * 1e9:9.0f}")
+
+
+@njit
+def _now():
+    return _cycles()
+
+
+def _cycles_now():
+    return _now()
+
+
+if __name__ == "__main__":
+    main()

@@ -73,6 +73,7 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
     pc = F.pieces_buffer(pc_rows, pc_cols, np.empty(0, dtype=np.uint16))
     d_pairs = F.pieces_buffer(pc_rows // 2, pc_cols, np.empty(0, dtype=np.uint32))
     scratch = K._aligned_empty(64, 32, dkp)
+    KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)
     ST, dPT = K._aligned_empty(BK, BQ, dkp), K._aligned_empty(BK, BQ, dkp)
     threads = K._gemm_threads_begin(q)
     Tc = T_[chunk]
@@ -83,7 +84,7 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
         b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
         Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
         if o.split_in_task:
-            K._split_key_tile(Kb, Vb, b, hk, kb, o)
+            K._split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
         dK[:] = 0.0
         dV[:] = 0.0
         Tc[0] += _cycles() - c0

@@ -273,6 +273,8 @@ def test_switch_and_info(monkeypatch):
     monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx5")
     assert cpu.f32_split_route(call) == AMX and _cpu_isa.f32_all_products()
     assert ("all five backward products" in cpu.CpuBackend().description) == AMX
+    monkeypatch.delenv(_cpu_isa.F32_PRODUCTS_ENV_VAR)  # unset: all five (the faster backward)
+    assert _cpu_isa.f32_all_products() is _cpu_isa.F32_ALL_PRODUCTS_DEFAULT is True
     row = [r for r in dotattn.info() if r["name"] == "cpu"][0]
     assert "float32 score products" in str(row)
 

@@ -40,9 +40,13 @@ F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
 # "amx" (the score products and the backward's dP; default where AMX runs), "amx5" (also the
 # backward's other three products) or "mkl" (MKL's float32 sgemm tiles); read on every call
 F32_PRODUCTS_ENV_VAR = "DOTATTN_F32_PRODUCTS"
-# Whether "amx" without a value means all five backward products ("amx5"): not yet — in the
-# whole kernel at two threads they measured slower than MKL's tiles (docs/performance.md)
-F32_ALL_PRODUCTS_DEFAULT = False
+# Whether the split route takes all five backward products when the variable is unset ("amx"
+# asks for the score products and dP only): yes since 1 Dec 07:50 — the kernel was 8.6 % faster
+# at two threads; the whole call lost that to prange passes per call, now in the tasks or on
+# the calling thread.  Whole backward, routes alternated, medians of 9 (07:34–07:37, load 1.4–1.9):
+# dense H8 L4096 D64 258.3 → 237.7 ms, H4 D128 256.9 → 248.7, causal H8 D64 173.2 → 172.1
+# (docs/performance.md, "float32 backward: the profile per section …")
+F32_ALL_PRODUCTS_DEFAULT = True
 # Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"
 SGEMM_SYMBOL = "dotattn_sgemm"

@@ -814,6 +814,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     pc = _cpu_amx_f32.pieces_buffer(pc_rows, pc_cols, np.empty(0, dtype=np.uint16))
     d_pairs = _cpu_amx_f32.pieces_buffer(pc_rows // 2, pc_cols, np.empty(0, dtype=np.uint32))
     scratch = _aligned_empty(64, 32, dkp)  # two 32 × 32 blocks
+    KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)  # (the task's Kᵀ for its pieces)
     if o.split_s:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
     threads = _gemm_threads_begin(q)
@@ -825,7 +826,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
         ncols = min(BK, o.Lk - j0)
         Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
         if o.split_in_task:  # this task alone reads its key tile's pieces
-            _split_key_tile(Kb, Vb, b, hk, kb, o)
+            _split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
         dK[:] = 0.0
         dV[:] = 0.0
         for h in range(hk * group, (hk + 1) * group):
@@ -908,25 +909,30 @@ def _split_query_tile_overload(q, b, h, i0, BQ, o):
     return impl
 
 
-def _split_key_tile(Kb, Vb, b, hk, kb, o):
+def _split_key_tile(Kb, Vb, KbT, b, hk, kb, o):
     """The split-AMX pieces of key tile ``kb`` (``o.split_in_task``): K's into ``o.kpc[b, hk,
     kb]`` (``o.split_s``), V's into ``o.vpc[b, hk, kb]`` (``o.split_dp``) — what
     ``_cpu_amx_f32.split_tiles`` writes for every tile in a pass per call (1.8 ms each at H8
     L4096 D64 on one thread, the pieces' 12 MiB through L3), here on the kernel's threads, the
-    tile hot for its products.  float32 tiles only (the other dtypes' kernels compile a no-op)."""
+    tile hot for its products — and with all five products (``o.split_all``) Kᵀ's into
+    ``o.ktp[b, hk, kb]`` through the scratch ``KbT (D, BK)`` (``split_tiles_t``'s work: a
+    prange pass per call took 1.9 ms idle, 9.2 ms at load 2.7).  float32 tiles only (the other
+    dtypes' kernels compile a no-op)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_split_key_tile, jit_options={"cache": _JIT_CACHE})
-def _split_key_tile_overload(Kb, Vb, b, hk, kb, o):
+def _split_key_tile_overload(Kb, Vb, KbT, b, hk, kb, o):
     if Kb.dtype != types.float32:
-        return lambda Kb, Vb, b, hk, kb, o: None
+        return lambda Kb, Vb, KbT, b, hk, kb, o: None
 
-    def impl(Kb, Vb, b, hk, kb, o):
+    def impl(Kb, Vb, KbT, b, hk, kb, o):
         if o.split_s:
             _cpu_amx_f32.split_rows(Kb, o.kpc[b, hk, kb], Kb.shape[0], Kb.shape[1])
         if o.split_dp:
             _cpu_amx_f32.split_rows(Vb, o.vpc[b, hk, kb], Vb.shape[0], Vb.shape[1])
+        if o.split_all:
+            _cpu_amx_f32.split_tile_t(Kb, KbT, o.ktp[b, hk, kb])
 
     return impl
 

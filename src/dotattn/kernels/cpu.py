@@ -979,14 +979,16 @@ def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str) -> np.ndar
     return out
 
 
-def _transposed_row_pieces(x: np.ndarray) -> np.ndarray:
+def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
     """Per key tile, the pieces of each packed tile of ``x (B, H, nkb, BK, X)`` transposed, as
-    A operands (``dQᵀ += Kᵀ·dSᵀ``); rows a cache line longer than BK (a strided view)."""
+    A operands (``dQᵀ += Kᵀ·dSᵀ``); rows a cache line longer than BK (a strided view).
+    ``split=False``: the buffer only, for the backward kernel's tasks to fill."""
     from ._cpu_amx_f32 import padded, split_tiles_t
 
     B, H, nkb, BK, X = x.shape
     out = _pieces_buffer("ktp", (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
-    split_tiles_t(x, out)
+    if split:
+        split_tiles_t(x, out)
     return out
 
 
@@ -1024,7 +1026,8 @@ def _with_split_operands(
                        dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))
         if changes.get("split_s") and _split_all_shapes(call):
             changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp"),
-                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp"), ktp=_transposed_row_pieces(p.kp))
+                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp"),
+                           ktp=_transposed_row_pieces(p.kp, not in_task))
     if in_task and changes:
         changes.update(split_in_task=True)
     if not changes:
@@ -1212,12 +1215,16 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
             kernel(0, 1, *args)  # the one chunk of the parallel kernel, called directly
         else:
             kernel(*args, nchunks)
-    dq = dq_parts[0]
-    for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
-        dq += part
-    if p.options.split_all:
-        dq = np.ascontiguousarray(dq[:, :, :D, :Lq].transpose(0, 1, 3, 2))
-    dq *= T.type(call.scale)
+    if p.options.split_all:  # summed, transposed and scaled in one pass
+        from ._cpu_amx_f32 import dq_from_transposed
+
+        dq = np.empty((B, Hq, Lq, D), dtype=T)
+        dq_from_transposed(dq_parts, dq, T.type(call.scale))
+    else:
+        dq = dq_parts[0]
+        for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
+            dq += part
+        dq *= T.type(call.scale)
     nkbBK = p.kp.shape[2] * p.kp.shape[3]
     dk = dkp.reshape(B, Hkv, nkbBK, D)[:, :, : call.Lk]
     dv = dvp.reshape(B, Hkv, nkbBK, Dv)[:, :, : call.Lk]

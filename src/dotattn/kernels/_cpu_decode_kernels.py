@@ -17,7 +17,9 @@ chunk's row offsets (any layout, same bits) and asked for ahead of use.  Otherwi
 caches go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
 contiguous block first) — also for float32 calls with more than SIMD_MAX_ROWS_FLOAT folded
 rows, where a register-blocked GEMM wins — and 16-bit caches are read key row by key row,
-each row converted into an L1 buffer.  Only positions below each sequence's length are read.
+each row converted into an L1 buffer.  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
+PV_BLOCK_KEYS), so that an attention sink's term does not swallow the small ones.  Only
+positions below each sequence's length are read.
 """
 
 from __future__ import annotations
@@ -574,6 +576,13 @@ def _scores_codegen(dot):
 # small P·v under half an ulp of it — a row with one weight ≈ 1 (an attention sink) and 4,095
 # weights ≈ 5e-8 came out 3.6× the naive error (1 Dec).
 PV_SUM_KEYS = 64
+# The other P·V routes sum in blocks of PV_BLOCK_KEYS keys, each block into a buffer added to the
+# output: float32 BLAS (_pv_gemm: one GEMM per block — sgemm adds key by key too), the 16-bit
+# caches' row-by-row loops (_pv_rows) and the NaN policy's redo loops.  Over a whole 256-key
+# chunk a D 24 sink row came out 1.6× the rule's tolerance; GEMMs of 64 keys still reached 1.1×
+# at a few hundred keys (where the naive product's error is small), 32 keys ≤ 0.6×
+# (docs/decoding.md, "Accuracy: attention sinks").
+PV_BLOCK_KEYS = 32
 
 
 @intrinsic
@@ -702,13 +711,15 @@ def _exp_row_f32(s, ibuf, n, m):
     for t in range(n):
         e = ibuf[t]
         bits[t] = np.int32(bits[t] + (e << 23)) if e > -127 else np.int32(0)
-    total = np.float32(0.0)
-    for t0 in range(0, n, PV_SUM_KEYS):  # in blocks, as the 16-lane path (see PV_SUM_KEYS)
-        part = np.float32(0.0)
-        for t in range(t0, min(n, t0 + PV_SUM_KEYS)):
-            part += s[t]
-        total += part
-    return total
+    # The sum in float64 (a loop that does not vectorize either way: the same cost).  In float32
+    # blocks of 64 keys, an attention sink's block lost its small terms (each under half an ulp
+    # of the sink's 1): the row's sum 8 % short of its small part — a D 24 row's output 3e-6
+    # relative off, twice the rule's tolerance at a few hundred keys (the 16-lane sum spreads
+    # the keys over 16 lanes, 8 a lane per block).
+    total = 0.0
+    for t in range(n):
+        total += np.float64(s[t])
+    return np.float32(total)
 
 
 @njit(cache=_JIT_CACHE)
@@ -913,7 +924,7 @@ def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, r
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows):
+def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows, ob):
     """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
     ``rows``), four keys per pass, never multiplying a value by ``p = 0``: a hidden NaN or
     ±inf value must not enter (the NaN policy).
@@ -922,6 +933,9 @@ def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows)
     (each value element loaded once for the four rows, each output element loaded and stored
     once per four keys: 1.4× faster than a pass per row, L2-resident); otherwise row by row,
     four keys per pass, and key by key where a weight is zero.
+
+    The sums go into ``ob`` (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys (a multiple of
+    the four keys of a pass): into ``o`` directly, an attention sink's row lost the small terms.
     """
     bits = rows.view(np.uint32)
     x = _rows_array(flat, rows)
@@ -971,14 +985,14 @@ def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows)
                 b0, b1, b2, b3 = p[pb], p[pb + 1], p[pb + 2], p[pb + 3]
                 c0, c1, c2, c3 = p[pc], p[pc + 1], p[pc + 2], p[pc + 3]
                 d0, d1, d2, d3 = p[pd], p[pd + 1], p[pd + 2], p[pd + 3]
-                oa, ob, oc, od = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
+                oa, ob_, oc, od = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
                 for d in range(Dv):
                     e = np.uint64(d)
                     y0, y1, y2, y3 = x[u0 + e], x[u1 + e], x[u2 + e], x[u3 + e]
-                    o[oa + e] += (a0 * y0 + a1 * y1) + (a2 * y2 + a3 * y3)
-                    o[ob + e] += (b0 * y0 + b1 * y1) + (b2 * y2 + b3 * y3)
-                    o[oc + e] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3)
-                    o[od + e] += (d0 * y0 + d1 * y1) + (d2 * y2 + d3 * y3)
+                    ob[oa + e] += (a0 * y0 + a1 * y1) + (a2 * y2 + a3 * y3)
+                    ob[ob_ + e] += (b0 * y0 + b1 * y1) + (b2 * y2 + b3 * y3)
+                    ob[oc + e] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3)
+                    ob[od + e] += (d0 * y0 + d1 * y1) + (d2 * y2 + d3 * y3)
                 r += 4
         while r < R:
             o0 = np.uint64(r * Dv)
@@ -987,16 +1001,18 @@ def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows)
                 p0, p1, p2, p3 = p[pr], p[pr + 1], p[pr + 2], p[pr + 3]
                 for d in range(Dv):
                     e = np.uint64(d)
-                    o[o0 + e] += (p0 * x[u0 + e] + p1 * x[u1 + e]) + (p2 * x[u2 + e] + p3 * x[u3 + e])
+                    ob[o0 + e] += (p0 * x[u0 + e] + p1 * x[u1 + e]) + (p2 * x[u2 + e] + p3 * x[u3 + e])
             else:
                 for i in range(g):
                     pi = p[pr + i]
                     if pi != 0.0:
                         ui = u0 if i == 0 else (u1 if i == 1 else (u2 if i == 2 else u3))
                         for d in range(Dv):
-                            o[o0 + np.uint64(d)] += pi * x[ui + np.uint64(d)]
+                            ob[o0 + np.uint64(d)] += pi * x[ui + np.uint64(d)]
             r += 1
         t += g
+        if t % PV_BLOCK_KEYS == 0 or t == n:  # the block's sums join the output's
+            _add_block(o, ob, R * Dv)
 
 
 def _gemm_in_place(a, flat, base, n, width, out, transpose):
@@ -1047,9 +1063,10 @@ def _all_finite(x, count):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_skipping_zeros(p, R, n, vc, Dv, o):
+def _pv_skipping_zeros(p, R, n, vc, Dv, o, ob):
     """``o (R·Dv) += P · V`` key by key, skipping ``p = 0`` exactly: a chunk whose values are not
-    all finite must not let a hidden value in (``0 · NaN``) — the NaN policy."""
+    all finite must not let a hidden value in (``0 · NaN``) — the NaN policy.  Summed into ``ob``
+    (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys."""
     for t in range(n):
         v0 = np.uint64(t * Dv)
         for r in range(R):
@@ -1057,7 +1074,60 @@ def _pv_skipping_zeros(p, R, n, vc, Dv, o):
             if pr != 0.0:
                 o0 = np.uint64(r * Dv)
                 for d in range(Dv):
-                    o[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
+                    ob[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
+        if (t + 1) % PV_BLOCK_KEYS == 0 or t + 1 == n:
+            _add_block(o, ob, R * Dv)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_block(o, ob, count):
+    """``o[:count] += ob[:count]``, then ``ob[:count] = 0``: a block of keys' P·V sums joins the
+    output's (PV_BLOCK_KEYS)."""
+    for i in range(count):
+        o[i] += ob[i]
+        ob[i] = 0.0
+
+
+def _pv_gemm(s, R, n, flat, base, Dv, o, pb, ob):
+    """``o (R·Dv) = P · V`` by BLAS, ``P = s (R, n)``, ``V`` the ``(n, Dv)`` rows at ``flat[base:]``
+    (a float cache in place, or the gathered rows): float32 one GEMM per PV_BLOCK_KEYS keys, each
+    block's ``P`` copied into ``pb`` (R·PV_BLOCK_KEYS) and its product into ``ob`` (R·Dv), then
+    added to ``o`` (16-bit caches never come here; float64 one GEMM: its rounding is far below
+    the float32 of every naive baseline)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_pv_gemm, jit_options={"cache": _JIT_CACHE})
+def _pv_gemm_overload(s, R, n, flat, base, Dv, o, pb, ob):
+    if flat.dtype == types.uint16:
+
+        def unreachable(s, R, n, flat, base, Dv, o, pb, ob):
+            pass  # 16-bit rows go through _pv_rows
+
+        return unreachable
+    if s.dtype != types.float32:
+
+        def whole(s, R, n, flat, base, Dv, o, pb, ob):
+            _np_matmul(s[: R * n].reshape(R, n), flat[base : base + n * Dv].reshape(n, Dv), o[: R * Dv].reshape(R, Dv))
+
+        return whole
+
+    def blocked(s, R, n, flat, base, Dv, o, pb, ob):
+        for t0 in range(0, n, PV_BLOCK_KEYS):
+            kb = min(PV_BLOCK_KEYS, n - t0)
+            for r in range(R):
+                for t in range(kb):
+                    pb[r * kb + t] = s[r * n + t0 + t]
+            vb = flat[base + t0 * Dv : base + (t0 + kb) * Dv].reshape(kb, Dv)
+            _np_matmul(pb[: R * kb].reshape(R, kb), vb, ob[: R * Dv].reshape(R, Dv))
+            if t0 == 0:
+                for i in range(R * Dv):
+                    o[i] = ob[i]
+            else:
+                for i in range(R * Dv):
+                    o[i] += ob[i]
+
+    return blocked
 
 
 # float caches take the 16-lane loops up to this many folded query rows (a chunked prefill's
@@ -1206,9 +1276,10 @@ def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
-def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
+def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob):
     """``o (R·Dv) += P · V`` key by key through the row offsets, skipping ``p = 0`` exactly (the
-    NaN policy's redo of a chunk whose output is not finite); 16-bit rows converted into ``row``."""
+    NaN policy's redo of a chunk whose output is not finite); 16-bit rows converted into ``row``;
+    summed into ``ob`` (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys."""
     bits = row.view(np.uint32)
     x = _rows_array(flat, row)
     for t in range(n):
@@ -1218,7 +1289,9 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row):
             if pr != 0.0:
                 o0 = np.uint64(r * Dv)
                 for d in range(Dv):
-                    o[o0 + np.uint64(d)] += pr * x[xo + np.uint64(d)]
+                    ob[o0 + np.uint64(d)] += pr * x[xo + np.uint64(d)]
+        if (t + 1) % PV_BLOCK_KEYS == 0 or t + 1 == n:
+            _add_block(o, ob, R * Dv)
 
 
 
@@ -1242,10 +1315,11 @@ def _chunk(
     1. ``S = Q · Kᵀ``: float caches by one BLAS GEMM (on the rows in place, or gathered into
        ``kc``); 16-bit caches key row by key row, each converted once into ``kc``;
     2. per row: score chain, masks, max, ``P = exp(S − m)``, row sum (1-D loops, vectorized);
-    3. ``O = P · V``: float caches by one BLAS GEMM, redone key by key skipping ``p = 0``
-       where an output is not finite (a NaN or ±inf value got in, maybe through ``0·NaN``:
-       a hidden NaN must never enter a row); 16-bit caches value row by value row, converted
-       into ``vc``, always skipping ``p = 0``;
+    3. ``O = P · V``: float caches by BLAS (float32: a GEMM per PV_BLOCK_KEYS keys), redone key
+       by key skipping ``p = 0`` where an output is not finite (a NaN or ±inf value got in,
+       maybe through ``0·NaN``: a hidden NaN must never enter a row); 16-bit caches value row
+       by value row, converted into ``vc``, always skipping ``p = 0`` — every route summing
+       in blocks of keys (PV_SUM_KEYS, PV_BLOCK_KEYS: an attention sink's row);
     4. normalize: ``o = O / l``, ``lse = m + log l``.
     The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
     the capacity or the page layout: the bits are the same wherever the sequence sits.
@@ -1262,8 +1336,14 @@ def _chunk(
     s = work[: R * max(ns, 1)]  # exactly R·ns: the BLAS paths view it as (R, n)
     m_row = work[s_size : s_size + R]
     l_row = work[s_size + rows : s_size + rows + R]
-    o = work[s_size + 2 * rows : s_size + 2 * rows + R * Dv]
+    o_at = s_size + 2 * rows
+    o = work[o_at : o_at + R * Dv]
     o[:] = 0.0
+    # P·V's block buffers (PV_BLOCK_KEYS): a block's P for BLAS, a block's sums
+    pb_at = o_at + (R * Dv + 15) // 16 * 16
+    ob_at = pb_at + (R * PV_BLOCK_KEYS + 15) // 16 * 16
+    pb = work[pb_at : pb_at + R * PV_BLOCK_KEYS]
+    ob = work[ob_at : ob_at + R * Dv]
     sp = offs.shape[0] // 4  # offs: this chunk's key rows, its value rows, the next item's key and value rows
     koffs = offs[: max(n, 1)]
     voffs = offs[sp : sp + max(n, 1)]
@@ -1334,22 +1414,26 @@ def _chunk(
                 _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, kflat, pk, npf, D)
             if not _all_finite(o, R * Dv):  # a hidden NaN or ±inf value got in: redo skipping p = 0
                 o[:] = 0.0
-                _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc)
+                ob[:] = 0.0
+                _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc, ob)
         elif kind != KIND_FLOAT:
-            _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc)
+            ob[:] = 0.0
+            _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc, ob)
         else:
-            # one GEMM, then a check of its R·Dv outputs: where a value is NaN or ±inf, some
-            # output is too (0·NaN, p·inf), and the chunk is redone key by key skipping p = 0.
-            # (Scanning the n·Dv values first read them twice: a third of a float32 item.)
+            # GEMMs (one per PV_BLOCK_KEYS keys in float32: _pv_gemm), then a check of the R·Dv
+            # outputs: where a value is NaN or ±inf, some output is too (0·NaN, p·inf), and the
+            # chunk is redone key by key skipping p = 0.  (Scanning the n·Dv values first read
+            # them twice: a third of a float32 item.)
             if _rows_in_place(kind, vst, ps, Dv, j0, n):
-                _gemm_in_place(s.reshape(R, n), vflat, _row_offset(vst, table, ps, b, hk, j0), n, Dv, o.reshape(R, Dv), False)
+                _pv_gemm(s, R, n, vflat, _row_offset(vst, table, ps, b, hk, j0), Dv, o, pb, ob)
             else:
                 _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
-                _np_matmul(s.reshape(R, n), vc[: n * Dv].reshape(n, Dv), o.reshape(R, Dv))
+                _pv_gemm(s, R, n, vc, 0, Dv, o, pb, ob)
             if not _all_finite(o, R * Dv):
                 o[:] = 0.0
+                ob[:] = 0.0
                 _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
-                _pv_skipping_zeros(s, R, n, vc, Dv, o)
+                _pv_skipping_zeros(s, R, n, vc, Dv, o, ob)
     # ---- 4. normalize ----
     for r in range(R):
         l = l_row[r]
@@ -1541,9 +1625,11 @@ def _item(
 @njit(cache=_JIT_CACHE, inline="always")
 def _work_size(R, D, Dv, split):
     """Elements of an item's float scratch (``_item``'s ``work``): its q rows, then _chunk's
-    scores (``R`` rows of ``split`` rounded up to 16), row maxima, row sums and ``O``, each part
-    starting at a multiple of 16 elements."""
-    return (R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16) + R * Dv
+    scores (``R`` rows of ``split`` rounded up to 16), row maxima, row sums, ``O``, and P·V's
+    block buffers (a block's P, a block's sums: PV_BLOCK_KEYS), each part starting at a multiple
+    of 16 elements."""
+    return ((R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16)
+            + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_BLOCK_KEYS + 15) // 16 * 16)
 
 
 @njit(cache=_JIT_CACHE, inline="always")

@@ -132,7 +132,9 @@ entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forw
            "decode serial": _cpu_decode_kernels.run_serial,
            "model RMSNorm": _cpu_model_ops.add_rms_norm, "model RoPE": _cpu_model_ops.rope,
            "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv,
-           "model GEMV, one thread": _cpu_model_ops.gemv_rows}
+           "model GEMV, one thread": _cpu_model_ops.gemv_rows,
+           "model block GEMV": _cpu_model_ops.gemv_blocks, "model block GEMV, one thread": _cpu_model_ops.gemv_blocks_rows,
+           "model block GEMM": _cpu_model_ops.gemm_blocks, "model block GEMM, one thread": _cpu_model_ops.gemm_blocks_rows}
 from dotattn.kernels._cpu_isa import f32_gemm
 if f32_gemm()[0]:  # the short prompt passes' column-chunk GEMM (MKL's sgemm only)
     entries.update({"model column GEMM": _cpu_model_ops.gemm_columns,

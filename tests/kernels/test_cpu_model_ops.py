@@ -223,6 +223,25 @@ def _gemv_blocks_all(x, blocks, chunks):
     return out
 
 
+def _gemm_blocks_all(x, blocks, chunks):
+    """``gemm_blocks_rows`` over the parallel kernel's ``chunks`` row ranges (on multiples of
+    four rows: a row's sum in the four-row loop and in the rest loop vectorize differently)
+    and the parallel kernel, and the one-thread call of all rows: the same bits."""
+    O, I = blocks.shape
+    has_offset = blocks.offset is not None
+    offset = blocks.offset if has_offset else blocks.scale
+    whole = np.full((x.shape[0], O), np.nan, np.float32)
+    ops.gemm_blocks_rows(x, blocks.codes, blocks.scale, offset, has_offset, whole, 0, O)
+    by_ranges = np.full((x.shape[0], O), np.nan, np.float32)
+    for r0, r1 in (ops._block_rows(O, c, chunks) for c in range(chunks)):
+        ops.gemm_blocks_rows(x, blocks.codes, blocks.scale, offset, has_offset, by_ranges, r0, r1)
+    out = np.full_like(by_ranges, np.nan)
+    ops.gemm_blocks(x, blocks.codes, blocks.scale, offset, has_offset, out, chunks)
+    np.testing.assert_array_equal(out, by_ranges)
+    np.testing.assert_array_equal(out, whole)
+    return out
+
+
 @settings(max_examples=30, deadline=None)
 @given(form=st.sampled_from(["q4_1", "q8_0"]), b=st.integers(1, 8), o=st.integers(1, 40), blocks=st.integers(1, 6),
        chunks=st.integers(1, 4), seed=st.integers(0, 2**16))
@@ -242,6 +261,10 @@ def test_block_codes_rebuild_every_weight_and_their_product_is_the_weights_produ
     x = rng.standard_normal((b, i), dtype=np.float32)
     got = _gemv_blocks_all(x, found, chunks)
     assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv_blocks {form}")
+    got = _gemm_blocks_all(x, found, chunks)
+    assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemm_blocks {form}")
+    # each token row's result is its own: the first two rows alone give the same bits
+    np.testing.assert_array_equal(_gemm_blocks_all(x[:2], found, chunks), got[:2])
 
 
 def test_block_codes_at_model_sizes_and_in_one_buffer():
@@ -265,6 +288,9 @@ def test_block_codes_at_model_sizes_and_in_one_buffer():
         x = rng.standard_normal((3, w.shape[1]), dtype=np.float32)
         got = _gemv_blocks_all(x, f, 2)
         assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemv_blocks {w.shape}")
+        x = rng.standard_normal((13, w.shape[1]), dtype=np.float32)  # a decode step of 13 sequences
+        got = _gemm_blocks_all(x, f, 2)
+        assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemm_blocks {w.shape}")
 
 
 def test_block_codes_refuse_values_no_scale_rebuilds():
@@ -280,8 +306,9 @@ def test_block_codes_refuse_values_no_scale_rebuilds():
     assert exact_blocks(w.astype(np.float64)) is None
 
 
-def test_gemv_blocks_propagates_nan_and_inf_of_x():
-    """±inf in ``x`` gives ±inf or NaN as the float32 product by the same weights does."""
+def test_block_products_propagate_nan_and_inf_of_x():
+    """±inf in ``x`` gives ±inf or NaN as the float32 product by the same weights does (one
+    token row at a time and the many-row kernel)."""
     from dotattn.models._block_weights import exact_blocks
 
     rng = np.random.default_rng(5)
@@ -289,8 +316,8 @@ def test_gemv_blocks_propagates_nan_and_inf_of_x():
     x = rng.standard_normal((2, 64), dtype=np.float32)
     x[0, 3] = np.inf
     x[1, 0], x[1, 40] = np.nan, 1.0
-    got = _gemv_blocks_all(x, exact_blocks(w), 2)
     with np.errstate(invalid="ignore", over="ignore"):
         want = x.astype(np.float64) @ w.T.astype(np.float64)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    for got in (_gemv_blocks_all(x, exact_blocks(w), 2), _gemm_blocks_all(x, exact_blocks(w), 2)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])

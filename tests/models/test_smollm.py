@@ -266,9 +266,10 @@ def test_short_prompt_passes_give_the_same_logits_bits_in_both_thread_modes(mode
 
 
 def test_batched_decode_steps_give_the_same_logits_bits_in_both_thread_modes(model, monkeypatch):
-    """A decode step of more than _MatMul.GEMV_MAX_ROWS sequences (token rows for GEMMs) gives
-    the same logits bits on all cores and on the calling thread alone (torch.mm's two threads
-    split the depth of 9–15-row products: a 12-sequence step's logits were 2.9e-5 apart)."""
+    """A decode step of several sequences gives the same logits bits on all cores and on the
+    calling thread alone: up to _MatMul.BLOCK_GEMM_MAX_ROWS on the block-weight GEMM, past it
+    on GEMMs in fixed chunks (torch.mm's two threads split the depth of 9–15-row products: a
+    12-sequence step's logits were 2.9e-5 apart)."""
     for B in (4, 12, 60):
         ids = np.random.default_rng(B).integers(100, 40000, (B, 20))
         outs = []
@@ -282,6 +283,15 @@ def test_batched_decode_steps_give_the_same_logits_bits_in_both_thread_modes(mod
                 model._kv = caches
         assert np.isfinite(outs[0]).all() and outs[0].shape == (B, model.config.vocab_size)
         np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{B} sequences")
+        # and each sequence's logits are its own: the last one alone (one token row: the
+        # matrix–vector kernel) within the reference tolerance of its row in the batch
+        caches = model._caches_for(1, 24)
+        try:
+            model._prefill(ids[-1:], np.full(1, 20), caches, head=lambda h: None)
+            alone = model._decode_step(np.full(1, 1234), caches)[0]
+        finally:
+            model._kv = caches
+        assert np.abs(alone - outs[0][-1]).max() <= TOLERANCE, f"{B} sequences"
 
 
 def test_generations_reuse_the_kv_cache_and_give_the_reference_tokens(model, reference):

@@ -1400,6 +1400,8 @@ def _model_steps() -> None:
     ops.block_sums(xb, sums)
     ops.gemv_blocks(xb, sums, codes, scale, offset, True, y, 2)
     ops.gemv_blocks_rows(xb, sums, codes, scale, offset, True, y, 0, 6)
+    ops.gemm_blocks(xb, codes, scale, offset, True, y, 2)  # decode steps of several sequences
+    ops.gemm_blocks_rows(xb, codes, scale, offset, True, y, 0, 6)
     if f32_gemm_path()[0]:  # a short prompt pass's column-chunk products (MKL's sgemm only: smollm._mkl_team)
         ops.gemm_columns(x, w, y, 2)
         ops.gemm_columns_rows(x, w, y, 0, 2, 2)

@@ -225,8 +225,9 @@ def _one_thread():
 class _MatMul:
     """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
 
-    Up to :data:`GEMV_MAX_ROWS` token rows (decode steps, tiny prompts): dotattn's
-    matrix–vector kernel (``kernels/_cpu_model_ops.gemv``), which streams the weights on
+    Up to :data:`GEMV_MAX_ROWS` token rows (decode steps, tiny prompts), and up to
+    :data:`BLOCK_GEMM_MAX_ROWS` by block-coded weights (:meth:`keep_blocks`): dotattn's
+    product kernels (``kernels/_cpu_model_ops``: ``gemv``, ``gemv_blocks``, ``gemm_blocks``), which stream the weights on
     Numba's threads, or on the calling thread alone where Numba's thread count is 1
     (:func:`_one_thread`).  Those products only read the weights once, so their time is the
     memory's: in a 512-token decode step the 121 products took 33 ms with ``torch.mm``
@@ -238,6 +239,13 @@ class _MatMul:
     """
 
     GEMV_MAX_ROWS = 8  # measured faster than torch.mm at 1, 4 and 8 rows (docs/models.md)
+    # Block-coded weights (keep_blocks): one token row streams the codes (gemv_blocks, bound by
+    # the memory); from two rows each four-row block is rebuilt once and every row multiplied
+    # by it (gemm_blocks), up to BLOCK_GEMM_MAX_ROWS rows, past which torch.mm's GEMM is ahead
+    # (SmolLM2's head 49,152 × 576, both cores, 07:37, load 1.8: 2 rows 1.72 against
+    # gemv_blocks' 1.91 ms, 12 rows 5.16 against 11.09 and torch.mm's 12.69, 24 rows 9.12
+    # against torch.mm's 9.41, 32 rows 14.22 against 9.46)
+    BLOCK_GEMM_MIN_ROWS, BLOCK_GEMM_MAX_ROWS = 2, 24  # (a MIN past MAX: the matrix–vector kernel alone, for A/Bs)
 
     def __init__(self, compute: str):
         import numba
@@ -277,9 +285,17 @@ class _MatMul:
         kept = self._views.get(id(a))
         return kept[1] if kept is not None and kept[0] is a else self._torch.from_numpy(a)
 
+    def takes(self, rows: int, w: np.ndarray) -> bool:
+        """Whether ``rows`` token rows by ``w`` go to dotattn's own product kernels (each output
+        element summed by one thread in a fixed order: the same bits on any thread count)."""
+        if rows <= self.GEMV_MAX_ROWS:
+            return rows > 0
+        kept = self._blocks.get(id(w))
+        return self.BLOCK_GEMM_MIN_ROWS <= rows <= self.BLOCK_GEMM_MAX_ROWS and kept is not None and kept[0] is w
+
     def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
-        if 0 < rows <= self.GEMV_MAX_ROWS:
+        if self.takes(rows, w):
             return self._gemv(x, w, out)
         if self._torch is None:
             return np.matmul(x, w.T, out=out)
@@ -306,10 +322,16 @@ class _MatMul:
         if kept is not None and kept[0] is w:
             b = kept[1]
             has_offset = b.offset is not None
+            offset = b.offset if has_offset else b.scale  # not read without offsets: one signature
+            if x2.shape[0] >= self.BLOCK_GEMM_MIN_ROWS:  # each row block's weights rebuilt once for every token row
+                if threads > 1:
+                    ops.gemm_blocks(x2, b.codes, b.scale, offset, has_offset, out2, threads)
+                else:
+                    ops.gemm_blocks_rows(x2, b.codes, b.scale, offset, has_offset, out2, 0, w.shape[0])
+                return out
             sums = np.empty((x2.shape[0], x2.shape[1] // ops.BLOCK), np.float32)
             if has_offset:
                 ops.block_sums(x2, sums)
-            offset = b.offset if has_offset else b.scale  # not read without offsets: one signature
             if threads > 1:
                 ops.gemv_blocks(x2, sums, b.codes, b.scale, offset, has_offset, out2, threads)
             else:
@@ -362,8 +384,8 @@ class _RowHalves:
 
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         rows = x2.shape[0]
-        if self.mm._torch is None or rows <= self.mm.GEMV_MAX_ROWS:
-            # NumPy's BLAS (its thread count is not the modes'), or the matrix–vector kernel
+        if self.mm._torch is None or self.mm.takes(rows, w):
+            # NumPy's BLAS (its thread count is not the modes'), or dotattn's product kernels
             # (each output element summed by one thread, in the same order on any count)
             return self.mm(x, w, out)
         # The same chunks in both of the choosers' modes (all cores: Numba's team for fewer
@@ -991,9 +1013,10 @@ class SmolLM:
         with on_numba_team() if many else _one_thread():
             x = self.w["embed"][tokens][:, None]  # (B, 1, E)
             positions = caches.lengths[:, None]  # each sequence's next absolute position
-            # batches of more than GEMV_MAX_ROWS sequences: _RowHalves' fixed chunks, the same
-            # bits in both modes (torch.mm's were not: a 12-sequence step's logits 2.9e-5
-            # apart); fewer: _MatMul's matrix–vector kernel directly (no Python in between)
+            # batches of more than GEMV_MAX_ROWS sequences: _RowHalves (dotattn's block-weight
+            # products up to BLOCK_GEMM_MAX_ROWS rows, then fixed chunks: the same bits in both
+            # modes, where torch.mm's were not: a 12-sequence step's logits 2.9e-5 apart);
+            # fewer: _MatMul's matrix–vector kernels directly (no Python in between)
             mm = self._halves if B > _MatMul.GEMV_MAX_ROWS else self._mm
             logits = self._head(self._layers(x, positions, attend, ws, mm=mm)[:, 0], ws.logits, mm)
         threads.record(many, time.perf_counter() - started)

@@ -18,14 +18,19 @@ from typing import Any
 PAUSE_S = 0.3
 
 
-def time_calls(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def time_calls(
+    run: Callable[[], Any], repeats: int, after_first: Callable[[], Any] | None = None
+) -> tuple[float, list[float]]:
     """One warm-up call, then ``repeats`` timed ones: ``(warm-up seconds, [ms per call])``.
 
     The warm-up's time is a first call's cost (JIT compiles, loads, allocations).
+    ``after_first``, if given, is called between the warm-up call and the timed ones (untimed).
     """
     t0 = time.perf_counter()
     run()
     first_s = time.perf_counter() - t0
+    if after_first is not None:
+        after_first()
     times_ms = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -29,6 +29,13 @@ for at least :data:`WARMUP_S` per peer and case; ``× sdpa`` is torch's median t
 core that idled wakes; torch's first SDPA calls took 2–10× their time — and dotattn's pool-or-
 alone choice, timed on a few such calls, ran the next 64–96 on one thread: one warm-up call
 left the B1 4k rows timing that, 1.2 against 0.76 ms, 1 Dec 2026.)  The machine's load (``/proc/loadavg``) is printed before and after.
+
+A dotattn row whose timed calls the pool-or-alone choice ran on one thread says so in its note
+(``k/n calls alone``; ``Row.alone_calls`` in ``--json``): such a row is one core's speed — a
+busy machine, or a class sent alone by a moment of one (the choice is kept per size class, and
+the B8 32k float16 and bfloat16 rows, contiguous and paged, share one: the B8 32k bfloat16 row
+ran alone at 110.8 against 59–64 ms on the pool after the float16 paged row's calls had met
+another program, 1 Dec 2026; docs/decoding.md "The decode bench's one-thread rows").
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ class Row:
     # — the most any kernel reading every byte once can gain on torch
     sdpa_bound: float | None = None
     kv_bytes: int = 0
+    # dotattn rows: how many of the timed calls ran on the calling thread alone (the pool-or-
+    # alone choice, kernels/cpu_decode.ParallelChoice); None where the peer has no such choice
+    alone_calls: int | None = None
 
 
 def load_average() -> str:
@@ -168,6 +178,15 @@ def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
     raise RuntimeError(f"unknown peer {peer!r}")
 
 
+def _mode_counts(peer: str):
+    """(alone, pool) calls of the cpu decode kernel so far, for the dotattn rows; else None."""
+    if peer not in ("dotattn", "dotattn-paged"):
+        return None
+    from .kernels import cpu_decode
+
+    return cpu_decode.mode_counts()
+
+
 def warm_up(run, seconds: float, min_calls: int = 3) -> int:
     """Call ``run`` back to back for ``seconds`` (and at least ``min_calls`` times); returns the
     number of calls."""
@@ -186,7 +205,10 @@ def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, w
     try:
         run = _make_peer(peer, B, context, dtype, *inputs)
         warm_up(run, warmup_s)
-        _, row.times_ms = time_calls(run, repeats)
+        counts = []  # the kernel's (alone, pool) calls so far, before the timed calls
+        _, row.times_ms = time_calls(run, repeats, after_first=lambda: counts.append(_mode_counts(peer)))
+        if counts[0] is not None:
+            row.alone_calls = _mode_counts(peer)[0] - counts[0][0]
     except RuntimeError as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
@@ -273,11 +295,14 @@ def print_table(rows, info) -> None:
         if r.status != "ok":
             table.add_row(r.case, r.peer, "n/a", "", "", "", "", r.reason)
             continue
+        note = "" if r.sdpa_bound is None else f"bound on × sdpa {r.sdpa_bound:.2f}"
+        if r.alone_calls:  # the choice ran calls on one thread: a busy machine, or a moment of one
+            note = f"{r.alone_calls}/{len(r.times_ms)} calls alone (one thread)"
         table.add_row(
             r.case, r.peer, f"{r.ms:.2f}", f"{r.gbps:.1f}", f"{r.share_of_bandwidth:.0%}",
             f"{r.share_of_all_cores:.0%}",
             "" if r.ratio_vs_sdpa is None else f"{r.ratio_vs_sdpa:.2f}",
-            "" if r.sdpa_bound is None else f"bound on × sdpa {r.sdpa_bound:.2f}",
+            note,
         )
     console.print(table)
     runs = ", ".join(f"{x:.1f}" for x in info["bandwidth_gbps_runs"])

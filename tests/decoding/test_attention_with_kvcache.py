@@ -284,16 +284,66 @@ def test_cpu_parallel_choice_runs_the_faster_mode_and_retries_the_other():
     assert choice.choose() is False  # then alone once
     choice.record(False, 1e-9)
     modes = []
-    for _ in range(3 * ParallelChoice.RETRY):
+    for _ in range(6 * ParallelChoice.RETRY):
         modes.append(choice.choose())
         choice.record(modes[-1], 2e-9 if modes[-1] else 1e-9)
-    assert modes.count(True) == 3, "alone is faster: the pool only on the retries"
-    assert all(m is False for i, m in enumerate(modes) if (i + 4) % ParallelChoice.RETRY)
+    # alone is faster: the pool only on its retries, 2, 4, 8, 16 calls apart, then every RETRY
+    retries = [i for i, m in enumerate(modes) if m]
+    gaps = [b - a for a, b in zip(retries, retries[1:])]
+    first = ParallelChoice.RETRY_POOL_FIRST
+    assert retries[0] == 1 + first  # the switch came at the second call of the loop
+    assert gaps[:4] == [2 * first, 4 * first, 8 * first, ParallelChoice.RETRY], gaps
+    assert set(gaps[4:]) == {ParallelChoice.RETRY}, gaps
+    assert choice.counts == [modes.count(False) + 1, modes.count(True) + 2]  # with the three before
+    assert choice.choose() is False
     choice.record(False, 5e-6)  # one slow call alone (an outlier) changes nothing
     assert choice.choose() is False
-    for _ in range(ParallelChoice.KEEP):  # the load went away: the pool's retries measure faster
-        choice.record(True, 0.2e-9)
+    choice.record(False, 1e-9)
+    modes = []
+    while not modes or not modes[-1]:  # the load went away: the pool's next retry measures faster
+        modes.append(choice.choose())
+        choice.record(modes[-1], 0.2e-9 if modes[-1] else 1e-9)
+    assert len(modes) <= ParallelChoice.RETRY
+    assert choice.choose() is True and choice.choose() is True  # and the pool runs from then on
+
+
+def test_cpu_parallel_choice_comes_back_to_the_pool_after_a_moment_of_slow_pool_calls():
+    """A few slow pool calls (another program on a core for a moment) send a class alone; the
+    pool's retry comes RETRY_POOL_FIRST calls later and its one good time brings the class back
+    (its kept times are replaced): it ran 64–96 calls alone before (1 Dec 2026)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice = ParallelChoice()
+    pool_t, alone_t = 1e-9, 1.9e-9  # an idle machine: the pool ≈ 1.9× faster
+    for _ in range(40):
+        mode = choice.choose()
+        choice.record(mode, pool_t if mode else alone_t)
     assert choice.choose() is True
+    choice.record(True, pool_t)
+    for _ in range(ParallelChoice.KEEP):  # the moment: the pool as slow as alone
+        choice.record(choice.choose(), alone_t)
+    assert choice.choose() is False  # the class went alone
+    choice.record(False, alone_t)
+    modes = []
+    for _ in range(ParallelChoice.RETRY):
+        modes.append(choice.choose())
+        choice.record(modes[-1], pool_t if modes[-1] else alone_t)
+    back = modes.index(True)
+    assert back < ParallelChoice.RETRY_POOL_FIRST, modes  # the pool's retry ...
+    assert all(modes[back:]), modes  # ... and its one good time brings the class back
+    assert choice.times[1] == [pool_t] * ParallelChoice.KEEP
+
+
+def test_cpu_decode_mode_counts_add_every_class(monkeypatch):
+    from dotattn.kernels import cpu_decode
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    a, b = ParallelChoice(), ParallelChoice()
+    a.counts, b.counts = [3, 4], [1, 10]
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {(1, 2, False): a, (5, 2, False): b})
+    assert cpu_decode.mode_counts() == (4, 14)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, C.BFLOAT16], ids=["float32", "float16", "bfloat16"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dotattn import bench_decode
@@ -47,3 +48,22 @@ def test_each_peer_is_warmed_up_for_a_time_before_its_timed_calls(monkeypatch):
     assert len(calls) >= 3 + 1 + 4  # warm-up calls (0.05 s, at least 3), time_calls' own, the timed ones
     calls.clear()
     assert bench_decode.warm_up(lambda: calls.append(1), 0.0) == 3 == len(calls)
+
+
+def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
+    """Each dotattn row says how many of its timed calls the pool-or-alone choice ran on one
+    thread (a row timed alone is one thread's speed: 1 Dec 2026, B8 32k bfloat16)."""
+    from dotattn.kernels import cpu_decode
+
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)  # tiny calls take the choice's path
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+    modes = iter([True] * 4 + [False, True, False])  # warm-up (3) and time_calls' first, then 3 timed
+    monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: next(modes))
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, bench_decode.HQ, 1, bench_decode.D)).astype(np.float32)
+    kc = rng.standard_normal((1, bench_decode.HKV, 600, bench_decode.D)).astype(np.float32)
+    row = bench_decode.measure("dotattn", 1, 600, "float32", (q, kc, kc.copy()), 3, warmup_s=0.0)
+    assert row.status == "ok" and row.alone_calls == 2
+    torch_row = bench_decode.measure("torch-sdpa", 1, 600, "float32", (q, kc, kc.copy()), 1, warmup_s=0.0)
+    assert torch_row.alone_calls is None

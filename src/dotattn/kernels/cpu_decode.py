@@ -333,9 +333,23 @@ class ParallelChoice:
     the pool, not timed (it may compile the kernel or start the pool), the second on the pool,
     the third alone, then the mode with the lower median of its last :data:`KEEP` times per
     K/V byte — the pool only when it is faster by :data:`POOL_MARGIN` (on an idle machine it
-    is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other once
-    every :data:`RETRY` calls (has the load changed?).  Races between threads calling at once
-    only blur the times.
+    is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other mode
+    now and then (has the load changed?): alone once every :data:`RETRY` calls while the pool
+    runs; the pool :data:`RETRY_POOL_FIRST` calls after the class went alone, then twice as
+    many calls later at each retry, up to :data:`RETRY` apart — back to the first gap once the
+    pool has run RETRY calls in a row (when the class goes alone while the gap is long, the
+    pool had lost a few calls before: a busy machine).  A retry's time replaces the retried
+    mode's kept times: they were taken before the load changed, if it did.  Races between
+    threads calling at once only blur the times.
+
+    Why the pool is retried soon after a switch: a few slow pool calls — another program on a
+    core for a moment, the first calls after a pause — sent a class alone, and with a retry
+    every 32 calls and three kept times to outvote it ran 64–96 calls on one thread at ≈ 1.9×
+    the time on an idle machine.  ``dotattn bench --shapes decode`` timed its B8 32k bfloat16
+    row that way (110.8 ms against 59–64 on the pool, 1 Dec 2026, docs/decoding.md "The
+    decode bench's one-thread rows"): that row shares its class with the float16 rows before
+    it, whose paged calls had met such a moment.  A retry of the pool on a busy machine costs
+    one call at the pool's time (≈ 1.1–1.5× alone's), and the doubling makes them rare.
 
     The first call of each mode is not timed (the first alone call of a class loaded the
     one-entry kernel: 25–42 ms, which kept a busy machine's calls on the slower pool for the
@@ -348,11 +362,12 @@ class ParallelChoice:
     """
 
     RETRY = 32
+    RETRY_POOL_FIRST = 2  # the pool's first retry after the class went alone; doubled up to RETRY
     KEEP = 3
     POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
     IDLE_S = 0.02
 
-    __slots__ = ("times", "calls", "last", "idle", "ran")
+    __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "next_retry", "retrying", "counts")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
@@ -360,28 +375,61 @@ class ParallelChoice:
         self.ran = [False, False]  # each mode's first call is not timed (it may load its kernel)
         self.last = 0.0  # when the class's previous call ended (perf_counter)
         self.idle = False  # this call came after a pause
+        self.best = True  # the faster mode by the kept times (True: the pool)
+        self.gap = self.RETRY_POOL_FIRST  # calls from a switch to alone, or a pool retry, to the next
+        self.next_retry = self.RETRY  # the call number of the next retry
+        self.retrying = False  # this call runs the other mode
+        self.counts = [0, 0]  # calls run (alone, pool), for ``dotattn bench --shapes decode``
 
     def choose(self) -> bool:
         """True: run this call on the pool."""
         self.calls += 1
         self.idle = time.perf_counter() - self.last > self.IDLE_S
+        self.retrying = False
         alone, pool = self.times
         if not pool:
             return True
         if not alone:
             return False
         best = _median(pool) < self.POOL_MARGIN * _median(alone)
-        return (not best) if self.calls % self.RETRY == 0 else best
+        if best != self.best:  # the class switched
+            self.best = best
+            self.next_retry = self.calls + (self.RETRY if best else self.gap)
+        if self.calls >= self.next_retry:
+            self.retrying = True
+            if best:
+                # alone's retry: the pool has run RETRY calls since it last lost, so a next
+                # switch to alone is likely a moment — its pool retry comes soon again
+                self.gap = self.RETRY_POOL_FIRST
+                self.next_retry = self.calls + self.RETRY
+            else:
+                # the pool's retry (when it stays slower, the next comes twice as late: on a
+                # busy machine a lucky pool time brings one pool call, then alone again, and
+                # the gap keeps growing)
+                self.gap = min(2 * self.gap, self.RETRY)
+                self.next_retry = self.calls + self.gap
+            return not best
+        return best
 
     def record(self, pool: bool, per_byte: float) -> None:
         self.last = time.perf_counter()
+        self.counts[int(pool)] += 1
         first, self.ran[int(pool)] = not self.ran[int(pool)], True
         if first or self.idle:
             return  # a mode's first call in the class, or the first after a pause: a warm-up
         kept = self.times[int(pool)]
+        if self.retrying:
+            kept.clear()  # times from before the load changed, if it did
         kept.append(per_byte)
         if len(kept) > self.KEEP:
             del kept[0]
+
+
+def mode_counts() -> tuple[int, int]:
+    """Calls run (alone, on the pool) so far by the pool-or-alone choices of all size classes
+    (``dotattn bench --shapes decode`` reports each row's)."""
+    counts = [c.counts for c in list(_CHOICES.values())]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def _median(x: list[float]) -> float:

@@ -32,17 +32,19 @@ BF16 = H.DTYPES[1]
 F16 = np.dtype(np.float16)
 
 
-def sink_case(seed, *, D, G, L, Lq=1, Hkv=2, dtype=F32, sink=0, page_size=None, nan_last_value=False):
-    """``(q, k, v, out, lse)``: q = e₀ (float32), keys with k₀ ∈ [−½, ½] except the sink's 17
-    (scale 1: weights ≈ e⁻¹⁷ ≈ 4e-8 beside 1), values N(3, 1); the cache (contiguous, or paged
-    in a random page order) holds NaN in every unused slot.  ``nan_last_value``: the last key's
-    value is NaN — seen only by the last query row; the others take the NaN policy's redo."""
+def sink_case(seed, *, D, G, L, Lq=1, Hkv=2, dtype=F32, sink=0, page_size=None, nan_last_value=False,
+              gap=17.0, spread=0.5, value_sd=1.0):
+    """``(q, k, v, out, lse)``: q = e₀ (float32), keys with k₀ ∈ [−spread, spread] except the
+    sink's ``gap`` (scale 1: weights ≈ e⁻¹⁷ ≈ 4e-8 beside 1), values N(3, value_sd²); the cache
+    (contiguous, or paged in a random page order) holds NaN in every unused slot.
+    ``nan_last_value``: the last key's value is NaN — seen only by the last query row; the
+    others take the NaN policy's redo."""
     rng = np.random.default_rng(seed)
     Hq = Hkv * G
     k = rng.standard_normal((1, Hkv, L, D))
-    k[..., 0] = rng.uniform(-0.5, 0.5, (1, Hkv, L))
-    k[:, :, sink, 0] = 17.0
-    v = rng.standard_normal((1, Hkv, L, D)) + 3.0
+    k[..., 0] = rng.uniform(-spread, spread, (1, Hkv, L))
+    k[:, :, sink, 0] = gap
+    v = value_sd * rng.standard_normal((1, Hkv, L, D)) + 3.0
     k, v = k.astype(dtype), v.astype(dtype)
     if nan_last_value:
         v[:, :, L - 1] = np.nan
@@ -116,6 +118,25 @@ def test_attention_sink_through_the_nan_redo(D, G, seed):
     q, k, v, out, lse = sink_case(seed, D=D, G=G, L=1500, Lq=2, sink=1280, nan_last_value=True)
     assert np.isnan(out[:, :, 1]).all()
     check_rows(q, k, v, out, lse, skip_last_row=True)
+
+
+# Near-constant values (3 ± 0.01) and every small weight just under half an ulp of the sink's
+# term (0.99 · ulp(3)/2 / 3), the sink at key 0 (a BOS token), a short context (where NumPy's
+# naive gemv, with its many partial sums, is most exact): each small term that follows the
+# sink in the same sum is lost whole.  Before, the 16-lane loops (64-key blocks) came out up
+# to 1.83× the tolerance (32-key blocks: 1.08×); after, 16-key blocks ≤ 0.77×, BLAS in 32-key
+# GEMMs ≤ 0.96×.
+TIGHT_GAP = float(-np.log(0.99 * (np.spacing(np.float32(3.0)) / 2) / 3.0))
+
+
+@pytest.mark.parametrize(
+    "D, G, L, dtype",
+    [(64, 4, 80, F32), (128, 1, 64, F32), (128, 9, 128, F32), (24, 4, 80, F32), (128, 17, 100, F32), (24, 4, 100, BF16)],
+    ids=["simd-D64-R4", "simd-D128-R1", "simd-D128-R9", "blas-D24", "blas-R17", "rows-bf16-D24"],
+)
+def test_attention_sink_over_tiny_weights_just_under_half_an_ulp(D, G, L, dtype):
+    q, k, v, out, lse = sink_case(3, D=D, G=G, L=L, dtype=dtype, sink=0, gap=TIGHT_GAP, spread=0.01, value_sd=0.01)
+    check_rows(q, k, v, out, lse)
 
 
 @settings(max_examples=12, deadline=None)

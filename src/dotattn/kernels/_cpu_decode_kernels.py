@@ -18,7 +18,7 @@ caches go to BLAS (a chunk of consecutive rows in place, other chunks gathered i
 contiguous block first) — also for float32 calls with more than SIMD_MAX_ROWS_FLOAT folded
 rows, where a register-blocked GEMM wins — and 16-bit caches are read key row by key row,
 each row converted into an L1 buffer.  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
-PV_BLOCK_KEYS), so that an attention sink's term does not swallow the small ones.  Only
+PV_GEMM_KEYS), so that an attention sink's term does not swallow the small ones.  Only
 positions below each sequence's length are read.
 """
 
@@ -571,18 +571,21 @@ def _scores_codegen(dot):
     return codegen
 
 
-# P·V accumulates PV_SUM_KEYS keys in registers, then adds them to the output row in memory:
-# FMAs key by key into an accumulator already holding the largest P's value row lost every
-# small P·v under half an ulp of it — a row with one weight ≈ 1 (an attention sink) and 4,095
-# weights ≈ 5e-8 came out 3.6× the naive error (1 Dec).
-PV_SUM_KEYS = 64
-# The other P·V routes sum in blocks of PV_BLOCK_KEYS keys, each block into a buffer added to the
-# output: float32 BLAS (_pv_gemm: one GEMM per block — sgemm adds key by key too), the 16-bit
-# caches' row-by-row loops (_pv_rows) and the NaN policy's redo loops.  Over a whole 256-key
-# chunk a D 24 sink row came out 1.6× the rule's tolerance; GEMMs of 64 keys still reached 1.1×
-# at a few hundred keys (where the naive product's error is small), 32 keys ≤ 0.6×
-# (docs/decoding.md, "Accuracy: attention sinks").
-PV_BLOCK_KEYS = 32
+# P·V sums PV_SUM_KEYS keys at a time — in registers (the 16-lane loops), in a block buffer (the
+# row-by-row loops, the NaN policy's redo loops) — then adds them to the output row in memory:
+# FMAs key by key into an accumulator already holding the largest P's value row lose every
+# small P·v under half an ulp of it.  A row with one weight ≈ 1 (an attention sink) and 4,095
+# weights ≈ 5e-8 came out 3.6× the naive error summed over the whole chunk (1 Dec); in blocks
+# of 64 keys, a sink at a block's first key among weights just under half an ulp of it and
+# near-constant values, at 64–200 keys (where NumPy's naive gemv is most exact), still 1.83×
+# the rule's tolerance, 32 keys 1.08×, 16 keys ≤ 0.77× (the flush: 16 loads, adds and stores
+# per 16 keys at D 128; B1 4k one thread 1.3–2.7 % slower than 64, docs/decoding.md,
+# "Accuracy: attention sinks").
+PV_SUM_KEYS = 16
+# float32 BLAS P·V (_pv_gemm) runs one GEMM per PV_GEMM_KEYS keys (sgemm adds key by key too;
+# over a whole 256-key chunk a D 24 sink row came out 1.6× the tolerance, 64 keys 1.13×, 32
+# keys ≤ 0.96× on the rows above): a BLAS call each, and 16 keys cost D 24 another 16 %.
+PV_GEMM_KEYS = 32
 
 
 @intrinsic
@@ -934,7 +937,7 @@ def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows,
     once per four keys: 1.4× faster than a pass per row, L2-resident); otherwise row by row,
     four keys per pass, and key by key where a weight is zero.
 
-    The sums go into ``ob`` (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys (a multiple of
+    The sums go into ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys (a multiple of
     the four keys of a pass): into ``o`` directly, an attention sink's row lost the small terms.
     """
     bits = rows.view(np.uint32)
@@ -1011,7 +1014,7 @@ def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows,
                             ob[o0 + np.uint64(d)] += pi * x[ui + np.uint64(d)]
             r += 1
         t += g
-        if t % PV_BLOCK_KEYS == 0 or t == n:  # the block's sums join the output's
+        if t % PV_SUM_KEYS == 0 or t == n:  # the block's sums join the output's
             _add_block(o, ob, R * Dv)
 
 
@@ -1066,7 +1069,7 @@ def _all_finite(x, count):
 def _pv_skipping_zeros(p, R, n, vc, Dv, o, ob):
     """``o (R·Dv) += P · V`` key by key, skipping ``p = 0`` exactly: a chunk whose values are not
     all finite must not let a hidden value in (``0 · NaN``) — the NaN policy.  Summed into ``ob``
-    (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys."""
+    (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
     for t in range(n):
         v0 = np.uint64(t * Dv)
         for r in range(R):
@@ -1075,14 +1078,14 @@ def _pv_skipping_zeros(p, R, n, vc, Dv, o, ob):
                 o0 = np.uint64(r * Dv)
                 for d in range(Dv):
                     ob[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
-        if (t + 1) % PV_BLOCK_KEYS == 0 or t + 1 == n:
+        if (t + 1) % PV_SUM_KEYS == 0 or t + 1 == n:
             _add_block(o, ob, R * Dv)
 
 
 @njit(cache=_JIT_CACHE, inline="always")
 def _add_block(o, ob, count):
     """``o[:count] += ob[:count]``, then ``ob[:count] = 0``: a block of keys' P·V sums joins the
-    output's (PV_BLOCK_KEYS)."""
+    output's (PV_SUM_KEYS)."""
     for i in range(count):
         o[i] += ob[i]
         ob[i] = 0.0
@@ -1090,8 +1093,8 @@ def _add_block(o, ob, count):
 
 def _pv_gemm(s, R, n, flat, base, Dv, o, pb, ob):
     """``o (R·Dv) = P · V`` by BLAS, ``P = s (R, n)``, ``V`` the ``(n, Dv)`` rows at ``flat[base:]``
-    (a float cache in place, or the gathered rows): float32 one GEMM per PV_BLOCK_KEYS keys, each
-    block's ``P`` copied into ``pb`` (R·PV_BLOCK_KEYS) and its product into ``ob`` (R·Dv), then
+    (a float cache in place, or the gathered rows): float32 one GEMM per PV_GEMM_KEYS keys, each
+    block's ``P`` copied into ``pb`` (R·PV_GEMM_KEYS) and its product into ``ob`` (R·Dv), then
     added to ``o`` (16-bit caches never come here; float64 one GEMM: its rounding is far below
     the float32 of every naive baseline)."""
     raise NotImplementedError("compiled only")
@@ -1113,8 +1116,8 @@ def _pv_gemm_overload(s, R, n, flat, base, Dv, o, pb, ob):
         return whole
 
     def blocked(s, R, n, flat, base, Dv, o, pb, ob):
-        for t0 in range(0, n, PV_BLOCK_KEYS):
-            kb = min(PV_BLOCK_KEYS, n - t0)
+        for t0 in range(0, n, PV_GEMM_KEYS):
+            kb = min(PV_GEMM_KEYS, n - t0)
             for r in range(R):
                 for t in range(kb):
                     pb[r * kb + t] = s[r * n + t0 + t]
@@ -1279,7 +1282,7 @@ def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
 def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob):
     """``o (R·Dv) += P · V`` key by key through the row offsets, skipping ``p = 0`` exactly (the
     NaN policy's redo of a chunk whose output is not finite); 16-bit rows converted into ``row``;
-    summed into ``ob`` (R·Dv zeros), added to ``o`` every PV_BLOCK_KEYS keys."""
+    summed into ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
     bits = row.view(np.uint32)
     x = _rows_array(flat, row)
     for t in range(n):
@@ -1290,7 +1293,7 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob):
                 o0 = np.uint64(r * Dv)
                 for d in range(Dv):
                     ob[o0 + np.uint64(d)] += pr * x[xo + np.uint64(d)]
-        if (t + 1) % PV_BLOCK_KEYS == 0 or t + 1 == n:
+        if (t + 1) % PV_SUM_KEYS == 0 or t + 1 == n:
             _add_block(o, ob, R * Dv)
 
 
@@ -1315,11 +1318,11 @@ def _chunk(
     1. ``S = Q · Kᵀ``: float caches by one BLAS GEMM (on the rows in place, or gathered into
        ``kc``); 16-bit caches key row by key row, each converted once into ``kc``;
     2. per row: score chain, masks, max, ``P = exp(S − m)``, row sum (1-D loops, vectorized);
-    3. ``O = P · V``: float caches by BLAS (float32: a GEMM per PV_BLOCK_KEYS keys), redone key
+    3. ``O = P · V``: float caches by BLAS (float32: a GEMM per PV_GEMM_KEYS keys), redone key
        by key skipping ``p = 0`` where an output is not finite (a NaN or ±inf value got in,
        maybe through ``0·NaN``: a hidden NaN must never enter a row); 16-bit caches value row
        by value row, converted into ``vc``, always skipping ``p = 0`` — every route summing
-       in blocks of keys (PV_SUM_KEYS, PV_BLOCK_KEYS: an attention sink's row);
+       in blocks of keys (PV_SUM_KEYS, PV_GEMM_KEYS: an attention sink's row);
     4. normalize: ``o = O / l``, ``lse = m + log l``.
     The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
     the capacity or the page layout: the bits are the same wherever the sequence sits.
@@ -1339,10 +1342,10 @@ def _chunk(
     o_at = s_size + 2 * rows
     o = work[o_at : o_at + R * Dv]
     o[:] = 0.0
-    # P·V's block buffers (PV_BLOCK_KEYS): a block's P for BLAS, a block's sums
+    # P·V's block buffers: a block's P for BLAS (PV_GEMM_KEYS), a block's sums
     pb_at = o_at + (R * Dv + 15) // 16 * 16
-    ob_at = pb_at + (R * PV_BLOCK_KEYS + 15) // 16 * 16
-    pb = work[pb_at : pb_at + R * PV_BLOCK_KEYS]
+    ob_at = pb_at + (R * PV_GEMM_KEYS + 15) // 16 * 16
+    pb = work[pb_at : pb_at + R * PV_GEMM_KEYS]
     ob = work[ob_at : ob_at + R * Dv]
     sp = offs.shape[0] // 4  # offs: this chunk's key rows, its value rows, the next item's key and value rows
     koffs = offs[: max(n, 1)]
@@ -1420,7 +1423,7 @@ def _chunk(
             ob[:] = 0.0
             _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc, ob)
         else:
-            # GEMMs (one per PV_BLOCK_KEYS keys in float32: _pv_gemm), then a check of the R·Dv
+            # GEMMs (one per PV_GEMM_KEYS keys in float32: _pv_gemm), then a check of the R·Dv
             # outputs: where a value is NaN or ±inf, some output is too (0·NaN, p·inf), and the
             # chunk is redone key by key skipping p = 0.  (Scanning the n·Dv values first read
             # them twice: a third of a float32 item.)
@@ -1626,10 +1629,10 @@ def _item(
 def _work_size(R, D, Dv, split):
     """Elements of an item's float scratch (``_item``'s ``work``): its q rows, then _chunk's
     scores (``R`` rows of ``split`` rounded up to 16), row maxima, row sums, ``O``, and P·V's
-    block buffers (a block's P, a block's sums: PV_BLOCK_KEYS), each part starting at a multiple
+    block buffers (a block's P: PV_GEMM_KEYS; a block's sums), each part starting at a multiple
     of 16 elements."""
     return ((R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16)
-            + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_BLOCK_KEYS + 15) // 16 * 16)
+            + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_GEMM_KEYS + 15) // 16 * 16)
 
 
 @njit(cache=_JIT_CACHE, inline="always")

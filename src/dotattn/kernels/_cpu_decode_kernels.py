@@ -640,18 +640,24 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
             nvg_ = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4_)
             npass = builder.mul(builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4_), nvg_)
             jpass = builder.add(builder.mul(builder.sdiv(r0, c4_), nvg_), builder.sdiv(v0, c4_))
+            # the next key of this pass's share: a running key, not key mod npass (a division per
+            # key and pass)
+            mine_at = cgutils.alloca_once(builder, _IRI64)
+            builder.store(jpass, mine_at)
             with cgutils.for_range(builder, n_) as key:
                 if PREFETCH_NEXT_K:
-                    mine = builder.icmp_signed("==", builder.srem(key.index, npass), jpass)
-                    with builder.if_then(builder.and_(mine, builder.icmp_signed("<", key.index, npf_))):
-                        _ir_prefetch_rows(builder, kfd, [builder.load(builder.gep(pkd, [key.index]))], D_, itemsize, 2)
+                    mine = builder.icmp_signed("==", key.index, builder.load(mine_at))
+                    with builder.if_then(mine):
+                        builder.store(builder.add(key.index, npass), mine_at)
+                        with builder.if_then(builder.icmp_signed("<", key.index, npf_)):
+                            _ir_prefetch_rows(builder, kfd, [builder.load(builder.gep(pkd, [key.index]))], D_, itemsize, 2)
                 base = builder.add(builder.load(builder.gep(od, [key.index])), builder.mul(v0, c16))
                 vals = [_ir_vec_load(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
                 for i in range(rows):
                     w = _ir_splat(builder, builder.load(builder.gep(pd, [builder.add(prow[i], key.index)])))
                     for j in range(nv):
                         builder.store(builder.call(fma, [w, vals[j], builder.load(accs[i][j])]), accs[i][j])
-                last = builder.icmp_signed("==", builder.srem(key.index, block), ir.Constant(_IRI64, PV_SUM_KEYS - 1))
+                last = builder.icmp_signed("==", builder.urem(key.index, block), ir.Constant(_IRI64, PV_SUM_KEYS - 1))
                 with builder.if_then(last):
                     flush(r0, v0, rows, nv)
             flush(r0, v0, rows, nv)

@@ -125,8 +125,7 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
                     Tc[5] += c5 - c4
                     for r0 in range(0, BK, 8):
                         K._ds_block(ST[r0 : r0 + 8], dPT[r0 : r0 + 8], dls)
-                        F.split_block_rows(ST, pc, r0, r0 + 8)
-                        F.split_block_pairs(ST, d_pairs, r0, r0 + 8)
+                        F.split_block_rows_pairs(ST, pc, d_pairs, r0, r0 + 8)
                     c6 = _cycles()
                     Tc[6] += c6 - c5
                     F.product_add(pc, o.qrp[b, h, :, q2 : q2 + BQ // 2], dK, scratch, cfg)

@@ -224,6 +224,35 @@ def test_range_rule():
     x[1, 1, 4, 76] = 0.0
     x[0, 0, 0, 0] = -2.0**41
     assert largest(x, full) == 2.0**41 and not ok_range(largest(x, full))
+    # C-contiguous float32 takes the bits' maximum, other layouts NumPy's: the same answers
+    y = x[..., ::2]
+    assert not y.flags.c_contiguous and largest(y, full) == largest(y.copy(), full) == 2.0**41
+    y = np.random.default_rng(1).standard_normal((2, 3, 5, 8)).astype(np.float32)
+    y[1, 0, 4, 6] = -np.inf
+    assert np.isnan(largest(y, full)) and np.isnan(largest(y[..., ::2], full))
+    real = max(np.abs(y[0]).max(), np.abs(y[1, :, :2]).max())  # (the inf is in row 4 of b 1)
+    assert largest(y, short) == largest(y.copy(order="F"), short) == real
+    assert largest(np.zeros((1, 1, 3, 4), np.float32), np.array([3])) == 0.0
+    assert largest(y, np.array([0, 0])) == 0.0  # no real row
+
+
+def test_ds_pieces_in_both_layouts_from_one_split():
+    """The dS pass's pieces in rows and in pairs of rows from one split
+    (``split_block_rows_pairs``) are bit for bit the two splits of before."""
+    from dotattn.kernels import _cpu_amx_f32 as F
+
+    rng = np.random.default_rng(3)
+    ST = (rng.standard_normal((64, 96)) * np.exp2(rng.integers(-30, 30, (64, 96)))).astype(np.float32)
+    ST[0, :7] = [0.0, -0.0, 1e-30, -3.4e38, 2.0**-40, 1.0 + 2.0**-23, -(1.0 + 2.0**-9)]
+    buffers = [(F.pieces_buffer(64, 96, np.empty(0, np.uint16)), F.pieces_buffer(32, 96, np.empty(0, np.uint32)))
+               for _ in range(2)]
+    (r1, p1), (r2, p2) = buffers
+    for c0 in range(0, 64, 8):
+        F.split_block_rows(ST, r1, c0, c0 + 8)
+        F.split_block_pairs(ST, p1, c0, c0 + 8)
+        F.split_block_rows_pairs(ST, r2, p2, c0, c0 + 8)
+    H.assert_bitwise_equal(r2, r1, "rows")
+    H.assert_bitwise_equal(p2, p1, "pairs")
 
 
 def test_route_rule(monkeypatch):

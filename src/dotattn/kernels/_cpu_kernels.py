@@ -962,8 +962,7 @@ def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV
         F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
         for c0 in range(0, BK, 8):
             _ds_block(ST[c0 : c0 + 8], dPT[c0 : c0 + 8], dls)
-            F.split_block_rows(ST, pc, c0, c0 + 8)
-            F.split_block_pairs(ST, d_pairs, c0, c0 + 8)
+            F.split_block_rows_pairs(ST, pc, d_pairs, c0, c0 + 8)
         F.product_add(pc, o.qrp[b, h, :, q2 : q2 + BQ // 2], dK, scratch, cfg)
         F.product_add(o.ktp[b, hk, kb], d_pairs, dqT, scratch, cfg)
 

@@ -35,7 +35,7 @@ from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
 from . import cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
-from ._cpu_options import Options, flat_pairwise
+from ._cpu_options import NO_PAIRS, Options, flat_pairwise
 from .dropout import seed_key
 from .numpy_tiled import all_finite as _numpy_all_finite  # one finiteness check for both backends
 
@@ -968,15 +968,39 @@ def _split_all_shapes(call: AttentionCall) -> bool:
     return call.D % AMX_QUANTUM == 0 and call.Dv % AMX_QUANTUM == 0 and f32_all_products()
 
 
-def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str) -> np.ndarray:
+def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: bool = True) -> np.ndarray:
     """Per head, the pieces of ``x (B, H, L, X)`` in pairs of rows (the B operands of ``dK +=
-    dSᵀ·Q`` and ``dV += Pᵀ·dO``), rows padded to whole query tiles."""
+    dSᵀ·Q`` and ``dV += Pᵀ·dO``), rows padded to whole query tiles.  ``split=False``: the
+    buffer only (:func:`_split_query_side` fills it)."""
     from ._cpu_amx_f32 import padded, split_row_pairs
 
     B, H, L, X = x.shape
     out = _pieces_buffer(role, (B, H, 3, -(-L // BQ) * BQ // 2 + 1, padded(X)), np.uint32)
-    split_row_pairs(x, lens, out)
+    if split:
+        split_row_pairs(x, lens, out)
     return out
+
+
+def _split_query_side(p: Prepared, dout: np.ndarray, changes: dict) -> None:
+    """The backward's per-call pieces of q and dO (``changes``' qpc, dopc and with all five
+    products qrp, dorp: every key tile's task reads every query tile's) in one pass on
+    ``_launch.run_chunks`` — a pool thread and the caller, heads dealt in turn — where each
+    was a pass on the calling thread (Qᵀ's and dOᵀ's 2.5 ms each, the row pairs' 1.3 each at
+    H8 L4096 D64).  Not a prange loop: on a busy machine its launch waits for descheduled
+    threads, where the caller here takes the chunks no pool thread has started."""
+    from ._cpu_amx_f32 import split_query_side
+    from ._launch import run_chunks
+
+    do_q, do_dout = "qpc" in changes, "dopc" in changes
+    if not (do_q or do_dout):
+        return
+    qpc = changes.get("qpc", changes.get("dopc"))
+    dopc = changes.get("dopc", qpc)
+    pairs = bool(changes.get("split_all"))
+    qrp = changes["qrp"] if pairs else NO_PAIRS
+    dorp = changes["dorp"] if pairs else NO_PAIRS
+    args = (p.q, dout, p.options.q_lens, qpc, dopc, qrp, dorp, do_q, do_dout, pairs)
+    run_chunks(split_query_side, args, _num_threads())
 
 
 def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
@@ -1019,15 +1043,18 @@ def _with_split_operands(
     if s_ok:
         forward_in_task = in_task and dout is None
         backward_in_task = in_task and dout is not None
+        # (the backward's query side is split below, in one pass)
         changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task),
-                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", not forward_in_task))
+                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", dout is None and not forward_in_task))
     if dp_ok:
         changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task),
-                       dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc"))
+                       dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc", False))
         if changes.get("split_s") and _split_all_shapes(call):
-            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp"),
-                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp"),
+            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp", False),
+                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp", False),
                            ktp=_transposed_row_pieces(p.kp, not in_task))
+    if dout is not None:
+        _split_query_side(p, dout, changes)
     if in_task and changes:
         changes.update(split_in_task=True)
     if not changes:
@@ -1218,8 +1245,10 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     if p.options.split_all:  # summed, transposed and scaled in one pass
         from ._cpu_amx_f32 import dq_from_transposed
 
+        from ._launch import run_chunks
+
         dq = np.empty((B, Hq, Lq, D), dtype=T)
-        dq_from_transposed(dq_parts, dq, T.type(call.scale))
+        run_chunks(dq_from_transposed, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
     else:
         dq = dq_parts[0]
         for part in dq_parts[1:]:  # a fixed order: bitwise repeatable

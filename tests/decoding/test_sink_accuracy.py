@@ -3,10 +3,11 @@
 A decoder row often puts one weight ≈ 1 on an early token (an "attention sink") and tiny
 weights on thousands of others.  Summed key by key into an accumulator that already holds the
 sink's term, each tiny term under half an ulp of it rounds away; the naive product of the rule
-(NumPy's gemv for one query row) keeps them.  The kernel's routes — the 16-lane register loops
-(head dims whole 16-lane pieces), BLAS GEMMs (float caches with other head dims, or more than
-16 folded rows), the 16-bit caches' row-by-row loops, the NaN policy's key-by-key redo — each sum
-in blocks (docs/decoding.md, "Accuracy: attention sinks").  Before that, D 24 came out 1.6× the
+(NumPy's gemv for one query row) keeps them.  The kernel's P·V routes — the 16-lane register
+loop (any head dim: masked tail pieces where it is not a multiple of 16; the scores of such
+head dims on BLAS or the row-by-row loop), BLAS GEMMs (float caches with more than 16 folded
+rows), the NaN policy's key-by-key redo — each sum in blocks (docs/decoding.md, "Accuracy:
+attention sinks").  Before that, D 24 came out 1.6× the
 tolerance, D 40, 72 and R > 16 at D 64–128 1.0–1.2×; the scalar exp row's float32 sum, in
 64-key blocks, lost 8 % of a sink chunk's small part (1.2× at a few hundred keys).
 
@@ -84,7 +85,8 @@ def check_rows(q, k, v, out, lse, *, skip_last_row=False):
 
 
 # (D, G, L, Lq, dtype, sink, page_size, seed): each a route; the comment says the error over the
-# tolerance before the blocked sums (these seeds; over seeds 0–7 in brackets), after ≤ 0.7
+# tolerance before the blocked sums (these seeds; over seeds 0–7 in brackets), after ≤ 0.35
+# (what the P·V of head dims not multiples of 16 ran on before: BLAS, or the 16-bit row loop)
 ROUTES = [
     (24, 4, 4096, 1, F32, 0, None, 0),  # BLAS in place, R 4: 1.59 (0.75–1.61)
     (40, 3, 4096, 1, F32, 300, 16, 0),  # BLAS on gathered rows (paged): 1.13 (0.84–1.23)
@@ -172,3 +174,48 @@ def test_attention_sink_wide_sweep(D, G, Lq, dtype, L, sink_at, page_size, seed)
     sink = min(int(sink_at * L), L - Lq)
     q, k, v, out, lse = sink_case(seed, D=D, G=G, L=L, Lq=Lq, dtype=dtype, sink=sink, page_size=page_size)
     check_rows(q, k, v, out, lse)
+
+
+def _guarded(nbytes: int, page: int = 4096):
+    """``(buffer, view)``: a uint8 view of ``nbytes`` ending exactly where an inaccessible page
+    begins (``mprotect(PROT_NONE)``): a read past its end faults."""
+    import ctypes
+    import mmap
+
+    pages = -(-nbytes // page) + 1
+    buf = mmap.mmap(-1, pages * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + (pages - 1) * page), page, 0) == 0, "mprotect failed"
+    whole = np.frombuffer(buf, dtype=np.uint8)
+    return buf, libc, base + (pages - 1) * page, whole[(pages - 1) * page - nbytes : (pages - 1) * page]
+
+
+@pytest.mark.parametrize("dtype, Dv", [(F32, 24), (F32, 8), (BF16, 40), (F16, 72)], ids=["f32-24", "f32-8", "bf16-40", "f16-72"])
+def test_masked_tail_pieces_never_read_past_a_row(dtype, Dv):
+    """Head dims that are not multiples of 16 run P·V in 16-lane pieces whose last one is masked:
+    the caches here end where an inaccessible page begins (the last key's value row is the last
+    bytes before it), so a full 16-lane read of the last row's tail would fault."""
+    rng = np.random.default_rng(Dv)
+    L, Hkv, G = 300, 1, 4
+    item = np.dtype(dtype).itemsize
+    guards = []
+    caches = []
+    try:
+        for width in (Dv, Dv):
+            buf, libc, guard, raw = _guarded(L * width * item)
+            guards.append((buf, libc, guard))
+            cache = raw.view(dtype).reshape(1, Hkv, L, width)
+            cache[...] = rng.standard_normal(cache.shape).astype(dtype)
+            caches.append(cache)
+        kc, vc = caches
+        q = rng.standard_normal((1, Hkv * G, 1, Dv)).astype(np.float32)
+        out = dotattn.attention_with_kvcache(q, kc, vc, cache_lengths=np.array([L]), implementation="cpu")
+        k32, v32 = kc.astype(np.float32), vc.astype(np.float32)
+        H.assert_close_to_reference(out, H.reference(q, k32, v32)[0], H.naive(q, k32, v32)[0])
+    finally:
+        import ctypes
+
+        del caches, kc, vc
+        for buf, libc, guard in guards:
+            libc.mprotect(ctypes.c_void_p(guard), 4096, 3)  # readable again before the unmap

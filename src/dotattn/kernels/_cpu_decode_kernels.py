@@ -11,7 +11,8 @@ an item depends on the batch, the capacity or the page layout, hence bitwise inv
 
 The cache is read in place through a flat 1-D view plus element strides (page, head, slot).
 float32 calls whose head dims are whole 16-lane pieces (SmolLM2's 64, the common 128) run the
-chunk as 16-lane loops written in LLVM IR (section below): S = Q·Kᵀ 16 keys at a time,
+chunk as 16-lane loops written in LLVM IR (section below; ``P·V`` takes them at any head dim,
+with masked tail pieces): S = Q·Kᵀ 16 keys at a time,
 P·V with register accumulators, 16-bit rows widened in registers, rows found through the
 chunk's row offsets (any layout, same bits) and asked for ahead of use.  Otherwise float
 caches go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
@@ -588,12 +589,42 @@ PV_SUM_KEYS = 16
 PV_GEMM_KEYS = 32
 
 
+def _ir_masked(builder, vty, store=False):
+    """``llvm.masked.load`` / ``llvm.masked.store`` of ``vty`` (<16 x float> or <16 x i16>):
+    lanes off the mask are neither read nor written (a tail piece past a row's end)."""
+    suffix = f"v16{'f32' if vty == _V16F else 'i16'}"
+    mask = ir.VectorType(ir.IntType(1), _LANES)
+    if store:
+        return builder.module.declare_intrinsic(
+            f"llvm.masked.store.{suffix}.p0{suffix}", fnty=ir.FunctionType(ir.VoidType(), [vty, vty.as_pointer(), _IRI32, mask]))
+    return builder.module.declare_intrinsic(
+        f"llvm.masked.load.{suffix}.p0{suffix}", fnty=ir.FunctionType(vty, [vty.as_pointer(), _IRI32, mask, vty]))
+
+
+def _ir_vec_load_masked(builder, data, index, variant, mask):
+    """:func:`_ir_vec_load` of the lanes in ``mask`` (zeros elsewhere; nothing read there)."""
+    if variant == "f32":
+        ptr = builder.bitcast(builder.gep(data, [index]), _V16F.as_pointer())
+        return builder.call(_ir_masked(builder, _V16F), [ptr, ir.Constant(_IRI32, 4), mask, ir.Constant(_V16F, [0.0] * _LANES)])
+    ptr = builder.bitcast(builder.gep(data, [index]), _V16I16.as_pointer())
+    raw = builder.call(_ir_masked(builder, _V16I16), [ptr, ir.Constant(_IRI32, 2), mask, ir.Constant(_V16I16, [0] * _LANES)])
+    if variant == "f16":
+        return builder.fpext(builder.bitcast(raw, _V16H), _V16F)
+    wide = builder.shl(builder.zext(raw, _V16I32), ir.Constant(_V16I32, [16] * _LANES))
+    return builder.bitcast(wide, _V16F)
+
+
 @intrinsic
 def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
-    """``o[r·Dv + d] = Σ_{t<n} p[r·ns + t] · row(offs[t])[d]`` for ``r < R``, ``Dv % 16 == 0``
-    (``o`` overwritten; every weight used, p = 0 included).  Meanwhile the key rows ``kflat`` at
-    ``pk[:npf]`` (``D`` wide: the next item's) are asked for into L2: pass ``j`` of the ``np``
-    passes (row groups × output pieces) asks for rows ``t ≡ j (mod np)``, ``t < min(n, npf)``."""
+    """``o[r·Dv + d] = Σ_{t<n} p[r·ns + t] · row(offs[t])[d]`` for ``r < R`` (``o`` overwritten;
+    every weight used, p = 0 included).  Meanwhile the key rows ``kflat`` at ``pk[:npf]`` (``D``
+    wide: the next item's) are asked for into L2: pass ``j`` of the ``np`` passes (row groups ×
+    output pieces) asks for rows ``t ≡ j (mod np)``, ``t < min(n, npf)``.
+
+    ``Dv`` a multiple of 16: whole 16-lane pieces; otherwise (head dims 24, 40, 72 …) the same
+    loops in a second copy whose pieces are read and written through masks — the last piece's
+    lanes past ``Dv`` are never read (the next row, an unused slot, the array's end) nor written
+    (the next output row)."""
     if not _simd_types_ok(p, flat, offs, o) or kflat != flat or pk != offs:
         return None
     sig = types.void(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D)
@@ -610,30 +641,49 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
         itemsize = 4 if at[4].dtype == types.float32 else 2
         c16 = ir.Constant(_IRI64, _LANES)
         c4 = ir.Constant(_IRI64, 4)
-        nvec = builder.sdiv(Dv_, c16)
+        nvec = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, _LANES - 1)), c16)  # pieces, the last maybe partial
+        has_tail = builder.icmp_signed("!=", builder.srem(Dv_, c16), ir.Constant(_IRI64, 0))
         fma = _ir_fma(builder)
         accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(4)]
         zero = ir.Constant(_V16F, [0.0] * _LANES)
         block = ir.Constant(_IRI64, PV_SUM_KEYS)
+        lanes = ir.Constant(_V16I32, list(range(_LANES)))
 
         def out_ptr(r0, v0, i, j):
             orow = builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), Dv_)
             dst = builder.add(orow, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16))
             return builder.bitcast(builder.gep(outd, [dst]), _V16F.as_pointer())
 
-        def flush(r0, v0, rows, nv):
+        def out_load(ptr, mask):
+            if mask is None:
+                return builder.load(ptr, align=4)
+            return builder.call(_ir_masked(builder, _V16F), [ptr, ir.Constant(_IRI32, 4), mask, zero])
+
+        def out_store(value, ptr, mask):
+            if mask is None:
+                builder.store(value, ptr, align=4)
+            else:
+                builder.call(_ir_masked(builder, _V16F, store=True), [value, ptr, ir.Constant(_IRI32, 4), mask])
+
+        def flush(r0, v0, rows, nv, masks):
             # the block's sums join the output's (see PV_SUM_KEYS), the accumulators restart
             for i in range(rows):
                 for j in range(nv):
                     ptr = out_ptr(r0, v0, i, j)
-                    builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(accs[i][j])), ptr, align=4)
+                    out_store(builder.fadd(out_load(ptr, masks[j]), builder.load(accs[i][j])), ptr, masks[j])
                     builder.store(zero, accs[i][j])
 
-        def emit_pass(variant, r0, v0, rows, nv):
+        def emit_pass(variant, r0, v0, rows, nv, masked):
+            masks = [None] * nv
+            if masked:  # lanes below Dv − 16·(piece): all of a whole piece, the tail's first ones
+                for j in range(nv):
+                    left = builder.sub(Dv_, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16))
+                    left = builder.trunc(builder.select(builder.icmp_signed("<", left, c16), left, c16), _IRI32)
+                    masks[j] = builder.icmp_signed("<", lanes, _ir_splat_i32(builder, left))
             for i in range(rows):
                 for j in range(nv):
                     builder.store(zero, accs[i][j])
-                    builder.store(zero, out_ptr(r0, v0, i, j), align=4)
+                    out_store(zero, out_ptr(r0, v0, i, j), masks[j])
             prow = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_) for i in range(rows)]
             # this pass's share of the next item's key rows: t ≡ its index (mod the pass count)
             c4_ = ir.Constant(_IRI64, 4)
@@ -652,17 +702,21 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
                         with builder.if_then(builder.icmp_signed("<", key.index, npf_)):
                             _ir_prefetch_rows(builder, kfd, [builder.load(builder.gep(pkd, [key.index]))], D_, itemsize, 2)
                 base = builder.add(builder.load(builder.gep(od, [key.index])), builder.mul(v0, c16))
-                vals = [_ir_vec_load(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
+                if masked:
+                    vals = [_ir_vec_load_masked(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant, masks[j])
+                            for j in range(nv)]
+                else:
+                    vals = [_ir_vec_load(builder, fd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
                 for i in range(rows):
                     w = _ir_splat(builder, builder.load(builder.gep(pd, [builder.add(prow[i], key.index)])))
                     for j in range(nv):
                         builder.store(builder.call(fma, [w, vals[j], builder.load(accs[i][j])]), accs[i][j])
                 last = builder.icmp_signed("==", builder.urem(key.index, block), ir.Constant(_IRI64, PV_SUM_KEYS - 1))
                 with builder.if_then(last):
-                    flush(r0, v0, rows, nv)
-            flush(r0, v0, rows, nv)
+                    flush(r0, v0, rows, nv, masks)
+            flush(r0, v0, rows, nv, masks)
 
-        def emit(variant):
+        def emit_groups(variant, masked):
             nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
             nvg = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4)
             with cgutils.for_range(builder, nrg) as rg:
@@ -678,17 +732,31 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
                     switch = builder.switch(code, after)
                     for rows_c in range(1, 5):
                         for nv_c in range(1, 5):
-                            block = builder.append_basic_block(f"pv_{rows_c}_{nv_c}")
-                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block)
-                            builder.position_at_end(block)
-                            emit_pass(variant, r0, v0, rows_c, nv_c)
+                            block_ = builder.append_basic_block(f"pv_{rows_c}_{nv_c}")
+                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block_)
+                            builder.position_at_end(block_)
+                            emit_pass(variant, r0, v0, rows_c, nv_c, masked)
                             builder.branch(after)
                     builder.position_at_end(after)
+
+        def emit(variant):
+            # whole pieces (Dv % 16 == 0: the common head dims, unmasked code) or a masked copy
+            with builder.if_else(has_tail) as (tail_case, whole_case):
+                with tail_case:
+                    emit_groups(variant, True)
+                with whole_case:
+                    emit_groups(variant, False)
 
         _ir_variants(context, builder, at[4], kind_, emit)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _ir_splat_i32(builder, value):
+    undef = ir.Constant(_V16I32, ir.Undefined)
+    first = builder.insert_element(undef, value, ir.Constant(_IRI32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(_V16I32, [0] * _LANES))
 
 
 # =================================================================================
@@ -1268,6 +1336,14 @@ def _uses_simd(q, D, Dv, kind, R):
 
 
 @njit(cache=_JIT_CACHE, inline="always")
+def _uses_simd_pv(q, kind, R):
+    """Whether a chunk's P·V runs the 16-lane loop (:func:`_pv16`, masked tail pieces where Dv is
+    not a multiple of 16): float32 compute, and for float caches at most SIMD_MAX_ROWS_FLOAT rows
+    (else one BLAS GEMM per PV_GEMM_KEYS keys).  Its scores may still go to BLAS or the rows."""
+    return _simd_dtype(q) and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
 def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
     """``offs[t]`` = the element offset of key ``j0 + t``'s row (sequence ``b``, K/V head ``hk``)."""
     pg = j0 // ps
@@ -1416,7 +1492,9 @@ def _chunk(
             l_row[r] = np.nan
     # ---- 3. P · V ----
     if n > 0:
-        if simd:
+        if _uses_simd_pv(qf, kind, R):  # the 16-lane loop, whatever the head dims
+            if not simd:  # (the scores pass filled the value rows' offsets)
+                _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
             if NEXT_SCHEME:  # the next item's value rows (its keys: the scores pass)
                 _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, vflat, pv, npf, Dv)
             else:

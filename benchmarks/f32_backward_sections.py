@@ -209,8 +209,6 @@ def main() -> None:
     q, k, v, do = (rng.standard_normal((1, H, 4096, D), dtype=np.float32) for _ in range(4))
     call = semantics.normalize(q, k, v, causal=causal)
     out, lse = cpu.forward(call)[:2]
-    os.environ["DOTATTN_F32_PRODUCTS"] = "amx"
-    _, dk_ref, dv_ref, _ = cpu.backward(call, out, lse, do)
     from dotattn.kernels._blas import ONE_BLAS_THREAD
 
     configs = {}
@@ -221,10 +219,11 @@ def main() -> None:
             dq_parts, dkp, dvp = fresh()
             with ONE_BLAS_THREAD:
                 _kernel(*args_, dq_parts, dkp, dvp, p.options, T_, nch)  # compile, warm
-            if mode == "mkl3":  # (all five round dK, dV differently)
-                nkbBK = dkp.shape[2] * dkp.shape[3]
-                assert np.array_equal(dkp.reshape(1, H, nkbBK, D)[:, :, :4096], dk_ref), "dK differs from the kernel's: update the loop"
-                assert np.array_equal(dvp.reshape(1, H, nkbBK, D)[:, :, :4096], dv_ref), "dV differs from the kernel's"
+            os.environ["DOTATTN_F32_PRODUCTS"] = "amx5" if mode == "all5" else "amx"
+            _, dk_ref, dv_ref, _ = cpu.backward(call, out, lse, do)  # the kernel's bits
+            nkbBK = dkp.shape[2] * dkp.shape[3]
+            assert np.array_equal(dkp.reshape(1, H, nkbBK, D)[:, :, :4096], dk_ref), "dK differs from the kernel's: update the loop"
+            assert np.array_equal(dvp.reshape(1, H, nkbBK, D)[:, :, :4096], dv_ref), "dV differs from the kernel's"
             T_[:] = 0
             configs[(mode, nch)] = (p, args_, fresh, T_, [])
     load0 = os.getloadavg()[0]

@@ -438,9 +438,12 @@ def split_tile_t(kb, kt, out):
     """The A operand of ``dQᵀ += Kᵀ·dSᵀ`` for one key tile: ``out (3, ≥Dp, BK)`` uint16 ← pieces
     of ``kb (BK, D)`` transposed, through the scratch ``kt (D, BK)``."""
     BK, D = kb.shape
-    for j in range(BK):
+    for j0 in range(0, BK, 16):  # 16 keys at a time: each row of kt written a cache line at once
+        j1 = min(j0 + 16, BK)
         for d in range(D):
-            kt[d, j] = kb[j, d]
+            row = kt[d]
+            for j in range(j0, j1):
+                row[j] = kb[j, d]
     split_rows(kt, out, D, BK)
 
 

@@ -334,6 +334,16 @@ def test_cpu_parallel_choice_comes_back_to_the_pool_after_a_moment_of_slow_pool_
     assert back < ParallelChoice.RETRY_POOL_FIRST, modes  # the pool's retry ...
     assert all(modes[back:]), modes  # ... and its one good time brings the class back
     assert choice.times[1] == [pool_t] * ParallelChoice.KEEP
+    # a retry due on a call after a pause (not timed) waits for the next call
+    for _ in range(ParallelChoice.KEEP):
+        choice.record(choice.choose(), alone_t)
+    assert choice.choose() is False
+    choice.record(False, alone_t)
+    choice.next_retry = choice.calls + 1  # the pool's retry is due on the next call ...
+    choice.last -= 10 * ParallelChoice.IDLE_S  # ... which comes after a pause
+    assert choice.choose() is False  # not timed: no retry
+    choice.record(False, alone_t)
+    assert choice.choose() is True  # the retry, on the next call
 
 
 def test_cpu_decode_mode_counts_add_every_class(monkeypatch):

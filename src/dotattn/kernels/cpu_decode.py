@@ -338,8 +338,9 @@ class ParallelChoice:
     runs; the pool :data:`RETRY_POOL_FIRST` calls after the class went alone, then twice as
     many calls later at each retry, up to :data:`RETRY` apart — back to the first gap once the
     pool has run RETRY calls in a row (when the class goes alone while the gap is long, the
-    pool had lost a few calls before: a busy machine).  A retry's time replaces the retried
-    mode's kept times: they were taken before the load changed, if it did.  Races between
+    pool had lost a few calls before: a busy machine); a retry due on a call after a pause
+    (not timed) waits for the next call.  A retry's time replaces the retried mode's kept
+    times: they were taken before the load changed, if it did.  Races between
     threads calling at once only blur the times.
 
     Why the pool is retried soon after a switch: a few slow pool calls — another program on a
@@ -395,7 +396,7 @@ class ParallelChoice:
         if best != self.best:  # the class switched
             self.best = best
             self.next_retry = self.calls + (self.RETRY if best else self.gap)
-        if self.calls >= self.next_retry:
+        if self.calls >= self.next_retry and not self.idle:  # (a call after a pause is not timed)
             self.retrying = True
             if best:
                 # alone's retry: the pool has run RETRY calls since it last lost, so a next

@@ -10,15 +10,15 @@ rows, so each K/V row is read once); items run on all cores; then the parts of e
 an item depends on the batch, the capacity or the page layout, hence bitwise invariance.
 
 The cache is read in place through a flat 1-D view plus element strides (page, head, slot).
-float32 calls whose head dims are whole 16-lane pieces (SmolLM2's 64, the common 128) run the
-chunk as 16-lane loops written in LLVM IR (section below; ``P·V`` takes them at any head dim,
-with masked tail pieces): S = Q·Kᵀ 16 keys at a time,
+float32 calls run the chunk as 16-lane loops written in LLVM IR (section below; head dims
+that are not multiples of 16 — SmolLM2's 64 and the common 128 are — with a masked last
+piece): S = Q·Kᵀ 16 keys at a time,
 P·V with register accumulators, 16-bit rows widened in registers, rows found through the
-chunk's row offsets (any layout, same bits) and asked for ahead of use.  Otherwise float
-caches go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
-contiguous block first) — also for float32 calls with more than SIMD_MAX_ROWS_FLOAT folded
-rows, where a register-blocked GEMM wins — and 16-bit caches are read key row by key row,
-each row converted into an L1 buffer.  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
+chunk's row offsets (any layout, same bits) and asked for ahead of use.  Float caches with
+more than SIMD_MAX_ROWS_FLOAT folded rows (where a register-blocked GEMM wins) and float64
+calls go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
+contiguous block first).  (The row-by-row loops of 16-bit caches, _scores_rows and _pv_rows,
+are no longer reached: a 16-bit cache always computes in float32.)  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
 PV_GEMM_KEYS), so that an attention sink's term does not swallow the small ones.  Only
 positions below each sequence's length are read.
 """
@@ -402,7 +402,7 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None):
+def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None, tail=None):
     """The scores of one block of 16 keys; ``pf``: a list of ``(array, 16 row offsets, width,
     locality)``, rows asked for meanwhile, line ``j`` of each key group's rows beside piece ``j``'s
     FMAs (in a burst per block before: B8 4k one thread, alternating, load 2.3–2.9: float16
@@ -411,7 +411,10 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
 
     ``variant == "dot"``: ``qd`` holds q's bfloat16 bits (uint16), a piece is 32 elements
     (``nvec = D / 32``), ``fma`` is ``vdpbf16ps`` (:func:`_ir_dpbf16`), and the block's scores
-    are multiplied by the vector ``scale``."""
+    are multiplied by the vector ``scale``.
+
+    ``tail``: ``D − 16·nvec`` (D not a multiple of 16): after the whole pieces, one more piece
+    of q and k read through a mask (lanes past D neither read nor summed: zeros)."""
     c16 = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
@@ -456,6 +459,17 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                             for i in range(rows_c):
                                 a = accs[i * kg + k]
                                 builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
+                if tail is not None and variant != "dot":
+                    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_IRI64, 0))):
+                        d0 = builder.mul(nvec, c16)
+                        mask = builder.icmp_signed("<", ir.Constant(_V16I32, list(range(_LANES))),
+                                                   _ir_splat_i32(builder, builder.trunc(tail, _IRI32)))
+                        qvs = [_ir_vec_load_masked(builder, qd, builder.add(qrow, d0), "f32", mask) for qrow in qrows]
+                        for k in range(kg):
+                            kv = _ir_vec_load_masked(builder, fd, builder.add(bases[g * kg + k], d0), variant, mask)
+                            for i in range(rows_c):
+                                a = accs[i * kg + k]
+                                builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
                 vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                 total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key t0 + g·kg + k
                 if scale is not None:
@@ -473,7 +487,8 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
 @intrinsic
 def _scores16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, pk, npf):
     """``s[r·ns + t] = q[r·D : (r+1)·D] · row(offs[t])`` for ``r < R``, ``t < ceil16(n)`` (keys
-    past ``n`` repeat key ``n − 1``: ``ns`` ≥ ceil16(n) pads each score row), ``D % 16 == 0``.
+    past ``n`` repeat key ``n − 1``: ``ns`` ≥ ceil16(n) pads each score row); D not a multiple
+    of 16: the last piece masked.
 
     While a block of 16 keys is used, the next block's key rows are asked for (into L1) and
     the block's value rows (``vflat`` at ``voffs``, ``Dv`` wide, into L2) for the P·V pass
@@ -526,7 +541,8 @@ def _scores_codegen(dot):
         R_, D_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 6, 8, 11, 13))
         c16 = ir.Constant(_IRI64, _LANES)
         nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
-        nvec = builder.sdiv(D_, ir.Constant(_IRI64, 2 * _LANES if dot else _LANES))
+        nvec = builder.sdiv(D_, ir.Constant(_IRI64, 2 * _LANES if dot else _LANES))  # whole pieces
+        tail = None if dot else builder.sub(D_, builder.mul(nvec, ir.Constant(_IRI64, _LANES)))
         last = builder.sub(n_, ir.Constant(_IRI64, 1))
         fma = _ir_dpbf16(builder) if dot else _ir_fma(builder)
         scale = None
@@ -561,7 +577,7 @@ def _scores_codegen(dot):
                     pf.append((builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_), 2))
                 if PREFETCH_K_LOCALITY:
                     pf.append((fd, ahead, D_, PREFETCH_K_LOCALITY))
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale)
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale, tail)
 
         if dot:
             emit("dot")
@@ -1330,9 +1346,10 @@ def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 
 @njit(cache=_JIT_CACHE, inline="always")
 def _uses_simd(q, D, Dv, kind, R):
-    """Whether a chunk runs the 16-lane loops (float32 compute, whole 16-lane pieces of D and
-    Dv); else BLAS for float caches and the row-by-row loops for 16-bit ones."""
-    return _simd_dtype(q) and D % 16 == 0 and Dv % 16 == 0 and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
+    """Whether a chunk runs the 16-lane loops (float32 compute; float caches up to
+    SIMD_MAX_ROWS_FLOAT rows; head dims not multiples of 16 with a masked last piece); else BLAS
+    for float caches and the row-by-row loops for 16-bit ones (float64 compute)."""
+    return _simd_dtype(q) and (kind != KIND_FLOAT or R <= SIMD_MAX_ROWS_FLOAT)
 
 
 @njit(cache=_JIT_CACHE, inline="always")

@@ -94,7 +94,7 @@ ROUTES = [
     (80, 32, 2048, 1, F32, 300, 16, 0),  # BLAS for R > 16, paged: 1.52 (1.05–1.67)
     (24, 4, 549, 1, F32, 452, 64, 2),  # a few hundred keys: the scalar exp row's float32 sum: 1.40 (0.82–1.40)
     (24, 3, 2048, 3, F32, 0, None, 0),  # three query rows (R 9), each its own problem: 1.43 (1.26–1.67 over 0–5)
-    (24, 4, 4096, 1, BF16, 0, None, 0),  # bfloat16 rows (_pv_rows), float32 output: 1.52 (0.75–1.56)
+    (24, 4, 4096, 1, BF16, 0, None, 0),  # bfloat16, float32 output: 1.52 (0.75–1.56) on the row-by-row loops (since removed; now the 16-lane loops, masked tail)
     (40, 4, 4096, 1, F16, 300, 16, 0),  # float16 rows, paged: 1.14 (0.88–1.26)
     (64, 4, 4096, 1, F32, 0, None, 0),  # 16-lane loops (float32): 0.37, unchanged
     (128, 4, 1000, 2, BF16, 256, 7, 0),  # 16-lane loops (bfloat16 widened), paged, two rows: 0.64, unchanged

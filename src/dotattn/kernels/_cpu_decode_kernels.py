@@ -17,8 +17,8 @@ P·V with register accumulators, 16-bit rows widened in registers, rows found th
 chunk's row offsets (any layout, same bits) and asked for ahead of use.  Float caches with
 more than SIMD_MAX_ROWS_FLOAT folded rows (where a register-blocked GEMM wins) and float64
 calls go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
-contiguous block first).  (The row-by-row loops of 16-bit caches, _scores_rows and _pv_rows,
-are no longer reached: a 16-bit cache always computes in float32.)  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
+contiguous block first); a 16-bit cache always computes in float32, so always on the 16-lane
+loops.  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
 PV_GEMM_KEYS), so that an attention sink's term does not swallow the small ones.  Only
 positions below each sequence's length are read.
 """
@@ -958,156 +958,6 @@ def _row_at_overload(flat, u, kind, width, buf, bits, at):
     return lambda flat, u, kind, width, buf, bits, at: u
 
 
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _scores_rows(qf, R, D, flat, st, table, ps, kind, b, hk, j0, n, j_stop, s, row):
-    """``s[r·n + t] = qf[r] · key(j0 + t)`` for a 16-bit cache, key row by key row.
-
-    Each key row is converted once into ``row`` (L1) and dotted with the R query rows there
-    while the cache streams: gathering the chunk into a float32 block for BLAS moved every
-    byte three more times and read 16-bit caches no faster than float32 ones.  (Written for
-    float caches too — ``_row_at`` reads their rows in place — but those go to BLAS: per core,
-    streaming a 32k cache, both routes read ≈ 8 GB/s, and on cache-resident data the GEMM
-    costs 28–41 ns per key where this loop costs 55–65, measured.)
-    """
-    bits = row.view(np.uint32)
-    x = _rows_array(flat, row)
-    pg = j0 // ps
-    slot = j0 - pg * ps
-    # the row PREFETCH_ROWS keys ahead is asked for while this one is used, across chunk and
-    # page ends, as long as it is a key of the sequence (below j_stop: its page is mapped)
-    ahead = j0 + PREFETCH_ROWS
-    apg = ahead // ps
-    aslot = ahead - apg * ps
-    for t in range(n):
-        if ahead < j_stop:
-            _prefetch_row(flat, st, table, b, hk, apg, aslot, D)
-        ahead += 1
-        aslot += 1
-        if aslot == ps:
-            aslot = 0
-            apg += 1
-        u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-        xo = _row_at(flat, u, kind, D, row, bits, 0)
-        slot += 1
-        if slot == ps:
-            slot = 0
-            pg += 1
-        r = 0
-        while r + 4 <= R:  # four rows per pass: four vector accumulators, one read of the row
-            q0, q1, q2, q3 = np.uint64(r * D), np.uint64((r + 1) * D), np.uint64((r + 2) * D), np.uint64((r + 3) * D)
-            a0 = a1 = a2 = a3 = _zero(qf)
-            for d in range(D):
-                xd = x[xo + np.uint64(d)]
-                a0 += qf[q0 + np.uint64(d)] * xd
-                a1 += qf[q1 + np.uint64(d)] * xd
-                a2 += qf[q2 + np.uint64(d)] * xd
-                a3 += qf[q3 + np.uint64(d)] * xd
-            s[r * n + t] = a0
-            s[(r + 1) * n + t] = a1
-            s[(r + 2) * n + t] = a2
-            s[(r + 3) * n + t] = a3
-            r += 4
-        while r < R:
-            q0 = np.uint64(r * D)
-            acc = _zero(qf)
-            for d in range(D):
-                acc += qf[q0 + np.uint64(d)] * x[xo + np.uint64(d)]
-            s[r * n + t] = acc
-            r += 1
-
-
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_rows(p, R, n, flat, st, table, ps, kind, b, hk, j0, j_stop, Dv, o, rows, ob):
-    """``o (R·Dv) += P · V`` for a 16-bit cache, reading the values row by row (converted into
-    ``rows``), four keys per pass, never multiplying a value by ``p = 0``: a hidden NaN or
-    ±inf value must not enter (the NaN policy).
-
-    Four rows × four keys whose sixteen weights are all non-zero go in one pass over ``d``
-    (each value element loaded once for the four rows, each output element loaded and stored
-    once per four keys: 1.4× faster than a pass per row, L2-resident); otherwise row by row,
-    four keys per pass, and key by key where a weight is zero.
-
-    The sums go into ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys (a multiple of
-    the four keys of a pass): into ``o`` directly, an attention sink's row lost the small terms.
-    """
-    bits = rows.view(np.uint32)
-    x = _rows_array(flat, rows)
-    pg = j0 // ps
-    slot = j0 - pg * ps
-    # the prefetch cursor of _scores_rows, written out again on purpose: as one inlined helper
-    # returning (ahead, page, slot), both loops ran 1.8× slower (B1 32k bfloat16, measured)
-    ahead = j0 + PREFETCH_ROWS
-    apg = ahead // ps
-    aslot = ahead - apg * ps
-    t = 0
-    u0 = u1 = u2 = u3 = np.uint64(0)
-    while t < n:
-        g = min(4, n - t)  # keys t … t+g−1
-        for i in range(g):
-            if ahead < j_stop:
-                _prefetch_row(flat, st, table, b, hk, apg, aslot, Dv)
-            ahead += 1
-            aslot += 1
-            if aslot == ps:
-                aslot = 0
-                apg += 1
-            u = np.uint64(table[b, pg] * st[0] + hk * st[1] + slot * st[2])
-            ui = _row_at(flat, u, kind, Dv, rows, bits, i * Dv)
-            if i == 0:
-                u0 = ui
-            elif i == 1:
-                u1 = ui
-            elif i == 2:
-                u2 = ui
-            else:
-                u3 = ui
-            slot += 1
-            if slot == ps:
-                slot = 0
-                pg += 1
-        r = 0
-        if g == 4:
-            while r + 4 <= R:
-                pa, pb, pc, pd = r * n + t, (r + 1) * n + t, (r + 2) * n + t, (r + 3) * n + t
-                if not (p[pa] != 0.0 and p[pa + 1] != 0.0 and p[pa + 2] != 0.0 and p[pa + 3] != 0.0
-                        and p[pb] != 0.0 and p[pb + 1] != 0.0 and p[pb + 2] != 0.0 and p[pb + 3] != 0.0
-                        and p[pc] != 0.0 and p[pc + 1] != 0.0 and p[pc + 2] != 0.0 and p[pc + 3] != 0.0
-                        and p[pd] != 0.0 and p[pd + 1] != 0.0 and p[pd + 2] != 0.0 and p[pd + 3] != 0.0):
-                    break
-                a0, a1, a2, a3 = p[pa], p[pa + 1], p[pa + 2], p[pa + 3]
-                b0, b1, b2, b3 = p[pb], p[pb + 1], p[pb + 2], p[pb + 3]
-                c0, c1, c2, c3 = p[pc], p[pc + 1], p[pc + 2], p[pc + 3]
-                d0, d1, d2, d3 = p[pd], p[pd + 1], p[pd + 2], p[pd + 3]
-                oa, ob_, oc, od = np.uint64(r * Dv), np.uint64((r + 1) * Dv), np.uint64((r + 2) * Dv), np.uint64((r + 3) * Dv)
-                for d in range(Dv):
-                    e = np.uint64(d)
-                    y0, y1, y2, y3 = x[u0 + e], x[u1 + e], x[u2 + e], x[u3 + e]
-                    ob[oa + e] += (a0 * y0 + a1 * y1) + (a2 * y2 + a3 * y3)
-                    ob[ob_ + e] += (b0 * y0 + b1 * y1) + (b2 * y2 + b3 * y3)
-                    ob[oc + e] += (c0 * y0 + c1 * y1) + (c2 * y2 + c3 * y3)
-                    ob[od + e] += (d0 * y0 + d1 * y1) + (d2 * y2 + d3 * y3)
-                r += 4
-        while r < R:
-            o0 = np.uint64(r * Dv)
-            pr = r * n + t
-            if g == 4 and p[pr] != 0.0 and p[pr + 1] != 0.0 and p[pr + 2] != 0.0 and p[pr + 3] != 0.0:
-                p0, p1, p2, p3 = p[pr], p[pr + 1], p[pr + 2], p[pr + 3]
-                for d in range(Dv):
-                    e = np.uint64(d)
-                    ob[o0 + e] += (p0 * x[u0 + e] + p1 * x[u1 + e]) + (p2 * x[u2 + e] + p3 * x[u3 + e])
-            else:
-                for i in range(g):
-                    pi = p[pr + i]
-                    if pi != 0.0:
-                        ui = u0 if i == 0 else (u1 if i == 1 else (u2 if i == 2 else u3))
-                        for d in range(Dv):
-                            ob[o0 + np.uint64(d)] += pi * x[ui + np.uint64(d)]
-            r += 1
-        t += g
-        if t % PV_SUM_KEYS == 0 or t == n:  # the block's sums join the output's
-            _add_block(o, ob, R * Dv)
-
-
 def _gemm_in_place(a, flat, base, n, width, out, transpose):
     """``out = a · blockᵀ`` (``transpose``) or ``a · block`` with ``block`` the ``(n, width)``
     rows of a float cache at ``flat[base:]``, read in place (16-bit caches never come here)."""
@@ -1195,7 +1045,7 @@ def _pv_gemm_overload(s, R, n, flat, base, Dv, o, pb, ob):
     if flat.dtype == types.uint16:
 
         def unreachable(s, R, n, flat, base, Dv, o, pb, ob):
-            pass  # 16-bit rows go through _pv_rows
+            pass  # never called: 16-bit caches compute in float32, on the 16-lane loops (_uses_simd_pv)
 
         return unreachable
     if s.dtype != types.float32:
@@ -1460,8 +1310,6 @@ def _chunk(
                 _scores_dot(qp, R, D, kflat, qscale, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
             else:
                 _scores_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, pk, npf if NEXT_SCHEME else 0)
-        elif kind != KIND_FLOAT:
-            _scores_rows(qf, R, D, kflat, kst, table, ps, kind, b, hk, j0, n, pos0 + Lq, s, kc)
         elif _rows_in_place(kind, kst, ps, D, j0, n):
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
@@ -1520,9 +1368,6 @@ def _chunk(
                 o[:] = 0.0
                 ob[:] = 0.0
                 _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc, ob)
-        elif kind != KIND_FLOAT:
-            ob[:] = 0.0
-            _pv_rows(s, R, n, vflat, vst, table, ps, kind, b, hk, j0, pos0 + Lq, Dv, o, vc, ob)
         else:
             # GEMMs (one per PV_GEMM_KEYS keys in float32: _pv_gemm), then a check of the R·Dv
             # outputs: where a value is NaN or ±inf, some output is too (0·NaN, p·inf), and the

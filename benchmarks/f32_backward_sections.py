@@ -64,7 +64,6 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
     N = np.empty((BK, BQ), dtype=np.int32)
     dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    lse2_unfix = np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     unused = np.empty((BK, BQ), dtype=T)
     no_qv, cfg = np.empty((0, 0), dtype=np.uint32), K.tile_config()
@@ -101,7 +100,7 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
                     K._load_rows(Qs, q, b, h, i0, nr)
                     K._load_rows(dOs, dout, b, h, i0, nr)
                     Qt, dOt = Qs[:, :], dOs[:, :]
-                K._lse_rows(lse2, lse2_unfix, lse, b, h, i0, nr)
+                K._lse_rows(lse2, lse, b, h, i0, nr)
                 for r in range(BQ):
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 c1 = _cycles()

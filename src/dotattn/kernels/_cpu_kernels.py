@@ -169,34 +169,17 @@ def _prefetch_kv_overload(kp, vp):
 
 
 @njit(cache=_JIT_CACHE, _nrt=False)
-def _lse_rows(lse2, unfix, lse, b, h, i0, nr):
+def _lse_rows(lse2, lse, b, h, i0, nr):
     """The saved natural-log LSE of rows ``i0…`` in base 2; rows without a visible key
     (lse = −inf) and padding rows get +inf, so that ``P = 2^(S − ∞) = 0`` there.
 
-    ``unfix[r] = 2^(lse·log₂ e − lse2[r])`` (the former in float64): rounding the base-2 LSE to
-    float32 scales every P the backward rebuilds in the row by its inverse (up to 6.6e-7 at
-    logits ≈ 17), which ``cpu.backward`` puts right by scaling the row's dO and Δ instead
-    (:func:`dotattn.kernels.cpu.lse_rounding_fix`); a tile whose P does not come from the
-    LSE (:func:`_softmax_rows`) takes ``unfix`` back (:func:`_undo_dout_fix`).  1 where
-    there is nothing to undo (no finite LSE, or past HUGE_SHIFT)."""
+    Rounding the base-2 LSE to float32 scales every P the backward rebuilds in the row (up to
+    6.6e-7 at logits ≈ 17), which ``cpu.backward`` puts right by scaling the row's dO and Δ
+    (:func:`dotattn.kernels.cpu.lse_rounding_fix`) — except in calls whose every P comes from
+    its tile's own softmax (``exact_rows`` in :func:`_backward_chunk`), which see no LSE."""
     for r in range(lse2.shape[0]):
         lv = lse[b, h, i0 + r] if r < nr else -np.inf
-        x = np.float64(lv) * LOG2E
-        lse2[r] = x if lv > -np.inf else np.inf
-        unfix[r] = math.exp2(x - np.float64(lse2[r])) if abs(lse2[r]) < HUGE_SHIFT else 1.0
-
-
-def _undo_dout_fix(ST, unfix, dout):
-    """``ST[:, r] *= unfix[r]`` where ``cpu.backward`` scaled dO (float32 operands; see
-    :func:`_lse_rows`); nothing for float64 and bfloat16 operands."""
-    raise NotImplementedError("compiled only")
-
-
-@overload(_undo_dout_fix, jit_options={"cache": _JIT_CACHE})
-def _undo_dout_fix_overload(ST, unfix, dout):
-    if ST.dtype != types.float32 or dout.dtype != types.float32:
-        return lambda ST, unfix, dout: None
-    return lambda ST, unfix, dout: _scale_columns(ST, unfix)
+        lse2[r] = np.float64(lv) * LOG2E if lv > -np.inf else np.inf
 
 
 # =================================================================================
@@ -804,7 +787,6 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     N = np.empty((BK, BQ), dtype=np.int32)
     dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    lse2_unfix = np.empty(BQ, dtype=T)  # (see _lse_rows)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
     # split-AMX route with all five products (o.split_all): P's, then dS's, pieces in rows (the
@@ -842,7 +824,7 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     _load_rows(Qs, q, b, h, i0, nr)
                     _load_rows(dOs, dout, b, h, i0, nr)
                     Qt, dOt = Qs[:, :], dOs[:, :]
-                _lse_rows(lse2, lse2_unfix, lse, b, h, i0, nr)
+                _lse_rows(lse2, lse, b, h, i0, nr)
                 for r in range(BQ):
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
@@ -854,7 +836,6 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     continue
                 if exact_rows:
                     _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
-                    _undo_dout_fix(ST, lse2_unfix, dout)
                     in_pb = False
                 else:
                     in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
@@ -1083,7 +1064,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
     unused = np.empty((1, 1), dtype=T)
     no_acc = np.zeros((BQ, 0), dtype=T)  # (the statistics pass has no accumulator)
     no_plan = np.zeros(4, dtype=np.int64)
-    lse2, lse2_unfix = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
+    lse2 = np.empty(BQ, dtype=T)
     m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
@@ -1100,7 +1081,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             continue
         # -- load the query tile; the LSE (base 2) marks the rows that give 0 (+inf)
         _load_rows(Qs, q, b, h, i0, nr)
-        _lse_rows(lse2, lse2_unfix, lse, b, h, i0, nr)
+        _lse_rows(lse2, lse, b, h, i0, nr)
         # -- first pass: each row's shift m and sum l (the forward's online softmax)
         m[:] = -np.inf
         row_sum[:] = 0.0

@@ -1172,6 +1172,21 @@ def lse_rounding_fix(lse: np.ndarray) -> np.ndarray:
     return np.where(fixable, np.exp2(np.where(fixable, rounded - x, 0.0)), 1.0)
 
 
+def _p_from_tile_softmax(p: Prepared) -> bool:
+    """Whether the backward kernel rebuilds every P of the call from its tile's own softmax,
+    not from the LSE (``exact_rows`` in ``_cpu_kernels._backward_chunk``: a short problem
+    whose keys fit one tile, a whole call; float32 operands, as the caller checks).  Then the
+    LSE's rounding touches no P, and dO and Δ stay as they are: scaled for it and scaled
+    back, dO's rounding twice made dS = P∘(dP − Δ) ≠ 0 where it is 0 (one key a row: dQ at
+    0.98 of the 3×-naive bound, Lq 38, Lk 1, D 64, scale 1.63).  (The split route never
+    takes such calls: it needs Lq > 1 and more scores than the small-call kernel's.)"""
+    from ._cpu_primitives import _short_rows
+
+    o = p.options
+    whole_rows = o.dropout_geom[2] == 0 and o.dropout_geom[5] == o.Lk
+    return bool(_short_rows.py_func(o.Lq, o.Lk) and p.kp.shape[2] == 1 and whole_rows)
+
+
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
 
@@ -1212,7 +1227,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
 
     wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
     delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
-    if dout_k.dtype == np.float32:
+    if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
         # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
         # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
         fix = lse_rounding_fix(lse_c)

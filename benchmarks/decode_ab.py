@@ -103,11 +103,7 @@ def main() -> None:
             bd.HQ, bd.HKV, bd.D = (int(x) for x in a.split("=", 1)[1].split(","))
     choose = mode == "pool"
     cpu_decode.ParallelChoice.choose = lambda self: choose
-    rng = np.random.default_rng(0)
-    d = bd._np_dtype(dt)
-    kc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    vc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    q = rng.standard_normal((B, bd.HQ, 1, bd.D), dtype=np.float32).astype(d)
+    q, kc, vc = bd.case_inputs(B, ctx, dt)
     paged = "--paged" in sys.argv
     run = bd._make_peer("dotattn-paged" if paged else "dotattn", B, ctx, dt, q, kc, vc)
     first = {}

@@ -47,11 +47,7 @@ def main() -> None:
     ctx = int(args[4]) if len(args) > 4 else 4096
     for m in (old, new):
         m.ParallelChoice.choose = (lambda self: True) if mode == "pool" else (lambda self: False)
-    rng = np.random.default_rng(0)
-    d = bd._np_dtype(dt)
-    kc = rng.standard_normal((1, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    vc = rng.standard_normal((1, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    q = rng.standard_normal((1, bd.HQ, 1, bd.D), dtype=np.float32).astype(d)
+    q, kc, vc = bd.case_inputs(1, ctx, dt)
     lengths = np.full(1, ctx, dtype=np.int64)
 
     def run():

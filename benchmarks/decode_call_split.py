@@ -66,11 +66,7 @@ def main() -> None:
     mode = args[3] if len(args) > 3 else "pool"
     choose = mode == "pool"
     cpu_decode.ParallelChoice.choose = lambda self: choose
-    rng = np.random.default_rng(0)
-    d = bd._np_dtype(dt)
-    kc = rng.standard_normal((1, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    vc = rng.standard_normal((1, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    q = rng.standard_normal((1, bd.HQ, 1, bd.D), dtype=np.float32).astype(d)
+    q, kc, vc = bd.case_inputs(1, ctx, dt)
     lengths = np.full(1, ctx, dtype=np.int64)
 
     def run():

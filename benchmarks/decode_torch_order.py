@@ -28,11 +28,7 @@ from dotattn import bench_decode as bd  # noqa: E402
 def main() -> None:
     order, dt = sys.argv[1], sys.argv[2]
     B, ctx = 1, int(sys.argv[3]) if len(sys.argv) > 3 else 32768
-    rng = np.random.default_rng(0)
-    d = bd._np_dtype(dt)
-    kc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    vc = rng.standard_normal((B, bd.HKV, ctx, bd.D), dtype=np.float32).astype(d)
-    q = rng.standard_normal((B, bd.HQ, 1, bd.D), dtype=np.float32).astype(d)
+    q, kc, vc = bd.case_inputs(B, ctx, dt)
     ours = bd._make_peer("dotattn", B, ctx, dt, q, kc, vc)
 
     def median_ms(f, n=9):

@@ -137,6 +137,16 @@ def _np_dtype(name: str):
     return BFLOAT16 if name == "bfloat16" else np.dtype(name)
 
 
+def case_inputs(B: int, context: int, dtype: str, seed: int = 0):
+    """``(q, k_cache, v_cache)`` of a case: standard-normal, full caches, in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    dt = _np_dtype(dtype)
+    kc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
+    vc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
+    q = rng.standard_normal((B, HQ, 1, D), dtype=np.float32).astype(dt)
+    return q, kc, vc
+
+
 def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
     """A zero-argument callable running one decode step, or raise RuntimeError with the reason."""
     import dotattn
@@ -244,11 +254,7 @@ def run_benchmark(
     for B in batches:
         for context in contexts:
             for dtype in dtypes:
-                rng = np.random.default_rng(0)
-                dt = _np_dtype(dtype)
-                kc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
-                vc = rng.standard_normal((B, HKV, context, D), dtype=np.float32).astype(dt)
-                q = rng.standard_normal((B, HQ, 1, D), dtype=np.float32).astype(dt)
+                q, kc, vc = case_inputs(B, context, dtype)
                 for peer in peers:
                     if progress is not None:
                         progress(B, context, dtype, peer)

@@ -20,28 +20,18 @@ import statistics
 import time
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from dotattn import semantics
 from dotattn.kernels import _cpu_kernels as K
 from dotattn.kernels import cpu
+from dotattn.kernels._cpu_decode_kernels import _cycles  # the time-stamp counter, in compiled code
 from dotattn.kernels._cpu_primitives import _aligned_empty, _tile_buffer
 from dotattn.semantics import BFLOAT16
 
 CASES = {"d64": (8, 64, None), "d128": (4, 128, None), "causal": (8, 64, True), "causal128": (4, 128, True)}
 SECTIONS = ("per query tile: load, pack Q, zero acc", "tile class", "scores (+ masks)", "lazy check + plan",
             "lazy step", "exact step", "P·V", "output rows")
-
-
-@intrinsic
-def _cycles(typingctx):
-    def codegen(context, builder, sig, args):
-        fn = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
-        return builder.call(fn, [])
-
-    return types.int64(), codegen
 
 
 @njit

@@ -23,14 +23,13 @@ import statistics
 import time
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from dotattn import semantics
 from dotattn.kernels import _cpu_amx_f32 as F
 from dotattn.kernels import _cpu_kernels as K
 from dotattn.kernels import cpu
+from dotattn.kernels._cpu_decode_kernels import _cycles  # the time-stamp counter, in compiled code
 
 CASES = {"d64": (8, 64, None), "d128": (4, 128, None), "causal": (8, 64, "bottom_right")}
 SECTIONS = ("task: split K, V tiles; zero dK, dV", "tile class, Q/dO rows, lse, Δ", "Sᵀ = K·Qᵀ (split)",
@@ -38,15 +37,6 @@ SECTIONS = ("task: split K, V tiles; zero dK, dV", "tile class, Q/dO rows, lse, 
             "dK += dSᵀ·Q", "dQ += dS·K", "task: write dK, dV")
 PRODUCTS = (2, 4, 5, 7, 8)
 NS = 12  # sections + tile count + spare
-
-
-@intrinsic
-def _cycles(typingctx):
-    def codegen(context, builder, sig, args):
-        fn = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
-        return builder.call(fn, [])
-
-    return types.int64(), codegen
 
 
 @njit(cache=True)

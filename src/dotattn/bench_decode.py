@@ -30,6 +30,11 @@ core that idled wakes; torch's first SDPA calls took 2–10× their time — and
 alone choice, timed on a few such calls, ran the next 64–96 on one thread: one warm-up call
 left the B1 4k rows timing that, 1.2 against 0.76 ms, 1 Dec 2026.)  The machine's load (``/proc/loadavg``) is printed before and after.
 
+A row whose timed calls lost more than :data:`STEAL_NOTE_SHARE` of the cores' time to the
+hypervisor says so too (``host steal N ms``; ``Row.steal_ms``): on this virtual machine the
+B8 32k paged rows' slow calls (88–98 against 62 ms) were the host taking both vCPUs — 50–70 ms
+of steal in each, the threads' own run time normal (1 Dec 2026, docs/decoding.md).
+
 A dotattn row whose timed calls the pool-or-alone choice ran on one thread says so in its note
 (``k/n calls alone``; ``Row.alone_calls`` in ``--json``): such a row is one core's speed — a
 busy machine, or a class sent alone by a moment of one (the choice is kept per size class, and
@@ -41,6 +46,7 @@ another program, 1 Dec 2026; docs/decoding.md "The decode bench's one-thread row
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,6 +87,24 @@ class Row:
     # dotattn rows: how many of the timed calls ran on the calling thread alone (the pool-or-
     # alone choice, kernels/cpu_decode.ParallelChoice); None where the peer has no such choice
     alone_calls: int | None = None
+    # the hypervisor's steal time during the timed calls (all CPUs, ms; Linux's /proc/stat), None
+    # where unknown: a virtual machine's cores taken by the host stop both threads mid-call
+    steal_ms: float | None = None
+
+
+STEAL_NOTE_SHARE = 0.05  # a row notes the host's steal time past this share of its timed calls' CPU time
+
+
+def steal_ms() -> float | None:
+    """The CPUs' steal time so far (ms, all CPUs): time a virtual machine's vCPU was runnable
+    but the host ran something else — invisible to the load average and to the guest's own
+    counters of busy and idle.  None where ``/proc/stat`` does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal …"
+        return int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
 
 
 def load_average() -> str:
@@ -216,9 +240,13 @@ def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, w
         run = _make_peer(peer, B, context, dtype, *inputs)
         warm_up(run, warmup_s)
         counts = []  # the kernel's (alone, pool) calls so far, before the timed calls
-        _, row.times_ms = time_calls(run, repeats, after_first=lambda: counts.append(_mode_counts(peer)))
+        steal = []
+        _, row.times_ms = time_calls(run, repeats, after_first=lambda: (counts.append(_mode_counts(peer)), steal.append(steal_ms())))
         if counts[0] is not None:
             row.alone_calls = _mode_counts(peer)[0] - counts[0][0]
+        after = steal_ms()
+        if steal[0] is not None and after is not None:
+            row.steal_ms = after - steal[0]
     except RuntimeError as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
@@ -304,6 +332,9 @@ def print_table(rows, info) -> None:
         note = "" if r.sdpa_bound is None else f"bound on × sdpa {r.sdpa_bound:.2f}"
         if r.alone_calls:  # the choice ran calls on one thread: a busy machine, or a moment of one
             note = f"{r.alone_calls}/{len(r.times_ms)} calls alone (one thread)"
+        cpu_ms = sum(r.times_ms) * cores()  # the cores' time during the timed calls
+        if r.steal_ms is not None and cpu_ms > 0 and r.steal_ms > STEAL_NOTE_SHARE * cpu_ms:
+            note = (note + "; " if note else "") + f"host steal {r.steal_ms:.0f} ms"
         table.add_row(
             r.case, r.peer, f"{r.ms:.2f}", f"{r.gbps:.1f}", f"{r.share_of_bandwidth:.0%}",
             f"{r.share_of_all_cores:.0%}",

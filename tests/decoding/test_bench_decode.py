@@ -67,3 +67,27 @@ def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
     assert row.status == "ok" and row.alone_calls == 2
     torch_row = bench_decode.measure("torch-sdpa", 1, 600, "float32", (q, kc, kc.copy()), 1, warmup_s=0.0)
     assert torch_row.alone_calls is None
+
+
+def test_rows_note_the_hosts_steal_time(monkeypatch, capsys):
+    """A row whose timed calls lost more than STEAL_NOTE_SHARE of the cores' time to the
+    hypervisor (``/proc/stat``'s steal) says so; ``steal_ms`` is the difference around them."""
+    clock = iter([1000.0, 1000.0 + 400.0])  # before the timed calls, after them
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    monkeypatch.setattr(bench_decode, "steal_ms", lambda: next(clock))
+    monkeypatch.setattr(bench_decode, "_make_peer", lambda *a: lambda: None)
+    row = bench_decode.measure("torch-sdpa", 1, 300, "float32", (None, None, None), 4, warmup_s=0.0)
+    assert row.steal_ms == 400.0
+    row.times_ms = [100.0] * 4  # 400 ms of calls on at most a few cores: 400 ms of steal is past 5 %
+    row.ms, row.gbps, row.share_of_bandwidth, row.share_of_all_cores = 100.0, 1.0, 0.5, 0.5
+    quiet = bench_decode.Row("B1-ctx300-float32", "dotattn", 1, 300, "float32", ms=100.0, times_ms=[100.0] * 4,
+                             gbps=1.0, share_of_bandwidth=0.5, share_of_all_cores=0.5, steal_ms=1.0)
+    bench_decode.print_table([row, quiet], {"bandwidth_gbps": 1.0, "all_cores_gbps": 2.0, "bandwidth_gbps_runs": [1.0],
+                                            "all_cores_gbps_runs": [2.0], "load_before": "0", "load_after": "0", "cores": 2})
+    out = capsys.readouterr().out
+    assert out.count("host steal") == 1 and "host steal 400 ms" in out
+
+
+def test_steal_ms_reads_proc_stat_or_says_none():
+    value = bench_decode.steal_ms()
+    assert value is None or value >= 0.0

@@ -239,9 +239,13 @@ def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, w
     try:
         run = _make_peer(peer, B, context, dtype, *inputs)
         warm_up(run, warmup_s)
-        counts = []  # the kernel's (alone, pool) calls so far, before the timed calls
-        steal = []
-        _, row.times_ms = time_calls(run, repeats, after_first=lambda: (counts.append(_mode_counts(peer)), steal.append(steal_ms())))
+        counts, steal = [], []  # before the timed calls: the kernel's (alone, pool) calls, the steal time
+
+        def before_timed():
+            counts.append(_mode_counts(peer))
+            steal.append(steal_ms())
+
+        _, row.times_ms = time_calls(run, repeats, after_first=before_timed)
         if counts[0] is not None:
             row.alone_calls = _mode_counts(peer)[0] - counts[0][0]
         after = steal_ms()

@@ -144,12 +144,12 @@ class _Derived:
         # The chunks' GEMMs (R × SPLIT × D) stay on the calling thread in OpenBLAS up to 64³
         # multiply-adds; bigger ones (long chunked prefills) would start BLAS threads inside ours.
         self.big_gemm = self.R * SPLIT_SIZE * max(self.D, self.Dv) > 64**3
-        # the conditions of the vdpbf16ps scores (BF16_DOT) that the kind settles; BF16_DOT, its
-        # row limit and the rotary table are read per call (tests switch the first, any call may
-        # bring the last)
         # the caches' element strides (page, head, slot, Hkv), set by the kind's first call: for
         # C-contiguous caches (decode checks every call) they follow from the shapes alone
         self.strides: tuple[np.ndarray, np.ndarray] | None = None
+        # the conditions of the vdpbf16ps scores (BF16_DOT) that the kind settles; BF16_DOT, its
+        # row limit and the rotary table are read per call (tests switch the first, any call may
+        # bring the last)
         self.dot_static = (
             self.kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
             and T == np.float32 and self.D % 32 == 0 and self.Dv % 16 == 0

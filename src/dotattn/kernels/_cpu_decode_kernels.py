@@ -958,6 +958,15 @@ def _row_at_overload(flat, u, kind, width, buf, bits, at):
     return lambda flat, u, kind, width, buf, bits, at: u
 
 
+@njit(cache=_JIT_CACHE, _nrt=True)
+def _matmul(a, b, out):
+    """``out = a · b`` (:func:`_np_matmul`, NumPy's dot) compiled with reference counting: the
+    per-item functions (:func:`_item`, :func:`_chunk`) are compiled without it, and a callee
+    inherits that unless it says otherwise (Numba's ``nrt`` flag) — where NumPy's dot has no
+    implementation."""
+    _np_matmul(a, b, out)
+
+
 def _gemm_in_place(a, flat, base, n, width, out, transpose):
     """``out = a · blockᵀ`` (``transpose``) or ``a · block`` with ``block`` the ``(n, width)``
     rows of a float cache at ``flat[base:]``, read in place (16-bit caches never come here)."""
@@ -976,9 +985,9 @@ def _gemm_in_place_overload(a, flat, base, n, width, out, transpose):
     def impl(a, flat, base, n, width, out, transpose):
         block = flat[base : base + n * width].reshape(n, width)
         if transpose:
-            _np_matmul(a, block.T, out)
+            _matmul(a, block.T, out)
         else:
-            _np_matmul(a, block, out)
+            _matmul(a, block, out)
 
     return impl
 
@@ -1051,7 +1060,7 @@ def _pv_gemm_overload(s, R, n, flat, base, Dv, o, pb, ob):
     if s.dtype != types.float32:
 
         def whole(s, R, n, flat, base, Dv, o, pb, ob):
-            _np_matmul(s[: R * n].reshape(R, n), flat[base : base + n * Dv].reshape(n, Dv), o[: R * Dv].reshape(R, Dv))
+            _matmul(s[: R * n].reshape(R, n), flat[base : base + n * Dv].reshape(n, Dv), o[: R * Dv].reshape(R, Dv))
 
         return whole
 
@@ -1062,7 +1071,7 @@ def _pv_gemm_overload(s, R, n, flat, base, Dv, o, pb, ob):
                 for t in range(kb):
                     pb[r * kb + t] = s[r * n + t0 + t]
             vb = flat[base + t0 * Dv : base + (t0 + kb) * Dv].reshape(kb, Dv)
-            _np_matmul(pb[: R * kb].reshape(R, kb), vb, ob[: R * Dv].reshape(R, Dv))
+            _matmul(pb[: R * kb].reshape(R, kb), vb, ob[: R * Dv].reshape(R, Dv))
             if t0 == 0:
                 for i in range(R * Dv):
                     o[i] = ob[i]
@@ -1247,7 +1256,7 @@ def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob):
 
 
 
-@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"}, _nrt=False)
 def _chunk(
     qf, R, b, hk, j0, j1, kflat, kst, vflat, vst, table, ps, kind, D, Dv, G, Lq, pos0,
     causal, left, right, softcap, slopes, has_alibi, o_out, lse_out, kc, vc, offs, npf, qp, qscale, dot, work, ibuf,
@@ -1314,7 +1323,7 @@ def _chunk(
             _gemm_in_place(qf.reshape(R, D), kflat, _row_offset(kst, table, ps, b, hk, j0), n, D, s.reshape(R, n), True)
         else:
             _gather_rows(kflat, kst, table, ps, b, hk, j0, n, D, kc)
-            _np_matmul(qf.reshape(R, D), kc[: n * D].reshape(n, D).T, s.reshape(R, n))
+            _matmul(qf.reshape(R, D), kc[: n * D].reshape(n, D).T, s.reshape(R, n))
     # ---- 2. masks and softmax, row by row ----
     for r in range(R):
         pos = pos0 + r % Lq
@@ -1503,7 +1512,7 @@ def _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start):
 PREFETCH_NEXT_ROWS = 32
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, _nrt=False)
 def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, nch, start):
     """Ask for the first key rows of work item ``it`` (a hint: an item that another thread
     takes costs a few wasted lines)."""
@@ -1519,7 +1528,7 @@ def _prefetch_item(it, q, kflat, kst, table, ps, kvlen, split, left, right, c0, 
             pg += 1
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, _nrt=False)
 def _item(
     it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,
     qscale, slopes, has_alibi, c0, nch, start, part_o, part_lse, Hkv, kc, vc, offs, qp, nxt, work, ibuf,
@@ -1579,6 +1588,18 @@ def _work_size(R, D, Dv, split):
     of 16 elements."""
     return ((R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16)
             + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_GEMM_KEYS + 15) // 16 * 16)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _line_aligned(n, like):
+    """``n`` elements of ``like``'s dtype starting on a 64-byte line (Numba aligns an allocation
+    to 32 bytes only): the thread's item scratch, whose q rows, scores and ``O`` the 16-lane
+    loops read and write a whole line at a time — a line-straddling access costs two (B1 4k
+    items ≈ 1 ns per key and K/V head slower at the other offsets, docs/decoding.md)."""
+    per_line = 64 // like.itemsize
+    raw = np.empty(n + per_line, dtype=like.dtype)
+    skip = (-raw.ctypes.data % 64) // like.itemsize
+    return raw[skip : skip + n]
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -1642,7 +1663,7 @@ def run_items(
     vc = np.empty(split * part_o.shape[2], dtype=part_o.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
     qp = _q_bits_scratch(q, kst, kind)
-    work = np.empty(_work_size((q.shape[1] // Hkv) * q.shape[2], q.shape[3], part_o.shape[2], split), dtype=part_o.dtype)
+    work = _line_aligned(_work_size((q.shape[1] // Hkv) * q.shape[2], q.shape[3], part_o.shape[2], split), part_o)
     ibuf = np.empty(max(split, 1), dtype=np.int32)
     done = 0
     while True:
@@ -1791,7 +1812,7 @@ def run_serial(
     vc = np.empty(split * Dv, dtype=q.dtype)
     offs = np.empty(4 * split, dtype=np.int64)
     qp = _q_bits_scratch(q, kst, kind)
-    work = np.empty(_work_size(R, D, Dv, split), dtype=q.dtype)
+    work = _line_aligned(_work_size(R, D, Dv, split), q)
     ibuf = np.empty(max(split, 1), dtype=np.int32)
     for it in range(total):
         _item(it, q, kflat, kst, vflat, vst, table, ps, kind, kvlen, split, causal, left, right, softcap,

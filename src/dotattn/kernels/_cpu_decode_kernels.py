@@ -102,6 +102,50 @@ def _half_to_float(typingctx, x):
 
 
 @intrinsic
+def _float_to_half_bits(typingctx, x):
+    """The float16 bits (uint16) of float32 ``x`` rounded to nearest even: one ``fptrunc float →
+    half`` (F16C / AVX-512: ``vcvtps2ph``), overflow to ±inf, subnormals exact."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        return builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def half_from_float(src, dst):
+    """``dst`` (float16 bits, uint16) = ``src`` (float32) as NumPy's ``astype(np.float16)`` gives
+    it, bit for bit: round to nearest even, overflow to ±inf, and a NaN as NumPy's own
+    conversion writes it (sign, the significand's top 10 bits, at least one of them set) —
+    ``vcvtps2ph`` would quiet a signaling one.  The decode output of a float16 call: NumPy's cast
+    has no vector loop here and took 21.6 µs for B1's 4,096 values (warm; this loop ≈ 1).
+    ``src`` and ``dst`` are flat, of one length."""
+    bits = src.view(np.uint32)
+    for i in range(src.shape[0]):
+        x = src[i]
+        if x != x:
+            b = bits[i]
+            h = np.uint16(0x7C00 | ((b & np.uint32(0x007FFFFF)) >> np.uint32(13)))
+            if h == np.uint16(0x7C00):
+                h = np.uint16(0x7C01)
+            dst[i] = h | np.uint16((b >> np.uint32(16)) & np.uint32(0x8000))
+        else:
+            dst[i] = _float_to_half_bits(x)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def float_from_half_scaled(src, scale, dst):
+    """``dst`` (float32) = ``src`` (float16 bits, uint16) · ``scale`` (float32): NumPy's
+    ``np.multiply(q, scale, dtype=np.float32)`` of a float16 q, bit for bit (the conversion is
+    exact, one float32 rounding of the product) — the decode call's scaled q, whose NumPy cast
+    took 14 µs for B1's 4,096 values (warm).  Flat arrays of one length."""
+    for i in range(src.shape[0]):
+        dst[i] = _half_to_float(src[i]) * scale
+
+
+@intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to start loading ``arr[index]``'s cache line (``llvm.prefetch``: a hint
     that never faults, so an index past the end is harmless)."""

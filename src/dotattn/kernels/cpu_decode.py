@@ -126,7 +126,7 @@ class _Derived:
     dtype step cost a few µs at B1 4k (docs/decoding.md, "The decode call's fixed costs")."""
 
     __slots__ = ("B", "Hq", "Lq", "Hkv", "D", "Dv", "R", "Lnew", "T", "kind", "per_key", "items_per_chunk",
-                 "left", "right", "softcap", "scale", "big_gemm", "dot_static", "strides")
+                 "left", "right", "softcap", "scale", "big_gemm", "dot_static", "strides", "half")
 
     def __init__(self, call: DecodeCall) -> None:
         self.B, self.Hq, self.Lq, self.D = call.q.shape
@@ -154,6 +154,10 @@ class _Derived:
             self.kind == K.KIND_BF16 and call.q.dtype == BFLOAT16
             and T == np.float32 and self.D % 32 == 0 and self.Dv % 16 == 0
         )
+        # a float16 call computing in float32: q's scaling and the output's rounding by the kernels'
+        # loops (half_from_float, float_from_half_scaled), not NumPy's casts — which have no
+        # vector loop for float16 here: 14 + 21.6 µs of a B1 4k call (warm; B8 eight times that)
+        self.half = call.q.dtype == _F16 and call.dtype == _F16 and T == np.float32
 
 
 def _derived(call: DecodeCall) -> _Derived:
@@ -167,7 +171,9 @@ def _derived(call: DecodeCall) -> _Derived:
 
 
 def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int | None = None):
-    """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype.
+    """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype — ``out``
+    already float16 for a float16 call computing in float32 (the caller's ``astype`` then
+    copies nothing; the same bits as its cast).
 
     ``parallel_min_bytes`` (default :data:`PARALLEL_MIN_BYTES`): calls reading fewer bytes of
     K/V run whole on this thread (``precompile`` passes 0 to reach the parallel entries too).
@@ -228,7 +234,13 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         q = np.ascontiguousarray(call.q, dtype=T)
     else:
         q = call.q if call.rotary is None else rotated_q(call)
-        q = np.multiply(q, d.scale, dtype=T)  # a fresh C-contiguous array in the compute dtype
+        if d.half and q.dtype == _F16 and q.flags.c_contiguous:
+            # float32(q) · scale, as np.multiply gives it (a float32 scale: one float32 rounding)
+            qs = np.empty(q.shape, dtype=T)
+            K.float_from_half_scaled(q.reshape(-1).view(np.uint16), d.scale, qs.reshape(-1))
+            q = qs
+        else:
+            q = np.multiply(q, d.scale, dtype=T)  # a fresh C-contiguous array in the compute dtype
     alibi = call.alibi_slopes
     slopes = alibi if alibi is not None else _no_slopes(T)
     left, right, Dv = d.left, d.right, d.Dv
@@ -239,15 +251,16 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         if small:
             # A small call (a model's decode step): plan, items and merges in one Numba entry,
             # parts allocated there — the per-call Python here is most of such a call's cost.
-            return _serial(args, d.big_gemm)
+            out, lse = _serial(args, d.big_gemm)
+            return (_half(out) if d.half else out), lse
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
         # one: their arguments are passed three times, and the Python between them)
         started = time.perf_counter()
-        result = _serial(args, d.big_gemm)
+        out, lse = _serial(args, d.big_gemm)
         if choice is not None:
             choice.record(False, (time.perf_counter() - started) / nbytes)
-        return result
+        return (_half(out) if d.half else out), lse
     B, Hkv = d.B, d.Hkv
     part_o, part_lse = _scratch(n_items, d.R, Dv, T)
     out = np.empty((B, d.Hq, d.Lq, Dv), dtype=T)
@@ -264,7 +277,14 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
     else:
         _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
-    return out, lse
+    return (_half(out) if d.half else out), lse
+
+
+def _half(out: np.ndarray) -> np.ndarray:
+    """A float32 output as float16, bit for bit NumPy's ``astype`` (K.half_from_float)."""
+    h = np.empty(out.shape, dtype=_F16)
+    K.half_from_float(out.reshape(-1), h.reshape(-1).view(np.uint16))
+    return h
 
 
 def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total: int, common: tuple) -> None:

@@ -1638,8 +1638,9 @@ def _work_size(R, D, Dv, split):
 def _line_aligned(n, like):
     """``n`` elements of ``like``'s dtype starting on a 64-byte line (Numba aligns an allocation
     to 32 bytes only): the thread's item scratch, whose q rows, scores and ``O`` the 16-lane
-    loops read and write a whole line at a time — a line-straddling access costs two (B1 4k
-    items ≈ 1 ns per key and K/V head slower at the other offsets, docs/decoding.md)."""
+    loops read and write a whole line at a time, so that no access straddles two lines.  (A B1
+    4k item at the other offsets measured ≈ 1 ns per key slower once, within the noise another
+    time; whole calls ≤ 1 %: docs/decoding.md, "Reference counting in the per-item functions".)"""
     per_line = 64 // like.itemsize
     raw = np.empty(n + per_line, dtype=like.dtype)
     skip = (-raw.ctypes.data % 64) // like.itemsize

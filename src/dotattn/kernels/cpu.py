@@ -1483,3 +1483,6 @@ def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:
     # runs in parallel; one core: alone), and the partners' own entries
     cpu_decode.decode(long_call, parallel_min_bytes=0)
     cpu_decode.precompile_partners()
+    if dtype == np.float16:  # a float16 call's casts of q and of the output (q is float32 above)
+        cpu_decode.K.float_from_half_scaled(np.zeros(1, np.uint16), np.float32(1.0), np.zeros(1, np.float32))
+        cpu_decode.K.half_from_float(np.zeros(1, np.float32), np.zeros(1, np.uint16))

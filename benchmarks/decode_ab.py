@@ -85,6 +85,11 @@ def kernel_versions(files: list[str]) -> dict:
         m = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = m
         spec.loader.exec_module(m)
+        # a copy from before the float16 casts moved into the kernels (1 Dec 2026) lacks them:
+        # the imported ones stand in (cpu_decode calls them for float16 calls)
+        for name in ("half_from_float", "float_from_half_scaled"):
+            if not hasattr(m, name):
+                setattr(m, name, getattr(cpu_decode.K, name))
         mods[stem] = m if "qscale" in m.run_serial.py_func.__code__.co_varnames else _NoScaleArg(m)
     return mods
 

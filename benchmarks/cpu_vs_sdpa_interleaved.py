@@ -7,7 +7,7 @@ versions to compare them.  The bracket adds each peer's CPU time (all its thread
 the OS deschedules stops counting, so on a loaded machine that ratio moves less than the
 wall-clock one (spinning idle threads count, though).
 
-    .venv/bin/python benchmarks/cpu_vs_sdpa_interleaved.py [--rounds 5] [--cases dense64,dense128,causal,fwdbwd]
+    .venv/bin/python benchmarks/cpu_vs_sdpa_interleaved.py [--rounds 5] [--cases dense64,dense128,causal,fwdbwd,fwdbwd128,causal-fwdbwd]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ CASES = {
     "dense128": dict(H=4, L=4096, D=128, causal=False, backward=False),
     "causal": dict(H=8, L=4096, D=64, causal=True, backward=False),
     "fwdbwd": dict(H=8, L=4096, D=64, causal=False, backward=True),
+    "fwdbwd128": dict(H=4, L=4096, D=128, causal=False, backward=True),
     "causal-fwdbwd": dict(H=8, L=4096, D=64, causal=True, backward=True),
 }
 

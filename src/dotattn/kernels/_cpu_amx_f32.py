@@ -517,29 +517,127 @@ def product_add(a, b, c, s, cfg):
     _tile_release()
 
 
+@njit(cache=_JIT_CACHE, inline="always")
+def _bits_max(flat, top):
+    """``max(top, bits & 0x7FFFFFFF)`` over the uint32 view ``flat`` of float32 values: the largest
+    magnitude as bits (±inf 0x7F800000, NaN above; see :func:`_abs_bits_max`)."""
+    mask = np.uint32(0x7FFFFFFF)
+    for i in range(flat.shape[0]):
+        v = flat[i] & mask
+        top = v if v > top else top
+    return top
+
+
+@njit(cache=_JIT_CACHE, nogil=True, fastmath={"reassoc"})
+def _dot64(a, b):
+    """``Σ a[i]·b[i]`` of two float32 rows, products and sum in float64 (summed in any order:
+    the compiler's vector lanes; one compiled order, so repeatable)."""
+    acc = 0.0
+    for i in range(a.shape[0]):
+        acc += np.float64(a[i]) * np.float64(b[i])
+    return acc
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
-def split_query_side(q, dout, lens, qpc, dopc, qrp, dorp, do_q, do_dout, pairs, chunk, nchunks):
-    """The backward's per-call pieces of the query side, this chunk's share of them (for
-    ``_launch.run_chunks``: a pool thread and the caller, no prange team): per head of ``q``
-    (``do_q``) its Qᵀ pieces (``qpc``, :func:`split_columns`) and with ``pairs`` its row pairs
-    (``qrp``, :func:`split_row_pairs`); the same of ``dout`` into ``dopc``/``dorp``
-    (``do_dout``).  Heads dealt to chunks in turn, q's and dO's alike."""
+def _dout_head(dout, out, fix, dout_k, delta, M):
+    """One head's rows of the backward's dO side: ``dout_k = dO·fix`` (fix rounded to float32, all
+    rows), ``delta = float32(fix·Σ dO∘O)`` (Δ summed in float64, all rows), and the largest
+    magnitudes (as bits) of dO's and O's first ``M`` rows (the real ones)."""
+    L, Dv = dout.shape
+    top_do, top_o = np.uint32(0), np.uint32(0)
+    for i in range(L):
+        f = fix[i]
+        f32 = np.float32(f)
+        x, dk = dout[i], dout_k[i]
+        for d in range(Dv):
+            dk[d] = x[d] * f32
+        delta[i] = np.float32(_dot64(x, out[i]) * f)
+        if i < M:
+            top_do = _bits_max(x.view(np.uint32), top_do)
+            top_o = _bits_max(out[i].view(np.uint32), top_o)
+    return top_do, top_o
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def split_query_side(q, dout, out, fix, kp, vp, lens, dout_k, delta, qpc, dopc, qrp, dorp, pieces, pairs, tops,
+                     chunk, nchunks):
+    """The backward's per-call passes over its operands on the split route, this chunk's share
+    (for ``_launch.run_chunks``: a pool thread and the caller, no prange team), one task per
+    head of ``q``, of ``dout``, then of the packed ``kp`` and ``vp`` (tasks dealt in turn):
+
+    * q's head: its largest magnitude (``tops[chunk, 0]``, as bits: :func:`_bits_max`) in the
+      real rows (``lens``), and with ``pieces`` its Qᵀ pieces (``qpc``, :func:`split_columns`),
+      with ``pairs`` its row pairs (``qrp``, :func:`split_row_pairs`);
+    * dO's head (:func:`_dout_head`): ``dout_k = dO·fix`` (the LSE's rounding fix, per row),
+      ``delta = fix·rowsum(dO ∘ O)``, the largest magnitudes of dO and O (``tops[chunk, 1]``,
+      ``[chunk, 2]``) in the real rows; then ``dout_k``'s pieces (``dopc``, ``dorp``) while the
+      head is in L2;
+    * K's and V's heads: their largest magnitudes (``tops[chunk, 3]``, ``[chunk, 4]``; the
+      packed tiles are zero past the real keys).
+
+    One read of each operand serves the NaN policy's finiteness check, the split route's range
+    check, Δ and dO's fix, which were passes of their own on the calling thread."""
     B, H, Lq, D = q.shape
-    BH = B * H
-    for t in range(2 * BH):
+    Hkv = kp.shape[1]
+    BH, BHkv = B * H, B * Hkv
+    for t in range(2 * BH + 2 * BHkv):
         if t % nchunks != chunk:
             continue
-        u = t % BH
-        b, h = u // H, u % H
-        M = min(Lq, lens[b])
-        if t < BH and do_q:
-            split_columns_head(q[b, h], M, qpc[b, h], 0, qpc.shape[4])
-            if pairs:
-                split_pairs(q[b, h], qrp[b, h], M, D)
-        elif t >= BH and do_dout:
-            split_columns_head(dout[b, h], M, dopc[b, h], 0, dopc.shape[4])
-            if pairs:
-                split_pairs(dout[b, h], dorp[b, h], M, D)
+        if t < 2 * BH:
+            u = t % BH
+            b, h = u // H, u % H
+            M = min(Lq, lens[b])
+            if t < BH:
+                tops[chunk, 0] = _bits_max(q[b, h, :M].reshape(M * D).view(np.uint32), tops[chunk, 0])
+                if pieces:
+                    split_columns_head(q[b, h], M, qpc[b, h], 0, qpc.shape[4])
+                if pairs:
+                    split_pairs(q[b, h], qrp[b, h], M, D)
+            else:
+                top_do, top_o = _dout_head(dout[b, h], out[b, h], fix[b, h], dout_k[b, h], delta[b, h], M)
+                tops[chunk, 1] = max(tops[chunk, 1], top_do)
+                tops[chunk, 2] = max(tops[chunk, 2], top_o)
+                if pieces:
+                    split_columns_head(dout_k[b, h], M, dopc[b, h], 0, dopc.shape[4])
+                if pairs:
+                    split_pairs(dout_k[b, h], dorp[b, h], M, dout.shape[3])
+        else:
+            u = t - 2 * BH
+            slot = 3 if u < BHkv else 4
+            tile = (kp if u < BHkv else vp)[(u % BHkv) // Hkv, (u % BHkv) % Hkv]
+            n = tile.shape[0] * tile.shape[1] * tile.shape[2]
+            tops[chunk, slot] = _bits_max(tile.reshape(n).view(np.uint32), tops[chunk, slot])
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def operand_tops(q, kp, vp, lens, tops, chunk, nchunks):
+    """The forward's checks of its operands in one pass on ``_launch.run_chunks``, this chunk's
+    share: the largest magnitude (as bits, :func:`_bits_max`) of q's real rows (``lens``) into
+    ``tops[chunk, 0]``, of the packed K and V tiles (zero past the real keys) into ``[chunk, 1]``
+    and ``[chunk, 2]``, one task per head."""
+    B, H, Lq, D = q.shape
+    Hkv = kp.shape[1]
+    BH, BHkv = B * H, B * Hkv
+    for t in range(BH + 2 * BHkv):
+        if t % nchunks != chunk:
+            continue
+        if t < BH:
+            b, h = t // H, t % H
+            M = min(Lq, lens[b])
+            tops[chunk, 0] = _bits_max(q[b, h, :M].reshape(M * D).view(np.uint32), tops[chunk, 0])
+        else:
+            u = t - BH
+            slot = 1 if u < BHkv else 2
+            tile = (kp if u < BHkv else vp)[(u % BHkv) // Hkv, (u % BHkv) % Hkv]
+            n = tile.shape[0] * tile.shape[1] * tile.shape[2]
+            tops[chunk, slot] = _bits_max(tile.reshape(n).view(np.uint32), tops[chunk, slot])
+
+
+def bits_to_largest(top: int) -> float:
+    """A largest magnitude as bits (:func:`_bits_max`) → its float value, NaN for NaN or ±inf."""
+    if top >= 0x7F800000:
+        return float("nan")
+    return float(np.array(top, dtype=np.uint32).view(np.float32))
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

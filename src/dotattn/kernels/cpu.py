@@ -747,6 +747,13 @@ def _all_finite(x: np.ndarray) -> bool:
     if x.dtype == np.uint16 or x.dtype == BFLOAT16:
         bits = x.view(np.uint16)
         return bits.size == 0 or int(np.max(bits & np.uint16(0x7FFF))) < 0x7F80
+    if x.dtype == np.float32 and x.flags.c_contiguous and x.size:
+        # the largest magnitude's bits (_cpu_amx_f32._abs_bits_max: one integer pass, 0.29 ms for
+        # 8 MiB against NumPy's sum's ≈ 0.6): below 0x7F800000 when nothing is NaN or ±inf
+        from ._cpu_amx_f32 import _abs_bits_max
+
+        flat = x.reshape(1, 1, x.size, 1)
+        return int(_abs_bits_max(flat, np.array([x.size], dtype=np.int64))) < 0x7F800000
     return _numpy_all_finite(x)
 
 
@@ -808,10 +815,15 @@ def forward(
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
     split = not grouped and f32_split_route(call)
     p = prepare(call, block_size, forward=True, grouped=grouped, split=split)
-    if not call.extras and not (_all_finite(p.vp) if p.v_finite is None else p.v_finite):
+    tops = _forward_largest(p) if split else None  # (V's finiteness and q's and K's range, one pass)
+    if tops is not None:
+        v_finite = bool(np.isfinite(tops["v"]))
+    else:
+        v_finite = _all_finite(p.vp) if p.v_finite is None else p.v_finite
+    if not call.extras and not v_finite:
         return _numpy_backend().forward(call)
     if split:
-        p = _with_split_operands(p, call)
+        p = _with_split_operands(p, call, tops=tops)
     return _run_forward(call, p, grouped, final)
 
 
@@ -897,6 +909,61 @@ def _backward_largest(p: Prepared, dout: np.ndarray) -> dict[str, float]:
             "dout": largest(dout, o.q_lens)}
 
 
+def _forward_largest(p: Prepared) -> dict[str, float]:
+    """The largest magnitudes of the forward's operands on the split route (q in its real rows,
+    K and V packed; NaN where a NaN or ±inf is there) in one pass on ``_launch.run_chunks``
+    (``_cpu_amx_f32.operand_tops``): V's serves the NaN policy, q's and K's the route's range,
+    where NumPy's sum over V and a serial pass over q and K each read them (≈ 1.3 ms at H8
+    L4096 D64, load 1)."""
+    from ._cpu_amx_f32 import bits_to_largest, operand_tops
+    from ._launch import run_chunks
+
+    nchunks = _num_threads()
+    tops = np.zeros((nchunks, 3), dtype=np.uint32)
+    run_chunks(operand_tops, (p.q, p.kp, p.vp, p.options.q_lens, tops), nchunks)
+    top = tops.max(axis=0)
+    return {name: bits_to_largest(int(t)) for name, t in zip(("q", "k", "v"), top)}
+
+
+@dataclass
+class _QuerySide:
+    """What :func:`_query_side_pass` leaves for the split route's backward."""
+
+    tops: dict[str, float]  # largest magnitudes of q, dout, out, k, v (NaN: a NaN or ±inf there)
+    dout_k: np.ndarray  # dO with the LSE's rounding fix per row (the kernel's dO)
+    delta: np.ndarray  # Δ = fix · rowsum(dO ∘ O), float32
+    pieces: dict[str, np.ndarray]  # qpc, dopc and (all five products) qrp, dorp: split
+
+
+def _query_side_pass(p: Prepared, call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.ndarray) -> _QuerySide:
+    """The split route backward's per-call work on its operands in one pass over each
+    (``_cpu_amx_f32.split_query_side`` on ``_launch.run_chunks``): the checks of q, K, V, dO and
+    O (NaN policy and range), dO's LSE fix, Δ, and q's and dO's pieces — split before the
+    range is known (operands out of range, rare, leave them unused).  ``out``, ``dout`` float32
+    C-contiguous, ``lse`` the float32 LSE."""
+    from ._cpu_amx_f32 import bits_to_largest, split_query_side
+    from ._launch import run_chunks
+
+    o = p.options
+    fix = np.ones(lse.shape) if _p_from_tile_softmax(p) else lse_rounding_fix(lse)
+    dout_k = np.empty(dout.shape, dtype=np.float32)
+    delta = np.empty(lse.shape, dtype=np.float32)
+    pairs = _split_all_shapes(call)
+    pieces = {"qpc": _column_pieces(p.q, o.q_lens, o.BQ, "backward qpc", False),
+              "dopc": _column_pieces(dout, o.q_lens, o.BQ, "dopc", False)}
+    if pairs:
+        pieces.update(qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp", False),
+                      dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp", False))
+    nchunks = _num_threads()
+    tops = np.zeros((nchunks, 5), dtype=np.uint32)
+    args = (p.q, dout, out, fix, p.kp, p.vp, o.q_lens, dout_k, delta, pieces["qpc"], pieces["dopc"],
+            pieces.get("qrp", NO_PAIRS), pieces.get("dorp", NO_PAIRS), True, pairs, tops)
+    run_chunks(split_query_side, args, nchunks)
+    top = tops.max(axis=0)
+    largest = {name: bits_to_largest(int(t)) for name, t in zip(("q", "dout", "out", "k", "v"), top)}
+    return _QuerySide(largest, dout_k, delta, pieces)
+
+
 # The pieces a kernel task alone reads written by that task (Options.split_in_task); False: by
 # passes per call before the kernel (the A/B switch of benchmarks and tests)
 SPLIT_IN_TASK = True
@@ -971,7 +1038,7 @@ def _split_all_shapes(call: AttentionCall) -> bool:
 def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: bool = True) -> np.ndarray:
     """Per head, the pieces of ``x (B, H, L, X)`` in pairs of rows (the B operands of ``dK +=
     dSᵀ·Q`` and ``dV += Pᵀ·dO``), rows padded to whole query tiles.  ``split=False``: the
-    buffer only (:func:`_split_query_side` fills it)."""
+    buffer only (:func:`_query_side_pass` fills it)."""
     from ._cpu_amx_f32 import padded, split_row_pairs
 
     B, H, L, X = x.shape
@@ -979,28 +1046,6 @@ def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: boo
     if split:
         split_row_pairs(x, lens, out)
     return out
-
-
-def _split_query_side(p: Prepared, dout: np.ndarray, changes: dict) -> None:
-    """The backward's per-call pieces of q and dO (``changes``' qpc, dopc and with all five
-    products qrp, dorp: every key tile's task reads every query tile's) in one pass on
-    ``_launch.run_chunks`` — a pool thread and the caller, heads dealt in turn — where each
-    was a pass on the calling thread (Qᵀ's and dOᵀ's 2.5 ms each, the row pairs' 1.3 each at
-    H8 L4096 D64).  Not a prange loop: on a busy machine its launch waits for descheduled
-    threads, where the caller here takes the chunks no pool thread has started."""
-    from ._cpu_amx_f32 import split_query_side
-    from ._launch import run_chunks
-
-    do_q, do_dout = "qpc" in changes, "dopc" in changes
-    if not (do_q or do_dout):
-        return
-    qpc = changes.get("qpc", changes.get("dopc"))
-    dopc = changes.get("dopc", qpc)
-    pairs = bool(changes.get("split_all"))
-    qrp = changes["qrp"] if pairs else NO_PAIRS
-    dorp = changes["dorp"] if pairs else NO_PAIRS
-    args = (p.q, dout, p.options.q_lens, qpc, dopc, qrp, dorp, do_q, do_dout, pairs)
-    run_chunks(split_query_side, args, _num_threads())
 
 
 def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
@@ -1017,14 +1062,20 @@ def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
 
 
 def _with_split_operands(
-    p: Prepared, call: AttentionCall, dout: np.ndarray | None = None, tops: dict[str, float] | None = None
+    p: Prepared,
+    call: AttentionCall,
+    dout: np.ndarray | None = None,
+    tops: dict[str, float] | None = None,
+    query_pieces: dict[str, np.ndarray] | None = None,
 ) -> Prepared:
     """``p`` with the split-AMX operands of its score product (q and K in range: the forward and
     the backward check the same arrays, so they agree) and, given the backward's ``dout``, of
     ``dPᵀ = V·dOᵀ`` (V and dO in range) and — head dims in whole 32-steps — of the other three
     products (``split_all``).  Operands out of range keep MKL's tiles.  ``tops``: the
     backward's :func:`_backward_largest` (of the caller's dO: its rows scaled by the LSE's
-    rounding fix, within 1 ± 10⁻⁶, are what the product takes — far inside the range's margins)."""
+    rounding fix, within 1 ± 10⁻⁶, are what the product takes — far inside the range's margins).
+    ``query_pieces``: q's and dO's pieces already split (:func:`_query_side_pass`); without them
+    the backward splits them here, on the calling thread."""
     from ._cpu_amx_f32 import ok_range
 
     o = p.options
@@ -1036,25 +1087,25 @@ def _with_split_operands(
     in_task = SPLIT_IN_TASK
     if tops is not None:
         s_ok = ok_range(tops["q"]) and ok_range(tops["k"])
-        dp_ok = ok_range(tops["dout"]) and ok_range(tops["v"])
+        dp_ok = dout is not None and ok_range(tops["dout"]) and ok_range(tops["v"])
     else:
         s_ok = _in_range(p.q, o.q_lens, p.kp)
         dp_ok = dout is not None and _in_range(dout, o.q_lens, p.vp)
     if s_ok:
         forward_in_task = in_task and dout is None
         backward_in_task = in_task and dout is not None
-        # (the backward's query side is split below, in one pass)
-        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task),
-                       qpc=_column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", dout is None and not forward_in_task))
+        split_q = dout is None and not forward_in_task or dout is not None and query_pieces is None
+        qpc = query_pieces["qpc"] if query_pieces else _column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", split_q)
+        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task), qpc=qpc)
     if dp_ok:
-        changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task),
-                       dopc=_column_pieces(dout, o.q_lens, o.BQ, "dopc", False))
+        dopc = query_pieces["dopc"] if query_pieces else _column_pieces(dout, o.q_lens, o.BQ, "dopc")
+        changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task), dopc=dopc)
         if changes.get("split_s") and _split_all_shapes(call):
-            changes.update(split_all=True, qrp=_pair_pieces(p.q, o.q_lens, o.BQ, "qrp", False),
-                           dorp=_pair_pieces(dout, o.q_lens, o.BQ, "dorp", False),
-                           ktp=_transposed_row_pieces(p.kp, not in_task))
-    if dout is not None:
-        _split_query_side(p, dout, changes)
+            if query_pieces:
+                qrp, dorp = query_pieces["qrp"], query_pieces["dorp"]
+            else:
+                qrp, dorp = _pair_pieces(p.q, o.q_lens, o.BQ, "qrp"), _pair_pieces(dout, o.q_lens, o.BQ, "dorp")
+            changes.update(split_all=True, qrp=qrp, dorp=dorp, ktp=_transposed_row_pieces(p.kp, not in_task))
     if in_task and changes:
         changes.update(split_in_task=True)
     if not changes:
@@ -1202,38 +1253,42 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         else:
             block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
     p = prepare(call, block_size, split=split)
-    # the split route (no bias or ALiBi there) checks q, K, V and dO once for both rules
-    tops = _backward_largest(p, np.asarray(dout)) if split else None
-    if not call.extras and not (
-        (
-            all(np.isfinite(t) for t in tops.values())
-            if tops is not None
-            else _inputs_finite(call, p) and _real_rows_finite(np.asarray(dout), call)
-        )
-        and _real_rows_finite(np.asarray(out), call)
-        and _lse_ok(lse, call)
-    ):
-        return _numpy_backend().backward(call, out, lse, dout, want_dbias)
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv
     dout = np.asarray(dout)
-    dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
-    out_c = np.asarray(out, dtype=T)
     lse_c = _contiguous(np.asarray(lse), T)
-    # D_i = rowsum(dO ∘ O); for short problems summed in float64, as their scores (_short_rows):
-    # a float32 sum over D 128 was the largest error left in dQ/dK at a large scale
-    from ._cpu_primitives import F64_DOT_MAX_SCORES  # (loaded with the kernels anyway)
+    if split:
+        # one pass over q, K, V, dO and O (the split route has no bias or ALiBi): the NaN
+        # policy's and the range's checks, dO's LSE fix, Δ, q's and dO's pieces
+        dout_c, out_c = _contiguous(dout, T), _contiguous(np.asarray(out), T)
+        side = _query_side_pass(p, call, out_c, lse_c, dout_c)
+        if not (all(np.isfinite(t) for t in side.tops.values()) and _lse_ok(lse, call)):
+            return _numpy_backend().backward(call, out, lse, dout, want_dbias)
+        dout_k, delta = side.dout_k, side.delta
+    else:
+        if not call.extras and not (
+            _inputs_finite(call, p)
+            and _real_rows_finite(dout, call)
+            and _real_rows_finite(np.asarray(out), call)
+            and _lse_ok(lse, call)
+        ):
+            return _numpy_backend().backward(call, out, lse, dout, want_dbias)
+        dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
+        out_c = np.asarray(out, dtype=T)
+        # D_i = rowsum(dO ∘ O); for short problems summed in float64, as their scores (_short_rows):
+        # a float32 sum over D 128 was the largest error left in dQ/dK at a large scale
+        from ._cpu_primitives import F64_DOT_MAX_SCORES  # (loaded with the kernels anyway)
 
-    wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
-    delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
-    if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
-        # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
-        # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
-        fix = lse_rounding_fix(lse_c)
-        dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
-        delta = delta * fix
-    delta = _contiguous(delta.astype(T, copy=False), T)
+        wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
+        delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
+        if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
+            # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
+            # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
+            fix = lse_rounding_fix(lse_c)
+            dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
+            delta = delta * fix
+        delta = _contiguous(delta.astype(T, copy=False), T)
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch
     # waits for every descheduled thread (the small forward path's reason, kernels/cpu_small.py).
@@ -1241,14 +1296,15 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
     nchunks = 1 if serial else _num_threads()
     if split:
-        p = _with_split_operands(p, call, dout_k, tops)
+        p = _with_split_operands(p, call, dout_k, side.tops, side.pieces)
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
         dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
     else:
         dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
-    dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
-    dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
+    # (every task writes its key tile of dK and dV whole, zeros where no query sees it)
+    dkp = np.empty(p.kp.shape[:4] + (D,), dtype=T)
+    dvp = np.empty(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _kernel_launch(p.kernels, "backward", call.dtype):
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward

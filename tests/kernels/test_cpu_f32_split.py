@@ -474,3 +474,27 @@ def test_pieces_buffers_kept_within_the_thread_budget(monkeypatch):
     assert kept["reused"] and not kept["big reused"] and kept["aligned"]
     assert kept["roles"] == ["b"]  # role a's 1 MiB array would pass the budget beside b's
     assert kept["bytes"] <= 1 << 20
+
+
+@pytest.mark.parametrize("route", ["amx5"], indirect=True)
+@pytest.mark.parametrize("case", ["dense", "D128-scale2.5", "causal-scale2.5"], ids=str)
+def test_backward_again_reuses_zeroed_dq_parts(route, case):
+    """A second backward of one shape on one thread takes the dQᵀ parts the first one's epilogue
+    zeroed again (cpu._zeroed_dq_parts): bit for bit the first call's gradients, and the kept
+    parts all zero between calls (query lengths not a multiple of 16: the transposed tail)."""
+    c = dict(CASES[case])
+    scale = c.pop("scale", None)
+    causal = c.pop("causal", False)
+    q, k, v = H.random_qkv(13, batch=(2,), dtype=np.float32, **c)
+    call = semantics.normalize(q, k, v, scale=scale, causal=causal)
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(14).standard_normal(out.shape).astype(np.float32)
+    first = cpu.backward(call, out, lse, dout)[:3]
+    kept = getattr(cpu._dq_parts_kept, "array", None)
+    if AMX and c["D"] % 32 == 0:
+        assert kept is not None and not kept.any()
+    again = cpu.backward(call, out, lse, dout)[:3]
+    if kept is not None:
+        assert cpu._dq_parts_kept.array is kept and not kept.any()
+    for name, a, b in zip(("dq", "dk", "dv"), first, again):
+        H.assert_bitwise_equal(b, a, name)

@@ -722,16 +722,43 @@ def pieces_buffer(rows, cols, like):
     return buf[skip : skip + n].reshape((3, R, C))[:, :rows, :cols]
 
 
+@intrinsic
+def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
+    """16 rows of 16 float32 at ``src`` (rows ``src_ld`` bytes apart) → their transpose, 16 rows
+    of 16 at ``dst`` (``dst_ld`` apart): a 16 × 16 block moved through registers
+    (:func:`_transpose16`), where element-by-element stores each went to another row."""
+
+    def codegen(context, builder, signature, args):
+        src, src_ld, dst, dst_ld = args
+        _amx_function(context, builder, _AVX512)
+        v16 = ir.VectorType(_I32, 16)
+        rows = []
+        for r in range(16):
+            addr = builder.add(src, builder.mul(src_ld, ir.Constant(src_ld.type, r)))
+            rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
+        for k, vec in enumerate(_transpose16(builder, rows)):
+            addr = builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k)))
+            builder.store(vec, builder.inttoptr(addr, v16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
-def dq_from_transposed(parts, out, scale, chunk, nchunks):
+def dq_from_transposed(parts, out, scale, zero, chunk, nchunks):
     """``out (B, H, Lq, D)`` ← ``scale · Σ_c parts[c, :, :, :D, :Lq]ᵀ`` (dQᵀ's per-chunk parts
     ``(chunks, B, H, ≥D, ≥Lq)``, summed in chunk order: bitwise repeatable), in one pass: 16
-    rows of dQᵀ summed and scaled into a scratch, then written transposed (NumPy's sum, the
-    transposed copy and the scaling took three passes, 5.3 ms for H8 L4096 D64 → 3.4).  This
-    chunk's heads (``_launch.run_chunks``)."""
+    rows of dQᵀ summed and scaled into a scratch, then written transposed, 16 × 16 blocks
+    through registers (:func:`_transpose_store16`; NumPy's sum, the transposed copy and the
+    scaling took three passes, 5.3 ms for H8 L4096 D64 → 3.4 with scalar stores).  ``zero``:
+    each part's rows (all of them, whole width) are zeroed as they are read, so the caller may
+    hand the array to the next call as its zeroed parts.  This chunk's heads (``_launch.run_chunks``)."""
     n = parts.shape[0]
     B, H, Lq, D = out.shape
-    tmp = np.empty((16, Lq), dtype=out.dtype)
+    Dp = parts.shape[3]
+    L16 = Lq - Lq % 16
+    tmp = np.empty((16, Lq + 16), dtype=out.dtype)  # (rows 16 floats longer: not 4 KiB apart)
+    tmp_ld, out_ld = tmp.strides[0], out.strides[2]
     for t in range(B * H):
         if t % nchunks != chunk:
             continue
@@ -749,7 +776,18 @@ def dq_from_transposed(parts, out, scale, chunk, nchunks):
                         row[i] += pc[i]
                 for i in range(Lq):
                     row[i] *= scale
-            for i in range(Lq):
+                if zero:
+                    for c in range(n):
+                        parts[c, b, h, d0 + dd, :] = 0.0
+            first = 0
+            if nd == 16:
+                for i0 in range(0, L16, 16):
+                    _transpose_store16(tmp[0].ctypes.data + 4 * i0, tmp_ld, out[b, h, i0].ctypes.data + 4 * d0, out_ld)
+                first = L16
+            for i in range(first, Lq):
                 o = out[b, h, i]
                 for dd in range(nd):
                     o[d0 + dd] = tmp[dd, i]
+        if zero:
+            for c in range(n):
+                parts[c, b, h, D:Dp, :] = 0.0

@@ -498,3 +498,49 @@ def test_backward_again_reuses_zeroed_dq_parts(route, case):
         assert cpu._dq_parts_kept.array is kept and not kept.any()
     for name, a, b in zip(("dq", "dk", "dv"), first, again):
         H.assert_bitwise_equal(b, a, name)
+
+
+@pytest.mark.parametrize("route", ["amx5"], indirect=True)
+@pytest.mark.parametrize("D, Dv", [(64, 32), (32, 96)], ids=["D64-Dv32", "D32-Dv96"])
+def test_value_dim_unlike_the_query_dim(route, taken, D, Dv):
+    """All five products with Dv ≠ D: dO's row pairs are Dv wide (cpu._query_side_pass; the
+    per-call split before 1 Dec 11:00 gave them q's width D)."""
+    q, k, v = H.random_qkv(15, batch=(2,), Hq=2, Lq=300, Lk=333, D=D, Dv=Dv, q_lengths=[300, 201])
+    call = semantics.normalize(q, k, v, q_lengths=[300, 201])
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(16).standard_normal(out.shape).astype(np.float32)
+    dout[1, :, 201:] = np.nan  # padding rows may hold anything
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
+    if AMX:
+        assert taken[1] == (True, True, True, True)
+    ref = H.reference_grads(q, k, v, dout, q_lengths=[300, 201])
+    naive = H.naive_grads(q, k, v, dout, q_lengths=[300, 201])
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
+        H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
+
+
+@pytest.mark.skipif(not AMX, reason="the split route's passes need AMX (and AVX-512 BF16)")
+@pytest.mark.parametrize("D", [64, 59, 33, 8, 20])
+def test_query_side_pass_keeps_the_numpy_steps_bits(D):
+    """cpu._query_side_pass (one pass for the checks, dO's LSE fix and Δ) gives bit for bit what
+    the NumPy steps gave: ``dO·fix``, ``float32(einsum(dO, O) · fix)``, and the largest
+    magnitudes of q, dO and O in their real rows and of K and V."""
+    from dotattn.kernels._cpu_amx_f32 import largest
+
+    q, k, v = H.random_qkv(17, batch=(2,), Hq=4, Hkv=2, Lq=300, Lk=290, D=D, q_lengths=[300, 123])
+    call = semantics.normalize(q, k, v, q_lengths=[300, 123])
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(18).standard_normal(out.shape).astype(np.float32)
+    dout[1, :, 123:] = 1e30  # padding rows: outside every check
+    p = cpu.prepare(call, cpu.F32_SPLIT_BACKWARD_BLOCK_SIZE, split=True)
+    side = cpu._query_side_pass(p, call, out, lse, dout)
+    fix = cpu.lse_rounding_fix(lse)
+    with np.errstate(all="ignore"):
+        want_delta = (np.einsum("bhld,bhld->bhl", dout, out, dtype=np.float32) * fix).astype(np.float32)
+        want_dout = np.multiply(dout, fix.astype(np.float32)[..., None])
+    H.assert_bitwise_equal(side.dout_k, want_dout, "dout_k")
+    H.assert_bitwise_equal(side.delta, want_delta, "delta")
+    lens = p.options.q_lens
+    assert side.tops["q"] == largest(p.q, lens) and side.tops["dout"] == largest(dout, lens)
+    assert side.tops["out"] == largest(out, lens)
+    assert side.tops["k"] == cpu._largest_tiles(p.kp) and side.tops["v"] == cpu._largest_tiles(p.vp)

@@ -528,21 +528,40 @@ def _bits_max(flat, top):
     return top
 
 
-@njit(cache=_JIT_CACHE, nogil=True, fastmath={"reassoc"})
-def _dot64(a, b):
-    """``Σ a[i]·b[i]`` of two float32 rows, products and sum in float64 (summed in any order:
-    the compiler's vector lanes; one compiled order, so repeatable)."""
-    acc = 0.0
-    for i in range(a.shape[0]):
-        acc += np.float64(a[i]) * np.float64(b[i])
-    return acc
+@njit(cache=_JIT_CACHE, inline="always")
+def _dot_as_einsum(a, b):
+    """``Σ a[i]·b[i]`` of two float32 rows in float32, bit for bit NumPy's ``einsum`` over a
+    contiguous last axis (``sum_of_products_contig_contig_outstride0_two``: four lanes, each
+    taking four products a step, last first, unfused; the lanes summed pairwise), so that Δ
+    keeps the bits of the ``np.einsum`` it replaces (checked against it: test)."""
+    n = a.shape[0]
+    z = np.float32(0.0)
+    s0, s1, s2, s3 = z, z, z, z
+    i = 0
+    while n - i >= 16:
+        s0 = (((s0 + a[i + 12] * b[i + 12]) + a[i + 8] * b[i + 8]) + a[i + 4] * b[i + 4]) + a[i] * b[i]
+        s1 = (((s1 + a[i + 13] * b[i + 13]) + a[i + 9] * b[i + 9]) + a[i + 5] * b[i + 5]) + a[i + 1] * b[i + 1]
+        s2 = (((s2 + a[i + 14] * b[i + 14]) + a[i + 10] * b[i + 10]) + a[i + 6] * b[i + 6]) + a[i + 2] * b[i + 2]
+        s3 = (((s3 + a[i + 15] * b[i + 15]) + a[i + 11] * b[i + 11]) + a[i + 7] * b[i + 7]) + a[i + 3] * b[i + 3]
+        i += 16
+    while i < n:  # (the masked loads of the last steps: lanes past n add nothing)
+        s0 += a[i] * b[i]
+        if i + 1 < n:
+            s1 += a[i + 1] * b[i + 1]
+        if i + 2 < n:
+            s2 += a[i + 2] * b[i + 2]
+        if i + 3 < n:
+            s3 += a[i + 3] * b[i + 3]
+        i += 4
+    return (s0 + s1) + (s2 + s3)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def _dout_head(dout, out, fix, dout_k, delta, M):
     """One head's rows of the backward's dO side: ``dout_k = dO·fix`` (fix rounded to float32, all
-    rows), ``delta = float32(fix·Σ dO∘O)`` (Δ summed in float64, all rows), and the largest
-    magnitudes (as bits) of dO's and O's first ``M`` rows (the real ones)."""
+    rows), ``delta = float32(fix·Σ dO∘O)`` (Δ summed in float32 as ``np.einsum`` sums it, times
+    fix in float64: the bits of the NumPy passes this replaces), and the largest magnitudes (as
+    bits) of dO's and O's first ``M`` rows (the real ones)."""
     L, Dv = dout.shape
     top_do, top_o = np.uint32(0), np.uint32(0)
     for i in range(L):
@@ -551,7 +570,7 @@ def _dout_head(dout, out, fix, dout_k, delta, M):
         x, dk = dout[i], dout_k[i]
         for d in range(Dv):
             dk[d] = x[d] * f32
-        delta[i] = np.float32(_dot64(x, out[i]) * f)
+        delta[i] = np.float32(np.float64(_dot_as_einsum(x, out[i])) * f)
         if i < M:
             top_do = _bits_max(x.view(np.uint32), top_do)
             top_o = _bits_max(out[i].view(np.uint32), top_o)

@@ -959,6 +959,11 @@ def _query_side_pass(p: Prepared, call: AttentionCall, out: np.ndarray, lse: np.
     args = (p.q, dout, out, fix, p.kp, p.vp, o.q_lens, dout_k, delta, pieces["qpc"], pieces["dopc"],
             pieces.get("qrp", NO_PAIRS), pieces.get("dorp", NO_PAIRS), True, pairs, tops)
     run_chunks(split_query_side, args, nchunks)
+    from ._cpu_primitives import _short_rows
+
+    if _short_rows.py_func(call.Lq, call.Lk):  # (a GQA call of ≥ 33 heads a group): Δ in float64,
+        # as the other route sums it (see backward)
+        delta = (np.einsum("bhld,bhld->bhl", dout, out, dtype=np.float64) * fix).astype(np.float32)
     top = tops.max(axis=0)
     largest = {name: bits_to_largest(int(t)) for name, t in zip(("q", "dout", "out", "k", "v"), top)}
     return _QuerySide(largest, dout_k, delta, pieces)

@@ -544,3 +544,21 @@ def test_query_side_pass_keeps_the_numpy_steps_bits(D):
     assert side.tops["q"] == largest(p.q, lens) and side.tops["dout"] == largest(dout, lens)
     assert side.tops["out"] == largest(out, lens)
     assert side.tops["k"] == cpu._largest_tiles(p.kp) and side.tops["v"] == cpu._largest_tiles(p.vp)
+
+
+@pytest.mark.parametrize("route", ["amx5"], indirect=True)
+def test_serial_backward_on_the_split_route(route, taken):
+    """The one-chunk backward (cpu.backward(serial=True): small passes) on all five products: its
+    dQᵀ parts (one chunk) through the same epilogue and kept parts."""
+    q, k, v = H.random_qkv(19, batch=(1,), Hq=2, Lq=300, Lk=290, D=32)
+    call = semantics.normalize(q, k, v, causal=True)
+    out, lse = cpu.forward(call)
+    dout = np.random.default_rng(20).standard_normal(out.shape).astype(np.float32)
+    ref = H.reference_grads(q, k, v, dout, causal=True)
+    naive = H.naive_grads(q, k, v, dout, causal=True)
+    for _ in range(2):  # the second call takes the parts the first left zeroed
+        dq, dk, dv, _ = cpu.backward(call, out, lse, dout, serial=True)
+        for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
+            H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
+    if AMX:
+        assert taken[1] == (True, True, True, True)

@@ -478,10 +478,10 @@ def test_pieces_buffers_kept_within_the_thread_budget(monkeypatch):
 
 @pytest.mark.parametrize("route", ["amx5"], indirect=True)
 @pytest.mark.parametrize("case", ["dense", "D128-scale2.5", "causal-scale2.5"], ids=str)
-def test_backward_again_reuses_zeroed_dq_parts(route, case):
-    """A second backward of one shape on one thread takes the dQᵀ parts the first one's epilogue
-    zeroed again (cpu._zeroed_dq_parts): bit for bit the first call's gradients, and the kept
-    parts all zero between calls (query lengths not a multiple of 16: the transposed tail)."""
+def test_backward_twice_bitwise(route, case):
+    """Two backward passes of one call give the same bits (dQᵀ's parts summed in chunk order and
+    written transposed by 16 × 16 blocks: _cpu_amx_f32.dq_from_transposed; query lengths not a
+    multiple of 16 take its element-wise tail)."""
     c = dict(CASES[case])
     scale = c.pop("scale", None)
     causal = c.pop("causal", False)
@@ -490,12 +490,7 @@ def test_backward_again_reuses_zeroed_dq_parts(route, case):
     out, lse = cpu.forward(call)
     dout = np.random.default_rng(14).standard_normal(out.shape).astype(np.float32)
     first = cpu.backward(call, out, lse, dout)[:3]
-    kept = getattr(cpu._dq_parts_kept, "array", None)
-    if AMX and c["D"] % 32 == 0:
-        assert kept is not None and not kept.any()
     again = cpu.backward(call, out, lse, dout)[:3]
-    if kept is not None:
-        assert cpu._dq_parts_kept.array is kept and not kept.any()
     for name, a, b in zip(("dq", "dk", "dv"), first, again):
         H.assert_bitwise_equal(b, a, name)
 
@@ -549,16 +544,15 @@ def test_query_side_pass_keeps_the_numpy_steps_bits(D):
 @pytest.mark.parametrize("route", ["amx5"], indirect=True)
 def test_serial_backward_on_the_split_route(route, taken):
     """The one-chunk backward (cpu.backward(serial=True): small passes) on all five products: its
-    dQᵀ parts (one chunk) through the same epilogue and kept parts."""
+    dQᵀ parts (one chunk) through the same epilogue."""
     q, k, v = H.random_qkv(19, batch=(1,), Hq=2, Lq=300, Lk=290, D=32)
     call = semantics.normalize(q, k, v, causal=True)
     out, lse = cpu.forward(call)
     dout = np.random.default_rng(20).standard_normal(out.shape).astype(np.float32)
     ref = H.reference_grads(q, k, v, dout, causal=True)
     naive = H.naive_grads(q, k, v, dout, causal=True)
-    for _ in range(2):  # the second call takes the parts the first left zeroed
-        dq, dk, dv, _ = cpu.backward(call, out, lse, dout, serial=True)
-        for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
-            H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
+    dq, dk, dv, _ = cpu.backward(call, out, lse, dout, serial=True)
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
+        H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
     if AMX:
         assert taken[1] == (True, True, True, True)

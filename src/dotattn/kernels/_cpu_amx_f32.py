@@ -764,17 +764,15 @@ def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def dq_from_transposed(parts, out, scale, zero, chunk, nchunks):
+def dq_from_transposed(parts, out, scale, chunk, nchunks):
     """``out (B, H, Lq, D)`` ← ``scale · Σ_c parts[c, :, :, :D, :Lq]ᵀ`` (dQᵀ's per-chunk parts
     ``(chunks, B, H, ≥D, ≥Lq)``, summed in chunk order: bitwise repeatable), in one pass: 16
     rows of dQᵀ summed and scaled into a scratch, then written transposed, 16 × 16 blocks
     through registers (:func:`_transpose_store16`; NumPy's sum, the transposed copy and the
-    scaling took three passes, 5.3 ms for H8 L4096 D64 → 3.4 with scalar stores).  ``zero``:
-    each part's rows (all of them, whole width) are zeroed as they are read, so the caller may
-    hand the array to the next call as its zeroed parts.  This chunk's heads (``_launch.run_chunks``)."""
+    scaling took three passes, 5.3 ms for H8 L4096 D64 → 3.4 with scalar stores).  This
+    chunk's heads (``_launch.run_chunks``)."""
     n = parts.shape[0]
     B, H, Lq, D = out.shape
-    Dp = parts.shape[3]
     L16 = Lq - Lq % 16
     tmp = np.empty((16, Lq + 16), dtype=out.dtype)  # (rows 16 floats longer: not 4 KiB apart)
     tmp_ld, out_ld = tmp.strides[0], out.strides[2]
@@ -795,9 +793,6 @@ def dq_from_transposed(parts, out, scale, zero, chunk, nchunks):
                         row[i] += pc[i]
                 for i in range(Lq):
                     row[i] *= scale
-                if zero:
-                    for c in range(n):
-                        parts[c, b, h, d0 + dd, :] = 0.0
             first = 0
             if nd == 16:
                 for i0 in range(0, L16, 16):
@@ -807,6 +802,3 @@ def dq_from_transposed(parts, out, scale, zero, chunk, nchunks):
                 o = out[b, h, i]
                 for dd in range(nd):
                     o[d0 + dd] = tmp[dd, i]
-        if zero:
-            for c in range(n):
-                parts[c, b, h, D:Dp, :] = 0.0

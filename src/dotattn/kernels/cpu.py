@@ -1243,24 +1243,6 @@ def _p_from_tile_softmax(p: Prepared) -> bool:
     return bool(_short_rows.py_func(o.Lq, o.Lk) and p.kp.shape[2] == 1 and whole_rows)
 
 
-# dQᵀ's per-chunk parts of the split route's backward (all five products) are zeroed by the
-# epilogue that reads them (_cpu_amx_f32.dq_from_transposed) and kept for the thread's next
-# call, up to this size: fresh zeroed memory paid its page faults in the kernel on every call
-# (17 MiB at H8 L4096 D64).
-DQ_PARTS_KEPT_BYTES = 64 << 20
-_dq_parts_kept = threading.local()
-
-
-def _zeroed_dq_parts(shape: tuple, dtype) -> np.ndarray:
-    """Zeroed dQᵀ parts: the array this thread's last backward left zeroed (taken: it is only
-    given back once zeroed again), else a fresh one."""
-    kept = getattr(_dq_parts_kept, "array", None)
-    _dq_parts_kept.array = None
-    if kept is not None and kept.shape == shape and kept.dtype == dtype:
-        return kept
-    return np.zeros(shape, dtype=dtype)
-
-
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
 
@@ -1322,12 +1304,13 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         p = _with_split_operands(p, call, dout_k, side.tops, side.pieces)
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
-        dq_parts = _zeroed_dq_parts((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), T)
+        dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
     else:
         dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
-    # (every task writes its key tile of dK and dV whole, zeros where no query sees it)
-    dkp = np.empty(p.kp.shape[:4] + (D,), dtype=T)
-    dvp = np.empty(p.vp.shape[:4] + (Dv,), dtype=T)
+    # (every task writes its key tile of dK and dV whole, but np.empty instead of np.zeros made
+    # the kernel 3–4 % slower, measured in one process alternated: kept; docs/performance.md)
+    dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
+    dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _kernel_launch(p.kernels, "backward", call.dtype):
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward
@@ -1342,10 +1325,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         from ._launch import run_chunks
 
         dq = np.empty((B, Hq, Lq, D), dtype=T)
-        keep = dq_parts.nbytes <= DQ_PARTS_KEPT_BYTES
-        run_chunks(dq_from_transposed, (dq_parts, dq, T.type(call.scale), keep), 1 if serial else _num_threads())
-        if keep:  # zeroed again by the epilogue: the next call's parts
-            _dq_parts_kept.array = dq_parts
+        run_chunks(dq_from_transposed, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
     else:
         dq = dq_parts[0]
         for part in dq_parts[1:]:  # a fixed order: bitwise repeatable

@@ -155,10 +155,20 @@ def _kernel(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T_, nchunks):
         _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T_)
 
 
+def _largest(p, dout):
+    """The largest magnitudes of q and dO (real rows) and of K and V (packed): the range check's
+    inputs, as ``cpu.backward`` took them before its one query-side pass."""
+    from dotattn.kernels._cpu_amx_f32 import largest
+
+    o = p.options
+    return {"q": largest(p.q, o.q_lens), "k": cpu._largest_tiles(p.kp), "v": cpu._largest_tiles(p.vp),
+            "dout": largest(dout, o.q_lens)}
+
+
 def _prepared(call, out, lse, dout):
     """``cpu.backward``'s set-up for the split route (the arrays its kernel takes)."""
     p = cpu.prepare(call, cpu.F32_SPLIT_BACKWARD_BLOCK_SIZE, split=True)
-    tops = cpu._backward_largest(p, dout)
+    tops = _largest(p, dout)
     lse_c = np.ascontiguousarray(lse, dtype=np.float32)
     delta = np.einsum("bhld,bhld->bhl", dout, out, dtype=np.float32)
     fix = cpu.lse_rounding_fix(lse_c)

@@ -133,7 +133,7 @@ def test_operands_out_of_range_take_mkl(route, taken, magnitude):
 @pytest.mark.parametrize("where", ["q", "k", "v", "dout", "q-padding"])
 def test_backward_nonfinite_operands_follow_the_policy(route, taken, where, value):
     """On the split route the backward checks q, K, V and dO once, for the NaN policy and the
-    range alike (cpu._backward_largest): a NaN or ±inf in a real row sends the call to the
+    range alike (cpu._query_side_pass): a NaN or ±inf in a real row sends the call to the
     NumPy backend, as MKL's route does; in a padding row of q it is ignored (the route taken)."""
     from dotattn.kernels import numpy_tiled
 

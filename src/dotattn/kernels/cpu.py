@@ -897,18 +897,6 @@ def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
     return ok_range(largest(rows, lens)) and ok_range(_largest_tiles(tiles))
 
 
-def _backward_largest(p: Prepared, dout: np.ndarray) -> dict[str, float]:
-    """The largest magnitudes of the backward's operands on the split route (q and dO in their
-    real rows, K and V packed; NaN where a NaN or ±inf is there): one pass each serves both the
-    finiteness check of the NaN policy and the route's range check, which each read the four
-    arrays before (≈ 0.65 ms a pass at H8 L4096 D64, 2.6 ms a call saved)."""
-    from ._cpu_amx_f32 import largest
-
-    o = p.options
-    return {"q": largest(p.q, o.q_lens), "k": _largest_tiles(p.kp), "v": _largest_tiles(p.vp),
-            "dout": largest(dout, o.q_lens)}
-
-
 def _forward_largest(p: Prepared) -> dict[str, float]:
     """The largest magnitudes of the forward's operands on the split route (q in its real rows,
     K and V packed; NaN where a NaN or ±inf is there) in one pass on ``_launch.run_chunks``
@@ -1077,8 +1065,9 @@ def _with_split_operands(
     the backward check the same arrays, so they agree) and, given the backward's ``dout``, of
     ``dPᵀ = V·dOᵀ`` (V and dO in range) and — head dims in whole 32-steps — of the other three
     products (``split_all``).  Operands out of range keep MKL's tiles.  ``tops``: the
-    backward's :func:`_backward_largest` (of the caller's dO: its rows scaled by the LSE's
-    rounding fix, within 1 ± 10⁻⁶, are what the product takes — far inside the range's margins).
+    backward's largest magnitudes (:func:`_query_side_pass`; of the caller's dO: its rows
+    scaled by the LSE's rounding fix, within 1 ± 10⁻⁶, are what the product takes — far inside
+    the range's margins).
     ``query_pieces``: q's and dO's pieces already split (:func:`_query_side_pass`); without them
     the backward splits them here, on the calling thread."""
     from ._cpu_amx_f32 import ok_range

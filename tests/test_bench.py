@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import pytest
 
@@ -130,10 +132,57 @@ def test_registered_peer_runs():
         del bench.PEERS["const"]
 
 
-def test_time_calls_warms_up_then_times_each_repeat():
-    """bench_common.time_calls (both `dotattn bench` tables): one untimed-in-the-list warm-up."""
-    from dotattn.bench_common import time_calls
+def test_rounds_interleave_every_peer_once_per_round_in_a_seeded_order():
+    """bench_common.rounds_of (both `dotattn bench` tables): each round names every peer once;
+    the orders vary between rounds and are the same on every run."""
+    from dotattn.bench_common import rounds_of
 
+    got = list(rounds_of(["a", "b", "c"], 6))
+    assert [r for r, _ in got] == [r for r in range(6) for _ in range(3)]
+    orders = [tuple(p for r, p in got if r == k) for k in range(6)]
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(set(orders)) > 1
+    assert got == list(rounds_of(["a", "b", "c"], 6))
+
+
+def test_peers_of_a_case_are_timed_in_rounds(monkeypatch):
+    """`dotattn bench`: every peer's warm-up first, then round after round one timed call of each
+    peer — a peer's timed calls are spread over the case, not back to back."""
+    monkeypatch.setattr(bench, "PAUSE_S", 0.0)
+    log = []
+
+    def slow(name):
+        def factory(case, x):
+            def run():
+                log.append(name)
+                time.sleep(0.025)  # past ROUND_WARM_S: no untimed calls before a timed one
+
+            return run
+
+        return factory
+
+    def unavailable(case, x):
+        raise bench.Unavailable("not here")
+
+    monkeypatch.setitem(bench.PEERS, "one", slow("one"))
+    monkeypatch.setitem(bench.PEERS, "two", slow("two"))
+    monkeypatch.setitem(bench.PEERS, "none", unavailable)
+    case = bench.SHAPE_SETS["tiny"]()[0]
+    rows = bench.measure_case(case, ["one", "none", "two"], bench._inputs(case), 3)
+    assert [r.peer for r in rows] == ["one", "none", "two"]
+    assert rows[1].status == "n/a" and rows[1].reason == "not here" and rows[1].times_ms == []
+    assert log[:4] == ["one", "one", "two", "two"]  # each peer's warm-up call and its sizing call
+    timed = log[4:]
+    assert len(timed) == 6 and all(sorted(timed[2 * r : 2 * r + 2]) == ["one", "two"] for r in range(3))
+    for r in (rows[0], rows[2]):
+        assert len(r.times_ms) == 3 and all(t >= 25.0 for t in r.times_ms) and r.ms == statistics.median(r.times_ms)
+        assert r.first_s >= 0.025 and r.gflops > 0
+
+
+def test_short_calls_are_warm_before_each_timed_call(monkeypatch):
+    monkeypatch.setattr(bench, "PAUSE_S", 0.0)
     calls = []
-    first_s, times_ms = time_calls(lambda: calls.append(1), 3)
-    assert len(calls) == 4 and len(times_ms) == 3 and first_s >= 0 and all(t >= 0 for t in times_ms)
+    monkeypatch.setitem(bench.PEERS, "fast", lambda case, x: lambda: calls.append(1))
+    case = bench.SHAPE_SETS["tiny"]()[0]
+    (row,) = bench.measure_case(case, ["fast"], bench._inputs(case), 2)
+    assert len(row.times_ms) == 2
+    assert len(calls) > 2 + 2 * 2  # untimed calls before each timed one

@@ -2,7 +2,9 @@
 
 One named shape set at a time; for each case (shape × structure × pass) every peer runs a
 warm-up call (its time is reported as ``first_s``: it includes JIT compiles) and then
-``--repeats`` timed calls; the table shows the median.  GFLOP/s count the visible pairs::
+``--repeats`` rounds, each timing every peer once in a shuffled order (peers interleaved, so
+that all of them sample the same stretch of a shared machine's time: :mod:`.bench_common`);
+the table shows each peer's median.  GFLOP/s count the visible pairs::
 
     forward  = 4 · B · Hq · (visible (query, key) pairs) · D
     fwd+bwd  = 3.5 × forward          (the backward does 2.5 forwards of work)
@@ -35,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench_common import PAUSE_S, fill_ratios, progress_steps, time_calls
+from .bench_common import PAUSE_S, fill_ratios, progress_steps, rounds_of
 
 
 # =================================================================================
@@ -440,24 +442,94 @@ def _inputs(case: Case, seed: int = 0, dtype: str = "float32") -> dict:
     return x
 
 
-def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
-    """Warm-up call (``first_s``), then ``repeats`` timed calls; median, GFLOP/s, peak memory."""
+# A short call's timed call in a round comes after untimed ones, back to back for about this
+# long: after the round's pause the first call pays the cores' wake-up and cold caches (tens to
+# hundreds of µs), which a 100 ms call does not notice and a 50 µs one would report as its time.
+# Calls that take at least this long run alone (a warm call's time decides: ``_start``).
+ROUND_WARM_S = 0.02
+
+
+@dataclass
+class _Started:
+    """A peer whose warm-up ran: its row, its call, and how many untimed calls go before each
+    round's timed one."""
+
+    row: Row
+    run: Callable[[], Any]
+    warm_calls: int
+
+
+def _new_row(case: Case, peer: str) -> Row:
     row = Row(
         case.name, peer, case.structure, case.mode, case.B, case.Hq, case.kv_heads, case.Lq, case.Lk, case.D
     )
     row.flop = case.flops()
+    return row
+
+
+def _start(case: Case, peer: str, inputs: dict) -> Row | _Started:
+    """The peer's warm-up call (``first_s``: JIT compiles, loads) and one more untimed call, whose
+    time sizes the rounds' warm-up; the row with ``n/a`` if the peer cannot run the case."""
+    row = _new_row(case, peer)
     time.sleep(PAUSE_S)  # the previous peer's worker threads park
     try:
         run = PEERS[peer](case, inputs)
         with _PeakRss() as mem:
-            row.first_s, row.times_ms = time_calls(run, repeats)
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+            run()
+            warm_s = time.perf_counter() - t1
     except Unavailable as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
-    row.ms = statistics.median(row.times_ms)
-    row.gflops = row.flop / (row.ms * 1e-3) / 1e9
+    row.first_s = t1 - t0
     row.peak_mib = mem.extra_mib
-    return row
+    warm_calls = 0 if warm_s >= ROUND_WARM_S else min(1000, math.ceil(ROUND_WARM_S / max(warm_s, 1e-6)))
+    return _Started(row, run, warm_calls)
+
+
+def _time_once(peer: _Started) -> None:
+    """One round's turn: a pause, the warm-up calls if the call is short, one timed call."""
+    time.sleep(PAUSE_S)  # the previous peer's worker threads park
+    with _PeakRss() as mem:
+        for _ in range(peer.warm_calls):
+            peer.run()
+        t0 = time.perf_counter()
+        peer.run()
+        peer.row.times_ms.append((time.perf_counter() - t0) * 1e3)
+    peer.row.peak_mib = max(peer.row.peak_mib, mem.extra_mib)
+
+
+def measure_case(case: Case, peers: list[str], inputs: dict, repeats: int, progress=None) -> list[Row]:
+    """Every peer's warm-up, then ``repeats`` rounds, each timing every peer once in a shuffled
+    order (:func:`bench_common.rounds_of`); one row per peer with the median of its timed calls,
+    GFLOP/s and the peak memory of its calls."""
+    rows, started = [], {}
+    for peer in peers:
+        if progress is not None:
+            progress(case, peer)
+        got = _start(case, peer, inputs)
+        if isinstance(got, _Started):
+            rows.append(got.row)
+            started[peer] = got
+        else:
+            rows.append(got)
+            for _ in range(repeats if progress is not None else 0):
+                progress(case, peer)  # (its rounds: nothing to time)
+    for _, peer in rounds_of(list(started), repeats):
+        if progress is not None:
+            progress(case, peer)
+        _time_once(started[peer])
+    for got in started.values():
+        got.row.ms = statistics.median(got.row.times_ms)
+        got.row.gflops = got.row.flop / (got.row.ms * 1e-3) / 1e9
+    return rows
+
+
+def measure(case: Case, peer: str, inputs: dict, repeats: int) -> Row:
+    """One peer alone: its warm-up, then ``repeats`` timed calls (:func:`measure_case`)."""
+    return measure_case(case, [peer], inputs, repeats)[0]
 
 
 def run_benchmark(
@@ -465,11 +537,7 @@ def run_benchmark(
 ) -> list[Row]:
     rows = []
     for case in cases:
-        inputs = _inputs(case, dtype=dtype)
-        for peer in peers:
-            if progress is not None:
-                progress(case, peer)
-            rows.append(measure(case, peer, inputs, repeats))
+        rows += measure_case(case, peers, _inputs(case, dtype=dtype), repeats, progress)
     fill_ratios(rows)
     return rows
 
@@ -564,7 +632,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated peers (default: all: {','.join(DEFAULT_PEERS)})",
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed calls per peer after the warm-up (default 5)"
+        "--repeats", type=int, default=5, help="rounds after the warm-ups, each timing every peer once in a shuffled order (default 5)"
     )
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="input dtype of every peer (default float32)"
@@ -592,7 +660,8 @@ def run(args: argparse.Namespace) -> int:
         rows = run_benchmark(cases, peers, args.repeats, dtype=args.dtype)
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
-        with progress_steps(len(cases) * len(peers), lambda case, peer: f"{case.name} · {peer}") as step:
+        steps = len(cases) * len(peers) * (1 + args.repeats)  # each peer's warm-up and its rounds
+        with progress_steps(steps, lambda case, peer: f"{case.name} · {peer}") as step:
             rows = run_benchmark(cases, peers, args.repeats, progress=step, dtype=args.dtype)
         print_table(rows, dtype=args.dtype)
     if args.plot:

@@ -1,16 +1,27 @@
 """What ``dotattn bench`` and ``dotattn bench --shapes decode`` share.
 
-Both run every peer in one process, case by case: a pause so the previous peer's worker
-threads park, a warm-up call, ``repeats`` timed calls, and ``× sdpa`` = torch SDPA's median
-time over the peer's.  Kept apart from both modules (``bench`` hands ``--shapes decode`` to
-``bench_decode``, so neither may import the other back).
+Both run every peer in one process, case by case: each peer's warm-up call first, then
+``repeats`` **rounds**; a round times every peer once, in an order shuffled per round
+(:func:`rounds_of`), each after a pause so the previous peer's worker threads park.  ``× sdpa``
+is torch SDPA's median time over the peer's.
+
+Why rounds: on a shared machine the speed of a core moves by up to 2× within minutes (another
+tenant's work on the same host; 1 Dec 2026, docs/performance.md).  Timing one peer's calls back
+to back and then the next peer's compared two different moments of the machine: the same tree's
+dense float32 forward came out at 1.22× torch SDPA at 10:28 and 0.61× at 12:28.  Interleaved,
+every peer's calls sample the same stretch of time, so their medians — and the ratio — see the
+same machine (``benchmarks/cpu_vs_sdpa_interleaved.py`` did this first).
+
+Kept apart from both modules (``bench`` hands ``--shapes decode`` to ``bench_decode``, so
+neither may import the other back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 # BLAS and OpenMP worker threads spin for a while after a peer's last call; this pause lets
@@ -18,25 +29,16 @@ from typing import Any
 PAUSE_S = 0.3
 
 
-def time_calls(
-    run: Callable[[], Any], repeats: int, after_first: Callable[[], Any] | None = None
-) -> tuple[float, list[float]]:
-    """One warm-up call, then ``repeats`` timed ones: ``(warm-up seconds, [ms per call])``.
-
-    The warm-up's time is a first call's cost (JIT compiles, loads, allocations).
-    ``after_first``, if given, is called between the warm-up call and the timed ones (untimed).
-    """
-    t0 = time.perf_counter()
-    run()
-    first_s = time.perf_counter() - t0
-    if after_first is not None:
-        after_first()
-    times_ms = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times_ms.append((time.perf_counter() - t0) * 1e3)
-    return first_s, times_ms
+def rounds_of(peers: Sequence[str], rounds: int, seed: int = 0) -> Iterator[tuple[int, str]]:
+    """``(round, peer)`` for ``rounds`` rounds: every round names each peer once, in an order
+    shuffled per round — seeded, so a run's order is the same every time — so that no peer is
+    always the one timed right after another particular peer."""
+    rng = random.Random(seed)
+    order = list(peers)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for peer in order:
+            yield r, peer
 
 
 def fill_ratios(rows: list) -> None:

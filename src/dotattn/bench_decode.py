@@ -23,8 +23,10 @@ Peers, each on the same cache in the same process:
   same dtype as the cache (``enable_gqa=True`` is 3–4× slower here);
 * ``dotattn-numpy``  — the NumPy split-KV implementation (not run unless asked).
 
-The table shows medians of ``--repeats`` timed calls after a warm-up — calls, back to back,
-for at least :data:`WARMUP_S` per peer and case; ``× sdpa`` is torch's median time over ours.
+The table shows medians of ``--repeats`` timed calls, one per round: a round times every peer
+once, in a shuffled order (peers interleaved, so that all of them sample the same stretch of a
+shared machine's time: :mod:`.bench_common`), each timed call after the peer's warm-up —
+calls, back to back, for at least :data:`WARMUP_S`; ``× sdpa`` is torch's median time over ours.
 (After the pause between peers the first two-thread calls of either library are slow — a
 core that idled wakes; torch's first SDPA calls took 2–10× their time — and dotattn's pool-or-
 alone choice, timed on a few such calls, ran the next 64–96 on one thread: one warm-up call
@@ -54,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bench_common import PAUSE_S, fill_ratios, progress_steps, time_calls
+from .bench_common import PAUSE_S, fill_ratios, progress_steps, rounds_of
 
 PEERS = ("dotattn", "dotattn-paged", "torch-sdpa", "dotattn-numpy")
 DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
@@ -232,32 +234,72 @@ def warm_up(run, seconds: float, min_calls: int = 3) -> int:
     return calls
 
 
-def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S) -> Row:
+def _case_name(B: int, context: int, dtype: str) -> str:
     size = f"{context // 1024}k" if context % 1024 == 0 else str(context)
-    row = Row(f"B{B}-ctx{size}-{dtype}", peer, B, context, dtype)
-    time.sleep(PAUSE_S)  # the previous peer's worker threads park
-    try:
-        run = _make_peer(peer, B, context, dtype, *inputs)
-        warm_up(run, warmup_s)
-        counts, steal = [], []  # before the timed calls: the kernel's (alone, pool) calls, the steal time
+    return f"B{B}-ctx{size}-{dtype}"
 
-        def before_timed():
-            counts.append(_mode_counts(peer))
-            steal.append(steal_ms())
 
-        _, row.times_ms = time_calls(run, repeats, after_first=before_timed)
-        if counts[0] is not None:
-            row.alone_calls = _mode_counts(peer)[0] - counts[0][0]
+class _Peer:
+    """One peer's calls in a case: its row, its call, and what its timed calls saw so far."""
+
+    def __init__(self, peer: str, B: int, context: int, dtype: str, inputs, warmup_s: float):
+        self.row = Row(_case_name(B, context, dtype), peer, B, context, dtype)
+        self.warmup_s = warmup_s
+        self.run = _make_peer(peer, B, context, dtype, *inputs)  # RuntimeError: the row is n/a
+        self.alone = 0 if _mode_counts(peer) is not None else None
+        self.steal = 0.0
+
+    def time_once(self) -> None:
+        """One round's turn: a pause, calls back to back for ``warmup_s`` (so the timed call is
+        a warm one, as a decode loop's calls are), then one timed call, with the kernel's
+        alone-or-pool count and the host's steal time around it."""
+        time.sleep(PAUSE_S)  # the previous peer's worker threads park
+        warm_up(self.run, self.warmup_s)
+        counts, steal = _mode_counts(self.row.peer), steal_ms()
+        t0 = time.perf_counter()
+        self.run()
+        self.row.times_ms.append((time.perf_counter() - t0) * 1e3)
+        if counts is not None:
+            self.alone += _mode_counts(self.row.peer)[0] - counts[0]
         after = steal_ms()
-        if steal[0] is not None and after is not None:
-            row.steal_ms = after - steal[0]
-    except RuntimeError as exc:
-        row.status, row.reason = "n/a", str(exc)
+        if self.steal is not None and steal is not None and after is not None:
+            self.steal += after - steal
+        else:
+            self.steal = None
+
+    def finish(self) -> Row:
+        row = self.row
+        row.ms = statistics.median(row.times_ms)
+        row.kv_bytes = 2 * row.B * HKV * row.context * D * _np_dtype(row.dtype).itemsize
+        row.gbps = row.kv_bytes / (row.ms * 1e-3) / 1e9
+        row.alone_calls, row.steal_ms = self.alone, self.steal
         return row
-    row.ms = statistics.median(row.times_ms)
-    row.kv_bytes = 2 * B * HKV * context * D * _np_dtype(dtype).itemsize
-    row.gbps = row.kv_bytes / (row.ms * 1e-3) / 1e9
-    return row
+
+
+def measure_case(peers, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S,
+                 progress=None) -> list[Row]:
+    """One row per peer: ``repeats`` rounds, each timing every peer once in a shuffled order
+    (:func:`bench_common.rounds_of`), each timed call after ``warmup_s`` of the peer's calls back
+    to back; a peer that cannot run says ``n/a`` and why."""
+    rows, started = [], {}
+    for peer in peers:
+        try:
+            started[peer] = _Peer(peer, B, context, dtype, inputs, warmup_s)
+            rows.append(started[peer].row)
+        except RuntimeError as exc:
+            rows.append(Row(_case_name(B, context, dtype), peer, B, context, dtype, status="n/a", reason=str(exc)))
+    for _, peer in rounds_of(list(started), repeats):
+        if progress is not None:
+            progress(B, context, dtype, peer)
+        started[peer].time_once()
+    for p in started.values():
+        p.finish()
+    return rows
+
+
+def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S) -> Row:
+    """One peer alone: ``repeats`` timed calls, each after ``warmup_s`` of calls (:func:`measure_case`)."""
+    return measure_case([peer], B, context, dtype, inputs, repeats, warmup_s)[0]
 
 
 def run_benchmark(
@@ -287,10 +329,7 @@ def run_benchmark(
         for context in contexts:
             for dtype in dtypes:
                 q, kc, vc = case_inputs(B, context, dtype)
-                for peer in peers:
-                    if progress is not None:
-                        progress(B, context, dtype, peer)
-                    rows.append(measure(peer, B, context, dtype, (q, kc, vc), repeats, warmup_s))
+                rows += measure_case(peers, B, context, dtype, (q, kc, vc), repeats, warmup_s, progress)
                 del kc, vc
     info["bandwidth_gbps_runs"] += read_bandwidth(nbytes=bandwidth_bytes)
     info["all_cores_gbps_runs"] += read_bandwidth(nbytes=bandwidth_bytes, threads=n_cores)
@@ -367,7 +406,7 @@ def run(args) -> int:
     def describe(B, context, dtype, peer):
         return f"B{B} ctx{context} {dtype} · {peer}"
 
-    with progress_steps(2 * 2 * len(DTYPES) * len(peers), describe) as step:
+    with progress_steps(2 * 2 * len(DTYPES) * len(peers) * args.repeats, describe) as step:
         rows, info = run_benchmark(peers, args.repeats, progress=step)
     print_table(rows, info)
     return 0

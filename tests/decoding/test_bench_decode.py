@@ -45,7 +45,7 @@ def test_each_peer_is_warmed_up_for_a_time_before_its_timed_calls(monkeypatch):
     monkeypatch.setattr(bench_decode, "_make_peer", lambda *a: lambda: calls.append(1))
     row = bench_decode.measure("dotattn", 1, 300, "float32", (None, None, None), 4, warmup_s=0.05)
     assert row.status == "ok" and len(row.times_ms) == 4
-    assert len(calls) >= 3 + 1 + 4  # warm-up calls (0.05 s, at least 3), time_calls' own, the timed ones
+    assert len(calls) >= 4 * (3 + 1)  # each round: warm-up calls (0.05 s, at least 3), the timed one
     calls.clear()
     assert bench_decode.warm_up(lambda: calls.append(1), 0.0) == 3 == len(calls)
 
@@ -58,7 +58,9 @@ def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
     monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)  # tiny calls take the choice's path
     monkeypatch.setattr(cpu_decode, "_CHOICES", {})
-    modes = iter([True] * 4 + [False, True, False])  # warm-up (3) and time_calls' first, then 3 timed
+    # three rounds, each three warm-up calls then the timed one; the timed ones: alone (False),
+    # pool (True), alone
+    modes = iter([True] * 3 + [False] + [True] * 3 + [True] + [True] * 3 + [False])
     monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: next(modes))
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, bench_decode.HQ, 1, bench_decode.D)).astype(np.float32)
@@ -72,7 +74,7 @@ def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
 def test_rows_note_the_hosts_steal_time(monkeypatch, capsys):
     """A row whose timed calls lost more than STEAL_NOTE_SHARE of the cores' time to the
     hypervisor (``/proc/stat``'s steal) says so; ``steal_ms`` is the difference around them."""
-    clock = iter([1000.0, 1000.0 + 400.0])  # before the timed calls, after them
+    clock = iter([1000.0, 1100.0, 1200.0, 1300.0, 1300.0, 1400.0, 1500.0, 1600.0])  # around each timed call
     monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
     monkeypatch.setattr(bench_decode, "steal_ms", lambda: next(clock))
     monkeypatch.setattr(bench_decode, "_make_peer", lambda *a: lambda: None)

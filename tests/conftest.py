@@ -21,6 +21,11 @@ from hypothesis import HealthCheck, settings
 # inside the checkout (git-ignored), not the user's ~/.cache, and survive between runs.
 os.environ.setdefault("DOTATTN_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".dotattn-test-cache"))
 
+# float32's product route: the split route wherever AMX runs (the tests that check the MKL
+# route pin it with DOTATTN_F32_PRODUCTS), not the route this machine measured faster at
+# install (kernels/f32_route.py) — so every machine's suite runs the same routes.
+os.environ["DOTATTN_F32_ROUTE_FILE"] = "none"
+
 # Without a GPU the triton backend's tests run its kernels through Triton's interpreter, which
 # must be chosen before triton is first imported (torch._dynamo imports it, so any earlier
 # torch.compile test would otherwise fix the compiled mode for the whole worker).  It only

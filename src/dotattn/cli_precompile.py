@@ -3,6 +3,8 @@
 ``make install`` runs it.  The machine code goes to the package's own kernel cache
 (``dotattn/kernels/_precompiled``), which every later process loads from in well under a
 second — whatever ``NUMBA_CACHE_DIR`` says — instead of compiling for ≈ 35 s on its first call.
+On a CPU with AMX it then times float32's two product routes and stores the faster for this
+machine (:mod:`dotattn.kernels.f32_route`; ``--skip-route`` leaves the stored choice as it is).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtypes",
         default="float32,bfloat16,float64",
         help="comma-separated input dtypes to compile for (default float32,bfloat16,float64)",
+    )
+    parser.add_argument(
+        "--skip-route",
+        action="store_true",
+        help="do not time float32's two product routes (split-AMX, MKL) to store the faster for this machine",
     )
 
 
@@ -39,5 +46,22 @@ def run(args: argparse.Namespace) -> int:
             f"warning: {_cpu_cache.PRECOMPILED_DIR} is not writable; the kernels went to Numba's usual cache",
             file=sys.stderr,
         )
+    if "float32" in dtypes and not args.skip_route:
+        _measure_f32_route()
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _measure_f32_route() -> None:
+    from .kernels import cpu, f32_route
+
+    on, why = f32_route.available()
+    if not on:
+        print(f"  float32 products: {why} (nothing to choose)", flush=True)
+        return
+    print("  float32 products: timing the split-AMX and MKL routes …", end="", flush=True)
+    record = cpu.measure_f32_routes()
+    where = "stored" if f32_route.store(record) else f"not stored ({f32_route.path()} is not writable)"
+    ms = record["ms"]
+    print(f" {record['route']} ({', '.join(f'{r} {ms[r]:.0f} ms' for r in f32_route.ROUTES)}, "
+          f"fwd+bwd medians of {record['rounds']}) — {where}", flush=True)

@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import math
 import os
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -833,12 +834,52 @@ def forward(
 # =================================================================================
 
 
-def f32_products_path() -> tuple[bool, str]:
+def f32_products_path(load: bool = True) -> tuple[bool, str]:
     """``(True, what runs)`` when float32 calls may take the split-AMX products, else ``(False,
-    why not)``; ``DOTATTN_F32_PRODUCTS=mkl`` forces MKL's float32 tiles."""
-    from ._cpu_isa import f32_amx_products
+    why not)``: no AMX, ``DOTATTN_F32_PRODUCTS=mkl``, or — the variable unset — MKL's tiles
+    measured faster on this machine at install (:mod:`.f32_route`)."""
+    from . import f32_route
+    from ._cpu_isa import F32_PRODUCTS_ENV_VAR, f32_amx_products
 
-    return f32_amx_products()
+    on, why = f32_amx_products(load=load)
+    if on and not os.environ.get(F32_PRODUCTS_ENV_VAR, "").strip():
+        record = f32_route.stored()
+        if record is not None and record["route"] == "mkl":
+            return False, f"float32 sgemm tiles, faster here than AMX's split products: {f32_route.describe(record)}"
+    return on, why
+
+
+def measure_f32_routes(rounds: int | None = None, shape: tuple[int, int, int, int] | None = None,
+                       clock=time.perf_counter) -> dict:
+    """Time a float32 forward+backward under each of :data:`f32_route.ROUTES`, alternated round
+    by round (the order flipped every round), after one untimed call each: the record
+    :func:`f32_route.store` writes (``dotattn precompile`` runs this on a CPU with AMX)."""
+    from .. import semantics
+    from . import f32_route
+    from ._cpu_isa import F32_PRODUCTS_ENV_VAR
+
+    rounds = f32_route.ROUNDS if rounds is None else rounds
+    shape = f32_route.SHAPE if shape is None else shape
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    call = semantics.normalize(q, k, v)
+    saved = os.environ.get(F32_PRODUCTS_ENV_VAR)
+    times: dict[str, list[float]] = {r: [] for r in f32_route.ROUTES}
+    try:
+        for r in range(rounds + 1):
+            for route in f32_route.ROUTES if r % 2 == 0 else f32_route.ROUTES[::-1]:
+                os.environ[F32_PRODUCTS_ENV_VAR] = route  # read on every call
+                t0 = clock()
+                out, lse = forward(call)
+                backward(call, out, lse, dout)
+                if r:  # round 0 warms both up
+                    times[route].append((clock() - t0) * 1e3)
+    finally:
+        if saved is None:
+            os.environ.pop(F32_PRODUCTS_ENV_VAR, None)
+        else:
+            os.environ[F32_PRODUCTS_ENV_VAR] = saved
+    return f32_route.record({route: statistics.median(t) for route, t in times.items()}, rounds, shape)
 
 
 def f32_split_route(call: AttentionCall) -> bool:
@@ -1345,14 +1386,14 @@ class CpuBackend:
 
     @property
     def description(self) -> str:
-        from ._cpu_isa import amx_tiles, bf16_gemm, f32_amx_products, f32_gemm
+        from ._cpu_isa import amx_tiles, bf16_gemm, f32_gemm
 
         on, what = bf16_gemm(load=False)
         amx_on, amx_what = amx_tiles(load=False)
         return (
             "fused tiled kernels compiled by Numba (FlashAttention-2 forward/backward, block sparsity); "
             f"float32 tiles: {f32_gemm(load=False)[1]}; "
-            f"float32 score products: {f32_amx_products(load=False)[1]}; "
+            f"float32 score products: {f32_products_path(load=False)[1]}; "
             f"bfloat16: {what if on else what.replace('float32 fallback', 'float32 compute')}"
             f"{'; bfloat16 forward: ' + amx_what if on else ''}; "
             + cpu_small.RULE

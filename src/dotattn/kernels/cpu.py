@@ -49,9 +49,18 @@ DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
 # dense H8 L4096 D64 backward, thread time, one process (load 3.5–4): 256×256 290–307 ms,
 # 128×512 286–305, 256×512 350–375, 512×512 390 (docs/performance.md).
 BF16_BACKWARD_BLOCK_SIZE = (256, 256)
-# Windows and packed documents: narrower tiles waste less work on the band's ragged edges
-# (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128).
-SPARSE_BLOCK_SIZE = (64, 128)
+# Windows and packed documents: narrower tiles than a dense call's waste less work on the
+# band's ragged edges (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128,
+# 30 Nov).  On 1 Dec's afternoon host (model 207) 128 × 128 beat 64 × 128 wherever the band is
+# wider than NARROW_WINDOW_SPAN keys, and for documents (whose tiles then line up with them):
+# H8 L4096 D64, tiles alternated in one process, medians of 7 (13:36–13:42, load 1.1–1.6),
+# 128 × 128 over 64 × 128 — float32 forward: window ±256 0.94 / 0.91, ±128 0.81, documents of
+# 512 0.83 / 0.84, of 256 0.93, of 128 0.86, a (512, 0) window 1.01, but ±64 1.09; backward
+# ±256 0.97, documents of 512 0.94, ±64 1.24; bfloat16 forward 0.87–0.94 (±64 0.89), backward
+# ±256 0.90, documents 0.88, ±64 1.16.  Narrow windows keep 64 × 128.
+SPARSE_BLOCK_SIZE = (128, 128)
+NARROW_WINDOW_BLOCK_SIZE = (64, 128)
+NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + right + 1)
 # float32 forwards without causal mask, window, segments or user functions: key tiles twice
 # as deep (fewer tile passes per key: running max, rescale, task bookkeeping).  Dense H8 L4096
 # D64, tiles alternated in one process, three runs (load 1.1–1.4): medians 156.0 → 149.0,
@@ -607,6 +616,14 @@ def user_mods(call: AttentionCall):
 TILE_QUANTUM = 16
 
 
+def _narrow_window(call: AttentionCall) -> bool:
+    """A window through which a query row sees fewer than :data:`NARROW_WINDOW_SPAN` keys."""
+    if call.window is None:
+        return False
+    left, right = call.window
+    return left is not None and right is not None and left + right + 1 < NARROW_WINDOW_SPAN
+
+
 def fit_block(BQ: int, BK: int, Lq: int, Lk: int) -> tuple[int, int]:
     """A tile no larger than the problem (rounded up to :data:`TILE_QUANTUM`).
 
@@ -641,7 +658,7 @@ def prepare(
     elif block_size is not None:
         BQ, BK = block_size
     elif call.window is not None or call.q_segment_ids is not None:
-        BQ, BK = SPARSE_BLOCK_SIZE
+        BQ, BK = NARROW_WINDOW_BLOCK_SIZE if _narrow_window(call) else SPARSE_BLOCK_SIZE
     else:
         BQ, BK = DEFAULT_BLOCK_SIZE
     if bm is None:

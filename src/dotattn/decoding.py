@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import numbers
+import sys
 from typing import Any
 
 import numpy as np
@@ -71,10 +72,68 @@ _F32 = np.dtype(np.float32)
 # =================================================================================
 
 
+# the NumPy dtypes of the torch dtypes that torch/_convert.py's to_numpy views as they are
+# (filled on first use from its list); bfloat16 goes through an int16 view
+_VIEW_DTYPES: frozenset = frozenset()
+_torch_convert: Any = None  # dotattn.torch._convert once a torch call has come
+
+
+def _convert_module():
+    """``dotattn.torch._convert``, imported once (an import statement in a function costs ≈ 0.4–2 µs a call)."""
+    global _torch_convert, _VIEW_DTYPES
+    if _torch_convert is None:
+        from .torch import _convert
+
+        _VIEW_DTYPES = frozenset(_convert.numpy_dtype("", dt) for dt in _convert._NUMPY_NATIVE)
+        _torch_convert = _convert
+    return _torch_convert
+
+
+def _cpu_view(t: Any):
+    """``t.numpy()`` when it is what ``_as_numpy``'s checked path would return, else None.
+
+    ``Tensor.numpy()`` itself refuses what that path refuses or converts otherwise — a tensor
+    off the CPU, not dense, requiring grad while grad mode is on, with a lazy negation or
+    conjugation bit, of a dtype NumPy has not — and a view of one of the dtypes that path takes
+    is the view it would return (bfloat16 through int16, as there).  One torch call instead of
+    the checked path's eight (≈ 8 µs warm, twice that cold after a kernel); anything refused or
+    of another dtype returns None, and the caller takes the checked path with its messages.
+    (``t`` is a ``torch.Tensor`` itself: subclasses take the checked path.)
+    """
+    if t.dtype is _TORCH_BF16:
+        try:
+            return t.view(_TORCH_I16).numpy().view(BFLOAT16)
+        except (TypeError, RuntimeError):
+            return None
+    try:
+        view = t.numpy()
+    except (TypeError, RuntimeError):
+        return None
+    return view if view.dtype in _VIEW_DTYPES else None
+
+
+_TORCH_BF16 = _TORCH_I16 = _TENSOR = None  # torch's, set by _torch_ready()
+
+
+def _torch_ready():
+    """torch's Tensor type (and the constants :func:`_cpu_view` compares with), once torch is imported."""
+    global _TORCH_BF16, _TORCH_I16, _TENSOR
+    if _TENSOR is None:
+        torch = sys.modules["torch"]
+        _convert_module()
+        _TORCH_BF16, _TORCH_I16 = torch.bfloat16, torch.int16
+        _TENSOR = torch.Tensor
+    return _TENSOR
+
+
 def _as_numpy(name: str, x: Any):
     """Torch CPU tensors → NumPy views of their memory; anything else unchanged."""
     if x is None or isinstance(x, np.ndarray):
         return x
+    if type(x) is _TENSOR:
+        view = _cpu_view(x)
+        if view is not None:
+            return view
     if framework_of(x) == "torch":
         from .torch._convert import check_device, to_numpy
 
@@ -127,6 +186,16 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
 
 
 def _check_library(arrays: dict[str, Any]) -> str:
+    # the common torch call: torch.Tensor itself (no subclass) throughout — "torch", as below
+    tensor = _TENSOR
+    if tensor is None and "torch" in sys.modules:
+        tensor = _torch_ready()
+    if tensor is not None and type(arrays["q"]) is tensor:
+        for x in arrays.values():
+            if x is not None and type(x) is not tensor:
+                break
+        else:
+            return "torch"
     kinds = {}
     for name, x in arrays.items():
         if x is None:
@@ -143,8 +212,7 @@ def _check_library(arrays: dict[str, Any]) -> str:
 
 
 def _check_no_grad(arrays: dict[str, Any]) -> None:
-    import torch
-
+    torch = sys.modules["torch"]  # a torch tensor came: torch is imported
     if not torch.is_grad_enabled():
         return
     for name, x in arrays.items():
@@ -257,7 +325,7 @@ def _attention_with_kvcache(
         fw = _check_library(arrays)
     if fw == "torch":
         _check_no_grad(arrays)
-        if q.device.type != "cpu" or implementation == "triton":
+        if not q.is_cpu or implementation == "triton":  # (is_cpu: device.type == "cpu", without the device object)
             # CUDA tensors (or CPU ones under Triton's interpreter): the triton split-KV kernel,
             # validated on stand-ins, appended in place on the device.
             from .kernels.triton_decode import attention_with_kvcache_tensors
@@ -273,7 +341,12 @@ def _attention_with_kvcache(
                     "float64 caches run on the CPU decode kernels only (the triton decode kernel computes in float32)"
                 )
             return attention_with_kvcache_tensors(call, *arrays.values(), return_lse=bool(return_lse))
-        q, k_cache, v_cache, k_new, v_new = (_as_numpy(n, x) for n, x in arrays.items())
+        # (written out, in the order the checks ran before: a generator cost ≈ 1 µs more)
+        q = _as_numpy("q", q)
+        k_cache = _as_numpy("k_cache", k_cache)
+        v_cache = _as_numpy("v_cache", v_cache)
+        k_new = _as_numpy("k_new", k_new)
+        v_new = _as_numpy("v_new", v_new)
         cache_lengths = _as_numpy("cache_lengths", cache_lengths)
         block_table = _as_numpy("block_table", block_table)
         alibi_slopes = _as_numpy("alibi_slopes", alibi_slopes)
@@ -292,8 +365,7 @@ def _attention_with_kvcache(
     if layout == "blhd":
         out = np.ascontiguousarray(out.swapaxes(1, 2))
     if fw == "torch":
-        from .torch._convert import from_numpy
-
+        from_numpy = _convert_module().from_numpy
         out = from_numpy(out)
         lse = from_numpy(lse) if return_lse else None
     return (out, lse) if return_lse else out
@@ -669,7 +741,7 @@ class KVCache:
             arrays = dict(q=q, k_new=k_new, v_new=v_new)
             _check_library(arrays)
             _check_no_grad(arrays)
-            q, k_new, v_new = (_as_numpy(n, x) for n, x in arrays.items())
+            q, k_new, v_new = _as_numpy("q", q), _as_numpy("k_new", k_new), _as_numpy("v_new", v_new)
             alibi_slopes = _as_numpy("alibi_slopes", alibi_slopes)
         Lnew = 0
         if k_new is not None:
@@ -694,7 +766,6 @@ class KVCache:
         self._commit(table)
         self._advance(layer, Lnew)
         if fw == "torch" and self._host:
-            from .torch._convert import from_numpy
-
+            from_numpy = _convert_module().from_numpy
             return tuple(from_numpy(x) for x in result) if return_lse else from_numpy(result)
         return result

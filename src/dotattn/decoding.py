@@ -135,6 +135,7 @@ def _as_numpy(name: str, x: Any):
         if view is not None:
             return view
     if framework_of(x) == "torch":
+        _torch_ready()  # the first torch conversion: the fast path's constants for the next ones
         from .torch._convert import check_device, to_numpy
 
         check_device(name, x)
@@ -187,9 +188,8 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
 
 def _check_library(arrays: dict[str, Any]) -> str:
     # the common torch call: torch.Tensor itself (no subclass) throughout — "torch", as below
+    # (set by the first torch conversion, which imports dotattn.torch as it always did)
     tensor = _TENSOR
-    if tensor is None and "torch" in sys.modules:
-        tensor = _torch_ready()
     if tensor is not None and type(arrays["q"]) is tensor:
         for x in arrays.values():
             if x is not None and type(x) is not tensor:

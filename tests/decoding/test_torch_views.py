@@ -194,3 +194,19 @@ def test_a_refused_kvcache_attend_leaves_torch_buffers_and_lengths_as_they_were(
         cache.attend(torch.ones(1, 4, 1, 8, requires_grad=True), torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))
     torch.testing.assert_close(cache.k, k0, rtol=0, atol=0)
     np.testing.assert_array_equal(cache.lengths, n0)
+
+
+def test_the_first_torch_call_takes_the_checked_path_and_sets_up_the_direct_one(monkeypatch):
+    """Before any torch conversion the direct path is off (dotattn.torch is imported where it
+    always was: at the first conversion); that call sets it up; both give the same bits."""
+    from dotattn import decoding
+
+    monkeypatch.setattr(decoding, "_TENSOR", None)
+    case = C.make_case(11, Lq=1, Lnew=1)
+    outs = []
+    for _ in range(2):
+        kc = _tensor(case.k_cache)
+        outs.append(_plain_call(_tensor(case.q), kc, _tensor(case.v_cache), _tensor(case.k_new), _tensor(case.v_new),
+                                torch.from_numpy(case.cache_lengths)))
+        assert decoding._TENSOR is torch.Tensor
+    _same_bits(outs[0], outs[1])

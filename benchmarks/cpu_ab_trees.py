@@ -28,6 +28,10 @@ CASES = {
     "fwdbwd": dict(H=8, L=4096, D=64, causal=False, backward=True),  # forward + backward (torch tensors)
     "fwdbwd128": dict(H=4, L=4096, D=128, causal=False, backward=True),  # issue 13's other two
     "fwdbwd-causal": dict(H=8, L=4096, D=64, causal=True, backward=True),  # fwd+bwd shapes
+    # the backward alone (NumPy API, in --dtype; the forward's out and LSE computed once; no --sdpa peer)
+    "bwd64": dict(H=8, L=4096, D=64, causal=False, backward_only=True),
+    "bwd128": dict(H=4, L=4096, D=128, causal=False, backward_only=True),
+    "bwd-causal": dict(H=8, L=4096, D=64, causal=True, backward_only=True),
 }
 
 WORKER = r"""
@@ -56,6 +60,12 @@ else:
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, c in cases.items():
         q, k, v, do = (rng.standard_normal((1, c["H"], c["L"], c["D"]), dtype=np.float32).astype(dt) for _ in range(4))
+        if c.get("backward_only"):
+            o, lse = dotattn.attention(q, k, v, causal=c["causal"], return_lse=True, implementation="cpu")
+            def run(q=q, k=k, v=v, do=do, c=c, o=o, lse=lse):
+                dotattn.attention_backward(q, k, v, o, lse, do, causal=c["causal"], implementation="cpu")
+            calls[name] = run
+            continue
         def run(q=q, k=k, v=v, do=do, c=c):
             if c.get("backward"):  # through the torch front end, as the SDPA peer
                 import torch, dotattn.torch as dtorch

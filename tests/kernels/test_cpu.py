@@ -398,6 +398,78 @@ def test_repeated_calls_are_bitwise_identical():
         H.assert_bitwise_equal(a, b, name)
 
 
+# The backward's dQ is summed in fixed parts (b, kv head, c) that threads take from a queue
+# (_cpu_kernels.backward): whichever thread runs a part, its sums come in the same order.
+BACKWARD_DEAL_CASES = {
+    "float32 causal": (np.float32, dict(causal=True)),  # the split-AMX route where the CPU has AMX
+    "float32 dropout": (np.float32, dict(causal=True, dropout_p=0.1, seed=3)),  # the MKL/loop route
+    "float32 softcap": (np.float32, dict(softcap=5.0)),
+    "bfloat16 causal": (semantics.BFLOAT16, dict(causal=True)),
+    "bfloat16 dense": (semantics.BFLOAT16, dict()),
+}
+
+
+def _deal_inputs(dtype):
+    # 3 key tiles per head at the backward's default tiles: the deal's rule crosses heads
+    q, k, v = _canonical_inputs(5, 2, 4, 2, 700, 700, 64, 64, np.float32)
+    dout = np.random.default_rng(1).standard_normal((2, 4, 700, 64)).astype(np.float32)
+    return tuple(x.astype(dtype) for x in (q, k, v, dout))
+
+
+def _grads(q, k, v, dout, **options):
+    call = semantics.normalize(q, k, v, **options)
+    out, lse = cpu.forward(call)
+    return cpu.backward(call, out, lse, dout, serial=False)[:3]
+
+
+@pytest.mark.parametrize("case", list(BACKWARD_DEAL_CASES))
+def test_backward_bits_do_not_depend_on_which_thread_runs_a_part(case, monkeypatch):
+    dtype, options = BACKWARD_DEAL_CASES[case]
+    q, k, v, dout = _deal_inputs(dtype)
+    # three dQ parts whatever the core count (two threads take three parts' tiles)
+    monkeypatch.setattr(cpu, "_num_threads", lambda: 3)
+    team = _grads(q, k, v, dout, **options)
+    from dotattn.kernels import _cpu_kernels
+
+    kernel = _cpu_kernels.backward
+
+    def one_thread(*args):  # every part on the calling thread: the others delayed for good
+        *args, nchunks = args
+        _cpu_kernels._backward_chunk(np.zeros(1, dtype=np.int64), nchunks, *args)
+
+    one_thread.overloads, one_thread.stats = kernel.overloads, kernel.stats
+    monkeypatch.setattr(_cpu_kernels, "backward", one_thread)
+    alone = _grads(q, k, v, dout, **options)
+    for name, a, b in zip(("dq", "dk", "dv"), team, alone):
+        H.assert_bitwise_equal(a, b, f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", ["float32 causal", "bfloat16 dense"])
+def test_backward_bits_repeat_beside_a_busy_thread(case):
+    import threading
+
+    dtype, options = BACKWARD_DEAL_CASES[case]
+    q, k, v, dout = _deal_inputs(dtype)
+    first = _grads(q, k, v, dout, **options)
+    stop = threading.Event()
+
+    def busy():  # NumPy releases the GIL: a core taken from the kernel's team now and then
+        a = np.ones((300, 300))
+        while not stop.is_set():
+            a = a @ a / 300.0
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        for _ in range(4):
+            again = _grads(q, k, v, dout, **options)
+            for name, a, b in zip(("dq", "dk", "dv"), first, again):
+                H.assert_bitwise_equal(a, b, f"{case} {name}")
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_gradients_match_finite_differences():
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal(s) for s in ((1, 2, 11, 5), (1, 1, 13, 5), (1, 1, 13, 4)))

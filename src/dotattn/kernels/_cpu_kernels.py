@@ -749,18 +749,27 @@ def backward(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias,
     For each query head of the group and each visible query tile, scores are recomputed
     and ``P = 2^(S₂ − lse₂)``; then ``dV += P̃ᵀ·dO`` (P̃ = P after dropout), ``dP = dO·Vᵀ``
     (times the same dropout mask), ``dS = P∘(dP − Δ)``, ``dK += dSᵀ·Q``, ``dQ += dS·K``.
-    dQ rows are shared between key tiles, so each chunk (one per thread) adds into its own
-    ``dq_parts[chunk]``; the caller sums the parts in a fixed order.  Tasks are therefore
-    dealt to chunks by a fixed rule (back and forth: :func:`_snake_chunk`), not taken from a
-    queue as in the forward, so that every run sums the same parts (bitwise repeatable).
+    dQ rows are shared between key tiles, so they are summed in ``nchunks`` parts
+    ``dq_parts[c]`` that the caller adds in a fixed order.  Key tiles are dealt to parts by a
+    fixed rule (back and forth over the flat task index: :func:`_snake_chunk`), and a *part*
+    ``(b, kv head, c)`` — that head's tiles of rule ``c``, in increasing key order, adding into
+    ``dq_parts[c, b, heads of the group]`` — is the unit the threads take from one queue, as
+    in the forward: any thread may run any part, but every dQ part is summed in the same order
+    whichever thread ran it (bitwise repeatable), and a thread the OS runs slower simply runs
+    fewer parts (with a fixed deal of tiles to threads the fast thread waited for the slow
+    one: 538 against 458 ms of the same work, docs/performance.md).
     dK is scaled by ``scale`` here, dQ by the caller.
     """
+    queue = np.zeros(1, dtype=np.int64)
     for chunk in prange(nchunks):
-        _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o)
+        _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o)
 
 
 @njit(cache=_JIT_CACHE)
-def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o):
+def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o):
+    """The parts ``(b, kv head, c)`` this thread takes from ``queue`` (see :func:`backward`;
+    a caller running it alone passes a fresh queue and ``nchunks`` 1, or any ``nchunks``: the
+    same bits as the team's)."""
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, dkp.dtype
@@ -800,72 +809,77 @@ def _backward_chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     if o.split_s:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
     threads = _gemm_threads_begin(q)
-    for t in range(B * Hkv * nkb):
-        if _snake_chunk(t, nchunks) != chunk:
-            continue
-        b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
-        j0 = kb * BK
-        ncols = min(BK, o.Lk - j0)
-        Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
-        if o.split_in_task:  # this task alone reads its key tile's pieces
-            _split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
-        dK[:] = 0.0
-        dV[:] = 0.0
-        for h in range(hk * group, (hk + 1) * group):
-            for qb in range(nqb):
-                cls = _tile_class(b, h, qb, kb, BK, o)
-                if cls == SKIP:
-                    continue
-                # -- load Q, dO, the LSE (base 2) and Δ = rowsum(dO ∘ O) of the query tile
-                i0, nrows, nr = _rows(b, qb, o)
-                if nr == BQ:  # whole tiles: the products read q and dO where they lie
-                    Qt, dOt = q[b, h, i0 : i0 + BQ], dout[b, h, i0 : i0 + BQ]
-                else:  # the last tile: zero rows below (padding must not carry NaN)
-                    _load_rows(Qs, q, b, h, i0, nr)
-                    _load_rows(dOs, dout, b, h, i0, nr)
-                    Qt, dOt = Qs[:, :], dOs[:, :]
-                _lse_rows(lse2, lse, b, h, i0, nr)
-                for r in range(BQ):
-                    dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
-                # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
-                #    without dropout or chain rule: straight into the operand Pb, rounded
-                _scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
-                if sa:
-                    _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
-                                dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
-                    continue
-                if exact_rows:
-                    _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
-                    in_pb = False
-                else:
-                    in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
-                # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
-                    _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
-                P = ST
-                if o.dropout_p > 0.0:
-                    _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
-                    P = PdT
-                _gemm(Pb if in_pb else _as_operand(P, Pb), dOt, dV, 1.0)
-                # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
-                #    bias's gradient stops here) and softcap
-                if in_pb:
-                    _ds_operand(Pb, dPT, dls)  # rounded in place, from P̃
-                else:
-                    _ds_block(ST, dPT, dls)
-                    if HAS_SCORE_MOD:
-                        _mul_into(ST, GM)
-                    if want_dbias:
-                        dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
-                    if o.softcap > 0.0:
-                        _mul_into(ST, G)
-                # -- dK += dSᵀ·Q; dQ += dS·K (this chunk's own dQ rows)
-                dS = Pb if in_pb else _as_operand(ST, Pb)
-                _gemm(dS, Qt, dK, 1.0)
-                _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
-        # -- write the tile's dK (times scale) and dV
-        dkp[b, hk, kb] = dK * o.scale
-        dvp[b, hk, kb] = dV
+    while True:
+        part = _take_task(queue)
+        if part >= B * Hkv * nchunks:
+            break
+        chunk, bh = part % nchunks, part // nchunks
+        for t in range(bh * nkb, (bh + 1) * nkb):  # this head's key tiles, in increasing order
+            if _snake_chunk(t, nchunks) != chunk:
+                continue
+            b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
+            j0 = kb * BK
+            ncols = min(BK, o.Lk - j0)
+            Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
+            if o.split_in_task:  # this task alone reads its key tile's pieces
+                _split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
+            dK[:] = 0.0
+            dV[:] = 0.0
+            for h in range(hk * group, (hk + 1) * group):
+                for qb in range(nqb):
+                    cls = _tile_class(b, h, qb, kb, BK, o)
+                    if cls == SKIP:
+                        continue
+                    # -- load Q, dO, the LSE (base 2) and Δ = rowsum(dO ∘ O) of the query tile
+                    i0, nrows, nr = _rows(b, qb, o)
+                    if nr == BQ:  # whole tiles: the products read q and dO where they lie
+                        Qt, dOt = q[b, h, i0 : i0 + BQ], dout[b, h, i0 : i0 + BQ]
+                    else:  # the last tile: zero rows below (padding must not carry NaN)
+                        _load_rows(Qs, q, b, h, i0, nr)
+                        _load_rows(dOs, dout, b, h, i0, nr)
+                        Qt, dOt = Qs[:, :], dOs[:, :]
+                    _lse_rows(lse2, lse, b, h, i0, nr)
+                    for r in range(BQ):
+                        dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
+                    # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
+                    #    without dropout or chain rule: straight into the operand Pb, rounded
+                    _scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
+                    if sa:
+                        _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
+                                    dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
+                        continue
+                    if exact_rows:
+                        _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
+                        in_pb = False
+                    else:
+                        in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
+                    # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
+                    if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
+                        _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
+                    P = ST
+                    if o.dropout_p > 0.0:
+                        _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
+                        P = PdT
+                    _gemm(Pb if in_pb else _as_operand(P, Pb), dOt, dV, 1.0)
+                    # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
+                    #    bias's gradient stops here) and softcap
+                    if in_pb:
+                        _ds_operand(Pb, dPT, dls)  # rounded in place, from P̃
+                    else:
+                        _ds_block(ST, dPT, dls)
+                        if HAS_SCORE_MOD:
+                            _mul_into(ST, GM)
+                        if want_dbias:
+                            dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
+                        if o.softcap > 0.0:
+                            _mul_into(ST, G)
+                    # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows)
+                    dS = Pb if in_pb else _as_operand(ST, Pb)
+                    _gemm(dS, Qt, dK, 1.0)
+                    _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
+            # -- write the tile's dK (times scale) and dV
+            dkp[b, hk, kb] = dK * o.scale
+            dvp[b, hk, kb] = dV
     _gemm_threads_end(q, threads)
 
 

@@ -1363,7 +1363,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward
         args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
         if serial:
-            kernel(0, 1, *args)  # the one chunk of the parallel kernel, called directly
+            kernel(np.zeros(1, dtype=np.int64), 1, *args)  # the parallel kernel's chunk, called directly
         else:
             kernel(*args, nchunks)
     if p.options.split_all:  # summed, transposed and scaled in one pass

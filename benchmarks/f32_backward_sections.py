@@ -10,7 +10,10 @@ chain; ``Sᵀ``/``dPᵀ`` split and dV, dK, dQ on MKL, or all five split (``--mo
 (``llvm.readcyclecounter``) around each section, checks that dK and dV have the kernel's bits,
 and prints per section ns a tile (per thread: each thread's own tiles) and GFLOP/s for the
 products.  The copy calls the kernel's own helpers: keep its loop in step with
-``_backward_chunk`` when that changes.
+``_backward_chunk`` when that changes.  It keeps the fixed deal of key tiles to threads
+(``_snake_chunk`` over the flat task index) that the kernel had until 1 Dec: each thread's
+sections over the same tiles, so that a slower core shows as such (the kernel's threads now
+take dQ parts from a queue, and a slower core runs fewer of them).
 
     flock /tmp/bench.lock env PYTHONPATH=src .venv/bin/python benchmarks/f32_backward_sections.py d64 [--threads 1,2] [--modes mkl3,all5]
 """

@@ -9,9 +9,9 @@ of the machine, not only of its instruction set:
 * on the Xeon of 30 Nov – 1 Dec morning the split route made the float32 backward ≈ 13 %
   faster (all five products 190.5 against 222.0 ms, dense H8 L4096 D64) and fwd+bwd 1.22×
   torch SDPA;
-* on the Xeon of 1 Dec afternoon (model 207, shared with other tenants), three sessions'
-  interleaved measurements found MKL's tiles faster in every case: forward 11–25 %, fwd+bwd
-  4–60 % (docs/performance.md, "The float32 route, measured per machine").
+* on the Xeon of 1 Dec afternoon (model 207, shared with other tenants), three interleaved
+  measurements over two sessions found MKL's tiles faster in every case: forward 11–25 %, fwd+bwd
+  4–60 % (docs/performance.md, "The sixth session: …", its part "float32's product route").
 
 So ``dotattn precompile`` (which ``make install`` runs) times both routes on this machine —
 whole forward+backward calls, the routes alternated round by round, medians — and stores the

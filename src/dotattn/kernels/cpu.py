@@ -873,29 +873,21 @@ def measure_f32_routes(rounds: int | None = None, shape: tuple[int, int, int, in
     :func:`f32_route.store` writes (``dotattn precompile`` runs this on a CPU with AMX)."""
     from .. import semantics
     from . import f32_route
-    from ._cpu_isa import F32_PRODUCTS_ENV_VAR
 
     rounds = f32_route.ROUNDS if rounds is None else rounds
     shape = f32_route.SHAPE if shape is None else shape
     rng = np.random.default_rng(0)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
     call = semantics.normalize(q, k, v)
-    saved = os.environ.get(F32_PRODUCTS_ENV_VAR)
     times: dict[str, list[float]] = {r: [] for r in f32_route.ROUTES}
-    try:
-        for r in range(rounds + 1):
-            for route in f32_route.ROUTES if r % 2 == 0 else f32_route.ROUTES[::-1]:
-                os.environ[F32_PRODUCTS_ENV_VAR] = route  # read on every call
+    for r in range(rounds + 1):
+        for route in f32_route.ROUTES if r % 2 == 0 else f32_route.ROUTES[::-1]:
+            with f32_route.pinned(route):
                 t0 = clock()
                 out, lse = forward(call)
                 backward(call, out, lse, dout)
                 if r:  # round 0 warms both up
                     times[route].append((clock() - t0) * 1e3)
-    finally:
-        if saved is None:
-            os.environ.pop(F32_PRODUCTS_ENV_VAR, None)
-        else:
-            os.environ[F32_PRODUCTS_ENV_VAR] = saved
     return f32_route.record({route: statistics.median(t) for route, t in times.items()}, rounds, shape)
 
 

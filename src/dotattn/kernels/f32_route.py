@@ -102,17 +102,30 @@ def describe(record: dict[str, Any]) -> str:
     return f"measured on this machine by `dotattn precompile` at {record.get('when', '?')} ({timing}, fwd+bwd medians)"
 
 
+@contextlib.contextmanager
+def pinned(route: str | None):
+    """``DOTATTN_F32_PRODUCTS`` set to ``route`` (None: unset) inside the block, restored after
+    (the variable is read on every call)."""
+    from ._cpu_isa import F32_PRODUCTS_ENV_VAR
+
+    saved = os.environ.pop(F32_PRODUCTS_ENV_VAR, None)
+    if route is not None:
+        os.environ[F32_PRODUCTS_ENV_VAR] = route
+    try:
+        yield
+    finally:
+        os.environ.pop(F32_PRODUCTS_ENV_VAR, None)
+        if saved is not None:
+            os.environ[F32_PRODUCTS_ENV_VAR] = saved
+
+
 def available() -> tuple[bool, str]:
     """Whether this machine can take the split route at all (AMX, ``avx512bf16``), whatever
     ``DOTATTN_F32_PRODUCTS`` says: ``(True, what)`` or ``(False, why not)``."""
-    from ._cpu_isa import F32_PRODUCTS_ENV_VAR, f32_amx_products
+    from ._cpu_isa import f32_amx_products
 
-    saved = os.environ.pop(F32_PRODUCTS_ENV_VAR, None)
-    try:
+    with pinned(None):
         return f32_amx_products()
-    finally:
-        if saved is not None:
-            os.environ[F32_PRODUCTS_ENV_VAR] = saved
 
 
 def record(ms: dict[str, float], rounds: int, shape) -> dict[str, Any]:

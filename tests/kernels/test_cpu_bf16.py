@@ -12,7 +12,7 @@ import pytest
 
 import dotattn
 from dotattn import semantics
-from dotattn.kernels import _cpu_isa, cpu
+from dotattn.kernels import _cpu_isa, _launch, cpu
 from dotattn.semantics import BFLOAT16
 
 import helpers as H
@@ -395,3 +395,42 @@ def test_v_packing_checks_finiteness(bits, finite):
         q, k, _ = _inputs(6, 2, 2, 64, 64, 32)
         out, _ = cpu.forward(semantics.normalize(q, k, w, causal=True))
         assert np.isfinite(out[0, 1, :63].astype(np.float32)).all()  # rows that never see key 63
+
+
+@pytest.mark.parametrize("k_memory", ["aligned", "misaligned", "read-only"])
+@pytest.mark.parametrize("B, Hkv, L, D, Dv", [(1, 8, 512, 64, 64), (2, 3, 256, 128, 32), (3, 1, 64, 32, 96)])
+def test_forward_kv_packed_by_heads_on_the_pool_as_on_one_thread(B, Hkv, L, D, Dv, k_memory, monkeypatch):
+    """``cpu._pack_bf16_forward_kv`` (K copied to a 64-byte boundary where needed, Vᵀ packed,
+    heads split over the caller and the pool) gives :func:`cpu._pack_kv` /
+    :func:`cpu._pack_kv_checked`'s arrays bit for bit, strides and finiteness included, on
+    one thread or two; K in place where it is aligned and writable."""
+    rng = np.random.default_rng(7)
+    k = rng.standard_normal((B, Hkv, L, D), dtype=np.float32).astype(BFLOAT16)
+    if k_memory == "misaligned":
+        raw = np.empty(k.size + 64, np.uint16)
+        skip = (-raw.ctypes.data % 64) // 2 + 8  # 16 bytes past a boundary
+        k2 = raw[skip : skip + k.size].view(BFLOAT16).reshape(k.shape)
+        k2[:] = k
+        k = k2
+    elif k_memory == "read-only":
+        k.flags.writeable = False
+    for bad in (None, np.nan, -np.inf):
+        v = rng.standard_normal((B, Hkv, L, Dv), dtype=np.float32).astype(BFLOAT16)
+        if bad is not None:
+            v[-1, -1, L - 1, Dv - 1] = bad
+        kp, vp, finite = cpu._pack_bf16_forward_kv(k, v, None, 32)
+        expect_vp, expect_finite = cpu._pack_kv_checked(v, None, 32, BFLOAT16, transposed=True)
+        expect_kp = cpu._pack_kv(k, None, 32, BFLOAT16)
+        assert kp.shape == expect_kp.shape and np.array_equal(kp.view(np.uint16), expect_kp.view(np.uint16))
+        assert vp.shape == expect_vp.shape and vp.strides == expect_vp.strides
+        assert np.array_equal(vp.view(np.uint16), expect_vp.view(np.uint16))
+        assert finite is expect_finite is (bad is None)
+        assert kp.ctypes.data % 64 == 0 and vp.ctypes.data % 64 == 0
+        assert (kp.base is not None and np.shares_memory(kp, k)) == (k_memory == "aligned" and k.ctypes.data % 64 == 0)
+        monkeypatch.setattr(_launch, "num_threads", lambda: 1)
+        one = cpu._pack_bf16_forward_kv(k, v, None, 32)
+        monkeypatch.undo()
+        assert np.array_equal(one[1].view(np.uint16), vp.view(np.uint16)) and one[2] is finite
+    # not whole tiles in C order: the general packing
+    assert cpu._pack_bf16_forward_kv(k, v[:, :, : L - 2], None, 32) is None
+    assert cpu._pack_bf16_forward_kv(k, v, np.full(B, L - 1), 32) is None

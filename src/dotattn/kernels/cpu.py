@@ -453,15 +453,7 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
     nkb = -(-L // BK)
     aligned = dtype != BFLOAT16 or x.ctypes.data % 64 == 0
     if transposed:
-        if (
-            dtype == BFLOAT16
-            and x.dtype == BFLOAT16
-            and x.flags.c_contiguous
-            and L % BK == 0
-            and BK % 2 == 0
-            and X % 2 == 0
-            and (kv_lengths is None or bool(np.all(kv_lengths == L)))
-        ):  # whole tiles: key pairs as uint32 words (_cpu_amx.pack_vt: 2.2 → 1.0 ms at D 128);
+        if dtype == BFLOAT16 and _whole_bf16_tiles(x, kv_lengths, BK):  # whole tiles: key pairs as uint32 words (_cpu_amx.pack_vt: 2.2 → 1.0 ms at D 128);
             # every element written, so no zeros first
             from ._cpu_amx import pack_vt
 
@@ -496,6 +488,59 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
             n = int(kv_lengths[b])
             packed[b, :, :n] = x[b, :, :n]
     return packed.reshape(B, H, nkb, BK, X), None
+
+
+def _whole_bf16_tiles(x: np.ndarray, kv_lengths, BK: int) -> bool:
+    """Whether ``x`` (B, H, Lk, X) is bfloat16 in C order, in whole ``BK`` tiles, every key real."""
+    L, X = x.shape[2], x.shape[3]
+    return (
+        x.dtype == BFLOAT16
+        and x.flags.c_contiguous
+        and L % BK == 0
+        and BK % 2 == 0
+        and X % 2 == 0
+        and (kv_lengths is None or bool(np.all(kv_lengths == x.shape[2])))
+    )
+
+
+def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
+    """``(kp, vp, v_finite)`` as :func:`_pack_kv` and :func:`_pack_kv_checked` (``transposed``)
+    give them for the bfloat16 forward, with V's transposing pack (and K's copy to a 64-byte
+    boundary where it needs one) split by heads over the caller and the ``_launch`` pool
+    (:func:`_cpu_amx.pack_vt` releases the GIL); or None where K and V are not whole
+    bfloat16 tiles in C order.
+
+    Both packs are copies at a few GB/s on one core: 1.8–2.9 ms a call at H8 L4096 D64 and H4
+    D128 (a forward of 28–48 ms on this host), 1.4–1.6 ms split (medians of 41, alternated,
+    1 Dec 15:59).  Each head's tiles are packed whole by one thread, so the bits are the same
+    whichever thread packs them.
+    """
+    if not (_whole_bf16_tiles(k, kv_lengths, BK) and _whole_bf16_tiles(v, kv_lengths, BK)):
+        return None
+    from . import _launch
+    from ._cpu_amx import pack_vt
+
+    B, H, L, X = v.shape
+    D, nkb, rows = k.shape[3], L // BK, B * H
+    kp = k if k.ctypes.data % 64 == 0 and k.flags.writeable else _empty_aligned(k.shape, BFLOAT16)
+    vp = _empty_aligned((B, H, nkb, X, BK), BFLOAT16)
+    # (sequence, head) rows of C-ordered views: the same array types as the whole arrays (one
+    # compiled pack_vt), each chunk's rows contiguous
+    k_rows = k.view(np.uint16).reshape(rows, L * D)
+    kp_rows = kp.view(np.uint16).reshape(rows, L * D)
+    v32 = v.view(np.uint16).view(np.uint32).reshape(rows, 1, L, X // 2)
+    vp32 = vp.view(np.uint16).view(np.uint32).reshape(rows, 1, nkb, X, BK // 2)
+    nchunks = max(1, min(_launch.num_threads(), rows))
+    finite = [True] * nchunks
+
+    def pack(chunk: int, n: int) -> None:
+        a, b = rows * chunk // n, rows * (chunk + 1) // n
+        if kp is not k:
+            np.copyto(kp_rows[a:b], k_rows[a:b])
+        finite[chunk] = bool(pack_vt(v32[a:b], vp32[a:b]))
+
+    _launch.run_chunks(pack, (), nchunks)
+    return kp.reshape(B, H, nkb, BK, D), vp.swapaxes(3, 4), all(finite)
 
 
 def _empty_aligned(shape, dtype, allocate=np.empty) -> np.ndarray:
@@ -673,14 +718,17 @@ def prepare(
         in_place = call.q.dtype == S and call.q.strides[3] == call.q.itemsize and call.q.flags.writeable
         q = call.q if in_place else _contiguous(call.q, S)
         kp, vp = _kv_tiles(call.k, call.kv_lengths, BK, S), _kv_tiles(call.v, call.kv_lengths, BK, S)
-    else:
-        q = as_kernel_operand(_contiguous(call.q, S))
-        kp = as_kernel_operand(_pack_kv(call.k, call.kv_lengths, BK, S))
     v_transposed = forward and S == BFLOAT16
     v_finite = None
     if not grouped:
-        vp, v_finite = _pack_kv_checked(call.v, call.kv_lengths, BK, S, transposed=v_transposed)
-        vp = as_kernel_operand(vp)
+        q = as_kernel_operand(_contiguous(call.q, S))
+        packed = _pack_bf16_forward_kv(call.k, call.v, call.kv_lengths, BK) if v_transposed else None
+        if packed is None:
+            kp = _pack_kv(call.k, call.kv_lengths, BK, S)
+            vp, v_finite = _pack_kv_checked(call.v, call.kv_lengths, BK, S, transposed=v_transposed)
+        else:
+            kp, vp, v_finite = packed
+        kp, vp = as_kernel_operand(kp), as_kernel_operand(vp)
     amx = (
         v_transposed
         and all(n % AMX_QUANTUM == 0 for n in (BQ, BK, call.D, call.Dv))

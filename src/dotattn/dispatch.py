@@ -119,11 +119,15 @@ def run_backward(
     *,
     implementation: str | None = None,
     want_dbias: bool = False,
+    final: bool = False,
 ):
     """Canonical backward for front ends: ``(dq, dk, dv, dbias | None)`` in canonical shapes.
 
     ``dbias`` comes back with the full ``(B, Hq, Lq, Lk)`` shape; reduce it with
-    :func:`dotattn.semantics.reduce_bias_grad`.
+    :func:`dotattn.semantics.reduce_bias_grad`.  ``final``: dq, dk and dv go to the caller as
+    they are (no sum of partial gradients follows, as ring attention's does): a backend with
+    ``backward_final`` may then return them in the call's dtype already (the cpu backend
+    rounds bfloat16 gradients in a compiled pass instead of ``finalize_grad``'s ``astype``).
     """
     backend = registry.select(call, implementation, need_backward=True)
     if call.B * call.Hq * call.Lq == 0:  # no query row: nothing flows back to k or v
@@ -134,7 +138,8 @@ def run_backward(
             np.zeros(call.v.shape, dtype=dt),
             np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if want_dbias else None,
         )
-    return backend.backward(call, out, lse, dout, want_dbias)
+    run = getattr(backend, "backward_final", None) if final else None
+    return (run or backend.backward)(call, out, lse, dout, want_dbias)
 
 
 def backward_in_caller_layout(
@@ -146,7 +151,7 @@ def backward_in_caller_layout(
     dout_c = semantics.canonical_like(call, "dout", dout, call.Dv)
     lse_c = semantics.canonical_lse(call, lse)
     dq, dk, dv, dbias = run_backward(
-        call, out_c, lse_c, dout_c, implementation=implementation, want_dbias=return_dbias
+        call, out_c, lse_c, dout_c, implementation=implementation, want_dbias=return_dbias, final=True
     )
     grads = (
         semantics.finalize_grad(call, dq, "q"),

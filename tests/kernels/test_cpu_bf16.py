@@ -434,3 +434,55 @@ def test_forward_kv_packed_by_heads_on_the_pool_as_on_one_thread(B, Hkv, L, D, D
     # not whole tiles in C order: the general packing
     assert cpu._pack_bf16_forward_kv(k, v[:, :, : L - 2], None, 32) is None
     assert cpu._pack_bf16_forward_kv(k, v, np.full(B, L - 1), 32) is None
+
+
+@pytest.mark.parametrize("L, causal", [(512, False), (300, True)], ids=["whole-tiles", "partial-tiles"])
+def test_backward_final_rounds_bf16_gradients_as_astype_does(L, causal):
+    """``cpu.backward_final`` (front ends' gradients: ``dispatch.run_backward(final=True)``)
+    returns bfloat16 dq/dk/dv with the bits of ``finalize_grad``'s ``astype`` of the float32
+    ones; gradients that are not contiguous (dk/dv of a partial last key tile) stay float32
+    for ``finalize_grad``; float32 calls are untouched."""
+    from dotattn import dispatch
+
+    rng = np.random.default_rng(11)
+    q, k, v, do = (rng.standard_normal((2, 3, L, 64), dtype=np.float32).astype(BFLOAT16) for _ in range(4))
+    call = semantics.normalize(q, k, v, causal=causal)
+    out, lse = cpu.forward(call)
+    plain = cpu.backward(call, out, lse, do)
+    final = cpu.backward_final(call, out, lse, do)
+    for g, f, name in zip(plain[:3], final[:3], "qkv"):
+        assert g.dtype == np.float32
+        assert f.dtype == (BFLOAT16 if g.flags.c_contiguous else np.float32)
+        assert f.dtype == BFLOAT16 or name != "q"
+        expect = semantics.finalize_grad(call, g, name)
+        got = semantics.finalize_grad(call, f, name)
+        assert got.dtype == BFLOAT16 and np.array_equal(got.view(np.uint16), expect.view(np.uint16))
+    via_dispatch = dispatch.run_backward(call, out, lse, do, implementation="cpu", final=True)
+    assert all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)) for a, b in zip(via_dispatch[:3], final[:3]))
+    q32 = q.astype(np.float32)
+    call32 = semantics.normalize(q32, q32, q32, causal=causal)
+    out32, lse32 = cpu.forward(call32)
+    assert all(g.dtype == np.float32 for g in cpu.backward_final(call32, out32, lse32, q32)[:3])
+
+
+def test_bf16_gradient_rounding_keeps_nan_and_ties_to_even():
+    """The compiled rounding of ``backward_final`` (``_round_to_bf16``) gives ml_dtypes' bits for
+    every non-NaN float32 (ties to even, ±inf, ±0, subnormals, overflow to inf) and a quiet NaN
+    with the sign for every NaN (its payload's top bits kept, as the forward's kernel rows do)."""
+    from dotattn.kernels._cpu_primitives import _round_to_bf16
+
+    rng = np.random.default_rng(12)
+    bits = np.concatenate([
+        rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32),
+        np.array([0x3F808000, 0x3F818000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00000001, 0x80000000, 0x7F800000, 0xFF800000,
+                  0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFC00000], dtype=np.uint32),
+    ])
+    x = bits.view(np.float32)
+    got = np.empty(x.size, np.uint16)
+    _round_to_bf16(x, got)
+    nan = np.isnan(x)
+    with np.errstate(invalid="ignore"):
+        expect = x.astype(BFLOAT16).view(np.uint16)
+    assert np.array_equal(got[~nan], expect[~nan])
+    assert np.all((got[nan] & 0x7FC0) == 0x7FC0)  # quiet NaN
+    assert np.array_equal(got[nan] >> 15, (bits[nan] >> 31).astype(np.uint16))  # the sign kept

@@ -236,7 +236,7 @@ def _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbi
         dlse_c = semantics.canonical_lse(call, to_numpy("dlse", dlse))
         call, out_c, dout_c = _fold_lse_grad(call, out_c, dout_c, dlse_c)
     dq, dk, dv, dbias = dispatch.run_backward(
-        call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias
+        call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias, final=True
     )
     dv = dv[..., :Dv]
     grads = [_tensor(semantics.finalize_grad(call, g, name)) for g, name in ((dq, "q"), (dk, "k"), (dv, "v"))]

@@ -7,6 +7,17 @@ then asks them in turn — old, new, old, new, … — for one call each, so bot
 load; it prints each tree's median and the new/old time ratio per case.  Optionally torch
 SDPA in a third worker (``--sdpa``) for the × SDPA ratio.
 
+Each tree's worker reports its warm-up time (tens of seconds: its kernels were compiled by
+these first calls, not loaded), how its float32 products run, and a hash of each case's
+result; the driver prints whether old and new gave the same bits per case.  With
+``--dtype float32`` it warns when the two trees run different float32 product routes: the
+route is stored per machine in ``kernels/_precompiled/f32_route.json``, which a ``git
+archive`` copy or a fresh worktree lacks (its calls then take the split-AMX route, where
+this host's stored choice is MKL's tiles), so the A/B would time the route, not the trees —
+the "kernels compiled on first calls run slower" of 1 Dec was exactly that
+(docs/performance.md, "Kernels compiled on a first call …").  Pin one route for both with
+``DOTATTN_F32_PRODUCTS=mkl`` (or ``amx5``), or ``DOTATTN_F32_ROUTE_FILE=none``.
+
     .venv/bin/python benchmarks/cpu_ab_trees.py --old /tmp/old/src --new src \\
         --cases dense64,dense128,causal --dtype bfloat16 --rounds 9
 """
@@ -35,12 +46,14 @@ CASES = {
 }
 
 WORKER = r"""
-import json, sys, time
+import hashlib, json, sys, time
 import numpy as np
+started = time.perf_counter()
 kind, dtype = sys.argv[1], sys.argv[2]
 cases = json.loads(sys.argv[3])
 rng = np.random.default_rng(0)
 calls = {}
+info = {}
 if kind == "sdpa":
     import torch, torch.nn.functional as F
     torch.set_num_threads(2)
@@ -63,7 +76,7 @@ else:
         if c.get("backward_only"):
             o, lse = dotattn.attention(q, k, v, causal=c["causal"], return_lse=True, implementation="cpu")
             def run(q=q, k=k, v=v, do=do, c=c, o=o, lse=lse):
-                dotattn.attention_backward(q, k, v, o, lse, do, causal=c["causal"], implementation="cpu")
+                return dotattn.attention_backward(q, k, v, o, lse, do, causal=c["causal"], implementation="cpu")
             calls[name] = run
             continue
         def run(q=q, k=k, v=v, do=do, c=c):
@@ -72,11 +85,20 @@ else:
                 qq, kk, vv = (torch.from_numpy(np.asarray(x, dtype=np.float32)).requires_grad_() for x in (q, k, v))
                 dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(torch.from_numpy(np.asarray(do, dtype=np.float32)))
                 return
-            dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
+            return dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
         calls[name] = run
+def digest(result):
+    arrays = [np.asarray(x) for x in (result if isinstance(result, tuple) else (result,)) if x is not None]
+    return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()[:16] if arrays else None
+info["bits"] = {name: digest(run()) for name, run in calls.items()}
 for run in calls.values():
-    run(); run()
-print("ready", flush=True)
+    run()
+info["warm_up_s"] = round(time.perf_counter() - started, 1)
+if kind != "sdpa" and dtype == "float32":
+    from dotattn.kernels import cpu
+    on, why = cpu.f32_products_path()
+    info["f32_products"] = ["split-AMX" if on else "sgemm", why]
+print("ready " + json.dumps(info), flush=True)
 for line in sys.stdin:
     name = line.strip()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -85,7 +107,8 @@ for line in sys.stdin:
 """
 
 
-def _worker(kind: str, tree: str | None, dtype: str, cases: dict) -> subprocess.Popen:
+def _worker(kind: str, tree: str | None, dtype: str, cases: dict) -> tuple[subprocess.Popen, dict]:
+    """A warmed-up worker and what it reports: warm-up seconds, float32 products, result hashes."""
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = os.path.abspath(tree)
@@ -93,8 +116,29 @@ def _worker(kind: str, tree: str | None, dtype: str, cases: dict) -> subprocess.
         [sys.executable, "-c", WORKER, kind, dtype, json.dumps(cases)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
-    assert p.stdout.readline().strip() == "ready", f"worker {kind} {tree} failed"
-    return p
+    line = p.stdout.readline().strip()
+    assert line.startswith("ready"), f"worker {kind} {tree} failed"
+    return p, json.loads(line[len("ready"):])
+
+
+def route_warning(infos: dict[str, dict], dtype: str) -> str | None:
+    """A warning when the trees' float32 calls take different product routes (the A/B would
+    time the route, not the trees), else None."""
+    routes = {w: i["f32_products"][0] for w, i in infos.items() if "f32_products" in i}
+    if dtype != "float32" or len(set(routes.values())) < 2:
+        return None
+    said = "; ".join(f"{w}: {routes[w]} ({infos[w]['f32_products'][1]})" for w in routes)
+    return (f"WARNING: the trees' float32 products take different routes — {said}. "
+            "This A/B times the route, not the trees; pin one: DOTATTN_F32_PRODUCTS=mkl (or amx5), "
+            "or DOTATTN_F32_ROUTE_FILE=none.")
+
+
+def bits_note(infos: dict[str, dict], name: str) -> str:
+    """``same bits`` / ``bits differ`` between old and new for case ``name`` ("" when unknown)."""
+    old, new = (infos[w].get("bits", {}).get(name) for w in ("old", "new"))
+    if old is None or new is None:
+        return ""
+    return "; same bits" if old == new else "; bits differ"
 
 
 def _ask(p: subprocess.Popen, name: str) -> tuple[float, float]:
@@ -113,9 +157,17 @@ def main() -> None:
     parser.add_argument("--sdpa", action="store_true")
     args = parser.parse_args()
     cases = {n: CASES[n] for n in args.cases.split(",")}
-    workers = {"old": _worker("dotattn", args.old, args.dtype, cases), "new": _worker("dotattn", args.new, args.dtype, cases)}
+    started = {"old": _worker("dotattn", args.old, args.dtype, cases), "new": _worker("dotattn", args.new, args.dtype, cases)}
     if args.sdpa:
-        workers["sdpa"] = _worker("sdpa", None, args.dtype, cases)
+        started["sdpa"] = _worker("sdpa", None, args.dtype, cases)
+    workers = {w: p for w, (p, _) in started.items()}
+    infos = {w: i for w, (_, i) in started.items()}
+    for w, i in infos.items():
+        route = f"; float32 products: {i['f32_products'][0]}" if "f32_products" in i else ""
+        print(f"{w}: warm-up {i['warm_up_s']:.1f} s{route}")
+    warning = route_warning(infos, args.dtype)
+    if warning:
+        print(warning, flush=True)
     print(f"load {os.getloadavg()[0]:.2f}")
     for name in cases:
         times = {w: [] for w in workers}
@@ -130,7 +182,7 @@ def main() -> None:
         med = {w: statistics.median(t) * 1e3 for w, t in times.items()}
         mcpu = {w: statistics.median(t) * 1e3 for w, t in cpu.items()}
         line = f"{name}: " + ", ".join(f"{w} {med[w]:.1f} ms (cpu {mcpu[w]:.0f})" for w in workers)
-        line += f"; new/old {med['new'] / med['old']:.3f}"
+        line += f"; new/old {med['new'] / med['old']:.3f}" + bits_note(infos, name)
         if "sdpa" in workers:
             line += f"; × sdpa old {med['sdpa'] / med['old']:.2f}, new {med['sdpa'] / med['new']:.2f}"
         print(line, flush=True)

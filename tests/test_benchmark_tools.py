@@ -1,0 +1,76 @@
+"""The A/B and cache tools of benchmarks/: the checks that keep a tree A/B honest.
+
+``cpu_ab_trees.py`` warns when the two trees' float32 calls take different product routes
+(a tree without the stored ``f32_route.json`` takes the split-AMX route: 1 Dec's "first-call
+compiled kernels run slower" was that), and says whether both gave the same bits.
+``cpu_cache_compare.py`` compares two kernel caches' machine code with the names that change
+from process to process normalized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_trees_warns_when_the_float32_routes_differ():
+    ab = _load("cpu_ab_trees")
+    stored = {"f32_products": ["sgemm", "float32 sgemm tiles, faster here"], "bits": {"bwd64": "a"}}
+    default = {"f32_products": ["split-AMX", "AMX split products"], "bits": {"bwd64": "b"}}
+    warning = ab.route_warning({"old": stored, "new": default}, "float32")
+    assert warning is not None and "old: sgemm" in warning and "new: split-AMX" in warning
+    assert "DOTATTN_F32_PRODUCTS" in warning
+    assert ab.route_warning({"old": stored, "new": dict(stored)}, "float32") is None
+    assert ab.route_warning({"old": stored, "new": default}, "bfloat16") is None
+    assert ab.route_warning({"old": {}, "new": {}, "sdpa": {}}, "float32") is None
+
+
+def test_ab_trees_says_whether_the_bits_agree():
+    ab = _load("cpu_ab_trees")
+    infos = {"old": {"bits": {"x": "1", "y": "2"}}, "new": {"bits": {"x": "1", "y": "3"}}}
+    assert ab.bits_note(infos, "x") == "; same bits"
+    assert ab.bits_note(infos, "y") == "; bits differ"
+    assert ab.bits_note({"old": {"bits": {"z": None}}, "new": {"bits": {"z": None}}}, "z") == ""
+
+
+def test_cache_compare_normalizes_what_changes_between_processes():
+    cc = _load("cpu_cache_compare")
+    # the same function compiled in two processes: Numba's version numbers, its ABI tag (the
+    # flags, whose set order follows string hashing) and a parfor gufunc's address differ
+    a = ("  3c6: R_X86_64_64\t__gufunc__._ZN13_3cdynamic_3e36__numba_parfor_gufunc_0x7fc6a6482ed0"
+         "B4v230B116c8tJTC_2fWQAliW1xhDEoY6EEMEUOEMISPGsAQ")
+    b = ("  3c6: R_X86_64_64\t__gufunc__._ZN13_3cdynamic_3e36__numba_parfor_gufunc_0x7f001cbf8610"
+         "B4v170B112c8tJTC_2fWQAliW1xhDEoY6EEMEUOEMISPGs")
+    assert cc.normalize(a) == cc.normalize(b)
+    assert cc.normalize(".bytes.-5339273718270852447") == cc.normalize(".bytes.7944219306076106257")
+    code = ["  10:\tvmovups (%rax),%zmm0", "  16:\tvfmadd231ps %zmm1,%zmm2,%zmm0"]
+    assert cc.compare(code, list(code)) == ("same", [])
+    moved = ["  20: R_X86_64_64\t.lrodata+0x7b0"], ["  20: R_X86_64_64\t.lrodata+0x7c0"]
+    assert cc.compare(code + moved[0], code + moved[1])[0] == "same instructions"
+    assert cc.compare(code, [code[0], "  16:\tvfmadd231ps %ymm1,%ymm2,%ymm0"])[0] == "DIFFERS"
+    assert cc.compare(code, code[:1])[0] == "DIFFERS"
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
+def test_cache_compare_finds_a_cache_equal_to_itself():
+    from dotattn.kernels import _cpu_cache
+
+    cache = str(_cpu_cache.PRECOMPILED_DIR)
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_cache_compare.py"), cache, cache, "--only", "_cpu_kernels._simple-"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "DIFFERS: 0" in run.stdout

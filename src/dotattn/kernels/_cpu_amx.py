@@ -236,6 +236,30 @@ def pack_q_rows(q32, b, h, i0, nr, Qv):
                 qrow[n] = 0
 
 
+@njit(cache=_JIT_CACHE, nogil=True)
+def pack_pairs_t(x32, lens, out, r0, r1):
+    """Whole heads of query-side rows in AMX pair layout, transposed, once per call: the
+    bfloat16 backward's B operands of ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` (``Options.qv``/``dov``)
+    — what :func:`pack_q_rows` does per query tile, done once per head instead of once per
+    (key tile, query tile).  ``x32 (R, L, X/2)``: heads ``(b, h)`` flattened, bfloat16 bits
+    read as uint32; ``out (R, X/2, Lp)`` uint32, ``Lp ≥ L``; row ``i`` of head ``r`` kept where
+    ``i < lens[r]``, every other column 0 (padding rows must not carry NaN).  Heads ``r0 …
+    r1 − 1`` only (split over the caller and the ``_launch`` pool); 16 rows at a time (one
+    cache line of each output row), as :func:`pack_q_rows`."""
+    L, half, Lp = x32.shape[1], x32.shape[2], out.shape[2]
+    for r in range(r0, r1):
+        n = min(lens[r], L)
+        xr, o = x32[r], out[r]
+        for i0 in range(0, Lp, 16):
+            i1 = min(i0 + 16, Lp)
+            for k in range(half):
+                row = o[k]
+                for i in range(i0, min(i1, n)):
+                    row[i] = xr[i, k]
+                for i in range(max(i0, n), i1):
+                    row[i] = 0
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def _depth_2x2(a_addr, a_ld, b_addr, b_ld, depth):
     """C tiles 0–3 += two 16-row A blocks (rows ``a_ld`` bytes apart, from ``a_addr``) times

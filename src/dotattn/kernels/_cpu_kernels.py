@@ -332,17 +332,17 @@ def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
 
 
 @njit(cache=_JIT_CACHE)
-def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg):
+def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg, amx):
     """``ST = K_blk · Q_blkᵀ``, through the score chain (unless simple) and the masks (PARTIAL tiles).
 
-    On AMX (``o.amx``, the forward only) from the packed query tile ``Qv``; elsewhere ``Qv``
-    is an empty placeholder.
+    On AMX (``amx``: the forward's ``o.amx``, the bfloat16 backward's ``o.bwd_amx``) from the
+    packed query tile ``Qv``; elsewhere ``Qv`` is an empty placeholder.
     """
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
     j0 = kb * BK
     if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, i0, cfg)):
-        _qk(Kb, Qs, Qv, ST, o.amx, cfg, _short_rows(o.Lq, o.Lk))
+        _qk(Kb, Qs, Qv, ST, amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
     if cls == PARTIAL:
@@ -625,7 +625,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             if cls == SKIP:
                 continue
             # -- scores of the tile, masked
-            _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+            _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, o.amx)
             # -- P = 2^(S − m): against the running shift in one pass when the tile's max
             #    stays within 2^LAZY_LOG2 of it (float32 compute; bfloat16 P straight into
             #    the operand), else online: rescale acc and row_sum to the new max (the
@@ -638,7 +638,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
                 in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
             else:
                 if lazy and _lazy_spoils_scores(Pb):
-                    _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+                    _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, o.amx)
                 in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx, plan)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
@@ -797,7 +797,10 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
-    no_qv, cfg = np.empty((0, 0), dtype=np.uint32), tile_config()  # (AMX: forward only)
+    # bfloat16 on AMX (o.bwd_amx): Sᵀ and dPᵀ by _cpu_amx.scores from o.qv/o.dov (a placeholder
+    # view of their type otherwise); ST and dPT then at cache-line boundaries (tile stores)
+    bamx = o.bwd_amx
+    no_qv, cfg = o.qv[0, 0, 0, :0, :0], tile_config()
     # split-AMX route with all five products (o.split_all): P's, then dS's, pieces in rows (the
     # A operands of dV and dK) and dS's in pairs of keys (dQᵀ's B); a scratch for the adds
     sa = o.split_all
@@ -806,7 +809,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     d_pairs = _cpu_amx_f32.pieces_buffer(pc_rows // 2, pc_cols, np.empty(0, dtype=np.uint32))
     scratch = _aligned_empty(64, 32, dkp)  # two 32 × 32 blocks
     KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)  # (the task's Kᵀ for its pieces)
-    if o.split_s:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
+    if o.split_s or bamx:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
     threads = _gemm_threads_begin(q)
     while True:
@@ -843,7 +846,10 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                         dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                     # -- recompute P = 2^(S − lse) (and the chain-rule factors G, GM); bfloat16
                     #    without dropout or chain rule: straight into the operand Pb, rounded
-                    _scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg)
+                    Qv, dOv = no_qv, no_qv
+                    if bamx:  # the AMX B operands: this query tile's columns of q's and dO's pairs
+                        Qv, dOv = o.qv[b, h, 0, :, i0 : i0 + BQ], o.dov[b, h, 0, :, i0 : i0 + BQ]
+                    _scores(ST, Qt, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg, bamx)
                     if sa:
                         _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
                                     dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
@@ -855,7 +861,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                         in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
                     # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                     if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
-                        _dots(Vb, dOt, dPT, wide)  # (summed as the scores: see _dots)
+                        _qk(Vb, dOt, dOv, dPT, bamx, cfg, wide)  # (summed as the scores: see _dots)
                     P = ST
                     if o.dropout_p > 0.0:
                         _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
@@ -1103,7 +1109,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, False)
             _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, no_acc, ST, False, False, no_plan)
         for r in range(BQ):
             lse2[r] = math.log2(row_sum[r]) if (lse2[r] < np.inf and row_sum[r] > 0.0) else np.inf
@@ -1112,7 +1118,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, False)
             _shift_rows(ST, c2, m_use)
             _exp2_shifted(ST, N, one, lse2)
             j0 = kb * BK

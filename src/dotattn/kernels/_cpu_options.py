@@ -56,6 +56,12 @@ class Options(NamedTuple):
     bm: np.ndarray  # (Bm, Hm, nqb, nkb) int8 classes of the user's block mask
     bm_on: bool
     amx: bool = False  # bfloat16 forward: tile products on AMX (_cpu_amx), P in key pairs, accᵀ
+    # bfloat16 backward: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ on AMX (_cpu_amx.scores) from q's and dO's
+    # rows packed once per call in pairs, transposed (qv, dov (B, Hq, 1, D/2, ≥Lq) uint32,
+    # _cpu_amx.pack_pairs_t; cpu.bf16_backward_amx)
+    bwd_amx: bool = False
+    qv: np.ndarray = NO_PAIRS
+    dov: np.ndarray = NO_PAIRS
     # float32 on AMX as split bfloat16 products (_cpu_amx_f32; cpu.f32_split_route): the score
     # product Sᵀ = K·Qᵀ (forward and backward alike: the backward's P = 2^(S − lse) needs the
     # forward's scores bit for bit) from K's pieces per key tile (kpc (B, Hkv, nkb, 3, ≥BK, Dp)

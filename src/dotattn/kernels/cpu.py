@@ -49,6 +49,13 @@ DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
 # dense H8 L4096 D64 backward, thread time, one process (load 3.5–4): 256×256 290–307 ms,
 # 128×512 286–305, 256×512 350–375, 512×512 390 (docs/performance.md).
 BF16_BACKWARD_BLOCK_SIZE = (256, 256)
+# The bfloat16 backward's Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ on our AMX tile product (_cpu_amx.scores,
+# q's and dO's rows packed once per call: bf16_backward_amx) where D and Dv are among these:
+# per 256 × 256 tile, one thread, 15.3 µs against MKL's 25.8 at D 64 — but 23–31 against 29
+# at D 128, where ``scores`` has no resident-operand form (docs/performance.md, 1 Dec
+# "bfloat16 backward on AMX").  DOTATTN_CPU_BWD_AMX=off forces MKL.
+BF16_BACKWARD_AMX_DEPTHS = (64,)
+BWD_AMX_ENV_VAR = "DOTATTN_CPU_BWD_AMX"
 # Windows and packed documents: narrower tiles than a dense call's waste less work on the
 # band's ragged edges (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128,
 # 30 Nov).  On 1 Dec's afternoon host (model 207) 128 × 128 beat 64 × 128 wherever the band is
@@ -541,6 +548,46 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
 
     _launch.run_chunks(pack, (), nchunks)
     return kp.reshape(B, H, nkb, BK, D), vp.swapaxes(3, 4), all(finite)
+
+
+def bf16_backward_amx(call: AttentionCall, p: "Prepared") -> bool:
+    """Whether the bfloat16 backward of ``call`` multiplies ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` on
+    AMX (``Options.bwd_amx``): head dims among :data:`BF16_BACKWARD_AMX_DEPTHS`, tiles whole
+    AMX steps, :func:`amx_path` on and :data:`BWD_AMX_ENV_VAR` not ``off``; MKL otherwise."""
+    if os.environ.get(BWD_AMX_ENV_VAR, "").strip().lower() in ("off", "0", "false", "no", "mkl"):
+        return False
+    o = p.options
+    return (
+        p.q.dtype == np.uint16
+        and call.D in BF16_BACKWARD_AMX_DEPTHS
+        and call.Dv in BF16_BACKWARD_AMX_DEPTHS
+        and o.BQ % AMX_QUANTUM == 0
+        and p.kp.shape[3] % AMX_QUANTUM == 0
+        and amx_path()[0]
+    )
+
+
+def _bf16_pairs_t(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
+    """``(B, H, 1, X/2, nqb·BQ + 16)`` uint32: ``x``'s (bfloat16 bits, ``(B, H, L, X)``) rows in
+    pairs of dims, transposed, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_pairs_t`,
+    split by heads over the caller and the ``_launch`` pool).  The 16 more columns put each
+    row a cache line past a multiple of 1 KiB (``_cpu_amx.ROW_PAD``'s reason)."""
+    from . import _launch
+    from ._cpu_amx import pack_pairs_t
+
+    B, H, L, X = x.shape
+    nq = -(-L // BQ) * BQ
+    out = _empty_aligned((B, H, 1, X // 2, nq + 16), np.uint32)
+    x32 = np.ascontiguousarray(x).view(np.uint16).view(np.uint32).reshape(B * H, L, X // 2)
+    lens = np.repeat(np.asarray(q_lens, dtype=np.int64), H)
+    flat = out.reshape(B * H, X // 2, nq + 16)
+    rows = B * H
+
+    def pack(chunk: int, n: int) -> None:
+        pack_pairs_t(x32, lens, flat, rows * chunk // n, rows * (chunk + 1) // n)
+
+    _launch.run_chunks(pack, (), max(1, min(_launch.num_threads(), rows)))
+    return out
 
 
 def _empty_aligned(shape, dtype, allocate=np.empty) -> np.ndarray:
@@ -1439,6 +1486,10 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     nchunks = 1 if serial else _num_threads()
     if split:
         p = _with_split_operands(p, call, dout_k, side.tops, side.pieces)
+    elif bf16_backward_amx(call, p):
+        o = p.options
+        p = Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(
+            bwd_amx=True, qv=_bf16_pairs_t(p.q, o.q_lens, o.BQ), dov=_bf16_pairs_t(dout_k, o.q_lens, o.BQ)), p.v_finite)
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
         dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)

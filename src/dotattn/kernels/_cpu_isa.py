@@ -256,7 +256,7 @@ def amx_tiles(load: bool = True) -> tuple[bool, str]:
             ok, why = _request_amx_state()
         if not ok:
             return False, f"MKL's bfloat16 GEMM: {why}"
-    return True, "AMX tile products of our own (Q·Kᵀ, P·V), MKL's bfloat16 GEMM for the backward"
+    return True, "AMX tile products of our own (Q·Kᵀ, P·V; the backward's K·Qᵀ, V·dOᵀ), MKL's bfloat16 GEMM for the backward's others"
 
 
 def f32_amx_products(load: bool = True) -> tuple[bool, str]:

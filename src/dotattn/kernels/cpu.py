@@ -50,11 +50,10 @@ DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
 # 128×512 286–305, 256×512 350–375, 512×512 390 (docs/performance.md).
 BF16_BACKWARD_BLOCK_SIZE = (256, 256)
 # The bfloat16 backward's Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ on our AMX tile product (_cpu_amx.scores,
-# q's and dO's rows packed once per call: bf16_backward_amx) where D and Dv are among these:
-# per 256 × 256 tile, one thread, 15.3 µs against MKL's 25.8 at D 64 — but 23–31 against 29
-# at D 128, where ``scores`` has no resident-operand form (docs/performance.md, 1 Dec
-# "bfloat16 backward on AMX").  DOTATTN_CPU_BWD_AMX=off forces MKL.
-BF16_BACKWARD_AMX_DEPTHS = (64,)
+# q's and dO's rows packed once per call: bf16_backward_amx) where D and Dv are whole AMX
+# steps, as the forward's rule: whole backward calls, H8 L4096 D64 (dense, causal) and H4
+# D128, one process, alternated, 1.15–1.23× faster than MKL for these two products
+# (docs/performance.md, 1 Dec "bfloat16 backward on AMX").  DOTATTN_CPU_BWD_AMX=off forces MKL.
 BWD_AMX_ENV_VAR = "DOTATTN_CPU_BWD_AMX"
 # Windows and packed documents: narrower tiles than a dense call's waste less work on the
 # band's ragged edges (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128,
@@ -552,15 +551,14 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
 
 def bf16_backward_amx(call: AttentionCall, p: "Prepared") -> bool:
     """Whether the bfloat16 backward of ``call`` multiplies ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` on
-    AMX (``Options.bwd_amx``): head dims among :data:`BF16_BACKWARD_AMX_DEPTHS`, tiles whole
-    AMX steps, :func:`amx_path` on and :data:`BWD_AMX_ENV_VAR` not ``off``; MKL otherwise."""
+    AMX (``Options.bwd_amx``): head dims and tiles whole AMX steps (:data:`AMX_QUANTUM`), :func:`amx_path` on and :data:`BWD_AMX_ENV_VAR` not ``off``; MKL otherwise."""
     if os.environ.get(BWD_AMX_ENV_VAR, "").strip().lower() in ("off", "0", "false", "no", "mkl"):
         return False
     o = p.options
     return (
         p.q.dtype == np.uint16
-        and call.D in BF16_BACKWARD_AMX_DEPTHS
-        and call.Dv in BF16_BACKWARD_AMX_DEPTHS
+        and call.D % AMX_QUANTUM == 0
+        and call.Dv % AMX_QUANTUM == 0
         and o.BQ % AMX_QUANTUM == 0
         and p.kp.shape[3] % AMX_QUANTUM == 0
         and amx_path()[0]

@@ -260,6 +260,34 @@ def pack_pairs_t(x32, lens, out, r0, r1):
                     row[i] = 0
 
 
+@njit(cache=_JIT_CACHE, nogil=True)
+def pack_row_pairs(x16, lens, out, r0, r1):
+    """Whole heads of query-side rows in pairs of rows, once per call: the bfloat16 backward's
+    B operands of ``dV += P̃ᵀ·dO`` and ``dK += dS·Q`` (:func:`values` with A = P̃ᵀ or dS as
+    the kernel holds them, ``(BK, BQ)`` rows of keys; ``Options.qrows``/``dorows``).  ``x16
+    (R, L, X)`` bfloat16 bits (heads flattened); ``out (R, Lp/2, X)`` uint32, word ``(p, d) =
+    x[2p, d] | x[2p+1, d] << 16``; rows ``i ≥ lens[r]`` read as 0 (padding rows must not carry
+    NaN), pairs past them 0.  Heads ``r0 … r1 − 1`` only."""
+    L, X, P = x16.shape[1], x16.shape[2], out.shape[1]
+    for r in range(r0, r1):
+        n = min(lens[r], L)
+        xr, o = x16[r], out[r]
+        for p in range(P):
+            row = o[p]
+            i = 2 * p
+            if i + 1 < n:
+                a, b = xr[i], xr[i + 1]
+                for d in range(X):
+                    row[d] = np.uint32(a[d]) | (np.uint32(b[d]) << np.uint32(16))
+            elif i < n:
+                a = xr[i]
+                for d in range(X):
+                    row[d] = np.uint32(a[d])
+            else:
+                for d in range(X):
+                    row[d] = 0
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def _depth_2x2(a_addr, a_ld, b_addr, b_ld, depth):
     """C tiles 0–3 += two 16-row A blocks (rows ``a_ld`` bytes apart, from ``a_addr``) times

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from . import _cpu_amx_f32
+from . import _cpu_amx, _cpu_amx_f32
 from ._cpu_amx import rows_bf16, tile_config
 from ._cpu_primitives import (
     HUGE_SHIFT,
@@ -781,7 +781,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     wide = _short_rows(o.Lq, o.Lk)  # (see _dots)
     Qs = np.zeros((BQ, D), dtype=q.dtype)  # GEMM operands in the storage dtype (bf16 bits or T)
     dOs = np.zeros((BQ, Dv), dtype=dout.dtype)
-    Pb = np.empty((BK, BQ), dtype=q.dtype)  # P̃ and dS rounded to bf16 (bf16 path only)
+    Pb = _aligned_empty(BK, BQ, q)  # P̃ and dS rounded to bf16 (bf16 path only; AMX's A operand)
     # Short problems whose keys fit one tile (float operands): P from the tile's own softmax
     # (_softmax_rows), not from the float32 LSE, whose absolute rounding became P's relative
     # error (dV 1.6× the 3×-naive limit at L 11 D 128, scale 1; docs/performance.md)
@@ -794,7 +794,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     ST, dPT, PdT = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)
     G, GM = np.empty((BK, BQ), dtype=T), np.empty((BK, BQ), dtype=T)  # chain-rule factors
     N = np.empty((BK, BQ), dtype=np.int32)
-    dK, dV = np.empty((BK, D), dtype=T), np.empty((BK, Dv), dtype=T)
+    dK, dV = _aligned_empty(BK, D, dkp), _aligned_empty(BK, Dv, dkp)  # (AMX: tile loads/stores)
     lse2, dls = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     # bfloat16 on AMX (o.bwd_amx): Sᵀ and dPᵀ by _cpu_amx.scores from o.qv/o.dov (a placeholder
@@ -866,7 +866,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     if o.dropout_p > 0.0:
                         _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
                         P = PdT
-                    _gemm(Pb if in_pb else _as_operand(P, Pb), dOt, dV, 1.0)
+                    _acc_product(Pb if in_pb else _as_operand(P, Pb), dOt, o.dorows, b, h, i0, dV, bamx, cfg)
                     # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                     #    bias's gradient stops here) and softcap
                     if in_pb:
@@ -881,12 +881,37 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                             _mul_into(ST, G)
                     # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows)
                     dS = Pb if in_pb else _as_operand(ST, Pb)
-                    _gemm(dS, Qt, dK, 1.0)
+                    _acc_product(dS, Qt, o.qrows, b, h, i0, dK, bamx, cfg)
                     _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
             # -- write the tile's dK (times scale) and dV
             dkp[b, hk, kb] = dK * o.scale
             dvp[b, hk, kb] = dV
     _gemm_threads_end(q, threads)
+
+
+def _acc_product(A, Bt, pairs, b, h, i0, C, amx, cfg):
+    """``C += A · Bt`` for the bfloat16 backward's ``dV += P̃ᵀ·dO`` and ``dK += dS·Q`` (``A (BK,
+    BQ)`` bfloat16 bits, rows of keys; ``Bt (BQ, X)`` the query tile's rows): on AMX (``amx``,
+    ``_cpu_amx.values``) with B the tile's rows in pairs from ``pairs[b, h, 0, i0/2 …]`` (the
+    call's ``Options.dorows``/``qrows``), else by :func:`_gemm` (MKL; float32/float64 tiles)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_acc_product, jit_options={"cache": _JIT_CACHE})
+def _acc_product_overload(A, Bt, pairs, b, h, i0, C, amx, cfg):
+    if A.dtype != types.uint16:
+        return lambda A, Bt, pairs, b, h, i0, C, amx, cfg: _gemm(A, Bt, C, 1.0)
+
+    def impl(A, Bt, pairs, b, h, i0, C, amx, cfg):
+        if amx:
+            st = pairs.strides
+            addr = pairs.ctypes.data + b * st[0] + h * st[1] + (i0 // 2) * st[3]
+            _cpu_amx.values(A.ctypes.data, A.strides[0], A.shape[0], A.shape[1], addr, st[3], C.shape[1],
+                            C.ctypes.data, C.strides[0], cfg)
+        else:
+            _gemm(A, Bt, C, 1.0)
+
+    return impl
 
 
 def _split_query_tile(q, b, h, i0, BQ, o):

@@ -62,6 +62,10 @@ class Options(NamedTuple):
     bwd_amx: bool = False
     qv: np.ndarray = NO_PAIRS
     dov: np.ndarray = NO_PAIRS
+    # ... and dV += P̃ᵀ·dO, dK += dS·Q: dO's and q's rows in pairs (dorows, qrows (B, Hq, 1,
+    # ≥Lq/2, X) uint32, _cpu_amx.pack_row_pairs)
+    qrows: np.ndarray = NO_PAIRS
+    dorows: np.ndarray = NO_PAIRS
     # float32 on AMX as split bfloat16 products (_cpu_amx_f32; cpu.f32_split_route): the score
     # product Sᵀ = K·Qᵀ (forward and backward alike: the backward's P = 2^(S − lse) needs the
     # forward's scores bit for bit) from K's pieces per key tile (kpc (B, Hkv, nkb, 3, ≥BK, Dp)

@@ -588,6 +588,28 @@ def _bf16_pairs_t(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
     return out
 
 
+def _bf16_row_pairs(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
+    """``(B, H, 1, nqb·BQ/2, X)`` uint32: ``x``'s (bfloat16 bits, ``(B, H, L, X)``) rows in pairs
+    of rows, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_row_pairs`, split by
+    heads over the caller and the ``_launch`` pool)."""
+    from . import _launch
+    from ._cpu_amx import pack_row_pairs
+
+    B, H, L, X = x.shape
+    nq = -(-L // BQ) * BQ
+    out = _empty_aligned((B, H, 1, nq // 2, X), np.uint32)
+    x16 = np.ascontiguousarray(x).view(np.uint16).reshape(B * H, L, X)
+    lens = np.repeat(np.asarray(q_lens, dtype=np.int64), H)
+    flat = out.reshape(B * H, nq // 2, X)
+    rows = B * H
+
+    def pack(chunk: int, n: int) -> None:
+        pack_row_pairs(x16, lens, flat, rows * chunk // n, rows * (chunk + 1) // n)
+
+    _launch.run_chunks(pack, (), max(1, min(_launch.num_threads(), rows)))
+    return out
+
+
 def _empty_aligned(shape, dtype, allocate=np.empty) -> np.ndarray:
     """``allocate(shape, dtype)`` (``np.empty`` or ``np.zeros``) starting at a 64-byte boundary."""
     dtype = np.dtype(dtype)
@@ -1487,7 +1509,8 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     elif bf16_backward_amx(call, p):
         o = p.options
         p = Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(
-            bwd_amx=True, qv=_bf16_pairs_t(p.q, o.q_lens, o.BQ), dov=_bf16_pairs_t(dout_k, o.q_lens, o.BQ)), p.v_finite)
+            bwd_amx=True, qv=_bf16_pairs_t(p.q, o.q_lens, o.BQ), dov=_bf16_pairs_t(dout_k, o.q_lens, o.BQ),
+            qrows=_bf16_row_pairs(p.q, o.q_lens, o.BQ), dorows=_bf16_row_pairs(dout_k, o.q_lens, o.BQ)), p.v_finite)
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
         dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)

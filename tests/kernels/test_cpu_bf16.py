@@ -530,3 +530,86 @@ def test_backward_checks_and_delta_on_two_threads(B, Hq, Hkv, L, D, Dv, causal, 
         monkeypatch.setattr(cpu, "_bf16_checks_and_delta", lambda *a: None)
         general = cpu.backward(call, out, lse, bad_do)
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(split[:3], general[:3]))
+
+
+# --- the backward's tile products on AMX (Options.bwd_amx: K·Qᵀ, V·dOᵀ, P̃ᵀ·dO, dS·Q) --------
+
+
+def _backward_both_ways(q, k, v, tiles, monkeypatch, **options):
+    """The backward's gradients on AMX and with MKL forced (``DOTATTN_CPU_BWD_AMX=off``)."""
+    call = semantics.normalize(q, k, v, **options)
+    dout = np.random.default_rng(3).standard_normal(q.shape[:-1] + (v.shape[-1],)).astype(BFLOAT16)
+    out, lse = cpu.forward(call, block_size=tiles)
+    BT = cpu.BF16_BACKWARD_BLOCK_SIZE if tiles is None else tiles
+    assert cpu.bf16_backward_amx(call, cpu.prepare(call, BT)) == HAS_AMX
+    amx = cpu.backward(call, out, lse, dout, block_size=tiles)[:3]
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")
+        assert not cpu.bf16_backward_amx(call, cpu.prepare(call, BT))
+        mkl = cpu.backward(call, out, lse, dout, block_size=tiles)[:3]
+    return amx, mkl
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Lq, Lk, D, Dv, tiles, options",
+    [
+        # the default tiles (256 × 256), GQA, causal, lengths no multiple of the tile
+        (4, 2, 300, 270, 64, 64, None, {"causal": True}),
+        (2, 2, 96, 160, 128, 128, (32, 64), {}),  # D 128
+        (1, 1, 70, 90, 32, 64, (32, 32), {"kv_lengths": np.array([77])}),  # D ≠ Dv, padded keys
+        (2, 2, 96, 96, 64, 64, (32, 32), {"q_lengths": np.array([51]), "causal": True}),  # padding query rows (odd)
+        (2, 1, 64, 200, 64, 32, (32, 96), {"window": (40, 10), "softcap": 15.0}),  # unfused: chain rule
+    ],
+    ids=["d64-gqa-causal-odd", "d128", "d32-dv64-kvlen", "qlen-causal", "window-softcap"],
+)
+def test_backward_amx_matches_mkl_and_the_reference(Hq, Hkv, Lq, Lk, D, Dv, tiles, options, monkeypatch):
+    q, k, v = H.random_qkv(23, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=BFLOAT16)
+    amx, mkl = _backward_both_ways(q, k, v, tiles, monkeypatch, **options)
+    for a, m in zip(amx, mkl):  # (the same bits on this host's MKL; another MKL may sum otherwise)
+        np.testing.assert_allclose(a, m, rtol=0, atol=2e-3 * max(1.0, float(np.abs(m).max())))
+    _check(q, k, v, tiles, **options)  # the AMX route against the float64 reference
+
+
+def test_backward_amx_with_dropout_agrees_with_mkl(monkeypatch):
+    q, k, v = _inputs(7, 2, 2, 64, 96, 64)
+    amx, mkl = _backward_both_ways(q, k, v, (32, 32), monkeypatch, dropout_p=0.3, seed=2)
+    for a, m in zip(amx, mkl):
+        np.testing.assert_allclose(a, m, rtol=0, atol=2e-3 * max(1.0, float(np.abs(m).max())))
+        assert np.abs(m).max() > 0.01
+
+
+def test_backward_amx_needs_whole_32_steps():
+    """Head dims or tiles that are no whole AMX steps keep MKL (as the forward's rule)."""
+    q, k, v = _inputs(3, 2, 2, 64, 64, 48)  # D 48
+    call = semantics.normalize(q, k, v)
+    assert not cpu.bf16_backward_amx(call, cpu.prepare(call, (32, 32)))
+    q, k, v = _inputs(3, 2, 2, 64, 64, 64)
+    call = semantics.normalize(q, k, v)
+    assert not cpu.bf16_backward_amx(call, cpu.prepare(call, (16, 32)))
+    assert cpu.bf16_backward_amx(call, cpu.prepare(call, (32, 32))) == HAS_AMX
+    f32 = semantics.normalize(*(x.astype(np.float32) for x in (q, k, v)))
+    assert not cpu.bf16_backward_amx(f32, cpu.prepare(f32, (32, 32)))
+    _check(q[:, :, :, :48], k[:, :, :, :48], v[:, :, :, :48], (16, 16))  # the MKL route, D 48
+
+
+@pytest.mark.parametrize("B, H, L, X, lens", [(1, 3, 300, 64, None), (2, 2, 77, 128, (51, 77)), (1, 1, 5, 32, (4,))])
+def test_backward_amx_operands_packed(B, H, L, X, lens, monkeypatch):
+    """q's/dO's rows in pairs of dims transposed (``_bf16_pairs_t``) and in pairs of rows
+    (``_bf16_row_pairs``): NumPy's reading of the bits; zero past ``q_lens`` and the padding;
+    the same on one thread."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((B, H, L, X), dtype=np.float32).astype(BFLOAT16).view(np.uint16)
+    q_lens = np.array(lens if lens else (L,) * B, dtype=np.int64)
+    BQ = 32
+    nq = -(-L // BQ) * BQ
+    keep = np.zeros((B, H, nq, X), np.uint16)
+    for b in range(B):
+        keep[b, :, : q_lens[b]] = x[b, :, : q_lens[b]]
+    t = cpu._bf16_pairs_t(x, q_lens, BQ)
+    assert t.shape == (B, H, 1, X // 2, nq + 16) and t.ctypes.data % 64 == 0
+    assert np.array_equal(t[:, :, 0, :, :nq], keep.view(np.uint32).swapaxes(2, 3)) and not t[..., nq:].any()
+    r = cpu._bf16_row_pairs(x, q_lens, BQ)
+    expect = keep[:, :, 0::2].astype(np.uint32) | (keep[:, :, 1::2].astype(np.uint32) << 16)
+    assert r.shape == (B, H, 1, nq // 2, X) and np.array_equal(r[:, :, 0], expect)
+    monkeypatch.setattr(_launch, "num_threads", lambda: 1)
+    assert np.array_equal(cpu._bf16_pairs_t(x, q_lens, BQ), t) and np.array_equal(cpu._bf16_row_pairs(x, q_lens, BQ), r)

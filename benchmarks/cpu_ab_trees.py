@@ -82,8 +82,9 @@ else:
         def run(q=q, k=k, v=v, do=do, c=c):
             if c.get("backward"):  # through the torch front end, as the SDPA peer
                 import torch, dotattn.torch as dtorch
-                qq, kk, vv = (torch.from_numpy(np.asarray(x, dtype=np.float32)).requires_grad_() for x in (q, k, v))
-                dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(torch.from_numpy(np.asarray(do, dtype=np.float32)))
+                tt = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(getattr(torch, dtype))  # in --dtype (was float32 always)
+                qq, kk, vv = (tt(x).requires_grad_() for x in (q, k, v))
+                dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(tt(do))
                 return
             return dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
         calls[name] = run

@@ -509,6 +509,16 @@ def _whole_bf16_tiles(x: np.ndarray, kv_lengths, BK: int) -> bool:
     )
 
 
+def _by_rows(rows: int, job) -> None:
+    """``job(a, b)`` over ``rows`` rows (a call's sequence-and-head rows) in one contiguous range
+    per thread, on the caller and the ``_launch`` pool (``job`` must release the GIL to gain).
+    Each row is done whole by one thread, so results do not depend on which thread ran it."""
+    from . import _launch
+
+    n = max(1, min(_launch.num_threads(), rows))
+    _launch.run_chunks(lambda chunk, n: job(rows * chunk // n, rows * (chunk + 1) // n), (), n)
+
+
 def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
     """``(kp, vp, v_finite)`` as :func:`_pack_kv` and :func:`_pack_kv_checked` (``transposed``)
     give them for the bfloat16 forward, with V's transposing pack (and K's copy to a 64-byte
@@ -523,7 +533,6 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
     """
     if not (_whole_bf16_tiles(k, kv_lengths, BK) and _whole_bf16_tiles(v, kv_lengths, BK)):
         return None
-    from . import _launch
     from ._cpu_amx import pack_vt
 
     B, H, L, X = v.shape
@@ -536,16 +545,14 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
     kp_rows = kp.view(np.uint16).reshape(rows, L * D)
     v32 = v.view(np.uint16).view(np.uint32).reshape(rows, 1, L, X // 2)
     vp32 = vp.view(np.uint16).view(np.uint32).reshape(rows, 1, nkb, X, BK // 2)
-    nchunks = max(1, min(_launch.num_threads(), rows))
-    finite = [True] * nchunks
+    finite = []  # one flag per range (list.append is atomic)
 
-    def pack(chunk: int, n: int) -> None:
-        a, b = rows * chunk // n, rows * (chunk + 1) // n
+    def pack(a: int, b: int) -> None:
         if kp is not k:
             np.copyto(kp_rows[a:b], k_rows[a:b])
-        finite[chunk] = bool(pack_vt(v32[a:b], vp32[a:b]))
+        finite.append(bool(pack_vt(v32[a:b], vp32[a:b])))
 
-    _launch.run_chunks(pack, (), nchunks)
+    _by_rows(rows, pack)
     return kp.reshape(B, H, nkb, BK, D), vp.swapaxes(3, 4), all(finite)
 
 
@@ -567,46 +574,37 @@ def bf16_backward_amx(call: AttentionCall, p: "Prepared") -> bool:
 
 def _bf16_pairs_t(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
     """``(B, H, 1, X/2, nqb·BQ + 16)`` uint32: ``x``'s (bfloat16 bits, ``(B, H, L, X)``) rows in
-    pairs of dims, transposed, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_pairs_t`,
-    split by heads over the caller and the ``_launch`` pool).  The 16 more columns put each
-    row a cache line past a multiple of 1 KiB (``_cpu_amx.ROW_PAD``'s reason)."""
-    from . import _launch
+    pairs of dims, transposed, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_pairs_t`).
+    The 16 more columns put each row a cache line past a multiple of 1 KiB (``_cpu_amx.ROW_PAD``'s
+    reason)."""
     from ._cpu_amx import pack_pairs_t
 
     B, H, L, X = x.shape
     nq = -(-L // BQ) * BQ
-    out = _empty_aligned((B, H, 1, X // 2, nq + 16), np.uint32)
-    x32 = np.ascontiguousarray(x).view(np.uint16).view(np.uint32).reshape(B * H, L, X // 2)
-    lens = np.repeat(np.asarray(q_lens, dtype=np.int64), H)
-    flat = out.reshape(B * H, X // 2, nq + 16)
-    rows = B * H
-
-    def pack(chunk: int, n: int) -> None:
-        pack_pairs_t(x32, lens, flat, rows * chunk // n, rows * (chunk + 1) // n)
-
-    _launch.run_chunks(pack, (), max(1, min(_launch.num_threads(), rows)))
-    return out
+    source = np.ascontiguousarray(x).view(np.uint16).view(np.uint32).reshape(B * H, L, X // 2)
+    return _bf16_packed_rows(pack_pairs_t, source, q_lens, (B, H, 1, X // 2, nq + 16))
 
 
 def _bf16_row_pairs(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
     """``(B, H, 1, nqb·BQ/2, X)`` uint32: ``x``'s (bfloat16 bits, ``(B, H, L, X)``) rows in pairs
-    of rows, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_row_pairs`, split by
-    heads over the caller and the ``_launch`` pool)."""
-    from . import _launch
+    of rows, rows past ``q_lens`` and the padding 0 (:func:`_cpu_amx.pack_row_pairs`)."""
     from ._cpu_amx import pack_row_pairs
 
     B, H, L, X = x.shape
     nq = -(-L // BQ) * BQ
-    out = _empty_aligned((B, H, 1, nq // 2, X), np.uint32)
-    x16 = np.ascontiguousarray(x).view(np.uint16).reshape(B * H, L, X)
+    source = np.ascontiguousarray(x).view(np.uint16).reshape(B * H, L, X)
+    return _bf16_packed_rows(pack_row_pairs, source, q_lens, (B, H, 1, nq // 2, X))
+
+
+def _bf16_packed_rows(pack, source: np.ndarray, q_lens: np.ndarray, shape: tuple) -> np.ndarray:
+    """``pack(source, lens, out, a, b)`` (a ``_cpu_amx`` packing of (sequence, head) rows ``a … b−1``)
+    into a fresh 64-byte-aligned uint32 array of ``shape`` ``(B, H, …)``, split by rows over the
+    caller and the pool (:func:`_by_rows`)."""
+    B, H = shape[0], shape[1]
+    out = _empty_aligned(shape, np.uint32)
     lens = np.repeat(np.asarray(q_lens, dtype=np.int64), H)
-    flat = out.reshape(B * H, nq // 2, X)
-    rows = B * H
-
-    def pack(chunk: int, n: int) -> None:
-        pack_row_pairs(x16, lens, flat, rows * chunk // n, rows * (chunk + 1) // n)
-
-    _launch.run_chunks(pack, (), max(1, min(_launch.num_threads(), rows)))
+    flat = out.reshape((B * H,) + shape[3:])
+    _by_rows(B * H, lambda a, b: pack(source, lens, flat, a, b))
     return out
 
 

@@ -938,22 +938,22 @@ def _bf16_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout):
     rows = B * Hq
     delta = np.empty((B, Hq, Lq), dtype=np.float32)
     o_rows, do_rows, delta_rows = out.view(np.uint16).reshape(rows, Lq, Dv), dout.view(np.uint16).reshape(rows, Lq, Dv), delta.reshape(rows, Lq)
-    finite = [True, True]
+    # the general path's checks, in two halves of about the same bytes: one per chunk (the
+    # inputs' half first where one thread runs)
+    checks = [lambda: _inputs_finite(call, p), lambda: _all_finite(dout) and _all_finite(out)]
+    nchunks = 2 if rows >= 2 and _launch.num_threads() >= 2 else 1
+    finite = [] if nchunks == 2 else [checks.pop(0)()]
 
     def widened(bits):  # bfloat16 bits → the float32 they are
         return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
     def job(chunk: int, n: int) -> None:
         a, b = rows * chunk // n, rows * (chunk + 1) // n
-        checked = (p.q, p.kp, p.vp) if chunk % 2 else (dout, out)  # ≈ half the bytes each
-        finite[chunk % 2] = finite[chunk % 2] and all(_all_finite(x) for x in checked)
+        finite.append(checks[chunk]())  # (list.append is atomic)
         np.einsum("rld,rld->rl", widened(do_rows[a:b]), widened(o_rows[a:b]), dtype=np.float32, out=delta_rows[a:b])
 
-    nchunks = 2 if rows >= 2 and _launch.num_threads() >= 2 else 1
-    if nchunks == 1:
-        finite[1] = all(_all_finite(x) for x in (p.q, p.kp, p.vp))
     _launch.run_chunks(job, (), nchunks)
-    return finite[0] and finite[1], delta
+    return all(finite), delta
 
 
 def _numpy_backend():

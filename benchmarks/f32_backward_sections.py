@@ -6,7 +6,7 @@ operands hot; in the kernel each task (a key tile) streams every query tile's Q,
 pieces from L3, and two threads share the L3 and the memory bus.  This runs a copy of
 ``_cpu_kernels._backward_chunk``'s loop for the split route (float32, no dropout, no score
 chain; ``Sᵀ``/``dPᵀ`` split and dV, dK, dQ on MKL, or all five split (``--modes all5``) as
-``_cpu_kernels._split_tile``) on ``--threads`` chunks of a prange, with a cycle counter
+``_cpu_kernels._split_tile``) on ``--threads`` chunks of a prange (``--modes mkl``: all five on MKL at the MKL route's tiles), with a cycle counter
 (``llvm.readcyclecounter``) around each section, checks that dK and dV have the kernel's bits,
 and prints per section ns a tile (per thread: each thread's own tiles) and GFLOP/s for the
 products.  The copy calls the kernel's own helpers: keep its loop in step with
@@ -98,7 +98,7 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
                     dls[r] = delta[b, h, i0 + r] if r < nr else 0.0
                 c1 = _cycles()
                 Tc[1] += c1 - c0
-                K._scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+                K._scores(ST, Qt, no_qv, Kb, cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, False)
                 c2_ = _cycles()
                 Tc[2] += c2_ - c1
                 Tc[10] += 1
@@ -126,24 +126,23 @@ def _chunk(chunk, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, o, T
                     F.product_add(o.ktp[b, hk, kb], d_pairs, dq_parts[chunk, b, h, :, i0 : i0 + BQ], scratch, cfg)
                     Tc[8] += _cycles() - c7
                     continue
-                in_pb = K._exp2_operand(ST, N, c2, lse2, Pb, True)
+                # the MKL route (--modes mkl), as _backward_chunk runs float32 without dropout
+                K._exp2_operand(ST, N, c2, lse2, Pb, True)
                 c3 = _cycles()
                 Tc[3] += c3 - c2_
-                if not (o.split_dp and K._split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
-                    K._dots(Vb, dOt, dPT, wide)
+                K._qk(Vb, dOt, no_qv, dPT, False, cfg, wide)
                 c4 = _cycles()
                 Tc[4] += c4 - c3
-                K._gemm(K._as_operand(ST, Pb), dOt, dV, 1.0)
+                K._gemm(ST, dOt, dV, 1.0)
                 c5 = _cycles()
                 Tc[5] += c5 - c4
                 K._ds_block(ST, dPT, dls)
                 c6 = _cycles()
                 Tc[6] += c6 - c5
-                dS = K._as_operand(ST, Pb)
-                K._gemm(dS, Qt, dK, 1.0)
+                K._gemm(ST, Qt, dK, 1.0)
                 c7 = _cycles()
                 Tc[7] += c7 - c6
-                K._gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
+                K._gemm(ST.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
                 Tc[8] += _cycles() - c7
         c0 = _cycles()
         dkp[b, hk, kb] = dK * o.scale
@@ -181,11 +180,30 @@ def _prepared(call, out, lse, dout):
     return p, dout_k, lse_c, delta
 
 
-def _config(call, out, lse, do, all5, nch):
-    os.environ["DOTATTN_F32_PRODUCTS"] = "amx5" if all5 else "amx"
-    p, dout_k, lse_c, delta = _prepared(call, out, lse, do)
+def _prepared_mkl(call, out, lse, dout):
+    """``cpu.backward``'s set-up for the MKL route (float32 tiles on MKL's sgemm)."""
+    p = cpu.prepare(call, cpu.DEFAULT_BACKWARD_BLOCK_SIZE, split=False)
+    lse_c = np.ascontiguousarray(lse, dtype=np.float32)
+    delta = np.einsum("bhld,bhld->bhl", dout, out, dtype=np.float32)
+    fix = cpu.lse_rounding_fix(lse_c)
+    dout_k = np.multiply(dout, fix.astype(np.float32)[..., None])
+    delta = np.ascontiguousarray((delta * fix).astype(np.float32))
+    return p, dout_k, lse_c, delta
+
+
+_ROUTE = {"mkl": "mkl", "mkl3": "amx", "all5": "amx5"}
+
+
+def _config(call, out, lse, do, mode, nch):
+    all5 = mode == "all5"
+    os.environ["DOTATTN_F32_PRODUCTS"] = _ROUTE[mode]
+    if mode == "mkl":
+        p, dout_k, lse_c, delta = _prepared_mkl(call, out, lse, do)
+        assert not (p.options.split_s or p.options.split_dp or p.options.split_all), "not the MKL route here"
+    else:
+        p, dout_k, lse_c, delta = _prepared(call, out, lse, do)
+        assert p.options.split_s and p.options.split_dp and p.options.split_all == all5, "not the split route here"
     o = p.options
-    assert o.split_s and o.split_dp and o.split_all == all5, "not the split route here"
     B, Hq, Lq, D = call.q.shape
 
     def fresh():
@@ -203,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=sorted(CASES), nargs="?", default="d64")
     parser.add_argument("--threads", default="1,2", help="thread counts (chunks), comma-separated")
-    parser.add_argument("--modes", default="mkl3,all5", help="mkl3: Sᵀ, dPᵀ split, dV, dK, dQ on MKL; all5: all five split")
+    parser.add_argument("--modes", default="mkl3,all5", help="mkl: all five on MKL's sgemm at the MKL route's tiles (this host's route); mkl3: Sᵀ, dPᵀ split, dV, dK, dQ on MKL; all5: all five split")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     H, D, causal = CASES[args.case]
@@ -216,12 +234,12 @@ def main() -> None:
     configs = {}
     for mode in args.modes.split(","):
         for nch in (int(n) for n in args.threads.split(",")):
-            p, args_, fresh = _config(call, out, lse, do, mode == "all5", nch)
+            p, args_, fresh = _config(call, out, lse, do, mode, nch)
             T_ = np.zeros((nch, NS), np.int64)
             dq_parts, dkp, dvp = fresh()
             with ONE_BLAS_THREAD:
                 _kernel(*args_, dq_parts, dkp, dvp, p.options, T_, nch)  # compile, warm
-            os.environ["DOTATTN_F32_PRODUCTS"] = "amx5" if mode == "all5" else "amx"
+            os.environ["DOTATTN_F32_PRODUCTS"] = _ROUTE[mode]
             _, dk_ref, dv_ref, _ = cpu.backward(call, out, lse, do)  # the kernel's bits
             nkbBK = dkp.shape[2] * dkp.shape[3]
             assert np.array_equal(dkp.reshape(1, H, nkbBK, D)[:, :, :4096], dk_ref), "dK differs from the kernel's: update the loop"

@@ -9,7 +9,7 @@ step is split at the forward/backward boundary; what is not inside a wrapped ent
 also prints the outside functions by own time.
 
     flock /tmp/bench.lock env PYTHONPATH=src .venv/bin/python benchmarks/f32_fwdbwd_outside.py \\
-        [--cases fwdbwd,fwdbwd128,causal-fwdbwd] [--rounds 7] [--cprofile]
+        [--cases fwdbwd,fwdbwd128,causal-fwdbwd] [--rounds 7] [--cprofile] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ ENTRIES = {
     "dotattn.kernels._cpu_amx_f32": (
         "_abs_bits_max", "split_tiles", "split_columns", "split_row_pairs", "split_tiles_t",
     ),
+    # bfloat16 (--dtype bfloat16): the packings and the gradients' rounding
+    "dotattn.kernels._cpu_amx": ("pack_vt", "pack_pairs_t", "pack_row_pairs"),
+    "dotattn.kernels._cpu_primitives": ("_round_to_bf16",),
 }
 # run_chunks' jobs (a pool thread and the caller): timed whole, by the job's name
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--cases", default="fwdbwd,fwdbwd128,causal-fwdbwd")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     import importlib
 
@@ -82,7 +86,8 @@ def main() -> None:
     for case in args.cases.split(","):
         c = CASES[case]
         g = torch.Generator().manual_seed(0)
-        q, k, v, do = (torch.randn(1, c["H"], c["L"], c["D"], generator=g) for _ in range(4))
+        dtype = getattr(torch, args.dtype)
+        q, k, v, do = (torch.randn(1, c["H"], c["L"], c["D"], generator=g).to(dtype) for _ in range(4))
         rows = collections.defaultdict(list)
 
         def one():
@@ -111,7 +116,7 @@ def main() -> None:
                 for name, s in parts.items():
                     rows[(phase, name)].append(s)
                 rows[(phase, "outside")].append(total - sum(parts.values()))
-        print(f"{case} (H{c['H']} L{c['L']} D{c['D']}{' causal' if c['causal'] else ''}), medians of {args.rounds}, ms:")
+        print(f"{case} {args.dtype} (H{c['H']} L{c['L']} D{c['D']}{' causal' if c['causal'] else ''}), medians of {args.rounds}, ms:")
         for (phase, name), ts in rows.items():
             print(f"  {phase} {name:<22} {statistics.median(ts) * 1e3:8.2f}   (min {min(ts) * 1e3:.2f})")
         if profile is not None:

@@ -71,8 +71,14 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # piece's FMAs (a burst per block: slower).  decode_ab.py one thread, load 1.3 (00:42, 1 Dec):
 # B1 32k float16 13.88 → 12.94 ms, bfloat16 13.01 → 12.04; float32 the same; B8 32k float16
 # 122.3 → 116.2 (docs/decoding.md, "The next work item asked for whole").
+# The threshold was 64 MB (B1 32k and B8 32k only); on this host the last-level cache that a
+# process gets holds ≈ 16–32 MB (NumPy's sum: 16 MiB at 23–25 GB/s, 64 MiB at 8–9), so the 16 MiB
+# sequences of B1 4k and B8 4k stream from DRAM too: from 8 MB, one thread B8 4k float16 17.08 →
+# 15.99 ms, bfloat16 17.41 → 16.20, both cores float16 10.77 → 10.09, bfloat16 10.72 → 9.65,
+# float32 18.02 → 16.42, B1 4k within ±2 % (same bits; docs/decoding.md, "The next item from
+# 8 MB"). SmolLM2's 6 MB layer caches stay under it.
 PREFETCH_NEXT_K = True
-PREFETCH_NEXT_MIN_BYTES = 64 << 20
+PREFETCH_NEXT_MIN_BYTES = 8 << 20
 NEXT_SCHEME = True
 
 

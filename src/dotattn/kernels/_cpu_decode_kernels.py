@@ -57,7 +57,7 @@ PREFETCH_ROWS = 16
 # locality: 3 = L1, 2 = L2, 0 = not at all) and for the block's value rows (into L2)
 PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # PREFETCH_NEXT_K: the thread's next work item is asked for (into L2) while an item runs — only
-# for sequences with at least PREFETCH_NEXT_MIN_BYTES of K/V: on smaller ones, cache-resident when
+# for calls with at least PREFETCH_NEXT_MIN_BYTES of K/V: on smaller ones, cache-resident when
 # called again and again, the requests cost more than they bring (SmolLM2's shape at 4k, 6 MB,
 # L3-resident, one thread: 0.46 → 0.49 ms).  First (commit 4a6faa0) its key rows, spread over the
 # P·V passes, while the scores pass streamed this item's values: B1 32k pool float16 8.63 → 7.94
@@ -71,14 +71,15 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # piece's FMAs (a burst per block: slower).  decode_ab.py one thread, load 1.3 (00:42, 1 Dec):
 # B1 32k float16 13.88 → 12.94 ms, bfloat16 13.01 → 12.04; float32 the same; B8 32k float16
 # 122.3 → 116.2 (docs/decoding.md, "The next work item asked for whole").
-# The threshold was 64 MB (B1 32k and B8 32k only); on this host the last-level cache that a
-# process gets holds ≈ 16–32 MB (NumPy's sum: 16 MiB at 23–25 GB/s, 64 MiB at 8–9), so the 16 MiB
-# sequences of B1 4k and B8 4k stream from DRAM too: from 8 MB, one thread B8 4k float16 17.08 →
-# 15.99 ms, bfloat16 17.41 → 16.20, both cores float16 10.77 → 10.09, bfloat16 10.72 → 9.65,
-# float32 18.02 → 16.42, B1 4k within ±2 % (same bits; docs/decoding.md, "The next item from
-# 8 MB"). SmolLM2's 6 MB layer caches stay under it.
+# The bytes counted are the whole call's K/V (every sequence's; a sequence's own before 1 Dec
+# 18:50): what stays in the last-level cache between calls is the call's footprint, and on this
+# host a process gets ≈ 16–32 MB of it (NumPy's sum: 16 MiB at 23–25 GB/s, 64 MiB at 8–9), so
+# B8 4k's 128 MiB (16 MiB a sequence) streams from DRAM: B8 4k both cores float16 10.77 → 10.09 ms,
+# bfloat16 10.72 → 9.65, float32 16.11 → 14.18; one thread float16 17.08 → 15.99, bfloat16
+# 17.41 → 16.20 (same bits; docs/decoding.md, "The next item asked for at B8 4k").  B1 4k
+# (16 MiB, partly cache-resident) stays under it: with the scheme it was 0.94–1.02×.
 PREFETCH_NEXT_K = True
-PREFETCH_NEXT_MIN_BYTES = 8 << 20
+PREFETCH_NEXT_MIN_BYTES = 64 << 20
 NEXT_SCHEME = True
 
 
@@ -1597,8 +1598,11 @@ def _item(
     b, hk, j0, j1, pos0 = _item_keys(it, B, Lq, kvlen, split, left, right, c0, nch, start)
     npf = 0
     if 0 <= nxt < start[B]:
+        keys = 0  # the call's keys (PREFETCH_NEXT_MIN_BYTES counts the call's K/V)
+        for i in range(B):
+            keys += kvlen[i]
         if PREFETCH_NEXT_K and _uses_simd(q, D, Dv, kind, R) and (
-            kvlen[b] * Hkv * (D + Dv) * kflat.itemsize >= PREFETCH_NEXT_MIN_BYTES
+            keys * Hkv * (D + Dv) * kflat.itemsize >= PREFETCH_NEXT_MIN_BYTES
         ):
             b2, hk2, j0b, j1b, _ = _item_keys(nxt, B, Lq, kvlen, split, left, right, c0, nch, start)
             npf = max(j1b - j0b, 0)

@@ -198,6 +198,27 @@ def pack_vt(v32, out32):
     return (bad & top) == 0
 
 
+@njit(cache=_JIT_CACHE, nogil=True)
+def tile_t(k32, out32):
+    """One key tile transposed, the A operand of :func:`values` for the bfloat16 backward's
+    ``dQᵀ += Kᵀ·dS``: ``out (X, ≥BK)`` bfloat16 from ``k (BK, X)``, both read as uint32
+    (``k32 (BK, X/2)``, ``out32 (X, ≥BK/2)``), by :func:`pack_vt`'s word trick (two keys'
+    words give two of Kᵀ's).  Done by the task that owns the key tile, once for all its
+    query tiles."""
+    BK2, X2 = k32.shape[0] // 2, k32.shape[1]
+    lo, hi = np.uint32(0xFFFF), np.uint32(0xFFFF0000)
+    for j0 in range(0, X2, 32):
+        j1 = min(j0 + 32, X2)
+        for kp in range(BK2):
+            a_row = k32[2 * kp]
+            b_row = k32[2 * kp + 1]
+            for j in range(j0, j1):
+                a = a_row[j]
+                w = b_row[j]
+                out32[2 * j, kp] = (a & lo) | (w << np.uint32(16))
+                out32[2 * j + 1, kp] = (a >> np.uint32(16)) | (w & hi)
+
+
 @njit(cache=_JIT_CACHE)
 def pack_q(Qs, Qv):
     """``Qv (D/2, BQ)`` uint32 = Q's bits as pairs, transposed: the B operand of ``K·Qᵀ``."""
@@ -600,6 +621,66 @@ def round_pairs(s_addr, s_ld, rows, p_addr, p_ld):
     ``p_addr`` (``(rows/2, 32)`` uint32, rows ``p_ld`` bytes apart): the B operand of
     :func:`values` where P was computed in float32 first (dropout).  ``rows`` even."""
     _round_pairs_block(s_addr, s_ld, rows, p_addr, p_ld)
+
+
+@intrinsic
+def _ds_pairs_tile(typingctx, p_addr, p_ld, dp_addr, dp_ld, rows, cols, delta_addr, pairs_addr, pairs_ld):
+    """:func:`ds_pairs` as one intrinsic: row pairs outer, 16-query groups inner."""
+    i64 = types.int64
+    sig = types.void(i64, i64, i64, i64, i64, i64, i64, i64, i64)
+
+    def codegen(context, builder, signature, args):
+        p_addr, p_ld, dp_addr, dp_ld, rows, cols, delta_addr, pairs_addr, pairs_ld = args
+        _amx_function(context, builder, _AVX512)
+        i64t = ir.IntType(64)
+        c16, two = ir.Constant(i64t, 16), ir.Constant(i64t, 2)
+        vi16, vbf = ir.VectorType(_I16, _LANES), ir.VectorType(_BFloat(), 32)
+        vi32 = ir.VectorType(_I32, _LANES)
+        cvt = _vfn(builder, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", vbf, [_VF, _VF])
+        undef16 = ir.Constant(ir.VectorType(_I16, 32), ir.Undefined)
+        with cgutils.for_range(builder, builder.sdiv(rows, two)) as outer:
+            c = outer.index
+            prow0 = builder.add(p_addr, builder.mul(builder.mul(c, two), p_ld))
+            prow1 = builder.add(prow0, p_ld)
+            drow0 = builder.add(dp_addr, builder.mul(builder.mul(c, two), dp_ld))
+            drow1 = builder.add(drow0, dp_ld)
+            qrow = builder.add(pairs_addr, builder.mul(c, pairs_ld))
+            with cgutils.for_range(builder, builder.sdiv(cols, c16)) as inner:
+                g = inner.index
+                off2, off4 = builder.mul(g, ir.Constant(i64t, 32)), builder.mul(g, ir.Constant(i64t, 64))
+                delta = builder.load(_vptr(builder, builder.add(delta_addr, off4)), align=4)
+                ds = []
+                for prow, drow in ((prow0, drow0), (prow1, drow1)):
+                    bits = builder.load(_vptr(builder, builder.add(prow, off2), vi16), align=2)
+                    wide = builder.shl(builder.zext(bits, vi32), ir.Constant(vi32, [16] * _LANES))
+                    p = builder.bitcast(wide, _VF)
+                    d = builder.load(_vptr(builder, builder.add(drow, off4)), align=4)
+                    ds.append(builder.fmul(p, builder.fsub(d, delta)))
+                # one rounding of both rows (ties to even, as _cpu_primitives._to_bf16's
+                # vcvtneps2bf16): the low 16 halves row 2c's, the high 16 row 2c + 1's
+                both = builder.bitcast(builder.call(cvt, [ds[1], ds[0]]), ir.VectorType(_I16, 32))
+                for e, prow in enumerate((prow0, prow1)):
+                    half = builder.shuffle_vector(both, undef16, ir.Constant(ir.VectorType(_I32, _LANES), list(range(16 * e, 16 * e + 16))))
+                    builder.store(half, _vptr(builder, builder.add(prow, off2), vi16), align=2)
+                words = ir.Constant(ir.VectorType(_I32, 32), _PAIR_WORDS)
+                pairs = builder.bitcast(builder.shuffle_vector(both, undef16, words), vi32)
+                builder.store(pairs, _vptr(builder, builder.add(qrow, off4), vi32), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def ds_pairs(p_addr, p_ld, dp_addr, dp_ld, rows, cols, delta_addr, pairs_addr, pairs_ld):
+    """The bfloat16 backward's dS pass on 512-bit vectors, writing dS twice: ``dS = bf16(P̃ ∘
+    (dPᵀ − Δ))`` (``_cpu_primitives._ds_bf16``'s bits) over the rounded P̃ ``(rows, cols)``
+    bfloat16 at ``p_addr`` (rows ``p_ld`` bytes apart; overwritten by dS: the A operand of
+    ``dK += dS·Q``), from float32 ``dPᵀ`` at ``dp_addr`` (rows ``dp_ld`` apart) and ``cols``
+    float32 Δ at ``delta_addr``; and dS in key pairs at ``pairs_addr`` (``(rows/2, cols)``
+    uint32, rows ``pairs_ld`` apart: the B operand of ``dQᵀ += Kᵀ·dS`` by :func:`values`) —
+    one ``vcvtne2ps2bf16`` per two rows × 16 queries gives both.  ``rows`` even, ``cols`` a
+    multiple of 16.  (Numba's loop of ``_ds_bf16`` ran on 4-lane vectors.)"""
+    _ds_pairs_tile(p_addr, p_ld, dp_addr, dp_ld, rows, cols, delta_addr, pairs_addr, pairs_ld)
 
 
 # A prefetch plan with nothing in it (``exp2_pairs``' default)

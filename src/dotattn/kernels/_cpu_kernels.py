@@ -45,6 +45,7 @@ from ._cpu_primitives import (
     _block_class,
     _ds_block,
     _ds_operand,
+    _ds_operand_pairs,
     _dots,
     _dropout_block,
     _exp2_operand,
@@ -54,6 +55,7 @@ from ._cpu_primitives import (
     _gemm,
     _gemm_threads_begin,
     _gemm_threads_end,
+    _key_pairs,
     _lazy_ok,
     _lazy_softmax,
     _lazy_spoils_scores,
@@ -811,6 +813,10 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)  # (the task's Kᵀ for its pieces)
     if o.split_s or bamx:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
+    # ... and dQᵀ += Kᵀ·dS (dq_parts transposed, (…, D, ≥Lq)): the task's Kᵀ (D, BK) and dS in
+    # key pairs (BK/2, BQ), rows a cache line past their 2·BK / 4·BQ bytes (_cpu_amx.ROW_PAD)
+    KT = _aligned_empty(D if bamx else 0, BK + 32 if bamx else 0, q)
+    Dp = _aligned_empty(BK // 2 if bamx else 0, BQ + 16 if bamx else 0, np.empty(0, dtype=np.uint32))
     threads = _gemm_threads_begin(q)
     while True:
         part = _take_task(queue)
@@ -826,6 +832,8 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
             Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
             if o.split_in_task:  # this task alone reads its key tile's pieces
                 _split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
+            if bamx:
+                _key_tile_t(Kb, KT)
             dK[:] = 0.0
             dV[:] = 0.0
             for h in range(hk * group, (hk + 1) * group):
@@ -869,7 +877,9 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     _acc_product(Pb if in_pb else _as_operand(P, Pb), dOt, o.dorows, b, h, i0, dV, bamx, cfg)
                     # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                     #    bias's gradient stops here) and softcap
-                    if in_pb:
+                    if in_pb and bamx:  # rounded in place, from P̃, and in key pairs (dQ's B)
+                        _ds_operand_pairs(Pb, dPT, dls, Dp)
+                    elif in_pb:
                         _ds_operand(Pb, dPT, dls)  # rounded in place, from P̃
                     else:
                         _ds_block(ST, dPT, dls)
@@ -882,7 +892,12 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows)
                     dS = Pb if in_pb else _as_operand(ST, Pb)
                     _acc_product(dS, Qt, o.qrows, b, h, i0, dK, bamx, cfg)
-                    _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
+                    if bamx:  # dQᵀ += Kᵀ·dS, the query tile's columns of this part's dQᵀ
+                        if not in_pb:
+                            _key_pairs(dS, Dp)
+                        _dq_product(dS, KT, Dp, dq_parts[chunk, b, h, :, i0 : i0 + BQ], cfg)
+                    else:
+                        _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
             # -- write the tile's dK (times scale) and dV
             dkp[b, hk, kb] = dK * o.scale
             dvp[b, hk, kb] = dV
@@ -910,6 +925,40 @@ def _acc_product_overload(A, Bt, pairs, b, h, i0, C, amx, cfg):
                             C.ctypes.data, C.strides[0], cfg)
         else:
             _gemm(A, Bt, C, 1.0)
+
+    return impl
+
+
+def _key_tile_t(Kb, KT):
+    """The bfloat16 backward's Kᵀ of the task's key tile into ``KT (D, ≥BK)`` (``_cpu_amx.tile_t``):
+    the A operand of ``dQᵀ += Kᵀ·dS``.  Other dtypes: nothing (never reached)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_key_tile_t, jit_options={"cache": _JIT_CACHE})
+def _key_tile_t_overload(Kb, KT):
+    if Kb.dtype != types.uint16:
+        return lambda Kb, KT: None
+    return lambda Kb, KT: _cpu_amx.tile_t(Kb.view(np.uint32), KT.view(np.uint32))
+
+
+def _dq_product(dS, KT, Dp, dqT, cfg):
+    """``dqT (D, BQ) += Kᵀ·dS`` on AMX (``_cpu_amx.values``): A = the task's ``KT (D, ≥BK)``, B =
+    dS in key pairs ``Dp (BK/2, ≥BQ)``, the query tile's columns of this part's dQᵀ — the
+    bfloat16 backward's fifth product (``dQ += dSᵀ·K`` on MKL otherwise; the same bits: both
+    sum ``tdpbf16ps`` over the keys in order onto the loaded dQ).  ``dS`` only picks the dtype:
+    other dtypes compile a no-op."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_dq_product, jit_options={"cache": _JIT_CACHE})
+def _dq_product_overload(dS, KT, Dp, dqT, cfg):
+    if dS.dtype != types.uint16:
+        return lambda dS, KT, Dp, dqT, cfg: None
+
+    def impl(dS, KT, Dp, dqT, cfg):
+        _cpu_amx.values(KT.ctypes.data, KT.strides[0], KT.shape[0], dS.shape[0], Dp.ctypes.data, Dp.strides[0], dS.shape[1],
+                        dqT.ctypes.data, dqT.strides[0], cfg)
 
     return impl
 

@@ -753,6 +753,21 @@ def _ds_bf16(Pb, dPT, delta):
             prow[r] = _to_bf16(_from_bf16(prow[r]) * (drow[r] - delta[r]))
 
 
+@njit(cache=_JIT_CACHE)
+def _bf16_key_pairs(Pb, Dp):
+    """bfloat16 rows ``Pb (BK, BQ)`` (rows of keys) in key pairs: ``Dp[c/2, r] = Pb[c, r] |
+    Pb[c+1, r] << 16`` (uint32; bits moved, nothing rounded) — dS's pairs for ``dQᵀ += Kᵀ·dS``
+    where dS was computed in float32 first (dropout, softcap, score_mod, dbias).  BK even."""
+    _wide_vectors()
+    BK, BQ = Pb.shape
+    for c in range(0, BK, 2):
+        p0 = Pb[c]
+        p1 = Pb[c + 1]
+        out = _row(Dp, c // 2)
+        for r in range(BQ):
+            out[r] = np.uint32(p0[r]) | (np.uint32(p1[r]) << np.uint32(16))
+
+
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
 def _col_max_bf16(ST, out):
     """:func:`_col_max` on 512-bit vectors (the same bits: a max is exact), rows by :func:`_row`."""
@@ -1167,6 +1182,38 @@ def _ds_operand_overload(Pb, dPT, delta):
     if Pb.dtype == types.uint16:
         return lambda Pb, dPT, delta: _ds_bf16(Pb, dPT, delta)
     return lambda Pb, dPT, delta: None
+
+
+def _ds_operand_pairs(Pb, dPT, delta, Dp):
+    """:func:`_ds_operand` on the bfloat16 backward's AMX path: ``Pb ← dS`` rounded (the same
+    bits) and dS in key pairs into ``Dp`` (``(BK/2, ≥BQ)`` uint32), one pass
+    (``_cpu_amx.ds_pairs``; BQ a multiple of 16).  Other dtypes: nothing (never reached)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_ds_operand_pairs, jit_options={"cache": _JIT_CACHE})
+def _ds_operand_pairs_overload(Pb, dPT, delta, Dp):
+    if Pb.dtype != types.uint16:
+        return lambda Pb, dPT, delta, Dp: None
+
+    def impl(Pb, dPT, delta, Dp):
+        BK, BQ = Pb.shape
+        _cpu_amx.ds_pairs(Pb.ctypes.data, Pb.strides[0], dPT.ctypes.data, dPT.strides[0], BK, BQ, delta.ctypes.data,
+                          Dp.ctypes.data, Dp.strides[0])
+
+    return impl
+
+
+def _key_pairs(dS, Dp):
+    """bfloat16 ``dS`` rows in key pairs into ``Dp`` (:func:`_bf16_key_pairs`); other dtypes: nothing."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_key_pairs, jit_options={"cache": _JIT_CACHE})
+def _key_pairs_overload(dS, Dp):
+    if dS.dtype != types.uint16:
+        return lambda dS, Dp: None
+    return lambda dS, Dp: _bf16_key_pairs(dS, Dp)
 
 
 def _tile_max(ST, out, Pb):

@@ -1509,9 +1509,13 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         p = Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(
             bwd_amx=True, qv=_bf16_pairs_t(p.q, o.q_lens, o.BQ), dov=_bf16_pairs_t(dout_k, o.q_lens, o.BQ),
             qrows=_bf16_row_pairs(p.q, o.q_lens, o.BQ), dorows=_bf16_row_pairs(dout_k, o.q_lens, o.BQ)), p.v_finite)
+    dq_t = p.options.split_all or p.options.bwd_amx
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
         dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
+    elif dq_t:  # bfloat16 on AMX: dQᵀ += Kᵀ·dS too (tile loads/stores: at 64-byte boundaries)
+        nq = -(-Lq // p.options.BQ) * p.options.BQ
+        dq_parts = _zeros_aligned((nchunks, B, Hq, D, nq + 16), T)
     else:
         dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
     # (every task writes its key tile of dK and dV whole, but np.empty instead of np.zeros made
@@ -1526,7 +1530,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
             kernel(np.zeros(1, dtype=np.int64), 1, *args)  # the parallel kernel's chunk, called directly
         else:
             kernel(*args, nchunks)
-    if p.options.split_all:  # summed, transposed and scaled in one pass
+    if dq_t:  # summed, transposed and scaled in one pass
         from ._cpu_amx_f32 import dq_from_transposed
 
         from ._launch import run_chunks

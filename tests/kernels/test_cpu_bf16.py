@@ -613,3 +613,124 @@ def test_backward_amx_operands_packed(B, H, L, X, lens, monkeypatch):
     assert r.shape == (B, H, 1, nq // 2, X) and np.array_equal(r[:, :, 0], expect)
     monkeypatch.setattr(_launch, "num_threads", lambda: 1)
     assert np.array_equal(cpu._bf16_pairs_t(x, q_lens, BQ), t) and np.array_equal(cpu._bf16_row_pairs(x, q_lens, BQ), r)
+
+
+# --- the fifth product, dQᵀ += Kᵀ·dS on AMX (Kᵀ per task, dS in key pairs from the dS pass) ---
+
+
+@pytest.mark.parametrize(
+    "Hq, Hkv, Lq, Lk, D, Dv, tiles, options, serial",
+    [
+        (3, 1, 301, 283, 64, 64, None, {"causal": True}, False),  # GQA 3:1, causal, odd lengths, two parts
+        (2, 2, 45, 77, 32, 32, (32, 32), {}, True),  # D 32, odd lengths, one part
+        (2, 1, 130, 100, 128, 64, (64, 32), {"kv_lengths": np.array([93])}, False),  # D 128 ≠ Dv, padded keys
+        (1, 1, 70, 64, 64, 96, (32, 64), {"q_lengths": np.array([51]), "causal": True}, True),  # Dv > D, padded rows
+        (2, 2, 64, 96, 32, 32, (32, 32), {"softcap": 10.0}, False),  # dS in float32 first: pairs from its rounding
+    ],
+    ids=["gqa3-causal-odd-2parts", "d32-odd", "d128-dv64-kvlen", "dv96-qlen-causal", "softcap-unfused"],
+)
+def test_backward_amx_dq_same_bits_as_mkl(Hq, Hkv, Lq, Lk, D, Dv, tiles, options, serial, monkeypatch):
+    """dQ on our AMX tiles (``Options.bwd_amx``: ``_cpu_kernels._dq_product`` into dQᵀ's parts,
+    summed by ``dq_from_transposed``) gives MKL's bits (``DOTATTN_CPU_BWD_AMX=off``: dQ +=
+    dSᵀ·K by ``cblas_gemm_bf16bf16f32``) — this host's MKL sums ``tdpbf16ps`` over the keys in
+    the same order onto the loaded dQ — on one thread and on the kernel's pool (dQ in two
+    parts), and the float64 reference's tolerance holds."""
+    if not HAS_AMX:
+        pytest.skip("no AMX here: the MKL route only")
+    q, k, v = H.random_qkv(31, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=BFLOAT16)
+    call = semantics.normalize(q, k, v, **options)
+    dout = np.random.default_rng(3).standard_normal(q.shape[:-1] + (Dv,)).astype(BFLOAT16)
+    out, lse = cpu.forward(call, block_size=tiles)
+    amx = cpu.backward(call, out, lse, dout, block_size=tiles, serial=serial)[:3]
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")
+        mkl = cpu.backward(call, out, lse, dout, block_size=tiles, serial=serial)[:3]
+    for name, a, m in zip(("dq", "dk", "dv"), amx, mkl):
+        assert a.shape == m.shape and np.array_equal(a.view(np.uint32), m.view(np.uint32)), name
+    assert np.abs(amx[0]).max() > 0.01
+    _check(q, k, v, tiles, **options)
+
+
+def test_backward_amx_dq_of_a_one_row_tile(monkeypatch):
+    """A query tile with one real row: MKL multiplies ``dSᵀ[:1]·K`` on another kernel (a
+    vector product, summed in another order), so dQ's row differs from MKL's by float32
+    rounding there (its AMX tiles, as ours, for 2 … 32 rows: checked for every count at D 64
+    and 128 on this host); dK and dV are MKL's bits still."""
+    if not HAS_AMX:
+        pytest.skip("no AMX here: the MKL route only")
+    q, k, v = H.random_qkv(31, batch=(1,), Hq=1, Hkv=1, Lq=65, Lk=64, D=64, Dv=64, dtype=BFLOAT16)
+    call = semantics.normalize(q, k, v)
+    dout = np.random.default_rng(3).standard_normal(q.shape).astype(BFLOAT16)
+    out, lse = cpu.forward(call, block_size=(32, 64))
+    amx = cpu.backward(call, out, lse, dout, block_size=(32, 64))[:3]
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")
+        mkl = cpu.backward(call, out, lse, dout, block_size=(32, 64))[:3]
+    assert np.array_equal(amx[0][..., :64, :], mkl[0][..., :64, :])
+    np.testing.assert_allclose(amx[0][..., 64, :], mkl[0][..., 64, :], rtol=0, atol=1e-6 * float(np.abs(mkl[0]).max()))
+    assert np.array_equal(amx[1], mkl[1]) and np.array_equal(amx[2], mkl[2])
+    _check(q, k, v, (32, 64))
+
+
+def test_backward_dq_transposed_parts_are_the_amx_routes(monkeypatch):
+    """dQ's parts are transposed (``(chunks, B, H, D, ≥Lq)``, 64-byte aligned) exactly where the
+    bfloat16 backward runs on AMX, and summed back in chunk order; the MKL route keeps rows."""
+    q, k, v = _inputs(5, 2, 2, 96, 64, 64)
+    call = semantics.normalize(q, k, v)
+    dout = np.random.default_rng(3).standard_normal(q.shape).astype(BFLOAT16)
+    out, lse = cpu.forward(call, block_size=(32, 32))
+    seen = []
+    real = cpu._zeros_aligned
+
+    def spy(shape, dtype):
+        seen.append(tuple(shape))
+        return real(shape, dtype)
+
+    monkeypatch.setattr(cpu, "_zeros_aligned", spy)
+    got = cpu.backward(call, out, lse, dout, block_size=(32, 32), serial=False)[0]
+    chunks = cpu._num_threads()
+    assert ((chunks, 1, 2, 64, 96 + 16) in seen) == HAS_AMX
+    seen.clear()
+    with monkeypatch.context() as mp:
+        mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")
+        mkl = cpu.backward(call, out, lse, dout, block_size=(32, 32), serial=False)[0]
+    assert not any(len(s) == 5 for s in seen)
+    np.testing.assert_allclose(got, mkl, rtol=0, atol=2e-3 * max(1.0, float(np.abs(mkl).max())))
+
+
+def test_amx_ds_pass_writes_rows_and_key_pairs():
+    """``_cpu_amx.ds_pairs`` (512-bit vectors): dS in place of P̃ bit for bit as
+    ``_cpu_primitives._ds_bf16`` (ties to even, NaN and ±inf through, signed zeros, tiny
+    products) and the same dS in key pairs; ``_bf16_key_pairs`` pairs rows as they are;
+    ``_cpu_amx.tile_t`` transposes a key tile as NumPy."""
+    from dotattn.kernels import _cpu_amx
+    from dotattn.kernels._cpu_primitives import _aligned_empty, _bf16_key_pairs, _ds_bf16
+
+    if not HAS_AMX:
+        pytest.skip("the pass's instructions (avx512_bf16) may be missing")
+    rng = np.random.default_rng(12)
+    BK, BQ = 64, 96
+    P = _aligned_empty(BK, BQ, np.empty(0, np.uint16))
+    P[:] = (rng.standard_normal((BK, BQ), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    P[0, :8] = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x0001, 0x3F80, 0x0080]  # ±0, ±inf, NaN, tiny
+    dP = _aligned_empty(BK, BQ, np.empty(0, np.float32))
+    dP[:] = rng.standard_normal((BK, BQ), dtype=np.float32) * 3
+    dP[1, :4] = [np.nan, np.inf, 1e-38, -1e-30]
+    delta = rng.standard_normal(BQ).astype(np.float32)
+    expect = P.copy()
+    _ds_bf16(expect, dP, delta)
+    pairs = np.full((BK // 2, BQ + 16), 0xABCDABCD, np.uint32)
+    got = P.copy()
+    _cpu_amx.ds_pairs(got.ctypes.data, got.strides[0], dP.ctypes.data, dP.strides[0], BK, BQ, delta.ctypes.data,
+                      pairs.ctypes.data, pairs.strides[0])
+    assert np.array_equal(got, expect)
+    want = expect[0::2].astype(np.uint32) | (expect[1::2].astype(np.uint32) << 16)
+    assert np.array_equal(pairs[:, :BQ], want) and np.all(pairs[:, BQ:] == 0xABCDABCD)
+    again = np.zeros((BK // 2, BQ), np.uint32)
+    _bf16_key_pairs(expect, again)
+    assert np.array_equal(again, want)
+    for D, BKt in ((64, 256), (128, 32), (32, 64)):
+        K = (rng.standard_normal((BKt, D), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        KT = np.zeros((D, BKt + 32), np.uint16)
+        _cpu_amx.tile_t(K.view(np.uint32), KT.view(np.uint32))
+        assert np.array_equal(KT[:, :BKt], K.T) and not KT[:, BKt:].any()

@@ -673,8 +673,9 @@ def test_backward_amx_dq_of_a_one_row_tile(monkeypatch):
 
 
 def test_backward_dq_transposed_parts_are_the_amx_routes(monkeypatch):
-    """dQ's parts are transposed (``(chunks, B, H, D, ≥Lq)``, 64-byte aligned) exactly where the
-    bfloat16 backward runs on AMX, and summed back in chunk order; the MKL route keeps rows."""
+    """dQ's parts are transposed by query tiles (``(chunks, B, H, nqb·D, BQ + 16)``, 64-byte
+    aligned) exactly where the bfloat16 backward runs on AMX, and summed back in chunk order;
+    the MKL route keeps rows."""
     q, k, v = _inputs(5, 2, 2, 96, 64, 64)
     call = semantics.normalize(q, k, v)
     dout = np.random.default_rng(3).standard_normal(q.shape).astype(BFLOAT16)
@@ -689,7 +690,7 @@ def test_backward_dq_transposed_parts_are_the_amx_routes(monkeypatch):
     monkeypatch.setattr(cpu, "_zeros_aligned", spy)
     got = cpu.backward(call, out, lse, dout, block_size=(32, 32), serial=False)[0]
     chunks = cpu._num_threads()
-    assert ((chunks, 1, 2, 64, 96 + 16) in seen) == HAS_AMX
+    assert ((chunks, 1, 2, 3 * 64, 32 + 16) in seen) == HAS_AMX
     seen.clear()
     with monkeypatch.context() as mp:
         mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")

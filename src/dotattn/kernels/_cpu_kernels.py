@@ -813,7 +813,8 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)  # (the task's Kᵀ for its pieces)
     if o.split_s or bamx:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
-    # ... and dQᵀ += Kᵀ·dS (dq_parts transposed, (…, D, ≥Lq)): the task's Kᵀ (D, BK) and dS in
+    # ... and dQᵀ += Kᵀ·dS (dq_parts transposed per query tile, (…, nqb·D, BQ + 16): dq_from_tiles
+    # sums them): the task's Kᵀ (D, BK) and dS in
     # key pairs (BK/2, BQ), rows a cache line past their 2·BK / 4·BQ bytes (_cpu_amx.ROW_PAD)
     KT = _aligned_empty(D if bamx else 0, BK + 32 if bamx else 0, q)
     Dp = _aligned_empty(BK // 2 if bamx else 0, BQ + 16 if bamx else 0, np.empty(0, dtype=np.uint32))
@@ -895,7 +896,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     if bamx:  # dQᵀ += Kᵀ·dS, the query tile's columns of this part's dQᵀ
                         if not in_pb:
                             _key_pairs(dS, Dp)
-                        _dq_product(dS, KT, Dp, dq_parts[chunk, b, h, :, i0 : i0 + BQ], cfg)
+                        _dq_product(dS, KT, Dp, dq_parts[chunk, b, h, qb * D : (qb + 1) * D, :BQ], cfg)
                     else:
                         _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
             # -- write the tile's dK (times scale) and dV
@@ -961,6 +962,51 @@ def _dq_product_overload(dS, KT, Dp, dqT, cfg):
                         dqT.ctypes.data, dqT.strides[0], cfg)
 
     return impl
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def dq_from_tiles(parts, out, scale, chunk, nchunks):
+    """``out (B, H, Lq, D)`` ← ``scale · Σ_c`` dQᵀ's parts, the bfloat16 AMX backward's layout
+    ``parts (chunks, B, H, nqb·D, BQ + 16)``: query tile ``qb``'s dQᵀ ``(D, BQ)`` at rows ``qb·D …``
+    — each tile product's block in one piece (34 pages at D 128, where dQᵀ rows a whole
+    sequence long put each of its 128 rows on a page of its own).  Summed in chunk order
+    (bitwise repeatable; ``dq_from_transposed``'s order and bits), 16 dims at a time into a
+    scratch, scaled, written transposed by 16 × 16 blocks through registers.  This chunk's heads
+    (``_launch.run_chunks``).  D a multiple of 16."""
+    n = parts.shape[0]
+    B, H, Lq, D = out.shape
+    BQ = parts.shape[4] - 16
+    nqb = parts.shape[3] // D
+    tmp = np.empty((16, BQ + 16), dtype=out.dtype)
+    tmp_ld, out_ld = tmp.strides[0], out.strides[2]
+    for t in range(B * H):
+        if t % nchunks != chunk:
+            continue
+        b, h = t // H, t % H
+        for qb in range(nqb):
+            i0 = qb * BQ
+            nr = min(BQ, Lq - i0)
+            if nr <= 0:
+                break
+            n16 = nr - nr % 16
+            for d0 in range(0, D, 16):
+                for dd in range(16):
+                    row = tmp[dd]
+                    p0 = parts[0, b, h, qb * D + d0 + dd]
+                    for i in range(nr):
+                        row[i] = p0[i]
+                    for c in range(1, n):
+                        pc = parts[c, b, h, qb * D + d0 + dd]
+                        for i in range(nr):
+                            row[i] += pc[i]
+                    for i in range(nr):
+                        row[i] *= scale
+                for r0 in range(0, n16, 16):
+                    _cpu_amx_f32._transpose_store16(tmp[0].ctypes.data + 4 * r0, tmp_ld, out[b, h, i0 + r0].ctypes.data + 4 * d0, out_ld)
+                for r in range(n16, nr):
+                    o = out[b, h, i0 + r]
+                    for dd in range(16):
+                        o[d0 + dd] = tmp[dd, r]
 
 
 def _split_query_tile(q, b, h, i0, BQ, o):

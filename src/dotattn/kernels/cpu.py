@@ -1513,9 +1513,9 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
         dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
-    elif dq_t:  # bfloat16 on AMX: dQᵀ += Kᵀ·dS too (tile loads/stores: at 64-byte boundaries)
-        nq = -(-Lq // p.options.BQ) * p.options.BQ
-        dq_parts = _zeros_aligned((nchunks, B, Hq, D, nq + 16), T)
+    elif dq_t:  # bfloat16 on AMX: dQᵀ += Kᵀ·dS too, by query tiles (tile loads/stores: at 64-byte boundaries)
+        nqb = -(-Lq // p.options.BQ)
+        dq_parts = _zeros_aligned((nchunks, B, Hq, nqb * D, p.options.BQ + 16), T)
     else:
         dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
     # (every task writes its key tile of dK and dV whole, but np.empty instead of np.zeros made
@@ -1532,11 +1532,13 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
             kernel(*args, nchunks)
     if dq_t:  # summed, transposed and scaled in one pass
         from ._cpu_amx_f32 import dq_from_transposed
+        from ._cpu_kernels import dq_from_tiles
 
         from ._launch import run_chunks
 
         dq = np.empty((B, Hq, Lq, D), dtype=T)
-        run_chunks(dq_from_transposed, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
+        dq_sum = dq_from_transposed if p.options.split_all else dq_from_tiles
+        run_chunks(dq_sum, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
     else:
         dq = dq_parts[0]
         for part in dq_parts[1:]:  # a fixed order: bitwise repeatable

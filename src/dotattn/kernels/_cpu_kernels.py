@@ -813,9 +813,9 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     KbT = np.empty((D if sa else 0, BK if sa else 0), dtype=T)  # (the task's Kᵀ for its pieces)
     if o.split_s or bamx:  # the tile products write ST/dPT by tile stores: at cache-line boundaries
         ST, dPT = _aligned_empty(BK, BQ, dkp), _aligned_empty(BK, BQ, dkp)
-    # ... and dQᵀ += Kᵀ·dS (dq_parts transposed per query tile, (…, nqb·D, BQ + 16): dq_from_tiles
-    # sums them): the task's Kᵀ (D, BK) and dS in
-    # key pairs (BK/2, BQ), rows a cache line past their 2·BK / 4·BQ bytes (_cpu_amx.ROW_PAD)
+    # ... and dQᵀ += Kᵀ·dS into dq_parts transposed by query tiles ((…, nqb·D, BQ + 16), summed
+    # by dq_from_tiles): the task's Kᵀ (D, BK) and dS in key pairs (BK/2, BQ), rows a cache
+    # line past their 2·BK / 4·BQ bytes (_cpu_amx.ROW_PAD)
     KT = _aligned_empty(D if bamx else 0, BK + 32 if bamx else 0, q)
     Dp = _aligned_empty(BK // 2 if bamx else 0, BQ + 16 if bamx else 0, np.empty(0, dtype=np.uint32))
     threads = _gemm_threads_begin(q)
@@ -890,7 +890,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                             dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
                         if o.softcap > 0.0:
                             _mul_into(ST, G)
-                    # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows)
+                    # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows; on AMX dQᵀ's columns)
                     dS = Pb if in_pb else _as_operand(ST, Pb)
                     _acc_product(dS, Qt, o.qrows, b, h, i0, dK, bamx, cfg)
                     if bamx:  # dQᵀ += Kᵀ·dS, the query tile's columns of this part's dQᵀ

@@ -53,7 +53,10 @@ BF16_BACKWARD_BLOCK_SIZE = (256, 256)
 # q's and dO's rows packed once per call: bf16_backward_amx) where D and Dv are whole AMX
 # steps, as the forward's rule: whole backward calls, H8 L4096 D64 (dense, causal) and H4
 # D128, one process, alternated, 1.15–1.23× faster than MKL for these two products
-# (docs/performance.md, 1 Dec "bfloat16 backward on AMX").  DOTATTN_CPU_BWD_AMX=off forces MKL.
+# (docs/performance.md, 1 Dec "bfloat16 backward on AMX").  Since 1 Dec evening all five:
+# dQᵀ += Kᵀ·dS too (Kᵀ per key tile, dS in key pairs from the dS pass itself, dQᵀ's parts by
+# query tiles): bwd64/bwd128/bwd-causal 0.88–0.97× (docs/performance.md, "the fifth product").
+# DOTATTN_CPU_BWD_AMX=off forces MKL for all five.
 BWD_AMX_ENV_VAR = "DOTATTN_CPU_BWD_AMX"
 # Windows and packed documents: narrower tiles than a dense call's waste less work on the
 # band's ragged edges (window ±256 at L = 4096: 44 ms with 256×256 tiles, 37 ms with 64×128,
@@ -557,8 +560,9 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
 
 
 def bf16_backward_amx(call: AttentionCall, p: "Prepared") -> bool:
-    """Whether the bfloat16 backward of ``call`` multiplies ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` on
-    AMX (``Options.bwd_amx``): head dims and tiles whole AMX steps (:data:`AMX_QUANTUM`), :func:`amx_path` on and :data:`BWD_AMX_ENV_VAR` not ``off``; MKL otherwise."""
+    """Whether the bfloat16 backward of ``call`` runs its five tile products (``Sᵀ = K·Qᵀ``,
+    ``dPᵀ = V·dOᵀ``, ``dV``, ``dK``, ``dQᵀ += Kᵀ·dS``) on our AMX tiles (``Options.bwd_amx``; dQ's
+    parts then transposed by query tiles, :func:`_cpu_kernels.dq_from_tiles`): head dims and tiles whole AMX steps (:data:`AMX_QUANTUM`), :func:`amx_path` on and :data:`BWD_AMX_ENV_VAR` not ``off``; MKL otherwise."""
     if os.environ.get(BWD_AMX_ENV_VAR, "").strip().lower() in ("off", "0", "false", "no", "mkl"):
         return False
     o = p.options

@@ -766,39 +766,47 @@ def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
 @njit(cache=_JIT_CACHE, nogil=True)
 def dq_from_transposed(parts, out, scale, chunk, nchunks):
     """``out (B, H, Lq, D)`` ← ``scale · Σ_c parts[c, :, :, :D, :Lq]ᵀ`` (dQᵀ's per-chunk parts
-    ``(chunks, B, H, ≥D, ≥Lq)``, summed in chunk order: bitwise repeatable), in one pass: 16
-    rows of dQᵀ summed and scaled into a scratch, then written transposed, 16 × 16 blocks
-    through registers (:func:`_transpose_store16`; NumPy's sum, the transposed copy and the
-    scaling took three passes, 5.3 ms for H8 L4096 D64 → 3.4 with scalar stores).  This
-    chunk's heads (``_launch.run_chunks``)."""
-    n = parts.shape[0]
+    ``(chunks, B, H, ≥D, ≥Lq)``, summed in chunk order: bitwise repeatable), in one pass
+    (:func:`sum_scale_transpose`; NumPy's sum, the transposed copy and the scaling took three
+    passes, 5.3 ms for H8 L4096 D64 → 3.4 with scalar stores).  This chunk's heads
+    (``_launch.run_chunks``)."""
     B, H, Lq, D = out.shape
-    L16 = Lq - Lq % 16
     tmp = np.empty((16, Lq + 16), dtype=out.dtype)  # (rows 16 floats longer: not 4 KiB apart)
-    tmp_ld, out_ld = tmp.strides[0], out.strides[2]
     for t in range(B * H):
-        if t % nchunks != chunk:
-            continue
-        b, h = t // H, t % H
-        for d0 in range(0, D, 16):
-            nd = min(16, D - d0)
+        if t % nchunks == chunk:
+            sum_scale_transpose(parts, out, t // H, t % H, 0, 0, Lq, scale, tmp)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def sum_scale_transpose(parts, out, b, h, r0, i0, L, scale, tmp):
+    """``out[b, h, i0 + i, d] = scale · Σ_c parts[c, b, h, r0 + d, i]`` for ``i < L`` and every
+    ``d``: 16 rows of dQᵀ summed in chunk order and scaled into ``tmp (16, ≥L)``, then written
+    transposed, 16 × 16 blocks through registers (:func:`_transpose_store16`).  The one pass
+    behind both dQᵀ layouts (:func:`dq_from_transposed`, ``_cpu_kernels.dq_from_tiles``); it takes
+    the whole arrays and offsets, so that their rows stay contiguous to the compiler."""
+    n = parts.shape[0]
+    D = out.shape[3]
+    L16 = L - L % 16
+    tmp_ld, out_ld = tmp.strides[0], out.strides[2]
+    for d0 in range(0, D, 16):
+        nd = min(16, D - d0)
+        for dd in range(nd):
+            row = tmp[dd]
+            p0 = parts[0, b, h, r0 + d0 + dd]
+            for i in range(L):
+                row[i] = p0[i]
+            for c in range(1, n):
+                pc = parts[c, b, h, r0 + d0 + dd]
+                for i in range(L):
+                    row[i] += pc[i]
+            for i in range(L):
+                row[i] *= scale
+        first = 0
+        if nd == 16:
+            for j0 in range(0, L16, 16):
+                _transpose_store16(tmp[0].ctypes.data + 4 * j0, tmp_ld, out[b, h, i0 + j0].ctypes.data + 4 * d0, out_ld)
+            first = L16
+        for i in range(first, L):
+            o = out[b, h, i0 + i]
             for dd in range(nd):
-                row = tmp[dd]
-                p0 = parts[0, b, h, d0 + dd]
-                for i in range(Lq):
-                    row[i] = p0[i]
-                for c in range(1, n):
-                    pc = parts[c, b, h, d0 + dd]
-                    for i in range(Lq):
-                        row[i] += pc[i]
-                for i in range(Lq):
-                    row[i] *= scale
-            first = 0
-            if nd == 16:
-                for i0 in range(0, L16, 16):
-                    _transpose_store16(tmp[0].ctypes.data + 4 * i0, tmp_ld, out[b, h, i0].ctypes.data + 4 * d0, out_ld)
-                first = L16
-            for i in range(first, Lq):
-                o = out[b, h, i]
-                for dd in range(nd):
-                    o[d0 + dd] = tmp[dd, i]
+                o[d0 + dd] = tmp[dd, i]

@@ -969,44 +969,20 @@ def dq_from_tiles(parts, out, scale, chunk, nchunks):
     """``out (B, H, Lq, D)`` ← ``scale · Σ_c`` dQᵀ's parts, the bfloat16 AMX backward's layout
     ``parts (chunks, B, H, nqb·D, BQ + 16)``: query tile ``qb``'s dQᵀ ``(D, BQ)`` at rows ``qb·D …``
     — each tile product's block in one piece (34 pages at D 128, where dQᵀ rows a whole
-    sequence long put each of its 128 rows on a page of its own).  Summed in chunk order
-    (bitwise repeatable; ``dq_from_transposed``'s order and bits), 16 dims at a time into a
-    scratch, scaled, written transposed by 16 × 16 blocks through registers.  This chunk's heads
-    (``_launch.run_chunks``).  D a multiple of 16."""
-    n = parts.shape[0]
+    sequence long put each of its 128 rows on a page of its own).  Summed in chunk order,
+    scaled and transposed per query tile by ``_cpu_amx_f32.sum_scale_transpose`` (the pass and
+    the bits of ``dq_from_transposed``).  This chunk's heads (``_launch.run_chunks``)."""
     B, H, Lq, D = out.shape
     BQ = parts.shape[4] - 16
-    nqb = parts.shape[3] // D
     tmp = np.empty((16, BQ + 16), dtype=out.dtype)
-    tmp_ld, out_ld = tmp.strides[0], out.strides[2]
     for t in range(B * H):
         if t % nchunks != chunk:
             continue
-        b, h = t // H, t % H
-        for qb in range(nqb):
+        for qb in range(parts.shape[3] // D):
             i0 = qb * BQ
-            nr = min(BQ, Lq - i0)
-            if nr <= 0:
+            if i0 >= Lq:
                 break
-            n16 = nr - nr % 16
-            for d0 in range(0, D, 16):
-                for dd in range(16):
-                    row = tmp[dd]
-                    p0 = parts[0, b, h, qb * D + d0 + dd]
-                    for i in range(nr):
-                        row[i] = p0[i]
-                    for c in range(1, n):
-                        pc = parts[c, b, h, qb * D + d0 + dd]
-                        for i in range(nr):
-                            row[i] += pc[i]
-                    for i in range(nr):
-                        row[i] *= scale
-                for r0 in range(0, n16, 16):
-                    _cpu_amx_f32._transpose_store16(tmp[0].ctypes.data + 4 * r0, tmp_ld, out[b, h, i0 + r0].ctypes.data + 4 * d0, out_ld)
-                for r in range(n16, nr):
-                    o = out[b, h, i0 + r]
-                    for dd in range(16):
-                        o[d0 + dd] = tmp[dd, r]
+            _cpu_amx_f32.sum_scale_transpose(parts, out, t // H, t % H, qb * D, i0, min(BQ, Lq - i0), scale, tmp)
 
 
 def _split_query_tile(q, b, h, i0, BQ, o):

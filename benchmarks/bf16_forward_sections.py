@@ -74,7 +74,7 @@ def _chunk(q, kp, vp, out, lse, o, T_):  # _cpu_kernels._forward_chunk, one thre
                 continue
             c1 = _cycles()
             T_[1] += c1 - c0
-            K._scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg)
+            K._scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, o.amx)
             c2_ = _cycles()
             T_[2] += c2_ - c1
             lazy = K._lazy_ok(m, Pb, o.dropout_p == 0.0)

@@ -28,11 +28,17 @@ from dotattn.semantics import BFLOAT16
 
 @njit(inline="always")
 def _scores_v(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, kc):
-    """kc = 0: as _cpu_amx.scores; else key chunks of kc rows outer (the chunk of K stays in L1
+    """kc = 0: query blocks outer (_cpu_amx.scores before 1 Dec 21:00); else key chunks of kc rows outer (the chunk of K stays in L1
     while the query blocks pass)."""
-    if kc == 0:
+    if kc == 0:  # (the order before 1 Dec 21:00)
         for j in range(0, BQ, 32):
-            A._scores_block(k_addr, k_ld, BK, D, q_addr, q_ld, j, s_addr + j * 4, s_ld)
+            for i in range(0, BK, 32):
+                A._zero0()
+                A._zero1()
+                A._zero2()
+                A._zero3()
+                A._depth_2x2(k_addr + i * k_ld, k_ld, q_addr + j * 4, q_ld, D)
+                A._store_2x2(s_addr + j * 4 + i * s_ld, s_ld)
         return
     for i0 in range(0, BK, kc):
         for j in range(0, BQ, 32):
@@ -47,7 +53,7 @@ def _scores_v(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, kc):
 
 @njit(inline="always")
 def _values_v(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, order, chunk):
-    """order 0: as _cpu_amx.values (query blocks outer); 1: dim blocks outer (Vᵀ's 32 rows stay
+    """order 0: as _cpu_amx.values (query blocks outer; the forward's before 1 Dec 21:00); 1: dim blocks outer (Vᵀ's 32 rows stay
     in L1); 2: key chunks of ``chunk`` outer (Vᵀ's chunk stays in L1; accᵀ loaded per chunk);
     3: dim chunks of ``chunk`` rows outer, query blocks, dim blocks inner."""
     if order == 0:
@@ -142,7 +148,7 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
         T_[3] += _cycles() - c0
 
 
-VARIANTS = {"now": (0, 0, 0), "s128": (128, 0, 0), "s64": (64, 0, 0), "s32": (32, 0, 0), "v-dimout": (0, 1, 0),
+VARIANTS = {"before": (0, 0, 0), "s128": (128, 0, 0), "s64": (64, 0, 0), "s32": (32, 0, 0), "v-dimout": (0, 1, 0),
             "v-key128": (0, 2, 128), "v-key64": (0, 2, 64), "v-dim64": (0, 3, 64), "s64+v-dim64": (64, 3, 64),
             "s32+v-dim64": (32, 3, 64), "s64+v-key128": (64, 2, 128), "s64+v-dimout": (64, 1, 0)}
 

@@ -334,35 +334,35 @@ def _store_2x2(c, c_ld):
 
 
 @njit(cache=_JIT_CACHE, inline="always")
-def _scores_block(k_addr, k_ld, BK, D, q_addr, q_ld, j, s_addr, s_ld):
-    """``Sᵀ[:, j:j+32]`` (BK keys × 32 queries) at ``s_addr`` (rows ``s_ld`` bytes apart; the
-    block's first column there).  At D = 64 the four B tiles of the block stay loaded while
+def _scores_block64(k_addr, k_ld, BK, q_addr, q_ld, j, s_addr, s_ld):
+    """``Sᵀ[:, j:j+32]`` (BK keys × 32 queries) at D = 64, at ``s_addr`` (rows ``s_ld`` bytes
+    apart; the block's first column there): the four B tiles of the block stay loaded while
     all key rows pass (half the tile loads of the 2 × 2 scheme): 9.4–10.6 µs a 256 × 256 tile
     against 14–15 µs 2 × 2 and 16–26 µs for MKL (same process, load 1–1.5)."""
-    if D == 64:
-        _load4(q_addr + j * 4, q_ld)
-        _load5(q_addr + 16 * q_ld + j * 4, q_ld)
-        _load6(q_addr + (j + 16) * 4, q_ld)
-        _load7(q_addr + 16 * q_ld + (j + 16) * 4, q_ld)
-        for i in range(0, BK, 16):
-            _zero0()
-            _zero1()
-            _load2(k_addr + i * k_ld, k_ld)
-            _load3(k_addr + i * k_ld + 64, k_ld)
-            _dot024()
-            _dot036()
-            _dot125()
-            _dot137()
-            _store0(s_addr + i * s_ld, s_ld)
-            _store1(s_addr + i * s_ld + 64, s_ld)
-    else:
-        for i in range(0, BK, 32):
-            _zero0()
-            _zero1()
-            _zero2()
-            _zero3()
-            _depth_2x2(k_addr + i * k_ld, k_ld, q_addr + j * 4, q_ld, D)
-            _store_2x2(s_addr + i * s_ld, s_ld)
+    _load4(q_addr + j * 4, q_ld)
+    _load5(q_addr + 16 * q_ld + j * 4, q_ld)
+    _load6(q_addr + (j + 16) * 4, q_ld)
+    _load7(q_addr + 16 * q_ld + (j + 16) * 4, q_ld)
+    for i in range(0, BK, 16):
+        _zero0()
+        _zero1()
+        _load2(k_addr + i * k_ld, k_ld)
+        _load3(k_addr + i * k_ld + 64, k_ld)
+        _dot024()
+        _dot036()
+        _dot125()
+        _dot137()
+        _store0(s_addr + i * s_ld, s_ld)
+        _store1(s_addr + i * s_ld + 64, s_ld)
+
+
+# Key rows of a D ≠ 64 score product taken per chunk of this many (with all query blocks):
+# the chunk's K (16 KiB at D 128) stays in L1 while the query blocks pass, and Qᵀ's pairs
+# stream from L2 BK/64 times — rather than all of K (64 KiB at D 128, more than L1) once per
+# 32-query block.  H4 L4096 D128 forward, one thread, in the kernel's loop
+# (``benchmarks/bf16_forward_variants.py``, 1 Dec 20:53, load 0.3): the score product 0.83–0.87×
+# its time with the query blocks outer (chunks of 32 keys: 0.90–0.93; of 128: 0.89–1.00).
+SCORE_KEY_CHUNK = 64
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -386,8 +386,41 @@ def scores(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, cfg):
     bytes apart.  BK, BQ and D multiples of 32.  (The kernels' row strides are a cache line
     more than the rows' 4·BQ bytes: :data:`ROW_PAD`.)"""
     _tile_config(cfg.ctypes.data)
-    for j in range(0, BQ, 32):
-        _scores_block(k_addr, k_ld, BK, D, q_addr, q_ld, j, s_addr + j * 4, s_ld)
+    if D == 64:  # Q resident: the query blocks outer
+        for j in range(0, BQ, 32):
+            _scores_block64(k_addr, k_ld, BK, q_addr, q_ld, j, s_addr + j * 4, s_ld)
+    else:  # 2 × 2 blocks, key chunks outer (SCORE_KEY_CHUNK), each with every query block
+        for i0 in range(0, BK, SCORE_KEY_CHUNK):
+            i1 = min(i0 + SCORE_KEY_CHUNK, BK)
+            for j in range(0, BQ, 32):
+                for i in range(i0, i1, 32):
+                    _zero0()
+                    _zero1()
+                    _zero2()
+                    _zero3()
+                    _depth_2x2(k_addr + i * k_ld, k_ld, q_addr + j * 4, q_ld, D)
+                    _store_2x2(s_addr + i * s_ld + j * 4, s_ld)
+    _tile_release()
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def values_rows_outer(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg):
+    """:func:`values` (same operands, same bits) with accᵀ's 32-row blocks outer: each block's
+    A rows (Vᵀ's 32 dims over BK keys: 16 KiB at BK 256) stay in L1 while P's query blocks
+    pass, instead of all of Vᵀ (32–64 KiB) streaming from L2 once per query block.  The
+    forward's ``accᵀ += Vᵀ·P``: in the kernel's loop, one thread (``benchmarks/
+    bf16_forward_variants.py``, 1 Dec 20:53, load 0.3), 0.88–0.95× the product's time at D 128
+    and 0.88 at D 64."""
+    _tile_config(cfg.ctypes.data)
+    for i in range(0, Dv, 32):
+        for j in range(0, BQ, 32):
+            c = c_addr + i * c_ld + j * 4
+            _load0(c, c_ld)
+            _load1(c + 64, c_ld)
+            _load2(c + 16 * c_ld, c_ld)
+            _load3(c + 16 * c_ld + 64, c_ld)
+            _depth_2x2(v_addr + i * v_ld, v_ld, p_addr + j * 4, p_ld, BK)
+            _store_2x2(c, c_ld)
     _tile_release()
 
 

@@ -1078,7 +1078,7 @@ def _qk_overload(Kb, Qs, Qv, ST, amx, cfg, wide):
 
 def _pv(P, Vb, acc, amx, cfg):
     """``acc += P · Vb`` with ``P`` given transposed, ``(BK, BQ)`` — for bfloat16 operands in
-    key pairs (``amx``: ``_cpu_amx.values``) or plain (MKL, ``accᵀ += Vᵀ·Pᵀ``)."""
+    key pairs (``amx``: ``_cpu_amx.values_rows_outer``) or plain (MKL, ``accᵀ += Vᵀ·Pᵀ``)."""
     raise NotImplementedError("compiled only")
 
 
@@ -1090,7 +1090,7 @@ def _pv_overload(P, Vb, acc, amx, cfg):
             accT = acc.T
             VT = Vb.T
             if amx:
-                _cpu_amx.values(  # P's pair rows: two of its uint16 rows apart
+                _cpu_amx.values_rows_outer(  # P's pair rows: two of its uint16 rows apart
                     VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
                     accT.ctypes.data, accT.strides[0], cfg,
                 )

@@ -150,7 +150,7 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
 
 VARIANTS = {"before": (0, 0, 0), "s128": (128, 0, 0), "s64": (64, 0, 0), "s32": (32, 0, 0), "v-dimout": (0, 1, 0),
             "v-key128": (0, 2, 128), "v-key64": (0, 2, 64), "v-dim64": (0, 3, 64), "s64+v-dim64": (64, 3, 64),
-            "s32+v-dim64": (32, 3, 64), "s64+v-key128": (64, 2, 128), "s64+v-dimout": (64, 1, 0)}
+            "s32+v-dim64": (32, 3, 64), "s64+v-key128": (64, 2, 128), "s64+v-dimout": (64, 1, 0), "s32+v-dimout": (32, 1, 0)}
 
 
 def main() -> None:

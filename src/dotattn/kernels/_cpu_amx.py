@@ -356,13 +356,14 @@ def _scores_block64(k_addr, k_ld, BK, q_addr, q_ld, j, s_addr, s_ld):
         _store1(s_addr + i * s_ld + 64, s_ld)
 
 
-# Key rows of a D ≠ 64 score product taken per chunk of this many (with all query blocks):
-# the chunk's K (16 KiB at D 128) stays in L1 while the query blocks pass, and Qᵀ's pairs
-# stream from L2 BK/64 times — rather than all of K (64 KiB at D 128, more than L1) once per
-# 32-query block.  H4 L4096 D128 forward, one thread, in the kernel's loop
-# (``benchmarks/bf16_forward_variants.py``, 1 Dec 20:53, load 0.3): the score product 0.83–0.87×
-# its time with the query blocks outer (chunks of 32 keys: 0.90–0.93; of 128: 0.89–1.00).
-SCORE_KEY_CHUNK = 64
+# Key rows of a D ≠ 64 score product taken per chunk of this many bytes of K (whole 32-row
+# blocks, at least one), each chunk with every query block: the chunk stays in L1 while the
+# query blocks pass, and Qᵀ's pairs stream from L2 once per chunk — rather than all of K (64
+# KiB at D 128, more than L1) once per 32-query block.  In the kernel's loop, one thread
+# (``benchmarks/bf16_forward_variants.py``, 1 Dec 20:53–21:07, load 0.3–1.0), the score product
+# against the query blocks outer: H4 L4096 D128 chunks of 64 keys (16 KiB) 0.75–0.87×, of 32
+# 0.90–0.93, of 128 0.89–1.00; H2 D256 chunks of 32 keys (16 KiB) 0.79×, of 64 1.13×.
+SCORE_CHUNK_BYTES = 16384
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -389,9 +390,10 @@ def scores(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, cfg):
     if D == 64:  # Q resident: the query blocks outer
         for j in range(0, BQ, 32):
             _scores_block64(k_addr, k_ld, BK, q_addr, q_ld, j, s_addr + j * 4, s_ld)
-    else:  # 2 × 2 blocks, key chunks outer (SCORE_KEY_CHUNK), each with every query block
-        for i0 in range(0, BK, SCORE_KEY_CHUNK):
-            i1 = min(i0 + SCORE_KEY_CHUNK, BK)
+    else:  # 2 × 2 blocks, key chunks outer (SCORE_CHUNK_BYTES), each with every query block
+        chunk = max(32, SCORE_CHUNK_BYTES // (2 * D) // 32 * 32)
+        for i0 in range(0, BK, chunk):
+            i1 = min(i0 + chunk, BK)
             for j in range(0, BQ, 32):
                 for i in range(i0, i1, 32):
                     _zero0()
@@ -403,6 +405,9 @@ def scores(k_addr, k_ld, BK, D, q_addr, q_ld, BQ, s_addr, s_ld, cfg):
     _tile_release()
 
 
+ROWS_OUTER_MAX_DV = 128
+
+
 @njit(cache=_JIT_CACHE, nogil=True)
 def values_rows_outer(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg):
     """:func:`values` (same operands, same bits) with accᵀ's 32-row blocks outer: each block's
@@ -410,7 +415,8 @@ def values_rows_outer(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg)
     pass, instead of all of Vᵀ (32–64 KiB) streaming from L2 once per query block.  The
     forward's ``accᵀ += Vᵀ·P``: in the kernel's loop, one thread (``benchmarks/
     bf16_forward_variants.py``, 1 Dec 20:53, load 0.3), 0.88–0.95× the product's time at D 128
-    and 0.88 at D 64."""
+    and 0.88 at D 64; at D 256 1.06–1.07 in two of three runs (21:05–21:08, load 1.0): the
+    forward takes it up to Dv :data:`ROWS_OUTER_MAX_DV`."""
     _tile_config(cfg.ctypes.data)
     for i in range(0, Dv, 32):
         for j in range(0, BQ, 32):

@@ -1078,7 +1078,8 @@ def _qk_overload(Kb, Qs, Qv, ST, amx, cfg, wide):
 
 def _pv(P, Vb, acc, amx, cfg):
     """``acc += P · Vb`` with ``P`` given transposed, ``(BK, BQ)`` — for bfloat16 operands in
-    key pairs (``amx``: ``_cpu_amx.values_rows_outer``) or plain (MKL, ``accᵀ += Vᵀ·Pᵀ``)."""
+    key pairs (``amx``: ``_cpu_amx.values_rows_outer`` up to Dv 128, else ``values``) or plain (MKL,
+    ``accᵀ += Vᵀ·Pᵀ``)."""
     raise NotImplementedError("compiled only")
 
 
@@ -1089,8 +1090,13 @@ def _pv_overload(P, Vb, acc, amx, cfg):
         def impl(P, Vb, acc, amx, cfg):
             accT = acc.T
             VT = Vb.T
-            if amx:
+            if amx and VT.shape[0] <= _cpu_amx.ROWS_OUTER_MAX_DV:
                 _cpu_amx.values_rows_outer(  # P's pair rows: two of its uint16 rows apart
+                    VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
+                    accT.ctypes.data, accT.strides[0], cfg,
+                )
+            elif amx:
+                _cpu_amx.values(
                     VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
                     accT.ctypes.data, accT.strides[0], cfg,
                 )

@@ -15,7 +15,9 @@ import os
 import statistics
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from dotattn import semantics
 from dotattn.kernels import _cpu_amx as A
@@ -24,6 +26,19 @@ from dotattn.kernels import cpu
 from dotattn.kernels._cpu_decode_kernels import _cycles
 from dotattn.kernels._cpu_primitives import _aligned_empty, _tile_buffer
 from dotattn.semantics import BFLOAT16
+
+
+@intrinsic
+def _prefetch_l1(typingctx, address):
+    """``prefetcht0`` of the line at ``address``."""
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
 
 
 @njit(inline="always")
@@ -80,6 +95,42 @@ def _values_v(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, order, chunk
                     A._load3(c + 16 * c_ld + 64, c_ld)
                     A._depth_2x2(v_addr + i * v_ld + k0 * 2, v_ld, p_addr + j * 4 + (k0 // 2) * p_ld, p_ld, chunk)
                     A._store_2x2(c, c_ld)
+    elif order == 4:  # rows outer, the next 32-query block of P asked into L1 during the depth loop
+        for i in range(0, Dv, 32):
+            for j in range(0, BQ, 32):
+                c = c_addr + j * 4 + i * c_ld
+                nj = j + 32 if j + 32 < BQ else 0
+                A._load0(c, c_ld)
+                A._load1(c + 64, c_ld)
+                A._load2(c + 16 * c_ld, c_ld)
+                A._load3(c + 16 * c_ld + 64, c_ld)
+                a_addr = v_addr + i * v_ld
+                b_addr = p_addr + j * 4
+                for kk in range(0, BK, 32):
+                    nb = p_addr + nj * 4 + (kk // 2) * p_ld
+                    for r in range(16):
+                        _prefetch_l1(nb + r * p_ld)
+                        _prefetch_l1(nb + r * p_ld + 64)
+                    A._load4(a_addr + kk * 2, v_ld)
+                    A._load5(a_addr + 16 * v_ld + kk * 2, v_ld)
+                    A._load6(b_addr + (kk // 2) * p_ld, p_ld)
+                    A._load7(b_addr + (kk // 2) * p_ld + 64, p_ld)
+                    A._dot046()
+                    A._dot147()
+                    A._dot256()
+                    A._dot357()
+                A._store_2x2(c, c_ld)
+    elif order == 5:  # rows outer, P block-major (each 32-query block's pairs contiguous, rows 128 bytes apart)
+        blk = (BK // 2) * 128
+        for i in range(0, Dv, 32):
+            for j in range(0, BQ, 32):
+                c = c_addr + j * 4 + i * c_ld
+                A._load0(c, c_ld)
+                A._load1(c + 64, c_ld)
+                A._load2(c + 16 * c_ld, c_ld)
+                A._load3(c + 16 * c_ld + 64, c_ld)
+                A._depth_2x2(v_addr + i * v_ld, v_ld, p_addr + (j // 32) * blk, 128, BK)
+                A._store_2x2(c, c_ld)
     else:
         for i0 in range(0, Dv, chunk):
             for j in range(0, BQ, 32):
@@ -114,6 +165,7 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
     plan = np.zeros(4, dtype=np.int64)
     prefetch = K._prefetch_kv(kp, vp)
     accT = acc.T
+    Pblk = _aligned_empty((BQ // 32) * (BK // 2), 32, np.empty(0, dtype=np.uint32))
     for t in range(B * Hq * nqb):
         b, h, qb = K._forward_task(t, B, Hq, nqb, q)
         hk = h // (Hq // Hkv)
@@ -133,13 +185,38 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
             lazy = K._lazy_ok(m, Pb, True)
             if prefetch:
                 K._plan_next_tiles(plan, kp, vp, b, hk, kb)
-            if not (lazy and K._lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan)):
+            if order == 5:  # the lazy pass writing P block-major; an exact tile's P copied there
+                done = False
+                if lazy:
+                    tsum[:] = 0.0
+                    lines = (plan[1] + 63) // 64 + (plan[3] + 63) // 64
+                    share = (lines + BQ // 32 - 1) // (BQ // 32)
+                    for j in range(0, BQ, 32):
+                        A.exp2_pairs(ST.ctypes.data + 4 * j, ST.strides[0], BK, Pblk.ctypes.data + (j // 32) * (BK // 2) * 128,
+                                     128, c2, m.ctypes.data + 4 * j, tsum.ctypes.data + 4 * j, 0,
+                                     plan.ctypes.data, (j // 32) * share, share)
+                    done = True
+                    for r in range(BQ):
+                        done &= tsum[r] <= np.float32(65536.0)
+                    if done:
+                        for r in range(BQ):
+                            row_sum[r] += tsum[r]
+                if not done:
+                    K._online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, True, o.amx, plan)
+                    P32 = Pblk.reshape(BQ // 32, BK // 2, 32)
+                    for pr in range(BK // 2):
+                        src = Pb[2 * pr].view(np.uint32)
+                        for j in range(0, BQ, 32):
+                            for e in range(32):
+                                P32[j // 32, pr, e] = src[j + e]
+            elif not (lazy and K._lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan)):
                 K._online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, True, o.amx, plan)
             c2_ = _cycles()
             T_[1] += c2_ - c1
             VT = vp[b, hk, kb].T
             A._tile_config(cfg.ctypes.data)
-            _values_v(VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], Pb.ctypes.data, 2 * Pb.strides[0], BQ,
+            _values_v(VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], Pblk.ctypes.data if order == 5 else Pb.ctypes.data,
+                      2 * Pb.strides[0], BQ,
                       accT.ctypes.data, accT.strides[0], order, chunk)
             A._tile_release()
             T_[2] += _cycles() - c2_
@@ -150,7 +227,7 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
 
 VARIANTS = {"before": (0, 0, 0), "s128": (128, 0, 0), "s64": (64, 0, 0), "s32": (32, 0, 0), "v-dimout": (0, 1, 0),
             "v-key128": (0, 2, 128), "v-key64": (0, 2, 64), "v-dim64": (0, 3, 64), "s64+v-dim64": (64, 3, 64),
-            "s32+v-dim64": (32, 3, 64), "s64+v-key128": (64, 2, 128), "s64+v-dimout": (64, 1, 0), "s32+v-dimout": (32, 1, 0)}
+            "s32+v-dim64": (32, 3, 64), "s64+v-key128": (64, 2, 128), "s64+v-dimout": (64, 1, 0), "s32+v-dimout": (32, 1, 0), "s64+v-dimout-pf": (64, 4, 0), "s64+v-blocked": (64, 5, 0)}
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Each FILE is a copy of ``src/dotattn/kernels/_cpu_decode_kernels.py`` (an old commit's, a
 variant's; ``new`` = the one imported with dotattn); they are imported side by side and
 ``attention_with_kvcache(implementation="cpu")`` runs the bench's inputs (one query, Hq 32,
-Hkv 8, D 128, ``bench_decode``'s peers) with each in turn, call by call, so background load
-hits all of them alike.  ``pool`` forces the parallel items on, ``alone`` the calling thread.
+Hkv 8, D 128, ``bench_decode``'s peers) with each in turn, call by call, in a random order per
+round, so background load hits all of them alike.  ``pool`` forces the parallel items on, ``alone`` the calling thread.
 Prints the median time of REPEATS calls per version, the K/V GB/s, the median CPU time of the
 process per call (both threads; a thread off its core is not counted — on a busy machine the
 steadier figure), the load and the NumPy
@@ -26,6 +26,7 @@ and head dim (SmolLM2-135M: ``--shape=9,3,64``).
 from __future__ import annotations
 
 import importlib.util
+import random
 import statistics
 import sys
 import time
@@ -122,7 +123,9 @@ def main() -> None:
     times = {n: [] for n in mods}
     cpu = {n: [] for n in mods}  # CPU seconds of the process (both threads): time off the core not counted
     for _ in range(reps):
-        for n, m in mods.items():
+        order = list(mods.items())
+        random.shuffle(order)  # a random order per round: a drift in the machine's speed hits all alike
+        for n, m in order:
             cpu_decode.K, cpu_decode.BF16_DOT = m, dots[n]
             c0 = time.process_time()
             t0 = time.perf_counter()

@@ -820,6 +820,205 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     return sig, codegen
 
 
+# =================================================================================
+# the fused 16-bit chunk: scores, online softmax and P·V per block of 16 keys
+# =================================================================================
+#
+# FUSED16: a 16-bit cache's chunk (float32 compute, no softcap or ALiBi, every row seeing every
+# key of the chunk, Dv a multiple of 16) runs one pass over its keys, 16 at a time: the block's
+# scores (:func:`_ir_scores_blocked`), the online softmax update per row (running max ``m``; when
+# a block's max is larger, ``O``, the row sum's lane sums are rescaled by ``exp(m_old − m_new)``),
+# ``P = exp(S − m)`` for the block, then the block's ``P·V`` (the block's sum in registers, added
+# to ``O``: PV_SUM_KEYS's blocks) — the block's keys and values used while in L1.  The next
+# block's key and value rows are asked for into L1, the next item's into L2 (NEXT_SCHEME).  Only
+# the chunk's data decide the arithmetic: the same bits wherever the sequence sits; a chunk whose
+# output is not finite is redone on the passes below (the NaN policy's redo).
+FUSED16 = True
+# where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
+# loads), else beside the scores' FMAs with the next item's key rows
+FUSED_NEXT_V_IN_PV = True
+# the next block's value rows: llvm.prefetch locality (3 = L1, 2 = L2, 0 = not asked for)
+FUSED_V_LOCALITY = 3
+FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
+
+
+@intrinsic
+def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+    """One pass over a 16-bit chunk's ``n`` keys (see FUSED16): ``o (R·Dv)`` gets the unnormalized
+    ``Σ exp(s − m_r)·v`` (overwritten), ``m[r]`` the row's max, ``st[r·FUSED_STATS:]`` the row
+    sum's lane totals (16), a block's lane sums (16, to add to them) and a check vector (NaN where
+    a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P."""
+    if not (
+        _simd_types_ok(q, flat, offs, s) and flat.dtype == types.uint16
+        and vflat == flat and voffs == offs and pk == offs and pv == offs
+        and o == s and m == s and st == s
+    ):
+        return None
+    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+
+        def data(i):
+            return context.make_array(at[i])(context, builder, args[i]).data
+
+        qd, fd, od, sd, vfd, vod, outd, md, std, pkd, pvd = (data(i) for i in (0, 3, 5, 7, 9, 10, 12, 13, 14, 15, 16))
+        R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 17))
+        itemsize = 2
+        c0 = ir.Constant(_IRI64, 0)
+        c1 = ir.Constant(_IRI64, 1)
+        c4 = ir.Constant(_IRI64, 4)
+        c16 = ir.Constant(_IRI64, _LANES)
+        nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
+        nvec = builder.sdiv(D_, c16)
+        tail = builder.sub(D_, builder.mul(nvec, c16))
+        nvv = builder.sdiv(Dv_, c16)  # Dv's pieces (a multiple of 16)
+        last = builder.sub(n_, c1)
+        fma = _ir_fma(builder)
+        accs = [cgutils.alloca_once(builder, _V16F) for _ in range(_LANES)]
+        pacc = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(4)]
+        zero = ir.Constant(_V16F, [0.0] * _LANES)
+        ninf = ir.Constant(_V16F, [float("-inf")] * _LANES)
+        one = ir.Constant(_V16F, [1.0] * _LANES)
+        log2e = ir.Constant(_V16F, [float(np.float32(LOG2E))] * _LANES)
+        lanes = ir.Constant(_V16I32, list(range(_LANES)))
+        i8p = ir.IntType(8).as_pointer()
+        pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
+        vmax = builder.module.declare_intrinsic("llvm.vector.reduce.fmax.v16f32", fnty=ir.FunctionType(_IRF, [_V16F]))
+        has = builder.icmp_signed(">", npf_, c0)
+        nlast = builder.sub(npf_, c1)
+        sum_block = ir.Constant(_IRI64, SUM_VECTORS)
+
+        def vptr(base, index):
+            return builder.bitcast(builder.gep(base, [index]), _V16F.as_pointer())
+
+        def row_of(arr, t, bound, lastv):
+            t = builder.select(builder.icmp_signed("<", t, bound), t, lastv)
+            return builder.load(builder.gep(arr, [t]))
+
+        def next_row(arr, t):  # the next item's row at position t (clamped; 0 where there is none)
+            t = builder.select(builder.icmp_signed("<", t, npf_), t, nlast)
+            return builder.load(builder.gep(arr, [builder.select(has, t, c0)]))
+
+        def softmax_update(t0, cnt, blast):
+            # per row: the block's max, the rescale when it is larger, P = exp(S − m), lane sums
+            valid = builder.icmp_signed("<", lanes, _ir_splat_i32(builder, builder.trunc(cnt, _IRI32)))
+            with cgutils.for_range(builder, R_) as row:
+                r = row.index
+                sp = vptr(sd, builder.add(builder.mul(r, ns_), t0))
+                sv = builder.select(valid, builder.load(sp, align=4), ninf)
+                sbase = builder.mul(r, ir.Constant(_IRI64, FUSED_STATS))
+                tot_p, part_p, chk_p = (vptr(std, builder.add(sbase, ir.Constant(_IRI64, k))) for k in (0, 16, 32))
+                # NaN exactly where a (visible) score is NaN or ±inf: s·0
+                builder.store(builder.fadd(builder.load(chk_p, align=4), builder.select(valid, builder.fmul(sv, zero), zero)), chk_p, align=4)
+                bm = builder.call(vmax, [sv])
+                mp = builder.gep(md, [r])
+                mo = builder.load(mp)
+                with builder.if_then(builder.fcmp_ordered(">", bm, mo), likely=False):
+                    # a larger max: O, the lane sums ×= exp(m_old − m_new) (0 for m_old = −inf)
+                    builder.store(bm, mp)
+                    alpha = _exp2_vector(builder, builder.fmul(builder.fsub(_ir_splat(builder, mo), _ir_splat(builder, bm)), log2e), one, zero)
+                    builder.store(builder.fmul(builder.load(tot_p, align=4), alpha), tot_p, align=4)
+                    builder.store(builder.fmul(builder.load(part_p, align=4), alpha), part_p, align=4)
+                    orow = builder.mul(r, Dv_)
+                    with cgutils.for_range(builder, nvv) as piece:
+                        op = vptr(outd, builder.add(orow, builder.mul(piece.index, c16)))
+                        builder.store(builder.fmul(builder.load(op, align=4), alpha), op, align=4)
+                mv = _ir_splat(builder, builder.load(mp))
+                p = _exp2_vector(builder, builder.fmul(builder.fsub(sv, mv), log2e), one, zero)
+                builder.store(p, sp, align=4)
+                builder.store(builder.fadd(builder.load(part_p, align=4), p), part_p, align=4)
+                with builder.if_then(blast):  # every SUM_VECTORS blocks the lane sums join the totals
+                    builder.store(builder.fadd(builder.load(tot_p, align=4), builder.load(part_p, align=4)), tot_p, align=4)
+                    builder.store(zero, part_p, align=4)
+
+        def pv_pass(variant, t0, cnt, r0, v0, rows, nv):
+            for i in range(rows):
+                for j in range(nv):
+                    builder.store(zero, pacc[i][j])
+            prow = [builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), t0) for i in range(rows)]
+            # the next item's value rows, this pass's lines of them (first row group only)
+            first_rg = builder.icmp_signed("==", r0, c0)
+            pf_on = builder.and_(has, first_rg) if FUSED_NEXT_V_IN_PV else None
+            with cgutils.for_range(builder, cnt) as key:
+                t = builder.add(t0, key.index)
+                if FUSED_NEXT_V_IN_PV:
+                    with builder.if_then(pf_on):
+                        prow_v = row_of(pvd, t, npf_, nlast)
+                        for j in range(0, nv, 64 // (16 * itemsize)):  # a line per 32 elements
+                            ptr = builder.bitcast(builder.gep(vfd, [builder.add(prow_v, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16))]), i8p)
+                            builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, 2), ir.Constant(_IRI32, 1)])
+                base = builder.add(builder.load(builder.gep(vod, [t])), builder.mul(v0, c16))
+                vals = [_ir_vec_load(builder, vfd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
+                for i in range(rows):
+                    w = _ir_splat(builder, builder.load(builder.gep(sd, [builder.add(prow[i], key.index)])))
+                    for j in range(nv):
+                        builder.store(builder.call(fma, [w, vals[j], builder.load(pacc[i][j])]), pacc[i][j])
+            for i in range(rows):  # the block's sums join O (PV_SUM_KEYS)
+                orow = builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), Dv_)
+                for j in range(nv):
+                    op = vptr(outd, builder.add(orow, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16)))
+                    builder.store(builder.fadd(builder.load(op, align=4), builder.load(pacc[i][j])), op, align=4)
+
+        def pv_block(variant, t0, cnt):
+            nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
+            nvg = builder.sdiv(builder.add(nvv, ir.Constant(_IRI64, 3)), c4)
+            with cgutils.for_range(builder, nrg) as rg:
+                r0 = builder.mul(rg.index, c4)
+                rows = builder.sub(R_, r0)
+                rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
+                with cgutils.for_range(builder, nvg) as vg:
+                    v0 = builder.mul(vg.index, c4)
+                    nv = builder.sub(nvv, v0)
+                    nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
+                    code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
+                    after = builder.append_basic_block("fpv_after")
+                    switch = builder.switch(code, after)
+                    for rows_c in range(1, 5):
+                        for nv_c in range(1, 5):
+                            blk = builder.append_basic_block(f"fpv_{rows_c}_{nv_c}")
+                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), blk)
+                            builder.position_at_end(blk)
+                            pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c)
+                            builder.branch(after)
+                    builder.position_at_end(after)
+
+        def emit(variant):
+            with cgutils.for_range(builder, nblk) as blk:
+                t0 = builder.mul(blk.index, c16)
+                cnt = builder.sub(n_, t0)
+                cnt = builder.select(builder.icmp_signed("<", cnt, c16), cnt, c16)
+                bases, kahead, vahead, npk, npv = [], [], [], [], []
+                for k in range(_LANES):
+                    t = builder.add(t0, ir.Constant(_IRI64, k))
+                    bases.append(row_of(od, t, n_, last))
+                    ta = builder.add(t, c16)
+                    kahead.append(row_of(od, ta, n_, last))
+                    vahead.append(row_of(vod, ta, n_, last))
+                    npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
+                    if not FUSED_NEXT_V_IN_PV:
+                        npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
+                # (array, 16 row offsets, width, locality): the next item's key (and value) rows
+                # into L2 (where there is none, the next block's value rows), the next block's
+                # key and value rows into L1
+                pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
+                if not FUSED_NEXT_V_IN_PV:
+                    pf.append((vfd, npv, Dv_, 2))
+                if PREFETCH_K_LOCALITY:
+                    pf.append((fd, kahead, D_, PREFETCH_K_LOCALITY))
+                if FUSED_V_LOCALITY:
+                    pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
+                blast = builder.icmp_signed("==", builder.srem(blk.index, sum_block), ir.Constant(_IRI64, SUM_VECTORS - 1))
+                softmax_update(t0, cnt, blast)
+                pv_block(variant, t0, cnt)
+
+        _ir_variants(context, builder, at[3], kind_, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _ir_splat_i32(builder, value):
     undef = ir.Constant(_V16I32, ir.Undefined)
     first = builder.insert_element(undef, value, ir.Constant(_IRI32, 0))
@@ -1254,6 +1453,34 @@ def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     return lambda p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D: None
 
 
+def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+    """:func:`_fused16` for a 16-bit cache and float32 compute; never reached (nothing) for the others."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_fused_simd, jit_options={"cache": _JIT_CACHE})
+def _fused_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+    if q.dtype == types.float32 and flat.dtype == types.uint16:
+        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: _fused16(
+            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf)
+    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: None
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _all_visible(R, Lq, pos0, j0, n, causal, left, right):
+    """Whether every folded row sees every key of the chunk ``[j0, j0 + n)`` (the bounds of
+    :func:`_chunk`'s masks)."""
+    for r in range(R):
+        pos = pos0 + r % Lq
+        if causal and pos - j0 + 1 < n:
+            return False
+        if left >= 0 and pos - left - j0 > 0:
+            return False
+        if right >= 0 and pos + right - j0 + 1 < n:
+            return False
+    return True
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def _uses_simd(q, D, Dv, kind, R):
     """Whether a chunk runs the 16-lane loops (float32 compute; float caches up to
@@ -1356,12 +1583,38 @@ def _chunk(
     ob_at = pb_at + (R * PV_GEMM_KEYS + 15) // 16 * 16
     pb = work[pb_at : pb_at + R * PV_GEMM_KEYS]
     ob = work[ob_at : ob_at + R * Dv]
+    st_at = ob_at + (R * Dv + 15) // 16 * 16
+    st = work[st_at : st_at + R * FUSED_STATS]  # the fused pass's row states
     sp = offs.shape[0] // 4  # offs: this chunk's key rows, its value rows, the next item's key and value rows
     koffs = offs[: max(n, 1)]
     voffs = offs[sp : sp + max(n, 1)]
     pk = offs[2 * sp : 2 * sp + max(npf, 1)]
     pv = offs[3 * sp : 3 * sp + max(npf, 1)]
-    if n > 0:
+    done = False  # the fused pass ran (FUSED16): O, maxima and sums are in place
+    if (
+        FUSED16 and n > 0 and simd and kind != KIND_FLOAT and not dot and softcap <= 0.0 and not has_alibi
+        and Dv % 16 == 0 and _all_visible(R, Lq, pos0, j0, n, causal, left, right)
+    ):
+        _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
+        _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
+        for r in range(R):
+            m_row[r] = -np.inf
+        st[:] = 0.0
+        _fused_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, o, m_row, st, pk, pv, npf if NEXT_SCHEME else 0)
+        # a hidden NaN or ±inf value got in (or a row is poisoned): the passes below redo the chunk
+        done = _all_finite(o, R * Dv)
+        if done:
+            for r in range(R):
+                at = r * FUSED_STATS
+                total = st[at] + st[at + 16]
+                check = st[at + 32]
+                for lane in range(1, 16):
+                    total += st[at + lane] + st[at + 16 + lane]
+                    check += st[at + 32 + lane]
+                l_row[r] = total if check == 0.0 else np.nan
+        else:
+            o[:] = 0.0
+    if n > 0 and not done:
         # ---- 1. scores ----
         if simd:
             _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
@@ -1376,7 +1629,7 @@ def _chunk(
             _gather_rows(kflat, kst, table, ps, b, hk, j0, n, D, kc)
             _matmul(qf.reshape(R, D), kc[: n * D].reshape(n, D).T, s.reshape(R, n))
     # ---- 2. masks and softmax, row by row ----
-    for r in range(R):
+    for r in range(0 if done else R):
         pos = pos0 + r % Lq
         # keys of this chunk the row sees: t ∈ [tlo, thi) (the rules of
         # semantics.AttentionCall.visible, solved for t)
@@ -1416,7 +1669,7 @@ def _chunk(
         if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
             l_row[r] = np.nan
     # ---- 3. P · V ----
-    if n > 0:
+    if n > 0 and not done:
         if _uses_simd_pv(qf, kind, R):  # the 16-lane loop, whatever the head dims
             if not simd:  # (the scores pass filled the value rows' offsets)
                 _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
@@ -1641,7 +1894,7 @@ def _work_size(R, D, Dv, split):
     block buffers (a block's P: PV_GEMM_KEYS; a block's sums), each part starting at a multiple
     of 16 elements."""
     return ((R * D + 15) // 16 * 16 + R * ((split + 15) // 16 * 16) + 2 * ((R + 15) // 16 * 16)
-            + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_GEMM_KEYS + 15) // 16 * 16)
+            + 2 * ((R * Dv + 15) // 16 * 16) + (R * PV_GEMM_KEYS + 15) // 16 * 16 + R * FUSED_STATS)
 
 
 @njit(cache=_JIT_CACHE, inline="always")

@@ -837,8 +837,12 @@ FUSED16 = True
 # where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
 # loads), else beside the scores' FMAs with the next item's key rows
 FUSED_NEXT_V_IN_PV = True
-# the next block's value rows: llvm.prefetch locality (3 = L1, 2 = L2, 0 = not asked for)
-FUSED_V_LOCALITY = 3
+# the next block's key and value rows: llvm.prefetch locality (3 = L1, 2 = L2, 0 = not asked for)
+FUSED_K_LOCALITY, FUSED_V_LOCALITY = 3, 0
+FUSED_K_SMALL_ONLY = True
+# the block's max by a tree of compares (NaN ignored: a NaN score poisons the row through the
+# check vector), else llvm.vector.reduce.fmax
+FUSED_MAX_TREE = True
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -911,7 +915,15 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                 tot_p, part_p, chk_p = (vptr(std, builder.add(sbase, ir.Constant(_IRI64, k))) for k in (0, 16, 32))
                 # NaN exactly where a (visible) score is NaN or ±inf: s·0
                 builder.store(builder.fadd(builder.load(chk_p, align=4), builder.select(valid, builder.fmul(sv, zero), zero)), chk_p, align=4)
-                bm = builder.call(vmax, [sv])
+                if FUSED_MAX_TREE:
+                    x = sv
+                    for half in (8, 4, 2, 1):
+                        y = builder.shuffle_vector(x, ir.Constant(_V16F, ir.Undefined), ir.Constant(
+                            _V16I32, [(i + half) % _LANES for i in range(_LANES)]))
+                        x = builder.select(builder.fcmp_ordered(">", y, x), y, x)
+                    bm = builder.extract_element(x, ir.Constant(_IRI32, 0))
+                else:
+                    bm = builder.call(vmax, [sv])
                 mp = builder.gep(md, [r])
                 mo = builder.load(mp)
                 with builder.if_then(builder.fcmp_ordered(">", bm, mo), likely=False):
@@ -983,32 +995,36 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                             builder.branch(after)
                     builder.position_at_end(after)
 
+        def scores(variant, t0):
+            bases, kahead, vahead, npk, npv = [], [], [], [], []
+            for k in range(_LANES):
+                t = builder.add(t0, ir.Constant(_IRI64, k))
+                bases.append(row_of(od, t, n_, last))
+                ta = builder.add(t, c16)
+                kahead.append(row_of(od, ta, n_, last))
+                vahead.append(row_of(vod, ta, n_, last))
+                npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
+                if not FUSED_NEXT_V_IN_PV:
+                    npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
+            # (array, 16 row offsets, width, locality): the next item's key (and value) rows
+            # into L2 (where there is none, the next block's value rows), the next block's
+            # key and value rows into L1
+            pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
+            if not FUSED_NEXT_V_IN_PV:
+                pf.append((vfd, npv, Dv_, 2))
+            if FUSED_K_LOCALITY:  # only where no next item is asked for (FUSED_K_SMALL_ONLY)
+                kw = builder.select(has, c0, D_) if FUSED_K_SMALL_ONLY else D_
+                pf.append((fd, kahead, kw, FUSED_K_LOCALITY))
+            if FUSED_V_LOCALITY:
+                pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
+            _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
+
         def emit(variant):
             with cgutils.for_range(builder, nblk) as blk:
                 t0 = builder.mul(blk.index, c16)
                 cnt = builder.sub(n_, t0)
                 cnt = builder.select(builder.icmp_signed("<", cnt, c16), cnt, c16)
-                bases, kahead, vahead, npk, npv = [], [], [], [], []
-                for k in range(_LANES):
-                    t = builder.add(t0, ir.Constant(_IRI64, k))
-                    bases.append(row_of(od, t, n_, last))
-                    ta = builder.add(t, c16)
-                    kahead.append(row_of(od, ta, n_, last))
-                    vahead.append(row_of(vod, ta, n_, last))
-                    npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
-                    if not FUSED_NEXT_V_IN_PV:
-                        npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
-                # (array, 16 row offsets, width, locality): the next item's key (and value) rows
-                # into L2 (where there is none, the next block's value rows), the next block's
-                # key and value rows into L1
-                pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
-                if not FUSED_NEXT_V_IN_PV:
-                    pf.append((vfd, npv, Dv_, 2))
-                if PREFETCH_K_LOCALITY:
-                    pf.append((fd, kahead, D_, PREFETCH_K_LOCALITY))
-                if FUSED_V_LOCALITY:
-                    pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
+                scores(variant, t0)
                 blast = builder.icmp_signed("==", builder.srem(blk.index, sum_block), ir.Constant(_IRI64, SUM_VECTORS - 1))
                 softmax_update(t0, cnt, blast)
                 pv_block(variant, t0, cnt)

@@ -18,7 +18,8 @@ chunk's row offsets (any layout, same bits) and asked for ahead of use.  Float c
 more than SIMD_MAX_ROWS_FLOAT folded rows (where a register-blocked GEMM wins) and float64
 calls go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
 contiguous block first); a 16-bit cache always computes in float32, so always on the 16-lane
-loops.  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
+loops (where the chunk allows, scores, an online softmax and P·V in one pass per block of 16
+keys: FUSED16).  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
 PV_GEMM_KEYS), so that an attention sink's term does not swallow the small ones.  Only
 positions below each sequence's length are read.
 """
@@ -829,27 +830,34 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 # scores (:func:`_ir_scores_blocked`), the online softmax update per row (running max ``m``; when
 # a block's max is larger, ``O``, the row sum's lane sums are rescaled by ``exp(m_old − m_new)``),
 # ``P = exp(S − m)`` for the block, then the block's ``P·V`` (the block's sum in registers, added
-# to ``O``: PV_SUM_KEYS's blocks) — the block's keys and values used while in L1.  The next
-# block's key and value rows are asked for into L1, the next item's into L2 (NEXT_SCHEME).  Only
-# the chunk's data decide the arithmetic: the same bits wherever the sequence sits; a chunk whose
-# output is not finite is redone on the passes below (the NaN policy's redo).
+# to ``O``: PV_SUM_KEYS's blocks) — the block's keys and values used while in L1.  With NEXT_SCHEME
+# the next item's key rows are asked for (into L2) beside the scores' FMAs, its value rows by the
+# P·V part; on smaller calls the next block's key rows (into L1) and value rows (into L2).  Only
+# the chunk's data decide the arithmetic: the same bits wherever the sequence sits (not the bits
+# of the three passes below); a chunk whose output is not finite is redone on those passes (the
+# NaN policy's redo).  decode_ab.py, Hq 32 Hkv 8 D 128, old/new medians (1 Dec, 21:35–21:38,
+# load 1.0–1.4): B1 32k float16 alone 16.63 → 15.85 ms, pool 10.71 → 10.28, bfloat16 alone 22.68
+# → 20.47, pool 10.83 → 10.73, float16 paged pool 11.82 → 9.66; B8 32k pool float16 95.6 → 90.6,
+# bfloat16 95.7 → 84.4 (docs/decoding.md, "A fused pass for 16-bit caches").
 FUSED16 = True
 # where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
-# loads), else beside the scores' FMAs with the next item's key rows
+# loads), else beside the scores' FMAs with its key rows (B1 32k float16: 1.08–1.10× slower)
 FUSED_NEXT_V_IN_PV = True
-# the next block's key and value rows: llvm.prefetch locality (3 = L1, 2 = L2, 0 = not asked for)
+# the next block's key and value rows: llvm.prefetch locality (3 = L1, 2 = L2, 0 = not asked for);
+# FUSED_K_SMALL_ONLY: the keys only where no next item is asked for.  Every request for the next
+# block at 32k cost 1–3 % (the next item's hold the fill buffers; this item's rows are in L2)
 FUSED_K_LOCALITY, FUSED_V_LOCALITY = 3, 0
 FUSED_K_SMALL_ONLY = True
 # the block's max by a tree of compares (NaN ignored: a NaN score poisons the row through the
-# check vector), else llvm.vector.reduce.fmax
+# check vector); llvm.vector.reduce.fmax (NaN-aware) made a cache-resident item ≈ 9 % slower
 FUSED_MAX_TREE = True
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
 @intrinsic
 def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
-    """One pass over a 16-bit chunk's ``n`` keys (see FUSED16): ``o (R·Dv)`` gets the unnormalized
-    ``Σ exp(s − m_r)·v`` (overwritten), ``m[r]`` the row's max, ``st[r·FUSED_STATS:]`` the row
+    """One pass over a 16-bit chunk's ``n`` keys (see FUSED16): ``o (R·Dv)``, zeros on entry, gets
+    the unnormalized ``Σ exp(s − m_r)·v``, ``m[r]`` (−inf on entry) the row's max, ``st[r·FUSED_STATS:]`` the row
     sum's lane totals (16), a block's lane sums (16, to add to them) and a check vector (NaN where
     a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P."""
     if not (

@@ -708,7 +708,6 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
         ns_, R_, n_, kind_, Dv_, npf_, D_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 3, 5, 7, 11, 12))
         itemsize = 4 if at[4].dtype == types.float32 else 2
         c16 = ir.Constant(_IRI64, _LANES)
-        c4 = ir.Constant(_IRI64, 4)
         nvec = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, _LANES - 1)), c16)  # pieces, the last maybe partial
         has_tail = builder.icmp_signed("!=", builder.srem(Dv_, c16), ir.Constant(_IRI64, 0))
         fma = _ir_fma(builder)
@@ -785,27 +784,8 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
             flush(r0, v0, rows, nv, masks)
 
         def emit_groups(variant, masked):
-            nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
-            nvg = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4)
-            with cgutils.for_range(builder, nrg) as rg:
-                r0 = builder.mul(rg.index, c4)
-                rows = builder.sub(R_, r0)
-                rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
-                with cgutils.for_range(builder, nvg) as vg:
-                    v0 = builder.mul(vg.index, c4)
-                    nv = builder.sub(nvec, v0)
-                    nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
-                    code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
-                    after = builder.append_basic_block("pv_after")
-                    switch = builder.switch(code, after)
-                    for rows_c in range(1, 5):
-                        for nv_c in range(1, 5):
-                            block_ = builder.append_basic_block(f"pv_{rows_c}_{nv_c}")
-                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block_)
-                            builder.position_at_end(block_)
-                            emit_pass(variant, r0, v0, rows_c, nv_c, masked)
-                            builder.branch(after)
-                    builder.position_at_end(after)
+            _ir_pv_groups(builder, R_, nvec, "pv",
+                          lambda r0, v0, rows_c, nv_c: emit_pass(variant, r0, v0, rows_c, nv_c, masked))
 
         def emit(variant):
             # whole pieces (Dv % 16 == 0: the common head dims, unmasked code) or a masked copy
@@ -879,7 +859,6 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         itemsize = 2
         c0 = ir.Constant(_IRI64, 0)
         c1 = ir.Constant(_IRI64, 1)
-        c4 = ir.Constant(_IRI64, 4)
         c16 = ir.Constant(_IRI64, _LANES)
         nblk = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, _LANES - 1)), c16)
         nvec = builder.sdiv(D_, c16)
@@ -981,27 +960,8 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                     builder.store(builder.fadd(builder.load(op, align=4), builder.load(pacc[i][j])), op, align=4)
 
         def pv_block(variant, t0, cnt):
-            nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
-            nvg = builder.sdiv(builder.add(nvv, ir.Constant(_IRI64, 3)), c4)
-            with cgutils.for_range(builder, nrg) as rg:
-                r0 = builder.mul(rg.index, c4)
-                rows = builder.sub(R_, r0)
-                rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
-                with cgutils.for_range(builder, nvg) as vg:
-                    v0 = builder.mul(vg.index, c4)
-                    nv = builder.sub(nvv, v0)
-                    nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
-                    code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
-                    after = builder.append_basic_block("fpv_after")
-                    switch = builder.switch(code, after)
-                    for rows_c in range(1, 5):
-                        for nv_c in range(1, 5):
-                            blk = builder.append_basic_block(f"fpv_{rows_c}_{nv_c}")
-                            switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), blk)
-                            builder.position_at_end(blk)
-                            pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c)
-                            builder.branch(after)
-                    builder.position_at_end(after)
+            _ir_pv_groups(builder, R_, nvv, "fpv",
+                          lambda r0, v0, rows_c, nv_c: pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c))
 
         def scores(variant, t0):
             bases, kahead, vahead, npk, npv = [], [], [], [], []
@@ -1041,6 +1001,33 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _ir_pv_groups(builder, R, npieces, label, emit_block):
+    """The ``P·V`` passes' register blocking: rows in groups of 4 and Dv's 16-lane pieces in
+    groups of 4, each group's pass emitted for its constant shape (``emit_block(r0, v0, rows,
+    pieces)``, 1–4 each) behind a switch on the group's shape (the last groups are smaller)."""
+    c4 = ir.Constant(_IRI64, 4)
+    three = ir.Constant(_IRI64, 3)
+    with cgutils.for_range(builder, builder.sdiv(builder.add(R, three), c4)) as rg:
+        r0 = builder.mul(rg.index, c4)
+        rows = builder.sub(R, r0)
+        rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
+        with cgutils.for_range(builder, builder.sdiv(builder.add(npieces, three), c4)) as vg:
+            v0 = builder.mul(vg.index, c4)
+            nv = builder.sub(npieces, v0)
+            nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
+            code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
+            after = builder.append_basic_block(f"{label}_after")
+            switch = builder.switch(code, after)
+            for rows_c in range(1, 5):
+                for nv_c in range(1, 5):
+                    block = builder.append_basic_block(f"{label}_{rows_c}_{nv_c}")
+                    switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block)
+                    builder.position_at_end(block)
+                    emit_block(r0, v0, rows_c, nv_c)
+                    builder.branch(after)
+            builder.position_at_end(after)
 
 
 def _ir_splat_i32(builder, value):

@@ -491,7 +491,7 @@ def test_bf16_gradient_rounding_keeps_nan_and_ties_to_even():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B, Hq, Hkv, L, D, Dv, causal", [(1, 4, 4, 1024, 64, 64, False), (2, 3, 1, 700, 128, 96, True)])
 def test_backward_checks_and_delta_on_two_threads(B, Hq, Hkv, L, D, Dv, causal, threads, monkeypatch):
-    """``cpu._bf16_checks_and_delta`` (a bfloat16 backward's finiteness checks and Δ on the
+    """``cpu._backward_checks_and_delta`` (a bfloat16 backward's finiteness checks and Δ on the
     caller and the pool) gives ``einsum``'s Δ on ml_dtypes' float32 bit for bit, finds a
     NaN/inf in dO, O or q, and the backward's gradients are those of the serial checks."""
     rng = np.random.default_rng(13)
@@ -503,21 +503,21 @@ def test_backward_checks_and_delta_on_two_threads(B, Hq, Hkv, L, D, Dv, causal, 
     do = rng.standard_normal(out.shape, dtype=np.float32).astype(BFLOAT16)
     monkeypatch.setattr(_launch, "num_threads", lambda: threads)
     p = cpu.prepare(call, cpu.BF16_BACKWARD_BLOCK_SIZE)
-    finite, delta = cpu._bf16_checks_and_delta(call, p, out, do)
+    finite, delta, do_k = cpu._backward_checks_and_delta(call, p, out, do, lse)
     expect = np.einsum("bhld,bhld->bhl", do.astype(np.float32), out.astype(np.float32), dtype=np.float32)
-    assert finite is True and np.array_equal(delta, expect)
+    assert finite is True and np.array_equal(delta, expect) and np.array_equal(do_k, do.view(np.uint16))
     for bad_value in (np.nan, np.inf):
         bad_do, bad_out = do.copy(), out.copy()
         bad_do[-1, -1, -1, -1] = bad_value
         bad_out[0, 0, 0, 0] = bad_value
-        assert cpu._bf16_checks_and_delta(call, p, out, bad_do)[0] is False
-        assert cpu._bf16_checks_and_delta(call, p, bad_out, do)[0] is False
+        assert cpu._backward_checks_and_delta(call, p, out, bad_do, lse)[0] is False
+        assert cpu._backward_checks_and_delta(call, p, bad_out, do, lse)[0] is False
         bad_q = q.copy()
         bad_q[0, -1, L // 2, 0] = bad_value
         p_bad = cpu.prepare(semantics.normalize(bad_q, k, v, causal=causal), cpu.BF16_BACKWARD_BLOCK_SIZE)
-        assert cpu._bf16_checks_and_delta(call, p_bad, out, do)[0] is False
+        assert cpu._backward_checks_and_delta(call, p_bad, out, do, lse)[0] is False
     grads = cpu.backward(call, out, lse, do)
-    monkeypatch.setattr(cpu, "_bf16_checks_and_delta", lambda *a: None)
+    monkeypatch.setattr(cpu, "_backward_checks_and_delta", lambda *a: None)
     serial = cpu.backward(call, out, lse, do)
     assert all(np.array_equal(a, b) for a, b in zip(grads[:3], serial[:3]))
     # a NaN in dO takes the NumPy backend's policy either way
@@ -527,7 +527,7 @@ def test_backward_checks_and_delta_on_two_threads(B, Hq, Hkv, L, D, Dv, causal, 
     monkeypatch.setattr(_launch, "num_threads", lambda: threads)
     with np.errstate(invalid="ignore"):
         split = cpu.backward(call, out, lse, bad_do)
-        monkeypatch.setattr(cpu, "_bf16_checks_and_delta", lambda *a: None)
+        monkeypatch.setattr(cpu, "_backward_checks_and_delta", lambda *a: None)
         general = cpu.backward(call, out, lse, bad_do)
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(split[:3], general[:3]))
 

@@ -192,3 +192,51 @@ def test_without_torch_openblas_runs_and_the_thread_pin_is_a_no_op(tmp_path):
     ref, _ = H.reference(q, k, v, causal=True)
     naive, _ = H.naive(q, k, v, causal=True)
     H.assert_close_to_reference(np.load(tmp_path / "out.npy"), ref, naive, name="out")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, Hq, Hkv, L, D, Dv, causal", [(1, 4, 4, 1024, 64, 64, False), (2, 3, 1, 700, 128, 96, True)])
+def test_backward_checks_delta_and_fix_on_two_threads(B, Hq, Hkv, L, D, Dv, causal, threads, monkeypatch):
+    """A float32 backward's checks, Δ and LSE rounding fix of dO and Δ on the caller and the pool
+    (``cpu._backward_checks_and_delta``), and dQ's parts summed by halves (``cpu._sum_dq_parts``),
+    give the serial steps' gradients bit for bit, and a NaN/inf in dO, O or q is found."""
+    from dotattn.kernels import _launch
+
+    monkeypatch.setattr(cpu, "f32_split_route", lambda call: False)  # the MKL route's steps
+    rng = np.random.default_rng(17)
+    q, k = (rng.standard_normal((B, h, L, D), dtype=np.float32) * 3 for h in (Hq, Hkv))
+    v = rng.standard_normal((B, Hkv, L, Dv), dtype=np.float32)
+    call = semantics.normalize(q, k, v, causal=causal)
+    out, lse = cpu.forward(call)
+    do = rng.standard_normal(out.shape, dtype=np.float32)
+    monkeypatch.setattr(_launch, "num_threads", lambda: threads)
+    p = cpu.prepare(call, cpu.DEFAULT_BACKWARD_BLOCK_SIZE)
+    finite, delta, do_k = cpu._backward_checks_and_delta(call, p, out, do, lse)
+    fix = cpu.lse_rounding_fix(lse)
+    assert not np.all(fix == 1.0)  # the fix is applied (scores ≈ 9 · √D: lse's rounding shows)
+    expect = (np.einsum("bhld,bhld->bhl", do, out, dtype=np.float32) * fix).astype(np.float32)
+    assert finite is True and np.array_equal(delta, expect)
+    assert np.array_equal(do_k, do * fix.astype(np.float32)[..., None])
+    for bad_value in (np.nan, np.inf):
+        bad_do, bad_out = do.copy(), out.copy()
+        bad_do[-1, -1, -1, -1] = bad_value
+        bad_out[0, 0, 0, 0] = bad_value
+        assert cpu._backward_checks_and_delta(call, p, out, bad_do, lse)[0] is False
+        assert cpu._backward_checks_and_delta(call, p, bad_out, do, lse)[0] is False
+        bad_q = q.copy()
+        bad_q[0, -1, L // 2, 0] = bad_value
+        p_bad = cpu.prepare(semantics.normalize(bad_q, k, v, causal=causal), cpu.DEFAULT_BACKWARD_BLOCK_SIZE)
+        assert cpu._backward_checks_and_delta(call, p_bad, out, do, lse)[0] is False
+    grads = cpu.backward(call, out, lse, do)
+    monkeypatch.setattr(cpu, "_backward_checks_and_delta", lambda *a: None)
+    monkeypatch.setattr(cpu, "_sum_dq_parts", lambda parts, scale, n: _serial_sum(parts, scale))
+    serial = cpu.backward(call, out, lse, do)
+    assert all(np.array_equal(a, b) for a, b in zip(grads[:3], serial[:3]))
+
+
+def _serial_sum(parts, scale):
+    dq = parts[0]
+    for part in parts[1:]:
+        dq += part
+    dq *= scale
+    return dq

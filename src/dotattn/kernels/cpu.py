@@ -916,48 +916,85 @@ def _inputs_finite(call: AttentionCall, p: "Prepared") -> bool:
     return call.alibi_slopes is None or _all_finite(call.alibi_slopes)
 
 
-def _bf16_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout):
-    """``(finite, Δ)`` for a bfloat16 backward: q, K, V, dO and O checked finite and Δ =
-    rowsum(dO ∘ O) in float32, on the caller and the ``_launch`` pool thread (NumPy's integer
-    passes and ``einsum`` release the GIL), or None where the call needs the general checks
-    (options with arrays of their own, padded query rows, O or dO not bfloat16 in C order).
+def _backward_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout, lse):
+    """``(finite, Δ, dO for the kernel)`` for a bfloat16 or float32 backward, on the caller and
+    the ``_launch`` pool thread (NumPy's passes, ``einsum`` and the finiteness scans release the
+    GIL); None where the call needs the general checks (options with arrays of their own, padded
+    query rows, O or dO not in the operands' dtype in C order, short problems).
 
-    bfloat16 → float32 is exact (the bits shifted up by 16), so Δ's bits are ``einsum``'s on
-    ml_dtypes' ``astype`` — which holds the GIL and took most of the serial ≈ 5.7 ms (H8 L4096
-    D64: 3.8 ms split, medians of 21, 1 Dec 16:20).
+    Each thread takes half the rows of dO and O: it checks one half of the operands (q, K and V
+    on one thread, dO and O on the other), sums its rows of Δ = rowsum(dO ∘ O) in float32 and, for
+    float32 operands whose P the kernel rebuilds from the LSE, scales its rows of dO and Δ by the
+    LSE's rounding fix (:func:`lse_rounding_fix`).  Every step is elementwise or per row, so the
+    bits are the serial steps' (``einsum`` per row, dO·fix in float32, Δ·fix in float64 then
+    rounded).  bfloat16 → float32 is exact (the bits shifted up by 16), so a bfloat16 Δ is
+    ``einsum``'s on ml_dtypes' ``astype``, which holds the GIL and took most of the serial
+    ≈ 5.7 ms (H8 L4096 D64: 3.8 ms split, medians of 21, 1 Dec 16:20).  float32, H8 L4096 D64:
+    the backward's ≈ 20 ms outside the kernel were serial (1 Dec 23:27).
     """
     out, dout = np.asarray(out), np.asarray(dout)
+    S = np.float32 if p.q.dtype == np.float32 else BFLOAT16
     if (
         call.extras
         or call.q_lengths is not None
         or call.bias is not None
         or call.alibi_slopes is not None
-        or not all(x.dtype == BFLOAT16 and x.flags.c_contiguous for x in (out, dout))
-        or p.q.dtype != np.uint16
+        or not all(x.dtype == S and x.flags.c_contiguous for x in (out, dout))
+        or p.q.dtype not in (np.uint16, np.float32)
     ):
         return None
     from . import _launch
 
+    if not _lse_ok(lse, call):
+        return False, None, None
     B, Hq, Lq, Dv = out.shape
     rows = B * Hq
     delta = np.empty((B, Hq, Lq), dtype=np.float32)
-    o_rows, do_rows, delta_rows = out.view(np.uint16).reshape(rows, Lq, Dv), dout.view(np.uint16).reshape(rows, Lq, Dv), delta.reshape(rows, Lq)
+    o_rows, do_rows, delta_rows = out.reshape(rows, Lq, Dv), dout.reshape(rows, Lq, Dv), delta.reshape(rows, Lq)
+    fix = None if S == BFLOAT16 or _p_from_tile_softmax(p) else lse_rounding_fix(lse).reshape(rows, Lq)
+    dout_k = as_kernel_operand(dout) if fix is None else np.empty_like(dout)
+    if fix is not None:
+        fix32, dk_rows = fix.astype(np.float32)[..., None], dout_k.reshape(rows, Lq, Dv)
     # the general path's checks, in two halves of about the same bytes: one per chunk (the
     # inputs' half first where one thread runs)
     checks = [lambda: _inputs_finite(call, p), lambda: _all_finite(dout) and _all_finite(out)]
     nchunks = 2 if rows >= 2 and _launch.num_threads() >= 2 else 1
     finite = [] if nchunks == 2 else [checks.pop(0)()]
 
-    def widened(bits):  # bfloat16 bits → the float32 they are
-        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    def widened(x):  # bfloat16 bits → the float32 they are
+        if S == np.float32:
+            return x
+        return (x.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
     def job(chunk: int, n: int) -> None:
         a, b = rows * chunk // n, rows * (chunk + 1) // n
         finite.append(checks[chunk]())  # (list.append is atomic)
         np.einsum("rld,rld->rl", widened(do_rows[a:b]), widened(o_rows[a:b]), dtype=np.float32, out=delta_rows[a:b])
+        if fix is not None:
+            np.multiply(do_rows[a:b], fix32[a:b], out=dk_rows[a:b])
+            delta_rows[a:b] = delta_rows[a:b] * fix[a:b]
 
     _launch.run_chunks(job, (), nchunks)
-    return all(finite), delta
+    return all(finite), delta, dout_k
+
+
+def _sum_dq_parts(dq_parts: np.ndarray, scale, nchunks: int) -> np.ndarray:
+    """``scale · Σ dq_parts`` in a fixed order (bitwise repeatable), by halves of the rows on
+    the caller and the ``_launch`` pool thread (NumPy's ufuncs release the GIL)."""
+    from . import _launch
+
+    dq = dq_parts[0]
+    rows = dq.shape[0] * dq.shape[1]
+    flat = dq_parts.reshape((dq_parts.shape[0], rows) + dq.shape[2:])
+
+    def job(chunk: int, n: int) -> None:
+        a, b = rows * chunk // n, rows * (chunk + 1) // n
+        for part in flat[1:]:
+            flat[0, a:b] += part[a:b]
+        flat[0, a:b] *= scale
+
+    _launch.run_chunks(job, (), nchunks if rows >= 2 else 1)
+    return dq
 
 
 def _numpy_backend():
@@ -1477,7 +1514,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         from ._cpu_primitives import F64_DOT_MAX_SCORES  # (loaded with the kernels anyway)
 
         wide = T == np.float32 and (call.Lq * call.Lk <= F64_DOT_MAX_SCORES or call.Lq == 1)
-        both = None if wide else _bf16_checks_and_delta(call, p, out, dout)
+        both = None if wide else _backward_checks_and_delta(call, p, out, dout, lse_c)
         if both is None:
             if not call.extras and not (
                 _inputs_finite(call, p)
@@ -1488,17 +1525,17 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
                 return _numpy_backend().backward(call, out, lse, dout, want_dbias)
             out_c = np.asarray(out, dtype=T)
             delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
-        elif not (both[0] and _lse_ok(lse, call)):
+            dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
+            if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
+                # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
+                # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
+                fix = lse_rounding_fix(lse_c)
+                dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
+                delta = delta * fix
+        elif not both[0]:
             return _numpy_backend().backward(call, out, lse, dout, want_dbias)
         else:
-            delta = both[1]
-        dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
-        if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
-            # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
-            # Δ's rows take it instead (dV = Pᵀ·dO and dS = P∘(dP − Δ) see the product only)
-            fix = lse_rounding_fix(lse_c)
-            dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
-            delta = delta * fix
+            delta, dout_k = both[1], both[2]
         delta = _contiguous(delta.astype(T, copy=False), T)
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch
@@ -1544,10 +1581,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         dq_sum = dq_from_transposed if p.options.split_all else dq_from_tiles
         run_chunks(dq_sum, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
     else:
-        dq = dq_parts[0]
-        for part in dq_parts[1:]:  # a fixed order: bitwise repeatable
-            dq += part
-        dq *= T.type(call.scale)
+        dq = _sum_dq_parts(dq_parts, T.type(call.scale), 1 if serial else _num_threads())
     nkbBK = p.kp.shape[2] * p.kp.shape[3]
     dk = dkp.reshape(B, Hkv, nkbBK, D)[:, :, : call.Lk]
     dv = dvp.reshape(B, Hkv, nkbBK, Dv)[:, :, : call.Lk]

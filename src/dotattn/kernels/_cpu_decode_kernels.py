@@ -820,6 +820,8 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 # → 20.47, pool 10.83 → 10.73, float16 paged pool 11.82 → 9.66; B8 32k pool float16 95.6 → 90.6,
 # bfloat16 95.7 → 84.4 (docs/decoding.md, "A fused pass for 16-bit caches").
 FUSED16 = True
+# FUSED32: the same pass for float32 caches (itemsize 4; the rows read as they are)
+FUSED32 = True
 # where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
 # loads), else beside the scores' FMAs with its key rows (B1 32k float16: 1.08–1.10× slower)
 FUSED_NEXT_V_IN_PV = True
@@ -841,7 +843,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
     sum's lane totals (16), a block's lane sums (16, to add to them) and a check vector (NaN where
     a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P."""
     if not (
-        _simd_types_ok(q, flat, offs, s) and flat.dtype == types.uint16
+        _simd_types_ok(q, flat, offs, s)
         and vflat == flat and voffs == offs and pk == offs and pv == offs
         and o == s and m == s and st == s
     ):
@@ -856,7 +858,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
 
         qd, fd, od, sd, vfd, vod, outd, md, std, pkd, pvd = (data(i) for i in (0, 3, 5, 7, 9, 10, 12, 13, 14, 15, 16))
         R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 17))
-        itemsize = 2
+        itemsize = 4 if at[3].dtype == types.float32 else 2
         c0 = ir.Constant(_IRI64, 0)
         c1 = ir.Constant(_IRI64, 1)
         c16 = ir.Constant(_IRI64, _LANES)
@@ -1471,7 +1473,7 @@ def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st,
 
 @overload(_fused_simd, jit_options={"cache": _JIT_CACHE})
 def _fused_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
-    if q.dtype == types.float32 and flat.dtype == types.uint16:
+    if q.dtype == types.float32 and flat.dtype in (types.uint16, types.float32):
         return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: _fused16(
             q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf)
     return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: None
@@ -1603,7 +1605,7 @@ def _chunk(
     pv = offs[3 * sp : 3 * sp + max(npf, 1)]
     done = False  # the fused pass ran (FUSED16): O, maxima and sums are in place
     if (
-        FUSED16 and n > 0 and simd and kind != KIND_FLOAT and not dot and softcap <= 0.0 and not has_alibi
+        (FUSED32 if kind == KIND_FLOAT else FUSED16) and n > 0 and simd and not dot and softcap <= 0.0 and not has_alibi
         and Dv % 16 == 0 and _all_visible(R, Lq, pos0, j0, n, causal, left, right)
     ):
         _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)

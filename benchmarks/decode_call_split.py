@@ -9,8 +9,9 @@ adds ≈ 0.1–0.2 µs).  MODE ``pool`` forces the parallel items on (partners),
 thread (``run_serial``: then only checks / Python / kernel / return).  Prints the median of each
 span over CALLS calls (after a warm-up), the call's median, and the load.
 
-    flock /tmp/bench.lock env PYTHONPATH=src python benchmarks/decode_call_split.py [CONTEXT] [DTYPE] [CALLS] [pool|alone] [--profile]
+    flock /tmp/bench.lock env PYTHONPATH=src python benchmarks/decode_call_split.py [CONTEXT] [DTYPE] [CALLS] [pool|alone] [--batch=B] [--profile]
 
+``--batch=B``: B sequences instead of one (B8 4k: the bench's other 4k rows).
 ``--profile``: a cProfile of the calls instead (cumulative time, top functions; the profiler
 itself makes each Python function call dearer, so read its shares, not its µs).
 """
@@ -66,8 +67,9 @@ def main() -> None:
     mode = args[3] if len(args) > 3 else "pool"
     choose = mode == "pool"
     cpu_decode.ParallelChoice.choose = lambda self: choose
-    q, kc, vc = bd.case_inputs(1, ctx, dt)
-    lengths = np.full(1, ctx, dtype=np.int64)
+    B = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--batch=")), 1)
+    q, kc, vc = bd.case_inputs(B, ctx, dt)
+    lengths = np.full(B, ctx, dtype=np.int64)
 
     def run():
         return dotattn.attention_with_kvcache(q, kc, vc, cache_lengths=lengths, implementation="cpu")
@@ -102,7 +104,7 @@ def main() -> None:
         for (a, ta), (b, tb) in zip(marks, marks[1:]):
             spans.setdefault(f"{a} → {b}", []).append(tb - ta)
     load1 = open("/proc/loadavg").read().split()[0]
-    print(f"B1 {ctx} {dt} {mode}: {calls} calls, load {load0} → {load1}")
+    print(f"B{B} {ctx} {dt} {mode}: {calls} calls, load {load0} → {load1}")
     for k, v in spans.items():
         print(f"  {k:45s} {statistics.median(v) * 1e6:8.1f} µs  (min {min(v) * 1e6:.1f})")
     print(f"  {'whole call':45s} {statistics.median(totals) * 1e6:8.1f} µs  (min {min(totals) * 1e6:.1f})")

@@ -19,7 +19,7 @@ more than SIMD_MAX_ROWS_FLOAT folded rows (where a register-blocked GEMM wins) a
 calls go to BLAS (a chunk of consecutive rows in place, other chunks gathered into one
 contiguous block first); a 16-bit cache always computes in float32, so always on the 16-lane
 loops (where the chunk allows, scores, an online softmax and P·V in one pass per block of 16
-keys: FUSED16).  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
+keys: FUSED16; float32 caches too, FUSED32).  Every ``P·V`` sums in blocks of keys (PV_SUM_KEYS,
 PV_GEMM_KEYS), so that an attention sink's term does not swallow the small ones.  Only
 positions below each sequence's length are read.
 """
@@ -820,7 +820,12 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 # → 20.47, pool 10.83 → 10.73, float16 paged pool 11.82 → 9.66; B8 32k pool float16 95.6 → 90.6,
 # bfloat16 95.7 → 84.4 (docs/decoding.md, "A fused pass for 16-bit caches").
 FUSED16 = True
-# FUSED32: the same pass for float32 caches (itemsize 4; the rows read as they are)
+# FUSED32: the same pass for float32 caches (up to SIMD_MAX_ROWS_FLOAT rows; the rows read as
+# they are, a request per 16-lane piece); float32 bits change (the online softmax's order), errors
+# against float64 the same (B1 4k max 2.7e-8 against 3.1e-8).  decode_ab.py against the three
+# passes (1 Dec, 23:25–23:42, load 0.9–2.7): B1 4k pool 1.594 → 1.519 / 1.186 → 1.154 ms, paged
+# 1.575 → 1.528, B1 32k alone 34.87 → 33.92; B1 4k alone, B1 32k pool, B8 4k, B8 32k within
+# ±1.7 % (docs/decoding.md, "B1 4k decode: where a call's time goes").
 FUSED32 = True
 # where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
 # loads), else beside the scores' FMAs with its key rows (B1 32k float16: 1.08–1.10× slower)
@@ -838,7 +843,7 @@ FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block'
 
 @intrinsic
 def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
-    """One pass over a 16-bit chunk's ``n`` keys (see FUSED16): ``o (R·Dv)``, zeros on entry, gets
+    """One pass over a 16-bit (or float32: FUSED32) chunk's ``n`` keys (see FUSED16): ``o (R·Dv)``, zeros on entry, gets
     the unnormalized ``Σ exp(s − m_r)·v``, ``m[r]`` (−inf on entry) the row's max, ``st[r·FUSED_STATS:]`` the row
     sum's lane totals (16), a block's lane sums (16, to add to them) and a check vector (NaN where
     a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P."""
@@ -1467,7 +1472,7 @@ def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 
 
 def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
-    """:func:`_fused16` for a 16-bit cache and float32 compute; never reached (nothing) for the others."""
+    """:func:`_fused16` for a 16-bit or float32 cache and float32 compute; never reached (nothing) for the others."""
     raise NotImplementedError("compiled only")
 
 

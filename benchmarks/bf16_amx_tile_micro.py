@@ -1,0 +1,150 @@
+"""AMX tile loads and ``tdpbf16ps`` on this host, alone and mixed: TSC cycles per dot (or load).
+
+Every operand is in L1 (a 256 KiB buffer, the same few lines reloaded).  The forward's
+products (2 × 2 blocks: 4 tile loads, then 4 dots per 32-deep step) ran ≈ 25 TSC cycles per
+dot in the kernel and in isolation, whether their operands came from L1 or L2 — this shows
+why: dots alone and loads alone run at their throughputs (≈ 12 and ≈ 10 cycles), but a tile
+load placed after dots waits for them, so each load → dot switch costs a drain.  Double-
+buffering the operand tiles (1 × 2 blocks, loads of step s + 1 free of step s's tiles) was
+slower still: more switches per dot (docs/performance.md, "bfloat16 forward: fusing …").
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bf16_amx_tile_micro.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit
+
+from dotattn.kernels import _cpu_amx as A
+from dotattn.kernels._cpu_amx import _dot, _tile_op, _tile_zero
+from dotattn.kernels._cpu_decode_kernels import _cycles
+from dotattn.kernels._cpu_isa import amx_tiles
+
+_L = [_tile_op("llvm.x86.tileloadd64", t) for t in range(8)]
+_d024, _d125, _d036, _d137 = _dot(0, 2, 4), _dot(1, 2, 5), _dot(0, 3, 6), _dot(1, 3, 7)
+_z0, _z1 = _tile_zero(0), _tile_zero(1)
+_l2, _l3, _l4, _l5, _l6, _l7 = _L[2:]
+
+
+@njit
+def dots_only(n, cfg, buf, ld):
+    """4 independent accumulators, operands loaded once."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    A._load4(a, ld)
+    A._load5(a, ld)
+    A._load6(a, ld)
+    A._load7(a, ld)
+    A._zero0()
+    A._zero1()
+    A._zero2()
+    A._zero3()
+    c0 = _cycles()
+    for _ in range(n):
+        A._dot046()
+        A._dot147()
+        A._dot256()
+        A._dot357()
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (4 * n)
+
+
+@njit
+def loads_only(n, cfg, buf, ld):
+    """Tile loads alone (cycles per load)."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    c0 = _cycles()
+    for _ in range(n):
+        A._load4(a, ld)
+        A._load5(a + 16 * ld, ld)
+        A._load6(a + 64, ld)
+        A._load7(a + 128, ld)
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (4 * n)
+
+
+@njit
+def step_2x2(n, cfg, buf, ld):
+    """The products' depth step (``_cpu_amx._depth_2x2``): 4 loads, 4 dots, 128 deep."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    A._zero0()
+    A._zero1()
+    A._zero2()
+    A._zero3()
+    c0 = _cycles()
+    for _ in range(n):
+        A._depth_2x2(a, ld, a + 32 * ld, ld, 128)
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (16 * n)
+
+
+@njit
+def b_resident(n, cfg, buf, ld):
+    """B tiles resident, A reloaded: 2 loads per 4 dots (the D 64 scores' scheme)."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    A._load6(a, ld)
+    A._load7(a + 64, ld)
+    A._zero0()
+    A._zero1()
+    A._zero2()
+    A._zero3()
+    c0 = _cycles()
+    for _ in range(n):
+        A._load4(a, ld)
+        A._load5(a + 16 * ld, ld)
+        A._dot046()
+        A._dot147()
+        A._dot256()
+        A._dot357()
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (4 * n)
+
+
+@njit
+def double_buffered_1x2(n, cfg, buf, ld):
+    """C tiles 0, 1; A tiles 2/3 and B tiles 4, 5/6, 7 alternating between steps."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    _z0()
+    _z1()
+    c0 = _cycles()
+    for _ in range(n):
+        _l2(a, ld)
+        _l4(a + 64, ld)
+        _l5(a + 128, ld)
+        _d024()
+        _d125()
+        _l3(a + 16 * ld, ld)
+        _l6(a + 192, ld)
+        _l7(a + 256, ld)
+        _d036()
+        _d137()
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (4 * n)
+
+
+def main() -> None:
+    ok, why = amx_tiles()
+    if not ok:
+        raise SystemExit(f"no AMX here: {why}")
+    cfg = A.tile_config()
+    buf = np.zeros(256 * 1024 // 4, np.float32)
+    print(f"TSC cycles per dot (per load for loads_only), operands in L1; load {os.getloadavg()[0]:.2f}")
+    for f in (dots_only, loads_only, step_2x2, b_resident, double_buffered_1x2):
+        f(10, cfg, buf, 256)
+        print(f"  {f.__name__:<22}", " ".join(f"{f(200000, cfg, buf, 256):6.1f}" for _ in range(3)))
+
+
+if __name__ == "__main__":
+    main()

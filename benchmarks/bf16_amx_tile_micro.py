@@ -1,12 +1,13 @@
 """AMX tile loads and ``tdpbf16ps`` on this host, alone and mixed: TSC cycles per dot (or load).
 
-Every operand is in L1 (a 256 KiB buffer, the same few lines reloaded).  The forward's
-products (2 × 2 blocks: 4 tile loads, then 4 dots per 32-deep step) ran ≈ 25 TSC cycles per
-dot in the kernel and in isolation, whether their operands came from L1 or L2 — this shows
-why: dots alone and loads alone run at their throughputs (≈ 12 and ≈ 10 cycles), but a tile
-load placed after dots waits for them, so each load → dot switch costs a drain.  Double-
-buffering the operand tiles (1 × 2 blocks, loads of step s + 1 free of step s's tiles) was
-slower still: more switches per dot (docs/performance.md, "bfloat16 forward: fusing …").
+Every operand is in L1 (a 64-byte aligned 256 KiB buffer, the same few lines reloaded).  The
+forward's products (2 × 2 blocks: 4 tile loads, then 4 dots per 32-deep step) ran ≈ 25 TSC
+cycles per dot in the kernel and about as slow on pieces whose operands stay in L1.  Here
+dots alone and loads alone run near their throughputs, while loads and dots mixed ran at
+1.5–4× the dots alone, and double-buffered operand tiles (1 × 2 blocks, step s + 1's loads
+into tiles step s does not read) did not help (docs/performance.md, "bfloat16 forward: fusing
+the exp pass …").  This host's AMX speed moved 2.5× between runs (dots alone 11.8 at 23:38,
+29.0 at 23:59 on 1 Dec): compare the lines of one run only.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bf16_amx_tile_micro.py
 """

@@ -389,7 +389,12 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx, plan
     zero = m.dtype.type(0.0)  # a compute-dtype 0: a float64 one would widen the loops below
     nan = m.dtype.type(np.nan)
     _tile_max(ST, bmax, Pb)  # NaN for a column holding NaN
+    # no row has seen a key yet (a query tile's first key tile): the accumulator is all +0 (P
+    # was 0 against finite V), which a rescale would leave +0 — skipped, same bits
+    fresh = True
     for r in range(m.shape[0]):
+        if m[r] > -np.inf:
+            fresh = False
         tile_max = bmax[r] * c2
         # a NaN or +inf score makes exp(s − max) NaN (IEEE): the row stays NaN (_write_rows)
         m_new = nan if (m[r] != m[r] or not tile_max < np.inf) else max(m[r], tile_max)
@@ -400,7 +405,8 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx, plan
         # rescale the running sum (and below the accumulator) to the new max
         row_sum[r] *= alpha
         bmax[r] = alpha  # the tile max is spent: bmax holds the rescale factors now
-    _rescale_rows(acc, bmax)
+    if not fresh:
+        _rescale_rows(acc, bmax)
     # exponentiate against the new max and sum (one pass); the sum is before dropout.
     # bfloat16 without dropout: that pass also rounds P into the GEMM operand ``Pb``.
     # The tile's sum starts from 0 (in ``bmax``, spent again) and joins ``row_sum`` once:

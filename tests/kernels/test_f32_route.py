@@ -33,7 +33,7 @@ def route_file(tmp_path, monkeypatch):
 
 def _record(route, **changes):
     record = {"cpu": f32_route.cpu_key(), "route": route, "ms": {"amx5": 139.3, "mkl": 105.0}, "rounds": 7,
-              "shape": [1, 4, 2048, 64], "when": "2026-12-01 13:26 UTC", "load": 1.5}
+              "shapes": [[1, 4, 2048, 64], [1, 2, 2048, 128]], "when": "2026-12-01 13:26 UTC", "load": 1.5}
     record.update(changes)
     return record
 
@@ -110,7 +110,7 @@ def test_measure_alternates_the_routes_and_picks_the_faster(monkeypatch):
 
     monkeypatch.setattr(cpu, "forward", fake_forward)
     monkeypatch.setattr(cpu, "backward", lambda *a, **k: None)
-    record = cpu.measure_f32_routes(rounds=3, shape=(1, 1, 8, 4), clock=lambda: now[0])
+    record = cpu.measure_f32_routes(rounds=3, shapes=[(1, 1, 8, 4)], clock=lambda: now[0])
     assert seen == ["amx5", "mkl", "mkl", "amx5", "amx5", "mkl", "mkl", "amx5"]  # round 0 warms up
     assert record["route"] == "mkl" and record["ms"] == {"amx5": 5000.0, "mkl": 3000.0}
     assert record["cpu"] == f32_route.cpu_key() and record["rounds"] == 3
@@ -121,8 +121,9 @@ def test_measure_times_the_real_routes():
     if not AMX:  # one float32 route: precompile has nothing to choose
         assert not f32_route.available()[0]
         return
-    record = cpu.measure_f32_routes(rounds=1, shape=(1, 1, 512, 64))
+    record = cpu.measure_f32_routes(rounds=1, shapes=[(1, 1, 512, 64), (1, 1, 256, 128)])
     assert record["route"] in f32_route.ROUTES and all(record["ms"][r] > 0 for r in f32_route.ROUTES)
+    assert record["shapes"] == [[1, 1, 512, 64], [1, 1, 256, 128]]
 
 
 def test_precompile_stores_what_it_measured(route_file, monkeypatch, capsys):

@@ -1064,29 +1064,33 @@ def f32_products_path(load: bool = True) -> tuple[bool, str]:
     return on, why
 
 
-def measure_f32_routes(rounds: int | None = None, shape: tuple[int, int, int, int] | None = None,
-                       clock=time.perf_counter) -> dict:
-    """Time a float32 forward+backward under each of :data:`f32_route.ROUTES`, alternated round
-    by round (the order flipped every round), after one untimed call each: the record
-    :func:`f32_route.store` writes (``dotattn precompile`` runs this on a CPU with AMX)."""
+def measure_f32_routes(rounds: int | None = None, shapes=None, clock=time.perf_counter) -> dict:
+    """Time a float32 forward+backward of each of ``shapes`` (:data:`f32_route.SHAPES`) under each
+    of :data:`f32_route.ROUTES`, alternated round by round (the order flipped every round), after
+    one untimed round: a route's round is the sum over the shapes, its figure the median of its
+    rounds — the record :func:`f32_route.store` writes (``dotattn precompile`` runs this on a CPU
+    with AMX)."""
     from .. import semantics
     from . import f32_route
 
     rounds = f32_route.ROUNDS if rounds is None else rounds
-    shape = f32_route.SHAPE if shape is None else shape
+    shapes = f32_route.SHAPES if shapes is None else tuple(shapes)
     rng = np.random.default_rng(0)
-    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
-    call = semantics.normalize(q, k, v)
+    cases = []
+    for shape in shapes:
+        q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+        cases.append((semantics.normalize(q, k, v), dout))
     times: dict[str, list[float]] = {r: [] for r in f32_route.ROUTES}
     for r in range(rounds + 1):
         for route in f32_route.ROUTES if r % 2 == 0 else f32_route.ROUTES[::-1]:
             with f32_route.pinned(route):
                 t0 = clock()
-                out, lse = forward(call)
-                backward(call, out, lse, dout)
+                for call, dout in cases:
+                    out, lse = forward(call)
+                    backward(call, out, lse, dout)
                 if r:  # round 0 warms both up
                     times[route].append((clock() - t0) * 1e3)
-    return f32_route.record({route: statistics.median(t) for route, t in times.items()}, rounds, shape)
+    return f32_route.record({route: statistics.median(t) for route, t in times.items()}, rounds, shapes)
 
 
 def f32_split_route(call: AttentionCall) -> bool:

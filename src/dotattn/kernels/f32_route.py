@@ -38,10 +38,13 @@ FILE_NAME = "f32_route.json"
 # Moves the stored choice elsewhere; "none" ignores any (the test suite sets it: its float32
 # tests hold the split route wherever AMX runs, whatever this machine measured).
 FILE_ENV_VAR = "DOTATTN_F32_ROUTE_FILE"
-# What a measurement times: one head group of the issue's shape at a quarter of its length —
-# long enough for the products to dominate as they do at scale, short enough that the
-# measurement takes a few seconds at install.
-SHAPE = (1, 4, 2048, 64)
+# What a measurement times: the issue's two shapes (D 64 and D 128, the same work) at a quarter
+# of their heads and length — long enough for the products to dominate as they do at scale,
+# short enough that the measurement takes a few seconds at install.  Both head dims: on the
+# model-207 host the routes tied at D 64 (amx5 60, mkl 62 ms, 2 Dec 00:25) while the split route's
+# D 128 fwd+bwd was 1.29× MKL's (H4 L4096: 976 against 758 ms, f32_route_ab.py, 00:40), and a
+# D 64 measurement alone had stored it.
+SHAPES = ((1, 4, 2048, 64), (1, 2, 2048, 128))
 ROUNDS = 7
 
 
@@ -128,15 +131,16 @@ def available() -> tuple[bool, str]:
         return f32_amx_products()
 
 
-def record(ms: dict[str, float], rounds: int, shape) -> dict[str, Any]:
-    """What :func:`store` writes for the routes' median times ``ms``
+def record(ms: dict[str, float], rounds: int, shapes) -> dict[str, Any]:
+    """What :func:`store` writes for the routes' median times ``ms`` (a round's time: one call
+    of each of ``shapes``)
     (:func:`dotattn.kernels.cpu.measure_f32_routes` measures them)."""
     return {
         "cpu": cpu_key(),
         "route": min(ROUTES, key=lambda route: ms[route]),
         "ms": dict(ms),
         "rounds": rounds,
-        "shape": list(shape),
+        "shapes": [list(shape) for shape in shapes],
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }

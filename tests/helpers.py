@@ -529,3 +529,23 @@ def assert_nonfinite_match(ours, ref64, naive=None, *, name: str, dtype=np.float
         np.where(finite, ours64, 0.0), np.where(finite, ref, 0.0), nv, name=name, dtype=dtype,
         factor=factor, magnitude=magnitude,
     )
+
+
+def assert_backward_checks_find_nonfinite(q, k, v, out, do, lse, *, causal: bool, block_size) -> None:
+    """``cpu._backward_checks_and_delta`` says "not finite" for a NaN or ±inf in dO, in O and
+    in q (the checks' two halves: dO and O on one thread, q, K and V on the other)."""
+    from dotattn.kernels import cpu
+
+    call = semantics.normalize(q, k, v, causal=causal)
+    p = cpu.prepare(call, block_size)
+    L = q.shape[2]
+    for bad_value in (np.nan, np.inf):
+        bad_do, bad_out = do.copy(), out.copy()
+        bad_do[-1, -1, -1, -1] = bad_value
+        bad_out[0, 0, 0, 0] = bad_value
+        assert cpu._backward_checks_and_delta(call, p, out, bad_do, lse)[0] is False
+        assert cpu._backward_checks_and_delta(call, p, bad_out, do, lse)[0] is False
+        bad_q = q.copy()
+        bad_q[0, -1, L // 2, 0] = bad_value
+        p_bad = cpu.prepare(semantics.normalize(bad_q, k, v, causal=causal), block_size)
+        assert cpu._backward_checks_and_delta(call, p_bad, out, do, lse)[0] is False

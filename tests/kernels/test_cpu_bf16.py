@@ -315,6 +315,28 @@ def test_bf16_output_written_by_the_kernel(Hq, Hkv, Lq, Lk, D, tiles, options):
     H.assert_close_to_reference(api[:, :1], ref[:, :1], naive[:, :1], name="out (dotattn.attention)")
 
 
+@pytest.mark.parametrize("D, BQ, nr", [(32, 32, 32), (64, 256, 256), (64, 256, 200), (128, 256, 37), (256, 64, 63)])
+def test_query_tile_packed_by_the_vector_transpose(D, BQ, nr):
+    """``_cpu_amx.pack_q_rows`` (whole 16-row blocks through ``_transpose_store16``, the rest
+    element by element): ``Qv[k, n]`` = query row ``i0 + n``'s pair ``k`` for ``n < nr``, 0 after."""
+    from dotattn.kernels import _cpu_amx
+    from dotattn.kernels._cpu_primitives import _aligned_empty
+
+    if not HAS_AMX:  # (avx512 may be missing): no forward packs its query tiles there
+        q, k, v = _inputs(3, 1, 1, 32, 32, 32)
+        assert not cpu.prepare(semantics.normalize(q, k, v), (32, 32), forward=True).options.amx
+        return
+    rng = np.random.default_rng(D + nr)
+    L, i0 = 300, 7
+    q32 = rng.integers(0, 2**32, size=(2, 3, L, D // 2), dtype=np.uint32)
+    Qv = _aligned_empty(D // 2, BQ, np.empty(0, np.uint32))
+    Qv[:] = 0xDEADBEEF
+    _cpu_amx.pack_q_rows(q32, 1, 2, i0, nr, Qv)
+    expect = np.zeros((D // 2, BQ), dtype=np.uint32)
+    expect[:, :nr] = q32[1, 2, i0 : i0 + nr].T
+    assert np.array_equal(Qv, expect)
+
+
 def test_output_rows_from_the_transposed_accumulator():
     """``_cpu_amx.rows_bf16`` (the vector transpose of 16 output rows): ``out[r, d] =
     bf16(accᵀ[d, r] · scale[r])`` rounded to nearest even — the same bits as NumPy's product

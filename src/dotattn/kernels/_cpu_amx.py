@@ -239,38 +239,43 @@ def pack_q(Qs, Qv):
                 qrow[n] = Q32[n * half + k]
 
 
+def _transpose16(builder, rows):
+    """16 vectors of 16 × i32 (a 16 × 16 matrix by rows) → its transpose, by four stages of
+    two-source shuffles (stage ``b`` swaps bit ``b`` of the row and the column index)."""
+    rows = list(rows)
+    for b in (8, 4, 2, 1):
+        keep = ir.Constant(ir.VectorType(_I32, 16), [c if c & b == 0 else 16 + c - b for c in range(16)])
+        swap = ir.Constant(ir.VectorType(_I32, 16), [c + b if c & b == 0 else 16 + c for c in range(16)])
+        for i in range(16):
+            if i & b == 0:
+                r0, r1 = rows[i], rows[i + b]
+                rows[i] = builder.shuffle_vector(r0, r1, keep)
+                rows[i + b] = builder.shuffle_vector(r0, r1, swap)
+    return rows
+
+
 @intrinsic
-def _transpose16(typingctx, src, src_ld, dst, dst_ld):
-    """A 16 × 16 block of uint32 words transposed: row ``r`` of the source (16 words at ``src +
-    r·src_ld``) becomes column ``r`` of the destination (rows at ``dst + c·dst_ld``).  16 vector
-    loads, four rounds of 16 two-source shuffles (round ``s`` swaps bit ``s`` of the row with
-    bit ``s`` of the lane), 16 vector stores."""
-    i64 = types.int64
-    sig = types.void(i64, i64, i64, i64)
+def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
+    """16 rows of 16 32-bit words at ``src`` (rows ``src_ld`` bytes apart) → their transpose, 16
+    rows of 16 at ``dst`` (``dst_ld`` apart): a 16 × 16 block moved through registers
+    (:func:`_transpose16`), where element-by-element stores each went to another row (float32
+    dQᵀ parts in ``_cpu_amx_f32.sum_scale_transpose``; the query tile's bfloat16 pairs in
+    :func:`pack_q_rows`)."""
 
     def codegen(context, builder, signature, args):
         src, src_ld, dst, dst_ld = args
         _amx_function(context, builder, _AVX512)
-        vi = ir.VectorType(_I32, _LANES)
-        i64t = ir.IntType(64)
-        rows = [builder.load(_vptr(builder, builder.add(src, builder.mul(ir.Constant(i64t, r), src_ld)), vi), align=4)
-                for r in range(16)]
-        for sbit in (1, 2, 4, 8):
-            lo_idx = [l if not l & sbit else 16 + (l ^ sbit) for l in range(16)]
-            hi_idx = [(l | sbit) if not l & sbit else 16 + l for l in range(16)]
-            new = list(rows)
-            for r0 in range(16):
-                if r0 & sbit:
-                    continue
-                r1 = r0 | sbit
-                new[r0] = _shuffle(builder, rows[r0], rows[r1], lo_idx)
-                new[r1] = _shuffle(builder, rows[r0], rows[r1], hi_idx)
-            rows = new
-        for c in range(16):
-            builder.store(rows[c], _vptr(builder, builder.add(dst, builder.mul(ir.Constant(i64t, c), dst_ld)), vi), align=4)
+        v16 = ir.VectorType(_I32, 16)
+        rows = []
+        for r in range(16):
+            addr = builder.add(src, builder.mul(src_ld, ir.Constant(src_ld.type, r)))
+            rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
+        for k, vec in enumerate(_transpose16(builder, rows)):
+            addr = builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k)))
+            builder.store(vec, builder.inttoptr(addr, v16.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @njit(cache=_JIT_CACHE)
@@ -280,7 +285,7 @@ def pack_q_rows(q32, b, h, i0, nr, Qv):
     columns from ``nr`` on 0 — no copy of the query tile first (which, with its zeroing, took
     ≈ 8.5 µs a 256-row tile at D 128 in isolation).
 
-    Whole 16-row blocks by :func:`_transpose16` (16 × 16 words a step; D/2 is a multiple of
+    Whole 16-row blocks by :func:`_transpose_store16` (16 × 16 words a step; D/2 is a multiple of
     16 on the AMX path): element by element (16 queries at a time where D/2 rows alias, as
     :func:`pack_q`) a 256-row tile took 31 µs at D 128."""
     half, BQ = Qv.shape[0], Qv.shape[1]
@@ -290,7 +295,7 @@ def pack_q_rows(q32, b, h, i0, nr, Qv):
     base = q32.ctypes.data + b * q32.strides[0] + h * q32.strides[1] + i0 * q32.strides[2]
     for n0 in range(0, n_vec, 16):
         for k0 in range(0, half, 16):
-            _transpose16(base + n0 * q32.strides[2] + k0 * 4, q32.strides[2], Qv.ctypes.data + k0 * Qv.strides[0] + n0 * 4, Qv.strides[0])
+            _transpose_store16(base + n0 * q32.strides[2] + k0 * 4, q32.strides[2], Qv.ctypes.data + k0 * Qv.strides[0] + n0 * 4, Qv.strides[0])
     for n0 in range(n_vec, BQ, step):
         n1 = min(n0 + step, BQ)
         for k in range(half):

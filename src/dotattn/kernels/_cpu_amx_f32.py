@@ -40,6 +40,8 @@ from ._cpu_amx import (
     _AVX512,
     _BFloat,
     _amx_function,
+    _transpose16,
+    _transpose_store16,
     _depth_2x2,
     _store_2x2,
     _tile_config,
@@ -212,21 +214,6 @@ def split_tiles(kp, out):
     for t in prange(B * H * nkb):
         b, h, kb = t // (H * nkb), (t // nkb) % H, t % nkb
         split_rows(kp[b, h, kb], out[b, h, kb], BK, D)
-
-
-def _transpose16(builder, rows):
-    """16 vectors of 16 × i32 (a 16 × 16 matrix by rows) → its transpose, by four stages of
-    two-source shuffles (stage ``b`` swaps bit ``b`` of the row and the column index)."""
-    rows = list(rows)
-    for b in (8, 4, 2, 1):
-        keep = ir.Constant(ir.VectorType(_I32, 16), [c if c & b == 0 else 16 + c - b for c in range(16)])
-        swap = ir.Constant(ir.VectorType(_I32, 16), [c + b if c & b == 0 else 16 + c for c in range(16)])
-        for i in range(16):
-            if i & b == 0:
-                r0, r1 = rows[i], rows[i + b]
-                rows[i] = builder.shuffle_vector(r0, r1, keep)
-                rows[i + b] = builder.shuffle_vector(r0, r1, swap)
-    return rows
 
 
 @intrinsic
@@ -739,28 +726,6 @@ def pieces_buffer(rows, cols, like):
     buf = np.zeros(n + pad, dtype=like.dtype)
     skip = (-buf.ctypes.data) % 64 // buf.itemsize
     return buf[skip : skip + n].reshape((3, R, C))[:, :rows, :cols]
-
-
-@intrinsic
-def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
-    """16 rows of 16 float32 at ``src`` (rows ``src_ld`` bytes apart) → their transpose, 16 rows
-    of 16 at ``dst`` (``dst_ld`` apart): a 16 × 16 block moved through registers
-    (:func:`_transpose16`), where element-by-element stores each went to another row."""
-
-    def codegen(context, builder, signature, args):
-        src, src_ld, dst, dst_ld = args
-        _amx_function(context, builder, _AVX512)
-        v16 = ir.VectorType(_I32, 16)
-        rows = []
-        for r in range(16):
-            addr = builder.add(src, builder.mul(src_ld, ir.Constant(src_ld.type, r)))
-            rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
-        for k, vec in enumerate(_transpose16(builder, rows)):
-            addr = builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k)))
-            builder.store(vec, builder.inttoptr(addr, v16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

@@ -188,13 +188,14 @@ def _values_v(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, order, chunk
                     A._store_2x2(c, c_ld)
 
 
-@njit
-def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AMX, one thread
-    B, Hq, Lq, D = q.shape
-    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
-    Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
-    nqb = (Lq + BQ - 1) // BQ
-    c2, inv_keep = K._constants(o, lse)
+@njit(inline="always")
+def _loop_buffers(q, kp, vp, lse, o):
+    """The kernel loop's per-thread state, as ``_cpu_kernels._forward_chunk`` sets it up (AMX
+    path): the softmax constant, the query tile and its AMX operand, the tile config, Sᵀ, P's
+    operand, the exponent scratch, the accumulator and the row statistics — one set-up for
+    every variant below."""
+    D, BK, Dv, BQ, T = q.shape[3], kp.shape[3], vp.shape[4], o.BQ, lse.dtype
+    c2, _ = K._constants(o, lse)
     Qs = _aligned_empty(BQ, D, q)
     Qs[:] = 0
     Qv = _tile_buffer(D // 2, BQ, np.empty(0, dtype=np.uint32), q)
@@ -208,6 +209,16 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
     tsum = np.empty(BQ, dtype=T)
     plan = np.zeros(4, dtype=np.int64)
     prefetch = K._prefetch_kv(kp, vp)
+    return c2, Qs, Qv, cfg, ST, Pb, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch
+
+
+@njit
+def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AMX, one thread
+    B, Hq, Lq, D = q.shape
+    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
+    nqb = (Lq + BQ - 1) // BQ
+    c2, Qs, Qv, cfg, ST, Pb, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch = _loop_buffers(q, kp, vp, lse, o)
     accT = acc.T
     Pblk = _aligned_empty((BQ // 32) * (BK // 2), 32, np.empty(0, dtype=np.uint32))
     for t in range(B * Hq * nqb):
@@ -291,21 +302,8 @@ def _chunk_fused(q, kp, vp, out, lse, o, T_, contig, pvmode):
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
     nqb = (Lq + BQ - 1) // BQ
-    c2, inv_keep = K._constants(o, lse)
-    Qs = _aligned_empty(BQ, D, q)
-    Qs[:] = 0
-    Qv = _tile_buffer(D // 2, BQ, np.empty(0, dtype=np.uint32), q)
-    cfg = K.tile_config()
-    ST = _tile_buffer(BK, BQ, lse, q)
-    Pb = _tile_buffer(BK, BQ, q, q)
-    N = np.empty((BK, BQ), dtype=np.int32)
-    acc = K._new_acc(BQ, Dv, lse, q)
-    m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    tsum = np.empty(BQ, dtype=T)
-    plan = np.zeros(4, dtype=np.int64)
+    c2, Qs, Qv, cfg, ST, Pb, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch = _loop_buffers(q, kp, vp, lse, o)
     nofetch = np.zeros(4, dtype=np.int64)
-    prefetch = K._prefetch_kv(kp, vp)
     accT = acc.T
     Pc = _aligned_empty(BK // 2, 32, np.empty(0, dtype=np.uint32))
     ST32 = _tile_buffer(BK, 32, lse, q)
@@ -478,20 +476,7 @@ def _chunk_se(q, kp, vp, out, lse, o, T_, nbuf, unused):
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
     nqb = (Lq + BQ - 1) // BQ
-    c2, inv_keep = K._constants(o, lse)
-    Qs = _aligned_empty(BQ, D, q)
-    Qs[:] = 0
-    Qv = _tile_buffer(D // 2, BQ, np.empty(0, dtype=np.uint32), q)
-    cfg = K.tile_config()
-    ST = _tile_buffer(BK, BQ, lse, q)
-    Pb = _tile_buffer(BK, BQ, q, q)
-    N = np.empty((BK, BQ), dtype=np.int32)
-    acc = K._new_acc(BQ, Dv, lse, q)
-    m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    tsum = np.empty(BQ, dtype=T)
-    plan = np.zeros(4, dtype=np.int64)
-    prefetch = K._prefetch_kv(kp, vp)
+    c2, Qs, Qv, cfg, ST, Pb, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch = _loop_buffers(q, kp, vp, lse, o)
     accT = acc.T
     buf = _aligned_empty(nbuf * 1024, 1, np.empty(0, dtype=np.float32))
     fails = 0
@@ -573,21 +558,8 @@ def _chunk_pair(q, kp, vp, out, lse, o, T_, unused0, unused1):
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
     nqb = (Lq + BQ - 1) // BQ
-    c2, inv_keep = K._constants(o, lse)
-    Qs = _aligned_empty(BQ, D, q)
-    Qs[:] = 0
-    Qv = _tile_buffer(D // 2, BQ, np.empty(0, dtype=np.uint32), q)
-    cfg = K.tile_config()
-    ST = _tile_buffer(BK, BQ, lse, q)
-    Pb0 = _tile_buffer(BK, BQ, q, q)
+    c2, Qs, Qv, cfg, ST, Pb0, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch = _loop_buffers(q, kp, vp, lse, o)
     Pb1 = _tile_buffer(BK, BQ, q, q)
-    N = np.empty((BK, BQ), dtype=np.int32)
-    acc = K._new_acc(BQ, Dv, lse, q)
-    m, m_use = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    bmax, row_sum = np.empty(BQ, dtype=T), np.empty(BQ, dtype=T)
-    tsum = np.empty(BQ, dtype=T)
-    plan = np.zeros(4, dtype=np.int64)
-    prefetch = K._prefetch_kv(kp, vp)
     accT = acc.T
     p_ld = 2 * Pb0.strides[0]
     for t in range(B * Hq * nqb):

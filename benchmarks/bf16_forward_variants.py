@@ -212,6 +212,20 @@ def _loop_buffers(q, kp, vp, lse, o):
     return c2, Qs, Qv, cfg, ST, Pb, N, acc, m, m_use, bmax, row_sum, tsum, plan, prefetch
 
 
+@njit(inline="always")
+def _start_task(t, q, Qs, Qv, m, row_sum, acc, o, Hkv, nqb):
+    """Task ``t``'s start, as the kernel's loop does it: its head and query tile, the tile loaded
+    (packed for AMX), running max −inf, running sum and accumulator 0."""
+    B, Hq = q.shape[0], q.shape[1]
+    b, h, qb = K._forward_task(t, B, Hq, nqb, q)
+    i0, nrows, nr = K._rows(b, qb, o)
+    K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
+    m[:] = -np.inf
+    row_sum[:] = 0.0
+    K._zero(acc)
+    return b, h, h // (Hq // Hkv), i0, nrows, nr
+
+
 @njit
 def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AMX, one thread
     B, Hq, Lq, D = q.shape
@@ -222,13 +236,7 @@ def _chunk(q, kp, vp, out, lse, o, T_, kc, order, chunk):  # dense, no chain, AM
     accT = acc.T
     Pblk = _aligned_empty((BQ // 32) * (BK // 2), 32, np.empty(0, dtype=np.uint32))
     for t in range(B * Hq * nqb):
-        b, h, qb = K._forward_task(t, B, Hq, nqb, q)
-        hk = h // (Hq // Hkv)
-        i0, nrows, nr = K._rows(b, qb, o)
-        K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
-        m[:] = -np.inf
-        row_sum[:] = 0.0
-        K._zero(acc)
+        b, h, hk, i0, nrows, nr = _start_task(t, q, Qs, Qv, m, row_sum, acc, o, Hkv, nqb)
         for kb in range(nkb):
             c0 = _cycles()
             Kb = kp[b, hk, kb]
@@ -311,13 +319,7 @@ def _chunk_fused(q, kp, vp, out, lse, o, T_, contig, pvmode):
     N32 = np.empty((BK, 32), dtype=np.int32)
     fails = 0
     for t in range(B * Hq * nqb):
-        b, h, qb = K._forward_task(t, B, Hq, nqb, q)
-        hk = h // (Hq // Hkv)
-        i0, nrows, nr = K._rows(b, qb, o)
-        K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
-        m[:] = -np.inf
-        row_sum[:] = 0.0
-        K._zero(acc)
+        b, h, hk, i0, nrows, nr = _start_task(t, q, Qs, Qv, m, row_sum, acc, o, Hkv, nqb)
         for kb in range(nkb):
             c0 = _cycles()
             Kb = kp[b, hk, kb]
@@ -481,13 +483,7 @@ def _chunk_se(q, kp, vp, out, lse, o, T_, nbuf, unused):
     buf = _aligned_empty(nbuf * 1024, 1, np.empty(0, dtype=np.float32))
     fails = 0
     for t in range(B * Hq * nqb):
-        b, h, qb = K._forward_task(t, B, Hq, nqb, q)
-        hk = h // (Hq // Hkv)
-        i0, nrows, nr = K._rows(b, qb, o)
-        K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
-        m[:] = -np.inf
-        row_sum[:] = 0.0
-        K._zero(acc)
+        b, h, hk, i0, nrows, nr = _start_task(t, q, Qs, Qv, m, row_sum, acc, o, Hkv, nqb)
         for kb in range(nkb):
             c0 = _cycles()
             Kb = kp[b, hk, kb]
@@ -563,13 +559,7 @@ def _chunk_pair(q, kp, vp, out, lse, o, T_, unused0, unused1):
     accT = acc.T
     p_ld = 2 * Pb0.strides[0]
     for t in range(B * Hq * nqb):
-        b, h, qb = K._forward_task(t, B, Hq, nqb, q)
-        hk = h // (Hq // Hkv)
-        i0, nrows, nr = K._rows(b, qb, o)
-        K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
-        m[:] = -np.inf
-        row_sum[:] = 0.0
-        K._zero(acc)
+        b, h, hk, i0, nrows, nr = _start_task(t, q, Qs, Qv, m, row_sum, acc, o, Hkv, nqb)
         pend = -1  # the key tile whose P waits in the other buffer
         for kb in range(nkb):
             Pb = Pb1 if kb % 2 else Pb0

@@ -186,3 +186,31 @@ def test_short_calls_are_warm_before_each_timed_call(monkeypatch):
     (row,) = bench.measure_case(case, ["fast"], bench._inputs(case), 2)
     assert len(row.times_ms) == 2
     assert len(calls) > 2 + 2 * 2  # untimed calls before each timed one
+
+
+def _resident_block(mib: int):
+    import numpy as np
+
+    return np.ones(mib * 2**20 // 8)  # ones: every page written, so resident
+
+
+@pytest.mark.parametrize("kernel_peak", [True, False], ids=["kernel-peak", "sampling-thread"])
+def test_peak_rss_sees_a_block_freed_inside_it(monkeypatch, kernel_peak):
+    import threading
+
+    if kernel_peak and not bench._reset_peak_rss():
+        pytest.skip("this system cannot reset its peak resident size (/proc/self/clear_refs)")
+    if not kernel_peak:
+        monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    threads_before = threading.active_count()
+    with bench._PeakRss() as mem:
+        # the kernel's peak needs no thread beside the measured code; the fallback samples in one
+        assert threading.active_count() == threads_before + (0 if kernel_peak else 1)
+        block = _resident_block(96)
+        if not kernel_peak:
+            time.sleep(0.05)  # the sampler's turns while the block is resident
+        del block  # freed inside: only a peak sees it
+    assert 80 <= mem.extra_mib < 200
+    with bench._PeakRss() as mem:
+        pass
+    assert mem.extra_mib < 16  # the earlier block's peak does not carry over

@@ -372,11 +372,40 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident size (``VmHWM``) to the current one; False where the
+    system has no such switch."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _kernel_peak_rss_bytes() > 0
+    except OSError:
+        return False
+
+
+def _kernel_peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class _PeakRss:
-    """Samples resident memory every millisecond in a thread; ``peak - baseline`` after."""
+    """Peak resident memory of a block, ``peak - baseline`` after.
+
+    On Linux the kernel keeps the peak itself (``VmHWM``), and writing ``5`` to
+    ``/proc/self/clear_refs`` resets it to the current size: nothing runs beside the timed call.
+    Elsewhere a thread samples the resident size every millisecond; that thread wakes a
+    thousand times a second and slowed both peers' calls by 8–12 % on a 2-core machine
+    (docs/performance.md, "The bench's memory sampler"), so it is only the fallback.
+    """
 
     def __enter__(self):
         self.base = self.peak = _rss_bytes()
+        self._thread = None
+        if _reset_peak_rss():
+            return self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -387,6 +416,9 @@ class _PeakRss:
             self.peak = max(self.peak, _rss_bytes())
 
     def __exit__(self, *exc):
+        if self._thread is None:
+            self.peak = max(self.peak, _kernel_peak_rss_bytes())
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())

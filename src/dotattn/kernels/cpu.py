@@ -1451,11 +1451,24 @@ def segment_tile_scores(q_seg: np.ndarray, kv_seg: np.ndarray, BQ: int, BK: int)
     Lk = kv_seg.shape[1]
     BQ, BK = fit_block(BQ, BK, Lq, Lk)
     q_starts, k_starts = np.arange(0, Lq, BQ), np.arange(0, Lk, BK)
+    qmin, qmax = np.minimum.reduceat(q_seg, q_starts, axis=1), np.maximum.reduceat(q_seg, q_starts, axis=1)
+    kmin, kmax = np.minimum.reduceat(kv_seg, k_starts, axis=1), np.maximum.reduceat(kv_seg, k_starts, axis=1)
+    lo = min(int(qmin.min()), int(kmin.min()))
+    span = max(int(qmax.max()), int(kmax.max())) - lo + 1
+    if span * B < 1 << 62:
+        # each sequence's ids moved past the previous one's: one run of ids for the whole batch
+        off = (np.arange(B, dtype=np.int64) * span - lo)[:, None]
+        qmin, qmax, kmin, kmax = ((x + off).ravel() for x in (qmin, qmax, kmin, kmax))
+        if np.all(kmin[1:] >= kmin[:-1]) and np.all(kmax[1:] >= kmax[:-1]):
+            # ids in order (as packing writes them): the key tiles with kmin ≤ qmax are a
+            # prefix, those with kmax < qmin a shorter one
+            seen = np.searchsorted(kmin, qmax, side="right") - np.searchsorted(kmax, qmin, side="left")
+            return int(seen.sum()) * BQ * BK
+        qmin, qmax = qmin.reshape(B, -1), qmax.reshape(B, -1)
+        kmin, kmax = kmin.reshape(B, -1), kmax.reshape(B, -1)
     total = 0
     for b in range(B):
-        qmin, qmax = np.minimum.reduceat(q_seg[b], q_starts), np.maximum.reduceat(q_seg[b], q_starts)
-        kmin, kmax = np.minimum.reduceat(kv_seg[b], k_starts), np.maximum.reduceat(kv_seg[b], k_starts)
-        seen = (qmax[:, None] >= kmin[None, :]) & (kmax[None, :] >= qmin[:, None])
+        seen = (qmax[b][:, None] >= kmin[b][None, :]) & (kmax[b][None, :] >= qmin[b][:, None])
         total += int(np.count_nonzero(seen))
     return total * BQ * BK
 

@@ -75,8 +75,10 @@ NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + 
 # DOCUMENT_WIDE_TILE_MAX_EXTRA: the documents' boundaries fall on 256s, or nearly all tiles lie
 # inside one document or outside it), else SPARSE_BLOCK_SIZE (:func:`document_block_size`).
 # H8 L4096 D64, tiles alternated in one process (2 Dec 02:18–02:25, load 0.8–1.4), 256 × 256 over
-# 128 × 128, median ratios: documents of 1024 0.86, of 512 0.89–0.93 (three runs), of 256
-# 0.89–0.98 (three runs); but documents of 128 2.11–2.18, uneven documents on 128s 1.25–1.37.
+# 128 × 128, median ratios: documents of 1024 0.86, of 512 0.89–0.93 in four runs of five (1.04),
+# of 256 0.89–1.03 (four runs); but documents of 128 2.11–2.18, uneven ones on 128s 1.25–1.37.
+# The rule against 128 × 128 (02:25, load 1.0–1.2): documents of 512 0.93, of 256 0.91; H4 D128
+# 0.94 / 0.99.  Windows keep 128 × 128: nothing else of eight tiles tried was faster.
 DOCUMENT_F32_FORWARD_BLOCK_SIZE = (256, 256)
 DOCUMENT_WIDE_TILE_MAX_EXTRA = 0.02
 # float32 forwards without causal mask, window, segments or user functions: key tiles twice

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--cases", default="docs8,docs16,docs32,uneven,window256")
     ap.add_argument("--tiles", default="128x128,128x256,128x512,256x512")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--pause", type=float, default=0.05, help="seconds before each timed call (the bench: 0.3)")
     ap.add_argument("--H", type=int, default=8)
     ap.add_argument("--D", type=int, default=64)
     a = ap.parse_args()
@@ -73,7 +74,7 @@ def main() -> None:
             rnd.shuffle(order)
             for t in order:
                 bs = tiles_of(t)
-                time.sleep(0.05)
+                time.sleep(a.pause)
                 t0 = time.perf_counter()
                 cpu.forward(call, block_size=bs)
                 times[t].append((time.perf_counter() - t0) * 1e3)

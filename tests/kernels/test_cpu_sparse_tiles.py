@@ -1,4 +1,4 @@
-"""The float32 forward's tiles for packed documents (``cpu.document_block_size``) and windows.
+"""The float32 / bfloat16 forward's tiles for packed documents (``cpu.document_block_size``) and windows.
 
 Documents whose boundaries fall on 256s take 256 × 256 tiles (every tile then lies inside one
 document or outside it: FULL or SKIP, no masked scores); others, and every window, causal or
@@ -13,6 +13,7 @@ import pytest
 
 from dotattn import semantics
 from dotattn.kernels import cpu
+from dotattn.semantics import BFLOAT16
 from dotattn.kernels._cpu_options import FULL, PARTIAL, SKIP
 
 import helpers as H
@@ -92,6 +93,8 @@ def test_windows_causal_masks_and_other_dtypes_keep_their_tiles(monkeypatch):
         (_call(L=1024, lengths=docs, causal=True), None),
         (_call(L=1024, lengths=docs, window=(256, 256)), None),
         (_call(L=1024, lengths=docs, dtype=np.float64), None),
+        (_call(L=1024, lengths=docs, dtype=BFLOAT16), WIDE),
+        (_call(L=1024, lengths=[128] * 8, dtype=BFLOAT16), NARROW),
     ]:
         seen.clear()
         cpu.forward(call)
@@ -128,3 +131,16 @@ def test_wide_document_tiles_match_the_reference(lengths):
     masked = cpu.forward(semantics.normalize(q, k, v, mask=dense[:, None]), block_size=WIDE)
     for name, a, b in zip(("out", "lse"), skipped, masked):
         H.assert_bitwise_equal(a, b, name)
+
+
+@pytest.mark.parametrize("lengths", [[256] * 4, [384, 640]], ids=["docs256", "on128"])
+def test_wide_document_tiles_match_the_reference_in_bfloat16(lengths):
+    q, k, v = H.random_qkv(4, batch=(1,), Hq=2, Hkv=1, Lq=1024, Lk=1024, D=64, Dv=64, dtype=BFLOAT16)
+    seg = np.repeat(np.arange(len(lengths)), lengths)[None]
+    call = semantics.normalize(q, k, v, segment_ids=seg)
+    ref_out, ref_lse = H.reference(q, k, v, segment_ids=seg)
+    naive_out, naive_lse = H.naive(q, k, v, segment_ids=seg)
+    for tiles in (WIDE, None):
+        out, lse = cpu.forward(call, block_size=tiles)
+        H.assert_close_to_reference(out.astype(BFLOAT16), ref_out, naive_out, name="out")
+        H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=BFLOAT16)

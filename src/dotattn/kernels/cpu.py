@@ -70,7 +70,7 @@ BWD_AMX_ENV_VAR = "DOTATTN_CPU_BWD_AMX"
 SPARSE_BLOCK_SIZE = (128, 128)
 NARROW_WINDOW_BLOCK_SIZE = (64, 128)
 NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + right + 1)
-# float32 forwards of packed documents (segment ids, no causal mask, window, dense mask or user
+# float32 (and bfloat16) forwards of packed documents (segment ids, no causal mask, window, dense mask or user
 # functions): 256 × 256 tiles where they compute no more scores than 128 × 128 tiles (within
 # DOCUMENT_WIDE_TILE_MAX_EXTRA: the documents' boundaries fall on 256s, or nearly all tiles lie
 # inside one document or outside it), else SPARSE_BLOCK_SIZE (:func:`document_block_size`).
@@ -79,6 +79,8 @@ NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + 
 # of 256 0.89–1.03 (four runs); but documents of 128 2.11–2.18, uneven ones on 128s 1.25–1.37.
 # The rule against 128 × 128 (02:25, load 1.0–1.2): documents of 512 0.93, of 256 0.91; H4 D128
 # 0.94 / 0.99.  Windows keep 128 × 128: nothing else of eight tiles tried was faster.
+# bfloat16 operands (AMX) as well: 256 × 256 over 128 × 128 (02:47, load 0.8–1.0, 11 rounds):
+# documents of 512 0.87, of 256 0.93.
 DOCUMENT_F32_FORWARD_BLOCK_SIZE = (256, 256)
 DOCUMENT_WIDE_TILE_MAX_EXTRA = 0.02
 # float32 forwards without causal mask, window, segments or user functions: key tiles twice
@@ -1434,14 +1436,15 @@ def _dense_f32(call: AttentionCall) -> bool:
 
 
 def _documents_f32(call: AttentionCall) -> bool:
-    """A float32 call masked by segment ids alone (lengths aside): :func:`document_block_size`."""
+    """A call on float32 or bfloat16 operands masked by segment ids alone (lengths aside):
+    :func:`document_block_size`.  (The name is older than the bfloat16 case.)"""
     return (
         call.q_segment_ids is not None
         and call.causal is None
         and call.window is None
         and call.mask is None
         and not call.extras
-        and storage_dtype(call) == np.float32
+        and storage_dtype(call) in (np.float32, BFLOAT16)
     )
 
 

@@ -838,6 +838,17 @@ FUSED_K_SMALL_ONLY = True
 # the block's max by a tree of compares (NaN ignored: a NaN score poisons the row through the
 # check vector); llvm.vector.reduce.fmax (NaN-aware) made a cache-resident item ≈ 9 % slower
 FUSED_MAX_TREE = True
+# float32 caches in calls without a next item asked for (under PREFETCH_NEXT_MIN_BYTES: B1 4k,
+# 33.5 MB in L3): the scores pass asks for the key rows FUSED_AHEAD_KEYS ahead into L1
+# (FUSED_K_LOCALITY) and for no value rows (FUSED_SMALL_V_LOCALITY 0; the value rows 16 keys ahead
+# into L2 before, as 16-bit caches still do: 16, 2) — the hardware streamer brings them to P·V.
+# decode_ab.py B1 4k float32 against main (2 Dec, 02:24–02:39, load 0.8–1.3, 301 rounds): pool
+# 1.354 → 1.258 ms, alone 2.202 → 2.027 (docs/decoding.md, "B1 4k float32: no requests for the
+# next block's values").  Other settings tried there: K ahead 4 / 16 / 32 (V none) 1–4 % behind 8;
+# the V rows 0 keys ahead into L1 or L2, or 16 ahead into L1, no gain; no requests at all slower.
+FUSED_AHEAD_KEYS = 8
+FUSED_SMALL_V_LOCALITY = 0
+FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -864,6 +875,8 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         qd, fd, od, sd, vfd, vod, outd, md, std, pkd, pvd = (data(i) for i in (0, 3, 5, 7, 9, 10, 12, 13, 14, 15, 16))
         R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 17))
         itemsize = 4 if at[3].dtype == types.float32 else 2
+        # the next block's rows where no next item is asked for: float32 as FUSED_AHEAD_KEYS etc. say
+        ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, FUSED_SMALL_V_LOCALITY, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
         c0 = ir.Constant(_IRI64, 0)
         c1 = ir.Constant(_IRI64, 1)
         c16 = ir.Constant(_IRI64, _LANES)
@@ -975,16 +988,22 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             for k in range(_LANES):
                 t = builder.add(t0, ir.Constant(_IRI64, k))
                 bases.append(row_of(od, t, n_, last))
-                ta = builder.add(t, c16)
+                ta = builder.add(t, ir.Constant(_IRI64, ahead))
                 kahead.append(row_of(od, ta, n_, last))
-                vahead.append(row_of(vod, ta, n_, last))
+                tv = ta if v_ahead is None else builder.add(t, ir.Constant(_IRI64, v_ahead))
+                vahead.append(row_of(vod, tv, n_, last))
                 npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
                 if not FUSED_NEXT_V_IN_PV:
                     npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
             # (array, 16 row offsets, width, locality): the next item's key (and value) rows
             # into L2 (where there is none, the next block's value rows), the next block's
             # key and value rows into L1
-            pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
+            if small_v_locality == 2:
+                pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
+            else:
+                pf = [(fd, npk, builder.select(has, D_, c0), 2)]
+                if small_v_locality:
+                    pf.append((vfd, vahead, builder.select(has, c0, Dv_), small_v_locality))
             if not FUSED_NEXT_V_IN_PV:
                 pf.append((vfd, npv, Dv_, 2))
             if FUSED_K_LOCALITY:  # only where no next item is asked for (FUSED_K_SMALL_ONLY)

@@ -18,7 +18,7 @@ from dotattn.kernels._cpu_options import FULL, PARTIAL, SKIP
 
 import helpers as H
 
-WIDE, NARROW = cpu.DOCUMENT_F32_FORWARD_BLOCK_SIZE, cpu.SPARSE_BLOCK_SIZE
+WIDE, NARROW = cpu.DOCUMENT_FORWARD_BLOCK_SIZE, cpu.SPARSE_BLOCK_SIZE
 
 
 def _call(L=4096, lengths=None, dtype=np.float32, B=1, **options):
@@ -45,7 +45,7 @@ def _call(L=4096, lengths=None, dtype=np.float32, B=1, **options):
 )
 def test_document_tiles_follow_the_segment_lengths(lengths, tiles):
     call = _call(lengths=lengths)
-    assert cpu._documents_f32(call)
+    assert cpu._documents_only(call)
     wide = cpu.segment_tile_scores(call.q_segment_ids, call.kv_segment_ids, *WIDE)
     narrow = cpu.segment_tile_scores(call.q_segment_ids, call.kv_segment_ids, *NARROW)
     assert cpu.document_block_size(call) == (WIDE if wide <= narrow * (1 + cpu.DOCUMENT_WIDE_TILE_MAX_EXTRA) else NARROW)
@@ -99,7 +99,7 @@ def test_windows_causal_masks_and_other_dtypes_keep_their_tiles(monkeypatch):
         seen.clear()
         cpu.forward(call)
         assert seen[0] == want, (call.window, call.causal, call.dtype)
-        assert not cpu._documents_f32(call) or want is not None
+        assert not cpu._documents_only(call) or want is not None
 
 
 def test_tiles_inside_one_document_are_full():

@@ -81,7 +81,7 @@ NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + 
 # 0.94 / 0.99.  Windows keep 128 × 128: nothing else of eight tiles tried was faster.
 # bfloat16 operands (AMX) as well: 256 × 256 over 128 × 128 (02:47, load 0.8–1.0, 11 rounds):
 # documents of 512 0.87, of 256 0.93.
-DOCUMENT_F32_FORWARD_BLOCK_SIZE = (256, 256)
+DOCUMENT_FORWARD_BLOCK_SIZE = (256, 256)
 DOCUMENT_WIDE_TILE_MAX_EXTRA = 0.02
 # float32 forwards without causal mask, window, segments or user functions: key tiles twice
 # as deep (fewer tile passes per key: running max, rescale, task bookkeeping).  Dense H8 L4096
@@ -1042,7 +1042,7 @@ def forward(
         block_size = GROUPED_CAUSAL_F32_SMALL_BLOCK_SIZE if small else GROUPED_CAUSAL_F32_BLOCK_SIZE
     if block_size is None and _dense_f32(call):
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
-    if block_size is None and _documents_f32(call):
+    if block_size is None and _documents_only(call):
         block_size = document_block_size(call)
     split = not grouped and f32_split_route(call)
     p = prepare(call, block_size, forward=True, grouped=grouped, split=split)
@@ -1435,9 +1435,9 @@ def _dense_f32(call: AttentionCall) -> bool:
     )
 
 
-def _documents_f32(call: AttentionCall) -> bool:
+def _documents_only(call: AttentionCall) -> bool:
     """A call on float32 or bfloat16 operands masked by segment ids alone (lengths aside):
-    :func:`document_block_size`.  (The name is older than the bfloat16 case.)"""
+    :func:`document_block_size`."""
     return (
         call.q_segment_ids is not None
         and call.causal is None
@@ -1479,15 +1479,15 @@ def segment_tile_scores(q_seg: np.ndarray, kv_seg: np.ndarray, BQ: int, BK: int)
 
 
 def document_block_size(call: AttentionCall) -> tuple[int, int]:
-    """The float32 forward's tiles for packed documents (:data:`DOCUMENT_F32_FORWARD_BLOCK_SIZE`
+    """The float32 and bfloat16 forward's tiles for packed documents (:data:`DOCUMENT_FORWARD_BLOCK_SIZE`
     where it computes at most :data:`DOCUMENT_WIDE_TILE_MAX_EXTRA` more scores than
     :data:`SPARSE_BLOCK_SIZE`, else the latter): taller and wider tiles pay less per score
     (fewer query-tile loads, rescales and row stores, larger products) but, across a
     document boundary, compute scores that the mask then hides."""
     q_seg, kv_seg = call.q_segment_ids, call.kv_segment_ids
-    wide = segment_tile_scores(q_seg, kv_seg, *DOCUMENT_F32_FORWARD_BLOCK_SIZE)
+    wide = segment_tile_scores(q_seg, kv_seg, *DOCUMENT_FORWARD_BLOCK_SIZE)
     narrow = segment_tile_scores(q_seg, kv_seg, *SPARSE_BLOCK_SIZE)
-    return DOCUMENT_F32_FORWARD_BLOCK_SIZE if wide <= narrow * (1.0 + DOCUMENT_WIDE_TILE_MAX_EXTRA) else SPARSE_BLOCK_SIZE
+    return DOCUMENT_FORWARD_BLOCK_SIZE if wide <= narrow * (1.0 + DOCUMENT_WIDE_TILE_MAX_EXTRA) else SPARSE_BLOCK_SIZE
 
 
 def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final: bool = False):

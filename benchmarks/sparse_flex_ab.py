@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from dotattn import bench
+from dotattn import bench, semantics
 from dotattn.kernels import cpu
-from dotattn import semantics
 
 
 def fixed_tiles_peer(bs):

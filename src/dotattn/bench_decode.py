@@ -26,7 +26,9 @@ Peers, each on the same cache in the same process:
 The table shows medians of ``--repeats`` timed calls, one per round: a round times every peer
 once, in a shuffled order (peers interleaved, so that all of them sample the same stretch of a
 shared machine's time: :mod:`.bench_common`), each timed call after the peer's warm-up —
-calls, back to back, for at least :data:`WARMUP_S`; ``× sdpa`` is torch's median time over ours.
+calls, back to back, for at least :data:`WARMUP_S`, and before its first round
+:data:`SETTLE_CALLS` calls, which take a size class's pool-or-alone exploration out of the timed
+calls; ``× sdpa`` is torch's median time over ours.
 (After the pause between peers the first two-thread calls of either library are slow — a
 core that idled wakes; torch's first SDPA calls took 2–10× their time — and dotattn's pool-or-
 alone choice, timed on a few such calls, ran the next 64–96 on one thread: one warm-up call
@@ -65,6 +67,12 @@ HQ, HKV, D = 32, 8, 128
 PAGE = 256
 BANDWIDTH_BYTES = 512 << 20
 WARMUP_S = 0.25  # each peer's calls, back to back, before its timed ones (at least 3)
+# each peer's calls, back to back, once before its first round: a size class's first four calls
+# explore the pool-or-alone choice (pool, pool, alone, alone; cpu_decode.ParallelChoice) — once
+# per process in a decode loop, but a 130 ms B8 32k call's 0.25 s warm-up is 3 calls, so the
+# first row of each class timed its fourth, alone (138.9 against 65–91 ms; B1 4k 3.6–5.2 against
+# 0.9–1.9 ms; 2 Dec 2026, docs/decoding.md "The decode bench's first row of a size class")
+SETTLE_CALLS = 5
 
 
 @dataclass
@@ -278,9 +286,10 @@ class _Peer:
 
 def measure_case(peers, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S,
                  progress=None) -> list[Row]:
-    """One row per peer: ``repeats`` rounds, each timing every peer once in a shuffled order
-    (:func:`bench_common.rounds_of`), each timed call after ``warmup_s`` of the peer's calls back
-    to back; a peer that cannot run says ``n/a`` and why."""
+    """One row per peer: :data:`SETTLE_CALLS` calls of each peer, then ``repeats`` rounds, each
+    timing every peer once in a shuffled order (:func:`bench_common.rounds_of`), each timed call
+    after ``warmup_s`` of the peer's calls back to back; a peer that cannot run says ``n/a`` and
+    why."""
     rows, started = [], {}
     for peer in peers:
         try:
@@ -288,6 +297,8 @@ def measure_case(peers, B: int, context: int, dtype: str, inputs, repeats: int, 
             rows.append(started[peer].row)
         except RuntimeError as exc:
             rows.append(Row(_case_name(B, context, dtype), peer, B, context, dtype, status="n/a", reason=str(exc)))
+    for p in started.values():
+        warm_up(p.run, 0.0, min_calls=SETTLE_CALLS)
     for _, peer in rounds_of(list(started), repeats):
         if progress is not None:
             progress(B, context, dtype, peer)

@@ -50,6 +50,44 @@ def test_each_peer_is_warmed_up_for_a_time_before_its_timed_calls(monkeypatch):
     assert bench_decode.warm_up(lambda: calls.append(1), 0.0) == 3 == len(calls)
 
 
+def test_a_size_class_explores_before_the_first_round(monkeypatch):
+    """Each peer makes SETTLE_CALLS calls back to back before its first round, so that a size
+    class's first calls — the pool-or-alone choice's exploration: pool, pool, alone, alone — are
+    not timed, however long a call takes against WARMUP_S."""
+    from dotattn.kernels import cpu_decode
+
+    assert bench_decode.SETTLE_CALLS >= 5  # the choice's four exploring calls, then a chosen one
+    log = []
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    monkeypatch.setattr(bench_decode, "_make_peer", lambda peer, *a: lambda: log.append(peer))
+    bench_decode.measure_case(["dotattn", "torch-sdpa"], 1, 300, "float32", (None,) * 3, 2, warmup_s=0.0)
+    assert log[: 2 * bench_decode.SETTLE_CALLS] == ["dotattn"] * bench_decode.SETTLE_CALLS + ["torch-sdpa"] * bench_decode.SETTLE_CALLS
+    assert len(log) == 2 * bench_decode.SETTLE_CALLS + 2 * 2 * (3 + 1)  # then 2 rounds × 2 peers × (3 warm-up + 1 timed)
+
+    # and with the real choice on a fresh class, its exploration (two calls alone) is over when
+    # those first calls end
+    monkeypatch.undo()
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+    counts = [cpu_decode.mode_counts()]
+    warm_up = bench_decode.warm_up
+
+    def counted_warm_up(*args, **kwargs):
+        calls = warm_up(*args, **kwargs)
+        counts.append(cpu_decode.mode_counts())
+        return calls
+
+    monkeypatch.setattr(bench_decode, "warm_up", counted_warm_up)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, bench_decode.HQ, 1, bench_decode.D)).astype(np.float32)
+    kc = rng.standard_normal((1, bench_decode.HKV, 600, bench_decode.D)).astype(np.float32)
+    bench_decode.measure("dotattn", 1, 600, "float32", (q, kc, kc.copy()), 1, warmup_s=0.0)
+    alone, pool = (a - b for a, b in zip(counts[1], counts[0]))  # after the first SETTLE_CALLS calls
+    assert alone >= 2 and alone + pool == bench_decode.SETTLE_CALLS  # (the fifth: the faster mode)
+    assert [c.ran for c in cpu_decode._CHOICES.values()] == [[True, True]]
+
+
 def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
     """Each dotattn row says how many of its timed calls the pool-or-alone choice ran on one
     thread (a row timed alone is one thread's speed: 1 Dec 2026, B8 32k bfloat16)."""
@@ -58,9 +96,10 @@ def test_dotattn_rows_count_their_timed_calls_run_alone(monkeypatch):
     monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)  # tiny calls take the choice's path
     monkeypatch.setattr(cpu_decode, "_CHOICES", {})
-    # three rounds, each three warm-up calls then the timed one; the timed ones: alone (False),
-    # pool (True), alone
-    modes = iter([True] * 3 + [False] + [True] * 3 + [True] + [True] * 3 + [False])
+    # the first SETTLE_CALLS calls, then three rounds, each three warm-up calls then the timed
+    # one; the timed ones: alone (False), pool (True), alone
+    settle = [True] * bench_decode.SETTLE_CALLS
+    modes = iter(settle + [True] * 3 + [False] + [True] * 3 + [True] + [True] * 3 + [False])
     monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: next(modes))
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, bench_decode.HQ, 1, bench_decode.D)).astype(np.float32)

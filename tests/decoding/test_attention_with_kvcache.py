@@ -346,6 +346,37 @@ def test_cpu_parallel_choice_comes_back_to_the_pool_after_a_moment_of_slow_pool_
     assert choice.choose() is True  # the retry, on the next call
 
 
+@pytest.mark.parametrize("alone_t, widening", [(1.9e-9, True), (1.2e-9, False)], ids=["wide", "narrow"])
+def test_cpu_parallel_choice_backs_off_alone_retries_while_the_pool_wins_widely(alone_t, widening):
+    """While the pool wins by WIDE_MARGIN, alone's retries come RETRY calls apart, then twice as far
+    at each retry up to RETRY_ALONE_MAX (one call in 32 at alone's time cost a loop ≈ 2–3 %); by a
+    narrower margin they stay RETRY apart."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice, pool_t = ParallelChoice(), 1e-9
+    modes = []
+    for _ in range(12 * ParallelChoice.RETRY_ALONE_MAX):
+        modes.append(choice.choose())
+        choice.record(modes[-1], pool_t if modes[-1] else alone_t)
+    alone_calls = [i for i, m in enumerate(modes) if not m][2:]  # after the two exploring calls
+    gaps = [b - a for a, b in zip(alone_calls, alone_calls[1:])]
+    R, top = ParallelChoice.RETRY, ParallelChoice.RETRY_ALONE_MAX
+    if widening:
+        doubling = [R * 2**k for k in range(1, 8) if R * 2**k < top]
+        assert gaps[: len(doubling)] == doubling, gaps
+        assert set(gaps[len(doubling):]) == {top}, gaps
+    else:
+        assert set(gaps) == {R}, gaps
+    assert all(modes[i] for i in range(4, len(modes)) if i not in alone_calls)  # every other call: the pool
+    # alone becoming faster sends the class alone at the next retry; the gaps start again at RETRY
+    while modes[-1]:
+        modes.append(choice.choose())
+        choice.record(modes[-1], 5 * pool_t if modes[-1] else alone_t)
+    assert choice.alone_gap == R
+
+
 def test_cpu_decode_mode_counts_add_every_class(monkeypatch):
     from dotattn.kernels import cpu_decode
     from dotattn.kernels.cpu_decode import ParallelChoice

@@ -354,8 +354,9 @@ class ParallelChoice:
     the third alone, then the mode with the lower median of its last :data:`KEEP` times per
     K/V byte — the pool only when it is faster by :data:`POOL_MARGIN` (on an idle machine it
     is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other mode
-    now and then (has the load changed?): alone once every :data:`RETRY` calls while the pool
-    runs; the pool :data:`RETRY_POOL_FIRST` calls after the class went alone, then twice as
+    now and then (has the load changed?): alone :data:`RETRY` calls after the pool took over,
+    then twice as far apart at each retry while the pool stays faster by :data:`WIDE_MARGIN`,
+    up to :data:`RETRY_ALONE_MAX` calls; the pool :data:`RETRY_POOL_FIRST` calls after the class went alone, then twice as
     many calls later at each retry, up to :data:`RETRY` apart — back to the first gap once the
     pool has run RETRY calls in a row (when the class goes alone while the gap is long, the
     pool had lost a few calls before: a busy machine); a retry due on a call after a pause
@@ -384,11 +385,18 @@ class ParallelChoice:
 
     RETRY = 32
     RETRY_POOL_FIRST = 2  # the pool's first retry after the class went alone; doubled up to RETRY
+    # alone's retries while the pool wins by WIDE_MARGIN (its median below this fraction of
+    # alone's): RETRY calls apart, then twice as far at each retry that finds the margin still
+    # wide, up to RETRY_ALONE_MAX; back to RETRY at a narrower margin or a switch.  Every retry
+    # runs a call at alone's time (1.7–2× the pool's on an idle machine): one in 32 cost a
+    # decode loop ≈ 2–3 % (docs/decoding.md, "The decode bench's first row of a size class …")
+    WIDE_MARGIN = 0.7
+    RETRY_ALONE_MAX = 128
     KEEP = 3
     POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
     IDLE_S = 0.02
 
-    __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "next_retry", "retrying", "counts")
+    __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "alone_gap", "next_retry", "retrying", "counts")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
@@ -398,6 +406,7 @@ class ParallelChoice:
         self.idle = False  # this call came after a pause
         self.best = True  # the faster mode by the kept times (True: the pool)
         self.gap = self.RETRY_POOL_FIRST  # calls from a switch to alone, or a pool retry, to the next
+        self.alone_gap = self.RETRY  # calls from an alone retry to the next while the pool wins
         self.next_retry = self.RETRY  # the call number of the next retry
         self.retrying = False  # this call runs the other mode
         self.counts = [0, 0]  # calls run (alone, pool), for ``dotattn bench --shapes decode``
@@ -415,14 +424,17 @@ class ParallelChoice:
         best = _median(pool) < self.POOL_MARGIN * _median(alone)
         if best != self.best:  # the class switched
             self.best = best
+            self.alone_gap = self.RETRY
             self.next_retry = self.calls + (self.RETRY if best else self.gap)
         if self.calls >= self.next_retry and not self.idle:  # (a call after a pause is not timed)
             self.retrying = True
             if best:
-                # alone's retry: the pool has run RETRY calls since it last lost, so a next
-                # switch to alone is likely a moment — its pool retry comes soon again
+                # alone's retry: the pool has run RETRY calls or more since it last lost, so a
+                # next switch to alone is likely a moment — its pool retry comes soon again
                 self.gap = self.RETRY_POOL_FIRST
-                self.next_retry = self.calls + self.RETRY
+                wide = _median(pool) < self.WIDE_MARGIN * _median(alone)
+                self.alone_gap = min(2 * self.alone_gap, self.RETRY_ALONE_MAX) if wide else self.RETRY
+                self.next_retry = self.calls + self.alone_gap
             else:
                 # the pool's retry (when it stays slower, the next comes twice as late: on a
                 # busy machine a lucky pool time brings one pool call, then alone again, and

@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._proc_memory import reset_peak_rss as _reset_peak_rss
+from ._proc_memory import status_kib
 from .bench_common import PAUSE_S, fill_ratios, progress_steps, rounds_of
 
 
@@ -372,25 +374,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident size (``VmHWM``) to the current one; False where the
-    system has no such switch."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _kernel_peak_rss_bytes() > 0
-    except OSError:
-        return False
-
-
-def _kernel_peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class _PeakRss:
     """Peak resident memory of a block, ``peak - baseline`` after.
 
@@ -417,7 +400,7 @@ class _PeakRss:
 
     def __exit__(self, *exc):
         if self._thread is None:
-            self.peak = max(self.peak, _kernel_peak_rss_bytes())
+            self.peak = max(self.peak, status_kib("VmHWM") * 1024)
             return
         self._stop.set()
         self._thread.join()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._proc_memory import reset_peak_rss, status_kib
 from ..api import attention
 from ._ui import console, out_dir, progress
 
@@ -40,13 +41,6 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def naive_peak_bytes(n: int) -> int:
     return NAIVE_MATRICES * n * n * 4
-
-
-def _proc_status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"/proc/self/status has no {field}")
-    return int(match.group(1))
 
 
 def _available_bytes() -> int:
@@ -80,11 +74,10 @@ def measure(fn, *args) -> tuple[float, int, str]:
     (reset through /proc/self/clear_refs where Linux allows it; counts compiled kernels'
     allocations too) and tracemalloc's peak (NumPy's allocations only).
     """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before = _proc_status_kib("VmRSS")
+    if reset_peak_rss():  # VmHWM from the current RSS on
+        before = status_kib("VmRSS")
         method = "RSS high-water mark"
-    except OSError:
+    else:
         before = None
         method = "tracemalloc (NumPy allocations only)"
     tracemalloc.start()
@@ -97,7 +90,7 @@ def measure(fn, *args) -> tuple[float, int, str]:
         tracemalloc.stop()
     peak = traced
     if before is not None:
-        peak = max(peak, (_proc_status_kib("VmHWM") - before) * 1024)
+        peak = max(peak, (status_kib("VmHWM") - before) * 1024)
     del result
     return seconds, peak, method
 

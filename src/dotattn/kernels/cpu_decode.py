@@ -356,8 +356,9 @@ class ParallelChoice:
     is 1.6–1.9× faster; within the noise, alone costs no second thread) — and the other mode
     now and then (has the load changed?): alone :data:`RETRY` calls after the pool took over,
     then twice as far apart at each retry while the pool stays faster by :data:`WIDE_MARGIN`,
-    up to :data:`RETRY_ALONE_MAX` calls; the pool :data:`RETRY_POOL_FIRST` calls after the class went alone, then twice as
-    many calls later at each retry, up to :data:`RETRY` apart — back to the first gap once the
+    up to :data:`RETRY_ALONE_MAX` calls; the pool :data:`RETRY_POOL_FIRST` calls after the
+    class went alone, then twice as many calls later at each retry, up to :data:`RETRY`
+    apart — back to the first gap once the
     pool has run RETRY calls in a row (when the class goes alone while the gap is long, the
     pool had lost a few calls before: a busy machine); a retry due on a call after a pause
     (not timed) waits for the next call.  A retry's time replaces the retried mode's kept
@@ -388,8 +389,8 @@ class ParallelChoice:
     # alone's retries while the pool wins by WIDE_MARGIN (its median below this fraction of
     # alone's): RETRY calls apart, then twice as far at each retry that finds the margin still
     # wide, up to RETRY_ALONE_MAX; back to RETRY at a narrower margin or a switch.  Every retry
-    # runs a call at alone's time (1.7–2× the pool's on an idle machine): one in 32 cost a
-    # decode loop ≈ 2–3 % (docs/decoding.md, "The decode bench's first row of a size class …")
+    # runs a call at alone's time (1.7–2× the pool's on an idle machine): backing off took a B1
+    # 4k loop's time ×0.961–0.969 (docs/decoding.md, "The decode bench's first row of a size class …")
     WIDE_MARGIN = 0.7
     RETRY_ALONE_MAX = 128
     KEEP = 3

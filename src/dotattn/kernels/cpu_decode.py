@@ -358,9 +358,9 @@ class ParallelChoice:
     then twice as far apart at each retry while the pool stays faster by :data:`WIDE_MARGIN`,
     up to :data:`RETRY_ALONE_MAX` calls; the pool :data:`RETRY_POOL_FIRST` calls after the
     class went alone, then twice as many calls later at each retry, up to :data:`RETRY`
-    apart — back to the first gap once the
-    pool has run RETRY calls in a row (when the class goes alone while the gap is long, the
-    pool had lost a few calls before: a busy machine); a retry due on a call after a pause
+    apart — back to the first gap once the pool has run RETRY calls in a row (when the class
+    goes alone while the gap is long, the pool had lost a few calls before: a busy machine);
+    a retry due on a call after a pause
     (not timed) waits for the next call.  A retry's time replaces the retried mode's kept
     times: they were taken before the load changed, if it did.  Races between
     threads calling at once only blur the times.

@@ -270,6 +270,46 @@ def test_cpu_items_on_numba_team_give_the_bits_of_the_pool(monkeypatch):
     H.assert_close_to_reference(on_team[0], out64, naive)
 
 
+def test_cpu_calls_of_pool_only_bytes_run_on_the_pool_without_a_choice(monkeypatch):
+    """A call reading POOL_ONLY_BYTES or more of K/V runs on the pool every time (no size class,
+    so no exploration or retry alone) with the bits of a call the choice ran; smaller calls keep
+    the choice.  ``mode_counts`` counts the pool-only calls as pool calls."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels import cpu_decode
+
+    if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
+        pytest.skip("one core: every call runs on the calling thread")
+    case = C.make_case(10, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+
+    def call():
+        return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
+                                              case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
+
+    chosen = call()  # the size class's first call: on the pool, through its choice
+    assert len(cpu_decode._CHOICES) == 1
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+    monkeypatch.setattr(cpu_decode, "POOL_ONLY_BYTES", 0)
+
+    def no_choice(self):
+        raise AssertionError("a pool-only call consulted the pool-or-alone choice")
+
+    monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", no_choice)
+    ran = []
+    run_items = cpu_decode._run_items
+    monkeypatch.setattr(cpu_decode, "_run_items", lambda pool, *a: (ran.append(pool), run_items(pool, *a))[1])
+    before = cpu_decode.mode_counts()
+    for _ in range(6):  # past the choice's exploration (pool, pool, alone, alone)
+        pooled = call()
+        H.assert_bitwise_equal(pooled[0], chosen[0], name="out")
+        H.assert_bitwise_equal(pooled[1], chosen[1], name="lse")
+    after = cpu_decode.mode_counts()
+    assert ran == [True] * 6 and not cpu_decode._CHOICES
+    assert (after[0] - before[0], after[1] - before[1]) == (0, 6)
+
+
 def test_cpu_parallel_choice_runs_the_faster_mode_and_retries_the_other():
     """Large calls run on the pool or alone by their measured times (same bits either way)."""
     if "cpu" not in BACKENDS:
@@ -384,7 +424,8 @@ def test_cpu_decode_mode_counts_add_every_class(monkeypatch):
     a, b = ParallelChoice(), ParallelChoice()
     a.counts, b.counts = [3, 4], [1, 10]
     monkeypatch.setattr(cpu_decode, "_CHOICES", {(1, 2, False): a, (5, 2, False): b})
-    assert cpu_decode.mode_counts() == (4, 14)
+    monkeypatch.setattr(cpu_decode, "_POOL_ONLY_CALLS", [2])  # calls too large for a choice: on the pool
+    assert cpu_decode.mode_counts() == (4, 16)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, C.BFLOAT16], ids=["float32", "float16", "bfloat16"])

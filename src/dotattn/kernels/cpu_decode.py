@@ -36,6 +36,13 @@ from ._blas import ONE_BLAS_THREAD
 # Below this many bytes of K/V to read, one thread (≈ 200 µs at 20 GB/s) beats a parallel
 # launch; SmolLM2 at a 512-token context reads 0.8 MB per layer, at 4k 6.4 MB.
 PARALLEL_MIN_BYTES = 4 << 20
+# From this many bytes of K/V on, a call runs on the pool without a ParallelChoice: both cores
+# read more than one even when other programs keep every core busy — alternated in one process
+# with three spinning processes on the two cores, alone/pool was 1.61 at 1 GiB and 1.16 at
+# 128 MiB (0.95 at 16 MiB: there the choice still decides), 2 Dec 2026, docs/decoding.md "Large
+# calls always on the pool".  The choice's exploration and retries ran such calls alone at
+# about twice the pool's time (the bench's B8 32k float16 row read 74–79 % of the all-core rate).
+POOL_ONLY_BYTES = 64 << 20
 
 _local = threading.local()
 _executor: ThreadPoolExecutor | None = None
@@ -209,11 +216,15 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         workers = min(_workers(), _numba_threads())
         team = getattr(_local, "team", False)  # parallel items on Numba's team (on_numba_team)
         if workers > 1 and n_items >= 2:
-            key = (nbytes.bit_length(), workers, team)
-            choice = _CHOICES.get(key)
-            if choice is None:
-                choice = _CHOICES[key] = ParallelChoice()
-        pool = choice is not None and choice.choose()
+            if nbytes >= POOL_ONLY_BYTES:
+                pool = True
+                _POOL_ONLY_CALLS[0] += 1
+            else:
+                key = (nbytes.bit_length(), workers, team)
+                choice = _CHOICES.get(key)
+                if choice is None:
+                    choice = _CHOICES[key] = ParallelChoice()
+                pool = choice.choose()
         if pool and not team and USE_PARTNERS:
             _wake_partners(workers - 1)  # decided first: a parked partner wakes while the Python below runs
     if call.k_new is not None:
@@ -316,7 +327,8 @@ def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total:
         for future in futures:
             if not future.cancel():
                 future.result()  # re-raises a worker's exception here
-    choice.record(True, (time.perf_counter() - started) / nbytes)
+    if choice is not None:
+        choice.record(True, (time.perf_counter() - started) / nbytes)
 
 
 @contextlib.contextmanager
@@ -461,9 +473,10 @@ class ParallelChoice:
 
 def mode_counts() -> tuple[int, int]:
     """Calls run (alone, on the pool) so far by the pool-or-alone choices of all size classes
-    (``dotattn bench --shapes decode`` reports each row's)."""
+    and, on the pool, by the calls of :data:`POOL_ONLY_BYTES` or more (``dotattn bench
+    --shapes decode`` reports each row's)."""
     counts = [c.counts for c in list(_CHOICES.values())]
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts) + _POOL_ONLY_CALLS[0]
 
 
 def _median(x: list[float]) -> float:
@@ -472,6 +485,7 @@ def _median(x: list[float]) -> float:
 
 # one choice per (size class: K/V bytes' bit length, thread count); a model's calls share a few
 _CHOICES: dict[tuple[int, int], ParallelChoice] = {}
+_POOL_ONLY_CALLS = [0]  # calls of POOL_ONLY_BYTES or more, run on the pool without a choice
 
 _NO_SLOPES: dict[np.dtype, np.ndarray] = {}
 

@@ -185,7 +185,9 @@ def pack_vt(v32, out32):
     vectors (:func:`_pack_vt_block16`: 32 row loads, the word trick on 16 lanes, two 16 × 16
     transposes in registers, 32 stores of a cache line); else element by element, 32 dims at
     a time (64 output rows of a tile stay in L1).  H4 L4096 D128 / H8 D64 on one thread after a
-    forward call: 2.2–3.0 ms element by element (NumPy's strided copy took 1.1–2.2).
+    forward call: 1.0–1.3 ms in vectors, 2.2–3.0 element by element (NumPy's strided copy took
+    1.1–2.2); whole calls 0.96 (D128), 0.98 (D64), 0.96–0.97 (causal): docs/performance.md,
+    "bfloat16 forward: V's transposing pack in vectors".
 
     Returns whether every value is finite, checked on the bits as they pass (the forward's
     separate check of V took another 0.45–0.5 ms a call): a bfloat16 half ``x`` is NaN or

@@ -16,6 +16,8 @@ sequential sums), so the results are the same bits.
 
 from __future__ import annotations
 
+import functools
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -28,7 +30,8 @@ _VF = ir.VectorType(_F, LANES)
 _VI = ir.VectorType(_I32, LANES)
 _VB = ir.VectorType(ir.IntType(1), LANES)
 
-# exp2_fraction's coefficients (_cpu_primitives), highest degree first
+# exp2_fraction's coefficients (_cpu_primitives), highest degree first: the decode kernels'
+# 2**x (_exp2_vector)
 _EXP2_COEFFS = (
     1.5403530393381606e-4,
     1.3333558146428443e-3,
@@ -38,6 +41,23 @@ _EXP2_COEFFS = (
     0.6931471805599453,
     1.0,
 )
+# exp2_unit's coefficients (_cpu_primitives), highest degree first: the tile passes' 2**x
+# (_exp2_unit_vector)
+EXP2_UNIT_COEFFS = (
+    0.00015345800784416497,
+    0.0013399932067841291,
+    0.009618489071726799,
+    0.05550328642129898,
+    0.24022646248340607,
+    0.6931471824645996,
+    1.0,
+)
+# 2**x is 0 for x ≤ EXP2_ZERO_BELOW (and NaN x): the results kept are 2**n·2**f with n ≥ −125
+# and 2**f ≥ 2**−½, normal, so that vscalefps never underflows (a microcode assist: the
+# bfloat16 pass's masked tiles ran 12× slower, docs/performance.md)
+EXP2_ZERO_BELOW = -125.5
+# the exponent's clamp before the int conversion of the portable form (2**128 overflows already)
+EXP2_TOP = 128.0
 
 
 def _splat(builder, value, vty=_VF):
@@ -71,7 +91,9 @@ def _intrinsic_fn(builder, name, nargs):
 
 
 def _exp2_vector(builder, s, mul_v, sub_v):
-    """``2**(s·mul − sub)`` for exponents ≤ 0, as :func:`_cpu_primitives._exp2_core_f32`."""
+    """``2**(s·mul − sub)`` for exponents ≤ 0, as the decode kernels' ``_exp_row_f32``
+    (``x = n + f``, ``n`` = round(x), the Taylor polynomial of :data:`_EXP2_COEFFS` on
+    ``f ∈ [−½, ½]``, ``n`` added to the exponent bits; 0 for ``x < −126.5`` and NaN)."""
     fma = _intrinsic_fn(builder, "llvm.fma.v16f32", 3)
     floor = _intrinsic_fn(builder, "llvm.floor.v16f32", 1)
     x = builder.call(fma, [s, mul_v, builder.fneg(sub_v)])
@@ -87,6 +109,53 @@ def _exp2_vector(builder, s, mul_v, sub_v):
     bits = builder.add(builder.bitcast(p, _VI), builder.shl(e, ir.Constant(_VI, [23] * LANES)))
     keep = builder.icmp_signed(">", e, ir.Constant(_VI, [-127] * LANES))
     return builder.select(keep, builder.bitcast(bits, _VF), ir.Constant(_VF, [0.0] * LANES))
+
+
+@functools.lru_cache(maxsize=None)
+def has_scalef():
+    """Whether Numba compiles for a CPU with AVX-512 F and DQ (``vscalefps``, ``vreduceps``)."""
+    from numba.core.registry import cpu_target
+
+    features = (getattr(cpu_target.target_context.codegen(), "_tm_features", "") or "").split(",")
+    return "+avx512f" in features and "+avx512dq" in features
+
+
+def _exp2_unit_vector(builder, s, mul_v, sub_v):
+    """``2**(s·mul − sub)``, as :func:`_cpu_primitives._exp2_one` (the same bits): ``x = n + f``
+    with ``n`` = ``x`` rounded to even and ``f = x − n ∈ [−½, ½]`` (exact), ``2**f`` by the
+    polynomial of :data:`EXP2_UNIT_COEFFS`, times ``2**n``; 0 for ``x ≤ −125.5`` and NaN ``x``.
+
+    With AVX-512: ``vreduceps`` gives ``f`` in one µop (round to nearest even; its subtraction
+    is exact, so it is the plain loop's ``x − roundeven(x)``), ``n = x − f`` (exact), and
+    ``vscalefps`` multiplies by ``2**n`` under a zeroing mask (``x > −125.5``): ≈ 11 vector
+    operations against the 16 of the bit-add form (``_exp2_vector``).  Elsewhere the
+    portable form of ``_exp2_one``: ``roundeven``, a subtraction, ``ldexp``, a select.
+    """
+    fma = _intrinsic_fn(builder, "llvm.fma.v16f32", 3)
+    x = builder.call(fma, [s, mul_v, builder.fneg(sub_v)])
+    zero = ir.Constant(_VF, [0.0] * LANES)
+    keep = builder.fcmp_ordered(">", x, _fconst(EXP2_ZERO_BELOW))
+    if has_scalef():
+        i16 = ir.IntType(16)
+        fnty = ir.FunctionType(_VF, [_VF, _I32, _VF, i16, _I32])
+        reduce = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.mask.reduce.ps.512")
+        # imm 8: keep 0 fraction bits, round to nearest even, no precision exception; 4: MXCSR
+        f = builder.call(reduce, [x, ir.Constant(_I32, 8), zero, ir.Constant(i16, -1), ir.Constant(_I32, 4)])
+        n = builder.fsub(x, f)
+    else:
+        n = builder.call(_intrinsic_fn(builder, "llvm.roundeven.v16f32", 1), [x])
+        f = builder.fsub(x, n)
+    p = _fconst(EXP2_UNIT_COEFFS[0])
+    for c in EXP2_UNIT_COEFFS[1:]:
+        p = builder.call(fma, [p, f, _fconst(c)])
+    if has_scalef():
+        fnty = ir.FunctionType(_VF, [_VF, _VF, _VF, i16, _I32])
+        scalef = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.mask.scalef.ps.512")
+        return builder.call(scalef, [p, n, zero, builder.bitcast(keep, i16), ir.Constant(_I32, 4)])
+    top = _fconst(EXP2_TOP)
+    e = builder.fptosi(builder.select(builder.fcmp_ordered("<", n, top), n, top), _VI)
+    ldexp = builder.module.declare_intrinsic("llvm.ldexp", [_VF, _VI], fnty=ir.FunctionType(_VF, [_VF, _VI]))
+    return builder.select(keep, builder.call(ldexp, [p, e]), zero)
 
 
 def _tile_args(context, builder, sig, args):
@@ -167,7 +236,7 @@ def exp2_tile16(typingctx, ST, mul, sub, row_sum, nvec, add_sum, plan):
                 col_bytes = builder.mul(inner.index, ir.Constant(inner.index.type, LANES * 4))
                 ptr = _vector_ptr(builder, data, builder.add(row_off, col_bytes))
                 sub_v = _load(builder, _vector_ptr(builder, sub_data, col_bytes))
-                p = _exp2_vector(builder, _load(builder, ptr), mul_v, sub_v)
+                p = _exp2_unit_vector(builder, _load(builder, ptr), mul_v, sub_v)
                 _store(builder, p, ptr)
                 if with_sum:
                     sum_ptr = _vector_ptr(builder, sum_data, col_bytes)
@@ -222,7 +291,7 @@ def exp2_max_tile16(typingctx, ST, mul, sub, tile_sum, tile_max, nvec, plan):
                     s = _load(builder, ptr)
                     take = builder.or_(builder.fcmp_ordered(">", s, vmax), builder.fcmp_unordered("uno", s, s))
                     vmax = builder.select(take, s, vmax)
-                    p = _exp2_vector(builder, s, mul_v, sub_v)
+                    p = _exp2_unit_vector(builder, s, mul_v, sub_v)
                     _store(builder, p, ptr)
                     vsum = builder.fadd(vsum, p)
                 _store(builder, vmax, max_ptr)

@@ -93,8 +93,8 @@ def test_swiglu(n, f, chunks, seed):
 
 def test_swiglu_at_extreme_gates():
     """SiLU's limits: 0 for very negative gates (no overflow, no NaN), g for very positive ones;
-    ±0, subnormal and huge gates are exact or within float32 rounding.  ``e**x`` below 2**−126
-    (x < −87.3) flushes to 0, as the attention kernels' exp does: an absolute error < 1e-35."""
+    ±0, subnormal and huge gates are exact or within float32 rounding.  ``e**x`` below 2**−125.5
+    (x ≤ −87.0) flushes to 0, as the attention kernels' exp does: an absolute error < 1e-35."""
     gates = np.array([-1e30, -1e4, -200.0, -88.0, -87.0, -20.0, -1.0, -0.0, 0.0, 1e-40, 1e-3, 1.0, 20.0, 100.0, 1e4, 1e30],
                      np.float32)
     gate_up = np.concatenate([gates, np.full_like(gates, 2.0)])[None]

@@ -145,6 +145,7 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
     else:
         n = builder.call(_intrinsic_fn(builder, "llvm.roundeven.v16f32", 1), [x])
         f = builder.fsub(x, n)
+        f = builder.select(builder.fcmp_ordered("==", f, f), f, zero)  # x = +inf: f = 0, as vreduceps
     p = _fconst(EXP2_UNIT_COEFFS[0])
     for c in EXP2_UNIT_COEFFS[1:]:
         p = builder.call(fma, [p, f, _fconst(c)])
@@ -154,7 +155,7 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
         return builder.call(scalef, [p, n, zero, builder.bitcast(keep, i16), ir.Constant(_I32, 4)])
     top = _fconst(EXP2_TOP)
     e = builder.fptosi(builder.select(builder.fcmp_ordered("<", n, top), n, top), _VI)
-    ldexp = builder.module.declare_intrinsic("llvm.ldexp", [_VF, _VI], fnty=ir.FunctionType(_VF, [_VF, _VI]))
+    ldexp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VI]), "llvm.ldexp.v16f32.v16i32")
     return builder.select(keep, builder.call(ldexp, [p, e]), zero)
 
 

@@ -43,6 +43,8 @@ CASES = {
     "bwd64": dict(H=8, L=4096, D=64, causal=False, backward_only=True),
     "bwd128": dict(H=4, L=4096, D=128, causal=False, backward_only=True),
     "bwd-causal": dict(H=8, L=4096, D=64, causal=True, backward_only=True),
+    # SmolLM2-135M's prompt pass: 9 query heads on 3 K/V heads, causal (the grouped forward)
+    "gqa-causal": dict(H=9, Hkv=3, L=4096, D=64, causal=True),
 }
 
 WORKER = r"""
@@ -58,21 +60,23 @@ if kind == "sdpa":
     import torch, torch.nn.functional as F
     torch.set_num_threads(2)
     for name, c in cases.items():
-        q, k, v, do = (torch.randn(1, c["H"], c["L"], c["D"]).to(getattr(torch, dtype)) for _ in range(4))
+        q, k, v, do = (torch.randn(1, h, c["L"], c["D"]).to(getattr(torch, dtype))
+                       for h in (c["H"], c.get("Hkv", c["H"]), c.get("Hkv", c["H"]), c["H"]))
         def run(q=q, k=k, v=v, do=do, c=c):
             if c.get("backward"):
                 qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
                 F.scaled_dot_product_attention(qq, kk, vv, is_causal=c["causal"]).backward(do)
                 return
             with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=c["causal"])
+                F.scaled_dot_product_attention(q, k, v, is_causal=c["causal"], enable_gqa="Hkv" in c)
         calls[name] = run
 else:
     import dotattn
     from dotattn.semantics import BFLOAT16
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, c in cases.items():
-        q, k, v, do = (rng.standard_normal((1, c["H"], c["L"], c["D"]), dtype=np.float32).astype(dt) for _ in range(4))
+        q, k, v, do = (rng.standard_normal((1, h, c["L"], c["D"]), dtype=np.float32).astype(dt)
+                       for h in (c["H"], c.get("Hkv", c["H"]), c.get("Hkv", c["H"]), c["H"]))
         if c.get("backward_only"):
             o, lse = dotattn.attention(q, k, v, causal=c["causal"], return_lse=True, implementation="cpu")
             def run(q=q, k=k, v=v, do=do, c=c, o=o, lse=lse):

@@ -11,7 +11,7 @@ even with one thread, and its OpenMP barrier stalled whole calls on a loaded mac
 items from a shared counter; Numba's thread count (``numba.set_num_threads``, thread-local)
 caps the threads used, so a caller's one-thread block keeps the call on its thread, and a
 :class:`ParallelChoice` per call size runs such calls alone when that has been faster (a busy
-machine).  The
+machine) — below :data:`POOL_ONLY_BYTES`; larger calls always use the pool.  The
 thread count never changes a bit of the result: every work item and merge is the same code,
 each item writes its own part, and parts are merged in a fixed order (tested).
 """

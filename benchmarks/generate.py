@@ -142,7 +142,7 @@ def bench_transformers(model, ids: list[int], new: int, repeats: int, quiet: boo
         assert out.shape[1] == len(ids) + new
         first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt is put before any work
         prefill.append(len(ids) / (first - start))
-        decode.append((new - 1) / (last - first))
+        decode.append((new - 1) / (last - first) if new > 1 else float("nan"))
         busy.append(others(cpu, clock.cpu) / (first - start))
         if not quiet:
             print(f"  transformers {len(ids)}: prefill {prefill[-1]:.1f} tok/s (others' cores {busy[-1]:.2f}), decode {decode[-1]:.2f} tok/s", flush=True)
@@ -152,7 +152,9 @@ def bench_transformers(model, ids: list[int], new: int, repeats: int, quiet: boo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128,
+                        help="new tokens a run (1: the prompt pass only, no decode figures; with many "
+                             "--repeats, the pairs' prefill ratios say how often ours was ahead)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -203,15 +205,23 @@ def main(argv: list[str] | None = None) -> int:
         med = {side: {k: statistics.median(v) for k, v in row[side].items()} for side in ("dotattn", "transformers") if side in row}
         row["median"] = med
         o, p = med["dotattn"], med.get("transformers")
-        fmt = lambda x: f"{x:.1f}" if x is not None else "n/a"  # noqa: E731
+        fmt = lambda x: f"{x:.1f}" if x is not None and x == x else "n/a"  # noqa: E731  (None, NaN: n/a)
         pp, pd = (p["prefill"], p["decode"]) if p else (None, None)
         rp = o["prefill"] / pp if pp else None
-        rd = o["decode"] / pd if pd else None
+        rd = o["decode"] / pd if pd and pd == pd else None
         print(
             f"{n:>7} {args.new:>4} | {fmt(o['prefill']):>16} {fmt(pp):>13} {fmt(rp) + 'x' if rp else 'n/a':>6} | "
             f"{fmt(o['decode']):>15} {fmt(pd):>12} {fmt(rd) + 'x' if rd else 'n/a':>6}",
             flush=True,
         )
+        if p and args.repeats > 1:
+            # Round r's two runs saw the same stretch of load: their ratio, round by round, says
+            # how often ours was ahead, which two medians of a spread-out peer cannot.
+            pairs = [a / b for a, b in zip(row["dotattn"]["prefill"], row["transformers"]["prefill"])]
+            row["prefill_pair_ratios"] = pairs
+            print(f"        prefill ratio by round: median {statistics.median(pairs):.3f}, "
+                  f"{min(pairs):.3f}–{max(pairs):.3f}, ours ahead in {sum(x >= 1.0 for x in pairs)} of {len(pairs)}",
+                  flush=True)
         results["rows"].append(row)
     results["load_after"] = uptime()
     print("tokens/s, medians of", args.repeats, "runs; load after:", results["load_after"])

@@ -12,6 +12,10 @@ follows it)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/generate.py [--lengths 512 4096] [--repeats 3]
 
+``--new 1`` times the prompt pass alone (no decode figures); with many ``--repeats`` it prints
+the prefill ratio round by round (:func:`prefill_pairs`): ``--lengths 512 --new 1 --repeats
+21`` takes ≈ 90 s.
+
 transformers and accelerate are peers for this script only: dotattn never imports them.
 """
 
@@ -149,6 +153,19 @@ def bench_transformers(model, ids: list[int], new: int, repeats: int, quiet: boo
     return {"prefill": prefill, "decode": decode, "others_prefill": busy}
 
 
+def prefill_pairs(ours: list[float], peer: list[float]) -> tuple[list[float], str]:
+    """Round by round, our prefill tok/s over the peer's, and a line saying their median, range
+    and how many rounds ours was ahead.  A round's two runs saw the same stretch of load, so
+    these ratios answer "ahead in every run?", which the ratio of two medians cannot when the
+    peer's own speed spreads by 1.5× within minutes."""
+    if len(ours) != len(peer) or not ours:
+        raise ValueError(f"prefill_pairs: need one peer run per run of ours, got {len(ours)} and {len(peer)}")
+    pairs = [a / b for a, b in zip(ours, peer)]
+    ahead = sum(x >= 1.0 for x in pairs)
+    return pairs, (f"prefill ratio by round: median {statistics.median(pairs):.3f}, "
+                   f"{min(pairs):.3f}–{max(pairs):.3f}, ours ahead in {ahead} of {len(pairs)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
@@ -215,13 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if p and args.repeats > 1:
-            # Round r's two runs saw the same stretch of load: their ratio, round by round, says
-            # how often ours was ahead, which two medians of a spread-out peer cannot.
-            pairs = [a / b for a, b in zip(row["dotattn"]["prefill"], row["transformers"]["prefill"])]
-            row["prefill_pair_ratios"] = pairs
-            print(f"        prefill ratio by round: median {statistics.median(pairs):.3f}, "
-                  f"{min(pairs):.3f}–{max(pairs):.3f}, ours ahead in {sum(x >= 1.0 for x in pairs)} of {len(pairs)}",
-                  flush=True)
+            row["prefill_pair_ratios"], line = prefill_pairs(row["dotattn"]["prefill"], row["transformers"]["prefill"])
+            print("        " + line, flush=True)
         results["rows"].append(row)
     results["load_after"] = uptime()
     print("tokens/s, medians of", args.repeats, "runs; load after:", results["load_after"])

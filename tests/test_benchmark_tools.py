@@ -3,6 +3,7 @@
 ``cpu_ab_trees.py`` warns when the two trees' float32 calls take different product routes
 (a tree without the stored ``f32_route.json`` takes the split-AMX route: 1 Dec's "first-call
 compiled kernels run slower" was that), and says whether both gave the same bits.
+``generate.py`` pairs each of our prompt passes with the peer's of the same round.
 ``cpu_cache_compare.py`` compares two kernel caches' machine code with the names that change
 from process to process normalized.
 """
@@ -74,3 +75,12 @@ def test_cache_compare_finds_a_cache_equal_to_itself():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "DIFFERS: 0" in run.stdout
+
+
+def test_generate_pairs_prefill_runs_round_by_round():
+    gen = _load("generate")
+    pairs, line = gen.prefill_pairs([600.0, 500.0, 700.0], [500.0, 625.0, 700.0])
+    assert pairs == pytest.approx([1.2, 0.8, 1.0])
+    assert "median 1.000" in line and "0.800–1.200" in line and "ours ahead in 2 of 3" in line
+    with pytest.raises(ValueError, match="one peer run per run of ours"):
+        gen.prefill_pairs([600.0], [])

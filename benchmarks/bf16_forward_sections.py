@@ -35,7 +35,7 @@ SECTIONS = ("per query tile: load, pack Q, zero acc", "tile class", "scores (+ m
 
 
 @njit
-def _chunk(q, kp, vp, out, lse, o, T_):  # _cpu_kernels._forward_chunk, one thread, sections timed
+def _chunk(q, kp, vp, out, lse, o, T_, zero_first):  # _cpu_kernels._forward_chunk, one thread, sections timed
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
     Dv, BQ, T = vp.shape[4], o.BQ, lse.dtype
@@ -64,7 +64,9 @@ def _chunk(q, kp, vp, out, lse, o, T_):  # _cpu_kernels._forward_chunk, one thre
         K._load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
         m[:] = -np.inf
         row_sum[:] = 0.0
-        K._zero(acc)
+        fresh = K._fresh_acc(acc, o.amx) and not zero_first  # (zero_first: the loop before 2 Dec 07:50)
+        if not fresh:
+            K._zero(acc)
         c1 = _cycles()
         T_[0] += c1 - c0
         for kb in range(nkb):
@@ -91,9 +93,12 @@ def _chunk(q, kp, vp, out, lse, o, T_):  # _cpu_kernels._forward_chunk, one thre
                 c4 = _cycles()
                 T_[5] += c4 - c3
                 T_[9] += 1
-            K._pv(Pb, vp[b, hk, kb], acc, o.amx, cfg)
+            K._pv(Pb, vp[b, hk, kb], acc, o.amx, cfg, fresh)
+            fresh = False
             T_[6] += _cycles() - c4
         c0 = _cycles()
+        if fresh:
+            K._zero(acc)
         K._store_rows(out, lse, acc, m, row_sum, tsum, b, h, i0, nrows, nr, o.amx)
         T_[7] += _cycles() - c0
 
@@ -102,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=sorted(CASES), nargs="?", default="d128")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ab", action="store_true", help="alternate the loop with the accumulator zeroed per query "
+                        "tile (before 2 Dec 07:50) and the kernel's (the first P·V from tile zeros), random order per round")
     args = parser.parse_args()
     H, D, causal = CASES[args.case]
     rng = np.random.default_rng(0)
@@ -113,14 +120,29 @@ def main() -> None:
     out = np.empty((1, H, 4096, D), dtype=np.uint16)
     lse = np.empty((1, H, 4096), np.float32)
     T_ = np.zeros(10, np.int64)
-    _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_)  # compile, warm
+    _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_, False)  # compile, warm
     kernel_out = cpu._run_forward(call, p, False, True)[0].view(np.uint16)
     assert np.array_equal(kernel_out, out), "the copy's output differs from the kernel's: update its loop"
+    if args.ab:
+        _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_, True)
+        assert np.array_equal(kernel_out, out), "the zeroing loop's output differs"
+        times = {False: [], True: []}
+        rng2 = np.random.default_rng()
+        for _ in range(args.rounds):
+            for z in rng2.permutation([False, True]):
+                t0 = time.perf_counter()
+                _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_, bool(z))
+                times[bool(z)].append(time.perf_counter() - t0)
+        new, old = np.array(times[False]), np.array(times[True])
+        print(f"{args.case}, one thread, load {os.getloadavg()[0]:.2f}, {args.rounds} rounds: zeroed {np.median(old) * 1e3:.2f} ms, "
+              f"fresh {np.median(new) * 1e3:.2f} ms; ratio of medians {np.median(new) / np.median(old):.4f}, "
+              f"median of round ratios {np.median(new / old):.4f}")
+        return
     T_[:] = 0
     walls = []
     for _ in range(args.rounds):
         t0 = time.perf_counter()
-        _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_)
+        _chunk(p.q, p.kp, p.vp, out, lse, p.options, T_, False)
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
     per_round = T_[:8] / args.rounds

@@ -117,7 +117,7 @@ def _values_v(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, order, chunk
     3: dim chunks of ``chunk`` rows outer, query blocks, dim blocks inner."""
     if order == 0:
         for j in range(0, BQ, 32):
-            A._values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, p_ld, c_addr + j * 4, c_ld)
+            A._values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, p_ld, c_addr + j * 4, c_ld, False)
     elif order == 1:
         for i in range(0, Dv, 32):
             for j in range(0, BQ, 32):

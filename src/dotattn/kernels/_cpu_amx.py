@@ -492,15 +492,28 @@ SCORE_CHUNK_BYTES = 16384
 
 
 @njit(cache=_JIT_CACHE, inline="always")
-def _values_block(v_addr, v_ld, Dv, BK, p_addr, p_ld, c_addr, c_ld):
-    """``accᵀ[:, block] += Vᵀ · P[:, block]`` for one 32-query block: P pairs at ``p_addr``,
-    accᵀ's block at ``c_addr``."""
-    for i in range(0, Dv, 32):
-        c = c_addr + i * c_ld
+def _load_or_zero_2x2(c, c_ld, fresh):
+    """C tiles 0–3 from accᵀ's 32 × 32 block at ``c`` — or, ``fresh`` (a query tile's first
+    key tile), tile zeros: the accumulator is then not read, so it needs no zeroing pass."""
+    if fresh:
+        _zero0()
+        _zero1()
+        _zero2()
+        _zero3()
+    else:
         _load0(c, c_ld)
         _load1(c + 64, c_ld)
         _load2(c + 16 * c_ld, c_ld)
         _load3(c + 16 * c_ld + 64, c_ld)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _values_block(v_addr, v_ld, Dv, BK, p_addr, p_ld, c_addr, c_ld, fresh):
+    """``accᵀ[:, block] += Vᵀ · P[:, block]`` for one 32-query block: P pairs at ``p_addr``,
+    accᵀ's block at ``c_addr`` (``= Vᵀ · P[:, block]`` when ``fresh``)."""
+    for i in range(0, Dv, 32):
+        c = c_addr + i * c_ld
+        _load_or_zero_2x2(c, c_ld, fresh)
         _depth_2x2(v_addr + i * v_ld, v_ld, p_addr, p_ld, BK)
         _store_2x2(c, c_ld)
 
@@ -534,35 +547,34 @@ ROWS_OUTER_MAX_DV = 128
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def values_rows_outer(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg):
+def values_rows_outer(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg, fresh=False):
     """:func:`values` (same operands, same bits) with accᵀ's 32-row blocks outer: each block's
     A rows (Vᵀ's 32 dims over BK keys: 16 KiB at BK 256) stay in L1 while P's query blocks
     pass, instead of all of Vᵀ (32–64 KiB) streaming from L2 once per query block.  The
     forward's ``accᵀ += Vᵀ·P``: in the kernel's loop, one thread (``benchmarks/
     bf16_forward_variants.py``, 1 Dec 20:53, load 0.3), 0.88–0.95× the product's time at D 128
     and 0.88 at D 64; at D 256 1.06–1.07 in two of three runs (21:05–21:08, load 1.0): the
-    forward takes it up to Dv :data:`ROWS_OUTER_MAX_DV`."""
+    forward takes it up to Dv :data:`ROWS_OUTER_MAX_DV`.  ``fresh``: ``accᵀ = Vᵀ·P`` (C from
+    tile zeros, accᵀ not read: a query tile's first key tile)."""
     _tile_config(cfg.ctypes.data)
     for i in range(0, Dv, 32):
         for j in range(0, BQ, 32):
             c = c_addr + i * c_ld + j * 4
-            _load0(c, c_ld)
-            _load1(c + 64, c_ld)
-            _load2(c + 16 * c_ld, c_ld)
-            _load3(c + 16 * c_ld + 64, c_ld)
+            _load_or_zero_2x2(c, c_ld, fresh)
             _depth_2x2(v_addr + i * v_ld, v_ld, p_addr + j * 4, p_ld, BK)
             _store_2x2(c, c_ld)
     _tile_release()
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def values(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg):
+def values(v_addr, v_ld, Dv, BK, p_addr, p_ld, BQ, c_addr, c_ld, cfg, fresh=False):
     """``accᵀ (Dv, BQ) += Vᵀ · P`` in float32: Vᵀ rows at ``v_addr`` (``v_ld`` bytes apart, BK
     keys each), P in key pairs (``(BK/2, BQ)`` uint32, rows ``p_ld`` bytes apart), accᵀ rows
-    ``c_ld`` bytes apart.  Dv, BK and BQ multiples of 32."""
+    ``c_ld`` bytes apart.  Dv, BK and BQ multiples of 32.  ``fresh``: ``accᵀ = Vᵀ·P`` (accᵀ
+    not read)."""
     _tile_config(cfg.ctypes.data)
     for j in range(0, BQ, 32):
-        _values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, p_ld, c_addr + j * 4, c_ld)
+        _values_block(v_addr, v_ld, Dv, BK, p_addr + j * 4, p_ld, c_addr + j * 4, c_ld, fresh)
     _tile_release()
 
 

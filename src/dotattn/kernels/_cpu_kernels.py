@@ -62,6 +62,7 @@ from ._cpu_primitives import (
     _lse_natural,
     _load_q,
     _mul_into,
+    _fresh_acc,
     _new_acc,
     _pv,
     _pv_operand,
@@ -627,7 +628,10 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
         _load_q(Qs, Qv, q, b, h, i0, nr, o.amx)
         m[:] = -np.inf
         row_sum[:] = 0.0
-        _zero(acc)
+        # on AMX the first P·V starts the accumulator from tile zeros (no zeroing pass)
+        fresh = _fresh_acc(acc, o.amx)
+        if not fresh:
+            _zero(acc)
         for kb in range(nkb):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
@@ -652,7 +656,10 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             if o.dropout_p > 0.0:
                 _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
             # -- acc += P · V
-            _pv(Pb if in_pb else _pv_operand(ST, Pb, o.amx), vp[b, hk, kb], acc, o.amx, cfg)
+            _pv(Pb if in_pb else _pv_operand(ST, Pb, o.amx), vp[b, hk, kb], acc, o.amx, cfg, fresh)
+            fresh = False
+        if fresh:  # no key tile ran
+            _zero(acc)
         # -- normalize
         _store_rows(out, lse, acc, m, row_sum, tsum, b, h, i0, nrows, nr, o.amx)
     _gemm_threads_end(q, threads)

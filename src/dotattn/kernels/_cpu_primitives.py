@@ -1080,35 +1080,50 @@ def _qk_overload(Kb, Qs, Qv, ST, amx, cfg, wide):
     return lambda Kb, Qs, Qv, ST, amx, cfg, wide: _dots(Kb, Qs, ST, wide)
 
 
-def _pv(P, Vb, acc, amx, cfg):
+def _pv(P, Vb, acc, amx, cfg, fresh=False):
     """``acc += P · Vb`` with ``P`` given transposed, ``(BK, BQ)`` — for bfloat16 operands in
     key pairs (``amx``: ``_cpu_amx.values_rows_outer`` up to Dv 128, else ``values``) or plain (MKL,
-    ``accᵀ += Vᵀ·Pᵀ``)."""
+    ``accᵀ += Vᵀ·Pᵀ``).  ``fresh`` (a query tile's first key tile, taken on AMX only: see
+    :func:`_fresh_acc`): ``acc = P · Vb``, acc not read."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_pv, jit_options={"cache": _JIT_CACHE})
-def _pv_overload(P, Vb, acc, amx, cfg):
+def _pv_overload(P, Vb, acc, amx, cfg, fresh=False):
     if P.dtype == types.uint16:
 
-        def impl(P, Vb, acc, amx, cfg):
+        def impl(P, Vb, acc, amx, cfg, fresh=False):
             accT = acc.T
             VT = Vb.T
             if amx and VT.shape[0] <= _cpu_amx.ROWS_OUTER_MAX_DV:
                 _cpu_amx.values_rows_outer(  # P's pair rows: two of its uint16 rows apart
                     VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
-                    accT.ctypes.data, accT.strides[0], cfg,
+                    accT.ctypes.data, accT.strides[0], cfg, fresh,
                 )
             elif amx:
                 _cpu_amx.values(
                     VT.ctypes.data, VT.strides[0], VT.shape[0], VT.shape[1], P.ctypes.data, 2 * P.strides[0], P.shape[1],
-                    accT.ctypes.data, accT.strides[0], cfg,
+                    accT.ctypes.data, accT.strides[0], cfg, fresh,
                 )
             else:
                 _gemm(VT, P, accT, 1.0)
 
         return impl
-    return lambda P, Vb, acc, amx, cfg: _gemm(P.T, Vb, acc, 1.0)
+    return lambda P, Vb, acc, amx, cfg, fresh=False: _gemm(P.T, Vb, acc, 1.0)
+
+
+def _fresh_acc(acc, amx):
+    """Whether the forward's first :func:`_pv` of a query tile may start the accumulator from
+    zero (``fresh``) instead of the kernel zeroing it first: the transposed bfloat16
+    accumulator on AMX (the tile products then begin from tile zeros).  Else False."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_fresh_acc, jit_options={"cache": _JIT_CACHE})
+def _fresh_acc_overload(acc, amx):
+    if _transposed_acc(acc):
+        return lambda acc, amx: amx
+    return lambda acc, amx: False
 
 
 def _pv_operand(ST, Pb, amx):

@@ -416,7 +416,7 @@ def _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, fuse, amx, plan
     # output of the row 3× the naive softmax's error (Lq 196, Lk 567, D 31; CI, 1 Dec).
     for r in range(m.shape[0]):
         bmax[r] = zero
-    in_pb = _exp2_sum_operand(ST, c2, m_use, bmax, Pb, fuse, amx)
+    in_pb = _exp2_sum_operand(ST, c2, m_use, bmax, Pb, fuse, amx, plan)
     if not in_pb:
         _exp2_shifted_sum(ST, N, c2, m_use, bmax, plan)
     for r in range(m.shape[0]):

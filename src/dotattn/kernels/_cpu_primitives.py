@@ -786,12 +786,13 @@ def _col_max_bf16(ST, out):
 
 
 @njit(cache=_JIT_CACHE)
-def _exp2_sum_bf16_pairs(ST, Pb, mul, sub, row_sum):
+def _exp2_sum_bf16_pairs(ST, Pb, mul, sub, row_sum, plan=_NO_PREFETCH):
     """:func:`_exp2_sum_bf16` writing P in key pairs for the AMX product (``_cpu_amx.values``):
     as uint32, ``Pb[c//2, r] = bf16(P[c, r]) | bf16(P[c+1, r]) << 16``, by
     ``_cpu_amx.exp2_pairs`` (512-bit vectors written out; a NaN score gives a NaN sum).
-    BK even, BQ a multiple of 32 (the AMX path's tiles)."""
-    _exp2_pairs_tile(ST, Pb, mul, sub, row_sum, row_sum, False, _NO_PREFETCH)
+    BK even, BQ a multiple of 32 (the AMX path's tiles).  ``plan``'s lines prefetched (the
+    forward's exact step: the next K/V tiles, as the lazy step)."""
+    _exp2_pairs_tile(ST, Pb, mul, sub, row_sum, row_sum, False, plan)
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -1146,29 +1147,29 @@ def _pv_operand_overload(ST, Pb, amx):
     return lambda ST, Pb, amx: _as_operand(ST, Pb)
 
 
-def _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse, amx):
+def _exp2_sum_operand(ST, c2, m_use, row_sum, Pb, fuse, amx, plan):
     """The forward's ``P = 2^(S·c2 − m_use)`` and ``row_sum += Σ P`` straight into the bfloat16
     operand ``Pb`` (``fuse``: no dropout to apply first; shifts in range; in key pairs with
-    ``amx``): True when done,
+    ``amx``, prefetching ``plan``'s lines as the lazy step does): True when done,
     False (nothing done) for every other case, which :func:`_exp2_shifted_sum` then takes."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_exp2_sum_operand, jit_options={"cache": _JIT_CACHE})
-def _exp2_sum_operand_overload(ST, c2, m_use, row_sum, Pb, fuse, amx):
+def _exp2_sum_operand_overload(ST, c2, m_use, row_sum, Pb, fuse, amx, plan):
     if Pb.dtype == types.uint16:
 
-        def impl_bf16(ST, c2, m_use, row_sum, Pb, fuse, amx):
+        def impl_bf16(ST, c2, m_use, row_sum, Pb, fuse, amx, plan):
             if fuse and _shift_ok(m_use):
                 if amx:
-                    _exp2_sum_bf16_pairs(ST, Pb, c2, m_use, row_sum)
+                    _exp2_sum_bf16_pairs(ST, Pb, c2, m_use, row_sum, plan)
                 else:
                     _exp2_sum_bf16(ST, Pb, c2, m_use, row_sum)
                 return True
             return False
 
         return impl_bf16
-    return lambda ST, c2, m_use, row_sum, Pb, fuse, amx: False
+    return lambda ST, c2, m_use, row_sum, Pb, fuse, amx, plan: False
 
 
 def _exp2_operand(ST, N, c2, lse2, Pb, fuse):

@@ -7,7 +7,11 @@ dots alone and loads alone run near their throughputs, while loads and dots mixe
 1.5–4× the dots alone, and double-buffered operand tiles (1 × 2 blocks, step s + 1's loads
 into tiles step s does not read) did not help (docs/performance.md, "bfloat16 forward: fusing
 the exp pass …").  This host's AMX speed moved 2.5× between runs (dots alone 11.8 at 23:38,
-29.0 at 23:59 on 1 Dec): compare the lines of one run only.
+29.0 at 23:59 on 1 Dec): compare the lines of one run only.  On 2 Dec (07:49, load 0.8) a fast moment had dots alone
+13.0 and the 2 × 2 step 13.0 too (its loads hidden), the scores' pattern with its 4 stores 16–17
+(a store ≈ a dot); twenty minutes earlier (load 1.3) dots 28.6 and the step 56.7: the "load →
+dot switch" cost comes and goes with the host's state (docs/performance.md, "bfloat16 forward:
+the first P·V from tile zeros …").
 
     PYTHONPATH=src .venv/bin/python benchmarks/bf16_amx_tile_micro.py
 """
@@ -135,6 +139,56 @@ def double_buffered_1x2(n, cfg, buf, ld):
     return c / (4 * n)
 
 
+@njit
+def step_2x2_stores(n, cfg, buf, ld):
+    """The D 128 score product's pattern: 4 tile zeros, 4 depth steps (16 loads, 16 dots), 4
+    tile stores (to L1 here; the kernel's Sᵀ lies in L2)."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    c0 = _cycles()
+    for _ in range(n):
+        A._zero0()
+        A._zero1()
+        A._zero2()
+        A._zero3()
+        A._depth_2x2(a, ld, a + 32 * ld, ld, 128)
+        A._store_2x2(a + 64 * ld, ld)
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (16 * n)
+
+
+@njit
+def step_interleaved(n, cfg, buf, ld):
+    """:func:`step_2x2` with each next-step load issued as soon as its tile's last dot is
+    (d046 d256 L6 d147 L4 d357 L5 L7): no gain (2 Dec 07:2x, 55.0 against 56.7)."""
+    A._tile_config(cfg.ctypes.data)
+    a = buf.ctypes.data
+    b = a + 32 * ld
+    A._zero0()
+    A._zero1()
+    A._zero2()
+    A._zero3()
+    A._load4(a, ld)
+    A._load5(a + 16 * ld, ld)
+    A._load6(b, ld)
+    A._load7(b + 64, ld)
+    c0 = _cycles()
+    for _ in range(n):
+        for kk in range(0, 128, 32):
+            A._dot046()
+            A._dot256()
+            A._load6(b + (kk // 2) * ld, ld)
+            A._dot147()
+            A._load4(a + kk * 2, ld)
+            A._dot357()
+            A._load5(a + 16 * ld + kk * 2, ld)
+            A._load7(b + (kk // 2) * ld + 64, ld)
+    c = _cycles() - c0
+    A._tile_release()
+    return c / (16 * n)
+
+
 def main() -> None:
     ok, why = amx_tiles()
     if not ok:
@@ -146,7 +200,7 @@ def main() -> None:
     assert buf.ctypes.data % 64 == 0
     print(f"TSC cycles per dot (per load for loads_only), operands in L1, min / median of 41 runs of 20000 "
           f"steps (the TSC counts time the thread was not running: the minimum is the figure); load {os.getloadavg()[0]:.2f}")
-    fns = (dots_only, loads_only, step_2x2, b_resident, double_buffered_1x2)
+    fns = (dots_only, loads_only, step_2x2, b_resident, double_buffered_1x2, step_2x2_stores, step_interleaved)
     for f in fns:
         f(10, cfg, buf, 256)
     runs = {f.__name__: [] for f in fns}

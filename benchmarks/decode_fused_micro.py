@@ -1,0 +1,125 @@
+"""One-thread micro-benchmark of the fused 16-bit decode pass (docs/decoding.md, issue 9 §2).
+
+Calls ``_fused_simd`` (the ``_fused16`` pass) directly from a Numba loop on the bench's B1 layout
+(Hkv 8 heads of CONTEXT keys, D 128, R = 4 folded query rows, chunks of 256 keys, no next item
+asked for: B1 4k's items), for each FILE (a copy of ``_cpu_decode_kernels.py``, ``new`` = the
+imported one), versions alternated in a random order per round; prints the median and min over
+rounds of ns per key and K/V head (each round: REPS passes over the items), for ``l2`` (one item,
+256 keys, repeated: 128 KB of K/V in L2) and ``l3`` (all CONTEXT/256 × 8 items: B1 4k's 16 MB),
+and whether the versions' outputs agree bit for bit.  Under ``flock /tmp/bench.lock``:
+
+    PYTHONPATH=src python benchmarks/decode_fused_micro.py float16 4096 21 /tmp/old.py new
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+
+import numpy as np
+from numba import njit
+
+from decode_ab import kernel_versions
+
+from dotattn.semantics import BFLOAT16
+
+HKV, D, R, SPLIT = 8, 128, 4, 256
+
+
+def make_runner(m):
+    fused = m._fused_simd
+    stats = m.FUSED_STATS
+
+    @njit(cache=False)
+    def run(q, kflat, vflat, kind, offs, items, reps, s, o, mrow, st, pk, out):
+        n = SPLIT
+        for _ in range(reps):
+            for it in range(items.shape[0]):
+                i = items[it]
+                hk = i // (offs.shape[0] // (HKV * SPLIT))
+                ko = offs[i * n : (i + 1) * n]
+                o[:] = 0.0
+                for r in range(R):
+                    mrow[r] = -np.inf
+                st[:] = 0.0
+                fused(q[hk * R * D : (hk + 1) * R * D], R, D, kflat, kind, ko, n, s, n, vflat, ko, D, o, mrow, st, pk, pk, 0)
+                out[i] += o[0] + o[R * D - 1]
+        return stats
+
+    return run
+
+
+def main() -> None:
+    if len(sys.argv) < 5:
+        print(__doc__)
+        raise SystemExit(2)
+    dt, ctx, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    mods = kernel_versions(sys.argv[4:])
+    d = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
+    kind = 2 if dt == "float16" else 1
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(np.uint16).ravel()
+    v = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(np.uint16).ravel()
+    q = (rng.standard_normal(HKV * R * D, dtype=np.float32) / np.sqrt(D)).astype(np.float32)
+    offs = ((np.arange(HKV)[:, None] * ctx + np.arange(ctx)[None, :]) * D).astype(np.int64).ravel()
+    nitems = HKV * ctx // SPLIT
+    cases = {"l2": (np.zeros(1, np.int64), max(1, 4096 // SPLIT) * 8), "l3": (np.arange(nitems, dtype=np.int64), 1)}
+    runners = {name: make_runner(m) for name, m in mods.items()}
+    bufs = {}
+    for name in mods:
+        st = np.zeros(R * mods[name].FUSED_STATS, np.float32)
+        bufs[name] = (np.zeros(R * SPLIT, np.float32), np.zeros(R * D, np.float32), np.zeros(R, np.float32), st,
+                      np.zeros(1, np.int64))
+    from dotattn.kernels import cpu_decode
+    k4, v4 = k.view(d).reshape(1, HKV, ctx, D), v.view(d).reshape(1, HKV, ctx, D)
+    kflat, kst, _ = cpu_decode._flat(k4, k4)
+    vflat, vst, _ = cpu_decode._flat(v4, v4)
+    q4 = (rng.standard_normal((1, HKV * R, 1, D), dtype=np.float32) * np.float32(D**-0.5))
+    table = np.zeros((1, 1), np.int64)
+    kvlen = np.full(1, ctx, np.int64)
+    slopes = np.zeros((1, 1), np.float32)
+
+    def serial(m):
+        return m.run_serial(q4, kflat, kst, vflat, vst, table, ctx, kind, kvlen, SPLIT, True, -1, -1, 0.0, 1.0, slopes, False, D)
+
+    print("load", open("/proc/loadavg").read().split()[0], "dtype", dt, "ctx", ctx)
+    outs = {}
+    for name, run in runners.items():
+        s, o, mrow, st, pk = bufs[name]
+        for case, (items, reps) in cases.items():
+            run(q, k, v, kind, offs, items, 1, s, o, mrow, st, pk, np.zeros(nitems, np.float64))
+        outs[name] = (o.copy(), serial(mods[name])[0])
+    names = list(mods)
+    same = all(np.array_equal(outs[names[0]][0], outs[x][0]) and np.array_equal(outs[names[0]][1], outs[x][1]) for x in names)
+    jobs = [(c, n) for c in list(cases) + ["run_serial"] for n in names]
+    res = {j: [] for j in jobs}
+    for _ in range(rounds):
+        random.shuffle(jobs)
+        for case, name in jobs:
+            if case == "run_serial":
+                ts = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    serial(mods[name])
+                    ts.append(time.perf_counter() - t)
+                res[(case, name)].append(min(ts) * 1e9 / (HKV * ctx))
+                continue
+            items, reps = cases[case]
+            s, o, mrow, st, pk = bufs[name]
+            out = np.zeros(nitems, np.float64)
+            t = time.perf_counter()
+            runners[name](q, k, v, kind, offs, items, reps, s, o, mrow, st, pk, out)
+            res[(case, name)].append((time.perf_counter() - t) * 1e9 / (reps * len(items) * SPLIT))
+    for case in list(cases) + ["run_serial"]:
+        base = statistics.median(res[(case, names[0] if False else list(mods)[0])])
+        for name in mods:
+            r = res[(case, name)]
+            med = statistics.median(r)
+            print(f"{case:>10} {name:>12}: median {med:6.2f} ns/key/head  min {min(r):6.2f}  x{base / med:.3f}")
+    print("same bits", same, "load", open("/proc/loadavg").read().split()[0])
+
+
+if __name__ == "__main__":
+    main()

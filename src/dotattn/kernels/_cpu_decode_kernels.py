@@ -849,9 +849,6 @@ FUSED_MAX_TREE = True
 FUSED_AHEAD_KEYS = 8
 FUSED_SMALL_V_LOCALITY = 0
 FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
-# keys per online-softmax step of the fused pass: 16, or 32 (two 16-key score blocks, one max
-# test and rescale, then their P·V blocks: PV_SUM_KEYS unchanged)
-FUSED_BLOCK_KEYS = 16
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -1016,73 +1013,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                 pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
             _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
 
-        def softmax_update2(t0, cnt, blast):
-            # softmax_update of a 32-key block: the two 16-score halves' max in one tree, one
-            # test against the running max, P of both halves; the second half read and written
-            # through a mask (lanes past the chunk: nothing read, nothing written)
-            cnt_i = builder.trunc(cnt, _IRI32)
-            valid = builder.icmp_signed("<", lanes, _ir_splat_i32(builder, cnt_i))
-            valid2 = builder.icmp_signed("<", lanes, _ir_splat_i32(builder, builder.sub(cnt_i, ir.Constant(_IRI32, _LANES))))
-            mload = _ir_masked(builder, _V16F)
-            mstore = _ir_masked(builder, _V16F, store=True)
-            c4i = ir.Constant(_IRI32, 4)
-            with cgutils.for_range(builder, R_) as row:
-                r = row.index
-                sp = vptr(sd, builder.add(builder.mul(r, ns_), t0))
-                sp2 = vptr(sd, builder.add(builder.add(builder.mul(r, ns_), t0), c16))
-                sv = builder.select(valid, builder.load(sp, align=4), ninf)
-                sv2 = builder.call(mload, [sp2, c4i, valid2, ninf])
-                sbase = builder.mul(r, ir.Constant(_IRI64, FUSED_STATS))
-                tot_p, part_p, chk_p = (vptr(std, builder.add(sbase, ir.Constant(_IRI64, k))) for k in (0, 16, 32))
-                chk = builder.fadd(builder.select(valid, builder.fmul(sv, zero), zero), builder.select(valid2, builder.fmul(sv2, zero), zero))
-                builder.store(builder.fadd(builder.load(chk_p, align=4), chk), chk_p, align=4)
-                x = builder.select(builder.fcmp_ordered(">", sv2, sv), sv2, sv)
-                for half in (8, 4, 2, 1):
-                    y = builder.shuffle_vector(x, ir.Constant(_V16F, ir.Undefined), ir.Constant(
-                        _V16I32, [(i + half) % _LANES for i in range(_LANES)]))
-                    x = builder.select(builder.fcmp_ordered(">", y, x), y, x)
-                bm = builder.extract_element(x, ir.Constant(_IRI32, 0))
-                mp = builder.gep(md, [r])
-                mo = builder.load(mp)
-                with builder.if_then(builder.fcmp_ordered(">", bm, mo), likely=False):
-                    builder.store(bm, mp)
-                    alpha = _exp2_vector(builder, builder.fmul(builder.fsub(_ir_splat(builder, mo), _ir_splat(builder, bm)), log2e), one, zero)
-                    builder.store(builder.fmul(builder.load(tot_p, align=4), alpha), tot_p, align=4)
-                    builder.store(builder.fmul(builder.load(part_p, align=4), alpha), part_p, align=4)
-                    orow = builder.mul(r, Dv_)
-                    with cgutils.for_range(builder, nvv) as piece:
-                        op = vptr(outd, builder.add(orow, builder.mul(piece.index, c16)))
-                        builder.store(builder.fmul(builder.load(op, align=4), alpha), op, align=4)
-                mv = _ir_splat(builder, builder.load(mp))
-                p = _exp2_vector(builder, builder.fmul(builder.fsub(sv, mv), log2e), one, zero)
-                p2 = _exp2_vector(builder, builder.fmul(builder.fsub(sv2, mv), log2e), one, zero)
-                builder.store(p, sp, align=4)
-                builder.call(mstore, [p2, sp2, c4i, valid2])
-                builder.store(builder.fadd(builder.fadd(builder.load(part_p, align=4), p), p2), part_p, align=4)
-                with builder.if_then(blast):  # every SUM_VECTORS halves the lane sums join the totals
-                    builder.store(builder.fadd(builder.load(tot_p, align=4), builder.load(part_p, align=4)), tot_p, align=4)
-                    builder.store(zero, part_p, align=4)
-
         def emit(variant):
-            if FUSED_BLOCK_KEYS == 32:
-                c32 = ir.Constant(_IRI64, 2 * _LANES)
-                nblk2 = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, 2 * _LANES - 1)), c32)
-                sum_block2 = ir.Constant(_IRI64, SUM_VECTORS // 2)
-                with cgutils.for_range(builder, nblk2) as blk:
-                    t0 = builder.mul(blk.index, c32)
-                    cnt = builder.sub(n_, t0)
-                    cnt = builder.select(builder.icmp_signed("<", cnt, c32), cnt, c32)
-                    halves = builder.sdiv(builder.add(cnt, ir.Constant(_IRI64, _LANES - 1)), c16)
-                    with cgutils.for_range(builder, halves) as h:
-                        scores(variant, builder.add(t0, builder.mul(h.index, c16)))
-                    blast = builder.icmp_signed("==", builder.srem(blk.index, sum_block2), ir.Constant(_IRI64, SUM_VECTORS // 2 - 1))
-                    softmax_update2(t0, cnt, blast)
-                    with cgutils.for_range(builder, halves) as h:
-                        th = builder.mul(h.index, c16)
-                        ch = builder.sub(cnt, th)
-                        ch = builder.select(builder.icmp_signed("<", ch, c16), ch, c16)
-                        pv_block(variant, builder.add(t0, th), ch)
-                return
             with cgutils.for_range(builder, nblk) as blk:
                 t0 = builder.mul(blk.index, c16)
                 cnt = builder.sub(n_, t0)

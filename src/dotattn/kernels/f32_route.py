@@ -15,9 +15,10 @@ of the machine, not only of its instruction set:
 
 So ``dotattn precompile`` (which ``make install`` runs) times both routes on this machine —
 whole forward+backward calls, the routes alternated round by round, medians — and stores the
-faster beside the precompiled kernels, keyed by the CPU (MKL's on a near tie: :data:`SPLIT_MARGIN`).  Every later process reads it once.
-A process's results then depend on the stored choice only: the same bits call after call and
-process after process on this machine.  ``DOTATTN_F32_PRODUCTS`` pins a route whatever is
+faster beside the precompiled kernels, keyed by the CPU (MKL's on a near tie:
+:data:`SPLIT_MARGIN`).  Every later process reads it once.  A process's results then depend
+on the stored choice only: the same bits call after call and process after process on this
+machine.  ``DOTATTN_F32_PRODUCTS`` pins a route whatever is
 stored (``amx``/``amx5``/``mkl``); with no stored choice (a read-only package, another CPU, no
 AMX) the split route stays the default where AMX runs.
 """

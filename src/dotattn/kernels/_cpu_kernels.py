@@ -250,6 +250,31 @@ def _row_intervals(lo, hi, b, i0, nr, j0, BK, period, o):
         hi[r] = top - j0
 
 
+# A PARTIAL tile's keys are trimmed (:func:`_key_extent`) to whole blocks of this many: a
+# multiple of the exp passes' SUM_KEYS (32), so that the forward's row sums add the same
+# blocks of keys (the blocks cut off are all zeros).
+TRIM_KEYS = 32
+
+
+@njit(cache=_JIT_CACHE, _nrt=False)
+def _key_extent(lo, hi, b, i0, nr, j0, BK, o):
+    """``(c0, c1)``: the keys ``j0+c0 … j0+c1−1`` of a key tile that hold every key its query
+    rows ``i0 … i0+nr−1`` may see by lengths, causal and window (:func:`_row_intervals`, into
+    the scratch ``lo``/``hi``, one query tile's rows), rounded out to TRIM_KEYS; the whole tile
+    ``(0, BK)`` when no row sees a key.  Segments, a dense mask and ``mask_mod`` only hide keys
+    inside these intervals (:func:`_mask_tile`), so the keys cut off are masked for every row:
+    their P is 0 and they add nothing to any product."""
+    _row_intervals(lo, hi, b, i0, nr, j0, BK, lo.shape[0], o)
+    c_lo, c_hi = BK, -1
+    for r in range(lo.shape[0]):
+        if lo[r] <= hi[r]:
+            c_lo = min(c_lo, lo[r])
+            c_hi = max(c_hi, hi[r])
+    if c_hi < 0:
+        return 0, BK
+    return c_lo // TRIM_KEYS * TRIM_KEYS, min(BK, (c_hi // TRIM_KEYS + 1) * TRIM_KEYS)
+
+
 @njit(cache=_JIT_CACHE, _nrt=False)
 def _select_intervals(ST, lo, hi):
     """``ST[c, r] = −inf`` outside ``lo[r] ≤ c ≤ hi[r]`` (a branch-free, vectorized select)."""
@@ -335,15 +360,16 @@ def _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, ncols, o):
 
 
 @njit(cache=_JIT_CACHE)
-def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, want_grad, cfg, amx):
+def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, j0, o, lo, hi, G, GM, want_grad, cfg, amx):
     """``ST = K_blk · Q_blkᵀ``, through the score chain (unless simple) and the masks (PARTIAL tiles).
 
-    On AMX (``amx``: the forward's ``o.amx``, the bfloat16 backward's ``o.bwd_amx``) from the
-    packed query tile ``Qv``; elsewhere ``Qv`` is an empty placeholder.
+    ``ST``/``Kb`` are key tile ``kb``'s keys ``j0 …`` (``kb·BK``, or later for a tile trimmed
+    to its rows' keys: :func:`_key_extent`).  On AMX (``amx``: the forward's ``o.amx``, the
+    bfloat16 backward's ``o.bwd_amx``) from the packed query tile ``Qv``; elsewhere ``Qv`` is
+    an empty placeholder.
     """
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
-    j0 = kb * BK
     if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, i0, cfg)):
         _qk(Kb, Qs, Qv, ST, amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
@@ -609,6 +635,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     plan = np.zeros(4, dtype=np.int64)  # what the lazy pass prefetches (_plan_next_tiles)
     prefetch = _prefetch_kv(kp, vp)
+    # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
+    # products; AMX's (bfloat16 on o.amx, float32's split pieces) keep whole tiles
+    trim = not (o.amx or o.split_s)
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -636,27 +665,34 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
+            # -- a PARTIAL tile on MKL's products: only the keys c0 … c1−1 its rows may see
+            j0 = kb * BK
+            c0, c1 = 0, BK
+            if trim and cls == PARTIAL:
+                c0, c1 = _key_extent(lo, hi, b, i0, nr, j0, BK, o)
+            STt, Pbt, Nt, Ut = ST[c0:c1], Pb[c0:c1], N[c0:c1], unused[c0:c1]
+            Kt, Vt = kp[b, hk, kb][c0:c1], vp[b, hk, kb][c0:c1]
             # -- scores of the tile, masked
-            _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, o.amx)
+            _scores(STt, Qs, Qv, Kt, cls, b, h, qb, kb, j0 + c0, o, lo, hi, Ut, Ut, False, cfg, o.amx)
             # -- P = 2^(S − m): against the running shift in one pass when the tile's max
             #    stays within 2^LAZY_LOG2 of it (float32 compute; bfloat16 P straight into
             #    the operand), else online: rescale acc and row_sum to the new max (the
             #    scores recomputed if the lazy pass spoiled them: float32 only)
-            lazy = _lazy_ok(m, Pb, o.dropout_p == 0.0)
+            lazy = _lazy_ok(m, Pbt, o.dropout_p == 0.0)
             in_pb = False
             if prefetch:
                 _plan_next_tiles(plan, kp, vp, b, hk, kb)
-            if lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, Pb, o.amx, plan):
-                in_pb = not _lazy_spoils_scores(Pb)  # bfloat16: P went into the operand
+            if lazy and _lazy_softmax(STt, c2, m, bmax, tsum, row_sum, Pbt, o.amx, plan):
+                in_pb = not _lazy_spoils_scores(Pbt)  # bfloat16: P went into the operand
             else:
-                if lazy and _lazy_spoils_scores(Pb):
-                    _scores(ST, Qs, Qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, o.amx)
-                in_pb = _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, Pb, o.dropout_p == 0.0, o.amx, plan)
+                if lazy and _lazy_spoils_scores(Pbt):
+                    _scores(STt, Qs, Qv, Kt, cls, b, h, qb, kb, j0 + c0, o, lo, hi, Ut, Ut, False, cfg, o.amx)
+                in_pb = _online_softmax(STt, Nt, c2, m, m_use, bmax, row_sum, acc, Pbt, o.dropout_p == 0.0, o.amx, plan)
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
-                _dropout_block(ST, ST, unused, inv_keep, b, h, i0, nr, kb * BK, o)
+                _dropout_block(STt, STt, Ut, inv_keep, b, h, i0, nr, j0 + c0, o)
             # -- acc += P · V
-            _pv(Pb if in_pb else _pv_operand(ST, Pb, o.amx), vp[b, hk, kb], acc, o.amx, cfg, fresh)
+            _pv(Pbt if in_pb else _pv_operand(STt, Pbt, o.amx), Vt, acc, o.amx, cfg, fresh)
             fresh = False
         if fresh:  # no key tile ran
             _zero(acc)
@@ -732,20 +768,26 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
             cls = _tile_class(b, h0, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            Kb = kp[b, hk, kb]
-            _dots(Kb, Qs, ST, wide)
+            # a PARTIAL tile: only the keys c0 … c1−1 its rows may see (_key_extent)
+            j0 = kb * BK
+            c0, c1 = 0, BK
             if cls == PARTIAL:
-                _row_intervals(lo, hi, b, i0, nr, kb * BK, BK, BQ, o)
-                _select_intervals(ST, lo, hi)
+                c0, c1 = _key_extent(lo[:BQ], hi[:BQ], b, i0, nr, j0, BK, o)
+            STt, Nt = ST[c0:c1], N[c0:c1]
+            Kb = kp[b, hk, kb][c0:c1]
+            _dots(Kb, Qs, STt, wide)
+            if cls == PARTIAL:
+                _row_intervals(lo, hi, b, i0, nr, j0 + c0, c1 - c0, BQ, o)
+                _select_intervals(STt, lo, hi)
             # the forward's softmax step: lazy against the running shift, else online
-            lazy = _lazy_ok(m, ST, True)
-            if not (lazy and _lazy_softmax(ST, c2, m, bmax, tsum, row_sum, ST, False, no_plan)):
+            lazy = _lazy_ok(m, STt, True)
+            if not (lazy and _lazy_softmax(STt, c2, m, bmax, tsum, row_sum, STt, False, no_plan)):
                 if lazy:  # the lazy pass spoiled the scores: recompute them
-                    _dots(Kb, Qs, ST, wide)
+                    _dots(Kb, Qs, STt, wide)
                     if cls == PARTIAL:
-                        _select_intervals(ST, lo, hi)
-                _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, acc, ST, False, False, no_plan)
-            _gemm(ST.T, vp[b, hk, kb], acc, 1.0)
+                        _select_intervals(STt, lo, hi)
+                _online_softmax(STt, Nt, c2, m, m_use, bmax, row_sum, acc, STt, False, False, no_plan)
+            _gemm(STt.T, vp[b, hk, kb][c0:c1], acc, 1.0)
         for g in range(G):
             rows = slice(g * BQ, (g + 1) * BQ)
             _write_rows(out, lse, acc[rows], m[rows], row_sum[rows], b, h0 + g, i0, nrows, nr)
@@ -831,6 +873,10 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     # line past their 2·BK / 4·BQ bytes (_cpu_amx.ROW_PAD)
     KT = _aligned_empty(D if bamx else 0, BK + 32 if bamx else 0, q)
     Dp = _aligned_empty(BK // 2 if bamx else 0, BQ + 16 if bamx else 0, np.empty(0, dtype=np.uint32))
+    # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
+    # products; the AMX routes' products (bfloat16 on o.bwd_amx, float32's split pieces) keep
+    # whole tiles: their operands are packed per key tile, in AMX steps of 16/32 keys
+    trim = not (bamx or sa or o.split_s or o.split_dp)
     threads = _gemm_threads_begin(q)
     while True:
         part = _take_task(queue)
@@ -842,7 +888,6 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                 continue
             b, hk, kb = t // (Hkv * nkb), (t // nkb) % Hkv, t % nkb
             j0 = kb * BK
-            ncols = min(BK, o.Lk - j0)
             Kb, Vb = kp[b, hk, kb], vp[b, hk, kb]
             if o.split_in_task:  # this task alone reads its key tile's pieces
                 _split_key_tile(Kb, Vb, KbT, b, hk, kb, o)
@@ -871,47 +916,56 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     Qv, dOv = no_qv, no_qv
                     if bamx:  # the AMX B operands: this query tile's columns of q's and dO's pairs
                         Qv, dOv = o.qv[b, h, 0, :, i0 : i0 + BQ], o.dov[b, h, 0, :, i0 : i0 + BQ]
-                    _scores(ST, Qt, Qv, Kb, cls, b, h, qb, kb, o, lo, hi, G, GM, need_g, cfg, bamx)
+                    # -- a PARTIAL tile on MKL's products: only the keys c0 … c1−1 that one of
+                    #    its rows may see (the others' P is 0: they add nothing to any product)
+                    c0, c1 = 0, BK
+                    if trim and cls == PARTIAL:
+                        c0, c1 = _key_extent(lo, hi, b, i0, nr, j0, BK, o)
+                    STt, dPTt, PdTt, Pbt = ST[c0:c1], dPT[c0:c1], PdT[c0:c1], Pb[c0:c1]
+                    Gt, GMt, Nt, Kt, Vt = G[c0:c1], GM[c0:c1], N[c0:c1], Kb[c0:c1], Vb[c0:c1]
+                    dKt, dVt = dK[c0:c1], dV[c0:c1]
+                    _scores(STt, Qt, Qv, Kt, cls, b, h, qb, kb, j0 + c0, o, lo, hi, Gt, GMt, need_g, cfg, bamx)
                     if sa:
                         _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
                                     dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
                         continue
                     if exact_rows:
-                        _softmax_rows(ST, N, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
+                        _softmax_rows(STt, Nt, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
                         in_pb = False
                     else:
-                        in_pb = _exp2_operand(ST, N, c2, lse2, Pb, fuse)
+                        in_pb = _exp2_operand(STt, Nt, c2, lse2, Pbt, fuse)
                     # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
                     if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
-                        _qk(Vb, dOt, dOv, dPT, bamx, cfg, wide)  # (summed as the scores: see _dots)
-                    P = ST
+                        _qk(Vt, dOt, dOv, dPTt, bamx, cfg, wide)  # (summed as the scores: see _dots)
+                    P = STt
                     if o.dropout_p > 0.0:
-                        _dropout_block(ST, PdT, dPT, inv_keep, b, h, i0, nr, j0, o)
-                        P = PdT
-                    _acc_product(Pb if in_pb else _as_operand(P, Pb), dOt, o.dorows, b, h, i0, dV, bamx, cfg)
+                        _dropout_block(STt, PdTt, dPTt, inv_keep, b, h, i0, nr, j0 + c0, o)
+                        P = PdTt
+                    _acc_product(Pbt if in_pb else _as_operand(P, Pbt), dOt, o.dorows, b, h, i0, dVt, bamx, cfg)
                     # -- dS = P ∘ (dP − Δ) in place of P; chain rule through score_mod (the
                     #    bias's gradient stops here) and softcap
                     if in_pb and bamx:  # rounded in place, from P̃, and in key pairs (dQ's B)
                         _ds_operand_pairs(Pb, dPT, dls, Dp)
                     elif in_pb:
-                        _ds_operand(Pb, dPT, dls)  # rounded in place, from P̃
+                        _ds_operand(Pbt, dPTt, dls)  # rounded in place, from P̃
                     else:
-                        _ds_block(ST, dPT, dls)
+                        _ds_block(STt, dPTt, dls)
                         if HAS_SCORE_MOD:
-                            _mul_into(ST, GM)
-                        if want_dbias:
-                            dbias[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
+                            _mul_into(STt, GMt)
+                        if want_dbias:  # (dbias is zeros outside c0 … c1−1)
+                            nc = min(c1 - c0, o.Lk - j0 - c0)
+                            dbias[b, h, i0 : i0 + nr, j0 + c0 : j0 + c0 + nc] = STt[:nc, :nr].T
                         if o.softcap > 0.0:
-                            _mul_into(ST, G)
+                            _mul_into(STt, Gt)
                     # -- dK += dSᵀ·Q; dQ += dS·K (this part's dQ rows; on AMX dQᵀ's columns)
-                    dS = Pb if in_pb else _as_operand(ST, Pb)
-                    _acc_product(dS, Qt, o.qrows, b, h, i0, dK, bamx, cfg)
+                    dS = Pbt if in_pb else _as_operand(STt, Pbt)
+                    _acc_product(dS, Qt, o.qrows, b, h, i0, dKt, bamx, cfg)
                     if bamx:  # dQᵀ += Kᵀ·dS, the query tile's columns of this part's dQᵀ
                         if not in_pb:
                             _key_pairs(dS, Dp)
                         _dq_product(dS, KT, Dp, dq_parts[chunk, b, h, qb * D : (qb + 1) * D, :BQ], cfg)
                     else:
-                        _gemm(dS.T[:nr], Kb, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
+                        _gemm(dS.T[:nr], Kt, dq_parts[chunk, b, h, i0 : i0 + nr], 1.0)
             # -- write the tile's dK (times scale) and dV
             dkp[b, hk, kb] = dK * o.scale
             dvp[b, hk, kb] = dV
@@ -1218,7 +1272,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, False)
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, kb * BK, o, lo, hi, unused, unused, False, cfg, False)
             _online_softmax(ST, N, c2, m, m_use, bmax, row_sum, no_acc, ST, False, False, no_plan)
         for r in range(BQ):
             lse2[r] = math.log2(row_sum[r]) if (lse2[r] < np.inf and row_sum[r] > 0.0) else np.inf
@@ -1227,7 +1281,7 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, o, lo, hi, unused, unused, False, cfg, False)
+            _scores(ST, Qs, no_qv, kp[b, hk, kb], cls, b, h, qb, kb, kb * BK, o, lo, hi, unused, unused, False, cfg, False)
             _shift_rows(ST, c2, m_use)
             _exp2_shifted(ST, N, one, lse2)
             j0 = kb * BK

@@ -44,6 +44,9 @@ NAME = "cpu"
 EXTRAS = ("score_mod", "mask_mod", "block_mask")
 # The backward does five GEMMs per block to the forward's two: wider key blocks amortize its
 # per-block work better (measured in docs/performance.md).  A block mask's tiles override both.
+# A PARTIAL tile on MKL's products runs only the keys its rows may see (lengths, causal,
+# window; _cpu_kernels._key_extent): a causal diagonal tile whose rows see the first half of
+# its 512 keys computes 256 of them.
 DEFAULT_BACKWARD_BLOCK_SIZE = (256, 512)
 # On the bfloat16 instructions (AMX) the GEMMs cost less and 256-key blocks stay in L2 better:
 # dense H8 L4096 D64 backward, thread time, one process (load 3.5–4): 256×256 290–307 ms,
@@ -88,6 +91,9 @@ DOCUMENT_WIDE_TILE_MAX_EXTRA = 0.02
 # D64, tiles alternated in one process, three runs (load 1.1–1.4): medians 156.0 → 149.0,
 # 156.7 → 152.5, 183.5 → 177.3 ms; D128 and causal no faster (causal 86.0 → 90.0: its
 # diagonal tiles mask twice the keys), so they keep the default (value dims ≤ 64 only).
+# Causal forwards keep 256 × 256 also since PARTIAL tiles compute only the keys their rows see
+# (_cpu_kernels._key_extent, 2 Dec): 256 × 512 over 256 × 256, H8 D64 0.979 / 0.977 / 1.000 /
+# 1.048, H4 D128 0.958 / 1.011 / 1.069 / 1.007 (four runs alternated in one process, load 1.3–1.7).
 DENSE_F32_FORWARD_BLOCK_SIZE = (256, 512)
 # The float32 backward on the split-AMX route (f32_split_route): with all five products at
 # 256 × 512 the tile's pieces (6 bytes an element) pass the 2 MiB L2, at 128 × 256 the split

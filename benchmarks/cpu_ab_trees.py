@@ -45,6 +45,11 @@ CASES = {
     "bwd-causal": dict(H=8, L=4096, D=64, causal=True, backward_only=True),
     # SmolLM2-135M's prompt pass: 9 query heads on 3 K/V heads, causal (the grouped forward)
     "gqa-causal": dict(H=9, Hkv=3, L=4096, D=64, causal=True),
+    # causal with 128 keys more than queries (bottom-right: a 128-key prefix), so the diagonal
+    # falls inside the tiles: PARTIAL tiles whose rows see part of their keys (NumPy API; no
+    # --sdpa peer: SDPA's is_causal aligns Lq ≠ Lk top-left, and its worker times L × L)
+    "causal-prefix": dict(H=8, L=3968, Lk=4096, D=64, causal=True),
+    "bwd-causal-prefix": dict(H=8, L=3968, Lk=4096, D=64, causal=True, backward_only=True),
 }
 
 WORKER = r"""
@@ -75,8 +80,9 @@ else:
     from dotattn.semantics import BFLOAT16
     dt = BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype)
     for name, c in cases.items():
-        q, k, v, do = (rng.standard_normal((1, h, c["L"], c["D"]), dtype=np.float32).astype(dt)
-                       for h in (c["H"], c.get("Hkv", c["H"]), c.get("Hkv", c["H"]), c["H"]))
+        q, k, v, do = (rng.standard_normal((1, h, n, c["D"]), dtype=np.float32).astype(dt)
+                       for h, n in ((c["H"], c["L"]), (c.get("Hkv", c["H"]), c.get("Lk", c["L"])),
+                                    (c.get("Hkv", c["H"]), c.get("Lk", c["L"])), (c["H"], c["L"])))
         if c.get("backward_only"):
             o, lse = dotattn.attention(q, k, v, causal=c["causal"], return_lse=True, implementation="cpu")
             def run(q=q, k=k, v=v, do=do, c=c, o=o, lse=lse):

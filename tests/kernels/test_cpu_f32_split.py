@@ -448,6 +448,18 @@ def test_lse_rounding_fix_is_the_kernels_rounding():
     assert np.all(np.abs(fix - 1.0) <= 2.0**-24 * 128)  # at most half an ulp of |x| < 128, in 2-powers
 
 
+def test_lse_rounding_fix_of_masked_rows_warns_nothing():
+    """Fully masked rows (LSE −inf) and non-finite LSEs get 1 without NumPy's "invalid value"
+    warning (−inf − −inf was computed and then discarded: a warning in every backward of a call
+    with a fully masked row)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fix = cpu.lse_rounding_fix(np.array([-np.inf, np.inf, np.nan, -np.inf], np.float32))
+    assert fix.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
 def test_pieces_buffers_kept_within_the_thread_budget(monkeypatch):
     """Pieces arrays are reused by the next call of the same shape, and what one thread keeps
     between calls stays within SPLIT_BUFFERS_KEPT_BYTES whatever the calls' sizes."""

@@ -1542,7 +1542,8 @@ def lse_rounding_fix(lse: np.ndarray) -> np.ndarray:
     rounded = x.astype(np.float32).astype(np.float64)
     # (rows past 2^20 in base 2 take the kernel's pre-rounded exp pass: _exp2_shifted_f32)
     fixable = np.abs(rounded) < HUGE_SHIFT
-    return np.where(fixable, np.exp2(np.where(fixable, rounded - x, 0.0)), 1.0)
+    # (only where fixable: a fully masked row's −inf − −inf would warn of an invalid value)
+    return np.exp2(np.subtract(rounded, x, out=np.zeros_like(x), where=fixable))
 
 
 def _p_from_tile_softmax(p: Prepared) -> bool:

@@ -45,6 +45,7 @@ CASES = {
     "bwd-causal": dict(H=8, L=4096, D=64, causal=True, backward_only=True),
     # SmolLM2-135M's prompt pass: 9 query heads on 3 K/V heads, causal (the grouped forward)
     "gqa-causal": dict(H=9, Hkv=3, L=4096, D=64, causal=True),
+    "gqa-causal-512": dict(H=9, Hkv=3, L=512, D=64, causal=True),  # ... at its 512-token prompt
     # causal with 128 keys more than queries (bottom-right: a 128-key prefix), so the diagonal
     # falls inside the tiles: PARTIAL tiles whose rows see part of their keys (NumPy API; no
     # --sdpa peer: SDPA's is_causal aligns Lq ≠ Lk top-left, and its worker times L × L)

@@ -424,6 +424,19 @@ def assert_close_to_reference(
         )
 
 
+def assert_forward_backward_close_to_reference(q, k, v, dout, out, lse, grads, **options) -> None:
+    """A backend's ``out``, ``lse`` and ``grads`` (``(dq, dk, dv)``, plus a ``dbias`` already
+    reduced to the bias's shape when ``options`` carry a bias) against the float64 reference:
+    the tolerance rule at 2× naive for the output and LSE, 3× for the gradients."""
+    ref_out, ref_lse = reference(q, k, v, **options)
+    naive_out, naive_lse = naive(q, k, v, **options)
+    assert_close_to_reference(out.astype(q.dtype), ref_out, naive_out, name="out")
+    assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=q.dtype)
+    refs, naives = reference_grads(q, k, v, dout, **options), naive_grads(q, k, v, dout, **options)
+    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), grads, refs, naives):
+        assert_close_to_reference(g.astype(q.dtype), r, n, name=name, factor=3.0, magnitude=4.0)
+
+
 def assert_bitwise_equal(a, b, name: str = "output") -> None:
     """Same shape, dtype and bytes (NaN patterns included)."""
     a, b = np.asarray(a), np.asarray(b)

@@ -55,15 +55,8 @@ def _check_against_reference(q, k, v, tiles, **options):
     rng = np.random.default_rng(7)
     dout = rng.standard_normal(q.shape[:-1] + (v.shape[-1],)).astype(q.dtype)
     out, lse, dq, dk, dv, dbias, call = _run(q, k, v, dout, tiles, **options)
-    ref_out, ref_lse = H.reference(q, k, v, **options)
-    naive_out, naive_lse = H.naive(q, k, v, **options)
-    H.assert_close_to_reference(out.astype(q.dtype), ref_out, naive_out, name="out")
-    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=q.dtype)
-    ref_grads = H.reference_grads(q, k, v, dout, **options)
-    naive_grads = H.naive_grads(q, k, v, dout, **options)
     ours = (dq, dk, dv) + ((semantics.reduce_bias_grad(call, dbias),) if dbias is not None else ())
-    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), ours, ref_grads, naive_grads):
-        H.assert_close_to_reference(g.astype(q.dtype), r, n, name=name, factor=3.0, magnitude=4.0)
+    H.assert_forward_backward_close_to_reference(q, k, v, dout, out, lse, ours, **options)
 
 
 # =================================================================================

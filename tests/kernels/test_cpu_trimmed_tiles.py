@@ -80,21 +80,14 @@ def test_key_extent_holds_every_visible_key_and_no_more_than_a_block(case):
 
 
 def _check(q, k, v, tiles, **options):
-    """cpu forward and backward with ``tiles`` against the float64 reference (the rule of
-    tests/kernels/test_cpu.py: 2× naive for the output, 3× for the gradients)."""
+    """cpu forward and backward with ``tiles`` against the float64 reference
+    (``helpers.assert_forward_backward_close_to_reference``: 2× naive out, 3× gradients)."""
     dout = np.random.default_rng(7).standard_normal(q.shape[:-1] + (v.shape[-1],)).astype(q.dtype)
     call = semantics.normalize(q, k, v, **options)
     out, lse = cpu.forward(call, block_size=tiles)
     grads = cpu.backward(call, out, lse, dout, want_dbias=call.bias is not None, block_size=tiles)
-    ref_out, ref_lse = H.reference(q, k, v, **options)
-    naive_out, naive_lse = H.naive(q, k, v, **options)
-    H.assert_close_to_reference(out.astype(q.dtype), ref_out, naive_out, name="out")
-    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=q.dtype)
-    ref_grads = H.reference_grads(q, k, v, dout, **options)
-    naive_grads = H.naive_grads(q, k, v, dout, **options)
     ours = grads[:3] + ((semantics.reduce_bias_grad(call, grads[3]),) if grads[3] is not None else ())
-    for name, g, r, n in zip(("dq", "dk", "dv", "dbias"), ours, ref_grads, naive_grads):
-        H.assert_close_to_reference(g.astype(q.dtype), r, n, name=name, factor=3.0, magnitude=4.0)
+    H.assert_forward_backward_close_to_reference(q, k, v, dout, out, lse, ours, **options)
     return out, grads
 
 

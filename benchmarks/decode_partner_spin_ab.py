@@ -22,14 +22,9 @@ import time
 
 import numpy as np
 
+from decode_mode_under_load import _spin  # (benchmarks/: the script's own folder)
 from dotattn import bench_decode as bd
 from dotattn.kernels import cpu_decode
-
-
-def _spin(stop):
-    while not stop.is_set():
-        for _ in range(100_000):
-            pass
 
 
 def main() -> None:

@@ -366,7 +366,88 @@ def _copy_modules(dst: nn.Module, src: nn.Module, names: tuple[str, ...]) -> Non
             getattr(dst, name).load_state_dict(getattr(src, name).state_dict())
 
 
-class TransformerEncoderLayer(nn.Module):
+class _TransformerLayer(nn.Module):
+    """What the encoder and decoder layers share: their modules, the feed-forward block and
+    ``from_torch``.
+
+    A layer is the attention blocks named in ``ATTENTIONS`` (each a :class:`MultiHeadAttention`
+    of ``nhead`` heads over ``d_model``), then the feed-forward block; each block has its own
+    norm and residual dropout (``norm1``, ``dropout1``, … in block order).  Modules are named
+    and registered in the order of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``,
+    so parameter lists and state dicts line up with torch's.
+    """
+
+    ATTENTIONS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        *,
+        activation: str | Callable[[Tensor], Tensor] = "relu",
+        norm_first: bool = False,
+        num_kv_heads: int | None = None,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = True,
+        bias: bool = True,
+        implementation: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name in self.ATTENTIONS:
+            setattr(self, name, MultiHeadAttention(
+                d_model, nhead, num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first,
+                implementation=implementation, **factory,
+            ))
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.activation = _activation(activation)
+        for block in self._blocks():
+            setattr(self, f"norm{block}", nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory))
+        for block in self._blocks():
+            setattr(self, f"dropout{block}", nn.Dropout(dropout))
+        self.norm_first = norm_first
+
+    @classmethod
+    def _blocks(cls) -> range:
+        """The blocks' numbers: one per attention, then the feed-forward block."""
+        return range(1, len(cls.ATTENTIONS) + 2)
+
+    def _ff(self, x: Tensor) -> Tensor:
+        """linear1 → activation → dropout → linear2."""
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    @classmethod
+    def from_torch(cls, layer):
+        """A copy of the matching ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+        (weights, norm order, activation)."""
+        ref = layer.linear1.weight
+        new = cls(
+            layer.linear1.in_features,
+            layer.self_attn.num_heads,
+            layer.linear1.out_features,
+            layer.dropout.p,
+            activation=_activation_name(layer.activation),
+            norm_first=layer.norm_first,
+            layer_norm_eps=layer.norm1.eps,
+            batch_first=layer.self_attn.batch_first,
+            bias=layer.linear1.bias is not None,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        for name in cls.ATTENTIONS:
+            setattr(new, name, MultiHeadAttention.from_torch(getattr(layer, name)))
+        _copy_modules(new, layer, ("linear1", "linear2") + tuple(f"norm{block}" for block in cls._blocks()))
+        new.train(layer.training)
+        return new
+
+
+class TransformerEncoderLayer(_TransformerLayer):
     """One Transformer encoder layer: self-attention then a feed-forward block.
 
     Post-norm (``norm_first=False``, the original Transformer)::
@@ -397,42 +478,7 @@ class TransformerEncoderLayer(nn.Module):
     (:class:`MultiHeadAttention`), ``linear1``, ``linear2``, ``norm1``, ``norm2``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        *,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
-        norm_first: bool = False,
-        num_kv_heads: int | None = None,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = True,
-        bias: bool = True,
-        implementation: str | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiHeadAttention(
-            d_model, nhead, num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first,
-            implementation=implementation, **factory,
-        )
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.activation = _activation(activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm_first = norm_first
-
-    def _ff(self, x: Tensor) -> Tensor:
-        """linear1 → activation → dropout → linear2."""
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    ATTENTIONS = ("self_attn",)
 
     def forward(
         self,
@@ -462,30 +508,7 @@ class TransformerEncoderLayer(nn.Module):
             x = self.norm2(x + self.dropout2(self._ff(x)))
         return x
 
-    @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
-        """A copy of an ``nn.TransformerEncoderLayer`` (weights, norm order, activation)."""
-        ref = layer.linear1.weight
-        new = cls(
-            layer.linear1.in_features,
-            layer.self_attn.num_heads,
-            layer.linear1.out_features,
-            layer.dropout.p,
-            activation=_activation_name(layer.activation),
-            norm_first=layer.norm_first,
-            layer_norm_eps=layer.norm1.eps,
-            batch_first=layer.self_attn.batch_first,
-            bias=layer.linear1.bias is not None,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        new.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
-        _copy_modules(new, layer, ("linear1", "linear2", "norm1", "norm2"))
-        new.train(layer.training)
-        return new
-
-
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_TransformerLayer):
     """One Transformer decoder layer: causal self-attention, cross-attention to the encoder's
     output (``memory``), then a feed-forward block.
 
@@ -517,44 +540,7 @@ class TransformerDecoderLayer(nn.Module):
     :class:`MultiHeadAttention`), ``linear1``, ``linear2``, ``norm1``–``norm3``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        *,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
-        norm_first: bool = False,
-        num_kv_heads: int | None = None,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = True,
-        bias: bool = True,
-        implementation: str | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        attn = dict(num_kv_heads=num_kv_heads, bias=bias, dropout=dropout, batch_first=batch_first,
-                    implementation=implementation, **factory)
-        self.self_attn = MultiHeadAttention(d_model, nhead, **attn)
-        self.multihead_attn = MultiHeadAttention(d_model, nhead, **attn)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.activation = _activation(activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm_first = norm_first
-
-    def _ff(self, x: Tensor) -> Tensor:
-        """linear1 → activation → dropout → linear2."""
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+    ATTENTIONS = ("self_attn", "multihead_attn")  # self-attention, then cross-attention
 
     def forward(
         self,
@@ -613,26 +599,3 @@ class TransformerDecoderLayer(nn.Module):
             x = self.norm2(x + y)
             x = self.norm3(x + self.dropout3(self._ff(x)))
         return (x, weights) if need_weights else x
-
-    @classmethod
-    def from_torch(cls, layer: nn.TransformerDecoderLayer) -> "TransformerDecoderLayer":
-        """A copy of an ``nn.TransformerDecoderLayer`` (weights, norm order, activation)."""
-        ref = layer.linear1.weight
-        new = cls(
-            layer.linear1.in_features,
-            layer.self_attn.num_heads,
-            layer.linear1.out_features,
-            layer.dropout.p,
-            activation=_activation_name(layer.activation),
-            norm_first=layer.norm_first,
-            layer_norm_eps=layer.norm1.eps,
-            batch_first=layer.self_attn.batch_first,
-            bias=layer.linear1.bias is not None,
-            device=ref.device,
-            dtype=ref.dtype,
-        )
-        new.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
-        new.multihead_attn = MultiHeadAttention.from_torch(layer.multihead_attn)
-        _copy_modules(new, layer, ("linear1", "linear2", "norm1", "norm2", "norm3"))
-        new.train(layer.training)
-        return new

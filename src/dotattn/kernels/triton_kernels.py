@@ -115,9 +115,10 @@ def _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win
 
 
 @_helper
-def _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn, SLOPES, Hq,
+def _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn, SLOPES, Hq,
             HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """float32 scores of a tile before masking, in the semantics' order, and tanh(s/c) for the softcap."""
+    """float32 scores of a tile in the semantics' order, −inf where ``vis`` hides the pair, and
+    tanh(s/c) for the softcap's gradient."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     th = s  # unused without a softcap
     if HAS_SOFTCAP:
@@ -136,7 +137,7 @@ def _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh,
     if HAS_BIAS:
         # A −inf bias entry hides its key as a mask does, even where the score is NaN or +inf.
         s = tl.where(bias == float("-inf"), float("-inf"), s)
-    return s, th
+    return tl.where(vis, s, float("-inf")), th
 
 
 @_helper
@@ -191,9 +192,10 @@ def _live_dot(a, live, pos, b, SIGNED: tl.constexpr):
 
 
 @_helper
-def _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right,
+def _key_range(row0, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """Key blocks [lo, hi) that rows [row0, row1) can see (row1 ≤ q_len); empty for padded blocks."""
+    """Key blocks [lo, hi) that the query block at ``row0`` can see; empty for padded blocks."""
+    row1 = tl.minimum(row0 + BLOCK_M, q_len)
     lo = row0 * 0
     hi = kv_len + row0 * 0
     if CAUSAL == 1:
@@ -210,15 +212,17 @@ def _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right,
 
 
 @_helper
-def _geometry(GEOM):
-    """A block of a larger problem (``semantics.BlockGeometry``, used by ring attention):
-    ``GEOM`` = int64 [position shift, top-left offset, dropout h0, row0, col0, Hq, Lq, Lk]
-    (zeros and the call's own sizes for a whole problem)."""
-    shift = tl.load(GEOM + 0).to(tl.int32)
-    tl_off = tl.load(GEOM + 1).to(tl.int32)
-    return shift, tl_off, tl.load(GEOM + 2), tl.load(GEOM + 3), tl.load(GEOM + 4), tl.load(GEOM + 5), \
-        tl.load(GEOM + 6), tl.load(GEOM + 7)
+def _query_program(Hq, group):
+    """What a program of grid ``(cdiv(Lq, BLOCK_M), B·Hq)`` works on: its query block, the
+    flat (batch, head) index, the batch, the query head and that head's K/V head."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    return tl.program_id(0), pid_bh, pid_bh // Hq, h, h // group
 
+
+# ``GEOM`` describes a block of a larger problem (``semantics.BlockGeometry``, used by ring
+# attention): int64 [position shift, top-left offset, dropout h0, row0, col0, Hq, Lq, Lk] —
+# zeros and the call's own sizes for a whole problem.
 
 @_helper
 def _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr):
@@ -229,6 +233,82 @@ def _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.const
     if HAS_KVLEN:
         kv_len = tl.load(KVLEN + b).to(tl.int32)
     return q_len, kv_len
+
+
+@_helper
+def _positions(b, QLEN, KVLEN, GEOM, Lq, Lk, HAS_QLEN: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """Batch ``b``'s real lengths and where its queries sit on the key axis: query ``i`` at
+    ``i + off`` (bottom-right, shifted by the block's place in a larger problem), or at
+    ``i + tl_off`` for top-left causality."""
+    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    shift = tl.load(GEOM + 0).to(tl.int32)
+    tl_off = tl.load(GEOM + 1).to(tl.int32)
+    return q_len, kv_len, kv_len - q_len + shift, tl_off
+
+
+@_helper
+def _dropout_origin(GEOM):
+    """Where the block sits in the whole problem's dropout counters: h0, row0, col0, Hq, Lq, Lk."""
+    return tl.load(GEOM + 2), tl.load(GEOM + 3), tl.load(GEOM + 4), tl.load(GEOM + 5), tl.load(GEOM + 6), \
+        tl.load(GEOM + 7)
+
+
+@_helper
+def _dropout_key(seed_key, drop_threshold):
+    """The launch's int64 seed key and keep threshold as the uint64s :func:`_keep` compares."""
+    return seed_key.to(tl.int64).to(tl.uint64, bitcast=True), drop_threshold.to(tl.int64).to(tl.uint64)
+
+
+@_helper
+def _head(PTR, b, h, stride_b, stride_h):
+    """Pointer to head ``h`` of batch ``b`` (int64 offsets: large tensors overflow int32)."""
+    return PTR + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@_helper
+def _load_tile(base, rows, n_rows, stride_row, offs, n_offs, stride_off):
+    """The (len(rows), len(offs)) tile ``base[rows, offs]``; 0 past ``n_rows`` / ``n_offs``
+    (padding is never read, so a NaN there cannot leak)."""
+    return tl.load(base + rows[:, None].to(tl.int64) * stride_row + offs[None, :] * stride_off,
+                   mask=(rows[:, None] < n_rows) & (offs[None, :] < n_offs), other=0.0)
+
+
+@_helper
+def _store_tile(base, rows, n_rows, stride_row, offs, n_offs, stride_off, tile):
+    """Store ``tile`` at ``base[rows, offs]``, rows below ``n_rows`` and offsets below ``n_offs``."""
+    tl.store(base + rows[:, None].to(tl.int64) * stride_row + offs[None, :] * stride_off, tile,
+             mask=(rows[:, None] < n_rows) & (offs[None, :] < n_offs))
+
+
+@_helper
+def _load_lse(LSE, bh, Lq, rows, q_len):
+    """The forward's LSE of ``rows``, with +inf for rows that saw no key (−inf), so that
+    ``exp(s − lse)`` is 0 there and never ``exp(−inf + inf)`` = NaN."""
+    lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@_helper
+def _online_softmax(s, m_i, l_i):
+    """One key tile of the online softmax: the tile's ``p = exp(s − m_new)``, the factor
+    ``alpha`` that rescales what was summed before, the new row sums and maxima."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen no visible key keep m = −inf; 0 stands in so exp() gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@_helper
+def _softmax_results(acc, m_i, l_i):
+    """The rows' output ``acc / l`` and natural-log LSE; 0 and −inf for rows with no visible key."""
+    # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
+    # the test is l ≠ 0, not l > 0.
+    seen = l_i != 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    return out, tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
 
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
@@ -242,51 +322,34 @@ def attn_fwd(
     HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
-    off = kv_len - q_len + shift
+    pid_m, pid_bh, b, h, hk = _query_program(Hq, group)
+    q_len, kv_len, off, tl_off = _positions(b, QLEN, KVLEN, GEOM, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _dropout_origin(GEOM)
+    key, threshold = _dropout_key(seed_key, drop_threshold)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=(rows[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
-    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+    q = _load_tile(_head(Q, b, h, sqb, sqh), rows, q_len, sqm, offs_d, D, sqd)
+    k_base = _head(K, b, hk, skb, skh)
+    v_base = _head(V, b, hk, svb, svh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    row0 = pid_m * BLOCK_M
-    row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lo, hi = _key_range(pid_m * BLOCK_M, q_len, kv_len, off, tl_off, win_left, win_right,
+                        BLOCK_M, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         # Block skipping: tiles no rule lets through (other documents, all-False mask) cost no dot.
         if tl.max(vis.to(tl.int32)) > 0:
-            kv_ok = cols[:, None] < kv_len
-            k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                        mask=kv_ok & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_dv[None, :] * svd,
-                        mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
-            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+            k = _load_tile(k_base, cols, kv_len, skn, offs_d, D, skd)
+            v = _load_tile(v_base, cols, kv_len, svn, offs_dv, Dv, svd)
+            s, th = _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
-            s = tl.where(vis, s, float("-inf"))
             live = s != float("-inf")  # the pairs that take part (NaN scores included)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no visible key keep m = −inf; 0 stands in so exp() gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)  # the sum stays pre-dropout
+            p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)  # the sum l stays pre-dropout
             pos = live
             if DROPOUT:
                 keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
@@ -296,14 +359,8 @@ def attn_fwd(
             acc = tl.where(tl.abs(acc) == float("inf"), acc, acc * alpha[:, None])
             acc = acc + _live_dot(p, live, pos, v, False)
             m_i = m_new
-    # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
-    # the test is l ≠ 0, not l > 0.
-    seen = l_i != 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_dv[None, :] < Dv))
+    out, lse = _softmax_results(acc, m_i, l_i)
+    _store_tile(_head(O, b, h, sob, soh), rows, Lq, som, offs_dv, Dv, sod, out.to(O.dtype.element_ty))
     tl.store(LSE + pid_bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
 
 
@@ -314,18 +371,12 @@ def attn_bwd_delta(
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Δ_i = rowsum(dO ∘ O) − dlse_i, 0 on padded rows (their O/dO are never read)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_m, pid_bh, b, h, _ = _query_program(Hq, 1)
     q_len, _ = _lengths(b, QLEN, QLEN, Lq, Lq, HAS_QLEN, False)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (rows[:, None] < q_len) & (offs_dv[None, :] < Dv)
-    r64 = rows[:, None].to(tl.int64)
-    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + r64 * som + offs_dv[None, :] * sod, mask=ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64 * sdm + offs_dv[None, :] * sdd, mask=ok,
-                 other=0.0)
+    o = _load_tile(_head(O, b, h, sob, soh), rows, q_len, som, offs_dv, Dv, sod)
+    do = _load_tile(_head(DO, b, h, sdb, sdh), rows, q_len, sdm, offs_dv, Dv, sdd)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         # ∂lse_i/∂s_ij = p_ij: an upstream dlse turns dS = P∘(dP − Δ) into P∘(dP − (Δ − dlse)).
@@ -349,20 +400,14 @@ def attn_bwd_dkdv(
     pid_bk = tl.program_id(1)
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
-    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
-    off = kv_len - q_len + shift
+    q_len, kv_len, off, tl_off = _positions(b, QLEN, KVLEN, GEOM, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _dropout_origin(GEOM)
+    key, threshold = _dropout_key(seed_key, drop_threshold)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_ok = cols[:, None] < kv_len
-    c64 = cols[:, None].to(tl.int64)
-    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + c64 * skn + offs_d[None, :] * skd,
-                mask=kv_ok & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + c64 * svn + offs_dv[None, :] * svd,
-                mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
-    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
-    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+    k = _load_tile(_head(K, b, hk, skb, skh), cols, kv_len, skn, offs_d, D, skd)
+    v = _load_tile(_head(V, b, hk, svb, svh), cols, kv_len, svn, offs_dv, Dv, svd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -385,24 +430,19 @@ def attn_bwd_dkdv(
     for g in range(0, group):  # the query heads of this K/V head's group: summed here, never repeated
         h = hk * group + g
         bh = (b * Hq + h).to(tl.int64)
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        q_base = _head(Q, b, h, sqb, sqh)
+        do_base = _head(DO, b, h, sdb, sdh)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                            MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
             if tl.max(vis.to(tl.int32)) > 0:
-                r64 = rows[:, None].to(tl.int64)
-                q_ok = rows[:, None] < q_len
-                q = tl.load(q_base + r64 * sqm + offs_d[None, :] * sqd, mask=q_ok & (offs_d[None, :] < D), other=0.0)
-                do = tl.load(do_base + r64 * sdm + offs_dv[None, :] * sdd, mask=q_ok & (offs_dv[None, :] < Dv),
-                             other=0.0)
-                lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see nothing: p = 0
+                q = _load_tile(q_base, rows, q_len, sqm, offs_d, D, sqd)
+                do = _load_tile(do_base, rows, q_len, sdm, offs_dv, Dv, sdd)
+                lse = _load_lse(LSE, bh, Lq, rows, q_len)
                 delta = tl.load(DELTA + bh * Lq + rows, mask=rows < q_len, other=0.0)
-                s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                s, th = _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                                 SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
-                s = tl.where(vis, s, float("-inf"))
                 live = s != float("-inf")  # pairs that take part; hidden ones never read a value
                 p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)  # a NaN lse stays in the keys it sees
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -418,17 +458,13 @@ def attn_bwd_dkdv(
                 ds = tl.where(live, p * (dp - delta[:, None]), 0.0)  # dS = P ∘ (dP − Δ)
                 if WANT_DBIAS:
                     # Each (head, row, key) belongs to exactly one program: plain stores, no race.
-                    db_ptrs = DBIAS + (bh * Lq + r64) * Lk + cols[None, :]
-                    tl.store(db_ptrs, ds, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+                    _store_tile(DBIAS + bh * Lq * Lk, rows, Lq, Lk, cols, Lk, 1, ds)  # (B·Hq, Lq, Lk)
                 if HAS_SOFTCAP:
                     ds = tl.where(live, ds * (1.0 - th * th), 0.0)  # d(c·tanh(x/c))/dx
                 dk += _live_dot(tl.trans(ds), tl.trans(live), tl.trans(live), q, True)
     dk = dk * scale
-    out_ok = cols[:, None] < Lk
-    tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + c64 * sdkn + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=out_ok & (offs_d[None, :] < D))
-    tl.store(DV + b.to(tl.int64) * sdvb + hk.to(tl.int64) * sdvh + c64 * sdvn + offs_dv[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=out_ok & (offs_dv[None, :] < Dv))
+    _store_tile(_head(DK, b, hk, sdkb, sdkh), cols, Lk, sdkn, offs_d, D, sdkd, dk.to(DK.dtype.element_ty))
+    _store_tile(_head(DV, b, hk, sdvb, sdvh), cols, Lk, sdvn, offs_dv, Dv, sdvd, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'Dv', 'win_left', 'win_right', 'seed_key', 'drop_threshold'])
@@ -443,47 +479,32 @@ def attn_bwd_dq(
     HAS_KVLEN: tl.constexpr, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
-    off = kv_len - q_len + shift
+    pid_m, pid_bh, b, h, hk = _query_program(Hq, group)
+    q_len, kv_len, off, tl_off = _positions(b, QLEN, KVLEN, GEOM, Lq, Lk, HAS_QLEN, HAS_KVLEN)
+    g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _dropout_origin(GEOM)
+    key, threshold = _dropout_key(seed_key, drop_threshold)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    r64 = rows[:, None].to(tl.int64)
-    q_ok = rows[:, None] < q_len
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64 * sqm + offs_d[None, :] * sqd,
-                mask=q_ok & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + r64 * sdm + offs_dv[None, :] * sdd,
-                 mask=q_ok & (offs_dv[None, :] < Dv), other=0.0)
+    q = _load_tile(_head(Q, b, h, sqb, sqh), rows, q_len, sqm, offs_d, D, sqd)
+    do = _load_tile(_head(DO, b, h, sdb, sdh), rows, q_len, sdm, offs_dv, Dv, sdd)
     bh = pid_bh.to(tl.int64)
-    lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse = _load_lse(LSE, bh, Lq, rows, q_len)
     delta = tl.load(DELTA + bh * Lq + rows, mask=rows < q_len, other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    key = seed_key.to(tl.int64).to(tl.uint64, bitcast=True)
-    threshold = drop_threshold.to(tl.int64).to(tl.uint64)
+    k_base = _head(K, b, hk, skb, skh)
+    v_base = _head(V, b, hk, svb, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row0 = pid_m * BLOCK_M
-    row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lo, hi = _key_range(pid_m * BLOCK_M, q_len, kv_len, off, tl_off, win_left, win_right,
+                        BLOCK_M, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         if tl.max(vis.to(tl.int32)) > 0:
-            kv_ok = cols[:, None] < kv_len
-            c64 = cols[:, None].to(tl.int64)
-            k = tl.load(k_base + c64 * skn + offs_d[None, :] * skd, mask=kv_ok & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + c64 * svn + offs_dv[None, :] * svd, mask=kv_ok & (offs_dv[None, :] < Dv), other=0.0)
-            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+            k = _load_tile(k_base, cols, kv_len, skn, offs_d, D, skd)
+            v = _load_tile(v_base, cols, kv_len, svn, offs_dv, Dv, svd)
+            s, th = _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
-            s = tl.where(vis, s, float("-inf"))
             live = s != float("-inf")
             p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -495,8 +516,7 @@ def attn_bwd_dq(
                 ds = tl.where(live, ds * (1.0 - th * th), 0.0)
             dq += _live_dot(ds, live, live, k, True)
     dq = dq * scale
-    tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + r64 * sdqm + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
+    _store_tile(_head(DQ, b, h, sdqb, sdqh), rows, Lq, sdqm, offs_d, D, sdqd, dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=['Hq', 'group', 'Lq', 'Lk', 'D', 'win_left', 'win_right'])
@@ -510,40 +530,27 @@ def attn_weights(
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Pre-dropout probabilities exp(s − lse) into a zeroed (B, Hq, Lq, Lk) float32 W."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    q_len, kv_len = _lengths(b, QLEN, KVLEN, Lq, Lk, HAS_QLEN, HAS_KVLEN)
-    shift, tl_off, g_h0, g_row0, g_col0, g_Hq, g_Lq, g_Lk = _geometry(GEOM)
-    off = kv_len - q_len + shift
+    pid_m, pid_bh, b, h, hk = _query_program(Hq, group)
+    q_len, kv_len, off, tl_off = _positions(b, QLEN, KVLEN, GEOM, Lq, Lk, HAS_QLEN, HAS_KVLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    r64 = rows[:, None].to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + r64 * sqm + offs_d[None, :] * sqd,
-                mask=(rows[:, None] < q_len) & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(_head(Q, b, h, sqb, sqh), rows, q_len, sqm, offs_d, D, sqd)
     bh = pid_bh.to(tl.int64)
-    lse = tl.load(LSE + bh * Lq + rows, mask=rows < q_len, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    row0 = pid_m * BLOCK_M
-    row1 = tl.minimum(row0 + BLOCK_M, q_len)
-    lo, hi = _key_range(row0, row1, q_len, kv_len, off, tl_off, win_left, win_right, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
+    lse = _load_lse(LSE, bh, Lq, rows, q_len)
+    k_base = _head(K, b, hk, skb, skh)
+    lo, hi = _key_range(pid_m * BLOCK_M, q_len, kv_len, off, tl_off, win_left, win_right,
+                        BLOCK_M, BLOCK_N, CAUSAL, HAS_WL, HAS_WR)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win_right,
                        MASK, smb, smh, smm, smn, QSEG, KVSEG, CAUSAL, HAS_WL, HAS_WR, HAS_SEG, HAS_MASK)
         if tl.max(vis.to(tl.int32)) > 0:
-            c64 = cols[:, None].to(tl.int64)
-            k = tl.load(k_base + c64 * skn + offs_d[None, :] * skd,
-                        mask=(cols[:, None] < kv_len) & (offs_d[None, :] < D), other=0.0)
-            s, th = _scores(q, k, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
-                            SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
-            s = tl.where(vis, s, float("-inf"))
+            k = _load_tile(k_base, cols, kv_len, skn, offs_d, D, skd)
+            s, _ = _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn,
+                           SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
             # hidden keys get weight 0 also in a NaN row (exp(−inf − NaN) is NaN)
             p = tl.where(s != float("-inf"), tl.exp(s - lse[:, None]), 0.0)
-            tl.store(W + (bh * Lq + r64) * Lk + cols[None, :], p, mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+            _store_tile(W + bh * Lq * Lk, rows, Lq, Lk, cols, Lk, 1, p)  # W is (B·Hq, Lq, Lk)
 
 
 @triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Lq", "D", "Dv", "page_size", "split", "win_left", "win_right"])
@@ -616,19 +623,9 @@ def decode_split(
         if HAS_WR:
             vis = vis & (dist >= -win_right)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        m_i = m_new
-    # l = 0 only for rows with no visible key; NaN (a NaN input in the row) must stay NaN, so
-    # the test is l ≠ 0, not l > 0.
-    seen = l_i != 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
+    out, lse = _softmax_results(acc, m_i, l_i)
     o_ptrs = (OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + i[:, None].to(tl.int64) * som
               + c.to(tl.int64) * soc + offs_dv[None, :] * sod)
     tl.store(o_ptrs, out, mask=row_ok[:, None] & (offs_dv[None, :] < Dv))

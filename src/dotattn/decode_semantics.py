@@ -50,7 +50,7 @@ SIXTEEN_BIT = (np.dtype(np.float16), BFLOAT16)
 
 
 @dataclass(eq=False)
-class DecodeCall:
+class DecodeCall(semantics.QuerySizes):
     """One validated decode call, in canonical (``bhld``) NumPy views of the caller's memory.
 
     A contiguous cache is described as a paged one with one page per sequence
@@ -82,22 +82,6 @@ class DecodeCall:
     kind: Any = None
 
     @property
-    def B(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def Hq(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def Lq(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def D(self) -> int:
-        return self.q.shape[3]
-
-    @property
     def Hkv(self) -> int:
         return self.k_pages.shape[1]
 
@@ -121,10 +105,6 @@ class DecodeCall:
     def kv_lengths(self) -> np.ndarray:
         """Visible keys per sequence after the append: ``cache_lengths + Lnew``."""
         return self.cache_lengths + self.Lnew
-
-    @property
-    def compute_dtype(self) -> np.dtype:
-        return _F64 if self.dtype == _F64 else _F32
 
 
 # =================================================================================

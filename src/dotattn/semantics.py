@@ -66,8 +66,41 @@ class BlockGeometry:
     Hq: int | None = None  # the full problem's query heads; None = the block's own
 
 
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+class QuerySizes:
+    """The sizes a normalized call reads off its canonical ``q`` ``(B, Hq, Lq, D)``, and the
+    accumulation dtype of its inputs' ``dtype``: shared by :class:`AttentionCall` and
+    ``decode_semantics.DecodeCall``."""
+
+    __slots__ = ()
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+        return _F64 if self.dtype == _F64 else _F32
+
+
 @dataclass(frozen=True, eq=False)
-class AttentionCall:
+class AttentionCall(QuerySizes):
     """One normalized attention call: what every backend consumes.
 
     Arrays are NumPy, canonical layout, leading batch dims flattened to ``B``:
@@ -102,14 +135,6 @@ class AttentionCall:
 
     # ---- sizes -----------------------------------------------------------------
     @property
-    def B(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def Hq(self) -> int:
-        return self.q.shape[1]
-
-    @property
     def Hkv(self) -> int:
         return self.k.shape[1]
 
@@ -119,25 +144,12 @@ class AttentionCall:
         return self.Hq // self.Hkv if self.Hkv else 1
 
     @property
-    def Lq(self) -> int:
-        return self.q.shape[2]
-
-    @property
     def Lk(self) -> int:
         return self.k.shape[2]
 
     @property
-    def D(self) -> int:
-        return self.q.shape[3]
-
-    @property
     def Dv(self) -> int:
         return self.v.shape[3]
-
-    @property
-    def compute_dtype(self) -> np.dtype:
-        """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
 
     # ---- positions -------------------------------------------------------------
     def q_len(self, b: int) -> int:

@@ -168,6 +168,35 @@ class MiniLM:
     def _layer_norm(self, x: np.ndarray, name: str) -> np.ndarray:
         return layer_norm(x, self.w[name + ".weight"], self.w[name + ".bias"], self.eps)
 
+    @staticmethod
+    def _embeddings(w, ids):
+        """The token ids' input states ``(B, L, E)`` from weights ``w`` (NumPy or torch):
+        word + position + token type (all of type 0: one sentence per row)."""
+        return (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][: ids.shape[1]][None]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
+
+    def _attend(self, q, k, v, layout: str, lengths, all_weights: list | None):
+        """One layer's self-attention over the sentences' real tokens (NumPy or torch); with
+        ``all_weights`` a list, the layer's probabilities are appended to it."""
+        result = attention(
+            q,
+            k,
+            v,
+            layout=layout,
+            q_lengths=lengths,
+            kv_lengths=lengths,
+            return_weights=all_weights is not None,
+            implementation=self.implementation,
+        )
+        if all_weights is None:
+            return result
+        ctx, weights = result
+        all_weights.append(weights)
+        return ctx
+
     def forward(self, batch: Batch, *, return_weights: bool = False):
         """Token states ``(B, L, E)`` of the last layer; with ``return_weights`` also a list of
         each layer's attention probabilities ``(B, H, L, L)`` (rows/columns past a sentence's
@@ -205,13 +234,7 @@ class MiniLM:
         def norm(x, name):
             return F.layer_norm(x, (E,), w[name + ".weight"], w[name + ".bias"], self.eps)
 
-        ids = torch.from_numpy(batch.ids)
-        x = (
-            w["embeddings.word_embeddings.weight"][ids]
-            + w["embeddings.position_embeddings.weight"][:L][None]
-            + w["embeddings.token_type_embeddings.weight"][0]
-        )
-        x = norm(x, "embeddings.LayerNorm")  # (B, L, E)
+        x = norm(self._embeddings(w, torch.from_numpy(batch.ids)), "embeddings.LayerNorm")  # (B, L, E)
         lengths = torch.from_numpy(batch.lengths)
         all_weights = []
         for i in range(self.n_layers):
@@ -220,21 +243,7 @@ class MiniLM:
             # and v are then contiguous "bhld" arrays that the kernel reads in place.  As
             # strided "blhd" views, each was copied by NumPy in 128-byte runs (≈ 0.7 ms a call).
             qkv = linear(x, p + "attention.self.qkv").view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4).contiguous()
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            result = attention(
-                q,
-                k,
-                v,
-                q_lengths=lengths,
-                kv_lengths=lengths,
-                return_weights=return_weights,
-                implementation=self.implementation,
-            )
-            if return_weights:
-                ctx, weights = result
-                all_weights.append(weights)
-            else:
-                ctx = result
+            ctx = self._attend(qkv[0], qkv[1], qkv[2], "bhld", lengths, all_weights if return_weights else None)
             ctx = ctx.transpose(1, 2).reshape(B, L, E)  # (B, H, L, Dh) → (B, L, E)
             x = norm(linear(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
             ff = F.gelu(linear(x, p + "intermediate.dense"))  # exact erf form, as BERT's "gelu"
@@ -245,13 +254,7 @@ class MiniLM:
         B, L = batch.ids.shape
         H, E = self.n_heads, self.hidden
         Dh = E // H
-        w = self.w
-        x = (
-            w["embeddings.word_embeddings.weight"][batch.ids]
-            + w["embeddings.position_embeddings.weight"][:L][None]
-            + w["embeddings.token_type_embeddings.weight"][0]
-        )
-        x = self._layer_norm(x, "embeddings.LayerNorm")  # (B, L, E)
+        x = self._layer_norm(self._embeddings(self.w, batch.ids), "embeddings.LayerNorm")  # (B, L, E)
         all_weights = []
         for i in range(self.n_layers):
             p = f"encoder.layer.{i}."
@@ -259,21 +262,7 @@ class MiniLM:
             q = self._linear(x, p + "attention.self.query").reshape(B, L, H, Dh)
             k = self._linear(x, p + "attention.self.key").reshape(B, L, H, Dh)
             v = self._linear(x, p + "attention.self.value").reshape(B, L, H, Dh)
-            result = attention(
-                q,
-                k,
-                v,
-                layout="blhd",
-                q_lengths=batch.lengths,
-                kv_lengths=batch.lengths,
-                return_weights=return_weights,
-                implementation=self.implementation,
-            )
-            if return_weights:
-                ctx, weights = result
-                all_weights.append(weights)
-            else:
-                ctx = result
+            ctx = self._attend(q, k, v, "blhd", batch.lengths, all_weights if return_weights else None)
             ctx = ctx.reshape(B, L, E)
             x = self._layer_norm(self._linear(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
             ff = gelu(self._linear(x, p + "intermediate.dense"))  # (B, L, F)

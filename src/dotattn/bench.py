@@ -39,7 +39,7 @@ import numpy as np
 
 from ._proc_memory import reset_peak_rss as _reset_peak_rss
 from ._proc_memory import status_kib
-from .bench_common import PAUSE_S, fill_ratios, progress_steps, rounds_of
+from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of
 
 
 # =================================================================================
@@ -583,24 +583,16 @@ def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
         ("note", "left"),
     ):
         table.add_column(col, justify=justify, no_wrap=col != "note")
-    last = None
-    for r in rows:
-        if last is not None and r.case != last:
-            table.add_section()
-        last = r.case
-        if r.status != "ok":
-            table.add_row(r.case, r.peer, "n/a", "", "", "", "", r.reason)
-            continue
-        table.add_row(
-            r.case,
-            r.peer,
-            _fmt(r.ms, ".3f" if r.ms is not None and r.ms < 10 else ".1f"),  # tiny calls take µs
-            _fmt(r.gflops, ".1f"),
-            _fmt(r.ratio_vs_sdpa, ".2f"),
-            _fmt(r.first_s, ".2f"),
-            _fmt(r.peak_mib, ".0f"),
-            "",
-        )
+    add_case_rows(table, rows, lambda r: (
+        r.case,
+        r.peer,
+        _fmt(r.ms, ".3f" if r.ms is not None and r.ms < 10 else ".1f"),  # tiny calls take µs
+        _fmt(r.gflops, ".1f"),
+        _fmt(r.ratio_vs_sdpa, ".2f"),
+        _fmt(r.first_s, ".2f"),
+        _fmt(r.peak_mib, ".0f"),
+        "",
+    ))
     console.print(table)
 
 

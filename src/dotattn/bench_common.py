@@ -62,3 +62,18 @@ def progress_steps(total: int, describe: Callable[..., str]) -> Iterator[Callabl
             bar.update(task, advance=1, description=describe(*key))
 
         yield step
+
+
+def add_case_rows(table, rows: list, cells: Callable[[Any], Sequence[str]]) -> None:
+    """Add ``rows`` to a rich ``table`` whose columns start with case and peer and end with a
+    note: a section per case, ``cells(row)`` for a measured row, and ``n/a`` with the reason
+    for a row whose peer could not run the case."""
+    last = None
+    for r in rows:
+        if last is not None and r.case != last:
+            table.add_section()
+        last = r.case
+        if r.status != "ok":
+            table.add_row(r.case, r.peer, "n/a", *[""] * (len(table.columns) - 4), r.reason)
+        else:
+            table.add_row(*cells(r))

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bench_common import PAUSE_S, fill_ratios, progress_steps, rounds_of
+from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of
 
 PEERS = ("dotattn", "dotattn-paged", "torch-sdpa", "dotattn-numpy")
 DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
@@ -375,26 +375,22 @@ def print_table(rows, info) -> None:
     )
     for col in ("case", "peer", "ms", "GB/s", "share", "all-core", "× sdpa", "note"):
         table.add_column(col, justify="left" if col in ("case", "peer", "note") else "right", no_wrap=col != "note")
-    last = None
-    for r in rows:
-        if last is not None and r.case != last:
-            table.add_section()
-        last = r.case
-        if r.status != "ok":
-            table.add_row(r.case, r.peer, "n/a", "", "", "", "", r.reason)
-            continue
+
+    def cells(r):
         note = "" if r.sdpa_bound is None else f"bound on × sdpa {r.sdpa_bound:.2f}"
         if r.alone_calls:  # the choice ran calls on one thread: a busy machine, or a moment of one
             note = f"{r.alone_calls}/{len(r.times_ms)} calls alone (one thread)"
         cpu_ms = sum(r.times_ms) * cores()  # the cores' time during the timed calls
         if r.steal_ms is not None and cpu_ms > 0 and r.steal_ms > STEAL_NOTE_SHARE * cpu_ms:
             note = (note + "; " if note else "") + f"host steal {r.steal_ms:.0f} ms"
-        table.add_row(
+        return (
             r.case, r.peer, f"{r.ms:.2f}", f"{r.gbps:.1f}", f"{r.share_of_bandwidth:.0%}",
             f"{r.share_of_all_cores:.0%}",
             "" if r.ratio_vs_sdpa is None else f"{r.ratio_vs_sdpa:.2f}",
             note,
         )
+
+    add_case_rows(table, rows, cells)
     console.print(table)
     runs = ", ".join(f"{x:.1f}" for x in info["bandwidth_gbps_runs"])
     all_runs = ", ".join(f"{x:.1f}" for x in info["all_cores_gbps_runs"])

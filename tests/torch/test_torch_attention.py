@@ -638,3 +638,32 @@ def test_score_mod_runs_through_the_eager_autograd_function():
     ref = reference_grads(q_np, k_np, v_np, dout, alibi_slopes=slopes)
     for name, g, g_ref in zip(("dq", "dk", "dv"), grads, ref, strict=True):
         assert_close_to_reference(numpy_of(g), g_ref, name=name, dtype=np.float64)
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}], ids=["dense", "causal"])
+def test_bf16_output_with_grad_is_the_kernels_rounding(options):
+    """A bfloat16 call that requires grad gets its output as ``dotattn.attention`` on NumPy
+    arrays and the no-grad path do (``dispatch.run_forward(final=True)``: rounded by the cpu
+    kernel as it writes the rows, the same bits as the float32 output cast afterwards), and its
+    gradients stay within the float64 reference's 2×-naive rule."""
+    from dotattn import semantics
+    from dotattn.kernels import cpu
+
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 300, 64)).astype(BFLOAT16) for _ in range(3))
+    do = rng.standard_normal((1, 2, 300, 64)).astype(BFLOAT16)
+    qt, kt, vt = tensors(q, k, v)
+    out = dotattn.attention(qt, kt, vt, implementation="cpu", **options)
+    with torch.no_grad():
+        out_nograd = dotattn.attention(*tensors(q, k, v, requires_grad=False), implementation="cpu", **options)
+    out_np = dotattn.attention(q, k, v, implementation="cpu", **options)
+    out32, _ = cpu.forward(semantics.normalize(q, k, v, **options))
+    assert out.dtype == torch.bfloat16
+    assert np.array_equal(numpy_of(out).view(np.uint16), numpy_of(out_nograd).view(np.uint16))
+    assert np.array_equal(numpy_of(out).view(np.uint16), out_np.view(np.uint16))
+    assert np.array_equal(numpy_of(out).view(np.uint16), out32.astype(BFLOAT16).view(np.uint16))
+    grads = [numpy_of(g) for g in grads_of(out, (qt, kt, vt), tensors(do, requires_grad=False)[0])]
+    ref = reference_grads(q, k, v, do, **options)
+    nai = naive_grads(q, k, v, do, **options)
+    for g, r, n, name in zip(grads, ref, nai, ("dq", "dk", "dv")):
+        assert_close_to_reference(g, r, n, name=name)

@@ -130,11 +130,20 @@ def main() -> None:
         (cpu, "_zeros_aligned", "bwd dq_parts zeros"),
         (kern, "forward", "fwd kernel"),
         (kern, "backward", "bwd kernel"),
-        (_launch, "run_chunks", "bwd dq sum (run_chunks)"),
+        (np, "zeros", "np.zeros (any)"),
+        (np, "empty", "np.empty (any)"),
         (_cpu_primitives, "_round_to_bf16", "bwd grads rounding"),
     ]
     for mod, attr, name in wrapped:
         setattr(mod, attr, ph.wrap(name, getattr(mod, attr)))
+    chunks = _launch.run_chunks
+
+    def run_chunks(fn, args, nchunks):  # a phase per function run in chunks (the dQ sum, the checks …)
+        return ph.wrap(f"run_chunks: {getattr(fn, '__name__', fn)}", chunks)(fn, args, nchunks)
+
+    run_chunks.__wrapped__ = chunks
+    _launch.run_chunks = run_chunks
+    wrapped.append((_launch, "run_chunks", ""))
     # ``rest``: the call less these (the others are parts of them)
     ph.outer = {"torch: _forward_body", "torch: _backward_body"} if not args.numpy else {"cpu.forward", "cpu.backward"}
     # np.zeros of dK/dV: counted by a wrapper on the module's np (cpu.np is numpy itself)

@@ -624,8 +624,14 @@ def test_backward_amx_operands_packed(B, H, L, X, lens, monkeypatch):
     r = cpu._bf16_row_pairs(x, q_lens, BQ)
     expect = keep[:, :, 0::2].astype(np.uint32) | (keep[:, :, 1::2].astype(np.uint32) << 16)
     assert r.shape == (B, H, 1, nq // 2, X) and np.array_equal(r[:, :, 0], expect)
+    # the backward's four in one hand-off (q and dO: here x and its bits reversed)
+    y = x[..., ::-1].copy()
+    both = cpu._bf16_query_side_pairs(x, y, q_lens, BQ)
+    expect4 = [t, cpu._bf16_pairs_t(y, q_lens, BQ), r, cpu._bf16_row_pairs(y, q_lens, BQ)]
+    assert all(a.ctypes.data % 64 == 0 and a.shape == e.shape and np.array_equal(a, e) for a, e in zip(both, expect4))
     monkeypatch.setattr(_launch, "num_threads", lambda: 1)
     assert np.array_equal(cpu._bf16_pairs_t(x, q_lens, BQ), t) and np.array_equal(cpu._bf16_row_pairs(x, q_lens, BQ), r)
+    assert all(np.array_equal(a, e) for a, e in zip(cpu._bf16_query_side_pairs(x, y, q_lens, BQ), expect4))
 
 
 # --- the fifth product, dQᵀ += Kᵀ·dS on AMX (Kᵀ per task, dS in key pairs from the dS pass) ---

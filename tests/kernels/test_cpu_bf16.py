@@ -390,6 +390,21 @@ def test_v_packed_transposed_from_whole_tiles(D, BK, L):
     assert np.array_equal(short[1].view(np.uint16), expect[1].view(np.uint16))
 
 
+def test_bf16_finiteness_check_on_every_bit_pattern():
+    """``cpu._all_finite`` on bfloat16 (and its uint16 bits): each of the 65,536 patterns alone in
+    a finite array, at the first, a middle and the last place, of a contiguous array and of a
+    strided view — False exactly for NaN and ±inf (exponent bits all ones)."""
+    patterns = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    nonfinite = (patterns & 0x7F80) == 0x7F80
+    base = np.full(48, 0x3F80, dtype=np.uint16)  # 1.0
+    for u, bad in zip(patterns.tolist(), nonfinite.tolist()):
+        for where in (0, 23, 47):
+            base[where] = u
+            assert cpu._all_finite(base) is not bad and cpu._all_finite(base.view(BFLOAT16)) is not bad
+            assert cpu._all_finite(base.reshape(6, 8)[:, ::2]) is not (bad and where % 2 == 0)
+            base[where] = 0x3F80
+
+
 @pytest.mark.parametrize(
     "bits, finite",
     [(None, True), (0x7F80, False), (0xFF80, False), (0x7FC1, False), (0xFFFF, False), (0x7F7F, True), (0xFF7F, True),

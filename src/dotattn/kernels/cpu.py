@@ -927,8 +927,13 @@ def _all_finite(x: np.ndarray) -> bool:
     value then reached the bfloat16 kernels, whose 0·NaN leaked it into rows that never
     see that key), and the bits take one pass instead of a slow bfloat16 sum."""
     if x.dtype == np.uint16 or x.dtype == BFLOAT16:
+        # NaN/±inf are the bits 0x7F80–0x7FFF and 0xFF80–0xFFFF: the largest as uint16 finds the
+        # negative ones, the largest as int16 (where the negative half sorts below 0) the
+        # positive ones — two reads, where masking the sign wrote a temporary and read it again
+        # (0.45 → 0.30 ms for 4 MiB, medians of 41, 2 Dec 13:10; every one of the 65,536
+        # patterns checked in the tests)
         bits = x.view(np.uint16)
-        return bits.size == 0 or int(np.max(bits & np.uint16(0x7FFF))) < 0x7F80
+        return bits.size == 0 or (int(bits.max()) < 0xFF80 and int(bits.view(np.int16).max()) < 0x7F80)
     if x.dtype == np.float32 and x.flags.c_contiguous and x.size:
         # the largest magnitude's bits (_cpu_amx_f32._abs_bits_max: one integer pass, 0.29 ms for
         # 8 MiB against NumPy's sum's ≈ 0.6): below 0x7F800000 when nothing is NaN or ±inf
@@ -1008,10 +1013,10 @@ def _backward_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout, ls
     nchunks = 2 if rows >= 2 and _launch.num_threads() >= 2 else 1
     finite = [] if nchunks == 2 else [checks.pop(0)()]
 
-    def widened(x):  # bfloat16 bits → the float32 they are
+    def widened(x):  # bfloat16 bits → the float32 they are (one pass: the shift widens as it goes)
         if S == np.float32:
             return x
-        return (x.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return np.left_shift(x.view(np.uint16), np.uint32(16), dtype=np.uint32).view(np.float32)
 
     def job(chunk: int, n: int) -> None:
         a, b = rows * chunk // n, rows * (chunk + 1) // n

@@ -257,11 +257,11 @@ TRIM_KEYS = 32
 
 
 @njit(cache=_JIT_CACHE, _nrt=False)
-def _key_extent(lo, hi, b, i0, nr, j0, BK, o):
+def _keys_seen(lo, hi, b, i0, nr, j0, BK, o):
     """``(c0, c1)``: the keys ``j0+c0 … j0+c1−1`` of a key tile that hold every key its query
     rows ``i0 … i0+nr−1`` may see by lengths, causal and window (:func:`_row_intervals`, into
-    the scratch ``lo``/``hi``, one query tile's rows), rounded out to TRIM_KEYS; the whole tile
-    ``(0, BK)`` when no row sees a key.  Segments, a dense mask and ``mask_mod`` only hide keys
+    the scratch ``lo``/``hi``, whose length is the rows' count), rounded out to TRIM_KEYS;
+    ``(0, 0)`` when no row sees a key.  Segments, a dense mask and ``mask_mod`` only hide keys
     inside these intervals (:func:`_mask_tile`), so the keys cut off are masked for every row:
     their P is 0 and they add nothing to any product."""
     _row_intervals(lo, hi, b, i0, nr, j0, BK, lo.shape[0], o)
@@ -271,8 +271,18 @@ def _key_extent(lo, hi, b, i0, nr, j0, BK, o):
             c_lo = min(c_lo, lo[r])
             c_hi = max(c_hi, hi[r])
     if c_hi < 0:
-        return 0, BK
+        return 0, 0
     return c_lo // TRIM_KEYS * TRIM_KEYS, min(BK, (c_hi // TRIM_KEYS + 1) * TRIM_KEYS)
+
+
+@njit(cache=_JIT_CACHE, _nrt=False)
+def _key_extent(lo, hi, b, i0, nr, j0, BK, o):
+    """:func:`_keys_seen` of one query tile's rows (``lo``/``hi`` of BQ), the whole tile
+    ``(0, BK)`` when no row sees a key."""
+    c0, c1 = _keys_seen(lo, hi, b, i0, nr, j0, BK, o)
+    if c1 == 0:
+        return 0, BK
+    return c0, c1
 
 
 @njit(cache=_JIT_CACHE, _nrt=False)
@@ -370,7 +380,7 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, j0, o, lo, hi, G, GM, want_grad, 
     """
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
-    if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, i0, cfg)):
+    if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, 0, i0, cfg)):  # (whole tiles)
         _qk(Kb, Qs, Qv, ST, amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
@@ -378,22 +388,25 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, j0, o, lo, hi, G, GM, want_grad, 
         _mask_tile(ST, lo, hi, b, h, i0, nrows, j0, o)
 
 
-def _split_product(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
-    """``C = A·Bᵀ`` for key tile ``kb`` and the query tile at row ``i0`` of head ``h`` on AMX as
-    split bfloat16 products (``_cpu_amx_f32.product``: ``Sᵀ = K·Qᵀ`` from ``o.kpc``/``o.qpc``,
-    ``dPᵀ = V·dOᵀ`` from ``o.vpc``/``o.dopc``); True when done.  float32 tiles only (the other
+def _split_product(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
+    """``C = A·Bᵀ`` for the keys ``c0 … c0 + C.shape[0] − 1`` of key tile ``kb`` and the
+    ``C.shape[1]`` queries from row ``i0`` of head ``h`` on AMX as split bfloat16 products
+    (``_cpu_amx_f32.product``: ``Sᵀ = K·Qᵀ`` from ``o.kpc``/``o.qpc``, ``dPᵀ = V·dOᵀ`` from
+    ``o.vpc``/``o.dopc``); True when done.  Each element is the same bits whatever part of the
+    tile is computed (the product's order is per element).  float32 tiles only (the other
     dtypes' kernels compile a no-op returning False)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_split_product, jit_options={"cache": _JIT_CACHE})
-def _split_product_overload(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+def _split_product_overload(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
     if C.dtype != types.float32:
-        return lambda a_pieces, b_pieces, C, b, h, kb, i0, cfg: False
+        return lambda a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg: False
 
-    def impl(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+    def impl(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
         hk = h // (b_pieces.shape[1] // a_pieces.shape[1])
-        _cpu_amx_f32.product(a_pieces[b, hk, kb], b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
+        keys = a_pieces[b, hk, kb][:, c0 : c0 + C.shape[0]]
+        _cpu_amx_f32.product(keys, b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
         return True
 
     return impl
@@ -638,6 +651,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
     # products; AMX's (bfloat16 on o.amx, float32's split pieces) keep whole tiles
     trim = not (o.amx or o.split_s)
+    # ... on the split route, PARTIAL tiles whose rows' keys differ enough go in query strips
+    # of o.strip_rows rows (0: never; never with AMX's bfloat16 operands or dropout)
+    strips = o.strip_rows > 0 and not o.amx and o.dropout_p == 0.0
     threads = _gemm_threads_begin(q)
     while True:
         t = _take_task(queue)
@@ -665,8 +681,15 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             cls = _tile_class(b, h, qb, kb, BK, o)
             if cls == SKIP:
                 continue
-            # -- a PARTIAL tile on MKL's products: only the keys c0 … c1−1 its rows may see
+            # -- a PARTIAL tile whose rows see very different keys (a causal diagonal) on the
+            #    split route: in query strips, each with its own keys (_tile_in_strips)
             j0 = kb * BK
+            if cls == PARTIAL and strips and _strips_pay(lo, hi, b, i0, nr, j0, BK, o):
+                _tile_in_strips(ST, N, unused, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo, hi, kp, vp,
+                                b, h, hk, qb, kb, c2, o, cfg, plan, prefetch)
+                fresh = False
+                continue
+            # -- a PARTIAL tile on MKL's products: only the keys c0 … c1−1 its rows may see
             c0, c1 = 0, BK
             if trim and cls == PARTIAL:
                 c0, c1 = _key_extent(lo, hi, b, i0, nr, j0, BK, o)
@@ -699,6 +722,95 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
         # -- normalize
         _store_rows(out, lse, acc, m, row_sum, tsum, b, h, i0, nrows, nr, o.amx)
     _gemm_threads_end(q, threads)
+
+
+# A PARTIAL tile goes in query strips only when the strips' keys × rows come to at most
+# STRIP_WORK of the tile's own trimmed extent × BQ: a causal diagonal tile in strips of 64 rows
+# computes 640 × 64 of its 256 × 256 scores (0.625); tiles whose rows all see the same keys
+# (a ragged last key tile, key lengths) stay whole, with the same bits as before.
+STRIP_WORK = 0.75
+
+
+@njit(cache=_JIT_CACHE, _nrt=False)
+def _strips_pay(lo, hi, b, i0, nr, j0, BK, o):
+    """Whether a PARTIAL forward tile (query rows ``i0 … i0+nr−1``, keys from ``j0``) is
+    worth computing in strips of ``o.strip_rows`` query rows (:data:`STRIP_WORK`)."""
+    BQ, RS = lo.shape[0], o.strip_rows
+    c0, c1 = _keys_seen(lo, hi, b, i0, nr, j0, BK, o)
+    work = 0
+    for r0 in range(0, nr, RS):
+        rs = min(RS, BQ - r0)
+        s0, s1 = _keys_seen(lo[:rs], hi[:rs], b, i0 + r0, min(rs, nr - r0), j0, BK, o)
+        work += (s1 - s0) * rs
+    return work <= STRIP_WORK * (c1 - c0) * BQ
+
+
+def _strip(buf, rows, cols):
+    """The first ``rows × cols`` elements of a C-ordered tile buffer as a C-ordered ``(rows,
+    cols)`` array (a strip's scores, exponents, P): its rows packed, so the tile passes and
+    products take it as they take a whole tile."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_strip, jit_options={"cache": _JIT_CACHE})
+def _strip_overload(buf, rows, cols):
+    if buf.layout != "C":  # the padded bfloat16 buffers (never in strips: o.amx)
+        return lambda buf, rows, cols: buf[:rows, :cols]
+    return lambda buf, rows, cols: buf.reshape(buf.size)[: rows * cols].reshape((rows, cols))
+
+
+@njit(cache=_JIT_CACHE)
+def _strip_scores(STs, Qs, Qv, U, b, h, hk, kb, kp, j0, c0, i0, nrows, lo, hi, o, cfg):
+    """A strip's scores ``STs`` (keys ``j0+c0 …`` × queries ``i0 …``), through the score chain
+    (unless simple) and masked: on the split route from the pieces, else by MKL from the
+    strip's rows of the query tile ``Qs``."""
+    nk = STs.shape[0]
+    if not (o.split_s and _split_product(o.kpc, o.qpc, STs, b, h, kb, c0, i0, cfg)):
+        _qk(kp[b, hk, kb][c0 : c0 + nk], Qs, Qv, STs, False, cfg, _short_rows(o.Lq, o.Lk))
+    if not _simple(o):
+        _score_chain(STs, U, U, False, b, h, i0, nrows, j0 + c0, min(nk, o.Lk - j0 - c0), o)
+    _mask_tile(STs, lo, hi, b, h, i0, nrows, j0 + c0, o)
+
+
+@njit(cache=_JIT_CACHE)
+def _tile_in_strips(ST, N, U, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo, hi, kp, vp,
+                    b, h, hk, qb, kb, c2, o, cfg, plan, prefetch):
+    """One PARTIAL forward tile as strips of ``o.strip_rows`` query rows, each strip's scores,
+    softmax step and ``acc += P·V`` over only the keys its rows may see (:func:`_keys_seen`):
+    a causal diagonal tile's upper triangle is mostly never computed.  Per row the same steps
+    as the whole tile's (the running max, sum and accumulator are per row; the lazy step's
+    check is per strip); a strip whose rows see no key of the tile is skipped (its P is 0)."""
+    i0, nrows, nr = _rows(b, qb, o)
+    BK, BQ = ST.shape
+    j0 = kb * BK
+    RS = o.strip_rows
+    for r0 in range(0, nr, RS):
+        r1 = min(r0 + RS, BQ)
+        rs = r1 - r0
+        lo_s, hi_s = lo[:rs], hi[:rs]
+        c0, c1 = _keys_seen(lo_s, hi_s, b, i0 + r0, min(rs, nr - r0), j0, BK, o)
+        if c1 <= c0:
+            continue
+        nk = c1 - c0
+        STs, Ns, Us, Pbs = _strip(ST, nk, rs), _strip(N, nk, rs), _strip(U, nk, rs), _strip(Pb, nk, rs)
+        ms, mus, bms, ts, sums, accs = m[r0:r1], m_use[r0:r1], bmax[r0:r1], tsum[r0:r1], row_sum[r0:r1], acc[r0:r1]
+        Vs = vp[b, hk, kb][c0:c1]
+        nrows_s = min(rs, nrows - r0)
+        # -- the strip's scores, masked
+        _strip_scores(STs, Qs[r0:r1], Qv, Us, b, h, hk, kb, kp, j0, c0, i0 + r0, nrows_s, lo_s, hi_s, o, cfg)
+        # -- P = 2^(S − m): the lazy step against the strip's running shifts, else online
+        lazy = _lazy_ok(ms, Pbs, True)
+        in_pb = False
+        if prefetch:
+            _plan_next_tiles(plan, kp, vp, b, hk, kb)
+        if lazy and _lazy_softmax(STs, c2, ms, bms, ts, sums, Pbs, False, plan):
+            in_pb = not _lazy_spoils_scores(Pbs)
+        else:
+            if lazy and _lazy_spoils_scores(Pbs):
+                _strip_scores(STs, Qs[r0:r1], Qv, Us, b, h, hk, kb, kp, j0, c0, i0 + r0, nrows_s, lo_s, hi_s, o, cfg)
+            in_pb = _online_softmax(STs, Ns, c2, ms, mus, bms, sums, accs, Pbs, True, False, plan)
+        # -- acc += P · V over the strip's keys
+        _pv(Pbs if in_pb else _pv_operand(STs, Pbs, False), Vs, accs, False, cfg, False)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -935,7 +1047,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     else:
                         in_pb = _exp2_operand(STt, Nt, c2, lse2, Pbt, fuse)
                     # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                    if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
+                    if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, 0, i0, cfg)):
                         _qk(Vt, dOt, dOv, dPTt, bamx, cfg, wide)  # (summed as the scores: see _dots)
                     P = STt
                     if o.dropout_p > 0.0:
@@ -1121,7 +1233,7 @@ def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV
         for c0 in range(0, BK, 8):
             _exp2_shifted(ST[c0 : c0 + 8], N[c0 : c0 + 8], c2, lse2)
             F.split_block_rows(ST, pc, c0, c0 + 8)
-        _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)
+        _split_product(o.vpc, o.dopc, dPT, b, h, kb, 0, i0, cfg)
         q2 = i0 // 2
         F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
         for c0 in range(0, BK, 8):

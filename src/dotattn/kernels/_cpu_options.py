@@ -81,6 +81,10 @@ class Options(NamedTuple):
     # products), not by a pass per call: the forward's Qᵀ pieces of its query tile (qpc), the
     # backward's K and V pieces of its key tile (kpc, vpc)
     split_in_task: bool = False
+    # the forward's PARTIAL tiles whose rows see very different keys (causal diagonals) in
+    # query strips of this many rows, each with its own keys (_cpu_kernels._tile_in_strips);
+    # 0: whole tiles.  Set on the split route (cpu.SPLIT_STRIP_ROWS)
+    strip_rows: int = 0
     # ... and the backward's other three products (dV += Pᵀ·dO, dK += dSᵀ·Q, dQᵀ += Kᵀ·dSᵀ): P's
     # and dS's pieces from the exp and dS passes, Q's and dO's in pairs of query rows per head
     # (qrp, dorp (B, Hq, 3, ≥Lq/2, Dp) uint32), Kᵀ's rows per key tile (ktp (B, Hkv, nkb, 3,

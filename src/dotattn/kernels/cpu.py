@@ -1266,6 +1266,11 @@ def _query_side_pass(p: Prepared, call: AttentionCall, out: np.ndarray, lse: np.
 # The pieces a kernel task alone reads written by that task (Options.split_in_task); False: by
 # passes per call before the kernel (the A/B switch of benchmarks and tests)
 SPLIT_IN_TASK = True
+# The split route's forward computes PARTIAL tiles whose rows see very different keys (causal
+# diagonals) in query strips of this many rows, each over its own keys (Options.strip_rows,
+# _cpu_kernels._tile_in_strips; a multiple of 32, the products' step); 0: whole tiles (the A/B
+# switch).  Measured: docs/performance.md, "float32 causal forward on the split route …"
+SPLIT_STRIP_ROWS = 64
 
 _split_buffers = threading.local()
 # What one thread may keep of pieces arrays between calls, all roles together: the arrays of
@@ -1397,6 +1402,8 @@ def _with_split_operands(
         split_q = dout is None and not forward_in_task or dout is not None and query_pieces is None
         qpc = query_pieces["qpc"] if query_pieces else _column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", split_q)
         changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task), qpc=qpc)
+        if dout is None:
+            changes.update(strip_rows=SPLIT_STRIP_ROWS)
     if dp_ok:
         dopc = query_pieces["dopc"] if query_pieces else _column_pieces(dout, o.q_lens, o.BQ, "dopc")
         changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task), dopc=dopc)

@@ -380,7 +380,7 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, j0, o, lo, hi, G, GM, want_grad, 
     """
     i0, nrows, _ = _rows(b, qb, o)
     BK = ST.shape[0]
-    if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, 0, i0, cfg)):  # (whole tiles)
+    if not (o.split_s and _split_product(o.kpc, o.qpc, ST, b, h, kb, i0, cfg)):
         _qk(Kb, Qs, Qv, ST, amx, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(ST, G, GM, want_grad, b, h, i0, nrows, j0, min(BK, o.Lk - j0), o)
@@ -388,25 +388,43 @@ def _scores(ST, Qs, Qv, Kb, cls, b, h, qb, kb, j0, o, lo, hi, G, GM, want_grad, 
         _mask_tile(ST, lo, hi, b, h, i0, nrows, j0, o)
 
 
-def _split_product(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
-    """``C = A·Bᵀ`` for the keys ``c0 … c0 + C.shape[0] − 1`` of key tile ``kb`` and the
-    ``C.shape[1]`` queries from row ``i0`` of head ``h`` on AMX as split bfloat16 products
-    (``_cpu_amx_f32.product``: ``Sᵀ = K·Qᵀ`` from ``o.kpc``/``o.qpc``, ``dPᵀ = V·dOᵀ`` from
-    ``o.vpc``/``o.dopc``); True when done.  Each element is the same bits whatever part of the
-    tile is computed (the product's order is per element).  float32 tiles only (the other
+def _split_product(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+    """``C = A·Bᵀ`` for key tile ``kb`` and the query tile at row ``i0`` of head ``h`` on AMX as
+    split bfloat16 products (``_cpu_amx_f32.product``: ``Sᵀ = K·Qᵀ`` from ``o.kpc``/``o.qpc``,
+    ``dPᵀ = V·dOᵀ`` from ``o.vpc``/``o.dopc``); True when done.  float32 tiles only (the other
     dtypes' kernels compile a no-op returning False)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_split_product, jit_options={"cache": _JIT_CACHE})
-def _split_product_overload(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
+def _split_product_overload(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+    if C.dtype != types.float32:
+        return lambda a_pieces, b_pieces, C, b, h, kb, i0, cfg: False
+
+    def impl(a_pieces, b_pieces, C, b, h, kb, i0, cfg):
+        hk = h // (b_pieces.shape[1] // a_pieces.shape[1])
+        _cpu_amx_f32.product(a_pieces[b, hk, kb], b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
+        return True
+
+    return impl
+
+
+def _split_product_keys(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
+    """:func:`_split_product` of part of a tile: the keys ``c0 … c0 + C.shape[0] − 1`` of key
+    tile ``kb`` and the ``C.shape[1]`` queries from row ``i0`` (a strip,
+    :func:`_tile_in_strips`).  Each element is the same bits whatever part of the tile is
+    computed: the product's order is per element."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_split_product_keys, jit_options={"cache": _JIT_CACHE})
+def _split_product_keys_overload(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
     if C.dtype != types.float32:
         return lambda a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg: False
 
     def impl(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
         hk = h // (b_pieces.shape[1] // a_pieces.shape[1])
-        keys = a_pieces[b, hk, kb][:, c0 : c0 + C.shape[0]]
-        _cpu_amx_f32.product(keys, b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
+        _cpu_amx_f32.product_from(a_pieces[b, hk, kb], c0, b_pieces[b, h, :, :, i0 : i0 + C.shape[1]], C, cfg)
         return True
 
     return impl
@@ -766,7 +784,7 @@ def _strip_scores(STs, Qs, Qv, U, b, h, hk, kb, kp, j0, c0, i0, nrows, lo, hi, o
     (unless simple) and masked: on the split route from the pieces, else by MKL from the
     strip's rows of the query tile ``Qs``."""
     nk = STs.shape[0]
-    if not (o.split_s and _split_product(o.kpc, o.qpc, STs, b, h, kb, c0, i0, cfg)):
+    if not (o.split_s and _split_product_keys(o.kpc, o.qpc, STs, b, h, kb, c0, i0, cfg)):
         _qk(kp[b, hk, kb][c0 : c0 + nk], Qs, Qv, STs, False, cfg, _short_rows(o.Lq, o.Lk))
     if not _simple(o):
         _score_chain(STs, U, U, False, b, h, i0, nrows, j0 + c0, min(nk, o.Lk - j0 - c0), o)
@@ -1048,7 +1066,7 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     else:
                         in_pb = _exp2_operand(STt, Nt, c2, lse2, Pbt, fuse)
                     # -- dV += P̃ᵀ·dO; dPᵀ = V·dOᵀ (dropout: the forward's mask on both)
-                    if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, 0, i0, cfg)):
+                    if not (o.split_dp and _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)):
                         _qk(Vt, dOt, dOv, dPTt, bamx, cfg, wide)  # (summed as the scores: see _dots)
                     P = STt
                     if o.dropout_p > 0.0:
@@ -1234,7 +1252,7 @@ def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV
         for c0 in range(0, BK, 8):
             _exp2_shifted(ST[c0 : c0 + 8], N[c0 : c0 + 8], c2, lse2)
             F.split_block_rows(ST, pc, c0, c0 + 8)
-        _split_product(o.vpc, o.dopc, dPT, b, h, kb, 0, i0, cfg)
+        _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)
         q2 = i0 // 2
         F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
         for c0 in range(0, BK, 8):

@@ -636,16 +636,13 @@ def split_query_side(q, dout, out, fix, kp, vp, lens, dout_k, delta, qpc, dopc, 
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def operand_tops(q, kp, vp, lens, tops, kpc, chunk, nchunks):
+def operand_tops(q, kp, vp, lens, tops, chunk, nchunks):
     """The forward's checks of its operands in one pass on ``_launch.run_chunks``, this chunk's
     share: the largest magnitude (as bits, :func:`_bits_max`) of q's real rows (``lens``) into
     ``tops[chunk, 0]``, of the packed K and V tiles (zero past the real keys) into ``[chunk, 1]``
-    and ``[chunk, 2]``, one task per head.  With ``kpc`` (B, Hkv, nkb, 3, ≥BK, Dp; a
-    placeholder of no rows for none) each K head's pieces too, right after its check while its
-    tiles are in L2 — :func:`split_tiles`'s work, which then needs no pass of its own; wasted
-    only when the check sends the call to MKL's tiles."""
+    and ``[chunk, 2]``, one task per head."""
     B, H, Lq, D = q.shape
-    Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
+    Hkv = kp.shape[1]
     BH, BHkv = B * H, B * Hkv
     for t in range(BH + 2 * BHkv):
         if t % nchunks != chunk:
@@ -657,13 +654,9 @@ def operand_tops(q, kp, vp, lens, tops, kpc, chunk, nchunks):
         else:
             u = t - BH
             slot = 1 if u < BHkv else 2
-            b, hk = (u % BHkv) // Hkv, (u % BHkv) % Hkv
-            tile = (kp if u < BHkv else vp)[b, hk]
+            tile = (kp if u < BHkv else vp)[(u % BHkv) // Hkv, (u % BHkv) % Hkv]
             n = tile.shape[0] * tile.shape[1] * tile.shape[2]
             tops[chunk, slot] = _bits_max(tile.reshape(n).view(np.uint32), tops[chunk, slot])
-            if slot == 1 and kpc.shape[0] > 0:
-                for kb in range(nkb):
-                    split_rows(tile[kb], kpc[b, hk, kb], BK, D)
 
 
 def bits_to_largest(top: int) -> float:

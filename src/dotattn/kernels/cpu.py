@@ -1085,9 +1085,7 @@ def forward(
         block_size = document_block_size(call)
     split = not grouped and f32_split_route(call)
     p = prepare(call, block_size, forward=True, grouped=grouped, split=split)
-    # (V's finiteness and q's and K's range in one pass, which splits K's pieces as well)
-    kpc = _row_pieces(p.kp, "forward kpc", split=False) if split else None
-    tops = _forward_largest(p, kpc) if split else None
+    tops = _forward_largest(p) if split else None  # (V's finiteness and q's and K's range, one pass)
     if tops is not None:
         v_finite = bool(np.isfinite(tops["v"]))
     else:
@@ -1095,7 +1093,7 @@ def forward(
     if not call.extras and not v_finite:
         return _numpy_backend().forward(call)
     if split:
-        p = _with_split_operands(p, call, tops=tops, key_pieces=kpc)
+        p = _with_split_operands(p, call, tops=tops)
     return _run_forward(call, p, grouped, final)
 
 
@@ -1205,21 +1203,18 @@ def _in_range(rows: np.ndarray, lens: np.ndarray, tiles: np.ndarray) -> bool:
     return ok_range(largest(rows, lens)) and ok_range(_largest_tiles(tiles))
 
 
-def _forward_largest(p: Prepared, kpc: np.ndarray | None = None) -> dict[str, float]:
+def _forward_largest(p: Prepared) -> dict[str, float]:
     """The largest magnitudes of the forward's operands on the split route (q in its real rows,
     K and V packed; NaN where a NaN or ±inf is there) in one pass on ``_launch.run_chunks``
     (``_cpu_amx_f32.operand_tops``): V's serves the NaN policy, q's and K's the route's range,
     where NumPy's sum over V and a serial pass over q and K each read them (≈ 1.3 ms at H8
-    L4096 D64, load 1).  ``kpc``: the buffer of K's pieces (:func:`_row_pieces`), split in the
-    same pass (its own prange pass took ≈ 1.2 ms a call at H8 L4096 D64, 2 Dec)."""
+    L4096 D64, load 1)."""
     from ._cpu_amx_f32 import bits_to_largest, operand_tops
     from ._launch import run_chunks
 
     nchunks = _num_threads()
     tops = np.zeros((nchunks, 3), dtype=np.uint32)
-    if kpc is None:
-        kpc = np.zeros((0, 0, 0, 3, 0, 0), dtype=np.uint16)
-    run_chunks(operand_tops, (p.q, p.kp, p.vp, p.options.q_lens, tops, kpc), nchunks)
+    run_chunks(operand_tops, (p.q, p.kp, p.vp, p.options.q_lens, tops), nchunks)
     top = tops.max(axis=0)
     return {name: bits_to_largest(int(t)) for name, t in zip(("q", "k", "v"), top)}
 
@@ -1376,7 +1371,6 @@ def _with_split_operands(
     dout: np.ndarray | None = None,
     tops: dict[str, float] | None = None,
     query_pieces: dict[str, np.ndarray] | None = None,
-    key_pieces: np.ndarray | None = None,
 ) -> Prepared:
     """``p`` with the split-AMX operands of its score product (q and K in range: the forward and
     the backward check the same arrays, so they agree) and, given the backward's ``dout``, of
@@ -1386,8 +1380,7 @@ def _with_split_operands(
     scaled by the LSE's rounding fix, within 1 ± 10⁻⁶, are what the product takes — far inside
     the range's margins).
     ``query_pieces``: q's and dO's pieces already split (:func:`_query_side_pass`); without them
-    the backward splits them here, on the calling thread.  ``key_pieces``: the forward's K
-    pieces already split (:func:`_forward_largest`)."""
+    the backward splits them here, on the calling thread."""
     from ._cpu_amx_f32 import ok_range
 
     o = p.options
@@ -1408,8 +1401,7 @@ def _with_split_operands(
         backward_in_task = in_task and dout is not None
         split_q = dout is None and not forward_in_task or dout is not None and query_pieces is None
         qpc = query_pieces["qpc"] if query_pieces else _column_pieces(p.q, o.q_lens, o.BQ, side + "qpc", split_q)
-        kpc = key_pieces if key_pieces is not None else _row_pieces(p.kp, side + "kpc", not backward_in_task)
-        changes.update(split_s=True, kpc=kpc, qpc=qpc)
+        changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task), qpc=qpc)
         if dout is None:
             changes.update(strip_rows=SPLIT_STRIP_ROWS)
     if dp_ok:

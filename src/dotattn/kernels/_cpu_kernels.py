@@ -743,9 +743,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
 
 
 # A PARTIAL tile goes in query strips only when the strips' keys × rows come to at most
-# STRIP_WORK of the tile's own trimmed extent × BQ: a causal diagonal tile in strips of 64 rows
-# computes 640 × 64 of its 256 × 256 scores (0.625); tiles whose rows all see the same keys
-# (a ragged last key tile, key lengths) stay whole, with the same bits as before.
+# STRIP_WORK of the tile's own trimmed extent × the same rows: a causal diagonal tile in strips
+# of 64 rows computes 640 × 64 of its 256 × 256 scores (0.625); tiles whose rows all see the
+# same keys (a ragged last key tile, key lengths) stay whole, with the same bits as before.
 STRIP_WORK = 0.75
 
 
@@ -755,12 +755,13 @@ def _strips_pay(lo, hi, b, i0, nr, j0, BK, o):
     worth computing in strips of ``o.strip_rows`` query rows (:data:`STRIP_WORK`)."""
     BQ, RS = lo.shape[0], o.strip_rows
     c0, c1 = _keys_seen(lo, hi, b, i0, nr, j0, BK, o)
-    work = 0
-    for r0 in range(0, nr, RS):
+    work, rows = 0, 0  # (the strips' rows against the same rows of the tile: a short last query
+    for r0 in range(0, nr, RS):  # tile whose rows all see the same keys stays whole)
         rs = min(RS, BQ - r0)
         s0, s1 = _keys_seen(lo[:rs], hi[:rs], b, i0 + r0, min(rs, nr - r0), j0, BK, o)
         work += (s1 - s0) * rs
-    return work <= STRIP_WORK * (c1 - c0) * BQ
+        rows += rs
+    return work <= STRIP_WORK * (c1 - c0) * rows
 
 
 def _strip(buf, rows, cols):

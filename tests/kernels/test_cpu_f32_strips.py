@@ -1,0 +1,160 @@
+"""float32's split route, forward: PARTIAL tiles in query strips (``_cpu_kernels._tile_in_strips``).
+
+A PARTIAL tile whose rows see very different keys (a causal diagonal) runs as strips of
+``cpu.SPLIT_STRIP_ROWS`` query rows, each over only the keys its rows may see
+(``_cpu_kernels._strips_pay`` decides per tile).  Each score is the same bits whatever part of
+a tile computes it (the split product's order is per element), the running max, sum and
+accumulator are per row, and the keys cut off have P = 0: these tests hold the strips to the
+whole tiles' bits, to the float64 reference, and check which tiles take them.  Also the one
+pass that checks the forward's operands and splits K's pieces (``operand_tops``).  The suite's
+default tiles are small, so the calls here ask for 256-row tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dotattn import semantics
+from dotattn.kernels import _cpu_isa, _cpu_kernels, cpu
+
+import helpers as H
+
+AMX = cpu.f32_products_path()[0]
+TILES = (256, 256)
+
+
+@pytest.fixture(autouse=True)
+def split_route(monkeypatch):
+    monkeypatch.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, "amx5")  # (windowed calls too)
+
+
+CASES = {
+    "causal aligned": dict(Lq=768, Lk=768, D=64, causal=True),
+    "causal, 128-key prefix": dict(Lq=472, Lk=600, D=64, causal=True),
+    "top-left Lq > Lk": dict(Lq=700, Lk=333, D=64, causal="top_left"),
+    "causal odd D": dict(Lq=517, Lk=517, D=59, causal=True, scale=2.5),
+    "causal D128": dict(Lq=512, Lk=512, D=128, causal=True),
+    "causal + lengths": dict(Lq=520, Lk=560, D=64, causal=True, q_lengths=[520, 301], kv_lengths=[560, 333]),
+    "window": dict(Lq=600, Lk=600, D=64, window=(100, 30)),
+}
+
+
+def _call(case, seed=3):
+    c = dict(CASES[case])
+    opts = {k: c.pop(k) for k in ("causal", "window", "scale", "q_lengths", "kv_lengths") if k in c}
+    q, k, v = H.random_qkv(seed, batch=(2,), Hq=2, dtype=np.float32, q_lengths=opts.get("q_lengths"),
+                           kv_lengths=opts.get("kv_lengths"), **c)
+    return q, k, v, opts, semantics.normalize(q, k, v, **opts)
+
+
+def _tiles_in_strips(call) -> list[tuple[int, int, int]]:
+    """``(b, qb, kb)`` of every PARTIAL tile that the forward computes in strips, by the kernel's rule."""
+    p = cpu.prepare(call, TILES, forward=True, split=True)
+    o = p.options._replace(strip_rows=cpu.SPLIT_STRIP_ROWS)
+    BQ, BK = o.BQ, p.kp.shape[3]
+    lo, hi = np.empty(BQ, np.int64), np.empty(BQ, np.int64)
+    taken = []
+    for b in range(call.B):
+        for qb in range(-(-call.Lq // BQ)):
+            i0, nrows, nr = _cpu_kernels._rows(b, qb, o)
+            for kb in range(p.kp.shape[2]):
+                if nr > 0 and _cpu_kernels._tile_class(b, 0, qb, kb, BK, o) == _cpu_kernels.PARTIAL:
+                    if _cpu_kernels._strips_pay(lo, hi, b, i0, nr, kb * BK, BK, o):
+                        taken.append((b, qb, kb))
+    return taken
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_strips_keep_the_whole_tiles_bits_and_the_reference(case, monkeypatch):
+    q, k, v, opts, call = _call(case)
+    assert cpu.f32_split_route(call) == AMX
+    results = {}
+    for rows in (0, 32, 64, 128):
+        monkeypatch.setattr(cpu, "SPLIT_STRIP_ROWS", rows)
+        results[rows] = cpu.forward(call, block_size=TILES)
+    for rows in (32, 64, 128):
+        H.assert_bitwise_equal(results[rows][0], results[0][0], f"out, strips of {rows}")
+        H.assert_bitwise_equal(results[rows][1], results[0][1], f"lse, strips of {rows}")
+    out, lse = results[cpu.SPLIT_STRIP_ROWS]
+    ref_out, ref_lse = H.reference(q, k, v, **opts)
+    naive_out, naive_lse = H.naive(q, k, v, **opts)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
+
+
+def test_strips_on_the_diagonals_only():
+    # aligned causal, 768 rows at 256 × 256: the three diagonal tiles of each sequence, no other
+    # PARTIAL tile; a 128-key prefix: the tiles the diagonal cuts at mid-tile (not those whose
+    # rows all see at least half of their keys); a dense ragged last key tile and key lengths:
+    # none (every row sees the same keys)
+    assert _tiles_in_strips(_call("causal aligned")[4]) == [(b, t, t) for b in range(2) for t in range(3)]
+    prefix = _tiles_in_strips(_call("causal, 128-key prefix")[4])
+    assert prefix and all(kb == qb + 1 for _, qb, kb in prefix)
+    q, k, v = H.random_qkv(1, batch=(2,), Hq=2, Lq=333, Lk=700, D=64, dtype=np.float32, kv_lengths=[700, 401])
+    assert _tiles_in_strips(semantics.normalize(q, k, v, kv_lengths=[700, 401])) == []
+
+
+def test_strips_with_rows_that_see_no_key(monkeypatch):
+    # bottom-right causal with more queries than keys (the first 40 rows see none) and a
+    # sequence of no keys: zeros and lse −inf, the same bits as whole tiles
+    q, k, v = H.random_qkv(5, batch=(2,), Hq=2, Lq=300, Lk=260, D=64, dtype=np.float32, kv_lengths=[0, 260])
+    call = semantics.normalize(q, k, v, causal=True, kv_lengths=[0, 260])
+    assert _tiles_in_strips(call)
+    whole = None
+    for rows in (0, 64):
+        monkeypatch.setattr(cpu, "SPLIT_STRIP_ROWS", rows)
+        out, lse = cpu.forward(call, block_size=TILES)
+        assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
+        assert np.all(out[1, :, :40] == 0) and np.all(lse[1, :, :40] == -np.inf)
+        if whole is None:
+            whole = out, lse
+    H.assert_bitwise_equal(out, whole[0], "out")
+    H.assert_bitwise_equal(lse, whole[1], "lse")
+    ref_out, _ = H.reference(q, k, v, causal=True, kv_lengths=[0, 260])
+    naive_out, _ = H.naive(q, k, v, causal=True, kv_lengths=[0, 260])
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+
+
+def test_product_from_a_row_is_the_products_sub_tile():
+    if not AMX:
+        assert not cpu.f32_products_path()[0]
+        return
+    from dotattn.kernels import _cpu_amx_f32 as F
+    from dotattn.kernels._cpu_amx import tile_config
+
+    rng = np.random.default_rng(4)
+    M, N, D = 128, 96, 64
+    a = rng.standard_normal((M, D)).astype(np.float32)
+    b = rng.standard_normal((N, D)).astype(np.float32)
+    ap = np.zeros((3, M + 1, 64), np.uint16)
+    F.split_rows(a, ap, M, D)
+    bp = np.zeros((1, 1, 3, 32, N), np.uint32)
+    F.split_columns(b[None, None], np.array([N]), bp, 2)
+    cfg = tile_config()
+    whole = np.empty((M, N), np.float32)
+    F.product(ap, bp[0, 0], whole, cfg)
+    part = np.empty((64, 64), np.float32)
+    F.product_from(ap, 32, bp[0, 0][:, :, 32:96], part, cfg)
+    H.assert_bitwise_equal(part, whole[32:96, 32:96], "rows 32-95, columns 32-95")
+
+
+@pytest.mark.parametrize("Hkv", [2, 1])
+def test_checks_pass_splits_k_as_its_own_pass(Hkv):
+    """``cpu._forward_largest`` with K's pieces buffer: the same largest magnitudes, and the
+    pieces bit for bit ``split_tiles``'s (zero-padded key tiles, odd D, one K head for two)."""
+    if not AMX:
+        return
+    from dotattn.kernels import _cpu_amx_f32 as F
+
+    q, k, v = H.random_qkv(6, batch=(2,), Hq=2, Hkv=Hkv, Lq=300, Lk=345, D=59, dtype=np.float32)
+    call = semantics.normalize(q, k, v, window=(50, 0))
+    p = cpu.prepare(call, TILES, forward=True, split=True)
+    kpc = cpu._row_pieces(p.kp, "test kpc", split=False)
+    kpc[:] = 0xFFFF
+    tops = cpu._forward_largest(p, kpc)
+    assert tops == cpu._forward_largest(p)
+    expected = np.empty_like(kpc)
+    F.split_tiles(p.kp, expected)
+    H.assert_bitwise_equal(kpc, expected, "K's pieces")
+    assert tops["k"] == float(np.abs(k).max())

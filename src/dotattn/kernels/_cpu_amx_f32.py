@@ -320,9 +320,10 @@ def product(a, b, c, cfg):
 @njit(cache=_JIT_CACHE, nogil=True)
 def product_from(a, m0, b, c, cfg):
     """:func:`product` from row ``m0`` of ``a`` (a multiple of 32): ``c[:M, :N] = A[m0:m0+M]·B``
-    — ``a`` passed whole, C-ordered: :func:`product` of the slice ``a[:, m0:]`` (Numba layout
-    "A") on every tile made the whole forward 4–6 % slower (2 Dec, cpu_ab_trees), so the strips
-    take this copy of its loop and the whole tiles keep :func:`product` as it was."""
+    — ``a`` passed whole, C-ordered.  :func:`product` of the slice ``a[:, m0:]`` (Numba layout
+    "A") for every tile ran the whole forward 4–6 % slower in two tree A/Bs (2 Dec; the host
+    was noisy that day), so the whole tiles keep :func:`product` as it was and the strips take
+    this copy of its loop."""
     M, N = c.shape
     depth = a.shape[2]
     a_ps, a_ld = a.strides[0], a.strides[1]

@@ -755,8 +755,10 @@ def _strips_pay(lo, hi, b, i0, nr, j0, BK, o):
     worth computing in strips of ``o.strip_rows`` query rows (:data:`STRIP_WORK`)."""
     BQ, RS = lo.shape[0], o.strip_rows
     c0, c1 = _keys_seen(lo, hi, b, i0, nr, j0, BK, o)
-    work, rows = 0, 0  # (the strips' rows against the same rows of the tile: a short last query
-    for r0 in range(0, nr, RS):  # tile whose rows all see the same keys stays whole)
+    # the strips' keys × rows against the whole tile's over the same rows (not BQ: a short last
+    # query tile whose rows all see the same keys stays whole)
+    work, rows = 0, 0
+    for r0 in range(0, nr, RS):
         rs = min(RS, BQ - r0)
         s0, s1 = _keys_seen(lo[:rs], hi[:rs], b, i0 + r0, min(rs, nr - r0), j0, BK, o)
         work += (s1 - s0) * rs

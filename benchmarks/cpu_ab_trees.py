@@ -90,13 +90,19 @@ else:
                 return dotattn.attention_backward(q, k, v, o, lse, do, causal=c["causal"], implementation="cpu")
             calls[name] = run
             continue
-        def run(q=q, k=k, v=v, do=do, c=c):
-            if c.get("backward"):  # through the torch front end, as the SDPA peer
-                import torch, dotattn.torch as dtorch
-                tt = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(getattr(torch, dtype))  # in --dtype (was float32 always)
-                qq, kk, vv = (tt(x).requires_grad_() for x in (q, k, v))
-                dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(tt(do))
-                return
+        if c.get("backward"):  # through the torch front end, as the SDPA peer
+            import torch, dotattn.torch as dtorch
+            # the tensors in --dtype made once, outside the timed call, as the SDPA worker's (until
+            # 2 Dec 13:45 each call converted q, K, V and dO from bfloat16 NumPy arrays through
+            # float32 — ≈ 20 ms of a ≈ 100 ms H4 L4096 D128 fwd+bwd timed as ours)
+            tt = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).to(getattr(torch, dtype))
+            tensors = tuple(tt(x) for x in (q, k, v, do))
+            def run(t=tensors, c=c):
+                qq, kk, vv = (x.detach().requires_grad_() for x in t[:3])
+                dtorch.attention(qq, kk, vv, causal=c["causal"], implementation="cpu").backward(t[3])
+            calls[name] = run
+            continue
+        def run(q=q, k=k, v=v, c=c):
             return dotattn.attention(q, k, v, causal=c["causal"], implementation="cpu")
         calls[name] = run
 def digest(result):

@@ -299,31 +299,13 @@ def _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth):
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
-def product(a, b, c, cfg):
-    """``c[:M, :N] = A·B`` in float32 (``M``, ``N`` = ``c``'s shape, multiples of 32): ``a (3,
-    ≥M, Kp)`` uint16 pieces in rows, ``b (3, Kp/2, ≥N)`` uint32 pieces in depth pairs.  A's
-    32-row block stays (L1) while B's blocks stream."""
-    M, N = c.shape
-    depth = a.shape[2]
-    a_ps, a_ld = a.strides[0], a.strides[1]
-    b_ps, b_ld = b.strides[0], b.strides[1]
-    c_ld = c.strides[0]
-    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
-    _tile_config(cfg.ctypes.data)
-    for i in range(0, M, 32):
-        for j in range(0, N, 32):
-            _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
-            _store_2x2(c0 + i * c_ld + 4 * j, c_ld)
-    _tile_release()
-
-
-@njit(cache=_JIT_CACHE, nogil=True)
 def product_from(a, m0, b, c, cfg):
-    """:func:`product` from row ``m0`` of ``a`` (a multiple of 32): ``c[:M, :N] = A[m0:m0+M]·B``
-    — ``a`` passed whole, C-ordered.  :func:`product` of the slice ``a[:, m0:]`` (Numba layout
-    "A") for every tile ran the whole forward 4–6 % slower in two tree A/Bs (2 Dec; the host
-    was noisy that day), so the whole tiles keep :func:`product` as it was and the strips take
-    this copy of its loop."""
+    """``c[:M, :N] = A[m0:m0+M]·B`` in float32 (``M``, ``N`` = ``c``'s shape, multiples of 32;
+    ``m0`` a multiple of 32): ``a (3, ≥m0+M, Kp)`` uint16 pieces in rows, passed whole,
+    ``b (3, Kp/2, ≥N)`` uint32 pieces in depth pairs.  A's 32-row block stays (L1) while B's
+    blocks stream.  The row offset is applied to the address, not by slicing ``a``: the slice
+    ``a[:, m0:]`` (Numba layout "A") for every tile ran the whole forward 4–6 % slower in two
+    tree A/Bs (2 Dec)."""
     M, N = c.shape
     depth = a.shape[2]
     a_ps, a_ld = a.strides[0], a.strides[1]
@@ -336,6 +318,12 @@ def product_from(a, m0, b, c, cfg):
             _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
             _store_2x2(c0 + i * c_ld + 4 * j, c_ld)
     _tile_release()
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def product(a, b, c, cfg):
+    """``c[:M, :N] = A·B``: :func:`product_from` from A's first row (a whole tile)."""
+    product_from(a, 0, b, c, cfg)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

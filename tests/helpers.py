@@ -562,3 +562,19 @@ def assert_backward_checks_find_nonfinite(q, k, v, out, do, lse, *, causal: bool
         bad_q[0, -1, L // 2, 0] = bad_value
         p_bad = cpu.prepare(semantics.normalize(bad_q, k, v, causal=causal), block_size)
         assert cpu._backward_checks_and_delta(call, p_bad, out, do, lse)[0] is False
+
+
+def split_product_operands(seed: int, M: int, N: int, D: int, a_rows: int | None = None):
+    """``(a, b, ap, bp)`` for the float32 split product ``A·Bᵀ`` (``_cpu_amx_f32``; AMX hosts
+    only): ``a (M, D)`` and ``b (N, D)`` random float32, ``ap (3, a_rows, 64)`` A's pieces in rows
+    (``a_rows`` ≥ M, default M) and ``bp (1, 1, 3, 32, N)`` B's in depth pairs (D ≤ 64)."""
+    from dotattn.kernels import _cpu_amx_f32
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((M, D)).astype(np.float32)
+    b = rng.standard_normal((N, D)).astype(np.float32)
+    ap = np.zeros((3, M if a_rows is None else a_rows, 64), np.uint16)
+    _cpu_amx_f32.split_rows(a, ap, M, D)
+    bp = np.zeros((1, 1, 3, 32, N), np.uint32)
+    _cpu_amx_f32.split_columns(b[None, None], np.array([N]), bp, 2)
+    return a, b, ap, bp

@@ -317,14 +317,8 @@ def test_split_product_against_float64_and_tile_independent():
     from dotattn.kernels import _cpu_amx_f32 as F
     from dotattn.kernels._cpu_amx import tile_config
 
-    rng = np.random.default_rng(2)
     M, N, D = 96, 128, 59
-    a = rng.standard_normal((M, D)).astype(np.float32)
-    b = rng.standard_normal((N, D)).astype(np.float32)
-    ap = np.zeros((3, M, 64), np.uint16)
-    F.split_rows(a, ap, M, D)
-    bp = np.zeros((1, 1, 3, 32, N), np.uint32)
-    F.split_columns(b[None, None], np.array([N]), bp, 2)
+    a, b, ap, bp = H.split_product_operands(2, M, N, D)
     c = np.empty((M, N), np.float32)
     cfg = tile_config()
     F.product(ap, bp[0, 0], c, cfg)

@@ -137,14 +137,8 @@ def test_product_from_a_row_is_the_products_sub_tile():
     from dotattn.kernels import _cpu_amx_f32 as F
     from dotattn.kernels._cpu_amx import tile_config
 
-    rng = np.random.default_rng(4)
     M, N, D = 128, 96, 64
-    a = rng.standard_normal((M, D)).astype(np.float32)
-    b = rng.standard_normal((N, D)).astype(np.float32)
-    ap = np.zeros((3, M + 1, 64), np.uint16)
-    F.split_rows(a, ap, M, D)
-    bp = np.zeros((1, 1, 3, 32, N), np.uint32)
-    F.split_columns(b[None, None], np.array([N]), bp, 2)
+    _, _, ap, bp = H.split_product_operands(4, M, N, D, a_rows=M + 1)
     cfg = tile_config()
     whole = np.empty((M, N), np.float32)
     F.product(ap, bp[0, 0], whole, cfg)

@@ -151,6 +151,19 @@ def _plan_next_tiles(plan, kp, vp, b, hk, kb):
         plan[3] = kp.strides[2]
 
 
+@njit(cache=_JIT_CACHE, _nrt=False)
+def _plan_next(plan, kp, vp, b, hk, kb, o):
+    """The forward's prefetch plan (:func:`_plan_next_tiles`) for what the next steps read: on
+    the split route the score product reads key tile ``kb + 1``'s pieces (``o.kpc[b, hk, kb +
+    1]``, one contiguous block: 3 × (BK + 1) rows of Dp bfloat16), not its float32 ``kp`` tile —
+    which the plan fetched into L2 unread while the pieces came from L3 as the product ran."""
+    _plan_next_tiles(plan, kp, vp, b, hk, kb)
+    if o.split_s and plan[3] != 0:
+        kpc = o.kpc
+        plan[2] = kpc.ctypes.data + b * kpc.strides[0] + hk * kpc.strides[1] + (kb + 1) * kpc.strides[2]
+        plan[3] = kpc.strides[2]
+
+
 # bfloat16 (AMX) forward: the exp pass prefetches the next K/V tiles only where one head's K
 # and V pass this many bytes — at H4 L4096 D128 (2 MiB; with the tile buffers more than a
 # core's 2 MiB L2) one thread's kernel ran 35.5–36.6 → 33.5–34.2 ms; at D 64 (1 MiB, which
@@ -722,7 +735,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             lazy = _lazy_ok(m, Pbt, o.dropout_p == 0.0)
             in_pb = False
             if prefetch:
-                _plan_next_tiles(plan, kp, vp, b, hk, kb)
+                _plan_next(plan, kp, vp, b, hk, kb, o)
             if lazy and _lazy_softmax(STt, c2, m, bmax, tsum, row_sum, Pbt, o.amx, plan):
                 in_pb = not _lazy_spoils_scores(Pbt)  # bfloat16: P went into the operand
             else:
@@ -823,7 +836,7 @@ def _tile_in_strips(ST, N, U, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo
         lazy = _lazy_ok(ms, Pbs, True)
         in_pb = False
         if prefetch:
-            _plan_next_tiles(plan, kp, vp, b, hk, kb)
+            _plan_next(plan, kp, vp, b, hk, kb, o)
         if lazy and _lazy_softmax(STs, c2, ms, bms, ts, sums, Pbs, False, plan):
             in_pb = not _lazy_spoils_scores(Pbs)
         else:

@@ -1020,9 +1020,11 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
     KT = _aligned_empty(D if bamx else 0, BK + 32 if bamx else 0, q)
     Dp = _aligned_empty(BK // 2 if bamx else 0, BQ + 16 if bamx else 0, np.empty(0, dtype=np.uint32))
     # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
-    # products; the AMX routes' products (bfloat16 on o.bwd_amx, float32's split pieces) keep
-    # whole tiles: their operands are packed per key tile, in AMX steps of 16/32 keys
-    trim = not (bamx or sa or o.split_s or o.split_dp)
+    # products, and on the split route with all five products (sa: every product takes a key
+    # offset in whole 32-key steps, _key_extent's TRIM_KEYS); the other AMX routes' products
+    # (bfloat16 on o.bwd_amx, float32's two split products) keep whole tiles: their operands
+    # are packed per key tile, in AMX steps of 16/32 keys
+    trim = not (bamx or o.split_s or o.split_dp) or sa
     threads = _gemm_threads_begin(q)
     while True:
         part = _take_task(queue)
@@ -1070,10 +1072,13 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     STt, dPTt, PdTt, Pbt = ST[c0:c1], dPT[c0:c1], PdT[c0:c1], Pb[c0:c1]
                     Gt, GMt, Nt, Kt, Vt = G[c0:c1], GM[c0:c1], N[c0:c1], Kb[c0:c1], Vb[c0:c1]
                     dKt, dVt = dK[c0:c1], dV[c0:c1]
-                    _scores(STt, Qt, Qv, Kt, cls, b, h, qb, kb, j0 + c0, o, lo, hi, Gt, GMt, need_g, cfg, bamx)
+                    if sa and c1 - c0 < BK:  # a trimmed tile: the scores of its keys from the pieces
+                        _strip_scores(STt, Qt, Qv, Gt, b, h, hk, kb, kp, j0, c0, i0, nrows, lo, hi, o, cfg)
+                    else:
+                        _scores(STt, Qt, Qv, Kt, cls, b, h, qb, kb, j0 + c0, o, lo, hi, Gt, GMt, need_g, cfg, bamx)
                     if sa:
                         _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV,
-                                    dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, o, cfg)
+                                    dq_parts[chunk, b, h, :, i0 : i0 + BQ], b, h, hk, kb, i0, c0, c1, o, cfg)
                         continue
                     if exact_rows:
                         _softmax_rows(STt, Nt, c2, lse2, bmax, m_use, row_sum, zeros, one, no_plan)
@@ -1247,34 +1252,44 @@ def _split_key_tile_overload(Kb, Vb, KbT, b, hk, kb, o):
     return impl
 
 
-def _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
+def _split_tile(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, c0, c1, o, cfg):
     """The rest of a backward tile on the split-AMX route with all five products (``o.split_all``;
     Sᵀ is in ``ST`` already): the exp pass writes P's pieces in rows 8 rows at a time (while in
     L1), ``dPᵀ = V·dOᵀ``, ``dV += Pᵀ·dO``, the dS pass writes dS's pieces in rows and in pairs
-    of keys, ``dK += dSᵀ·Q``, ``dQᵀ += Kᵀ·dSᵀ`` into the transposed ``dqT (Dp, BQ)``.  float32
-    only (the other dtypes' kernels compile a no-op; the route never reaches them)."""
+    of keys, ``dK += dSᵀ·Q``, ``dQᵀ += Kᵀ·dSᵀ`` into the transposed ``dqT (Dp, BQ)``.
+
+    Only the keys ``c0 … c1 − 1`` of the tile (multiples of 32; a PARTIAL tile trimmed to the
+    keys its rows see, :func:`_key_extent`, else ``0 … BK``): the others' P and dS are 0, so
+    their rows of dK and dV would gain exact zeros, and in ``dQᵀ``'s depth (keys, in 32-steps
+    from ``c0`` as from 0) they would add exact zeros between the same steps — the same bits
+    as the whole tile.  float32 only (the other dtypes' kernels compile a no-op; the route
+    never reaches them)."""
     raise NotImplementedError("compiled only")
 
 
 @overload(_split_tile, jit_options={"cache": _JIT_CACHE})
-def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
+def _split_tile_overload(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, c0, c1, o, cfg):
     if ST.dtype != types.float32:
-        return lambda ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg: None
+        return lambda ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, c0, c1, o, cfg: None
 
-    def impl(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, o, cfg):
-        BK, BQ = ST.shape
+    def impl(ST, dPT, N, c2, lse2, dls, pc, d_pairs, scratch, dK, dV, dqT, b, h, hk, kb, i0, c0, c1, o, cfg):
+        BQ = ST.shape[1]
         F = _cpu_amx_f32
-        for c0 in range(0, BK, 8):
-            _exp2_shifted(ST[c0 : c0 + 8], N[c0 : c0 + 8], c2, lse2)
-            F.split_block_rows(ST, pc, c0, c0 + 8)
-        _split_product(o.vpc, o.dopc, dPT, b, h, kb, i0, cfg)
+        # -- P = 2^(S − lse) in place, its pieces in rows (dV's A operand)
+        for r0 in range(c0, c1, 8):
+            _exp2_shifted(ST[r0 : r0 + 8], N[r0 : r0 + 8], c2, lse2)
+            F.split_block_rows(ST, pc, r0, r0 + 8)
+        # -- dPᵀ = V·dOᵀ; dV += Pᵀ·dO (the keys' rows of P's pieces and of dV)
+        _split_product_keys(o.vpc, o.dopc, dPT[c0:c1], b, h, kb, c0, i0, cfg)
         q2 = i0 // 2
-        F.product_add(pc, o.dorp[b, h, :, q2 : q2 + BQ // 2], dV, scratch, cfg)
-        for c0 in range(0, BK, 8):
-            _ds_block(ST[c0 : c0 + 8], dPT[c0 : c0 + 8], dls)
-            F.split_block_rows_pairs(ST, pc, d_pairs, c0, c0 + 8)
-        F.product_add(pc, o.qrp[b, h, :, q2 : q2 + BQ // 2], dK, scratch, cfg)
-        F.product_add(o.ktp[b, hk, kb], d_pairs, dqT, scratch, cfg)
+        F.product_add(pc[:, c0:c1], o.dorp[b, h, :, q2 : q2 + BQ // 2], dV[c0:c1], scratch, cfg)
+        # -- dS = P ∘ (dP − Δ) in place, its pieces in rows (dK's A) and in key pairs (dQᵀ's B)
+        for r0 in range(c0, c1, 8):
+            _ds_block(ST[r0 : r0 + 8], dPT[r0 : r0 + 8], dls)
+            F.split_block_rows_pairs(ST, pc, d_pairs, r0, r0 + 8)
+        # -- dK += dSᵀ·Q; dQᵀ += Kᵀ·dSᵀ over the keys c0 … c1 − 1 (Kᵀ's columns, dS's pair rows)
+        F.product_add(pc[:, c0:c1], o.qrp[b, h, :, q2 : q2 + BQ // 2], dK[c0:c1], scratch, cfg)
+        F.product_add(o.ktp[b, hk, kb][:, :, c0:c1], d_pairs[:, c0 // 2 : c1 // 2], dqT, scratch, cfg)
 
     return impl
 

@@ -145,3 +145,39 @@ def test_product_from_a_row_is_the_products_sub_tile():
     part = np.empty((64, 64), np.float32)
     F.product_from(ap, 32, bp[0, 0][:, :, 32:96], part, cfg)
     H.assert_bitwise_equal(part, whole[32:96, 32:96], "rows 32-95, columns 32-95")
+
+
+# The backward on the split route with all five products (Options.split_all) trims a PARTIAL
+# tile to the keys its rows see, in 32-key steps (_cpu_kernels._split_tile over keys c0 … c1):
+# the keys cut off have P = dS = 0 and would add exact zeros (the same bits as the whole tile:
+# cpu_ab_trees.py's hashes, docs/performance.md).  These hold it to the float64 reference.
+BACKWARD_CASES = ["causal aligned", "causal, 128-key prefix", "top-left Lq > Lk",  # (head dims in whole 32-steps)
+                  "causal D128", "causal + lengths"]
+
+
+def _trimmed_backward_tiles(call) -> int:
+    """How many PARTIAL tiles the split backward computes over fewer keys than the tile's."""
+    p = cpu.prepare(call, cpu.F32_SPLIT_BACKWARD_BLOCK_SIZE, split=True)
+    o, BK = p.options, p.kp.shape[3]
+    lo, hi = np.empty(o.BQ, np.int64), np.empty(o.BQ, np.int64)
+    n = 0
+    for b in range(call.B):
+        for kb in range(p.kp.shape[2]):
+            for qb in range(-(-call.Lq // o.BQ)):
+                i0, nrows, nr = _cpu_kernels._rows(b, qb, o)
+                if nr > 0 and _cpu_kernels._tile_class(b, 0, qb, kb, BK, o) == _cpu_kernels.PARTIAL:
+                    c0, c1 = _cpu_kernels._key_extent(lo, hi, b, i0, nr, kb * BK, BK, o)
+                    n += c1 - c0 < BK
+    return n
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_backward_trimmed_tiles_match_the_reference(case):
+    q, k, v, opts, call = _call(case)
+    assert cpu.f32_split_route(call) == AMX
+    if AMX:
+        assert _trimmed_backward_tiles(call) > 0  # (the case reaches the trimmed tiles)
+    dout = np.random.default_rng(4).standard_normal(q.shape[:3] + (v.shape[3],)).astype(np.float32)
+    out, lse = cpu.forward(call)
+    grads = cpu.backward(call, out, lse, dout)[:3]
+    H.assert_forward_backward_close_to_reference(q, k, v, dout, out, lse, grads, **opts)

@@ -58,10 +58,11 @@ def main() -> None:
     dt, ctx, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     mods = kernel_versions(sys.argv[4:])
     d = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
-    kind = 2 if dt == "float16" else 1
+    kind = {"float16": 2, "bfloat16": 1, "float32": 0}[dt]  # float32: the FUSED32 pass on 4-byte rows
+    bits = np.float32 if dt == "float32" else np.uint16
     rng = np.random.default_rng(0)
-    k = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(np.uint16).ravel()
-    v = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(np.uint16).ravel()
+    k = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(bits).ravel()
+    v = rng.standard_normal((HKV, ctx, D), dtype=np.float32).astype(d).view(bits).ravel()
     q = (rng.standard_normal(HKV * R * D, dtype=np.float32) / np.sqrt(D)).astype(np.float32)
     offs = ((np.arange(HKV)[:, None] * ctx + np.arange(ctx)[None, :]) * D).astype(np.int64).ravel()
     nitems = HKV * ctx // SPLIT

@@ -849,6 +849,11 @@ FUSED_MAX_TREE = True
 FUSED_AHEAD_KEYS = 8
 FUSED_SMALL_V_LOCALITY = 0
 FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
+# FUSED_SPLIT_NEXT: the pass's block loop emitted twice, for calls with a next item asked for
+# (PREFETCH_NEXT_MIN_BYTES) and without, each building only its own requests' row offsets — one
+# loop tested ``has`` per block and selected between both sets (16 row offsets each, 8 a key
+# group in the scores loop, where the registers run out).  Requests only: the same bits.
+FUSED_SPLIT_NEXT = True
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -983,18 +988,31 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             _ir_pv_groups(builder, R_, nvv, "fpv",
                           lambda r0, v0, rows_c, nv_c: pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c))
 
-        def scores(variant, t0):
+        def scores(variant, t0, nxt):
+            # nxt: None — whether a next item is asked for is tested per block (selects between
+            # the two request sets); True / False — the pass was emitted for that case alone
+            # (FUSED_SPLIT_NEXT), and only that case's requests are built
             bases, kahead, vahead, npk, npv = [], [], [], [], []
             for k in range(_LANES):
                 t = builder.add(t0, ir.Constant(_IRI64, k))
                 bases.append(row_of(od, t, n_, last))
                 ta = builder.add(t, ir.Constant(_IRI64, ahead))
-                kahead.append(row_of(od, ta, n_, last))
-                tv = ta if v_ahead is None else builder.add(t, ir.Constant(_IRI64, v_ahead))
-                vahead.append(row_of(vod, tv, n_, last))
-                npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
-                if not FUSED_NEXT_V_IN_PV:
-                    npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
+                if nxt is not True or FUSED_V_LOCALITY or not FUSED_K_SMALL_ONLY:  # (rows _fused_requests reads)
+                    kahead.append(row_of(od, ta, n_, last))
+                    tv = ta if v_ahead is None else builder.add(t, ir.Constant(_IRI64, v_ahead))
+                    vahead.append(row_of(vod, tv, n_, last))
+                if nxt is None:
+                    npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
+                    if not FUSED_NEXT_V_IN_PV:
+                        npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
+                elif nxt:
+                    npk.append(next_row(pkd, t))
+                    if not FUSED_NEXT_V_IN_PV:
+                        npv.append(next_row(pvd, t))
+            if nxt is not None:
+                pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality)
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
+                return
             # (array, 16 row offsets, width, locality): the next item's key (and value) rows
             # into L2 (where there is none, the next block's value rows), the next block's
             # key and value rows into L1
@@ -1013,20 +1031,57 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                 pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
             _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
 
-        def emit(variant):
+        def emit_blocks(variant, nxt):
             with cgutils.for_range(builder, nblk) as blk:
                 t0 = builder.mul(blk.index, c16)
                 cnt = builder.sub(n_, t0)
                 cnt = builder.select(builder.icmp_signed("<", cnt, c16), cnt, c16)
-                scores(variant, t0)
+                scores(variant, t0, nxt)
                 blast = builder.icmp_signed("==", builder.srem(blk.index, sum_block), ir.Constant(_IRI64, SUM_VECTORS - 1))
                 softmax_update(t0, cnt, blast)
                 pv_block(variant, t0, cnt)
+
+        def emit(variant):
+            if not FUSED_SPLIT_NEXT:
+                emit_blocks(variant, None)
+                return
+            # one copy of the block loop per case: with a next item asked for, and without
+            with builder.if_else(has) as (then, otherwise):
+                with then:
+                    emit_blocks(variant, True)
+                with otherwise:
+                    emit_blocks(variant, False)
 
         _ir_variants(context, builder, at[3], kind_, emit)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality):
+    """The fused pass's requests beside the scores' FMAs (``(array, row offsets, width,
+    locality)``, as :func:`_ir_scores_blocked` takes them) when the pass is emitted for one case
+    (FUSED_SPLIT_NEXT): ``nxt`` True — the next item's key rows into L2 (and its value rows,
+    unless the ``P·V`` part asks for them: FUSED_NEXT_V_IN_PV); False — the next block's rows
+    (keys into L1, values as ``small_v_locality`` says).  What the shared loop's per-block selects
+    give each case, without the other case's rows."""
+    pf = []
+    if nxt:
+        pf.append((fd, npk, D_, 2))
+        if not FUSED_NEXT_V_IN_PV:
+            pf.append((vfd, npv, Dv_, 2))
+        if FUSED_K_LOCALITY and not FUSED_K_SMALL_ONLY:
+            pf.append((fd, kahead, D_, FUSED_K_LOCALITY))
+    else:
+        if small_v_locality:
+            pf.append((vfd, vahead, Dv_, small_v_locality))
+        if not FUSED_NEXT_V_IN_PV:
+            pf.append((vfd, vahead, Dv_, 2))
+        if FUSED_K_LOCALITY:
+            pf.append((fd, kahead, D_, FUSED_K_LOCALITY))
+    if FUSED_V_LOCALITY:
+        pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
+    return pf
 
 
 def _ir_pv_groups(builder, R, npieces, label, emit_block):

@@ -34,7 +34,7 @@ import numpy as np
 from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
-from . import cpu_small
+from . import _workspace, cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ._cpu_options import NO_PAIRS, Options, flat_pairwise
 from .dropout import seed_key
@@ -461,12 +461,12 @@ def _num_threads() -> int:
 # =================================================================================
 
 
-def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False) -> np.ndarray:
+def _pack_kv(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False, role: str | None = None) -> np.ndarray:
     """:func:`_pack_kv_checked`'s packed blocks."""
-    return _pack_kv_checked(x, kv_lengths, BK, dtype, transposed)[0]
+    return _pack_kv_checked(x, kv_lengths, BK, dtype, transposed, role)[0]
 
 
-def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False):
+def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool = False, role: str | None = None):
     """``(packed, finite)``: (B, Hkv, Lk, X) → (B, Hkv, nkb, BK, X) contiguous, zero past each
     real length; ``finite`` whether ``x`` holds no NaN/±inf where the packing checked it on
     the way (bfloat16 Vᵀ from whole tiles, :func:`_cpu_amx.pack_vt`), else None (not checked).
@@ -476,6 +476,7 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
     bfloat16 blocks start at 64-byte boundaries (the AMX tile loads: ``_cpu_amx``), copied
     there if need be.  ``transposed``: each block lies transposed in memory, ``(X, BK)``
     (returned as the transposed view, still indexed ``(…, BK, X)``): the bfloat16 forward's Vᵀ.
+    ``role``: a copy is the workspace's scratch for that role (:func:`_buffer`), else fresh.
     """
     B, H, L, X = x.shape
     nkb = -(-L // BK)
@@ -485,10 +486,10 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
             # every element written, so no zeros first
             from ._cpu_amx import pack_vt
 
-            packed = _empty_aligned((B, H, nkb, X, BK), dtype)
+            packed = _buffer(role, (B, H, nkb, X, BK), dtype)
             finite = pack_vt(x.view(np.uint16).view(np.uint32), packed.view(np.uint16).view(np.uint32))
             return packed.swapaxes(3, 4), bool(finite)
-        packed = _zeros_aligned((B, H, nkb, X, BK), dtype)
+        packed = _buffer(role, (B, H, nkb, X, BK), dtype, zero=True)
         # NumPy's strided copy: 1.16 ms for H8 L4096 D64 against 1.9 for a serial Numba loop
         # and 5.5 for a parallel one (its thread team's start, machine at load 2.3)
         for b in range(B):
@@ -508,7 +509,7 @@ def _pack_kv_checked(x: np.ndarray, kv_lengths, BK: int, dtype, transposed: bool
         and (kv_lengths is None or bool(np.all(kv_lengths == L)))
     ):
         return x.reshape(B, H, nkb, BK, X), None
-    packed = _zeros_aligned((B, H, nkb * BK, X), dtype)
+    packed = _buffer(role, (B, H, nkb * BK, X), dtype, zero=True)
     if kv_lengths is None:
         packed[:, :, :L] = x
     else:
@@ -541,7 +542,7 @@ def _by_rows(rows: int, job) -> None:
     _launch.run_chunks(lambda chunk, n: job(rows * chunk // n, rows * (chunk + 1) // n), (), n)
 
 
-def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
+def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int, keep: bool = False):
     """``(kp, vp, v_finite)`` as :func:`_pack_kv` and :func:`_pack_kv_checked` (``transposed``)
     give them for the bfloat16 forward, with V's transposing pack (and K's copy to a 64-byte
     boundary where it needs one) split by heads over the caller and the ``_launch`` pool
@@ -551,7 +552,7 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
     Both packs are copies at a few GB/s on one core: 1.8–2.9 ms a call at H8 L4096 D64 and H4
     D128 (a forward of 28–48 ms on this host), 1.4–1.6 ms split (medians of 41, alternated,
     1 Dec 15:59).  Each head's tiles are packed whole by one thread, so the bits are the same
-    whichever thread packs them.
+    whichever thread packs them.  ``keep``: the packings are the workspace's scratch (:func:`_buffer`).
     """
     if not (_whole_bf16_tiles(k, kv_lengths, BK) and _whole_bf16_tiles(v, kv_lengths, BK)):
         return None
@@ -559,8 +560,8 @@ def _pack_bf16_forward_kv(k: np.ndarray, v: np.ndarray, kv_lengths, BK: int):
 
     B, H, L, X = v.shape
     D, nkb, rows = k.shape[3], L // BK, B * H
-    kp = k if k.ctypes.data % 64 == 0 and k.flags.writeable else _empty_aligned(k.shape, BFLOAT16)
-    vp = _empty_aligned((B, H, nkb, X, BK), BFLOAT16)
+    kp = k if k.ctypes.data % 64 == 0 and k.flags.writeable else _buffer(_KV_ROLES[0] if keep else None, k.shape, BFLOAT16)
+    vp = _buffer(_KV_ROLES[1] if keep else None, (B, H, nkb, X, BK), BFLOAT16)
     # (sequence, head) rows of C-ordered views: the same array types as the whole arrays (one
     # compiled pack_vt), each chunk's rows contiguous
     k_rows = k.view(np.uint16).reshape(rows, L * D)
@@ -609,14 +610,16 @@ def _bf16_row_pairs(x: np.ndarray, q_lens: np.ndarray, BQ: int) -> np.ndarray:
     return _bf16_packed_rows([_row_pairs_packing(x, BQ)], q_lens)[0]
 
 
-def _bf16_query_side_pairs(q: np.ndarray, dout: np.ndarray, q_lens: np.ndarray, BQ: int) -> list[np.ndarray]:
+def _bf16_query_side_pairs(q: np.ndarray, dout: np.ndarray, q_lens: np.ndarray, BQ: int, keep: bool = False) -> list[np.ndarray]:
     """``[qv, dov, qrows, dorows]``: :func:`_bf16_pairs_t` and :func:`_bf16_row_pairs` of q and
     of dO (the bfloat16 AMX backward's query-side operands), in one hand-off to the pool: each
     thread packs its heads of all four (one head's q read by both packings in turn).  Four
-    hand-offs took 2.88 ms at H4 L4096 D128, one 2.39 (medians of 31, alternated, 2 Dec 13:07)."""
+    hand-offs took 2.88 ms at H4 L4096 D128, one 2.39 (medians of 31, alternated, 2 Dec 13:07).
+    ``keep``: the four are the workspace's scratch (:func:`_buffer`)."""
     q_t, q_rows = _pairs_t_packing(q, BQ), _row_pairs_packing(q, BQ)
     do_t, do_rows = _pairs_t_packing(dout, BQ), _row_pairs_packing(dout, BQ)
-    qv, qrows, dov, dorows = _bf16_packed_rows([q_t, q_rows, do_t, do_rows], q_lens)
+    roles = ("bwd q pairs t", "bwd q row pairs", "bwd dO pairs t", "bwd dO row pairs") if keep else None
+    qv, qrows, dov, dorows = _bf16_packed_rows([q_t, q_rows, do_t, do_rows], q_lens, roles)
     return [qv, dov, qrows, dorows]
 
 
@@ -640,15 +643,17 @@ def _row_pairs_packing(x: np.ndarray, BQ: int) -> tuple:
     return pack_row_pairs, source, (B, H, 1, nq // 2, X)
 
 
-def _bf16_packed_rows(packings: list, q_lens: np.ndarray) -> list[np.ndarray]:
+def _bf16_packed_rows(packings: list, q_lens: np.ndarray, roles=None) -> list[np.ndarray]:
     """For each ``(pack, source, shape)`` (a ``_cpu_amx`` packing ``pack(source, lens, out, a, b)``
     of (sequence, head) rows ``a … b−1``; every ``shape`` ``(B, H, …)`` with the same B and H), a
-    fresh 64-byte-aligned uint32 array of ``shape``, packed; split by rows over the caller and the
-    pool (:func:`_by_rows`), each thread running every packing on its rows in the list's order.
+    64-byte-aligned uint32 array of ``shape`` (fresh, or the workspace's for ``roles[i]``: every
+    element is written), packed; split by rows over the caller and the pool (:func:`_by_rows`),
+    each thread running every packing on its rows in the list's order.
     Each row is packed whole by one thread: the bits do not depend on the split."""
     B, H = packings[0][2][0], packings[0][2][1]
     lens = np.repeat(np.asarray(q_lens, dtype=np.int64), H)
-    outs = [_empty_aligned(shape, np.uint32) for _, _, shape in packings]
+    roles = roles or [None] * len(packings)
+    outs = [_buffer(role, shape, np.uint32) for (_, _, shape), role in zip(packings, roles)]
     jobs = [(pack, source, out.reshape((B * H,) + shape[3:])) for (pack, source, shape), out in zip(packings, outs)]
 
     def job(a: int, b: int) -> None:
@@ -671,6 +676,28 @@ def _empty_aligned(shape, dtype, allocate=np.empty) -> np.ndarray:
 def _zeros_aligned(shape, dtype) -> np.ndarray:
     """``np.zeros(shape, dtype)`` starting at a 64-byte boundary."""
     return _empty_aligned(shape, dtype, np.zeros)
+
+
+def _buffer(role: str | None, shape, dtype, zero: bool = False) -> np.ndarray:
+    """A 64-byte-aligned ``shape`` array of ``dtype`` (zeros if ``zero``, else uninitialized):
+    the calling thread's workspace buffer for ``role`` — per-call scratch kept between calls
+    (:mod:`._workspace`: a process's allocator mode cost a bfloat16 D128 fwd+bwd ≈ 30 % in page
+    faults) — or fresh memory for None (arrays that go back to the caller, or callers such as
+    tests that keep what they get)."""
+    if role is None:
+        return _zeros_aligned(shape, dtype) if zero else _empty_aligned(shape, dtype)
+    return _workspace.scratch(role, shape, dtype, zero)
+
+
+# The workspace roles of prepare(keep=True)'s K and V copies (forward or backward: one at a time)
+_KV_ROLES = ("k tiles", "v tiles")
+
+
+def release_workspace() -> int:
+    """Free the per-call scratch buffers the ``cpu`` backend keeps between calls (every
+    thread's; :mod:`._workspace`), returning the bytes dropped.  The next call allocates them
+    again.  ``DOTATTN_CPU_WORKSPACE_MB`` bounds what a thread keeps (default 256; 0: nothing)."""
+    return _workspace.release()
 
 
 def amx_path() -> tuple[bool, str]:
@@ -804,13 +831,16 @@ def prepare(
     forward: bool = False,
     grouped: bool = False,
     split: bool = False,
+    keep: bool = False,
 ) -> Prepared:
     """Everything the kernels need for ``call``, without any ``Lq × Lk`` array.
 
     ``forward``: for the forward kernel — bfloat16 operands then get V transposed (``accᵀ +=
     Vᵀ·P``) and, where :func:`amx_path` allows and the sizes are whole AMX steps, the AMX
     tile products (``Options.amx``).  ``grouped``: for the grouped forward, which reads q and
-    the K/V tiles in place where it can (any strides; :func:`_kv_tiles`).
+    the K/V tiles in place where it can (any strides; :func:`_kv_tiles`).  ``keep``: K's and
+    V's copies are the workspace's scratch (:func:`_buffer`; :func:`forward` and
+    :func:`backward`, whose Prepared lives for the call only), else fresh arrays.
     """
     score_mod, mask_mod, bm = user_mods(call)
     T = call.compute_dtype
@@ -833,15 +863,17 @@ def prepare(
     if grouped:  # float32 only (_grouped_f32): copies only for another dtype or read-only memory
         in_place = call.q.dtype == S and call.q.strides[3] == call.q.itemsize and call.q.flags.writeable
         q = call.q if in_place else _contiguous(call.q, S)
-        kp, vp = _kv_tiles(call.k, call.kv_lengths, BK, S), _kv_tiles(call.v, call.kv_lengths, BK, S)
+        k_role, v_role = _KV_ROLES if keep else (None, None)
+        kp, vp = _kv_tiles(call.k, call.kv_lengths, BK, S, k_role), _kv_tiles(call.v, call.kv_lengths, BK, S, v_role)
     v_transposed = forward and S == BFLOAT16
     v_finite = None
     if not grouped:
         q = as_kernel_operand(_contiguous(call.q, S))
-        packed = _pack_bf16_forward_kv(call.k, call.v, call.kv_lengths, BK) if v_transposed else None
+        packed = _pack_bf16_forward_kv(call.k, call.v, call.kv_lengths, BK, keep) if v_transposed else None
         if packed is None:
-            kp = _pack_kv(call.k, call.kv_lengths, BK, S)
-            vp, v_finite = _pack_kv_checked(call.v, call.kv_lengths, BK, S, transposed=v_transposed)
+            k_role, v_role = _KV_ROLES if keep else (None, None)
+            kp = _pack_kv(call.k, call.kv_lengths, BK, S, role=k_role)
+            vp, v_finite = _pack_kv_checked(call.v, call.kv_lengths, BK, S, transposed=v_transposed, role=v_role)
         else:
             kp, vp, v_finite = packed
         kp, vp = as_kernel_operand(kp), as_kernel_operand(vp)
@@ -968,6 +1000,12 @@ def _inputs_finite(call: AttentionCall, p: "Prepared") -> bool:
     return call.alibi_slopes is None or _all_finite(call.alibi_slopes)
 
 
+# The bfloat16 Δ's widened rows per step (2 × 256 KiB of float32 at D 128: in L2)
+DELTA_BLOCK_ROWS = 512
+# The workspace role of the backward's dO scaled by the LSE's rounding fix (float32)
+_DOUT_ROLE = "bwd dO fixed"
+
+
 def _backward_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout, lse):
     """``(finite, Δ, dO for the kernel)`` for a bfloat16 or float32 backward, on the caller and
     the ``_launch`` pool thread (NumPy's passes, ``einsum`` and the finiteness scans release the
@@ -1004,7 +1042,7 @@ def _backward_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout, ls
     delta = np.empty((B, Hq, Lq), dtype=np.float32)
     o_rows, do_rows, delta_rows = out.reshape(rows, Lq, Dv), dout.reshape(rows, Lq, Dv), delta.reshape(rows, Lq)
     fix = None if S == BFLOAT16 or _p_from_tile_softmax(p) else lse_rounding_fix(lse).reshape(rows, Lq)
-    dout_k = as_kernel_operand(dout) if fix is None else np.empty_like(dout)
+    dout_k = as_kernel_operand(dout) if fix is None else _buffer(_DOUT_ROLE, dout.shape, dout.dtype)
     if fix is not None:
         fix32, dk_rows = fix.astype(np.float32)[..., None], dout_k.reshape(rows, Lq, Dv)
     # the general path's checks, in two halves of about the same bytes: one per chunk (the
@@ -1013,15 +1051,33 @@ def _backward_checks_and_delta(call: AttentionCall, p: "Prepared", out, dout, ls
     nchunks = 2 if rows >= 2 and _launch.num_threads() >= 2 else 1
     finite = [] if nchunks == 2 else [checks.pop(0)()]
 
-    def widened(x):  # bfloat16 bits → the float32 they are (one pass: the shift widens as it goes)
-        if S == np.float32:
-            return x
-        return np.left_shift(x.view(np.uint16), np.uint32(16), dtype=np.uint32).view(np.float32)
+    # bfloat16 Δ from float32 widenings of DELTA_BLOCK_ROWS query rows at a time, in two
+    # workspace buffers per thread that stay in L2 (whole-half widenings were four fresh 4 MiB
+    # arrays a call at H4 L4096 D128: written, then read back from memory)
+    block = min(DELTA_BLOCK_ROWS, Lq)
+    flat_do, flat_o, flat_delta = dout.reshape(rows * Lq, Dv), out.reshape(rows * Lq, Dv), delta.reshape(rows * Lq)
+    widened = [] if S != BFLOAT16 else [
+        (_buffer(f"bwd delta dO rows {c}", (block, Dv), np.uint32), _buffer(f"bwd delta O rows {c}", (block, Dv), np.uint32))
+        for c in range(nchunks)
+    ]
+
+    def bf16_delta(chunk: int, a: int, b: int) -> None:
+        wide_do, wide_o = widened[chunk]
+        for i in range(a * Lq, b * Lq, block):
+            j = min(i + block, b * Lq)
+            # bfloat16 bits → the float32 they are (one pass: the shift widens as it goes)
+            np.left_shift(flat_do[i:j].view(np.uint16), np.uint32(16), out=wide_do[: j - i], dtype=np.uint32)
+            np.left_shift(flat_o[i:j].view(np.uint16), np.uint32(16), out=wide_o[: j - i], dtype=np.uint32)
+            np.einsum("ld,ld->l", wide_do[: j - i].view(np.float32), wide_o[: j - i].view(np.float32),
+                      dtype=np.float32, out=flat_delta[i:j])
 
     def job(chunk: int, n: int) -> None:
         a, b = rows * chunk // n, rows * (chunk + 1) // n
         finite.append(checks[chunk]())  # (list.append is atomic)
-        np.einsum("rld,rld->rl", widened(do_rows[a:b]), widened(o_rows[a:b]), dtype=np.float32, out=delta_rows[a:b])
+        if S == BFLOAT16:
+            bf16_delta(chunk, a, b)
+        else:
+            np.einsum("rld,rld->rl", do_rows[a:b], o_rows[a:b], dtype=np.float32, out=delta_rows[a:b])
         if fix is not None:
             np.multiply(do_rows[a:b], fix32[a:b], out=dk_rows[a:b])
             delta_rows[a:b] = delta_rows[a:b] * fix[a:b]
@@ -1084,7 +1140,7 @@ def forward(
     if block_size is None and _documents_only(call):
         block_size = document_block_size(call)
     split = not grouped and f32_split_route(call)
-    p = prepare(call, block_size, forward=True, grouped=grouped, split=split)
+    p = prepare(call, block_size, forward=True, grouped=grouped, split=split, keep=True)
     tops = _forward_largest(p) if split else None  # (V's finiteness and q's and K's range, one pass)
     if tops is not None:
         v_finite = bool(np.isfinite(tops["v"]))
@@ -1240,7 +1296,7 @@ def _query_side_pass(p: Prepared, call: AttentionCall, out: np.ndarray, lse: np.
 
     o = p.options
     fix = np.ones(lse.shape) if _p_from_tile_softmax(p) else lse_rounding_fix(lse)
-    dout_k = np.empty(dout.shape, dtype=np.float32)
+    dout_k = _buffer(_DOUT_ROLE, dout.shape, np.float32)  # (every element written by split_query_side)
     delta = np.empty(lse.shape, dtype=np.float32)
     pairs = _split_all_shapes(call)
     pieces = {"qpc": _column_pieces(p.q, o.q_lens, o.BQ, "backward qpc", False),
@@ -1272,33 +1328,13 @@ SPLIT_IN_TASK = True
 # switch).  Measured: docs/performance.md, "float32 causal forward on the split route …"
 SPLIT_STRIP_ROWS = 64
 
-_split_buffers = threading.local()
-# What one thread may keep of pieces arrays between calls, all roles together: the arrays of
-# H8 L4096 D64 take ≈ 25 MiB for a forward and 50 MiB for a backward; beyond this budget a
-# call's arrays are allocated per call and freed with it, so a process that once ran a long
-# sequence does not hold its pieces (up to ≈ 200 MiB a role at L16k D128) for good.
-SPLIT_BUFFERS_KEPT_BYTES = 128 << 20
-
-
 def _pieces_buffer(role: str, shape: tuple, dtype) -> np.ndarray:
-    """An uninitialized 64-byte aligned array for one kind of split operand (``role``), reused
-    by the next call of this thread that needs the same shape: fresh memory paid its page
-    faults on every call (≈ 1 ms per 12 MiB of pieces, up to 3× that when the kernel
-    compacts for huge pages).  One array per role and thread (the last shape), kept while the
-    thread's kept arrays stay within :data:`SPLIT_BUFFERS_KEPT_BYTES`; a call's roles are
-    distinct and calls on one thread never overlap, so no two users share one."""
-    dtype = np.dtype(dtype)
-    cache = getattr(_split_buffers, "arrays", None)
-    if cache is None:
-        cache = _split_buffers.arrays = {}
-    old = cache.pop(role, None)
-    if old is not None and old.shape == shape and old.dtype == dtype:
-        cache[role] = old
-        return old
-    out = _empty_aligned(shape, dtype)
-    if out.nbytes + sum(a.nbytes for a in cache.values()) <= SPLIT_BUFFERS_KEPT_BYTES:
-        cache[role] = out
-    return out
+    """An uninitialized 64-byte aligned array for one kind of split operand (``role``): the
+    workspace's scratch (:func:`_buffer`), reused by the next call of this thread that fits
+    in it — fresh memory paid its page faults on every call (≈ 1 ms per 12 MiB of pieces, up
+    to 3× that when the kernel compacts for huge pages).  The arrays of H8 L4096 D64 take
+    ≈ 25 MiB for a forward and 50 MiB for a backward."""
+    return _buffer("pieces " + role, shape, dtype)
 
 
 def _row_pieces(x: np.ndarray, role: str, split: bool = True) -> np.ndarray:
@@ -1428,10 +1464,10 @@ def _any_layout(x: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(x, (2,) + x.shape, (0,) + x.strides)
 
 
-def _kv_tiles(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
+def _kv_tiles(x: np.ndarray, kv_lengths, BK: int, dtype, role: str | None = None) -> np.ndarray:
     """(B, Hkv, Lk, X) as key tiles (B, Hkv, nkb, BK, X): a strided view of ``x`` when no
     tile needs padding (``Lk`` a multiple of BK, no ``kv_lengths`` below it) and its rows are
-    contiguous in ``dtype``; else :func:`_pack_kv`'s zero-padded copy."""
+    contiguous in ``dtype``; else :func:`_pack_kv`'s zero-padded copy (``role``: in the workspace)."""
     B, H, L, X = x.shape
     if (
         L % BK == 0
@@ -1443,7 +1479,7 @@ def _kv_tiles(x: np.ndarray, kv_lengths, BK: int, dtype) -> np.ndarray:
     ):
         sB, sH, sL, sX = x.strides
         return np.lib.stride_tricks.as_strided(x, (B, H, L // BK, BK, X), (sB, sH, BK * sL, sL, sX))
-    return _pack_kv(x, kv_lengths, BK, dtype)
+    return _pack_kv(x, kv_lengths, BK, dtype, role=role)
 
 
 def _grouped_f32(call: AttentionCall) -> bool:
@@ -1601,11 +1637,15 @@ def _p_from_tile_softmax(p: Prepared) -> bool:
     return bool(_short_rows.py_func(o.Lq, o.Lk) and p.kp.shape[2] == 1 and whole_rows)
 
 
-def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None):
+def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None,
+             rounded: bool = False):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
 
     ``serial``: run the one chunk on this thread (True) or the prange kernel (False); None
     decides by size (:data:`SERIAL_BACKWARD_MAX_WORK`).  :func:`precompile` forces each.
+    ``rounded``: the caller rounds dq, dk and dv into new arrays before anything else sees
+    them (:func:`backward_final`), so these float32 sums may be the workspace's scratch; else
+    they are fresh arrays the caller keeps.
     """
     sparse = call.window is not None or call.q_segment_ids is not None
     split = f32_split_route(call)
@@ -1615,7 +1655,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
             block_size = F32_SPLIT_BACKWARD_BLOCK_SIZE
         else:
             block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
-    p = prepare(call, block_size, split=split)
+    p = prepare(call, block_size, split=split, keep=True)
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv
@@ -1668,22 +1708,27 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         p = _with_split_operands(p, call, dout_k, side.tops, side.pieces)
     elif bf16_backward_amx(call, p):
         o = p.options
-        qv, dov, qrows, dorows = _bf16_query_side_pairs(p.q, dout_k, o.q_lens, o.BQ)
+        qv, dov, qrows, dorows = _bf16_query_side_pairs(p.q, dout_k, o.q_lens, o.BQ, keep=True)
         p = Prepared(p.kernels, p.T, p.q, p.kp, p.vp, o._replace(
             bwd_amx=True, qv=qv, dov=dov, qrows=qrows, dorows=dorows), p.v_finite)
+    # Scratch from the workspace (kept between calls: _buffer): dQ's parts where dQ is summed
+    # into a new array (transposed parts), dK's and dV's tiles and dQ where they are rounded
+    # into new arrays (``rounded``); the kernel adds into the dQ parts (zeros first) and writes
+    # every key tile of dK and dV whole (no zeros needed)
     dq_t = p.options.split_all or p.options.bwd_amx
     if p.options.split_all:  # dQ accumulates transposed (dQᵀ += Kᵀ·dSᵀ), whole query tiles
         nq = -(-Lq // p.options.BQ) * p.options.BQ
-        dq_parts = np.zeros((nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), dtype=T)
+        dq_parts = _buffer("bwd dq parts", (nchunks, B, Hq, p.options.qrp.shape[4], nq + 16), T, zero=True)
     elif dq_t:  # bfloat16 on AMX: dQᵀ += Kᵀ·dS too, by query tiles (tile loads/stores: at 64-byte boundaries)
         nqb = -(-Lq // p.options.BQ)
-        dq_parts = _zeros_aligned((nchunks, B, Hq, nqb * D, p.options.BQ + 16), T)
-    else:
-        dq_parts = np.zeros((nchunks, B, Hq, Lq, D), dtype=T)
-    # (every task writes its key tile of dK and dV whole, but np.empty instead of np.zeros made
-    # the kernel 3–4 % slower, measured in one process alternated: kept; docs/performance.md)
-    dkp = np.zeros(p.kp.shape[:4] + (D,), dtype=T)
-    dvp = np.zeros(p.vp.shape[:4] + (Dv,), dtype=T)
+        dq_parts = _buffer("bwd dq parts", (nchunks, B, Hq, nqb * D, p.options.BQ + 16), T, zero=True)
+    else:  # (dQ is part 0, summed in place: scratch only where rounded)
+        dq_parts = _buffer("bwd dq parts" if rounded else None, (nchunks, B, Hq, Lq, D), T, zero=True)
+    grads = ("bwd dk tiles", "bwd dv tiles", "bwd dq") if rounded else (None, None, None)
+    # (np.zeros for fresh dK and dV: np.empty made the kernel 3–4 % slower, measured in one
+    # process alternated — fresh pages faulted in inside the kernel either way; docs/performance.md)
+    dkp = _buffer(grads[0], p.kp.shape[:4] + (D,), T, zero=not rounded)
+    dvp = _buffer(grads[1], p.vp.shape[:4] + (Dv,), T, zero=not rounded)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
     with _kernel_launch(p.kernels, "backward", call.dtype):
         kernel = p.kernels._backward_chunk if serial else p.kernels.backward
@@ -1698,7 +1743,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
 
         from ._launch import run_chunks
 
-        dq = np.empty((B, Hq, Lq, D), dtype=T)
+        dq = _buffer(grads[2], (B, Hq, Lq, D), T)
         dq_sum = dq_from_transposed if p.options.split_all else dq_from_tiles
         run_chunks(dq_sum, (dq_parts, dq, T.type(call.scale)), 1 if serial else _num_threads())
     else:
@@ -1716,15 +1761,18 @@ def backward_final(call: AttentionCall, out, lse, dout, want_dbias: bool = False
     bits) instead of ``semantics.finalize_grad``'s ``astype``, which took ≈ 2.2 ms per 2 M
     elements against ≈ 0.75 (three H8 L4096 D64 gradients: 6.6 → 2.3 ms, medians, 1 Dec 16:05).
     Gradients that are not contiguous (dk/dv of a key length that is not a whole number of
-    tiles) stay float32 for ``finalize_grad``."""
-    dq, dk, dv, dbias = backward(call, out, lse, dout, want_dbias)
+    tiles) stay float32 for ``finalize_grad`` (copied: the float32 sums are workspace scratch)."""
     if call.dtype != BFLOAT16:
-        return dq, dk, dv, dbias
+        return backward(call, out, lse, dout, want_dbias)
+    # (dq, dk and dv are the workspace's scratch here: every one goes back as a new array)
+    dq, dk, dv, dbias = backward(call, out, lse, dout, want_dbias, rounded=True)
     from ._cpu_primitives import _round_to_bf16
 
     def rounded(g):
-        if g.dtype != np.float32 or not g.flags.c_contiguous:
+        if g.dtype != np.float32:
             return g
+        if not g.flags.c_contiguous:  # (out of the workspace: a float32 copy for finalize_grad)
+            return g.copy()
         bits = np.empty(g.size, dtype=np.uint16)
         _round_to_bf16(g.reshape(g.size), bits)
         return bits.view(BFLOAT16).reshape(g.shape)

@@ -715,13 +715,14 @@ def test_backward_dq_transposed_parts_are_the_amx_routes(monkeypatch):
     dout = np.random.default_rng(3).standard_normal(q.shape).astype(BFLOAT16)
     out, lse = cpu.forward(call, block_size=(32, 32))
     seen = []
-    real = cpu._zeros_aligned
+    real = cpu._buffer
 
-    def spy(shape, dtype):
-        seen.append(tuple(shape))
-        return real(shape, dtype)
+    def spy(role, shape, dtype, zero=False):  # (the buffers the kernel adds into: zeros)
+        if zero:
+            seen.append(tuple(shape))
+        return real(role, shape, dtype, zero)
 
-    monkeypatch.setattr(cpu, "_zeros_aligned", spy)
+    monkeypatch.setattr(cpu, "_buffer", spy)
     got = cpu.backward(call, out, lse, dout, block_size=(32, 32), serial=False)[0]
     chunks = cpu._num_threads()
     assert ((chunks, 1, 2, 3 * 64, 32 + 16) in seen) == HAS_AMX
@@ -729,7 +730,8 @@ def test_backward_dq_transposed_parts_are_the_amx_routes(monkeypatch):
     with monkeypatch.context() as mp:
         mp.setenv(cpu.BWD_AMX_ENV_VAR, "off")
         mkl = cpu.backward(call, out, lse, dout, block_size=(32, 32), serial=False)[0]
-    assert not any(len(s) == 5 for s in seen)
+    # rows: (chunks, B, H, Lq, D), nothing in the transposed layout
+    assert (chunks, 1, 2, 96, 64) in seen and not any(s[-1] == 32 + 16 for s in seen)
     np.testing.assert_allclose(got, mkl, rtol=0, atol=2e-3 * max(1.0, float(np.abs(mkl).max())))
 
 

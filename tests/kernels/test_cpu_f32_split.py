@@ -455,30 +455,35 @@ def test_lse_rounding_fix_of_masked_rows_warns_nothing():
 
 
 def test_pieces_buffers_kept_within_the_thread_budget(monkeypatch):
-    """Pieces arrays are reused by the next call of the same shape, and what one thread keeps
-    between calls stays within SPLIT_BUFFERS_KEPT_BYTES whatever the calls' sizes."""
+    """Pieces arrays are the workspace's scratch (``cpu._buffer``, ``kernels/_workspace.py``):
+    reused by the next call of the thread that fits in them, and what one thread keeps between
+    calls stays within the workspace's limit whatever the calls' sizes."""
     import threading
 
-    monkeypatch.setattr(cpu, "SPLIT_BUFFERS_KEPT_BYTES", 1 << 20)
+    from dotattn.kernels import _workspace
+
+    monkeypatch.setenv(_workspace.LIMIT_ENV_VAR, "1")  # MiB
     kept = {}
 
     def run():
         first = cpu._pieces_buffer("a", (256, 1024), np.uint16)  # 512 KiB: kept
-        kept["reused"] = cpu._pieces_buffer("a", (256, 1024), np.uint16) is first
+        kept["reused"] = cpu._pieces_buffer("a", (256, 1024), np.uint16).ctypes.data == first.ctypes.data
         cpu._pieces_buffer("b", (256, 768), np.uint16)  # 384 KiB: 896 KiB in all, kept
         big = cpu._pieces_buffer("c", (1024, 1024), np.uint16)  # 2 MiB: over the budget
-        kept["big reused"] = cpu._pieces_buffer("c", (1024, 1024), np.uint16) is big
-        cpu._pieces_buffer("a", (512, 1024), np.uint16)  # a new shape replaces role a's array
-        arrays = cpu._split_buffers.arrays
-        kept["roles"] = sorted(arrays)
-        kept["bytes"] = sum(a.nbytes for a in arrays.values())
-        kept["aligned"] = all(a.ctypes.data % 64 == 0 for a in arrays.values())
+        kept["big reused"] = cpu._pieces_buffer("c", (1024, 1024), np.uint16).ctypes.data == big.ctypes.data
+        # a larger request for role a would pass the budget beside b's: fresh for that call,
+        # a's 512 KiB array stays for the calls it fits
+        grown = cpu._pieces_buffer("a", (512, 1024), np.uint16)
+        kept["grown kept"] = grown.ctypes.data == _workspace.buffer_address("pieces a")
+        kept["roles"] = _workspace.held_roles()
+        kept["aligned"] = all(_workspace.buffer_address(r) % 64 == 0 for r in kept["roles"])
+        kept["bytes"] = _workspace.held_bytes(all_threads=False)
 
     t = threading.Thread(target=run)  # a fresh thread: its own buffers, gone with it
     t.start()
     t.join()
-    assert kept["reused"] and not kept["big reused"] and kept["aligned"]
-    assert kept["roles"] == ["b"]  # role a's 1 MiB array would pass the budget beside b's
+    assert kept["reused"] and not kept["big reused"] and not kept["grown kept"] and kept["aligned"]
+    assert kept["roles"] == {"pieces a": 512 << 10, "pieces b": 384 << 10}
     assert kept["bytes"] <= 1 << 20
 
 

@@ -27,8 +27,15 @@ SHAPES = [((1, 2, 512, 128), False), ((2, 3, 700, 64), True)]
 
 
 def _operands(shape, dtype, seed):
+    """q, k, v, dO at 64-byte boundaries (a bfloat16 K elsewhere takes an aligned copy, the
+    workspace's "k tiles": whether it does would depend on where malloc put it)."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(shape).astype(np.float32).astype(dtype) for _ in range(4)]
+    arrays = []
+    for _ in range(4):
+        x = cpu._empty_aligned(shape, dtype)
+        x[...] = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+        arrays.append(x)
+    return arrays
 
 
 def _fwd_bwd(shape, causal, dtype, seed=0):

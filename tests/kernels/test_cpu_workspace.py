@@ -84,6 +84,40 @@ def test_interleaved_shapes_give_the_bits_of_fresh_calls(dtype):
     assert _workspace.held_bytes(all_threads=False) > 0
 
 
+# Masks under which some key tiles are seen by no query (keys past a sequence's length) or
+# some query tiles skip key tiles (windows): the rounded backward's dK/dV scratch is not
+# zeroed between calls (the kernel writes every key tile whole), so a stale value there would
+# show up as a nonzero gradient of a key no query sees
+MASKED = [
+    pytest.param(dict(kv_lengths=np.array([300, 1024])), id="kv-lengths"),
+    pytest.param(dict(causal=True, kv_lengths=np.array([700, 1024])), id="causal-kv-lengths"),
+    pytest.param(dict(causal=True, window=(64, 0)), id="causal-window"),
+    pytest.param(dict(window=(128, 0)), id="window"),
+]
+
+
+def _masked_fwd_bwd(shape, dtype, seed, mask):
+    q, k, v, do = _operands(shape, dtype, seed)
+    out, lse = dotattn.attention(q, k, v, implementation="cpu", return_lse=True, **mask)
+    return [out, lse, *dotattn.attention_backward(q, k, v, out, lse, do, implementation="cpu", **mask)]
+
+
+@pytest.mark.parametrize("mask", MASKED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_key_tiles_after_a_dense_call_give_fresh_bits(dtype, mask):
+    shape = (2, 2, 1024, 64)
+    expect = _fresh(_masked_fwd_bwd, shape, dtype, 7, mask)
+    cpu.release_workspace()
+    _fwd_bwd(shape, False, dtype, seed=8)  # dense: every scratch tile written with nonzeros
+    got = _masked_fwd_bwd(shape, dtype, 7, mask)
+    for g, e in zip(got, expect):
+        H.assert_bitwise_equal(np.asarray(g), np.asarray(e))
+    if "kv_lengths" in mask:  # dK and dV of keys past sequence 0's length: exact zeros
+        past = int(mask["kv_lengths"][0])
+        for grad in got[3:5]:
+            assert not np.asarray(grad)[0, :, past:].astype(np.float32).any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_never_lie_in_the_workspace(dtype):
     cpu.release_workspace()

@@ -10,7 +10,7 @@ wrapped steps (torch's autograd engine, conversions, the front end's glue).
 The kernels themselves report per thread: ``kernel: per thread`` lists each thread's CPU
 time inside the kernel; a thread that ran out of work early and parked shows less.
 
-    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_fwdbwd_phases.py [--H 4 --D 128] [--rounds 9] [--numpy] [--causal]
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_fwdbwd_phases.py [--H 4 --D 128] [--rounds 9] [--numpy] [--causal] [--forward]
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--numpy", action="store_true", help="the NumPy API instead of torch autograd")
+    ap.add_argument("--forward", action="store_true",
+                    help="the forward alone (torch under no_grad, as the interleaved script's forward cases)")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
 
@@ -105,6 +107,13 @@ def main() -> None:
     qn, kn, vn, don = (x.view(torch.int16).numpy().view(cpu.BFLOAT16) for x in (q, k, v, dout))
 
     def call():
+        if args.forward:
+            if args.numpy:
+                dotattn.attention(qn, kn, vn, causal=args.causal, implementation="cpu")
+            else:
+                with torch.no_grad():
+                    dt.attention(q, k, v, causal=args.causal, implementation="cpu")
+            return
         if args.numpy:
             out, lse = dotattn.attention(qn, kn, vn, causal=args.causal, implementation="cpu", return_lse=True)
             dotattn.attention_backward(qn, kn, vn, out, lse, don, causal=args.causal, implementation="cpu")
@@ -145,6 +154,8 @@ def main() -> None:
     wrapped.append((_launch, "run_chunks", ""))
     # ``rest``: the call less these (the others are parts of them)
     ph.outer = {"torch: _forward_body", "torch: _backward_body"} if not args.numpy else {"cpu.forward", "cpu.backward"}
+    if args.forward and not args.numpy:  # (under no_grad the front end calls dispatch directly)
+        ph.outer = {"dispatch.run_forward"}
     # np.zeros of dK/dV: counted by a wrapper on the module's np (cpu.np is numpy itself)
     try:
         for rnd in range(args.rounds):
@@ -159,7 +170,7 @@ def main() -> None:
 
     load = os.getloadavg()
     api = "NumPy API" if args.numpy else "torch autograd"
-    print(f"bfloat16 fwd+bwd H{args.H} L{args.L} D{args.D}{' causal' if args.causal else ''}, {api}, "
+    print(f"bfloat16 {'forward' if args.forward else 'fwd+bwd'} H{args.H} L{args.L} D{args.D}{' causal' if args.causal else ''}, {api}, "
           f"{args.rounds} rounds, {time.strftime('%H:%M', time.gmtime())} UTC, load {load[0]:.2f}")
     print(f"{'phase':<26} {'wall ms':>8} {'CPU ms':>8} {'busy':>5}  idle core-ms (2·wall − CPU)   per thread (ms, top 3)")
     for name in list(ph.wall):

@@ -1,4 +1,5 @@
-"""Where a bfloat16 forward+backward call leaves a core idle: wall and CPU time per phase.
+"""Where a bfloat16 (or, ``--dtype float32``, a float32) forward+backward call leaves a core
+idle: wall and CPU time per phase.
 
 A torch call with ``requires_grad`` (as ``cpu_vs_sdpa_interleaved.py``'s fwd+bwd cases) or the
 NumPy API (``dotattn.attention`` + ``attention_backward``), with the cpu backend's steps wrapped
@@ -10,7 +11,10 @@ wrapped steps (torch's autograd engine, conversions, the front end's glue).
 The kernels themselves report per thread: ``kernel: per thread`` lists each thread's CPU
 time inside the kernel; a thread that ran out of work early and parked shows less.
 
-    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_fwdbwd_phases.py [--H 4 --D 128] [--rounds 9] [--numpy] [--causal] [--forward]
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_fwdbwd_phases.py [--H 4 --D 128] [--rounds 9] [--numpy] [--causal] [--forward] [--dtype float32]
+
+float32 runs (``f32_fwdbwd_phases.py`` is this script with ``--dtype float32`` by default) also
+name the split route's steps and print the product route and glibc's malloc threshold.
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ class Phases:
         self.round.clear()
 
 
-def main() -> None:
+def main(dtype: str = "bfloat16") -> None:
+    """``dtype``: the default of ``--dtype`` (``f32_fwdbwd_phases.py`` runs this with float32)."""
     ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=dtype)
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--D", type=int, default=128)
@@ -103,8 +109,11 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     shape = (1, args.H, args.L, args.D)
-    q, k, v, dout = (torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(4))
-    qn, kn, vn, don = (x.view(torch.int16).numpy().view(cpu.BFLOAT16) for x in (q, k, v, dout))
+    q, k, v, dout = (torch.randn(*shape, generator=g).to(getattr(torch, args.dtype)) for _ in range(4))
+    if args.dtype == "bfloat16":
+        qn, kn, vn, don = (x.view(torch.int16).numpy().view(cpu.BFLOAT16) for x in (q, k, v, dout))
+    else:
+        qn, kn, vn, don = (x.numpy() for x in (q, k, v, dout))
 
     def call():
         if args.forward:
@@ -125,6 +134,7 @@ def main() -> None:
     call()
     ph = Phases()
     kern = cpu.default_kernels()
+    # (both dtypes' steps: a step the call does not reach prints no row)
     wrapped = [
         (functional, "_forward_body", "torch: _forward_body"),
         (functional, "_backward_body", "torch: _backward_body"),
@@ -133,6 +143,9 @@ def main() -> None:
         (cpu, "forward", "cpu.forward"),
         (cpu, "backward", "cpu.backward"),
         (cpu, "prepare", "prepare (K/V packing)"),
+        (cpu, "_forward_largest", "fwd checks (float32 split)"),
+        (cpu, "_with_split_operands", "split operands"),
+        (cpu, "_query_side_pass", "bwd query-side pass (f32)"),
         (cpu, "_backward_checks_and_delta", "bwd checks + delta"),
         (cpu, "_bf16_query_side_pairs", "bwd q/dO AMX packings"),
         (cpu, "_zeros_aligned", "bwd dq_parts zeros"),
@@ -146,8 +159,8 @@ def main() -> None:
         setattr(mod, attr, ph.wrap(name, getattr(mod, attr)))
     chunks = _launch.run_chunks
 
-    def run_chunks(fn, args, nchunks):  # a phase per function run in chunks (the dQ sum, the checks …)
-        return ph.wrap(f"run_chunks: {getattr(fn, '__name__', fn)}", chunks)(fn, args, nchunks)
+    def run_chunks(fn, args_, nchunks):  # a phase per function run in chunks (the dQ sum, the checks …)
+        return ph.wrap(f"run_chunks: {getattr(fn, '__name__', fn)}", chunks)(fn, args_, nchunks)
 
     run_chunks.__wrapped__ = chunks
     _launch.run_chunks = run_chunks
@@ -170,9 +183,13 @@ def main() -> None:
 
     load = os.getloadavg()
     api = "NumPy API" if args.numpy else "torch autograd"
-    print(f"bfloat16 {'forward' if args.forward else 'fwd+bwd'} H{args.H} L{args.L} D{args.D}{' causal' if args.causal else ''}, {api}, "
-          f"{args.rounds} rounds, {time.strftime('%H:%M', time.gmtime())} UTC, load {load[0]:.2f}")
-    print(f"{'phase':<26} {'wall ms':>8} {'CPU ms':>8} {'busy':>5}  idle core-ms (2·wall − CPU)   per thread (ms, top 3)")
+    route = ""
+    if args.dtype == "float32":
+        route = (f", route {os.environ.get('DOTATTN_F32_PRODUCTS', 'stored')} ({cpu.f32_products_path()[1]}), "
+                 f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
+    print(f"{args.dtype} {'forward' if args.forward else 'fwd+bwd'} H{args.H} L{args.L} D{args.D}{' causal' if args.causal else ''}, {api}, "
+          f"{args.rounds} rounds, {time.strftime('%H:%M', time.gmtime())} UTC, load {load[0]:.2f}{route}")
+    print(f"{'phase':<32} {'wall ms':>8} {'CPU ms':>8} {'busy':>5}  idle core-ms (2·wall − CPU)   per thread (ms, top 3)")
     for name in list(ph.wall):
         w = statistics.median(ph.wall[name]) * 1e3
         c = statistics.median(ph.cpu[name]) * 1e3
@@ -180,7 +197,7 @@ def main() -> None:
         if ph.per_thread.get(name):
             pt = " / ".join(f"{statistics.median(r[i] for r in ph.per_thread[name] if len(r) > i) * 1e3:.1f}"
                             for i in range(max(len(r) for r in ph.per_thread[name])))
-        print(f"{name:<26} {w:8.2f} {c:8.2f} {c / w if w > 0 else 0:5.2f}  {2 * w - c:8.2f}                     {pt}")
+        print(f"{name:<32} {w:8.2f} {c:8.2f} {c / w if w > 0 else 0:5.2f}  {2 * w - c:8.2f}                     {pt}")
 
 
 if __name__ == "__main__":

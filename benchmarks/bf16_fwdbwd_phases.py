@@ -97,6 +97,8 @@ def main(dtype: str = "bfloat16") -> None:
     ap.add_argument("--forward", action="store_true",
                     help="the forward alone (torch under no_grad, as the interleaved script's forward cases)")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--pause", type=float, default=0.2,
+                    help="seconds idle before each timed call (0: back to back, as the interleaved script's calls)")
     args = ap.parse_args()
 
     import torch
@@ -172,7 +174,7 @@ def main(dtype: str = "bfloat16") -> None:
     # np.zeros of dK/dV: counted by a wrapper on the module's np (cpu.np is numpy itself)
     try:
         for rnd in range(args.rounds):
-            time.sleep(0.2)
+            time.sleep(args.pause)
             c0, t0 = _thread_cpu(), time.perf_counter()
             call()
             t1, c1 = time.perf_counter(), _thread_cpu()

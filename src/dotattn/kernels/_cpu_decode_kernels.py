@@ -849,15 +849,6 @@ FUSED_MAX_TREE = True
 FUSED_AHEAD_KEYS = 8
 FUSED_SMALL_V_LOCALITY = 0
 FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
-# FUSED_SPLIT_NEXT: the pass's block loop emitted twice, for calls with a next item asked for
-# (PREFETCH_NEXT_MIN_BYTES) and without, each building only its own requests' row offsets — one
-# loop tested ``has`` per block and selected between both sets (16 row offsets each, 8 a key
-# group in the scores loop, where the registers run out).  Requests only: the same bits.
-# decode_ab.py against the shared loop (2 Dec, 15:44–16:17, load 1.0–1.4): B1 4k float32 alone
-# 1.569 → 1.520 ms, pool 0.942 → 0.928, float16 pool 0.675 → 0.664, bfloat16 pool 0.714 → 0.706;
-# B1 32k bfloat16 pool 6.111 → 5.843, B8 4k float32 13.150 → 13.100 (docs/decoding.md, "Decode on
-# the new host").
-FUSED_SPLIT_NEXT = True
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -993,46 +984,22 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                           lambda r0, v0, rows_c, nv_c: pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c))
 
         def scores(variant, t0, nxt):
-            # nxt: None — whether a next item is asked for is tested per block (selects between
-            # the two request sets); True / False — the pass was emitted for that case alone
-            # (FUSED_SPLIT_NEXT), and only that case's requests are built
+            # nxt: whether this copy of the block loop runs with a next item asked for (emit):
+            # only that case's request rows are built
             bases, kahead, vahead, npk, npv = [], [], [], [], []
             for k in range(_LANES):
                 t = builder.add(t0, ir.Constant(_IRI64, k))
                 bases.append(row_of(od, t, n_, last))
                 ta = builder.add(t, ir.Constant(_IRI64, ahead))
-                if nxt is not True or FUSED_V_LOCALITY or not FUSED_K_SMALL_ONLY:  # (rows _fused_requests reads)
+                if not nxt or FUSED_V_LOCALITY or not FUSED_K_SMALL_ONLY:  # (rows _fused_requests reads)
                     kahead.append(row_of(od, ta, n_, last))
                     tv = ta if v_ahead is None else builder.add(t, ir.Constant(_IRI64, v_ahead))
                     vahead.append(row_of(vod, tv, n_, last))
-                if nxt is None:
-                    npk.append(builder.select(has, next_row(pkd, t), vahead[k]))
-                    if not FUSED_NEXT_V_IN_PV:
-                        npv.append(builder.select(has, next_row(pvd, t), vahead[k]))
-                elif nxt:
+                if nxt:
                     npk.append(next_row(pkd, t))
                     if not FUSED_NEXT_V_IN_PV:
                         npv.append(next_row(pvd, t))
-            if nxt is not None:
-                pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality)
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
-                return
-            # (array, 16 row offsets, width, locality): the next item's key (and value) rows
-            # into L2 (where there is none, the next block's value rows), the next block's
-            # key and value rows into L1
-            if small_v_locality == 2:
-                pf = [(builder.select(has, fd, vfd), npk, builder.select(has, D_, Dv_), 2)]
-            else:
-                pf = [(fd, npk, builder.select(has, D_, c0), 2)]
-                if small_v_locality:
-                    pf.append((vfd, vahead, builder.select(has, c0, Dv_), small_v_locality))
-            if not FUSED_NEXT_V_IN_PV:
-                pf.append((vfd, npv, Dv_, 2))
-            if FUSED_K_LOCALITY:  # only where no next item is asked for (FUSED_K_SMALL_ONLY)
-                kw = builder.select(has, c0, D_) if FUSED_K_SMALL_ONLY else D_
-                pf.append((fd, kahead, kw, FUSED_K_LOCALITY))
-            if FUSED_V_LOCALITY:
-                pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
+            pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality)
             _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
 
         def emit_blocks(variant, nxt):
@@ -1046,10 +1013,15 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                 pv_block(variant, t0, cnt)
 
         def emit(variant):
-            if not FUSED_SPLIT_NEXT:
-                emit_blocks(variant, None)
-                return
-            # one copy of the block loop per case: with a next item asked for, and without
+            # one copy of the block loop per case, with a next item asked for
+            # (PREFETCH_NEXT_MIN_BYTES) and without, each building only its own requests' row
+            # offsets: one loop that tested ``has`` per block and selected between both sets (16
+            # row offsets each, 8 a key group in the scores loop, where the registers run out)
+            # was slower.  Requests only: the same bits.  decode_ab.py against that loop (2 Dec,
+            # 15:44–16:17, load 1.0–1.4): B1 4k float32 alone 1.569 → 1.520 ms, pool 0.942 →
+            # 0.928, float16 pool 0.675 → 0.664, bfloat16 pool 0.714 → 0.706; B1 32k bfloat16
+            # pool 6.111 → 5.843, B8 4k float32 13.150 → 13.100 (docs/decoding.md, "Decode on
+            # the new host"; the shared loop is in git history, 06b5052)
             with builder.if_else(has) as (then, otherwise):
                 with then:
                     emit_blocks(variant, True)
@@ -1064,11 +1036,11 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
 
 def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality):
     """The fused pass's requests beside the scores' FMAs (``(array, row offsets, width,
-    locality)``, as :func:`_ir_scores_blocked` takes them) when the pass is emitted for one case
-    (FUSED_SPLIT_NEXT): ``nxt`` True — the next item's key rows into L2 (and its value rows,
+    locality)``, as :func:`_ir_scores_blocked` takes them) for the block loop's copy of one case
+    (``emit``): ``nxt`` True — the next item's key rows into L2 (and its value rows,
     unless the ``P·V`` part asks for them: FUSED_NEXT_V_IN_PV); False — the next block's rows
     (keys into L1, values as ``small_v_locality`` says).  What the shared loop's per-block selects
-    give each case, without the other case's rows."""
+    gave each case, without the other case's rows."""
     pf = []
     if nxt:
         pf.append((fd, npk, D_, 2))

@@ -16,7 +16,11 @@ on the OpenMP team) alternated with (a) the kernel on the pool thread as well (o
 per call, already awake for the kernel) or (b) the pack on the OpenMP team as well (rows from
 a shared queue); 0.2 s pauses, same output bits checked.
 
-    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_forward_after_idle.py --part wake|pauses|placement [--rounds 21] [--H 4 --D 128]
+``--part pin``: where the OpenMP worker runs when it wakes late (``sched_getcpu``), and the same
+forward with the worker left free alternated call by call with the worker pinned to one CPU
+(``os.sched_setaffinity`` on its thread id; the caller stays free); 0.2 s pauses.
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bf16_forward_after_idle.py --part wake|pauses|placement|pin [--rounds 21] [--H 4 --D 128]
 """
 
 from __future__ import annotations
@@ -203,9 +207,90 @@ def placement(rounds: int, H: int, D: int) -> None:
         print(f"  {name:15s} {statistics.median(t):6.2f} ms  ×{statistics.median(t) / today:.3f} of today's")
 
 
+def pin(rounds: int, H: int, D: int) -> None:
+    import ctypes
+
+    from numba import get_thread_id, njit, prange
+
+    import dotattn
+    from dotattn.kernels._cpu_decode_kernels import _cycles
+
+    libc = ctypes.CDLL(None)
+    getcpu, gettid = libc.sched_getcpu, libc.gettid
+    getcpu.restype = gettid.restype = ctypes.c_int
+    getcpu.argtypes = gettid.argtypes = ()
+
+    @njit(parallel=True, nogil=True)
+    def team_tids(tids):
+        for _ in prange(2):  # long enough that both threads of the team take an iteration
+            s = 0.0
+            for i in range(2_000_000):
+                s += np.sqrt(i)
+            tids[get_thread_id()] = gettid() if s > 0 else 0
+
+    @njit(parallel=True, nogil=True)
+    def team_step(stamps, cpus, sink):
+        for c in prange(2):
+            stamps[c], cpus[c] = _cycles(), getcpu()
+            s = 0.0
+            for i in range(200_000):
+                s += np.sqrt(i + c)
+            sink[c] = s
+
+    @njit
+    def now():
+        return _cycles()
+
+    tids = np.zeros(2, dtype=np.int64)
+    team_tids(tids)
+    workers = [int(t) for t in tids if t != gettid()]
+    allowed = os.sched_getaffinity(0)
+    pinned = {sorted(allowed)[0]}
+
+    def place(pin_it: bool) -> None:
+        for t in workers:
+            os.sched_setaffinity(t, pinned if pin_it else allowed)
+
+    stamps, cpus, sink = np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), np.zeros(2)
+    team_step(stamps, cpus, sink)
+    t0, c0 = time.perf_counter(), now()
+    time.sleep(0.3)
+    per_us = (now() - c0) / (time.perf_counter() - t0) / 1e6
+    print(f"{time.strftime('%H:%M', time.gmtime())} UTC, load {os.getloadavg()[0]:.2f}; OpenMP worker threads {workers}; medians of {rounds}")
+    try:
+        for pause in (0.0, 0.05, 0.2):
+            for pin_it in (False, True):
+                place(pin_it)
+                starts, shared = [], 0
+                for _ in range(rounds):
+                    time.sleep(pause)
+                    c = now()
+                    team_step(stamps, cpus, sink)
+                    starts.append((stamps[1] - c) / per_us)
+                    shared += int(cpus[1] == cpus[0])
+                print(f"pause {pause * 1e3:4.0f} ms, worker {'pinned to CPU ' + str(min(pinned)) if pin_it else 'free':16s}: "
+                      f"starts +{statistics.median(starts):6.0f} µs, on the caller's CPU in {shared} of {rounds} steps")
+        q, k, v = _inputs(H, D)
+        reference = dotattn.attention(q, k, v).view(np.uint16)
+        times = {"free": [], "pinned": []}
+        for r in range(rounds):
+            for name in (("free", "pinned") if r % 2 == 0 else ("pinned", "free")):
+                place(name == "pinned")
+                time.sleep(0.2)
+                t = time.perf_counter()
+                out = dotattn.attention(q, k, v)
+                times[name].append((time.perf_counter() - t) * 1e3)
+                assert np.array_equal(out.view(np.uint16), reference)
+    finally:
+        place(False)
+    free = statistics.median(times["free"])
+    print(f"bfloat16 forward H{H} L4096 D{D}, 0.2 s pauses, alternated, same bits: worker free {free:.2f} ms, "
+          f"pinned {statistics.median(times['pinned']):.2f} ms (×{statistics.median(times['pinned']) / free:.3f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("wake", "pauses", "placement"), required=True)
+    ap.add_argument("--part", choices=("wake", "pauses", "placement", "pin"), required=True)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--D", type=int, default=128)
@@ -214,8 +299,10 @@ def main() -> None:
         wake(args.rounds)
     elif args.part == "pauses":
         pauses(args.rounds, args.H, args.D)
-    else:
+    elif args.part == "placement":
         placement(args.rounds, args.H, args.D)
+    else:
+        pin(args.rounds, args.H, args.D)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _affinity
 from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
@@ -435,6 +436,7 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype):
         timer.start()
     try:
         with _launch_lock, ONE_BLAS_THREAD:
+            _affinity.ensure_pinned()  # (opt-in: DOTATTN_PIN_WORKERS; one lookup when off)
             yield
     finally:
         if timer is not None:

@@ -513,6 +513,93 @@ def product_add(a, b, c, s, cfg):
     _tile_release()
 
 
+@njit(cache=_JIT_CACHE)
+def _aligned(n, dtype_like):
+    """``n`` uninitialized elements of ``dtype_like``'s dtype from a 64-byte boundary (a tile row
+    split over two cache lines loads ≈ 1.7× slower; ``_cpu_primitives._aligned_empty``)."""
+    buf = np.empty(n + 64, dtype=dtype_like.dtype)
+    skip = (-buf.ctypes.data) % 64 // buf.itemsize
+    return buf[skip : skip + n]
+
+
+@njit(cache=_JIT_CACHE)
+def pairs_scratch(BK, BQ):
+    """A ``(3, BK/2, BQ)`` uint32 buffer for a tile's pieces in key pairs (a B operand), aligned,
+    each piece a pair row and each pair row a cache line longer than its data (so that no two
+    are a power of two apart: they would share L1 sets).  A view of exactly ``BQ`` columns, so
+    that :func:`split_pairs` fills no padding."""
+    K2, ld = BK // 2, BQ + 16
+    return _aligned(3 * (K2 + 1) * ld, np.empty(0, dtype=np.uint32)).reshape((3, K2 + 1, ld))[:, :K2, :BQ]
+
+
+@njit(cache=_JIT_CACHE)
+def block_scratch():
+    """The 2 × 32 × 32 float32 scratch of :func:`product_add` and :func:`product_add_t`, aligned."""
+    return _aligned(2 * 32 * 32, np.empty(0, dtype=np.float32))
+
+
+@intrinsic
+def _transpose_add16(typingctx, src, src_ld, dst, dst_ld):
+    """``dst[k, 0:16] += src[0:16, k]`` for ``k < 16`` (float32; rows ``src_ld`` and ``dst_ld``
+    bytes apart): a 16 × 16 block of a product added transposed, through registers
+    (``_cpu_amx._transpose16``)."""
+
+    def codegen(context, builder, signature, args):
+        src, src_ld, dst, dst_ld = args
+        _amx_function(context, builder, _AVX512)
+        v16 = ir.VectorType(_I32, 16)
+        rows = []
+        for r in range(16):
+            addr = builder.add(src, builder.mul(src_ld, ir.Constant(src_ld.type, r)))
+            rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
+        for k, vec in enumerate(_transpose16(builder, rows)):
+            ptr = builder.inttoptr(builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k))), _VF.as_pointer())
+            builder.store(builder.fadd(builder.load(ptr, align=4), builder.bitcast(vec, _VF)), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_block_t(c0, c_ld, s0, i, j):
+    """``c[j:j+32, i:i+32] += sᵀ`` for the 32 × 32 block ``s`` (rows 128 bytes apart)."""
+    for y in range(0, 32, 16):
+        for x in range(0, 32, 16):
+            _transpose_add16(s0 + x * 128 + 4 * y, 128, c0 + (j + y) * c_ld + 4 * (i + x), c_ld)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def product_add_t(a, b, c, s, cfg):
+    """``c[:N, :M] += (A·B)ᵀ`` (``N, M = c.shape``, multiples of 32; operands as
+    :func:`product`, ``s`` as :func:`product_add`'s scratch): each 32 × 32 block of ``A·B``
+    from 0 (six sub-products, smallest first) into a tile, stored to the scratch and added
+    into ``c`` transposed one block later.  The forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ``
+    (``A`` = Vᵀ's pieces of a key tile, ``B`` = P's in key pairs): the accumulator keeps its
+    row layout, so the softmax's rescale and the output rows stay as they are."""
+    N, M = c.shape
+    depth = a.shape[2]
+    a_ps, a_ld = a.strides[0], a.strides[1]
+    b_ps, b_ld = b.strides[0], b.strides[1]
+    c_ld = c.strides[0]
+    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    s_base = s.ctypes.data
+    _tile_config(cfg.ctypes.data)
+    pend = 0
+    pi, pj = -1, -1
+    nJ = N // 32
+    for t in range((M // 32) * nJ):
+        i, j = 32 * (t // nJ), 32 * (t % nJ)  # A's 32-row block stays while B's stream
+        _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
+        if pi >= 0:
+            _add_block_t(c0, c_ld, s_base + pend * 4096, pi, pj)
+        pend ^= 1
+        _store_2x2(s_base + pend * 4096, 128)
+        pi, pj = i, j
+    if pi >= 0:
+        _add_block_t(c0, c_ld, s_base + pend * 4096, pi, pj)
+    _tile_release()
+
+
 @njit(cache=_JIT_CACHE, inline="always")
 def _bits_max(flat, top):
     """``max(top, bits & 0x7FFFFFFF)`` over the uint32 view ``flat`` of float32 values: the largest

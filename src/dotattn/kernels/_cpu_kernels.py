@@ -443,6 +443,27 @@ def _split_product_keys_overload(a_pieces, b_pieces, C, b, h, kb, c0, i0, cfg):
     return impl
 
 
+def _split_pv(ST, vt, pairs, scratch, acc, cfg):
+    """``acc += P·V`` on the split route (``o.split_pv``) with P (float32) in ``ST``: P's pieces
+    in key pairs into ``pairs (3, BK/2, BQ)``, then ``(Vᵀ·P)ᵀ`` added into ``acc`` from Vᵀ's pieces
+    ``vt`` of the key tile (``_cpu_amx_f32.product_add_t``).  float32 only (the other dtypes'
+    kernels compile a no-op; the route never reaches them)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_split_pv, jit_options={"cache": _JIT_CACHE})
+def _split_pv_overload(ST, vt, pairs, scratch, acc, cfg):
+    if ST.dtype != types.float32:
+        return lambda ST, vt, pairs, scratch, acc, cfg: None
+
+    def impl(ST, vt, pairs, scratch, acc, cfg):
+        BK, BQ = ST.shape
+        _cpu_amx_f32.split_pairs(ST, pairs, BK, BQ)
+        _cpu_amx_f32.product_add_t(vt, pairs, acc, scratch, cfg)
+
+    return impl
+
+
 # =================================================================================
 # the online softmax
 # =================================================================================
@@ -679,6 +700,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     plan = np.zeros(4, dtype=np.int64)  # what the lazy pass prefetches (_plan_next_tiles)
     prefetch = _prefetch_kv(kp, vp)
+    # the split route's P·V (o.split_pv): P's pieces in key pairs; the product's 32 × 32 blocks
+    pv_pairs = _cpu_amx_f32.pairs_scratch(BK if o.split_pv else 0, BQ)
+    pv_scratch = _cpu_amx_f32.block_scratch()
     # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
     # products; AMX's (bfloat16 on o.amx, float32's split pieces) keep whole tiles
     trim = not (o.amx or o.split_s)
@@ -717,7 +741,7 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             j0 = kb * BK
             if cls == PARTIAL and strips and _strips_pay(lo, hi, b, i0, nr, j0, BK, o):
                 _tile_in_strips(ST, N, unused, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo, hi, kp, vp,
-                                b, h, hk, qb, kb, c2, o, cfg, plan, prefetch)
+                                b, h, hk, qb, kb, c2, o, cfg, plan, prefetch, pv_pairs, pv_scratch)
                 fresh = False
                 continue
             # -- a PARTIAL tile on MKL's products: only the keys c0 … c1−1 its rows may see
@@ -745,8 +769,11 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
             # -- dropout (after the sum: the normalizer is the pre-dropout one)
             if o.dropout_p > 0.0:
                 _dropout_block(STt, STt, Ut, inv_keep, b, h, i0, nr, j0 + c0, o)
-            # -- acc += P · V
-            _pv(Pbt if in_pb else _pv_operand(STt, Pbt, o.amx), Vt, acc, o.amx, cfg, fresh)
+            # -- acc += P · V (the split route: whole tiles, P in ST)
+            if o.split_pv and not in_pb:
+                _split_pv(STt, o.vtp[b, hk, kb], pv_pairs, pv_scratch, acc, cfg)
+            else:
+                _pv(Pbt if in_pb else _pv_operand(STt, Pbt, o.amx), Vt, acc, o.amx, cfg, fresh)
             fresh = False
         if fresh:  # no key tile ran
             _zero(acc)
@@ -808,7 +835,7 @@ def _strip_scores(STs, Qs, Qv, U, b, h, hk, kb, kp, j0, c0, i0, nrows, lo, hi, o
 
 @njit(cache=_JIT_CACHE)
 def _tile_in_strips(ST, N, U, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo, hi, kp, vp,
-                    b, h, hk, qb, kb, c2, o, cfg, plan, prefetch):
+                    b, h, hk, qb, kb, c2, o, cfg, plan, prefetch, pv_pairs, pv_scratch):
     """One PARTIAL forward tile as strips of ``o.strip_rows`` query rows, each strip's scores,
     softmax step and ``acc += P·V`` over only the keys its rows may see (:func:`_keys_seen`):
     a causal diagonal tile's upper triangle is mostly never computed.  Per row the same steps
@@ -843,8 +870,12 @@ def _tile_in_strips(ST, N, U, Pb, Qs, Qv, acc, m, m_use, bmax, tsum, row_sum, lo
             if lazy and _lazy_spoils_scores(Pbs):
                 _strip_scores(STs, Qs[r0:r1], Qv, Us, b, h, hk, kb, kp, j0, c0, i0 + r0, nrows_s, lo_s, hi_s, o, cfg)
             in_pb = _online_softmax(STs, Ns, c2, ms, mus, bms, sums, accs, Pbs, True, False, plan)
-        # -- acc += P · V over the strip's keys
-        _pv(Pbs if in_pb else _pv_operand(STs, Pbs, False), Vs, accs, False, cfg, False)
+        # -- acc += P · V over the strip's keys (on split products from key c0, 32-steps as
+        #    the whole tile's: the keys left out add exact zeros there — the same bits)
+        if o.split_pv and not in_pb:
+            _split_pv(STs, o.vtp[b, hk, kb][:, :, c0:c1], pv_pairs[:, : nk // 2, :rs], pv_scratch, accs, cfg)
+        else:
+            _pv(Pbs if in_pb else _pv_operand(STs, Pbs, False), Vs, accs, False, cfg, False)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

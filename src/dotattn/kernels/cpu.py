@@ -1329,6 +1329,11 @@ SPLIT_IN_TASK = True
 # _cpu_kernels._tile_in_strips; a multiple of 32, the products' step); 0: whole tiles (the A/B
 # switch).  Measured: docs/performance.md, "float32 causal forward on the split route …"
 SPLIT_STRIP_ROWS = 64
+# The split route's forward with all five backward products asked for (``_cpu_isa.f32_all_products``)
+# also takes ``acc += P·V`` on split products (Options.split_pv; V in range, Dv and the query
+# tile in whole 32-steps); False: MKL's (the A/B switch).  Measured: docs/performance.md,
+# "float32 forward: P·V on split products …"
+SPLIT_FORWARD_PV = True
 
 def _pieces_buffer(role: str, shape: tuple, dtype) -> np.ndarray:
     """An uninitialized 64-byte aligned array for one kind of split operand (``role``): the
@@ -1390,17 +1395,36 @@ def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: boo
     return out
 
 
-def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
+def _transposed_row_pieces(x: np.ndarray, split: bool = True, role: str = "ktp") -> np.ndarray:
     """Per key tile, the pieces of each packed tile of ``x (B, H, nkb, BK, X)`` transposed, as
-    A operands (``dQᵀ += Kᵀ·dSᵀ``); rows a cache line longer than BK (a strided view).
-    ``split=False``: the buffer only, for the backward kernel's tasks to fill."""
+    A operands (the backward's ``dQᵀ += Kᵀ·dSᵀ``, the forward's ``accᵀ += Vᵀ·P``); rows a cache
+    line longer than BK (a strided view).  ``split=False``: the buffer only, for the backward
+    kernel's tasks to fill."""
     from ._cpu_amx_f32 import padded, split_tiles_t
 
     B, H, nkb, BK, X = x.shape
-    out = _pieces_buffer("ktp", (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
+    out = _pieces_buffer(role, (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
     if split:
         split_tiles_t(x, out)
     return out
+
+
+def _split_forward_pv(call: AttentionCall, BQ: int, BK: int, tops: dict[str, float] | None) -> bool:
+    """Whether the split route's forward takes ``acc += P·V`` on split products too
+    (:data:`SPLIT_FORWARD_PV`, with all five backward products asked for): V's largest
+    magnitude known (``tops``, :func:`_forward_largest`) and in range, and the product's
+    output — the accumulator's ``Dv × BQ``, transposed — and its depth ``BK`` in whole 32-steps."""
+    from ._cpu_amx_f32 import ok_range
+
+    return (
+        SPLIT_FORWARD_PV
+        and tops is not None
+        and ok_range(tops["v"])
+        and call.Dv % AMX_QUANTUM == 0
+        and BQ % AMX_QUANTUM == 0
+        and BK % AMX_QUANTUM == 0
+        and _split_all_shapes(call)
+    )
 
 
 def _with_split_operands(
@@ -1442,6 +1466,8 @@ def _with_split_operands(
         changes.update(split_s=True, kpc=_row_pieces(p.kp, side + "kpc", not backward_in_task), qpc=qpc)
         if dout is None:
             changes.update(strip_rows=SPLIT_STRIP_ROWS)
+            if _split_forward_pv(call, o.BQ, p.kp.shape[3], tops):
+                changes.update(split_pv=True, vtp=_transposed_row_pieces(p.vp, role="forward vtp"))
     if dp_ok:
         dopc = query_pieces["dopc"] if query_pieces else _column_pieces(dout, o.q_lens, o.BQ, "dopc")
         changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task), dopc=dopc)

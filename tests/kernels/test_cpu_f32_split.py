@@ -42,7 +42,8 @@ def taken(monkeypatch):
 
     def spy(p, call, dout=None, *args, **kwargs):
         out = real(p, call, dout, *args, **kwargs)
-        seen.append((dout is not None, out.options.split_s, out.options.split_dp, out.options.split_all))
+        o = out.options
+        seen.append((dout is not None, o.split_s, o.split_dp, o.split_all, o.split_pv))
         return out
 
     monkeypatch.setattr(cpu, "_with_split_operands", spy)
@@ -67,11 +68,13 @@ def _check(seed, route, taken, *, Lq, Lk, D, Hq=2, Hkv=None, scale=None, causal=
             dout[b, :, n:] = np.nan
     dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
     # forward, then backward (its dPᵀ), each took the route (or not) as expected
-    assert [s for _, s, _, _ in taken] == ([split, split] if on else [])
+    assert [t[1] for t in taken] == ([split, split] if on else [])
     if taken:
         assert taken[1][2] == split
         # all five products: asked for, head dims in whole 32-steps (dQ then accumulates transposed)
         assert taken[1][3] == (split and route == "amx5" and D % 32 == 0)
+        # ... and then the forward's P·V too (V in range: it is here)
+        assert taken[0][4] == (split and route == "amx5" and D % 32 == 0)
     ref_out, ref_lse = H.reference(q, k, v, **opts)
     naive_out, naive_lse = H.naive(q, k, v, **opts)
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
@@ -115,8 +118,9 @@ def test_fully_masked_rows(route, taken):
     ref_out, ref_lse = H.reference(q, k, v, causal=True, kv_lengths=[0, 260])
     naive_out, _ = H.naive(q, k, v, causal=True, kv_lengths=[0, 260])
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
-    assert [s for _, s, _, _ in taken] == ([True, True] if route != "mkl" and AMX else [])
-    assert [a for _, _, _, a in taken] == ([False, route == "amx5"] if route != "mkl" and AMX else [])
+    assert [t[1] for t in taken] == ([True, True] if route != "mkl" and AMX else [])
+    assert [t[3] for t in taken] == ([False, route == "amx5"] if route != "mkl" and AMX else [])
+    assert [t[4] for t in taken] == ([route == "amx5", False] if route != "mkl" and AMX else [])
 
 
 @pytest.mark.parametrize("route", ["amx", "amx5"], indirect=True)
@@ -126,6 +130,46 @@ def test_operands_out_of_range_take_mkl(route, taken, magnitude):
     # (and huge ones near overflow); both passes then take MKL's tiles and stay correct
     scale = 1.0 / (magnitude * magnitude)  # keeps the scores of order one
     _check(7, route, taken, Lq=300, Lk=300, D=64, magnitude=magnitude, scale=scale, expect=False)
+
+
+@pytest.mark.parametrize("route", ["amx5"], indirect=True)
+@pytest.mark.parametrize("magnitude", [2.0**-45, 2.0**42], ids=["tiny", "huge"])
+def test_values_out_of_range_keep_the_score_product_split(route, taken, magnitude):
+    # V alone outside [2⁻⁴⁰, 2⁴⁰]: the scores stay on the split products, the forward's P·V
+    # takes MKL's (V's pieces would be flushed or near overflow); the output stays accurate
+    q, k, v = H.random_qkv(13, batch=(2,), Hq=2, Lq=300, Lk=333, D=64, dtype=np.float32)
+    v = v * np.float32(magnitude)
+    call = semantics.normalize(q, k, v)
+    out, lse = cpu.forward(call)
+    if AMX:
+        assert [t[1] for t in taken] == [True] and [t[4] for t in taken] == [False]
+    ref_out, _ = H.reference(q, k, v)
+    naive_out, _ = H.naive(q, k, v)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out", magnitude=magnitude)
+
+
+@pytest.mark.parametrize("route", ["amx5"], indirect=True)
+@pytest.mark.parametrize("case", ["dense", "D128-scale2.5", "causal-scale2.5", "lengths", "D33-gqa"], ids=str)
+def test_forward_pv_split_and_mkl_agree(route, monkeypatch, case):
+    """The forward's P·V on split products (Options.split_pv) and on MKL's tiles
+    (cpu.SPLIT_FORWARD_PV off) each meet the 2×-naive rule, and differ by float32 rounding only."""
+    c = dict(CASES[case])
+    scale = c.pop("scale", None)
+    opts = {k: c.pop(k) for k in ("causal", "q_lengths", "kv_lengths") if k in c}
+    q, k, v = H.random_qkv(17, batch=(2,), dtype=np.float32, q_lengths=opts.get("q_lengths"),
+                           kv_lengths=opts.get("kv_lengths"), **c)
+    if scale is not None:
+        opts["scale"] = scale
+    call = semantics.normalize(q, k, v, **opts)
+    ref_out, ref_lse = H.reference(q, k, v, **opts)
+    naive_out, naive_lse = H.naive(q, k, v, **opts)
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(cpu, "SPLIT_FORWARD_PV", on)
+        outs[on], lse = cpu.forward(call)
+        H.assert_close_to_reference(outs[on], ref_out, naive_out, name=f"out, split P·V {on}")
+        H.assert_close_to_reference(lse, ref_lse, naive_lse, name=f"lse, split P·V {on}")
+    np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("route", ["amx", "mkl"], indirect=True)
@@ -150,7 +194,7 @@ def test_backward_nonfinite_operands_follow_the_policy(route, taken, where, valu
         want = numpy_tiled.backward(call, out, lse, dout, False)[:3]
     on = route != "mkl" and AMX
     if where == "q-padding":
-        assert [s for _, s, _, _ in taken] == ([True, True] if on else [])
+        assert [t[1] for t in taken] == ([True, True] if on else [])
         for name, g, w in zip(("dq", "dk", "dv"), got, want):
             assert np.all(np.isfinite(g[0])) and np.all(np.isfinite(g[1, :, :250])), name
         return
@@ -517,8 +561,11 @@ def test_value_dim_unlike_the_query_dim(route, taken, D, Dv):
     dout = np.random.default_rng(16).standard_normal(out.shape).astype(np.float32)
     dout[1, :, 201:] = np.nan  # padding rows may hold anything
     dq, dk, dv, _ = cpu.backward(call, out, lse, dout)
-    if AMX:
-        assert taken[1] == (True, True, True, True)
+    if AMX:  # the forward's P·V (Dv wide) on split products too; the backward's five products
+        assert taken[0][4] and taken[1] == (True, True, True, True, False)
+    ref_out, _ = H.reference(q, k, v, q_lengths=[300, 201])
+    naive_out, _ = H.naive(q, k, v, q_lengths=[300, 201])
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
     ref = H.reference_grads(q, k, v, dout, q_lengths=[300, 201])
     naive = H.naive_grads(q, k, v, dout, q_lengths=[300, 201])
     for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
@@ -566,4 +613,4 @@ def test_serial_backward_on_the_split_route(route, taken):
     for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
     if AMX:
-        assert taken[1] == (True, True, True, True)
+        assert taken[1] == (True, True, True, True, False)

@@ -38,7 +38,8 @@ AMX_ENV_VAR = "DOTATTN_CPU_AMX"
 F32_ENV_VAR = "DOTATTN_CPU_F32_GEMM"
 # float32 tile products on AMX as split bfloat16 products (_cpu_amx_f32, cpu.f32_split_route):
 # "amx" (the score products and the backward's dP; default where AMX runs), "amx5" (also the
-# backward's other three products) or "mkl" (MKL's float32 sgemm tiles); read on every call
+# backward's other three products and the forward's P·V) or "mkl" (MKL's float32 sgemm tiles);
+# read on every call
 F32_PRODUCTS_ENV_VAR = "DOTATTN_F32_PRODUCTS"
 # Whether the split route takes all five backward products when the variable is unset ("amx"
 # asks for the score products and dP only): yes since 1 Dec 07:50 — the kernel was 8.6 % faster
@@ -272,7 +273,11 @@ def f32_amx_products(load: bool = True) -> tuple[bool, str]:
         return False, f"float32 sgemm tiles ({why})"
     if "avx512bf16" not in _cpu_features():
         return False, "float32 sgemm tiles (this CPU has no avx512bf16)"
-    which = "the score products and all five backward products" if f32_all_products() else "the score products and the backward's dP"
+    which = (
+        "the score products, the forward's P·V and all five backward products"
+        if f32_all_products()
+        else "the score products and the backward's dP"
+    )
     return True, (
         f"AMX for {which} (each float32 product six bfloat16 products of split operands, bf16x6) "
         "on simple calls, operands in range"

@@ -87,8 +87,12 @@ NARROW_WINDOW_SPAN = 192  # keys a query row may see through the window (left + 
 # documents of 512 0.87, of 256 0.93.
 DOCUMENT_FORWARD_BLOCK_SIZE = (256, 256)
 DOCUMENT_WIDE_TILE_MAX_EXTRA = 0.02
-# float32 forwards without causal mask, window, segments or user functions: key tiles twice
-# as deep (fewer tile passes per key: running max, rescale, task bookkeeping).  Dense H8 L4096
+# float32 forwards on MKL's tiles without causal mask, window, segments or user functions: key
+# tiles twice as deep (fewer tile passes per key: running max, rescale, task bookkeeping).  The
+# split route keeps the default: with its P·V on split products too, 256 × 512 gave nothing
+# there (H8 L4096 D64 dense, tiles alternated in one process, medians of 9, 3 Dec 07:10:
+# 256 × 512 107.9 ms, 256 × 256 106.4, 128 × 256 112.8) and held per thread twice the tile
+# buffers (P's pieces among them) — and the backward's key tiles are 256 deep.  Dense H8 L4096
 # D64, tiles alternated in one process, three runs (load 1.1–1.4): medians 156.0 → 149.0,
 # 156.7 → 152.5, 183.5 → 177.3 ms; D128 and causal no faster (causal 86.0 → 90.0: its
 # diagonal tiles mask twice the keys), so they keep the default (value dims ≤ 64 only).
@@ -1137,11 +1141,11 @@ def forward(
     if block_size is None and grouped:
         small = call.Lk <= GROUPED_CAUSAL_F32_SMALL_MAX_KEYS
         block_size = GROUPED_CAUSAL_F32_SMALL_BLOCK_SIZE if small else GROUPED_CAUSAL_F32_BLOCK_SIZE
-    if block_size is None and _dense_f32(call):
+    split = not grouped and f32_split_route(call)
+    if block_size is None and _dense_f32(call) and not split:
         block_size = DENSE_F32_FORWARD_BLOCK_SIZE
     if block_size is None and _documents_only(call):
         block_size = document_block_size(call)
-    split = not grouped and f32_split_route(call)
     p = prepare(call, block_size, forward=True, grouped=grouped, split=split, keep=True)
     tops = _forward_largest(p) if split else None  # (V's finiteness and q's and K's range, one pass)
     if tops is not None:
@@ -1395,15 +1399,17 @@ def _pair_pieces(x: np.ndarray, lens: np.ndarray, BQ: int, role: str, split: boo
     return out
 
 
-def _transposed_row_pieces(x: np.ndarray, split: bool = True, role: str = "ktp") -> np.ndarray:
+def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
     """Per key tile, the pieces of each packed tile of ``x (B, H, nkb, BK, X)`` transposed, as
-    A operands (the backward's ``dQᵀ += Kᵀ·dSᵀ``, the forward's ``accᵀ += Vᵀ·P``); rows a cache
-    line longer than BK (a strided view).  ``split=False``: the buffer only, for the backward
-    kernel's tasks to fill."""
+    A operands: Kᵀ's for the backward's ``dQᵀ += Kᵀ·dSᵀ``, Vᵀ's for the forward's ``accᵀ +=
+    Vᵀ·P``; rows a cache line longer than BK (a strided view).  One workspace role for both:
+    no call holds the two at once, and a forward+backward then keeps one such buffer, not two
+    (at L 8192 D 64, 3.6 MiB).  ``split=False``: the buffer only, for the backward kernel's
+    tasks to fill."""
     from ._cpu_amx_f32 import padded, split_tiles_t
 
     B, H, nkb, BK, X = x.shape
-    out = _pieces_buffer(role, (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
+    out = _pieces_buffer("transposed tiles", (B, H, nkb, 3, padded(X) + 1, BK + 32), np.uint16)[..., :BK]
     if split:
         split_tiles_t(x, out)
     return out
@@ -1467,7 +1473,7 @@ def _with_split_operands(
         if dout is None:
             changes.update(strip_rows=SPLIT_STRIP_ROWS)
             if _split_forward_pv(call, o.BQ, p.kp.shape[3], tops):
-                changes.update(split_pv=True, vtp=_transposed_row_pieces(p.vp, role="forward vtp"))
+                changes.update(split_pv=True, vtp=_transposed_row_pieces(p.vp))
     if dp_ok:
         dopc = query_pieces["dopc"] if query_pieces else _column_pieces(dout, o.q_lens, o.BQ, "dopc")
         changes.update(split_dp=True, vpc=_row_pieces(p.vp, "vpc", not in_task), dopc=dopc)

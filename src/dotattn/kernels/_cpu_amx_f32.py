@@ -1,5 +1,6 @@
 """float32 tile products on Intel AMX as sums of bfloat16 products ("bf16x6"), for the
-float32 kernels' score product ``Sᵀ = K·Qᵀ`` (forward and backward) and ``dPᵀ = V·dOᵀ``.
+float32 kernels' score product ``Sᵀ = K·Qᵀ`` (forward and backward), the forward's ``acc +=
+P·V`` and the backward's other four products.
 
 AMX multiplies bfloat16 only, but a float32 ``x`` is exactly the sum of three bfloat16
 pieces: ``hi = bf16(x)``, ``mid = bf16(x − hi)``, ``lo = bf16(x − hi − mid)`` (8 + 8 + 8
@@ -513,31 +514,6 @@ def product_add(a, b, c, s, cfg):
     _tile_release()
 
 
-@njit(cache=_JIT_CACHE)
-def _aligned(n, dtype_like):
-    """``n`` uninitialized elements of ``dtype_like``'s dtype from a 64-byte boundary (a tile row
-    split over two cache lines loads ≈ 1.7× slower; ``_cpu_primitives._aligned_empty``)."""
-    buf = np.empty(n + 64, dtype=dtype_like.dtype)
-    skip = (-buf.ctypes.data) % 64 // buf.itemsize
-    return buf[skip : skip + n]
-
-
-@njit(cache=_JIT_CACHE)
-def pairs_scratch(BK, BQ):
-    """A ``(3, BK/2, BQ)`` uint32 buffer for a tile's pieces in key pairs (a B operand), aligned,
-    each piece a pair row and each pair row a cache line longer than its data (so that no two
-    are a power of two apart: they would share L1 sets).  A view of exactly ``BQ`` columns, so
-    that :func:`split_pairs` fills no padding."""
-    K2, ld = BK // 2, BQ + 16
-    return _aligned(3 * (K2 + 1) * ld, np.empty(0, dtype=np.uint32)).reshape((3, K2 + 1, ld))[:, :K2, :BQ]
-
-
-@njit(cache=_JIT_CACHE)
-def block_scratch():
-    """The 2 × 32 × 32 float32 scratch of :func:`product_add` and :func:`product_add_t`, aligned."""
-    return _aligned(2 * 32 * 32, np.empty(0, dtype=np.float32))
-
-
 @intrinsic
 def _transpose_add16(typingctx, src, src_ld, dst, dst_ld):
     """``dst[k, 0:16] += src[0:16, k]`` for ``k < 16`` (float32; rows ``src_ld`` and ``dst_ld``
@@ -571,7 +547,8 @@ def _add_block_t(c0, c_ld, s0, i, j):
 @njit(cache=_JIT_CACHE, nogil=True)
 def product_add_t(a, b, c, s, cfg):
     """``c[:N, :M] += (A·B)ᵀ`` (``N, M = c.shape``, multiples of 32; operands as
-    :func:`product`, ``s`` as :func:`product_add`'s scratch): each 32 × 32 block of ``A·B``
+    :func:`product`, ``s`` a 64-byte aligned scratch of 2 × 32 × 32 float32, as
+    :func:`product_add`'s): each 32 × 32 block of ``A·B``
     from 0 (six sub-products, smallest first) into a tile, stored to the scratch and added
     into ``c`` transposed one block later.  The forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ``
     (``A`` = Vᵀ's pieces of a key tile, ``B`` = P's in key pairs): the accumulator keeps its

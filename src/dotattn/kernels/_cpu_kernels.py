@@ -700,9 +700,9 @@ def _forward_chunk(queue, q, kp, vp, out, lse, o):
     lo, hi = np.empty(BQ, dtype=np.int64), np.empty(BQ, dtype=np.int64)
     plan = np.zeros(4, dtype=np.int64)  # what the lazy pass prefetches (_plan_next_tiles)
     prefetch = _prefetch_kv(kp, vp)
-    # the split route's P·V (o.split_pv): P's pieces in key pairs; the product's 32 × 32 blocks
-    pv_pairs = _cpu_amx_f32.pairs_scratch(BK if o.split_pv else 0, BQ)
-    pv_scratch = _cpu_amx_f32.block_scratch()
+    # the split route's P·V (o.split_pv): P's pieces in key pairs; a scratch for the adds
+    pv_pairs = _cpu_amx_f32.pieces_buffer(BK // 2 if o.split_pv else 0, BQ, np.empty(0, dtype=np.uint32))
+    pv_scratch = _aligned_empty(64, 32, lse)  # two 32 × 32 blocks
     # PARTIAL tiles trimmed to their rows' keys (_key_extent) where MKL (or NumPy) runs the
     # products; AMX's (bfloat16 on o.amx, float32's split pieces) keep whole tiles
     trim = not (o.amx or o.split_s)

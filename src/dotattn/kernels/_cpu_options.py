@@ -93,8 +93,9 @@ class Options(NamedTuple):
     qrp: np.ndarray = NO_PAIRS
     dorp: np.ndarray = NO_PAIRS
     ktp: np.ndarray = NO_ROWS_STRIDED
-    # ... and the forward's acc += P·V as (Vᵀ·P)ᵀ: Vᵀ's rows per key tile (vtp, as ktp), P's
-    # pieces in key pairs from each tile's exp pass (_cpu_amx_f32.product_add_t)
+    # ... and the forward's acc += P·V as (Vᵀ·P)ᵀ: Vᵀ's rows per key tile (vtp, as ktp) times
+    # P's pieces in key pairs, split from each tile's P after its exp pass
+    # (_cpu_kernels._split_pv, _cpu_amx_f32.product_add_t)
     split_pv: bool = False
     vtp: np.ndarray = NO_ROWS_STRIDED
 

@@ -287,13 +287,8 @@ def _transpose16(builder, rows):
     return rows
 
 
-@intrinsic
-def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
-    """16 rows of 16 32-bit words at ``src`` (rows ``src_ld`` bytes apart) → their transpose, 16
-    rows of 16 at ``dst`` (``dst_ld`` apart): a 16 × 16 block moved through registers
-    (:func:`_transpose16`), where element-by-element stores each went to another row (float32
-    dQᵀ parts in ``_cpu_amx_f32.sum_scale_transpose``; the query tile's bfloat16 pairs in
-    :func:`pack_q_rows`)."""
+def _transpose_codegen(add):
+    """The code of :func:`_transpose_store16` (``add`` False) and :func:`_transpose_add16`."""
 
     def codegen(context, builder, signature, args):
         src, src_ld, dst, dst_ld = args
@@ -305,10 +300,33 @@ def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
             rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
         for k, vec in enumerate(_transpose16(builder, rows)):
             addr = builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k)))
-            builder.store(vec, builder.inttoptr(addr, v16.as_pointer()), align=4)
+            if add:
+                vf = ir.VectorType(ir.FloatType(), 16)
+                ptr = builder.inttoptr(addr, vf.as_pointer())
+                builder.store(builder.fadd(builder.load(ptr, align=4), builder.bitcast(vec, vf)), ptr, align=4)
+            else:
+                builder.store(vec, builder.inttoptr(addr, v16.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+    return codegen
+
+
+@intrinsic
+def _transpose_store16(typingctx, src, src_ld, dst, dst_ld):
+    """16 rows of 16 32-bit words at ``src`` (rows ``src_ld`` bytes apart) → their transpose, 16
+    rows of 16 at ``dst`` (``dst_ld`` apart): a 16 × 16 block moved through registers
+    (:func:`_transpose16`), where element-by-element stores each went to another row (float32
+    dQᵀ parts in ``_cpu_amx_f32.sum_scale_transpose``; the query tile's bfloat16 pairs in
+    :func:`pack_q_rows`)."""
+    return types.void(types.int64, types.int64, types.int64, types.int64), _transpose_codegen(False)
+
+
+@intrinsic
+def _transpose_add16(typingctx, src, src_ld, dst, dst_ld):
+    """``dst[k, 0:16] += src[0:16, k]`` for ``k < 16`` (float32; rows ``src_ld`` and ``dst_ld``
+    bytes apart): :func:`_transpose_store16` adding instead of storing (a product's block added
+    transposed: ``_cpu_amx_f32.product_add_t``)."""
+    return types.void(types.int64, types.int64, types.int64, types.int64), _transpose_codegen(True)
 
 
 def _i32x16(value):

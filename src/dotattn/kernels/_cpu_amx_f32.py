@@ -42,6 +42,7 @@ from ._cpu_amx import (
     _BFloat,
     _amx_function,
     _transpose16,
+    _transpose_add16,
     _transpose_store16,
     _depth_2x2,
     _store_2x2,
@@ -479,14 +480,35 @@ def _add_block(c0, c_ld, s0, i, j):
         _vadd32(c0 + (i + r) * c_ld + 4 * j, s0 + r * 128)
 
 
-@njit(cache=_JIT_CACHE, nogil=True)
-def product_add(a, b, c, s, cfg):
-    """``c[:M, :N] += A·B`` (operands as :func:`product`; ``s`` a 64-byte aligned scratch of
-    2 × 32 × 32 float32): each block's six sub-products from 0 into a tile, stored to the
-    scratch and added into ``c`` **one block later** with AVX-512 adds (reading a tile store
-    back at once stalled, ≈ 370 ns a block).  ``i_outer``: A's 32-row block stays while B's
-    stream when ``c`` is taller than wide, else B's column block stays."""
-    M, N = c.shape
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_block_t(c0, c_ld, s0, i, j):
+    """``c[j:j+32, i:i+32] += sᵀ`` for the 32 × 32 block ``s`` (rows 128 bytes apart)."""
+    for y in range(0, 32, 16):
+        for x in range(0, 32, 16):
+            _transpose_add16(s0 + x * 128 + 4 * y, 128, c0 + (j + y) * c_ld + 4 * (i + x), c_ld)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_stored(c0, c_ld, s0, i, j, transposed):
+    """The stored 32 × 32 block ``s0`` added into ``c`` at ``(i, j)``, or transposed at ``(j, i)``."""
+    if transposed:
+        _add_block_t(c0, c_ld, s0, i, j)
+    else:
+        _add_block(c0, c_ld, s0, i, j)
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _add_products(a, b, c, s, cfg, transposed):
+    """``c += A·B`` (``transposed``: ``c += (A·B)ᵀ``), ``c``'s blocks whole 32 × 32 ones; operands
+    as :func:`product`, ``s`` a 64-byte aligned scratch of 2 × 32 × 32 float32.  Each block's
+    six sub-products from 0 into a tile, stored to the scratch and added into ``c`` **one block
+    later** with AVX-512 adds (reading a tile store back at once stalled, ≈ 370 ns a block).
+    A's 32-row block stays while B's stream when ``A·B`` is no taller than wide, else B's
+    column block stays."""
+    if transposed:
+        N, M = c.shape
+    else:
+        M, N = c.shape
     depth = a.shape[2]
     a_ps, a_ld = a.strides[0], a.strides[1]
     b_ps, b_ld = b.strides[0], b.strides[1]
@@ -504,77 +526,29 @@ def product_add(a, b, c, s, cfg):
         else:
             i, j = 32 * (t % nI), 32 * (t // nI)
         _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
-        if pi >= 0:
-            _add_block(c0, c_ld, s_base + pend * 4096, pi, pj)
+        if pi >= 0:  # the block before, while this one's products run
+            _add_stored(c0, c_ld, s_base + pend * 4096, pi, pj, transposed)
         pend ^= 1
         _store_2x2(s_base + pend * 4096, 128)
         pi, pj = i, j
     if pi >= 0:
-        _add_block(c0, c_ld, s_base + pend * 4096, pi, pj)
+        _add_stored(c0, c_ld, s_base + pend * 4096, pi, pj, transposed)
     _tile_release()
 
 
-@intrinsic
-def _transpose_add16(typingctx, src, src_ld, dst, dst_ld):
-    """``dst[k, 0:16] += src[0:16, k]`` for ``k < 16`` (float32; rows ``src_ld`` and ``dst_ld``
-    bytes apart): a 16 × 16 block of a product added transposed, through registers
-    (``_cpu_amx._transpose16``)."""
-
-    def codegen(context, builder, signature, args):
-        src, src_ld, dst, dst_ld = args
-        _amx_function(context, builder, _AVX512)
-        v16 = ir.VectorType(_I32, 16)
-        rows = []
-        for r in range(16):
-            addr = builder.add(src, builder.mul(src_ld, ir.Constant(src_ld.type, r)))
-            rows.append(builder.load(builder.inttoptr(addr, v16.as_pointer()), align=4))
-        for k, vec in enumerate(_transpose16(builder, rows)):
-            ptr = builder.inttoptr(builder.add(dst, builder.mul(dst_ld, ir.Constant(dst_ld.type, k))), _VF.as_pointer())
-            builder.store(builder.fadd(builder.load(ptr, align=4), builder.bitcast(vec, _VF)), ptr, align=4)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
-
-
-@njit(cache=_JIT_CACHE, inline="always")
-def _add_block_t(c0, c_ld, s0, i, j):
-    """``c[j:j+32, i:i+32] += sᵀ`` for the 32 × 32 block ``s`` (rows 128 bytes apart)."""
-    for y in range(0, 32, 16):
-        for x in range(0, 32, 16):
-            _transpose_add16(s0 + x * 128 + 4 * y, 128, c0 + (j + y) * c_ld + 4 * (i + x), c_ld)
+@njit(cache=_JIT_CACHE, nogil=True)
+def product_add(a, b, c, s, cfg):
+    """``c[:M, :N] += A·B`` (``M, N = c.shape``, multiples of 32): :func:`_add_products`."""
+    _add_products(a, b, c, s, cfg, False)
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
 def product_add_t(a, b, c, s, cfg):
-    """``c[:N, :M] += (A·B)ᵀ`` (``N, M = c.shape``, multiples of 32; operands as
-    :func:`product`, ``s`` a 64-byte aligned scratch of 2 × 32 × 32 float32, as
-    :func:`product_add`'s): each 32 × 32 block of ``A·B``
-    from 0 (six sub-products, smallest first) into a tile, stored to the scratch and added
-    into ``c`` transposed one block later.  The forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ``
-    (``A`` = Vᵀ's pieces of a key tile, ``B`` = P's in key pairs): the accumulator keeps its
-    row layout, so the softmax's rescale and the output rows stay as they are."""
-    N, M = c.shape
-    depth = a.shape[2]
-    a_ps, a_ld = a.strides[0], a.strides[1]
-    b_ps, b_ld = b.strides[0], b.strides[1]
-    c_ld = c.strides[0]
-    a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
-    s_base = s.ctypes.data
-    _tile_config(cfg.ctypes.data)
-    pend = 0
-    pi, pj = -1, -1
-    nJ = N // 32
-    for t in range((M // 32) * nJ):
-        i, j = 32 * (t // nJ), 32 * (t % nJ)  # A's 32-row block stays while B's stream
-        _block(a0, a_ps, a_ld, b0, b_ps, b_ld, i, j, depth)
-        if pi >= 0:
-            _add_block_t(c0, c_ld, s_base + pend * 4096, pi, pj)
-        pend ^= 1
-        _store_2x2(s_base + pend * 4096, 128)
-        pi, pj = i, j
-    if pi >= 0:
-        _add_block_t(c0, c_ld, s_base + pend * 4096, pi, pj)
-    _tile_release()
+    """``c[:N, :M] += (A·B)ᵀ`` (``N, M = c.shape``, multiples of 32): :func:`_add_products`.  The
+    forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ`` (``A`` = Vᵀ's pieces of a key tile, ``B`` = P's in
+    key pairs): the accumulator keeps its row layout, so the softmax's rescale and the output
+    rows stay as they are."""
+    _add_products(a, b, c, s, cfg, True)
 
 
 @njit(cache=_JIT_CACHE, inline="always")

@@ -617,3 +617,32 @@ def test_serial_backward_on_the_split_route(route, taken):
         H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
     if AMX:
         assert taken[1] == (True, True, True, True, False)
+
+
+@pytest.mark.skipif(not AMX, reason="the split products need AMX (and AVX-512 BF16)")
+@pytest.mark.parametrize("Dv, BQ, BK", [(128, 128, 256), (64, 256, 256), (96, 64, 128)])
+def test_product_add_t_adds_the_transposed_product(Dv, BQ, BK):
+    """``product_add_t`` (the forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ``) adds bit for bit what
+    ``product_add`` adds into the transposed accumulator, and is as exact as the score product:
+    within a float32 rounding or two of the float64 sum."""
+    from dotattn.kernels import _cpu_amx_f32 as F
+    from dotattn.kernels._cpu_amx import tile_config
+    from dotattn.kernels._cpu_primitives import _aligned_empty
+
+    rng = np.random.default_rng(23)
+    V = rng.standard_normal((BK, Dv)).astype(np.float32)
+    P = rng.random((BK, BQ)).astype(np.float32)  # probabilities, as the exp pass leaves them
+    vt = F.pieces_buffer(Dv, BK, np.empty(0, dtype=np.uint16))  # Vᵀ's rows
+    F.split_tile_t(V, np.empty((Dv, BK), dtype=np.float32), vt)
+    pairs = F.pieces_buffer(BK // 2, BQ, np.empty(0, dtype=np.uint32))
+    F.split_pairs(P, pairs, BK, BQ)
+    acc0 = rng.standard_normal((BQ, Dv)).astype(np.float32)
+    acc, accT = _aligned_empty(BQ, Dv, acc0), _aligned_empty(Dv, BQ, acc0)
+    acc[:], accT[:] = acc0, acc0.T
+    scratch, cfg = _aligned_empty(64, 32, acc0), tile_config()
+    F.product_add_t(vt, pairs, acc, scratch, cfg)
+    F.product_add(vt, pairs, accT, scratch, cfg)
+    H.assert_bitwise_equal(acc, np.ascontiguousarray(accT.T), "acc")
+    want = acc0.astype(np.float64) + P.astype(np.float64).T @ V.astype(np.float64)
+    naive = acc0 + P.T @ V
+    assert np.max(np.abs(acc - want)) <= max(np.max(np.abs(naive - want)), 4 * np.finfo(np.float32).eps * np.max(np.abs(want)))

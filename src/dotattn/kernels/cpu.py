@@ -1417,16 +1417,16 @@ def _transposed_row_pieces(x: np.ndarray, split: bool = True) -> np.ndarray:
 
 def _split_forward_pv(call: AttentionCall, BQ: int, BK: int, tops: dict[str, float] | None) -> bool:
     """Whether the split route's forward takes ``acc += P·V`` on split products too
-    (:data:`SPLIT_FORWARD_PV`, with all five backward products asked for): V's largest
-    magnitude known (``tops``, :func:`_forward_largest`) and in range, and the product's
-    output — the accumulator's ``Dv × BQ``, transposed — and its depth ``BK`` in whole 32-steps."""
+    (:data:`SPLIT_FORWARD_PV`, with all five backward products asked for and the head dims in
+    whole 32-steps: :func:`_split_all_shapes`): V's largest magnitude known (``tops``,
+    :func:`_forward_largest`) and in range, and the query and key tiles — the product's
+    output columns and depth — in whole 32-steps."""
     from ._cpu_amx_f32 import ok_range
 
     return (
         SPLIT_FORWARD_PV
         and tops is not None
         and ok_range(tops["v"])
-        and call.Dv % AMX_QUANTUM == 0
         and BQ % AMX_QUANTUM == 0
         and BK % AMX_QUANTUM == 0
         and _split_all_shapes(call)

@@ -321,3 +321,103 @@ def test_block_products_propagate_nan_and_inf_of_x():
     for got in (_gemv_blocks_all(x, exact_blocks(w), 2), _gemm_blocks_all(x, exact_blocks(w), 2)):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+
+
+# ---- a prompt pass's products on AMX from the block codes (gemm_pairs) ---------------------
+AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]
+
+
+def _pairs_operands(found):
+    """:func:`ops.block_pairs` of ``found``'s codes and the transposed scales and offsets."""
+    O, I = found.shape
+    pairs = np.full((O // ops.PAIRS_COLS, I // 2, ops.PAIRS_COLS), 0xFFFFFFFF, np.uint32)
+    ops.block_pairs(found.codes, pairs)
+    has_offset = found.offset is not None
+    offset = found.offset if has_offset else found.scale
+    return pairs, np.ascontiguousarray(found.scale.T), np.ascontiguousarray(offset.T), has_offset
+
+
+def _gemm_pairs_all(x, found, chunks):
+    """``split_rows_sums`` and ``gemm_pairs`` in ``chunks`` chunks, and in one: the same bits;
+    returns the product and the largest magnitude the split reported (as bits)."""
+    from dotattn.kernels._cpu_amx_f32 import pieces_buffer
+
+    M, I = x.shape
+    Mp = -(-M // 32) * 32
+    pairs, scale_t, offset_t, has_offset = _pairs_operands(found)
+    results = []
+    for n in (chunks, 1):
+        pieces = pieces_buffer(Mp, I, np.empty(0, np.uint16))
+        pieces[:] = 0xFFFF  # rows past M must come back zero
+        sums, top = np.full((Mp, I // ops.BLOCK), np.nan, np.float32), np.zeros(n, np.uint32)
+        for c in range(n):
+            ops.split_rows_sums(x, pieces, sums, top, c, n)
+        assert not pieces[:, M:].any() and not sums[M:].any()
+        out = np.full((M, found.shape[0]), np.nan, np.float32)
+        for c in range(n):
+            ops.gemm_pairs(pieces, sums, pairs, scale_t, offset_t, has_offset, out, c, n)
+        results.append((out, int(top.max())))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    return results[0]
+
+
+@pytest.mark.skipif(not AMX, reason="the block products on AMX need AMX tiles (amx_tiles)")
+@settings(max_examples=25, deadline=None)
+@given(form=st.sampled_from(["q4_1", "q8_0"]), m=st.integers(1, 70), o=st.integers(1, 3), blocks=st.integers(1, 5),
+       chunks=st.integers(1, 4), scale=st.sampled_from([1.0, 1e-6, 3e4]), seed=st.integers(0, 2**16))
+def test_gemm_pairs_is_the_weights_product_within_the_naive_error(form, m, o, blocks, chunks, scale, seed):
+    """The prompt pass's product on AMX (token values as three bfloat16 pieces, the codes as
+    exact bfloat16, each block scaled in float32) is within twice NumPy's float32 product's
+    error of the float64 product by the float32 weights, for token rows not in whole tiles,
+    both block forms and magnitudes across the pieces' range; the chunking changes no bit; the
+    split reports the largest |x| exactly."""
+    from dotattn.models._block_weights import exact_blocks
+
+    rng = np.random.default_rng(seed)
+    i, O = 32 * blocks, 32 * o
+    w = (_q4_1_like if form == "q4_1" else _q8_0_like)(rng, O, i)
+    found = exact_blocks(w)
+    x = (rng.standard_normal((m, i)) * scale).astype(np.float32)
+    got, top = _gemm_pairs_all(x, found, chunks)
+    assert top == int(np.abs(x).max().view(np.uint32))
+    assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemm_pairs {form}")
+
+
+@pytest.mark.skipif(not AMX, reason="the block products on AMX need AMX tiles (amx_tiles)")
+def test_gemm_pairs_at_model_sizes_and_the_code_pairs():
+    """SmolLM2's four projection shapes at a 300-token pass (Q4_1 and Q8_0 forms): within the
+    rule; every pair word holds two codes' bfloat16 bits, the lower half the even depth."""
+    from dotattn.models._block_weights import exact_blocks
+
+    rng = np.random.default_rng(6)
+    for (O, I), make in zip(((960, 576), (576, 576), (3072, 576), (576, 1536)), (_q4_1_like, _q8_0_like) * 2):
+        w = make(rng, O, I)
+        found = exact_blocks(w)
+        pairs = _pairs_operands(found)[0]
+        halves = np.stack([pairs & 0xFFFF, pairs >> 16], axis=-1).astype(np.uint32) << 16  # (O/32, I/2, 32, 2)
+        codes = halves.view(np.float32).transpose(0, 2, 1, 3).reshape(O, I)
+        np.testing.assert_array_equal(codes, found.codes.astype(np.float32))
+        x = rng.standard_normal((300, I), dtype=np.float32)
+        got, _ = _gemm_pairs_all(x, found, 2)
+        assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemm_pairs {w.shape}")
+
+
+def test_split_rows_sums_reports_nan_and_inf_as_out_of_range():
+    """The split's largest magnitude (bits) is ≥ ±inf's for a NaN and equals it for ±inf: the
+    caller's range check (``_cpu_amx_f32.ok_range``) then sends the product to MKL."""
+    from dotattn.kernels._cpu_amx_f32 import bits_to_largest, ok_range, pieces_buffer
+
+    x = np.ones((5, 64), np.float32)
+    for bad, want in ((np.inf, 0x7F800000), (-np.inf, 0x7F800000), (np.nan, 0x7F800001)):
+        y = x.copy()
+        y[3, 33] = bad
+        top = np.zeros(2, np.uint32)
+        pieces, sums = pieces_buffer(32, 64, np.empty(0, np.uint16)), np.empty((32, 2), np.float32)
+        for c in range(2):
+            ops.split_rows_sums(y, pieces, sums, top, c, 2)
+        assert int(top.max()) >= want and not ok_range(bits_to_largest(int(top.max())))
+    top = np.zeros(1, np.uint32)
+    ops.split_rows_sums(np.zeros((3, 64), np.float32), pieces_buffer(32, 64, np.empty(0, np.uint16)),
+                        np.empty((32, 2), np.float32), top, 0, 1)
+    assert top[0] == 0 and ok_range(bits_to_largest(0))  # all zeros: in range

@@ -247,6 +247,66 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
     np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
 
 
+AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]
+
+
+@pytest.mark.skipif(not AMX, reason="the prompt pass's block products on AMX need AMX tiles")
+def test_long_prompt_products_run_on_amx_from_the_block_codes(model, monkeypatch):
+    """Where the CPU has AMX tiles, every block-coded matrix keeps its codes as AMX operands, and
+    a prompt pass's product of MIN_ROWS or more rows runs on them (``gemm_pairs``): close to the
+    float64 product, the same bits in the one-thread mode; token rows out of the pieces' range
+    take MKL's sgemm (the bits of the path without the AMX operands)."""
+    import numba
+
+    from dotattn.kernels import _cpu_model_ops as ops
+
+    assert all(model._mm.pairs(layer[k]) is not None for layer in model.w["layers"] for k in ("qkv", "o", "gate_up", "down"))
+    calls = []
+    real = ops.gemm_pairs
+
+    def spy(*args):
+        calls.append(args[-2])
+        real(*args)
+
+    monkeypatch.setattr(ops, "gemm_pairs", spy)
+    rng = np.random.default_rng(5)
+    halves = smollm_module._RowHalves(model._mm)
+    for w in (model.w["layers"][3]["down"], model.w["layers"][0]["qkv"]):
+        x = rng.standard_normal((1, 300, w.shape[1])).astype(np.float32)
+        out, alone = np.full((1, 300, w.shape[0]), np.nan, np.float32), np.full((1, 300, w.shape[0]), np.nan, np.float32)
+        calls.clear()
+        halves(x, w, out)
+        assert sorted(calls) == list(range(smollm_module._cores()))  # every column chunk, on AMX
+        np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            halves(x, w, alone)
+        finally:
+            numba.set_num_threads(threads)
+        np.testing.assert_array_equal(alone, out)
+        # out of the pieces' range (|x| > 2**40): MKL's sgemm, as without the AMX operands
+        big = x * np.float32(2.0**45)
+        calls.clear()
+        halves(big, w, out)
+        assert calls == []
+        monkeypatch.setattr(model._mm, "_pairs", {})
+        halves(big, w, alone)
+        monkeypatch.undo()
+        monkeypatch.setattr(ops, "gemm_pairs", spy)
+        np.testing.assert_array_equal(out, alone)
+
+
+def test_no_amx_operands_when_amx_is_off(model, monkeypatch):
+    """``DOTATTN_CPU_AMX=off`` (or no AMX tiles): block codes are kept for decode steps only."""
+    w = model.w["layers"][0]["o"]
+    blocks = model._mm._blocks[id(w)][1]
+    monkeypatch.setenv("DOTATTN_CPU_AMX", "off")
+    mm = smollm_module._MatMul("torch")
+    mm.keep_blocks(w, blocks)
+    assert mm.pairs(w) is None and mm._blocks[id(w)][1] is blocks
+
+
 def test_short_prompt_passes_give_the_same_logits_bits_in_both_thread_modes(model, monkeypatch):
     """A prompt pass of fewer than _RowHalves.MIN_ROWS tokens gives the same logits bits
     whether its chooser runs every layer on all cores or on the calling thread alone, and

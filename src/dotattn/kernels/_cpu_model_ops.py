@@ -19,8 +19,13 @@ import math
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+from . import _cpu_amx as _amx
+from ._cpu_amx_f32 import split_rows
 from ._cpu_cache import install_locator
 from ._cpu_decode_kernels import _prefetch
 from ._cpu_primitives import LOG2E, _exp2_one, _gemm_f32, _mkl_threads_local
@@ -464,3 +469,192 @@ def gemv_blocks(x, xsums, codes, scale, offset, has_offset, out, chunks):
     for c in numba.prange(chunks):
         r0, r1 = _block_rows(O, c, chunks)
         gemv_blocks_rows(x, xsums, codes, scale, offset, has_offset, out, r0, r1)
+
+
+# ---- a prompt pass's products on AMX: block codes as bfloat16 pairs --------------------------
+# A prompt pass multiplies hundreds of token rows by each weight matrix: compute-bound, and
+# MKL's float32 sgemm runs at the FMA units' rate (≈ 170 GFLOP/s a core here: 77 % of SmolLM2's
+# 512-token pass, docs/models.md).  Block-coded weights are small integers (|code| ≤ 127) times
+# a per-block scale, plus a per-block offset: the codes are exact in bfloat16, so AMX's
+# ``tdpbf16ps`` multiplies them exactly by the three bfloat16 pieces of each token value
+# (hi + mid + lo = the float32 value: ``_cpu_amx_f32``), one block (32 values) deep.  Each
+# block's 32 × 32 output block is stored and added into a float32 accumulator, scaled by the
+# block's scales, plus the row's block sum times its offsets:
+#     out[t, o] = Σ_b scale[o, b]·Σ_j code[o, j]·x[t, j] + offset[o, b]·Σ_j x[t, j]
+# — gemv_blocks' grouping; every product exact, each block's sum and the accumulation in
+# float32.  Each output element is one thread's sum in a fixed order: the same bits on any
+# chunking.  (x's largest magnitude must be in the pieces' range, _cpu_amx_f32.ok_range: the
+# tile unit flushes subnormal pieces; the caller checks it, from split_rows_sums' ``top``.)
+PAIRS_COLS = 32  # output columns per block of the pairs layout (a 2 × 2 tile product's width)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def block_pairs(codes, out):
+    """``out (O/32, I/2, 32)`` uint32 ← the codes ``(O, I)`` int8 as bfloat16 bits in depth pairs,
+    per block of 32 output rows: word ``(ob, k, c) = bf16(codes[32·ob + c, 2k]) |
+    bf16(codes[32·ob + c, 2k + 1]) << 16`` (the AMX B operand of :func:`gemm_pairs`;
+    an integer of 8 bits or fewer is exact in bfloat16: the top half of its float32 bits)."""
+    O, I = codes.shape
+    for ob in range(O // PAIRS_COLS):
+        blk = out[ob]
+        for c in range(PAIRS_COLS):
+            row = codes[ob * PAIRS_COLS + c]
+            for k in range(I // 2):
+                lo = np.float32(row[2 * k]).view(np.uint32) >> np.uint32(16)
+                hi = np.float32(row[2 * k + 1]).view(np.uint32) >> np.uint32(16)
+                blk[k, c] = lo | (hi << np.uint32(16))
+
+
+@njit(cache=_JIT_CACHE, nogil=True, fastmath=_FAST, error_model="numpy")
+def split_rows_sums(x, pieces, sums, top, chunk, chunks):
+    """Rows of chunk ``chunk`` of ``pieces``' ``Mp`` rows: ``pieces (3, Mp, I)`` ← the bfloat16
+    pieces of ``x (M, I)`` (rows contiguous; rows past M zero), ``sums (Mp, I/BLOCK)`` ← each
+    row's block sums (float32), ``top[chunk]`` ← the chunk's largest ``|x|`` as its bits
+    (uint32 ``bits & 0x7FFFFFFF``: an integer maximum, which vectorizes; ±inf 0x7F800000, a
+    NaN more — :func:`_cpu_amx_f32.bits_to_largest`)."""
+    M, I = x.shape
+    Mp = pieces.shape[1]
+    r0, r1 = _rows(Mp, chunk, chunks)
+    n = max(min(r1, M) - r0, 0)  # this chunk's real rows
+    if r1 > r0:
+        split_rows(x[r0 : r0 + n], pieces[:, r0:r1], n, I)
+    mask = np.uint32(0x7FFFFFFF)
+    big = np.uint32(0)
+    for m in range(r0, r1):
+        srow = sums[m]
+        if m >= M:
+            srow[:] = 0.0
+            continue
+        row = x[m]
+        bits = row.view(np.uint32)
+        for i in range(I):
+            v = bits[i] & mask
+            big = v if v > big else big
+        for b in range(I // BLOCK):
+            s = np.float32(0.0)
+            for j in range(b * BLOCK, (b + 1) * BLOCK):
+                s += row[j]
+            srow[b] = s
+    top[chunk] = big
+
+
+_V16F = ir.VectorType(ir.FloatType(), 16)
+
+
+@intrinsic
+def _scaled_add_block(typingctx, acc, s, scale, sums, sums_step, offset, has_offset):
+    """``acc[r, 0:32] += s[r, 0:32]·scale[0:32] (+ sums[r·sums_step]·offset[0:32])`` for the 32
+    rows of a 32 × 32 float32 block (rows 128 bytes apart; addresses as integers), the scales
+    and offsets loaded once: two FMAs a 16-lane vector (a Numba loop reloaded them every row)."""
+
+    def codegen(context, builder, signature, args):
+        acc, s, scale, sums, sums_step, offset, has_offset = args
+        _amx._amx_function(context, builder, _amx._AVX512)
+        i64 = ir.IntType(64)
+        undef = ir.Constant(_V16F, ir.Undefined)
+        fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F] * 3))
+
+        def vec(addr, off):
+            return builder.inttoptr(builder.add(addr, ir.Constant(i64, off)), _V16F.as_pointer())
+
+        scales = [builder.load(vec(scale, o), align=4) for o in (0, 64)]
+        with builder.if_else(builder.icmp_signed("!=", has_offset, ir.Constant(i64, 0))) as (with_offset, without):
+            for use_offset, branch in ((True, with_offset), (False, without)):
+                with branch:
+                    offsets = [builder.load(vec(offset, o), align=4) for o in (0, 64)] if use_offset else None
+                    with cgutils.for_range(builder, ir.Constant(i64, 32)) as loop:
+                        r = loop.index
+                        row = builder.mul(r, ir.Constant(i64, 128))
+                        if use_offset:
+                            at = builder.add(sums, builder.mul(r, builder.mul(sums_step, ir.Constant(i64, 4))))
+                            v = builder.load(builder.inttoptr(at, ir.FloatType().as_pointer()), align=4)
+                            first = builder.insert_element(undef, v, ir.Constant(ir.IntType(32), 0))
+                            row_sum = builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+                        for k, o in enumerate((0, 64)):
+                            ap = vec(builder.add(acc, row), o)
+                            total = builder.call(fma, [builder.load(vec(builder.add(s, row), o), align=4), scales[k], builder.load(ap, align=4)])
+                            if use_offset:
+                                total = builder.call(fma, [row_sum, offsets[k], total])
+                            builder.store(total, ap, align=4)
+        return context.get_dummy_value()
+
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
+    return sig, codegen
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _block_product(a0, a_ps, a_ld, b0, m0, b):
+    """Tiles 0–3 ← block ``b``'s 32 × 32 output block at token row ``m0``: the three pieces of
+    the rows (A, lo first, hi last: smallest terms first) by the block's code pairs (B, kept in
+    tiles 6 and 7 for the three)."""
+    _amx._zero0()
+    _amx._zero1()
+    _amx._zero2()
+    _amx._zero3()
+    bb = b0 + b * 16 * 4 * PAIRS_COLS  # 16 pair rows of 32 words
+    _amx._load6(bb, 4 * PAIRS_COLS)
+    _amx._load7(bb + 64, 4 * PAIRS_COLS)
+    for p in range(2, -1, -1):
+        ab = a0 + p * a_ps + m0 * a_ld + 2 * BLOCK * b
+        _amx._load4(ab, a_ld)
+        _amx._load5(ab + 16 * a_ld, a_ld)
+        _amx._dot046()
+        _amx._dot147()
+        _amx._dot256()
+        _amx._dot357()
+
+
+@njit(cache=_JIT_CACHE, nogil=True, error_model="numpy")
+def gemm_pairs(pieces, sums, pairs, scale_t, offset_t, has_offset, out, chunk, chunks):
+    """``out[:, cols] = x·Wᵀ`` for chunk ``chunk`` of ``chunks`` of the output's 32-column
+    blocks, on AMX (see above): ``pieces (3, Mp, I)`` and ``sums (Mp, I/BLOCK)`` from
+    :func:`split_rows_sums`, ``pairs (O/32, I/2, 32)`` from :func:`block_pairs`, ``scale_t``
+    and ``offset_t (I/BLOCK, O)`` the scales and offsets transposed (read only with
+    ``has_offset``), ``out (M, O)`` float32 (rows past M not written).
+
+    Token blocks outer, column blocks inner: a token block's pieces (≤ 300 KiB) stay in L2
+    while the chunk's code pairs stream (the other order read every token block's pieces
+    again for each column block: 1.62 against 2.38 ms for 512 × 1536 → 576 on two threads).
+    Each block's tiles are stored to a scratch and scaled into the accumulator one block later,
+    while the next block's products run."""
+    Mp, I = pieces.shape[1], pieces.shape[2]
+    M, O = out.shape
+    nb = I // BLOCK
+    ncb = O // PAIRS_COLS
+    c0, c1 = _rows(ncb, chunk, chunks)
+    if c1 <= c0:
+        return
+    buf = np.empty(2 * 1024 + 1024 + 32, np.float32)  # two stored blocks and the accumulator
+    skip = (-buf.ctypes.data) % 64 // 4
+    s_base = buf[skip:].ctypes.data
+    acc = buf[skip + 2048 : skip + 3072].reshape(32, PAIRS_COLS)
+    acc0 = acc.ctypes.data
+    a0, a_ps, a_ld = pieces.ctypes.data, pieces.strides[0], pieces.strides[1]
+    cfg = _amx.tile_config()
+    sums0, sums_step = sums.ctypes.data, sums.strides[0] // 4
+    with_offset = 1 if has_offset else 0
+    _amx._tile_config(cfg.ctypes.data)
+    for m0 in range(0, Mp, 32):
+        for cb in range(c0, c1):
+            n0 = cb * PAIRS_COLS
+            b0 = pairs[cb].ctypes.data
+            acc[:] = 0.0
+            pend = 0
+            for b in range(nb):
+                _block_product(a0, a_ps, a_ld, b0, m0, b)
+                if b > 0:  # the block before, while this one's products run
+                    _scaled_add_block(acc0, s_base + pend * 4096, scale_t[b - 1, n0:].ctypes.data,
+                                      sums0 + 4 * (m0 * sums_step + b - 1), sums_step, offset_t[b - 1, n0:].ctypes.data, with_offset)
+                pend ^= 1
+                s = s_base + pend * 4096
+                _amx._store0(s, 128)
+                _amx._store1(s + 64, 128)
+                _amx._store2(s + 2048, 128)
+                _amx._store3(s + 2048 + 64, 128)
+            _scaled_add_block(acc0, s_base + pend * 4096, scale_t[nb - 1, n0:].ctypes.data,
+                              sums0 + 4 * (m0 * sums_step + nb - 1), sums_step, offset_t[nb - 1, n0:].ctypes.data, with_offset)
+            for r in range(min(32, M - m0)):
+                orow, arow = out[m0 + r], acc[r]
+                for c in range(PAIRS_COLS):
+                    orow[n0 + c] = arow[c]
+    _amx._tile_release()

@@ -1965,7 +1965,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
         for cache_dtype in ("bfloat16", "float16") if name == "bfloat16" else (name,):
             timed(f"decode {cache_dtype} cache", lambda: _decode_step(cache_dtype, rng))
         if name == "float32":
-            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV, block GEMV, column GEMM)", _model_steps)
+            timed("model steps (RMSNorm, RoPE, SwiGLU, GEMV, block GEMV, column GEMM, AMX block GEMM)", _model_steps)
     return rows
 
 
@@ -1996,6 +1996,17 @@ def _model_steps() -> None:
     if f32_gemm_path()[0]:  # a short prompt pass's column-chunk products (MKL's sgemm only: smollm._mkl_team)
         ops.gemm_columns(x, w, y, 2)
         ops.gemm_columns_rows(x, w, y, 0, 2, 2)
+    if amx_path()[0]:  # a long prompt pass's products on AMX from the block codes (smollm._amx_products)
+        from ._cpu_amx_f32 import pieces_buffer
+
+        pairs = np.empty((1, ops.BLOCK, ops.PAIRS_COLS), np.uint32)
+        ops.block_pairs(np.ones((ops.PAIRS_COLS, 2 * ops.BLOCK), np.int8), pairs)
+        pieces, psums, top = pieces_buffer(32, 2 * ops.BLOCK, np.empty(0, np.uint16)), np.empty((32, 2), np.float32), np.empty(1, np.uint32)
+        for xr in (np.ones((3, 2 * ops.BLOCK), np.float32), np.ones((3, 4 * ops.BLOCK), np.float32)[:, : 2 * ops.BLOCK]):
+            ops.split_rows_sums(xr, pieces, psums, top, 0, 1)  # token rows contiguous or row-strided
+        st = np.ones((2, ops.PAIRS_COLS), np.float32)
+        for out in (np.empty((3, ops.PAIRS_COLS), np.float32), np.empty((3, 2 * ops.PAIRS_COLS), np.float32)[:, : ops.PAIRS_COLS]):
+            ops.gemm_pairs(pieces, psums, pairs, st, st, True, out, 0, 1)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -223,6 +223,29 @@ def _one_thread():
             mkl_threads_here(previous_mkl)
 
 
+class _AmxBlocks(NamedTuple):
+    """A block-coded weight's AMX operands (``kernels/_cpu_model_ops.gemm_pairs``)."""
+
+    pairs: np.ndarray  # (O/32, I/2, 32) uint32: the codes as bfloat16 pairs
+    scale_t: np.ndarray  # (I/BLOCK, O) float32
+    offset_t: np.ndarray  # (I/BLOCK, O) float32 (the scales again where there are no offsets: unread)
+    has_offset: bool
+
+
+# A prompt pass's products by block-coded weights on AMX (kernels/_cpu_model_ops.gemm_pairs):
+# the switch, for A/Bs against MKL's float32 sgemm
+AMX_BLOCK_PRODUCTS = True
+
+
+def _amx_products() -> bool:
+    """Whether prompt passes multiply block-coded weights on AMX: :data:`AMX_BLOCK_PRODUCTS`
+    and the CPU's tiles usable (``_cpu_isa.amx_tiles``: AMX present, the OS's permission,
+    ``DOTATTN_CPU_AMX`` not ``off``)."""
+    from ..kernels._cpu_isa import amx_tiles
+
+    return AMX_BLOCK_PRODUCTS and amx_tiles()[0]
+
+
 class _MatMul:
     """``x @ w.T`` for the ``(out, in)`` float32 weights, optionally into a given ``out``.
 
@@ -259,6 +282,10 @@ class _MatMul:
         self._views: dict[int, tuple[np.ndarray, Any]] = {}
         # weights whose decode-step products read their exact block codes (keep_blocks)
         self._blocks: dict[int, tuple[np.ndarray, Any]] = {}
+        # ... and whose prompt-pass products run on AMX (keep_blocks, where _amx_products()):
+        # the codes as bfloat16 pairs (_AmxBlocks); the pieces of the last shape's token rows
+        self._pairs: dict[int, tuple[np.ndarray, _AmxBlocks]] = {}
+        self._pieces: tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]] | None = None
         if compute == "torch":
             import torch
 
@@ -279,8 +306,40 @@ class _MatMul:
 
     def keep_blocks(self, w: np.ndarray, blocks) -> None:
         """Products of up to :data:`GEMV_MAX_ROWS` rows by ``w`` read ``blocks``
-        (:class:`~._block_weights.BlockWeights`: the same values, 1.25 bytes each) instead."""
+        (:class:`~._block_weights.BlockWeights`: the same values, 1.25 bytes each) instead;
+        where the CPU has AMX (:func:`_amx_products`), a prompt pass's products by ``w`` too
+        (:meth:`pairs`, made here: 2 bytes a value)."""
         self._blocks[id(w)] = (w, blocks)
+        O, I = blocks.codes.shape
+        ops = self._ops
+        if _amx_products() and O % ops.PAIRS_COLS == 0 and I % ops.BLOCK == 0:
+            pairs = np.empty((O // ops.PAIRS_COLS, I // 2, ops.PAIRS_COLS), np.uint32)
+            ops.block_pairs(blocks.codes, pairs)
+            has_offset = blocks.offset is not None
+            offset = blocks.offset if has_offset else blocks.scale  # not read without offsets: one signature
+            form = _AmxBlocks(pairs, np.ascontiguousarray(blocks.scale.T), np.ascontiguousarray(offset.T), has_offset)
+            self._pairs[id(w)] = (w, form)
+
+    def pairs(self, w: np.ndarray) -> _AmxBlocks | None:
+        """``w``'s block codes as AMX operands (:meth:`keep_blocks`), or None."""
+        kept = self._pairs.get(id(w))
+        return kept[1] if kept is not None and kept[0] is w else None
+
+    def pieces_scratch(self, rows: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bfloat16 pieces ``(3, Mp, depth)`` and block sums ``(Mp, depth/BLOCK)`` of ``rows``
+        token rows (``Mp`` = rows in 32-steps) for :func:`_cpu_model_ops.split_rows_sums`: kept
+        per depth for the last ``Mp`` asked (a prompt pass asks two depths, hidden and
+        intermediate: fresh buffers for every product were ≈ 5 MB of page faults each)."""
+        from ..kernels._cpu_amx_f32 import pieces_buffer
+
+        Mp = -(-rows // 32) * 32
+        if self._pieces is None or self._pieces[0] != Mp:
+            self._pieces = (Mp, {})
+        kept = self._pieces[1].get(depth)
+        if kept is None:
+            pieces = pieces_buffer(Mp, depth, np.empty(0, np.uint16))
+            kept = self._pieces[1][depth] = (pieces, np.empty((Mp, depth // self._ops.BLOCK), np.float32))
+        return kept
 
     def _view(self, a: np.ndarray):
         kept = self._views.get(id(a))
@@ -371,6 +430,12 @@ class _RowHalves:
     the caller — so the mode never changes the bits (torch.mm on two threads split the depth
     of some of these products and rounded differently from one thread: docs/models.md).
     Without MKL's sgemm bound (:func:`_mkl_team`), the same chunks on the pool.
+
+    Passes of MIN_ROWS rows or more by block-coded weights, where the CPU has AMX tiles
+    (:func:`_amx_products`), multiply on AMX instead (:meth:`_amx_product`,
+    ``_cpu_model_ops.gemm_pairs``: the token values as three bfloat16 pieces by the codes,
+    exact, each block scaled in float32) — 1.2–1.8× MKL's float32 sgemm on SmolLM2's
+    projections (docs/models.md, "The prompt pass's products on AMX from the block codes").
     """
 
     MIN_ROWS = 128
@@ -381,7 +446,7 @@ class _RowHalves:
         self.mm = mm
 
     def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from ..kernels._launch import num_threads, run_chunks
+        from ..kernels._launch import num_threads
 
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         rows = x2.shape[0]
@@ -404,17 +469,33 @@ class _RowHalves:
             else:  # the one-thread mode: no parallel launch
                 ops.gemm_columns_rows(x2, w, out2, 0, nchunks, nchunks)
             return out
+        form = self.mm.pairs(w) if x2.strides[1] == 4 and out2.strides[1] == 4 else None
+        if form is not None and self._amx_product(x2, out2, form, nchunks, parallel):
+            return out
         sgemm = _mkl_sgemm() if self.COLUMNS else None
         if sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
             fn, args = self._columns, (sgemm, x2, w, out2)
         else:
             fn, args = self._rows, (x2, w, out2)
-        if parallel:
-            run_chunks(fn, args, nchunks)
-        else:  # the one-thread mode (_one_thread): the chunks in turn on the caller
-            for chunk in range(nchunks):
-                fn(*args, chunk, nchunks)
+        _chunks(fn, args, nchunks, parallel)  # (the one-thread mode, _one_thread: in turn on the caller)
         return out
+
+    def _amx_product(self, x2, out2, form: _AmxBlocks, nchunks: int, parallel: bool) -> bool:
+        """``out2 = x2 @ w.T`` on AMX from ``w``'s block codes (``_cpu_model_ops.gemm_pairs``):
+        x2's pieces and block sums by row chunks, then the product by column chunks, on the pool
+        (or in turn on the caller: the same bits).  False, nothing written, where x2's largest
+        magnitude is out of the pieces' range (``_cpu_amx_f32.ok_range``: NaN and ±inf
+        included) — MKL's sgemm then runs."""
+        from ..kernels._cpu_amx_f32 import bits_to_largest, ok_range
+
+        ops = self.mm._ops
+        pieces, sums = self.mm.pieces_scratch(*x2.shape)
+        top = np.zeros(nchunks, np.uint32)
+        _chunks(ops.split_rows_sums, (x2, pieces, sums, top), nchunks, parallel)
+        if not ok_range(bits_to_largest(int(top.max()))):
+            return False
+        _chunks(ops.gemm_pairs, (pieces, sums, form.pairs, form.scale_t, form.offset_t, form.has_offset, out2), nchunks, parallel)
+        return True
 
     def _rows(self, x2, w, out2, chunk, nchunks):
         from ..kernels._cpu_isa import mkl_threads_here
@@ -439,6 +520,17 @@ class _RowHalves:
         finally:
             if previous is not None:
                 mkl_threads_here(previous)
+
+
+def _chunks(fn, args: tuple, nchunks: int, parallel: bool) -> None:
+    """``fn(*args, chunk, nchunks)`` for every chunk: on the ``_launch`` pool, or in turn on the caller."""
+    from ..kernels._launch import run_chunks
+
+    if parallel:
+        run_chunks(fn, args, nchunks)
+    else:
+        for chunk in range(nchunks):
+            fn(*args, chunk, nchunks)
 
 
 def _cores() -> int:

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print("load before:", uptime(), flush=True)
     model = SmolLM(decode_weights=args.decode_weights)
     peer, peer_info = (None, "n/a (--no-peer)") if args.no_peer else load_transformers(model.path)
-    print(f"dotattn SmolLM: prompt-pass projections float32 on {model.compute} (compute=), decode steps on "
+    amx = "on AMX from the weights' exact block codes where ≥ 128 rows, else " if model._mm._pairs else ""
+    print(f"dotattn SmolLM: prompt-pass projections {amx}float32 on {model.compute} (compute=), decode steps on "
           f"{'exact block codes of the weights' if model.decode_weights == 'blocks' else 'float32 weights'} "
           f"(decode_weights={model.decode_weights!r}); peer: {peer_info}", flush=True)
     results = {"load_before": uptime(), "peer": peer_info, "rows": []}

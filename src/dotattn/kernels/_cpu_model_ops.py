@@ -646,11 +646,7 @@ def gemm_pairs(pieces, sums, pairs, scale_t, offset_t, has_offset, out, chunk, c
                     _scaled_add_block(acc0, s_base + pend * 4096, scale_t[b - 1, n0:].ctypes.data,
                                       sums0 + 4 * (m0 * sums_step + b - 1), sums_step, offset_t[b - 1, n0:].ctypes.data, with_offset)
                 pend ^= 1
-                s = s_base + pend * 4096
-                _amx._store0(s, 128)
-                _amx._store1(s + 64, 128)
-                _amx._store2(s + 2048, 128)
-                _amx._store3(s + 2048 + 64, 128)
+                _amx._store_2x2(s_base + pend * 4096, 128)
             _scaled_add_block(acc0, s_base + pend * 4096, scale_t[nb - 1, n0:].ctypes.data,
                               sums0 + 4 * (m0 * sums_step + nb - 1), sums_step, offset_t[nb - 1, n0:].ctypes.data, with_offset)
             for r in range(min(32, M - m0)):

@@ -84,6 +84,7 @@ def test_numpy_compute_path_matches_transformers(model, reference):
     # The projections on NumPy's BLAS instead of torch's: same logits bound, same greedy tokens.
     other = SmolLM(model.path, compute="numpy")
     assert other.compute == "numpy" and model.compute == "torch"
+    assert other._mm._pairs == {}  # NumPy's BLAS runs its prompt products: no AMX operands kept
     seq = reference["sequences"][1]
     rows = slice(len(reference["sequences"][0]), len(reference["sequences"][0]) + len(seq))
     got = other.logits(seq)[:, reference["columns"]]

@@ -307,12 +307,14 @@ class _MatMul:
     def keep_blocks(self, w: np.ndarray, blocks) -> None:
         """Products of up to :data:`GEMV_MAX_ROWS` rows by ``w`` read ``blocks``
         (:class:`~._block_weights.BlockWeights`: the same values, 1.25 bytes each) instead;
-        where the CPU has AMX (:func:`_amx_products`), a prompt pass's products by ``w`` too
+        where the CPU has AMX (:func:`_amx_products`) and products run on torch's side
+        (``compute="torch"``), a prompt pass's products by ``w`` too
         (:meth:`pairs`, made here: 2 bytes a value)."""
         self._blocks[id(w)] = (w, blocks)
         O, I = blocks.codes.shape
         ops = self._ops
-        if _amx_products() and O % ops.PAIRS_COLS == 0 and I % ops.BLOCK == 0:
+        # (compute="numpy" runs every prompt product on NumPy's BLAS: no AMX operands to keep)
+        if self._torch is not None and _amx_products() and O % ops.PAIRS_COLS == 0 and I % ops.BLOCK == 0:
             pairs = np.empty((O // ops.PAIRS_COLS, I // 2, ops.PAIRS_COLS), np.uint32)
             ops.block_pairs(blocks.codes, pairs)
             has_offset = blocks.offset is not None

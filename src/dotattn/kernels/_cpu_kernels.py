@@ -964,7 +964,7 @@ def _forward_grouped_chunk(queue, q, kp, vp, out, lse, o):
                     if cls == PARTIAL:
                         _select_intervals(STt, lo, hi)
                 _online_softmax(STt, Nt, c2, m, m_use, bmax, row_sum, acc, STt, False, False, no_plan)
-            _gemm(STt.T, vp[b, hk, kb][c0:c1], acc, 1.0)
+            _pv(STt, vp[b, hk, kb][c0:c1], acc, False, 0, False)  # (as forward's: the same bits)
         for g in range(G):
             rows = slice(g * BQ, (g + 1) * BQ)
             _write_rows(out, lse, acc[rows], m[rows], row_sum[rows], b, h0 + g, i0, nrows, nr)

@@ -1110,7 +1110,44 @@ def _pv_overload(P, Vb, acc, amx, cfg, fresh=False):
                 _gemm(VT, P, accT, 1.0)
 
         return impl
+    if P.dtype == types.float32:
+
+        def impl_f32(P, Vb, acc, amx, cfg, fresh=False):
+            if Vb.shape[1] >= PV_GEMM_MIN_DV:
+                _gemm(P.T, Vb, acc, 1.0)
+            else:
+                _pv_narrow(P, Vb, acc)
+
+        return impl_f32
     return lambda P, Vb, acc, amx, cfg, fresh=False: _gemm(P.T, Vb, acc, 1.0)
+
+
+# MKL's sgemm (torch 2.13's, seen on an AMD Zen 5 without AMX, 3 Dec) adds a narrow product
+# (N = Dv ≤ 8) into C one key at a time, so with beta = 1 every small P·v rounds against
+# ulp(acc): a row of one weight ≈ 1 and 4095 weights ≈ 5e-8 came out 12–35× the naive error
+# (through _gemm_f32 with C = 3: 3.6–3.8e-5 added where 5.2e-5 is true; N ≥ 16 exact).  Narrow
+# values take _pv_narrow instead: each block of SUM_KEYS keys summed apart, as the exp passes
+# sum P, then added to acc once.
+PV_GEMM_MIN_DV = 16
+
+
+@njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
+def _pv_narrow(P, Vb, acc):
+    """``acc += P · Vb`` for float32 values narrower than PV_GEMM_MIN_DV, ``P (BK, BQ)`` given
+    transposed: in blocks of SUM_KEYS keys, each summed into ``block`` before it meets acc."""
+    BK, BQ = P.shape
+    Dv = Vb.shape[1]
+    block = np.empty((Dv, BQ), np.float32)
+    for c0 in range(0, BK, SUM_KEYS):
+        block[:] = 0.0
+        for c in range(c0, min(BK, c0 + SUM_KEYS)):
+            for d in range(Dv):
+                vcd = Vb[c, d]
+                for r in range(BQ):
+                    block[d, r] += P[c, r] * vcd
+        for r in range(BQ):
+            for d in range(Dv):
+                acc[r, d] += block[d, r]
 
 
 def _fresh_acc(acc, amx):

@@ -279,7 +279,7 @@ def test_cpu_calls_of_pool_only_bytes_run_on_the_pool_without_a_choice(monkeypat
     from dotattn.kernels import cpu_decode
 
     if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
-        pytest.skip("one core: every call runs on the calling thread")
+        pytest.skip(H.lacks("a second core", "every call runs on the calling thread"))
     case = C.make_case(10, B=3, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(cpu_decode, "_CHOICES", {})

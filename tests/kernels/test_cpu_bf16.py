@@ -670,7 +670,7 @@ def test_backward_amx_dq_same_bits_as_mkl(Hq, Hkv, Lq, Lk, D, Dv, tiles, options
     the same order onto the loaded dQ — on one thread and on the kernel's pool (dQ in two
     parts), and the float64 reference's tolerance holds."""
     if not HAS_AMX:
-        pytest.skip("no AMX here: the MKL route only")
+        pytest.skip(H.lacks("AMX", "the MKL route only"))
     q, k, v = H.random_qkv(31, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=BFLOAT16)
     call = semantics.normalize(q, k, v, **options)
     dout = np.random.default_rng(3).standard_normal(q.shape[:-1] + (Dv,)).astype(BFLOAT16)
@@ -691,7 +691,7 @@ def test_backward_amx_dq_of_a_one_row_tile(monkeypatch):
     rounding there (its AMX tiles, as ours, for 2 … 32 rows: checked for every count at D 64
     and 128 on this host); dK and dV are MKL's bits still."""
     if not HAS_AMX:
-        pytest.skip("no AMX here: the MKL route only")
+        pytest.skip(H.lacks("AMX", "the MKL route only"))
     q, k, v = H.random_qkv(31, batch=(1,), Hq=1, Hkv=1, Lq=65, Lk=64, D=64, Dv=64, dtype=BFLOAT16)
     call = semantics.normalize(q, k, v)
     dout = np.random.default_rng(3).standard_normal(q.shape).astype(BFLOAT16)
@@ -746,7 +746,7 @@ def test_amx_ds_pass_writes_rows_and_key_pairs():
     from dotattn.kernels._cpu_isa import _cpu_features
 
     if "avx512bf16" not in _cpu_features():  # (no AMX needed: passes on a Zen 5 without AMX)
-        pytest.skip("the pass needs AVX-512 BF16 instructions, which this CPU lacks")
+        pytest.skip(H.lacks("AVX-512 BF16", "the pass needs its instructions"))
     rng = np.random.default_rng(12)
     BK, BQ = 64, 96
     P = _aligned_empty(BK, BQ, np.empty(0, np.uint16))

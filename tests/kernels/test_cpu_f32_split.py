@@ -575,7 +575,7 @@ def test_value_dim_unlike_the_query_dim(route, taken, D, Dv):
         H.assert_close_to_reference(g, r, n, name=name, factor=GRAD_FACTOR[AMX], magnitude=4.0)
 
 
-@pytest.mark.skipif(not AMX, reason="the split route's passes need AMX (and AVX-512 BF16)")
+@pytest.mark.skipif(not AMX, reason=H.lacks("AMX", "the split route's passes need AMX (and AVX-512 BF16)"))
 @pytest.mark.parametrize("D", [64, 59, 33, 8, 20])
 def test_query_side_pass_keeps_the_numpy_steps_bits(D):
     """cpu._query_side_pass (one pass for the checks, dO's LSE fix and Δ) gives bit for bit what
@@ -619,7 +619,7 @@ def test_serial_backward_on_the_split_route(route, taken):
         assert taken[1] == (True, True, True, True, False)
 
 
-@pytest.mark.skipif(not AMX, reason="the split products need AMX (and AVX-512 BF16)")
+@pytest.mark.skipif(not AMX, reason=H.lacks("AMX", "the split products need AMX (and AVX-512 BF16)"))
 @pytest.mark.parametrize("Dv, BQ, BK", [(128, 128, 256), (64, 256, 256), (96, 64, 128)])
 def test_product_add_t_adds_the_transposed_product(Dv, BQ, BK):
     """``product_add_t`` (the forward's ``acc += P·V`` as ``(Vᵀ·P)ᵀ``) adds bit for bit what

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dotattn.kernels import _cpu_model_ops as ops
 
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, lacks
 
 # float32 kernels against float64 math: a few float32 roundings per element
 REL = 2e-6
@@ -362,7 +362,7 @@ def _gemm_pairs_all(x, found, chunks):
     return results[0]
 
 
-@pytest.mark.skipif(not AMX, reason="the block products on AMX need AMX tiles (amx_tiles)")
+@pytest.mark.skipif(not AMX, reason=lacks("AMX", "the block products on AMX need AMX tiles (amx_tiles)"))
 @settings(max_examples=25, deadline=None)
 @given(form=st.sampled_from(["q4_1", "q8_0"]), m=st.integers(1, 70), o=st.integers(1, 3), blocks=st.integers(1, 5),
        chunks=st.integers(1, 4), scale=st.sampled_from([1.0, 1e-6, 3e4]), seed=st.integers(0, 2**16))
@@ -384,7 +384,7 @@ def test_gemm_pairs_is_the_weights_product_within_the_naive_error(form, m, o, bl
     assert_close_to_reference(got, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name=f"gemm_pairs {form}")
 
 
-@pytest.mark.skipif(not AMX, reason="the block products on AMX need AMX tiles (amx_tiles)")
+@pytest.mark.skipif(not AMX, reason=lacks("AMX", "the block products on AMX need AMX tiles (amx_tiles)"))
 def test_gemm_pairs_at_model_sizes_and_the_code_pairs():
     """SmolLM2's four projection shapes at a 300-token pass (Q4_1 and Q8_0 forms): within the
     rule; every pair word holds two codes' bfloat16 bits, the lower half the even depth."""

@@ -21,6 +21,7 @@ from dotattn import cli  # noqa: E402
 from dotattn.errors import AttentionTypeError, AttentionValueError  # noqa: E402
 from dotattn.models import SmolLM, default_model_path  # noqa: E402
 from dotattn.models import smollm as smollm_module  # noqa: E402
+from helpers import lacks  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "smollm_reference.npz"
 TOLERANCE = 1e-3  # the issue's bound on max |ours − transformers| over the logits
@@ -251,7 +252,7 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
 AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]
 
 
-@pytest.mark.skipif(not AMX, reason="the prompt pass's block products on AMX need AMX tiles")
+@pytest.mark.skipif(not AMX, reason=lacks("AMX", "the prompt pass's block products on AMX need AMX tiles"))
 def test_long_prompt_products_run_on_amx_from_the_block_codes(model, monkeypatch):
     """Where the CPU has AMX tiles, every block-coded matrix keeps its codes as AMX operands, and
     a prompt pass's product of MIN_ROWS or more rows runs on them (``gemm_pairs``): close to the

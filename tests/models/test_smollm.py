@@ -231,6 +231,7 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
     whose rows are not contiguous takes the row halves."""
     rng = np.random.default_rng(2)
     w = model.w["layers"][0]["qkv"]
+    monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", False)  # (MKL's halves: oneDNN's test below)
     halves = smollm_module._RowHalves(model._mm)
     wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
     for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
@@ -247,6 +248,71 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
     out = np.empty((1, 300, w.shape[0]), np.float32)
     halves(x, w, out)
     np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+def test_prompt_pass_products_by_onednn_match_on_one_thread_each(model, reference, monkeypatch):
+    """The prompt pass's column halves by torch's oneDNN (chosen by itself on AVX-512 CPUs
+    that are not Intel's; forced here on any): close to the float64 product for contiguous and
+    row-strided token rows, the same bits chunk after chunk on the caller as on two threads,
+    the caller's OpenMP count as it was, and the model's logits within the reference's
+    tolerance of transformers'."""
+    import numba
+
+    loaded = smollm_module._load_onednn()
+    assert loaded[0] is not None, "torch 2.13's CPU wheel has oneDNN and its libgomp"
+    monkeypatch.setattr(smollm_module, "_ONEDNN", loaded)
+    monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", True)
+    chunks = []
+    columns = smollm_module._RowHalves._onednn_columns
+
+    def counted(self, *args):
+        chunks.append(args[-2])
+        return columns(self, *args)
+
+    monkeypatch.setattr(smollm_module._RowHalves, "_onednn_columns", counted)
+    setter, getter = loaded[1]
+    omp_before = getter()
+    rng = np.random.default_rng(3)
+    w = model.w["layers"][0]["gate_up"]
+    halves = smollm_module._RowHalves(model._mm)
+    wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
+    for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
+        both = np.full((1, 300, w.shape[0]), np.nan, np.float32)
+        halves(x, w, both)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            alone = np.full((1, 300, w.shape[0]), np.nan, np.float32)
+            halves(x, w, alone)
+        finally:
+            numba.set_num_threads(threads)
+        np.testing.assert_array_equal(both, alone)
+        np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert len(chunks) == 4 * smollm_module._cores() and getter() == omp_before
+    seq = max(reference["sequences"], key=len)  # (291 tokens: past MIN_ROWS, the halves run)
+    start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
+    chunks.clear()
+    got = model.logits(seq)[:, reference["columns"]]
+    assert chunks, "the prompt pass took another route"
+    expected = reference["column_logits"][start : start + len(seq)]
+    assert np.abs(got - expected).max() <= TOLERANCE, _report(got, expected, "oneDNN prompt pass columns")
+
+
+def test_onednn_products_are_chosen_off_intel_with_avx512(monkeypatch):
+    """``_onednn_linear``: oneDNN for an AVX-512 CPU that is not Intel's; MKL (None) on Intel
+    CPUs, on CPUs without AVX-512 and where the vendor is unknown."""
+    from dotattn.kernels import _cpu_isa
+
+    for vendor, features, chosen in (
+        ("AuthenticAMD", {"avx512f", "avx2"}, True),
+        ("GenuineIntel", {"avx512f", "avx2"}, False),
+        ("AuthenticAMD", {"avx2"}, False),
+        ("", {"avx512f"}, False),
+    ):
+        monkeypatch.setattr(smollm_module, "_ONEDNN", None)
+        monkeypatch.setattr(smollm_module, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(_cpu_isa, "_cpu_features", lambda f=features: frozenset(f))
+        assert (smollm_module._onednn_linear() is not None) == chosen, (vendor, features)
 
 
 AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]

@@ -442,6 +442,7 @@ class _RowHalves:
 
     MIN_ROWS = 128
     COLUMNS = True  # halves of the weight's rows (MKL sgemm_) where possible, else of the token rows
+    ONEDNN = True  # the halves by oneDNN where MKL runs 256-bit kernels on an AVX-512 CPU (_onednn_linear)
     TEAM = True  # short passes' chunks on Numba's team (_cpu_model_ops.gemm_columns) where MKL is bound
 
     def __init__(self, mm: _MatMul):
@@ -474,8 +475,11 @@ class _RowHalves:
         form = self.mm.pairs(w) if x2.strides[1] == 4 and out2.strides[1] == 4 else None
         if form is not None and self._amx_product(x2, out2, form, nchunks, parallel):
             return out
+        linear = _onednn_linear() if self.ONEDNN else None
         sgemm = _mkl_sgemm() if self.COLUMNS else None
-        if sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
+        if linear is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
+            fn, args = self._onednn_columns, (linear, x2, w, out2)
+        elif sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
             fn, args = self._columns, (sgemm, x2, w, out2)
         else:
             fn, args = self._rows, (x2, w, out2)
@@ -510,6 +514,19 @@ class _RowHalves:
         finally:
             if previous is not None:
                 mkl_threads_here(previous)
+
+    def _onednn_columns(self, linear, x2, w, out2, chunk, nchunks):
+        """:meth:`_columns` by oneDNN (:func:`_onednn_linear`), on one OpenMP thread: this
+        thread's own count, restored after (the other half runs on the other thread)."""
+        torch = self.mm._torch
+        cols = w.shape[0]
+        a, b = cols * chunk // nchunks, cols * (chunk + 1) // nchunks
+        previous = _omp_threads_here(1)
+        try:
+            part = linear(torch.from_numpy(x2), torch.from_numpy(w[a:b]), None, "none", [], "")
+        finally:
+            _omp_threads_here(previous)
+        out2[:, a:b] = part.numpy()
 
     def _columns(self, sgemm, x2, w, out2, chunk, nchunks):
         from ..kernels._cpu_isa import mkl_threads_here
@@ -551,6 +568,68 @@ def _mkl_team() -> bool:
 
 
 _SGEMM = None
+_ONEDNN: tuple[Any, Any] | None = None  # (the linear op or None, libgomp's omp_set_num_threads)
+
+
+def _onednn_linear():
+    """torch's oneDNN linear (``torch.ops.mkldnn._linear_pointwise``: ``x @ w.T``) where the
+    prompt pass's products should take it, else None: an AVX-512 CPU that is not Intel's.
+
+    Off Intel CPUs MKL runs its AVX2 kernels; oneDNN chooses its kernels by the CPU's
+    instructions.  On a Zen 5 EPYC core (4 Dec 2026, SmolLM2's four projection shapes at 512
+    tokens, medians of 20): MKL 105 GFLOP/s on one thread, oneDNN 233; on both cores, in
+    column halves on one OpenMP thread each, 373 — the same bits as one oneDNN call on both
+    (docs/models.md, "4 Dec: the prompt pass's products by oneDNN on an AMD Zen 5").  On
+    Intel CPUs MKL's own AVX-512 kernels (and AMX's block products) stay."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        from ..kernels._cpu_isa import _cpu_features
+
+        wanted = "avx512f" in _cpu_features() and _cpu_vendor() not in ("GenuineIntel", "")
+        _ONEDNN = _load_onednn() if wanted else (None, None)
+    return _ONEDNN[0]
+
+
+def _load_onednn() -> tuple[Any, Any]:
+    """``(the oneDNN linear op, (omp_set_num_threads, omp_get_max_threads))``, or ``(None,
+    None)`` where torch lacks oneDNN or its libgomp (needed to keep each half on one thread)."""
+    try:
+        import ctypes
+        from pathlib import Path
+
+        import torch
+
+        linear = torch.ops.mkldnn._linear_pointwise
+        gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+        if not (torch.backends.mkldnn.is_available() and gomp.exists()):
+            return None, None
+        lib = ctypes.CDLL(str(gomp))
+        setter, getter = lib.omp_set_num_threads, lib.omp_get_max_threads
+        setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+        return linear, (setter, getter)
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        return None, None
+
+
+def _omp_threads_here(n: int) -> int:
+    """Set the calling thread's OpenMP thread count (``omp_set_num_threads``: per thread, not
+    the process's); returns the previous one."""
+    setter, getter = _ONEDNN[1]
+    previous = int(getter())
+    setter(int(n))
+    return previous
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _mkl_sgemm():

@@ -147,24 +147,29 @@ def test_odd_sizes_gqa_causal_padding(tiles):
 
 
 @pytest.mark.parametrize("top", [0, 1024, 2048])  # the row's largest weight first in its tile: the online step, then lazy ones
-def test_float32_row_sum_of_many_small_weights(top):
+@pytest.mark.parametrize("D, Hq", [(4, 1), (8, 1), (8, 2)], ids=["d4", "d8", "d8-gqa"])  # (gqa: forward_grouped)
+def test_float32_row_sum_of_many_small_weights(top, D, Hq):
     """A row whose one large weight (≈ 1) sits before thousands of small ones (≈ 5e-8, under
     half an ulp of 1): the exp passes sum in blocks of keys, not one by one into a sum already
     ≈ 1, where each small P rounds away — as the naive softmax's pairwise sum does not.  One
     by one, every output of such a row came out 3× the naive error (CI, 1 Dec: Lq 196, Lk 567,
-    D 31); here the old sum lost up to 255 · 5e-8 of the row's weight."""
+    D 31); here the old sum lost up to 255 · 5e-8 of the row's weight.  The values' side too:
+    MKL's sgemm off Intel CPUs added a narrow (Dv ≤ 8) P·V into acc one key at a time, 7.7–35×
+    the naive error (CI on an AMD Zen 5, 3 Dec): values under 16 wide take blocks of keys."""
     rng = np.random.default_rng(top)
-    Lq, Lk, D = 32, 4096, 4
-    q = np.zeros((1, 1, Lq, D), np.float32)
+    Lq, Lk = 32, 4096
+    q = np.zeros((1, Hq, Lq, D), np.float32)
     q[..., 0] = 1.0
     k = rng.standard_normal((1, 1, Lk, D)).astype(np.float32)
     k[..., 0] = rng.uniform(-0.5, 0.5, Lk).astype(np.float32)
     k[0, 0, top, 0] = 17.0
     v = rng.standard_normal((1, 1, Lk, D)).astype(np.float32) + 3.0
-    call = semantics.normalize(q, k, v, scale=1.0)
+    options = dict(scale=1.0, causal=Hq > 1)  # (bottom-right: every row sees all but a few of the last keys)
+    call = semantics.normalize(q, k, v, **options)
+    assert cpu._grouped_f32(call) == (Hq > 1)
     out, lse = cpu.forward(call)
-    ref_out, ref_lse = H.reference(q, k, v, scale=1.0)
-    naive_out, naive_lse = H.naive(q, k, v, scale=1.0)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
     H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
 

@@ -275,20 +275,21 @@ def test_prompt_pass_products_by_onednn_match_on_one_thread_each(model, referenc
     rng = np.random.default_rng(3)
     w = model.w["layers"][0]["gate_up"]
     halves = smollm_module._RowHalves(model._mm)
-    wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
-    for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
-        both = np.full((1, 300, w.shape[0]), np.nan, np.float32)
-        halves(x, w, both)
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            alone = np.full((1, 300, w.shape[0]), np.nan, np.float32)
-            halves(x, w, alone)
-        finally:
-            numba.set_num_threads(threads)
-        np.testing.assert_array_equal(both, alone)
-        np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
-    assert len(chunks) == 4 * smollm_module._cores() and getter() == omp_before
+    for rows in (300, 64):  # (a long pass, and a short one: MKL's would run on Numba's team)
+        wide = rng.standard_normal((1, rows, 2 * w.shape[1])).astype(np.float32)
+        for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
+            both = np.full((1, rows, w.shape[0]), np.nan, np.float32)
+            halves(x, w, both)
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                alone = np.full((1, rows, w.shape[0]), np.nan, np.float32)
+                halves(x, w, alone)
+            finally:
+                numba.set_num_threads(threads)
+            np.testing.assert_array_equal(both, alone)
+            np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert len(chunks) == 8 * smollm_module._cores() and getter() == omp_before
     seq = max(reference["sequences"], key=len)  # (291 tokens: past MIN_ROWS, the halves run)
     start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
     chunks.clear()

@@ -433,6 +433,10 @@ class _RowHalves:
     of some of these products and rounded differently from one thread: docs/models.md).
     Without MKL's sgemm bound (:func:`_mkl_team`), the same chunks on the pool.
 
+    Where :func:`_onednn_linear` chooses oneDNN (an AVX-512 CPU that is not Intel's: MKL runs
+    AVX2 there), every pass that reaches here runs column halves by oneDNN instead, each on one
+    OpenMP thread (:meth:`_onednn_columns`), long passes and short ones.
+
     Passes of MIN_ROWS rows or more by block-coded weights, where the CPU has AMX tiles
     (:func:`_amx_products`), multiply on AMX instead (:meth:`_amx_product`,
     ``_cpu_model_ops.gemm_pairs``: the token values as three bfloat16 pieces by the codes,
@@ -465,7 +469,10 @@ class _RowHalves:
         # (x (L × 1536) · W (576 × 1536)ᵀ), which rounds differently from one thread
         # (docs/models.md).
         nchunks, parallel = _cores(), num_threads() >= 2
-        if rows < self.MIN_ROWS and self.TEAM and x2.strides[1] == 4 and out2.strides[1] == 4 and _mkl_team():
+        # (oneDNN's halves, where chosen, from the first rows that reach here: 25 rows 1.04×
+        # the team's MKL chunks, 64 rows 1.31×, 120 rows 1.45× — docs/models.md, "4 Dec")
+        linear = _onednn_linear() if self.ONEDNN else None
+        if linear is None and rows < self.MIN_ROWS and self.TEAM and x2.strides[1] == 4 and out2.strides[1] == 4 and _mkl_team():
             ops = self.mm._ops
             if parallel:
                 ops.gemm_columns(x2, w, out2, nchunks)
@@ -475,7 +482,6 @@ class _RowHalves:
         form = self.mm.pairs(w) if x2.strides[1] == 4 and out2.strides[1] == 4 else None
         if form is not None and self._amx_product(x2, out2, form, nchunks, parallel):
             return out
-        linear = _onednn_linear() if self.ONEDNN else None
         sgemm = _mkl_sgemm() if self.COLUMNS else None
         if linear is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
             fn, args = self._onednn_columns, (linear, x2, w, out2)

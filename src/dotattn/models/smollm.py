@@ -574,7 +574,7 @@ def _mkl_team() -> bool:
 
 
 _SGEMM = None
-_ONEDNN: tuple[Any, Any] | None = None  # (the linear op or None, libgomp's omp_set_num_threads)
+_ONEDNN: tuple[Any, Any] | None = None  # (the linear op, libgomp's (setter, getter) of the thread's count), or (None, None)
 
 
 def _onednn_linear():

@@ -30,8 +30,6 @@ from dotattn.semantics import BFLOAT16
 
 DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
-# Absolute floor of the tolerance rule, per input dtype, relative to max(1, max|ref|): about
-# one unit of rounding of the output dtype (float64 leaves room for a different summation order).
 # A test that needs a CPU feature this machine lacks (AMX tiles, AVX-512 BF16, a second core)
 # skips with a reason made by lacks(): no install can add the feature, so DOTATTN_NO_SKIPS
 # (conftest.py) lets exactly these skips through and still fails the run on any other.
@@ -43,6 +41,8 @@ def lacks(feature: str, what: str) -> str:
     return f"{HARDWARE_SKIP}{feature}: {what}"
 
 
+# Absolute floor of the tolerance rule, per input dtype, relative to max(1, max|ref|): about
+# one unit of rounding of the output dtype (float64 leaves room for a different summation order).
 FLOORS = {
     np.dtype(np.float16): 1e-3,
     BFLOAT16: 8e-3,

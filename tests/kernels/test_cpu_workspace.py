@@ -142,12 +142,12 @@ def test_buffers_are_reused_by_calls_that_fit(dtype):
     # the backward's dQ parts (bfloat16, rounded into new arrays; float32 on the split route,
     # summed transposed) — float32 on MKL's route sums dQ in place as part 0 and keeps only dO
     # with its LSE fix — and the packings or pieces of the dtype's route
-    call, _ = _prepared(big, causal_big, dtype)
-    if dtype == BFLOAT16 or cpu.f32_split_route(call):
+    prepared = _prepared(big, causal_big, dtype)
+    if dtype == BFLOAT16 or cpu.f32_split_route(prepared[0]):
         assert "bwd dq parts" in roles
     else:
         assert set(roles) == {"bwd dO fixed"}
-    if dtype == BFLOAT16 and cpu.bf16_backward_amx(*_prepared(big, causal_big, dtype)):
+    if dtype == BFLOAT16 and cpu.bf16_backward_amx(*prepared):
         assert {"bwd q pairs t", "bwd dO row pairs", "bwd dk tiles", "v tiles"} <= set(roles)
     addresses = {role: _workspace.buffer_address(role) for role in roles}
     held = _workspace.held_bytes(all_threads=False)

@@ -311,7 +311,7 @@ def test_onednn_products_are_chosen_off_intel_with_avx512(monkeypatch):
         ("", {"avx512f"}, False),
     ):
         monkeypatch.setattr(smollm_module, "_ONEDNN", None)
-        monkeypatch.setattr(smollm_module, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(_cpu_isa, "cpu_vendor", lambda v=vendor: v)
         monkeypatch.setattr(_cpu_isa, "_cpu_features", lambda f=features: frozenset(f))
         assert (smollm_module._onednn_linear() is not None) == chosen, (vendor, features)
 

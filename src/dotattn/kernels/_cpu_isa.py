@@ -72,6 +72,20 @@ def _cpu_features() -> frozenset[str]:
     return frozenset(f[1:] for f in ll.get_host_cpu_features().flatten().split(",") if f.startswith("+"))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" where unknown: MKL
+    runs its AVX2 code on CPUs that are not Intel's, whatever their instructions."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _torch_library() -> Path | None:
     spec = importlib.util.find_spec("torch")  # finds the package without importing it
     if spec is None or spec.origin is None:

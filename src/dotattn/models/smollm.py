@@ -589,9 +589,9 @@ def _onednn_linear():
     Intel CPUs MKL's own AVX-512 kernels (and AMX's block products) stay."""
     global _ONEDNN
     if _ONEDNN is None:
-        from ..kernels._cpu_isa import _cpu_features
+        from ..kernels._cpu_isa import _cpu_features, cpu_vendor
 
-        wanted = "avx512f" in _cpu_features() and _cpu_vendor() not in ("GenuineIntel", "")
+        wanted = "avx512f" in _cpu_features() and cpu_vendor() not in ("GenuineIntel", "")
         _ONEDNN = _load_onednn() if wanted else (None, None)
     return _ONEDNN[0]
 
@@ -624,18 +624,6 @@ def _omp_threads_here(n: int) -> int:
     previous = int(getter())
     setter(int(n))
     return previous
-
-
-def _cpu_vendor() -> str:
-    """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _mkl_sgemm():

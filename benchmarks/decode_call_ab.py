@@ -1,5 +1,5 @@
 """Alternating A/B of ``cpu_decode.py`` versions (the Python around the decode kernels) in one
-process, with torch SDPA beside them (docs/decoding.md, "The decode call's fixed costs").
+process, with torch SDPA beside them (docs/decoding-log.md, "The decode call's fixed costs").
 
 OLD is a copy of ``src/dotattn/kernels/cpu_decode.py`` (e.g. ``git show main:… > /tmp/cd_old.py``),
 imported as its own module beside the one dotattn imported (``new``); both drive the same

@@ -1,5 +1,5 @@
 """Per-key compute of the ``cpu`` decode kernel on cache-resident data, kernel versions alternating
-(docs/decoding.md, "16-bit caches at 32k").
+(docs/decoding-log.md, "16-bit caches at 32k").
 
 ``run_serial`` (plan, items, merges on the calling thread) on B 1, Hq 32, Hkv 8, D 128 and
 CONTEXT keys — 256 keys (1 MB of 16-bit K/V) stay in L2 — for each FILE (a copy of

@@ -1,7 +1,7 @@
 """The decode partners' spin after a call (``cpu_decode.PARTNER_SPIN_S``), A/B in one process.
 
 Under one other busy process, a B1 4k pool call's Python outside the kernel took 0.78 ms against
-0.15 idle (docs/decoding.md, "A straggling partner's item redone by the caller"): were the
+0.15 idle (docs/decoding-log.md, "A straggling partner's item redone by the caller"): were the
 partners, spinning 300 µs after each call, taking the caller's core?  This alternates the
 partners' spin (300 µs, 50 µs, none: their ``partner_spin``, read at each wait) round by round
 in random order, on B1 4k pool calls (the bench's inputs) each preceded by ~0.1 ms of

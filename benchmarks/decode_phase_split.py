@@ -1,4 +1,4 @@
-"""Where a decode work item's time goes, per key and K/V head, one thread (docs/decoding.md,
+"""Where a decode work item's time goes, per key and K/V head, one thread (docs/decoding-log.md,
 "AMX scores for GQA decode").
 
 The bench's B1 shape (one query, Hq 32, Hkv 8: R = 4 rows per K/V head, D 128) at CONTEXT keys,

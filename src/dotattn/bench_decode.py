@@ -44,7 +44,7 @@ A dotattn row whose timed calls the pool-or-alone choice ran on one thread says 
 busy machine, or a class sent alone by a moment of one (the choice is kept per size class, and
 the B8 32k float16 and bfloat16 rows, contiguous and paged, share one: the B8 32k bfloat16 row
 ran alone at 110.8 against 59–64 ms on the pool after the float16 paged row's calls had met
-another program, 1 Dec 2026; docs/decoding.md "The decode bench's one-thread rows").
+another program, 1 Dec 2026; docs/decoding-log.md "The decode bench's one-thread rows").
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ WARMUP_S = 0.25  # each peer's calls, back to back, before its timed ones (at le
 # explore the pool-or-alone choice (pool, pool, alone, alone; cpu_decode.ParallelChoice) — once
 # per process in a decode loop, but a 130 ms B8 32k call's 0.25 s warm-up is 3 calls, so the
 # first row of each class timed its fourth, alone (138.9 against 65–91 ms; B1 4k 3.6–5.2 against
-# 0.9–1.9 ms; 2 Dec 2026, docs/decoding.md "The decode bench's first row of a size class")
+# 0.9–1.9 ms; 2 Dec 2026, docs/decoding-log.md "The decode bench's first row of a size class")
 SETTLE_CALLS = 5
 
 

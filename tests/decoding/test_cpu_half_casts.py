@@ -1,7 +1,7 @@
 """The cpu decode kernel's float16 casts (``_cpu_decode_kernels.half_from_float``,
 ``float_from_half_scaled``) give NumPy's bits: a float16 call's scaled q and its output no
 longer go through NumPy's float16 casts (no vector loop for them here: 35 µs of a B1 4k call),
-and must not change a bit for it (docs/decoding.md, "Reference counting in the per-item
+and must not change a bit for it (docs/decoding-log.md, "Reference counting in the per-item
 functions, and the float16 casts")."""
 
 from __future__ import annotations

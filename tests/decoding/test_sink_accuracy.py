@@ -6,7 +6,7 @@ sink's term, each tiny term under half an ulp of it rounds away; the naive produ
 (NumPy's gemv for one query row) keeps them.  The kernel's P·V routes — the 16-lane register
 loop (any head dim: a masked last piece where it is not a multiple of 16), BLAS GEMMs (float
 caches with more than 16 folded rows), the NaN policy's key-by-key redo — each sum in blocks
-(docs/decoding.md, "Accuracy: attention sinks").  Before that, D 24 came out 1.6× the
+(docs/decoding-log.md, "Accuracy: attention sinks").  Before that, D 24 came out 1.6× the
 tolerance, D 40, 72 and R > 16 at D 64–128 1.0–1.2×; the scalar exp row's float32 sum, in
 64-key blocks, lost 8 % of a sink chunk's small part (1.2× at a few hundred keys).
 

@@ -71,13 +71,13 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # passes are bound by that, and the scores pass's requests go one line per row beside each 16-lane
 # piece's FMAs (a burst per block: slower).  decode_ab.py one thread, load 1.3 (00:42, 1 Dec):
 # B1 32k float16 13.88 → 12.94 ms, bfloat16 13.01 → 12.04; float32 the same; B8 32k float16
-# 122.3 → 116.2 (docs/decoding.md, "The next work item asked for whole").
+# 122.3 → 116.2 (docs/decoding-log.md, "The next work item asked for whole").
 # The bytes counted are the whole call's K/V (every sequence's; a sequence's own before 1 Dec
 # 18:50): what stays in the last-level cache between calls is the call's footprint, and on this
 # host a process gets ≈ 16–32 MB of it (NumPy's sum: 16 MiB at 23–25 GB/s, 64 MiB at 8–9), so
 # B8 4k's 128 MiB (16 MiB a sequence) streams from DRAM: B8 4k both cores float16 10.77 → 10.09 ms,
 # bfloat16 10.72 → 9.65, float32 16.11 → 14.18; one thread float16 17.08 → 15.99, bfloat16
-# 17.41 → 16.20 (same bits; docs/decoding.md, "The next item asked for at B8 4k").  B1 4k
+# 17.41 → 16.20 (same bits; docs/decoding-log.md, "16-bit decode at B8 and 32k").  B1 4k
 # (16 MiB, partly cache-resident) stays under it: with the scheme it was 0.94–1.02×.
 PREFETCH_NEXT_K = True
 PREFETCH_NEXT_MIN_BYTES = 64 << 20
@@ -648,7 +648,7 @@ def _scores_codegen(dot):
 # of 64 keys, a sink at a block's first key among weights just under half an ulp of it and
 # near-constant values, at 64–200 keys (where NumPy's naive gemv is most exact), still 1.83×
 # the rule's tolerance, 32 keys 1.08×, 16 keys ≤ 0.77× (the flush: 16 loads, adds and stores
-# per 16 keys at D 128; B1 4k one thread 1.3–2.7 % slower than 64, docs/decoding.md,
+# per 16 keys at D 128; B1 4k one thread 1.3–2.7 % slower than 64, docs/decoding-log.md,
 # "Accuracy: attention sinks").
 PV_SUM_KEYS = 16
 # float32 BLAS P·V (_pv_gemm) runs one GEMM per PV_GEMM_KEYS keys (sgemm adds key by key too;
@@ -818,14 +818,14 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 # NaN policy's redo).  decode_ab.py, Hq 32 Hkv 8 D 128, old/new medians (1 Dec, 21:35–21:38,
 # load 1.0–1.4): B1 32k float16 alone 16.63 → 15.85 ms, pool 10.71 → 10.28, bfloat16 alone 22.68
 # → 20.47, pool 10.83 → 10.73, float16 paged pool 11.82 → 9.66; B8 32k pool float16 95.6 → 90.6,
-# bfloat16 95.7 → 84.4 (docs/decoding.md, "A fused pass for 16-bit caches").
+# bfloat16 95.7 → 84.4 (docs/decoding-log.md, "A fused pass for 16-bit caches").
 FUSED16 = True
 # FUSED32: the same pass for float32 caches (up to SIMD_MAX_ROWS_FLOAT rows; the rows read as
 # they are, a request per 16-lane piece); float32 bits change (the online softmax's order), errors
 # against float64 the same (B1 4k max 2.7e-8 against 3.1e-8).  decode_ab.py against the three
 # passes (1 Dec, 23:25–23:42, load 0.9–2.7): B1 4k pool 1.594 → 1.519 / 1.186 → 1.154 ms, paged
 # 1.575 → 1.528, B1 32k alone 34.87 → 33.92; B1 4k alone, B1 32k pool, B8 4k, B8 32k within
-# ±1.7 % (docs/decoding.md, "B1 4k decode: where a call's time goes").
+# ±1.7 % (docs/decoding-log.md, "B1 4k decode: where a call's time goes").
 FUSED32 = True
 # where the next item's value rows are asked for: by the P·V part (a pass's lines beside its own
 # loads), else beside the scores' FMAs with its key rows (B1 32k float16: 1.08–1.10× slower)
@@ -843,7 +843,7 @@ FUSED_MAX_TREE = True
 # (FUSED_K_LOCALITY) and for no value rows (FUSED_SMALL_V_LOCALITY 0; the value rows 16 keys ahead
 # into L2 before, as 16-bit caches still do: 16, 2) — the hardware streamer brings them to P·V.
 # decode_ab.py B1 4k float32 against main (2 Dec, 02:24–02:39, load 0.8–1.3, 301 rounds): pool
-# 1.354 → 1.258 ms, alone 2.202 → 2.027 (docs/decoding.md, "B1 4k float32: no requests for the
+# 1.354 → 1.258 ms, alone 2.202 → 2.027 (docs/decoding-log.md, "B1 4k float32: no requests for the
 # next block's values").  Other settings tried there: K ahead 4 / 16 / 32 (V none) 1–4 % behind 8;
 # the V rows 0 keys ahead into L1 or L2, or 16 ahead into L1, no gain; no requests at all slower.
 FUSED_AHEAD_KEYS = 8
@@ -1020,7 +1020,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             # was slower.  Requests only: the same bits.  decode_ab.py against that loop (2 Dec,
             # 15:44–16:17, load 1.0–1.4): B1 4k float32 alone 1.569 → 1.520 ms, pool 0.942 →
             # 0.928, float16 pool 0.675 → 0.664, bfloat16 pool 0.714 → 0.706; B1 32k bfloat16
-            # pool 6.111 → 5.843, B8 4k float32 13.150 → 13.100 (docs/decoding.md, "Decode on
+            # pool 6.111 → 5.843, B8 4k float32 13.150 → 13.100 (docs/decoding-log.md, "Decode on
             # the new host"; the shared loop is in git history, 06b5052)
             with builder.if_else(has) as (then, otherwise):
                 with then:
@@ -1979,7 +1979,7 @@ def _line_aligned(n, like):
     to 32 bytes only): the thread's item scratch, whose q rows, scores and ``O`` the 16-lane
     loops read and write a whole line at a time, so that no access straddles two lines.  (A B1
     4k item at the other offsets measured ≈ 1 ns per key slower once, within the noise another
-    time; whole calls ≤ 1 %: docs/decoding.md, "Reference counting in the per-item functions".)"""
+    time; whole calls ≤ 1 %: docs/decoding-log.md, "Reference counting in the per-item functions".)"""
     per_line = 64 // like.itemsize
     raw = np.empty(n + per_line, dtype=like.dtype)
     skip = (-raw.ctypes.data % 64) // like.itemsize

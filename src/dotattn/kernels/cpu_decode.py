@@ -39,7 +39,7 @@ PARALLEL_MIN_BYTES = 4 << 20
 # From this many bytes of K/V on, a call runs on the pool without a ParallelChoice: both cores
 # read more than one even when other programs keep every core busy — alternated in one process
 # with three spinning processes on the two cores, alone/pool was 1.61 at 1 GiB and 1.16 at
-# 128 MiB (0.95 at 16 MiB: there the choice still decides), 2 Dec 2026, docs/decoding.md "Large
+# 128 MiB (0.95 at 16 MiB: there the choice still decides), 2 Dec 2026, docs/decoding-log.md "Large
 # calls always on the pool".  The choice's exploration and retries ran such calls alone at
 # about twice the pool's time (the bench's B8 32k float16 row read 74–79 % of the all-core rate).
 POOL_ONLY_BYTES = 64 << 20
@@ -67,7 +67,7 @@ def _bf16_dot_available() -> bool:
 # VM) one vdpbf16ps occupies both FMA ports for 2 cycles (4 FMAs' time for 32 products, the FMAs
 # 64), so it wins only where k's widening (2 operations per 16 elements, shared by the R rows)
 # is a large part of the work: R = 1 3–5 % faster, R = 4 (the bench's GQA shape) up to 7 % slower
-# (docs/decoding.md, "bfloat16 scores on vdpbf16ps").  Decided once per process
+# (docs/decoding-log.md, "bfloat16 scores on vdpbf16ps").  Decided once per process
 # (``DOTATTN_CPU_BF16=off`` forces the widening path, like the bfloat16 GEMMs' fallback); tests
 # set it to compare both.
 BF16_DOT = _bf16_dot_available()
@@ -130,7 +130,7 @@ class _Derived:
     """What :func:`decode` derives from a call's kind alone (shapes, dtypes, options): kept in
     ``call.kind.derived`` so a repeated call reads it back with one lookup — the call's Python
     runs cold (the items have just streamed the caches), where each attribute, property and
-    dtype step cost a few µs at B1 4k (docs/decoding.md, "The decode call's fixed costs")."""
+    dtype step cost a few µs at B1 4k (docs/decoding-log.md, "The decode call's fixed costs")."""
 
     __slots__ = ("B", "Hq", "Lq", "Hkv", "D", "Dv", "R", "Lnew", "T", "kind", "per_key", "items_per_chunk",
                  "left", "right", "softcap", "scale", "big_gemm", "dot_static", "strides", "half")
@@ -402,7 +402,7 @@ class ParallelChoice:
     # alone's): RETRY calls apart, then twice as far at each retry that finds the margin still
     # wide, up to RETRY_ALONE_MAX; back to RETRY at a narrower margin or a switch.  Every retry
     # runs a call at alone's time (1.7–2× the pool's on an idle machine): backing off took a B1
-    # 4k loop's time ×0.961–0.969 (docs/decoding.md, "The decode bench's first row of a size class …")
+    # 4k loop's time ×0.961–0.969 (docs/decoding-log.md, "The decode bench's first row of a size class …")
     WIDE_MARGIN = 0.7
     RETRY_ALONE_MAX = 128
     KEEP = 3

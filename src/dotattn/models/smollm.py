@@ -441,7 +441,8 @@ class _RowHalves:
     (:func:`_amx_products`), multiply on AMX instead (:meth:`_amx_product`,
     ``_cpu_model_ops.gemm_pairs``: the token values as three bfloat16 pieces by the codes,
     exact, each block scaled in float32) — 1.2–1.8× MKL's float32 sgemm on SmolLM2's
-    projections (docs/models.md, "The prompt pass's products on AMX from the block codes").
+    projections (docs/models-log.md, "3 Dec, 09:00–09:45: the prompt pass's products on AMX
+    from the block codes").
     """
 
     MIN_ROWS = 128

@@ -31,6 +31,10 @@ CASES = [
     ("f32-paged-ps4-rotary-dv", dict(page_size=4, Dv=12, Lq=2, Lnew=2), dict(rotary=True)),
     ("bf16-contig-rotary-q32", dict(dtype=H.DTYPES[1], q_dtype=np.float32), dict(rotary=True, softcap=2.0)),
     ("f32-long-multi-split", dict(max_len=900, B=2, page_size=32), dict(alibi_slopes="batch")),
+    # float64 over several chunks: the merge of the parts keeps float64 weights (a float32 weight
+    # cost 1e-8 of error where float64's naive error is 1e-16)
+    ("f64-contig-multi-split", dict(dtype=np.float64, B=2, lengths=[257, 700], Hq=6, Hkv=2, D=64), {}),
+    ("f64-paged-ps32-multi-split-L2", dict(dtype=np.float64, B=2, lengths=[900, 300], page_size=32, Lq=2, Lnew=2), {}),
     ("f32-empty-sequences", dict(lengths=[0, 0, 5], Lnew=None, Lq=1), {}),
     # R = G·Lq = 40 folded query rows per K/V head (a chunked-prefill shape)
     ("f32-contig-R40", dict(Hq=8, Hkv=1, Lq=5, Lnew=5, max_len=700), {}),

@@ -1793,6 +1793,7 @@ def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
     """
     R, Dv = out_rows.shape
     wbuf = np.empty(max(count, 1), dtype=np.float64)
+    wcast = np.empty(1, dtype=out_rows.dtype)  # a weight in the output's dtype (below)
     for r in range(R):
         M = -np.inf
         poisoned = False
@@ -1810,11 +1811,13 @@ def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
                 out_rows[r, d] = 0.0
             lse_rows[r] = -np.inf
             continue
-        # wᵢ = exp(lseᵢ − M) once per part (0 for −inf), then o = Σ (wᵢ / Σw)·oᵢ with float32
-        # weights: one exp per part and row instead of two (exp(lseᵢ − lse) again), and float32
-        # multiply-adds (a float64 weight made every one convert): the merges after the items,
-        # on one thread, 0.148 → 0.086 ms at B1 32k and 1.42 → 0.87 ms at B8 32k (128 parts per
-        # (sequence, K/V head); /tmp-style A/B, load 1.8); outputs within 1e-7 relative, same LSE
+        # wᵢ = exp(lseᵢ − M) once per part (0 for −inf), then o = Σ (wᵢ / Σw)·oᵢ with weights in
+        # the output's dtype: one exp per part and row instead of two (exp(lseᵢ − lse) again),
+        # and for float32 calls float32 multiply-adds (a float64 weight made every one convert):
+        # the merges after the items, on one thread, 0.148 → 0.086 ms at B1 32k and 1.42 → 0.87
+        # ms at B8 32k (128 parts per (sequence, K/V head); /tmp-style A/B, load 1.8); outputs
+        # within 1e-7 relative, same LSE.  float64 calls keep float64 weights (a float32 one
+        # cost them 1e-8 of error once a sequence had two chunks: 4 Dec 2026)
         total = 0.0
         for c in range(count):
             w = math.exp(part_lse[first + c, r] - M)
@@ -1827,7 +1830,8 @@ def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
         for c in range(count):
             if wbuf[c] == 0.0:
                 continue
-            w = np.float32(wbuf[c] * inv)
+            wcast[0] = wbuf[c] * inv
+            w = wcast[0]
             for d in range(Dv):
                 out_rows[r, d] += w * part_o[first + c, r, d]
         lse_rows[r] = lse

@@ -144,6 +144,24 @@ def rope64(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarra
     return out
 
 
+def call_options(case: Case, options: dict, rng) -> tuple[dict, dict]:
+    """Call options and the matching reference options: ``options`` may say ``alibi_slopes=
+    "per-head"`` or ``"batch"`` (random slopes) and ``rotary=True`` (tables with a rotary dim
+    smaller than D); everything else passes as given."""
+    call, ref = dict(options), dict(options)
+    Hq = canonical(case.q, case.layout).shape[1]
+    if options.get("alibi_slopes") == "per-head":
+        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.01, 0.3, Hq)
+    elif options.get("alibi_slopes") == "batch":
+        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.001, 0.05, (len(case.cache_lengths), Hq))
+    if options.get("rotary"):
+        D = canonical(case.q, case.layout).shape[3]
+        cos, sin = rope_tables(2048, D // 2 - 1)  # a rotary dim smaller than D
+        call["rotary"] = (cos.astype(np.float32), sin.astype(np.float32))
+        ref["rotary"] = (cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64))
+    return call, ref
+
+
 def logical_after(case: Case, rotary=None):
     """The sequences after the append, per sequence ``(Hkv, n, D)`` in the cache dtype
     (rotated new keys rounded to it, as the append stores them)."""

@@ -48,28 +48,12 @@ CASES = [
 ]
 
 
-def _options(case: C.Case, options: dict, rng) -> tuple[dict, dict]:
-    """Call options and the matching reference options (rotary tables, ALiBi arrays)."""
-    call, ref = dict(options), dict(options)
-    Hq = C.canonical(case.q, case.layout).shape[1]
-    if options.get("alibi_slopes") == "per-head":
-        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.01, 0.3, Hq)
-    elif options.get("alibi_slopes") == "batch":
-        call["alibi_slopes"] = ref["alibi_slopes"] = rng.uniform(0.001, 0.05, (len(case.cache_lengths), Hq))
-    if options.get("rotary"):
-        D = C.canonical(case.q, case.layout).shape[3]
-        cos, sin = C.rope_tables(2048, D // 2 - 1)  # a rotary dim smaller than D
-        call["rotary"] = (cos.astype(np.float32), sin.astype(np.float32))
-        ref["rotary"] = (cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64))
-    return call, ref
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,shape,options", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(backend, name, shape, options):
     seed = sum(map(ord, name))
     case = C.make_case(seed, **shape)
-    call_opts, ref_opts = _options(case, options, np.random.default_rng(seed))
+    call_opts, ref_opts = C.call_options(case, options, np.random.default_rng(seed))
     out64, lse64, naive = C.expected(case, **ref_opts)
     out, lse = dotattn.attention_with_kvcache(
         case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, return_lse=True,

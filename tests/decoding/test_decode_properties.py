@@ -82,3 +82,29 @@ def test_random_calls_match_reference(backend, call):
 @given(call=decode_calls(max_len=1300))
 def test_random_calls_match_reference_exhaustive(backend, call):
     check_call(backend, *call)
+
+
+@settings(max_examples=60)
+@given(call=decode_calls(max_len=700))
+def test_torch_tensors_give_the_numpy_bits(call):
+    """The same random call on torch CPU tensors: the same output bits, LSE and cache contents
+    (appended in the caller's tensors) as on NumPy arrays."""
+    torch = pytest.importorskip("torch")
+    from dotattn.torch._convert import from_numpy
+
+    shape, opts, seed = call
+    case = C.make_case(seed, **shape)
+    call_opts, _ = C.call_options(case, opts, np.random.default_rng(seed))
+    tensors = [None if x is None else from_numpy(x.copy()) for x in (case.q, case.k_cache, case.v_cache, case.k_new, case.v_new)]
+    t_opts = dict(call_opts)
+    if isinstance(t_opts.get("alibi_slopes"), np.ndarray):
+        t_opts["alibi_slopes"] = torch.from_numpy(t_opts["alibi_slopes"])
+    out, lse = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new,
+                                              return_lse=True, **case.kwargs(**call_opts))
+    with torch.no_grad():
+        t_out, t_lse = dotattn.attention_with_kvcache(*tensors, return_lse=True, **case.kwargs(**t_opts))
+    assert isinstance(t_out, torch.Tensor) and isinstance(t_lse, torch.Tensor)
+    H.assert_bitwise_equal(t_out.float().numpy(), out.astype(np.float32))
+    H.assert_bitwise_equal(t_lse.numpy(), lse, "lse")
+    for name, mine, theirs in (("k_cache", tensors[1], case.k_cache), ("v_cache", tensors[2], case.v_cache)):
+        assert np.array_equal(mine.float().numpy(), theirs.astype(np.float32), equal_nan=True), name

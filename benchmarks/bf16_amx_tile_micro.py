@@ -5,12 +5,12 @@ forward's products (2 × 2 blocks: 4 tile loads, then 4 dots per 32-deep step) r
 cycles per dot in the kernel and about as slow on pieces whose operands stay in L1.  Here
 dots alone and loads alone run near their throughputs, while loads and dots mixed ran at
 1.5–4× the dots alone, and double-buffered operand tiles (1 × 2 blocks, step s + 1's loads
-into tiles step s does not read) did not help (docs/performance.md, "bfloat16 forward: fusing
+into tiles step s does not read) did not help (docs/performance-log.md, "bfloat16 forward: fusing
 the exp pass …").  This host's AMX speed moved 2.5× between runs (dots alone 11.8 at 23:38,
 29.0 at 23:59 on 1 Dec): compare the lines of one run only.  On 2 Dec (07:49, load 0.8) a fast moment had dots alone
 13.0 and the 2 × 2 step 13.0 too (its loads hidden), the scores' pattern with its 4 stores 16–17
 (a store ≈ a dot); twenty minutes earlier (load 1.3) dots 28.6 and the step 56.7: the "load →
-dot switch" cost comes and goes with the host's state (docs/performance.md, "bfloat16 forward:
+dot switch" cost comes and goes with the host's state (docs/performance-log.md, "bfloat16 forward:
 the first P·V from tile zeros …").
 
     PYTHONPATH=src .venv/bin/python benchmarks/bf16_amx_tile_micro.py

@@ -5,7 +5,7 @@ A copy of ``_cpu_kernels._forward_chunk``'s dense AMX loop on one thread (as
 replaced by variants, each variant's whole loop timed in turn (random order per round),
 sections by the cycle counter; every variant's output is checked bit-equal to the kernel's.
 ``cur`` is the kernel's loop as it is (since 1 Dec 21:00).  Fusions tried 1 Dec 23:20–23:45
-(docs/performance.md, "bfloat16 forward: fusing the exp pass …"): ``fused``/``fused-contig``
+(docs/performance-log.md, "bfloat16 forward: fusing the exp pass …"): ``fused``/``fused-contig``
 (each 32-query block's lazy pass followed at once by its ``P·V``, P in place or in one
 16 KiB buffer), ``se1``/``se2`` (the lazy pass fused into the score product: each 32 × 32
 block of Sᵀ stored to a small buffer and exponentiated at once), ``pipe32/64/128`` (the same

@@ -15,7 +15,7 @@ route is stored per machine in ``kernels/_precompiled/f32_route.json``, which a 
 archive`` copy or a fresh worktree lacks (its calls then take the split-AMX route, where
 this host's stored choice is MKL's tiles), so the A/B would time the route, not the trees —
 the "kernels compiled on first calls run slower" of 1 Dec was exactly that
-(docs/performance.md, "Kernels compiled on a first call …").  Pin one route for both with
+(docs/performance-log.md, "Kernels compiled on a first call …").  Pin one route for both with
 ``DOTATTN_F32_PRODUCTS=mkl`` (or ``amx5``), or ``DOTATTN_F32_ROUTE_FILE=none``.
 
     .venv/bin/python benchmarks/cpu_ab_trees.py --old /tmp/old/src --new src \\

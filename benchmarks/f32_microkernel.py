@@ -1,6 +1,6 @@
 """A float32 block kernel of our own (AVX-512 FMAs, LLVM IR) against MKL's sgemm on the kernels' tiles.
 
-Issue 13 §2's go/no-go (docs/performance.md, "float32 tile products: our own AVX-512 block
+Issue 13 §2's go/no-go (docs/performance-log.md, "float32 tile products: our own AVX-512 block
 kernel against MKL's sgemm").  One thread, the float32 products of the ``cpu`` kernels with
 their operand layouts (the views ``_cpu_kernels.py`` passes to ``_gemm``): MKL through
 ``_cpu_primitives._gemm_f32`` (beta 0 or 1 as there); ours through a plain Numba loop over

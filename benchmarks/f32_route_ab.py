@@ -6,7 +6,7 @@ torch SDPA, in an order shuffled per round; forward and forward+backward at the 
 Prints medians with their interquartile range, × SDPA by the ratio of medians and by the median
 of the rounds' paired ratios.  ``dotattn precompile`` makes the same comparison, smaller, to
 choose this machine's route (``kernels/f32_route.py``); this is the whole-call picture behind it
-(docs/performance.md, "The sixth session: …").
+(docs/performance-log.md, "The sixth session: …").
 
     PYTHONPATH=src .venv/bin/python benchmarks/f32_route_ab.py [--rounds 9] [--cases fwd64,fwd128,causal,fwdbwd,fwdbwd128,causal-fwdbwd]
 """

@@ -15,7 +15,7 @@ compute into a scratch tile and add it once.  The tile unit flushes denormals (p
 
 Everything here is self-contained (the split, the AMX product on ``kernels/_cpu_amx.py``'s
 tile intrinsics, the adds); the kernel wiring that was tried lives on branch
-``f32split-amx-experiment`` (docs/performance.md, "float32 on AMX as split bfloat16 products").
+``f32split-amx-experiment`` (docs/performance-log.md, "float32 on AMX as split bfloat16 products").
 Printed, one thread, routes alternating round by round in one process (medians):
 
 1. each tile product of the float32 backward (BQ 256 × BK 512, D 64) and the forward's ``P·V``:

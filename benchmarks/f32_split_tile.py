@@ -1,7 +1,7 @@
 """The float32 backward's whole tile: MKL's sgemm tiles against split-bfloat16 products on AMX.
 
 Issue 13 §2 go/no-go, second attempt (the first, on branch ``f32split-amx-experiment``, timed
-each product with split passes of its own: 1.08× a tile; docs/performance.md, "float32 on AMX
+each product with split passes of its own: 1.08× a tile; docs/performance-log.md, "float32 on AMX
 as split bfloat16 products").  Here the split route is timed as a kernel would run it:
 
 * the per-call operands (K, V rows; Kᵀ rows per key tile; Q and dO as transposed pairs and

@@ -377,7 +377,7 @@ class _PeakRss:
     ``/proc/self/clear_refs`` resets it to the current size: nothing runs beside the timed call.
     Elsewhere a thread samples the resident size every millisecond; that thread wakes a
     thousand times a second and slowed both peers' calls by 8–12 % on a 2-core machine
-    (docs/performance.md, "The bench's memory sampler"), so it is only the fallback.
+    (docs/performance-log.md, "The bench's memory sampler"), so it is only the fallback.
     """
 
     def __enter__(self):

@@ -2,7 +2,7 @@
 
 Documents whose boundaries fall on 256s take 256 × 256 tiles (every tile then lies inside one
 document or outside it: FULL or SKIP, no masked scores); others, and every window, causal or
-dense-masked call, keep their tiles (docs/performance.md, "Packed documents: tiles from the
+dense-masked call, keep their tiles (docs/performance-log.md, "Packed documents: tiles from the
 segment ids").
 """
 

@@ -6,7 +6,7 @@ does not take the other, idle vCPU (descheduled by the host) — and starts only
 time slice ends, 2–4 ms later.  Pinned to a core of its own it starts 0.1–0.14 ms after the
 launch; an H4 L4096 D128 bfloat16 forward after a 0.2 s pause took ×0.929 of its time in a
 process running only dotattn, but gained nothing with torch's calls in between
-(docs/performance.md, "bfloat16 D128 forward after a pause"; ``benchmarks/
+(docs/performance-log.md, "bfloat16 D128 forward after a pause"; ``benchmarks/
 bf16_forward_after_idle.py --part pin``).
 
 Why opt-in: the team is Numba's, shared with any other Numba code in the process, and a pinned

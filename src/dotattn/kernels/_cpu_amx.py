@@ -186,7 +186,7 @@ def pack_vt(v32, out32):
     transposes in registers, 32 stores of a cache line); else element by element, 32 dims at
     a time (64 output rows of a tile stay in L1).  H4 L4096 D128 / H8 D64 on one thread after a
     forward call: 1.0–1.3 ms in vectors, 2.2–3.0 element by element (NumPy's strided copy took
-    1.1–2.2); whole calls 0.96 (D128), 0.98 (D64), 0.96–0.97 (causal): docs/performance.md,
+    1.1–2.2); whole calls 0.96 (D128), 0.98 (D64), 0.96–0.97 (causal): docs/performance-log.md,
     "bfloat16 forward: V's transposing pack in vectors".
 
     Returns whether every value is finite, checked on the bits as they pass (the forward's

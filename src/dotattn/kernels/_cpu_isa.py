@@ -46,7 +46,7 @@ F32_PRODUCTS_ENV_VAR = "DOTATTN_F32_PRODUCTS"
 # at two threads; the whole call lost that to prange passes per call, now in the tasks or on
 # the calling thread.  Whole backward, routes alternated, medians of 9 (07:34–07:37, load 1.4–1.9):
 # dense H8 L4096 D64 258.3 → 237.7 ms, H4 D128 256.9 → 248.7, causal H8 D64 173.2 → 172.1
-# (docs/performance.md, "float32 backward: the profile per section …")
+# (docs/performance-log.md, "float32 backward: the profile per section …")
 F32_ALL_PRODUCTS_DEFAULT = True
 # Names under which the kernels link the GEMMs (llvmlite's add_symbol).
 GEMM_SYMBOL = "dotattn_cblas_gemm_bf16bf16f32"

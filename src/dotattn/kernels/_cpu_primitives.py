@@ -1025,7 +1025,7 @@ def _pack_q_overload(Qs, Qv, amx):
 # row) in 16 lanes, with ≈ 2.2× less rounding error at D 64 (2.6× at D 128).  At a large
 # ``scale`` that score error is the output's largest, and on short rows a few rows decide the
 # maximum: causal L 11 D 64 at scale 3 missed the 2×-naive rule by 3.0×, L 24 D 128 by 3.7×
-# (docs/performance.md, "float32 accuracy at a large scale").  Even a 16-lane float32 sum
+# (docs/performance-log.md, "float32 accuracy at a large scale").  Even a 16-lane float32 sum
 # (NumPy's own error, different bits) missed it by chance (1.9×); float64 sums do not.  Up to
 # this many scores per head (or one query row) they run: ≈ 2.5× the GEMM's time on such
 # tiles, within the run-to-run noise of calls up to L 32 (ours 2048 ≥ NumPy's ≈ 1,150 for

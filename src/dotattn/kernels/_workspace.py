@@ -7,7 +7,7 @@ rounded.  glibc serves an allocation that large either by a fresh ``mmap`` — e
 faulted in on first touch, on every call — or from its heap (pages reused), by a threshold it
 raises as the process frees mmapped blocks.  So a process's history decided the speed of its
 calls: a bfloat16 H4 L4096 D128 forward+backward took 97 ms in one mode and 127–140 ms in the
-other (docs/performance.md, "bfloat16 fwd+bwd: the time around the kernels", and "Per-call
+other (docs/performance-log.md, "bfloat16 fwd+bwd: the time around the kernels", and "Per-call
 scratch kept between calls").  Keeping the scratch between calls makes every call after the
 first one find its pages already there, whatever the allocator does — what PyTorch's caching
 allocator does for its tensors (freed blocks kept for the next request of a fitting size).

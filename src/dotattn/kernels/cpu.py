@@ -1160,7 +1160,7 @@ def forward(
 
 
 # =================================================================================
-# float32 on AMX as split bfloat16 products (_cpu_amx_f32; docs/performance.md, "float32 on
+# float32 on AMX as split bfloat16 products (_cpu_amx_f32; docs/performance-log.md, "float32 on
 # AMX as split bfloat16 products")
 # =================================================================================
 
@@ -1331,11 +1331,11 @@ SPLIT_IN_TASK = True
 # The split route's forward computes PARTIAL tiles whose rows see very different keys (causal
 # diagonals) in query strips of this many rows, each over its own keys (Options.strip_rows,
 # _cpu_kernels._tile_in_strips; a multiple of 32, the products' step); 0: whole tiles (the A/B
-# switch).  Measured: docs/performance.md, "float32 causal forward on the split route …"
+# switch).  Measured: docs/performance-log.md, "float32 causal forward on the split route …"
 SPLIT_STRIP_ROWS = 64
 # The split route's forward with all five backward products asked for (``_cpu_isa.f32_all_products``)
 # also takes ``acc += P·V`` on split products (Options.split_pv; V in range, Dv and the query
-# tile in whole 32-steps); False: MKL's (the A/B switch).  Measured: docs/performance.md,
+# tile in whole 32-steps); False: MKL's (the A/B switch).  Measured: docs/performance-log.md,
 # "float32 forward: P·V on split products …"
 SPLIT_FORWARD_PV = True
 

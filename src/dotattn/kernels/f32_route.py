@@ -11,7 +11,7 @@ of the machine, not only of its instruction set:
   torch SDPA;
 * on the Xeon of 1 Dec afternoon (model 207, shared with other tenants), three interleaved
   measurements over two sessions found MKL's tiles faster in every case: forward 11–25 %, fwd+bwd
-  4–60 % (docs/performance.md, "The sixth session: …", its part "float32's product route").
+  4–60 % (docs/performance-log.md, "The sixth session: …", its part "float32's product route").
 
 So ``dotattn precompile`` (which ``make install`` runs) times both routes on this machine —
 whole forward+backward calls, the routes alternated round by round, medians — and stores the
@@ -51,7 +51,7 @@ ROUNDS = 7
 # result stores MKL.  The quarter-size measurement has favoured the split route more than whole
 # calls do: on the model-207 host it stored amx5 at 203.7 against 208.4 ms (2 Dec 08:27), while
 # the issue's shapes, alternated in one process minutes later, ran MKL's tiles 7–9 % faster
-# forward and 17–24 % fwd+bwd (f32_route_ab.py, 08:39; docs/performance.md, "float32's route:
+# forward and 17–24 % fwd+bwd (f32_route_ab.py, 08:39; docs/performance-log.md, "float32's route:
 # a tie goes to MKL").  Where the split route really wins (the 30 Nov Xeon: its backward 13 %
 # faster) it wins by more than this.
 SPLIT_MARGIN = 0.95

@@ -180,7 +180,7 @@ def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_byt
         # it is, so a bfloat16 call gets it rounded by the kernel as it writes the rows, as
         # dotattn.attention and the planned no-grad calls do — not as a float32 array cast by
         # ml_dtypes' astype (4.1 ms of a 100 ms H4 L4096 D128 fwd+bwd, holding the GIL while
-        # the other core idled: docs/performance.md, "bfloat16 fwd+bwd: the time around the kernels")
+        # the other core idled: docs/performance-log.md, "bfloat16 fwd+bwd: the time around the kernels")
         out, lse, weights = dispatch.run_forward(
             call, implementation=sc.implementation, return_weights=return_weights, max_weights_bytes=max_weights_bytes,
             final=True,

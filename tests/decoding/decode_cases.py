@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import dotattn
 import helpers as H
 from dotattn.semantics import BFLOAT16
 
@@ -219,3 +220,23 @@ def expected(case: Case, *, rotary=None, **options):
     out, lse = H.reference(q, K.astype(np.float64), V.astype(np.float64), **opts)
     naive_out, _ = H.naive(q.astype(dtype), K, V, **opts)
     return out, lse, naive_out
+
+
+def check_call(backend: str, seed: int, shape: dict, options: dict, name: str) -> None:
+    """One ``attention_with_kvcache`` call of ``make_case(seed, **shape)`` with ``options``
+    (:func:`call_options`'s forms) on ``backend``, against the float64 reference: output dtype
+    and tolerance rule, LSE dtype, −inf exactly where no key is visible, LSE close."""
+    case = make_case(seed, **shape)
+    call_opts, ref_opts = call_options(case, options, np.random.default_rng(seed))
+    out64, lse64, naive = expected(case, **ref_opts)
+    out, lse = dotattn.attention_with_kvcache(
+        case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, return_lse=True,
+        implementation=backend, **case.kwargs(**call_opts),
+    )
+    f64 = case.q.dtype == np.float64
+    assert out.dtype == case.q.dtype and lse.dtype == (np.float64 if f64 else np.float32)
+    H.assert_close_to_reference(canonical(out, case.layout), out64, naive, name=f"{name} out", dtype=case.k_cache.dtype)
+    finite = np.isfinite(lse64)
+    assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
+    tol = 1e-3 if case.k_cache.dtype.itemsize == 2 else (1e-12 if case.k_cache.dtype == np.float64 else 1e-5)
+    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=tol, atol=tol)

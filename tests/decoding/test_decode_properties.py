@@ -52,28 +52,12 @@ def decode_calls(draw, max_len: int):
     return shape, opts, draw(st.integers(0, 2**31 - 1))
 
 
-def check_call(backend, shape, opts, seed):
-    case = C.make_case(seed, **shape)
-    call_opts, ref_opts = C.call_options(case, opts, np.random.default_rng(seed))
-    out64, lse64, naive = C.expected(case, **ref_opts)
-    out, lse = dotattn.attention_with_kvcache(
-        case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, return_lse=True,
-        implementation=backend, **case.kwargs(**call_opts),
-    )
-    assert out.dtype == case.q.dtype
-    H.assert_close_to_reference(C.canonical(out, case.layout), out64, naive, name=f"{backend} out",
-                                dtype=case.k_cache.dtype)
-    finite = np.isfinite(lse64)
-    assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
-    tol = 1e-3 if case.k_cache.dtype.itemsize == 2 else (1e-12 if case.k_cache.dtype == np.float64 else 1e-5)
-    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150)
 @given(call=decode_calls(max_len=700))
 def test_random_calls_match_reference(backend, call):
-    check_call(backend, *call)
+    shape, options, seed = call
+    C.check_call(backend, seed, shape, options, backend)
 
 
 @pytest.mark.slow
@@ -81,7 +65,8 @@ def test_random_calls_match_reference(backend, call):
 @settings(max_examples=400)
 @given(call=decode_calls(max_len=1300))
 def test_random_calls_match_reference_exhaustive(backend, call):
-    check_call(backend, *call)
+    shape, options, seed = call
+    C.check_call(backend, seed, shape, options, backend)
 
 
 @settings(max_examples=60)

@@ -205,6 +205,19 @@ def test_precompile_command(capsys):
     assert cli.main(["precompile", "--dtypes", "float32"]) == 0  # loads what the test above made
     out = capsys.readouterr().out
     assert str(_cpu_cache.PRECOMPILED_DIR) in out and "forward float32" in out and "done in" in out
+    # and the package's bytecode, current for its sources (an import then compiles nothing)
+    import importlib.util
+
+    import dotattn.decoding
+
+    assert "bytecode of" in out
+    source = Path(dotattn.decoding.__file__)
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    header = pyc.read_bytes()[:16]
+    flags = int.from_bytes(header[4:8], "little")
+    assert header[:4] == importlib.util.MAGIC_NUMBER and flags == 0  # a timestamp-checked .pyc
+    assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime) & 0xFFFFFFFF
+    assert int.from_bytes(header[12:16], "little") == source.stat().st_size & 0xFFFFFFFF
 
 
 def test_cache_entries_are_keyed_by_every_kernel_source(tmp_path):

@@ -227,7 +227,7 @@ def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> 
     if neg.any():
         b = int(np.argmax(neg))
         raise AttentionValueError(f"cache_lengths must be ≥ 0, got cache_lengths[{b}] = {int(lengths[b])}")
-    over = lengths + Lnew > room
+    over = lengths > room - np.asarray(Lnew)  # not lengths + Lnew: a length near 2**63 would wrap past room
     if over.any():
         b = int(np.argmax(over))
         where = "the pages block_table gives it (max_pages · page_size)" if paged else "the cache capacity"
@@ -485,7 +485,9 @@ def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, 
     if options is not None:
         causal, window, scale, softcap = options
         fields["causal"] = _check_causal(causal)
-        fields["window"] = semantics.check_window(window)
+        # a side reaching past every key hides nothing: None (a side ≥ 2**63 would not fit the
+        # kernels' int64 positions); the kind's room bounds the keys of every call of the kind
+        fields["window"] = semantics.clamp_window(semantics.check_window(window), kind.Lq, kind.room)
         fields["scale"] = semantics.check_scale(scale, kind.D)
         fields["softcap"] = semantics.check_softcap(softcap)
     compute = kind.compute

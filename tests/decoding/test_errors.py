@@ -7,6 +7,7 @@ import pytest
 
 import decode_cases as C
 import dotattn
+import helpers as H
 from dotattn import AttentionTypeError, AttentionValueError, decode_semantics
 
 
@@ -50,6 +51,9 @@ BAD = [
     ("k-new-dtype", _contig, lambda c: dict(k_new=c.k_new.astype(np.float16)), AttentionTypeError, ["k_new", "dtype"]),
     ("lengths-beyond-capacity", _contig, lambda c: dict(cache_lengths=[5, 12]), AttentionValueError, ["sequence 1", "capacity"]),
     ("lengths-beyond-pages", _paged, lambda c: dict(cache_lengths=[5, 12]), AttentionValueError, ["sequence 1", "pages"]),
+    # lengths + Lnew past int64 must not wrap below the capacity (it did: an IndexError deep in the call)
+    ("lengths-int64-max", _contig, lambda c: dict(cache_lengths=np.array([5, 2**63 - 1])), AttentionValueError, ["sequence 1", "capacity"]),
+    ("lengths-int64-max-paged", _paged, lambda c: dict(cache_lengths=np.array([2**63 - 1, 3])), AttentionValueError, ["sequence 0", "pages"]),
     ("negative-length", _contig, lambda c: dict(cache_lengths=[-1, 3]), AttentionValueError, ["cache_lengths[0]", "≥ 0"]),
     ("float-lengths", _contig, lambda c: dict(cache_lengths=np.array([5.0, 9.0])), AttentionTypeError, ["cache_lengths", "integers"]),
     ("bool-lengths", _contig, lambda c: dict(cache_lengths=np.array([True, False])), AttentionTypeError, ["cache_lengths", "integers"]),
@@ -138,3 +142,21 @@ def test_unused_table_entries_are_not_checked():
     out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new,
                                          cache_lengths=case.cache_lengths, block_table=table)
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("side", [2**62, 2**63, 2**64, 10**30])
+@pytest.mark.parametrize("implementation", ["cpu", "numpy", "reference"])
+def test_a_window_side_past_every_key_is_unbounded(side, implementation):
+    """A side reaching past every key hides nothing: the same output as ``None`` on that side,
+    on a kind's first call and on a repeated one — not an OverflowError from the kernels' int64
+    positions (a side ≥ 2**63 raised one once a call of its kind had been seen)."""
+    case = _contig()
+    decode_semantics.clear_kinds()
+    expected = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                              window=(None, 0), implementation=implementation, **case.kwargs())
+    for _ in range(2):  # the kind's first call, then a repeated one
+        for window in ((3, 0), (side, 0)):
+            out = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
+                                                 case.v_new, window=window, implementation=implementation,
+                                                 **case.kwargs())
+        H.assert_bitwise_equal(out, expected)

@@ -29,6 +29,7 @@ of the contiguous cache, and the page-size and head axes of a paged cache)::
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import numbers
 import sys
@@ -454,8 +455,10 @@ class KVCache:
     layers share one page table and one set of lengths, since every layer stores the same
     tokens.  A decoding step calls :meth:`attend` (or :meth:`append`) once per layer, in
     order 0…L−1; each call writes at the current lengths and the lengths advance when layer
-    L−1 has written.  With ``num_layers=1`` (e.g. one cache per layer, or a single attention
-    layer) every call advances them.
+    L−1 has written.  A call on a layer that has not stored every earlier step is refused (its
+    slots below the lengths hold no tokens); storing a layer twice in one step rewrites the same
+    slots.  With ``num_layers=1`` (e.g. one cache per layer, or a single attention layer) every
+    call advances them.
 
     Example (a 30-layer model, a batch of prompts of different lengths)::
 
@@ -505,6 +508,9 @@ class KVCache:
         # written as tensors (validation runs on stand-ins, as for attention_with_kvcache).
         self._host = library == "numpy" or self.device.type == "cpu"
         self.page_size = None if page_size is None else _positive_int("page_size", page_size)
+        if isinstance(fill, bool) or not isinstance(fill, numbers.Real):
+            raise AttentionTypeError(f"fill must be a real number (the value of unused slots), got {fill!r}")
+        fill = float(fill)  # (an int past int64 would not fill a NumPy array)
         B, H, cap = self.batch_size, self.num_kv_heads, self.capacity
         if self.page_size is None:
             if num_pages is not None:
@@ -518,6 +524,16 @@ class KVCache:
             self.num_pages = default_pages if num_pages is None else _positive_int("num_pages", num_pages)
             p = self.page_size
             lead = (self.num_layers, self.num_pages, H, p) if layout == "bhld" else (self.num_layers, self.num_pages, p, H)
+        # sizes past what an array can index (2**63 bytes) are refused by name, not by NumPy's
+        # "array is too big"; an allocation that merely exceeds memory raises MemoryError
+        itemsize = np.dtype(self.dtype).itemsize
+        elements = math.prod(lead) * (self.head_dim + self.value_dim)
+        if elements * itemsize >= 2**63:
+            raise AttentionValueError(
+                f"a KVCache of {' × '.join(map(str, lead))} slots × (head_dim {self.head_dim} + value_dim "
+                f"{self.value_dim}) needs {elements * itemsize} bytes, more than an array can hold: "
+                "check batch_size, num_kv_heads, capacity, num_pages and num_layers"
+            )
         self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
         self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
         if library == "torch":
@@ -527,6 +543,18 @@ class KVCache:
         if self._host:
             self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
         self._lengths = np.zeros(B, dtype=np.int64)
+        # The layers' order within a step (0 … L−1, each once): _steps counts the steps taken
+        # (the lengths advanced by the last layer), _layer_steps[ℓ] the steps layer ℓ has stored
+        # tokens for.  A layer may store when it is level with the steps (its first call of this
+        # step) or one ahead (it stored this step already: storing again rewrites the same
+        # slots).  A layer behind has unwritten slots below the lengths — attending would read
+        # them — and is refused (_check_layer_order).
+        self._steps = 0
+        self._layer_steps = [0] * self.num_layers
+        # what the step's first layer stored (an int for every sequence alike, else a tuple):
+        # every layer of a step must store the same, or a layer's slots below the lengths the
+        # last layer advances to would hold no tokens
+        self._step_added: int | tuple | None = None
         # _headroom()'s answer until the lengths or the pages change (None: to be worked out)
         self._room: int | None = None
         if self.page_size is not None:
@@ -580,6 +608,10 @@ class KVCache:
         """Empty sequence ``b`` (every sequence when None); its pages go back to the free list."""
         seqs = range(self.batch_size) if b is None else [self._seq_index(b)]
         self._room = None
+        if b is None:  # nothing stored anywhere: every layer level again
+            self._steps = 0
+            self._layer_steps = [0] * self.num_layers
+            self._step_added = None
         for s in seqs:
             self._lengths[s] = 0
             if self.page_size is not None:
@@ -649,10 +681,48 @@ class KVCache:
                 f"capacity={self.capacity}"
             )
 
+    def _check_layer_order(self, layer: int) -> None:
+        behind = self._steps - self._layer_steps[layer]
+        if behind > 0:
+            raise AttentionValueError(
+                f"layer {layer} has not stored the tokens of the last {behind} step(s): the sequences' "
+                f"lengths advance when layer {self.num_layers - 1} stores, so each step must call attend() or "
+                f"append() on every layer in order 0 … {self.num_layers - 1} (this layer's slots below the "
+                "lengths hold no tokens)"
+            )
+
+    @staticmethod
+    def _added_key(added: np.ndarray | int) -> int | tuple:
+        if isinstance(added, int):
+            return added
+        counts = added.tolist()
+        return counts[0] if counts and counts.count(counts[0]) == len(counts) else tuple(counts)
+
+    def _check_step_tokens(self, layer: int, added: np.ndarray | int) -> None:
+        """Every layer of a step stores the same new tokens per sequence (checked before writing)."""
+        if self._step_added is None or self.num_layers == 1:
+            return
+        mine = self._added_key(added)
+        if mine != self._step_added:
+            def say(x):
+                return f"{x} new token(s) per sequence" if isinstance(x, int) else f"new tokens per sequence {list(x)}"
+
+            raise AttentionValueError(
+                f"layer {layer} would store {say(mine)} in this step, but the step's first layer stored "
+                f"{say(self._step_added)}: every layer of a step stores the same tokens"
+            )
+
     def _advance(self, layer: int, added: np.ndarray | int) -> None:
         if layer == self.num_layers - 1:
             self._lengths += added
             self._room = None
+            self._steps += 1
+            self._layer_steps[layer] = self._steps
+            self._step_added = None
+        else:
+            self._layer_steps[layer] = self._steps + 1
+            if self._step_added is None:
+                self._step_added = self._added_key(added)
 
     # ---- writing and attending ----------------------------------------------------
     def append(self, k_new: Any, v_new: Any, *, layer: int = 0, lengths: Any = None) -> None:
@@ -663,6 +733,7 @@ class KVCache:
         (rotate them first if the model uses RoPE).
         """
         layer = self._layer_index(layer)
+        self._check_layer_order(layer)
         if self._host:
             k_buf, v_buf = self._k_np[layer], self._v_np[layer]
             k_np, v_np = _as_numpy("k_new", k_new), _as_numpy("v_new", v_new)
@@ -684,6 +755,7 @@ class KVCache:
             if bad.any():
                 b = int(np.argmax(bad))
                 raise AttentionValueError(f"lengths must lie in [0, Lnew={Lnew}], got lengths[{b}] = {int(counts[b])}")
+        self._check_step_tokens(layer, counts)
         new_lengths = self._lengths + counts
         self._room_check(new_lengths)
         # A query of no rows: the validation of attention_with_kvcache covers the append alone.
@@ -729,6 +801,7 @@ class KVCache:
         lengths and its pages supplied by this object.
         """
         layer = self._layer_index(layer)
+        self._check_layer_order(layer)
         fw = "numpy" if type(q) is np.ndarray else framework_of(q)
         if fw != self.library:
             raise AttentionTypeError(
@@ -748,6 +821,7 @@ class KVCache:
             shape = tuple(k_new.shape)
             if len(shape) == 4:
                 Lnew = shape[2] if self.layout == "bhld" else shape[1]
+        self._check_step_tokens(layer, Lnew)
         if Lnew <= self._headroom():  # the common step: room and pages held already
             table = None if self.page_size is None else self._table
         else:

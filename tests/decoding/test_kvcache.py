@@ -115,6 +115,9 @@ def test_refused_attend_changes_nothing():
         (dict(num_pages=3), "num_pages needs page_size"),
         (dict(library="jax"), "library"),
         (dict(layout="bshd"), "layout"),
+        (dict(fill="nan"), "fill"),
+        (dict(capacity=2**63), "more than an array can hold"),
+        (dict(fill=True), "fill"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -297,3 +300,61 @@ def test_append_writes_every_token_to_its_slot_and_nothing_else(page_size, count
             want_v[page, :, slot] = v_new[b, :, t]
     np.testing.assert_array_equal(k_cache, want_k)
     np.testing.assert_array_equal(v_cache, want_v)
+
+
+def test_a_huge_integer_fill_is_a_float():
+    cache = KVCache(1, 1, 4, 8, fill=2**64)  # past int64: NumPy's full() would refuse the int
+    assert (cache.k == np.float32(2.0**64)).all()
+
+
+def test_layers_out_of_order_are_refused_before_they_read_unwritten_slots():
+    """The lengths advance when the last layer stores; a layer that has not stored the previous
+    step would attend over slots that hold no tokens — refused with the order to follow, and
+    nothing changed.  Storing a layer twice in a step rewrites the same slots (allowed)."""
+    cache = KVCache(1, 1, 4, 8, num_layers=3, fill=np.nan)
+    kv = np.ones((1, 1, 1, 4), np.float32)
+    q = np.ones((1, 1, 1, 4), np.float32)
+    cache.attend(q, kv, kv, layer=2)  # the last layer first: the lengths advance past layers 0 and 1
+    state = (cache.k.tobytes(), cache.lengths)
+    for layer in (0, 1):
+        with pytest.raises(AttentionValueError, match=f"layer {layer} has not stored the tokens of the last 1 step"):
+            cache.attend(q, kv, kv, layer=layer)
+        with pytest.raises(AttentionValueError, match="in order 0 … 2"):
+            cache.append(kv, kv, layer=layer)
+    assert cache.k.tobytes() == state[0] and (cache.lengths == state[1]).all()
+
+    cache.reset()  # everything empty: every layer level again
+    for step in range(3):
+        for layer in range(3):
+            out = cache.attend(q, kv, kv, layer=layer)
+            assert np.isfinite(out).all()
+        out = cache.attend(q, kv, kv, layer=0)  # layer 0 again in the next step, then stored twice:
+        out = cache.attend(q, kv, kv, layer=0)  # the same slots rewritten
+        assert np.isfinite(out).all()
+        cache.attend(q, kv, kv, layer=1)
+        cache.attend(q, kv, kv, layer=2)
+    assert cache.lengths[0] == 6
+    cache.append(kv, kv, layer=0)  # a layer skipped in a step is refused in the next
+    cache.append(kv, kv, layer=2)
+    with pytest.raises(AttentionValueError, match="layer 1 has not stored"):
+        cache.attend(q, kv, kv, layer=1)
+
+
+def test_every_layer_of_a_step_stores_the_same_tokens():
+    """The last layer advances the lengths by what it stores: a layer that stored fewer tokens in
+    the step would leave slots below the lengths with no tokens — refused before writing."""
+    cache = KVCache(2, 1, 4, 16, num_layers=2, fill=np.nan)
+    kv = np.ones((2, 1, 3, 4), np.float32)
+    q = np.ones((2, 1, 2, 4), np.float32)
+    cache.attend(q, kv[:, :, :2], kv[:, :, :2], layer=0)
+    before = cache.k.tobytes()
+    with pytest.raises(AttentionValueError, match="layer 1 would store 3 new token.s. per sequence in this step, but the step's first layer stored 2"):
+        cache.append(kv, kv, layer=1)
+    with pytest.raises(AttentionValueError, match=r"new tokens per sequence \[2, 1\]"):
+        cache.append(kv, kv, layer=1, lengths=[2, 1])
+    assert cache.k.tobytes() == before and (cache.lengths == 0).all()
+    cache.append(kv, kv, layer=1, lengths=[2, 2])  # the same two tokens each: accepted
+    assert (cache.lengths == 2).all()
+    cache.append(kv, kv, layer=0, lengths=[3, 1])  # a new step: padded prompts, then the same at layer 1
+    cache.append(kv, kv, layer=1, lengths=[3, 1])
+    assert cache.lengths.tolist() == [5, 3]

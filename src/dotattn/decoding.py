@@ -29,8 +29,8 @@ of the contiguous cache, and the page-size and head axes of a paged cache)::
 from __future__ import annotations
 
 import importlib
-import math
 import importlib.util
+import math
 import numbers
 import sys
 from typing import Any

@@ -160,11 +160,17 @@ def test_gemm_columns_on_the_team_and_in_turn_give_the_same_bits(r, o, i, chunks
     x = rng.standard_normal((r, i), dtype=np.float32)
     w = rng.standard_normal((o, i), dtype=np.float32)
     team, in_turn = np.full((r, o), np.nan, np.float32), np.full((r, o), np.nan, np.float32)
-    ops.gemm_columns(x, w, team, chunks)
-    ops.gemm_columns_rows(x, w, in_turn, 0, chunks, chunks)
+    # this thread's local count as an earlier test left it (torch.set_num_threads sets one:
+    # ATen's set_num_threads calls mkl_set_num_threads_local), cleared for the check and put back
+    before = mkl_threads_here(0)
+    try:
+        ops.gemm_columns(x, w, team, chunks)
+        ops.gemm_columns_rows(x, w, in_turn, 0, chunks, chunks)
+        assert mkl_threads_here(0) == 0  # the calls restored what they found (0: no local count)
+    finally:
+        mkl_threads_here(before)
     np.testing.assert_array_equal(team, in_turn)
     assert_close_to_reference(team, x.astype(np.float64) @ w.T.astype(np.float64), x @ w.T, name="gemm_columns")
-    assert mkl_threads_here(0) == 0  # (0: no local count was set)
 
 
 def test_gemv_propagates_nan_and_inf_like_a_product():

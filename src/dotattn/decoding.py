@@ -534,6 +534,10 @@ class KVCache:
                 f"{self.value_dim}) needs {elements * itemsize} bytes, more than an array can hold: "
                 "check batch_size, num_kv_heads, capacity, num_pages and num_layers"
             )
+        # the fill as the cache's dtype holds it (±inf past its range), the same for NumPy and torch
+        # buffers (torch.full refuses a value a float16 cannot hold)
+        with np.errstate(over="ignore"):
+            fill = float(np.array(fill).astype(self.dtype))
         self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
         self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
         if library == "torch":

@@ -307,6 +307,19 @@ def test_a_huge_integer_fill_is_a_float():
     assert (cache.k == np.float32(2.0**64)).all()
 
 
+@pytest.mark.parametrize("fill", [1e30, -1e30, 2**63, float("nan")])
+def test_fill_past_the_dtype_is_what_the_dtype_holds_in_both_libraries(fill):
+    """A float16 cache filled past its range holds ±inf, NumPy and torch buffers alike (torch.full
+    alone refuses such a value)."""
+    torch = pytest.importorskip("torch")
+    a = KVCache(1, 1, 4, 8, dtype="float16", fill=fill)
+    b = KVCache(1, 1, 4, 8, dtype="float16", fill=fill, library="torch")
+    assert np.array_equal(a.k, b.k.numpy(), equal_nan=True)
+    with np.errstate(over="ignore"):
+        held = np.array([fill], np.float64).astype(np.float16)
+    assert np.array_equal(a.k[0, 0, 0, 0, :1], held, equal_nan=True)
+
+
 def test_layers_out_of_order_are_refused_before_they_read_unwritten_slots():
     """The lengths advance when the last layer stores; a layer that has not stored the previous
     step would attend over slots that hold no tokens — refused with the order to follow, and

@@ -510,7 +510,11 @@ class KVCache:
         self.page_size = None if page_size is None else _positive_int("page_size", page_size)
         if isinstance(fill, bool) or not isinstance(fill, numbers.Real):
             raise AttentionTypeError(f"fill must be a real number (the value of unused slots), got {fill!r}")
-        fill = float(fill)  # (an int past int64 would not fill a NumPy array)
+        # the fill as the cache's dtype holds it (±inf past its range), the same for NumPy and torch
+        # buffers (torch.full refuses a value a float16 cannot hold; an int past int64 would not
+        # fill a NumPy array)
+        with np.errstate(over="ignore"):
+            fill = float(np.array(float(fill)).astype(self.dtype))
         B, H, cap = self.batch_size, self.num_kv_heads, self.capacity
         if self.page_size is None:
             if num_pages is not None:
@@ -534,10 +538,6 @@ class KVCache:
                 f"{self.value_dim}) needs {elements * itemsize} bytes, more than an array can hold: "
                 "check batch_size, num_kv_heads, capacity, num_pages and num_layers"
             )
-        # the fill as the cache's dtype holds it (±inf past its range), the same for NumPy and torch
-        # buffers (torch.full refuses a value a float16 cannot hold)
-        with np.errstate(over="ignore"):
-            fill = float(np.array(fill).astype(self.dtype))
         self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
         self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
         if library == "torch":

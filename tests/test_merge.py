@@ -74,6 +74,20 @@ def test_nan_lse_poisons_only_its_row():
     assert np.isnan(m_out[0, 0, 1]).all() and np.isnan(m_lse[0, 0, 1])
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_plus_inf_lse_poisons_only_its_row_without_a_warning(library, recwarn):
+    outs = [np.ones((1, 1, 3, 2), np.float32), np.full((1, 1, 3, 2), 2.0, np.float32)]
+    lses = [np.array([[[np.inf, np.inf, 0.0]]], np.float32), np.array([[[0.0, -np.inf, 0.0]]], np.float32)]
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        outs, lses = [torch.from_numpy(o) for o in outs], [torch.from_numpy(s) for s in lses]
+    m_out, m_lse = (np.asarray(x) for x in merge_attention_states(outs, lses))
+    assert np.isnan(m_out[0, 0, :2]).all() and np.isnan(m_lse[0, 0, :2]).all()
+    np.testing.assert_allclose(m_out[0, 0, 2], 1.5, rtol=1e-6)
+    np.testing.assert_allclose(m_lse[0, 0, 2], np.log(2), rtol=1e-6)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_large_lse_does_not_overflow():
     outs = [np.ones((1, 1, 1, 2)), 3 * np.ones((1, 1, 1, 2))]
     lses = [np.array([[[1e4]]]), np.array([[[1e4]]])]

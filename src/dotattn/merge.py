@@ -15,7 +15,8 @@ bfloat16 between merges.
 A part whose ``lse`` is −inf saw no key and contributes nothing, whatever its output holds
 (even NaN); when every part is empty the result is 0 with ``lse = −inf``, the same as a row
 with no visible key anywhere in dotattn.  A NaN LSE, or a NaN in a part that has keys, makes
-the row NaN (IEEE arithmetic, as the rest of dotattn).
+the row NaN (IEEE arithmetic, as the rest of dotattn); so does an LSE of +inf (an overflow
+upstream: no finite weight exists), output and LSE both, without a NumPy warning.
 
 Works on NumPy arrays and PyTorch tensors (differentiable through autograd).
 """

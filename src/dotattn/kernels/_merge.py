@@ -28,9 +28,10 @@ def merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
     with np.errstate(invalid="ignore"):
         m = lse.max(axis=0)
     m_safe = np.where(np.isneginf(m), 0.0, m).astype(acc)  # all-empty rows: avoid −inf − −inf
-    w = np.exp(lse - m_safe)  # 0 for empty parts
+    with np.errstate(invalid="ignore"):  # an LSE of +inf: inf − inf is NaN, which poisons its row
+        w = np.exp(lse - m_safe)  # 0 for empty parts
     total = w.sum(axis=0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         merged_lse = (m_safe + np.log(total)).astype(acc)  # log 0 = −inf for all-empty rows
     scale = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
     if np.isnan(total).any():  # a NaN LSE poisons its row (np.divide's where= skipped it)

@@ -14,6 +14,7 @@ pytest.importorskip("matplotlib", reason="the 'cli' extra is not installed")
 pytest.importorskip("rich", reason="the 'cli' extra is not installed")
 
 from dotattn.demo import translate as tr  # noqa: E402
+from dotattn.kernels._cpu_isa import mkl_threads_here  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -98,8 +99,13 @@ def test_a_training_step_sends_gradients_through_every_attention():
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("translate")
     threads = torch.get_num_threads()
-    result = tr.run_translate(argparse.Namespace(out=str(out), quick=True, seed=0))
+    mkl_local = mkl_threads_here(0)  # none set on this thread during the run (0), as in a fresh process
+    try:
+        result = tr.run_translate(argparse.Namespace(out=str(out), quick=True, seed=0))
+    finally:
+        mkl_after = mkl_threads_here(mkl_local)
     result["threads_before_after"] = (threads, torch.get_num_threads())
+    result["mkl_local_after"] = mkl_after
     return result
 
 
@@ -113,6 +119,8 @@ def test_quick_run_writes_the_picture_and_reports(quick_result):
         np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)  # each character reads only its sentence
     before, after = quick_result["threads_before_after"]
     assert before == after  # the demo's one-thread setting does not leak into the caller
+    if quick_result["mkl_local_after"] is not None:  # nor does the thread-local MKL count torch's setter sets
+        assert quick_result["mkl_local_after"] == 0
 
 
 @pytest.mark.slow

@@ -295,14 +295,20 @@ def plot_cross_attention(model, dates, path) -> list[np.ndarray]:
 def run_translate(args) -> dict:
     import torch
 
+    from ..kernels._cpu_isa import mkl_threads_here
+
     # One intra-op thread: the model's matrices are tiny, and more threads only spin and
     # contend with dotattn's kernels for the 2 cores (measured: 2.5× slower steps with 2).
-    threads = torch.get_num_threads()
+    # torch's setter also sets this thread's own MKL count (ATen calls
+    # mkl_set_num_threads_local), which its restore leaves set: that is put back too.
+    threads, mkl_local = torch.get_num_threads(), mkl_threads_here(0)
     torch.set_num_threads(1)
     try:
         return _run_translate(args)
     finally:
         torch.set_num_threads(threads)
+        if mkl_local is not None:
+            mkl_threads_here(mkl_local)
 
 
 def _run_translate(args) -> dict:

@@ -48,7 +48,7 @@ def main() -> None:
         slopes = np.zeros((1, 1), np.float32)
 
         def call(m, sp):
-            return m.run_serial(q, kflat, kst, vflat, vst, table, ctx, kind, kvlen, sp, True, -1, -1, 0.0, slopes, False, D)
+            return m.run_serial(q, kflat, kst, vflat, vst, table, ctx, kind, kvlen, sp, True, -1, -1, 0.0, 1.0, slopes, False, D)
 
         first = {n: call(m, sp)[0] for n, (m, sp) in versions.items()}  # compiles
         names = list(versions)

@@ -9,10 +9,11 @@ buffer, far larger than the CPU caches; the median of runs before and after the 
 
 The issue's yardstick is that one-thread read.  Both cores together read more than one does
 (a decode kernel on both cores passes 100 % of it), so the run also measures the **all-core
-read** (one NumPy sum per core over its own part of the buffer, in threads, GIL released) and
+read** (:mod:`dotattn.kernels.stream_read`: each core sums its own part of the buffer with
+16-lane vectors — the fastest plain read we have; NumPy's sum per core read 15–25 % less) and
 prints, per case, the **bound on × sdpa**: torch's time over the time it takes just to read
-the K/V bytes at the all-core read.  No kernel that reads every K/V byte once can beat torch by
-more than that bound, whatever it computes.
+the K/V bytes at the all-core read.  A kernel that reads every K/V byte once cannot beat torch
+by much more than that bound, whatever it computes (a cleverer read than this loop could).
 
 Peers, each on the same cache in the same process:
 
@@ -126,36 +127,34 @@ def load_average() -> str:
 
 
 def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES, threads: int = 1) -> list[float]:
-    """GB/s of ``numpy.sum`` over a buffer far larger than the CPU caches (one value per run).
+    """GB/s of reading a buffer far larger than the CPU caches (one value per run).
 
-    ``threads > 1`` splits the buffer into that many parts summed at once in Python threads
-    (NumPy's reductions release the GIL), which is how a kernel on every core reads.
+    ``threads == 1``: ``numpy.sum`` on this thread (the issue's yardstick).  ``threads > 1``:
+    the all-core read — :func:`dotattn.kernels.stream_read.sum_parts`, each of ``threads``
+    Numba threads summing its own part with 16-lane vectors, the fastest plain read we have
+    (NumPy's sum in one Python thread per core read 15–25 % less on the AMD machine: a bound
+    computed from it was no bound; docs/decoding.md, "The all-core read").
     """
     buf = np.ones(nbytes // 4, dtype=np.float32)
-    parts = np.array_split(buf, threads)
-    buf.sum()
     if threads == 1:
         def read():
             buf.sum()
     else:
-        from concurrent.futures import ThreadPoolExecutor
+        import numba
 
-        pool = ThreadPoolExecutor(threads)
+        from .kernels.stream_read import sum_parts
+
+        parts = max(1, min(threads, numba.get_num_threads()))
 
         def read():
-            for f in [pool.submit(part.sum) for part in parts]:
-                f.result()
+            sum_parts(buf, parts)
 
-        read()
+    read()  # compiles or loads the loop; touches the buffer's pages
     out = []
-    try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            read()
-            out.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
-    finally:
-        if threads > 1:
-            pool.shutdown()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        read()
+        out.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
     return out
 
 

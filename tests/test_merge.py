@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +87,23 @@ def test_plus_inf_lse_poisons_only_its_row_without_a_warning(library, recwarn):
     np.testing.assert_allclose(m_out[0, 0, 2], 1.5, rtol=1e-6)
     np.testing.assert_allclose(m_lse[0, 0, 2], np.log(2), rtol=1e-6)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_underflowed_part_still_brings_its_infinite_and_nan_entries():
+    """A part with keys weighs > 0 however its weight rounds: where it underflows, its ±inf/NaN
+    entries still reach the row (docs/semantics.md), on NumPy arrays and torch tensors; an empty
+    part (LSE −inf) never does.  (Both merges dropped them until 4 Dec 2026.)"""
+    outs = [np.array([[[[1.0, 2.0, 3.0]]]]), np.array([[[[np.nan, np.inf, 4.0]]]]), np.array([[[[np.nan, -np.inf, 5.0]]]])]
+    lses = [np.array([[[0.0]]]), np.array([[[-800.0]]]), np.array([[[-np.inf]]])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, lse = dotattn.merge_attention_states(outs, lses)
+    np.testing.assert_array_equal(np.isnan(out), [[[[True, False, False]]]])
+    assert out[0, 0, 0, 1] == np.inf and out[0, 0, 0, 2] == 3.0 and lse[0, 0, 0] == 0.0
+    torch = pytest.importorskip("torch")
+    t_out, t_lse = dotattn.merge_attention_states([torch.from_numpy(x) for x in outs], [torch.from_numpy(x) for x in lses])
+    np.testing.assert_array_equal(t_out.numpy(), out)
+    np.testing.assert_array_equal(t_lse.numpy(), lse)
 
 
 def test_large_lse_does_not_overflow():

@@ -268,3 +268,25 @@ def test_infinite_value_of_a_dropped_key_gives_nan(backend):
     H.assert_nonfinite_match(out, ref_out, name=f"{backend} out")
     col = out[0, 0, :, 0]
     assert np.isnan(col).any() and (col == np.inf).any(), col
+
+
+# =================================================================================
+# no NumPy warnings on the way
+# =================================================================================
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "numpy", "reference") if b in BACKENDS or b == "reference"])
+def test_nonfinite_inputs_raise_no_numpy_warnings(backend, case):
+    """The rule is IEEE arithmetic: ``inf − inf`` and ``0·inf`` on the way to a NaN are not the
+    user's business.  The ``numpy`` backend (which the ``cpu`` one runs such calls on) let
+    "invalid value encountered" RuntimeWarnings out of its worker threads, the reference out of
+    its score products, until 4 Dec 2026."""
+    import warnings
+
+    q, k, v, opts = H.nonfinite_case(*case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, lse, _ = _forward(backend, q, k, v, opts)
+        dout = np.random.default_rng(5).standard_normal(out.shape).astype(q.dtype)
+        _backward(backend, q, k, v, out, lse, dout, opts)

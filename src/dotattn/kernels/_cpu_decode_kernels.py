@@ -1185,13 +1185,17 @@ def _row_max_fast(s, i0, i1):
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "reassoc"})
 def _row_max(s, i0, i1):
-    """``(max s[i0:i1], poisoned)``: the max (a loop that may assume finite values), then a
-    vectorized check sum that is NaN exactly when some score is NaN or ±inf."""
-    zero = _zero(s)  # in the row's dtype: a float64 0.0 made the float32 loop convert
-    check = zero
-    for i in range(i0, i1):
-        check += s[i] * zero
-    return _row_max_fast(s, i0, i1), check != check
+    """``(max s[i0:i1], poisoned, hidden)``: the max (a loop that may assume finite values), whether
+    a score is NaN or +inf — the scores that make the row NaN by IEEE arithmetic (``exp(s −
+    max)``), and whether one is −inf.  A −inf score is not poison: it hides its key, as a mask
+    does (docs/semantics.md; until 4 Dec it poisoned the row, where ``attention()`` and the
+    reference hid the key)."""
+    bad = 0
+    hidden = 0
+    for i in range(i0, i1):  # counts, not an early exit: the loop vectorizes
+        bad += (s[i] != s[i]) | (s[i] == np.inf)
+        hidden += s[i] == -np.inf
+    return _row_max_fast(s, i0, i1), bad > 0, hidden > 0
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz"})
@@ -1333,20 +1337,43 @@ def _all_finite(x, count):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract", "reassoc"})
-def _pv_skipping_zeros(p, R, n, vc, Dv, o, ob):
+def _pv_skipping_zeros(p, R, n, vc, Dv, o, ob, st):
     """``o (R·Dv) += P · V`` key by key, skipping ``p = 0`` exactly: a chunk whose values are not
-    all finite must not let a hidden value in (``0 · NaN``) — the NaN policy.  Summed into ``ob``
-    (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
+    all finite must not let a hidden value in (``0 · NaN``) — the NaN policy; a live key whose
+    ``p`` underflowed still brings its NaN/±inf values (:func:`_live_underflow`).  Summed into
+    ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
     for t in range(n):
         v0 = np.uint64(t * Dv)
         for r in range(R):
             pr = p[r * n + t]
+            o0 = np.uint64(r * Dv)
             if pr != 0.0:
-                o0 = np.uint64(r * Dv)
                 for d in range(Dv):
                     ob[o0 + np.uint64(d)] += pr * vc[v0 + np.uint64(d)]
+            elif _live_underflow(st, r, t):
+                for d in range(Dv):
+                    xv = vc[v0 + np.uint64(d)]
+                    if not math.isfinite(xv):
+                        ob[o0 + np.uint64(d)] += xv
         if (t + 1) % PV_SUM_KEYS == 0 or t + 1 == n:
             _add_block(o, ob, R * Dv)
+
+
+# a live key's weight where it underflowed, in rows where −inf scores hide other keys (the
+# least positive float32; a float64 row takes it as it is): p·inf = inf, p·NaN = NaN
+LEAST_POSITIVE = 1.401298464324817e-45
+
+
+@njit(cache=_JIT_CACHE, inline="always")
+def _live_underflow(st, r, t):
+    """Whether key ``t``'s ``pr = 0`` is a live key's weight that underflowed — the row sees the
+    key and its score is not −inf — rather than a hidden key's: a live key weighs > 0 however it
+    rounds, so its NaN/±inf values reach the row (docs/semantics.md, non-finite inputs).  The row's
+    ``[tlo, thi)`` and whether −inf scores hide keys in it are at ``st[r·FUSED_STATS:]`` (step 2
+    of :func:`_chunk`); where they do, an underflowed live weight was stored as
+    :data:`LEAST_POSITIVE`, so a 0 there is a hidden key's."""
+    at = r * FUSED_STATS
+    return st[at] <= t < st[at + 1] and st[at + 2] == 0.0
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -1588,20 +1615,26 @@ def _fill_offsets(st, table, ps, b, hk, j0, n, offs):
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})
-def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob):
+def _pv_offsets_skipping_zeros(p, ns, R, n, flat, kind, offs, Dv, o, row, ob, st):
     """``o (R·Dv) += P · V`` key by key through the row offsets, skipping ``p = 0`` exactly (the
-    NaN policy's redo of a chunk whose output is not finite); 16-bit rows converted into ``row``;
-    summed into ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
+    NaN policy's redo of a chunk whose output is not finite) — but for a live key whose ``p``
+    underflowed, whose NaN/±inf values still count (:func:`_live_underflow`); 16-bit rows
+    converted into ``row``; summed into ``ob`` (R·Dv zeros), added to ``o`` every PV_SUM_KEYS keys."""
     bits = row.view(np.uint32)
     x = _rows_array(flat, row)
     for t in range(n):
         xo = _row_at(flat, np.uint64(offs[t]), kind, Dv, row, bits, 0)
         for r in range(R):
             pr = p[r * ns + t]
+            o0 = np.uint64(r * Dv)
             if pr != 0.0:
-                o0 = np.uint64(r * Dv)
                 for d in range(Dv):
                     ob[o0 + np.uint64(d)] += pr * x[xo + np.uint64(d)]
+            elif _live_underflow(st, r, t):
+                for d in range(Dv):
+                    xv = x[xo + np.uint64(d)]
+                    if not math.isfinite(xv):
+                        ob[o0 + np.uint64(d)] += xv
         if (t + 1) % PV_SUM_KEYS == 0 or t + 1 == n:
             _add_block(o, ob, R * Dv)
 
@@ -1674,7 +1707,9 @@ def _chunk(
             m_row[r] = -np.inf
         st[:] = 0.0
         _fused_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, o, m_row, st, pk, pv, npf if NEXT_SCHEME else 0)
-        # a hidden NaN or ±inf value got in (or a row is poisoned): the passes below redo the chunk
+        # a hidden NaN or ±inf value got in, or a score is NaN or ±inf (the check vector): the
+        # passes below redo the chunk — they make a NaN or +inf score's row NaN and let a −inf
+        # score hide its key, which the online softmax here does not
         done = _all_finite(o, R * Dv)
         if done:
             for r in range(R):
@@ -1685,7 +1720,10 @@ def _chunk(
                     total += st[at + lane] + st[at + 16 + lane]
                     check += st[at + 32 + lane]
                 l_row[r] = total if check == 0.0 else np.nan
-        else:
+            for r in range(R):  # (a loop of its own: the one above keeps its code, and its bits)
+                if l_row[r] != l_row[r]:
+                    done = False
+        if not done:
             o[:] = 0.0
     if n > 0 and not done:
         # ---- 1. scores ----
@@ -1716,6 +1754,11 @@ def _chunk(
         tlo = min(max(tlo, 0), n)
         thi = min(max(thi, tlo), n)
         r0 = r * ns
+        # the row's live keys for the P·V redo (_live_underflow): [tlo, thi), and whether −inf
+        # scores hide some of them (then an underflowed live key's p is the least positive float
+        # instead of 0, and a p of 0 is a hidden key's)
+        at = r * FUSED_STATS
+        st[at], st[at + 1], st[at + 2] = tlo, thi, 0.0
         if softcap > 0.0:
             for t in range(r0 + tlo, r0 + thi):
                 s[t] = softcap * math.tanh(s[t] / softcap)
@@ -1733,13 +1776,28 @@ def _chunk(
             for t in range(r0, r0 + ns):
                 s[t] = 0.0
             continue
-        m, poisoned = _row_max(s, r0 + tlo, r0 + thi)
+        m, poisoned, hidden = _row_max(s, r0 + tlo, r0 + thi)
+        if m == -np.inf and not poisoned:  # every key it sees has a −inf score: hidden, as by a mask
+            m_row[r] = -np.inf
+            l_row[r] = 0.0
+            st[at + 1] = tlo  # nothing live
+            for t in range(r0, r0 + ns):
+                s[t] = 0.0
+            continue
+        if hidden:  # the row's scores before the exp (kc: the keys' scratch, free after the scores)
+            st[at + 2] = 1.0
+            for t in range(tlo, thi):
+                kc[t] = s[r0 + t]
         m_row[r] = m
         if simd:
             l_row[r] = _exp_sum_simd(s, r0, ns, m)
         else:
             l_row[r] = _exp_row(s[r0 : r0 + n], ibuf, n, m)
-        if poisoned:  # a NaN (or ±inf) score: the row is NaN, as IEEE arithmetic says
+        if hidden:
+            for t in range(tlo, thi):
+                if s[r0 + t] == 0.0 and kc[t] != -np.inf:
+                    s[r0 + t] = LEAST_POSITIVE  # live, underflowed: > 0, as exact arithmetic has it
+        if poisoned:  # a NaN or +inf score: the row is NaN, as IEEE arithmetic says
             l_row[r] = np.nan
     # ---- 3. P · V ----
     if n > 0 and not done:
@@ -1753,7 +1811,7 @@ def _chunk(
             if not _all_finite(o, R * Dv):  # a hidden NaN or ±inf value got in: redo skipping p = 0
                 o[:] = 0.0
                 ob[:] = 0.0
-                _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc, ob)
+                _pv_offsets_skipping_zeros(s, ns, R, n, vflat, kind, voffs, Dv, o, vc, ob, st)
         else:
             # GEMMs (one per PV_GEMM_KEYS keys in float32: _pv_gemm), then a check of the R·Dv
             # outputs: where a value is NaN or ±inf, some output is too (0·NaN, p·inf), and the
@@ -1768,7 +1826,7 @@ def _chunk(
                 o[:] = 0.0
                 ob[:] = 0.0
                 _gather_rows(vflat, vst, table, ps, b, hk, j0, n, Dv, vc)
-                _pv_skipping_zeros(s, R, n, vc, Dv, o, ob)
+                _pv_skipping_zeros(s, R, n, vc, Dv, o, ob, st)
     # ---- 4. normalize ----
     for r in range(R):
         l = l_row[r]
@@ -1828,10 +1886,16 @@ def _merge(part_o, part_lse, first, count, out_rows, lse_rows):
         for d in range(Dv):
             out_rows[r, d] = 0.0
         for c in range(count):
-            if wbuf[c] == 0.0:
+            if part_lse[first + c, r] == -np.inf:  # a part without keys: nothing, not even 0·NaN
                 continue
             wcast[0] = wbuf[c] * inv
             w = wcast[0]
+            if w == 0.0:  # a part with keys weighs > 0 however it rounds: its NaN/±inf still count
+                for d in range(Dv):
+                    x = part_o[first + c, r, d]
+                    if not math.isfinite(x):
+                        out_rows[r, d] += x
+                continue
             for d in range(Dv):
                 out_rows[r, d] += w * part_o[first + c, r, d]
         lse_rows[r] = lse

@@ -37,9 +37,13 @@ def merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
     if np.isnan(total).any():  # a NaN LSE poisons its row (np.divide's where= skipped it)
         scale = np.where(np.isnan(total), np.nan, scale)
     out = np.zeros(outs[0].shape, dtype=acc)
-    for part, wi in zip(outs, scale):
-        wi = _as_out_axes(wi, layout)
-        out += np.where(wi != 0, wi * part.astype(acc, copy=False), 0.0)
+    for part, wi, empty in zip(outs, scale, np.isneginf(lse)):
+        wi, empty = _as_out_axes(wi, layout), _as_out_axes(empty, layout)
+        x = part.astype(acc, copy=False)
+        # a part with keys weighs > 0 however its weight rounds: where it underflows to 0, its
+        # NaN/±inf entries still reach the row (docs/semantics.md); an empty part never does
+        with np.errstate(invalid="ignore"):  # 0·inf where the weight underflowed: the where drops it
+            out += np.where(wi != 0, wi * x, np.where(empty | np.isfinite(x), 0.0, x))
     return out.astype(outs[0].dtype, copy=False), merged_lse
 
 
@@ -57,9 +61,12 @@ def merge_torch(outs: list, lses: list, layout: str):
     scale = torch.where(total > 0, w / safe_total, torch.zeros_like(w))
     scale = torch.where(torch.isnan(total), torch.full_like(scale, float("nan")), scale)
     out = torch.zeros(outs[0].shape, dtype=acc, device=outs[0].device)
-    for part, wi in zip(outs, scale):
-        wi = _as_out_axes(wi, layout)
-        out = out + torch.where(wi != 0, wi * part.to(acc), torch.zeros((), dtype=acc, device=part.device))
+    zero = torch.zeros((), dtype=acc, device=outs[0].device)
+    for part, wi, empty in zip(outs, scale, torch.isneginf(lse)):
+        wi, empty = _as_out_axes(wi, layout), _as_out_axes(empty, layout)
+        x = part.to(acc)
+        # as merge_numpy: an underflowed weight still carries a part's NaN/±inf, an empty part's never
+        out = out + torch.where(wi != 0, wi * x, torch.where(empty | torch.isfinite(x), zero, x))
     return out.to(outs[0].dtype), merged_lse
 
 

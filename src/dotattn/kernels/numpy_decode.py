@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, query_positions, rotated_q, write_new
+from ._ieee import quiet
 from ._merge import merge_numpy
+from .numpy_tiled import live_matmul
 
 
 def gather(call: DecodeCall, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,8 +80,13 @@ def _chunk(call: DecodeCall, qg, b, row_pos, heads, j0, j1):
     total = p.sum(axis=-1)
     if np.isfinite(v).all():
         pv = p @ v
-    else:  # keys a row cannot see must not reach it, not even as 0·NaN
-        pv = np.where(p[..., None] != 0, p[..., None] * v[:, None], 0).sum(axis=-2)
+    else:
+        # the pairs that take part — visible keys whose score is not −inf — and no other: a
+        # hidden key's NaN/±inf value never reaches the row (not even as 0·NaN), while a
+        # live key's weight is positive however it rounds (an underflowed p still carries a
+        # ±inf or NaN value: docs/semantics.md, non-finite inputs)
+        live = s != -np.inf
+        pv = np.stack([live_matmul(p[h], live[h], v[h], False, positive=live[h]) for h in range(p.shape[0])])
     with np.errstate(divide="ignore", invalid="ignore"):
         # total == 0: no visible key (0, −inf); a NaN total (NaN score) stays NaN
         out = np.where(total[..., None] == 0, 0, pv / total[..., None]).astype(dt)
@@ -139,6 +146,7 @@ def _reference(call: DecodeCall, q: np.ndarray):
     return out, lse
 
 
+@quiet
 def decode(call: DecodeCall, reference: bool = False):
     """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype (float64 for ``reference``)."""
     write_new(call)

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ._blas import ONE_BLAS_THREAD
+from ._ieee import quiet
 from ..semantics import AttentionCall
 from .dropout import keep_block_of
 
@@ -49,6 +50,7 @@ def _workers() -> int:
 def run_parallel(tasks, fn) -> None:
     """Run ``fn(task)`` for every task on the pool, BLAS limited to one thread meanwhile."""
     global _pool
+    fn = quiet(fn)  # NumPy's error state is per thread: each task sets it
     if len(tasks) <= 1 or _workers() == 1:
         for t in tasks:
             fn(t)
@@ -295,6 +297,7 @@ def _forward_block_row(prep: Prepared, out: np.ndarray, lse: np.ndarray, b: int,
         lse[b, h, i0:i1] = np.where(seen, m + np.log(row_sum), -np.inf)
 
 
+@quiet
 def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, Hq, Lq, Dv), lse (B, Hq, Lq)) in the compute dtype."""
     prep = prepare(call)
@@ -316,6 +319,7 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_serial(tasks, fn) -> None:
+    fn = quiet(fn)  # NumPy's error state is per thread: each task sets it
     for t in tasks:
         fn(t)
 
@@ -377,6 +381,7 @@ def _backward_key_chunk(prep, grads, dout, lse, delta, task) -> None:
         dv_full[b, h, j0:j1] = dv_acc
 
 
+@quiet
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
     """(dq, dk, dv, dbias | None) in the compute dtype, canonical shapes; dbias is (B, Hq, Lq, Lk)."""
     prep = prepare(call)
@@ -430,6 +435,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
     return dq, dk, dv, dbias
 
 
+@quiet
 def weights(call: AttentionCall, lse: np.ndarray) -> np.ndarray:
     """Pre-dropout probabilities (B, Hq, Lq, Lk), block by block from the LSE."""
     prep = prepare(call)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..semantics import AttentionCall
+from ._ieee import quiet
 from .dropout import keep_block_of
 
 NAME = "reference"
@@ -103,6 +104,7 @@ def _dropout_scale(call: AttentionCall, b: int, h: int) -> np.ndarray | None:
     return keep / (1.0 - call.dropout_p)
 
 
+@quiet
 def probabilities(call: AttentionCall) -> np.ndarray:
     """Softmax weights (B, Hq, Lq, Lk), float64, before dropout."""
     p_all = np.zeros((call.B, call.Hq, call.Lq, call.Lk))
@@ -113,6 +115,7 @@ def probabilities(call: AttentionCall) -> np.ndarray:
     return p_all
 
 
+@quiet
 def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
     """(out (B, Hq, Lq, Dv), lse (B, Hq, Lq)), both float64."""
     out = np.zeros((call.B, call.Hq, call.Lq, call.Dv))
@@ -130,6 +133,7 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
     return out, lse
 
 
+@quiet
 def backward(call: AttentionCall, out: np.ndarray, lse: np.ndarray, dout: np.ndarray, want_dbias: bool = False):
     """Gradients (dq, dk, dv, dbias|None) by the dense formulas (float64).
 

@@ -1,0 +1,119 @@
+"""The NaN and ±inf rule of docs/semantics.md on ``attention_with_kvcache``, every decode kernel.
+
+The cases ``attention()`` already meets (tests/reliability/test_nonfinite.py) that the decode
+kernels missed until 4 Dec 2026: a −inf score hides its key (the ``cpu`` kernel made the row
+NaN), a live key whose weight underflows still brings its ±inf/NaN value — inside a chunk and
+across the chunk merge (``cpu`` and ``numpy`` dropped it, as ``merge_attention_states`` did) —
+and none of it lets NumPy's RuntimeWarnings out.  Each call is also held to the reference
+backend's NaN and ±inf pattern and, elsewhere, its values.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import decode_cases as C
+import dotattn
+
+BACKENDS = C.decode_backends()
+DTYPES = [np.dtype(np.float32), np.dtype(np.float16), C.BFLOAT16, np.dtype(np.float64)]
+D = 16
+
+
+def _call(backend, q, k, v, lengths, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, lse = dotattn.attention_with_kvcache(
+            q, k, v, cache_lengths=np.asarray(lengths), implementation=backend, return_lse=True, **options
+        )
+    return np.asarray(out, np.float64), np.asarray(lse, np.float64)
+
+
+def _like_reference(backend, q, k, v, lengths, **options):
+    out, lse = _call(backend, q, k, v, lengths, **options)
+    ref, ref_lse = _call("reference", q, k, v, lengths, **options)
+    for got, want, what in ((out, ref, "out"), (lse, ref_lse, "lse")):
+        for mark in (np.isnan, np.isposinf, np.isneginf):
+            np.testing.assert_array_equal(mark(got), mark(want), err_msg=f"{backend} {what}: {mark.__name__}")
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=2e-2, atol=2e-2, err_msg=f"{backend} {what}")
+    return out, lse
+
+
+def _inputs(dtype, n=300, cap=320, Hq=2, Hkv=1, seed=0):
+    """q positive in every dim (so k = −inf in a dim gives a −inf score), unused slots NaN."""
+    rng = np.random.default_rng(seed)
+    q = np.abs(rng.standard_normal((1, Hq, 1, D))).astype(np.float32).astype(dtype)
+    k = rng.standard_normal((1, Hkv, cap, D)).astype(dtype)
+    v = rng.standard_normal((1, Hkv, cap, D)).astype(dtype)
+    k[:, :, n:] = np.nan
+    v[:, :, n:] = np.nan
+    return q, k, v, [n]
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 30.0}, {"alibi_slopes": np.array([0.01, 0.02])}],
+                         ids=["fused", "softcap", "alibi"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_score_hides_its_key(backend, dtype, options):
+    q, k, v, lengths = _inputs(dtype)
+    k[0, 0, 7, 3] = -np.inf  # q > 0: key 7's score is −inf for both query heads
+    v[0, 0, 7] = np.nan  # and what a hidden key holds never reaches a row
+    out, lse = _like_reference(backend, q, k, v, lengths, **options)
+    if "softcap" in options:  # softcap·tanh(−inf) = −softcap: the key is live again
+        assert np.isnan(out).all()
+        return
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_key_hidden_by_minus_inf_scores_is_a_row_that_sees_nothing(backend, dtype):
+    q, k, v, lengths = _inputs(dtype)
+    k[0, 0, :300, 5] = -np.inf
+    out, lse = _like_reference(backend, q, k, v, lengths)
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plus_inf_score_makes_its_row_nan(backend, dtype):
+    q, k, v, lengths = _inputs(dtype, Hq=2, Hkv=2)
+    k[0, 1, 40, 2] = np.inf  # head 1 only
+    out, lse = _like_reference(backend, q, k, v, lengths)
+    assert np.isnan(out[0, 1]).all() and np.isnan(lse[0, 1]).all()
+    assert np.isfinite(out[0, 0]).all() and np.isfinite(lse[0, 0]).all()
+
+
+def _underflow_inputs(dtype, key, others):
+    """Key ``key``'s score −1000 (its weight underflows in every dtype), the keys in ``others``
+    score 0, every other key −1000 as well; key ``key``'s value +inf, NaN, −inf in dims 0–2."""
+    n = 300
+    q = np.zeros((1, 1, 1, D), np.float32)
+    q[..., 0] = 80.0
+    k = np.zeros((1, 1, n, D), np.float32)
+    k[0, 0, :, 0] = -50.0  # score 80·(−50)/4 = −1000
+    k[0, 0, others, 0] = 0.0
+    v = np.random.default_rng(1).standard_normal((1, 1, n, D)).astype(np.float32)
+    v[0, 0, key, :3] = [np.inf, np.nan, -np.inf]
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), [n]
+
+
+@pytest.mark.parametrize(
+    "where, others",
+    [("in the chunk of the live keys", [3, 200]), ("alone in its chunk, across the merge", [260, 280])],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_live_key_whose_weight_underflows_still_brings_its_infinite_and_nan_values(backend, dtype, where, others):
+    q, k, v, lengths = _underflow_inputs(dtype, 10, others)
+    out, lse = _like_reference(backend, q, k, v, lengths)
+    assert out[0, 0, 0, 0] == np.inf and np.isnan(out[0, 0, 0, 1]) and out[0, 0, 0, 2] == -np.inf
+    assert np.isfinite(out[0, 0, 0, 3:]).all() and np.isfinite(lse).all()
+    # hidden by a window, the same key brings nothing
+    out, lse = _like_reference(backend, q, k, v, lengths, window=(289 - min(others), None))
+    assert np.isfinite(out).all()
+

@@ -623,8 +623,14 @@ def decode_split(
         if HAS_WR:
             vis = vis & (dist >= -win_right)
         s = tl.where(vis, s, float("-inf"))
+        live = s != float("-inf")  # the pairs that take part (NaN scores included): docs/semantics.md
         p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        # as attn_fwd: a hidden key's NaN/±inf value never meets its 0 (a −inf score, a window,
+        # the causal edge), a live key's still counts where its weight underflowed, and an
+        # infinity already summed stays when alpha underflows (until 4 Dec 2026 one tl.dot let
+        # 0·NaN through: a −inf score's key leaked its NaN value into the row)
+        acc = tl.where(tl.abs(acc) == float("inf"), acc, acc * alpha[:, None])
+        acc = acc + _live_dot(p, live, live, v.to(tl.float32), False)
     out, lse = _softmax_results(acc, m_i, l_i)
     o_ptrs = (OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + i[:, None].to(tl.int64) * som
               + c.to(tl.int64) * soc + offs_dv[None, :] * sod)

@@ -16,7 +16,10 @@ A part whose ``lse`` is −inf saw no key and contributes nothing, whatever its 
 (even NaN); when every part is empty the result is 0 with ``lse = −inf``, the same as a row
 with no visible key anywhere in dotattn.  A NaN LSE, or a NaN in a part that has keys, makes
 the row NaN (IEEE arithmetic, as the rest of dotattn); so does an LSE of +inf (an overflow
-upstream: no finite weight exists), output and LSE both, without a NumPy warning.
+upstream: no finite weight exists), output and LSE both, without a NumPy warning.  A part with
+keys weighs > 0 however its weight rounds: where ``exp(lseᵢ − lse)`` underflows to 0, the part's
+NaN/±inf entries still reach the row (docs/semantics.md: an underflowed key's ±inf value gives
+±inf); its finite entries add 0.
 
 Works on NumPy arrays and PyTorch tensors (differentiable through autograd).
 """

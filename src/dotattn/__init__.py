@@ -11,7 +11,14 @@ from ._version import __version__
 from .api import attention, attention_backward
 from .blockmask import BlockMask, block_mask
 from .decoding import KVCache, attention_with_kvcache
-from .errors import AttentionTypeError, AttentionValueError, DotAttnError, ImportOrderError, UnsupportedCallError
+from .errors import (
+    AttentionMemoryError,
+    AttentionTypeError,
+    AttentionValueError,
+    DotAttnError,
+    ImportOrderError,
+    UnsupportedCallError,
+)
 from .maps import attention_map
 from .merge import merge_attention_states
 from .nn import MultiHeadAttention
@@ -39,6 +46,7 @@ __all__ = [
     "DotAttnError",
     "AttentionTypeError",
     "AttentionValueError",
+    "AttentionMemoryError",
     "UnsupportedCallError",
     "ImportOrderError",
 ]

@@ -52,7 +52,7 @@ from .decode_semantics import (  # noqa: F401
     rotated_q,
     write_new,
 )
-from .errors import AttentionTypeError, AttentionValueError, UnsupportedCallError
+from .errors import AttentionMemoryError, AttentionTypeError, AttentionValueError, UnsupportedCallError
 from .frameworks import framework_of
 from .semantics import BFLOAT16, FLOAT_DTYPES
 
@@ -529,17 +529,27 @@ class KVCache:
             p = self.page_size
             lead = (self.num_layers, self.num_pages, H, p) if layout == "bhld" else (self.num_layers, self.num_pages, p, H)
         # sizes past what an array can index (2**63 bytes) are refused by name, not by NumPy's
-        # "array is too big"; an allocation that merely exceeds memory raises MemoryError
+        # "array is too big"; an allocation that exceeds memory by name too (AttentionMemoryError,
+        # a MemoryError), not by NumPy's or torch's allocator message alone
         itemsize = np.dtype(self.dtype).itemsize
         elements = math.prod(lead) * (self.head_dim + self.value_dim)
+        sizes = (f"a KVCache of {' × '.join(map(str, lead))} slots × (head_dim {self.head_dim} + value_dim "
+                 f"{self.value_dim}) needs {elements * itemsize} bytes")
         if elements * itemsize >= 2**63:
             raise AttentionValueError(
-                f"a KVCache of {' × '.join(map(str, lead))} slots × (head_dim {self.head_dim} + value_dim "
-                f"{self.value_dim}) needs {elements * itemsize} bytes, more than an array can hold: "
-                "check batch_size, num_kv_heads, capacity, num_pages and num_layers"
+                f"{sizes}, more than an array can hold: check batch_size, num_kv_heads, capacity, num_pages "
+                "and num_layers"
             )
-        self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
-        self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
+        try:
+            self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
+            self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
+        except (MemoryError, RuntimeError) as exc:  # torch: RuntimeError (CPU), OutOfMemoryError (CUDA)
+            if not isinstance(exc, MemoryError) and not any(w in str(exc).lower() for w in ("alloc", "out of memory")):
+                raise
+            raise AttentionMemoryError(
+                f"{sizes} ({elements * itemsize / 2**30:.1f} GiB), which could not be allocated ({exc}): check "
+                "batch_size, num_kv_heads, capacity, num_pages and num_layers"
+            ) from None
         if library == "torch":
             self.device = self.k.device  # "cuda" → "cuda:0": the device tensors compare against
         # NumPy views of the buffers' memory (the buffers themselves for NumPy), made once:

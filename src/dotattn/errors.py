@@ -21,3 +21,8 @@ class UnsupportedCallError(DotAttnError, ValueError):
 
 class ImportOrderError(DotAttnError, RuntimeError):
     """Two libraries already loaded would abort the process if the call went ahead; the message says the fix."""
+
+
+class AttentionMemoryError(DotAttnError, MemoryError):
+    """A buffer dotattn allocates for the caller (a ``KVCache``'s) does not fit in memory; the
+    message names the sizes and the arguments that set them."""

@@ -126,6 +126,21 @@ def test_bad_constructor_arguments(kwargs, match):
         KVCache(**args)
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_cache_larger_than_memory_is_refused_by_name(library):
+    """128 PiB of buffers (under the 2**63 bytes an array can index, over any address space: no
+    allocator can map it, whatever the machine's overcommit setting) — an AttentionMemoryError,
+    a MemoryError that names the sizes and the arguments, not the allocator's message alone."""
+    if library == "torch":
+        pytest.importorskip("torch")
+    from dotattn import AttentionMemoryError, DotAttnError
+
+    with pytest.raises(AttentionMemoryError, match="capacity") as caught:
+        KVCache(1, 1, 16, 2**50, library=library)
+    assert isinstance(caught.value, MemoryError) and isinstance(caught.value, DotAttnError)
+    assert "needs 144115188075855872 bytes" in str(caught.value)
+
+
 def test_bad_layer_and_sequence_index():
     cache = KVCache(1, 1, 4, 8, num_layers=2)
     with pytest.raises(AttentionValueError, match="layer"):

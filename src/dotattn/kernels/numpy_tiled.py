@@ -319,8 +319,7 @@ def forward(call: AttentionCall) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_serial(tasks, fn) -> None:
-    fn = quiet(fn)  # NumPy's error state is per thread: each task sets it
-    for t in tasks:
+    for t in tasks:  # (on the caller's thread: forward's and backward's @quiet covers them)
         fn(t)
 
 

@@ -14,8 +14,10 @@ directory falls back to Numba's usual locations.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -91,6 +93,63 @@ def install_locator() -> None:
     classes = impl._locator_classes
     if not any(c.__name__ == KernelCacheLocator.__name__ for c in classes):
         classes.insert(0, KernelCacheLocator)
+    if not getattr(caching.IndexDataCacheFile.save, "dotattn_locked", False):
+        caching.IndexDataCacheFile.save = _save_locked_in_precompiled(caching.IndexDataCacheFile.save)
+
+
+# =================================================================================
+# several processes writing the directory at once
+# =================================================================================
+
+LOCK_NAME = ".save.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str):
+    """An exclusive ``flock`` on ``directory``'s lock file for the ``with`` body (none where the
+    platform has no ``fcntl``: there the save is Numba's own, unlocked)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _save_locked_in_precompiled(numba_save):
+    """Numba's ``IndexDataCacheFile.save`` made safe for processes writing
+    :data:`PRECOMPILED_DIR` at once (``dotattn precompile`` compiles its dtypes in parallel,
+    pytest's workers may compile an edited kernel together).
+
+    Numba reads a function's index, picks the first free data file number, writes the index and
+    then the data, with no lock: two processes saving two signatures of one function could both
+    pick ``….1.nbc``, one index entry would be lost, and the other would name the wrong
+    machine code.  Here the whole step holds the directory's lock, and the data file is written
+    before the index names it, so a process loading meanwhile never finds a key whose file is
+    still missing or another's.  Other directories keep Numba's save."""
+
+    def save(self, key, data):
+        if Path(self._cache_path).resolve() != PRECOMPILED_DIR.resolve():
+            return numba_save(self, key, data)
+        with _exclusive(self._cache_path):
+            overloads = self._load_index()
+            name = overloads.get(key)
+            if name is None:
+                taken = set(overloads.values())
+                name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+            self._save_data(name, data)
+            if overloads.get(key) != name:
+                overloads[key] = name
+                self._save_index(overloads)
+
+    save.dotattn_locked = True
+    save.__doc__ = numba_save.__doc__
+    return save
 
 
 def uses_precompiled(dispatcher) -> bool:

@@ -1921,7 +1921,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     programs is small) and a decode step (``cpu_decode``) cover them.  The backward runs twice:
     as the prange kernel and as its one chunk called directly (what small backward passes
     run).  The float32 row also compiles the grouped GQA forward and the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
-    read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what)`` is called before each.
+    read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what, seconds)`` is called after each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
     """
@@ -1931,11 +1931,11 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     rng = np.random.default_rng(0)
 
     def timed(what, run):
-        if progress is not None:
-            progress(what)
         started = time.perf_counter()
         run()
         rows.append((what, time.perf_counter() - started))
+        if progress is not None:
+            progress(*rows[-1])
 
     for name in dtypes:
         dtype = BFLOAT16 if name == "bfloat16" else np.dtype(name)

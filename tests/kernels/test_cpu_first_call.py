@@ -266,6 +266,20 @@ def test_processes_saving_one_kernel_at_once_lose_no_entry(tmp_path):
     assert not list(tmp_path.glob("*.tmp.*"))
 
 
+def test_user_kernel_copies_save_under_the_lock_too(tmp_path):
+    """A user function's kernel copy is cached in ``user_kernel_dir()/__pycache__``; pytest's
+    workers can compile one copy for two dtypes at once, so those saves take turns as well —
+    and only dotattn's directories: other Numba caches keep Numba's own save."""
+    assert _cpu_cache._locked(str(_cpu_cache.PRECOMPILED_DIR))
+    assert not _cpu_cache._locked(str(tmp_path / "__pycache__"))
+    mine = tmp_path / "user_kernels"
+    _cpu_cache.lock_saves_under(mine)
+    try:
+        assert _cpu_cache._locked(str(mine / "__pycache__")) and not _cpu_cache._locked(str(tmp_path))
+    finally:
+        _cpu_cache._LOCKED_ROOTS.discard(mine.resolve())
+
+
 def test_cache_entries_are_keyed_by_every_kernel_source(tmp_path):
     """The kernels inline helpers from other files (``_cpu_primitives.py``): an edit to any of
     them must change the key of every cached kernel, or processes load stale machine code."""

@@ -94,7 +94,7 @@ def install_locator() -> None:
     if not any(c.__name__ == KernelCacheLocator.__name__ for c in classes):
         classes.insert(0, KernelCacheLocator)
     if not getattr(caching.IndexDataCacheFile.save, "dotattn_locked", False):
-        caching.IndexDataCacheFile.save = _save_locked_in_precompiled(caching.IndexDataCacheFile.save)
+        caching.IndexDataCacheFile.save = _save_locked(caching.IndexDataCacheFile.save)
 
 
 # =================================================================================
@@ -102,6 +102,19 @@ def install_locator() -> None:
 # =================================================================================
 
 LOCK_NAME = ".save.lock"
+# Directories whose Numba caches take turns (any cache path at or below one): the precompiled
+# kernels, and dotattn's user-kernel cache once cpu.py writes a kernel copy there.
+_LOCKED_ROOTS: set[Path] = {PRECOMPILED_DIR.resolve()}
+
+
+def lock_saves_under(root: Path) -> None:
+    """Make Numba's cache saves at or below ``root`` take turns (see :func:`_save_locked`)."""
+    _LOCKED_ROOTS.add(Path(root).resolve())
+
+
+def _locked(cache_path: str) -> bool:
+    path = Path(cache_path).resolve()
+    return any(path == root or root in path.parents for root in _LOCKED_ROOTS)
 
 
 @contextlib.contextmanager
@@ -121,10 +134,11 @@ def _exclusive(directory: str):
         os.close(fd)  # closing releases the lock
 
 
-def _save_locked_in_precompiled(numba_save):
+def _save_locked(numba_save):
     """Numba's ``IndexDataCacheFile.save`` made safe for processes writing
-    :data:`PRECOMPILED_DIR` at once (``dotattn precompile`` compiles its dtypes in parallel,
-    pytest's workers may compile an edited kernel together).
+    :data:`PRECOMPILED_DIR` (or a directory given to :func:`lock_saves_under`) at once
+    (``dotattn precompile`` compiles its dtypes in parallel, pytest's workers may compile an
+    edited kernel, or one user function's kernel copy for two dtypes, together).
 
     Numba reads a function's index, picks the first free data file number, writes the index and
     then the data, with no lock: two processes saving two signatures of one function could both
@@ -134,7 +148,7 @@ def _save_locked_in_precompiled(numba_save):
     still missing or another's.  Other directories keep Numba's save."""
 
     def save(self, key, data):
-        if Path(self._cache_path).resolve() != PRECOMPILED_DIR.resolve():
+        if not _locked(self._cache_path):
             return numba_save(self, key, data)
         with _exclusive(self._cache_path):
             overloads = self._load_index()

@@ -35,7 +35,7 @@ from . import _affinity
 from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
-from . import _workspace, cpu_small
+from . import _cpu_cache, _workspace, cpu_small
 from ._cpu_blockmask import DEFAULT_BLOCK_SIZE, BlockMask, compile_mod
 from ._cpu_options import NO_PAIRS, Options, flat_pairwise
 from .dropout import seed_key
@@ -252,6 +252,7 @@ def _cached_user_kernels(score_mod, mask_mod) -> types.ModuleType | None:
     stem = f"_cpu_user_{digest.hexdigest()[:24]}"
     directory = user_kernel_dir()
     path = directory / f"{stem}.py"
+    _cpu_cache.lock_saves_under(directory)  # Numba caches the copy in directory/__pycache__
     try:
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+/* Memory access patterns of a float32 decode item, written plainly in C (AVX-512 intrinsics,
+ * OpenMP threads): what order of reads lets the hardware stream K/V at the memory's rate while
+ * the item computes.  Built and driven by benchmarks/decode_access_patterns.py (which see).
+ *
+ * The cache is the bench's: K and V (B, Hkv, L, 128) float32, cut into items of `chunk` keys of
+ * one (sequence, K/V head); 4 query rows per K/V head (Hq 32 / Hkv 8).  Each thread takes one
+ * contiguous half of the items.  Nothing here is software-prefetched: only the demand loads'
+ * order differs between the patterns.  The arithmetic is a decode item's — four dot products
+ * per key, P·V for four rows — without the softmax's exp (a scale instead), and the results are
+ * only summed: this measures reads, it computes no attention.
+ *
+ *   PATTERN_FLAT        every line of K then V, one add each (the yardstick)
+ *   PATTERN_ITEM        per item: the scores of all its keys (K in address order, one key at a
+ *                       time), then P·V over all its keys (V in address order), the P·V sums in
+ *                       blocks of 16 keys joining the output (as PV_SUM_KEYS asks)
+ *   PATTERN_BLOCK16     per block of 16 keys: its scores, then its P·V (K and V alternate every
+ *                       8 KiB: the fused pass's order)
+ *   PATTERN_ITEM_TRANS  as PATTERN_ITEM, but the scores read 4 keys at once, piece j of each
+ *                       before piece j + 1 (the 16-lane scores loop's order)
+ *   PATTERN_ITEM_DOWN   as PATTERN_ITEM, the second thread taking its items from the last down
+ */
+#include <immintrin.h>
+#include <omp.h>
+
+enum { PATTERN_FLAT, PATTERN_ITEM, PATTERN_BLOCK16, PATTERN_ITEM_TRANS, PATTERN_ITEM_DOWN };
+enum { D = 128, R = 4, PIECES = D / 16 };
+
+static void scores_one_key(const float *k, const float *q, float s[R][4096], int key) {
+    __m512 a[R];
+    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    for (int p = 0; p < PIECES; p++) {
+        __m512 kv = _mm512_loadu_ps(k + (long)key * D + p * 16);
+        for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + p * 16), kv, a[r]);
+    }
+    for (int r = 0; r < R; r++) s[r][key] = _mm512_reduce_add_ps(a[r]) * 1e-3f;
+}
+
+static void scores_four_keys_transposed(const float *k, const float *q, float s[R][4096], int g) {
+    __m512 a[R][4];
+    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
+    for (int p = 0; p < PIECES; p++) {
+        __m512 qv[R];
+        for (int r = 0; r < R; r++) qv[r] = _mm512_loadu_ps(q + r * D + p * 16);
+        for (int j = 0; j < 4; j++) {
+            __m512 kv = _mm512_loadu_ps(k + (long)(g + j) * D + p * 16);
+            for (int r = 0; r < R; r++) a[r][j] = _mm512_fmadd_ps(qv[r], kv, a[r][j]);
+        }
+    }
+    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) s[r][g + j] = _mm512_reduce_add_ps(a[r][j]) * 1e-3f;
+}
+
+/* P·V of keys [k0, k0 + 16): the block's sums start from zero and join o at its end */
+static void pv_block(const float *v, float s[R][4096], __m512 o[R][PIECES], int k0) {
+    __m512 a[R][PIECES];
+    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) a[r][p] = _mm512_setzero_ps();
+    for (int key = k0; key < k0 + 16; key++) {
+        __m512 vv[PIECES];
+        for (int p = 0; p < PIECES; p++) vv[p] = _mm512_loadu_ps(v + (long)key * D + p * 16);
+        for (int r = 0; r < R; r++) {
+            __m512 w = _mm512_set1_ps(s[r][key]);
+            for (int p = 0; p < PIECES; p++) a[r][p] = _mm512_fmadd_ps(w, vv[p], a[r][p]);
+        }
+    }
+    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = _mm512_add_ps(o[r][p], a[r][p]);
+}
+
+/* Reads every item of K and V (nitems items of `chunk` keys, chunk a multiple of 16 and at
+ * most 4096) in `pattern` on the OpenMP threads; returns a sum of what it computed. */
+double run(const float *K, const float *V, const float *q, long nitems, int chunk, int pattern) {
+    double total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long per = nitems / nt, first = t * per;
+        static __thread float s[R][4096] __attribute__((aligned(64)));
+        __m512 o[R][PIECES], acc = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = _mm512_setzero_ps();
+        for (long n = 0; n < per; n++) {
+            long it = (pattern == PATTERN_ITEM_DOWN && t == nt - 1) ? nitems - 1 - n : first + n;
+            const float *k = K + it * chunk * D, *v = V + it * chunk * D;
+            if (pattern == PATTERN_FLAT) {
+                for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(k + x));
+                for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(v + x));
+            } else if (pattern == PATTERN_BLOCK16) {
+                for (int k0 = 0; k0 < chunk; k0 += 16) {
+                    for (int key = k0; key < k0 + 16; key++) scores_one_key(k, q, s, key);
+                    pv_block(v, s, o, k0);
+                }
+            } else {
+                if (pattern == PATTERN_ITEM_TRANS)
+                    for (int g = 0; g < chunk; g += 4) scores_four_keys_transposed(k, q, s, g);
+                else
+                    for (int key = 0; key < chunk; key++) scores_one_key(k, q, s, key);
+                for (int k0 = 0; k0 < chunk; k0 += 16) pv_block(v, s, o, k0);
+            }
+        }
+        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) acc = _mm512_add_ps(acc, o[r][p]);
+        total += _mm512_reduce_add_ps(acc);
+    }
+    return total;
+}

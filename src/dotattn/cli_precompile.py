@@ -95,10 +95,20 @@ def _compile_in_processes(dtypes: list[str], jobs: int) -> None:
     parent has imported Numba, and a forked copy of a process with threads is unsafe."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(dtypes)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_compile_dtype, name) for name in dtypes]:
-            future.result()  # a worker's exception is raised here, with its traceback
+    try:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(dtypes)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_compile_dtype, name) for name in dtypes]:
+                future.result()  # a worker's exception is raised here, with its traceback
+        return
+    except (OSError, NotImplementedError, BrokenProcessPool) as exc:
+        # no process pool here (no semaphores in a sandbox, a worker killed): one process does
+        # it all, as before — what is already compiled loads, and a real error shows itself
+        print(f"  compiling in parallel failed ({type(exc).__name__}: {exc}); compiling in this process", flush=True)
+    from .kernels import cpu
+
+    cpu.precompile(dtypes, progress=_print_row)
 
 
 def _write_bytecode() -> None:

@@ -236,6 +236,26 @@ def test_precompile_compiles_dtypes_in_parallel_processes():
         assert row in done.stdout, (row, done.stdout)
 
 
+def test_precompile_without_a_process_pool_compiles_in_this_process(monkeypatch, capsys):
+    """Where no process pool can start (a sandbox without semaphores), precompile says so and
+    compiles (here: loads) everything in the calling process instead of failing."""
+    import concurrent.futures
+
+    from dotattn import cli
+
+    class NoPool:
+        def __init__(self, *args, **kwargs):
+            raise OSError("no semaphores here")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", NoPool)
+    done = []
+    monkeypatch.setattr(cpu, "precompile", lambda dtypes, progress=None: done.append(tuple(dtypes)) or [])
+    assert cli.main(["precompile", "--dtypes", "float64,bfloat16", "--jobs", "2", "--skip-route"]) == 0
+    out = capsys.readouterr().out
+    assert "compiling in parallel failed (OSError: no semaphores here)" in out
+    assert done == [("float64", "bfloat16")]
+
+
 SAVE_MANY = """
 import sys
 from numba.core import caching

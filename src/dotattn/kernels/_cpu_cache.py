@@ -120,13 +120,15 @@ def _locked(cache_path: str) -> bool:
 @contextlib.contextmanager
 def _exclusive(directory: str):
     """An exclusive ``flock`` on ``directory``'s lock file for the ``with`` body (none where the
-    platform has no ``fcntl``: there the save is Numba's own, unlocked)."""
+    platform has no ``fcntl`` or the lock file cannot be opened: there the save goes unlocked,
+    as Numba's own does, rather than failing a compile)."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+
+        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
         yield
         return
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

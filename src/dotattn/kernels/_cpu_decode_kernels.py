@@ -640,113 +640,6 @@ def _scores_codegen(dot):
     return codegen
 
 
-# LEAN32: a float32 chunk whose rows all see all its keys (no softcap, ALiBi), R a multiple of 4,
-# D 64 or 128, runs the three passes with nothing but their arithmetic between loads: the scores
-# pass (:func:`_scores_lean32`) also keeps each row's max and the NaN/±inf check, so no per-row
-# scan follows it; the P·V pass asks for nothing.  Its reads are K in address order, then V: the
-# order the C item of benchmarks/decode_access_patterns.c reads at 1.7–1.9× SDPA in both of the
-# machine's states, where K and V alternating every 16 keys (the fused pass) reads at 1.3–1.6×.
-# The bits are the three passes' (the same sums in the same order).
-LEAN32 = True
-LEAN32_FIXED_ROWS = True  # R = 4 emitted apart (see _scores_lean32)
-
-
-@intrinsic
-def _scores_lean32(typingctx, q, R, D, flat, offs, n, s, ns, mx):
-    """``s[r·ns + t] = q[r·D : (r+1)·D] · flat[offs[t] : offs[t] + D]`` for ``r < R`` (a multiple of
-    4), ``t < ceil4(n)`` (keys past ``n`` repeat key ``n − 1``), D 64 or 128, float32; ``mx[r]``
-    gets row r's max.  Returns 0 where every score is finite, NaN otherwise (the check: Σ s·0).
-
-    Groups of 4 keys × 4 rows: 16 accumulators in registers, each key row's 16-lane pieces loaded
-    once for the 4 rows, the 16 sums by one transposing tree (:func:`_ir_lane_sums`, the 4 × 4
-    blocks of :func:`_ir_scores_blocked`: the same bits), row bases from ``offs`` (read ahead of
-    use, no load-dependent chain).  Nothing but demand loads: the hardware streamer follows K."""
-    if not (_simd_types_ok(q, flat, offs, s) and flat.dtype == types.float32
-            and isinstance(mx, types.Array) and mx.dtype == types.float32):
-        return None
-    sig = types.float32(q, R, D, flat, offs, n, s, ns, mx)
-
-    def codegen(context, builder, signature, args):
-        at = signature.args
-        qd = context.make_array(at[0])(context, builder, args[0]).data
-        fd = context.make_array(at[3])(context, builder, args[3]).data
-        od = context.make_array(at[4])(context, builder, args[4]).data
-        sd = context.make_array(at[6])(context, builder, args[6]).data
-        md = context.make_array(at[8])(context, builder, args[8]).data
-        R_, D_, n_, ns_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 5, 7))
-        fma = _ir_fma(builder)
-        c4 = ir.Constant(_IRI64, 4)
-        zero = ir.Constant(_V16F, [0.0] * _LANES)
-        ngroups = builder.sdiv(builder.add(n_, ir.Constant(_IRI64, 3)), c4)
-        last = builder.sub(n_, ir.Constant(_IRI64, 1))
-        check = cgutils.alloca_once(builder, _V16F)
-        builder.store(zero, check)
-        top = cgutils.alloca_once(builder, _V16F)
-        v4 = ir.VectorType(_IRF, 4)
-
-        def emit_rows(npieces, r0):
-            if True:
-                qrows = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), D_) for i in range(4)]
-                builder.store(ir.Constant(_V16F, [float("-inf")] * _LANES), top)
-                with cgutils.for_range(builder, ngroups) as grp:
-                    t0 = builder.mul(grp.index, c4)
-                    bases = []
-                    for k in range(4):
-                        t = builder.add(t0, ir.Constant(_IRI64, k))
-                        t = builder.select(builder.icmp_signed("<", t, n_), t, last)
-                        bases.append(builder.load(builder.gep(od, [t])))
-                    acc = [[zero] * 4 for _ in range(4)]  # [row][key]
-                    for p in range(npieces):
-                        d0 = ir.Constant(_IRI64, _LANES * p)
-                        qv = [_ir_vec_load(builder, qd, builder.add(qrows[i], d0), "f32") for i in range(4)]
-                        for k in range(4):
-                            kv = _ir_vec_load(builder, fd, builder.add(bases[k], d0), "f32")
-                            for i in range(4):
-                                acc[i][k] = builder.call(fma, [qv[i], kv, acc[i][k]])
-                    total = _ir_lane_sums(builder, [acc[i][k] for i in range(4) for k in range(4)])  # lane 4i + k
-                    for i in range(4):
-                        part = builder.shuffle_vector(total, ir.Constant(_V16F, ir.Undefined),
-                                                      ir.Constant(ir.VectorType(_IRI32, 4), [4 * i + k for k in range(4)]))
-                        dst = builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), t0)
-                        builder.store(part, builder.bitcast(builder.gep(sd, [dst]), v4.as_pointer()), align=4)
-                    old = builder.load(top)
-                    builder.store(builder.select(builder.fcmp_ordered(">", total, old), total, old), top)
-                    builder.store(builder.fadd(builder.load(check), builder.fmul(total, zero)), check)
-                best = builder.load(top)
-                for i in range(4):
-                    m = builder.extract_element(best, ir.Constant(_IRI32, 4 * i))
-                    for k in range(1, 4):
-                        x = builder.extract_element(best, ir.Constant(_IRI32, 4 * i + k))
-                        m = builder.select(builder.fcmp_ordered(">", x, m), x, m)
-                    builder.store(m, builder.gep(md, [builder.add(r0, ir.Constant(_IRI64, i))]))
-
-        def emit(npieces):
-            # one group of 4 rows (Hq/Hkv = 4, one query: the common GQA decode) in code of its
-            # own: with the row-group loop's bound unknown, LLVM's code for the same loop ran the
-            # K stream at 10–11 GB/s where this one runs it at 23–27 (one thread, B8 4k; the two
-            # loops' instructions look alike — why is not found)
-            fixed = builder.icmp_signed("==", R_, c4) if LEAN32_FIXED_ROWS else ir.Constant(ir.IntType(1), 0)
-            with builder.if_else(fixed) as (one, many):
-                with one:
-                    emit_rows(npieces, ir.Constant(_IRI64, 0))
-                with many:
-                    with cgutils.for_range(builder, builder.sdiv(R_, c4)) as rg:
-                        emit_rows(npieces, builder.mul(rg.index, c4))
-
-        with builder.if_else(builder.icmp_signed("==", D_, ir.Constant(_IRI64, 128))) as (d128, d64):
-            with d128:
-                emit(8)
-            with d64:
-                emit(4)
-        vec = builder.load(check)
-        acc_ = builder.extract_element(vec, ir.Constant(_IRI32, 0))
-        for lane in range(1, _LANES):
-            acc_ = builder.fadd(acc_, builder.extract_element(vec, ir.Constant(_IRI32, lane)))
-        return acc_
-
-    return sig, codegen
-
-
 # P·V sums PV_SUM_KEYS keys at a time — in registers (the 16-lane loops), in a block buffer (the
 # row-by-row loops, the NaN policy's redo loops) — then adds them to the output row in memory:
 # FMAs key by key into an accumulator already holding the largest P's value row lose every
@@ -789,31 +682,6 @@ def _ir_vec_load_masked(builder, data, index, variant, mask):
     return builder.bitcast(wide, _V16F)
 
 
-def _scores_lean(q, R, D, flat, offs, n, s, ns, mx):
-    """:func:`_scores_lean32` for float32 q and cache; NaN (the passes' route) for other dtypes."""
-    raise NotImplementedError("compiled only")
-
-
-@overload(_scores_lean, jit_options={"cache": _JIT_CACHE})
-def _scores_lean_overload(q, R, D, flat, offs, n, s, ns, mx):
-    if q.dtype == types.float32 and flat.dtype == types.float32:
-        return lambda q, R, D, flat, offs, n, s, ns, mx: _scores_lean32(q, R, D, flat, offs, n, s, ns, mx)
-    return lambda q, R, D, flat, offs, n, s, ns, mx: np.float32(np.nan)
-
-
-# P·V's register blocks (rows × 16-lane pieces of Dv): float32 values in 2 × 8, 16-bit ones in
-# 4 × 4.  Each output element's sum is the same either way (the same FMAs in key order, the same
-# PV_SUM_KEYS flushes): the same bits.  A float32 item's P·V on one thread (B8 4k, 4 Dec): V read
-# at 19.1–20.3 GB/s in 4 × 4, 22.1–23.1 in 2 × 8 — a pass of 2 × 8 reads whole value rows in
-# address order (from memory the first time, from L2 the second), where a pass of 4 × 4 reads
-# half of each row: 256 bytes every 512, a pattern the streamer follows less well.
-PV_BLOCKING_F32, PV_BLOCKING_16 = (2, 8), (4, 4)
-
-
-def _pv_blocking(variant):
-    return PV_BLOCKING_F32 if variant == "f32" else PV_BLOCKING_16
-
-
 @intrinsic
 def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     """``o[r·Dv + d] = Σ_{t<n} p[r·ns + t] · row(offs[t])[d]`` for ``r < R`` (``o`` overwritten;
@@ -843,7 +711,7 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
         nvec = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, _LANES - 1)), c16)  # pieces, the last maybe partial
         has_tail = builder.icmp_signed("!=", builder.srem(Dv_, c16), ir.Constant(_IRI64, 0))
         fma = _ir_fma(builder)
-        accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(8)] for _ in range(4)]
+        accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(4)]
         zero = ir.Constant(_V16F, [0.0] * _LANES)
         block = ir.Constant(_IRI64, PV_SUM_KEYS)
         lanes = ir.Constant(_V16I32, list(range(_LANES)))
@@ -885,11 +753,10 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
                     out_store(zero, out_ptr(r0, v0, i, j), masks[j])
             prow = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_) for i in range(rows)]
             # this pass's share of the next item's key rows: t ≡ its index (mod the pass count)
-            rows_per, pieces_per = _pv_blocking(variant)
-            cr_, cp_ = ir.Constant(_IRI64, rows_per), ir.Constant(_IRI64, pieces_per)
-            nvg_ = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, pieces_per - 1)), cp_)
-            npass = builder.mul(builder.sdiv(builder.add(R_, ir.Constant(_IRI64, rows_per - 1)), cr_), nvg_)
-            jpass = builder.add(builder.mul(builder.sdiv(r0, cr_), nvg_), builder.sdiv(v0, cp_))
+            c4_ = ir.Constant(_IRI64, 4)
+            nvg_ = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4_)
+            npass = builder.mul(builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4_), nvg_)
+            jpass = builder.add(builder.mul(builder.sdiv(r0, c4_), nvg_), builder.sdiv(v0, c4_))
             # the next key of this pass's share: a running key, not key mod npass (a division per
             # key and pass)
             mine_at = cgutils.alloca_once(builder, _IRI64)
@@ -918,8 +785,7 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 
         def emit_groups(variant, masked):
             _ir_pv_groups(builder, R_, nvec, "pv",
-                          lambda r0, v0, rows_c, nv_c: emit_pass(variant, r0, v0, rows_c, nv_c, masked),
-                          *_pv_blocking(variant))
+                          lambda r0, v0, rows_c, nv_c: emit_pass(variant, r0, v0, rows_c, nv_c, masked))
 
         def emit(variant):
             # whole pieces (Dv % 16 == 0: the common head dims, unmasked code) or a masked copy
@@ -1194,43 +1060,27 @@ def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_loc
     return pf
 
 
-def _ir_pv_groups(builder, R, npieces, label, emit_block, rows_per=4, pieces_per=4):
-    """The ``P·V`` passes' register blocking: rows in groups of ``rows_per`` and Dv's 16-lane
-    pieces in groups of ``pieces_per``, each group's pass emitted for its constant shape
-    (``emit_block(r0, v0, rows, pieces)``) behind a switch on the group's shape (the last groups
-    are smaller)."""
-    cr, cp = ir.Constant(_IRI64, rows_per), ir.Constant(_IRI64, pieces_per)
-    # 4 rows and 8 pieces (Hq/Hkv 4, one query, Dv 128: the common GQA decode) in code of their
-    # own, every group's shape and place constant — tried after the scores pass's case below; it
-    # changed nothing here (P·V alone in the lean item, one thread, B8 4k: 10.42 against 10.51 ms)
-    common = builder.and_(builder.icmp_signed("==", R, ir.Constant(_IRI64, 4)),
-                          builder.icmp_signed("==", npieces, ir.Constant(_IRI64, 8)))
-    with builder.if_else(common) as (fixed, general):
-        with fixed:
-            for r0 in range(0, 4, rows_per):
-                for v0 in range(0, 8, pieces_per):
-                    emit_block(ir.Constant(_IRI64, r0), ir.Constant(_IRI64, v0), min(rows_per, 4 - r0), min(pieces_per, 8 - v0))
-        with general:
-            _ir_pv_groups_loops(builder, R, npieces, label, emit_block, rows_per, pieces_per)
-
-
-def _ir_pv_groups_loops(builder, R, npieces, label, emit_block, rows_per, pieces_per):
-    cr, cp = ir.Constant(_IRI64, rows_per), ir.Constant(_IRI64, pieces_per)
-    with cgutils.for_range(builder, builder.sdiv(builder.add(R, ir.Constant(_IRI64, rows_per - 1)), cr)) as rg:
-        r0 = builder.mul(rg.index, cr)
+def _ir_pv_groups(builder, R, npieces, label, emit_block):
+    """The ``P·V`` passes' register blocking: rows in groups of 4 and Dv's 16-lane pieces in
+    groups of 4, each group's pass emitted for its constant shape (``emit_block(r0, v0, rows,
+    pieces)``, 1–4 each) behind a switch on the group's shape (the last groups are smaller)."""
+    c4 = ir.Constant(_IRI64, 4)
+    three = ir.Constant(_IRI64, 3)
+    with cgutils.for_range(builder, builder.sdiv(builder.add(R, three), c4)) as rg:
+        r0 = builder.mul(rg.index, c4)
         rows = builder.sub(R, r0)
-        rows = builder.select(builder.icmp_signed("<", rows, cr), rows, cr)
-        with cgutils.for_range(builder, builder.sdiv(builder.add(npieces, ir.Constant(_IRI64, pieces_per - 1)), cp)) as vg:
-            v0 = builder.mul(vg.index, cp)
+        rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
+        with cgutils.for_range(builder, builder.sdiv(builder.add(npieces, three), c4)) as vg:
+            v0 = builder.mul(vg.index, c4)
             nv = builder.sub(npieces, v0)
-            nv = builder.select(builder.icmp_signed("<", nv, cp), nv, cp)
-            code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 64)), nv)
+            nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
+            code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
             after = builder.append_basic_block(f"{label}_after")
             switch = builder.switch(code, after)
-            for rows_c in range(1, rows_per + 1):
-                for nv_c in range(1, pieces_per + 1):
+            for rows_c in range(1, 5):
+                for nv_c in range(1, 5):
                     block = builder.append_basic_block(f"{label}_{rows_c}_{nv_c}")
-                    switch.add_case(ir.Constant(_IRI64, rows_c * 64 + nv_c), block)
+                    switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block)
                     builder.position_at_end(block)
                     emit_block(r0, v0, rows_c, nv_c)
                     builder.branch(after)
@@ -1846,28 +1696,9 @@ def _chunk(
     voffs = offs[sp : sp + max(n, 1)]
     pk = offs[2 * sp : 2 * sp + max(npf, 1)]
     pv = offs[3 * sp : 3 * sp + max(npf, 1)]
-    done = False  # the lean or the fused pass ran: O, maxima and sums are in place
+    done = False  # the fused pass ran (FUSED16): O, maxima and sums are in place
     if (
-        LEAN32 and kind == KIND_FLOAT and n > 0 and simd and not dot and softcap <= 0.0 and not has_alibi
-        and R % 4 == 0 and (D == 128 or D == 64) and Dv % 16 == 0 and _all_visible(R, Lq, pos0, j0, n, causal, left, right)
-    ):
-        # (LEAN32) scores with the rows' maxima, P = exp(S − m) and the sums, P·V; a NaN or ±inf
-        # score, or an output that is not finite, sends the chunk to the passes below (the NaN
-        # policy's rules live there)
-        _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
-        _fill_offsets(vst, table, ps, b, hk, j0, n, voffs)
-        if _scores_lean(qf, R, D, kflat, koffs, n, s, ns, m_row) == 0.0:
-            for r in range(R):
-                r0 = r * ns
-                for t in range(r0 + n, r0 + ns):  # the padding past the chunk's keys: p = 0
-                    s[t] = -np.inf
-                l_row[r] = _exp_sum_simd(s, r0, ns, m_row[r])
-            _pv_simd(s, ns, R, n, vflat, kind, voffs, Dv, o, vflat, voffs, 0, Dv)
-            done = _all_finite(o, R * Dv)
-        if not done:
-            o[:] = 0.0
-    if (
-        not done and (FUSED32 if kind == KIND_FLOAT else FUSED16) and n > 0 and simd and not dot and softcap <= 0.0 and not has_alibi
+        (FUSED32 if kind == KIND_FLOAT else FUSED16) and n > 0 and simd and not dot and softcap <= 0.0 and not has_alibi
         and Dv % 16 == 0 and _all_visible(R, Lq, pos0, j0, n, causal, left, right)
     ):
         _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)

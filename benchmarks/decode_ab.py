@@ -30,6 +30,7 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -75,11 +76,22 @@ class _NoScaleArg:
 
 def kernel_versions(files: list[str]) -> dict:
     """``{name: module}``: each FILE (a copy of ``_cpu_decode_kernels.py``) imported as its own
-    module beside dotattn's kernels (its stem names it); ``new`` = the kernels dotattn imported."""
+    module beside dotattn's kernels (its stem names it); ``new`` = the kernels dotattn imported.
+
+    The imported kernels' own file is taken as ``new``, not imported a second time: a second
+    module from that path would save its Numba cache under the package's cache locator
+    (``kernels/_precompiled``), beside the real module's entries for the same source, and a
+    later process loading the kernels could then load an entry that names the copy's module
+    (``ModuleNotFoundError: dotattn.kernels._dk__cpu_decode_kernels``; 4 Dec 2026)."""
     mods = {}
+    own = Path(cpu_decode.K.__file__).resolve()
     for f in files:
         if f in ("new", "new:widen"):
             mods[f] = cpu_decode.K
+            continue
+        if Path(f).resolve() == own:
+            print(f"{f}: the imported kernels themselves; run as 'new'", file=sys.stderr)
+            mods["new"] = cpu_decode.K
             continue
         stem = f.split("/")[-1][:-3]
         spec = importlib.util.spec_from_file_location("dotattn.kernels._dk_" + stem, f)

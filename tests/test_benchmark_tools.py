@@ -84,3 +84,16 @@ def test_generate_pairs_prefill_runs_round_by_round():
     assert "median 1.000" in line and "0.800–1.200" in line and "ours ahead in 2 of 3" in line
     with pytest.raises(ValueError, match="one peer run per run of ours"):
         gen.prefill_pairs([600.0], [])
+
+
+def test_decode_ab_takes_the_imported_kernels_file_as_new(capsys):
+    # a second module from the package's own kernel file would save Numba entries under the
+    # package's cache locator that name the copy's module: a later process failed to load them
+    from dotattn.kernels import cpu_decode
+
+    ab = _load("decode_ab")
+    before = set(sys.modules)
+    mods = ab.kernel_versions([cpu_decode.K.__file__, "new"])
+    assert mods == {"new": cpu_decode.K}
+    assert "the imported kernels themselves; run as 'new'" in capsys.readouterr().err
+    assert not [m for m in set(sys.modules) - before if m.startswith("dotattn.kernels._dk_")]

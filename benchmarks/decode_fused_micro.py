@@ -29,8 +29,15 @@ HKV, D, R, SPLIT = 8, 128, 4, 256
 
 
 def make_runner(m):
-    fused = m._fused_simd
+    fused_any = m._fused_simd
     stats = m.FUSED_STATS
+    if fused_any.__code__.co_argcount == 21:  # softcap and ALiBi's arguments (4 Dec 2026): none here
+
+        @njit(inline="always")
+        def fused(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+            fused_any(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, 0.0, s[:0], False)
+    else:
+        fused = fused_any
 
     @njit(cache=False)
     def run(q, kflat, vflat, kind, offs, items, reps, s, o, mrow, st, pk, out):

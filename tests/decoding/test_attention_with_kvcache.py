@@ -45,6 +45,15 @@ CASES = [
     ("bf16-contig-d128-dv80-r5", dict(dtype=H.DTYPES[1], q_dtype=np.float32, Hq=5, Hkv=1, D=128, Dv=80, max_len=600), {}),
     ("f16-paged-ps64-d48-L2-window", dict(dtype=np.float16, Hq=6, Hkv=2, D=48, Lq=2, Lnew=2, page_size=64, max_len=600),
      dict(window=(100, None), softcap=5.0)),
+    # softcap in the fused pass (every row sees every key of the chunk): float32 over several
+    # chunks, and a 16-bit cache on pages; a small cap, so that most scores are capped hard
+    ("f32-contig-softcap-multi-split", dict(B=2, lengths=[700, 300], Hq=8, Hkv=2, D=128), dict(softcap=1.5)),
+    ("f16-paged-ps16-softcap-d128", dict(dtype=np.float16, q_dtype=np.float32, page_size=16, Hq=8, Hkv=2, D=128,
+                                         max_len=600), dict(softcap=4.0)),
+    # ALiBi in the fused pass, alone and after a softcap, one query and two (a row's own position)
+    ("f32-contig-alibi-multi-split", dict(B=2, lengths=[600, 513], Hq=8, Hkv=2, D=128), dict(alibi_slopes="per-head")),
+    ("bf16-paged-ps32-alibi-softcap-L2", dict(dtype=H.DTYPES[1], q_dtype=np.float32, page_size=32, Hq=8, Hkv=2, D=64,
+                                              Lq=2, Lnew=2, max_len=700), dict(alibi_slopes="batch", softcap=3.0)),
 ]
 
 

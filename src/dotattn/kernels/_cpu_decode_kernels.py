@@ -37,7 +37,7 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_primitives import _np_matmul, exp2_fraction
-from ._cpu_simd import _exp2_vector
+from ._cpu_simd import _exp2_vector, _tanh_vector
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -805,8 +805,9 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 # the fused 16-bit chunk: scores, online softmax and P·V per block of 16 keys
 # =================================================================================
 #
-# FUSED16: a 16-bit cache's chunk (float32 compute, no softcap or ALiBi, every row seeing every
-# key of the chunk, Dv a multiple of 16) runs one pass over its keys, 16 at a time: the block's
+# FUSED16: a 16-bit cache's chunk (float32 compute, every row seeing every key of the chunk, Dv a
+# multiple of 16; a softcap and ALiBi applied to the block's scores as they are loaded — 4 Dec:
+# the three passes' scalar tanh made a softcapped call 2–3× slower) runs one pass over its keys, 16 at a time: the block's
 # scores (:func:`_ir_scores_blocked`), the online softmax update per row (running max ``m``; when
 # a block's max is larger, ``O``, the row sum's lane sums are rescaled by ``exp(m_old − m_new)``),
 # ``P = exp(S − m)`` for the block, then the block's ``P·V`` (the block's sum in registers, added
@@ -853,18 +854,22 @@ FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block'
 
 
 @intrinsic
-def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi):
     """One pass over a 16-bit (or float32: FUSED32) chunk's ``n`` keys (see FUSED16): ``o (R·Dv)``, zeros on entry, gets
     the unnormalized ``Σ exp(s − m_r)·v``, ``m[r]`` (−inf on entry) the row's max, ``st[r·FUSED_STATS:]`` the row
     sum's lane totals (16), a block's lane sums (16, to add to them) and a check vector (NaN where
-    a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P."""
+    a score was NaN or ±inf).  ``s`` (``R·ns``) is scratch: each block's scores, then its P.
+    ``cap`` > 0: the scores are softcapped first, ``cap·tanh(s/cap)`` (:func:`_softcap16`'s
+    arithmetic; the check sees the capped scores, as the three passes' masks do); ``alibi``: then
+    row r's key t gets ``− ab[r]·|ab[R + r] − t|`` (its slope, and its position less the chunk's
+    first: one rounding, an FMA, as the three passes' float64 product and difference)."""
     if not (
         _simd_types_ok(q, flat, offs, s)
         and vflat == flat and voffs == offs and pk == offs and pv == offs
-        and o == s and m == s and st == s
+        and o == s and m == s and st == s and ab == s
     ):
         return None
-    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf)
+    sig = types.void(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi)
 
     def codegen(context, builder, signature, args):
         at = signature.args
@@ -874,6 +879,13 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
 
         qd, fd, od, sd, vfd, vod, outd, md, std, pkd, pvd = (data(i) for i in (0, 3, 5, 7, 9, 10, 12, 13, 14, 15, 16))
         R_, D_, kind_, n_, ns_, Dv_, npf_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 4, 6, 8, 11, 17))
+        cap_ = context.cast(builder, args[18], at[18], types.float32)
+        has_cap = builder.fcmp_ordered(">", cap_, ir.Constant(_IRF, 0.0))
+        capv = _ir_splat(builder, cap_)
+        capped = cgutils.alloca_once(builder, _V16F)
+        abd = data(19)
+        has_alibi = builder.icmp_signed("!=", _ir_i64(context, builder, args[20], at[20]), ir.Constant(_IRI64, 0))
+        lanes_f = ir.Constant(_V16F, [float(i) for i in range(_LANES)])
         itemsize = 4 if at[3].dtype == types.float32 else 2
         # the next block's rows where no next item is asked for: float32 as FUSED_AHEAD_KEYS etc. say
         ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, FUSED_SMALL_V_LOCALITY, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
@@ -917,7 +929,19 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             with cgutils.for_range(builder, R_) as row:
                 r = row.index
                 sp = vptr(sd, builder.add(builder.mul(r, ns_), t0))
-                sv = builder.select(valid, builder.load(sp, align=4), ninf)
+                # a softcap: c·tanh(s/c) (_softcap16's arithmetic), before the masks' −inf
+                builder.store(builder.load(sp, align=4), capped)
+                with builder.if_then(has_cap):
+                    raw = builder.load(capped)
+                    builder.store(builder.fmul(capv, _tanh_vector(builder, builder.fdiv(raw, capv))), capped)
+                with builder.if_then(has_alibi):  # − slope·|position − key| (exact distances)
+                    slope = _ir_splat(builder, builder.load(builder.gep(abd, [r])))
+                    rel = _ir_splat(builder, builder.load(builder.gep(abd, [builder.add(R_, r)])))
+                    keys = builder.fadd(_ir_splat(builder, builder.sitofp(t0, _IRF)), lanes_f)
+                    dist = builder.call(builder.module.declare_intrinsic(
+                        "llvm.fabs.v16f32", fnty=ir.FunctionType(_V16F, [_V16F])), [builder.fsub(rel, keys)])
+                    builder.store(builder.call(fma, [builder.fneg(slope), dist, builder.load(capped)]), capped)
+                sv = builder.select(valid, builder.load(capped), ninf)
                 sbase = builder.mul(r, ir.Constant(_IRI64, FUSED_STATS))
                 tot_p, part_p, chk_p = (vptr(std, builder.add(sbase, ir.Constant(_IRI64, k))) for k in (0, 16, 32))
                 # NaN exactly where a (visible) score is NaN or ±inf: s·0
@@ -1484,6 +1508,55 @@ def _exp_sum16(typingctx, s, i0, count, m):
     return sig, codegen
 
 
+@intrinsic
+def _softcap16(typingctx, s, i0, count, cap):
+    """``s[i0 : i0 + count] = cap · tanh(s / cap)`` in place, 16 lanes at a time (the last piece
+    through a mask: nothing past ``i0 + count`` read or written); ``tanh`` by
+    :func:`_cpu_simd._tanh_vector`, the fused pass's: a score gets the same bits on every route."""
+    if not (isinstance(s, types.Array) and s.dtype == types.float32):
+        return None
+    sig = types.void(s, i0, count, cap)
+
+    def codegen(context, builder, signature, args):
+        at = signature.args
+        sd = context.make_array(at[0])(context, builder, args[0]).data
+        i0_, count_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2))
+        c = _ir_splat(builder, context.cast(builder, args[3], at[3], types.float32))
+        c16 = ir.Constant(_IRI64, _LANES)
+        lanes = ir.Constant(_V16I32, list(range(_LANES)))
+        nvec = builder.sdiv(builder.add(count_, ir.Constant(_IRI64, _LANES - 1)), c16)
+        with cgutils.for_range(builder, nvec) as piece:
+            start = builder.mul(piece.index, c16)
+            left = builder.sub(count_, start)
+            left = builder.trunc(builder.select(builder.icmp_signed("<", left, c16), left, c16), _IRI32)
+            mask = builder.icmp_signed("<", lanes, _ir_splat_i32(builder, left))
+            ptr = builder.bitcast(builder.gep(sd, [builder.add(i0_, start)]), _V16F.as_pointer())
+            x = builder.call(_ir_masked(builder, _V16F), [ptr, ir.Constant(_IRI32, 4), mask, ir.Constant(_V16F, [0.0] * _LANES)])
+            y = builder.fmul(c, _tanh_vector(builder, builder.fdiv(x, c)))
+            builder.call(_ir_masked(builder, _V16F, store=True), [y, ptr, ir.Constant(_IRI32, 4), mask])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _softcap_row(s, i0, count, cap):
+    """``s[i0 : i0 + count] = cap · tanh(s / cap)``: :func:`_softcap16` for float32 scores, libm's
+    ``tanh`` for float64 ones (the float64 path is the reference's precision)."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(_softcap_row, jit_options={"cache": _JIT_CACHE})
+def _softcap_row_overload(s, i0, count, cap):
+    if s.dtype == types.float32:
+        return lambda s, i0, count, cap: _softcap16(s, i0, count, cap)
+
+    def scalar(s, i0, count, cap):
+        for t in range(i0, i0 + count):
+            s[t] = cap * math.tanh(s[t] / cap)
+
+    return scalar
+
+
 def _exp_sum_simd(s, i0, count, m):
     """:func:`_exp_sum16` for a float32 row; never reached for float64."""
     raise NotImplementedError("compiled only")
@@ -1548,7 +1621,7 @@ def _pv_simd_overload(p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
     return lambda p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D: None
 
 
-def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi):
     """:func:`_fused16` for a 16-bit or float32 cache and float32 compute; never reached (nothing) for the others."""
     raise NotImplementedError("compiled only")
 
@@ -1556,11 +1629,11 @@ def _fused_simd(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st,
 # compiled without NRT (as _item and _chunk): with it, each of the pass's ten array arguments was
 # incref'd and decref'd per item (atomic adds: ≈ 2.8 % of a B1 4k item's samples in NRT_incref/decref)
 @overload(_fused_simd, jit_options={"cache": _JIT_CACHE, "_nrt": False})
-def _fused_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf):
+def _fused_simd_overload(q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi):
     if q.dtype == types.float32 and flat.dtype in (types.uint16, types.float32):
-        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: _fused16(
-            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf)
-    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf: None
+        return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi: _fused16(
+            q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi)
+    return lambda q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o, m, st, pk, pv, npf, cap, ab, alibi: None
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -1698,7 +1771,7 @@ def _chunk(
     pv = offs[3 * sp : 3 * sp + max(npf, 1)]
     done = False  # the fused pass ran (FUSED16): O, maxima and sums are in place
     if (
-        (FUSED32 if kind == KIND_FLOAT else FUSED16) and n > 0 and simd and not dot and softcap <= 0.0 and not has_alibi
+        (FUSED32 if kind == KIND_FLOAT else FUSED16) and n > 0 and simd and not dot
         and Dv % 16 == 0 and _all_visible(R, Lq, pos0, j0, n, causal, left, right)
     ):
         _fill_offsets(kst, table, ps, b, hk, j0, n, koffs)
@@ -1706,7 +1779,13 @@ def _chunk(
         for r in range(R):
             m_row[r] = -np.inf
         st[:] = 0.0
-        _fused_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, o, m_row, st, pk, pv, npf if NEXT_SCHEME else 0)
+        ab = pb[: 2 * R]  # ALiBi's slopes and distances (pb: the BLAS P·V's, unused on this route)
+        if has_alibi:
+            for r in range(R):
+                ab[r] = slopes[b, hk * G + r // Lq]
+                ab[R + r] = pos0 + r % Lq - j0
+        _fused_simd(qf, R, D, kflat, kind, koffs, n, s, ns, vflat, voffs, Dv, o, m_row, st, pk, pv, npf if NEXT_SCHEME else 0,
+                    softcap, ab, has_alibi)
         # a hidden NaN or ±inf value got in, or a score is NaN or ±inf (the check vector): the
         # passes below redo the chunk — they make a NaN or +inf score's row NaN and let a −inf
         # score hide its key, which the online softmax here does not
@@ -1760,8 +1839,7 @@ def _chunk(
         at = r * FUSED_STATS
         st[at], st[at + 1], st[at + 2] = tlo, thi, 0.0
         if softcap > 0.0:
-            for t in range(r0 + tlo, r0 + thi):
-                s[t] = softcap * math.tanh(s[t] / softcap)
+            _softcap_row(s, r0 + tlo, thi - tlo, softcap)
         if has_alibi:
             slope = slopes[b, hk * G + r // Lq]
             for t in range(tlo, thi):

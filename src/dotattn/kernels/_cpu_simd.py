@@ -111,6 +111,46 @@ def _exp2_vector(builder, s, mul_v, sub_v):
     return builder.select(keep, builder.bitcast(bits, _VF), ir.Constant(_VF, [0.0] * LANES))
 
 
+# tanh's Taylor coefficients after x (x³ … x¹⁷: -1/3, 2/15, -17/315, …), highest degree first:
+# :func:`_tanh_vector` below |x| = TANH_SERIES_BELOW, where the series' next term is < 0.05 ulp
+TANH_SERIES_COEFFS = (
+    6404582 / 10854718875,
+    -929569 / 638512875,
+    21844 / 6081075,
+    -1382 / 155925,
+    62 / 2835,
+    -17 / 315,
+    2 / 15,
+    -1 / 3,
+)
+TANH_SERIES_BELOW = 0.55
+_LOG2E = 1.4426950408889634
+
+
+def _tanh_vector(builder, x):
+    """``tanh(x)`` of 16 float32 lanes within 2.3 ulp (NumPy's ``np.tanh`` in float32: 1.4;
+    tests/kernels/test_cpu_decode_softcap.py sweeps it): below |x| = 0.55 the Taylor series,
+    ``x + x³·P(x²)``; above, ``(1 − u)/(1 + u)`` with ``u = exp(−2|x|)`` by :func:`_exp2_vector`
+    (its exponent ≤ 0; ±inf → ±1); the sign copied from ``x`` (``tanh(−0) = −0``); NaN stays NaN.
+    Softcapped decode scores use it (``c·tanh(s/c)``): one call per 16 scores where libm's scalar
+    ``tanhf`` per score made a softcapped call 2–2.8× slower than a plain one."""
+    fma = _intrinsic_fn(builder, "llvm.fma.v16f32", 3)
+    fabs = _intrinsic_fn(builder, "llvm.fabs.v16f32", 1)
+    copysign = _intrinsic_fn(builder, "llvm.copysign.v16f32", 2)
+    ax = builder.call(fabs, [x])
+    y = builder.fmul(ax, ax)
+    p = _fconst(TANH_SERIES_COEFFS[0])
+    for c in TANH_SERIES_COEFFS[1:]:
+        p = builder.call(fma, [p, y, _fconst(c)])
+    series = builder.call(fma, [builder.fmul(ax, y), p, ax])
+    one = _fconst(1.0)
+    u = _exp2_vector(builder, ax, _fconst(-2.0 * _LOG2E), _fconst(0.0))
+    closed = builder.fdiv(builder.fsub(one, u), builder.fadd(one, u))
+    r = builder.select(builder.fcmp_ordered("<", ax, _fconst(TANH_SERIES_BELOW)), series, closed)
+    r = builder.call(copysign, [r, x])
+    return builder.select(builder.fcmp_unordered("uno", x, x), x, r)
+
+
 @functools.lru_cache(maxsize=None)
 def has_scalef():
     """Whether Numba compiles for a CPU with AVX-512 F and DQ (``vscalefps``, ``vreduceps``)."""

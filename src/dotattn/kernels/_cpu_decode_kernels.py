@@ -1462,22 +1462,31 @@ SIMD_MAX_ROWS_FLOAT = 16
 SUM_VECTORS = 8
 
 
+def _is_float32_array(s):
+    return isinstance(s, types.Array) and s.dtype == types.float32
+
+
+def _ir_row_args(context, builder, signature, args):
+    """A row intrinsic's ``(s, i0, count, x)`` as IR: ``s``'s data pointer, ``i0`` and ``count``
+    as i64, ``x`` as a float32 splat."""
+    at = signature.args
+    sd = context.make_array(at[0])(context, builder, args[0]).data
+    i0_, count_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2))
+    return sd, i0_, count_, _ir_splat(builder, context.cast(builder, args[3], at[3], types.float32))
+
+
 @intrinsic
 def _exp_sum16(typingctx, s, i0, count, m):
     """``s[i0 : i0 + count] = exp(s − m)`` in place, 16 lanes at a time (``count % 16 == 0``,
     ``m`` finite, arguments ≤ 0, −inf → 0); returns the sum (16 lane sums in blocks of
     SUM_VECTORS pieces, then the lanes in order).  ``(s − m)·log2(e)`` is subtracted first, then 2**x as
     :func:`_exp_row_f32` (the same polynomial, clamp and exponent rule)."""
-    if not (isinstance(s, types.Array) and s.dtype == types.float32):
+    if not _is_float32_array(s):
         return None
     sig = types.float32(s, i0, count, m)
 
     def codegen(context, builder, signature, args):
-        at = signature.args
-        sd = context.make_array(at[0])(context, builder, args[0]).data
-        i0_, count_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2))
-        m_ = context.cast(builder, args[3], at[3], types.float32)
-        m_v = _ir_splat(builder, m_)
+        sd, i0_, count_, m_v = _ir_row_args(context, builder, signature, args)
         log2e = ir.Constant(_V16F, [float(np.float32(LOG2E))] * _LANES)
         one = ir.Constant(_V16F, [1.0] * _LANES)
         zero = ir.Constant(_V16F, [0.0] * _LANES)
@@ -1513,15 +1522,12 @@ def _softcap16(typingctx, s, i0, count, cap):
     """``s[i0 : i0 + count] = cap · tanh(s / cap)`` in place, 16 lanes at a time (the last piece
     through a mask: nothing past ``i0 + count`` read or written); ``tanh`` by
     :func:`_cpu_simd._tanh_vector`, the fused pass's: a score gets the same bits on every route."""
-    if not (isinstance(s, types.Array) and s.dtype == types.float32):
+    if not _is_float32_array(s):
         return None
     sig = types.void(s, i0, count, cap)
 
     def codegen(context, builder, signature, args):
-        at = signature.args
-        sd = context.make_array(at[0])(context, builder, args[0]).data
-        i0_, count_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2))
-        c = _ir_splat(builder, context.cast(builder, args[3], at[3], types.float32))
+        sd, i0_, count_, c = _ir_row_args(context, builder, signature, args)
         c16 = ir.Constant(_IRI64, _LANES)
         lanes = ir.Constant(_V16I32, list(range(_LANES)))
         nvec = builder.sdiv(builder.add(count_, ir.Constant(_IRI64, _LANES - 1)), c16)

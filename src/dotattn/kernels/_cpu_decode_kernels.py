@@ -807,8 +807,8 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 #
 # FUSED16: a 16-bit cache's chunk (float32 compute, every row seeing every key of the chunk, Dv a
 # multiple of 16; a softcap and ALiBi applied to the block's scores as they are loaded — 4 Dec:
-# the three passes' scalar tanh made a softcapped call 2–3× slower) runs one pass over its keys, 16 at a time: the block's
-# scores (:func:`_ir_scores_blocked`), the online softmax update per row (running max ``m``; when
+# the three passes' scalar tanh made a softcapped call 2–3× slower) runs one pass over its keys,
+# 16 at a time: the block's scores (:func:`_ir_scores_blocked`), the online softmax update per row (running max ``m``; when
 # a block's max is larger, ``O``, the row sum's lane sums are rescaled by ``exp(m_old − m_new)``),
 # ``P = exp(S − m)`` for the block, then the block's ``P·V`` (the block's sum in registers, added
 # to ``O``: PV_SUM_KEYS's blocks) — the block's keys and values used while in L1.  With NEXT_SCHEME

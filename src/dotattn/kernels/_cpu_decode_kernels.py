@@ -37,13 +37,12 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_primitives import _np_matmul, exp2_fraction
-from ._cpu_simd import _exp2_vector, _tanh_vector
+from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
 import os as _os
 _JIT_CACHE = _os.environ.get("DOTATTN_DECODE_NOCACHE") is None
-LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
 # a bfloat16 cache read with a bfloat16 q (cpu_decode.bf16_dot): the kernels' entries take q
@@ -938,8 +937,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                     slope = _ir_splat(builder, builder.load(builder.gep(abd, [r])))
                     rel = _ir_splat(builder, builder.load(builder.gep(abd, [builder.add(R_, r)])))
                     keys = builder.fadd(_ir_splat(builder, builder.sitofp(t0, _IRF)), lanes_f)
-                    dist = builder.call(builder.module.declare_intrinsic(
-                        "llvm.fabs.v16f32", fnty=ir.FunctionType(_V16F, [_V16F])), [builder.fsub(rel, keys)])
+                    dist = builder.call(_intrinsic_fn(builder, "llvm.fabs.v16f32", 1), [builder.fsub(rel, keys)])
                     builder.store(builder.call(fma, [builder.fneg(slope), dist, builder.load(capped)]), capped)
                 sv = builder.select(valid, builder.load(capped), ninf)
                 sbase = builder.mul(r, ir.Constant(_IRI64, FUSED_STATS))

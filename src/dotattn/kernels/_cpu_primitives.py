@@ -22,13 +22,12 @@ from ._cpu_amx import _BFloat
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
-from ._cpu_simd import EXP2_TOP, EXP2_ZERO_BELOW, LANES, dot_tile_f64, exp2_max_tile16, exp2_tile16
+from ._cpu_simd import EXP2_TOP, EXP2_ZERO_BELOW, LANES, LOG2E, dot_tile_f64, exp2_max_tile16, exp2_tile16
 from .dropout import splitmix64 as _splitmix64_py
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
 _JIT_CACHE = True
-LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
 # Base-2 shifts from this size on (scores of a million and more) take the exp passes' pre-rounded
 # form (_exp2_shifted_f32), and the backward leaves their LSE's rounding alone (cpu.lse_rounding_fix)

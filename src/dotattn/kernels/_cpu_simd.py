@@ -24,6 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16
+LOG2E = 1.4426950408889634  # log2(e): every kernel's (the lowest module of them owns it)
 _F = ir.FloatType()
 _I32 = ir.IntType(32)
 _VF = ir.VectorType(_F, LANES)
@@ -124,7 +125,6 @@ TANH_SERIES_COEFFS = (
     -1 / 3,
 )
 TANH_SERIES_BELOW = 0.55
-_LOG2E = 1.4426950408889634
 
 
 def _tanh_vector(builder, x):
@@ -144,7 +144,7 @@ def _tanh_vector(builder, x):
         p = builder.call(fma, [p, y, _fconst(c)])
     series = builder.call(fma, [builder.fmul(ax, y), p, ax])
     one = _fconst(1.0)
-    u = _exp2_vector(builder, ax, _fconst(-2.0 * _LOG2E), _fconst(0.0))
+    u = _exp2_vector(builder, ax, _fconst(-2.0 * LOG2E), _fconst(0.0))
     closed = builder.fdiv(builder.fsub(one, u), builder.fadd(one, u))
     r = builder.select(builder.fcmp_ordered("<", ax, _fconst(TANH_SERIES_BELOW)), series, closed)
     r = builder.call(copysign, [r, x])

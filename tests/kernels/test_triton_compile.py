@@ -22,7 +22,7 @@ import pytest
 FLAGS = ["HAS_WL", "HAS_WR", "HAS_QLEN", "HAS_KVLEN", "HAS_SEG", "HAS_MASK", "HAS_BIAS", "HAS_ALIBI", "HAS_SOFTCAP"]
 POINTERS = {"MASK": "*u8", "QLEN": "*i64", "KVLEN": "*i64", "QSEG": "*i64", "KVSEG": "*i64", "GEOM": "*i64",
             "TABLE": "*i64", "SLOPES": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "DBIAS": "*fp32",
-            "BIAS": "*fp32", "W": "*fp32"}
+            "BIAS": "*fp32", "W": "*fp32", "FLAG": "*i32", "PART_OUT": "*fp32", "PART_LSE": "*fp32"}
 
 
 def _signature(fn, dt: str, consts: dict) -> dict:
@@ -32,7 +32,7 @@ def _signature(fn, dt: str, consts: dict) -> dict:
         if name in consts:
             sig[name] = "constexpr"
         elif name.isupper() and name not in ("D", "G"):
-            sig[name] = POINTERS.get(name, "*fp32" if (fn.__name__ == "decode_split" and name in ("Q", "OUT"))
+            sig[name] = POINTERS.get(name, "*fp32" if (fn.__name__.startswith("decode_") and name in ("Q", "OUT"))
                                      else "*" + dt)
         elif name in ("scale", "softcap", "drop_scale"):
             sig[name] = "fp32"
@@ -61,28 +61,90 @@ def compile_all(arch: int, dtypes=("bf16", "fp32"), head_dims=(64, 128)) -> list
                 fwd = _launch_config("fwd", D, itemsize, False)
                 bwd = _launch_config("bwd", D, itemsize, False)
                 tiles = dict(BLOCK_D=D, BLOCK_DV=D)
+                decode = {"BLOCK_R": 16, "BLOCK_D": D, "BLOCK_DV": D, "CAUSAL": causal > 0, "HAS_WL": on, "HAS_WR": on,
+                          "HAS_ALIBI": on, "HAS_SOFTCAP": on, "EVEN_D": not on}
                 jobs = [
                     (K.attn_fwd, fwd, {**tiles, **flags, "DROPOUT": on}),
                     (K.attn_bwd_delta, bwd, {"BLOCK_M": bwd["BLOCK_M"], "BLOCK_DV": D, "HAS_QLEN": on, "HAS_DLSE": on}),
                     (K.attn_bwd_dkdv, bwd, {**tiles, **flags, "DROPOUT": on, "WANT_DBIAS": on}),
                     (K.attn_bwd_dq, bwd, {**tiles, **flags, "DROPOUT": on}),
                     (K.attn_weights, fwd, {"BLOCK_D": D, **flags}),
-                    (K.decode_split, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
-                     {"BLOCK_R": 16, "BLOCK_D": D, "BLOCK_DV": D, "CAUSAL": causal > 0, "HAS_WL": on, "HAS_WR": on,
-                      "HAS_ALIBI": on, "HAS_SOFTCAP": on}),
+                    # decoding: the plain pass (16-bit terms or float32 dots), the NaN/±inf redo, the merge
+                    (K.decode_split, {"BLOCK_N": 64 if itemsize == 2 else 32, "num_warps": 4, "num_stages": 3},
+                     {**decode, "TERMS": 3 if dt == "bf16" else 0, "REDO": False}),
+                    (K.decode_split, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {**decode, "TERMS": 0, "REDO": True}),
+                    (K.decode_merge, {"num_warps": 4, "num_stages": 3}, {"BLOCK_C": 16, "BLOCK_DV": D}),
                 ]
-                for fn, cfg, consts in jobs:
+                if dt == "bf16":  # float16 caches: two terms after q's rows are scaled
+                    jobs.append((K.decode_split, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                                 {**decode, "TERMS": 2, "REDO": False}, "fp16"))
+                for fn, cfg, consts, *job_dt in jobs:
                     consts = {**{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **consts}
                     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-                    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dt, consts), constexprs=consts)
+                    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, (job_dt or [dt])[0], consts),
+                                                    constexprs=consts)
                     kernel = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"],
                                                                          "num_stages": cfg["num_stages"]})
                     assert kernel.asm.get("cubin"), fn.__name__
-                    done.append(f"sm_{arch} {dt} D={D} {fn.__name__} options={'on' if on else 'off'} causal={causal} "
+                    done.append(f"sm_{arch} {(job_dt or [dt])[0]} D={D} {fn.__name__} options={'on' if on else 'off'} causal={causal} "
                                 f"shared={kernel.metadata.shared}")
                 if not on and dt == "fp32":
                     break  # float32: the plain variant is enough to check the small tiles lower
     return done
+
+
+def decode_resources(arch: int = 90) -> list[str]:
+    """The plain decode pass as the launcher specializes it for D = 128 (strides of 1 as
+    constants, 16-divisible sizes and pointers marked so), compiled for ``sm_{arch}``: one
+    line per cache dtype with ptxas's registers and stack (spills) and the PTX's asynchronous
+    copies (``cp.async``: the K/V tiles are loaded ahead, pipelined)."""
+    import glob
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from dotattn.kernels import triton_kernels as K
+
+    assert not K.INTERPRETED, "compile checks need TRITON_INTERPRET unset"
+    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
+    fn = K.decode_split
+    lines = []
+    for dt, terms, block_n in (("bf16", 3, 64), ("fp16", 2, 64), ("fp32", 0, 32)):
+        consts = {"BLOCK_R": 16, "BLOCK_N": block_n, "BLOCK_D": 128, "BLOCK_DV": 128, "CAUSAL": True, "HAS_WL": False,
+                  "HAS_WR": False, "HAS_ALIBI": False, "HAS_SOFTCAP": False, "EVEN_D": True, "TERMS": terms,
+                  "REDO": False, "sqd": 1, "skd": 1, "svd": 1, "sod": 1}
+        sig = _signature(fn, dt, consts)
+        unit_strides = ("sqd", "skd", "svd", "sod")
+        divisible = [a for a in fn.arg_names if sig[a].startswith("*")
+                     or (sig[a] == "i32" and a.startswith("s") and a not in ("split", "soc", "slc", "slm", "som"))]
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible if a not in unit_strides}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dotattn_decode_{dt}_{os.getpid()}.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        os.unlink(path)
+        res = dict(kv.split(":") for kv in usage.strip().splitlines()[-1].split() if ":" in kv)
+        lines.append(f"{dt} REG={res['REG']} STACK={res['STACK']} cp.async={kernel.asm['ptx'].count('cp.async')}")
+    return lines
+
+
+def test_the_decode_pass_compiles_without_spills():
+    """The plain decode pass must not spill: before 4 Dec 2026 its float32 dots and masked
+    head-dim lanes compiled to scalar loads and 1.3–5.8 KB of stack per thread, and an H200 read
+    the cache at ~1 % of its bandwidth (docs/decoding.md, "On a GPU").  Compiling needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, "decode"], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.split("\n")
+    for dt in ("bf16", "fp16", "fp32"):
+        line = next(x for x in lines if x.startswith(dt + " "))
+        fields = dict(kv.split("=") for kv in line.split()[1:])
+        assert fields["STACK"] == "0", line
+        assert int(fields["cp.async"]) > 0, line
 
 
 @pytest.mark.slow
@@ -96,5 +158,5 @@ def test_every_kernel_compiles_for_the_gpu(arch):
 
 
 if __name__ == "__main__":
-    for line in compile_all(int(sys.argv[1])):
+    for line in decode_resources() if sys.argv[1] == "decode" else compile_all(int(sys.argv[1])):
         print(line, flush=True)

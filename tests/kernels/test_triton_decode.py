@@ -159,3 +159,130 @@ def test_tensor_path_refuses_float64_caches_and_mixed_devices():
     with pytest.raises(AttentionValueError, match="float64 caches run on the CPU decode kernels"):
         dotattn.attention_with_kvcache(*(_tensor(x) for x in (case.q, case.k_cache, case.v_cache)),
                                        implementation="triton", **case.kwargs())
+
+
+# ---------------------------------------------------------------------------------
+# the kernel's arithmetic: 16-bit caches at float32 accuracy, the merge kernel
+# ---------------------------------------------------------------------------------
+
+
+def _decode_f64(q, k, v, lengths, scale):
+    """float64 decode of one query row per head over a contiguous cache (GQA folded)."""
+    B, Hq, _, D = q.shape
+    G = Hq // k.shape[1]
+    out = np.zeros((B, Hq, 1, v.shape[-1]))
+    for b in range(B):
+        for h in range(Hq):
+            n = lengths[b]
+            s = (k[b, h // G, :n] @ q[b, h, 0]) * scale
+            p = np.exp(s - s.max())
+            out[b, h, 0] = p @ v[b, h // G, :n] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("cache", ["float16", "bfloat16"])
+@pytest.mark.parametrize("q_magnitude", [1.0, 1e5, 1e-5])
+def test_16bit_caches_decode_at_float32_accuracy(cache, q_magnitude):
+    """The 16-bit path's dots take q and the weights in 16-bit terms (three bfloat16, or two
+    float16 after q's rows are scaled into float16's range): the result must be as accurate as
+    a float32 computation on the widened cache, not as a 16-bit one — also for q far outside
+    float16's range (1e5) or under its normal range (1e-5)."""
+    import dotattn
+
+    rng = np.random.default_rng(7)
+    B, Hq, Hkv, D, L = 2, 4, 2, 64, 600  # several chunks of SPLIT_SIZE keys
+    lengths = np.array([L, 333])
+    tdt = getattr(torch, cache)
+    k = torch.randn(B, Hkv, L, D, generator=torch.Generator().manual_seed(1)).to(tdt)
+    v = torch.randn(B, Hkv, L, D, generator=torch.Generator().manual_seed(2)).to(tdt)
+    q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32) * np.float32(q_magnitude)
+    scale = 2.0 / (np.sqrt(D) * q_magnitude)  # scores of order 1 whatever q's magnitude
+    k64, v64 = (t.float().numpy().astype(np.float64) for t in (k, v))
+    want = _decode_f64(q.astype(np.float64), k64, v64, lengths, scale)
+    # the float32 computation the kernel must match: scores, softmax and P·V in float32
+    k32, v32 = k.float().numpy(), v.float().numpy()
+    naive32 = np.zeros_like(want)
+    for b in range(B):
+        for h in range(Hq):
+            s = (k32[b, h // 2, :lengths[b]] @ q[b, h, 0]) * np.float32(scale)
+            p = np.exp(s - s.max())
+            naive32[b, h, 0] = (p / p.sum(dtype=np.float32)) @ v32[b, h // 2, :lengths[b]]
+    dev = "cuda" if CUDA else "cpu"
+    out = dotattn.attention_with_kvcache(torch.from_numpy(q).to(dev), k.to(dev), v.to(dev), cache_lengths=lengths,
+                                         scale=scale, implementation=None if CUDA else "triton")
+    err = np.abs(out.cpu().numpy().astype(np.float64) - want).max()
+    err32 = np.abs(naive32 - want).max()
+    assert err <= 2 * err32 + 1e-6, f"{cache} q×{q_magnitude}: error {err:.3g}, float32's {err32:.3g}"
+
+
+def test_merge_kernel_keeps_the_rule_of_merge_attention_states():
+    """decode_merge against dotattn.merge_attention_states on parts built for each corner:
+    empty parts (−inf), a NaN LSE, a part whose weight underflows to 0 while it holds ±inf and
+    NaN, a row with no part that saw a key, and a sequence with fewer chunks than the batch."""
+    import dotattn
+    from dotattn.decode_semantics import SPLIT_SIZE
+    from dotattn.kernels import triton_decode
+
+    kern = triton_decode._kernels()
+    rng = np.random.default_rng(3)
+    B, Hq, Lq, n_chunks, Dv = 2, 3, 2, 20, 24  # more chunks than the kernel reads at once
+    parts = rng.standard_normal((B, Hq, Lq, n_chunks, Dv)).astype(np.float32)
+    lses = rng.uniform(-3, 3, (B, Hq, Lq, n_chunks)).astype(np.float32)
+    lses[0, 0, 0, 5:9] = -np.inf  # empty parts
+    lses[0, 0, 1, :] = -np.inf  # a row that saw no key
+    lses[0, 1, 0, 3] = np.nan  # a NaN row
+    lses[0, 1, 1, 7] = -200.0  # weight underflows to 0 against the others…
+    parts[0, 1, 1, 7, :3] = [np.inf, -np.inf, np.nan]  # …yet its non-finite entries count
+    parts[0, 2, 0, 4, 0] = np.inf  # an empty part's infinity never counts
+    lses[0, 2, 0, 4] = -np.inf
+    lengths = np.array([n_chunks * SPLIT_SIZE, 7 * SPLIT_SIZE - 3])  # the second sequence: 7 chunks
+    dev = "cuda" if CUDA else "cpu"
+    t_parts, t_lses = torch.from_numpy(parts).to(dev), torch.from_numpy(lses).to(dev)
+    out = torch.empty((B, Hq, Lq, Dv), device=dev)
+    lse = torch.empty((B, Hq, Lq), device=dev)
+    with np.errstate(all="ignore"):  # the interpreter's NumPy meets the NaN and −inf on purpose
+        kern.decode_merge[(B * Hq * Lq,)](
+            t_parts, t_lses, torch.from_numpy(lengths).to(dev), out, lse, *t_parts.stride(), *t_lses.stride(),
+            *out.stride(), *lse.stride(), Hq, Lq, Dv, SPLIT_SIZE, BLOCK_C=triton_decode.MERGE_CHUNKS, BLOCK_DV=32,
+        )
+    out, lse = out.cpu().numpy(), lse.cpu().numpy()
+    for b, n_c in enumerate([n_chunks, 7]):
+        want_out, want_lse = dotattn.merge_attention_states([parts[b, :, :, c] for c in range(n_c)],
+                                                            [lses[b, :, :, c] for c in range(n_c)])
+        np.testing.assert_allclose(out[b], want_out, rtol=2e-6, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(lse[b], want_lse, rtol=2e-6, atol=1e-6, equal_nan=True)
+    assert np.isnan(out[0, 1, 0]).all() and np.isnan(lse[0, 1, 0])
+    assert (out[0, 0, 1] == 0).all() and lse[0, 0, 1] == -np.inf
+    assert out[0, 1, 1, 0] == np.inf and out[0, 1, 1, 1] == -np.inf and np.isnan(out[0, 1, 1, 2])
+    assert np.isfinite(out[0, 2, 0]).all()
+
+
+@pytest.mark.parametrize("cache", ["float32", "bfloat16"])
+def test_a_sequence_decodes_to_the_same_bits_in_any_batch(cache):
+    """Chunks at fixed positions, the merge reading a row's own chunks at fixed places: a
+    sequence alone, beside a much longer one (more chunks in the grid) and in a larger cache
+    gives the same bits."""
+    import dotattn
+
+    tdt = getattr(torch, cache)
+    gen = torch.Generator().manual_seed(5)
+    Hq, Hkv, D, n = 4, 2, 32, 700
+    q = torch.randn(1, Hq, 1, D, generator=gen)
+    k = torch.randn(1, Hkv, n, D, generator=gen).to(tdt)
+    v = torch.randn(1, Hkv, n, D, generator=gen).to(tdt)
+    dev = "cuda" if CUDA else "cpu"
+    impl = None if CUDA else "triton"
+
+    def run(qb, kb, vb, lengths):
+        return dotattn.attention_with_kvcache(qb.to(dev), kb.to(dev), vb.to(dev), cache_lengths=np.array(lengths),
+                                              return_lse=True, implementation=impl)
+
+    alone, alone_lse = run(q, k, v, [n])
+    cap = 1400
+    kb = torch.randn(2, Hkv, cap, D, generator=gen).to(tdt)
+    vb = torch.randn(2, Hkv, cap, D, generator=gen).to(tdt)
+    kb[1, :, :n], vb[1, :, :n] = k[0], v[0]
+    kb[1, :, n:], vb[1, :, n:] = float("nan"), float("nan")  # never read
+    qb = torch.cat([torch.randn(1, Hq, 1, D, generator=gen), q])
+    batch, batch_lse = run(qb, kb, vb, [cap, n])
+    assert torch.equal(batch[1:].cpu(), alone.cpu()) and torch.equal(batch_lse[1:].cpu(), alone_lse.cpu())

@@ -3,12 +3,14 @@
 The kernel (:func:`dotattn.kernels.triton_kernels.decode_split`) gives each (chunk of
 :data:`dotattn.decode_semantics.SPLIT_SIZE` key positions, sequence, K/V head) one program: the
 ``G·Lq`` query rows of the head's GQA group are folded into the rows of one tile, keys are
-read through the page table (a contiguous cache is one page per sequence), and the chunk's
-partial output and LSE are merged over chunks by the merge of
-:func:`dotattn.merge_attention_states` (``kernels/_merge.py``).
+read through the page table (a contiguous cache is one page per sequence), and the chunks'
+partial outputs and LSEs are merged by :func:`~dotattn.kernels.triton_kernels.decode_merge`,
+the rule of :func:`dotattn.merge_attention_states` (``kernels/_merge.py``) in one kernel.
 Chunk boundaries are the fixed positions ``[c·S, (c+1)·S)`` of the NumPy/Numba decode
-kernels, so a sequence is computed the same way in any batch.  Math in float32 (IEEE dots):
-decoding reads the cache once and is memory-bound.
+kernels, so a sequence is computed the same way in any batch.  Math in float32: float32
+caches through IEEE dots, 16-bit caches through tensor-core dots of float32 operands cut into
+exact 16-bit terms; a chunk whose scores or output are not finite is computed again under
+the NaN/±inf rule.
 
 Entry points (each takes a call already validated by
 :func:`dotattn.decode_semantics.normalize`; device checks and conversions of the caller's
@@ -31,10 +33,13 @@ import numpy as np
 
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, write_new
 from ..semantics import BFLOAT16
-from ._merge import merge_torch
 from .triton_backend import _kernels, _next_pow2, triton_cdiv
 
 __all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensors", "decode"]
+
+# Chunks the merge kernel reads at once (a constant, so that a row's sum runs in the same order
+# in any batch).
+MERGE_CHUNKS = 16
 
 
 def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
@@ -61,20 +66,33 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     left, right = window if window is not None else (None, None)
     dummy = torch.empty((1,), dtype=torch.float32, device=q.device)
     slopes = dummy if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
-    block_n = 16 if kern.INTERPRETED else 64
-    kern.decode_split[(n_chunks, B * Hkv)](
-        q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse,
-        *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
-        *part_out.stride(), *part_lse.stride(),
-        Hq, Hkv, G, Lq, D, Dv, page_size, split, float(scale), float(softcap or 0.0), int(left or 0), int(right or 0),
-        BLOCK_R=max(16, _next_pow2(G * Lq)), BLOCK_N=block_n, BLOCK_D=max(16, _next_pow2(D)),
-        BLOCK_DV=max(16, _next_pow2(Dv)), CAUSAL=bool(causal), HAS_WL=left is not None, HAS_WR=right is not None,
-        HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=4,
-    )
+    flags = torch.empty((B * Hkv * n_chunks,), dtype=torch.int32, device=q.device)
+    block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+    # 16-bit caches: tensor-core dots of q's and p's 16-bit terms (kernels/triton_kernels.py);
+    # float32 caches: IEEE dots on the CUDA cores, in tiles of 32 keys (64 spill registers)
+    terms = {torch.float16: 2, torch.bfloat16: 3}.get(k_pages.dtype, 0)
+    block_n = 16 if kern.INTERPRETED else (64 if terms else 32)
+    args = (q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse, flags,
+            *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
+            *part_out.stride(), *part_lse.stride(),
+            Hq, Hkv, G, Lq, D, Dv, page_size, split, float(scale), float(softcap or 0.0), int(left or 0), int(right or 0))
+    consts = dict(BLOCK_R=max(16, _next_pow2(G * Lq)), BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
+                  HAS_WL=left is not None, HAS_WR=right is not None, HAS_ALIBI=alibi_slopes is not None,
+                  HAS_SOFTCAP=softcap is not None, EVEN_D=D == block_d and Dv == block_dv, num_warps=4)
+    grid = (n_chunks, B * Hkv)
+    # every chunk with plain dots, flagging those with a non-finite score or output; then the
+    # flagged ones again under the NaN/±inf rule (the second launch's other programs return at once)
+    kern.decode_split[grid](*args, BLOCK_N=block_n, TERMS=terms, REDO=False, **consts)
+    kern.decode_split[grid](*args, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True, **consts)
     if n_chunks == 1:
         return part_out[..., 0, :], part_lse[..., 0]
-    return merge_torch([part_out[..., c, :] for c in range(n_chunks)], [part_lse[..., c] for c in range(n_chunks)], "bhld")
+    out = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    kern.decode_merge[(B * Hq * Lq,)](
+        part_out, part_lse, kv_lengths, out, lse, *part_out.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
+        Hq, Lq, Dv, split, BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv, num_warps=4,
+    )
+    return out, lse
 
 
 def decode(call, reference: bool = False):

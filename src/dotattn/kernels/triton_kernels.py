@@ -553,26 +553,89 @@ def attn_weights(
             _store_tile(W + bh * Lq * Lk, rows, Lq, Lk, cols, Lk, 1, p)  # W is (B·Hq, Lq, Lk)
 
 
+# Decoding on tensor cores in float32 precision.  A float32 operand (q, the weights p) is cut
+# into 16-bit terms of the cache's type whose sum is the operand: three bfloat16 terms hold
+# its 24 bits, two float16 terms 22 after the rows of q are scaled by powers of two into
+# float16's range (p ≤ 1 needs none).  Each term times the cache's exact 16-bit values is
+# exact in the float32 accumulator, so the terms' dots add up to the float32 dot but for the
+# order of the additions — at 2–3 tensor-core dots a tile instead of one float32 dot on the
+# CUDA cores, which spilled registers and read the cache at ~1 % of the H200's bandwidth
+# (docs/decoding.md, "On a GPU").  Triton's interpreter computes bfloat16 dots on the raw
+# integer bits, so there the terms are widened to float32 first (the same sums, exactly).
+_WIDEN_DOTS = tl.constexpr(INTERPRETED)
+
+
+@_helper
+def _mma(a, b):
+    """``a·b`` of two 16-bit tiles, float32 accumulation."""
+    if _WIDEN_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@_helper
+def _split_dot(a, b, TERMS: tl.constexpr):
+    """``a·b`` for ``a`` float32 and ``b`` a 16-bit tile: the sum of the dots of ``a``'s
+    ``TERMS`` 16-bit terms (of ``b``'s type) with ``b``."""
+    hi = a.to(b.dtype)
+    rest = a - hi.to(tl.float32)
+    mid = rest.to(b.dtype)
+    out = _mma(mid, b)
+    if TERMS == 3:
+        out += _mma((rest - mid.to(tl.float32)).to(b.dtype), b)
+    return out + _mma(hi, b)
+
+
+@_helper
+def _pow2_row_scale(q):
+    """Per row of ``q``, the power of two that brings its largest magnitude into [1, 2) (1 for
+    a row of zeros, subnormals or non-finite values) and its inverse — exact factors."""
+    amax = tl.max(tl.abs(q), 1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
+    ok = (e > 0) & (e < 255)
+    up = tl.where(ok, (254 - e) << 23, 127 << 23).to(tl.float32, bitcast=True)
+    down = tl.where(ok, e << 23, 127 << 23).to(tl.float32, bitcast=True)
+    return up, down
+
+
+@_helper
+def _not_finite(x):
+    """1 where ``x`` holds a NaN or ±inf, else 0 (int32 scalar)."""
+    return tl.max(((x - x) != 0.0).to(tl.int32))
+
+
 @triton.jit(do_not_specialize=["Hq", "Hkv", "G", "Lq", "D", "Dv", "page_size", "split", "win_left", "win_right"])
 def decode_split(
-    Q, K, V, TABLE, KVLEN, SLOPES, OUT, LSE,
+    Q, K, V, TABLE, KVLEN, SLOPES, OUT, LSE, FLAG,
     sqb, sqh, sqm, sqd, skp, skh, sks, skd, svp, svh, svs, svd, stb, stp,
     sob, soh, som, soc, sod, slb, slh, slm, slc,
     Hq, Hkv, G, Lq, D, Dv, page_size, split, scale, softcap, win_left, win_right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, TERMS: tl.constexpr, REDO: tl.constexpr,
 ):
     """Split-KV decoding ("flash decoding"), grid ``(n_chunks, B·Hkv)``: the ``G·Lq`` query rows
     of one K/V head (GQA folded into rows, so each cached key is read once for the group)
     against keys ``[c·split, (c+1)·split)`` of one sequence, read through its page table.
 
     Writes the chunk's partial output ``OUT[b, h, i, c]`` and LSE ``LSE[b, h, i, c]`` (float32;
-    −inf for a chunk with no visible key), merged afterwards over chunks.  Query ``i`` sits at
-    position ``kv_len − Lq + i`` (bottom-right); only keys below ``kv_len`` are read.
+    −inf for a chunk with no visible key), merged afterwards over chunks (:func:`decode_merge`).
+    Query ``i`` sits at position ``kv_len − Lq + i`` (bottom-right); only keys below ``kv_len``
+    are read.  ``EVEN_D``: D and Dv equal their blocks (no masked lanes: vector loads).
+
+    Two passes share this body.  The first (``REDO`` off) computes every chunk with plain dots
+    (``TERMS`` 0: float32 IEEE dots, for float32 caches; 2 or 3: the 16-bit terms above, for
+    float16 and bfloat16 caches) and sets ``FLAG[b, hk, c]`` where a visible score or the
+    output is not finite.  The second (``REDO`` on: float32 IEEE dots whatever ``TERMS``)
+    recomputes the flagged chunks only, with the NaN/±inf rule of ``attn_fwd``
+    (docs/semantics.md) that plain dots cannot keep: a hidden key's NaN/±inf value never meets
+    its weight 0, a live key's still counts where its weight underflowed, an infinity already
+    summed survives alpha's underflow.  Chunks of finite scores and outputs (all but rare
+    calls) need none of that, and its code costs registers the first pass has no room for.
     """
     c = tl.program_id(0)
     pid = tl.program_id(1)
+    flag_at = FLAG + pid * tl.num_programs(0) + c
     b = pid // Hkv
     hk = pid % Hkv
     n = tl.load(KVLEN + b).to(tl.int32)
@@ -584,17 +647,28 @@ def decode_split(
     pos = n - Lq + i
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < (BLOCK_D if EVEN_D else D)  # all true for EVEN_D: the compiler sees it
+    dv_ok = offs_dv < (BLOCK_DV if EVEN_D else Dv)
     q_ptrs = Q + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + i[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # q's rows in float16's range (TERMS 2): scores come out multiplied by `up`, taken off with
+    # the scale (`down·scale` is exact: a power of two times the scale)
+    row_scale = tl.full([BLOCK_R], scale, dtype=tl.float32)
+    if TERMS == 2 and not REDO:
+        up, down = _pow2_row_scale(q)
+        q = q * up[:, None]
+        row_scale = down * scale
     slope = tl.zeros([BLOCK_R], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + b * Hq + h, mask=row_ok, other=0.0).to(tl.float32)
     lo = c * split
     hi = tl.minimum(lo + split, n)
-    if CAUSAL:
-        hi = tl.minimum(hi, n)  # the last query sits at n − 1
     if HAS_WL:
         lo = tl.maximum(lo, n - Lq - win_left)
+    if REDO:
+        redo = tl.load(flag_at) != 0
+        hi = tl.where(redo, hi, lo)  # an unflagged chunk reads nothing and stores nothing
+    bad = tl.zeros([], dtype=tl.int32)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
@@ -606,15 +680,15 @@ def decode_split(
         page = tl.load(TABLE + b.to(tl.int64) * stb + (cols // page_size).to(tl.int64) * stp, mask=col_ok, other=0)
         slot = (cols % page_size).to(tl.int64)
         k = tl.load(k_base + page[:, None].to(tl.int64) * skp + slot[:, None] * sks + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + page[:, None].to(tl.int64) * svp + slot[:, None] * svs + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        if TERMS == 0 or REDO:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        else:
+            s = _split_dot(q, tl.trans(k), TERMS)
+        s = s * row_scale[:, None]
         dist = pos[:, None] - cols[None, :]  # query position − key position
-        if HAS_ALIBI:
-            s -= slope[:, None] * tl.abs(dist).to(tl.float32)
         vis = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             vis = vis & (dist >= 0)
@@ -622,18 +696,91 @@ def decode_split(
             vis = vis & (dist <= win_left)
         if HAS_WR:
             vis = vis & (dist >= -win_right)
+        if not REDO:
+            bad = bad | _not_finite(tl.where(vis, s, 0.0))
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        if HAS_ALIBI:
+            s -= slope[:, None] * tl.abs(dist).to(tl.float32)
         s = tl.where(vis, s, float("-inf"))
         live = s != float("-inf")  # the pairs that take part (NaN scores included): docs/semantics.md
         p, alpha, l_i, m_i = _online_softmax(s, m_i, l_i)
-        # as attn_fwd: a hidden key's NaN/±inf value never meets its 0 (a −inf score, a window,
-        # the causal edge), a live key's still counts where its weight underflowed, and an
-        # infinity already summed stays when alpha underflows (until 4 Dec 2026 one tl.dot let
-        # 0·NaN through: a −inf score's key leaked its NaN value into the row)
-        acc = tl.where(tl.abs(acc) == float("inf"), acc, acc * alpha[:, None])
-        acc = acc + _live_dot(p, live, live, v.to(tl.float32), False)
+        if REDO:
+            # (until 4 Dec 2026 one tl.dot let 0·NaN through: a −inf score's key leaked its NaN
+            # value into the row)
+            acc = tl.where(tl.abs(acc) == float("inf"), acc, acc * alpha[:, None])
+            acc = acc + _live_dot(p, live, live, v.to(tl.float32), False)
+        elif TERMS == 0:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + _split_dot(p, v, TERMS)
     out, lse = _softmax_results(acc, m_i, l_i)
     o_ptrs = (OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + i[:, None].to(tl.int64) * som
               + c.to(tl.int64) * soc + offs_dv[None, :] * sod)
-    tl.store(o_ptrs, out, mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
     l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm + c.to(tl.int64) * slc
-    tl.store(l_ptrs, lse, mask=row_ok)
+    keep = row_ok
+    if REDO:
+        keep = row_ok & (tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(flag_at) != 0)
+    else:
+        tl.store(flag_at, bad | _not_finite(acc))
+    tl.store(o_ptrs, out, mask=keep[:, None] & dv_ok[None, :])
+    tl.store(l_ptrs, lse, mask=keep)
+
+
+@triton.jit(do_not_specialize=["Hq", "Lq", "Dv", "split"])
+def decode_merge(
+    PART_OUT, PART_LSE, KVLEN, OUT, LSE,
+    spb, sph, spm, spc, spd, slb, slh, slm, slc, sob, soh, som, sod, sdb, sdh, sdm,
+    Hq, Lq, Dv, split,
+    BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The chunks' partial results of one query row merged by their LSEs, grid ``(B·Hq·Lq,)``:
+    :func:`dotattn.merge_attention_states`'s rule (``kernels/_merge.py``) in one kernel instead
+    of a few torch operations per chunk.  Only the row's own sequence's chunks are read, in
+    blocks of ``BLOCK_C`` at fixed places, so the result does not depend on the batch.
+
+    A part with LSE −inf is empty and brings nothing; a part whose weight underflowed to 0
+    still brings its NaN/±inf entries; a NaN LSE makes the row NaN.
+    """
+    row = tl.program_id(0)
+    b = row // (Hq * Lq)
+    h = (row // Lq) % Hq
+    i = row % Lq
+    n = tl.load(KVLEN + b).to(tl.int32)
+    n_c = tl.maximum(1, tl.cdiv(n, split))
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < Dv
+    lse_base = PART_LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm
+    out_base = PART_OUT + b.to(tl.int64) * spb + h.to(tl.int64) * sph + i.to(tl.int64) * spm
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    nan = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_c, BLOCK_C):
+        cs = c0 + offs_c
+        part = tl.load(lse_base + cs.to(tl.int64) * slc, mask=cs < n_c, other=float("-inf"))
+        m = tl.maximum(m, tl.max(part))
+        nan = nan | tl.max((part != part).to(tl.int32))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_safe = tl.where(nan != 0, float("nan"), m_safe)
+    total = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, n_c, BLOCK_C):
+        cs = c0 + offs_c
+        part = tl.load(lse_base + cs.to(tl.int64) * slc, mask=cs < n_c, other=float("-inf"))
+        total += tl.sum(tl.exp(part - m_safe))
+    seen = total > 0.0
+    safe_total = tl.where(seen, total, 1.0)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for c0 in range(0, n_c, BLOCK_C):
+        cs = c0 + offs_c
+        c_ok = cs < n_c
+        part = tl.load(lse_base + cs.to(tl.int64) * slc, mask=c_ok, other=float("-inf"))
+        x = tl.load(out_base + cs[:, None].to(tl.int64) * spc + offs_d[None, :] * spd,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.where(seen, tl.exp(part - m_safe) / safe_total, 0.0)
+        w = tl.where(total != total, float("nan"), w)
+        empty = part == float("-inf")
+        keep_x = ((x - x) != 0.0) & (empty == 0)[:, None]  # an underflowed part's NaN/±inf
+        term = tl.where((w != 0.0)[:, None], w[:, None] * x, tl.where(keep_x, x, 0.0))
+        acc += tl.sum(term, 0)
+    tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * som + offs_d * sod, acc, mask=d_ok)
+    tl.store(LSE + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + i.to(tl.int64) * sdm, m_safe + tl.log(total))

@@ -3,7 +3,8 @@
 # tool runs it in the repository root with $OUT set; elsewhere OUT=some/dir bash benchmarks/gpu_check.sh):
 # the GPU-only tests, the triton decode and NaN/±inf tests on CUDA tensors, then the decode bench
 # with a per-kernel profile of two cases.  Uses the machine's python3 and its packages (torch,
-# triton, numba, numpy, pytest, xdist, hypothesis); T1/T2/T3 cap each step in seconds.
+# triton, numba, numpy, pytest, xdist, hypothesis); T1/T2/T3 cap each step in seconds; SWEEP=1
+# adds a sweep of the decode kernel's tile choices.
 export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/dotattn-gpu-check}; mkdir -p "$OUT"
@@ -17,3 +18,6 @@ echo "decode tests: $(( $(date +%s) - T0 )) s"; T0=$(date +%s)
 timeout "${T3:-150}" python3 benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json" 2>&1 | tee "$OUT/gpu_decode.log"
 timeout 60 python3 benchmarks/gpu_decode.py --batches 1 8 --contexts 32768 --dtypes bfloat16 --layouts contiguous --profile 2>&1 | tee "$OUT/gpu_decode_profile.log"
 echo "bench: $(( $(date +%s) - T0 )) s"
+if [ -n "${SWEEP:-}" ]; then  # the tile choices of the decode kernel (SWEEP=1; T4 caps it)
+    timeout "${T4:-120}" python3 benchmarks/gpu_decode.py --sweep --batches 8 1 --contexts 32768 --dtypes bfloat16 float32 float16 2>&1 | tee "$OUT/gpu_decode_sweep.log"
+fi

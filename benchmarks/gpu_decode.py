@@ -15,6 +15,8 @@ the same run (a float32 sum over a buffer far larger than the L2).
 
 ``--profile`` adds, per case, the GPU time of each kernel a call launches (torch.profiler),
 so the split-KV kernel's time can be told from the merge's and the call's other work.
+``--sweep`` times the kernel's tile choices instead (``triton_decode.GPU_TILES``: keys a
+tile, warps, pipeline stages) on the cases given, each against the current choice.
 Without a CUDA device the script says so and measures nothing.
 """
 
@@ -108,6 +110,39 @@ def run_case(B, L, dtype_name, paged, profile=False):
                 max_abs_diff=err, kernels=kernels)
 
 
+SWEEP = {
+    2: [(64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4), (128, 8, 4)],
+    3: [(64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 4), (128, 8, 4)],
+    0: [(32, 4, 3), (32, 8, 3), (64, 8, 3), (16, 4, 4), (32, 4, 4), (64, 8, 4)],
+}
+
+
+def sweep(args, read) -> None:
+    import torch
+    from triton.testing import do_bench
+
+    import dotattn
+    from dotattn.kernels import triton_decode
+
+    default = dict(triton_decode.GPU_TILES)
+    for dt in args.dtypes:
+        terms = {"float16": 2, "bfloat16": 3}.get(dt, 0)
+        for B in args.batches:
+            for L in args.contexts:
+                q, k, v, lens, table, _, _ = make_case(B, L, dt, False)
+                nbytes = 2 * B * 8 * L * 128 * q.element_size()
+                row = []
+                for tiles in SWEEP[terms]:
+                    triton_decode.GPU_TILES[terms] = tiles
+                    with torch.no_grad():
+                        ms = do_bench(lambda: dotattn.attention_with_kvcache(q, k, v, cache_lengths=lens))
+                    row.append(f"{tiles}: {ms:.4f} ms {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+                triton_decode.GPU_TILES.update(default)
+                print(f"sweep B{B} {L // 1024}k {dt} (default {default[terms]}, device read {read:.0f} GB/s)")
+                for line in row:
+                    print("   ", line, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -115,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "paged"], choices=["contiguous", "paged"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     import torch
@@ -124,6 +160,9 @@ def main(argv=None) -> int:
         return 0
     read = device_read_gbs()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  device read {read:.0f} GB/s")
+    if args.sweep:
+        sweep(args, read)
+        return 0
     print(f"{'case':<28} {'dotattn ms':>10} {'SDPA ms':>9} {'× SDPA':>7} {'GB/s':>7} {'share':>6} {'SDPA GB/s':>9} {'|diff|':>8}")
     results = []
     for dt in args.dtypes:

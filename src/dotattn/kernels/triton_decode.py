@@ -41,6 +41,10 @@ __all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensor
 # in any batch).
 MERGE_CHUNKS = 16
 
+# (keys a tile, warps, pipeline stages) of the decode kernel on a GPU, by the number of 16-bit
+# terms of its dots (0: float32 caches).  Not the interpreter's: it runs 16-key tiles.
+GPU_TILES = {0: (32, 4, 3), 2: (64, 4, 3), 3: (64, 4, 3)}
+
 
 def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
                    softcap, alibi_slopes, split: int):
@@ -64,26 +68,28 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     if q.numel() == 0 or B * Hq * Lq == 0:
         return part_out[..., 0, :].zero_(), part_lse[..., 0].fill_(float("-inf"))
     left, right = window if window is not None else (None, None)
-    dummy = torch.empty((1,), dtype=torch.float32, device=q.device)
-    slopes = dummy if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    slopes = part_lse if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()  # (unread if None)
     flags = torch.empty((B * Hkv * n_chunks,), dtype=torch.int32, device=q.device)
     block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
     # 16-bit caches: tensor-core dots of q's and p's 16-bit terms (kernels/triton_kernels.py);
-    # float32 caches: IEEE dots on the CUDA cores, in tiles of 32 keys (64 spill registers)
+    # float32 caches: IEEE dots on the CUDA cores
     terms = {torch.float16: 2, torch.bfloat16: 3}.get(k_pages.dtype, 0)
-    block_n = 16 if kern.INTERPRETED else (64 if terms else 32)
+    block_n, warps, stages = (16, 4, 1) if kern.INTERPRETED else GPU_TILES[terms]
     args = (q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse, flags,
             *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
             *part_out.stride(), *part_lse.stride(),
             Hq, Hkv, G, Lq, D, Dv, page_size, split, float(scale), float(softcap or 0.0), int(left or 0), int(right or 0))
     consts = dict(BLOCK_R=max(16, _next_pow2(G * Lq)), BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
                   HAS_WL=left is not None, HAS_WR=right is not None, HAS_ALIBI=alibi_slopes is not None,
-                  HAS_SOFTCAP=softcap is not None, EVEN_D=D == block_d and Dv == block_dv, num_warps=4)
+                  HAS_SOFTCAP=softcap is not None, EVEN_D=D == block_d and Dv == block_dv)
     grid = (n_chunks, B * Hkv)
     # every chunk with plain dots, flagging those with a non-finite score or output; then the
-    # flagged ones again under the NaN/±inf rule (the second launch's other programs return at once)
-    kern.decode_split[grid](*args, BLOCK_N=block_n, TERMS=terms, REDO=False, **consts)
-    kern.decode_split[grid](*args, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True, **consts)
+    # flagged ones again under the NaN/±inf rule (the second launch's other programs return at
+    # once).  One kernel doing both spilled registers inside the plain loop (4 Dec, sm_90 SASS).
+    kern.decode_split[grid](*args, BLOCK_N=block_n, TERMS=terms, REDO=False, num_warps=warps, num_stages=stages,
+                            **consts)
+    kern.decode_split[grid](*args, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True, num_warps=4,
+                            num_stages=1 if kern.INTERPRETED else 3, **consts)
     if n_chunks == 1:
         return part_out[..., 0, :], part_lse[..., 0]
     out = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device)
@@ -185,8 +191,11 @@ def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new,
         cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
         q32 = apply_rotary(q32, torch.as_tensor(query_positions(call), device=dev), cos, sin)
     kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
+    # the lengths and the page table in one copy to the device (each copy from pageable memory waits)
+    table = np.asarray(call.block_table)
+    small = torch.as_tensor(np.concatenate([kv_len, table.ravel().astype(np.int64, copy=False)]), device=dev)
     out, lse = decode_tensors(
-        q32, kp, vp, torch.as_tensor(call.block_table, device=dev), torch.as_tensor(kv_len, device=dev),
+        q32, kp, vp, small[len(kv_len):].view(table.shape), small[:len(kv_len)],
         max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window, scale=call.scale,
         softcap=call.softcap, split=SPLIT_SIZE,
         alibi_slopes=None if call.alibi_slopes is None else torch.as_tensor(call.alibi_slopes, device=dev),

@@ -43,6 +43,14 @@ def _signature(fn, dt: str, consts: dict) -> dict:
     return sig
 
 
+def tiles_of(terms: int) -> dict:
+    """The decode kernel's launch choices on a GPU (``triton_decode.GPU_TILES``)."""
+    from dotattn.kernels.triton_decode import GPU_TILES
+
+    block_n, warps, stages = GPU_TILES[terms]
+    return {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
 def compile_all(arch: int, dtypes=("bf16", "fp32"), head_dims=(64, 128)) -> list[str]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -70,14 +78,13 @@ def compile_all(arch: int, dtypes=("bf16", "fp32"), head_dims=(64, 128)) -> list
                     (K.attn_bwd_dq, bwd, {**tiles, **flags, "DROPOUT": on}),
                     (K.attn_weights, fwd, {"BLOCK_D": D, **flags}),
                     # decoding: the plain pass (16-bit terms or float32 dots), the NaN/±inf redo, the merge
-                    (K.decode_split, {"BLOCK_N": 64 if itemsize == 2 else 32, "num_warps": 4, "num_stages": 3},
-                     {**decode, "TERMS": 3 if dt == "bf16" else 0, "REDO": False}),
+                    (K.decode_split, tiles_of(3 if dt == "bf16" else 0), {**decode, "TERMS": 3 if dt == "bf16" else 0,
+                                                                          "REDO": False}),
                     (K.decode_split, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {**decode, "TERMS": 0, "REDO": True}),
                     (K.decode_merge, {"num_warps": 4, "num_stages": 3}, {"BLOCK_C": 16, "BLOCK_DV": D}),
                 ]
                 if dt == "bf16":  # float16 caches: two terms after q's rows are scaled
-                    jobs.append((K.decode_split, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                                 {**decode, "TERMS": 2, "REDO": False}, "fp16"))
+                    jobs.append((K.decode_split, tiles_of(2), {**decode, "TERMS": 2, "REDO": False}, "fp16"))
                 for fn, cfg, consts, *job_dt in jobs:
                     consts = {**{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **consts}
                     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
@@ -110,8 +117,9 @@ def decode_resources(arch: int = 90) -> list[str]:
     cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
     fn = K.decode_split
     lines = []
-    for dt, terms, block_n in (("bf16", 3, 64), ("fp16", 2, 64), ("fp32", 0, 32)):
-        consts = {"BLOCK_R": 16, "BLOCK_N": block_n, "BLOCK_D": 128, "BLOCK_DV": 128, "CAUSAL": True, "HAS_WL": False,
+    for dt, terms in (("bf16", 3), ("fp16", 2), ("fp32", 0)):
+        tiles = tiles_of(terms)
+        consts = {"BLOCK_R": 16, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_D": 128, "BLOCK_DV": 128, "CAUSAL": True, "HAS_WL": False,
                   "HAS_WR": False, "HAS_ALIBI": False, "HAS_SOFTCAP": False, "EVEN_D": True, "TERMS": terms,
                   "REDO": False, "sqd": 1, "skd": 1, "svd": 1, "sod": 1}
         sig = _signature(fn, dt, consts)
@@ -120,7 +128,8 @@ def decode_resources(arch: int = 90) -> list[str]:
                      or (sig[a] == "i32" and a.startswith("s") and a not in ("split", "soc", "slc", "slm", "som"))]
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible if a not in unit_strides}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]})
         path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dotattn_decode_{dt}_{os.getpid()}.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])

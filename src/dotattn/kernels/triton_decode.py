@@ -42,8 +42,10 @@ __all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensor
 MERGE_CHUNKS = 16
 
 # (keys a tile, warps, pipeline stages) of the decode kernel on a GPU, by the number of 16-bit
-# terms of its dots (0: float32 caches).  Not the interpreter's: it runs 16-key tiles.
-GPU_TILES = {0: (32, 4, 3), 2: (64, 4, 3), 3: (64, 4, 3)}
+# terms of its dots (0: float32 caches).  Not the interpreter's: it runs 16-key tiles.  From a
+# sweep on an H200 (docs/decoding.md, "On a GPU"): 32 × 4 × 4 was the fastest or near it in
+# every 16-bit case (128 registers: four programs a multiprocessor), 32 × 4 × 3 in float32.
+GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 
 
 def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,

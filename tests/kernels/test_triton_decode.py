@@ -286,3 +286,25 @@ def test_a_sequence_decodes_to_the_same_bits_in_any_batch(cache):
     qb = torch.cat([torch.randn(1, Hq, 1, D, generator=gen), q])
     batch, batch_lse = run(qb, kb, vb, [cap, n])
     assert torch.equal(batch[1:].cpu(), alone.cpu()) and torch.equal(batch_lse[1:].cpu(), alone_lse.cpu())
+
+
+def test_host_arrays_reach_the_device_in_one_packed_copy(monkeypatch):
+    """host_to_device on CUDA packs the arrays into one pinned buffer and views the copy back
+    in each array's dtype and shape (8-byte aligned).  Here the pinning and the copy are
+    stand-ins (no GPU), the packing and the views are the real ones."""
+    from dotattn.kernels.triton_decode import host_to_device
+
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k) or self.clone())
+
+    class Cuda:
+        type = "cuda"
+
+    arrays = [np.arange(5), np.full((2, 3), 1.5, np.float32), np.array([[7, -8, 9]], np.int32),
+              np.zeros(0, np.int64), np.linspace(0, 1, 7)]
+    got = host_to_device(*arrays, device=Cuda())
+    assert copies == [{"non_blocking": True}]
+    for want, t in zip(arrays, got):
+        assert t.dtype == torch.from_numpy(want).dtype and tuple(t.shape) == want.shape
+        np.testing.assert_array_equal(t.numpy(), want)

@@ -140,6 +140,31 @@ def decode(call, reference: bool = False):
 # =================================================================================
 
 
+def host_to_device(*arrays, device):
+    """Host NumPy arrays as tensors on ``device``, in one copy that does not wait for the GPU.
+
+    A copy from pageable memory synchronizes the stream first, so the host would wait for the
+    kernels of earlier calls before it launches this call's (host work and GPU work in series,
+    not overlapped).  The arrays are packed into one pinned buffer (torch's caching host
+    allocator keeps it until the copy is done) and sent asynchronously; the results are views
+    of the copy in the arrays' own dtypes and shapes.  CPU (interpreter) and meta devices:
+    plain tensors of the arrays.
+    """
+    import torch
+
+    arrays = [np.ascontiguousarray(x) for x in arrays]
+    if device.type != "cuda":
+        return tuple(torch.as_tensor(x, device=device) for x in arrays)
+    # each array at a multiple of 8 bytes, so that every dtype's view of the buffer is aligned
+    starts = np.cumsum([0] + [-(-x.nbytes // 8) * 8 for x in arrays])
+    packed = np.empty(int(starts[-1]), dtype=np.uint8)
+    for x, at in zip(arrays, starts):
+        packed[at:at + x.nbytes] = x.reshape(-1).view(np.uint8)
+    on_device = torch.from_numpy(packed).pin_memory().to(device, non_blocking=True)
+    return tuple(on_device[int(at):int(at) + x.nbytes].view(torch.from_numpy(x[:0].reshape(-1)).dtype).view(x.shape)
+                 for x, at in zip(arrays, starts))
+
+
 def write_new_tensors(call: DecodeCall, k_pages, v_pages, k_new, v_new, counts: np.ndarray | None = None) -> None:
     """:func:`dotattn.decode_semantics.write_new` into torch tensors on any device.
 
@@ -156,14 +181,14 @@ def write_new_tensors(call: DecodeCall, k_pages, v_pages, k_new, v_new, counts: 
     stored = np.full(call.B, call.Lnew) if counts is None else counts
     b, j = np.nonzero(np.arange(call.Lnew)[None, :] < stored[:, None])  # (sequence, new token) pairs to store
     pos = call.cache_lengths[b] + j
-    pages = torch.as_tensor(call.block_table[b, pos // call.page_size], device=dev)
-    slots = torch.as_tensor(pos % call.page_size, device=dev)
-    bt, jt = torch.as_tensor(b, device=dev), torch.as_tensor(j, device=dev)
+    index = (call.block_table[b, pos // call.page_size], pos % call.page_size, b, j)
     k_store = k_new
-    if call.rotary is not None:
+    if call.rotary is None:
+        pages, slots, bt, jt = host_to_device(*index, device=dev)
+    else:
         every = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew)
-        cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
-        k_store = apply_rotary(k_new.to(torch.float32), torch.as_tensor(every, device=dev), cos, sin)
+        pages, slots, bt, jt, every, cos, sin = host_to_device(*index, every, *call.rotary, device=dev)
+        k_store = apply_rotary(k_new.to(torch.float32), every, cos, sin)
     with torch.no_grad():
         # advanced indices around a slice: both sides index as (pairs, Hkv, D)
         k_pages[pages, :, slots] = k_store[bt, :, jt].to(k_pages.dtype)
@@ -189,18 +214,19 @@ def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new,
     qc, kp, vp, kn, vn = (canon(t) for t in (q, k_cache, v_cache, k_new, v_new))
     write_new_tensors(call, kp, vp, kn, vn)
     q32 = qc.to(torch.float32)
-    if call.rotary is not None:
-        cos, sin = (torch.as_tensor(x, device=dev) for x in call.rotary)
-        q32 = apply_rotary(q32, torch.as_tensor(query_positions(call), device=dev), cos, sin)
     kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
-    # the lengths and the page table in one copy to the device (each copy from pageable memory waits)
-    table = np.asarray(call.block_table)
-    small = torch.as_tensor(np.concatenate([kv_len, table.ravel().astype(np.int64, copy=False)]), device=dev)
+    small = [kv_len, np.asarray(call.block_table, dtype=np.int64)]
+    if call.alibi_slopes is not None:
+        small.append(np.asarray(call.alibi_slopes, dtype=np.float32))
+    if call.rotary is not None:
+        small += [query_positions(call), *call.rotary]
+    kv_len_t, table_t, *rest = host_to_device(*small, device=dev)
+    slopes = rest.pop(0) if call.alibi_slopes is not None else None
+    if call.rotary is not None:
+        q32 = apply_rotary(q32, *rest)
     out, lse = decode_tensors(
-        q32, kp, vp, small[len(kv_len):].view(table.shape), small[:len(kv_len)],
-        max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window, scale=call.scale,
-        softcap=call.softcap, split=SPLIT_SIZE,
-        alibi_slopes=None if call.alibi_slopes is None else torch.as_tensor(call.alibi_slopes, device=dev),
+        q32, kp, vp, table_t, kv_len_t, max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window,
+        scale=call.scale, softcap=call.softcap, split=SPLIT_SIZE, alibi_slopes=slopes,
     )
     out = out.to(q.dtype)
     if layout == "blhd":

@@ -114,7 +114,9 @@ def decode_resources(arch: int = 90) -> list[str]:
     from dotattn.kernels import triton_kernels as K
 
     assert not K.INTERPRETED, "compile checks need TRITON_INTERPRET unset"
-    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    assert tools, f"triton {triton.__version__} ships no cuobjdump (backends/nvidia/bin): cannot read the registers"
+    cuobjdump = tools[0]
     fn = K.decode_split
     lines = []
     for dt, terms in (("bf16", 3), ("fp16", 2), ("fp32", 0)):

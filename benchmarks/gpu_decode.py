@@ -17,7 +17,9 @@ the same run (a float32 sum over a buffer far larger than the L2).
 so the split-KV kernel's time can be told from the merge's and the call's other work.
 ``--sweep`` times the kernel's tile choices instead (``triton_decode.GPU_TILES``: keys a
 tile, warps, pipeline stages) on the cases given, each against the current choice.
-Without a CUDA device the script says so and measures nothing.
+"host µs" is the median time the host spends issuing one call with no synchronization between
+calls: where it is near the call's time, the call is bound by its host work (or waits for the
+GPU inside the call).  Without a CUDA device the script says so and measures nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ def make_case(B, L, dtype_name, paged, Hq=32, Hkv=8, D=128, page=256, seed=0):
     return q, k, v, lens, table, kc, vc
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """Median µs the host spends issuing one call (no synchronization between calls, so a call
+    that waits for the GPU — a copy from pageable memory, a ``.item()`` — shows its wait)."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
 def run_case(B, L, dtype_name, paged, profile=False):
     import torch
     import torch.nn.functional as F
@@ -86,6 +106,7 @@ def run_case(B, L, dtype_name, paged, profile=False):
         err = float((out - ref).abs().max())
         t_ours = do_bench(ours)
         t_sdpa = do_bench(sdpa)
+        host_ours, host_sdpa = host_us(ours), host_us(sdpa)
         kernels = None
         if profile:
             from torch.profiler import ProfilerActivity
@@ -107,7 +128,7 @@ def run_case(B, L, dtype_name, paged, profile=False):
     nbytes = 2 * B * Hkv * L * D * q.element_size()
     return dict(B=B, L=L, dtype=dtype_name, paged=paged, ours_ms=t_ours, sdpa_ms=t_sdpa,
                 ours_gbs=nbytes / (t_ours * 1e-3) / 1e9, sdpa_gbs=nbytes / (t_sdpa * 1e-3) / 1e9,
-                max_abs_diff=err, kernels=kernels)
+                max_abs_diff=err, kernels=kernels, host_us=host_ours, sdpa_host_us=host_sdpa)
 
 
 SWEEP = {
@@ -163,7 +184,8 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep(args, read)
         return 0
-    print(f"{'case':<28} {'dotattn ms':>10} {'SDPA ms':>9} {'× SDPA':>7} {'GB/s':>7} {'share':>6} {'SDPA GB/s':>9} {'|diff|':>8}")
+    print(f"{'case':<28} {'dotattn ms':>10} {'SDPA ms':>9} {'× SDPA':>7} {'GB/s':>7} {'share':>6} {'SDPA GB/s':>9} {'|diff|':>8}"
+          f" {'host µs':>8} {'SDPA host':>9}")
     results = []
     for dt in args.dtypes:
         for B in args.batches:
@@ -173,7 +195,8 @@ def main(argv=None) -> int:
                     results.append(r)
                     name = f"B{B} {L // 1024}k {dt} {layout}"
                     print(f"{name:<28} {r['ours_ms']:>10.4f} {r['sdpa_ms']:>9.4f} {r['sdpa_ms'] / r['ours_ms']:>7.2f}"
-                          f" {r['ours_gbs']:>7.0f} {r['ours_gbs'] / read:>6.0%} {r['sdpa_gbs']:>9.0f} {r['max_abs_diff']:>8.1e}",
+                          f" {r['ours_gbs']:>7.0f} {r['ours_gbs'] / read:>6.0%} {r['sdpa_gbs']:>9.0f} {r['max_abs_diff']:>8.1e}"
+                          f" {r['host_us']:>8.0f} {r['sdpa_host_us']:>9.0f}",
                           flush=True)
                     for kname, count, ms in r["kernels"] or ():
                         print(f"      {ms * 1e3:9.1f} µs  ×{count:<4} {kname}")

@@ -666,8 +666,8 @@ def decode_split(
     if HAS_WL:
         lo = tl.maximum(lo, n - Lq - win_left)
     if REDO:
-        redo = tl.load(flag_at) != 0
-        hi = tl.where(redo, hi, lo)  # an unflagged chunk reads nothing and stores nothing
+        flag = tl.load(flag_at)
+        hi = tl.where(flag != 0, hi, lo)  # an unflagged chunk reads nothing and stores nothing
     bad = tl.zeros([], dtype=tl.int32)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -720,7 +720,8 @@ def decode_split(
     l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm + c.to(tl.int64) * slc
     keep = row_ok
     if REDO:
-        keep = row_ok & (tl.zeros([BLOCK_R], dtype=tl.int32) + tl.load(flag_at) != 0)
+        # (the flag as a row vector: the interpreter's & with a boolean scalar gave int32)
+        keep = row_ok & (tl.zeros([BLOCK_R], dtype=tl.int32) + flag != 0)
     else:
         tl.store(flag_at, bad | _not_finite(acc))
     tl.store(o_ptrs, out, mask=keep[:, None] & dv_ok[None, :])

@@ -18,11 +18,20 @@
  *   PATTERN_ITEM_TRANS  as PATTERN_ITEM, but the scores read 4 keys at once, piece j of each
  *                       before piece j + 1 (the 16-lane scores loop's order)
  *   PATTERN_ITEM_DOWN   as PATTERN_ITEM, the second thread taking its items from the last down
+ *   PATTERN_ITEM_NEXT   as PATTERN_ITEM_DOWN, and the thread's next item asked for meanwhile
+ *                       (prefetcht1: its key rows beside the scores, one row a key, its value
+ *                       rows beside P·V): dotattn's NEXT_SCHEME on the item order
+ *   PATTERN_BLOCK16_NEXT as PATTERN_BLOCK16 (second thread down), with the next item asked for
+ *                       as in PATTERN_ITEM_NEXT: dotattn's fused pass's order of reads and requests
+ *   PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT  as PATTERN_BLOCK16_NEXT in blocks of 64 or 128 keys
+ *                       (K and V alternate every 32 or 64 KiB)
+ *   PATTERN_SCORES_ONLY as PATTERN_ITEM without its P·V (K only)
  */
 #include <immintrin.h>
 #include <omp.h>
 
-enum { PATTERN_FLAT, PATTERN_ITEM, PATTERN_BLOCK16, PATTERN_ITEM_TRANS, PATTERN_ITEM_DOWN };
+enum { PATTERN_FLAT, PATTERN_ITEM, PATTERN_BLOCK16, PATTERN_ITEM_TRANS, PATTERN_ITEM_DOWN, PATTERN_ITEM_NEXT,
+       PATTERN_BLOCK16_NEXT, PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT, PATTERN_SCORES_ONLY };
 enum { D = 128, R = 4, PIECES = D / 16 };
 
 static void scores_one_key(const float *k, const float *q, float s[R][4096], int key) {
@@ -33,6 +42,14 @@ static void scores_one_key(const float *k, const float *q, float s[R][4096], int
         for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + p * 16), kv, a[r]);
     }
     for (int r = 0; r < R; r++) s[r][key] = _mm512_reduce_add_ps(a[r]) * 1e-3f;
+}
+
+/* ask for row `key` of the next item (D floats: 8 lines) into L2.  Inline assembly: gcc 12 at
+ * -O1 and above dropped every _mm_prefetch / __builtin_prefetch of this file's item loops (none
+ * left in the object code), so the patterns ending in _NEXT measured no requests before (4 Dec) */
+static inline void request_row(const float *next, int key) {
+    if (!next) return;
+    for (int p = 0; p < D; p += 16) __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)(next + (long)key * D + p)));
 }
 
 static void scores_four_keys_transposed(const float *k, const float *q, float s[R][4096], int g) {
@@ -76,22 +93,45 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
         __m512 o[R][PIECES], acc = _mm512_setzero_ps();
         for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = _mm512_setzero_ps();
         for (long n = 0; n < per; n++) {
-            long it = (pattern == PATTERN_ITEM_DOWN && t == nt - 1) ? nitems - 1 - n : first + n;
+            int next = pattern == PATTERN_ITEM_NEXT || pattern == PATTERN_BLOCK16_NEXT || pattern == PATTERN_BLOCK64_NEXT ||
+                       pattern == PATTERN_BLOCK128_NEXT;
+            int block = pattern == PATTERN_BLOCK64_NEXT ? 64 : pattern == PATTERN_BLOCK128_NEXT ? 128 : 16;
+            int down = (pattern == PATTERN_ITEM_DOWN || next) && t == nt - 1;
+            long it = down ? nitems - 1 - n : first + n;
             const float *k = K + it * chunk * D, *v = V + it * chunk * D;
+            const float *kn = 0, *vn = 0;
+            if (next && n + 1 < per) {
+                long nx = down ? it - 1 : it + 1;
+                kn = K + nx * chunk * D;
+                vn = V + nx * chunk * D;
+            }
             if (pattern == PATTERN_FLAT) {
                 for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(k + x));
                 for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(v + x));
-            } else if (pattern == PATTERN_BLOCK16) {
-                for (int k0 = 0; k0 < chunk; k0 += 16) {
-                    for (int key = k0; key < k0 + 16; key++) scores_one_key(k, q, s, key);
-                    pv_block(v, s, o, k0);
+            } else if (pattern == PATTERN_BLOCK16 || (next && pattern != PATTERN_ITEM_NEXT)) {
+                for (int b0 = 0; b0 < chunk; b0 += block) {
+                    for (int key = b0; key < b0 + block; key++) {
+                        request_row(kn, key);
+                        scores_one_key(k, q, s, key);
+                    }
+                    for (int k0 = b0; k0 < b0 + block; k0 += 16) {
+                        for (int key = k0; key < k0 + 16; key++) request_row(vn, key);
+                        pv_block(v, s, o, k0);
+                    }
                 }
             } else {
                 if (pattern == PATTERN_ITEM_TRANS)
                     for (int g = 0; g < chunk; g += 4) scores_four_keys_transposed(k, q, s, g);
                 else
-                    for (int key = 0; key < chunk; key++) scores_one_key(k, q, s, key);
-                for (int k0 = 0; k0 < chunk; k0 += 16) pv_block(v, s, o, k0);
+                    for (int key = 0; key < chunk; key++) {
+                        request_row(kn, key);
+                        scores_one_key(k, q, s, key);
+                    }
+                for (int k0 = 0; k0 < chunk && pattern != PATTERN_SCORES_ONLY; k0 += 16) {
+                    for (int key = k0; key < k0 + 16; key++) request_row(vn, key);
+                    pv_block(v, s, o, k0);
+                }
+                if (pattern == PATTERN_SCORES_ONLY) acc = _mm512_add_ps(acc, _mm512_set1_ps(s[0][chunk - 1]));
             }
         }
         for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) acc = _mm512_add_ps(acc, o[r][p]);

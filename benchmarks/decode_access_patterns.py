@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 from dotattn import bench_decode as bd  # noqa: E402
 from dotattn.kernels.stream_read import sum_parts  # noqa: E402
 
-PATTERNS = {"flat": 0, "item": 1, "block16": 2, "item-trans": 3, "item-down": 4}  # the C file's enum
+PATTERNS = {"flat": 0, "item": 1, "block16": 2, "item-trans": 3, "item-down": 4, "item-next": 5, "block16-next": 6,
+            "block64-next": 7, "block128-next": 8, "scores-only": 9}  # the C file's enum
 CHUNK = 256  # keys per item (decode_semantics.SPLIT_SIZE)
 
 
@@ -84,8 +85,10 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:16s} {med * 1e3:7.2f} ms  {gb / med:5.1f} GB/s  × SDPA {sdpa / med:4.2f}")
-    print("  per round, dotattn / C item (ms):",
-          " ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(times["dotattn"], times["C item"])))
+    shown = ["dotattn", "C item", "C item-next", "C block16-next", "C block64-next", "C block128-next"]
+    print("  per round (ms):", " / ".join(shown))
+    for row in zip(*(times[name] for name in shown)):
+        print("    " + " ".join(f"{t * 1e3:5.2f}" for t in row))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                     for (int key = k0; key < k0 + 16; key++) request_row(vn, key);
                     pv_block(v, s, o, k0);
                 }
-                if (pattern == PATTERN_SCORES_ONLY) acc = _mm512_add_ps(acc, _mm512_set1_ps(s[0][chunk - 1]));
+                if (pattern == PATTERN_SCORES_ONLY)  /* every score used (else gcc drops the scores' work) */
+                    for (int r = 0; r < R; r++)
+                        for (int key = 0; key < chunk; key += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(&s[r][key]));
             }
         }
         for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) acc = _mm512_add_ps(acc, o[r][p]);

@@ -4,8 +4,9 @@
  *
  * The cache is the bench's: K and V (B, Hkv, L, 128) float32, cut into items of `chunk` keys of
  * one (sequence, K/V head); 4 query rows per K/V head (Hq 32 / Hkv 8).  Each thread takes one
- * contiguous half of the items.  Nothing here is software-prefetched: only the demand loads'
- * order differs between the patterns.  The arithmetic is a decode item's — four dot products
+ * contiguous half of the items.  Only the patterns ending in _NEXT ask for lines ahead (the
+ * next item's rows, as dotattn's kernel does); in the others only the demand loads' order
+ * differs.  The arithmetic is a decode item's — four dot products
  * per key, P·V for four rows — without the softmax's exp (a scale instead), and the results are
  * only summed: this measures reads, it computes no attention.
  *

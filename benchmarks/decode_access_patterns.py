@@ -1,7 +1,8 @@
 """How the order of a float32 decode item's reads decides its speed (docs/decoding-log.md,
 "4 Dec: the float32 rows' two states, and an order of reads that holds in both").
 
-Builds ``decode_access_patterns.c`` (gcc, AVX-512, OpenMP: two threads, no software prefetch)
+Builds ``decode_access_patterns.c`` (gcc, AVX-512, OpenMP: two threads; software prefetch
+only in the ``-next`` patterns)
 and times, call by call in a random order per round, on the bench's float32 cache (one query,
 Hq 32, Hkv 8, D 128): its read patterns (the C file's comment says what each is), dotattn's
 ``cpu`` decode, torch SDPA's decode in its fastest form and the bench's all-core read

@@ -1,13 +1,12 @@
 """How the order of a float32 decode item's reads decides its speed (docs/decoding-log.md,
 "4 Dec: the float32 rows' two states, and an order of reads that holds in both").
 
-Builds ``decode_access_patterns.c`` (gcc, AVX-512, OpenMP: two threads; software prefetch
-only in the ``-next`` patterns)
-and times, call by call in a random order per round, on the bench's float32 cache (one query,
+Builds ``decode_access_patterns.c`` (gcc, AVX-512, OpenMP: two threads; software prefetch only in
+the ``-next`` patterns) and times, call by call in a random order per round, on the bench's float32 cache (one query,
 Hq 32, Hkv 8, D 128): its read patterns (the C file's comment says what each is), dotattn's
 ``cpu`` decode, torch SDPA's decode in its fastest form and the bench's all-core read
 (``kernels/stream_read.py``).  Prints medians, GB/s of K/V, × SDPA, and per round dotattn's time
-beside the item-ordered pattern's (the machine's state changes within a process).  Run under
+beside C's item order and the ``-next`` patterns' (the machine's state changes within a process).  Run under
 ``flock /tmp/bench.lock`` on a shared machine:
 
     PYTHONPATH=src python benchmarks/decode_access_patterns.py 8 4096 15

@@ -15,6 +15,10 @@ the same run (a float32 sum over a buffer far larger than the L2).
 
 ``--profile`` adds, per case, the GPU time of each kernel a call launches (torch.profiler),
 so the split-KV kernel's time can be told from the merge's and the call's other work.
+``--slow-launch`` launches every kernel through Triton's own per-call path (no kept compiled
+kernel: ``triton_decode.FAST_LAUNCH = False``), for the host time before/after.
+``--host-profile`` runs cProfile over 300 calls of each case given (no timing, no SDPA) and
+prints the functions taking the most host time per call, to split the host floor of a call.
 ``--sweep`` times the kernel's tile choices instead (``triton_decode.GPU_TILES``: keys a
 tile, warps, pipeline stages) on the cases given, each against the current choice.
 "host µs" is the median time the host spends issuing one call with no synchronization between
@@ -164,6 +168,40 @@ def sweep(args, read) -> None:
                     print("   ", line, flush=True)
 
 
+def host_profile(args) -> None:
+    """Where a call's host time goes: cProfile over 300 calls, µs per call by function."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    import dotattn
+
+    for dt in args.dtypes:
+        for B in args.batches:
+            for L in args.contexts:
+                for layout in args.layouts:
+                    q, k, v, lens, table, _, _ = make_case(B, L, dt, layout == "paged")
+                    with torch.no_grad():
+                        for _ in range(20):
+                            dotattn.attention_with_kvcache(q, k, v, cache_lengths=lens, block_table=table)
+                        torch.cuda.synchronize()
+                        pr = cProfile.Profile()
+                        pr.enable()
+                        for _ in range(300):
+                            dotattn.attention_with_kvcache(q, k, v, cache_lengths=lens, block_table=table)
+                        pr.disable()
+                        torch.cuda.synchronize()
+                    st = pstats.Stats(pr)
+                    rows = sorted(((tt / 300 * 1e6, ct / 300 * 1e6, nc // 300, f"{fn[0].split('/')[-1]}:{fn[1]} {fn[2]}")
+                                   for fn, (cc, nc, tt, ct, _) in st.stats.items()), reverse=True)
+                    total = sum(r[0] for r in rows)
+                    print(f"host profile B{B} {L // 1024}k {dt} {layout}: {total:.0f} µs a call under cProfile;"
+                          " own µs, cumulative µs, calls a call, function")
+                    for own, cum, n, name in rows[:25]:
+                        print(f"    {own:7.1f} {cum:8.1f} {n:4d}  {name[:100]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -172,12 +210,22 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "paged"], choices=["contiguous", "paged"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--host-profile", action="store_true")
+    ap.add_argument("--slow-launch", action="store_true", help="launch through Triton on every call "
+                    "(triton_decode.FAST_LAUNCH = False), to compare the host's time")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing measured")
+        return 0
+    if args.slow_launch:
+        from dotattn.kernels import triton_decode
+
+        triton_decode.FAST_LAUNCH = False
+    if args.host_profile:
+        host_profile(args)
         return 0
     read = device_read_gbs()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  device read {read:.0f} GB/s")

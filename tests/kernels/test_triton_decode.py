@@ -291,25 +291,96 @@ def test_a_sequence_decodes_to_the_same_bits_in_any_batch(cache):
 
 
 def test_host_arrays_reach_the_device_in_one_packed_copy(monkeypatch):
-    """host_to_device on CUDA packs the arrays into one pinned buffer and views the copy back
-    in each array's dtype and shape (8-byte aligned).  Here the pinning and the copy are
-    stand-ins (no GPU), the packing and the views are the real ones."""
-    from dotattn.kernels.triton_decode import host_to_device
+    """host_to_device on CUDA packs the arrays into one buffer and views the copy back in each
+    array's dtype and shape (8-byte aligned): small ones through a reused pinned slot, more
+    than a slot holds through a buffer pinned for the copy.  Here the pinning and the copies
+    are stand-ins (no GPU), the packing and the views are the real ones (the slots on a GPU:
+    test_triton_gpu.py)."""
+    from dotattn.kernels import triton_decode
 
-    copies = []
+    sent, copies = [], []
+
+    class Slots:
+        SLOT_BYTES = triton_decode._PinnedSlots.SLOT_BYTES
+
+        def __init__(self, device):
+            pass
+
+        def send(self, packed):
+            sent.append(packed.size)
+            return torch.from_numpy(packed.copy())
+
+    monkeypatch.setattr(triton_decode, "_PinnedSlots", Slots)
+    monkeypatch.setattr(triton_decode, "_slots", {})
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(k) or self.clone())
 
     class Cuda:
-        type = "cuda"
+        type, index = "cuda", 0
 
-    arrays = [np.arange(5), np.full((2, 3), 1.5, np.float32), np.array([[7, -8, 9]], np.int32),
-              np.zeros(0, np.int64), np.linspace(0, 1, 7)]
-    got = host_to_device(*arrays, device=Cuda())
+    small = [np.arange(5), np.full((2, 3), 1.5, np.float32), np.array([[7, -8, 9]], np.int32),
+             np.zeros(0, np.int64), np.linspace(0, 1, 7)]
+    large = small + [np.arange(3000, dtype=np.int64)]  # 24 KB: past a slot
+    for arrays in (small, large):
+        got = triton_decode.host_to_device(*arrays, device=Cuda())
+        for want, t in zip(arrays, got):
+            assert t.dtype == torch.from_numpy(want).dtype and tuple(t.shape) == want.shape
+            np.testing.assert_array_equal(t.numpy(), want)
+    assert sent == [8 * 5 + 8 * 3 + 16 + 0 + 8 * 7]
     assert copies == [{"non_blocking": True}]
-    for want, t in zip(arrays, got):
-        assert t.dtype == torch.from_numpy(want).dtype and tuple(t.shape) == want.shape
-        np.testing.assert_array_equal(t.numpy(), want)
+
+
+def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeypatch):
+    """triton_decode.launch: the first call of a specialization goes through Triton and keeps
+    the compiled kernel it returns; a later call with the same key launches that kernel with
+    every argument, constexprs included, in the kernel's order; a different alignment, a 1, a
+    multiple of 16, a dtype or a constexpr makes a new key.  (Triton stands in here; the real
+    one on a GPU: test_triton_gpu.py.)"""
+    from types import SimpleNamespace
+
+    from dotattn.kernels import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_kernels", lambda: SimpleNamespace(INTERPRETED=False))
+    monkeypatch.setattr(triton_decode, "_compiled", {})
+    log = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("compiled", grid, args))
+
+    class Jit:
+        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in
+                  [("X", False), ("n", False), ("s", False), ("A", True), ("B", True)]]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: log.append(("triton", grid, args, kw)) or Compiled()
+
+    class Ptr:
+        def __init__(self, at, dtype="f32"):
+            self.at, self.dtype, self.device = at, dtype, "cuda:0"
+
+        def data_ptr(self):
+            return self.at
+
+    fn, x = Jit(), Ptr(4096)
+    triton_decode.launch(fn, (3, 2), (x, 7, 1.5), dict(B=2, A=1), 4, 3)
+    triton_decode.launch(fn, (3, 2), (x, 9, 2.5), dict(B=2, A=1), 4, 3)
+    assert log == [("triton", (3, 2), (x, 7, 1.5), dict(B=2, A=1, num_warps=4, num_stages=3)),
+                   ("compiled", (3, 2, 1), (x, 9, 2.5, 1, 2))]
+    for args, consts, options in [((Ptr(4104), 7, 1.5), dict(B=2, A=1), (4, 3)),  # not 16-byte aligned
+                                  ((x, 1, 1.5), dict(B=2, A=1), (4, 3)),  # 1
+                                  ((x, 32, 1.5), dict(B=2, A=1), (4, 3)),  # a multiple of 16
+                                  ((x, 1 << 40, 1.5), dict(B=2, A=1), (4, 3)),  # past 32 bits
+                                  ((Ptr(4096, "bf16"), 7, 1.5), dict(B=2, A=1), (4, 3)),
+                                  ((x, 7, 1.5), dict(B=3, A=1), (4, 3)),
+                                  ((x, 7, 1.5), dict(B=2, A=1), (8, 3))]:
+        log.clear()
+        triton_decode.launch(fn, (3, 2), args, consts, *options)
+        assert [e[0] for e in log] == ["triton"], (args, consts, options)
+    log.clear()
+    monkeypatch.setattr(triton_decode, "FAST_LAUNCH", False)
+    triton_decode.launch(fn, (3, 2), (x, 9, 2.5), dict(B=2, A=1), 4, None)
+    assert log == [("triton", (3, 2), (x, 9, 2.5), dict(B=2, A=1, num_warps=4))]
 
 
 @st.composite

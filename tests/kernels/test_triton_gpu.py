@@ -145,3 +145,60 @@ def test_huge_finite_logits_decode():
     )
     torch.testing.assert_close(out[0, :, 0], v_cache[0, 0, 3].expand(2, 4), rtol=0, atol=0)
     torch.testing.assert_close(lse[0, :, 0], torch.full((2,), 2e20, device="cuda"), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_launches_of_the_kept_compiled_kernel_give_tritons_bits(dtype, monkeypatch):
+    """triton_decode.launch keeps each compiled kernel and launches it again without Triton's
+    per-call specialization: the outputs are bitwise those of Triton's own launch, over calls
+    whose specialization changes (a cache view 8 bytes off 16-byte alignment, paged and
+    contiguous caches, growing lengths), each call made twice so the second uses the kept kernel."""
+    from dotattn.kernels import triton_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, D, cap = 2, 8, 2, 64, 700
+    k = torch.randn(B, Hkv, cap + 1, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, cap + 1, D, device="cuda", generator=gen).to(dtype)
+    q = torch.randn(B, Hq, 1, D, device="cuda", generator=gen).to(dtype)
+    pages = torch.randn(12, Hkv, 64, D, device="cuda", generator=gen).to(dtype)
+    table = np.random.default_rng(0).permutation(12).reshape(B, 6).astype(np.int32)
+    off = 8 // k.element_size()  # a view starting 8 bytes into the buffer: not 16-byte aligned
+    k_off = k.reshape(-1)[off:off + B * Hkv * cap * D].view(B, Hkv, cap, D)
+    v_off = v.reshape(-1)[off:off + B * Hkv * cap * D].view(B, Hkv, cap, D)
+    assert k_off.data_ptr() % 16 == 8
+    calls = [dict(k_cache=k[:, :, :cap], v_cache=v[:, :, :cap], cache_lengths=np.array([300, 650])),
+             dict(k_cache=k_off, v_cache=v_off, cache_lengths=np.array([300, 650])),
+             dict(k_cache=k[:, :, :cap], v_cache=v[:, :, :cap], cache_lengths=np.array([17, 1])),
+             dict(k_cache=pages, v_cache=pages, cache_lengths=np.array([200, 384]), block_table=table)]
+
+    def run_all():
+        outs = []
+        for call in calls:
+            for _ in range(2):
+                outs.append(dotattn.attention_with_kvcache(q, **call, return_lse=True, softcap=30.0))
+        return outs
+
+    monkeypatch.setattr(triton_decode, "FAST_LAUNCH", False)
+    want = run_all()
+    monkeypatch.setattr(triton_decode, "FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_decode, "_compiled", {})
+    got = run_all()
+    assert len(triton_decode._compiled) >= 3
+    for (o, l), (wo, wl) in zip(got, want):
+        assert torch.equal(o, wo) and torch.equal(l, wl)
+
+
+def test_host_arrays_reach_the_device_through_reused_pinned_slots():
+    """host_to_device's pinned slots: more calls than slots, each sending its own values while
+    the GPU is kept busy, and every copy arrives with its own values (a slot is refilled only
+    after its last copy has left)."""
+    from dotattn.kernels.triton_decode import _PinnedSlots, host_to_device
+
+    busy = torch.randn(4096, 4096, device="cuda")
+    got = []
+    for i in range(3 * _PinnedSlots.SLOTS):
+        busy = busy @ busy.T * 1e-4  # a queue of GPU work ahead of each copy
+        got.append(host_to_device(np.arange(100) + i, np.full(3, i, np.float32), device=torch.device("cuda")))
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(got):
+        assert torch.equal(a.cpu(), torch.arange(100) + i) and torch.equal(b.cpu(), torch.full((3,), float(i)))

@@ -29,6 +29,8 @@ tensors are :mod:`dotattn.decoding`'s):
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, write_new
@@ -48,6 +50,55 @@ MERGE_CHUNKS = 16
 GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 
 
+# ---------------------------------------------------------------------------------
+# launching a compiled kernel without Triton's per-call specialization
+# ---------------------------------------------------------------------------------
+
+# Triton's launcher works out, on every call, what the kernel is specialized on (each argument's
+# type, alignment and divisibility: ~40 arguments here) and hashes it to find the compiled
+# kernel — the largest part of the host's time on a small decode call (4 Dec, H200: three
+# launches ≈ 0.37 ms of a 1.1 ms call under cProfile).  The first call of a specialization goes
+# through Triton and keeps the compiled kernel it returns; later calls with the same key launch
+# that kernel directly, as Triton's fused-softmax tutorial does.  FAST_LAUNCH = False always
+# goes through Triton (benchmarks/gpu_decode.py --slow-launch compares the two).
+FAST_LAUNCH = True
+_compiled: dict = {}
+
+
+def _specialization(args) -> tuple:
+    """What Triton may specialize a compiled kernel on, per argument — at least as fine a key
+    as its own: a tensor's dtype, device and 16-byte alignment; an integer's being 0 or 1, its
+    divisibility by 16 and whether it fits 32 bits; a float's nothing."""
+    key = []
+    for a in args:
+        if type(a) is int:
+            key.append((a == 0, a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31)))
+        elif type(a) is float:
+            key.append(None)
+        else:
+            key.append((a.dtype, a.device, a.data_ptr() % 16 == 0))
+    return tuple(key)
+
+
+def launch(fn, grid, args: tuple, consts: dict, num_warps: int, num_stages: int | None) -> None:
+    """``fn[grid](*args, **consts, num_warps=…, num_stages=…)``: the runtime arguments ``args``
+    in the kernel's order, every constexpr in ``consts`` (``num_stages=None``: Triton's default)."""
+    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    if not FAST_LAUNCH or _kernels().INTERPRETED:
+        fn[grid](*args, **consts, **options)
+        return
+    key = (fn, grid.__len__(), num_warps, num_stages, tuple(consts.items()), _specialization(args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = fn[grid](*args, **consts, **options)  # Triton's own path: compiles or finds it, and launches
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            _compiled[key] = (compiled, tuple(consts[p.name] for p in fn.params if p.is_constexpr))
+        return
+    kernel, constexprs = compiled
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    kernel[grid3](*args, *constexprs)  # a compiled kernel takes every argument, constexprs too, in order
+
+
 def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
                    softcap, alibi_slopes, split: int):
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` float32 tensors.
@@ -65,13 +116,17 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     G = Hq // Hkv
     q = q.to(torch.float32)
     n_chunks = max(1, triton_cdiv(max_len, split))
-    part_out = torch.empty((B, Hq, Lq, n_chunks, Dv), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((B, Hq, Lq, n_chunks), dtype=torch.float32, device=q.device)
+    # the chunks' partial outputs, their LSEs and the kernel's flags: one allocation (each
+    # allocation is host time on every call)
+    parts = B * Hq * Lq * n_chunks
+    scratch = torch.empty(parts * (Dv + 1) + B * Hkv * n_chunks, dtype=torch.float32, device=q.device)
+    part_out = scratch[:parts * Dv].view(B, Hq, Lq, n_chunks, Dv)
+    part_lse = scratch[parts * Dv:parts * (Dv + 1)].view(B, Hq, Lq, n_chunks)
+    flags = scratch[parts * (Dv + 1):].view(torch.int32)
     if q.numel() == 0 or B * Hq * Lq == 0:
         return part_out[..., 0, :].zero_(), part_lse[..., 0].fill_(float("-inf"))
     left, right = window if window is not None else (None, None)
     slopes = part_lse if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()  # (unread if None)
-    flags = torch.empty((B * Hkv * n_chunks,), dtype=torch.int32, device=q.device)
     block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
     # 16-bit caches: tensor-core dots of q's and p's 16-bit terms (kernels/triton_kernels.py);
     # float32 caches: IEEE dots on the CUDA cores
@@ -88,18 +143,17 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     # every chunk with plain dots, flagging those with a non-finite score or output; then the
     # flagged ones again under the NaN/±inf rule (the second launch's other programs return at
     # once).  One kernel doing both spilled registers inside the plain loop (4 Dec, sm_90 SASS).
-    kern.decode_split[grid](*args, BLOCK_N=block_n, TERMS=terms, REDO=False, num_warps=warps, num_stages=stages,
-                            **consts)
-    kern.decode_split[grid](*args, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True, num_warps=4,
-                            num_stages=1 if kern.INTERPRETED else 3, **consts)
+    launch(kern.decode_split, grid, args, dict(consts, BLOCK_N=block_n, TERMS=terms, REDO=False), warps, stages)
+    launch(kern.decode_split, grid, args, dict(consts, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True), 4,
+           1 if kern.INTERPRETED else 3)
     if n_chunks == 1:
         return part_out[..., 0, :], part_lse[..., 0]
-    out = torch.empty((B, Hq, Lq, Dv), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    kern.decode_merge[(B * Hq * Lq,)](
-        part_out, part_lse, kv_lengths, out, lse, *part_out.stride(), *part_lse.stride(), *out.stride(), *lse.stride(),
-        Hq, Lq, Dv, split, BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv, num_warps=4,
-    )
+    rows = B * Hq * Lq
+    merged = torch.empty(rows * (Dv + 1), dtype=torch.float32, device=q.device)  # out and lse: one allocation
+    out, lse = merged[:rows * Dv].view(B, Hq, Lq, Dv), merged[rows * Dv:].view(B, Hq, Lq)
+    launch(kern.decode_merge, (rows,),
+           (part_out, part_lse, kv_lengths, out, lse, *part_out.stride(), *part_lse.stride(), *out.stride(),
+            *lse.stride(), Hq, Lq, Dv, split), dict(BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv), 4, None)
     return out, lse
 
 
@@ -140,15 +194,68 @@ def decode(call, reference: bool = False):
 # =================================================================================
 
 
+class _PinnedSlots:
+    """Pinned host buffers used in turn for the small host-to-device copies of decode calls.
+
+    A copy from pinned memory runs asynchronously, so a buffer may be refilled only once its
+    last copy has left: each slot records an event after its copy and waits on it before its
+    next use (a wait only when the GPU runs ``SLOTS`` calls behind).  Pinning a fresh buffer on
+    every call (``Tensor.pin_memory``) cost ≈ 40 µs of host time a call (4 Dec, H200 host).
+    """
+
+    SLOTS, SLOT_BYTES = 8, 1 << 14
+
+    def __init__(self, device):
+        import torch
+
+        self.buffers = [torch.empty(self.SLOT_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(self.SLOTS)]
+        self.views = [b.numpy() for b in self.buffers]
+        self.events = [None] * self.SLOTS
+        self.device, self.turn = device, 0
+        self.lock = threading.Lock()
+
+    def send(self, packed: np.ndarray):
+        """``packed`` (uint8) as a new uint8 tensor on the device, copied asynchronously."""
+        import torch
+
+        n = packed.size
+        out = torch.empty(n, dtype=torch.uint8, device=self.device)
+        with self.lock:
+            i = self.turn
+            self.turn = (i + 1) % self.SLOTS
+            if self.events[i] is not None:
+                self.events[i].synchronize()
+            else:
+                self.events[i] = torch.cuda.Event()
+            self.views[i][:n] = packed
+            out.copy_(self.buffers[i][:n], non_blocking=True)
+            self.events[i].record()
+        return out
+
+
+_slots: dict = {}
+_TORCH_DTYPES: dict = {}
+
+
+def _torch_dtype(dtype: np.dtype):
+    t = _TORCH_DTYPES.get(dtype)
+    if t is None:
+        import torch
+
+        t = _TORCH_DTYPES[dtype] = torch.from_numpy(np.zeros(0, dtype)).dtype
+    return t
+
+
 def host_to_device(*arrays, device):
     """Host NumPy arrays as tensors on ``device``, in one copy that does not wait for the GPU.
 
     A copy from pageable memory synchronizes the stream first, so the host would wait for the
     kernels of earlier calls before it launches this call's (host work and GPU work in series,
-    not overlapped).  The arrays are packed into one pinned buffer (torch's caching host
-    allocator keeps it until the copy is done) and sent asynchronously; the results are views
-    of the copy in the arrays' own dtypes and shapes.  CPU (interpreter) and meta devices:
-    plain tensors of the arrays.
+    not overlapped).  The arrays are packed into one pinned buffer (one of :class:`_PinnedSlots`,
+    or for more than its 16 KiB a buffer pinned for this copy, which torch's caching host
+    allocator keeps until the copy is done) and sent asynchronously; the results are views of
+    the copy in the arrays' own dtypes and shapes.  CPU (interpreter) and meta devices: plain
+    tensors of the arrays.
     """
     import torch
 
@@ -156,12 +263,22 @@ def host_to_device(*arrays, device):
     if device.type != "cuda":
         return tuple(torch.as_tensor(x, device=device) for x in arrays)
     # each array at a multiple of 8 bytes, so that every dtype's view of the buffer is aligned
-    starts = np.cumsum([0] + [-(-x.nbytes // 8) * 8 for x in arrays])
-    packed = np.empty(int(starts[-1]), dtype=np.uint8)
+    starts, at = [], 0
+    for x in arrays:
+        starts.append(at)
+        at += -(-x.nbytes // 8) * 8
+    packed = np.empty(at, dtype=np.uint8)
     for x, at in zip(arrays, starts):
         packed[at:at + x.nbytes] = x.reshape(-1).view(np.uint8)
-    on_device = torch.from_numpy(packed).pin_memory().to(device, non_blocking=True)
-    return tuple(on_device[int(at):int(at) + x.nbytes].view(torch.from_numpy(x[:0].reshape(-1)).dtype).view(x.shape)
+    if packed.size <= _PinnedSlots.SLOT_BYTES:
+        key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+        slots = _slots.get(key)
+        if slots is None:
+            slots = _slots[key] = _PinnedSlots(torch.device("cuda", key[1]))
+        on_device = slots.send(packed)
+    else:
+        on_device = torch.from_numpy(packed).pin_memory().to(device, non_blocking=True)
+    return tuple(on_device[at:at + x.nbytes].view(_torch_dtype(x.dtype)).view(x.shape)
                  for x, at in zip(arrays, starts))
 
 

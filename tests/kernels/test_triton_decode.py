@@ -341,6 +341,8 @@ def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeyp
     from dotattn.kernels import triton_decode
 
     monkeypatch.setattr(triton_decode, "_kernels", lambda: SimpleNamespace(INTERPRETED=False))
+    device = [0]
+    monkeypatch.setattr(triton_decode, "_current_device", lambda: device[0])
     monkeypatch.setattr(triton_decode, "_compiled", {})
     log = []
 
@@ -362,21 +364,31 @@ def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeyp
         def data_ptr(self):
             return self.at
 
-    fn, x = Jit(), Ptr(4096)
+    fn, x, y = Jit(), Ptr(4096), Ptr(8192)
     triton_decode.launch(fn, (3, 2), (x, 7, 1.5), dict(B=2, A=1), 4, 3)
-    triton_decode.launch(fn, (3, 2), (x, 9, 2.5), dict(B=2, A=1), 4, 3)
+    triton_decode.launch(fn, (3, 2), (y, 7, 1.5), dict(B=2, A=1), 4, 3)  # another tensor, as aligned
     assert log == [("triton", (3, 2), (x, 7, 1.5), dict(B=2, A=1, num_warps=4, num_stages=3)),
-                   ("compiled", (3, 2, 1), (x, 9, 2.5, 1, 2))]
+                   ("compiled", (3, 2, 1), (y, 7, 1.5, 1, 2))]
     for args, consts, options in [((Ptr(4104), 7, 1.5), dict(B=2, A=1), (4, 3)),  # not 16-byte aligned
                                   ((x, 1, 1.5), dict(B=2, A=1), (4, 3)),  # 1
                                   ((x, 32, 1.5), dict(B=2, A=1), (4, 3)),  # a multiple of 16
                                   ((x, 1 << 40, 1.5), dict(B=2, A=1), (4, 3)),  # past 32 bits
+                                  ((x, 7, 2.5), dict(B=2, A=1), (4, 3)),  # numbers are keyed by value
+                                  ((x, 7.0, 1.5), dict(B=2, A=1), (4, 3)),  # and by type
                                   ((Ptr(4096, "bf16"), 7, 1.5), dict(B=2, A=1), (4, 3)),
                                   ((x, 7, 1.5), dict(B=3, A=1), (4, 3)),
                                   ((x, 7, 1.5), dict(B=2, A=1), (8, 3))]:
         log.clear()
         triton_decode.launch(fn, (3, 2), args, consts, *options)
         assert [e[0] for e in log] == ["triton"], (args, consts, options)
+    log.clear()
+    device[0] = 1  # another current device: Triton loads its kernels per device
+    triton_decode.launch(fn, (3, 2), (x, 7, 1.5), dict(B=2, A=1), 4, 3)
+    assert [e[0] for e in log] == ["triton"]
+    log.clear()
+    triton_decode.launch(fn, (3, 2), (x, True, 1.5), dict(B=2, A=1), 4, 3)  # a bool: never kept
+    triton_decode.launch(fn, (3, 2), (x, True, 1.5), dict(B=2, A=1), 4, 3)
+    assert [e[0] for e in log] == ["triton", "triton"]
     log.clear()
     monkeypatch.setattr(triton_decode, "FAST_LAUNCH", False)
     triton_decode.launch(fn, (3, 2), (x, 9, 2.5), dict(B=2, A=1), 4, None)

@@ -368,6 +368,34 @@ def _ir_dpbf16(builder):
         "llvm.x86.avx512bf16.dpbf16ps.512", fnty=ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]))
 
 
+def _target_has(context, feature):
+    """Whether the compile target (Numba's target machine: the host, or NUMBA_CPU_NAME /
+    NUMBA_CPU_FEATURES) surely has ``feature``: its features string's last mention is ``+``."""
+    features = getattr(context.codegen(), "_tm_features", "") or ""
+    marks = [f[0] for f in features.split(",") if f[1:] == feature]
+    return bool(marks) and marks[-1] == "+"
+
+
+def _bf16_dot_function(context, builder):
+    """Let the function being compiled (the ``_scores_dot`` overload) hold ``vdpbf16ps``.
+
+    LLVM lowers ``llvm.x86.avx512bf16.dpbf16ps.512`` only for a target with avx512bf16; on
+    another (an AVX2-only Zen 3, ``znver3``) it aborts the whole process ("Do not know how to
+    split the result of this operator!") although cpu_decode.BF16_DOT never calls the path
+    there.  Where the compile target lacks the feature, the function gets the AVX-512 target
+    features itself, as _cpu_amx's functions do: it compiles on any x86 host, and LLVM does
+    not inline a callee with more features than its caller, so the instructions stay in this
+    function, which runs only where BF16_DOT said yes.  Chosen over an emulation in plain IR
+    (bfloat16 shifted up, two exact products added in the instruction's order) because that
+    would be a second arithmetic path no CPU ever runs, and whose bits (the instruction's
+    flushing of denormals) could not be checked against the instruction here.  Where the
+    target has avx512bf16 nothing changes: the same IR and machine code as before."""
+    if not _target_has(context, "avx512bf16"):
+        from ._cpu_amx import _AVX512, _amx_function
+
+        _amx_function(context, builder, _AVX512)
+
+
 def _ir_fma(builder):
     return builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F] * 3))
 
@@ -595,6 +623,8 @@ def _scores_codegen(dot):
         nvec = builder.sdiv(D_, ir.Constant(_IRI64, 2 * _LANES if dot else _LANES))  # whole pieces
         tail = None if dot else builder.sub(D_, builder.mul(nvec, ir.Constant(_IRI64, _LANES)))
         last = builder.sub(n_, ir.Constant(_IRI64, 1))
+        if dot:
+            _bf16_dot_function(context, builder)
         fma = _ir_dpbf16(builder) if dot else _ir_fma(builder)
         scale = None
         if dot:

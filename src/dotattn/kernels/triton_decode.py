@@ -57,7 +57,8 @@ GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 # Triton's launcher works out, on every call, what the kernel is specialized on (each argument's
 # type, alignment and divisibility: ~40 arguments here) and hashes it to find the compiled
 # kernel — the largest part of the host's time on a small decode call (4 Dec, H200: three
-# launches ≈ 0.37 ms of a 1.1 ms call under cProfile).  The first call of a specialization goes
+# launches ≈ 0.37 ms of a 1.1 ms call under cProfile; with kept launches 0.29 ms of 0.82, most
+# of it the key, which is now cheaper).  The first call of a specialization goes
 # through Triton and keeps the compiled kernel it returns; later calls with the same key launch
 # that kernel directly, as Triton's fused-softmax tutorial does.  FAST_LAUNCH = False always
 # goes through Triton (benchmarks/gpu_decode.py --slow-launch compares the two).
@@ -65,19 +66,36 @@ FAST_LAUNCH = True
 _compiled: dict = {}
 
 
-def _specialization(args) -> tuple:
-    """What Triton may specialize a compiled kernel on, per argument — at least as fine a key
-    as its own: a tensor's dtype, device and 16-byte alignment; an integer's being 0 or 1, its
-    divisibility by 16 and whether it fits 32 bits; a float's nothing."""
-    key = []
+_NUMBERS = (int, float)
+_SCALARS = (int, float, bool, type(None))
+_MAX_KEPT = 4096  # kept launches before the dict starts over (a new shape or scale adds one)
+
+
+def _specialization(args) -> tuple | None:
+    """A key at least as fine as Triton's own specialization (with the current device, which
+    :func:`launch` adds): the tensors (a prefix of the arguments in these kernels) by dtype and
+    16-byte alignment, the numbers after them by type and value.  Finer than Triton's (which
+    keys an integer on being 1, a multiple of 16 and its width, a float on nothing): a new
+    stride or scale costs one launch through Triton, but the numbers make one tuple instead of
+    a Python step each (4 Dec, this CPU: 5.5–8.8 µs for the split kernel's 40 arguments, 11.6 with a step
+    each).  None (no kept launch) when anything else comes, bools included."""
+    n = 0
     for a in args:
-        if type(a) is int:
-            key.append((a == 0, a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31)))
-        elif type(a) is float:
-            key.append(None)
-        else:
-            key.append((a.dtype, a.device, a.data_ptr() % 16 == 0))
-    return tuple(key)
+        if type(a) in _SCALARS:
+            break
+        n += 1
+    numbers = args[n:]
+    for a in numbers:
+        if type(a) not in _NUMBERS:
+            return None
+    # (the types too: 1 == 1.0, but Triton compiles an int 1 and a float apart)
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n]]), numbers, tuple(map(type, numbers))
+
+
+def _current_device() -> int:
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def launch(fn, grid, args: tuple, consts: dict, num_warps: int, num_stages: int | None) -> None:
@@ -87,11 +105,15 @@ def launch(fn, grid, args: tuple, consts: dict, num_warps: int, num_stages: int 
     if not FAST_LAUNCH or _kernels().INTERPRETED:
         fn[grid](*args, **consts, **options)
         return
-    key = (fn, grid.__len__(), num_warps, num_stages, tuple(consts.items()), _specialization(args))
-    compiled = _compiled.get(key)
+    spec = _specialization(args)
+    # the current device, as Triton keys its own cache: a compiled kernel is loaded per device
+    key = (fn, _current_device(), len(grid), num_warps, num_stages, tuple(consts.items()), spec)
+    compiled = None if spec is None else _compiled.get(key)
     if compiled is None:
         compiled = fn[grid](*args, **consts, **options)  # Triton's own path: compiles or finds it, and launches
-        if compiled is not None and hasattr(compiled, "__getitem__"):
+        if spec is not None and compiled is not None and hasattr(compiled, "__getitem__"):
+            if len(_compiled) >= _MAX_KEPT:
+                _compiled.clear()
             _compiled[key] = (compiled, tuple(consts[p.name] for p in fn.params if p.is_constexpr))
         return
     kernel, constexprs = compiled

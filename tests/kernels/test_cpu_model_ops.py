@@ -108,16 +108,21 @@ def test_swiglu_at_extreme_gates():
 
 # ---- the decode step's matrix–vector products ---------------------------------------------
 def _gemv_all(x, w, chunks):
-    """``gemv_rows`` over ``chunks`` row ranges (as the parallel kernel splits them) and the
-    parallel kernel itself; both must give the same bits."""
+    """``gemv_rows`` over ``chunks`` row ranges (as the parallel kernel splits them: on
+    multiples of the row block), over all rows at once (the one-thread mode) and the parallel
+    kernel itself; all must give the same bits.  (Not ranges cut anywhere: a row summed alone
+    (``_dot_row``) and in a four-row block may round differently — LLVM vectorizes the two
+    loops differently on an AVX2-only Zen 3.)"""
     O = w.shape[0]
     by_ranges = np.full((x.shape[0], O), np.nan, np.float32)
-    bounds = np.linspace(0, O, chunks + 1).astype(int)
-    for r0, r1 in zip(bounds[:-1], bounds[1:]):
-        ops.gemv_rows(x, w, by_ranges, r0, r1)
+    for c in range(chunks):
+        ops.gemv_rows(x, w, by_ranges, *ops._block_rows(O, c, chunks))
+    whole = np.full_like(by_ranges, np.nan)
+    ops.gemv_rows(x, w, whole, 0, O)
     out = np.full_like(by_ranges, np.nan)
     ops.gemv(x, w, out, chunks)
     np.testing.assert_array_equal(out, by_ranges)  # rows are independent: chunking never changes a bit
+    np.testing.assert_array_equal(out, whole)
     return out
 
 
@@ -413,6 +418,10 @@ def test_split_rows_sums_reports_nan_and_inf_as_out_of_range():
     """The split's largest magnitude (bits) is ≥ ±inf's for a NaN and equals it for ±inf: the
     caller's range check (``_cpu_amx_f32.ok_range``) then sends the product to MKL."""
     from dotattn.kernels._cpu_amx_f32 import bits_to_largest, ok_range, pieces_buffer
+    from dotattn.kernels._cpu_isa import _cpu_features
+
+    if "avx512bf16" not in _cpu_features():  # (no AMX needed; only AMX hosts call it: smollm._amx_product)
+        pytest.skip(lacks("AVX-512 BF16", "the split needs its instructions (vcvtne2ps2bf16)"))
 
     x = np.ones((5, 64), np.float32)
     for bad, want in ((np.inf, 0x7F800000), (-np.inf, 0x7F800000), (np.nan, 0x7F800001)):

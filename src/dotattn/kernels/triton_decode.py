@@ -57,11 +57,11 @@ GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 # Triton's launcher works out, on every call, what the kernel is specialized on (each argument's
 # type, alignment and divisibility: ~40 arguments here) and hashes it to find the compiled
 # kernel — the largest part of the host's time on a small decode call (4 Dec, H200: three
-# launches ≈ 0.37 ms of a 1.1 ms call under cProfile; with kept launches 0.29 ms of 0.82, most
-# of it the key, which is now cheaper).  The first call of a specialization goes
-# through Triton and keeps the compiled kernel it returns; later calls with the same key launch
-# that kernel directly, as Triton's fused-softmax tutorial does.  FAST_LAUNCH = False always
-# goes through Triton (benchmarks/gpu_decode.py --slow-launch compares the two).
+# launches ≈ 0.37 ms of a 1.1 ms call under cProfile; with kept launches 0.29 ms of 0.82, 0.10
+# of it the key, made cheaper since).  The first call of a specialization goes through Triton
+# and keeps the compiled kernel it returns; later calls with the same key launch that kernel
+# directly, as Triton's fused-softmax tutorial does.  FAST_LAUNCH = False always goes through
+# Triton (benchmarks/gpu_decode.py --slow-launch compares the two).
 FAST_LAUNCH = True
 _compiled: dict = {}
 
@@ -77,8 +77,8 @@ def _specialization(args) -> tuple | None:
     16-byte alignment, the numbers after them by type and value.  Finer than Triton's (which
     keys an integer on being 1, a multiple of 16 and its width, a float on nothing): a new
     stride or scale costs one launch through Triton, but the numbers make one tuple instead of
-    a Python step each (4 Dec, this CPU: 5.5–8.8 µs for the split kernel's 40 arguments, 11.6 with a step
-    each).  None (no kept launch) when anything else comes, bools included."""
+    a Python step each (4 Dec, a Zen 3 CPU: 5.5–8.8 µs for the split kernel's 40 arguments,
+    11.6 with a step each).  None (no kept launch) when anything else comes, bools included."""
     n = 0
     for a in args:
         if type(a) in _SCALARS:

@@ -481,7 +481,38 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None, tail=None):
+# The scores' register block where the compile target lacks AVX-512: the (rows × keys) block above
+# in passes over D of at most SCORES_NARROW_ACCS accumulators of 16 lanes (8 of AVX2's 16 ymm at
+# 4), all the block's rows first (q read by the FMAs from L1, each key piece widened once a
+# pass).  The 16 accumulators of AVX-512's blocks are 32 ymm there, kept on the stack
+# (docs/decoding.md, "An AMD EPYC Zen 3 without AVX-512").  Each accumulator gets the same FMAs in
+# the same order (over D's pieces), whatever the passes: the same bits.  _fused16 alone, R 4, 256
+# keys, float16 / bfloat16, ns a key (min of 15 × 200 calls, Zen 3, 4 Dec): 16 accumulators 83 / 76,
+# 2 rows × 2 keys 52 / 58, 4 × 1 49 / 48.
+SCORES_NARROW_ACCS = 4
+# the narrow blocks (these, PV_NARROW_TILE's): None — where the compile target lacks avx512f;
+# True / False forces them either way (tests compile both on one machine and compare bits)
+NARROW_TILES = None
+
+
+def _narrow(context):
+    """Whether this compile uses the narrow register blocks (NARROW_TILES)."""
+    return (not _target_has(context, "avx512f")) if NARROW_TILES is None else bool(NARROW_TILES)
+
+
+def _scores_tiles(rows, keys, narrow):
+    """``[(row indices, key indices)]``: the passes over D of a ``rows × keys`` register block
+    (one pass of all of it unless ``narrow``)."""
+    if not narrow:
+        return [(list(range(rows)), list(range(keys)))]
+    ri = min(rows, SCORES_NARROW_ACCS)
+    ki = max(1, SCORES_NARROW_ACCS // ri)
+    return [(list(range(r, min(rows, r + ri))), list(range(k, min(keys, k + ki))))
+            for r in range(0, rows, ri) for k in range(0, keys, ki)]
+
+
+def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None, tail=None,
+                       narrow=False):
     """The scores of one block of 16 keys; ``pf``: a list of ``(array, 16 row offsets, width,
     locality)``, rows asked for meanwhile, line ``j`` of each key group's rows beside piece ``j``'s
     FMAs (in a burst per block before: B8 4k one thread, alternating, load 2.3–2.9: float16
@@ -493,7 +524,9 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
     are multiplied by the vector ``scale``.
 
     ``tail``: ``D − 16·nvec`` (D not a multiple of 16): after the whole pieces, one more piece
-    of q and k read through a mask (lanes past D neither read nor summed: zeros)."""
+    of q and k read through a mask (lanes past D neither read nor summed: zeros).
+
+    ``narrow``: the block in passes (:func:`_scores_tiles`); the requests ride the first."""
     c16 = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
@@ -516,39 +549,40 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
             for g in range(_LANES // kg):
                 for a in accs[: rows_c * kg]:
                     builder.store(zero, a)
-                with cgutils.for_range(builder, nvec) as piece:
-                    d0 = builder.mul(piece.index, c16)
-                    for parr, prow, pwidth, locality in pf:
-                        loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
-                        with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
-                            for k in range(kg):
-                                ptr = builder.bitcast(builder.gep(parr, [builder.add(prow[g * kg + k], loff)]), i8p)
-                                builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
-                    if variant == "dot":  # 32 bfloat16 pairs of q and k per instruction
-                        qvs = [_ir_pairs_load(builder, qd, builder.add(qrow, d0)) for qrow in qrows]
-                        for k in range(kg):
-                            kv = _ir_pairs_load(builder, fd, builder.add(bases[g * kg + k], d0))
-                            for i in range(rows_c):
-                                a = accs[i * kg + k]
-                                builder.store(builder.call(fma, [builder.load(a), qvs[i], kv]), a)
-                    else:
-                        qvs = [_ir_vec_load(builder, qd, builder.add(qrow, d0), "f32") for qrow in qrows]
-                        for k in range(kg):
-                            kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
-                            for i in range(rows_c):
-                                a = accs[i * kg + k]
-                                builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
-                if tail is not None and variant != "dot":
-                    with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_IRI64, 0))):
-                        d0 = builder.mul(nvec, c16)
-                        mask = builder.icmp_signed("<", ir.Constant(_V16I32, list(range(_LANES))),
-                                                   _ir_splat_i32(builder, builder.trunc(tail, _IRI32)))
-                        qvs = [_ir_vec_load_masked(builder, qd, builder.add(qrow, d0), "f32", mask) for qrow in qrows]
-                        for k in range(kg):
-                            kv = _ir_vec_load_masked(builder, fd, builder.add(bases[g * kg + k], d0), variant, mask)
-                            for i in range(rows_c):
-                                a = accs[i * kg + k]
-                                builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
+                for tile, (irows, ikeys) in enumerate(_scores_tiles(rows_c, kg, narrow)):
+                    with cgutils.for_range(builder, nvec) as piece:
+                        d0 = builder.mul(piece.index, c16)
+                        for parr, prow, pwidth, locality in pf if tile == 0 else ():
+                            loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
+                            with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
+                                for k in range(kg):
+                                    ptr = builder.bitcast(builder.gep(parr, [builder.add(prow[g * kg + k], loff)]), i8p)
+                                    builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
+                        if variant == "dot":  # 32 bfloat16 pairs of q and k per instruction
+                            qvs = {i: _ir_pairs_load(builder, qd, builder.add(qrows[i], d0)) for i in irows}
+                            for k in ikeys:
+                                kv = _ir_pairs_load(builder, fd, builder.add(bases[g * kg + k], d0))
+                                for i in irows:
+                                    a = accs[i * kg + k]
+                                    builder.store(builder.call(fma, [builder.load(a), qvs[i], kv]), a)
+                        else:
+                            qvs = {i: _ir_vec_load(builder, qd, builder.add(qrows[i], d0), "f32") for i in irows}
+                            for k in ikeys:
+                                kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
+                                for i in irows:
+                                    a = accs[i * kg + k]
+                                    builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
+                    if tail is not None and variant != "dot":
+                        with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_IRI64, 0))):
+                            d0 = builder.mul(nvec, c16)
+                            mask = builder.icmp_signed("<", ir.Constant(_V16I32, list(range(_LANES))),
+                                                       _ir_splat_i32(builder, builder.trunc(tail, _IRI32)))
+                            qvs = {i: _ir_vec_load_masked(builder, qd, builder.add(qrows[i], d0), "f32", mask) for i in irows}
+                            for k in ikeys:
+                                kv = _ir_vec_load_masked(builder, fd, builder.add(bases[g * kg + k], d0), variant, mask)
+                                for i in irows:
+                                    a = accs[i * kg + k]
+                                    builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
                 vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                 total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key t0 + g·kg + k
                 if scale is not None:
@@ -658,7 +692,8 @@ def _scores_codegen(dot):
                     pf.append((builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_), 2))
                 if PREFETCH_K_LOCALITY:
                     pf.append((fd, ahead, D_, PREFETCH_K_LOCALITY))
-                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale, tail)
+                _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale, tail,
+                                   _narrow(context))
 
         if dot:
             emit("dot")
@@ -736,6 +771,7 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
         pkd = context.make_array(at[10])(context, builder, args[10]).data
         ns_, R_, n_, kind_, Dv_, npf_, D_ = (_ir_i64(context, builder, args[i], at[i]) for i in (1, 2, 3, 5, 7, 11, 12))
         itemsize = 4 if at[4].dtype == types.float32 else 2
+        narrow = _narrow(context)
         c16 = ir.Constant(_IRI64, _LANES)
         nvec = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, _LANES - 1)), c16)  # pieces, the last maybe partial
         has_tail = builder.icmp_signed("!=", builder.srem(Dv_, c16), ir.Constant(_IRI64, 0))
@@ -782,10 +818,12 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
                     out_store(zero, out_ptr(r0, v0, i, j), masks[j])
             prow = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_) for i in range(rows)]
             # this pass's share of the next item's key rows: t ≡ its index (mod the pass count)
+            # (row groups of 4; this group's pieces a pass — every group's where rows are full)
             c4_ = ir.Constant(_IRI64, 4)
-            nvg_ = builder.sdiv(builder.add(nvec, ir.Constant(_IRI64, 3)), c4_)
+            per_ = ir.Constant(_IRI64, _pv_pieces_per_pass(rows, narrow))
+            nvg_ = builder.sdiv(builder.add(nvec, builder.sub(per_, ir.Constant(_IRI64, 1))), per_)
             npass = builder.mul(builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4_), nvg_)
-            jpass = builder.add(builder.mul(builder.sdiv(r0, c4_), nvg_), builder.sdiv(v0, c4_))
+            jpass = builder.add(builder.mul(builder.sdiv(r0, c4_), nvg_), builder.sdiv(v0, per_))
             # the next key of this pass's share: a running key, not key mod npass (a division per
             # key and pass)
             mine_at = cgutils.alloca_once(builder, _IRI64)
@@ -814,7 +852,7 @@ def _pv16(typingctx, p, ns, R, n, flat, kind, offs, Dv, o, kflat, pk, npf, D):
 
         def emit_groups(variant, masked):
             _ir_pv_groups(builder, R_, nvec, "pv",
-                          lambda r0, v0, rows_c, nv_c: emit_pass(variant, r0, v0, rows_c, nv_c, masked))
+                          lambda r0, v0, rows_c, nv_c: emit_pass(variant, r0, v0, rows_c, nv_c, masked), narrow)
 
         def emit(variant):
             # whole pieces (Dv % 16 == 0: the common head dims, unmasked code) or a masked copy
@@ -916,6 +954,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         has_alibi = builder.icmp_signed("!=", _ir_i64(context, builder, args[20], at[20]), ir.Constant(_IRI64, 0))
         lanes_f = ir.Constant(_V16F, [float(i) for i in range(_LANES)])
         itemsize = 4 if at[3].dtype == types.float32 else 2
+        narrow = _narrow(context)
         # the next block's rows where no next item is asked for: float32 as FUSED_AHEAD_KEYS etc. say
         ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, FUSED_SMALL_V_LOCALITY, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
         c0 = ir.Constant(_IRI64, 0)
@@ -1008,17 +1047,27 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                 for j in range(nv):
                     builder.store(zero, pacc[i][j])
             prow = [builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), t0) for i in range(rows)]
-            # the next item's value rows, this pass's lines of them (first row group only)
+            # the next item's value rows, the lines starting in this pass's pieces (first row group
+            # only; with AVX2's one-piece passes of a 16-bit row, every other pass has none — each
+            # pass asked for its piece's line before, twice a line, in the hot loop)
             first_rg = builder.icmp_signed("==", r0, c0)
+            per_line = 64 // itemsize
+            line0 = builder.mul(builder.sdiv(builder.add(builder.mul(v0, c16), ir.Constant(_IRI64, per_line - 1)),
+                                             ir.Constant(_IRI64, per_line)), ir.Constant(_IRI64, per_line))
+            pass_end = builder.mul(builder.add(v0, ir.Constant(_IRI64, nv)), c16)
+            nlines = -(-nv * _LANES // per_line)  # at most this many lines start in nv pieces
+            lines_on = [builder.icmp_signed("<", builder.add(line0, ir.Constant(_IRI64, j * per_line)), pass_end) for j in range(nlines)]
             pf_on = builder.and_(has, first_rg) if FUSED_NEXT_V_IN_PV else None
             with cgutils.for_range(builder, cnt) as key:
                 t = builder.add(t0, key.index)
                 if FUSED_NEXT_V_IN_PV:
                     with builder.if_then(pf_on):
                         prow_v = row_of(pvd, t, npf_, nlast)
-                        for j in range(0, nv, 64 // (16 * itemsize)):  # a line per 32 elements
-                            ptr = builder.bitcast(builder.gep(vfd, [builder.add(prow_v, builder.mul(builder.add(v0, ir.Constant(_IRI64, j)), c16))]), i8p)
-                            builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, 2), ir.Constant(_IRI32, 1)])
+                        for j in range(nlines):
+                            with builder.if_then(lines_on[j]):
+                                at = builder.add(prow_v, builder.add(line0, ir.Constant(_IRI64, j * per_line)))
+                                ptr = builder.bitcast(builder.gep(vfd, [at]), i8p)
+                                builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, 2), ir.Constant(_IRI32, 1)])
                 base = builder.add(builder.load(builder.gep(vod, [t])), builder.mul(v0, c16))
                 vals = [_ir_vec_load(builder, vfd, builder.add(base, ir.Constant(_IRI64, 16 * j)), variant) for j in range(nv)]
                 for i in range(rows):
@@ -1033,7 +1082,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
 
         def pv_block(variant, t0, cnt):
             _ir_pv_groups(builder, R_, nvv, "fpv",
-                          lambda r0, v0, rows_c, nv_c: pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c))
+                          lambda r0, v0, rows_c, nv_c: pv_pass(variant, t0, cnt, r0, v0, rows_c, nv_c), narrow)
 
         def scores(variant, t0, nxt):
             # nxt: whether this copy of the block loop runs with a next item asked for (emit):
@@ -1052,7 +1101,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                     if not FUSED_NEXT_V_IN_PV:
                         npv.append(next_row(pvd, t))
             pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality)
-            _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail)
+            _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail, narrow)
 
         def emit_blocks(variant, nxt):
             with cgutils.for_range(builder, nblk) as blk:
@@ -1112,25 +1161,44 @@ def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_loc
     return pf
 
 
-def _ir_pv_groups(builder, R, npieces, label, emit_block):
+# P·V's register tile where the compile target lacks AVX-512 (AVX2: 16 registers of 8 lanes): a
+# pass holds rows × pieces ≤ PV_NARROW_TILE 16-lane pieces of output (8 ymm at 4), besides the
+# rows' broadcast weights and the pieces' values.  The 4 × 4 tile of AVX-512 is 32 ymm there:
+# LLVM kept the accumulators on the stack, a store and a reload around each FMA (docs/decoding.md,
+# "An AMD EPYC Zen 3 without AVX-512").  Each output element's FMAs are the same in the same
+# order whatever the tile: the same bits.
+PV_NARROW_TILE = 4
+
+
+def _pv_pieces_per_pass(rows, narrow):
+    """16-lane output pieces a ``P·V`` pass holds for a group of ``rows`` rows."""
+    return max(1, min(4, PV_NARROW_TILE // rows)) if narrow else 4
+
+
+def _ir_pv_groups(builder, R, npieces, label, emit_block, narrow=False):
     """The ``P·V`` passes' register blocking: rows in groups of 4 and Dv's 16-lane pieces in
-    groups of 4, each group's pass emitted for its constant shape (``emit_block(r0, v0, rows,
-    pieces)``, 1–4 each) behind a switch on the group's shape (the last groups are smaller)."""
+    groups of 4 (``narrow``, a target without AVX-512: of :func:`_pv_pieces_per_pass`), each
+    group's pass emitted for its constant shape (``emit_block(r0, v0, rows, pieces)``, 1–4
+    each) behind a switch on the group's shape (the last groups are smaller)."""
     c4 = ir.Constant(_IRI64, 4)
-    three = ir.Constant(_IRI64, 3)
-    with cgutils.for_range(builder, builder.sdiv(builder.add(R, three), c4)) as rg:
+    one = ir.Constant(_IRI64, 1)
+    with cgutils.for_range(builder, builder.sdiv(builder.add(R, ir.Constant(_IRI64, 3)), c4)) as rg:
         r0 = builder.mul(rg.index, c4)
         rows = builder.sub(R, r0)
         rows = builder.select(builder.icmp_signed("<", rows, c4), rows, c4)
-        with cgutils.for_range(builder, builder.sdiv(builder.add(npieces, three), c4)) as vg:
-            v0 = builder.mul(vg.index, c4)
+        per = ir.Constant(_IRI64, _pv_pieces_per_pass(4, narrow))
+        for rows_c in (3, 2, 1):  # the group's pieces a pass by its rows (a constant without narrow)
+            g = ir.Constant(_IRI64, _pv_pieces_per_pass(rows_c, narrow))
+            per = builder.select(builder.icmp_signed("==", rows, ir.Constant(_IRI64, rows_c)), g, per)
+        with cgutils.for_range(builder, builder.sdiv(builder.add(npieces, builder.sub(per, one)), per)) as vg:
+            v0 = builder.mul(vg.index, per)
             nv = builder.sub(npieces, v0)
-            nv = builder.select(builder.icmp_signed("<", nv, c4), nv, c4)
+            nv = builder.select(builder.icmp_signed("<", nv, per), nv, per)
             code = builder.add(builder.mul(rows, ir.Constant(_IRI64, 8)), nv)
             after = builder.append_basic_block(f"{label}_after")
             switch = builder.switch(code, after)
             for rows_c in range(1, 5):
-                for nv_c in range(1, 5):
+                for nv_c in range(1, _pv_pieces_per_pass(rows_c, narrow) + 1):
                     block = builder.append_basic_block(f"{label}_{rows_c}_{nv_c}")
                     switch.add_case(ir.Constant(_IRI64, rows_c * 8 + nv_c), block)
                     builder.position_at_end(block)

@@ -1,0 +1,134 @@
+"""The ``cpu`` decode kernel's narrow register blocks (AVX2 targets) give the wide blocks' bits.
+
+Where the compile target lacks AVX-512 (an AVX2-only Zen 3), the 16-lane passes run their
+register blocks in narrower passes (``_cpu_decode_kernels.NARROW_TILES``: the scores' block in
+passes of ``SCORES_NARROW_ACCS`` accumulators, ``P·V`` in tiles of ``PV_NARROW_TILE`` pieces), so
+their accumulators stay in AVX2's 16 registers.  Each accumulator gets the same FMAs in the same
+order either way, so both must give the same bits.  Here both forms are compiled on this machine
+(the flag forced each way; small wrappers, not cached) and run on the same chunks: every row
+count of a register block's switch (1–8 rows), head dims with and without a masked tail piece,
+chunks ending mid-block, the next item's requests on and off, and the three cache dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+import decode_cases as C
+
+pytestmark = pytest.mark.skipif("cpu" not in C.decode_backends(), reason="the cpu decode kernel is not under test")
+
+K = pytest.importorskip("dotattn.kernels._cpu_decode_kernels")
+
+
+def _wrappers(narrow: bool):
+    """The fused pass and the three passes' scores and P·V, compiled with NARROW_TILES = narrow
+    (fastmath as the kernel's ``_chunk`` that inlines them)."""
+    saved = K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass
+    seen = set()  # the narrow argument the block shapes were asked for with, while compiling
+
+    def scores_tiles(rows, keys, flag):
+        seen.add(flag)
+        return saved[1](rows, keys, flag)
+
+    def pv_pieces_per_pass(rows, flag):
+        seen.add(flag)
+        return saved[2](rows, flag)
+
+    K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass = narrow, scores_tiles, pv_pieces_per_pass
+    try:
+        fused16, scores16, pv16 = K._fused16, K._scores16, K._pv16
+
+        @njit(cache=False, fastmath={"nsz", "contract", "reassoc"}, _nrt=False)
+        def fused(q, R, D, flat, kind, offs, n, s, Dv, o, m, st, npf, ab):
+            fused16(q, R, D, flat, kind, offs, n, s, s.shape[0] // R, flat, offs, Dv, o, m, st, offs, offs, npf, np.float32(0.0), ab, 0)
+
+        @njit(cache=False, fastmath={"nsz", "contract", "reassoc"}, _nrt=False)
+        def passes(q, R, D, flat, kind, offs, n, s, Dv, o, npf):
+            ns = s.shape[0] // R
+            scores16(q, R, D, flat, kind, offs, n, s, ns, flat, offs, Dv, offs, npf)
+            pv16(s, ns, R, n, flat, kind, offs, Dv, o, flat, offs, npf, D)
+
+        # compiled now, while the flag holds (a later first call would read it then)
+        rng = np.random.default_rng(0)
+        for flat in (rng.standard_normal(64 * 128).astype(np.float32), np.zeros(64 * 128, np.uint16)):
+            q = np.zeros(4 * 128, np.float32)
+            offs = np.arange(64, dtype=np.int64) * 128
+            s = np.zeros(4 * 64, np.float32)
+            o = np.zeros(4 * 128, np.float32)
+            fused(q, 4, 128, flat, 0 if flat.dtype == np.float32 else K.KIND_F16, offs, 64, s, 128, o,
+                  np.full(4, -np.inf, np.float32), np.zeros(4 * K.FUSED_STATS, np.float32), 0, np.zeros(8, np.float32))
+            passes(q, 4, 128, flat, 0 if flat.dtype == np.float32 else K.KIND_F16, offs, 64, s, 128, o, 0)
+        assert seen == {narrow}, seen  # the flag reached both passes' codegen
+        return fused, passes
+    finally:
+        K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass = saved
+
+
+@pytest.fixture(scope="module")
+def both():
+    return {False: _wrappers(False), True: _wrappers(True)}
+
+
+def _cache(rng, dtype: str, n: int, D: int):
+    x = rng.standard_normal(n * D).astype(np.float32)
+    if dtype == "float32":
+        return x, K.KIND_FLOAT
+    if dtype == "float16":
+        return x.astype(np.float16).view(np.uint16), K.KIND_F16
+    return (x.view(np.uint32) >> 16).astype(np.uint16), K.KIND_BF16
+
+
+def test_narrow_and_wide_register_blocks_give_the_same_bits(both):
+    # one test for the three dtypes: the compiles (most of its minute) happen once per process
+    for dtype in ("float32", "float16", "bfloat16"):
+        _same_bits(both, dtype)
+
+
+def _same_bits(both, dtype):
+    rng = np.random.default_rng(7)
+    cases = 0
+    for R in (1, 2, 3, 4, 5, 8):
+        for D in (64, 128, 80):  # 80: a masked tail piece (the three passes only; the fused pass needs Dv % 16 == 0)
+            for n in (40, 64):
+                for npf in (0, n):
+                    flat, kind = _cache(rng, dtype, n, D)
+                    offs = rng.permutation(n).astype(np.int64) * D  # rows in any order, as a paged cache's
+                    q = (rng.standard_normal(R * D) * D**-0.5).astype(np.float32)
+                    ns = (n + 15) // 16 * 16
+                    got = {}
+                    for narrow, (fused, passes) in both.items():
+                        s = np.zeros(R * ns, np.float32)
+                        o = np.zeros(R * D, np.float32)
+                        passes(q, R, D, flat, kind, offs, n, s, D, o, npf)
+                        got[narrow] = [s.copy(), o.copy()]
+                        if D % 16 == 0:
+                            s = np.zeros(R * ns, np.float32)
+                            o = np.zeros(R * D, np.float32)
+                            m = np.full(R, -np.inf, np.float32)
+                            st = np.zeros(R * K.FUSED_STATS, np.float32)
+                            fused(q, R, D, flat, kind, offs, n, s, D, o, m, st, npf, np.zeros(2 * R, np.float32))
+                            got[narrow] += [o, m, st]
+                    for a, b in zip(got[False], got[True]):
+                        assert np.isfinite(a).all()
+                        assert np.array_equal(a, b), (dtype, R, D, n, npf, float(np.abs(a - b).max()))
+                    cases += 1
+    assert cases == 6 * 3 * 2 * 2
+
+
+def test_the_narrow_tiles_cover_each_block_once():
+    for narrow in (False, True):
+        for rows, keys in ((1, 16), (2, 8), (3, 4), (4, 4)):
+            tiles = K._scores_tiles(rows, keys, narrow)
+            cells = [(i, k) for irows, ikeys in tiles for i in irows for k in ikeys]
+            assert sorted(cells) == [(i, k) for i in range(rows) for k in range(keys)]
+            if narrow:
+                assert max(len(ir) * len(ik) for ir, ik in tiles) <= K.SCORES_NARROW_ACCS
+            else:
+                assert len(tiles) == 1
+        for rows in range(1, 5):
+            per = K._pv_pieces_per_pass(rows, narrow)
+            assert 1 <= per <= 4
+            assert rows * per <= (K.PV_NARROW_TILE if narrow else 16) or per == 1

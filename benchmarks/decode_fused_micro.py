@@ -8,7 +8,9 @@ rounds of ns per key and K/V head (each round: REPS passes over the items), for 
 256 keys, repeated: 128 KB of K/V in L2) and ``l3`` (all CONTEXT/256 × 8 items: B1 4k's 16 MB),
 and whether the versions' outputs agree bit for bit.  Under ``flock /tmp/bench.lock``:
 
-    PYTHONPATH=src python benchmarks/decode_fused_micro.py float16 4096 21 /tmp/old.py new
+    PYTHONPATH=src python benchmarks/decode_fused_micro.py float16 4096 21 /tmp/old.py new [--rows=R]
+
+(``--rows``: the query rows per K/V head, 4 by default; SmolLM2-135M's group is 3.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def make_runner(m):
         fused = fused_any
 
     @njit(cache=False)
-    def run(q, kflat, vflat, kind, offs, items, reps, s, o, mrow, st, pk, out):
+    def run(q, kflat, vflat, kind, offs, items, reps, s, o, mrow, st, pk, out, R, D):
+        # R and D are arguments, as in the kernel (module constants would be frozen into this loop,
+        # and LLVM would unroll D loops the kernel never sees unrolled)
         n = SPLIT
         for _ in range(reps):
             for it in range(items.shape[0]):
@@ -62,8 +66,13 @@ def main() -> None:
     if len(sys.argv) < 5:
         print(__doc__)
         raise SystemExit(2)
-    dt, ctx, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    mods = kernel_versions(sys.argv[4:])
+    global R
+    rows = [a for a in sys.argv[1:] if a.startswith("--rows=")]
+    if rows:
+        R = int(rows[0].split("=")[1])
+    argv = [a for a in sys.argv if not a.startswith("--rows=")]
+    dt, ctx, rounds = argv[1], int(argv[2]), int(argv[3])
+    mods = kernel_versions(argv[4:])
     d = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
     kind = {"float16": 2, "bfloat16": 1, "float32": 0}[dt]  # float32: the FUSED32 pass on 4-byte rows
     bits = np.float32 if dt == "float32" else np.uint16
@@ -97,7 +106,7 @@ def main() -> None:
     for name, run in runners.items():
         s, o, mrow, st, pk = bufs[name]
         for case, (items, reps) in cases.items():
-            run(q, k, v, kind, offs, items, 1, s, o, mrow, st, pk, np.zeros(nitems, np.float64))
+            run(q, k, v, kind, offs, items, 1, s, o, mrow, st, pk, np.zeros(nitems, np.float64), R, D)
         outs[name] = (o.copy(), serial(mods[name])[0])
     names = list(mods)
     same = all(np.array_equal(outs[names[0]][0], outs[x][0]) and np.array_equal(outs[names[0]][1], outs[x][1]) for x in names)
@@ -118,7 +127,7 @@ def main() -> None:
             s, o, mrow, st, pk = bufs[name]
             out = np.zeros(nitems, np.float64)
             t = time.perf_counter()
-            runners[name](q, k, v, kind, offs, items, reps, s, o, mrow, st, pk, out)
+            runners[name](q, k, v, kind, offs, items, reps, s, o, mrow, st, pk, out, R, D)
             res[(case, name)].append((time.perf_counter() - t) * 1e9 / (reps * len(items) * SPLIT))
     for case in list(cases) + ["run_serial"]:
         base = statistics.median(res[(case, names[0] if False else list(mods)[0])])

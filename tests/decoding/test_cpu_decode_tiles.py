@@ -28,18 +28,18 @@ def _wrappers(narrow: bool, full: bool):
     """The fused pass (and with ``full`` the three passes' scores and P·V, and float32 caches
     beside 16-bit ones), compiled with NARROW_TILES = narrow (fastmath as the kernel's ``_chunk``
     that inlines them).  Each compile takes ≈ 11 s here: the default run compiles two."""
-    saved = K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass
+    saved = K.NARROW_TILES, K._scores_keys_per_pass, K._pv_pieces_per_pass
     seen = set()  # the narrow argument the block shapes were asked for with, while compiling
 
-    def scores_tiles(rows, keys, flag):
+    def scores_keys_per_pass(rows, flag):
         seen.add(flag)
-        return saved[1](rows, keys, flag)
+        return saved[1](rows, flag)
 
     def pv_pieces_per_pass(rows, flag):
         seen.add(flag)
         return saved[2](rows, flag)
 
-    K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass = narrow, scores_tiles, pv_pieces_per_pass
+    K.NARROW_TILES, K._scores_keys_per_pass, K._pv_pieces_per_pass = narrow, scores_keys_per_pass, pv_pieces_per_pass
     try:
         fused16, scores16, pv16 = K._fused16, K._scores16, K._pv16
 
@@ -68,7 +68,7 @@ def _wrappers(narrow: bool, full: bool):
         assert seen == {narrow}, seen  # the flag reached the codegen of the blocks
         return fused, (passes if full else None)
     finally:
-        K.NARROW_TILES, K._scores_tiles, K._pv_pieces_per_pass = saved
+        K.NARROW_TILES, K._scores_keys_per_pass, K._pv_pieces_per_pass = saved
 
 
 def _cache(rng, dtype: str, n: int, D: int):
@@ -130,16 +130,13 @@ def _same_bits(both, dtype):
     assert cases == 6 * (4 if both[False][1] is not None else 3) * 2 * 2
 
 
-def test_the_narrow_tiles_cover_each_block_once():
+def test_the_narrow_passes_tile_each_block():
+    for rows in range(1, 5):
+        assert K._scores_keys_per_pass(rows, False) is None  # the whole register block in one pass
+        keys = K._scores_keys_per_pass(rows, True)
+        assert 16 % keys == 0 and 1 <= keys  # a run-time loop of 16 / keys passes covers the block's keys
+        assert rows * keys <= K.SCORES_NARROW_ACCS or keys == 1
     for narrow in (False, True):
-        for rows, keys in ((1, 16), (2, 8), (3, 4), (4, 4)):
-            tiles = K._scores_tiles(rows, keys, narrow)
-            cells = [(i, k) for irows, ikeys in tiles for i in irows for k in ikeys]
-            assert sorted(cells) == [(i, k) for i in range(rows) for k in range(keys)]
-            if narrow:
-                assert max(len(ir) * len(ik) for ir, ik in tiles) <= K.SCORES_NARROW_ACCS
-            else:
-                assert len(tiles) == 1
         for rows in range(1, 5):
             per = K._pv_pieces_per_pass(rows, narrow)
             assert 1 <= per <= 4

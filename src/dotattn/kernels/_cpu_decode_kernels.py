@@ -500,15 +500,70 @@ def _narrow(context):
     return (not _target_has(context, "avx512f")) if NARROW_TILES is None else bool(NARROW_TILES)
 
 
-def _scores_tiles(rows, keys, narrow):
-    """``[(row indices, key indices)]``: the passes over D of a ``rows × keys`` register block
-    (one pass of all of it unless ``narrow``)."""
+def _scores_keys_per_pass(rows, narrow):
+    """Keys per pass over D of a register block of ``rows`` (≤ 4) query rows where ``narrow``
+    (SCORES_NARROW_ACCS accumulators, all the rows first); None: the whole block in one pass."""
     if not narrow:
-        return [(list(range(rows)), list(range(keys)))]
-    ri = min(rows, SCORES_NARROW_ACCS)
-    ki = max(1, SCORES_NARROW_ACCS // ri)
-    return [(list(range(r, min(rows, r + ri))), list(range(k, min(keys, k + ki))))
-            for r in range(0, rows, ri) for k in range(0, keys, ki)]
+        return None
+    keys = 1
+    while 2 * keys * rows <= SCORES_NARROW_ACCS and 2 * keys <= _LANES:  # a power of two: the passes tile the 16 keys
+        keys *= 2
+    return keys
+
+
+def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, tail, fma, requests, itemsize):
+    """One pass over D of a register block: ``accs[i][k]`` (allocas) ← q row ``i`` (at ``qrows[i]``)
+    · the key row at ``keys[k]``, FMAs over D's pieces in order (the masked ``tail`` piece last);
+    ``requests``: ``[(array, row offsets, width, locality)]``, line ``j`` of each row asked for
+    beside piece ``j``'s FMAs."""
+    i8p = ir.IntType(8).as_pointer()
+    pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
+    zero = ir.Constant(_V16F, [0.0] * _LANES)
+    for row in accs:
+        for a in row:
+            builder.store(zero, a)
+
+    def fmas(d0, load_q, load_k):
+        qvs = [load_q(builder.add(qrow, d0)) for qrow in qrows]
+        for k, key in enumerate(keys):
+            kv = load_k(builder.add(key, d0))
+            for i, qv in enumerate(qvs):
+                a = accs[i][k]
+                args = [builder.load(a), qv, kv] if variant == "dot" else [qv, kv, builder.load(a)]
+                builder.store(builder.call(fma, args), a)
+
+    with cgutils.for_range(builder, nvec) as piece:
+        d0 = builder.mul(piece.index, d_step)
+        for parr, prows, pwidth, locality in requests:
+            loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
+            with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
+                for prow in prows:
+                    ptr = builder.bitcast(builder.gep(parr, [builder.add(prow, loff)]), i8p)
+                    builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
+        if variant == "dot":  # 32 bfloat16 pairs of q and k per instruction
+            fmas(d0, lambda i: _ir_pairs_load(builder, qd, i), lambda i: _ir_pairs_load(builder, fd, i))
+        else:
+            fmas(d0, lambda i: _ir_vec_load(builder, qd, i, "f32"), lambda i: _ir_vec_load(builder, fd, i, variant))
+    if tail is not None and variant != "dot":
+        with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_IRI64, 0))):
+            mask = builder.icmp_signed("<", ir.Constant(_V16I32, list(range(_LANES))),
+                                       _ir_splat_i32(builder, builder.trunc(tail, _IRI32)))
+            fmas(builder.mul(nvec, d_step), lambda i: _ir_vec_load_masked(builder, qd, i, "f32", mask),
+                 lambda i: _ir_vec_load_masked(builder, fd, i, variant, mask))
+
+
+def _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, key0, scale):
+    """Sum the lanes of a register block's accumulators (``vecs[i·kg + k]``: row ``r0 + i``, key
+    ``key0 + k``; rows past ``rows_c`` zeros) by one transposing tree and store the scores."""
+    total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key key0 + k
+    if scale is not None:
+        total = builder.fmul(total, scale)
+    vty = ir.VectorType(_IRF, kg)
+    for i in range(rows_c):
+        part = total if kg == _LANES else builder.shuffle_vector(
+            total, ir.Constant(_V16F, ir.Undefined), ir.Constant(ir.VectorType(_IRI32, kg), [i * kg + k for k in range(kg)]))
+        dst = builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), key0)
+        builder.store(part, builder.bitcast(builder.gep(sd, [dst]), vty.as_pointer()), align=4)
 
 
 def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None, tail=None,
@@ -526,12 +581,20 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
     ``tail``: ``D − 16·nvec`` (D not a multiple of 16): after the whole pieces, one more piece
     of q and k read through a mask (lanes past D neither read nor summed: zeros).
 
-    ``narrow``: the block in passes (:func:`_scores_tiles`); the requests ride the first."""
-    c16 = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
-    i8p = ir.IntType(8).as_pointer()
-    pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
+    ``narrow``: each register block in passes of :func:`_scores_keys_per_pass` keys, a run-time
+    loop over the block's 16 keys (each pass asks for its own keys' request rows), the
+    accumulators kept by index for the lane-sum trees, a run-time loop over the key groups."""
+    d_step = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     zero = ir.Constant(_V16F, [0.0] * _LANES)
     c4 = ir.Constant(_IRI64, 4)
+    if narrow:
+        # the block's key rows and request rows by index, and the accumulators of 4 rows × 16 keys
+        key_arr = cgutils.alloca_once(builder, _IRI64, size=_LANES)
+        req_arrs = [cgutils.alloca_once(builder, _IRI64, size=_LANES) for _ in pf]
+        acc_arr = cgutils.alloca_once(builder, _V16F, size=4 * _LANES)
+        for arr, rows in [(key_arr, bases)] + [(arr, req[1]) for arr, req in zip(req_arrs, pf)]:
+            for k, row in enumerate(rows):
+                builder.store(row, builder.gep(arr, [ir.Constant(_IRI64, k)]))
     nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
     with cgutils.for_range(builder, nrg) as rg:
         r0 = builder.mul(rg.index, c4)
@@ -546,53 +609,32 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
             rp = 1 if rows_c == 1 else (2 if rows_c == 2 else 4)  # rows padded: 16 = rp · keys
             kg = _LANES // rp
             qrows = [builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), D_) for i in range(rows_c)]
-            for g in range(_LANES // kg):
-                for a in accs[: rows_c * kg]:
-                    builder.store(zero, a)
-                for tile, (irows, ikeys) in enumerate(_scores_tiles(rows_c, kg, narrow)):
-                    with cgutils.for_range(builder, nvec) as piece:
-                        d0 = builder.mul(piece.index, c16)
-                        for parr, prow, pwidth, locality in pf if tile == 0 else ():
-                            loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
-                            with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
-                                for k in range(kg):
-                                    ptr = builder.bitcast(builder.gep(parr, [builder.add(prow[g * kg + k], loff)]), i8p)
-                                    builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
-                        if variant == "dot":  # 32 bfloat16 pairs of q and k per instruction
-                            qvs = {i: _ir_pairs_load(builder, qd, builder.add(qrows[i], d0)) for i in irows}
-                            for k in ikeys:
-                                kv = _ir_pairs_load(builder, fd, builder.add(bases[g * kg + k], d0))
-                                for i in irows:
-                                    a = accs[i * kg + k]
-                                    builder.store(builder.call(fma, [builder.load(a), qvs[i], kv]), a)
-                        else:
-                            qvs = {i: _ir_vec_load(builder, qd, builder.add(qrows[i], d0), "f32") for i in irows}
-                            for k in ikeys:
-                                kv = _ir_vec_load(builder, fd, builder.add(bases[g * kg + k], d0), variant)
-                                for i in irows:
-                                    a = accs[i * kg + k]
-                                    builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
-                    if tail is not None and variant != "dot":
-                        with builder.if_then(builder.icmp_signed(">", tail, ir.Constant(_IRI64, 0))):
-                            d0 = builder.mul(nvec, c16)
-                            mask = builder.icmp_signed("<", ir.Constant(_V16I32, list(range(_LANES))),
-                                                       _ir_splat_i32(builder, builder.trunc(tail, _IRI32)))
-                            qvs = {i: _ir_vec_load_masked(builder, qd, builder.add(qrows[i], d0), "f32", mask) for i in irows}
-                            for k in ikeys:
-                                kv = _ir_vec_load_masked(builder, fd, builder.add(bases[g * kg + k], d0), variant, mask)
-                                for i in irows:
-                                    a = accs[i * kg + k]
-                                    builder.store(builder.call(fma, [qvs[i], kv, builder.load(a)]), a)
-                vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
-                total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key t0 + g·kg + k
-                if scale is not None:
-                    total = builder.fmul(total, scale)
-                vty = ir.VectorType(_IRF, kg)
-                for i in range(rows_c):
-                    part = total if kg == _LANES else builder.shuffle_vector(
-                        total, ir.Constant(_V16F, ir.Undefined), ir.Constant(ir.VectorType(_IRI32, kg), [i * kg + k for k in range(kg)]))
-                    dst = builder.add(builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), t0), ir.Constant(_IRI64, g * kg))
-                    builder.store(part, builder.bitcast(builder.gep(sd, [dst]), vty.as_pointer()), align=4)
+            ki = _scores_keys_per_pass(rows_c, narrow)
+            if ki is None:
+                for g in range(_LANES // kg):
+                    block_accs = [[accs[i * kg + k] for k in range(kg)] for i in range(rows_c)]
+                    _ir_scores_pass(builder, variant, fd, qd, qrows, bases[g * kg: (g + 1) * kg], block_accs, d_step, nvec, tail, fma,
+                                    [(parr, prows[g * kg: (g + 1) * kg], pw, loc) for parr, prows, pw, loc in pf], itemsize)
+                    vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
+                    _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, ir.Constant(_IRI64, g * kg)), scale)
+            else:
+                with cgutils.for_range(builder, ir.Constant(_IRI64, _LANES // ki)) as kp:
+                    k0 = builder.mul(kp.index, ir.Constant(_IRI64, ki))
+                    at = [builder.add(k0, ir.Constant(_IRI64, k)) for k in range(ki)]
+                    keys = [builder.load(builder.gep(key_arr, [k])) for k in at]
+                    requests = [(parr, [builder.load(builder.gep(arr, [k])) for k in at], pw, loc)
+                                for arr, (parr, _, pw, loc) in zip(req_arrs, pf)]
+                    pass_accs = [[accs[i * ki + k] for k in range(ki)] for i in range(rows_c)]
+                    _ir_scores_pass(builder, variant, fd, qd, qrows, keys, pass_accs, d_step, nvec, tail, fma, requests, itemsize)
+                    for i in range(rows_c):
+                        for k in range(ki):
+                            slot = builder.add(ir.Constant(_IRI64, i * _LANES), at[k])
+                            builder.store(builder.load(pass_accs[i][k]), builder.gep(acc_arr, [slot]))
+                with cgutils.for_range(builder, ir.Constant(_IRI64, _LANES // kg)) as grp:
+                    key0 = builder.mul(grp.index, ir.Constant(_IRI64, kg))
+                    vecs = [builder.load(builder.gep(acc_arr, [builder.add(key0, ir.Constant(_IRI64, i * _LANES + k))]))
+                            if i < rows_c else zero for i in range(rp) for k in range(kg)]
+                    _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, key0), scale)
             builder.branch(after)
         builder.position_at_end(after)
 

@@ -406,31 +406,33 @@ def _ir_splat(builder, value):
     return builder.shuffle_vector(first, undef, ir.Constant(_V16I32, [0] * _LANES))
 
 
-def _ir_lane_sums(builder, vecs):
-    """``[Σ lanes of vecs[k] for k < 16]`` as one vector (lane k ← vecs[k]): a transposing tree —
-    each level adds the two halves of every lane group of a pair of vectors, halving the groups."""
-    labels = [[k] * _LANES for k in range(len(vecs))]
+def _ir_lane_sums(builder, vecs, lanes=_LANES):
+    """``[Σ lanes of vecs[k] for k < lanes]`` as one vector (lane k ← vecs[k]): a transposing
+    tree — each level adds the two halves of every lane group of a pair of vectors, halving the
+    groups (``lanes`` vectors of ``lanes`` floats, 16 or 8)."""
+    ity = ir.VectorType(_IRI32, lanes)
+    labels = [[k] * lanes for k in range(len(vecs))]
     vecs = list(vecs)
-    g = _LANES
+    g = lanes
     while g > 1:
         half = g // 2
-        first = [gi * g + j for gi in range(_LANES // g) for j in range(half)]
-        second = [gi * g + half + j for gi in range(_LANES // g) for j in range(half)]
+        first = [gi * g + j for gi in range(lanes // g) for j in range(half)]
+        second = [gi * g + half + j for gi in range(lanes // g) for j in range(half)]
         nv, nl = [], []
         for i in range(0, len(vecs), 2):
             a, b = vecs[i], vecs[i + 1]
-            xi = first + [_LANES + j for j in first]
-            yi = second + [_LANES + j for j in second]
-            x = builder.shuffle_vector(a, b, ir.Constant(_V16I32, xi))
-            y = builder.shuffle_vector(a, b, ir.Constant(_V16I32, yi))
+            xi = first + [lanes + j for j in first]
+            yi = second + [lanes + j for j in second]
+            x = builder.shuffle_vector(a, b, ir.Constant(ity, xi))
+            y = builder.shuffle_vector(a, b, ir.Constant(ity, yi))
             nv.append(builder.fadd(x, y))
             la, lb = labels[i], labels[i + 1]
             nl.append([la[j] for j in first] + [lb[j] for j in first])
         vecs, labels = nv, nl
         g = half
     (last,), (lab,) = vecs, labels
-    order = [lab.index(k) for k in range(_LANES)]
-    return builder.shuffle_vector(last, ir.Constant(_V16F, ir.Undefined), ir.Constant(_V16I32, order))
+    order = [lab.index(k) for k in range(lanes)]
+    return builder.shuffle_vector(last, ir.Constant(last.type, ir.Undefined), ir.Constant(ity, order))
 
 
 def _ir_variants(context, builder, flat_type, kind, emit):
@@ -481,17 +483,24 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-# The scores' register block where the compile target lacks AVX-512: the (rows × keys) block above
-# in passes over D of at most SCORES_NARROW_ACCS accumulators of 16 lanes (8 of AVX2's 16 ymm at
-# 4), all the block's rows first (q read by the FMAs from L1, each key piece widened once a
-# pass).  The 16 accumulators of AVX-512's blocks are 32 ymm there, kept on the stack
-# (docs/decoding.md, "An AMD EPYC Zen 3 without AVX-512").  Each accumulator gets the same FMAs in
-# the same order (over D's pieces), whatever the passes: the same bits.  _fused16 alone, R 4, 256
-# keys, float16 / bfloat16, ns a key (min of 15 × 200 calls, Zen 3, 4 Dec): 16 accumulators 83 / 76,
-# 2 rows × 2 keys 52 / 58, 4 × 1 49 / 48.
-SCORES_NARROW_ACCS = 4
+# The scores' register block where the compile target lacks AVX-512 (docs/decoding.md, "Register
+# blocks for AVX2"): the 16 accumulators of 16 lanes of AVX-512's blocks are 32 ymm there, kept
+# on the stack.  Instead: passes over D of at most SCORES_NARROW_ACCS accumulators of 8 lanes (one
+# ymm each; 4 rows × 2 keys, 3 × 2, 2 × 4, 1 × 8), all the block's rows first (q read by the FMAs
+# from L1, each key piece widened once a pass), a run-time loop over the block's keys (one copy
+# of the pass per row count: the 16-bit decode kernel compiles in 150 s here, 564 s with a copy
+# per key group), each pass asking for its own keys' request rows; the accumulators stored by
+# index, then one 8-lane tree per row and 8 keys (half the shuffles of the 16-lane trees).  Lane
+# j of an accumulator sums the products at d ≡ j (mod 8) in D's order: other bits than the
+# 16-lane sums of AVX-512 targets, the same for a key wherever it sits (its pass and tree do not
+# depend on its place in the block, nor on the row count).  _fused16 alone, 256 keys in L2, ns a
+# key (medians of 9 × 200 calls alternated, Zen 3, 4 Dec), float16 / bfloat16: 16 accumulators of
+# 16 lanes (fe8e755's first form) R 4 83 / 76; 4 of 16 lanes R 4 46 / 51, R 3 43 / 44, R 8 89 / 100;
+# 8 of 8 lanes R 4 41 / 42, R 3 33 / 33, R 8 78 / 80.
+SCORES_NARROW_ACCS = 8
 # the narrow blocks (these, PV_NARROW_TILE's): None — where the compile target lacks avx512f;
-# True / False forces them either way (tests compile both on one machine and compare bits)
+# True / False forces them either way (tests compile both on one machine: the P·V tiles give the
+# same bits, the scores' 8-lane sums their own)
 NARROW_TILES = None
 
 
@@ -511,26 +520,34 @@ def _scores_keys_per_pass(rows, narrow):
     return keys
 
 
-def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, tail, fma, requests, itemsize):
+def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, tail, fma, requests, itemsize, lanes=_LANES):
     """One pass over D of a register block: ``accs[i][k]`` (allocas) ← q row ``i`` (at ``qrows[i]``)
     · the key row at ``keys[k]``, FMAs over D's pieces in order (the masked ``tail`` piece last);
     ``requests``: ``[(array, row offsets, width, locality)]``, line ``j`` of each row asked for
-    beside piece ``j``'s FMAs."""
+    beside piece ``j``'s FMAs.  ``lanes`` 8: 8-lane accumulators, each 16-lane piece's two halves
+    added in turn (``fma``: ``llvm.fma.v8f32``)."""
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
-    zero = ir.Constant(_V16F, [0.0] * _LANES)
+    zero = ir.Constant(ir.VectorType(_IRF, lanes), [0.0] * lanes)
     for row in accs:
         for a in row:
             builder.store(zero, a)
+    halves = [ir.Constant(ir.VectorType(_IRI32, 8), list(range(h, h + 8))) for h in (0, 8)]
+
+    def split(v):
+        if lanes == _LANES:
+            return [v]
+        return [builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined), h) for h in halves]
 
     def fmas(d0, load_q, load_k):
-        qvs = [load_q(builder.add(qrow, d0)) for qrow in qrows]
+        qvs = [split(load_q(builder.add(qrow, d0))) for qrow in qrows]
         for k, key in enumerate(keys):
-            kv = load_k(builder.add(key, d0))
+            kvs = split(load_k(builder.add(key, d0)))
             for i, qv in enumerate(qvs):
                 a = accs[i][k]
-                args = [builder.load(a), qv, kv] if variant == "dot" else [qv, kv, builder.load(a)]
-                builder.store(builder.call(fma, args), a)
+                for qh, kh in zip(qv, kvs):
+                    args = [builder.load(a), qh, kh] if variant == "dot" else [qh, kh, builder.load(a)]
+                    builder.store(builder.call(fma, args), a)
 
     with cgutils.for_range(builder, nvec) as piece:
         d0 = builder.mul(piece.index, d_step)
@@ -552,16 +569,17 @@ def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, t
                  lambda i: _ir_vec_load_masked(builder, fd, i, variant, mask))
 
 
-def _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, key0, scale):
+def _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, key0, scale, lanes=_LANES):
     """Sum the lanes of a register block's accumulators (``vecs[i·kg + k]``: row ``r0 + i``, key
-    ``key0 + k``; rows past ``rows_c`` zeros) by one transposing tree and store the scores."""
-    total = _ir_lane_sums(builder, vecs)  # lane i·kg + k: row r0 + i, key key0 + k
+    ``key0 + k``; rows past ``rows_c`` zeros; ``lanes`` of them, of ``lanes`` floats) by one
+    transposing tree and store the scores."""
+    total = _ir_lane_sums(builder, vecs, lanes)  # lane i·kg + k: row r0 + i, key key0 + k
     if scale is not None:
         total = builder.fmul(total, scale)
     vty = ir.VectorType(_IRF, kg)
     for i in range(rows_c):
-        part = total if kg == _LANES else builder.shuffle_vector(
-            total, ir.Constant(_V16F, ir.Undefined), ir.Constant(ir.VectorType(_IRI32, kg), [i * kg + k for k in range(kg)]))
+        part = total if kg == lanes else builder.shuffle_vector(
+            total, ir.Constant(total.type, ir.Undefined), ir.Constant(ir.VectorType(_IRI32, kg), [i * kg + k for k in range(kg)]))
         dst = builder.add(builder.mul(builder.add(r0, ir.Constant(_IRI64, i)), ns_), key0)
         builder.store(part, builder.bitcast(builder.gep(sd, [dst]), vty.as_pointer()), align=4)
 
@@ -587,11 +605,17 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
     d_step = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     zero = ir.Constant(_V16F, [0.0] * _LANES)
     c4 = ir.Constant(_IRI64, 4)
+    # vdpbf16ps runs only where the target has AVX-512 (its function gets AVX-512's features
+    # wherever it is compiled: _bf16_dot_function): the wide blocks
+    narrow = narrow and variant != "dot"
     if narrow:
         # the block's key rows and request rows by index, and the accumulators of 4 rows × 16 keys
         key_arr = cgutils.alloca_once(builder, _IRI64, size=_LANES)
         req_arrs = [cgutils.alloca_once(builder, _IRI64, size=_LANES) for _ in pf]
-        acc_arr = cgutils.alloca_once(builder, _V16F, size=4 * _LANES)
+        v8 = ir.VectorType(_IRF, 8)
+        acc_arr = cgutils.alloca_once(builder, v8, size=4 * _LANES)
+        accs8 = [cgutils.alloca_once(builder, v8) for _ in range(SCORES_NARROW_ACCS)]
+        fma8 = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8, [v8] * 3))
         for arr, rows in [(key_arr, bases)] + [(arr, req[1]) for arr, req in zip(req_arrs, pf)]:
             for k, row in enumerate(rows):
                 builder.store(row, builder.gep(arr, [ir.Constant(_IRI64, k)]))
@@ -618,23 +642,27 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                     vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                     _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, ir.Constant(_IRI64, g * kg)), scale)
             else:
+                # 8-lane accumulators, a run-time loop over the block's keys ki at a time; lane j of
+                # (row i, key k) sums q·k's products at d ≡ j (mod 8) in D's order, then one 8-lane
+                # tree per row and 8 keys
                 with cgutils.for_range(builder, ir.Constant(_IRI64, _LANES // ki)) as kp:
                     k0 = builder.mul(kp.index, ir.Constant(_IRI64, ki))
                     at = [builder.add(k0, ir.Constant(_IRI64, k)) for k in range(ki)]
                     keys = [builder.load(builder.gep(key_arr, [k])) for k in at]
                     requests = [(parr, [builder.load(builder.gep(arr, [k])) for k in at], pw, loc)
                                 for arr, (parr, _, pw, loc) in zip(req_arrs, pf)]
-                    pass_accs = [[accs[i * ki + k] for k in range(ki)] for i in range(rows_c)]
-                    _ir_scores_pass(builder, variant, fd, qd, qrows, keys, pass_accs, d_step, nvec, tail, fma, requests, itemsize)
+                    pass_accs = [[accs8[i * ki + k] for k in range(ki)] for i in range(rows_c)]
+                    _ir_scores_pass(builder, variant, fd, qd, qrows, keys, pass_accs, d_step, nvec, tail, fma8, requests, itemsize, 8)
                     for i in range(rows_c):
                         for k in range(ki):
                             slot = builder.add(ir.Constant(_IRI64, i * _LANES), at[k])
                             builder.store(builder.load(pass_accs[i][k]), builder.gep(acc_arr, [slot]))
-                with cgutils.for_range(builder, ir.Constant(_IRI64, _LANES // kg)) as grp:
-                    key0 = builder.mul(grp.index, ir.Constant(_IRI64, kg))
-                    vecs = [builder.load(builder.gep(acc_arr, [builder.add(key0, ir.Constant(_IRI64, i * _LANES + k))]))
-                            if i < rows_c else zero for i in range(rp) for k in range(kg)]
-                    _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, key0), scale)
+                with cgutils.for_range(builder, ir.Constant(_IRI64, 2 * rows_c)) as job:  # (row, 8 keys)
+                    i = builder.sdiv(job.index, ir.Constant(_IRI64, 2))
+                    key0 = builder.mul(builder.srem(job.index, ir.Constant(_IRI64, 2)), ir.Constant(_IRI64, 8))
+                    first = builder.add(builder.mul(i, ir.Constant(_IRI64, _LANES)), key0)
+                    vecs = [builder.load(builder.gep(acc_arr, [builder.add(first, ir.Constant(_IRI64, k))])) for k in range(8)]
+                    _ir_scores_store(builder, sd, vecs, 1, 8, builder.add(r0, i), ns_, builder.add(t0, key0), scale, 8)
             builder.branch(after)
         builder.position_at_end(after)
 

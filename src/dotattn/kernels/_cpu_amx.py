@@ -32,6 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._cpu_cache import install_locator
+from ._cpu_simd import target_features
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -70,7 +71,7 @@ def _amx_function(context, builder, extra="+amx-tile,+amx-bf16"):
     attrs = builder.function.attributes
     key = '"target-features"="'
     have = [a for a in attrs if isinstance(a, str) and a.startswith(key)]
-    features = have[0][len(key) : -1] if have else (getattr(context.codegen(), "_tm_features", "") or "")
+    features = have[0][len(key) : -1] if have else target_features(context)
     for a in have:
         set.discard(attrs, a)
     parts = [f for f in features.split(",") if f]

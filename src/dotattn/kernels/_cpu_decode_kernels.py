@@ -37,7 +37,7 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_primitives import _np_matmul, exp2_fraction
-from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector
+from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector, target_has
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -368,14 +368,6 @@ def _ir_dpbf16(builder):
         "llvm.x86.avx512bf16.dpbf16ps.512", fnty=ir.FunctionType(_V16F, [_V16F, _V32BF, _V32BF]))
 
 
-def _target_has(context, feature):
-    """Whether the compile target (Numba's target machine: the host, or NUMBA_CPU_NAME /
-    NUMBA_CPU_FEATURES) surely has ``feature``: its features string's last mention is ``+``."""
-    features = getattr(context.codegen(), "_tm_features", "") or ""
-    marks = [f[0] for f in features.split(",") if f[1:] == feature]
-    return bool(marks) and marks[-1] == "+"
-
-
 def _bf16_dot_function(context, builder):
     """Let the function being compiled (the ``_scores_dot`` overload) hold ``vdpbf16ps``.
 
@@ -390,7 +382,7 @@ def _bf16_dot_function(context, builder):
     would be a second arithmetic path no CPU ever runs, and whose bits (the instruction's
     flushing of denormals) could not be checked against the instruction here.  Where the
     target has avx512bf16 nothing changes: the same IR and machine code as before."""
-    if not _target_has(context, "avx512bf16"):
+    if not target_has("avx512bf16", context):
         from ._cpu_amx import _AVX512, _amx_function
 
         _amx_function(context, builder, _AVX512)
@@ -506,7 +498,7 @@ NARROW_TILES = None
 
 def _narrow(context):
     """Whether this compile uses the narrow register blocks (NARROW_TILES)."""
-    return (not _target_has(context, "avx512f")) if NARROW_TILES is None else bool(NARROW_TILES)
+    return (not target_has("avx512f", context)) if NARROW_TILES is None else bool(NARROW_TILES)
 
 
 def _scores_keys_per_pass(rows, narrow):

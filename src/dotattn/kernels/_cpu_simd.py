@@ -151,13 +151,27 @@ def _tanh_vector(builder, x):
     return builder.select(builder.fcmp_unordered("uno", x, x), x, r)
 
 
+def target_features(context=None) -> str:
+    """The LLVM features string of the compile target (Numba's target machine: the host, or
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) of ``context`` (None: Numba's CPU target)."""
+    if context is None:
+        from numba.core.registry import cpu_target
+
+        context = cpu_target.target_context
+    return getattr(context.codegen(), "_tm_features", "") or ""
+
+
+def target_has(feature: str, context=None) -> bool:
+    """Whether the compile target surely has ``feature``: its features string's last mention of
+    it is ``+``."""
+    marks = [f[0] for f in target_features(context).split(",") if f[1:] == feature]
+    return bool(marks) and marks[-1] == "+"
+
+
 @functools.lru_cache(maxsize=None)
 def has_scalef():
     """Whether Numba compiles for a CPU with AVX-512 F and DQ (``vscalefps``, ``vreduceps``)."""
-    from numba.core.registry import cpu_target
-
-    features = (getattr(cpu_target.target_context.codegen(), "_tm_features", "") or "").split(",")
-    return "+avx512f" in features and "+avx512dq" in features
+    return target_has("avx512f") and target_has("avx512dq")
 
 
 def _exp2_unit_vector(builder, s, mul_v, sub_v):

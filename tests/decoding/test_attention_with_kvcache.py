@@ -91,6 +91,29 @@ def test_cache_holds_the_new_tokens_and_nothing_else_changes(backend, layout, pa
     assert C.canonical(case.v_cache, layout)[untouched].tobytes() == C.canonical(before_v, layout)[untouched].tobytes()
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu decode kernel is not under test")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_blhd_call_runs_the_kernel_signatures_of_a_bhld_one(dtype):
+    # q of a "blhd" call is a transposed view (strided where Lq > 1): the kernel must get it C-contiguous, as a
+    # "bhld" call's, so that no first "blhd" call compiles another signature (`dotattn
+    # precompile` runs "bhld" calls; a first "blhd" call compiled for 25–160 s before)
+    from dotattn.decode_semantics import normalize
+    from dotattn.kernels import _cpu_decode_kernels as K
+    from dotattn.kernels import cpu_decode
+
+    entries = (K.run_serial, K.run_items, K.run_items_caller)
+    for layout in ("bhld", "blhd"):
+        for parallel_min_bytes in (None, 0):  # the one-entry kernel; plan and items
+            case = C.make_case(21, page_size=None, Lq=3, Lnew=3, layout=layout, dtype=dtype, q_dtype=np.float32)
+            call = normalize(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, causal=True, window=None,
+                             scale=None, softcap=None, alibi_slopes=None, rotary=None, **case.kwargs())
+            before = [len(e.signatures) for e in entries]
+            out, _ = cpu_decode.decode(call, **({} if parallel_min_bytes is None else {"parallel_min_bytes": 0}))
+            assert np.isfinite(out).all()
+            if layout == "blhd":
+                assert [len(e.signatures) for e in entries] == before, (parallel_min_bytes, before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rotary_keys_are_stored_rotated(backend):
     case = C.make_case(5, page_size=4, Lq=2, Lnew=2)

@@ -251,7 +251,10 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             K.float_from_half_scaled(q.reshape(-1).view(np.uint16), d.scale, qs.reshape(-1))
             q = qs
         else:
-            q = np.multiply(q, d.scale, dtype=T)  # a fresh C-contiguous array in the compute dtype
+            # a fresh C-contiguous array in the compute dtype — order="C": NumPy keeps a strided
+            # q's memory order otherwise ("blhd" caches' q is a transposed view), and the kernel
+            # entries would compile a second signature for it on the first such call (25 s here)
+            q = np.multiply(q, d.scale, dtype=T, order="C")
     alibi = call.alibi_slopes
     slopes = alibi if alibi is not None else _no_slopes(T)
     left, right, Dv = d.left, d.right, d.Dv

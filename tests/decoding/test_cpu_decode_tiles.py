@@ -119,28 +119,34 @@ def _chunks(rng, dtype):
                     yield R, D, n, npf, flat, kind, values, offs, q
 
 
+def _each_chunk(dtypes, seed):
+    """``(rng, dtype, chunk)`` for every chunk of :func:`_chunks` of each dtype (all of them: the
+    count is checked at the end)."""
+    rng = np.random.default_rng(seed)
+    cases = 0
+    for dtype in dtypes:
+        for chunk in _chunks(rng, dtype):
+            yield rng, dtype, chunk
+            cases += 1
+    assert cases == len(dtypes) * len(ROWS) * 4 * 2 * 2
+
+
 def test_narrow_pv_tiles_give_the_wide_tiles_bits(compiled):
     _check_pv(compiled, SIXTEEN_BIT)
 
 
 def _check_pv(compiled, dtypes):
-    both = compiled
-    rng = np.random.default_rng(3)
-    cases = 0
-    for dtype in dtypes:
-        for R, D, n, npf, flat, kind, _, offs, _ in _chunks(rng, dtype):
-            ns = (n + 15) // 16 * 16
-            p = rng.random(R * ns).astype(np.float32)
-            p[rng.random(R * ns) < 0.2] = 0.0  # P = 0 is used as any other weight
-            got = []
-            for narrow in (False, True):
-                o = np.full(R * D, np.nan, np.float32)  # overwritten
-                both[narrow][2](p, R, n, flat, kind, offs, D, o, npf)
-                got.append(o)
-            assert np.isfinite(got[0]).all()
-            assert np.array_equal(got[0], got[1]), (dtype, R, D, n, npf)
-            cases += 1
-    assert cases == len(dtypes) * len(ROWS) * 4 * 2 * 2
+    for rng, dtype, (R, D, n, npf, flat, kind, _, offs, _) in _each_chunk(dtypes, 3):
+        ns = (n + 15) // 16 * 16
+        p = rng.random(R * ns).astype(np.float32)
+        p[rng.random(R * ns) < 0.2] = 0.0  # P = 0 is used as any other weight
+        got = []
+        for narrow in (False, True):
+            o = np.full(R * D, np.nan, np.float32)  # overwritten
+            compiled[narrow][2](p, R, n, flat, kind, offs, D, o, npf)
+            got.append(o)
+        assert np.isfinite(got[0]).all()
+        assert np.array_equal(got[0], got[1]), (dtype, R, D, n, npf)
 
 
 def _scores(fn, q, R, D, flat, kind, offs, n, npf):
@@ -155,31 +161,25 @@ def test_narrow_scores_are_within_the_rule_and_the_same_for_a_key_wherever_it_si
 
 
 def _check_scores(compiled, dtypes):
-    both = compiled
-    rng = np.random.default_rng(5)
-    cases = 0
-    for dtype in dtypes:
-        for R, D, n, npf, flat, kind, values, offs, q in _chunks(rng, dtype):
-            keys = values.reshape(n, D)[offs // D]  # key t is the row at offs[t]
-            exact = q.reshape(R, D).astype(np.float64) @ keys.astype(np.float64).T
-            naive = q.reshape(R, D) @ keys.T  # float32 BLAS
-            tol = 2 * np.abs(naive - exact).max() + 1e-6
-            perm = rng.permutation(n)
-            for narrow in (False, True):
-                fn = both[narrow][1]
-                s = _scores(fn, q, R, D, flat, kind, offs, n, npf)
-                assert np.abs(s - exact).max() <= tol, (dtype, R, D, n, narrow, np.abs(s - exact).max(), tol)
-                # the keys in another order (other places in their blocks, other blocks): each key's bits
-                moved = _scores(fn, q, R, D, flat, kind, offs[perm], n, npf)
-                assert np.array_equal(moved, s[:, perm]), (dtype, R, D, n, narrow)
-                # a query row alone (a one-row register block), and the rows beside one more row
-                for r in {0, R - 1}:
-                    alone = _scores(fn, q[r * D : (r + 1) * D].copy(), 1, D, flat, kind, offs, n, npf)
-                    assert np.array_equal(alone[0], s[r]), (dtype, R, D, n, r, narrow)
-                more = np.concatenate([q, q[:D]])
-                assert np.array_equal(_scores(fn, more, R + 1, D, flat, kind, offs, n, npf)[:R], s), (dtype, R, D, n, narrow)
-            cases += 1
-    assert cases == len(dtypes) * len(ROWS) * 4 * 2 * 2
+    for rng, dtype, (R, D, n, npf, flat, kind, values, offs, q) in _each_chunk(dtypes, 5):
+        keys = values.reshape(n, D)[offs // D]  # key t is the row at offs[t]
+        exact = q.reshape(R, D).astype(np.float64) @ keys.astype(np.float64).T
+        naive = q.reshape(R, D) @ keys.T  # float32 BLAS
+        tol = 2 * np.abs(naive - exact).max() + 1e-6
+        perm = rng.permutation(n)
+        for narrow in (False, True):
+            fn = compiled[narrow][1]
+            s = _scores(fn, q, R, D, flat, kind, offs, n, npf)
+            assert np.abs(s - exact).max() <= tol, (dtype, R, D, n, narrow, np.abs(s - exact).max(), tol)
+            # the keys in another order (other places in their blocks, other blocks): each key's bits
+            moved = _scores(fn, q, R, D, flat, kind, offs[perm], n, npf)
+            assert np.array_equal(moved, s[:, perm]), (dtype, R, D, n, narrow)
+            # a query row alone (a one-row register block), and the rows beside one more row
+            for r in {0, R - 1}:
+                alone = _scores(fn, q[r * D : (r + 1) * D].copy(), 1, D, flat, kind, offs, n, npf)
+                assert np.array_equal(alone[0], s[r]), (dtype, R, D, n, r, narrow)
+            more = np.concatenate([q, q[:D]])
+            assert np.array_equal(_scores(fn, more, R + 1, D, flat, kind, offs, n, npf)[:R], s), (dtype, R, D, n, narrow)
 
 
 def test_narrow_and_wide_fused_passes_agree(compiled):
@@ -188,25 +188,22 @@ def test_narrow_and_wide_fused_passes_agree(compiled):
 
 
 def _check_fused(compiled, dtypes):
-    both = compiled
-    rng = np.random.default_rng(7)
-    for dtype in dtypes:
-        for R, D, n, npf, flat, kind, _, offs, q in _chunks(rng, dtype):
-            if D % 16:
-                continue  # the fused pass needs Dv % 16 == 0
-            ns = (n + 15) // 16 * 16
-            got = []
-            for narrow in (False, True):
-                s = np.zeros(R * ns, np.float32)
-                o = np.zeros(R * D, np.float32)
-                m = np.full(R, -np.inf, np.float32)
-                st = np.zeros(R * K.FUSED_STATS, np.float32)
-                both[narrow][0](q, R, D, flat, kind, offs, n, s, D, o, m, st, npf, np.zeros(2 * R, np.float32))
-                got.append((o, m))
-            (o0, m0), (o1, m1) = got
-            assert np.isfinite(o0).all() and np.isfinite(o1).all()
-            np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(o1, o0, rtol=1e-4, atol=1e-5 * np.abs(o0).max())
+    for _, dtype, (R, D, n, npf, flat, kind, _, offs, q) in _each_chunk(dtypes, 7):
+        if D % 16:
+            continue  # the fused pass needs Dv % 16 == 0
+        ns = (n + 15) // 16 * 16
+        got = []
+        for narrow in (False, True):
+            s = np.zeros(R * ns, np.float32)
+            o = np.zeros(R * D, np.float32)
+            m = np.full(R, -np.inf, np.float32)
+            st = np.zeros(R * K.FUSED_STATS, np.float32)
+            compiled[narrow][0](q, R, D, flat, kind, offs, n, s, D, o, m, st, npf, np.zeros(2 * R, np.float32))
+            got.append((o, m))
+        (o0, m0), (o1, m1) = got
+        assert np.isfinite(o0).all() and np.isfinite(o1).all()
+        np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6, err_msg=str((dtype, R, D, n, npf)))
+        np.testing.assert_allclose(o1, o0, rtol=1e-4, atol=1e-5 * np.abs(o0).max(), err_msg=str((dtype, R, D, n, npf)))
 
 
 def test_the_narrow_passes_tile_each_block():

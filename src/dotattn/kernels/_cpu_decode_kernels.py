@@ -976,8 +976,13 @@ FUSED_MAX_TREE = True
 # 1.354 → 1.258 ms, alone 2.202 → 2.027 (docs/decoding-log.md, "B1 4k float32: no requests for the
 # next block's values").  Other settings tried there: K ahead 4 / 16 / 32 (V none) 1–4 % behind 8;
 # the V rows 0 keys ahead into L1 or L2, or 16 ahead into L1, no gain; no requests at all slower.
+# That was an AVX-512 Zen 5; on the AVX2 Zen 3 (4 Dec, 23:01, decode_ab.py B1 4k float32, 41
+# rounds, load 0.9) the value rows asked for into L2 FUSED_AHEAD_KEYS ahead were faster: pool
+# 2.81 → 2.43 ms, alone 3.53 → 3.10, paged pool 1.83 → 1.63 (into L1: 2.48, 3.07, 1.68; the keys 16
+# ahead instead: no gain).  FUSED_SMALL_V_LOCALITY None: by the compile target, 0 where it has
+# AVX-512 and 2 where not (the two machines measured; same bits either way).
 FUSED_AHEAD_KEYS = 8
-FUSED_SMALL_V_LOCALITY = 0
+FUSED_SMALL_V_LOCALITY = None
 FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
@@ -1018,7 +1023,10 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         itemsize = 4 if at[3].dtype == types.float32 else 2
         narrow = _narrow(context)
         # the next block's rows where no next item is asked for: float32 as FUSED_AHEAD_KEYS etc. say
-        ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, FUSED_SMALL_V_LOCALITY, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
+        small_v_locality = FUSED_SMALL_V_LOCALITY
+        if small_v_locality is None:
+            small_v_locality = 0 if target_has("avx512f", context) else 2
+        ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, small_v_locality, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
         c0 = ir.Constant(_IRI64, 0)
         c1 = ir.Constant(_IRI64, 1)
         c16 = ir.Constant(_IRI64, _LANES)

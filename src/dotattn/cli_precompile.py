@@ -87,6 +87,24 @@ def _compile_dtype(name: str) -> None:
     cpu.precompile((name,), progress=_print_row)
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker's start: it ends when the ``dotattn precompile`` that spawned it ends (killed,
+    interrupted) instead of compiling on, orphaned, for minutes (Linux: ``PR_SET_PDEATHSIG``;
+    elsewhere nothing is done).  A parent already gone before the call: the worker exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _compile_in_processes(dtypes: list[str], jobs: int) -> None:
     """Each dtype in its own process, ``jobs`` at once: Numba compiles on one core, and the
     dtypes' kernels are separate specializations (≈ 160, 165 and 95 s here for float32,
@@ -98,7 +116,8 @@ def _compile_in_processes(dtypes: list[str], jobs: int) -> None:
     from concurrent.futures.process import BrokenProcessPool
 
     try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(dtypes)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(dtypes)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
             for future in [pool.submit(_compile_dtype, name) for name in dtypes]:
                 future.result()  # a worker's exception is raised here, with its traceback
         return

@@ -591,9 +591,9 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
     ``tail``: ``D − 16·nvec`` (D not a multiple of 16): after the whole pieces, one more piece
     of q and k read through a mask (lanes past D neither read nor summed: zeros).
 
-    ``narrow``: each register block in passes of :func:`_scores_keys_per_pass` keys, a run-time
-    loop over the block's 16 keys (each pass asks for its own keys' request rows), the
-    accumulators kept by index for the lane-sum trees, a run-time loop over the key groups."""
+    ``narrow``: each register block in passes of :func:`_scores_keys_per_pass` keys with 8-lane
+    accumulators, a run-time loop over the block's 16 keys (each pass asks for its own keys'
+    request rows), the accumulators kept by index, then one 8-lane tree per row and 8 keys."""
     d_step = ir.Constant(_IRI64, 2 * _LANES if variant == "dot" else _LANES)
     zero = ir.Constant(_V16F, [0.0] * _LANES)
     c4 = ir.Constant(_IRI64, 4)

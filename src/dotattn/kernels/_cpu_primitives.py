@@ -22,7 +22,7 @@ from ._cpu_amx import _BFloat
 from ._cpu_cache import install_locator
 from ._cpu_isa import GEMM_SYMBOL, SGEMM_SYMBOL, THREADS_SYMBOL
 from ._cpu_options import FULL, PARTIAL, SKIP
-from ._cpu_simd import EXP2_TOP, EXP2_ZERO_BELOW, LANES, LOG2E, dot_tile_f64, exp2_max_tile16, exp2_tile16
+from ._cpu_simd import EXP2_TOP, EXP2_ZERO_BELOW, LANES, LOG2E, dot_tile_f64, exp2_max_tile16, exp2_tile16, ldexp_exp2
 from .dropout import splitmix64 as _splitmix64_py
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
@@ -389,8 +389,8 @@ def exp2_unit(f):
 def _exp2_one(s, mul, sub):
     # The plain-loop twin of _cpu_simd._exp2_unit_vector (the same bits, +inf included):
     # f = x − roundeven(x) is exact, as vreduceps's; ldexp is what vscalefps does with n for every x kept (x > −125.5:
-    # results ≥ 2**−125.5, never subnormal); the clamp at 128 keeps the int conversion
-    # defined (both overflow to +inf there).  LLVM vectorizes loops of it (roundeven, ldexp:
+    # results ≥ 2**−125.5, never subnormal); the clamp at EXP2_TOP (129) keeps the int
+    # conversion defined (both overflow to +inf from x = 128.5 on).  LLVM vectorizes loops of it (roundeven, ldexp:
     # vrndscaleps, vscalefps on AVX-512).
     x = s * mul - sub
     n = _roundeven(x)
@@ -699,14 +699,14 @@ def _roundeven(typingctx, x):
 
 @intrinsic
 def _ldexp(typingctx, x, n):
-    """``x · 2**n`` (float32, int32) with IEEE underflow to 0: ``llvm.ldexp``, one ``vscalefps``
-    per 16 lanes on AVX-512 (the bfloat16 path's CPUs all have it)."""
+    """``x · 2**n`` (float32, int32) for the exp passes' operands, ``x ∈ [½, 2)`` and ``n ≥ −125``
+    (the callers select 0 below): ``llvm.ldexp`` — one ``vscalefps`` per 16 lanes — where the
+    compile target has AVX-512, else the same bits from the exponent's bits (LLVM would call
+    libm's ``ldexpf`` per element there; :func:`_cpu_simd.ldexp_exp2`)."""
     sig = types.float32(types.float32, types.int32)
 
     def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ldexp.f32.i32")
-        return builder.call(fn, args)
+        return ldexp_exp2(builder, args[0], args[1], context)
 
     return sig, codegen
 

@@ -57,8 +57,10 @@ EXP2_UNIT_COEFFS = (
 # and 2**f ≥ 2**−½, normal, so that vscalefps never underflows (a microcode assist: the
 # bfloat16 pass's masked tiles ran 12× slower, docs/performance.md)
 EXP2_ZERO_BELOW = -125.5
-# the exponent's clamp before the int conversion of the portable form (2**128 overflows already)
-EXP2_TOP = 128.0
+# the exponent's clamp before the int conversion of the portable form: p·2**129 overflows for
+# every p = 2**f ≥ 2**−½, as vscalefps's unclamped n does (at 128, an x in [128.5, 129) with a
+# negative fraction gave a finite p·2**128 where vscalefps gives +inf)
+EXP2_TOP = 129.0
 
 
 def _splat(builder, value, vty=_VF):
@@ -209,8 +211,45 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
         return builder.call(scalef, [p, n, zero, builder.bitcast(keep, i16), ir.Constant(_I32, 4)])
     top = _fconst(EXP2_TOP)
     e = builder.fptosi(builder.select(builder.fcmp_ordered("<", n, top), n, top), _VI)
-    ldexp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VI]), "llvm.ldexp.v16f32.v16i32")
-    return builder.select(keep, builder.call(ldexp, [p, e]), zero)
+    return builder.select(keep, ir_times_pow2(builder, p, e), zero)
+
+
+# where ir_times_pow2's exponent is clamped: 2**(129 − 1) is +inf's bit pattern, so every
+# larger exponent still gives +inf, as ldexp does for the factors it takes
+_POW2_TOP = 129
+
+
+def ir_times_pow2(builder, p, e):
+    """``p · 2**e`` for float32 ``p ∈ [½, 2)`` and int32 ``e ≥ −125`` (scalars, or vectors of
+    both): the exp passes' ``ldexp`` of ``2**f`` by ``n`` (every caller selects 0 for a
+    smaller ``e``), as ``(p + p) · 2**(e − 1)`` with the power built from its exponent bits.
+
+    The same bits as ``ldexp`` there: ``p + p`` is exact, ``2**(e − 1)`` is a normal power of
+    two, so the product is ``p · 2**e`` exactly (a normal number, since ``p · 2**e ≥ 2**−126``)
+    or overflows to +inf as ``ldexp`` does.  ``llvm.ldexp`` is one ``vscalefps`` where the
+    target has AVX-512; elsewhere LLVM calls libm's ``ldexpf`` lane by lane (an AVX2 Zen 3:
+    5 ns an element, 60 % of a float32 forward tile; docs/performance.md), so there this form
+    runs instead (:func:`ldexp_exp2`)."""
+    ity, fty = e.type, p.type
+
+    def const(ty, value):
+        return ir.Constant(ty, [value] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, value)
+
+    top = const(ity, _POW2_TOP)
+    e = builder.select(builder.icmp_signed("<", e, top), e, top)
+    power = builder.bitcast(builder.shl(builder.add(e, const(ity, 126)), const(ity, 23)), fty)
+    return builder.fmul(builder.fadd(p, p), power)
+
+
+def ldexp_exp2(builder, p, e, context=None):
+    """``p · 2**e`` as the exp passes take it (:func:`ir_times_pow2`'s operands): ``llvm.ldexp``
+    (``vscalefps``/``vscalefss``) where the compile target has AVX-512 F, else
+    :func:`ir_times_pow2` — the same bits."""
+    if target_has("avx512f", context):
+        name = f"llvm.ldexp.v{p.type.count}f32.v{p.type.count}i32" if isinstance(p.type, ir.VectorType) else "llvm.ldexp.f32.i32"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(p.type, [p.type, e.type]), name)
+        return builder.call(fn, [p, e])
+    return ir_times_pow2(builder, p, e)
 
 
 def _tile_args(context, builder, sig, args):

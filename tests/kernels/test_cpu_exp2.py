@@ -9,6 +9,11 @@ no libm call.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from llvmlite import ir
@@ -73,6 +78,37 @@ def test_no_libm_call_in_the_compiled_scaling():
     _as_compiled(p, e, np.empty_like(p))
     asm = "\n".join(_as_compiled.inspect_asm().values())
     assert "ldexp" not in asm
+
+
+_BASE_FEATURES = "+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+movbe"
+_AVX512 = ",+avx512f,+avx512dq,+avx512bw,+avx512vl,+evex512"
+
+
+@pytest.mark.parametrize("cpu, features, scalef", [
+    ("znver3", _BASE_FEATURES, False),  # AVX2 only: the form from the exponent bits
+    ("skylake-avx512", _BASE_FEATURES + _AVX512, True),  # llvm.ldexp: vscalefps, vscalefss
+], ids=["avx2", "avx512"])
+def test_each_target_compiles_the_scaling_without_libm(cpu, features, scalef):
+    # compiled (not run) for another CPU in a child process: both of ldexp_exp2's forms are
+    # checked on any host
+    code = textwrap.dedent("""
+        import numpy as np
+        from numba import njit, types
+        from dotattn.kernels import _cpu_primitives as P
+
+        @njit(cache=False)
+        def scale(p, e, out):
+            for i in range(p.shape[0]):
+                out[i] = P._ldexp(p[i], e[i])
+
+        scale.compile((types.float32[::1], types.int32[::1], types.float32[::1]))
+        asm = "\\n".join(scale.inspect_asm().values())
+        print("ldexp" in asm, "vscalefps" in asm)
+    """)
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", str(scalef)]
 
 
 @njit(fastmath={"contract", "afn", "nsz"})  # as _exp2_core_f32, which inlines the scalar twin

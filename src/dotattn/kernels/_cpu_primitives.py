@@ -389,15 +389,16 @@ def exp2_unit(f):
 def _exp2_one(s, mul, sub):
     # The plain-loop twin of _cpu_simd._exp2_unit_vector (the same bits, +inf included):
     # f = x − roundeven(x) is exact, as vreduceps's; ldexp is what vscalefps does with n for every x kept (x > −125.5:
-    # results ≥ 2**−125.5, never subnormal); the clamp at EXP2_TOP (129) keeps the int
-    # conversion defined (both overflow to +inf from x = 128.5 on).  LLVM vectorizes loops of it (roundeven, ldexp:
-    # vrndscaleps, vscalefps on AVX-512).
+    # results ≥ 2**−125.5, never subnormal).  x is clamped at EXP2_TOP (129) first: every x from
+    # 128.5 on overflows to +inf either way (+inf too) and NaN is not kept, so no result changes,
+    # f stays finite and n in the int conversion's range.  LLVM vectorizes loops of it (roundeven, ldexp:
+    # vrndscaleps, vscalefps on AVX-512; the exponent's bits elsewhere).
     x = s * mul - sub
-    n = _roundeven(x)
-    f = x - n
-    p = exp2_unit(f if f == f else np.float32(0.0))  # x = +inf: vreduceps gives f = 0 (and 2**n = +inf)
-    e = np.int32(min(n, np.float32(EXP2_TOP)))
-    return _ldexp(p, e) if x > np.float32(EXP2_ZERO_BELOW) else np.float32(0.0)
+    top = np.float32(EXP2_TOP)
+    xc = x if x < top else top
+    n = _roundeven(xc)
+    p = exp2_unit(xc - n)
+    return _ldexp(p, np.int32(n)) if x > np.float32(EXP2_ZERO_BELOW) else np.float32(0.0)
 
 
 # The exp passes sum a tile's P over blocks of SUM_KEYS keys apart, then add each block's sum

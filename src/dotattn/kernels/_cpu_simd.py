@@ -199,9 +199,13 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
         f = builder.call(reduce, [x, ir.Constant(_I32, 8), zero, ir.Constant(i16, -1), ir.Constant(_I32, 4)])
         n = builder.fsub(x, f)
     else:
+        # x clamped at EXP2_TOP first (one vminps: NaN, +inf and x ≥ 129 give 129): every x from
+        # 128.5 on overflows to +inf either way and NaN is not kept, so no result changes, and
+        # f is finite and n within the int conversion's range without checks of their own
+        top = _fconst(EXP2_TOP)
+        x = builder.select(builder.fcmp_ordered("<", x, top), x, top)
         n = builder.call(_intrinsic_fn(builder, "llvm.roundeven.v16f32", 1), [x])
         f = builder.fsub(x, n)
-        f = builder.select(builder.fcmp_ordered("==", f, f), f, zero)  # x = +inf: f = 0, as vreduceps
     p = _fconst(EXP2_UNIT_COEFFS[0])
     for c in EXP2_UNIT_COEFFS[1:]:
         p = builder.call(fma, [p, f, _fconst(c)])
@@ -209,9 +213,7 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
         fnty = ir.FunctionType(_VF, [_VF, _VF, _VF, i16, _I32])
         scalef = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.mask.scalef.ps.512")
         return builder.call(scalef, [p, n, zero, builder.bitcast(keep, i16), ir.Constant(_I32, 4)])
-    top = _fconst(EXP2_TOP)
-    e = builder.fptosi(builder.select(builder.fcmp_ordered("<", n, top), n, top), _VI)
-    return builder.select(keep, ir_times_pow2(builder, p, e), zero)
+    return builder.select(keep, ir_times_pow2(builder, p, builder.fptosi(n, _VI), clamped=True), zero)
 
 
 # where ir_times_pow2's exponent is clamped: 2**(129 − 1) is +inf's bit pattern, so every
@@ -219,7 +221,7 @@ def _exp2_unit_vector(builder, s, mul_v, sub_v):
 _POW2_TOP = 129
 
 
-def ir_times_pow2(builder, p, e):
+def ir_times_pow2(builder, p, e, clamped=False):
     """``p · 2**e`` for float32 ``p ∈ [½, 2)`` and int32 ``e ≥ −125`` (scalars, or vectors of
     both): the exp passes' ``ldexp`` of ``2**f`` by ``n`` (every caller selects 0 for a
     smaller ``e``), as ``(p + p) · 2**(e − 1)`` with the power built from its exponent bits.
@@ -235,8 +237,9 @@ def ir_times_pow2(builder, p, e):
     def const(ty, value):
         return ir.Constant(ty, [value] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, value)
 
-    top = const(ity, _POW2_TOP)
-    e = builder.select(builder.icmp_signed("<", e, top), e, top)
+    if not clamped:  # (``clamped``: the caller's e ≤ 129 already)
+        top = const(ity, _POW2_TOP)
+        e = builder.select(builder.icmp_signed("<", e, top), e, top)
     power = builder.bitcast(builder.shl(builder.add(e, const(ity, 126)), const(ity, 23)), fty)
     return builder.fmul(builder.fadd(p, p), power)
 

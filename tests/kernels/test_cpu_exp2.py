@@ -16,7 +16,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 

@@ -1,5 +1,5 @@
 """How the order of a float32 decode item's reads decides its speed (docs/decoding-log.md,
-"4 Dec: the float32 rows' two states, and an order of reads that holds in both").
+"Two states of the machine, and an order of reads that holds in both").
 
 Builds ``decode_access_patterns.c`` (gcc, AVX-512, OpenMP: two threads; software prefetch only in
 the ``-next`` patterns) and times, call by call in a random order per round, on the bench's float32 cache (one query,

@@ -1,5 +1,5 @@
 """The lean float32 decode item against the current kernel, C's item order and its own passes
-(docs/decoding.md, "The lean float32 item, built and measured").
+(docs/decoding-log.md, "The lean float32 item, built and measured").
 
 FILE is a copy of ``_cpu_decode_kernels.py`` that has the lean item (``_scores_lean32``, LEAN32;
 commit 8ee3d7b, reverted by the next one):

@@ -5,7 +5,7 @@
 Per round of 20 B8 4k float32 calls: the median call, the items the partner thread ran (of
 1,024) and each thread's µs per item (by wrapping ``run_items_caller``/``run_items_partner``),
 and each vCPU's steal (time the host took it away) and busy ticks from /proc/stat.  On the AMD
-machine (4 Dec 2026, docs/decoding.md "The machine's read, round by round") both threads ran
+machine (4 Dec 2026, docs/decoding-log.md "The machine's read, round by round") both threads ran
 11.5 µs an item in the fast mode and 14.5–17.8 in the slow one, with no steal in either.
 """
 import time, sys, numpy as np

@@ -1,4 +1,4 @@
-"""The paged cache against the contiguous one, and what the pages' order costs (docs/decoding.md,
+"""The paged cache against the contiguous one, and what the pages' order costs (docs/decoding-log.md,
 "The paged cache against the contiguous one").
 
 One decode step of the bench's shape (one query token per sequence, Hq 32, Hkv 8, D 128,

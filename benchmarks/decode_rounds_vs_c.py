@@ -10,7 +10,7 @@ decode in its fastest form, and — for float32 — ``decode_access_patterns.c``
 OpenMP threads (``C item``).  ``--one=a,b`` adds those versions on one thread.  Prints whether
 the versions give the same bits, every round, the medians, × SDPA, the rounds ≥ 1.5× SDPA, each
 version's time over C's in the same round, and the same split into the third of rounds where C
-ran fastest and the rest: the machine's fast and slow states (docs/decoding.md, "Requests, orders
+ran fastest and the rest: the machine's fast and slow states (docs/decoding-log.md, "Requests, orders
 of reads, and the pass alone").
 """
 

@@ -133,7 +133,7 @@ def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES, threads: int
     the all-core read — :func:`dotattn.kernels.stream_read.sum_parts`, each of ``threads``
     Numba threads summing its own part with 16-lane vectors, the fastest plain read we have
     (NumPy's sum in one Python thread per core read 15–25 % less on the AMD machine: a bound
-    computed from it was no bound; docs/decoding.md, "The all-core read").
+    computed from it was no bound; docs/decoding-log.md, "The all-core read").
     """
     buf = np.ones(nbytes // 4, dtype=np.float32)
     if threads == 1:

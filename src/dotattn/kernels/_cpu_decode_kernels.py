@@ -475,7 +475,7 @@ def _ir_prefetch_rows(builder, data, bases, width, itemsize, locality):
 # and K/V head: float16 44 → 36 ns, bfloat16 39 → 37, float32 67 → 58.
 
 
-# The scores' register block where the compile target lacks AVX-512 (docs/decoding.md, "Register
+# The scores' register block where the compile target lacks AVX-512 (docs/decoding-log.md, "Register
 # blocks for AVX2"): the 16 accumulators of 16 lanes of AVX-512's blocks are 32 ymm there, kept
 # on the stack.  Instead: passes over D of at most SCORES_NARROW_ACCS accumulators of 8 lanes (one
 # ymm each; 4 rows × 2 keys, 3 × 2, 2 × 4, 1 × 8), all the block's rows first (q read by the FMAs
@@ -1234,7 +1234,7 @@ def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_loc
 # P·V's register tile where the compile target lacks AVX-512 (AVX2: 16 registers of 8 lanes): a
 # pass holds rows × pieces ≤ PV_NARROW_TILE 16-lane pieces of output (8 ymm at 4), besides the
 # rows' broadcast weights and the pieces' values.  The 4 × 4 tile of AVX-512 is 32 ymm there:
-# LLVM kept the accumulators on the stack, a store and a reload around each FMA (docs/decoding.md,
+# LLVM kept the accumulators on the stack, a store and a reload around each FMA (docs/decoding-log.md,
 # "An AMD EPYC Zen 3 without AVX-512").  Each output element's FMAs are the same in the same
 # order whatever the tile: the same bits.
 PV_NARROW_TILE = 4

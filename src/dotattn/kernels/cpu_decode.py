@@ -384,7 +384,7 @@ class ParallelChoice:
     core for a moment, the first calls after a pause — sent a class alone, and with a retry
     every 32 calls and three kept times to outvote it ran 64–96 calls on one thread at ≈ 1.9×
     the time on an idle machine.  ``dotattn bench --shapes decode`` timed its B8 32k bfloat16
-    row that way (110.8 ms against 59–64 on the pool, 1 Dec 2026, docs/decoding.md "The
+    row that way (110.8 ms against 59–64 on the pool, 1 Dec 2026, docs/decoding-log.md "The
     decode bench's one-thread rows"): that row shares its class with the float16 rows before
     it, whose paged calls had met such a moment.  A retry of the pool on a busy machine costs
     one call at the pool's time (≈ 1.1–1.5× alone's), and the doubling makes them rare.

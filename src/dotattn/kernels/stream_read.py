@@ -4,7 +4,7 @@ The decode bench's yardstick for what every core together can read (``bench_deco
 all-core read and its bound on × SDPA).  NumPy's ``sum`` in one thread per core read 38–43 GB/s
 on the two cores of an AMD EPYC Zen 5 machine; this loop — sixteen float32 accumulators, one
 16-lane vector, filled in address order — 46–53 GB/s in the same processes (4 Dec 2026,
-docs/decoding.md, "The all-core read").  A yardstick slower than the memory would call a
+docs/decoding-log.md, "The all-core read").  A yardstick slower than the memory would call a
 kernel "at the bound" that is not.
 """
 

@@ -1,5 +1,6 @@
-"""Throughput of ``vdpbf16ps`` (AVX512-BF16) against float32 FMAs on this CPU (docs/decoding-log.md,
-"bfloat16 scores on `vdpbf16ps`"; issue 9 §2: the bfloat16 decode scores on the dot-product instruction, measured and not kept).
+"""Throughput of ``vdpbf16ps`` (AVX512-BF16) against float32 FMAs on this CPU (issue 9 §2: the
+bfloat16 decode scores on the dot-product instruction, measured and not kept; docs/decoding-log.md,
+"bfloat16 scores on `vdpbf16ps`").
 
 A Numba loop of 12 independent accumulator chains, each step one instruction per chain, ten
 million steps: ``fma`` = ``llvm.fma.v16f32`` (16 multiply-adds), ``dp`` =

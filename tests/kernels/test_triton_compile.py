@@ -145,7 +145,8 @@ def decode_resources(arch: int = 90) -> list[str]:
 def test_the_decode_pass_compiles_without_spills():
     """The plain decode pass must not spill: before 4 Dec 2026 its float32 dots and masked
     head-dim lanes compiled to scalar loads and 1.3–5.8 KB of stack per thread, and an H200 read
-    the cache at ~1 % of its bandwidth (docs/decoding-log.md, "On a GPU: the triton decode kernel").  Compiling needs no GPU."""
+    the cache at ~1 % of its bandwidth (docs/decoding-log.md, "On a GPU: the triton decode
+    kernel").  Compiling needs no GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, "decode"], capture_output=True, text=True, env=env,
                           timeout=600, check=False)

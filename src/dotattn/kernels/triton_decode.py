@@ -45,8 +45,9 @@ MERGE_CHUNKS = 16
 
 # (keys a tile, warps, pipeline stages) of the decode kernel on a GPU, by the number of 16-bit
 # terms of its dots (0: float32 caches).  Not the interpreter's: it runs 16-key tiles.  From a
-# sweep on an H200 (docs/decoding-log.md, "On a GPU: the triton decode kernel"): 32 × 4 × 4 was the fastest or near it in
-# every 16-bit case (128 registers: four programs a multiprocessor), 32 × 4 × 3 in float32.
+# sweep on an H200 (docs/decoding-log.md, "On a GPU: the triton decode kernel"): 32 × 4 × 4 was
+# the fastest or near it in every 16-bit case (128 registers: four programs a multiprocessor),
+# 32 × 4 × 3 in float32.
 GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 
 

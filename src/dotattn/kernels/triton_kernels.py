@@ -560,8 +560,9 @@ def attn_weights(
 # exact in the float32 accumulator, so the terms' dots add up to the float32 dot but for the
 # order of the additions — at 2–3 tensor-core dots a tile instead of one float32 dot on the
 # CUDA cores, which spilled registers and read the cache at ~1 % of the H200's bandwidth
-# (docs/decoding-log.md, "On a GPU: the triton decode kernel").  Triton's interpreter computes bfloat16 dots on the raw
-# integer bits, so there the terms are widened to float32 first (the same sums, exactly).
+# (docs/decoding-log.md, "On a GPU: the triton decode kernel").  Triton's interpreter computes
+# bfloat16 dots on the raw integer bits, so there the terms are widened to float32 first (the
+# same sums, exactly).
 _WIDEN_DOTS = tl.constexpr(INTERPRETED)
 
 

@@ -1,5 +1,5 @@
-/* Memory access patterns of a float32 decode item, written plainly in C (AVX-512 intrinsics,
- * OpenMP threads): what order of reads lets the hardware stream K/V at the memory's rate while
+/* Memory access patterns of a float32 decode item, written plainly in C (GCC's vector
+ * extension: AVX-512 or AVX2 registers, whichever -march=native has; OpenMP threads): what order of reads lets the hardware stream K/V at the memory's rate while
  * the item computes.  Built and driven by benchmarks/decode_access_patterns.py (which see).
  *
  * The cache is the bench's: K and V (B, Hkv, L, 128) float32, cut into items of `chunk` keys of
@@ -27,22 +27,45 @@
  *   PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT  as PATTERN_BLOCK16_NEXT in blocks of 64 or 128 keys
  *                       (K and V alternate every 32 or 64 KiB)
  *   PATTERN_SCORES_ONLY as PATTERN_ITEM without its P·V (K only)
+ *   PATTERN_ITEM_TRANS_NEXT as PATTERN_ITEM_NEXT with PATTERN_ITEM_TRANS's scores (4 keys at once;
+ *                       the four keys' rows asked for before their scores)
  */
-#include <immintrin.h>
 #include <omp.h>
 
+/* One register of float32 lanes: 16 with AVX-512, else 8 (AVX2; a 16-lane vector there is
+ * kept on the stack by gcc 12, and its loops read a third of what they should).  `vec_loadu`
+ * reads from any 4-byte-aligned address.  (AVX-512 intrinsics until 5 Dec 2026: the same
+ * loops, which an AVX2-only CPU could not run.) */
+#ifdef __AVX512F__
+#define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef float vec_unaligned __attribute__((vector_size(LANES * 4), aligned(4)));
+static inline vec vec_loadu(const float *p) { return *(const vec_unaligned *)p; }
+static inline vec vec_zero(void) { return (vec){0}; }
+static inline vec vec_set1(float x) { return vec_zero() + x; }
+static inline vec vec_fmadd(vec a, vec b, vec c) { return a * b + c; } /* contracted to FMA by -O3 (GNU C) */
+static inline vec vec_add(vec a, vec b) { return a + b; }
+static inline float vec_reduce_add(vec a) {
+    float t = 0;
+    for (int i = 0; i < LANES; i++) t += a[i];
+    return t;
+}
+
 enum { PATTERN_FLAT, PATTERN_ITEM, PATTERN_BLOCK16, PATTERN_ITEM_TRANS, PATTERN_ITEM_DOWN, PATTERN_ITEM_NEXT,
-       PATTERN_BLOCK16_NEXT, PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT, PATTERN_SCORES_ONLY };
-enum { D = 128, R = 4, PIECES = D / 16 };
+       PATTERN_BLOCK16_NEXT, PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT, PATTERN_SCORES_ONLY, PATTERN_ITEM_TRANS_NEXT };
+enum { D = 128, R = 4, PIECES = D / LANES };
 
 static void scores_one_key(const float *k, const float *q, float s[R][4096], int key) {
-    __m512 a[R];
-    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    vec a[R];
+    for (int r = 0; r < R; r++) a[r] = vec_zero();
     for (int p = 0; p < PIECES; p++) {
-        __m512 kv = _mm512_loadu_ps(k + (long)key * D + p * 16);
-        for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + p * 16), kv, a[r]);
+        vec kv = vec_loadu(k + (long)key * D + p * LANES);
+        for (int r = 0; r < R; r++) a[r] = vec_fmadd(vec_loadu(q + r * D + p * LANES), kv, a[r]);
     }
-    for (int r = 0; r < R; r++) s[r][key] = _mm512_reduce_add_ps(a[r]) * 1e-3f;
+    for (int r = 0; r < R; r++) s[r][key] = vec_reduce_add(a[r]) * 1e-3f;
 }
 
 /* ask for row `key` of the next item (D floats: 8 lines) into L2.  Inline assembly: gcc 12 at
@@ -54,32 +77,32 @@ static inline void request_row(const float *next, int key) {
 }
 
 static void scores_four_keys_transposed(const float *k, const float *q, float s[R][4096], int g) {
-    __m512 a[R][4];
-    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) a[r][j] = _mm512_setzero_ps();
+    vec a[R][4];
+    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) a[r][j] = vec_zero();
     for (int p = 0; p < PIECES; p++) {
-        __m512 qv[R];
-        for (int r = 0; r < R; r++) qv[r] = _mm512_loadu_ps(q + r * D + p * 16);
+        vec qv[R];
+        for (int r = 0; r < R; r++) qv[r] = vec_loadu(q + r * D + p * LANES);
         for (int j = 0; j < 4; j++) {
-            __m512 kv = _mm512_loadu_ps(k + (long)(g + j) * D + p * 16);
-            for (int r = 0; r < R; r++) a[r][j] = _mm512_fmadd_ps(qv[r], kv, a[r][j]);
+            vec kv = vec_loadu(k + (long)(g + j) * D + p * LANES);
+            for (int r = 0; r < R; r++) a[r][j] = vec_fmadd(qv[r], kv, a[r][j]);
         }
     }
-    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) s[r][g + j] = _mm512_reduce_add_ps(a[r][j]) * 1e-3f;
+    for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) s[r][g + j] = vec_reduce_add(a[r][j]) * 1e-3f;
 }
 
 /* P·V of keys [k0, k0 + 16): the block's sums start from zero and join o at its end */
-static void pv_block(const float *v, float s[R][4096], __m512 o[R][PIECES], int k0) {
-    __m512 a[R][PIECES];
-    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) a[r][p] = _mm512_setzero_ps();
+static void pv_block(const float *v, float s[R][4096], vec o[R][PIECES], int k0) {
+    vec a[R][PIECES];
+    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) a[r][p] = vec_zero();
     for (int key = k0; key < k0 + 16; key++) {
-        __m512 vv[PIECES];
-        for (int p = 0; p < PIECES; p++) vv[p] = _mm512_loadu_ps(v + (long)key * D + p * 16);
+        vec vv[PIECES];
+        for (int p = 0; p < PIECES; p++) vv[p] = vec_loadu(v + (long)key * D + p * LANES);
         for (int r = 0; r < R; r++) {
-            __m512 w = _mm512_set1_ps(s[r][key]);
-            for (int p = 0; p < PIECES; p++) a[r][p] = _mm512_fmadd_ps(w, vv[p], a[r][p]);
+            vec w = vec_set1(s[r][key]);
+            for (int p = 0; p < PIECES; p++) a[r][p] = vec_fmadd(w, vv[p], a[r][p]);
         }
     }
-    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = _mm512_add_ps(o[r][p], a[r][p]);
+    for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = vec_add(o[r][p], a[r][p]);
 }
 
 /* Reads every item of K and V (nitems items of `chunk` keys, chunk a multiple of 16 and at
@@ -91,10 +114,10 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         long per = nitems / nt, first = t * per;
         static __thread float s[R][4096] __attribute__((aligned(64)));
-        __m512 o[R][PIECES], acc = _mm512_setzero_ps();
-        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = _mm512_setzero_ps();
+        vec o[R][PIECES], acc = vec_zero();
+        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = vec_zero();
         for (long n = 0; n < per; n++) {
-            int next = pattern == PATTERN_ITEM_NEXT || pattern == PATTERN_BLOCK16_NEXT || pattern == PATTERN_BLOCK64_NEXT ||
+            int next = pattern == PATTERN_ITEM_NEXT || pattern == PATTERN_ITEM_TRANS_NEXT || pattern == PATTERN_BLOCK16_NEXT || pattern == PATTERN_BLOCK64_NEXT ||
                        pattern == PATTERN_BLOCK128_NEXT;
             int block = pattern == PATTERN_BLOCK64_NEXT ? 64 : pattern == PATTERN_BLOCK128_NEXT ? 128 : 16;
             int down = (pattern == PATTERN_ITEM_DOWN || next) && t == nt - 1;
@@ -107,9 +130,9 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                 vn = V + nx * chunk * D;
             }
             if (pattern == PATTERN_FLAT) {
-                for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(k + x));
-                for (long x = 0; x < (long)chunk * D; x += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(v + x));
-            } else if (pattern == PATTERN_BLOCK16 || (next && pattern != PATTERN_ITEM_NEXT)) {
+                for (long x = 0; x < (long)chunk * D; x += LANES) acc = vec_add(acc, vec_loadu(k + x));
+                for (long x = 0; x < (long)chunk * D; x += LANES) acc = vec_add(acc, vec_loadu(v + x));
+            } else if (pattern == PATTERN_BLOCK16 || (next && pattern != PATTERN_ITEM_NEXT && pattern != PATTERN_ITEM_TRANS_NEXT)) {
                 for (int b0 = 0; b0 < chunk; b0 += block) {
                     for (int key = b0; key < b0 + block; key++) {
                         request_row(kn, key);
@@ -121,8 +144,11 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                     }
                 }
             } else {
-                if (pattern == PATTERN_ITEM_TRANS)
-                    for (int g = 0; g < chunk; g += 4) scores_four_keys_transposed(k, q, s, g);
+                if (pattern == PATTERN_ITEM_TRANS || pattern == PATTERN_ITEM_TRANS_NEXT)
+                    for (int g = 0; g < chunk; g += 4) {
+                        for (int key = g; key < g + 4; key++) request_row(kn, key);
+                        scores_four_keys_transposed(k, q, s, g);
+                    }
                 else
                     for (int key = 0; key < chunk; key++) {
                         request_row(kn, key);
@@ -134,11 +160,11 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                 }
                 if (pattern == PATTERN_SCORES_ONLY)  /* every score used (else gcc drops the scores' work) */
                     for (int r = 0; r < R; r++)
-                        for (int key = 0; key < chunk; key += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(&s[r][key]));
+                        for (int key = 0; key < chunk; key += LANES) acc = vec_add(acc, vec_loadu(&s[r][key]));
             }
         }
-        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) acc = _mm512_add_ps(acc, o[r][p]);
-        total += _mm512_reduce_add_ps(acc);
+        for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) acc = vec_add(acc, o[r][p]);
+        total += vec_reduce_add(acc);
     }
     return total;
 }

@@ -9,8 +9,9 @@ buffer, far larger than the CPU caches; the median of runs before and after the 
 
 The issue's yardstick is that one-thread read.  Both cores together read more than one does
 (a decode kernel on both cores passes 100 % of it), so the run also measures the **all-core
-read** (:mod:`dotattn.kernels.stream_read`: each core sums its own part of the buffer with
-16-lane vectors — the fastest plain read we have; NumPy's sum per core read 15–25 % less) and
+read** (:mod:`dotattn.kernels.stream_read`: each core sums its own part of the buffer, by
+the faster of two loops — the fastest plain read we have; NumPy's sum per core read 15–25 %
+less) and
 prints, per case, the **bound on × sdpa**: torch's time over the time it takes just to read
 the K/V bytes at the all-core read.  A kernel that reads every K/V byte once cannot beat torch
 by much more than that bound, whatever it computes (a cleverer read than this loop could).
@@ -130,31 +131,34 @@ def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES, threads: int
     """GB/s of reading a buffer far larger than the CPU caches (one value per run).
 
     ``threads == 1``: ``numpy.sum`` on this thread (the issue's yardstick).  ``threads > 1``:
-    the all-core read — :func:`dotattn.kernels.stream_read.sum_parts`, each of ``threads``
-    Numba threads summing its own part with 16-lane vectors, the fastest plain read we have
-    (NumPy's sum in one Python thread per core read 15–25 % less on the AMD machine: a bound
-    computed from it was no bound; docs/decoding-log.md, "The all-core read").
+    the all-core read — each of ``threads`` Numba threads summing its own part, by each loop
+    of :data:`dotattn.kernels.stream_read.READ_LOOPS` in turn, a run's value the faster loop's:
+    the fastest plain read we have (NumPy's sum in one Python thread per core read 15–25 %
+    less on the AMD Zen 5, the sixteen-lane loop a third less than the vectorized one on the
+    AVX2 Zen 3: a bound computed from a slow read was no bound; docs/decoding-log.md, "The
+    all-core read" and "The all-core read on AVX2").
     """
     buf = np.ones(nbytes // 4, dtype=np.float32)
     if threads == 1:
-        def read():
-            buf.sum()
+        reads = [buf.sum]
     else:
         import numba
 
-        from .kernels.stream_read import sum_parts
+        from .kernels.stream_read import READ_LOOPS
 
         parts = max(1, min(threads, numba.get_num_threads()))
+        reads = [lambda loop=loop: loop(buf, parts) for loop in READ_LOOPS]
 
-        def read():
-            sum_parts(buf, parts)
-
-    read()  # compiles or loads the loop; touches the buffer's pages
+    for read in reads:
+        read()  # compiles or loads the loop; touches the buffer's pages
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        read()
-        out.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        best = float("inf")
+        for read in reads:
+            t0 = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t0)
+        out.append(buf.nbytes / best / 1e9)
     return out
 
 

@@ -31,14 +31,16 @@ def test_read_bandwidth_in_threads():
     assert len(runs) == 2 and all(x > 0 for x in runs)
 
 
+@pytest.mark.parametrize("loop", ["sum_parts", "sum_parts_lanes"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
-def test_the_all_core_read_sums_every_part(parts):
-    from dotattn.kernels.stream_read import sum_parts
+def test_the_all_core_read_sums_every_part(parts, loop):
+    from dotattn.kernels import stream_read
 
     buf = (np.arange(parts * 16 * 100 + 5) % 7).astype(np.float32)  # small integers: exact sums
     n = buf.size // parts // 16 * 16
     expect = [buf[p * n : (p + 1) * n].sum(dtype=np.float64) for p in range(parts)]
-    np.testing.assert_array_equal(sum_parts(buf, parts), expect)
+    np.testing.assert_array_equal(getattr(stream_read, loop)(buf, parts), expect)
+    assert getattr(stream_read, loop) in stream_read.READ_LOOPS
 
 
 def test_unknown_peer_is_refused(capsys):

@@ -11,7 +11,8 @@ it ``decode_access_patterns.c``'s item order (K of an item, then its V; no reque
 scores alone, on one and two OpenMP threads.  Rounds in a shuffled order; prints medians (best
 of 3 calls a round).  No ``run_items``, tickets, merges or partner threads: what is left is the
 pass's own reading of the memory.  Then each version's pass over 4 items held in the L2
-(``ns a key``): its compute, for the one-thread figures' overlap.  Needs gcc and AVX-512F.
+(``ns a key``): its compute, for the one-thread figures' overlap.  Needs gcc (AVX-512 or AVX2: the C is GCC
+vector extensions since 5 Dec 2026).
 """
 
 from __future__ import annotations

@@ -29,6 +29,18 @@
  *   PATTERN_SCORES_ONLY as PATTERN_ITEM without its P·V (K only)
  *   PATTERN_ITEM_TRANS_NEXT as PATTERN_ITEM_NEXT with PATTERN_ITEM_TRANS's scores (4 keys at once;
  *                       the four keys' rows asked for before their scores)
+ *   PATTERN_BLOCK16_COLS as PATTERN_BLOCK16 (no requests), P·V in passes of one register piece:
+ *                       for each piece of Dv, its lines of the block's 16 value rows (the AVX2
+ *                       fused pass's P·V order: 4 rows × 1 piece of accumulators a pass)
+ *   PATTERN_ITEM_COLS   as PATTERN_ITEM (no requests), P·V in the same passes over all the
+ *                       item's keys (a column of 256 value rows a pass, 512 bytes apart)
+ *   PATTERN_BLOCK16_TILE<R>X<P> as PATTERN_BLOCK16_COLS with register tiles of R query rows × P
+ *                       vectors a pass (4×2 on AVX2: one 64-byte line of each value row a pass,
+ *                       dotattn's narrow tile; 1×8: four lines of a row a pass, the rows' passes
+ *                       one after another)
+ *   PATTERN_BLOCK16_COPY as PATTERN_BLOCK16_TILE4X2, each block's value rows first copied, in
+ *                       address order, to a scratch block the tiles then read
+ *   PATTERN_ITEM_COPY   the same with the item's scores first (PATTERN_ITEM's order of K)
  */
 #include <omp.h>
 
@@ -55,7 +67,10 @@ static inline float vec_reduce_add(vec a) {
 }
 
 enum { PATTERN_FLAT, PATTERN_ITEM, PATTERN_BLOCK16, PATTERN_ITEM_TRANS, PATTERN_ITEM_DOWN, PATTERN_ITEM_NEXT,
-       PATTERN_BLOCK16_NEXT, PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT, PATTERN_SCORES_ONLY, PATTERN_ITEM_TRANS_NEXT };
+       PATTERN_BLOCK16_NEXT, PATTERN_BLOCK64_NEXT, PATTERN_BLOCK128_NEXT, PATTERN_SCORES_ONLY, PATTERN_ITEM_TRANS_NEXT,
+       PATTERN_BLOCK16_COLS, PATTERN_ITEM_COLS,
+       PATTERN_BLOCK16_TILE4X2, PATTERN_BLOCK16_TILE2X4, PATTERN_BLOCK16_TILE1X8,
+       PATTERN_BLOCK16_COPY, PATTERN_ITEM_COPY };
 enum { D = 128, R = 4, PIECES = D / LANES };
 
 static void scores_one_key(const float *k, const float *q, float s[R][4096], int key) {
@@ -105,6 +120,39 @@ static void pv_block(const float *v, float s[R][4096], vec o[R][PIECES], int k0)
     for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = vec_add(o[r][p], a[r][p]);
 }
 
+/* P·V of keys [k0, k1) in passes of one piece (LANES lanes of Dv): each pass reads line `p` of
+ * every value row, key after key; the pass's sums join o at its end */
+static void pv_columns(const float *v, float s[R][4096], vec o[R][PIECES], int k0, int k1) {
+    for (int p = 0; p < PIECES; p++) {
+        vec a[R];
+        for (int r = 0; r < R; r++) a[r] = vec_zero();
+        for (int key = k0; key < k1; key++) {
+            vec vv = vec_loadu(v + (long)key * D + p * LANES);
+            for (int r = 0; r < R; r++) a[r] = vec_fmadd(vec_set1(s[r][key]), vv, a[r]);
+        }
+        for (int r = 0; r < R; r++) o[r][p] = vec_add(o[r][p], a[r]);
+    }
+}
+
+/* P·V of keys [k0, k1) in register tiles of `rp` query rows × `pp` vectors of Dv a pass, the
+ * keys in order within a pass; each pass's sums join o at its end */
+static void pv_tiles(const float *v, float s[R][4096], vec o[R][PIECES], int k0, int k1, int rp, int pp) {
+    for (int r0 = 0; r0 < R; r0 += rp)
+        for (int p0 = 0; p0 < PIECES; p0 += pp) {
+            vec a[4][8];
+            for (int i = 0; i < rp; i++) for (int j = 0; j < pp; j++) a[i][j] = vec_zero();
+            for (int key = k0; key < k1; key++) {
+                vec vv[8];
+                for (int j = 0; j < pp; j++) vv[j] = vec_loadu(v + (long)key * D + (p0 + j) * LANES);
+                for (int i = 0; i < rp; i++) {
+                    vec w = vec_set1(s[r0 + i][key]);
+                    for (int j = 0; j < pp; j++) a[i][j] = vec_fmadd(w, vv[j], a[i][j]);
+                }
+            }
+            for (int i = 0; i < rp; i++) for (int j = 0; j < pp; j++) o[r0 + i][p0 + j] = vec_add(o[r0 + i][p0 + j], a[i][j]);
+        }
+}
+
 /* Reads every item of K and V (nitems items of `chunk` keys, chunk a multiple of 16 and at
  * most 4096) in `pattern` on the OpenMP threads; returns a sum of what it computed. */
 double run(const float *K, const float *V, const float *q, long nitems, int chunk, int pattern) {
@@ -129,7 +177,31 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                 kn = K + nx * chunk * D;
                 vn = V + nx * chunk * D;
             }
-            if (pattern == PATTERN_FLAT) {
+            if (pattern == PATTERN_BLOCK16_COPY || pattern == PATTERN_ITEM_COPY) {
+                static __thread float vcopy[16 * D] __attribute__((aligned(64)));
+                int step = pattern == PATTERN_ITEM_COPY ? chunk : 16;
+                for (int b0 = 0; b0 < chunk; b0 += step) {
+                    for (int key = b0; key < b0 + step; key++) scores_one_key(k, q, s, key);
+                    for (int k0 = b0; k0 < b0 + step; k0 += 16) {
+                        for (long x = 0; x < 16 * D; x += LANES)
+                            *(vec_unaligned *)(vcopy + x) = vec_loadu(v + (long)k0 * D + x);
+                        /* the tiles over the copy: keys k0.. at rows 0.. of vcopy (scores at k0..) */
+                        pv_tiles(vcopy - (long)k0 * D, s, o, k0, k0 + 16, 4, 2);
+                    }
+                }
+            } else if (pattern == PATTERN_BLOCK16_TILE4X2 || pattern == PATTERN_BLOCK16_TILE2X4 || pattern == PATTERN_BLOCK16_TILE1X8) {
+                int rp = pattern == PATTERN_BLOCK16_TILE4X2 ? 4 : pattern == PATTERN_BLOCK16_TILE2X4 ? 2 : 1;
+                for (int b0 = 0; b0 < chunk; b0 += 16) {
+                    for (int key = b0; key < b0 + 16; key++) scores_one_key(k, q, s, key);
+                    pv_tiles(v, s, o, b0, b0 + 16, rp, 8 / rp);
+                }
+            } else if (pattern == PATTERN_BLOCK16_COLS || pattern == PATTERN_ITEM_COLS) {
+                int step = pattern == PATTERN_ITEM_COLS ? chunk : 16;
+                for (int b0 = 0; b0 < chunk; b0 += step) {
+                    for (int key = b0; key < b0 + step; key++) scores_one_key(k, q, s, key);
+                    pv_columns(v, s, o, b0, b0 + step);
+                }
+            } else if (pattern == PATTERN_FLAT) {
                 for (long x = 0; x < (long)chunk * D; x += LANES) acc = vec_add(acc, vec_loadu(k + x));
                 for (long x = 0; x < (long)chunk * D; x += LANES) acc = vec_add(acc, vec_loadu(v + x));
             } else if (pattern == PATTERN_BLOCK16 || (next && pattern != PATTERN_ITEM_NEXT && pattern != PATTERN_ITEM_TRANS_NEXT)) {

@@ -38,7 +38,9 @@ from dotattn.kernels.stream_read import sum_parts  # noqa: E402
 
 PATTERNS = {"flat": 0, "item": 1, "block16": 2, "item-trans": 3, "item-down": 4, "item-next": 5, "block16-next": 6,
             "block64-next": 7, "block128-next": 8, "scores-only": 9,
-            "item-trans-next": 10}  # the C file's enum
+            "item-trans-next": 10, "block16-cols": 11, "item-cols": 12,
+            "block16-tile4x2": 13, "block16-tile2x4": 14, "block16-tile1x8": 15,
+            "block16-copy": 16, "item-copy": 17}  # the C file's enum
 CHUNK = 256  # keys per item (decode_semantics.SPLIT_SIZE)
 
 
@@ -87,7 +89,7 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:16s} {med * 1e3:7.2f} ms  {gb / med:5.1f} GB/s  × SDPA {sdpa / med:4.2f}")
-    shown = ["dotattn", "C item", "C item-next", "C item-trans-next", "C block16-next", "C block128-next"]
+    shown = ["dotattn", "C item", "C block16", "C block16-tile4x2", "C block16-copy", "C item-copy"]
     print("  per round (ms):", " / ".join(shown))
     for row in zip(*(times[name] for name in shown)):
         print("    " + " ".join(f"{t * 1e3:5.2f}" for t in row))

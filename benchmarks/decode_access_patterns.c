@@ -120,20 +120,6 @@ static void pv_block(const float *v, float s[R][4096], vec o[R][PIECES], int k0)
     for (int r = 0; r < R; r++) for (int p = 0; p < PIECES; p++) o[r][p] = vec_add(o[r][p], a[r][p]);
 }
 
-/* P·V of keys [k0, k1) in passes of one piece (LANES lanes of Dv): each pass reads line `p` of
- * every value row, key after key; the pass's sums join o at its end */
-static void pv_columns(const float *v, float s[R][4096], vec o[R][PIECES], int k0, int k1) {
-    for (int p = 0; p < PIECES; p++) {
-        vec a[R];
-        for (int r = 0; r < R; r++) a[r] = vec_zero();
-        for (int key = k0; key < k1; key++) {
-            vec vv = vec_loadu(v + (long)key * D + p * LANES);
-            for (int r = 0; r < R; r++) a[r] = vec_fmadd(vec_set1(s[r][key]), vv, a[r]);
-        }
-        for (int r = 0; r < R; r++) o[r][p] = vec_add(o[r][p], a[r]);
-    }
-}
-
 /* P·V of keys [k0, k1) in register tiles of `rp` query rows × `pp` vectors of Dv a pass, the
  * keys in order within a pass; each pass's sums join o at its end */
 static void pv_tiles(const float *v, float s[R][4096], vec o[R][PIECES], int k0, int k1, int rp, int pp) {
@@ -199,7 +185,7 @@ double run(const float *K, const float *V, const float *q, long nitems, int chun
                 int step = pattern == PATTERN_ITEM_COLS ? chunk : 16;
                 for (int b0 = 0; b0 < chunk; b0 += step) {
                     for (int key = b0; key < b0 + step; key++) scores_one_key(k, q, s, key);
-                    pv_columns(v, s, o, b0, b0 + step);
+                    pv_tiles(v, s, o, b0, b0 + step, 4, 1); /* one vector of every row a pass */
                 }
             } else if (pattern == PATTERN_FLAT) {
                 for (long x = 0; x < (long)chunk * D; x += LANES) acc = vec_add(acc, vec_loadu(k + x));

@@ -512,11 +512,33 @@ def _scores_keys_per_pass(rows, narrow):
     return keys
 
 
+def _ir_requests_in_order(builder, pfn, parr, prows, pwidth, locality, piece, itemsize):
+    """Piece ``piece``'s share of the requests for ``rows`` = ``len(prows)`` rows of ``pwidth``
+    elements, in address order: slot ``e`` of the piece asks for line ``i = piece·rows + e`` of
+    the rows' lines taken in turn (row ``i // L``, its line ``i mod L``, ``L`` lines a row) —
+    the same lines as one line of each row beside each piece, asked for in another order."""
+    per_line = ir.Constant(_IRI64, 64 // itemsize)
+    nlines = builder.sdiv(builder.add(pwidth, ir.Constant(_IRI64, 64 // itemsize - 1)), per_line)
+    nrows = len(prows)
+    for e in range(nrows):
+        i = builder.add(builder.mul(piece, ir.Constant(_IRI64, nrows)), ir.Constant(_IRI64, e))
+        r = builder.sdiv(i, nlines)
+        row = prows[0]
+        for k in range(1, nrows):
+            row = builder.select(builder.icmp_signed("==", r, ir.Constant(_IRI64, k)), prows[k], row)
+        loff = builder.mul(builder.srem(i, nlines), per_line)
+        with builder.if_then(builder.icmp_signed("<", r, ir.Constant(_IRI64, nrows))):
+            ptr = builder.bitcast(builder.gep(parr, [builder.add(row, loff)]), ir.IntType(8).as_pointer())
+            builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
+
+
 def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, tail, fma, requests, itemsize, lanes=_LANES):
     """One pass over D of a register block: ``accs[i][k]`` (allocas) ← q row ``i`` (at ``qrows[i]``)
     · the key row at ``keys[k]``, FMAs over D's pieces in order (the masked ``tail`` piece last);
-    ``requests``: ``[(array, row offsets, width, locality)]``, line ``j`` of each row asked for
-    beside piece ``j``'s FMAs.  ``lanes`` 8: 8-lane accumulators, each 16-lane piece's two halves
+    ``requests``: ``[(array, row offsets, width, locality[, in_order])]``, line ``j`` of each row
+    asked for beside piece ``j``'s FMAs; with ``in_order`` true, the rows' lines in address order
+    instead (the pass's rows are adjacent in the item: piece ``j`` asks for lines ``j·rows`` to
+    ``j·rows + rows − 1`` of the rows' run, :data:`REQUESTS_IN_ADDRESS_ORDER`).  ``lanes`` 8: 8-lane accumulators, each 16-lane piece's two halves
     added in turn (``fma``: ``llvm.fma.v8f32``)."""
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
@@ -543,7 +565,10 @@ def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, t
 
     with cgutils.for_range(builder, nvec) as piece:
         d0 = builder.mul(piece.index, d_step)
-        for parr, prows, pwidth, locality in requests:
+        for parr, prows, pwidth, locality, *in_order in requests:
+            if in_order and in_order[0]:
+                _ir_requests_in_order(builder, pfn, parr, prows, pwidth, locality, piece.index, itemsize)
+                continue
             loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
             with builder.if_then(builder.icmp_signed("<", loff, pwidth)):
                 for prow in prows:
@@ -630,7 +655,7 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                 for g in range(_LANES // kg):
                     block_accs = [[accs[i * kg + k] for k in range(kg)] for i in range(rows_c)]
                     _ir_scores_pass(builder, variant, fd, qd, qrows, bases[g * kg: (g + 1) * kg], block_accs, d_step, nvec, tail, fma,
-                                    [(parr, prows[g * kg: (g + 1) * kg], pw, loc) for parr, prows, pw, loc in pf], itemsize)
+                                    [(req[0], req[1][g * kg: (g + 1) * kg]) + tuple(req[2:]) for req in pf], itemsize)
                     vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                     _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, ir.Constant(_IRI64, g * kg)), scale)
             else:
@@ -641,8 +666,8 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                     k0 = builder.mul(kp.index, ir.Constant(_IRI64, ki))
                     at = [builder.add(k0, ir.Constant(_IRI64, k)) for k in range(ki)]
                     keys = [builder.load(builder.gep(key_arr, [k])) for k in at]
-                    requests = [(parr, [builder.load(builder.gep(arr, [k])) for k in at], pw, loc)
-                                for arr, (parr, _, pw, loc) in zip(req_arrs, pf)]
+                    requests = [(req[0], [builder.load(builder.gep(arr, [k])) for k in at]) + tuple(req[2:])
+                                for arr, req in zip(req_arrs, pf)]
                     pass_accs = [[accs8[i * ki + k] for k in range(ki)] for i in range(rows_c)]
                     _ir_scores_pass(builder, variant, fd, qd, qrows, keys, pass_accs, d_step, nvec, tail, fma8, requests, itemsize, 8)
                     for i in range(rows_c):
@@ -984,6 +1009,16 @@ FUSED_MAX_TREE = True
 FUSED_AHEAD_KEYS = 8
 FUSED_SMALL_V_LOCALITY = None
 FUSED_SMALL_V_AHEAD = None  # keys ahead for the value rows (None: FUSED_AHEAD_KEYS)
+# the next item's requests in address order (:func:`_ir_requests_in_order`, and the P·V passes'
+# value lines likewise): a pass asks for the lines of its keys' next rows one row after the other,
+# instead of line j of every row beside piece j.  With AVX2's narrow tiles the P·V passes read one
+# piece of each of the block's 16 value rows, so their requests went down the next block in 512-byte
+# strides, 8 times over.  decode_ab.py float32 pool, the AVX2 Zen 3 (5 Dec, 09:00–09:17, 41 rounds,
+# load 1.2–1.4), ms against the old order: B8 4k 11.88 against 12.92, B1 32k 12.59 against 13.98
+# (the value lines alone in order: 12.75 and 13.73); same bits (docs/decoding-log.md, "The next
+# item's requests in address order").  None: where the target has the narrow tiles (measured there
+# only); True / False forces it.
+REQUESTS_IN_ADDRESS_ORDER = None
 FUSED_STATS = 48  # floats of a row's state: the row sum's lane totals, a block's lane sums, a check
 
 
@@ -1027,6 +1062,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
         if small_v_locality is None:
             small_v_locality = 0 if target_has("avx512f", context) else 2
         ahead, small_v_locality, v_ahead = (FUSED_AHEAD_KEYS, small_v_locality, FUSED_SMALL_V_AHEAD) if itemsize == 4 else (16, 2, None)
+        in_order = narrow if REQUESTS_IN_ADDRESS_ORDER is None else REQUESTS_IN_ADDRESS_ORDER
         c0 = ir.Constant(_IRI64, 0)
         c1 = ir.Constant(_IRI64, 1)
         c16 = ir.Constant(_IRI64, _LANES)
@@ -1128,14 +1164,24 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             nlines = -(-nv * _LANES // per_line)  # at most this many lines start in nv pieces
             lines_on = [builder.icmp_signed("<", builder.add(line0, ir.Constant(_IRI64, j * per_line)), pass_end) for j in range(nlines)]
             pf_on = builder.and_(has, first_rg) if FUSED_NEXT_V_IN_PV else None
+            row_lines = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, per_line - 1)), ir.Constant(_IRI64, per_line))
             with cgutils.for_range(builder, cnt) as key:
                 t = builder.add(t0, key.index)
                 if FUSED_NEXT_V_IN_PV:
                     with builder.if_then(pf_on):
-                        prow_v = row_of(pvd, t, npf_, nlast)
+                        if in_order and nlines == 1:
+                            # in address order: the pass that holds line l of the rows asks,
+                            # key by key, for lines l·cnt … l·cnt + cnt − 1 of the block's next rows
+                            # taken in turn (REQUESTS_IN_ADDRESS_ORDER)
+                            i = builder.add(builder.mul(builder.sdiv(line0, ir.Constant(_IRI64, per_line)), cnt), key.index)
+                            prow_v = row_of(pvd, builder.add(t0, builder.sdiv(i, row_lines)), npf_, nlast)
+                            at0 = builder.mul(builder.srem(i, row_lines), ir.Constant(_IRI64, per_line))
+                        else:
+                            prow_v = row_of(pvd, t, npf_, nlast)
+                            at0 = line0
                         for j in range(nlines):
                             with builder.if_then(lines_on[j]):
-                                at = builder.add(prow_v, builder.add(line0, ir.Constant(_IRI64, j * per_line)))
+                                at = builder.add(prow_v, builder.add(at0, ir.Constant(_IRI64, j * per_line)))
                                 ptr = builder.bitcast(builder.gep(vfd, [at]), i8p)
                                 builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, 2), ir.Constant(_IRI32, 1)])
                 base = builder.add(builder.load(builder.gep(vod, [t])), builder.mul(v0, c16))
@@ -1170,7 +1216,7 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                     npk.append(next_row(pkd, t))
                     if not FUSED_NEXT_V_IN_PV:
                         npv.append(next_row(pvd, t))
-            pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality)
+            pf = _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality, in_order)
             _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, None, tail, narrow)
 
         def emit_blocks(variant, nxt):
@@ -1205,16 +1251,17 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
     return sig, codegen
 
 
-def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality):
+def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality, in_order=False):
     """The fused pass's requests beside the scores' FMAs (``(array, row offsets, width,
     locality)``, as :func:`_ir_scores_blocked` takes them) for the block loop's copy of one case
     (``emit``): ``nxt`` True — the next item's key rows into L2 (and its value rows,
     unless the ``P·V`` part asks for them: FUSED_NEXT_V_IN_PV); False — the next block's rows
     (keys into L1, values as ``small_v_locality`` says).  What the shared loop's per-block selects
-    gave each case, without the other case's rows."""
+    gave each case, without the other case's rows.  ``in_order``: the next item's key rows asked
+    for in address order (REQUESTS_IN_ADDRESS_ORDER)."""
     pf = []
     if nxt:
-        pf.append((fd, npk, D_, 2))
+        pf.append((fd, npk, D_, 2, in_order))
         if not FUSED_NEXT_V_IN_PV:
             pf.append((vfd, npv, Dv_, 2))
         if FUSED_K_LOCALITY and not FUSED_K_SMALL_ONLY:

@@ -512,21 +512,29 @@ def _scores_keys_per_pass(rows, narrow):
     return keys
 
 
+def _ir_line_in_order(builder, slot, width, itemsize):
+    """Request slot ``slot`` in address order over rows of ``width`` elements taken in turn:
+    ``(row, offset)`` — the row's index among them (``slot // L``, ``L`` 64-byte lines a row)
+    and the element offset of its line (``(slot mod L)`` lines).  The one mapping the scores'
+    requests (:func:`_ir_requests_in_order`) and the P·V passes' value lines share
+    (:data:`REQUESTS_IN_ADDRESS_ORDER`)."""
+    per_line = ir.Constant(_IRI64, 64 // itemsize)
+    lines = builder.sdiv(builder.add(width, ir.Constant(_IRI64, 64 // itemsize - 1)), per_line)
+    return builder.sdiv(slot, lines), builder.mul(builder.srem(slot, lines), per_line)
+
+
 def _ir_requests_in_order(builder, pfn, parr, prows, pwidth, locality, piece, itemsize):
     """Piece ``piece``'s share of the requests for ``rows`` = ``len(prows)`` rows of ``pwidth``
-    elements, in address order: slot ``e`` of the piece asks for line ``i = piece·rows + e`` of
-    the rows' lines taken in turn (row ``i // L``, its line ``i mod L``, ``L`` lines a row) —
-    the same lines as one line of each row beside each piece, asked for in another order."""
-    per_line = ir.Constant(_IRI64, 64 // itemsize)
-    nlines = builder.sdiv(builder.add(pwidth, ir.Constant(_IRI64, 64 // itemsize - 1)), per_line)
+    elements, in address order: slot ``e`` of the piece asks for line ``piece·rows + e`` of
+    the rows' lines taken in turn (:func:`_ir_line_in_order`) — the same lines as one line of
+    each row beside each piece, asked for in another order."""
     nrows = len(prows)
     for e in range(nrows):
         i = builder.add(builder.mul(piece, ir.Constant(_IRI64, nrows)), ir.Constant(_IRI64, e))
-        r = builder.sdiv(i, nlines)
+        r, loff = _ir_line_in_order(builder, i, pwidth, itemsize)
         row = prows[0]
         for k in range(1, nrows):
             row = builder.select(builder.icmp_signed("==", r, ir.Constant(_IRI64, k)), prows[k], row)
-        loff = builder.mul(builder.srem(i, nlines), per_line)
         with builder.if_then(builder.icmp_signed("<", r, ir.Constant(_IRI64, nrows))):
             ptr = builder.bitcast(builder.gep(parr, [builder.add(row, loff)]), ir.IntType(8).as_pointer())
             builder.call(pfn, [ptr, ir.Constant(_IRI32, 0), ir.Constant(_IRI32, locality), ir.Constant(_IRI32, 1)])
@@ -1164,7 +1172,6 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
             nlines = -(-nv * _LANES // per_line)  # at most this many lines start in nv pieces
             lines_on = [builder.icmp_signed("<", builder.add(line0, ir.Constant(_IRI64, j * per_line)), pass_end) for j in range(nlines)]
             pf_on = builder.and_(has, first_rg) if FUSED_NEXT_V_IN_PV else None
-            row_lines = builder.sdiv(builder.add(Dv_, ir.Constant(_IRI64, per_line - 1)), ir.Constant(_IRI64, per_line))
             with cgutils.for_range(builder, cnt) as key:
                 t = builder.add(t0, key.index)
                 if FUSED_NEXT_V_IN_PV:
@@ -1174,8 +1181,8 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
                             # key by key, for lines l·cnt … l·cnt + cnt − 1 of the block's next rows
                             # taken in turn (REQUESTS_IN_ADDRESS_ORDER)
                             i = builder.add(builder.mul(builder.sdiv(line0, ir.Constant(_IRI64, per_line)), cnt), key.index)
-                            prow_v = row_of(pvd, builder.add(t0, builder.sdiv(i, row_lines)), npf_, nlast)
-                            at0 = builder.mul(builder.srem(i, row_lines), ir.Constant(_IRI64, per_line))
+                            vrow, at0 = _ir_line_in_order(builder, i, Dv_, itemsize)
+                            prow_v = row_of(pvd, builder.add(t0, vrow), npf_, nlast)
                         else:
                             prow_v = row_of(pvd, t, npf_, nlast)
                             at0 = line0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import platform
+from typing import Any, NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -512,6 +513,19 @@ def _scores_keys_per_pass(rows, narrow):
     return keys
 
 
+class _Request(NamedTuple):
+    """Software requests (``llvm.prefetch``) beside a scores pass's FMAs: the lines of ``rows``
+    (row offsets into ``array``, ``width`` elements each) into the cache level ``locality``
+    says; ``in_order``: in address order (:func:`_ir_requests_in_order`) rather than line ``j``
+    of every row beside piece ``j``."""
+
+    array: Any
+    rows: list
+    width: Any
+    locality: int
+    in_order: bool = False
+
+
 def _ir_line_in_order(builder, slot, width, itemsize):
     """Request slot ``slot`` in address order over rows of ``width`` elements taken in turn:
     ``(row, offset)`` — the row's index among them (``slot // L``, ``L`` 64-byte lines a row)
@@ -543,11 +557,11 @@ def _ir_requests_in_order(builder, pfn, parr, prows, pwidth, locality, piece, it
 def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, tail, fma, requests, itemsize, lanes=_LANES):
     """One pass over D of a register block: ``accs[i][k]`` (allocas) ← q row ``i`` (at ``qrows[i]``)
     · the key row at ``keys[k]``, FMAs over D's pieces in order (the masked ``tail`` piece last);
-    ``requests``: ``[(array, row offsets, width, locality[, in_order])]``, line ``j`` of each row
-    asked for beside piece ``j``'s FMAs; with ``in_order`` true, the rows' lines in address order
-    instead (the pass's rows are adjacent in the item: piece ``j`` asks for lines ``j·rows`` to
-    ``j·rows + rows − 1`` of the rows' run, :data:`REQUESTS_IN_ADDRESS_ORDER`).  ``lanes`` 8: 8-lane accumulators, each 16-lane piece's two halves
-    added in turn (``fma``: ``llvm.fma.v8f32``)."""
+    ``requests``: :class:`_Request` s, line ``j`` of each row asked for beside piece ``j``'s FMAs;
+    with ``in_order``, the rows' lines in address order instead (the pass's rows are adjacent in
+    the item: piece ``j`` asks for lines ``j·rows`` to ``j·rows + rows − 1`` of the rows' run,
+    :data:`REQUESTS_IN_ADDRESS_ORDER`).  ``lanes`` 8: 8-lane accumulators, each 16-lane piece's
+    two halves added in turn (``fma``: ``llvm.fma.v8f32``)."""
     i8p = ir.IntType(8).as_pointer()
     pfn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, _IRI32, _IRI32, _IRI32]))
     zero = ir.Constant(ir.VectorType(_IRF, lanes), [0.0] * lanes)
@@ -573,8 +587,8 @@ def _ir_scores_pass(builder, variant, fd, qd, qrows, keys, accs, d_step, nvec, t
 
     with cgutils.for_range(builder, nvec) as piece:
         d0 = builder.mul(piece.index, d_step)
-        for parr, prows, pwidth, locality, *in_order in requests:
-            if in_order and in_order[0]:
+        for parr, prows, pwidth, locality, in_order in requests:
+            if in_order:
                 _ir_requests_in_order(builder, pfn, parr, prows, pwidth, locality, piece.index, itemsize)
                 continue
             loff = builder.mul(piece.index, ir.Constant(_IRI64, 64 // itemsize))
@@ -611,8 +625,8 @@ def _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, key0, scale, lanes=
 
 def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale=None, tail=None,
                        narrow=False):
-    """The scores of one block of 16 keys; ``pf``: a list of ``(array, 16 row offsets, width,
-    locality)``, rows asked for meanwhile, line ``j`` of each key group's rows beside piece ``j``'s
+    """The scores of one block of 16 keys; ``pf``: :class:`_Request` s of 16 rows
+    each, rows asked for meanwhile, line ``j`` of each key group's rows beside piece ``j``'s
     FMAs (in a burst per block before: B8 4k one thread, alternating, load 2.3–2.9: float16
     15.13 → 13.81 ms with the next item's rows interleaved first and then the next key block's
     too, bfloat16 14.62 → 14.02, float32 25.41 → 24.51; B1 32k within 1 %).
@@ -641,7 +655,7 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
         acc_arr = cgutils.alloca_once(builder, v8, size=4 * _LANES)
         accs8 = [cgutils.alloca_once(builder, v8) for _ in range(SCORES_NARROW_ACCS)]
         fma8 = builder.module.declare_intrinsic("llvm.fma.v8f32", fnty=ir.FunctionType(v8, [v8] * 3))
-        for arr, rows in [(key_arr, bases)] + [(arr, req[1]) for arr, req in zip(req_arrs, pf)]:
+        for arr, rows in [(key_arr, bases)] + [(arr, req.rows) for arr, req in zip(req_arrs, pf)]:
             for k, row in enumerate(rows):
                 builder.store(row, builder.gep(arr, [ir.Constant(_IRI64, k)]))
     nrg = builder.sdiv(builder.add(R_, ir.Constant(_IRI64, 3)), c4)
@@ -663,7 +677,7 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                 for g in range(_LANES // kg):
                     block_accs = [[accs[i * kg + k] for k in range(kg)] for i in range(rows_c)]
                     _ir_scores_pass(builder, variant, fd, qd, qrows, bases[g * kg: (g + 1) * kg], block_accs, d_step, nvec, tail, fma,
-                                    [(req[0], req[1][g * kg: (g + 1) * kg]) + tuple(req[2:]) for req in pf], itemsize)
+                                    [req._replace(rows=req.rows[g * kg: (g + 1) * kg]) for req in pf], itemsize)
                     vecs = [builder.load(accs[i * kg + k]) if i < rows_c else zero for i in range(rp) for k in range(kg)]
                     _ir_scores_store(builder, sd, vecs, rows_c, kg, r0, ns_, builder.add(t0, ir.Constant(_IRI64, g * kg)), scale)
             else:
@@ -674,7 +688,7 @@ def _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nve
                     k0 = builder.mul(kp.index, ir.Constant(_IRI64, ki))
                     at = [builder.add(k0, ir.Constant(_IRI64, k)) for k in range(ki)]
                     keys = [builder.load(builder.gep(key_arr, [k])) for k in at]
-                    requests = [(req[0], [builder.load(builder.gep(arr, [k])) for k in at]) + tuple(req[2:])
+                    requests = [req._replace(rows=[builder.load(builder.gep(arr, [k])) for k in at])
                                 for arr, req in zip(req_arrs, pf)]
                     pass_accs = [[accs8[i * ki + k] for k in range(ki)] for i in range(rows_c)]
                     _ir_scores_pass(builder, variant, fd, qd, qrows, keys, pass_accs, d_step, nvec, tail, fma8, requests, itemsize, 8)
@@ -782,11 +796,11 @@ def _scores_codegen(dot):
                     t = builder.select(builder.icmp_signed("<", t, npf_), t, nlast)
                     t = builder.select(has, t, ir.Constant(_IRI64, 0))
                     rows_pf.append(builder.select(has, builder.load(builder.gep(pkd, [t])), vbases[k]))
-                pf = []  # (array, 16 row offsets, width, locality)
+                pf = []  # requests for 16 rows each
                 if PREFETCH_V:
-                    pf.append((builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_), 2))
+                    pf.append(_Request(builder.select(has, fd, vfd), rows_pf, builder.select(has, D_, Dv_), 2))
                 if PREFETCH_K_LOCALITY:
-                    pf.append((fd, ahead, D_, PREFETCH_K_LOCALITY))
+                    pf.append(_Request(fd, ahead, D_, PREFETCH_K_LOCALITY))
                 _ir_scores_blocked(builder, variant, fd, qd, sd, bases, t0, R_, D_, ns_, nvec, fma, accs, pf, itemsize, scale, tail,
                                    _narrow(context))
 
@@ -1259,8 +1273,8 @@ def _fused16(typingctx, q, R, D, flat, kind, offs, n, s, ns, vflat, voffs, Dv, o
 
 
 def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_locality, in_order=False):
-    """The fused pass's requests beside the scores' FMAs (``(array, row offsets, width,
-    locality)``, as :func:`_ir_scores_blocked` takes them) for the block loop's copy of one case
+    """The fused pass's requests beside the scores' FMAs (:class:`_Request` s, as
+    :func:`_ir_scores_blocked` takes them) for the block loop's copy of one case
     (``emit``): ``nxt`` True — the next item's key rows into L2 (and its value rows,
     unless the ``P·V`` part asks for them: FUSED_NEXT_V_IN_PV); False — the next block's rows
     (keys into L1, values as ``small_v_locality`` says).  What the shared loop's per-block selects
@@ -1268,20 +1282,20 @@ def _fused_requests(nxt, fd, vfd, D_, Dv_, npk, npv, kahead, vahead, small_v_loc
     for in address order (REQUESTS_IN_ADDRESS_ORDER)."""
     pf = []
     if nxt:
-        pf.append((fd, npk, D_, 2, in_order))
+        pf.append(_Request(fd, npk, D_, 2, in_order))
         if not FUSED_NEXT_V_IN_PV:
-            pf.append((vfd, npv, Dv_, 2))
+            pf.append(_Request(vfd, npv, Dv_, 2))
         if FUSED_K_LOCALITY and not FUSED_K_SMALL_ONLY:
-            pf.append((fd, kahead, D_, FUSED_K_LOCALITY))
+            pf.append(_Request(fd, kahead, D_, FUSED_K_LOCALITY))
     else:
         if small_v_locality:
-            pf.append((vfd, vahead, Dv_, small_v_locality))
+            pf.append(_Request(vfd, vahead, Dv_, small_v_locality))
         if not FUSED_NEXT_V_IN_PV:
-            pf.append((vfd, vahead, Dv_, 2))
+            pf.append(_Request(vfd, vahead, Dv_, 2))
         if FUSED_K_LOCALITY:
-            pf.append((fd, kahead, D_, FUSED_K_LOCALITY))
+            pf.append(_Request(fd, kahead, D_, FUSED_K_LOCALITY))
     if FUSED_V_LOCALITY:
-        pf.append((vfd, vahead, Dv_, FUSED_V_LOCALITY))
+        pf.append(_Request(vfd, vahead, Dv_, FUSED_V_LOCALITY))
     return pf
 
 

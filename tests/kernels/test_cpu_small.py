@@ -265,3 +265,63 @@ def test_items_from_the_shared_queue_give_the_serial_bytes():
             got = cpu_small.forward(call, threads=threads)
             for a, b in zip(got, serial, strict=True):
                 H.assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["serial", "parallel"])
+@pytest.mark.parametrize(
+    "Lq, Lk, options",
+    [
+        (70, 70, dict(causal=True)),
+        (33, 45, dict(causal=True)),  # bottom-right: the first block already sees 13 keys
+        (64, 40, dict(causal="top_left")),
+        (100, 100, dict(window=(9, 0), softcap=3.0)),
+        (40, 40, dict(window=(None, 3), alibi_slopes=np.linspace(0.1, 0.6, 6))),  # not causal: later keys hidden all the same
+        (70, 70, dict(causal=True, q_lengths=np.array([70, 31, 0]), kv_lengths=np.array([70, 50, 12]))),
+        (65, 65, dict(causal=True, dropout_p=0.3, seed=11, scale=1.7)),
+        (48, 48, dict(causal=True, segment_ids=np.repeat(np.arange(3), 16)[None].repeat(3, 0),
+                      mask=np.tri(48, 48, 5, dtype=bool))),
+    ],
+    ids=["causal", "bottom-right-longer-keys", "top-left", "window-softcap", "right-window-alibi", "lengths",
+         "dropout-scale", "segments-mask"],
+)
+def test_query_blocks_match_reference(Lq, Lk, options, threads):
+    """Under a causal mask (or a window hiding later keys) an item is a block of QUERY_BLOCK
+    queries reading only the keys its rows see; every block, the last one short, rows past
+    q_lengths, whole sequences with no query, all match the reference."""
+    q_len, kv_len = options.get("q_lengths"), options.get("kv_lengths")
+    q, k, v = H.random_qkv(21, batch=(3,), Hq=6, Hkv=2, Lq=Lq, Lk=Lk, D=32, q_lengths=q_len, kv_lengths=kv_len)
+    call, _, _ = _check(q, k, v, threads=threads, **options)
+    blocks = -(-Lq // cpu_small.QUERY_BLOCK)
+    assert blocks >= 2 and cpu_small.SmallForward(call).items == 3 * 2 * blocks
+
+
+def test_query_blocks_give_the_same_bytes_on_any_thread_count():
+    """Blocks come from the shared queue longest first; which thread takes one never changes it."""
+    q, k, v = H.random_qkv(22, batch=(2,), Hq=9, Hkv=3, Lq=100, D=64)
+    call = semantics.normalize(q, k, v, causal=True)
+    assert cpu_small.SmallForward(call).items == 2 * 3 * 4
+    serial = cpu_small.forward(call, threads=1)
+    for threads in (2, 5):
+        for a, b in zip(cpu_small.forward(call, threads=threads), serial, strict=True):
+            H.assert_bitwise_equal(a, b)
+
+
+def test_calls_that_hide_no_later_key_keep_one_block():
+    """Without causal or a right window every row reads every key: one item per (sequence, K/V head)."""
+    q, k, v = H.random_qkv(23, batch=(2,), Hq=6, Hkv=2, Lq=100, D=16)
+    for options in (dict(), dict(window=(5, None))):
+        assert cpu_small.SmallForward(semantics.normalize(q, k, v, **options)).items == 4
+
+
+def test_nan_in_a_late_query_block_leaves_the_small_path():
+    """A NaN score in the last block (taken first) stops the call: it reruns on the general
+    path, which follows the NaN policy row by row."""
+    q, k, v = H.random_qkv(24, batch=(1,), Hq=3, Hkv=1, Lq=80, D=16)
+    q[0, 1, 75, 2] = np.nan
+    call = semantics.normalize(q, k, v, causal=True)
+    assert cpu_small.forward(call, threads=1) is None
+    out = dotattn.attention(q, k, v, causal=True, implementation="cpu")
+    expected = dotattn.attention(q, k, v, causal=True, implementation="numpy")
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=2e-5, atol=2e-6)

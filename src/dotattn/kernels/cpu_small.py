@@ -30,6 +30,11 @@ from .dropout import seed_key
 MAX_SCORES = 1 << 16
 # Fewer multiply-adds than this run in the caller's thread.
 PARALLEL_MIN_WORK = 1 << 18
+# Queries per work item under a causal mask or a window that hides later keys: a block of
+# early queries reads only the keys they see, so the blocks skip most of the hidden scores
+# (L 128: 5/8 of a whole item's), and a sequence of a few K/V heads still makes enough items
+# for both threads.
+QUERY_BLOCK = 32
 # OpenBLAS runs a GEMM of M·N·K ≤ 64³ on the calling thread whatever its thread count
 # (interface/gemm.c: SMP_THRESHOLD_MIN · GEMM_MULTITHREAD_THRESHOLD), so our threads need no
 # BLAS limit below that.
@@ -155,7 +160,7 @@ class SmallForward:
     """
 
     __slots__ = ("T", "q_rows", "out_shape", "lse_shape", "out_final", "lse_final", "B", "Lq", "Lk", "group",
-                 "items", "parallel", "blas_limit", "options")
+                 "query_block", "items", "parallel", "blas_limit", "options")
 
     def __init__(self, call: AttentionCall):
         T = self.T = call.compute_dtype
@@ -169,7 +174,10 @@ class SmallForward:
         self.q_rows = (B, Hkv, R, D)
         self.out_shape, self.lse_shape = (B, Hkv, R, Dv), (B, Hkv, R)
         self.out_final, self.lse_final = (B, Hq, Lq, Dv), (B, Hq, Lq)
-        self.items = B * Hkv
+        # (a call that hides no later key reads every key from every row: one block)
+        hides_later = call.causal is not None or (call.window is not None and call.window[1] is not None)
+        self.query_block = QUERY_BLOCK if hides_later and Lq > QUERY_BLOCK else max(Lq, 1)
+        self.items = B * Hkv * -(-Lq // self.query_block)
         self.parallel = self.items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK
         # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on
         # a loaded machine waiting for descheduled BLAS threads cost 40× — measured).
@@ -235,7 +243,7 @@ class SmallForward:
             nchunks = min(num_threads() if threads is None else threads, self.items)
         status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
         args = (
-            (q, k, v, out, lse, self.group, self.Lq,
+            (q, k, v, out, lse, self.group, self.Lq, self.query_block,
              _lengths(call.q_lengths, self.B, self.Lq), _lengths(call.kv_lengths, self.B, self.Lk))
             + (self.options or self._options(call))
             + (status, np.zeros(1, dtype=np.int64))  # the items' shared queue (its next index)

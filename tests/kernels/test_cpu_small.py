@@ -256,7 +256,7 @@ def test_small_backward_runs_serially_with_the_parallel_bytes(monkeypatch, shape
 def test_items_from_the_shared_queue_give_the_serial_bytes():
     """Chunks take items from one queue, so which thread computes an item varies from call to
     call; each item is computed alike, so the results are the serial ones, bit for bit."""
-    q, k, v = H.random_qkv(3, batch=(64,), Hq=4, Hkv=2, Lq=11, D=16)
+    q, k, v = H.random_qkv(3, batch=(128,), Hq=4, Hkv=2, Lq=11, D=16)
     call = semantics.normalize(q, k, v, causal=True)
     assert cpu_small.SmallForward(call).parallel
     serial = cpu_small.forward(call, threads=1)

@@ -7,8 +7,9 @@ backend function (``score_mod``, ``mask_mod``, ``block_mask``) is given.  Every 
 is computed here, with the same semantics and the same dropout bits as the general kernels;
 the tests check both paths against the float64 reference on both sides of the rule.
 
-Below :data:`PARALLEL_MIN_WORK` multiply-adds the kernel runs in the caller's thread: a
-thread hand-off costs ≈ 10–50 µs, more than such a call computes.  Above it, chunks of items
+Below :data:`PARALLEL_MIN_WORK` multiply-adds (an item's fixed cost counted as
+:data:`ITEM_WORK` of them) the kernel runs in the caller's thread: a thread hand-off costs
+≈ 10–70 µs, more than such a call gains.  Above it, chunks of items
 go to pool threads and the caller (``_launch.run_chunks``), never to a Numba ``prange`` team,
 whose launch waits for every thread of the team (40 ms at load 15 for a 1 ms call).  BLAS is
 held to one thread only when a GEMM is big enough for OpenBLAS to thread it (M·N·K > 64³).
@@ -28,8 +29,18 @@ from .dropout import seed_key
 
 # One item's score block (R × Lk elements) must fit this: 64 Ki elements = 256 KiB float32.
 MAX_SCORES = 1 << 16
-# Fewer multiply-adds than this run in the caller's thread.
-PARALLEL_MIN_WORK = 1 << 18
+# Calls estimated below this many multiply-adds run in the caller's thread: the products'
+# B·Hq·Lq·Lk·(D + Dv) plus ITEM_WORK for each work item — an item's fixed cost (its set-up,
+# two GEMM calls, the passes' loops: ≈ 2 µs, as many multiply-adds as a tiny item's products
+# take ≈ 20,000 of), so that a batch of many tiny items splits and a few small items do not.
+# Measured on the AMD EPYC Zen 3 of 5 Dec, one thread against two (docs/performance-log.md,
+# "The small kernel's scores transposed"): 256 items of B64 H4 L11 D16 causal (10⁶ products)
+# 533 against 343 µs, 64 of them 272 against 237; 3 items of GQA 9/3 L16 D64 causal (0.3·10⁶)
+# 43–48 against 70–119 µs, 12 of H12 L20 D32 72 against 116, 24 of B2 H12 L20 138 against
+# 149, 12 of H12 L32 D32 (0.8·10⁶) 115–135 against 112–156.  (The limit was 2¹⁸ products
+# alone, 30 Nov.)
+PARALLEL_MIN_WORK = 1_500_000
+ITEM_WORK = 20_000
 # Queries per work item under a causal mask or a window that hides later keys: a block of
 # early queries reads only the keys they see, so the blocks skip most of the hidden scores
 # (L 128: 5/8 of a whole item's), and a sequence of a few K/V heads still makes enough items
@@ -42,8 +53,9 @@ _BLAS_SINGLE_THREAD_MNK = 64**3
 
 RULE = (
     f"small calls — (Hq/Hkv)·Lq·Lk ≤ {MAX_SCORES:,}, no score_mod/mask_mod/block_mask — run a "
-    "one-block kernel per (sequence, K/V head), in the caller's thread below "
-    f"{PARALLEL_MIN_WORK:,} multiply-adds"
+    "one-block kernel per (sequence, K/V head; causal: per block of "
+    f"{QUERY_BLOCK} queries), in the caller's thread below {PARALLEL_MIN_WORK:,} multiply-adds "
+    f"(each item counted {ITEM_WORK:,} more)"
 )
 
 _dummies: dict[np.dtype, tuple] = {}
@@ -143,7 +155,8 @@ def forward(call: AttentionCall, *, threads: int | None = None):
     maximum, a non-finite output element), which costs nothing where every value is finite —
     unlike scanning q, k and v before the call.
 
-    ``threads``: None = Numba's thread count; 1 forces the caller's thread (tests use both).
+    ``threads``: None = the size rule (:data:`PARALLEL_MIN_WORK`) on Numba's thread count; 1
+    forces the caller's thread, more forces that many chunks whatever the size (tests use both).
     """
     return SmallForward(call)(call, threads=threads)
 
@@ -178,7 +191,7 @@ class SmallForward:
         hides_later = call.causal is not None or (call.window is not None and call.window[1] is not None)
         self.query_block = QUERY_BLOCK if hides_later and Lq > QUERY_BLOCK else max(Lq, 1)
         self.items = B * Hkv * -(-Lq // self.query_block)
-        self.parallel = self.items > 1 and B * Hq * Lq * Lk * (D + Dv) >= PARALLEL_MIN_WORK
+        self.parallel = self.items > 1 and B * Hq * Lq * Lk * (D + Dv) + self.items * ITEM_WORK >= PARALLEL_MIN_WORK
         # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on
         # a loaded machine waiting for descheduled BLAS threads cost 40× — measured).
         self.blas_limit = Lk * R * max(D, Dv) > _BLAS_SINGLE_THREAD_MNK
@@ -239,8 +252,11 @@ class SmallForward:
         out = np.empty(self.out_shape, dtype=T)
         lse = np.empty(self.lse_shape, dtype=T)
         nchunks = 1
-        if self.parallel and threads != 1:
-            nchunks = min(num_threads() if threads is None else threads, self.items)
+        if threads is None:
+            if self.parallel:
+                nchunks = min(num_threads(), self.items)
+        elif threads > 1:
+            nchunks = min(threads, self.items)
         status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
         args = (
             (q, k, v, out, lse, self.group, self.Lq, self.query_block,

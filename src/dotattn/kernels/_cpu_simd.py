@@ -430,6 +430,11 @@ def fma(typingctx, a, b, c):
 # =================================================================================
 
 DOT_ROWS = 4  # micro-tile: 4 rows of A × 4 rows of B, 16 accumulators of 8 doubles (16 of 32 zmm)
+# ... and where the target has 16 vector registers (AVX2: an accumulator of 8 doubles is two of
+# them), 2 rows of A × 4 rows of B: 16 registers of accumulators, where 4 × 4 spilled 32 to
+# the stack.  The same sums in the same order (each score's lanes and tree do not depend on
+# the micro-tile), so the same bits.
+DOT_ROWS_A_NARROW = 2
 _DLANES = 8
 _D = ir.DoubleType()
 _VD = ir.VectorType(_D, _DLANES)
@@ -505,6 +510,7 @@ def dot_tile_f64(typingctx, A, B, C):
         intp = M.type
         zero_i, one_i = ir.Constant(intp, 0), ir.Constant(intp, 1)
         chunk = ir.Constant(intp, _DLANES)
+        rows_a = DOT_ROWS if target_has("avx512f", context) else DOT_ROWS_A_NARROW
         rows = ir.Constant(intp, DOT_ROWS)
         nfull = builder.sdiv(D, chunk)  # whole 8-column chunks
         tail = builder.sub(D, builder.mul(nfull, chunk))
@@ -516,7 +522,7 @@ def dot_tile_f64(typingctx, A, B, C):
         fma = builder.module.declare_intrinsic("llvm.fma.v8f64", fnty=ir.FunctionType(_VD, [_VD] * 3))
         zero_f = ir.Constant(_VF8, [0.0] * _DLANES)
         zero_d = ir.Constant(_VD, [0.0] * _DLANES)
-        accs = [cgutils.alloca_once(builder, _VD) for _ in range(DOT_ROWS * DOT_ROWS)]
+        accs = [cgutils.alloca_once(builder, _VD) for _ in range(rows_a * DOT_ROWS)]
         i8p = ir.IntType(8).as_pointer()
 
         def ptr_at(data, byte_offset, ty):
@@ -537,16 +543,16 @@ def dot_tile_f64(typingctx, A, B, C):
 
             a_v = [widen(a_arr.data, o) for o in a_offs]
             b_v = [widen(b_arr.data, o) for o in b_offs]
-            for i in range(DOT_ROWS):
+            for i in range(rows_a):
                 for j in range(DOT_ROWS):
                     slot = accs[i * DOT_ROWS + j]
                     builder.store(builder.call(fma, [a_v[i], b_v[j], builder.load(slot)]), slot)
 
-        m_blocks = builder.sdiv(builder.add(M, ir.Constant(intp, DOT_ROWS - 1)), rows)
+        m_blocks = builder.sdiv(builder.add(M, ir.Constant(intp, rows_a - 1)), ir.Constant(intp, rows_a))
         n_blocks = builder.sdiv(builder.add(N, ir.Constant(intp, DOT_ROWS - 1)), rows)
         with cgutils.for_range(builder, m_blocks) as ib:
-            i0 = builder.mul(ib.index, rows)
-            a_offs = row_offsets(i0, DOT_ROWS, M, sa)
+            i0 = builder.mul(ib.index, ir.Constant(intp, rows_a))
+            a_offs = row_offsets(i0, rows_a, M, sa)
             with cgutils.for_range(builder, n_blocks) as jb:
                 j0 = builder.mul(jb.index, rows)
                 b_offs = row_offsets(j0, DOT_ROWS, N, sb)

@@ -35,7 +35,7 @@ MAX_SCORES = 1 << 16
 # take ≈ 20,000 of), so that a batch of many tiny items splits and a few small items do not.
 # Measured on the AMD EPYC Zen 3 of 5 Dec, one thread against two (docs/performance-log.md,
 # "The small kernel's scores transposed"): 256 items of B64 H4 L11 D16 causal (10⁶ products)
-# 533 against 343 µs, 64 of them 272 against 237; 3 items of GQA 9/3 L16 D64 causal (0.3·10⁶)
+# 533 against 343 µs, 128 of them (B32) 272 against 237; 3 items of GQA 9/3 L16 D64 causal (0.3·10⁶)
 # 43–48 against 70–119 µs, 12 of H12 L20 D32 72 against 116, 24 of B2 H12 L20 138 against
 # 149, 12 of H12 L32 D32 (0.8·10⁶) 115–135 against 112–156.  (The limit was 2¹⁸ products
 # alone, 30 Nov.)

@@ -199,13 +199,11 @@ def forward_chunk(
         off = kvlen - qlen  # query i sits at key position i + off (bottom-right)
         # the keys each row can see by lengths, causal and window: [lo, hi]
         nk = 0
-        hidden = False  # whether some row does not see every key of [0, nk)
         for r in range(Rb):
             i = i0 + r % nq
             if i >= qlen:
                 lo[r] = 1
                 hi[r] = 0
-                hidden = True
                 continue
             p = i + off
             top = kvlen - 1
@@ -221,6 +219,7 @@ def forward_chunk(
             lo[r] = bottom
             hi[r] = top
             nk = max(nk, top + 1)
+        hidden = False  # whether some row does not see every key of [0, nk) (rows past qlen see none)
         for r in range(Rb):
             hidden |= lo[r] > 0 or hi[r] < nk - 1
         if nk <= 0:

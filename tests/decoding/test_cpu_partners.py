@@ -1,4 +1,4 @@
-"""The cpu decode kernel's spinning partner threads (``cpu_decode._Partners``): a parallel call's
+"""The cpu decode kernel on the spinning partner threads (``_launch.Partners``): a parallel call's
 items on the caller and the partners give the bits of the executor and of one thread, whatever
 path the hand-over takes (partner spinning, parked, the caller's spin running out, a second
 caller at once, a partner's error)."""
@@ -15,6 +15,8 @@ import decode_cases as C
 import helpers as H
 import dotattn
 from dotattn import decoding
+from dotattn.kernels import _cpu_sync as S
+from dotattn.kernels import _launch
 
 BACKENDS = C.decode_backends()
 pytestmark = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu decode kernel is not under test")
@@ -23,12 +25,13 @@ pytestmark = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu decode ke
 @pytest.fixture
 def parallel(monkeypatch):
     """Every call of the cpu kernel in parallel (no size floor, the pool always chosen), on a
-    fresh set of partners made with the settings the test gives; yields ``cpu_decode``."""
+    fresh set of partners made with the settings the test gives (``_launch``'s: ``_launch.
+    PARTNER_SPIN_S`` etc.); yields ``cpu_decode``."""
     import types
 
     import numba
 
-    from dotattn.kernels import cpu_decode
+    from dotattn.kernels import _launch, cpu_decode
 
     if cpu_decode._workers() < 2 or numba.get_num_threads() < 2:
         # one core: the calls would stay on their thread; two threads on it are tested all the same
@@ -36,7 +39,7 @@ def parallel(monkeypatch):
         monkeypatch.setattr(cpu_decode, "numba", types.SimpleNamespace(get_num_threads=lambda: 2))
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(cpu_decode.ParallelChoice, "choose", lambda self: True)
-    monkeypatch.setattr(cpu_decode, "_partners", None)
+    monkeypatch.setattr(_launch, "_partners", None)
     yield cpu_decode
 
 
@@ -54,7 +57,7 @@ def _run(case, **kw):
 def _modes(cpu_decode, case, monkeypatch):
     """(partners, executor, one thread) results of the same call."""
     on_partners = _run(case)
-    assert cpu_decode._partners is not None and cpu_decode._partners.gen >= 1, "the partners did not run it"
+    assert _launch._partners is not None and _launch._partners.gen >= 1, "the partners did not run it"
     monkeypatch.setattr(cpu_decode, "USE_PARTNERS", False)
     executor = _run(case)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 1 << 62)
@@ -77,8 +80,8 @@ def test_partners_give_the_bits_of_the_executor_and_of_one_thread(parallel, monk
 def test_parked_partners_and_a_caller_whose_spin_runs_out(parallel, monkeypatch):
     """Partners that park at once (no spin) and a caller that waits in Python at once: every
     call still gets every item (the calls' bits equal one thread's), call after call."""
-    monkeypatch.setattr(parallel, "PARTNER_SPIN_S", 0.0)
-    monkeypatch.setattr(parallel, "CALLER_SPIN_S", 0.0)
+    monkeypatch.setattr(_launch, "PARTNER_SPIN_S", 0.0)
+    monkeypatch.setattr(_launch, "CALLER_SPIN_S", 0.0)
     case = _case(22)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1 << 62)
     alone = _run(case)
@@ -89,7 +92,7 @@ def test_parked_partners_and_a_caller_whose_spin_runs_out(parallel, monkeypatch)
         H.assert_bitwise_equal(got[1], alone[1], name=f"lse, call {i}")
         if i % 2:
             time.sleep(0.002)  # the partners park between calls
-    assert parallel._partners.gen == 6
+    assert _launch._partners.gen == 6
 
 
 def test_two_callers_at_once_share_the_partners_or_take_the_executor(parallel):
@@ -139,14 +142,14 @@ def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(parallel, mo
         def run_items_caller(flags, gen, *args):
             # the call entered, then the caller waits (GIL released) until the partner has
             # claimed it: else the caller may finish first and cancel the partner's part
-            flags[K.ENTERED] = gen
+            flags[S.ENTERED] = gen
             deadline = time.monotonic() + 10
-            while flags[K.FLAG_STRIDE + K.CLAIM] != 2 * gen and time.monotonic() < deadline:
+            while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen and time.monotonic() < deadline:
                 time.sleep(0.0005)
             return K.run_items_caller(flags, gen, *args)
 
     monkeypatch.setattr(parallel, "K", Failing())
-    monkeypatch.setattr(parallel._partners, "caller_spin", 0)
+    monkeypatch.setattr(_launch._partners, "caller_spin", 0)
     with pytest.raises(RuntimeError, match="partner failed"):
         _run(case)
     monkeypatch.setattr(parallel, "K", K)
@@ -178,24 +181,23 @@ def test_a_partner_that_never_wakes_is_not_waited_for(parallel, monkeypatch):
     """A partner that has not claimed a call when the caller's items are done (asleep: here it
     is never woken) gets its part cancelled: the caller ran every item, the bits are one
     thread's, and the call does not wait for it; woken again, it takes part in the next calls."""
-    monkeypatch.setattr(parallel, "PARTNER_SPIN_S", 0.0)
+    monkeypatch.setattr(_launch, "PARTNER_SPIN_S", 0.0)
     case = _case(60)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1 << 62)
     alone = _run(case)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     _run(case)  # makes the partners; they park at once after it
-    p = parallel._partners
+    p = _launch._partners
     deadline = time.monotonic() + 10
     while not all(p.parked) and time.monotonic() < deadline:
         time.sleep(0.001)
     assert all(p.parked)
-    monkeypatch.setattr(parallel._Partners, "wake", lambda self: None)
+    monkeypatch.setattr(_launch.Partners, "wake", lambda self: None)
     for i in range(3):
         got = _run(case)
         H.assert_bitwise_equal(got[0], alone[0], name=f"out, call {i}")
         H.assert_bitwise_equal(got[1], alone[1], name=f"lse, call {i}")
-        base = parallel.K.FLAG_STRIDE
-        assert p.flags[base + parallel.K.CLAIM] == 2 * p.gen + 1, "the sleeping partner's part was not cancelled"
+        assert p.flags[S.FLAG_STRIDE + S.CLAIM] == 2 * p.gen + 1, "the sleeping partner's part was not cancelled"
     monkeypatch.undo()
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(parallel.ParallelChoice, "choose", lambda self: True)
@@ -227,3 +229,26 @@ def test_the_choice_does_not_time_a_modes_first_call_nor_a_call_after_a_pause(mo
     mode = choice.choose()
     choice.record(mode, 3e-9)
     assert choice.times[int(mode)][-1] == 3e-9
+
+
+def test_decode_and_small_calls_share_one_set_of_partners(parallel, monkeypatch):
+    """A decode call and a small-call forward (``cpu_small``) in turn run on the same partner
+    threads, each with the bits of its call made alone."""
+    from dotattn import semantics
+    from dotattn.kernels import cpu_small
+
+    monkeypatch.setattr(cpu_small, "cores", lambda: parallel._workers())
+    case = _case(70)
+    q, k, v = H.random_qkv(71, batch=(2,), Hq=6, Hkv=2, Lq=70, D=32)
+    call = semantics.normalize(q, k, v, causal=True)
+    alone = cpu_small.forward(call, threads=1)
+    first = _run(case)
+    p = _launch._partners
+    assert p is not None and p.gen == 1
+    for i in range(3):
+        got = cpu_small.forward(call, threads=parallel._workers())
+        H.assert_bitwise_equal(got[0], alone[0], name=f"small out, call {i}")
+        H.assert_bitwise_equal(got[1], alone[1], name=f"small lse, call {i}")
+        again = _run(case)
+        H.assert_bitwise_equal(again[0], first[0], name=f"decode out, call {i}")
+    assert _launch._partners is p and p.gen == 7

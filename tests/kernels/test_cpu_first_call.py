@@ -143,7 +143,9 @@ from dotattn.kernels import cpu_decode
 if cpu_decode._workers() > 1:  # parallel decode items on the caller and the spinning partner threads
     entries.update({"decode items, caller": _cpu_decode_kernels.run_items_caller,
                     "decode items, partner": _cpu_decode_kernels.run_items_partner,
-                    "decode partner wait": _cpu_decode_kernels.partner_wait})
+                    "decode partner wait": _cpu_decode_kernels.partner_wait,
+                    "small forward, caller": _cpu_small_kernels.forward_caller,
+                    "small forward, partner": _cpu_small_kernels.forward_partner})
 print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))
 """
 

@@ -31,7 +31,7 @@ PRECOMPILED_DIR = Path(os.environ.get("DOTATTN_PRECOMPILED_DIR") or Path(__file_
 # cpu.user_kernel_dir).
 KERNEL_FILES = (
     "_cpu_kernels.py", "_cpu_primitives.py", "_cpu_small_kernels.py", "_cpu_decode_kernels.py", "_cpu_model_ops.py",
-    "_cpu_amx.py", "_cpu_amx_f32.py",
+    "_cpu_amx.py", "_cpu_amx_f32.py", "_cpu_sync.py",
 )
 
 

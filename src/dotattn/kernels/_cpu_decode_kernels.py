@@ -27,7 +27,6 @@ positions below each sequence's length are read.
 from __future__ import annotations
 
 import math
-import platform
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,6 +36,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
+from ._cpu_sync import (  # noqa: F401 (partner_wait, tsc: re-exported for cpu_decode)
+    _X86, ENTERED, _store_release, finish_partners, partner_done, partner_wait, tsc,
+)
 from ._cpu_primitives import _np_matmul, exp2_fraction
 from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector, target_has
 
@@ -50,7 +52,6 @@ KIND_FLOAT, KIND_BF16, KIND_F16 = 0, 1, 2
 # unscaled (its values exact bfloat16) and the scale apart; the scores of the 16-lane loop are
 # ``scale · (q·k)`` by ``vdpbf16ps`` (_scores_dot16).  Items turn it back into KIND_BF16.
 KIND_BF16_DOT = 3
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 ROLE_SHARED, ROLE_FRONT, ROLE_BACK = 0, 1, 2  # which item a run_items ticket means
 # 16-bit caches: how many key rows ahead the row-by-row loops ask for the cache lines
 PREFETCH_ROWS = 16
@@ -206,83 +207,6 @@ def _fetch_add_acq_rel(typingctx, counter, index, value):
     return sig, codegen
 
 
-@intrinsic
-def _cas(typingctx, flags, index, expected, value):
-    """``flags[index] = value`` if it holds ``expected``, atomically (acquire-release); True when
-    it did (``cmpxchg``)."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
-        return None
-    sig = types.boolean(flags, index, expected, value)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i, e, v = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 2, 3))
-        pair = builder.cmpxchg(builder.gep(ary.data, [i]), e, v, "acq_rel", "acquire")
-        return builder.extract_value(pair, 1)
-
-    return sig, codegen
-
-
-@intrinsic
-def _load_acquire(typingctx, flags, index):
-    """``flags[index]`` read atomically (acquire): a spin loop's load that LLVM may not hoist, and
-    after which the writes the other thread made before its release store are visible."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
-        return None
-    sig = types.int64(flags, index)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
-        return builder.load_atomic(builder.gep(ary.data, [i]), "acquire", 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_release(typingctx, flags, index, value):
-    """``flags[index] = value`` atomically (release): the thread's earlier writes (its parts)
-    are visible to a thread that reads the value with :func:`_load_acquire`."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
-        return None
-    sig = types.void(flags, index, value)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
-        v = context.cast(builder, args[2], signature.args[2], types.int64)
-        builder.store_atomic(v, builder.gep(ary.data, [i]), "release", 8)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _cycles(typingctx):
-    """The CPU's time-stamp counter (``llvm.readcyclecounter``: ``rdtsc`` on x86), for spin
-    limits; :func:`dotattn.kernels.cpu_decode` measures its rate once."""
-    sig = types.int64()
-
-    def codegen(context, builder, signature, args):
-        fn = builder.module.declare_intrinsic("llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), []))
-        return builder.call(fn, [])
-
-    return sig, codegen
-
-
-@intrinsic
-def _spin_pause(typingctx):
-    """A spin loop's breather (``pause`` on x86): it spares the memory pipeline and the other
-    hyperthread; elsewhere nothing."""
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):
-        if _X86:
-            fn = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
-            builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(cache=_JIT_CACHE, inline="always")
@@ -2480,78 +2404,18 @@ def run_items_team(counter, total, workers, common):
         run_items(counter, total, role, *common)
 
 
-# A call on the spinning partner threads (``cpu_decode._Partners``) signals through one int64
-# array: the call's number g at [POSTED] (stored by the caller in Python, under the GIL, before
-# it looks for parked partners to wake: a partner deciding to park under the GIL sees one or
-# the other) and at [ENTERED] (stored by the caller's kernel as it starts: the GIL is free from
-# then on, so a partner that takes it to read the call does not sleep on it); partner i's
-# slots, on their own cache line at FLAG_STRIDE·(i + 1): CLAIM (2g when the partner took call
-# g, 2g + 1 when the caller, its items done, found it had not and cancelled its part: a
-# compare-and-swap decides between the two) and DONE (g once the partner's parts are written).
-# A partner that wakes late (a parked thread on this VM woke 0.1 to several ms after its
-# futex) is thus never waited for: the caller has run every item itself.
-POSTED, ENTERED = 0, 1
-FLAG_STRIDE, CLAIM, DONE = 8, 0, 1
-
-
-@njit(cache=_JIT_CACHE, nogil=True)
-def tsc():
-    """The time-stamp counter (for ``cpu_decode`` to measure its rate once)."""
-    return _cycles()
-
-
-@njit(cache=_JIT_CACHE, inline="always")
-def _settle(flags, slot, gen, value):
-    """CLAIM slot ``slot``: set it to ``value`` (2·gen or 2·gen + 1) unless call ``gen`` is settled
-    already; returns the slot's value for call ``gen`` afterwards."""
-    while True:
-        v = _load_acquire(flags, slot)
-        if v >= 2 * gen:
-            return v
-        if _cas(flags, slot, v, value):
-            return value
-
-
-@njit(cache=_JIT_CACHE, nogil=True)
-def partner_wait(flags, i, seen, max_cycles):
-    """Partner ``i`` between calls: spin until a call after ``seen`` has ENTERED, then claim it;
-    returns its number g when claimed, −g when its caller had cancelled this partner's part
-    (the partner waits for the next one), ``seen`` when ``max_cycles`` of the time-stamp counter
-    passed with no call."""
-    t0 = _cycles()
-    while True:
-        g = _load_acquire(flags, ENTERED)
-        if g != seen:
-            if _settle(flags, FLAG_STRIDE * (i + 1) + CLAIM, g, 2 * g) == 2 * g:
-                return g
-            return -g
-        if _cycles() - t0 > max_cycles:
-            return seen
-        _spin_pause()
-
-
 @njit(cache=_JIT_CACHE, nogil=True)
 def run_items_caller(flags, gen, partners, max_cycles, counter, total, role, common):
-    """The caller's side of a call on the spinning partners: store the call's number ``gen`` at
-    ``flags[ENTERED]`` (the partners, spinning in :func:`partner_wait`, start at once: no
-    thread wake-up, and the GIL is free from here on), run items as :func:`run_items`
-    (``common``: its arguments after ``role``), then for each partner: cancel its part if it
-    has not claimed the call (it may be waking still: the items are all done), else spin
-    until its DONE slot holds ``gen`` — its parts written — or ``max_cycles`` pass.  Returns
-    True when no partner is left running (else the caller waits in Python: a partner off its
-    core)."""
+    """The caller's side of a call on the spinning partners (``_launch.Partners``): store the
+    call's number ``gen`` at ``flags[ENTERED]`` (the partners, spinning in
+    :func:`~dotattn.kernels._cpu_sync.partner_wait`, start at once: no thread wake-up, and the
+    GIL is free from here on), run items as :func:`run_items` (``common``: its arguments after
+    ``role``), then :func:`~dotattn.kernels._cpu_sync.finish_partners` (a partner that has not
+    claimed the call is cancelled: the items are all done).  Returns True when no partner is
+    left running (else the caller waits in Python: a partner off its core)."""
     _store_release(flags, ENTERED, gen)
     run_items(counter, total, role, *common)
-    t0 = _cycles()
-    for i in range(partners):
-        base = FLAG_STRIDE * (i + 1)
-        if _settle(flags, base + CLAIM, gen, 2 * gen + 1) == 2 * gen + 1:
-            continue  # cancelled: it never started
-        while _load_acquire(flags, base + DONE) != gen:
-            if _cycles() - t0 > max_cycles:
-                return False
-            _spin_pause()
-    return True
+    return finish_partners(flags, gen, partners, max_cycles)[1] == 0
 
 
 @njit(cache=_JIT_CACHE, nogil=True)
@@ -2559,7 +2423,7 @@ def run_items_partner(flags, i, gen, counter, total, role, common):
     """Partner ``i``'s side of call ``gen`` (claimed): items as :func:`run_items`, then ``gen``
     stored (release) in its DONE slot, after its parts.  Returns the items run."""
     done = run_items(counter, total, role, *common)
-    _store_release(flags, FLAG_STRIDE * (i + 1) + DONE, gen)
+    partner_done(flags, i, gen)
     return done
 
 

@@ -25,9 +25,10 @@ running max, no rescaling:
    ``status`` (the NaN policy's case, which the caller reruns on the general kernels).
 
 Items are taken from a shared queue by ``nchunks`` chunks, the blocks that see the most keys
-first; :func:`forward_chunk` runs one chunk and releases the GIL, so ``_launch.run_chunks`` runs
-chunks in Python threads, the caller taking any chunk no thread has started (no ``prange``
-team that must all be scheduled).
+first; :func:`forward_chunk` runs one chunk and releases the GIL, so chunks run in Python
+threads: the caller's (:func:`forward_caller`) and the spinning partners' (:func:`forward_partner`,
+``_launch.Partners``), or ``_launch.run_chunks``'s pool threads where another call holds the
+partners — no ``prange`` team that must all be scheduled.
 
 Conventions as in ``_cpu_kernels``: ``T`` the compute dtype; ``q (B, Hkv, R, D)`` with row
 ``r`` = query head ``hk·group + r // Lq``, query ``r % Lq``; ``k (B, Hkv, Lk, D)``,
@@ -58,6 +59,7 @@ from ._cpu_primitives import (
     _short_rows,
 )
 from ._cpu_simd import dot_tile_f64
+from ._cpu_sync import ENTERED, _store_release, finish_partners, partner_done
 
 
 def _item_gemm(a, b, out):
@@ -322,3 +324,24 @@ def forward_chunk(
             status[chunk] = 1
             break
     _gemm_threads_end(q, threads)
+
+
+@njit(cache=True, nogil=True)
+def forward_caller(flags, gen, partners, max_cycles, args, nchunks):
+    """The caller's side of a call on the spinning partners (``_launch.on_partners``): the
+    call's number ``gen`` at ``flags[ENTERED]`` (the partners start at once, and the GIL is
+    free from here on), chunk 0 of ``forward_chunk(*args, chunk, nchunks)``, then
+    ``_cpu_sync.finish_partners``: a partner that has not claimed the call is cancelled — the
+    shared queue is empty by then, so its chunk has nothing left to take.  True when no
+    partner is left running."""
+    _store_release(flags, ENTERED, gen)
+    forward_chunk(*args, 0, nchunks)
+    return finish_partners(flags, gen, partners, max_cycles)[1] == 0
+
+
+@njit(cache=True, nogil=True)
+def forward_partner(flags, i, gen, args, nchunks):
+    """Partner ``i``'s side of call ``gen`` (claimed): chunk ``i + 1``, then ``gen`` in its DONE
+    slot (release), after its items' writes."""
+    forward_chunk(*args, i + 1, nchunks)
+    partner_done(flags, i, gen)

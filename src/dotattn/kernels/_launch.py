@@ -1,4 +1,5 @@
-"""Running a small-call kernel's chunks on Python threads (``cpu_small``).
+"""Running a kernel's chunks on Python threads: a small pool (:func:`run_chunks`), and the
+spinning partner threads (:class:`Partners`) of the decode and small-call kernels.
 
 The kernels release the GIL (``nogil``), so plain Python threads run chunks side by side —
 without a Numba ``prange`` team, whose launch returns only when every thread of the team has
@@ -7,7 +8,11 @@ been scheduled and finished.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+
+import numpy as np
 
 
 def num_threads() -> int:
@@ -30,12 +35,20 @@ def _executor():
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                import os
                 from concurrent.futures import ThreadPoolExecutor
 
-                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-                _pool = ThreadPoolExecutor(max_workers=max(1, cores - 1), thread_name_prefix="dotattn-small")
+                _pool = ThreadPoolExecutor(max_workers=max(1, cores() - 1), thread_name_prefix="dotattn-small")
     return _pool
+
+
+def cores() -> int:
+    """The cores this process may run on (read once)."""
+    if not _CORES:
+        _CORES.append(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+    return _CORES[0]
+
+
+_CORES: list[int] = []
 
 
 def run_chunks(fn, args: tuple, nchunks: int) -> None:
@@ -63,3 +76,174 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
             started.append(future)
     for future in reversed(started):
         future.result()  # re-raises a worker's exception here
+
+
+# =================================================================================
+# spinning partner threads
+# =================================================================================
+
+# Partners: one thread per other core that, after a call, spins PARTNER_SPIN_S for the next one
+# before it parks (as OpenMP's workers do: KMP_BLOCKTIME, GOMP_SPINCOUNT), and a caller that
+# spins CALLER_SPIN_S for their last items before it waits in Python.  On these VMs a thread
+# woken through a futex (a ThreadPoolExecutor task; the caller's future.result()) started
+# 20–90 µs late, twice a call, and ``submit`` itself took ≈ 23 µs on the Intel Xeon of 5 Dec
+# 2026: at B1 4k decode, ≈ 0.9 ms calls, that was a fifth of the call (docs/decoding-log.md);
+# a small call of 50–300 µs lost more than its second thread gained (docs/performance-log.md,
+# "Small calls' threads: spinning partners").
+PARTNER_SPIN_S = 300e-6
+CALLER_SPIN_S = 0.5e-3
+WAKE_SPIN_S = 1e-3  # a partner woken by a caller spins this long for its call (a few µs, normally)
+
+
+class Partners:
+    """Spinning partner threads for a kernel call that has a caller's and a partner's entry
+    (:func:`on_partners`; the handshake: ``kernels/_cpu_sync.py``).
+
+    A call: the caller takes :attr:`lock` (a concurrent call takes the pool instead), sets
+    :attr:`job`, stores the call's number at ``flags[POSTED]`` and wakes parked partners (in
+    Python, under the GIL), then its kernel entry stores it at ``flags[ENTERED]``; each
+    partner, spinning in ``partner_wait`` since its last call, sees that and claims the call (a
+    compare-and-swap), takes the GIL (free: the caller is in its ``nogil`` kernel) to read the
+    job, runs its entry and stores the number in its DONE slot; the caller, its own work done,
+    cancels the part of a partner that has not claimed the call (it runs nothing then) and
+    spins on the DONE slots of those that did.  A partner that saw no call for PARTNER_SPIN_S
+    parks on its semaphore — unless, under the GIL, it finds a call posted: so a caller either
+    sees it parked and wakes it, or it sees the call.  A caller whose spin runs out (a partner
+    off its core on a busy machine) waits on the partner's event.  (Without the cancel, a
+    partner that woke late — a parked thread here woke 0.1 to several ms after its futex when
+    the machine had idled — held up the call, and the next one found it parked again: 2–7 ms
+    decode calls in the bench's runs after its pauses.)"""
+
+    def __init__(self, n: int) -> None:
+        from . import _cpu_sync as S
+
+        self.n = n
+        self.pid = os.getpid()
+        self.flags = np.zeros(S.FLAG_STRIDE * (n + 1), dtype=np.int64)
+        self.lock = threading.Lock()
+        self.gen = 0
+        self.job: tuple | None = None  # (the partner's entry, its arguments after (flags, i, gen))
+        self.errors: list[BaseException | None] = [None] * n
+        self.failed = False  # some partner stored an exception in errors (read by the caller)
+        self.parked = [False] * n
+        self.sems = [threading.Semaphore(0) for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+        rate = tsc_rate()
+        self.partner_spin = int(PARTNER_SPIN_S * rate)
+        self.wake_spin = int(WAKE_SPIN_S * rate)
+        self.caller_spin = int(CALLER_SPIN_S * rate)
+        for i in range(n):
+            threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"dotattn-partner-{i}").start()
+
+    def wake(self) -> None:
+        for i in range(self.n):
+            if self.parked[i]:
+                self.parked[i] = False
+                self.sems[i].release()
+
+    def _loop(self, i: int) -> None:
+        from . import _cpu_sync as S
+
+        seen = 0
+        spin = self.partner_spin
+        while True:
+            g = S.partner_wait(self.flags, i, seen, spin)
+            if g == seen:  # no call for a while: park, unless one was posted meanwhile
+                self.parked[i] = True
+                if self.flags[S.POSTED] == seen:  # (under the GIL, as the caller's post and wake)
+                    self.sems[i].acquire()
+                self.parked[i] = False
+                spin = self.wake_spin  # woken by a caller (or a call posted): it comes soon
+                continue
+            spin = self.partner_spin
+            if g < 0:  # that call's caller ran this partner's part itself
+                seen = -g
+                continue
+            seen = g
+            entry, args = self.job
+            try:
+                entry(self.flags, i, g, *args)
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                self.errors[i] = exc
+                self.failed = True
+                self.flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = g
+            self.done[i].set()
+
+
+_partners: Partners | None = None
+
+
+def get_partners(n: int) -> Partners | None:
+    """The process's ``n`` partner threads (made on first use; again after a fork, whose child
+    has no threads)."""
+    global _partners
+    p = _partners
+    if p is None or p.n != n or p.pid != os.getpid():
+        with _pool_lock:
+            p = _partners
+            if p is None or p.n != n or p.pid != os.getpid():
+                p = _partners = Partners(n) if n >= 1 else None
+    return p
+
+
+def wake_partners(n: int) -> None:
+    """Wake parked partners early: a caller that knows a call is coming calls this before the
+    Python that prepares it."""
+    p = get_partners(n)
+    if p is not None:
+        p.wake()
+
+
+def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner_args: tuple) -> bool:
+    """One call on the calling thread and the ``n`` partners: ``caller_entry(flags, gen, n,
+    caller_spin, *caller_args)`` here (it stores ENTERED, runs its part, then
+    ``_cpu_sync.finish_partners``; True when no partner is left running) and
+    ``partner_entry(flags, i, gen, *partner_args)`` on partner i.  False (nothing run) when
+    another call holds the partners."""
+    from . import _cpu_sync as S
+
+    p = get_partners(n)
+    if p is None or not p.lock.acquire(blocking=False):
+        return False
+    try:
+        p.gen += 1
+        gen = p.gen
+        p.job = (partner_entry, partner_args)
+        # posted, then parked partners woken, both under the GIL: a partner that parks after
+        # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
+        p.flags[S.POSTED] = gen
+        p.wake()
+        if not caller_entry(p.flags, gen, n, p.caller_spin, *caller_args):
+            for i, e in enumerate(p.done):
+                # the DONE slot decides (an event may still be set from an earlier call):
+                # cleared, then the slot checked, then a wait that the partner's set() ends
+                while True:
+                    e.clear()
+                    base = S.FLAG_STRIDE * (i + 1)
+                    if p.flags[base + S.DONE] == gen or p.flags[base + S.CLAIM] == 2 * gen + 1:  # done, or cancelled
+                        break
+                    e.wait(0.01)
+        p.job = None
+        if p.failed:
+            p.failed = False
+            errors = [e for e in p.errors if e is not None]
+            p.errors = [None] * n
+            raise errors[0]
+        return True
+    finally:
+        p.lock.release()
+
+
+def tsc_rate() -> float:
+    """Time-stamp counter ticks per second (measured over 5 ms, once per process)."""
+    if not _TSC_RATE:
+        from ._cpu_sync import tsc
+
+        c0, t0 = tsc(), time.perf_counter()
+        time.sleep(0.005)
+        c1, t1 = tsc(), time.perf_counter()
+        _TSC_RATE.append(max((c1 - c0) / (t1 - t0), 1e6))
+    return _TSC_RATE[0]
+
+
+_TSC_RATE: list[float] = []

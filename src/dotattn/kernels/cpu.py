@@ -1956,6 +1956,7 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
                   lambda: backward_final(call, results["out"], results["lse"], results["out"]))
         timed(f"weights {name}", lambda: weights(call, results["lse"]))
         timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
+        timed(f"small forward {name}, partner entries", cpu_small.precompile_partner_entries)
         if name == "float32":  # GQA causal: the grouped forward (float32 storage only)
             gqa = semantics.normalize(q, q[:, :1], q[:, :1], causal=True)
             timed("grouped forward float32", lambda: forward(gqa, grouped=True))

@@ -31,6 +31,7 @@ import numpy as np
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
+from . import _launch
 from ._blas import ONE_BLAS_THREAD
 
 # Below this many bytes of K/V to read, one thread (≈ 200 µs at 20 GB/s) beats a parallel
@@ -525,144 +526,29 @@ def _workers() -> int:
     return _WORKERS[0]
 
 
-# Partners: one thread per other core that, after a call, spins PARTNER_SPIN_S for the next one
-# before it parks (as OpenMP's workers do: KMP_BLOCKTIME, GOMP_SPINCOUNT), and a caller that
-# spins CALLER_SPIN_S for their last items before it waits in Python.  On this VM a thread
-# woken through a futex (a ThreadPoolExecutor task; the caller's future.result()) started
-# ≈ 85–90 µs late, twice a call: at B1 4k, ≈ 0.9 ms calls, that was a fifth of the call.
-PARTNER_SPIN_S = 300e-6
-CALLER_SPIN_S = 0.5e-3
-WAKE_SPIN_S = 1e-3  # a partner woken by a caller spins this long for its call (a few µs, normally)
+# The spinning partner threads (``_launch.Partners``, shared with the small-call kernel): a
+# parallel call's items on the caller and one partner per other core, no thread woken through
+# the OS on the way (on these VMs such a wake-up started 85–90 µs late, twice a call: at B1 4k,
+# ≈ 0.9 ms calls, a fifth of the call).
 USE_PARTNERS = True  # False: the executor (the A/B's old mode)
 
 
-class _Partners:
-    """Spinning partner threads for the parallel items (:func:`_on_partners`).
-
-    A call: the caller takes :attr:`lock` (a concurrent call takes the executor instead), sets
-    :attr:`job`, stores the call's number at ``flags[POSTED]`` and wakes parked partners (in
-    Python, under the GIL), then its kernel (``run_items_caller``) stores it at
-    ``flags[ENTERED]``; each partner, spinning in ``partner_wait`` since its last call, sees
-    that and claims the call (a compare-and-swap), takes the GIL (free: the caller is in its
-    ``nogil`` kernel) to read the job, runs items in ``run_items_partner`` and stores the
-    number in its DONE slot; the caller, its items done, cancels the part of a partner that
-    has not claimed the call (it runs no item then) and spins on the DONE slots of those that
-    did.  A partner that saw no call for PARTNER_SPIN_S parks on its semaphore — unless, under
-    the GIL, it finds a call posted: so a caller either sees it parked and wakes it, or it sees
-    the call.  A caller whose spin runs out (a partner off its core on a busy machine) waits on
-    the partner's event.  (Without the cancel, a partner that woke late — a parked thread here
-    woke 0.1 to several ms after its futex when the machine had idled — held up the call, and
-    the next one found it parked again: 2–7 ms calls in the bench's runs after its pauses.)"""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.pid = os.getpid()
-        self.flags = np.zeros(K.FLAG_STRIDE * (n + 1), dtype=np.int64)
-        self.lock = threading.Lock()
-        self.gen = 0
-        self.job: tuple | None = None
-        self.errors: list[BaseException | None] = [None] * n
-        self.failed = False  # some partner stored an exception in errors (read by the caller)
-        self.parked = [False] * n
-        self.sems = [threading.Semaphore(0) for _ in range(n)]
-        self.done = [threading.Event() for _ in range(n)]
-        rate = _tsc_rate()
-        self.partner_spin = int(PARTNER_SPIN_S * rate)
-        self.wake_spin = int(WAKE_SPIN_S * rate)
-        self.caller_spin = int(CALLER_SPIN_S * rate)
-        for i in range(n):
-            threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"dotattn-decode-partner-{i}").start()
-
-    def wake(self) -> None:
-        for i in range(self.n):
-            if self.parked[i]:
-                self.parked[i] = False
-                self.sems[i].release()
-
-    def _loop(self, i: int) -> None:
-        seen = 0
-        spin = self.partner_spin
-        while True:
-            g = K.partner_wait(self.flags, i, seen, spin)
-            if g == seen:  # no call for a while: park, unless one was posted meanwhile
-                self.parked[i] = True
-                if self.flags[K.POSTED] == seen:  # (under the GIL, as the caller's post and wake)
-                    self.sems[i].acquire()
-                self.parked[i] = False
-                spin = self.wake_spin  # woken by a caller (or a call posted): it comes soon
-                continue
-            spin = self.partner_spin
-            if g < 0:  # that call's caller ran this partner's part itself
-                seen = -g
-                continue
-            seen = g
-            counter, total, role, common = self.job
-            try:
-                K.run_items_partner(self.flags, i, g, counter, total, role, common)
-            except BaseException as exc:  # handed to the caller, which re-raises it
-                self.errors[i] = exc
-                self.failed = True
-                self.flags[K.FLAG_STRIDE * (i + 1) + K.DONE] = g
-            self.done[i].set()
-
-
-_partners: _Partners | None = None
-
-
-def _get_partners(n: int) -> _Partners | None:
-    global _partners
-    p = _partners
-    if p is None or p.n != n or p.pid != os.getpid():  # (threads do not survive a fork)
-        with _pool_lock:
-            p = _partners
-            if p is None or p.n != n or p.pid != os.getpid():
-                p = _partners = _Partners(n) if n >= 1 else None
-    return p
-
-
 def _wake_partners(n: int) -> None:
-    p = _get_partners(n)
-    if p is not None:
-        p.wake()
+    _launch.wake_partners(n)
 
 
 def _on_partners(n: int, counter, total: int, common: tuple) -> bool:
     """Run the items on the calling thread and the ``n`` partners; False (nothing run) when
-    another call holds them."""
+    another call holds them.  With one partner the caller takes items from the first up and the
+    partner from the last down."""
     if not USE_PARTNERS:
         return False
-    p = _get_partners(n)
-    if p is None or not p.lock.acquire(blocking=False):
-        return False
-    try:
-        pair = n == 1
-        p.gen += 1
-        gen = p.gen
-        p.job = (counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, common)
-        # posted, then parked partners woken, both under the GIL: a partner that parks after
-        # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
-        p.flags[K.POSTED] = gen
-        p.wake()
-        if not K.run_items_caller(p.flags, gen, n, p.caller_spin, counter, total,
-                                  K.ROLE_FRONT if pair else K.ROLE_SHARED, common):
-            for i, e in enumerate(p.done):
-                # the DONE slot decides (an event may still be set from an earlier call):
-                # cleared, then the slot checked, then a wait that the partner's set() ends
-                while True:
-                    e.clear()
-                    base = K.FLAG_STRIDE * (i + 1)
-                    if p.flags[base + K.DONE] == gen or p.flags[base + K.CLAIM] == 2 * gen + 1:  # done, or cancelled
-                        break
-                    e.wait(0.01)
-        p.job = None
-        if p.failed:
-            p.failed = False
-            errors = [e for e in p.errors if e is not None]
-            p.errors = [None] * n
-            raise errors[0]
-        return True
-    finally:
-        p.lock.release()
+    pair = n == 1
+    return _launch.on_partners(
+        n,
+        K.run_items_caller, (counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, common),
+        K.run_items_partner, (counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, common),
+    )
 
 
 def precompile_partners() -> None:
@@ -671,17 +557,11 @@ def precompile_partners() -> None:
     claims a call before the caller has run them all, so a small call may never reach it."""
     from numba import types
 
-    K.partner_wait(np.zeros(K.FLAG_STRIDE * 2, dtype=np.int64), 0, 0, 0)  # no call: returns at once
+    from . import _cpu_sync
+
+    _cpu_sync.partner_wait(np.zeros(_cpu_sync.FLAG_STRIDE * 2, dtype=np.int64), 0, 0, 0)  # no call: returns at once
     for sig in K.run_items_caller.signatures:
         K.run_items_partner.compile((sig[0], types.int64, types.int64) + tuple(sig[4:]))
-
-
-def _tsc_rate() -> float:
-    """Time-stamp counter ticks per second (measured over 5 ms, once per process)."""
-    c0, t0 = K.tsc(), time.perf_counter()
-    time.sleep(0.005)
-    c1, t1 = K.tsc(), time.perf_counter()
-    return max((c1 - c0) / (t1 - t0), 1e6)
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -9,10 +9,13 @@ the tests check both paths against the float64 reference on both sides of the ru
 
 Below :data:`PARALLEL_MIN_WORK` multiply-adds (an item's fixed cost counted as
 :data:`ITEM_WORK` of them) the kernel runs in the caller's thread: a thread hand-off costs
-≈ 10–70 µs, more than such a call gains.  Above it, chunks of items
-go to pool threads and the caller (``_launch.run_chunks``), never to a Numba ``prange`` team,
-whose launch waits for every thread of the team (40 ms at load 15 for a 1 ms call).  BLAS is
-held to one thread only when a GEMM is big enough for OpenBLAS to thread it (M·N·K > 64³).
+time such a call does not gain back.  Above it, the caller and one spinning partner thread
+per other core (``_launch.Partners``, the decode kernel's too: no thread woken through the OS
+on the way) take items from a shared queue; a call with another chunk count, or made while
+another call holds the partners, runs its chunks on a small pool (``_launch.run_chunks``) —
+never on a Numba ``prange`` team, whose launch waits for every thread of the team (40 ms at
+load 15 for a 1 ms call).  BLAS is held to one thread only when a GEMM is big enough for
+OpenBLAS to thread it (M·N·K > 64³).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from ._blas import ONE_BLAS_THREAD
 from ._cpu_options import flat_pairwise
 from ..semantics import AttentionCall
-from ._launch import num_threads, run_chunks
+from ._launch import cores, num_threads, on_partners, run_chunks, wake_partners
 from .dropout import seed_key
 
 # One item's score block (R × Lk elements) must fit this: 64 Ki elements = 256 KiB float32.
@@ -50,6 +53,12 @@ QUERY_BLOCK = 32
 # (interface/gemm.c: SMP_THRESHOLD_MIN · GEMM_MULTITHREAD_THRESHOLD), so our threads need no
 # BLAS limit below that.
 _BLAS_SINGLE_THREAD_MNK = 64**3
+# Parallel calls on the spinning partner threads (``_launch.Partners``, the decode kernel's too)
+# where a chunk per core runs: on the Intel Xeon of 5 Dec 2026 the pool's hand-off (a
+# ``submit`` of ≈ 23 µs, the pool thread starting ≈ 45 µs after it, the caller woken from
+# ``future.result()``) made two threads slower than one up to L 96 at SmolLM2's shape
+# (docs/performance-log.md, "Small calls' threads: spinning partners").  False: the pool alone.
+USE_PARTNERS = True
 
 RULE = (
     f"small calls — (Hq/Hkv)·Lq·Lk ≤ {MAX_SCORES:,}, no score_mod/mask_mod/block_mask — run a "
@@ -245,18 +254,21 @@ class SmallForward:
     def __call__(self, call: AttentionCall, threads: int | None = None):
         """:func:`forward` of ``call``, a call of the kind this set-up was made for."""
         kernels = _kernels or _kernel_module()
-        T = self.T
-        q = _contiguous(call.q, T, 0).reshape(self.q_rows)
-        k = _contiguous(call.k, T, 1)
-        v = _contiguous(call.v, T, 2)
-        out = np.empty(self.out_shape, dtype=T)
-        lse = np.empty(self.lse_shape, dtype=T)
         nchunks = 1
         if threads is None:
             if self.parallel:
                 nchunks = min(num_threads(), self.items)
         elif threads > 1:
             nchunks = min(threads, self.items)
+        partners = nchunks > 1 and USE_PARTNERS and nchunks == cores()
+        if partners:
+            wake_partners(nchunks - 1)  # a parked partner wakes while the Python below runs
+        T = self.T
+        q = _contiguous(call.q, T, 0).reshape(self.q_rows)
+        k = _contiguous(call.k, T, 1)
+        v = _contiguous(call.v, T, 2)
+        out = np.empty(self.out_shape, dtype=T)
+        lse = np.empty(self.lse_shape, dtype=T)
         status = np.zeros(nchunks, dtype=np.int64)  # chunk c sets status[c] on a non-finite value
         args = (
             (q, k, v, out, lse, self.group, self.Lq, self.query_block,
@@ -266,9 +278,31 @@ class SmallForward:
         )
         if self.blas_limit:
             with ONE_BLAS_THREAD:
-                run_chunks(kernels.forward_chunk, args, nchunks)
+                _run(kernels, args, nchunks, partners)
         else:
-            run_chunks(kernels.forward_chunk, args, nchunks)
+            _run(kernels, args, nchunks, partners)
         if status[0] if nchunks == 1 else status.any():
             return None
         return out.reshape(self.out_final), lse.reshape(self.lse_final)
+
+
+def _run(kernels, args: tuple, nchunks: int, partners: bool) -> None:
+    """The call's chunks: on the caller and the spinning partners where ``partners`` (and no
+    other call holds them), else on ``run_chunks``'s pool (or the caller alone, one chunk)."""
+    if partners and on_partners(nchunks - 1, kernels.forward_caller, (args, nchunks), kernels.forward_partner, (args, nchunks)):
+        return
+    run_chunks(kernels.forward_chunk, args, nchunks)
+
+
+def precompile_partner_entries() -> None:
+    """Load or compile the partner entries (:func:`_cpu_small_kernels.forward_caller`,
+    ``forward_partner``) for every signature the kernel has so far (``dotattn precompile``,
+    after its small forward calls): a parallel call's first launch then compiles nothing."""
+    from numba import types
+
+    kernels = _kernel_module()
+    flags = types.Array(types.int64, 1, "C")
+    for sig in list(kernels.forward_chunk.signatures):
+        args = types.Tuple(sig[:-2])  # (forward_chunk's arguments before chunk, nchunks)
+        kernels.forward_caller.compile((flags, types.int64, types.int64, types.int64, args, types.int64))
+        kernels.forward_partner.compile((flags, types.int64, types.int64, args, types.int64))

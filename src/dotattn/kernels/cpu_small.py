@@ -41,8 +41,13 @@ MAX_SCORES = 1 << 16
 # 533 against 343 µs, 128 of them (B32) 272 against 237; 3 items of GQA 9/3 L16 D64 causal (0.3·10⁶)
 # 43–48 against 70–119 µs, 12 of H12 L20 D32 72 against 116, 24 of B2 H12 L20 138 against
 # 149, 12 of H12 L32 D32 (0.8·10⁶) 115–135 against 112–156.  (The limit was 2¹⁸ products
-# alone, 30 Nov.)
-PARALLEL_MIN_WORK = 1_500_000
+# alone, 30 Nov.)  That was the pool's hand-off; on the spinning partners (USE_PARTNERS) two
+# threads win from less work: on the Intel Xeon of 5 Dec, through ``dotattn.attention``, two
+# threads took 0.87 of one thread's time at GQA 9/3 L32 D64 causal (1.24·10⁶), 0.79 at B2 H12
+# L20 D32 (1.09·10⁶), 0.82 at H12 L32 D32 (1.03·10⁶), 0.94 at L24 (0.72·10⁶), 0.98 at H12 L20
+# (0.55·10⁶) and 1.13 at L16 (0.35·10⁶) (docs/performance-log.md, "Small calls' threads:
+# spinning partners").  1.5·10⁶ → 10⁶.
+PARALLEL_MIN_WORK = 1_000_000
 ITEM_WORK = 20_000
 # Queries per work item under a causal mask or a window that hides later keys: a block of
 # early queries reads only the keys they see, so the blocks skip most of the hidden scores

@@ -589,3 +589,33 @@ def split_product_operands(seed: int, M: int, N: int, D: int, a_rows: int | None
     bp = np.zeros((1, 1, 3, 32, N), np.uint32)
     _cpu_amx_f32.split_columns(b[None, None], np.array([N]), bp, 2)
     return a, b, ap, bp
+
+
+class FailingPartnerKernels:
+    """A kernels module (``K``) whose partner entry ``partner`` raises, and whose caller entry
+    ``caller`` first posts the call and waits (GIL released) until partner 0 has claimed it —
+    else the caller may finish first and cancel the partner's part (``_launch.Partners``
+    tests of the decode and small-call kernels)."""
+
+    def __init__(self, K, caller: str, partner: str):
+        self._K, self._caller, self._partner = K, caller, partner
+
+    def __getattr__(self, name):
+        if name == self._partner:
+            def failing(*args):
+                raise RuntimeError("partner failed")
+            return failing
+        if name == self._caller:
+            return self._waiting_caller
+        return getattr(self._K, name)
+
+    def _waiting_caller(self, flags, gen, *args):
+        import time
+
+        from dotattn.kernels import _cpu_sync as S
+
+        flags[S.ENTERED] = gen
+        deadline = time.monotonic() + 10
+        while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return getattr(self._K, self._caller)(flags, gen, *args)

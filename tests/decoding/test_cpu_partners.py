@@ -128,27 +128,7 @@ def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(parallel, mo
     good = _run(case)
     K = parallel.K
 
-    class Failing:
-        """The kernel module with a partner entry that raises."""
-
-        def __getattr__(self, name):
-            return getattr(K, name)
-
-        @staticmethod
-        def run_items_partner(*args):
-            raise RuntimeError("partner failed")
-
-        @staticmethod
-        def run_items_caller(flags, gen, *args):
-            # the call entered, then the caller waits (GIL released) until the partner has
-            # claimed it: else the caller may finish first and cancel the partner's part
-            flags[S.ENTERED] = gen
-            deadline = time.monotonic() + 10
-            while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            return K.run_items_caller(flags, gen, *args)
-
-    monkeypatch.setattr(parallel, "K", Failing())
+    monkeypatch.setattr(parallel, "K", H.FailingPartnerKernels(K, "run_items_caller", "run_items_partner"))
     monkeypatch.setattr(_launch._partners, "caller_spin", 0)
     with pytest.raises(RuntimeError, match="partner failed"):
         _run(case)

@@ -145,7 +145,8 @@ if cpu_decode._workers() > 1:  # parallel decode items on the caller and the spi
                     "decode items, partner": _cpu_decode_kernels.run_items_partner,
                     "decode partner wait": _cpu_decode_kernels.partner_wait,
                     "small forward, caller": _cpu_small_kernels.forward_caller,
-                    "small forward, partner": _cpu_small_kernels.forward_partner})
+                    "small forward, partner": _cpu_small_kernels.forward_partner,
+                    "small forward, Numba's team": _cpu_small_kernels.forward_team})
 print(json.dumps({k: len(d.signatures) for k, d in entries.items()}))
 """
 

@@ -123,29 +123,30 @@ def test_a_partners_error_reaches_the_caller_and_the_next_call_runs(partners, mo
     good = cpu_small.forward(call, threads=2)
     K = cpu_small._kernel_module()
 
-    class Failing:
-        """The kernel module with a partner entry that raises."""
-
-        def __getattr__(self, name):
-            return getattr(K, name)
-
-        @staticmethod
-        def forward_partner(*args):
-            raise RuntimeError("partner failed")
-
-        @staticmethod
-        def forward_caller(flags, gen, *args):
-            # the call entered, then the caller waits (GIL released) until the partner has
-            # claimed it: else the caller may finish first and cancel the partner's part
-            flags[S.ENTERED] = gen
-            deadline = time.monotonic() + 10
-            while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            return K.forward_caller(flags, gen, *args)
-
-    monkeypatch.setattr(cpu_small, "_kernels", Failing())
+    monkeypatch.setattr(cpu_small, "_kernels", H.FailingPartnerKernels(K, "forward_caller", "forward_partner"))
     monkeypatch.setattr(partners._partners, "caller_spin", 0)
     with pytest.raises(RuntimeError, match="partner failed"):
         cpu_small.forward(call, threads=2)
     monkeypatch.setattr(cpu_small, "_kernels", K)
     _same(cpu_small.forward(call, threads=2), good, "after the error")
+
+
+def test_calls_inside_on_numba_team_run_on_the_team(partners, monkeypatch):
+    """Inside ``_launch.on_numba_team()`` (SmolLM's short prompt passes, whose products run on
+    Numba's team) a parallel call's chunks run on that team: neither the partners nor the pool,
+    and the bits of one thread."""
+    call = _call(8)
+    alone = cpu_small.forward(call, threads=1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the partners or the pool ran a chunk inside on_numba_team()")
+
+    monkeypatch.setattr(cpu_small, "on_partners", refuse)
+    monkeypatch.setattr(cpu_small, "run_chunks", refuse)
+    with partners.on_numba_team():
+        assert partners.in_numba_team()
+        for i in range(3):
+            _same(cpu_small.forward(call, threads=2), alone, f"team, call {i}")
+        _same(cpu_small.forward(call, threads=3), alone, "team, three chunks")
+    assert not partners.in_numba_team()
+    assert partners._partners is None

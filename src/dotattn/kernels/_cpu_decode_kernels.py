@@ -37,7 +37,7 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_sync import (  # noqa: F401 (partner_wait, tsc: re-exported for cpu_decode)
-    _X86, ENTERED, _store_release, finish_partners, partner_done, partner_wait, tsc,
+    _X86, ENTERED, _fetch_add, _fetch_add_acq_rel, _store_release, finish_partners, partner_done, partner_wait, tsc,
 )
 from ._cpu_primitives import _np_matmul, exp2_fraction
 from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector, target_has
@@ -172,41 +172,6 @@ def _prefetch(typingctx, arr, index):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-@intrinsic
-def _fetch_add(typingctx, counter, value):
-    """``counter[0] += value`` atomically; returns the value before (``atomicrmw add``)."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-    sig = types.int64(counter, value)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        v = context.cast(builder, args[1], signature.args[1], types.int64)
-        return builder.atomic_rmw("add", ary.data, v, "monotonic")
-
-    return sig, codegen
-
-
-@intrinsic
-def _fetch_add_acq_rel(typingctx, counter, index, value):
-    """``counter[index] += value`` atomically with acquire-release order; returns the value
-    before: the thread that brings a count to its end sees every write the other threads made
-    before their adds."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
-        return None
-    sig = types.int64(counter, index, value)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
-        v = context.cast(builder, args[2], signature.args[2], types.int64)
-        return builder.atomic_rmw("add", builder.gep(ary.data, [i]), v, "acq_rel")
-
-    return sig, codegen
-
-
 
 
 @njit(cache=_JIT_CACHE, inline="always")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from ._cpu_primitives import (
@@ -345,3 +345,12 @@ def forward_partner(flags, i, gen, args, nchunks):
     slot (release), after its items' writes."""
     forward_chunk(*args, i + 1, nchunks)
     partner_done(flags, i, gen)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def forward_team(args, nchunks):
+    """The ``nchunks`` chunks of ``forward_chunk(*args, chunk, nchunks)`` on Numba's thread team
+    (``_launch.on_numba_team``: a caller whose own work runs on that team, whose workers spin
+    between its launches)."""
+    for chunk in prange(nchunks):
+        forward_chunk(*args, chunk, nchunks)

@@ -8,6 +8,7 @@ been scheduled and finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -39,6 +40,29 @@ def _executor():
 
                 _pool = ThreadPoolExecutor(max_workers=max(1, cores() - 1), thread_name_prefix="dotattn-small")
     return _pool
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def on_numba_team():
+    """Within this block, this thread's parallel kernel calls (decode items, small-call chunks)
+    run on Numba's thread team instead of the spinning partners or the pool — for a caller
+    whose surrounding work runs on that team (SmolLM's decode steps and short prompt passes):
+    the team's workers spin after each of its products, and a partner or pool thread would
+    share a core with one of them.  Same bits either way.  Restores the previous setting."""
+    previous = getattr(_local, "team", False)
+    _local.team = True
+    try:
+        yield
+    finally:
+        _local.team = previous
+
+
+def in_numba_team() -> bool:
+    """Whether this thread is inside :func:`on_numba_team`."""
+    return getattr(_local, "team", False)
 
 
 def cores() -> int:

@@ -215,7 +215,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         # Numba's thread count (thread-local) caps the threads: a caller that set it to 1 for a
         # block of work — SmolLM's one-thread mode on a busy machine — keeps the call on its thread
         workers = min(_workers(), _numba_threads())
-        team = getattr(_local, "team", False)  # parallel items on Numba's team (on_numba_team)
+        team = _launch.in_numba_team()  # parallel items on Numba's team (on_numba_team)
         if workers > 1 and n_items >= 2:
             if nbytes >= POOL_ONLY_BYTES:
                 pool = True
@@ -335,18 +335,8 @@ def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total:
         choice.record(True, (time.perf_counter() - started) / nbytes)
 
 
-@contextlib.contextmanager
-def on_numba_team():
-    """Within this block, this thread's parallel decode calls run their items on Numba's thread
-    team (:func:`~._cpu_decode_kernels.run_items_team`) instead of the pool — for a caller
-    whose surrounding work runs on that team (SmolLM's decode step); the pool-or-alone choice
-    is kept apart for such calls.  Same bits either way.  Restores the previous setting."""
-    previous = getattr(_local, "team", False)
-    _local.team = True
-    try:
-        yield
-    finally:
-        _local.team = previous
+# (a parallel call's items inside _launch.on_numba_team(): Numba's team, run_items_team)
+on_numba_team = _launch.on_numba_team
 
 
 def _serial(args, big_gemm: bool):

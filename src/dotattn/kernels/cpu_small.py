@@ -27,7 +27,7 @@ import numpy as np
 from ._blas import ONE_BLAS_THREAD
 from ._cpu_options import flat_pairwise
 from ..semantics import AttentionCall
-from ._launch import cores, num_threads, on_partners, run_chunks, wake_partners
+from ._launch import cores, in_numba_team, num_threads, on_partners, run_chunks, wake_partners
 from .dropout import seed_key
 
 # One item's score block (R × Lk elements) must fit this: 64 Ki elements = 256 KiB float32.
@@ -265,7 +265,8 @@ class SmallForward:
                 nchunks = min(num_threads(), self.items)
         elif threads > 1:
             nchunks = min(threads, self.items)
-        partners = nchunks > 1 and USE_PARTNERS and nchunks == cores()
+        team = nchunks > 1 and in_numba_team()
+        partners = nchunks > 1 and not team and USE_PARTNERS and nchunks == cores()
         if partners:
             wake_partners(nchunks - 1)  # a parked partner wakes while the Python below runs
         T = self.T
@@ -283,26 +284,31 @@ class SmallForward:
         )
         if self.blas_limit:
             with ONE_BLAS_THREAD:
-                _run(kernels, args, nchunks, partners)
+                _run(kernels, args, nchunks, partners, team)
         else:
-            _run(kernels, args, nchunks, partners)
+            _run(kernels, args, nchunks, partners, team)
         if status[0] if nchunks == 1 else status.any():
             return None
         return out.reshape(self.out_final), lse.reshape(self.lse_final)
 
 
-def _run(kernels, args: tuple, nchunks: int, partners: bool) -> None:
-    """The call's chunks: on the caller and the spinning partners where ``partners`` (and no
-    other call holds them), else on ``run_chunks``'s pool (or the caller alone, one chunk)."""
+def _run(kernels, args: tuple, nchunks: int, partners: bool, team: bool) -> None:
+    """The call's chunks: on Numba's team where ``team`` (``_launch.on_numba_team``), on the
+    caller and the spinning partners where ``partners`` (and no other call holds them), else
+    on ``run_chunks``'s pool (or the caller alone, one chunk)."""
+    if team:
+        kernels.forward_team(args, nchunks)
+        return
     if partners and on_partners(nchunks - 1, kernels.forward_caller, (args, nchunks), kernels.forward_partner, (args, nchunks)):
         return
     run_chunks(kernels.forward_chunk, args, nchunks)
 
 
 def precompile_partner_entries() -> None:
-    """Load or compile the partner entries (:func:`_cpu_small_kernels.forward_caller`,
-    ``forward_partner``) for every signature the kernel has so far (``dotattn precompile``,
-    after its small forward calls): a parallel call's first launch then compiles nothing."""
+    """Load or compile the parallel entries (:func:`_cpu_small_kernels.forward_caller`,
+    ``forward_partner``, ``forward_team``) for every signature the kernel has so far
+    (``dotattn precompile``, after its small forward calls): a parallel call's first launch
+    then compiles nothing."""
     from numba import types
 
     kernels = _kernel_module()
@@ -311,3 +317,4 @@ def precompile_partner_entries() -> None:
         args = types.Tuple(sig[:-2])  # (forward_chunk's arguments before chunk, nchunks)
         kernels.forward_caller.compile((flags, types.int64, types.int64, types.int64, args, types.int64))
         kernels.forward_partner.compile((flags, types.int64, types.int64, args, types.int64))
+        kernels.forward_team.compile((args, types.int64))

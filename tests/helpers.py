@@ -619,3 +619,44 @@ class FailingPartnerKernels:
         while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen and time.monotonic() < deadline:
             time.sleep(0.0005)
         return getattr(self._K, self._caller)(flags, gen, *args)
+
+
+def run_concurrently(calls, repeats: int) -> list[list]:
+    """``calls[i]()`` ``repeats`` times on thread i, all threads at once (``Partners`` tests:
+    one caller holds the partners, the others take the pool); each thread's results in order.
+    Raises the first error a thread met."""
+    import threading
+
+    results: list[list] = [[] for _ in calls]
+    errors: list[BaseException] = []
+
+    def caller(i):
+        try:
+            for _ in range(repeats):
+                results[i].append(calls[i]())
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    assert all(len(r) == repeats for r in results), "a caller did not finish"
+    return results
+
+
+def park_partners_for_good(launch, monkeypatch):
+    """Wait until every partner of ``launch._partners`` has parked, then keep callers from
+    waking them (``Partners.wake`` a no-op): a partner that never wakes.  Returns the set."""
+    import time
+
+    p = launch._partners
+    deadline = time.monotonic() + 10
+    while not all(p.parked) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert all(p.parked)
+    monkeypatch.setattr(launch.Partners, "wake", lambda self: None)
+    return p

@@ -5,7 +5,6 @@ caller at once, a partner's error)."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -100,24 +99,8 @@ def test_two_callers_at_once_share_the_partners_or_take_the_executor(parallel):
     result has the bits of the same call made alone."""
     cases = [_case(30 + i) for i in range(3)]
     expected = [_run(c) for c in cases]
-    results: dict[int, list] = {i: [] for i in range(3)}
-    errors = []
-
-    def caller(i):
-        try:
-            for _ in range(8):
-                results[i].append(_run(cases[i]))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    results = H.run_concurrently([lambda c=c: _run(c) for c in cases], 8)
     for i in range(3):
-        assert len(results[i]) == 8
         for got in results[i]:
             H.assert_bitwise_equal(got[0], expected[i][0], name=f"out of caller {i}")
             H.assert_bitwise_equal(got[1], expected[i][1], name=f"lse of caller {i}")
@@ -167,12 +150,7 @@ def test_a_partner_that_never_wakes_is_not_waited_for(parallel, monkeypatch):
     alone = _run(case)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     _run(case)  # makes the partners; they park at once after it
-    p = _launch._partners
-    deadline = time.monotonic() + 10
-    while not all(p.parked) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert all(p.parked)
-    monkeypatch.setattr(_launch.Partners, "wake", lambda self: None)
+    p = H.park_partners_for_good(_launch, monkeypatch)
     for i in range(3):
         got = _run(case)
         H.assert_bitwise_equal(got[0], alone[0], name=f"out, call {i}")

@@ -5,7 +5,6 @@ woken, the caller's spin running out, a second caller at once, a partner's error
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -82,12 +81,7 @@ def test_a_partner_that_never_wakes_is_not_waited_for(partners, monkeypatch):
     call = _call(4)
     alone = cpu_small.forward(call, threads=1)
     cpu_small.forward(call, threads=2)  # makes the partner; it parks at once after it
-    p = partners._partners
-    deadline = time.monotonic() + 10
-    while not all(p.parked) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert all(p.parked)
-    monkeypatch.setattr(partners.Partners, "wake", lambda self: None)
+    p = H.park_partners_for_good(_launch, monkeypatch)
     for i in range(3):
         _same(cpu_small.forward(call, threads=2), alone, f"call {i}")
         assert p.flags[S.FLAG_STRIDE + S.CLAIM] == 2 * p.gen + 1, "the sleeping partner's part was not cancelled"
@@ -96,24 +90,8 @@ def test_a_partner_that_never_wakes_is_not_waited_for(partners, monkeypatch):
 def test_two_callers_at_once_share_the_partners_or_take_the_pool(partners):
     calls = [_call(10 + i) for i in range(3)]
     expected = [cpu_small.forward(c, threads=1) for c in calls]
-    results: dict[int, list] = {i: [] for i in range(3)}
-    errors = []
-
-    def caller(i):
-        try:
-            for _ in range(10):
-                results[i].append(cpu_small.forward(calls[i], threads=2))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    results = H.run_concurrently([lambda c=c: cpu_small.forward(c, threads=2) for c in calls], 10)
     for i in range(3):
-        assert len(results[i]) == 10
         for got in results[i]:
             _same(got, expected[i], f"caller {i}")
 

@@ -27,10 +27,21 @@ install_locator()  # before any @njit(cache=True) below: the kernels cache besid
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
+def _slot(context, builder, signature, args):
+    """The address of ``args[0][args[1]]`` (an int64 array's element) in an intrinsic's IR."""
+    ary = context.make_array(signature.args[0])(context, builder, args[0])
+    i = context.cast(builder, args[1], signature.args[1], types.int64)
+    return builder.gep(ary.data, [i])
+
+
+def _int64s(ary) -> bool:
+    return isinstance(ary, types.Array) and ary.dtype == types.int64
+
+
 @intrinsic
 def _fetch_add(typingctx, counter, value):
     """``counter[0] += value`` atomically; returns the value before (``atomicrmw add``)."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+    if not _int64s(counter):
         return None
     sig = types.int64(counter, value)
 
@@ -47,15 +58,13 @@ def _fetch_add_acq_rel(typingctx, counter, index, value):
     """``counter[index] += value`` atomically with acquire-release order; returns the value
     before: the thread that brings a count to its end sees every write the other threads made
     before their adds."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+    if not _int64s(counter):
         return None
     sig = types.int64(counter, index, value)
 
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
         v = context.cast(builder, args[2], signature.args[2], types.int64)
-        return builder.atomic_rmw("add", builder.gep(ary.data, [i]), v, "acq_rel")
+        return builder.atomic_rmw("add", _slot(context, builder, signature, args), v, "acq_rel")
 
     return sig, codegen
 
@@ -64,14 +73,13 @@ def _fetch_add_acq_rel(typingctx, counter, index, value):
 def _cas(typingctx, flags, index, expected, value):
     """``flags[index] = value`` if it holds ``expected``, atomically (acquire-release); True when
     it did (``cmpxchg``)."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+    if not _int64s(flags):
         return None
     sig = types.boolean(flags, index, expected, value)
 
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i, e, v = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 2, 3))
-        pair = builder.cmpxchg(builder.gep(ary.data, [i]), e, v, "acq_rel", "acquire")
+        e, v = (context.cast(builder, args[k], signature.args[k], types.int64) for k in (2, 3))
+        pair = builder.cmpxchg(_slot(context, builder, signature, args), e, v, "acq_rel", "acquire")
         return builder.extract_value(pair, 1)
 
     return sig, codegen
@@ -81,14 +89,12 @@ def _cas(typingctx, flags, index, expected, value):
 def _load_acquire(typingctx, flags, index):
     """``flags[index]`` read atomically (acquire): a spin loop's load that LLVM may not hoist, and
     after which the writes the other thread made before its release store are visible."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+    if not _int64s(flags):
         return None
     sig = types.int64(flags, index)
 
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
-        return builder.load_atomic(builder.gep(ary.data, [i]), "acquire", 8)
+        return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
 
     return sig, codegen
 
@@ -97,15 +103,13 @@ def _load_acquire(typingctx, flags, index):
 def _store_release(typingctx, flags, index, value):
     """``flags[index] = value`` atomically (release): the thread's earlier writes (its parts)
     are visible to a thread that reads the value with :func:`_load_acquire`."""
-    if not (isinstance(flags, types.Array) and flags.dtype == types.int64):
+    if not _int64s(flags):
         return None
     sig = types.void(flags, index, value)
 
     def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], signature.args[1], types.int64)
         v = context.cast(builder, args[2], signature.args[2], types.int64)
-        builder.store_atomic(v, builder.gep(ary.data, [i]), "release", 8)
+        builder.store_atomic(v, _slot(context, builder, signature, args), "release", 8)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -1,4 +1,4 @@
-"""The decode partners' spin after a call (``cpu_decode.PARTNER_SPIN_S``), A/B in one process.
+"""The decode partners' spin after a call (``_launch.PARTNER_SPIN_S``), A/B in one process.
 
 Under one other busy process, a B1 4k pool call's Python outside the kernel took 0.78 ms against
 0.15 idle (docs/decoding-log.md, "A straggling partner's item redone by the caller"): were the
@@ -24,7 +24,7 @@ import numpy as np
 
 from decode_mode_under_load import _spin  # (benchmarks/: the script's own folder)
 from dotattn import bench_decode as bd
-from dotattn.kernels import cpu_decode
+from dotattn.kernels import _launch, cpu_decode
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=41)
     rounds = ap.parse_args().rounds
     spins = {"spin300": 300e-6, "spin50": 50e-6, "spin0": 0.0}  # (300 µs: PARTNER_SPIN_S)
-    rate = cpu_decode._tsc_rate()
+    rate = _launch.tsc_rate()
     buf = np.random.default_rng(0).standard_normal(40_000).astype(np.float32)
     out = np.empty_like(buf)
     choose = cpu_decode.ParallelChoice.choose
@@ -42,7 +42,7 @@ def main() -> None:
         run = bd._make_peer("dotattn", 1, 4096, dt, q, kc, vc)
         for _ in range(5):
             run()
-        p = cpu_decode._partners
+        p = _launch._partners
         t0 = time.perf_counter()
         np.exp(buf, out=out)
         gap = time.perf_counter() - t0
@@ -75,7 +75,7 @@ def main() -> None:
             base = med["spin300"]
             print(f"B1 4k {dt} spinners {spinners} (gap {gap*1e3:.2f} ms): " + ", ".join(
                 f"{k} {v:.3f} ms ({v / base:.3f})" for k, v in med.items()), f"load {open('/proc/loadavg').read().split()[0]}", flush=True)
-        p.partner_spin = int(cpu_decode.PARTNER_SPIN_S * rate)
+        p.partner_spin = int(_launch.PARTNER_SPIN_S * rate)
     cpu_decode.ParallelChoice.choose = choose
 
 

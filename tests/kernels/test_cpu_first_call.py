@@ -80,7 +80,7 @@ dispatchers = {"forward": _cpu_kernels.forward, "backward": _cpu_kernels.backwar
                "decode serial": _cpu_decode_kernels.run_serial}
 if _cpu_decode_kernels.run_items_caller.signatures:
     # more than one core: the parallel entries' items ran on the caller and the spinning
-    # partner threads (cpu_decode._Partners), whose entries call run_items from machine code
+    # partner threads (_launch.Partners), whose entries call run_items from machine code
     # (a partner thread's own entries load when it first runs, maybe after these counts:
     # precompile's test below checks them)
     del dispatchers["decode items"]

@@ -25,7 +25,7 @@ from numba import njit
 
 from dotattn.kernels import _cpu_amx as A
 from dotattn.kernels._cpu_amx import _dot, _tile_op, _tile_zero
-from dotattn.kernels._cpu_decode_kernels import _cycles
+from dotattn.kernels._cpu_sync import _cycles
 from dotattn.kernels._cpu_isa import amx_tiles
 
 _L = [_tile_op("llvm.x86.tileloadd64", t) for t in range(8)]

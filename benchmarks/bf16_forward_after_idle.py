@@ -40,7 +40,7 @@ def wake(rounds: int) -> None:
     from numba import njit, prange
 
     from dotattn.kernels import _launch
-    from dotattn.kernels._cpu_decode_kernels import _cycles
+    from dotattn.kernels._cpu_sync import _cycles
 
     @njit(nogil=True)
     def pool_chunk(stamps, work, sink, c, n):  # one thread's part: stamps, ≈ 300 µs of sqrt, stamps
@@ -208,7 +208,7 @@ def pin(rounds: int, H: int, D: int) -> None:
     from numba import get_thread_id, njit, prange
 
     import dotattn
-    from dotattn.kernels._cpu_decode_kernels import _cycles
+    from dotattn.kernels._cpu_sync import _cycles
 
     libc = ctypes.CDLL(None)
     getcpu, gettid = libc.sched_getcpu, libc.gettid

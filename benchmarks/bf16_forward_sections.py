@@ -25,7 +25,7 @@ from numba import njit
 from dotattn import semantics
 from dotattn.kernels import _cpu_kernels as K
 from dotattn.kernels import cpu
-from dotattn.kernels._cpu_decode_kernels import _cycles  # the time-stamp counter, in compiled code
+from dotattn.kernels._cpu_sync import _cycles  # the time-stamp counter, in compiled code
 from dotattn.kernels._cpu_primitives import _aligned_empty, _tile_buffer
 from dotattn.semantics import BFLOAT16
 

@@ -40,7 +40,7 @@ from dotattn import semantics
 from dotattn.kernels import _cpu_amx_f32 as F
 from dotattn.kernels import _cpu_kernels as K
 from dotattn.kernels import cpu
-from dotattn.kernels._cpu_decode_kernels import _cycles  # the time-stamp counter, in compiled code
+from dotattn.kernels._cpu_sync import _cycles  # the time-stamp counter, in compiled code
 
 CASES = {"d64": (8, 64, None), "d128": (4, 128, None), "causal": (8, 64, "bottom_right")}
 SECTIONS = ("task: split K, V tiles; zero dK, dV", "tile class, Q/dO rows, lse, Δ", "Sᵀ = K·Qᵀ (split)",

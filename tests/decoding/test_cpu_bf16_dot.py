@@ -13,7 +13,7 @@ import helpers as H
 import dotattn
 from dotattn import decoding
 from dotattn.kernels import _cpu_decode_kernels as K
-from dotattn.kernels import _cpu_isa, cpu_decode
+from dotattn.kernels import _cpu_isa, _cpu_sync, cpu_decode
 from dotattn.semantics import BFLOAT16
 
 HAS_DOT = cpu_decode._bf16_dot_available()
@@ -85,7 +85,7 @@ def test_environment_forces_the_widening_path(monkeypatch):
     monkeypatch.setenv(_cpu_isa.ENV_VAR, "off")
     assert cpu_decode._bf16_dot_available() is False
     monkeypatch.delenv(_cpu_isa.ENV_VAR)
-    assert cpu_decode._bf16_dot_available() == ("avx512bf16" in _cpu_isa._cpu_features() and K._X86)
+    assert cpu_decode._bf16_dot_available() == ("avx512bf16" in _cpu_isa._cpu_features() and _cpu_sync._X86)
 
 
 # (id, make_case kwargs): lengths not multiples of 16, across split boundaries, empty sequences

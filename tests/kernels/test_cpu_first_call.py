@@ -121,7 +121,7 @@ def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path)
 
 PRECOMPILE_ONLY = """
 import json
-from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels, cpu
+from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels, _cpu_sync, cpu
 
 cpu.precompile(("float32", "bfloat16"))
 entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forward_grouped,
@@ -134,7 +134,9 @@ entries = {"forward": _cpu_kernels.forward, "grouped forward": _cpu_kernels.forw
            "model SwiGLU": _cpu_model_ops.swiglu, "model GEMV": _cpu_model_ops.gemv,
            "model GEMV, one thread": _cpu_model_ops.gemv_rows,
            "model block GEMV": _cpu_model_ops.gemv_blocks, "model block GEMV, one thread": _cpu_model_ops.gemv_blocks_rows,
-           "model block GEMM": _cpu_model_ops.gemm_blocks, "model block GEMM, one thread": _cpu_model_ops.gemm_blocks_rows}
+           "model block GEMM": _cpu_model_ops.gemm_blocks, "model block GEMM, one thread": _cpu_model_ops.gemm_blocks_rows,
+           "model chunked steps, caller": _cpu_model_ops.chunks_caller,
+           "model chunked steps, partner": _cpu_model_ops.chunks_partner}
 from dotattn.kernels._cpu_isa import f32_gemm
 if f32_gemm()[0]:  # the short prompt passes' column-chunk GEMM (MKL's sgemm only)
     entries.update({"model column GEMM": _cpu_model_ops.gemm_columns,
@@ -143,7 +145,7 @@ from dotattn.kernels import cpu_decode
 if cpu_decode._workers() > 1:  # parallel decode items on the caller and the spinning partner threads
     entries.update({"decode items, caller": _cpu_decode_kernels.run_items_caller,
                     "decode items, partner": _cpu_decode_kernels.run_items_partner,
-                    "decode partner wait": _cpu_decode_kernels.partner_wait,
+                    "partner wait": _cpu_sync.partner_wait,
                     "small forward, caller": _cpu_small_kernels.forward_caller,
                     "small forward, partner": _cpu_small_kernels.forward_partner,
                     "small forward, Numba's team": _cpu_small_kernels.forward_team})

@@ -436,3 +436,55 @@ def test_split_rows_sums_reports_nan_and_inf_as_out_of_range():
     ops.split_rows_sums(np.zeros((3, 64), np.float32), pieces_buffer(32, 64, np.empty(0, np.uint16)),
                         np.empty((32, 2), np.float32), top, 0, 1)
     assert top[0] == 0 and ok_range(bits_to_largest(0))  # all zeros: in range
+
+
+def _chunked_steps(rng, n=130):
+    """Each of the prompt pass's chunked steps with fresh outputs: ``[(kernel, args, outputs)]``."""
+    e, heads, D, f = 64, 3, 16, 48
+    x, proj = rng.standard_normal((n, e), dtype=np.float32), rng.standard_normal((n, e), dtype=np.float32)
+    table = rng.standard_normal((n + 4, D), dtype=np.float32)
+    qkv = rng.standard_normal((n, (heads + 1) * D), dtype=np.float32)
+    gate_up = rng.standard_normal((n, 2 * f), dtype=np.float32)
+    norm = (x.copy(), proj, True, rng.standard_normal(e, dtype=np.float32), np.float32(1e-5), np.empty_like(x))
+    rope = (qkv, np.arange(n, dtype=np.int64), table, table, np.empty((n, heads, D), np.float32))
+    swiglu = (gate_up, np.empty((n, f), np.float32))
+    return [(ops.add_rms_norm, norm, (0, 5)), (ops.rope, rope, (4,)), (ops.swiglu, swiglu, (1,))]
+
+
+def test_chunk_entries_pick_each_step_by_its_argument_count():
+    """One caller's and one partner's entry serve every chunked step: the argument counts differ
+    and name the kernel."""
+    for nargs, kernel in ops.CHUNK_KERNELS.items():
+        assert kernel.py_func.__code__.co_argcount == nargs + 2  # (… chunk, chunks)
+        assert ops.chunk_kernel(nargs) is kernel
+    assert ops.chunk_kernel(3) is None
+
+
+@pytest.mark.parametrize("partner_asleep", [False, True], ids=["partner", "partner-never-woken"])
+def test_chunked_steps_on_the_partners_give_the_bits_of_one_thread(partner_asleep, monkeypatch):
+    """Chunk 0 on the caller and chunk 1 on a partner (``_launch.on_partners`` with the model's
+    entries) write what the two chunks in turn write; a partner that never wakes has its part
+    cancelled and its chunk run by the caller."""
+    from dotattn.kernels import _cpu_sync as S
+    from dotattn.kernels import _launch
+
+    from helpers import park_partners_for_good
+
+    monkeypatch.setattr(_launch, "_partners", None)
+    if partner_asleep:
+        monkeypatch.setattr(_launch, "PARTNER_SPIN_S", 0.0)
+        _launch.get_partners(1)
+        park_partners_for_good(_launch, monkeypatch)
+    rng = np.random.default_rng(5)
+    for kernel, args, outs in _chunked_steps(rng):
+        serial = [np.copy(a) if isinstance(a, np.ndarray) else a for a in args]
+        for c in range(2):
+            kernel(*serial, c, 2)
+        ran = _launch.on_partners(1, ops.chunks_caller, (args, 2), ops.chunks_partner, (args, 2))
+        assert ran, "another call held the partners"
+        for i in outs:
+            np.testing.assert_array_equal(args[i], serial[i], err_msg=f"{kernel.py_func.__name__} output {i}")
+        if partner_asleep:
+            p = _launch._partners
+            assert p.flags[S.FLAG_STRIDE + S.CLAIM] == 2 * p.gen + 1, "the sleeping partner was not cancelled"
+    assert _launch._partners.gen == 3

@@ -745,3 +745,21 @@ def test_cli_reports_a_missing_model_file(tmp_path, capsys):
     assert cli.main(["generate", "hi", "--model", str(tmp_path / "none.gguf")]) == 1
     assert "is not a file" in capsys.readouterr().err
     assert cli.main(["chat", "--model", str(tmp_path / "none.gguf")]) == 1
+
+
+def test_prompt_pass_steps_on_the_partners_give_the_bits_of_the_pool(model, monkeypatch):
+    """A long prompt pass's chunked steps (RMSNorm, RoPE, SwiGLU, the AMX products' passes) run
+    on the spinning partners where a chunk per core runs (``smollm._steps_in_chunks``): the
+    logits are bit for bit those of the same steps on the pool."""
+    from dotattn.kernels import _launch
+
+    ids = list(range(300, 300 + 150))  # ≥ _RowHalves.MIN_ROWS rows: a long pass (no chooser)
+    monkeypatch.setattr(smollm_module, "STEPS_ON_PARTNERS", False)
+    pool = model.logits(ids)
+    monkeypatch.setattr(smollm_module, "STEPS_ON_PARTNERS", True)
+    monkeypatch.setattr(smollm_module, "_cores", lambda: 2)
+    monkeypatch.setattr(_launch, "cores", lambda: 2)
+    monkeypatch.setattr(_launch, "_partners", None)
+    partners = model.logits(ids)
+    assert _launch._partners is not None and _launch._partners.gen >= 30 * 3, "the steps did not run on the partners"
+    np.testing.assert_array_equal(partners, pool)

@@ -36,9 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
-from ._cpu_sync import (  # noqa: F401 (partner_wait, tsc: re-exported for cpu_decode)
-    _X86, ENTERED, _fetch_add, _fetch_add_acq_rel, _store_release, finish_partners, partner_done, partner_wait, tsc,
-)
+from ._cpu_sync import ENTERED, _fetch_add, _fetch_add_acq_rel, _store_release, finish_partners, partner_done
 from ._cpu_primitives import _np_matmul, exp2_fraction
 from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector, target_has
 

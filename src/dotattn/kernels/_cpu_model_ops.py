@@ -22,13 +22,14 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import _cpu_amx as _amx
 from ._cpu_amx_f32 import split_rows
 from ._cpu_cache import install_locator
 from ._cpu_decode_kernels import _prefetch
 from ._cpu_primitives import LOG2E, _exp2_one, _gemm_f32, _mkl_threads_local
+from ._cpu_sync import ENTERED, _store_release, finish_partners, partner_done
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -654,3 +655,64 @@ def gemm_pairs(pieces, sums, pairs, scale_t, offset_t, has_offset, out, chunk, c
                 for c in range(PAIRS_COLS):
                     orow[n0 + c] = arow[c]
     _amx._tile_release()
+
+
+# =================================================================================
+# the prompt pass's chunked steps on the spinning partner threads (_launch.Partners)
+# =================================================================================
+
+# The steps a prompt pass runs in chunks (``fn(*args, chunk, chunks)``), by their argument count:
+# the counts differ, so one caller's and one partner's entry serve them all, the kernel chosen
+# at compile time from the arguments' tuple (:func:`chunk_kernel`).  On the Intel Xeon of 5 Dec
+# 2026 a 128-token prompt pass handed 361 chunks to the pool; on the partners it took 127
+# instead of 161 ms (docs/models.md, "the prompt pass's steps on the partners").
+CHUNK_KERNELS = {6: add_rms_norm, 5: rope, 2: swiglu, 4: split_rows_sums, 7: gemm_pairs}
+
+
+def chunk_kernel(nargs: int):
+    """The chunked step taking ``nargs`` arguments before ``chunk, chunks`` (or None)."""
+    return CHUNK_KERNELS.get(nargs)
+
+
+def _run_chunk(args, chunk, chunks):
+    raise NotImplementedError("compiled only")
+
+
+@overload(_run_chunk, jit_options={"cache": _JIT_CACHE})
+def _run_chunk_overload(args, chunk, chunks):
+    kernel = chunk_kernel(len(args))
+    if kernel is None:
+        return None
+    return lambda args, chunk, chunks: kernel(*args, chunk, chunks)
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def chunks_caller(flags, gen, partners, max_cycles, args, chunks):
+    """The caller's side of a chunked step on the partners: ``flags[ENTERED] = gen`` (the GIL is
+    free from here on), chunk 0, then ``_cpu_sync.finish_partners``; the chunk of a partner
+    cancelled there (asleep still) runs here.  True when no partner is left running."""
+    _store_release(flags, ENTERED, gen)
+    _run_chunk(args, 0, chunks)
+    cancelled, left = finish_partners(flags, gen, partners, max_cycles)
+    for i in range(partners):
+        if cancelled & (1 << i):
+            _run_chunk(args, i + 1, chunks)
+    return left == 0
+
+
+@njit(cache=_JIT_CACHE, nogil=True)
+def chunks_partner(flags, i, gen, args, chunks):
+    """Partner ``i``'s side: chunk ``i + 1``, then ``gen`` in its DONE slot."""
+    _run_chunk(args, i + 1, chunks)
+    partner_done(flags, i, gen)
+
+
+def precompile_chunk_entries() -> None:
+    """Load or compile :func:`chunks_caller` and :func:`chunks_partner` for every signature the
+    chunked steps have so far (``dotattn precompile``, after the model steps)."""
+    flags = types.Array(types.int64, 1, "C")
+    for kernel in CHUNK_KERNELS.values():
+        for sig in list(kernel.signatures):
+            args = types.Tuple(sig[:-2])
+            chunks_caller.compile((flags, types.int64, types.int64, types.int64, args, types.int64))
+            chunks_partner.compile((flags, types.int64, types.int64, args, types.int64))

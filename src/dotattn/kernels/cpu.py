@@ -2009,6 +2009,7 @@ def _model_steps() -> None:
         st = np.ones((2, ops.PAIRS_COLS), np.float32)
         for out in (np.empty((3, ops.PAIRS_COLS), np.float32), np.empty((3, 2 * ops.PAIRS_COLS), np.float32)[:, : ops.PAIRS_COLS]):
             ops.gemm_pairs(pieces, psums, pairs, st, st, True, out, 0, 1)
+    ops.precompile_chunk_entries()  # the chunked steps on the spinning partners (smollm._steps_in_chunks)
 
 
 def _decode_step(cache_dtype: str, rng: np.random.Generator) -> None:

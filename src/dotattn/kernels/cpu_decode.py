@@ -18,7 +18,6 @@ each item writes its own part, and parts are merged in a fixed order (tested).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -31,7 +30,7 @@ import numpy as np
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
-from . import _launch
+from . import _cpu_sync, _launch
 from ._blas import ONE_BLAS_THREAD
 
 # Below this many bytes of K/V to read, one thread (≈ 200 µs at 20 GB/s) beats a parallel
@@ -57,7 +56,7 @@ def _bf16_dot_available() -> bool:
 
     if os.environ.get(_cpu_isa.ENV_VAR, "").strip().lower() in _cpu_isa._OFF:
         return False
-    return K._X86 and "avx512bf16" in _cpu_isa._cpu_features()
+    return _cpu_sync._X86 and "avx512bf16" in _cpu_isa._cpu_features()
 
 
 # A bfloat16 q on a bfloat16 cache, one query row per K/V head (R = group · Lq = 1: no GQA
@@ -546,8 +545,6 @@ def precompile_partners() -> None:
     their items for every signature the caller's entry has — a partner runs items only when it
     claims a call before the caller has run them all, so a small call may never reach it."""
     from numba import types
-
-    from . import _cpu_sync
 
     _cpu_sync.partner_wait(np.zeros(_cpu_sync.FLAG_STRIDE * 2, dtype=np.int64), 0, 0, 0)  # no call: returns at once
     for sig in K.run_items_caller.signatures:

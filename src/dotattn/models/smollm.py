@@ -549,14 +549,34 @@ class _RowHalves:
 
 
 def _chunks(fn, args: tuple, nchunks: int, parallel: bool) -> None:
-    """``fn(*args, chunk, nchunks)`` for every chunk: on the ``_launch`` pool, or in turn on the caller."""
-    from ..kernels._launch import run_chunks
-
+    """``fn(*args, chunk, nchunks)`` for every chunk: on the caller and the spinning partners
+    (:func:`_steps_in_chunks`), on the ``_launch`` pool, or in turn on the caller."""
     if parallel:
-        run_chunks(fn, args, nchunks)
+        _steps_in_chunks(fn, args, nchunks)
     else:
         for chunk in range(nchunks):
             fn(*args, chunk, nchunks)
+
+
+STEPS_ON_PARTNERS = True  # False: every chunked step on the _launch pool (the A/B's old mode)
+
+
+def _steps_in_chunks(fn, args: tuple, nchunks: int) -> None:
+    """A prompt pass's chunked step: a kernel of ``_cpu_model_ops.CHUNK_KERNELS`` with one chunk
+    per core runs on the caller and the spinning partner threads (``_launch.Partners``: no thread
+    woken through the OS; 361 hand-overs in a 128-token pass took it from 161 to 127 ms on the
+    Intel Xeon of 5 Dec 2026, docs/models.md); anything else, or while another call holds the
+    partners, on the ``_launch`` pool.  Each chunk writes its own rows: the same bits."""
+    from ..kernels import _cpu_model_ops as ops
+    from ..kernels._launch import cores, in_numba_team, on_partners, run_chunks
+
+    if (
+        STEPS_ON_PARTNERS and nchunks == cores() and nchunks > 1 and not in_numba_team()
+        and ops.chunk_kernel(len(args)) is fn
+        and on_partners(nchunks - 1, ops.chunks_caller, (args, nchunks), ops.chunks_partner, (args, nchunks))
+    ):
+        return
+    run_chunks(fn, args, nchunks)
 
 
 def _cores() -> int:
@@ -1067,15 +1087,16 @@ class SmolLM:
         v = ws.qkv[..., nq + nk :].reshape(B, L, Hkv, D)
 
         # One fused pass per element-wise step (kernels/_cpu_model_ops.py).  Prompt passes run
-        # each step in row chunks on the caller and a pool thread (the kernels release the GIL;
-        # the caller takes every chunk the pool has not started, so a busy machine costs
-        # nothing); a decode step's few rows stay on the caller.
+        # each step in row chunks on the caller and the spinning partners (_steps_in_chunks; the
+        # kernels release the GIL; a partner not there yet has its chunk run by the caller, so a
+        # busy machine costs nothing); a decode step's few rows stay on the caller.
         chunks = min(4, N // 64)
         if chunks >= 2:
-            from ..kernels._launch import run_chunks
+            # one chunk per core on the partners (a late partner's chunk runs on the caller)
+            chunks = _cores() if STEPS_ON_PARTNERS and _cores() > 1 else chunks
 
             def phase(fn, *args):
-                run_chunks(fn, args, chunks)
+                _steps_in_chunks(fn, args, chunks)
         else:
 
             def phase(fn, *args):

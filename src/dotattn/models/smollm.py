@@ -580,11 +580,11 @@ def _steps_in_chunks(fn, args: tuple, nchunks: int) -> None:
 
 
 def _cores() -> int:
-    """The cores this process may run on: the short prompt passes' product chunks (one per
-    thread of the all-cores mode; a fixed number, whichever mode runs)."""
-    import os
+    """The cores this process may run on (``_launch.cores``): the prompt passes' product and
+    step chunks (one per thread of the all-cores mode; a fixed number, whichever mode runs)."""
+    from ..kernels._launch import cores
 
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return cores()
 
 
 def _mkl_team() -> bool:
@@ -1068,6 +1068,7 @@ class SmolLM:
         SwiGLU ``silu(gate) · up`` (kernels/_cpu_model_ops.py).
         """
         from ..kernels import _cpu_model_ops as ops
+        from ..kernels._launch import on_numba_team
 
         cfg = self.config
         mm = self._mm if mm is None else mm
@@ -1103,8 +1104,6 @@ class SmolLM:
                 fn(*args, 0, 1)
 
         add = False  # the first layer's input has no pending residual
-        from ..kernels._launch import on_numba_team
-
         for i, w in enumerate(self.w["layers"]):
             many = True if threads is None else threads.choose()
             started = time.perf_counter()

@@ -125,6 +125,39 @@ def test_rule_boundary_both_sides_match_reference(Lq, Lk, group, small):
 
 
 @pytest.mark.parametrize(
+    "Lq, group, D, options, reason",
+    [
+        (682, 3, 8, dict(causal=True), None),  # 96 rows a block × 682 keys = 65,472 scores
+        (683, 3, 8, dict(causal=True), "a query block's scores"),
+        (512, 2, 128, dict(causal="top_left"), None),  # 512 · 256 = 131,072 key/value elements
+        (513, 2, 128, dict(causal=True), "a query block's keys and values"),
+        (200, 3, 8, dict(window=(None, 0)), None),  # a right window hides later keys too
+        (200, 3, 8, dict(window=(7, None)), "score block"),  # no later key hidden: one block
+        (300, 1, 8, dict(causal=True), "score block"),  # one query head a group: the whole block
+    ],
+    ids=["grouped-at-limit", "grouped-past-limit", "kv-at-limit", "kv-past-limit", "right-window",
+         "left-window-only", "one-head-a-group"],
+)
+def test_grouped_calls_that_hide_later_keys_are_taken_by_query_block(Lq, group, D, options, reason):
+    """Past MAX_SCORES for the whole (Hq/Hkv)·Lq·Lk, a grouped call that hides later keys is
+    still a small call while one query block's scores fit MAX_SCORES and its keys and values
+    MAX_BLOCK_KV; the rule says which limit a call passes, and both paths are right."""
+    q, k, v = H.random_qkv(6, batch=(1,), Hq=2 * group, Hkv=2, Lq=Lq, D=D)
+    call = semantics.normalize(q, k, v, **options)
+    assert call.group * Lq * Lq > cpu_small.MAX_SCORES
+    reasons = cpu_small.unsupported_reasons(call)
+    if reason is None:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and reasons[0].startswith(reason), reasons
+    out, lse = dotattn.attention(q, k, v, return_lse=True, implementation="cpu", **options)
+    ref_out, ref_lse = H.reference(q, k, v, **options)
+    naive_out, naive_lse = H.naive(q, k, v, **options)
+    H.assert_close_to_reference(out, ref_out, naive_out, name="out")
+    H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse", dtype=q.dtype)
+
+
+@pytest.mark.parametrize(
     "options",
     [dict(causal=True), dict(window=(4, 0), q_lengths=np.array([19, 6]), kv_lengths=np.array([23, 11])),
      dict(dropout_p=0.25, seed=3, alibi_slopes=np.linspace(0.1, 0.6, 6))],

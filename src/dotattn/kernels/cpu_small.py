@@ -65,9 +65,22 @@ _BLAS_SINGLE_THREAD_MNK = 64**3
 # (docs/performance-log.md, "Small calls' threads: spinning partners").  False: the pool alone.
 USE_PARTNERS = True
 
+# Grouped calls (Hq/Hkv ≥ 2) that hide later keys are taken whenever one query block's scores,
+# (Hq/Hkv)·QUERY_BLOCK·Lk, fit MAX_SCORES and its keys and values, Lk·(D + Dv) elements, fit
+# MAX_BLOCK_KV (512 KiB of float32), not only when the whole (Hq/Hkv)·Lq·Lk does: on the Intel
+# Xeon of 5 Dec 2026, with the items on the spinning partners, through ``dotattn.attention``
+# against the general kernels (``/tmp/s58/grouped.py``, two runs): GQA 9/3 D64 causal L160 0.39
+# of the time, L256 0.63, L512 0.85; 32/8 D128 L256 0.75.  One query head a group (MHA) is
+# not: 12/12 D64 L256 1.03–1.10, L1024 1.10–1.15 (docs/performance-log.md, "Small calls'
+# threads: spinning partners").  (On the Zen 3 with the pool's hand-off this rule was level,
+# 0.95–1.05: not landed then.)
+BLOCKED_MIN_GROUP = 2
+MAX_BLOCK_KV = 1 << 17
+
 RULE = (
-    f"small calls — (Hq/Hkv)·Lq·Lk ≤ {MAX_SCORES:,}, no score_mod/mask_mod/block_mask — run a "
-    "one-block kernel per (sequence, K/V head; causal: per block of "
+    f"small calls — (Hq/Hkv)·Lq·Lk ≤ {MAX_SCORES:,} (grouped calls hiding later keys: per block "
+    f"of {QUERY_BLOCK} queries, with Lk·(D + Dv) ≤ {MAX_BLOCK_KV:,}), no score_mod/mask_mod/block_mask "
+    "— run a one-block kernel per (sequence, K/V head; causal: per block of "
     f"{QUERY_BLOCK} queries), in the caller's thread below {PARALLEL_MIN_WORK:,} multiply-adds "
     f"(each item counted {ITEM_WORK:,} more)"
 )
@@ -86,8 +99,23 @@ def unsupported_reasons(call: AttentionCall) -> list[str]:
         reasons.append("block calls of a larger problem (ring attention) run in the general kernels")
     rows = call.group * call.Lq
     if rows * call.Lk > MAX_SCORES:
-        reasons.append(f"score block (Hq/Hkv)·Lq·Lk = {rows}·{call.Lk} > {MAX_SCORES}")
+        blocked = query_block(call) < call.Lq and call.group >= BLOCKED_MIN_GROUP
+        kv = call.Lk * (call.q.shape[3] + call.v.shape[3])
+        block_rows = call.group * QUERY_BLOCK
+        if not blocked:
+            reasons.append(f"score block (Hq/Hkv)·Lq·Lk = {rows}·{call.Lk} > {MAX_SCORES}")
+        elif block_rows * call.Lk > MAX_SCORES:
+            reasons.append(f"a query block's scores (Hq/Hkv)·{QUERY_BLOCK}·Lk = {block_rows}·{call.Lk} > {MAX_SCORES}")
+        elif kv > MAX_BLOCK_KV:
+            reasons.append(f"a query block's keys and values Lk·(D + Dv) = {kv} > {MAX_BLOCK_KV}")
     return reasons
+
+
+def query_block(call: AttentionCall) -> int:
+    """Queries per work item: :data:`QUERY_BLOCK` where the call hides later keys (causal, or a
+    window with a right side) and has more queries than that, else all of them."""
+    hides_later = call.causal is not None or (call.window is not None and call.window[1] is not None)
+    return QUERY_BLOCK if hides_later and call.Lq > QUERY_BLOCK else max(call.Lq, 1)
 
 
 def _lengths(given: np.ndarray | None, B: int, L: int) -> np.ndarray:
@@ -202,8 +230,7 @@ class SmallForward:
         self.out_shape, self.lse_shape = (B, Hkv, R, Dv), (B, Hkv, R)
         self.out_final, self.lse_final = (B, Hq, Lq, Dv), (B, Hq, Lq)
         # (a call that hides no later key reads every key from every row: one block)
-        hides_later = call.causal is not None or (call.window is not None and call.window[1] is not None)
-        self.query_block = QUERY_BLOCK if hides_later and Lq > QUERY_BLOCK else max(Lq, 1)
+        self.query_block = query_block(call)
         self.items = B * Hkv * -(-Lq // self.query_block)
         self.parallel = self.items > 1 and B * Hq * Lq * Lk * (D + Dv) + self.items * ITEM_WORK >= PARALLEL_MIN_WORK
         # Small GEMMs never wake BLAS threads; bigger ones would (even in a serial run, where on

@@ -7,7 +7,8 @@ a call, and the caller's ``submit`` alone took ≈ 23 µs on the Intel Xeon of 5
 (docs/performance-log.md, "Small calls' threads: spinning partners").  The partners, the
 decode kernel's since 2 Dec, serve every kernel that has a caller's and a partner's entry
 (``_cpu_decode_kernels.run_items_caller``/``run_items_partner``,
-``_cpu_small_kernels.forward_caller``/``forward_partner``): the entries store and read the
+``_cpu_small_kernels.forward_caller``/``forward_partner``,
+``_cpu_model_ops.chunks_caller``/``chunks_partner``): the entries store and read the
 flags below with these atomics (and the decode items take their tickets with `_fetch_add`), so
 no lock and no system call is on the path of a call.
 """
@@ -118,7 +119,7 @@ def _store_release(typingctx, flags, index, value):
 @intrinsic
 def _cycles(typingctx):
     """The CPU's time-stamp counter (``llvm.readcyclecounter``: ``rdtsc`` on x86), for spin
-    limits; :func:`dotattn.kernels.cpu_decode` measures its rate once."""
+    limits; :func:`dotattn.kernels._launch.tsc_rate` measures its rate once."""
     sig = types.int64()
 
     def codegen(context, builder, signature, args):

@@ -510,8 +510,8 @@ _WORKERS: list[int] = []
 def _workers() -> int:
     """The cores this process may run on (read once: a call's Python runs cold, after the items
     have streamed the caches, and every step of it counts)."""
-    if not _WORKERS:
-        _WORKERS.append(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+    if not _WORKERS:  # (a list of its own: tests set it to run the parallel paths on one core)
+        _WORKERS.append(_launch.cores())
     return _WORKERS[0]
 
 

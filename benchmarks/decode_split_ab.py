@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from decode_ab import _load  # (this folder is on sys.path when a script here runs)
+
 from dotattn import bench_decode as bd
 from dotattn.kernels import cpu_decode
 
@@ -32,11 +34,6 @@ def _timed(fn, warm_s: float = 0.15) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().split()[0]
 
 
 def main() -> None:

@@ -423,6 +423,79 @@ def test_cpu_parallel_choice_backs_off_alone_retries_while_the_pool_wins_widely(
     assert choice.alone_gap == R
 
 
+def test_cpu_parallel_choice_retries_the_pool_again_when_its_retry_found_the_partner_parked():
+    """A pool retry after the class ran alone found its partner parked (it parks 300 µs after a
+    call): its time was the partner's wake-up, not the pool's.  It is not kept, and the next call
+    retries the pool (the partner now awake); a cold pool call that was no retry (the pool is the
+    class's mode, its calls far apart) is timed as it is."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice = ParallelChoice()
+    pool_t, alone_t, wake_t = 1e-9, 1.5e-9, 3e-9
+    for _ in range(8):  # exploration; alone is kept as the faster (the pool's first times were slow)
+        mode = choice.choose()
+        choice.record(mode, wake_t if mode else alone_t)
+    assert choice.best is False
+    kept = list(choice.times[1])
+    modes = []
+    while not any(modes):  # up to the pool's retry
+        modes.append(choice.choose())
+        if modes[-1]:
+            choice.cold = True  # decode found the partner parked
+        choice.record(modes[-1], wake_t if modes[-1] else alone_t)
+    assert choice.times[1] == kept  # the cold retry's time: not kept
+    assert choice.cold is False  # (record clears it)
+    assert choice.choose() is True  # the retry again, at once
+    choice.record(True, pool_t)
+    assert choice.times[1][-1] == pool_t
+    for _ in range(ParallelChoice.KEEP - 1):  # the pool's warm times bring the class over
+        assert choice.choose() is True
+        choice.record(True, pool_t)
+    assert choice.choose() is True and choice.best is True
+    choice.cold = True  # the pool as the class's mode, a cold call: timed
+    choice.record(True, wake_t)
+    assert choice.times[1][-1] == wake_t
+
+
+def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(monkeypatch):
+    """Calls between PARALLEL_MIN_BYTES_TEAM and PARALLEL_MIN_BYTES run alone outside
+    on_numba_team() (no size class) and through the choice on the team inside it (SmolLM's
+    decode steps: two threads won there from ≈ 0.6 MiB); the same bits."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels import _cpu_decode_kernels as K
+    from dotattn.kernels import cpu_decode
+
+    if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
+        pytest.skip(H.lacks("a second core", "every call runs on the calling thread"))
+    case = C.make_case(11, B=2, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
+    nbytes = int((case.kwargs()["cache_lengths"] + case.k_new.shape[2]).sum()) * 3 * 2 * case.q.shape[-1] * 4
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", nbytes + 1)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_TEAM", nbytes)
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+    team_calls = []
+    team_kernel = K.run_items_team
+    monkeypatch.setattr(K, "run_items_team", lambda *a: (team_calls.append(a[2]), team_kernel(*a))[1])
+
+    def call():
+        return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
+                                              case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
+
+    alone = call()
+    assert not cpu_decode._CHOICES and not team_calls  # below the plain rule: this thread, no choice
+    with cpu_decode.on_numba_team():
+        on_team = call()  # the class's first call: on the team
+    assert len(cpu_decode._CHOICES) == 1 and len(team_calls) == 1
+    H.assert_bitwise_equal(on_team[0], alone[0], name="out")
+    H.assert_bitwise_equal(on_team[1], alone[1], name="lse")
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_TEAM", nbytes + 1)
+    with cpu_decode.on_numba_team():
+        call()  # above the call: alone inside the team's block too
+    assert len(team_calls) == 1
+
+
 def test_cpu_decode_mode_counts_add_every_class(monkeypatch):
     from dotattn.kernels import cpu_decode
     from dotattn.kernels.cpu_decode import ParallelChoice

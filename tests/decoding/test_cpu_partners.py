@@ -140,6 +140,20 @@ def test_sequences_without_keys_are_merged_too(parallel, monkeypatch, page_size)
     assert (out == 0).all() and np.isneginf(lse).all()
 
 
+def test_wake_partners_says_whether_a_partner_was_parked(parallel, monkeypatch):
+    """``_launch.wake_partners`` is True when it woke a parked partner (decode then does not let
+    the pool-or-alone choice keep a retry's time: it timed the wake-up), False when none was."""
+    monkeypatch.setattr(_launch, "PARTNER_SPIN_S", 0.0)
+    _run(_case(61))  # makes the partners; they park at once after it
+    p = _launch._partners
+    deadline = time.monotonic() + 10
+    while not all(p.parked) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert all(p.parked), "the partners did not park"
+    assert _launch.wake_partners(p.n) is True
+    assert _launch.wake_partners(p.n) is False  # woken already
+
+
 def test_a_partner_that_never_wakes_is_not_waited_for(parallel, monkeypatch):
     """A partner that has not claimed a call when the caller's items are done (asleep: here it
     is never woken) gets its part cancelled: the caller ran every item, the bits are one

@@ -159,11 +159,15 @@ class Partners:
         for i in range(n):
             threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"dotattn-partner-{i}").start()
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
+        """Wake the parked partners; True when one was parked (its call starts late)."""
+        woke = False
         for i in range(self.n):
             if self.parked[i]:
                 self.parked[i] = False
                 self.sems[i].release()
+                woke = True
+        return woke
 
     def _loop(self, i: int) -> None:
         from . import _cpu_sync as S
@@ -210,12 +214,11 @@ def get_partners(n: int) -> Partners | None:
     return p
 
 
-def wake_partners(n: int) -> None:
+def wake_partners(n: int) -> bool:
     """Wake parked partners early: a caller that knows a call is coming calls this before the
-    Python that prepares it."""
+    Python that prepares it.  True when a partner was parked."""
     p = get_partners(n)
-    if p is not None:
-        p.wake()
+    return p is not None and p.wake()
 
 
 def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner_args: tuple) -> bool:

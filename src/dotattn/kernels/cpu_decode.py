@@ -33,9 +33,20 @@ from . import _cpu_decode_kernels as K
 from . import _cpu_sync, _launch
 from ._blas import ONE_BLAS_THREAD
 
-# Below this many bytes of K/V to read, one thread (≈ 200 µs at 20 GB/s) beats a parallel
-# launch; SmolLM2 at a 512-token context reads 0.8 MB per layer, at 4k 6.4 MB.
-PARALLEL_MIN_BYTES = 4 << 20
+# Below this many bytes of K/V to read a call runs on its thread without a ParallelChoice;
+# from it on the choice times both modes.  It was 4 MiB (≈ 200 µs at 20 GB/s) while a parallel
+# call woke a pool thread 20–90 µs late; on the spinning partners a launch costs a few µs, and
+# two cores' L2s hold what one's does not.  Loops of plain calls, the choice live, against 4 MiB
+# (Intel Xeon, 2 MiB of L2 a core, 5 Dec 2026, docs/decoding-log.md "Mid-size decode calls"):
+# 2–4 MiB 1.36–1.54× faster; 0.5–2 MiB, where one thread stays ahead (0.7–0.98× on two), the
+# choice's own Python and retries cost 7–11 %: hence 2 MiB.
+PARALLEL_MIN_BYTES = 2 << 20
+# The same inside on_numba_team() (SmolLM's decode steps: the team's workers are awake after
+# the step's products, and the model's other work evicts one core's cache anyway): there two
+# threads won from ≈ 0.6 MiB — SmolLM2's decode tokens/s, one process, alternated against the
+# 4 MiB rule: 600 tokens of context 1.10×, 700 1.16×, 1,400 1.24×, 2,000 1.34×, 2,700 1.22×
+# (256 KiB: 200 tokens, 0.3 MiB, 0.98×).  Never above PARALLEL_MIN_BYTES (tests set that one).
+PARALLEL_MIN_BYTES_TEAM = 512 << 10
 # From this many bytes of K/V on, a call runs on the pool without a ParallelChoice: both cores
 # read more than one even when other programs keep every core busy — alternated in one process
 # with three spinning processes on the two cores, alone/pool was 1.61 at 1 GiB and 1.16 at
@@ -182,12 +193,11 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     already float16 for a float16 call computing in float32 (the caller's ``astype`` then
     copies nothing; the same bits as its cast).
 
-    ``parallel_min_bytes`` (default :data:`PARALLEL_MIN_BYTES`): calls reading fewer bytes of
-    K/V run whole on this thread (``precompile`` passes 0 to reach the parallel entries too).
+    ``parallel_min_bytes`` (default :data:`PARALLEL_MIN_BYTES`, inside
+    :func:`on_numba_team` the lower :data:`PARALLEL_MIN_BYTES_TEAM`): calls reading fewer bytes
+    of K/V run whole on this thread (``precompile`` passes 0 to reach the parallel entries too).
     """
     del reference
-    if parallel_min_bytes is None:
-        parallel_min_bytes = PARALLEL_MIN_BYTES
     kc, vc = call.k_cache, call.v_cache
     if not (kc.flags.c_contiguous and vc.flags.c_contiguous):  # unsupported_reason()
         from . import numpy_decode
@@ -206,7 +216,10 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     else:
         keys, max_n = int(kvlen.sum()), int(kvlen.max(initial=0))
     nbytes = keys * d.per_key
-    small = nbytes < parallel_min_bytes
+    if parallel_min_bytes is None:  # (the team's threshold looked up only where it decides)
+        small = nbytes < PARALLEL_MIN_BYTES and (nbytes < PARALLEL_MIN_BYTES_TEAM or not _launch.in_numba_team())
+    else:
+        small = nbytes < parallel_min_bytes
     n_items = d.items_per_chunk * (-(-max_n // SPLIT_SIZE))
     choice = None
     pool = team = False
@@ -225,8 +238,11 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
                 if choice is None:
                     choice = _CHOICES[key] = ParallelChoice()
                 pool = choice.choose()
-        if pool and not team and USE_PARTNERS:
-            _wake_partners(workers - 1)  # decided first: a parked partner wakes while the Python below runs
+        if pool and not team and USE_PARTNERS and _wake_partners(workers - 1):
+            # decided first: a parked partner wakes while the Python below runs — late, so the
+            # call is the wake's time, not the pool's (ParallelChoice.record)
+            if choice is not None:
+                choice.cold = True
     if call.k_new is not None:
         write_new(call)
     T = d.T
@@ -275,6 +291,9 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         if choice is not None:
             choice.record(False, (time.perf_counter() - started) / nbytes)
         return (_half(out) if d.half else out), lse
+    # the pool's time from here: its Python (plan, parts) is part of what the choice weighs
+    # against the one-entry kernel's (≈ 4 µs: a fifth of a 0.5 MB call's items)
+    started = time.perf_counter()
     B, Hkv = d.B, d.Hkv
     part_o, part_lse = _scratch(n_items, d.R, Dv, T)
     out = np.empty((B, d.Hq, d.Lq, Dv), dtype=T)
@@ -288,9 +307,9 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     )
     if d.big_gemm:
         with ONE_BLAS_THREAD:
-            _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
+            _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
     else:
-        _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common)
+        _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
     return (_half(out) if d.half else out), lse
 
 
@@ -301,8 +320,10 @@ def _half(out: np.ndarray) -> np.ndarray:
     return h
 
 
-def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total: int, common: tuple) -> None:
-    """The items of :func:`decode`'s parallel entries (and merges, as pairs finish)."""
+def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total: int, common: tuple,
+               started: float) -> None:
+    """The items of :func:`decode`'s parallel entries (and merges, as pairs finish); ``started``:
+    when the call's pool path began (perf_counter), for the choice's time."""
     counter = np.zeros(1, dtype=np.int64)  # tickets taken (the kernel's atomic add)
     if not pool:
         # one item (``precompile`` reaches the parallel entries this way): this thread
@@ -319,7 +340,6 @@ def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total:
     # reads into 64 KB pieces); with more threads, any item by ticket.  A pool task
     # not started when the tickets run out is cancelled.  Each item writes its own
     # part: the same bits whichever thread ran it.
-    started = time.perf_counter()
     if team:
         K.run_items_team(counter, total, workers, common)
     elif not _on_partners(workers - 1, counter, total, common):
@@ -402,7 +422,8 @@ class ParallelChoice:
     POOL_MARGIN = 0.9  # the pool runs when its median time is below this fraction of alone's
     IDLE_S = 0.02
 
-    __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "alone_gap", "next_retry", "retrying", "counts")
+    __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "alone_gap", "next_retry", "retrying", "counts",
+                 "cold")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
@@ -416,6 +437,7 @@ class ParallelChoice:
         self.next_retry = self.RETRY  # the call number of the next retry
         self.retrying = False  # this call runs the other mode
         self.counts = [0, 0]  # calls run (alone, pool), for ``dotattn bench --shapes decode``
+        self.cold = False  # this pool call found a partner parked (decode sets it; record clears it)
 
     def choose(self) -> bool:
         """True: run this call on the pool."""
@@ -454,8 +476,18 @@ class ParallelChoice:
         self.last = time.perf_counter()
         self.counts[int(pool)] += 1
         first, self.ran[int(pool)] = not self.ran[int(pool)], True
+        cold, self.cold = self.cold, False
         if first or self.idle:
             return  # a mode's first call in the class, or the first after a pause: a warm-up
+        if pool and cold and self.retrying:
+            # the pool's retry found its partner parked — the class ran alone meanwhile, and a
+            # partner parks 300 µs after its last call — so it timed the partner's wake-up
+            # (20–90 µs on these VMs): the next call retries the pool with the partner awake.
+            # Without this a class of ≈ 100 µs calls (2 MB) stayed alone for 270 calls at 1.4×
+            # the pool's time: every retry was such a call (5 Dec 2026, docs/decoding-log.md
+            # "Mid-size decode calls")
+            self.next_retry = self.calls + 1
+            return
         kept = self.times[int(pool)]
         if self.retrying:
             kept.clear()  # times from before the load changed, if it did
@@ -522,8 +554,8 @@ def _workers() -> int:
 USE_PARTNERS = True  # False: the executor (the A/B's old mode)
 
 
-def _wake_partners(n: int) -> None:
-    _launch.wake_partners(n)
+def _wake_partners(n: int) -> bool:
+    return _launch.wake_partners(n)
 
 
 def _on_partners(n: int, counter, total: int, common: tuple) -> bool:

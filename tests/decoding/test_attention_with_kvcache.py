@@ -459,6 +459,29 @@ def test_cpu_parallel_choice_retries_the_pool_again_when_its_retry_found_the_par
     assert choice.times[1][-1] == wake_t
 
 
+def test_cpu_parallel_choice_times_a_second_cold_retry_in_a_row():
+    """Where calls come further apart than the partner's spin every pool call finds it parked:
+    a cold retry is retried once at the next call, and when that one is cold too its time is
+    kept (it is the pool's time in such a program) — the class does not retry the pool call
+    after call."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels.cpu_decode import ParallelChoice
+
+    choice = ParallelChoice()
+    alone_t, cold_t = 1e-9, 2e-9
+    modes = []
+    for _ in range(8 * ParallelChoice.RETRY):
+        modes.append(choice.choose())
+        if modes[-1]:
+            choice.cold = True  # every pool call cold
+        choice.record(modes[-1], cold_t if modes[-1] else alone_t)
+    pool_runs = "".join("P" if m else "a" for m in modes[4:]).split("a")
+    assert max(len(r) for r in pool_runs) <= 2, modes  # a retry and its one recheck, no more
+    assert sum(modes) < len(modes) // 8, modes  # alone, the pool only on its (backed-off) retries
+    assert choice.times[1] and set(choice.times[1]) == {cold_t}
+
+
 def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(monkeypatch):
     """Calls between PARALLEL_MIN_BYTES_TEAM and PARALLEL_MIN_BYTES run alone outside
     on_numba_team() (no size class) and through the choice on the team inside it (SmolLM's

@@ -423,7 +423,7 @@ class ParallelChoice:
     IDLE_S = 0.02
 
     __slots__ = ("times", "calls", "last", "idle", "ran", "best", "gap", "alone_gap", "next_retry", "retrying", "counts",
-                 "cold")
+                 "cold", "rechecked")
 
     def __init__(self) -> None:
         self.times: tuple[list[float], list[float]] = ([], [])  # seconds per K/V byte: (alone, pool)
@@ -438,6 +438,7 @@ class ParallelChoice:
         self.retrying = False  # this call runs the other mode
         self.counts = [0, 0]  # calls run (alone, pool), for ``dotattn bench --shapes decode``
         self.cold = False  # this pool call found a partner parked (decode sets it; record clears it)
+        self.rechecked = False  # the last pool retry was cold and the next call retries it again
 
     def choose(self) -> bool:
         """True: run this call on the pool."""
@@ -479,13 +480,16 @@ class ParallelChoice:
         cold, self.cold = self.cold, False
         if first or self.idle:
             return  # a mode's first call in the class, or the first after a pause: a warm-up
-        if pool and cold and self.retrying:
+        rechecked, self.rechecked = self.rechecked, False
+        if pool and cold and self.retrying and not rechecked:
             # the pool's retry found its partner parked — the class ran alone meanwhile, and a
             # partner parks 300 µs after its last call — so it timed the partner's wake-up
             # (20–90 µs on these VMs): the next call retries the pool with the partner awake.
             # Without this a class of ≈ 100 µs calls (2 MB) stayed alone for 270 calls at 1.4×
             # the pool's time: every retry was such a call (5 Dec 2026, docs/decoding-log.md
-            # "Mid-size decode calls")
+            # "Mid-size decode calls").  Once only: where the calls come further apart than the
+            # partner's spin, every pool call is cold, and that second retry's time is the pool's.
+            self.rechecked = True
             self.next_retry = self.calls + 1
             return
         kept = self.times[int(pool)]

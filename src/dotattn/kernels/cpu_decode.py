@@ -34,18 +34,19 @@ from . import _cpu_sync, _launch
 from ._blas import ONE_BLAS_THREAD
 
 # Below this many bytes of K/V to read a call runs on its thread without a ParallelChoice;
-# from it on the choice times both modes.  It was 4 MiB (≈ 200 µs at 20 GB/s) while a parallel
-# call woke a pool thread 20–90 µs late; on the spinning partners a launch costs a few µs, and
-# two cores' L2s hold what one's does not.  Loops of plain calls, the choice live, against 4 MiB
-# (Intel Xeon, 2 MiB of L2 a core, 5 Dec 2026, docs/decoding-log.md "Mid-size decode calls"):
-# 2–4 MiB 1.36–1.54× faster; 0.5–2 MiB, where one thread stays ahead (0.7–0.98× on two), the
-# choice's own Python and retries cost 7–11 %: hence 2 MiB.
-PARALLEL_MIN_BYTES = 2 << 20
-# The same inside on_numba_team() (SmolLM's decode steps: the team's workers are awake after
-# the step's products, and the model's other work evicts one core's cache anyway): there two
-# threads won from ≈ 0.6 MiB — SmolLM2's decode tokens/s, one process, alternated against the
-# 4 MiB rule: 600 tokens of context 1.10×, 700 1.16×, 1,400 1.24×, 2,000 1.34×, 2,700 1.22×
-# (256 KiB: 200 tokens, 0.3 MiB, 0.98×).  Never above PARALLEL_MIN_BYTES (tests set that one).
+# from it on the choice times both modes.  4 MiB (≈ 200 µs at 20 GB/s) since the pool's
+# threads woke 20–90 µs late.  On the spinning partners two threads win from 2 MiB in loops of
+# back-to-back calls (Intel Xeon, 2 MiB of L2 a core, 5 Dec 2026: 2–4 MiB 1.2–1.5× faster), but
+# with 1 ms of other work between calls the partner has parked, every pool call is cold, and
+# the choice's own Python (cold too) made the calls it ran alone 3–8 % slower than this rule's
+# (docs/decoding-log.md "Mid-size decode calls"): a model's calls come between its other steps,
+# so plain calls keep 4 MiB.
+PARALLEL_MIN_BYTES = 4 << 20
+# Inside on_numba_team() (SmolLM's decode steps: the team's workers are awake after the step's
+# products) two threads won from ≈ 0.6 MiB — SmolLM2's decode tokens/s, one process, alternated
+# against the 4 MiB rule: 600 tokens of context 1.08–1.18×, 1,000 1.22–1.27×, 1,500 1.33×, 2,000
+# 1.35–1.40×, 2,700 1.27× (a 256 KiB rule: 200 tokens, 0.3 MiB, 0.98×).  Never above
+# PARALLEL_MIN_BYTES (tests set that one).
 PARALLEL_MIN_BYTES_TEAM = 512 << 10
 # From this many bytes of K/V on, a call runs on the pool without a ParallelChoice: both cores
 # read more than one even when other programs keep every core busy — alternated in one process

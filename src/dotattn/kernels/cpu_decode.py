@@ -407,7 +407,9 @@ class ParallelChoice:
     wake — torch's first SDPA calls after the bench's 0.3 s pauses took 2–10× their time too),
     and three such times made the class run alone for the next 64–96 calls, until its retries
     had brought three good pool times back: the bench's B1 4k rows timed the calling thread
-    alone (1.2 ms against 0.76 on both cores, float16, 1 Dec).
+    alone (1.2 ms against 0.76 on both cores, float16, 1 Dec).  Nor is a pool retry that found
+    its partner parked (``cold``, set by :func:`decode`): the next call retries the pool, once
+    (:meth:`record`).
     """
 
     RETRY = 32

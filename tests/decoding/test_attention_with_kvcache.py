@@ -519,6 +519,44 @@ def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(mon
     assert len(team_calls) == 1
 
 
+def test_cpu_decode_takes_the_choice_below_the_rule_only_for_calls_back_to_back(monkeypatch):
+    """A call between PARALLEL_MIN_BYTES_BACK_TO_BACK and PARALLEL_MIN_BYTES takes the
+    pool-or-alone choice only when it starts within BACK_TO_BACK_S of the previous such call's
+    end (a loop of calls: two threads won 1.2–1.5× there); with other work between calls it runs
+    on its thread without the choice's Python.  The same bits either way."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu decode kernel is not under test")
+    from dotattn.kernels import cpu_decode
+
+    if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
+        pytest.skip(H.lacks("a second core", "every call runs on the calling thread"))
+    case = C.make_case(12, B=2, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
+    nbytes = int((case.kwargs()["cache_lengths"] + case.k_new.shape[2]).sum()) * 3 * 2 * case.q.shape[-1] * 4
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", nbytes + 1)
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_BACK_TO_BACK", nbytes)
+    monkeypatch.setattr(cpu_decode, "_LAST_BACK_TO_BACK_END", [0.0])
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+
+    def call():
+        return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
+                                              case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
+
+    monkeypatch.setattr(cpu_decode, "BACK_TO_BACK_S", 0.0)  # every call "after other work"
+    alone = call()
+    call()
+    assert not cpu_decode._CHOICES
+    assert cpu_decode._LAST_BACK_TO_BACK_END[0] > 0.0  # the calls' ends are kept
+    monkeypatch.setattr(cpu_decode, "BACK_TO_BACK_S", 60.0)  # every call right after the last
+    chosen = call()  # the class's first call: on the pool
+    assert len(cpu_decode._CHOICES) == 1
+    H.assert_bitwise_equal(chosen[0], alone[0], name="out")
+    H.assert_bitwise_equal(chosen[1], alone[1], name="lse")
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_BACK_TO_BACK", nbytes + 1)  # above the call: no choice
+    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
+    call()
+    assert not cpu_decode._CHOICES
+
+
 def test_cpu_decode_mode_counts_add_every_class(monkeypatch):
     from dotattn.kernels import cpu_decode
     from dotattn.kernels.cpu_decode import ParallelChoice

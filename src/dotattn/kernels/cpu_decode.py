@@ -40,8 +40,13 @@ from ._blas import ONE_BLAS_THREAD
 # with 1 ms of other work between calls the partner has parked, every pool call is cold, and
 # the choice's own Python (cold too) made the calls it ran alone 3–8 % slower than this rule's
 # (docs/decoding-log.md "Mid-size decode calls"): a model's calls come between its other steps,
-# so plain calls keep 4 MiB.
+# so plain calls keep 4 MiB — unless they come back to back: a call of at least
+# PARALLEL_MIN_BYTES_BACK_TO_BACK that starts within BACK_TO_BACK_S of the end of the previous
+# such call takes the choice too.
 PARALLEL_MIN_BYTES = 4 << 20
+PARALLEL_MIN_BYTES_BACK_TO_BACK = 2 << 20
+BACK_TO_BACK_S = 50e-6
+_LAST_BACK_TO_BACK_END = [0.0]  # perf_counter at the end of the last call of that size
 # Inside on_numba_team() (SmolLM's decode steps: the team's workers are awake after the step's
 # products) two threads won from ≈ 0.6 MiB — SmolLM2's decode tokens/s, one process, alternated
 # against the 4 MiB rule: 600 tokens of context 1.08–1.18×, 1,000 1.22–1.27×, 1,500 1.33×, 2,000
@@ -217,8 +222,12 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     else:
         keys, max_n = int(kvlen.sum()), int(kvlen.max(initial=0))
     nbytes = keys * d.per_key
+    closely = False  # a call of PARALLEL_MIN_BYTES_BACK_TO_BACK or more, under PARALLEL_MIN_BYTES
     if parallel_min_bytes is None:  # (the team's threshold looked up only where it decides)
         small = nbytes < PARALLEL_MIN_BYTES and (nbytes < PARALLEL_MIN_BYTES_TEAM or not _launch.in_numba_team())
+        if small and nbytes >= PARALLEL_MIN_BYTES_BACK_TO_BACK:
+            closely = True
+            small = time.perf_counter() - _LAST_BACK_TO_BACK_END[0] > BACK_TO_BACK_S
     else:
         small = nbytes < parallel_min_bytes
     n_items = d.items_per_chunk * (-(-max_n // SPLIT_SIZE))
@@ -283,6 +292,8 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             # A small call (a model's decode step): plan, items and merges in one Numba entry,
             # parts allocated there — the per-call Python here is most of such a call's cost.
             out, lse = _serial(args, d.big_gemm)
+            if closely:
+                _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
             return (_half(out) if d.half else out), lse
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
@@ -291,6 +302,8 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         out, lse = _serial(args, d.big_gemm)
         if choice is not None:
             choice.record(False, (time.perf_counter() - started) / nbytes)
+        if closely:
+            _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
         return (_half(out) if d.half else out), lse
     # the pool's time from here: its Python (plan, parts) is part of what the choice weighs
     # against the one-entry kernel's (≈ 4 µs: a fifth of a 0.5 MB call's items)
@@ -311,6 +324,8 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
     else:
         _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
+    if closely:
+        _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
     return (_half(out) if d.half else out), lse
 
 

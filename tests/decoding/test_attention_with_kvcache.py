@@ -482,30 +482,38 @@ def test_cpu_parallel_choice_times_a_second_cold_retry_in_a_row():
     assert choice.times[1] and set(choice.times[1]) == {cold_t}
 
 
-def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(monkeypatch):
-    """Calls between PARALLEL_MIN_BYTES_TEAM and PARALLEL_MIN_BYTES run alone outside
-    on_numba_team() (no size class) and through the choice on the team inside it (SmolLM's
-    decode steps: two threads won there from ≈ 0.6 MiB); the same bits."""
+def _call_under_the_rule(seed, monkeypatch):
+    """``(cpu_decode, nbytes, call)``: a parallel-sized case (two cores, else skipped) whose call
+    reads ``nbytes`` of K/V, the rule (PARALLEL_MIN_BYTES) just above it, fresh size classes."""
     if "cpu" not in BACKENDS:
         pytest.skip("the cpu decode kernel is not under test")
-    from dotattn.kernels import _cpu_decode_kernels as K
     from dotattn.kernels import cpu_decode
 
     if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
         pytest.skip(H.lacks("a second core", "every call runs on the calling thread"))
-    case = C.make_case(11, B=2, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
+    case = C.make_case(seed, B=2, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
     nbytes = int((case.kwargs()["cache_lengths"] + case.k_new.shape[2]).sum()) * 3 * 2 * case.q.shape[-1] * 4
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", nbytes + 1)
-    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_TEAM", nbytes)
     monkeypatch.setattr(cpu_decode, "_CHOICES", {})
-    team_calls = []
-    team_kernel = K.run_items_team
-    monkeypatch.setattr(K, "run_items_team", lambda *a: (team_calls.append(a[2]), team_kernel(*a))[1])
 
     def call():
         return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
                                               case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
 
+    return cpu_decode, nbytes, call
+
+
+def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(monkeypatch):
+    """Calls between PARALLEL_MIN_BYTES_TEAM and PARALLEL_MIN_BYTES run alone outside
+    on_numba_team() (no size class) and through the choice on the team inside it (SmolLM's
+    decode steps: two threads won there from ≈ 0.6 MiB); the same bits."""
+    cpu_decode, nbytes, call = _call_under_the_rule(11, monkeypatch)
+    from dotattn.kernels import _cpu_decode_kernels as K
+
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_TEAM", nbytes)
+    team_calls = []
+    team_kernel = K.run_items_team
+    monkeypatch.setattr(K, "run_items_team", lambda *a: (team_calls.append(a[2]), team_kernel(*a))[1])
     alone = call()
     assert not cpu_decode._CHOICES and not team_calls  # below the plain rule: this thread, no choice
     with cpu_decode.on_numba_team():
@@ -522,25 +530,11 @@ def test_cpu_decode_takes_two_threads_from_a_lower_size_inside_on_numba_team(mon
 def test_cpu_decode_takes_the_choice_below_the_rule_only_for_calls_back_to_back(monkeypatch):
     """A call between PARALLEL_MIN_BYTES_BACK_TO_BACK and PARALLEL_MIN_BYTES takes the
     pool-or-alone choice only when it starts within BACK_TO_BACK_S of the previous such call's
-    end (a loop of calls: two threads won 1.2–1.5× there); with other work between calls it runs
+    end (a loop of calls: two threads won 1.3–1.6× there); with other work between calls it runs
     on its thread without the choice's Python.  The same bits either way."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the cpu decode kernel is not under test")
-    from dotattn.kernels import cpu_decode
-
-    if min(cpu_decode._workers(), numba.get_num_threads()) < 2:
-        pytest.skip(H.lacks("a second core", "every call runs on the calling thread"))
-    case = C.make_case(12, B=2, max_len=3 * decoding.SPLIT_SIZE, page_size=8, Hq=6, Hkv=3)
-    nbytes = int((case.kwargs()["cache_lengths"] + case.k_new.shape[2]).sum()) * 3 * 2 * case.q.shape[-1] * 4
-    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", nbytes + 1)
+    cpu_decode, nbytes, call = _call_under_the_rule(12, monkeypatch)
     monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES_BACK_TO_BACK", nbytes)
     monkeypatch.setattr(cpu_decode, "_LAST_BACK_TO_BACK_END", [0.0])
-    monkeypatch.setattr(cpu_decode, "_CHOICES", {})
-
-    def call():
-        return dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new,
-                                              case.v_new, return_lse=True, implementation="cpu", **case.kwargs())
-
     monkeypatch.setattr(cpu_decode, "BACK_TO_BACK_S", 0.0)  # every call "after other work"
     alone = call()
     call()

@@ -292,9 +292,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             # A small call (a model's decode step): plan, items and merges in one Numba entry,
             # parts allocated there — the per-call Python here is most of such a call's cost.
             out, lse = _serial(args, d.big_gemm)
-            if closely:
-                _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
-            return (_half(out) if d.half else out), lse
+            return _result(out, lse, d.half, closely)
         # on this thread alone: the one-entry kernel, the same bits (through the three entries
         # below, SmolLM's 4k calls that the choice ran alone took 903 µs against 842 by this
         # one: their arguments are passed three times, and the Python between them)
@@ -302,9 +300,7 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         out, lse = _serial(args, d.big_gemm)
         if choice is not None:
             choice.record(False, (time.perf_counter() - started) / nbytes)
-        if closely:
-            _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
-        return (_half(out) if d.half else out), lse
+        return _result(out, lse, d.half, closely)
     # the pool's time from here: its Python (plan, parts) is part of what the choice weighs
     # against the one-entry kernel's (≈ 4 µs: a fifth of a 0.5 MB call's items)
     started = time.perf_counter()
@@ -324,9 +320,15 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
     else:
         _run_items(pool, team, workers if pool else 1, choice, nbytes, total, common, started)
+    return _result(out, lse, d.half, closely)
+
+
+def _result(out: np.ndarray, lse: np.ndarray, half: bool, closely: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decode`'s return: ``out`` as float16 for a float16 call (``half``); a call of the
+    back-to-back rule's size (``closely``) leaves its end time for the next one."""
     if closely:
         _LAST_BACK_TO_BACK_END[0] = time.perf_counter()
-    return (_half(out) if d.half else out), lse
+    return (_half(out) if half else out), lse
 
 
 def _half(out: np.ndarray) -> np.ndarray:

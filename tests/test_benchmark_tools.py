@@ -97,3 +97,23 @@ def test_decode_ab_takes_the_imported_kernels_file_as_new(capsys):
     assert mods == {"new": cpu_decode.K}
     assert "the imported kernels themselves; run as 'new'" in capsys.readouterr().err
     assert not [m for m in set(sys.modules) - before if m.startswith("dotattn.kernels._dk_")]
+
+
+def test_decode_layers_times_both_peers_on_every_layer():
+    # the model-pattern decode benchmark: a row per context with both peers' times and their
+    # ratio, after checking that the two agree (its assertion fails the run otherwise)
+    pytest.importorskip("torch")
+    import re
+
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decode_layers.py"), "float32", "16,40", "--layers=3", "--rounds=2",
+         "--shape=4,2,32", "--weights-mb=0.25", "--repeat"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert "Hq 4 Hkv 2 D 32, 3 layers, weights 0.25 MiB a layer" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+(16|40)\s", line)]
+    assert [r[0] for r in rows] == ["16", "40"]
+    for r in rows:
+        ours, sdpa, ratio = float(r[3]), float(r[4]), float(r[5])  # (µs after the products' own time)
+        if ours > 0 and sdpa > 0:
+            assert abs(ratio - sdpa / ours) < 0.01 + 0.01 * ratio

@@ -92,3 +92,54 @@ def test_a_float16_call_gives_the_bits_of_numpys_casts(monkeypatch, parallel_min
     assert out_np.dtype == np.float16
     np.testing.assert_array_equal(out.view(np.uint16), out_np.view(np.uint16))
     np.testing.assert_array_equal(lse, lse_np)
+
+
+@pytest.mark.parametrize("parallel_min_bytes", [None, 0])
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_a_float32_q_scaled_in_the_kernel_gives_numpys_product(monkeypatch, parallel_min_bytes, Lq):
+    """A C-contiguous float32 q goes to the kernels unscaled, each item's rows multiplied by the
+    float32 scale as they are copied (``_item``); a read-only q still takes np.multiply.  Both
+    give the same bits — one entry and two threads, one query row per head and five (R 20:
+    the GEMM path), NaN and ±inf in visible rows, a scale that is not a power of two."""
+    rng = np.random.default_rng(6)
+    B, Hq, Hkv, L, D = 2, 8, 2, 600, 48
+    kc = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+    vc = (rng.standard_normal((B, Hkv, L, D)) * 300).astype(np.float32)
+    kc[1, 0, 17, 5] = np.nan
+    vc[0, 1, 40, 3] = np.inf
+    q = (rng.standard_normal((B, Hq, Lq, D)) * 4).astype(np.float32)
+    q_read_only = q.copy()
+    q_read_only.flags.writeable = False
+    lengths = np.array([590, 300]) - Lq
+    k_new = rng.standard_normal((B, Hkv, Lq, D)).astype(np.float32)
+    v_new = rng.standard_normal((B, Hkv, Lq, D)).astype(np.float32)
+    if parallel_min_bytes is not None:
+        real = cpu_decode.decode
+        monkeypatch.setattr(cpu_decode, "decode", lambda call, reference=False: real(call, parallel_min_bytes=0))
+    seen = []
+    run_serial, run_items = K.run_serial, K.run_items
+
+    def spy_serial(*args):
+        seen.append(args[14])  # qscale
+        return run_serial(*args)
+
+    def spy_items(counter, total, role, *common):
+        seen.append(common[14])
+        return run_items(counter, total, role, *common)
+
+    monkeypatch.setattr(K, "run_serial", spy_serial)
+    monkeypatch.setattr(K, "run_items", spy_items)
+    monkeypatch.setattr(cpu_decode, "USE_PARTNERS", False)  # (the pool's own entry: run_items, spied)
+
+    def run(qq):
+        return dotattn.attention_with_kvcache(qq, kc.copy(), vc.copy(), k_new, v_new, cache_lengths=lengths, scale=0.3,
+                                              return_lse=True, implementation="cpu")
+
+    out, lse = run(q)
+    assert seen and all(np.float32(s) == np.float32(0.3) for s in seen)  # unscaled q, the scale passed on
+    seen.clear()
+    out_np, lse_np = run(q_read_only)
+    assert seen and all(s == 1.0 for s in seen)  # q scaled by np.multiply
+    np.testing.assert_array_equal(out.view(np.uint32), out_np.view(np.uint32))
+    np.testing.assert_array_equal(lse.view(np.uint32), lse_np.view(np.uint32))
+    assert np.isnan(out[1]).any() and np.isinf(out[0]).any()

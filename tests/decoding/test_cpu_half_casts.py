@@ -53,17 +53,25 @@ def test_float_from_half_scaled_gives_numpys_bits(scale):
     assert bad.size == 0, f"{bad.size} halves differ, first {hex(h[bad[0]])}: numpy {hex(ref[bad[0]])}, kernel {hex(got.view(np.uint32)[bad[0]])}"
 
 
+def _caches_with_nonfinite_rows(seed, shape, dtype, inf_in):
+    """``(rng, k_cache, v_cache)`` of ``shape``: a NaN in sequence 1's first K/V head's keys
+    (position 17) and an inf in sequence ``inf_in``'s second head's values (position 40), both
+    visible; ``rng`` goes on to draw the rest of the call."""
+    rng = np.random.default_rng(seed)
+    kc = rng.standard_normal(shape).astype(dtype)
+    vc = (rng.standard_normal(shape) * 300).astype(dtype)
+    kc[1, 0, 17, 5] = np.nan
+    vc[inf_in, 1, 40, 3] = np.inf
+    return rng, kc, vc
+
+
 @pytest.mark.parametrize("parallel_min_bytes", [None, 0])
 def test_a_float16_call_gives_the_bits_of_numpys_casts(monkeypatch, parallel_min_bytes):
     """The public call's output with the kernel's casts against the same call with NumPy's (the
     float32 output returned, cast by the public entry's astype; q scaled by np.multiply), NaN
     and ±inf in the cache's visible rows included, small (one entry) and parallel calls."""
-    rng = np.random.default_rng(5)
     B, Hq, Hkv, L, D = 3, 8, 2, 700, 64
-    kc = rng.standard_normal((B, Hkv, L, D)).astype(np.float16)
-    vc = (rng.standard_normal((B, Hkv, L, D)) * 300).astype(np.float16)
-    kc[1, 0, 17, 5] = np.nan
-    vc[2, 1, 40, 3] = np.inf
+    rng, kc, vc = _caches_with_nonfinite_rows(5, (B, Hkv, L, D), np.float16, inf_in=2)
     q = (rng.standard_normal((B, Hq, 1, D)) * 4).astype(np.float16)
     lengths = np.array([700, 513, 64])
     if parallel_min_bytes is not None:
@@ -101,12 +109,8 @@ def test_a_float32_q_scaled_in_the_kernel_gives_numpys_product(monkeypatch, para
     float32 scale as they are copied (``_item``); a read-only q still takes np.multiply.  Both
     give the same bits — one entry and two threads, one query row per head and five (R 20:
     the GEMM path), NaN and ±inf in visible rows, a scale that is not a power of two."""
-    rng = np.random.default_rng(6)
     B, Hq, Hkv, L, D = 2, 8, 2, 600, 48
-    kc = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
-    vc = (rng.standard_normal((B, Hkv, L, D)) * 300).astype(np.float32)
-    kc[1, 0, 17, 5] = np.nan
-    vc[0, 1, 40, 3] = np.inf
+    rng, kc, vc = _caches_with_nonfinite_rows(6, (B, Hkv, L, D), np.float32, inf_in=0)
     q = (rng.standard_normal((B, Hq, Lq, D)) * 4).astype(np.float32)
     q_read_only = q.copy()
     q_read_only.flags.writeable = False

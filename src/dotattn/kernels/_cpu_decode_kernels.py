@@ -2222,14 +2222,11 @@ def _item(
     if dot:
         kind = KIND_BF16
         if not (D % 32 == 0 and Dv % 16 == 0 and qf.itemsize == 4):  # (cpu_decode checks this)
-            dot = False
-            sc = np.float32(qscale)
-            for i in range(R * D):
-                qf[i] *= sc  # the pre-scaled q of the other paths (np.multiply's float32 product)
-    elif qscale != 1.0:
-        # q unscaled (cpu_decode's C-contiguous float32 q): the rows scaled here, as NumPy's
-        # np.multiply(q, scale, dtype=q.dtype) would — the scale rounded to q's dtype, one
-        # rounding a product — the same bits without that call's ≈ 1.5 µs and its array
+            dot = False  # the scaled q of the other paths, below
+    if not dot and qscale != 1.0:
+        # q unscaled (cpu_decode's C-contiguous float32 q, or a bfloat16 q off the dot path): the
+        # rows scaled here, as np.multiply(q, scale, dtype=q.dtype) would — the scale rounded to
+        # q's dtype, one rounding a product — the same bits without that call and its array
         if qf.itemsize == 4:
             sc = np.float32(qscale)
             for i in range(R * D):

@@ -43,6 +43,7 @@ from ._cpu_primitives import (
     _aligned_empty,
     _as_operand,
     _block_class,
+    _delta_from_tile,
     _ds_block,
     _ds_operand,
     _ds_operand_pairs,
@@ -1131,6 +1132,8 @@ def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, 
                     elif in_pb:
                         _ds_operand(Pbt, dPTt, dls)  # rounded in place, from P̃
                     else:
+                        if exact_rows:  # Δ from this tile's P and dP: every key of the rows is here
+                            _delta_from_tile(STt, dPTt, dls, nr)
                         _ds_block(STt, dPTt, dls)
                         if HAS_SCORE_MOD:
                             _mul_into(STt, GMt)

@@ -120,6 +120,7 @@ def run_backward(
     implementation: str | None = None,
     want_dbias: bool = False,
     final: bool = False,
+    dlse: np.ndarray | None = None,
 ):
     """Canonical backward for front ends: ``(dq, dk, dv, dbias | None)`` in canonical shapes.
 
@@ -128,6 +129,9 @@ def run_backward(
     they are (no sum of partial gradients follows, as ring attention's does): a backend with
     ``backward_final`` may then return them in the call's dtype already (the cpu backend
     rounds bfloat16 gradients in a compiled pass instead of ``finalize_grad``'s ``astype``).
+    ``dlse`` (canonical ``(B, Hq, Lq)``): a gradient through the LSE as well — a backend with
+    ``takes_dlse`` takes it as it is, any other the call folded by
+    :func:`dotattn.semantics.fold_lse_grad`.
     """
     backend = registry.select(call, implementation, need_backward=True)
     if call.B * call.Hq * call.Lq == 0:  # no query row: nothing flows back to k or v
@@ -139,7 +143,14 @@ def run_backward(
             np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=dt) if want_dbias else None,
         )
     run = getattr(backend, "backward_final", None) if final else None
-    return (run or backend.backward)(call, out, lse, dout, want_dbias)
+    run = run or backend.backward
+    if dlse is None:
+        return run(call, out, lse, dout, want_dbias)
+    if getattr(backend, "takes_dlse", False):  # (the cpu backend: Δ − dlse where it forms Δ itself)
+        return run(call, out, lse, dout, want_dbias, dlse=dlse)
+    folded, out_aug, dout_aug = semantics.fold_lse_grad(call, out, dout, dlse)
+    dq, dk, dv, dbias = run(folded, out_aug, lse, dout_aug, want_dbias)
+    return dq, dk, dv[..., : call.Dv], dbias
 
 
 def backward_in_caller_layout(

@@ -935,6 +935,24 @@ def finalize_pairwise(call: AttentionCall, x: np.ndarray) -> np.ndarray:
     return _from_canonical(call, x, pairwise=True)
 
 
+def fold_lse_grad(call: AttentionCall, out: np.ndarray, dout: np.ndarray, dlse: np.ndarray):
+    """``(call, out, dout)`` whose plain backward also carries the LSE's gradient ``dlse``
+    (canonical ``(B, Hq, Lq)``), for any backend: the shared meaning of a gradient through the LSE.
+
+    ``∂lse_i/∂s_ij = p_ij``, so an upstream ``dlse`` turns ``dS = P ∘ (dP − Δ)`` into
+    ``P ∘ (dP − (Δ − dlse))`` with ``Δ_i = rowsum(dO ∘ O)``.  Appending one column to v
+    (zeros), to dO (ones) and to O (``−dlse``) leaves ``dP = dO·vᵀ`` unchanged and makes every
+    backend compute ``Δ − dlse``; the caller drops the extra column of dv afterwards.
+    """
+    dt = call.compute_dtype
+    B, Hq, Lq, Hkv, Lk = call.B, call.Hq, call.Lq, call.Hkv, call.Lk
+    v_aug = np.concatenate([call.v, np.zeros((B, Hkv, Lk, 1), dtype=call.v.dtype)], axis=-1)
+    dlse_col = np.asarray(dlse).astype(dt)[..., None]
+    out_aug = np.concatenate([np.asarray(out).astype(dt), -dlse_col], axis=-1)
+    dout_aug = np.concatenate([np.asarray(dout).astype(dt), np.ones((B, Hq, Lq, 1), dtype=dt)], axis=-1)
+    return replace(call, v=v_aug), out_aug, dout_aug
+
+
 def finalize_grad(call: AttentionCall, g: np.ndarray, like: str) -> np.ndarray:
     """Canonical gradient of q/k/v → the caller's shape and dtype."""
     del like  # q, k and v share the same canonical→caller mapping

@@ -246,3 +246,47 @@ def test_backward_delta_from_the_tiles_own_p(seed, Lq, Lk, D, scale, causal, gro
     grads, again = cpu.backward(call, out, lse, dout), cpu.backward(call, np.ones_like(out), lse, dout)
     for g, h in zip(grads[:3], again[:3]):
         assert np.array_equal(np.asarray(g), np.asarray(h))
+
+
+# A gradient through the LSE (dispatch.run_backward's dlse): the cpu backend takes it as it is
+# (CpuBackend.takes_dlse) and adds −dlse to the Δ its kernel forms for short rows; longer rows
+# and other backends take the call folded (semantics.fold_lse_grad).  Both against the
+# reference backend's folded float64 gradients, and float32 within the 3×-naive rule (the numpy
+# backend's float32 gradients as the naive baseline).
+@pytest.mark.parametrize("Lq, Lk", [(3, 20), (1, 48), (70, 600)], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: np.dtype(d).name)
+def test_backward_with_a_gradient_through_the_lse(Lq, Lk, dtype):
+    from dotattn import dispatch
+
+    q, k, v = H.random_qkv(11, batch=(1,), Hq=4, Hkv=2, Lq=Lq, Lk=Lk, D=32, dtype=dtype)
+    rng = np.random.default_rng(12)
+    dout = rng.standard_normal((1, 4, Lq, 32)).astype(dtype)
+    dlse = rng.standard_normal((1, 4, Lq)).astype(dtype)
+    opts = {"scale": 1.5, "causal": True}
+
+    def grads(impl, x=(q, k, v)):
+        call = semantics.normalize(*x, **opts)
+        out, lse = dispatch.run_forward(call, implementation=impl)[:2]
+        return dispatch.run_backward(call, out, lse, dout.astype(call.dtype), implementation=impl,
+                                     dlse=dlse.astype(call.dtype))[:3]
+
+    call = semantics.normalize(q, k, v, **opts)
+    p = cpu.prepare(call, cpu.DEFAULT_BACKWARD_BLOCK_SIZE)
+    assert cpu._delta_in_kernel(call, p) == (Lk < 100)  # both paths are taken
+    ours = grads("cpu")
+    ref = grads("reference", tuple(x.astype(np.float64) for x in (q, k, v)))
+    naive = grads("numpy") if dtype == np.float32 else ref
+    for name, g, r, n in zip(("dq", "dk", "dv"), ours, ref, naive):
+        assert g.shape == r.shape
+        if dtype == np.float64:
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
+        else:
+            H.assert_close_to_reference(np.asarray(g), r, np.asarray(n), name=name, factor=3.0, magnitude=4.0)
+    # dlse reaches q and k only: dv is the one without it (the same bits where the kernel takes
+    # it; folded, v's extra column may change how the product of the others is summed)
+    out, lse = dispatch.run_forward(call, implementation="cpu")[:2]
+    dv_plain = np.asarray(dispatch.run_backward(call, out, lse, dout, implementation="cpu")[2])
+    if Lk < 100:
+        np.testing.assert_array_equal(np.asarray(ours[2]), dv_plain)
+    else:
+        np.testing.assert_allclose(np.asarray(ours[2]), dv_plain, rtol=1e-5, atol=1e-6)

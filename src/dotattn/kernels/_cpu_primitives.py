@@ -1432,8 +1432,9 @@ def _ds_block(ST, dPT, delta):
 
 @njit(cache=_JIT_CACHE)
 def _delta_from_tile(PT, dPT, delta, nr):
-    """``delta[r] = Σ_c PT[c, r] · dPT[c, r] / Σ_c PT[c, r]`` for the tile's first ``nr`` rows,
-    summed in float64 and rounded once: Δ from the backward's own P and dP (after dropout's
+    """``delta[r] += Σ_c PT[c, r] · dPT[c, r] / Σ_c PT[c, r]`` for the tile's first ``nr`` rows
+    (``delta`` holds −dlse, a gradient through the LSE, or 0: ``cpu.backward``), summed in
+    float64 and rounded once: Δ from the backward's own P and dP (after dropout's
     mask), for rows whose every P is in this tile.  Δ = rowsum(dO ∘ O) from the forward's O is
     the same number in exact arithmetic; but where one key dominates a row at a large scale,
     dS = P ∘ (dP − Δ) cancels and its sum over the row, Δ·(1 − Σ P), is what dQ sees — the
@@ -1445,7 +1446,8 @@ def _delta_from_tile(PT, dPT, delta, nr):
         for c in range(PT.shape[0]):
             acc += np.float64(PT[c, r]) * np.float64(dPT[c, r])
             mass += np.float64(PT[c, r])
-        delta[r] = acc / mass if mass > 0.0 else 0.0
+        if mass > 0.0:  # (a row without a visible key has P = 0: dS = 0 whatever Δ is)
+            delta[r] = acc / mass + np.float64(delta[r])
 
 
 @njit(cache=_JIT_CACHE, fastmath={"nsz", "contract"})

@@ -1672,8 +1672,15 @@ def _p_from_tile_softmax(p: Prepared) -> bool:
     return bool(_short_rows.py_func(o.Lq, o.Lk) and p.kp.shape[2] == 1 and whole_rows)
 
 
+def _delta_in_kernel(call: AttentionCall, p: Prepared) -> bool:
+    """Whether the backward kernel forms Δ = Σ P·dP / Σ P from its own P (``exact_rows`` in
+    ``_cpu_kernels._backward_chunk``, ``_cpu_primitives._delta_from_tile``): the calls of
+    :func:`_p_from_tile_softmax` in float32 or float64.  The caller then passes only −dlse."""
+    return storage_dtype(call) != BFLOAT16 and _p_from_tile_softmax(p)
+
+
 def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, block_size=None, *, serial=None,
-             rounded: bool = False):
+             rounded: bool = False, dlse=None):
     """``(dq, dk, dv, dbias | None)`` (dbias full ``(B, Hq, Lq, Lk)``), FlashAttention-2 style.
 
     ``serial``: run the one chunk on this thread (True) or the prange kernel (False); None
@@ -1681,9 +1688,12 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     ``rounded``: the caller rounds dq, dk and dv into new arrays before anything else sees
     them (:func:`backward_final`), so these float32 sums may be the workspace's scratch; else
     they are fresh arrays the caller keeps.
+    ``dlse``: a gradient through the LSE too (canonical ``(B, Hq, Lq)``): Δ − dlse where the
+    kernel forms Δ itself, else the call folded (``semantics.fold_lse_grad``).
     """
     sparse = call.window is not None or call.q_segment_ids is not None
     split = f32_split_route(call)
+    given_block_size = block_size
     if block_size is None and not sparse:
         # (the split route's tiles were dead code until 1 Dec 06:25: the default was set first)
         if split:
@@ -1691,6 +1701,24 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         else:
             block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
     p = prepare(call, block_size, split=split, keep=True)
+    in_kernel = not split and _delta_in_kernel(call, p)
+
+    def folded(run):  # the call with dlse folded into v, O and dO; dv without its extra column
+        from .. import semantics
+
+        f_call, f_out, f_dout = semantics.fold_lse_grad(call, out, dout, dlse)
+        dq, dk, dv, dbias = run(f_call, f_out, lse, f_dout)
+        return dq, dk, dv[..., : call.Dv], dbias
+
+    def numpy_backward():
+        run = _numpy_backend().backward
+        if dlse is None:
+            return run(call, out, lse, dout, want_dbias)
+        return folded(lambda c, o, l, d: run(c, o, l, d, want_dbias))
+
+    if dlse is not None and not in_kernel:
+        return folded(lambda c, o, l, d: backward(c, o, l, d, want_dbias, given_block_size, serial=serial,
+                                                   rounded=rounded))
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv
@@ -1718,9 +1746,10 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
                 and _real_rows_finite(np.asarray(out), call)
                 and _lse_ok(lse, call)
             ):
-                return _numpy_backend().backward(call, out, lse, dout, want_dbias)
-            out_c = np.asarray(out, dtype=T)
-            delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
+                return numpy_backward()
+            if not in_kernel:
+                out_c = np.asarray(out, dtype=T)
+                delta = np.einsum("bhld,bhld->bhl", np.asarray(dout, dtype=T), out_c, dtype=np.float64 if wide else T)
             dout_k = as_kernel_operand(_contiguous(dout, storage_dtype(call)))
             if dout_k.dtype == np.float32 and not _p_from_tile_softmax(p):
                 # P = 2^(S − lse₂) with lse₂ rounded to float32 is off by one factor per row: dO's and
@@ -1729,9 +1758,11 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
                 dout_k = np.multiply(dout_k, fix.astype(np.float32)[..., None])
                 delta = delta * fix
         elif not both[0]:
-            return _numpy_backend().backward(call, out, lse, dout, want_dbias)
+            return numpy_backward()
         else:
             delta, dout_k = both[1], both[2]
+        if in_kernel:  # the kernel forms Σ P·dP / Σ P from its own P and adds it to −dlse (or 0)
+            delta = np.zeros((B, Hq, Lq), dtype=T) if dlse is None else np.negative(dlse, dtype=T)
         delta = _contiguous(delta.astype(T, copy=False), T)
     # Small backward passes run on the caller's thread, without the kernel's prange team:
     # waking the team costs more than such a pass computes, and on a busy machine its launch
@@ -1789,7 +1820,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     return dq, dk, dv, (dbias if want_dbias else None)
 
 
-def backward_final(call: AttentionCall, out, lse, dout, want_dbias: bool = False):
+def backward_final(call: AttentionCall, out, lse, dout, want_dbias: bool = False, dlse=None):
     """:func:`backward` for gradients that go to the caller as they are (``dispatch.run_backward``'s
     ``final``): a bfloat16 call gets dq, dk and dv as bfloat16, rounded by a compiled pass
     (``_cpu_primitives._round_to_bf16``: ties to even, NaN kept quiet with its sign — ml_dtypes'
@@ -1798,9 +1829,9 @@ def backward_final(call: AttentionCall, out, lse, dout, want_dbias: bool = False
     Gradients that are not contiguous (dk/dv of a key length that is not a whole number of
     tiles) stay float32 for ``finalize_grad`` (copied: the float32 sums are workspace scratch)."""
     if call.dtype != BFLOAT16:
-        return backward(call, out, lse, dout, want_dbias)
+        return backward(call, out, lse, dout, want_dbias, dlse=dlse)
     # (dq, dk and dv are the workspace's scratch here: every one goes back as a new array)
-    dq, dk, dv, dbias = backward(call, out, lse, dout, want_dbias, rounded=True)
+    dq, dk, dv, dbias = backward(call, out, lse, dout, want_dbias, rounded=True, dlse=dlse)
     from ._cpu_primitives import _round_to_bf16
 
     def rounded(g):
@@ -1894,13 +1925,17 @@ class CpuBackend:
 
         return run
 
-    def backward(self, call, out, lse, dout, want_dbias=False):
-        return backward(call, out, lse, dout, want_dbias)
+    # a gradient through the LSE goes to the kernels as it is (dispatch.run_backward): where
+    # they form Δ from their own P, a folded O would not reach it
+    takes_dlse = True
 
-    def backward_final(self, call, out, lse, dout, want_dbias=False):
+    def backward(self, call, out, lse, dout, want_dbias=False, dlse=None):
+        return backward(call, out, lse, dout, want_dbias, dlse=dlse)
+
+    def backward_final(self, call, out, lse, dout, want_dbias=False, dlse=None):
         """:meth:`backward` for gradients that go to the caller as they are: bfloat16 calls get
         bfloat16 gradients (:func:`backward_final`)."""
-        return backward_final(call, out, lse, dout, want_dbias)
+        return backward_final(call, out, lse, dout, want_dbias, dlse=dlse)
 
     def weights(self, call: AttentionCall, lse: np.ndarray) -> np.ndarray:
         return weights(call, lse)

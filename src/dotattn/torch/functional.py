@@ -194,23 +194,6 @@ def _forward_body(q, k, v, arrays, sc: _Scalars, return_weights, max_weights_byt
     return out_t, lse_t, w_t
 
 
-def _fold_lse_grad(call, out_c, dout_c, dlse_c):
-    """Make a plain backward also carry the LSE's gradient, whatever the backend.
-
-    ``∂lse_i/∂s_ij = p_ij``, so an upstream ``dlse`` turns ``dS = P ∘ (dP − Δ)`` into
-    ``P ∘ (dP − (Δ − dlse))`` with ``Δ_i = rowsum(dO ∘ O)``.  Appending one column to v
-    (zeros), to dO (ones) and to O (``−dlse``) leaves ``dP = dO·vᵀ`` unchanged and makes every
-    backend compute ``Δ − dlse``; the extra column of dv is dropped afterwards.
-    """
-    dt = call.compute_dtype
-    B, Hq, Lq, Hkv, Lk = call.B, call.Hq, call.Lq, call.Hkv, call.Lk
-    v_aug = np.concatenate([call.v, np.zeros((B, Hkv, Lk, 1), dtype=call.v.dtype)], axis=-1)
-    dlse_col = dlse_c.astype(dt)[..., None]
-    out_aug = np.concatenate([out_c.astype(dt), -dlse_col], axis=-1)
-    dout_aug = np.concatenate([dout_c.astype(dt), np.ones((B, Hq, Lq, 1), dtype=dt)], axis=-1)
-    return dataclasses.replace(call, v=v_aug), out_aug, dout_aug
-
-
 def _backward_tensors(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbias, extras):
     """The backward on a tensor backend; shapes of out/dout/lse are checked on stand-ins."""
     call = _normalize(q, k, v, arrays, sc, extras, for_backward=True)
@@ -238,13 +221,10 @@ def _backward_body(dout, dlse, q, k, v, out, lse, arrays, sc: _Scalars, want_dbi
     out_c = semantics.canonical_like(call, "out", to_numpy("out", out), Dv)
     dout_c = semantics.canonical_like(call, "dout", to_numpy("dout", dout), Dv)
     lse_c = semantics.canonical_lse(call, to_numpy("lse", lse))
-    if dlse is not None:
-        dlse_c = semantics.canonical_lse(call, to_numpy("dlse", dlse))
-        call, out_c, dout_c = _fold_lse_grad(call, out_c, dout_c, dlse_c)
+    dlse_c = None if dlse is None else semantics.canonical_lse(call, to_numpy("dlse", dlse))
     dq, dk, dv, dbias = dispatch.run_backward(
-        call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias, final=True
+        call, out_c, lse_c, dout_c, implementation=sc.implementation, want_dbias=want_dbias, final=True, dlse=dlse_c
     )
-    dv = dv[..., :Dv]
     grads = [_tensor(semantics.finalize_grad(call, g, name)) for g, name in ((dq, "q"), (dk, "k"), (dv, "v"))]
     if want_dbias:
         bias_dtype = arrays["bias"].dtype

@@ -2301,6 +2301,31 @@ def _finish(pair, Hkv, nch, start, part_o, part_lse, out, lse, rows_o, rows_l, w
     b = pair // Hkv
     hk = pair - b * Hkv
     first = start[b] + hk * nch[b]
+    one = nch[b] == 1
+    for r in range(R if one else 0):
+        one &= part_lse[first, r] != np.inf  # (+inf: _merge's exp(inf − inf) NaN, its own bits)
+    if one:
+        # one chunk (every sequence of up to SPLIT_SIZE keys): what _merge computes for one part,
+        # 0 + 1·o and lse + log 1, without its exp and log per row and the copy through rows_o —
+        # the same bits (IEEE: x + 0 turns −0 into +0 as 0 + 1·x does; a NaN LSE makes the row
+        # NaN, −inf zeros and −inf, as there)
+        for r in range(R):
+            h = hk * G + r // Lq
+            i = r % Lq
+            x = part_lse[first, r]
+            if x != x:
+                for d in range(Dv):
+                    out[b, h, i, d] = np.nan
+                lse[b, h, i] = np.nan
+            elif x == -np.inf:
+                for d in range(Dv):
+                    out[b, h, i, d] = 0.0
+                lse[b, h, i] = -np.inf
+            else:
+                for d in range(Dv):
+                    out[b, h, i, d] = part_o[first, r, d] + 0.0
+                lse[b, h, i] = x + 0.0
+        return
     _merge(part_o, part_lse, first, nch[b], rows_o, rows_l, wbuf, wcast)
     for r in range(R):
         h = hk * G + r // Lq

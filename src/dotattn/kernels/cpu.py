@@ -1672,6 +1672,13 @@ def _p_from_tile_softmax(p: Prepared) -> bool:
     return bool(_short_rows.py_func(o.Lq, o.Lk) and p.kp.shape[2] == 1 and whole_rows)
 
 
+def _short_problem(call: AttentionCall) -> bool:
+    """``_short_rows`` of the call's sizes: what :func:`_p_from_tile_softmax` needs first."""
+    from ._cpu_primitives import _short_rows
+
+    return bool(_short_rows.py_func(call.Lq, call.Lk))
+
+
 def _delta_in_kernel(call: AttentionCall, p: Prepared) -> bool:
     """Whether the backward kernel forms Δ = Σ P·dP / Σ P from its own P (``exact_rows`` in
     ``_cpu_kernels._backward_chunk``, ``_cpu_primitives._delta_from_tile``): the calls of
@@ -1700,8 +1707,6 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
             block_size = F32_SPLIT_BACKWARD_BLOCK_SIZE
         else:
             block_size = BF16_BACKWARD_BLOCK_SIZE if storage_dtype(call) == BFLOAT16 else DEFAULT_BACKWARD_BLOCK_SIZE
-    p = prepare(call, block_size, split=split, keep=True)
-    in_kernel = not split and _delta_in_kernel(call, p)
 
     def folded(run):  # the call with dlse folded into v, O and dO; dv without its extra column
         from .. import semantics
@@ -1710,15 +1715,22 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
         dq, dk, dv, dbias = run(f_call, f_out, lse, f_dout)
         return dq, dk, dv[..., : call.Dv], dbias
 
+    def folded_here():
+        return folded(lambda c, o, l, d: backward(c, o, l, d, want_dbias, given_block_size, serial=serial,
+                                                   rounded=rounded))
+
     def numpy_backward():
         run = _numpy_backend().backward
         if dlse is None:
             return run(call, out, lse, dout, want_dbias)
         return folded(lambda c, o, l, d: run(c, o, l, d, want_dbias))
 
+    if dlse is not None and (split or storage_dtype(call) == BFLOAT16 or not _short_problem(call)):
+        return folded_here()  # (no kernel-formed Δ: folded before anything is prepared)
+    p = prepare(call, block_size, split=split, keep=True)
+    in_kernel = not split and _delta_in_kernel(call, p)
     if dlse is not None and not in_kernel:
-        return folded(lambda c, o, l, d: backward(c, o, l, d, want_dbias, given_block_size, serial=serial,
-                                                   rounded=rounded))
+        return folded_here()
     T = p.T
     B, Hq, Lq, D = call.q.shape
     Hkv, Dv = call.Hkv, call.Dv

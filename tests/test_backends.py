@@ -632,3 +632,42 @@ def test_option_forms_lists_scalars_and_int_dtypes(backend):
     H.assert_bitwise_equal(as_lists, as_arrays)
     scalar = dotattn.attention(q, k, v, kv_lengths=4, implementation=backend)
     H.assert_bitwise_equal(scalar, dotattn.attention(q, k, v, kv_lengths=np.array([4, 4]), implementation=backend))
+
+
+# =================================================================================
+# a gradient through the LSE (dispatch.run_backward's dlse)
+# =================================================================================
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "Lq, Lk, Hq, Hkv, causal", [(1, 9, 2, 1, False), (5, 20, 4, 2, True), (70, 600, 2, 2, True)], ids=str
+)
+def test_a_gradient_through_the_lse_matches_reference(backend, Lq, Lk, Hq, Hkv, causal):
+    """Every backend, whether it takes ``dlse`` as it is (``takes_dlse``: the cpu backend's
+    short rows add it to the Δ their kernel forms) or the call folded by
+    ``semantics.fold_lse_grad``, gives the reference's gradients (float64: the same numbers up
+    to the summation order); dv does not see dlse."""
+    from dotattn import dispatch, semantics
+
+    q, k, v = H.random_qkv(21, batch=(1,), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=16, dtype=np.float64)
+    rng = np.random.default_rng(22)
+    dout = rng.standard_normal((1, Hq, Lq, 16))
+    dlse = rng.standard_normal((1, Hq, Lq))
+    call = semantics.normalize(q, k, v, causal=causal, scale=1.3)
+
+    def grads(impl, **kw):
+        out, lse = dispatch.run_forward(call, implementation=impl)[:2]
+        return dispatch.run_backward(call, out, lse, dout, implementation=impl, **kw)[:3]
+
+    try:
+        ours, plain = grads(backend, dlse=dlse), grads(backend)
+    except UnsupportedCallError as exc:
+        assert backend in str(exc)
+        return
+    ref = grads("reference", dlse=dlse)
+    for name, g, r in zip(("dq", "dk", "dv"), ours, ref):
+        assert g.shape == r.shape, name
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"{backend} {name}")
+    np.testing.assert_allclose(ours[2], plain[2], rtol=1e-12, atol=1e-13)
+    assert not np.allclose(ours[0], plain[0])  # (dlse reached dq)

@@ -1661,9 +1661,10 @@ def _p_from_tile_softmax(p: Prepared) -> bool:
     """Whether the backward kernel rebuilds every P of the call from its tile's own softmax,
     not from the LSE (``exact_rows`` in ``_cpu_kernels._backward_chunk``: a short problem
     whose keys fit one tile, a whole call; float32 operands, as the caller checks).  Then the
-    LSE's rounding touches no P, and dO and Δ stay as they are: scaled for it and scaled
-    back, dO's rounding twice made dS = P∘(dP − Δ) ≠ 0 where it is 0 (one key a row: dQ at
-    0.98 of the 3×-naive bound, Lq 38, Lk 1, D 64, scale 1.63).  (The split route never
+    LSE's rounding touches no P, and dO stays as it is: scaled for it and scaled back, dO's
+    rounding twice made dS = P∘(dP − Δ) ≠ 0 where it is 0 (one key a row: dQ at 0.98 of the
+    3×-naive bound, Lq 38, Lk 1, D 64, scale 1.63); and the kernel forms Δ from that P
+    (:func:`_delta_in_kernel`).  (The split route never
     takes such calls: it needs Lq > 1 and more scores than the small-call kernel's.)"""
     from ._cpu_primitives import _short_rows
 

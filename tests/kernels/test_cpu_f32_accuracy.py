@@ -202,8 +202,8 @@ def test_backward_short_rows_at_large_scale(seed, Lq, Lk, D, scale, causal, grou
     _check_grads(seed, Lq, Lk, D, scale, causal, Hq=group, Hkv=1)
 
 
-# Short problems whose every P is the tile's own softmax: cpu.backward leaves dO and Δ as they
-# are (cpu._p_from_tile_softmax).  Scaled for the LSE's rounding and back, dO was rounded twice
+# Short problems whose every P is the tile's own softmax: cpu.backward leaves dO as it is
+# (cpu._p_from_tile_softmax; since 6 Dec the kernel forms their Δ from that P too).  Scaled for the LSE's rounding and back, dO was rounded twice
 # and dS = P∘(dP − Δ) came out ≠ 0 where it is 0 — one key a row: dQ at 0.98 of the bound
 # below; a sweep of 400 shapes of the test above: worst 0.98 before, 0.51 after (1 Dec).
 @pytest.mark.parametrize(

@@ -148,9 +148,9 @@ def run_backward(
         return run(call, out, lse, dout, want_dbias)
     if getattr(backend, "takes_dlse", False):  # (the cpu backend: Δ − dlse where it forms Δ itself)
         return run(call, out, lse, dout, want_dbias, dlse=dlse)
-    folded, out_aug, dout_aug = semantics.fold_lse_grad(call, out, dout, dlse)
-    dq, dk, dv, dbias = run(folded, out_aug, lse, dout_aug, want_dbias)
-    return dq, dk, dv[..., : call.Dv], dbias
+    return semantics.backward_with_folded_lse_grad(
+        lambda c, o, l, d: run(c, o, l, d, want_dbias), call, out, lse, dout, dlse
+    )
 
 
 def backward_in_caller_layout(

@@ -953,6 +953,14 @@ def fold_lse_grad(call: AttentionCall, out: np.ndarray, dout: np.ndarray, dlse: 
     return replace(call, v=v_aug), out_aug, dout_aug
 
 
+def backward_with_folded_lse_grad(run, call: AttentionCall, out, lse, dout, dlse):
+    """``run(call, out, lse, dout)``'s ``(dq, dk, dv, dbias)`` for the call with ``dlse`` folded in
+    (:func:`fold_lse_grad`), dv without the extra column."""
+    f_call, f_out, f_dout = fold_lse_grad(call, out, dout, dlse)
+    dq, dk, dv, dbias = run(f_call, f_out, lse, f_dout)
+    return dq, dk, dv[..., : call.Dv], dbias
+
+
 def finalize_grad(call: AttentionCall, g: np.ndarray, like: str) -> np.ndarray:
     """Canonical gradient of q/k/v → the caller's shape and dtype."""
     del like  # q, k and v share the same canonical→caller mapping

@@ -1712,9 +1712,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     def folded(run):  # the call with dlse folded into v, O and dO; dv without its extra column
         from .. import semantics
 
-        f_call, f_out, f_dout = semantics.fold_lse_grad(call, out, dout, dlse)
-        dq, dk, dv, dbias = run(f_call, f_out, lse, f_dout)
-        return dq, dk, dv[..., : call.Dv], dbias
+        return semantics.backward_with_folded_lse_grad(run, call, out, lse, dout, dlse)
 
     def folded_here():
         return folded(lambda c, o, l, d: backward(c, o, l, d, want_dbias, given_block_size, serial=serial,

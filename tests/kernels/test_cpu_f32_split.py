@@ -428,11 +428,19 @@ def test_split_columns_bitwise_the_row_split_transposed(B, H, Lq, D, BQ, lens):
 # CI, 1 Dec: out 3.0× naive on both routes — the exp pass summed 567 small P one by one into a
 # row sum already ≈ 1 (now in blocks of keys: _cpu_primitives.SUM_KEYS)
 @example(seed=770, Lq=196, Lk=567, D=31, causal=False, scale=0.6915807889292725, route="amx")
+# 6 Dec: split dQ 3.04e-5 against 1.25× MKL's 2.43e-5 + floor (one element; 2.6× naive) — the
+# largest errors of two routes compared, now RMS errors compared and the largest by the rule
+@example(seed=308, Lq=294, Lk=512, D=8, causal=False, scale=2.0, route="amx")
+@example(seed=18988, Lq=253, Lk=393, D=31, causal=True, scale=2.315, route="amx5")
 def test_shapes(seed, Lq, Lk, D, causal, scale, route):
-    """Any shape: the forward by the 2×-naive rule; the gradients no further from float64 than
-    MKL's tiles (≤ 1.25× their error + the rule's floor).  The gradients by the rule itself:
+    """Any shape: the forward by the 2×-naive rule; the gradients as accurate as MKL's tiles —
+    their RMS error ≤ 1.25× MKL's (+ a hundredth of the rule's floor), their largest error by
+    the rule with MKL's factor (3× naive).  The gradients by the 2×-naive rule itself:
     :func:`test_gradients_where_the_lse_was_the_error` (a sweep of 20 shapes reached 1.99×
-    naive, dQ at scale 0.06 — too close to hold random shapes to it in CI)."""
+    naive, dQ at scale 0.06 — too close to hold random shapes to it in CI).  The largest errors
+    are not compared with MKL's: one element decides each, and over 4,600 random draws of this
+    strategy (6 Dec) the split route's reached 1.30× MKL's (dK, seed 18988) where its RMS error
+    stayed ≤ 0.82 of the bound and its largest ≤ 0.89 of 3× naive."""
     q, k, v = H.random_qkv(seed, batch=(1,), Hq=2, Lq=Lq, Lk=Lk, D=D)
     opts = {"causal": causal, "scale": scale}
     call = semantics.normalize(q, k, v, **opts)
@@ -440,7 +448,8 @@ def test_shapes(seed, Lq, Lk, D, causal, scale, route):
     ref_out, ref_lse = H.reference(q, k, v, **opts)
     naive_out, naive_lse = H.naive(q, k, v, **opts)
     ref_grads = H.reference_grads(q, k, v, dout, **opts)
-    errors = {}
+    naive_grads = H.naive_grads(q, k, v, dout, **opts)
+    rms = {}
     with pytest.MonkeyPatch.context() as mp:
         for r in (route, "mkl"):
             mp.setenv(_cpu_isa.F32_PRODUCTS_ENV_VAR, r)
@@ -449,10 +458,12 @@ def test_shapes(seed, Lq, Lk, D, causal, scale, route):
             H.assert_close_to_reference(out, ref_out, naive_out, name=f"{r} out")
             H.assert_close_to_reference(lse, ref_lse, naive_lse, name=f"{r} lse")
             grads = cpu.backward(call, out, lse, dout)[:3]
-            errors[r] = [float(np.abs(g.astype(np.float64) - x).max()) for g, x in zip(grads, ref_grads)]
-    for name, ours, mkl, x in zip(("dq", "dk", "dv"), errors[route], errors["mkl"], ref_grads):
+            for name, g, x, n in zip(("dq", "dk", "dv"), grads, ref_grads, naive_grads):
+                H.assert_close_to_reference(g, x, n, name=f"{r} {name}", factor=3.0, magnitude=4.0)
+            rms[r] = [float(np.sqrt(np.mean((g.astype(np.float64) - x) ** 2))) for g, x in zip(grads, ref_grads)]
+    for name, ours, mkl, x in zip(("dq", "dk", "dv"), rms[route], rms["mkl"], ref_grads):
         floor = H.FLOORS[np.dtype(np.float32)] * max(1.0, float(np.abs(x).max()), 4.0)
-        assert ours <= 1.25 * mkl + floor, f"{name}: split {ours:.3g}, MKL {mkl:.3g}"
+        assert ours <= 1.25 * mkl + floor / 100, f"{name}: split's RMS error {ours:.3g}, MKL's {mkl:.3g}"
 
 
 @pytest.mark.parametrize("route", ["amx", "mkl"])

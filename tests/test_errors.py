@@ -38,6 +38,11 @@ CASES = [
     ("q-list", with_qkv(q=Q.tolist()), AttentionTypeError, ["q must be an array", "list", "numpy.asarray"]),
     ("k-scalar", with_qkv(k=1.0), AttentionTypeError, ["k must be an array", "float"]),
     ("v-object", with_qkv(v=object()), AttentionTypeError, ["v must be an array", "builtins.object"]),
+    # a masked array reached the compiled kernels (Numba's "Unsupported array type"): audit of 6 Dec
+    ("q-masked", with_qkv(q=np.ma.masked_array(Q, mask=False)), AttentionTypeError,
+     ["q is a numpy.ma.MaskedArray", "mask=", "kv_lengths="]),
+    ("mask-masked", with_qkv(mask=np.ma.masked_array(np.ones((5, 6), bool))), AttentionTypeError,
+     ["mask is a numpy.ma.MaskedArray"]),
     ("q-int-dtype", with_qkv(q=Q.astype(np.int32), k=K.astype(np.int32), v=V.astype(np.int32)), AttentionTypeError,
      ["q must have a floating dtype", "int32"]),
     ("mixed-dtypes", with_qkv(k=K.astype(np.float64)), AttentionTypeError,

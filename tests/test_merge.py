@@ -124,12 +124,35 @@ def test_large_lse_does_not_overflow():
         ([np.zeros((1, 1, 2, 1))], [np.zeros((1, 2, 1))], ValueError, "lses[0] must have shape (1, 1, 2)"),
         ([np.zeros((1, 1, 2, 1), dtype=np.int32)], [np.zeros((1, 1, 2))], TypeError, "outs[0] must have a floating"),
         ([[0.0]], [[0.0]], TypeError, "NumPy arrays or torch tensors"),
+        ([np.ma.masked_array(np.zeros((1, 1, 2, 1)))], [np.zeros((1, 1, 2))], TypeError, "outs[0] is a numpy.ma.MaskedArray"),
     ],
 )
 def test_bad_input_names_the_argument(outs, lses, err, words):
     with pytest.raises(err) as info:
         merge_attention_states(outs, lses)
     assert words in str(info.value)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("which", ["outs", "lses"])
+@pytest.mark.parametrize("dtype", ["int64", "bool", "uint8", "complex64"])
+def test_torch_parts_of_no_floating_dtype_are_refused(which, dtype):
+    """A torch dtype with no NumPy float twin was taken for float64 (np.dtype("float64") == None
+    holds, so ``None in FLOAT_DTYPES`` did): audit of 6 Dec."""
+    import torch
+
+    parts = {"outs": [torch.zeros(1, 1, 2, 3)], "lses": [torch.zeros(1, 1, 2)]}
+    parts[which] = [parts[which][0].to(getattr(torch, dtype))]
+    with pytest.raises(TypeError, match=rf"{which}\[0\] must have a floating dtype .* got torch.{dtype}"):
+        merge_attention_states(parts["outs"], parts["lses"])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_sparse_torch_parts_are_refused_by_name():
+    import torch
+
+    with pytest.raises(TypeError, match=r"outs\[0\] is a torch.sparse_coo tensor"):
+        merge_attention_states([torch.zeros(1, 1, 2, 3).to_sparse()], [torch.zeros(1, 1, 2)])
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")

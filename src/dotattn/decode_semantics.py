@@ -121,6 +121,7 @@ def float_array(name: str, x: Any) -> np.ndarray:
         raise AttentionTypeError(
             f"{name} must be a NumPy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}"
         )
+    semantics.refuse_masked(name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise AttentionTypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
@@ -179,9 +180,8 @@ def _check_geometry(q, k_cache, v_cache, block_table, layout: str):
                 f"got k_cache{_shape(k_cache.shape)}"
             )
     else:
-        table = np.asarray(block_table)
-        if table.dtype == bool or not np.issubdtype(table.dtype, np.integer):
-            raise AttentionTypeError(f"block_table must hold integers (page indices), got dtype {table.dtype}")
+        # int_array: the values as given (a uint64 2**64 − 1 is not reported as −1), int64 or refused
+        table = semantics.int_array("block_table", block_table)
         if table.ndim != 2 or table.shape[0] != B:
             raise AttentionValueError(
                 f"block_table must have shape (B, max_pages) = ({B}, max_pages), got {_shape(table.shape)}"
@@ -322,15 +322,35 @@ def _check_causal(causal: Any) -> bool:
     return kind is not None
 
 
-def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray, overlap: bool) -> None:
+    """The caches can take k_new/v_new in place: writeable, and each slot its own memory.
+
+    A zero stride on an axis longer than one (a torch ``expand``, a writeable ``as_strided``
+    view) would put one sequence's new key into another's slots too, and caches sharing memory
+    with each other would have the values overwrite the keys.  ``overlap=False`` skips those two
+    checks: a :class:`KVCache`'s own buffers (allocated apart), and the device path's stand-ins
+    (whose tensors ``dotattn.decoding`` checks).
+    """
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not x.flags.writeable:
             raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
+        if overlap and 0 in x.strides and any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)):
+            raise AttentionValueError(
+                f"{name} has a zero stride (strides {x.strides}, shape {_shape(x.shape)}: a broadcast or "
+                "expanded view), so k_new/v_new would be written into several slots at once; pass a cache "
+                "with its own memory (e.g. a copy)"
+            )
+    if overlap and np.may_share_memory(k_cache, v_cache) and np.shares_memory(k_cache, v_cache):
+        raise AttentionValueError(
+            "k_cache and v_cache share memory, so writing v_new would overwrite keys (or k_new values); "
+            "pass two caches that do not overlap"
+        )
 
 
 def normalize(
     q, k_cache, v_cache, k_new, v_new, *, cache_lengths, block_table, causal, window, scale, softcap,
     alibi_slopes, rotary, layout, new_counts: np.ndarray | None = None, trusted: bool = False,
+    standins: bool = False,
 ) -> DecodeCall:
     """Validate every argument of a decode call (nothing is written) → :class:`DecodeCall`.
 
@@ -341,7 +361,9 @@ def normalize(
     valid itself (:class:`dotattn.KVCache`: int64 lengths it advances, room it checks before
     the call, pages from its own free list): their values are not checked again on a call of a
     kind seen before.  Everything the caller supplies — q, k_new, v_new, the caches' shapes,
-    dtypes and writeability, every option, ALiBi slopes and rotary tables — is checked as ever.
+    dtypes and writeability, every option, ALiBi slopes and rotary tables — is checked as ever
+    (but not whether the owner's caches overlap: they were allocated apart).  ``standins=True``:
+    the caches are zero-stride stand-ins of device tensors, whose overlap the caller checked.
 
     Repeated calls: what the checks decide from shapes, dtypes and option values alone is kept
     per :func:`call_key` (as :func:`dotattn.semantics.plan_key` does for ``attention()``); a
@@ -355,7 +377,7 @@ def normalize(
             kind = _KINDS.get(key)
             if kind is not None:
                 return _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, block_table, alibi_slopes,
-                             rotary, None, trusted)
+                             rotary, None, trusted, overlap=not (trusted or standins))
     layout = semantics.check_layout(layout)
     q = float_array("q", q)
     k_cache = float_array("k_cache", k_cache)
@@ -387,7 +409,7 @@ def normalize(
         fields=dict(dtype=q.dtype, cache_dtype=k_cache.dtype, layout=layout, paged=paged),
     )
     call = _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
-                 False, options=(causal, window, scale, softcap))
+                 False, options=(causal, window, scale, softcap), overlap=not (trusted or standins))
     if key is not None:
         # checked once for this kind: the options' decisions join the fields every call copies
         for name in ("causal", "window", "scale", "softcap"):
@@ -453,12 +475,12 @@ def call_key(q, k_cache, v_cache, k_new, v_new, block_table, causal, window, sca
 
 
 def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
-          trusted: bool, options=None) -> DecodeCall:
+          trusted: bool, options=None, overlap: bool = True) -> DecodeCall:
     """The value checks of a call whose shapes, dtypes (and, without ``options``, option values)
     ``kind`` has settled → its :class:`DecodeCall`.  ``options`` (causal, window, scale,
     softcap): the first call of a kind checks them here, in normalize()'s order."""
     if k_new is not None:
-        _check_writeable(k_cache, v_cache)
+        _check_writeable(k_cache, v_cache, overlap)
     # canonical (bhld) views: nothing is copied
     if kind.layout == "blhd":
         qc = q.swapaxes(1, 2)

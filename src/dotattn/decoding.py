@@ -127,8 +127,11 @@ def _torch_ready():
     return _TENSOR
 
 
-def _as_numpy(name: str, x: Any):
-    """Torch CPU tensors → NumPy views of their memory; anything else unchanged."""
+def _as_numpy(name: str, x: Any, written: bool = False):
+    """Torch CPU tensors → NumPy views of their memory; anything else unchanged.
+
+    ``written``: k_new/v_new go into ``x`` — a tensor with a lazy negation or conjugation bit,
+    which only a copy could show NumPy, is refused (the write would land in the copy)."""
     if x is None or isinstance(x, np.ndarray):
         return x
     if type(x) is _TENSOR:
@@ -140,6 +143,11 @@ def _as_numpy(name: str, x: Any):
         from .torch._convert import check_device, to_numpy
 
         check_device(name, x)
+        if written and (x.is_neg() or x.is_conj()):
+            raise AttentionValueError(
+                f"{name} carries a lazy negation or conjugation bit, so its memory does not hold its values "
+                f"and k_new/v_new cannot be written into it in place; pass {name}.resolve_neg().resolve_conj()"
+            )
         return to_numpy(name, x)
     return x
 
@@ -177,6 +185,8 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
                     f"{name} is on device {str(t.device)!r} but q is on {str(q.device)!r}; "
                     "q, the caches and the new keys/values must share one device"
                 )
+    if arrays["k_new"] is not None:
+        _check_device_caches_writeable(arrays["k_cache"], arrays["v_cache"])
     # normalize() refuses read-only caches when it must write into them; a stand-in is never
     # written (the kernel writes the tensors).
     stand = [None if t is None else standin(n, t, writeable=n in ("k_cache", "v_cache")) for n, t in arrays.items()]
@@ -184,7 +194,25 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
         kwargs[key] = _host(key, kwargs[key])
     if kwargs.get("rotary") is not None:
         kwargs["rotary"] = _rotary_tables(kwargs["rotary"], _host)
-    return normalize(*stand, **kwargs)
+    return normalize(*stand, **kwargs, standins=True)
+
+
+def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
+    """What ``decode_semantics`` checks of host caches that take k_new/v_new, on device tensors:
+    no zero stride on an axis longer than one (an ``expand``), and not one tensor as both caches.
+    (Device memory has no exact overlap test: other partial overlaps are the caller's.)"""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise AttentionValueError(
+                f"{name} has a zero stride (strides {tuple(t.stride())}, shape {tuple(t.shape)}: an expanded "
+                "view), so k_new/v_new would be written into several slots at once; pass a cache with its own "
+                "memory (e.g. .clone())"
+            )
+    if k_cache.data_ptr() == v_cache.data_ptr():
+        raise AttentionValueError(
+            "k_cache and v_cache share memory, so writing v_new would overwrite keys (or k_new values); "
+            "pass two caches that do not overlap"
+        )
 
 
 def _check_library(arrays: dict[str, Any]) -> str:
@@ -231,6 +259,11 @@ def _kernel(implementation: str | None):
         if _cpu_ok is None:
             _cpu_ok = "cpu" in _IMPLEMENTATIONS and importlib.util.find_spec("numba") is not None
         implementation = "cpu" if _cpu_ok else "numpy"
+    if not isinstance(implementation, str):  # (before the dict lookups: a list is unhashable)
+        raise AttentionTypeError(
+            f"implementation must be None or a str (one of {list(_IMPLEMENTATIONS)}), "
+            f"got {type(implementation).__name__}"
+        )
     module = _kernel_modules.get(implementation)
     if module is not None:
         return implementation, module
@@ -277,8 +310,9 @@ def attention_with_kvcache(
         k_new, v_new (B, Hkv, Lnew, D), (B, Hkv, Lnew, Dv)      cache_lengths int (B,)
 
     Args:
-        cache_lengths: tokens already in each sequence's cache *before* this call.  The call
-            does not change it (:class:`KVCache` keeps lengths for you).
+        cache_lengths: tokens already in each sequence's cache *before* this call, int
+            ``(B,)`` (or one int for every sequence, as FlashAttention's ``cache_seqlens``).
+            The call does not change it (:class:`KVCache` keeps lengths for you).
         k_new, v_new: written in place at ``[cache_lengths[b], cache_lengths[b] + Lnew)``
             (both or neither).  They may be in q's dtype; they are stored in the cache's.
         block_table: logical page ``i`` of sequence ``b`` is physical page
@@ -344,13 +378,20 @@ def _attention_with_kvcache(
             return attention_with_kvcache_tensors(call, *arrays.values(), return_lse=bool(return_lse))
         # (written out, in the order the checks ran before: a generator cost ≈ 1 µs more)
         q = _as_numpy("q", q)
-        k_cache = _as_numpy("k_cache", k_cache)
-        v_cache = _as_numpy("v_cache", v_cache)
+        k_cache = _as_numpy("k_cache", k_cache, k_new is not None)
+        v_cache = _as_numpy("v_cache", v_cache, k_new is not None)
         k_new = _as_numpy("k_new", k_new)
         v_new = _as_numpy("v_new", v_new)
         cache_lengths = _as_numpy("cache_lengths", cache_lengths)
         block_table = _as_numpy("block_table", block_table)
         alibi_slopes = _as_numpy("alibi_slopes", alibi_slopes)
+    else:  # NumPy arrays, with maybe a torch tensor among the small arguments (made NumPy as above)
+        if not (cache_lengths is None or type(cache_lengths) is nd):
+            cache_lengths = _as_numpy("cache_lengths", cache_lengths)
+        if not (block_table is None or type(block_table) is nd):
+            block_table = _as_numpy("block_table", block_table)
+        if not (alibi_slopes is None or type(alibi_slopes) is nd):
+            alibi_slopes = _as_numpy("alibi_slopes", alibi_slopes)
     if rotary is not None:
         rotary = _rotary_tables(rotary, _as_numpy)
     if not isinstance(return_lse, (bool, np.bool_)):
@@ -513,8 +554,12 @@ class KVCache:
         # the fill as the cache's dtype holds it (±inf past its range), the same for NumPy and torch
         # buffers (torch.full refuses a value a float16 cannot hold; an int past int64 would not
         # fill a NumPy array)
+        try:
+            fill = float(fill)
+        except OverflowError:  # an int past float64's range: past every cache dtype's too
+            fill = math.inf if fill > 0 else -math.inf
         with np.errstate(over="ignore"):
-            fill = float(np.array(float(fill)).astype(self.dtype))
+            fill = float(np.array(fill).astype(self.dtype))
         B, H, cap = self.batch_size, self.num_kv_heads, self.capacity
         if self.page_size is None:
             if num_pages is not None:
@@ -533,9 +578,13 @@ class KVCache:
         # a MemoryError), not by NumPy's or torch's allocator message alone
         itemsize = np.dtype(self.dtype).itemsize
         elements = math.prod(lead) * (self.head_dim + self.value_dim)
+        # a paged cache's block table (B, max_pages) int64 too: a huge capacity over few pages
+        table_bytes = 0 if self.page_size is None else B * self.max_pages * 8
         sizes = (f"a KVCache of {' × '.join(map(str, lead))} slots × (head_dim {self.head_dim} + value_dim "
                  f"{self.value_dim}) needs {elements * itemsize} bytes")
-        if elements * itemsize >= 2**63:
+        if table_bytes:
+            sizes += f", its block table ({B} × {self.max_pages} pages) {table_bytes} more"
+        if elements * itemsize + table_bytes >= 2**63:
             raise AttentionValueError(
                 f"{sizes}, more than an array can hold: check batch_size, num_kv_heads, capacity, num_pages "
                 "and num_layers"
@@ -543,11 +592,13 @@ class KVCache:
         try:
             self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
             self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
+            if self.page_size is not None:
+                self._table = np.full((B, self.max_pages), -1, dtype=np.int64)
         except (MemoryError, RuntimeError) as exc:  # torch: RuntimeError (CPU), OutOfMemoryError (CUDA)
             if not isinstance(exc, MemoryError) and not any(w in str(exc).lower() for w in ("alloc", "out of memory")):
                 raise
             raise AttentionMemoryError(
-                f"{sizes} ({elements * itemsize / 2**30:.1f} GiB), which could not be allocated ({exc}): check "
+                f"{sizes} ({(elements * itemsize + table_bytes) / 2**30:.1f} GiB), which could not be allocated ({exc}): check "
                 "batch_size, num_kv_heads, capacity, num_pages and num_layers"
             ) from None
         if library == "torch":
@@ -571,8 +622,7 @@ class KVCache:
         self._step_added: int | tuple | None = None
         # _headroom()'s answer until the lengths or the pages change (None: to be worked out)
         self._room: int | None = None
-        if self.page_size is not None:
-            self._table = np.full((B, self.max_pages), -1, dtype=np.int64)
+        if self.page_size is not None:  # (self._table: allocated with the buffers above)
             self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out page 0 first
 
     def _buffer(self, shape, lib_dtype, fill):
@@ -782,6 +832,7 @@ class KVCache:
             q_none, k_buf, v_buf, k_np, v_np,
             cache_lengths=self._lengths, block_table=table, causal=True, window=None, scale=None,
             softcap=None, alibi_slopes=None, rotary=None, layout=self.layout, new_counts=counts,
+            standins=not self._host,  # (the device buffers are this object's own, allocated apart)
         )
         self._commit(table)
         if self._host:

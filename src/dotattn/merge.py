@@ -34,7 +34,7 @@ import numpy as np
 from .errors import AttentionTypeError, AttentionValueError
 from .frameworks import framework_of
 from .kernels._merge import merge_numpy, merge_torch
-from .semantics import FLOAT_DTYPES, check_layout
+from .semantics import FLOAT_DTYPES, check_layout, refuse_masked
 
 __all__ = ["merge_attention_states"]
 
@@ -87,10 +87,21 @@ def _check_parts(outs: Any, lses: Any, layout: str) -> tuple[list, list]:
     out_shape = tuple(outs[0].shape)
     if len(out_shape) < 3:
         raise AttentionValueError(f"outs[0] must have at least 3 dims (..., Hq, Lq, Dv), got shape {out_shape}")
+    torch_parts = fws == {"torch"}
+    if torch_parts:
+        from .torch._convert import check_dense
     for i, (o, s) in enumerate(zip(outs, lses)):
         for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", s)):
-            if _dtype_of(x) not in FLOAT_DTYPES:
-                raise AttentionTypeError(f"{name} must have a floating dtype, got {x.dtype}")
+            if torch_parts:
+                check_dense(name, x)
+            else:
+                refuse_masked(name, x)
+            dt = _dtype_of(x)
+            # (`is None` first: np.dtype("float64") == None holds, so None would pass `in`)
+            if dt is None or dt not in FLOAT_DTYPES:
+                raise AttentionTypeError(
+                    f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+                )
         if tuple(o.shape) != out_shape:
             raise AttentionValueError(f"outs[{i}] has shape {tuple(o.shape)}, but outs[0] has shape {out_shape}")
         want = _lse_shape(out_shape, layout)

@@ -343,8 +343,24 @@ def stand_in(shape: tuple[int, ...], dtype: Any, fill: Any = 0) -> np.ndarray:
     return np.broadcast_to(np.full((), fill, dtype=np.dtype(dtype)), tuple(shape))
 
 
+def refuse_masked(name: str, x: Any) -> None:
+    """A NumPy masked array is refused: no kernel reads its mask, so its hidden entries would
+    count silently (or its type would reach a compiled kernel that cannot take it)."""
+    if isinstance(x, _MASKED_ARRAY):
+        raise AttentionTypeError(
+            f"{name} is a numpy.ma.MaskedArray, whose mask dotattn does not read; pass its data "
+            f"(numpy.ma.getdata({name})) and say what to hide with mask=, kv_lengths= or cache_lengths="
+        )
+
+
+_MASKED_ARRAY = np.ma.MaskedArray
+
+
 def _require_array(name: str, x: Any) -> np.ndarray:
+    if type(x) is np.ndarray:
+        return x
     if isinstance(x, np.ndarray):
+        refuse_masked(name, x)
         return x
     if isinstance(x, (list, tuple)) or np.isscalar(x):
         raise AttentionTypeError(
@@ -543,7 +559,7 @@ def check_seed(seed: Any, name: str = "seed") -> int:
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _int_array(name: str, x: Any) -> np.ndarray:
+def int_array(name: str, x: Any) -> np.ndarray:
     """An integer array (Python ints beyond int64 and unsigned values included), refusing bool/float.
 
     Values outside int64 are refused with their real value, never wrapped by a cast.
@@ -561,7 +577,8 @@ def _int_array(name: str, x: Any) -> np.ndarray:
         if big:
             raise AttentionValueError(f"{name} must fit in int64, got {big[0]}")
         arr = arr.astype(np.int64)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+    # (kind, not issubdtype: NumPy files timedelta64 under np.integer, and bool is kind "b")
+    if arr.dtype.kind not in "iu":
         raise AttentionTypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > _INT64_MAX:
         raise AttentionValueError(f"{name} must fit in int64, got {int(arr.max())}")
@@ -570,7 +587,7 @@ def _int_array(name: str, x: Any) -> np.ndarray:
 
 def _batch_index_array(name: str, x: Any, batch_shape: tuple[int, ...], B: int) -> np.ndarray:
     """An int array of shape ``batch_shape`` (or a scalar) → int64 ``(B,)``."""
-    arr = _int_array(name, x)
+    arr = int_array(name, x)
     if arr.ndim == 0:
         return np.full(B, int(arr), dtype=np.int64)
     if arr.shape != batch_shape:
@@ -583,7 +600,7 @@ def _check_lengths(name: str, x: Any, L: int, batch_shape, B) -> np.ndarray | No
     if x is None:
         return None
     # Range first, in the caller's own dtype and values (a cast could wrap 2**64 − 1 to −1).
-    arr = _int_array(name, x)
+    arr = int_array(name, x)
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > L):
         flat = arr.reshape(-1)
         i = int(np.argmax((flat < 0) | (flat > L)))
@@ -623,7 +640,7 @@ def _check_segment_ids(segment_ids: Any, batch_shape, B: int, Lq: int, Lk: int):
         pairs = (("segment_ids", segment_ids, Lq),)
     out = []
     for name, ids, L in pairs:
-        arr = _int_array(name, ids)
+        arr = int_array(name, ids)
         want = batch_shape + (L,)
         if arr.shape != want:
             raise AttentionValueError(f"{name} must have shape {_shape_str(want)}, got {_shape_str(arr.shape)}")
@@ -637,6 +654,7 @@ def _broadcast_pairwise(
     name: str, x: Any, batch_shape: tuple[int, ...], Hq: int, Lq: int, Lk: int, B: int, kind: str
 ) -> tuple[np.ndarray, tuple[int, ...]]:
     """mask/bias broadcastable to (..., Hq, Lq, Lk) → a (B, Hq, Lq, Lk) view."""
+    refuse_masked(name, x)
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if kind == "mask":
         if arr.dtype != bool:

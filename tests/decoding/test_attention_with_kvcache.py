@@ -180,6 +180,18 @@ def test_backends_agree_on_an_empty_and_a_zero_length_call():
         assert (out == 0).all() and np.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("one", [5, np.int64(5), np.array(5), np.uint8(5)], ids=["int", "int64", "0-d", "uint8"])
+def test_one_length_for_every_sequence(one):
+    """``cache_lengths`` as one int is that length for every sequence (FlashAttention's
+    ``cache_seqlens`` takes an int too): the same writes and output as ``[5, 5]``."""
+    case = C.make_case(6, B=2, lengths=[5, 5], capacity=12)
+    k, v = case.k_cache.copy(), case.v_cache.copy()
+    want = dotattn.attention_with_kvcache(case.q, k, v, case.k_new, case.v_new, cache_lengths=np.array([5, 5]))
+    got = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, cache_lengths=one)
+    np.testing.assert_array_equal(got, want)
+    assert case.k_cache.tobytes() == k.tobytes() and case.v_cache.tobytes() == v.tobytes()
+
+
 def test_default_implementation_runs():
     case = C.make_case(4)
     out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())

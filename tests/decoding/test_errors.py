@@ -33,6 +33,14 @@ def _table(case, fix):
     return t
 
 
+def _uint64_table(case, page):
+    """The case's table as uint64 (unused entries 0) with ``page`` at [0, 0]: a value past int64
+    is reported as given, not as the negative number a cast to int64 makes of it."""
+    t = np.where(case.block_table < 0, 0, case.block_table).astype(np.uint64)
+    t[0, 0] = page
+    return t
+
+
 # (id, case maker, changes as a function of the case, error type, words the message must hold)
 BAD = [
     ("q-not-4d", _contig, lambda c: dict(q=c.q[0]), AttentionValueError, ["q", "4-D"]),
@@ -75,6 +83,16 @@ BAD = [
     ("rotary-too-short", _contig, lambda c: dict(rotary=C.rope_tables(8, 4)), AttentionValueError, ["rotary", "position"]),
     ("implementation", _contig, lambda c: dict(implementation="cuda"), AttentionValueError, ["implementation", "numpy"]),
     ("return-lse", _contig, lambda c: dict(return_lse="yes"), AttentionTypeError, ["return_lse"]),
+    # audit of 6 Dec: each of these was accepted, or failed with an error not naming the argument
+    ("timedelta-lengths", _contig, lambda c: dict(cache_lengths=np.array([5, 9], "m8[s]")), AttentionTypeError, ["cache_lengths", "integers"]),
+    ("table-uint64-past-int64", _paged, lambda c: dict(block_table=_uint64_table(c, 2**63 + 1)),
+     AttentionValueError, ["block_table", "int64", str(2**63 + 1)]),
+    ("implementation-list", _contig, lambda c: dict(implementation=["cpu"]), AttentionTypeError, ["implementation", "list"]),
+    ("masked-q", _contig, lambda c: dict(q=np.ma.masked_array(c.q, mask=False)), AttentionTypeError, ["q", "MaskedArray"]),
+    ("masked-k-new", _contig, lambda c: dict(k_new=np.ma.masked_array(c.k_new, mask=True)), AttentionTypeError, ["k_new", "MaskedArray"]),
+    ("one-array-both-caches", _contig, lambda c: dict(k_cache=c.v_cache), AttentionValueError, ["k_cache and v_cache share memory"]),
+    ("zero-stride-cache", _contig, lambda c: dict(k_cache=np.lib.stride_tricks.as_strided(
+        c.k_cache, strides=(0,) + c.k_cache.strides[1:], writeable=True)), AttentionValueError, ["k_cache", "zero stride"]),
 ]
 
 
@@ -160,3 +178,59 @@ def test_a_window_side_past_every_key_is_unbounded(side, implementation):
                                                  case.v_new, window=window, implementation=implementation,
                                                  **case.kwargs())
         H.assert_bitwise_equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------
+# torch caches whose memory cannot take k_new as given (audit of 6 Dec)
+# ---------------------------------------------------------------------------------
+
+
+def _torch_case():
+    torch = pytest.importorskip("torch")
+    case = _contig()
+    return torch, case, [torch.from_numpy(x) for x in (case.q, case.k_cache, case.v_cache, case.k_new, case.v_new)]
+
+
+def test_an_expanded_torch_cache_is_refused():
+    """``expand`` gives stride 0 on the batch axis: a write would land in every sequence's slots."""
+    torch, case, (q, k, v, kn, vn) = _torch_case()
+    k_expanded = k[:1].expand_as(k)
+    before = k.numpy().tobytes()  # (bytes: the unused slots hold NaN)
+    with pytest.raises(AttentionValueError, match="k_cache has a zero stride"):
+        dotattn.attention_with_kvcache(q, k_expanded, v, kn, vn, **case.kwargs())
+    assert k.numpy().tobytes() == before
+    # read only (no k_new), the same view is a valid cache: every sequence sees sequence 0's keys
+    # (a cache that is not C-contiguous decodes on the numpy kernel: equal to rounding)
+    out = dotattn.attention_with_kvcache(q, k_expanded, v, **case.kwargs())
+    want = dotattn.attention_with_kvcache(case.q, np.ascontiguousarray(k_expanded.numpy()), case.v_cache,
+                                          **case.kwargs())
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_torch_cache_with_a_negation_bit_is_refused_when_written():
+    """A lazily negated tensor's memory holds the values' negatives: NumPy sees a resolved copy,
+    so k_new would be written into the copy and lost."""
+    torch, case, (q, k, v, kn, vn) = _torch_case()
+    negated = torch._neg_view(k)
+    with pytest.raises(AttentionValueError, match="lazy negation or conjugation bit"):
+        dotattn.attention_with_kvcache(q, negated, v, kn, vn, **case.kwargs())
+    # read only, the copy is what the tensor holds
+    out = dotattn.attention_with_kvcache(q, negated, v, **case.kwargs())
+    want = dotattn.attention_with_kvcache(case.q, -case.k_cache, case.v_cache, **case.kwargs())
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_torch_small_arguments_of_a_numpy_call():
+    """A NumPy call may take its lengths, table and slopes as torch tensors (made NumPy views as
+    in a torch call); one requiring grad is converted, not refused by torch's numpy()."""
+    torch, case, _ = _torch_case()
+    slopes = np.linspace(0.1, 0.5, case.q.shape[1]).astype(np.float32)
+    want = dotattn.attention_with_kvcache(case.q, case.k_cache.copy(), case.v_cache.copy(), case.k_new, case.v_new,
+                                          cache_lengths=case.cache_lengths, alibi_slopes=slopes)
+    got = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new,
+                                         cache_lengths=torch.from_numpy(np.asarray(case.cache_lengths)),
+                                         alibi_slopes=torch.from_numpy(slopes).requires_grad_())
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(AttentionTypeError, match="cache_lengths must hold integers"):
+        dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache,
+                                       cache_lengths=torch.tensor([5.0, 9.0], requires_grad=True))

@@ -118,6 +118,8 @@ def test_refused_attend_changes_nothing():
         (dict(fill="nan"), "fill"),
         (dict(capacity=2**63), "more than an array can hold"),
         (dict(fill=True), "fill"),
+        # a paged cache's block table is part of its size (1 × 2**60 pages: 8 EiB of int64)
+        (dict(capacity=2**62, page_size=4, num_pages=4), "its block table"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -139,6 +141,24 @@ def test_a_cache_larger_than_memory_is_refused_by_name(library):
         KVCache(1, 1, 16, 2**50, library=library)
     assert isinstance(caught.value, MemoryError) and isinstance(caught.value, DotAttnError)
     assert "needs 144115188075855872 bytes" in str(caught.value)
+
+
+def test_a_block_table_larger_than_memory_is_refused_by_name():
+    """Small buffers, but a block table of 2**50 pages (8 PiB: past any address space, whatever
+    the overcommit setting): the same AttentionMemoryError as buffers too large, naming the
+    table (it was NumPy's MemoryError)."""
+    from dotattn import AttentionMemoryError
+
+    with pytest.raises(AttentionMemoryError, match=r"its block table \(1 × 1125899906842624 pages\)"):
+        KVCache(1, 1, 4, 2**50, page_size=1, num_pages=4)
+
+
+@pytest.mark.parametrize("fill", [10**400, -(10**400)])
+def test_a_fill_past_float64_is_the_infinity_of_its_sign(fill):
+    """As a fill past the cache dtype's range becomes ±inf, so does one past float64's (an int):
+    it was an OverflowError from float()."""
+    cache = KVCache(1, 1, 4, 8, fill=fill)
+    assert np.all(cache.k == np.inf * np.sign(fill)) and np.all(cache.v == np.inf * np.sign(fill))
 
 
 def test_bad_layer_and_sequence_index():

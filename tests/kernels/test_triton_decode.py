@@ -163,6 +163,22 @@ def test_tensor_path_refuses_float64_caches_and_mixed_devices():
                                        implementation="triton", **case.kwargs())
 
 
+def test_tensor_path_refuses_caches_that_cannot_take_the_new_tokens():
+    """The device path checks what decode_semantics checks of host caches (it validates on
+    stand-ins): an expanded cache, and one tensor as both caches, are refused before any write."""
+    import dotattn
+    from dotattn.errors import AttentionValueError
+
+    case = C.make_case(3, B=2, max_len=10)
+    q, k, v, kn, vn = (_tensor(x) for x in (case.q, case.k_cache, case.v_cache, case.k_new, case.v_new))
+    before = k.clone()
+    with pytest.raises(AttentionValueError, match="k_cache has a zero stride"):
+        dotattn.attention_with_kvcache(q, k[:1].expand_as(k), v, kn, vn, implementation="triton", **case.kwargs())
+    with pytest.raises(AttentionValueError, match="k_cache and v_cache share memory"):
+        dotattn.attention_with_kvcache(q, k, k, kn, vn, implementation="triton", **case.kwargs())
+    assert k.cpu().numpy().tobytes() == before.cpu().numpy().tobytes()
+
+
 # ---------------------------------------------------------------------------------
 # the kernel's arithmetic: 16-bit caches at float32 accuracy, the merge kernel
 # ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dotattn.kernels import _cpu_cache, cpu
 
@@ -29,6 +30,7 @@ DECODE_DTYPES = ("float32", "bfloat16", "float16")
 RUN = """
 import hashlib
 import numpy as np
+import pytest
 import dotattn
 from dotattn.semantics import BFLOAT16
 
@@ -303,6 +305,39 @@ def test_user_kernel_copies_save_under_the_lock_too(tmp_path):
         assert _cpu_cache._locked(str(mine / "__pycache__")) and not _cpu_cache._locked(str(tmp_path))
     finally:
         _cpu_cache._LOCKED_ROOTS.discard(mine.resolve())
+
+
+def test_a_failed_save_in_dotattns_cache_is_a_warning_and_the_call_runs(tmp_path, monkeypatch):
+    """A compiled function whose save raises (Numba's "no compiled object yet for <Library …>",
+    seen while other processes compiled into the same directory) still runs, with a
+    KernelCacheWarning, where the cache is dotattn's; anywhere else Numba's error stands."""
+    import importlib.util
+    import warnings
+
+    from numba.core import caching
+
+    def failing_save(self, key, data):
+        raise RuntimeError("no compiled object yet for <Library 'twice'>")
+
+    _cpu_cache.install_locator()  # (as every kernel module does on import)
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save", failing_save)
+    modules = []
+    for name in ("mine", "theirs"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}_kernel.py").write_text("from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+        spec = importlib.util.spec_from_file_location(f"{name}_kernel", folder / f"{name}_kernel.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    monkeypatch.setattr(_cpu_cache, "_LOCKED_ROOTS", _cpu_cache._LOCKED_ROOTS | {(tmp_path / "mine").resolve()})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert modules[0].twice(21) == 42
+    assert [w.category for w in seen] == [_cpu_cache.KernelCacheWarning]
+    assert "could not be saved" in str(seen[0].message) and "no compiled object yet" in str(seen[0].message)
+    with pytest.raises(RuntimeError, match="no compiled object yet"):
+        modules[1].twice(21)
 
 
 def test_cache_entries_are_keyed_by_every_kernel_source(tmp_path):

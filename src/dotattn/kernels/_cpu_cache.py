@@ -19,6 +19,7 @@ import functools
 import hashlib
 import itertools
 import os
+import warnings
 from pathlib import Path
 
 from numba.core import caching
@@ -95,6 +96,40 @@ def install_locator() -> None:
         classes.insert(0, KernelCacheLocator)
     if not getattr(caching.IndexDataCacheFile.save, "dotattn_locked", False):
         caching.IndexDataCacheFile.save = _save_locked(caching.IndexDataCacheFile.save)
+    if not getattr(caching.Cache.save_overload, "dotattn_guarded", False):
+        caching.Cache.save_overload = _save_or_warn(caching.Cache.save_overload)
+
+
+class KernelCacheWarning(UserWarning):
+    """A compiled kernel ran but could not be saved to dotattn's kernel cache."""
+
+
+def _save_or_warn(numba_save_overload):
+    """Numba's ``Cache.save_overload``, whose failure in dotattn's cache directories is a warning.
+
+    The function has been compiled when Numba saves it; a save that raises (a full disk, or
+    Numba's own "no compiled object yet for <Library …>" from serializing a library whose
+    object code its JIT had already taken — seen while other processes compiled into the same
+    directory) would fail the user's call, after a decode call had appended its tokens.  The
+    compiled code runs from memory instead, and the next process compiles again.
+    """
+
+    def save_overload(self, sig, data):
+        try:
+            return numba_save_overload(self, sig, data)
+        except Exception as exc:
+            if not _locked(self._cache_path):
+                raise
+            warnings.warn(
+                f"dotattn: {self._name} for {sig} was compiled but could not be saved to {self._cache_path} "
+                f"({type(exc).__name__}: {exc}); it runs from memory, and the next process compiles it again",
+                KernelCacheWarning,
+                stacklevel=2,
+            )
+
+    save_overload.dotattn_guarded = True
+    save_overload.__doc__ = numba_save_overload.__doc__
+    return save_overload
 
 
 # =================================================================================

@@ -754,6 +754,20 @@ class KVCache:
                 f"append() on every layer in order 0 … {self.num_layers - 1} (this layer's slots below the "
                 "lengths hold no tokens)"
             )
+        last = self.num_layers - 1
+        if layer == last and last:
+            # The last layer's call ends the step (the lengths advance): a layer that has not
+            # stored this step would be left behind for good (every later call of it refused
+            # above), so the call that skips it is the one refused, before anything changes.
+            steps = self._layer_steps
+            if min(steps[:last]) <= self._steps:
+                missing = [i for i in range(last) if steps[i] <= self._steps]
+                shown = ", ".join(map(str, missing[:8])) + (" …" if len(missing) > 8 else "")
+                raise AttentionValueError(
+                    f"layer {last} is the last layer, whose call advances the sequences' lengths, but layer(s) "
+                    f"{shown} have not stored this step's tokens: each step must call attend() or append() on "
+                    f"every layer in order 0 … {last} (nothing was changed)"
+                )
 
     @staticmethod
     def _added_key(added: np.ndarray | int) -> int | tuple:

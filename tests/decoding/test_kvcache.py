@@ -356,22 +356,26 @@ def test_fill_past_the_dtype_is_what_the_dtype_holds_in_both_libraries(fill):
 
 
 def test_layers_out_of_order_are_refused_before_they_read_unwritten_slots():
-    """The lengths advance when the last layer stores; a layer that has not stored the previous
-    step would attend over slots that hold no tokens — refused with the order to follow, and
-    nothing changed.  Storing a layer twice in a step rewrites the same slots (allowed)."""
+    """The lengths advance when the last layer stores; a layer that had not stored the step would
+    then attend over slots that hold no tokens.  The last layer's call that would leave a layer
+    behind is refused, with the order to follow and nothing changed (before 6 Dec it was taken,
+    and every later call of the skipped layer refused until reset()).  Storing a layer twice
+    in a step rewrites the same slots (allowed), and the layers before the last may come in
+    any order."""
     cache = KVCache(1, 1, 4, 8, num_layers=3, fill=np.nan)
     kv = np.ones((1, 1, 1, 4), np.float32)
     q = np.ones((1, 1, 1, 4), np.float32)
-    cache.attend(q, kv, kv, layer=2)  # the last layer first: the lengths advance past layers 0 and 1
-    state = (cache.k.tobytes(), cache.lengths)
-    for layer in (0, 1):
-        with pytest.raises(AttentionValueError, match=f"layer {layer} has not stored the tokens of the last 1 step"):
-            cache.attend(q, kv, kv, layer=layer)
-        with pytest.raises(AttentionValueError, match="in order 0 … 2"):
-            cache.append(kv, kv, layer=layer)
-    assert cache.k.tobytes() == state[0] and (cache.lengths == state[1]).all()
 
-    cache.reset()  # everything empty: every layer level again
+    def state():
+        return cache.k.tobytes(), cache.v.tobytes(), cache.lengths.tolist()
+
+    before = state()
+    with pytest.raises(AttentionValueError, match=r"layer\(s\) 0, 1 have not stored this step's tokens"):
+        cache.attend(q, kv, kv, layer=2)  # the last layer first
+    with pytest.raises(AttentionValueError, match="in order 0 … 2"):
+        cache.append(kv, kv, layer=2)
+    assert state() == before
+
     for step in range(3):
         for layer in range(3):
             out = cache.attend(q, kv, kv, layer=layer)
@@ -382,10 +386,23 @@ def test_layers_out_of_order_are_refused_before_they_read_unwritten_slots():
         cache.attend(q, kv, kv, layer=1)
         cache.attend(q, kv, kv, layer=2)
     assert cache.lengths[0] == 6
-    cache.append(kv, kv, layer=0)  # a layer skipped in a step is refused in the next
+    cache.append(kv, kv, layer=0)  # a layer skipped in a step: the last layer's call is refused
+    before = state()
+    with pytest.raises(AttentionValueError, match=r"layer\(s\) 1 have not stored"):
+        cache.append(kv, kv, layer=2)
+    assert state() == before
+    cache.append(kv, kv, layer=1)  # ... and the step goes on once it is stored
     cache.append(kv, kv, layer=2)
-    with pytest.raises(AttentionValueError, match="layer 1 has not stored"):
-        cache.attend(q, kv, kv, layer=1)
+    assert cache.lengths[0] == 7
+    cache.attend(q, kv, kv, layer=1)  # layers before the last in any order
+    cache.attend(q, kv, kv, layer=0)
+    assert np.isfinite(cache.attend(q, kv, kv, layer=2)).all() and cache.lengths[0] == 8
+
+    # a layer left behind (only reachable through the state itself now) is still refused
+    cache.reset()
+    cache._steps = 1
+    with pytest.raises(AttentionValueError, match="layer 0 has not stored the tokens of the last 1 step"):
+        cache.attend(q, kv, kv, layer=0)
 
 
 def test_every_layer_of_a_step_stores_the_same_tokens():

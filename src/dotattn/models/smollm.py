@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -814,6 +815,13 @@ class SmolLM:
     ):
         if decode_weights not in ("blocks", "float32"):
             raise AttentionValueError(f"decode_weights must be 'blocks' or 'float32', got {decode_weights!r}")
+        if path is not None and (not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes)):
+            raise AttentionTypeError(f"path must be None, a str or a path-like object, got {type(path).__name__}")
+        if isinstance(path, str) and not path.strip():
+            raise AttentionValueError("path must name a GGUF file (or be None: the installed package's), got an empty str")
+        from ..decoding import _kernel
+
+        _kernel(implementation)  # the decode kernel's name checked now, not at the first generation
         self.compute = choose_compute(compute)
         gguf = _import_gguf()
         file = default_model_path() if path is None else Path(path)
@@ -834,10 +842,10 @@ class SmolLM:
         self.w = self._read_weights(reader, gguf, file)
         self.tokenizer, self.special_ids = self._read_tokenizer(reader, file)
         self.chat_template = self._field(reader, "tokenizer.chat_template")
+        self._template = None if self.chat_template is None else _compile_template(self.chat_template, file)
         eos = self._field(reader, "tokenizer.ggml.eos_token_id")
         eot = self._field(reader, "tokenizer.ggml.eot_token_id")
         self.eos_ids = frozenset(int(t) for t in (eos, eot) if t is not None)
-        self._template = None
         self.last_stats = GenerationStats()
         self._mm = _MatMul(self.compute)
         self._halves = _RowHalves(self._mm)  # the decode steps' products (_decode_step)
@@ -870,35 +878,65 @@ class SmolLM:
         return field.contents()
 
     def _read_config(self, reader, file: Path) -> Config:
-        def get(key: str):
+        def number(key: str, kind, *, required: bool = True, minimum=None, default=None):
+            """``llama.<key>`` as an int or float, checked: a str, a list, 0 heads or a NaN
+            epsilon would fail later in some product or reshape, far from the file's fault."""
             value = self._field(reader, "llama." + key)
             if value is None:
-                raise AttentionValueError(f"GGUF file {str(file)!r} lacks the metadata key 'llama.{key}'")
-            return value
+                if required:
+                    raise AttentionValueError(f"GGUF file {str(file)!r} lacks the metadata key 'llama.{key}'")
+                return default
+            ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            if ok and kind is int:
+                ok = float(value).is_integer()
+            if not ok or not math.isfinite(float(value)) or (minimum is not None and kind(value) < minimum):
+                want = f"{'an int' if kind is int else 'a finite number'}" + (f" ≥ {minimum}" if minimum is not None else "")
+                raise AttentionValueError(f"GGUF file {str(file)!r}: llama.{key} must be {want}, got {value!r}")
+            return kind(value)
 
-        hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+        hidden = number("embedding_length", int, minimum=1)
+        n_heads = number("attention.head_count", int, minimum=1)
+        n_kv = number("attention.head_count_kv", int, required=False, minimum=1, default=n_heads)
+        if hidden % n_heads or (hidden // n_heads) % 2:
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r}: embedding_length {hidden} over {n_heads} heads must give an even head "
+                "dim (rotary embeddings rotate pairs)"
+            )
+        if n_heads % n_kv:
+            raise AttentionValueError(
+                f"GGUF file {str(file)!r}: {n_heads} query heads are not a multiple of {n_kv} K/V heads "
+                "(llama.attention.head_count_kv)"
+            )
         head_dim = hidden // n_heads
         rope_dim = self._field(reader, "llama.rope.dimension_count")
-        if rope_dim is not None and int(rope_dim) != head_dim:
+        if rope_dim is not None and rope_dim != head_dim:
             raise AttentionValueError(
                 f"GGUF file {str(file)!r} rotates {rope_dim} of {head_dim} head dims; SmolLM supports full-dim RoPE only"
             )
         if self._field(reader, "llama.rope.scaling.type") not in (None, "none"):
             raise AttentionValueError(f"GGUF file {str(file)!r} uses RoPE scaling, which SmolLM does not implement")
-        base = self._field(reader, "llama.rope.freq_base")
-        n_kv = self._field(reader, "llama.attention.head_count_kv")
-        vocab = self._field(reader, "llama.vocab_size")
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = number("vocab_size", int, required=False, minimum=1)
+        if vocab is None:
+            if tokens is None:
+                raise AttentionValueError(f"GGUF file {str(file)!r} lacks the metadata key 'tokenizer.ggml.tokens'")
+            vocab = len(tokens.data)
+        eps = number("attention.layer_norm_rms_epsilon", float)
+        base = number("rope.freq_base", float, required=False, default=10000.0)
+        for key, value in (("attention.layer_norm_rms_epsilon", eps), ("rope.freq_base", base)):
+            if not value > 0:
+                raise AttentionValueError(f"GGUF file {str(file)!r}: llama.{key} must be > 0, got {value!r}")
         return Config(
-            n_layers=int(get("block_count")),
+            n_layers=number("block_count", int, minimum=1),
             hidden=hidden,
-            ffn=int(get("feed_forward_length")),
+            ffn=number("feed_forward_length", int, minimum=1),
             n_heads=n_heads,
-            n_kv_heads=int(n_kv) if n_kv is not None else n_heads,
+            n_kv_heads=n_kv,
             head_dim=head_dim,
-            rope_base=float(base) if base is not None else 10000.0,
-            eps=float(get("attention.layer_norm_rms_epsilon")),
-            context_length=int(get("context_length")),
-            vocab_size=int(vocab) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data),
+            rope_base=base,
+            eps=eps,
+            context_length=number("context_length", int, minimum=1),
+            vocab_size=vocab,
         )
 
     def _read_weights(self, reader, gguf, file: Path) -> dict[str, Any]:
@@ -946,6 +984,15 @@ class SmolLM:
             np.concatenate(parts, out=view)
             return view
 
+        def vector(name: str) -> np.ndarray:
+            """A norm's weights: ``(hidden,)`` (the kernels read that many, unchecked)."""
+            w = load(name)
+            if w.shape != (cfg.hidden,):
+                raise AttentionValueError(
+                    f"GGUF file {str(file)!r}: {name} has shape {w.shape}, the metadata implies ({cfg.hidden},)"
+                )
+            return w
+
         layers = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
@@ -956,10 +1003,10 @@ class SmolLM:
             # one matrix product per step.
             layers.append(
                 {
-                    "attn_norm": load(p + "attn_norm.weight"),
+                    "attn_norm": vector(p + "attn_norm.weight"),
                     "qkv": place("qkv", [q, k, load(p + "attn_v.weight")]),  # ((Hq + 2Hkv)·D, E)
                     "o": place("o", [load(p + "attn_output.weight")]),  # (E, Hq·D)
-                    "ffn_norm": load(p + "ffn_norm.weight"),
+                    "ffn_norm": vector(p + "ffn_norm.weight"),
                     "gate_up": place("gate_up", [load(p + "ffn_gate.weight"), load(p + "ffn_up.weight")]),  # (2F, E)
                     "down": place("down", [load(p + "ffn_down.weight")]),  # (E, F)
                 }
@@ -969,7 +1016,7 @@ class SmolLM:
                 f"GGUF file {str(file)!r}: token_embd/output have shapes {embed.shape}/{head.shape}, "
                 f"the metadata implies {(cfg.vocab_size, cfg.hidden)}"
             )
-        return {"embed": embed, "head": head, "norm": load("output_norm.weight"), "layers": layers}
+        return {"embed": embed, "head": head, "norm": vector("output_norm.weight"), "layers": layers}
 
     def _read_tokenizer(self, reader, file: Path):
         try:
@@ -982,6 +1029,8 @@ class SmolLM:
                 f"GGUF file {str(file)!r} has a {kind!r} tokenizer; SmolLM builds byte-level BPE ('gpt2') tokenizers only"
             )
         tokens = self._field(reader, "tokenizer.ggml.tokens")
+        if not tokens:
+            raise AttentionValueError(f"GGUF file {str(file)!r} lacks the metadata key 'tokenizer.ggml.tokens' (the vocabulary)")
         merges = self._field(reader, "tokenizer.ggml.merges") or []
         types = self._field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
         bpe = models.BPE(
@@ -1013,20 +1062,15 @@ class SmolLM:
         messages = _check_messages(messages, "messages")
         if self.chat_template is None:
             raise AttentionValueError(f"GGUF file {str(self.path)!r} has no tokenizer.chat_template; use generate_ids")
-        if self._template is None:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                raise ImportError("SmolLM formats chats with 'jinja2': run `pip install 'dotattn[models]'`") from None
+        import jinja2
 
-            def raise_exception(message):
-                raise AttentionValueError(f"the model's chat template refused the messages: {message}")
-
-            # The settings transformers and llama.cpp use for Hugging Face chat templates.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as exc:  # (raise_exception's refusals are AttentionValueErrors already)
+            raise AttentionValueError(
+                f"the chat template of GGUF file {str(self.path)!r} failed on these messages: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
@@ -1035,8 +1079,12 @@ class SmolLM:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` without special tokens."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of ``ids`` (token ids in ``[0, vocab)``) without special tokens."""
+        return self._decode(self._check_ids(ids, "ids"))
+
+    def _decode(self, ids: list[int]) -> str:
+        """:meth:`decode` of ids this object made (the generation's own: already valid)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def chat_ids(self, prompt: str | Sequence[dict]) -> list[int]:
         """Token ids of a prompt: a str is one user message; a list of messages is a chat."""
@@ -1220,6 +1268,10 @@ class SmolLM:
         ids = self._check_ids(ids, "ids")
         if not ids:
             raise AttentionValueError("ids must hold at least one token id, got an empty sequence")
+        if len(ids) > self.config.context_length:  # (positions past it have no rotary table rows)
+            raise AttentionValueError(
+                f"ids has {len(ids)} tokens, more than the model's context of {self.config.context_length}"
+            )
         arr = np.asarray(ids, np.int64)[None]
         return self._prefill(arr, np.array([len(ids)]), None, head=lambda h: self._head(h[0]))
 
@@ -1243,6 +1295,11 @@ class SmolLM:
         ``max_new_tokens`` are made.
         """
         batch, single = self._check_id_batch(ids)
+        for b, seq in enumerate(batch):
+            if not seq:
+                raise AttentionValueError(
+                    f"{'ids' if single else f'ids[{b}]'} must hold at least one token id, got an empty sequence"
+                )
         out = [[] for _ in batch]
         for step in self._generate_steps(batch, max_new_tokens, temperature, top_p, seed, stop_at_eos):
             for b, token in step:
@@ -1265,8 +1322,9 @@ class SmolLM:
         replies).  Generation stops at the end-of-turn token or after ``max_new_tokens``.
         With ``stream=True`` (one prompt only) an iterator of text pieces as they come.
         """
-        if not isinstance(stream, bool):
+        if not isinstance(stream, (bool, np.bool_)):
             raise AttentionTypeError(f"stream must be a bool, got {type(stream).__name__}")
+        stream = bool(stream)
         prompts, single = _check_prompts(prompt)
         batch = [self.chat_ids(p) for p in prompts]
         if stream:
@@ -1277,7 +1335,7 @@ class SmolLM:
         for step in self._generate_steps(batch, max_new_tokens, temperature, top_p, seed, True):
             for b, token in step:
                 out[b].append(token)
-        texts = [self.decode(ids) for ids in out]
+        texts = [self._decode(ids) for ids in out]
         return texts[0] if single else texts
 
     def _stream(self, ids, max_new_tokens, temperature, top_p, seed) -> Iterator[str]:
@@ -1289,7 +1347,7 @@ class SmolLM:
             shown = ""
             for step in steps:
                 new.append(step[0][1])
-                text = self.decode(new)
+                text = self._decode(new)
                 # A byte-level token can end inside a multi-byte character: hold it back
                 # until the character is complete.
                 if text.endswith("\ufffd"):
@@ -1297,7 +1355,7 @@ class SmolLM:
                 if len(text) > len(shown):
                     yield text[len(shown) :]
                     shown = text
-            text = self.decode(new)
+            text = self._decode(new)
             if len(text) > len(shown):
                 yield text[len(shown) :]
 
@@ -1311,8 +1369,9 @@ class SmolLM:
         top_p = _check_float("top_p", top_p, minimum=0.0, open_minimum=True, maximum=1.0)
         if seed is not None:
             seed = _check_int("seed", seed, minimum=0)
-        if not isinstance(stop_at_eos, bool):
+        if not isinstance(stop_at_eos, (bool, np.bool_)):
             raise AttentionTypeError(f"stop_at_eos must be a bool, got {type(stop_at_eos).__name__}")
+        stop_at_eos = bool(stop_at_eos)
         for b, ids in enumerate(batch):
             if not ids:
                 raise AttentionValueError(f"prompt {b} has no tokens; generation needs at least one")
@@ -1407,17 +1466,58 @@ class SmolLM:
     def _check_id_batch(self, ids) -> tuple[list[list[int]], bool]:
         if isinstance(ids, np.ndarray) and ids.ndim == 2:
             ids = list(ids)
-        if isinstance(ids, (list, tuple)) and ids and all(isinstance(x, (list, tuple, np.ndarray)) for x in ids):
-            return [self._check_ids(x, f"ids[{b}]") for b, x in enumerate(ids)], False
+        if isinstance(ids, (list, tuple)) and ids:
+            nested = [isinstance(x, (list, tuple, np.ndarray)) for x in ids]
+            if all(nested):
+                return [self._check_ids(x, f"ids[{b}]") for b, x in enumerate(ids)], False
+            if any(nested):
+                j = nested.index(False)
+                raise AttentionTypeError(
+                    f"ids must be one sequence of int token ids or a batch of such sequences; ids[0] is a "
+                    f"{type(ids[0]).__name__} but ids[{j}] is a {type(ids[j]).__name__}"
+                    if nested[0] else
+                    f"ids must be one sequence of int token ids or a batch of such sequences; ids[0] is an id but "
+                    f"ids[{nested.index(True)}] is a {type(ids[nested.index(True)]).__name__}"
+                )
         return [self._check_ids(ids, "ids")], True
+
+
+def _compile_template(source: str, file: Path):
+    """The GGUF file's chat template compiled (at load: a broken one is the file's fault, named
+    there, not a jinja2 error at the first generation)."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("SmolLM formats chats with 'jinja2': run `pip install 'dotattn[models]'`") from None
+
+    def raise_exception(message):
+        raise AttentionValueError(f"the model's chat template refused the messages: {message}")
+
+    # The settings transformers and llama.cpp use for Hugging Face chat templates.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    if not isinstance(source, str):
+        raise AttentionValueError(f"GGUF file {str(file)!r}: tokenizer.chat_template must be a str, got {type(source).__name__}")
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise AttentionValueError(
+            f"GGUF file {str(file)!r}: its chat template (tokenizer.chat_template) does not compile: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """One token: argmax at temperature 0, else nucleus sampling in float64."""
     if temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    # The max subtracted before the division: a tiny temperature (1e-310) sends the others to
+    # −inf (weight 0) and the max to 0, where (logits / T) overflowed to inf and inf − inf is NaN.
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        z = (z - z.max()) / temperature
+    p = np.exp(z)
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
@@ -1466,6 +1566,12 @@ def _check_prompts(prompt) -> tuple[list, bool]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         return [_check_messages(prompt, "prompt")], True
     if isinstance(prompt, (list, tuple)) and prompt:
+        if any(isinstance(p, dict) for p in prompt):
+            j = next(j for j, p in enumerate(prompt) if not isinstance(p, dict))
+            raise AttentionTypeError(
+                f"prompt mixes messages (dicts) with other items (prompt[{j}] is a {type(prompt[j]).__name__}): "
+                "one chat is a list of {'role', 'content'} dicts; a batch is a list of str or of such lists"
+            )
         out = []
         for b, p in enumerate(prompt):
             if isinstance(p, str):

@@ -1,0 +1,152 @@
+"""SmolLM's loader and arguments on tiny Llama GGUF files (``tiny_gguf.py``): every file fault
+named at load, by the key or tensor at fault, and the checks that need no real model.
+
+An audit (6 Dec) found files that loaded and then read past their arrays (a norm of the wrong
+shape), failed with raw ZeroDivisionError/KeyError/jinja2 errors, or calls that did
+(``logits`` past the context; a tiny temperature's NaN).  The real model's own checks are in
+``test_smollm.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="the 'models' extra is not installed")
+pytest.importorskip("jinja2", reason="the 'models' extra is not installed")
+pytest.importorskip("tokenizers", reason="the 'models' extra is not installed")
+
+import tiny_gguf  # noqa: E402
+
+from dotattn.errors import AttentionTypeError, AttentionValueError  # noqa: E402
+from dotattn.models import SmolLM  # noqa: E402
+from dotattn.models.smollm import _sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SmolLM:
+    return SmolLM(tiny_gguf.write(tmp_path_factory.mktemp("tiny") / "tiny.gguf", context=64))
+
+
+def test_a_tiny_model_loads_and_generates(tiny):
+    ids = tiny.generate_ids([1, 2, 3], max_new_tokens=3, stop_at_eos=False)
+    assert len(ids) == 3 and all(0 <= t < 259 for t in ids)
+    logits = tiny.logits([1, 2, 3])
+    assert logits.shape == (3, 259) and np.isfinite(logits).all()
+    # the last row is the first greedy token's logits
+    assert int(np.argmax(logits[-1])) == ids[0]
+
+
+BAD_FILES = [
+    # (id, writer arguments, words of the message)
+    ("head-count-0", dict(metadata={"llama.attention.head_count": ("u32", 0)}), ["llama.attention.head_count", "≥ 1", "0"]),
+    ("kv-heads-0", dict(metadata={"llama.attention.head_count_kv": ("u32", 0)}), ["head_count_kv", "≥ 1"]),
+    ("kv-heads-not-dividing", dict(heads=2, kv_heads=1, metadata={"llama.attention.head_count_kv": ("u32", 3)}),
+     ["2 query heads are not a multiple of 3 K/V heads"]),
+    ("odd-head-dim", dict(hidden=30, heads=2), ["even head dim"]),
+    ("context-0", dict(metadata={"llama.context_length": ("u32", 0)}), ["llama.context_length", "≥ 1"]),
+    ("context-a-str", dict(metadata={"llama.context_length": ("str", "8k")}), ["llama.context_length", "an int", "'8k'"]),
+    ("blocks-0", dict(metadata={"llama.block_count": ("u32", 0)}), ["llama.block_count", "≥ 1"]),
+    ("eps-a-str", dict(metadata={"llama.attention.layer_norm_rms_epsilon": ("str", "1e-5")}),
+     ["layer_norm_rms_epsilon", "a finite number"]),
+    ("eps-0", dict(metadata={"llama.attention.layer_norm_rms_epsilon": ("f32", 0.0)}), ["layer_norm_rms_epsilon", "> 0"]),
+    ("rope-base-nan", dict(metadata={"llama.rope.freq_base": ("f32", float("nan"))}), ["rope.freq_base", "finite"]),
+    ("no-vocabulary", dict(drop=("tokenizer.ggml.tokens",)), ["tokenizer.ggml.tokens"]),
+    ("norm-shape", dict(tensors={"blk.0.attn_norm.weight": np.ones(7, np.float32)}),
+     ["blk.0.attn_norm.weight has shape (7,)", "(32,)"]),
+    ("output-norm-shape", dict(tensors={"output_norm.weight": np.ones(3, np.float32)}), ["output_norm.weight has shape (3,)"]),
+    ("ffn-norm-missing", dict(drop=("blk.0.ffn_norm.weight",)), ["lacks the tensor 'blk.0.ffn_norm.weight'"]),
+    ("template-syntax", dict(template="{% for %}"), ["chat template", "does not compile", "TemplateSyntaxError"]),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,words", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_a_faulty_file_is_refused_at_load_by_name(tmp_path, name, kwargs, words):
+    path = tiny_gguf.write(tmp_path / f"{name}.gguf", **kwargs)
+    with pytest.raises(AttentionValueError) as info:
+        SmolLM(path)
+    message = str(info.value)
+    assert str(path) in message or "tokenizer" in message
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+
+
+def test_a_template_that_fails_on_the_messages_names_the_file(tmp_path):
+    path = tiny_gguf.write(tmp_path / "t.gguf", template="{{ messages[0].foo.bar }}")
+    model = SmolLM(path)
+    with pytest.raises(AttentionValueError, match=r"chat template of GGUF file .* failed on these messages: UndefinedError"):
+        model.generate("hi", max_new_tokens=1)
+    assert model.generate_ids([1, 2], max_new_tokens=1, stop_at_eos=False)  # the model still runs
+
+
+def test_logits_past_the_context_are_refused(tiny):
+    """Positions past the context have no rotary-table rows (the kernel does not check): refused,
+    as generate_ids refuses a prompt that would pass it."""
+    assert tiny.logits(list(range(64))).shape == (64, 259)
+    with pytest.raises(AttentionValueError, match="ids has 65 tokens, more than the model's context of 64"):
+        tiny.logits(list(range(65)))
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_argmax_without_nan(temperature):
+    logits = np.array([0.5, 3.0, -1.0, 3.0 - 1e-6], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token = _sample(logits, temperature, 1.0, np.random.default_rng(0))
+    assert token == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _sample(logits, temperature, 0.5, np.random.default_rng(0)) == 1
+
+
+def test_a_tiny_temperature_generates(tiny):
+    greedy = tiny.generate_ids([5, 6, 7], max_new_tokens=3, stop_at_eos=False)
+    assert tiny.generate_ids([5, 6, 7], max_new_tokens=3, temperature=1e-310, seed=0, stop_at_eos=False) == greedy
+
+
+def test_constructor_arguments_are_checked_before_the_file(tmp_path):
+    with pytest.raises(AttentionTypeError, match="path must be None, a str or a path-like object, got int"):
+        SmolLM(123)
+    with pytest.raises(AttentionTypeError, match="got bytes"):
+        SmolLM(b"/tmp/x.gguf")
+    with pytest.raises(AttentionValueError, match="got an empty str"):
+        SmolLM("")
+    with pytest.raises(AttentionValueError, match="implementation must be None or one of"):
+        SmolLM(tmp_path / "never-read.gguf", implementation="bogus")
+    with pytest.raises(AttentionTypeError, match="implementation must be None or a str"):
+        SmolLM(tmp_path / "never-read.gguf", implementation=5)
+
+
+def test_decode_checks_its_ids(tiny):
+    assert tiny.decode([72, 105]) == tiny.decode(np.array([72, 105]))
+    with pytest.raises(AttentionValueError, match=r"ids\[0\] = -1 is not a token id in \[0, 259\)"):
+        tiny.decode([-1])
+    with pytest.raises(AttentionValueError, match=r"ids\[1\] = 1000000000 is not a token id"):
+        tiny.decode([1, 10**9])
+    with pytest.raises(AttentionTypeError, match=r"ids\[0\] must be an int token id, got float"):
+        tiny.decode([1.5])
+    with pytest.raises(AttentionTypeError, match="ids must be a sequence of int token ids, got str"):
+        tiny.decode("ab")
+    with pytest.raises(AttentionTypeError, match="got NoneType"):
+        tiny.decode(None)
+
+
+def test_argument_messages_name_what_is_wrong(tiny):
+    with pytest.raises(AttentionValueError, match="ids must hold at least one token id, got an empty sequence"):
+        tiny.generate_ids([])
+    with pytest.raises(AttentionValueError, match=r"ids\[1\] must hold at least one token id"):
+        tiny.generate_ids([[1], []])
+    with pytest.raises(AttentionTypeError, match=r"ids\[0\] is an id but ids\[1\] is a list"):
+        tiny.generate_ids([1, [2, 3]])
+    with pytest.raises(AttentionTypeError, match=r"ids\[0\] is a list but ids\[1\] is a int"):
+        tiny.generate_ids([[1, 2], 3])
+    with pytest.raises(AttentionTypeError, match=r"prompt mixes messages \(dicts\) with other items \(prompt\[1\] is a str\)"):
+        tiny.generate([{"role": "user", "content": "hi"}, "hi"])
+    # NumPy's bools are bools
+    assert tiny.generate_ids([1, 2], max_new_tokens=2, stop_at_eos=np.False_) == tiny.generate_ids(
+        [1, 2], max_new_tokens=2, stop_at_eos=False
+    )
+    pieces = tiny.generate("hi", max_new_tokens=2, stream=np.True_)
+    assert "".join(pieces) == tiny.generate("hi", max_new_tokens=2)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_generate import add_sampling_arguments, load_model, stats_line
+from .cli_generate import (
+    add_sampling_arguments,
+    check_sampling_arguments,
+    has_chat_template,
+    load_model,
+    print_error,
+    stats_line,
+    usage_error,
+)
 
 HELP = "type a message; /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply"
 
@@ -24,10 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .errors import DotAttnError
 
+    check_sampling_arguments(args)  # before the model loads, and before the prompt appears
     model = load_model(args.model)
-    if model is None:
+    if model is None or not has_chat_template(model, "chat"):
         return 1
     start = [{"role": "system", "content": args.system}] if args.system else []
+    context = model.config.context_length
+    try:  # the shortest chat: the template and a one-word message
+        floor = len(model.chat_ids(start + [{"role": "user", "content": "Hi"}]))
+    except (ImportError, DotAttnError) as exc:  # jinja2 missing, the template refusing the chat
+        print_error(exc)
+        return 1
+    if floor > context:
+        usage_error(args, f"--system takes {floor} tokens with the chat template, more than the model's context of {context}")
+    if floor + args.max_new_tokens > context:
+        usage_error(
+            args,
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's context of "
+            f"{context} tokens (the chat template and a one-word message take {floor}); give at most {context - floor}",
+        )
     messages = list(start)
     print(f"SmolLM on dotattn — {HELP}", flush=True)
     while True:
@@ -49,6 +72,22 @@ def run(args: argparse.Namespace) -> int:
             print("(conversation reset)", flush=True)
             continue
         messages.append({"role": "user", "content": line})
+        try:
+            prompt_tokens = len(model.chat_ids(messages))
+        except DotAttnError as exc:  # e.g. the template refusing the conversation
+            messages.pop()
+            print(f"dotattn chat: {exc} (try /reset)", file=sys.stderr, flush=True)
+            continue
+        if prompt_tokens + args.max_new_tokens > context:
+            messages.pop()
+            print(
+                f"dotattn chat: the conversation and this message take {prompt_tokens} tokens; with "
+                f"--max-new-tokens {args.max_new_tokens} the reply would pass the model's context of {context} "
+                "tokens (/reset starts over)",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
         reply = []
         try:
             for piece in model.generate(

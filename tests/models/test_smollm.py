@@ -648,7 +648,7 @@ def test_bad_arguments_name_the_problem(model):
         model.generate_ids([1, 49152])
     with pytest.raises(AttentionTypeError, match=r"ids\[0\]\[1\] must be an int token id, got str"):
         model.generate_ids([[1, "a"]])
-    with pytest.raises(AttentionValueError, match="prompt 0 has no tokens"):
+    with pytest.raises(AttentionValueError, match="ids must hold at least one token id, got an empty sequence"):
         model.generate_ids([])
     with pytest.raises(AttentionValueError, match="passes the model's context of 8192 tokens"):
         model.generate_ids([1] * 8000, max_new_tokens=500)
@@ -715,8 +715,16 @@ def test_generate_cli_streams_the_answer(model, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == model.generate("What is the capital of France?", max_new_tokens=24) + "\n"
     assert "prompt tokens at" in captured.err and "tok/s" in captured.err
-    assert cli.main(["generate", "hi", "--top-p", "2"]) == 2
-    assert "top_p must be finite and > 0 and ≤ 1, got 2.0" in capsys.readouterr().err
+    # The flags' checks (before the model loads) refuse what the API refuses, in the flags' names.
+    for flag, value, param in [
+        ("--max-new-tokens", -1, "max_new_tokens"), ("--temperature", -0.5, "temperature"), ("--temperature", float("nan"), "temperature"),
+        ("--top-p", 0.0, "top_p"), ("--top-p", 2.0, "top_p"), ("--seed", -1, "seed"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["generate", "hi", flag, str(value)])
+        assert exc.value.code == 2 and f"error: {flag} must be" in capsys.readouterr().err
+        with pytest.raises(AttentionValueError, match=f"^{param} must be"):
+            model.generate("hi", **{param: value}, stream=True)  # refused at the call
 
 
 def test_chat_cli_reads_stdin_resets_and_leaves_at_eof(model, monkeypatch, capsys):

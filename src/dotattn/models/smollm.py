@@ -1386,7 +1386,6 @@ class SmolLM:
         stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in batch))
         if max_new_tokens == 0:
             return
-        cfg = self.config
         B = len(batch)
         lengths = np.array([len(ids) for ids in batch], np.int64)
         L = int(lengths.max())

@@ -180,6 +180,72 @@ def test_backends_agree_on_an_empty_and_a_zero_length_call():
         assert (out == 0).all() and np.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.dtype_name)
+@pytest.mark.parametrize("form", ["capacity-slice", "batch-step", "combined-kv-blhd", "expanded", "paged-slice"])
+def test_strided_caches_give_the_bits_of_contiguous_copies(dtype, form):
+    """A cache that is a view (a slice of a larger buffer, every other sequence, one half of a
+    combined K/V tensor, a broadcast) runs on the cpu kernel through a flat view of its memory:
+    the bits of a contiguous copy (an audit of 6 Dec found such caches sent to the numpy kernel,
+    which rounds differently).  New tokens land in the caller's view."""
+    rng = np.random.default_rng(7)
+    qdt = np.float32 if dtype in (np.float16, H.DTYPES[1]) else dtype
+    B, Hq, Hkv, D, n = 2, 4, 2, 64, 300
+    q = rng.standard_normal((B, Hq, 2, D)).astype(qdt)
+    kn, vn = (rng.standard_normal((B, Hkv, 2, D)).astype(dtype) for _ in range(2))
+    big_k, big_v = (rng.standard_normal((2 * B, Hkv, 2 * n, D)).astype(dtype) for _ in range(2))
+    layout, table = "bhld", None
+    if form == "capacity-slice":
+        k, v = big_k[:B, :, :n], big_v[:B, :, :n]
+    elif form == "batch-step":
+        k, v = big_k[::2], big_v[::2]
+    elif form == "combined-kv-blhd":  # (B, capacity, 2, Hkv, D): keys and values interleaved by position
+        kv = np.stack([big_k[:B].swapaxes(1, 2), big_v[:B].swapaxes(1, 2)], axis=2)
+        k, v, layout = kv[:, :, 0], kv[:, :, 1], "blhd"
+        q, kn, vn = (x.swapaxes(1, 2).copy() for x in (q, kn, vn))
+    elif form == "expanded":  # read only: one sequence's cache seen by both
+        k, v = (np.broadcast_to(x[:1, :, :n], (B, Hkv, n, D)) for x in (big_k, big_v))
+        kn = vn = None
+    else:  # pages (num_pages, Hkv, page_size, D) sliced from a longer page buffer
+        k, v = big_k[:, :, :64], big_v[:, :, :64]  # 4 pages of 64 slots
+        table = np.array([[3, 0, -1], [2, -1, -1]])
+    lengths = np.array([100 if table is not None else 200, 5])
+    kwargs = dict(cache_lengths=lengths, block_table=table, layout=layout, return_lse=True, implementation="cpu")
+    copies = [np.ascontiguousarray(x) for x in (k, v)]
+    want = dotattn.attention_with_kvcache(q, *copies, kn, vn, **kwargs)
+    assert not k.flags.c_contiguous
+    got = dotattn.attention_with_kvcache(q, k, v, kn, vn, **kwargs)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert np.array_equal(np.ascontiguousarray(k).view(np.uint8), copies[0].view(np.uint8))  # the appended tokens
+    assert np.array_equal(np.ascontiguousarray(v).view(np.uint8), copies[1].view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", H.DTYPES, ids=H.dtype_name)
+def test_read_only_caches_decode(dtype):
+    """A read-only cache (flags.writeable off, a read-only memmap, a broadcast) with no new
+    tokens: the bits of a writeable one (until 6 Dec the cpu kernel failed to type it)."""
+    case = C.make_case(4, B=2, lengths=[300, 9], capacity=320, Lnew=None, dtype=dtype)
+    kwargs = dict(cache_lengths=case.cache_lengths, return_lse=True)
+    want = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, **kwargs)
+    case.k_cache.flags.writeable = False
+    case.v_cache.flags.writeable = False
+    got = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, **kwargs)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_caches_the_cpu_kernel_cannot_index_take_the_numpy_kernel():
+    """A negative stride, or a head dim that is not contiguous: the numpy kernel (same results,
+    to rounding)."""
+    case = C.make_case(3, B=2, lengths=[5, 9], capacity=12, Lnew=None)
+    reversed_buffer = np.ascontiguousarray(case.k_cache[:, :, ::-1])
+    for k in (reversed_buffer[:, :, ::-1], np.repeat(case.k_cache, 2, -1)[..., ::2]):
+        assert not k.flags.c_contiguous
+        got = dotattn.attention_with_kvcache(case.q, k, case.v_cache, cache_lengths=case.cache_lengths)
+        want = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, cache_lengths=case.cache_lengths)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("one", [5, np.int64(5), np.array(5), np.uint8(5)], ids=["int", "int64", "0-d", "uint8"])
 def test_one_length_for_every_sequence(one):
     """``cache_lengths`` as one int is that length for every sequence (FlashAttention's

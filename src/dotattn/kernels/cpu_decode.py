@@ -136,10 +136,51 @@ def _flat(cache: np.ndarray, pages: np.ndarray, kind: int | None = None):
     return flat, st, kind
 
 
+def _writeable_alias(flat: np.ndarray) -> np.ndarray:
+    """``flat`` itself when writeable, else a writeable array over the same memory.
+
+    The kernels only read the caches, but Numba types a read-only array apart and the entries
+    are compiled for writeable ones: a read-only cache (flags.writeable = False, a read-only
+    memmap, a broadcast view) failed to type ("No implementation of function _fused16") until
+    6 Dec.  The alias holds no reference to the memory: the call's arrays keep it alive until
+    the kernel returns, and nothing the call returns points into it."""
+    if flat.flags.writeable:
+        return flat
+    import ctypes
+
+    return np.frombuffer((ctypes.c_char * flat.nbytes).from_address(flat.ctypes.data), dtype=flat.dtype)
+
+
+def _strided_flat(cache: np.ndarray, pages: np.ndarray, kind: int):
+    """``(flat 1-D view, element strides)`` of a cache that is not C-contiguous (a slice of a
+    larger buffer, one half of a combined K/V tensor, an expanded view), or None where the
+    kernel cannot index it: a negative stride, a stride not a whole number of elements, a head
+    dim not contiguous, unaligned or empty memory.
+
+    The kernels address a cache as ``flat[page·s₀ + head·s₁ + slot·s₂ + d]``; ``flat`` here
+    spans the cache's memory from its first element to its last, so the same kernel reads the
+    same values in the same order as from a contiguous copy — the same bits (before 6 Dec such
+    caches went to the numpy kernel, whose rounding differs)."""
+    item = cache.itemsize
+    st = cache.strides
+    if cache.size == 0 or not cache.flags.aligned or any(x < 0 or x % item for x in st):
+        return None
+    if cache.shape[-1] > 1 and st[-1] != item:
+        return None
+    span = 1 + sum((n - 1) * (x // item) for n, x in zip(cache.shape, st))
+    flat = np.lib.stride_tricks.as_strided(cache, shape=(span,), strides=(item,))
+    if kind != K.KIND_FLOAT:
+        flat = flat.view(np.uint16)
+    b = pages.strides
+    strides = np.array([b[0] // item, b[1] // item, b[2] // item, pages.shape[1]], dtype=np.int64)
+    return flat, strides
+
+
 def unsupported_reason(call: DecodeCall) -> str | None:
-    for name, x in (("k_cache", call.k_cache), ("v_cache", call.v_cache)):
-        if not x.flags.c_contiguous:
-            return f"{name} is not C-contiguous (the cpu kernel reads the cache through a flat view)"
+    for name, x, pages in (("k_cache", call.k_cache, call.k_pages), ("v_cache", call.v_cache, call.v_pages)):
+        if not x.flags.c_contiguous and _strided_flat(x, pages, _cache_kind(x.dtype)) is None:
+            return (f"{name} has strides {x.strides} the cpu kernel cannot index (a negative stride, or a "
+                    "head dim not contiguous)")
     return None
 
 
@@ -205,10 +246,14 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
     """
     del reference
     kc, vc = call.k_cache, call.v_cache
-    if not (kc.flags.c_contiguous and vc.flags.c_contiguous):  # unsupported_reason()
-        from . import numpy_decode
+    strided = None
+    if not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+        kind = _cache_kind(kc.dtype)
+        strided = (_strided_flat(kc, call.k_pages, kind), _strided_flat(vc, call.v_pages, kind))
+        if strided[0] is None or strided[1] is None:  # unsupported_reason()
+            from . import numpy_decode
 
-        return numpy_decode.decode(call)
+            return numpy_decode.decode(call)
     d = _derived(call)
     lengths = call.cache_lengths
     # the kernels' lengths: the caller's own array when it is what they take (an int64 (B,) array,
@@ -257,13 +302,18 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
         write_new(call)
     T = d.T
     kind = d.kind
-    if d.strides is None:
-        d.strides = (_flat(kc, call.k_pages, kind)[1], _flat(vc, call.v_pages, kind)[1])
-    kst, vst = d.strides
-    if kind == K.KIND_FLOAT:  # the caches as flat views (_flat), 16-bit ones as uint16
-        kflat, vflat = kc.reshape(-1), vc.reshape(-1)
+    if strided is not None:  # (strides of the call's own views: not the kind's, which assume C order)
+        (kflat, kst), (vflat, vst) = strided
     else:
-        kflat, vflat = kc.reshape(-1).view(np.uint16), vc.reshape(-1).view(np.uint16)
+        if d.strides is None:
+            d.strides = (_flat(kc, call.k_pages, kind)[1], _flat(vc, call.v_pages, kind)[1])
+        kst, vst = d.strides
+        if kind == K.KIND_FLOAT:  # the caches as flat views (_flat), 16-bit ones as uint16
+            kflat, vflat = kc.reshape(-1), vc.reshape(-1)
+        else:
+            kflat, vflat = kc.reshape(-1).view(np.uint16), vc.reshape(-1).view(np.uint16)
+    if not (kflat.flags.writeable and vflat.flags.writeable):
+        kflat, vflat = _writeable_alias(kflat), _writeable_alias(vflat)
     qscale = 1.0
     if d.dot_static and BF16_DOT and d.R <= BF16_DOT_MAX_ROWS and call.rotary is None:
         # q unscaled (its bfloat16 values), the scale applied to the scores (K._scores_dot16)

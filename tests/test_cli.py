@@ -46,6 +46,18 @@ def test_info_entry_point_runs_without_frameworks():
     assert done.stderr.strip().splitlines()[-1] == "[]"
 
 
+def test_ctrl_c_ends_a_command_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C during a subcommand (a model loading, a bench running) exits 130 with one line."""
+    from dotattn import cli_info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_info, "run", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "\ndotattn: interrupted\n"
+
+
 def test_unknown_subcommand_exits_with_usage(capsys):
     try:
         cli.main(["nonsense"])

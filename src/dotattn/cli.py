@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         if chosen[:1] == [name]:
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C while a model loads, a bench runs, a reply streams: no traceback
+        print("\ndotattn: interrupted", file=sys.stderr, flush=True)
+        return 130  # (128 + SIGINT, as shells report it)
 
 
 if __name__ == "__main__":  # pragma: no cover

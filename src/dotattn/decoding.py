@@ -199,16 +199,24 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
 
 def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
     """What ``decode_semantics`` checks of host caches that take k_new/v_new, on device tensors:
-    no zero stride on an axis longer than one (an ``expand``), and not one tensor as both caches.
-    (Device memory has no exact overlap test: other partial overlaps are the caller's.)"""
+    no zero stride on an axis longer than one (an ``expand``), not one tensor as both caches, and
+    no inference tensor outside inference mode (torch refuses its in-place update — after the
+    other cache was written).  (Device memory has no exact overlap test: other partial overlaps
+    are the caller's.)"""
+    torch = sys.modules["torch"]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise AttentionValueError(
+                f"{name} is an inference tensor, which torch updates in place only under torch.inference_mode(); "
+                "call attention_with_kvcache there, or pass a cache made outside it"
+            )
+        if t.numel() and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
             raise AttentionValueError(
                 f"{name} has a zero stride (strides {tuple(t.stride())}, shape {tuple(t.shape)}: an expanded "
                 "view), so k_new/v_new would be written into several slots at once; pass a cache with its own "
                 "memory (e.g. .clone())"
             )
-    if k_cache.data_ptr() == v_cache.data_ptr():
+    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
         raise AttentionValueError(
             "k_cache and v_cache share memory, so writing v_new would overwrite keys (or k_new values); "
             "pass two caches that do not overlap"
@@ -267,6 +275,11 @@ def _kernel(implementation: str | None):
     module = _kernel_modules.get(implementation)
     if module is not None:
         return implementation, module
+    if implementation == "triton":  # (torch tensors never reach here with it: the device branch)
+        raise AttentionValueError(
+            "implementation='triton' runs torch tensors (CUDA ones, or CPU ones under TRITON_INTERPRET=1), "
+            f"but these are NumPy arrays; use None or one of {list(_IMPLEMENTATIONS)}"
+        )
     if implementation not in _IMPLEMENTATIONS:
         raise AttentionValueError(
             f"implementation must be None or one of {list(_IMPLEMENTATIONS)} for attention_with_kvcache, "
@@ -365,6 +378,18 @@ def _attention_with_kvcache(
             # validated on stand-ins, appended in place on the device.
             from .kernels.triton_decode import attention_with_kvcache_tensors
 
+            for name, t in arrays.items():
+                # A lazy negation/conjugation bit: the memory holds other values than the tensor
+                # (the kernel reads memory).  Read-only inputs are resolved (a copy, as NumPy's
+                # view of one is); a cache that takes new tokens is refused, as on the host path.
+                if t is not None and (t.is_neg() or t.is_conj()):
+                    if name in ("k_cache", "v_cache") and arrays["k_new"] is not None:
+                        raise AttentionValueError(
+                            f"{name} carries a lazy negation or conjugation bit, so its memory does not hold its "
+                            f"values and k_new/v_new cannot be written into it in place; pass "
+                            f"{name}.resolve_neg().resolve_conj()"
+                        )
+                    arrays[name] = t.resolve_neg().resolve_conj()
             if not isinstance(return_lse, (bool, np.bool_)):
                 raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
             call = _normalize_on_device(
@@ -887,9 +912,11 @@ class KVCache:
                 f"q is a {fw or type(q).__name__} array, but this KVCache holds {self.library} buffers "
                 f"(library={self.library!r})"
             )
-        # device buffers go to attention_with_kvcache as the tensors (its device path)
-        k_buf, v_buf = (self._k_np[layer], self._v_np[layer]) if self._host else (self.k[layer], self.v[layer])
-        if fw == "torch" and self._host:  # the buffers' NumPy views are kept: convert only the new arrays
+        # device buffers go to attention_with_kvcache as the tensors (its device path), and so do
+        # CPU torch buffers asked for the triton kernel (Triton's interpreter)
+        host = self._host and not (fw == "torch" and implementation == "triton")
+        k_buf, v_buf = (self._k_np[layer], self._v_np[layer]) if host else (self.k[layer], self.v[layer])
+        if fw == "torch" and host:  # the buffers' NumPy views are kept: convert only the new arrays
             arrays = dict(q=q, k_new=k_new, v_new=v_new)
             _check_library(arrays)
             _check_no_grad(arrays)
@@ -918,7 +945,7 @@ class KVCache:
         )
         self._commit(table)
         self._advance(layer, Lnew)
-        if fw == "torch" and self._host:
+        if fw == "torch" and host:
             from_numpy = _convert_module().from_numpy
             return tuple(from_numpy(x) for x in result) if return_lse else from_numpy(result)
         return result

@@ -87,6 +87,7 @@ BAD = [
     ("timedelta-lengths", _contig, lambda c: dict(cache_lengths=np.array([5, 9], "m8[s]")), AttentionTypeError, ["cache_lengths", "integers"]),
     ("table-uint64-past-int64", _paged, lambda c: dict(block_table=_uint64_table(c, 2**63 + 1)),
      AttentionValueError, ["block_table", "int64", str(2**63 + 1)]),
+    ("implementation-triton-on-numpy", _contig, lambda c: dict(implementation="triton"), AttentionValueError, ["triton", "NumPy arrays"]),
     ("implementation-list", _contig, lambda c: dict(implementation=["cpu"]), AttentionTypeError, ["implementation", "list"]),
     ("masked-q", _contig, lambda c: dict(q=np.ma.masked_array(c.q, mask=False)), AttentionTypeError, ["q", "MaskedArray"]),
     ("masked-k-new", _contig, lambda c: dict(k_new=np.ma.masked_array(c.k_new, mask=True)), AttentionTypeError, ["k_new", "MaskedArray"]),

@@ -179,6 +179,52 @@ def test_tensor_path_refuses_caches_that_cannot_take_the_new_tokens():
     assert k.cpu().numpy().tobytes() == before.cpu().numpy().tobytes()
 
 
+def test_tensor_path_resolves_negated_inputs_and_refuses_a_negated_or_inference_cache_it_writes():
+    """The kernel reads memory: a lazily negated q or cache was read as its negation (audit of
+    6 Dec).  Read-only inputs are resolved (the host path's NumPy view does the same); a cache
+    taking new tokens with such a bit, or an inference tensor outside inference mode (torch
+    refused the second cache's update after the first was written), is refused first."""
+    import dotattn
+    from dotattn.errors import AttentionValueError
+
+    case = C.make_case(5, B=2, max_len=10)
+    q, k, v, kn, vn = (_tensor(x) for x in (case.q, case.k_cache, case.v_cache, case.k_new, case.v_new))
+    kw = dict(implementation="triton", **case.kwargs())
+    want = dotattn.attention_with_kvcache(q, k, v, **kw)
+    for args in ((torch._neg_view(-q), k, v), (q, torch._neg_view(-k), v), (q, k, torch._neg_view(-v))):
+        torch.testing.assert_close(dotattn.attention_with_kvcache(*args, **kw), want, rtol=0, atol=0, equal_nan=True)
+    before = k.clone()
+    with pytest.raises(AttentionValueError, match="k_cache carries a lazy negation or conjugation bit"):
+        dotattn.attention_with_kvcache(q, torch._neg_view(k), v, kn, vn, **kw)
+    with torch.inference_mode():
+        v_inference = v.clone()
+    with pytest.raises(AttentionValueError, match="v_cache is an inference tensor"):
+        dotattn.attention_with_kvcache(q, k, v_inference, kn, vn, **kw)
+    assert k.cpu().numpy().tobytes() == before.cpu().numpy().tobytes()
+
+
+@pytest.mark.skipif(CUDA, reason="CPU torch buffers: the interpreter's path")
+def test_a_cpu_torch_kvcache_attends_through_the_triton_kernel():
+    """KVCache(library="torch") on the CPU with implementation="triton" runs the triton kernel on
+    its tensors (it was refused: the buffers went to NumPy first), with the numpy implementation's
+    results and buffers."""
+    from dotattn import KVCache
+
+    rng = np.random.default_rng(3)
+    caches = {impl: KVCache(2, 2, 16, 40, num_layers=2, page_size=3, library="torch", fill=np.nan)
+              for impl in ("triton", "numpy")}
+    for step in range(3):
+        L = 5 if step == 0 else 1
+        for layer in range(2):
+            q, k, v = (torch.from_numpy(rng.standard_normal((2, h, L, 16)).astype(np.float32)) for h in (4, 2, 2))
+            outs = {impl: c.attend(q, k, v, layer=layer, implementation=impl) for impl, c in caches.items()}
+            assert isinstance(outs["triton"], torch.Tensor)
+            torch.testing.assert_close(outs["triton"], outs["numpy"], rtol=1e-5, atol=1e-6)
+    assert caches["triton"].lengths.tolist() == caches["numpy"].lengths.tolist() == [7, 7]
+    a, b = (c.k.numpy() for c in caches.values())
+    assert a.tobytes() == b.tobytes()
+
+
 # ---------------------------------------------------------------------------------
 # the kernel's arithmetic: 16-bit caches at float32 accuracy, the merge kernel
 # ---------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray, overlap: bool) ->
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not x.flags.writeable:
             raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
-        if overlap and 0 in x.strides and any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)):
+        if overlap and 0 in x.strides and x.size and any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)):
             raise AttentionValueError(
                 f"{name} has a zero stride (strides {x.strides}, shape {_shape(x.shape)}: a broadcast or "
                 "expanded view), so k_new/v_new would be written into several slots at once; pass a cache "

@@ -144,12 +144,18 @@ def _as_numpy(name: str, x: Any, written: bool = False):
 
         check_device(name, x)
         if written and (x.is_neg() or x.is_conj()):
-            raise AttentionValueError(
-                f"{name} carries a lazy negation or conjugation bit, so its memory does not hold its values "
-                f"and k_new/v_new cannot be written into it in place; pass {name}.resolve_neg().resolve_conj()"
-            )
+            raise _negated_cache_error(name)
         return to_numpy(name, x)
     return x
+
+
+def _negated_cache_error(name: str) -> AttentionValueError:
+    """A cache to be written whose torch tensor carries a lazy negation/conjugation bit (host and
+    device paths alike: a copy would take the write, or the kernel would read the negation)."""
+    return AttentionValueError(
+        f"{name} carries a lazy negation or conjugation bit, so its memory does not hold its values "
+        f"and k_new/v_new cannot be written into it in place; pass {name}.resolve_neg().resolve_conj()"
+    )
 
 
 def _host(name: str, x: Any):
@@ -384,11 +390,7 @@ def _attention_with_kvcache(
                 # view of one is); a cache that takes new tokens is refused, as on the host path.
                 if t is not None and (t.is_neg() or t.is_conj()):
                     if name in ("k_cache", "v_cache") and arrays["k_new"] is not None:
-                        raise AttentionValueError(
-                            f"{name} carries a lazy negation or conjugation bit, so its memory does not hold its "
-                            f"values and k_new/v_new cannot be written into it in place; pass "
-                            f"{name}.resolve_neg().resolve_conj()"
-                        )
+                        raise _negated_cache_error(name)
                     arrays[name] = t.resolve_neg().resolve_conj()
             if not isinstance(return_lse, (bool, np.bool_)):
                 raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")

@@ -150,3 +150,103 @@ def test_argument_messages_name_what_is_wrong(tiny):
     )
     pieces = tiny.generate("hi", max_new_tokens=2, stream=np.True_)
     assert "".join(pieces) == tiny.generate("hi", max_new_tokens=2)
+
+
+# ---- non-finite weights: refused at load, by the GGUF tensor's name ---------------------------
+def _with(shape, at, value) -> np.ndarray:
+    a = np.full(shape, 0.1, np.float32)
+    a[at] = value
+    return a
+
+
+_rng = np.random.default_rng(7)
+_V = _rng.standard_normal((16, 32)).astype(np.float32)  # blk.0.attn_v.weight (kv_heads·D, hidden)
+_DOWN = _rng.standard_normal((32, 64)).astype(np.float32)  # blk.0.ffn_down.weight (hidden, ffn)
+_UP = _rng.standard_normal((64, 32)).astype(np.float32)  # blk.0.ffn_up.weight (ffn, hidden)
+
+NON_FINITE_FILES = [
+    # (id, writer arguments, tensor named, words of the message)
+    ("norm-nan", dict(tensors={"blk.0.ffn_norm.weight": _with((32,), 5, np.nan)}), "blk.0.ffn_norm.weight",
+     ["(F32)", "got 1 NaN/±inf value of 32 (1 NaN, 0 ±inf)", "the first at [5] of its (32,) values: nan"]),
+    ("output-norm-inf", dict(tensors={"output_norm.weight": _with((32,), 31, -np.inf)}), "output_norm.weight",
+     ["got 1 NaN/±inf value of 32 (0 NaN, 1 ±inf)", "[31]", "-inf"]),
+    ("embedding-inf", dict(tensors={"token_embd.weight": _with((259, 32), (3, 4), np.inf)}), "token_embd.weight",
+     ["got 1 NaN/±inf value of 8288", "the first at [3, 4] of its (259, 32) values: inf"]),
+    ("embedding-nan", dict(tensors={"token_embd.weight": _with((259, 32), (258, 0), np.nan)}), "token_embd.weight",
+     ["(1 NaN, 0 ±inf)", "[258, 0]"]),
+    ("f32-projection-nan", dict(tensors={"blk.0.attn_q.weight": _with((32, 32), (2, 7), np.nan)}), "blk.0.attn_q.weight",
+     ["[2, 7]"]),
+    # quantized projections: a block's float16 scale (or Q4_1 offset) NaN/inf dequantizes to 32
+    # non-finite values (block 3 of attn_v's 32-wide rows is row 3)
+    ("q8_0-scale-nan", dict(quant="Q8_0", tensors={"blk.0.attn_v.weight": tiny_gguf.quantize(_V, scale=np.nan, block=3)}),
+     "blk.0.attn_v.weight", ["(Q8_0)", "got 32 NaN/±inf values of 512", "the first at [3, 0] of its (16, 32) dequantized",
+                             "a Q8_0 block's scale or offset is NaN or ±inf"]),
+    ("q8_0-scale-inf", dict(quant="Q8_0", tensors={"blk.0.ffn_down.weight": tiny_gguf.quantize(_DOWN, scale=np.inf, block=3)}),
+     "blk.0.ffn_down.weight", ["(Q8_0)", "got 32 NaN/±inf values of 2048", "[1, 32]"]),
+    ("q4_1-offset-inf", dict(quant="Q4_1", tensors={"blk.0.ffn_up.weight": tiny_gguf.quantize(_UP, "Q4_1", offset=-np.inf, block=5)}),
+     "blk.0.ffn_up.weight", ["(Q4_1)", "got 32 NaN/±inf values of 2048", "[5, 0]"]),
+    ("q4_1-scale-nan", dict(quant="Q4_1", tensors={"blk.0.ffn_up.weight": tiny_gguf.quantize(_UP, "Q4_1", scale=np.nan)}),
+     "blk.0.ffn_up.weight", ["(32 NaN, 0 ±inf)", "[0, 0]"]),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,tensor,words", NON_FINITE_FILES, ids=[c[0] for c in NON_FINITE_FILES])
+@pytest.mark.parametrize("decode_weights", ["blocks", "float32"])
+def test_non_finite_weights_are_refused_at_load_by_tensor(tmp_path, name, kwargs, tensor, words, decode_weights):
+    path = tiny_gguf.write(tmp_path / f"{name}.gguf", **kwargs)
+    with pytest.raises(AttentionValueError) as info:
+        SmolLM(path, decode_weights=decode_weights)
+    message = str(info.value)
+    assert f"GGUF file {str(path)!r}: tensor {tensor!r}" in message, message
+    assert "must hold finite weights" in message, message
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_1"])
+def test_a_finite_quantized_file_loads_with_block_weights(tmp_path, quant):
+    model = SmolLM(tiny_gguf.write(tmp_path / f"{quant}.gguf", quant=quant, context=32))
+    layer = model.w["layers"][0]
+    # every projection of the layer is read as its block codes by the decode steps
+    assert all(id(layer[k]) in model._mm._blocks for k in ("qkv", "o", "gate_up", "down"))
+    assert np.isfinite(model.logits([1, 2, 3])).all()
+    ids = model.generate_ids([1, 2, 3], max_new_tokens=3, stop_at_eos=False)
+    assert len(ids) == 3 and all(0 <= t < 259 for t in ids)
+
+
+@pytest.mark.parametrize(
+    "matrix,row,block,field,tensor,where",
+    [
+        # (the matrices in encode order: qkv, o, gate_up, down, head)
+        (1, 0, 0, "scale", "blk.0.attn_output.weight", "block 0 of row 0"),
+        (2, 64 + 9, 0, "scale", "blk.0.ffn_up.weight", "block 0 of row 9"),  # gate_up: rows 64… are up's
+        (0, 32 + 3, 0, "offset", "blk.0.attn_k.weight", "block 0 of row 3"),  # qkv: q 32 rows, k 16, v 16
+        (0, 63, 0, "scale", "blk.0.attn_v.weight", "block 0 of row 15"),
+        (3, 31, 1, "offset", "blk.0.ffn_down.weight", "block 1 of row 31"),  # down: 64 wide, two blocks a row
+    ],
+)
+def test_non_finite_decode_blocks_are_refused_by_tensor(tmp_path, monkeypatch, matrix, row, block, field, tensor, where):
+    """The block form the decode steps read (codes, scales, offsets) is checked too, by the
+    tensor its rows come from.  Finite weights cannot encode to non-finite blocks, so the
+    encoder's output is spoiled here."""
+    from dotattn.models import _block_weights
+
+    encode = _block_weights.encode_matrices
+
+    def spoiled(matrices):
+        out = encode(matrices)
+        blocks = out[matrix]
+        assert blocks is not None and blocks.offset is not None  # Q4_1: offsets kept
+        getattr(blocks, field)[row, block] = np.nan if field == "scale" else np.inf
+        return out
+
+    monkeypatch.setattr(_block_weights, "encode_matrices", spoiled)
+    path = tiny_gguf.write(tmp_path / "q.gguf", quant="Q4_1")
+    with pytest.raises(AttentionValueError) as info:
+        SmolLM(path)
+    message = str(info.value)
+    assert f"GGUF file {str(path)!r}: tensor {tensor!r} must hold finite weights" in message, message
+    assert "got 1 non-finite block scale or offset in the form the decode steps read" in message, message
+    assert f"(the first: {where})" in message, message
+    monkeypatch.undo()
+    assert SmolLM(path).generate_ids([1, 2], max_new_tokens=2, stop_at_eos=False)  # the file itself is fine

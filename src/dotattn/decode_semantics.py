@@ -29,7 +29,7 @@ from .errors import AttentionTypeError, AttentionValueError
 from .semantics import BFLOAT16, FLOAT_DTYPES
 
 __all__ = ["SPLIT_SIZE", "DecodeCall", "normalize", "query_positions", "apply_rotary", "write_new", "rotated_q",
-           "float_array", "SIXTEEN_BIT", "call_key", "clear_kinds"]
+           "float_array", "SIXTEEN_BIT", "call_key", "clear_kinds", "check_caches_apart"]
 
 # Keys per split-KV chunk, counted from position 0 of each sequence.  A constant — never
 # derived from the capacity, the batch or the core count — so the chunk boundaries, and with
@@ -340,7 +340,38 @@ def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray, overlap: bool) ->
                 "expanded view), so k_new/v_new would be written into several slots at once; pass a cache "
                 "with its own memory (e.g. a copy)"
             )
-    if overlap and np.may_share_memory(k_cache, v_cache) and np.shares_memory(k_cache, v_cache):
+    if overlap:
+        check_caches_apart(k_cache, v_cache)
+
+
+# Work np.shares_memory may do to settle whether the caches overlap (its max_work).  The layouts
+# met in practice settle in 1–20 units (separate buffers, slices of one buffer, the halves
+# kv[:, :, 0] and kv[:, :, 1] of a combined (B, L, 2, H, D) tensor, paged pools); at ≈ 40 ns a
+# unit, a contrived as_strided layout costs at most ≈ 0.5 ms before it is refused as unsettled.
+OVERLAP_WORK = 10_000
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError  # (np.exceptions: NumPy ≥ 1.25)
+
+
+def check_caches_apart(k_cache: np.ndarray, v_cache: np.ndarray) -> None:
+    """Refuse caches with a byte in common (writing v_new would overwrite keys), exactly.
+
+    ``np.shares_memory`` reads addresses, shapes and strides only, never the memory: the device
+    path passes arrays that describe a tensor's memory this way (``dotattn.decoding``).  Disjoint
+    interleaved layouts (the two halves of one combined K/V tensor) are accepted.  When the exact
+    test gives up after :data:`OVERLAP_WORK` units, the call is refused: an overlap could not be
+    ruled out.
+    """
+    if not np.may_share_memory(k_cache, v_cache):  # (byte ranges apart: the common case, ≈ 0.4 µs)
+        return
+    try:
+        shared = np.shares_memory(k_cache, v_cache, max_work=OVERLAP_WORK)
+    except _TOO_HARD:
+        raise AttentionValueError(
+            "k_cache and v_cache interleave in memory, and an overlap could not be ruled out (np.shares_memory "
+            f"gave up after max_work={OVERLAP_WORK}): writing v_new could overwrite keys (or k_new values); "
+            "pass two caches that do not overlap, e.g. separate arrays"
+        ) from None
+    if shared:
         raise AttentionValueError(
             "k_cache and v_cache share memory, so writing v_new would overwrite keys (or k_new values); "
             "pass two caches that do not overlap"

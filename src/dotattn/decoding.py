@@ -46,6 +46,7 @@ from .decode_semantics import (  # noqa: F401
     SPLIT_SIZE,
     DecodeCall,
     apply_rotary,
+    check_caches_apart,
     float_array,
     normalize,
     query_positions,
@@ -205,10 +206,10 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
 
 def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
     """What ``decode_semantics`` checks of host caches that take k_new/v_new, on device tensors:
-    no zero stride on an axis longer than one (an ``expand``), not one tensor as both caches, and
-    no inference tensor outside inference mode (torch refuses its in-place update — after the
-    other cache was written).  (Device memory has no exact overlap test: other partial overlaps
-    are the caller's.)"""
+    no zero stride on an axis longer than one (an ``expand``), no byte of k_cache in v_cache (its
+    exact test, :func:`~dotattn.decode_semantics.check_caches_apart`, on arrays describing the
+    tensors' memory: see :func:`_memory`), and no inference tensor outside inference mode (torch
+    refuses its in-place update — after the other cache was written)."""
     torch = sys.modules["torch"]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.is_inference() and not torch.is_inference_mode_enabled():
@@ -222,11 +223,32 @@ def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
                 "view), so k_new/v_new would be written into several slots at once; pass a cache with its own "
                 "memory (e.g. .clone())"
             )
-    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
-        raise AttentionValueError(
-            "k_cache and v_cache share memory, so writing v_new would overwrite keys (or k_new values); "
-            "pass two caches that do not overlap"
-        )
+    if not k_cache.numel() or not v_cache.numel() or k_cache.is_meta:  # (meta tensors have no memory)
+        return
+    if k_cache.is_contiguous() and v_cache.is_contiguous():
+        # the common call, two buffers of their own: byte ranges apart (≈ 1 µs); caches whose
+        # ranges meet, or strided ones (one buffer's halves, slices), take the exact test
+        k_at, v_at = k_cache.data_ptr(), v_cache.data_ptr()
+        if k_at + k_cache.nbytes <= v_at or v_at + v_cache.nbytes <= k_at:
+            return
+    check_caches_apart(_memory(k_cache), _memory(v_cache))  # (byte ranges in C first, then exact: ≈ 7 µs)
+
+
+class _MemoryInterface:
+    __slots__ = ("__array_interface__",)
+
+
+def _memory(t: Any) -> np.ndarray:
+    """An ndarray over ``t``'s memory (address, shape, byte strides, item size), built without
+    reading it: for ``np.shares_memory``, which compares addresses only, on device tensors too.
+    Never read or write it."""
+    size = t.element_size()
+    desc = _MemoryInterface()
+    desc.__array_interface__ = {
+        "shape": tuple(t.shape), "typestr": f"|V{size}", "data": (t.data_ptr(), False),
+        "strides": tuple([st * size for st in t.stride()]), "version": 3,
+    }
+    return np.asarray(desc)
 
 
 def _check_library(arrays: dict[str, Any]) -> str:

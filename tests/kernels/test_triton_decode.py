@@ -179,6 +179,171 @@ def test_tensor_path_refuses_caches_that_cannot_take_the_new_tokens():
     assert k.cpu().numpy().tobytes() == before.cpu().numpy().tobytes()
 
 
+DEVICE = "cuda" if CUDA else "cpu"
+OVERLAP_FORMS = ["one tensor", "shifted slices", "shifted tokens", "shared batch row", "as_strided one per row",
+                 "as_strided strides 3 and 2", "two storages, one memory"]
+
+
+def _overlapping_caches(form: str, B: int, H: int, L: int, D: int):
+    """``(memory, k_cache, v_cache)``: (B, H, L, D) float32 caches sharing memory, ``memory`` a
+    tensor over all of it (to see that a refused call wrote nothing).  Only "one tensor" has
+    caches starting at one address (what the device path used to catch)."""
+    rng = np.random.default_rng(sum(map(ord, form)))
+
+    def filled(*shape):
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(DEVICE)
+
+    if form == "one tensor":
+        buf = filled(B, H, L, D)
+        return buf, buf, buf
+    if form == "shifted slices":  # buf[..., :D] and buf[..., 1:D+1]
+        buf = filled(B, H, L, D + 1)
+        return buf, buf[..., :D], buf[..., 1:]
+    if form == "shifted tokens":  # v one token behind k in one buffer
+        buf = filled(B, H, L + 1, D)
+        return buf, buf[:, :, :L], buf[:, :, 1:]
+    if form == "shared batch row":  # both contiguous: k's last sequence is v's first
+        buf = filled(2 * B - 1, H, L, D)
+        return buf, buf[:B], buf[B - 1:]
+    flat = filled(B * H * L * 2 * D)
+    shape = (B, H, L, D)
+    if form == "as_strided one per row":  # rows of 2·D: k the first D, v from k's last element on
+        strides = (H * L * 2 * D, L * 2 * D, 2 * D, 1)
+        return flat, flat.as_strided(shape, strides, 0), flat.as_strided(shape, strides, D - 1)
+    if form == "as_strided strides 3 and 2":  # k on every 3rd element of a row, v on odd ones: some shared
+        rows = (H * L * 3 * D, L * 3 * D, 3 * D)
+        flat = filled(B * H * L * 3 * D)
+        return flat, flat.as_strided(shape, rows + (3,), 0), flat.as_strided(shape, rows + (2,), 1)
+    if form == "two storages, one memory":  # torch tensors of two overlapping NumPy views
+        base = rng.standard_normal((B, H, L, D + 1)).astype(np.float32)
+        return torch.from_numpy(base), torch.from_numpy(base[..., :D]), torch.from_numpy(base[..., 1:])
+    raise AssertionError(form)
+
+
+def _new_tokens(B, Hq, Hkv, D, Dv=None, seed=0):
+    rng = np.random.default_rng(seed)
+    q, kn, vn = (rng.standard_normal(shape).astype(np.float32) for shape in
+                 ((B, Hq, 1, D), (B, Hkv, 1, D), (B, Hkv, 1, D if Dv is None else Dv)))
+    return tuple(torch.from_numpy(x).to(DEVICE) for x in (q, kn, vn))
+
+
+@pytest.mark.parametrize("form", OVERLAP_FORMS)
+def test_tensor_path_refuses_every_overlap_of_the_caches(form):
+    """The device path refuses caches sharing any memory, not only a first element (audit: slices or
+    as_strided views of one buffer were taken, and the values written over keys): the host path's
+    exact test (decode_semantics.check_caches_apart), with its message, on arrays describing the
+    tensors' memory.  Nothing is written; the host path refuses the same caches with the same words."""
+    import dotattn
+    from dotattn.errors import AttentionValueError
+
+    if CUDA and form == "two storages, one memory":
+        pytest.skip("tensors of NumPy memory are CPU tensors")
+    B, H, L, D = 2, 2, 12, 16
+    memory, k, v = _overlapping_caches(form, B, H, L, D)
+    q, kn, vn = _new_tokens(B, 2 * H, H, D)
+    lengths = np.array([3, 7])
+    before = memory.clone()
+    paths = ["triton"] if CUDA else ["triton", "numpy"]
+    for implementation in paths:
+        for _ in range(2):  # a kind seen before too
+            with torch.no_grad(), pytest.raises(AttentionValueError, match="k_cache and v_cache share memory"):
+                dotattn.attention_with_kvcache(q, k, v, kn, vn, cache_lengths=lengths, implementation=implementation)
+        assert memory.cpu().numpy().tobytes() == before.cpu().numpy().tobytes(), implementation
+    # without new tokens nothing is written: overlapping caches may be read
+    dotattn.attention_with_kvcache(q, k, v, cache_lengths=lengths, implementation="triton")
+
+
+@pytest.mark.parametrize("layout,paged", [("blhd", False), ("blhd", True), ("bhld", False), ("interleaved", False)])
+def test_tensor_path_takes_disjoint_interleaved_caches(layout, paged):
+    """K and V as the two halves of one combined tensor (``kv[:, :, 0]``, ``kv[:, :, 1]`` of a
+    (B, L, 2, H, D) cache, or of a page pool), or on alternate elements of one buffer, share no
+    byte: taken, and computed as the numpy implementation computes them, the new tokens written
+    where it writes them."""
+    import dotattn
+
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 24
+    rng = np.random.default_rng(len(layout) + paged)
+    lengths = np.array([5, 17])
+    table = None
+    if paged:
+        ps = 8
+        table = rng.permutation(2 * cap // ps).reshape(B, cap // ps).astype(np.int64)
+        shape = (2 * cap // ps, ps, 2, Hkv, D)  # (pages, page_size, K/V, Hkv, D)
+    else:
+        shape = {"blhd": (B, cap, 2, Hkv, D), "bhld": (B, Hkv, 2, cap, D), "interleaved": (B, Hkv, cap, 2 * D)}[layout]
+    kv = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(DEVICE)
+    kv_numpy = kv.cpu().clone()
+
+    def halves(t):
+        return (t[..., 0::2], t[..., 1::2]) if layout == "interleaved" else (t[:, :, 0], t[:, :, 1])
+
+    q, kn, vn = _new_tokens(B, Hq, Hkv, D, seed=1)
+    call_layout = "bhld" if layout == "interleaved" else layout
+    if call_layout == "blhd":
+        q, kn, vn = (t.transpose(1, 2) for t in (q, kn, vn))
+    kw = dict(cache_lengths=lengths, block_table=table, layout=call_layout, return_lse=True)
+    out, lse = dotattn.attention_with_kvcache(q, *halves(kv), kn, vn, implementation="triton", **kw)
+    want, want_lse = dotattn.attention_with_kvcache(q.cpu(), *halves(kv_numpy), kn.cpu(), vn.cpu(),
+                                                    implementation="numpy", **kw)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-5, atol=1e-6)
+    assert kv.cpu().numpy().tobytes() == kv_numpy.numpy().tobytes()  # the same slots written, nothing else
+
+
+def test_caches_whose_overlap_cannot_be_settled_are_refused(monkeypatch):
+    """np.shares_memory may give up (its max_work, decode_semantics.OVERLAP_WORK): then an overlap
+    could not be ruled out, and the call is refused on either path before anything is written."""
+    import dotattn
+    from dotattn import decode_semantics
+    from dotattn.errors import AttentionValueError
+
+    monkeypatch.setattr(decode_semantics, "OVERLAP_WORK", 0)  # gives up on any layout whose ranges meet
+    B, Hkv, D = 2, 2, 16
+    kv = torch.from_numpy(np.random.default_rng(2).standard_normal((B, 12, 2, Hkv, D)).astype(np.float32)).to(DEVICE)
+    before = kv.clone()
+    q, kn, vn = (t.transpose(1, 2) for t in _new_tokens(B, Hkv, Hkv, D))
+    for implementation in ["triton"] if CUDA else ["triton", "numpy"]:
+        with torch.no_grad(), pytest.raises(AttentionValueError, match="an overlap could not be ruled out"):
+            dotattn.attention_with_kvcache(q, kv[:, :, 0], kv[:, :, 1], kn, vn, cache_lengths=np.array([1, 4]),
+                                           layout="blhd", implementation=implementation)
+    assert torch.equal(kv, before)
+
+
+@pytest.mark.parametrize("D,Dv", [(320, 320), (272, 64), (64, 320)])
+def test_triton_decode_refuses_head_dims_over_256_before_writing(D, Dv):
+    """The decode kernel takes the prefill kernels' head dims (triton_backend.MAX_HEAD_DIM = 256,
+    docs/backends.md): D = 320 was taken under the interpreter, and would not compile or fit a
+    GPU.  Refused on both entry points, naming the dims, before the append."""
+    import dotattn
+    from dotattn.errors import UnsupportedCallError
+    from dotattn.kernels import triton_decode
+
+    case = C.make_case(11, B=2, Hq=2, Hkv=1, D=D, Dv=Dv, lengths=[3, 5], max_len=8)
+    q, k, v, kn, vn = (_tensor(x) for x in (case.q, case.k_cache, case.v_cache, case.k_new, case.v_new))
+    def memory():
+        return [_numpy(x).tobytes() for x in (k, v)] + [x.tobytes() for x in (case.k_cache, case.v_cache)]
+
+    before = memory()
+    message = rf"implementation='triton' cannot take this call: .*head dims up to 256, got D={D}, Dv={Dv} \(D: "
+    with pytest.raises(UnsupportedCallError, match=message):
+        dotattn.attention_with_kvcache(q, k, v, kn, vn, implementation="triton", **case.kwargs())
+    call = decoding.normalize(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, causal=True, window=None,
+                              scale=None, softcap=None, alibi_slopes=None, rotary=None, **case.kwargs())
+    with pytest.raises(UnsupportedCallError, match=message):
+        triton_decode.decode(call)
+    assert memory() == before
+
+
+def test_triton_decode_takes_head_dim_256():
+    import dotattn
+
+    case = C.make_case(12, B=2, Hq=2, Hkv=1, D=256, lengths=[3, 20], max_len=24)
+    out64, _, naive = C.expected(case)
+    out = dotattn.attention_with_kvcache(*(_tensor(x) for x in (case.q, case.k_cache, case.v_cache, case.k_new,
+                                                               case.v_new)), implementation="triton", **case.kwargs())
+    H.assert_close_to_reference(_numpy(out), out64, naive, name="D=256 out", dtype=case.k_cache.dtype)
+
+
 def test_tensor_path_resolves_negated_inputs_and_refuses_a_negated_or_inference_cache_it_writes():
     """The kernel reads memory: a lazily negated q or cache was read as its negation (audit of
     6 Dec).  Read-only inputs are resolved (the host path's NumPy view does the same); a cache

@@ -64,6 +64,14 @@ def _kernels():
     return triton_kernels
 
 
+def head_dim_reason(D: int, Dv: int) -> str | None:
+    """Why the triton kernels cannot take head dims ``D`` (q, k) and ``Dv`` (v) — None when they
+    can: :data:`MAX_HEAD_DIM` for ``attention()``'s kernels and the decode kernel alike."""
+    if max(D, Dv) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}"
+    return None
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -328,8 +336,9 @@ class TritonBackend:
             reasons.append(f"does not take {', '.join(sorted(call.extras))} (the 'cpu' backend does)")
         if call.dtype.name == "float64":
             reasons.append("takes float16, bfloat16 or float32, not float64 (the CPU backends take float64)")
-        if max(call.D, call.Dv) > MAX_HEAD_DIM:
-            reasons.append(f"head dims up to {MAX_HEAD_DIM}, got D={call.D}, Dv={call.Dv}")
+        head_dims = head_dim_reason(call.D, call.Dv)
+        if head_dims:
+            reasons.append(head_dims)
         return reasons
 
     # Tensor entry points (the torch front end calls these; see the module docstring).

@@ -34,10 +34,11 @@ import threading
 import numpy as np
 
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, write_new
+from ..errors import UnsupportedCallError
 from ..semantics import BFLOAT16
-from .triton_backend import _kernels, _next_pow2, triton_cdiv
+from .triton_backend import _kernels, _next_pow2, head_dim_reason, triton_cdiv
 
-__all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensors", "decode"]
+__all__ = ["decode_tensors", "attention_with_kvcache_tensors", "write_new_tensors", "decode", "check_head_dims"]
 
 # Chunks the merge kernel reads at once (a constant, so that a row's sum runs in the same order
 # in any batch).
@@ -180,6 +181,18 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
     return out, lse
 
 
+def check_head_dims(call: DecodeCall) -> None:
+    """The head dims the kernel takes, those of the prefill kernels (``triton_backend.MAX_HEAD_DIM``):
+    each entry point checks before it writes anything (a larger tile would not compile, or not fit
+    a GPU's registers and shared memory)."""
+    reason = head_dim_reason(call.D, call.Dv)
+    if reason:
+        raise UnsupportedCallError(
+            f"implementation='triton' cannot take this call: the triton decode kernel takes {reason} "
+            "(D: the last axis of q, k_cache and k_new; Dv: the last axis of v_cache and v_new)"
+        )
+
+
 def decode(call, reference: bool = False):
     """The :mod:`dotattn.decoding` kernel protocol: append, then ``(out, lse)`` float32 NumPy."""
     import torch
@@ -188,6 +201,7 @@ def decode(call, reference: bool = False):
         raise ValueError("the triton decode kernel has no reference mode; use implementation='reference'")
     if call.compute_dtype == np.float64:
         raise ValueError("the triton decode kernel takes float16, bfloat16 or float32 caches, not float64")
+    check_head_dims(call)
     write_new(call)
     q = rotated_q(call)
 
@@ -345,6 +359,7 @@ def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new,
     """
     import torch
 
+    check_head_dims(call)  # (before the append)
     layout = call.layout
     dev = q.device
 

@@ -29,7 +29,7 @@ from .errors import AttentionTypeError, AttentionValueError
 from .semantics import BFLOAT16, FLOAT_DTYPES
 
 __all__ = ["SPLIT_SIZE", "DecodeCall", "normalize", "query_positions", "apply_rotary", "write_new", "rotated_q",
-           "float_array", "SIXTEEN_BIT", "call_key", "clear_kinds", "check_caches_apart"]
+           "float_array", "SIXTEEN_BIT", "call_key", "clear_kinds", "check_caches_apart", "check_own_slots"]
 
 # Keys per split-KV chunk, counted from position 0 of each sequence.  A constant — never
 # derived from the capacity, the batch or the core count — so the chunk boundaries, and with
@@ -334,14 +334,22 @@ def _check_writeable(k_cache: np.ndarray, v_cache: np.ndarray, overlap: bool) ->
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not x.flags.writeable:
             raise AttentionValueError(f"{name} is read-only, but k_new/v_new must be written into it")
-        if overlap and 0 in x.strides and x.size and any(st == 0 and n > 1 for st, n in zip(x.strides, x.shape)):
-            raise AttentionValueError(
-                f"{name} has a zero stride (strides {x.strides}, shape {_shape(x.shape)}: a broadcast or "
-                "expanded view), so k_new/v_new would be written into several slots at once; pass a cache "
-                "with its own memory (e.g. a copy)"
-            )
+        if overlap and 0 in x.strides:
+            check_own_slots(name, x.shape, x.strides, x.size, "a copy")
     if overlap:
         check_caches_apart(k_cache, v_cache)
+
+
+def check_own_slots(name: str, shape: tuple, strides: tuple, size: int, copy: str) -> None:
+    """Refuse a cache with a zero stride on an axis longer than one (a broadcast, a torch
+    ``expand``, a writeable ``as_strided`` view): one new key would land in several slots.
+    ``copy`` names how the caller's library makes a cache with its own memory."""
+    if size and any(st == 0 and n > 1 for st, n in zip(strides, shape)):
+        raise AttentionValueError(
+            f"{name} has a zero stride (strides {tuple(strides)}, shape {_shape(tuple(shape))}: a broadcast or "
+            "expanded view), so k_new/v_new would be written into several slots at once; pass a cache "
+            f"with its own memory (e.g. {copy})"
+        )
 
 
 # Work np.shares_memory may do to settle whether the caches overlap (its max_work).  The layouts

@@ -47,6 +47,7 @@ from .decode_semantics import (  # noqa: F401
     DecodeCall,
     apply_rotary,
     check_caches_apart,
+    check_own_slots,
     float_array,
     normalize,
     query_positions,
@@ -217,12 +218,7 @@ def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
                 f"{name} is an inference tensor, which torch updates in place only under torch.inference_mode(); "
                 "call attention_with_kvcache there, or pass a cache made outside it"
             )
-        if t.numel() and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
-            raise AttentionValueError(
-                f"{name} has a zero stride (strides {tuple(t.stride())}, shape {tuple(t.shape)}: an expanded "
-                "view), so k_new/v_new would be written into several slots at once; pass a cache with its own "
-                "memory (e.g. .clone())"
-            )
+        check_own_slots(name, tuple(t.shape), tuple(t.stride()), t.numel(), ".clone()")
     if not k_cache.numel() or not v_cache.numel() or k_cache.is_meta:  # (meta tensors have no memory)
         return
     if k_cache.is_contiguous() and v_cache.is_contiguous():

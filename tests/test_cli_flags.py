@@ -225,3 +225,33 @@ def test_chat_refuses_a_message_that_would_pass_the_context_and_goes_on(fake, mo
         "pass the model's context of 16 tokens (/reset starts over)"
     ) in captured.err
     assert [prompt for prompt, _ in model.calls] == [[{"role": "user", "content": "Hi"}]]  # the refused one dropped
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_closed_output_pipe_ends_quietly(command, fake, monkeypatch, capsys):
+    """`dotattn generate "..." | head -c 20`: the reader goes, the next write raises
+    BrokenPipeError — exit 141 (128 + SIGPIPE) without a traceback (was a raw traceback, exit 1)."""
+    fake(fail=("stream", BrokenPipeError(32, "Broken pipe")))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert cli.main(_command(command)) == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_ends_quietly_from_the_entry_point():
+    # a real pipe whose reader closed before the command wrote: no traceback, exit 141
+    code = "import sys; from dotattn.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # (before the child has imported dotattn, let alone written)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+
+
+@pytest.mark.parametrize("new_tokens, decode_rate, expected", [
+    (0, float("nan"), "[7 prompt tokens at 300 tok/s, 0 new tokens]"),
+    (1, float("nan"), "[7 prompt tokens at 300 tok/s, 1 new tokens]"),
+    (5, 20.0, "[7 prompt tokens at 300 tok/s, 5 new tokens at 20.0 tok/s]"),
+])
+def test_the_stats_line_gives_rates_only_where_there_are_some(new_tokens, decode_rate, expected):
+    stats = SimpleNamespace(prompt_tokens=7, prefill_tokens_per_s=300.0, new_tokens=new_tokens, decode_tokens_per_s=decode_rate)
+    assert cli_generate.stats_line(stats) == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand → (module, help); each module has ``add_arguments(parser)`` and ``run(args) -> int``
@@ -40,6 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while a model loads, a bench runs, a reply streams: no traceback
         print("\ndotattn: interrupted", file=sys.stderr, flush=True)
         return 130  # (128 + SIGINT, as shells report it)
+    except BrokenPipeError:  # the reader of our output has gone (`dotattn generate ... | head`)
+        _silence_stdout()
+        return 141  # (128 + SIGPIPE: what a shell reports for a program its pipe's end stopped)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: Python flushes it at exit, and the pipe would raise again
+    (the recipe of Python's docs, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # (a stream with no descriptor: nothing to flush to a pipe)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

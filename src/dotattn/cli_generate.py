@@ -88,10 +88,13 @@ def has_chat_template(model, command: str) -> bool:
 
 
 def stats_line(stats) -> str:
-    return (
-        f"[{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_s:.0f} tok/s, "
-        f"{stats.new_tokens} new tokens at {stats.decode_tokens_per_s:.1f} tok/s]"
-    )
+    """The rates where there are some (no decode rate for 0 or 1 new tokens: no decode step)."""
+
+    def part(count: int, what: str, rate: float, digits: int) -> str:
+        return f"{count} {what}" + (f" at {rate:.{digits}f} tok/s" if math.isfinite(rate) else "")
+
+    return (f"[{part(stats.prompt_tokens, 'prompt tokens', stats.prefill_tokens_per_s, 0)}, "
+            f"{part(stats.new_tokens, 'new tokens', stats.decode_tokens_per_s, 1)}]")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

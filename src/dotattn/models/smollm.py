@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -868,6 +869,12 @@ class SmolLM:
         self._kv: _Caches | None = None  # the last generation's K/V cache, reused (_caches_for)
         self._rope = None  # cos, sin (context_length, D) for every position, made on first use
         self._step_threads = _StepThreads()  # decode steps: all cores or one (see the class)
+        # One pass at a time through the model's shared buffers (the decode steps' workspace, the
+        # prompt pass's storage, the kept cache): calls from several threads take turns a pass
+        # or a decode step (with its sampling) at a time; the kernels release the GIL, and two
+        # threads' steps in one workspace gave both wrong tokens.  Reentrant: a generator
+        # finalized by the garbage collector in the middle of a step gives its cache back.
+        self._lock = threading.RLock()
         self._layer_threads: dict[int, _StepThreads] = {}  # short prompt passes' layers, per token, by length class
 
     # ---- reading the file --------------------------------------------------------------
@@ -1296,7 +1303,8 @@ class SmolLM:
                 f"ids has {len(ids)} tokens, more than the model's context of {self.config.context_length}"
             )
         arr = np.asarray(ids, np.int64)[None]
-        return self._prefill(arr, np.array([len(ids)]), None, head=lambda h: self._head(h[0]))
+        with self._lock:
+            return self._prefill(arr, np.array([len(ids)]), None, head=lambda h: self._head(h[0]))
 
     # ---- generation ----------------------------------------------------------------------
     def generate_ids(
@@ -1419,12 +1427,17 @@ class SmolLM:
         running = np.ones(B, bool)
         eos = np.array(sorted(self.eos_ids), np.int64)
         start = time.perf_counter()
-        caches = self._caches_for(B, L + max_new_tokens)
+
+        def sample(logits):  # under the lock: a decode step's logits live in the shared workspace
+            return np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
+
+        with self._lock:
+            caches = self._caches_for(B, L + max_new_tokens)
         try:
             # (B, V): the last tokens only
-            logits = self._prefill(ids, lengths, caches, head=lambda h: self._head(h[np.arange(B), lengths - 1]))
+            with self._lock:
+                tokens = sample(self._prefill(ids, lengths, caches, head=lambda h: self._head(h[np.arange(B), lengths - 1])))
             for step in range(max_new_tokens):
-                tokens = np.array([_sample(logits[b], temperature, top_p, rngs[b]) for b in range(B)], np.int64)
                 elapsed = time.perf_counter() - start
                 if step == 0:
                     stats.prefill_seconds = elapsed
@@ -1437,9 +1450,11 @@ class SmolLM:
                 if step == max_new_tokens - 1 or not running.any():
                     return
                 start = time.perf_counter()
-                logits = self._decode_step(tokens, caches)  # (B, V) in the workspace
+                with self._lock:  # (never held across a yield: a paused stream blocks no one)
+                    tokens = sample(self._decode_step(tokens, caches))  # (the logits: (B, V) in the workspace)
         finally:
-            self._kv = caches  # kept for the next generation (see _caches_for)
+            with self._lock:
+                self._kv = caches  # kept for the next generation (see _caches_for)
 
     def _caches_for(self, B: int, capacity: int) -> _Caches:
         """A generation's K/V cache: the previous generation's, emptied, when it has this batch

@@ -255,3 +255,36 @@ def test_a_closed_output_pipe_ends_quietly_from_the_entry_point():
 def test_the_stats_line_gives_rates_only_where_there_are_some(new_tokens, decode_rate, expected):
     stats = SimpleNamespace(prompt_tokens=7, prefill_tokens_per_s=300.0, new_tokens=new_tokens, decode_tokens_per_s=decode_rate)
     assert cli_generate.stats_line(stats) == expected
+
+
+@pytest.mark.parametrize("shown", [0, 1])
+def test_chat_ctrl_c_during_a_reply_keeps_what_was_shown(shown, fake, monkeypatch, capsys):
+    """Ctrl-C stops a reply and the session goes on: the part shown stays in the conversation;
+    stopped before any of it, the message is withdrawn (it used to stay, answered by an empty
+    assistant turn that every later prompt carried)."""
+    model = fake(pieces=("The capital", " is Paris."), fail=("stream", KeyboardInterrupt()))
+    if shown == 0:
+        model.fail = None
+        model.pieces = ()
+
+        def interrupted(prompt, **kwargs):
+            model.calls.append((prompt if isinstance(prompt, str) else [dict(m) for m in prompt], kwargs))
+
+            def pieces():
+                raise KeyboardInterrupt
+                yield  # (a generator)
+
+            return pieces()
+
+        model.generate = interrupted
+    monkeypatch.setattr("sys.stdin", io.StringIO("First?\nSecond?\n"))
+    assert cli.main(["chat"]) == 0
+    second = model.calls[1][0]
+    if shown:
+        assert second[-3:] == [{"role": "user", "content": "First?"}, {"role": "assistant", "content": "The capital"},
+                               {"role": "user", "content": "Second?"}]
+    else:
+        assert {"role": "user", "content": "First?"} not in second
+        assert second[-1] == {"role": "user", "content": "Second?"}
+        assert all(m["role"] != "assistant" for m in second)
+        assert "the message was not kept" in capsys.readouterr().out

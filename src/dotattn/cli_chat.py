@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the conversation
-            pass
+            if not reply:  # (stopped before a word of it: the message is withdrawn, not answered by nothing)
+                messages.pop()
+                print("\n(stopped before the reply began; the message was not kept)", flush=True)
+                continue
         except DotAttnError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
             print(f"\ndotattn chat: {exc} (try /reset)", file=sys.stderr, flush=True)

@@ -56,6 +56,7 @@ from .decode_semantics import (  # noqa: F401
 )
 from .errors import AttentionMemoryError, AttentionTypeError, AttentionValueError, UnsupportedCallError
 from .frameworks import framework_of
+from .registry import import_kernel_module
 from .semantics import BFLOAT16, FLOAT_DTYPES
 
 __all__ = ["attention_with_kvcache", "KVCache", "SPLIT_SIZE", "DecodeCall"]
@@ -310,7 +311,7 @@ def _kernel(implementation: str | None):
             f"got {implementation!r}"
         )
     try:
-        module = importlib.import_module(_IMPLEMENTATIONS[implementation])
+        module = import_kernel_module(_IMPLEMENTATIONS[implementation])  # (under the kernels' import lock)
     except ImportError as exc:
         raise UnsupportedCallError(f"implementation={implementation!r} is not available here: {exc}") from None
     _kernel_modules[implementation] = module

@@ -24,6 +24,7 @@ backends are not even imported for NumPy calls.
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Any
 
 from .errors import AttentionValueError, UnsupportedCallError
@@ -43,6 +44,21 @@ _SPECS: dict[str, tuple[str, str]] = {
 TENSOR_BACKENDS = frozenset({"triton"})
 _INSTANCES: dict[str, Any] = {}
 _UNAVAILABLE: dict[str, str] = {}
+# The backends' modules are imported on first use, and Numba with the CPU ones.  First calls
+# from several threads at once imported them concurrently, and a thread could see one of
+# Numba's modules partially initialized (its modules import each other in cycles): "cannot
+# import name 'NullCache' from partially initialized module 'numba.core.caching'" in 8 of 9
+# cold starts of four threads (an audit, 6 Dec 2026) — recorded as the backend being
+# unavailable for the rest of the process, and implementation=None then ran another backend.
+# One lock for every lazy import of a kernel module (the decode kernels' too: dotattn.decoding).
+_IMPORT_LOCK = threading.RLock()
+_RETRY: set[str] = set()  # backends whose import failed for another reason than a missing package
+
+
+def import_kernel_module(module_name: str):
+    """``importlib.import_module`` under the kernels' import lock (see ``_IMPORT_LOCK``)."""
+    with _IMPORT_LOCK:
+        return importlib.import_module(module_name)
 
 
 def names() -> list[str]:
@@ -52,24 +68,32 @@ def names() -> list[str]:
 
 def _load(name: str):
     """The backend object, or None with the reason recorded when its module cannot load."""
-    if name in _INSTANCES:
-        return _INSTANCES[name]
-    if name in _UNAVAILABLE and name not in TENSOR_BACKENDS:
+    backend = _INSTANCES.get(name)
+    if backend is not None:
+        return backend
+    if name in _UNAVAILABLE and name not in TENSOR_BACKENDS and name not in _RETRY:
         return None
-    module_name, cls_name = _SPECS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:  # a missing optional dependency or a backend not built yet
-        _UNAVAILABLE[name] = f"cannot import {module_name}: {exc}"
-        return None
-    backend = getattr(module, cls_name)()
-    ok, reason = backend.available()
-    if not ok:
-        _UNAVAILABLE[name] = reason
-        return None
-    if name not in TENSOR_BACKENDS:
-        _INSTANCES[name] = backend
-    return backend
+    with _IMPORT_LOCK:  # (a first call: one thread at a time loads and checks a backend)
+        if name in _INSTANCES:
+            return _INSTANCES[name]
+        module_name, cls_name = _SPECS[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # a missing optional dependency or a backend not built yet
+            _UNAVAILABLE[name] = f"cannot import {module_name}: {exc}"
+            if not isinstance(exc, ModuleNotFoundError):
+                _RETRY.add(name)  # (not a missing package: asked again at the next call)
+            return None
+        _RETRY.discard(name)
+        backend = getattr(module, cls_name)()
+        ok, reason = backend.available()
+        if not ok:
+            _UNAVAILABLE[name] = reason
+            return None
+        _UNAVAILABLE.pop(name, None)
+        if name not in TENSOR_BACKENDS:
+            _INSTANCES[name] = backend
+        return backend
 
 
 def _device_reasons(name: str, device: str | None, forced: bool) -> list[str] | None:

@@ -134,10 +134,14 @@ def _as_numpy(name: str, x: Any, written: bool = False):
     """Torch CPU tensors → NumPy views of their memory; anything else unchanged.
 
     ``written``: k_new/v_new go into ``x`` — a tensor with a lazy negation or conjugation bit,
-    which only a copy could show NumPy, is refused (the write would land in the copy)."""
+    which only a copy could show NumPy, is refused (the write would land in the copy), and so is
+    an inference tensor outside ``torch.inference_mode()`` (as torch and the device path refuse
+    its in-place update).  A tensor off the CPU (meta, or CUDA beside a CPU q) is refused by name."""
     if x is None or isinstance(x, np.ndarray):
         return x
     if type(x) is _TENSOR:
+        if written and x.is_inference() and not sys.modules["torch"].is_inference_mode_enabled():
+            raise _inference_cache_error(name)  # (torch refuses such in-place updates; NumPy's view would not)
         view = _cpu_view(x)
         if view is not None:
             return view
@@ -146,10 +150,26 @@ def _as_numpy(name: str, x: Any, written: bool = False):
         from .torch._convert import check_device, to_numpy
 
         check_device(name, x)
+        if x.device.type != "cpu":  # (a meta or CUDA tensor beside a CPU q: NumPy cannot read it)
+            raise AttentionValueError(
+                f"{name} is on device {str(x.device)!r} but this call runs on the CPU (q is a CPU tensor or a "
+                "NumPy array); q, the caches and the other tensors must share one device"
+            )
         if written and (x.is_neg() or x.is_conj()):
             raise _negated_cache_error(name)
+        if written and x.is_inference() and not sys.modules["torch"].is_inference_mode_enabled():
+            raise _inference_cache_error(name)
         return to_numpy(name, x)
     return x
+
+
+def _inference_cache_error(name: str) -> AttentionValueError:
+    """A cache to be written that is an inference tensor, outside ``torch.inference_mode()``:
+    torch refuses in-place updates of such tensors there (host and device paths alike)."""
+    return AttentionValueError(
+        f"{name} is an inference tensor, which torch updates in place only under torch.inference_mode(); "
+        "call attention_with_kvcache there, or pass a cache made outside it"
+    )
 
 
 def _negated_cache_error(name: str) -> AttentionValueError:
@@ -215,10 +235,7 @@ def _check_device_caches_writeable(k_cache: Any, v_cache: Any) -> None:
     torch = sys.modules["torch"]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.is_inference() and not torch.is_inference_mode_enabled():
-            raise AttentionValueError(
-                f"{name} is an inference tensor, which torch updates in place only under torch.inference_mode(); "
-                "call attention_with_kvcache there, or pass a cache made outside it"
-            )
+            raise _inference_cache_error(name)
         check_own_slots(name, tuple(t.shape), tuple(t.stride()), t.numel(), ".clone()")
     if not k_cache.numel() or not v_cache.numel() or k_cache.is_meta:  # (meta tensors have no memory)
         return
@@ -858,6 +875,16 @@ class KVCache:
         """
         layer = self._layer_index(layer)
         self._check_layer_order(layer)
+        arrays = dict(k_new=k_new, v_new=v_new)
+        for name, x in arrays.items():  # (attend()'s checks of its q, on what is stored here)
+            fw = "numpy" if type(x) is np.ndarray else framework_of(x)
+            if x is not None and fw != self.library:
+                raise AttentionTypeError(
+                    f"{name} is a {fw or type(x).__name__} array, but this KVCache holds {self.library} buffers "
+                    f"(library={self.library!r})"
+                )
+        if self.library == "torch":
+            _check_no_grad(arrays)
         if self._host:
             k_buf, v_buf = self._k_np[layer], self._v_np[layer]
             k_np, v_np = _as_numpy("k_new", k_new), _as_numpy("v_new", v_new)

@@ -64,3 +64,65 @@ def test_inference_mode_tensors():
     H.assert_close_to_reference(out.numpy(), out64, naive)
     b, n = 0, int(case.cache_lengths[0])
     np.testing.assert_array_equal(kc[b, :, n].numpy(), case.k_new[b, :, 0])
+
+
+# ---- torch CPU calls: what an audit found refused wrongly or not at all (6 Dec 2026) ----------
+
+def _small_torch_call():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    kc, vc = torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g)
+    kn, vn = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    return q, kc, vc, kn, vn
+
+
+@pytest.mark.parametrize("which", ["k_cache", "v_cache", "k_new"])
+def test_a_meta_tensor_beside_a_cpu_q_is_refused_by_name(which):
+    """Was torch's TypeError ("can't convert meta device type tensor to numpy")."""
+    q, kc, vc, kn, vn = _small_torch_call()
+    args = dict(k_cache=kc, v_cache=vc, k_new=kn, v_new=vn)
+    before = kc.clone(), vc.clone()
+    args[which] = args[which].to("meta")
+    with pytest.raises(dotattn.AttentionValueError, match=f"{which} is on device 'meta' but this call runs on the CPU"):
+        dotattn.attention_with_kvcache(q, args["k_cache"], args["v_cache"], args["k_new"], args["v_new"],
+                                       cache_lengths=torch.tensor([5]))
+    if which != "k_cache":
+        assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])  # nothing written
+
+
+def test_an_inference_tensor_cache_is_written_only_in_inference_mode():
+    """torch refuses in-place updates of inference tensors outside inference mode, and so does the
+    triton path; the CPU path wrote them through NumPy's view.  Read-only use stays allowed."""
+    q, kc, vc, kn, vn = _small_torch_call()
+    with torch.inference_mode():
+        ki, vi = kc.clone(), vc.clone()
+    for name in ("k_cache", "v_cache"):
+        caches = (ki, vc.clone()) if name == "k_cache" else (kc.clone(), vi)
+        before = [c.clone() for c in caches]
+        with pytest.raises(dotattn.AttentionValueError, match=f"{name} is an inference tensor"):
+            dotattn.attention_with_kvcache(q, *caches, kn, vn, cache_lengths=torch.tensor([5]))
+        assert all(torch.equal(c, b) for c, b in zip(caches, before))  # nothing written
+    out = dotattn.attention_with_kvcache(q, ki, vi, cache_lengths=torch.tensor([5]))  # reads only: fine
+    with torch.inference_mode():
+        written = dotattn.attention_with_kvcache(q, ki, vi, kn, vn, cache_lengths=torch.tensor([5]))
+    assert torch.equal(ki[:, :, 5], kn[:, :, 0]) and out.shape == written.shape
+
+
+def test_kvcache_append_checks_what_attend_checks():
+    """append() took NumPy arrays into a torch cache (and torch tensors into a NumPy one), and new
+    keys requiring grad with grad mode on; attend() refused both."""
+    tc = dotattn.KVCache(batch_size=1, num_kv_heads=2, capacity=16, head_dim=8, dtype="float32", library="torch")
+    nc = dotattn.KVCache(batch_size=1, num_kv_heads=2, capacity=16, head_dim=8, dtype="float32")
+    k = torch.ones(1, 2, 3, 8)
+    with pytest.raises(dotattn.AttentionTypeError, match="k_new is a numpy array, but this KVCache holds torch buffers"):
+        tc.append(k.numpy(), k)
+    with pytest.raises(dotattn.AttentionTypeError, match="v_new is a numpy array, but this KVCache holds torch buffers"):
+        tc.append(k, k.numpy())
+    with pytest.raises(dotattn.AttentionTypeError, match="k_new is a torch array, but this KVCache holds numpy buffers"):
+        nc.append(k, k.numpy())
+    with pytest.raises(dotattn.AttentionValueError, match="k_new requires grad"):
+        tc.append(k.clone().requires_grad_(), k)
+    assert int(tc.lengths[0]) == 0 and int(nc.lengths[0]) == 0  # nothing stored
+    tc.append(k, k)
+    nc.append(k.numpy(), k.numpy())
+    assert int(tc.lengths[0]) == 3 and int(nc.lengths[0]) == 3

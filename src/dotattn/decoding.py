@@ -866,6 +866,16 @@ class KVCache:
                 self._step_added = self._added_key(added)
 
     # ---- writing and attending ----------------------------------------------------
+    def _framework_of(self, name: str, x: Any) -> str:
+        """``x``'s library, refused unless it is this cache's (``library``)."""
+        fw = "numpy" if type(x) is np.ndarray else framework_of(x)
+        if fw != self.library:
+            raise AttentionTypeError(
+                f"{name} is a {fw or type(x).__name__} array, but this KVCache holds {self.library} buffers "
+                f"(library={self.library!r})"
+            )
+        return fw
+
     def append(self, k_new: Any, v_new: Any, *, layer: int = 0, lengths: Any = None) -> None:
         """Store new keys/values without attending (e.g. after a prefill through ``attention()``).
 
@@ -877,12 +887,8 @@ class KVCache:
         self._check_layer_order(layer)
         arrays = dict(k_new=k_new, v_new=v_new)
         for name, x in arrays.items():  # (attend()'s checks of its q, on what is stored here)
-            fw = "numpy" if type(x) is np.ndarray else framework_of(x)
-            if x is not None and fw != self.library:
-                raise AttentionTypeError(
-                    f"{name} is a {fw or type(x).__name__} array, but this KVCache holds {self.library} buffers "
-                    f"(library={self.library!r})"
-                )
+            if x is not None:
+                self._framework_of(name, x)
         if self.library == "torch":
             _check_no_grad(arrays)
         if self._host:
@@ -954,12 +960,7 @@ class KVCache:
         """
         layer = self._layer_index(layer)
         self._check_layer_order(layer)
-        fw = "numpy" if type(q) is np.ndarray else framework_of(q)
-        if fw != self.library:
-            raise AttentionTypeError(
-                f"q is a {fw or type(q).__name__} array, but this KVCache holds {self.library} buffers "
-                f"(library={self.library!r})"
-            )
+        fw = self._framework_of("q", q)
         # device buffers go to attention_with_kvcache as the tensors (its device path), and so do
         # CPU torch buffers asked for the triton kernel (Triton's interpreter)
         host = self._host and not (fw == "torch" and implementation == "triton")

@@ -7,6 +7,9 @@ restored each other's "1": BLAS stayed on one thread for the rest of the process
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -93,3 +96,166 @@ def test_small_and_large_calls_in_sequence_leave_user_count(user_blas_threads):
     q, k, v = _qkv(5, 512)
     dotattn.attention(q, k, v, implementation="numpy")
     assert set(_blas_threads()) == {user_blas_threads}
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_a_count_the_user_sets_during_a_call_stays(first):
+    """A thread count set while another thread's call holds the limit is the user's: it stays.
+
+    The old restore put back the count found at the first entry where that was not one (so a
+    change made during a call was lost) and kept the change where it was one.
+    """
+    _blas._blas_libraries()
+    with threadpoolctl.threadpool_limits(limits=first, user_api="blas"):
+        inside, release = threading.Event(), threading.Event()
+
+        def call():
+            with _blas.ONE_BLAS_THREAD:  # what every kernel launch holds
+                inside.set()
+                release.wait(timeout=60)
+
+        t = threading.Thread(target=call)
+        t.start()
+        try:
+            assert inside.wait(timeout=60)
+            assert set(_blas_threads()) == {1}
+            threadpoolctl.threadpool_limits(limits=4, user_api="blas")  # the user's change, mid-call
+        finally:
+            release.set()
+            t.join(timeout=60)
+        assert not t.is_alive()
+        assert set(_blas_threads()) == {4} and _blas.holders() == 0
+
+
+def _in_thread(fn):
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def test_the_limit_holds_in_a_thread_after_the_main_thread_held_it(user_blas_threads):
+    """threadpoolctl 3.8 lets only its first caller's thread set OpenBLAS's count; ours sets it anywhere.
+
+    Through threadpoolctl, a holder in a worker thread after one in the main thread left OpenBLAS
+    on all its threads (the ``numpy`` backend ran 2× slower there).
+    """
+    with _blas.ONE_BLAS_THREAD:
+        assert set(_blas_threads()) == {1}
+    seen = []
+
+    def worker():
+        with _blas.ONE_BLAS_THREAD:
+            seen.append(set(_blas_threads()))
+        seen.append(set(_blas_threads()))
+
+    _in_thread(worker)
+    assert seen == [{1}, {user_blas_threads}]
+
+
+@pytest.fixture
+def count_set_without_threadpoolctl():
+    """The user's count (3) set through OpenBLAS's own function, so no thread is threadpoolctl's controller."""
+    libs = _blas._blas_libraries()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        _blas._set_threads(lib, 3)
+    try:
+        assert set(_blas_threads()) == {3}
+        yield 3
+    finally:
+        for lib, n in zip(libs, before):
+            _blas._set_threads(lib, n)
+
+
+def test_the_last_holder_restores_whichever_thread_it_is(count_set_without_threadpoolctl):
+    """A enters, B enters, A leaves (and lives on), B leaves last: B restores the user's count.
+
+    Through threadpoolctl 3.8, thread A became the only thread whose settings took, so B's restore
+    did nothing while A lived: BLAS stayed on one thread for the rest of the process.
+    """
+    user_blas_threads = count_set_without_threadpoolctl
+    a_in, b_in, a_out, b_out = (threading.Event() for _ in range(4))
+    errors: list[BaseException] = []
+    after_b: list[set[int]] = []
+
+    def a():
+        try:
+            with _blas.ONE_BLAS_THREAD:
+                a_in.set()
+                assert b_in.wait(timeout=60)
+            a_out.set()
+            assert b_out.wait(timeout=60)  # thread A lives on, as a server's worker would
+        except BaseException as exc:
+            errors.append(exc)
+
+    def b():
+        try:
+            assert a_in.wait(timeout=60)
+            with _blas.ONE_BLAS_THREAD:
+                b_in.set()
+                assert a_out.wait(timeout=60)
+            after_b.append(set(_blas_threads()))  # while thread A still lives
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            b_out.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    assert after_b == [{user_blas_threads}]
+    assert set(_blas_threads()) == {user_blas_threads} and _blas.holders() == 0
+
+
+WORKER_AFTER_MAIN = """
+import threading
+import numpy as np
+import dotattn
+from dotattn.kernels import _blas
+
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 2, 512, 64)) for _ in range(3))  # float64: BLAS block GEMMs
+dotattn.attention(q, k, v, implementation="cpu")  # the main thread first
+counts = []
+
+def worker():
+    with _blas.ONE_BLAS_THREAD:
+        counts.append([lib.get_num_threads() for lib in _blas._blas_libraries()])
+    for impl in ("cpu", "numpy"):
+        dotattn.attention(q, k, v, implementation=impl)
+
+t = threading.Thread(target=worker)
+t.start()
+t.join(timeout=300)
+assert not t.is_alive()
+print(counts)
+"""
+
+
+def test_calls_in_a_worker_thread_after_the_main_thread_keep_blas_on_one_thread():
+    """In a fresh process, as a server runs: the main thread's call first, then a worker's.
+
+    Through threadpoolctl 3.8 the worker could not limit OpenBLAS, whose threads then ran inside
+    the kernels' threads: calls 2× slower, and OpenBLAS printed "Detect OpenMP Loop and this
+    application may hang" hundreds of times.
+    """
+    done = subprocess.run([sys.executable, "-c", WORKER_AFTER_MAIN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OpenBLAS Warning" not in done.stderr, done.stderr[-3000:]
+    counts = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert counts and all(n == 1 for n in counts[0]), counts

@@ -9,22 +9,35 @@ Why one shared, counted limit instead of ``threadpoolctl``'s ``limit()`` per cal
 from two threads (the ``cpu`` backend in one, the ``numpy`` backend in another) interleave as
 *A saves 2, sets 1; B saves 1; A restores 2; B restores 1* — and the user's BLAS stays on one
 thread for the rest of the process.  Here the first holder saves the user's counts, later
-holders only count, and the last one out restores what the first one saved.  (A thread count
-the user changes *while* a dotattn call runs is overwritten by that restore.)
+holders only count, and the last one out restores what the first one saved — to each library
+still at the one thread set here.  A count the user sets *while* a dotattn call runs (from
+another thread) is theirs and stays: it is not one, so the restore leaves it.  (Only a count set
+to one then cannot be told from ours; it gets the saved count back.)  Until 6 Dec 2026 the
+restore overwrote such a change where the first count was not one and kept it where it was.
 
 The libraries are found once (``threadpoolctl`` scans the loaded shared objects: slow), after
 SciPy's BLAS is loaded — Numba's ``np.dot`` calls that one, and a library loaded after the
 scan would keep all its threads.
+
+OpenBLAS on its own threads (not OpenMP) has one process-wide count, which is set here through
+its C function, not through ``threadpoolctl``'s ``set_num_threads``: since threadpoolctl 3.8
+that call does nothing in any thread but the first one that used it (its "controlling
+thread", until it ends).  Through it, a dotattn call in a worker thread after one in the main
+thread left OpenBLAS on all its threads inside the kernels' threads (the ``numpy`` backend 2×
+slower), and a last holder in another thread than the first could not restore the user's
+count: BLAS stayed on one thread for the rest of the process (6 Dec 2026).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 _lock = threading.Lock()
 _depth = 0
 _saved: list[tuple[object, int]] = []
 _libs: list | None = None
+_setters: dict[int, object] = {}  # id(controller) -> the function that sets its thread count
 
 
 def _blas_libraries() -> list:
@@ -37,8 +50,28 @@ def _blas_libraries() -> list:
             pass
         from threadpoolctl import ThreadpoolController
 
-        _libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        _setters.update((id(lib), _thread_count_setter(lib)) for lib in libs)
+        _libs = libs
     return _libs
+
+
+def _thread_count_setter(lib):
+    """The function that sets ``lib``'s thread count from any thread (module docstring)."""
+    if lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) != "openmp":
+        for prefix in ("", "scipy_"):  # the symbol's names in OpenBLAS builds (threadpoolctl's list)
+            for suffix in ("", "64_", "_64"):
+                try:
+                    fn = lib.dynlib[f"{prefix}openblas_set_num_threads{suffix}"]  # a new pointer, not shared
+                except (AttributeError, TypeError):
+                    continue
+                fn.argtypes, fn.restype = [ctypes.c_int], None
+                return fn
+    return lib.set_num_threads
+
+
+def _set_threads(lib, n: int) -> None:
+    _setters[id(lib)](n)
 
 
 class _OneBlasThread:
@@ -54,7 +87,7 @@ class _OneBlasThread:
                 _saved = [(lib, lib.get_num_threads()) for lib in libs]
                 for lib, n in _saved:
                     if n != 1:
-                        lib.set_num_threads(1)
+                        _set_threads(lib, 1)
             _depth += 1
         return self
 
@@ -64,8 +97,8 @@ class _OneBlasThread:
             _depth -= 1
             if _depth == 0:
                 for lib, n in _saved:
-                    if n != 1:
-                        lib.set_num_threads(n)
+                    if n != 1 and lib.get_num_threads() == 1:  # not changed by the user meanwhile
+                        _set_threads(lib, n)
                 _saved = []
         return False
 

@@ -288,3 +288,19 @@ def test_chat_ctrl_c_during_a_reply_keeps_what_was_shown(shown, fake, monkeypatc
         assert second[-1] == {"role": "user", "content": "Second?"}
         assert all(m["role"] != "assistant" for m in second)
         assert "the message was not kept" in capsys.readouterr().out
+
+
+def test_chat_ctrl_c_at_the_prompt_leaves_as_ctrl_d_does(fake, monkeypatch, capsys):
+    """At the prompt (no reply running) Ctrl-C ends the session with status 0, as Ctrl-D and /quit do."""
+    model = fake(pieces=("Paris.",))
+    lines = iter(["Hi"])
+
+    def typed(prompt=""):
+        for line in lines:
+            return line
+        raise KeyboardInterrupt  # the second prompt: Ctrl-C
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert cli.main(["chat"]) == 0
+    assert len(model.calls) == 1
+    assert "Traceback" not in capsys.readouterr().err

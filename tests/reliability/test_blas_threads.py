@@ -259,3 +259,72 @@ def test_calls_in_a_worker_thread_after_the_main_thread_keep_blas_on_one_thread(
     assert "OpenBLAS Warning" not in done.stderr, done.stderr[-3000:]
     counts = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert counts and all(n == 1 for n in counts[0]), counts
+
+
+class _FakeFunction:
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, n):
+        pass
+
+
+class _FakeLibrary:
+    """A stand-in for a ``ctypes.CDLL``: the exported names given."""
+
+    def __init__(self, *exported):
+        self.exported = exported
+
+    def __getitem__(self, name):
+        if name not in self.exported:
+            raise AttributeError(name)
+        return _FakeFunction(name)
+
+
+class _FakeController:
+    def __init__(self, internal_api, threading_layer, *exported):
+        self.internal_api, self.threading_layer = internal_api, threading_layer
+        self.dynlib = _FakeLibrary(*exported)
+
+    def set_num_threads(self, n):  # threadpoolctl's (per thread, or first thread only, since 3.8)
+        pass
+
+
+@pytest.mark.parametrize(
+    "controller, expected",
+    [
+        (_FakeController("openblas", "pthreads", "scipy_openblas_set_num_threads64_"), "scipy_openblas_set_num_threads64_"),
+        (_FakeController("openblas", "pthreads", "openblas_set_num_threads"), "openblas_set_num_threads"),
+        (_FakeController("mkl", "intel", "MKL_Set_Num_Threads", "MKL_Set_Num_Threads_Local"), "MKL_Set_Num_Threads"),
+        (_FakeController("openblas", "openmp", "openblas_set_num_threads"), None),  # per-thread counts
+        (_FakeController("mkl", "intel", "MKL_Set_Num_Threads_Local"), None),  # no process-wide setter exported
+        (_FakeController("blis", "pthreads", "bli_thread_set_num_threads"), None),
+    ],
+)
+def test_each_library_is_set_through_its_process_wide_function(controller, expected):
+    """threadpoolctl 3.8 sets MKL per thread (MKL_Set_Num_Threads_Local) and OpenBLAS from one thread only."""
+    setter = _blas._thread_count_setter(controller)
+    if expected is None:
+        assert setter == controller.set_num_threads
+    else:
+        assert isinstance(setter, _FakeFunction) and setter.name == expected
+
+
+WITHOUT_THREADPOOLCTL = """
+import sys
+sys.modules["threadpoolctl"] = None  # an install without the declared dependencies
+import numpy as np
+import dotattn
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 4, 1024, 64)) for _ in range(3))  # big enough for the numpy backend's pool
+out = dotattn.attention(q, k, v, causal=True, implementation="numpy")
+ref = dotattn.attention(q, k, v, causal=True, implementation="reference")
+assert np.abs(out - ref).max() < 1e-12
+print("OK")
+"""
+
+
+def test_the_numpy_backend_runs_without_threadpoolctl():
+    """It needs NumPy alone; its big calls raised a bare ModuleNotFoundError from the BLAS limit."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THREADPOOLCTL], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]

@@ -1,9 +1,10 @@
 """One OpenMP runtime, torch's, whatever the import order (kernels/__init__.py).
 
-Numba's OpenMP layer and torch both load a ``libgomp.so.1``; the first loaded is the one both
-get.  A process that ran a dotattn kernel before ``import torch`` used to get the system's,
-and torch's float16 SDPA then ran 10–40× slower (benchmarks/decode_torch_order.py).  Checked
-in a fresh process: which ``libgomp`` files end up mapped.
+torch's libraries ask for ``libgomp.so.1`` and get the runtime already loaded under that name.
+A process that ran a dotattn kernel before ``import torch`` used to give them the system's
+(loaded by Numba's OpenMP layer), and torch's float16 SDPA then ran 10–40× slower
+(benchmarks/decode_torch_order.py).  Checked in a fresh process: which ``libgomp`` files end
+up mapped, and which runtime the name resolves to.
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ import sys as _sys
 def _share_torchs_openmp() -> None:
     """Load torch's own OpenMP runtime now, where torch is installed but not imported yet.
 
-    Numba's parallel kernels run on its OpenMP layer, which loads ``libgomp.so.1``; torch
-    ships its own ``torch/lib/libgomp.so.1`` under the same name.  Whichever loads first is
-    the one both get (the dynamic loader reuses a loaded library of that name).  A process
-    that imported torch first has torch's runtime in both; one that called a dotattn kernel
-    first had the system's, and torch's float16 SDPA then ran 10–40× slower on it (B1 32k
-    decode: 358 ms against 24–36; benchmarks/decode_torch_order.py, 30 Nov 2026).  Loading
-    torch's runtime here (a shared library, not ``import torch``) gives every process the
-    torch-first state, whatever its import order.
+    torch's libraries ask for ``libgomp.so.1`` and ship their own ``torch/lib/libgomp.so.1``;
+    the dynamic loader gives a library asking for a name the one already loaded under it.  A
+    process that called a dotattn kernel before ``import torch`` had the system's runtime
+    loaded under that name (by Numba's OpenMP layer, then), and torch's float16 SDPA ran
+    10–40× slower on it (B1 32k decode: 358 ms against 24–36; benchmarks/decode_torch_order.py,
+    30 Nov 2026).  Loading torch's runtime here (a shared library, not ``import torch``) gives
+    torch its own runtime whatever the import order.  (Numba 0.68's layer asks for the system's
+    ``libgomp.so.1.0.0`` by that full name, so it loads its own beside torch's: two runtimes,
+    each library on the one it was built with — ``tests/reliability/test_openmp_runtime.py``.)
     """
     if not _sys.platform.startswith("linux") or "torch" in _sys.modules:
         return

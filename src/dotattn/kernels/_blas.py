@@ -19,13 +19,21 @@ The libraries are found once (``threadpoolctl`` scans the loaded shared objects:
 SciPy's BLAS is loaded — Numba's ``np.dot`` calls that one, and a library loaded after the
 scan would keep all its threads.
 
-OpenBLAS on its own threads (not OpenMP) has one process-wide count, which is set here through
-its C function, not through ``threadpoolctl``'s ``set_num_threads``: since threadpoolctl 3.8
-that call does nothing in any thread but the first one that used it (its "controlling
-thread", until it ends).  Through it, a dotattn call in a worker thread after one in the main
-thread left OpenBLAS on all its threads inside the kernels' threads (the ``numpy`` backend 2×
-slower), and a last holder in another thread than the first could not restore the user's
-count: BLAS stayed on one thread for the rest of the process (6 Dec 2026).
+The count is set through the library's own process-wide C function — OpenBLAS's
+``openblas_set_num_threads`` on its own threads (not OpenMP), MKL's ``MKL_Set_Num_Threads`` —
+not through ``threadpoolctl``'s ``set_num_threads``: since threadpoolctl 3.8 that does nothing
+for OpenBLAS in any thread but the first one that used it (its "controlling thread", until it
+ends), and sets MKL's count for the calling thread only (``MKL_Set_Num_Threads_Local``), while
+the kernels call BLAS from their own threads.  Through it, a dotattn call in a worker thread
+after one in the main thread left OpenBLAS on all its threads inside the kernels' threads (the
+``numpy`` backend 2× slower, OpenBLAS's "may hang" warnings), and a last holder in another
+thread than the first could not restore the user's count: BLAS stayed on one thread for the
+rest of the process (6 Dec 2026).  An OpenBLAS built on OpenMP has per-thread counts
+(``omp_set_num_threads``) and keeps threadpoolctl's call; BLAS called inside an OpenMP parallel
+region runs on one thread there anyway.
+
+Without threadpoolctl (an install without the declared dependencies) no limit is set: the
+``numpy`` backend, which needs NumPy alone, still runs, with BLAS on its default threads.
 """
 
 from __future__ import annotations
@@ -48,25 +56,37 @@ def _blas_libraries() -> list:
             import scipy.linalg.cython_blas  # noqa: F401
         except ImportError:
             pass
-        from threadpoolctl import ThreadpoolController
-
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # module docstring: no limit without it
+            _libs = []
+            return _libs
         libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
         _setters.update((id(lib), _thread_count_setter(lib)) for lib in libs)
         _libs = libs
     return _libs
 
 
+# The process-wide setters by library (module docstring), under the names their builds export
+# (OpenBLAS's affixes as threadpoolctl lists them).
+_PROCESS_WIDE_SETTERS = {
+    "openblas": tuple(f"{prefix}openblas_set_num_threads{suffix}" for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")),
+    "mkl": ("MKL_Set_Num_Threads",),
+}
+
+
 def _thread_count_setter(lib):
-    """The function that sets ``lib``'s thread count from any thread (module docstring)."""
-    if lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) != "openmp":
-        for prefix in ("", "scipy_"):  # the symbol's names in OpenBLAS builds (threadpoolctl's list)
-            for suffix in ("", "64_", "_64"):
-                try:
-                    fn = lib.dynlib[f"{prefix}openblas_set_num_threads{suffix}"]  # a new pointer, not shared
-                except (AttributeError, TypeError):
-                    continue
-                fn.argtypes, fn.restype = [ctypes.c_int], None
-                return fn
+    """The function that sets ``lib``'s thread count for every thread, from any thread (module docstring)."""
+    names = _PROCESS_WIDE_SETTERS.get(lib.internal_api, ())
+    if getattr(lib, "threading_layer", None) == "openmp" and lib.internal_api == "openblas":
+        names = ()  # per-thread counts: threadpoolctl's omp_set_num_threads
+    for name in names:
+        try:
+            fn = lib.dynlib[name]  # a new function pointer, not the one threadpoolctl holds
+        except (AttributeError, TypeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], None
+        return fn
     return lib.set_num_threads
 
 

@@ -8,6 +8,7 @@ restored each other's "1": BLAS stayed on one thread for the rest of the process
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import threading
@@ -328,3 +329,30 @@ def test_the_numpy_backend_runs_without_threadpoolctl():
     """It needs NumPy alone; its big calls raised a bare ModuleNotFoundError from the BLAS limit."""
     done = subprocess.run([sys.executable, "-c", WITHOUT_THREADPOOLCTL], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+ENVIRONMENT_AFTER_CALLS = """
+import os, sys
+import numpy as np
+import dotattn
+before = dict(os.environ)
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, 4, 16, 32), dtype=np.float32)
+dotattn.attention(q, q, q, implementation="cpu")  # imports threadpoolctl (the BLAS limit, the cpu backend's check)
+q = rng.standard_normal((1, 4, 1024, 64))
+dotattn.attention(q, q, q, causal=True, implementation="numpy")
+assert "threadpoolctl" in sys.modules
+changed = {k: (before.get(k), os.environ.get(k)) for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
+print(changed)
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "FALSE"])
+def test_calls_leave_the_environment_as_it_was(user_value):
+    """threadpoolctl's import sets KMP_DUPLICATE_LIB_OK=True; dotattn's first calls took it along."""
+    env = {k: v for k, v in os.environ.items() if k != "KMP_DUPLICATE_LIB_OK"}
+    if user_value is not None:
+        env["KMP_DUPLICATE_LIB_OK"] = user_value
+    done = subprocess.run([sys.executable, "-c", ENVIRONMENT_AFTER_CALLS], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "{}"

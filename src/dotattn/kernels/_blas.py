@@ -39,6 +39,9 @@ Without threadpoolctl (an install without the declared dependencies) no limit is
 from __future__ import annotations
 
 import ctypes
+import importlib
+import os
+import sys
 import threading
 
 _lock = threading.Lock()
@@ -57,14 +60,33 @@ def _blas_libraries() -> list:
         except ImportError:
             pass
         try:
-            from threadpoolctl import ThreadpoolController
+            threadpoolctl = import_threadpoolctl()
         except ImportError:  # module docstring: no limit without it
             _libs = []
             return _libs
-        libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        libs = list(threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers)
         _setters.update((id(lib), _thread_count_setter(lib)) for lib in libs)
         _libs = libs
     return _libs
+
+
+def import_threadpoolctl():
+    """``import threadpoolctl``, leaving the process's environment as it was.
+
+    Its import sets ``KMP_DUPLICATE_LIB_OK=True`` in ``os.environ`` (Intel's OpenMP runtime then
+    tolerates a second copy of itself, in this process and its children) where the user has not
+    set it; a dotattn call should not change that for them, so the setting is taken back when
+    this import is the one that made it.  (A process that imported it itself — scikit-learn
+    does — keeps what it got.)
+    """
+    if "threadpoolctl" in sys.modules:
+        return importlib.import_module("threadpoolctl")  # raises ImportError for a None entry too
+    had = "KMP_DUPLICATE_LIB_OK" in os.environ
+    try:
+        return importlib.import_module("threadpoolctl")
+    finally:
+        if not had:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
 
 
 # The process-wide setters by library (module docstring), under the names their builds export

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import _affinity
+from . import _blas
 from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
@@ -1893,7 +1894,7 @@ class CpuBackend:
         try:
             import numba  # noqa: F401
             import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls this BLAS)
-            import threadpoolctl  # noqa: F401
+            _blas.import_threadpoolctl()
         except ImportError as exc:
             return False, f"needs numba, scipy and threadpoolctl: {exc}"
         return True, self.description

@@ -37,9 +37,14 @@ def merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
     if np.isnan(total).any():  # a NaN LSE poisons its row (np.divide's where= skipped it)
         scale = np.where(np.isnan(total), np.nan, scale)
     out = np.zeros(outs[0].shape, dtype=acc)
+    product = np.empty_like(out)  # one scratch for every part: full-size temporaries cost page faults
     for part, wi, empty in zip(outs, scale, np.isneginf(lse)):
         wi, empty = _as_out_axes(wi, layout), _as_out_axes(empty, layout)
         x = part.astype(acc, copy=False)
+        if (wi != 0).all():  # the usual case: every row of the part weighs, w·x as it is
+            np.multiply(wi, x, out=product)
+            out += product
+            continue
         # a part with keys weighs > 0 however its weight rounds: where it underflows to 0, its
         # NaN/±inf entries still reach the row (docs/semantics.md); an empty part never does
         with np.errstate(invalid="ignore"):  # 0·inf where the weight underflowed: the where drops it

@@ -37,3 +37,5 @@ def _share_torchs_openmp() -> None:
 
 
 _share_torchs_openmp()
+
+from . import _forked  # noqa: E402,F401  (its fork hook, before any kernel can start Numba's team)

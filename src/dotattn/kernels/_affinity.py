@@ -72,6 +72,10 @@ def ensure_pinned() -> None:
     size and set of allowed cores; else nothing (the cost is one environment lookup)."""
     if not requested() or not hasattr(os, "sched_setaffinity"):
         return
+    from ._forked import team_unusable
+
+    if team_unusable():  # (no team here: its pinning pass is a parallel kernel)
+        return
     import numba
 
     n = numba.get_num_threads()

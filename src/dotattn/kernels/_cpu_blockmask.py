@@ -72,21 +72,24 @@ def compile_mod(fn: Callable, name: str):
     return fn if isinstance(fn, CPUDispatcher) else njit(fn)
 
 
-_classify = None
+_classify: dict[bool, Callable] = {}
 
 
 def classify(mask_mod, classes, BQ, BK, Lq, Lk) -> None:
     """``classes[b, h, qb, kb]`` = SKIP (all hidden), PARTIAL (mixed) or FULL (all visible) for every tile."""
-    global _classify
-    if _classify is None:
-        _classify = _compile_classify()
-    _classify(mask_mod, classes, BQ, BK, Lq, Lk)
+    from ._forked import team_unusable
+
+    parallel = not team_unusable()  # (one thread in a process forked from one whose team ran)
+    fn = _classify.get(parallel)
+    if fn is None:
+        fn = _classify[parallel] = _compile_classify(parallel)
+    fn(mask_mod, classes, BQ, BK, Lq, Lk)
 
 
-def _compile_classify():
+def _compile_classify(parallel: bool):
     from numba import njit, prange
 
-    @njit(parallel=True)
+    @njit(parallel=parallel)
     def classify_tiles(mask_mod, classes, BQ, BK, Lq, Lk):
         Bm, Hm, nqb, nkb = classes.shape
         for t in prange(Bm * Hm * nqb):

@@ -15,12 +15,20 @@ import time
 
 import numpy as np
 
+from . import _forked
+
 
 def num_threads() -> int:
     """Numba's current thread count (``numba.set_num_threads`` may lower it at run time)."""
     import numba
 
     return numba.get_num_threads()
+
+
+def team_threads() -> int:
+    """The threads a Numba ``prange`` kernel may use here: :func:`num_threads`, but 1 in a process
+    forked from one whose team ran (``_forked``), where callers take their one-thread entries."""
+    return 1 if _forked.team_unusable() else num_threads()
 
 
 # =================================================================================
@@ -61,8 +69,9 @@ def on_numba_team():
 
 
 def in_numba_team() -> bool:
-    """Whether this thread is inside :func:`on_numba_team`."""
-    return getattr(_local, "team", False)
+    """Whether this thread is inside :func:`on_numba_team` (never in a process forked from one
+    whose team ran: ``_forked``; the partners and the pool take the work there)."""
+    return getattr(_local, "team", False) and not _forked.team_unusable()
 
 
 def cores() -> int:

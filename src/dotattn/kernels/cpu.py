@@ -33,6 +33,8 @@ import numpy as np
 
 from . import _affinity
 from . import _blas
+from . import _forked
+from . import _launch
 from ._blas import ONE_BLAS_THREAD
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import BFLOAT16, AttentionCall
@@ -459,9 +461,17 @@ def _cache_misses(dispatcher) -> int:
 
 
 def _num_threads() -> int:
-    import numba
+    """The threads of the ``prange`` kernels' team here (1 in a forked child: ``_forked``)."""
+    return _launch.team_threads()
 
-    return numba.get_num_threads()
+
+def _forward_kernel(p: Prepared, out, lse) -> None:
+    """The forward kernel on Numba's team, or in a process forked from one whose team ran
+    (``_forked``) its one-thread entry: the same tasks from the same queue, the same bits."""
+    if _forked.team_unusable():
+        p.kernels._forward_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, p.vp, out, lse, p.options)
+    else:
+        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
 
 
 # =================================================================================
@@ -1248,6 +1258,7 @@ def f32_split_route(call: AttentionCall) -> bool:
         and call.group * call.Lq * call.Lk > cpu_small.MAX_SCORES
         and not _grouped_f32(call)
         and f32_products_path()[0]
+        and not _forked.team_unusable()  # (its operand splits run on Numba's team)
     )
 
 
@@ -1615,7 +1626,7 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final:
         out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=np.uint16)
         lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
         with _kernel_launch(p.kernels, "forward", call.dtype):
-            p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+            _forward_kernel(p, out, lse)
         return out.view(BFLOAT16), lse
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
@@ -1630,7 +1641,7 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final:
             run_chunks(p.kernels.forward_grouped, args, _num_threads())
         return out, lse
     with _kernel_launch(p.kernels, "forward", call.dtype):
-        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+        _forward_kernel(p, out, lse)
     return out, lse
 
 
@@ -1780,7 +1791,7 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     # waking the team costs more than such a pass computes, and on a busy machine its launch
     # waits for every descheduled thread (the small forward path's reason, kernels/cpu_small.py).
     if serial is None:
-        serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK
+        serial = B * Hq * Lq * call.Lk * (D + Dv) < SERIAL_BACKWARD_MAX_WORK or bool(_forked.team_unusable())
     nchunks = 1 if serial else _num_threads()
     if split:
         p = _with_split_operands(p, call, dout_k, side.tops, side.pieces)
@@ -1866,7 +1877,10 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
     with _kernel_launch(p.kernels, "weights", call.dtype):
-        p.kernels.weights(p.q, p.kp, lse_c, P, p.options, _num_threads())
+        if _forked.team_unusable():  # (the one-thread entry: see _forward_kernel)
+            p.kernels._weights_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, lse_c, P, p.options)
+        else:
+            p.kernels.weights(p.q, p.kp, lse_c, P, p.options, _num_threads())
     return P
 
 

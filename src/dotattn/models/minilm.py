@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kernels import _forked
 from ..kernels._blas import ONE_BLAS_THREAD
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
@@ -130,7 +131,9 @@ class MiniLM:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tw = None
-        if self.compute == "torch":
+        if self.compute == "torch" and not _forked.torch_imported_before_fork():
+            # (in a process forked from one that had imported torch, torch's operations on more
+            # than one thread wait for its OpenMP team forever: the NumPy layers run there)
             import torch
 
             # The same weights as torch tensors (views of the NumPy arrays: no copy), plus each
@@ -196,7 +199,9 @@ class MiniLM:
         """Token states ``(B, L, E)`` of the last layer; with ``return_weights`` also a list of
         each layer's attention probabilities ``(B, H, L, L)`` (rows/columns past a sentence's
         length are 0)."""
-        if self.compute == "torch":
+        if self.compute == "torch" and not _forked.torch_imported_before_fork():
+            # (in a process forked from one that had imported torch, torch's operations on more
+            # than one thread wait for its OpenMP team forever: the NumPy layers run there)
             import torch
 
             # inference_mode, as no_grad but without autograd's view and version tracking on

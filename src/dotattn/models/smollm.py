@@ -22,6 +22,7 @@ vocabulary (49,152).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -206,6 +207,30 @@ class _Caches:
 
 
 # ---- where the projections run ----------------------------------------------------------
+def _forked_one_thread() -> bool:
+    """Whether this process must run the model on one thread: it was forked from one whose
+    Numba team ran or that had imported torch — neither team can run in a forked child (the
+    child would be ended, or wait forever: ``kernels/_forked.py``).  Every pass then takes
+    :func:`_one_thread`'s mode, whose products give the same bits (docs/models.md, "Threads")."""
+    from ..kernels import _forked
+
+    return bool(_forked.team_unusable()) or _forked.torch_imported_before_fork()
+
+
+def _one_thread_if_forked(method):
+    """Run a pass (``_prefill``, ``_decode_step``) wholly in :func:`_one_thread`'s mode in a
+    forked child (:func:`_forked_one_thread`): its head and embedding products too."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if not _forked_one_thread():
+            return method(*args, **kwargs)
+        with _one_thread():
+            return method(*args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Matrix products (MKL's thread-local count: torch's products honor it) and Numba's
@@ -274,12 +299,11 @@ class _MatMul:
     BLOCK_GEMM_MIN_ROWS, BLOCK_GEMM_MAX_ROWS = 2, 24  # (a MIN past MAX: the matrix–vector kernel alone, for A/Bs)
 
     def __init__(self, compute: str):
-        import numba
-
         from ..kernels import _cpu_model_ops
+        from ..kernels._launch import team_threads
 
         # looked up once: a decode step makes 121 products, each a few µs of Python
-        self._ops, self._threads = _cpu_model_ops, numba.get_num_threads
+        self._ops, self._threads = _cpu_model_ops, team_threads  # (1 in a forked child: kernels/_forked.py)
         self._torch = None
         self._views: dict[int, tuple[np.ndarray, Any]] = {}
         # weights whose decode-step products read their exact block codes (keep_blocks)
@@ -456,7 +480,7 @@ class _RowHalves:
         self.mm = mm
 
     def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from ..kernels._launch import num_threads
+        from ..kernels._launch import team_threads
 
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         rows = x2.shape[0]
@@ -471,7 +495,7 @@ class _RowHalves:
         # splits the depth of 9–15-row products and of the down projection's from 57 rows
         # (x (L × 1536) · W (576 × 1536)ᵀ), which rounds differently from one thread
         # (docs/models.md).
-        nchunks, parallel = _cores(), num_threads() >= 2
+        nchunks, parallel = _cores(), team_threads() >= 2
         # (oneDNN's halves, where chosen, from the first rows that reach here: 25 rows 1.04×
         # the team's MKL chunks, 64 rows 1.31×, 120 rows 1.45× — docs/models.md, "4 Dec")
         linear = _onednn_linear() if self.ONEDNN else None
@@ -1183,7 +1207,7 @@ class SmolLM:
 
         add = False  # the first layer's input has no pending residual
         for i, w in enumerate(self.w["layers"]):
-            many = True if threads is None else threads.choose()
+            many = (True if threads is None else threads.choose()) and not _forked_one_thread()
             started = time.perf_counter()
             # a short pass's products run on Numba's team (_RowHalves), whose workers spin
             # between them: its attention calls' parallel chunks run on that team too (a
@@ -1206,6 +1230,7 @@ class SmolLM:
         phase(ops.add_rms_norm, xr, proj, True, self.w["norm"], eps, h)
         return ws.h
 
+    @_one_thread_if_forked
     def _prefill(self, ids: np.ndarray, lengths: np.ndarray, caches: _Caches | None, head=None) -> np.ndarray:
         """Right-padded ``ids (B, L)`` through the network; final hidden states ``(B, L, E)``,
         or ``head(hidden states)`` with ``head``.
@@ -1257,6 +1282,7 @@ class SmolLM:
         finally:
             self._prefill_storage = ws.storage
 
+    @_one_thread_if_forked
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
         """One new token per sequence ``tokens (B,)`` → next-token logits ``(B, vocab)``, in
         buffers kept from step to step; on all cores or on this thread, as the model's
@@ -1274,7 +1300,7 @@ class SmolLM:
         def attend(i, q, k, v):  # (B, 1, H, D) → the cache's "bhld" (B, H, 1, D): views
             return caches.attend(i, q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2)).reshape(B, 1, -1)
 
-        many = threads.choose()
+        many = threads.choose() and not _forked_one_thread()
         started = time.perf_counter()
         # on all cores, the products run on Numba's team (_MatMul's GEMV), and so do the
         # attention calls' parallel items: a pool thread would share a core with a spinning worker

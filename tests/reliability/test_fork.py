@@ -62,6 +62,9 @@ def grandchild(queue):
 
 def child(queue):
     here = work()
+    from dotattn.kernels import _cpu_kernels
+    stats = _cpu_kernels._forward_chunk.stats  # the one-thread entry: loaded (dotattn precompile), not compiled
+    print("ENTRY", sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), flush=True)
     queue.put((here, run(grandchild)))
 
 parent = work()
@@ -82,6 +85,8 @@ def test_forked_children_and_grandchildren_run_with_their_parents_bits():
     parent = [d for kind, d in lines if kind == "PARENT"]
     assert len(parent) == 1 and len(lines) == 5, done.stdout
     assert all(d == parent[0] for _, d in lines), done.stdout
+    entries = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("ENTRY")]
+    assert entries and all(hits != "0" and misses == "0" for hits, misses in entries), done.stdout
 
 
 MODELS = r"""

@@ -465,10 +465,19 @@ def _num_threads() -> int:
     return _launch.team_threads()
 
 
+_entries = threading.local()  # .one_thread: precompile's switch to the one-thread entries
+
+
+def _one_thread_entries() -> bool:
+    """Whether the ``prange`` kernels' one-thread entries run instead: in a process forked from
+    one whose team ran (``_forked``), and while :func:`precompile` compiles them."""
+    return bool(_forked.team_unusable()) or getattr(_entries, "one_thread", False)
+
+
 def _forward_kernel(p: Prepared, out, lse) -> None:
-    """The forward kernel on Numba's team, or in a process forked from one whose team ran
-    (``_forked``) its one-thread entry: the same tasks from the same queue, the same bits."""
-    if _forked.team_unusable():
+    """The forward kernel on Numba's team, or (:func:`_one_thread_entries`) its one-thread
+    entry: the same tasks from the same queue, the same bits."""
+    if _one_thread_entries():
         p.kernels._forward_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, p.vp, out, lse, p.options)
     else:
         p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
@@ -1877,7 +1886,7 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
     with _kernel_launch(p.kernels, "weights", call.dtype):
-        if _forked.team_unusable():  # (the one-thread entry: see _forward_kernel)
+        if _one_thread_entries():  # (see _forward_kernel)
             p.kernels._weights_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, lse_c, P, p.options)
         else:
             p.kernels.weights(p.q, p.kp, lse_c, P, p.options, _num_threads())
@@ -1982,7 +1991,8 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
     general kernels, a forward of the small-call kernel (``cpu_small``: the first call of most
     programs is small) and a decode step (``cpu_decode``) cover them.  The backward runs twice:
     as the prange kernel and as its one chunk called directly (what small backward passes
-    run).  The float32 row also compiles the grouped GQA forward and the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
+    run); the forward and weights also as their one-thread entries (what a process forked from
+    one whose Numba team ran takes: ``_forked``).  The float32 row also compiles the grouped GQA forward and the models' element-wise kernels.  Decode rows are per cache dtype: ``bfloat16`` also runs a float16 cache (both are
     read as 16-bit words: one machine code).  Returns ``(what, seconds)`` rows; ``progress(what, seconds)`` is called after each.
     The bfloat16 row runs the bfloat16-instruction path where this machine has it (else
     the float32 kernels, which the float32 row compiles).
@@ -2016,6 +2026,12 @@ def precompile(dtypes=PRECOMPILE_DTYPES, progress=None) -> list[tuple[str, float
             timed("backward bfloat16 (bfloat16 gradients)",
                   lambda: backward_final(call, results["out"], results["lse"], results["out"]))
         timed(f"weights {name}", lambda: weights(call, results["lse"]))
+        _entries.one_thread = True  # the entries a process forked from one whose team ran takes (_forked)
+        try:
+            timed(f"forward and weights {name} (one thread: forked processes)",
+                  lambda: (forward(call), weights(call, results["lse"])))
+        finally:
+            _entries.one_thread = False
         timed(f"small forward {name}", lambda: cpu_small.forward(call))  # 40·40 scores: under the small-call rule
         timed(f"small forward {name}, partner entries", cpu_small.precompile_partner_entries)
         if name == "float32":  # GQA causal: the grouped forward (float32 storage only)

@@ -465,7 +465,19 @@ def _attention_with_kvcache(
         causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
         rotary=rotary, layout=layout, trusted=trusted,
     )
-    out, lse = kernel.decode(call, reference=name == "reference")
+    try:
+        out, lse = kernel.decode(call, reference=name == "reference")
+    except SystemError as exc:
+        # Ctrl-C while Numba boxes a kernel's result (it calls back into Python for the array
+        # type): Numba reports the pending KeyboardInterrupt as a SystemError "returned a result
+        # with an exception set", its cause — 3 of 30 random Ctrl-Cs of a streamed generation
+        # (an audit, 6 Dec 2026); the caller gets theirs, as `except KeyboardInterrupt` expects
+        cause = exc.__cause__
+        while isinstance(cause, SystemError):  # (one SystemError a dispatcher it passed through)
+            cause = cause.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        raise
     out = out.astype(call.dtype, copy=False)
     if layout == "blhd":
         out = np.ascontiguousarray(out.swapaxes(1, 2))

@@ -235,3 +235,32 @@ def test_torch_small_arguments_of_a_numpy_call():
     with pytest.raises(AttentionTypeError, match="cache_lengths must hold integers"):
         dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache,
                                        cache_lengths=torch.tensor([5.0, 9.0], requires_grad=True))
+
+
+def test_ctrl_c_while_a_kernel_result_is_boxed_is_a_keyboard_interrupt(monkeypatch):
+    """Numba reports a KeyboardInterrupt that arrives while it boxes a kernel's result as a
+    SystemError ("returned a result with an exception set") caused by it; the caller gets the
+    KeyboardInterrupt (`dotattn chat` stops a reply on it; it ended the session 1 time in 10)."""
+    from dotattn.kernels import cpu_decode
+
+    def interrupted(call, reference=False):  # as seen: a SystemError caused by one caused by the interrupt
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as exc:
+                raise SystemError("CPUDispatcher(<function run_serial>) returned a result with an exception set") from exc
+        except SystemError as inner:
+            raise SystemError("CPUDispatcher(<function plan>) returned a result with an exception set") from inner
+
+    monkeypatch.setattr(cpu_decode, "decode", interrupted)
+    q = np.zeros((1, 2, 1, 8), np.float32)
+    cache = np.zeros((1, 2, 16, 8), np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        dotattn.attention_with_kvcache(q, cache, cache.copy(), cache_lengths=[4], implementation="cpu")
+
+    def failed(call, reference=False):
+        raise SystemError("another SystemError")
+
+    monkeypatch.setattr(cpu_decode, "decode", failed)
+    with pytest.raises(SystemError, match="another"):
+        dotattn.attention_with_kvcache(q, cache, cache.copy(), cache_lengths=[4], implementation="cpu")

@@ -66,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not _cpu_cache.uses_precompiled(_cpu_kernels.forward):
         print(
-            f"warning: {_cpu_cache.PRECOMPILED_DIR} is not writable; the kernels went to Numba's usual cache",
+            f"warning: {_cpu_cache.PRECOMPILED_DIR} is not writable, nor a user cache; the kernels went to Numba's usual cache",
+            file=sys.stderr,
+        )
+    elif _cpu_cache.cache_dir() != _cpu_cache.PRECOMPILED_DIR:
+        print(
+            f"note: {_cpu_cache.PRECOMPILED_DIR} is not writable; the kernels went to {_cpu_cache.cache_dir()} "
+            "(this user's copy of it)",
             file=sys.stderr,
         )
     if "float32" in dtypes and not args.skip_route:

@@ -8,8 +8,16 @@ whatever ``NUMBA_CACHE_DIR`` says: ``dotattn precompile`` (run by ``make install
 every later process — fresh caches or not — loads from it.  Each entry is keyed by the
 content hash of all the kernels' source files (:data:`SOURCE_FILES`: they inline each
 other's helpers), the signature and the CPU, so an edited kernel or helper, or another CPU,
-compiles again (and adds its entry) instead of loading stale code.  A read-only package
-directory falls back to Numba's usual locations.
+compiles again (and adds its entry) instead of loading stale code.
+
+A read-only package directory (a system-wide install used by another user, a container's
+read-only root): its entries are copied once into a writable directory of the user's
+(:func:`cache_dir`: ``$DOTATTN_CACHE_DIR/precompiled/…``, else ``$XDG_CACHE_HOME/dotattn/…``
+or ``~/.cache/dotattn/…``), which takes the new entries too; with no writable directory at all,
+the package's entries are read in place and a kernel compiled anew runs from memory (a
+:class:`KernelCacheWarning` says so).  Until 6 Dec 2026 a read-only package directory was
+skipped — every kernel compiled again (a first call of 150 s instead of 1) — and with no
+writable cache anywhere every call failed with Numba's "no locator available".
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import functools
 import hashlib
 import itertools
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -77,15 +87,70 @@ class KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLo
         self._lineno = py_func.__code__.co_firstlineno
 
     def get_cache_path(self):
-        return str(PRECOMPILED_DIR)
+        return str(cache_dir())
 
     @classmethod
     def from_function(cls, py_func, py_file):
         path = Path(py_file).resolve()
-        if path.parent != Path(__file__).resolve().parent or path.name not in KERNEL_FILES:
+        # (the kernel files, and the helpers they compile from the other source files: dropout's hash)
+        if path.parent != Path(__file__).resolve().parent or path.name not in SOURCE_FILES:
             return None
-        # None (the next locator) when the directory cannot be created or written
-        return super().from_function(py_func, str(path))
+        if not cache_dir().is_dir():  # nothing to read and nowhere to write: Numba's locators
+            return None
+        # (not Numba's writability check: a read-only directory of entries is still read)
+        return cls(py_func, str(path))
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+        return True
+    except OSError:
+        return False
+
+
+def _user_cache_root() -> Path:
+    root = os.environ.get("DOTATTN_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dotattn"
+
+
+@functools.lru_cache(maxsize=None)
+def cache_dir() -> Path:
+    """The directory the kernels' entries are read from and written to (module docstring):
+    :data:`PRECOMPILED_DIR` where it is writable, else a writable copy of it in the user's
+    cache (one per package directory and kernel sources), else the read-only directory itself."""
+    if _writable(PRECOMPILED_DIR):
+        return PRECOMPILED_DIR
+    key = hashlib.sha256(str(PRECOMPILED_DIR).encode() + sources_stamp()).hexdigest()[:16]
+    try:
+        copy = _user_cache_root() / "precompiled" / key
+    except RuntimeError:  # (no home directory to find)
+        return PRECOMPILED_DIR
+    if not _writable(copy):
+        return PRECOMPILED_DIR
+    if PRECOMPILED_DIR.is_dir():
+        _copy_entries(PRECOMPILED_DIR, copy)
+    lock_saves_under(copy)
+    return copy
+
+
+def _copy_entries(source: Path, target: Path) -> None:
+    """Copy the cache entries ``target`` lacks (never one it has: its own saves stay), each
+    under a temporary name and renamed, so another process copying too reads whole files."""
+    for entry in source.iterdir():
+        if entry.name == LOCK_NAME or not entry.is_file() or (target / entry.name).exists():
+            continue
+        partial = target / f".{entry.name}.{os.getpid()}.partial"
+        try:
+            shutil.copyfile(entry, partial)
+            os.replace(partial, target / entry.name)
+        except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink()
 
 
 def install_locator() -> None:
@@ -204,7 +269,8 @@ def _save_locked(numba_save):
 
 
 def uses_precompiled(dispatcher) -> bool:
-    """Whether ``dispatcher`` (a cached kernel) reads and writes :data:`PRECOMPILED_DIR`."""
+    """Whether ``dispatcher`` (a cached kernel) reads and writes the kernels' cache,
+    :func:`cache_dir` (:data:`PRECOMPILED_DIR`, or its writable copy where that is read-only)."""
     cache = getattr(dispatcher, "_cache", None)
     locator = getattr(getattr(cache, "_impl", None), "locator", None)
-    return locator is not None and Path(locator.get_cache_path()).resolve() == PRECOMPILED_DIR.resolve()
+    return locator is not None and Path(locator.get_cache_path()).resolve() == cache_dir().resolve()

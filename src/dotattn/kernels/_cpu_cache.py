@@ -110,7 +110,9 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-def _user_cache_root() -> Path:
+def user_cache_root() -> Path:
+    """dotattn's cache in the user's files: ``$DOTATTN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/dotattn``, else ``~/.cache/dotattn``."""
     root = os.environ.get("DOTATTN_CACHE_DIR")
     if root:
         return Path(root)
@@ -127,7 +129,7 @@ def cache_dir() -> Path:
         return PRECOMPILED_DIR
     key = hashlib.sha256(str(PRECOMPILED_DIR).encode() + sources_stamp()).hexdigest()[:16]
     try:
-        copy = _user_cache_root() / "precompiled" / key
+        copy = user_cache_root() / "precompiled" / key
     except RuntimeError:  # (no home directory to find)
         return PRECOMPILED_DIR
     if not _writable(copy):

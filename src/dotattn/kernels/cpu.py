@@ -190,15 +190,10 @@ def _in_memory_user_kernels(score_mod, mask_mod) -> types.ModuleType:
 def user_kernel_dir() -> Path:
     """Where kernel copies for self-contained user functions live (and Numba caches them).
 
-    ``$DOTATTN_CACHE_DIR/user_kernels`` if set, else ``$XDG_CACHE_HOME/dotattn/user_kernels``,
-    else ``~/.cache/dotattn/user_kernels``.
+    ``user_kernels`` in :func:`_cpu_cache.user_cache_root` (``$DOTATTN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/dotattn``, else ``~/.cache/dotattn``).
     """
-    root = os.environ.get("DOTATTN_CACHE_DIR")
-    if root:
-        return Path(root) / "user_kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "dotattn" / "user_kernels"
+    return _cpu_cache.user_cache_root() / "user_kernels"
 
 
 _FUTURE_LINE = "from __future__ import annotations\n"

@@ -131,9 +131,7 @@ class MiniLM:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tw = None
-        if self.compute == "torch" and not _forked.torch_imported_before_fork():
-            # (in a process forked from one that had imported torch, torch's operations on more
-            # than one thread wait for its OpenMP team forever: the NumPy layers run there)
+        if self._torch_layers():
             import torch
 
             # The same weights as torch tensors (views of the NumPy arrays: no copy), plus each
@@ -160,6 +158,12 @@ class MiniLM:
         return Batch(ids=ids, lengths=lengths, tokens=[list(e.tokens) for e in encodings])
 
     # ---- the encoder -----------------------------------------------------------------
+    def _torch_layers(self) -> bool:
+        """Whether the layers run on torch (``compute="torch"``) — not in a process forked from
+        one that had imported torch, where torch's operations on more than one thread wait for
+        its OpenMP team forever (``kernels/_forked.py``): the NumPy layers run there."""
+        return self.compute == "torch" and not _forked.torch_imported_before_fork()
+
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         return x @ self.w[name + ".weight"].T + self.w[name + ".bias"]
 
@@ -199,9 +203,7 @@ class MiniLM:
         """Token states ``(B, L, E)`` of the last layer; with ``return_weights`` also a list of
         each layer's attention probabilities ``(B, H, L, L)`` (rows/columns past a sentence's
         length are 0)."""
-        if self.compute == "torch" and not _forked.torch_imported_before_fork():
-            # (in a process forked from one that had imported torch, torch's operations on more
-            # than one thread wait for its OpenMP team forever: the NumPy layers run there)
+        if self._torch_layers():
             import torch
 
             # inference_mode, as no_grad but without autograd's view and version tracking on

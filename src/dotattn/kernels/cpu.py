@@ -456,8 +456,9 @@ def _cache_misses(dispatcher) -> int:
 
 
 def _num_threads() -> int:
-    """The threads of the ``prange`` kernels' team here (1 in a forked child: ``_forked``)."""
-    return _launch.team_threads()
+    """Numba's thread count: the ``prange`` kernels' team, and the chunks of ``run_chunks``'s
+    pool (plain threads, which a forked child has too: ``_forked``)."""
+    return _launch.num_threads()
 
 
 _entries = threading.local()  # .one_thread: precompile's switch to the one-thread entries

@@ -25,12 +25,6 @@ def num_threads() -> int:
     return numba.get_num_threads()
 
 
-def team_threads() -> int:
-    """The threads a Numba ``prange`` kernel may use here: :func:`num_threads`, but 1 in a process
-    forked from one whose team ran (``_forked``), where callers take their one-thread entries."""
-    return 1 if _forked.team_unusable() else num_threads()
-
-
 # =================================================================================
 # chunks on a small pool, the caller taking what no worker has started
 # =================================================================================

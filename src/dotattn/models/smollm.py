@@ -299,11 +299,12 @@ class _MatMul:
     BLOCK_GEMM_MIN_ROWS, BLOCK_GEMM_MAX_ROWS = 2, 24  # (a MIN past MAX: the matrix–vector kernel alone, for A/Bs)
 
     def __init__(self, compute: str):
+        import numba
+
         from ..kernels import _cpu_model_ops
-        from ..kernels._launch import team_threads
 
         # looked up once: a decode step makes 121 products, each a few µs of Python
-        self._ops, self._threads = _cpu_model_ops, team_threads  # (1 in a forked child: kernels/_forked.py)
+        self._ops, self._threads = _cpu_model_ops, numba.get_num_threads
         self._torch = None
         self._views: dict[int, tuple[np.ndarray, Any]] = {}
         # weights whose decode-step products read their exact block codes (keep_blocks)
@@ -480,7 +481,7 @@ class _RowHalves:
         self.mm = mm
 
     def __call__(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from ..kernels._launch import team_threads
+        from ..kernels._launch import num_threads
 
         x2, out2 = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         rows = x2.shape[0]
@@ -495,7 +496,7 @@ class _RowHalves:
         # splits the depth of 9–15-row products and of the down projection's from 57 rows
         # (x (L × 1536) · W (576 × 1536)ᵀ), which rounds differently from one thread
         # (docs/models.md).
-        nchunks, parallel = _cores(), team_threads() >= 2
+        nchunks, parallel = _cores(), num_threads() >= 2
         # (oneDNN's halves, where chosen, from the first rows that reach here: 25 rows 1.04×
         # the team's MKL chunks, 64 rows 1.31×, 120 rows 1.45× — docs/models.md, "4 Dec")
         linear = _onednn_linear() if self.ONEDNN else None

@@ -4,6 +4,8 @@ dtype, both layouts, both kernels; the cache contents after the append; bitwise 
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import pytest
@@ -169,6 +171,49 @@ def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype):
         got = run(B, slot, capacity, page_size)
         H.assert_bitwise_equal(got[0], alone[0], name=f"out B={B} capacity={capacity} page_size={page_size}")
         H.assert_bitwise_equal(got[1], alone[1], name=f"lse B={B} capacity={capacity} page_size={page_size}")
+
+
+@pytest.mark.parametrize("page_size", [None, 2, 16])
+def test_numpy_kernel_gives_the_same_bits_alone_on_a_worker_thread_and_again(page_size):
+    """The numpy kernel fills one set of scratch buffers chunk after chunk, sequence after
+    sequence (fresh per-chunk temporaries cost page faults in the main thread): each sequence
+    gets the bits it gets alone, on a worker thread and on a second call, whatever a longer
+    sequence or a chunk with ±inf/NaN values left in those buffers before it."""
+    S = decoding.SPLIT_SIZE
+    case = C.make_case(5, B=3, lengths=[3 * S + 40, 2 * S - 9, 100], Lq=2, Lnew=2, Hq=6, Hkv=2, D=32,
+                       page_size=page_size, dtype=np.float16, q_dtype=np.float32)
+
+    def slot(b, j):  # (cache, index) of position j of sequence b
+        if page_size is None:
+            return b, slice(None), j
+        return case.block_table[b, j // page_size], slice(None), j % page_size
+
+    case.v_cache[slot(0, S + 44)] = np.inf  # sequence 0: ±inf/NaN values in its second and last chunks
+    case.v_cache[slot(0, 3 * S + 30)] = np.nan
+    case.k_cache[slot(0, 3 * S + 31)] = -np.inf
+
+    def run(b=None):
+        sel = slice(None) if b is None else slice(b, b + 1)
+        caches = [x.copy() if page_size is not None else x[sel].copy() for x in (case.k_cache, case.v_cache)]
+        table = None if page_size is None else case.block_table[sel]
+        return dotattn.attention_with_kvcache(
+            case.q[sel], *caches, case.k_new[sel], case.v_new[sel], cache_lengths=case.cache_lengths[sel],
+            block_table=table, return_lse=True, implementation="numpy",
+        )
+
+    first = run()
+    assert np.isnan(first[0][0]).any() and np.isfinite(first[0][1:]).all()  # the NaN stays in its sequence
+    on_worker = []
+    worker = threading.Thread(target=lambda: on_worker.append(run()))
+    worker.start()
+    worker.join()
+    for name, got in [("second call", run()), ("worker thread", on_worker[0])]:
+        H.assert_bitwise_equal(got[0], first[0], name=f"out, {name}")
+        H.assert_bitwise_equal(got[1], first[1], name=f"lse, {name}")
+    for b in (2, 1, 0):  # each after other contents than in the batch
+        out, lse = run(b)
+        H.assert_bitwise_equal(out[0], first[0][b], name=f"out of sequence {b} alone")
+        H.assert_bitwise_equal(lse[0], first[1][b], name=f"lse of sequence {b} alone")
 
 
 def test_backends_agree_on_an_empty_and_a_zero_length_call():

@@ -13,7 +13,8 @@ work counts where it is longer than the GPU's).  GB/s = K/V bytes a call must re
 (``2·B·Hkv·context·D·itemsize``) over its time; the yardstick is a device read measured in
 the same run (a float32 sum over a buffer far larger than the L2).
 
-``--profile`` adds, per case, the GPU time of each kernel a call launches (torch.profiler),
+"+append ms" times the call of a decode step: one new token's key and value appended (at
+position L − 1, the same slot every call) and then attended.  ``--profile`` adds, per case, the GPU time of each kernel a call launches (torch.profiler),
 so the split-KV kernel's time can be told from the merge's and the call's other work.
 ``--slow-launch`` launches every kernel through Triton's own per-call path (no kept compiled
 kernel: ``triton_decode.FAST_LAUNCH = False``), for the host time before/after.
@@ -99,6 +100,14 @@ def run_case(B, L, dtype_name, paged, profile=False):
     def ours():
         return dotattn.attention_with_kvcache(q, k, v, cache_lengths=lens, block_table=table)
 
+    # a decode step's call: the new token's key and value appended at position L − 1, then read
+    # (the same slot every call: the cache keeps its size)
+    kn = torch.randn(B, Hkv, 1, D, device="cuda").to(q.dtype)
+    vn = torch.randn(B, Hkv, 1, D, device="cuda").to(q.dtype)
+
+    def ours_append():
+        return dotattn.attention_with_kvcache(q, k, v, kn, vn, cache_lengths=lens - 1, block_table=table)
+
     qf = q.view(B, Hkv, Hq // Hkv, D)
 
     def sdpa():
@@ -110,7 +119,8 @@ def run_case(B, L, dtype_name, paged, profile=False):
         err = float((out - ref).abs().max())
         t_ours = do_bench(ours)
         t_sdpa = do_bench(sdpa)
-        host_ours, host_sdpa = host_us(ours), host_us(sdpa)
+        t_append = do_bench(ours_append)
+        host_ours, host_sdpa, host_append = host_us(ours), host_us(sdpa), host_us(ours_append)
         kernels = None
         if profile:
             from torch.profiler import ProfilerActivity
@@ -132,7 +142,8 @@ def run_case(B, L, dtype_name, paged, profile=False):
     nbytes = 2 * B * Hkv * L * D * q.element_size()
     return dict(B=B, L=L, dtype=dtype_name, paged=paged, ours_ms=t_ours, sdpa_ms=t_sdpa,
                 ours_gbs=nbytes / (t_ours * 1e-3) / 1e9, sdpa_gbs=nbytes / (t_sdpa * 1e-3) / 1e9,
-                max_abs_diff=err, kernels=kernels, host_us=host_ours, sdpa_host_us=host_sdpa)
+                max_abs_diff=err, kernels=kernels, host_us=host_ours, sdpa_host_us=host_sdpa,
+                append_ms=t_append, append_host_us=host_append)
 
 
 SWEEP = {
@@ -233,7 +244,7 @@ def main(argv=None) -> int:
         sweep(args, read)
         return 0
     print(f"{'case':<28} {'dotattn ms':>10} {'SDPA ms':>9} {'× SDPA':>7} {'GB/s':>7} {'share':>6} {'SDPA GB/s':>9} {'|diff|':>8}"
-          f" {'host µs':>8} {'SDPA host':>9}")
+          f" {'host µs':>8} {'SDPA host':>9} {'+append ms':>10} {'its host':>8}")
     results = []
     for dt in args.dtypes:
         for B in args.batches:
@@ -244,7 +255,8 @@ def main(argv=None) -> int:
                     name = f"B{B} {L // 1024}k {dt} {layout}"
                     print(f"{name:<28} {r['ours_ms']:>10.4f} {r['sdpa_ms']:>9.4f} {r['sdpa_ms'] / r['ours_ms']:>7.2f}"
                           f" {r['ours_gbs']:>7.0f} {r['ours_gbs'] / read:>6.0%} {r['sdpa_gbs']:>9.0f} {r['max_abs_diff']:>8.1e}"
-                          f" {r['host_us']:>8.0f} {r['sdpa_host_us']:>9.0f}",
+                          f" {r['host_us']:>8.0f} {r['sdpa_host_us']:>9.0f} {r['append_ms']:>10.4f}"
+                          f" {r['append_host_us']:>8.0f}",
                           flush=True)
                     for kname, count, ms in r["kernels"] or ():
                         print(f"      {ms * 1e3:9.1f} µs  ×{count:<4} {kname}")

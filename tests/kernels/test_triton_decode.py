@@ -519,7 +519,8 @@ def test_a_sequence_decodes_to_the_same_bits_in_any_batch(cache):
 
 def test_host_arrays_reach_the_device_in_one_packed_copy(monkeypatch):
     """host_to_device on CUDA packs the arrays into one buffer and views the copy back in each
-    array's dtype and shape (8-byte aligned): small ones through a reused pinned slot, more
+    array's dtype and shape (each at a multiple of 16 bytes, as Triton's kernels are specialized
+    on a pointer's 16-byte alignment): small ones through a reused pinned slot, more
     than a slot holds through a buffer pinned for the copy.  Here the pinning and the copies
     are stand-ins (no GPU), the packing and the views are the real ones (the slots on a GPU:
     test_triton_gpu.py)."""
@@ -553,7 +554,8 @@ def test_host_arrays_reach_the_device_in_one_packed_copy(monkeypatch):
         for want, t in zip(arrays, got):
             assert t.dtype == torch.from_numpy(want).dtype and tuple(t.shape) == want.shape
             np.testing.assert_array_equal(t.numpy(), want)
-    assert sent == [8 * 5 + 8 * 3 + 16 + 0 + 8 * 7]
+            assert t.storage_offset() * t.element_size() % 16 == 0
+    assert sent == [48 + 32 + 16 + 0 + 64]
     assert copies == [{"non_blocking": True}]
 
 
@@ -620,6 +622,138 @@ def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeyp
     monkeypatch.setattr(triton_decode, "FAST_LAUNCH", False)
     triton_decode.launch(fn, (3, 2), (x, 9, 2.5), dict(B=2, A=1), 4, None)
     assert log == [("triton", (3, 2), (x, 9, 2.5), dict(B=2, A=1, num_warps=4))]
+
+
+def test_a_plan_launch_goes_through_triton_once_then_runs_the_compiled_kernel(monkeypatch):
+    """triton_decode._Launch (one launch of a decode plan): its first call goes through Triton
+    with the tensors, the plan's numbers, constexprs and options, and keeps the compiled kernel
+    Triton returns; later calls run it with every argument, constexprs included, in the
+    kernel's order.  Never kept under the interpreter or with FAST_LAUNCH off.  (Triton stands
+    in; the real one on a GPU: test_triton_gpu.py.)"""
+    from types import SimpleNamespace
+
+    from dotattn.kernels import triton_decode
+
+    interpreted = [False]
+    monkeypatch.setattr(triton_decode, "_kernels", lambda: SimpleNamespace(INTERPRETED=interpreted[0]))
+    log = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("compiled", grid, args))
+
+    class Jit:
+        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in
+                  [("X", False), ("Y", False), ("n", False), ("s", False), ("A", True), ("B", True)]]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: log.append(("triton", grid, args, kw)) or Compiled()
+
+    x, y, z = object(), object(), object()
+    run = triton_decode._Launch(Jit(), (7, 1.5), dict(B=2, A=1), 4, 3)
+    run((3, 2, 1), x, y)
+    run((5, 2, 1), z, y)
+    assert log == [("triton", (3, 2, 1), (x, y, 7, 1.5), dict(B=2, A=1, num_warps=4, num_stages=3)),
+                   ("compiled", (5, 2, 1), (z, y, 7, 1.5, 1, 2))]
+    for flag, value in (("FAST_LAUNCH", False), ("interpreted", True)):
+        log.clear()
+        if flag == "interpreted":
+            monkeypatch.setattr(triton_decode, "FAST_LAUNCH", True)
+            interpreted[0] = True
+        else:
+            monkeypatch.setattr(triton_decode, "FAST_LAUNCH", value)
+        run = triton_decode._Launch(Jit(), (7,), dict(A=1, B=2), 8, None)
+        run((1, 1, 1), x, y)
+        run((1, 1, 1), x, y)
+        assert [e[0] for e in log] == ["triton", "triton"] and log[0][3] == dict(A=1, B=2, num_warps=8), flag
+
+
+def test_calls_of_one_kind_share_a_plan_and_give_a_fresh_plans_bits():
+    """A decode plan (the launches' numbers, kept per kind of call: triton_decode._Plan) is made
+    once per kind: calls with new lengths and new values reuse it; a cache view off 16-byte
+    alignment, a call growing from one chunk to several, another layout or dtype, ALiBi, an
+    LSE asked for get their own.  Each call gives the bits of the same call on a fresh plan."""
+    import dotattn
+    from dotattn.kernels import triton_decode
+
+    rng = np.random.default_rng(7)
+    B, Hq, Hkv, D, cap = 2, 4, 2, 16, 700
+
+    def tensor(*shape, dtype=torch.float32):
+        return _tensor(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+
+    k, v = tensor(B, Hkv, cap + 2, D), tensor(B, Hkv, cap + 2, D)
+    off = 2  # elements: 8 bytes into the buffer
+    k_off = k.reshape(-1)[off:off + B * Hkv * cap * D].view(B, Hkv, cap, D)
+    v_off = v.reshape(-1)[off:off + B * Hkv * cap * D].view(B, Hkv, cap, D)
+    kc, vc = k[:, :, :cap], v[:, :, :cap]
+    q, q16 = tensor(B, Hq, 1, D), tensor(B, Hq, 1, D, dtype=torch.float16)
+    kc16, vc16 = kc.to(torch.float16), vc.to(torch.float16)
+    impl = None if CUDA else "triton"
+    slopes = rng.uniform(0.1, 0.5, Hq)
+    calls = [  # (keyword arguments, new plan?)
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([100, 40])), True),
+        (dict(q=tensor(B, Hq, 1, D), k_cache=kc, v_cache=vc, cache_lengths=np.array([3, 250])), False),
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([300, 40])), True),  # two chunks
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([600, 2])), False),  # three
+        (dict(q=q, k_cache=k_off, v_cache=v_off, cache_lengths=np.array([600, 2])), True),
+        (dict(q=q16, k_cache=kc16, v_cache=vc16, cache_lengths=np.array([600, 2])), True),
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([600, 2]), alibi_slopes=slopes), True),
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([600, 2]), return_lse=True), True),
+        (dict(q=q.transpose(1, 2), k_cache=kc.transpose(1, 2), v_cache=vc.transpose(1, 2),
+              cache_lengths=np.array([600, 2]), layout="blhd"), True),
+        (dict(q=q, k_cache=kc, v_cache=vc, cache_lengths=np.array([500, 9])), False),
+    ]
+    triton_decode._plans.clear()
+    for i, (kw, new_plan) in enumerate(calls):
+        before = len(triton_decode._plans)
+        got = dotattn.attention_with_kvcache(**kw, implementation=impl)
+        assert len(triton_decode._plans) == before + new_plan, i
+        kept = dict(triton_decode._plans)
+        triton_decode._plans.clear()
+        want = dotattn.attention_with_kvcache(**kw, implementation=impl)
+        triton_decode._plans.clear()
+        triton_decode._plans.update(kept)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w), i
+
+
+_CAST_CASES = CASES + ([("bf16-contig-q16", dict(dtype=H.DTYPES[1], B=2, max_len=600), {})] if CUDA else [])
+
+
+@pytest.mark.parametrize("name,shape,options", _CAST_CASES, ids=[c[0] for c in _CAST_CASES])
+def test_in_kernel_casts_give_torchs_bits(name, shape, options, monkeypatch):
+    """On a GPU the decode kernels read q in its own dtype and write the output in q's dtype and
+    the caller's layout (triton_decode.IN_KERNEL_CASTS); the other way (q made float32 and the
+    float32 output converted by torch, as under the interpreter) gives the same bits, and the
+    same cache contents after the append.  Under the interpreter: float32 and float16 q (its
+    bfloat16 casts truncate); on a GPU bfloat16 too."""
+    import dotattn
+    from dotattn.kernels import triton_decode
+
+    seed = sum(map(ord, name)) + 2
+    results = []
+    for in_kernel in (False, True):
+        monkeypatch.setattr(triton_decode, "IN_KERNEL_CASTS", in_kernel)
+        case = C.make_case(seed, **shape)
+        kw = dict(options)
+        Hq = C.canonical(case.q, case.layout).shape[1]
+        if options.get("alibi_slopes"):
+            kw["alibi_slopes"] = np.random.default_rng(seed).uniform(0.01, 0.3, Hq)
+        if options.get("rotary"):
+            cos, sin = C.rope_tables(1024, C.canonical(case.q, case.layout).shape[3] // 2 - 1)
+            kw["rotary"] = (_tensor(cos.astype(np.float32)), _tensor(sin.astype(np.float32)))
+        kc, vc = _tensor(case.k_cache), _tensor(case.v_cache)
+        out, lse = dotattn.attention_with_kvcache(
+            _tensor(case.q), kc, vc, _tensor(case.k_new), _tensor(case.v_new), return_lse=True,
+            implementation=None if CUDA else "triton", **case.kwargs(**kw),
+        )
+        results.append((out, lse, kc, vc))
+    (o1, l1, k1, v1), (o2, l2, k2, v2) = results
+    assert o1.dtype == o2.dtype and o1.shape == o2.shape and o1.is_contiguous() and o2.is_contiguous()
+    bits = {2: torch.int16, 4: torch.int32}
+    for a, b in ((o1, o2), (l1, l2), (k1, k2), (v1, v2)):  # (bits: the caches' unused slots hold NaN)
+        assert torch.equal(a.view(bits[a.element_size()]), b.view(bits[b.element_size()]))
 
 
 @st.composite

@@ -149,8 +149,8 @@ def test_huge_finite_logits_decode():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_launches_of_the_kept_compiled_kernel_give_tritons_bits(dtype, monkeypatch):
-    """triton_decode.launch keeps each compiled kernel and launches it again without Triton's
-    per-call specialization: the outputs are bitwise those of Triton's own launch, over calls
+    """A decode plan keeps each compiled kernel and launches it again without Triton's
+    per-call specialization (triton_decode._Launch): the outputs are bitwise those of Triton's own launch, over calls
     whose specialization changes (a cache view 8 bytes off 16-byte alignment, paged and
     contiguous caches, growing lengths), each call made twice so the second uses the kept kernel."""
     from dotattn.kernels import triton_decode
@@ -181,9 +181,10 @@ def test_decode_launches_of_the_kept_compiled_kernel_give_tritons_bits(dtype, mo
     monkeypatch.setattr(triton_decode, "FAST_LAUNCH", False)
     want = run_all()
     monkeypatch.setattr(triton_decode, "FAST_LAUNCH", True)
-    monkeypatch.setattr(triton_decode, "_compiled", {})
+    monkeypatch.setattr(triton_decode, "_plans", {})
     got = run_all()
-    assert len(triton_decode._compiled) >= 3
+    plans = triton_decode._plans.values()
+    assert len(plans) >= 3 and all(p.split.compiled is not None and p.redo.compiled is not None for p in plans)
     for (o, l), (wo, wl) in zip(got, want):
         assert torch.equal(o, wo) and torch.equal(l, wl)
 

@@ -67,6 +67,12 @@ GPU_TILES = {0: (32, 4, 3), 2: (32, 4, 4), 3: (32, 4, 4)}
 FAST_LAUNCH = True
 _compiled: dict = {}
 
+# Whether the kernels read q in its own dtype and write the output in q's (True on a GPU):
+# None decides by the mode, not under Triton's interpreter, whose float32 → bfloat16 casts
+# truncate where torch (and a GPU's store) round to nearest even.  Tests set it to run the
+# GPU's way under the interpreter, on float16 and float32.
+IN_KERNEL_CASTS: bool | None = None
+
 
 _NUMBERS = (int, float)
 _SCALARS = (int, float, bool, type(None))
@@ -123,61 +129,174 @@ def launch(fn, grid, args: tuple, consts: dict, num_warps: int, num_stages: int 
     kernel[grid3](*args, *constexprs)  # a compiled kernel takes every argument, constexprs too, in order
 
 
-def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
-                   softcap, alibi_slopes, split: int):
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` float32 tensors.
+# ---------------------------------------------------------------------------------
+# a decode call's launches, planned once per kind of call
+# ---------------------------------------------------------------------------------
 
-    ``q (B, Hq, Lq, D)`` (already rotated), ``k_pages (P, Hkv, page_size, D)``, ``v_pages
-    (P, Hkv, page_size, Dv)``, ``block_table`` int ``(B, max_pages)``, ``kv_lengths`` int
-    ``(B,)`` (keys after the append; ``max_len`` = its maximum, known on the host),
-    ``alibi_slopes`` float32 ``(B, Hq)`` or None.
+
+class _Launch:
+    """One kernel launch of a :class:`_Plan`: the kernel, its constexprs and launch options,
+    and the numbers (strides, sizes, options) that every call of the plan passes after its
+    tensors.  The first launch goes through Triton, which compiles or finds the kernel and
+    returns it; later ones run that compiled kernel directly — the plan's key holds all that
+    Triton specializes on (the tensors' dtypes and 16-byte alignment, the numbers' values), so
+    it is the kernel Triton would find.  ``FAST_LAUNCH = False``: through Triton every time."""
+
+    __slots__ = ("fn", "numbers", "consts", "options", "compiled", "constexprs")
+
+    def __init__(self, fn, numbers: tuple, consts: dict, num_warps: int, num_stages: int | None):
+        self.fn, self.numbers, self.consts = fn, numbers, consts
+        self.options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps,
+                                                                                 num_stages=num_stages)
+        self.compiled = self.constexprs = None
+
+    def __call__(self, grid: tuple, *tensors) -> None:
+        compiled = self.compiled
+        if compiled is None or not FAST_LAUNCH:
+            kept = self.fn[grid](*tensors, *self.numbers, **self.consts, **self.options)
+            if FAST_LAUNCH and not _kernels().INTERPRETED and hasattr(kept, "__getitem__"):
+                self.compiled = kept
+                self.constexprs = tuple(self.consts[p.name] for p in self.fn.params if p.is_constexpr)
+            return
+        compiled[grid](*tensors, *self.numbers, *self.constexprs)  # (every argument, constexprs too, in order)
+
+
+class _Plan:
+    """What every decode call of one kind passes unchanged (:func:`_plan_key`): the split-KV
+    launches (the plain pass, then the NaN/±inf pass over flagged chunks) and the merge, with
+    their numbers, and the layout of the call's float32 scratch.
+
+    The scratch holds, each part at a 16-byte boundary (so that every call's tensors have the
+    alignment the plan's kernels were compiled for): the chunks' partial outputs ``(n_chunks,
+    B, Hq, Lq, Dv)`` — chunk outermost, so that no stride depends on the number of chunks,
+    which grows with the context — their LSEs ``(n_chunks, B, Hq, Lq)``, the kernel's flags
+    ``(B·Hkv, n_chunks)`` int32, and the LSE of a call that does not return it.
+    """
+
+    __slots__ = ("split", "redo", "merge", "rows", "Dv", "flag_rows", "layouts")
+
+    def __init__(self, q, k_pages, v_pages, block_table, out, lse_strides, *, causal, window, scale, softcap, alibi,
+                 split, one_chunk):
+        kern = _kernels()
+        B, Hq, Lq, D = q.shape
+        Hkv, page_size, Dv = k_pages.shape[1], k_pages.shape[2], v_pages.shape[3]
+        G = Hq // Hkv
+        self.rows, self.Dv, self.flag_rows = B * Hq * Lq, Dv, B * Hkv
+        self.layouts: dict = {}  # the scratch's offsets by (chunks, with an LSE)
+        rows = self.rows
+        left, right = window if window is not None else (None, None)
+        block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+        if one_chunk:  # the split kernel writes the call's output and LSE itself
+            targets = (*out.stride()[:3], 0, out.stride()[3], *lse_strides, 0)
+        else:  # (n_chunks, B, Hq, Lq, Dv) and (n_chunks, B, Hq, Lq), contiguous
+            targets = (Hq * Lq * Dv, Lq * Dv, Dv, rows * Dv, 1, Hq * Lq, Lq, 1, rows)
+        numbers = (*q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *targets,
+                   Hq, Hkv, G, Lq, D, Dv, page_size, split, float(scale), float(softcap or 0.0), int(left or 0),
+                   int(right or 0))
+        consts = dict(BLOCK_R=max(16, _next_pow2(G * Lq)), BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
+                      HAS_WL=left is not None, HAS_WR=right is not None, HAS_ALIBI=alibi,
+                      HAS_SOFTCAP=softcap is not None, EVEN_D=D == block_d and Dv == block_dv)
+        # 16-bit caches: tensor-core dots of q's and p's 16-bit terms (kernels/triton_kernels.py);
+        # float32 caches: IEEE dots on the CUDA cores
+        terms = {"torch.float16": 2, "torch.bfloat16": 3}.get(str(k_pages.dtype), 0)
+        block_n, warps, stages = (16, 4, 1) if kern.INTERPRETED else GPU_TILES[terms]
+        # every chunk with plain dots, flagging those with a non-finite score or output; then the
+        # flagged ones again under the NaN/±inf rule (the second launch's other programs return at
+        # once).  One kernel doing both spilled registers inside the plain loop (4 Dec, sm_90 SASS).
+        self.split = _Launch(kern.decode_split, numbers, dict(consts, BLOCK_N=block_n, TERMS=terms, REDO=False),
+                             warps, stages)
+        self.redo = _Launch(kern.decode_split, numbers,
+                            dict(consts, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True), 4,
+                            1 if kern.INTERPRETED else 3)
+        self.merge = None if one_chunk else _Launch(
+            kern.decode_merge,
+            (Hq * Lq * Dv, Lq * Dv, Dv, rows * Dv, 1, Hq * Lq, Lq, 1, rows, *out.stride(), *lse_strides, Hq, Lq, Dv,
+             split),
+            dict(BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv), 4, None)
+
+    def scratch(self, n_chunks: int, device, with_lse: bool):
+        """``(part_out, part_lse, flags, lse or None)``: views of one new float32 allocation."""
+        import torch
+
+        at = self.layouts.get((n_chunks, with_lse))
+        if at is None:
+            parts = n_chunks * self.rows
+            at_lse = _up16(parts * self.Dv)
+            at_flags = at_lse + _up16(parts)
+            at_end = at_flags + _up16(self.flag_rows * n_chunks)
+            at = self.layouts[(n_chunks, with_lse)] = (at_lse, at_flags, at_end,
+                                                         at_end + (_up16(self.rows) if with_lse else 0))
+        at_lse, at_flags, at_end, size = at
+        scratch = torch.empty(size, dtype=torch.float32, device=device)
+        lse = scratch[at_end:at_end + self.rows] if with_lse else None
+        return scratch[:at_lse], scratch[at_lse:at_flags], scratch[at_flags:at_end].view(torch.int32), lse
+
+
+def _up16(n: int) -> int:
+    """``n`` float32 elements rounded up to a multiple of 16 bytes."""
+    return -(-n // 4) * 4
+
+
+_plans: dict = {}
+_MAX_PLANS = 1024  # kept plans before the dict starts over (a program makes few kinds of call)
+
+
+def _plan_key(tensors: tuple, *options) -> tuple:
+    """What a :class:`_Plan` is made from: shapes, strides, dtypes and 16-byte alignment of
+    the tensors the caller gives (the scratch's parts are aligned by construction), the options,
+    and the device (Triton loads a compiled kernel per device)."""
+    return (tensors[0].device, *options, *[(t.dtype, t.shape, t.stride(), t.data_ptr() & 15 == 0) for t in tensors])
+
+
+def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int, causal: bool, window, scale: float,
+                   softcap, alibi_slopes, split: int, out=None, lse=None):
+    """The split-KV decode of a validated, appended call on torch tensors: ``(out, lse)``.
+
+    ``q (B, Hq, Lq, D)`` (already rotated; any float dtype), ``k_pages (P, Hkv, page_size,
+    D)``, ``v_pages (P, Hkv, page_size, Dv)``, ``block_table`` int ``(B, max_pages)``,
+    ``kv_lengths`` int ``(B,)`` (keys after the append; ``max_len`` = its maximum, known on
+    the host), ``alibi_slopes`` float32 ``(B, Hq)`` or None.  ``out (B, Hq, Lq, Dv)`` — any
+    float dtype, any strides: the kernels write it, rounding from float32 — and ``lse (B, Hq,
+    Lq)`` float32 are written if given, else made (float32; ``lse`` then from the scratch).
     """
     import torch
 
-    kern = _kernels()
-    B, Hq, Lq, D = q.shape
-    Hkv, page_size, Dv = k_pages.shape[1], k_pages.shape[2], v_pages.shape[3]
-    G = Hq // Hkv
-    q = q.to(torch.float32)
+    B, Hq, Lq, _ = q.shape
+    Dv = v_pages.shape[3]
+    dev = q.device
+    if out is None:
+        out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32, device=dev)
+    if B * Hq * Lq == 0:
+        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if lse is None else lse
+        return out, lse
     n_chunks = max(1, triton_cdiv(max_len, split))
-    # the chunks' partial outputs, their LSEs and the kernel's flags: one allocation (each
-    # allocation is host time on every call)
-    parts = B * Hq * Lq * n_chunks
-    scratch = torch.empty(parts * (Dv + 1) + B * Hkv * n_chunks, dtype=torch.float32, device=q.device)
-    part_out = scratch[:parts * Dv].view(B, Hq, Lq, n_chunks, Dv)
-    part_lse = scratch[parts * Dv:parts * (Dv + 1)].view(B, Hq, Lq, n_chunks)
-    flags = scratch[parts * (Dv + 1):].view(torch.int32)
-    if q.numel() == 0 or B * Hq * Lq == 0:
-        return part_out[..., 0, :].zero_(), part_lse[..., 0].fill_(float("-inf"))
-    left, right = window if window is not None else (None, None)
-    slopes = part_lse if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()  # (unread if None)
-    block_d, block_dv = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
-    # 16-bit caches: tensor-core dots of q's and p's 16-bit terms (kernels/triton_kernels.py);
-    # float32 caches: IEEE dots on the CUDA cores
-    terms = {torch.float16: 2, torch.bfloat16: 3}.get(k_pages.dtype, 0)
-    block_n, warps, stages = (16, 4, 1) if kern.INTERPRETED else GPU_TILES[terms]
-    args = (q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse, flags,
-            *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
-            *part_out.stride(), *part_lse.stride(),
-            Hq, Hkv, G, Lq, D, Dv, page_size, split, float(scale), float(softcap or 0.0), int(left or 0), int(right or 0))
-    consts = dict(BLOCK_R=max(16, _next_pow2(G * Lq)), BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=bool(causal),
-                  HAS_WL=left is not None, HAS_WR=right is not None, HAS_ALIBI=alibi_slopes is not None,
-                  HAS_SOFTCAP=softcap is not None, EVEN_D=D == block_d and Dv == block_dv)
-    grid = (n_chunks, B * Hkv)
-    # every chunk with plain dots, flagging those with a non-finite score or output; then the
-    # flagged ones again under the NaN/±inf rule (the second launch's other programs return at
-    # once).  One kernel doing both spilled registers inside the plain loop (4 Dec, sm_90 SASS).
-    launch(kern.decode_split, grid, args, dict(consts, BLOCK_N=block_n, TERMS=terms, REDO=False), warps, stages)
-    launch(kern.decode_split, grid, args, dict(consts, BLOCK_N=16 if kern.INTERPRETED else 32, TERMS=0, REDO=True), 4,
-           1 if kern.INTERPRETED else 3)
-    if n_chunks == 1:
-        return part_out[..., 0, :], part_lse[..., 0]
-    rows = B * Hq * Lq
-    merged = torch.empty(rows * (Dv + 1), dtype=torch.float32, device=q.device)  # out and lse: one allocation
-    out, lse = merged[:rows * Dv].view(B, Hq, Lq, Dv), merged[rows * Dv:].view(B, Hq, Lq)
-    launch(kern.decode_merge, (rows,),
-           (part_out, part_lse, kv_lengths, out, lse, *part_out.stride(), *part_lse.stride(), *out.stride(),
-            *lse.stride(), Hq, Lq, Dv, split), dict(BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv), 4, None)
+    one_chunk = n_chunks == 1
+    # an LSE made here comes from the scratch: contiguous and aligned
+    lse_strides = (Hq * Lq, Lq, 1) if lse is None else lse.stride()
+    given = (q, k_pages, v_pages, block_table, kv_lengths, out)
+    if lse is not None:
+        given += (lse,)
+    if alibi_slopes is not None:
+        given += (alibi_slopes,)
+    key = _plan_key(given, causal, window, scale, softcap, split, one_chunk, lse is None, alibi_slopes is None)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _plans[key] = _Plan(q, k_pages, v_pages, block_table, out, lse_strides, causal=causal, window=window,
+                                   scale=scale, softcap=softcap, alibi=alibi_slopes is not None, split=split,
+                                   one_chunk=one_chunk)
+    part_out, part_lse, flags, own_lse = plan.scratch(n_chunks, dev, lse is None)
+    lse = own_lse.view(B, Hq, Lq) if lse is None else lse
+    slopes = part_lse if alibi_slopes is None else alibi_slopes  # (unread if None)
+    grid = (n_chunks, B * k_pages.shape[1], 1)
+    if one_chunk:
+        plan.split(grid, q, k_pages, v_pages, block_table, kv_lengths, slopes, out, lse, flags)
+        plan.redo(grid, q, k_pages, v_pages, block_table, kv_lengths, slopes, out, lse, flags)
+        return out, lse
+    plan.split(grid, q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse, flags)
+    plan.redo(grid, q, k_pages, v_pages, block_table, kv_lengths, slopes, part_out, part_lse, flags)
+    plan.merge((plan.rows, 1, 1), part_out, part_lse, kv_lengths, out, lse)
     return out, lse
 
 
@@ -299,11 +418,12 @@ def host_to_device(*arrays, device):
     arrays = [np.ascontiguousarray(x) for x in arrays]
     if device.type != "cuda":
         return tuple(torch.as_tensor(x, device=device) for x in arrays)
-    # each array at a multiple of 8 bytes, so that every dtype's view of the buffer is aligned
+    # each array at a multiple of 16 bytes: every dtype's view of the buffer is aligned, and
+    # 16-byte aligned as Triton specializes pointers (the same compiled kernels on every call)
     starts, at = [], 0
     for x in arrays:
         starts.append(at)
-        at += -(-x.nbytes // 8) * 8
+        at += -(-x.nbytes // 16) * 16
     packed = np.empty(at, dtype=np.uint8)
     for x, at in zip(arrays, starts):
         packed[at:at + x.nbytes] = x.reshape(-1).view(np.uint8)
@@ -319,34 +439,77 @@ def host_to_device(*arrays, device):
                  for x, at in zip(arrays, starts))
 
 
+def _append_pairs(call: DecodeCall, counts: np.ndarray | None) -> np.ndarray:
+    """int64 ``(4, n)``: page, slot, sequence and new-token index of each new token to store
+    (the first ``counts[b]`` of sequence b, or all ``Lnew``)."""
+    B, Lnew = call.B, call.Lnew
+    if counts is None:  # (a decode step: every new token, without a search for them)
+        pairs = np.empty((4, B, Lnew), dtype=np.int64)
+        pairs[2] = np.arange(B)[:, None]
+        pairs[3] = np.arange(Lnew)[None, :]
+        pos = call.cache_lengths[:, None] + pairs[3]
+        pairs[0] = call.block_table[pairs[2], pos // call.page_size]
+        pairs[1] = pos % call.page_size
+        return pairs.reshape(4, B * Lnew)
+    b, j = np.nonzero(np.arange(Lnew)[None, :] < counts[:, None])  # (sequence, new token) pairs to store
+    pos = call.cache_lengths[b] + j
+    return np.stack([call.block_table[b, pos // call.page_size], pos % call.page_size, b, j]).astype(np.int64)
+
+
+def _store_new(k_pages, v_pages, k_new, v_new, pairs, n_pairs: int) -> None:
+    """The append's copy: ``k_new``/``v_new`` (the caches' dtype) into the caches at ``pairs``
+    (:func:`_append_pairs`, on the caches' device) — one launch of ``decode_append``."""
+    if n_pairs == 0:
+        return
+    D, Dv = k_pages.shape[3], v_pages.shape[3]
+    launch(_kernels().decode_append, (n_pairs, k_pages.shape[1]),
+           (k_new, v_new, k_pages, v_pages, pairs, n_pairs, *k_new.stride(), *v_new.stride(), *k_pages.stride(),
+            *v_pages.stride(), D, Dv),
+           dict(BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv))), 4, None)
+
+
 def write_new_tensors(call: DecodeCall, k_pages, v_pages, k_new, v_new, counts: np.ndarray | None = None) -> None:
     """:func:`dotattn.decode_semantics.write_new` into torch tensors on any device.
 
     ``call`` was validated on stand-ins of these tensors (canonical ``bhld`` views: pages
     ``(P, Hkv, page_size, D)``, new ``(B, Hkv, Lnew, D)``); ``counts`` (B,) stores only the
-    first ``counts[b]`` new tokens of sequence b.  Indices are built on the host and moved to
-    the caches' device; keys are rotated (float32) first when ``call.rotary`` is set.
+    first ``counts[b]`` new tokens of sequence b.  Keys are rotated (float32) first when
+    ``call.rotary`` is set.  (:func:`attention_with_kvcache_tensors` does the same within its
+    own host-to-device copy.)
     """
-    import torch
-
     if k_new is None or call.Lnew == 0:
         return
-    dev = k_pages.device
-    stored = np.full(call.B, call.Lnew) if counts is None else counts
-    b, j = np.nonzero(np.arange(call.Lnew)[None, :] < stored[:, None])  # (sequence, new token) pairs to store
-    pos = call.cache_lengths[b] + j
-    index = (call.block_table[b, pos // call.page_size], pos % call.page_size, b, j)
-    k_store = k_new
+    pairs = _append_pairs(call, counts)
     if call.rotary is None:
-        pages, slots, bt, jt = host_to_device(*index, device=dev)
+        (pairs_t,) = host_to_device(pairs, device=k_pages.device)
+        _write_new(call, k_pages, v_pages, k_new, v_new, pairs_t, pairs.shape[1], None)
     else:
-        every = call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]  # (B, Lnew)
-        pages, slots, bt, jt, every, cos, sin = host_to_device(*index, every, *call.rotary, device=dev)
-        k_store = apply_rotary(k_new.to(torch.float32), every, cos, sin)
+        pairs_t, every, cos, sin = host_to_device(pairs, _new_positions(call), *call.rotary, device=k_pages.device)
+        _write_new(call, k_pages, v_pages, k_new, v_new, pairs_t, pairs.shape[1], (every, cos, sin))
+
+
+def _new_positions(call: DecodeCall) -> np.ndarray:
+    """int64 (B, Lnew): the position of each new token."""
+    return call.cache_lengths[:, None] + np.arange(call.Lnew)[None, :]
+
+
+def _write_new(call: DecodeCall, k_pages, v_pages, k_new, v_new, pairs, n_pairs: int, rotary) -> None:
+    """The append on the device: keys rotated (float32, at ``rotary = (positions, cos, sin)``)
+    if asked, the new keys/values converted to the caches' dtype by torch (its rounding, on
+    any device), then copied in (:func:`_store_new`)."""
+    import torch
+
+    k_store = k_new if rotary is None else apply_rotary(k_new.to(torch.float32), *rotary)
+    if k_store.dtype != k_pages.dtype:
+        k_store = k_store.to(k_pages.dtype)
+    if v_new.dtype != v_pages.dtype:
+        v_new = v_new.to(v_pages.dtype)
     with torch.no_grad():
-        # advanced indices around a slice: both sides index as (pairs, Hkv, D)
-        k_pages[pages, :, slots] = k_store[bt, :, jt].to(k_pages.dtype)
-        v_pages[pages, :, slots] = v_new[bt, :, jt].to(v_pages.dtype)
+        if k_pages.is_meta:  # (no kernel runs on meta tensors: torch's indexing keeps its shape checks)
+            k_pages[pairs[0], :, pairs[1]] = k_store[pairs[2], :, pairs[3]]
+            v_pages[pairs[0], :, pairs[1]] = v_new[pairs[2], :, pairs[3]]
+            return
+        _store_new(k_pages, v_pages, k_store, v_new, pairs, n_pairs)
 
 
 def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new, v_new, *, return_lse: bool):
@@ -354,12 +517,26 @@ def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new,
 
     ``call`` is :func:`dotattn.decode_semantics.normalize` run by :mod:`dotattn.decoding` on
     stand-ins of these tensors (shapes and dtypes only) and host copies of the small
-    arguments; the append (rotated keys) is written into the caller's cache in place with
-    torch indexing, and the split-KV kernel reads the cache where it lives.
+    arguments; the append (rotated keys) is written into the caller's cache in place, and the
+    split-KV kernel reads the cache where it lives.  Every host array of the call (lengths,
+    page table, the append's indices, slopes, rotary tables) goes in one copy; on a GPU q is
+    read in its own dtype and the output written in q's dtype and the caller's layout by the
+    kernels (Triton's interpreter rounds to bfloat16 by truncation, so there torch converts).
     """
     import torch
 
     check_head_dims(call)  # (before the append)
+    dev = q.device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        # Triton launches on the current device (its stream, its loaded kernels): make it q's
+        with torch.cuda.device(dev):
+            return _attention_with_kvcache_tensors(call, q, k_cache, v_cache, k_new, v_new, return_lse)
+    return _attention_with_kvcache_tensors(call, q, k_cache, v_cache, k_new, v_new, return_lse)
+
+
+def _attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new, v_new, return_lse: bool):
+    import torch
+
     layout = call.layout
     dev = q.device
 
@@ -367,24 +544,49 @@ def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new,
         return t if t is None or layout == "bhld" else t.transpose(1, 2)
 
     qc, kp, vp, kn, vn = (canon(t) for t in (q, k_cache, v_cache, k_new, v_new))
-    write_new_tensors(call, kp, vp, kn, vn)
-    q32 = qc.to(torch.float32)
-    kv_len = np.ascontiguousarray(call.kv_lengths, dtype=np.int64)
-    small = [kv_len, np.asarray(call.block_table, dtype=np.int64)]
+    kv_len = call.kv_lengths
+    small = [kv_len, call.block_table]
+    append = kn is not None and call.Lnew > 0
+    if append:
+        pairs = _append_pairs(call, None)
+        small.append(pairs)
     if call.alibi_slopes is not None:
         small.append(np.asarray(call.alibi_slopes, dtype=np.float32))
     if call.rotary is not None:
         small += [query_positions(call), *call.rotary]
-    kv_len_t, table_t, *rest = host_to_device(*small, device=dev)
-    slopes = rest.pop(0) if call.alibi_slopes is not None else None
+        if append:
+            small.append(_new_positions(call))
+    on_device = list(host_to_device(*small, device=dev))
+    kv_len_t, table_t = on_device[0], on_device[1]
+    at = 2
+    if append:
+        pairs_t = on_device[at]
+        at += 1
+    slopes = None
+    if call.alibi_slopes is not None:
+        slopes = on_device[at]
+        at += 1
+    if append:
+        rotary = None if call.rotary is None else (on_device[at + 3], on_device[at + 1], on_device[at + 2])
+        _write_new(call, kp, vp, kn, vn, pairs_t, pairs.shape[1], rotary)
+    native = IN_KERNEL_CASTS if IN_KERNEL_CASTS is not None else not _kernels().INTERPRETED
+    q_in = qc if native else qc.to(torch.float32)
     if call.rotary is not None:
-        q32 = apply_rotary(q32, *rest)
-    out, lse = decode_tensors(
-        q32, kp, vp, table_t, kv_len_t, max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window,
-        scale=call.scale, softcap=call.softcap, split=SPLIT_SIZE, alibi_slopes=slopes,
+        q_in = apply_rotary(qc.to(torch.float32), *on_device[at:at + 3])
+    B, Hq, Lq, Dv = call.B, call.Hq, call.Lq, vp.shape[3]
+    out_dtype = q.dtype if native else torch.float32
+    # the output in the caller's layout, written there by the kernels (a bhld view of it)
+    if layout == "bhld":
+        out = torch.empty(B, Hq, Lq, Dv, dtype=out_dtype, device=dev)
+        out_view = out
+    else:
+        out = torch.empty(B, Lq, Hq, Dv, dtype=out_dtype, device=dev)
+        out_view = out.transpose(1, 2)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if return_lse else None
+    _, lse = decode_tensors(
+        q_in, kp, vp, table_t, kv_len_t, max_len=int(kv_len.max(initial=0)), causal=call.causal, window=call.window,
+        scale=call.scale, softcap=call.softcap, split=SPLIT_SIZE, alibi_slopes=slopes, out=out_view, lse=lse,
     )
-    out = out.to(q.dtype)
-    if layout == "blhd":
-        out = out.transpose(1, 2)
-    out = out.contiguous()
-    return (out, lse.contiguous()) if return_lse else out
+    if not native:
+        out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

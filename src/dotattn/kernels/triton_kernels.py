@@ -620,7 +620,9 @@ def decode_split(
     against keys ``[c·split, (c+1)·split)`` of one sequence, read through its page table.
 
     Writes the chunk's partial output ``OUT[b, h, i, c]`` and LSE ``LSE[b, h, i, c]`` (float32;
-    −inf for a chunk with no visible key), merged afterwards over chunks (:func:`decode_merge`).
+    −inf for a chunk with no visible key), merged afterwards over chunks (:func:`decode_merge`);
+    where a call has one chunk, ``OUT`` is the call's output (any float dtype: the store rounds
+    to it) and ``LSE`` its LSE, with chunk strides 0.  ``Q`` in any float dtype.
     Query ``i`` sits at position ``kv_len − Lq + i`` (bottom-right); only keys below ``kv_len``
     are read.  ``EVEN_D``: D and Dv equal their blocks (no masked lanes: vector loads).
 
@@ -651,7 +653,8 @@ def decode_split(
     d_ok = offs_d < (BLOCK_D if EVEN_D else D)  # all true for EVEN_D: the compiler sees it
     dv_ok = offs_dv < (BLOCK_DV if EVEN_D else Dv)
     q_ptrs = Q + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + i[:, None].to(tl.int64) * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # (q in its own dtype: a 16-bit q is widened here, exactly, not by a torch conversion on every call)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     # q's rows in float16's range (TERMS 2): scores come out multiplied by `up`, taken off with
     # the scale (`down·scale` is exact: a power of two times the scale)
     row_scale = tl.full([BLOCK_R], scale, dtype=tl.float32)
@@ -742,7 +745,8 @@ def decode_merge(
     blocks of ``BLOCK_C`` at fixed places, so the result does not depend on the batch.
 
     A part with LSE −inf is empty and brings nothing; a part whose weight underflowed to 0
-    still brings its NaN/±inf entries; a NaN LSE makes the row NaN.
+    still brings its NaN/±inf entries; a NaN LSE makes the row NaN.  ``OUT`` may be of any float
+    dtype (the store rounds the float32 row to it, to nearest even) and any strides.
     """
     row = tl.program_id(0)
     b = row // (Hq * Lq)
@@ -786,3 +790,30 @@ def decode_merge(
         acc += tl.sum(term, 0)
     tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * som + offs_d * sod, acc, mask=d_ok)
     tl.store(LSE + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + i.to(tl.int64) * sdm, m_safe + tl.log(total))
+
+
+@triton.jit(do_not_specialize=["n_pairs", "D", "Dv"])
+def decode_append(
+    NEW_K, NEW_V, K, V, PAIRS, n_pairs,
+    snkb, snkh, snkl, snkd, snvb, snvh, snvl, snvd, skp, skh, sks, skd, svp, svh, svs, svd, D, Dv,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The append of a decode call, grid ``(n_pairs, Hkv)``: new token ``j`` of sequence ``b``
+    (``NEW_K (B, Hkv, Lnew, D)``, ``NEW_V``) copied into slot ``s`` of page ``p`` of the caches
+    (``K (P, Hkv, page_size, D)``, ``V``), for the pairs ``PAIRS (4, n_pairs)`` int64 of rows
+    (p, s, b, j).  The new keys/values come in the caches' dtype (the caller converts, so the
+    rounding is torch's): a copy of bits, one launch where torch's indexing took several."""
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    page = tl.load(PAIRS + t)
+    slot = tl.load(PAIRS + n_pairs + t)
+    b = tl.load(PAIRS + 2 * n_pairs + t)
+    j = tl.load(PAIRS + 3 * n_pairs + t)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k = tl.load(NEW_K + b * snkb + h * snkh + j * snkl + offs_d * snkd, mask=d_ok)
+    tl.store(K + page * skp + h * skh + slot * sks + offs_d * skd, k, mask=d_ok)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < Dv
+    v = tl.load(NEW_V + b * snvb + h * snvh + j * snvl + offs_dv * snvd, mask=dv_ok)
+    tl.store(V + page * svp + h * svh + slot * svs + offs_dv * svd, v, mask=dv_ok)

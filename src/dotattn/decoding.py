@@ -414,6 +414,7 @@ def _attention_with_kvcache(
         arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
         fw = _check_library(arrays)
     if fw == "torch":
+        _torch_ready()  # (once: later calls take _check_library's quick path, device ones too)
         _check_no_grad(arrays)
         if not q.is_cpu or implementation == "triton":  # (is_cpu: device.type == "cpu", without the device object)
             # CUDA tensors (or CPU ones under Triton's interpreter): the triton split-KV kernel,
@@ -432,7 +433,7 @@ def _attention_with_kvcache(
                 raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
             call = _normalize_on_device(
                 arrays, cache_lengths=cache_lengths, block_table=block_table, causal=causal, window=window,
-                scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary, layout=layout,
+                scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, rotary=rotary, layout=layout, trusted=trusted,
             )
             if call.cache_dtype == np.float64:
                 raise AttentionValueError(

@@ -21,19 +21,24 @@ import pytest
 
 FLAGS = ["HAS_WL", "HAS_WR", "HAS_QLEN", "HAS_KVLEN", "HAS_SEG", "HAS_MASK", "HAS_BIAS", "HAS_ALIBI", "HAS_SOFTCAP"]
 POINTERS = {"MASK": "*u8", "QLEN": "*i64", "KVLEN": "*i64", "QSEG": "*i64", "KVSEG": "*i64", "GEOM": "*i64",
-            "TABLE": "*i64", "SLOPES": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "DBIAS": "*fp32",
+            "TABLE": "*i64", "PAIRS": "*i64", "SLOPES": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "DBIAS": "*fp32",
             "BIAS": "*fp32", "W": "*fp32", "FLAG": "*i32", "PART_OUT": "*fp32", "PART_LSE": "*fp32"}
 
 
-def _signature(fn, dt: str, consts: dict) -> dict:
-    """Argument types as the launcher passes them (pointers of the input dtype, i32 sizes/strides)."""
+# The decode pass writing the chunks' float32 parts (several chunks; with one it writes the
+# call's output, in q's dtype: the default pointers)
+DECODE_PARTS = {"OUT": "*fp32"}
+
+
+def _signature(fn, dt: str, consts: dict, pointers: dict | None = None) -> dict:
+    """Argument types as the launcher passes them (pointers of the input dtype, i32 sizes/strides;
+    ``pointers`` overrides some: the decode kernels' float32 parts, a float32 q over a 16-bit cache)."""
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name.isupper() and name not in ("D", "G"):
-            sig[name] = POINTERS.get(name, "*fp32" if (fn.__name__.startswith("decode_") and name in ("Q", "OUT"))
-                                     else "*" + dt)
+            sig[name] = (pointers or {}).get(name, POINTERS.get(name, "*" + dt))
         elif name in ("scale", "softcap", "drop_scale"):
             sig[name] = "fp32"
         elif name in ("seed_key", "drop_threshold"):
@@ -77,23 +82,32 @@ def compile_all(arch: int, dtypes=("bf16", "fp32"), head_dims=(64, 128)) -> list
                     (K.attn_bwd_dkdv, bwd, {**tiles, **flags, "DROPOUT": on, "WANT_DBIAS": on}),
                     (K.attn_bwd_dq, bwd, {**tiles, **flags, "DROPOUT": on}),
                     (K.attn_weights, fwd, {"BLOCK_D": D, **flags}),
-                    # decoding: the plain pass (16-bit terms or float32 dots), the NaN/±inf redo, the merge
+                    # decoding: the plain pass (16-bit terms or float32 dots), the NaN/±inf redo, the merge —
+                    # q in the cache's dtype (or float32), the chunks' parts float32, and with one chunk
+                    # the pass writing the call's output in q's dtype; the append's copy
                     (K.decode_split, tiles_of(3 if dt == "bf16" else 0), {**decode, "TERMS": 3 if dt == "bf16" else 0,
-                                                                          "REDO": False}),
-                    (K.decode_split, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {**decode, "TERMS": 0, "REDO": True}),
+                                                                          "REDO": False}, dt, DECODE_PARTS),
+                    (K.decode_split, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {**decode, "TERMS": 0, "REDO": True},
+                     dt, DECODE_PARTS),
+                    (K.decode_split, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}, {**decode, "TERMS": 0, "REDO": True},
+                     dt, {"Q": "*fp32"}),
                     (K.decode_merge, {"num_warps": 4, "num_stages": 3}, {"BLOCK_C": 16, "BLOCK_DV": D}),
+                    (K.decode_append, {"num_warps": 4, "num_stages": 3}, {"BLOCK_D": D, "BLOCK_DV": D}),
                 ]
                 if dt == "bf16":  # float16 caches: two terms after q's rows are scaled
-                    jobs.append((K.decode_split, tiles_of(2), {**decode, "TERMS": 2, "REDO": False}, "fp16"))
-                for fn, cfg, consts, *job_dt in jobs:
+                    jobs += [(K.decode_split, tiles_of(2), {**decode, "TERMS": 2, "REDO": False}, "fp16", DECODE_PARTS),
+                             (K.decode_split, tiles_of(2), {**decode, "TERMS": 2, "REDO": False}, "fp16", {"Q": "*fp32"}),
+                             (K.decode_split, tiles_of(3), {**decode, "TERMS": 3, "REDO": False}, "bf16", {})]
+                for fn, cfg, consts, *job in jobs:
+                    job_dt, pointers = (job[0] if job else dt), (job[1] if len(job) > 1 else None)
                     consts = {**{k: v for k, v in cfg.items() if k.startswith("BLOCK")}, **consts}
                     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-                    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, (job_dt or [dt])[0], consts),
+                    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, job_dt, consts, pointers),
                                                     constexprs=consts)
                     kernel = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"],
                                                                          "num_stages": cfg["num_stages"]})
                     assert kernel.asm.get("cubin"), fn.__name__
-                    done.append(f"sm_{arch} {(job_dt or [dt])[0]} D={D} {fn.__name__} options={'on' if on else 'off'} causal={causal} "
+                    done.append(f"sm_{arch} {job_dt} {pointers or ''} D={D} {fn.__name__} options={'on' if on else 'off'} causal={causal} "
                                 f"shared={kernel.metadata.shared}")
                 if not on and dt == "fp32":
                     break  # float32: the plain variant is enough to check the small tiles lower
@@ -124,7 +138,7 @@ def decode_resources(arch: int = 90) -> list[str]:
         consts = {"BLOCK_R": 16, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_D": 128, "BLOCK_DV": 128, "CAUSAL": True, "HAS_WL": False,
                   "HAS_WR": False, "HAS_ALIBI": False, "HAS_SOFTCAP": False, "EVEN_D": True, "TERMS": terms,
                   "REDO": False, "sqd": 1, "skd": 1, "svd": 1, "sod": 1}
-        sig = _signature(fn, dt, consts)
+        sig = _signature(fn, dt, consts, DECODE_PARTS)  # (q in the cache's dtype, as on a GPU)
         unit_strides = ("sqd", "skd", "svd", "sod")
         divisible = [a for a in fn.arg_names if sig[a].startswith("*")
                      or (sig[a] == "i32" and a.startswith("s") and a not in ("split", "soc", "slc", "slm", "som"))]

@@ -265,6 +265,15 @@ def _memory(t: Any) -> np.ndarray:
     return np.asarray(desc)
 
 
+def _written_in_place(tensors) -> None:
+    """Tell autograd that torch tensors were written in place by a kernel it did not see (through
+    a NumPy view or a pointer): their version counters move, as a torch in-place operation's do,
+    so a backward that saved one of them before the write fails with torch's "modified by an
+    inplace operation" instead of computing with the new values.  (Called also where a write
+    may not have happened — an interrupt — since a counter moved in vain does no harm.)"""
+    sys.modules["torch"].autograd.graph.increment_version(tensors)
+
+
 def _check_library(arrays: dict[str, Any]) -> str:
     # the common torch call: torch.Tensor itself (no subclass) throughout — "torch", as below
     # (set by the first torch conversion, which imports dotattn.torch as it always did)
@@ -407,6 +416,7 @@ def _attention_with_kvcache(
     """:func:`attention_with_kvcache`; ``trusted=True`` is :meth:`KVCache.attend`'s path, whose
     lengths and block table the cache keeps valid itself (``decode_semantics.normalize``)."""
     # The common NumPy call skips the library scan (a decode step is many small calls).
+    written = None  # torch caches the call writes through NumPy views (their version counters)
     nd = np.ndarray
     plain = type(q) is nd and type(k_cache) is nd and type(v_cache) is nd and (k_new is None or type(k_new) is nd)
     fw = "numpy"
@@ -441,6 +451,7 @@ def _attention_with_kvcache(
                 )
             return attention_with_kvcache_tensors(call, *arrays.values(), return_lse=bool(return_lse))
         # (written out, in the order the checks ran before: a generator cost ≈ 1 µs more)
+        written = (k_cache, v_cache) if k_new is not None else None
         q = _as_numpy("q", q)
         k_cache = _as_numpy("k_cache", k_cache, k_new is not None)
         v_cache = _as_numpy("v_cache", v_cache, k_new is not None)
@@ -479,6 +490,9 @@ def _attention_with_kvcache(
         if isinstance(cause, KeyboardInterrupt):
             raise cause from None
         raise
+    finally:
+        if written is not None:
+            _written_in_place(written)
     out = out.astype(call.dtype, copy=False)
     if layout == "blhd":
         out = np.ascontiguousarray(out.swapaxes(1, 2))
@@ -588,7 +602,7 @@ class KVCache:
 
     Buffers are NumPy arrays or, with ``library="torch"``, torch tensors on ``device``
     (default CPU; ``"cuda"`` keeps the cache on the GPU, where :meth:`attend` runs the Triton
-    decode kernel and :meth:`append` writes with torch indexing; ``"meta"`` allocates nothing).
+    decode kernel and :meth:`append` writes with its copy kernel; ``"meta"`` allocates nothing).
     Unused slots start as zeros (``fill=`` chooses another value; tests use NaN).
     """
 
@@ -943,6 +957,8 @@ class KVCache:
         self._commit(table)
         if self._host:
             write_new(call, counts)
+            if self.library == "torch":
+                _written_in_place((self.k[layer], self.v[layer]))
         else:
             from .kernels.triton_decode import write_new_tensors
 
@@ -1007,6 +1023,8 @@ class KVCache:
         )
         self._commit(table)
         self._advance(layer, Lnew)
+        if fw == "torch" and host and k_new is not None:
+            _written_in_place((self.k[layer], self.v[layer]))
         if fw == "torch" and host:
             from_numpy = _convert_module().from_numpy
             return tuple(from_numpy(x) for x in result) if return_lse else from_numpy(result)

@@ -126,3 +126,64 @@ def test_kvcache_append_checks_what_attend_checks():
     tc.append(k, k)
     nc.append(k.numpy(), k.numpy())
     assert int(tc.lengths[0]) == 3 and int(nc.lengths[0]) == 3
+
+
+_TRITON = all(__import__("importlib").util.find_spec(m) is not None for m in ("triton",))
+_WRITERS = BACKENDS + (["triton"] if _TRITON else [])
+
+
+def _saved_for_backward(*tensors):
+    """A graph that saved ``tensors`` for its backward (as a model's loss saves a cache it read)."""
+    w = torch.ones(1, requires_grad=True)
+    return sum((w * t.float()).sum() for t in tensors)
+
+
+@pytest.mark.parametrize("backend", _WRITERS)
+def test_an_append_moves_the_caches_version_counters(backend, monkeypatch):
+    """The kernels write the caller's caches in place where autograd cannot see it (a NumPy view,
+    a Triton kernel): their version counters move as a torch in-place operation's would, so a
+    backward that saved a cache before the append fails with torch's error instead of computing
+    with the new values.  A call without new tokens leaves the counters alone."""
+    if backend == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = np.random.default_rng(3)
+
+    def t(*shape):
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+    k, v, q = t(1, 2, 8, 4), t(1, 2, 8, 4), t(1, 2, 1, 4)
+    lengths = np.array([3])
+    versions = (k._version, v._version)
+    with torch.no_grad():
+        dotattn.attention_with_kvcache(q, k, v, cache_lengths=lengths, implementation=backend)
+    assert (k._version, v._version) == versions
+    loss = _saved_for_backward(k, v)
+    with torch.no_grad():
+        dotattn.attention_with_kvcache(q, k, v, t(1, 2, 1, 4), t(1, 2, 1, 4), cache_lengths=lengths,
+                                       implementation=backend)
+    assert k._version > versions[0] and v._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("step", ["append", "attend", "attend-triton"])
+def test_a_kvcache_write_moves_its_buffers_version_counters(step, monkeypatch):
+    """The same for a KVCache's torch buffers (``cache.k`` / ``cache.layer(i)`` hand them out):
+    append and attend with new tokens move their counters."""
+    if step == "attend-triton":
+        if not _TRITON:
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cache = dotattn.KVCache(1, 2, 4, 16, library="torch")
+    k_buf, v_buf = cache.layer(0)
+    loss = _saved_for_backward(k_buf, v_buf)
+    new = torch.ones(1, 2, 1, 4)
+    with torch.no_grad():
+        if step == "append":
+            cache.append(new, new)
+        else:
+            cache.attend(torch.ones(1, 2, 1, 4), new, new,
+                         implementation="triton" if step == "attend-triton" else None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

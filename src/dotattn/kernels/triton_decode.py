@@ -20,7 +20,7 @@ tensors are :mod:`dotattn.decoding`'s):
   kernel itself, for a caller that has validated and appended already.
 * :func:`attention_with_kvcache_tensors` — what :func:`dotattn.attention_with_kvcache` runs
   for CUDA tensors (and CPU tensors with ``implementation="triton"`` under the interpreter):
-  the append written in place with torch indexing (:func:`write_new_tensors`, which
+  the append written in place by ``decode_append`` (:func:`write_new_tensors`, which
   :class:`dotattn.KVCache` also uses for device buffers), then :func:`decode_tensors`.
 * :func:`decode` — the decode-kernel protocol of :mod:`dotattn.decoding` (a
   :class:`~dotattn.decode_semantics.DecodeCall` of NumPy views of CPU memory, so it needs the
@@ -508,6 +508,9 @@ def _write_new(call: DecodeCall, k_pages, v_pages, k_new, v_new, pairs, n_pairs:
             v_pages[pairs[0], :, pairs[1]] = v_new[pairs[2], :, pairs[3]]
             return
         _store_new(k_pages, v_pages, k_store, v_new, pairs, n_pairs)
+        # written by a kernel autograd did not see: the caches' version counters move as an
+        # in-place torch operation's would (views share their base's counter)
+        torch.autograd.graph.increment_version((k_pages, v_pages))
 
 
 def attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new, v_new, *, return_lse: bool):

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_stdout()
     parser = argparse.ArgumentParser(
         prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info | generate | chat"
     )
@@ -44,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output has gone (`dotattn generate ... | head`)
         _silence_stdout()
         return 141  # (128 + SIGPIPE: what a shell reports for a program its pipe's end stopped)
+
+
+def _tolerant_stdout() -> None:
+    """Characters stdout cannot encode become ``?`` instead of raising UnicodeEncodeError.
+
+    The commands print ``—``, ``×``, ``≥`` and rich's box drawing, and the model's replies any
+    text; where the locale's encoding is ASCII (``LC_ALL=C``, ``PYTHONIOENCODING=ascii``) the
+    first of them ended the command with a traceback and exit status 1."""
+    if sys.stdout is not None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8":
+        try:
+            sys.stdout.reconfigure(errors="replace")
+        except (AttributeError, ValueError):  # (a replaced stdout: StringIO, a capture)
+            pass
 
 
 def _silence_stdout() -> None:

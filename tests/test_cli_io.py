@@ -66,3 +66,64 @@ def test_a_stdout_that_cannot_encode_the_text_gets_replacements(argv, env):
     assert done.returncode == 0, done.stderr.decode()
     assert b"Traceback" not in done.stderr
     assert b"?" in done.stdout and max(done.stdout) < 128
+
+
+@pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_generate_on_a_non_utf8_locale(env):
+    """The prompt's bytes are UTF-8 (what the terminal sent) whatever the locale says; in the C
+    locale Python decodes them to lone surrogates, which the tokenizer refused with a TypeError
+    traceback (was); the reply's non-ASCII text is replaced on an ASCII stdout (was UnicodeEncodeError)."""
+    done = _run([b"generate", "caf\u00e9 \u5df4\u9ece?".encode()], _env(**env))
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert done.stdout == b"Paris ? ?? ? caf? ['caf\\xe9 \\u5df4\\u9ece?']\n"
+
+
+@pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE, {}], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C", "default"])
+def test_chat_reads_any_bytes_on_stdin(env):
+    """UTF-8 typed in an ASCII locale, and a byte that is not UTF-8 at all (a Latin-1 ``é``):
+    each message reaches the model as text (was UnicodeDecodeError, or a TypeError traceback
+    from the tokenizer), the undecodable byte as U+FFFD."""
+    done = _run(["chat"], _env(**env), stdin="caf\u00e9\n".encode() + b"caf\xe9\n/quit\n")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert b"['caf\\xe9']" in done.stdout
+    assert b"caf\\xe9 | Paris" in done.stdout and b"| caf\\ufffd\"]" in done.stdout  # (the second turn)
+
+
+@pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_chat_with_a_non_ascii_system_message(env):
+    done = _run([b"chat", b"--system", "R\u00e9ponds en fran\u00e7ais.".encode()], _env(**env), stdin=b"Hi\n")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"['R\\xe9ponds en fran\\xe7ais. | Hi']" in done.stdout
+
+
+# ``dotattn viz`` on a fake MiniLM: the sentence it would encode is shown (``ascii()``), nothing is drawn.
+FAKE_VIZ_MAIN = r'''
+import sys
+import numpy as np
+import dotattn.models
+from dotattn import cli, viz
+
+class Fake:
+    def __init__(self, path):
+        pass
+
+def attention(model, sentence):
+    sentence.encode("utf-8")  # (the tokenizer: "TextEncodeInput must be Union[...]")
+    print(ascii(sentence))
+    return ["[CLS]"], np.zeros((1, 1, 1, 1))
+
+dotattn.models.MiniLM = Fake
+viz.sentence_attention = attention
+viz.plot_attention = lambda tokens, weights, path, **kwargs: path
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_viz_on_a_non_utf8_locale(env, tmp_path):
+    done = _run([b"viz", "caf\u00e9 \U0001f408".encode(), b"-o", str(tmp_path / "a.png").encode()], _env(**env),
+                code=FAKE_VIZ_MAIN)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.splitlines()[0] == b"'caf\\xe9 \\U0001f408'"

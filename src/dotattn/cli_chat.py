@@ -15,6 +15,7 @@ from .cli_generate import (
     check_sampling_arguments,
     has_chat_template,
     load_model,
+    model_text,
     print_error,
     stats_line,
     usage_error,
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if model is None or not has_chat_template(model, "chat"):
         return 1
-    start = [{"role": "system", "content": args.system}] if args.system else []
+    start = [{"role": "system", "content": model_text(args.system)}] if args.system else []
     context = model.config.context_length
     try:  # the shortest chat: the template and a one-word message
         floor = len(model.chat_ids(start + [{"role": "user", "content": "Hi"}]))
@@ -51,11 +52,15 @@ def run(args: argparse.Namespace) -> int:
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's context of "
             f"{context} tokens (the chat template and a one-word message take {floor}); give at most {context - floor}",
         )
+    try:  # bytes the locale cannot decode come as surrogates (model_text), not as UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):  # (a replaced stdin: StringIO)
+        pass
     messages = list(start)
     print(f"SmolLM on dotattn — {HELP}", flush=True)
     while True:
         try:
-            line = input(">>> ")
+            line = model_text(input(">>> "))
         except EOFError:  # Ctrl-D
             print()
             return 0

@@ -55,6 +55,19 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
         usage_error(args, f"--seed must be ≥ 0, got {args.seed}")
 
 
+def model_text(text: str) -> str:
+    """``text`` as the tokenizer takes it: bytes that the locale could not decode, which Python
+    keeps as lone surrogates (argv in the C locale, stdin's stray bytes), decoded as UTF-8 — what
+    a terminal sends — with U+FFFD for what is not UTF-8 either.
+
+    (The tokenizer refused any lone surrogate with a ``TypeError`` traceback:
+    ``LC_ALL=C dotattn generate "café"``.)"""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # (a surrogate that is no escaped byte)
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def print_error(error) -> None:
     """One ``dotattn: error: ...`` line on stderr."""
     message = " ".join(str(error).splitlines()) or type(error).__name__
@@ -106,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from .errors import DotAttnError
 
     check_sampling_arguments(args)
+    args.prompt = model_text(args.prompt)
     if not args.prompt.strip():
         usage_error(
             args, 'the prompt argument is empty: give the message to answer, as in dotattn generate "What is the capital of France?"'

@@ -81,7 +81,10 @@ def plot_attention(tokens: list[str], weights: np.ndarray, path: str | Path, *, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli_generate import model_text
     from .models import MiniLM
+
+    args.sentence = model_text(args.sentence)  # (argv's undecodable bytes: the tokenizer refuses surrogates)
 
     try:
         model = MiniLM(args.model)

@@ -127,3 +127,17 @@ def test_viz_on_a_non_utf8_locale(env, tmp_path):
                 code=FAKE_VIZ_MAIN)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.splitlines()[0] == b"'caf\\xe9 \\U0001f408'"
+
+
+def test_a_rich_table_into_a_closed_pipe_ends_quietly_with_141():
+    """`dotattn bench ... | head -1` (and `dotattn demo ... | head -1`): rich's console, on a
+    BrokenPipeError, points stdout at /dev/null and raises SystemExit(1) — exit status 1, as for
+    a failure (was); the commands' own writes exit 141 there (tests/test_cli_flags.py)."""
+    code = ("import sys; from dotattn import bench, cli; bench.run_benchmark = lambda *a, **k: []; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "bench", "--shapes", "tiny", "--peers", "numpy-naive"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # (the reader gone before the table is printed)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()

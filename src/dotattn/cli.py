@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output has gone (`dotattn generate ... | head`)
         _silence_stdout()
         return 141  # (128 + SIGPIPE: what a shell reports for a program its pipe's end stopped)
+    except SystemExit as exc:
+        # rich's console meets the closed pipe itself (`dotattn bench ... | head -1`): it points
+        # stdout at /dev/null and raises SystemExit(1) from the BrokenPipeError — a failure's status
+        if isinstance(exc.__context__, BrokenPipeError):
+            return 141
+        raise
 
 
 def _tolerant_stdout() -> None:

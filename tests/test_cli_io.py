@@ -141,3 +141,39 @@ def test_a_rich_table_into_a_closed_pipe_ends_quietly_with_141():
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+
+
+def _bench_rows():
+    from dotattn.bench import Row
+
+    fields = Row.__dataclass_fields__
+    base = {name: None for name in fields}
+    ok = dict(base, case="causal-b64-h4-n11-d16-fwdbwd", peer="dotattn-numpy", status="ok", reason="",
+              ms=65.312, gflops=0.125, ratio_vs_sdpa=1.25, first_s=0.09, peak_mib=1.0)
+    na = dict(base, case="decode-h9kv3-q1-k128-d64", peer="numpy-naive", status="n/a", reason="forward only")
+    return [Row(**{k: v for k, v in row.items() if k in fields}) for row in (ok, na)]
+
+
+@pytest.mark.parametrize("columns", [80, 20])
+def test_bench_table_on_a_narrow_terminal_keeps_the_numbers(columns, monkeypatch, capsys):
+    """On an 80-column terminal `dotattn bench` cut its ms column to "6…" and "n…" (its columns
+    were no_wrap, so rich shrank them with an ellipsis); at 20 columns every cell was empty (was).
+    The table folds its cells now, and is never laid out narrower than 60 columns."""
+    from dotattn import bench
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    bench.print_table(_bench_rows())
+    out = capsys.readouterr().out
+    for value in ("65.3", "0.1", "1.25", "0.09", "n/a"):  # (the case and peer names may fold)
+        assert value in out, out
+    assert "…" not in out, out
+
+
+def test_the_demos_console_is_never_narrower_than_80_columns():
+    """`COLUMNS=20 dotattn demo scaling`: every cell of its table was empty (was)."""
+    code = "from dotattn.demo._ui import console; print(console.width)"
+    done = subprocess.run([sys.executable, "-c", code], env=_env(COLUMNS="20"), capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "80"

@@ -39,7 +39,7 @@ import numpy as np
 
 from ._proc_memory import reset_peak_rss as _reset_peak_rss
 from ._proc_memory import status_kib
-from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of
+from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of, table_console
 
 
 # =================================================================================
@@ -563,10 +563,9 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    console = console or table_console()
     table = Table(title=f"dotattn bench ({dtype}, median; × sdpa = torch SDPA time / peer time)")
     for col, justify in (
         ("case", "left"),
@@ -578,7 +577,7 @@ def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
         ("peak MiB", "right"),
         ("note", "left"),
     ):
-        table.add_column(col, justify=justify, no_wrap=col != "note")
+        table.add_column(col, justify=justify, overflow="fold")  # (see table_console)
     add_case_rows(table, rows, lambda r: (
         r.case,
         r.peer,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -62,6 +63,25 @@ def progress_steps(total: int, describe: Callable[..., str]) -> Iterator[Callabl
             bar.update(task, advance=1, description=describe(*key))
 
         yield step
+
+
+# The narrowest a table is laid out: on a narrower terminal its lines wrap, but its cells keep
+# their text (at COLUMNS=20 the bench table's eight columns had no room left for any of it).
+MIN_TABLE_WIDTH = 60
+
+
+def table_console():
+    """A rich console for the tables: 140 columns into a file or pipe; the terminal's width, and
+    at least :data:`MIN_TABLE_WIDTH`, on a terminal.  (The tables' columns fold a value too
+    long for their width onto a second line: cut with an ellipsis, as they were on an
+    80-column terminal, the ms column read "6…" and "n…".)"""
+    from rich.console import Console
+
+    if not sys.stdout.isatty():
+        return Console(width=140)
+    console = Console()
+    console.width = max(console.width, MIN_TABLE_WIDTH)
+    return console
 
 
 def add_case_rows(table, rows: list, cells: Callable[[Any], Sequence[str]]) -> None:

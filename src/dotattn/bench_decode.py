@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of
+from .bench_common import PAUSE_S, add_case_rows, fill_ratios, progress_steps, rounds_of, table_console
 
 PEERS = ("dotattn", "dotattn-paged", "torch-sdpa", "dotattn-numpy")
 DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
@@ -363,10 +363,9 @@ def run_benchmark(
 
 
 def print_table(rows, info) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = table_console()
     bw = info["bandwidth_gbps"]
     table = Table(
         title=(
@@ -377,7 +376,7 @@ def print_table(rows, info) -> None:
         )
     )
     for col in ("case", "peer", "ms", "GB/s", "share", "all-core", "× sdpa", "note"):
-        table.add_column(col, justify="left" if col in ("case", "peer", "note") else "right", no_wrap=col != "note")
+        table.add_column(col, justify="left" if col in ("case", "peer", "note") else "right", overflow="fold")
 
     def cells(r):
         note = "" if r.sdpa_bound is None else f"bound on × sdpa {r.sdpa_bound:.2f}"

@@ -17,6 +17,9 @@ from rich.progress import (
 )
 
 console = Console()
+# never laid out narrower than 80 columns, the width the demos' tables take: at COLUMNS=20 every
+# cell of the scaling table was empty; a narrower terminal now wraps the lines instead
+console.width = max(console.width, 80)
 
 
 def progress() -> Progress:

@@ -155,6 +155,7 @@ class Partners:
         self.parked = [False] * n
         self.sems = [threading.Semaphore(0) for _ in range(n)]
         self.done = [threading.Event() for _ in range(n)]
+        self.retired = False  # replaced by a set of another size (get_partners): threads end
         rate = tsc_rate()
         self.partner_spin = int(PARTNER_SPIN_S * rate)
         self.wake_spin = int(WAKE_SPIN_S * rate)
@@ -172,6 +173,15 @@ class Partners:
                 woke = True
         return woke
 
+    def retire(self) -> None:
+        """Let the threads end (:func:`get_partners` replaced this set): each returns the next
+        time it finds no call, parked or spinning.  A call a caller still posts here meanwhile
+        is safe: a partner that has not claimed its part by the caller's end is cancelled (the
+        caller runs that part), as for a partner late to wake."""
+        self.retired = True
+        for sem in self.sems:
+            sem.release()
+
     def _loop(self, i: int) -> None:
         from . import _cpu_sync as S
 
@@ -180,10 +190,14 @@ class Partners:
         while True:
             g = S.partner_wait(self.flags, i, seen, spin)
             if g == seen:  # no call for a while: park, unless one was posted meanwhile
+                if self.retired:
+                    return
                 self.parked[i] = True
                 if self.flags[S.POSTED] == seen:  # (under the GIL, as the caller's post and wake)
                     self.sems[i].acquire()
                 self.parked[i] = False
+                if self.retired:
+                    return
                 spin = self.wake_spin  # woken by a caller (or a call posted): it comes soon
                 continue
             spin = self.partner_spin
@@ -209,11 +223,19 @@ def get_partners(n: int) -> Partners | None:
     has no threads)."""
     global _partners
     p = _partners
-    if p is None or p.n != n or p.pid != os.getpid():
+    if p is None or p.n != n or p.pid != os.getpid() or p.retired:
         with _pool_lock:
             p = _partners
-            if p is None or p.n != n or p.pid != os.getpid():
+            if p is None or p.n != n or p.pid != os.getpid() or p.retired:
+                old = p
                 p = _partners = Partners(n) if n >= 1 else None
+                # A set of another size replaces this one: its threads must end, or every
+                # change of n — decode calls under numba.set_num_threads(k) < cores between
+                # small calls, whose n is cores − 1 — left n threads behind for good (threads
+                # without bound; the resource audit of 6 Dec 2026).
+                # (In a forked child the old set's threads do not exist: nothing to end.)
+                if old is not None and old.pid == os.getpid():
+                    old.retire()
     return p
 
 

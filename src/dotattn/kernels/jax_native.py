@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -640,23 +640,47 @@ def _add_pairwise(pb: _Problem, acc, ds, r, c, i0, j0):
 
 @functools.lru_cache(maxsize=None)
 def _attention_fn(cfg: Config):
-    """The differentiable canonical attention for one static configuration (jitted)."""
+    """The differentiable canonical attention for one static configuration (jitted).
+
+    ``cfg`` is a :func:`_structure`: the values of scale and softcap come as the function's
+    last two arguments, traced, so a new value compiles nothing.  (Keyed by their values, a
+    program passing a new scale each call — a temperature, a per-request scale — compiled
+    ≈ 0.5 s per call and this cache grew without bound, ≈ 1.4 MB per call; the resource
+    audit of 6 Dec 2026.)"""
+
+    def split(args):
+        *arrays, scale, softcap = args
+        return replace(cfg, scale=scale, softcap=softcap), tuple(arrays)
 
     @jax.custom_vjp
     def fused(*args):
-        return _forward(cfg, *args)
+        c, arrays = split(args)
+        return _forward(c, *arrays)
 
     def fwd(*args):
-        out, lse = _forward(cfg, *args)
+        c, arrays = split(args)
+        out, lse = _forward(c, *arrays)
         return (out, lse), (args, out, lse)
 
     def bwd(res, cotangents):
         args, out, lse = res
+        c, arrays = split(args)
         dout, _ = cotangents  # the LSE carries no gradient (documented, as FlashAttention)
-        return _backward(cfg, args, out, lse, dout)
+        return tuple(_backward(c, arrays, out, lse, dout)) + (None, None)  # (none for scale, softcap)
 
     fused.defvjp(fwd, bwd)
     return jax.jit(fused)
+
+
+def _structure(cfg: Config) -> Config:
+    """``cfg`` without the values of scale and softcap (whether there is a softcap stays)."""
+    return replace(cfg, scale=1.0, softcap=None if cfg.softcap is None else 1.0)
+
+
+def _values(cfg: Config) -> tuple:
+    """Scale and softcap as float64 scalars: cast to the compute dtype inside, as the Python
+    floats were (x64 off: float32 on the way in, the same single rounding)."""
+    return np.float64(cfg.scale), None if cfg.softcap is None else np.float64(cfg.softcap)
 
 
 def attention(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=None, q_seg=None, kv_seg=None,
@@ -664,7 +688,7 @@ def attention(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=Non
     """Canonical native attention: ``(out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) compute dtype)``."""
     if cfg.dropout_p > 0.0 and key is None:
         raise ValueError("dropout needs the seed's key (seed_key_pair)")
-    out, lse = _attention_fn(cfg)(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key)
+    out, lse = _attention_fn(_structure(cfg))(q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key, *_values(cfg))
     return out.astype(q.dtype), lse
 
 

@@ -256,3 +256,58 @@ def test_bf16_delta_in_row_blocks_is_einsums():
     assert finite
     expect = np.einsum("bhld,bhld->bhl", do.astype(np.float32), out.astype(np.float32), dtype=np.float32)
     H.assert_bitwise_equal(delta, expect, name="delta")
+
+
+def _decode_call(monkeypatch, seed=0, B=2, Hq=8, Hkv=2, L=700, D=64):
+    """A cpu-backend decode call of a few chunks on the partner threads (the path whose partial
+    results are kept scratch; the one-entry kernel allocates its own inside Numba)."""
+    from dotattn.kernels import cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "POOL_ONLY_BYTES", 0)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, L, D)).astype(np.float32)
+    return lambda: dotattn.attention_with_kvcache(q, k, v, cache_lengths=np.array([L, L // 2]),
+                                                  implementation="cpu", return_lse=True)
+
+
+def test_decode_parts_live_in_the_workspace_and_are_released(monkeypatch):
+    """The decode kernels' partial outputs and LSEs are kept in the calling thread's workspace
+    (until 6 Dec 2026 a grow-only dict of their own, which neither the limit nor
+    release_workspace reached): release_workspace drops them — every thread's — and the next
+    call gives the same bits."""
+    monkeypatch.delenv(_workspace.LIMIT_ENV_VAR, raising=False)
+    call = _decode_call(monkeypatch)
+    cpu.release_workspace()
+    want = call()
+    assert any(role.startswith("decode part") for role in _workspace.held_roles())
+    held = []
+
+    def worker():  # another thread's parts: released from this one
+        call()
+        held.append(sorted(r for r in _workspace.held_roles() if r.startswith("decode part")))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert held[0]
+    assert cpu.release_workspace() > 0
+    assert _workspace.held_bytes() == 0
+    got = call()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decode_parts_keep_within_the_limit(monkeypatch):
+    """With DOTATTN_CPU_WORKSPACE_MB=0 a decode call keeps nothing, with the same bits."""
+    call = _decode_call(monkeypatch, seed=1)
+    monkeypatch.delenv(_workspace.LIMIT_ENV_VAR, raising=False)
+    want = call()
+    cpu.release_workspace()
+    monkeypatch.setenv(_workspace.LIMIT_ENV_VAR, "0")
+    got = call()
+    assert _workspace.held_bytes(all_threads=False) == 0
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

@@ -81,6 +81,14 @@ def _mine() -> _Kept:
     return kept
 
 
+def thread_buffers() -> dict[str, np.ndarray]:
+    """The calling thread's kept buffers, role → array, for a caller with a leaner lookup of its
+    own (the decode kernels' partial results, ``cpu_decode._scratch``: a decode step makes 30
+    calls, and :func:`scratch` takes ≈ 7 µs a buffer).  Such roles' arrays may have any dtype;
+    they count towards :func:`limit_bytes` and :func:`release` drops them with the others."""
+    return _mine().buffers
+
+
 def _aligned_bytes(n: int, allocate) -> np.ndarray:
     """``n`` bytes (``allocate`` is ``np.empty`` or ``np.zeros``) starting at a 64-byte boundary."""
     raw = allocate(n + ALIGN, dtype=np.uint8)

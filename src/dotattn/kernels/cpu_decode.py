@@ -30,7 +30,7 @@ import numpy as np
 from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
-from . import _cpu_sync, _launch
+from . import _cpu_sync, _launch, _workspace
 from ._blas import ONE_BLAS_THREAD
 
 # Below this many bytes of K/V to read a call runs on its thread without a ParallelChoice;
@@ -61,7 +61,6 @@ PARALLEL_MIN_BYTES_TEAM = 512 << 10
 # about twice the pool's time (the bench's B8 32k float16 row read 74–79 % of the all-core rate).
 POOL_ONLY_BYTES = 64 << 20
 
-_local = threading.local()
 _executor: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _F16 = np.dtype(np.float16)
@@ -96,18 +95,31 @@ def _cache_kind(dtype: np.dtype) -> int:
     return K.KIND_BF16 if dtype == BFLOAT16 else K.KIND_F16 if dtype == _F16 else K.KIND_FLOAT
 
 
+# The chunks' partial outputs and LSEs of a call are kept between calls in the calling thread's
+# part of the cpu backend's workspace (kernels/_workspace.py): bounded with its other roles by
+# DOTATTN_CPU_WORKSPACE_MB and dropped by cpu.release_workspace().  Until 6 Dec 2026 they sat in a
+# thread-local dict of their own, grow-only and outside both: a server thread that once decoded a
+# large batch kept its parts for good (the resource audit of that day).
+_PART_ROLES: dict[str, tuple[str, str]] = {}
+
+
 def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Views ``(n_items, R, Dv)`` and ``(n_items, R)`` of this thread's grow-only buffers."""
+    """Views ``(n_items, R, Dv)`` and ``(n_items, R)`` of this thread's kept buffers (fresh ones
+    for this call alone where keeping them would pass the workspace's limit)."""
     key = np.dtype(dtype).char
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
+    roles = _PART_ROLES.get(key)
+    if roles is None:
+        roles = _PART_ROLES[key] = (f"decode part outputs {key}", f"decode part lses {key}")
+    bufs = _workspace.thread_buffers()
     need_o, need_l = n_items * R * Dv, n_items * R
-    o, l = bufs.get(key, (None, None))
-    if o is None or o.size < need_o or l.size < need_l:
+    o, l = bufs.get(roles[0]), bufs.get(roles[1])
+    if o is None or l is None or o.size < need_o or l.size < need_l:
         o = np.empty(max(need_o, 1), dtype=dtype)
         l = np.empty(max(need_l, 1), dtype=dtype)
-        bufs[key] = (o, l)
+        others = sum(b.nbytes for role, b in list(bufs.items()) if role not in roles)
+        if others + o.nbytes + l.nbytes <= _workspace.limit_bytes():
+            bufs[roles[0]], bufs[roles[1]] = o, l
+        # (else this call's alone: a smaller pair kept before stays for the calls it fits)
     return o[:need_o].reshape(n_items, R, Dv), l[:need_l].reshape(n_items, R)
 
 

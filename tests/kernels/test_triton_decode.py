@@ -559,6 +559,24 @@ def test_host_arrays_reach_the_device_in_one_packed_copy(monkeypatch):
     assert copies == [{"non_blocking": True}]
 
 
+def _stand_in_kernel(log: list, params: list[tuple[str, bool]]):
+    """A class standing in for a ``@triton.jit`` kernel (no GPU needed): ``fn[grid](*args, **kw)``
+    logs ("triton", grid, args, kw) — Triton's own launch — and returns a compiled kernel whose
+    ``[grid](*args)`` logs ("compiled", grid, args); ``params`` are (name, is_constexpr)."""
+    from types import SimpleNamespace
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: log.append(("compiled", grid, args))
+
+    class Jit:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: log.append(("triton", grid, args, kw)) or Compiled()
+
+    Jit.params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in params]
+    return Jit
+
+
 def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeypatch):
     """triton_decode.launch: the first call of a specialization goes through Triton and keeps
     the compiled kernel it returns; a later call with the same key launches that kernel with
@@ -574,17 +592,7 @@ def test_a_launch_reuses_the_compiled_kernel_for_the_same_specialization(monkeyp
     monkeypatch.setattr(triton_decode, "_current_device", lambda: device[0])
     monkeypatch.setattr(triton_decode, "_compiled", {})
     log = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args: log.append(("compiled", grid, args))
-
-    class Jit:
-        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in
-                  [("X", False), ("n", False), ("s", False), ("A", True), ("B", True)]]
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: log.append(("triton", grid, args, kw)) or Compiled()
+    Jit = _stand_in_kernel(log, [("X", False), ("n", False), ("s", False), ("A", True), ("B", True)])
 
     class Ptr:
         def __init__(self, at, dtype="f32"):
@@ -637,17 +645,7 @@ def test_a_plan_launch_goes_through_triton_once_then_runs_the_compiled_kernel(mo
     interpreted = [False]
     monkeypatch.setattr(triton_decode, "_kernels", lambda: SimpleNamespace(INTERPRETED=interpreted[0]))
     log = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args: log.append(("compiled", grid, args))
-
-    class Jit:
-        params = [SimpleNamespace(name=n, is_constexpr=c) for n, c in
-                  [("X", False), ("Y", False), ("n", False), ("s", False), ("A", True), ("B", True)]]
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: log.append(("triton", grid, args, kw)) or Compiled()
+    Jit = _stand_in_kernel(log, [("X", False), ("Y", False), ("n", False), ("s", False), ("A", True), ("B", True)])
 
     x, y, z = object(), object(), object()
     run = triton_decode._Launch(Jit(), (7, 1.5), dict(B=2, A=1), 4, 3)

@@ -557,23 +557,18 @@ def _attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new
         small += [query_positions(call), *call.rotary]
         if append:
             small.append(_new_positions(call))
-    on_device = list(host_to_device(*small, device=dev))
-    kv_len_t, table_t = on_device[0], on_device[1]
-    at = 2
+    sent = iter(host_to_device(*small, device=dev))  # (in the order of `small`)
+    kv_len_t, table_t = next(sent), next(sent)
+    pairs_t = next(sent) if append else None
+    slopes = next(sent) if call.alibi_slopes is not None else None
+    q_rotary = (next(sent), next(sent), next(sent)) if call.rotary is not None else None  # (positions, cos, sin)
     if append:
-        pairs_t = on_device[at]
-        at += 1
-    slopes = None
-    if call.alibi_slopes is not None:
-        slopes = on_device[at]
-        at += 1
-    if append:
-        rotary = None if call.rotary is None else (on_device[at + 3], on_device[at + 1], on_device[at + 2])
-        _write_new(call, kp, vp, kn, vn, pairs_t, pairs.shape[1], rotary)
+        k_rotary = None if q_rotary is None else (next(sent), *q_rotary[1:])
+        _write_new(call, kp, vp, kn, vn, pairs_t, pairs.shape[1], k_rotary)
     native = IN_KERNEL_CASTS if IN_KERNEL_CASTS is not None else not _kernels().INTERPRETED
     q_in = qc if native else qc.to(torch.float32)
-    if call.rotary is not None:
-        q_in = apply_rotary(qc.to(torch.float32), *on_device[at:at + 3])
+    if q_rotary is not None:
+        q_in = apply_rotary(qc.to(torch.float32), *q_rotary)
     B, Hq, Lq, Dv = call.B, call.Hq, call.Lq, vp.shape[3]
     out_dtype = q.dtype if native else torch.float32
     # the output in the caller's layout, written there by the kernels (a bhld view of it)

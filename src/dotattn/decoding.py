@@ -183,6 +183,8 @@ def _negated_cache_error(name: str) -> AttentionValueError:
 
 def _host(name: str, x: Any):
     """Small arguments of a device call (lengths, page table, slopes, rotary tables) as host NumPy."""
+    if x is None or type(x) is np.ndarray:  # (the common forms, without the library scan)
+        return x
     if framework_of(x) == "torch":
         from .torch._convert import to_numpy
 
@@ -206,14 +208,15 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
     from .torch._convert import check_device, standin
 
     q = arrays["q"]
+    check_device("q", q)
+    device = q.device
     for name, t in arrays.items():
-        if t is not None:
+        if t is not None and t.device != device:  # (q's device is checked: so is any equal to it)
             check_device(name, t)
-            if t.device != q.device:
-                raise AttentionValueError(
-                    f"{name} is on device {str(t.device)!r} but q is on {str(q.device)!r}; "
-                    "q, the caches and the new keys/values must share one device"
-                )
+            raise AttentionValueError(
+                f"{name} is on device {str(t.device)!r} but q is on {str(device)!r}; "
+                "q, the caches and the new keys/values must share one device"
+            )
     if arrays["k_new"] is not None:
         _check_device_caches_writeable(arrays["k_cache"], arrays["v_cache"])
     # normalize() refuses read-only caches when it must write into them; a stand-in is never

@@ -91,6 +91,15 @@ def test_chat_reads_any_bytes_on_stdin(env):
     assert b"caf\\xe9 | Paris" in done.stdout and b"| caf\\ufffd\"]" in done.stdout  # (the second turn)
 
 
+def test_chat_from_a_pipe_prints_replies_without_prompts():
+    """Messages piped in (a script, a file): the output is the banner and the replies, without
+    the ``>>> `` prompt that a terminal shows (as Python's REPL prints none for piped input)."""
+    done = _run(["chat"], _env(), stdin=b"Hi\nBye\n")
+    assert done.returncode == 0, done.stderr.decode()
+    assert b">>>" not in done.stdout
+    assert done.stdout.count("Paris \u2014".encode()) == 2
+
+
 @pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
 def test_chat_with_a_non_ascii_system_message(env):
     done = _run([b"chat", b"--system", "R\u00e9ponds en fran\u00e7ais.".encode()], _env(**env), stdin=b"Hi\n")

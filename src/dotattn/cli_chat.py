@@ -58,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
         pass
     messages = list(start)
     print(f"SmolLM on dotattn — {HELP}", flush=True)
+    # the prompt where someone types; messages piped in get none, as Python's own REPL does, so
+    # that the output holds the replies alone
+    prompt = ">>> " if sys.stdin.isatty() else ""
     while True:
         try:
-            line = model_text(input(">>> "))
+            line = model_text(input(prompt))
         except EOFError:  # Ctrl-D
             print()
             return 0

@@ -143,3 +143,21 @@ def test_a_live_key_whose_weight_underflows_still_brings_its_infinite_and_nan_va
     out, lse = _like_reference(backend, q, k, v, lengths, window=(289 - min(others), None))
     assert np.isfinite(out).all()
 
+
+
+@pytest.mark.parametrize("q_value, scale", [(-np.inf, 0.0), (1e30, 1e30)], ids=["inf-times-zero", "overflow"])
+@pytest.mark.parametrize("backend", C.decode_backends())
+def test_a_strided_q_scaled_to_nan_or_inf_lets_no_warning_out(backend, q_value, scale):
+    """A "blhd" q of several rows (a strided view in the kernels' layout) whose scaling gives NaN
+    (−inf · 0) or overflows: the ``cpu`` kernel scaled such a q with a bare ``np.multiply`` and
+    let NumPy's RuntimeWarning out (an error under ``-W error``) — found by differential fuzzing."""
+    q, k, v, lengths = _inputs(np.dtype(np.float32), n=40, cap=48)
+    q = np.concatenate([q, q], axis=2)  # Lq = 2 rows
+    q[0, 1, 0, 3] = q_value
+    blhd = [np.ascontiguousarray(x.swapaxes(1, 2)) for x in (q, k, v)]
+    # (an overflow of float32 scores is no NaN of the float64 reference's: no pattern to hold it to)
+    check = _like_reference if np.isinf(q_value) else _call
+    out, lse = check(backend, *blhd, lengths, scale=scale, layout="blhd")
+    # the row with the bad value (row 0, head 1: out[0, 0, 1] in "blhd") is NaN, no other row is
+    assert np.isnan(out[0, 0, 1]).all() and np.isnan(lse[0, 1, 0])
+    assert np.isfinite(out[0, 1]).all() and np.isfinite(out[0, 0, 0]).all()

@@ -347,7 +347,10 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
             # a fresh C-contiguous array in the compute dtype — order="C": NumPy keeps a strided
             # q's memory order otherwise ("blhd" caches' q is a transposed view), and the kernel
             # entries would compile a second signature for it on the first such call (25 s here)
-            q = np.multiply(q, d.scale, dtype=T, order="C")
+            # (−inf · 0 gives NaN and a huge q·scale overflows, as the rule of NaN and ±inf wants:
+            # without NumPy's RuntimeWarnings, as everywhere in the decode kernels)
+            with np.errstate(invalid="ignore", over="ignore"):
+                q = np.multiply(q, d.scale, dtype=T, order="C")
     alibi = call.alibi_slopes
     slopes = alibi if alibi is not None else _no_slopes(T)
     left, right, Dv = d.left, d.right, d.Dv

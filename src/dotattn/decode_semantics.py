@@ -587,8 +587,12 @@ def apply_rotary(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.
     s = sin[positions][:, None]
     out = np.array(x, copy=True) if isinstance(x, np.ndarray) else x.clone()
     x1, x2 = x[..., :R], x[..., R : 2 * R]
-    out[..., :R] = x1 * c - x2 * s
-    out[..., R : 2 * R] = x2 * c + x1 * s
+    # (±inf · sin 0 is NaN and a huge value may overflow, as the rule of NaN and ±inf wants:
+    # without NumPy's RuntimeWarnings, which the numpy kernel's callers kept in and the cpu
+    # kernel's did not)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out[..., :R] = x1 * c - x2 * s
+        out[..., R : 2 * R] = x2 * c + x1 * s
     return out
 
 

@@ -161,3 +161,25 @@ def test_a_strided_q_scaled_to_nan_or_inf_lets_no_warning_out(backend, q_value, 
     # the row with the bad value (row 0, head 1: out[0, 0, 1] in "blhd") is NaN, no other row is
     assert np.isnan(out[0, 0, 1]).all() and np.isnan(lse[0, 1, 0])
     assert np.isfinite(out[0, 1]).all() and np.isfinite(out[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("where", ["q", "k_new"])
+@pytest.mark.parametrize("backend, dtype", PAIRS)
+def test_rotary_over_an_infinite_value_lets_no_warning_out(backend, dtype, where):
+    """RoPE at position 0 turns an inf in the second half of a rotated pair into inf · sin 0 =
+    NaN: the row is NaN, as the reference says, and no NumPy RuntimeWarning escapes (the ``cpu``
+    kernel's rotation of q and of the new keys let it out — found by differential fuzzing)."""
+    q, k, v, lengths = _inputs(dtype, n=0, cap=8)
+    rng = np.random.default_rng(3)
+    k_new = rng.standard_normal((1, 1, 1, D)).astype(np.float32).astype(dtype)
+    v_new = rng.standard_normal((1, 1, 1, D)).astype(np.float32).astype(dtype)
+    R = 4
+    cos, sin = C.rope_tables(8, R)
+    if where == "q":
+        q[0, 1, 0, R] = np.inf  # head 1 only
+    else:
+        k_new[0, 0, 0, R] = np.inf  # the one key of both heads
+    out, lse = _like_reference(backend, q, k, v, lengths, k_new=k_new, v_new=v_new,
+                               rotary=(cos.astype(np.float32), sin.astype(np.float32)))
+    assert np.isnan(out[0, 1]).all() and np.isnan(lse[0, 1]).all()
+    assert np.isnan(out[0, 0]).all() == (where == "k_new")

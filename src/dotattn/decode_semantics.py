@@ -605,6 +605,16 @@ def write_new(call: DecodeCall, counts: np.ndarray | None = None) -> None:
     k_new, v_new = call.k_new, call.v_new
     if k_new is None or k_new.shape[2] == 0:
         return
+    if call.rotary is not None or k_new.dtype != call.k_pages.dtype or v_new.dtype != call.v_pages.dtype:
+        # new tokens rounded to a 16-bit cache: a value past its range is stored as ±inf (what
+        # the rounding gives), without NumPy's overflow warning (the numpy kernel's decode is
+        # @quiet; the cpu kernel's and KVCache.append's calls are not)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _write_new(call, k_new, v_new, counts)
+    return _write_new(call, k_new, v_new, counts)
+
+
+def _write_new(call: DecodeCall, k_new: np.ndarray, v_new: np.ndarray, counts: np.ndarray | None) -> None:
     Lnew = k_new.shape[2]
     pos = None
     if call.rotary is not None:

@@ -183,3 +183,20 @@ def test_rotary_over_an_infinite_value_lets_no_warning_out(backend, dtype, where
                                rotary=(cos.astype(np.float32), sin.astype(np.float32)))
     assert np.isnan(out[0, 1]).all() and np.isnan(lse[0, 1]).all()
     assert np.isnan(out[0, 0]).all() == (where == "k_new")
+
+
+@pytest.mark.parametrize("backend, dtype", [p for p in PAIRS if p.values[1].itemsize == 2])
+def test_float32_new_tokens_past_a_16_bit_range_are_stored_as_inf_without_a_warning(backend, dtype):
+    """float32 new keys/values into a 16-bit cache are stored rounded: 1e30 becomes +inf there
+    (3.4e38 in bfloat16), and the value reads as what the cache holds.  The
+    ``cpu`` kernel's append let NumPy's "overflow encountered in cast" out (an error under
+    ``-W error``) — found by differential fuzzing."""
+    q, k, v, lengths = _inputs(dtype, n=20, cap=24)
+    q = q.astype(np.float32)
+    rng = np.random.default_rng(4)
+    k_new = rng.standard_normal((1, 1, 1, D)).astype(np.float32)
+    v_new = rng.standard_normal((1, 1, 1, D)).astype(np.float32)
+    # past the range (bfloat16's largest is 3.39e38): +inf once stored
+    v_new[0, 0, 0, 0] = 1e30 if dtype == np.float16 else 3.4e38
+    out, lse = _like_reference(backend, q, k, v, lengths, k_new=k_new, v_new=v_new)
+    assert (out[..., 0] == np.inf).all() and np.isfinite(out[..., 1:]).all() and np.isfinite(lse).all()

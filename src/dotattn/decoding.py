@@ -497,6 +497,8 @@ def _attention_with_kvcache(
         if written is not None:
             _written_in_place(written)
     out = out.astype(call.dtype, copy=False)
+    # float32 LSEs (float64 for a float64 call), as documented — the reference computes in float64
+    lse = lse.astype(np.float64 if call.dtype == np.float64 else np.float32, copy=False)
     if layout == "blhd":
         out = np.ascontiguousarray(out.swapaxes(1, 2))
     if fw == "torch":

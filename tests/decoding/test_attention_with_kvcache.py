@@ -303,6 +303,20 @@ def test_one_length_for_every_sequence(one):
     assert case.k_cache.tobytes() == k.tobytes() and case.v_cache.tobytes() == v.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_the_reference_returns_the_documented_lse_dtype(dtype):
+    """float32 LSEs (float64 for a float64 call) from every implementation, the float64
+    reference's included — which gave its float64 LSE as it was until 6 Dec 2026."""
+    case = C.make_case(5, dtype=dtype)
+    lses = {}
+    for backend in ["reference", *C.decode_backends()]:
+        k, v = case.k_cache.copy(), case.v_cache.copy()
+        _, lses[backend] = dotattn.attention_with_kvcache(case.q, k, v, case.k_new, case.v_new, return_lse=True,
+                                                          implementation=backend, **case.kwargs())
+    for backend, lse in lses.items():
+        assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32), backend
+
+
 def test_default_implementation_runs():
     case = C.make_case(4)
     out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new, **case.kwargs())

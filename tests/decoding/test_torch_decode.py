@@ -187,3 +187,16 @@ def test_a_kvcache_write_moves_its_buffers_version_counters(step, monkeypatch):
                          implementation="triton" if step == "attend-triton" else None)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64", "int16", "int32"])
+def test_cache_lengths_of_any_integer_dtype(dtype):
+    """Lengths are integers of any int or uint dtype (docs/decoding.md) in torch as in NumPy:
+    torch's uint16/32/64 were refused as "a dtype dotattn does not take" until 6 Dec 2026."""
+    case = C.make_case(7, B=2, lengths=[5, 9], capacity=12)
+    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in (case.q, case.k_cache, case.v_cache)]
+    want = dotattn.attention_with_kvcache(*tensors, cache_lengths=torch.tensor([5, 9]))
+    got = dotattn.attention_with_kvcache(*tensors, cache_lengths=torch.tensor([5, 9], dtype=getattr(torch, dtype)))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(dotattn.AttentionValueError, match="cache_lengths"):
+        dotattn.attention_with_kvcache(*tensors, cache_lengths=torch.tensor([5, 13], dtype=getattr(torch, dtype)))

@@ -22,12 +22,12 @@ import pytest
 FLAGS = ["HAS_WL", "HAS_WR", "HAS_QLEN", "HAS_KVLEN", "HAS_SEG", "HAS_MASK", "HAS_BIAS", "HAS_ALIBI", "HAS_SOFTCAP"]
 POINTERS = {"MASK": "*u8", "QLEN": "*i64", "KVLEN": "*i64", "QSEG": "*i64", "KVSEG": "*i64", "GEOM": "*i64",
             "TABLE": "*i64", "PAIRS": "*i64", "SLOPES": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "DBIAS": "*fp32",
-            "BIAS": "*fp32", "W": "*fp32", "FLAG": "*i32", "PART_OUT": "*fp32", "PART_LSE": "*fp32"}
+            "BIAS": "*fp32", "W": "*fp32", "FLAG": "*i32", "PART_OUT": "*fp32", "PART_LSE": "*fp64"}
 
 
-# The decode pass writing the chunks' float32 parts (several chunks; with one it writes the
-# call's output, in q's dtype: the default pointers)
-DECODE_PARTS = {"OUT": "*fp32"}
+# The decode pass writing the chunks' parts, float32 outputs and float64 LSEs (several chunks;
+# with one it writes the call's output, in q's dtype, and float32 LSE: the default pointers)
+DECODE_PARTS = {"OUT": "*fp32", "LSE": "*fp64"}
 
 
 def _signature(fn, dt: str, consts: dict, pointers: dict | None = None) -> dict:

@@ -1865,7 +1865,7 @@ def _chunk(
        maybe through ``0·NaN``: a hidden NaN must never enter a row); 16-bit caches value row
        by value row, converted into ``vc``, always skipping ``p = 0`` — every route summing
        in blocks of keys (PV_SUM_KEYS, PV_GEMM_KEYS: an attention sink's row);
-    4. normalize: ``o = O / l``, ``lse = m + log l``.
+    4. normalize: ``o = O / l``, ``lse = m + log l`` (float64: ``lse_out`` is, whatever q).
     The GEMMs' shapes depend only on the chunk (``R``, its length, ``D``), never on the batch,
     the capacity or the page layout: the bits are the same wherever the sequence sits.
     """
@@ -2039,7 +2039,9 @@ def _chunk(
             inv = 1.0 / l
             for d in range(Dv):
                 o_out[r, d] = o[r * Dv + d] * inv
-            lse_out[r] = m_row[r] + math.log(l)
+            # in float64 (lse_out is): m + log l rounded to float32 lost ≈ ulp(m) — 1e-3 at m ≈ 1e4,
+            # a merge weight exp(lseᵢ − M) 5e-5 off where float32 scores were exact (fuzzing, 6 Dec)
+            lse_out[r] = np.float64(m_row[r]) + math.log(np.float64(l))
         else:
             for d in range(Dv):
                 o_out[r, d] = 0.0
@@ -2476,7 +2478,7 @@ def run_serial(
     c0, nch, start = _plan(kvlen, Lq, Hkv, split, False, left, right)
     total = start[B]
     part_o = np.empty((total, R, Dv), dtype=q.dtype)
-    part_lse = np.empty((total, R), dtype=q.dtype)
+    part_lse = np.empty((total, R), dtype=np.float64)  # (float64 whatever q: _chunk's step 4)
     kc = np.empty(split * D, dtype=q.dtype)
     vc = np.empty(split * Dv, dtype=q.dtype)
     offs = np.empty(4 * split, dtype=np.int64)

@@ -104,7 +104,7 @@ _PART_ROLES: dict[str, tuple[str, str]] = {}
 
 
 def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Views ``(n_items, R, Dv)`` and ``(n_items, R)`` of this thread's kept buffers (fresh ones
+    """Views ``(n_items, R, Dv)`` and ``(n_items, R)`` float64 of this thread's kept buffers (fresh ones
     for this call alone where keeping them would pass the workspace's limit)."""
     key = np.dtype(dtype).char
     roles = _PART_ROLES.get(key)
@@ -115,7 +115,7 @@ def _scratch(n_items: int, R: int, Dv: int, dtype) -> tuple[np.ndarray, np.ndarr
     o, l = bufs.get(roles[0]), bufs.get(roles[1])
     if o is None or l is None or o.size < need_o or l.size < need_l:
         o = np.empty(max(need_o, 1), dtype=dtype)
-        l = np.empty(max(need_l, 1), dtype=dtype)
+        l = np.empty(max(need_l, 1), dtype=np.float64)  # every LSE part in float64 (the kernel's _chunk)
         others = sum(b.nbytes for role, b in list(bufs.items()) if role not in roles)
         if others + o.nbytes + l.nbytes <= _workspace.limit_bytes():
             bufs[roles[0]], bufs[roles[1]] = o, l

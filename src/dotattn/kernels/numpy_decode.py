@@ -142,7 +142,9 @@ def _chunk(call: DecodeCall, qg, b, row_pos, heads, j0, j1, scratch: _Scratch):
     with np.errstate(divide="ignore", invalid="ignore"):
         # total == 0: no visible key (0, −inf); a NaN total (NaN score) stays NaN
         out = np.where(total[..., None] == 0, 0, pv / total[..., None]).astype(dt)
-        lse = np.where(total == 0, -np.inf, m_safe + np.log(total)).astype(dt)
+        # the LSE in float64 whatever dt (the cpu kernel's too): m + log l rounded to float32 is
+        # ≈ ulp(m) off — 1e-3 at m ≈ 1e4, a merge weight 5e-5 off where the scores were exact
+        lse = np.where(total == 0, -np.inf, m_safe.astype(np.float64) + np.log(total.astype(np.float64)))
     return out, lse
 
 

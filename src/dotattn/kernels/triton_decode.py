@@ -215,19 +215,21 @@ class _Plan:
             dict(BLOCK_C=MERGE_CHUNKS, BLOCK_DV=block_dv), 4, None)
 
     def scratch(self, n_chunks: int, device, with_lse: bool):
-        """``(part_out, part_lse, flags, lse or None)``: views of one new float32 allocation."""
+        """``(part_out, part_lse, flags, lse or None)``: views of one new float32 allocation
+        (``part_lse`` float64: the split kernel's LSEs)."""
         import torch
 
         sizes = self.layouts.get((n_chunks, with_lse))
         if sizes is None:  # (each part's size rounded up to 16 bytes)
             parts = n_chunks * self.rows
             sizes = self.layouts[(n_chunks, with_lse)] = (
-                _up16(parts * self.Dv), _up16(parts), _up16(self.flag_rows * n_chunks),
+                _up16(parts * self.Dv), _up16(2 * parts), _up16(self.flag_rows * n_chunks),
                 _up16(self.rows) if with_lse else 0)
         # (one split for the four views: ≈ 3 µs, where four slices took ≈ 6)
         part_out, part_lse, flags, lse = torch.empty(sum(sizes), dtype=torch.float32, device=device).split_with_sizes(
             sizes)
-        return part_out, part_lse, flags.view(torch.int32), lse[:self.rows] if with_lse else None
+        return (part_out, part_lse.view(torch.float64), flags.view(torch.int32),
+                lse[:self.rows] if with_lse else None)
 
 
 def _up16(n: int) -> int:

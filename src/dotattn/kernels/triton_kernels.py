@@ -619,8 +619,8 @@ def decode_split(
     of one K/V head (GQA folded into rows, so each cached key is read once for the group)
     against keys ``[c·split, (c+1)·split)`` of one sequence, read through its page table.
 
-    Writes the chunk's partial output ``OUT[b, h, i, c]`` and LSE ``LSE[b, h, i, c]`` (float32;
-    −inf for a chunk with no visible key), merged afterwards over chunks (:func:`decode_merge`);
+    Writes the chunk's partial output ``OUT[b, h, i, c]`` (float32) and LSE ``LSE[b, h, i, c]``
+    (float64; −inf for a chunk with no visible key), merged afterwards over chunks (:func:`decode_merge`);
     where a call has one chunk, ``OUT`` is the call's output (any float dtype: the store rounds
     to it) and ``LSE`` its LSE, with chunk strides 0.  ``Q`` in any float dtype.
     Query ``i`` sits at position ``kv_len − Lq + i`` (bottom-right); only keys below ``kv_len``
@@ -718,7 +718,12 @@ def decode_split(
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + _split_dot(p, v, TERMS)
-    out, lse = _softmax_results(acc, m_i, l_i)
+    out, _ = _softmax_results(acc, m_i, l_i)
+    # the LSE in float64 (LSE is float64 where the chunks are merged; a call's own float32 LSE
+    # where there is one chunk, rounded once by the store): m + log l rounded to float32 is ≈
+    # ulp(m) off — 1e-3 at m ≈ 1e4, a merge weight 5e-5 off where the scores were exact
+    seen = l_i != 0.0
+    lse = tl.where(seen, m_i.to(tl.float64) + tl.log(tl.where(seen, l_i, 1.0)).to(tl.float64), float("-inf"))
     o_ptrs = (OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + i[:, None].to(tl.int64) * som
               + c.to(tl.int64) * soc + offs_dv[None, :] * sod)
     l_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm + c.to(tl.int64) * slc
@@ -759,7 +764,9 @@ def decode_merge(
     d_ok = offs_d < Dv
     lse_base = PART_LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + i.to(tl.int64) * slm
     out_base = PART_OUT + b.to(tl.int64) * spb + h.to(tl.int64) * sph + i.to(tl.int64) * spm
-    m = tl.full([], float("-inf"), dtype=tl.float32)
+    # the parts' LSEs are float64 (decode_split): their differences to the largest are exact
+    # there, and small enough for float32 once taken
+    m = tl.full([], float("-inf"), dtype=tl.float64)
     nan = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_c, BLOCK_C):
         cs = c0 + offs_c
@@ -772,7 +779,7 @@ def decode_merge(
     for c0 in range(0, n_c, BLOCK_C):
         cs = c0 + offs_c
         part = tl.load(lse_base + cs.to(tl.int64) * slc, mask=cs < n_c, other=float("-inf"))
-        total += tl.sum(tl.exp(part - m_safe))
+        total += tl.sum(tl.exp((part - m_safe).to(tl.float32)))
     seen = total > 0.0
     safe_total = tl.where(seen, total, 1.0)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
@@ -782,14 +789,14 @@ def decode_merge(
         part = tl.load(lse_base + cs.to(tl.int64) * slc, mask=c_ok, other=float("-inf"))
         x = tl.load(out_base + cs[:, None].to(tl.int64) * spc + offs_d[None, :] * spd,
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.where(seen, tl.exp(part - m_safe) / safe_total, 0.0)
+        w = tl.where(seen, tl.exp((part - m_safe).to(tl.float32)) / safe_total, 0.0)
         w = tl.where(total != total, float("nan"), w)
         empty = part == float("-inf")
         keep_x = ((x - x) != 0.0) & (empty == 0)[:, None]  # an underflowed part's NaN/±inf
         term = tl.where((w != 0.0)[:, None], w[:, None] * x, tl.where(keep_x, x, 0.0))
         acc += tl.sum(term, 0)
     tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i.to(tl.int64) * som + offs_d * sod, acc, mask=d_ok)
-    tl.store(LSE + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + i.to(tl.int64) * sdm, m_safe + tl.log(total))
+    tl.store(LSE + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + i.to(tl.int64) * sdm, m_safe + tl.log(total).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["n_pairs", "D", "Dv"])

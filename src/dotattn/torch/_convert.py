@@ -29,6 +29,9 @@ _NUMPY_NATIVE = frozenset(
         torch.int64,
         torch.uint8,
     }
+    # (torch ≥ 2.3's wider unsigned dtypes; their .numpy() is NumPy's uint16/32/64 — lengths
+    # may be any int or uint dtype, as with NumPy arrays)
+    | {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
 )
 
 _COMPUTE_DTYPE = {torch.float64: torch.float64}  # everything else accumulates in float32

@@ -68,6 +68,19 @@ def test_a_stdout_that_cannot_encode_the_text_gets_replacements(argv, env):
     assert b"?" in done.stdout and max(done.stdout) < 128
 
 
+@pytest.mark.parametrize("handler", ["backslashreplace", "strict"])
+def test_an_error_handler_named_in_pythonioencoding_is_kept(handler):
+    """``PYTHONIOENCODING=ascii:backslashreplace`` gives ``\\u2014``, ``ascii:strict`` the error the
+    user asked for — both were overridden to ``?`` until 6 Dec 2026; ``ascii`` alone still gets ``?``."""
+    done = _run(["info"], _env(PYTHONIOENCODING=f"ascii:{handler}"),
+                code="import sys; from dotattn.cli import main; sys.exit(main(sys.argv[1:]))")
+    if handler == "strict":
+        assert done.returncode != 0 and b"UnicodeEncodeError" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"\\u" in done.stdout and max(done.stdout) < 128
+
+
 @pytest.mark.parametrize("env", [ASCII_STDOUT, C_LOCALE], ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
 def test_generate_on_a_non_utf8_locale(env):
     """The prompt's bytes are UTF-8 (what the terminal sent) whatever the locale says; in the C

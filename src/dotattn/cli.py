@@ -58,7 +58,10 @@ def _tolerant_stdout() -> None:
 
     The commands print ``—``, ``×``, ``≥`` and rich's box drawing, and the model's replies any
     text; where the locale's encoding is ASCII (``LC_ALL=C``, ``PYTHONIOENCODING=ascii``) the
-    first of them ended the command with a traceback and exit status 1."""
+    first of them ended the command with a traceback and exit status 1.  An error handler the
+    user named (``PYTHONIOENCODING=ascii:strict``, ``…:backslashreplace``) is theirs: kept."""
+    if os.environ.get("PYTHONIOENCODING", "").partition(":")[2]:
+        return
     if sys.stdout is not None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8":
         try:
             sys.stdout.reconfigure(errors="replace")

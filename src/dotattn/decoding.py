@@ -28,6 +28,7 @@ of the contiguous cache, and the page-size and head axes of a paged cache)::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -74,6 +75,45 @@ _F32 = np.dtype(np.float32)
 # =================================================================================
 # the public call
 # =================================================================================
+
+
+# The public entry points, each run outside torch.compile's tracer (Dynamo) — see _eager.
+_EAGER: dict[Any, Any] = {}
+
+
+def _eager(fn):
+    """``fn`` run outside ``torch.compile``: a call from compiled code graph-breaks and runs eagerly.
+
+    Dynamo would otherwise trace into the call — its NumPy views through ``torch._numpy``
+    (copies: the append into the caller's cache is lost or refused), its Numba dispatchers
+    (the first call of a process crashed in Dynamo's bytecode transform: "exception table entry
+    start instruction has no offset"), the NumPy kernel (``np.copyto`` into a fake tensor).  Once
+    ``torch._dynamo`` is loaded (``torch.compile`` loads it) ``fn`` goes through
+    ``torch._dynamo.disable`` (≈ 0.5 µs a call); before, nothing can be compiling, and ``fn``
+    runs as it is — no torch import.
+    """
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        run = _EAGER.get(fn)
+        if run is None:
+            dynamo = sys.modules.get("torch._dynamo")
+            if dynamo is None or not hasattr(dynamo, "disable"):  # (not loaded, or still loading)
+                return fn(*args, **kwargs)
+            run = _EAGER[fn] = dynamo.disable(fn, recursive=True)
+        return run(*args, **kwargs)
+
+    # Dynamo reads these attributes without importing anything: a call from compiled code is a
+    # graph break (with fullgraph=True, torch's error "Skip calling `torch.compiler.disable()`d
+    # function" with this reason), never traced — not even this wrapper, whose first call builds
+    # the disabled function.
+    entry._torchdynamo_disable = True
+    entry._torchdynamo_disable_msg = (
+        f"dotattn's {fn.__qualname__} writes the caller's cache in place through NumPy views and runs "
+        "compiled kernels: it runs eagerly, outside the graph"
+    )
+    return entry
+
 
 
 # the NumPy dtypes of the torch dtypes that torch/_convert.py's to_numpy views as they are
@@ -347,6 +387,7 @@ def _kernel(implementation: str | None):
     return implementation, module
 
 
+@_eager
 def attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -908,6 +949,7 @@ class KVCache:
             )
         return fw
 
+    @_eager
     def append(self, k_new: Any, v_new: Any, *, layer: int = 0, lengths: Any = None) -> None:
         """Store new keys/values without attending (e.g. after a prefill through ``attention()``).
 
@@ -971,6 +1013,7 @@ class KVCache:
             write_new_tensors(call, canon(self.k[layer]), canon(self.v[layer]), canon(k_new), canon(v_new), counts)
         self._advance(layer, counts)
 
+    @_eager
     def attend(
         self,
         q: Any,

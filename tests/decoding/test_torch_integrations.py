@@ -1,0 +1,68 @@
+"""attention_with_kvcache and KVCache under the torch integrations users combine them with:
+torch.compile, … (the decode path's deployment audit, 6 Dec 2026)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dotattn
+
+torch = pytest.importorskip("torch")
+
+
+def _inputs(seed=0, B=2, Hq=4, Hkv=2, cap=24, D=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    kc, vc = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
+    kn, vn = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    return q, kc, vc, kn, vn, torch.tensor([3, 7])
+
+
+def _reference(q, kc, vc, kn, vn, lens):
+    f = lambda t: t.detach().clone().double().numpy()  # noqa: E731
+    return dotattn.attention_with_kvcache(
+        f(q), f(kc), f(vc), f(kn), f(vn), cache_lengths=lens.numpy(), implementation="reference"
+    )
+
+
+def test_torch_compile_runs_the_decode_call_eagerly_and_appends_in_place():
+    # Dynamo traced into the call: the NumPy kernel's np.copyto reached a fake tensor (an error),
+    # and the first call of a process crashed inside Numba's dispatcher.  Now a graph break.
+    torch._dynamo.reset()
+
+    def step(q, kc, vc, kn, vn, lens):
+        return dotattn.attention_with_kvcache(q, kc, vc, kn, vn, cache_lengths=lens, implementation="numpy") * 2.0
+
+    q, kc, vc, kn, vn, lens = _inputs()
+    expected = _reference(q, kc, vc, kn, vn, lens)
+    kc0, vc0 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        out = torch.compile(step, backend="eager")(q, kc, vc, kn, vn, lens)
+    np.testing.assert_allclose(out.numpy(), 2.0 * expected, rtol=1e-5, atol=1e-5)
+    for b, n in enumerate(lens.tolist()):  # the new tokens are in the caller's cache, nothing else moved
+        assert torch.equal(kc[b, :, n], kn[b, :, 0]) and torch.equal(vc[b, :, n], vn[b, :, 0])
+        kc0[b, :, n], vc0[b, :, n] = kn[b, :, 0], vn[b, :, 0]
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+
+
+def test_a_compiled_module_holding_a_kvcache_matches_the_eager_one():
+    torch._dynamo.reset()
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = dotattn.KVCache(2, 2, 8, 16, library="torch", page_size=4)
+
+        def forward(self, q, k, v):
+            return self.cache.attend(q, k, v, implementation="numpy") + 1.0
+
+    eager, compiled = Layer(), Layer()
+    run = torch.compile(compiled, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g)
+            torch.testing.assert_close(run(q, k, v), eager(q, k, v), rtol=0, atol=0)
+    assert compiled.cache.lengths.tolist() == [3, 3]
+    assert torch.equal(compiled.cache.k, eager.cache.k) and torch.equal(compiled.cache.v, eager.cache.v)

@@ -761,6 +761,21 @@ class KVCache:
         if self.page_size is not None:  # (self._table: allocated with the buffers above)
             self._free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out page 0 first
 
+    # Copies (copy.deepcopy, pickle, torch.save/load, torch.multiprocessing): the NumPy views
+    # of host buffers are rebuilt over the copy's own buffers.  Copied with the rest, a torch
+    # cache's views became NumPy arrays of their own — the copy's attend() and append() wrote
+    # there, and its k, v and layer() never showed the new tokens.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_k_np", None)
+        state.pop("_v_np", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._host:
+            self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
+
     def _buffer(self, shape, lib_dtype, fill):
         if self.library == "numpy":
             return np.full(shape, fill, dtype=lib_dtype)

@@ -66,3 +66,39 @@ def test_a_compiled_module_holding_a_kvcache_matches_the_eager_one():
             torch.testing.assert_close(run(q, k, v), eager(q, k, v), rtol=0, atol=0)
     assert compiled.cache.lengths.tolist() == [3, 3]
     assert torch.equal(compiled.cache.k, eager.cache.k) and torch.equal(compiled.cache.v, eager.cache.v)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_a_copied_torch_kvcache_writes_its_own_buffers(how, page_size):
+    # The NumPy views of the buffers were copied as arrays of their own: the copy's attend()
+    # wrote there, and its k, v and layer() never showed the new tokens.
+    import copy
+    import io
+    import pickle
+
+    cache = dotattn.KVCache(2, 2, 8, 16, library="torch", page_size=page_size)
+    g = torch.Generator().manual_seed(2)
+    step = lambda: [torch.randn(2, n, 1, 8, generator=g) for n in (4, 2, 2)]  # noqa: E731
+    with torch.no_grad():
+        cache.attend(*step())
+    if how == "deepcopy":
+        twin = copy.deepcopy(cache)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(cache))
+    else:
+        buf = io.BytesIO()
+        torch.save(cache, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    q, k, v = step()
+    with torch.no_grad():
+        out = cache.attend(q, k, v)
+        out_twin = twin.attend(q, k, v)
+    assert torch.equal(out, out_twin)
+    assert twin.k.data_ptr() != cache.k.data_ptr()
+    assert torch.equal(twin.k, cache.k) and torch.equal(twin.v, cache.v)  # the copy's buffers hold token 1 too
+    table = twin.block_table
+    for b in range(2):
+        page, slot = (b, 1) if table is None else (int(table[b, 0]), 1)
+        assert torch.equal(twin.k[0, page, :, slot], k[b, :, 0]) and torch.equal(twin.v[0, page, :, slot], v[b, :, 0])

@@ -742,7 +742,7 @@ class KVCache:
         # NumPy views of the buffers' memory (the buffers themselves for NumPy), made once:
         # converting the buffers on every call would cost more than a small decode step.
         if self._host:
-            self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
+            self._make_views()
         self._lengths = np.zeros(B, dtype=np.int64)
         # The layers' order within a step (0 … L−1, each once): _steps counts the steps taken
         # (the lengths advanced by the last layer), _layer_steps[ℓ] the steps layer ℓ has stored
@@ -774,7 +774,21 @@ class KVCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self._host:
-            self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
+            self._make_views()
+
+    def _make_views(self) -> None:
+        self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)
+        if self.library == "torch":
+            self._views_at = (self.k.data_ptr(), self.v.data_ptr())
+
+    def _views(self) -> tuple[np.ndarray, np.ndarray]:
+        """The NumPy views of the host buffers, made again where torch moved a buffer's memory:
+        ``share_memory_()`` — which torch.multiprocessing calls on every tensor it sends to another
+        process — gives the tensor a new allocation and frees the old one, which the views still
+        pointed at (the calls wrote freed memory, and ``k``/``v`` never showed the new tokens)."""
+        if self.library == "torch" and self._views_at != (self.k.data_ptr(), self.v.data_ptr()):
+            self._make_views()
+        return self._k_np, self._v_np
 
     def _buffer(self, shape, lib_dtype, fill):
         if self.library == "numpy":
@@ -981,7 +995,8 @@ class KVCache:
         if self.library == "torch":
             _check_no_grad(arrays)
         if self._host:
-            k_buf, v_buf = self._k_np[layer], self._v_np[layer]
+            k_views, v_views = self._views()
+            k_buf, v_buf = k_views[layer], v_views[layer]
             k_np, v_np = _as_numpy("k_new", k_new), _as_numpy("v_new", v_new)
         else:  # stand-ins of the device tensors: normalize() checks shapes and dtypes on them
             k_buf, v_buf = self.k[layer], self.v[layer]
@@ -1056,7 +1071,11 @@ class KVCache:
         # device buffers go to attention_with_kvcache as the tensors (its device path), and so do
         # CPU torch buffers asked for the triton kernel (Triton's interpreter)
         host = self._host and not (fw == "torch" and implementation == "triton")
-        k_buf, v_buf = (self._k_np[layer], self._v_np[layer]) if host else (self.k[layer], self.v[layer])
+        if host:
+            k_views, v_views = self._views()
+            k_buf, v_buf = k_views[layer], v_views[layer]
+        else:
+            k_buf, v_buf = self.k[layer], self.v[layer]
         if fw == "torch" and host:  # the buffers' NumPy views are kept: convert only the new arrays
             arrays = dict(q=q, k_new=k_new, v_new=v_new)
             _check_library(arrays)

@@ -102,3 +102,27 @@ def test_a_copied_torch_kvcache_writes_its_own_buffers(how, page_size):
     for b in range(2):
         page, slot = (b, 1) if table is None else (int(table[b, 0]), 1)
         assert torch.equal(twin.k[0, page, :, slot], k[b, :, 0]) and torch.equal(twin.v[0, page, :, slot], v[b, :, 0])
+
+
+@pytest.mark.parametrize("page_size", [None, 2])
+def test_a_kvcache_whose_buffers_moved_to_shared_memory_writes_them(page_size):
+    # share_memory_() — torch.multiprocessing calls it on every tensor it sends — moves a
+    # tensor's memory and frees the old allocation, where the cache's NumPy views still pointed:
+    # its calls wrote freed memory (a heap corruption abort at exit) and k/v never showed them.
+    cache = dotattn.KVCache(1, 2, 4, 8, library="torch", page_size=page_size, num_layers=2)
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        cache.k.share_memory_()
+        cache.v.share_memory_()
+        assert cache.k.is_shared()
+        for layer in range(2):
+            q, k, v = (torch.randn(1, 2, 1, 4, generator=g) for _ in range(3))
+            with torch.no_grad():
+                if layer == 0:
+                    out = cache.attend(q, k, v, layer=layer)
+                    assert torch.isfinite(out).all()
+                else:
+                    cache.append(k, v, layer=layer)
+            kb, vb = cache.layer(layer)
+            page, slot = (0, step) if page_size is None else (int(cache.block_table[0, step // 2]), step % 2)
+            assert torch.equal(kb[page, :, slot], k[0, :, 0]) and torch.equal(vb[page, :, slot], v[0, :, 0])

@@ -474,8 +474,11 @@ def _attention_with_kvcache(
             # CUDA tensors (or CPU ones under Triton's interpreter): the triton split-KV kernel,
             # validated on stand-ins, appended in place on the device.
             from .kernels.triton_decode import attention_with_kvcache_tensors
+            from .torch._convert import check_not_transformed
 
             for name, t in arrays.items():
+                if t is not None:
+                    check_not_transformed(name, t)  # (the kernel reads memory such a tensor lacks)
                 # A lazy negation/conjugation bit: the memory holds other values than the tensor
                 # (the kernel reads memory).  Read-only inputs are resolved (a copy, as NumPy's
                 # view of one is); a cache that takes new tokens is refused, as on the host path.

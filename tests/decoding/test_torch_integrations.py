@@ -126,3 +126,26 @@ def test_a_kvcache_whose_buffers_moved_to_shared_memory_writes_them(page_size):
             kb, vb = cache.layer(layer)
             page, slot = (0, step) if page_size is None else (int(cache.block_table[0, step // 2]), step % 2)
             assert torch.equal(kb[page, :, slot], k[0, :, 0]) and torch.equal(vb[page, :, slot], v[0, :, 0])
+
+
+@pytest.mark.parametrize("which", ["q", "k_new"])
+def test_vmap_is_refused_by_name_before_anything_is_written(which):
+    # torch's own "Cannot access data pointer of Tensor that doesn't have storage" came before.
+    q, kc, vc, kn, vn, lens = _inputs()
+    kc0, vc0 = kc.clone(), vc.clone()
+
+    def one(x):
+        args = dict(q=q[:1], k_new=kn[:1])
+        args[which] = x[None]
+        return dotattn.attention_with_kvcache(
+            args["q"], kc[:1], vc[:1], args["k_new"], vn[:1], cache_lengths=2, implementation="numpy"
+        )
+
+    batch = (q if which == "q" else kn)[:, :, :1]
+    with torch.no_grad(), pytest.raises(TypeError, match=rf"^{which} is a tensor inside a torch.func transform"):
+        torch.func.vmap(one)(batch)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)
+    cache = dotattn.KVCache(1, 2, 8, 8, library="torch", page_size=2)
+    with torch.no_grad(), pytest.raises(TypeError, match="torch.func transform"):
+        torch.func.vmap(lambda x: cache.attend(x[None], kn[:1], vn[:1]))(q[:, :, :1])
+    assert cache.lengths.tolist() == [0] and cache.free_pages == 4 and not cache.k.any()

@@ -112,9 +112,22 @@ def check_dense(name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_not_transformed(name: str, t: torch.Tensor) -> None:
+    """A tensor inside a ``torch.func`` transform (``vmap``'s batched tensors, ``grad``'s) has no
+    memory of its own to view or write: refused by name, not by torch's "Cannot access data
+    pointer of Tensor that doesn't have storage"."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise AttentionTypeError(
+            f"{name} is a tensor inside a torch.func transform (vmap, grad, jacrev, …), which dotattn's "
+            "decoding and NumPy-based entry points cannot take: they read and write the tensors' memory "
+            "(a KV cache in place). Call them outside the transform (for vmap: once on the whole batch)"
+        )
+
+
 def to_numpy(name: str, t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (a copy only for lazy negation/conjugation bits)."""
     check_dense(name, t)
+    check_not_transformed(name, t)
     if t.device.type not in ("cpu", "meta"):
         # Entry points that compute on NumPy views (decoding, merges) cannot read device memory.
         raise NotImplementedError(

@@ -172,6 +172,32 @@ def test_torch_matches_numpy_and_differentiates():
     assert (empty[0] == 0).all() and torch.isneginf(empty[1]).all()
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("target", ["out", "lse-of-the-other-rows", "both"])
+def test_a_row_with_no_part_has_zero_gradients_not_nan(target):
+    """A row whose every part is empty (LSE −inf: 0 and −inf out) passes gradient 0 to its
+    inputs: until 6 Dec 2026 the merged LSE's log(0) gave inf · 0 = NaN to the row's LSE inputs
+    whatever the loss read (even a loss on the other rows' LSEs alone)."""
+    import torch
+
+    outs = [torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lse_values = torch.tensor([[[[0.5, float("-inf"), 2.0]]], [[[1.0, float("-inf"), float("-inf")]]]], dtype=torch.float64)
+    lses = [lse_values[i].clone().requires_grad_(True) for i in range(2)]
+    out, lse = merge_attention_states(outs, lses)
+    assert torch.isneginf(lse[0, 0, 1]) and (out[0, 0, 1] == 0).all()
+    finite_lse = lse[..., [0, 2]]
+    loss = {"out": out.sum(), "lse-of-the-other-rows": finite_lse.sum(), "both": out.sum() + finite_lse.sum()}[target]
+    loss.backward()
+    for t in outs + lses:
+        assert t.grad is None or torch.isfinite(t.grad).all(), t.grad
+    for t in lses:
+        assert t.grad[0, 0, 1] == 0
+    if target == "lse-of-the-other-rows":  # d lse / d lseᵢ = the part's weight: row 0 splits, row 2 is all part 0's
+        w0 = 1 / (1 + np.exp(0.5))
+        torch.testing.assert_close(lses[0].grad[0, 0, [0, 2]], torch.tensor([w0, 1.0], dtype=torch.float64))
+        torch.testing.assert_close(lses[1].grad[0, 0, [0, 2]], torch.tensor([1 - w0, 0.0], dtype=torch.float64))
+
+
 # =================================================================================
 # random partitions (hypothesis)
 # =================================================================================

@@ -61,7 +61,11 @@ def merge_torch(outs: list, lses: list, layout: str):
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - m_safe)
     total = w.sum(dim=0)
-    merged_lse = m_safe + torch.log(total)
+    # log of 1, not of 0, for rows with no part (then −inf): log's gradient at 0 is inf, and
+    # inf · 0 made the gradient of those rows' LSE inputs NaN (the rows' gradient is 0); a NaN
+    # total stays NaN
+    empty_row = total == 0
+    merged_lse = torch.where(empty_row, float("-inf"), m_safe + torch.log(torch.where(empty_row, 1.0, total)))
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     scale = torch.where(total > 0, w / safe_total, torch.zeros_like(w))
     scale = torch.where(torch.isnan(total), torch.full_like(scale, float("nan")), scale)

@@ -115,7 +115,6 @@ def _eager(fn):
     return entry
 
 
-
 # the NumPy dtypes of the torch dtypes that torch/_convert.py's to_numpy views as they are
 # (filled on first use from its list); bfloat16 goes through an int16 view
 _VIEW_DTYPES: frozenset = frozenset()

@@ -180,13 +180,16 @@ def main(argv: list[str] | None = None) -> int:
                              "block codes (default) or the float32 matrices")
     args = parser.parse_args(argv)
 
-    from dotattn.models import SmolLM
+    from dotattn.models import SmolLM, smollm
 
     print("load before:", uptime(), flush=True)
     model = SmolLM(decode_weights=args.decode_weights)
     peer, peer_info = (None, "n/a (--no-peer)") if args.no_peer else load_transformers(model.path)
     amx = "on AMX from the weights' exact block codes where ≥ 128 rows, else " if model._mm._pairs else ""
-    print(f"dotattn SmolLM: prompt-pass projections {amx}float32 on {model.compute} (compute=), decode steps on "
+    sgemm = smollm._column_sgemm()
+    library = "oneDNN" if smollm._onednn_linear() is not None else (sgemm.library + " sgemm" if sgemm else "torch.mm")
+    print(f"dotattn SmolLM: prompt-pass projections {amx}float32 on {model.compute} (compute=; {library} in column "
+          f"halves where ≥ 128 rows), decode steps on "
           f"{'exact block codes of the weights' if model.decode_weights == 'blocks' else 'float32 weights'} "
           f"(decode_weights={model.decode_weights!r}); peer: {peer_info}", flush=True)
     results = {"load_before": uptime(), "peer": peer_info, "rows": []}

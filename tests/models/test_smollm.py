@@ -226,12 +226,14 @@ def test_prompt_pass_projections_in_row_halves_match_and_restore_the_thread_sett
 
 
 def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model, monkeypatch):
-    """Halves of the weight's rows (MKL's sgemm into the output's strided columns) give the
-    bits of token-row halves (torch.mm), for contiguous and row-strided operands; an operand
+    """Halves of the weight's rows (MKL's sgemm into the output's strided columns, forced: off
+    Intel CPUs OpenBLAS's run, whose bits depend on the split) give the bits of token-row
+    halves (torch.mm), for contiguous and row-strided operands; an operand
     whose rows are not contiguous takes the row halves."""
     rng = np.random.default_rng(2)
     w = model.w["layers"][0]["qkv"]
-    monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", False)  # (MKL's halves: oneDNN's test below)
+    monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", False)  # (MKL's halves: oneDNN's and OpenBLAS's tests below)
+    monkeypatch.setattr(smollm_module, "_SGEMM", smollm_module._mkl_sgemm())
     halves = smollm_module._RowHalves(model._mm)
     wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
     for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
@@ -316,6 +318,82 @@ def test_onednn_products_are_chosen_off_intel_with_avx512(monkeypatch):
         monkeypatch.setattr(_cpu_isa, "cpu_vendor", lambda v=vendor: v)
         monkeypatch.setattr(_cpu_isa, "_cpu_features", lambda f=features: frozenset(f))
         assert (smollm_module._onednn_linear() is not None) == chosen, (vendor, features)
+
+
+def test_prompt_pass_products_by_openblas_match_on_one_thread_each(model, reference, monkeypatch):
+    """The prompt pass's column halves by NumPy's OpenBLAS (chosen by itself on CPUs that are
+    not Intel's; forced here on any, the oneDNN and AMX routes off): close to the float64
+    product for contiguous and row-strided token rows, the same bits chunk after chunk on the
+    caller as on two threads (OpenBLAS's bits depend on the split, so the split is the same in
+    both modes), OpenBLAS's process-wide thread count as the user left it, and the model's
+    logits within the reference's tolerance of transformers'."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from dotattn.kernels import _blas
+
+    sgemm = smollm_module._openblas_sgemm()
+    assert sgemm is not None and sgemm.library == "OpenBLAS", "NumPy's wheel ships OpenBLAS"
+    monkeypatch.setattr(smollm_module, "_SGEMM", sgemm)
+    monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", False)
+    monkeypatch.setattr(smollm_module._MatMul, "pairs", lambda self, w: None)
+    chunks = []
+    columns = smollm_module._RowHalves._columns
+
+    def counted(self, *args):
+        chunks.append(args[-2])
+        return columns(self, *args)
+
+    monkeypatch.setattr(smollm_module._RowHalves, "_columns", counted)
+
+    def openblas_threads():
+        return sorted(lib["num_threads"] for lib in threadpool_info() if lib["internal_api"] == "openblas")
+
+    before = openblas_threads()
+    rng = np.random.default_rng(4)
+    w = model.w["layers"][0]["qkv"]
+    halves = smollm_module._RowHalves(model._mm)
+    wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
+    for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
+        both = np.full((1, 300, w.shape[0]), np.nan, np.float32)
+        halves(x, w, both)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            alone = np.full((1, 300, w.shape[0]), np.nan, np.float32)
+            halves(x, w, alone)
+        finally:
+            numba.set_num_threads(threads)
+        np.testing.assert_array_equal(both, alone)
+        np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+    assert len(chunks) == 4 * smollm_module._cores()
+    assert openblas_threads() == before and _blas.holders() == 0
+    seq = max(reference["sequences"], key=len)  # (291 tokens: past MIN_ROWS, the halves run)
+    start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
+    chunks.clear()
+    got = model.logits(seq)[:, reference["columns"]]
+    assert chunks, "the prompt pass took another route"
+    expected = reference["column_logits"][start : start + len(seq)]
+    assert np.abs(got - expected).max() <= TOLERANCE, _report(got, expected, "OpenBLAS prompt pass columns")
+    assert openblas_threads() == before
+
+
+def test_column_products_take_openblas_off_intel(monkeypatch):
+    """``_column_sgemm``: NumPy's OpenBLAS on CPUs that are not Intel's, MKL's (torch's) on
+    Intel's and where the vendor is unknown; the other where the first is absent."""
+    from dotattn.kernels import _cpu_isa
+
+    for vendor, library in (("AuthenticAMD", "OpenBLAS"), ("HygonGenuine", "OpenBLAS"), ("GenuineIntel", "MKL"), ("", "MKL")):
+        monkeypatch.setattr(smollm_module, "_SGEMM", None)
+        monkeypatch.setattr(_cpu_isa, "cpu_vendor", lambda v=vendor: v)
+        assert smollm_module._column_sgemm().library == library, vendor
+    monkeypatch.setattr(smollm_module, "_openblas_sgemm", lambda: None)
+    monkeypatch.setattr(smollm_module, "_SGEMM", None)
+    monkeypatch.setattr(_cpu_isa, "cpu_vendor", lambda: "AuthenticAMD")
+    assert smollm_module._column_sgemm().library == "MKL"
+    monkeypatch.setattr(smollm_module, "_mkl_sgemm", lambda: None)
+    monkeypatch.setattr(smollm_module, "_SGEMM", None)
+    assert smollm_module._column_sgemm() is None
 
 
 AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]

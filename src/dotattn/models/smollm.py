@@ -510,7 +510,7 @@ class _RowHalves:
         form = self.mm.pairs(w) if x2.strides[1] == 4 and out2.strides[1] == 4 else None
         if form is not None and self._amx_product(x2, out2, form, nchunks, parallel):
             return out
-        sgemm = _mkl_sgemm() if self.COLUMNS else None
+        sgemm = _column_sgemm() if self.COLUMNS else None
         if linear is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
             fn, args = self._onednn_columns, (linear, x2, w, out2)
         elif sgemm is not None and x2.strides[1] == 4 and out2.strides[1] == 4 and w.flags.c_contiguous:
@@ -563,16 +563,9 @@ class _RowHalves:
         out2[:, a:b] = part.numpy()
 
     def _columns(self, sgemm, x2, w, out2, chunk, nchunks):
-        from ..kernels._cpu_isa import mkl_threads_here
-
         cols = w.shape[0]
         a, b = cols * chunk // nchunks, cols * (chunk + 1) // nchunks
-        previous = mkl_threads_here(1)
-        try:
-            sgemm(x2, w[a:b], out2[:, a:b])
-        finally:
-            if previous is not None:
-                mkl_threads_here(previous)
+        sgemm(x2, w[a:b], out2[:, a:b])  # on this thread alone (:func:`_column_sgemm`)
 
 
 def _chunks(fn, args: tuple, nchunks: int, parallel: bool) -> None:
@@ -674,35 +667,125 @@ def _omp_threads_here(n: int) -> int:
     return previous
 
 
-def _mkl_sgemm():
-    """``f(x, w, out)``: ``out = x @ w.T`` by MKL's Fortran ``sgemm_`` (torch's library) on
-    row-strided float32 views, or None where MKL is absent."""
+def _column_sgemm():
+    """``f(x, w, out)``: ``out = x @ w.T`` on the calling thread alone, on row-strided float32
+    views — the prompt pass's column halves (:class:`_RowHalves`) — or None where no BLAS
+    with a per-thread count is found.
+
+    NumPy's OpenBLAS (:func:`_openblas_sgemm`) on CPUs that are not Intel's, MKL's (torch's
+    library, :func:`_mkl_sgemm`) on Intel's: off Intel CPUs MKL runs its generic AVX2 code.
+    On the AMD EPYC Zen 3 of 6 Dec 2026 (SmolLM2's four projection shapes, column halves on
+    two threads, one BLAS thread each, medians of 30 — ``benchmarks/prefill_gemm_libraries.py``):
+    512 token rows, MKL 144 GFLOP/s against OpenBLAS 171; 4,096 rows 99 against 166 (MKL's
+    own two-thread ``torch.mm``, transformers' way: 155 and 124).  A machine without
+    NumPy's OpenBLAS keeps MKL, and the reverse."""
     global _SGEMM
     if _SGEMM is None:
-        import ctypes
+        from ..kernels._cpu_isa import cpu_vendor
 
-        from ..kernels import _cpu_isa
+        order = (_mkl_sgemm, _openblas_sgemm) if cpu_vendor() in ("GenuineIntel", "") else (_openblas_sgemm, _mkl_sgemm)
+        _SGEMM = next((f for f in (make() for make in order) if f is not None), False)
+    return _SGEMM or None
 
-        with _cpu_isa._lock:
-            lib, _why = _cpu_isa._open_mkl()
-        if lib is None:
-            _SGEMM = False
-            return None
-        fn = lib.sgemm_
-        fn.restype = None
-        c_int, c_float, ref = ctypes.c_int, ctypes.c_float, ctypes.byref
-        one, zero, trans, plain = c_float(1.0), c_float(0.0), ctypes.c_char_p(b"T"), ctypes.c_char_p(b"N")
 
-        def sgemm(x, w, out):
-            # row-major out (m × n) = x (m × k) · wᵀ is column-major outᵀ (n × m) = w (k × n)ᵀ · xᵀ
-            m, k = x.shape
-            n = w.shape[0]
+def _mkl_sgemm():
+    """``f(x, w, out)``: ``out = x @ w.T`` by MKL's Fortran ``sgemm_`` (torch's library) on
+    row-strided float32 views, on the calling thread alone (MKL's thread-local count, restored
+    after), or None where MKL is absent."""
+    import ctypes
+
+    from ..kernels import _cpu_isa
+
+    with _cpu_isa._lock:
+        lib, _why = _cpu_isa._open_mkl()
+    if lib is None:
+        return None
+    return _fortran_sgemm(lib.sgemm_, ctypes.c_int, _mkl_one_thread, "MKL")
+
+
+@contextlib.contextmanager
+def _mkl_one_thread():
+    """MKL on the calling thread alone while inside (``MKL_Set_Num_Threads_Local``: this
+    thread's count, restored after)."""
+    from ..kernels._cpu_isa import mkl_threads_here
+
+    previous = mkl_threads_here(1)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mkl_threads_here(previous)
+
+
+# OpenBLAS builds' Fortran sgemm by export name, with the width of its integer arguments:
+# NumPy's wheels ship scipy-openblas64 (``scipy_sgemm_64_``), SciPy's scipy-openblas32.
+_OPENBLAS_SGEMMS = (("scipy_sgemm_64_", 64), ("sgemm_64_", 64), ("scipy_sgemm_", 32), ("sgemm_", 32))
+
+
+def _openblas_sgemm():
+    """``f(x, w, out)`` as :func:`_mkl_sgemm`'s by an OpenBLAS the process has loaded — NumPy's
+    first (found by ``threadpoolctl``: ``kernels/_blas``) — or None where there is none.
+
+    Each product holds ``_blas.ONE_BLAS_THREAD``, as the kernels' launches do: OpenBLAS's
+    thread count is the process's (its ``openblas_set_num_threads_local`` set every thread's
+    count too, measured with 0.3.31), so it is set to one while any product runs and the
+    user's count comes back after the last — never left changed, whichever thread ends last."""
+    import ctypes
+
+    from ..kernels._blas import ONE_BLAS_THREAD, _blas_libraries
+
+    libs = sorted(_blas_libraries(), key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))
+    for lib in libs:
+        handle = getattr(lib, "dynlib", None)
+        if lib.internal_api != "openblas" or handle is None:
+            continue
+        wide = "USE64BITINT" in _openblas_config(handle)
+        for name, bits in _OPENBLAS_SGEMMS:
+            if bits == 32 and wide:
+                continue
+            try:
+                fn = handle[name]
+            except AttributeError:
+                continue
+            return _fortran_sgemm(fn, ctypes.c_int64 if bits == 64 else ctypes.c_int32, lambda: ONE_BLAS_THREAD, "OpenBLAS")
+    return None
+
+
+def _openblas_config(handle) -> str:
+    """The build's ``openblas_get_config()`` text ("" where not exported under a known name)."""
+    import ctypes
+
+    for name in ("scipy_openblas_get_config64_", "scipy_openblas_get_config", "openblas_get_config64_", "openblas_get_config"):
+        try:
+            fn = handle[name]
+        except AttributeError:
+            continue
+        fn.restype = ctypes.c_char_p
+        return (fn() or b"").decode("ascii", "replace")
+    return ""
+
+
+def _fortran_sgemm(fn, c_int, one_thread, library: str):
+    """``f(x, w, out)``: ``out = x @ w.T`` through a Fortran ``sgemm`` taking ``c_int``
+    integers, inside the context ``one_thread()`` makes (its library on one thread);
+    ``f.library`` names the library."""
+    import ctypes
+
+    fn.restype = None
+    c_float, ref = ctypes.c_float, ctypes.byref
+    one, zero, trans, plain = c_float(1.0), c_float(0.0), ctypes.c_char_p(b"T"), ctypes.c_char_p(b"N")
+
+    def sgemm(x, w, out):
+        # row-major out (m × n) = x (m × k) · wᵀ is column-major outᵀ (n × m) = w (k × n)ᵀ · xᵀ
+        m, k = x.shape
+        n = w.shape[0]
+        with one_thread():
             fn(trans, plain, ref(c_int(n)), ref(c_int(m)), ref(c_int(k)), ref(one), ctypes.c_void_p(w.ctypes.data),
                ref(c_int(w.strides[0] // 4)), ctypes.c_void_p(x.ctypes.data), ref(c_int(x.strides[0] // 4)), ref(zero),
                ctypes.c_void_p(out.ctypes.data), ref(c_int(out.strides[0] // 4)))
 
-        _SGEMM = sgemm
-    return _SGEMM or None
+    sgemm.library = library
+    return sgemm
 
 
 class _StepThreads:

@@ -396,6 +396,27 @@ def test_column_products_take_openblas_off_intel(monkeypatch):
     assert smollm_module._column_sgemm() is None
 
 
+def test_openblas_products_need_a_build_on_its_own_threads(monkeypatch):
+    """``_openblas_sgemm`` takes an OpenBLAS on its own threads (the process-wide count the
+    limit sets); an OpenMP build (per-thread counts) or no OpenBLAS gives None (MKL's then)."""
+    from types import SimpleNamespace
+
+    from dotattn.kernels import _blas
+
+    real = [lib for lib in _blas._blas_libraries() if lib.internal_api == "openblas"]
+    assert real, "NumPy's wheel ships OpenBLAS"
+
+    def libraries(**changes):
+        return [SimpleNamespace(**{**vars(lib), "dynlib": lib.dynlib, "internal_api": lib.internal_api,
+                                   "threading_layer": getattr(lib, "threading_layer", None), **changes}) for lib in real]
+
+    for changes, found in (({}, True), ({"threading_layer": "openmp"}, False), ({"internal_api": "mkl"}, False)):
+        monkeypatch.setattr(_blas, "_blas_libraries", lambda c=changes: libraries(**c))
+        assert (smollm_module._openblas_sgemm() is not None) == found, changes
+    monkeypatch.setattr(_blas, "_blas_libraries", lambda: [])
+    assert smollm_module._openblas_sgemm() is None
+
+
 AMX = __import__("dotattn.kernels._cpu_isa", fromlist=["amx_tiles"]).amx_tiles()[0]
 
 

@@ -724,7 +724,8 @@ _OPENBLAS_SGEMMS = (("scipy_sgemm_64_", 64), ("sgemm_64_", 64), ("scipy_sgemm_",
 
 def _openblas_sgemm():
     """``f(x, w, out)`` as :func:`_mkl_sgemm`'s by an OpenBLAS the process has loaded — NumPy's
-    first (found by ``threadpoolctl``: ``kernels/_blas``) — or None where there is none.
+    first (found by ``threadpoolctl``: ``kernels/_blas``), built on its own threads, not
+    OpenMP — or None where there is none.
 
     Each product holds ``_blas.ONE_BLAS_THREAD``, as the kernels' launches do: OpenBLAS's
     thread count is the process's (its ``openblas_set_num_threads_local`` set every thread's
@@ -737,8 +738,8 @@ def _openblas_sgemm():
     libs = sorted(_blas_libraries(), key=lambda lib: "numpy" not in str(getattr(lib, "filepath", "")))
     for lib in libs:
         handle = getattr(lib, "dynlib", None)
-        if lib.internal_api != "openblas" or handle is None:
-            continue
+        if lib.internal_api != "openblas" or handle is None or getattr(lib, "threading_layer", None) == "openmp":
+            continue  # (an OpenMP build's count is per thread: the limit would hold on the caller's thread only)
         wide = "USE64BITINT" in _openblas_config(handle)
         for name, bits in _OPENBLAS_SGEMMS:
             if bits == 32 and wide:

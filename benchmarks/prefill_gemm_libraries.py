@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,10 +30,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from generate import uptime  # benchmarks/generate.py (this script's directory)
 
     from dotattn.models import smollm
 
-    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    print("load:", uptime(), flush=True)
     model = smollm.SmolLM()
     layers = model.w["layers"]
     rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         m = statistics.median(ts)
         print(f"{args.rows} rows, {name:>28}: {m * 1e3:7.2f} ms a layer, {flops / m / 1e9:6.1f} GFLOP/s "
               f"(rounds {min(ts) * 1e3:.2f}–{max(ts) * 1e3:.2f} ms)")
-    print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
+    print("load:", uptime(), flush=True)
     return 0
 
 

@@ -252,28 +252,64 @@ def test_prompt_pass_projections_in_column_halves_give_the_row_halves_bits(model
     np.testing.assert_allclose(out[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
 
 
+def _count_chunks(monkeypatch, method: str) -> list:
+    """Wrap ``_RowHalves.<method>`` (a chunk of a product) so that each call's chunk index is
+    recorded in the returned list."""
+    chunks = []
+    chunk = getattr(smollm_module._RowHalves, method)
+
+    def counted(self, *args):
+        chunks.append(args[-2])
+        return chunk(self, *args)
+
+    monkeypatch.setattr(smollm_module._RowHalves, method, counted)
+    return chunks
+
+
+def _halves_match_in_both_modes(halves, x, w) -> None:
+    """``halves(x, w)`` gives the same bits on all cores as on the calling thread alone
+    (Numba's count at 1), close to the float64 product."""
+    import numba
+
+    rows = x.shape[1]
+    both = np.full((1, rows, w.shape[0]), np.nan, np.float32)
+    halves(x, w, both)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        alone = np.full((1, rows, w.shape[0]), np.nan, np.float32)
+        halves(x, w, alone)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(both, alone)
+    np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+
+
+def _longest_reference_logits_through(model, reference, chunks: list, route: str) -> None:
+    """The model's logits on the longest stored prompt (291 tokens: past MIN_ROWS, the halves
+    run) through the route whose chunks ``chunks`` records, within the reference's tolerance."""
+    seq = max(reference["sequences"], key=len)
+    start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
+    chunks.clear()
+    got = model.logits(seq)[:, reference["columns"]]
+    assert chunks, "the prompt pass took another route"
+    expected = reference["column_logits"][start : start + len(seq)]
+    assert np.abs(got - expected).max() <= TOLERANCE, _report(got, expected, route)
+
+
 def test_prompt_pass_products_by_onednn_match_on_one_thread_each(model, reference, monkeypatch):
     """The prompt pass's column halves by torch's oneDNN (chosen by itself on AVX-512 CPUs
     that are not Intel's; forced here on any, the AMX route off): close to the float64 product for contiguous and
     row-strided token rows, the same bits chunk after chunk on the caller as on two threads,
     the caller's OpenMP count as it was, and the model's logits within the reference's
     tolerance of transformers'."""
-    import numba
-
     loaded = smollm_module._load_onednn()
     assert loaded[0] is not None, "torch 2.13's CPU wheel has oneDNN and its libgomp"
     monkeypatch.setattr(smollm_module, "_ONEDNN", loaded)
     monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", True)
     # (on AMX CPUs, where oneDNN is never chosen, the block-coded weights' AMX route comes first)
     monkeypatch.setattr(smollm_module._MatMul, "pairs", lambda self, w: None)
-    chunks = []
-    columns = smollm_module._RowHalves._onednn_columns
-
-    def counted(self, *args):
-        chunks.append(args[-2])
-        return columns(self, *args)
-
-    monkeypatch.setattr(smollm_module._RowHalves, "_onednn_columns", counted)
+    chunks = _count_chunks(monkeypatch, "_onednn_columns")
     setter, getter = loaded[1]
     omp_before = getter()
     rng = np.random.default_rng(3)
@@ -282,25 +318,9 @@ def test_prompt_pass_products_by_onednn_match_on_one_thread_each(model, referenc
     for rows in (300, 64):  # (a long pass, and a short one: MKL's would run on Numba's team)
         wide = rng.standard_normal((1, rows, 2 * w.shape[1])).astype(np.float32)
         for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
-            both = np.full((1, rows, w.shape[0]), np.nan, np.float32)
-            halves(x, w, both)
-            threads = numba.get_num_threads()
-            numba.set_num_threads(1)
-            try:
-                alone = np.full((1, rows, w.shape[0]), np.nan, np.float32)
-                halves(x, w, alone)
-            finally:
-                numba.set_num_threads(threads)
-            np.testing.assert_array_equal(both, alone)
-            np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+            _halves_match_in_both_modes(halves, x, w)
     assert len(chunks) == 8 * smollm_module._cores() and getter() == omp_before
-    seq = max(reference["sequences"], key=len)  # (291 tokens: past MIN_ROWS, the halves run)
-    start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
-    chunks.clear()
-    got = model.logits(seq)[:, reference["columns"]]
-    assert chunks, "the prompt pass took another route"
-    expected = reference["column_logits"][start : start + len(seq)]
-    assert np.abs(got - expected).max() <= TOLERANCE, _report(got, expected, "oneDNN prompt pass columns")
+    _longest_reference_logits_through(model, reference, chunks, "oneDNN prompt pass columns")
 
 
 def test_onednn_products_are_chosen_off_intel_with_avx512(monkeypatch):
@@ -327,7 +347,6 @@ def test_prompt_pass_products_by_openblas_match_on_one_thread_each(model, refere
     caller as on two threads (OpenBLAS's bits depend on the split, so the split is the same in
     both modes), OpenBLAS's process-wide thread count as the user left it, and the model's
     logits within the reference's tolerance of transformers'."""
-    import numba
     from threadpoolctl import threadpool_info
 
     from dotattn.kernels import _blas
@@ -337,14 +356,7 @@ def test_prompt_pass_products_by_openblas_match_on_one_thread_each(model, refere
     monkeypatch.setattr(smollm_module, "_SGEMM", sgemm)
     monkeypatch.setattr(smollm_module._RowHalves, "ONEDNN", False)
     monkeypatch.setattr(smollm_module._MatMul, "pairs", lambda self, w: None)
-    chunks = []
-    columns = smollm_module._RowHalves._columns
-
-    def counted(self, *args):
-        chunks.append(args[-2])
-        return columns(self, *args)
-
-    monkeypatch.setattr(smollm_module._RowHalves, "_columns", counted)
+    chunks = _count_chunks(monkeypatch, "_columns")
 
     def openblas_threads():
         return sorted(lib["num_threads"] for lib in threadpool_info() if lib["internal_api"] == "openblas")
@@ -355,26 +367,10 @@ def test_prompt_pass_products_by_openblas_match_on_one_thread_each(model, refere
     halves = smollm_module._RowHalves(model._mm)
     wide = rng.standard_normal((1, 300, 2 * w.shape[1])).astype(np.float32)
     for x in (np.ascontiguousarray(wide[..., : w.shape[1]]), wide[..., : w.shape[1]]):
-        both = np.full((1, 300, w.shape[0]), np.nan, np.float32)
-        halves(x, w, both)
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            alone = np.full((1, 300, w.shape[0]), np.nan, np.float32)
-            halves(x, w, alone)
-        finally:
-            numba.set_num_threads(threads)
-        np.testing.assert_array_equal(both, alone)
-        np.testing.assert_allclose(both[0], x[0].astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-3)
+        _halves_match_in_both_modes(halves, x, w)
     assert len(chunks) == 4 * smollm_module._cores()
     assert openblas_threads() == before and _blas.holders() == 0
-    seq = max(reference["sequences"], key=len)  # (291 tokens: past MIN_ROWS, the halves run)
-    start = reference["offsets"][[len(s) for s in reference["sequences"]].index(len(seq))]
-    chunks.clear()
-    got = model.logits(seq)[:, reference["columns"]]
-    assert chunks, "the prompt pass took another route"
-    expected = reference["column_logits"][start : start + len(seq)]
-    assert np.abs(got - expected).max() <= TOLERANCE, _report(got, expected, "OpenBLAS prompt pass columns")
+    _longest_reference_logits_through(model, reference, chunks, "OpenBLAS prompt pass columns")
     assert openblas_threads() == before
 
 

@@ -669,16 +669,16 @@ def _omp_threads_here(n: int) -> int:
 
 def _column_sgemm():
     """``f(x, w, out)``: ``out = x @ w.T`` on the calling thread alone, on row-strided float32
-    views — the prompt pass's column halves (:class:`_RowHalves`) — or None where no BLAS
-    with a per-thread count is found.
+    views — the prompt pass's column halves (:class:`_RowHalves`) — or None where neither
+    MKL nor a usable OpenBLAS is loaded.
 
     NumPy's OpenBLAS (:func:`_openblas_sgemm`) on CPUs that are not Intel's, MKL's (torch's
     library, :func:`_mkl_sgemm`) on Intel's: off Intel CPUs MKL runs its generic AVX2 code.
-    On the AMD EPYC Zen 3 of 6 Dec 2026 (SmolLM2's four projection shapes, column halves on
-    two threads, one BLAS thread each, medians of 30 — ``benchmarks/prefill_gemm_libraries.py``):
-    512 token rows, MKL 144 GFLOP/s against OpenBLAS 171; 4,096 rows 99 against 166 (MKL's
-    own two-thread ``torch.mm``, transformers' way: 155 and 124).  A machine without
-    NumPy's OpenBLAS keeps MKL, and the reverse."""
+    On the AMD EPYC Zen 3 of 6 Dec 2026 (SmolLM2's 30 layers' matrices, column halves on two
+    threads, one BLAS thread each, medians of 8 — ``benchmarks/prefill_gemm_libraries.py``):
+    512 token rows, MKL 141 GFLOP/s against OpenBLAS 147; 4,096 rows 124 against 153 (torch.mm
+    on two threads, transformers' way: 132 and 120).  A machine without NumPy's OpenBLAS keeps
+    MKL, and the reverse."""
     global _SGEMM
     if _SGEMM is None:
         from ..kernels._cpu_isa import cpu_vendor

@@ -28,6 +28,7 @@ of the contiguous cache, and the page-size and head axes of a paged cache)::
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
@@ -777,6 +778,14 @@ class KVCache:
         self.__dict__.update(state)
         if self._host:
             self._make_views()
+
+    def __copy__(self):
+        """``copy.copy`` gives a whole copy, as ``copy.deepcopy`` does (and as ``copy.copy`` of a
+        NumPy array copies its data).  Python's default shallow copy shared the buffers, the
+        lengths, the page table and the free list but not the step counters or the room left:
+        each cache then wrote where the other's tokens were (pages taken by one still free to
+        the other; a step past a page the other allocated), silently, with no error."""
+        return copy.deepcopy(self)
 
     def _make_views(self) -> None:
         self._k_np, self._v_np = _as_numpy("k", self.k), _as_numpy("v", self.v)

@@ -423,3 +423,47 @@ def test_every_layer_of_a_step_stores_the_same_tokens():
     cache.append(kv, kv, layer=0, lengths=[3, 1])  # a new step: padded prompts, then the same at layer 1
     cache.append(kv, kv, layer=1, lengths=[3, 1])
     assert cache.lengths.tolist() == [5, 3]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_copy_copy_is_a_whole_copy_neither_cache_writes_the_other(library, page_size):
+    """``copy.copy`` shared the buffers, lengths, page table and free list but not the step
+    counters or the room left: after the copy took a step, the original's next step wrote over
+    the copy's tokens (a page the copy held was still the original's to fill), silently."""
+    import copy
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    B, Hkv, D = 2, 1, 4
+    cache = KVCache(B, Hkv, D, 16, page_size=page_size, library=library, fill=np.nan)
+
+    def tensors(n):
+        arrays = [rng.standard_normal((B, Hkv, n, D)).astype(np.float32) for _ in range(3)]
+        return arrays, [torch.from_numpy(a) for a in arrays] if library == "torch" else arrays
+
+    def attend(c, args):
+        out = c.attend(*args)
+        return out.numpy() if library == "torch" else out
+
+    first, first_lib = tensors(2)
+    attend(cache, first_lib)
+    twin = copy.copy(cache)
+    ks, vs = [[first[1][b]] for b in range(B)], [[first[2][b]] for b in range(B)]
+    (_, k_twin, v_twin), twin_lib = tensors(2)
+    attend(twin, twin_lib)  # the copy's step must leave the original as it was
+    assert cache.lengths.tolist() == [2, 2] and twin.lengths.tolist() == [4, 4]
+    (q, k, v), lib = tensors(2)
+    out = attend(cache, lib)
+    for b in range(B):
+        ks[b].append(k[b])
+        vs[b].append(v[b])
+    want, _ = _reference_step([np.concatenate(x, axis=1) for x in ks], [np.concatenate(x, axis=1) for x in vs], q)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    # The copy's tokens are where it put them, untouched by the original's step.
+    (q2, k2, v2), lib2 = tensors(1)
+    out_twin = attend(twin, lib2)
+    ks_twin = [np.concatenate([first[1][b], k_twin[b], k2[b]], axis=1) for b in range(B)]
+    vs_twin = [np.concatenate([first[2][b], v_twin[b], v2[b]], axis=1) for b in range(B)]
+    np.testing.assert_allclose(out_twin, _reference_step(ks_twin, vs_twin, q2)[0], rtol=1e-5, atol=1e-5)

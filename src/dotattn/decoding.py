@@ -729,8 +729,8 @@ class KVCache:
                 "and num_layers"
             )
         try:
-            self.k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
-            self.v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
+            self._k = self._buffer(lead + (self.head_dim,), lib_dtype, fill)
+            self._v = self._buffer(lead + (self.value_dim,), lib_dtype, fill)
             if self.page_size is not None:
                 self._table = np.full((B, self.max_pages), -1, dtype=np.int64)
         except (MemoryError, RuntimeError) as exc:  # torch: RuntimeError (CPU), OutOfMemoryError (CUDA)
@@ -775,6 +775,9 @@ class KVCache:
         return state
 
     def __setstate__(self, state):
+        for name in ("k", "v"):  # (a cache pickled before the buffers became read-only properties)
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
         self.__dict__.update(state)
         if self._host:
             self._make_views()
@@ -818,6 +821,36 @@ class KVCache:
                 )
 
     # ---- state ------------------------------------------------------------------
+    # The buffers are the cache's own: the calls write through views of them made once, and
+    # the lengths, pages and capacity describe them.  A buffer put in their place by assignment
+    # went unseen (a NumPy cache kept writing the old array: the new one never showed a token),
+    # so assigning is refused; writing into them (``cache.k[...] = x``) is the caller's to do.
+    @property
+    def k(self) -> Any:
+        """Key buffer: ``(num_layers, B, Hkv, capacity, D)`` contiguous, ``(num_layers, num_pages,
+        Hkv, page_size, D)`` paged (last axes swapped for ``layout="blhd"``)."""
+        return self._k
+
+    @k.setter
+    def k(self, value: Any) -> None:
+        self._refuse_new_buffer("k")
+
+    @property
+    def v(self) -> Any:
+        """Value buffer, as :attr:`k` with ``value_dim`` last."""
+        return self._v
+
+    @v.setter
+    def v(self, value: Any) -> None:
+        self._refuse_new_buffer("v")
+
+    @staticmethod
+    def _refuse_new_buffer(name: str) -> None:
+        raise AttributeError(
+            f"KVCache.{name} is the cache's own buffer and cannot be replaced: write into it "
+            f"(cache.{name}[...] = x) or make a new KVCache (its lengths and pages describe this buffer)"
+        )
+
     @property
     def lengths(self) -> np.ndarray:
         """Tokens each sequence holds (a copy, int64 ``(B,)``)."""

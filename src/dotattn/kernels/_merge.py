@@ -49,7 +49,7 @@ def merge_numpy(outs: list[np.ndarray], lses: list[np.ndarray], layout: str):
         # NaN/±inf entries still reach the row (docs/semantics.md); an empty part never does
         with np.errstate(invalid="ignore"):  # 0·inf where the weight underflowed: the where drops it
             out += np.where(wi != 0, wi * x, np.where(empty | np.isfinite(x), 0.0, x))
-    return out.astype(outs[0].dtype, copy=False), merged_lse
+    return out.astype(_out_dtype([x.dtype for x in outs], np.float64, np.float32), copy=False), merged_lse
 
 
 def merge_torch(outs: list, lses: list, layout: str):
@@ -76,7 +76,17 @@ def merge_torch(outs: list, lses: list, layout: str):
         x = part.to(acc)
         # as merge_numpy: an underflowed weight still carries a part's NaN/±inf, an empty part's never
         out = out + torch.where(wi != 0, wi * x, torch.where(empty | torch.isfinite(x), zero, x))
-    return out.to(outs[0].dtype), merged_lse
+    return out.to(_out_dtype([x.dtype for x in outs], torch.float64, torch.float32)), merged_lse
+
+
+def _out_dtype(dtypes: list, float64: Any, float32: Any) -> Any:
+    """The merged output's dtype: the parts' one; where they differ, the widest of them —
+    float64 if a part is, else float32 (float16 beside bfloat16 too, as NumPy and torch promote).
+    It was ``outs[0]``'s: the same parts in another order came back rounded otherwise."""
+    first = dtypes[0]
+    if all(d == first for d in dtypes):
+        return first
+    return float64 if any(d == float64 for d in dtypes) else float32
 
 
 def _as_out_axes(w: Any, layout: str):

@@ -559,14 +559,16 @@ def _attention_with_kvcache(
 
 def _resolve_dtype(dtype: Any, library: str):
     """A dtype given as a name, a NumPy dtype or a torch dtype → (numpy dtype, library's dtype)."""
+    # A torch dtype for NumPy buffers too (docs/decoding.md: "a name, a NumPy dtype or a torch
+    # dtype"): it was refused there as "dtype must be float16, …, got torch.float16".
+    torch = sys.modules.get("torch") if library == "numpy" else None
     if library == "torch":
         import torch
-
-        if isinstance(dtype, torch.dtype):
-            names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
-            if dtype not in names:
-                raise AttentionTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-            dtype = names[dtype]
+    if torch is not None and isinstance(dtype, torch.dtype):
+        names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+        if dtype not in names:
+            raise AttentionTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+        dtype = names[dtype]
     try:
         np_dtype = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
     except TypeError:

@@ -489,3 +489,15 @@ def test_a_cache_buffer_cannot_be_replaced_by_assignment(library):
     cache.k[0, 0, 0, 5] = 7  # writing into the buffers stays the caller's to do
     cache.append(kv, kv)
     assert float(cache.k[0, 0, 0, :2].sum()) == 8 and float(cache.k[0, 0, 0, 5, 0]) == 7
+
+
+def test_a_torch_dtype_makes_numpy_buffers_too():
+    """docs/decoding.md: ``dtype`` may be "a name, a NumPy dtype or a torch dtype".  A torch
+    dtype with the default library="numpy" was refused: "dtype must be float16, bfloat16,
+    float32 or float64, got torch.float16"."""
+    torch = pytest.importorskip("torch")
+    for torch_dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16"), (torch.float64, "float64")):
+        cache = KVCache(1, 1, 4, 8, dtype=torch_dtype)
+        assert type(cache.k) is np.ndarray and cache.k.dtype == KVCache(1, 1, 4, 8, dtype=name).k.dtype
+    with pytest.raises(dotattn.AttentionTypeError, match="dtype must be float16, bfloat16, float32 or float64, got torch.int32"):
+        KVCache(1, 1, 4, 8, dtype=torch.int32)

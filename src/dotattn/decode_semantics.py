@@ -163,7 +163,10 @@ def _check_geometry(q, k_cache, v_cache, block_table, layout: str):
         )
     if k_cache.shape[3] != D:
         raise AttentionValueError(
-            f"k_cache must have q's head dim D={D} (last axis), got k_cache{_shape(k_cache.shape)}"
+            # (both named: through KVCache.attend the caller gave q alone, and the message blamed
+            # k_cache only)
+            f"q and k_cache must share the head dim D (last axis), got q{_shape(q.shape)} with D={D} and "
+            f"k_cache{_shape(k_cache.shape)} with D={k_cache.shape[3]}"
         )
     if D < 1 or v_cache.shape[3] < 1:
         raise AttentionValueError(f"head dims must be ≥ 1, got q{_shape(q.shape)} and v_cache{_shape(v_cache.shape)}")

@@ -264,3 +264,17 @@ def test_ctrl_c_while_a_kernel_result_is_boxed_is_a_keyboard_interrupt(monkeypat
     monkeypatch.setattr(cpu_decode, "decode", failed)
     with pytest.raises(SystemError, match="another"):
         dotattn.attention_with_kvcache(q, cache, cache.copy(), cache_lengths=[4], implementation="cpu")
+
+
+def test_a_head_dim_mismatch_names_q_and_the_cache():
+    """A q whose head dim is not the cache's was reported as "k_cache must have q's head dim
+    D=3": through ``KVCache.attend``, where the caller passes q alone, that blamed the cache."""
+    cache = dotattn.KVCache(2, 1, 4, 8)
+    q = np.zeros((2, 2, 1, 3), np.float32)
+    k_before = cache.k.copy()
+    message = r"q and k_cache must share the head dim D \(last axis\), got q\(2, 2, 1, 3\) with D=3 and k_cache\(2, 1, 8, 4\) with D=4"
+    with pytest.raises(AttentionValueError, match=message):
+        cache.attend(q, np.ones((2, 1, 1, 4), np.float32), np.ones((2, 1, 1, 4), np.float32))
+    assert (cache.k == k_before).all() and cache.lengths.tolist() == [0, 0]
+    with pytest.raises(AttentionValueError, match=message):
+        dotattn.attention_with_kvcache(q, cache.k[0], cache.v[0], cache_lengths=0)

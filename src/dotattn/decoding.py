@@ -880,8 +880,22 @@ class KVCache:
         return int(layer)
 
     def reset(self, b: int | None = None) -> None:
-        """Empty sequence ``b`` (every sequence when None); its pages go back to the free list."""
+        """Empty sequence ``b`` (every sequence when None); its pages go back to the free list.
+
+        One sequence is emptied between steps only: in the middle of a step (some layers have
+        stored its tokens, the last layer not yet) the layers that stored would keep the old
+        sequence's keys where the new one's first tokens go — the rest of the step would give
+        the sequence one new token in the later layers and none in the earlier ones.  That
+        call is refused (nothing changed); ``reset()`` of every sequence is always taken.
+        """
         seqs = range(self.batch_size) if b is None else [self._seq_index(b)]
+        if b is not None and self._step_added is not None:
+            stored = [i for i in range(self.num_layers) if self._layer_steps[i] > self._steps]
+            raise AttentionValueError(
+                f"reset(b={b}) in the middle of a step: layer(s) {', '.join(map(str, stored))} have stored this "
+                f"step's tokens and layer {self.num_layers - 1} has not; finish the step (attend() or append() "
+                "on the remaining layers), then reset the sequence, or reset() every sequence (nothing was changed)"
+            )
         self._room = None
         if b is None:  # nothing stored anywhere: every layer level again
             self._steps = 0

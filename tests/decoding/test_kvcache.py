@@ -501,3 +501,37 @@ def test_a_torch_dtype_makes_numpy_buffers_too():
         assert type(cache.k) is np.ndarray and cache.k.dtype == KVCache(1, 1, 4, 8, dtype=name).k.dtype
     with pytest.raises(dotattn.AttentionTypeError, match="dtype must be float16, bfloat16, float32 or float64, got torch.int32"):
         KVCache(1, 1, 4, 8, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("page_size", [None, 2])
+def test_one_sequence_is_reset_between_steps_not_within_one(page_size):
+    """``reset(b)`` after layer 0 stored a step and before the last layer did: layer 0 kept the
+    old sequence's key where the new sequence's first token went (the last layer then gave it
+    one token), so its next step attended a key of the previous conversation, silently."""
+    rng = np.random.default_rng(8)
+    cache = KVCache(2, 1, 4, 8, num_layers=2, page_size=page_size, fill=np.nan)
+
+    def step_inputs(n=1):
+        return [rng.standard_normal((2, 1, n, 4)).astype(np.float32) for _ in range(3)]
+
+    for layer in range(2):
+        cache.attend(*step_inputs(3), layer=layer)
+    cache.attend(*step_inputs(), layer=0)
+    before = (cache.lengths, cache.block_table, cache.free_pages, cache.k.copy())
+    with pytest.raises(AttentionValueError, match=r"reset\(b=1\) in the middle of a step: layer\(s\) 0 have stored"):
+        cache.reset(1)
+    after = (cache.lengths, cache.block_table, cache.free_pages, cache.k)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[2] == before[2] and (page_size is None or (after[1] == before[1]).all())
+    np.testing.assert_array_equal(after[3], before[3])
+    cache.attend(*step_inputs(), layer=1)  # the step ends; now the sequence may be emptied
+    cache.reset(1)
+    assert cache.lengths.tolist() == [4, 0]
+    cache.attend(*step_inputs(), layer=0)
+    cache.reset()  # every sequence: taken in the middle of a step too (nothing is left behind)
+    assert cache.lengths.tolist() == [0, 0]
+    for layer in range(2):  # a fresh step from layer 0
+        q, k, v = step_inputs()
+        out = cache.attend(q, k, v, layer=layer)
+        want, _ = _reference_step([k[0], k[1]], [v[0], v[1]], q)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -219,6 +219,31 @@ def test_torch_buffers_live_on_the_given_device():
     assert KVCache(1, 1, 4, 8, library="torch").k.device.type == "cpu"  # the default stays the CPU
 
 
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_attend_on_a_meta_cache_gives_meta_results_of_the_right_shapes(layout, page_size):
+    """Shapes only, as torch's operations on meta tensors: it launched the Triton kernel, which
+    failed with "0 active drivers" on a machine without a GPU (and cannot run on meta anywhere)."""
+    torch = pytest.importorskip("torch")
+    cache = KVCache(2, 2, 8, 16, value_dim=6, dtype=torch.bfloat16, library="torch", device="meta",
+                    page_size=page_size, layout=layout, num_layers=2)
+
+    def meta(B, H, L, D, dtype=torch.bfloat16):
+        return torch.empty((B, H, L, D) if layout == "bhld" else (B, L, H, D), dtype=dtype, device="meta")
+
+    for layer in range(2):
+        out, lse = cache.attend(meta(2, 4, 3, 8, torch.float32), meta(2, 2, 3, 8), meta(2, 2, 3, 6), layer=layer, return_lse=True)
+        assert out.device.type == lse.device.type == "meta"
+        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+        assert tuple(out.shape) == ((2, 4, 3, 6) if layout == "bhld" else (2, 3, 4, 6)) and tuple(lse.shape) == (2, 4, 3)
+    assert cache.lengths.tolist() == [3, 3]
+    out = cache.attend(meta(2, 4, 1, 8), meta(2, 2, 1, 8), meta(2, 2, 1, 6))
+    assert out.dtype == torch.bfloat16 and out.device.type == "meta"
+    with pytest.raises(AttentionValueError, match="head dim"):  # the checks still run, nothing changed
+        cache.attend(meta(2, 4, 1, 5), meta(2, 2, 1, 8), meta(2, 2, 1, 6), layer=1)
+    assert cache.lengths.tolist() == [3, 3]
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

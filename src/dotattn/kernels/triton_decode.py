@@ -567,6 +567,13 @@ def _attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new
     if append:
         k_rotary = None if q_rotary is None else (next(sent), *q_rotary[1:])
         _write_new(call, kp, vp, kn, vn, pairs_t, pairs.shape[1], k_rotary)
+    if dev.type == "meta":
+        # Shapes only, as torch's own operations on meta tensors (no kernel runs: Triton has no
+        # meta device; the launch failed with "0 active drivers" without a GPU): the output in
+        # q's dtype and the caller's layout, the LSE float32 — what a GPU call returns.
+        B, Hq, Lq, Dv = call.B, call.Hq, call.Lq, vp.shape[3]
+        out = torch.empty((B, Hq, Lq, Dv) if layout == "bhld" else (B, Lq, Hq, Dv), dtype=q.dtype, device=dev)
+        return (out, torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)) if return_lse else out
     native = IN_KERNEL_CASTS if IN_KERNEL_CASTS is not None else not _kernels().INTERPRETED
     q_in = qc if native else qc.to(torch.float32)
     if q_rotary is not None:

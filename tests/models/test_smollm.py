@@ -595,6 +595,40 @@ def test_two_streams_read_in_turns_keep_their_own_caches(model):
     assert model._kv is not None  # the last one to end is kept for the next generation
 
 
+def test_an_abandoned_stream_collected_on_a_pool_thread_does_not_deadlock_a_pass(model):
+    """A stream left half-read in a reference cycle is finalized by whichever thread's
+    allocation starts the garbage collector — often the pool or partner thread that a prompt
+    pass on another thread is waiting for, while that pass holds the model's lock.  Its
+    generation gave its cache back under the lock: that thread waited for the pass, the pass
+    for it, for good (a 175-token prompt's logits() hung within 10 rounds of one such stream
+    each).  The cache now comes back without the lock, and the model works on as before."""
+    import gc
+    import threading
+
+    prompt = model.chat_ids("Say OK.")
+    alone = model.generate_ids(prompt, max_new_tokens=4, stop_at_eos=False)
+    it = model.generate("Say OK.", max_new_tokens=8, stream=True)
+    next(it)
+    cycle = [it]
+    cycle.append(cycle)
+    del it, cycle
+    was_enabled = gc.isenabled()
+    gc.disable()  # (the cycle stays until the helper thread's collection)
+    try:
+        with model._lock:  # as a prompt pass on this thread holds it, waiting for a pool thread ...
+            helper = threading.Thread(target=gc.collect, daemon=True)  # ... whose GC finalizes the stream
+            helper.start()
+            helper.join(timeout=5)
+            hung = helper.is_alive()
+        helper.join(timeout=30)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert not hung, "the finalized stream waited for the model's lock held by the thread waiting for it"
+    assert model._kv is not None  # the stream's cache came back
+    assert model.generate_ids(prompt, max_new_tokens=4, stop_at_eos=False) == alone
+
+
 def test_threads_generating_on_one_model_take_turns(model):
     """Several threads generating on one model at once (a server's handlers): each gets what
     it gets alone.  The decode steps share the model's workspace and the kernels release the

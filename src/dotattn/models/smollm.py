@@ -995,8 +995,9 @@ class SmolLM:
         # One pass at a time through the model's shared buffers (the decode steps' workspace, the
         # prompt pass's storage, the kept cache): calls from several threads take turns a pass
         # or a decode step (with its sampling) at a time; the kernels release the GIL, and two
-        # threads' steps in one workspace gave both wrong tokens.  Reentrant: a generator
-        # finalized by the garbage collector in the middle of a step gives its cache back.
+        # threads' steps in one workspace gave both wrong tokens.  Reentrant (a step's own
+        # thread may take it again); a generation gives its cache back without it
+        # (_run_generation: its finalizer may run on a thread a lock holder waits for).
         self._lock = threading.RLock()
         self._layer_threads: dict[int, _StepThreads] = {}  # short prompt passes' layers, per token, by length class
 
@@ -1578,8 +1579,13 @@ class SmolLM:
                 with self._lock:  # (never held across a yield: a paused stream blocks no one)
                     tokens = sample(self._decode_step(tokens, caches))  # (the logits: (B, V) in the workspace)
         finally:
-            with self._lock:
-                self._kv = caches  # kept for the next generation (see _caches_for)
+            # Kept for the next generation (see _caches_for), without the lock: an abandoned
+            # stream is finalized by whichever thread's allocation runs the garbage collector —
+            # often the pool or partner thread that a pass on another thread, holding the lock,
+            # is waiting for; waiting for the lock there hung both for good.  One attribute
+            # store needs no lock (the GIL); a _caches_for taking the old cache meanwhile at
+            # worst drops this one (the next generation makes a new cache).
+            self._kv = caches
 
     def _caches_for(self, B: int, capacity: int) -> _Caches:
         """A generation's K/V cache: the previous generation's, emptied, when it has this batch

@@ -595,6 +595,51 @@ def test_two_streams_read_in_turns_keep_their_own_caches(model):
     assert model._kv is not None  # the last one to end is kept for the next generation
 
 
+def test_calls_in_any_order_give_what_a_clean_model_gives(model):
+    """What a model did before never shows in what it gives: batch sizes 1 → 3 → 1 → 3 with
+    more and fewer new tokens (the kept cache reused, or not), a stream read in part with
+    logits(), a batch, a refused call and a zero-token call between its pieces, a stream
+    closed half-way — each call's ids (and logits bits) are those of the same call on a model
+    in a clean state, a refused call changes nothing, and ``last_stats`` is the last
+    generation started's."""
+    prompts = [model.chat_ids(p) for p in ("Say OK.", "Name three colours.", "Hi")]
+
+    def clean():
+        model._kv = model._workspace = model._prefill_storage = None
+
+    calls = [(prompts[0], 3), (prompts, 4), (prompts[1], 6), (prompts, 2)]
+    alone = []
+    for ids, n in calls:
+        clean()
+        alone.append(model.generate_ids(ids, max_new_tokens=n, stop_at_eos=False))
+    clean()
+    text_alone = model.generate("Name three colours.", max_new_tokens=10)
+    logits_alone = model.logits(prompts[2])
+
+    stream = model.generate("Name three colours.", max_new_tokens=10, stream=True)
+    pieces = [next(stream)]
+    for (ids, n), want in zip(calls, alone):
+        assert model.generate_ids(ids, max_new_tokens=n, stop_at_eos=False) == want, (len(ids), n)
+        pieces.append(next(stream))
+    np.testing.assert_array_equal(model.logits(prompts[2]).view(np.uint32), logits_alone.view(np.uint32))
+    kept, stats = model._kv, model.last_stats
+    with pytest.raises(AttentionValueError):
+        model.generate_ids(prompts[0], max_new_tokens=-1)
+    with pytest.raises(AttentionValueError):
+        model.generate_ids(prompts[0], max_new_tokens=model.config.context_length)
+    assert model._kv is kept and model.last_stats is stats
+    assert model.generate_ids(prompts[0], max_new_tokens=0) == []
+    assert (model.last_stats.prompt_tokens, model.last_stats.new_tokens) == (len(prompts[0]), 0)
+    assert "".join(pieces + list(stream)) == text_alone
+    half = model.generate("Hi", max_new_tokens=10, stream=True)
+    next(half)
+    half.close()  # its cache comes back
+    assert model._kv is not None
+    for (ids, n), want in zip(reversed(calls), reversed(alone)):
+        assert model.generate_ids(ids, max_new_tokens=n, stop_at_eos=False) == want, (len(ids), n)
+    assert (model.last_stats.prompt_tokens, model.last_stats.new_tokens) == (len(prompts[0]), 3)
+
+
 def test_an_abandoned_stream_collected_on_a_pool_thread_does_not_deadlock_a_pass(model):
     """A stream left half-read in a reference cycle is finalized by whichever thread's
     allocation starts the garbage collector — often the pool or partner thread that a prompt

@@ -605,6 +605,8 @@ def test_calls_in_any_order_give_what_a_clean_model_gives(model):
     prompts = [model.chat_ids(p) for p in ("Say OK.", "Name three colours.", "Hi")]
 
     def clean():
+        if model._workspace is not None:
+            model._workspace.release(model._mm)  # (its arrays' views, registered with the products)
         model._kv = model._workspace = model._prefill_storage = None
 
     calls = [(prompts[0], 3), (prompts, 4), (prompts[1], 6), (prompts, 2)]

@@ -642,6 +642,89 @@ def test_calls_in_any_order_give_what_a_clean_model_gives(model):
     assert (model.last_stats.prompt_tokens, model.last_stats.new_tokens) == (len(prompts[0]), 3)
 
 
+def test_a_pass_interrupted_with_a_chunk_in_flight_leaves_its_buffers_to_it(model, monkeypatch):
+    """Ctrl-C (any exception) that stops a prompt pass while a pool thread still runs its part
+    of a product leaves that part writing into the pass's buffers.  The model took them back
+    for the next pass, whose values the late part then overwrote (here: NaN, as the part's
+    garbage stands for); buffers of a pass that did not finish are now left to it."""
+    import threading
+
+    from dotattn.kernels._launch import _executor
+
+    prompt = model.chat_ids("Tell me a long story about a dragon and a knight. " * 12)  # ≥ MIN_ROWS rows
+    other = model.chat_ids("Explain how a bicycle works, step by step, in detail. " * 12)
+    want = model.logits(other)
+    real_chunks, release, late = smollm_module._chunks, threading.Event(), []
+
+    def late_part(out):
+        release.wait(30)
+        out[...] = np.nan  # the late part's writes
+
+    def interrupted(fn, args, nchunks, parallel):  # a product whose pool part is still running
+        out = args[-1]
+        if not late and isinstance(out, np.ndarray) and out.ndim == 2 and out.dtype == np.float32:
+            late.append(_executor().submit(late_part, out))
+            raise KeyboardInterrupt
+        return real_chunks(fn, args, nchunks, parallel)
+
+    monkeypatch.setattr(smollm_module, "_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.logits(prompt)
+    assert late, "no prompt-pass product ran through _chunks"
+
+    def next_pass(fn, args, nchunks, parallel):  # the next pass's first product, then the late part lands
+        real_chunks(fn, args, nchunks, parallel)
+        if not release.is_set():
+            release.set()
+            late[0].result(30)
+
+    monkeypatch.setattr(smollm_module, "_chunks", next_pass)
+    got = model.logits(other)
+    assert release.is_set()
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_a_decode_step_interrupted_with_a_chunk_in_flight_leaves_its_buffers_to_it(model, monkeypatch):
+    """As a prompt pass (above), a decode step whose products run in pool chunks (batches of
+    more than _MatMul.BLOCK_GEMM_MAX_ROWS sequences, where MKL's one-thread sgemm is not bound
+    for Numba's team) stopped by an exception: the model's decode workspace, where a late part
+    still writes, is not the next step's."""
+    import threading
+
+    from dotattn.kernels._launch import _executor
+
+    monkeypatch.setattr(smollm_module._RowHalves, "TEAM", False)  # (the pool's chunks, as without MKL)
+    batch = [model.encode("The quick brown"), model.encode("Once upon a")] * 13  # 26 short sequences
+    want = model.generate_ids(batch, max_new_tokens=2, stop_at_eos=False)
+    real_chunks, release, late = smollm_module._chunks, threading.Event(), []
+
+    def late_part(out):
+        release.wait(30)
+        out[...] = np.nan
+
+    def interrupted(fn, args, nchunks, parallel):
+        out = args[-1]
+        if not late and isinstance(out, np.ndarray) and out.shape[0] == len(batch) and out.dtype == np.float32:
+            late.append(_executor().submit(late_part, out))  # a decode step's product (B token rows)
+            raise KeyboardInterrupt
+        return real_chunks(fn, args, nchunks, parallel)
+
+    monkeypatch.setattr(smollm_module, "_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate_ids(batch, max_new_tokens=2, stop_at_eos=False)
+    assert late, "no decode-step product ran through _chunks"
+
+    def next_step(fn, args, nchunks, parallel):
+        real_chunks(fn, args, nchunks, parallel)
+        if not release.is_set() and args[-1].shape[0] == len(batch):
+            release.set()
+            late[0].result(30)
+
+    monkeypatch.setattr(smollm_module, "_chunks", next_step)
+    assert model.generate_ids(batch, max_new_tokens=2, stop_at_eos=False) == want
+    assert release.is_set()
+
+
 def test_an_abandoned_stream_collected_on_a_pool_thread_does_not_deadlock_a_pass(model):
     """A stream left half-read in a reference cycle is finalized by whichever thread's
     allocation starts the garbage collector — often the pool or partner thread that a prompt

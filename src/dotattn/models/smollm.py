@@ -1338,9 +1338,9 @@ class SmolLM:
         One :func:`dotattn.attention` call per layer (causal, per-sequence lengths); with
         ``caches``, each layer's keys/values are stored for decoding.  The pass's buffers are
         the previous pass's where they have room (:class:`_Workspace`), taken from the model
-        while it runs and given back after ``head`` (so a pass on another thread meanwhile
-        makes its own): without ``head`` the returned states live in those buffers until the
-        next pass.
+        while it runs and given back after ``head`` by a pass that finishes (so a pass on
+        another thread meanwhile makes its own): without ``head`` the returned states live in
+        those buffers until the next pass.
         """
         B, L = ids.shape
         padded = bool((lengths != L).any())
@@ -1376,11 +1376,13 @@ class SmolLM:
             threads = self._layer_threads.setdefault(int(B * L).bit_length(), _StepThreads())
         storage, self._prefill_storage = self._prefill_storage, None
         ws = _Workspace(self.config, B, L, self._mm, keep=False, storage=storage)
-        try:
-            h = self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
-            return h if head is None else head(h)
-        finally:
-            self._prefill_storage = ws.storage
+        h = self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
+        out = h if head is None else head(h)
+        # Given back only by a pass that finished: one stopped by an exception (Ctrl-C in the
+        # caller's part of a product) may leave a pool thread's part still writing into these
+        # buffers, which the next pass would then be using (its values overwritten mid-pass).
+        self._prefill_storage = ws.storage
+        return out
 
     @_one_thread_if_forked
     def _decode_step(self, tokens: np.ndarray, caches: _Caches) -> np.ndarray:
@@ -1412,7 +1414,14 @@ class SmolLM:
             # modes, where torch.mm's were not: a 12-sequence step's logits 2.9e-5 apart);
             # fewer: _MatMul's matrix–vector kernels directly (no Python in between)
             mm = self._halves if B > _MatMul.GEMV_MAX_ROWS else self._mm
-            logits = self._head(self._layers(x, positions, attend, ws, mm=mm)[:, 0], ws.logits, mm)
+            try:
+                logits = self._head(self._layers(x, positions, attend, ws, mm=mm)[:, 0], ws.logits, mm)
+            except BaseException:
+                # a step stopped by an exception may leave a pool thread's part of a product
+                # still writing into these buffers (_prefill): the next step makes new ones
+                ws.release(self._mm)
+                self._workspace = None
+                raise
         threads.record(many, time.perf_counter() - started)
         return logits
 

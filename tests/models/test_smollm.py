@@ -725,6 +725,59 @@ def test_a_decode_step_interrupted_with_a_chunk_in_flight_leaves_its_buffers_to_
     assert release.is_set()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork on this platform")
+def test_a_child_forked_while_another_thread_generates_can_generate(model):
+    """A process forked while another thread is in the middle of a pass (a server's handler, a
+    warm-up thread) copied the model's lock held: the child has no such thread to release it,
+    and its first call waited forever (3 of 3 forks beside a generating thread).  The child
+    now gets a free lock, and the tokens of the parent."""
+    import os
+    import signal
+    import threading
+    import time
+    import warnings
+
+    prompt = model.chat_ids("Say OK.")
+    want = model.generate_ids(prompt, max_new_tokens=2, stop_at_eos=False)
+    held, done = threading.Event(), threading.Event()
+
+    def in_a_pass():  # holds the lock as a pass of another thread does
+        with model._lock:
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=in_a_pass, daemon=True)
+    holder.start()
+    assert held.wait(30)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (3.12+: fork of a threaded process)
+            pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 4
+            try:
+                signal.alarm(20)  # a hung child ends (old code: SIGALRM)
+                code = 0 if model.generate_ids(prompt, max_new_tokens=2, stop_at_eos=False) == want else 3
+            finally:
+                os._exit(code)
+    finally:
+        done.set()
+        holder.join(30)
+    deadline = time.monotonic() + 60
+    while True:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not finished:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert finished and os.waitstatus_to_exitcode(status) == 0, (
+        f"child: {os.waitstatus_to_exitcode(status) if finished else 'still running'} "
+        "(-14: it waited for the lock its parent's other thread held; 3: other tokens)"
+    )
+
+
 def test_an_abandoned_stream_collected_on_a_pool_thread_does_not_deadlock_a_pass(model):
     """A stream left half-read in a reference cycle is finalized by whichever thread's
     allocation starts the garbage collector — often the pool or partner thread that a prompt

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -892,6 +893,23 @@ class _Workspace:
         self._kept = []
 
 
+# Every model made in this process: a child forked while another thread held a model's lock
+# (a generation running beside the fork: a preforking server's warm-up, a handler thread) got
+# the lock held by a thread it does not have, and its first call waited forever.  The child has
+# only the forking thread, which holds no model's lock (never held across a yield or a return),
+# so each model gets a new, free one there.
+_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for model in list(_MODELS):
+        model._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
+
+
 class SmolLM:
     """SmolLM2-135M-Instruct (or another Llama GGUF) generating text on dotattn.
 
@@ -998,7 +1016,8 @@ class SmolLM:
         # threads' steps in one workspace gave both wrong tokens.  Reentrant (a step's own
         # thread may take it again); a generation gives its cache back without it
         # (_run_generation: its finalizer may run on a thread a lock holder waits for).
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # (a new one in a forked child: _new_locks_in_child)
+        _MODELS.add(self)
         self._layer_threads: dict[int, _StepThreads] = {}  # short prompt passes' layers, per token, by length class
 
     # ---- reading the file --------------------------------------------------------------

@@ -52,3 +52,50 @@ def test_the_caller_takes_unstarted_chunks_before_waiting_for_a_started_one():
 
     run_chunks(fn, (), 4)
     assert waited == [True]
+
+
+def test_a_call_after_one_stopped_mid_wait_starts_when_the_late_partner_is_done(monkeypatch):
+    """Ctrl-C in ``on_partners``' wait for a partner off its core released the partners with
+    that partner still running its part: its late writes (into the caller's kept part buffers)
+    could land in the middle of the next call, and its error was raised by the next call."""
+    from dotattn.kernels import _cpu_sync as S
+    from dotattn.kernels import _launch
+
+    p = _launch.get_partners(1)
+    landed = []
+
+    def caller_entry(flags, gen, n, spin):  # posts the call, then returns with the partner running
+        flags[S.ENTERED] = gen
+        while flags[S.FLAG_STRIDE + S.CLAIM] != 2 * gen:
+            time.sleep(0.001)
+        return False
+
+    def slow_partner(flags, i, gen):
+        time.sleep(0.3)
+        landed.append(gen)
+        flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = gen
+        raise RuntimeError("the stopped call's partner failed")
+
+    class StoppedWait(threading.Event):
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(p, "done", [StoppedWait()])
+    with pytest.raises(KeyboardInterrupt):
+        _launch.on_partners(1, caller_entry, (), slow_partner, ())
+    stopped = p.gen
+    monkeypatch.setattr(p, "done", [threading.Event()])
+    seen_at_start = []
+
+    def next_caller(flags, gen, n, spin):
+        seen_at_start.append(list(landed))
+        flags[S.ENTERED] = gen
+        while flags[S.FLAG_STRIDE + S.CLAIM] not in (2 * gen, 2 * gen + 1):
+            time.sleep(0.001)
+        return False
+
+    def quick_partner(flags, i, gen):
+        flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = gen
+
+    assert _launch.on_partners(1, next_caller, (), quick_partner, ())  # the old partner's error is not this call's
+    assert seen_at_start == [[stopped]], "the next call started before the stopped call's partner was done"

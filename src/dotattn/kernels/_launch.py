@@ -152,6 +152,7 @@ class Partners:
         self.job: tuple | None = None  # (the partner's entry, its arguments after (flags, i, gen))
         self.errors: list[BaseException | None] = [None] * n
         self.failed = False  # some partner stored an exception in errors (read by the caller)
+        self.unfinished = 0  # a call whose partners may still run (its caller was stopped), else 0
         self.parked = [False] * n
         self.sems = [threading.Semaphore(0) for _ in range(n)]
         self.done = [threading.Event() for _ in range(n)]
@@ -258,6 +259,12 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
     if p is None or not p.lock.acquire(blocking=False):
         return False
     try:
+        if p.unfinished:
+            # The last call was stopped (Ctrl-C in the wait below) while a partner still ran its
+            # part: that part's late writes (into the caller's kept part buffers, which this
+            # call may reuse) land before this call starts, and its error is nobody's now.
+            _wait_for_partners(p, p.unfinished)
+            p.failed, p.errors = False, [None] * n
         p.gen += 1
         gen = p.gen
         p.job = (partner_entry, partner_args)
@@ -265,16 +272,10 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
         p.flags[S.POSTED] = gen
         p.wake()
+        p.unfinished = gen  # until every partner is seen done or cancelled
         if not caller_entry(p.flags, gen, n, p.caller_spin, *caller_args):
-            for i, e in enumerate(p.done):
-                # the DONE slot decides (an event may still be set from an earlier call):
-                # cleared, then the slot checked, then a wait that the partner's set() ends
-                while True:
-                    e.clear()
-                    base = S.FLAG_STRIDE * (i + 1)
-                    if p.flags[base + S.DONE] == gen or p.flags[base + S.CLAIM] == 2 * gen + 1:  # done, or cancelled
-                        break
-                    e.wait(0.01)
+            _wait_for_partners(p, gen)
+        p.unfinished = 0
         p.job = None
         if p.failed:
             p.failed = False
@@ -284,6 +285,23 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         return True
     finally:
         p.lock.release()
+
+
+def _wait_for_partners(p: Partners, gen: int) -> None:
+    """Until every partner has written its parts of call ``gen`` or was cancelled from it."""
+    from . import _cpu_sync as S
+
+    if p.flags[S.ENTERED] != gen:  # the caller's entry stopped before posting it: no partner can claim it
+        return
+    for i, e in enumerate(p.done):
+        # the DONE slot decides (an event may still be set from an earlier call):
+        # cleared, then the slot checked, then a wait that the partner's set() ends
+        base = S.FLAG_STRIDE * (i + 1)
+        while True:
+            e.clear()
+            if p.flags[base + S.DONE] == gen or p.flags[base + S.CLAIM] == 2 * gen + 1:  # done, or cancelled
+                break
+            e.wait(0.01)
 
 
 def tsc_rate() -> float:

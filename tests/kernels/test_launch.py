@@ -54,10 +54,12 @@ def test_the_caller_takes_unstarted_chunks_before_waiting_for_a_started_one():
     assert waited == [True]
 
 
-def test_a_call_after_one_stopped_mid_wait_starts_when_the_late_partner_is_done(monkeypatch):
+
+def test_a_call_stopped_in_its_wait_ends_when_the_late_partner_is_done(monkeypatch):
     """Ctrl-C in ``on_partners``' wait for a partner off its core released the partners with
-    that partner still running its part: its late writes (into the caller's kept part buffers)
-    could land in the middle of the next call, and its error was raised by the next call."""
+    that partner still running its part: its late writes (into the caller's kept part buffers,
+    which the thread's next call reuses on any path) could land in the middle of the next call,
+    and its error was raised by the next call."""
     from dotattn.kernels import _cpu_sync as S
     from dotattn.kernels import _launch
 
@@ -76,26 +78,46 @@ def test_a_call_after_one_stopped_mid_wait_starts_when_the_late_partner_is_done(
         flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = gen
         raise RuntimeError("the stopped call's partner failed")
 
-    class StoppedWait(threading.Event):
-        def wait(self, timeout=None):
-            raise KeyboardInterrupt
+    class StoppedOnce(threading.Event):
+        stopped = False
 
-    monkeypatch.setattr(p, "done", [StoppedWait()])
+        def wait(self, timeout=None):
+            if not StoppedOnce.stopped:
+                StoppedOnce.stopped = True
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+
+    monkeypatch.setattr(p, "done", [StoppedOnce()])
     with pytest.raises(KeyboardInterrupt):
         _launch.on_partners(1, caller_entry, (), slow_partner, ())
-    stopped = p.gen
+    assert landed == [p.gen], "the stopped call returned before its partner's part was written"
     monkeypatch.setattr(p, "done", [threading.Event()])
-    seen_at_start = []
-
-    def next_caller(flags, gen, n, spin):
-        seen_at_start.append(list(landed))
-        flags[S.ENTERED] = gen
-        while flags[S.FLAG_STRIDE + S.CLAIM] not in (2 * gen, 2 * gen + 1):
-            time.sleep(0.001)
-        return False
 
     def quick_partner(flags, i, gen):
         flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = gen
 
-    assert _launch.on_partners(1, next_caller, (), quick_partner, ())  # the old partner's error is not this call's
-    assert seen_at_start == [[stopped]], "the next call started before the stopped call's partner was done"
+    # the old partner's error is not the next call's
+    assert _launch.on_partners(1, caller_entry, (), quick_partner, ())
+
+
+def test_run_chunks_stopped_in_the_callers_chunk_ends_after_the_started_chunks():
+    """As on_partners: a pool thread's chunk still running when the caller's part raised
+    (Ctrl-C) wrote the call's buffers after run_chunks had returned."""
+    events, lock = [], threading.Lock()
+
+    def fn(chunk, n):
+        if chunk == 0:
+            time.sleep(0.05)  # the pool's chunks start
+            raise KeyboardInterrupt
+        with lock:
+            events.append(("start", chunk))
+        time.sleep(0.3)
+        with lock:
+            events.append(("end", chunk))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_chunks(fn, (), 3)
+    with lock:
+        seen = list(events)
+    started = {c for e, c in seen if e == "start"}
+    assert started and started == {c for e, c in seen if e == "end"}

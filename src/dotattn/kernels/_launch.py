@@ -8,6 +8,7 @@ been scheduled and finished.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -90,19 +91,28 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
         fn(*args, 0, 1)
         return
     pool = _executor()
-    futures = [pool.submit(fn, *args, chunk, nchunks) for chunk in range(1, nchunks)]
-    fn(*args, 0, nchunks)
-    # The pool starts chunks from the first: the caller takes the unstarted ones from the last,
-    # and waits for a started one only when none is left (waiting in order, it sat idle on a
-    # worker's chunk while later ones waited in the queue: a busy machine's usual case).
-    started = []
-    for chunk, future in reversed(list(zip(range(1, nchunks), futures))):
-        if future.cancel():
-            fn(*args, chunk, nchunks)
-        else:
-            started.append(future)
-    for future in reversed(started):
-        future.result()  # re-raises a worker's exception here
+    futures = []
+    try:
+        futures += [pool.submit(fn, *args, chunk, nchunks) for chunk in range(1, nchunks)]
+        fn(*args, 0, nchunks)
+        # The pool starts chunks from the first: the caller takes the unstarted ones from the
+        # last, and waits for a started one only when none is left (waiting in order, it sat idle
+        # on a worker's chunk while later ones waited in the queue: a busy machine's usual case).
+        started = []
+        for chunk, future in reversed(list(zip(range(1, nchunks), futures))):
+            if future.cancel():
+                fn(*args, chunk, nchunks)
+            else:
+                started.append(future)
+        for future in reversed(started):
+            future.result()  # re-raises a worker's exception here
+    except BaseException:
+        # As on_partners: chunks still running write this call's buffers, which the thread's
+        # next call may reuse — they end before the exception goes on (unstarted ones never run).
+        for future in futures:
+            future.cancel()
+        _uninterrupted(concurrent.futures.wait, futures)
+        raise
 
 
 # =================================================================================
@@ -152,7 +162,6 @@ class Partners:
         self.job: tuple | None = None  # (the partner's entry, its arguments after (flags, i, gen))
         self.errors: list[BaseException | None] = [None] * n
         self.failed = False  # some partner stored an exception in errors (read by the caller)
-        self.unfinished = 0  # a call whose partners may still run (its caller was stopped), else 0
         self.parked = [False] * n
         self.sems = [threading.Semaphore(0) for _ in range(n)]
         self.done = [threading.Event() for _ in range(n)]
@@ -259,12 +268,6 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
     if p is None or not p.lock.acquire(blocking=False):
         return False
     try:
-        if p.unfinished:
-            # The last call was stopped (Ctrl-C in the wait below) while a partner still ran its
-            # part: that part's late writes (into the caller's kept part buffers, which this
-            # call may reuse) land before this call starts, and its error is nobody's now.
-            _wait_for_partners(p, p.unfinished)
-            p.failed, p.errors = False, [None] * n
         p.gen += 1
         gen = p.gen
         p.job = (partner_entry, partner_args)
@@ -272,11 +275,20 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
         p.flags[S.POSTED] = gen
         p.wake()
-        p.unfinished = gen  # until every partner is seen done or cancelled
-        if not caller_entry(p.flags, gen, n, p.caller_spin, *caller_args):
-            _wait_for_partners(p, gen)
-        p.unfinished = 0
-        p.job = None
+        try:
+            if not caller_entry(p.flags, gen, n, p.caller_spin, *caller_args):
+                _wait_for_partners(p, gen)
+        except BaseException:
+            # Stopped (Ctrl-C in the wait; an error in the caller's part) while a partner may
+            # still run its part: the part writes this call's buffers — the thread's kept part
+            # buffers among them, which its next call reuses on any path — so it is waited for
+            # before the exception goes on, and its own error is dropped (this one wins).
+            # Before 6 Dec 2026 the late part could land in the middle of the next call.
+            _uninterrupted(_wait_for_partners, p, gen)
+            p.failed, p.errors = False, [None] * n
+            raise
+        finally:
+            p.job = None
         if p.failed:
             p.failed = False
             errors = [e for e in p.errors if e is not None]
@@ -285,6 +297,18 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         return True
     finally:
         p.lock.release()
+
+
+def _uninterrupted(wait, *args) -> None:
+    """``wait(*args)`` to its end, a Ctrl-C meanwhile deferred (raised by the caller's ``raise``
+    of the exception it handles, which comes first).  The waits are for kernel parts already
+    running: milliseconds, a call's length at most."""
+    while True:
+        try:
+            wait(*args)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _wait_for_partners(p: Partners, gen: int) -> None:

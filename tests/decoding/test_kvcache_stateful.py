@@ -43,6 +43,16 @@ def _attention64(q, keys, values, dtype):
     return out
 
 
+def _stored(cache, kbuf, vbuf, b, n):
+    """Sequence ``b``'s first ``n`` keys and values ``(Hkv, n, D)`` from one layer's ``bhld``
+    buffers, read through the block table where the cache is paged."""
+    if cache.page_size is None:
+        return kbuf[b, :, :n], vbuf[b, :, :n]
+    idx = np.arange(n)
+    pages = cache.block_table[b, idx // cache.page_size]
+    return kbuf[pages, :, idx % cache.page_size].swapaxes(0, 1), vbuf[pages, :, idx % cache.page_size].swapaxes(0, 1)
+
+
 class KVCacheMachine(RuleBasedStateMachine):
     @initialize(
         page_size=st.sampled_from([None, 1, 4, 8]),
@@ -155,13 +165,7 @@ class KVCacheMachine(RuleBasedStateMachine):
             kbuf, vbuf = c.layer(layer)
             for b in range(B):
                 n = self.keys[layer][b].shape[1]
-                if c.page_size is None:
-                    got_k, got_v = kbuf[b, :, :n], vbuf[b, :, :n]
-                else:
-                    idx = np.arange(n)
-                    pages = c.block_table[b, idx // c.page_size]
-                    got_k = kbuf[pages, :, idx % c.page_size].swapaxes(0, 1)
-                    got_v = vbuf[pages, :, idx % c.page_size].swapaxes(0, 1)
+                got_k, got_v = _stored(c, kbuf, vbuf, b, n)
                 assert np.array_equal(got_k, self.keys[layer][b]) and np.array_equal(got_v, self.values[layer][b])
 
 
@@ -317,14 +321,7 @@ class _World:
                 n = self.keys[layer][b].shape[1]
                 pending = self.step is not None and layer in self.stored
                 assert n == self.lengths[b] + (self.step[b] if pending else 0)
-                if c.page_size is None:
-                    got_k, got_v = kbuf[b, :, :n], vbuf[b, :, :n]
-                else:
-                    idx = np.arange(n)
-                    pages = c.block_table[b, idx // c.page_size]
-                    got_k = kbuf[pages, :, idx % c.page_size].swapaxes(0, 1)
-                    got_v = vbuf[pages, :, idx % c.page_size].swapaxes(0, 1)
-                got_k, got_v = got_k.astype(np.float32), got_v.astype(np.float32)
+                got_k, got_v = (x.astype(np.float32) for x in _stored(c, kbuf, vbuf, b, n))
                 assert np.array_equal(got_k, self.keys[layer][b]), f"layer {layer} sequence {b}: keys"
                 assert np.array_equal(got_v, self.values[layer][b]), f"layer {layer} sequence {b}: values"
 

@@ -224,3 +224,37 @@ def test_decode_and_small_calls_share_one_set_of_partners(parallel, monkeypatch)
         again = _run(case)
         H.assert_bitwise_equal(again[0], first[0], name=f"decode out, call {i}")
     assert _launch._partners is p and p.gen == 7
+
+
+def test_an_executor_call_stopped_in_the_callers_items_ends_after_the_pool_threads_items(parallel, monkeypatch):
+    """The executor's path (another call holds the partners, or ``USE_PARTNERS`` off): a Ctrl-C
+    in the caller's items, or in its wait for the pool thread, let the call raise with the pool
+    thread still running items — writing the part outputs in this thread's kept buffers
+    (``_scratch``), which its next call reuses — and its error was dropped or came later.  As
+    ``_launch.run_chunks``: the call raises once the pool thread's items are written."""
+    import threading
+
+    case = _case(45)
+    good = _run(case)
+    K = parallel.K
+    real = K.run_items
+    started, events = threading.Event(), []
+
+    def spy(counter, total, role, *common):
+        if threading.current_thread() is threading.main_thread():
+            assert started.wait(5.0), "the pool thread never started its items"
+            raise KeyboardInterrupt
+        started.set()
+        time.sleep(0.3)
+        real(counter, total, role, *common)
+        events.append("pool items written")
+
+    monkeypatch.setattr(parallel, "USE_PARTNERS", False)
+    monkeypatch.setattr(K, "run_items", spy)
+    with pytest.raises(KeyboardInterrupt):
+        _run(case)
+    assert events == ["pool items written"], "the stopped call returned before its pool thread's items were written"
+    monkeypatch.setattr(K, "run_items", real)
+    again = _run(case)
+    H.assert_bitwise_equal(again[0], good[0], name="out after the stopped call")
+    H.assert_bitwise_equal(again[1], good[1], name="lse after the stopped call")

@@ -356,3 +356,40 @@ def test_calls_leave_the_environment_as_it_was(user_value):
     done = subprocess.run([sys.executable, "-c", ENVIRONMENT_AFTER_CALLS], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "{}"
+
+
+def test_numpy_pool_stopped_by_a_failing_task_ends_its_running_tasks_under_the_limit(monkeypatch):
+    """``numpy_tiled.run_parallel`` (the numpy backend's pool, ``dotattn.maps``'s too): a task's
+    error (or Ctrl-C in the caller's wait) raised at once, releasing the BLAS limit while the
+    call's other tasks still ran — with BLAS on the user's count, writing the call's arrays
+    after it had raised — and the queued ones still started after it.  Now the unstarted tasks
+    are cancelled and the running ones end, under the limit, before the error goes on."""
+    import time
+
+    from dotattn.kernels import numpy_tiled
+
+    monkeypatch.setattr(numpy_tiled, "_workers", lambda: 2)  # (a pool of two on any machine)
+    events, lock = [], threading.Lock()
+
+    def task(t):
+        if t == 0:
+            time.sleep(0.05)  # the other worker has started task 1
+            raise RuntimeError("task 0 failed")
+        with lock:
+            events.append(("start", t))
+        time.sleep(0.3)
+        with lock:
+            events.append(("end", t, _blas.holders()))
+
+    with pytest.raises(RuntimeError, match="task 0 failed"):
+        numpy_tiled.run_parallel(list(range(6)), task)
+    with lock:
+        seen = list(events)
+    started = {e[1] for e in seen if e[0] == "start"}
+    ended = {e[1] for e in seen if e[0] == "end"}
+    assert started and started == ended, f"tasks still running after the call raised: {sorted(started - ended)}"
+    assert all(e[2] >= 1 for e in seen if e[0] == "end"), "a task ran on after the BLAS limit was released"
+    time.sleep(0.4)
+    with lock:
+        assert len(events) == len(seen), "a queued task of the failed call started after it raised"
+    assert _blas.holders() == 0

@@ -19,12 +19,14 @@ This module is also the readable twin of the Numba ``cpu`` backend.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _launch
 from ._blas import ONE_BLAS_THREAD
 from ._ieee import quiet
 from ..semantics import AttentionCall
@@ -61,8 +63,21 @@ def run_parallel(tasks, fn) -> None:
     # The process-wide counted limit (dotattn.kernels._blas): shared with the cpu backend, so calls of
     # both from several threads never leave the user's BLAS on one thread.
     with ONE_BLAS_THREAD:
-        for future in [_pool.submit(fn, t) for t in tasks]:
-            future.result()  # re-raises a worker's exception here
+        futures = []
+        try:
+            for t in tasks:
+                futures.append(_pool.submit(fn, t))
+            for future in futures:
+                future.result()  # re-raises a worker's exception here
+        except BaseException:
+            # Stopped (a task's error; Ctrl-C in the wait): the unstarted tasks never run and the
+            # running ones end, still under the limit, before the exception goes on — they wrote
+            # the call's arrays, BLAS on the user's count, after it had raised (and the queued
+            # ones started after it).  Their own errors are dropped: this one wins.
+            for future in futures:
+                future.cancel()
+            _launch._uninterrupted(concurrent.futures.wait, futures)
+            raise
 
 
 def all_finite(x: np.ndarray) -> bool:

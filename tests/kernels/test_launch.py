@@ -121,3 +121,39 @@ def test_run_chunks_stopped_in_the_callers_chunk_ends_after_the_started_chunks()
         seen = list(events)
     started = {c for e, c in seen if e == "start"}
     assert started and started == {c for e, c in seen if e == "end"}
+
+
+def test_run_chunks_stopped_inside_a_submit_ends_after_the_chunk_it_queued(monkeypatch):
+    """A Ctrl-C landing inside the pool's ``submit`` after it queued the chunk (its
+    ``_adjust_thread_count``: a Python call, where the interrupt is raised) lost the chunk's
+    future: run_chunks raised without waiting for that chunk, which ran on (or started only
+    later) and wrote the call's buffers after it."""
+    from dotattn.kernels import _launch
+
+    pool = _launch._executor()
+    events, lock = [], threading.Lock()
+
+    class InterruptedInSubmit:
+        def submit(self, fn, *args):
+            pool.submit(fn, *args)  # queued …
+            time.sleep(0.05)  # (the worker has started it)
+            raise KeyboardInterrupt  # … and the future lost
+
+    monkeypatch.setattr(_launch, "_executor", lambda: InterruptedInSubmit())
+
+    def fn(chunk, n):
+        with lock:
+            events.append(("start", chunk))
+        time.sleep(0.3)
+        with lock:
+            events.append(("end", chunk))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_chunks(fn, (), 2)
+    with lock:
+        seen = list(events)
+    started = {c for e, c in seen if e == "start"}
+    assert started == {c for e, c in seen if e == "end"}, "the stopped call returned with its queued chunk running"
+    time.sleep(0.4)
+    with lock:
+        assert events == seen, "the stopped call's queued chunk ran after it had returned"

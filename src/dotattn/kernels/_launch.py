@@ -91,9 +91,11 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
         fn(*args, 0, 1)
         return
     pool = _executor()
+    tasks = Tasks()
     futures = []
     try:
-        futures += [pool.submit(fn, *args, chunk, nchunks) for chunk in range(1, nchunks)]
+        for chunk in range(1, nchunks):
+            futures.append(tasks.submit(pool, fn, *args, chunk, nchunks))
         fn(*args, 0, nchunks)
         # The pool starts chunks from the first: the caller takes the unstarted ones from the
         # last, and waits for a started one only when none is left (waiting in order, it sat idle
@@ -109,10 +111,58 @@ def run_chunks(fn, args: tuple, nchunks: int) -> None:
     except BaseException:
         # As on_partners: chunks still running write this call's buffers, which the thread's
         # next call may reuse — they end before the exception goes on (unstarted ones never run).
+        tasks.stop(futures)
+        raise
+
+
+class Tasks:
+    """One call's tasks on a pool (:meth:`submit`), which a caller stopped by an exception
+    ends for sure (:meth:`stop`): the running ones are waited for, the rest never run.
+
+    Cancelling and waiting for the futures alone missed a task whose future was never
+    returned: a Ctrl-C raised inside the pool's ``submit`` after it queued the task (in
+    ``ThreadPoolExecutor._adjust_thread_count``, a Python call) — the task ran after the call
+    had raised, into its buffers.  Here a task checks, under :attr:`lock`, that its call has
+    not stopped before it starts, and counts itself running till it ends."""
+
+    __slots__ = ("lock", "stopped", "running")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.running = 0
+
+    def submit(self, pool, fn, *args) -> concurrent.futures.Future:
+        """``pool.submit(fn, *args)``: its result or exception in the future, as without."""
+        return pool.submit(self._run, fn, args)
+
+    def _run(self, fn, args):
+        with self.lock:
+            if self.stopped:
+                return None
+            self.running += 1
+        try:
+            return fn(*args)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def stop(self, futures) -> None:
+        """No task of the call starts from now; returns when the started ones have ended (a
+        Ctrl-C meanwhile deferred: milliseconds, a task's length at most).  ``futures``: those
+        :meth:`submit` returned (cancelled here)."""
+        _uninterrupted(self._stop)
         for future in futures:
             future.cancel()
-        _uninterrupted(concurrent.futures.wait, futures)
-        raise
+        _uninterrupted(self._wait)
+
+    def _stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+
+    def _wait(self) -> None:
+        while self.running:
+            time.sleep(0.0005)
 
 
 # =================================================================================

@@ -18,7 +18,6 @@ each item writes its own part, and parts are merged in a fixed order (tested).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import threading
 import time
@@ -433,10 +432,10 @@ def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total:
         K.run_items_team(counter, total, workers, common)
     elif not _on_partners(workers - 1, counter, total, common):
         pair = workers == 2
-        futures = []
+        tasks, futures = _launch.Tasks(), []
         try:
             for _ in range(workers - 1):
-                futures.append(_pool().submit(K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common))
+                futures.append(tasks.submit(_pool(), K.run_items, counter, total, K.ROLE_BACK if pair else K.ROLE_SHARED, *common))
             K.run_items(counter, total, K.ROLE_FRONT if pair else K.ROLE_SHARED, *common)
             for future in futures:
                 if not future.cancel():
@@ -445,10 +444,9 @@ def _run_items(pool: bool, team: bool, workers: int, choice, nbytes: int, total:
             # Stopped (Ctrl-C in the caller's items or its wait; an error) with a pool thread's
             # items still running: they write this thread's kept part buffers (_scratch), which
             # its next call reuses — as _launch.run_chunks, they end before the exception goes on
-            # (unstarted tasks never run; their errors are dropped: this one wins).
-            for future in futures:
-                future.cancel()
-            _launch._uninterrupted(concurrent.futures.wait, futures)
+            # (unstarted tasks never run, one queued by a submit the Ctrl-C stopped too:
+            # _launch.Tasks; their errors are dropped: this one wins).
+            tasks.stop(futures)
             raise
     if choice is not None:
         choice.record(True, (time.perf_counter() - started) / nbytes)

@@ -19,7 +19,6 @@ This module is also the readable twin of the Numba ``cpu`` backend.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +62,10 @@ def run_parallel(tasks, fn) -> None:
     # The process-wide counted limit (dotattn.kernels._blas): shared with the cpu backend, so calls of
     # both from several threads never leave the user's BLAS on one thread.
     with ONE_BLAS_THREAD:
-        futures = []
+        parts, futures = _launch.Tasks(), []
         try:
             for t in tasks:
-                futures.append(_pool.submit(fn, t))
+                futures.append(parts.submit(_pool, fn, t))
             for future in futures:
                 future.result()  # re-raises a worker's exception here
         except BaseException:
@@ -74,9 +73,7 @@ def run_parallel(tasks, fn) -> None:
             # running ones end, still under the limit, before the exception goes on — they wrote
             # the call's arrays, BLAS on the user's count, after it had raised (and the queued
             # ones started after it).  Their own errors are dropped: this one wins.
-            for future in futures:
-                future.cancel()
-            _launch._uninterrupted(concurrent.futures.wait, futures)
+            parts.stop(futures)
             raise
 
 

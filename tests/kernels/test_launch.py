@@ -157,3 +157,40 @@ def test_run_chunks_stopped_inside_a_submit_ends_after_the_chunk_it_queued(monke
     time.sleep(0.4)
     with lock:
         assert events == seen, "the stopped call's queued chunk ran after it had returned"
+
+
+def test_a_call_stopped_before_its_entry_leaves_the_partners_parked(monkeypatch):
+    """A call stopped after posting (``flags[POSTED]``) but before its kernel entry stored
+    ENTERED — a Ctrl-C in ``Partners.wake``, an entry's dispatcher refusing its arguments —
+    left the call posted for good: a partner whose spin ran out found it posted, did not park,
+    and spun again, each partner busy on its core until the process's next call."""
+    from dotattn.kernels import _cpu_sync as S
+    from dotattn.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_partners", None)  # a fresh set (no call of other tests pending)
+    p = _launch.get_partners(1)
+
+    def caller_entry(flags, gen, n, spin):
+        raise KeyboardInterrupt  # before its ENTERED store
+
+    def partner_entry(flags, i, gen):
+        raise AssertionError("a partner ran a call that never entered")
+
+    with pytest.raises(KeyboardInterrupt):
+        _launch.on_partners(1, caller_entry, (), partner_entry, ())
+    time.sleep(0.05)  # ≫ PARTNER_SPIN_S + WAKE_SPIN_S
+    parked = []
+    for _ in range(20):
+        parked.append(p.parked[0])
+        time.sleep(0.002)
+    assert all(parked), "the partner spins on after the stopped call (never parks)"
+
+    def quick_caller(flags, gen, n, spin):
+        flags[S.ENTERED] = gen
+        return False  # the partner's part is waited for
+
+    def quick_partner(flags, i, gen):
+        flags[S.FLAG_STRIDE * (i + 1) + S.DONE] = gen
+
+    assert _launch.on_partners(1, quick_caller, (), quick_partner, ())  # the next call runs as usual
+    p.retire()

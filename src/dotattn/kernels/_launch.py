@@ -321,11 +321,11 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         p.gen += 1
         gen = p.gen
         p.job = (partner_entry, partner_args)
-        # posted, then parked partners woken, both under the GIL: a partner that parks after
-        # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
-        p.flags[S.POSTED] = gen
-        p.wake()
         try:
+            # posted, then parked partners woken, both under the GIL: a partner that parks after
+            # this sees the call posted and does not sleep (its kernel's ENTERED store comes later)
+            p.flags[S.POSTED] = gen
+            p.wake()
             if not caller_entry(p.flags, gen, n, p.caller_spin, *caller_args):
                 _wait_for_partners(p, gen)
         except BaseException:
@@ -336,6 +336,11 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
             # Before 6 Dec 2026 the late part could land in the middle of the next call.
             _uninterrupted(_wait_for_partners, p, gen)
             p.failed, p.errors = False, [None] * n
+            # Stopped before the caller's entry stored ENTERED (a Ctrl-C in wake(), an entry
+            # refusing its arguments): no partner can claim the call, but left posted it kept
+            # every partner from parking — each spun on its core until the next call.
+            if p.flags[S.ENTERED] != gen:
+                p.flags[S.POSTED] = p.flags[S.ENTERED]
             raise
         finally:
             p.job = None

@@ -1121,3 +1121,28 @@ def test_prompt_pass_steps_on_the_partners_give_the_bits_of_the_pool(model, monk
     partners = model.logits(ids)
     assert _launch._partners is not None and _launch._partners.gen >= 30 * 3, "the steps did not run on the partners"
     np.testing.assert_array_equal(partners, pool)
+
+
+def test_one_thread_mode_stopped_on_its_way_in_gives_the_threads_mkl_count_back(monkeypatch):
+    """``_one_thread`` set MKL's thread-local count to 1 and then read Numba's count before its
+    ``try``: a Ctrl-C (or an error) there left the calling thread's MKL on one thread for good —
+    the user's torch products on that thread ran single-threaded after it."""
+    import numba
+
+    from dotattn.kernels._cpu_isa import mkl_threads_here
+
+    if mkl_threads_here(0) is None:
+        pytest.skip("no MKL: no thread-local count to leave behind")
+    before = mkl_threads_here(3)  # the user's own count on this thread
+    try:
+        def interrupted():
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(numba, "get_num_threads", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with smollm_module._one_thread():
+                pass
+        monkeypatch.undo()
+        assert mkl_threads_here(3) == 3, "the stopped one-thread block left this thread's MKL count changed"
+    finally:
+        mkl_threads_here(before)

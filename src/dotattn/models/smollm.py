@@ -241,12 +241,17 @@ def _one_thread():
 
     from ..kernels._cpu_isa import mkl_threads_here
 
-    previous_mkl, previous_numba = mkl_threads_here(1), numba.get_num_threads()
-    numba.set_num_threads(1)
+    # each setting changed inside the try that restores it: a Ctrl-C (or an error) between
+    # them left this thread's MKL count at 1 for good
+    previous_mkl = mkl_threads_here(1)
     try:
-        yield
+        previous_numba = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous_numba)
     finally:
-        numba.set_num_threads(previous_numba)
         if previous_mkl is not None:
             mkl_threads_here(previous_mkl)
 

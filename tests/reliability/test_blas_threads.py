@@ -393,3 +393,34 @@ def test_numpy_pool_stopped_by_a_failing_task_ends_its_running_tasks_under_the_l
     with lock:
         assert len(events) == len(seen), "a queued task of the failed call started after it raised"
     assert _blas.holders() == 0
+
+
+def test_a_holder_stopped_while_it_sets_or_restores_the_counts_leaves_the_users(user_blas_threads, monkeypatch):
+    """A Ctrl-C between one library set to 1 and the holder counted left BLAS on 1 thread with
+    no holder (the next holder saved 1 as the user's count: lost for good); one in the last
+    holder's restore, after it was uncounted, left the limit in force for good."""
+    assert len(_blas._blas_libraries()) >= 2  # NumPy's and SciPy's (the fixture loads both)
+    set_threads = _blas._set_threads
+    settings_left = [0]  # a Ctrl-C right after that many more settings (0: none)
+
+    def stopped_after(lib, n):
+        set_threads(lib, n)
+        if settings_left[0]:
+            settings_left[0] -= 1
+            if not settings_left[0]:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(_blas, "_set_threads", stopped_after)
+    settings_left[0] = 1  # on its way in: the first library on 1 thread, the second not yet
+    with pytest.raises(KeyboardInterrupt):
+        with _blas.ONE_BLAS_THREAD:
+            pytest.fail("the holder was stopped on its way in")
+    assert set(_blas_threads()) == {user_blas_threads} and _blas.holders() == 0
+    with pytest.raises(KeyboardInterrupt):
+        with _blas.ONE_BLAS_THREAD:
+            assert set(_blas_threads()) == {1}
+            settings_left[0] = 1  # on its way out: the first library restored, the second not yet
+    assert set(_blas_threads()) == {user_blas_threads} and _blas.holders() == 0
+    with _blas.ONE_BLAS_THREAD:  # and the next holder works as ever
+        assert set(_blas_threads()) == {1}
+    assert set(_blas_threads()) == {user_blas_threads} and _blas.holders() == 0

@@ -121,28 +121,58 @@ class _OneBlasThread:
 
     __slots__ = ()
 
+    # The first holder's settings and the last one's restore complete or undo themselves: a
+    # Ctrl-C (or an error) between one library set to 1 and the holder counted left the count at
+    # 1 uncounted — the next holder then saved 1 as the user's — and one in the restore, after
+    # the holder was uncounted, left the limit in force for good.
     def __enter__(self):
         global _depth, _saved
         with _lock:
             if _depth == 0:
-                libs = _blas_libraries()
-                _saved = [(lib, lib.get_num_threads()) for lib in libs]
-                for lib, n in _saved:
-                    if n != 1:
-                        _set_threads(lib, 1)
+                saved = [(lib, lib.get_num_threads()) for lib in _blas_libraries()]
+                try:
+                    for lib, n in saved:
+                        if n != 1:
+                            _set_threads(lib, 1)
+                except BaseException:
+                    _to_the_end(_restore, saved)
+                    raise
+                _saved = saved
             _depth += 1
         return self
 
     def __exit__(self, *exc):
         global _depth, _saved
         with _lock:
-            _depth -= 1
-            if _depth == 0:
-                for lib, n in _saved:
-                    if n != 1 and lib.get_num_threads() == 1:  # not changed by the user meanwhile
-                        _set_threads(lib, n)
-                _saved = []
+            if _depth == 1:
+                try:
+                    _to_the_end(_restore, _saved)
+                finally:
+                    _saved = []
+                    _depth = 0
+            else:
+                _depth -= 1
         return False
+
+
+def _restore(saved) -> None:
+    for lib, n in saved:
+        if n != 1 and lib.get_num_threads() == 1:  # not changed by the user meanwhile
+            _set_threads(lib, n)
+
+
+def _to_the_end(fn, *args) -> None:
+    """``fn(*args)`` (idempotent) run to its end: a Ctrl-C meanwhile runs it again, and is
+    raised after."""
+    interrupted = False
+    while True:
+        try:
+            fn(*args)
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 ONE_BLAS_THREAD = _OneBlasThread()

@@ -100,27 +100,41 @@ def test_a_call_stopped_in_its_wait_ends_when_the_late_partner_is_done(monkeypat
     assert _launch.on_partners(1, caller_entry, (), quick_partner, ())
 
 
+class _SlowChunks:
+    """A chunk function that takes 0.3 s and records when each chunk starts and ends."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, chunk: int, n: int) -> None:
+        with self.lock:
+            self.events.append(("start", chunk))
+        time.sleep(0.3)
+        with self.lock:
+            self.events.append(("end", chunk))
+
+    def started_and_ended(self) -> tuple[set, set]:
+        with self.lock:
+            seen = list(self.events)
+        return {c for e, c in seen if e == "start"}, {c for e, c in seen if e == "end"}
+
+
 def test_run_chunks_stopped_in_the_callers_chunk_ends_after_the_started_chunks():
     """As on_partners: a pool thread's chunk still running when the caller's part raised
     (Ctrl-C) wrote the call's buffers after run_chunks had returned."""
-    events, lock = [], threading.Lock()
+    slow = _SlowChunks()
 
     def fn(chunk, n):
         if chunk == 0:
             time.sleep(0.05)  # the pool's chunks start
             raise KeyboardInterrupt
-        with lock:
-            events.append(("start", chunk))
-        time.sleep(0.3)
-        with lock:
-            events.append(("end", chunk))
+        slow(chunk, n)
 
     with pytest.raises(KeyboardInterrupt):
         run_chunks(fn, (), 3)
-    with lock:
-        seen = list(events)
-    started = {c for e, c in seen if e == "start"}
-    assert started and started == {c for e, c in seen if e == "end"}
+    started, ended = slow.started_and_ended()
+    assert started and started == ended
 
 
 def test_run_chunks_stopped_inside_a_submit_ends_after_the_chunk_it_queued(monkeypatch):
@@ -131,7 +145,6 @@ def test_run_chunks_stopped_inside_a_submit_ends_after_the_chunk_it_queued(monke
     from dotattn.kernels import _launch
 
     pool = _launch._executor()
-    events, lock = [], threading.Lock()
 
     class InterruptedInSubmit:
         def submit(self, fn, *args):
@@ -140,23 +153,13 @@ def test_run_chunks_stopped_inside_a_submit_ends_after_the_chunk_it_queued(monke
             raise KeyboardInterrupt  # … and the future lost
 
     monkeypatch.setattr(_launch, "_executor", lambda: InterruptedInSubmit())
-
-    def fn(chunk, n):
-        with lock:
-            events.append(("start", chunk))
-        time.sleep(0.3)
-        with lock:
-            events.append(("end", chunk))
-
+    slow = _SlowChunks()
     with pytest.raises(KeyboardInterrupt):
-        run_chunks(fn, (), 2)
-    with lock:
-        seen = list(events)
-    started = {c for e, c in seen if e == "start"}
-    assert started == {c for e, c in seen if e == "end"}, "the stopped call returned with its queued chunk running"
+        run_chunks(slow, (), 2)
+    started, ended = slow.started_and_ended()
+    assert started == ended, "the stopped call returned with its queued chunk running"
     time.sleep(0.4)
-    with lock:
-        assert events == seen, "the stopped call's queued chunk ran after it had returned"
+    assert slow.started_and_ended() == (started, ended), "the stopped call's queued chunk ran after it had returned"
 
 
 def test_a_call_stopped_before_its_entry_leaves_the_partners_parked(monkeypatch):

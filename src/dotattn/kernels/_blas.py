@@ -44,6 +44,8 @@ import os
 import sys
 import threading
 
+from ._launch import run_to_the_end
+
 _lock = threading.Lock()
 _depth = 0
 _saved: list[tuple[object, int]] = []
@@ -135,7 +137,7 @@ class _OneBlasThread:
                         if n != 1:
                             _set_threads(lib, 1)
                 except BaseException:
-                    _to_the_end(_restore, saved)
+                    run_to_the_end(_restore, saved)
                     raise
                 _saved = saved
             _depth += 1
@@ -146,7 +148,7 @@ class _OneBlasThread:
         with _lock:
             if _depth == 1:
                 try:
-                    _to_the_end(_restore, _saved)
+                    run_to_the_end(_restore, _saved)
                 finally:
                     _saved = []
                     _depth = 0
@@ -159,20 +161,6 @@ def _restore(saved) -> None:
     for lib, n in saved:
         if n != 1 and lib.get_num_threads() == 1:  # not changed by the user meanwhile
             _set_threads(lib, n)
-
-
-def _to_the_end(fn, *args) -> None:
-    """``fn(*args)`` (idempotent) run to its end: a Ctrl-C meanwhile runs it again, and is
-    raised after."""
-    interrupted = False
-    while True:
-        try:
-            fn(*args)
-            break
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        raise KeyboardInterrupt
 
 
 ONE_BLAS_THREAD = _OneBlasThread()

@@ -151,16 +151,13 @@ class Tasks:
         """No task of the call starts from now; returns when the started ones have ended (a
         Ctrl-C meanwhile deferred: milliseconds, a task's length at most).  ``futures``: those
         :meth:`submit` returned (cancelled here)."""
-        _uninterrupted(self._stop)
-        for future in futures:
-            future.cancel()
-        _uninterrupted(self._wait)
+        run_to_the_end(self._end, futures)
 
-    def _stop(self) -> None:
+    def _end(self, futures) -> None:
         with self.lock:
             self.stopped = True
-
-    def _wait(self) -> None:
+        for future in futures:
+            future.cancel()
         while self.running:
             time.sleep(0.0005)
 
@@ -334,13 +331,16 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
             # buffers among them, which its next call reuses on any path — so it is waited for
             # before the exception goes on, and its own error is dropped (this one wins).
             # Before 6 Dec 2026 the late part could land in the middle of the next call.
-            _uninterrupted(_wait_for_partners, p, gen)
-            p.failed, p.errors = False, [None] * n
-            # Stopped before the caller's entry stored ENTERED (a Ctrl-C in wake(), an entry
-            # refusing its arguments): no partner can claim the call, but left posted it kept
-            # every partner from parking — each spun on its core until the next call.
-            if p.flags[S.ENTERED] != gen:
-                p.flags[S.POSTED] = p.flags[S.ENTERED]
+            def settle() -> None:
+                _wait_for_partners(p, gen)
+                p.failed, p.errors = False, [None] * n
+                # Stopped before the caller's entry stored ENTERED (a Ctrl-C in wake(), an entry
+                # refusing its arguments): no partner can claim the call, but left posted it kept
+                # every partner from parking — each spun on its core until the next call.
+                if p.flags[S.ENTERED] != gen:
+                    p.flags[S.POSTED] = p.flags[S.ENTERED]
+
+            run_to_the_end(settle)
             raise
         finally:
             p.job = None
@@ -354,16 +354,19 @@ def on_partners(n: int, caller_entry, caller_args: tuple, partner_entry, partner
         p.lock.release()
 
 
-def _uninterrupted(wait, *args) -> None:
-    """``wait(*args)`` to its end, a Ctrl-C meanwhile deferred (raised by the caller's ``raise``
-    of the exception it handles, which comes first).  The waits are for kernel parts already
-    running: milliseconds, a call's length at most."""
+def run_to_the_end(fn, *args) -> None:
+    """``fn(*args)`` — idempotent: a wait for parts already running (milliseconds, a call's
+    length at most), a restore of settings — run to its end: a Ctrl-C meanwhile runs it again
+    and is raised after it (from a handler, in place of the exception handled)."""
+    interrupted = False
     while True:
         try:
-            wait(*args)
-            return
+            fn(*args)
+            break
         except KeyboardInterrupt:
-            continue
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _wait_for_partners(p: Partners, gen: int) -> None:

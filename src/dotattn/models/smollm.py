@@ -1403,8 +1403,10 @@ class SmolLM:
         h = self._layers(x, np.arange(L)[None], attend, ws, threads, _RowHalves(self._mm))
         out = h if head is None else head(h)
         # Given back only by a pass that finished: one stopped by an exception (Ctrl-C in the
-        # caller's part of a product) may leave a pool thread's part still writing into these
-        # buffers, which the next pass would then be using (its values overwritten mid-pass).
+        # caller's part of a product) left a pool thread's part still writing into these
+        # buffers while the next pass used them.  The _launch helpers now wait for their running
+        # parts before an exception goes on; this stays as a second guard (a stopped pass's
+        # buffers cost one allocation in the next pass).
         self._prefill_storage = ws.storage
         return out
 
@@ -1441,8 +1443,8 @@ class SmolLM:
             try:
                 logits = self._head(self._layers(x, positions, attend, ws, mm=mm)[:, 0], ws.logits, mm)
             except BaseException:
-                # a step stopped by an exception may leave a pool thread's part of a product
-                # still writing into these buffers (_prefill): the next step makes new ones
+                # a step stopped by an exception: its buffers are not reused (as in _prefill; a
+                # second guard behind the _launch helpers' wait for their running parts)
                 ws.release(self._mm)
                 self._workspace = None
                 raise

@@ -199,6 +199,12 @@ def _check_new(name: str, x: Any, want: tuple[int, ...], layout: str, cache_dtyp
     x = float_array(name, x)
     if x.dtype != cache_dtype and x.dtype != q_dtype:
         raise AttentionTypeError(f"{name} must have the cache's dtype {cache_dtype} (or q's {q_dtype}), got {x.dtype}")
+    _check_new_shape(name, x, want, layout)
+    return x
+
+
+def _check_new_shape(name: str, x: Any, want: tuple[int, ...], layout: str) -> None:
+    """``x``'s shape (any array with ``ndim``/``shape``) against ``want`` = (B, Hkv, _, D or Dv)."""
     if x.ndim != 4 or x.shape[0] != want[0] or x.shape[3] != want[3] or (
         (x.shape[1], x.shape[2]) != ((want[1], x.shape[2]) if layout == "bhld" else (x.shape[1], want[1]))
     ):
@@ -206,7 +212,38 @@ def _check_new(name: str, x: Any, want: tuple[int, ...], layout: str, cache_dtyp
         legend += "D)" if name == "k_new" else "Dv)"
         expect = f"B={want[0]}, Hkv={want[1]}, {'D' if name == 'k_new' else 'Dv'}={want[3]}"
         raise AttentionValueError(f"{name} must have shape {legend} with {expect}, got {_shape(x.shape)}")
-    return x
+
+
+def _check_new_pair(k_new: Any, v_new: Any) -> None:
+    if (k_new is None) != (v_new is None):
+        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
+        raise AttentionValueError(f"{given} was given without {missing}: pass both new keys and new values, or neither")
+
+
+def _check_new_lengths(k_new: Any, v_new: Any, layout: str) -> int:
+    l_ax = 2 if layout == "bhld" else 1
+    if k_new.shape[l_ax] != v_new.shape[l_ax]:
+        raise AttentionValueError(
+            f"k_new and v_new must hold the same number of new tokens, got k_new{_shape(k_new.shape)} "
+            f"and v_new{_shape(v_new.shape)}"
+        )
+    return k_new.shape[l_ax]
+
+
+def check_shapes(q: Any, k_cache: Any, v_cache: Any, k_new: Any, v_new: Any, block_table: Any, layout: str) -> None:
+    """The checks of :func:`normalize` that need only shapes (NumPy arrays or torch tensors, of
+    any dtype and device), with its messages.
+
+    For an owner that checks room or pages before it calls :func:`normalize`
+    (:class:`dotattn.KVCache`): a call whose arrays do not match the cache is told so, rather
+    than that its new tokens do not fit.
+    """
+    B, Hq, Lq, D, Hkv, Dv, _ = _check_geometry(q, k_cache, v_cache, block_table, layout)
+    _check_new_pair(k_new, v_new)
+    if k_new is not None:
+        _check_new_shape("k_new", k_new, (B, Hkv, 0, D), layout)
+        _check_new_shape("v_new", v_new, (B, Hkv, 0, Dv), layout)
+        _check_new_lengths(k_new, v_new, layout)
 
 
 def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> np.ndarray:
@@ -426,20 +463,12 @@ def normalize(
     v_cache = float_array("v_cache", v_cache)
     _check_dtypes(q, k_cache, v_cache)
     B, Hq, Lq, D, Hkv, Dv, table = _check_geometry(q, k_cache, v_cache, block_table, layout)
-    if (k_new is None) != (v_new is None):
-        given, missing = ("k_new", "v_new") if v_new is None else ("v_new", "k_new")
-        raise AttentionValueError(f"{given} was given without {missing}: pass both new keys and new values, or neither")
+    _check_new_pair(k_new, v_new)
     Lnew = 0
     if k_new is not None:
         k_new = _check_new("k_new", k_new, (B, Hkv, 0, D), layout, k_cache.dtype, q.dtype)
         v_new = _check_new("v_new", v_new, (B, Hkv, 0, Dv), layout, k_cache.dtype, q.dtype)
-        l_ax = 2 if layout == "bhld" else 1
-        if k_new.shape[l_ax] != v_new.shape[l_ax]:
-            raise AttentionValueError(
-                f"k_new and v_new must hold the same number of new tokens, got k_new{_shape(k_new.shape)} "
-                f"and v_new{_shape(v_new.shape)}"
-            )
-        Lnew = k_new.shape[l_ax]
+        Lnew = _check_new_lengths(k_new, v_new, layout)
     paged = table is not None
     # the caches' token axis: capacity, or page_size for a paged cache
     slots = k_cache.shape[2 if layout == "bhld" else 1]

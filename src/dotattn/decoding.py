@@ -49,6 +49,7 @@ from .decode_semantics import (  # noqa: F401
     DecodeCall,
     apply_rotary,
     check_caches_apart,
+    check_shapes,
     check_own_slots,
     float_array,
     normalize,
@@ -863,6 +864,9 @@ class KVCache:
         """int64 ``(B, max_pages)``: physical page of each logical page, −1 where none (paged only)."""
         return None if self.page_size is None else self._table.copy()
 
+    def _table_or_none(self) -> np.ndarray | None:
+        return None if self.page_size is None else self._table
+
     @property
     def free_pages(self) -> int:
         """Pages not held by any sequence (paged only; 0 for a contiguous cache)."""
@@ -966,8 +970,8 @@ class KVCache:
         if over.any():
             b = int(np.argmax(over))
             raise AttentionValueError(
-                f"sequence {b} does not fit: {int(self._lengths[b])} cached token(s) plus the new ones exceed "
-                f"capacity={self.capacity}"
+                f"sequence {b} does not fit: {int(self._lengths[b])} cached token(s) plus "
+                f"{int(new_lengths[b] - self._lengths[b])} new one(s) exceed capacity={self.capacity}"
             )
 
     def _check_layer_order(self, layer: int) -> None:
@@ -1031,6 +1035,11 @@ class KVCache:
     def _framework_of(self, name: str, x: Any) -> str:
         """``x``'s library, refused unless it is this cache's (``library``)."""
         fw = "numpy" if type(x) is np.ndarray else framework_of(x)
+        if fw is None:
+            raise AttentionTypeError(
+                f"{name} must be a {'NumPy array' if self.library == 'numpy' else 'torch tensor'} (this KVCache "
+                f"holds {self.library} buffers), got {type(x).__module__}.{type(x).__name__}"
+            )
         if fw != self.library:
             raise AttentionTypeError(
                 f"{name} is a {fw or type(x).__name__} array, but this KVCache holds {self.library} buffers "
@@ -1067,8 +1076,15 @@ class KVCache:
             k_np = None if k_new is None else standin("k_new", k_new)
             v_np = None if v_new is None else standin("v_new", v_new)
         k_np = float_array("k_new", k_np)
+        # A query of no rows: the validation of attention_with_kvcache covers the append alone.
+        q_shape = (self.batch_size, self.num_kv_heads, 0, self.head_dim)
+        # float32 new keys may go into a 16-bit cache (as with a float32 q in attend()).
+        q_dtype = _F32 if (k_np.dtype == _F32 and self.dtype in SIXTEEN_BIT) else self.dtype
+        q_none = np.empty(q_shape if self.layout == "bhld" else (q_shape[0], 0, q_shape[1], q_shape[3]), q_dtype)
+        # shapes before lengths and room: new arrays that do not match the cache are told so
+        check_shapes(q_none, k_buf, v_buf, k_np, v_np, self._table_or_none(), self.layout)
         l_ax = 2 if self.layout == "bhld" else 1
-        Lnew = k_np.shape[l_ax] if k_np.ndim == 4 else 0
+        Lnew = k_np.shape[l_ax]
         counts = np.full(self.batch_size, Lnew, dtype=np.int64)
         if lengths is not None:
             counts = semantics.check_batch_ints("lengths", _as_numpy("lengths", lengths), self.batch_size)
@@ -1079,11 +1095,6 @@ class KVCache:
         self._check_step_tokens(layer, counts)
         new_lengths = self._lengths + counts
         self._room_check(new_lengths)
-        # A query of no rows: the validation of attention_with_kvcache covers the append alone.
-        q_shape = (self.batch_size, self.num_kv_heads, 0, self.head_dim)
-        # float32 new keys may go into a 16-bit cache (as with a float32 q in attend()).
-        q_dtype = _F32 if (k_np.dtype == _F32 and self.dtype in SIXTEEN_BIT) else self.dtype
-        q_none = np.empty(q_shape if self.layout == "bhld" else (q_shape[0], 0, q_shape[1], q_shape[3]), q_dtype)
         table = self._plan(new_lengths)
         call = normalize(
             q_none, k_buf, v_buf, k_np, v_np,
@@ -1128,6 +1139,9 @@ class KVCache:
         layer = self._layer_index(layer)
         self._check_layer_order(layer)
         fw = self._framework_of("q", q)
+        for name, x in (("k_new", k_new), ("v_new", v_new)):
+            if x is not None:
+                self._framework_of(name, x)
         # device buffers go to attention_with_kvcache as the tensors (its device path), and so do
         # CPU torch buffers asked for the triton kernel (Triton's interpreter)
         host = self._host and not (fw == "torch" and implementation == "triton")
@@ -1151,6 +1165,8 @@ class KVCache:
         if Lnew <= self._headroom():  # the common step: room and pages held already
             table = None if self.page_size is None else self._table
         else:
+            # shapes before room and pages: arrays that do not match the cache are told so
+            check_shapes(q, k_buf, v_buf, k_new, v_new, self._table_or_none(), self.layout)
             new_lengths = self._lengths + Lnew
             self._room_check(new_lengths)
             table = self._plan(new_lengths)

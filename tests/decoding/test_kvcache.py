@@ -185,6 +185,65 @@ def test_torch_buffers_bfloat16():
     torch.testing.assert_close(cache.k[0, page, :, :3], k[0, :, :3].bfloat16(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # new tokens past the capacity AND arrays that do not match the cache: the shapes are
+        # named (the room was checked first, and the call was told its tokens do not fit)
+        ("attend-k_new-head-dim", r"k_new must have shape \(B, Hkv, Lnew, D\) with B=1, Hkv=2, D=8, got \(1, 2, 40, 4\)"),
+        ("append-k_new-head-dim", r"k_new must have shape .* got \(1, 2, 40, 4\)"),
+        ("attend-q-head-dim", r"q and k_cache must share the head dim D .* q\(1, 2, 1, 4\)"),
+        ("attend-v_new-tokens", r"k_new and v_new must hold the same number of new tokens"),
+        ("attend-v_new-missing", r"k_new was given without v_new"),
+        ("append-v_new-batch", r"v_new must have shape .* got \(2, 2, 40, 8\)"),
+        # the shapes right: the room is what is refused, and the count of new tokens is named
+        ("attend-too-many", r"sequence 0 does not fit: 3 cached token\(s\) plus 40 new one\(s\) exceed capacity=16"),
+    ],
+)
+def test_arrays_that_do_not_match_the_cache_are_named_before_the_room(library, page_size, call, match):
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        arr = torch.from_numpy
+    else:
+        arr = lambda x: x  # noqa: E731
+    cache = KVCache(1, 2, 8, 16, page_size=page_size, library=library, fill=np.nan)
+    kv = np.ones((1, 2, 3, 8), np.float32)
+    cache.append(arr(kv), arr(kv))
+    state = (np.asarray(cache.k).tobytes(), cache.block_table, cache.free_pages, cache.lengths)
+    q = arr(np.ones((1, 2, 1, 8), np.float32))
+    long, long_d4 = arr(np.ones((1, 2, 40, 8), np.float32)), arr(np.ones((1, 2, 40, 4), np.float32))
+    calls = {
+        "attend-k_new-head-dim": lambda: cache.attend(q, long_d4, long),
+        "append-k_new-head-dim": lambda: cache.append(long_d4, long),
+        "attend-q-head-dim": lambda: cache.attend(arr(np.ones((1, 2, 1, 4), np.float32)), long, long),
+        "attend-v_new-tokens": lambda: cache.attend(q, long, arr(np.ones((1, 2, 39, 8), np.float32))),
+        "attend-v_new-missing": lambda: cache.attend(q, long, None),
+        "append-v_new-batch": lambda: cache.append(long, arr(np.ones((2, 2, 40, 8), np.float32))),
+        "attend-too-many": lambda: cache.attend(q, long, long),
+    }
+    with pytest.raises(AttentionValueError, match=match):
+        calls[call]()
+    after = (np.asarray(cache.k).tobytes(), cache.block_table, cache.free_pages, cache.lengths)
+    assert after[0] == state[0] and after[2] == state[2] and (after[3] == state[3]).all()
+    assert (after[1] is None and state[1] is None) or np.array_equal(after[1], state[1])
+
+
+@pytest.mark.parametrize("method", ["attend", "append"])
+@pytest.mark.parametrize("bad", [[[[[1.0] * 4]]], "keys", 3.0])
+def test_new_arrays_that_are_not_arrays_are_refused_by_name(method, bad):
+    cache = KVCache(1, 1, 4, 8)
+    q = np.ones((1, 1, 1, 4), np.float32)
+    call = (lambda: cache.attend(q, bad, bad)) if method == "attend" else (lambda: cache.append(bad, bad))
+    with pytest.raises(dotattn.AttentionTypeError, match=r"k_new must be a NumPy array \(this KVCache holds numpy buffers\), got builtins\."):
+        call()
+    assert cache.lengths[0] == 0
+    good = np.ones((1, 1, 1, 4), np.float32)
+    with pytest.raises(dotattn.AttentionTypeError, match=r"v_new must be a NumPy array .* got builtins\."):
+        cache.attend(q, good, bad) if method == "attend" else cache.append(good, bad)
+
+
 def test_queries_must_match_the_buffers_library():
     cache = KVCache(1, 1, 4, 8)
     torch = pytest.importorskip("torch")

@@ -685,7 +685,7 @@ class KVCache:
         if library not in ("numpy", "torch"):
             raise AttentionValueError(f"library must be 'numpy' or 'torch', got {library!r}")
         self.library = library
-        self.dtype, lib_dtype = _resolve_dtype(dtype, library)
+        np_dtype, lib_dtype = _resolve_dtype(dtype, library)
         self.device = _resolve_device(device, library)
         # NumPy views of the buffers exist for host memory only; device buffers are read and
         # written as tensors (validation runs on stand-ins, as for attention_with_kvcache).
@@ -701,7 +701,7 @@ class KVCache:
         except OverflowError:  # an int past float64's range: past every cache dtype's too
             fill = math.inf if fill > 0 else -math.inf
         with np.errstate(over="ignore"):
-            fill = float(np.array(fill).astype(self.dtype))
+            fill = float(np.array(fill).astype(np_dtype))
         B, H, cap = self.batch_size, self.num_kv_heads, self.capacity
         if self.page_size is None:
             if num_pages is not None:
@@ -718,7 +718,7 @@ class KVCache:
         # sizes past what an array can index (2**63 bytes) are refused by name, not by NumPy's
         # "array is too big"; an allocation that exceeds memory by name too (AttentionMemoryError,
         # a MemoryError), not by NumPy's or torch's allocator message alone
-        itemsize = np.dtype(self.dtype).itemsize
+        itemsize = np.dtype(np_dtype).itemsize
         elements = math.prod(lead) * (self.head_dim + self.value_dim)
         # a paged cache's block table (B, max_pages) int64 too: a huge capacity over few pages
         table_bytes = 0 if self.page_size is None else B * self.max_pages * 8
@@ -781,6 +781,7 @@ class KVCache:
         for name in ("k", "v"):  # (a cache pickled before the buffers became read-only properties)
             if name in state:
                 state[f"_{name}"] = state.pop(name)
+        state.pop("dtype", None)  # (… and before the dtype was read from them)
         self.__dict__.update(state)
         if self._host:
             self._make_views()
@@ -863,6 +864,17 @@ class KVCache:
     def block_table(self) -> np.ndarray | None:
         """int64 ``(B, max_pages)``: physical page of each logical page, −1 where none (paged only)."""
         return None if self.page_size is None else self._table.copy()
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The buffers' dtype as NumPy names it (ml_dtypes' ``bfloat16`` for ``torch.bfloat16``).
+
+        Read from the buffer: a torch user may convert the buffers in place
+        (``cache.k.data = cache.k.data.half()``, as a module's parameters are converted), after
+        which the calls follow the new dtype and a dtype kept from the constructor was stale."""
+        if self.library == "numpy":
+            return self._k.dtype
+        return _resolve_dtype(self._k.dtype, "torch")[0]
 
     def _table_or_none(self) -> np.ndarray | None:
         return None if self.page_size is None else self._table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -585,6 +587,38 @@ def test_a_torch_dtype_makes_numpy_buffers_too():
         assert type(cache.k) is np.ndarray and cache.k.dtype == KVCache(1, 1, 4, 8, dtype=name).k.dtype
     with pytest.raises(dotattn.AttentionTypeError, match="dtype must be float16, bfloat16, float32 or float64, got torch.int32"):
         KVCache(1, 1, 4, 8, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("new_dtype", ["float16", "bfloat16", "float64"])
+def test_the_dtype_follows_torch_buffers_converted_in_place(new_dtype):
+    """``cache.k.data = cache.k.data.half()`` (as a module's parameters are converted): the calls
+    followed the new buffers, but ``cache.dtype`` kept the constructor's float32."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    kv = torch.from_numpy(rng.standard_normal((1, 2, 3, 8)).astype(np.float32))
+    q = torch.from_numpy(rng.standard_normal((1, 4, 1, 8)).astype(np.float32))
+    converted = KVCache(1, 2, 8, 16, library="torch")
+    tdtype = getattr(torch, new_dtype)
+    converted.append(kv, kv)
+    converted.k.data, converted.v.data = converted.k.data.to(tdtype), converted.v.data.to(tdtype)
+    made = KVCache(1, 2, 8, 16, library="torch", dtype=new_dtype)
+    made.append(kv.to(tdtype), kv.to(tdtype))
+    assert converted.dtype == made.dtype == KVCache(1, 1, 4, 8, dtype=new_dtype).k.dtype
+    qx = q if new_dtype != "float64" else q.double()
+    new = (kv[:, :, :1] if new_dtype != "float64" else kv[:, :, :1].double())
+    out = converted.attend(qx, new, new)
+    assert torch.equal(out, made.attend(qx, new, new)) and torch.equal(converted.k, made.k)
+    assert pickle.loads(pickle.dumps(converted)).dtype == made.dtype
+
+
+def test_a_cache_pickled_with_its_dtype_attribute_loads():
+    """Caches pickled before ``dtype`` was read from the buffers carry it in their state."""
+    cache = KVCache(1, 1, 4, 8, dtype="float16")
+    state = cache.__getstate__()
+    state["dtype"] = np.dtype("float32")  # stale, as a converted torch cache's was
+    old = KVCache.__new__(KVCache)
+    old.__setstate__(state)
+    assert old.dtype == np.float16 and "dtype" not in old.__dict__
 
 
 @pytest.mark.parametrize("page_size", [None, 2])

@@ -3,9 +3,10 @@
 One query token per sequence attends to a cache of ``context`` tokens (GQA: Hq = 32 query
 heads over Hkv = 8 K/V heads, D = 128), for B ∈ {1, 8}, contexts 4k and 32k and float32,
 float16 and bfloat16 caches.  A decode step is memory-bound: the figure of merit is the K/V
-bytes actually read per second, ``2 · B · Hkv · context · D · itemsize / time``, and its
-share of the machine's read bandwidth measured in the same run (a NumPy sum over a 512 MiB
-buffer, far larger than the CPU caches; the median of runs before and after the cases).
+bytes actually read per second, ``2 · B · Hkv · context · D · itemsize / time`` (GB = 10⁹
+bytes), and its share of the machine's read bandwidth measured in the same run (a NumPy sum
+over a buffer of at least 512 MiB and at least four times the CPU caches the system reports —
+:func:`probe_bytes`; the median of runs before and after the cases).
 
 The issue's yardstick is that one-thread read.  Both cores together read more than one does
 (a decode kernel on both cores passes 100 % of it), so the run also measures the **all-core
@@ -24,6 +25,10 @@ Peers, each on the same cache in the same process:
   decode form: the query-head group folded into query rows, ``q.view(B, Hkv, Hq/Hkv, D)``,
   same dtype as the cache (``enable_gqa=True`` is 3–4× slower here);
 * ``dotattn-numpy``  — the NumPy split-KV implementation (not run unless asked).
+
+Every peer's first call in a case is checked against the first peer's output (the same keys
+visible, the same scale, the same query-head → K/V-head mapping; :data:`OUTPUT_TOLERANCE`):
+a peer that computes other attention says ``n/a`` and why, and is not timed.
 
 The table shows medians of ``--repeats`` timed calls, one per round: a round times every peer
 once, in a shuffled order (peers interleaved, so that all of them sample the same stretch of a
@@ -67,7 +72,12 @@ DEFAULT_PEERS = ("dotattn", "dotattn-paged", "torch-sdpa")
 DTYPES = ("float32", "float16", "bfloat16")
 HQ, HKV, D = 32, 8, 128
 PAGE = 256
-BANDWIDTH_BYTES = 512 << 20
+BANDWIDTH_BYTES = 512 << 20  # the read-bandwidth buffer's least size (probe_bytes)
+# ... and its least multiple of the CPU caches' total: STREAM's rule for arrays that come from
+# memory.  512 MiB alone was not enough where a VM reports a 480 MiB L3 (the Intel host of 2 Dec):
+# there the two-thread read of 512 MiB gave 25–30 GB/s where 1–2 GiB gave 19–23
+# (docs/decoding-log.md, "Decode on the new host"): a yardstick partly read from the L3.
+CACHE_MULTIPLE = 4
 WARMUP_S = 0.25  # each peer's calls, back to back, before its timed ones (at least 3)
 # each peer's calls, back to back, once before its first round: a size class's first four calls
 # explore the pool-or-alone choice (pool, pool, alone, alone; cpu_decode.ParallelChoice) — once
@@ -127,8 +137,49 @@ def load_average() -> str:
         return "n/a"
 
 
-def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES, threads: int = 1) -> list[float]:
-    """GB/s of reading a buffer far larger than the CPU caches (one value per run).
+def cpu_cache_bytes() -> int:
+    """The CPU caches' total size, each cache counted once (Linux's sysfs: every data or
+    unified cache of every level, shared ones once); 0 where the system does not say."""
+    import glob
+
+    seen, total = set(), 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            with open(f"{index}/type") as f:
+                kind = f.read().strip()
+            if kind == "Instruction":
+                continue
+            with open(f"{index}/level") as f:
+                level = f.read().strip()
+            with open(f"{index}/shared_cpu_list") as f:
+                shared = f.read().strip()
+            with open(f"{index}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        key = (level, kind, shared)
+        if key in seen:
+            continue
+        seen.add(key)
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        try:
+            total += int(size.rstrip("KkMmGg")) * scale
+        except ValueError:
+            continue
+    return total
+
+
+def probe_bytes() -> int:
+    """The read-bandwidth buffer's size: :data:`BANDWIDTH_BYTES`, or :data:`CACHE_MULTIPLE`
+    times the CPU caches (:func:`cpu_cache_bytes`) where that is more, so that no part of the
+    read comes from a cache (a whole number of MiB)."""
+    need = max(BANDWIDTH_BYTES, CACHE_MULTIPLE * cpu_cache_bytes())
+    return -(-need // (1 << 20)) << 20
+
+
+def read_bandwidth(repeats: int = 5, nbytes: int | None = None, threads: int = 1) -> list[float]:
+    """GB/s (10⁹ bytes a second) of reading a buffer of ``nbytes`` (default :func:`probe_bytes`:
+    at least 512 MiB and four times the CPU caches) — one value per run.
 
     ``threads == 1``: ``numpy.sum`` on this thread (the issue's yardstick).  ``threads > 1``:
     the all-core read — each of ``threads`` Numba threads summing its own part, by each loop
@@ -138,6 +189,8 @@ def read_bandwidth(repeats: int = 5, nbytes: int = BANDWIDTH_BYTES, threads: int
     AVX2 Zen 3: a bound computed from a slow read was no bound; docs/decoding-log.md, "The
     all-core read" and "The all-core read on AVX2").
     """
+    if nbytes is None:
+        nbytes = probe_bytes()
     buf = np.ones(nbytes // 4, dtype=np.float32)
     if threads == 1:
         reads = [buf.sum]
@@ -225,6 +278,43 @@ def _make_peer(peer: str, B: int, context: int, dtype: str, q, kc, vc):
     raise RuntimeError(f"unknown peer {peer!r}")
 
 
+# A peer's output against the first peer's, as a share of the largest |value| of the first's:
+# rounding stays far below it (torch SDPA against dotattn at 4k and 32k keys: float32 ≈ 1e-6,
+# float16 ≈ 6e-4, bfloat16 ≈ 7e-3), a peer computing other attention — other keys, another
+# scale, another mapping of query heads to K/V heads — is off by about 1 or more.
+OUTPUT_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def _output_rows(out, B: int):
+    """A peer's output as float32 ``(B, Hq, D)``: dotattn's ``(B, Hq, 1, D)`` and torch's
+    folded ``(B, Hkv, Hq/Hkv, D)`` both hold query head ``h = kv · Hq/Hkv + g`` at row ``h``
+    (dotattn's GQA: head ``h`` reads K/V head ``h // (Hq/Hkv)``).  None for a call that
+    returns nothing (the tests' stand-in peers)."""
+    if out is None:
+        return None
+    if hasattr(out, "detach"):  # a torch tensor
+        out = out.detach().float().numpy()
+    return np.asarray(out, dtype=np.float32).reshape(B, HQ, D)
+
+
+def _output_mismatch(reference, out, B: int, dtype: str) -> str | None:
+    """Why ``out`` (a peer's call's return) is not the attention ``reference`` holds
+    (``(peer, rows)``), or None where it agrees (or ``out`` is None: nothing to compare)."""
+    ref_peer, ref = reference
+    try:
+        rows = _output_rows(out, B)
+    except ValueError:
+        return f"its output, of shape {getattr(out, 'shape', '?')}, is not {ref_peer}'s ({B}, {HQ}, {D}) rows"
+    if rows is None:
+        return None
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    err = float(np.abs(rows - ref).max())
+    tol = OUTPUT_TOLERANCE.get(dtype, 3e-2)
+    if not err <= tol * scale:  # (NaN fails too)
+        return f"output differs from {ref_peer}'s: max |Δ| {err:.3g} against max |out| {scale:.3g} (tolerance {tol:g})"
+    return None
+
+
 def _mode_counts(peer: str):
     """(alone, pool) calls of the cpu decode kernel so far, for the dotattn rows; else None."""
     if peer not in ("dotattn", "dotattn-paged"):
@@ -289,7 +379,9 @@ class _Peer:
 
 def measure_case(peers, B: int, context: int, dtype: str, inputs, repeats: int, warmup_s: float = WARMUP_S,
                  progress=None) -> list[Row]:
-    """One row per peer: :data:`SETTLE_CALLS` calls of each peer, then ``repeats`` rounds, each
+    """One row per peer: :data:`SETTLE_CALLS` calls of each peer — the first one's output
+    checked against the first peer's (:data:`OUTPUT_TOLERANCE`; a peer computing other attention
+    says ``n/a`` and is not timed) — then ``repeats`` rounds, each
     timing every peer once in a shuffled order (:func:`bench_common.rounds_of`), each timed call
     after ``warmup_s`` of the peer's calls back to back; a peer that cannot run says ``n/a`` and
     why."""
@@ -300,8 +392,27 @@ def measure_case(peers, B: int, context: int, dtype: str, inputs, repeats: int, 
             rows.append(started[peer].row)
         except RuntimeError as exc:
             rows.append(Row(_case_name(B, context, dtype), peer, B, context, dtype, status="n/a", reason=str(exc)))
-    for p in started.values():
-        warm_up(p.run, 0.0, min_calls=SETTLE_CALLS)
+    # every peer computes the same attention as the first: its first call's output is compared
+    # (that call is the first of its SETTLE_CALLS); a peer that differs is not timed
+    reference = None  # (peer, rows): the first peer whose call returns an output
+    for peer, p in list(started.items()):
+        out = p.run()
+        why = None
+        if reference is not None:
+            why = _output_mismatch(reference, out, B, dtype)
+        else:
+            try:
+                rows_out = _output_rows(out, B)
+            except ValueError:
+                why = f"its output, of shape {getattr(out, 'shape', '?')}, is not ({B}, {HQ}, {D}) rows"
+            else:
+                if rows_out is not None:
+                    reference = (peer, rows_out)
+        if why is not None:
+            p.row.status, p.row.reason = "n/a", why
+            del started[peer]
+            continue
+        warm_up(p.run, 0.0, min_calls=SETTLE_CALLS - 1)
     for _, peer in rounds_of(list(started), repeats):
         if progress is not None:
             progress(B, context, dtype, peer)
@@ -318,9 +429,12 @@ def measure(peer: str, B: int, context: int, dtype: str, inputs, repeats: int, w
 
 def run_benchmark(
     peers, repeats: int, batches=(1, 8), contexts=(4096, 32768), dtypes=DTYPES, progress=None,
-    bandwidth_bytes: int = BANDWIDTH_BYTES, warmup_s: float = WARMUP_S,
+    bandwidth_bytes: int | None = None, warmup_s: float = WARMUP_S,
 ):
-    """``(rows, info)``: one row per (case, peer); info holds bandwidth runs and the load."""
+    """``(rows, info)``: one row per (case, peer); info holds bandwidth runs (over
+    ``bandwidth_bytes``, default :func:`probe_bytes`) and the load."""
+    if bandwidth_bytes is None:
+        bandwidth_bytes = probe_bytes()
     if "torch-sdpa" in peers:
         # torch imported before dotattn's first call, as in a user's process: imported after it,
         # torch's float16 SDPA ran 10–20× slower (B1 32k: 250–500 against 24 ms, 30 Nov 2026,
@@ -334,6 +448,7 @@ def run_benchmark(
     n_cores = cores()
     info = {
         "load_before": load_average(),
+        "bandwidth_bytes": bandwidth_bytes,
         "bandwidth_gbps_runs": read_bandwidth(nbytes=bandwidth_bytes),
         "cores": n_cores,
         "all_cores_gbps_runs": read_bandwidth(nbytes=bandwidth_bytes, threads=n_cores),
@@ -369,7 +484,7 @@ def print_table(rows, info) -> None:
     bw = info["bandwidth_gbps"]
     table = Table(
         title=(
-            f"decode: 1 query × B, Hq {HQ}, Hkv {HKV}, D {D} — median ms; GB/s of K/V read; "
+            f"decode: 1 query × B, Hq {HQ}, Hkv {HKV}, D {D} — median ms; GB/s (10⁹ B/s) of K/V read; "
             f"share of the NumPy one-thread read {bw:.1f} GB/s and of the all-core read "
             f"{info['all_cores_gbps']:.1f} GB/s ({info['cores']} threads); × sdpa = torch time / ours; "
             "bound = torch time / time to read the K/V at the all-core read"
@@ -397,7 +512,8 @@ def print_table(rows, info) -> None:
     runs = ", ".join(f"{x:.1f}" for x in info["bandwidth_gbps_runs"])
     all_runs = ", ".join(f"{x:.1f}" for x in info["all_cores_gbps_runs"])
     console.print(
-        f"read bandwidth runs (GB/s): one thread {runs}; all cores {all_runs}; "
+        f"read bandwidth runs (GB/s, over {info.get('bandwidth_bytes', BANDWIDTH_BYTES) >> 20} MiB): "
+        f"one thread {runs}; all cores {all_runs}; "
         f"load before {info['load_before']}, after {info['load_after']}"
     )
 

@@ -144,3 +144,93 @@ def test_rows_note_the_hosts_steal_time(monkeypatch, capsys):
 def test_steal_ms_reads_proc_stat_or_says_none():
     value = bench_decode.steal_ms()
     assert value is None or value >= 0.0
+
+
+def test_the_read_bandwidth_buffer_is_four_times_the_cpu_caches(monkeypatch):
+    """The yardstick's buffer is at least CACHE_MULTIPLE times the CPU caches: a fixed 512 MiB
+    was partly read from the L3 on a VM that reports 480 MiB of it (two threads: 25–30 GB/s
+    against 19–23 from 1–2 GiB; docs/decoding-log.md, "Decode on the new host")."""
+    monkeypatch.setattr(bench_decode, "cpu_cache_bytes", lambda: 480 << 20)
+    assert bench_decode.probe_bytes() == 4 * (480 << 20)
+    monkeypatch.setattr(bench_decode, "cpu_cache_bytes", lambda: 32 << 20)
+    assert bench_decode.probe_bytes() == bench_decode.BANDWIDTH_BYTES  # never less than 512 MiB
+    monkeypatch.setattr(bench_decode, "cpu_cache_bytes", lambda: 0)  # unknown: 512 MiB
+    assert bench_decode.probe_bytes() == bench_decode.BANDWIDTH_BYTES
+
+    # the run's reads (before and after the cases, one thread and all cores) use that size
+    monkeypatch.setattr(bench_decode, "cpu_cache_bytes", lambda: 480 << 20)
+    sizes = []
+    monkeypatch.setattr(bench_decode, "read_bandwidth", lambda nbytes=None, threads=1: sizes.append(nbytes) or [1.0])
+    rows, info = bench_decode.run_benchmark(["dotattn"], 1, batches=(), contexts=())
+    assert sizes == [4 * (480 << 20)] * 4 and info["bandwidth_bytes"] == 4 * (480 << 20)
+
+
+def test_cpu_cache_bytes_counts_each_cache_once():
+    total = bench_decode.cpu_cache_bytes()
+    assert total >= 0
+    import os
+
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        assert total > 0
+
+
+def test_every_peer_computes_the_same_attention():
+    """The contiguous, paged and torch SDPA peers' outputs agree on a case (GQA fold, scale,
+    visible keys), for each dtype — and the bench checks it in every case."""
+    torch = pytest.importorskip("torch")
+    for dtype in bench_decode.DTYPES:
+        B, context = 2, 600  # three pages a sequence, the last partly used
+        inputs = bench_decode.case_inputs(B, context, dtype)
+        outs = {p: bench_decode._make_peer(p, B, context, dtype, *inputs)() for p in bench_decode.PEERS}
+        assert isinstance(outs["torch-sdpa"], torch.Tensor)
+        reference = ("dotattn", bench_decode._output_rows(outs["dotattn"], B))
+        for peer, out in outs.items():
+            assert bench_decode._output_mismatch(reference, out, B, dtype) is None, (dtype, peer)
+
+
+def test_a_peer_computing_other_attention_is_not_timed(monkeypatch):
+    """A peer whose output differs from the first peer's (here: SDPA with its default scale
+    but the query heads mapped to K/V heads the other way round) says n/a and is not timed."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(bench_decode, "PAUSE_S", 0.0)
+    B, context, dtype = 1, 300, "float32"
+    q, kc, vc = bench_decode.case_inputs(B, context, dtype)
+    make = bench_decode._make_peer
+    timed = []
+
+    def make_peer(peer, *args):
+        if peer != "torch-sdpa":
+            return make(peer, *args)
+        G = bench_decode.HQ // bench_decode.HKV
+        tq = torch.from_numpy(q).view(B, G, bench_decode.HKV, bench_decode.D).transpose(1, 2)  # h = g·Hkv + kv
+
+        def wrong():
+            timed.append(1)
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(tq, torch.from_numpy(kc), torch.from_numpy(vc))
+
+        return wrong
+
+    monkeypatch.setattr(bench_decode, "_make_peer", make_peer)
+    rows = bench_decode.measure_case(["dotattn", "torch-sdpa"], B, context, dtype, (q, kc, vc), 2, warmup_s=0.0)
+    assert rows[0].status == "ok" and len(rows[0].times_ms) == 2
+    assert rows[1].status == "n/a" and "differs from dotattn's" in rows[1].reason, rows[1]
+    assert timed == [1] and rows[1].times_ms == []  # the checked call only
+    # and a peer whose output has another shape
+    monkeypatch.setattr(bench_decode, "_make_peer", lambda peer, *a: make(peer, *a) if peer == "dotattn" else (lambda: np.zeros(3)))
+    rows = bench_decode.measure_case(["dotattn", "torch-sdpa"], B, context, dtype, (q, kc, vc), 1, warmup_s=0.0)
+    assert rows[1].status == "n/a" and "shape" in rows[1].reason
+
+
+def test_units_are_stated(capsys):
+    """GB/s are 10⁹ bytes a second (the code divides by 1e9), and the table says so, with the
+    read buffer's size."""
+    row = bench_decode.Row("B1-ctx300-float32", "dotattn", 1, 300, "float32", ms=1.0, times_ms=[1.0],
+                           gbps=1.0, share_of_bandwidth=0.5, share_of_all_cores=0.5)
+    bench_decode.print_table([row], {"bandwidth_gbps": 2.0, "all_cores_gbps": 2.0, "bandwidth_gbps_runs": [2.0],
+                                     "all_cores_gbps_runs": [2.0], "load_before": "0", "load_after": "0", "cores": 2,
+                                     "bandwidth_bytes": 2048 << 20})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "10⁹ B/s" in out and "over 2048 MiB" in out

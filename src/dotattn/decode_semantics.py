@@ -69,7 +69,9 @@ class DecodeCall(semantics.QuerySizes):
     scale: float
     softcap: float | None
     alibi_slopes: np.ndarray | None  # (B, Hq) in the compute dtype
-    rotary: tuple[np.ndarray, np.ndarray] | None  # (cos, sin) (P, R/2) in the compute dtype
+    # (cos, sin) (P, R/2) as the caller gave them (views, any float dtype): the rows a call
+    # rotates at are gathered and converted to the compute dtype then (apply_rotary)
+    rotary: tuple[np.ndarray, np.ndarray] | None
     dtype: np.dtype  # q's dtype = the output's
     cache_dtype: np.dtype
     layout: str
@@ -319,7 +321,15 @@ def _check_pages(table: np.ndarray, kv_lengths: np.ndarray, page_size: int, num_
             )
 
 
-def _check_rotary(rotary: Any, D: int, dtype: np.dtype, lengths: np.ndarray, Lnew: int, Lq: int):
+def _check_rotary(rotary: Any, D: int, lengths: np.ndarray, Lnew: int, Lq: int):
+    """``(cos, sin)`` checked, as given: views of the caller's tables, never converted here.
+
+    Until 6 Dec 2026 both were returned as contiguous compute-dtype copies, whole, on every call:
+    a table of another dtype (float64, as ``np.cos`` gives it; a model's bfloat16 one) or a slice
+    of a wider one cost a copy of every position it covers — a model's whole context, 64 MiB per
+    table for Llama 3's 131,072 × 64 in float32, on each call of each layer — where a decode step
+    rotates one row per sequence.  :func:`apply_rotary` converts the rows it gathers (the same
+    values: a conversion is elementwise)."""
     if rotary is None:
         return None
     if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
@@ -349,7 +359,7 @@ def _check_rotary(rotary: Any, D: int, dtype: np.dtype, lengths: np.ndarray, Lne
             raise AttentionValueError(
                 f"rotary tables cover positions [0, {cos.shape[0]}), but this call reaches position {last}"
             )
-    return np.ascontiguousarray(cos, dtype=dtype), np.ascontiguousarray(sin, dtype=dtype)
+    return cos, sin
 
 
 def _check_causal(causal: Any) -> bool:
@@ -587,7 +597,7 @@ def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, 
     fields["alibi_slopes"] = (
         None if alibi_slopes is None else semantics.check_alibi_slopes(alibi_slopes, B, kind.Hq, compute)
     )
-    fields["rotary"] = None if rotary is None else _check_rotary(rotary, kind.D, compute, lengths, Lnew, kind.Lq)
+    fields["rotary"] = None if rotary is None else _check_rotary(rotary, kind.D, lengths, Lnew, kind.Lq)
     fields.update(
         q=qc, k_pages=kp, v_pages=vp, block_table=table, cache_lengths=lengths, k_new=k_new, v_new=v_new,
         k_cache=k_cache, v_cache=v_cache, kind=kind,
@@ -608,8 +618,9 @@ def query_positions(call: DecodeCall) -> np.ndarray:
 def apply_rotary(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """RoPE in the non-interleaved ("rotate half") form on the first ``2·R`` dims of ``x``.
 
-    ``x (B, H, L, D)`` in the compute dtype, ``positions (B, L)``, ``cos``/``sin`` ``(P, R)``:
-    ``x[:R], x[R:2R] ← x[:R]·cos − x[R:2R]·sin, x[R:2R]·cos + x[:R]·sin`` at each row's
+    ``x (B, H, L, D)`` in the compute dtype, ``positions (B, L)``, ``cos``/``sin`` ``(P, R)``
+    of any float dtype (the rows at ``positions`` are converted to ``x``'s — never the whole
+    table): ``x[:R], x[R:2R] ← x[:R]·cos − x[R:2R]·sin, x[R:2R]·cos + x[:R]·sin`` at each row's
     position — the convention of GPT-NeoX, Llama in ``transformers`` and FlashAttention's
     default (``rotary_interleaved=False``).  Returns a new array.  The same code serves torch
     tensors (all four on one device): the device decode path rotates with it too.
@@ -617,6 +628,10 @@ def apply_rotary(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.
     R = cos.shape[1]
     c = cos[positions][:, None]  # (B, 1, L, R)
     s = sin[positions][:, None]
+    if isinstance(x, np.ndarray):
+        c, s = c.astype(x.dtype, copy=False), s.astype(x.dtype, copy=False)
+    elif c.dtype != x.dtype:
+        c, s = c.to(x.dtype), s.to(x.dtype)
     out = np.array(x, copy=True) if isinstance(x, np.ndarray) else x.clone()
     x1, x2 = x[..., :R], x[..., R : 2 * R]
     # (±inf · sin 0 is NaN and a huge value may overflow, as the rule of NaN and ±inf wants:

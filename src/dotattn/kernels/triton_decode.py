@@ -484,8 +484,16 @@ def write_new_tensors(call: DecodeCall, k_pages, v_pages, k_new, v_new, counts: 
         (pairs_t,) = host_to_device(pairs, device=k_pages.device)
         _write_new(call, k_pages, v_pages, k_new, v_new, pairs_t, pairs.shape[1], None)
     else:
-        pairs_t, every, cos, sin = host_to_device(pairs, _new_positions(call), *call.rotary, device=k_pages.device)
+        pairs_t, every, cos, sin = host_to_device(pairs, _new_positions(call), *_rotary_rows(call), device=k_pages.device)
         _write_new(call, k_pages, v_pages, k_new, v_new, pairs_t, pairs.shape[1], (every, cos, sin))
+
+
+def _rotary_rows(call: DecodeCall) -> tuple[np.ndarray, np.ndarray]:
+    """The call's rotary tables as the device is sent them: float32 (the compute dtype), rows
+    ``[0, max kv_length)`` only — every position the call rotates at lies below (the caller's
+    tables come as given: ``decode_semantics._check_rotary``)."""
+    rows = int(call.kv_lengths.max(initial=0))
+    return tuple(np.ascontiguousarray(t[:rows], dtype=call.compute_dtype) for t in call.rotary)
 
 
 def _new_positions(call: DecodeCall) -> np.ndarray:
@@ -556,7 +564,7 @@ def _attention_with_kvcache_tensors(call: DecodeCall, q, k_cache, v_cache, k_new
     if call.alibi_slopes is not None:
         small.append(np.asarray(call.alibi_slopes, dtype=np.float32))
     if call.rotary is not None:
-        small += [query_positions(call), *call.rotary]
+        small += [query_positions(call), *_rotary_rows(call)]
         if append:
             small.append(_new_positions(call))
     sent = iter(host_to_device(*small, device=dev))  # (in the order of `small`)

@@ -1,0 +1,156 @@
+"""Memory of a decode call: the cache is read in place, and nothing the size of the cache (or of
+its capacity, or of a rotary table's positions) is allocated per call.
+
+``attention_with_kvcache`` is bandwidth-bound: a call should read the caller's cache where it
+lies — no widening of a 16-bit cache to float32, no gather of a paged cache into a contiguous
+one, no ``repeat`` of K/V heads for GQA, no copy of a torch cache to NumPy.  NumPy's allocations
+are seen by ``tracemalloc`` (in this process); the ``cpu`` kernels' own allocations (Numba's) and
+torch's are not, so those calls are measured by the peak RSS of a child process, with a cache
+large enough (≥ 128 MiB) that a copy of it stands far above the noise.  Margins are generous:
+a copy of the cache is 100 % of it (a float32 widening of a 16-bit one 200 %), the limits here
+are a few percent.  The ``reference`` implementation gathers the visible keys in float64 by
+design (the test oracle) and is not measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dotattn import KVCache, attention_with_kvcache, merge_attention_states
+from dotattn.semantics import BFLOAT16
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _traced_peak(fn) -> int:
+    """Bytes NumPy (and Python) allocated at the peak of ``fn()``, beyond what was live before."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak
+
+
+def _rope_tables(positions: int, R: int, dtype=np.float64):
+    """cos/sin tables as a model precomputes them for its whole context (np.cos gives float64)."""
+    inv = 1.0 / (10000 ** (np.arange(R) / R))
+    ang = np.arange(positions)[:, None] * inv[None, :]
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+
+
+# =================================================================================
+# rotary tables: the rows the call uses, not the table
+# =================================================================================
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "numpy"])
+@pytest.mark.parametrize("table", ["float64", "bfloat16", "float32-strided"])
+def test_rotary_tables_are_not_converted_whole_per_call(implementation, table):
+    """A rotary table of a dtype other than the compute dtype (float64 as ``np.cos`` gives it, a
+    model's bfloat16 one) or not contiguous (a slice of a wider table) was converted whole to a
+    contiguous float32 copy on every call (``decode_semantics._check_rotary``): a table precomputed
+    for a model's context (131,072 positions × 64 for Llama 3: 64 MiB per table per call and
+    layer) against a decode step that uses one row per sequence.  Only the rows the call rotates
+    at (its query and new-key positions) are converted now."""
+    positions, R = 1 << 16, 32  # 16 MiB per float64 table
+    if table == "float32-strided":
+        cos, sin = (x[:, :R] for x in _rope_tables(positions, 2 * R, np.float32))  # a slice: not contiguous
+    elif table == "bfloat16":
+        cos, sin = (x.astype(BFLOAT16) for x in _rope_tables(positions, R, np.float32))
+    else:
+        cos, sin = _rope_tables(positions, R)
+    table_bytes = cos.shape[0] * R * 4 * 2  # what the old per-call float32 copies allocated
+    B, Hkv, G, D, cap = 2, 2, 2, 2 * R, 512
+    rng = np.random.default_rng(0)
+    kc = rng.standard_normal((B, Hkv, cap, D)).astype(np.float16)
+    vc = rng.standard_normal((B, Hkv, cap, D)).astype(np.float16)
+    q = rng.standard_normal((B, Hkv * G, 1, D)).astype(np.float16)
+    kn, vn = (rng.standard_normal((B, Hkv, 1, D)).astype(np.float16) for _ in range(2))
+    lengths = np.array([300, 100], dtype=np.int64)
+
+    def call():
+        return attention_with_kvcache(q, kc, vc, kn, vn, cache_lengths=lengths, rotary=(cos, sin),
+                                      implementation=implementation)
+
+    call()  # (loads the kernels)
+    peak = _traced_peak(call)
+    # (the old copies: 100 % of table_bytes; the numpy kernel's chunk scratch here ≈ 2 %)
+    assert peak < 0.05 * table_bytes, f"a rotary call allocated {peak} bytes; its table is {table_bytes}"
+
+
+def test_rotary_rows_give_the_bits_of_float32_tables():
+    """Rows converted after the gather are the same values as rows gathered from a whole float32
+    copy: a float64 table gives the bits of its float32 rounding passed as float32 (cpu and numpy,
+    contiguous and paged, the cache's keys written with the rotated k_new too)."""
+    rng = np.random.default_rng(1)
+    cos64, sin64 = _rope_tables(600, 8)
+    cos32, sin32 = cos64.astype(np.float32), sin64.astype(np.float32)
+    B, Hkv, G, D, cap = 2, 2, 3, 16, 64
+    for implementation in ("cpu", "numpy"):
+        for page_size in (None, 8):
+            for Lnew in (1, 5):
+                shape = (B, Hkv, cap, D) if page_size is None else (B * cap // page_size, Hkv, page_size, D)
+                table = None if page_size is None else np.arange(B * cap // page_size).reshape(B, -1)
+                base_k = rng.standard_normal(shape).astype(np.float16)
+                base_v = rng.standard_normal(shape).astype(np.float16)
+                q = rng.standard_normal((B, Hkv * G, Lnew, D)).astype(np.float32)
+                kn, vn = (rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32) for _ in range(2))
+                lengths = np.array([40, 13])
+                results = []
+                for cos, sin in ((cos64, sin64), (cos32, sin32)):
+                    kc, vc = base_k.copy(), base_v.copy()
+                    out, lse = attention_with_kvcache(
+                        q, kc, vc, kn, vn, cache_lengths=lengths, block_table=table, rotary=(cos, sin),
+                        return_lse=True, implementation=implementation,
+                    )
+                    results.append((out, lse, kc, vc))
+                for a, b in zip(*results):
+                    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("table_dtype", ["float64", "bfloat16"])
+def test_rotary_tables_of_any_dtype_on_the_triton_path(monkeypatch, table_dtype):
+    """The triton path (here Triton's interpreter on CPU tensors) is sent the tables' rows below
+    the longest sequence in float32: a float64 or bfloat16 table (which the device copy cannot
+    pack as it is) gives the bits of its float32 rounding, appended keys included."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = np.random.default_rng(2)
+    cos64, sin64 = _rope_tables(4096, 7)
+    if table_dtype == "bfloat16":
+        tables = tuple(torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16) for x in (cos64, sin64))
+        tables32 = tuple(t.to(torch.float32) for t in tables)
+    else:
+        tables = tuple(torch.from_numpy(x) for x in (cos64, sin64))
+        tables32 = tuple(t.to(torch.float32) for t in tables)
+    B, Hkv, G, D, cap, Lnew = 2, 2, 2, 16, 40, 2
+    base_k = torch.from_numpy(rng.standard_normal((B, Hkv, cap, D)).astype(np.float32))
+    base_v = torch.from_numpy(rng.standard_normal((B, Hkv, cap, D)).astype(np.float32))
+    q = torch.from_numpy(rng.standard_normal((B, Hkv * G, Lnew, D)).astype(np.float32))
+    kn, vn = (torch.from_numpy(rng.standard_normal((B, Hkv, Lnew, D)).astype(np.float32)) for _ in range(2))
+    results = []
+    for rotary in (tables, tables32):
+        kc, vc = base_k.clone(), base_v.clone()
+        out, lse = attention_with_kvcache(q, kc, vc, kn, vn, cache_lengths=np.array([30, 7]), rotary=rotary,
+                                          return_lse=True, implementation="triton")
+        results.append((out, lse, kc, vc))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

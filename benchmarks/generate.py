@@ -4,11 +4,15 @@ For a 512-token and a 4,096-token prompt, then 128 new tokens (greedy, end-of-tu
 that every run makes exactly 128), it reports prefill tokens/s (prompt tokens / time to the
 first new token) and decode tokens/s (127 / time from the first to the last new token), the
 median of ``--repeats`` runs, for dotattn (:class:`dotattn.models.SmolLM`) and, where
-installed, transformers' ``generate`` on the same GGUF file dequantized to float32, in the same
-process (``n/a`` otherwise), one run of each in turns.  The machine's load (``uptime``) is
-printed before and after, and with each run the cores other programs kept busy during its
-prompt pass (``/proc/stat`` less this process's CPU time: on a shared machine a pass's speed
-follows it)::
+installed, transformers' ``generate`` on the same GGUF file dequantized to float32 (attention
+by torch SDPA, ``attn_implementation="sdpa"``, its KV cache on), in the same process (``n/a``
+otherwise), one run of each in turns.  dotattn's decode steps read the weights' block codes
+by default (``--decode-weights float32`` reads the float32 matrices, as transformers does).
+Each side's prefill time runs from its generation call, so transformers' includes
+``generate``'s own setup (≈ 13 ms on the Zen 3, 6 Dec 2026: ≈ 9 % of a 32-token prompt pass,
+under 2 % at 512).  The machine's load (``uptime``) is printed before and after, and with each
+run the cores other programs kept busy during its prompt pass (``/proc/stat`` less this
+process's CPU time: on a shared machine a pass's speed follows it)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/generate.py [--lengths 512 4096] [--repeats 3]
 
@@ -93,6 +97,9 @@ def bench_dotattn(model, ids: list[int], new: int, repeats: int) -> dict:
     return {"prefill": prefill, "decode": decode, "others_prefill": busy}
 
 
+PEER_ATTENTION = "sdpa"  # transformers' attn_implementation for the peer
+
+
 def load_transformers(path):
     try:
         import torch
@@ -100,11 +107,17 @@ def load_transformers(path):
     except ImportError as exc:
         return None, f"n/a ({exc.name} not installed)"
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # attention by torch SDPA, named rather than left to transformers' default (it is SDPA
+        # in transformers 5, and the fastest of its CPU choices; "eager" materializes the scores)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation=PEER_ATTENTION
+        )
     except Exception as exc:  # e.g. accelerate missing, an old transformers without GGUF support
         return None, f"n/a ({type(exc).__name__}: {str(exc)[:120]})"
     model.eval()
-    return model, f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    attention = getattr(model.config, "_attn_implementation", None) or "?"
+    return model, (f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                   f"attention {attention}, {next(model.parameters()).dtype}")
 
 
 def bench_transformers(model, ids: list[int], new: int, repeats: int, quiet: bool = False) -> dict:

@@ -117,3 +117,27 @@ def test_decode_layers_times_both_peers_on_every_layer():
         ours, sdpa, ratio = float(r[3]), float(r[4]), float(r[5])  # (µs after the products' own time)
         if ours > 0 and sdpa > 0:
             assert abs(ratio - sdpa / ours) < 0.01 + 0.01 * ratio
+
+
+def test_generate_names_the_transformers_peers_attention(monkeypatch):
+    """generate.py's transformers peer runs float32 with torch SDPA named explicitly (not left to
+    transformers' default), and its line says which attention and dtype it runs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gen = _load("generate")
+    asked = {}
+
+    def from_pretrained(folder, **kwargs):
+        asked.update(kwargs, folder=folder)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=50)
+        return transformers.AutoModelForCausalLM.from_config(
+            cfg, attn_implementation=kwargs.get("attn_implementation"), dtype=kwargs.get("dtype")
+        )
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model, info = gen.load_transformers(Path("/models/smol.gguf"))
+    assert model is not None, info
+    assert asked["attn_implementation"] == "sdpa" and asked["dtype"] == torch.float32
+    assert asked["folder"] == "/models" and asked["gguf_file"] == "smol.gguf"
+    assert "attention sdpa" in info and "torch.float32" in info

@@ -204,3 +204,81 @@ def test_merge_numpy_blocks_give_the_bits_of_whole_arrays(dtype, layout):
         want += np.where(wi != 0, wi * part.astype(np.float32), 0.0)
     np.testing.assert_array_equal(got_lse, (m + np.log(total)).astype(np.float32))
     np.testing.assert_array_equal(got_out, want.astype(dtype))
+
+
+# =================================================================================
+# peaks measured in a child process (Numba's and torch's allocations)
+# =================================================================================
+
+_CHILD_PRELUDE = """
+import gc, json, re, sys
+import numpy as np
+
+def _status(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+def peak_of(fn):
+    '''Bytes the resident set rose above its level before fn() at its highest (VmHWM reset first).'''
+    gc.collect()
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark back to the current RSS
+    result = fn()
+    peak = _status("VmHWM") - base
+    del result
+    return peak
+"""
+
+
+def _child_peaks(body: str, timeout: float = 60) -> dict:
+    """Run ``body`` (after :data:`_CHILD_PRELUDE`) in a fresh interpreter; it prints one JSON dict."""
+    if not (os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)):
+        pytest.skip("needs /proc/self/clear_refs to reset the peak RSS (Linux)")
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = _CHILD_PRELUDE + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_merge_torch_without_autograd_peak_is_the_accumulator_and_the_result():
+    """merge_attention_states of torch CPU parts under no_grad: the float32 accumulator and the
+    result (3 parts' worth for float16 parts, 1 for float32) — the graph-building sum, which
+    converted each part and made four full-size temporaries per part, peaked at 10 and 4.75."""
+    pytest.importorskip("torch")
+    got = _child_peaks("""
+        import torch
+        from dotattn import merge_attention_states
+        rng = np.random.default_rng(0)
+        res = {}
+        for name, dtype in (("float16", torch.float16), ("float32", torch.float32)):
+            outs = [torch.from_numpy(rng.standard_normal((2, 16, 1024, 256), dtype=np.float32)).to(dtype) for _ in range(4)]
+            lses = [torch.from_numpy(rng.standard_normal((2, 16, 1024), dtype=np.float32)) for _ in range(4)]
+            with torch.no_grad():
+                merge_attention_states(outs, lses)
+                res[name] = peak_of(lambda: merge_attention_states(outs, lses)) / (outs[0].numel() * outs[0].element_size())
+            del outs, lses
+        print(json.dumps(res))
+    """)
+    assert got["float16"] < 3.6, got
+    assert got["float32"] < 1.4, got
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_merge_torch_in_place_gives_the_bits_of_the_autograd_sum(dtype, layout):
+    """The in-place sum (CPU tensors, no autograd) gives the bits of the graph-building one,
+    strided parts and underflowed weights included."""
+    torch = pytest.importorskip("torch")
+    outs, lses = _merge_parts(np.float32, P=3, shape=(3, 40, 24, 72), layout=layout)
+    lses[2][0] = -200.0
+    outs = [torch.from_numpy(x).to(getattr(torch, dtype)) for x in outs]
+    outs[1] = outs[1].transpose(0, 1).contiguous().transpose(0, 1)  # strided
+    lses = [torch.from_numpy(x) for x in lses]
+    with torch.no_grad():
+        got_out, got_lse = merge_attention_states(outs, lses, layout=layout)
+    grad_outs = [x.clone().requires_grad_(True) for x in outs]
+    want_out, want_lse = merge_attention_states(grad_outs, lses, layout=layout)
+    assert got_out.dtype == want_out.dtype
+    torch.testing.assert_close(got_out, want_out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got_lse, want_lse.detach(), rtol=0, atol=0)

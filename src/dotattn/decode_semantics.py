@@ -282,16 +282,26 @@ def _check_lengths(cache_lengths: Any, B: int, Lnew, room: int, paged: bool) -> 
 
 
 def _check_pages(table: np.ndarray, kv_lengths: np.ndarray, page_size: int, num_pages: int) -> None:
-    """Pages a sequence uses must exist and belong to it alone (unused entries are ignored)."""
-    if table.shape[0] <= 16:
-        # A small batch (a decode step checks its table once per layer): Python ints settle
+    """Pages a sequence uses must exist and belong to it alone (unused entries are ignored).
+
+    The common valid table is settled without memory per page in use beyond a flag per pool
+    page: until 6 Dec 2026 a small batch's check built a Python list and set of every page in
+    use (≈ 84 bytes a page) and a larger one a masked and a sorted int64 copy (18) — with small
+    pages, a third of a one-K/V-head float16 cache of head dim 64 and 1-token pages (256 bytes a
+    page), on every call (tests/decoding/test_decode_memory.py)."""
+    counts = [-(-n // page_size) for n in kv_lengths.tolist()]  # pages in use per sequence
+    total = sum(counts)
+    if total <= _PAGES_AS_INTS:
+        # A decode step's few pages (its table is checked once per layer): Python ints settle
         # the common valid table; a bad one is reported by the masks below.
         pages: list[int] = []
-        for b, n in enumerate(kv_lengths.tolist()):
-            if n > 0:
-                pages += table[b, : -(-n // page_size)].tolist()
+        for b, u in enumerate(counts):
+            if u > 0:
+                pages += table[b, :u].tolist()
         if not pages or (min(pages) >= 0 and max(pages) < num_pages and len(set(pages)) == len(pages)):
             return
+    elif _pages_valid(table, counts, total, num_pages):
+        return
     used = -(-kv_lengths // page_size)  # pages in use per sequence
     in_use = np.arange(table.shape[1])[None, :] < used[:, None]
     pages = table[in_use]
@@ -319,6 +329,26 @@ def _check_pages(table: np.ndarray, kv_lengths: np.ndarray, page_size: int, num_
                 f"block_table repeats page {page} at {', '.join(where)}: each page in use must belong to "
                 "one sequence position only"
             )
+
+
+# Pages in use up to which _check_pages settles a table with Python ints (≈ 84 bytes a page,
+# faster than NumPy's calls for a few pages); past it, _pages_valid's flags.
+_PAGES_AS_INTS = 1024
+
+
+def _pages_valid(table: np.ndarray, counts: list[int], total: int, num_pages: int) -> bool:
+    """Whether the pages in use (``table[b, :counts[b]]``) lie in the pool and none repeats —
+    with a flag per pool page and one sequence's row at a time (views), so nothing per page in
+    use is allocated beyond a row's gathered flags.  False: let the masks find what to report."""
+    seen = np.zeros(num_pages, dtype=bool)
+    for b, u in enumerate(counts):
+        if u <= 0:
+            continue
+        row = table[b, :u]
+        if row.min() < 0 or row.max() >= num_pages or seen[row].any():
+            return False
+        seen[row] = True
+    return int(np.count_nonzero(seen)) == total  # (fewer: a page repeats within a sequence)
 
 
 def _check_rotary(rotary: Any, D: int, lengths: np.ndarray, Lnew: int, Lq: int):

@@ -397,8 +397,8 @@ def test_numpy_decode_allocates_chunks_not_the_cache(page_size, q_dtype):
                                       implementation="numpy")
 
     call()
-    peak = _traced_peak(call)
-    assert peak < 0.10 * (kc.nbytes + vc.nbytes), f"{peak} bytes over a {kc.nbytes + vc.nbytes}-byte cache"
+    peak, cache_bytes = _traced_peak(call), kc.nbytes + vc.nbytes
+    assert peak < 0.10 * cache_bytes, f"{peak} bytes over a {cache_bytes}-byte cache"
 
 
 def test_kvcache_attend_allocates_nothing_the_size_of_its_buffers():
@@ -430,3 +430,64 @@ def test_kvcache_attend_allocates_nothing_the_size_of_its_buffers():
         print(json.dumps(res))
     """, timeout=120)
     assert all(v < 0.03 for v in got.values()), got
+
+
+# =================================================================================
+# the page table's check: a flag per pool page, not Python ints per used page
+# =================================================================================
+
+
+@pytest.mark.parametrize("B", [1, 32])
+def test_page_table_check_allocates_little_per_page(B):
+    """attention_with_kvcache validates a paged cache's block table on every call; with small
+    pages (any page size ≥ 1 is documented) a long sequence uses many pages, and the check built a
+    Python list and set of every page in use (≈ 84 bytes a page: 34 % of a one-K/V-head float16
+    cache with 1-token pages of head dim 64, 256 bytes a page) or, past 16 sequences, a masked
+    copy and a sorted copy (18 bytes a page).  Now a flag per pool page and one sequence's pages
+    at a time: < 4 % of such a cache (measured ≈ 1 %)."""
+    rng = np.random.default_rng(0)
+    n_pages, D = 1 << 17, 64
+    per_seq = n_pages // B
+    kc = np.full((n_pages, 1, 1, D), 0.5, np.float16)
+    vc = np.full((n_pages, 1, 1, D), 0.25, np.float16)
+    table = rng.permutation(n_pages).reshape(B, per_seq)
+    # (G = 2: the cpu kernel's chunk parts, 2 rows × 64 float32 a chunk, are 0.8 % of this
+    # cache — kept between calls, or fresh where the workspace is full)
+    q = rng.standard_normal((B, 2, 1, D)).astype(np.float16)
+    kn, vn = (rng.standard_normal((B, 1, 1, D)).astype(np.float16) for _ in range(2))
+    lengths = np.full(B, per_seq - 1)
+
+    def call():
+        return attention_with_kvcache(q, kc, vc, kn, vn, cache_lengths=lengths, block_table=table,
+                                      implementation="cpu")
+
+    call()
+    peak, cache_bytes = _traced_peak(call), kc.nbytes + vc.nbytes
+    assert peak < 0.04 * cache_bytes, f"{peak} bytes over a {cache_bytes}-byte cache"
+
+
+@pytest.mark.parametrize("fault", ["repeat-within", "repeat-across", "outside", "negative"])
+def test_page_table_check_of_many_pages_still_refuses_bad_tables(fault):
+    """The flag-per-page check (more than 1,024 pages in use) refuses what the masks report: a
+    page repeated within a sequence or across two, a page outside the pool, −1 in use."""
+    from dotattn import AttentionValueError
+
+    rng = np.random.default_rng(1)
+    B, per_seq, D = 2, 1500, 8
+    n_pages = B * per_seq + 10
+    kc = np.zeros((n_pages, 1, 1, D), np.float32)
+    table = rng.permutation(n_pages)[: B * per_seq].reshape(B, per_seq)
+    if fault == "repeat-within":
+        table[1, 1200] = table[1, 3]
+    elif fault == "repeat-across":
+        table[1, 1400] = table[0, 1100]
+    elif fault == "outside":
+        table[0, 1300] = n_pages
+    else:
+        table[1, 1499] = -1
+    q = np.zeros((B, 1, 1, D), np.float32)
+    match = "repeats page" if fault.startswith("repeat") else "outside the page pool"
+    with pytest.raises(AttentionValueError, match=match):
+        attention_with_kvcache(q, kc, kc.copy(), cache_lengths=[per_seq, per_seq], block_table=table)
+    table_ok = rng.permutation(n_pages)[: B * per_seq].reshape(B, per_seq)
+    attention_with_kvcache(q, kc, kc.copy(), cache_lengths=[per_seq, per_seq], block_table=table_ok)

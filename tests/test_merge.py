@@ -276,3 +276,55 @@ def test_torch_parts_of_different_dtypes_merge_to_the_widest_in_any_order():
         out2, _ = merge_attention_states([a.to(wide), a.to(low)], [lse, lse])
         want = torch.promote_types(low, wide)
         assert out1.dtype == out2.dtype == want
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_a_merge_in_one_block_and_in_many_gives_the_same_bits(library, dtype, layout, monkeypatch):
+    """The merge weighs parts into its accumulator whole when it fits one block (≈ 1 MiB: small
+    merges skip the row views) and in blocks of rows otherwise; both give the same bits —
+    blocks of 7 rows with a partial last one, strided parts, rows whose weight underflows,
+    −inf (empty) parts and NaN / ±inf values included."""
+    if library == "torch" and not HAS_TORCH:
+        pytest.skip("torch not installed")
+    from dotattn.kernels import _merge
+
+    rng = np.random.default_rng(11)
+    shape = (2, 5, 9, 6)  # (B, H, L, D) in bhld: 90 rows of 6
+    bf16 = dotattn.semantics.FLOAT_DTYPES[1]
+    dt = bf16 if dtype == "bfloat16" else np.dtype(dtype)
+    outs = [rng.standard_normal(shape).astype(dt) for _ in range(3)]
+    outs[0].flat[::17] = np.nan
+    outs[2].flat[5::23] = np.inf
+    outs[1] = np.ascontiguousarray(np.swapaxes(outs[1], 0, 1)).swapaxes(0, 1)  # strided
+    lse_dt = np.float64 if dtype == "float64" else np.float32
+    lses = [rng.standard_normal(shape[:3]).astype(lse_dt) for _ in range(3)]
+    lses[2][0] = -200.0 if dtype != "float64" else -2000.0  # weights that underflow to 0
+    lses[1][1, 2] = -np.inf  # an empty part on some rows
+    if layout == "blhd":
+        outs = [x.swapaxes(1, 2) for x in outs]
+        lses = [x.swapaxes(1, 2).swapaxes(1, 2) for x in lses]  # lses stay (B, H, L)
+    if library == "torch":
+        import torch
+
+        outs = [torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16) if dtype == "bfloat16"
+                else torch.from_numpy(np.ascontiguousarray(x)) for x in outs]
+        lses = [torch.from_numpy(x) for x in lses]
+
+    def merged():
+        if library == "torch":
+            import torch
+
+            with torch.no_grad():
+                o, s = merge_attention_states(outs, lses, layout=layout)
+            return (o.float() if dtype == "bfloat16" else o).numpy(), s.numpy()
+        o, s = merge_attention_states(outs, lses, layout=layout)
+        return o.astype(np.float32) if dtype == "bfloat16" else o, s
+
+    whole = merged()
+    monkeypatch.setattr(_merge, "_MERGE_BLOCK_BYTES", 7 * 6 * (8 if dtype == "float64" else 4))
+    blocks = merged()
+    np.testing.assert_array_equal(whole[0], blocks[0])
+    np.testing.assert_array_equal(whole[1], blocks[1])
+    assert np.isnan(whole[0]).any() and np.isinf(whole[0]).any()  # the cases reached the result

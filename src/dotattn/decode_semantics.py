@@ -193,7 +193,7 @@ def _check_geometry(q, k_cache, v_cache, block_table, layout: str):
             )
         if k_cache.shape[l_ax] < 1:
             raise AttentionValueError(f"page_size must be ≥ 1, got k_cache{_shape(k_cache.shape)}")
-        table = table.astype(np.int64, copy=False)
+        # (int64 by _bind: the columns in use only — _table_in_use)
     return B, Hq, Lq, D, Hkv, v_cache.shape[3], table
 
 
@@ -496,7 +496,7 @@ def normalize(
             kind = _KINDS.get(key)
             if kind is not None:
                 return _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, block_table, alibi_slopes,
-                             rotary, None, trusted, overlap=not (trusted or standins))
+                             rotary, None, trusted, overlap=not (trusted or standins), standins=standins)
     layout = semantics.check_layout(layout)
     q = float_array("q", q)
     k_cache = float_array("k_cache", k_cache)
@@ -520,7 +520,7 @@ def normalize(
         fields=dict(dtype=q.dtype, cache_dtype=k_cache.dtype, layout=layout, paged=paged),
     )
     call = _bind(kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
-                 False, options=(causal, window, scale, softcap), overlap=not (trusted or standins))
+                 False, options=(causal, window, scale, softcap), overlap=not (trusted or standins), standins=standins)
     if key is not None:
         # checked once for this kind: the options' decisions join the fields every call copies
         for name in ("causal", "window", "scale", "softcap"):
@@ -585,8 +585,18 @@ def call_key(q, k_cache, v_cache, k_new, v_new, block_table, causal, window, sca
     return None if semantics._NOT_KEYABLE in key[8:] else key
 
 
+def _table_in_use(table: np.ndarray, kv_lengths: np.ndarray, page_size: int) -> np.ndarray:
+    """A block table of another integer dtype as int64: its columns up to the last page in use
+    (the kernels read no other).  Until 6 Dec 2026 an int32 table — what
+    FlashAttention's callers pass — was converted whole on every call: 8 bytes per page of
+    capacity per sequence, however short the sequences (16 MiB a call and layer for 256
+    sequences of 8,192-page rows; tests/decoding/test_decode_memory.py)."""
+    longest = int(kv_lengths.max(initial=0)) if kv_lengths.size else 0
+    return table[:, : min(table.shape[1], -(-longest // page_size))].astype(np.int64)
+
+
 def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
-          trusted: bool, options=None, overlap: bool = True) -> DecodeCall:
+          trusted: bool, options=None, overlap: bool = True, standins: bool = False) -> DecodeCall:
     """The value checks of a call whose shapes, dtypes (and, without ``options``, option values)
     ``kind`` has settled → its :class:`DecodeCall`.  ``options`` (causal, window, scale,
     softcap): the first call of a kind checks them here, in normalize()'s order."""
@@ -602,16 +612,18 @@ def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, 
         qc, kp, vp = q, k_cache, v_cache
     B, Lnew = kind.B, kind.Lnew
     added = Lnew if new_counts is None else new_counts
-    if kind.paged:
-        table = table.astype(np.int64, copy=False)
-    else:
-        table = kind.table
     if trusted:
         lengths = cache_lengths
     else:
         lengths = _check_lengths(cache_lengths, B, added, kind.room, kind.paged)
-        if kind.paged:
+    if kind.paged:
+        if table.dtype != _I64:
+            # (the device path's table keeps its width: its kernels' plans are keyed by its strides)
+            table = table.astype(np.int64) if standins else _table_in_use(table, lengths + added, kp.shape[2])
+        if not trusted:
             _check_pages(table, lengths + added, kp.shape[2], kp.shape[0])
+    else:
+        table = kind.table
     call = object.__new__(DecodeCall)
     fields = call.__dict__
     fields.update(kind.fields)

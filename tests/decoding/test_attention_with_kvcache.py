@@ -131,22 +131,30 @@ def test_rotary_keys_are_stored_rotated(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype):
-    """The same sequence gives the same bits alone, in a batch, in a bigger cache, in pages."""
+@pytest.mark.parametrize(
+    "dtype, q_dtype",
+    [(np.float32, None), (np.float16, None), (C.BFLOAT16, None), (np.float16, np.float32), (C.BFLOAT16, np.float32)],
+    ids=["float32", "float16", "bfloat16", "float16-q32", "bfloat16-q32"],
+)
+@pytest.mark.parametrize("Lnew", [1, 3])
+def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype, q_dtype, Lnew, monkeypatch):
+    """The same sequence gives the same bits alone, in a batch, in a bigger cache, in pages —
+    every cache dtype, a float32 q over a 16-bit cache, one new token or a few (Lq = Lnew), and
+    (cpu) with every call of a batch on both cores as well as where the size choice puts it."""
     rng = np.random.default_rng(3)
+    q_dtype = dtype if q_dtype is None else q_dtype
     n, D, Hkv, Hq = 2 * decoding.SPLIT_SIZE + 77, 32, 2, 6
-    k_seq = rng.standard_normal((Hkv, n + 1, D)).astype(dtype)
-    v_seq = rng.standard_normal((Hkv, n + 1, D)).astype(dtype)
-    q = rng.standard_normal((1, Hq, 1, D)).astype(dtype)
+    k_seq = rng.standard_normal((Hkv, n + Lnew, D)).astype(dtype)
+    v_seq = rng.standard_normal((Hkv, n + Lnew, D)).astype(dtype)
+    q = rng.standard_normal((1, Hq, Lnew, D)).astype(q_dtype)
 
     def run(B, slot, capacity, page_size):
-        others = rng.integers(0, capacity, size=B)  # the other sequences: any length that fits
+        others = rng.integers(0, capacity - Lnew + 1, size=B)  # the other sequences: any length that fits
         others[slot] = n
-        qs = rng.standard_normal((B, Hq, 1, D)).astype(dtype)
+        qs = rng.standard_normal((B, Hq, Lnew, D)).astype(q_dtype)
         qs[slot] = q[0]
-        kn = rng.standard_normal((B, Hkv, 1, D)).astype(dtype)
-        vn = rng.standard_normal((B, Hkv, 1, D)).astype(dtype)
+        kn = rng.standard_normal((B, Hkv, Lnew, D)).astype(dtype)
+        vn = rng.standard_normal((B, Hkv, Lnew, D)).astype(dtype)
         kn[slot], vn[slot] = k_seq[:, n:], v_seq[:, n:]
         if page_size is None:
             kc = rng.standard_normal((B, Hkv, capacity, D)).astype(dtype)
@@ -166,11 +174,20 @@ def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype):
         )
         return out[slot], lse[slot]
 
-    alone = run(1, 0, n + 1, None)
-    for B, slot, capacity, page_size in [(4, 2, 3 * decoding.SPLIT_SIZE + 5, None), (3, 1, 1000, 16), (5, 4, n + 9, 1), (2, 0, 2048, 100)]:
-        got = run(B, slot, capacity, page_size)
-        H.assert_bitwise_equal(got[0], alone[0], name=f"out B={B} capacity={capacity} page_size={page_size}")
-        H.assert_bitwise_equal(got[1], alone[1], name=f"lse B={B} capacity={capacity} page_size={page_size}")
+    alone = run(1, 0, n + Lnew, None)
+    configs = [(4, 2, 3 * decoding.SPLIT_SIZE + 5, None), (3, 1, 1000, 16), (5, 4, n + 9, 1), (2, 0, 2048, 100),
+               (16, 7, 4096, 64)]  # (≈ 8–16 MiB of K/V read)
+    for pool in (False, True) if backend == "cpu" else (False,):
+        if pool:  # every call on the pool's threads, whatever its size
+            from dotattn.kernels import cpu_decode
+
+            monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+            monkeypatch.setattr(cpu_decode, "POOL_ONLY_BYTES", 0)
+        for B, slot, capacity, page_size in configs:
+            got = run(B, slot, capacity, page_size)
+            where = f"B={B} capacity={capacity} page_size={page_size}{' on the pool' if pool else ''}"
+            H.assert_bitwise_equal(got[0], alone[0], name=f"out {where}")
+            H.assert_bitwise_equal(got[1], alone[1], name=f"lse {where}")
 
 
 @pytest.mark.parametrize("page_size", [None, 2, 16])

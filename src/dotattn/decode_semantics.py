@@ -19,6 +19,7 @@ stand-ins, see :func:`dotattn.torch._convert.standin`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -762,3 +763,70 @@ def rotated_q(call: DecodeCall) -> np.ndarray:
         return q
     return apply_rotary(q, query_positions(call), *call.rotary)
 
+
+
+# Folded query rows (G · Lq) a split-KV pass takes at once.  A pass keeps one partial output per
+# chunk of SPLIT_SIZE keys and row — rows · 4 bytes · Dv per chunk against the chunk's
+# SPLIT_SIZE · (D + Dv) · itemsize bytes of K/V: with many rows a chunked prefill's partials
+# outgrew the cache it read (Lq 256 over a float16 cache with 4 query heads a K/V head: 4 × the
+# cache; 8 heads and Lq 512, 16 ×).  At 256 they are about a 16-bit cache's size (peak 1.1 × on
+# the cpu kernel, 1.3 × on the numpy one, against 4.2 × and 5 ×; half that for float32).  Fewer
+# rows a pass cost time on 16-bit caches, whose chunks each pass converts again (B1 32/8/128 at
+# 8–16k keys, Lq 256: whole 456 / 1,210 ms, 128 rows 537 / 1,608, 256 rows 1,304 at 16k; float32
+# level within the machine's noise — docs/decoding-log.md).
+ROWS_PER_PASS = 256
+
+
+def query_row_blocks(call: DecodeCall, rows_per_pass: int | None = None) -> list[tuple[int, DecodeCall]] | None:
+    """``[(i0, sub-call)]`` over blocks of the query rows ``[i0, i0 + Lq_b)`` such that each
+    sub-call folds at most ``rows_per_pass`` rows — None when the call is small enough, or when
+    its rows cannot be split exactly (no causal mask, with a window or ALiBi: their positions
+    are fixed by the whole block; such calls run whole).
+
+    Call after :func:`write_new` (the sub-calls append nothing).  Each sub-call sees the rows'
+    own keys and positions: under the causal mask block ``[i0, i1)`` ends at key position
+    ``kv_len − (Lq − i1)`` — its ``cache_lengths``, so the bottom-right alignment puts row ``i``
+    at ``kv_len − Lq + i`` as in the whole call, and keys past its last row (hidden from it)
+    are not read; a block whose rows all lie before the first key (more query rows than keys)
+    gets 0 keys, so zeros and −inf as in the whole call.  Without the causal mask every row sees
+    every key: the lengths stay.  A rotary q is rotated once at its positions (sub-calls carry
+    no tables).  The blocks depend on ``Lq`` and the group alone, never on the batch: a
+    sequence's bits stay the same whatever else is in the batch.
+    """
+    G, Lq = call.group, call.Lq
+    rows_per_pass = ROWS_PER_PASS if rows_per_pass is None else rows_per_pass
+    if G * Lq <= rows_per_pass:
+        return None
+    if not call.causal and (call.window is not None or call.alibi_slopes is not None):
+        return None
+    block = max(1, rows_per_pass // G)
+    q = call.q if call.rotary is None else rotated_q(call)
+    kv = call.kv_lengths
+    subs = []
+    for i0 in range(0, Lq, block):
+        i1 = min(i0 + block, Lq)
+        lengths = np.maximum(kv - (Lq - i1), 0) if call.causal else kv
+        sub = dataclasses.replace(
+            call, q=q[:, :, i0:i1], k_new=None, v_new=None, cache_lengths=lengths.astype(np.int64, copy=False),
+            rotary=None, kind=None,
+        )
+        subs.append((i0, sub))
+    return subs
+
+
+def decode_in_row_blocks(call: DecodeCall, decode: Any, rows_per_pass: int | None = None):
+    """``decode(call)``'s ``(out, lse)`` computed block of query rows by block
+    (:func:`query_row_blocks`) after the append — or None where the call runs whole."""
+    blocks = query_row_blocks(call, rows_per_pass)
+    if blocks is None:
+        return None
+    write_new(call)
+    out = lse = None
+    for i0, sub in blocks:
+        o, s = decode(sub)
+        if out is None:
+            out = np.empty(call.q.shape[:3] + o.shape[3:], dtype=o.dtype)
+            lse = np.empty(call.q.shape[:3], dtype=s.dtype)
+        out[:, :, i0 : i0 + o.shape[2]] = o
+        lse[:, :, i0 : i0 + s.shape[2]] = s
+    return out, lse

@@ -190,6 +190,85 @@ def test_bitwise_invariant_to_batch_capacity_and_pages(backend, dtype, q_dtype, 
             H.assert_bitwise_equal(got[1], alone[1], name=f"lse {where}")
 
 
+_ROW_BLOCK_OPTIONS = [
+    {}, {"causal": False}, {"window": (16, 3)}, {"window": (16, 3), "causal": False},
+    {"alibi_slopes": "per-head"}, {"alibi_slopes": "batch", "causal": False}, {"softcap": 5.0}, {"rotary": True},
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options, Lnew",
+    # (rotary needs every query row at a position ≥ 0: Lnew = Lq)
+    [(o, n) for o in _ROW_BLOCK_OPTIONS for n in (None, 5, 40) if n == 40 or not o.get("rotary")],
+    ids=lambda x: ("-".join(x) or "plain") if isinstance(x, dict) else f"Lnew{x}",
+)
+def test_many_query_rows_run_in_blocks_against_the_reference(backend, options, Lnew, monkeypatch):
+    """Calls with more folded query rows (G · Lq) than a split-KV pass takes run block of rows by
+    block (their chunk partials bounded; decode_semantics.ROWS_PER_PASS, here 16 for blocks of
+    4 rows): each block keeps its rows' positions — the causal mask, windows, ALiBi and rotary
+    measure from them —, rows before the first key (Lq > the keys) get zeros and −inf, and
+    calls whose rows cannot be split (no causal mask, with a window or ALiBi) run whole; against
+    the float64 reference, contiguous and paged, 16-bit and float32 caches, a float32 q."""
+    from dotattn import decode_semantics
+
+    monkeypatch.setattr(decode_semantics, "ROWS_PER_PASS", 16)
+    for seed, (page_size, dtype, q_dtype) in enumerate(
+        [(None, np.float32, None), (16, np.float16, None), (None, C.BFLOAT16, np.float32), (3, np.float16, np.float32)]
+    ):
+        shape = dict(B=3, Hq=8, Hkv=2, D=32, Lq=40, Lnew=Lnew, page_size=page_size, dtype=dtype, q_dtype=q_dtype,
+                     lengths=[0, 23, 300])
+        C.check_call(backend, seed, shape, dict(options), f"{backend} {shape} {options}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_row_blocks_depend_on_the_rows_alone(backend, monkeypatch):
+    """A call of many query rows gives each sequence the bits it gets alone (blocks are cut from
+    Lq and the group, never from the batch), and the blocked call agrees with the whole one
+    within the tolerance rule."""
+    from dotattn import decode_semantics
+
+    case = C.make_case(4, B=3, Hq=8, Hkv=2, D=32, Lq=40, Lnew=40, lengths=[500, 7, 300], dtype=np.float16,
+                       q_dtype=np.float32)
+
+    def run(sel=slice(None), rows=16):
+        monkeypatch.setattr(decode_semantics, "ROWS_PER_PASS", rows)
+        kc, vc = case.k_cache[sel].copy(), case.v_cache[sel].copy()
+        return dotattn.attention_with_kvcache(
+            case.q[sel], kc, vc, case.k_new[sel], case.v_new[sel], cache_lengths=case.cache_lengths[sel],
+            return_lse=True, implementation=backend,
+        )
+
+    out, lse = run()
+    for b in range(3):
+        alone = run(slice(b, b + 1))
+        H.assert_bitwise_equal(out[b : b + 1], alone[0], name=f"out of sequence {b}")
+        H.assert_bitwise_equal(lse[b : b + 1], alone[1], name=f"lse of sequence {b}")
+    whole = run(rows=10**6)
+    np.testing.assert_allclose(out, whole[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, whole[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_pass_of_the_cpu_kernel_folds_at_most_rows_per_pass_rows(monkeypatch):
+    """The cpu kernel's partial outputs (``_scratch``: items × folded rows × Dv) are asked for
+    ROWS_PER_PASS rows at most, whatever Lq and the group (1,024 rows here were one pass)."""
+    from dotattn import decode_semantics
+    from dotattn.kernels import cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "POOL_ONLY_BYTES", 0)  # the pool's path: parts from _scratch
+    asked = []
+    scratch = cpu_decode._scratch
+    monkeypatch.setattr(cpu_decode, "_scratch", lambda n, R, Dv, T: asked.append(R) or scratch(n, R, Dv, T))
+    case = C.make_case(2, B=2, Hq=32, Hkv=2, D=16, Lq=64, Lnew=64, lengths=[700, 300])
+    out = dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, case.v_new,
+                                         implementation="cpu", **case.kwargs())
+    assert asked and max(asked) <= decode_semantics.ROWS_PER_PASS == 256, asked
+    assert len(asked) == 4  # 1,024 rows: four passes of 256
+    out64, _, naive = C.expected(case)
+    H.assert_close_to_reference(out, out64, naive, name="out", dtype=np.float32)
+
+
 @pytest.mark.parametrize("page_size", [None, 2, 16])
 def test_numpy_kernel_gives_the_same_bits_alone_on_a_worker_thread_and_again(page_size):
     """The numpy kernel fills one set of scratch buffers chunk after chunk, sequence after

@@ -27,7 +27,8 @@ import numba
 import numba.np.ufunc.parallel as _numba_parallel
 import numpy as np
 
-from ..decode_semantics import SPLIT_SIZE, DecodeCall, rotated_q, write_new
+from .. import decode_semantics
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, decode_in_row_blocks, rotated_q, write_new
 from ..semantics import BFLOAT16
 from . import _cpu_decode_kernels as K
 from . import _cpu_sync, _launch, _workspace
@@ -267,6 +268,10 @@ def decode(call: DecodeCall, reference: bool = False, *, parallel_min_bytes: int
 
             return numpy_decode.decode(call)
     d = _derived(call)
+    if d.R > decode_semantics.ROWS_PER_PASS:  # many query rows (a chunked prefill): blocks of them, partials bounded
+        blocked = decode_in_row_blocks(call, lambda sub: decode(sub, parallel_min_bytes=parallel_min_bytes))
+        if blocked is not None:
+            return blocked
     lengths = call.cache_lengths
     # the kernels' lengths: the caller's own array when it is what they take (an int64 (B,) array,
     # C-contiguous, aligned, writeable: one compiled type) and nothing is appended — a fresh

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..decode_semantics import SPLIT_SIZE, DecodeCall, query_positions, rotated_q, write_new
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, decode_in_row_blocks, query_positions, rotated_q, write_new
 from ._ieee import quiet
 from ._merge import merge_numpy
 from .numpy_tiled import live_matmul
@@ -205,6 +205,10 @@ def _reference(call: DecodeCall, q: np.ndarray):
 @quiet
 def decode(call: DecodeCall, reference: bool = False):
     """Append, then ``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` in the compute dtype (float64 for ``reference``)."""
+    if not reference:  # many query rows (a chunked prefill): blocks of them, partials bounded
+        blocked = decode_in_row_blocks(call, decode)
+        if blocked is not None:
+            return blocked
     write_new(call)
     q = rotated_q(call)
     if reference:

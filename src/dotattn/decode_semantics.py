@@ -800,6 +800,11 @@ def query_row_blocks(call: DecodeCall, rows_per_pass: int | None = None) -> list
     if not call.causal and (call.window is not None or call.alibi_slopes is not None):
         return None
     block = max(1, rows_per_pass // G)
+    if block >= Lq:
+        # one query row's group alone passes the limit (G > rows_per_pass: more query heads a
+        # K/V head than a pass takes): no smaller block exists — blocks of one row would be
+        # this call again, split again without end (RecursionError before 6 Dec 2026, 23:00)
+        return None
     q = call.q if call.rotary is None else rotated_q(call)
     kv = call.kv_lengths
     subs = []

@@ -269,6 +269,18 @@ def test_a_pass_of_the_cpu_kernel_folds_at_most_rows_per_pass_rows(monkeypatch):
     H.assert_close_to_reference(out, out64, naive, name="out", dtype=np.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Lq", [1, 3])
+def test_a_group_wider_than_a_pass_runs_without_splitting_forever(backend, Lq):
+    """More query heads a K/V head than a pass folds (G = 260 > ROWS_PER_PASS = 256, MQA): one
+    query row's group is the smallest block, so a one-token call runs whole and longer ones in
+    blocks of one row — until 23:00 on 6 Dec 2026 every block of one row was split again, the
+    call recursing until Python's RecursionError (a one-token decode step included)."""
+    for page_size in (None, 4):
+        C.check_call(backend, 5 + Lq, dict(B=2, Hq=260, Hkv=1, D=8, Lq=Lq, Lnew=Lq, max_len=40, page_size=page_size),
+                     {}, f"{backend} G260 Lq{Lq} page {page_size}")
+
+
 @pytest.mark.parametrize("page_size", [None, 2, 16])
 def test_numpy_kernel_gives_the_same_bits_alone_on_a_worker_thread_and_again(page_size):
     """The numpy kernel fills one set of scratch buffers chunk after chunk, sequence after

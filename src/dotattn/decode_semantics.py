@@ -591,9 +591,20 @@ def _table_in_use(table: np.ndarray, kv_lengths: np.ndarray, page_size: int) -> 
     (the kernels read no other).  Until 6 Dec 2026 an int32 table — what
     FlashAttention's callers pass — was converted whole on every call: 8 bytes per page of
     capacity per sequence, however short the sequences (16 MiB a call and layer for 256
-    sequences of 8,192-page rows; tests/decoding/test_decode_memory.py)."""
-    longest = int(kv_lengths.max(initial=0)) if kv_lengths.size else 0
+    sequences of 8,192-page rows; tests/decoding/test_decode_memory.py).  A small table
+    (:data:`_TABLE_WHOLE` entries, 32 KiB as int64) is still converted whole: finding its last
+    page in use (a NumPy reduction, a slice) cost a one-token decode call 3–7 µs more than the
+    conversion it saves (≈ 0.6 µs for a 64-page row)."""
+    if table.size <= _TABLE_WHOLE:
+        return table.astype(np.int64)
+    longest = (max(kv_lengths.tolist(), default=0) if kv_lengths.shape[0] <= 64
+               else int(kv_lengths.max(initial=0)))
     return table[:, : min(table.shape[1], -(-longest // page_size))].astype(np.int64)
+
+
+# Block-table entries up to which a table of another integer dtype is converted whole
+# (_table_in_use): 32 KiB as int64, less than the check of its pages reads anyway.
+_TABLE_WHOLE = 4096
 
 
 def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, alibi_slopes, rotary, new_counts,
@@ -618,11 +629,16 @@ def _bind(kind: _Kind, q, k_cache, v_cache, k_new, v_new, cache_lengths, table, 
     else:
         lengths = _check_lengths(cache_lengths, B, added, kind.room, kind.paged)
     if kind.paged:
+        kv_lengths = None
         if table.dtype != _I64:
             # (the device path's table keeps its width: its kernels' plans are keyed by its strides)
-            table = table.astype(np.int64) if standins else _table_in_use(table, lengths + added, kp.shape[2])
+            if standins:
+                table = table.astype(np.int64)
+            else:
+                kv_lengths = lengths + added
+                table = _table_in_use(table, kv_lengths, kp.shape[2])
         if not trusted:
-            _check_pages(table, lengths + added, kp.shape[2], kp.shape[0])
+            _check_pages(table, lengths + added if kv_lengths is None else kv_lengths, kp.shape[2], kp.shape[0])
     else:
         table = kind.table
     call = object.__new__(DecodeCall)

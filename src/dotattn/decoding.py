@@ -1044,6 +1044,16 @@ class KVCache:
                 self._step_added = self._added_key(added)
 
     # ---- writing and attending ----------------------------------------------------
+    def _check_batch(self, name: str, x: Any) -> None:
+        """``x``'s batch axis against the cache's sequences (axis 0 in both layouts), named so:
+        further down a paged cache's message was about a block table the caller never passed."""
+        shape = x.shape
+        if len(shape) == 4 and shape[0] != self.batch_size:
+            raise AttentionValueError(
+                f"{name} has batch size {shape[0]} (axis 0 of {name}{tuple(shape)}), but this KVCache holds "
+                f"batch_size={self.batch_size} sequences"
+            )
+
     def _framework_of(self, name: str, x: Any) -> str:
         """``x``'s library, refused unless it is this cache's (``library``)."""
         fw = "numpy" if type(x) is np.ndarray else framework_of(x)
@@ -1088,6 +1098,7 @@ class KVCache:
             k_np = None if k_new is None else standin("k_new", k_new)
             v_np = None if v_new is None else standin("v_new", v_new)
         k_np = float_array("k_new", k_np)
+        self._check_batch("k_new", k_np)
         # A query of no rows: the validation of attention_with_kvcache covers the append alone.
         q_shape = (self.batch_size, self.num_kv_heads, 0, self.head_dim)
         # float32 new keys may go into a 16-bit cache (as with a float32 q in attend()).
@@ -1154,6 +1165,7 @@ class KVCache:
         for name, x in (("k_new", k_new), ("v_new", v_new)):
             if x is not None:
                 self._framework_of(name, x)
+        self._check_batch("q", q)
         # device buffers go to attention_with_kvcache as the tensors (its device path), and so do
         # CPU torch buffers asked for the triton kernel (Triton's interpreter)
         host = self._host and not (fw == "torch" and implementation == "triton")

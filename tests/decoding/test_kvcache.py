@@ -232,6 +232,27 @@ def test_arrays_that_do_not_match_the_cache_are_named_before_the_room(library, p
     assert (after[1] is None and state[1] is None) or np.array_equal(after[1], state[1])
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_a_batch_that_is_not_the_caches_is_named(library, page_size):
+    """q or k_new of another batch size than the cache's: a paged cache's message was about
+    "block_table must have shape (B, max_pages)", a table the caller never passed (a contiguous
+    one's about k_cache's axis 0); now the argument and the cache's batch_size, nothing changed."""
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        arr = torch.zeros
+    else:
+        arr = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    cache = KVCache(3, 2, 8, 16, page_size=page_size, library=library)
+    with pytest.raises(AttentionValueError, match=r"q has batch size 2 \(axis 0 of q\(2, 4, 1, 8\)\), but this KVCache holds batch_size=3"):
+        cache.attend(arr(2, 4, 1, 8), arr(2, 2, 1, 8), arr(2, 2, 1, 8))
+    with pytest.raises(AttentionValueError, match=r"k_new has batch size 2 .* batch_size=3"):
+        cache.append(arr(2, 2, 1, 8), arr(2, 2, 1, 8))
+    assert (cache.lengths == 0).all()
+    if page_size is not None:
+        assert cache.free_pages == cache.num_pages
+
+
 @pytest.mark.parametrize("method", ["attend", "append"])
 @pytest.mark.parametrize("bad", [[[[[1.0] * 4]]], "keys", 3.0])
 def test_new_arrays_that_are_not_arrays_are_refused_by_name(method, bad):

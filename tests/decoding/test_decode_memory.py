@@ -386,9 +386,9 @@ def test_many_query_rows_keep_their_chunk_partials_about_the_cache_size():
     by malloc, whose threshold rises past freed 32 MiB blocks — so each call's parts show.)"""
     got = _child_peaks("""
         res = {
-            "cpu-f16": case("float16", cap=1 << 15, Lnew=64, G=16),
-            "cpu-f32": case("float32", cap=1 << 14, Lnew=64, G=16),
-            "cpu-bf16-q32-paged": case("bfloat16", "float32", cap=1 << 15, Lnew=64, G=16, page=64),
+            "cpu-f16": case("float16", cap=1 << 14, Lnew=64, G=16),
+            "cpu-f32": case("float32", cap=1 << 13, Lnew=64, G=16),
+            "cpu-bf16-q32-paged": case("bfloat16", "float32", cap=1 << 14, Lnew=64, G=16, page=64),
             "numpy-f16": case("float16", cap=1 << 13, Lnew=64, G=16, implementation="numpy"),
         }
         print(json.dumps(res))

@@ -266,7 +266,11 @@ def _normalize_on_device(arrays: dict[str, Any], **kwargs) -> DecodeCall:
     for key in ("cache_lengths", "block_table", "alibi_slopes"):
         kwargs[key] = _host(key, kwargs[key])
     if kwargs.get("rotary") is not None:
-        kwargs["rotary"] = _rotary_tables(kwargs["rotary"], _host)
+        # meta tables have shapes and dtypes only, which is all their checks read (a host copy
+        # raised "Cannot copy out of meta tensor"); a meta call computes nothing with them
+        kwargs["rotary"] = _rotary_tables(
+            kwargs["rotary"], lambda n, x: standin(n, x) if getattr(x, "is_meta", False) else _host(n, x)
+        )
     return normalize(*stand, **kwargs, standins=True)
 
 

@@ -324,6 +324,16 @@ def test_attend_on_a_meta_cache_gives_meta_results_of_the_right_shapes(layout, p
     with pytest.raises(AttentionValueError, match="head dim"):  # the checks still run, nothing changed
         cache.attend(meta(2, 4, 1, 5), meta(2, 2, 1, 8), meta(2, 2, 1, 6), layer=1)
     assert cache.lengths.tolist() == [3, 3]
+    # meta rotary tables: their shapes and dtypes checked, nothing copied out (a host copy of them
+    # raised "Cannot copy out of meta tensor; no data!")
+    cos, sin = (torch.empty(16, 4, device="meta") for _ in range(2))
+    out = cache.attend(meta(2, 4, 1, 8), meta(2, 2, 1, 8), meta(2, 2, 1, 6), layer=1, rotary=(cos, sin))
+    assert out.device.type == "meta" and cache.lengths.tolist() == [4, 4]
+    with pytest.raises(AttentionValueError, match=r"rotary tables cover positions \[0, 4\)"):
+        cache.attend(meta(2, 4, 1, 8), meta(2, 2, 1, 8), meta(2, 2, 1, 6), rotary=(cos[:4], sin[:4]))
+    with pytest.raises(dotattn.AttentionTypeError, match="rotary cos must be a float array"):
+        cache.attend(meta(2, 4, 1, 8), meta(2, 2, 1, 8), meta(2, 2, 1, 6), rotary=(cos.int(), sin.int()))
+    assert cache.lengths.tolist() == [4, 4]
 
 
 @pytest.mark.parametrize(

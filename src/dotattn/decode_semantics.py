@@ -842,9 +842,9 @@ def rotated_q(call: DecodeCall) -> np.ndarray:
 ROWS_PER_PASS = 256
 
 
-def query_row_blocks(call: DecodeCall, rows_per_pass: int | None = None) -> list[tuple[int, DecodeCall]] | None:
+def query_row_blocks(call: DecodeCall) -> list[tuple[int, DecodeCall]] | None:
     """``[(i0, sub-call)]`` over blocks of the query rows ``[i0, i0 + Lq_b)`` such that each
-    sub-call folds at most ``rows_per_pass`` rows — None when the call is small enough, or when
+    sub-call folds at most :data:`ROWS_PER_PASS` rows (read per call: tests lower it) — None when the call is small enough, or when
     its rows cannot be split exactly (no causal mask, with a window or ALiBi: their positions
     are fixed by the whole block; such calls run whole).
 
@@ -859,7 +859,7 @@ def query_row_blocks(call: DecodeCall, rows_per_pass: int | None = None) -> list
     sequence's bits stay the same whatever else is in the batch.
     """
     G, Lq = call.group, call.Lq
-    rows_per_pass = ROWS_PER_PASS if rows_per_pass is None else rows_per_pass
+    rows_per_pass = ROWS_PER_PASS
     if G * Lq <= rows_per_pass:
         return None
     if not call.causal and (call.window is not None or call.alibi_slopes is not None):
@@ -884,10 +884,10 @@ def query_row_blocks(call: DecodeCall, rows_per_pass: int | None = None) -> list
     return subs
 
 
-def decode_in_row_blocks(call: DecodeCall, decode: Any, rows_per_pass: int | None = None):
+def decode_in_row_blocks(call: DecodeCall, decode: Any):
     """``decode(call)``'s ``(out, lse)`` computed block of query rows by block
     (:func:`query_row_blocks`) after the append — or None where the call runs whole."""
-    blocks = query_row_blocks(call, rows_per_pass)
+    blocks = query_row_blocks(call)
     if blocks is None:
         return None
     write_new(call)

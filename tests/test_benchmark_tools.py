@@ -121,23 +121,28 @@ def test_decode_layers_times_both_peers_on_every_layer():
 
 def test_generate_names_the_transformers_peers_attention(monkeypatch):
     """generate.py's transformers peer runs float32 with torch SDPA named explicitly (not left to
-    transformers' default), and its line says which attention and dtype it runs."""
+    transformers' default), and its line says which attention and dtype it runs.
+
+    transformers is a peer of that script only, not an extra ``make test`` installs: a stand-in
+    module records what the loader asks of ``from_pretrained`` (no skip, no download)."""
+    import types
+
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     gen = _load("generate")
     asked = {}
 
     def from_pretrained(folder, **kwargs):
         asked.update(kwargs, folder=folder)
-        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=50)
-        return transformers.AutoModelForCausalLM.from_config(
-            cfg, attn_implementation=kwargs.get("attn_implementation"), dtype=kwargs.get("dtype")
-        )
+        model = torch.nn.Linear(2, 2).to(kwargs["dtype"])
+        model.config = types.SimpleNamespace(_attn_implementation=kwargs.get("attn_implementation"))
+        return model
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    fake = types.ModuleType("transformers")
+    fake.__version__ = "0.test"
+    fake.AutoModelForCausalLM = types.SimpleNamespace(from_pretrained=from_pretrained)
+    monkeypatch.setitem(sys.modules, "transformers", fake)
     model, info = gen.load_transformers(Path("/models/smol.gguf"))
     assert model is not None, info
     assert asked["attn_implementation"] == "sdpa" and asked["dtype"] == torch.float32
     assert asked["folder"] == "/models" and asked["gguf_file"] == "smol.gguf"
-    assert "attention sdpa" in info and "torch.float32" in info
+    assert "attention sdpa" in info and "torch.float32" in info and "transformers 0.test" in info

@@ -51,7 +51,8 @@ settings.load_profile("dotattn")
 def pytest_collection_modifyitems(config, items):
     """Leave ``@pytest.mark.slow`` tests out unless a ``-m`` expression asks for markers, and
     ``@pytest.mark.gpu`` tests out where no CUDA device exists (deselected, not skipped: a
-    machine without a GPU is a platform limit, not a broken install)."""
+    machine without a GPU is a platform limit, not a broken install); ``@pytest.mark.heavy``
+    tests go first."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
         import torch  # only when GPU tests were collected; they import it themselves anyway
@@ -59,6 +60,12 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    # The longest tests first (a stable sort: the rest keep their order).  xdist's load
+    # scheduling hands the first tests out one at a time, alternating workers, so the long ones
+    # spread over both and the short ones fill in around them; in file order the user-kernel
+    # compiles (≈ 70–110 s each beside the other worker) landed last on one worker and the other
+    # sat idle for ≈ 4 minutes of a 15-minute run.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
     if config.getoption("markexpr"):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]

@@ -377,6 +377,7 @@ def test_cpu_decode_reads_torch_caches_in_place():
     assert all(v < 0.03 for v in got.values()), got
 
 
+@pytest.mark.heavy
 def test_many_query_rows_keep_their_chunk_partials_about_the_cache_size():
     """A chunked prefill through the decode kernels (Lq 64, 16 query heads a K/V head: 1,024
     folded rows) kept one partial output per 256-key chunk and row: 4.2 × a float16 cache on the

@@ -253,6 +253,7 @@ CHECKS = {
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("world", sorted(CHECKS))
 def test_ring_and_ulysses_on_a_group(rank_pool, world):
     pool = rank_pool(world)

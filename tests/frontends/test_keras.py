@@ -122,6 +122,7 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("backend", ["jax", "tensorflow", "torch"])
 def test_keras_layer_matches_keras_trains_and_round_trips(backend):
     pytest.importorskip("keras")

@@ -266,7 +266,10 @@ def _mods_equivalent(B, Hq, Lq, Lk):
     return dict(softcap=4.0, bias=(0.05 * (i - j)).astype(np.float32), mask=mask)
 
 
-@pytest.mark.parametrize("with_block_mask", [False, True], ids=["mask_mod", "block_mask"])
+# (the first compiles the user kernel, ≈ 110 s beside the other worker; the second, later in
+# the run, loads it from the disk cache — marking it heavy too would put it beside the first
+# on the other worker, compiling the same kernel at the same time)
+@pytest.mark.parametrize("with_block_mask", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["mask_mod", "block_mask"])
 def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask):
     B, Hq, Lq, Lk = 2, 2, 45, 50
     q, k, v = _canonical_inputs(11, B, Hq, 1, Lq, Lk, 8, 8, np.float32)
@@ -289,6 +292,7 @@ def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask):
         H.assert_close_to_reference(g, r, n, name=name, factor=3.0, magnitude=4.0, floor=2e-5)
 
 
+@pytest.mark.heavy
 def test_block_mask_gives_bitwise_the_mask_mod_result():
     B, Hq, Lq, Lk = 2, 2, 45, 50
     q, k, v = _canonical_inputs(12, B, Hq, 1, Lq, Lk, 8, 8, np.float32)

@@ -99,6 +99,7 @@ def _digests() -> dict[str, str]:
     return namespace["run"](CALLS, DECODE_DTYPES)
 
 
+@pytest.mark.heavy
 def test_fresh_process_with_empty_caches_loads_the_precompiled_kernels(tmp_path):
     cpu.precompile(("float32", "bfloat16"))  # what `make install` did (a load when it already has)
     ours = _digests()

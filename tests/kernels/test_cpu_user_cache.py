@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from numba import njit
 
 import dotattn
@@ -137,6 +138,7 @@ def test_same_text_gives_one_file_with_a_fixed_stamp(monkeypatch, tmp_path):
     assert cpu._cached_user_kernels(distance_penalty, near).__file__ != path
 
 
+@pytest.mark.heavy
 def test_mod_capturing_an_array_runs_in_memory():
     width = np.array([5])
     mask_mod = lambda b, h, i, j: abs(i - j) <= width[0]
@@ -178,6 +180,7 @@ json.dump({"file": module.__file__, "cache_hits": sum(module.forward.stats.cache
 """
 
 
+@pytest.mark.heavy
 def test_second_process_loads_the_cached_kernel(tmp_path):
     (tmp_path / "user_tilt.py").write_text(USER_MODULE)
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}

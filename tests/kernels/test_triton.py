@@ -318,6 +318,7 @@ def combos(draw):
     return q, k, v, opts
 
 
+@pytest.mark.heavy
 @settings(max_examples=12)
 @given(case=combos())
 def test_option_combinations(case):

@@ -666,6 +666,7 @@ def test_a_plan_launch_goes_through_triton_once_then_runs_the_compiled_kernel(mo
         assert [e[0] for e in log] == ["triton", "triton"] and log[0][3] == dict(A=1, B=2, num_warps=8), flag
 
 
+@pytest.mark.heavy
 def test_calls_of_one_kind_share_a_plan_and_give_a_fresh_plans_bits():
     """A decode plan (the launches' numbers, kept per kind of call: triton_decode._Plan) is made
     once per kind: calls with new lengths and new values reuse it; a cache view off 16-byte
@@ -785,6 +786,7 @@ def _random_calls(draw):
     return shape, opts, draw(st.integers(0, 2**31 - 1))
 
 
+@pytest.mark.heavy
 @settings(max_examples=25)
 @given(call=_random_calls())
 def test_random_calls_on_the_tensor_path_match_the_reference(call):

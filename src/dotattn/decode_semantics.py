@@ -858,17 +858,9 @@ def query_row_blocks(call: DecodeCall) -> list[tuple[int, DecodeCall]] | None:
     no tables).  The blocks depend on ``Lq`` and the group alone, never on the batch: a
     sequence's bits stay the same whatever else is in the batch.
     """
-    G, Lq = call.group, call.Lq
-    rows_per_pass = ROWS_PER_PASS
-    if G * Lq <= rows_per_pass:
-        return None
-    if not call.causal and (call.window is not None or call.alibi_slopes is not None):
-        return None
-    block = max(1, rows_per_pass // G)
-    if block >= Lq:
-        # one query row's group alone passes the limit (G > rows_per_pass: more query heads a
-        # K/V head than a pass takes): no smaller block exists — blocks of one row would be
-        # this call again, split again without end (RecursionError before 6 Dec 2026, 23:00)
+    Lq = call.Lq
+    block = rows_a_block(call.group, Lq, call.causal, call.window, call.alibi_slopes, ROWS_PER_PASS)
+    if block is None:
         return None
     q = call.q if call.rotary is None else rotated_q(call)
     kv = call.kv_lengths
@@ -882,6 +874,29 @@ def query_row_blocks(call: DecodeCall) -> list[tuple[int, DecodeCall]] | None:
         )
         subs.append((i0, sub))
     return subs
+
+
+def rows_a_block(group: int, Lq: int, causal: bool, window, alibi_slopes, rows_per_pass: int) -> int | None:
+    """Query rows a block of a call of ``Lq`` rows takes so that it folds at most
+    ``rows_per_pass`` rows (``group`` query heads a K/V head each), or None where the call runs
+    whole: it is small enough, its rows' positions are fixed by the whole block (no causal mask,
+    with a window or ALiBi), or one row's group alone passes the limit.
+
+    A block ``[i0, i1)`` of a causal call is the call with ``kv_lengths − (Lq − i1)`` keys
+    (clamped at 0): bottom-right alignment then puts its rows where the whole call puts them
+    (:func:`query_row_blocks`); without the causal mask it keeps the lengths.
+    """
+    if group * Lq <= rows_per_pass:
+        return None
+    if not causal and (window is not None or alibi_slopes is not None):
+        return None
+    block = max(1, rows_per_pass // group)
+    if block >= Lq:
+        # one query row's group alone passes the limit (G > rows_per_pass: more query heads a
+        # K/V head than a pass takes): no smaller block exists — blocks of one row would be
+        # this call again, split again without end (RecursionError before 6 Dec 2026, 23:00)
+        return None
+    return block
 
 
 def decode_in_row_blocks(call: DecodeCall, decode: Any):

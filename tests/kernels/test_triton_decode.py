@@ -783,6 +783,8 @@ def _random_calls(draw):
         opts["rotary"] = True
     if draw(st.integers(0, 4)) == 0:
         opts["causal"] = False
+    if draw(st.integers(0, 2)) == 0:
+        opts["tile_rows"] = draw(st.sampled_from([1, 3, 8]))  # TILE_ROWS lowered: blocks of query rows
     return shape, opts, draw(st.integers(0, 2**31 - 1))
 
 
@@ -806,9 +808,20 @@ def test_random_calls_on_the_tensor_path_match_the_reference_sweep(call):
 
 
 def _check_random_call(call):
-    import dotattn
+    from unittest import mock
+
+    from dotattn.kernels import triton_decode
 
     shape, options, seed = call
+    options = dict(options)
+    tile_rows = options.pop("tile_rows", triton_decode.TILE_ROWS)
+    with mock.patch.object(triton_decode, "TILE_ROWS", tile_rows):
+        _check_random_call_as_given(shape, options, seed)
+
+
+def _check_random_call_as_given(shape, options, seed):
+    import dotattn
+
     case = C.make_case(seed, **shape)
     call_opts, ref_opts = C.call_options(case, options, np.random.default_rng(seed))
     if "rotary" in call_opts:
@@ -824,3 +837,65 @@ def _check_random_call(call):
     assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
     tol = 1e-3 if case.k_cache.dtype.itemsize == 2 else 1e-5
     np.testing.assert_allclose(lse[finite], lse64[finite], rtol=tol, atol=tol)
+
+
+MANY_ROWS = [
+    # (name, shape, options): G·Lq past TILE_ROWS (lowered to 8 here: blocks of 2 query rows a
+    # group of 4, of 1 row a group of 9)
+    ("causal-paged", dict(B=2, Hq=8, Hkv=2, Lq=5, Lnew=5, page_size=7, max_len=40), {}),
+    ("causal-window-alibi-softcap", dict(B=2, Hq=8, Hkv=2, Lq=6, Lnew=6, max_len=300),
+     dict(window=(9, None), alibi_slopes="per-head", softcap=5.0)),
+    ("rotary-f16-blhd", dict(B=2, Hq=8, Hkv=2, Lq=5, Lnew=5, dtype=np.float16, layout="blhd", max_len=40),
+     dict(rotary=True)),
+    ("more-rows-than-keys", dict(B=2, Hq=4, Hkv=1, Lq=7, Lnew=None, lengths=[3, 0], max_len=10), {}),
+    ("group-past-the-tile", dict(B=1, Hq=9, Hkv=1, Lq=3, Lnew=3, max_len=300), {}),
+    ("noncausal-plain", dict(B=2, Hq=8, Hkv=2, Lq=5, Lnew=None, max_len=300), dict(causal=False)),
+    ("noncausal-window-runs-whole", dict(B=2, Hq=8, Hkv=2, Lq=5, Lnew=None, max_len=60),
+     dict(causal=False, window=(4, 2))),
+]
+
+
+@pytest.mark.parametrize("name,shape,options", MANY_ROWS, ids=[c[0] for c in MANY_ROWS])
+def test_calls_of_many_query_rows_run_in_blocks_of_rows(monkeypatch, name, shape, options):
+    """A call of more folded rows (G·Lq) than a program's tile holds runs in blocks of query
+    rows: each block's tile and partial outputs stay bounded (the plans' row tiles ≤ TILE_ROWS,
+    or one row's group), and the rows keep their positions — against the float64 reference,
+    with the causal end, window, ALiBi and rotary positions of the whole call, rows before the
+    first key giving zeros and −inf.  Calls whose rows' positions the block fixes (no causal
+    mask, with a window) run whole."""
+    import dotattn
+    from dotattn.kernels import triton_decode
+
+    monkeypatch.setattr(triton_decode, "TILE_ROWS", 8)
+    monkeypatch.setattr(triton_decode, "_plans", {})  # (this call's plans alone)
+    launched = []
+    real = triton_decode.decode_tensors
+
+    def spy(q, *args, **kwargs):
+        launched.append(q.shape[2])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "decode_tensors", spy)
+    seed = sum(map(ord, name))
+    case = C.make_case(seed, **shape)
+    call_opts, ref_opts = C.call_options(case, options, np.random.default_rng(seed))
+    if "rotary" in call_opts:
+        call_opts["rotary"] = tuple(_tensor(x) for x in call_opts["rotary"])
+    out64, lse64, naive = C.expected(case, **ref_opts)
+    out, lse = dotattn.attention_with_kvcache(
+        _tensor(case.q), _tensor(case.k_cache), _tensor(case.v_cache), _tensor(case.k_new), _tensor(case.v_new),
+        return_lse=True, implementation=None if CUDA else "triton", **case.kwargs(**call_opts),
+    )
+    H.assert_close_to_reference(C.canonical(_numpy(out), case.layout), out64, naive, name="out", dtype=case.k_cache.dtype)
+    lse, finite = lse.cpu().numpy(), np.isfinite(lse64)
+    assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
+    tol = 1e-3 if case.k_cache.dtype.itemsize == 2 else 1e-5
+    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=tol, atol=tol)
+    Lq, G = shape["Lq"], shape["Hq"] // shape["Hkv"]
+    if name.endswith("runs-whole"):
+        assert launched == [Lq]
+    else:
+        rows = max(1, 8 // G)
+        assert launched[0] == Lq and launched[1:] == [min(rows, Lq - i0) for i0 in range(0, Lq, rows)], launched
+    tiles = {plan.split.consts["BLOCK_R"] for plan in triton_decode._plans.values()}
+    assert tiles == ({max(16, triton_decode._next_pow2(G * Lq))} if name.endswith("runs-whole") else {16}), tiles

@@ -33,7 +33,7 @@ import threading
 
 import numpy as np
 
-from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, write_new
+from ..decode_semantics import SPLIT_SIZE, DecodeCall, apply_rotary, query_positions, rotated_q, rows_a_block, write_new
 from ..errors import UnsupportedCallError
 from ..semantics import BFLOAT16
 from .triton_backend import _kernels, _next_pow2, head_dim_reason, triton_cdiv
@@ -240,6 +240,15 @@ def _up16(n: int) -> int:
 _plans: dict = {}
 _MAX_PLANS = 1024  # kept plans before the dict starts over (a program makes few kinds of call)
 
+# The most folded query rows (``G·Lq``) one program holds: its accumulator is a (rows, Dv)
+# float32 tile in registers, and the chunks' partial outputs (n_chunks, B, Hq, rows, Dv) float32
+# grow with them — a chunked prefill through the decode path (Lq 512, 4 query heads a K/V
+# head: 2,048 rows, a 1 MiB accumulator a program; 8.6 GB of partials at 32k keys, Hq 32,
+# Dv 128) would not fit a GPU.  Calls of more rows run in blocks of query rows
+# (:func:`~dotattn.decode_semantics.rows_a_block`; speculative decoding's Lq ≤ 8 with G ≤ 8
+# runs whole).
+TILE_ROWS = 64
+
 
 def _plan_key(tensors: tuple, *options) -> tuple:
     """What a :class:`_Plan` is made from: shapes, strides, dtypes and 16-byte alignment of
@@ -268,6 +277,20 @@ def decode_tensors(q, k_pages, v_pages, block_table, kv_lengths, *, max_len: int
         out = torch.empty(B, Hq, Lq, Dv, dtype=torch.float32, device=dev)
     if B * Hq * Lq == 0:
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if lse is None else lse
+        return out, lse
+    block = rows_a_block(Hq // k_pages.shape[1], Lq, causal, window, alibi_slopes, TILE_ROWS)
+    if block is not None:
+        # blocks of query rows, each writing its rows of out and lse (views); a causal block
+        # reads the keys up to its last row's position only
+        if lse is None:
+            lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
+        for i0 in range(0, Lq, block):
+            i1 = min(i0 + block, Lq)
+            gap = Lq - i1 if causal else 0
+            decode_tensors(q[:, :, i0:i1], k_pages, v_pages, block_table,
+                           (kv_lengths - gap).clamp_min(0) if gap else kv_lengths, max_len=max(max_len - gap, 0),
+                           causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                           split=split, out=out[:, :, i0:i1], lse=lse[:, :, i0:i1])
         return out, lse
     n_chunks = max(1, triton_cdiv(max_len, split))
     one_chunk = n_chunks == 1

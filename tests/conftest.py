@@ -48,6 +48,15 @@ settings.register_profile(
 settings.load_profile("dotattn")
 
 
+def pytest_configure(config):
+    """Under ``-n``, xdist's load scheduling first hands each worker a run of consecutive tests
+    (an eighth of the suite each: the heavy tests, sorted first, all to one worker) unless
+    ``--maxschedchunk`` bounds it: one at a time (after two each), the heavy tests alternate
+    and the workers end together.  A value given on the command line stands."""
+    if getattr(config.option, "maxschedchunk", False) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
     """Leave ``@pytest.mark.slow`` tests out unless a ``-m`` expression asks for markers, and
     ``@pytest.mark.gpu`` tests out where no CUDA device exists (deselected, not skipped: a
@@ -60,11 +69,11 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-    # The longest tests first (a stable sort: the rest keep their order).  xdist's load
-    # scheduling hands the first tests out one at a time, alternating workers, so the long ones
-    # spread over both and the short ones fill in around them; in file order the user-kernel
-    # compiles (≈ 70–110 s each beside the other worker) landed last on one worker and the other
-    # sat idle for ≈ 4 minutes of a 15-minute run.
+    # The longest tests first (a stable sort: the rest keep their order).  With xdist's load
+    # scheduling handing out one test at a time (pytest_configure below), the long ones
+    # alternate between the workers and the short ones fill in around them; in file order the
+    # user-kernel compiles (≈ 70–110 s each beside the other worker) landed last on one worker
+    # and the other sat idle for ≈ 4 minutes of a 15-minute run.
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
     if config.getoption("markexpr"):
         return

@@ -267,23 +267,27 @@ def _mods_equivalent(B, Hq, Lq, Lk):
 
 
 # (the first compiles the user kernel, ≈ 110 s beside the other worker; the second, later in
-# the run, loads it from the disk cache — marking it heavy too would put it beside the first
-# on the other worker, compiling the same kernel at the same time)
+# the run, loads it from the disk cache — marked heavy too, it would likely start beside the
+# first on the other worker and compile the same kernel at the same time)
 @pytest.mark.parametrize("with_block_mask", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["mask_mod", "block_mask"])
 def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask):
     B, Hq, Lq, Lk = 2, 2, 45, 50
     q, k, v = _canonical_inputs(11, B, Hq, 1, Lq, Lk, 8, 8, np.float32)
     dout = np.random.default_rng(4).standard_normal((B, Hq, Lq, 8)).astype(np.float32)
     extras = dict(score_mod=softcap_and_distance, mask_mod=band_or_column)
+    tiles = dict(block_size=(8, 16))
     if with_block_mask:
-        extras["block_mask"] = dotattn.block_mask(band_or_column, B, Hq, Lq, Lk, block_size=(8, 16))
+        # block_mask= alone: it carries its mask_mod (the same compiled kernels) and its tiles
+        extras = dict(score_mod=softcap_and_distance,
+                      block_mask=dotattn.block_mask(band_or_column, B, Hq, Lq, Lk, block_size=(8, 16)))
+        tiles = {}
     call = semantics.normalize(q, k, v, causal=True, extras=extras)
-    out, lse = cpu.forward(call, block_size=(8, 16))
-    grads = cpu.backward(call, out, lse, dout, block_size=(8, 16))[:3]
+    out, lse = cpu.forward(call, **tiles)
+    grads = cpu.backward(call, out, lse, dout, **tiles)[:3]
     if with_block_mask:
         # the block mask's skipped and full tiles give the bits of the mod evaluated on every
         # tile (the same tiles and the same compiled kernels: no second compile in the suite —
-        # the block mask alone against mask_mod alone is the slow test below)
+        # without a score_mod, a kernel of its own, is the slow test below)
         plain = semantics.normalize(q, k, v, causal=True, extras=dict(score_mod=softcap_and_distance, mask_mod=band_or_column))
         plain_out, plain_lse = cpu.forward(plain, block_size=(8, 16))
         plain_grads = cpu.backward(plain, plain_out, plain_lse, dout, block_size=(8, 16))[:3]

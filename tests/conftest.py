@@ -49,12 +49,15 @@ settings.load_profile("dotattn")
 
 
 def pytest_configure(config):
-    """Under ``-n``, xdist's load scheduling first hands each worker a run of consecutive tests
-    (an eighth of the suite each: the heavy tests, sorted first, all to one worker) unless
-    ``--maxschedchunk`` bounds it: one at a time (after two each), the heavy tests alternate
-    and the workers end together.  A value given on the command line stands."""
-    if getattr(config.option, "maxschedchunk", False) is None:
-        config.option.maxschedchunk = 1
+    """Under ``-n``, xdist's work-stealing scheduler unless ``--dist`` is given: its default
+    load scheduling first hands each worker an eighth of the suite in a row (the heavy tests,
+    sorted first, all to one worker, and what is handed out stays there), and one test at a
+    time (``--maxschedchunk 1``) split modules' fixtures between the workers (the narrow-tile
+    compiles twice: +35 s).  Work stealing gives each worker half the suite in a row and lets
+    an idle one take half of the other's queue, so the workers end together."""
+    given = any(arg == "--dist" or arg.startswith("--dist=") for arg in config.invocation_params.args)
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "load" and not given:
+        config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,11 +72,11 @@ def pytest_collection_modifyitems(config, items):
         if not torch.cuda.is_available():
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-    # The longest tests first (a stable sort: the rest keep their order).  With xdist's load
-    # scheduling handing out one test at a time (pytest_configure below), the long ones
-    # alternate between the workers and the short ones fill in around them; in file order the
-    # user-kernel compiles (≈ 70–110 s each beside the other worker) landed last on one worker
-    # and the other sat idle for ≈ 4 minutes of a 15-minute run.
+    # The longest tests first (a stable sort: the rest keep their order), so that no long test
+    # starts near the end of the run: the work-stealing scheduler (pytest_configure above)
+    # balances the rest around them.  In file order the user-kernel compiles (≈ 70–110 s each
+    # beside the other worker) landed last on one worker and the other sat idle for ≈ 4 minutes
+    # of a 15-minute run.
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
     if config.getoption("markexpr"):
         return

@@ -783,8 +783,8 @@ def _random_calls(draw):
         opts["rotary"] = True
     if draw(st.integers(0, 4)) == 0:
         opts["causal"] = False
-    if draw(st.integers(0, 2)) == 0:
-        opts["tile_rows"] = draw(st.sampled_from([1, 3, 8]))  # TILE_ROWS lowered: blocks of query rows
+    if draw(st.integers(0, 3)) == 0:
+        opts["tile_rows"] = draw(st.sampled_from([3, 8]))  # TILE_ROWS lowered: blocks of query rows
     return shape, opts, draw(st.integers(0, 2**31 - 1))
 
 

@@ -48,18 +48,6 @@ settings.register_profile(
 settings.load_profile("dotattn")
 
 
-def pytest_configure(config):
-    """Under ``-n``, xdist's work-stealing scheduler unless ``--dist`` is given: its default
-    load scheduling first hands each worker an eighth of the suite in a row (the heavy tests,
-    sorted first, all to one worker, and what is handed out stays there), and one test at a
-    time (``--maxschedchunk 1``) split modules' fixtures between the workers (the narrow-tile
-    compiles twice: +35 s).  Work stealing gives each worker half the suite in a row and lets
-    an idle one take half of the other's queue, so the workers end together."""
-    given = any(arg == "--dist" or arg.startswith("--dist=") for arg in config.invocation_params.args)
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", None) == "load" and not given:
-        config.option.dist = "worksteal"
-
-
 def pytest_collection_modifyitems(config, items):
     """Leave ``@pytest.mark.slow`` tests out unless a ``-m`` expression asks for markers, and
     ``@pytest.mark.gpu`` tests out where no CUDA device exists (deselected, not skipped: a
@@ -73,10 +61,13 @@ def pytest_collection_modifyitems(config, items):
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
     # The longest tests first (a stable sort: the rest keep their order), so that no long test
-    # starts near the end of the run: the work-stealing scheduler (pytest_configure above)
-    # balances the rest around them.  In file order the user-kernel compiles (≈ 70–110 s each
+    # starts near the end of the run: in file order the user-kernel compiles (≈ 70–110 s each
     # beside the other worker) landed last on one worker and the other sat idle for ≈ 4 minutes
-    # of a 15-minute run.
+    # of a 15-minute run.  xdist's load scheduling gives them all to one worker's first chunk
+    # (an eighth of the suite in a row); the other worker takes more of the rest.  (Its
+    # one-at-a-time and work-stealing modes balanced no better here — 942 and 930 s against
+    # 931 — and split modules between workers: the work-stealing run met the order-dependent
+    # bits of issue 9's stop-71 note.)
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
     if config.getoption("markexpr"):
         return

@@ -863,7 +863,6 @@ def test_calls_of_many_query_rows_run_in_blocks_of_rows(monkeypatch, name, shape
     with the causal end, window, ALiBi and rotary positions of the whole call, rows before the
     first key giving zeros and −inf.  Calls whose rows' positions the block fixes (no causal
     mask, with a window) run whole."""
-    import dotattn
     from dotattn.kernels import triton_decode
 
     monkeypatch.setattr(triton_decode, "TILE_ROWS", 8)
@@ -876,21 +875,7 @@ def test_calls_of_many_query_rows_run_in_blocks_of_rows(monkeypatch, name, shape
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(triton_decode, "decode_tensors", spy)
-    seed = sum(map(ord, name))
-    case = C.make_case(seed, **shape)
-    call_opts, ref_opts = C.call_options(case, options, np.random.default_rng(seed))
-    if "rotary" in call_opts:
-        call_opts["rotary"] = tuple(_tensor(x) for x in call_opts["rotary"])
-    out64, lse64, naive = C.expected(case, **ref_opts)
-    out, lse = dotattn.attention_with_kvcache(
-        _tensor(case.q), _tensor(case.k_cache), _tensor(case.v_cache), _tensor(case.k_new), _tensor(case.v_new),
-        return_lse=True, implementation=None if CUDA else "triton", **case.kwargs(**call_opts),
-    )
-    H.assert_close_to_reference(C.canonical(_numpy(out), case.layout), out64, naive, name="out", dtype=case.k_cache.dtype)
-    lse, finite = lse.cpu().numpy(), np.isfinite(lse64)
-    assert (np.isneginf(lse) == ~finite).all(), "rows with no visible key must have lse = −inf"
-    tol = 1e-3 if case.k_cache.dtype.itemsize == 2 else 1e-5
-    np.testing.assert_allclose(lse[finite], lse64[finite], rtol=tol, atol=tol)
+    _check_random_call_as_given(shape, options, sum(map(ord, name)))
     Lq, G = shape["Lq"], shape["Hq"] // shape["Hkv"]
     if name.endswith("runs-whole"):
         assert launched == [Lq]

@@ -37,6 +37,7 @@ from numba.extending import intrinsic, overload
 
 from ._cpu_cache import install_locator
 from ._cpu_sync import ENTERED, _fetch_add, _fetch_add_acq_rel, _store_release, finish_partners, partner_done
+from ._entry_order import load_callee_first
 from ._cpu_primitives import _np_matmul, exp2_fraction
 from ._cpu_simd import LOG2E, _exp2_vector, _intrinsic_fn, _tanh_vector, target_has
 
@@ -2462,6 +2463,14 @@ def run_items_partner(flags, i, gen, counter, total, role, common):
     done = run_items(counter, total, role, *common)
     partner_done(flags, i, gen)
     return done
+
+
+# run_items' own entry loads before the three entries that run it (the caller's and partners'
+# roles, Numba's team): one machine code for the items on every path, whatever the process ran
+# first (kernels/_entry_order.py)
+load_callee_first(run_items_caller, lambda a: (run_items, (*a[4:7], *a[7].types)))
+load_callee_first(run_items_partner, lambda a: (run_items, (*a[3:6], *a[6].types)))
+load_callee_first(run_items_team, lambda a: (run_items, (a[0], a[1], types.int64, *a[3].types)))
 
 
 @njit(cache=_JIT_CACHE, nogil=True)

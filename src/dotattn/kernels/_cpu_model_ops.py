@@ -30,6 +30,7 @@ from ._cpu_cache import install_locator
 from ._cpu_decode_kernels import _prefetch
 from ._cpu_primitives import LOG2E, _exp2_one, _gemm_f32, _mkl_threads_local
 from ._cpu_sync import ENTERED, _store_release, finish_partners, partner_done
+from ._entry_order import load_callee_first
 
 install_locator()  # before any @njit(cache=True) below: the kernels cache beside the package
 
@@ -705,6 +706,24 @@ def chunks_partner(flags, i, gen, args, chunks):
     """Partner ``i``'s side: chunk ``i + 1``, then ``gen`` in its DONE slot."""
     _run_chunk(args, i + 1, chunks)
     partner_done(flags, i, gen)
+
+
+def _chunk_kernel_at(at: int):
+    """For :func:`~._entry_order.load_callee_first`: the chunked step whose argument tuple is an
+    entry's argument ``at``, and that step's own signature (``… , chunk, chunks``)."""
+
+    def callee_for(args):
+        step = args[at]
+        kernel = chunk_kernel(len(step.types))
+        return None if kernel is None else (kernel, (*step.types, types.int64, types.int64))
+
+    return callee_for
+
+
+# each step's own entry loads before the partners' entries that run it: one machine code per
+# step, whatever the process ran first (kernels/_entry_order.py)
+load_callee_first(chunks_caller, _chunk_kernel_at(4))
+load_callee_first(chunks_partner, _chunk_kernel_at(3))
 
 
 def precompile_chunk_entries() -> None:

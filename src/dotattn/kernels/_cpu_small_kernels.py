@@ -60,6 +60,7 @@ from ._cpu_primitives import (
 )
 from ._cpu_simd import dot_tile_f64
 from ._cpu_sync import ENTERED, _store_release, finish_partners, partner_done
+from ._entry_order import load_callee_first
 
 
 def _item_gemm(a, b, out):
@@ -354,3 +355,16 @@ def forward_team(args, nchunks):
     between its launches)."""
     for chunk in prange(nchunks):
         forward_chunk(*args, chunk, nchunks)
+
+
+def _forward_chunk_of(at: int):
+    """For :func:`~._entry_order.load_callee_first`: ``forward_chunk``'s own signature for the
+    argument tuple that is an entry's argument ``at``."""
+    return lambda args: (forward_chunk, (*args[at].types, types.int64, types.int64))
+
+
+# forward_chunk's own entry loads before the three entries that run it: one machine code for
+# the call's chunks on every path, whatever the process ran first (kernels/_entry_order.py)
+load_callee_first(forward_caller, _forward_chunk_of(4))
+load_callee_first(forward_partner, _forward_chunk_of(3))
+load_callee_first(forward_team, _forward_chunk_of(0))

@@ -270,7 +270,7 @@ def _mods_equivalent(B, Hq, Lq, Lk):
 # the run, loads it from the disk cache — marked heavy too, it would likely start beside the
 # first on the other worker and compile the same kernel at the same time)
 @pytest.mark.parametrize("with_block_mask", [pytest.param(False, marks=pytest.mark.heavy), True], ids=["mask_mod", "block_mask"])
-def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask):
+def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask, monkeypatch):
     B, Hq, Lq, Lk = 2, 2, 45, 50
     q, k, v = _canonical_inputs(11, B, Hq, 1, Lq, Lk, 8, 8, np.float32)
     dout = np.random.default_rng(4).standard_normal((B, Hq, Lq, 8)).astype(np.float32)
@@ -284,6 +284,19 @@ def test_user_mods_match_the_reference_with_equivalent_options(with_block_mask):
     call = semantics.normalize(q, k, v, causal=True, extras=extras)
     out, lse = cpu.forward(call, **tiles)
     grads = cpu.backward(call, out, lse, dout, **tiles)[:3]
+    # The user's kernels run their one-thread entries' tasks on the pool threads (cpu._run_tasks:
+    # a prange entry would compile the whole kernel a second time): no prange entry compiled,
+    # and the bits of the same tasks on one thread (the forked child's path).
+    kernels = cpu.kernels_for(softcap_and_distance, band_or_column)
+    assert not kernels.forward.overloads and not kernels.backward.overloads
+    assert kernels._forward_chunk.overloads and kernels._backward_chunk.overloads
+    pool_grads = cpu.backward(call, out, lse, dout, serial=False, **tiles)[:3]  # (this size runs serially)
+    monkeypatch.setattr(cpu._entries, "one_thread", True, raising=False)
+    one_out, one_lse = cpu.forward(call, **tiles)
+    one_grads = cpu.backward(call, one_out, one_lse, dout, serial=False, **tiles)[:3]
+    for a, b in zip((out, lse, *pool_grads), (one_out, one_lse, *one_grads)):
+        H.assert_bitwise_equal(a, b)
+    monkeypatch.setattr(cpu._entries, "one_thread", False)
     if with_block_mask:
         # the block mask's skipped and full tiles give the bits of the mod evaluated on every
         # tile (the same tiles and the same compiled kernels: no second compile in the suite —

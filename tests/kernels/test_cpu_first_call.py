@@ -178,9 +178,10 @@ def test_a_first_launch_that_compiles_says_so(monkeypatch, capsys):
     monkeypatch.setattr(cpu, "COMPILE_NOTICE_AFTER_S", 0.05)
     fake = types.ModuleType("dotattn.kernels._cpu_user_fake")
     fake.__file__ = "/elsewhere/_cpu_user_fake.py"
-    fake.forward = types.SimpleNamespace(overloads={}, stats=types.SimpleNamespace(cache_misses={}))
+    # (a user's forward compiles its one-thread entry: cpu._run_tasks runs it on the pool)
+    fake._forward_chunk = types.SimpleNamespace(overloads={}, stats=types.SimpleNamespace(cache_misses={}))
     with cpu._kernel_launch(fake, "forward", np.dtype(np.float32)):
-        fake.forward.stats.cache_misses["sig"] = 1  # not in any cache: Numba compiles
+        fake._forward_chunk.stats.cache_misses["sig"] = 1  # not in any cache: Numba compiles
         time.sleep(0.3)
     err = capsys.readouterr().err
     assert "compiling the cpu forward kernel for your score_mod/mask_mod, float32" in err
@@ -197,10 +198,10 @@ def test_a_slow_load_or_a_long_call_says_nothing(monkeypatch, capsys):
     monkeypatch.setattr(cpu, "COMPILE_NOTICE_AFTER_S", 0.05)
     fake = types.ModuleType("dotattn.kernels._cpu_user_other")
     fake.__file__ = "/elsewhere/_cpu_user_other.py"
-    fake.forward = types.SimpleNamespace(overloads={}, stats=types.SimpleNamespace(cache_misses={}))
+    fake._forward_chunk = types.SimpleNamespace(overloads={}, stats=types.SimpleNamespace(cache_misses={}))
     with cpu._kernel_launch(fake, "forward", np.dtype(np.float32)):
         time.sleep(0.3)  # loading from disk (no miss counted) takes long on a loaded machine
-        fake.forward.overloads["sig"] = object()  # loaded; the call itself is long
+        fake._forward_chunk.overloads["sig"] = object()  # loaded; the call itself is long
         time.sleep(0.3)
     assert capsys.readouterr().err == ""
 

@@ -131,11 +131,12 @@ def test_a_callers_new_signature_loads_its_callee_first():
 
 
 def test_every_partner_and_team_entry_loads_its_kernel_first():
-    from dotattn.kernels import _cpu_decode_kernels, _cpu_model_ops, _cpu_small_kernels
+    from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels
 
     entries = [
         _cpu_model_ops.chunks_caller, _cpu_model_ops.chunks_partner,
         _cpu_small_kernels.forward_caller, _cpu_small_kernels.forward_partner, _cpu_small_kernels.forward_team,
         _cpu_decode_kernels.run_items_caller, _cpu_decode_kernels.run_items_partner, _cpu_decode_kernels.run_items_team,
+        _cpu_kernels.forward, _cpu_kernels.backward, _cpu_kernels.weights,
     ]
     assert [getattr(e, "_loads_callee_first", False) for e in entries] == [True] * len(entries)

@@ -35,6 +35,7 @@ from numba.extending import overload
 
 from . import _cpu_amx, _cpu_amx_f32
 from ._cpu_amx import rows_bf16, tile_config
+from ._entry_order import load_callee_first
 from ._cpu_primitives import (
     HUGE_SHIFT,
     LOG2E,
@@ -675,7 +676,7 @@ def forward(q, kp, vp, out, lse, o, nchunks):
         _forward_chunk(queue, q, kp, vp, out, lse, o)
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, nogil=True)  # (user kernels run it on the _launch pool: cpu._run_tasks)
 def _forward_chunk(queue, q, kp, vp, out, lse, o):
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
@@ -1000,7 +1001,7 @@ def backward(q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias,
         _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o)
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, nogil=True)  # (user kernels run it on the _launch pool: cpu._run_tasks)
 def _backward_chunk(queue, nchunks, q, kp, vp, dout, lse, delta, dq_parts, dkp, dvp, dbias, want_dbias, o):
     """The parts ``(b, kv head, c)`` this thread takes from ``queue`` (see :func:`backward`;
     a caller running it alone passes a fresh queue and ``nchunks`` 1, or any ``nchunks``: the
@@ -1428,7 +1429,7 @@ def _scale_columns(ST, f):
             row[r] = row[r] * f[r]
 
 
-@njit(cache=_JIT_CACHE)
+@njit(cache=_JIT_CACHE, nogil=True)  # (user kernels run it on the _launch pool: cpu._run_tasks)
 def _weights_chunk(queue, q, kp, lse, P_out, o):
     B, Hq, Lq, D = q.shape
     Hkv, nkb, BK = kp.shape[1], kp.shape[2], kp.shape[3]
@@ -1483,3 +1484,12 @@ def _weights_chunk(queue, q, kp, lse, P_out, o):
             ncols = min(BK, o.Lk - j0)
             P_out[b, h, i0 : i0 + nr, j0 : j0 + ncols] = ST[:ncols, :nr].T
     _gemm_threads_end(q, threads)
+
+
+# Each one-thread entry loads before the prange entry that runs it: the team, a forked child's
+# one thread and the user's kernels on the pool run the same machine code, whatever the process
+# loaded first (kernels/_entry_order.py)
+_QUEUE = types.Array(types.int64, 1, "C")
+load_callee_first(forward, lambda a: (_forward_chunk, (_QUEUE, *a[:-1])))
+load_callee_first(backward, lambda a: (_backward_chunk, (_QUEUE, types.int64, *a[:-1])))
+load_callee_first(weights, lambda a: (_weights_chunk, (_QUEUE, *a[:-1])))

@@ -149,9 +149,10 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
     When every user function is self-contained (see :func:`_portable_source`), that copy is
     a real file in :func:`user_kernel_dir`, named by a hash of its whole text and Numba's
     version, and compiled with ``cache=True``: the next process with the same functions
-    loads the machine code from disk instead of compiling (a forward: ≈ 30 s here once, 80 s on
-    7 Dec 2026 on the same machine type, 60 of them in LLVM).  Other functions
-    (closures, captured arrays, other globals) get an in-memory copy compiled once per process.
+    loads the machine code from disk instead of compiling (a forward ≈ 40 s, a backward ≈ 28 s
+    on the 2-core EPYC of 7 Dec 2026: the one-thread entries only, :func:`_run_tasks`).  Other
+    functions (closures, captured arrays, other globals) get an in-memory copy compiled once
+    per process.
     """
     if score_mod is None and mask_mod is None:
         return default_kernels()
@@ -401,7 +402,7 @@ COMPILE_NOTICE_AFTER_S = 2.0
 
 
 @contextlib.contextmanager
-def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype):
+def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype, entry: str | None = None):
     """One kernel launch at a time, with BLAS limited to 1 thread (our threads run the tiles).
 
     The first launch of a kernel in a process compiles it when no disk cache has it (≈ 20 s
@@ -421,7 +422,7 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype):
         else:
             where = "in every process: the function captures arrays or objects"
 
-        dispatcher = getattr(kernels, kernel)
+        dispatcher = getattr(kernels, entry or _task_entry(kernels, kernel))  # the one this call compiles
         known = len(dispatcher.overloads)
         misses = _cache_misses(dispatcher)
         done = threading.Event()
@@ -471,13 +472,50 @@ def _one_thread_entries() -> bool:
     return bool(_forked.team_unusable()) or getattr(_entries, "one_thread", False)
 
 
-def _forward_kernel(p: Prepared, out, lse) -> None:
-    """The forward kernel on Numba's team, or (:func:`_one_thread_entries`) its one-thread
-    entry: the same tasks from the same queue, the same bits."""
-    if _one_thread_entries():
-        p.kernels._forward_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, p.vp, out, lse, p.options)
+def _user_kernels_module(kernels: types.ModuleType) -> bool:
+    """Whether ``kernels`` is a copy with the user's ``score_mod``/``mask_mod`` (:func:`kernels_for`)."""
+    return kernels.__name__ != _KERNEL_MODULE
+
+
+def _task_entry(kernels: types.ModuleType, kernel: str) -> str:
+    """The entry a call of ``kernel`` ("forward", "backward", "weights") runs: the ``prange``
+    one on Numba's team, or the one-thread entry (``_forward_chunk``…) in a child that cannot
+    use the team (:func:`_one_thread_entries`) and for the user's kernels (:func:`_run_tasks`)."""
+    if kernel in _TASK_KERNELS and (_one_thread_entries() or _user_kernels_module(kernels)):
+        return f"_{kernel}_chunk"
+    return kernel
+
+
+_TASK_KERNELS = ("forward", "backward", "weights")  # a prange entry over a one-thread entry's tasks
+
+
+def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple, nchunks: int) -> None:
+    """``kernel`` ("forward", "backward", "weights") over its task queue: the ``prange`` entry
+    ``kernel(*args, nchunks)`` on Numba's team, or ``_kernel_chunk(queue, *head, *args)`` on
+    this thread alone (:func:`_one_thread_entries`) or on ``nchunks`` threads of the ``_launch``
+    pool sharing one queue.  Any thread may run any task: the same bits on every path.
+
+    The user's kernels take the pool: a ``prange`` entry links a second copy of the chunk
+    entry into its own module, and LLVM optimizes it again there, so compiling it cost as much
+    again as the chunk entry itself.  A ``mask_mod``'s first forward took 83.4 s through the
+    team's entry and 40.9 s as the chunk entry on the pool, its first backward 56.0 and 27.6 s;
+    the calls ran as fast (B1 H8 L2048 D64, a band: forward 110–116 against 112–113 ms, backward
+    191–216 against 191–193, three processes of each alternated; 7 Dec 2026, the 2-core EPYC,
+    ``docs/performance-log.md``).  The package's own kernels are compiled once, at install
+    (``dotattn precompile``), and keep the team."""
+    entry = getattr(kernels, _task_entry(kernels, kernel))
+    if entry is getattr(kernels, kernel):
+        entry(*args, nchunks)
+    elif _one_thread_entries():
+        entry(np.zeros(1, dtype=np.int64), *head, *args)
     else:
-        p.kernels.forward(p.q, p.kp, p.vp, out, lse, p.options, _num_threads())
+        queue = np.zeros(1, dtype=np.int64)
+        _launch.run_chunks(lambda chunk, n: entry(queue, *head, *args), (), nchunks)
+
+
+def _forward_kernel(p: Prepared, out, lse) -> None:
+    """The forward kernel's tasks (:func:`_run_tasks`)."""
+    _run_tasks(p.kernels, "forward", (), (p.q, p.kp, p.vp, out, lse, p.options), _num_threads())
 
 
 # =================================================================================
@@ -1825,13 +1863,12 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dkp = _buffer(grads[0], p.kp.shape[:4] + (D,), T, zero=not rounded)
     dvp = _buffer(grads[1], p.vp.shape[:4] + (Dv,), T, zero=not rounded)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
-    with _kernel_launch(p.kernels, "backward", call.dtype):
-        kernel = p.kernels._backward_chunk if serial else p.kernels.backward
+    with _kernel_launch(p.kernels, "backward", call.dtype, "_backward_chunk" if serial else None):
         args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
         if serial:
-            kernel(np.zeros(1, dtype=np.int64), 1, *args)  # the parallel kernel's chunk, called directly
+            p.kernels._backward_chunk(np.zeros(1, dtype=np.int64), 1, *args)  # the parallel kernel's chunk, called directly
         else:
-            kernel(*args, nchunks)
+            _run_tasks(p.kernels, "backward", (nchunks,), args, nchunks)
     if dq_t:  # summed, transposed and scaled in one pass
         from ._cpu_amx_f32 import dq_from_transposed
         from ._cpu_kernels import dq_from_tiles
@@ -1883,10 +1920,7 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
     with _kernel_launch(p.kernels, "weights", call.dtype):
-        if _one_thread_entries():  # (see _forward_kernel)
-            p.kernels._weights_chunk(np.zeros(1, dtype=np.int64), p.q, p.kp, lse_c, P, p.options)
-        else:
-            p.kernels.weights(p.q, p.kp, lse_c, P, p.options, _num_threads())
+        _run_tasks(p.kernels, "weights", (), (p.q, p.kp, lse_c, P, p.options), _num_threads())
     return P
 
 

@@ -197,3 +197,46 @@ def test_a_call_stopped_before_its_entry_leaves_the_partners_parked(monkeypatch)
 
     assert _launch.on_partners(1, quick_caller, (), quick_partner, ())  # the next call runs as usual
     p.retire()
+
+
+FORKED_POOL = r"""
+import os, threading
+from dotattn.kernels import _launch
+
+def names():
+    started, seen = threading.Event(), {}
+
+    def job(chunk, n):
+        if chunk == 0:
+            started.wait(20)  # the caller's chunk waits until chunk 1 has started somewhere
+        else:
+            seen[chunk] = threading.current_thread().name
+            started.set()
+
+    _launch.run_chunks(job, (), 2)
+    return seen[1]
+
+print("parent", names(), flush=True)  # the parent's executor exists from here on
+pid = os.fork()
+if pid == 0:
+    print("child", names(), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_runs_chunks_on_its_own_pool_threads():
+    """A child forked after the parent's pool started gets a pool of its own: the parent's
+    executor has no threads there, and its tasks never started (the caller ran every chunk)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", FORKED_POOL], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["parent"].startswith("dotattn-small"), done.stdout
+    assert lines["child"].startswith("dotattn-small"), done.stdout

@@ -6,7 +6,7 @@ optimized once more there; the JIT links a caller loaded after the kernel's own 
 entry, and a caller loaded first to its copy.  SwiGLU's copy rounded differently in 985 of
 6,240 outputs, so before ``kernels/_entry_order.py`` the partners' prompt-pass steps gave the
 pool's bits only in a process that had loaded the pool's path first.  The real check runs the
-partners' entries first in a fresh process; the ordering itself is checked in-process.
+partners' or the team's entries first in a fresh process; the ordering itself is checked in-process.
 """
 
 from __future__ import annotations
@@ -24,44 +24,70 @@ from dotattn.kernels._entry_order import load_callee_first
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-# In a fresh process: each family's partner entries first, then the same work on one thread
-# (the kernels' own entries).  Prints one line per comparison: "SAME name" or "DIFF name count".
-PARTNERS_FIRST = r"""
+# In a fresh process: each family's partner entries ("partners") or Numba's team entries ("team")
+# first, then the same work through the kernels' own entries.  Prints one line per comparison:
+# "SAME name 0" or "DIFF name count", and the cache hits of the entries run first (the order
+# matters only for entries loaded from the disk cache: `dotattn precompile`, run by `make
+# install`; a caller compiled in the process compiles its kernel first anyway).
+FIRST_THEN_OWN = r"""
+import sys
 import numpy as np
 import dotattn
 from dotattn import decoding, semantics
-from dotattn.kernels import _cpu_model_ops as ops, _launch, cpu_decode, cpu_small
+from dotattn.kernels import _cpu_decode_kernels as DK, _cpu_model_ops as ops, _cpu_small_kernels as SK
+from dotattn.kernels import _launch, cpu_decode, cpu_small
+
+mode = sys.argv[1]
+team = _launch.on_numba_team if mode == "team" else None
 
 def report(name, got, expected):
     diff = sum(int(np.count_nonzero(a != b)) for a, b in zip(got, expected))
     print(("SAME " if diff == 0 else "DIFF ") + name + " " + str(diff), flush=True)
 
+def hits(*entries):
+    print("HITS " + " ".join(str(sum(e.stats.cache_hits.values())) for e in entries), flush=True)
+
 rng = np.random.default_rng(5)
 n, e, heads, D, f = 130, 64, 3, 16, 48
-x, proj = rng.standard_normal((n, e), dtype=np.float32), rng.standard_normal((n, e), dtype=np.float32)
-table = rng.standard_normal((n + 4, D), dtype=np.float32)
-qkv = rng.standard_normal((n, (heads + 1) * D), dtype=np.float32)
-gate_up = rng.standard_normal((n, 2 * f), dtype=np.float32)
-steps = [
-    ("add_rms_norm", (x, proj, True, rng.standard_normal(e, dtype=np.float32), np.float32(1e-5), np.empty_like(x)), (0, 5)),
-    ("rope", (qkv, np.arange(n, dtype=np.int64), table, table, np.empty((n, heads, D), np.float32)), (4,)),
-    ("swiglu", (gate_up, np.empty((n, f), np.float32)), (1,)),
-]
-for name, args, outs in steps:
-    fresh = lambda: [a.copy() if isinstance(a, np.ndarray) else a for a in args]
-    on_partners = fresh()
-    assert _launch.on_partners(1, ops.chunks_caller, (tuple(on_partners), 2), ops.chunks_partner, (tuple(on_partners), 2))
-    alone = fresh()
-    for chunk in range(2):
-        getattr(ops, name)(*alone, chunk, 2)
-    report(name, [on_partners[i] for i in outs], [alone[i] for i in outs])
+if mode == "partners":
+    x, proj = rng.standard_normal((n, e), dtype=np.float32), rng.standard_normal((n, e), dtype=np.float32)
+    table = rng.standard_normal((n + 4, D), dtype=np.float32)
+    qkv = rng.standard_normal((n, (heads + 1) * D), dtype=np.float32)
+    gate_up = rng.standard_normal((n, 2 * f), dtype=np.float32)
+    steps = [
+        ("add_rms_norm", (x, proj, True, rng.standard_normal(e, dtype=np.float32), np.float32(1e-5), np.empty_like(x)), (0, 5)),
+        ("rope", (qkv, np.arange(n, dtype=np.int64), table, table, np.empty((n, heads, D), np.float32)), (4,)),
+        ("swiglu", (gate_up, np.empty((n, f), np.float32)), (1,)),
+    ]
+    for name, args, outs in steps:
+        fresh = lambda: [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+        first = fresh()
+        assert _launch.on_partners(1, ops.chunks_caller, (tuple(first), 2), ops.chunks_partner, (tuple(first), 2))
+        own = fresh()
+        for chunk in range(2):
+            getattr(ops, name)(*own, chunk, 2)
+        report(name, [first[i] for i in outs], [own[i] for i in outs])
+    hits(ops.chunks_caller)
+else:
+    x, w = rng.standard_normal((3, 64), dtype=np.float32), rng.standard_normal((90, 64), dtype=np.float32)
+    first, own = np.empty((3, 90), np.float32), np.empty((3, 90), np.float32)
+    ops.gemv(x, w, first, 2)
+    ops.gemv_rows(x, w, own, 0, 90)
+    report("gemv", [first], [own])
+    hits(ops.gemv)
 
 cpu_small.cores = lambda: 2
 q, k, v = (rng.standard_normal((2, h, 70, 32)).astype(np.float32) for h in (6, 2, 2))
 call = semantics.normalize(q, k, v, causal=True)
-on_partners = cpu_small.forward(call, threads=2)
-assert _launch._partners is not None and _launch._partners.gen > 3, "the small call did not run on the partners"
-report("small forward", on_partners, cpu_small.forward(call, threads=1))
+if team:
+    with team():
+        first = cpu_small.forward(call, threads=2)
+    hits(SK.forward_team)
+else:
+    first = cpu_small.forward(call, threads=2)
+    assert _launch._partners is not None and _launch._partners.gen > 0, "the small call did not run on the partners"
+    hits(SK.forward_caller)
+report("small forward", first, cpu_small.forward(call, threads=1))
 
 cpu_decode.ParallelChoice.choose = lambda self: True
 cpu_decode.PARALLEL_MIN_BYTES = 0  # (the call reads 3 MB)
@@ -70,22 +96,34 @@ k_cache, v_cache = (rng.standard_normal((B, Hkv, cap, D)).astype(np.float32) for
 q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32)
 lengths = np.array([cap - 1, cap // 2, 700], dtype=np.int64)
 decode = lambda: dotattn.attention_with_kvcache(q, k_cache, v_cache, cache_lengths=lengths, return_lse=True, implementation="cpu")
-gen = _launch._partners.gen
-on_partners = decode()
-assert _launch._partners.gen > gen, "the decode call did not run on the partners"
-cpu_decode.PARALLEL_MIN_BYTES = 1 << 62
-report("decode", on_partners, decode())
+if team:
+    with team():
+        first = decode()
+    assert DK.run_items_team.overloads, "the decode call did not run on the team"
+    hits(DK.run_items_team)
+else:
+    first = decode()
+    assert DK.run_items_caller.overloads, "the decode call did not run on the partners"
+    hits(DK.run_items_caller)
+cpu_decode.USE_PARTNERS = False  # the executor's path: run_items itself, on the caller and a pool thread
+own = decode()
+assert not DK.run_serial.overloads, "the decode call ran serially"
+report("decode", first, own)
 """
 
 
-def test_the_partners_entries_loaded_first_give_the_kernels_own_bits():
+@pytest.mark.parametrize("mode", ["partners", "team"])
+def test_entries_loaded_first_give_the_kernels_own_bits(mode):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", PARTNERS_FIRST], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", FIRST_THEN_OWN, mode], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.split("\n")
     reports = [line for line in lines if line.startswith(("SAME ", "DIFF "))]
-    assert len(reports) == 5, done.stdout
+    assert len(reports) == (5 if mode == "partners" else 3), done.stdout
     assert all(line.startswith("SAME ") for line in reports), done.stdout
+    # the premise: the entries run first were loaded from the disk cache, not compiled here
+    hits = [int(h) for line in lines if line.startswith("HITS ") for h in line.split()[1:]]
+    assert len(hits) == 3 and all(h >= 1 for h in hits), done.stdout
 
 
 def test_a_callers_new_signature_loads_its_callee_first():
@@ -138,5 +176,6 @@ def test_every_partner_and_team_entry_loads_its_kernel_first():
         _cpu_small_kernels.forward_caller, _cpu_small_kernels.forward_partner, _cpu_small_kernels.forward_team,
         _cpu_decode_kernels.run_items_caller, _cpu_decode_kernels.run_items_partner, _cpu_decode_kernels.run_items_team,
         _cpu_kernels.forward, _cpu_kernels.backward, _cpu_kernels.weights,
+        _cpu_model_ops.gemv, _cpu_model_ops.gemm_columns, _cpu_model_ops.gemm_blocks, _cpu_model_ops.gemv_blocks,
     ]
     assert [getattr(e, "_loads_callee_first", False) for e in entries] == [True] * len(entries)

@@ -256,7 +256,8 @@ def gemm_columns(x, w, out, chunks):
     """:func:`gemm_columns_rows` over all ``chunks`` on Numba's team (one chunk per iteration:
     the bits do not depend on which thread runs a chunk)."""
     for c in numba.prange(chunks):
-        gemm_columns_rows(x, w, out, c, c + 1, chunks)
+        # (prange's index is a uint64: as an int64, the one-thread mode's entry)
+        gemm_columns_rows(x, w, out, np.int64(c), np.int64(c) + 1, chunks)
 
 
 # ---- the same products on block-coded weights ------------------------------------------------
@@ -724,6 +725,12 @@ def _chunk_kernel_at(at: int):
 # step, whatever the process ran first (kernels/_entry_order.py)
 load_callee_first(chunks_caller, _chunk_kernel_at(4))
 load_callee_first(chunks_partner, _chunk_kernel_at(3))
+# and each product's one-thread entry (the one-thread mode's) before the team's entry that runs it
+_I64 = types.int64
+load_callee_first(gemv, lambda a: (gemv_rows, (*a[:3], _I64, _I64)))
+load_callee_first(gemm_columns, lambda a: (gemm_columns_rows, (*a[:3], _I64, _I64, _I64)))
+load_callee_first(gemm_blocks, lambda a: (gemm_blocks_rows, (*a[:6], _I64, _I64)))
+load_callee_first(gemv_blocks, lambda a: (gemv_blocks_rows, (*a[:7], _I64, _I64)))
 
 
 def precompile_chunk_entries() -> None:

@@ -354,7 +354,8 @@ def forward_team(args, nchunks):
     (``_launch.on_numba_team``: a caller whose own work runs on that team, whose workers spin
     between its launches)."""
     for chunk in prange(nchunks):
-        forward_chunk(*args, chunk, nchunks)
+        # (prange's index is a uint64: as an int64, the chunk entry of the other paths)
+        forward_chunk(*args, np.int64(chunk), nchunks)
 
 
 def _forward_chunk_of(at: int):

@@ -45,6 +45,16 @@ def _executor():
     return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child has none of its parent's threads: a task given to the parent's executor
+    # would never start (the caller ran every chunk itself).  The child makes its own.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
 _local = threading.local()
 
 

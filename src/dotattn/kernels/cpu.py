@@ -149,8 +149,9 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
     When every user function is self-contained (see :func:`_portable_source`), that copy is
     a real file in :func:`user_kernel_dir`, named by a hash of its whole text and Numba's
     version, and compiled with ``cache=True``: the next process with the same functions
-    loads the machine code from disk instead of compiling (a forward ≈ 40 s, a backward ≈ 28 s
-    on the 2-core EPYC of 7 Dec 2026: the one-thread entries only, :func:`_run_tasks`).  Other
+    loads the machine code from disk instead of compiling (a forward 40–79 s, a backward
+    28–44 s on the 2-core EPYC of 7 Dec 2026, as busy as it was: the one-thread entries only,
+    :func:`_run_tasks`).  Other
     functions (closures, captured arrays, other globals) get an in-memory copy compiled once
     per process.
     """
@@ -422,9 +423,13 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype, entry: str | N
         else:
             where = "in every process: the function captures arrays or objects"
 
-        dispatcher = getattr(kernels, entry or _task_entry(kernels, kernel))  # the one this call compiles
+        dispatcher = getattr(kernels, entry or _task_entry(kernels, kernel))  # the one this call runs
+        # A prange entry loads (or compiles) its one-thread entry first (_entry_order): a miss
+        # of either is this call's compile.
+        chunk = getattr(kernels, f"_{kernel}_chunk", None) if kernel in _TASK_KERNELS else None
+        compiled = [dispatcher] + ([chunk] if chunk is not None and chunk is not dispatcher else [])
         known = len(dispatcher.overloads)
-        misses = _cache_misses(dispatcher)
+        misses = sum(_cache_misses(d) for d in compiled)
         done = threading.Event()
 
         def watch():
@@ -432,7 +437,7 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype, entry: str | N
             while not done.wait(COMPILE_NOTICE_AFTER_S if not noticed else 0.5):
                 if len(dispatcher.overloads) > known:
                     return  # loaded or compiled: the call itself is long
-                if _cache_misses(dispatcher) > misses and not noticed:
+                if sum(_cache_misses(d) for d in compiled) > misses and not noticed:
                     noticed.append(True)
                     print(f"dotattn: compiling the cpu {kernel} kernel{what}, {dtype} ({where}) …", file=sys.stderr, flush=True)
                     return
@@ -496,13 +501,13 @@ def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple,
     pool sharing one queue.  Any thread may run any task: the same bits on every path.
 
     The user's kernels take the pool: a ``prange`` entry links a second copy of the chunk
-    entry into its own module, and LLVM optimizes it again there, so compiling it cost as much
-    again as the chunk entry itself.  A ``mask_mod``'s first forward took 83.4 s through the
-    team's entry and 40.9 s as the chunk entry on the pool, its first backward 56.0 and 27.6 s;
-    the calls ran as fast (B1 H8 L2048 D64, a band: forward 110–116 against 112–113 ms, backward
-    191–216 against 191–193, three processes of each alternated; 7 Dec 2026, the 2-core EPYC,
-    ``docs/performance-log.md``).  The package's own kernels are compiled once, at install
-    (``dotattn precompile``), and keep the team."""
+    entry into its own module, and LLVM optimizes it again there.  A band ``mask_mod``'s first
+    forward (B1 H8 L2048 D64) took 79–98 s through the team's entry and 63–79 s as the chunk
+    entry on the pool, its first backward 65–80 and 36–44 s (three alternated pairs, 7 Dec 2026,
+    the 2-core EPYC, ``docs/performance-log.md``).  The calls themselves: as fast with the
+    team idle; a forward right after a team launch ≈ 10 % slower on the pool (the team's
+    workers spin for a while after a launch).  The package's own kernels are compiled once, at
+    install (``dotattn precompile``), and keep the team."""
     entry = getattr(kernels, _task_entry(kernels, kernel))
     if entry is getattr(kernels, kernel):
         entry(*args, nchunks)
@@ -510,6 +515,11 @@ def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple,
         entry(np.zeros(1, dtype=np.int64), *head, *args)
     else:
         queue = np.zeros(1, dtype=np.int64)
+        # Loaded (or compiled) here on the caller, not by the first pool thread to start: a
+        # compile's error then comes once, from this thread, and Ctrl-C does not wait on it.
+        from numba import typeof
+
+        entry.compile(tuple(typeof(a) for a in (queue, *head, *args)))
         _launch.run_chunks(lambda chunk, n: entry(queue, *head, *args), (), nchunks)
 
 

@@ -191,6 +191,25 @@ def test_a_first_launch_that_compiles_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_team_entry_whose_chunk_entry_compiles_says_so(monkeypatch, capsys):
+    """A prange entry loads or compiles its one-thread entry first (kernels/_entry_order.py):
+    the chunk entry's cache miss is this launch's compile, and the notice says so then."""
+    import time
+    import types
+
+    monkeypatch.setattr(cpu, "COMPILE_NOTICE_AFTER_S", 0.05)
+    fake = types.ModuleType(cpu._KERNEL_MODULE)  # the package's own kernels (not registered)
+    fake.__file__ = cpu._KERNEL_FILE
+    for name in ("weights", "_weights_chunk"):
+        setattr(fake, name, types.SimpleNamespace(overloads={}, stats=types.SimpleNamespace(cache_misses={})))
+    monkeypatch.setattr(cpu, "_launched", set())
+    with cpu._kernel_launch(fake, "weights", np.dtype(np.float32)):
+        fake._weights_chunk.stats.cache_misses["sig"] = 1  # the chunk entry compiles first
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert "compiling the cpu weights kernel, float32 (once: `dotattn precompile` does it at install)" in err
+
+
 def test_a_slow_load_or_a_long_call_says_nothing(monkeypatch, capsys):
     import time
     import types

@@ -168,6 +168,24 @@ def test_a_callers_new_signature_loads_its_callee_first():
     assert order[before] == ("callee", (types.int64, types.int64))
 
 
+def test_a_call_of_another_form_gets_numbas_typing_error():
+    """Arguments the hook cannot read (an int where the entry takes a tuple) reach Numba's own
+    typing, whose error names the call — not an AttributeError from the hook."""
+    from numba.core.errors import TypingError
+
+    @njit
+    def callee(x):
+        return x
+
+    @njit
+    def caller(args):
+        return callee(*args)
+
+    load_callee_first(caller, lambda args: (callee, tuple(args[0].types)))
+    with pytest.raises(TypingError):
+        caller(5)
+
+
 def test_every_partner_and_team_entry_loads_its_kernel_first():
     from dotattn.kernels import _cpu_decode_kernels, _cpu_kernels, _cpu_model_ops, _cpu_small_kernels
 

@@ -38,7 +38,10 @@ def load_callee_first(caller, callee_for: Callable[[tuple], tuple | None]) -> No
     def compile(sig):
         args, _ = sigutils.normalize_signature(sig)
         if tuple(args) not in caller.overloads:
-            first = callee_for(tuple(args))
+            try:
+                first = callee_for(tuple(args))
+            except (AttributeError, IndexError, TypeError):
+                first = None  # arguments of another form: the caller's own typing names the error
             if first is not None:
                 callee, callee_args = first
                 callee.compile(tuple(callee_args))

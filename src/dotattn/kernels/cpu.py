@@ -151,9 +151,8 @@ def kernels_for(score_mod=None, mask_mod=None) -> types.ModuleType:
     version, and compiled with ``cache=True``: the next process with the same functions
     loads the machine code from disk instead of compiling (a forward 40–79 s, a backward
     28–44 s on the 2-core EPYC of 7 Dec 2026, as busy as it was: the one-thread entries only,
-    :func:`_run_tasks`).  Other
-    functions (closures, captured arrays, other globals) get an in-memory copy compiled once
-    per process.
+    :func:`_run_tasks`).  Other functions (closures, captured arrays, other globals) get an
+    in-memory copy compiled once per process.
     """
     if score_mod is None and mask_mod is None:
         return default_kernels()

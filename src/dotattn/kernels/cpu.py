@@ -446,7 +446,7 @@ def _kernel_launch(kernels: types.ModuleType, kernel: str, dtype, entry: str | N
     try:
         with _launch_lock, ONE_BLAS_THREAD:
             _affinity.ensure_pinned()  # (opt-in: DOTATTN_PIN_WORKERS; one lookup when off)
-            yield
+            yield timer is not None  # this process's first launch of the kernel for this dtype
     finally:
         if timer is not None:
             done.set()
@@ -493,7 +493,7 @@ def _task_entry(kernels: types.ModuleType, kernel: str) -> str:
 _TASK_KERNELS = ("forward", "backward", "weights")  # a prange entry over a one-thread entry's tasks
 
 
-def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple, nchunks: int) -> None:
+def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple, nchunks: int, first: bool) -> None:
     """``kernel`` ("forward", "backward", "weights") over its task queue: the ``prange`` entry
     ``kernel(*args, nchunks)`` on Numba's team, or ``_kernel_chunk(queue, *head, *args)`` on
     this thread alone (:func:`_one_thread_entries`) or on ``nchunks`` threads of the ``_launch``
@@ -514,17 +514,18 @@ def _run_tasks(kernels: types.ModuleType, kernel: str, head: tuple, args: tuple,
         entry(np.zeros(1, dtype=np.int64), *head, *args)
     else:
         queue = np.zeros(1, dtype=np.int64)
-        # Loaded (or compiled) here on the caller, not by the first pool thread to start: a
-        # compile's error then comes once, from this thread, and Ctrl-C does not wait on it.
-        from numba import typeof
+        if first:  # (``_kernel_launch``'s: typing the arguments costs ≈ 0.7 ms, so not every call)
+            # Loaded (or compiled) here on the caller, not by the first pool thread to start: a
+            # compile's error then comes once, from this thread, and Ctrl-C does not wait on it.
+            from numba import typeof
 
-        entry.compile(tuple(typeof(a) for a in (queue, *head, *args)))
+            entry.compile(tuple(typeof(a) for a in (queue, *head, *args)))
         _launch.run_chunks(lambda chunk, n: entry(queue, *head, *args), (), nchunks)
 
 
-def _forward_kernel(p: Prepared, out, lse) -> None:
+def _forward_kernel(p: Prepared, out, lse, first: bool) -> None:
     """The forward kernel's tasks (:func:`_run_tasks`)."""
-    _run_tasks(p.kernels, "forward", (), (p.q, p.kp, p.vp, out, lse, p.options), _num_threads())
+    _run_tasks(p.kernels, "forward", (), (p.q, p.kp, p.vp, out, lse, p.options), _num_threads(), first)
 
 
 # =================================================================================
@@ -1678,8 +1679,8 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final:
     if final and not grouped and p.q.dtype == np.uint16:  # bf16 bits: the kernel rounds the rows it writes
         out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=np.uint16)
         lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
-        with _kernel_launch(p.kernels, "forward", call.dtype):
-            _forward_kernel(p, out, lse)
+        with _kernel_launch(p.kernels, "forward", call.dtype) as first:
+            _forward_kernel(p, out, lse, first)
         return out.view(BFLOAT16), lse
     out = np.empty((call.B, call.Hq, call.Lq, call.Dv), dtype=p.T)
     lse = np.empty((call.B, call.Hq, call.Lq), dtype=p.T)
@@ -1693,8 +1694,8 @@ def _run_forward(call: AttentionCall, p: Prepared, grouped: bool = False, final:
         with _kernel_launch(p.kernels, "forward_grouped", call.dtype):
             run_chunks(p.kernels.forward_grouped, args, _num_threads())
         return out, lse
-    with _kernel_launch(p.kernels, "forward", call.dtype):
-        _forward_kernel(p, out, lse)
+    with _kernel_launch(p.kernels, "forward", call.dtype) as first:
+        _forward_kernel(p, out, lse, first)
     return out, lse
 
 
@@ -1872,12 +1873,12 @@ def backward(call: AttentionCall, out, lse, dout, want_dbias: bool = False, bloc
     dkp = _buffer(grads[0], p.kp.shape[:4] + (D,), T, zero=not rounded)
     dvp = _buffer(grads[1], p.vp.shape[:4] + (Dv,), T, zero=not rounded)
     dbias = np.zeros((B, Hq, Lq, call.Lk) if want_dbias else (1, 1, 1, 1), dtype=T)
-    with _kernel_launch(p.kernels, "backward", call.dtype, "_backward_chunk" if serial else None):
+    with _kernel_launch(p.kernels, "backward", call.dtype, "_backward_chunk" if serial else None) as first:
         args = (p.q, p.kp, p.vp, dout_k, lse_c, delta, dq_parts, dkp, dvp, dbias, bool(want_dbias), p.options)
         if serial:
             p.kernels._backward_chunk(np.zeros(1, dtype=np.int64), 1, *args)  # the parallel kernel's chunk, called directly
         else:
-            _run_tasks(p.kernels, "backward", (nchunks,), args, nchunks)
+            _run_tasks(p.kernels, "backward", (nchunks,), args, nchunks, first)
     if dq_t:  # summed, transposed and scaled in one pass
         from ._cpu_amx_f32 import dq_from_transposed
         from ._cpu_kernels import dq_from_tiles
@@ -1928,8 +1929,8 @@ def weights(call: AttentionCall, lse: np.ndarray, block_size=None) -> np.ndarray
     p = prepare(call, block_size)
     P = np.zeros((call.B, call.Hq, call.Lq, call.Lk), dtype=p.T)
     lse_c = _contiguous(np.asarray(lse), p.T)
-    with _kernel_launch(p.kernels, "weights", call.dtype):
-        _run_tasks(p.kernels, "weights", (), (p.q, p.kp, lse_c, P, p.options), _num_threads())
+    with _kernel_launch(p.kernels, "weights", call.dtype) as first:
+        _run_tasks(p.kernels, "weights", (), (p.q, p.kp, lse_c, P, p.options), _num_threads(), first)
     return P
 
 

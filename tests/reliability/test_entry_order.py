@@ -197,3 +197,59 @@ def test_every_partner_and_team_entry_loads_its_kernel_first():
         _cpu_model_ops.gemv, _cpu_model_ops.gemm_columns, _cpu_model_ops.gemm_blocks, _cpu_model_ops.gemv_blocks,
     ]
     assert [getattr(e, "_loads_callee_first", False) for e in entries] == [True] * len(entries)
+
+
+# In a fresh process: decode calls of three cache dtypes, on one thread (``run_serial``, which
+# carries its own copies of the item and merge code) and as work items (``run_items``, the
+# executor's path), in the order given by argv[1].  Prints a digest of each call's bits.
+SERIAL_AND_ITEMS = r"""
+import hashlib, sys
+import ml_dtypes
+import numpy as np
+import dotattn
+from dotattn import decoding
+from dotattn.kernels import _cpu_decode_kernels as DK, cpu_decode
+
+rng = np.random.default_rng(5)
+B, Hq, Hkv, D, cap = 3, 8, 2, 64, 3 * decoding.SPLIT_SIZE
+lengths = np.array([cap - 1, cap // 2, 700], dtype=np.int64)
+cases = {}
+for dt in (np.float32, ml_dtypes.bfloat16, np.float16):
+    cases[np.dtype(dt).name] = [rng.standard_normal(s).astype(dt) for s in ((B, Hq, 1, D), (B, Hkv, cap, D), (B, Hkv, cap, D))]
+
+def run(path, q, k, v):
+    cpu_decode.PARALLEL_MIN_BYTES = (1 << 40) if path == "serial" else 0
+    cpu_decode.ParallelChoice.choose = lambda self: True
+    cpu_decode.USE_PARTNERS = False
+    out, lse = dotattn.attention_with_kvcache(q, k, v, cache_lengths=lengths, return_lse=True, implementation="cpu")
+    return hashlib.sha1(out.tobytes() + lse.tobytes()).hexdigest()
+
+paths = ("serial", "items") if sys.argv[1] == "serial" else ("items", "serial")
+for name, (q, k, v) in cases.items():
+    for path in paths:
+        print("BITS", name, path, run(path, q, k, v), flush=True)
+assert DK.run_serial.overloads and DK.run_items.overloads, "a path did not run"
+print("HITS", sum(DK.run_serial.stats.cache_hits.values()), sum(DK.run_items.stats.cache_hits.values()), flush=True)
+"""
+
+
+def test_one_thread_decode_gives_the_items_bits_whatever_loads_first():
+    """``run_serial`` (one-thread decode calls) compiles its own copies of the item and merge
+    code, not load-ordered like the entries above: its bits must equal ``run_items``' both when
+    it is loaded first and when it is loaded second, for each kind of cache."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    bits = {}
+    for first in ("serial", "items"):
+        done = subprocess.run([sys.executable, "-c", SERIAL_AND_ITEMS, first], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.split("\n")
+        for line in lines:
+            if line.startswith("BITS "):
+                _, name, path, digest = line.split()
+                bits[(first, name, path)] = digest
+        # the premise, as above: both entries came from the disk cache
+        hits = [int(h) for line in lines if line.startswith("HITS ") for h in line.split()[1:]]
+        assert len(hits) == 2 and all(h >= 1 for h in hits), done.stdout
+    assert len(bits) == 12, bits
+    for name in ("float32", "bfloat16", "float16"):
+        assert len({bits[(first, name, path)] for first in ("serial", "items") for path in ("serial", "items")}) == 1, bits

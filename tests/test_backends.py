@@ -671,3 +671,15 @@ def test_a_gradient_through_the_lse_matches_reference(backend, Lq, Lk, Hq, Hkv, 
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"{backend} {name}")
     np.testing.assert_allclose(ours[2], plain[2], rtol=1e-12, atol=1e-13)
     assert not np.allclose(ours[0], plain[0])  # (dlse reached dq)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_alibi_slopes_are_float_slopes(backend):
+    """bfloat16 slopes (ml_dtypes', which NumPy does not count as floating) were refused as
+    "alibi_slopes must be a float array, got dtype bfloat16": they give the float32 slopes' result."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 4, 5, 8)).astype(np.float32) for _ in range(3))
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)  # (exact in bfloat16)
+    want = dotattn.attention(q, k, v, alibi_slopes=slopes, causal=True, implementation=backend)
+    got = dotattn.attention(q, k, v, alibi_slopes=slopes.astype(H.DTYPES[1]), causal=True, implementation=backend)
+    np.testing.assert_array_equal(got, want)

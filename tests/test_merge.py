@@ -173,6 +173,33 @@ def test_torch_matches_numpy_and_differentiates():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf"), 0.0])
+def test_an_empty_parts_output_never_reaches_the_gradients(fill):
+    """An empty part (LSE −inf) contributes nothing whatever its output holds — in the backward
+    too: a NaN or ±inf there made every LSE gradient of its row NaN (0 · NaN through the branch
+    ``where`` drops), though the forward was right."""
+    import torch
+
+    (out, lse), outs, lses = _parts(np.random.default_rng(11), [(0, 4), (4, 9)])
+    t_outs = [torch.tensor(o, requires_grad=True) for o in outs]
+    t_lses = [torch.tensor(s, requires_grad=True) for s in lses]
+    empty_out = torch.full_like(t_outs[0], fill).requires_grad_(True)
+    empty_lse = torch.full_like(t_lses[0], float("-inf")).requires_grad_(True)
+    m_out, m_lse = merge_attention_states([t_outs[0], empty_out, t_outs[1]], [t_lses[0], empty_lse, t_lses[1]])
+    np.testing.assert_allclose(m_out.detach().numpy(), out, atol=1e-13)
+    np.testing.assert_allclose(m_lse.detach().numpy(), lse, atol=1e-13)
+    (m_out.sum() + m_lse.sum()).backward()
+    # the same gradients as the merge without the empty part, and zeros for the empty part
+    r_outs = [torch.tensor(o, requires_grad=True) for o in outs]
+    r_lses = [torch.tensor(s, requires_grad=True) for s in lses]
+    r_out, r_lse = merge_attention_states(r_outs, r_lses)
+    (r_out.sum() + r_lse.sum()).backward()
+    for got, want in zip(t_outs + t_lses, r_outs + r_lses):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-13)
+    assert (empty_out.grad == 0).all() and (empty_lse.grad == 0).all()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
 @pytest.mark.parametrize("target", ["out", "lse-of-the-other-rows", "both"])
 def test_a_row_with_no_part_has_zero_gradients_not_nan(target):
     """A row whose every part is empty (LSE −inf: 0 and −inf out) passes gradient 0 to its

@@ -359,6 +359,19 @@ def _check_no_grad(arrays: dict[str, Any]) -> None:
             )
 
 
+def _check_options_no_grad(alibi_slopes: Any, rotary: Any) -> None:
+    """ALiBi slopes and rotary tables that require grad in a torch call, with grad mode on:
+    refused as q is — the call has no backward, so a model training them would get no gradient
+    and no error (they were converted to host values and used).  A NumPy call, whose result
+    carries no graph anyway, converts them (tests/decoding/test_errors.py)."""
+    named = [("alibi_slopes", alibi_slopes)]
+    if isinstance(rotary, (tuple, list)) and len(rotary) == 2:
+        named += [("rotary[0]", rotary[0]), ("rotary[1]", rotary[1])]
+    tensors = {name: x for name, x in named if getattr(x, "requires_grad", False) is True}
+    if tensors:
+        _check_no_grad(tensors)
+
+
 def _kernel(implementation: str | None):
     """The decode kernel module for ``implementation`` (None: ``cpu`` when Numba is there)."""
     global _cpu_ok
@@ -475,6 +488,8 @@ def _attention_with_kvcache(
     if fw == "torch":
         _torch_ready()  # (once: later calls take _check_library's quick path, device ones too)
         _check_no_grad(arrays)
+        if alibi_slopes is not None or rotary is not None:
+            _check_options_no_grad(alibi_slopes, rotary)
         if not q.is_cpu or implementation == "triton":  # (is_cpu: device.type == "cpu", without the device object)
             # CUDA tensors (or CPU ones under Triton's interpreter): the triton split-KV kernel,
             # validated on stand-ins, appended in place on the device.
@@ -1103,10 +1118,19 @@ class KVCache:
             v_np = None if v_new is None else standin("v_new", v_new)
         k_np = float_array("k_new", k_np)
         self._check_batch("k_new", k_np)
+        # float32 new keys and values may go into a 16-bit cache (as with a float32 q in
+        # attend()), each of the two in either dtype: checked here, as append takes no q (the
+        # check below allows q's dtype, and k_new's alone decided it: (bfloat16, float32) was
+        # refused where (float32, bfloat16) was stored, with a message naming a q)
+        sixteen = self.dtype in SIXTEEN_BIT
+        for name, x in (("k_new", k_np), ("v_new", v_np)):
+            dtype = None if x is None else float_array(name, x).dtype
+            if dtype is not None and dtype != self.dtype and not (sixteen and dtype == _F32):
+                also = " or float32" if sixteen else ""
+                raise AttentionTypeError(f"{name} must have the cache's dtype {self.dtype}{also}, got {dtype}")
         # A query of no rows: the validation of attention_with_kvcache covers the append alone.
         q_shape = (self.batch_size, self.num_kv_heads, 0, self.head_dim)
-        # float32 new keys may go into a 16-bit cache (as with a float32 q in attend()).
-        q_dtype = _F32 if (k_np.dtype == _F32 and self.dtype in SIXTEEN_BIT) else self.dtype
+        q_dtype = _F32 if sixteen else self.dtype
         q_none = np.empty(q_shape if self.layout == "bhld" else (q_shape[0], 0, q_shape[1], q_shape[3]), q_dtype)
         # shapes before lengths and room: new arrays that do not match the cache are told so
         check_shapes(q_none, k_buf, v_buf, k_np, v_np, self._table_or_none(), self.layout)
@@ -1166,6 +1190,8 @@ class KVCache:
         layer = self._layer_index(layer)
         self._check_layer_order(layer)
         fw = self._framework_of("q", q)
+        if fw == "torch" and (alibi_slopes is not None or rotary is not None):
+            _check_options_no_grad(alibi_slopes, rotary)
         for name, x in (("k_new", k_new), ("v_new", v_new)):
             if x is not None:
                 self._framework_of(name, x)

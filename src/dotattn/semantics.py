@@ -680,7 +680,10 @@ def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtyp
     if alibi_slopes is None:
         return None
     arr = np.asarray(alibi_slopes)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == bool:
+    # (bfloat16 is ml_dtypes' type, which NumPy does not count as floating: a bfloat16 model's
+    # slopes were refused as "not a float array")
+    floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16
+    if not (floating or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == bool:
         raise AttentionTypeError(f"alibi_slopes must be a float array, got dtype {arr.dtype}")
     if arr.shape == (Hq,):
         arr = np.broadcast_to(arr, (B, Hq))

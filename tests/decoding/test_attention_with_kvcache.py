@@ -865,3 +865,16 @@ def test_float32_attention_sink_among_many_tiny_weights(B, L, sink, D):
     naive_out, naive_lse = H.naive(q, k, v, scale=1.0)
     H.assert_close_to_reference(out, ref_out, naive_out, name="out")
     H.assert_close_to_reference(lse, ref_lse, naive_lse, name="lse")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_alibi_slopes_give_the_float32_slopes_result(backend):
+    """bfloat16 slopes were refused ("must be a float array, got dtype bfloat16")."""
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 4, 1, 8)).astype(np.float32)
+    k_cache, v_cache = (rng.standard_normal((2, 2, 40, 8)).astype(np.float32) for _ in range(2))
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)  # (exact in bfloat16)
+    call = dict(cache_lengths=np.array([37, 12]), implementation=backend)
+    want = dotattn.attention_with_kvcache(q, k_cache, v_cache, alibi_slopes=slopes, **call)
+    got = dotattn.attention_with_kvcache(q, k_cache, v_cache, alibi_slopes=slopes.astype(C.BFLOAT16), **call)
+    np.testing.assert_array_equal(got, want)

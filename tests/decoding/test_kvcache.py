@@ -684,3 +684,39 @@ def test_one_sequence_is_reset_between_steps_not_within_one(page_size):
         out = cache.attend(q, k, v, layer=layer)
         want, _ = _reference_step([k[0], k[1]], [v[0], v[1]], q)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_append_takes_float32_or_the_cache_dtype_for_each_of_k_and_v(library, dtype):
+    """A 16-bit cache's append took (float32 k, 16-bit v) but refused (16-bit k, float32 v) with a
+    message naming a q that append does not take: k_new's dtype alone decided what v_new could be."""
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    k32, v32 = (rng.standard_normal((1, 2, 3, 4)).astype(np.float32) for _ in range(2))
+    half = np.dtype(C.BFLOAT16) if dtype == "bfloat16" else np.dtype(np.float16)
+
+    def as_library(x):
+        if library == "numpy":
+            return x
+        t = torch.from_numpy(x.view(np.uint16) if x.dtype == C.BFLOAT16 else x)
+        return t.view(torch.bfloat16) if x.dtype == C.BFLOAT16 else t
+
+    def stored(buf):
+        return np.asarray(buf.float() if library == "torch" else buf.astype(np.float32))
+
+    for k_dtype in (np.float32, half):
+        for v_dtype in (np.float32, half):
+            cache = KVCache(1, 2, 4, 8, dtype=dtype, library=library)
+            cache.append(as_library(k32.astype(k_dtype)), as_library(v32.astype(v_dtype)))
+            np.testing.assert_array_equal(stored(cache.k[0][:, :, :3]), k32.astype(half).astype(np.float32))
+            np.testing.assert_array_equal(stored(cache.v[0][:, :, :3]), v32.astype(half).astype(np.float32))
+    cache = KVCache(1, 2, 4, 8, dtype=dtype, library=library)
+    for k, v, name in ((k32.astype(np.float64), v32, "k_new"), (k32, v32.astype(np.float64), "v_new")):
+        with pytest.raises(dotattn.AttentionTypeError, match=f"^{name} must have the cache's dtype {dtype} or float32, got float64$"):
+            cache.append(as_library(k), as_library(v))
+    assert int(cache.lengths[0]) == 0  # nothing stored
+    f32 = KVCache(1, 2, 4, 8, dtype="float32", library=library)
+    with pytest.raises(dotattn.AttentionTypeError, match=f"^v_new must have the cache's dtype float32, got {dtype}$"):
+        f32.append(as_library(k32), as_library(v32.astype(half)))

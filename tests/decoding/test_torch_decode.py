@@ -200,3 +200,28 @@ def test_cache_lengths_of_any_integer_dtype(dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(dotattn.AttentionValueError, match="cache_lengths"):
         dotattn.attention_with_kvcache(*tensors, cache_lengths=torch.tensor([5, 13], dtype=getattr(torch, dtype)))
+
+
+@pytest.mark.parametrize("option", ["alibi_slopes", "rotary"])
+def test_slopes_and_rotary_tables_that_require_grad_are_refused(option):
+    """q, the caches and the new keys were refused when they required grad (no backward here);
+    slopes and rotary tables were used as values, so a model training them got no gradient and
+    no error.  Refused now, on both entries, with nothing written; under no_grad they run."""
+    kw = (
+        dict(alibi_slopes=torch.ones(2, requires_grad=True))
+        if option == "alibi_slopes"
+        else dict(rotary=(torch.ones(8, 4, requires_grad=True), torch.zeros(8, 4)))
+    )
+    name = "alibi_slopes" if option == "alibi_slopes" else r"rotary\[0\]"
+    q, kn = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8)
+    kc, vc = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8)
+    with pytest.raises(dotattn.AttentionValueError, match=f"^{name} requires grad"):
+        dotattn.attention_with_kvcache(q, kc, vc, kn, kn, cache_lengths=1, **kw)
+    assert (kc == 0).all() and (vc == 0).all()
+    cache = dotattn.KVCache(1, 1, 8, 8, library="torch")
+    with pytest.raises(dotattn.AttentionValueError, match=f"^{name} requires grad"):
+        cache.attend(q, kn, kn, **kw)
+    assert int(cache.lengths[0]) == 0
+    with torch.no_grad():
+        out = dotattn.attention_with_kvcache(q, kc, vc, kn, kn, cache_lengths=1, **kw)
+        assert out.shape == (1, 2, 1, 8) and torch.isfinite(out).all()

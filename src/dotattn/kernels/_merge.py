@@ -105,8 +105,11 @@ def merge_torch(outs: list, lses: list, layout: str):
     for part, wi, empty in zip(outs, scale, torch.isneginf(lse)):
         wi, empty = _as_out_axes(wi, layout), _as_out_axes(empty, layout)
         x = part.to(acc)
-        # as merge_numpy: an underflowed weight still carries a part's NaN/±inf, an empty part's never
-        out = out + torch.where(wi != 0, wi * x, torch.where(empty | torch.isfinite(x), zero, x))
+        # as merge_numpy: an underflowed weight still carries a part's NaN/±inf, an empty part's never.
+        # The product takes x only where it is kept: where() passes a zero gradient to the branch
+        # it drops, and 0 · NaN (an empty part's NaN/inf output) made the row's LSE gradients NaN.
+        kept = torch.where(wi != 0, x, zero)
+        out = out + torch.where(wi != 0, wi * kept, torch.where(empty | torch.isfinite(x), zero, x))
     return out.to(_out_dtype([x.dtype for x in outs], torch.float64, torch.float32)), merged_lse
 
 

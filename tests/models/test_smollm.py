@@ -939,6 +939,19 @@ def test_generate_text_stops_at_end_of_turn(model):
     assert len(streamed) > 1 and "".join(streamed) == answer
 
 
+def test_a_batchs_stats_count_every_sequences_tokens(model):
+    """prompt_tokens summed a batch's prompts while new_tokens counted decode steps, so the two
+    rates of a batch were in different units; both now count every sequence's tokens."""
+    model.generate_ids([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4, stop_at_eos=False)
+    stats = model.last_stats
+    assert (stats.prompt_tokens, stats.new_tokens, stats.sequences) == (7, 8, 2)
+    assert stats.decode_tokens_per_s == pytest.approx(6 / stats.decode_seconds)
+    model.generate_ids([1, 2, 3], max_new_tokens=4, stop_at_eos=False)
+    stats = model.last_stats
+    assert (stats.prompt_tokens, stats.new_tokens, stats.sequences) == (3, 4, 1)
+    assert stats.decode_tokens_per_s == pytest.approx(3 / stats.decode_seconds)
+
+
 def test_messages_and_batches_of_prompts(model):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     one = model.generate(messages, max_new_tokens=6)
@@ -1014,6 +1027,27 @@ def test_bad_arguments_name_the_problem(model):
         model.generate(["a", "b"], stream=True)
     with pytest.raises(AttentionValueError, match="temperature must be"):
         model.generate("hi", temperature=float("nan"), stream=True)  # refused at the call, not at next()
+
+
+def test_text_that_is_not_unicode_and_numbers_past_floats_are_refused_by_name(model):
+    """A lone surrogate (bytes decoded with surrogateescape) reached the tokenizer, whose error was
+    "TypeError: TextInputSequence must be str" about a str; an int past float's range as
+    temperature or top_p raised a raw OverflowError."""
+    bad = "caf\udce9"
+    with pytest.raises(AttentionValueError, match=r"^prompt holds a lone surrogate '\\udce9' at index 3"):
+        model.generate(bad, max_new_tokens=1)
+    with pytest.raises(AttentionValueError, match=r"^prompt\[1\] holds a lone surrogate"):
+        model.generate(["ok", bad], max_new_tokens=1)
+    with pytest.raises(AttentionValueError, match=r"^prompt\[0\]\['content'\] holds a lone surrogate"):
+        model.generate([{"role": "user", "content": bad}], max_new_tokens=1)
+    with pytest.raises(AttentionValueError, match=r"^text holds a lone surrogate"):
+        model.encode(bad)
+    with pytest.raises(AttentionValueError, match=r"^messages\[0\]\['content'\] holds a lone surrogate"):
+        model.chat_ids([{"role": "user", "content": bad}])
+    assert model.encode("café") == model.encode(bad.encode("utf-8", "surrogateescape").decode("latin-1"))
+    for name in ("temperature", "top_p"):
+        with pytest.raises(AttentionValueError, match=f"^{name} must be finite and .*, got an int too large for a float$"):
+            model.generate_ids([1, 2], max_new_tokens=1, **{name: 10**400})
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch):

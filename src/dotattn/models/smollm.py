@@ -146,13 +146,17 @@ class Config:
 @dataclass
 class GenerationStats:
     """Timings of the last generation: compute time only (a consumer's time between streamed
-    pieces is not counted).  ``prefill_seconds`` runs to the first new token (prompt pass,
-    output projection, sampling); ``decode_seconds`` covers the ``new_tokens − 1`` that follow."""
+    pieces is not counted).  ``prefill_seconds`` runs to the first new token of each sequence
+    (prompt pass, output projection, sampling); ``decode_seconds`` covers the tokens that
+    follow.  A batch counts every sequence's tokens: ``prompt_tokens`` and ``new_tokens`` are
+    sums over its ``sequences`` (``new_tokens`` counted decode steps before, while
+    ``prompt_tokens`` summed the prompts, so a batch's two rates were in different units)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    sequences: int = 1
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -160,8 +164,8 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        steps = self.new_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+        after_first = self.new_tokens - self.sequences  # (the first tokens come with the prefill)
+        return after_first / self.decode_seconds if after_first > 0 and self.decode_seconds > 0 else float("nan")
 
 
 # ---- the KV cache: the one place that knows how decode attention is done ------------------
@@ -1254,7 +1258,7 @@ class SmolLM:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
         if not isinstance(text, str):
             raise AttentionTypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(_check_text("text", text), add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (token ids in ``[0, vocab)``) without special tokens."""
@@ -1575,7 +1579,7 @@ class SmolLM:
         return self._run_generation(batch, max_new_tokens, temperature, top_p, seed, stop_at_eos)
 
     def _run_generation(self, batch, max_new_tokens, temperature, top_p, seed, stop_at_eos):
-        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in batch))
+        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(ids) for ids in batch), sequences=len(batch))
         if max_new_tokens == 0:
             return
         B = len(batch)
@@ -1604,8 +1608,9 @@ class SmolLM:
                     stats.prefill_seconds = elapsed
                 else:
                     stats.decode_seconds += elapsed
-                stats.new_tokens += 1
-                yield [(b, int(tokens[b])) for b in np.flatnonzero(running)]
+                made = [(b, int(tokens[b])) for b in np.flatnonzero(running)]
+                stats.new_tokens += len(made)
+                yield made
                 if stop_at_eos:
                     running &= ~np.isin(tokens, eos)
                 if step == max_new_tokens - 1 or not running.any():
@@ -1793,12 +1798,31 @@ def _check_int(name: str, value, *, minimum: int) -> int:
 def _check_float(name: str, value, *, minimum: float, maximum: float | None = None, open_minimum: bool = False) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise AttentionTypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    low_ok = value > minimum if open_minimum else value >= minimum
-    if not np.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
-        bounds = f"{'>' if open_minimum else '≥'} {minimum:g}" + (f" and ≤ {maximum:g}" if maximum is not None else "")
-        raise AttentionValueError(f"{name} must be finite and {bounds}, got {value!r}")
-    return value
+    bounds = f"{'>' if open_minimum else '≥'} {minimum:g}" + (f" and ≤ {maximum:g}" if maximum is not None else "")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range (10**400): a raw OverflowError before
+        raise AttentionValueError(
+            f"{name} must be finite and {bounds}, got an int too large for a float"
+        ) from None
+    low_ok = number > minimum if open_minimum else number >= minimum
+    if not np.isfinite(number) or not low_ok or (maximum is not None and number > maximum):
+        raise AttentionValueError(f"{name} must be finite and {bounds}, got {number!r}")
+    return number
+
+
+def _check_text(name: str, text: str) -> str:
+    """``text`` as given, refused where it holds a lone surrogate (U+D800–U+DFFF alone: not
+    Unicode text, e.g. bytes decoded with ``errors='surrogateescape'``), which the tokenizer
+    refused with "TypeError: TextInputSequence must be str" about a str."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AttentionValueError(
+            f"{name} holds a lone surrogate {exc.object[exc.start]!r} at index {exc.start}, which is not "
+            "Unicode text; decode the bytes with errors='replace' (or fix their encoding) first"
+        ) from None
+    return text
 
 
 def _check_messages(messages, name: str) -> list[dict]:
@@ -1809,13 +1833,15 @@ def _check_messages(messages, name: str) -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise AttentionTypeError(f"{name}[{j}] must be a dict with str 'role' and 'content', got {m!r}")
+        _check_text(f"{name}[{j}]['content']", m["content"])
+        _check_text(f"{name}[{j}]['role']", m["role"])
     return [dict(m) for m in messages]
 
 
 def _check_prompts(prompt) -> tuple[list, bool]:
     """``(prompts, single)``: each prompt a str or a list of messages."""
     if isinstance(prompt, str):
-        return [prompt], True
+        return [_check_text("prompt", prompt)], True
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         return [_check_messages(prompt, "prompt")], True
     if isinstance(prompt, (list, tuple)) and prompt:
@@ -1828,7 +1854,7 @@ def _check_prompts(prompt) -> tuple[list, bool]:
         out = []
         for b, p in enumerate(prompt):
             if isinstance(p, str):
-                out.append(p)
+                out.append(_check_text(f"prompt[{b}]", p))
             else:
                 out.append(_check_messages(p, f"prompt[{b}]"))
         return out, False

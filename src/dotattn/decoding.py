@@ -393,9 +393,10 @@ def _kernel(implementation: str | None):
             f"but these are NumPy arrays; use None or one of {list(_IMPLEMENTATIONS)}"
         )
     if implementation not in _IMPLEMENTATIONS:
+        # ('triton' too: torch tensors take it, and a misspelled 'Triton' came here listing the others only)
         raise AttentionValueError(
-            f"implementation must be None or one of {list(_IMPLEMENTATIONS)} for attention_with_kvcache, "
-            f"got {implementation!r}"
+            f"implementation must be None or one of {list(_IMPLEMENTATIONS) + ['triton']} for "
+            f"attention_with_kvcache, got {implementation!r}"
         )
     try:
         module = import_kernel_module(_IMPLEMENTATIONS[implementation])  # (under the kernels' import lock)

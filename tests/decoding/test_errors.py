@@ -81,7 +81,7 @@ BAD = [
     ("rotary-not-pair", _contig, lambda c: dict(rotary=np.ones((4, 4))), AttentionValueError, ["rotary"]),
     ("rotary-too-wide", _contig, lambda c: dict(rotary=C.rope_tables(64, 9)), AttentionValueError, ["rotary", "rotary_dim"]),
     ("rotary-too-short", _contig, lambda c: dict(rotary=C.rope_tables(8, 4)), AttentionValueError, ["rotary", "position"]),
-    ("implementation", _contig, lambda c: dict(implementation="cuda"), AttentionValueError, ["implementation", "numpy"]),
+    ("implementation", _contig, lambda c: dict(implementation="cuda"), AttentionValueError, ["implementation", "numpy", "'triton'"]),
     ("return-lse", _contig, lambda c: dict(return_lse="yes"), AttentionTypeError, ["return_lse"]),
     # audit of 6 Dec: each of these was accepted, or failed with an error not naming the argument
     ("timedelta-lengths", _contig, lambda c: dict(cache_lengths=np.array([5, 9], "m8[s]")), AttentionTypeError, ["cache_lengths", "integers"]),

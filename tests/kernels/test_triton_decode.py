@@ -444,6 +444,51 @@ def test_16bit_caches_decode_at_float32_accuracy(cache, q_magnitude):
     assert err <= 2 * err32 + 1e-6, f"{cache} q×{q_magnitude}: error {err:.3g}, float32's {err32:.3g}"
 
 
+@pytest.mark.parametrize("gap, bound", [(8, 1e-6), (12, 1e-6), (16, 1e-5), (20, 1e-3)])
+def test_float16_weights_far_below_the_chunks_largest_keep_their_share(gap, bound):
+    """One key scores ``gap`` above 149 others whose values are large (60000) while its own is
+    0, so the output is carried by weights e^-gap.  Cut unscaled into float16 terms those fell
+    under float16's normal range (2⁻¹⁴): 6 % off at gap 16, dropped (0.0) at gap 20.  Scaled
+    by 2¹⁵ first, they keep float32's accuracy to about 2⁻²⁹ (gap ≈ 20); past that they lose
+    bits gradually (docs/backends.md) — still far beyond a float16 computation, which drops
+    them at 2⁻²⁴."""
+    import dotattn
+
+    D = 16
+    q = torch.zeros(1, 1, 1, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 200, D, dtype=torch.float16)
+    k[0, 0, 0, 0] = 4.0 * gap  # (the scale is 1/4)
+    v = torch.zeros(1, 1, 200, D, dtype=torch.float16)
+    v[0, 0, 1:] = 60000.0
+    dev = "cuda" if CUDA else "cpu"
+    want = dotattn.attention_with_kvcache(q, k, v, cache_lengths=150, implementation="reference")
+    got = dotattn.attention_with_kvcache(q.to(dev), k.to(dev), v.to(dev), cache_lengths=150,
+                                         implementation=None if CUDA else "triton").cpu()
+    rel = ((got.double() - want.double()).abs() / want.double().abs()).max().item()
+    assert rel <= bound, f"gap {gap}: relative error {rel:.3g}"
+
+
+def test_a_float32_q_row_of_magnitude_past_2_to_127_on_a_float16_cache():
+    """q's rows are scaled by a power of two into float16's range; for a largest magnitude ≥ 2¹²⁷
+    the factor 2⁻¹²⁷ is not a normal float32 and was built as 0.0: the row's scores were all 0,
+    the output the mean of the values (4.5 here, not 9) and the LSE log 10."""
+    import dotattn
+
+    D = 16
+    q = torch.zeros(1, 1, 1, D)
+    q[..., 0] = 2e38
+    k = torch.zeros(1, 1, 10, D, dtype=torch.float16)
+    k[0, 0, :, 0] = torch.linspace(-0.5, 0.5, 10).half()
+    v = torch.arange(10, dtype=torch.float16).view(1, 1, 10, 1).expand(1, 1, 10, D).contiguous()
+    dev = "cuda" if CUDA else "cpu"
+    want, want_lse = dotattn.attention_with_kvcache(q, k, v, cache_lengths=10, return_lse=True, implementation="reference")
+    got, lse = dotattn.attention_with_kvcache(q.to(dev), k.to(dev), v.to(dev), cache_lengths=10, return_lse=True,
+                                              implementation=None if CUDA else "triton")
+    assert torch.equal(got.cpu(), want)  # (9.0: the last key's weight is 1)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-6, atol=0)
+
+
 def test_merge_kernel_keeps_the_rule_of_merge_attention_states():
     """decode_merge against dotattn.merge_attention_states on parts built for each corner:
     empty parts (−inf), a NaN LSE, a part whose weight underflows to 0 while it holds ±inf and

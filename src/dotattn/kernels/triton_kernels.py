@@ -555,8 +555,11 @@ def attn_weights(
 
 # Decoding on tensor cores in float32 precision.  A float32 operand (q, the weights p) is cut
 # into 16-bit terms of the cache's type whose sum is the operand: three bfloat16 terms hold
-# its 24 bits, two float16 terms 22 after the rows of q are scaled by powers of two into
-# float16's range (p ≤ 1 needs none).  Each term times the cache's exact 16-bit values is
+# its 24 bits, two float16 terms 22 after the operand is scaled by a power of two into
+# float16's range: q's rows to a largest magnitude in [1, 2) (or [2, 4) for a row whose largest
+# magnitude is ≥ 2¹²⁷), the weights p ≤ 1 by 2¹⁵ (_P_SCALE: float16's normal numbers end at
+# 2⁻¹⁴, so unscaled a weight under ≈ 6e-5 of the chunk's largest kept a few bits, one under
+# 2⁻²⁵ none, and the second term of one under 2⁻³ lost bits too).  Each term times the cache's exact 16-bit values is
 # exact in the float32 accumulator, so the terms' dots add up to the float32 dot but for the
 # order of the additions — at 2–3 tensor-core dots a tile instead of one float32 dot on the
 # CUDA cores, which spilled registers and read the cache at ~1 % of the H200's bandwidth
@@ -587,13 +590,21 @@ def _split_dot(a, b, TERMS: tl.constexpr):
     return out + _mma(hi, b)
 
 
+# The float16 weights' factor (2¹⁵: p·2¹⁵ ≤ 32768 < float16's largest, 65504) and its inverse.
+_P_SCALE = tl.constexpr(32768.0)
+_P_UNSCALE = tl.constexpr(1.0 / 32768.0)
+
+
 @_helper
 def _pow2_row_scale(q):
-    """Per row of ``q``, the power of two that brings its largest magnitude into [1, 2) (1 for
-    a row of zeros, subnormals or non-finite values) and its inverse — exact factors."""
+    """Per row of ``q``, the power of two that brings its largest magnitude into [1, 2) — into
+    [2, 4) for a largest magnitude ≥ 2¹²⁷, whose factor 2⁻¹²⁷ is not a normal float32 (its
+    exponent bits 0 made the factor 0.0 and zeroed the row) — and its inverse, both exact; 1
+    for a row of zeros, subnormals or non-finite values."""
     amax = tl.max(tl.abs(q), 1)
     e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
     ok = (e > 0) & (e < 255)
+    e = tl.minimum(e, 253)
     up = tl.where(ok, (254 - e) << 23, 127 << 23).to(tl.float32, bitcast=True)
     down = tl.where(ok, e << 23, 127 << 23).to(tl.float32, bitcast=True)
     return up, down
@@ -716,6 +727,8 @@ def decode_split(
             acc = acc + _live_dot(p, live, live, v.to(tl.float32), False)
         elif TERMS == 0:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        elif TERMS == 2:  # (float16 terms: p scaled into their normal range, the product back, exactly)
+            acc = acc * alpha[:, None] + _split_dot(p * _P_SCALE, v, TERMS) * _P_UNSCALE
         else:
             acc = acc * alpha[:, None] + _split_dot(p, v, TERMS)
     out, _ = _softmax_results(acc, m_i, l_i)

@@ -929,3 +929,18 @@ def test_calls_of_many_query_rows_run_in_blocks_of_rows(monkeypatch, name, shape
         assert launched[0] == Lq and launched[1:] == [min(rows, Lq - i0) for i0 in range(0, Lq, rows)], launched
     tiles = {plan.split.consts["BLOCK_R"] for plan in triton_decode._plans.values()}
     assert tiles == ({max(16, triton_decode._next_pow2(G * Lq))} if name.endswith("runs-whole") else {16}), tiles
+
+
+def test_read_only_host_arrays_reach_the_cpu_device_without_torchs_warning():
+    """torch.as_tensor warned "The given NumPy array is not writable" for a call's read-only
+    host arrays on the interpreter's CPU device (seen in a windowed ALiBi call of many rows)."""
+    import warnings
+
+    from dotattn.kernels.triton_decode import host_to_device
+
+    a = np.arange(6, dtype=np.int64).reshape(2, 3)
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (t,) = host_to_device(a, device=torch.device("cpu"))
+    assert torch.equal(t, torch.arange(6).reshape(2, 3))

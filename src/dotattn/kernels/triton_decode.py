@@ -440,7 +440,9 @@ def host_to_device(*arrays, device):
 
     arrays = [np.ascontiguousarray(x) for x in arrays]
     if device.type != "cuda":
-        return tuple(torch.as_tensor(x, device=device) for x in arrays)
+        # (a read-only array is copied: torch.as_tensor warned "The given NumPy array is not
+        # writable" for the call's read-only host arrays; the kernels never write these)
+        return tuple(torch.as_tensor(x if x.flags.writeable else x.copy(), device=device) for x in arrays)
     # each array at a multiple of 16 bytes: every dtype's view of the buffer is aligned, and
     # 16-byte aligned as Triton specializes pointers (the same compiled kernels on every call)
     starts, at = [], 0

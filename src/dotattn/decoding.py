@@ -520,6 +520,10 @@ def _attention_with_kvcache(
             return attention_with_kvcache_tensors(call, *arrays.values(), return_lse=bool(return_lse))
         # (written out, in the order the checks ran before: a generator cost ≈ 1 µs more)
         written = (k_cache, v_cache) if k_new is not None else None
+        if k_new is not None:  # (the tensors' own strides and copy hint, not their NumPy views' byte strides)
+            for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if 0 in t.stride():
+                    check_own_slots(name, tuple(t.shape), tuple(t.stride()), t.numel(), ".clone()")
         q = _as_numpy("q", q)
         k_cache = _as_numpy("k_cache", k_cache, k_new is not None)
         v_cache = _as_numpy("v_cache", v_cache, k_new is not None)

@@ -197,7 +197,9 @@ def test_an_expanded_torch_cache_is_refused():
     torch, case, (q, k, v, kn, vn) = _torch_case()
     k_expanded = k[:1].expand_as(k)
     before = k.numpy().tobytes()  # (bytes: the unused slots hold NaN)
-    with pytest.raises(AttentionValueError, match="k_cache has a zero stride"):
+    # the tensor's strides (elements) and torch's copy, not the NumPy view's byte strides and "a copy"
+    strides = str(tuple(k_expanded.stride())).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(AttentionValueError, match=rf"k_cache has a zero stride \(strides {strides},.*\.clone\(\)"):
         dotattn.attention_with_kvcache(q, k_expanded, v, kn, vn, **case.kwargs())
     assert k.numpy().tobytes() == before
     # read only (no k_new), the same view is a valid cache: every sequence sees sequence 0's keys

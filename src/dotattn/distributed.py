@@ -88,6 +88,11 @@ def shard_bounds(L: int, world_size: int, sharding: str = "zigzag") -> list[list
     """
     _check_sharding(sharding)
     _, P = _check_world(0, world_size)
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)):
+        raise AttentionTypeError(f"L must be an int (the full sequence's length), got {type(L).__name__}")
+    if L < 0:
+        raise AttentionValueError(f"L must be ≥ 0 (the full sequence's length), got {L}")
+    L = int(L)
     n = P if sharding == "contiguous" else 2 * P
     sizes = [L // n + (1 if c < L % n else 0) for c in range(n)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
@@ -294,6 +299,13 @@ def _numpy(t):
     from .torch._convert import to_numpy
 
     return to_numpy("tensor", t)
+
+
+def _small_numpy(name: str, t):
+    """A small argument (slopes, segment ids) as NumPy, any dtype torch has (bfloat16 too)."""
+    from .torch._convert import to_numpy
+
+    return to_numpy(name, t.detach().cpu())
 
 
 def _torch(x: np.ndarray):
@@ -613,6 +625,10 @@ def _group_info(group):
         )
     if group is None:
         group = dist.group.WORLD
+    elif not isinstance(group, dist.ProcessGroup):  # (a str reached get_world_size: AttributeError 'size')
+        raise AttentionTypeError(
+            f"group must be None (the default group) or a torch.distributed ProcessGroup, got {type(group).__name__}"
+        )
     P = dist.get_world_size(group)
     rank = dist.get_rank(group)
     global_ranks = [dist.get_global_rank(group, r) for r in range(P)]
@@ -696,10 +712,11 @@ def _prepare(name, q, k, v, group, options, implementation, *, need_hkv_split=Fa
                     "segment_ids must be one array (..., n) of this rank's shard: sequence-parallel attention is "
                     "self-attention over one sharded sequence"
                 )
-            seg = seg.detach().cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+            # (to_numpy: Tensor.numpy() refused bfloat16 with a bare TypeError)
+            seg = _small_numpy("segment_ids", seg) if isinstance(seg, torch.Tensor) else np.asarray(seg)
         slopes = options.get("alibi_slopes")
         if isinstance(slopes, torch.Tensor):
-            options["alibi_slopes"] = slopes.detach().cpu().numpy()
+            options["alibi_slopes"] = _small_numpy("alibi_slopes", slopes)
         dropout_p, seed = semantics.check_dropout(options["dropout_p"], options["seed"])
         if dropout_p > 0.0 and seed is None:
             info["seed_draw"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -728,7 +745,10 @@ def _prepare(name, q, k, v, group, options, implementation, *, need_hkv_split=Fa
             layout=base.layout,
             sharding=sharding,
             causal=base.causal,
-            window=base.window,
+            # (the window as asked: normalize() clamped it with this shard's lengths — a side of
+            # 2·n or more became None, unbounded, which was wrong for the full sequence of L > n
+            # keys, and uneven shards clamped differently; clamped with L below)
+            window=semantics.check_window(options["window"]),
             scale=base.scale,
             softcap=base.softcap,
             alibi_slopes=base.alibi_slopes,
@@ -744,6 +764,16 @@ def _prepare(name, q, k, v, group, options, implementation, *, need_hkv_split=Fa
         own_error = None
     gathered = _exchange(group, info, name, own_error)
     lengths = [int(g["length"]) for g in gathered]
+    L = sum(lengths)
+    # every rank's shard must be what the sharding gives it of L positions (the blocks' positions
+    # come from the bounds, the buffers from the lengths: a 5/3 split of 8 was attended as 4/4)
+    want = [sum(b - a for a, b in ranges) for ranges in shard_bounds(L, P, info["sharding"])]
+    if lengths != want:
+        raise AttentionValueError(
+            f"{name}: the shards hold {lengths} positions (ranks 0–{P - 1}), but {info['sharding']} sharding of "
+            f"L={L} positions over {P} ranks gives {want}; cut the sequence with dotattn.distributed.shard()"
+        )
+    base = dataclasses.replace(base, window=semantics.clamp_window(info["window"], L, L))
     if base.dropout_p > 0.0:
         seed = info["seed"] if info["seed"] is not None else int(gathered[0]["seed_draw"])
         base = dataclasses.replace(base, seed=seed)
@@ -763,6 +793,11 @@ def _function_class():
     class RingAttentionFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, plan, impl):  # noqa: D401 - autograd hook
+            # saved for their version counters: the ring's backward reads q/k/v again from the
+            # caller's memory (NumPy views), so one changed in place after the forward gave wrong
+            # gradients silently; saved, backward raises torch's "modified by an inplace
+            # operation", as single-process attention does
+            ctx.save_for_backward(q, k, v)
             out_c, lse_c = impl.forward(plan, q.dtype)
             ctx.plan, ctx.impl, ctx.out_c, ctx.lse_c, ctx.dtype = plan, impl, out_c, lse_c, q.dtype
             out = _torch(semantics.finalize_output(plan.base, out_c))
@@ -772,6 +807,7 @@ def _function_class():
 
         @staticmethod
         def backward(ctx, dout, _dlse):
+            ctx.saved_tensors  # noqa: B018 - (the version check: raises if q/k/v changed in place)
             plan = ctx.plan
             dout_c = semantics.canonical_like(plan.base, "dout", _numpy(dout.contiguous()), plan.base.Dv)
             dout_c = np.asarray(dout_c, dtype=plan.base.compute_dtype)

@@ -124,6 +124,49 @@ def case_bad_input(rank, world, *, bad_rank=1, kind="shape", group_timeout=20):
     return dict(type=None)
 
 
+def case_review(rank, world, *, kind):
+    """Faults a review found (7 Dec 2026), each reported by every rank.
+
+    ``"lengths"``: shards of sizes other than the sharding gives (rank 0 one more, rank 1 one
+    less) — the ring attended them as the sharding's sizes, Ulysses failed in NumPy.
+    ``"inplace"``: k changed in place between forward and backward — the ring's backward re-read
+    it and gave wrong gradients.  ``"bfloat16"``: bfloat16 slopes (refused by a bare TypeError
+    from ``Tensor.numpy()``) against the same slopes in float64, and bfloat16 segment ids."""
+    if kind == "lengths":
+        n = 4 + (1 if rank == 0 else -1 if rank == 1 else 0)
+        q = torch.randn(1, 2, n, 4, dtype=torch.float64)
+        found = {}
+        for fn in (dd.ring_attention, dd.ulysses_attention):
+            try:
+                fn(q, q, q, implementation="numpy")
+                found[fn.__name__] = None
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                found[fn.__name__] = f"{type(exc).__name__}: {exc}"
+        return found
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    if kind == "inplace":
+        k_in = k * 1
+        out = dd.ring_attention(q, k_in, v, causal=True, implementation="numpy")
+        with torch.no_grad():
+            k_in.mul_(2)
+        try:
+            out.sum().backward()
+        except RuntimeError as exc:
+            return dict(type=type(exc).__name__, message=str(exc))
+        return dict(type=None)
+    slopes = torch.tensor([0.5, 0.25])
+    with torch.no_grad():
+        want = dd.ring_attention(q, k, v, causal=True, alibi_slopes=slopes.double(), implementation="numpy")
+        got = dd.ring_attention(q, k, v, causal=True, alibi_slopes=slopes.bfloat16(), implementation="numpy")
+        try:
+            dd.ring_attention(q, k, v, segment_ids=torch.zeros(1, 4, dtype=torch.bfloat16), implementation="numpy")
+            seg_error = None
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            seg_error = f"{type(exc).__name__}: {exc}"
+    return dict(same=bool(torch.equal(want, got)), segment_error=seg_error)
+
+
 def case_missing_rank(rank, world, *, absent_rank=1, group_timeout=3, stage="join", late_rank=None, late_s=0.0):
     """``absent_rank`` never joins (stage "join") or dies inside the ring (stage "ring"): the
     others must raise within the group's timeout instead of hanging.  ``late_rank`` gets the
@@ -210,7 +253,8 @@ def case_memory(rank, world, *, n=1024, Hq=4, Hkv=2, D=32, Dv=32, implementation
                 call_backward=state["calls"]["backward"], n=q.shape[-2])
 
 
-CASES = {"run": case_run, "bad_input": case_bad_input, "missing_rank": case_missing_rank, "memory": case_memory}
+CASES = {"run": case_run, "bad_input": case_bad_input, "review": case_review, "missing_rank": case_missing_rank,
+         "memory": case_memory}
 
 
 def main():

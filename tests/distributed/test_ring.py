@@ -45,6 +45,11 @@ CASES = {
     "softcap": dict(softcap=1.5, causal=True),
     "dropout-causal": dict(dropout_p=0.25, seed=11, causal=True),
     "dropout-window-alibi": dict(dropout_p=0.4, seed=2**40 + 3, window=(4, 4), alibi_slopes=SLOPES),
+    # a window side of 2n or more for a shard of n positions: normalize() clamped it to unbounded
+    # with the shard's lengths (wrong for P ≥ 3 here), and uneven shards disagreed about it
+    "window-wider-than-a-shard": dict(L=12, window=(9, 0), causal=True),
+    "window-wider-than-a-shard-contiguous": dict(L=9, window=(8, 0), sharding="contiguous"),
+    "ulysses-window-wider-than-a-shard": dict(fn="ulysses", Hq=24, Hkv=12, L=12, window=(9, 0), causal=True),
     "uneven-causal": dict(L=29, causal=True),  # not a multiple of 2P for P = 2, 3, 4
     "shorter-than-2P": dict(L=5, causal=True),  # some chunks empty (P = 3, 4)
     "blhd-causal": dict(layout="blhd", causal=True, dropout_p=0.1, seed=3),
@@ -208,6 +213,21 @@ def check_bad_input(pool):
         assert "rank 1" in res[r]["message"] and "head dim" in res[r]["message"]
 
 
+def check_review_faults(pool):
+    """Shards of the wrong sizes are refused on every rank, naming the sizes; a k changed in place
+    after the forward makes the backward raise torch's error (as single-process attention); bfloat16
+    slopes give the float64 slopes' result and bfloat16 segment ids the integer-dtype error."""
+    for found in pool.run("review", kind="lengths"):
+        for name in ("ring_attention", "ulysses_attention"):
+            assert found[name] is not None and found[name].startswith("AttentionValueError"), found
+            assert "shards hold [5, 3] positions" in found[name] and "gives [4, 4]" in found[name], found
+    for r in pool.run("review", kind="inplace"):
+        assert r["type"] == "RuntimeError" and "modified by an inplace operation" in r["message"], r
+    for r in pool.run("review", kind="bfloat16"):
+        assert r["same"], r
+        assert r["segment_error"].startswith("AttentionTypeError") and "segment_ids" in r["segment_error"], r
+
+
 def check_disagreement(pool):
     """Ranks that pass different options all raise, naming the option."""
     res = pool.run("bad_input", bad_rank=0, kind="options")
@@ -246,7 +266,7 @@ def check_ulysses_head_rule(pool):
 # importing torch) is paid once per world size, and each check still reports on its own.
 CHECKS = {
     1: [check_float64_cases],  # a one-rank group: no messages at all (gloo cannot send to itself)
-    2: [check_float64_cases, check_every_backend, check_float32, check_memory, check_disagreement,
+    2: [check_float64_cases, check_every_backend, check_float32, check_memory, check_review_faults, check_disagreement,
         check_ulysses_head_rule, check_missing_rank],  # last: it leaves a timed-out subgroup behind
     3: [check_float64_cases, check_float32, check_messages, check_memory, check_bad_input],
     4: [check_float64_cases, check_messages, check_memory],
@@ -286,6 +306,15 @@ def test_shard_unshard_round_trip(sharding, L, P):
 def test_zigzag_pairs_chunk_r_with_its_mirror():
     assert dd.shard_bounds(16, 2, "zigzag") == [[(0, 4), (12, 16)], [(4, 8), (8, 12)]]
     assert dd.shard_bounds(10, 2, "zigzag") == [[(0, 3), (8, 10)], [(3, 6), (6, 8)]]
+
+
+def test_shard_bounds_refuses_a_length_that_is_not_a_count():
+    """shard_bounds(-1, 2) gave ranges ending at −1 and shard_bounds(4.5, 2) odd float bounds."""
+    with pytest.raises(dotattn.AttentionValueError, match="L must be ≥ 0"):
+        dd.shard_bounds(-1, 2)
+    with pytest.raises(dotattn.AttentionTypeError, match="L must be an int"):
+        dd.shard_bounds(4.5, 2)
+    assert dd.shard_bounds(np.int64(4), 2, "contiguous") == [[(0, 2)], [(2, 4)]]
 
 
 def test_sharding_errors_name_the_argument():

@@ -618,6 +618,11 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
 
 def _group_info(group):
     dist = _dist()
+    if group is not None and dist.is_available() and not isinstance(group, dist.ProcessGroup):
+        # (a str reached get_world_size: AttributeError 'str' object has no attribute 'size')
+        raise AttentionTypeError(
+            f"group must be None (the default group) or a torch.distributed ProcessGroup, got {type(group).__name__}"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise DistributedAttentionError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group() first "
@@ -625,10 +630,6 @@ def _group_info(group):
         )
     if group is None:
         group = dist.group.WORLD
-    elif not isinstance(group, dist.ProcessGroup):  # (a str reached get_world_size: AttributeError 'size')
-        raise AttentionTypeError(
-            f"group must be None (the default group) or a torch.distributed ProcessGroup, got {type(group).__name__}"
-        )
     P = dist.get_world_size(group)
     rank = dist.get_rank(group)
     global_ranks = [dist.get_global_rank(group, r) for r in range(P)]

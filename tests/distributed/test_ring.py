@@ -317,6 +317,14 @@ def test_shard_bounds_refuses_a_length_that_is_not_a_count():
     assert dd.shard_bounds(np.int64(4), 2, "contiguous") == [[(0, 2)], [(2, 4)]]
 
 
+def test_a_group_that_is_not_a_process_group_is_refused_by_name():
+    """group="world" reached torch's get_world_size: AttributeError 'str' object has no attribute 'size'."""
+    q = torch.zeros(1, 1, 4, 2)
+    for fn in (dd.ring_attention, dd.ulysses_attention):
+        with pytest.raises(dotattn.AttentionTypeError, match="group must be None .* ProcessGroup, got str"):
+            fn(q, q, q, group="world")
+
+
 def test_sharding_errors_name_the_argument():
     with pytest.raises(dotattn.AttentionValueError, match="sharding must be 'zigzag' or 'contiguous', got 'ring'"):
         dd.shard(np.zeros((4, 2)), 0, 2, "ring")

@@ -667,3 +667,15 @@ def test_bf16_output_with_grad_is_the_kernels_rounding(options):
     nai = naive_grads(q, k, v, do, **options)
     for g, r, n, name in zip(grads, ref, nai, ("dq", "dk", "dv")):
         assert_close_to_reference(g, r, n, name=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_list_of_slopes_reads_as_the_numpy_front_end_reads_it(dtype):
+    """A Python list of ALiBi slopes became a float32 tensor (torch's default dtype), 3e-9 off
+    the NumPy front end's float64 slopes in a float64 call."""
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((1, 3, 5, 8)).astype(dtype) for _ in range(3))
+    slopes = [0.1, 0.3, 0.7]
+    want = dotattn.attention(q, k, v, alibi_slopes=slopes, causal=True)
+    got = dotattn.attention(*(torch.from_numpy(x) for x in (q, k, v)), alibi_slopes=slopes, causal=True)
+    np.testing.assert_array_equal(got.numpy(), want)

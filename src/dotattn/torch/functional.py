@@ -397,6 +397,13 @@ def _as_tensor(name: str, x: Any) -> Optional[Tensor]:
     if x is None or isinstance(x, Tensor):
         return x
     try:
+        if isinstance(x, (list, tuple)):
+            # Python numbers read as NumPy (and the NumPy front end) reads them: floats as
+            # float64 — torch's default dtype made a list of slopes float32, 3e-9 off in a
+            # float64 call
+            arr = np.asarray(x)
+            if arr.dtype != object:
+                return torch.from_numpy(arr)
         return torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise AttentionTypeError(f"{name} must be a tensor or an array, got {type(x).__name__}: {exc}") from exc

@@ -4,8 +4,10 @@ Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1
 the ``interpreter`` fixture for these tests only) on CPU tensors, with 16×16 tiles, so shapes
 of ~40 tokens already span several query and key blocks.  The interpreter is slow (Python per
 tile operation): shapes are tiny, and each case checks the output, the LSE and all gradients
-at once.  float32 and float16 run here; bfloat16 needs a real GPU (the interpreter's bf16
-``tl.dot`` multiplies raw bit patterns) and lives in ``test_triton_gpu.py``.
+at once.  float32 and float16 run here; bfloat16's accuracy needs a real GPU (the
+interpreter's bfloat16 ``tl.dot`` multiplies raw bit patterns — the kernels widen their
+operands there — and it stores bfloat16 by truncation) and lives in ``test_triton_gpu.py``;
+here one test checks bfloat16 to a looser bound.
 
 On a machine with CUDA the same tests run on CUDA tensors with the compiled kernels.
 """
@@ -497,3 +499,24 @@ def test_interpreter_switched_on_too_late_is_refused_with_the_reason():
     assert done.returncode == 0, done.stderr[-3000:]
     if not CUDA:
         assert "TRITON_INTERPRET=1 was set after triton was imported" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_through_the_interpreter_is_attention_not_raw_bits(causal):
+    """Triton's interpreter multiplies bfloat16 tiles' raw bit patterns in ``tl.dot``: a bfloat16
+    call through it returned outputs of ~1e9 and gradients of ~2e9 (7 Dec 2026).  The attention
+    kernels' dots now widen their operands under the interpreter (exact; compiled kernels
+    unchanged).  The bound is looser than the 2× naive rule of the GPU tests
+    (test_triton_gpu.py): the interpreter also rounds float32 to bfloat16 by truncation where
+    it stores the output and gradients."""
+    rng = np.random.default_rng(21)
+    q, k, v = (rng.standard_normal((1, 2, 40, 16)).astype(np.float32) for _ in range(3))
+    bf = [torch.from_numpy(x).to(torch.bfloat16).to(DEVICE).requires_grad_() for x in (q, k, v)]
+    exact = [x.detach().double().cpu().numpy() for x in bf]
+    out = dotattn.attention(*bf, causal=causal, implementation="triton")
+    ref, _ = H.reference(*exact, causal=causal)
+    err = float(np.abs(out.detach().double().cpu().numpy() - ref).max())
+    assert err <= 4 * 2.0**-8 * float(np.abs(ref).max()) + 1e-3, err
+    out.backward(torch.ones_like(out))
+    dq_ref = H.reference_grads(*exact, np.ones_like(ref), causal=causal)[0]
+    assert float(np.abs(bf[0].grad.double().cpu().numpy() - dq_ref).max()) <= 4 * 2.0**-8 * float(np.abs(dq_ref).max()) + 1e-2

@@ -115,11 +115,22 @@ def _visible(rows, cols, b, h, q_len, kv_len, off, tl_off, Lq, Lk, win_left, win
 
 
 @_helper
+def _dot_ieee(a, b):
+    """``tl.dot(a, b, input_precision="ieee")`` (float32 accumulation); under Triton's
+    interpreter the operands are widened to float32 first — exactly: its bfloat16 ``tl.dot``
+    multiplied the raw bit patterns, so a bfloat16 call through it returned outputs of ~1e9
+    (found 7 Dec 2026; compiled kernels are unchanged: ``_WIDEN_DOTS`` is a constexpr)."""
+    if _WIDEN_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@_helper
 def _scores(q, k, vis, rows, cols, b, h, off, Lq, Lk, scale, softcap, BIAS, sbb, sbh, sbm, sbn, SLOPES, Hq,
             HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """float32 scores of a tile in the semantics' order, −inf where ``vis`` hides the pair, and
     tanh(s/c) for the softcap's gradient."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = _dot_ieee(q, tl.trans(k)) * scale
     th = s  # unused without a softcap
     if HAS_SOFTCAP:
         th = _tanh(s / softcap)
@@ -160,7 +171,7 @@ def _live_dot(a, live, pos, b, SIGNED: tl.constexpr):
     bf = b.to(tl.float32)
     finite = (bf - bf) == 0.0  # NaN for NaN and ±inf
     if tl.max((finite == 0).to(tl.int32)) > 0:
-        out = tl.dot(a.to(b.dtype), tl.where(finite, b, 0.0).to(b.dtype), input_precision="ieee")
+        out = _dot_ieee(a.to(b.dtype), tl.where(finite, b, 0.0).to(b.dtype))
         is_nan = bf != bf
         is_inf = (bf == float("inf")) | (bf == float("-inf"))
         sign_code = tl.where(bf == float("inf"), 1.0, tl.where(bf == float("-inf"), 256.0, 0.0)).to(tl.float16)
@@ -187,7 +198,7 @@ def _live_dot(a, live, pos, b, SIGNED: tl.constexpr):
         out = tl.where(down, float("-inf"), out)
         out = tl.where(nan | (up & down), float("nan"), out)
     else:
-        out = tl.dot(a.to(b.dtype), b, input_precision="ieee")
+        out = _dot_ieee(a.to(b.dtype), b)
     return out
 
 
@@ -445,7 +456,7 @@ def attn_bwd_dkdv(
                                 SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
                 live = s != float("-inf")  # pairs that take part; hidden ones never read a value
                 p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)  # a NaN lse stays in the keys it sees
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                dp = _dot_ieee(do, tl.trans(v))
                 if DROPOUT:
                     keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                     pd = tl.where(keep, p * drop_scale, 0.0)
@@ -507,7 +518,7 @@ def attn_bwd_dq(
                             SLOPES, Hq, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI)
             live = s != float("-inf")
             p = tl.where(live, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            dp = _dot_ieee(do, tl.trans(v))
             if DROPOUT:
                 keep = _keep(key, threshold, b, h + g_h0, rows + g_row0, cols + g_col0, g_Hq, g_Lq, g_Lk)
                 dp = tl.where(keep, dp * drop_scale, 0.0)

@@ -37,6 +37,8 @@ def _concrete(name: str, x: Any) -> Any:
     """An option as NumPy; traced values cannot be, and get an explanation instead."""
     if x is None or (name not in _ARRAY_OPTIONS and isinstance(x, (bool, int, float, str, tuple, list))):
         return x
+    if name in semantics.BACKEND_OPTIONS:  # user functions and block masks go to the kernels as they are
+        return x  # (np.asarray made them object arrays, which every call then refused)
     if isinstance(x, jax.core.Tracer):
         raise AttentionTypeError(
             f"{name} is a traced JAX value; implementation={_NAMED[0]!r} runs on the host and needs array "
@@ -103,7 +105,9 @@ def _callback_attention(
         return results[0] if len(results) == 1 else tuple(results)
 
     def forward_callback(q_, k_, v_):
-        return jax.pure_callback(host_forward, (out_struct, lse_struct), q_, k_, v_)
+        # vmap_method: under jax.vmap the host call runs once per mapped element (without one,
+        # vmap raised JAX's NotImplementedError on this path)
+        return jax.pure_callback(host_forward, (out_struct, lse_struct), q_, k_, v_, vmap_method="sequential")
 
     @jax.custom_vjp
     def fused(q_, k_, v_):
@@ -117,7 +121,7 @@ def _callback_attention(
         q_, k_, v_, out, lse = residuals
         dout, _ = cotangents  # the LSE is not differentiable (documented)
         structs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_, k_, v_))
-        return jax.pure_callback(host_backward, structs, q_, k_, v_, out, lse, dout)
+        return jax.pure_callback(host_backward, structs, q_, k_, v_, out, lse, dout, vmap_method="sequential")
 
     fused.defvjp(fused_fwd, fused_bwd)
     out, lse = fused(q, k, v)
@@ -132,7 +136,8 @@ def _callback_attention(
             _, _, w = dispatch.run_forward(c, implementation=implementation, return_weights=True, max_weights_bytes=1 << 62)
             return np.asarray(semantics.finalize_pairwise(c, w), dtype=c.compute_dtype)
 
-        w = jax.pure_callback(host_weights, jax.ShapeDtypeStruct(w_shape, call.compute_dtype), q, k, v)
+        w = jax.pure_callback(host_weights, jax.ShapeDtypeStruct(w_shape, call.compute_dtype), q, k, v,
+                              vmap_method="sequential")
         results.append(jax.lax.stop_gradient(w))
     return results[0] if len(results) == 1 else tuple(results)
 

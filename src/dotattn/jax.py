@@ -20,7 +20,6 @@ softcap, dropout_p, seed, layout) must be Python values.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax

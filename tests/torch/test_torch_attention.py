@@ -679,3 +679,17 @@ def test_a_list_of_slopes_reads_as_the_numpy_front_end_reads_it(dtype):
     want = dotattn.attention(q, k, v, alibi_slopes=slopes, causal=True)
     got = dotattn.attention(*(torch.from_numpy(x) for x in (q, k, v)), alibi_slopes=slopes, causal=True)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_a_second_backward_is_refused_not_cut_off():
+    """Eager calls with grad run an autograd Function whose backward was differentiable in
+    name only: with create_graph=True the gradients came back detached, and a loss using them
+    lost its second-order terms silently (1.0 where the true value is ≈ 1.133).  There is no
+    double backward (docs/torch.md): it raises, as the operator's path does."""
+    from dotattn.torch import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (g,) = torch.autograd.grad(attention(q, k, v).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (g.sum() + q.sum()).backward()

@@ -376,7 +376,11 @@ class _AttentionWithExtras(torch.autograd.Function):
         return out, lse, weights
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse, dweights):
+        # once_differentiable: a second backward (create_graph=True) raises, as the operator's
+        # path does; without it the gradients came back cut off from the graph, and a loss
+        # that used them got its second-order terms dropped silently
         del dweights
         q, k, v, out, lse, bias = ctx.saved_tensors
         want_dbias = bias is not None and ctx.needs_input_grad[3]

@@ -26,6 +26,39 @@ def _static_shape(x) -> tuple[int, ...]:
     return tuple(1 if d is None else int(d) for d in x.shape)
 
 
+# Per array option, how many trailing dims of its shape are not batch dims.
+_OPTION_TAIL = {"mask": 3, "bias": 3, "q_lengths": 0, "kv_lengths": 0, "segment_ids": 1, "alibi_slopes": 1}
+
+
+def _stand_in_shapes(tensors, checked: dict) -> list[tuple[int, ...]]:
+    """Static shapes of q/k/v for the trace-time check, an unknown leading batch dim taking the
+    size an array option gives it where one does (a concrete batch dim > 1), else 1.  With 1
+    throughout, an option of a known batch size — ``kv_lengths`` of shape (2,) under an
+    ``input_signature`` of batch None — was refused with "must have shape (1)", a size the user
+    never gave (those calls ran eagerly)."""
+    hint: dict[int, int] = {}  # batch dim counted from the right (0: the last batch dim) → size
+    for name, value in checked.items():
+        tail = _OPTION_TAIL.get(name)
+        if tail is None or value is None:
+            continue
+        for arr in value if isinstance(value, tuple) else (value,):
+            shape = getattr(arr, "shape", None)
+            if shape is None or (name == "alibi_slopes" and len(shape) < 2):
+                continue
+            batch = tuple(shape)[: len(shape) - tail]
+            for i, size in enumerate(reversed(batch)):
+                if size is not None and size > 1:
+                    hint[i] = max(hint.get(i, 1), int(size))
+    shapes = []
+    for x in tensors:
+        dims = list(x.shape)
+        n_batch = len(dims) - 3
+        shapes.append(tuple(
+            (hint.get(n_batch - 1 - j, 1) if j < n_batch else 1) if d is None else int(d) for j, d in enumerate(dims)
+        ))
+    return shapes
+
+
 def _np_dtype(x):
     return x.dtype.as_numpy_dtype
 
@@ -110,7 +143,7 @@ def attention(
             host_options[name] = checked[name] = value
     extras = {n: host_options.pop(n) for n in list(host_options) if n not in dispatch.OPTION_NAMES}
     checked = {n: x for n, x in checked.items() if n in dispatch.OPTION_NAMES}
-    stand_ins = (semantics.stand_in(_static_shape(x), _np_dtype(x)) for x in (q, k, v))
+    stand_ins = (semantics.stand_in(shape, _np_dtype(x)) for shape, x in zip(_stand_in_shapes((q, k, v), checked), (q, k, v)))
     call = semantics.normalize(*stand_ins, extras=extras, **checked)
     if return_weights:
         semantics.check_weights_size(call, max_weights_bytes)

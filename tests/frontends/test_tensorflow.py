@@ -91,3 +91,25 @@ def test_tf_function_takes_symbolic_masks_lengths_and_seed_with_unknown_batch():
     # values of symbolic options are checked on the host: the error comes back through the callback
     with pytest.raises((ValueError, tf.errors.OpError), match=r"kv_lengths must lie in \[0, 11\]"):
         f(tf.constant(q), tf.constant(k), tf.constant(v), tf.constant(np.array([12, 1])), tf.constant(7))
+
+
+@pytest.mark.parametrize("option", ["kv_lengths", "mask", "bias", "alibi_slopes"])
+def test_options_of_a_known_batch_size_under_an_unknown_batch_dim(option):
+    """Under an input_signature of batch None, the trace-time check ran on batch-1 stand-ins: an
+    option of batch 2 was refused ("kv_lengths must have shape (1), got (2)"; "mask … does not
+    broadcast to (1, 2, 8, 8)"), though the same call ran eagerly.  The stand-ins now take the
+    batch size such an option gives."""
+    from dotattn.tensorflow import attention
+
+    B, H, L, D = 2, 2, 8, 4
+    x = np.random.default_rng(3).standard_normal((B, H, L, D))
+    value = {
+        "kv_lengths": np.array([3, 8]),
+        "mask": np.random.default_rng(4).random((B, 1, 1, L)) < 0.7,
+        "bias": np.random.default_rng(5).standard_normal((B, H, L, L)),
+        "alibi_slopes": np.array([[0.5, 0.25], [0.125, 1.0]]),
+    }[option]
+    spec = [tf.TensorSpec([None, H, L, D], tf.float64)] * 3
+    fn = tf.function(lambda q, k, v: attention(q, k, v, causal=True, **{option: value}), input_signature=spec)
+    want = dotattn.attention(x, x, x, causal=True, implementation="reference", **{option: value})
+    np.testing.assert_allclose(fn(x, x, x).numpy(), want, rtol=0, atol=1e-12)

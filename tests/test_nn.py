@@ -144,8 +144,11 @@ def test_initialization_is_a_function_of_the_seed():
         (dict(embed_dim=0, num_heads=1), AttentionValueError, "embed_dim must be ≥ 1"),
         (dict(embed_dim=8.0, num_heads=1), AttentionTypeError, "embed_dim must be an int"),
         (dict(embed_dim=8, num_heads=2, dtype=np.int32), AttentionTypeError, "dtype must be float16"),
+        # NumPy's own TypeError before, and None gave float64 parameters (np.dtype(None))
+        (dict(embed_dim=8, num_heads=2, dtype="foo"), AttentionTypeError, "dtype must be float16.*got 'foo'"),
+        (dict(embed_dim=8, num_heads=2, dtype=None), AttentionTypeError, "dtype must be float16.*got None"),
     ],
-    ids=["indivisible", "gqa", "zero", "float", "dtype"],
+    ids=["indivisible", "gqa", "zero", "float", "dtype", "dtype-name", "dtype-none"],
 )
 def test_constructor_errors(kwargs, exc_type, fragment):
     with pytest.raises(exc_type, match=fragment):

@@ -87,9 +87,15 @@ class MultiHeadAttention:
         vdim = embed_dim if vdim is None else vdim
         _check_positive_int("kdim", kdim)
         _check_positive_int("vdim", vdim)
-        dtype = np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise AttentionTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+        given = dtype
+        try:
+            # (None is not a dtype here: np.dtype(None) is float64, which the default is not)
+            dtype = np.dtype(dtype) if dtype is not None else None
+        except TypeError:  # ("foo", object(): NumPy's "data type 'foo' not understood")
+            dtype = None
+        if dtype is None or dtype not in FLOAT_DTYPES:  # (`is None` first: a dtype == None is float64's test)
+            shown = dtype if dtype is not None else repr(given)
+            raise AttentionTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {shown}")
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.kdim, self.vdim = head_dim, kdim, vdim

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("safetensors", reason="the 'models' extra is not installed")
 pytest.importorskip("tokenizers", reason="the 'models' extra is not installed")
 
+from dotattn import AttentionTypeError, AttentionValueError  # noqa: E402
 from dotattn.models import MiniLM, default_model_dir  # noqa: E402
 from dotattn.models.minilm import _erf  # noqa: E402
 
@@ -138,6 +139,21 @@ def test_both_compute_paths_match_sentence_transformers(model, reference, comput
     assert np.abs(ours - ref[:5]).max() <= TOLERANCE, _report(ours, ref[:5])
     states, weights = other.forward(other.tokenize(sentences[:2]), return_weights=True)
     assert isinstance(states, np.ndarray) and all(isinstance(w, np.ndarray) for w in weights)
+
+
+def test_sentences_that_are_not_strings_or_not_unicode_are_refused_by_name(model):
+    """tokenize() took a string as its characters; None or an int reached Python's iteration
+    ("'NoneType' object is not iterable"), and a lone surrogate the tokenizer's TypeError."""
+    assert model.tokenize("hello").ids.shape[0] == 1  # one sentence, as encode("hello")
+    for call in (model.encode, model.tokenize):
+        for bad in (None, 5):
+            with pytest.raises(AttentionTypeError, match="sentences must be a string or a sequence of strings"):
+                call(bad)
+        with pytest.raises(AttentionTypeError, match="sentences must be strings, got NoneType at index 1"):
+            call(["a", None])
+        with pytest.raises(AttentionValueError, match=r"sentences\[1\] holds a lone surrogate '\\ud800' at index 2"):
+            call(["ok", "ab\ud800c"])
+    assert model.encode(["a", "b", "c"], batch_size=np.int64(2)).shape == (3, 384)
 
 
 def test_bad_compute_is_refused():

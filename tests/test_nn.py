@@ -174,3 +174,14 @@ def test_call_and_weight_errors():
         mha.set_weights(w_x=np.ones((8, 4)))
     with pytest.raises(AttentionTypeError, match="w_o must be a float array"):
         mha.set_weights(w_o=np.ones((8, 8), dtype=np.int64))
+
+
+def test_a_refused_set_weights_changes_nothing():
+    """set_weights stored each array as it went: a refused w_k left the accepted w_q replaced."""
+    mha = MultiHeadAttention(16, 2)
+    before = mha.get_weights()
+    with pytest.raises(AttentionValueError, match="w_k must have shape"):
+        mha.set_weights(w_q=np.ones((16, 16)), w_k=np.zeros((3, 3)))
+    assert all(np.array_equal(mha.params[n], before[n]) for n in before)
+    mha.set_weights(w_q=np.ones((16, 16)))
+    assert (mha.params["w_q"] == 1).all()

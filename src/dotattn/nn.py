@@ -124,7 +124,10 @@ class MultiHeadAttention:
 
     # ---- weights ---------------------------------------------------------------
     def set_weights(self, **arrays: Any) -> None:
-        """Replace parameters by name (``w_q=…, b_o=…``); each must have its exact shape."""
+        """Replace parameters by name (``w_q=…, b_o=…``); each must have its exact shape.  All or
+        nothing: every array is checked before any is stored (a refused ``w_k`` left an accepted
+        ``w_q`` replaced)."""
+        checked = {}
         for name, value in arrays.items():
             if name not in self._shapes:
                 known = ", ".join(self._shapes)
@@ -135,7 +138,8 @@ class MultiHeadAttention:
                 raise AttentionTypeError(f"{name} must be a float array, got dtype {arr.dtype}")
             if arr.shape != self._shapes[name]:
                 raise AttentionValueError(f"{name} must have shape {self._shapes[name]}, got {arr.shape}")
-            self.params[name] = arr.astype(self.dtype)
+            checked[name] = arr.astype(self.dtype)
+        self.params.update(checked)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """A copy of every parameter by name."""

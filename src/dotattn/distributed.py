@@ -295,17 +295,11 @@ def _wait(works, what: str) -> None:
 # =================================================================================
 
 
-def _numpy(t):
+def _numpy(t, name: str = "tensor"):
+    """A torch CPU tensor as NumPy, any dtype torch has (bfloat16 too: Tensor.numpy() refuses it)."""
     from .torch._convert import to_numpy
 
-    return to_numpy("tensor", t)
-
-
-def _small_numpy(name: str, t):
-    """A small argument (slopes, segment ids) as NumPy, any dtype torch has (bfloat16 too)."""
-    from .torch._convert import to_numpy
-
-    return to_numpy(name, t.detach().cpu())
+    return to_numpy(name, t)
 
 
 def _torch(x: np.ndarray):
@@ -714,10 +708,10 @@ def _prepare(name, q, k, v, group, options, implementation, *, need_hkv_split=Fa
                     "self-attention over one sharded sequence"
                 )
             # (to_numpy: Tensor.numpy() refused bfloat16 with a bare TypeError)
-            seg = _small_numpy("segment_ids", seg) if isinstance(seg, torch.Tensor) else np.asarray(seg)
+            seg = _numpy(seg.detach().cpu(), "segment_ids") if isinstance(seg, torch.Tensor) else np.asarray(seg)
         slopes = options.get("alibi_slopes")
         if isinstance(slopes, torch.Tensor):
-            options["alibi_slopes"] = _small_numpy("alibi_slopes", slopes)
+            options["alibi_slopes"] = _numpy(slopes.detach().cpu(), "alibi_slopes")
         dropout_p, seed = semantics.check_dropout(options["dropout_p"], options["seed"])
         if dropout_p > 0.0 and seed is None:
             info["seed_draw"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))

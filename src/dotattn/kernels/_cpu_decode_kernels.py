@@ -79,8 +79,15 @@ PREFETCH_K_AHEAD, PREFETCH_K_LOCALITY, PREFETCH_V = 1, 3, True
 # bfloat16 10.72 → 9.65, float32 16.11 → 14.18; one thread float16 17.08 → 15.99, bfloat16
 # 17.41 → 16.20 (same bits; docs/decoding-log.md, "16-bit decode at B8 and 32k").  B1 4k
 # (16 MiB, partly cache-resident) stays under it: with the scheme it was 0.94–1.02×.
+# With AVX-512 the threshold is 24 MiB: on the Zen 4 (32 MiB L3) B1 4k float32 (32 MiB of K/V)
+# streamed at half speed without the scheme — bench regime 1.49–1.52 → 0.71–0.72 ms, one thread
+# 4.64 → 2.19 (same bits; docs/decoding-log.md, "The next item asked for at 32 MiB on the
+# Zen 4") — and 16 MiB calls were level with it; on the AMX host of 2 Dec (480 MiB L3, of which a
+# process got ≈ 32–48) the call was level with an 8 MiB threshold (0.949 against 0.928 ms).  The
+# AVX2 Zen 3 ran that call slower with it (1.05 → 1.30 ms): 64 MiB there.  Hints only: the same
+# bits either way (tests/decoding/test_cpu_next_item.py).
 PREFETCH_NEXT_K = True
-PREFETCH_NEXT_MIN_BYTES = 64 << 20
+PREFETCH_NEXT_MIN_BYTES = (24 << 20) if target_has("avx512f") else (64 << 20)
 NEXT_SCHEME = True
 
 

@@ -415,7 +415,11 @@ def _check_rotary(rotary: Any, D: int, lengths: np.ndarray, Lnew: int, Lq: int):
     if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
         raise AttentionValueError(f"rotary must be a pair (cos, sin) of (positions, rotary_dim/2) arrays, got {type(rotary).__name__}")
     # torch tables arrive as NumPy views (dotattn.decoding converts them before this call)
-    cos, sin = (np.asarray(x) for x in rotary)
+    tables = []
+    for name, x in (("rotary cos", rotary[0]), ("rotary sin", rotary[1])):
+        semantics.refuse_masked(name, x)
+        tables.append(x if isinstance(x, np.ndarray) else semantics._from_sequence(name, x))
+    cos, sin = tables
     for name, x in (("rotary cos", cos), ("rotary sin", sin)):
         if x.dtype not in FLOAT_DTYPES:
             raise AttentionTypeError(f"{name} must be a float array, got dtype {x.dtype}")

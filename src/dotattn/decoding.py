@@ -481,7 +481,10 @@ def _attention_with_kvcache(
     # The common NumPy call skips the library scan (a decode step is many small calls).
     written = None  # torch caches the call writes through NumPy views (their version counters)
     nd = np.ndarray
-    plain = type(q) is nd and type(k_cache) is nd and type(v_cache) is nd and (k_new is None or type(k_new) is nd)
+    plain = (
+        type(q) is nd and type(k_cache) is nd and type(v_cache) is nd
+        and (k_new is None or type(k_new) is nd) and (v_new is None or type(v_new) is nd)
+    )
     fw = "numpy"
     if not plain:
         arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
@@ -522,6 +525,7 @@ def _attention_with_kvcache(
         written = (k_cache, v_cache) if k_new is not None else None
         if k_new is not None:  # (the tensors' own strides and copy hint, not their NumPy views' byte strides)
             for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+                _convert_module().check_dense(name, t)  # (a sparse tensor's strides are not its memory's, or raise)
                 if 0 in t.stride():
                     check_own_slots(name, tuple(t.shape), tuple(t.stride()), t.numel(), ".clone()")
         q = _as_numpy("q", q)
@@ -594,6 +598,8 @@ def _resolve_dtype(dtype: Any, library: str):
         if dtype not in names:
             raise AttentionTypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
         dtype = names[dtype]
+    if dtype is None:  # (np.dtype(None) is float64, which the default is not: as nn's layers)
+        raise AttentionTypeError("dtype must be float16, bfloat16, float32 or float64, got None")
     try:
         np_dtype = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
     except TypeError:
@@ -1091,6 +1097,8 @@ class KVCache:
                 f"{name} is a {fw or type(x).__name__} array, but this KVCache holds {self.library} buffers "
                 f"(library={self.library!r})"
             )
+        if fw == "torch":  # (before its shape is read: a nested tensor's raises torch's internal error)
+            _convert_module().check_dense(name, x)
         return fw
 
     @_eager

@@ -85,17 +85,19 @@ def _check_parts(outs: Any, lses: Any, layout: str) -> tuple[list, list]:
     if len(fws) > 1:
         raise AttentionTypeError("outs and lses must all come from one library (NumPy or torch), got a mix")
 
+    if fws == {"torch"}:  # (before any shape is read: a nested tensor's raises torch's internal error)
+        from .torch._convert import check_dense
+
+        for n, seq in (("outs", outs), ("lses", lses)):
+            for i, x in enumerate(seq):
+                check_dense(f"{n}[{i}]", x)
     out_shape = tuple(outs[0].shape)
     if len(out_shape) < 3:
         raise AttentionValueError(f"outs[0] must have at least 3 dims (..., Hq, Lq, Dv), got shape {out_shape}")
     torch_parts = fws == {"torch"}
-    if torch_parts:
-        from .torch._convert import check_dense
     for i, (o, s) in enumerate(zip(outs, lses)):
         for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", s)):
-            if torch_parts:
-                check_dense(name, x)
-            else:
+            if not torch_parts:  # (torch parts: check_dense above)
                 refuse_masked(name, x)
             dt = _dtype_of(x)
             # (`is None` first: np.dtype("float64") == None holds, so None would pass `in`)

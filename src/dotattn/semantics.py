@@ -564,7 +564,15 @@ def int_array(name: str, x: Any) -> np.ndarray:
 
     Values outside int64 are refused with their real value, never wrapped by a cast.
     """
-    arr = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        arr = _from_sequence(name, x)
+        if arr.dtype.kind in "iu" and arr.ndim and isinstance(x, (list, tuple)):
+            # NumPy reads [True, 2] as the ints [1, 2]; a bool is refused in an array, so in a list
+            if any(isinstance(e, (bool, np.bool_)) for e in np.asarray(x, dtype=object).flat):
+                raise AttentionTypeError(f"{name} must hold integers, got a bool among them")
+    else:
+        refuse_masked(name, x)
+        arr = x
     if not isinstance(x, np.ndarray) and arr.dtype.kind == "f":
         # NumPy reads a list holding an int past int64 as float64 (or object): keep exact ints.
         exact = np.asarray(x, dtype=object)
@@ -583,6 +591,17 @@ def int_array(name: str, x: Any) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and int(arr.max()) > _INT64_MAX:
         raise AttentionValueError(f"{name} must fit in int64, got {int(arr.max())}")
     return arr
+
+
+def _from_sequence(name: str, x: Any) -> np.ndarray:
+    """``np.asarray(x)`` for a small argument that is not an array (a list, a scalar): a ragged
+    nested list gets an error naming the argument, not NumPy's "inhomogeneous shape"."""
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise AttentionValueError(
+            f"{name} must be a rectangular array; got a {type(x).__name__} whose nested sequences differ in length"
+        ) from None
 
 
 def _batch_index_array(name: str, x: Any, batch_shape: tuple[int, ...], B: int) -> np.ndarray:
@@ -679,7 +698,8 @@ def _broadcast_pairwise(
 def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtype) -> np.ndarray | None:
     if alibi_slopes is None:
         return None
-    arr = np.asarray(alibi_slopes)
+    refuse_masked("alibi_slopes", alibi_slopes)
+    arr = alibi_slopes if isinstance(alibi_slopes, np.ndarray) else _from_sequence("alibi_slopes", alibi_slopes)
     # (bfloat16 is ml_dtypes' type, which NumPy does not count as floating: a bfloat16 model's
     # slopes were refused as "not a float array")
     floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16

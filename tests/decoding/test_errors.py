@@ -91,6 +91,20 @@ BAD = [
     ("implementation-list", _contig, lambda c: dict(implementation=["cpu"]), AttentionTypeError, ["implementation", "list"]),
     ("masked-q", _contig, lambda c: dict(q=np.ma.masked_array(c.q, mask=False)), AttentionTypeError, ["q", "MaskedArray"]),
     ("masked-k-new", _contig, lambda c: dict(k_new=np.ma.masked_array(c.k_new, mask=True)), AttentionTypeError, ["k_new", "MaskedArray"]),
+    # review of 7 Dec: masked small arguments were read without their masks; ragged lists and
+    # a bool in a list of lengths reached NumPy (an error naming no argument, or [1, 2])
+    ("masked-lengths", _contig, lambda c: dict(cache_lengths=np.ma.masked_array([5, 9], mask=[True, False])),
+     AttentionTypeError, ["cache_lengths", "MaskedArray"]),
+    ("masked-table", _paged, lambda c: dict(block_table=np.ma.masked_array(c.block_table, mask=False)),
+     AttentionTypeError, ["block_table", "MaskedArray"]),
+    ("masked-alibi", _contig, lambda c: dict(alibi_slopes=np.ma.masked_array(np.ones(c.q.shape[1]), mask=False)),
+     AttentionTypeError, ["alibi_slopes", "MaskedArray"]),
+    ("masked-rotary", _contig, lambda c: dict(rotary=tuple(np.ma.masked_array(t, mask=False) for t in C.rope_tables(64, 4))),
+     AttentionTypeError, ["rotary cos", "MaskedArray"]),
+    ("ragged-lengths", _contig, lambda c: dict(cache_lengths=[[5], [9, 1]]), AttentionValueError, ["cache_lengths", "rectangular"]),
+    ("ragged-table", _paged, lambda c: dict(block_table=[[0], [1, 2]]), AttentionValueError, ["block_table", "rectangular"]),
+    ("ragged-alibi", _contig, lambda c: dict(alibi_slopes=[[0.1], [0.1, 0.2]]), AttentionValueError, ["alibi_slopes", "rectangular"]),
+    ("bool-in-length-list", _contig, lambda c: dict(cache_lengths=[True, 9]), AttentionTypeError, ["cache_lengths", "bool"]),
     ("one-array-both-caches", _contig, lambda c: dict(k_cache=c.v_cache), AttentionValueError, ["k_cache and v_cache share memory"]),
     ("zero-stride-cache", _contig, lambda c: dict(k_cache=np.lib.stride_tricks.as_strided(
         c.k_cache, strides=(0,) + c.k_cache.strides[1:], writeable=True)), AttentionValueError, ["k_cache", "zero stride"]),
@@ -280,3 +294,66 @@ def test_a_head_dim_mismatch_names_q_and_the_cache():
     assert (cache.k == k_before).all() and cache.lengths.tolist() == [0, 0]
     with pytest.raises(AttentionValueError, match=message):
         dotattn.attention_with_kvcache(q, cache.k[0], cache.v[0], cache_lengths=0)
+
+
+def test_a_torch_v_new_in_a_numpy_call_is_named_as_the_library_mix():
+    """The NumPy fast path checked k_new's type, not v_new's: a torch v_new got "v_new must be a
+    NumPy array or a torch tensor, got torch.Tensor" (review of 7 Dec)."""
+    torch, case, (q, k, v, kn, vn) = _torch_case()
+    with pytest.raises(AttentionTypeError, match="must come from one library.*v_new is torch"):
+        dotattn.attention_with_kvcache(case.q, case.k_cache, case.v_cache, case.k_new, vn, **case.kwargs())
+
+
+def test_sparse_and_nested_torch_tensors_are_refused_by_name():
+    """A sparse cache taking new tokens got the zero-stride message (COO) or torch's "Sparse CSR
+    tensors do not have strides"; nested tensors got torch's "NestedTensorImpl doesn't support
+    sizes" from every entry (review of 7 Dec)."""
+    import warnings
+
+    torch, case, (q, k, v, kn, vn) = _torch_case()
+    before = k.numpy().tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch: sparse CSR and nested tensors are "beta"/"prototype")
+        csr = k.reshape(-1, k.shape[-1]).nan_to_num().to_sparse_csr()
+        nested = torch.nested.nested_tensor(list(q))
+    for sparse, layout in ((k.nan_to_num().to_sparse(), "sparse_coo"), (csr, "sparse_csr")):
+        with pytest.raises(AttentionTypeError, match=f"k_cache is a torch.{layout} tensor.*to_dense"):
+            dotattn.attention_with_kvcache(q, sparse, v, kn, vn, **case.kwargs())
+    assert k.numpy().tobytes() == before
+    with pytest.raises(AttentionTypeError, match="q is a nested tensor"):
+        dotattn.attention_with_kvcache(nested, k, v, kn, vn, **case.kwargs())
+    with pytest.raises(AttentionTypeError, match="k_new is a nested tensor"):
+        dotattn.attention_with_kvcache(q, k, v, torch.nested.nested_tensor(list(kn)), vn, **case.kwargs())
+    assert k.numpy().tobytes() == before
+    with pytest.raises(AttentionTypeError, match="q is a nested tensor"):
+        dotattn.attention(nested, nested, nested)
+    lse = torch.zeros(q.shape[:3])
+    with pytest.raises(AttentionTypeError, match=r"outs\[0\] is a nested tensor"):
+        dotattn.merge_attention_states([nested, nested], [lse, lse])
+    B, Hkv, _, D = k.shape
+    cache = dotattn.KVCache(B, Hkv, D, 16, library="torch")
+    with pytest.raises(AttentionTypeError, match="k_new is a nested tensor"):
+        cache.append(torch.nested.nested_tensor(list(kn)), vn)
+    with pytest.raises(AttentionTypeError, match="q is a nested tensor"):
+        cache.attend(nested)
+    assert cache.lengths.tolist() == [0] * B
+
+
+def test_kvcache_small_arguments_and_dtype_none():
+    """KVCache.append took a masked ``lengths`` with its hidden entries, a ragged one got NumPy's
+    "inhomogeneous shape", and ``dtype=None`` built float64 buffers (np.dtype(None)) where the
+    default is float32 (review of 7 Dec)."""
+    case = _contig()
+    B, Hkv, _, D = case.k_cache.shape
+    cache = dotattn.KVCache(B, Hkv, D, 16)
+    kn, vn = case.k_new.astype(np.float32), case.v_new.astype(np.float32)
+    with pytest.raises(AttentionTypeError, match="lengths is a numpy.ma.MaskedArray"):
+        cache.append(kn, vn, lengths=np.ma.masked_array([1, 1], mask=[True, False]))
+    with pytest.raises(AttentionValueError, match="lengths must be a rectangular array"):
+        cache.append(kn, vn, lengths=[[1], [1, 1]])
+    assert cache.lengths.tolist() == [0, 0]
+    with pytest.raises(AttentionTypeError, match="dtype must be .* got None"):
+        dotattn.KVCache(B, Hkv, D, 16, dtype=None)
+    with pytest.raises(AttentionTypeError, match="kv_lengths is a numpy.ma.MaskedArray"):
+        x = np.ones((1, 2, 3, 4), np.float32)
+        dotattn.attention(x, x, x, kv_lengths=np.ma.masked_array([3], mask=[True]))

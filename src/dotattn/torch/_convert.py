@@ -105,7 +105,14 @@ _STANDINS: dict[tuple, np.ndarray] = {}
 
 
 def check_dense(name: str, t: torch.Tensor) -> None:
-    """Sparse (and other non-strided) tensors get an error naming the argument, not torch's own."""
+    """Sparse (and other non-strided) tensors get an error naming the argument, not torch's own;
+    so do nested (jagged) tensors, whose layout may say strided ("NestedTensorImpl doesn't
+    support sizes", torch's own, before)."""
+    if t.is_nested:
+        raise AttentionTypeError(
+            f"{name} is a nested tensor; dotattn takes dense tensors — pad it ({name}.to_padded_tensor(0.0)) "
+            "and say which positions count with lengths (kv_lengths=, cache_lengths=)"
+        )
     if t.layout != torch.strided:
         raise AttentionTypeError(
             f"{name} is a {t.layout} tensor; dotattn takes dense tensors — pass {name}.to_dense()"

@@ -487,10 +487,15 @@ def _plan_key(q: Tensor, k: Tensor, v: Tensor, q_lengths, kv_lengths, causal, wi
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     ):
         return None
-    key = semantics.plan_key(
-        q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, dropout_p=dropout_p, layout=layout,
-        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None, implementation=implementation,
-    )
+    try:
+        key = semantics.plan_key(
+            q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, dropout_p=dropout_p, layout=layout,
+            has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None, implementation=implementation,
+        )
+    except RuntimeError:
+        # a tensor without sizes (a nested one: "NestedTensorImpl doesn't support sizes"): the
+        # checked path below refuses it by name (check_dense)
+        return None
     if key is None:
         return None
     return ("torch", k.device.type, v.device.type, q.layout, k.layout, v.layout) + key

@@ -520,3 +520,33 @@ def test_bfloat16_through_the_interpreter_is_attention_not_raw_bits(causal):
     out.backward(torch.ones_like(out))
     dq_ref = H.reference_grads(*exact, np.ones_like(ref), causal=causal)[0]
     assert float(np.abs(bf[0].grad.double().cpu().numpy() - dq_ref).max()) <= 4 * 2.0**-8 * float(np.abs(dq_ref).max()) + 1e-2
+
+
+def test_lazily_negated_tensors_are_read_as_their_values():
+    """A view with torch's negative bit (``z.conj().imag``) holds the values' negatives in its
+    memory; the kernels read memory, so the backend resolves such tensors first (it did not:
+    outputs and gradients 0.97–0.99 off; review of 7 Dec 2026).  q, k, v, bias and dout as
+    negated views give the results of their resolved copies, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+
+    def negated(*shape):
+        z = torch.complex(torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen)).to(DEVICE)
+        t = z.conj().imag
+        assert t.is_neg()
+        return t
+
+    q, k, v, bias, dout = negated(1, 2, 20, 16), negated(1, 2, 24, 16), negated(1, 2, 24, 8), negated(1, 2, 20, 24), negated(1, 2, 20, 8)
+    results = []
+    for resolve in (False, True):
+        ins = [t.resolve_neg() if resolve else t for t in (q, k, v, bias)]
+        leaves = [t.detach().clone() if resolve else t for t in ins]  # (a negated leaf keeps its bit)
+        for t in leaves:
+            t.requires_grad_()
+        out = dtorch.attention(*leaves[:3], bias=leaves[3], causal=True, implementation="triton")
+        out.backward(dout.resolve_neg() if resolve else dout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), *results):
+        assert torch.equal(a, b), f"{name}: a negated view gives other values ({(a - b).abs().max().item():.3g} off)"
+    want = dtorch.attention(q.resolve_neg(), k.resolve_neg(), v.resolve_neg(), bias=bias.resolve_neg(), causal=True,
+                            implementation="reference")
+    torch.testing.assert_close(results[0][0].cpu(), want.cpu(), rtol=1e-4, atol=1e-4)

@@ -290,3 +290,29 @@ def test_nonfinite_inputs_raise_no_numpy_warnings(backend, case):
         out, lse, _ = _forward(backend, q, k, v, opts)
         dout = np.random.default_rng(5).standard_normal(out.shape).astype(q.dtype)
         _backward(backend, q, k, v, out, lse, dout, opts)
+
+
+# =================================================================================
+# scores near float32's limit (docs/semantics.md, "Finite inputs whose scores …")
+# =================================================================================
+
+# (q's first element, k's first elements, scale): finite scores of ≈ 1e38 reached three ways —
+# large q·k, q·k past nothing but a large scale (numpy scales q first), q·k that a small scale
+# brings down.  Every backend gives the largest key's value and LSE = its score.
+LARGE_SCORES = [(1.0, (1e38, 5e37), 1.0), (1e19, (1e19, -1e19), 1.0), (4.0, (0.25, 0.125), 2e37), (2.0, (1e18, 5e17), 1e-2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q0, k0, scale", LARGE_SCORES, ids=["qk", "qk-opposite", "large-scale", "small-scale"])
+def test_finite_scores_up_to_1e38_agree_on_every_backend(backend, q0, k0, scale):
+    """The backends form the scaled scores at different points (numpy scales q first; cpu and
+    triton form q·k; the cpu kernels exponentiate in base 2, so they overflow past ≈ 2.36e38),
+    so near float32's limit they part — documented; up to ≈ 1e38 they must agree."""
+    q = np.zeros((1, 1, 3, 16), np.float32)
+    q[..., 0] = q0
+    k = np.zeros((1, 1, 2, 16), np.float32)
+    k[0, 0, :, 0] = k0
+    v = np.arange(32, dtype=np.float32).reshape(1, 1, 2, 16)
+    out, lse, _ = _forward(backend, q, k, v, dict(scale=scale))
+    np.testing.assert_array_equal(out, np.broadcast_to(v[:, :, :1], out.shape))
+    np.testing.assert_allclose(lse, np.float32(q0 * k0[0] * scale), rtol=1e-6)

@@ -332,6 +332,12 @@ class _Problem:
             k = jnp.where(keep, k, 0)
             v = jnp.where(keep, v, 0)
         self.q = q.reshape(self.B, self.Hkv, self.G, self.Lq, self.D)  # unscaled (dK needs it)
+        # The scores are (q·scale)·k, the numpy backend's order: a product straight out of the
+        # einsum.  As q·k·scale, XLA's CPU code fused the multiply by the scale into each use,
+        # and contracted it into an FMA in exp(s − max) but not in the max: an ulp apart, which
+        # at scores of 1e17 is exp(±1e10) — NaN rows (2e17 with scale 0.1) where every other
+        # backend gives the answer (7 Dec 2026; tests/reliability/test_nonfinite.py).
+        self.qs = self.q * jnp.asarray(cfg.scale, ct)
         self.k, self.v = k, v
 
     # ---- which blocks can hold a visible key -----------------------------------
@@ -410,8 +416,7 @@ class _Problem:
         previous (unshifted) block and are hidden here.  Returns (s, visible | None, tanh).
         """
         cfg, ct = self.cfg, self.ct
-        s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=ct)
-        s = s * jnp.asarray(cfg.scale, ct)
+        s = jnp.einsum("bhgqd,bhkd->bhgqk", qb, kb, preferred_element_type=ct)  # (qb: scaled rows of qs)
         tanh = None
         if cfg.softcap is not None:
             tanh = jnp.tanh(s / jnp.asarray(cfg.softcap, ct))
@@ -486,7 +491,7 @@ def _forward(cfg: Config, *args):
     def query_block(iq):
         i0 = iq * pb.bq
         r = _start(iq, pb.bq, pb.Lq)
-        qb = lax.dynamic_slice_in_dim(pb.q, r, pb.bq, axis=3)
+        qb = lax.dynamic_slice_in_dim(pb.qs, r, pb.bq, axis=3)
         lo, hi = pb.key_block_range(r, r + pb.bq)
 
         def step(jb, carry):
@@ -573,7 +578,7 @@ def _backward(cfg: Config, args, out, lse, dout):
                 r = _start(ib, pb.bq, pb.Lq)
                 qb = lax.dynamic_slice_in_dim(pb.q, r, pb.bq, axis=3)
                 dob = lax.dynamic_slice_in_dim(dout, r, pb.bq, axis=3)
-                s, _, tanh = pb.scores(qb, kb, r, c, i0, j0)
+                s, _, tanh = pb.scores(lax.dynamic_slice_in_dim(pb.qs, r, pb.bq, axis=3), kb, r, c, i0, j0)
                 live = s != -jnp.inf  # pairs that take part; hidden ones never read a value
                 p = jnp.where(live, jnp.exp(s - lax.dynamic_slice_in_dim(lse, r, pb.bq, axis=3)[..., None]), 0)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", dob, vb, preferred_element_type=ct)
@@ -699,7 +704,7 @@ def weights(cfg: Config, q, k, v, bias=None, mask=None, q_len=None, kv_len=None,
     pb = _Problem(full, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg, slopes, key)
     if pb.Lq == 0 or pb.Lk == 0:
         return jnp.zeros((pb.B, pb.Hq, pb.Lq, pb.Lk), pb.ct)
-    s, _, _ = pb.scores(pb.q, pb.k, 0, 0, None, 0)
+    s, _, _ = pb.scores(pb.qs, pb.k, 0, 0, None, 0)
     live = s != -jnp.inf
     m = s.max(axis=-1, keepdims=True)  # NaN for a NaN row
     seen = m != -jnp.inf

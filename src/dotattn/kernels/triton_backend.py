@@ -341,12 +341,22 @@ class TritonBackend:
             reasons.append(head_dims)
         return reasons
 
-    # Tensor entry points (the torch front end calls these; see the module docstring).
+    # Tensor entry points (the torch front end calls these; see the module docstring).  The
+    # kernels read the tensors' memory: a lazily negated view (``z.conj().imag``, torch's
+    # negative bit) holds the values' negatives there, so such tensors are resolved first, as
+    # the CPU path's NumPy views (torch/_convert.to_numpy) and the decode path are — it read
+    # them un-negated until 7 Dec 2026 (outputs 0.99 off).
     def forward_tensors(self, call, q, k, v, mask, bias):
-        return forward(call, q, k, v, mask, bias)
+        return forward(call, *_resolved(q, k, v, mask, bias))
 
     def backward_tensors(self, call, q, k, v, out, lse, dout, dlse, mask, bias, want_dbias):
-        return backward(call, q, k, v, out, lse, dout, dlse, mask, bias, want_dbias)
+        return backward(call, *_resolved(q, k, v, out, lse, dout, dlse, mask, bias), want_dbias)
 
     def weights_tensors(self, call, q, k, mask, bias, lse):
-        return weights(call, q, k, mask, bias, lse)
+        return weights(call, *_resolved(q, k, mask, bias, lse))
+
+
+def _resolved(*tensors):
+    """The tensors with torch's lazy negation and conjugation bits resolved (None kept; a
+    tensor without them is returned as it is, no copy)."""
+    return [t if t is None or not (t.is_neg() or t.is_conj()) else t.resolve_neg().resolve_conj() for t in tensors]

@@ -349,6 +349,8 @@ def _check_library(arrays: dict[str, Any]) -> str:
 
 def _check_no_grad(arrays: dict[str, Any]) -> None:
     torch = sys.modules["torch"]  # a torch tensor came: torch is imported
+    # (forward-mode tangents whatever the grad mode: the call would drop them silently)
+    _convert_module().check_no_forward_ad("attention_with_kvcache", **arrays)
     if not torch.is_grad_enabled():
         return
     for name, x in arrays.items():

@@ -486,6 +486,69 @@ def test_meta_tensors_give_shapes_without_running_a_kernel():
     assert out.shape == (2, 7, 4, 5) and lse.shape == (2, 4, 7)
 
 
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_meta_shapes_are_the_eager_shapes_for_every_rank(ndim, layout):
+    """The fake (meta) forward gave a 3-D "blhd" call an LSE of (Lq, Hq) and weights of
+    (Lq, Hq, Lk) where eager gives (Hq, Lq) and (Hq, Lq, Lk) — torch.compile's inductor then
+    failed on the size check (review of 7 Dec 2026); a list of segment ids went the same way."""
+    lead = (2, 3, 4, 5)[: ndim - 2]  # batch dims, then Hq where there is one
+    if layout == "blhd" and ndim >= 3:
+        shapes = [lead[:-1] + (L, lead[-1], d) for L, d in ((5, 4), (7, 4), (7, 3))]
+    else:
+        shapes = [lead + (L, d) for L, d in ((5, 4), (7, 4), (7, 3))]
+    q, k, v = (torch.randn(s) for s in shapes)
+    eager = dotattn.attention(q, k, v, layout=layout, return_lse=True, return_weights=True)
+    meta = dotattn.attention(*(t.to("meta") for t in (q, k, v)), layout=layout, return_lse=True, return_weights=True)
+    assert [tuple(t.shape) for t in meta] == [tuple(t.shape) for t in eager]
+    if ndim == 3:  # segment ids as a Python list (one array of shape (Lq,))
+        ids = [0, 0, 1, 1, 1]
+        got = dotattn.attention(q, q, q, layout=layout, segment_ids=ids)
+        want = dotattn.attention(q, q, q, layout=layout, segment_ids=torch.tensor(ids))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", ["mask", "kv_lengths", "alibi_slopes", "segment_ids"])
+def test_an_option_changed_in_place_before_the_backward_raises(option):
+    """The eager autograd Function kept the array options as a plain attribute, and its backward
+    recomputes from them: one changed in place after the forward gave gradients 0.4–1.7 off,
+    silently (review of 7 Dec 2026).  Saved, torch raises its in-place error, as on the
+    operator's path."""
+    q, k, v = (torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    opts = dict(mask=torch.rand(1, 1, 4, 4) > 0.3, kv_lengths=torch.tensor([3]),
+                alibi_slopes=torch.tensor([0.3, 0.6], dtype=torch.float64), segment_ids=torch.tensor([[0, 0, 1, 1]]))
+    opts["mask"][..., 0] = True
+    out = dotattn.attention(q, k, v, **{option: opts[option]})
+    opts[option].fill_(1 if option != "mask" else True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    """dotattn has no JVP rule: dual tensors' tangents came out None and torch.func.jvp/jacfwd
+    gave zeros, silently (review of 7 Dec 2026); now each is refused by name."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    with fwAD.dual_level():
+        with pytest.raises(dotattn.AttentionTypeError, match="q carries a forward-mode tangent"):
+            dotattn.attention(fwAD.make_dual(q, torch.ones_like(q)), k, v)
+        with pytest.raises(dotattn.AttentionTypeError, match="bias carries a forward-mode tangent"):
+            dotattn.attention(q, k, v, bias=fwAD.make_dual(torch.zeros(4, 4, dtype=torch.float64), torch.ones(4, 4, dtype=torch.float64)))
+        dotattn.attention(fwAD.make_dual(q, torch.ones_like(q)).detach(), k, v)  # no tangent: runs
+    for transform in (lambda f: torch.func.jvp(f, (q,), (torch.ones_like(q),)), lambda f: torch.func.jacfwd(f)(q)):
+        with pytest.raises(dotattn.AttentionTypeError, match="no forward-mode derivative"):
+            transform(lambda a: dotattn.attention(a, k, v))
+    with torch.no_grad(), fwAD.dual_level():
+        with pytest.raises(dotattn.AttentionTypeError, match="q carries a forward-mode tangent.*attention_with_kvcache"):
+            dotattn.attention_with_kvcache(fwAD.make_dual(q[:, :, :1], torch.ones_like(q[:, :, :1])), k, v,
+                                           cache_lengths=4)
+    # reverse mode is untouched
+    qg = q.clone().requires_grad_()
+    dotattn.attention(qg, k, v).sum().backward()
+    assert torch.isfinite(qg.grad).all()
+
+
 def test_torch_inside_the_package_is_the_real_torch():
     from dotattn.torch import functional, layers
 

@@ -123,6 +123,34 @@ def check_dense(name: str, t: torch.Tensor) -> None:
 _is_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
 
 
+import torch.autograd.forward_ad as _forward_ad  # noqa: E402  (torch is imported above)
+
+
+def check_no_forward_ad(where: str, **tensors) -> None:
+    """Forward-mode AD (``torch.autograd.forward_ad``'s dual tensors, ``torch.func.jvp`` and
+    ``jacfwd``) is refused: dotattn has no JVP rule, and the tangents came out as None or zeros,
+    silently (until 7 Dec 2026).  Costs one attribute read when no dual level is active."""
+    if _forward_ad._current_level < 0:
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise AttentionTypeError(_forward_ad_message(where, name))
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            raise AttentionTypeError(_forward_ad_message(where, None))
+
+
+def _forward_ad_message(where: str, name: str | None) -> str:
+    what = f"{name} carries a forward-mode tangent" if name else "the call runs under torch.func.jvp/jacfwd"
+    return (
+        f"{what}, but {where} has no forward-mode derivative (JVP); use reverse mode "
+        "(backward(), torch.func.grad, jacrev) instead"
+    )
+
+
 def check_not_transformed(name: str, t: torch.Tensor) -> None:
     """A tensor inside a ``torch.func`` transform (``vmap``'s batched tensors, ``grad``'s) has no
     memory of its own to view or write: refused by name, not by torch's "Cannot access data

@@ -42,7 +42,9 @@ from torch import Tensor
 from .. import dispatch, registry, semantics
 from ..errors import AttentionTypeError, AttentionValueError
 from ..semantics import DEFAULT_MAX_WEIGHTS_BYTES
-from ._convert import check_dense, check_device, check_torch_llvm_order, compute_dtype, from_numpy, standin, to_numpy
+from ._convert import (
+    check_dense, check_device, check_no_forward_ad, check_torch_llvm_order, compute_dtype, from_numpy, standin, to_numpy,
+)
 
 # The operators' tensor inputs after q, k, v, in schema order (also the order saved for backward).
 _ARRAY_OPTIONS = (
@@ -273,7 +275,9 @@ def _attention_fwd(
 
 def _lse_shape(q: Tensor, layout: str) -> tuple:
     """(..., Hq, Lq) from q's shape — by shape arithmetic only, so symbolic sizes pass."""
-    if q.dim() <= 3 or layout == "bhld":
+    # (3-D "blhd" is (Lq, Hq, D): its LSE is (Hq, Lq), as 4-D's — taken for bhld until 7 Dec
+    # 2026, so meta tensors and torch.compile's inductor got (Lq, Hq))
+    if q.dim() <= 2 or layout == "bhld":
         return tuple(q.shape[:-1])
     return tuple(q.shape[:-3]) + (q.shape[-2], q.shape[-3])
 
@@ -369,8 +373,12 @@ class _AttentionWithExtras(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, arrays, sc, return_weights, max_weights_bytes, extras):
         arrays = dict(arrays, bias=bias)
         out, lse, weights = _forward_body(q, k, v, arrays, sc, return_weights, max_weights_bytes, extras)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.arrays, ctx.sc, ctx.extras = arrays, sc, extras
+        # the array options too (mask, lengths, slopes, segment ids): the backward recomputes
+        # from them, so one changed in place since would give wrong gradients silently — saved,
+        # torch raises its in-place error, as on the operator's path (before 7 Dec 2026 they
+        # were kept as a plain attribute: gradients 0.4–1.7 off)
+        ctx.save_for_backward(q, k, v, out, lse, *(arrays[name] for name in _ARRAY_OPTIONS))
+        ctx.sc, ctx.extras = sc, extras
         ctx.mark_non_differentiable(weights)
         ctx.set_materialize_grads(False)
         return out, lse, weights
@@ -382,11 +390,12 @@ class _AttentionWithExtras(torch.autograd.Function):
         # path does; without it the gradients came back cut off from the graph, and a loss
         # that used them got its second-order terms dropped silently
         del dweights
-        q, k, v, out, lse, bias = ctx.saved_tensors
+        q, k, v, out, lse, *array_opts = ctx.saved_tensors
+        arrays = dict(zip(_ARRAY_OPTIONS, array_opts, strict=True))
+        bias = arrays["bias"]
         want_dbias = bias is not None and ctx.needs_input_grad[3]
         if dout is None:
             dout = torch.zeros_like(out)
-        arrays = dict(ctx.arrays, bias=bias)
         dq, dk, dv, dbias = _backward_body(dout, dlse, q, k, v, out, lse, arrays, ctx.sc, want_dbias, ctx.extras)
         return dq, dk, dv, (dbias if want_dbias else None), None, None, None, None, None
 
@@ -576,6 +585,7 @@ def attention(
 
     Returns ``out``; ``(out, lse)``; ``(out, weights)``; or ``(out, lse, weights)``.
     """
+    check_no_forward_ad("dotattn.torch.attention", q=q, k=k, v=v, bias=bias, alibi_slopes=alibi_slopes)
     plan_key = None
     if (
         type(q) is Tensor

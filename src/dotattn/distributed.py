@@ -541,8 +541,11 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
         # calls: it had half a step of compute to travel, and parts completing later (a
         # zigzag step's second K chunk) go straight in instead of being held too.
         left: dict = {}
+        # (the heads' whole range in the key: a zigzag rank's two query chunks may split the K/V
+        # heads into calls differently — 1,025 rows against 1,024 at the per-call budget — and
+        # keyed by the first head alone their parts collided: a shape error at L 4,097)
         for _, kc, _, hks, _ in calls:
-            left[kc, hks.start] = left.get((kc, hks.start), 0) + 1
+            left[kc, hks.start, hks.stop] = left.get((kc, hks.start, hks.stop), 0) + 1
         held: dict = {}  # (k chunk, K/V heads) → [k slice, K/V heads, dk part, dv part]
         arrived = t == 0  # step 0: our own shard, the accumulator starts here (zeroed)
         for i, (qs, kc, hs, hks, call) in enumerate(calls):
@@ -552,7 +555,7 @@ def _ring_backward(plan: _Plan, out_c, lse_c, dout_c, torch_dtype):
             )
             dq[:, hs, qs] += gq
             del gq, call
-            key = (kc, hks.start)
+            key = (kc, hks.start, hks.stop)
             left[key] -= 1
             if t == 0:
                 dk[:, hks, plan.k_slice(src, kc)] += gk
@@ -663,7 +666,9 @@ def _exchange(group, info: dict, what: str, own_error: BaseException | None) -> 
 
 def _same(a, b) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and np.array_equal(a, b)
+        # (equal_nan: the same NaN slopes on every rank are the same option, as one process takes it)
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+                and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
     return a == b
 
 
@@ -732,6 +737,9 @@ def _prepare(name, q, k, v, group, options, implementation, *, need_hkv_split=Fa
                            if label == "k/v" else "")
                     )
         info.update(
+            # (which function: ring_attention on one rank and ulysses_attention on another
+            # passed every other check and waited for the group's timeout, then blamed a rank)
+            function=name,
             length=base.Lq,
             segment_ids=base.q_segment_ids,
             batch=base.batch_shape,
@@ -792,17 +800,19 @@ def _function_class():
             # caller's memory (NumPy views), so one changed in place after the forward gave wrong
             # gradients silently; saved, backward raises torch's "modified by an inplace
             # operation", as single-process attention does
-            ctx.save_for_backward(q, k, v)
             out_c, lse_c = impl.forward(plan, q.dtype)
             ctx.plan, ctx.impl, ctx.out_c, ctx.lse_c, ctx.dtype = plan, impl, out_c, lse_c, q.dtype
             out = _torch(semantics.finalize_output(plan.base, out_c))
             lse = _torch(semantics.finalize_lse(plan.base, lse_c))
+            # out and lse too: they are views of the out_c/lse_c the backward reads, so one
+            # changed in place gave wrong gradients silently (until 7 Dec 2026)
+            ctx.save_for_backward(q, k, v, out, lse)
             ctx.mark_non_differentiable(lse)
             return out, lse
 
         @staticmethod
         def backward(ctx, dout, _dlse):
-            ctx.saved_tensors  # noqa: B018 - (the version check: raises if q/k/v changed in place)
+            ctx.saved_tensors  # noqa: B018 - (the version check: raises if q/k/v/out/lse changed in place)
             plan = ctx.plan
             dout_c = semantics.canonical_like(plan.base, "dout", _numpy(dout.contiguous()), plan.base.Dv)
             dout_c = np.asarray(dout_c, dtype=plan.base.compute_dtype)

@@ -55,7 +55,16 @@ def _counting():
 
 def case_run(rank, world, *, fn="ring", data_seed=0, B=1, Hq=4, Hkv=2, L=24, D=8, Dv=8, dtype="float64",
              sharding="zigzag", layout="bhld", segments=False, count=False, group_timeout=None, expect_error=False,
-             **options):
+             block_bytes=None, **options):
+    if block_bytes is not None:  # the ring's per-call budget, small: its head groups on tiny shapes
+        saved = dd._BLOCK_CALL_BYTES
+        dd._BLOCK_CALL_BYTES = block_bytes
+        try:
+            return case_run(rank, world, fn=fn, data_seed=data_seed, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, dtype=dtype,
+                            sharding=sharding, layout=layout, segments=segments, count=count,
+                            group_timeout=group_timeout, expect_error=expect_error, **options)
+        finally:
+            dd._BLOCK_CALL_BYTES = saved
     if expect_error:
         try:
             case_run(rank, world, fn=fn, data_seed=data_seed, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D, Dv=Dv, dtype=dtype,
@@ -143,8 +152,30 @@ def case_review(rank, world, *, kind):
             except Exception as exc:  # noqa: BLE001 - the test inspects it
                 found[fn.__name__] = f"{type(exc).__name__}: {exc}"
         return found
+    if kind == "function_mix":  # ring_attention here, ulysses_attention on the other ranks
+        q = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+        fn = dd.ring_attention if rank == 0 else dd.ulysses_attention
+        try:
+            fn(q, q, q, group=_timed_group(world, 60), implementation="numpy")
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return dict(type=type(exc).__name__, message=str(exc))
+        return dict(type=None)
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    if kind == "nan_slopes":  # the same NaN slopes on every rank: one option, as in one process
+        with torch.no_grad():
+            out = dd.ring_attention(q, k, v, alibi_slopes=torch.tensor([float("nan"), 0.5], dtype=torch.float64),
+                                    implementation="numpy")
+        return dict(nan_head0=bool(out[:, 0].isnan().all()), finite_head1=bool(out[:, 1].isfinite().all()))
+    if kind in ("inplace_out", "inplace_lse"):  # the returned out or LSE changed before the backward
+        out, lse = dd.ring_attention(q, k, v, causal=True, return_lse=True, implementation="numpy")
+        with torch.no_grad():
+            (out if kind == "inplace_out" else lse).mul_(2)
+        try:
+            out.sum().backward()
+        except RuntimeError as exc:
+            return dict(type=type(exc).__name__, message=str(exc))
+        return dict(type=None)
     if kind == "inplace":
         k_in = k * 1
         out = dd.ring_attention(q, k_in, v, causal=True, implementation="numpy")

@@ -57,6 +57,10 @@ CASES = {
     "ulysses-causal-dropout": dict(fn="ulysses", Hq=24, Hkv=12, causal=True, dropout_p=0.2, seed=5,
                                    alibi_slopes=SLOPES24, L=27),
     "ulysses-segments-window": dict(fn="ulysses", Hq=24, Hkv=12, segments=True, window=(3, 6), sharding="contiguous"),
+    # a per-call budget under which a zigzag rank's two query chunks (4 and 3 rows at P = 2)
+    # split the K/V heads differently: their dK/dV parts collided (a shape error; at the
+    # default budget, L 4,097 with D 128)
+    "zigzag-uneven-head-groups": dict(Hq=2, Hkv=2, L=13, block_bytes=384),
 }
 WORLDS = (2, 3, 4)
 
@@ -64,7 +68,7 @@ WORLDS = (2, 3, 4)
 def _single_process(case: dict, implementation=None):
     """The full-sequence call in this process: (out, lse, dq, dk, dv) as NumPy, caller layout."""
     case = dict(case)
-    for key in ("fn", "sharding", "count", "expect_error"):
+    for key in ("fn", "sharding", "count", "expect_error", "block_bytes"):
         case.pop(key, None)
     sizes = {k: case.pop(k) for k in ("B", "Hq", "Hkv", "L", "D", "Dv") if k in case}
     dims = dict(B=1, Hq=4, Hkv=2, L=24, D=8, Dv=8) | sizes
@@ -226,6 +230,17 @@ def check_review_faults(pool):
     for r in pool.run("review", kind="bfloat16"):
         assert r["same"], r
         assert r["segment_error"].startswith("AttentionTypeError") and "segment_ids" in r["segment_error"], r
+    # review of 7 Dec, afternoon: the returned out/LSE changed in place gave wrong gradients
+    # silently (they are views of what the backward reads); one rank calling ring_attention and
+    # another ulysses_attention waited for the group's timeout; equal NaN slopes "disagreed"
+    for kind in ("inplace_out", "inplace_lse"):
+        for r in pool.run("review", kind=kind):
+            assert r["type"] == "RuntimeError" and "modified by an inplace operation" in r["message"], (kind, r)
+    if pool.world > 1:
+        for r in pool.run("review", kind="function_mix"):
+            assert r["type"] == "AttentionValueError" and "disagree about function" in r["message"], r
+    for r in pool.run("review", kind="nan_slopes"):
+        assert r == dict(nan_head0=True, finite_head1=True), r
 
 
 def check_disagreement(pool):

@@ -304,3 +304,24 @@ def test_chat_ctrl_c_at_the_prompt_leaves_as_ctrl_d_does(fake, monkeypatch, caps
     assert cli.main(["chat"]) == 0
     assert len(model.calls) == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "argument --seed: must be ≥ 0, got -1"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--out", "{file}"], "argument --out: '{file}' exists and is not a folder"),
+])
+def test_demo_flags_are_usage_errors_before_the_demo_runs(flags, message, tmp_path, capsys, monkeypatch):
+    """A negative --seed reached NumPy's default_rng mid-demo and a --out naming a file failed after
+    the whole demo had run, both as tracebacks (review of 7 Dec 2026)."""
+    from dotattn.demo import scaling
+
+    ran = []
+    monkeypatch.setattr(scaling, "run", lambda args: ran.append(args) or 0)
+    file = tmp_path / "afile"
+    file.write_text("")
+    flags = [f.format(file=file) for f in flags]
+    captured = _usage_error(["demo", "scaling", "--quick", *flags], capsys)
+    assert f"dotattn demo: error: {message.format(file=file)}\n" in captured.err
+    assert ran == []
+    assert cli.main(["demo", "scaling", "--quick", "--seed", "0", "--out", str(tmp_path / "new")]) == 0 and len(ran) == 1

@@ -26,7 +26,7 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     _tolerant_stdout()
     parser = argparse.ArgumentParser(
-        prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info | generate | chat"
+        prog="dotattn", description="dotattn — exact, fast, memory-efficient attention: bench | demo | viz | info | generate | chat | precompile"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

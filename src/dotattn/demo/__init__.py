@@ -38,9 +38,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(DEMOS),
         help="; ".join(f"{name}: {desc}" for name, (_, desc) in DEMOS.items()) + " (default: search)",
     )
-    parser.add_argument("--out", default="demo-out", help="folder for the pictures (default: %(default)s)")
+    parser.add_argument("--out", type=_out_folder, default="demo-out",
+                        help="folder for the pictures (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="small settings: seconds instead of minutes")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed, ≥ 0 (default: %(default)s)")
+
+
+# Checked as the arguments are parsed (a usage error, exit status 2): a negative seed reached
+# NumPy's default_rng mid-demo, and a --out naming a file failed at the end, after the work —
+# both as tracebacks (until 7 Dec 2026).
+def _seed(text: str) -> int:
+    value = int(text)  # (argparse: "invalid _seed value" for a non-integer)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+_seed.__name__ = "int"  # (argparse names the type in its message: "invalid int value: 'x'")
+
+
+def _out_folder(text: str) -> str:
+    import os
+
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ jax = pytest.importorskip("jax")  # jax is an optional extra; `make test` instal
 jnp = jax.numpy
 
 import helpers  # noqa: E402
+import helpers as H  # noqa: E402
 
 import dotattn  # noqa: E402
 import dotattn.jax as dj  # noqa: E402
@@ -243,3 +244,34 @@ def test_errors_name_the_argument():
         jax.jit(lambda q: dotattn.attention(q, q, q, softcap=0.0))(q)
     with pytest.raises(TypeError, match="unexpected keyword argument 'casual'"):
         jax.jit(lambda q: dotattn.attention(q, q, q, casual=True))(q)
+
+
+def test_softcap_at_large_scores_keeps_the_top_keys_weight():
+    """With a softcap the scores are ``cap · tanh(…)``; XLA's CPU code contracted that product
+    into an FMA in ``exp(s − max)`` (and the backward's ``exp(s − lse)``) but not in the max, an
+    ulp of the score apart: NaN rows with LSE −inf at scores of 9e11, dV 0.26 off at 3e7 (review
+    of 7 Dec 2026).  Both cases' answers are one-hot: the top key's value, dV = dout there."""
+    import jax
+    import jax.numpy as jnp
+
+    q = np.zeros((1, 1, 1, 4), np.float32)
+    q[..., 0] = 1.0
+    k = np.zeros((1, 1, 3, 4), np.float32)
+    k[0, 0, :, 0] = [3e12, 1e12, -2e12]
+    v = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
+    opts = dict(softcap=1e13, scale=0.3)
+    want_out, want_lse = dotattn.attention(q, k, v, implementation="reference", return_lse=True, **opts)
+    call = lambda *a: dj.attention(*a, return_lse=True, **opts)  # noqa: E731
+    for f in (call, jax.jit(call)):
+        out, lse = f(*map(jnp.asarray, (q, k, v)))
+        np.testing.assert_array_equal(np.asarray(out), want_out.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=1e-6)
+    rng = np.random.default_rng(0)
+    q, k = (rng.standard_normal(s).astype(np.float32) * np.float32(1e4) for s in ((1, 1, 4, 4), (1, 1, 3, 4)))
+    v = rng.standard_normal((1, 1, 3, 4)).astype(np.float32)
+    dout = np.ones((1, 1, 4, 4), np.float32)
+    opts = dict(softcap=1e7, scale=0.3)
+    loss = lambda q, k, v: (dj.attention(q, k, v, **opts) * dout).sum()  # noqa: E731
+    _, _, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*map(jnp.asarray, (q, k, v)))
+    _, _, want_dv = H.reference_grads(q, k, v, dout, **opts)
+    np.testing.assert_allclose(np.asarray(dv), want_dv, atol=1e-5)

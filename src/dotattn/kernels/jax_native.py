@@ -420,7 +420,14 @@ class _Problem:
         tanh = None
         if cfg.softcap is not None:
             tanh = jnp.tanh(s / jnp.asarray(cfg.softcap, ct))
-            s = jnp.asarray(cfg.softcap, ct) * tanh
+            cap = jnp.asarray(cfg.softcap, ct)
+            # cap·tanh ≥ −cap already: the max only stands between the product and its uses.
+            # XLA's CPU code contracted the product into an FMA in exp(s − max) and the
+            # backward's exp(s − lse) but not in the max — half an ulp of the score apart, which
+            # made rows NaN at scores of 9e11 and dV 0.26 off at 3e7 (7 Dec 2026).  A rounding
+            # op (reduce_precision, a bitcast round trip) is removed by XLA's simplifier; a max
+            # is not, and LLVM does not contract through it.  (NaN passes: jnp.maximum keeps it.)
+            s = jnp.maximum(cap * tanh, -cap)
         bias_hides = None
         if self.bias is not None:
             bias = self._pairwise_block(self.bias, r, c).astype(ct)

@@ -418,7 +418,7 @@ def _check_rotary(rotary: Any, D: int, lengths: np.ndarray, Lnew: int, Lq: int):
     tables = []
     for name, x in (("rotary cos", rotary[0]), ("rotary sin", rotary[1])):
         semantics.refuse_masked(name, x)
-        tables.append(x if isinstance(x, np.ndarray) else semantics._from_sequence(name, x))
+        tables.append(x if isinstance(x, np.ndarray) else semantics.small_array(name, x))
     cos, sin = tables
     for name, x in (("rotary cos", cos), ("rotary sin", sin)):
         if x.dtype not in FLOAT_DTYPES:

@@ -565,7 +565,7 @@ def int_array(name: str, x: Any) -> np.ndarray:
     Values outside int64 are refused with their real value, never wrapped by a cast.
     """
     if not isinstance(x, np.ndarray):
-        arr = _from_sequence(name, x)
+        arr = small_array(name, x)
         if arr.dtype.kind in "iu" and arr.ndim and isinstance(x, (list, tuple)):
             # NumPy reads [True, 2] as the ints [1, 2]; a bool is refused in an array, so in a list
             if any(isinstance(e, (bool, np.bool_)) for e in np.asarray(x, dtype=object).flat):
@@ -593,7 +593,7 @@ def int_array(name: str, x: Any) -> np.ndarray:
     return arr
 
 
-def _from_sequence(name: str, x: Any) -> np.ndarray:
+def small_array(name: str, x: Any) -> np.ndarray:
     """``np.asarray(x)`` for a small argument that is not an array (a list, a scalar): a ragged
     nested list gets an error naming the argument, not NumPy's "inhomogeneous shape"."""
     try:
@@ -699,7 +699,7 @@ def _check_alibi(alibi_slopes: Any, batch_shape, B: int, Hq: int, dtype: np.dtyp
     if alibi_slopes is None:
         return None
     refuse_masked("alibi_slopes", alibi_slopes)
-    arr = alibi_slopes if isinstance(alibi_slopes, np.ndarray) else _from_sequence("alibi_slopes", alibi_slopes)
+    arr = alibi_slopes if isinstance(alibi_slopes, np.ndarray) else small_array("alibi_slopes", alibi_slopes)
     # (bfloat16 is ml_dtypes' type, which NumPy does not count as floating: a bfloat16 model's
     # slopes were refused as "not a float array")
     floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype == BFLOAT16

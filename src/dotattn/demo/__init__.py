@@ -18,6 +18,7 @@ Pictures go to ``--out`` (default ``demo-out/``).  ``--quick`` runs small settin
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 
 # demo name → (module, one-line description)
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # NumPy's default_rng mid-demo, and a --out naming a file failed at the end, after the work —
 # both as tracebacks (until 7 Dec 2026).
 def _seed(text: str) -> int:
-    value = int(text)  # (argparse: "invalid _seed value" for a non-integer)
+    value = int(text)  # (a non-integer: argparse's "invalid int value", named so below)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
     return value
@@ -58,8 +59,6 @@ _seed.__name__ = "int"  # (argparse names the type in its message: "invalid int 
 
 
 def _out_folder(text: str) -> str:
-    import os
-
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
     return text

@@ -214,3 +214,55 @@ def test_peak_rss_sees_a_block_freed_inside_it(monkeypatch, kernel_peak):
     with bench._PeakRss() as mem:
         pass
     assert mem.extra_mib < 16  # the earlier block's peak does not carry over
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "tiny", "--peers", "dotattn-numpy,dotattn-numpy"], "--peers names dotattn-numpy more than once"),
+    (["--shapes", "decode", "--peers", "dotattn,dotattn"], "--peers names dotattn more than once"),
+    (["--shapes", "tiny", "--peers", ","], "--peers names no peer"),
+    (["--shapes", "decode", "--peers", ""], "--peers names no peer"),
+    (["--shapes", "decode", "--repeats", "0"], "--repeats must be ≥ 1, got 0"),
+    (["--shapes", "decode", "--plot", "x.png"], "--shapes decode has no plot"),
+    (["--shapes", "tiny", "--plot", "noext"], "--plot must name a .png file"),
+    (["--shapes", "tiny", "--plot", "{tmp}"], "--plot must name a .png file"),
+    (["--shapes", "tiny", "--plot", "{tmp}/d.png"], "is a folder"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    """Until 7 Dec 2026 a repeated peer gave an untimed "ok" row (and the decode table a
+    traceback), an empty list ran an empty benchmark (the decode set after minutes of bandwidth
+    probes), the decode set took --repeats 0 (a traceback at the end) and ignored --plot, and a
+    bad --plot path failed after the whole run (review of 7 Dec)."""
+    (tmp_path / "d.png").mkdir()
+    ran = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: ran.append(1) or [])
+    from dotattn import bench_decode
+
+    monkeypatch.setattr(bench_decode, "run_benchmark", lambda *a, **k: ran.append(1) or ([], {}))
+    assert cli.main(["bench", *(a.format(tmp=tmp_path) for a in argv)]) == 2
+    assert message in capsys.readouterr().err
+    assert ran == []
+
+
+def test_a_peer_library_failing_is_its_rows_reason(capsys):
+    """A peer library's own error (JAX's CPU dot refuses float16) made the whole bench a
+    traceback with nothing printed; now that peer's rows say n/a and why (review of 7 Dec)."""
+    bench.register_peer("broken", lambda case, x: (_ for _ in ()).throw(ValueError("no float16 dot here")))
+    try:
+        assert cli.main(["bench", "--shapes", "tiny", "--repeats", "1", "--peers", "dotattn-numpy,broken", "--json"]) == 0
+    finally:
+        del bench.PEERS["broken"]
+    rows = json.loads(capsys.readouterr().out)
+    broken = [r for r in rows if r["peer"] == "broken"]
+    assert broken and all(r["status"] == "n/a" and "ValueError: no float16 dot here" in r["reason"] for r in broken)
+    assert all(r["status"] == "ok" for r in rows if r["peer"] == "dotattn-numpy")
+
+
+def test_decode_set_takes_one_dtype_when_given(monkeypatch, capsys):
+    from dotattn import bench_decode
+
+    seen = {}
+    monkeypatch.setattr(bench_decode, "run_benchmark", lambda peers, repeats, **k: seen.update(k) or ([], {}))
+    assert cli.main(["bench", "--shapes", "decode", "--dtype", "bfloat16", "--json", "--repeats", "1"]) == 0
+    assert seen["dtypes"] == ("bfloat16",)
+    assert cli.main(["bench", "--shapes", "decode", "--json", "--repeats", "1"]) == 0
+    assert seen["dtypes"] == bench_decode.DTYPES

@@ -494,6 +494,13 @@ def _start(case: Case, peer: str, inputs: dict) -> Row | _Started:
     except Unavailable as exc:
         row.status, row.reason = "n/a", str(exc)
         return row
+    except Exception as exc:  # noqa: BLE001 - a peer's own failure is its row's reason
+        # A peer library's error (JAX's CPU dot refusing float16: the whole bench ended in its
+        # traceback until 7 Dec 2026) makes that peer n/a; dotattn's own errors stay loud.
+        if peer.startswith("dotattn"):
+            raise
+        row.status, row.reason = "n/a", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return row
     row.first_s = t1 - t0
     row.peak_mib = mem.extra_mib
     warm_calls = 0 if warm_s >= ROUND_WARM_S else min(1000, math.ceil(ROUND_WARM_S / max(warm_s, 1e-6)))
@@ -591,7 +598,7 @@ def print_table(rows: list[Row], console=None, dtype: str = "float32") -> None:
     console.print(table)
 
 
-def plot(rows: list[Row], path: str) -> None:
+def plot(rows: list[Row], path: str, dtype: str = "float32") -> None:
     """GFLOP/s against sequence length, one line per peer (cases of one structure and mode)."""
     import matplotlib
 
@@ -605,7 +612,7 @@ def plot(rows: list[Row], path: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=peer)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length Lq = Lk")
-    ax.set_ylabel("GFLOP/s (float32)")
+    ax.set_ylabel(f"GFLOP/s ({dtype})")  # (the run's dtype: "float32" was written on every run)
     ax.set_title(
         "attention throughput, one process, " + ", ".join(sorted({f"{r.structure} {r.mode}" for r in rows}))
     )
@@ -637,25 +644,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=5, help="rounds after the warm-ups, each timing every peer once in a shuffled order (default 5)"
     )
     parser.add_argument(
-        "--dtype", default="float32", choices=DTYPES, help="input dtype of every peer (default float32)"
+        "--dtype", default=None, choices=DTYPES,
+        help="input dtype of every peer (default float32; with --shapes decode, all three unless given)",
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--plot", metavar="PNG", help="also save GFLOP/s vs sequence length to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
+    # The flags are checked before any work, for every shape set (until 7 Dec 2026 the decode set
+    # took --repeats 0, an empty or repeated peer list, and a --plot it never drew, and a bad
+    # --plot path failed after the whole run): a usage error, exit status 2.
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    repeated = sorted({p for p in peers if peers.count(p) > 1})
+    problem = None
+    if not peers:
+        problem = f"--peers names no peer, got {args.peers!r}"
+    elif repeated:
+        problem = f"--peers names {', '.join(repeated)} more than once (a peer is timed once a round)"
+    elif args.repeats < 1:
+        problem = f"--repeats must be ≥ 1, got {args.repeats}"
+    elif args.plot and args.shapes == "decode":
+        problem = "--plot draws GFLOP/s of the attention shape sets; --shapes decode has no plot (its figures are GB/s)"
+    elif args.plot:
+        from .viz import png_path
+
+        try:
+            png_path(args.plot, "--plot")
+        except ValueError as exc:
+            problem = str(exc)
+    if problem:
+        print(f"dotattn bench: error: {problem}", file=sys.stderr)
+        return 2
     if args.shapes == "decode":  # its own cases, peers and figures (GB/s of K/V read)
         from . import bench_decode
 
         args.peers_given = args.peers != ",".join(DEFAULT_PEERS)
         return bench_decode.run(args)
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    args.dtype = args.dtype or "float32"
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         print(f"unknown peer(s) {unknown}; known: {sorted(PEERS)}", file=sys.stderr)
-        return 2
-    if args.repeats < 1:
-        print(f"--repeats must be ≥ 1, got {args.repeats}", file=sys.stderr)
         return 2
     cases = SHAPE_SETS[args.shapes]()
     if args.json:
@@ -667,5 +696,10 @@ def run(args: argparse.Namespace) -> int:
             rows = run_benchmark(cases, peers, args.repeats, progress=step, dtype=args.dtype)
         print_table(rows, dtype=args.dtype)
     if args.plot:
-        plot(rows, args.plot)
+        try:
+            plot(rows, args.plot, args.dtype)
+        except OSError as exc:  # (the rows are printed above: the run is not lost)
+            print(f"dotattn bench: error: cannot write {args.plot!r}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -524,14 +524,15 @@ def run(args) -> int:
     if unknown:
         print(f"unknown decode peer(s) {unknown}; known: {list(PEERS)}", file=sys.stderr)
         return 2
+    dtypes = (args.dtype,) if getattr(args, "dtype", None) else DTYPES  # (--dtype: that one only)
     if args.json:
-        rows, info = run_benchmark(peers, args.repeats)
+        rows, info = run_benchmark(peers, args.repeats, dtypes=dtypes)
         print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=1))
         return 0
     def describe(B, context, dtype, peer):
         return f"B{B} ctx{context} {dtype} · {peer}"
 
-    with progress_steps(2 * 2 * len(DTYPES) * len(peers) * args.repeats, describe) as step:
-        rows, info = run_benchmark(peers, args.repeats, progress=step)
+    with progress_steps(2 * 2 * len(dtypes) * len(peers) * args.repeats, describe) as step:
+        rows, info = run_benchmark(peers, args.repeats, progress=step, dtypes=dtypes)
     print_table(rows, info)
     return 0

@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .kernels import _cpu_cache, cpu
 
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = list(dict.fromkeys(d.strip() for d in args.dtypes.split(",") if d.strip()))  # (a repeat once)
+    if not dtypes:  # ("," compiled nothing and said "done", exit status 0, until 7 Dec 2026)
+        print(f"--dtypes names no dtype, got {args.dtypes!r}; known: {', '.join(cpu.PRECOMPILE_DTYPES)}", file=sys.stderr)
+        return 2
     unknown = [d for d in dtypes if d not in cpu.PRECOMPILE_DTYPES]
     if unknown:
         print(f"--dtypes: unknown {unknown}; known: {', '.join(cpu.PRECOMPILE_DTYPES)}", file=sys.stderr)

@@ -37,17 +37,50 @@ def _check_index(name: str, value: int | None, count: int) -> list[int]:
     return [value]
 
 
+def png_path(path: str | Path, flag: str = "path") -> Path:
+    """``path`` as a PNG file to write, checked before any work: a ``.png`` name (matplotlib
+    otherwise adds ``.png`` to a name without a suffix — writing a file other than the one
+    reported — or refuses a suffix it does not draw, after the work), not a folder, and a parent
+    that is a folder or can be made.  Raises ValueError naming ``flag``."""
+    path = Path(path)
+    if path.suffix.lower() != ".png" or str(path).endswith(("/", "\\")):
+        raise ValueError(f"{flag} must name a .png file, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder, not a .png file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is not a folder")
+    return path
+
+
 def plot_attention(tokens: list[str], weights: np.ndarray, path: str | Path, *, layers=None, heads=None, title: str = "") -> Path:
     """Write a grid of attention maps (rows: layers, columns: heads) to ``path``; tokens label the
-    axes of every panel when there are few panels, the outer ones otherwise."""
+    axes of every panel when there are few panels, the outer ones otherwise.
+
+    ``weights`` is ``(layers, heads, L, L)`` (NumPy, or an array-like such as a torch tensor) with
+    one token per position: other shapes, token counts and indices are refused (ValueError) —
+    5-D weights were drawn as RGB images and extra tokens labelled blank space (until 7 Dec 2026)."""
+    path = png_path(path)
+    if hasattr(weights, "detach"):  # a torch tensor (bfloat16 or requiring grad included)
+        weights = weights.detach().float().cpu().numpy()
+    weights = np.asarray(weights)
+    if weights.ndim != 4 or weights.shape[2] != weights.shape[3]:
+        raise ValueError(f"weights must have shape (layers, heads, L, L), got {weights.shape}")
+    n_layers, n_heads = weights.shape[:2]
+    if len(tokens) != weights.shape[2]:
+        raise ValueError(f"tokens must hold one token per position: {len(tokens)} tokens for L = {weights.shape[2]}")
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    for name, chosen, count in (("layers", layers, n_layers), ("heads", heads, n_heads)):
+        if not chosen or any(not isinstance(i, (int, np.integer)) or not 0 <= i < count for i in chosen):
+            raise ValueError(f"{name} must be indices in [0, {count}), at least one, got {chosen}")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_layers, n_heads = weights.shape[:2]
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    heads = list(range(n_heads)) if heads is None else list(heads)
     few = len(layers) * len(heads) <= 4
     panel = 4.5 if few else 1.6
     fig, axes = plt.subplots(
@@ -87,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     args.sentence = model_text(args.sentence)  # (argv's undecodable bytes: the tokenizer refuses surrogates)
 
     try:
+        png_path(args.output, "-o")  # (before the model loads and draws)
+    except ValueError as exc:
+        print(f"dotattn viz: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         model = MiniLM(args.model)
     except FileNotFoundError as exc:  # the model package is missing or the folder is wrong
         print(f"dotattn viz: error: {exc}", file=sys.stderr)
@@ -98,8 +136,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dotattn viz: error: {exc}", file=sys.stderr)
         return 2
-    path = plot_attention(
-        tokens, weights, args.output, layers=layers, heads=heads, title=f"all-MiniLM-L6-v2 on dotattn: {args.sentence!r}"
-    )
+    try:
+        path = plot_attention(
+            tokens, weights, args.output, layers=layers, heads=heads, title=f"all-MiniLM-L6-v2 on dotattn: {args.sentence!r}"
+        )
+    except OSError as exc:  # (a folder that cannot be made or written: /proc/…, no permission)
+        print(f"dotattn viz: error: cannot write {args.output!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({len(tokens)} tokens, {len(layers)} layer(s) × {len(heads)} head(s))")
     return 0

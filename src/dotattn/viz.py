@@ -42,8 +42,8 @@ def png_path(path: str | Path, flag: str = "path") -> Path:
     otherwise adds ``.png`` to a name without a suffix — writing a file other than the one
     reported — or refuses a suffix it does not draw, after the work), not a folder, and a parent
     that is a folder or can be made.  Raises ValueError naming ``flag``."""
-    path = Path(path)
-    if path.suffix.lower() != ".png" or str(path).endswith(("/", "\\")):
+    path = Path(path)  # ("adir/" becomes "adir": no suffix, refused below)
+    if path.suffix.lower() != ".png":
         raise ValueError(f"{flag} must name a .png file, got {str(path)!r}")
     if path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a folder, not a .png file")

@@ -85,7 +85,8 @@ def _check_parts(outs: Any, lses: Any, layout: str) -> tuple[list, list]:
     if len(fws) > 1:
         raise AttentionTypeError("outs and lses must all come from one library (NumPy or torch), got a mix")
 
-    if fws == {"torch"}:  # (before any shape is read: a nested tensor's raises torch's internal error)
+    torch_parts = fws == {"torch"}
+    if torch_parts:  # (before any shape is read: a nested tensor's raises torch's internal error)
         from .torch._convert import check_dense
 
         for n, seq in (("outs", outs), ("lses", lses)):
@@ -94,7 +95,6 @@ def _check_parts(outs: Any, lses: Any, layout: str) -> tuple[list, list]:
     out_shape = tuple(outs[0].shape)
     if len(out_shape) < 3:
         raise AttentionValueError(f"outs[0] must have at least 3 dims (..., Hq, Lq, Dv), got shape {out_shape}")
-    torch_parts = fws == {"torch"}
     for i, (o, s) in enumerate(zip(outs, lses)):
         for name, x in ((f"outs[{i}]", o), (f"lses[{i}]", s)):
             if not torch_parts:  # (torch parts: check_dense above)
